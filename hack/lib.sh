@@ -1,0 +1,35 @@
+# lib.sh: sourced by hack/ scripts. Pinned versions, the build cache and logging.
+# Every build result lives under $VMPOD_CACHE, in a directory named by what it was built
+# from (a version or a content hash), so a second run finds it and returns at once.
+
+# shellcheck disable=SC2034  # variables are for the scripts that source this file
+VMPOD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VMPOD_CACHE=${VMPOD_CACHE:-$HOME/.cache/vmpod}
+VMPOD_OUT=${VMPOD_OUT:-$VMPOD_ROOT/_output}
+
+# Pinned versions (see ../shared ENVIRONMENT notes in docs/design/000-build.md for why these).
+CONTAINERD_VERSION=v2.4.2
+RUNC_VERSION=v1.5.2
+CNI_PLUGINS_VERSION=v1.9.1
+CRANE_VERSION=v0.22.1
+CRI_TOOLS_VERSION=v1.36.0
+K8S_VERSION=v1.34.10
+CONTROLLER_TOOLS_VERSION=v0.19.0
+PROTOC_GEN_GO_VERSION=v1.36.12
+TTRPC_VERSION=v1.2.10
+
+export PATH=/usr/local/go/bin:$PATH
+export GOFLAGS=${GOFLAGS:--buildvcs=false}
+export GOTOOLCHAIN=local
+# digitalocean/go-qemu has no tags and the checksum DB does not answer for it
+export GONOSUMDB=${GONOSUMDB:-github.com/digitalocean/go-qemu,sigs.k8s.io/cri-tools}
+
+_t0=${_t0:-$(date +%s)}
+log() { printf '[%s +%ss] %s\n' "$(basename "$0")" "$(( $(date +%s) - _t0 ))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# hash_of FILE... : a short content hash, for cache keys
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+# publish SRC DST: atomically place a finished build at its cache path
+publish() { local tmp="$2.tmp.$$"; rm -rf "$tmp"; mv "$1" "$tmp" && rm -rf "$2" && mv "$tmp" "$2"; }
