@@ -17,7 +17,7 @@ PACKAGES=(
   # container networking and the integration tests' host side
   iproute2 iptables util-linux kmod procps psmisc curl ca-certificates
   # busybox for test images (extracted, not installed as the host's busybox)
-  dpkg-dev
+  dpkg-dev file
 )
 
 missing=()

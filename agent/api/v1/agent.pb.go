@@ -2250,7 +2250,7 @@ const file_agent_proto_rawDesc = "" +
 	"\bOOMEvent\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12!\n" +
 	"\fcontainer_id\x18\x02 \x01(\tR\vcontainerId\x12\"\n" +
-	"\rat_unix_nanos\x18\x03 \x01(\x03R\vatUnixNanos2\xb1\r\n" +
+	"\rat_unix_nanos\x18\x03 \x01(\x03R\vatUnixNanos2\xf9\r\n" +
 	"\x05Agent\x12A\n" +
 	"\x04Ping\x12\x1b.vmpod.agent.v1.PingRequest\x1a\x1c.vmpod.agent.v1.PingResponse\x12J\n" +
 	"\fSetupSandbox\x12#.vmpod.agent.v1.SetupSandboxRequest\x1a\x15.vmpod.agent.v1.Empty\x12b\n" +
@@ -2266,7 +2266,8 @@ const file_agent_proto_rawDesc = "" +
 	"\rListProcesses\x12 .vmpod.agent.v1.ContainerRequest\x1a%.vmpod.agent.v1.ListProcessesResponse\x12V\n" +
 	"\vExecProcess\x12\".vmpod.agent.v1.ExecProcessRequest\x1a#.vmpod.agent.v1.ExecProcessResponse\x12L\n" +
 	"\rSignalProcess\x12$.vmpod.agent.v1.SignalProcessRequest\x1a\x15.vmpod.agent.v1.Empty\x12R\n" +
-	"\vWaitProcess\x12\x1e.vmpod.agent.v1.ProcessRequest\x1a#.vmpod.agent.v1.WaitProcessResponse\x12D\n" +
+	"\vWaitProcess\x12\x1e.vmpod.agent.v1.ProcessRequest\x1a#.vmpod.agent.v1.WaitProcessResponse\x12F\n" +
+	"\rRemoveProcess\x12\x1e.vmpod.agent.v1.ProcessRequest\x1a\x15.vmpod.agent.v1.Empty\x12D\n" +
 	"\tResizeTTY\x12 .vmpod.agent.v1.ResizeTTYRequest\x1a\x15.vmpod.agent.v1.Empty\x12S\n" +
 	"\n" +
 	"WriteStdin\x12!.vmpod.agent.v1.WriteStdinRequest\x1a\".vmpod.agent.v1.WriteStdinResponse\x12C\n" +
@@ -2356,35 +2357,37 @@ var file_agent_proto_depIdxs = []int32{
 	22, // 23: vmpod.agent.v1.Agent.ExecProcess:input_type -> vmpod.agent.v1.ExecProcessRequest
 	25, // 24: vmpod.agent.v1.Agent.SignalProcess:input_type -> vmpod.agent.v1.SignalProcessRequest
 	24, // 25: vmpod.agent.v1.Agent.WaitProcess:input_type -> vmpod.agent.v1.ProcessRequest
-	27, // 26: vmpod.agent.v1.Agent.ResizeTTY:input_type -> vmpod.agent.v1.ResizeTTYRequest
-	28, // 27: vmpod.agent.v1.Agent.WriteStdin:input_type -> vmpod.agent.v1.WriteStdinRequest
-	24, // 28: vmpod.agent.v1.Agent.CloseStdin:input_type -> vmpod.agent.v1.ProcessRequest
-	30, // 29: vmpod.agent.v1.Agent.ReadStdout:input_type -> vmpod.agent.v1.ReadStreamRequest
-	30, // 30: vmpod.agent.v1.Agent.ReadStderr:input_type -> vmpod.agent.v1.ReadStreamRequest
-	32, // 31: vmpod.agent.v1.Agent.WaitOOMEvent:input_type -> vmpod.agent.v1.WaitOOMEventRequest
-	2,  // 32: vmpod.agent.v1.Agent.Ping:output_type -> vmpod.agent.v1.PingResponse
-	0,  // 33: vmpod.agent.v1.Agent.SetupSandbox:output_type -> vmpod.agent.v1.Empty
-	8,  // 34: vmpod.agent.v1.Agent.OnlineResources:output_type -> vmpod.agent.v1.OnlineResourcesResponse
-	0,  // 35: vmpod.agent.v1.Agent.Shutdown:output_type -> vmpod.agent.v1.Empty
-	12, // 36: vmpod.agent.v1.Agent.CreateContainer:output_type -> vmpod.agent.v1.CreateContainerResponse
-	0,  // 37: vmpod.agent.v1.Agent.StartContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 38: vmpod.agent.v1.Agent.RemoveContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 39: vmpod.agent.v1.Agent.PauseContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 40: vmpod.agent.v1.Agent.ResumeContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 41: vmpod.agent.v1.Agent.UpdateContainer:output_type -> vmpod.agent.v1.Empty
-	16, // 42: vmpod.agent.v1.Agent.ContainerStats:output_type -> vmpod.agent.v1.ContainerStatsResponse
-	21, // 43: vmpod.agent.v1.Agent.ListProcesses:output_type -> vmpod.agent.v1.ListProcessesResponse
-	23, // 44: vmpod.agent.v1.Agent.ExecProcess:output_type -> vmpod.agent.v1.ExecProcessResponse
-	0,  // 45: vmpod.agent.v1.Agent.SignalProcess:output_type -> vmpod.agent.v1.Empty
-	26, // 46: vmpod.agent.v1.Agent.WaitProcess:output_type -> vmpod.agent.v1.WaitProcessResponse
-	0,  // 47: vmpod.agent.v1.Agent.ResizeTTY:output_type -> vmpod.agent.v1.Empty
-	29, // 48: vmpod.agent.v1.Agent.WriteStdin:output_type -> vmpod.agent.v1.WriteStdinResponse
-	0,  // 49: vmpod.agent.v1.Agent.CloseStdin:output_type -> vmpod.agent.v1.Empty
-	31, // 50: vmpod.agent.v1.Agent.ReadStdout:output_type -> vmpod.agent.v1.ReadStreamResponse
-	31, // 51: vmpod.agent.v1.Agent.ReadStderr:output_type -> vmpod.agent.v1.ReadStreamResponse
-	33, // 52: vmpod.agent.v1.Agent.WaitOOMEvent:output_type -> vmpod.agent.v1.OOMEvent
-	32, // [32:53] is the sub-list for method output_type
-	11, // [11:32] is the sub-list for method input_type
+	24, // 26: vmpod.agent.v1.Agent.RemoveProcess:input_type -> vmpod.agent.v1.ProcessRequest
+	27, // 27: vmpod.agent.v1.Agent.ResizeTTY:input_type -> vmpod.agent.v1.ResizeTTYRequest
+	28, // 28: vmpod.agent.v1.Agent.WriteStdin:input_type -> vmpod.agent.v1.WriteStdinRequest
+	24, // 29: vmpod.agent.v1.Agent.CloseStdin:input_type -> vmpod.agent.v1.ProcessRequest
+	30, // 30: vmpod.agent.v1.Agent.ReadStdout:input_type -> vmpod.agent.v1.ReadStreamRequest
+	30, // 31: vmpod.agent.v1.Agent.ReadStderr:input_type -> vmpod.agent.v1.ReadStreamRequest
+	32, // 32: vmpod.agent.v1.Agent.WaitOOMEvent:input_type -> vmpod.agent.v1.WaitOOMEventRequest
+	2,  // 33: vmpod.agent.v1.Agent.Ping:output_type -> vmpod.agent.v1.PingResponse
+	0,  // 34: vmpod.agent.v1.Agent.SetupSandbox:output_type -> vmpod.agent.v1.Empty
+	8,  // 35: vmpod.agent.v1.Agent.OnlineResources:output_type -> vmpod.agent.v1.OnlineResourcesResponse
+	0,  // 36: vmpod.agent.v1.Agent.Shutdown:output_type -> vmpod.agent.v1.Empty
+	12, // 37: vmpod.agent.v1.Agent.CreateContainer:output_type -> vmpod.agent.v1.CreateContainerResponse
+	0,  // 38: vmpod.agent.v1.Agent.StartContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 39: vmpod.agent.v1.Agent.RemoveContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 40: vmpod.agent.v1.Agent.PauseContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 41: vmpod.agent.v1.Agent.ResumeContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 42: vmpod.agent.v1.Agent.UpdateContainer:output_type -> vmpod.agent.v1.Empty
+	16, // 43: vmpod.agent.v1.Agent.ContainerStats:output_type -> vmpod.agent.v1.ContainerStatsResponse
+	21, // 44: vmpod.agent.v1.Agent.ListProcesses:output_type -> vmpod.agent.v1.ListProcessesResponse
+	23, // 45: vmpod.agent.v1.Agent.ExecProcess:output_type -> vmpod.agent.v1.ExecProcessResponse
+	0,  // 46: vmpod.agent.v1.Agent.SignalProcess:output_type -> vmpod.agent.v1.Empty
+	26, // 47: vmpod.agent.v1.Agent.WaitProcess:output_type -> vmpod.agent.v1.WaitProcessResponse
+	0,  // 48: vmpod.agent.v1.Agent.RemoveProcess:output_type -> vmpod.agent.v1.Empty
+	0,  // 49: vmpod.agent.v1.Agent.ResizeTTY:output_type -> vmpod.agent.v1.Empty
+	29, // 50: vmpod.agent.v1.Agent.WriteStdin:output_type -> vmpod.agent.v1.WriteStdinResponse
+	0,  // 51: vmpod.agent.v1.Agent.CloseStdin:output_type -> vmpod.agent.v1.Empty
+	31, // 52: vmpod.agent.v1.Agent.ReadStdout:output_type -> vmpod.agent.v1.ReadStreamResponse
+	31, // 53: vmpod.agent.v1.Agent.ReadStderr:output_type -> vmpod.agent.v1.ReadStreamResponse
+	33, // 54: vmpod.agent.v1.Agent.WaitOOMEvent:output_type -> vmpod.agent.v1.OOMEvent
+	33, // [33:55] is the sub-list for method output_type
+	11, // [11:33] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name

@@ -23,6 +23,7 @@ type AgentService interface {
 	ExecProcess(context.Context, *ExecProcessRequest) (*ExecProcessResponse, error)
 	SignalProcess(context.Context, *SignalProcessRequest) (*Empty, error)
 	WaitProcess(context.Context, *ProcessRequest) (*WaitProcessResponse, error)
+	RemoveProcess(context.Context, *ProcessRequest) (*Empty, error)
 	ResizeTTY(context.Context, *ResizeTTYRequest) (*Empty, error)
 	WriteStdin(context.Context, *WriteStdinRequest) (*WriteStdinResponse, error)
 	CloseStdin(context.Context, *ProcessRequest) (*Empty, error)
@@ -138,6 +139,13 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.WaitProcess(ctx, &req)
+			},
+			"RemoveProcess": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ProcessRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.RemoveProcess(ctx, &req)
 			},
 			"ResizeTTY": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req ResizeTTYRequest
@@ -310,6 +318,14 @@ func (c *agentClient) SignalProcess(ctx context.Context, req *SignalProcessReque
 func (c *agentClient) WaitProcess(ctx context.Context, req *ProcessRequest) (*WaitProcessResponse, error) {
 	var resp WaitProcessResponse
 	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "WaitProcess", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) RemoveProcess(ctx context.Context, req *ProcessRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "RemoveProcess", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

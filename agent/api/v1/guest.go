@@ -1,0 +1,18 @@
+package agentv1
+
+// The guest side of the host⇄guest contract that is not an RPC: names and paths both the
+// runtime (host) and the agent (guest) must agree on.
+const (
+	// PortName is the virtio-serial port the agent serves on (`virtserialport,name=...`).
+	PortName = "vmpod.agent"
+
+	// GuestSharedDir is where the agent mounts the host's shared directory (virtio-fs or
+	// 9p). Container rootfs and volume paths in OCI specs sent to the agent live below it.
+	GuestSharedDir = "/run/vmpod/shared"
+
+	// KernelParamShare on the guest kernel command line names the shared filesystem as
+	// "<fstype>:<tag>", fstype being "virtiofs" or "9p". Absent: nothing is shared.
+	KernelParamShare = "vmpod.share"
+	// KernelParamDebug on the guest kernel command line turns on the agent's debug log.
+	KernelParamDebug = "vmpod.debug"
+)

@@ -1,0 +1,514 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	runc "github.com/containerd/go-runc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/agent/reaper"
+	"github.com/vmpod/vmpod/internal/cleanup"
+)
+
+// containerState is where a container is in its life. Each operation names the states it
+// accepts; any other is a FailedPrecondition error.
+type containerState int
+
+const (
+	stateCreating containerState = iota // runc create in progress
+	stateCreated                        // init waits for start
+	stateRunning
+	statePaused
+	stateStopped // init exited
+)
+
+func (s containerState) String() string {
+	return [...]string{"creating", "created", "running", "paused", "stopped"}[s]
+}
+
+// killWait bounds how long a forced removal waits for the init to die after SIGKILL.
+const killWait = 10 * time.Second
+
+type container struct {
+	id     string
+	bundle string
+	cgroup string // cgroupfs directory in the guest
+	runc   *runc.Runc
+
+	mu    sync.Mutex
+	state containerState
+	init  *process
+	execs map[string]*process
+}
+
+// require fails unless the container is in one of the allowed states.
+func (c *container) require(op string, allowed ...containerState) error {
+	for _, s := range allowed {
+		if c.state == s {
+			return nil
+		}
+	}
+	return fmt.Errorf("container %s is %s: cannot %s: %w", c.id, c.state, op, errdefs.ErrFailedPrecondition)
+}
+
+func (c *container) setState(s containerState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.state = s
+}
+
+// transition moves from `from` to `to` only if the container is still in `from`; the
+// init may have exited meanwhile, and stopped must win.
+func (c *container) transition(from, to containerState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state == from {
+		c.state = to
+	}
+}
+
+// containers runs the pod's containers with runc inside the guest.
+type containers struct {
+	reaper     *reaper.Reaper
+	runcBinary string
+	runcRoot   string
+	bundleRoot string
+	cgroupRoot string // where cgroupfs is mounted
+	oom        *oomWatcher
+
+	mu   sync.Mutex
+	byID map[string]*container
+}
+
+func (m *containers) get(id string) (*container, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, ok := m.byID[id]
+	if !ok {
+		return nil, fmt.Errorf("container %s: %w", id, errdefs.ErrNotFound)
+	}
+	return c, nil
+}
+
+func (m *containers) runcFor(bundle string) *runc.Runc {
+	return &runc.Runc{
+		Command:   m.runcBinary,
+		Root:      m.runcRoot,
+		Log:       filepath.Join(bundle, "runc.log"),
+		LogFormat: runc.JSON,
+	}
+}
+
+// create runs `runc create`: the container's init exists and waits for start.
+func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerRequest) (int, error) {
+	id := req.ContainerId
+	if err := checkID("container_id", id); err != nil {
+		return 0, err
+	}
+	spec, err := guestSpec(id, req.OciSpec)
+	if err != nil {
+		return 0, fmt.Errorf("container %s: %w", id, err)
+	}
+	c := &container{
+		id:     id,
+		bundle: filepath.Join(m.bundleRoot, id),
+		cgroup: filepath.Join(m.cgroupRoot, spec.Linux.CgroupsPath),
+		state:  stateCreating,
+		execs:  map[string]*process{},
+	}
+	c.runc = m.runcFor(c.bundle)
+
+	m.mu.Lock()
+	if _, exists := m.byID[id]; exists {
+		m.mu.Unlock()
+		return 0, fmt.Errorf("container %s: %w", id, errdefs.ErrAlreadyExists)
+	}
+	m.byID[id] = c
+	m.mu.Unlock()
+
+	var undo cleanup.Stack
+	defer func() {
+		if err := undo.Run(); err != nil {
+			slog.Warn("undo failed create", "container", id, "error", err)
+		}
+	}()
+	undo.Add("forget container", func() error {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		delete(m.byID, id)
+		return nil
+	})
+
+	if err := os.MkdirAll(c.bundle, 0o700); err != nil {
+		return 0, fmt.Errorf("container %s: bundle: %w", id, err)
+	}
+	undo.Add("remove bundle", func() error { return os.RemoveAll(c.bundle) })
+	config, err := json.Marshal(spec)
+	if err != nil {
+		return 0, err
+	}
+	if err := os.WriteFile(filepath.Join(c.bundle, "config.json"), config, 0o600); err != nil {
+		return 0, fmt.Errorf("container %s: write config.json: %w", id, err)
+	}
+
+	uid, gid := int(spec.Process.User.UID), int(spec.Process.User.GID)
+	streams, err := newStdio(req.Stdio, uid, gid)
+	if err != nil {
+		return 0, fmt.Errorf("container %s: %w", id, err)
+	}
+	defer streams.close()
+
+	pidFile := filepath.Join(c.bundle, "init.pid")
+	opts := &runc.CreateOpts{PidFile: pidFile, IO: streams.runcIO()}
+	if streams.console != nil {
+		opts.ConsoleSocket = streams.console
+	}
+	if err := c.runc.Create(ctx, id, c.bundle, opts); err != nil {
+		return 0, fmt.Errorf("container %s: runc create: %w", id, runcError(c.runc, err))
+	}
+	undo.Add("runc delete", func() error {
+		return c.runc.Delete(context.Background(), id, &runc.DeleteOpts{Force: true})
+	})
+	pid, err := runc.ReadPidFile(pidFile)
+	if err != nil {
+		return 0, fmt.Errorf("container %s: runc pid file: %w", id, err)
+	}
+	init := &process{containerID: id, pid: pid, exited: make(chan struct{})}
+	if err := streams.attach(init); err != nil {
+		return 0, fmt.Errorf("container %s: stdio: %w", id, err)
+	}
+	c.mu.Lock()
+	c.init = init
+	c.state = stateCreated
+	c.mu.Unlock()
+	// After the state is set: an init that already died must leave the container stopped.
+	init.watchExit(m.reaper.Claim(pid), func(*process) { c.setState(stateStopped) })
+	if m.oom != nil {
+		m.oom.watch(id, c.cgroup)
+	}
+	undo.Release()
+	slog.Info("container created", "container", id, "pid", pid)
+	return pid, nil
+}
+
+// runcError turns runc's failure into the message runc logged, which says what was wrong
+// ("exec: \"nope\": executable file not found"), instead of only its exit status.
+func runcError(r *runc.Runc, err error) error {
+	b, rerr := os.ReadFile(r.Log)
+	if rerr != nil {
+		return err
+	}
+	var last string
+	for line := range strings.SplitSeq(strings.TrimSpace(string(b)), "\n") {
+		var entry struct {
+			Level string `json:"level"`
+			Msg   string `json:"msg"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Level == "error" {
+			last = entry.Msg
+		}
+	}
+	if last == "" {
+		return err
+	}
+	return fmt.Errorf("%s: %w", last, err)
+}
+
+func (m *containers) start(ctx context.Context, id string) error {
+	c, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	err = c.require("start", stateCreated)
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := c.runc.Start(ctx, id); err != nil {
+		return fmt.Errorf("container %s: runc start: %w", id, runcError(c.runc, err))
+	}
+	c.transition(stateCreated, stateRunning)
+	slog.Info("container started", "container", id)
+	return nil
+}
+
+func (m *containers) exec(ctx context.Context, req *agentv1.ExecProcessRequest) (int, error) {
+	c, err := m.get(req.ContainerId)
+	if err != nil {
+		return 0, err
+	}
+	if err := checkID("exec_id", req.ExecId); err != nil {
+		return 0, err
+	}
+	spec, err := guestProcess(req.Process)
+	if err != nil {
+		return 0, fmt.Errorf("container %s exec %s: %w", c.id, req.ExecId, err)
+	}
+	c.mu.Lock()
+	if err := c.require("exec", stateRunning); err != nil {
+		c.mu.Unlock()
+		return 0, err
+	}
+	if _, exists := c.execs[req.ExecId]; exists {
+		c.mu.Unlock()
+		return 0, fmt.Errorf("container %s exec %s: %w", c.id, req.ExecId, errdefs.ErrAlreadyExists)
+	}
+	// Reserve the id while runc runs; a failed exec gives it back.
+	c.execs[req.ExecId] = nil
+	c.mu.Unlock()
+
+	p, err := m.runExec(ctx, c, req.ExecId, spec, req.Stdio)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err != nil {
+		delete(c.execs, req.ExecId)
+		return 0, fmt.Errorf("container %s exec %s: %w", c.id, req.ExecId, err)
+	}
+	c.execs[req.ExecId] = p
+	return p.pid, nil
+}
+
+func (m *containers) runExec(ctx context.Context, c *container, execID string, spec *specs.Process, stdioReq *agentv1.Stdio) (*process, error) {
+	streams, err := newStdio(stdioReq, int(spec.User.UID), int(spec.User.GID))
+	if err != nil {
+		return nil, err
+	}
+	defer streams.close()
+	pidFile := filepath.Join(c.bundle, "exec-"+execID+".pid")
+	defer os.Remove(pidFile)
+	opts := &runc.ExecOpts{PidFile: pidFile, Detach: true, IO: streams.runcIO()}
+	if streams.console != nil {
+		opts.ConsoleSocket = streams.console
+	}
+	if err := c.runc.Exec(ctx, c.id, *spec, opts); err != nil {
+		return nil, fmt.Errorf("runc exec: %w", runcError(c.runc, err))
+	}
+	pid, err := runc.ReadPidFile(pidFile)
+	if err != nil {
+		return nil, fmt.Errorf("runc pid file: %w", err)
+	}
+	p := &process{containerID: c.id, execID: execID, pid: pid, exited: make(chan struct{})}
+	if err := streams.attach(p); err != nil {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		return nil, fmt.Errorf("stdio: %w", err)
+	}
+	p.watchExit(m.reaper.Claim(pid), nil)
+	return p, nil
+}
+
+// process finds a container's init (execID "") or exec'd process.
+func (m *containers) process(id, execID string) (*process, error) {
+	c, err := m.get(id)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if execID == "" {
+		if c.init == nil {
+			return nil, fmt.Errorf("container %s is %s: it has no process yet: %w", id, c.state, errdefs.ErrFailedPrecondition)
+		}
+		return c.init, nil
+	}
+	p, ok := c.execs[execID]
+	if !ok || p == nil {
+		return nil, fmt.Errorf("container %s exec %s: %w", id, execID, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+func (m *containers) removeProcess(id, execID string) error {
+	if execID == "" {
+		return invalidf("exec_id: empty (the init process goes with RemoveContainer)")
+	}
+	p, err := m.process(id, execID)
+	if err != nil {
+		return err
+	}
+	if !p.hasExited() {
+		return fmt.Errorf("%s is still running: cannot remove it: %w", p, errdefs.ErrFailedPrecondition)
+	}
+	c, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	delete(c.execs, execID)
+	c.mu.Unlock()
+	p.release()
+	return nil
+}
+
+func (m *containers) signal(ctx context.Context, req *agentv1.SignalProcessRequest) error {
+	sig := unix.Signal(req.Signal)
+	if req.Signal == 0 || req.Signal > 64 {
+		return invalidf("signal %d: out of range", req.Signal)
+	}
+	if req.All {
+		if req.ExecId != "" {
+			return invalidf("all: only for the init process")
+		}
+		c, err := m.get(req.ContainerId)
+		if err != nil {
+			return err
+		}
+		if err := c.runc.Kill(ctx, c.id, int(sig), &runc.KillOpts{All: true}); err != nil {
+			return fmt.Errorf("container %s: runc kill --all: %w", c.id, runcError(c.runc, err))
+		}
+		return nil
+	}
+	p, err := m.process(req.ContainerId, req.ExecId)
+	if err != nil {
+		return err
+	}
+	return p.signal(sig)
+}
+
+func (m *containers) remove(ctx context.Context, id string, force bool) error {
+	c, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	err = c.require("remove", stateCreated, stateStopped, stateRunning, statePaused)
+	if err == nil && !force {
+		err = c.require("remove (it is still running; use force)", stateCreated, stateStopped)
+	}
+	init := c.init
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if force && !init.hasExited() {
+		_ = c.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true})
+		waitCtx, cancel := context.WithTimeout(ctx, killWait)
+		err := init.wait(waitCtx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("container %s: init did not die after SIGKILL: %w", id, err)
+		}
+	}
+	if err := c.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil {
+		return fmt.Errorf("container %s: runc delete: %w", id, runcError(c.runc, err))
+	}
+	if m.oom != nil {
+		m.oom.unwatch(id)
+	}
+	c.mu.Lock()
+	init.release()
+	for _, p := range c.execs {
+		if p != nil {
+			p.release()
+		}
+	}
+	c.execs = nil
+	c.mu.Unlock()
+	m.mu.Lock()
+	delete(m.byID, id)
+	m.mu.Unlock()
+	if err := os.RemoveAll(c.bundle); err != nil {
+		return fmt.Errorf("container %s: remove bundle: %w", id, err)
+	}
+	slog.Info("container removed", "container", id)
+	return nil
+}
+
+func (m *containers) pause(ctx context.Context, id string) error {
+	return m.freeze(ctx, id, true)
+}
+
+func (m *containers) resume(ctx context.Context, id string) error {
+	return m.freeze(ctx, id, false)
+}
+
+func (m *containers) freeze(ctx context.Context, id string, pause bool) error {
+	c, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	from, to, op, run := stateRunning, statePaused, "pause", c.runc.Pause
+	if !pause {
+		from, to, op, run = statePaused, stateRunning, "resume", c.runc.Resume
+	}
+	c.mu.Lock()
+	err = c.require(op, from)
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := run(ctx, id); err != nil {
+		return fmt.Errorf("container %s: runc %s: %w", id, op, runcError(c.runc, err))
+	}
+	c.transition(from, to)
+	return nil
+}
+
+func (m *containers) update(ctx context.Context, id string, raw []byte) error {
+	c, err := m.get(id)
+	if err != nil {
+		return err
+	}
+	var res specs.LinuxResources
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return invalidf("resources: not runtime-spec LinuxResources: %v", err)
+	}
+	c.mu.Lock()
+	err = c.require("update", stateCreated, stateRunning, statePaused)
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := c.runc.Update(ctx, id, &res); err != nil {
+		return fmt.Errorf("container %s: runc update: %w", id, runcError(c.runc, err))
+	}
+	return nil
+}
+
+// pids lists every process in the container's cgroup.
+func (m *containers) pids(id string) ([]uint32, error) {
+	c, err := m.get(id)
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(filepath.Join(c.cgroup, "cgroup.procs"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil // stopped: the cgroup is gone with the processes
+	}
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	var pids []uint32
+	for f := range strings.FieldsSeq(string(b)) {
+		if pid, err := strconv.ParseUint(f, 10, 32); err == nil {
+			pids = append(pids, uint32(pid))
+		}
+	}
+	return pids, nil
+}
+
+// killAll is for shutdown: every container's processes get SIGKILL.
+func (m *containers) killAll(ctx context.Context) {
+	m.mu.Lock()
+	all := make([]*container, 0, len(m.byID))
+	for _, c := range m.byID {
+		all = append(all, c)
+	}
+	m.mu.Unlock()
+	for _, c := range all {
+		_ = c.runc.Kill(ctx, c.id, int(unix.SIGKILL), &runc.KillOpts{All: true})
+	}
+}

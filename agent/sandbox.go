@@ -1,0 +1,202 @@
+package agent
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+)
+
+// nicAppearWait bounds the wait for a NIC the host has just added.
+const nicAppearWait = 5 * time.Second
+
+var (
+	validHostname = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,62})$`)
+	validSysctl   = regexp.MustCompile(`^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$`)
+)
+
+// setupSandbox makes the guest the pod: clock, hostname, network, DNS, sysctls. Each
+// step names the request field it failed on.
+func setupSandbox(req *agentv1.SetupSandboxRequest) error {
+	if req.HostTimeUnixNanos > 0 {
+		ts := unix.NsecToTimespec(req.HostTimeUnixNanos)
+		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+			return fmt.Errorf("host_time_unix_nanos: set clock: %w", err)
+		}
+	}
+	if req.Hostname != "" {
+		if !validHostname.MatchString(req.Hostname) {
+			return invalidf("hostname %q: not a valid host name", req.Hostname)
+		}
+		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
+			return fmt.Errorf("hostname: %w", err)
+		}
+	}
+	if err := linkUp("lo"); err != nil {
+		return err
+	}
+	for i, iface := range req.Interfaces {
+		if err := setupInterface(iface); err != nil {
+			return fmt.Errorf("interfaces[%d]: %w", i, err)
+		}
+	}
+	for i, r := range req.Routes {
+		if err := addRoute(r); err != nil {
+			return fmt.Errorf("routes[%d]: %w", i, err)
+		}
+	}
+	if req.Dns != nil {
+		if err := writeResolvConf("/etc/resolv.conf", req.Dns); err != nil {
+			return fmt.Errorf("dns: %w", err)
+		}
+	}
+	for k, v := range req.Sysctls {
+		if err := setSysctl(k, v); err != nil {
+			return fmt.Errorf("sysctls[%s]: %w", k, err)
+		}
+	}
+	return nil
+}
+
+func linkUp(name string) error {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("link %s: %w", name, err)
+	}
+	if err := netlink.LinkSetUp(l); err != nil {
+		return fmt.Errorf("link %s up: %w", name, err)
+	}
+	return nil
+}
+
+func setupInterface(iface *agentv1.Interface) error {
+	mac, err := net.ParseMAC(iface.Mac)
+	if err != nil {
+		return invalidf("mac %q: %v", iface.Mac, err)
+	}
+	link, err := waitForLink(mac)
+	if err != nil {
+		return err
+	}
+	if iface.Name != "" && link.Attrs().Name != iface.Name {
+		if err := netlink.LinkSetDown(link); err != nil {
+			return fmt.Errorf("link %s down: %w", link.Attrs().Name, err)
+		}
+		if err := netlink.LinkSetName(link, iface.Name); err != nil {
+			return fmt.Errorf("name %q: %w", iface.Name, err)
+		}
+	}
+	if iface.Mtu > 0 {
+		if err := netlink.LinkSetMTU(link, int(iface.Mtu)); err != nil {
+			return fmt.Errorf("mtu %d: %w", iface.Mtu, err)
+		}
+	}
+	for j, a := range iface.Addresses {
+		addr, err := netlink.ParseAddr(a)
+		if err != nil {
+			return invalidf("addresses[%d] %q: %v", j, a, err)
+		}
+		if err := netlink.AddrReplace(link, addr); err != nil {
+			return fmt.Errorf("addresses[%d] %q: %w", j, a, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("link up: %w", err)
+	}
+	return nil
+}
+
+func waitForLink(mac net.HardwareAddr) (netlink.Link, error) {
+	deadline := time.Now().Add(nicAppearWait)
+	for {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return nil, fmt.Errorf("list links: %w", err)
+		}
+		for _, l := range links {
+			if l.Attrs().HardwareAddr.String() == mac.String() {
+				return l, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("mac %s: no guest NIC has it after %v", mac, nicAppearWait)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func addRoute(r *agentv1.Route) error {
+	route := netlink.Route{}
+	if r.Device != "" {
+		l, err := netlink.LinkByName(r.Device)
+		if err != nil {
+			return fmt.Errorf("device %q: %w", r.Device, err)
+		}
+		route.LinkIndex = l.Attrs().Index
+	}
+	if r.Destination != "" {
+		_, dst, err := net.ParseCIDR(r.Destination)
+		if err != nil {
+			return invalidf("destination %q: %v", r.Destination, err)
+		}
+		route.Dst = dst
+	}
+	if r.Gateway != "" {
+		if route.Gw = net.ParseIP(r.Gateway); route.Gw == nil {
+			return invalidf("gateway %q: not an IP address", r.Gateway)
+		}
+	} else {
+		route.Scope = netlink.SCOPE_LINK
+	}
+	if r.Source != "" {
+		if route.Src = net.ParseIP(r.Source); route.Src == nil {
+			return invalidf("source %q: not an IP address", r.Source)
+		}
+	}
+	if err := netlink.RouteReplace(&route); err != nil {
+		return fmt.Errorf("add route to %q via %q: %w", r.Destination, r.Gateway, err)
+	}
+	return nil
+}
+
+func writeResolvConf(path string, dns *agentv1.DNS) error {
+	var b strings.Builder
+	for i, s := range dns.Servers {
+		if net.ParseIP(s) == nil {
+			return invalidf("servers[%d] %q: not an IP address", i, s)
+		}
+		fmt.Fprintf(&b, "nameserver %s\n", s)
+	}
+	if len(dns.Searches) > 0 {
+		fmt.Fprintf(&b, "search %s\n", strings.Join(dns.Searches, " "))
+	}
+	if len(dns.Options) > 0 {
+		fmt.Fprintf(&b, "options %s\n", strings.Join(dns.Options, " "))
+	}
+	if strings.ContainsAny(strings.Join(append(dns.Searches, dns.Options...), ""), "\n\x00") {
+		return invalidf("searches/options: contain a newline")
+	}
+	return os.WriteFile(path, []byte(b.String()), 0o644)
+}
+
+func setSysctl(key, value string) error {
+	if !validSysctl.MatchString(key) {
+		return invalidf("key %q: not a sysctl name", key)
+	}
+	if strings.ContainsAny(value, "\n\x00") {
+		return invalidf("value %q: contains a newline", value)
+	}
+	path := filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
+	if err := os.WriteFile(path, []byte(value), 0); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,104 @@
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// cgroupParent is the guest cgroup every container's cgroup lives under.
+const cgroupParent = "/vmpod"
+
+// validID is what runc accepts as a container id; exec ids follow the same rule so they
+// can name files.
+var validID = regexp.MustCompile(`^[\w+\-.]+$`)
+
+func checkID(field, id string) error {
+	if id == "" || id == "." || id == ".." || len(id) > 256 || !validID.MatchString(id) {
+		return fmt.Errorf("%s %q: must be 1-256 of [A-Za-z0-9_+-.]: %w", field, id, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+func invalidf(format string, args ...any) error {
+	return fmt.Errorf(format+": %w", append(args, errdefs.ErrInvalidArgument)...)
+}
+
+// guestSpec parses the spec the host sent and makes it fit the guest. The host has already
+// put guest paths into root.path and the mounts; what only the guest can decide is set here:
+//   - the cgroup, under cgroupParent (a host cgroup path means nothing in the guest);
+//   - no hooks (they name host binaries);
+//   - no AppArmor profile or SELinux labels (the guest kernel has no LSM).
+func guestSpec(id string, raw []byte) (*specs.Spec, error) {
+	var spec specs.Spec
+	if err := json.Unmarshal(raw, &spec); err != nil {
+		return nil, invalidf("oci_spec: not a runtime-spec document: %v", err)
+	}
+	if spec.Root == nil || spec.Root.Path == "" {
+		return nil, invalidf("oci_spec: root.path: missing")
+	}
+	if !filepath.IsAbs(spec.Root.Path) {
+		return nil, invalidf("oci_spec: root.path %q: must be an absolute guest path", spec.Root.Path)
+	}
+	if fi, err := os.Stat(spec.Root.Path); err != nil || !fi.IsDir() {
+		return nil, invalidf("oci_spec: root.path %q: not a directory in the guest", spec.Root.Path)
+	}
+	if spec.Process == nil {
+		return nil, invalidf("oci_spec: process: missing")
+	}
+	if err := checkProcess("oci_spec: process", spec.Process); err != nil {
+		return nil, err
+	}
+	if spec.Linux == nil {
+		spec.Linux = &specs.Linux{}
+	}
+	for i, m := range spec.Mounts {
+		if !filepath.IsAbs(m.Destination) {
+			return nil, invalidf("oci_spec: mounts[%d].destination %q: must be absolute", i, m.Destination)
+		}
+	}
+	spec.Linux.CgroupsPath = filepath.Join(cgroupParent, id)
+	spec.Hooks = nil
+	spec.Linux.MountLabel = ""
+	stripLSM(spec.Process)
+	return &spec, nil
+}
+
+// checkProcess validates the fields runc would otherwise reject with a less helpful error.
+func checkProcess(field string, p *specs.Process) error {
+	if len(p.Args) == 0 && p.CommandLine == "" {
+		return invalidf("%s.args: empty (the image has no command and none was given)", field)
+	}
+	if p.Cwd == "" || !filepath.IsAbs(p.Cwd) {
+		return invalidf("%s.cwd %q: must be an absolute path", field, p.Cwd)
+	}
+	for i, rl := range p.Rlimits {
+		if rl.Soft > rl.Hard {
+			return invalidf("%s.rlimits[%d] %s: soft limit %d above hard limit %d", field, i, rl.Type, rl.Soft, rl.Hard)
+		}
+	}
+	return nil
+}
+
+func stripLSM(p *specs.Process) {
+	p.ApparmorProfile = ""
+	p.SelinuxLabel = ""
+}
+
+// guestProcess parses an exec'd process spec.
+func guestProcess(raw []byte) (*specs.Process, error) {
+	var p specs.Process
+	if err := json.Unmarshal(raw, &p); err != nil {
+		return nil, invalidf("process: not a runtime-spec process: %v", err)
+	}
+	if err := checkProcess("process", &p); err != nil {
+		return nil, err
+	}
+	stripLSM(&p)
+	return &p, nil
+}

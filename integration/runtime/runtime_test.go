@@ -1,0 +1,477 @@
+// Integration tests of package runtime: real QEMU (TCG here), the real guest kernel and
+// agent, runc in the guest, a busybox rootfs shared from the host.
+package runtime_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/runtime"
+)
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// syncBuffer is a bytes.Buffer safe to write from a pump and read from the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitFor polls cond until it holds or the test's patience ends.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// startContainer creates and starts a busybox container running args.
+func startContainer(t *testing.T, vm *runtime.VM, id string, spec *specs.Spec, stdio runtime.Stdio) *runtime.Process {
+	t.Helper()
+	ctx := ctxFor(t, time.Minute)
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	p, err := vm.CreateContainer(ctx, id, rootfs, spec, stdio)
+	if err != nil {
+		t.Fatalf("create %s: %v", id, err)
+	}
+	t.Cleanup(func() {
+		if err := vm.RemoveContainer(context.Background(), id, true); err != nil && !errdefs.IsNotFound(err) {
+			t.Errorf("remove %s: %v", id, err)
+		}
+	})
+	if err := vm.Agent().StartContainer(ctx, id); err != nil {
+		t.Fatalf("start %s: %v", id, err)
+	}
+	return p
+}
+
+// run runs args to completion in a fresh container and returns its exit and output.
+func run(t *testing.T, vm *runtime.VM, id string, stdin io.Reader, args ...string) (runtime.Exit, string, string) {
+	t.Helper()
+	var stdout, stderr syncBuffer
+	p := startContainer(t, vm, id, testenv.Spec(args...), runtime.Stdio{Stdin: stdin, Stdout: &stdout, Stderr: &stderr})
+	exit, err := p.Wait(ctxFor(t, time.Minute))
+	if err != nil {
+		t.Fatalf("wait %s: %v", id, err)
+	}
+	return exit, stdout.String(), stderr.String()
+}
+
+func TestEchoHello(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "echo"))
+	exit, out, errOut := run(t, vm, "hello", nil, "echo", "hello")
+	if exit.Status != 0 || out != "hello\n" {
+		t.Fatalf("got exit %d, stdout %q, stderr %q; want 0, \"hello\\n\"", exit.Status, out, errOut)
+	}
+	if exit.ExitedAt.IsZero() {
+		t.Error("exit time not set")
+	}
+}
+
+func TestExitCodeAndStderr(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "exitcode"))
+	exit, out, errOut := run(t, vm, "three", nil, "sh", "-c", "echo to-stderr >&2; exit 3")
+	if exit.Status != 3 {
+		t.Fatalf("exit %d, want 3", exit.Status)
+	}
+	if out != "" || errOut != "to-stderr\n" {
+		t.Fatalf("stdout %q stderr %q: want only stderr", out, errOut)
+	}
+}
+
+func TestStdinRoundTrip(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "stdin"))
+	// 1 MiB: many WriteStdin/ReadStdout calls, and the agent's buffers must apply
+	// back-pressure rather than lose or reorder anything.
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 64<<10)
+	exit, out, _ := run(t, vm, "cat", bytes.NewReader(payload), "cat")
+	if exit.Status != 0 {
+		t.Fatalf("cat exited %d", exit.Status)
+	}
+	if out != string(payload) {
+		t.Fatalf("round trip returned %d bytes, want %d identical", len(out), len(payload))
+	}
+}
+
+func TestTerminalWithResize(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "tty"))
+	stdinR, stdinW := io.Pipe()
+	defer stdinW.Close()
+	var out syncBuffer
+	spec := testenv.Spec("sh", "-c", "stty size; read line; stty size")
+	spec.Process.Terminal = true
+	p := startContainer(t, vm, "tty", spec, runtime.Stdio{Stdin: stdinR, Stdout: &out, Terminal: true, Width: 80, Height: 24})
+	waitFor(t, "first size", func() bool { return strings.Contains(out.String(), "24 80") })
+	if err := p.Resize(ctxFor(t, 10*time.Second), 132, 50); err != nil {
+		t.Fatalf("resize: %v", err)
+	}
+	if _, err := stdinW.Write([]byte("\n")); err != nil {
+		t.Fatal(err)
+	}
+	exit, err := p.Wait(ctxFor(t, time.Minute))
+	if err != nil || exit.Status != 0 {
+		t.Fatalf("wait: %v, exit %d; output %q", err, exit.Status, out.String())
+	}
+	if !strings.Contains(out.String(), "50 132") {
+		t.Fatalf("terminal output %q lacks the resized 50 132", out.String())
+	}
+}
+
+func TestSignals(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "signals"))
+	ctx := ctxFor(t, time.Minute)
+
+	var out syncBuffer
+	// The container's init ignores signals it has no handler for; this one traps TERM.
+	term := startContainer(t, vm, "term", testenv.Spec("sh", "-c",
+		`trap 'echo got-TERM; exit 42' TERM; echo ready; while :; do sleep 0.05; done`), runtime.Stdio{Stdout: &out})
+	waitFor(t, "trap installed", func() bool { return strings.Contains(out.String(), "ready") })
+	if err := term.Signal(ctx, syscall.SIGTERM, false); err != nil {
+		t.Fatalf("SIGTERM: %v", err)
+	}
+	exit, err := term.Wait(ctx)
+	if err != nil || exit.Status != 42 || !strings.Contains(out.String(), "got-TERM") {
+		t.Fatalf("after SIGTERM: exit %d, err %v, output %q", exit.Status, err, out.String())
+	}
+
+	kill := startContainer(t, vm, "kill", testenv.Spec("sleep", "1000"), runtime.Stdio{})
+	if err := kill.Signal(ctx, syscall.SIGKILL, false); err != nil {
+		t.Fatalf("SIGKILL: %v", err)
+	}
+	if exit, err := kill.Wait(ctx); err != nil || exit.Status != 128+9 {
+		t.Fatalf("after SIGKILL: exit %d, err %v; want 137", exit.Status, err)
+	}
+	// A finished process is NotFound for signals, as containerd expects.
+	if err := kill.Signal(ctx, syscall.SIGKILL, false); !errdefs.IsNotFound(err) {
+		t.Fatalf("signal to exited process: %v, want NotFound", err)
+	}
+}
+
+func TestExecIntoRunningContainer(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "exec"))
+	ctx := ctxFor(t, time.Minute)
+	startContainer(t, vm, "main", testenv.Spec("sleep", "1000"), runtime.Stdio{})
+
+	var out syncBuffer
+	proc := testenv.Spec("sh", "-c", "echo exec-ok; cat /proc/1/cmdline").Process
+	p, err := vm.Exec(ctx, "main", "probe", proc, runtime.Stdio{Stdout: &out})
+	if err != nil {
+		t.Fatalf("exec: %v", err)
+	}
+	exit, err := p.Wait(ctx)
+	if err != nil || exit.Status != 0 {
+		t.Fatalf("exec wait: %v, exit %d", err, exit.Status)
+	}
+	// The exec joined the container's pid namespace: its pid 1 is the container's sleep.
+	if got := out.String(); !strings.HasPrefix(got, "exec-ok\n") || !strings.Contains(got, "sleep") {
+		t.Fatalf("exec output %q", got)
+	}
+	if err := p.Remove(ctx); err != nil {
+		t.Fatalf("remove exec: %v", err)
+	}
+	if _, err := vm.Exec(ctx, "main", "bad id!", proc, runtime.Stdio{}); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("exec with a bad id: %v, want InvalidArgument", err)
+	}
+}
+
+func TestTwoContainersInOneVM(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "two"))
+	ctx := ctxFor(t, time.Minute)
+	var outA, outB syncBuffer
+	a := startContainer(t, vm, "a", testenv.Spec("sh", "-c", "echo from-a > /marker; sleep 0.3; cat /marker"), runtime.Stdio{Stdout: &outA})
+	b := startContainer(t, vm, "b", testenv.Spec("sh", "-c", "sleep 0.3; cat /marker 2>&1 || echo no-marker"), runtime.Stdio{Stdout: &outB})
+	for _, p := range []*runtime.Process{a, b} {
+		if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 {
+			t.Fatalf("%s: exit %d, %v", p.ContainerID(), exit.Status, err)
+		}
+	}
+	// Each container has its own rootfs: a's file is not in b's.
+	if outA.String() != "from-a\n" || !strings.Contains(outB.String(), "no-marker") {
+		t.Fatalf("a said %q, b said %q", outA.String(), outB.String())
+	}
+}
+
+func TestStats(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "stats"))
+	ctx := ctxFor(t, time.Minute)
+	var out syncBuffer
+	startContainer(t, vm, "busy", testenv.Spec("sh", "-c",
+		"dd if=/dev/zero of=/dev/null bs=64k count=2000 2>/dev/null; echo done; sleep 1000"), runtime.Stdio{Stdout: &out})
+	waitFor(t, "work done", func() bool { return strings.Contains(out.String(), "done") })
+	st, err := vm.Agent().ContainerStats(ctx, "busy")
+	if err != nil {
+		t.Fatalf("stats: %v", err)
+	}
+	if st.Cpu.UsageUsec == 0 || st.Memory.Usage == 0 || st.Pids.Current == 0 {
+		t.Fatalf("stats look empty: cpu %+v memory usage %d pids %+v", st.Cpu, st.Memory.Usage, st.Pids)
+	}
+	pids, err := vm.Agent().ListProcesses(ctx, "busy")
+	if err != nil || len(pids) == 0 {
+		t.Fatalf("list processes: %v %v", pids, err)
+	}
+}
+
+func TestPauseResume(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "pause"))
+	ctx := ctxFor(t, time.Minute)
+	var out syncBuffer
+	startContainer(t, vm, "ticker", testenv.Spec("sh", "-c", "while :; do echo t; sleep 0.05; done"), runtime.Stdio{Stdout: &out})
+	waitFor(t, "ticks", func() bool { return strings.Count(out.String(), "t") >= 3 })
+	if err := vm.Agent().PauseContainer(ctx, "ticker"); err != nil {
+		t.Fatalf("pause: %v", err)
+	}
+	time.Sleep(300 * time.Millisecond) // let output already in flight land
+	frozen := out.String()
+	time.Sleep(500 * time.Millisecond)
+	if out.String() != frozen {
+		t.Fatal("paused container kept writing")
+	}
+	if err := vm.Agent().PauseContainer(ctx, "ticker"); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("pause twice: %v, want FailedPrecondition", err)
+	}
+	if err := vm.Agent().ResumeContainer(ctx, "ticker"); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	waitFor(t, "ticks after resume", func() bool { return len(out.String()) > len(frozen) })
+}
+
+// A removed container leaves no bundle, share or process; a running one needs force.
+func TestRemoveNeedsForceWhileRunning(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "remove"))
+	ctx := ctxFor(t, time.Minute)
+	startContainer(t, vm, "sleeper", testenv.Spec("sleep", "1000"), runtime.Stdio{})
+	if err := vm.RemoveContainer(ctx, "sleeper", false); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("remove running without force: %v, want FailedPrecondition", err)
+	}
+	if err := vm.RemoveContainer(ctx, "sleeper", true); err != nil {
+		t.Fatalf("force remove: %v", err)
+	}
+	if _, err := vm.Agent().ContainerStats(ctx, "sleeper"); !errdefs.IsNotFound(err) {
+		t.Fatalf("stats after remove: %v, want NotFound", err)
+	}
+}
+
+func TestBadSpecIsRejectedNamingTheField(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "badspec"))
+	ctx := ctxFor(t, time.Minute)
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+
+	noArgs := testenv.Spec()
+	_, err := vm.CreateContainer(ctx, "noargs", rootfs, noArgs, runtime.Stdio{})
+	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "process.args") {
+		t.Fatalf("empty args: %v, want InvalidArgument naming process.args", err)
+	}
+	relCwd := testenv.Spec("true")
+	relCwd.Process.Cwd = "relative"
+	if _, err := vm.CreateContainer(ctx, "relcwd", rootfs, relCwd, runtime.Stdio{}); !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "process.cwd") {
+		t.Fatalf("relative cwd: %v, want InvalidArgument naming process.cwd", err)
+	}
+	missing := testenv.Spec("/no/such/binary")
+	_, err = vm.CreateContainer(ctx, "missingbin", rootfs, missing, runtime.Stdio{})
+	if err == nil || !strings.Contains(err.Error(), "no/such/binary") {
+		t.Fatalf("missing binary: %v, want runc's message naming it", err)
+	}
+	if _, err := vm.CreateContainer(ctx, "norootfs", "/no/such/rootfs", testenv.Spec("true"), runtime.Stdio{}); err == nil || !strings.Contains(err.Error(), "/no/such/rootfs") {
+		t.Fatalf("missing rootfs: %v, want an error naming it", err)
+	}
+	// Nothing of the failed creates stays behind: the same ids work afterwards.
+	exit, out, _ := run(t, vm, "noargs", nil, "echo", "reused")
+	if exit.Status != 0 || out != "reused\n" {
+		t.Fatalf("reusing a failed id: exit %d output %q", exit.Status, out)
+	}
+}
+
+func TestShareFileAndReadOnly(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "share"))
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "hosts"), []byte("10.0.0.1 shared-host\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	guestFile, err := vm.Share(filepath.Join(dir, "hosts"), "c/hosts", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := testenv.Spec("sh", "-c", "cat /etc/hosts; echo x >> /etc/hosts && echo writable || echo read-only")
+	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/etc/hosts", Type: "bind", Source: guestFile, Options: []string{"rbind", "ro"}})
+	var out syncBuffer
+	p := startContainer(t, vm, "c", spec, runtime.Stdio{Stdout: &out, Stderr: io.Discard})
+	if exit, err := p.Wait(ctxFor(t, time.Minute)); err != nil || exit.Status != 0 {
+		t.Fatalf("exit %d err %v", exit.Status, err)
+	}
+	if got := out.String(); !strings.Contains(got, "shared-host") || !strings.Contains(got, "read-only") {
+		t.Fatalf("output %q: want the host file, read-only", got)
+	}
+	if err := vm.Unshare("c/hosts"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSharedFSVariants(t *testing.T) {
+	testenv.Require(t)
+	for _, fs := range []runtime.SharedFS{runtime.SharedFS9P, runtime.SharedFSVirtioFS} {
+		t.Run(string(fs), func(t *testing.T) {
+			cfg := testenv.VMConfig(t, "fs-"+strings.ReplaceAll(string(fs), "-", ""))
+			cfg.SharedFS = fs
+			vm := testenv.StartVM(t, cfg)
+			exit, out, _ := run(t, vm, "ls", nil, "sh", "-c", "ls /bin | wc -l")
+			if exit.Status != 0 || strings.TrimSpace(out) == "0" {
+				t.Fatalf("over %s: exit %d, output %q", fs, exit.Status, out)
+			}
+		})
+	}
+}
+
+func TestQ35Machine(t *testing.T) {
+	testenv.Require(t)
+	cfg := testenv.VMConfig(t, "q35")
+	cfg.Machine = runtime.MachineQ35
+	vm := testenv.StartVM(t, cfg)
+	exit, out, _ := run(t, vm, "hello", nil, "echo", "q35")
+	if exit.Status != 0 || out != "q35\n" {
+		t.Fatalf("exit %d output %q", exit.Status, out)
+	}
+}
+
+func TestAgentCallTimesOutWhenGuestStops(t *testing.T) {
+	testenv.Require(t)
+	cfg := testenv.VMConfig(t, "frozen")
+	cfg.CallTimeout = 2 * time.Second
+	cfg.StopTimeout = 2 * time.Second
+	vm := testenv.StartVM(t, cfg)
+	// SIGSTOP QEMU: the guest, and so the agent, stops answering.
+	if err := syscall.Kill(vm.QEMUPid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err := vm.Agent().Ping(context.Background())
+	if err == nil {
+		t.Fatal("ping of a stopped guest succeeded")
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("ping took %v with a 2s call timeout", d)
+	}
+	if !strings.Contains(err.Error(), "frozen") {
+		t.Errorf("error %q does not name the VM", err)
+	}
+	// Stop must still clean up (the graceful path times out, then QEMU is killed);
+	// StartVM's cleanup checks for leaks.
+}
+
+func TestStartFailuresLeaveNothing(t *testing.T) {
+	testenv.Require(t)
+	kernel, initrd := testenv.Kernel(t), testenv.Initrd(t)
+	cases := []struct {
+		name   string
+		mutate func(*runtime.Config)
+		want   string
+	}{
+		{"missing kernel", func(c *runtime.Config) { c.Kernel = "/no/such/vmlinux" }, "kernel"},
+		{"missing qemu", func(c *runtime.Config) { c.QEMUPath = "/no/such/qemu" }, "qemu"},
+		{"bad machine", func(c *runtime.Config) { c.Machine = "pc-i440fx" }, "machine"},
+		{"hotplug on microvm", func(c *runtime.Config) { c.MaxVCPUs = 4 }, "max_vcpus"},
+		// A kernel with no agent behind it: the initrd is the kernel image, so the kernel
+		// finds no /init, panics, and QEMU exits (-no-reboot).
+		{"guest never reaches the agent", func(c *runtime.Config) { c.Initrd = kernel }, "boot"},
+		// QEMU itself refuses to start.
+		{"QEMU rejects its command line", func(c *runtime.Config) { c.KernelParams = nil; c.MemoryMiB = 1 << 30 }, "boot"},
+	}
+	_ = initrd
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testenv.VMConfig(t, "fail")
+			cfg.BootTimeout = 20 * time.Second
+			tc.mutate(&cfg)
+			vm, err := runtime.Start(context.Background(), cfg)
+			if err == nil {
+				_ = vm.Kill()
+				t.Fatal("start succeeded")
+			}
+			if !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "vm fail") {
+				t.Fatalf("error %q: want it to name the VM and %q", err, tc.want)
+			}
+			testenv.AssertNoLeaks(t, cfg.StateDir)
+		})
+	}
+}
+
+func TestBootTimeoutKillsQEMU(t *testing.T) {
+	testenv.Require(t)
+	cfg := testenv.VMConfig(t, "slow")
+	cfg.BootTimeout = 300 * time.Millisecond // far below a TCG boot
+	start := time.Now()
+	vm, err := runtime.Start(context.Background(), cfg)
+	if err == nil {
+		_ = vm.Kill()
+		t.Fatal("start succeeded within an impossible timeout")
+	}
+	if !strings.Contains(err.Error(), "boot") {
+		t.Fatalf("error %q does not name the boot step", err)
+	}
+	if d := time.Since(start); d > 15*time.Second {
+		t.Fatalf("gave up after %v with a 300ms boot timeout", d)
+	}
+	testenv.AssertNoLeaks(t, cfg.StateDir)
+}
+
+func TestReconnectAgent(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "reconnect"))
+	ctx := ctxFor(t, time.Minute)
+	for i := range 3 {
+		if err := vm.ReconnectAgent(ctx); err != nil {
+			t.Fatalf("reconnect %d: %v", i, err)
+		}
+		if _, err := vm.Agent().Ping(ctx); err != nil {
+			t.Fatalf("ping after reconnect %d: %v", i, err)
+		}
+	}
+	exit, out, _ := run(t, vm, "after", nil, "echo", fmt.Sprint("still-works"))
+	if exit.Status != 0 || out != "still-works\n" {
+		t.Fatalf("exit %d output %q", exit.Status, out)
+	}
+}

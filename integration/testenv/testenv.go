@@ -1,0 +1,225 @@
+// Package testenv is the shared setup of vmpod's integration tests: the gate that skips
+// them (saying why) on machines that cannot run them, the guest assets and test rootfs
+// that `make test` builds, per-test state directories, and the leak check every test
+// that boots a VM ends with.
+package testenv
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/runtime"
+)
+
+// Environment variables `make test` sets for the integration tests.
+const (
+	EnvGate    = "VMPOD_INTEGRATION" // "1" runs them
+	EnvKernel  = "VMPOD_KERNEL"
+	EnvInitrd  = "VMPOD_INITRD"
+	EnvBusybox = "VMPOD_BUSYBOX_ROOTFS"
+)
+
+// Require skips the test unless integration tests were asked for and can run here.
+func Require(t testing.TB) {
+	t.Helper()
+	if os.Getenv(EnvGate) != "1" {
+		t.Skipf("integration test: set %s=1 (make test does) to boot real VMs", EnvGate)
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("integration test: needs root (mounts, taps, QEMU with virtiofsd)")
+	}
+}
+
+func mustEnvFile(t testing.TB, name string) string {
+	t.Helper()
+	p := os.Getenv(name)
+	if p == "" {
+		t.Fatalf("%s is not set: run through `make test` (it builds the guest and test rootfs)", name)
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return p
+}
+
+// Kernel, Initrd and BusyboxRootfs are the assets `make test` built.
+func Kernel(t testing.TB) string        { return mustEnvFile(t, EnvKernel) }
+func Initrd(t testing.TB) string        { return mustEnvFile(t, EnvInitrd) }
+func BusyboxRootfs(t testing.TB) string { return mustEnvFile(t, EnvBusybox) }
+
+// StateRoot is a short directory for VM state (unix socket paths are limited to 108
+// bytes, too short for t.TempDir()).
+func StateRoot(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("/run", "vmpod-it-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(dir) })
+	return dir
+}
+
+// VMConfig is a small VM of the test guest, with its state under a fresh directory.
+func VMConfig(t testing.TB, name string) runtime.Config {
+	return runtime.Config{
+		Name:     name,
+		StateDir: filepath.Join(StateRoot(t), "vm"),
+		LogPath:  filepath.Join(t.TempDir(), name+".log"),
+		Kernel:   Kernel(t),
+		Initrd:   Initrd(t),
+		// tests check results, not speed: a wide boot timeout absorbs a loaded CI host
+		BootTimeout: 60 * time.Second,
+	}
+}
+
+// StartVM boots cfg and registers its stop and the leak check with the test.
+func StartVM(t testing.TB, cfg runtime.Config) *runtime.VM {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	vm, err := runtime.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start VM: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := vm.Stop(context.Background()); err != nil {
+			t.Errorf("stop VM: %v", err)
+		}
+		AssertNoLeaks(t, cfg.StateDir)
+		if t.Failed() {
+			if b, err := os.ReadFile(cfg.LogPath); err == nil {
+				t.Logf("VM log %s:\n%s", cfg.LogPath, b)
+			}
+		}
+	})
+	return vm
+}
+
+// AssertNoLeaks fails the test if anything of a VM with this state directory survives:
+// a process naming it (QEMU, virtiofsd), a mount below it, or the directory itself
+// (and with it the sockets).
+func AssertNoLeaks(t testing.TB, stateDir string) {
+	t.Helper()
+	if procs := ProcessesMentioning(stateDir); len(procs) > 0 {
+		t.Errorf("leak: processes still running for %s: %s", stateDir, strings.Join(procs, "; "))
+	}
+	if mounts := MountsUnder(stateDir); len(mounts) > 0 {
+		t.Errorf("leak: mounts still below %s: %s", stateDir, strings.Join(mounts, ", "))
+	}
+	if _, err := os.Lstat(stateDir); err == nil {
+		t.Errorf("leak: state dir %s still exists", stateDir)
+	}
+}
+
+// ProcessesMentioning lists "pid: cmdline" of processes whose command line contains s.
+func ProcessesMentioning(s string) []string {
+	var out []string
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, "cmdline"))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		cmdline := strings.ReplaceAll(strings.TrimRight(string(b), "\x00"), "\x00", " ")
+		if strings.Contains(cmdline, s) {
+			out = append(out, filepath.Base(d)+": "+cmdline)
+		}
+	}
+	return out
+}
+
+// MountsUnder lists mount points at or below dir.
+func MountsUnder(dir string) []string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for line := range strings.Lines(string(b)) {
+		f := strings.Fields(line)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			out = append(out, f[4])
+		}
+	}
+	return out
+}
+
+// OverlayRootfs mounts a writable overlay of lower (as containerd's overlay snapshotter
+// would) and unmounts it when the test ends.
+func OverlayRootfs(t testing.TB, lower string) string {
+	t.Helper()
+	dir := t.TempDir()
+	upper, work, merged := filepath.Join(dir, "upper"), filepath.Join(dir, "work"), filepath.Join(dir, "merged")
+	for _, d := range []string{upper, work, merged} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work)
+	if err := unix.Mount("overlay", merged, "overlay", 0, opts); err != nil {
+		t.Fatalf("overlay rootfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(merged, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount overlay rootfs: %v", err)
+		}
+	})
+	return merged
+}
+
+// Spec is a runtime-spec for args, close to what containerd generates for a CRI
+// container: its own pid, ipc, uts and mount namespaces (the network is the pod's, which
+// in the guest is the VM's own), the usual mounts, default capabilities, masked paths.
+// root.path is replaced by the runtime with the shared rootfs.
+func Spec(args ...string) *specs.Spec {
+	caps := []string{
+		"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+		"CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+		"CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+	}
+	return &specs.Spec{
+		Version: specs.Version,
+		Root:    &specs.Root{Path: "rootfs"},
+		Process: &specs.Process{
+			Args: args,
+			Env:  []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"},
+			Cwd:  "/",
+			Capabilities: &specs.LinuxCapabilities{
+				Bounding: caps, Effective: caps, Permitted: caps,
+			},
+			Rlimits:         []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Hard: 1024, Soft: 1024}},
+			NoNewPrivileges: true,
+		},
+		Hostname: "vmpod-test",
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc", Options: []string{"nosuid", "noexec", "nodev"}},
+			{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
+			{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"}},
+			{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
+			{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
+			{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}},
+			{Destination: "/sys/fs/cgroup", Type: "cgroup", Source: "cgroup", Options: []string{"nosuid", "noexec", "nodev", "relatime", "ro"}},
+		},
+		Linux: &specs.Linux{
+			Namespaces: []specs.LinuxNamespace{
+				{Type: specs.PIDNamespace}, {Type: specs.IPCNamespace},
+				{Type: specs.UTSNamespace}, {Type: specs.MountNamespace},
+			},
+			MaskedPaths: []string{
+				"/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+				"/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+			},
+			ReadonlyPaths: []string{
+				"/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+			},
+		},
+	}
+}

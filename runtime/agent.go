@@ -1,0 +1,239 @@
+package runtime
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+)
+
+// Agent is the host's client of one guest agent: a Go method for every agent operation.
+// Errors come back as native errdefs classes (NotFound, FailedPrecondition, ...), so
+// callers test them with errdefs.Is*; only the shim's RPC boundary maps them again.
+type Agent struct {
+	vm          string
+	callTimeout time.Duration
+
+	mu   sync.RWMutex // guards the connection, which ReconnectAgent replaces
+	conn *ttrpc.Client
+	rpc  agentv1.AgentService
+}
+
+func newAgent(vm string, callTimeout time.Duration) *Agent {
+	return &Agent{vm: vm, callTimeout: callTimeout}
+}
+
+// use switches the agent to a new connection and closes the old one.
+func (a *Agent) use(c *ttrpc.Client) {
+	a.mu.Lock()
+	old := a.conn
+	a.conn, a.rpc = c, agentv1.NewAgentClient(c)
+	a.mu.Unlock()
+	if old != nil {
+		_ = old.Close()
+	}
+}
+
+// client is the current connection's stub.
+func (a *Agent) client() agentv1.AgentService {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.rpc
+}
+
+// nativeErrors is the client side of the RPC boundary: gRPC status → errdefs class.
+// ttrpc turns a reply's status into an error only after the interceptor returns, so the
+// status is read from the reply here.
+func nativeErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
+	if err := invoker(ctx, req, resp); err != nil {
+		return errgrpc.ToNative(err)
+	}
+	if resp.Status != nil && codes.Code(resp.Status.Code) != codes.OK {
+		return errgrpc.ToNative(status.ErrorProto(resp.Status))
+	}
+	return nil
+}
+
+// call bounds a short call by the call timeout and names the VM and operation in errors.
+func (a *Agent) call(ctx context.Context, op string, fn func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, a.callTimeout)
+	defer cancel()
+	if err := fn(ctx); err != nil {
+		return fmt.Errorf("vm %s: agent %s: %w", a.vm, op, err)
+	}
+	return nil
+}
+
+// poll is call without the timeout, for long polls that wait on the guest.
+func (a *Agent) poll(ctx context.Context, op string, fn func(context.Context) error) error {
+	if err := fn(ctx); err != nil {
+		return fmt.Errorf("vm %s: agent %s: %w", a.vm, op, err)
+	}
+	return nil
+}
+
+func (a *Agent) close() error {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	if a.conn == nil {
+		return nil
+	}
+	return a.conn.Close()
+}
+
+// Ping returns the agent's view of the guest.
+func (a *Agent) Ping(ctx context.Context) (resp *agentv1.PingResponse, err error) {
+	err = a.call(ctx, "ping", func(ctx context.Context) error {
+		resp, err = a.client().Ping(ctx, &agentv1.PingRequest{})
+		return err
+	})
+	return resp, err
+}
+
+// SetupSandbox configures the guest as the pod (hostname, clock, network, DNS, sysctls).
+func (a *Agent) SetupSandbox(ctx context.Context, req *agentv1.SetupSandboxRequest) error {
+	return a.call(ctx, "setup sandbox", func(ctx context.Context) error {
+		_, err := a.client().SetupSandbox(ctx, req)
+		return err
+	})
+}
+
+// OnlineResources brings hot-added vCPUs and memory online.
+func (a *Agent) OnlineResources(ctx context.Context) (resp *agentv1.OnlineResourcesResponse, err error) {
+	err = a.call(ctx, "online resources", func(ctx context.Context) error {
+		resp, err = a.client().OnlineResources(ctx, &agentv1.OnlineResourcesRequest{})
+		return err
+	})
+	return resp, err
+}
+
+// shutdown asks the guest to power off; the reply may be lost with the VM.
+func (a *Agent) shutdown(ctx context.Context) error {
+	return a.call(ctx, "shutdown", func(ctx context.Context) error {
+		_, err := a.client().Shutdown(ctx, &agentv1.ShutdownRequest{})
+		return err
+	})
+}
+
+// createContainer is the raw create; VM.CreateContainer shares the rootfs first.
+func (a *Agent) createContainer(ctx context.Context, id string, spec *specs.Spec, stdio *agentv1.Stdio) (pid uint32, err error) {
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		return 0, fmt.Errorf("vm %s: container %s: encode spec: %w", a.vm, id, err)
+	}
+	err = a.call(ctx, "create container "+id, func(ctx context.Context) error {
+		resp, err := a.client().CreateContainer(ctx, &agentv1.CreateContainerRequest{ContainerId: id, OciSpec: raw, Stdio: stdio})
+		if err == nil {
+			pid = resp.Pid
+		}
+		return err
+	})
+	return pid, err
+}
+
+// StartContainer starts a created container's init.
+func (a *Agent) StartContainer(ctx context.Context, id string) error {
+	return a.call(ctx, "start container "+id, func(ctx context.Context) error {
+		_, err := a.client().StartContainer(ctx, &agentv1.ContainerRequest{ContainerId: id})
+		return err
+	})
+}
+
+func (a *Agent) removeContainer(ctx context.Context, id string, force bool) error {
+	return a.call(ctx, "remove container "+id, func(ctx context.Context) error {
+		_, err := a.client().RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: id, Force: force})
+		return err
+	})
+}
+
+// PauseContainer freezes every process of the container.
+func (a *Agent) PauseContainer(ctx context.Context, id string) error {
+	return a.call(ctx, "pause container "+id, func(ctx context.Context) error {
+		_, err := a.client().PauseContainer(ctx, &agentv1.ContainerRequest{ContainerId: id})
+		return err
+	})
+}
+
+// ResumeContainer thaws a paused container.
+func (a *Agent) ResumeContainer(ctx context.Context, id string) error {
+	return a.call(ctx, "resume container "+id, func(ctx context.Context) error {
+		_, err := a.client().ResumeContainer(ctx, &agentv1.ContainerRequest{ContainerId: id})
+		return err
+	})
+}
+
+// UpdateContainer applies new cgroup limits inside the guest.
+func (a *Agent) UpdateContainer(ctx context.Context, id string, res *specs.LinuxResources) error {
+	raw, err := json.Marshal(res)
+	if err != nil {
+		return fmt.Errorf("vm %s: container %s: encode resources: %w", a.vm, id, err)
+	}
+	return a.call(ctx, "update container "+id, func(ctx context.Context) error {
+		_, err := a.client().UpdateContainer(ctx, &agentv1.UpdateContainerRequest{ContainerId: id, Resources: raw})
+		return err
+	})
+}
+
+// ContainerStats reads the container's cgroup in the guest.
+func (a *Agent) ContainerStats(ctx context.Context, id string) (resp *agentv1.ContainerStatsResponse, err error) {
+	err = a.call(ctx, "stats "+id, func(ctx context.Context) error {
+		resp, err = a.client().ContainerStats(ctx, &agentv1.ContainerRequest{ContainerId: id})
+		return err
+	})
+	return resp, err
+}
+
+// ListProcesses returns the guest pids in the container.
+func (a *Agent) ListProcesses(ctx context.Context, id string) (pids []uint32, err error) {
+	err = a.call(ctx, "list processes "+id, func(ctx context.Context) error {
+		resp, err := a.client().ListProcesses(ctx, &agentv1.ContainerRequest{ContainerId: id})
+		if err == nil {
+			pids = resp.Pids
+		}
+		return err
+	})
+	return pids, err
+}
+
+func (a *Agent) execProcess(ctx context.Context, id, execID string, proc *specs.Process, stdio *agentv1.Stdio) (pid uint32, err error) {
+	raw, err := json.Marshal(proc)
+	if err != nil {
+		return 0, fmt.Errorf("vm %s: container %s exec %s: encode process: %w", a.vm, id, execID, err)
+	}
+	err = a.call(ctx, "exec "+id+"/"+execID, func(ctx context.Context) error {
+		resp, err := a.client().ExecProcess(ctx, &agentv1.ExecProcessRequest{ContainerId: id, ExecId: execID, Process: raw, Stdio: stdio})
+		if err == nil {
+			pid = resp.Pid
+		}
+		return err
+	})
+	return pid, err
+}
+
+// OOMEvent is one OOM kill in the guest.
+type OOMEvent struct {
+	Seq         uint64
+	ContainerID string
+	At          time.Time
+}
+
+// WaitOOMEvent blocks until an OOM kill numbered above afterSeq.
+func (a *Agent) WaitOOMEvent(ctx context.Context, afterSeq uint64) (ev OOMEvent, err error) {
+	err = a.poll(ctx, "wait OOM event", func(ctx context.Context) error {
+		resp, err := a.client().WaitOOMEvent(ctx, &agentv1.WaitOOMEventRequest{AfterSeq: afterSeq})
+		if err == nil {
+			ev = OOMEvent{Seq: resp.Seq, ContainerID: resp.ContainerId, At: time.Unix(0, resp.AtUnixNanos)}
+		}
+		return err
+	})
+	return ev, err
+}

@@ -1,0 +1,233 @@
+package runtime
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+)
+
+// outputDrainTimeout bounds how long Wait waits for a process's output after its exit. A
+// background child that inherited stdout keeps the stream open; its output after this is
+// not waited for.
+const outputDrainTimeout = 2 * time.Second
+
+const stdinChunk = 32 << 10
+
+// Stdio is what the host attaches to a guest process. Nil streams are not attached (the
+// process gets /dev/null). With Terminal, output arrives on Stdout only.
+type Stdio struct {
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	Terminal       bool
+	Width, Height  uint32
+}
+
+func (s Stdio) request() *agentv1.Stdio {
+	return &agentv1.Stdio{
+		Stdin:    s.Stdin != nil,
+		Stdout:   s.Stdout != nil,
+		Stderr:   s.Stderr != nil && !s.Terminal,
+		Terminal: s.Terminal,
+		Width:    s.Width,
+		Height:   s.Height,
+	}
+}
+
+// Exit is how a process ended.
+type Exit struct {
+	// Status is the exit code, or 128+signal.
+	Status   int
+	ExitedAt time.Time
+}
+
+// Process is a container's init or exec'd process in the guest, with the host ends of its
+// stdio pumped through the agent.
+type Process struct {
+	agent       *Agent
+	containerID string
+	execID      string
+	pid         uint32
+
+	output     sync.WaitGroup // stdout/stderr pumps
+	stopOutput context.CancelFunc
+	stdinDone  chan struct{}
+}
+
+// Pid is the process's pid in the guest.
+func (p *Process) Pid() uint32 { return p.pid }
+
+// ContainerID and ExecID name the process ("" exec id: the container's init).
+func (p *Process) ContainerID() string { return p.containerID }
+func (p *Process) ExecID() string      { return p.execID }
+
+func (p *Process) req() *agentv1.ProcessRequest {
+	return &agentv1.ProcessRequest{ContainerId: p.containerID, ExecId: p.execID}
+}
+
+func (p *Process) name() string {
+	if p.execID == "" {
+		return p.containerID
+	}
+	return p.containerID + "/" + p.execID
+}
+
+func newProcess(a *Agent, containerID, execID string, pid uint32, stdio Stdio) *Process {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel, stdinDone: make(chan struct{})}
+	if stdio.Stdout != nil {
+		p.pumpOutput(ctx, stdio.Stdout, func(ctx context.Context, r *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error) {
+			return a.client().ReadStdout(ctx, r)
+		}, "stdout")
+	}
+	if stdio.Stderr != nil && !stdio.Terminal {
+		p.pumpOutput(ctx, stdio.Stderr, func(ctx context.Context, r *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error) {
+			return a.client().ReadStderr(ctx, r)
+		}, "stderr")
+	}
+	if stdio.Stdin != nil {
+		go p.pumpStdin(ctx, stdio.Stdin)
+	} else {
+		close(p.stdinDone)
+	}
+	return p
+}
+
+type readFunc func(context.Context, *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error)
+
+// pumpOutput copies a guest stream to w. It asks for data by offset, so a reply lost
+// with a channel session costs a repeat, not data.
+func (p *Process) pumpOutput(ctx context.Context, w io.Writer, read readFunc, stream string) {
+	p.output.Add(1)
+	go func() {
+		defer p.output.Done()
+		var offset uint64
+		for {
+			resp, err := read(ctx, &agentv1.ReadStreamRequest{ContainerId: p.containerID, ExecId: p.execID, Offset: offset})
+			if err != nil {
+				if ctx.Err() == nil {
+					log.L.WithError(err).Warnf("vm %s: %s %s ended early", p.agent.vm, p.name(), stream)
+				}
+				return
+			}
+			if resp.Offset > offset {
+				log.L.Warnf("vm %s: %s %s: %d bytes dropped by the guest", p.agent.vm, p.name(), stream, resp.Offset-offset)
+			}
+			if len(resp.Data) > 0 {
+				if _, err := w.Write(resp.Data); err != nil {
+					log.L.WithError(err).Warnf("vm %s: %s %s: host writer failed", p.agent.vm, p.name(), stream)
+					return
+				}
+			}
+			offset = resp.Offset + uint64(len(resp.Data))
+			if resp.Eof {
+				return
+			}
+		}
+	}()
+}
+
+// pumpStdin copies r to the guest process and closes its stdin at r's end.
+func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
+	defer close(p.stdinDone)
+	buf := make([]byte, stdinChunk)
+	var offset uint64
+	for {
+		n, rerr := r.Read(buf)
+		for sent := 0; sent < n; {
+			resp, err := p.agent.client().WriteStdin(ctx, &agentv1.WriteStdinRequest{
+				ContainerId: p.containerID, ExecId: p.execID, Offset: offset, Data: buf[sent:n],
+			})
+			if err != nil {
+				if ctx.Err() == nil && !errdefs.IsNotFound(err) {
+					log.L.WithError(err).Warnf("vm %s: %s stdin", p.agent.vm, p.name())
+				}
+				return
+			}
+			sent += int(resp.Offset - offset)
+			offset = resp.Offset
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				_ = p.CloseStdin(ctx)
+			}
+			return
+		}
+	}
+}
+
+// Wait blocks until the process exited and its output reached the host writers (or
+// outputDrainTimeout passed after the exit).
+func (p *Process) Wait(ctx context.Context) (Exit, error) {
+	var exit Exit
+	err := p.agent.poll(ctx, "wait "+p.name(), func(ctx context.Context) error {
+		resp, err := p.agent.client().WaitProcess(ctx, p.req())
+		if err == nil {
+			exit = Exit{Status: int(resp.ExitStatus), ExitedAt: time.Unix(0, resp.ExitedAtUnixNanos)}
+		}
+		return err
+	})
+	if err != nil {
+		return Exit{}, err
+	}
+	drained := make(chan struct{})
+	go func() { p.output.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(outputDrainTimeout):
+		log.G(ctx).Warnf("vm %s: %s exited but its output is still open after %v (a child holds it?): detaching", p.agent.vm, p.name(), outputDrainTimeout)
+		p.stopOutput()
+		<-drained
+	case <-ctx.Done():
+		return Exit{}, ctx.Err()
+	}
+	return exit, nil
+}
+
+// Signal delivers sig to the process (all: to every process of the container; init only).
+func (p *Process) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
+	return p.agent.call(ctx, fmt.Sprintf("signal %d to %s", sig, p.name()), func(ctx context.Context) error {
+		_, err := p.agent.client().SignalProcess(ctx, &agentv1.SignalProcessRequest{
+			ContainerId: p.containerID, ExecId: p.execID, Signal: uint32(sig), All: all,
+		})
+		return err
+	})
+}
+
+// Resize sets the process's terminal size.
+func (p *Process) Resize(ctx context.Context, width, height uint32) error {
+	return p.agent.call(ctx, "resize "+p.name(), func(ctx context.Context) error {
+		_, err := p.agent.client().ResizeTTY(ctx, &agentv1.ResizeTTYRequest{
+			ContainerId: p.containerID, ExecId: p.execID, Width: width, Height: height,
+		})
+		return err
+	})
+}
+
+// CloseStdin ends the process's stdin (for a terminal: end-of-file, ^D).
+func (p *Process) CloseStdin(ctx context.Context) error {
+	return p.agent.call(ctx, "close stdin of "+p.name(), func(ctx context.Context) error {
+		_, err := p.agent.client().CloseStdin(ctx, p.req())
+		return err
+	})
+}
+
+// Remove forgets an exited exec'd process in the guest and stops its pumps.
+func (p *Process) Remove(ctx context.Context) error {
+	p.stopOutput()
+	if p.execID == "" {
+		return nil // the init goes with its container
+	}
+	return p.agent.call(ctx, "remove "+p.name(), func(ctx context.Context) error {
+		_, err := p.agent.client().RemoveProcess(ctx, p.req())
+		return err
+	})
+}

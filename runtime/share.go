@@ -1,0 +1,208 @@
+package runtime
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+)
+
+// sharedDir is the host directory the guest sees at agentv1.GuestSharedDir. Container
+// rootfs and volumes are bind-mounted into it while the VM runs.
+//
+// virtiofsd serves it from a mount namespace of its own, created when it starts; a bind
+// mount made later reaches that namespace only through mount propagation. So the
+// directory is made a mount point of its own, with shared propagation: virtiofsd's copy is
+// then a slave of it and receives every later bind (docs/design/003-shared-fs.md).
+//
+// Every share gets a fresh location (a sequence number above its name): the guest caches
+// directory entries, and a path reused after an unshare could resolve to the old,
+// deleted directory.
+type sharedDir struct {
+	path string
+
+	mu     sync.Mutex
+	seq    uint64
+	shares map[string]string // name → host target under path
+}
+
+func newSharedDir(path string) (*sharedDir, error) {
+	if err := os.Mkdir(path, 0o700); err != nil {
+		return nil, err
+	}
+	if err := unix.Mount(path, path, "", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("bind %s onto itself: %w", path, err)
+	}
+	// Private first: a new peer group of its own, so nothing propagates back to the host's
+	// mount of the parent; then shared, so virtiofsd's slave copy gets later mounts.
+	for _, flag := range []uintptr{unix.MS_PRIVATE, unix.MS_SHARED} {
+		if err := unix.Mount("", path, "", flag, ""); err != nil {
+			_ = unix.Unmount(path, unix.MNT_DETACH)
+			return nil, fmt.Errorf("set propagation of %s: %w", path, err)
+		}
+	}
+	return &sharedDir{path: path, shares: map[string]string{}}, nil
+}
+
+// share bind-mounts hostPath (a directory or a file) into the shared directory under
+// name and returns where the guest sees it. name is a relative path chosen by the
+// runtime; it identifies the share for unshare.
+func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) {
+	if name == "" || filepath.IsAbs(name) || !filepath.IsLocal(name) {
+		return "", fmt.Errorf("share name %q: must be a relative path inside the shared directory", name)
+	}
+	fi, err := os.Stat(hostPath)
+	if err != nil {
+		return "", fmt.Errorf("share %s: %w", hostPath, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, exists := s.shares[name]; exists {
+		return "", fmt.Errorf("share %q: already shared", name)
+	}
+	s.seq++
+	rel := filepath.Join(strconv.FormatUint(s.seq, 10), name)
+	target := filepath.Join(s.path, rel)
+	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+		return "", err
+	}
+	if fi.IsDir() {
+		err = os.Mkdir(target, 0o755)
+	} else {
+		var f *os.File
+		if f, err = os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644); err == nil {
+			err = f.Close()
+		}
+	}
+	if err != nil {
+		return "", fmt.Errorf("share %q: mount point: %w", name, err)
+	}
+	if err := unix.Mount(hostPath, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		_ = os.Remove(target)
+		return "", fmt.Errorf("share %s as %q: %w", hostPath, name, err)
+	}
+	if readonly {
+		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_REC, ""); err != nil {
+			_ = unix.Unmount(target, unix.MNT_DETACH)
+			_ = os.Remove(target)
+			return "", fmt.Errorf("share %q read-only: %w", name, err)
+		}
+	}
+	s.shares[name] = target
+	return filepath.Join(agentv1.GuestSharedDir, rel), nil
+}
+
+// unshare undoes share. Unknown names are not an error: removal is idempotent.
+func (s *sharedDir) unshare(name string) error {
+	s.mu.Lock()
+	target, ok := s.shares[name]
+	delete(s.shares, name)
+	s.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if err := unmount(target); err != nil {
+		return fmt.Errorf("unshare %q: %w", name, err)
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("unshare %q: %w", name, err)
+	}
+	// Parents the share created go too once empty (Remove fails on a non-empty one).
+	for dir := filepath.Dir(target); dir != s.path && strings.HasPrefix(dir, s.path+"/"); dir = filepath.Dir(dir) {
+		if os.Remove(dir) != nil {
+			break
+		}
+	}
+	return nil
+}
+
+// close unshares everything and unmounts the directory itself.
+func (s *sharedDir) close() error {
+	s.mu.Lock()
+	names := make([]string, 0, len(s.shares))
+	for name := range s.shares {
+		names = append(names, name)
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, name := range names {
+		errs = append(errs, s.unshare(name))
+	}
+	errs = append(errs, unmount(s.path))
+	return errors.Join(errs...)
+}
+
+// unmount detaches target and everything below it.
+func unmount(target string) error {
+	err := unix.Unmount(target, 0)
+	if errors.Is(err, unix.EBUSY) {
+		err = unix.Unmount(target, unix.MNT_DETACH)
+	}
+	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not a mount point (any more)
+		return fmt.Errorf("unmount %s: %w", target, err)
+	}
+	return nil
+}
+
+// mountsUnder lists mount points at or below dir, from /proc/self/mountinfo.
+func mountsUnder(dir string) ([]string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 5 {
+			continue
+		}
+		mp := unescapeMountinfo(fields[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	return out, sc.Err()
+}
+
+// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space, ...).
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			var c byte
+			if _, err := fmt.Sscanf(s[i+1:i+4], "%03o", &c); err == nil {
+				b.WriteByte(c)
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// removeStateDir deletes dir, but never through a mount: if anything is still mounted
+// below it, deleting would reach into a container's rootfs or a volume on the host.
+func removeStateDir(dir string) error {
+	mounts, err := mountsUnder(dir)
+	if err != nil {
+		return fmt.Errorf("remove %s: list mounts: %w", dir, err)
+	}
+	if len(mounts) > 0 {
+		return fmt.Errorf("remove %s: still mounted below it: %s (left in place)", dir, strings.Join(mounts, ", "))
+	}
+	return os.RemoveAll(dir)
+}
