@@ -294,9 +294,11 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 	if streams.console != nil {
 		opts.ConsoleSocket = streams.console
 	}
+	started := time.Now()
 	if err := c.runc.Exec(ctx, c.id, *spec, opts); err != nil {
 		return nil, fmt.Errorf("runc exec: %w", runcError(c.runc, err))
 	}
+	slog.Debug("runc exec", "container", c.id, "exec", execID, "took", time.Since(started))
 	pid, err := runc.ReadPidFile(pidFile)
 	if err != nil {
 		return nil, fmt.Errorf("runc pid file: %w", err)

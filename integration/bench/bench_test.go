@@ -1,0 +1,259 @@
+// Package bench measures vmpod against baselines taken in the same run, and prints the
+// ratios (`make bench`). Nothing here asserts a time: figures go to docs/benchmarks.md.
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/ttrpc"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/agent/channel"
+	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/runtime"
+)
+
+const envBench = "VMPOD_BENCH"
+
+func requireBench(t *testing.T) {
+	testenv.Require(t)
+	if os.Getenv(envBench) != "1" {
+		t.Skipf("benchmark: set %s=1 (make bench does); make test only checks it builds", envBench)
+	}
+}
+
+func rounds(def int) int {
+	if n, err := strconv.Atoi(os.Getenv("VMPOD_BENCH_ROUNDS")); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
+
+type sample []time.Duration
+
+func (s sample) pct(p float64) time.Duration {
+	c := append(sample(nil), s...)
+	sort.Slice(c, func(i, j int) bool { return c[i] < c[j] })
+	return c[int(p*float64(len(c)-1)+0.5)]
+}
+
+func (s sample) String() string {
+	return fmt.Sprintf("p50 %v  p90 %v  min %v  (n=%d)", ms(s.pct(0.5)), ms(s.pct(0.9)), ms(s.pct(0)), len(s))
+}
+
+func ms(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }
+
+// report prints a result line and appends it to $VMPOD_BENCH_OUT if set.
+func report(t *testing.T, format string, args ...any) {
+	line := fmt.Sprintf(format, args...)
+	fmt.Println(line)
+	if out := os.Getenv("VMPOD_BENCH_OUT"); out != "" {
+		f, err := os.OpenFile(out, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err == nil {
+			fmt.Fprintln(f, line)
+			_ = f.Close()
+		}
+	}
+}
+
+// bareBoot starts QEMU with the same kernel and initramfs, the agent's port and nothing
+// else vmpod adds (no virtiofsd, shared dir, QMP, rng), and times exec → first agent
+// reply with a minimal client. It is the floor runtime.Start is compared to.
+func bareBoot(t *testing.T, kernel, initrd string) time.Duration {
+	dir, err := os.MkdirTemp("/run", "vmpod-bare-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "agent.sock")
+	khz := tscKHz(t)
+	start := time.Now()
+	cmd := exec.Command(runtime.DefaultQEMU,
+		"-M", "microvm", "-accel", "tcg", "-cpu", "qemu64,+arat", "-nodefaults", "-no-user-config",
+		"-m", "512M", "-smp", "1", "-display", "none", "-no-reboot",
+		"-kernel", kernel, "-initrd", initrd,
+		"-append", "console=ttyS0 quiet panic=-1 pci=off tsc_early_khz="+khz,
+		"-serial", "file:"+filepath.Join(dir, "console.log"),
+		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
+		"-device", "virtio-serial-device,id=vser0",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent,name="+agentv1.PortName)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var raw net.Conn
+	for {
+		if raw, err = net.Dial("unix", sock); err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("bare QEMU: no agent socket: %v", err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	conn, err := channel.Client(ctx, raw)
+	if err != nil {
+		t.Fatalf("bare QEMU: handshake: %v", err)
+	}
+	client := ttrpc.NewClient(conn)
+	defer client.Close()
+	if _, err := agentv1.NewAgentClient(client).Ping(ctx, &agentv1.PingRequest{}); err != nil {
+		t.Fatalf("bare QEMU: ping: %v", err)
+	}
+	return time.Since(start)
+}
+
+func tscKHz(t *testing.T) string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
+			mhz, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			return strconv.Itoa(int(mhz * 1000))
+		}
+	}
+	t.Fatal("no cpu MHz in /proc/cpuinfo")
+	return ""
+}
+
+func startVM(t *testing.T, name string) (*runtime.VM, time.Duration) {
+	cfg := testenv.VMConfig(t, name)
+	start := time.Now()
+	vm, err := runtime.Start(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vm, time.Since(start)
+}
+
+// TestBenchBoot: bare QEMU boot vs runtime.Start, alternating so drift hits both alike.
+func TestBenchBoot(t *testing.T) {
+	requireBench(t)
+	kernel, initrd := testenv.Kernel(t), testenv.Initrd(t)
+	n := rounds(7)
+	var bare, full sample
+	for i := range n {
+		bare = append(bare, bareBoot(t, kernel, initrd))
+		vm, d := startVM(t, fmt.Sprintf("bench-boot-%d", i))
+		full = append(full, d)
+		if err := vm.Stop(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	report(t, "boot, bare QEMU exec → first agent reply:  %s", bare)
+	report(t, "boot, runtime.Start → first agent reply:   %s", full)
+	report(t, "boot ratio runtime.Start / bare QEMU (p50): %.2f  (goal <= 1.15)",
+		float64(full.pct(0.5))/float64(bare.pct(0.5)))
+}
+
+// TestBenchExec: agent round trip, and exec of `true` into a running container in the
+// VM vs `runc exec` of the same into the same rootfs on the host.
+func TestBenchExec(t *testing.T) {
+	requireBench(t)
+	n := rounds(20)
+	vm, _ := startVM(t, "bench-exec")
+	defer vm.Stop(context.Background())
+	ctx := context.Background()
+
+	var ping sample
+	for range n * 5 {
+		s := time.Now()
+		if _, err := vm.Agent().Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+		ping = append(ping, time.Since(s))
+	}
+
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	spec := testenv.Spec("sleep", "1000")
+	if _, err := vm.CreateContainer(ctx, "c", rootfs, spec, runtime.Stdio{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Agent().StartContainer(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	var vmExec sample
+	proc := testenv.Spec("true").Process
+	for i := range n {
+		s := time.Now()
+		p, err := vm.Exec(ctx, "c", fmt.Sprintf("e%d", i), proc, runtime.Stdio{Stdout: &bytes.Buffer{}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 {
+			t.Fatalf("exec: %v status %d", err, exit.Status)
+		}
+		vmExec = append(vmExec, time.Since(s))
+		_ = p.Remove(ctx)
+	}
+	_ = vm.RemoveContainer(ctx, "c", true)
+
+	hostExec := hostRuncExec(t, n)
+	report(t, "agent ping round trip:                     %s", ping)
+	report(t, "exec `true`, vmpod (agent + guest runc):   %s", vmExec)
+	report(t, "exec `true`, runc on the host (baseline):  %s", hostExec)
+	report(t, "exec ratio vmpod / host runc (p50):         %.2f", float64(vmExec.pct(0.5))/float64(hostExec.pct(0.5)))
+}
+
+// hostRuncExec times `runc exec` of `true` on the host, into a container over the same
+// busybox rootfs, with the guest's runc binary.
+func hostRuncExec(t *testing.T, n int) sample {
+	runc := os.Getenv("VMPOD_BENCH_RUNC")
+	if runc == "" {
+		t.Skip("set VMPOD_BENCH_RUNC to a runc binary for the host baseline (make bench does)")
+	}
+	bundle := t.TempDir()
+	spec := testenv.Spec("sleep", "1000")
+	spec.Root.Path = testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	b, _ := json.Marshal(spec)
+	if err := os.WriteFile(filepath.Join(bundle, "config.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join("/run", "vmpod-bench-runc")
+	id := "bench-" + strconv.Itoa(os.Getpid())
+	rc := func(args ...string) *exec.Cmd { return exec.Command(runc, append([]string{"--root", state}, args...)...) }
+	// A file, not a pipe: the detached container inherits runc's stdio, and a pipe would
+	// stay open as long as it runs.
+	runLog, err := os.Create(filepath.Join(bundle, "run.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer runLog.Close()
+	run := rc("run", "-d", "--bundle", bundle, id)
+	run.Stdout, run.Stderr = runLog, runLog
+	if err := run.Run(); err != nil {
+		out, _ := os.ReadFile(runLog.Name())
+		t.Fatalf("host runc run: %v: %s", err, out)
+	}
+	defer func() { _ = rc("delete", "-f", id).Run(); _ = os.RemoveAll(state) }()
+	procFile := filepath.Join(bundle, "true.json")
+	pb, _ := json.Marshal(testenv.Spec("true").Process)
+	if err := os.WriteFile(procFile, pb, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var s sample
+	for range n {
+		start := time.Now()
+		if out, err := rc("exec", "--process", procFile, id).CombinedOutput(); err != nil {
+			t.Fatalf("host runc exec: %v: %s", err, out)
+		}
+		s = append(s, time.Since(start))
+	}
+	return s
+}
