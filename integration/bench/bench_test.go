@@ -257,3 +257,108 @@ func hostRuncExec(t *testing.T, n int) sample {
 	}
 	return s
 }
+
+// metadataWorkload is what a container rootfs sees more than bulk reads: creating, listing,
+// statting and deleting many small files, and walking the tree.
+const metadataWorkload = `cd /root && for i in $(seq 300); do echo x > f$i; done && ls -la >/dev/null && ` +
+	`find / -xdev -type f -exec stat -c %s {} + >/dev/null && rm -f f*`
+
+// TestBenchSharedFS: container start (`true`) and a metadata-heavy command over 9p and
+// virtio-fs, in one run (docs/design/003-shared-fs.md).
+func TestBenchSharedFS(t *testing.T) {
+	requireBench(t)
+	n := rounds(5)
+	ctx := context.Background()
+	for _, fs := range []runtime.SharedFS{runtime.SharedFS9P, runtime.SharedFSVirtioFS} {
+		cfg := testenv.VMConfig(t, "bench-"+strings.ReplaceAll(string(fs), "-", ""))
+		cfg.SharedFS = fs
+		vm, err := runtime.Start(ctx, cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runOnce := func(id string, args ...string) time.Duration {
+			rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+			var stderr bytes.Buffer
+			s := time.Now()
+			p, err := vm.CreateContainer(ctx, id, rootfs, testenv.Spec(args...), runtime.Stdio{Stderr: &stderr})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := vm.Agent().StartContainer(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			exit, err := p.Wait(ctx)
+			d := time.Since(s)
+			if err != nil || exit.Status != 0 {
+				t.Fatalf("%s over %s: exit %d, %v: %s", args[0], fs, exit.Status, err, stderr.String())
+			}
+			if err := vm.RemoveContainer(ctx, id, true); err != nil {
+				t.Fatal(err)
+			}
+			return d
+		}
+		var start, meta sample
+		for i := range n {
+			start = append(start, runOnce(fmt.Sprintf("t%d", i), "true"))
+			meta = append(meta, runOnce(fmt.Sprintf("m%d", i), "sh", "-c", metadataWorkload))
+		}
+		report(t, "%-9s container create+start+exit of `true`: %s", fs, start)
+		report(t, "%-9s metadata workload (300 files, find+stat): %s", fs, meta)
+		if err := vm.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestBenchStdio: container stdout throughput through the agent's offset-addressed
+// stream RPCs, against the same command under runc on the host writing into a pipe.
+func TestBenchStdio(t *testing.T) {
+	requireBench(t)
+	const mib = 32
+	args := []string{"dd", "if=/dev/zero", "bs=64k", fmt.Sprintf("count=%d", mib*16)}
+	ctx := context.Background()
+	vm, _ := startVM(t, "bench-stdio")
+	defer vm.Stop(ctx)
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	var out countingWriter
+	s := time.Now()
+	p, err := vm.CreateContainer(ctx, "dd", rootfs, testenv.Spec(args...), runtime.Stdio{Stdout: &out, Stderr: &bytes.Buffer{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Agent().StartContainer(ctx, "dd"); err != nil {
+		t.Fatal(err)
+	}
+	if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 || out.n != mib<<20 {
+		t.Fatalf("dd: exit %d, %v, %d bytes", exit.Status, err, out.n)
+	}
+	vmRate := float64(out.n) / time.Since(s).Seconds() / (1 << 20)
+
+	runc := os.Getenv("VMPOD_BENCH_RUNC")
+	if runc == "" {
+		t.Skip("set VMPOD_BENCH_RUNC for the host baseline")
+	}
+	bundle := t.TempDir()
+	spec := testenv.Spec(args...)
+	spec.Root.Path = testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	b, _ := json.Marshal(spec)
+	if err := os.WriteFile(filepath.Join(bundle, "config.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var hostOut countingWriter
+	cmd := exec.Command(runc, "--root", "/run/vmpod-bench-runc", "run", "--bundle", bundle, "dd-"+strconv.Itoa(os.Getpid()))
+	cmd.Stdout, cmd.Stderr = &hostOut, &bytes.Buffer{}
+	s = time.Now()
+	if err := cmd.Run(); err != nil || hostOut.n != mib<<20 {
+		t.Fatalf("host runc dd: %v, %d bytes", err, hostOut.n)
+	}
+	hostRate := float64(hostOut.n) / time.Since(s).Seconds() / (1 << 20)
+	_ = os.RemoveAll("/run/vmpod-bench-runc")
+	report(t, "stdout %d MiB, vmpod (agent stream RPCs): %.1f MiB/s (incl. container start)", mib, vmRate)
+	report(t, "stdout %d MiB, runc on the host (pipe):   %.1f MiB/s (incl. container start)", mib, hostRate)
+	report(t, "stdout ratio vmpod / host runc:            %.2f", vmRate/hostRate)
+}
+
+type countingWriter struct{ n int }
+
+func (c *countingWriter) Write(p []byte) (int, error) { c.n += len(p); return len(p), nil }
