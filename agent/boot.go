@@ -20,7 +20,7 @@ type mount struct {
 }
 
 // earlyMounts: no udev and no init system, so the agent mounts what the kernel, runc and
-// containers expect. The initramfs has no /dev/console-less path: the kernel opened it.
+// containers expect. /run must be mounted before anything below it.
 var earlyMounts = []mount{
 	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
 	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
@@ -30,6 +30,7 @@ var earlyMounts = []mount{
 	{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
 	{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
 	{"cgroup2", "/sys/fs/cgroup", "cgroup2", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "nsdelegate"},
+	{"shm", agentv1.GuestPodShmDir, "tmpfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "mode=1777"},
 }
 
 func mountEarly() error {

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -391,10 +392,15 @@ func (vm *VM) Exec(ctx context.Context, containerID, execID string, proc *specs.
 }
 
 // RemoveContainer removes the container in the guest (force: kill it first) and its
-// rootfs share.
+// rootfs share. A container the guest does not know, or a VM that is gone, leaves only
+// the host side to clean up, which is done.
 func (vm *VM) RemoveContainer(ctx context.Context, id string, force bool) error {
-	if err := vm.agent.removeContainer(ctx, id, force); err != nil {
-		return err
+	select {
+	case <-vm.exited:
+	default:
+		if err := vm.agent.removeContainer(ctx, id, force); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
 	}
 	return vm.Unshare(rootfsShare(id))
 }

@@ -10,6 +10,10 @@ const (
 	// 9p). Container rootfs and volume paths in OCI specs sent to the agent live below it.
 	GuestSharedDir = "/run/vmpod/shared"
 
+	// GuestPodShmDir is the pod's /dev/shm: a tmpfs the agent mounts at boot, bound into
+	// every container that asks for the pod's shared memory (CRI's sandbox shm).
+	GuestPodShmDir = "/run/vmpod/pod-shm"
+
 	// KernelParamShare on the guest kernel command line names the shared filesystem as
 	// "<fstype>:<tag>", fstype being "virtiofs" or "9p". Absent: nothing is shared.
 	KernelParamShare = "vmpod.share"

@@ -1,0 +1,189 @@
+// Package nodeconfig is the node admin's vmpod configuration: which QEMU, guest kernel and
+// initramfs to use, how VMs are sized and timed, and which pod annotations a pod author may
+// set. It is a TOML file (default /etc/vmpod/config.toml; containerd's runtime option
+// ConfigPath overrides it), decoded strictly: an unknown key is an error that names it.
+package nodeconfig
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/vmpod/vmpod/runtime"
+)
+
+// DefaultPath is where the shim looks without a ConfigPath runtime option.
+const DefaultPath = "/etc/vmpod/config.toml"
+
+// Config is the file's content.
+type Config struct {
+	Hypervisor  Hypervisor  `toml:"hypervisor"`
+	Sizing      Sizing      `toml:"sizing"`
+	Timeouts    Timeouts    `toml:"timeouts"`
+	Annotations Annotations `toml:"annotations"`
+	// StateDir holds one directory per pod (sockets, shared directory); keep it short,
+	// unix socket paths are limited to 108 bytes.
+	StateDir string `toml:"state_dir"`
+	// Debug turns on debug logs in the shim and the guest agent.
+	Debug bool `toml:"debug"`
+}
+
+// Hypervisor says what boots the VMs.
+type Hypervisor struct {
+	QEMU      string `toml:"qemu"`
+	Virtiofsd string `toml:"virtiofsd"`
+	Kernel    string `toml:"kernel"`
+	Initrd    string `toml:"initrd"`
+	// KernelParams are appended to the guest kernel command line.
+	KernelParams []string         `toml:"kernel_params"`
+	Machine      runtime.Machine  `toml:"machine"`
+	Accel        runtime.Accel    `toml:"accel"`
+	SharedFS     runtime.SharedFS `toml:"shared_fs"`
+}
+
+// Sizing bounds the VMs: a pod gets what its resources ask for within these limits.
+type Sizing struct {
+	DefaultVCPUs     int `toml:"default_vcpus"`
+	MaxVCPUs         int `toml:"max_vcpus"`
+	DefaultMemoryMiB int `toml:"default_memory_mib"`
+	MaxMemoryMiB     int `toml:"max_memory_mib"`
+	// GuestOverheadMiB is added to a pod's memory limit for the guest kernel and agent.
+	GuestOverheadMiB int `toml:"guest_overhead_mib"`
+}
+
+// Timeouts are durations in Go syntax ("30s").
+type Timeouts struct {
+	Boot Duration `toml:"boot"`
+	Call Duration `toml:"call"`
+	Stop Duration `toml:"stop"`
+}
+
+// Annotations lists the vmpod.dev/* pod annotations pod authors may set on this node.
+type Annotations struct {
+	Allowed []string `toml:"allowed"`
+}
+
+// Duration is a time.Duration written as a string in TOML.
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Default is the configuration without a file: the vmpod guest installed under
+// /usr/share/vmpod and Debian's QEMU.
+func Default() Config {
+	return Config{
+		Hypervisor: Hypervisor{
+			QEMU:      runtime.DefaultQEMU,
+			Virtiofsd: runtime.DefaultVirtiofsd,
+			Kernel:    "/usr/share/vmpod/vmlinux",
+			Initrd:    "/usr/share/vmpod/initrd.img",
+			Machine:   runtime.MachineMicroVM,
+			Accel:     runtime.AccelAuto,
+			SharedFS:  runtime.SharedFSVirtioFS,
+		},
+		Sizing: Sizing{
+			DefaultVCPUs:     1,
+			MaxVCPUs:         4,
+			DefaultMemoryMiB: 512,
+			MaxMemoryMiB:     8192,
+			GuestOverheadMiB: 64,
+		},
+		Timeouts: Timeouts{
+			Boot: Duration{runtime.DefaultBootTimeout},
+			Call: Duration{runtime.DefaultCallTimeout},
+			Stop: Duration{runtime.DefaultStopTimeout},
+		},
+		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs"}},
+		StateDir:    "/run/vmpod",
+	}
+}
+
+// Load reads path over the defaults. A missing file at DefaultPath means "defaults"; a
+// missing file anywhere else is an error (someone asked for it).
+func Load(path string) (Config, error) {
+	cfg := Default()
+	if path == "" {
+		path = DefaultPath
+	}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && path == DefaultPath {
+		return cfg, cfg.Validate()
+	}
+	if err != nil {
+		return Config{}, fmt.Errorf("vmpod config: %w", err)
+	}
+	dec := toml.NewDecoder(bytes.NewReader(b)).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) {
+			return Config{}, fmt.Errorf("vmpod config %s: unknown keys:\n%s", path, strict.String())
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return Config{}, fmt.Errorf("vmpod config %s:%d:%d: %s (key %v)", path, row, col, de.Error(), de.Key())
+		}
+		return Config{}, fmt.Errorf("vmpod config %s: %w", path, err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, fmt.Errorf("vmpod config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Validate reports every problem, each naming its key.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{key}, args...)...))
+	}
+	for key, p := range map[string]string{
+		"hypervisor.qemu": c.Hypervisor.QEMU, "hypervisor.kernel": c.Hypervisor.Kernel,
+		"hypervisor.initrd": c.Hypervisor.Initrd, "hypervisor.virtiofsd": c.Hypervisor.Virtiofsd,
+		"state_dir": c.StateDir,
+	} {
+		if !filepath.IsAbs(p) {
+			bad(key, "%q must be an absolute path", p)
+		}
+	}
+	if !slices.Contains([]runtime.Machine{runtime.MachineMicroVM, runtime.MachineQ35}, c.Hypervisor.Machine) {
+		bad("hypervisor.machine", "%q: want microvm or q35", c.Hypervisor.Machine)
+	}
+	if !slices.Contains([]runtime.Accel{runtime.AccelAuto, runtime.AccelKVM, runtime.AccelTCG}, c.Hypervisor.Accel) {
+		bad("hypervisor.accel", "%q: want auto, kvm or tcg", c.Hypervisor.Accel)
+	}
+	if !slices.Contains([]runtime.SharedFS{runtime.SharedFSVirtioFS, runtime.SharedFS9P}, c.Hypervisor.SharedFS) {
+		bad("hypervisor.shared_fs", "%q: want virtio-fs or 9p", c.Hypervisor.SharedFS)
+	}
+	s := c.Sizing
+	if s.DefaultVCPUs < 1 || s.MaxVCPUs < s.DefaultVCPUs {
+		bad("sizing", "want 1 <= default_vcpus (%d) <= max_vcpus (%d)", s.DefaultVCPUs, s.MaxVCPUs)
+	}
+	if s.DefaultMemoryMiB < 64 || s.MaxMemoryMiB < s.DefaultMemoryMiB {
+		bad("sizing", "want 64 <= default_memory_mib (%d) <= max_memory_mib (%d)", s.DefaultMemoryMiB, s.MaxMemoryMiB)
+	}
+	if s.GuestOverheadMiB < 0 {
+		bad("sizing.guest_overhead_mib", "%d is negative", s.GuestOverheadMiB)
+	}
+	for key, d := range map[string]Duration{"timeouts.boot": c.Timeouts.Boot, "timeouts.call": c.Timeouts.Call, "timeouts.stop": c.Timeouts.Stop} {
+		if d.Duration <= 0 {
+			bad(key, "%v: must be positive", d.Duration)
+		}
+	}
+	return errors.Join(errs...)
+}

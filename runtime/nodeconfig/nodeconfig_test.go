@@ -1,0 +1,69 @@
+package nodeconfig
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func write(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoadOverridesDefaults(t *testing.T) {
+	cfg, err := Load(write(t, `
+state_dir = "/run/vp"
+[hypervisor]
+kernel = "/opt/vmpod/vmlinux"
+machine = "q35"
+[sizing]
+max_vcpus = 8
+[timeouts]
+boot = "45s"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Hypervisor.Kernel != "/opt/vmpod/vmlinux" || cfg.Hypervisor.Machine != "q35" || cfg.Sizing.MaxVCPUs != 8 ||
+		cfg.Timeouts.Boot.Duration != 45*time.Second || cfg.StateDir != "/run/vp" {
+		t.Fatalf("overrides not applied: %+v", cfg)
+	}
+	if cfg.Hypervisor.Initrd != Default().Hypervisor.Initrd || cfg.Sizing.DefaultVCPUs != 1 {
+		t.Fatalf("defaults lost: %+v", cfg)
+	}
+}
+
+func TestLoadRejectsBadInputNamingTheKey(t *testing.T) {
+	cases := map[string]struct{ content, want string }{
+		"unknown key":       {"[hypervisor]\nkernal = \"/x\"\n", "kernal"},
+		"unknown table":     {"[hypervisr]\nqemu = \"/x\"\n", "hypervisr"},
+		"bad machine":       {"[hypervisor]\nmachine = \"pc\"\n", "hypervisor.machine"},
+		"relative path":     {"[hypervisor]\nkernel = \"vmlinux\"\n", "hypervisor.kernel"},
+		"bad duration":      {"[timeouts]\nboot = \"soon\"\n", "boot"},
+		"negative timeout":  {"[timeouts]\nstop = \"-1s\"\n", "timeouts.stop"},
+		"sizes upside down": {"[sizing]\ndefault_vcpus = 4\nmax_vcpus = 2\n", "sizing"},
+		"not toml":          {"[hypervisor\n", "config"},
+		"wrong type":        {"[sizing]\nmax_vcpus = \"many\"\n", "max_vcpus"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := Load(write(t, tc.content))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error naming %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestMissingExplicitFileIsAnError(t *testing.T) {
+	if _, err := Load("/no/such/vmpod.toml"); err == nil {
+		t.Fatal("a config path that does not exist loaded")
+	}
+}

@@ -1,0 +1,204 @@
+// Package pod is one Kubernetes pod as one VM: it boots the VM sized and configured from
+// the pod's first (sandbox) OCI spec and the node's config, and runs the pod's containers
+// in it, translating their specs from host terms into guest terms. It knows nothing of
+// containerd's task API; the shim maps that onto it.
+package pod
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/api/annotations"
+	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
+)
+
+// Pod is a running pod VM.
+type Pod struct {
+	id   string
+	vm   *runtime.VM
+	size Size
+
+	mu         sync.Mutex
+	containers map[string]*container
+}
+
+type container struct {
+	shares []string
+	pid    uint32 // guest pid of its init, once created
+}
+
+// ID of the pod: CRI's sandbox id, or the container id outside CRI.
+func (p *Pod) ID() string { return p.id }
+
+// VM is the pod's VM.
+func (p *Pod) VM() *runtime.VM { return p.vm }
+
+// Size is what the VM was given.
+func (p *Pod) Size() Size { return p.size }
+
+// Done is closed when the VM is gone.
+func (p *Pod) Done() <-chan struct{} { return p.vm.Done() }
+
+// ID is the pod a container with this spec belongs to.
+func ID(containerID string, spec *specs.Spec) string {
+	if id := spec.Annotations[AnnotationSandboxID]; id != "" {
+		return id
+	}
+	return containerID
+}
+
+// Start boots the VM for the pod whose first container has spec: it validates the
+// vmpod.dev/* annotations against the node's config before anything starts.
+func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec) (*Pod, error) {
+	choice, err := annotations.Parse(spec.Annotations, cfg.Annotations.Allowed)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w: %w", podID, err, errdefs.ErrInvalidArgument)
+	}
+	if choice.VM != "" {
+		return nil, fmt.Errorf("pod %s: annotation %s: VM pods are not supported by this shim yet: %w", podID, annotations.VM, errdefs.ErrNotImplemented)
+	}
+	size, err := sizeFor(spec, cfg.Sizing)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w: %w", podID, err, errdefs.ErrInvalidArgument)
+	}
+	h := cfg.Hypervisor
+	vmCfg := runtime.Config{
+		Name:          podID,
+		StateDir:      filepath.Join(cfg.StateDir, podID),
+		QEMUPath:      h.QEMU,
+		VirtiofsdPath: h.Virtiofsd,
+		Kernel:        h.Kernel,
+		Initrd:        h.Initrd,
+		KernelParams:  h.KernelParams,
+		Machine:       h.Machine,
+		Accel:         h.Accel,
+		SharedFS:      h.SharedFS,
+		VCPUs:         size.VCPUs,
+		MemoryMiB:     size.MemoryMiB,
+		BootTimeout:   cfg.Timeouts.Boot.Duration,
+		CallTimeout:   cfg.Timeouts.Call.Duration,
+		StopTimeout:   cfg.Timeouts.Stop.Duration,
+		Debug:         cfg.Debug,
+	}
+	if choice.Machine != "" {
+		vmCfg.Machine = runtime.Machine(choice.Machine)
+	}
+	if choice.SharedFS != "" {
+		vmCfg.SharedFS = runtime.SharedFS(choice.SharedFS)
+	}
+	log.G(ctx).WithField("pod", podID).Infof("booting VM: %d vCPU, %d MiB, %s", size.VCPUs, size.MemoryMiB, vmCfg.Machine)
+
+	var undo cleanup.Stack
+	defer func() { _ = undo.Run() }()
+	vm, err := runtime.Start(ctx, vmCfg)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w", podID, err)
+	}
+	undo.Add("stop VM", vm.Kill)
+	setup := &agentv1.SetupSandboxRequest{
+		Hostname:          spec.Hostname,
+		HostTimeUnixNanos: time.Now().UnixNano(),
+	}
+	if err := vm.Agent().SetupSandbox(ctx, setup); err != nil {
+		return nil, fmt.Errorf("pod %s: %w", podID, err)
+	}
+	undo.Release()
+	return &Pod{id: podID, vm: vm, size: size, containers: map[string]*container{}}, nil
+}
+
+// pids are the guest pids of the pod's container inits: the processes whose namespaces
+// other containers may join.
+func (p *Pod) pids() []uint32 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []uint32
+	for _, c := range p.containers {
+		if c.pid != 0 {
+			out = append(out, c.pid)
+		}
+	}
+	return out
+}
+
+// CreateContainer creates a container from its host spec and a host rootfs directory.
+func (p *Pod) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (*runtime.Process, error) {
+	p.mu.Lock()
+	if _, exists := p.containers[id]; exists {
+		p.mu.Unlock()
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
+	}
+	c := &container{}
+	p.containers[id] = c
+	p.mu.Unlock()
+
+	var undo cleanup.Stack
+	defer func() { _ = undo.Run() }()
+	undo.Add("forget container", func() error {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		delete(p.containers, id)
+		return nil
+	})
+	guest, shares, err := guestSpec(id, spec, p.pids(), p.vm.Share)
+	for _, name := range shares {
+		undo.Add("unshare "+name, func() error { return p.vm.Unshare(name) })
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
+	}
+	proc, err := p.vm.CreateContainer(ctx, id, rootfs, guest, stdio)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	c.shares, c.pid = shares, proc.Pid()
+	p.mu.Unlock()
+	undo.Release()
+	return proc, nil
+}
+
+// RemoveContainer removes the container in the guest and takes back its shares.
+func (p *Pod) RemoveContainer(ctx context.Context, id string, force bool) error {
+	p.mu.Lock()
+	c, ok := p.containers[id]
+	p.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
+	}
+	if err := p.vm.RemoveContainer(ctx, id, force); err != nil {
+		return err
+	}
+	var errs []error
+	for _, name := range c.shares {
+		if err := p.vm.Unshare(name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	p.mu.Lock()
+	delete(p.containers, id)
+	p.mu.Unlock()
+	if len(errs) > 0 {
+		return fmt.Errorf("pod %s: container %s: %v", p.id, id, errs)
+	}
+	return nil
+}
+
+// Exec starts a process in a running container.
+func (p *Pod) Exec(ctx context.Context, containerID, execID string, proc *specs.Process, stdio runtime.Stdio) (*runtime.Process, error) {
+	return p.vm.Exec(ctx, containerID, execID, proc, stdio)
+}
+
+// Stop shuts the VM down and releases everything the pod holds on the host.
+func (p *Pod) Stop(ctx context.Context) error {
+	return p.vm.Stop(ctx)
+}

@@ -1,0 +1,115 @@
+package pod
+
+import (
+	"strings"
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
+)
+
+func i64(v int64) *int64   { return &v }
+func u64(v uint64) *uint64 { return &v }
+
+func TestSizeFor(t *testing.T) {
+	s := nodeconfig.Default().Sizing // 1-4 vCPUs, 512-8192 MiB, +64 MiB overhead
+	cases := []struct {
+		name string
+		spec *specs.Spec
+		want Size
+		err  string
+	}{
+		{"no limits", &specs.Spec{}, Size{1, 512}, ""},
+		{"CRI pod limits", &specs.Spec{Annotations: map[string]string{
+			AnnotationSandboxID: "p", AnnotationSandboxCPUQuota: "250000", AnnotationSandboxCPUPer: "100000",
+			AnnotationSandboxMemory: "1073741824"}}, Size{3, 1024 + 64}, ""},
+		{"clamped to the node's maximum", &specs.Spec{Annotations: map[string]string{
+			AnnotationSandboxID: "p", AnnotationSandboxCPUQuota: "6400000", AnnotationSandboxCPUPer: "100000",
+			AnnotationSandboxMemory: "68719476736"}}, Size{4, 8192}, ""},
+		{"small pods get the default", &specs.Spec{Annotations: map[string]string{
+			AnnotationSandboxID: "p", AnnotationSandboxMemory: "67108864"}}, Size{1, 512}, ""},
+		{"ctr run: the container's own limits", &specs.Spec{Linux: &specs.Linux{Resources: &specs.LinuxResources{
+			CPU:    &specs.LinuxCPU{Quota: i64(200000), Period: u64(100000)},
+			Memory: &specs.LinuxMemory{Limit: i64(768 << 20)}}}}, Size{2, 768 + 64}, ""},
+		{"bad annotation", &specs.Spec{Annotations: map[string]string{AnnotationSandboxMemory: "lots"}}, Size{}, AnnotationSandboxMemory},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := sizeFor(tc.spec, s)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %v, want error naming %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestGuestSpec(t *testing.T) {
+	spec := &specs.Spec{
+		Mounts: []specs.Mount{
+			{Destination: "/proc", Type: "proc", Source: "proc"},
+			{Destination: "/etc/hosts", Type: "bind", Source: "/var/lib/cri/hosts", Options: []string{"rbind", "ro"}},
+			{Destination: "/data", Source: "/var/lib/kubelet/pods/x/volumes/empty", Options: []string{"rbind", "rw"}},
+			{Destination: "/dev/shm", Type: "bind", Source: "/run/cri/sandboxes/p/shm", Options: []string{"rbind"}},
+		},
+		Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{
+			{Type: specs.NetworkNamespace, Path: "/var/run/netns/cni-1"},
+			{Type: specs.IPCNamespace, Path: "/proc/42/ns/ipc"},
+			{Type: specs.PIDNamespace},
+			{Type: specs.MountNamespace},
+		}},
+	}
+	type shared struct {
+		host, name string
+		ro         bool
+	}
+	var got []shared
+	share := func(host, name string, ro bool) (string, error) {
+		got = append(got, shared{host, name, ro})
+		return "/guest/" + name, nil
+	}
+	g, names, err := guestSpec("c1", spec, []uint32{42}, share)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range g.Linux.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			t.Error("network namespace kept: the VM is the pod's network")
+		}
+	}
+	if len(g.Linux.Namespaces) != 3 {
+		t.Errorf("namespaces: %+v", g.Linux.Namespaces)
+	}
+	if g.Mounts[1].Source != "/guest/c1/mounts/1" || !got[0].ro || got[0].host != "/var/lib/cri/hosts" {
+		t.Errorf("hosts mount: %+v, shares %+v", g.Mounts[1], got)
+	}
+	if g.Mounts[2].Source != "/guest/c1/mounts/2" || got[1].ro {
+		t.Errorf("rw volume: %+v, shares %+v", g.Mounts[2], got)
+	}
+	if g.Mounts[3].Source != agentv1.GuestPodShmDir {
+		t.Errorf("/dev/shm: %+v", g.Mounts[3])
+	}
+	if len(names) != 2 {
+		t.Errorf("share names %v", names)
+	}
+	if spec.Mounts[1].Source != "/var/lib/cri/hosts" || len(spec.Linux.Namespaces) != 4 {
+		t.Error("the host spec was modified")
+	}
+}
+
+func TestGuestSpecRefusesForeignNamespaces(t *testing.T) {
+	for _, path := range []string{"/proc/99/ns/ipc", "/var/run/netns/x", "/proc/self/ns/pid"} {
+		spec := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: path}}}}
+		_, _, err := guestSpec("c", spec, []uint32{42}, nil)
+		if err == nil || !strings.Contains(err.Error(), "linux.namespaces[0].path") {
+			t.Errorf("%s: got %v, want an error naming linux.namespaces[0].path", path, err)
+		}
+	}
+}

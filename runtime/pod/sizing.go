@@ -1,0 +1,82 @@
+package pod
+
+import (
+	"fmt"
+	"strconv"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
+)
+
+// CRI annotations containerd puts on every container of a pod (sandbox and app).
+const (
+	AnnotationContainerType   = "io.kubernetes.cri.container-type"
+	AnnotationSandboxID       = "io.kubernetes.cri.sandbox-id"
+	AnnotationSandboxCPUQuota = "io.kubernetes.cri.sandbox-cpu-quota"
+	AnnotationSandboxCPUPer   = "io.kubernetes.cri.sandbox-cpu-period"
+	AnnotationSandboxMemory   = "io.kubernetes.cri.sandbox-memory"
+
+	ContainerTypeSandbox = "sandbox"
+)
+
+// Size is a VM's vCPUs and memory.
+type Size struct {
+	VCPUs     int
+	MemoryMiB int
+}
+
+// sizeFor derives the VM size from the pod's resources: CRI's sandbox-cpu-quota/period and
+// sandbox-memory annotations (the pod's limits) or, without CRI, the container's own
+// limits; within the node's bounds, the memory plus the guest's own overhead.
+func sizeFor(spec *specs.Spec, s nodeconfig.Sizing) (Size, error) {
+	quota, period, memBytes, err := podLimits(spec)
+	if err != nil {
+		return Size{}, err
+	}
+	size := Size{VCPUs: s.DefaultVCPUs, MemoryMiB: s.DefaultMemoryMiB}
+	if quota > 0 && period > 0 {
+		size.VCPUs = int((quota + period - 1) / period)
+	}
+	if memBytes > 0 {
+		size.MemoryMiB = int((memBytes+(1<<20)-1)>>20) + s.GuestOverheadMiB
+	}
+	size.VCPUs = min(max(size.VCPUs, s.DefaultVCPUs), s.MaxVCPUs)
+	size.MemoryMiB = min(max(size.MemoryMiB, s.DefaultMemoryMiB), s.MaxMemoryMiB)
+	return size, nil
+}
+
+func podLimits(spec *specs.Spec) (quota, period, memBytes int64, err error) {
+	parse := func(key string) (int64, error) {
+		v, ok := spec.Annotations[key]
+		if !ok || v == "" {
+			return 0, nil
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("annotation %s=%q: not an integer", key, v)
+		}
+		return n, nil
+	}
+	if quota, err = parse(AnnotationSandboxCPUQuota); err != nil {
+		return
+	}
+	if period, err = parse(AnnotationSandboxCPUPer); err != nil {
+		return
+	}
+	if memBytes, err = parse(AnnotationSandboxMemory); err != nil {
+		return
+	}
+	if _, cri := spec.Annotations[AnnotationSandboxID]; cri || spec.Linux == nil || spec.Linux.Resources == nil {
+		return quota, period, memBytes, nil
+	}
+	// Not a CRI pod (e.g. ctr run): the container's own limits size its VM.
+	r := spec.Linux.Resources
+	if r.CPU != nil && r.CPU.Quota != nil && r.CPU.Period != nil {
+		quota, period = *r.CPU.Quota, int64(*r.CPU.Period)
+	}
+	if r.Memory != nil && r.Memory.Limit != nil {
+		memBytes = *r.Memory.Limit
+	}
+	return quota, period, memBytes, nil
+}
