@@ -41,9 +41,10 @@ images:
 # the exit status is the first failure's.
 critest:
 	hack/install-deps.sh
-	@trap : INT TERM; rc=0; \
+	@trap : INT TERM; rc=0; rm -f $(OUT)/critest/summary.txt; \
 	{ hack/containerd.sh build && hack/images.sh && hack/containerd.sh start && \
 	  hack/critest.sh $(CRITEST_HANDLERS); } || rc=$$?; \
 	hack/containerd.sh stop || { s=$$?; [ $$rc != 0 ] || rc=$$s; }; \
 	hack/leakcheck.sh || { s=$$?; [ $$rc != 0 ] || rc=$$s; }; \
+	cat $(OUT)/critest/summary.txt 2>/dev/null; \
 	exit $$rc

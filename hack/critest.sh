@@ -34,7 +34,7 @@ handler_problem() {
   if [[ $type =~ ^io\.containerd\.([a-z0-9]+)\.(v[0-9]+)$ ]]; then
     binary=containerd-shim-${BASH_REMATCH[1]}-${BASH_REMATCH[2]}
     PATH=$(tb_containerd_path) command -v "$binary" >/dev/null ||
-      echo "$binary not found on containerd's PATH (shim dir: $(tb_shim_dir)): build it there, or restart the test bed with VMPOD_SHIM_DIR set"
+      echo "$binary not found on containerd's PATH (shim dir: $(tb_shim_dir | sed "s|^$VMPOD_ROOT/||")): build it there, or restart the test bed with VMPOD_SHIM_DIR set"
   fi
 }
 
@@ -88,6 +88,7 @@ main() {
   for h in "${handlers[@]}"; do
     [[ " ${columns[*]} " == *" $h "* ]] || columns+=("$h")
   done
+  rm -f "$RESULTS/summary.txt"
   for h in "${handlers[@]}"; do
     run_handler "$h"
   done
@@ -95,9 +96,10 @@ main() {
   local summary rc=0
   summary=$(IFS=,; echo "${handlers[*]}")
   (cd "$VMPOD_ROOT" && go build -o "$VMPOD_OUT/bin/critestreport" ./integration/testbed/critestreport)
-  log "writing $DOC; summary:"
+  log "writing $DOC; summary (also in $RESULTS/summary.txt):"
   "$VMPOD_OUT/bin/critestreport" -results "$RESULTS" -handlers "$(IFS=,; echo "${columns[*]}")" \
-    -summary "$summary" -out "$DOC" -skip "$SKIP" || rc=$?
+    -summary "$summary" -out "$DOC" -skip "$SKIP" > "$RESULTS/summary.txt" || rc=$?
+  cat "$RESULTS/summary.txt"
   return $rc
 }
 

@@ -152,6 +152,24 @@ tb_marked_pids() {
   grep -lzxF "$TB_MARKER=$TB_RUN" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
 }
 
+# tb_container_pids: processes whose root filesystem is an overlay of this test bed's
+# snapshotter, i.e. container processes of a runtime that runs them on the host (runc).
+# They do not carry the marker (their environment is the image's) and, once their shim is
+# gone, nothing else leads to them.
+tb_container_pids() {
+  # mountinfo: "ID PARENT MAJ:MIN ROOT MOUNTPOINT ... - FSTYPE SOURCE OPTIONS"; literal match
+  awk -v root="$TB_ROOT/" '$5 == "/" && index($0, " - overlay ") && index($0, root) {
+      split(FILENAME, p, "/"); print p[3]; nextfile }' /proc/[0-9]*/mountinfo 2>/dev/null || true
+}
+
+# tb_sandbox_ids: pods the CRI plugin still keeps state for (RemovePodSandbox deletes it)
+tb_sandbox_ids() {
+  local d
+  for d in "$TB_ROOT" "$TB_STATE"; do
+    [ -d "$d/io.containerd.grpc.v1.cri/sandboxes" ] && ls "$d/io.containerd.grpc.v1.cri/sandboxes"
+  done | sort -u
+}
+
 # tb_has_marker PID
 tb_has_marker() { grep -qzxF "$TB_MARKER=$TB_RUN" "/proc/$1/environ" 2>/dev/null; }
 
@@ -181,6 +199,11 @@ tb_leaks() {
     args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-160)
     echo "process: pid $pid ($comm): $args"
   done
+  for pid in $(tb_container_pids); do
+    tb_has_marker "$pid" && continue
+    args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)
+    echo "process: pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) is a container process on this test bed's rootfs: $args"
+  done
   for pid in $(pgrep -f "^[^ ]*(containerd-shim-vmpod-v2|qemu-system-[a-z0-9_]+|virtiofsd)( |$)" || true); do
     [ -r "/proc/$pid/cmdline" ] || continue
     args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)
@@ -207,6 +230,10 @@ tb_leaks() {
   for f in /var/lib/cni/results/"$TB_CNI_NETWORK"-*; do
     [ -e "$f" ] && echo "cni: cached result of a pod never deleted: $f"
   done
+  for f in $(tb_sandbox_ids); do
+    echo "sandbox: pod $f was never removed"
+    [ -e "/var/lib/cni/results/cni-loopback-$f-lo" ] && echo "cni: cached result of a pod never deleted: /var/lib/cni/results/cni-loopback-$f-lo"
+  done
   if [ -d "$TB_IPAM/$TB_CNI_NETWORK" ]; then
     for f in "$TB_IPAM/$TB_CNI_NETWORK"/*; do
       case "${f##*/}" in '*' | lock | last_reserved_ip.*) continue ;; esac
@@ -229,32 +256,45 @@ tb_leaks() {
   return 0
 }
 
-# tb_force_clean: remove what tb_leaks finds. Only processes carrying our marker are killed.
+# tb_force_clean: remove what tb_leaks finds, once containerd is down. Only processes
+# carrying our marker, and container processes on our rootfs, are killed.
 tb_force_clean() {
-  local pid m
-  for pid in $(tb_marked_pids); do kill -KILL "$pid" 2>/dev/null || true; done
-  for pid in $(tb_marked_pids); do
+  local pid m ns id
+  # containers first, through the runc that made them (also removes their cgroups)
+  for ns in "$TB_RUN"/runc/*/; do
+    [ -d "$ns" ] || continue
+    for id in $("$TB_RUNC_BIN/runc" --root "$ns" list -q 2>/dev/null); do
+      "$TB_RUNC_BIN/runc" --root "$ns" delete -f "$id" 2>/dev/null || true
+    done
+  done
+  for pid in $(tb_marked_pids) $(tb_container_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+  for pid in $(tb_marked_pids) $(tb_container_pids); do
     # wait for the kill to land before unmounting what the process held
     timeout 5 tail --pid="$pid" -f /dev/null 2>/dev/null || true
   done
   for m in $(tb_mounts_under "$TB_RUN"); do umount -l "$m" 2>/dev/null || true; done
   ip link del "$TB_BRIDGE" 2>/dev/null || true
   rm -f /var/lib/cni/results/"$TB_CNI_NETWORK"-*
+  for id in $(tb_sandbox_ids); do rm -f "/var/lib/cni/results/cni-loopback-$id-lo"; done
   find "$TB_IPAM/$TB_CNI_NETWORK" -maxdepth 1 -type f ! -name lock ! -name 'last_reserved_ip.*' -delete 2>/dev/null || true
   tb_delete_pod_nat_rules
-  rm -rf --one-file-system "${TB_TMP:?}"/* "${TB_STATE:?}"/io.containerd.runtime.v2.task/*/* "${TB_SHIM_SOCKETS:?}"/* 2>/dev/null || true
+  # containerd is down: its leftovers are plain files now
+  rm -rf --one-file-system "${TB_TMP:?}"/* "${TB_STATE:?}"/io.containerd.runtime.v2.task/*/* \
+    "${TB_SHIM_SOCKETS:?}"/* "${TB_ROOT:?}"/io.containerd.grpc.v1.cri/sandboxes/* \
+    "$TB_STATE"/io.containerd.grpc.v1.cri/sandboxes/* 2>/dev/null || true
 }
 
 # tb_nat_comment: how portmap's rules for our network show in iptables-save / iptables -S
 tb_nat_comment() { printf 'name: \\"%s\\"' "$TB_CNI_NETWORK"; }
 
-# tb_delete_pod_nat_rules: delete the portmap rules that carry our network's name (they name
-# the pod in a comment), by rule number, then the per-pod chains they used once empty.
-# Rules and chains of other CNI users are never touched.
+# tb_delete_pod_nat_rules: delete the portmap rules that carry our network's name (the
+# jumps to each pod's chain; the comment names the pod), by rule number, then the per-pod
+# chains they jumped to, once nothing else jumps there. Other CNI users' rules are not touched.
 tb_delete_pod_nat_rules() {
-  local pat chains chain line n nums
+  local pat chains targets chain line n nums
   pat=$(tb_nat_comment)
   chains=$(iptables-save -t nat 2>/dev/null | grep -F "$pat" | awk '{ print $2 }' | sort -u || true)
+  targets=$(iptables-save -t nat 2>/dev/null | grep -F "$pat" | grep -oE -- '-j CNI-(DN|SN)-[0-9a-f]+' | cut -c4- | sort -u || true)
   for chain in $chains; do
     n=0
     nums=()
@@ -265,11 +305,8 @@ tb_delete_pod_nat_rules() {
     done < <(iptables -t nat -S "$chain")
     for n in "${nums[@]}"; do iptables -t nat -D "$chain" "$n"; done
   done
-  for chain in $chains; do
-    [[ $chain == CNI-DN-* || $chain == CNI-SN-* ]] || continue
-    if [ "$(iptables -t nat -S "$chain" 2>/dev/null | wc -l)" = 1 ] &&
-       ! iptables-save -t nat | grep -qE -- "-j $chain( |$)"; then
-      iptables -t nat -X "$chain"
-    fi
+  for chain in $targets; do
+    iptables-save -t nat | grep -qE -- "-j $chain( |$)" && continue
+    iptables -t nat -F "$chain" && iptables -t nat -X "$chain"
   done
 }
