@@ -75,15 +75,6 @@ prefix_lines() { sed "s|^|$1|"; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (containerd, CNI and mounts need it)"; }
 
-# tb_tool NAME: path of a built test-bed binary, or a clear error
-tb_tool() {
-  local d
-  for d in "$TB_CONTAINERD_BIN" "$TB_RUNC_BIN" "$TB_CRANE_BIN" "$TB_CRI_TOOLS_BIN"; do
-    [ -x "$d/$1" ] && { echo "$d/$1"; return; }
-  done
-  die "$1 is not built: run hack/containerd.sh build"
-}
-
 crictl() { "$TB_CRI_TOOLS_BIN/crictl" --config "$TB_ETC/crictl.yaml" "$@"; }
 ctr() { "$TB_CONTAINERD_BIN/ctr" --address "$TB_SOCK" "$@"; }
 
