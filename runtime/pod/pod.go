@@ -24,9 +24,10 @@ import (
 
 // Pod is a running pod VM.
 type Pod struct {
-	id   string
-	vm   *runtime.VM
-	size Size
+	id       string
+	vm       *runtime.VM
+	size     Size
+	stateDir string
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -113,7 +114,7 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
 	undo.Release()
-	return &Pod{id: podID, vm: vm, size: size, containers: map[string]*container{}}, nil
+	return &Pod{id: podID, vm: vm, size: size, stateDir: vmCfg.StateDir, containers: map[string]*container{}}, nil
 }
 
 // pids are the guest pids of the pod's container inits: the processes whose namespaces

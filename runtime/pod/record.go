@@ -1,0 +1,43 @@
+package pod
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// recordFile, in a container's bundle, says which pod VM the container ran in, so that
+// containerd's `shim delete` (run after a shim died) can find what to clean up.
+const recordFile = "vmpod-pod.json"
+
+// Record is what a bundle remembers of its pod.
+type Record struct {
+	PodID    string `json:"pod_id"`
+	StateDir string `json:"state_dir"`
+}
+
+// WriteRecord writes the pod's record into a container's bundle.
+func (p *Pod) WriteRecord(bundle string) error {
+	b, err := json.Marshal(Record{PodID: p.id, StateDir: p.stateDir})
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(bundle, recordFile), b, 0o600); err != nil {
+		return fmt.Errorf("pod record: %w", err)
+	}
+	return nil
+}
+
+// ReadRecord reads a bundle's pod record; a bundle without one returns os.ErrNotExist.
+func ReadRecord(bundle string) (Record, error) {
+	var r Record
+	b, err := os.ReadFile(filepath.Join(bundle, recordFile))
+	if err != nil {
+		return r, err
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return r, fmt.Errorf("pod record %s: %w", bundle, err)
+	}
+	return r, nil
+}

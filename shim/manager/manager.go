@@ -1,0 +1,205 @@
+// Package manager is the shim binary's life outside serving: `start` launches (or finds)
+// the one shim process of a pod, `delete` cleans up after a shim that is gone, `-info`
+// describes the runtime. Containers of one pod share a shim, grouped by CRI's sandbox id.
+package manager
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/defaults"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/containerd/v2/version"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/pod"
+)
+
+// RuntimeName is the runtime_type containerd configs name vmpod by.
+const RuntimeName = "io.containerd.vmpod.v2"
+
+type manager struct{}
+
+// New is the shim manager for containerd's pkg/shim.
+func New() shim.Shim { return manager{} }
+
+func (manager) Name() string { return RuntimeName }
+
+// Start launches the shim process serving the pod of the container being created, or
+// returns the address of the one already serving it.
+func (manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ *bootapi.BootstrapResult, retErr error) {
+	id := params.GetInstanceID()
+	result := &bootapi.BootstrapResult{Version: 3, Protocol: "ttrpc"}
+
+	spec, err := readBundleSpec()
+	if err != nil {
+		return nil, err
+	}
+	group := pod.ID(id, spec)
+
+	socketDir := params.GetSocketDir()
+	if socketDir == "" {
+		socketDir = filepath.Join(defaults.DefaultStateDir, "s")
+	}
+	address, err := shim.CreateSocketAddress(ctx, socketDir, params.GetContainerdGrpcAddress(), group, false)
+	if err != nil {
+		return nil, err
+	}
+	socket, err := shim.NewSocket(address)
+	if err != nil {
+		if !shim.SocketEaddrinuse(err) {
+			return nil, fmt.Errorf("shim socket %s: %w", address, err)
+		}
+		if shim.CanConnect(address) {
+			// The pod's shim is running: the container joins it.
+			result.Address = address
+			return result, nil
+		}
+		if err := shim.RemoveSocket(address); err != nil {
+			return nil, fmt.Errorf("remove stale shim socket: %w", err)
+		}
+		if socket, err = shim.NewSocket(address); err != nil {
+			return nil, fmt.Errorf("shim socket %s: %w", address, err)
+		}
+	}
+	defer func() {
+		if retErr != nil {
+			_ = socket.Close()
+			_ = shim.RemoveSocket(address)
+		}
+	}()
+	f, err := socket.File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+
+	cmd, err := serverCommand(ctx, id, params.GetContainerdGrpcAddress(), params.GetLogLevel() <= bootapi.LogLevel_LOG_LEVEL_DEBUG)
+	if err != nil {
+		return nil, err
+	}
+	cmd.ExtraFiles = []*os.File{f}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start shim server: %w", err)
+	}
+	go func() { _ = cmd.Wait() }()
+	if err := shim.AdjustOOMScore(cmd.Process.Pid); err != nil {
+		_ = cmd.Process.Kill()
+		return nil, fmt.Errorf("shim OOM score: %w", err)
+	}
+	result.Address = address
+	return result, nil
+}
+
+// serverCommand re-executes this binary as the long-running shim server.
+func serverCommand(ctx context.Context, id, containerdAddress string, debug bool) (*exec.Cmd, error) {
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cwd, err := os.Getwd()
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"-namespace", ns, "-id", id, "-address", containerdAddress}
+	if debug {
+		args = append(args, "-debug")
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Dir = cwd
+	cmd.Env = append(os.Environ(), "GOMAXPROCS=4")
+	// Its own session: signals to containerd's process group must not reach the pod.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	return cmd, nil
+}
+
+// readBundleSpec reads the annotations of the bundle containerd runs `start` in.
+func readBundleSpec() (*specs.Spec, error) {
+	b, err := os.ReadFile("config.json")
+	if err != nil {
+		return nil, fmt.Errorf("bundle config.json: %w", err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("bundle config.json: %w", err)
+	}
+	return &spec, nil
+}
+
+// Stop is `shim delete`: containerd runs it in the bundle of container id after its shim
+// went away (or to clean up a failed start). It unmounts the rootfs and, for the pod's
+// own container, removes what the pod's VM left on the host.
+func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	bundle, err := os.Getwd()
+	if err != nil {
+		return shim.StopStatus{}, err
+	}
+	if err := mount.UnmountRecursive(filepath.Join(bundle, "rootfs"), 0); err != nil {
+		log.G(ctx).WithError(err).Warn("unmount rootfs")
+	}
+	rec, err := pod.ReadRecord(bundle)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		log.G(ctx).WithError(err).Warn("read pod record")
+	case rec.PodID == id || !socketAlive(ctx, rec.PodID):
+		// The pod's own container, or an orphan whose pod shim is gone too.
+		if err := runtime.CleanupState(rec.StateDir); err != nil {
+			log.G(ctx).WithError(err).Warn("clean up pod state")
+		}
+	}
+	return shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(syscall.SIGKILL)}, nil
+}
+
+// socketAlive tells whether the shim serving a pod still answers on its socket.
+func socketAlive(ctx context.Context, podID string) bool {
+	address, err := shim.ReadAddress(filepath.Join("..", podID, "address"))
+	if err != nil {
+		return false
+	}
+	conn, err := net.DialTimeout("unix", socketPath(address), time.Second)
+	if err != nil {
+		return false
+	}
+	_ = conn.Close()
+	return true
+}
+
+func socketPath(address string) string {
+	const prefix = "unix://"
+	if len(address) > len(prefix) && address[:len(prefix)] == prefix {
+		return address[len(prefix):]
+	}
+	return address
+}
+
+// Info describes the runtime for `containerd-shim-vmpod-v2 -info`.
+func (manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	if _, err := io.Copy(io.Discard, optionsR); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+		return nil, err
+	}
+	return &types.RuntimeInfo{
+		Name:    RuntimeName,
+		Version: &types.RuntimeVersion{Version: version.Version, Revision: version.Revision},
+	}, nil
+}

@@ -1,0 +1,327 @@
+package task
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	eventstypes "github.com/containerd/containerd/api/events"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/protobuf"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/internal/cleanup"
+)
+
+// container is a containerd task: its bundle, rootfs, init and execs.
+type container struct {
+	id      string
+	bundle  string
+	spec    *specs.Spec
+	rootfs  string // host directory shared into the guest
+	mounted bool   // rootfs is a mount this shim made (unmounted on delete)
+	init    *process
+
+	mu          sync.Mutex
+	execs       map[string]*process
+	initExiting bool           // no exec may start once the init is on its way out
+	runningExec sync.WaitGroup // started execs whose exit is not published yet
+}
+
+func (c *container) process(execID string) (*process, error) {
+	if execID == "" {
+		return c.init, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.execs[execID]
+	if !ok {
+		return nil, fmt.Errorf("container %s exec %s: %w", c.id, execID, errdefs.ErrNotFound)
+	}
+	return p, nil
+}
+
+func loadSpec(bundle string) (*specs.Spec, error) {
+	b, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return nil, fmt.Errorf("bundle %s: %w", bundle, err)
+	}
+	var spec specs.Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return nil, fmt.Errorf("bundle %s: config.json: %w: %w", bundle, err, errdefs.ErrInvalidArgument)
+	}
+	if spec.Process == nil || (len(spec.Process.Args) == 0 && spec.Process.CommandLine == "") {
+		return nil, fmt.Errorf("bundle %s: config.json: process.args: empty (the image has no command and none was given): %w", bundle, errdefs.ErrInvalidArgument)
+	}
+	return &spec, nil
+}
+
+// mountRootfs mounts containerd's rootfs mounts (a snapshot) at bundle/rootfs, as every
+// shim does; without mounts the spec's root is used as it is.
+func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec) (dir string, mounted bool, err error) {
+	if len(mounts) == 0 {
+		if spec.Root == nil || spec.Root.Path == "" {
+			return "", false, fmt.Errorf("no rootfs mounts and no root.path: %w", errdefs.ErrInvalidArgument)
+		}
+		dir = spec.Root.Path
+		if !filepath.IsAbs(dir) {
+			dir = filepath.Join(bundle, dir)
+		}
+		return dir, false, nil
+	}
+	dir = filepath.Join(bundle, "rootfs")
+	if err := os.MkdirAll(dir, 0o711); err != nil {
+		return "", false, err
+	}
+	ms := make([]mount.Mount, 0, len(mounts))
+	for _, m := range mounts {
+		ms = append(ms, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+	}
+	if err := mount.All(ms, dir); err != nil {
+		return "", false, fmt.Errorf("mount rootfs: %w", err)
+	}
+	return dir, true, nil
+}
+
+// create makes the container's init in the guest (the pod's VM is booted first if this is
+// its first container) and announces it.
+func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []*types.Mount, paths stdioPaths, configPath string) (*container, error) {
+	spec, err := loadSpec(bundle)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if _, exists := s.containers[id]; exists {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("container %s: %w", id, errdefs.ErrAlreadyExists)
+	}
+	s.containers[id] = nil // reserved while it is being created
+	s.mu.Unlock()
+
+	var undo cleanup.Stack
+	defer func() {
+		if err := undo.Run(); err != nil {
+			log.G(ctx).WithError(err).Warnf("container %s: cleanup after failed create", id)
+		}
+	}()
+	undo.Add("forget container", func() error {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		delete(s.containers, id)
+		return nil
+	})
+
+	p, booted, err := s.podFor(ctx, id, spec, configPath)
+	if err != nil {
+		return nil, err
+	}
+	if booted {
+		undo.Add("stop pod VM", func() error { return s.stopPod(context.WithoutCancel(ctx)) })
+	}
+
+	rootfs, mounted, err := mountRootfs(bundle, rootfsMounts, spec)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	if mounted {
+		undo.Add("unmount rootfs", func() error { return mount.UnmountRecursive(rootfs, 0) })
+	}
+	hio, err := openIO(ctx, id, s.namespace, paths)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	undo.Add("close stdio", func() error { hio.close(); return nil })
+
+	if err := p.WriteRecord(bundle); err != nil {
+		return nil, fmt.Errorf("container %s: %w", id, err)
+	}
+	rt, err := p.CreateContainer(ctx, id, rootfs, spec, hio.stdio(paths.terminal))
+	if err != nil {
+		return nil, err
+	}
+	c := &container{id: id, bundle: bundle, spec: spec, rootfs: rootfs, mounted: mounted, execs: map[string]*process{}}
+	c.init = newProcess(id, "", paths)
+	c.init.io, c.init.rt, c.init.pid = hio, rt, rt.Pid()
+
+	s.mu.Lock()
+	s.containers[id] = c
+	s.mu.Unlock()
+	undo.Release()
+
+	s.events.send(&eventstypes.TaskCreate{
+		ContainerID: id,
+		Bundle:      bundle,
+		Rootfs:      rootfsMounts,
+		IO:          &eventstypes.TaskIO{Stdin: paths.stdin, Stdout: paths.stdout, Stderr: paths.stderr, Terminal: paths.terminal},
+		Pid:         c.init.pid,
+	})
+	go s.handleExit(c, c.init)
+	return c, nil
+}
+
+// start starts the init (a created container) or an exec registered by Exec.
+func (s *service) start(ctx context.Context, c *container, execID string) (uint32, error) {
+	if execID == "" {
+		p := c.init
+		p.mu.Lock()
+		defer p.mu.Unlock() // TaskStart is queued before the exit handler can queue TaskExit
+		if _, err := p.state.next(stateRunning, "start"); err != nil {
+			return 0, fmt.Errorf("%s: %w", p, err)
+		}
+		if err := s.pod.VM().Agent().StartContainer(ctx, c.id); err != nil {
+			return 0, err
+		}
+		if err := p.move(stateRunning, "start"); err != nil {
+			return 0, err
+		}
+		s.events.send(&eventstypes.TaskStart{ContainerID: c.id, Pid: p.pid})
+		return p.pid, nil
+	}
+
+	p, err := c.process(execID)
+	if err != nil {
+		return 0, err
+	}
+	c.mu.Lock()
+	if c.initExiting {
+		c.mu.Unlock()
+		return 0, fmt.Errorf("%s: the container's init has exited: %w", p, errdefs.ErrFailedPrecondition)
+	}
+	c.runningExec.Add(1)
+	c.mu.Unlock()
+
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	started := false
+	defer func() {
+		if !started {
+			c.runningExec.Done()
+		}
+	}()
+	if _, err := p.state.next(stateRunning, "start"); err != nil {
+		return 0, fmt.Errorf("%s: %w", p, err)
+	}
+	hio, err := openIO(ctx, c.id, s.namespace, p.paths)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", p, err)
+	}
+	rt, err := s.pod.Exec(ctx, c.id, execID, p.execSpec, hio.stdio(p.paths.terminal))
+	if err != nil {
+		hio.close()
+		return 0, err
+	}
+	p.io, p.rt, p.pid = hio, rt, rt.Pid()
+	if err := p.move(stateRunning, "start"); err != nil {
+		return 0, err
+	}
+	started = true
+	s.events.send(&eventstypes.TaskExecStarted{ContainerID: c.id, ExecID: execID, Pid: p.pid})
+	go s.handleExit(c, p)
+	return p.pid, nil
+}
+
+// handleExit waits for a process to exit with its output delivered, then publishes the
+// exit. An init's exit is published only after every exec of the container has published
+// its own, as containerd expects.
+func (s *service) handleExit(c *container, p *process) {
+	ctx := s.ctx
+	exit := p.awaitExit(ctx, s.pod.Done())
+	p.io.closeOutput()
+	if p.execID == "" {
+		c.mu.Lock()
+		c.initExiting = true
+		c.mu.Unlock()
+		c.runningExec.Wait()
+	}
+	p.mu.Lock()
+	if p.state == stateDeleted {
+		// Deleted before it ever ran (a created container removed): containerd has
+		// forgotten it, an exit would name nothing.
+		p.mu.Unlock()
+		return
+	}
+	p.setExitedLocked(exit.Status, exit.ExitedAt)
+	s.events.send(&eventstypes.TaskExit{
+		ContainerID: c.id,
+		ID:          s.taskID(c, p),
+		Pid:         p.pid,
+		ExitStatus:  uint32(exit.Status),
+		ExitedAt:    protobuf.ToTimestamp(exit.ExitedAt),
+	})
+	p.mu.Unlock()
+	if p.execID != "" {
+		c.runningExec.Done()
+	}
+	log.G(ctx).Infof("%s exited with status %d", p, exit.Status)
+}
+
+// taskID is the process's id in events: the container id for an init, else the exec id.
+func (s *service) taskID(c *container, p *process) string {
+	if p.execID == "" {
+		return c.id
+	}
+	return p.execID
+}
+
+// remove deletes a process: an exec (not running) is forgotten; a container (not
+// running) is removed from the guest, its rootfs unmounted, and the pod's VM stopped when
+// it was the last one.
+func (s *service) remove(ctx context.Context, c *container, execID string) (*process, error) {
+	p, err := c.process(execID)
+	if err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	if _, err := p.state.next(stateDeleted, "delete"); err != nil {
+		p.mu.Unlock()
+		return nil, fmt.Errorf("%s: %w", p, err)
+	}
+	p.mu.Unlock()
+
+	if execID != "" {
+		if p.rt != nil {
+			if err := p.rt.Remove(ctx); err != nil && !errdefs.IsNotFound(err) && !s.podGone() {
+				return nil, err
+			}
+		}
+		c.mu.Lock()
+		delete(c.execs, execID)
+		c.mu.Unlock()
+	} else {
+		if err := s.pod.RemoveContainer(ctx, c.id, true); err != nil {
+			return nil, err
+		}
+		if c.mounted {
+			if err := mount.UnmountRecursive(c.rootfs, 0); err != nil {
+				return nil, fmt.Errorf("container %s: unmount rootfs: %w", c.id, err)
+			}
+		}
+		s.mu.Lock()
+		delete(s.containers, c.id)
+		s.mu.Unlock()
+		s.events.send(&eventstypes.TaskDelete{
+			ContainerID: c.id,
+			Pid:         p.pid,
+			ExitStatus:  p.exitStatus,
+			ExitedAt:    protobuf.ToTimestamp(p.exitedAt),
+		})
+	}
+	if p.io != nil {
+		p.io.close()
+	}
+	p.mu.Lock()
+	p.state = stateDeleted
+	p.mu.Unlock()
+	if execID == "" && s.podEmpty() {
+		if err := s.stopPod(ctx); err != nil {
+			log.G(ctx).WithError(err).Warn("stop pod VM")
+		}
+	}
+	return p, nil
+}
