@@ -1,0 +1,42 @@
+package qmp
+
+import (
+	"context"
+	"fmt"
+)
+
+// MemoryBackend is a host memory object for a memory device such as virtio-mem.
+type MemoryBackend struct {
+	ID   string
+	Size uint64 // bytes
+	// Shared allocates it with memfd and share=on, as vhost-user devices
+	// (virtio-fs) need for every part of guest RAM they may touch.
+	Shared bool
+}
+
+// ObjectAddMemoryBackend creates a memory backend (object-add).
+func (m *Monitor) ObjectAddMemoryBackend(ctx context.Context, b MemoryBackend) error {
+	args := struct {
+		QOMType string `json:"qom-type"`
+		ID      string `json:"id"`
+		Size    uint64 `json:"size"`
+		Share   bool   `json:"share,omitempty"`
+	}{QOMType: "memory-backend-ram", ID: b.ID, Size: b.Size}
+	if b.Shared {
+		args.QOMType, args.Share = "memory-backend-memfd", true
+	}
+	if err := m.execute(ctx, "object-add", args, nil); err != nil {
+		return fmt.Errorf("qmp: object-add %s: %w", b.ID, err)
+	}
+	return nil
+}
+
+// ObjectDel deletes a QOM object created with object-add (object-del).
+func (m *Monitor) ObjectDel(ctx context.Context, id string) error {
+	if err := m.execute(ctx, "object-del", struct {
+		ID string `json:"id"`
+	}{id}, nil); err != nil {
+		return fmt.Errorf("qmp: object-del %s: %w", id, err)
+	}
+	return nil
+}
