@@ -3,7 +3,6 @@ package qmp
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 )
 
 // BlockdevOptions describe a disk image for blockdev-add: a format node over a
@@ -59,20 +58,14 @@ func orDefault(s, def string) string {
 
 // BlockdevAdd opens a disk image as a block node (blockdev-add).
 func (m *Monitor) BlockdevAdd(ctx context.Context, o BlockdevOptions) error {
-	if err := m.execute(ctx, "blockdev-add", o, nil); err != nil {
-		return fmt.Errorf("qmp: blockdev-add %s: %w", o.NodeName, err)
-	}
-	return nil
+	return m.run(ctx, "blockdev-add", o.NodeName, o, nil)
 }
 
 // BlockdevDel closes a block node that no device uses any more (blockdev-del).
 func (m *Monitor) BlockdevDel(ctx context.Context, nodeName string) error {
-	if err := m.execute(ctx, "blockdev-del", struct {
+	return m.run(ctx, "blockdev-del", nodeName, struct {
 		NodeName string `json:"node-name"`
-	}{nodeName}, nil); err != nil {
-		return fmt.Errorf("qmp: blockdev-del %s: %w", nodeName, err)
-	}
-	return nil
+	}{nodeName}, nil)
 }
 
 // BlockInfo is one entry of query-block: a block backend, usually a device's.
@@ -93,8 +86,6 @@ type BlockNodeInfo struct {
 // QueryBlock lists the block backends (query-block).
 func (m *Monitor) QueryBlock(ctx context.Context) ([]BlockInfo, error) {
 	var bs []BlockInfo
-	if err := m.execute(ctx, "query-block", nil, &bs); err != nil {
-		return nil, fmt.Errorf("qmp: query-block: %w", err)
-	}
-	return bs, nil
+	err := m.run(ctx, "query-block", "", nil, &bs)
+	return bs, err
 }

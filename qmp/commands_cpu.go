@@ -31,10 +31,8 @@ type CPUProps struct {
 // machine with CPU hotplug, such as q35.
 func (m *Monitor) QueryHotpluggableCPUs(ctx context.Context) ([]HotpluggableCPU, error) {
 	var cpus []HotpluggableCPU
-	if err := m.execute(ctx, "query-hotpluggable-cpus", nil, &cpus); err != nil {
-		return nil, fmt.Errorf("qmp: query-hotpluggable-cpus: %w", err)
-	}
-	return cpus, nil
+	err := m.run(ctx, "query-hotpluggable-cpus", "", nil, &cpus)
+	return cpus, err
 }
 
 // AddCPU plugs a vCPU with qdev id id into the free slot cpu (device_add). A Linux

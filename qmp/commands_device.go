@@ -61,10 +61,7 @@ func (d DeviceOptions) MarshalJSON() ([]byte, error) {
 
 // DeviceAdd plugs a device (device_add).
 func (m *Monitor) DeviceAdd(ctx context.Context, d DeviceOptions) error {
-	if err := m.execute(ctx, "device_add", d, nil); err != nil {
-		return fmt.Errorf("qmp: device_add %s: %w", d.ID, err)
-	}
-	return nil
+	return m.run(ctx, "device_add", d.ID, d, nil)
 }
 
 // DeviceDel unplugs a device and waits, within ctx, until QEMU reports it gone
@@ -76,13 +73,11 @@ func (m *Monitor) DeviceAdd(ctx context.Context, d DeviceOptions) error {
 func (m *Monitor) DeviceDel(ctx context.Context, id string) error {
 	sub := m.Subscribe(DeviceDeletedFilter(id))
 	defer sub.Close()
-	if err := m.execute(ctx, "device_del", struct {
-		ID string `json:"id"`
-	}{id}, nil); err != nil {
-		return fmt.Errorf("qmp: device_del %s: %w", id, err)
+	if err := m.run(ctx, "device_del", id, idArgs{id}, nil); err != nil {
+		return err
 	}
 	if _, err := sub.Next(ctx); err != nil {
-		return fmt.Errorf("qmp: device_del %s: waiting for DEVICE_DELETED: %w", id, err)
+		return commandFailed("device_del", id, fmt.Errorf("waiting for DEVICE_DELETED: %w", err))
 	}
 	return nil
 }
@@ -96,12 +91,10 @@ type ObjectProperty struct {
 // QOMList lists the properties (and children) of the QOM object at path (qom-list).
 func (m *Monitor) QOMList(ctx context.Context, path string) ([]ObjectProperty, error) {
 	var props []ObjectProperty
-	if err := m.execute(ctx, "qom-list", struct {
+	err := m.run(ctx, "qom-list", path, struct {
 		Path string `json:"path"`
-	}{path}, &props); err != nil {
-		return nil, fmt.Errorf("qmp: qom-list %s: %w", path, err)
-	}
-	return props, nil
+	}{path}, &props)
+	return props, err
 }
 
 type qomProperty struct {
@@ -114,19 +107,14 @@ type qomProperty struct {
 // QOMGet[uint64](ctx, m, "/machine/peripheral/mem0", "size").
 func QOMGet[T any](ctx context.Context, m *Monitor, path, property string) (T, error) {
 	var v T
-	if err := m.execute(ctx, "qom-get", qomProperty{Path: path, Property: property}, &v); err != nil {
-		return v, fmt.Errorf("qmp: qom-get %s %s: %w", path, property, err)
-	}
-	return v, nil
+	err := m.run(ctx, "qom-get", path+" "+property, qomProperty{Path: path, Property: property}, &v)
+	return v, err
 }
 
 // QOMSet writes a QOM property (qom-set), e.g. a virtio-mem device's
 // "requested-size".
 func QOMSet[T any](ctx context.Context, m *Monitor, path, property string, value T) error {
-	if err := m.execute(ctx, "qom-set", qomProperty{Path: path, Property: property, Value: value}, nil); err != nil {
-		return fmt.Errorf("qmp: qom-set %s %s: %w", path, property, err)
-	}
-	return nil
+	return m.run(ctx, "qom-set", path+" "+property, qomProperty{Path: path, Property: property, Value: value}, nil)
 }
 
 // PeripheralPath is the QOM path of the device with qdev id id.

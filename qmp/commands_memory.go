@@ -1,9 +1,6 @@
 package qmp
 
-import (
-	"context"
-	"fmt"
-)
+import "context"
 
 // MemoryBackend is a host memory object for a memory device such as virtio-mem.
 type MemoryBackend struct {
@@ -25,18 +22,10 @@ func (m *Monitor) ObjectAddMemoryBackend(ctx context.Context, b MemoryBackend) e
 	if b.Shared {
 		args.QOMType, args.Share = "memory-backend-memfd", true
 	}
-	if err := m.execute(ctx, "object-add", args, nil); err != nil {
-		return fmt.Errorf("qmp: object-add %s: %w", b.ID, err)
-	}
-	return nil
+	return m.run(ctx, "object-add", b.ID, args, nil)
 }
 
 // ObjectDel deletes a QOM object created with object-add (object-del).
 func (m *Monitor) ObjectDel(ctx context.Context, id string) error {
-	if err := m.execute(ctx, "object-del", struct {
-		ID string `json:"id"`
-	}{id}, nil); err != nil {
-		return fmt.Errorf("qmp: object-del %s: %w", id, err)
-	}
-	return nil
+	return m.run(ctx, "object-del", id, idArgs{id}, nil)
 }

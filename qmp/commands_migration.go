@@ -108,22 +108,16 @@ func (m *Monitor) MigrateSetParameters(ctx context.Context, p MigrationParameter
 // "fd:name") and returns once it has started; follow it with QueryMigrate or
 // MIGRATION events.
 func (m *Monitor) Migrate(ctx context.Context, uri string) error {
-	if err := m.execute(ctx, "migrate", struct {
-		URI string `json:"uri"`
-	}{uri}, nil); err != nil {
-		return fmt.Errorf("qmp: migrate %s: %w", uri, err)
-	}
-	return nil
+	return m.run(ctx, "migrate", uri, uriArgs{uri}, nil)
 }
 
 // MigrateIncoming makes a QEMU started with "-incoming defer" listen on uri.
 func (m *Monitor) MigrateIncoming(ctx context.Context, uri string) error {
-	if err := m.execute(ctx, "migrate-incoming", struct {
-		URI string `json:"uri"`
-	}{uri}, nil); err != nil {
-		return fmt.Errorf("qmp: migrate-incoming %s: %w", uri, err)
-	}
-	return nil
+	return m.run(ctx, "migrate-incoming", uri, uriArgs{uri}, nil)
+}
+
+type uriArgs struct {
+	URI string `json:"uri"`
 }
 
 // MigrateCancel cancels the outgoing migration (migrate_cancel).
@@ -173,8 +167,8 @@ func (r *migrationInfoReply) validate() *ReplyError {
 // QueryMigrate reports the state of the last migration (query-migrate).
 func (m *Monitor) QueryMigrate(ctx context.Context) (MigrationInfo, error) {
 	var r migrationInfoReply
-	if err := m.execute(ctx, "query-migrate", nil, &r); err != nil {
-		return MigrationInfo{}, fmt.Errorf("qmp: query-migrate: %w", err)
+	if err := m.run(ctx, "query-migrate", "", nil, &r); err != nil {
+		return MigrationInfo{}, err
 	}
 	return MigrationInfo{
 		Status:           r.Status,

@@ -16,23 +16,20 @@ func (m *Monitor) GetFD(ctx context.Context, name string, file *os.File) error {
 	if file == nil {
 		return fmt.Errorf("qmp: getfd %s: no file", name)
 	}
-	if _, err := m.call(ctx, "getfd", struct {
-		FDName string `json:"fdname"`
-	}{name}, file); err != nil {
-		return fmt.Errorf("qmp: getfd %s: %w", name, err)
+	if _, err := m.call(ctx, "getfd", fdnameArgs{name}, file); err != nil {
+		return commandFailed("getfd", name, err)
 	}
 	return nil
+}
+
+type fdnameArgs struct {
+	FDName string `json:"fdname"`
 }
 
 // CloseFD closes a descriptor passed with GetFD that no command has consumed
 // (closefd). netdev_add consumes the descriptors it names.
 func (m *Monitor) CloseFD(ctx context.Context, name string) error {
-	if err := m.execute(ctx, "closefd", struct {
-		FDName string `json:"fdname"`
-	}{name}, nil); err != nil {
-		return fmt.Errorf("qmp: closefd %s: %w", name, err)
-	}
-	return nil
+	return m.run(ctx, "closefd", name, fdnameArgs{name}, nil)
 }
 
 // TapNetdev is a tap network backend for netdev_add. Exactly one of FDs (names
@@ -79,18 +76,10 @@ func (n TapNetdev) MarshalJSON() ([]byte, error) {
 
 // NetdevAddTap adds a tap network backend (netdev_add).
 func (m *Monitor) NetdevAddTap(ctx context.Context, n TapNetdev) error {
-	if err := m.execute(ctx, "netdev_add", n, nil); err != nil {
-		return fmt.Errorf("qmp: netdev_add %s: %w", n.ID, err)
-	}
-	return nil
+	return m.run(ctx, "netdev_add", n.ID, n, nil)
 }
 
 // NetdevDel removes a network backend that no device uses any more (netdev_del).
 func (m *Monitor) NetdevDel(ctx context.Context, id string) error {
-	if err := m.execute(ctx, "netdev_del", struct {
-		ID string `json:"id"`
-	}{id}, nil); err != nil {
-		return fmt.Errorf("qmp: netdev_del %s: %w", id, err)
-	}
-	return nil
+	return m.run(ctx, "netdev_del", id, idArgs{id}, nil)
 }

@@ -1,9 +1,6 @@
 package qmp
 
-import (
-	"context"
-	"fmt"
-)
+import "context"
 
 // PCIBus is one entry of query-pci: a root bus and what sits on it.
 type PCIBus struct {
@@ -50,10 +47,8 @@ type PCIBridgeBus struct {
 // QueryPCI lists the PCI buses and devices (query-pci).
 func (m *Monitor) QueryPCI(ctx context.Context) ([]PCIBus, error) {
 	var buses []PCIBus
-	if err := m.execute(ctx, "query-pci", nil, &buses); err != nil {
-		return nil, fmt.Errorf("qmp: query-pci: %w", err)
-	}
-	return buses, nil
+	err := m.run(ctx, "query-pci", "", nil, &buses)
+	return buses, err
 }
 
 // FlattenPCI lists every device of buses, depth first, including those behind
@@ -85,8 +80,6 @@ type ChardevInfo struct {
 // QueryChardev lists the character devices (query-chardev).
 func (m *Monitor) QueryChardev(ctx context.Context) ([]ChardevInfo, error) {
 	var cs []ChardevInfo
-	if err := m.execute(ctx, "query-chardev", nil, &cs); err != nil {
-		return nil, fmt.Errorf("qmp: query-chardev: %w", err)
-	}
-	return cs, nil
+	err := m.run(ctx, "query-chardev", "", nil, &cs)
+	return cs, err
 }

@@ -53,8 +53,8 @@ func (s *Status) validate() *ReplyError {
 // Status runs query-status.
 func (m *Monitor) Status(ctx context.Context) (Status, error) {
 	var s Status
-	if err := m.execute(ctx, "query-status", nil, &s); err != nil {
-		return Status{}, fmt.Errorf("qmp: query-status: %w", err)
+	if err := m.run(ctx, "query-status", "", nil, &s); err != nil {
+		return Status{}, err
 	}
 	return s, nil
 }
@@ -76,9 +76,8 @@ func (m *Monitor) SystemPowerdown(ctx context.Context) error {
 // after Quit returns. QEMU closing the connection before its answer arrives counts
 // as success: that is the outcome quit asks for.
 func (m *Monitor) Quit(ctx context.Context) error {
-	err := m.execute(ctx, "quit", nil, nil)
-	if err != nil && !errors.Is(err, errConnectionClosed) {
-		return fmt.Errorf("qmp: quit: %w", err)
+	if err := m.run(ctx, "quit", "", nil, nil); err != nil && !errors.Is(err, errConnectionClosed) {
+		return err
 	}
 	return nil
 }

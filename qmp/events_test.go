@@ -49,13 +49,21 @@ func TestSlowSubscriberIsCutOffWithoutBlockingReplies(t *testing.T) {
 	m := dial(t, srv)
 	slow := m.Subscribe(qmp.EventNamed("FLOOD"))
 	defer slow.Close()
+	sentinel := m.Subscribe(qmp.EventNamed("SENTINEL"))
+	defer sentinel.Close()
 	for range qmp.MaxQueuedEvents + 1 {
 		srv.Event("FLOOD", nil)
 	}
+	srv.Event("SENTINEL", nil)
 	// Replies still flow while the subscriber is not reading.
 	errc := async(func() error { return m.Cont(ctxTimeout(t, 5*time.Second)) })
 	srv.Reply(srv.Expect("cont"), struct{}{})
 	if err := waitErr(t, errc); err != nil {
+		t.Fatal(err)
+	}
+	// Dispatch is in order: once the sentinel is here, the whole flood has been
+	// offered to the slow subscriber.
+	if _, err := sentinel.Next(ctxTimeout(t, 5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	n := 0

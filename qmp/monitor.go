@@ -314,21 +314,30 @@ func dupFile(f *os.File) (*os.File, error) {
 // member decodes into, with the strictness of the typed methods: struct fields
 // whose json tag lacks omitempty are required.
 func (m *Monitor) Execute(ctx context.Context, command string, args any, reply any) error {
-	if err := m.execute(ctx, command, args, reply); err != nil {
-		return fmt.Errorf("qmp: %s: %w", command, err)
+	return m.run(ctx, command, "", args, reply)
+}
+
+// run is Execute for the typed methods: its errors read
+// "qmp: <command> <subject>: ...", where subject names what the command acts on.
+func (m *Monitor) run(ctx context.Context, command, subject string, args any, reply any) error {
+	ret, err := m.call(ctx, command, args, nil)
+	if err == nil && reply != nil {
+		err = decodeStrict(command+" reply", "return", ret, reply)
+	}
+	if err != nil {
+		return commandFailed(command, subject, err)
 	}
 	return nil
 }
 
-// execute is Execute without the error prefix, for the typed methods, which add
-// their own (with the object they act on).
-func (m *Monitor) execute(ctx context.Context, command string, args any, reply any) error {
-	ret, err := m.call(ctx, command, args, nil)
-	if err != nil {
-		return err
+func commandFailed(command, subject string, err error) error {
+	if subject == "" {
+		return fmt.Errorf("qmp: %s: %w", command, err)
 	}
-	if reply == nil {
-		return nil
-	}
-	return decodeStrict(command+" reply", "return", ret, reply)
+	return fmt.Errorf("qmp: %s %s: %w", command, subject, err)
+}
+
+// idArgs are the arguments of the commands that take only an id.
+type idArgs struct {
+	ID string `json:"id"`
 }
