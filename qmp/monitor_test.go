@@ -370,8 +370,7 @@ func TestConcurrentCallsGetTheirOwnReplies(t *testing.T) {
 	m := dial(t, srv)
 	const n = 50
 	go func() {
-		for range n {
-			c := srv.Next()
+		for c := range srv.Commands() {
 			srv.Event("NOISE", nil)
 			srv.Reply(c, json.RawMessage(c.Arguments))
 		}

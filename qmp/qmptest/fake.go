@@ -196,6 +196,10 @@ func (s *Server) WaitConnected() {
 // called) and the server has read everything it sent.
 func (s *Server) Disconnected() <-chan struct{} { return s.gone }
 
+// Commands delivers the commands the client sends, for a goroutine that answers
+// them (Next and Expect fail the test, so they belong to the test's goroutine).
+func (s *Server) Commands() <-chan Command { return s.commands }
+
 // Next returns the next command the client sent, failing the test if none arrives
 // within 5 seconds or the connection ends first.
 func (s *Server) Next() Command {
