@@ -67,7 +67,14 @@ func TestDeviceArgs(t *testing.T) {
 			"-chardev", "socket,id=agent-sock,path=/run/agent.sock,server=on,wait=off",
 			"-device", "virtio-serial-device,id=vser0",
 			"-device", "virtserialport,id=agent,bus=vser0.0,chardev=agent-sock,name=vmpod.agent"}},
+		{"serial on pci", &VirtioSerial{DeviceID: "vser0", Ports: []SerialPort{{DeviceID: "agent", Name: "vmpod.agent", SocketPath: "/run/agent.sock"}}}, onPCIe0, []string{
+			"-chardev", "socket,id=agent-sock,path=/run/agent.sock,server=on,wait=off",
+			"-device", "virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x5.0",
+			"-device", "virtserialport,id=agent,bus=vser0.0,chardev=agent-sock,name=vmpod.agent"}},
 		{"rng", &VirtioRNG{DeviceID: "rng0"}, onPCIe0, []string{"-device", "virtio-rng-pci,id=rng0,bus=pcie.0,addr=0x5.0"}},
+		{"rng on mmio", &VirtioRNG{DeviceID: "rng0"}, onMMIO, []string{"-device", "virtio-rng-device,id=rng0"}},
+		{"balloon on a root port", &VirtioBalloon{DeviceID: "balloon0"}, onPort, []string{"-device", "virtio-balloon-pci,id=balloon0,bus=rp2"}},
+		{"vsock on mmio", &Vsock{DeviceID: "vsock0", GuestCID: 3}, onMMIO, []string{"-device", "vhost-vsock-device,id=vsock0,guest-cid=3"}},
 		{"balloon", &VirtioBalloon{DeviceID: "balloon0", DeflateOnOOM: true, FreePageReporting: true}, onMMIO, []string{
 			"-device", "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"}},
 		{"vsock", &Vsock{DeviceID: "vsock0", GuestCID: 42}, onPCIe0, []string{"-device", "vhost-vsock-pci,id=vsock0,bus=pcie.0,addr=0x5.0,guest-cid=42"}},
