@@ -1,0 +1,58 @@
+package qmp
+
+import (
+	"context"
+	"fmt"
+)
+
+// HotpluggableCPU is one entry of query-hotpluggable-cpus: a vCPU slot that is
+// either occupied (QOMPath set) or free to be filled with AddCPU.
+type HotpluggableCPU struct {
+	Type       string   `json:"type"` // device driver, e.g. "qemu64-x86_64-cpu"
+	VCPUsCount int      `json:"vcpus-count"`
+	Props      CPUProps `json:"props"`
+	QOMPath    string   `json:"qom-path,omitempty"`
+}
+
+// Plugged reports whether a vCPU occupies the slot.
+func (c HotpluggableCPU) Plugged() bool { return c.QOMPath != "" }
+
+// CPUProps locate a vCPU slot in the topology. Which of them are set depends on the
+// machine; nil means not applicable.
+type CPUProps struct {
+	NodeID   *int `json:"node-id,omitempty"`
+	SocketID *int `json:"socket-id,omitempty"`
+	DieID    *int `json:"die-id,omitempty"`
+	CoreID   *int `json:"core-id,omitempty"`
+	ThreadID *int `json:"thread-id,omitempty"`
+}
+
+// QueryHotpluggableCPUs lists the vCPU slots (query-hotpluggable-cpus). It needs a
+// machine with CPU hotplug, such as q35.
+func (m *Monitor) QueryHotpluggableCPUs(ctx context.Context) ([]HotpluggableCPU, error) {
+	var cpus []HotpluggableCPU
+	err := m.run(ctx, "query-hotpluggable-cpus", "", nil, &cpus)
+	return cpus, err
+}
+
+// AddCPU plugs a vCPU with qdev id id into the free slot cpu (device_add). A Linux
+// guest brings a hot-added CPU up offline; something in the guest must online it.
+// The guest's ACPI_DEVICE_OST event says it has seen the CPU.
+func (m *Monitor) AddCPU(ctx context.Context, id string, cpu HotpluggableCPU) error {
+	if cpu.Plugged() {
+		return fmt.Errorf("qmp: add cpu %s: slot is occupied by %s", id, cpu.QOMPath)
+	}
+	d := DeviceOptions{Driver: cpu.Type, ID: id}
+	for _, p := range []struct {
+		name string
+		v    *int
+	}{
+		{"node-id", cpu.Props.NodeID}, {"socket-id", cpu.Props.SocketID}, {"die-id", cpu.Props.DieID},
+		{"core-id", cpu.Props.CoreID}, {"thread-id", cpu.Props.ThreadID},
+	} {
+		if p.v != nil {
+			d.Props = append(d.Props, IntProp(p.name, int64(*p.v)))
+		}
+	}
+	return m.DeviceAdd(ctx, d)
+}
