@@ -17,7 +17,9 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/agent/channel"
+	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/qmp"
 )
 
 // helperExitWait bounds the wait for virtiofsd to leave by itself after QEMU is gone.
@@ -28,7 +30,9 @@ const helperExitWait = 2 * time.Second
 type VM struct {
 	cfg   Config
 	plan  bootPlan
+	hw    *devices.VM // the device model: argv rendered at boot, hotplugs placed later
 	qemu  *exec.Cmd
+	mon   *qmp.Monitor
 	agent *Agent
 	share *sharedDir // nil with SharedFSNone
 
@@ -65,7 +69,11 @@ func Start(ctx context.Context, cfg Config) (_ *VM, retErr error) {
 		}
 	}
 
-	vm := &VM{cfg: cfg, plan: plan, exited: make(chan struct{}), agent: newAgent(cfg.Name, cfg.CallTimeout)}
+	hw, err := plan.hardware()
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+	}
+	vm := &VM{cfg: cfg, plan: plan, hw: hw, exited: make(chan struct{}), agent: newAgent(cfg.Name, cfg.CallTimeout)}
 	defer func() {
 		if retErr != nil {
 			if err := vm.teardown.Run(); err != nil {
@@ -105,6 +113,9 @@ func Start(ctx context.Context, cfg Config) (_ *VM, retErr error) {
 
 	bootCtx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
 	defer cancel()
+	if err := vm.connectQMP(bootCtx); err != nil {
+		return nil, fmt.Errorf("vm %s: QMP: %w%s", cfg.Name, err, vm.consoleHint())
+	}
 	if err := vm.connectAgent(bootCtx); err != nil {
 		return nil, fmt.Errorf("vm %s: boot: %w%s", cfg.Name, err, vm.consoleHint())
 	}
@@ -161,11 +172,10 @@ func stopHelper(cmd *exec.Cmd, done <-chan struct{}) error {
 }
 
 func (vm *VM) startQEMU(logFile *os.File) error {
-	cmd := exec.Command(vm.cfg.QEMUPath, vm.plan.qemuArgs()...)
+	args, files := vm.hw.Render()
+	cmd := exec.Command(vm.cfg.QEMUPath, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	for _, nic := range vm.cfg.NICs {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, nic.Tap)
-	}
+	cmd.ExtraFiles = files
 	// Pdeathsig: `kill -9` of the shim must not leave a QEMU running.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -185,6 +195,26 @@ func (vm *VM) startQEMU(logFile *os.File) error {
 		}
 		return nil
 	})
+	return nil
+}
+
+// connectQMP connects the VM's QMP monitor; QEMU creates its socket at start-up.
+func (vm *VM) connectQMP(ctx context.Context) error {
+	dialCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-vm.exited:
+			cancel()
+		case <-dialCtx.Done():
+		}
+	}()
+	mon, err := qmp.Dial(dialCtx, vm.plan.paths.qmpSock)
+	if err != nil {
+		return vm.qemuDiedOr(err)
+	}
+	vm.mon = mon
+	vm.teardown.Add("close QMP", func() error { _ = mon.Close(); return nil })
 	return nil
 }
 
@@ -248,12 +278,13 @@ func (vm *VM) dialAgentSocket(ctx context.Context) (net.Conn, error) {
 	}
 }
 
-// qemuDiedOr explains a failure by QEMU's death if QEMU is dead.
+// qemuDiedOr explains a failure by QEMU's death if QEMU is dead or dying: a closed
+// socket is often the first sign, the exit status comes a moment later.
 func (vm *VM) qemuDiedOr(err error) error {
 	select {
 	case <-vm.exited:
 		return fmt.Errorf("QEMU exited (%v)", vm.exitErr)
-	default:
+	case <-time.After(200 * time.Millisecond):
 		return err
 	}
 }
@@ -309,7 +340,8 @@ func (vm *VM) Stop(ctx context.Context) error {
 			select {
 			case <-vm.exited:
 			case <-shutdownCtx.Done():
-				log.G(ctx).Warnf("vm %s: still running %v after shutdown, killing QEMU", vm.cfg.Name, vm.cfg.StopTimeout)
+				log.G(ctx).Warnf("vm %s: still running %v after shutdown, asking QEMU to quit", vm.cfg.Name, vm.cfg.StopTimeout)
+				vm.quit(ctx)
 			}
 			cancel()
 		}
@@ -319,6 +351,20 @@ func (vm *VM) Stop(ctx context.Context) error {
 		}
 	})
 	return vm.stopErr
+}
+
+// quit asks QEMU itself to exit (QMP quit), for a guest that did not power off; the
+// teardown kills QEMU if even that does not work.
+func (vm *VM) quit(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, helperExitWait)
+	defer cancel()
+	if err := vm.mon.Quit(ctx); err != nil {
+		log.G(ctx).WithError(err).Warnf("vm %s: QMP quit", vm.cfg.Name)
+	}
+	select {
+	case <-vm.exited:
+	case <-ctx.Done():
+	}
 }
 
 // Kill stops the VM at once (SIGKILL to QEMU) and removes everything Start created.

@@ -36,21 +36,21 @@ func main() {
 }
 `
 
-// GuestKernel returns the vmpod guest kernel (a PVH vmlinux): $VMPOD_GUEST_KERNEL,
+// GuestKernel returns the vmpod guest kernel (a PVH vmlinux): $VMPOD_KERNEL,
 // or the newest $HOME/.cache/vmpod/kernel/*/vmlinux that hack/guest-kernel.sh
 // built. It skips t when there is none.
 func GuestKernel(t testing.TB) string {
 	t.Helper()
-	if k := os.Getenv("VMPOD_GUEST_KERNEL"); k != "" {
+	if k := os.Getenv("VMPOD_KERNEL"); k != "" {
 		if _, err := os.Stat(k); err != nil {
-			t.Fatalf("VMPOD_GUEST_KERNEL: %v", err)
+			t.Fatalf("VMPOD_KERNEL: %v", err)
 		}
 		return k
 	}
 	home, _ := os.UserHomeDir()
 	matches, _ := filepath.Glob(filepath.Join(home, ".cache/vmpod/kernel/*/vmlinux"))
 	if len(matches) == 0 {
-		t.Skip("needs a guest kernel for the guest to acknowledge hotplug: run hack/guest-kernel.sh or set VMPOD_GUEST_KERNEL")
+		t.Skip("needs a guest kernel for the guest to acknowledge hotplug: run hack/guest-kernel.sh or set VMPOD_KERNEL")
 	}
 	sort.Slice(matches, func(i, j int) bool { return modTime(matches[i]).After(modTime(matches[j])) })
 	return matches[0]
