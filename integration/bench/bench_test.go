@@ -227,7 +227,9 @@ func hostRuncExec(t *testing.T, n int) sample {
 	}
 	state := filepath.Join("/run", "vmpod-bench-runc")
 	id := "bench-" + strconv.Itoa(os.Getpid())
-	rc := func(args ...string) *exec.Cmd { return exec.Command(runc, append([]string{"--root", state}, args...)...) }
+	rc := func(args ...string) *exec.Cmd {
+		return exec.Command(runc, append([]string{"--root", state}, args...)...)
+	}
 	// A file, not a pipe: the detached container inherits runc's stdio, and a pipe would
 	// stay open as long as it runs.
 	runLog, err := os.Create(filepath.Join(bundle, "run.log"))

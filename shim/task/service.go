@@ -50,7 +50,7 @@ type service struct {
 }
 
 var (
-	_ taskAPI.TTRPCTaskService       = (*service)(nil)
+	_ taskAPI.TTRPCTaskService      = (*service)(nil)
 	_ shim.TTRPCServerUnaryOptioner = (*service)(nil)
 )
 

@@ -95,7 +95,7 @@ func TestNotRunIsNeverPassing(t *testing.T) {
 func TestRunWritesDocumentAndSummary(t *testing.T) {
 	dir := t.TempDir()
 	writeRun(t, dir, "runc", map[string]string{"result.env": "status=ran\nexit_code=0\nwall_seconds=90.5\n",
-		"junit.xml": strings.ReplaceAll(junitReport, `status="failed"`, `status="passed"`),
+		"junit.xml":   strings.ReplaceAll(junitReport, `status="failed"`, `status="passed"`),
 		"critest.log": "SUCCESS! -- 2 Passed | 0 Failed | 0 Pending | 1 Skipped\n"})
 	writeRun(t, dir, "vmpod", map[string]string{"result.env": "status=not-run\nreason=no shim\n"})
 	out := filepath.Join(dir, "conformance.md")
