@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -62,6 +63,9 @@ func guestSpec(id string, raw []byte) (*specs.Spec, error) {
 			return nil, invalidf("oci_spec: mounts[%d].destination %q: must be absolute", i, m.Destination)
 		}
 	}
+	if err := applyPodNetSysctls(spec.Linux); err != nil {
+		return nil, err
+	}
 	spec.Linux.CgroupsPath = filepath.Join(cgroupParent, id)
 	spec.Hooks = nil
 	spec.Linux.MountLabel = ""
@@ -81,6 +85,29 @@ func checkProcess(field string, p *specs.Process) error {
 		if rl.Soft > rl.Hard {
 			return invalidf("%s.rlimits[%d] %s: soft limit %d above hard limit %d", field, i, rl.Type, rl.Soft, rl.Hard)
 		}
+	}
+	return nil
+}
+
+// applyPodNetSysctls: a container without a network namespace of its own shares the
+// guest's, which is the pod's network. runc refuses net.* sysctls there ("not allowed in
+// host network namespace"), rightly for a host; in the guest they are the pod's network
+// sysctls (CRI sets some on every sandbox), so the agent applies them itself and takes
+// them out of the spec.
+func applyPodNetSysctls(l *specs.Linux) error {
+	for _, ns := range l.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			return nil
+		}
+	}
+	for k, v := range l.Sysctl {
+		if !strings.HasPrefix(k, "net.") {
+			continue
+		}
+		if err := setSysctl(k, v); err != nil {
+			return fmt.Errorf("oci_spec: linux.sysctl[%s]: %w", k, err)
+		}
+		delete(l.Sysctl, k)
 	}
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -82,6 +83,9 @@ func Start(ctx context.Context, cfg Config) (_ *VM, retErr error) {
 		}
 	}()
 
+	if err := os.MkdirAll(filepath.Dir(cfg.StateDir), 0o711); err != nil {
+		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
+	}
 	if err := os.Mkdir(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
 	}
