@@ -275,8 +275,18 @@ cmd_start() {
   [ -f "$TB_RUN/ip_forward.orig" ] || cat /proc/sys/net/ipv4/ip_forward > "$TB_RUN/ip_forward.orig"
   step "config" cmd_config
   step "registry + critest images" "$VMPOD_ROOT/hack/images.sh"
-  log "containerd: starting ($TB_CONTAINERD_BIN/containerd, log $TB_LOGS/containerd.log)"
   echo "$TB_SHIM_DIR" > "$TB_RUN/shim.dir"
+  launch_containerd
+  date +%s > "$TB_RUN/started"
+  STARTING=0
+  log "containerd $CONTAINERD_VERSION up in $(since "$t"): pid $(tb_pid containerd), socket $TB_SOCK, handlers: $(runtime_handlers)"
+  log "clients: eval \"\$(hack/containerd.sh env)\"; crictl ps; ctr images pull --hosts-dir \$VMPOD_TESTBED_HOSTS_DIR \$VMPOD_TESTBED_BUSYBOX"
+}
+
+# launch_containerd: start the daemon on the written config and wait until CRI is ready
+# with both runtime handlers.
+launch_containerd() {
+  log "containerd: starting ($TB_CONTAINERD_BIN/containerd, log $TB_LOGS/containerd.log)"
   tb_daemon containerd "$TB_LOGS/containerd.log" "$TB_CONTAINERD_BIN/containerd" --config "$TB_ETC/containerd/config.toml"
   local conds="" i
   for ((i = 0; i < 300; i++)); do
@@ -288,14 +298,28 @@ cmd_start() {
   [[ $conds == *RuntimeReady=true*NetworkReady=true* ]] ||
     { tail -30 "$TB_LOGS/containerd.log" >&2; die "CRI not ready after 30s: ${conds:-no answer}"; }
   local handlers
-  # shellcheck disable=SC2016  # a Go template, not a shell expansion
-  handlers=$(crictl info -o go-template --template '{{range $k, $v := .config.containerd.runtimes}}{{$k}} {{end}}')
+  handlers=$(runtime_handlers)
   [[ " $handlers " == *" runc "* && " $handlers " == *" vmpod "* ]] ||
     die "containerd is missing a runtime handler: has [$handlers], wants runc and vmpod"
-  date +%s > "$TB_RUN/started"
-  STARTING=0
-  log "containerd $CONTAINERD_VERSION up in $(since "$t"): pid $(tb_pid containerd), socket $TB_SOCK, handlers: $handlers"
-  log "clients: eval \"\$(hack/containerd.sh env)\"; crictl ps; ctr images pull --hosts-dir \$VMPOD_TESTBED_HOSTS_DIR \$VMPOD_TESTBED_BUSYBOX"
+}
+
+runtime_handlers() {
+  # shellcheck disable=SC2016  # a Go template, not a shell expansion
+  crictl info -o go-template --template '{{range $k, $v := .config.containerd.runtimes}}{{$k}} {{end}}'
+}
+
+# cmd_restart: containerd only, as a node upgrade would: its state, the shims and the
+# pods they run stay; the new daemon reconnects to the shims.
+cmd_restart() {
+  local t pid
+  t=$(now_ms)
+  pid=$(tb_pid containerd) || die "containerd is not running: hack/containerd.sh start"
+  kill -TERM "$pid"
+  local i
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  ! kill -0 "$pid" 2>/dev/null || die "containerd (pid $pid) did not stop within 10s"
+  launch_containerd
+  log "containerd restarted in $(since "$t"): pid $(tb_pid containerd)"
 }
 
 # ----------------------------------------------------------------------------------- stop
@@ -444,16 +468,17 @@ EOF
 }
 
 main() {
-  [ $# = 1 ] || die "usage: $0 build|config|start|stop|status|env|clean"
+  [ $# = 1 ] || die "usage: $0 build|config|start|restart|stop|status|env|clean"
   case $1 in
     build) step "build (cached under $VMPOD_CACHE)" cmd_build ;;
     config) cmd_config ;;
     start) cmd_start ;;
+    restart) cmd_restart ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
     clean) cmd_clean ;;
-    *) die "unknown command $1: build|config|start|stop|status|env|clean" ;;
+    *) die "unknown command $1: build|config|start|restart|stop|status|env|clean" ;;
   esac
 }
 

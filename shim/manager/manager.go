@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -147,8 +146,9 @@ func readBundleSpec() (*specs.Spec, error) {
 }
 
 // Stop is `shim delete`: containerd runs it in the bundle of container id after its shim
-// went away (or to clean up a failed start). It unmounts the rootfs and, for the pod's
-// own container, removes what the pod's VM left on the host.
+// went away (or to clean up a failed start). It unmounts the rootfs and, unless the pod's
+// shim still serves (it shares one address with every container of the pod), removes
+// what the pod's VM left on the host and the dead shim's socket.
 func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	bundle, err := os.Getwd()
 	if err != nil {
@@ -157,40 +157,40 @@ func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if err := mount.UnmountRecursive(filepath.Join(bundle, "rootfs"), 0); err != nil {
 		log.G(ctx).WithError(err).Warn("unmount rootfs")
 	}
-	rec, err := pod.ReadRecord(bundle)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-	case err != nil:
-		log.G(ctx).WithError(err).Warn("read pod record")
-	case rec.PodID == id || !socketAlive(ctx, rec.PodID):
-		// The pod's own container, or an orphan whose pod shim is gone too.
+	address, _ := shimAddress(bundle)
+	if address != "" && shim.CanConnect(address) {
+		return stopped(), nil // the pod's shim serves on; it cleans up itself
+	}
+	if rec, err := pod.ReadRecord(bundle); err == nil {
 		if err := runtime.CleanupState(rec.StateDir); err != nil {
 			log.G(ctx).WithError(err).Warn("clean up pod state")
 		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		log.G(ctx).WithError(err).Warn("read pod record")
 	}
-	return shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(syscall.SIGKILL)}, nil
+	if address != "" {
+		_ = shim.RemoveSocket(address)
+	}
+	return stopped(), nil
 }
 
-// socketAlive tells whether the shim serving a pod still answers on its socket.
-func socketAlive(ctx context.Context, podID string) bool {
-	address, err := shim.ReadAddress(filepath.Join("..", podID, "address"))
-	if err != nil {
-		return false
-	}
-	conn, err := net.DialTimeout("unix", socketPath(address), time.Second)
-	if err != nil {
-		return false
-	}
-	_ = conn.Close()
-	return true
+func stopped() shim.StopStatus {
+	return shim.StopStatus{ExitedAt: time.Now(), ExitStatus: 128 + int(syscall.SIGKILL)}
 }
 
-func socketPath(address string) string {
-	const prefix = "unix://"
-	if len(address) > len(prefix) && address[:len(prefix)] == prefix {
-		return address[len(prefix):]
+// shimAddress is the address containerd recorded for the bundle's shim.
+func shimAddress(bundle string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(bundle, "bootstrap.json"))
+	if err != nil {
+		return "", err
 	}
-	return address
+	var r struct {
+		Address string `json:"address"`
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return "", err
+	}
+	return r.Address, nil
 }
 
 // Info describes the runtime for `containerd-shim-vmpod-v2 -info`.
