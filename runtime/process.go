@@ -2,7 +2,6 @@ package runtime
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -156,8 +155,10 @@ func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
 			offset = resp.Offset
 		}
 		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				_ = p.CloseStdin(ctx)
+			// EOF, or the host closed its end (containerd's CloseIO closes the stdin
+			// FIFO under a blocked read): either way the process's stdin is over.
+			if err := p.CloseStdin(ctx); err != nil && ctx.Err() == nil && !errdefs.IsNotFound(err) {
+				log.L.WithError(err).Warnf("vm %s: %s: close stdin", p.agent.vm, p.name())
 			}
 			return
 		}

@@ -1,0 +1,300 @@
+// Integration tests of containerd-shim-vmpod-v2 through a real containerd 2.4 (the test
+// bed of hack/containerd.sh): CRI with crictl, plain containerd with ctr.
+package shim_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+)
+
+func sh(script string) []string { return []string{"sh", "-c", script} }
+
+// inspect returns a container's CRI status.
+func inspect(t *testing.T, id string) (state string, exitCode int) {
+	t.Helper()
+	var v struct {
+		Status struct {
+			State    string `json:"state"`
+			ExitCode int    `json:"exitCode"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspect", id)), &v); err != nil {
+		t.Fatal(err)
+	}
+	return v.Status.State, v.Status.ExitCode
+}
+
+func waitState(t *testing.T, id, want string, within time.Duration) (time.Duration, int) {
+	t.Helper()
+	start := time.Now()
+	for {
+		state, code := inspect(t, id)
+		if state == want {
+			return time.Since(start), code
+		}
+		if time.Since(start) > within {
+			t.Fatalf("container %s is %s after %v, want %s", id, state, within, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func waitLog(t *testing.T, id, want string) string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, _ := testenv.Cmd("crictl", "logs", id)
+		if strings.Contains(out, want) {
+			return out
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("container %s log lacks %q after 30s: %q", id, want, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestCtrRunRm(t *testing.T) {
+	testenv.RequireTestbed(t)
+	img := os.Getenv(testenv.EnvBusyboxImage)
+	if _, err := testenv.Cmd("ctr", "images", "pull", "--plain-http", "--hosts-dir", os.Getenv(testenv.EnvHostsDir), img); err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("ctr-%d", time.Now().UnixNano())
+	out, err := testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2",
+		"--runtime-config-path", os.Getenv(testenv.EnvVmpodConfig), img, id, "echo", "hi")
+	if err != nil || out != "hi\n" {
+		t.Fatalf("ctr run printed %q, %v; want \"hi\\n\"", out, err)
+	}
+	testenv.AssertPodGone(t, id)
+}
+
+func TestCRIFlow(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "flow"}, Hostname: "flow-pod"})
+	id := pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "ticker"},
+		Command:  sh(`echo started; echo to-stderr >&2; i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done`),
+	})
+	if state, _ := inspect(t, id); state != "CONTAINER_RUNNING" {
+		t.Fatalf("container is %s", state)
+	}
+	logs := waitLog(t, id, "tick 1")
+	if !strings.Contains(logs, "started") {
+		t.Fatalf("logs %q", logs)
+	}
+	// crictl prints the stderr stream on its own stderr
+	if errLog, _ := exec.Command("crictl", "logs", "--stream", "stderr", id).CombinedOutput(); !strings.Contains(string(errLog), "to-stderr") {
+		t.Errorf("stderr log %q", errLog)
+	}
+
+	out := testenv.Crictl(t, "exec", "-s", id, "sh", "-c", "echo exec-ok; uname -r; hostname")
+	lines := strings.Fields(out)
+	if len(lines) < 3 || lines[0] != "exec-ok" || !strings.HasSuffix(lines[1], "-vmpod") || lines[2] != "flow-pod" {
+		t.Fatalf("exec output %q: want exec-ok, the guest kernel, the pod's hostname", out)
+	}
+	if _, err := testenv.Cmd("crictl", "exec", "-s", id, "sh", "-c", "exit 7"); err == nil || !strings.Contains(err.Error(), "7") {
+		t.Fatalf("exec of exit 7: %v, want exit code 7", err)
+	}
+
+	// attach: a second container reads stdin; its output shows up through attach.
+	cat := pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "cat"}, Command: []string{"cat"}, Stdin: true, StdinOnce: true,
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	attach := exec.CommandContext(ctx, "crictl", "attach", "-i", cat)
+	attach.Stdin = strings.NewReader("hello through attach\n")
+	attachOut, err := attach.Output()
+	if err != nil || !strings.Contains(string(attachOut), "hello through attach") {
+		t.Fatalf("attach: %v, output %q", err, attachOut)
+	}
+	if d, code := waitState(t, cat, "CONTAINER_EXITED", 30*time.Second); code != 0 {
+		t.Fatalf("cat exited %d after %v, want 0 once its stdin closed", code, d)
+	}
+
+	testenv.Crictl(t, "stop", id)
+	if state, code := inspect(t, id); state != "CONTAINER_EXITED" || code != 128+int(syscall.SIGTERM) && code != 128+int(syscall.SIGKILL) {
+		t.Fatalf("after stop: %s, exit %d", state, code)
+	}
+	testenv.Crictl(t, "rm", id)
+	if _, err := testenv.Cmd("crictl", "inspect", id); err == nil {
+		t.Fatal("removed container still inspectable")
+	}
+}
+
+func TestTwoContainersShareEmptyDir(t *testing.T) {
+	testenv.RequireTestbed(t)
+	vol := t.TempDir()
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "share"}})
+	mounts := []testenv.Mount{{ContainerPath: "/data", HostPath: vol}}
+	writer := pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "writer"}, Mounts: mounts,
+		Command: sh(`echo from-writer > /data/note; sleep 1000`),
+	})
+	reader := pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "reader"}, Mounts: mounts,
+		Command: sh(`while [ ! -f /data/note ]; do sleep 0.1; done; cat /data/note; echo reader-to-host > /data/back; sleep 1000`),
+	})
+	waitLog(t, reader, "from-writer")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if b, err := os.ReadFile(filepath.Join(vol, "back")); err == nil && string(b) == "reader-to-host\n" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the host never saw the container's write to the shared volume")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_ = writer
+}
+
+func TestRestartContainerInPod(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "restart"}})
+	first := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "job"}, Command: sh("echo attempt-0; exit 3")})
+	if _, code := waitState(t, first, "CONTAINER_EXITED", 30*time.Second); code != 3 {
+		t.Fatalf("first run exited %d, want 3", code)
+	}
+	testenv.Crictl(t, "rm", first)
+	second := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "job", Attempt: 1}, Command: sh("echo attempt-1; exit 0")})
+	if _, code := waitState(t, second, "CONTAINER_EXITED", 30*time.Second); code != 0 {
+		t.Fatalf("restarted container exited %d", code)
+	}
+	waitLog(t, second, "attempt-1")
+}
+
+func TestKillQEMUIsSeenAsExit(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "killqemu"}})
+	id := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "sleeper"}, Command: []string{"sleep", "1000"}})
+	if err := syscall.Kill(testenv.QEMUPid(t, pod.ID), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	d, code := waitState(t, id, "CONTAINER_EXITED", 5*time.Second)
+	if d > time.Second {
+		t.Errorf("containerd saw the exit %v after QEMU died, want within 1s", d)
+	}
+	if code != 137 {
+		t.Errorf("exit code %d, want 137", code)
+	}
+	// RunPod's cleanup removes the pod and checks nothing is left.
+}
+
+func TestKillShimTakesQEMUWithIt(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "killshim"}})
+	id := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "sleeper"}, Command: []string{"sleep", "1000"}})
+	qemu := testenv.QEMUPid(t, pod.ID)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", qemu))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var shimPid int
+	if f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:])); len(f) > 1 {
+		fmt.Sscan(f[1], &shimPid) // fields after the comm: state, ppid, ...
+	}
+	if shimPid <= 1 {
+		t.Fatalf("QEMU's parent is %d, want the shim", shimPid)
+	}
+	if err := syscall.Kill(shimPid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(testenv.LiveProcessesMentioning(testenv.PodStateDir(t, pod.ID))) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("QEMU/virtiofsd survive the shim: %v", testenv.LiveProcessesMentioning(testenv.PodStateDir(t, pod.ID)))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	waitState(t, id, "CONTAINER_EXITED", 10*time.Second)
+	// RunPod's cleanup: containerd's `shim delete` must leave no mount, dir or socket.
+}
+
+func TestContainerdRestartKeepsPod(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "survivor"}})
+	id := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "sleeper"}, Command: []string{"sleep", "1000"}})
+	if _, err := testenv.Cmd(filepath.Join(os.Getenv(testenv.EnvRoot), "hack/containerd.sh"), "restart"); err != nil {
+		t.Fatal(err)
+	}
+	if out := testenv.Crictl(t, "exec", "-s", id, "echo", "after-restart"); out != "after-restart" {
+		t.Fatalf("exec after containerd restart: %q", out)
+	}
+	testenv.Crictl(t, "stop", id)
+	waitState(t, id, "CONTAINER_EXITED", 30*time.Second)
+}
+
+func TestUnknownAnnotationIsRejected(t *testing.T) {
+	testenv.RequireTestbed(t)
+	cfg := testenv.PodConfig{
+		Metadata:    testenv.Metadata{Name: "badannot", UID: fmt.Sprint(time.Now().UnixNano()), Namespace: "vmpod-test"},
+		Annotations: map[string]string{"vmpod.dev/kernel-cmdline": "init=/bin/sh"},
+		Linux:       map[string]any{},
+	}
+	_, err := testenv.Cmd("crictl", "runp", "--runtime", "vmpod", testenv.WriteJSON(t, "pod.json", cfg))
+	if err == nil || !strings.Contains(err.Error(), "vmpod.dev/kernel-cmdline") {
+		t.Fatalf("runp with an unknown vmpod annotation: %v, want an error naming it", err)
+	}
+	assertNoPodVMs(t)
+}
+
+func TestQEMUDyingDuringCreate(t *testing.T) {
+	testenv.RequireTestbed(t)
+	// A config whose "QEMU" exits at once, used through ctr (CRI's config is fixed).
+	b, err := os.ReadFile(os.Getenv(testenv.EnvVmpodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	bad := strings.Replace(string(b), "[hypervisor]", "[hypervisor]\nqemu = \"/bin/false\"", 1)
+	if err := os.WriteFile(cfg, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("qemudies-%d", time.Now().UnixNano())
+	_, err = testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2", "--runtime-config-path", cfg,
+		os.Getenv(testenv.EnvBusyboxImage), id, "true")
+	if err == nil || !strings.Contains(err.Error(), "QEMU exited") {
+		t.Fatalf("ctr run with a QEMU that dies: %v, want an error saying QEMU exited", err)
+	}
+	testenv.AssertPodGone(t, id)
+	_, _ = testenv.Cmd("ctr", "containers", "rm", id)
+}
+
+func TestBadConfigNamesTheKey(t *testing.T) {
+	testenv.RequireTestbed(t)
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(cfg, []byte("[hypervisor]\nkernal = \"/boot/x\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("badcfg-%d", time.Now().UnixNano())
+	_, err := testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2", "--runtime-config-path", cfg,
+		os.Getenv(testenv.EnvBusyboxImage), id, "true")
+	if err == nil || !strings.Contains(err.Error(), "kernal") {
+		t.Fatalf("ctr run with a misspelled config key: %v, want an error naming it", err)
+	}
+	_, _ = testenv.Cmd("ctr", "containers", "rm", id)
+	assertNoPodVMs(t)
+}
+
+// assertNoPodVMs: no QEMU of the test bed is running once every test pod is gone.
+func assertNoPodVMs(t *testing.T) {
+	t.Helper()
+	dir := filepath.Dir(testenv.PodStateDir(t, "x"))
+	for _, p := range testenv.LiveProcessesMentioning(dir + "/") {
+		if strings.Contains(p, "qemu-system") {
+			t.Errorf("leak: %s", p)
+		}
+	}
+}

@@ -1,0 +1,263 @@
+package testenv
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The test bed (hack/containerd.sh) exports these for its clients.
+const (
+	EnvRuntimeEndpoint = "CONTAINER_RUNTIME_ENDPOINT"
+	EnvVmpodConfig     = "VMPOD_CONFIG"
+	EnvBusyboxImage    = "VMPOD_TESTBED_BUSYBOX"
+	EnvHostsDir        = "VMPOD_TESTBED_HOSTS_DIR"
+	EnvRoot            = "VMPOD_ROOT"
+)
+
+// RequireTestbed skips unless the private containerd with the vmpod runtime is up.
+func RequireTestbed(t testing.TB) {
+	t.Helper()
+	Require(t)
+	if os.Getenv(EnvRuntimeEndpoint) == "" || os.Getenv(EnvVmpodConfig) == "" {
+		t.Skipf("containerd test: needs the test bed (make test starts it; by hand: hack/containerd.sh start && eval \"$(hack/containerd.sh env)\") and %s", EnvVmpodConfig)
+	}
+}
+
+// Cmd runs a test-bed client (crictl, ctr) and returns its stdout; stderr is in the error.
+func Cmd(name string, args ...string) (string, error) {
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil {
+		return stdout.String(), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(filterNoise(stderr.String())))
+	}
+	return stdout.String(), nil
+}
+
+// filterNoise drops the warnings every crictl/ctr call prints on this host.
+func filterNoise(s string) string {
+	var keep []string
+	for l := range strings.Lines(s) {
+		if strings.Contains(l, "cgroup_parent is not set") || strings.Contains(l, "DEPRECATION") {
+			continue
+		}
+		keep = append(keep, l)
+	}
+	return strings.Join(keep, "")
+}
+
+// Crictl runs crictl and fails the test on error.
+func Crictl(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := Cmd("crictl", args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out)
+}
+
+// PodConfig is crictl's pod sandbox config, as much of it as the tests use.
+type PodConfig struct {
+	Metadata     Metadata          `json:"metadata"`
+	Hostname     string            `json:"hostname,omitempty"`
+	LogDirectory string            `json:"log_directory,omitempty"`
+	Annotations  map[string]string `json:"annotations,omitempty"`
+	PortMappings []PortMapping     `json:"port_mappings,omitempty"`
+	Linux        map[string]any    `json:"linux"`
+}
+
+// Metadata names a pod or container.
+type Metadata struct {
+	Name      string `json:"name"`
+	Namespace string `json:"namespace,omitempty"`
+	UID       string `json:"uid,omitempty"`
+	Attempt   uint32 `json:"attempt,omitempty"`
+}
+
+// PortMapping is a hostPort.
+type PortMapping struct {
+	Protocol      int    `json:"protocol,omitempty"`
+	ContainerPort int    `json:"container_port"`
+	HostPort      int    `json:"host_port"`
+	HostIP        string `json:"host_ip,omitempty"`
+}
+
+// ContainerConfig is crictl's container config, as much of it as the tests use.
+type ContainerConfig struct {
+	Metadata  Metadata          `json:"metadata"`
+	Image     map[string]string `json:"image"`
+	Command   []string          `json:"command,omitempty"`
+	Args      []string          `json:"args,omitempty"`
+	LogPath   string            `json:"log_path,omitempty"`
+	Stdin     bool              `json:"stdin,omitempty"`
+	StdinOnce bool              `json:"stdin_once,omitempty"`
+	Tty       bool              `json:"tty,omitempty"`
+	Mounts    []Mount           `json:"mounts,omitempty"`
+	Linux     map[string]any    `json:"linux"`
+}
+
+// Mount is a host path in a container.
+type Mount struct {
+	ContainerPath string `json:"container_path"`
+	HostPath      string `json:"host_path"`
+	Readonly      bool   `json:"readonly,omitempty"`
+}
+
+// WriteJSON writes v to a file in the test's temp dir and returns its path.
+func WriteJSON(t testing.TB, name string, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// Pod is a pod sandbox run through CRI with the vmpod handler.
+type Pod struct {
+	ID     string
+	Config string // path of its config file
+	t      testing.TB
+}
+
+// RunPod runs a pod with the vmpod handler and removes it (and checks it left nothing)
+// when the test ends.
+func RunPod(t testing.TB, cfg PodConfig) *Pod {
+	t.Helper()
+	if cfg.Metadata.UID == "" {
+		cfg.Metadata.UID = fmt.Sprintf("%s-%d", cfg.Metadata.Name, time.Now().UnixNano())
+	}
+	if cfg.Metadata.Namespace == "" {
+		cfg.Metadata.Namespace = "vmpod-test"
+	}
+	if cfg.LogDirectory == "" {
+		cfg.LogDirectory = t.TempDir()
+	}
+	if cfg.Linux == nil {
+		cfg.Linux = map[string]any{}
+	}
+	path := WriteJSON(t, "pod.json", cfg)
+	id := Crictl(t, "runp", "--runtime", "vmpod", path)
+	p := &Pod{ID: id, Config: path, t: t}
+	t.Cleanup(func() {
+		_, _ = Cmd("crictl", "stopp", id)
+		if _, err := Cmd("crictl", "rmp", id); err != nil {
+			t.Errorf("remove pod: %v", err)
+		}
+		AssertPodGone(t, id)
+	})
+	return p
+}
+
+// Container creates and starts a container in the pod.
+func (p *Pod) Container(cfg ContainerConfig) string {
+	p.t.Helper()
+	if cfg.Image == nil {
+		cfg.Image = map[string]string{"image": BusyboxImage(p.t)}
+	}
+	if cfg.Linux == nil {
+		cfg.Linux = map[string]any{}
+	}
+	if cfg.LogPath == "" {
+		cfg.LogPath = cfg.Metadata.Name + ".log"
+	}
+	path := WriteJSON(p.t, cfg.Metadata.Name+".json", cfg)
+	id := Crictl(p.t, "create", p.ID, path, p.Config)
+	Crictl(p.t, "start", id)
+	return id
+}
+
+// BusyboxImage is the test bed's busybox image, pulled into CRI's namespace.
+func BusyboxImage(t testing.TB) string {
+	t.Helper()
+	img := os.Getenv(EnvBusyboxImage)
+	if img == "" {
+		t.Fatalf("%s not set", EnvBusyboxImage)
+	}
+	Crictl(t, "pull", img)
+	return img
+}
+
+// PodStateDir is where the vmpod runtime keeps a pod's VM state in the test bed.
+func PodStateDir(t testing.TB, podID string) string {
+	t.Helper()
+	b, err := os.ReadFile(os.Getenv(EnvVmpodConfig))
+	if err != nil {
+		t.Fatalf("read vmpod config: %v", err)
+	}
+	for l := range strings.Lines(string(b)) {
+		if k, v, ok := strings.Cut(l, "="); ok && strings.TrimSpace(k) == "state_dir" {
+			return filepath.Join(strings.Trim(strings.TrimSpace(v), `"`), podID)
+		}
+	}
+	t.Fatal("vmpod config has no state_dir")
+	return ""
+}
+
+// AssertPodGone fails if anything of the pod's VM is left: live processes naming its
+// state dir (QEMU, virtiofsd; zombies are already dead), mounts below it, the dir itself.
+func AssertPodGone(t testing.TB, podID string) {
+	t.Helper()
+	dir := PodStateDir(t, podID)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		procs := LiveProcessesMentioning(dir)
+		if len(procs) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("leak: processes of pod %s: %s", podID, strings.Join(procs, "; "))
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if mounts := MountsUnder(dir); len(mounts) > 0 {
+		t.Errorf("leak: mounts of pod %s: %s", podID, strings.Join(mounts, ", "))
+	}
+	if _, err := os.Lstat(dir); err == nil {
+		t.Errorf("leak: state dir of pod %s: %s", podID, dir)
+	}
+}
+
+// LiveProcessesMentioning is ProcessesMentioning without zombies (dead, not yet reaped).
+func LiveProcessesMentioning(s string) []string {
+	var live []string
+	for _, p := range ProcessesMentioning(s) {
+		pid, _, _ := strings.Cut(p, ":")
+		stat, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
+		if err == nil {
+			if f := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:])); len(f) > 0 && f[0] == "Z" {
+				continue
+			}
+		}
+		live = append(live, p)
+	}
+	return live
+}
+
+// QEMUPid finds the QEMU of a pod.
+func QEMUPid(t testing.TB, podID string) int {
+	t.Helper()
+	for _, p := range LiveProcessesMentioning(PodStateDir(t, podID)) {
+		pid, cmdline, _ := strings.Cut(p, ": ")
+		if strings.Contains(cmdline, "qemu-system") {
+			var n int
+			fmt.Sscan(pid, &n)
+			return n
+		}
+	}
+	t.Fatalf("no QEMU for pod %s", podID)
+	return 0
+}
