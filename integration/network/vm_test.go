@@ -132,3 +132,27 @@ ip -o -4 addr show; ip route`)
 	}
 	pn.AssertNoPlumbing()
 }
+
+// The guest kernel names its NICs eth0, eth1, ... in probe order; the pod's names can
+// cross them (here eth1 is created first, so it is the first NIC): each guest NIC still
+// ends up with the name of the pod link whose MAC it has.
+func TestPodNamesCrossingGuestKernelNames(t *testing.T) {
+	testenv.Require(t)
+	first := net1
+	first.Iface = "eth1"
+	second := eth0
+	second.Bridge = "br9"
+	second.PodAddr6, second.Gateway6 = "", ""
+	pn := newPodNet(t, first, second)
+	want := ""
+	for _, name := range []string{"eth0", "eth1"} {
+		want += name + " " + pn.link(pn.Pod, name).Attrs().HardwareAddr.String() + "\n"
+	}
+	p := bootPod(t, pn, "crossing")
+	if p.plan.Interfaces[0].Name != "eth1" {
+		t.Fatalf("plan order %+v: want eth1 first, so that it is the guest's first NIC", p.plan.Interfaces)
+	}
+	if got := p.run(t, "look", `for i in eth0 eth1; do echo $i $(cat /sys/class/net/$i/address); done`); got != want {
+		t.Errorf("guest NICs:\n%swant:\n%s", got, want)
+	}
+}
