@@ -17,6 +17,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/vmpod/vmpod/runtime/network"
 )
 
 // podNet is a pod network namespace wired as the CNI bridge plugin wires one, built only
@@ -105,6 +107,29 @@ func (p *podNet) addNetwork(i int, n cniNetwork) {
 			ipCmd(t, "-n", p.Pod, "-6", "route", "add", "default", "via", addrOf(n.Gateway6))
 		}
 	}
+}
+
+// Plumb inspects and plumbs the pod netns, and tears the plumbing down when the test
+// ends. The teardown is registered before a VM's stop would be, so it runs after it
+// (cleanups run last-first); tests that check teardown call it themselves first, and a
+// second call does nothing.
+func (p *podNet) Plumb() (*network.Plan, *network.Plumbing) {
+	t := p.t
+	t.Helper()
+	plan, err := network.Inspect(p.PodPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	plumbing, err := network.Plumb(plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := plumbing.Teardown(); err != nil {
+			t.Errorf("teardown: %v", err)
+		}
+	})
+	return plan, plumbing
 }
 
 func (p *podNet) PodPath() string { return filepath.Join("/run/netns", p.Pod) }

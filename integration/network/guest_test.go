@@ -40,25 +40,11 @@ type pod struct {
 // plan's interfaces and routes with SetupSandbox.
 func bootPod(t *testing.T, pn *podNet, name string) *pod {
 	t.Helper()
-	plan, err := network.Inspect(pn.PodPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	plumbing, err := network.Plumb(plan)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Registered before the VM's stop, so it runs after it (cleanups run last-first);
-	// tests that check teardown call it themselves first, and a second call does nothing.
-	t.Cleanup(func() {
-		if err := plumbing.Teardown(); err != nil {
-			t.Errorf("teardown: %v", err)
-		}
-	})
+	plan, plumbing := pn.Plumb()
 	cfg := testenv.VMConfig(t, name)
 	cfg.NICs = plumbing.NICs()
 	vm := testenv.StartVM(t, cfg)
-	err = vm.Agent().SetupSandbox(ctxFor(t, time.Minute), &agentv1.SetupSandboxRequest{
+	err := vm.Agent().SetupSandbox(ctxFor(t, time.Minute), &agentv1.SetupSandboxRequest{
 		Hostname:          name,
 		HostTimeUnixNanos: time.Now().UnixNano(),
 		Interfaces:        plan.GuestInterfaces(),

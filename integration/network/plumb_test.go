@@ -211,14 +211,7 @@ func TestPlumbFailureHalfWayLeavesNothing(t *testing.T) {
 func TestTeardownWhileTapIsStillOpen(t *testing.T) {
 	testenv.Require(t)
 	pn := newPodNet(t, eth0)
-	plan, err := network.Inspect(pn.PodPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	plumbing, err := network.Plumb(plan)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, plumbing := pn.Plumb()
 	qemuCopy, err := unix.Dup(int(plumbing.NICs()[0].Tap.Fd()))
 	if err != nil {
 		t.Fatal(err)
