@@ -260,3 +260,21 @@ func TestInspectRejectsNetnsWithoutPodInterface(t *testing.T) {
 		})
 	}
 }
+
+// A plan made before the netns changed is refused, naming the link, before anything is
+// created.
+func TestPlumbRefusesAStalePlan(t *testing.T) {
+	testenv.Require(t)
+	pn := newPodNet(t, eth0)
+	plan, err := network.Inspect(pn.PodPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ipCmd(t, "-n", pn.Pod, "link", "set", "eth0", "down")
+	ipCmd(t, "-n", pn.Pod, "link", "set", "eth0", "address", "02:00:00:00:00:99")
+	_, err = network.Plumb(plan)
+	if err == nil || !strings.Contains(err.Error(), "link eth0: changed since Inspect") || !strings.Contains(err.Error(), "02:00:00:00:00:99") {
+		t.Fatalf("Plumb with a stale plan: %v, want an error naming eth0's new MAC", err)
+	}
+	pn.AssertNoPlumbing()
+}
