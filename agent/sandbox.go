@@ -87,10 +87,15 @@ func setupInterface(iface *agentv1.Interface) error {
 		return err
 	}
 	if iface.Name != "" && link.Attrs().Name != iface.Name {
-		if err := netlink.LinkSetDown(link); err != nil {
-			return fmt.Errorf("link %s down: %w", link.Attrs().Name, err)
+		// The kernel names NICs eth0, eth1, ... in probe order, which need not be the
+		// request's: the name may be another NIC's. Move that one aside; its own entry
+		// of the request renames it afterwards.
+		if other, err := netlink.LinkByName(iface.Name); err == nil {
+			if err := renameLink(other, fmt.Sprintf("vmpodnic%d", other.Attrs().Index)); err != nil {
+				return fmt.Errorf("name %q: move %w", iface.Name, err)
+			}
 		}
-		if err := netlink.LinkSetName(link, iface.Name); err != nil {
+		if err := renameLink(link, iface.Name); err != nil {
 			return fmt.Errorf("name %q: %w", iface.Name, err)
 		}
 	}
@@ -110,6 +115,17 @@ func setupInterface(iface *agentv1.Interface) error {
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("link up: %w", err)
+	}
+	return nil
+}
+
+// renameLink renames a link, which the kernel allows only while it is down.
+func renameLink(link netlink.Link, name string) error {
+	if err := netlink.LinkSetDown(link); err != nil {
+		return fmt.Errorf("link %s down: %w", link.Attrs().Name, err)
+	}
+	if err := netlink.LinkSetName(link, name); err != nil {
+		return fmt.Errorf("link %s to %s: %w", link.Attrs().Name, name, err)
 	}
 	return nil
 }

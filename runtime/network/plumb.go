@@ -1,0 +1,158 @@
+package network
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/runtime"
+)
+
+// Plumbing is a Plan made real in the pod's netns: a tap per interface, mirrored to it.
+// It holds the taps' files and the netns until Teardown.
+type Plumbing struct {
+	plan *Plan
+	nics []runtime.NIC
+	// undo holds everything Plumb created, to be removed last-first.
+	undo cleanup.Stack
+}
+
+// Plumb creates, for each interface of plan, its tap in the netns (same MTU, up, no IPv6
+// addresses of its own) and the ingress qdiscs and u32 mirred filters that redirect every
+// frame from the interface to the tap and back. On error nothing it created is left:
+// no tap, qdisc, filter or open descriptor.
+func Plumb(plan *Plan) (_ *Plumbing, retErr error) {
+	if plan == nil || len(plan.Interfaces) == 0 {
+		return nil, errors.New("network: plumb: the plan has no interfaces (make it with Inspect)")
+	}
+	pn, err := openNetns(plan.Netns)
+	if err != nil {
+		return nil, fmt.Errorf("network: netns %s: %w", plan.Netns, err)
+	}
+	p := &Plumbing{plan: plan}
+	p.undo.Add("close netns", pn.close)
+	defer func() {
+		if retErr != nil {
+			if err := p.undo.Run(); err != nil {
+				retErr = errors.Join(retErr, fmt.Errorf("network: netns %s: undo: %w", plan.Netns, err))
+			}
+		}
+	}()
+	for _, iface := range plan.Interfaces {
+		tap, err := p.plumbInterface(pn, iface)
+		if err != nil {
+			return nil, fmt.Errorf("network: netns %s: link %s: %w", plan.Netns, iface.Name, err)
+		}
+		p.nics = append(p.nics, runtime.NIC{Tap: tap, MAC: iface.MAC.String()})
+	}
+	return p, nil
+}
+
+// plumbInterface does one interface, pushing an undo for each thing it creates.
+func (p *Plumbing) plumbInterface(pn *podNetns, iface Interface) (*os.File, error) {
+	link, err := pn.handle.LinkByIndex(iface.Index)
+	if err != nil {
+		return nil, fmt.Errorf("gone since Inspect (ifindex %d): %w", iface.Index, err)
+	}
+	if a := link.Attrs(); a.Name != iface.Name || !bytes.Equal(a.HardwareAddr, iface.MAC) {
+		return nil, fmt.Errorf("changed since Inspect: ifindex %d is now %s with MAC %s", iface.Index, a.Name, a.HardwareAddr)
+	}
+
+	tapFile, err := createTap(pn.ns, iface.Tap)
+	if err != nil {
+		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+	}
+	tap, err := pn.handle.LinkByName(iface.Tap)
+	if err != nil {
+		_ = tapFile.Close() // the only descriptor: the tap goes with it
+		return nil, fmt.Errorf("tap %s: not found after creating it: %w", iface.Tap, err)
+	}
+	p.undo.Add("remove tap "+iface.Tap, func() error { return pn.removeTap(tapFile, tap.Attrs().Index) })
+
+	if err := pn.prepareTap(tap, iface.MTU); err != nil {
+		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+	}
+	if err := pn.addIngress(link.Attrs().Index); err != nil {
+		return nil, err
+	}
+	p.undo.Add("delete ingress qdisc of "+iface.Name, func() error { return pn.delIngress(link.Attrs().Index) })
+	if err := pn.addIngress(tap.Attrs().Index); err != nil {
+		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+	}
+	p.undo.Add("delete ingress qdisc of "+iface.Tap, func() error { return pn.delIngress(tap.Attrs().Index) })
+
+	// The filters go with their qdiscs: no undo of their own.
+	if err := pn.redirect(link.Attrs().Index, tap.Attrs().Index); err != nil {
+		return nil, fmt.Errorf("%s to tap %s: %w", iface.Name, iface.Tap, err)
+	}
+	if err := pn.redirect(tap.Attrs().Index, link.Attrs().Index); err != nil {
+		return nil, fmt.Errorf("tap %s to %s: %w", iface.Tap, iface.Name, err)
+	}
+	return tapFile, nil
+}
+
+// in6AddrGenModeNone is IN6_ADDR_GEN_MODE_NONE of linux/if_link.h (not in x/sys/unix).
+const in6AddrGenModeNone = 1
+
+// prepareTap gives the tap the pod link's MTU and sets it up. Its IPv6 address generation
+// is turned off first: otherwise the tap gets a link-local address of its own and sends
+// DAD and router solicitations out of itself, i.e. into the guest, from a MAC the pod
+// does not have.
+func (p *podNetns) prepareTap(tap netlink.Link, mtu int) error {
+	if err := p.handle.LinkSetIP6AddrGenMode(tap, in6AddrGenModeNone); err != nil && !errors.Is(err, unix.EAFNOSUPPORT) {
+		// EAFNOSUPPORT: IPv6 is off in this netns, so there is nothing to silence.
+		return fmt.Errorf("IPv6 addrgenmode none: %w", err)
+	}
+	if err := p.handle.LinkSetMTU(tap, mtu); err != nil {
+		return fmt.Errorf("MTU %d: %w", mtu, err)
+	}
+	if err := p.handle.LinkSetUp(tap); err != nil {
+		return fmt.Errorf("up: %w", err)
+	}
+	return nil
+}
+
+// removeTap closes our descriptor of the tap, which deletes it unless QEMU still holds its
+// copy; then it deletes a tap that is still there, so Teardown leaves none even if QEMU
+// outlived it.
+func (p *podNetns) removeTap(tapFile *os.File, index int) error {
+	closeErr := tapFile.Close()
+	link, err := p.handle.LinkByIndex(index)
+	if err != nil {
+		if isGone(err) {
+			return closeErr
+		}
+		return errors.Join(closeErr, fmt.Errorf("look up tap ifindex %d: %w", index, err))
+	}
+	if link.Type() != "tuntap" {
+		return closeErr // the index went to another link: not ours
+	}
+	if err := p.handle.LinkDel(link); err != nil && !isGone(err) {
+		return errors.Join(closeErr, fmt.Errorf("delete tap %s: %w", link.Attrs().Name, err))
+	}
+	return closeErr
+}
+
+// Plan is the plan this plumbing was made from.
+func (p *Plumbing) Plan() *Plan { return p.plan }
+
+// NICs are the taps for runtime.Config.NICs, in Plan.Interfaces order, each with the MAC
+// its guest NIC must have. The files stay owned by the Plumbing: runtime.Start hands
+// copies to QEMU, Teardown closes them.
+func (p *Plumbing) NICs() []runtime.NIC { return append([]runtime.NIC(nil), p.nics...) }
+
+// Teardown removes what Plumb created, last first: the ingress qdiscs with their filters,
+// the taps (closing their files), and releases the netns. Call it once the VM has
+// stopped; if QEMU still runs, its NICs lose their link. Errors name each step that
+// failed; everything is attempted. Calling it again does nothing.
+func (p *Plumbing) Teardown() error {
+	if err := p.undo.Run(); err != nil {
+		return fmt.Errorf("network: netns %s: teardown: %w", p.plan.Netns, err)
+	}
+	return nil
+}
