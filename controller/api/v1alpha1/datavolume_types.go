@@ -87,7 +87,7 @@ type RegistrySource struct {
 }
 
 // PVCSource is a PVC to clone.
-// +kubebuilder:validation:XValidation:rule="!has(self.__namespace__) || self.__namespace__ == ''",message="vmpod clones within a namespace only; leave namespace empty",fieldPath=".namespace"
+// +kubebuilder:validation:XValidation:rule="!has(self.__namespace__) || self.__namespace__.size() == 0",message="vmpod clones within a namespace only; leave namespace empty",fieldPath=".namespace"
 type PVCSource struct {
 	// Namespace must be empty (the DataVolume's own).
 	// +optional

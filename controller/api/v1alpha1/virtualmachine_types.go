@@ -86,10 +86,10 @@ type VirtualMachineTemplateSpec struct {
 
 // InstanceSpec is one run of the VM (KubeVirt's VirtualMachineInstanceSpec; in vmpod the
 // instance is a Pod).
-// +kubebuilder:validation:XValidation:rule="self.domain.devices.disks.all(d, self.volumes.exists(v, v.name == d.name))",messageExpression="'disks ' + self.domain.devices.disks.filter(d, !self.volumes.exists(v, v.name == d.name)).map(d, d.name).join(', ') + ' name no volume in volumes'",fieldPath=".domain.devices.disks"
-// +kubebuilder:validation:XValidation:rule="self.volumes.all(v, self.domain.devices.disks.exists(d, d.name == v.name))",messageExpression="'volumes ' + self.volumes.filter(v, !self.domain.devices.disks.exists(d, d.name == v.name)).map(v, v.name).join(', ') + ' have no disk in domain.devices.disks'",fieldPath=".volumes"
-// +kubebuilder:validation:XValidation:rule="self.domain.devices.interfaces.all(i, self.networks.exists(n, n.name == i.name))",messageExpression="'interfaces ' + self.domain.devices.interfaces.filter(i, !self.networks.exists(n, n.name == i.name)).map(i, i.name).join(', ') + ' name no network in networks'",fieldPath=".domain.devices.interfaces"
-// +kubebuilder:validation:XValidation:rule="self.networks.all(n, self.domain.devices.interfaces.exists(i, i.name == n.name))",messageExpression="'networks ' + self.networks.filter(n, !self.domain.devices.interfaces.exists(i, i.name == n.name)).map(n, n.name).join(', ') + ' have no interface in domain.devices.interfaces'",fieldPath=".networks"
+// +kubebuilder:validation:XValidation:rule="self.domain.devices.disks.all(d, self.volumes.exists(v, v.name == d.name))",message="every disk needs a volume of the same name in volumes",fieldPath=".domain.devices.disks"
+// +kubebuilder:validation:XValidation:rule="self.volumes.all(v, self.domain.devices.disks.exists(d, d.name == v.name))",message="every volume needs a disk of the same name in domain.devices.disks",fieldPath=".volumes"
+// +kubebuilder:validation:XValidation:rule="self.domain.devices.interfaces.all(i, self.networks.exists(n, n.name == i.name))",message="every interface needs a network of the same name in networks",fieldPath=".domain.devices.interfaces"
+// +kubebuilder:validation:XValidation:rule="self.networks.all(n, self.domain.devices.interfaces.exists(i, i.name == n.name))",message="every network needs an interface of the same name in domain.devices.interfaces",fieldPath=".networks"
 // +kubebuilder:validation:XValidation:rule="self.volumes.filter(v, has(v.cloudInitNoCloud)).size() <= 1",message="at most one cloudInitNoCloud volume",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.networks.filter(n, has(n.pod) || (has(n.multus) && n.multus.?default.orValue(false))).size() <= 1",message="at most one default network (pod, or multus with default: true)",fieldPath=".networks"
 type InstanceSpec struct {
@@ -143,6 +143,7 @@ type InstanceSpec struct {
 // DomainSpec is the virtual hardware.
 // +kubebuilder:validation:XValidation:rule="(has(self.memory) && has(self.memory.guest)) || (has(self.resources.requests) && 'memory' in self.resources.requests)",message="set memory.guest or resources.requests.memory"
 // +kubebuilder:validation:XValidation:rule="!has(self.machine) || self.machine.type != 'microvm' || !has(self.firmware) || !has(self.firmware.bootloader) || !has(self.firmware.bootloader.efi)",message="microvm boots without UEFI: use machine q35 or a bios bootloader",fieldPath=".firmware.bootloader.efi"
+// +kubebuilder:validation:XValidation:rule="!has(self.machine) || self.machine.type != 'microvm' || (self.devices.disks.all(d, !has(d.cdrom) && (!has(d.disk) || !has(d.disk.bus) || d.disk.bus == 'virtio')) && self.devices.interfaces.all(i, !has(i.model) || i.model == 'virtio') && !has(self.devices.gpus) && !has(self.devices.hostDevices))",message="microvm has no PCI bus: only virtio disks and interfaces, no cdrom, gpus or hostDevices",fieldPath=".devices"
 type DomainSpec struct {
 	// +optional
 	CPU *CPU `json:"cpu,omitempty"`
@@ -392,7 +393,7 @@ type CloudInitNoCloudSource struct {
 	UserDataBase64 string `json:"userDataBase64,omitempty"`
 	// SecretRef names a Secret with the keys userdata and (optionally) networkdata.
 	// +optional
-	SecretRef *corev1.LocalObjectReference `json:"secretRef,omitempty"`
+	SecretRef *LocalObjectReference `json:"secretRef,omitempty"`
 	// +kubebuilder:validation:MaxLength=65536
 	// +optional
 	NetworkData string `json:"networkData,omitempty"`
@@ -402,7 +403,15 @@ type CloudInitNoCloudSource struct {
 	// NetworkDataSecretRef is accepted for KubeVirt compatibility when it names the secretRef
 	// Secret (one Secret volume carries both keys).
 	// +optional
-	NetworkDataSecretRef *corev1.LocalObjectReference `json:"networkDataSecretRef,omitempty"`
+	NetworkDataSecretRef *LocalObjectReference `json:"networkDataSecretRef,omitempty"`
+}
+
+// LocalObjectReference names an object in the VM's namespace. (corev1's has no length
+// bound, which CEL rules comparing names need.)
+type LocalObjectReference struct {
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Name string `json:"name"`
 }
 
 // Network is where an interface is plugged.
@@ -463,22 +472,22 @@ type GuestAgentPing struct{}
 type PrintableStatus string
 
 const (
-	StatusStopped             PrintableStatus = "Stopped"
-	StatusProvisioning        PrintableStatus = "Provisioning"
-	StatusStarting            PrintableStatus = "Starting"
-	StatusRunning             PrintableStatus = "Running"
-	StatusStopping            PrintableStatus = "Stopping"
-	StatusTerminating         PrintableStatus = "Terminating"
-	StatusCrashLoopBackOff    PrintableStatus = "CrashLoopBackOff"
-	StatusUnschedulable       PrintableStatus = "ErrorUnschedulable"
-	StatusErrImagePull        PrintableStatus = "ErrImagePull"
-	StatusImagePullBackOff    PrintableStatus = "ImagePullBackOff"
-	StatusPvcNotFound         PrintableStatus = "ErrorPvcNotFound"
-	StatusDataVolumeError     PrintableStatus = "DataVolumeError"
-	StatusSucceeded           PrintableStatus = "Succeeded"
-	StatusFailed              PrintableStatus = "Failed"
-	StatusInvalidSpec         PrintableStatus = "ErrorInvalidSpec"
-	StatusUnknown             PrintableStatus = "Unknown"
+	StatusStopped          PrintableStatus = "Stopped"
+	StatusProvisioning     PrintableStatus = "Provisioning"
+	StatusStarting         PrintableStatus = "Starting"
+	StatusRunning          PrintableStatus = "Running"
+	StatusStopping         PrintableStatus = "Stopping"
+	StatusTerminating      PrintableStatus = "Terminating"
+	StatusCrashLoopBackOff PrintableStatus = "CrashLoopBackOff"
+	StatusUnschedulable    PrintableStatus = "ErrorUnschedulable"
+	StatusErrImagePull     PrintableStatus = "ErrImagePull"
+	StatusImagePullBackOff PrintableStatus = "ImagePullBackOff"
+	StatusPvcNotFound      PrintableStatus = "ErrorPvcNotFound"
+	StatusDataVolumeError  PrintableStatus = "DataVolumeError"
+	StatusSucceeded        PrintableStatus = "Succeeded"
+	StatusFailed           PrintableStatus = "Failed"
+	StatusInvalidSpec      PrintableStatus = "ErrorInvalidSpec"
+	StatusUnknown          PrintableStatus = "Unknown"
 )
 
 // VirtualMachine condition types.

@@ -49,7 +49,7 @@ func fedora() *vmpodv1.VirtualMachine {
 						{Name: "data", VolumeSource: vmpodv1.VolumeSource{DataVolume: &vmpodv1.DataVolumeVolumeSource{Name: "fedora-data"}}},
 						{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "nvme", ReadOnly: true}}},
 						{Name: "iso", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "installer"}}},
-						{Name: "ci", VolumeSource: vmpodv1.VolumeSource{CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{SecretRef: &corev1.LocalObjectReference{Name: "fedora-ci"}}}},
+						{Name: "ci", VolumeSource: vmpodv1.VolumeSource{CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{SecretRef: &vmpodv1.LocalObjectReference{Name: "fedora-ci"}}}},
 					},
 					Networks: []vmpodv1.Network{
 						{Name: "default", Pod: &vmpodv1.PodNetwork{}},
