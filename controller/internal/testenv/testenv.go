@@ -13,18 +13,24 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
+	kruntime "k8s.io/apimachinery/pkg/runtime"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
@@ -40,7 +46,7 @@ const SkipReason = "KUBEBUILDER_ASSETS is not set, so there is no kube-apiserver
 type Env struct {
 	Config *rest.Config
 	Client client.Client
-	Scheme *runtime.Scheme
+	Scheme *kruntime.Scheme
 	// Root is the repository root.
 	Root string
 	env  *envtest.Environment
@@ -67,6 +73,9 @@ func Get(t testing.TB) *Env {
 
 // Stop stops the control plane if Get started one.
 func Stop() {
+	if binaries.dir != "" {
+		os.RemoveAll(binaries.dir)
+	}
 	if shared.env == nil {
 		return
 	}
@@ -80,7 +89,7 @@ func start() (*Env, error) {
 	if err != nil {
 		return nil, err
 	}
-	scheme := runtime.NewScheme()
+	scheme := kruntime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return nil, fmt.Errorf("add client-go types to scheme: %w", err)
 	}
@@ -241,4 +250,64 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// ServiceAccountKubeconfig writes a kubeconfig that authenticates as a ServiceAccount with a
+// token from the TokenRequest API, so a program the test runs has exactly the RBAC
+// permissions it would have in its pod.
+func (e *Env) ServiceAccountKubeconfig(t testing.TB, ns, name string) string {
+	t.Helper()
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	tr := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr.To[int64](3600)}}
+	if err := e.Client.SubResource("token").Create(context.Background(), sa, tr); err != nil {
+		t.Fatalf("token for ServiceAccount %s/%s: %v", ns, name, err)
+	}
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["envtest"] = &clientcmdapi.Cluster{Server: e.Config.Host, CertificateAuthorityData: e.Config.CAData}
+	cfg.AuthInfos[name] = &clientcmdapi.AuthInfo{Token: tr.Status.Token}
+	cfg.Contexts["sa"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: name, Namespace: ns}
+	cfg.CurrentContext = "sa"
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		t.Fatalf("write kubeconfig: %v", err)
+	}
+	return path
+}
+
+var binaries struct {
+	sync.Mutex
+	dir   string
+	built map[string]string
+}
+
+// Binary builds a main package of this module (e.g. "./cmd/vmpod-importer") once per test
+// process and returns the executable's path.
+func (e *Env) Binary(t testing.TB, pkg string) string {
+	t.Helper()
+	binaries.Lock()
+	defer binaries.Unlock()
+	if p, ok := binaries.built[pkg]; ok {
+		return p
+	}
+	if binaries.dir == "" {
+		dir, err := os.MkdirTemp("", "vmpod-testbin-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		binaries.dir, binaries.built = dir, map[string]string{}
+	}
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	out := filepath.Join(binaries.dir, filepath.Base(pkg))
+	cmd := exec.Command(goBin, "build", "-o", out, pkg)
+	cmd.Dir = e.Root
+	t0 := time.Now()
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	t.Logf("built %s in %s", pkg, time.Since(t0).Round(time.Millisecond))
+	binaries.built[pkg] = out
+	return out
 }
