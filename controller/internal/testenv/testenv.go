@@ -207,6 +207,12 @@ func ReadObjects(path string) ([]*unstructured.Unstructured, error) {
 // ends. Metrics and probes are off; restarts back off by backoff.
 func (e *Env) StartManager(t testing.TB, ns string, configure func(*manager.Options)) {
 	t.Helper()
+	e.StartManagerAs(t, e.Config, ns, configure)
+}
+
+// StartManagerAs is StartManager with the manager's API identity given by cfg.
+func (e *Env) StartManagerAs(t testing.TB, cfg *rest.Config, ns string, configure func(*manager.Options)) {
+	t.Helper()
 	o := manager.DefaultOptions()
 	o.MetricsAddr, o.ProbeAddr = "0", "0"
 	o.Namespace = ns
@@ -216,7 +222,7 @@ func (e *Env) StartManager(t testing.TB, ns string, configure func(*manager.Opti
 		configure(&o)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	mgr, err := manager.New(ctx, e.Config, o)
+	mgr, err := manager.New(ctx, cfg, o)
 	if err != nil {
 		cancel()
 		t.Fatalf("new manager: %v", err)
@@ -257,14 +263,10 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (b
 // permissions it would have in its pod.
 func (e *Env) ServiceAccountKubeconfig(t testing.TB, ns, name string) string {
 	t.Helper()
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
-	tr := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr.To[int64](3600)}}
-	if err := e.Client.SubResource("token").Create(context.Background(), sa, tr); err != nil {
-		t.Fatalf("token for ServiceAccount %s/%s: %v", ns, name, err)
-	}
+	token := e.ServiceAccountConfig(t, ns, name).BearerToken
 	cfg := clientcmdapi.NewConfig()
 	cfg.Clusters["envtest"] = &clientcmdapi.Cluster{Server: e.Config.Host, CertificateAuthorityData: e.Config.CAData}
-	cfg.AuthInfos[name] = &clientcmdapi.AuthInfo{Token: tr.Status.Token}
+	cfg.AuthInfos[name] = &clientcmdapi.AuthInfo{Token: token}
 	cfg.Contexts["sa"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: name, Namespace: ns}
 	cfg.CurrentContext = "sa"
 	path := filepath.Join(t.TempDir(), "kubeconfig")
@@ -272,6 +274,18 @@ func (e *Env) ServiceAccountKubeconfig(t testing.TB, ns, name string) string {
 		t.Fatalf("write kubeconfig: %v", err)
 	}
 	return path
+}
+
+// ServiceAccountConfig is a client config that authenticates as a ServiceAccount (a token
+// from the TokenRequest API), so RBAC applies as it would in the ServiceAccount's pod.
+func (e *Env) ServiceAccountConfig(t testing.TB, ns, name string) *rest.Config {
+	t.Helper()
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	tr := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr.To[int64](3600)}}
+	if err := e.Client.SubResource("token").Create(context.Background(), sa, tr); err != nil {
+		t.Fatalf("token for ServiceAccount %s/%s: %v", ns, name, err)
+	}
+	return &rest.Config{Host: e.Config.Host, TLSClientConfig: rest.TLSClientConfig{CAData: e.Config.CAData}, BearerToken: tr.Status.Token}
 }
 
 var binaries struct {
