@@ -389,3 +389,31 @@ func hasReadOnlyClaim(vols []corev1.Volume, claim string) bool {
 	}
 	return false
 }
+
+func TestJobFailureWithoutReportFailsTheDataVolume(t *testing.T) {
+	f := setup(t)
+	dv := f.dataVolume("flaky", vmpodv1.DataVolumeSource{HTTP: &vmpodv1.HTTPSource{URL: "http://127.0.0.1:1/disk.qcow2"}})
+	job := f.job(dv)
+	// the importer ran out of retries on a transient error (as it reports it on the PVC),
+	// then the Job controller gave up
+	dest := t.TempDir()
+	if code := f.runImporter(job, paths{dest: dest, scratch: t.TempDir()}); code != 1 {
+		t.Fatalf("importer exit code %d, want 1 (transient: connection refused)", code)
+	}
+	now := metav1.Now()
+	job.Status = batchv1.JobStatus{StartTime: &now, Failed: 4, Conditions: []batchv1.JobCondition{
+		{Type: batchv1.JobFailureTarget, Status: corev1.ConditionTrue, Reason: "BackoffLimitExceeded", Message: "Job has reached the specified backoff limit", LastTransitionTime: now},
+		{Type: batchv1.JobFailed, Status: corev1.ConditionTrue, Reason: "BackoffLimitExceeded", Message: "Job has reached the specified backoff limit", LastTransitionTime: now},
+	}}
+	if err := f.c.Status().Update(f.ctx, job); err != nil {
+		t.Fatalf("mark the Job failed, as the Job controller would: %v", err)
+	}
+	got := f.waitPhase("flaky", vmpodv1.PhaseFailed)
+	c := meta.FindStatusCondition(got.Status.Conditions, vmpodv1.DVReady)
+	if c == nil || c.Reason != "DownloadFailed" || !strings.Contains(c.Message, "BackoffLimitExceeded") || !strings.Contains(c.Message, "connection refused") {
+		t.Errorf("Ready = %+v, want the last attempt's reason and the Job's verdict", c)
+	}
+	if got.Status.RestartCount != 4 {
+		t.Errorf("restartCount = %d, want the Job's 4 failed pods", got.Status.RestartCount)
+	}
+}

@@ -104,8 +104,14 @@ func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *v
 	}
 	s.RestartCount = job.Status.Failed
 	if c := jobCondition(job, batchv1.JobFailed); c != nil {
-		// the importer could not report (killed, OOM, image pull): the Job's verdict stands
-		fail(s, dv, "ImporterFailed", fmt.Sprintf("importer Job %s failed: %s: %s", job.Name, c.Reason, c.Message))
+		// the importer retried transient failures until the Job gave up, or could not
+		// report at all (killed, OOM, image pull): the Job's verdict stands, with the last
+		// attempt's reason if it left one
+		reason, msg := "ImporterFailed", fmt.Sprintf("importer Job %s failed: %s: %s", job.Name, c.Reason, c.Message)
+		if r := pvc.Annotations[vmpodv1.ImportReasonAnnotation]; r != "" {
+			reason, msg = r, msg+"; last attempt: "+pvc.Annotations[vmpodv1.ImportMessageAnnotation]
+		}
+		fail(s, dv, reason, msg)
 		return nil
 	}
 

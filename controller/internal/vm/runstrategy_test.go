@@ -70,6 +70,10 @@ func TestVMCreatesPod(t *testing.T) {
 	if c := res.Requests["cpu"]; c.Cmp(resource.MustParse("200m")) != 0 {
 		t.Errorf("cpu request %s, want 200m (2 vCPUs / 10)", c.String())
 	}
+	// the containerDisk is an OCI image volume: the API server kept it (ImageVolume is on)
+	if v := pod.Spec.Volumes[0]; v.Name != "containerdisk" || v.Image == nil || v.Image.Reference != "quay.io/kubevirt/cirros-container-disk-demo:v1.7.0" {
+		t.Errorf("containerDisk volume = %+v, want an image volume", v)
+	}
 	if len(pod.Spec.Containers[0].VolumeDevices) != 1 || pod.Spec.Containers[0].VolumeDevices[0].DevicePath != "/vmpod/devices/fast" {
 		t.Errorf("volumeDevices = %v", pod.Spec.Containers[0].VolumeDevices)
 	}
