@@ -51,9 +51,8 @@ func Object(obj map[string]any) (*Result, error) {
 }
 
 func objectMeta(root *node) metav1.ObjectMeta {
-	m := root.object("metadata")
+	m := root.required("metadata")
 	if m == nil {
-		root.rep.errorf("metadata", "missing")
 		return metav1.ObjectMeta{}
 	}
 	// set by the API server; meaningless in a new manifest
@@ -70,9 +69,8 @@ func objectMeta(root *node) metav1.ObjectMeta {
 
 func virtualMachine(root *node) *vmpodv1.VirtualMachine {
 	vm := &vmpodv1.VirtualMachine{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: "VirtualMachine"}, ObjectMeta: objectMeta(root)}
-	spec := root.object("spec")
+	spec := root.required("spec")
 	if spec == nil {
-		root.rep.errorf("spec", "missing")
 		return vm
 	}
 	running, runningSet := spec.boolean("running")
@@ -106,39 +104,32 @@ func virtualMachine(root *node) *vmpodv1.VirtualMachine {
 			name, labels, annotations = meta.str("name"), meta.stringMap("labels"), meta.stringMap("annotations")
 		}
 		var dvSpec vmpodv1.DataVolumeSpec
-		if s := t.object("spec"); s != nil {
+		if s := t.required("spec"); s != nil {
 			dvSpec = dataVolumeSpec(s)
-		} else {
-			t.rep.errorf(t.at("spec"), "missing")
 		}
 		vm.Spec.DataVolumeTemplates = append(vm.Spec.DataVolumeTemplates, vmpodv1.DataVolumeTemplateSpec{
 			Metadata: vmpodv1.DataVolumeTemplateMeta{Name: name, Labels: labels, Annotations: annotations},
 			Spec:     dvSpec,
 		})
 	}
-	tmpl := spec.object("template")
+	tmpl := spec.required("template")
 	if tmpl == nil {
-		root.rep.errorf("spec.template", "missing")
 		return vm
 	}
 	if m := tmpl.object("metadata"); m != nil {
 		m.ignore("creationTimestamp")
 		vm.Spec.Template.ObjectMeta = vmpodv1.TemplateMeta{Labels: m.stringMap("labels"), Annotations: m.stringMap("annotations")}
 	}
-	if s := tmpl.object("spec"); s != nil {
+	if s := tmpl.required("spec"); s != nil {
 		vm.Spec.Template.Spec = instanceSpec(s)
-	} else {
-		root.rep.errorf("spec.template.spec", "missing")
 	}
 	return vm
 }
 
 func instanceSpec(s *node) vmpodv1.InstanceSpec {
 	var out vmpodv1.InstanceSpec
-	if d := s.object("domain"); d != nil {
+	if d := s.required("domain"); d != nil {
 		out.Domain = domain(d)
-	} else {
-		s.rep.errorf(s.at("domain"), "missing")
 	}
 	for _, v := range s.list("volumes") {
 		out.Volumes = append(out.Volumes, volume(v))
@@ -419,10 +410,8 @@ func probe(p *node) *vmpodv1.Probe {
 
 func dataVolume(root *node) *vmpodv1.DataVolume {
 	dv := &vmpodv1.DataVolume{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: "DataVolume"}, ObjectMeta: objectMeta(root)}
-	if s := root.object("spec"); s != nil {
+	if s := root.required("spec"); s != nil {
 		dv.Spec = dataVolumeSpec(s)
-	} else {
-		root.rep.errorf("spec", "missing")
 	}
 	return dv
 }

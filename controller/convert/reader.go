@@ -134,6 +134,15 @@ func (n *node) object(key string) *node {
 	return n.rep.newNode(n.at(key), m)
 }
 
+// required is object for a key that must be there; its absence is an error.
+func (n *node) required(key string) *node {
+	if !n.has(key) {
+		n.rep.errorf(n.at(key), "missing")
+		return nil
+	}
+	return n.object(key)
+}
+
 func (n *node) list(key string) []*node {
 	v, ok := n.get(key)
 	if !ok {

@@ -28,11 +28,7 @@ import (
 	"github.com/vmpod/vmpod/controller/internal/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 const timeout = 30 * time.Second
 

@@ -16,22 +16,16 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
-	"github.com/vmpod/vmpod/controller/internal/render"
 	"github.com/vmpod/vmpod/controller/internal/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 const timeout = 20 * time.Second
 
@@ -84,31 +78,14 @@ func (f *fixture) vm(name string) *vmpodv1.VirtualMachine {
 	return v
 }
 
-func (f *fixture) pod(vmName string) *corev1.Pod {
-	p := &corev1.Pod{}
-	err := f.env.Client.Get(context.Background(), types.NamespacedName{Namespace: f.ns, Name: render.PodName(vmName)}, p)
-	if apierrors.IsNotFound(err) {
-		return nil
-	}
-	if err != nil {
-		f.t.Fatalf("get pod: %v", err)
-	}
-	return p
-}
-
 func (f *fixture) waitPod(vmName string, not types.UID) *corev1.Pod {
 	f.t.Helper()
-	var p *corev1.Pod
-	testenv.Eventually(f.t, timeout, "a pod for "+vmName, func() (bool, string) {
-		p = f.pod(vmName)
-		return p != nil && p.UID != not && p.DeletionTimestamp == nil, string(f.vm(vmName).Status.PrintableStatus)
-	})
-	return p
+	return f.env.WaitVMPod(f.t, f.ns, vmName, not, timeout, func() string { return string(f.vm(vmName).Status.PrintableStatus) })
 }
 
 func (f *fixture) waitNoPod(vmName string) {
 	f.t.Helper()
-	testenv.Eventually(f.t, timeout, "no pod for "+vmName, func() (bool, string) { return f.pod(vmName) == nil, "" })
+	f.env.WaitNoVMPod(f.t, f.ns, vmName, timeout)
 }
 
 func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {

@@ -5,7 +5,6 @@ package v1alpha1_test
 
 import (
 	"context"
-	"os"
 	"strings"
 	"testing"
 
@@ -19,11 +18,7 @@ import (
 	"github.com/vmpod/vmpod/controller/internal/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 func validVM(ns string) *vmpodv1.VirtualMachine {
 	return &vmpodv1.VirtualMachine{
@@ -135,16 +130,7 @@ func TestVirtualMachineValidation(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			vm := validVM(ns)
 			tc.modify(vm)
-			err := env.Client.Create(ctx, vm, &clientDryRun)
-			if err == nil {
-				t.Fatalf("the API server accepted it")
-			}
-			t.Log(err)
-			for _, w := range tc.want {
-				if !strings.Contains(err.Error(), w) {
-					t.Errorf("error lacks %q:\n%v", w, err)
-				}
-			}
+			expectRejected(t, env.Client.Create(ctx, vm, &clientDryRun), tc.want)
 		})
 	}
 }
@@ -184,16 +170,7 @@ func TestDataVolumeValidation(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dv := validDV(ns)
 			tc.modify(dv)
-			err := env.Client.Create(ctx, dv, &clientDryRun)
-			if err == nil {
-				t.Fatalf("the API server accepted it")
-			}
-			t.Log(err)
-			for _, w := range tc.want {
-				if !strings.Contains(err.Error(), w) {
-					t.Errorf("error lacks %q:\n%v", w, err)
-				}
-			}
+			expectRejected(t, env.Client.Create(ctx, dv, &clientDryRun), tc.want)
 		})
 	}
 
@@ -212,3 +189,18 @@ func TestDataVolumeValidation(t *testing.T) {
 
 // clientDryRun validates on the server without storing.
 var clientDryRun = client.CreateOptions{DryRun: []string{metav1.DryRunAll}}
+
+// expectRejected checks that the API server refused an object with every wanted text (the
+// field path and the rule's message) in its error.
+func expectRejected(t *testing.T, err error, want []string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("the API server accepted it")
+	}
+	t.Log(err)
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q:\n%v", w, err)
+		}
+	}
+}

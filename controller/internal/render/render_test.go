@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
@@ -95,7 +96,7 @@ func TestPod(t *testing.T) {
 	// 4 vCPUs at ratio 10 request 400m; memory is the guest's; 2 GPUs of one resource.
 	wantReq := corev1.ResourceList{"cpu": resource.MustParse("400m"), "memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2")}
 	wantLim := corev1.ResourceList{"memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2")}
-	if !equalResources(c.Resources.Requests, wantReq) || !equalResources(c.Resources.Limits, wantLim) {
+	if !equality.Semantic.DeepEqual(c.Resources.Requests, wantReq) || !equality.Semantic.DeepEqual(c.Resources.Limits, wantLim) {
 		t.Errorf("resources = %v / %v, want %v / %v", c.Resources.Requests, c.Resources.Limits, wantReq, wantLim)
 	}
 
@@ -247,16 +248,4 @@ func TestTemplateHash(t *testing.T) {
 	if TemplateHash(c) == TemplateHash(a) {
 		t.Errorf("a memory change kept the hash %q", TemplateHash(a))
 	}
-}
-
-func equalResources(a, b corev1.ResourceList) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || v.Cmp(w) != 0 {
-			return false
-		}
-	}
-	return true
 }

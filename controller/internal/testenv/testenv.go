@@ -22,9 +22,11 @@ import (
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	kruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -35,6 +37,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/render"
 	"github.com/vmpod/vmpod/controller/manager"
 )
 
@@ -324,4 +327,45 @@ func (e *Env) Binary(t testing.TB, pkg string) string {
 	t.Logf("built %s in %s", pkg, time.Since(t0).Round(time.Millisecond))
 	binaries.built[pkg] = out
 	return out
+}
+
+// Main runs a test package whose tests use Get, and stops the control plane after them.
+func Main(m *testing.M) {
+	code := m.Run()
+	Stop()
+	os.Exit(code)
+}
+
+// VMPod returns the pod of VM ns/vmName, or nil if it has none.
+func (e *Env) VMPod(t testing.TB, ns, vmName string) *corev1.Pod {
+	t.Helper()
+	p := &corev1.Pod{}
+	err := e.Client.Get(context.Background(), types.NamespacedName{Namespace: ns, Name: render.PodName(vmName)}, p)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		t.Fatalf("get the pod of VM %s: %v", vmName, err)
+	}
+	return p
+}
+
+// WaitVMPod waits for a pod of VM ns/vmName that is not being deleted and whose UID is
+// not `not` (a replacement); describe says what the VM is doing, for the failure message.
+func (e *Env) WaitVMPod(t testing.TB, ns, vmName string, not types.UID, timeout time.Duration, describe func() string) *corev1.Pod {
+	t.Helper()
+	var p *corev1.Pod
+	Eventually(t, timeout, "a new pod for VM "+vmName, func() (bool, string) {
+		p = e.VMPod(t, ns, vmName)
+		return p != nil && p.UID != not && p.DeletionTimestamp == nil, describe()
+	})
+	return p
+}
+
+// WaitNoVMPod waits until VM ns/vmName has no pod.
+func (e *Env) WaitNoVMPod(t testing.TB, ns, vmName string, timeout time.Duration) {
+	t.Helper()
+	Eventually(t, timeout, "VM "+vmName+" to have no pod", func() (bool, string) {
+		return e.VMPod(t, ns, vmName) == nil, "the pod is still there"
+	})
 }

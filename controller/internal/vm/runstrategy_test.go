@@ -6,6 +6,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
@@ -57,7 +58,7 @@ func TestVMCreatesPod(t *testing.T) {
 	}
 	// The API server's RuntimeClass admission added the overhead and the node selector;
 	// the container asks for the guest's memory only.
-	if want := (corev1.ResourceList{"cpu": resource.MustParse("250m"), "memory": resource.MustParse("160Mi")}); !equalResources(pod.Spec.Overhead, want) {
+	if want := (corev1.ResourceList{"cpu": resource.MustParse("250m"), "memory": resource.MustParse("160Mi")}); !equality.Semantic.DeepEqual(pod.Spec.Overhead, want) {
 		t.Errorf("pod overhead = %v, want the RuntimeClass's %v", pod.Spec.Overhead, want)
 	}
 	if pod.Spec.NodeSelector["vmpod.dev/runtime"] != "true" {
@@ -366,16 +367,4 @@ func TestForeignPodIsNotTouched(t *testing.T) {
 	if p := f.pod("taken"); p == nil || p.UID != foreign.UID || p.DeletionTimestamp != nil {
 		t.Fatalf("the foreign pod was touched")
 	}
-}
-
-func equalResources(a, b corev1.ResourceList) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || v.Cmp(w) != 0 {
-			return false
-		}
-	}
-	return true
 }

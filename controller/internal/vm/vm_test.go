@@ -8,14 +8,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -25,17 +23,12 @@ import (
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
-	"github.com/vmpod/vmpod/controller/internal/render"
 	"github.com/vmpod/vmpod/controller/internal/testenv"
 	"github.com/vmpod/vmpod/controller/internal/vm"
 	"github.com/vmpod/vmpod/controller/manager"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.Stop()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 const timeout = 20 * time.Second
 
@@ -98,39 +91,17 @@ func (f *fixture) vm(name string) *vmpodv1.VirtualMachine {
 }
 
 // pod returns the VM's pod, or nil.
-func (f *fixture) pod(vmName string) *corev1.Pod {
-	f.t.Helper()
-	p := &corev1.Pod{}
-	err := f.c.Get(f.ctx, types.NamespacedName{Namespace: f.ns, Name: render.PodName(vmName)}, p)
-	if apierrors.IsNotFound(err) {
-		return nil
-	}
-	if err != nil {
-		f.t.Fatalf("get pod: %v", err)
-	}
-	return p
-}
+func (f *fixture) pod(vmName string) *corev1.Pod { return f.env.VMPod(f.t, f.ns, vmName) }
 
 // waitPod waits for a pod of the VM whose UID is not `not`.
 func (f *fixture) waitPod(vmName string, not types.UID) *corev1.Pod {
 	f.t.Helper()
-	var p *corev1.Pod
-	testenv.Eventually(f.t, timeout, "a new pod for VM "+vmName, func() (bool, string) {
-		p = f.pod(vmName)
-		if p == nil {
-			return false, "no pod; VM status " + f.describe(vmName)
-		}
-		return p.UID != not && p.DeletionTimestamp == nil, "pod " + string(p.UID)
-	})
-	return p
+	return f.env.WaitVMPod(f.t, f.ns, vmName, not, timeout, func() string { return f.describe(vmName) })
 }
 
 func (f *fixture) waitNoPod(vmName string) {
 	f.t.Helper()
-	testenv.Eventually(f.t, timeout, "VM "+vmName+" to have no pod", func() (bool, string) {
-		p := f.pod(vmName)
-		return p == nil, fmt.Sprintf("pod %v", p != nil)
-	})
+	f.env.WaitNoVMPod(f.t, f.ns, vmName, timeout)
 }
 
 func (f *fixture) waitStatus(vmName string, want vmpodv1.PrintableStatus) *vmpodv1.VirtualMachine {
