@@ -133,6 +133,9 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 	case r.wantRunning && r.pod == nil:
 		return r.createPod(ctx)
 	case !r.wantRunning && r.pod != nil && (!finished(r.pod) || r.vm.Spec.RunStrategy == vmpodv1.RunStrategyHalted):
+		if r.request != nil && r.request.Action == vmpodv1.StateChangeRestart {
+			return reconcile.Result{}, r.deletePod(ctx, "Restarting", "restart requested")
+		}
 		return reconcile.Result{}, r.deletePod(ctx, "Stopping", "stopping the VM")
 	}
 	return reconcile.Result{}, nil

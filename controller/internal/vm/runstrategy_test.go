@@ -282,6 +282,7 @@ func TestRestartWaitsForTheOldPod(t *testing.T) {
 	if _, pending := f.vm("r").Annotations[vmpodv1.StateChangeRequestAnnotation]; !pending {
 		t.Fatalf("the restart request was cleared before a new pod ran")
 	}
+	f.waitEvent("r", "Restarting")
 	// the kubelet has powered the VM off: the pod goes
 	if err := f.c.Delete(f.ctx, old, client.GracePeriodSeconds(0)); err != nil {
 		t.Fatalf("finish deleting the pod: %v", err)
