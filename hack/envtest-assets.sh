@@ -37,7 +37,7 @@ fi
 export CGO_ENABLED=0 # static binaries, like upstream's releases
 STAGING_VERSION="v0${VERSION#v1}" # v1.37.1 -> v0.37.1
 MINOR=$(echo "$VERSION" | cut -d. -f2)
-WORK=$VMPOD_CACHE/envtest/$VERSION.work # kept between runs: a failed build resumes warm
+WORK=$VMPOD_CACHE/envtest/$VERSION.work # the wrapper module; Go's build cache makes a retry warm
 W=$WORK/wrapper
 rm -rf "$W"
 mkdir -p "$W/stub/sample-apiserver" "$W/out"

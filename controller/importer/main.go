@@ -29,6 +29,9 @@ const (
 func Main(args []string) int {
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	o, kubeconfig, err := parseFlags(args)
+	if errors.Is(err, flag.ErrHelp) {
+		return ExitOK
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "vmpod-importer:", err)
 		return ExitPermanent
