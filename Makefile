@@ -10,7 +10,8 @@ export GOFLAGS := -buildvcs=false
 export GONOSUMDB := github.com/digitalocean/go-qemu,sigs.k8s.io/cri-tools
 export GOTOOLCHAIN := local
 
-.PHONY: all build guest deps proto proto-check test bench demo clean containerd images critest
+.PHONY: all build guest deps proto proto-check test bench demo clean containerd images critest \
+	generate generate-check envtest-assets controller-test
 
 all: build
 
@@ -44,6 +45,22 @@ proto:
 
 proto-check:
 	hack/proto.sh --check
+
+# controller: CRDs, deepcopy and RBAC from the kubebuilder markers (controller-gen, pinned)
+generate:
+	hack/generate.sh
+
+generate-check:
+	hack/generate.sh --check
+
+# kube-apiserver, etcd and kubectl for envtest, built from the Go proxy and cached
+envtest-assets:
+	hack/envtest-assets.sh
+
+# the controller's and the annotation schema's tests; the envtest suites need the assets
+# (without KUBEBUILDER_ASSETS they skip and say why)
+controller-test:
+	KUBEBUILDER_ASSETS=$$(hack/envtest-assets.sh) $(GO) test -count=1 ./api/... ./controller/... ./cmd/...
 
 clean:
 	rm -rf $(OUT)

@@ -14,7 +14,11 @@ CNI_PLUGINS_VERSION=v1.9.1
 CRANE_VERSION=v0.22.1
 CRI_TOOLS_VERSION=v1.36.0
 K8S_VERSION=v1.34.10
-CONTROLLER_TOOLS_VERSION=v0.19.0
+# controller: controller-gen (CRDs, deepcopy, RBAC) and envtest's kube-apiserver + etcd + kubectl.
+# k8s.io/* v0.37 (forced by containerd v2.4.2) -> controller-runtime v0.25 -> controller-tools v0.23;
+# v1.37.1 is the newest k8s.io/kubernetes the proxy serves (v1.37.2+ answer 403).
+CONTROLLER_TOOLS_VERSION=v0.23.0
+ENVTEST_K8S_VERSION=v1.37.1
 PROTOC_GEN_GO_VERSION=v1.36.12
 TTRPC_VERSION=v1.2.10
 

@@ -1,0 +1,263 @@
+package vmspec
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"regexp"
+	"strings"
+)
+
+// Bounds of a valid spec. They keep a spec within what QEMU and the schema can express;
+// the node admin's limits (the shim's config) are usually tighter and are applied by the shim.
+const (
+	MaxVCPUs        = 512
+	MinMemoryMiB    = 16
+	MaxMemoryMiB    = 16 << 20 // 16 TiB
+	MaxDisks        = 64
+	MaxInterfaces   = 16
+	MaxHostDevices  = 16 // each of gpus and hostDevices
+	maxDNSLabelSize = 63
+)
+
+// FieldError is one problem with one field of a spec, named by its JSON path
+// (e.g. "disks[1].volume").
+type FieldError struct {
+	Path   string
+	Detail string
+}
+
+func (e *FieldError) Error() string {
+	if e.Path == "" { // the annotation as a whole
+		return Annotation + ": " + e.Detail
+	}
+	return e.Path + ": " + e.Detail
+}
+
+var (
+	dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	// Linux interface names: at most 15 bytes, no '/' or whitespace; kept to a safe subset.
+	ifName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$`)
+	// An extended resource name: a DNS-subdomain prefix and a name, as in nvidia.com/gpu.
+	resourceName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`)
+)
+
+// Validate checks the spec as Parse returns it (defaults filled in) and reports every
+// problem, each as a *FieldError joined with errors.Join.
+func (vm *VM) Validate() error {
+	v := &validator{}
+	if vm.Version != Version {
+		v.add("version", "must be %q, got %q", Version, vm.Version)
+	}
+	vm.validateCPUAndMemory(v)
+	microvm := vm.Machine == MachineMicroVM
+	switch vm.Machine {
+	case MachineQ35, MachineMicroVM:
+	default:
+		v.add("machine", "must be q35 or microvm, got %q", vm.Machine)
+	}
+	switch vm.Firmware.Type {
+	case FirmwareBIOS:
+		if vm.Firmware.SecureBoot {
+			v.add("firmware.secureBoot", "needs firmware.type uefi")
+		}
+	case FirmwareUEFI:
+		if microvm {
+			v.add("firmware.type", "uefi needs machine q35 (microvm boots without firmware tables)")
+		}
+	default:
+		v.add("firmware.type", "must be bios or uefi, got %q", vm.Firmware.Type)
+	}
+	volumes := vm.validateDisks(v, microvm)
+	vm.validateInterfaces(v, microvm)
+	vm.validateCloudInit(v, microvm, volumes)
+	vm.validateHostDevices(v, microvm)
+	if vm.Migration != nil {
+		switch vm.Migration.Role {
+		case RoleSource, RoleTarget:
+		default:
+			v.add("migration.role", "must be source or target, got %q", vm.Migration.Role)
+		}
+	}
+	return errors.Join(v.errs...)
+}
+
+func (vm *VM) validateCPUAndMemory(v *validator) {
+	for _, f := range []struct {
+		name string
+		n    int
+	}{{"sockets", vm.CPU.Sockets}, {"cores", vm.CPU.Cores}, {"threads", vm.CPU.Threads}} {
+		if f.n < 1 || f.n > MaxVCPUs {
+			v.add("cpu."+f.name, "must be between 1 and %d, got %d", MaxVCPUs, f.n)
+		}
+	}
+	// multiply in int64: three in-range factors cannot overflow it
+	if n := int64(vm.CPU.Sockets) * int64(vm.CPU.Cores) * int64(vm.CPU.Threads); n > MaxVCPUs {
+		v.add("cpu", "sockets*cores*threads is %d vCPUs, more than %d", n, MaxVCPUs)
+	}
+	if vm.MemoryMiB < MinMemoryMiB || vm.MemoryMiB > MaxMemoryMiB {
+		v.add("memoryMiB", "must be between %d and %d, got %d", MinMemoryMiB, MaxMemoryMiB, vm.MemoryMiB)
+	}
+}
+
+// validateDisks returns the set of volumes the disks use.
+func (vm *VM) validateDisks(v *validator, microvm bool) map[string]bool {
+	if len(vm.Disks) > MaxDisks {
+		v.add("disks", "has %d disks, at most %d are allowed", len(vm.Disks), MaxDisks)
+	}
+	names, volumes, boot := map[string]int{}, map[string]bool{}, map[int]int{}
+	for i, d := range vm.Disks {
+		at := fmt.Sprintf("disks[%d]", i)
+		v.name(at+".name", d.Name, names, i, "disks")
+		if v.label(at+".volume", d.Volume) {
+			if volumes[d.Volume] {
+				v.add(at+".volume", "volume %q is already used by another disk", d.Volume)
+			}
+			volumes[d.Volume] = true
+		}
+		switch d.Source {
+		case SourceImage, SourceFile, SourceBlock:
+		default:
+			v.add(at+".source", "must be image, file or block, got %q", d.Source)
+		}
+		v.bus(at+".bus", d.Bus, microvm)
+		switch d.Device {
+		case DeviceDisk:
+		case DeviceCDROM:
+			if d.Bus == BusVirtio {
+				v.add(at+".bus", "a cdrom needs bus sata or scsi (QEMU has no virtio cdrom)")
+			}
+		default:
+			v.add(at+".device", "must be disk or cdrom, got %q", d.Device)
+		}
+		if d.BootOrder < 0 {
+			v.add(at+".bootOrder", "must not be negative, got %d", d.BootOrder)
+		} else if j, dup := boot[d.BootOrder]; dup && d.BootOrder > 0 {
+			v.add(at+".bootOrder", "%d is also the boot order of disks[%d]", d.BootOrder, j)
+		} else {
+			boot[d.BootOrder] = i
+		}
+	}
+	return volumes
+}
+
+func (vm *VM) validateInterfaces(v *validator, microvm bool) {
+	if len(vm.Interfaces) > MaxInterfaces {
+		v.add("interfaces", "has %d interfaces, at most %d are allowed", len(vm.Interfaces), MaxInterfaces)
+	}
+	names, pod := map[string]int{}, map[string]int{}
+	for i, n := range vm.Interfaces {
+		at := fmt.Sprintf("interfaces[%d]", i)
+		v.name(at+".name", n.Name, names, i, "interfaces")
+		if !ifName.MatchString(n.PodInterface) {
+			v.add(at+".podInterface", "must be a network interface name (1-15 of a-z A-Z 0-9 _ . -), got %q", n.PodInterface)
+		} else if j, dup := pod[n.PodInterface]; dup {
+			v.add(at+".podInterface", "%q is also used by interfaces[%d]", n.PodInterface, j)
+		} else {
+			pod[n.PodInterface] = i
+		}
+		switch n.Model {
+		case ModelVirtio:
+		case ModelE1000, ModelE1000E:
+			if microvm {
+				v.add(at+".model", "microvm has no PCI bus: only virtio")
+			}
+		default:
+			v.add(at+".model", "must be virtio, e1000 or e1000e, got %q", n.Model)
+		}
+		if n.MACAddress != "" {
+			mac, err := net.ParseMAC(n.MACAddress)
+			switch {
+			case err != nil || len(mac) != 6:
+				v.add(at+".macAddress", "must be a 6-byte MAC address like 02:00:00:00:00:01, got %q", n.MACAddress)
+			case mac[0]&1 == 1:
+				v.add(at+".macAddress", "%s is a multicast address", n.MACAddress)
+			}
+		}
+	}
+}
+
+func (vm *VM) validateCloudInit(v *validator, microvm bool, diskVolumes map[string]bool) {
+	ci := vm.CloudInit
+	if ci == nil {
+		return
+	}
+	inline := ci.UserData != "" || ci.NetworkData != ""
+	switch {
+	case inline && ci.SecretVolume != "":
+		v.add("cloudInit", "has both inline data and secretVolume; use one")
+	case !inline && ci.SecretVolume == "":
+		v.add("cloudInit", "needs userData, networkData or secretVolume")
+	case ci.SecretVolume != "":
+		if v.label("cloudInit.secretVolume", ci.SecretVolume) && diskVolumes[ci.SecretVolume] {
+			v.add("cloudInit.secretVolume", "volume %q is also a disk", ci.SecretVolume)
+		}
+	}
+	v.bus("cloudInit.bus", ci.Bus, microvm)
+}
+
+func (vm *VM) validateHostDevices(v *validator, microvm bool) {
+	names := map[string]int{}
+	for _, list := range []struct {
+		field   string
+		devices []HostDevice
+	}{{"gpus", vm.GPUs}, {"hostDevices", vm.HostDevices}} {
+		if len(list.devices) > MaxHostDevices {
+			v.add(list.field, "has %d devices, at most %d are allowed", len(list.devices), MaxHostDevices)
+		}
+		if len(list.devices) > 0 && microvm {
+			v.add(list.field, "microvm has no PCI bus for passed-through devices: use q35")
+		}
+		for i, d := range list.devices {
+			at := fmt.Sprintf("%s[%d]", list.field, i)
+			v.name(at+".name", d.Name, names, i, "gpus and hostDevices")
+			domain, _, _ := strings.Cut(d.ResourceName, "/")
+			switch {
+			case !resourceName.MatchString(d.ResourceName) || len(d.ResourceName) > 253:
+				v.add(at+".resourceName", "must be an extended resource name like vendor.com/device, got %q", d.ResourceName)
+			case domain == "kubernetes.io" || strings.HasSuffix(domain, ".kubernetes.io"):
+				v.add(at+".resourceName", "%q is a native resource, not a device", d.ResourceName)
+			}
+		}
+	}
+}
+
+// validator collects FieldErrors.
+type validator struct{ errs []error }
+
+func (v *validator) add(path, format string, args ...any) {
+	v.errs = append(v.errs, &FieldError{Path: path, Detail: fmt.Sprintf(format, args...)})
+}
+
+// label checks a DNS-1123 label (the form of Kubernetes volume names); true if valid.
+func (v *validator) label(path, s string) bool {
+	if len(s) > maxDNSLabelSize || !dnsLabel.MatchString(s) {
+		v.add(path, "must be a DNS label (lower-case a-z 0-9 -, at most 63), got %q", s)
+		return false
+	}
+	return true
+}
+
+// name checks a label that must be unique in seen, where it records index i.
+func (v *validator) name(path, s string, seen map[string]int, i int, list string) {
+	if !v.label(path, s) {
+		return
+	}
+	if _, dup := seen[s]; dup {
+		v.add(path, "%q is used twice in %s", s, list)
+		return
+	}
+	seen[s] = i
+}
+
+func (v *validator) bus(path string, b Bus, microvm bool) {
+	switch b {
+	case BusVirtio:
+	case BusSCSI, BusSATA:
+		if microvm {
+			v.add(path, "microvm has no PCI bus: only virtio")
+		}
+	default:
+		v.add(path, "must be virtio, scsi or sata, got %q", b)
+	}
+}

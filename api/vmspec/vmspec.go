@@ -1,0 +1,217 @@
+// Package vmspec is the schema of the vmpod.dev/vm pod annotation: the whole contract between
+// the vmpod controller, which writes it, and the vmpod shim, which boots the pod as a VM.
+//
+// The package is imported by the shim, so it depends on the standard library only.
+//
+// The annotation chooses *within* what the node admin allows: sizes, device models, boot
+// order, cloud-init data. It never names host paths, QEMU arguments, binaries or kernel
+// command lines; disks are the pod's own volumes, named by volume name, and the shim finds
+// them in the compute container's OCI spec at the fixed paths below (see
+// docs/design/100-vm-annotation.md and docs/design/101-containerdisk.md).
+package vmspec
+
+import "path"
+
+// Annotation is the pod annotation that carries a VM's JSON spec. Its presence makes a
+// vmpod pod a VM pod; without it the pod is an ordinary container pod.
+const Annotation = "vmpod.dev/vm"
+
+// Version is the only schema version this package reads and writes.
+const Version = "v1alpha1"
+
+// MaxSize bounds the annotation. The API server caps all of a pod's annotations together at
+// 256 KiB; a larger value cannot be a pod annotation, so Parse refuses it before decoding.
+const MaxSize = 256 << 10
+
+// The compute container and where the pod's volumes appear in it. The controller renders
+// these; the shim looks a disk's volume up at these destinations in the compute container's
+// OCI spec (mounts and linux.devices), which is why no host path ever needs to be named.
+const (
+	// ComputeContainer is the name of the pod's one container, whose life is the VM's.
+	ComputeContainer = "compute"
+	// VolumeMountRoot is where filesystem volumes are mounted: VolumeMountRoot/<volume>.
+	VolumeMountRoot = "/vmpod/volumes"
+	// BlockDeviceRoot is where block volumes appear: BlockDeviceRoot/<volume>.
+	BlockDeviceRoot = "/vmpod/devices"
+	// DiskImageFile is the raw disk image in a filesystem volume (SourceFile), as in KubeVirt.
+	DiskImageFile = "disk.img"
+	// ContainerDiskDir holds the one disk file (qcow2 or raw) of an image volume
+	// (SourceImage); KubeVirt's containerDisk images put it in /disk too.
+	ContainerDiskDir = "disk"
+	// CloudInitUserDataKey and CloudInitNetworkDataKey are the file names (Secret keys) of a
+	// cloud-init Secret volume, as in KubeVirt's cloudInitNoCloud.secretRef.
+	CloudInitUserDataKey    = "userdata"
+	CloudInitNetworkDataKey = "networkdata"
+	// GuestAgentPingCommand is the exec command of a guestAgentPing readiness probe. The
+	// shim answers an exec of exactly [GuestAgentPingCommand] in the compute container with
+	// a qemu-guest-agent guest-ping instead of running anything.
+	GuestAgentPingCommand = "vmpod.dev/guest-agent-ping"
+)
+
+// VolumeMountPath is where a filesystem volume is mounted in the compute container.
+func VolumeMountPath(volume string) string { return path.Join(VolumeMountRoot, volume) }
+
+// BlockDevicePath is where a block volume appears in the compute container.
+func BlockDevicePath(volume string) string { return path.Join(BlockDeviceRoot, volume) }
+
+// VM is the decoded annotation. Parse returns it validated and with defaults filled in;
+// Encode writes every field explicitly, so what the shim reads is what the controller meant.
+type VM struct {
+	// Version must be Version.
+	Version string `json:"version"`
+	CPU     CPU    `json:"cpu"`
+	// MemoryMiB is the guest's RAM. QEMU's own overhead is not included: the RuntimeClass
+	// overhead accounts for it.
+	MemoryMiB int64    `json:"memoryMiB"`
+	Machine   Machine  `json:"machine,omitempty"`
+	Firmware  Firmware `json:"firmware"`
+	// Disks in the order the guest sees them. Each names a pod volume.
+	Disks      []Disk      `json:"disks,omitempty"`
+	Interfaces []Interface `json:"interfaces,omitempty"`
+	CloudInit  *CloudInit  `json:"cloudInit,omitempty"`
+	// GPUs and HostDevices are allocated the Kubernetes way (device plugin or DRA, resource
+	// limits on the compute container); the shim resolves them from the OCI spec's CDI
+	// devices. Here they only say how many of each resource the guest gets and their names.
+	GPUs        []HostDevice `json:"gpus,omitempty"`
+	HostDevices []HostDevice `json:"hostDevices,omitempty"`
+	Migration   *Migration   `json:"migration,omitempty"`
+}
+
+// CPU is the guest topology; the guest has Sockets*Cores*Threads vCPUs.
+type CPU struct {
+	Sockets int `json:"sockets"`
+	Cores   int `json:"cores"`
+	Threads int `json:"threads"`
+}
+
+// VCPUs is the number of vCPUs the topology gives the guest.
+func (c CPU) VCPUs() int { return c.Sockets * c.Cores * c.Threads }
+
+// Machine is the QEMU machine type.
+type Machine string
+
+const (
+	// MachineQ35 is a PCIe machine: needed for PCI hotplug, VFIO and UEFI.
+	MachineQ35 Machine = "q35"
+	// MachineMicroVM boots fastest but has no PCI bus: virtio-mmio devices only.
+	MachineMicroVM Machine = "microvm"
+)
+
+// Firmware is how the guest boots.
+type Firmware struct {
+	Type FirmwareType `json:"type"`
+	// SecureBoot needs Type uefi on q35.
+	SecureBoot bool `json:"secureBoot,omitempty"`
+}
+
+// FirmwareType is the guest firmware.
+type FirmwareType string
+
+const (
+	FirmwareBIOS FirmwareType = "bios"
+	FirmwareUEFI FirmwareType = "uefi"
+)
+
+// Disk is one guest disk backed by one pod volume.
+type Disk struct {
+	// Name is the disk's name, unique in the VM; the shim uses it as the disk's serial.
+	Name string `json:"name"`
+	// Volume is the name of a pod volume (never a path).
+	Volume string `json:"volume"`
+	// Source says how that volume holds the disk.
+	Source DiskSource `json:"source"`
+	Device DiskDevice `json:"device,omitempty"`
+	Bus    Bus        `json:"bus,omitempty"`
+	// BootOrder: lower boots first; 0 means not bootable. Unique among disks.
+	BootOrder int  `json:"bootOrder,omitempty"`
+	ReadOnly  bool `json:"readOnly,omitempty"`
+}
+
+// DiskSource is how a pod volume holds a disk, and so where the shim finds it.
+type DiskSource string
+
+const (
+	// SourceImage: an OCI image volume (KubeVirt's containerDisk), mounted read-only at
+	// VolumeMountPath(volume); the disk is the one regular file in its ContainerDiskDir. The
+	// guest writes to a throwaway overlay, so the disk is ephemeral.
+	SourceImage DiskSource = "image"
+	// SourceFile: a filesystem volume (PVC) mounted at VolumeMountPath(volume); the disk is
+	// the raw file DiskImageFile in it.
+	SourceFile DiskSource = "file"
+	// SourceBlock: a block volume (PVC, volumeMode Block) at BlockDevicePath(volume).
+	SourceBlock DiskSource = "block"
+)
+
+// DiskDevice is what the guest sees.
+type DiskDevice string
+
+const (
+	DeviceDisk  DiskDevice = "disk"
+	DeviceCDROM DiskDevice = "cdrom"
+)
+
+// Bus is the guest-visible disk controller.
+type Bus string
+
+const (
+	BusVirtio Bus = "virtio"
+	BusSCSI   Bus = "scsi"
+	BusSATA   Bus = "sata"
+)
+
+// Interface is one guest NIC backed by one interface of the pod's network namespace.
+type Interface struct {
+	// Name is the interface's name in the VM spec, unique in the VM.
+	Name string `json:"name"`
+	// PodInterface is the network-namespace interface the NIC is wired to: eth0 for the pod
+	// network, the name Multus was asked to use (net1, ...) for secondary networks.
+	PodInterface string `json:"podInterface"`
+	Model        Model  `json:"model,omitempty"`
+	// MACAddress is optional; by default the guest NIC takes the pod interface's MAC, so the
+	// pod's IP reaches the guest.
+	MACAddress string `json:"macAddress,omitempty"`
+}
+
+// Model is the guest NIC model.
+type Model string
+
+const (
+	ModelVirtio Model = "virtio"
+	ModelE1000  Model = "e1000"
+	ModelE1000E Model = "e1000e"
+)
+
+// CloudInit is NoCloud data; the shim builds the cidata disk from it. The data is either
+// inline or a Secret volume, never both.
+type CloudInit struct {
+	UserData    string `json:"userData,omitempty"`
+	NetworkData string `json:"networkData,omitempty"`
+	// SecretVolume is a pod volume (a Secret) mounted at VolumeMountPath; its files
+	// CloudInitUserDataKey and CloudInitNetworkDataKey hold the data.
+	SecretVolume string `json:"secretVolume,omitempty"`
+	// Bus of the cidata disk.
+	Bus Bus `json:"bus,omitempty"`
+}
+
+// HostDevice is a device the guest gets, by the Kubernetes resource that allocates it.
+type HostDevice struct {
+	// Name is unique among the VM's GPUs and host devices.
+	Name string `json:"name"`
+	// ResourceName is an extended resource, e.g. nvidia.com/GA102GL_A10.
+	ResourceName string `json:"resourceName"`
+}
+
+// Migration marks a pod as one end of a live migration.
+type Migration struct {
+	Role MigrationRole `json:"role"`
+}
+
+// MigrationRole is a pod's end of a migration.
+type MigrationRole string
+
+const (
+	// RoleSource: the running VM that will be migrated away.
+	RoleSource MigrationRole = "source"
+	// RoleTarget: QEMU starts waiting for an incoming migration instead of booting.
+	RoleTarget MigrationRole = "target"
+)

@@ -1,0 +1,219 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// DataVolumeSpec is a PVC and how to fill it.
+// +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || has(self.source.http)",message="contentType archive needs an http source",fieldPath=".contentType"
+// +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || !has(self.storage.volumeMode) || self.storage.volumeMode == 'Filesystem'",message="contentType archive extracts files: it needs volumeMode Filesystem",fieldPath=".contentType"
+type DataVolumeSpec struct {
+	Source DataVolumeSource `json:"source"`
+	// ContentType kubevirt is a disk image (converted to raw), archive a tar archive
+	// extracted into the volume.
+	// +kubebuilder:validation:Enum=kubevirt;archive
+	// +kubebuilder:default=kubevirt
+	// +optional
+	ContentType ContentType `json:"contentType,omitempty"`
+	// Storage is the PVC to create.
+	Storage StorageSpec `json:"storage"`
+}
+
+// ContentType is what a DataVolume's source holds.
+type ContentType string
+
+const (
+	ContentTypeKubeVirt ContentType = "kubevirt"
+	ContentTypeArchive  ContentType = "archive"
+)
+
+// DataVolumeSource is where a DataVolume's data comes from.
+// +kubebuilder:validation:XValidation:rule="[has(self.http), has(self.registry), has(self.pvc), has(self.blank)].filter(x, x).size() == 1",message="set exactly one of http, registry, pvc, blank"
+type DataVolumeSource struct {
+	// +optional
+	HTTP *HTTPSource `json:"http,omitempty"`
+	// +optional
+	Registry *RegistrySource `json:"registry,omitempty"`
+	// PVC clones another PVC of the same namespace.
+	// +optional
+	PVC *PVCSource `json:"pvc,omitempty"`
+	// Blank is an empty (sparse) disk of the PVC's size.
+	// +optional
+	Blank *BlankSource `json:"blank,omitempty"`
+}
+
+// HTTPSource downloads an image over HTTP(S). qcow2, raw, and either gzip- or xz-compressed
+// are accepted and converted to raw.
+type HTTPSource struct {
+	// +kubebuilder:validation:Pattern=`^https?://`
+	// +kubebuilder:validation:MaxLength=4096
+	URL string `json:"url"`
+	// Checksum of the downloaded bytes (before decompression) as <algorithm>:<hex>; a
+	// mismatch fails the import. A vmpod addition: CDI has no checksum.
+	// +kubebuilder:validation:Pattern=`^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$`
+	// +optional
+	Checksum string `json:"checksum,omitempty"`
+	// SecretRef names a Secret with keys accessKeyId and secretKey, sent as HTTP basic auth.
+	// +optional
+	SecretRef string `json:"secretRef,omitempty"`
+	// CertConfigMap names a ConfigMap whose ca.pem (or any *.crt/*.pem keys) are the CAs
+	// trusted for the server.
+	// +optional
+	CertConfigMap string `json:"certConfigMap,omitempty"`
+	// ExtraHeaders are "Name: value" headers sent with the request.
+	// +kubebuilder:validation:MaxItems=32
+	// +listType=atomic
+	// +optional
+	ExtraHeaders []string `json:"extraHeaders,omitempty"`
+	// SecretExtraHeaders name Secrets whose values are "Name: value" headers.
+	// +kubebuilder:validation:MaxItems=8
+	// +listType=atomic
+	// +optional
+	SecretExtraHeaders []string `json:"secretExtraHeaders,omitempty"`
+}
+
+// RegistrySource pulls a containerDisk image and imports its disk (the file in /disk).
+type RegistrySource struct {
+	// URL is docker://<image reference>.
+	// +kubebuilder:validation:Pattern=`^docker://`
+	// +kubebuilder:validation:MaxLength=4096
+	URL string `json:"url"`
+	// SecretRef names a Secret with keys accessKeyId and secretKey (registry credentials).
+	// +optional
+	SecretRef string `json:"secretRef,omitempty"`
+	// +optional
+	CertConfigMap string `json:"certConfigMap,omitempty"`
+}
+
+// PVCSource is a PVC to clone.
+// +kubebuilder:validation:XValidation:rule="!has(self.__namespace__) || self.__namespace__.size() == 0",message="vmpod clones within a namespace only; leave namespace empty",fieldPath=".namespace"
+type PVCSource struct {
+	// Namespace must be empty (the DataVolume's own).
+	// +optional
+	Namespace string `json:"namespace,omitempty"`
+	// +kubebuilder:validation:MinLength=1
+	Name string `json:"name"`
+}
+
+// BlankSource is an empty disk.
+type BlankSource struct{}
+
+// StorageSpec is the PVC a DataVolume creates.
+type StorageSpec struct {
+	// Defaults to [ReadWriteOnce].
+	// +listType=atomic
+	// +optional
+	AccessModes []corev1.PersistentVolumeAccessMode `json:"accessModes,omitempty"`
+	// +kubebuilder:validation:Enum=Filesystem;Block
+	// +optional
+	VolumeMode *corev1.PersistentVolumeMode `json:"volumeMode,omitempty"`
+	// Resources.requests.storage is the PVC's size.
+	// +kubebuilder:validation:XValidation:rule="has(self.requests) && 'storage' in self.requests",message="requests.storage is required"
+	Resources corev1.VolumeResourceRequirements `json:"resources"`
+	// +optional
+	StorageClassName *string `json:"storageClassName,omitempty"`
+}
+
+// DataVolumePhase is where an import is.
+type DataVolumePhase string
+
+const (
+	PhasePending          DataVolumePhase = "Pending"
+	PhaseImportScheduled  DataVolumePhase = "ImportScheduled"
+	PhaseImportInProgress DataVolumePhase = "ImportInProgress"
+	PhaseCloneScheduled   DataVolumePhase = "CloneScheduled"
+	PhaseCloneInProgress  DataVolumePhase = "CloneInProgress"
+	PhaseSucceeded        DataVolumePhase = "Succeeded"
+	PhaseFailed           DataVolumePhase = "Failed"
+)
+
+// DataVolume condition types.
+const (
+	// DVBound mirrors the PVC's binding.
+	DVBound = "Bound"
+	// DVRunning is True while an importer or cloner runs.
+	DVRunning = "Running"
+	// DVReady is True when the PVC holds the complete data.
+	DVReady = "Ready"
+)
+
+// Annotations the importer writes on the PVC it fills; the DataVolume controller mirrors
+// them into the DataVolume's status. The importer sets ImportPhaseAnnotation to Succeeded
+// only after the data is complete and synced, so a PVC with it is never half-written. See
+// docs/design/103-import-progress.md.
+const (
+	ImportPhaseAnnotation    = "vmpod.dev/import-phase" // Running, Succeeded or Failed
+	ImportProgressAnnotation = "vmpod.dev/import-progress"
+	ImportReasonAnnotation   = "vmpod.dev/import-reason"
+	ImportMessageAnnotation  = "vmpod.dev/import-message"
+)
+
+// DataVolumeStatus is what the controller observed.
+type DataVolumeStatus struct {
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// +optional
+	Phase DataVolumePhase `json:"phase,omitempty"`
+	// Progress is the share of the source read so far, "N/A" when its size is unknown.
+	// +optional
+	Progress string `json:"progress,omitempty"`
+	// ClaimName is the PVC.
+	// +optional
+	ClaimName string `json:"claimName,omitempty"`
+	// RestartCount counts failed importer pods that were retried.
+	// +optional
+	RestartCount int32 `json:"restartCount,omitempty"`
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// DataVolume is a PVC filled from a source: an HTTP(S) download, a registry image, a clone
+// of another PVC, or nothing.
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=dv;dvs,categories=vmpod
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Progress",type=string,JSONPath=`.status.progress`
+// +kubebuilder:printcolumn:name="Restarts",type=integer,JSONPath=`.status.restartCount`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+// +kubebuilder:validation:XValidation:rule="self.spec == oldSelf.spec",message="spec is immutable, as in CDI: a DataVolume is one import; make a new one to import again"
+type DataVolume struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec DataVolumeSpec `json:"spec"`
+	// +optional
+	Status DataVolumeStatus `json:"status,omitempty"`
+}
+
+// DataVolumeList is a list of DataVolumes.
+// +kubebuilder:object:root=true
+type DataVolumeList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []DataVolume `json:"items"`
+}
+
+// DataVolumeTemplateSpec is a DataVolume a VirtualMachine creates.
+type DataVolumeTemplateSpec struct {
+	Metadata DataVolumeTemplateMeta `json:"metadata"`
+	Spec     DataVolumeSpec         `json:"spec"`
+}
+
+// DataVolumeTemplateMeta names a templated DataVolume.
+type DataVolumeTemplateMeta struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// +optional
+	Labels map[string]string `json:"labels,omitempty"`
+	// +optional
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+func init() {
+	SchemeBuilder.Register(&DataVolume{}, &DataVolumeList{})
+}

@@ -1,0 +1,206 @@
+package v1alpha1_test
+
+// The CRDs' validation (OpenAPI schema and CEL rules) as the real kube-apiserver applies it:
+// invalid objects are rejected with the field path of the problem.
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+func validVM(ns string) *vmpodv1.VirtualMachine {
+	return &vmpodv1.VirtualMachine{
+		ObjectMeta: metav1.ObjectMeta{Name: "vm", Namespace: ns},
+		Spec: vmpodv1.VirtualMachineSpec{
+			RunStrategy: vmpodv1.RunStrategyAlways,
+			Template: vmpodv1.VirtualMachineTemplateSpec{Spec: vmpodv1.InstanceSpec{
+				Domain: vmpodv1.DomainSpec{
+					Memory: &vmpodv1.Memory{Guest: ptr.To(resource.MustParse("256Mi"))},
+					Devices: vmpodv1.Devices{
+						Disks:      []vmpodv1.Disk{{Name: "root"}, {Name: "ci"}},
+						Interfaces: []vmpodv1.Interface{{Name: "default"}},
+					},
+				},
+				Volumes: []vmpodv1.Volume{
+					{Name: "root", VolumeSource: vmpodv1.VolumeSource{ContainerDisk: &vmpodv1.ContainerDiskSource{Image: "quay.io/x/y:1"}}},
+					{Name: "ci", VolumeSource: vmpodv1.VolumeSource{CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{UserData: "#cloud-config\n"}}},
+				},
+				Networks: []vmpodv1.Network{{Name: "default", Pod: &vmpodv1.PodNetwork{}}},
+			}},
+		},
+	}
+}
+
+func validDV(ns string) *vmpodv1.DataVolume {
+	return &vmpodv1.DataVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: "dv", Namespace: ns},
+		Spec: vmpodv1.DataVolumeSpec{
+			Source:  vmpodv1.DataVolumeSource{HTTP: &vmpodv1.HTTPSource{URL: "https://example.com/disk.qcow2"}},
+			Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{"storage": resource.MustParse("1Gi")}}},
+		},
+	}
+}
+
+func TestVirtualMachineValidation(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	ctx := context.Background()
+	if err := env.Client.Create(ctx, validVM(ns), &clientDryRun); err != nil {
+		t.Fatalf("a valid VM was rejected: %v", err)
+	}
+	spec := func(vm *vmpodv1.VirtualMachine) *vmpodv1.InstanceSpec { return &vm.Spec.Template.Spec }
+	for _, tc := range []struct {
+		name   string
+		modify func(*vmpodv1.VirtualMachine)
+		want   []string // each must appear in the error
+	}{
+		{"unknown run strategy", func(vm *vmpodv1.VirtualMachine) { vm.Spec.RunStrategy = "Sometimes" },
+			[]string{`spec.runStrategy: Unsupported value: "Sometimes"`}},
+		{"disk without volume", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks = append(spec(vm).Domain.Devices.Disks, vmpodv1.Disk{Name: "data"})
+		}, []string{"spec.template.spec.domain.devices.disks: Invalid value", "every disk needs a volume of the same name"}},
+		{"volume without disk", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Devices.Disks = spec(vm).Domain.Devices.Disks[:1] },
+			[]string{"spec.template.spec.volumes: Invalid value", "every volume needs a disk"}},
+		{"two volume sources", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Volumes[0].DataVolume = &vmpodv1.DataVolumeVolumeSource{Name: "dv"}
+		}, []string{"spec.template.spec.volumes[0]: Invalid value", "set exactly one of containerDisk, dataVolume, persistentVolumeClaim, cloudInitNoCloud"}},
+		{"duplicate disk", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks = append(spec(vm).Domain.Devices.Disks, vmpodv1.Disk{Name: "root"})
+		}, []string{"spec.template.spec.domain.devices.disks[2]: Duplicate value"}},
+		{"disk and cdrom", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks[0].Disk = &vmpodv1.DiskTarget{}
+			spec(vm).Domain.Devices.Disks[0].CDRom = &vmpodv1.CDRomTarget{Bus: "sata"}
+		}, []string{"spec.template.spec.domain.devices.disks[0]: Invalid value", "choose disk or cdrom"}},
+		{"virtio cdrom", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks[0].CDRom = &vmpodv1.CDRomTarget{Bus: "virtio"}
+		},
+			[]string{"spec.template.spec.domain.devices.disks[0].cdrom.bus", "a cdrom needs bus sata or scsi"}},
+		{"bad bus", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks[0].Disk = &vmpodv1.DiskTarget{Bus: "ide"}
+		},
+			[]string{`spec.template.spec.domain.devices.disks[0].disk.bus: Unsupported value: "ide"`}},
+		{"no memory", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Memory = nil },
+			[]string{"spec.template.spec.domain: Invalid value", "set memory.guest or resources.requests.memory"}},
+		{"tiny memory", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Memory.Guest = ptr.To(resource.MustParse("1Mi")) },
+			[]string{"spec.template.spec.domain.memory.guest", "must be at least 16Mi"}},
+		{"microvm with efi", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Machine = &vmpodv1.Machine{Type: "microvm"}
+			spec(vm).Domain.Firmware = &vmpodv1.Firmware{Bootloader: &vmpodv1.Bootloader{EFI: &vmpodv1.EFI{}}}
+		}, []string{"spec.template.spec.domain.firmware.bootloader.efi", "microvm boots without UEFI"}},
+		{"microvm with a sata disk", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Machine = &vmpodv1.Machine{Type: "microvm"}
+			spec(vm).Domain.Devices.Disks[0].Disk = &vmpodv1.DiskTarget{Bus: "sata"}
+		}, []string{"spec.template.spec.domain.devices", "microvm has no PCI bus"}},
+		{"interface without network", func(vm *vmpodv1.VirtualMachine) { spec(vm).Networks[0].Name = "other" },
+			[]string{"spec.template.spec.domain.devices.interfaces: Invalid value", "every interface needs a network", "spec.template.spec.networks: Invalid value"}},
+		{"two pod networks", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Interfaces = append(spec(vm).Domain.Devices.Interfaces, vmpodv1.Interface{Name: "second"})
+			spec(vm).Networks = append(spec(vm).Networks, vmpodv1.Network{Name: "second", Pod: &vmpodv1.PodNetwork{}})
+		}, []string{"spec.template.spec.networks: Invalid value", "at most one default network"}},
+		{"bad MAC", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Devices.Interfaces[0].MACAddress = "02:00:00" },
+			[]string{"spec.template.spec.domain.devices.interfaces[0].macAddress: Invalid value"}},
+		{"cloud-init twice", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Volumes[1].CloudInitNoCloud.SecretRef = &vmpodv1.LocalObjectReference{Name: "s"}
+		}, []string{"spec.template.spec.volumes[1].cloudInitNoCloud: Invalid value", "set exactly one of userData, userDataBase64, secretRef"}},
+		{"bad GPU resource", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.GPUs = []vmpodv1.GPU{{Name: "g", DeviceName: "/dev/nvidia0"}}
+		}, []string{"spec.template.spec.domain.devices.gpus[0].deviceName: Invalid value"}},
+		{"annotation smuggled through the template", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.ObjectMeta.Annotations = map[string]string{"vmpod.dev/vm": `{"version":"v1alpha1"}`}
+		}, []string{"spec.template.metadata: Invalid value", "rendered by the controller"}},
+		{"long name", func(vm *vmpodv1.VirtualMachine) { vm.Name = strings.Repeat("a", 58) },
+			[]string{"at most 57 characters"}},
+		{"duplicate DataVolume templates", func(vm *vmpodv1.VirtualMachine) {
+			t := vmpodv1.DataVolumeTemplateSpec{Metadata: vmpodv1.DataVolumeTemplateMeta{Name: "d"}, Spec: validDV("").Spec}
+			vm.Spec.DataVolumeTemplates = []vmpodv1.DataVolumeTemplateSpec{t, t}
+		}, []string{"spec.dataVolumeTemplates: Invalid value", "names must be unique"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vm := validVM(ns)
+			tc.modify(vm)
+			expectRejected(t, env.Client.Create(ctx, vm, &clientDryRun), tc.want)
+		})
+	}
+}
+
+func TestDataVolumeValidation(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	ctx := context.Background()
+	block := corev1.PersistentVolumeBlock
+	for _, tc := range []struct {
+		name   string
+		modify func(*vmpodv1.DataVolume)
+		want   []string
+	}{
+		{"two sources", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.Blank = &vmpodv1.BlankSource{} },
+			[]string{"spec.source: Invalid value", "set exactly one of http, registry, pvc, blank"}},
+		{"no source", func(dv *vmpodv1.DataVolume) { dv.Spec.Source = vmpodv1.DataVolumeSource{} },
+			[]string{"spec.source: Invalid value"}},
+		{"ftp", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.HTTP.URL = "ftp://example.com/x" },
+			[]string{"spec.source.http.url: Invalid value"}},
+		{"bad checksum", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.HTTP.Checksum = "md5:abc" },
+			[]string{"spec.source.http.checksum: Invalid value"}},
+		{"no size", func(dv *vmpodv1.DataVolume) { dv.Spec.Storage.Resources.Requests = nil },
+			[]string{"spec.storage.resources: Invalid value", "requests.storage is required"}},
+		{"archive from a registry", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.ContentType = vmpodv1.ContentTypeArchive
+			dv.Spec.Source = vmpodv1.DataVolumeSource{Registry: &vmpodv1.RegistrySource{URL: "docker://x/y"}}
+		}, []string{"spec.contentType: Invalid value", "archive needs an http source"}},
+		{"archive into a block volume", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.ContentType = vmpodv1.ContentTypeArchive
+			dv.Spec.Storage.VolumeMode = &block
+		}, []string{"spec.contentType: Invalid value", "needs volumeMode Filesystem"}},
+		{"cross-namespace clone", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.Source = vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Namespace: "other", Name: "golden"}}
+		}, []string{"spec.source.pvc.namespace: Invalid value", "within a namespace only"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dv := validDV(ns)
+			tc.modify(dv)
+			expectRejected(t, env.Client.Create(ctx, dv, &clientDryRun), tc.want)
+		})
+	}
+
+	t.Run("spec is immutable", func(t *testing.T) {
+		dv := validDV(ns)
+		if err := env.Client.Create(ctx, dv); err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		dv.Spec.Source.HTTP.URL = "https://example.com/other.qcow2"
+		err := env.Client.Update(ctx, dv)
+		if err == nil || !strings.Contains(err.Error(), "spec is immutable") {
+			t.Fatalf("update of the spec: err = %v, want spec is immutable", err)
+		}
+	})
+}
+
+// clientDryRun validates on the server without storing.
+var clientDryRun = client.CreateOptions{DryRun: []string{metav1.DryRunAll}}
+
+// expectRejected checks that the API server refused an object with every wanted text (the
+// field path and the rule's message) in its error.
+func expectRejected(t *testing.T, err error, want []string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("the API server accepted it")
+	}
+	t.Log(err)
+	for _, w := range want {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q:\n%v", w, err)
+		}
+	}
+}

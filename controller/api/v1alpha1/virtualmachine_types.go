@@ -1,0 +1,577 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// RunStrategy says when the VM's pod should exist.
+// +kubebuilder:validation:Enum=Always;RerunOnFailure;Once;Manual;Halted
+type RunStrategy string
+
+const (
+	// RunStrategyAlways keeps a pod running: it is recreated whenever it ends, with a
+	// back-off when it failed.
+	RunStrategyAlways RunStrategy = "Always"
+	// RunStrategyRerunOnFailure recreates the pod (with back-off) when it failed, but not when
+	// the guest shut down cleanly.
+	RunStrategyRerunOnFailure RunStrategy = "RerunOnFailure"
+	// RunStrategyOnce runs one pod and never recreates it.
+	RunStrategyOnce RunStrategy = "Once"
+	// RunStrategyManual creates and deletes the pod only on start and stop requests.
+	RunStrategyManual RunStrategy = "Manual"
+	// RunStrategyHalted deletes the pod.
+	RunStrategyHalted RunStrategy = "Halted"
+)
+
+// StateChangeRequestAnnotation carries a one-shot start, stop or restart request on a
+// VirtualMachine (JSON, see StateChangeRequest). vmpod has no aggregated API server to serve
+// KubeVirt's start/stop/restart subresources, so a request is metadata the controller
+// consumes and removes; see docs/design/102-state-change-requests.md.
+const StateChangeRequestAnnotation = "vmpod.dev/state-change-request"
+
+// StateChangeAction is what a StateChangeRequest asks for.
+type StateChangeAction string
+
+const (
+	StateChangeStart   StateChangeAction = "Start"
+	StateChangeStop    StateChangeAction = "Stop"
+	StateChangeRestart StateChangeAction = "Restart"
+)
+
+// StateChangeRequest is the value of StateChangeRequestAnnotation.
+type StateChangeRequest struct {
+	Action StateChangeAction `json:"action"`
+	// PodUID, on Restart, is the pod to replace: the request is done once that pod is gone
+	// and another runs, so repeating it cannot restart the VM twice.
+	PodUID types.UID `json:"podUID,omitempty"`
+}
+
+// VirtualMachineSpec is the desired VM.
+type VirtualMachineSpec struct {
+	// RunStrategy says when the VM's pod should exist.
+	RunStrategy RunStrategy `json:"runStrategy"`
+
+	// Template is the VM the pod runs.
+	Template VirtualMachineTemplateSpec `json:"template"`
+
+	// DataVolumeTemplates are DataVolumes the controller creates, owned by the VM, before
+	// the first pod; volumes refer to them by name.
+	// +listType=atomic
+	// +kubebuilder:validation:MaxItems=16
+	// +kubebuilder:validation:XValidation:rule="self.all(t, self.exists_one(u, u.metadata.name == t.metadata.name))",message="dataVolumeTemplates names must be unique"
+	// +optional
+	DataVolumeTemplates []DataVolumeTemplateSpec `json:"dataVolumeTemplates,omitempty"`
+}
+
+// TemplateMeta is the part of object metadata a template may set.
+type TemplateMeta struct {
+	// +optional
+	Labels map[string]string `json:"labels,omitempty"`
+	// +optional
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// VirtualMachineTemplateSpec is the pod-to-be: metadata copied to the pod and the VM's spec.
+type VirtualMachineTemplateSpec struct {
+	// Labels and annotations for the pod. The controller adds its own; the vmpod.dev/vm
+	// annotation cannot be set here.
+	// +optional
+	// +kubebuilder:validation:XValidation:rule="!has(self.annotations) || !('vmpod.dev/vm' in self.annotations)",message="the vmpod.dev/vm annotation is rendered by the controller from spec"
+	ObjectMeta TemplateMeta `json:"metadata,omitempty"`
+	Spec       InstanceSpec `json:"spec"`
+}
+
+// InstanceSpec is one run of the VM (KubeVirt's VirtualMachineInstanceSpec; in vmpod the
+// instance is a Pod).
+// +kubebuilder:validation:XValidation:rule="self.domain.devices.disks.all(d, self.volumes.exists(v, v.name == d.name))",message="every disk needs a volume of the same name in volumes",fieldPath=".domain.devices.disks"
+// +kubebuilder:validation:XValidation:rule="self.volumes.all(v, self.domain.devices.disks.exists(d, d.name == v.name))",message="every volume needs a disk of the same name in domain.devices.disks",fieldPath=".volumes"
+// +kubebuilder:validation:XValidation:rule="self.domain.devices.interfaces.all(i, self.networks.exists(n, n.name == i.name))",message="every interface needs a network of the same name in networks",fieldPath=".domain.devices.interfaces"
+// +kubebuilder:validation:XValidation:rule="self.networks.all(n, self.domain.devices.interfaces.exists(i, i.name == n.name))",message="every network needs an interface of the same name in domain.devices.interfaces",fieldPath=".networks"
+// +kubebuilder:validation:XValidation:rule="self.volumes.filter(v, has(v.cloudInitNoCloud)).size() <= 1",message="at most one cloudInitNoCloud volume",fieldPath=".volumes"
+// +kubebuilder:validation:XValidation:rule="self.networks.filter(n, has(n.pod) || (has(n.multus) && n.multus.?default.orValue(false))).size() <= 1",message="at most one default network (pod, or multus with default: true)",fieldPath=".networks"
+type InstanceSpec struct {
+	Domain DomainSpec `json:"domain"`
+
+	// Volumes back the disks: each volume has the name of one disk.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:default={}
+	// +optional
+	Volumes []Volume `json:"volumes"`
+
+	// Networks back the interfaces: each network has the name of one interface.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	// +kubebuilder:default={}
+	// +optional
+	Networks []Network `json:"networks"`
+
+	// ReadinessProbe makes the pod (and so the VM) Ready.
+	// +optional
+	ReadinessProbe *Probe `json:"readinessProbe,omitempty"`
+
+	// TerminationGracePeriodSeconds is how long a stop waits for the guest to power off
+	// after the ACPI power button, before the VM is killed.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	TerminationGracePeriodSeconds *int64 `json:"terminationGracePeriodSeconds,omitempty"`
+
+	// +optional
+	NodeSelector map[string]string `json:"nodeSelector,omitempty"`
+	// +optional
+	Affinity *corev1.Affinity `json:"affinity,omitempty"`
+	// +optional
+	// +listType=atomic
+	Tolerations []corev1.Toleration `json:"tolerations,omitempty"`
+	// +optional
+	PriorityClassName string `json:"priorityClassName,omitempty"`
+	// Hostname of the pod (and, through cloud-init, of the guest). Defaults to the VM's name.
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +optional
+	Hostname string `json:"hostname,omitempty"`
+	// +kubebuilder:validation:MaxLength=63
+	// +optional
+	Subdomain string `json:"subdomain,omitempty"`
+}
+
+// DomainSpec is the virtual hardware.
+// +kubebuilder:validation:XValidation:rule="(has(self.memory) && has(self.memory.guest)) || (has(self.resources.requests) && 'memory' in self.resources.requests)",message="set memory.guest or resources.requests.memory"
+// +kubebuilder:validation:XValidation:rule="!has(self.machine) || self.machine.type != 'microvm' || !has(self.firmware) || !has(self.firmware.bootloader) || !has(self.firmware.bootloader.efi)",message="microvm boots without UEFI: use machine q35 or a bios bootloader",fieldPath=".firmware.bootloader.efi"
+// +kubebuilder:validation:XValidation:rule="!has(self.machine) || self.machine.type != 'microvm' || (self.devices.disks.all(d, !has(d.cdrom) && (!has(d.disk) || !has(d.disk.bus) || d.disk.bus == 'virtio')) && self.devices.interfaces.all(i, !has(i.model) || i.model == 'virtio') && !has(self.devices.gpus) && !has(self.devices.hostDevices))",message="microvm has no PCI bus: only virtio disks and interfaces, no cdrom, gpus or hostDevices",fieldPath=".devices"
+type DomainSpec struct {
+	// +optional
+	CPU *CPU `json:"cpu,omitempty"`
+	// +optional
+	Memory *Memory `json:"memory,omitempty"`
+	// Resources of the pod's compute container. memory defaults to the guest memory and cpu
+	// to the vCPU count divided by the controller's --cpu-allocation-ratio; the RuntimeClass
+	// overhead (QEMU itself) is added by the API server, not here.
+	// +kubebuilder:default={}
+	// +optional
+	Resources ResourceRequirements `json:"resources"`
+	// +optional
+	Machine *Machine `json:"machine,omitempty"`
+	// +optional
+	Firmware *Firmware `json:"firmware,omitempty"`
+	Devices  Devices   `json:"devices"`
+}
+
+// CPU is the guest's CPU topology.
+type CPU struct {
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=512
+	// +optional
+	Cores uint32 `json:"cores,omitempty"`
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=512
+	// +optional
+	Sockets uint32 `json:"sockets,omitempty"`
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=512
+	// +optional
+	Threads uint32 `json:"threads,omitempty"`
+}
+
+// Memory is the guest's memory.
+type Memory struct {
+	// Guest is the RAM the guest sees. Defaults to resources.requests.memory.
+	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
+	// +optional
+	Guest *resource.Quantity `json:"guest,omitempty"`
+}
+
+// ResourceRequirements are the compute container's requests and limits (cpu, memory).
+type ResourceRequirements struct {
+	// +optional
+	Requests corev1.ResourceList `json:"requests,omitempty"`
+	// +optional
+	Limits corev1.ResourceList `json:"limits,omitempty"`
+}
+
+// Machine is the QEMU machine type.
+type Machine struct {
+	// +kubebuilder:validation:Enum=q35;microvm
+	// +kubebuilder:default=q35
+	// +optional
+	Type string `json:"type,omitempty"`
+}
+
+// Firmware is how the guest boots.
+type Firmware struct {
+	// +optional
+	Bootloader *Bootloader `json:"bootloader,omitempty"`
+}
+
+// Bootloader is BIOS (the default) or EFI.
+// +kubebuilder:validation:XValidation:rule="!(has(self.bios) && has(self.efi))",message="choose bios or efi"
+type Bootloader struct {
+	// +optional
+	BIOS *BIOS `json:"bios,omitempty"`
+	// +optional
+	EFI *EFI `json:"efi,omitempty"`
+}
+
+// BIOS boots with SeaBIOS (q35) or qboot (microvm).
+type BIOS struct{}
+
+// EFI boots with OVMF.
+type EFI struct {
+	// +optional
+	SecureBoot *bool `json:"secureBoot,omitempty"`
+}
+
+// Devices are the guest's devices.
+type Devices struct {
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:default={}
+	// +optional
+	Disks []Disk `json:"disks"`
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	// +kubebuilder:default={}
+	// +optional
+	Interfaces []Interface `json:"interfaces"`
+	// AutoattachPodInterface gives a VM without interfaces and networks one NIC on the pod
+	// network, as KubeVirt does. Default true.
+	// +optional
+	AutoattachPodInterface *bool `json:"autoattachPodInterface,omitempty"`
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	GPUs []GPU `json:"gpus,omitempty"`
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	HostDevices []HostDevice `json:"hostDevices,omitempty"`
+}
+
+// Disk is a guest disk; its name is the name of the volume behind it.
+// +kubebuilder:validation:XValidation:rule="!(has(self.disk) && has(self.cdrom))",message="choose disk or cdrom"
+// +kubebuilder:validation:XValidation:rule="!has(self.cdrom) || self.cdrom.bus != 'virtio'",message="a cdrom needs bus sata or scsi",fieldPath=".cdrom.bus"
+type Disk struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// Disk attaches the volume as a hard disk (the default).
+	// +optional
+	Disk *DiskTarget `json:"disk,omitempty"`
+	// CDRom attaches the volume as a read-only CD-ROM.
+	// +optional
+	CDRom *CDRomTarget `json:"cdrom,omitempty"`
+	// BootOrder: lower boots first; disks without one are not boot devices.
+	// +kubebuilder:validation:Minimum=1
+	// +optional
+	BootOrder *int32 `json:"bootOrder,omitempty"`
+}
+
+// DiskBus is the guest's disk controller.
+// +kubebuilder:validation:Enum=virtio;sata;scsi
+type DiskBus string
+
+// DiskTarget is a hard disk.
+type DiskTarget struct {
+	// +kubebuilder:default=virtio
+	// +optional
+	Bus DiskBus `json:"bus,omitempty"`
+	// +optional
+	ReadOnly bool `json:"readonly,omitempty"`
+}
+
+// CDRomTarget is a CD-ROM drive.
+type CDRomTarget struct {
+	// +kubebuilder:default=sata
+	// +optional
+	Bus DiskBus `json:"bus,omitempty"`
+}
+
+// Interface is a guest NIC; its name is the name of the network behind it. The guest NIC is
+// wired to the pod interface (tc mirred), so the guest has the pod's IP and MAC: KubeVirt's
+// "bridge" binding. There is no NAT ("masquerade") binding.
+type Interface struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// +kubebuilder:validation:Enum=virtio;e1000;e1000e
+	// +kubebuilder:default=virtio
+	// +optional
+	Model string `json:"model,omitempty"`
+	// MACAddress overrides the pod interface's MAC for the guest NIC.
+	// +kubebuilder:validation:Pattern=`^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$`
+	// +optional
+	MACAddress string `json:"macAddress,omitempty"`
+}
+
+// GPU is a GPU passed through to the guest, allocated as one unit of a device plugin resource.
+type GPU struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// DeviceName is the Kubernetes resource name, e.g. nvidia.com/GA102GL_A10.
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`
+	// +kubebuilder:validation:MaxLength=253
+	DeviceName string `json:"deviceName"`
+}
+
+// HostDevice is a PCI device passed through to the guest, allocated as one unit of a device
+// plugin resource.
+type HostDevice struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`
+	// +kubebuilder:validation:MaxLength=253
+	DeviceName string `json:"deviceName"`
+}
+
+// Volume is a named source of a disk.
+// +kubebuilder:validation:XValidation:rule="[has(self.containerDisk), has(self.dataVolume), has(self.persistentVolumeClaim), has(self.cloudInitNoCloud)].filter(x, x).size() == 1",message="set exactly one of containerDisk, dataVolume, persistentVolumeClaim, cloudInitNoCloud"
+type Volume struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name         string `json:"name"`
+	VolumeSource `json:",inline"`
+}
+
+// VolumeSource is where a volume's data comes from.
+type VolumeSource struct {
+	// ContainerDisk is an ephemeral disk from an OCI image (the disk file in its /disk
+	// directory). Writes are lost when the pod ends.
+	// +optional
+	ContainerDisk *ContainerDiskSource `json:"containerDisk,omitempty"`
+	// DataVolume is a DataVolume's PVC; the VM starts once the DataVolume has Succeeded.
+	// +optional
+	DataVolume *DataVolumeVolumeSource `json:"dataVolume,omitempty"`
+	// PersistentVolumeClaim holds the disk: a disk.img file (Filesystem) or the device (Block).
+	// +optional
+	PersistentVolumeClaim *corev1.PersistentVolumeClaimVolumeSource `json:"persistentVolumeClaim,omitempty"`
+	// CloudInitNoCloud is cloud-init data the guest reads from a NoCloud (cidata) disk.
+	// +optional
+	CloudInitNoCloud *CloudInitNoCloudSource `json:"cloudInitNoCloud,omitempty"`
+}
+
+// ContainerDiskSource is a disk in an OCI image.
+type ContainerDiskSource struct {
+	// +kubebuilder:validation:MinLength=1
+	Image string `json:"image"`
+	// +kubebuilder:validation:Enum=Always;IfNotPresent;Never
+	// +optional
+	ImagePullPolicy corev1.PullPolicy `json:"imagePullPolicy,omitempty"`
+	// ImagePullSecret names a Secret for pulling Image; it is added to the pod's
+	// imagePullSecrets.
+	// +optional
+	ImagePullSecret string `json:"imagePullSecret,omitempty"`
+}
+
+// DataVolumeVolumeSource refers to a DataVolume in the VM's namespace.
+type DataVolumeVolumeSource struct {
+	// +kubebuilder:validation:MinLength=1
+	Name string `json:"name"`
+}
+
+// CloudInitNoCloudSource is NoCloud user and network data, inline or from Secrets.
+// +kubebuilder:validation:XValidation:rule="[has(self.userData), has(self.userDataBase64), has(self.secretRef)].filter(x, x).size() == 1",message="set exactly one of userData, userDataBase64, secretRef"
+// +kubebuilder:validation:XValidation:rule="[has(self.networkData), has(self.networkDataBase64), has(self.networkDataSecretRef)].filter(x, x).size() <= 1",message="set at most one of networkData, networkDataBase64, networkDataSecretRef"
+// +kubebuilder:validation:XValidation:rule="!has(self.secretRef) || !(has(self.networkData) || has(self.networkDataBase64))",message="with secretRef, network data comes from the Secret too (its networkdata key)"
+// +kubebuilder:validation:XValidation:rule="!has(self.networkDataSecretRef) || (has(self.secretRef) && self.networkDataSecretRef.name == self.secretRef.name)",message="networkDataSecretRef must name the same Secret as secretRef",fieldPath=".networkDataSecretRef"
+type CloudInitNoCloudSource struct {
+	// +kubebuilder:validation:MaxLength=65536
+	// +optional
+	UserData string `json:"userData,omitempty"`
+	// +kubebuilder:validation:MaxLength=87384
+	// +optional
+	UserDataBase64 string `json:"userDataBase64,omitempty"`
+	// SecretRef names a Secret with the keys userdata and (optionally) networkdata.
+	// +optional
+	SecretRef *LocalObjectReference `json:"secretRef,omitempty"`
+	// +kubebuilder:validation:MaxLength=65536
+	// +optional
+	NetworkData string `json:"networkData,omitempty"`
+	// +kubebuilder:validation:MaxLength=87384
+	// +optional
+	NetworkDataBase64 string `json:"networkDataBase64,omitempty"`
+	// NetworkDataSecretRef is accepted for KubeVirt compatibility when it names the secretRef
+	// Secret (one Secret volume carries both keys).
+	// +optional
+	NetworkDataSecretRef *LocalObjectReference `json:"networkDataSecretRef,omitempty"`
+}
+
+// LocalObjectReference names an object in the VM's namespace. (corev1's has no length
+// bound, which CEL rules comparing names need.)
+type LocalObjectReference struct {
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Name string `json:"name"`
+}
+
+// Network is where an interface is plugged.
+// +kubebuilder:validation:XValidation:rule="[has(self.pod), has(self.multus)].filter(x, x).size() == 1",message="set exactly one of pod, multus"
+type Network struct {
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Name string `json:"name"`
+	// Pod is the pod network (the pod's eth0).
+	// +optional
+	Pod *PodNetwork `json:"pod,omitempty"`
+	// Multus is a NetworkAttachmentDefinition attached by Multus.
+	// +optional
+	Multus *MultusNetwork `json:"multus,omitempty"`
+}
+
+// PodNetwork is the pod's primary network.
+type PodNetwork struct{}
+
+// MultusNetwork is a Multus network.
+type MultusNetwork struct {
+	// NetworkName is a NetworkAttachmentDefinition, as <name> or <namespace>/<name>.
+	// +kubebuilder:validation:MinLength=1
+	NetworkName string `json:"networkName"`
+	// Default makes it the pod's primary network instead of the cluster default.
+	// +optional
+	Default bool `json:"default,omitempty"`
+}
+
+// Probe is a readiness probe of the VM.
+// +kubebuilder:validation:XValidation:rule="[has(self.guestAgentPing), has(self.tcpSocket), has(self.httpGet)].filter(x, x).size() == 1",message="set exactly one of guestAgentPing, tcpSocket, httpGet"
+type Probe struct {
+	// GuestAgentPing asks qemu-guest-agent in the guest for a ping.
+	// +optional
+	GuestAgentPing *GuestAgentPing `json:"guestAgentPing,omitempty"`
+	// TCPSocket connects to the guest (which has the pod's IP).
+	// +optional
+	TCPSocket *corev1.TCPSocketAction `json:"tcpSocket,omitempty"`
+	// HTTPGet gets a URL from the guest.
+	// +optional
+	HTTPGet *corev1.HTTPGetAction `json:"httpGet,omitempty"`
+	// +optional
+	InitialDelaySeconds int32 `json:"initialDelaySeconds,omitempty"`
+	// +optional
+	TimeoutSeconds int32 `json:"timeoutSeconds,omitempty"`
+	// +optional
+	PeriodSeconds int32 `json:"periodSeconds,omitempty"`
+	// +optional
+	SuccessThreshold int32 `json:"successThreshold,omitempty"`
+	// +optional
+	FailureThreshold int32 `json:"failureThreshold,omitempty"`
+}
+
+// GuestAgentPing is a qemu-guest-agent guest-ping.
+type GuestAgentPing struct{}
+
+// PrintableStatus is a one-word summary of a VM for kubectl get.
+type PrintableStatus string
+
+const (
+	StatusStopped          PrintableStatus = "Stopped"
+	StatusProvisioning     PrintableStatus = "Provisioning"
+	StatusStarting         PrintableStatus = "Starting"
+	StatusRunning          PrintableStatus = "Running"
+	StatusStopping         PrintableStatus = "Stopping"
+	StatusTerminating      PrintableStatus = "Terminating"
+	StatusCrashLoopBackOff PrintableStatus = "CrashLoopBackOff"
+	StatusUnschedulable    PrintableStatus = "ErrorUnschedulable"
+	StatusErrImagePull     PrintableStatus = "ErrImagePull"
+	StatusImagePullBackOff PrintableStatus = "ImagePullBackOff"
+	StatusPvcNotFound      PrintableStatus = "ErrorPvcNotFound"
+	StatusDataVolumeError  PrintableStatus = "DataVolumeError"
+	StatusSucceeded        PrintableStatus = "Succeeded"
+	StatusFailed           PrintableStatus = "Failed"
+	StatusInvalidSpec      PrintableStatus = "ErrorInvalidSpec"
+	StatusUnknown          PrintableStatus = "Unknown"
+)
+
+// VirtualMachine condition types.
+const (
+	// VMReady is True while the pod is Ready.
+	VMReady = "Ready"
+	// VMFailure is True when the controller cannot run the VM as specified (an invalid
+	// rendering, a missing PVC, a failed DataVolume, a pod the API server refused).
+	VMFailure = "Failure"
+	// VMRestartRequired is True when the template changed after the running pod was created:
+	// the change applies at the next start.
+	VMRestartRequired = "RestartRequired"
+	// VMDataVolumesReady is True when every DataVolume the VM uses has Succeeded.
+	VMDataVolumesReady = "DataVolumesReady"
+)
+
+// StartFailure tracks consecutive pod failures for the restart back-off.
+type StartFailure struct {
+	ConsecutiveFailCount int32     `json:"consecutiveFailCount"`
+	LastFailedPodUID     types.UID `json:"lastFailedPodUID,omitempty"`
+	// RetryAfterTimestamp is when the next pod may be created.
+	// +optional
+	RetryAfterTimestamp *metav1.Time `json:"retryAfterTimestamp,omitempty"`
+}
+
+// VirtualMachineStatus is what the controller observed.
+type VirtualMachineStatus struct {
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// +optional
+	PrintableStatus PrintableStatus `json:"printableStatus,omitempty"`
+	// Created is true while a pod for the VM exists.
+	// +optional
+	Created bool `json:"created,omitempty"`
+	// Ready is true while the pod is Ready.
+	// +optional
+	Ready bool `json:"ready,omitempty"`
+	// +optional
+	PodName string `json:"podName,omitempty"`
+	// +optional
+	PodUID types.UID `json:"podUID,omitempty"`
+	// +optional
+	NodeName string `json:"nodeName,omitempty"`
+	// IPs of the pod, which are the guest's.
+	// +optional
+	// +listType=atomic
+	IPs []string `json:"ips,omitempty"`
+	// +optional
+	StartFailure *StartFailure `json:"startFailure,omitempty"`
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// VirtualMachine is a VM that runs as a pod of RuntimeClass vmpod.
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=vm;vms,categories=vmpod
+// +kubebuilder:printcolumn:name="RunStrategy",type=string,JSONPath=`.spec.runStrategy`
+// +kubebuilder:printcolumn:name="Status",type=string,JSONPath=`.status.printableStatus`
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Node",type=string,JSONPath=`.status.nodeName`
+// +kubebuilder:printcolumn:name="IP",type=string,JSONPath=`.status.ips[0]`,priority=1
+// +kubebuilder:printcolumn:name="Pod",type=string,JSONPath=`.status.podName`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 57",message="a VirtualMachine name is at most 57 characters (its pod is vmpod-<name>, a DNS label)"
+type VirtualMachine struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec VirtualMachineSpec `json:"spec"`
+	// +optional
+	Status VirtualMachineStatus `json:"status,omitempty"`
+}
+
+// VirtualMachineList is a list of VirtualMachines.
+// +kubebuilder:object:root=true
+type VirtualMachineList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []VirtualMachine `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&VirtualMachine{}, &VirtualMachineList{})
+}

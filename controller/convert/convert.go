@@ -1,0 +1,499 @@
+// Package convert turns KubeVirt VirtualMachine (kubevirt.io/v1) and CDI DataVolume
+// (cdi.kubevirt.io/v1beta1) manifests into vmpod's. It reads the manifests as plain YAML
+// rather than KubeVirt's Go types, so vmpod does not depend on KubeVirt's API module; every
+// field is either converted, reported as dropped (a warning), or refused (an error) when
+// the VM would not be what the manifest asks for. See docs/design/108-kubevirt-conversion.md.
+package convert
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+// Result is one converted object and what the conversion dropped or changed.
+type Result struct {
+	Object   client.Object
+	Warnings []string
+}
+
+// Object converts one decoded KubeVirt or CDI object. The error lists every field that
+// stops the conversion.
+func Object(obj map[string]any) (*Result, error) {
+	r := &report{}
+	root := r.newNode("", obj)
+	apiVersion, kind := root.str("apiVersion"), root.str("kind")
+	group, _, _ := strings.Cut(apiVersion, "/")
+	root.ignore("status")
+	var out client.Object
+	switch {
+	case group == "kubevirt.io" && kind == "VirtualMachine":
+		out = virtualMachine(root)
+	case group == "cdi.kubevirt.io" && kind == "DataVolume":
+		out = dataVolume(root)
+	default:
+		return nil, fmt.Errorf("%s %s: %w", apiVersion, kind, ErrNotKubeVirt)
+	}
+	r.finish()
+	name := out.GetName()
+	if len(r.errs) > 0 {
+		return nil, fmt.Errorf("%s %s cannot be converted:\n  %s", kind, name, strings.Join(r.errs, "\n  "))
+	}
+	return &Result{Object: out, Warnings: r.warnings}, nil
+}
+
+func objectMeta(root *node) metav1.ObjectMeta {
+	m := root.required("metadata")
+	if m == nil {
+		return metav1.ObjectMeta{}
+	}
+	// set by the API server; meaningless in a new manifest
+	m.ignore("creationTimestamp", "resourceVersion", "uid", "generation", "managedFields", "selfLink", "finalizers", "ownerReferences")
+	meta := metav1.ObjectMeta{Name: m.str("name"), GenerateName: m.str("generateName"), Namespace: m.str("namespace"),
+		Labels: m.stringMap("labels"), Annotations: m.stringMap("annotations")}
+	for k := range meta.Annotations {
+		if strings.HasPrefix(k, "kubevirt.io/") || strings.HasPrefix(k, "cdi.kubevirt.io/") {
+			root.rep.warnf("metadata.annotations."+k, "a KubeVirt annotation; vmpod ignores it")
+		}
+	}
+	return meta
+}
+
+func virtualMachine(root *node) *vmpodv1.VirtualMachine {
+	vm := &vmpodv1.VirtualMachine{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: "VirtualMachine"}, ObjectMeta: objectMeta(root)}
+	spec := root.required("spec")
+	if spec == nil {
+		return vm
+	}
+	running, runningSet := spec.boolean("running")
+	strategy := spec.str("runStrategy")
+	switch {
+	case runningSet && strategy != "":
+		root.rep.errorf("spec", "both running and runStrategy are set")
+	case runningSet && running:
+		vm.Spec.RunStrategy = vmpodv1.RunStrategyAlways
+	case runningSet:
+		vm.Spec.RunStrategy = vmpodv1.RunStrategyHalted
+	}
+	switch s := vmpodv1.RunStrategy(strategy); s {
+	case "":
+		if !runningSet {
+			root.rep.errorf("spec", "set running or runStrategy")
+		}
+	case vmpodv1.RunStrategyAlways, vmpodv1.RunStrategyRerunOnFailure, vmpodv1.RunStrategyOnce, vmpodv1.RunStrategyManual, vmpodv1.RunStrategyHalted:
+		vm.Spec.RunStrategy = s
+	default:
+		root.rep.errorf("spec.runStrategy", "%q is not supported by vmpod", strategy)
+	}
+	spec.unsupported("instancetype", "instance types are not supported: inline the domain")
+	spec.unsupported("preference", "preferences are not supported: inline the domain")
+	for _, t := range spec.list("dataVolumeTemplates") {
+		meta := t.object("metadata")
+		meta.ignore("creationTimestamp")
+		var name string
+		var labels, annotations map[string]string
+		if meta != nil {
+			name, labels, annotations = meta.str("name"), meta.stringMap("labels"), meta.stringMap("annotations")
+		}
+		var dvSpec vmpodv1.DataVolumeSpec
+		if s := t.required("spec"); s != nil {
+			dvSpec = dataVolumeSpec(s)
+		}
+		vm.Spec.DataVolumeTemplates = append(vm.Spec.DataVolumeTemplates, vmpodv1.DataVolumeTemplateSpec{
+			Metadata: vmpodv1.DataVolumeTemplateMeta{Name: name, Labels: labels, Annotations: annotations},
+			Spec:     dvSpec,
+		})
+	}
+	tmpl := spec.required("template")
+	if tmpl == nil {
+		return vm
+	}
+	if m := tmpl.object("metadata"); m != nil {
+		m.ignore("creationTimestamp")
+		vm.Spec.Template.ObjectMeta = vmpodv1.TemplateMeta{Labels: m.stringMap("labels"), Annotations: m.stringMap("annotations")}
+	}
+	if s := tmpl.required("spec"); s != nil {
+		vm.Spec.Template.Spec = instanceSpec(s)
+	}
+	return vm
+}
+
+func instanceSpec(s *node) vmpodv1.InstanceSpec {
+	var out vmpodv1.InstanceSpec
+	if d := s.required("domain"); d != nil {
+		out.Domain = domain(d)
+	}
+	for _, v := range s.list("volumes") {
+		out.Volumes = append(out.Volumes, volume(v))
+	}
+	for _, n := range s.list("networks") {
+		out.Networks = append(out.Networks, network(n))
+	}
+	if p := s.object("readinessProbe"); p != nil {
+		out.ReadinessProbe = probe(p)
+	}
+	s.dropped("livenessProbe", "liveness probes are not supported; dropped")
+	if v, ok := s.integer("terminationGracePeriodSeconds"); ok {
+		out.TerminationGracePeriodSeconds = &v
+	}
+	out.NodeSelector = s.stringMap("nodeSelector")
+	if s.has("affinity") {
+		out.Affinity = &corev1.Affinity{}
+		s.into("affinity", out.Affinity)
+	}
+	s.into("tolerations", &out.Tolerations)
+	out.PriorityClassName = s.str("priorityClassName")
+	out.Hostname = s.str("hostname")
+	out.Subdomain = s.str("subdomain")
+	s.dropped("evictionStrategy", "vmpod does not live-migrate on eviction yet; the VM is stopped like a pod")
+	return out
+}
+
+func domain(d *node) vmpodv1.DomainSpec {
+	var out vmpodv1.DomainSpec
+	if c := d.object("cpu"); c != nil {
+		out.CPU = &vmpodv1.CPU{}
+		for key, dst := range map[string]*uint32{"cores": &out.CPU.Cores, "sockets": &out.CPU.Sockets, "threads": &out.CPU.Threads} {
+			if v, ok := c.integer(key); ok && v > 0 {
+				*dst = uint32(v)
+			}
+		}
+		c.dropped("model", "the CPU model is the node admin's choice in vmpod; dropped")
+	}
+	if m := d.object("memory"); m != nil {
+		if g := m.str("guest"); g != "" {
+			q, err := resource.ParseQuantity(g)
+			if err != nil {
+				d.rep.errorf(m.at("guest"), "%v", err)
+			} else {
+				out.Memory = &vmpodv1.Memory{Guest: &q}
+			}
+		}
+		m.dropped("hugepages", "hugepages are not supported; dropped")
+	}
+	if r := d.object("resources"); r != nil {
+		out.Resources.Requests = resourceList(r, "requests")
+		out.Resources.Limits = resourceList(r, "limits")
+		r.dropped("overcommitGuestOverhead", "vmpod's overhead is the RuntimeClass's; dropped")
+	}
+	if m := d.object("machine"); m != nil {
+		switch t := m.str("type"); {
+		case t == "":
+		case t == "q35" || strings.HasPrefix(t, "pc-q35"):
+			out.Machine = &vmpodv1.Machine{Type: "q35"}
+			if t != "q35" {
+				d.rep.warnf(m.at("type"), "%s becomes q35 (the node's QEMU version)", t)
+			}
+		default:
+			d.rep.warnf(m.at("type"), "machine %s is not supported; the VM gets q35", t)
+			out.Machine = &vmpodv1.Machine{Type: "q35"}
+		}
+	}
+	if f := d.object("firmware"); f != nil {
+		if b := f.object("bootloader"); b != nil {
+			out.Firmware = &vmpodv1.Firmware{Bootloader: &vmpodv1.Bootloader{}}
+			switch b.oneKey("bootloader", "bios", "efi") {
+			case "bios":
+				bios := b.object("bios")
+				bios.dropped("useSerial", "the console is always the serial port in vmpod")
+				out.Firmware.Bootloader.BIOS = &vmpodv1.BIOS{}
+			case "efi":
+				efi := b.object("efi")
+				out.Firmware.Bootloader.EFI = &vmpodv1.EFI{}
+				if v, ok := efi.boolean("secureBoot"); ok {
+					out.Firmware.Bootloader.EFI.SecureBoot = &v
+				}
+				efi.dropped("persistent", "persistent EFI variables are not supported; dropped")
+			}
+		}
+		f.dropped("uuid", "the firmware UUID is not configurable; dropped")
+		f.dropped("serial", "the firmware serial is not configurable; dropped")
+	}
+	if dev := d.object("devices"); dev != nil {
+		out.Devices = devices(dev)
+	}
+	return out
+}
+
+func resourceList(r *node, key string) corev1.ResourceList {
+	m := r.object(key)
+	if m == nil {
+		return nil
+	}
+	out := corev1.ResourceList{}
+	for name := range m.m {
+		var s string
+		switch v, _ := m.get(name); x := v.(type) {
+		case string:
+			s = x
+		case float64, int64:
+			s = fmt.Sprint(x)
+		}
+		q, err := resource.ParseQuantity(s)
+		if err != nil {
+			r.rep.errorf(m.at(name), "%v", err)
+			continue
+		}
+		out[corev1.ResourceName(name)] = q
+	}
+	return out
+}
+
+func devices(dev *node) vmpodv1.Devices {
+	var out vmpodv1.Devices
+	for _, d := range dev.list("disks") {
+		out.Disks = append(out.Disks, disk(d))
+	}
+	for _, i := range dev.list("interfaces") {
+		out.Interfaces = append(out.Interfaces, iface(i))
+	}
+	for _, g := range dev.list("gpus") {
+		out.GPUs = append(out.GPUs, vmpodv1.GPU{Name: g.str("name"), DeviceName: g.str("deviceName")})
+		g.unsupported("virtualGPUOptions", "vGPU options are not supported")
+		g.unsupported("claimName", "DRA claims are not supported yet: use a device plugin resource (deviceName)")
+	}
+	for _, h := range dev.list("hostDevices") {
+		out.HostDevices = append(out.HostDevices, vmpodv1.HostDevice{Name: h.str("name"), DeviceName: h.str("deviceName")})
+		h.unsupported("claimName", "DRA claims are not supported yet: use a device plugin resource (deviceName)")
+	}
+	if v, ok := dev.boolean("autoattachPodInterface"); ok {
+		out.AutoattachPodInterface = &v
+	}
+	// on in vmpod: the serial console is the compute container's log and stdin
+	dev.ignore("autoattachSerialConsole")
+	for _, k := range []string{"autoattachGraphicsDevice", "autoattachMemBalloon", "rng", "watchdog", "tpm", "sound", "inputs", "blockMultiQueue", "networkInterfaceMultiqueue", "useVirtioTransitional"} {
+		dev.dropped(k, "not supported by vmpod; dropped")
+	}
+	return out
+}
+
+func disk(d *node) vmpodv1.Disk {
+	out := vmpodv1.Disk{Name: d.str("name")}
+	if v, ok := d.integer("bootOrder"); ok {
+		out.BootOrder = ptr.To(int32(v))
+	}
+	bus := func(t *node) vmpodv1.DiskBus {
+		b := t.str("bus")
+		switch b {
+		case "", "virtio", "sata", "scsi":
+		default:
+			t.rep.errorf(t.at("bus"), "bus %s is not supported (virtio, sata, scsi)", b)
+		}
+		return vmpodv1.DiskBus(b)
+	}
+	switch {
+	case d.has("disk"):
+		t := d.object("disk")
+		out.Disk = &vmpodv1.DiskTarget{}
+		if t != nil {
+			out.Disk.Bus = bus(t)
+			out.Disk.ReadOnly, _ = t.boolean("readonly")
+			t.dropped("pciAddress", "PCI addresses are assigned by the shim; dropped")
+		}
+	case d.has("cdrom"):
+		t := d.object("cdrom")
+		out.CDRom = &vmpodv1.CDRomTarget{}
+		if t != nil {
+			out.CDRom.Bus = bus(t)
+			t.ignore("readonly") // always read-only
+			t.dropped("tray", "the tray is always closed; dropped")
+		}
+	}
+	d.unsupported("lun", "LUN passthrough is not supported")
+	for _, k := range []string{"serial", "cache", "io", "dedicatedIOThread", "blockSize", "shareable", "errorPolicy", "tag"} {
+		d.dropped(k, "not supported by vmpod; dropped")
+	}
+	return out
+}
+
+func iface(i *node) vmpodv1.Interface {
+	out := vmpodv1.Interface{Name: i.str("name"), Model: i.str("model"), MACAddress: i.str("macAddress")}
+	switch out.Model {
+	case "", "virtio", "e1000", "e1000e":
+	default:
+		i.rep.errorf(i.at("model"), "model %s is not supported (virtio, e1000, e1000e)", out.Model)
+	}
+	i.ignore("bridge") // what vmpod does: the guest NIC is wired to the pod interface
+	i.dropped("masquerade", "vmpod has no NAT binding: the guest NIC gets the pod's IP directly (KubeVirt's bridge)")
+	i.unsupported("sriov", "SR-IOV interfaces are not supported: pass the VF as a hostDevice")
+	i.unsupported("slirp", "slirp is not supported")
+	i.unsupported("macvtap", "macvtap is not supported")
+	i.unsupported("binding", "network binding plugins are not supported")
+	i.dropped("ports", "port lists only matter to masquerade; dropped")
+	i.dropped("pciAddress", "PCI addresses are assigned by the shim; dropped")
+	i.dropped("bootOrder", "network boot is not supported; dropped")
+	return out
+}
+
+func volume(v *node) vmpodv1.Volume {
+	out := vmpodv1.Volume{Name: v.str("name")}
+	switch v.oneKey("volume source", "containerDisk", "dataVolume", "persistentVolumeClaim", "cloudInitNoCloud") {
+	case "containerDisk":
+		c := v.object("containerDisk")
+		out.ContainerDisk = &vmpodv1.ContainerDiskSource{Image: c.str("image"),
+			ImagePullPolicy: corev1.PullPolicy(c.str("imagePullPolicy")), ImagePullSecret: c.str("imagePullSecret")}
+		if p := c.str("path"); p != "" && !strings.HasPrefix(strings.TrimPrefix(p, "/"), "disk/") {
+			v.rep.errorf(c.at("path"), "vmpod reads a containerDisk's disk from /disk, not %s", p)
+		}
+	case "dataVolume":
+		d := v.object("dataVolume")
+		out.DataVolume = &vmpodv1.DataVolumeVolumeSource{Name: d.str("name")}
+		d.dropped("hotpluggable", "hotplug is not supported; dropped")
+	case "persistentVolumeClaim":
+		p := v.object("persistentVolumeClaim")
+		out.PersistentVolumeClaim = &corev1.PersistentVolumeClaimVolumeSource{ClaimName: p.str("claimName")}
+		out.PersistentVolumeClaim.ReadOnly, _ = p.boolean("readOnly")
+		p.dropped("hotpluggable", "hotplug is not supported; dropped")
+	case "cloudInitNoCloud":
+		c := v.object("cloudInitNoCloud")
+		out.CloudInitNoCloud = &vmpodv1.CloudInitNoCloudSource{
+			UserData: c.str("userData"), UserDataBase64: c.str("userDataBase64"),
+			NetworkData: c.str("networkData"), NetworkDataBase64: c.str("networkDataBase64"),
+		}
+		if s := c.object("secretRef"); s != nil {
+			out.CloudInitNoCloud.SecretRef = &vmpodv1.LocalObjectReference{Name: s.str("name")}
+		}
+		if s := c.object("networkDataSecretRef"); s != nil {
+			out.CloudInitNoCloud.NetworkDataSecretRef = &vmpodv1.LocalObjectReference{Name: s.str("name")}
+		}
+	}
+	return out
+}
+
+func network(n *node) vmpodv1.Network {
+	out := vmpodv1.Network{Name: n.str("name")}
+	switch n.oneKey("network", "pod", "multus") {
+	case "pod":
+		p := n.object("pod")
+		out.Pod = &vmpodv1.PodNetwork{}
+		p.dropped("vmNetworkCIDR", "only masquerade uses it; dropped")
+		p.dropped("vmIPv6NetworkCIDR", "only masquerade uses it; dropped")
+	case "multus":
+		m := n.object("multus")
+		out.Multus = &vmpodv1.MultusNetwork{NetworkName: m.str("networkName")}
+		out.Multus.Default, _ = m.boolean("default")
+	}
+	return out
+}
+
+func probe(p *node) *vmpodv1.Probe {
+	out := &vmpodv1.Probe{}
+	switch p.oneKey("probe handler", "guestAgentPing", "tcpSocket", "httpGet") {
+	case "guestAgentPing":
+		p.object("guestAgentPing")
+		out.GuestAgentPing = &vmpodv1.GuestAgentPing{}
+	case "tcpSocket":
+		out.TCPSocket = &corev1.TCPSocketAction{}
+		p.into("tcpSocket", out.TCPSocket)
+	case "httpGet":
+		out.HTTPGet = &corev1.HTTPGetAction{}
+		p.into("httpGet", out.HTTPGet)
+	default:
+		return nil
+	}
+	for key, dst := range map[string]*int32{"initialDelaySeconds": &out.InitialDelaySeconds, "timeoutSeconds": &out.TimeoutSeconds,
+		"periodSeconds": &out.PeriodSeconds, "successThreshold": &out.SuccessThreshold, "failureThreshold": &out.FailureThreshold} {
+		if v, ok := p.integer(key); ok {
+			*dst = int32(v)
+		}
+	}
+	return out
+}
+
+func dataVolume(root *node) *vmpodv1.DataVolume {
+	dv := &vmpodv1.DataVolume{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: "DataVolume"}, ObjectMeta: objectMeta(root)}
+	if s := root.required("spec"); s != nil {
+		dv.Spec = dataVolumeSpec(s)
+	}
+	return dv
+}
+
+func dataVolumeSpec(s *node) vmpodv1.DataVolumeSpec {
+	var out vmpodv1.DataVolumeSpec
+	if src := s.object("source"); src != nil {
+		out.Source = dataVolumeSource(src)
+	} else {
+		s.unsupported("sourceRef", "sourceRef (DataSource) is not supported: use a source")
+		if !s.has("sourceRef") {
+			s.rep.errorf(s.at("source"), "missing")
+		}
+	}
+	switch ct := s.str("contentType"); ct {
+	case "", "kubevirt":
+	case "archive":
+		out.ContentType = vmpodv1.ContentTypeArchive
+	default:
+		s.rep.errorf(s.at("contentType"), "%q is not supported (kubevirt, archive)", ct)
+	}
+	var storage *node
+	switch {
+	case s.has("storage") && s.has("pvc"):
+		s.rep.errorf(s.path, "both storage and pvc are set")
+	case s.has("storage"):
+		storage = s.object("storage")
+	case s.has("pvc"):
+		storage = s.object("pvc")
+	default:
+		s.rep.errorf(s.at("storage"), "missing")
+	}
+	if storage != nil {
+		for _, m := range storage.strings("accessModes") {
+			out.Storage.AccessModes = append(out.Storage.AccessModes, corev1.PersistentVolumeAccessMode(m))
+		}
+		if vm := storage.str("volumeMode"); vm != "" {
+			out.Storage.VolumeMode = ptr.To(corev1.PersistentVolumeMode(vm))
+		}
+		if sc := storage.str("storageClassName"); sc != "" {
+			out.Storage.StorageClassName = &sc
+		}
+		if r := storage.object("resources"); r != nil {
+			out.Storage.Resources.Requests = resourceList(r, "requests")
+			out.Storage.Resources.Limits = resourceList(r, "limits")
+		}
+		if out.Storage.Resources.Requests.Storage().IsZero() {
+			s.rep.errorf(storage.at("resources.requests.storage"), "vmpod needs the size (CDI can infer it; vmpod does not)")
+		}
+	}
+	s.dropped("preallocation", "preallocation is not supported; disks are sparse")
+	s.dropped("priorityClassName", "importer Jobs have no priority class; dropped")
+	s.unsupported("checkpoints", "multi-stage (warm) imports are not supported")
+	s.unsupported("finalCheckpoint", "multi-stage (warm) imports are not supported")
+	return out
+}
+
+func dataVolumeSource(src *node) vmpodv1.DataVolumeSource {
+	var out vmpodv1.DataVolumeSource
+	switch src.oneKey("DataVolume source", "http", "registry", "pvc", "blank") {
+	case "http":
+		h := src.object("http")
+		out.HTTP = &vmpodv1.HTTPSource{URL: h.str("url"), SecretRef: h.str("secretRef"), CertConfigMap: h.str("certConfigMap"),
+			ExtraHeaders: h.strings("extraHeaders"), SecretExtraHeaders: h.strings("secretExtraHeaders"), Checksum: h.str("checksum")}
+	case "registry":
+		r := src.object("registry")
+		out.Registry = &vmpodv1.RegistrySource{URL: r.str("url"), SecretRef: r.str("secretRef"), CertConfigMap: r.str("certConfigMap")}
+		r.unsupported("imageStream", "OpenShift image streams are not supported")
+		if pm := r.str("pullMethod"); pm == "node" {
+			src.rep.warnf(r.at("pullMethod"), "vmpod's importer pulls the image itself (pullMethod pod)")
+		}
+		r.dropped("platform", "the image's platform is not selectable; dropped")
+	case "pvc":
+		p := src.object("pvc")
+		out.PVC = &vmpodv1.PVCSource{Namespace: p.str("namespace"), Name: p.str("name")}
+	case "blank":
+		src.object("blank")
+		out.Blank = &vmpodv1.BlankSource{}
+	}
+	return out
+}
+
+// ErrNotKubeVirt is wrapped by Object's error for objects that are not a KubeVirt
+// VirtualMachine (kubevirt.io) or CDI DataVolume (cdi.kubevirt.io).
+var ErrNotKubeVirt = errors.New("not a KubeVirt VirtualMachine or CDI DataVolume")

@@ -1,0 +1,204 @@
+package convert
+
+import (
+	"bytes"
+	"os"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/yaml"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+// convertFile runs Stream on a testdata file and decodes its output.
+func convertFile(t *testing.T, name string) (docs []map[string]any, warnings string, err error) {
+	t.Helper()
+	f, err := os.Open("testdata/" + name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out, warn bytes.Buffer
+	if err := Stream(f, &out, &warn); err != nil {
+		return nil, warn.String(), err
+	}
+	dec := utilyaml.NewYAMLOrJSONDecoder(&out, 4096)
+	for {
+		var m map[string]any
+		if err := dec.Decode(&m); err != nil {
+			break
+		}
+		docs = append(docs, m)
+	}
+	return docs, warn.String(), nil
+}
+
+func decode[T any](t *testing.T, m map[string]any) *T {
+	t.Helper()
+	b, _ := yaml.Marshal(m)
+	out := new(T)
+	if err := yaml.UnmarshalStrict(b, out); err != nil {
+		t.Fatalf("the output is not a valid %T: %v\n%s", out, err, b)
+	}
+	return out
+}
+
+func TestConvertCirros(t *testing.T) {
+	docs, warnings, err := convertFile(t, "kubevirt-vm-cirros.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	if warnings != "" {
+		t.Errorf("unexpected warnings:\n%s", warnings)
+	}
+	if len(docs) != 1 || docs[0]["apiVersion"] != "vmpod.dev/v1alpha1" || docs[0]["kind"] != "VirtualMachine" {
+		t.Fatalf("docs = %v", docs)
+	}
+	if _, ok := docs[0]["status"]; ok {
+		t.Errorf("output has a status")
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[0])
+	if vm.Name != "cirros-net" || vm.Spec.RunStrategy != vmpodv1.RunStrategyAlways {
+		t.Errorf("name %s runStrategy %s", vm.Name, vm.Spec.RunStrategy)
+	}
+	s := vm.Spec.Template.Spec
+	if got := s.Volumes[0].ContainerDisk; got == nil || got.Image != "quay.io/kubevirt/cirros-container-disk-demo:v1.7.0" {
+		t.Errorf("containerDisk = %+v", got)
+	}
+	if got := s.Volumes[1].CloudInitNoCloud; got == nil || !strings.Contains(got.UserData, "hello from cloud-init") {
+		t.Errorf("cloudInitNoCloud = %+v", got)
+	}
+	if len(s.Networks) != 2 || s.Networks[1].Multus == nil || s.Networks[1].Multus.NetworkName != "storage-net" {
+		t.Errorf("networks = %+v", s.Networks)
+	}
+	if i := s.Domain.Devices.Interfaces[1]; i.MACAddress != "02:00:00:1a:2b:3c" {
+		t.Errorf("interface = %+v", i)
+	}
+	if m := s.Domain.Resources.Requests.Memory(); m.String() != "128Mi" {
+		t.Errorf("memory request = %s", m)
+	}
+	if s.Domain.Machine != nil {
+		t.Errorf("an empty machine type became %+v", s.Domain.Machine)
+	}
+	if *s.TerminationGracePeriodSeconds != 0 || vm.Spec.Template.ObjectMeta.Labels["kubevirt.io/vm"] != "cirros-net" {
+		t.Errorf("grace %d labels %v", *s.TerminationGracePeriodSeconds, vm.Spec.Template.ObjectMeta.Labels)
+	}
+}
+
+func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
+	docs, warnings, err := convertFile(t, "kubevirt-vm-fedora.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	if len(docs) != 2 || docs[1]["kind"] != "Secret" {
+		t.Fatalf("want the VM and the Secret passed through, got %d docs", len(docs))
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[0])
+	if vm.Spec.RunStrategy != vmpodv1.RunStrategyRerunOnFailure {
+		t.Errorf("runStrategy %s", vm.Spec.RunStrategy)
+	}
+	dvt := vm.Spec.DataVolumeTemplates[0]
+	if dvt.Metadata.Name != "fedora-db-root" || dvt.Spec.Source.HTTP == nil || dvt.Spec.Source.HTTP.ExtraHeaders[0] != "X-Mirror: eu" {
+		t.Errorf("dataVolumeTemplate = %+v", dvt)
+	}
+	if q := dvt.Spec.Storage.Resources.Requests.Storage(); q.String() != "8Gi" || dvt.Spec.Storage.AccessModes[0] != corev1.ReadWriteOnce {
+		t.Errorf("storage from the legacy pvc form = %+v", dvt.Spec.Storage)
+	}
+	d := vm.Spec.Template.Spec.Domain
+	if d.Machine.Type != "q35" || d.Firmware.Bootloader.EFI == nil || *d.Firmware.Bootloader.EFI.SecureBoot || d.CPU.Cores != 2 || d.Memory.Guest.String() != "2Gi" {
+		t.Errorf("domain = %+v", d)
+	}
+	if cd := d.Devices.Disks[1].CDRom; cd == nil || cd.Bus != "sata" {
+		t.Errorf("cdrom = %+v", cd)
+	}
+	if p := vm.Spec.Template.Spec.ReadinessProbe; p == nil || p.GuestAgentPing == nil || p.InitialDelaySeconds != 60 || p.PeriodSeconds != 10 {
+		t.Errorf("readinessProbe = %+v", p)
+	}
+	if ref := vm.Spec.Template.Spec.Volumes[1].CloudInitNoCloud.SecretRef; ref == nil || ref.Name != "fedora-db-cloudinit" {
+		t.Errorf("cloud-init secretRef = %+v", ref)
+	}
+	// every field the converter does not carry is named, and nothing else
+	if n := strings.Count(warnings, "\n"); n != 7 {
+		t.Errorf("%d warnings, want 7:\n%s", n, warnings)
+	}
+	for _, w := range []string{
+		"spec.template.spec.domain.cpu.model: the CPU model is the node admin's choice",
+		"spec.template.spec.domain.machine.type: pc-q35-rhel9.4.0 becomes q35",
+		"spec.template.spec.domain.features: not supported by vmpod; dropped",
+		"spec.template.spec.domain.devices.interfaces[0].masquerade: vmpod has no NAT binding",
+		"spec.template.spec.domain.devices.interfaces[0].ports:",
+		"spec.template.spec.domain.devices.rng:",
+		"spec.template.spec.evictionStrategy:",
+	} {
+		if !strings.Contains(warnings, w) {
+			t.Errorf("warnings lack %q:\n%s", w, warnings)
+		}
+	}
+}
+
+func TestConvertDataVolumes(t *testing.T) {
+	docs, warnings, err := convertFile(t, "cdi-datavolumes.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	reg := decode[vmpodv1.DataVolume](t, docs[0])
+	if reg.Spec.Source.Registry == nil || reg.Spec.Source.Registry.URL != "docker://quay.io/kubevirt/alpine-container-disk-demo:v1.7.0" ||
+		*reg.Spec.Storage.VolumeMode != corev1.PersistentVolumeBlock {
+		t.Errorf("registry DataVolume = %+v", reg.Spec)
+	}
+	clone := decode[vmpodv1.DataVolume](t, docs[1])
+	if clone.Spec.Source.PVC == nil || clone.Spec.Source.PVC.Name != "alpine-root" || *clone.Spec.Storage.StorageClassName != "fast" {
+		t.Errorf("clone DataVolume = %+v", clone.Spec)
+	}
+	for _, w := range []string{"pullMethod: vmpod's importer pulls the image itself", "spec.preallocation:", "cdi.kubevirt.io/storage.bind.immediate.requested: a KubeVirt annotation"} {
+		if !strings.Contains(warnings, w) {
+			t.Errorf("warnings lack %q:\n%s", w, warnings)
+		}
+	}
+}
+
+func TestConvertRefusesWhatWouldChangeTheVM(t *testing.T) {
+	_, _, err := convertFile(t, "kubevirt-vm-unsupported.yaml")
+	if err == nil {
+		t.Fatal("converted a VM with a hostDisk, a LUN, SR-IOV and an instancetype")
+	}
+	for _, want := range []string{
+		"spec.instancetype: instance types are not supported",
+		"spec.template.spec.volumes[0]: volume source hostDisk is not supported by vmpod",
+		"spec.template.spec.volumes[1]: volume source emptyDisk is not supported",
+		"spec.template.spec.domain.devices.disks[1].lun: LUN passthrough is not supported",
+		"spec.template.spec.domain.devices.interfaces[0].sriov: SR-IOV interfaces are not supported",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+func TestObjectErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		yaml string
+		want string
+	}{
+		{"no run strategy", "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: x}\nspec: {template: {spec: {domain: {devices: {}}}}}", "set running or runStrategy"},
+		{"both", "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: x}\nspec: {running: true, runStrategy: Always, template: {spec: {domain: {}}}}", "both running and runStrategy"},
+		{"wrong type", "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: x}\nspec: {running: \"yes\", template: {spec: {domain: {}}}}", "spec.running: must be true or false"},
+		{"no size", "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata: {name: d}\nspec: {source: {blank: {}}, storage: {}}", "vmpod needs the size"},
+		{"upload", "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata: {name: d}\nspec: {source: {upload: {}}, storage: {resources: {requests: {storage: 1Gi}}}}", "spec.source: DataVolume source upload is not supported"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var obj map[string]any
+			if err := yaml.Unmarshal([]byte(tc.yaml), &obj); err != nil {
+				t.Fatal(err)
+			}
+			_, err := Object(obj)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,202 @@
+// Package importer is vmpod-importer: it fills one PVC for a DataVolume. It downloads a
+// disk image over HTTP(S) or pulls a containerDisk from a registry (verifying a checksum),
+// converts qcow2/raw, gzip- or xz-compressed, to a raw image with qemu-img and sizes it to
+// the PVC; or clones another PVC's disk; or makes a blank disk; or extracts a tar archive.
+//
+// It reports progress and the result as annotations on the PVC (see Reporter); the
+// DataVolume controller mirrors them into the DataVolume's status. A PVC is marked
+// Succeeded only after its data is complete and synced to disk.
+package importer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Options says what to import where. Every path is a flag so that the Job spec alone decides
+// the pod's layout.
+type Options struct {
+	Source string // http, registry, pvc or blank
+	// http and registry
+	URL        string
+	Checksum   string   // <algorithm>:<hex> of the downloaded bytes
+	Headers    []string // "Name: value"
+	HeaderDirs []string // directories whose files each hold one "Name: value" header
+	AuthDir    string   // files accessKeyId and secretKey: basic auth / registry credentials
+	CADir      string   // *.pem, *.crt (any file) with CA certificates to trust
+	// pvc: the source PVC's mount (a directory holding disk.img) or its block device
+	SourcePath string
+
+	ContentType        string // kubevirt (a disk image) or archive (a tar archive)
+	Dest               string // the PVC's mount (filesystem) or block device (block)
+	DestMode           string // filesystem or block
+	Size               int64  // the PVC's requested size in bytes
+	FilesystemOverhead float64
+	Scratch            string // a directory for the download
+
+	// ProgressInterval is how often progress is reported.
+	ProgressInterval time.Duration
+}
+
+// DiskImageFile is the disk in a filesystem PVC, as in KubeVirt (and api/vmspec).
+const DiskImageFile = "disk.img"
+
+// Error is a failed import with a reason for the DataVolume's status. A permanent error
+// (a 404, a checksum mismatch, a corrupt image) fails the DataVolume; others are retried.
+type Error struct {
+	Reason    string
+	Permanent bool
+	Err       error
+}
+
+func (e *Error) Error() string { return e.Reason + ": " + e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+func permanent(reason string, format string, args ...any) error {
+	return &Error{Reason: reason, Permanent: true, Err: fmt.Errorf(format, args...)}
+}
+
+func transient(reason string, format string, args ...any) error {
+	return &Error{Reason: reason, Err: fmt.Errorf(format, args...)}
+}
+
+// Run performs the import and reports it. It returns the import's error, if any, after
+// reporting it.
+func Run(ctx context.Context, o Options, rep Reporter) error {
+	t0 := time.Now()
+	err := run(ctx, o, rep)
+	if err == nil {
+		slog.Info("import succeeded", "took", time.Since(t0).Round(time.Millisecond))
+		if err := rep.Succeeded(ctx); err != nil {
+			return transient("ReportFailed", "the data is complete but marking the PVC failed: %w", err)
+		}
+		return nil
+	}
+	var ie *Error
+	if !errors.As(err, &ie) {
+		ie = &Error{Reason: "ImportFailed", Err: err}
+		err = ie
+	}
+	slog.Error("import failed", "reason", ie.Reason, "permanent", ie.Permanent, "err", ie.Err)
+	if rerr := rep.Failed(ctx, ie.Reason, ie.Err.Error(), ie.Permanent); rerr != nil {
+		slog.Error("could not report the failure on the PVC", "err", rerr)
+	}
+	return err
+}
+
+func run(ctx context.Context, o Options, rep Reporter) error {
+	if err := o.validate(); err != nil {
+		return err
+	}
+	rep.Progress(ctx, "N/A", "starting "+o.Source+" import")
+	if o.DestMode == "filesystem" {
+		// an earlier, interrupted attempt's leftovers must not count against the free space
+		if err := os.Remove(filepath.Join(o.Dest, DiskImageFile+".partial")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return transient("WriteFailed", "remove the last attempt's partial image: %w", err)
+		}
+	}
+	target, err := o.targetSize()
+	if err != nil {
+		return err
+	}
+	slog.Info("importing", "source", o.Source, "url", o.URL, "dest", o.Dest, "mode", o.DestMode, "targetSize", target)
+
+	switch o.Source {
+	case "blank":
+		return writeBlank(ctx, o, target)
+	case "pvc":
+		src := o.SourcePath
+		if st, err := os.Stat(src); err == nil && st.IsDir() {
+			src = filepath.Join(src, DiskImageFile)
+		}
+		// a clone source is raw by construction: never let qemu-img probe a guest-written
+		// disk, whose first sector a guest could have made look like a qcow2 header
+		return writeImage(ctx, o, rep, src, "raw", target)
+	}
+
+	var downloaded string
+	switch o.Source {
+	case "http":
+		downloaded, err = downloadHTTP(ctx, o, rep)
+	case "registry":
+		downloaded, err = pullRegistry(ctx, o, rep)
+	}
+	if err != nil {
+		return err
+	}
+	defer os.Remove(downloaded)
+	if o.ContentType == "archive" {
+		return extractArchive(ctx, downloaded, o.Dest)
+	}
+	return writeImage(ctx, o, rep, downloaded, "", target)
+}
+
+func (o *Options) validate() error {
+	bad := func(format string, args ...any) error { return permanent("InvalidArguments", format, args...) }
+	switch o.Source {
+	case "http", "registry":
+		if o.URL == "" {
+			return bad("--url is required for source %s", o.Source)
+		}
+	case "pvc":
+		if o.SourcePath == "" {
+			return bad("--source-path is required for source pvc")
+		}
+	case "blank":
+	default:
+		return bad("--source must be http, registry, pvc or blank, got %q", o.Source)
+	}
+	switch {
+	case o.ContentType != "kubevirt" && o.ContentType != "archive":
+		return bad("--content-type must be kubevirt or archive, got %q", o.ContentType)
+	case o.DestMode != "filesystem" && o.DestMode != "block":
+		return bad("--dest-mode must be filesystem or block, got %q", o.DestMode)
+	case o.ContentType == "archive" && (o.DestMode != "filesystem" || o.Source != "http"):
+		return bad("an archive is extracted from an http source into a filesystem")
+	case o.Dest == "":
+		return bad("--dest is required")
+	case o.Scratch == "" && (o.Source == "http" || o.Source == "registry"):
+		return bad("--scratch is required for downloads")
+	case o.FilesystemOverhead < 0 || o.FilesystemOverhead >= 1:
+		return bad("--filesystem-overhead must be in [0, 1), got %v", o.FilesystemOverhead)
+	}
+	return nil
+}
+
+// targetSize is the size of the disk image to write: the block device's size, or the PVC's
+// size less the filesystem overhead (and at most the free space), in whole MiB.
+func (o *Options) targetSize() (int64, error) {
+	if o.DestMode == "block" {
+		f, err := os.Open(o.Dest)
+		if err != nil {
+			return 0, transient("WriteFailed", "open %s: %w", o.Dest, err)
+		}
+		defer f.Close()
+		size, err := f.Seek(0, 2)
+		if err != nil {
+			return 0, transient("WriteFailed", "size of %s: %w", o.Dest, err)
+		}
+		return size, nil
+	}
+	if o.ContentType == "archive" {
+		return 0, nil
+	}
+	free, err := freeBytes(o.Dest)
+	if err != nil {
+		return 0, transient("WriteFailed", "free space of %s: %w", o.Dest, err)
+	}
+	size := o.Size
+	if size <= 0 || free < size {
+		size = free // a PVC may be smaller than asked (or we were not told): use what is there
+	}
+	size = int64(float64(size)*(1-o.FilesystemOverhead)) &^ (1<<20 - 1)
+	if size <= 0 {
+		return 0, permanent("ImageTooLarge", "%s has no room for a disk image (%d bytes free)", o.Dest, free)
+	}
+	return size, nil
+}

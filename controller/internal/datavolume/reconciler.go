@@ -1,0 +1,299 @@
+// Package datavolume reconciles DataVolumes: it creates the PVC, runs a vmpod-importer Job
+// that fills it (download, clone or blank), and mirrors the importer's progress and result,
+// which the importer writes as annotations on the PVC, into the DataVolume's status.
+// See docs/design/103-import-progress.md.
+package datavolume
+
+import (
+	"context"
+	"fmt"
+
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/events"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+// Reconciler reconciles DataVolumes.
+type Reconciler struct {
+	Client   client.Client
+	Recorder events.EventRecorder
+	// ImporterImage runs cmd/vmpod-importer (with qemu-img) in the worker Jobs.
+	ImporterImage string
+}
+
+// +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch;create;patch
+// +kubebuilder:rbac:groups=batch,resources=jobs,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=serviceaccounts,verbs=create
+// +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=create
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+
+// Reconcile moves one DataVolume along: PVC, worker Job, status.
+func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	dv := &vmpodv1.DataVolume{}
+	if err := r.Client.Get(ctx, req.NamespacedName, dv); err != nil {
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	if dv.DeletionTimestamp != nil {
+		return reconcile.Result{}, nil // the PVC and Job go with it (owner references)
+	}
+	status := dv.Status.DeepCopy()
+	if err := r.reconcile(ctx, dv, status); err != nil {
+		return reconcile.Result{}, err
+	}
+	status.ObservedGeneration = dv.Generation
+	status.ClaimName = dv.Name
+	if old := dv.Status.Phase; old != status.Phase {
+		r.phaseEvent(dv, status)
+		log.FromContext(ctx).Info("phase", "from", old, "to", status.Phase, "progress", status.Progress)
+	}
+	if equality.Semantic.DeepEqual(&dv.Status, status) {
+		return reconcile.Result{}, nil
+	}
+	dv.Status = *status
+	if err := r.Client.Status().Update(ctx, dv); err != nil {
+		return reconcile.Result{}, fmt.Errorf("update status: %w", err)
+	}
+	return reconcile.Result{}, nil
+}
+
+func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) error {
+	if s.Phase == vmpodv1.PhaseSucceeded || s.Phase == vmpodv1.PhaseFailed {
+		return r.cleanup(ctx, dv, s) // terminal: the spec is immutable
+	}
+	pvc, err := r.ensurePVC(ctx, dv, s)
+	if err != nil || pvc == nil {
+		return err
+	}
+	setBound(s, pvc)
+
+	// The importer's own report on the PVC decides success: it writes Succeeded only after
+	// the data is complete and synced.
+	switch pvc.Annotations[vmpodv1.ImportPhaseAnnotation] {
+	case string(vmpodv1.PhaseSucceeded):
+		s.Phase, s.Progress = vmpodv1.PhaseSucceeded, "100.00%"
+		setCondition(s, dv, vmpodv1.DVRunning, false, "Completed", "the import completed")
+		setCondition(s, dv, vmpodv1.DVReady, true, "Succeeded", "the PVC holds the complete data")
+		return r.cleanup(ctx, dv, s)
+	case string(vmpodv1.PhaseFailed):
+		fail(s, dv, pvc.Annotations[vmpodv1.ImportReasonAnnotation], pvc.Annotations[vmpodv1.ImportMessageAnnotation])
+		return nil
+	}
+
+	var source *corev1.PersistentVolumeClaim
+	if dv.Spec.Source.PVC != nil {
+		if source, err = r.cloneSource(ctx, dv, s); err != nil || source == nil {
+			return err
+		}
+	}
+	job, err := r.ensureWorker(ctx, dv, pvc, source)
+	if err != nil {
+		return err
+	}
+	s.RestartCount = job.Status.Failed
+	if c := jobCondition(job, batchv1.JobFailed); c != nil {
+		// the importer retried transient failures until the Job gave up, or could not
+		// report at all (killed, OOM, image pull): the Job's verdict stands, with the last
+		// attempt's reason if it left one
+		reason, msg := "ImporterFailed", fmt.Sprintf("importer Job %s failed: %s: %s", job.Name, c.Reason, c.Message)
+		if r := pvc.Annotations[vmpodv1.ImportReasonAnnotation]; r != "" {
+			reason, msg = r, msg+"; last attempt: "+pvc.Annotations[vmpodv1.ImportMessageAnnotation]
+		}
+		fail(s, dv, reason, msg)
+		return nil
+	}
+
+	scheduled, inProgress := vmpodv1.PhaseImportScheduled, vmpodv1.PhaseImportInProgress
+	if dv.Spec.Source.PVC != nil {
+		scheduled, inProgress = vmpodv1.PhaseCloneScheduled, vmpodv1.PhaseCloneInProgress
+	}
+	if pvc.Annotations[vmpodv1.ImportPhaseAnnotation] == "Running" {
+		s.Phase = inProgress
+		s.Progress = pvc.Annotations[vmpodv1.ImportProgressAnnotation]
+		setCondition(s, dv, vmpodv1.DVRunning, true, "Running", pvc.Annotations[vmpodv1.ImportMessageAnnotation])
+	} else {
+		s.Phase, s.Progress = scheduled, "N/A"
+		setCondition(s, dv, vmpodv1.DVRunning, false, "Pending", "importer Job "+job.Name+" created")
+	}
+	setCondition(s, dv, vmpodv1.DVReady, false, string(s.Phase), "the PVC is being filled")
+	return nil
+}
+
+// ensurePVC returns the DataVolume's PVC, creating it. A PVC of that name that the
+// DataVolume does not own fails it: importing over someone else's data is not an option.
+func (r *Reconciler) ensurePVC(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) (*corev1.PersistentVolumeClaim, error) {
+	pvc := &corev1.PersistentVolumeClaim{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: dv.Namespace, Name: dv.Name}, pvc)
+	switch {
+	case err == nil && !metav1.IsControlledBy(pvc, dv):
+		fail(s, dv, "ClaimExists", fmt.Sprintf("PVC %s exists and does not belong to this DataVolume", pvc.Name))
+		return nil, nil
+	case err == nil:
+		return pvc, nil
+	case !apierrors.IsNotFound(err):
+		return nil, fmt.Errorf("get PVC %s: %w", dv.Name, err)
+	}
+	st := dv.Spec.Storage
+	pvc = &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: dv.Name, Namespace: dv.Namespace, Labels: map[string]string{DataVolumeLabel: dv.Name},
+			OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(dv, vmpodv1.GroupVersion.WithKind("DataVolume"))}},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes:      st.AccessModes,
+			VolumeMode:       st.VolumeMode,
+			Resources:        *st.Resources.DeepCopy(),
+			StorageClassName: st.StorageClassName,
+		},
+	}
+	if len(pvc.Spec.AccessModes) == 0 {
+		pvc.Spec.AccessModes = []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce}
+	}
+	if err := r.Client.Create(ctx, pvc); err != nil {
+		return nil, fmt.Errorf("create PVC %s: %w", pvc.Name, err)
+	}
+	log.FromContext(ctx).Info("created PVC", "pvc", pvc.Name)
+	r.Recorder.Eventf(dv, pvc, corev1.EventTypeNormal, "SuccessfulCreate", "CreatePVC", "created PVC %s", pvc.Name)
+	s.Phase, s.Progress = vmpodv1.PhasePending, "N/A"
+	return pvc, nil
+}
+
+// cloneSource returns the PVC to clone once it exists and, if a DataVolume fills it, the
+// DataVolume has Succeeded; nil while waiting.
+func (r *Reconciler) cloneSource(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) (*corev1.PersistentVolumeClaim, error) {
+	name := dv.Spec.Source.PVC.Name
+	src := &corev1.PersistentVolumeClaim{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: dv.Namespace, Name: name}, src)
+	wait := func(reason, msg string) (*corev1.PersistentVolumeClaim, error) {
+		s.Phase, s.Progress = vmpodv1.PhaseCloneScheduled, "N/A"
+		setCondition(s, dv, vmpodv1.DVRunning, false, reason, msg)
+		setCondition(s, dv, vmpodv1.DVReady, false, reason, msg)
+		return nil, nil
+	}
+	switch {
+	case apierrors.IsNotFound(err):
+		return wait("SourcePVCNotFound", "waiting for source PVC "+name)
+	case err != nil:
+		return nil, fmt.Errorf("get source PVC %s: %w", name, err)
+	}
+	if owner := metav1.GetControllerOf(src); owner != nil && owner.Kind == "DataVolume" &&
+		src.Annotations[vmpodv1.ImportPhaseAnnotation] != string(vmpodv1.PhaseSucceeded) {
+		return wait("SourceNotReady", "waiting for DataVolume "+owner.Name+" to fill source PVC "+name)
+	}
+	return src, nil
+}
+
+// cleanup deletes a succeeded import's Job (and so its pod); a failed one's stays for its logs.
+func (r *Reconciler) cleanup(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) error {
+	if s.Phase != vmpodv1.PhaseSucceeded {
+		return nil
+	}
+	job := &batchv1.Job{ObjectMeta: metav1.ObjectMeta{Namespace: dv.Namespace, Name: WorkerName(dv)}}
+	err := r.Client.Delete(ctx, job, client.PropagationPolicy(metav1.DeletePropagationBackground))
+	if client.IgnoreNotFound(err) != nil {
+		return fmt.Errorf("delete Job %s: %w", job.Name, err)
+	}
+	if err == nil {
+		log.FromContext(ctx).Info("deleted the finished importer Job", "job", job.Name)
+	}
+	return nil
+}
+
+func (r *Reconciler) phaseEvent(dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) {
+	switch s.Phase {
+	case vmpodv1.PhaseSucceeded:
+		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, "ImportSucceeded", "Import", "PVC %s holds the complete data", dv.Name)
+	case vmpodv1.PhaseFailed:
+		c := meta.FindStatusCondition(s.Conditions, vmpodv1.DVReady)
+		r.Recorder.Eventf(dv, nil, corev1.EventTypeWarning, "ImportFailed", "Import", "%s: %s", c.Reason, c.Message)
+	case vmpodv1.PhaseImportScheduled, vmpodv1.PhaseCloneScheduled:
+		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, string(s.Phase), "Import", "worker Job %s created", WorkerName(dv))
+	}
+}
+
+func fail(s *vmpodv1.DataVolumeStatus, dv *vmpodv1.DataVolume, reason, message string) {
+	if reason == "" {
+		reason = "ImportFailed"
+	}
+	s.Phase = vmpodv1.PhaseFailed
+	setCondition(s, dv, vmpodv1.DVRunning, false, reason, message)
+	setCondition(s, dv, vmpodv1.DVReady, false, reason, message)
+}
+
+func setBound(s *vmpodv1.DataVolumeStatus, pvc *corev1.PersistentVolumeClaim) {
+	bound := pvc.Status.Phase == corev1.ClaimBound
+	reason := string(pvc.Status.Phase)
+	if reason == "" {
+		reason = string(corev1.ClaimPending)
+	}
+	c := metav1.Condition{Type: vmpodv1.DVBound, Status: metav1.ConditionFalse, Reason: reason, Message: "PVC " + pvc.Name + " is " + reason}
+	if bound {
+		c.Status = metav1.ConditionTrue
+	}
+	meta.SetStatusCondition(&s.Conditions, c)
+}
+
+func setCondition(s *vmpodv1.DataVolumeStatus, dv *vmpodv1.DataVolume, t string, ok bool, reason, msg string) {
+	c := metav1.Condition{Type: t, Status: metav1.ConditionFalse, Reason: reason, Message: msg, ObservedGeneration: dv.Generation}
+	if ok {
+		c.Status = metav1.ConditionTrue
+	}
+	meta.SetStatusCondition(&s.Conditions, c)
+}
+
+func jobCondition(job *batchv1.Job, t batchv1.JobConditionType) *batchv1.JobCondition {
+	for i := range job.Status.Conditions {
+		if c := &job.Status.Conditions[i]; c.Type == t && c.Status == corev1.ConditionTrue {
+			return c
+		}
+	}
+	return nil
+}
+
+// ensureWorker creates the worker Job and the identity it runs as: a ServiceAccount whose
+// Role may only read and annotate this one PVC, because the importer parses untrusted
+// images and must not be able to mark other PVCs complete.
+func (r *Reconciler) ensureWorker(ctx context.Context, dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeClaim) (*batchv1.Job, error) {
+	name := WorkerName(dv)
+	owner := []metav1.OwnerReference{*metav1.NewControllerRef(dv, vmpodv1.GroupVersion.WithKind("DataVolume"))}
+	objMeta := func() metav1.ObjectMeta {
+		return metav1.ObjectMeta{Name: name, Namespace: dv.Namespace, Labels: map[string]string{DataVolumeLabel: dv.Name}, OwnerReferences: owner}
+	}
+	job := &batchv1.Job{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: dv.Namespace, Name: name}, job)
+	if err == nil {
+		return job, nil
+	}
+	if !apierrors.IsNotFound(err) {
+		return nil, fmt.Errorf("get Job %s: %w", name, err)
+	}
+	identity := []client.Object{
+		&corev1.ServiceAccount{ObjectMeta: objMeta()},
+		&rbacv1.Role{ObjectMeta: objMeta(), Rules: []rbacv1.PolicyRule{{
+			APIGroups: []string{""}, Resources: []string{"persistentvolumeclaims"}, ResourceNames: []string{pvc.Name}, Verbs: []string{"get", "patch"}}}},
+		&rbacv1.RoleBinding{ObjectMeta: objMeta(),
+			RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: name},
+			Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: name, Namespace: dv.Namespace}}},
+	}
+	for _, o := range identity {
+		if err := r.Client.Create(ctx, o); err != nil && !apierrors.IsAlreadyExists(err) {
+			return nil, fmt.Errorf("create importer %T %s: %w", o, name, err)
+		}
+	}
+	job = &batchv1.Job{ObjectMeta: objMeta(), Spec: WorkerJobSpec(dv, pvc, source, name, r.ImporterImage)}
+	if err := r.Client.Create(ctx, job); err != nil {
+		return nil, fmt.Errorf("create Job %s: %w", name, err)
+	}
+	log.FromContext(ctx).Info("created importer Job", "job", name, "image", r.ImporterImage)
+	return job, nil
+}

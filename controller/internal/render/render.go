@@ -1,0 +1,463 @@
+// Package render turns a VirtualMachine into the Pod that runs it: the vmpod.dev/vm
+// annotation (api/vmspec), the pod's volumes at the paths the shim looks for, resources,
+// labels and owner reference. It is a pure function of its inputs; the reconciler decides
+// when to call it.
+package render
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+const (
+	// VMNameLabel is set on a VM's pods to its name.
+	VMNameLabel = "vmpod.dev/vm-name"
+	// TemplateHashAnnotation on a pod is the hash of what it was rendered from, so a
+	// template change shows as RestartRequired instead of going unnoticed.
+	TemplateHashAnnotation = "vmpod.dev/template-hash"
+	// PodNamePrefix + the VM's name is the pod's name.
+	PodNamePrefix = "vmpod-"
+
+	// Multus annotations (k8s.v1.cni.cncf.io network-attachment-definition spec).
+	MultusNetworksAnnotation       = "k8s.v1.cni.cncf.io/networks"
+	MultusDefaultNetworkAnnotation = "v1.multus-cni.io/default-network"
+
+	// DefaultTerminationGracePeriodSeconds is KubeVirt's: time for an ACPI power-off.
+	DefaultTerminationGracePeriodSeconds = 180
+)
+
+// Config is what the cluster admin chose for every VM pod.
+type Config struct {
+	// RuntimeClassName is the RuntimeClass of VM pods (vmpod).
+	RuntimeClassName string
+	// ComputeImage is the compute container's image. Its content is never run: the shim
+	// runs the VM in its place, so any small image the nodes have (the pause image) will do.
+	ComputeImage string
+	// CPUAllocationRatio: a vCPU requests 1/ratio of a CPU unless resources.requests.cpu is
+	// set (KubeVirt's default is 10).
+	CPUAllocationRatio int64
+}
+
+// Claim is what rendering needs to know about a PVC the VM uses.
+type Claim struct {
+	Block bool // volumeMode Block
+}
+
+// PodName is the name of a VM's pod.
+func PodName(vmName string) string { return PodNamePrefix + vmName }
+
+// Pod renders the pod for vm. claims has an entry for the claim name of every dataVolume
+// and persistentVolumeClaim volume. Errors are problems with the VM's spec.
+func Pod(vm *vmpodv1.VirtualMachine, claims map[string]Claim, cfg Config) (*corev1.Pod, error) {
+	spec := &vm.Spec.Template.Spec
+	r := &renderer{vm: vm, cfg: cfg, claims: claims, limits: corev1.ResourceList{}}
+	r.vmspec = vmspec.VM{Version: vmspec.Version}
+	if err := r.domain(&spec.Domain); err != nil {
+		return nil, err
+	}
+	if err := r.volumes(spec); err != nil {
+		return nil, err
+	}
+	if err := r.networks(spec); err != nil {
+		return nil, err
+	}
+	r.devices(&spec.Domain.Devices)
+	annotation, err := r.vmspec.Encode()
+	if err != nil {
+		return nil, fmt.Errorf("render %s annotation: %w", vmspec.Annotation, err)
+	}
+	resources, err := r.resources(&spec.Domain)
+	if err != nil {
+		return nil, err
+	}
+
+	labels := maps.Clone(vm.Spec.Template.ObjectMeta.Labels)
+	if labels == nil {
+		labels = map[string]string{}
+	}
+	labels[VMNameLabel] = vm.Name
+	annotations := maps.Clone(vm.Spec.Template.ObjectMeta.Annotations)
+	if annotations == nil {
+		annotations = map[string]string{}
+	}
+	maps.Copy(annotations, r.annotations)
+	annotations[vmspec.Annotation] = string(annotation)
+
+	hostname := spec.Hostname
+	if hostname == "" && len(vm.Name) <= 63 {
+		hostname = vm.Name
+	}
+	grace := spec.TerminationGracePeriodSeconds
+	if grace == nil {
+		grace = ptr.To[int64](DefaultTerminationGracePeriodSeconds)
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:        PodName(vm.Name),
+			Namespace:   vm.Namespace,
+			Labels:      labels,
+			Annotations: annotations,
+			OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(vm,
+				vmpodv1.GroupVersion.WithKind("VirtualMachine"))},
+		},
+		Spec: corev1.PodSpec{
+			RuntimeClassName: ptr.To(cfg.RuntimeClassName),
+			// The controller owns restarts (runStrategy, back-off); the kubelet restarting
+			// the compute container in place would reboot the VM behind its back.
+			RestartPolicy:                 corev1.RestartPolicyNever,
+			TerminationGracePeriodSeconds: grace,
+			Hostname:                      hostname,
+			Subdomain:                     spec.Subdomain,
+			NodeSelector:                  spec.NodeSelector,
+			Affinity:                      spec.Affinity,
+			Tolerations:                   spec.Tolerations,
+			PriorityClassName:             spec.PriorityClassName,
+			ImagePullSecrets:              r.pullSecrets,
+			// Nothing runs in the compute container that could use a token or service env.
+			AutomountServiceAccountToken: ptr.To(false),
+			EnableServiceLinks:           ptr.To(false),
+			Volumes:                      r.podVolumes,
+			Containers: []corev1.Container{{
+				Name:           vmspec.ComputeContainer,
+				Image:          cfg.ComputeImage,
+				Resources:      resources,
+				VolumeMounts:   r.mounts,
+				VolumeDevices:  r.devs,
+				ReadinessProbe: readinessProbe(spec.ReadinessProbe),
+				// The serial console is the container's log and its stdin (kubectl attach).
+				Stdin:                    true,
+				TTY:                      true,
+				TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+			}},
+		},
+	}
+	pod.Annotations[TemplateHashAnnotation] = hashOf(pod)
+	return pod, nil
+}
+
+// TemplateHash is the hash a pod rendered now would carry.
+func TemplateHash(pod *corev1.Pod) string { return pod.Annotations[TemplateHashAnnotation] }
+
+// renderer accumulates the pod and vmspec parts while walking the VM's spec.
+type renderer struct {
+	vm          *vmpodv1.VirtualMachine
+	cfg         Config
+	claims      map[string]Claim
+	vmspec      vmspec.VM
+	podVolumes  []corev1.Volume
+	mounts      []corev1.VolumeMount
+	devs        []corev1.VolumeDevice
+	pullSecrets []corev1.LocalObjectReference
+	annotations map[string]string
+	limits      corev1.ResourceList // device plugin resources
+	guestMemory resource.Quantity
+}
+
+func (r *renderer) domain(d *vmpodv1.DomainSpec) error {
+	cpu := vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}
+	if d.CPU != nil {
+		for dst, src := range map[*int]uint32{&cpu.Sockets: d.CPU.Sockets, &cpu.Cores: d.CPU.Cores, &cpu.Threads: d.CPU.Threads} {
+			if src > 0 {
+				*dst = int(src)
+			}
+		}
+	}
+	r.vmspec.CPU = cpu
+
+	switch {
+	case d.Memory != nil && d.Memory.Guest != nil:
+		r.guestMemory = d.Memory.Guest.DeepCopy()
+	case d.Resources.Requests.Memory() != nil && !d.Resources.Requests.Memory().IsZero():
+		r.guestMemory = d.Resources.Requests.Memory().DeepCopy()
+	default:
+		return fmt.Errorf("spec.template.spec.domain: set memory.guest or resources.requests.memory")
+	}
+	// round up to whole MiB: QEMU sizes RAM in MiB
+	r.vmspec.MemoryMiB = (r.guestMemory.Value() + (1<<20 - 1)) >> 20
+
+	r.vmspec.Machine = vmspec.MachineQ35
+	if d.Machine != nil && d.Machine.Type != "" {
+		r.vmspec.Machine = vmspec.Machine(d.Machine.Type)
+	}
+	r.vmspec.Firmware = vmspec.Firmware{Type: vmspec.FirmwareBIOS}
+	if d.Firmware != nil && d.Firmware.Bootloader != nil && d.Firmware.Bootloader.EFI != nil {
+		// KubeVirt turns Secure Boot on unless it is explicitly off.
+		r.vmspec.Firmware = vmspec.Firmware{Type: vmspec.FirmwareUEFI,
+			SecureBoot: ptr.Deref(d.Firmware.Bootloader.EFI.SecureBoot, true)}
+	}
+	return nil
+}
+
+func (r *renderer) volumes(spec *vmpodv1.InstanceSpec) error {
+	volumes := map[string]*vmpodv1.Volume{}
+	for i := range spec.Volumes {
+		volumes[spec.Volumes[i].Name] = &spec.Volumes[i]
+	}
+	for i, disk := range spec.Domain.Devices.Disks {
+		v, ok := volumes[disk.Name]
+		if !ok {
+			return fmt.Errorf("spec.template.spec.domain.devices.disks[%d]: no volume named %q", i, disk.Name)
+		}
+		if v.CloudInitNoCloud != nil {
+			if err := r.cloudInit(v, disk); err != nil {
+				return err
+			}
+			continue
+		}
+		d := vmspec.Disk{Name: disk.Name, Volume: v.Name, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio,
+			BootOrder: int(ptr.Deref(disk.BootOrder, 0))}
+		switch {
+		case disk.CDRom != nil:
+			d.Device, d.Bus, d.ReadOnly = vmspec.DeviceCDROM, vmspec.BusSATA, true
+			if disk.CDRom.Bus != "" {
+				d.Bus = vmspec.Bus(disk.CDRom.Bus)
+			}
+		case disk.Disk != nil:
+			d.ReadOnly = disk.Disk.ReadOnly
+			if disk.Disk.Bus != "" {
+				d.Bus = vmspec.Bus(disk.Disk.Bus)
+			}
+		}
+		switch {
+		case v.ContainerDisk != nil:
+			d.Source = vmspec.SourceImage
+			r.podVolumes = append(r.podVolumes, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{
+				Image: &corev1.ImageVolumeSource{Reference: v.ContainerDisk.Image, PullPolicy: v.ContainerDisk.ImagePullPolicy}}})
+			r.mount(v.Name, true)
+			if s := v.ContainerDisk.ImagePullSecret; s != "" && !slices.Contains(r.pullSecrets, corev1.LocalObjectReference{Name: s}) {
+				r.pullSecrets = append(r.pullSecrets, corev1.LocalObjectReference{Name: s})
+			}
+		case v.DataVolume != nil, v.PersistentVolumeClaim != nil:
+			claim, readOnly := ClaimName(v), v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.ReadOnly
+			c, ok := r.claims[claim]
+			if !ok {
+				return fmt.Errorf("spec.template.spec.volumes[%s]: PVC %q is not known", v.Name, claim)
+			}
+			d.ReadOnly = d.ReadOnly || readOnly
+			r.podVolumes = append(r.podVolumes, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{
+				PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim, ReadOnly: readOnly}}})
+			if c.Block {
+				d.Source = vmspec.SourceBlock
+				r.devs = append(r.devs, corev1.VolumeDevice{Name: v.Name, DevicePath: vmspec.BlockDevicePath(v.Name)})
+			} else {
+				d.Source = vmspec.SourceFile
+				r.mount(v.Name, readOnly)
+			}
+		}
+		r.vmspec.Disks = append(r.vmspec.Disks, d)
+	}
+	return nil
+}
+
+// ClaimName is the PVC behind a dataVolume or persistentVolumeClaim volume ("" otherwise).
+// A DataVolume's PVC has the DataVolume's name.
+func ClaimName(v *vmpodv1.Volume) string {
+	switch {
+	case v.DataVolume != nil:
+		return v.DataVolume.Name
+	case v.PersistentVolumeClaim != nil:
+		return v.PersistentVolumeClaim.ClaimName
+	}
+	return ""
+}
+
+func (r *renderer) cloudInit(v *vmpodv1.Volume, disk vmpodv1.Disk) error {
+	src := v.CloudInitNoCloud
+	ci := &vmspec.CloudInit{UserData: src.UserData, NetworkData: src.NetworkData, Bus: vmspec.BusVirtio}
+	if disk.Disk != nil && disk.Disk.Bus != "" {
+		ci.Bus = vmspec.Bus(disk.Disk.Bus)
+	} else if disk.CDRom != nil && disk.CDRom.Bus != "" {
+		ci.Bus = vmspec.Bus(disk.CDRom.Bus)
+	}
+	for _, b64 := range []struct {
+		field string
+		in    string
+		out   *string
+	}{{"userDataBase64", src.UserDataBase64, &ci.UserData}, {"networkDataBase64", src.NetworkDataBase64, &ci.NetworkData}} {
+		if b64.in == "" {
+			continue
+		}
+		data, err := base64.StdEncoding.DecodeString(b64.in)
+		if err != nil {
+			return fmt.Errorf("spec.template.spec.volumes[%s].cloudInitNoCloud.%s: %w", v.Name, b64.field, err)
+		}
+		*b64.out = string(data)
+	}
+	if src.SecretRef != nil {
+		ci.SecretVolume = v.Name
+		r.podVolumes = append(r.podVolumes, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{
+			Secret: &corev1.SecretVolumeSource{SecretName: src.SecretRef.Name}}})
+		r.mount(v.Name, true)
+	}
+	r.vmspec.CloudInit = ci
+	return nil
+}
+
+func (r *renderer) mount(volume string, readOnly bool) {
+	r.mounts = append(r.mounts, corev1.VolumeMount{Name: volume, MountPath: vmspec.VolumeMountPath(volume), ReadOnly: readOnly})
+}
+
+func (r *renderer) networks(spec *vmpodv1.InstanceSpec) error {
+	ifaces, nets := spec.Domain.Devices.Interfaces, spec.Networks
+	if len(ifaces) == 0 && len(nets) == 0 && ptr.Deref(spec.Domain.Devices.AutoattachPodInterface, true) {
+		ifaces = []vmpodv1.Interface{{Name: "default", Model: string(vmspec.ModelVirtio)}}
+		nets = []vmpodv1.Network{{Name: "default", Pod: &vmpodv1.PodNetwork{}}}
+	}
+	byName := map[string]*vmpodv1.Network{}
+	for i := range nets {
+		byName[nets[i].Name] = &nets[i]
+	}
+	type attachment struct {
+		Name      string `json:"name"`
+		Namespace string `json:"namespace,omitempty"`
+		Interface string `json:"interface"`
+	}
+	var secondary []attachment
+	for i, iface := range ifaces {
+		n, ok := byName[iface.Name]
+		if !ok {
+			return fmt.Errorf("spec.template.spec.domain.devices.interfaces[%d]: no network named %q", i, iface.Name)
+		}
+		podIface := "eth0"
+		if n.Multus != nil {
+			if n.Multus.Default {
+				r.setAnnotation(MultusDefaultNetworkAnnotation, n.Multus.NetworkName)
+			} else {
+				// Multus names secondary interfaces net1, net2, ... unless told; telling it
+				// makes the name part of the contract instead of an ordering accident.
+				podIface = "net" + strconv.Itoa(len(secondary)+1)
+				ns, name := splitNamespace(n.Multus.NetworkName)
+				secondary = append(secondary, attachment{Name: name, Namespace: ns, Interface: podIface})
+			}
+		}
+		model := vmspec.Model(iface.Model)
+		if model == "" {
+			model = vmspec.ModelVirtio
+		}
+		r.vmspec.Interfaces = append(r.vmspec.Interfaces, vmspec.Interface{
+			Name: iface.Name, PodInterface: podIface, Model: model, MACAddress: iface.MACAddress})
+	}
+	if len(secondary) > 0 {
+		b, err := json.Marshal(secondary)
+		if err != nil {
+			return fmt.Errorf("render %s: %w", MultusNetworksAnnotation, err)
+		}
+		r.setAnnotation(MultusNetworksAnnotation, string(b))
+	}
+	return nil
+}
+
+func (r *renderer) setAnnotation(k, v string) {
+	if r.annotations == nil {
+		r.annotations = map[string]string{}
+	}
+	r.annotations[k] = v
+}
+
+func splitNamespace(s string) (ns, name string) {
+	if ns, name, ok := strings.Cut(s, "/"); ok {
+		return ns, name
+	}
+	return "", s
+}
+
+// devices adds GPUs and host devices to the annotation, and one unit of each one's resource
+// to the compute container: the device plugin allocates it, the shim passes it through.
+func (r *renderer) devices(d *vmpodv1.Devices) {
+	add := func(name, resourceName string, list *[]vmspec.HostDevice) {
+		*list = append(*list, vmspec.HostDevice{Name: name, ResourceName: resourceName})
+		q := r.limits[corev1.ResourceName(resourceName)]
+		q.Add(resource.MustParse("1"))
+		r.limits[corev1.ResourceName(resourceName)] = q
+	}
+	for _, g := range d.GPUs {
+		add(g.Name, g.DeviceName, &r.vmspec.GPUs)
+	}
+	for _, h := range d.HostDevices {
+		add(h.Name, h.DeviceName, &r.vmspec.HostDevices)
+	}
+}
+
+// resources: memory requests and limits default to the guest's memory (the VM cannot use
+// more; QEMU's own overhead is the RuntimeClass overhead, added by the API server). cpu
+// requests default to vCPUs/CPUAllocationRatio, with no cpu limit unless one is set.
+func (r *renderer) resources(d *vmpodv1.DomainSpec) (corev1.ResourceRequirements, error) {
+	req := d.Resources.Requests.DeepCopy()
+	lim := d.Resources.Limits.DeepCopy()
+	if req == nil {
+		req = corev1.ResourceList{}
+	}
+	if lim == nil {
+		lim = corev1.ResourceList{}
+	}
+	if _, ok := req[corev1.ResourceMemory]; !ok {
+		req[corev1.ResourceMemory] = r.guestMemory
+	}
+	if _, ok := lim[corev1.ResourceMemory]; !ok {
+		m := req[corev1.ResourceMemory]
+		if m.Cmp(r.guestMemory) < 0 {
+			m = r.guestMemory
+		}
+		lim[corev1.ResourceMemory] = m
+	}
+	if _, ok := req[corev1.ResourceCPU]; !ok {
+		ratio := max(r.cfg.CPUAllocationRatio, 1)
+		milli := max(int64(r.vmspec.CPU.VCPUs())*1000/ratio, 1)
+		req[corev1.ResourceCPU] = *resource.NewMilliQuantity(milli, resource.DecimalSI)
+	}
+	for name, q := range r.limits {
+		req[name], lim[name] = q, q
+	}
+	for name := range req {
+		if l, ok := lim[name]; ok && l.Cmp(req[name]) < 0 {
+			return corev1.ResourceRequirements{}, fmt.Errorf("spec.template.spec.domain.resources: %s limit %s is below the request %s",
+				name, l.String(), ptr.To(req[name]).String())
+		}
+	}
+	return corev1.ResourceRequirements{Requests: req, Limits: lim}, nil
+}
+
+func readinessProbe(p *vmpodv1.Probe) *corev1.Probe {
+	if p == nil {
+		return nil
+	}
+	probe := &corev1.Probe{InitialDelaySeconds: p.InitialDelaySeconds, TimeoutSeconds: p.TimeoutSeconds,
+		PeriodSeconds: p.PeriodSeconds, SuccessThreshold: p.SuccessThreshold, FailureThreshold: p.FailureThreshold}
+	switch {
+	case p.GuestAgentPing != nil:
+		probe.Exec = &corev1.ExecAction{Command: []string{vmspec.GuestAgentPingCommand}}
+	case p.TCPSocket != nil:
+		probe.TCPSocket = p.TCPSocket.DeepCopy()
+	case p.HTTPGet != nil:
+		probe.HTTPGet = p.HTTPGet.DeepCopy()
+	}
+	return probe
+}
+
+// hashOf hashes the rendered pod's labels, annotations and spec.
+func hashOf(pod *corev1.Pod) string {
+	b, err := json.Marshal(struct {
+		L, A map[string]string
+		S    *corev1.PodSpec
+	}{pod.Labels, pod.Annotations, &pod.Spec})
+	if err != nil {
+		panic(fmt.Sprintf("render: marshal pod for its hash: %v", err)) // a PodSpec always marshals
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}

@@ -1,0 +1,251 @@
+package render
+
+import (
+	"encoding/json"
+	"reflect"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+var cfg = Config{RuntimeClassName: "vmpod", ComputeImage: "registry.k8s.io/pause:3.10", CPUAllocationRatio: 10}
+
+func q(s string) *resource.Quantity { return ptr.To(resource.MustParse(s)) }
+
+// fedora is a VM with one of everything.
+func fedora() *vmpodv1.VirtualMachine {
+	return &vmpodv1.VirtualMachine{
+		ObjectMeta: metav1.ObjectMeta{Name: "fedora", Namespace: "ns", UID: "uid-1"},
+		Spec: vmpodv1.VirtualMachineSpec{
+			RunStrategy: vmpodv1.RunStrategyAlways,
+			Template: vmpodv1.VirtualMachineTemplateSpec{
+				ObjectMeta: vmpodv1.TemplateMeta{Labels: map[string]string{"app": "db"}, Annotations: map[string]string{"team": "a"}},
+				Spec: vmpodv1.InstanceSpec{
+					Domain: vmpodv1.DomainSpec{
+						CPU:      &vmpodv1.CPU{Cores: 2, Sockets: 2},
+						Memory:   &vmpodv1.Memory{Guest: q("1500Mi")},
+						Firmware: &vmpodv1.Firmware{Bootloader: &vmpodv1.Bootloader{EFI: &vmpodv1.EFI{}}},
+						Devices: vmpodv1.Devices{
+							Disks: []vmpodv1.Disk{
+								{Name: "root", Disk: &vmpodv1.DiskTarget{Bus: "virtio"}, BootOrder: ptr.To[int32](1)},
+								{Name: "data", Disk: &vmpodv1.DiskTarget{Bus: "scsi"}},
+								{Name: "fast"},
+								{Name: "iso", CDRom: &vmpodv1.CDRomTarget{}},
+								{Name: "ci", Disk: &vmpodv1.DiskTarget{Bus: "sata"}},
+							},
+							Interfaces: []vmpodv1.Interface{{Name: "default"}, {Name: "storage", Model: "e1000e", MACAddress: "02:00:00:00:00:07"}},
+							GPUs:       []vmpodv1.GPU{{Name: "g1", DeviceName: "nvidia.com/A10"}, {Name: "g2", DeviceName: "nvidia.com/A10"}},
+						},
+					},
+					Volumes: []vmpodv1.Volume{
+						{Name: "root", VolumeSource: vmpodv1.VolumeSource{ContainerDisk: &vmpodv1.ContainerDiskSource{Image: "quay.io/x/fedora:42", ImagePullSecret: "pull"}}},
+						{Name: "data", VolumeSource: vmpodv1.VolumeSource{DataVolume: &vmpodv1.DataVolumeVolumeSource{Name: "fedora-data"}}},
+						{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "nvme", ReadOnly: true}}},
+						{Name: "iso", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "installer"}}},
+						{Name: "ci", VolumeSource: vmpodv1.VolumeSource{CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{SecretRef: &vmpodv1.LocalObjectReference{Name: "fedora-ci"}}}},
+					},
+					Networks: []vmpodv1.Network{
+						{Name: "default", Pod: &vmpodv1.PodNetwork{}},
+						{Name: "storage", Multus: &vmpodv1.MultusNetwork{NetworkName: "infra/storage-net"}},
+					},
+					ReadinessProbe: &vmpodv1.Probe{GuestAgentPing: &vmpodv1.GuestAgentPing{}, PeriodSeconds: 5},
+					NodeSelector:   map[string]string{"disk": "ssd"},
+				},
+			},
+		},
+	}
+}
+
+var claims = map[string]Claim{"fedora-data": {}, "nvme": {Block: true}, "installer": {}}
+
+func TestPod(t *testing.T) {
+	pod, err := Pod(fedora(), claims, cfg)
+	if err != nil {
+		t.Fatalf("Pod: %v", err)
+	}
+	if pod.Name != "vmpod-fedora" || pod.Namespace != "ns" {
+		t.Errorf("pod %s/%s, want ns/vmpod-fedora", pod.Namespace, pod.Name)
+	}
+	if ref := metav1.GetControllerOf(pod); ref == nil || ref.UID != "uid-1" || ref.Kind != "VirtualMachine" {
+		t.Errorf("controller ref = %+v", ref)
+	}
+	if pod.Labels["app"] != "db" || pod.Labels[VMNameLabel] != "fedora" || pod.Annotations["team"] != "a" {
+		t.Errorf("template metadata not carried over: labels %v annotations %v", pod.Labels, pod.Annotations)
+	}
+	s := pod.Spec
+	if *s.RuntimeClassName != "vmpod" || s.RestartPolicy != corev1.RestartPolicyNever || *s.TerminationGracePeriodSeconds != 180 ||
+		s.Hostname != "fedora" || s.NodeSelector["disk"] != "ssd" || *s.AutomountServiceAccountToken {
+		t.Errorf("pod spec fields: %+v", s)
+	}
+	if !reflect.DeepEqual(s.ImagePullSecrets, []corev1.LocalObjectReference{{Name: "pull"}}) {
+		t.Errorf("imagePullSecrets = %v", s.ImagePullSecrets)
+	}
+	c := s.Containers[0]
+	if c.Name != vmspec.ComputeContainer || c.Image != cfg.ComputeImage {
+		t.Errorf("container %s image %s", c.Name, c.Image)
+	}
+
+	// 4 vCPUs at ratio 10 request 400m; memory is the guest's; 2 GPUs of one resource.
+	wantReq := corev1.ResourceList{"cpu": resource.MustParse("400m"), "memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2")}
+	wantLim := corev1.ResourceList{"memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2")}
+	if !equality.Semantic.DeepEqual(c.Resources.Requests, wantReq) || !equality.Semantic.DeepEqual(c.Resources.Limits, wantLim) {
+		t.Errorf("resources = %v / %v, want %v / %v", c.Resources.Requests, c.Resources.Limits, wantReq, wantLim)
+	}
+
+	wantVolumes := map[string]string{"root": "image:quay.io/x/fedora:42", "data": "pvc:fedora-data", "fast": "pvc:nvme", "iso": "pvc:installer", "ci": "secret:fedora-ci"}
+	for _, v := range s.Volumes {
+		var got string
+		switch {
+		case v.Image != nil:
+			got = "image:" + v.Image.Reference
+		case v.PersistentVolumeClaim != nil:
+			got = "pvc:" + v.PersistentVolumeClaim.ClaimName
+		case v.Secret != nil:
+			got = "secret:" + v.Secret.SecretName
+		}
+		if got != wantVolumes[v.Name] {
+			t.Errorf("volume %s = %s, want %s", v.Name, got, wantVolumes[v.Name])
+		}
+		delete(wantVolumes, v.Name)
+	}
+	if len(wantVolumes) != 0 {
+		t.Errorf("missing pod volumes %v", wantVolumes)
+	}
+	mounts := map[string]string{}
+	for _, m := range c.VolumeMounts {
+		mounts[m.Name] = m.MountPath
+	}
+	wantMounts := map[string]string{"root": "/vmpod/volumes/root", "data": "/vmpod/volumes/data", "iso": "/vmpod/volumes/iso", "ci": "/vmpod/volumes/ci"}
+	if !reflect.DeepEqual(mounts, wantMounts) {
+		t.Errorf("mounts = %v, want %v", mounts, wantMounts)
+	}
+	if !reflect.DeepEqual(c.VolumeDevices, []corev1.VolumeDevice{{Name: "fast", DevicePath: "/vmpod/devices/fast"}}) {
+		t.Errorf("devices = %v", c.VolumeDevices)
+	}
+	if p := c.ReadinessProbe; p == nil || p.Exec == nil || p.Exec.Command[0] != vmspec.GuestAgentPingCommand || p.PeriodSeconds != 5 {
+		t.Errorf("readiness probe = %+v", p)
+	}
+
+	var nets []map[string]string
+	if err := json.Unmarshal([]byte(pod.Annotations[MultusNetworksAnnotation]), &nets); err != nil ||
+		!reflect.DeepEqual(nets, []map[string]string{{"name": "storage-net", "namespace": "infra", "interface": "net1"}}) {
+		t.Errorf("multus annotation %q (%v)", pod.Annotations[MultusNetworksAnnotation], err)
+	}
+
+	// The annotation is what the shim will Parse.
+	vm, err := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
+	if err != nil {
+		t.Fatalf("the rendered annotation does not parse: %v\n%s", err, pod.Annotations[vmspec.Annotation])
+	}
+	want := &vmspec.VM{
+		Version: vmspec.Version, CPU: vmspec.CPU{Sockets: 2, Cores: 2, Threads: 1}, MemoryMiB: 1500,
+		Machine: vmspec.MachineQ35, Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true},
+		Disks: []vmspec.Disk{
+			{Name: "root", Volume: "root", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1},
+			{Name: "data", Volume: "data", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSCSI},
+			{Name: "fast", Volume: "fast", Source: vmspec.SourceBlock, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, ReadOnly: true},
+			{Name: "iso", Volume: "iso", Source: vmspec.SourceFile, Device: vmspec.DeviceCDROM, Bus: vmspec.BusSATA, ReadOnly: true},
+		},
+		Interfaces: []vmspec.Interface{
+			{Name: "default", PodInterface: "eth0", Model: vmspec.ModelVirtio},
+			{Name: "storage", PodInterface: "net1", Model: vmspec.ModelE1000E, MACAddress: "02:00:00:00:00:07"},
+		},
+		CloudInit: &vmspec.CloudInit{SecretVolume: "ci", Bus: vmspec.BusSATA},
+		GPUs:      []vmspec.HostDevice{{Name: "g1", ResourceName: "nvidia.com/A10"}, {Name: "g2", ResourceName: "nvidia.com/A10"}},
+	}
+	if !reflect.DeepEqual(vm, want) {
+		t.Errorf("annotation =\n%+v\nwant\n%+v", vm, want)
+	}
+}
+
+func TestPodDefaults(t *testing.T) {
+	vm := &vmpodv1.VirtualMachine{ObjectMeta: metav1.ObjectMeta{Name: "tiny", Namespace: "ns"}}
+	vm.Spec.Template.Spec.Domain.Resources.Requests = corev1.ResourceList{"memory": resource.MustParse("100M")}
+	vm.Spec.Template.Spec.Volumes = []vmpodv1.Volume{{Name: "ci", VolumeSource: vmpodv1.VolumeSource{
+		CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{UserDataBase64: "I2Nsb3VkLWNvbmZpZwo="}}}}
+	vm.Spec.Template.Spec.Domain.Devices.Disks = []vmpodv1.Disk{{Name: "ci"}}
+	pod, err := Pod(vm, nil, cfg)
+	if err != nil {
+		t.Fatalf("Pod: %v", err)
+	}
+	spec, err := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	// 100M = 95.37 MiB, rounded up; one NIC on the pod network; base64 user data decoded
+	if spec.MemoryMiB != 96 || spec.CPU.VCPUs() != 1 || spec.Machine != vmspec.MachineQ35 || spec.Firmware.Type != vmspec.FirmwareBIOS {
+		t.Errorf("defaults: %+v", spec)
+	}
+	if len(spec.Interfaces) != 1 || spec.Interfaces[0].PodInterface != "eth0" {
+		t.Errorf("autoattached interfaces = %+v", spec.Interfaces)
+	}
+	if spec.CloudInit == nil || spec.CloudInit.UserData != "#cloud-config\n" {
+		t.Errorf("cloud-init = %+v", spec.CloudInit)
+	}
+	res := pod.Spec.Containers[0].Resources
+	if cpu := res.Requests.Cpu(); cpu.MilliValue() != 100 {
+		t.Errorf("cpu request %v, want 100m (1 vCPU / 10)", cpu)
+	}
+	if _, ok := res.Limits["cpu"]; ok {
+		t.Errorf("cpu limit set without being asked for: %v", res.Limits)
+	}
+	if len(pod.Spec.Containers[0].VolumeMounts) != 0 {
+		t.Errorf("inline cloud-init needs no volume, got mounts %v", pod.Spec.Containers[0].VolumeMounts)
+	}
+}
+
+func TestPodErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		modify func(*vmpodv1.VirtualMachine)
+		claims map[string]Claim
+		want   string
+	}{
+		{"no memory", func(vm *vmpodv1.VirtualMachine) { vm.Spec.Template.Spec.Domain.Memory = nil }, claims,
+			"spec.template.spec.domain: set memory.guest or resources.requests.memory"},
+		{"unknown claim", func(*vmpodv1.VirtualMachine) {}, map[string]Claim{"fedora-data": {}}, `volumes[fast]: PVC "nvme" is not known`},
+		{"disk without volume", func(vm *vmpodv1.VirtualMachine) { vm.Spec.Template.Spec.Volumes = vm.Spec.Template.Spec.Volumes[1:] }, claims,
+			`disks[0]: no volume named "root"`},
+		{"microvm with a scsi disk", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Domain.Machine = &vmpodv1.Machine{Type: "microvm"}
+			vm.Spec.Template.Spec.Domain.Firmware = nil
+		}, claims, "disks[1].bus: microvm has no PCI bus"},
+		{"limit below request", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Domain.Resources.Limits = corev1.ResourceList{"memory": resource.MustParse("1Gi")}
+		}, claims, "memory limit 1Gi is below the request 1500Mi"},
+		{"bad base64", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Volumes[4].CloudInitNoCloud = &vmpodv1.CloudInitNoCloudSource{UserDataBase64: "%%%"}
+		}, claims, "volumes[ci].cloudInitNoCloud.userDataBase64: illegal base64"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vm := fedora()
+			tc.modify(vm)
+			_, err := Pod(vm, tc.claims, cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want it to contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestTemplateHash(t *testing.T) {
+	a, _ := Pod(fedora(), claims, cfg)
+	b, _ := Pod(fedora(), claims, cfg)
+	if TemplateHash(a) == "" || TemplateHash(a) != TemplateHash(b) {
+		t.Fatalf("hash not stable: %q %q", TemplateHash(a), TemplateHash(b))
+	}
+	vm := fedora()
+	vm.Spec.Template.Spec.Domain.Memory.Guest = q("2Gi")
+	c, _ := Pod(vm, claims, cfg)
+	if TemplateHash(c) == TemplateHash(a) {
+		t.Errorf("a memory change kept the hash %q", TemplateHash(a))
+	}
+}

@@ -1,0 +1,395 @@
+// Package vm reconciles VirtualMachines into Pods: it creates, replaces and deletes a VM's
+// one pod as the runStrategy and start/stop/restart requests say, and reports the pod's
+// state back in the VM's status. See docs/design/105-run-strategy.md.
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/events"
+	ctrl "sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/render"
+)
+
+// Backoff spaces the pods of a VM whose pods keep failing: the n-th consecutive failure
+// waits Base*2^(n-1), at most Max. A pod that ran for ResetAfter before failing starts the
+// count again. Kubelet's CrashLoopBackOff uses 10s, 5min, 10min.
+type Backoff struct {
+	Base, Max, ResetAfter time.Duration
+}
+
+// DefaultBackoff is the kubelet's crash-loop back-off.
+var DefaultBackoff = Backoff{Base: 10 * time.Second, Max: 5 * time.Minute, ResetAfter: 10 * time.Minute}
+
+// Delay is the wait after the n-th consecutive failure.
+func (b Backoff) Delay(n int32) time.Duration {
+	d := b.Base
+	for i := int32(1); i < n && d < b.Max; i++ {
+		d *= 2
+	}
+	return min(d, b.Max)
+}
+
+// Reconciler reconciles VirtualMachines.
+type Reconciler struct {
+	Client ctrl.Client
+	// APIReader reads around the cache, which holds only vmpod's own pods: it tells a
+	// foreign pod that has the VM's pod name apart from one the cache has not seen yet.
+	APIReader ctrl.Reader
+	Recorder  events.EventRecorder
+	Render    render.Config
+	Backoff   Backoff
+}
+
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;create
+// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch
+// +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+
+// Reconcile brings one VM's pod in line with its runStrategy and pending request.
+func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	vm := &vmpodv1.VirtualMachine{}
+	if err := r.Client.Get(ctx, req.NamespacedName, vm); err != nil {
+		return reconcile.Result{}, ctrl.IgnoreNotFound(err)
+	}
+	run := &run{Reconciler: r, vm: vm, status: *vm.Status.DeepCopy(), now: time.Now()}
+	result, err := run.reconcile(ctx)
+	if err != nil {
+		return result, err
+	}
+	if err := run.writeStatus(ctx); err != nil {
+		return reconcile.Result{}, err
+	}
+	if run.requestDone {
+		if err := run.clearRequest(ctx); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	return result, nil
+}
+
+// run is one pass of Reconcile over one VM.
+type run struct {
+	*Reconciler
+	vm     *vmpodv1.VirtualMachine
+	status vmpodv1.VirtualMachineStatus // what will be written
+	now    time.Time
+
+	pod         *corev1.Pod // the VM's pod, nil if none
+	request     *vmpodv1.StateChangeRequest
+	requestRaw  string   // the annotation value request was parsed from
+	requestDone bool     // remove the request annotation after this pass
+	blocked     *blocker // why no pod can be created now
+	wantRunning bool
+}
+
+// blocker is a reason the VM cannot get a pod now.
+type blocker struct {
+	status  vmpodv1.PrintableStatus
+	reason  string
+	message string
+	failure bool // sets the Failure condition: it needs a human, not time
+}
+
+func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
+	if r.vm.DeletionTimestamp != nil {
+		return reconcile.Result{}, nil // the pod and DataVolumes go with the VM (owner references)
+	}
+	if err := r.ensureDataVolumes(ctx); err != nil {
+		return reconcile.Result{}, err
+	}
+	if err := r.getPod(ctx); err != nil {
+		return reconcile.Result{}, err
+	}
+	r.recordFailure()
+	r.readRequest(ctx)
+	r.decide(ctx)
+
+	switch {
+	case r.pod != nil && r.pod.DeletionTimestamp != nil:
+		// wait for the old pod to go; its deletion event brings us back
+	case r.wantRunning && r.pod != nil && finished(r.pod):
+		// A failed pod stays, with its logs (the serial console), until its back-off ends:
+		// the pod is then the record of the failure, not a status field a stale cache
+		// could hide from the next pass.
+		if wait := r.backoffRemaining(); wait > 0 {
+			return reconcile.Result{RequeueAfter: wait}, nil
+		}
+		return reconcile.Result{}, r.deletePod(ctx, "Replacing", fmt.Sprintf("pod ended (%s); starting a new one", r.pod.Status.Phase))
+	case r.wantRunning && r.pod == nil:
+		return r.createPod(ctx)
+	case !r.wantRunning && r.pod != nil && (!finished(r.pod) || r.vm.Spec.RunStrategy == vmpodv1.RunStrategyHalted):
+		if r.request != nil && r.request.Action == vmpodv1.StateChangeRestart {
+			return reconcile.Result{}, r.deletePod(ctx, "Restarting", "restart requested")
+		}
+		return reconcile.Result{}, r.deletePod(ctx, "Stopping", "stopping the VM")
+	}
+	return reconcile.Result{}, nil
+}
+
+// getPod finds the VM's pod. A pod of that name that the VM does not control is never
+// touched: it blocks the VM.
+func (r *run) getPod(ctx context.Context) error {
+	pod := &corev1.Pod{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.vm.Namespace, Name: render.PodName(r.vm.Name)}, pod)
+	switch {
+	case apierrors.IsNotFound(err):
+		return nil
+	case err != nil:
+		return fmt.Errorf("get pod %s: %w", render.PodName(r.vm.Name), err)
+	case !metav1.IsControlledBy(pod, r.vm):
+		r.blocked = &blocker{vmpodv1.StatusUnknown, "PodNameTaken",
+			fmt.Sprintf("pod %s exists and does not belong to this VM", pod.Name), true}
+		return nil
+	}
+	r.pod = pod
+	return nil
+}
+
+// recordFailure counts a newly failed pod for the back-off.
+func (r *run) recordFailure() {
+	if r.pod == nil || r.pod.Status.Phase != corev1.PodFailed {
+		if r.pod != nil && r.pod.Status.Phase == corev1.PodSucceeded {
+			r.status.StartFailure = nil // a clean shutdown ends a crash loop
+		}
+		return
+	}
+	if sf := r.status.StartFailure; sf != nil && sf.LastFailedPodUID == r.pod.UID {
+		return // already counted
+	}
+	started, ended := podTimes(r.pod, r.now)
+	count := int32(1)
+	if sf := r.status.StartFailure; sf != nil && ended.Sub(started) < r.Backoff.ResetAfter {
+		count = sf.ConsecutiveFailCount + 1
+	}
+	// metav1.Time has whole seconds on the wire: round up so the retry is never early
+	retry := ended.Add(r.Backoff.Delay(count)).Truncate(time.Second).Add(time.Second)
+	r.status.StartFailure = &vmpodv1.StartFailure{ConsecutiveFailCount: count, LastFailedPodUID: r.pod.UID,
+		RetryAfterTimestamp: &metav1.Time{Time: retry}}
+}
+
+// podTimes is when a pod's VM started and ended (the compute container's, or the pod's).
+func podTimes(pod *corev1.Pod, now time.Time) (started, ended time.Time) {
+	started, ended = now, now
+	if pod.Status.StartTime != nil {
+		started = pod.Status.StartTime.Time
+	}
+	for _, cs := range pod.Status.ContainerStatuses {
+		if t := cs.State.Terminated; t != nil {
+			if !t.StartedAt.IsZero() {
+				started = t.StartedAt.Time
+			}
+			if !t.FinishedAt.IsZero() {
+				ended = t.FinishedAt.Time
+			}
+		}
+	}
+	return started, ended
+}
+
+// readRequest parses the state change request annotation; a malformed one is dropped.
+func (r *run) readRequest(ctx context.Context) {
+	raw, ok := r.vm.Annotations[vmpodv1.StateChangeRequestAnnotation]
+	if !ok {
+		return
+	}
+	r.requestRaw = raw
+	req := &vmpodv1.StateChangeRequest{}
+	if err := json.Unmarshal([]byte(raw), req); err != nil || !validAction(req.Action) {
+		r.event(corev1.EventTypeWarning, "InvalidRequest", "Ignore",
+			"ignoring %s=%q: want {\"action\": \"Start\"|\"Stop\"|\"Restart\"}", vmpodv1.StateChangeRequestAnnotation, raw)
+		log.FromContext(ctx).Info("dropping malformed state change request", "value", raw)
+		r.requestDone = true
+		return
+	}
+	r.request = req
+}
+
+func validAction(a vmpodv1.StateChangeAction) bool {
+	return a == vmpodv1.StateChangeStart || a == vmpodv1.StateChangeStop || a == vmpodv1.StateChangeRestart
+}
+
+// decide sets wantRunning from the runStrategy and the pending request, and whether the
+// request is done. A request stays until it has taken effect (a Start until a pod runs),
+// so it survives controller restarts and conflicts.
+func (r *run) decide(ctx context.Context) {
+	strategy := r.vm.Spec.RunStrategy
+	active := r.pod != nil && r.pod.DeletionTimestamp == nil && !finished(r.pod)
+	switch strategy {
+	case vmpodv1.RunStrategyAlways:
+		r.wantRunning = true
+	case vmpodv1.RunStrategyRerunOnFailure:
+		r.wantRunning = r.pod == nil || r.pod.Status.Phase != corev1.PodSucceeded
+	case vmpodv1.RunStrategyOnce:
+		r.wantRunning = r.pod == nil || active // a finished pod is the record that it ran
+	case vmpodv1.RunStrategyManual:
+		r.wantRunning = active
+	case vmpodv1.RunStrategyHalted:
+		r.wantRunning = false
+	}
+	if r.request == nil {
+		return
+	}
+	ignore := func(why string) {
+		r.event(corev1.EventTypeWarning, "RequestIgnored", string(r.request.Action), "%s request ignored: %s", r.request.Action, why)
+		r.requestDone = true
+	}
+	switch r.request.Action {
+	case vmpodv1.StateChangeStart:
+		switch strategy {
+		case vmpodv1.RunStrategyHalted:
+			ignore("runStrategy is Halted; set it to Always (kubectl vmpod start does)")
+		case vmpodv1.RunStrategyOnce:
+			ignore("a runStrategy Once VM runs once; change the runStrategy to run it again")
+		default:
+			r.wantRunning = true
+			r.requestDone = active
+		}
+	case vmpodv1.StateChangeStop:
+		switch strategy {
+		case vmpodv1.RunStrategyManual:
+			r.wantRunning = false
+			r.requestDone = true
+		case vmpodv1.RunStrategyHalted:
+			r.requestDone = true
+		default:
+			ignore(fmt.Sprintf("runStrategy %s would start the VM again; set it to Halted (kubectl vmpod stop does)", strategy))
+		}
+	case vmpodv1.StateChangeRestart:
+		switch {
+		case strategy == vmpodv1.RunStrategyHalted:
+			ignore("runStrategy is Halted")
+		case r.pod != nil && r.pod.UID == r.request.PodUID:
+			// the old pod is still here: stop it, then (below) start a new one
+			if !finished(r.pod) && r.pod.DeletionTimestamp == nil {
+				r.wantRunning = false
+			} else {
+				r.wantRunning = true
+			}
+		default:
+			r.wantRunning = true
+			r.requestDone = active
+		}
+	}
+	if r.requestDone {
+		log.FromContext(ctx).Info("state change request done", "action", r.request.Action)
+	}
+}
+
+// backoffRemaining is how long a failed pod must wait to be replaced; a start or restart
+// request skips the wait.
+func (r *run) backoffRemaining() time.Duration {
+	sf := r.status.StartFailure
+	userAsked := r.request != nil && r.request.Action != vmpodv1.StateChangeStop
+	if r.pod.Status.Phase != corev1.PodFailed || sf == nil || sf.RetryAfterTimestamp == nil || userAsked {
+		return 0
+	}
+	return sf.RetryAfterTimestamp.Sub(r.now)
+}
+
+func finished(pod *corev1.Pod) bool {
+	return pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed
+}
+
+func (r *run) deletePod(ctx context.Context, reason, note string) error {
+	uid := r.pod.UID
+	err := r.Client.Delete(ctx, r.pod, ctrl.Preconditions{UID: &uid})
+	if ctrl.IgnoreNotFound(err) != nil {
+		return fmt.Errorf("delete pod %s: %w", r.pod.Name, err)
+	}
+	log.FromContext(ctx).Info("deleted pod", "pod", r.pod.Name, "reason", reason)
+	r.event(corev1.EventTypeNormal, reason, "DeletePod", "%s: deleted pod %s", note, r.pod.Name)
+	r.pod.DeletionTimestamp = &metav1.Time{Time: r.now} // for the status below
+	return nil
+}
+
+func (r *run) createPod(ctx context.Context) (reconcile.Result, error) {
+	if r.blocked != nil {
+		return reconcile.Result{}, nil
+	}
+	claims, err := r.claims(ctx)
+	if err != nil || r.blocked != nil {
+		return reconcile.Result{}, err
+	}
+	pod, err := render.Pod(r.vm, claims, r.Render)
+	if err != nil {
+		r.blocked = &blocker{vmpodv1.StatusInvalidSpec, "InvalidSpec", err.Error(), true}
+		r.event(corev1.EventTypeWarning, "InvalidSpec", "RenderPod", "%v", err)
+		return reconcile.Result{}, nil // nothing to retry until the spec changes
+	}
+	switch err := r.Client.Create(ctx, pod); {
+	case apierrors.IsAlreadyExists(err):
+		live := &corev1.Pod{}
+		if gerr := r.APIReader.Get(ctx, ctrl.ObjectKeyFromObject(pod), live); gerr == nil && !metav1.IsControlledBy(live, r.vm) {
+			r.blocked = &blocker{vmpodv1.StatusUnknown, "PodNameTaken", fmt.Sprintf("pod %s exists and does not belong to this VM", pod.Name), true}
+			r.event(corev1.EventTypeWarning, "PodNameTaken", "CreatePod", "pod %s exists and does not belong to this VM", pod.Name)
+			return reconcile.Result{RequeueAfter: r.Backoff.Max}, nil
+		}
+		return reconcile.Result{RequeueAfter: time.Second}, nil // the cache had not seen it yet
+	case apierrors.IsInvalid(err) || apierrors.IsForbidden(err):
+		// rejected by validation or admission (quota, RuntimeClass missing, PodSecurity):
+		// retrying the same pod would fail the same way until something changes
+		r.blocked = &blocker{vmpodv1.StatusFailed, "FailedCreate", err.Error(), true}
+		r.event(corev1.EventTypeWarning, "FailedCreate", "CreatePod", "create pod %s: %v", pod.Name, err)
+		return reconcile.Result{RequeueAfter: r.Backoff.Max}, nil
+	case err != nil:
+		return reconcile.Result{}, fmt.Errorf("create pod %s: %w", pod.Name, err)
+	}
+	log.FromContext(ctx).Info("created pod", "pod", pod.Name)
+	r.event(corev1.EventTypeNormal, "SuccessfulCreate", "CreatePod", "created pod %s", pod.Name)
+	r.pod = pod
+	return reconcile.Result{}, nil
+}
+
+// event records an event on the VM, related to its pod if there is one.
+func (r *run) event(eventType, reason, action, note string, args ...any) {
+	var related *corev1.Pod
+	if r.pod != nil && r.pod.UID != "" {
+		related = r.pod
+	}
+	if related != nil {
+		r.Recorder.Eventf(r.vm, related, eventType, reason, action, note, args...)
+	} else {
+		r.Recorder.Eventf(r.vm, nil, eventType, reason, action, note, args...)
+	}
+}
+
+func (r *run) writeStatus(ctx context.Context) error {
+	r.fillStatus()
+	if equality.Semantic.DeepEqual(r.vm.Status, r.status) {
+		return nil
+	}
+	r.vm.Status = r.status
+	if err := r.Client.Status().Update(ctx, r.vm); err != nil {
+		return fmt.Errorf("update status: %w", err)
+	}
+	return nil
+}
+
+// clearRequest removes the request annotation, unless it changed since it was read: a
+// newer request must not be lost.
+func (r *run) clearRequest(ctx context.Context) error {
+	if r.vm.Annotations[vmpodv1.StateChangeRequestAnnotation] != r.requestRaw {
+		return nil // replaced while we worked (the status update returned the new one)
+	}
+	patch := ctrl.MergeFromWithOptions(r.vm.DeepCopy(), ctrl.MergeFromWithOptimisticLock{})
+	delete(r.vm.Annotations, vmpodv1.StateChangeRequestAnnotation)
+	if err := r.Client.Patch(ctx, r.vm, patch); err != nil {
+		return fmt.Errorf("remove %s: %w", vmpodv1.StateChangeRequestAnnotation, err)
+	}
+	return nil
+}

@@ -1,0 +1,71 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/render"
+)
+
+// claimIndex indexes VMs by the PVC names their volumes use (a DataVolume's PVC has its
+// name), so a PVC or DataVolume change wakes the VMs waiting for it.
+const claimIndex = "vmpod.dev/claims"
+
+// SetupWithManager registers the reconciler and its watches.
+func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error {
+	err := mgr.GetFieldIndexer().IndexField(ctx, &vmpodv1.VirtualMachine{}, claimIndex, func(o client.Object) []string {
+		var names []string
+		for i := range o.(*vmpodv1.VirtualMachine).Spec.Template.Spec.Volumes {
+			if n := render.ClaimName(&o.(*vmpodv1.VirtualMachine).Spec.Template.Spec.Volumes[i]); n != "" {
+				names = append(names, n)
+			}
+		}
+		return names
+	})
+	if err != nil {
+		return fmt.Errorf("index VirtualMachines by claim: %w", err)
+	}
+	byClaim := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+		names := []string{o.GetName()}
+		// a PVC owned by a DataVolume: VMs may name either
+		if owner := metaOwner(o, "DataVolume"); owner != "" && owner != o.GetName() {
+			names = append(names, owner)
+		}
+		var reqs []reconcile.Request
+		for _, n := range names {
+			vms := &vmpodv1.VirtualMachineList{}
+			if err := mgr.GetClient().List(ctx, vms, client.InNamespace(o.GetNamespace()), client.MatchingFields{claimIndex: n}); err != nil {
+				ctrl.LoggerFrom(ctx).Error(err, "list VirtualMachines using a claim", "claim", n)
+				continue
+			}
+			for _, vm := range vms.Items {
+				reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: vm.Namespace, Name: vm.Name}})
+			}
+		}
+		return reqs
+	})
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("virtualmachine").
+		For(&vmpodv1.VirtualMachine{}).
+		Owns(&corev1.Pod{}).
+		Watches(&vmpodv1.DataVolume{}, byClaim).
+		Watches(&corev1.PersistentVolumeClaim{}, byClaim).
+		Complete(r)
+}
+
+func metaOwner(o client.Object, kind string) string {
+	for _, ref := range o.GetOwnerReferences() {
+		if ref.Kind == kind && ref.Controller != nil && *ref.Controller {
+			return ref.Name
+		}
+	}
+	return ""
+}

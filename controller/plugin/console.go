@@ -1,0 +1,98 @@
+package plugin
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/term"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/remotecommand"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+// detachKey (Ctrl-]) ends a console session, as in telnet and virsh console.
+const detachKey = 0x1d
+
+// Console attaches the terminal to the VM's serial console: the compute container's stdin
+// and TTY, which the shim wires to the guest's serial port.
+func Console(ctx context.Context, rc *rest.Config, c client.Client, key types.NamespacedName, stdio IO) error {
+	vm := &vmpodv1.VirtualMachine{}
+	if err := c.Get(ctx, key, vm); err != nil {
+		return fmt.Errorf("get VirtualMachine %s: %w", key, err)
+	}
+	if vm.Status.PrintableStatus != vmpodv1.StatusRunning || vm.Status.PodName == "" {
+		return fmt.Errorf("VirtualMachine %s is %s, not Running: no console to attach to", key.Name, orUnknown(vm.Status.PrintableStatus))
+	}
+	cs, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return fmt.Errorf("API client: %w", err)
+	}
+	req := cs.CoreV1().RESTClient().Post().Resource("pods").Namespace(key.Namespace).Name(vm.Status.PodName).SubResource("attach").
+		VersionedParams(&corev1.PodAttachOptions{Container: vmspec.ComputeContainer, Stdin: true, Stdout: true, TTY: true}, scheme.ParameterCodec)
+	ws, err := remotecommand.NewWebSocketExecutor(rc, "GET", req.URL().String())
+	if err != nil {
+		return fmt.Errorf("console: %w", err)
+	}
+	spdy, err := remotecommand.NewSPDYExecutor(rc, "POST", req.URL())
+	if err != nil {
+		return fmt.Errorf("console: %w", err)
+	}
+	exec, err := remotecommand.NewFallbackExecutor(ws, spdy, func(err error) bool { return true })
+	if err != nil {
+		return fmt.Errorf("console: %w", err)
+	}
+
+	in := stdio.In
+	if f, ok := in.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		old, err := term.MakeRaw(int(f.Fd()))
+		if err != nil {
+			return fmt.Errorf("raw terminal: %w", err)
+		}
+		defer term.Restore(int(f.Fd()), old)
+	}
+	fmt.Fprintf(stdio.Err, "Connected to %s (pod %s). Ctrl-] detaches.\r\n", key.Name, vm.Status.PodName)
+	err = exec.StreamWithContext(ctx, remotecommand.StreamOptions{Stdin: &detachReader{r: in}, Stdout: stdio.Out, Tty: true})
+	fmt.Fprint(stdio.Err, "\r\nDisconnected.\r\n")
+	if err != nil && err != io.EOF {
+		return fmt.Errorf("console: %w", err)
+	}
+	return nil
+}
+
+// detachReader passes input through until the detach key, then reports EOF.
+type detachReader struct {
+	r    io.Reader
+	done bool
+}
+
+func (d *detachReader) Read(p []byte) (int, error) {
+	if d.done {
+		return 0, io.EOF
+	}
+	n, err := d.r.Read(p)
+	if i := bytes.IndexByte(p[:n], detachKey); i >= 0 {
+		d.done = true
+		if i == 0 {
+			return 0, io.EOF
+		}
+		return i, nil
+	}
+	return n, err
+}
+
+func orUnknown(s vmpodv1.PrintableStatus) vmpodv1.PrintableStatus {
+	if s == "" {
+		return vmpodv1.StatusUnknown
+	}
+	return s
+}

@@ -1,0 +1,200 @@
+// Package plugin is kubectl-vmpod, the kubectl plugin for vmpod VMs:
+//
+//	kubectl vmpod start|stop|restart VM    change what runs (see docs/design/102-state-change-requests.md)
+//	kubectl vmpod console VM               attach to the VM's serial console
+//	kubectl vmpod convert -f FILE          KubeVirt/CDI manifests -> vmpod's
+package plugin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/convert"
+)
+
+const usage = `kubectl vmpod: manage vmpod VirtualMachines
+
+Usage:
+  kubectl vmpod start VM [flags]      start a stopped VM
+  kubectl vmpod stop VM [flags]       stop a VM (the guest gets an ACPI power-off)
+  kubectl vmpod restart VM [flags]    replace the VM's pod with a new one
+  kubectl vmpod console VM [flags]    attach to the VM's serial console (Ctrl-] detaches)
+  kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
+                                      manifests to vmpod's (- reads stdin)
+
+Flags: the usual kubectl connection flags (--kubeconfig, --context, -n/--namespace, ...).
+`
+
+// IO is where a command reads and writes.
+type IO struct {
+	In       io.Reader
+	Out, Err io.Writer
+}
+
+// Main runs kubectl-vmpod with args (without the program name) and returns the exit code.
+func Main(args []string, stdio IO) int {
+	if err := run(context.Background(), args, stdio); err != nil {
+		if !errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprintln(stdio.Err, "error:", err)
+		}
+		return 1
+	}
+	return 0
+}
+
+func run(ctx context.Context, args []string, stdio IO) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stdio.Out, usage)
+		return nil
+	}
+	cmd, args := args[0], args[1:]
+	fs := pflag.NewFlagSet("kubectl vmpod "+cmd, pflag.ContinueOnError)
+	fs.SetOutput(stdio.Err)
+	overrides := &clientcmd.ConfigOverrides{}
+	clientcmd.BindOverrideFlags(overrides, fs, clientcmd.RecommendedConfigOverrideFlags(""))
+	loading := clientcmd.NewDefaultClientConfigLoadingRules()
+	fs.StringVar(&loading.ExplicitPath, "kubeconfig", "", "path to the kubeconfig file")
+	file := fs.StringP("filename", "f", "", "convert: the manifest file (- for stdin)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	config := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(loading, overrides)
+
+	if cmd == "convert" {
+		return convertCmd(*file, fs.Args(), stdio)
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("%s needs one VM name, got %d arguments", cmd, fs.NArg())
+	}
+	ns, _, err := config.Namespace()
+	if err != nil {
+		return fmt.Errorf("namespace: %w", err)
+	}
+	rc, err := config.ClientConfig()
+	if err != nil {
+		return fmt.Errorf("kubeconfig: %w", err)
+	}
+	c, err := newClient(rc)
+	if err != nil {
+		return err
+	}
+	key := types.NamespacedName{Namespace: ns, Name: fs.Arg(0)}
+	switch cmd {
+	case "start", "stop", "restart":
+		msg, err := StateChange(ctx, c, key, vmpodv1.StateChangeAction(strings.ToUpper(cmd[:1])+cmd[1:]))
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdio.Out, msg)
+		return nil
+	case "console":
+		return Console(ctx, rc, c, key, stdio)
+	}
+	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
+}
+
+func newClient(rc *rest.Config) (client.Client, error) {
+	s := scheme.Scheme
+	if err := vmpodv1.AddToScheme(s); err != nil {
+		return nil, fmt.Errorf("scheme: %w", err)
+	}
+	c, err := client.New(rc, client.Options{Scheme: s})
+	if err != nil {
+		return nil, fmt.Errorf("API client: %w", err)
+	}
+	return c, nil
+}
+
+func convertCmd(file string, args []string, stdio IO) error {
+	if len(args) > 0 {
+		return fmt.Errorf("convert takes no arguments (use -f FILE), got %q", args)
+	}
+	var in io.Reader
+	switch file {
+	case "":
+		return errors.New("convert needs -f FILE (- reads stdin)")
+	case "-":
+		in = stdio.In
+	default:
+		f, err := os.Open(file)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		in = f
+	}
+	return convert.Stream(in, stdio.Out, stdio.Err)
+}
+
+// StateChange starts, stops or restarts a VM and says what it did. A lasting change (start
+// a Halted VM, stop an Always one) edits spec.runStrategy, as virtctl does; a one-off
+// (a Manual VM, any restart) is a request annotation the controller carries out.
+func StateChange(ctx context.Context, c client.Client, key types.NamespacedName, action vmpodv1.StateChangeAction) (string, error) {
+	vm := &vmpodv1.VirtualMachine{}
+	if err := c.Get(ctx, key, vm); err != nil {
+		return "", fmt.Errorf("get VirtualMachine %s: %w", key, err)
+	}
+	strategy := vm.Spec.RunStrategy
+	setStrategy := func(s vmpodv1.RunStrategy) (string, error) {
+		patch := fmt.Sprintf(`{"metadata":{"resourceVersion":%q},"spec":{"runStrategy":%q}}`, vm.ResourceVersion, s)
+		if err := c.Patch(ctx, vm, client.RawPatch(types.MergePatchType, []byte(patch))); err != nil {
+			return "", fmt.Errorf("set runStrategy %s: %w", s, err)
+		}
+		return fmt.Sprintf("VirtualMachine %s: runStrategy %s -> %s", key.Name, strategy, s), nil
+	}
+	request := func(req vmpodv1.StateChangeRequest) (string, error) {
+		b, err := json.Marshal(req)
+		if err != nil {
+			return "", err
+		}
+		patch, err := json.Marshal(map[string]any{"metadata": map[string]any{
+			"resourceVersion": vm.ResourceVersion, "annotations": map[string]string{vmpodv1.StateChangeRequestAnnotation: string(b)}}})
+		if err != nil {
+			return "", err
+		}
+		if err := c.Patch(ctx, vm, client.RawPatch(types.MergePatchType, patch)); err != nil {
+			return "", fmt.Errorf("request %s: %w", req.Action, err)
+		}
+		return fmt.Sprintf("VirtualMachine %s: %s requested", key.Name, strings.ToLower(string(req.Action))), nil
+	}
+
+	switch action {
+	case vmpodv1.StateChangeStart:
+		switch strategy {
+		case vmpodv1.RunStrategyHalted:
+			return setStrategy(vmpodv1.RunStrategyAlways)
+		case vmpodv1.RunStrategyAlways:
+			return fmt.Sprintf("VirtualMachine %s: runStrategy Always keeps it running already", key.Name), nil
+		case vmpodv1.RunStrategyOnce:
+			return "", fmt.Errorf("VirtualMachine %s has runStrategy Once: it runs once; change the runStrategy to run it again", key.Name)
+		}
+		return request(vmpodv1.StateChangeRequest{Action: action})
+	case vmpodv1.StateChangeStop:
+		switch strategy {
+		case vmpodv1.RunStrategyHalted:
+			return fmt.Sprintf("VirtualMachine %s: already Halted", key.Name), nil
+		case vmpodv1.RunStrategyManual:
+			return request(vmpodv1.StateChangeRequest{Action: action})
+		}
+		return setStrategy(vmpodv1.RunStrategyHalted)
+	case vmpodv1.StateChangeRestart:
+		if vm.Status.PodUID == "" || !vm.Status.Created {
+			return "", fmt.Errorf("VirtualMachine %s has no pod to restart (status %s); use start", key.Name, vm.Status.PrintableStatus)
+		}
+		return request(vmpodv1.StateChangeRequest{Action: action, PodUID: vm.Status.PodUID})
+	}
+	return "", fmt.Errorf("unknown action %q", action)
+}

@@ -1,0 +1,206 @@
+package plugin_test
+
+// kubectl-vmpod as a user runs it: the real binary, found by the real kubectl (built with
+// the envtest assets) as a plugin on PATH, against a real kube-apiserver with the vmpod
+// controller running.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+const timeout = 20 * time.Second
+
+type fixture struct {
+	t          *testing.T
+	env        *testenv.Env
+	ns         string
+	kubeconfig string
+	path       string // PATH with kubectl-vmpod on it
+	kubectl    string
+}
+
+func setup(t *testing.T) *fixture {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	env.StartManager(t, ns, nil)
+	plugin := env.Binary(t, "./cmd/kubectl-vmpod")
+	return &fixture{t: t, env: env, ns: ns, kubeconfig: env.KubeconfigFile(t),
+		path:    filepath.Dir(plugin) + string(os.PathListSeparator) + os.Getenv("PATH"),
+		kubectl: filepath.Join(os.Getenv("KUBEBUILDER_ASSETS"), "kubectl")}
+}
+
+// run runs kubectl (and through it kubectl-vmpod) with stdin, returning stdout and stderr.
+func (f *fixture) run(stdin []byte, args ...string) (string, string, error) {
+	f.t.Helper()
+	// kubectl passes flags after a plugin's name to the plugin; built-in commands take them too
+	cmd := exec.Command(f.kubectl, append(args, "--kubeconfig", f.kubeconfig, "-n", f.ns)...)
+	cmd.Env = append(os.Environ(), "PATH="+f.path)
+	cmd.Stdin = bytes.NewReader(stdin)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	return out.String(), errb.String(), err
+}
+
+func (f *fixture) mustRun(stdin []byte, args ...string) string {
+	f.t.Helper()
+	out, stderr, err := f.run(stdin, args...)
+	if err != nil {
+		f.t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, stderr)
+	}
+	return out
+}
+
+func (f *fixture) vm(name string) *vmpodv1.VirtualMachine {
+	v := &vmpodv1.VirtualMachine{}
+	if err := f.env.Client.Get(context.Background(), types.NamespacedName{Namespace: f.ns, Name: name}, v); err != nil {
+		f.t.Fatalf("get VM: %v", err)
+	}
+	return v
+}
+
+func (f *fixture) waitPod(vmName string, not types.UID) *corev1.Pod {
+	f.t.Helper()
+	return f.env.WaitVMPod(f.t, f.ns, vmName, not, timeout, func() string { return string(f.vm(vmName).Status.PrintableStatus) })
+}
+
+func (f *fixture) waitNoPod(vmName string) {
+	f.t.Helper()
+	f.env.WaitNoVMPod(f.t, f.ns, vmName, timeout)
+}
+
+func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
+	f := setup(t)
+	// kubectl vmpod convert -f vm.yaml | kubectl apply -f -
+	converted := f.mustRun(nil, "vmpod", "convert", "-f", "../convert/testdata/kubevirt-vm-cirros.yaml")
+	if out := f.mustRun([]byte(converted), "apply", "-f", "-"); !strings.Contains(out, "virtualmachine.vmpod.dev/cirros-net created") {
+		t.Fatalf("kubectl apply: %s", out)
+	}
+	// running: true became runStrategy Always: the controller gives it a pod
+	pod := f.waitPod("cirros-net", "")
+	spec, err := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
+	if err != nil {
+		t.Fatalf("annotation: %v", err)
+	}
+	if len(spec.Disks) != 1 || spec.Disks[0].Source != vmspec.SourceImage || spec.CloudInit == nil || len(spec.Interfaces) != 2 ||
+		spec.Interfaces[1].PodInterface != "net1" || spec.Interfaces[1].MACAddress != "02:00:00:1a:2b:3c" {
+		t.Errorf("the converted VM's annotation = %+v", spec)
+	}
+
+	// a VM with a DataVolume template and a Secret, and CDI DataVolumes: warnings on
+	// stderr, every object accepted
+	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml"} {
+		out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/"+file)
+		if err != nil {
+			t.Fatalf("convert %s: %v\n%s", file, err, stderr)
+		}
+		if !strings.Contains(stderr, "Warning:") {
+			t.Errorf("convert %s printed no warnings", file)
+		}
+		t.Logf("kubectl vmpod convert -f %s warned:\n%s", file, stderr)
+		f.mustRun([]byte(out), "apply", "-f", "-")
+	}
+	got := f.mustRun(nil, "get", "virtualmachines,datavolumes,secrets", "-o", "name")
+	for _, want := range []string{"virtualmachine.vmpod.dev/fedora-db", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("kubectl get lacks %s:\n%s", want, got)
+		}
+	}
+	// the VM's template DataVolume is created by the controller
+	testenv.Eventually(t, timeout, "the fedora-db-root DataVolume", func() (bool, string) {
+		out, _, err := f.run(nil, "get", "dv", "fedora-db-root", "-o", "name")
+		return err == nil && strings.TrimSpace(out) == "datavolume.vmpod.dev/fedora-db-root", out
+	})
+
+	// a manifest vmpod cannot honour is refused, and nothing is printed
+	out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/kubevirt-vm-unsupported.yaml")
+	if err == nil || out != "" || !strings.Contains(stderr, "hostDisk is not supported") {
+		t.Errorf("unsupported manifest: err %v, stdout %q, stderr %s", err, out, stderr)
+	}
+}
+
+func newVM(ns, name string, s vmpodv1.RunStrategy) *vmpodv1.VirtualMachine {
+	return &vmpodv1.VirtualMachine{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: vmpodv1.VirtualMachineSpec{RunStrategy: s, Template: vmpodv1.VirtualMachineTemplateSpec{Spec: vmpodv1.InstanceSpec{
+			Domain: vmpodv1.DomainSpec{
+				Resources: vmpodv1.ResourceRequirements{Requests: corev1.ResourceList{"memory": resource.MustParse("64Mi")}},
+				Devices:   vmpodv1.Devices{Disks: []vmpodv1.Disk{{Name: "root"}}},
+			},
+			Volumes: []vmpodv1.Volume{{Name: "root", VolumeSource: vmpodv1.VolumeSource{ContainerDisk: &vmpodv1.ContainerDiskSource{Image: "quay.io/x/y:1"}}}},
+		}}},
+	}
+}
+
+func TestStartStopRestart(t *testing.T) {
+	f := setup(t)
+	ctx := context.Background()
+	for _, v := range []*vmpodv1.VirtualMachine{newVM(f.ns, "halted", vmpodv1.RunStrategyHalted), newVM(f.ns, "manual", vmpodv1.RunStrategyManual)} {
+		if err := f.env.Client.Create(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Halted: start and stop change the runStrategy
+	if out := f.mustRun(nil, "vmpod", "start", "halted"); !strings.Contains(out, "runStrategy Halted -> Always") {
+		t.Errorf("start: %s", out)
+	}
+	p := f.waitPod("halted", "")
+	testenv.Eventually(t, timeout, "status to show the pod", func() (bool, string) {
+		return f.vm("halted").Status.PodUID == p.UID, ""
+	})
+	if out := f.mustRun(nil, "vmpod", "restart", "halted"); !strings.Contains(out, "restart requested") {
+		t.Errorf("restart: %s", out)
+	}
+	f.waitPod("halted", p.UID)
+	if out := f.mustRun(nil, "vmpod", "stop", "halted"); !strings.Contains(out, "runStrategy Always -> Halted") {
+		t.Errorf("stop: %s", out)
+	}
+	f.waitNoPod("halted")
+
+	// Manual: start and stop are requests
+	if out := f.mustRun(nil, "vmpod", "start", "manual"); !strings.Contains(out, "start requested") {
+		t.Errorf("start: %s", out)
+	}
+	f.waitPod("manual", "")
+	if f.vm("manual").Spec.RunStrategy != vmpodv1.RunStrategyManual {
+		t.Errorf("start changed a Manual VM's runStrategy")
+	}
+	testenv.Eventually(t, timeout, "the start request to be consumed", func() (bool, string) {
+		_, pending := f.vm("manual").Annotations[vmpodv1.StateChangeRequestAnnotation]
+		return !pending, ""
+	})
+	f.mustRun(nil, "vmpod", "stop", "manual")
+	f.waitNoPod("manual")
+
+	// errors a user can act on
+	if _, stderr, err := f.run(nil, "vmpod", "restart", "manual"); err == nil || !strings.Contains(stderr, "has no pod to restart") {
+		t.Errorf("restart of a stopped VM: %v %s", err, stderr)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "console", "manual"); err == nil || !strings.Contains(stderr, "not Running: no console") {
+		t.Errorf("console of a stopped VM: %v %s", err, stderr)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "start", "nosuchvm"); err == nil || !strings.Contains(stderr, "not found") {
+		t.Errorf("start of a missing VM: %v %s", err, stderr)
+	}
+	fmt.Fprintln(os.Stderr) // keep go test's output tidy after the plugin's
+}

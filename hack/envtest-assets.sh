@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# envtest-assets.sh: kube-apiserver, etcd and kubectl for controller-runtime's envtest, built
+# from the Go module proxy alone (setup-envtest downloads from GCS, which is not reachable here).
+#
+#   hack/envtest-assets.sh          # prints the assets directory on stdout
+#   export KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
+#
+# How: `go install k8s.io/kubernetes/cmd/kube-apiserver@v` fails because k8s.io/kubernetes
+# replaces its staging modules (k8s.io/api, client-go, ...) with ./staging/src paths. A
+# throwaway wrapper module requires k8s.io/kubernetes and replaces each staging module with its
+# published k8s.io/<name>@v0.<minor>.<patch>. k8s.io/sample-apiserver is required but not
+# published in the proxy, and no binary links it, so an empty local module stands in. etcd's
+# main package (go.etcd.io/etcd/server/v3) is built in the same module, at the version
+# k8s.io/kubernetes pins, so it shares the compiled dependencies.
+# Measured recipe: ../shared/reference/envtest-assets/REPORT.md; decision: docs/design/104-envtest.md.
+#
+# Cached under $VMPOD_CACHE/envtest/<k8s version>/: a warm run returns at once; a cold run
+# takes ~6-10 min of 2 cores (most of it compiling kube-apiserver).
+# Knobs: ENVTEST_K8S_VERSION (default from lib.sh), FORCE=1 (rebuild).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+VERSION=${ENVTEST_K8S_VERSION}
+DEST=$VMPOD_CACHE/envtest/$VERSION
+FORCE=${FORCE:-0}
+
+have_assets() {
+  [ -x "$DEST/kube-apiserver" ] && [ -x "$DEST/etcd" ] && [ -x "$DEST/kubectl" ] &&
+    [ "$("$DEST/kube-apiserver" --version 2>/dev/null)" = "Kubernetes $VERSION" ]
+}
+if [ "$FORCE" != 1 ] && have_assets; then
+  log "kube-apiserver, etcd, kubectl $VERSION cached in $DEST"
+  echo "$DEST"
+  exit 0
+fi
+
+export CGO_ENABLED=0 # static binaries, like upstream's releases
+STAGING_VERSION="v0${VERSION#v1}" # v1.37.1 -> v0.37.1
+MINOR=$(echo "$VERSION" | cut -d. -f2)
+WORK=$VMPOD_CACHE/envtest/$VERSION.work # the wrapper module; Go's build cache makes a retry warm
+W=$WORK/wrapper
+rm -rf "$W"
+mkdir -p "$W/stub/sample-apiserver" "$W/out"
+echo 'module k8s.io/sample-apiserver' >"$W/stub/sample-apiserver/go.mod"
+cd "$W"
+
+log "fetching k8s.io/kubernetes@$VERSION go.mod"
+KMOD=$(go mod download -json "k8s.io/kubernetes@$VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+[ -f "$KMOD" ] || die "could not download k8s.io/kubernetes@$VERSION from the module proxy"
+
+{
+  printf 'module local/vmpod-envtest-assets\n\n'
+  sed -n 's/^go \(.*\)$/go \1/p' "$KMOD" | head -1
+  # the same GODEBUG defaults as upstream's builds
+  grep -E '^godebug ' "$KMOD" | sort -u || true
+  printf '\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$VERSION"
+  grep -E '^[[:space:]]+k8s\.io/[a-z0-9-]+ => \./staging/' "$KMOD" | awk '{print $1}' | while read -r m; do
+    case "$m" in
+    k8s.io/sample-apiserver) printf '\t%s => ./stub/sample-apiserver\n' "$m" ;;
+    k8s.io/sample-cli-plugin | k8s.io/sample-controller) ;; # replaced upstream, never required
+    *) printf '\t%s => %s %s\n' "$m" "$m" "$STAGING_VERSION" ;;
+    esac
+  done
+  printf ')\n'
+} >go.mod
+
+PKGS=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3)
+{
+  printf '//go:build tools\n\npackage tools\n\nimport (\n'
+  for p in "${PKGS[@]}"; do printf '\t_ "%s"\n' "$p"; done
+  printf ')\n'
+} >tools.go
+
+log "go mod tidy (a cold module cache downloads ~700 MB)"
+go mod tidy
+log "etcd $(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3), kube-apiserver $VERSION"
+
+LDF="-s -w"
+for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  # /version reports these; without them the server says v0.0.0-master
+  LDF+=" -X $v.gitVersion=$VERSION -X $v.gitMajor=1 -X $v.gitMinor=$MINOR -X $v.gitTreeState=clean"
+done
+log "go build ${PKGS[*]} (cold: ~6-10 min on 2 cores)"
+go build -trimpath -ldflags "$LDF" -o "$W/out/" "${PKGS[@]}"
+
+mkdir -p "$WORK/bin"
+install -m 0755 "$W/out/kube-apiserver" "$W/out/kubectl" "$WORK/bin/"
+install -m 0755 "$W/out/server" "$WORK/bin/etcd" # `go build -o dir/` names server/v3's binary "server"
+"$WORK/bin/etcd" --version | head -1 >&2
+publish "$WORK/bin" "$DEST"
+have_assets || die "built binaries in $DEST do not report $VERSION"
+log "built envtest assets in $DEST"
+echo "$DEST"
