@@ -6,6 +6,7 @@ package pod
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -19,6 +20,7 @@ import (
 	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/network"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 )
 
@@ -28,6 +30,7 @@ type Pod struct {
 	vm       *runtime.VM
 	size     Size
 	stateDir string
+	network  *network.Plumbing // nil without a pod network namespace
 
 	mu         sync.Mutex
 	containers map[string]*container
@@ -101,20 +104,50 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 
 	var undo cleanup.Stack
 	defer func() { _ = undo.Run() }()
+	setup := &agentv1.SetupSandboxRequest{
+		Hostname:          spec.Hostname,
+		HostTimeUnixNanos: time.Now().UnixNano(),
+	}
+	var plumbing *network.Plumbing
+	if netns := networkNamespace(spec); netns != "" {
+		plan, err := network.Inspect(netns)
+		if err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		for _, s := range plan.Skipped {
+			log.G(ctx).WithField("pod", podID).Infof("pod network: skipped %s", s)
+		}
+		if plumbing, err = network.Plumb(plan); err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		undo.Add("tear down pod network", plumbing.Teardown)
+		vmCfg.NICs = plumbing.NICs()
+		setup.Interfaces, setup.Routes = plan.GuestInterfaces(), plan.GuestRoutes()
+	}
 	vm, err := runtime.Start(ctx, vmCfg)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
 	undo.Add("stop VM", vm.Kill)
-	setup := &agentv1.SetupSandboxRequest{
-		Hostname:          spec.Hostname,
-		HostTimeUnixNanos: time.Now().UnixNano(),
-	}
 	if err := vm.Agent().SetupSandbox(ctx, setup); err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
 	undo.Release()
-	return &Pod{id: podID, vm: vm, size: size, stateDir: vmCfg.StateDir, containers: map[string]*container{}}, nil
+	return &Pod{id: podID, vm: vm, size: size, stateDir: vmCfg.StateDir, network: plumbing, containers: map[string]*container{}}, nil
+}
+
+// networkNamespace is the pod's network namespace as CRI made it (with CNI's veth in it),
+// or "" when there is none to join (a plain ctr run, or a host-network pod).
+func networkNamespace(spec *specs.Spec) string {
+	if spec.Linux == nil {
+		return ""
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if ns.Type == specs.NetworkNamespace {
+			return ns.Path
+		}
+	}
+	return ""
 }
 
 // pids are the guest pids of the pod's container inits: the processes whose namespaces
@@ -199,7 +232,12 @@ func (p *Pod) Exec(ctx context.Context, containerID, execID string, proc *specs.
 	return p.vm.Exec(ctx, containerID, execID, proc, stdio)
 }
 
-// Stop shuts the VM down and releases everything the pod holds on the host.
+// Stop shuts the VM down and releases everything the pod holds on the host: the VM
+// first (it holds the taps), then the network plumbing.
 func (p *Pod) Stop(ctx context.Context) error {
-	return p.vm.Stop(ctx)
+	err := p.vm.Stop(ctx)
+	if p.network != nil {
+		err = errors.Join(err, p.network.Teardown())
+	}
+	return err
 }
