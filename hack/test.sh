@@ -1,42 +1,91 @@
 #!/usr/bin/env bash
 # test.sh: everything CI runs (`make test`), on a fresh Debian 12 machine as root.
-# Builds what the tests need (cached under $VMPOD_CACHE), runs every Go test package
-# — unit tests, and integration tests that boot real VMs under QEMU — and ends with the
-# summary of all of it. Exit status: 0 only if nothing failed.
+#
+#   1. build what the tests need (cached under $VMPOD_CACHE): the guest kernel and
+#      initramfs, the busybox test rootfs, containerd + runc + CNI + critest (the test
+#      bed), kube-apiserver + etcd (envtest);
+#   2. start the test bed: a private containerd with the runc and vmpod runtimes;
+#   3. run every Go test package: unit tests, integration tests that boot real VMs under
+#      QEMU, drive containerd through CRI and ctr, and run the controller against a real
+#      kube-apiserver;
+#   4. run critest with the runc handler (the bar) and the vmpod handler;
+#   5. stop the test bed and check it left nothing behind;
+#   6. end with the summary of all of it. Exit status 0 only if nothing failed.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$VMPOD_ROOT"
 
 RESULTS=$VMPOD_OUT/test
 rm -rf "$RESULTS"; mkdir -p "$RESULTS"
-: > "$RESULTS/extra.txt"
+EXTRA=$RESULTS/extra.txt
+: > "$EXTRA"
+CRITEST_HANDLERS=${CRITEST_HANDLERS:-runc vmpod}
 
-log "dependencies"
+step() { log "== $*"; }
+
+step "dependencies"
 hack/install-deps.sh
-log "guest kernel and initramfs"
+step "guest kernel and initramfs"
 hack/guest.sh
-log "test rootfs"
+step "test rootfs"
 BUSYBOX=$(hack/busybox-rootfs.sh)
+step "generated code up to date"
+hack/proto.sh --check
+hack/generate.sh --check
+step "envtest: kube-apiserver + etcd"
+KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
+step "shim and test bed binaries"
+make --no-print-directory build
+hack/containerd.sh build
 
+# The vmpod config the test bed's containerd hands the shim (ConfigPath): this tree's guest.
+export VMPOD_CONFIG=$VMPOD_OUT/vmpod-config.toml
+cat > "$VMPOD_CONFIG" <<EOF
+# written by hack/test.sh
+state_dir = "/run/vmpod-test/vm"
+[hypervisor]
+kernel = "$VMPOD_OUT/guest/vmlinux"
+initrd = "$VMPOD_OUT/guest/initrd.img"
+EOF
+
+stop_testbed() {
+  step "stop the test bed, check for leaks"
+  hack/containerd.sh stop || echo "FAIL test bed: stop failed" >> "$EXTRA"
+  hack/leakcheck.sh || echo "FAIL leak check: the test bed left something behind (above)" >> "$EXTRA"
+}
+trap stop_testbed EXIT
+step "start the test bed"
+hack/containerd.sh start
+eval "$(hack/containerd.sh env)"
+
+export VMPOD_ROOT KUBEBUILDER_ASSETS
 export VMPOD_INTEGRATION=1
 export VMPOD_KERNEL=$VMPOD_OUT/guest/vmlinux
 export VMPOD_INITRD=$VMPOD_OUT/guest/initrd.img
 export VMPOD_BUSYBOX_ROOTFS=$BUSYBOX
 
-log "generated code up to date"
-hack/proto.sh --check
-log "go vet"
+step "go vet"
 go vet ./...
-log "compiling tests"
+step "compiling tests"
 go test -count=1 -run '^$' ./... >/dev/null
 
 # One package at a time: integration packages boot VMs and must not starve each other
 # on a 2-core machine; tests inside a package still run in parallel where they say so.
-log "go test (unit + integration)"
+step "go test (unit + integration)"
 go build -o "$RESULTS/testsummary" ./hack/testsummary
 set +e
 go test -json -count=1 -p 1 -timeout 45m ./... 2>&1 | "$RESULTS/testsummary" -record "$RESULTS/go-test.json"
 set -e
 
-log "done"
-"$RESULTS/testsummary" -extra "$RESULTS/extra.txt" "$RESULTS/go-test.json"
+step "critest: $CRITEST_HANDLERS"
+# critest.sh prints one "critest[h]: N passed, N failed, N skipped in Xs wall" line per
+# handler; a handler with failures becomes a FAIL line of the summary.
+if ! hack/critest.sh $CRITEST_HANDLERS; then
+  echo "FAIL critest: see _output/critest/*/critest.log and docs/conformance.md" >> "$EXTRA"
+fi
+grep -h '^critest\[' "$VMPOD_OUT/critest/summary.txt" >> "$EXTRA" 2>/dev/null || echo "FAIL critest: no summary" >> "$EXTRA"
+
+trap - EXIT
+stop_testbed
+step "done"
+"$RESULTS/testsummary" -extra "$EXTRA" "$RESULTS/go-test.json"

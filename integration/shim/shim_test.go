@@ -6,6 +6,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -297,4 +300,77 @@ func assertNoPodVMs(t *testing.T) {
 			t.Errorf("leak: %s", p)
 		}
 	}
+}
+
+// webServer runs busybox httpd in a pod and returns the pod's IP.
+func webServer(t *testing.T, cfg testenv.PodConfig) (*testenv.Pod, string) {
+	t.Helper()
+	pod := testenv.RunPod(t, cfg)
+	pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "web"},
+		Command:  sh(`mkdir -p /www && echo "served by $(uname -r)" > /www/index.html && httpd -f -p 8080 -h /www`),
+	})
+	var v struct {
+		Status struct {
+			Network struct {
+				IP string `json:"ip"`
+			} `json:"network"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspectp", pod.ID)), &v); err != nil || v.Status.Network.IP == "" {
+		t.Fatalf("pod IP: %v (%+v)", err, v)
+	}
+	return pod, v.Status.Network.IP
+}
+
+// fetch GETs url until the guest's web server answers, for at most 30s.
+func fetch(t *testing.T, url string) string {
+	t.Helper()
+	client := &http.Client{Timeout: 3 * time.Second}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := client.Get(url)
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			return string(b)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func TestPodIPAnswersFromHost(t *testing.T) {
+	testenv.RequireTestbed(t)
+	_, ip := webServer(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "podip"}})
+	// The answer names the guest kernel: the VM answered, not the pod's netns.
+	if body := fetch(t, "http://"+net.JoinHostPort(ip, "8080")+"/"); !strings.Contains(body, "-vmpod") {
+		t.Fatalf("pod IP %s answered %q, want the guest's page", ip, body)
+	}
+}
+
+func TestHostPort(t *testing.T) {
+	testenv.RequireTestbed(t)
+	webServer(t, testenv.PodConfig{
+		Metadata:     testenv.Metadata{Name: "hostport"},
+		PortMappings: []testenv.PortMapping{{ContainerPort: 8080, HostPort: 12090, HostIP: "127.0.0.1"}},
+	})
+	if body := fetch(t, "http://127.0.0.1:12090/"); !strings.Contains(body, "-vmpod") {
+		t.Fatalf("hostPort answered %q, want the guest's page", body)
+	}
+}
+
+func TestMissingNetnsIsRejected(t *testing.T) {
+	testenv.RequireTestbed(t)
+	id := fmt.Sprintf("nonetns-%d", time.Now().UnixNano())
+	_, err := testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2",
+		"--runtime-config-path", os.Getenv(testenv.EnvVmpodConfig),
+		"--with-ns", "network:/run/vmpod-no-such-netns", os.Getenv(testenv.EnvBusyboxImage), id, "true")
+	if err == nil || !strings.Contains(err.Error(), "vmpod-no-such-netns") {
+		t.Fatalf("ctr run in a missing netns: %v, want an error naming it", err)
+	}
+	testenv.AssertPodGone(t, id)
+	_, _ = testenv.Cmd("ctr", "containers", "rm", id)
 }
