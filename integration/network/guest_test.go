@@ -1,7 +1,6 @@
 package network_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -9,7 +8,6 @@ import (
 	"net/http"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,11 +19,6 @@ import (
 	"github.com/vmpod/vmpod/runtime/network"
 )
 
-func ctxFor(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
 
 // pod is a booted pod: its netns plumbed into a VM whose guest was set up as the shim
 // would do it.
@@ -44,7 +37,7 @@ func bootPod(t *testing.T, pn *podNet, name string) *pod {
 	cfg := testenv.VMConfig(t, name)
 	cfg.NICs = plumbing.NICs()
 	vm := testenv.StartVM(t, cfg)
-	err := vm.Agent().SetupSandbox(ctxFor(t, time.Minute), &agentv1.SetupSandboxRequest{
+	err := vm.Agent().SetupSandbox(testenv.Context(t, time.Minute), &agentv1.SetupSandboxRequest{
 		Hostname:          name,
 		HostTimeUnixNanos: time.Now().UnixNano(),
 		Interfaces:        plan.GuestInterfaces(),
@@ -56,41 +49,24 @@ func bootPod(t *testing.T, pn *podNet, name string) *pod {
 	return &pod{podNet: pn, plan: plan, plumbing: plumbing, vm: vm}
 }
 
-// syncBuffer is a bytes.Buffer safe to write from a pump and read from the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // container is a busybox container in the pod's VM; its network is the guest's.
 type container struct {
 	id     string
 	proc   *runtime.Process
-	output *syncBuffer // stdout and stderr
+	output *testenv.Buffer // stdout and stderr
 }
 
 // startContainer runs script with sh in a busybox container whose rootfs is an overlay
 // prepared by prepare (nil: none).
 func (p *pod) startContainer(t *testing.T, id, script string, prepare func(rootfs string)) *container {
 	t.Helper()
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
 	if prepare != nil {
 		prepare(rootfs)
 	}
-	out := &syncBuffer{}
+	out := &testenv.Buffer{}
 	proc, err := p.vm.CreateContainer(ctx, id, rootfs, testenv.Spec("sh", "-c", script), runtime.Stdio{Stdout: out, Stderr: out})
 	if err != nil {
 		t.Fatalf("create %s: %v", id, err)
@@ -130,7 +106,7 @@ func (c *container) waitOutput(t *testing.T, marker string) {
 func (p *pod) run(t *testing.T, id, script string) string {
 	t.Helper()
 	c := p.startContainer(t, id, script, nil)
-	exit, err := c.proc.Wait(ctxFor(t, time.Minute))
+	exit, err := c.proc.Wait(testenv.Context(t, time.Minute))
 	if err != nil || exit.Status != 0 {
 		t.Fatalf("container %s: exit %d, %v; output:\n%s", id, exit.Status, err, c.output)
 	}

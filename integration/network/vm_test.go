@@ -83,7 +83,7 @@ ping -c 3 -W 10 10.99.0.1; echo ping-exit=$?`)
 
 	// Teardown as the shim does it: containers, VM, then the plumbing.
 	p.removeContainer(t, "httpd")
-	if err := p.vm.Stop(ctxFor(t, time.Minute)); err != nil {
+	if err := p.vm.Stop(testenv.Context(t, time.Minute)); err != nil {
 		t.Fatalf("stop VM: %v", err)
 	}
 	if err := p.plumbing.Teardown(); err != nil {

@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,46 +21,13 @@ import (
 	"github.com/vmpod/vmpod/runtime"
 )
 
-func ctxFor(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
 
-// syncBuffer is a bytes.Buffer safe to write from a pump and read from the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// waitFor polls cond until it holds or the test's patience ends.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 // startContainer creates and starts a busybox container running args.
 func startContainer(t *testing.T, vm *runtime.VM, id string, spec *specs.Spec, stdio runtime.Stdio) *runtime.Process {
 	t.Helper()
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
 	p, err := vm.CreateContainer(ctx, id, rootfs, spec, stdio)
 	if err != nil {
@@ -81,9 +47,9 @@ func startContainer(t *testing.T, vm *runtime.VM, id string, spec *specs.Spec, s
 // run runs args to completion in a fresh container and returns its exit and output.
 func run(t *testing.T, vm *runtime.VM, id string, stdin io.Reader, args ...string) (runtime.Exit, string, string) {
 	t.Helper()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testenv.Buffer
 	p := startContainer(t, vm, id, testenv.Spec(args...), runtime.Stdio{Stdin: stdin, Stdout: &stdout, Stderr: &stderr})
-	exit, err := p.Wait(ctxFor(t, time.Minute))
+	exit, err := p.Wait(testenv.Context(t, time.Minute))
 	if err != nil {
 		t.Fatalf("wait %s: %v", id, err)
 	}
@@ -134,18 +100,18 @@ func TestTerminalWithResize(t *testing.T) {
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "tty"))
 	stdinR, stdinW := io.Pipe()
 	defer stdinW.Close()
-	var out syncBuffer
+	var out testenv.Buffer
 	spec := testenv.Spec("sh", "-c", "stty size; read line; stty size")
 	spec.Process.Terminal = true
 	p := startContainer(t, vm, "tty", spec, runtime.Stdio{Stdin: stdinR, Stdout: &out, Terminal: true, Width: 80, Height: 24})
-	waitFor(t, "first size", func() bool { return strings.Contains(out.String(), "24 80") })
-	if err := p.Resize(ctxFor(t, 10*time.Second), 132, 50); err != nil {
+	testenv.WaitFor(t, "first size", func() bool { return strings.Contains(out.String(), "24 80") })
+	if err := p.Resize(testenv.Context(t, 10*time.Second), 132, 50); err != nil {
 		t.Fatalf("resize: %v", err)
 	}
 	if _, err := stdinW.Write([]byte("\n")); err != nil {
 		t.Fatal(err)
 	}
-	exit, err := p.Wait(ctxFor(t, time.Minute))
+	exit, err := p.Wait(testenv.Context(t, time.Minute))
 	if err != nil || exit.Status != 0 {
 		t.Fatalf("wait: %v, exit %d; output %q", err, exit.Status, out.String())
 	}
@@ -157,13 +123,13 @@ func TestTerminalWithResize(t *testing.T) {
 func TestSignals(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "signals"))
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 
-	var out syncBuffer
+	var out testenv.Buffer
 	// The container's init ignores signals it has no handler for; this one traps TERM.
 	term := startContainer(t, vm, "term", testenv.Spec("sh", "-c",
 		`trap 'echo got-TERM; exit 42' TERM; echo ready; while :; do sleep 0.05; done`), runtime.Stdio{Stdout: &out})
-	waitFor(t, "trap installed", func() bool { return strings.Contains(out.String(), "ready") })
+	testenv.WaitFor(t, "trap installed", func() bool { return strings.Contains(out.String(), "ready") })
 	if err := term.Signal(ctx, syscall.SIGTERM, false); err != nil {
 		t.Fatalf("SIGTERM: %v", err)
 	}
@@ -188,10 +154,10 @@ func TestSignals(t *testing.T) {
 func TestExecIntoRunningContainer(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "exec"))
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 	startContainer(t, vm, "main", testenv.Spec("sleep", "1000"), runtime.Stdio{})
 
-	var out syncBuffer
+	var out testenv.Buffer
 	proc := testenv.Spec("sh", "-c", "echo exec-ok; cat /proc/1/cmdline").Process
 	p, err := vm.Exec(ctx, "main", "probe", proc, runtime.Stdio{Stdout: &out})
 	if err != nil {
@@ -216,8 +182,8 @@ func TestExecIntoRunningContainer(t *testing.T) {
 func TestTwoContainersInOneVM(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "two"))
-	ctx := ctxFor(t, time.Minute)
-	var outA, outB syncBuffer
+	ctx := testenv.Context(t, time.Minute)
+	var outA, outB testenv.Buffer
 	a := startContainer(t, vm, "a", testenv.Spec("sh", "-c", "echo from-a > /marker; sleep 0.3; cat /marker"), runtime.Stdio{Stdout: &outA})
 	b := startContainer(t, vm, "b", testenv.Spec("sh", "-c", "sleep 0.3; cat /marker 2>&1 || echo no-marker"), runtime.Stdio{Stdout: &outB})
 	for _, p := range []*runtime.Process{a, b} {
@@ -234,11 +200,11 @@ func TestTwoContainersInOneVM(t *testing.T) {
 func TestStats(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "stats"))
-	ctx := ctxFor(t, time.Minute)
-	var out syncBuffer
+	ctx := testenv.Context(t, time.Minute)
+	var out testenv.Buffer
 	startContainer(t, vm, "busy", testenv.Spec("sh", "-c",
 		"dd if=/dev/zero of=/dev/null bs=64k count=2000 2>/dev/null; echo done; sleep 1000"), runtime.Stdio{Stdout: &out})
-	waitFor(t, "work done", func() bool { return strings.Contains(out.String(), "done") })
+	testenv.WaitFor(t, "work done", func() bool { return strings.Contains(out.String(), "done") })
 	st, err := vm.Agent().ContainerStats(ctx, "busy")
 	if err != nil {
 		t.Fatalf("stats: %v", err)
@@ -255,10 +221,10 @@ func TestStats(t *testing.T) {
 func TestPauseResume(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "pause"))
-	ctx := ctxFor(t, time.Minute)
-	var out syncBuffer
+	ctx := testenv.Context(t, time.Minute)
+	var out testenv.Buffer
 	startContainer(t, vm, "ticker", testenv.Spec("sh", "-c", "while :; do echo t; sleep 0.05; done"), runtime.Stdio{Stdout: &out})
-	waitFor(t, "ticks", func() bool { return strings.Count(out.String(), "t") >= 3 })
+	testenv.WaitFor(t, "ticks", func() bool { return strings.Count(out.String(), "t") >= 3 })
 	if err := vm.Agent().PauseContainer(ctx, "ticker"); err != nil {
 		t.Fatalf("pause: %v", err)
 	}
@@ -274,14 +240,14 @@ func TestPauseResume(t *testing.T) {
 	if err := vm.Agent().ResumeContainer(ctx, "ticker"); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
-	waitFor(t, "ticks after resume", func() bool { return len(out.String()) > len(frozen) })
+	testenv.WaitFor(t, "ticks after resume", func() bool { return len(out.String()) > len(frozen) })
 }
 
 // A removed container leaves no bundle, share or process; a running one needs force.
 func TestRemoveNeedsForceWhileRunning(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "remove"))
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 	startContainer(t, vm, "sleeper", testenv.Spec("sleep", "1000"), runtime.Stdio{})
 	if err := vm.RemoveContainer(ctx, "sleeper", false); !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("remove running without force: %v, want FailedPrecondition", err)
@@ -297,7 +263,7 @@ func TestRemoveNeedsForceWhileRunning(t *testing.T) {
 func TestBadSpecIsRejectedNamingTheField(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "badspec"))
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
 
 	noArgs := testenv.Spec()
@@ -338,9 +304,9 @@ func TestShareFileAndReadOnly(t *testing.T) {
 	}
 	spec := testenv.Spec("sh", "-c", "cat /etc/hosts; echo x >> /etc/hosts && echo writable || echo read-only")
 	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/etc/hosts", Type: "bind", Source: guestFile, Options: []string{"rbind", "ro"}})
-	var out syncBuffer
+	var out testenv.Buffer
 	p := startContainer(t, vm, "c", spec, runtime.Stdio{Stdout: &out, Stderr: io.Discard})
-	if exit, err := p.Wait(ctxFor(t, time.Minute)); err != nil || exit.Status != 0 {
+	if exit, err := p.Wait(testenv.Context(t, time.Minute)); err != nil || exit.Status != 0 {
 		t.Fatalf("exit %d err %v", exit.Status, err)
 	}
 	if got := out.String(); !strings.Contains(got, "shared-host") || !strings.Contains(got, "read-only") {
@@ -460,7 +426,7 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 func TestReconnectAgent(t *testing.T) {
 	testenv.Require(t)
 	vm := testenv.StartVM(t, testenv.VMConfig(t, "reconnect"))
-	ctx := ctxFor(t, time.Minute)
+	ctx := testenv.Context(t, time.Minute)
 	for i := range 3 {
 		if err := vm.ReconnectAgent(ctx); err != nil {
 			t.Fatalf("reconnect %d: %v", i, err)
@@ -482,7 +448,7 @@ func TestHotplugVCPUAndMemory(t *testing.T) {
 	cfg.VCPUs, cfg.MaxVCPUs = 1, 2
 	cfg.MemoryMiB, cfg.MaxMemoryMiB = 512, 1024
 	vm := testenv.StartVM(t, cfg)
-	ctx := ctxFor(t, 2*time.Minute)
+	ctx := testenv.Context(t, 2*time.Minute)
 
 	before, err := vm.Agent().Ping(ctx)
 	if err != nil {
