@@ -19,7 +19,6 @@ import (
 	"github.com/vmpod/vmpod/runtime/network"
 )
 
-
 // pod is a booted pod: its netns plumbed into a VM whose guest was set up as the shim
 // would do it.
 type pod struct {
@@ -48,7 +47,6 @@ func bootPod(t *testing.T, pn *podNet, name string) *pod {
 	}
 	return &pod{podNet: pn, plan: plan, plumbing: plumbing, vm: vm}
 }
-
 
 // container is a busybox container in the pod's VM; its network is the guest's.
 type container struct {

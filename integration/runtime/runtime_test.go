@@ -21,9 +21,6 @@ import (
 	"github.com/vmpod/vmpod/runtime"
 )
 
-
-
-
 // startContainer creates and starts a busybox container running args.
 func startContainer(t *testing.T, vm *runtime.VM, id string, spec *specs.Spec, stdio runtime.Stdio) *runtime.Process {
 	t.Helper()
