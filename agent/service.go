@@ -20,6 +20,7 @@ var Version = "dev"
 // for every method.
 type service struct {
 	containers *containers
+	ports      ports
 	oom        *oomWatcher
 	booted     time.Time
 	poweroff   func()

@@ -19,8 +19,6 @@ import (
 // not waited for.
 const outputDrainTimeout = 2 * time.Second
 
-const stdinChunk = 32 << 10
-
 // Stdio is what the host attaches to a guest process. Nil streams are not attached (the
 // process gets /dev/null). With Terminal, output arrives on Stdout only.
 type Stdio struct {
@@ -83,14 +81,14 @@ func newProcess(a *Agent, containerID, execID string, pid uint32, stdio Stdio) *
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel, stdinDone: make(chan struct{})}
 	if stdio.Stdout != nil {
-		p.pumpOutput(ctx, stdio.Stdout, func(ctx context.Context, r *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error) {
-			return a.client().ReadStdout(ctx, r)
-		}, "stdout")
+		p.pumpOutput(ctx, stdio.Stdout, "stdout", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
+			return a.client().ReadStdout(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
+		})
 	}
 	if stdio.Stderr != nil && !stdio.Terminal {
-		p.pumpOutput(ctx, stdio.Stderr, func(ctx context.Context, r *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error) {
-			return a.client().ReadStderr(ctx, r)
-		}, "stderr")
+		p.pumpOutput(ctx, stdio.Stderr, "stderr", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
+			return a.client().ReadStderr(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
+		})
 	}
 	if stdio.Stdin != nil {
 		go p.pumpStdin(ctx, stdio.Stdin)
@@ -100,68 +98,33 @@ func newProcess(a *Agent, containerID, execID string, pid uint32, stdio Stdio) *
 	return p
 }
 
-type readFunc func(context.Context, *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error)
-
-// pumpOutput copies a guest stream to w. It asks for data by offset, so a reply lost
-// with a channel session costs a repeat, not data.
-func (p *Process) pumpOutput(ctx context.Context, w io.Writer, read readFunc, stream string) {
+func (p *Process) pumpOutput(ctx context.Context, w io.Writer, stream string, read readAt) {
 	p.output.Add(1)
 	go func() {
 		defer p.output.Done()
-		var offset uint64
-		for {
-			resp, err := read(ctx, &agentv1.ReadStreamRequest{ContainerId: p.containerID, ExecId: p.execID, Offset: offset})
-			if err != nil {
-				if ctx.Err() == nil {
-					log.L.WithError(err).Warnf("vm %s: %s %s ended early", p.agent.vm, p.name(), stream)
-				}
-				return
-			}
-			if resp.Offset > offset {
-				log.L.Warnf("vm %s: %s %s: %d bytes dropped by the guest", p.agent.vm, p.name(), stream, resp.Offset-offset)
-			}
-			if len(resp.Data) > 0 {
-				if _, err := w.Write(resp.Data); err != nil {
-					log.L.WithError(err).Warnf("vm %s: %s %s: host writer failed", p.agent.vm, p.name(), stream)
-					return
-				}
-			}
-			offset = resp.Offset + uint64(len(resp.Data))
-			if resp.Eof {
-				return
-			}
+		if err := copyFromGuest(ctx, w, read); err != nil && ctx.Err() == nil {
+			log.L.WithError(err).Warnf("vm %s: %s %s", p.agent.vm, p.name(), stream)
 		}
 	}()
 }
 
-// pumpStdin copies r to the guest process and closes its stdin at r's end.
+// pumpStdin copies r to the guest process and closes its stdin when r ends: at EOF, or
+// when the host closed its end (containerd's CloseIO closes the stdin FIFO under a
+// blocked read). Either way the process's stdin is over.
 func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
 	defer close(p.stdinDone)
-	buf := make([]byte, stdinChunk)
-	var offset uint64
-	for {
-		n, rerr := r.Read(buf)
-		for sent := 0; sent < n; {
-			resp, err := p.agent.client().WriteStdin(ctx, &agentv1.WriteStdinRequest{
-				ContainerId: p.containerID, ExecId: p.execID, Offset: offset, Data: buf[sent:n],
-			})
-			if err != nil {
-				if ctx.Err() == nil && !errdefs.IsNotFound(err) {
-					log.L.WithError(err).Warnf("vm %s: %s stdin", p.agent.vm, p.name())
-				}
-				return
-			}
-			sent += int(resp.Offset - offset)
-			offset = resp.Offset
+	err := copyToGuest(ctx, r, func(ctx context.Context, offset uint64, data []byte) (uint64, error) {
+		resp, err := p.agent.client().WriteStdin(ctx, &agentv1.WriteStdinRequest{ContainerId: p.containerID, ExecId: p.execID, Offset: offset, Data: data})
+		if err != nil {
+			return offset, err
 		}
-		if rerr != nil {
-			// EOF, or the host closed its end (containerd's CloseIO closes the stdin
-			// FIFO under a blocked read): either way the process's stdin is over.
-			if err := p.CloseStdin(ctx); err != nil && ctx.Err() == nil && !errdefs.IsNotFound(err) {
-				log.L.WithError(err).Warnf("vm %s: %s: close stdin", p.agent.vm, p.name())
-			}
-			return
-		}
+		return resp.Offset, nil
+	})
+	if err != nil && (errdefs.IsNotFound(err) || ctx.Err() != nil) {
+		return // the process is gone
+	}
+	if err := p.CloseStdin(ctx); err != nil && ctx.Err() == nil && !errdefs.IsNotFound(err) {
+		log.L.WithError(err).Warnf("vm %s: %s: close stdin", p.agent.vm, p.name())
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -150,6 +151,21 @@ func unmount(target string) error {
 		return fmt.Errorf("unmount %s: %w", target, err)
 	}
 	return nil
+}
+
+// MountPointsBelow lists the mount points strictly below dir, parents before children.
+func MountPointsBelow(dir string) ([]string, error) {
+	all, err := mountsUnder(filepath.Clean(dir))
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, m := range all {
+		if m != filepath.Clean(dir) && !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	return out, nil
 }
 
 // mountsUnder lists mount points at or below dir, from /proc/self/mountinfo.

@@ -374,3 +374,22 @@ func TestMissingNetnsIsRejected(t *testing.T) {
 	testenv.AssertPodGone(t, id)
 	_, _ = testenv.Cmd("ctr", "containers", "rm", id)
 }
+
+// kubectl port-forward: containerd dials localhost in the pod's netns; vmpod carries it to
+// the guest's loopback.
+func TestPortForward(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod, _ := webServer(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "portfwd"}})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	pf := exec.CommandContext(ctx, "crictl", "port-forward", pod.ID, "18181:8080")
+	if err := pf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cancel(); _ = pf.Wait() }()
+	for i := range 3 { // several connections through one forward
+		if body := fetch(t, "http://127.0.0.1:18181/"); !strings.Contains(body, "-vmpod") {
+			t.Fatalf("connection %d: port-forward answered %q, want the guest's page", i, body)
+		}
+	}
+}

@@ -3,6 +3,7 @@ package pod
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -17,16 +18,25 @@ var nsPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/[a-z_]+$`)
 
 // guestSpec is spec as the guest must see it. Host paths become shares, and what only
 // made sense on the host goes:
+//
 //   - the network namespace: the VM is the pod's network, every container shares it;
+//
 //   - a bind of /dev/shm (CRI's pod shm): the guest's pod-wide tmpfs instead;
+//
 //   - other bind sources: shared into the guest (read-only when the mount is), and
 //     share names are returned so RemoveContainer can take them back;
+//
 //   - namespace paths must be /proc/<pid>/ns/* of a process of this pod: tasks report
 //     guest pids to containerd, which builds these paths from them, so they are guest
 //     paths already — anything else (a host path) is refused.
 //
-// share is called for each host path to share; it returns the guest path.
-func guestSpec(id string, spec *specs.Spec, podPids []uint32, share func(hostPath, name string, readonly bool) (string, error)) (*specs.Spec, []string, error) {
+//   - a host mount below a bind source becomes a share and a bind of its own: the guest
+//     sees a shared directory as one filesystem, so without this a read-only bind could
+//     not leave a submount writable (non-recursive "ro"), and "rro" would not reach it.
+//
+// share is called for each host path to share; it returns the guest path. submounts lists
+// the mount points below a host directory.
+func guestSpec(id string, spec *specs.Spec, podPids []uint32, share shareFunc, submounts func(string) ([]string, error)) (*specs.Spec, []string, error) {
 	g, err := deepCopy(spec)
 	if err != nil {
 		return nil, nil, err
@@ -52,27 +62,69 @@ func guestSpec(id string, spec *specs.Spec, podPids []uint32, share func(hostPat
 		g.Linux.Namespaces = kept
 	}
 	var shares []string
-	for i := range g.Mounts {
-		m := &g.Mounts[i]
-		if !isBind(*m) {
+	mounts := make([]specs.Mount, 0, len(g.Mounts))
+	for i, m := range g.Mounts {
+		if !isBind(m) {
+			mounts = append(mounts, m)
 			continue
 		}
 		switch {
 		case m.Destination == "/dev/shm":
 			m.Source = agentv1.GuestPodShmDir
+			mounts = append(mounts, m)
 		case filepath.Dir(m.Source) == "/dev":
-			// A device node or /dev/shm-like path: the guest has its own /dev.
+			// A device node: the guest has its own /dev.
+			mounts = append(mounts, m)
 		default:
-			name := fmt.Sprintf("%s/mounts/%d", id, i)
-			guest, err := share(m.Source, name, slices.Contains(m.Options, "ro"))
+			added, names, err := shareBind(id, i, m, share, submounts)
+			shares = append(shares, names...)
 			if err != nil {
 				return nil, shares, fmt.Errorf("mounts[%d] (%s): %w", i, m.Destination, err)
 			}
-			shares = append(shares, name)
-			m.Source = guest
+			mounts = append(mounts, added...)
 		}
 	}
+	g.Mounts = mounts
 	return g, shares, nil
+}
+
+type shareFunc func(hostPath, name string, readonly bool) (string, error)
+
+// shareBind shares one bind mount's source, and each host mount below it, and returns the
+// guest mounts that rebuild the tree: the bind itself, then a bind per submount.
+func shareBind(id string, i int, m specs.Mount, share shareFunc, submounts func(string) ([]string, error)) ([]specs.Mount, []string, error) {
+	recursiveRO := slices.Contains(m.Options, "rro")
+	host := filepath.Clean(m.Source)
+	name := fmt.Sprintf("%s/mounts/%d", id, i)
+	guest, err := share(host, name, recursiveRO || slices.Contains(m.Options, "ro"))
+	if err != nil {
+		return nil, nil, err
+	}
+	names := []string{name}
+	m.Source = guest
+	out := []specs.Mount{m}
+	if fi, err := os.Stat(host); err == nil && !fi.IsDir() {
+		return out, names, nil
+	}
+	subs, err := submounts(host)
+	if err != nil {
+		return nil, names, err
+	}
+	for j, sub := range subs {
+		subName := fmt.Sprintf("%s.%d", name, j)
+		subGuest, err := share(sub, subName, recursiveRO)
+		if err != nil {
+			return nil, names, fmt.Errorf("submount %s: %w", sub, err)
+		}
+		names = append(names, subName)
+		opts := []string{"rbind"}
+		if recursiveRO {
+			opts = append(opts, "ro")
+		}
+		rel, _ := filepath.Rel(host, sub)
+		out = append(out, specs.Mount{Destination: filepath.Join(m.Destination, rel), Type: "bind", Source: subGuest, Options: opts})
+	}
+	return out, names, nil
 }
 
 func isBind(m specs.Mount) bool {

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"path/filepath"
 	"sync"
 	"time"
@@ -30,10 +31,14 @@ type Pod struct {
 	vm       *runtime.VM
 	size     Size
 	stateDir string
-	network  *network.Plumbing // nil without a pod network namespace
+	network  *network.Plumbing         // nil without a pod network namespace
+	loopback *network.LoopbackRedirect // port-forwards into the guest; nil without a netns
 
 	mu         sync.Mutex
 	containers map[string]*container
+
+	stopOnce sync.Once
+	stopErr  error
 }
 
 type container struct {
@@ -132,8 +137,35 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 	if err := vm.Agent().SetupSandbox(ctx, setup); err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
+	p := &Pod{id: podID, vm: vm, size: size, stateDir: vmCfg.StateDir, network: plumbing, containers: map[string]*container{}}
+	if plumbing != nil {
+		if p.loopback, err = network.RedirectLoopback(plumbing.Plan().Netns); err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		go p.servePortForwards(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
+	}
 	undo.Release()
-	return &Pod{id: podID, vm: vm, size: size, stateDir: vmCfg.StateDir, network: plumbing, containers: map[string]*container{}}, nil
+	return p, nil
+}
+
+// servePortForwards carries each connection containerd makes to localhost in the pod's
+// netns (a CRI port-forward) to the same port on the guest's loopback.
+func (p *Pod) servePortForwards(ctx context.Context) {
+	for {
+		conn, port, err := p.loopback.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("port-forward")
+			continue
+		}
+		go func() {
+			if err := p.vm.ForwardPort(ctx, conn, port); err != nil {
+				log.G(ctx).WithError(err).Debugf("port-forward to %d ended", port)
+			}
+		}()
+	}
 }
 
 // networkNamespace is the pod's network namespace as CRI made it (with CNI's veth in it),
@@ -183,7 +215,7 @@ func (p *Pod) CreateContainer(ctx context.Context, id, rootfs string, spec *spec
 		delete(p.containers, id)
 		return nil
 	})
-	guest, shares, err := guestSpec(id, spec, p.pids(), p.vm.Share)
+	guest, shares, err := guestSpec(id, spec, p.pids(), p.vm.Share, runtime.MountPointsBelow)
 	for _, name := range shares {
 		undo.Add("unshare "+name, func() error { return p.vm.Unshare(name) })
 	}
@@ -232,12 +264,20 @@ func (p *Pod) Exec(ctx context.Context, containerID, execID string, proc *specs.
 	return p.vm.Exec(ctx, containerID, execID, proc, stdio)
 }
 
-// Stop shuts the VM down and releases everything the pod holds on the host: the VM
-// first (it holds the taps), then the network plumbing.
+// Stop shuts the VM down and releases everything the pod holds on the host: the
+// port-forward redirect, the VM (it holds the taps), then the network plumbing. Later
+// calls return the first result.
 func (p *Pod) Stop(ctx context.Context) error {
-	err := p.vm.Stop(ctx)
-	if p.network != nil {
-		err = errors.Join(err, p.network.Teardown())
-	}
-	return err
+	p.stopOnce.Do(func() {
+		var err error
+		if p.loopback != nil {
+			err = p.loopback.Close()
+		}
+		err = errors.Join(err, p.vm.Stop(ctx))
+		if p.network != nil {
+			err = errors.Join(err, p.network.Teardown())
+		}
+		p.stopErr = err
+	})
+	return p.stopErr
 }

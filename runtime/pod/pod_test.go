@@ -1,6 +1,7 @@
 package pod
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -75,7 +76,7 @@ func TestGuestSpec(t *testing.T) {
 		got = append(got, shared{host, name, ro})
 		return "/guest/" + name, nil
 	}
-	g, names, err := guestSpec("c1", spec, []uint32{42}, share)
+	g, names, err := guestSpec("c1", spec, []uint32{42}, share, noSubmounts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,9 +108,40 @@ func TestGuestSpec(t *testing.T) {
 func TestGuestSpecRefusesForeignNamespaces(t *testing.T) {
 	for _, path := range []string{"/proc/99/ns/ipc", "/var/run/netns/x", "/proc/self/ns/pid"} {
 		spec := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: path}}}}
-		_, _, err := guestSpec("c", spec, []uint32{42}, nil)
+		_, _, err := guestSpec("c", spec, []uint32{42}, nil, noSubmounts)
 		if err == nil || !strings.Contains(err.Error(), "linux.namespaces[0].path") {
 			t.Errorf("%s: got %v, want an error naming linux.namespaces[0].path", path, err)
+		}
+	}
+}
+
+func noSubmounts(string) ([]string, error) { return nil, nil }
+
+// A read-only bind with a host mount below it: the submount becomes its own share and
+// guest bind, writable under "ro" (non-recursive), read-only under "rro".
+func TestGuestSpecRebuildsSubmounts(t *testing.T) {
+	host := t.TempDir() // a directory, so submounts are looked for
+	for _, tc := range []struct {
+		opt    string
+		wantRO bool
+	}{{"ro", false}, {"rro", true}} {
+		spec := &specs.Spec{Mounts: []specs.Mount{{Destination: "/mnt", Type: "bind", Source: host, Options: []string{"rbind", tc.opt}}}}
+		shared := map[string]bool{}
+		share := func(h, name string, ro bool) (string, error) { shared[h] = ro; return "/guest/" + name, nil }
+		subs := func(string) ([]string, error) { return []string{host + "/tmpfs"}, nil }
+		g, names, err := guestSpec("c", spec, nil, share, subs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(g.Mounts) != 2 || len(names) != 2 {
+			t.Fatalf("%s: mounts %+v", tc.opt, g.Mounts)
+		}
+		sub := g.Mounts[1]
+		if sub.Destination != "/mnt/tmpfs" || sub.Source != "/guest/c/mounts/0.0" {
+			t.Errorf("%s: submount %+v", tc.opt, sub)
+		}
+		if got := slices.Contains(sub.Options, "ro"); got != tc.wantRO || shared[host+"/tmpfs"] != tc.wantRO {
+			t.Errorf("%s: submount read-only %v (shared ro %v), want %v", tc.opt, got, shared[host+"/tmpfs"], tc.wantRO)
 		}
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/containerd/containerd/v2/version"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/runtime"
@@ -198,8 +199,17 @@ func (manager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo
 	if _, err := io.Copy(io.Discard, optionsR); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		return nil, err
 	}
+	f, err := runtimeFeatures()
+	if err != nil {
+		return nil, err
+	}
+	any, err := typeurl.MarshalAnyToProto(f)
+	if err != nil {
+		return nil, fmt.Errorf("runtime features: %w", err)
+	}
 	return &types.RuntimeInfo{
-		Name:    RuntimeName,
-		Version: &types.RuntimeVersion{Version: version.Version, Revision: version.Revision},
+		Name:     RuntimeName,
+		Version:  &types.RuntimeVersion{Version: version.Version, Revision: version.Revision},
+		Features: any,
 	}, nil
 }

@@ -2095,6 +2095,268 @@ func (x *OOMEvent) GetAtUnixNanos() int64 {
 	return 0
 }
 
+type OpenPortRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Port          uint32                 `protobuf:"varint,1,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OpenPortRequest) Reset() {
+	*x = OpenPortRequest{}
+	mi := &file_agent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OpenPortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OpenPortRequest) ProtoMessage() {}
+
+func (x *OpenPortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OpenPortRequest.ProtoReflect.Descriptor instead.
+func (*OpenPortRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *OpenPortRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+type OpenPortResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Names the connection in ReadPort, WritePort and ClosePort.
+	ConnectionId  uint64 `protobuf:"varint,1,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OpenPortResponse) Reset() {
+	*x = OpenPortResponse{}
+	mi := &file_agent_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OpenPortResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OpenPortResponse) ProtoMessage() {}
+
+func (x *OpenPortResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OpenPortResponse.ProtoReflect.Descriptor instead.
+func (*OpenPortResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *OpenPortResponse) GetConnectionId() uint64 {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return 0
+}
+
+type PortStreamRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ConnectionId  uint64                 `protobuf:"varint,1,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	Offset        uint64                 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	MaxBytes      uint32                 `protobuf:"varint,3,opt,name=max_bytes,json=maxBytes,proto3" json:"max_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PortStreamRequest) Reset() {
+	*x = PortStreamRequest{}
+	mi := &file_agent_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PortStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PortStreamRequest) ProtoMessage() {}
+
+func (x *PortStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PortStreamRequest.ProtoReflect.Descriptor instead.
+func (*PortStreamRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *PortStreamRequest) GetConnectionId() uint64 {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return 0
+}
+
+func (x *PortStreamRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *PortStreamRequest) GetMaxBytes() uint32 {
+	if x != nil {
+		return x.MaxBytes
+	}
+	return 0
+}
+
+type WritePortRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ConnectionId  uint64                 `protobuf:"varint,1,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	Offset        uint64                 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	Data          []byte                 `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WritePortRequest) Reset() {
+	*x = WritePortRequest{}
+	mi := &file_agent_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WritePortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WritePortRequest) ProtoMessage() {}
+
+func (x *WritePortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WritePortRequest.ProtoReflect.Descriptor instead.
+func (*WritePortRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *WritePortRequest) GetConnectionId() uint64 {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return 0
+}
+
+func (x *WritePortRequest) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *WritePortRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type ClosePortRequest struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	ConnectionId uint64                 `protobuf:"varint,1,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	// Only end the direction towards the guest (the host's client closed its writes).
+	WriteOnly     bool `protobuf:"varint,2,opt,name=write_only,json=writeOnly,proto3" json:"write_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClosePortRequest) Reset() {
+	*x = ClosePortRequest{}
+	mi := &file_agent_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClosePortRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClosePortRequest) ProtoMessage() {}
+
+func (x *ClosePortRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClosePortRequest.ProtoReflect.Descriptor instead.
+func (*ClosePortRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ClosePortRequest) GetConnectionId() uint64 {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return 0
+}
+
+func (x *ClosePortRequest) GetWriteOnly() bool {
+	if x != nil {
+		return x.WriteOnly
+	}
+	return false
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -2250,7 +2512,23 @@ const file_agent_proto_rawDesc = "" +
 	"\bOOMEvent\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12!\n" +
 	"\fcontainer_id\x18\x02 \x01(\tR\vcontainerId\x12\"\n" +
-	"\rat_unix_nanos\x18\x03 \x01(\x03R\vatUnixNanos2\xf9\r\n" +
+	"\rat_unix_nanos\x18\x03 \x01(\x03R\vatUnixNanos\"%\n" +
+	"\x0fOpenPortRequest\x12\x12\n" +
+	"\x04port\x18\x01 \x01(\rR\x04port\"7\n" +
+	"\x10OpenPortResponse\x12#\n" +
+	"\rconnection_id\x18\x01 \x01(\x04R\fconnectionId\"m\n" +
+	"\x11PortStreamRequest\x12#\n" +
+	"\rconnection_id\x18\x01 \x01(\x04R\fconnectionId\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x1b\n" +
+	"\tmax_bytes\x18\x03 \x01(\rR\bmaxBytes\"c\n" +
+	"\x10WritePortRequest\x12#\n" +
+	"\rconnection_id\x18\x01 \x01(\x04R\fconnectionId\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x12\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"V\n" +
+	"\x10ClosePortRequest\x12#\n" +
+	"\rconnection_id\x18\x01 \x01(\x04R\fconnectionId\x12\x1d\n" +
+	"\n" +
+	"write_only\x18\x02 \x01(\bR\twriteOnly2\xb4\x10\n" +
 	"\x05Agent\x12A\n" +
 	"\x04Ping\x12\x1b.vmpod.agent.v1.PingRequest\x1a\x1c.vmpod.agent.v1.PingResponse\x12J\n" +
 	"\fSetupSandbox\x12#.vmpod.agent.v1.SetupSandboxRequest\x1a\x15.vmpod.agent.v1.Empty\x12b\n" +
@@ -2277,7 +2555,11 @@ const file_agent_proto_rawDesc = "" +
 	"ReadStdout\x12!.vmpod.agent.v1.ReadStreamRequest\x1a\".vmpod.agent.v1.ReadStreamResponse\x12S\n" +
 	"\n" +
 	"ReadStderr\x12!.vmpod.agent.v1.ReadStreamRequest\x1a\".vmpod.agent.v1.ReadStreamResponse\x12M\n" +
-	"\fWaitOOMEvent\x12#.vmpod.agent.v1.WaitOOMEventRequest\x1a\x18.vmpod.agent.v1.OOMEventB-Z+github.com/vmpod/vmpod/agent/api/v1;agentv1b\x06proto3"
+	"\fWaitOOMEvent\x12#.vmpod.agent.v1.WaitOOMEventRequest\x1a\x18.vmpod.agent.v1.OOMEvent\x12M\n" +
+	"\bOpenPort\x12\x1f.vmpod.agent.v1.OpenPortRequest\x1a .vmpod.agent.v1.OpenPortResponse\x12Q\n" +
+	"\bReadPort\x12!.vmpod.agent.v1.PortStreamRequest\x1a\".vmpod.agent.v1.ReadStreamResponse\x12Q\n" +
+	"\tWritePort\x12 .vmpod.agent.v1.WritePortRequest\x1a\".vmpod.agent.v1.WriteStdinResponse\x12D\n" +
+	"\tClosePort\x12 .vmpod.agent.v1.ClosePortRequest\x1a\x15.vmpod.agent.v1.EmptyB-Z+github.com/vmpod/vmpod/agent/api/v1;agentv1b\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -2291,7 +2573,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_agent_proto_goTypes = []any{
 	(*Empty)(nil),                   // 0: vmpod.agent.v1.Empty
 	(*PingRequest)(nil),             // 1: vmpod.agent.v1.PingRequest
@@ -2327,20 +2609,25 @@ var file_agent_proto_goTypes = []any{
 	(*ReadStreamResponse)(nil),      // 31: vmpod.agent.v1.ReadStreamResponse
 	(*WaitOOMEventRequest)(nil),     // 32: vmpod.agent.v1.WaitOOMEventRequest
 	(*OOMEvent)(nil),                // 33: vmpod.agent.v1.OOMEvent
-	nil,                             // 34: vmpod.agent.v1.SetupSandboxRequest.SysctlsEntry
-	nil,                             // 35: vmpod.agent.v1.MemoryStats.StatEntry
+	(*OpenPortRequest)(nil),         // 34: vmpod.agent.v1.OpenPortRequest
+	(*OpenPortResponse)(nil),        // 35: vmpod.agent.v1.OpenPortResponse
+	(*PortStreamRequest)(nil),       // 36: vmpod.agent.v1.PortStreamRequest
+	(*WritePortRequest)(nil),        // 37: vmpod.agent.v1.WritePortRequest
+	(*ClosePortRequest)(nil),        // 38: vmpod.agent.v1.ClosePortRequest
+	nil,                             // 39: vmpod.agent.v1.SetupSandboxRequest.SysctlsEntry
+	nil,                             // 40: vmpod.agent.v1.MemoryStats.StatEntry
 }
 var file_agent_proto_depIdxs = []int32{
 	4,  // 0: vmpod.agent.v1.SetupSandboxRequest.interfaces:type_name -> vmpod.agent.v1.Interface
 	5,  // 1: vmpod.agent.v1.SetupSandboxRequest.routes:type_name -> vmpod.agent.v1.Route
 	6,  // 2: vmpod.agent.v1.SetupSandboxRequest.dns:type_name -> vmpod.agent.v1.DNS
-	34, // 3: vmpod.agent.v1.SetupSandboxRequest.sysctls:type_name -> vmpod.agent.v1.SetupSandboxRequest.SysctlsEntry
+	39, // 3: vmpod.agent.v1.SetupSandboxRequest.sysctls:type_name -> vmpod.agent.v1.SetupSandboxRequest.SysctlsEntry
 	10, // 4: vmpod.agent.v1.CreateContainerRequest.stdio:type_name -> vmpod.agent.v1.Stdio
 	17, // 5: vmpod.agent.v1.ContainerStatsResponse.cpu:type_name -> vmpod.agent.v1.CPUStats
 	18, // 6: vmpod.agent.v1.ContainerStatsResponse.memory:type_name -> vmpod.agent.v1.MemoryStats
 	19, // 7: vmpod.agent.v1.ContainerStatsResponse.pids:type_name -> vmpod.agent.v1.PidsStats
 	20, // 8: vmpod.agent.v1.ContainerStatsResponse.io:type_name -> vmpod.agent.v1.IOStats
-	35, // 9: vmpod.agent.v1.MemoryStats.stat:type_name -> vmpod.agent.v1.MemoryStats.StatEntry
+	40, // 9: vmpod.agent.v1.MemoryStats.stat:type_name -> vmpod.agent.v1.MemoryStats.StatEntry
 	10, // 10: vmpod.agent.v1.ExecProcessRequest.stdio:type_name -> vmpod.agent.v1.Stdio
 	1,  // 11: vmpod.agent.v1.Agent.Ping:input_type -> vmpod.agent.v1.PingRequest
 	3,  // 12: vmpod.agent.v1.Agent.SetupSandbox:input_type -> vmpod.agent.v1.SetupSandboxRequest
@@ -2364,30 +2651,38 @@ var file_agent_proto_depIdxs = []int32{
 	30, // 30: vmpod.agent.v1.Agent.ReadStdout:input_type -> vmpod.agent.v1.ReadStreamRequest
 	30, // 31: vmpod.agent.v1.Agent.ReadStderr:input_type -> vmpod.agent.v1.ReadStreamRequest
 	32, // 32: vmpod.agent.v1.Agent.WaitOOMEvent:input_type -> vmpod.agent.v1.WaitOOMEventRequest
-	2,  // 33: vmpod.agent.v1.Agent.Ping:output_type -> vmpod.agent.v1.PingResponse
-	0,  // 34: vmpod.agent.v1.Agent.SetupSandbox:output_type -> vmpod.agent.v1.Empty
-	8,  // 35: vmpod.agent.v1.Agent.OnlineResources:output_type -> vmpod.agent.v1.OnlineResourcesResponse
-	0,  // 36: vmpod.agent.v1.Agent.Shutdown:output_type -> vmpod.agent.v1.Empty
-	12, // 37: vmpod.agent.v1.Agent.CreateContainer:output_type -> vmpod.agent.v1.CreateContainerResponse
-	0,  // 38: vmpod.agent.v1.Agent.StartContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 39: vmpod.agent.v1.Agent.RemoveContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 40: vmpod.agent.v1.Agent.PauseContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 41: vmpod.agent.v1.Agent.ResumeContainer:output_type -> vmpod.agent.v1.Empty
-	0,  // 42: vmpod.agent.v1.Agent.UpdateContainer:output_type -> vmpod.agent.v1.Empty
-	16, // 43: vmpod.agent.v1.Agent.ContainerStats:output_type -> vmpod.agent.v1.ContainerStatsResponse
-	21, // 44: vmpod.agent.v1.Agent.ListProcesses:output_type -> vmpod.agent.v1.ListProcessesResponse
-	23, // 45: vmpod.agent.v1.Agent.ExecProcess:output_type -> vmpod.agent.v1.ExecProcessResponse
-	0,  // 46: vmpod.agent.v1.Agent.SignalProcess:output_type -> vmpod.agent.v1.Empty
-	26, // 47: vmpod.agent.v1.Agent.WaitProcess:output_type -> vmpod.agent.v1.WaitProcessResponse
-	0,  // 48: vmpod.agent.v1.Agent.RemoveProcess:output_type -> vmpod.agent.v1.Empty
-	0,  // 49: vmpod.agent.v1.Agent.ResizeTTY:output_type -> vmpod.agent.v1.Empty
-	29, // 50: vmpod.agent.v1.Agent.WriteStdin:output_type -> vmpod.agent.v1.WriteStdinResponse
-	0,  // 51: vmpod.agent.v1.Agent.CloseStdin:output_type -> vmpod.agent.v1.Empty
-	31, // 52: vmpod.agent.v1.Agent.ReadStdout:output_type -> vmpod.agent.v1.ReadStreamResponse
-	31, // 53: vmpod.agent.v1.Agent.ReadStderr:output_type -> vmpod.agent.v1.ReadStreamResponse
-	33, // 54: vmpod.agent.v1.Agent.WaitOOMEvent:output_type -> vmpod.agent.v1.OOMEvent
-	33, // [33:55] is the sub-list for method output_type
-	11, // [11:33] is the sub-list for method input_type
+	34, // 33: vmpod.agent.v1.Agent.OpenPort:input_type -> vmpod.agent.v1.OpenPortRequest
+	36, // 34: vmpod.agent.v1.Agent.ReadPort:input_type -> vmpod.agent.v1.PortStreamRequest
+	37, // 35: vmpod.agent.v1.Agent.WritePort:input_type -> vmpod.agent.v1.WritePortRequest
+	38, // 36: vmpod.agent.v1.Agent.ClosePort:input_type -> vmpod.agent.v1.ClosePortRequest
+	2,  // 37: vmpod.agent.v1.Agent.Ping:output_type -> vmpod.agent.v1.PingResponse
+	0,  // 38: vmpod.agent.v1.Agent.SetupSandbox:output_type -> vmpod.agent.v1.Empty
+	8,  // 39: vmpod.agent.v1.Agent.OnlineResources:output_type -> vmpod.agent.v1.OnlineResourcesResponse
+	0,  // 40: vmpod.agent.v1.Agent.Shutdown:output_type -> vmpod.agent.v1.Empty
+	12, // 41: vmpod.agent.v1.Agent.CreateContainer:output_type -> vmpod.agent.v1.CreateContainerResponse
+	0,  // 42: vmpod.agent.v1.Agent.StartContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 43: vmpod.agent.v1.Agent.RemoveContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 44: vmpod.agent.v1.Agent.PauseContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 45: vmpod.agent.v1.Agent.ResumeContainer:output_type -> vmpod.agent.v1.Empty
+	0,  // 46: vmpod.agent.v1.Agent.UpdateContainer:output_type -> vmpod.agent.v1.Empty
+	16, // 47: vmpod.agent.v1.Agent.ContainerStats:output_type -> vmpod.agent.v1.ContainerStatsResponse
+	21, // 48: vmpod.agent.v1.Agent.ListProcesses:output_type -> vmpod.agent.v1.ListProcessesResponse
+	23, // 49: vmpod.agent.v1.Agent.ExecProcess:output_type -> vmpod.agent.v1.ExecProcessResponse
+	0,  // 50: vmpod.agent.v1.Agent.SignalProcess:output_type -> vmpod.agent.v1.Empty
+	26, // 51: vmpod.agent.v1.Agent.WaitProcess:output_type -> vmpod.agent.v1.WaitProcessResponse
+	0,  // 52: vmpod.agent.v1.Agent.RemoveProcess:output_type -> vmpod.agent.v1.Empty
+	0,  // 53: vmpod.agent.v1.Agent.ResizeTTY:output_type -> vmpod.agent.v1.Empty
+	29, // 54: vmpod.agent.v1.Agent.WriteStdin:output_type -> vmpod.agent.v1.WriteStdinResponse
+	0,  // 55: vmpod.agent.v1.Agent.CloseStdin:output_type -> vmpod.agent.v1.Empty
+	31, // 56: vmpod.agent.v1.Agent.ReadStdout:output_type -> vmpod.agent.v1.ReadStreamResponse
+	31, // 57: vmpod.agent.v1.Agent.ReadStderr:output_type -> vmpod.agent.v1.ReadStreamResponse
+	33, // 58: vmpod.agent.v1.Agent.WaitOOMEvent:output_type -> vmpod.agent.v1.OOMEvent
+	35, // 59: vmpod.agent.v1.Agent.OpenPort:output_type -> vmpod.agent.v1.OpenPortResponse
+	31, // 60: vmpod.agent.v1.Agent.ReadPort:output_type -> vmpod.agent.v1.ReadStreamResponse
+	29, // 61: vmpod.agent.v1.Agent.WritePort:output_type -> vmpod.agent.v1.WriteStdinResponse
+	0,  // 62: vmpod.agent.v1.Agent.ClosePort:output_type -> vmpod.agent.v1.Empty
+	37, // [37:63] is the sub-list for method output_type
+	11, // [11:37] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
 	11, // [11:11] is the sub-list for extension extendee
 	0,  // [0:11] is the sub-list for field type_name
@@ -2404,7 +2699,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   36,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

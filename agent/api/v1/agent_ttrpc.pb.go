@@ -30,6 +30,10 @@ type AgentService interface {
 	ReadStdout(context.Context, *ReadStreamRequest) (*ReadStreamResponse, error)
 	ReadStderr(context.Context, *ReadStreamRequest) (*ReadStreamResponse, error)
 	WaitOOMEvent(context.Context, *WaitOOMEventRequest) (*OOMEvent, error)
+	OpenPort(context.Context, *OpenPortRequest) (*OpenPortResponse, error)
+	ReadPort(context.Context, *PortStreamRequest) (*ReadStreamResponse, error)
+	WritePort(context.Context, *WritePortRequest) (*WriteStdinResponse, error)
+	ClosePort(context.Context, *ClosePortRequest) (*Empty, error)
 }
 
 func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
@@ -188,6 +192,34 @@ func RegisterAgentService(srv *ttrpc.Server, svc AgentService) {
 					return nil, err
 				}
 				return svc.WaitOOMEvent(ctx, &req)
+			},
+			"OpenPort": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req OpenPortRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.OpenPort(ctx, &req)
+			},
+			"ReadPort": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req PortStreamRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ReadPort(ctx, &req)
+			},
+			"WritePort": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req WritePortRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.WritePort(ctx, &req)
+			},
+			"ClosePort": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ClosePortRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.ClosePort(ctx, &req)
 			},
 		},
 	})
@@ -374,6 +406,38 @@ func (c *agentClient) ReadStderr(ctx context.Context, req *ReadStreamRequest) (*
 func (c *agentClient) WaitOOMEvent(ctx context.Context, req *WaitOOMEventRequest) (*OOMEvent, error) {
 	var resp OOMEvent
 	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "WaitOOMEvent", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) OpenPort(ctx context.Context, req *OpenPortRequest) (*OpenPortResponse, error) {
+	var resp OpenPortResponse
+	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "OpenPort", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ReadPort(ctx context.Context, req *PortStreamRequest) (*ReadStreamResponse, error) {
+	var resp ReadStreamResponse
+	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "ReadPort", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) WritePort(ctx context.Context, req *WritePortRequest) (*WriteStdinResponse, error) {
+	var resp WriteStdinResponse
+	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "WritePort", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *agentClient) ClosePort(ctx context.Context, req *ClosePortRequest) (*Empty, error) {
+	var resp Empty
+	if err := c.client.Call(ctx, "vmpod.agent.v1.Agent", "ClosePort", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
