@@ -64,10 +64,11 @@ func run() error {
 			return err
 		}
 	}
-	for _, dir := range []string{runcRoot, bundleRoot} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return err
-		}
+	if err := os.MkdirAll(runcRoot, 0o700); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(bundleRoot, 0o711); err != nil { // see containers.create
+		return err
 	}
 	oom, err := newOOMWatcher()
 	if err != nil {

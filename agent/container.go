@@ -152,10 +152,25 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 		return nil
 	})
 
-	if err := os.MkdirAll(c.bundle, 0o700); err != nil {
+	// 0711: a container in a user namespace (its root is an unprivileged guest uid) must
+	// be able to traverse to its rootfs, as with containerd's bundles on a host.
+	if err := os.MkdirAll(c.bundle, 0o711); err != nil {
 		return 0, fmt.Errorf("container %s: bundle: %w", id, err)
 	}
 	undo.Add("remove bundle", func() error { return os.RemoveAll(c.bundle) })
+	// The rootfs becomes a mount point of its own at <bundle>/rootfs, as containerd gives
+	// runc on a host: runc changes the propagation of the mount holding the rootfs, which
+	// inside a user namespace it may only do to a mount of the container's own, not to
+	// the shared filesystem the directory lives on.
+	rootfs := filepath.Join(c.bundle, "rootfs")
+	if err := os.Mkdir(rootfs, 0o755); err != nil {
+		return 0, fmt.Errorf("container %s: rootfs mount point: %w", id, err)
+	}
+	if err := unix.Mount(spec.Root.Path, rootfs, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return 0, fmt.Errorf("container %s: bind rootfs %s: %w", id, spec.Root.Path, err)
+	}
+	undo.Add("unmount rootfs", func() error { return unix.Unmount(rootfs, unix.MNT_DETACH) })
+	spec.Root.Path = rootfs
 	config, err := json.Marshal(spec)
 	if err != nil {
 		return 0, err
@@ -422,6 +437,9 @@ func (m *containers) remove(ctx context.Context, id string, force bool) error {
 	m.mu.Lock()
 	delete(m.byID, id)
 	m.mu.Unlock()
+	if err := unix.Unmount(filepath.Join(c.bundle, "rootfs"), unix.MNT_DETACH); err != nil && err != unix.EINVAL {
+		return fmt.Errorf("container %s: unmount rootfs: %w", id, err)
+	}
 	if err := os.RemoveAll(c.bundle); err != nil {
 		return fmt.Errorf("container %s: remove bundle: %w", id, err)
 	}

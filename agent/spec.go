@@ -66,6 +66,7 @@ func guestSpec(id string, raw []byte) (*specs.Spec, error) {
 	if err := applyPodNetSysctls(spec.Linux); err != nil {
 		return nil, err
 	}
+	bindSysfsForUserns(&spec)
 	spec.Linux.CgroupsPath = filepath.Join(cgroupParent, id)
 	spec.Hooks = nil
 	spec.Linux.MountLabel = ""
@@ -110,6 +111,28 @@ func applyPodNetSysctls(l *specs.Linux) error {
 		delete(l.Sysctl, k)
 	}
 	return nil
+}
+
+// bindSysfsForUserns: in a user namespace, the kernel lets a container mount sysfs only
+// in a network namespace its user namespace owns. On a host containerd makes the pod's
+// netns inside the pod's user namespace; in the guest, containers share the guest's
+// netns, owned by the initial user namespace, so a sysfs mount fails with EPERM. A
+// read-only rbind of the guest's /sys shows what that sysfs would: the same netns.
+func bindSysfsForUserns(spec *specs.Spec) {
+	var userns, netns bool
+	for _, ns := range spec.Linux.Namespaces {
+		userns = userns || ns.Type == specs.UserNamespace
+		netns = netns || ns.Type == specs.NetworkNamespace
+	}
+	if !userns || netns {
+		return
+	}
+	for i, m := range spec.Mounts {
+		if m.Type == "sysfs" {
+			spec.Mounts[i] = specs.Mount{Destination: m.Destination, Type: "bind", Source: "/sys",
+				Options: []string{"rbind", "ro", "nosuid", "nodev", "noexec"}}
+		}
+	}
 }
 
 func stripLSM(p *specs.Process) {

@@ -53,8 +53,8 @@ func newSharedDir(path string) (*sharedDir, error) {
 	return &sharedDir{path: path, shares: map[string]string{}}, nil
 }
 
-// share bind-mounts hostPath (a directory or a file) into the shared directory under
-// name and returns where the guest sees it. name is a relative path chosen by the
+// share bind-mounts hostPath (a directory or a file, not what is mounted below it) into
+// the shared directory under name and returns where the guest sees it. name is a relative path chosen by the
 // runtime; it identifies the share for unshare.
 func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) {
 	if name == "" || filepath.IsAbs(name) || !filepath.IsLocal(name) {
@@ -86,12 +86,15 @@ func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) 
 	if err != nil {
 		return "", fmt.Errorf("share %q: mount point: %w", name, err)
 	}
-	if err := unix.Mount(hostPath, target, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+	// Not recursive: a recursive bind would hold copies of the host's submounts at the
+	// source's own dentries, and the host could not remove those directories while the VM
+	// runs (EBUSY). Submounts the guest needs are shared one by one (runtime/pod).
+	if err := unix.Mount(hostPath, target, "", unix.MS_BIND, ""); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("share %s as %q: %w", hostPath, name, err)
 	}
 	if readonly {
-		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_REC, ""); err != nil {
+		if err := unix.Mount("", target, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
 			_ = unix.Unmount(target, unix.MNT_DETACH)
 			_ = os.Remove(target)
 			return "", fmt.Errorf("share %q read-only: %w", name, err)

@@ -28,7 +28,9 @@ var nsPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/[a-z_]+$`)
 //
 //   - namespace paths must be /proc/<pid>/ns/* of a process of this pod: tasks report
 //     guest pids to containerd, which builds these paths from them, so they are guest
-//     paths already — anything else (a host path) is refused.
+//     paths already — anything else (a host path) is refused, but for the user namespace
+//     containerd pins on the host for a pod with ID mappings: the guest makes its own
+//     from the same mappings;
 //
 //   - a host mount below a bind source becomes a share and a bind of its own: the guest
 //     sees a shared directory as one filesystem, so without this a read-only bind could
@@ -49,6 +51,13 @@ func guestSpec(id string, spec *specs.Spec, podPids []uint32, share shareFunc, s
 			}
 			if ns.Path != "" {
 				m := nsPath.FindStringSubmatch(ns.Path)
+				if m == nil && ns.Type == specs.UserNamespace && len(g.Linux.UIDMappings) > 0 {
+					// containerd pins the pod's user namespace on the host; the guest gets a
+					// new one with the same mappings.
+					ns.Path = ""
+					kept = append(kept, ns)
+					continue
+				}
 				if m == nil {
 					return nil, nil, fmt.Errorf("linux.namespaces[%d].path %q: not /proc/<pid>/ns/<type>", i, ns.Path)
 				}

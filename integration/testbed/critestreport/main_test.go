@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -101,14 +102,14 @@ func TestRunWritesDocumentAndSummary(t *testing.T) {
 	out := filepath.Join(dir, "conformance.md")
 	var stdout strings.Builder
 
-	ok, err := run(dir, "runc,vmpod", "runc", out, "digest", &stdout)
+	ok, err := run(dir, "runc,vmpod", "runc", out, "digest", nil, "runc", &stdout)
 	if err != nil || !ok {
 		t.Fatalf("run = %v, %v", ok, err)
 	}
 	if got := stdout.String(); got != "critest[runc]: 2 passed, 0 failed, 1 skipped in 90.5s wall\n" {
 		t.Errorf("stdout %q", got)
 	}
-	if ok, _ := run(dir, "runc,vmpod", "runc,vmpod", out, "digest", &stdout); ok {
+	if ok, _ := run(dir, "runc,vmpod", "runc,vmpod", out, "digest", nil, "runc", &stdout); ok {
 		t.Error("run with vmpod not run reports OK")
 	}
 	doc, err := os.ReadFile(out)
@@ -123,5 +124,67 @@ func TestRunWritesDocumentAndSummary(t *testing.T) {
 		if !strings.Contains(string(doc), want) {
 			t.Errorf("document lacks %q:\n%s", want, doc)
 		}
+	}
+}
+
+func TestDeviations(t *testing.T) {
+	devs, err := readDeviations(strings.NewReader("# comment\nvmpod | [k8s.io] b fails | a VM cannot\n"))
+	if err != nil || len(devs) != 1 || devs[0].Reason != "a VM cannot" {
+		t.Fatalf("readDeviations = %+v, %v", devs, err)
+	}
+	if _, err := readDeviations(strings.NewReader("vmpod | only two fields\n")); err == nil {
+		t.Error("a malformed line was accepted")
+	}
+	spec := func(outcome string) Spec { return Spec{Outcome: outcome} }
+	base := Run{Handler: "runc", Meta: map[string]string{"status": "ran"}, Specs: map[string]Spec{
+		"a": spec("passed"), "b fails": spec("passed"), "c": spec("passed"),
+	}}
+	vmpod := func(specs map[string]Spec) Run {
+		r := Run{Handler: "vmpod", Meta: map[string]string{"status": "ran"}, Specs: specs}
+		for _, s := range specs {
+			if s.Outcome == "passed" {
+				r.Passed++
+			} else if s.Outcome == "failed" {
+				r.Failed++
+			}
+		}
+		return r
+	}
+	devs = []Deviation{{"vmpod", "b fails", "a VM cannot"}}
+
+	r := vmpod(map[string]Spec{"a": spec("passed"), "b fails": spec("failed"), "c": spec("passed")})
+	applyDeviations(&r, devs)
+	compareToBaseline(&r, base)
+	if !r.OK() || r.Deviated != 1 || !strings.Contains(r.SummaryLine(), "1 of the failed are documented deviations") {
+		t.Errorf("documented deviation: OK %v, %+v, %q", r.OK(), r, r.SummaryLine())
+	}
+
+	r = vmpod(map[string]Spec{"a": spec("passed"), "b fails": spec("failed"), "c": spec("failed")})
+	applyDeviations(&r, devs)
+	if r.OK() {
+		t.Error("an undocumented failure is OK")
+	}
+
+	r = vmpod(map[string]Spec{"a": spec("passed"), "b fails": spec("failed"), "c": spec("skipped")})
+	applyDeviations(&r, devs)
+	compareToBaseline(&r, base)
+	if r.OK() || !strings.Contains(r.Problem, "neither passed nor documented") {
+		t.Errorf("a spec runc passes but vmpod skips: OK %v, problem %q", r.OK(), r.Problem)
+	}
+
+	r = vmpod(map[string]Spec{"a": spec("passed"), "b fails": spec("passed"), "c": spec("passed")})
+	applyDeviations(&r, devs)
+	if r.OK() || !strings.Contains(r.Problem, "passes now") {
+		t.Errorf("a deviation that passes: OK %v, problem %q", r.OK(), r.Problem)
+	}
+
+	many := make([]Deviation, MaxDeviations+1)
+	for i := range many {
+		many[i] = Deviation{"vmpod", fmt.Sprint("x", i), "why"}
+	}
+	r = vmpod(map[string]Spec{"a": spec("passed")})
+	applyDeviations(&r, many)
+	if r.OK() || !strings.Contains(r.Problem, "at most") {
+		t.Errorf("too many deviations: OK %v, problem %q", r.OK(), r.Problem)
 	}
 }
