@@ -69,17 +69,10 @@ func waitLog(t *testing.T, id, want string) string {
 
 func TestCtrRunRm(t *testing.T) {
 	testenv.RequireTestbed(t)
-	img := os.Getenv(testenv.EnvBusyboxImage)
-	if _, err := testenv.Cmd("ctr", "images", "pull", "--plain-http", "--hosts-dir", os.Getenv(testenv.EnvHostsDir), img); err != nil {
-		t.Fatal(err)
-	}
-	id := fmt.Sprintf("ctr-%d", time.Now().UnixNano())
-	out, err := testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2",
-		"--runtime-config-path", os.Getenv(testenv.EnvVmpodConfig), img, id, "echo", "hi")
+	out, err := ctrRun(t, nil, "echo", "hi")
 	if err != nil || out != "hi\n" {
 		t.Fatalf("ctr run printed %q, %v; want \"hi\\n\"", out, err)
 	}
-	testenv.AssertPodGone(t, id)
 }
 
 func TestCRIFlow(t *testing.T) {
@@ -390,6 +383,81 @@ func TestPortForward(t *testing.T) {
 	for i := range 3 { // several connections through one forward
 		if body := fetch(t, "http://127.0.0.1:18181/"); !strings.Contains(body, "-vmpod") {
 			t.Fatalf("connection %d: port-forward answered %q, want the guest's page", i, body)
+		}
+	}
+}
+
+// Two VM pods on the CNI bridge reach each other.
+func TestPodToPod(t *testing.T) {
+	testenv.RequireTestbed(t)
+	_, serverIP := webServer(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "server"}})
+	client := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "client"}})
+	id := client.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "wget"}, Command: []string{"sleep", "1000"}})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := testenv.Cmd("crictl", "exec", "-s", id, "wget", "-q", "-O", "-", "http://"+net.JoinHostPort(serverIP, "8080")+"/")
+		if err == nil && strings.Contains(out, "-vmpod") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pod to pod: %q, %v", out, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// ctrRun runs a one-off vmpod container through ctr with extra flags and returns ctr's output.
+func ctrRun(t *testing.T, flags []string, args ...string) (string, error) {
+	t.Helper()
+	img := os.Getenv(testenv.EnvBusyboxImage)
+	if _, err := testenv.Cmd("ctr", "images", "pull", "--plain-http", "--hosts-dir", os.Getenv(testenv.EnvHostsDir), img); err != nil {
+		t.Fatal(err)
+	}
+	id := fmt.Sprintf("ctr-%d", time.Now().UnixNano())
+	cmd := append([]string{"run", "--rm", "--runtime", "io.containerd.vmpod.v2", "--runtime-config-path", os.Getenv(testenv.EnvVmpodConfig)}, flags...)
+	cmd = append(append(cmd, img, id), args...)
+	out, err := testenv.Cmd("ctr", cmd...)
+	testenv.AssertPodGone(t, id)
+	return out, err
+}
+
+func TestLogURIFile(t *testing.T) {
+	testenv.RequireTestbed(t)
+	logFile := filepath.Join(t.TempDir(), "ctr.log")
+	if _, err := ctrRun(t, []string{"--log-uri", "file://" + logFile}, "sh", "-c", "echo to-stdout; echo to-stderr >&2"); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(logFile)
+	if err != nil || !strings.Contains(string(b), "to-stdout") || !strings.Contains(string(b), "to-stderr") {
+		t.Fatalf("log file %q, %v", b, err)
+	}
+}
+
+// A binary:// logger gets stdout and stderr as fds 3 and 4 and says it is ready by closing
+// fd 5, the containerd protocol.
+func TestLogURIBinary(t *testing.T) {
+	testenv.RequireTestbed(t)
+	dir := t.TempDir()
+	logger := filepath.Join(dir, "logger.sh")
+	script := "#!/bin/sh\nexec 5>&-\ncat <&3 > \"$1.out\" & cat <&4 > \"$1.err\"; wait\n"
+	if err := os.WriteFile(logger, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	prefix := filepath.Join(dir, "log")
+	if _, err := ctrRun(t, []string{"--log-uri", "binary://" + logger + "?" + prefix}, "sh", "-c", "echo to-stdout; echo to-stderr >&2"); err != nil {
+		t.Fatal(err)
+	}
+	for suffix, want := range map[string]string{".out": "to-stdout\n", ".err": "to-stderr\n"} {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			b, _ := os.ReadFile(prefix + suffix)
+			if string(b) == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("logger wrote %q to %s, want %q", b, suffix, want)
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 }
