@@ -18,6 +18,10 @@ const (
 	hotplugRootPorts = 4
 	// memoryDeviceID is the virtio-mem device that carries memory above MemoryMiB.
 	memoryDeviceID = "vmem0"
+	// tcgCodeCacheMiB caps TCG's translated-code cache. QEMU's default reserves 1 GiB and an
+	// idle pod had filled 111 MiB of it; at 64 MiB exec latency is unchanged (257 vs 263 ms
+	// p50), at 32 MiB the cache thrashes (503 ms). KVM has no such cache.
+	tcgCodeCacheMiB = 64
 )
 
 // bootPlan is everything resolved before QEMU starts.
@@ -79,6 +83,9 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		Append:     b.kernelCmdline(),
 		QMPSocket:  b.paths.qmpSock,
 		ConsoleLog: c.LogPath,
+	}
+	if b.accel.accel == AccelTCG {
+		m.TCGCacheMiB = tcgCodeCacheMiB
 	}
 	devs := []devices.Device{
 		&devices.VirtioSerial{DeviceID: "vser0", Ports: []devices.SerialPort{
