@@ -55,7 +55,7 @@ type Machine struct {
 	// TCGCacheMiB caps TCG's translated-code cache (tb-size); 0 leaves QEMU's default
 	// (1 GiB reserved, filled as the guest runs code). Ignored under KVM, which has none.
 	TCGCacheMiB int
-	VCPUs    int
+	VCPUs       int
 	// MaxVCPUs above VCPUs leaves room to hot-plug vCPUs (q35 only); 0 means VCPUs.
 	MaxVCPUs int
 	Memory   uint64 // guest RAM in bytes, a multiple of 1 MiB
