@@ -7,13 +7,12 @@ VMPOD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VMPOD_CACHE=${VMPOD_CACHE:-$HOME/.cache/vmpod}
 VMPOD_OUT=${VMPOD_OUT:-$VMPOD_ROOT/_output}
 
-# Pinned versions (see ../shared ENVIRONMENT notes in docs/design/000-build.md for why these).
+# Pinned versions; why these: docs/design/000-build.md.
 CONTAINERD_VERSION=v2.4.2
 RUNC_VERSION=v1.5.2
 CNI_PLUGINS_VERSION=v1.9.1
 CRANE_VERSION=v0.22.1
 CRI_TOOLS_VERSION=v1.36.0
-K8S_VERSION=v1.34.10
 # controller: controller-gen (CRDs, deepcopy, RBAC) and envtest's kube-apiserver + etcd + kubectl.
 # k8s.io/* v0.37 (forced by containerd v2.4.2) -> controller-runtime v0.25 -> controller-tools v0.23;
 # v1.37.1 is the newest k8s.io/kubernetes the proxy serves (v1.37.2+ answer 403).

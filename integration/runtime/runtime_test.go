@@ -474,3 +474,39 @@ func TestHotplugVCPUAndMemory(t *testing.T) {
 		t.Fatalf("nproc in a container: %q (exit %d), want 2", out, exit.Status)
 	}
 }
+
+func TestOOMKillIsReported(t *testing.T) {
+	testenv.Require(t)
+	vm := testenv.StartVM(t, testenv.VMConfig(t, "oom"))
+	ctx := testenv.Context(t, 2*time.Minute)
+	limit := int64(32 << 20)
+	spec := testenv.Spec("sh", "-c", `x=$(head -c 200000000 /dev/zero | tr '\0' a); echo survived`)
+	spec.Linux.Resources = &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}}
+	events := make(chan runtime.OOMEvent, 1)
+	go func() {
+		if ev, err := vm.Agent().WaitOOMEvent(ctx, 0); err == nil {
+			events <- ev
+		}
+	}()
+	var out testenv.Buffer
+	p := startContainer(t, vm, "hog", spec, runtime.Stdio{Stdout: &out})
+	exit, err := p.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if exit.Status != 128+9 || strings.Contains(out.String(), "survived") {
+		t.Fatalf("memory hog exited %d with %q, want 137 (OOM-killed)", exit.Status, out.String())
+	}
+	select {
+	case ev := <-events:
+		if ev.ContainerID != "hog" || ev.Seq == 0 {
+			t.Fatalf("OOM event %+v", ev)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no OOM event for an OOM-killed container")
+	}
+	st, err := vm.Agent().ContainerStats(ctx, "hog")
+	if err != nil || st.Memory.OomKill == 0 {
+		t.Fatalf("stats after the OOM kill: %v, oom_kill %d", err, st.GetMemory().GetOomKill())
+	}
+}
