@@ -313,6 +313,8 @@ func webServer(t *testing.T, cfg testenv.PodConfig) (*testenv.Pod, string) {
 	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspectp", pod.ID)), &v); err != nil || v.Status.Network.IP == "" {
 		t.Fatalf("pod IP: %v (%+v)", err, v)
 	}
+	// Serving: tests that follow may do what gives up at the first refusal (port-forward).
+	fetch(t, "http://"+net.JoinHostPort(v.Status.Network.IP, "8080")+"/")
 	return pod, v.Status.Network.IP
 }
 
@@ -375,11 +377,18 @@ func TestPortForward(t *testing.T) {
 	pod, _ := webServer(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "portfwd"}})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	var pfOut testenv.Buffer
 	pf := exec.CommandContext(ctx, "crictl", "port-forward", pod.ID, "18181:8080")
+	pf.Stdout, pf.Stderr = &pfOut, &pfOut
 	if err := pf.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer func() { cancel(); _ = pf.Wait() }()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("crictl port-forward said:\n%s", pfOut.String())
+		}
+	})
 	for i := range 3 { // several connections through one forward
 		if body := fetch(t, "http://127.0.0.1:18181/"); !strings.Contains(body, "-vmpod") {
 			t.Fatalf("connection %d: port-forward answered %q, want the guest's page", i, body)
