@@ -8,19 +8,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$VMPOD_ROOT"
 
-hack/install-deps.sh >/dev/null
-hack/guest.sh
-make --no-print-directory build >/dev/null
-hack/containerd.sh build
-
-export VMPOD_CONFIG=$VMPOD_OUT/vmpod-config.toml
-cat > "$VMPOD_CONFIG" <<EOF
-# written by hack/bench.sh
-state_dir = "/run/vmpod-test/vm"
-[hypervisor]
-kernel = "$VMPOD_OUT/guest/vmlinux"
-initrd = "$VMPOD_OUT/guest/initrd.img"
-EOF
+prepare_testbed
 started_here=0
 if ! hack/containerd.sh status >/dev/null 2>&1; then
   hack/containerd.sh start

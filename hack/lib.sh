@@ -36,3 +36,21 @@ hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
 # publish SRC DST: atomically place a finished build at its cache path
 publish() { local tmp="$2.tmp.$$"; rm -rf "$tmp"; mv "$1" "$tmp" && rm -rf "$2" && mv "$tmp" "$2"; }
+
+# prepare_testbed: what a run against the test bed's containerd needs: Debian packages, the
+# guest, the shim and the test bed's binaries; and the vmpod config its containerd hands the
+# shim (ConfigPath), which points at this tree's guest. Exports VMPOD_CONFIG.
+prepare_testbed() {
+  "$VMPOD_ROOT/hack/install-deps.sh"
+  "$VMPOD_ROOT/hack/guest.sh"
+  make -C "$VMPOD_ROOT" --no-print-directory build >/dev/null
+  "$VMPOD_ROOT/hack/containerd.sh" build
+  export VMPOD_CONFIG=$VMPOD_OUT/vmpod-config.toml
+  cat > "$VMPOD_CONFIG" <<EOC
+# written by hack/lib.sh prepare_testbed
+state_dir = "/run/vmpod-test/vm"
+[hypervisor]
+kernel = "$VMPOD_OUT/guest/vmlinux"
+initrd = "$VMPOD_OUT/guest/initrd.img"
+EOC
+}

@@ -23,10 +23,8 @@ CRITEST_HANDLERS=${CRITEST_HANDLERS:-runc vmpod}
 
 step() { log "== $*"; }
 
-step "dependencies"
-hack/install-deps.sh
-step "guest kernel and initramfs"
-hack/guest.sh
+step "guest, shim, test bed binaries (cached)"
+prepare_testbed
 step "test rootfs"
 BUSYBOX=$(hack/busybox-rootfs.sh)
 step "generated code up to date"
@@ -34,19 +32,6 @@ hack/proto.sh --check
 hack/generate.sh --check
 step "envtest: kube-apiserver + etcd"
 KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
-step "shim and test bed binaries"
-make --no-print-directory build
-hack/containerd.sh build
-
-# The vmpod config the test bed's containerd hands the shim (ConfigPath): this tree's guest.
-export VMPOD_CONFIG=$VMPOD_OUT/vmpod-config.toml
-cat > "$VMPOD_CONFIG" <<EOF
-# written by hack/test.sh
-state_dir = "/run/vmpod-test/vm"
-[hypervisor]
-kernel = "$VMPOD_OUT/guest/vmlinux"
-initrd = "$VMPOD_OUT/guest/initrd.img"
-EOF
 
 stop_testbed() {
   step "stop the test bed, check for leaks"
