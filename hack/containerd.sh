@@ -8,6 +8,9 @@
 #   hack/containerd.sh config   write containerd, CNI, registry-mirror and crictl configs
 #   hack/containerd.sh start    config + registry with the critest images + containerd; waits
 #                               until CRI reports RuntimeReady and NetworkReady
+#   hack/containerd.sh start-fresh
+#                               start, after cleaning whatever an earlier, interrupted run
+#                               left (listed first); what CI uses, since it owns the test bed
 #   hack/containerd.sh stop     remove pods and containers, stop containerd and the registry,
 #                               undo host changes; fails if anything had leaked
 #   hack/containerd.sh status   what is running (exit 0 when containerd answers, 3 when not)
@@ -283,6 +286,21 @@ cmd_start() {
   log "clients: eval \"\$(hack/containerd.sh env)\"; crictl ps; ctr images pull --hosts-dir \$VMPOD_TESTBED_HOSTS_DIR \$VMPOD_TESTBED_BUSYBOX"
 }
 
+# cmd_start_fresh: a run that owns the test bed (CI, make test) must not fail, nor reuse
+# pods, because an earlier run was killed half-way (a machine reset, a timeout): what that
+# run left is listed and removed, then the test bed starts from nothing.
+cmd_start_fresh() {
+  need_root
+  if [ -d "$TB_RUN" ] || [ -n "$(tb_marked_pids)" ]; then
+    local left
+    left=$(tb_leaks --expect-bridge || true)
+    log "an earlier run left a test bed at $TB_RUN; cleaning it first"
+    [ -z "$left" ] || prefix_lines "  left: " <<< "$left" >&2
+    cmd_clean
+  fi
+  cmd_start
+}
+
 # launch_containerd: start the daemon on the written config and wait until CRI is ready
 # with both runtime handlers.
 launch_containerd() {
@@ -468,17 +486,18 @@ EOF
 }
 
 main() {
-  [ $# = 1 ] || die "usage: $0 build|config|start|restart|stop|status|env|clean"
+  [ $# = 1 ] || die "usage: $0 build|config|start|start-fresh|restart|stop|status|env|clean"
   case $1 in
     build) step "build (cached under $VMPOD_CACHE)" cmd_build ;;
     config) cmd_config ;;
     start) cmd_start ;;
+    start-fresh) cmd_start_fresh ;;
     restart) cmd_restart ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
     clean) cmd_clean ;;
-    *) die "unknown command $1: build|config|start|restart|stop|status|env|clean" ;;
+    *) die "unknown command $1: build|config|start|start-fresh|restart|stop|status|env|clean" ;;
   esac
 }
 

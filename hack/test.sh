@@ -40,7 +40,7 @@ stop_testbed() {
 }
 trap stop_testbed EXIT
 step "start the test bed"
-hack/containerd.sh start
+hack/containerd.sh start-fresh
 eval "$(hack/containerd.sh env)"
 
 export VMPOD_ROOT KUBEBUILDER_ASSETS
