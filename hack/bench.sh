@@ -23,6 +23,7 @@ export VMPOD_BUSYBOX_ROOTFS=$(hack/busybox-rootfs.sh)
 export VMPOD_BENCH_RUNC=$(hack/guest-runc.sh)
 export VMPOD_BENCH_OUT=$VMPOD_OUT/bench.txt
 : > "$VMPOD_BENCH_OUT"
+go_test_scratch
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), host kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%F)"
   echo "qemu: $(qemu-system-x86_64 --version | head -1); guest kernel $(cat "$VMPOD_OUT/guest/kernel.release")"

@@ -54,3 +54,27 @@ kernel = "$VMPOD_OUT/guest/vmlinux"
 initrd = "$VMPOD_OUT/guest/initrd.img"
 EOC
 }
+
+# go_test_scratch: sweep what an earlier, interrupted `go test` left, then point TMPDIR at a
+# fresh scratch directory. Integration tests keep VM state under /run/vmpod-it-* and temp
+# files (overlay rootfs mounts among them) under TMPDIR; their t.Cleanup never runs when
+# the run is killed (a timeout, a machine reset), so the mounts and files would stay.
+# Anything a live process still names is left alone.
+GO_TEST_TMP=/tmp/vmpod-gotest
+go_test_scratch() {
+  local d m
+  for d in /run/vmpod-it-* "$GO_TEST_TMP"; do
+    [ -e "$d" ] || continue
+    if pgrep -f -- "$d" >/dev/null; then
+      log "note: $d is in use by a running process: left alone"
+      continue
+    fi
+    log "removing $d, left by an interrupted test run"
+    for m in $(awk -v p="$d/" 'index($2 "/", p) == 1 { print $2 }' /proc/self/mounts | sort -r); do
+      umount "$m" || umount -l "$m"
+    done
+    rm -rf --one-file-system "$d"
+  done
+  mkdir -p "$GO_TEST_TMP"
+  export TMPDIR=$GO_TEST_TMP
+}

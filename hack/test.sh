@@ -58,6 +58,7 @@ go test -count=1 -run '^$' ./... >/dev/null
 # on a 2-core machine; tests inside a package still run in parallel where they say so.
 step "go test (unit + integration)"
 go build -o "$RESULTS/testsummary" ./hack/testsummary
+go_test_scratch
 set +e
 go test -json -count=1 -p 1 -timeout 45m ./... 2>&1 | "$RESULTS/testsummary" -record "$RESULTS/go-test.json"
 set -e
