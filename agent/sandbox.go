@@ -109,6 +109,12 @@ func setupInterface(iface *agentv1.Interface) error {
 		if err != nil {
 			return invalidf("addresses[%d] %q: %v", j, a, err)
 		}
+		if addr.IP.To4() == nil {
+			// The pod's IPAM handed out this address and the pod side already holds it;
+			// duplicate detection in the guest could only delay it (1-2 s of
+			// "tentative", when the address cannot be bound or answer).
+			addr.Flags |= unix.IFA_F_NODAD
+		}
 		if err := netlink.AddrReplace(link, addr); err != nil {
 			return fmt.Errorf("addresses[%d] %q: %w", j, a, err)
 		}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -49,6 +50,7 @@ func TestPodNetworkThroughVM(t *testing.T) {
 	// What the guest sees, and the container → gateway direction.
 	out := p.run(t, "look", `cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu
 ip -o addr show dev eth0; ip route; ip -6 route
+grep fd000099000000000000000000000002 /proc/net/if_inet6
 ping -c 3 -W 10 10.99.0.1; echo ping-exit=$?`)
 	for _, want := range []string{
 		veth.Attrs().HardwareAddr.String() + "\n1400\n",
@@ -61,6 +63,14 @@ ping -c 3 -W 10 10.99.0.1; echo ping-exit=$?`)
 		}
 	}
 
+	// The guest skips duplicate detection of the pod's IPv6 address (IPAM gave it out):
+	// flags (5th field of /proc/net/if_inet6) carry IFA_F_NODAD and not IFA_F_TENTATIVE.
+	if flags, ok := inet6Flags(out, "fd000099000000000000000000000002"); !ok {
+		t.Errorf("fd00:99::2 is not in the guest's /proc/net/if_inet6:\n%s", out)
+	} else if flags&unix.IFA_F_NODAD == 0 || flags&unix.IFA_F_TENTATIVE != 0 {
+		t.Errorf("fd00:99::2 flags %#x: want nodad (%#x) and not tentative (%#x)", flags, unix.IFA_F_NODAD, unix.IFA_F_TENTATIVE)
+	}
+
 	// The node → pod direction, answered by the guest.
 	payload, prepare := writePayload(t, 4<<20)
 	server := p.startContainer(t, "httpd", serveScript, prepare)
@@ -71,7 +81,6 @@ ping -c 3 -W 10 10.99.0.1; echo ping-exit=$?`)
 	var host unix.Utsname
 	_ = unix.Uname(&host)
 	for _, url := range []string{"http://10.99.0.2:8080/kernel", "http://[fd00:99::2]:8080/kernel"} {
-		// IPv6: the guest's address is tentative until its duplicate detection is done.
 		kernel := strings.TrimSpace(string(get(t, pn.Node, url, 30*time.Second)))
 		if !strings.HasSuffix(kernel, "-vmpod") || kernel == unix.ByteSliceToString(host.Release[:]) {
 			t.Errorf("GET %s: kernel %q, want the guest's (…-vmpod), not the host's", url, kernel)
@@ -155,4 +164,17 @@ func TestPodNamesCrossingGuestKernelNames(t *testing.T) {
 	if got := p.run(t, "look", `for i in eth0 eth1; do echo $i $(cat /sys/class/net/$i/address); done`); got != want {
 		t.Errorf("guest NICs:\n%swant:\n%s", got, want)
 	}
+}
+
+// inet6Flags finds addr (32 hex digits) in /proc/net/if_inet6 lines within out and returns
+// its flags field.
+func inet6Flags(out, addr string) (uint64, bool) {
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 6 && f[0] == addr {
+			v, err := strconv.ParseUint(f[4], 16, 32)
+			return v, err == nil
+		}
+	}
+	return 0, false
 }
