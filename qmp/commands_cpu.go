@@ -1,6 +1,7 @@
 package qmp
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 )
@@ -25,6 +26,23 @@ type CPUProps struct {
 	DieID    *int `json:"die-id,omitempty"`
 	CoreID   *int `json:"core-id,omitempty"`
 	ThreadID *int `json:"thread-id,omitempty"`
+}
+
+// Compare orders slots by their place in the topology (node, socket, die, core, thread;
+// an absent prop first), for plugging the lowest free slot first.
+func (a CPUProps) Compare(b CPUProps) int {
+	v := func(p *int) int {
+		if p == nil {
+			return -1
+		}
+		return *p
+	}
+	for _, pair := range [][2]*int{{a.NodeID, b.NodeID}, {a.SocketID, b.SocketID}, {a.DieID, b.DieID}, {a.CoreID, b.CoreID}, {a.ThreadID, b.ThreadID}} {
+		if c := cmp.Compare(v(pair[0]), v(pair[1])); c != 0 {
+			return c
+		}
+	}
+	return 0
 }
 
 // QueryHotpluggableCPUs lists the vCPU slots (query-hotpluggable-cpus). It needs a

@@ -3,8 +3,11 @@ package qmp_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -218,5 +221,29 @@ func TestQueryReplies(t *testing.T) {
 	srv.Reply(srv.Expect("qom-get"), 268435456)
 	if r := <-gc; r.err != nil || r.v != 256<<20 {
 		t.Errorf("QOMGet = %d (err %v)", r.v, r.err)
+	}
+}
+
+func TestCPUPropsCompareIsTopologyOrder(t *testing.T) {
+	n := func(v int) *int { return &v }
+	// query-hotpluggable-cpus order on q35: highest slot first
+	slots := []qmp.CPUProps{
+		{SocketID: n(1), CoreID: n(1), ThreadID: n(0)},
+		{SocketID: n(1), CoreID: n(0), ThreadID: n(0)},
+		{SocketID: n(0), CoreID: n(1), ThreadID: n(0)},
+		{SocketID: n(0), CoreID: n(0), ThreadID: n(0)},
+		{CoreID: n(0)}, // no socket: before every socket
+	}
+	slices.SortFunc(slots, qmp.CPUProps.Compare)
+	var got []string
+	for _, s := range slots {
+		sock := -1
+		if s.SocketID != nil {
+			sock = *s.SocketID
+		}
+		got = append(got, fmt.Sprintf("%d/%d", sock, *s.CoreID))
+	}
+	if want := "-1/0 0/0 0/1 1/0 1/1"; strings.Join(got, " ") != want {
+		t.Fatalf("sorted slots %v, want %s", got, want)
 	}
 }

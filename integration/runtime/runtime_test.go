@@ -442,7 +442,9 @@ func TestHotplugVCPUAndMemory(t *testing.T) {
 	testenv.Require(t)
 	cfg := testenv.VMConfig(t, "hotplug")
 	cfg.Machine = runtime.MachineQ35
-	cfg.VCPUs, cfg.MaxVCPUs = 1, 2
+	// Four slots: the vCPU has to go to the lowest free one (QEMU lists the highest
+	// first); a guest handed slot 3 first never finishes onlining it.
+	cfg.VCPUs, cfg.MaxVCPUs = 1, 4
 	cfg.MemoryMiB, cfg.MaxMemoryMiB = 512, 1024
 	vm := testenv.StartVM(t, cfg)
 	ctx := testenv.Context(t, 2*time.Minute)
@@ -458,8 +460,8 @@ func TestHotplugVCPUAndMemory(t *testing.T) {
 	if err != nil || cpus != 2 {
 		t.Fatalf("add vCPU: %d online, %v", cpus, err)
 	}
-	if _, err := vm.AddVCPUs(ctx, 1); !errdefs.IsInvalidArgument(err) {
-		t.Fatalf("adding beyond max_vcpus: %v, want InvalidArgument", err)
+	if _, err := vm.AddVCPUs(ctx, 3); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("adding 3 with 2 slots free: %v, want InvalidArgument", err)
 	}
 	mem, err := vm.ResizeMemory(ctx, 768)
 	if err != nil {

@@ -29,12 +29,18 @@ import (
 type Pod struct {
 	id       string
 	vm       *runtime.VM
-	size     Size
+	machine  runtime.Machine
+	sizing   nodeconfig.Sizing
+	boot     Size // what the VM booted with
+	maxSize  Size // how far hotplug can grow it (boot on microvm)
 	stateDir string
 	network  *network.Plumbing         // nil without a pod network namespace
 	loopback *network.LoopbackRedirect // port-forwards into the guest; nil without a netns
 
+	resizeMu sync.Mutex // one resize at a time
+
 	mu         sync.Mutex
+	size       Size // what the VM has now
 	containers map[string]*container
 
 	stopOnce sync.Once
@@ -44,6 +50,7 @@ type Pod struct {
 type container struct {
 	shares []string
 	pid    uint32 // guest pid of its init, once created
+	claim  claim  // its limits, which the VM's size must hold
 }
 
 // ID of the pod: CRI's sandbox id, or the container id outside CRI.
@@ -52,8 +59,12 @@ func (p *Pod) ID() string { return p.id }
 // VM is the pod's VM.
 func (p *Pod) VM() *runtime.VM { return p.vm }
 
-// Size is what the VM was given.
-func (p *Pod) Size() Size { return p.size }
+// Size is what the VM has: its boot size, grown by UpdateContainer.
+func (p *Pod) Size() Size {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.size
+}
 
 // Done is closed when the VM is gone.
 func (p *Pod) Done() <-chan struct{} { return p.vm.Done() }
@@ -105,7 +116,13 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 	if choice.SharedFS != "" {
 		vmCfg.SharedFS = runtime.SharedFS(choice.SharedFS)
 	}
-	log.G(ctx).WithField("pod", podID).Infof("booting VM: %d vCPU, %d MiB, %s", size.VCPUs, size.MemoryMiB, vmCfg.Machine)
+	maxSize := headroom(vmCfg.Machine, size, cfg.Sizing)
+	vmCfg.MaxVCPUs = maxSize.VCPUs
+	if maxSize.MemoryMiB > size.MemoryMiB {
+		vmCfg.MaxMemoryMiB = maxSize.MemoryMiB
+	}
+	log.G(ctx).WithField("pod", podID).Infof("booting VM: %d vCPU, %d MiB, %s (can grow to %d vCPU, %d MiB)",
+		size.VCPUs, size.MemoryMiB, vmCfg.Machine, maxSize.VCPUs, maxSize.MemoryMiB)
 
 	var undo cleanup.Stack
 	defer func() { _ = undo.Run() }()
@@ -137,7 +154,7 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 	if err := vm.Agent().SetupSandbox(ctx, setup); err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
-	p := &Pod{id: podID, vm: vm, size: size, stateDir: vmCfg.StateDir, network: plumbing, containers: map[string]*container{}}
+	p := &Pod{id: podID, vm: vm, machine: vmCfg.Machine, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size, stateDir: vmCfg.StateDir, network: plumbing, containers: map[string]*container{}}
 	if plumbing != nil {
 		if p.loopback, err = network.RedirectLoopback(plumbing.Plan().Netns); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
@@ -204,6 +221,9 @@ func (p *Pod) CreateContainer(ctx context.Context, id, rootfs string, spec *spec
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
 	}
 	c := &container{}
+	if spec.Linux != nil {
+		c.claim = claimOf(spec.Linux.Resources, claim{})
+	}
 	p.containers[id] = c
 	p.mu.Unlock()
 

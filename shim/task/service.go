@@ -402,9 +402,9 @@ func (s *service) Update(ctx context.Context, r *taskAPI.UpdateTaskRequest) (*pt
 	if err := json.Unmarshal(r.Resources.GetValue(), &res); err != nil {
 		return nil, fmt.Errorf("update %s: resources: %w: %w", r.ID, err, errdefs.ErrInvalidArgument)
 	}
-	// Limits apply to the container's cgroup inside the guest; the VM's own size is fixed
-	// at boot until CPU/memory hotplug lands.
-	return empty, s.pod.VM().Agent().UpdateContainer(ctx, r.ID, &res)
+	// The VM grows first when the pod's limits outgrow it, then the guest's cgroup
+	// takes the limits.
+	return empty, s.pod.UpdateContainer(ctx, r.ID, &res)
 }
 
 func (s *service) Wait(ctx context.Context, r *taskAPI.WaitRequest) (*taskAPI.WaitResponse, error) {

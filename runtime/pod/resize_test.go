@@ -1,0 +1,76 @@
+package pod
+
+import (
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
+)
+
+func TestClaimOf(t *testing.T) {
+	prev := claim{cpuMilli: 500, memBytes: 256 << 20}
+	cases := []struct {
+		name string
+		r    *specs.LinuxResources
+		want claim
+	}{
+		{"nil keeps everything", nil, prev},
+		{"sections left out keep theirs", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(1 << 30)}},
+			claim{cpuMilli: 500, memBytes: 1 << 30}},
+		{"quota/period rounds up to a thousandth", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: i64(150001), Period: u64(100000)}},
+			claim{cpuMilli: 1501, memBytes: 256 << 20}},
+		{"quota -1 is no CPU limit", &specs.LinuxResources{CPU: &specs.LinuxCPU{Quota: i64(-1), Period: u64(100000)}},
+			claim{cpuMilli: 0, memBytes: 256 << 20}},
+		{"shares alone leave the CPU claim", &specs.LinuxResources{CPU: &specs.LinuxCPU{Shares: u64(1024)}}, prev},
+		{"memory -1 is no limit", &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: i64(-1)}},
+			claim{cpuMilli: 500, memBytes: 0}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := claimOf(tc.r, prev); got != tc.want {
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSizeForClaims(t *testing.T) {
+	s := nodeconfig.Default().Sizing // defaults 1 vCPU, 512 MiB, +64 MiB overhead
+	cases := []struct {
+		name   string
+		claims []claim
+		want   Size
+	}{
+		{"nothing claimed: the defaults", nil, Size{1, 512}},
+		{"unlimited containers claim nothing", []claim{{}, {}}, Size{1, 512}},
+		{"sums, whole vCPUs, memory plus overhead", []claim{{cpuMilli: 1500, memBytes: 600 << 20}, {cpuMilli: 700, memBytes: 1 << 20}},
+			Size{3, 601 + 64}},
+		{"beyond the node's maximum is not clamped (grow refuses it)", []claim{{cpuMilli: 9000, memBytes: 16 << 30}},
+			Size{9, 16384 + 64}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := sizeForClaims(tc.claims, s); got != tc.want {
+				t.Fatalf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestHeadroom(t *testing.T) {
+	s := nodeconfig.Default().Sizing // max 4 vCPUs, 8192 MiB
+	boot := Size{VCPUs: 1, MemoryMiB: 577}
+	if got := headroom(runtime.MachineMicroVM, boot, s); got != boot {
+		t.Errorf("microvm: got %+v, want the boot size %+v (no hotplug)", got, boot)
+	}
+	// q35: the virtio-mem region above the boot memory is a whole number of 2 MiB blocks
+	if got, want := headroom(runtime.MachineQ35, boot, s), (Size{VCPUs: 4, MemoryMiB: 577 + 7614}); got != want {
+		t.Errorf("q35: got %+v, want %+v", got, want)
+	}
+	big := Size{VCPUs: 6, MemoryMiB: 9000} // booted above the maximums (an older config)
+	if got := headroom(runtime.MachineQ35, big, s); got != big {
+		t.Errorf("q35 above the maximums: got %+v, want %+v", got, big)
+	}
+}
