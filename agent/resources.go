@@ -1,10 +1,14 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
@@ -16,24 +20,46 @@ func onlineResources() (*agentv1.OnlineResourcesResponse, error) {
 	resp := &agentv1.OnlineResourcesResponse{}
 	cpus, _ := filepath.Glob("/sys/devices/system/cpu/cpu[0-9]*/online")
 	for _, f := range cpus {
-		if readTrim(f) == "0" {
-			if err := os.WriteFile(f, []byte("1"), 0); err != nil {
-				return nil, fmt.Errorf("online %s: %w", filepath.Dir(f), err)
-			}
+		onlined, err := setOnline(f, "0", "1")
+		if err != nil {
+			return nil, err
+		}
+		if onlined {
 			resp.CpusOnlined++
 		}
 	}
 	blocks, _ := filepath.Glob("/sys/devices/system/memory/memory[0-9]*/state")
 	for _, f := range blocks {
-		if readTrim(f) == "offline" {
-			if err := os.WriteFile(f, []byte("online"), 0); err != nil {
-				return nil, fmt.Errorf("online %s: %w", filepath.Dir(f), err)
-			}
+		onlined, err := setOnline(f, "offline", "online")
+		if err != nil {
+			return nil, err
+		}
+		if onlined {
 			resp.MemoryBlocksOnlined++
 		}
 	}
 	resp.OnlineCpus, resp.MemoryBytes = guestSize()
 	return resp, nil
+}
+
+// setOnline writes on to the sysfs file f if it reads off. The kernel may be onlining the
+// same CPU or memory block at that moment (x86 onlines hot-added CPUs itself, and
+// MEMORY_HOTPLUG_DEFAULT_ONLINE the blocks virtio-mem adds): EINVAL and EBUSY are such
+// races (measured: EINVAL on a block virtio-mem was adding), left to the caller's next poll.
+func setOnline(f, off, on string) (bool, error) {
+	if readTrim(f) != off {
+		return false, nil
+	}
+	err := os.WriteFile(f, []byte(on), 0)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.EINVAL), errors.Is(err, unix.EBUSY):
+		slog.Info("online: the kernel refused for now", "file", f, "state", readTrim(f), "err", err)
+		return false, nil
+	default:
+		return false, fmt.Errorf("online %s: %w", filepath.Dir(f), err)
+	}
 }
 
 // guestSize is the number of online CPUs and the memory the kernel manages.
