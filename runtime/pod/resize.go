@@ -74,7 +74,8 @@ func headroom(machine runtime.Machine, size Size, s nodeconfig.Sizing) Size {
 // longer fit the VM, the VM grows first (hot-added vCPUs, virtio-mem), up to its headroom;
 // then the container's cgroup in the guest takes r. The VM never shrinks: memory the
 // guest has used is not reliably given back, and CPUs are cheap to leave online.
-// Beyond the headroom nothing changes and the error says which limit does not fit.
+// An update that asks for more than the headroom changes nothing and says which limit
+// does not fit.
 func (p *Pod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
 	p.resizeMu.Lock()
 	defer p.resizeMu.Unlock()
@@ -86,15 +87,20 @@ func (p *Pod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxReso
 		return fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
 	}
 	next := claimOf(r, c.claim)
-	claims := []claim{next}
+	before, after := []claim{c.claim}, []claim{next}
 	for other, oc := range p.containers {
 		if other != id {
-			claims = append(claims, oc.claim)
+			before, after = append(before, oc.claim), append(after, oc.claim)
 		}
 	}
+	cur := p.size
 	p.mu.Unlock()
 
-	if err := p.grow(ctx, sizeForClaims(claims, p.sizing)); err != nil {
+	target, err := resizeTarget(cur, sizeForClaims(before, p.sizing), sizeForClaims(after, p.sizing), p.maxSize)
+	if err != nil {
+		return fmt.Errorf("pod %s: update container %s: %w (%s): %w", p.id, id, err, p.growthNote(), errdefs.ErrFailedPrecondition)
+	}
+	if err := p.grow(ctx, cur, target); err != nil {
 		return fmt.Errorf("pod %s: update container %s: %w", p.id, id, err)
 	}
 	if err := p.vm.Agent().UpdateContainer(ctx, id, r); err != nil {
@@ -106,40 +112,50 @@ func (p *Pod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxReso
 	return nil
 }
 
-// grow brings the VM to at least want, within its headroom. Only called under resizeMu.
-func (p *Pod) grow(ctx context.Context, want Size) error {
-	cur := p.Size()
-	if want.VCPUs <= cur.VCPUs && want.MemoryMiB <= cur.MemoryMiB {
-		return nil
+// resizeTarget is the size a VM of size cur, at most maxSize, takes for an update that
+// moves the pod's needs from before to after. It never shrinks. Beyond maxSize it
+// refuses, unless the update asks for no more than the pod asked before: a pod whose
+// limits exceeded the node's maximum at boot (the node capped its VM) may still lower
+// or reshuffle its limits.
+func resizeTarget(cur, before, after, maxSize Size) (Size, error) {
+	target := Size{VCPUs: max(cur.VCPUs, after.VCPUs), MemoryMiB: max(cur.MemoryMiB, after.MemoryMiB)}
+	if target.VCPUs > maxSize.VCPUs {
+		if after.VCPUs > before.VCPUs {
+			return Size{}, fmt.Errorf("resources.cpu: the pod's CPU limits need %d vCPUs, the VM can have %d", after.VCPUs, maxSize.VCPUs)
+		}
+		target.VCPUs = max(cur.VCPUs, maxSize.VCPUs)
 	}
-	if want.VCPUs > p.maxSize.VCPUs {
-		return fmt.Errorf("resources.cpu: the pod's CPU limits need %d vCPUs, the VM can have %d (%s): %w",
-			want.VCPUs, p.maxSize.VCPUs, p.growthNote(), errdefs.ErrFailedPrecondition)
+	if target.MemoryMiB > maxSize.MemoryMiB {
+		if after.MemoryMiB > before.MemoryMiB {
+			return Size{}, fmt.Errorf("resources.memory.limit: the pod's memory limits need %d MiB, the VM can have %d MiB", after.MemoryMiB, maxSize.MemoryMiB)
+		}
+		target.MemoryMiB = max(cur.MemoryMiB, maxSize.MemoryMiB)
 	}
-	if want.MemoryMiB > p.maxSize.MemoryMiB {
-		return fmt.Errorf("resources.memory.limit: the pod's memory limits need %d MiB, the VM can have %d MiB (%s): %w",
-			want.MemoryMiB, p.maxSize.MemoryMiB, p.growthNote(), errdefs.ErrFailedPrecondition)
-	}
+	return target, nil
+}
+
+// grow brings the VM from cur to target by hotplug. Only called under resizeMu.
+func (p *Pod) grow(ctx context.Context, cur, target Size) error {
 	lg := log.G(ctx).WithField("pod", p.id)
-	if add := want.VCPUs - cur.VCPUs; add > 0 {
-		lg.Infof("growing the VM: %d -> %d vCPUs", cur.VCPUs, want.VCPUs)
+	if add := target.VCPUs - cur.VCPUs; add > 0 {
+		lg.Infof("growing the VM: %d -> %d vCPUs", cur.VCPUs, target.VCPUs)
 		online, err := p.vm.AddVCPUs(ctx, add)
 		if err != nil {
 			return fmt.Errorf("resources.cpu: %w", err)
 		}
-		p.setSize(func(s *Size) { s.VCPUs = want.VCPUs })
-		lg.Infof("VM grown to %d vCPUs (%d online in the guest)", want.VCPUs, online)
+		p.setSize(func(s *Size) { s.VCPUs = target.VCPUs })
+		lg.Infof("VM grown to %d vCPUs (%d online in the guest)", target.VCPUs, online)
 	}
-	if want.MemoryMiB > cur.MemoryMiB {
+	if target.MemoryMiB > cur.MemoryMiB {
 		// virtio-mem plugs whole 2 MiB blocks above the boot memory
-		target := want.MemoryMiB + (want.MemoryMiB-p.boot.MemoryMiB)%2
-		lg.Infof("growing the VM: %d -> %d MiB", cur.MemoryMiB, target)
-		guestBytes, err := p.vm.ResizeMemory(ctx, target)
+		mib := min(target.MemoryMiB+(target.MemoryMiB-p.boot.MemoryMiB)%2, p.maxSize.MemoryMiB)
+		lg.Infof("growing the VM: %d -> %d MiB", cur.MemoryMiB, mib)
+		guestBytes, err := p.vm.ResizeMemory(ctx, mib)
 		if err != nil {
 			return fmt.Errorf("resources.memory.limit: %w", err)
 		}
-		p.setSize(func(s *Size) { s.MemoryMiB = target })
-		lg.Infof("VM grown to %d MiB (the guest manages %d MiB)", target, guestBytes>>20)
+		p.setSize(func(s *Size) { s.MemoryMiB = mib })
+		lg.Infof("VM grown to %d MiB (the guest manages %d MiB)", mib, guestBytes>>20)
 	}
 	return nil
 }

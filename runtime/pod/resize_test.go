@@ -1,6 +1,7 @@
 package pod
 
 import (
+	"strings"
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -72,5 +73,37 @@ func TestHeadroom(t *testing.T) {
 	big := Size{VCPUs: 6, MemoryMiB: 9000} // booted above the maximums (an older config)
 	if got := headroom(runtime.MachineQ35, big, s); got != big {
 		t.Errorf("q35 above the maximums: got %+v, want %+v", got, big)
+	}
+}
+
+func TestResizeTarget(t *testing.T) {
+	maxSize := Size{VCPUs: 4, MemoryMiB: 8192}
+	cases := []struct {
+		name                     string
+		cur, before, after, want Size
+		err                      string
+	}{
+		{"fits: nothing to do", Size{2, 1024}, Size{1, 600}, Size{2, 1000}, Size{2, 1024}, ""},
+		{"grows what outgrew the VM", Size{1, 512}, Size{1, 192}, Size{2, 1088}, Size{2, 1088}, ""},
+		{"never shrinks", Size{4, 4096}, Size{4, 4096}, Size{1, 512}, Size{4, 4096}, ""},
+		{"refuses more CPU than the headroom", Size{1, 512}, Size{1, 512}, Size{5, 512}, Size{}, "resources.cpu"},
+		{"refuses more memory than the headroom", Size{1, 512}, Size{1, 512}, Size{1, 9000}, Size{}, "resources.memory.limit"},
+		// booted capped at the maximum (the pod asked for 16 GiB): lowering to 12 GiB is fine
+		{"capped pod may lower its limits", Size{4, 8192}, Size{4, 16448}, Size{4, 12352}, Size{4, 8192}, ""},
+		{"capped pod may not raise them", Size{4, 8192}, Size{4, 12352}, Size{4, 16448}, Size{}, "resources.memory.limit"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := resizeTarget(tc.cur, tc.before, tc.after, maxSize)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %+v, %v; want an error naming %s", got, err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
 	}
 }
