@@ -65,11 +65,15 @@ go_test_scratch() {
   local d m
   for d in /run/vmpod-it-* "$GO_TEST_TMP"; do
     [ -e "$d" ] || continue
+    if [ -z "$(ls -A "$d")" ]; then
+      rmdir "$d"   # a finished run's empty scratch dir
+      continue
+    fi
     if pgrep -f -- "$d" >/dev/null; then
       log "note: $d is in use by a running process: left alone"
       continue
     fi
-    log "removing $d, left by an interrupted test run"
+    log "removing $d: scratch space of an earlier test run"
     for m in $(awk -v p="$d/" 'index($2 "/", p) == 1 { print $2 }' /proc/self/mounts | sort -r); do
       umount "$m" || umount -l "$m"
     done
