@@ -34,15 +34,13 @@ func sizeFor(spec *specs.Spec, s nodeconfig.Sizing) (Size, error) {
 	if err != nil {
 		return Size{}, err
 	}
-	size := Size{VCPUs: s.DefaultVCPUs, MemoryMiB: s.DefaultMemoryMiB}
+	pod := claim{memBytes: max(memBytes, 0)}
 	if quota > 0 && period > 0 {
-		size.VCPUs = int((quota + period - 1) / period)
+		pod.cpuMilli = (quota*1000 + period - 1) / period
 	}
-	if memBytes > 0 {
-		size.MemoryMiB = int((memBytes+(1<<20)-1)>>20) + s.GuestOverheadMiB
-	}
-	size.VCPUs = min(max(size.VCPUs, s.DefaultVCPUs), s.MaxVCPUs)
-	size.MemoryMiB = min(max(size.MemoryMiB, s.DefaultMemoryMiB), s.MaxMemoryMiB)
+	size := sizeForClaims([]claim{pod}, s)
+	size.VCPUs = min(size.VCPUs, s.MaxVCPUs)
+	size.MemoryMiB = min(size.MemoryMiB, s.MaxMemoryMiB)
 	return size, nil
 }
 
