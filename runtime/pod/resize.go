@@ -28,14 +28,23 @@ func claimOf(r *specs.LinuxResources, prev claim) claim {
 	c := prev
 	if r.CPU != nil && (r.CPU.Quota != nil || r.CPU.Period != nil) {
 		c.cpuMilli = 0
-		if r.CPU.Quota != nil && r.CPU.Period != nil && *r.CPU.Quota > 0 && *r.CPU.Period > 0 {
-			c.cpuMilli = (*r.CPU.Quota*1000 + int64(*r.CPU.Period) - 1) / int64(*r.CPU.Period)
+		if r.CPU.Quota != nil && r.CPU.Period != nil {
+			c.cpuMilli = cpuMilli(*r.CPU.Quota, int64(*r.CPU.Period))
 		}
 	}
 	if r.Memory != nil && r.Memory.Limit != nil {
 		c.memBytes = max(*r.Memory.Limit, 0)
 	}
 	return c
+}
+
+// cpuMilli is a CFS quota/period in thousandths of a CPU, rounded up; 0 (no limit) unless
+// both are positive.
+func cpuMilli(quota, period int64) int64 {
+	if quota <= 0 || period <= 0 {
+		return 0
+	}
+	return (quota*1000 + period - 1) / period
 }
 
 // sizeForClaims is the VM size that holds the sum of claims, by the rule the boot size

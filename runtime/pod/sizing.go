@@ -34,10 +34,7 @@ func sizeFor(spec *specs.Spec, s nodeconfig.Sizing) (Size, error) {
 	if err != nil {
 		return Size{}, err
 	}
-	pod := claim{memBytes: max(memBytes, 0)}
-	if quota > 0 && period > 0 {
-		pod.cpuMilli = (quota*1000 + period - 1) / period
-	}
+	pod := claim{cpuMilli: cpuMilli(quota, period), memBytes: max(memBytes, 0)}
 	size := sizeForClaims([]claim{pod}, s)
 	size.VCPUs = min(size.VCPUs, s.MaxVCPUs)
 	size.MemoryMiB = min(size.MemoryMiB, s.MaxMemoryMiB)
