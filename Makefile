@@ -11,7 +11,7 @@ export GONOSUMDB := github.com/digitalocean/go-qemu,sigs.k8s.io/cri-tools
 export GOTOOLCHAIN := local
 
 .PHONY: all build guest deps proto proto-check test bench demo clean containerd images critest \
-	generate generate-check envtest-assets controller-test
+	generate generate-check envtest-assets controller-test cold-test cold-demo conformance-doc
 
 all: build
 
@@ -31,6 +31,14 @@ guest: deps
 ## test: everything CI runs, ending with the summary
 test:
 	hack/test.sh
+
+## cold-test, cold-demo: the target as a new user's first run: a fresh clone of HEAD, an empty
+## cache (hack/cold-run.sh; COLD_GO=1 empties Go's caches too). Run before changing hack/ lands.
+cold-test:
+	hack/cold-run.sh test
+
+cold-demo:
+	hack/cold-run.sh demo
 
 ## bench: boot and exec figures with their baselines, measured in one run
 bench: guest
@@ -64,6 +72,10 @@ controller-test:
 
 clean:
 	rm -rf $(OUT)
+
+# docs/conformance.md from the last critest run (make critest or make test): on purpose only
+conformance-doc:
+	hack/critest.sh --publish
 
 # ---- test bed: private containerd (runc + vmpod runtimes), local registry, critest --------
 # See docs/design/300-test-bed.md.

@@ -26,7 +26,7 @@ export VMPOD_BENCH_OUT=$VMPOD_OUT/bench.txt
 go_test_scratch
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), host kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%F)"
-  echo "qemu: $(qemu-system-x86_64 --version | head -1); guest kernel $(cat "$VMPOD_OUT/guest/kernel.release")"
+  echo "qemu: $(qemu-system-x86_64 --version | sed -n 1p); guest kernel $(cat "$VMPOD_OUT/guest/kernel.release")"
 } | tee -a "$VMPOD_BENCH_OUT"
 go test -count=1 -p 1 -timeout 60m -run 'TestBench' -v ./integration/bench/ ./integration/network/ 2>&1 |
   grep -vE '^(=== RUN|time=)'

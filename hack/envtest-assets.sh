@@ -50,7 +50,7 @@ KMOD=$(go mod download -json "k8s.io/kubernetes@$VERSION" | sed -n 's/^[[:space:
 
 {
   printf 'module local/vmpod-envtest-assets\n\n'
-  sed -n 's/^go \(.*\)$/go \1/p' "$KMOD" | head -1
+  sed -n '/^go /{p;q}' "$KMOD"
   # the same GODEBUG defaults as upstream's builds
   grep -E '^godebug ' "$KMOD" | sort -u || true
   printf '\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$VERSION"
@@ -86,7 +86,10 @@ go build -trimpath -ldflags "$LDF" -o "$W/out/" "${PKGS[@]}"
 mkdir -p "$WORK/bin"
 install -m 0755 "$W/out/kube-apiserver" "$W/out/kubectl" "$WORK/bin/"
 install -m 0755 "$W/out/server" "$WORK/bin/etcd" # `go build -o dir/` names server/v3's binary "server"
-"$WORK/bin/etcd" --version | head -1 >&2
+# Not `etcd --version | head -1`: under pipefail, head exiting first kills etcd with SIGPIPE
+# and the script (exit 141) before the binaries are published; a cold run failed that way.
+etcd_version=$("$WORK/bin/etcd" --version) || die "the etcd just built does not run: $WORK/bin/etcd --version"
+log "${etcd_version%%$'\n'*}"
 publish "$WORK/bin" "$DEST"
 have_assets || die "built binaries in $DEST do not report $VERSION"
 log "built envtest assets in $DEST"

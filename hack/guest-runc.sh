@@ -18,7 +18,8 @@ GOBIN=$OUT.tmp CGO_ENABLED=1 go install \
   -tags "seccomp urfave_cli_no_docs netgo osusergo" \
   -ldflags "-s -w -X main.version=${RUNC_VERSION#v} -extldflags -static" \
   github.com/opencontainers/runc@"$RUNC_VERSION" 2> >(grep -v 'statically linked applications' >&2)
-file "$OUT.tmp/runc" | grep -q 'statically linked' || die "runc is not static: $(file "$OUT.tmp/runc")"
+kind=$(file "$OUT.tmp/runc")
+[[ $kind == *'statically linked'* ]] || die "runc is not static: $kind"
 publish "$OUT.tmp" "$OUT"
 log "built $OUT/runc"
 echo "$OUT/runc"

@@ -25,7 +25,7 @@ PATHENV='PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 registry_start() {
   tb_pid registry >/dev/null && return
   local port=${TB_REGISTRY##*:}
-  if ss -Hltn "( sport = :$port )" | grep -q .; then
+  if [ -n "$(ss -Hltn "( sport = :$port )")" ]; then
     die "port $port is taken by a process that is not this test bed's registry: set VMPOD_REGISTRY=127.0.0.1:<free port>"
   fi
   # --disk needs an existing directory (else every blob push is a 500); manifests stay in

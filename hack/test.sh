@@ -21,8 +21,16 @@ EXTRA=$RESULTS/extra.txt
 : > "$EXTRA"
 CRITEST_HANDLERS=${CRITEST_HANDLERS:-runc vmpod}
 
-step() { log "== $*"; }
+# A failing step names itself: a cold run is long, and "Error 1" after 30 minutes of build
+# logs does not say which of the builds broke. What a step built before it failed stays in
+# the cache (each build publishes only complete results), so a re-run resumes there.
+STEP=
+step() { STEP=$*; log "== $*"; }
+failed_step() { [ "$1" = 0 ] || [ -z "$2" ] || log "FAILED (exit $1) in step: $2"; }
+trap 'failed_step $? "$STEP"' EXIT
 
+step "scripts: no early-closing readers after pipes"
+hack/check-pipes.sh
 step "guest, shim, test bed binaries (cached)"
 prepare_testbed
 step "test rootfs"
@@ -38,7 +46,7 @@ stop_testbed() {
   hack/containerd.sh stop || echo "FAIL test bed: stop failed" >> "$EXTRA"
   hack/leakcheck.sh || echo "FAIL leak check: the test bed left something behind (above)" >> "$EXTRA"
 }
-trap stop_testbed EXIT
+trap 'rc=$? s=$STEP; stop_testbed; failed_step $rc "$s"' EXIT
 step "start the test bed"
 hack/containerd.sh start-fresh
 eval "$(hack/containerd.sh env)"
@@ -67,11 +75,11 @@ step "critest: $CRITEST_HANDLERS"
 # critest.sh prints one "critest[h]: N passed, N failed, N skipped in Xs wall" line per
 # handler; a handler with failures becomes a FAIL line of the summary.
 if ! hack/critest.sh $CRITEST_HANDLERS; then
-  echo "FAIL critest: see _output/critest/*/critest.log and docs/conformance.md" >> "$EXTRA"
+  echo "FAIL critest: see _output/critest/*/critest.log and _output/critest/conformance.md" >> "$EXTRA"
 fi
 grep -h '^critest\[' "$VMPOD_OUT/critest/summary.txt" >> "$EXTRA" 2>/dev/null || echo "FAIL critest: no summary" >> "$EXTRA"
 
-trap - EXIT
+trap 'failed_step $? "$STEP"' EXIT
 stop_testbed
 step "done"
 "$RESULTS/testsummary" -extra "$EXTRA" "$RESULTS/go-test.json"

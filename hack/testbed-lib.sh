@@ -296,8 +296,10 @@ tb_delete_pod_nat_rules() {
     done < <(iptables -t nat -S "$chain")
     for n in "${nums[@]}"; do iptables -t nat -D "$chain" "$n"; done
   done
+  local rules
+  rules=$(iptables-save -t nat)   # once, whole: `iptables-save | grep -q` is false when grep's early exit SIGPIPEs it
   for chain in $targets; do
-    iptables-save -t nat | grep -qE -- "-j $chain( |$)" && continue
+    grep -qE -- "-j $chain( |$)" <<<"$rules" && continue
     iptables -t nat -F "$chain" && iptables -t nat -X "$chain"
   done
 }
