@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/qmp"
 	"github.com/vmpod/vmpod/qmp/qmptest"
@@ -207,7 +208,7 @@ func TestIntegrationQ35RenderedArgv(t *testing.T) {
 	netns := qmptest.NewNetns(t)
 	tap0, tap1 := netns.OpenTap(t, "vmpodt0"), netns.OpenTap(t, "vmpodt1")
 	machine := devices.Machine{
-		Name: "it,q35", Type: devices.Q35, Accel: devices.TCG, VCPUs: 1, MaxVCPUs: 2,
+		Name: "it,q35", Type: machine.Q35, Accel: machine.TCG, VCPUs: 1, MaxVCPUs: 2,
 		Memory: 256 << 20, MaxMemory: 2 << 30, QMPSocket: f.path("qmp.sock"), ConsoleLog: f.path("console,log"),
 		RootPorts: 9, StartPaused: true,
 	}
@@ -297,7 +298,7 @@ func TestIntegrationMicrovmRenderedArgv(t *testing.T) {
 	netns := qmptest.NewNetns(t)
 	tap := netns.OpenTap(t, "vmpodt0")
 	machine := devices.Machine{
-		Name: "it-microvm", Type: devices.Microvm, Accel: devices.TCG, VCPUs: 1, Memory: 256 << 20,
+		Name: "it-microvm", Type: machine.MicroVM, Accel: machine.TCG, VCPUs: 1, Memory: 256 << 20,
 		QMPSocket: f.path("qmp.sock"), ConsoleLog: f.path("console.log"), StartPaused: true,
 	}
 	devs := []devices.Device{
@@ -382,13 +383,13 @@ func TestIntegrationRenderedMachinesBoot(t *testing.T) {
 		name    string
 		machine devices.Machine
 	}{
-		{"microvm", devices.Machine{Type: devices.Microvm, Append: "console=ttyS0 quiet panic=-1 pci=off tsc_early_khz=" + strconv.Itoa(hostTSCKHz(t))}},
-		{"q35", devices.Machine{Type: devices.Q35, Firmware: devices.QbootFirmware, RootPorts: 4, Append: "console=ttyS0 quiet panic=-1"}},
+		{"microvm", devices.Machine{Type: machine.MicroVM, Append: "console=ttyS0 quiet panic=-1 pci=off tsc_early_khz=" + strconv.Itoa(hostTSCKHz(t))}},
+		{"q35", devices.Machine{Type: machine.Q35, Firmware: devices.QbootFirmware, RootPorts: 4, Append: "console=ttyS0 quiet panic=-1"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFixture(t)
 			mc := tt.machine
-			mc.Name, mc.Accel, mc.VCPUs, mc.Memory = "boot-"+tt.name, devices.TCG, 1, 256<<20
+			mc.Name, mc.Accel, mc.VCPUs, mc.Memory = "boot-"+tt.name, machine.TCG, 1, 256<<20
 			mc.Kernel, mc.Initrd = kernel, initrd
 			mc.QMPSocket, mc.ConsoleLog = f.path("qmp.sock"), f.path("console.log")
 			vm, err := devices.NewVM(mc,
@@ -425,7 +426,7 @@ func TestIntegrationUnavailableBackends(t *testing.T) {
 				t.Skipf("%s exists here, so this test's premise does not hold", tt.hostPath)
 			}
 			f := newFixture(t)
-			vm, err := devices.NewVM(devices.Machine{Type: devices.Q35, Accel: devices.TCG, VCPUs: 1, Memory: 128 << 20,
+			vm, err := devices.NewVM(devices.Machine{Type: machine.Q35, Accel: machine.TCG, VCPUs: 1, Memory: 128 << 20,
 				QMPSocket: f.path("qmp.sock"), StartPaused: true}, tt.dev)
 			if err != nil {
 				t.Fatal(err)

@@ -2,27 +2,10 @@ package devices
 
 import (
 	"fmt"
+	"os"
 	"strconv"
-)
 
-// MachineType is QEMU's machine model.
-type MachineType string
-
-const (
-	// Microvm boots fastest (~0.85 s to a Go /init under TCG) but has only
-	// virtio-mmio: no PCI, no hotplug of any kind.
-	Microvm MachineType = "microvm"
-	// Q35 is a PCI Express machine: root ports for device hotplug, vCPU and
-	// virtio-mem hotplug, VFIO (~1.1 s to /init with qboot under TCG).
-	Q35 MachineType = "q35"
-)
-
-// Accel is the accelerator QEMU runs the guest with.
-type Accel string
-
-const (
-	KVM Accel = "kvm" // hardware virtualisation
-	TCG Accel = "tcg" // emulation, for hosts without usable KVM
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // QbootFirmware is qboot, the minimal firmware that boots a direct-kernel q35
@@ -43,9 +26,10 @@ const (
 // Machine is the VM's hardware apart from its devices.
 type Machine struct {
 	// Name names the VM in ps and QEMU's thread names (-name, debug-threads).
-	Name  string
-	Type  MachineType
-	Accel Accel
+	Name string
+	Type machine.Type // machine.Q35 or machine.MicroVM
+	// Accel is machine.KVM or machine.TCG (resolved: never machine.AccelAuto).
+	Accel machine.Accel
 	// CPUModel overrides the CPU model. By default it is "host" under KVM and
 	// "qemu64,+arat" under TCG: microvm has no HPET, and without ARAT the guest's
 	// LAPIC timer cannot serve high-resolution timers, which turns every sleep
@@ -79,6 +63,18 @@ type Machine struct {
 	QMPSocket string // the unix socket QEMU's QMP monitor listens on
 	// ConsoleLog receives the guest's serial console (ttyS0), appended.
 	ConsoleLog string
+	// ConsoleSocket serves the serial console on a unix socket instead (a VM pod's
+	// console log and attach). At most one of ConsoleLog and ConsoleSocket.
+	ConsoleSocket string
+	// UEFI boots OVMF from pflash instead of Firmware or the default SeaBIOS (q35).
+	UEFI *UEFI
+	// FDSets are fds QEMU inherits into fd sets (-add-fd), for images a device opens
+	// as /dev/fdset/<set>: the shim opens a pod's disk inside its volume, QEMU never
+	// resolves the pod's paths itself.
+	FDSets []FDSet
+	// Reboot lets a guest reboot reset the machine; without it QEMU exits
+	// (-no-reboot), as a container pod's guest must not come back by itself.
+	Reboot bool
 	// RootPorts is the number of PCIe root ports created at boot for hotplug
 	// (q35 only, up to MaxRootPorts).
 	RootPorts int
@@ -88,13 +84,34 @@ type Machine struct {
 	IncomingMigration bool
 }
 
+// UEFI is OVMF's code and the VM's own variable store, both pflash.
+type UEFI struct {
+	Code string // read-only firmware image
+	Vars string // this VM's writable copy of the variable store
+}
+
+// FDSet is one file QEMU inherits and adds to fd set Set.
+type FDSet struct {
+	File *os.File
+	Set  int
+}
+
+// FDSetPath is how a device names the file of fd set set.
+func FDSetPath(set int) string { return "/dev/fdset/" + strconv.Itoa(set) }
+
 const mib = 1 << 20
+
+// Reserved node names: the UEFI pflash images.
+const (
+	pflashCodeNode = "pflash-code"
+	pflashVarsNode = "pflash-vars"
+)
 
 func (m *Machine) validate() error {
 	c := &checker{device: "machine"}
 	c.text("Name", m.Name)
-	c.oneOf("Type", string(m.Type), string(Microvm), string(Q35))
-	c.oneOf("Accel", string(m.Accel), string(KVM), string(TCG))
+	c.oneOf("Type", string(m.Type), string(machine.MicroVM), string(machine.Q35))
+	c.oneOf("Accel", string(m.Accel), string(machine.KVM), string(machine.TCG))
 	c.text("CPUModel", m.CPUModel)
 	if m.TCGCacheMiB < 0 {
 		c.fail("TCGCacheMiB", "%d is negative", m.TCGCacheMiB)
@@ -105,7 +122,7 @@ func (m *Machine) validate() error {
 	if m.MaxVCPUs != 0 && m.MaxVCPUs < m.VCPUs {
 		c.fail("MaxVCPUs", "%d is below VCPUs (%d)", m.MaxVCPUs, m.VCPUs)
 	}
-	if m.MaxVCPUs > m.VCPUs && m.Type != Q35 {
+	if m.MaxVCPUs > m.VCPUs && m.Type != machine.Q35 {
 		c.fail("MaxVCPUs", "vCPU hotplug needs q35")
 	}
 	if m.Memory == 0 || m.Memory%mib != 0 {
@@ -115,7 +132,7 @@ func (m *Machine) validate() error {
 		if m.MaxMemory <= m.Memory || m.MaxMemory%mib != 0 {
 			c.fail("MaxMemory", "%d must be a multiple of 1 MiB above Memory (%d)", m.MaxMemory, m.Memory)
 		}
-		if m.Type != Q35 {
+		if m.Type != machine.Q35 {
 			c.fail("MaxMemory", "memory devices need q35")
 		}
 	}
@@ -124,6 +141,7 @@ func (m *Machine) validate() error {
 	}
 	for _, f := range []struct{ field, path string }{
 		{"Kernel", m.Kernel}, {"Initrd", m.Initrd}, {"Firmware", m.Firmware}, {"ConsoleLog", m.ConsoleLog},
+		{"ConsoleSocket", m.ConsoleSocket},
 	} {
 		if f.path != "" {
 			c.path(f.field, f.path)
@@ -137,14 +155,38 @@ func (m *Machine) validate() error {
 	if m.RootPorts < 0 || m.RootPorts > MaxRootPorts {
 		c.fail("RootPorts", "%d is outside 0..%d", m.RootPorts, MaxRootPorts)
 	}
-	if m.RootPorts > 0 && m.Type != Q35 {
+	if m.RootPorts > 0 && m.Type != machine.Q35 {
 		c.fail("RootPorts", "PCIe root ports need q35")
+	}
+	if m.ConsoleLog != "" && m.ConsoleSocket != "" {
+		c.fail("ConsoleSocket", "the console goes to ConsoleLog or ConsoleSocket, not both")
+	}
+	if m.UEFI != nil {
+		c.path("UEFI.Code", m.UEFI.Code)
+		c.path("UEFI.Vars", m.UEFI.Vars)
+		if m.Type != machine.Q35 {
+			c.fail("UEFI", "OVMF needs q35")
+		}
+		if m.Firmware != "" || m.Kernel != "" {
+			c.fail("UEFI", "UEFI boots from a disk: no Firmware, no Kernel")
+		}
+	}
+	sets := map[int]bool{}
+	for i, s := range m.FDSets {
+		field := fmt.Sprintf("FDSets[%d]", i)
+		if s.File == nil {
+			c.fail(field+".File", "missing")
+		}
+		if s.Set < 0 || sets[s.Set] {
+			c.fail(field+".Set", "%d is negative or used twice", s.Set)
+		}
+		sets[s.Set] = true
 	}
 	return c.Err()
 }
 
 func (m *Machine) transport() Transport {
-	if m.Type == Microvm {
+	if m.Type == machine.MicroVM {
 		return MMIO
 	}
 	return PCI
@@ -154,7 +196,7 @@ func (m *Machine) cpuModel() string {
 	switch {
 	case m.CPUModel != "":
 		return m.CPUModel
-	case m.Accel == KVM:
+	case m.Accel == machine.KVM:
 		return "host"
 	default:
 		return "qemu64,+arat"
@@ -163,7 +205,7 @@ func (m *Machine) cpuModel() string {
 
 func (m *Machine) accelOption() string {
 	o := newOptions(string(m.Accel))
-	if m.Accel == TCG && m.TCGCacheMiB > 0 {
+	if m.Accel == machine.TCG && m.TCGCacheMiB > 0 {
 		o.add("tb-size", strconv.Itoa(m.TCGCacheMiB))
 	}
 	return o.String()
@@ -173,12 +215,15 @@ func (m *Machine) accelOption() string {
 // a shared memfd.
 func (m *Machine) args(shared bool) []string {
 	args := []string{"-name", newOptions("").add("guest", orDefault(m.Name, "vmpod")).addBool("debug-threads", true).String()}
-	machine := newOptions(string(m.Type))
+	machineOpts := newOptions(string(m.Type))
 	if shared {
-		machine.add("memory-backend", ramBackendID)
+		machineOpts.add("memory-backend", ramBackendID)
+	}
+	if m.UEFI != nil {
+		machineOpts.add("pflash0", pflashCodeNode).add("pflash1", pflashVarsNode)
 	}
 	args = append(args,
-		"-machine", machine.String(),
+		"-machine", machineOpts.String(),
 		"-accel", m.accelOption(),
 		"-cpu", m.cpuModel(),
 		"-smp", newOptions("").add("cpus", strconv.Itoa(m.VCPUs)).add("maxcpus", strconv.Itoa(max(m.MaxVCPUs, m.VCPUs))).String())
@@ -193,14 +238,22 @@ func (m *Machine) args(shared bool) []string {
 	if shared {
 		args = append(args, "-object", MemoryBackend{ID: ramBackendID, Size: m.Memory, Shared: true}.option())
 	}
-	args = append(args, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot")
-	if m.Type == Microvm {
+	args = append(args, "-nodefaults", "-no-user-config", "-display", "none")
+	if !m.Reboot {
+		args = append(args, "-no-reboot")
+	}
+	if m.Type == machine.MicroVM {
 		// Legacy virtio-mmio lacks VIRTIO_F_VERSION_1, which virtio-fs requires
 		// (requests hang); modern virtio is better for every device, so always.
 		args = append(args, "-global", "virtio-mmio.force-legacy=false")
 	}
 	if m.Firmware != "" {
 		args = append(args, "-bios", m.Firmware)
+	}
+	if m.UEFI != nil {
+		args = append(args,
+			"-blockdev", newOptions("").add("driver", "file").add("node-name", pflashCodeNode).add("filename", m.UEFI.Code).addBool("read-only", true).String(),
+			"-blockdev", newOptions("").add("driver", "file").add("node-name", pflashVarsNode).add("filename", m.UEFI.Vars).String())
 	}
 	if m.Kernel != "" {
 		args = append(args, "-kernel", m.Kernel)
@@ -214,9 +267,14 @@ func (m *Machine) args(shared bool) []string {
 	args = append(args,
 		"-chardev", Chardev{ID: qmpChardevID, Path: m.QMPSocket, Server: true}.option(),
 		"-mon", newOptions("").add("chardev", qmpChardevID).add("mode", "control").String())
-	if m.ConsoleLog != "" {
+	switch {
+	case m.ConsoleLog != "":
 		args = append(args,
 			"-chardev", Chardev{ID: consoleChardevID, Path: m.ConsoleLog, File: true}.option(),
+			"-serial", "chardev:"+consoleChardevID)
+	case m.ConsoleSocket != "":
+		args = append(args,
+			"-chardev", Chardev{ID: consoleChardevID, Path: m.ConsoleSocket, Server: true}.option(),
 			"-serial", "chardev:"+consoleChardevID)
 	}
 	if m.StartPaused {

@@ -3,7 +3,10 @@ package devices
 import (
 	"fmt"
 	"os"
+	"strconv"
 	"sync"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // VM is a Machine with its devices: it places them, renders the QEMU command line
@@ -32,18 +35,18 @@ func NewVM(m Machine, devs ...Device) (*VM, error) {
 		return nil, err
 	}
 	vm := &VM{machine: m}
-	if m.Type == Q35 {
+	if m.Type == machine.Q35 {
 		var err error
 		if vm.ports, err = NewPortAllocator(m.RootPorts); err != nil {
 			return nil, err
 		}
 	}
-	if m.Type == Q35 && len(devs) > MaxEndpoints {
+	if m.Type == machine.Q35 && len(devs) > MaxEndpoints {
 		return nil, fmt.Errorf("devices: %d cold-plugged devices; pcie.0 has room for %d (put the rest on root ports with HotplugAt)", len(devs), MaxEndpoints)
 	}
 	for i, d := range devs {
 		p := Placement{Transport: m.transport()}
-		if m.Type == Q35 {
+		if m.Type == machine.Q35 {
 			p.Bus, p.Addr = "pcie.0", firstEndpointSlot+i
 		}
 		s, err := d.Spec(p)
@@ -70,6 +73,7 @@ func (vm *VM) check() error {
 	all := vm.all()
 	ids := newIDSpace()
 	ids.reserve("chardev", qmpChardevID, consoleChardevID)
+	ids.reserve("block node", pflashCodeNode, pflashVarsNode)
 	ids.reserve("object", ramBackendID)
 	if vm.ports != nil {
 		for _, p := range vm.ports.Ports() {
@@ -100,7 +104,7 @@ func (vm *VM) check() error {
 		return &FieldError{Device: "machine", Field: "MaxMemory",
 			Problem: fmt.Sprintf("leaves %d bytes above Memory for memory devices, which need %d", room, memDevices)}
 	}
-	if m.Type == Microvm && mmioSlots > MaxMicrovmDevices {
+	if m.Type == machine.MicroVM && mmioSlots > MaxMicrovmDevices {
 		return fmt.Errorf("devices: %d virtio devices; microvm has %d virtio-mmio slots", mmioSlots, MaxMicrovmDevices)
 	}
 	return nil
@@ -132,6 +136,10 @@ func (vm *VM) Render() (args []string, files []*os.File) {
 	defer vm.mu.Unlock()
 	shared := vm.sharedMemory()
 	args = vm.machine.args(shared)
+	for _, s := range vm.machine.FDSets {
+		args = append(args, "-add-fd", newOptions("").add("fd", strconv.Itoa(3+len(files))).add("set", strconv.Itoa(s.Set)).String())
+		files = append(files, s.File)
+	}
 	if vm.ports != nil {
 		for _, p := range vm.ports.Ports() {
 			args = append(args, "-device", p.frontend(vm.machine.RootPorts).option())

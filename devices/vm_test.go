@@ -7,11 +7,13 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 func microvm() Machine {
 	return Machine{
-		Name: "pod-a", Type: Microvm, Accel: TCG, VCPUs: 1, Memory: 512 << 20,
+		Name: "pod-a", Type: machine.MicroVM, Accel: machine.TCG, VCPUs: 1, Memory: 512 << 20,
 		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img", Append: "console=ttyS0 tsc_early_khz=2700000",
 		QMPSocket: "/run/vm/qmp.sock", ConsoleLog: "/run/vm/console.log",
 	}
@@ -19,7 +21,7 @@ func microvm() Machine {
 
 func q35(ports int) Machine {
 	return Machine{
-		Name: "pod-b", Type: Q35, Accel: KVM, VCPUs: 2, MaxVCPUs: 4, Memory: 1 << 30, MaxMemory: 4 << 30,
+		Name: "pod-b", Type: machine.Q35, Accel: machine.KVM, VCPUs: 2, MaxVCPUs: 4, Memory: 1 << 30, MaxMemory: 4 << 30,
 		Kernel: "/k/vmlinux", Firmware: QbootFirmware, QMPSocket: "/run/vm/qmp.sock", RootPorts: ports,
 	}
 }

@@ -1,25 +1,16 @@
+// Package runtime is what every layer of vmpod's runtime says about a process in a pod:
+// the stdio the host attaches to it and how it ended. The layers themselves are its
+// subpackages: vmm (the machine: QEMU and what it holds on the host), vmpodagent and qga
+// (guest layers: the vmpod agent of container pods, the QEMU guest agent of VM pods), and
+// pod (one pod interface over them, the only one the shim calls).
 package runtime
 
 import (
-	"context"
-	"fmt"
 	"io"
-	"sync"
-	"syscall"
 	"time"
-
-	"github.com/containerd/errdefs"
-	"github.com/containerd/log"
-
-	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
 
-// outputDrainTimeout bounds how long Wait waits for a process's output after its exit. A
-// background child that inherited stdout keeps the stream open; its output after this is
-// not waited for.
-const outputDrainTimeout = 2 * time.Second
-
-// Stdio is what the host attaches to a guest process. Nil streams are not attached (the
+// Stdio is what the host attaches to a process. Nil streams are not attached (the
 // process gets /dev/null). With Terminal, output arrives on Stdout only.
 type Stdio struct {
 	Stdin          io.Reader
@@ -28,170 +19,11 @@ type Stdio struct {
 	Width, Height  uint32
 }
 
-func (s Stdio) request() *agentv1.Stdio {
-	return &agentv1.Stdio{
-		Stdin:    s.Stdin != nil,
-		Stdout:   s.Stdout != nil,
-		Stderr:   s.Stderr != nil && !s.Terminal,
-		Terminal: s.Terminal,
-		Width:    s.Width,
-		Height:   s.Height,
-	}
-}
-
 // Exit is how a process ended.
 type Exit struct {
 	// Status is the exit code, or 128+signal.
 	Status   int
 	ExitedAt time.Time
-}
-
-// Process is a container's init or exec'd process in the guest, with the host ends of its
-// stdio pumped through the agent.
-type Process struct {
-	agent       *Agent
-	containerID string
-	execID      string
-	pid         uint32
-
-	output     sync.WaitGroup // stdout/stderr pumps
-	stopOutput context.CancelFunc
-	stdinDone  chan struct{}
-}
-
-// Pid is the process's pid in the guest.
-func (p *Process) Pid() uint32 { return p.pid }
-
-// ContainerID and ExecID name the process ("" exec id: the container's init).
-func (p *Process) ContainerID() string { return p.containerID }
-func (p *Process) ExecID() string      { return p.execID }
-
-func (p *Process) req() *agentv1.ProcessRequest {
-	return &agentv1.ProcessRequest{ContainerId: p.containerID, ExecId: p.execID}
-}
-
-func (p *Process) name() string {
-	if p.execID == "" {
-		return p.containerID
-	}
-	return p.containerID + "/" + p.execID
-}
-
-func newProcess(a *Agent, containerID, execID string, pid uint32, stdio Stdio) *Process {
-	ctx, cancel := context.WithCancel(context.Background())
-	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel, stdinDone: make(chan struct{})}
-	if stdio.Stdout != nil {
-		p.pumpOutput(ctx, stdio.Stdout, "stdout", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
-			return a.client().ReadStdout(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
-		})
-	}
-	if stdio.Stderr != nil && !stdio.Terminal {
-		p.pumpOutput(ctx, stdio.Stderr, "stderr", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
-			return a.client().ReadStderr(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
-		})
-	}
-	if stdio.Stdin != nil {
-		go p.pumpStdin(ctx, stdio.Stdin)
-	} else {
-		close(p.stdinDone)
-	}
-	return p
-}
-
-func (p *Process) pumpOutput(ctx context.Context, w io.Writer, stream string, read readAt) {
-	p.output.Add(1)
-	go func() {
-		defer p.output.Done()
-		if err := copyFromGuest(ctx, w, read); err != nil && ctx.Err() == nil {
-			log.L.WithError(err).Warnf("vm %s: %s %s", p.agent.vm, p.name(), stream)
-		}
-	}()
-}
-
-// pumpStdin copies r to the guest process and closes its stdin when r ends: at EOF, or
-// when the host closed its end (containerd's CloseIO closes the stdin FIFO under a
-// blocked read). Either way the process's stdin is over.
-func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
-	defer close(p.stdinDone)
-	err := copyToGuest(ctx, r, func(ctx context.Context, offset uint64, data []byte) (uint64, error) {
-		resp, err := p.agent.client().WriteStdin(ctx, &agentv1.WriteStdinRequest{ContainerId: p.containerID, ExecId: p.execID, Offset: offset, Data: data})
-		if err != nil {
-			return offset, err
-		}
-		return resp.Offset, nil
-	})
-	if err != nil && (errdefs.IsNotFound(err) || ctx.Err() != nil) {
-		return // the process is gone
-	}
-	if err := p.CloseStdin(ctx); err != nil && ctx.Err() == nil && !errdefs.IsNotFound(err) {
-		log.L.WithError(err).Warnf("vm %s: %s: close stdin", p.agent.vm, p.name())
-	}
-}
-
-// Wait blocks until the process exited and its output reached the host writers (or
-// outputDrainTimeout passed after the exit).
-func (p *Process) Wait(ctx context.Context) (Exit, error) {
-	var exit Exit
-	err := p.agent.poll(ctx, "wait "+p.name(), func(ctx context.Context) error {
-		resp, err := p.agent.client().WaitProcess(ctx, p.req())
-		if err == nil {
-			exit = Exit{Status: int(resp.ExitStatus), ExitedAt: time.Unix(0, resp.ExitedAtUnixNanos)}
-		}
-		return err
-	})
-	if err != nil {
-		return Exit{}, err
-	}
-	drained := make(chan struct{})
-	go func() { p.output.Wait(); close(drained) }()
-	select {
-	case <-drained:
-	case <-time.After(outputDrainTimeout):
-		log.G(ctx).Warnf("vm %s: %s exited but its output is still open after %v (a child holds it?): detaching", p.agent.vm, p.name(), outputDrainTimeout)
-		p.stopOutput()
-		<-drained
-	case <-ctx.Done():
-		return Exit{}, ctx.Err()
-	}
-	return exit, nil
-}
-
-// Signal delivers sig to the process (all: to every process of the container; init only).
-func (p *Process) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
-	return p.agent.call(ctx, fmt.Sprintf("signal %d to %s", sig, p.name()), func(ctx context.Context) error {
-		_, err := p.agent.client().SignalProcess(ctx, &agentv1.SignalProcessRequest{
-			ContainerId: p.containerID, ExecId: p.execID, Signal: uint32(sig), All: all,
-		})
-		return err
-	})
-}
-
-// Resize sets the process's terminal size.
-func (p *Process) Resize(ctx context.Context, width, height uint32) error {
-	return p.agent.call(ctx, "resize "+p.name(), func(ctx context.Context) error {
-		_, err := p.agent.client().ResizeTTY(ctx, &agentv1.ResizeTTYRequest{
-			ContainerId: p.containerID, ExecId: p.execID, Width: width, Height: height,
-		})
-		return err
-	})
-}
-
-// CloseStdin ends the process's stdin (for a terminal: end-of-file, ^D).
-func (p *Process) CloseStdin(ctx context.Context) error {
-	return p.agent.call(ctx, "close stdin of "+p.name(), func(ctx context.Context) error {
-		_, err := p.agent.client().CloseStdin(ctx, p.req())
-		return err
-	})
-}
-
-// Remove forgets an exited exec'd process in the guest and stops its pumps.
-func (p *Process) Remove(ctx context.Context) error {
-	p.stopOutput()
-	if p.execID == "" {
-		return nil // the init goes with its container
-	}
-	return p.agent.call(ctx, "remove "+p.name(), func(ctx context.Context) error {
-		_, err := p.agent.client().RemoveProcess(ctx, p.req())
-		return err
-	})
+	// Reason says why, where the status alone does not (a VM that crashed or panicked).
+	Reason string
 }

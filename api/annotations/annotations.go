@@ -1,6 +1,6 @@
 // Package annotations is the vmpod.dev/* pod annotation contract between pod authors (and
 // the vmpod controller) and the node. It is deliberately small and imports nothing of
-// vmpod: the shim and the controller both use it.
+// vmpod but its vocabulary (api/machine): the shim and the controller both use it.
 //
 // Security rule: an annotation chooses within what the node admin allows. None names a
 // host path, a binary, a QEMU argument or a kernel command line; unknown keys under
@@ -13,6 +13,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // Prefix is the namespace of vmpod's annotations.
@@ -29,24 +31,20 @@ const (
 )
 
 var known = map[string]func(string) error{
-	Machine:  oneOf("microvm", "q35"),
-	SharedFS: oneOf("virtio-fs", "9p"),
-	VM:       func(string) error { return nil }, // validated by api/vmspec
-}
-
-func oneOf(values ...string) func(string) error {
-	return func(v string) error {
-		if !slices.Contains(values, v) {
-			return fmt.Errorf("%q: want one of %s", v, strings.Join(values, ", "))
+	Machine: func(v string) error { return machine.Type(v).Check() },
+	SharedFS: func(v string) error {
+		if machine.SharedFS(v) == machine.NoSharedFS {
+			return fmt.Errorf("%q: a container pod needs a shared filesystem (virtio-fs or 9p)", v)
 		}
-		return nil
-	}
+		return machine.SharedFS(v).Check()
+	},
+	VM: func(string) error { return nil }, // validated by api/vmspec
 }
 
 // Pod is what a pod's vmpod.dev/* annotations asked for ("" = not asked).
 type Pod struct {
-	Machine  string
-	SharedFS string
+	Machine  machine.Type
+	SharedFS machine.SharedFS
 	VM       string
 }
 
@@ -81,9 +79,9 @@ func Parse(annotations map[string]string, allowed []string) (Pod, error) {
 		}
 		switch key {
 		case Machine:
-			pod.Machine = value
+			pod.Machine = machine.Type(value)
 		case SharedFS:
-			pod.SharedFS = value
+			pod.SharedFS = machine.SharedFS(value)
 		case VM:
 			pod.VM = value
 		}

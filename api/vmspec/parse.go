@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // Parse decodes, defaults and validates an annotation value. It is strict: unknown fields,
@@ -84,7 +86,7 @@ func (vm *VM) Default() {
 		}
 	}
 	if vm.Machine == "" {
-		vm.Machine = MachineQ35
+		vm.Machine = machine.Q35
 	}
 	if vm.Firmware.Type == "" {
 		vm.Firmware.Type = FirmwareBIOS

@@ -6,6 +6,8 @@ import (
 	"net"
 	"regexp"
 	"strings"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // Bounds of a valid spec. They keep a spec within what QEMU and the schema can express;
@@ -50,9 +52,9 @@ func (vm *VM) Validate() error {
 		v.add("version", "must be %q, got %q", Version, vm.Version)
 	}
 	vm.validateCPUAndMemory(v)
-	microvm := vm.Machine == MachineMicroVM
+	microvm := vm.Machine == machine.MicroVM
 	switch vm.Machine {
-	case MachineQ35, MachineMicroVM:
+	case machine.Q35, machine.MicroVM:
 	default:
 		v.add("machine", "must be q35 or microvm, got %q", vm.Machine)
 	}

@@ -1,7 +1,8 @@
 // Package vmspec is the schema of the vmpod.dev/vm pod annotation: the whole contract between
 // the vmpod controller, which writes it, and the vmpod shim, which boots the pod as a VM.
 //
-// The package is imported by the shim, so it depends on the standard library only.
+// The package is imported by the shim, so it depends on the standard library (and the
+// vocabulary package api/machine) only.
 //
 // The annotation chooses *within* what the node admin allows: sizes, device models, boot
 // order, cloud-init data. It never names host paths, QEMU arguments, binaries or kernel
@@ -10,7 +11,11 @@
 // docs/design/100-vm-annotation.md and docs/design/101-containerdisk.md).
 package vmspec
 
-import "path"
+import (
+	"path"
+
+	"github.com/vmpod/vmpod/api/machine"
+)
 
 // Annotation is the pod annotation that carries a VM's JSON spec. Its presence makes a
 // vmpod pod a VM pod; without it the pod is an ordinary container pod.
@@ -63,7 +68,7 @@ type VM struct {
 	// MemoryMiB is the guest's RAM. QEMU's own overhead is not included: the RuntimeClass
 	// overhead accounts for it.
 	MemoryMiB int64    `json:"memoryMiB"`
-	Machine   Machine  `json:"machine,omitempty"`
+	Machine   machine.Type `json:"machine,omitempty"`
 	Firmware  Firmware `json:"firmware"`
 	// Disks in the order the guest sees them. Each names a pod volume.
 	Disks      []Disk      `json:"disks,omitempty"`
@@ -86,16 +91,6 @@ type CPU struct {
 
 // VCPUs is the number of vCPUs the topology gives the guest.
 func (c CPU) VCPUs() int { return c.Sockets * c.Cores * c.Threads }
-
-// Machine is the QEMU machine type.
-type Machine string
-
-const (
-	// MachineQ35 is a PCIe machine: needed for PCI hotplug, VFIO and UEFI.
-	MachineQ35 Machine = "q35"
-	// MachineMicroVM boots fastest but has no PCI bus: virtio-mmio devices only.
-	MachineMicroVM Machine = "microvm"
-)
 
 // Firmware is how the guest boots.
 type Firmware struct {

@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // minimal is the smallest valid annotation; the defaults fill in the rest.
@@ -39,7 +41,7 @@ func TestParseValid(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Parse(minimal): %v", err)
 	}
-	want := &VM{Version: Version, CPU: CPU{1, 1, 1}, MemoryMiB: 128, Machine: MachineQ35, Firmware: Firmware{Type: FirmwareBIOS}}
+	want := &VM{Version: Version, CPU: CPU{1, 1, 1}, MemoryMiB: 128, Machine: machine.Q35, Firmware: Firmware{Type: FirmwareBIOS}}
 	if !reflect.DeepEqual(vm, want) {
 		t.Errorf("Parse(minimal) = %+v, want %+v", vm, want)
 	}

@@ -21,8 +21,11 @@ import (
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/agent/channel"
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/vmm"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
 const envBench = "VMPOD_BENCH"
@@ -70,7 +73,7 @@ func report(t *testing.T, format string, args ...any) {
 
 // bareBoot starts QEMU with the same kernel and initramfs, the agent's port and nothing
 // else vmpod adds (no virtiofsd, shared dir, QMP, rng), and times exec → first agent
-// reply with a minimal client. It is the floor runtime.Start is compared to.
+// reply with a minimal client. It is the floor vmpodagent.Boot is compared to.
 func bareBoot(t *testing.T, kernel, initrd string) time.Duration {
 	dir, err := os.MkdirTemp("/run", "vmpod-bare-")
 	if err != nil {
@@ -80,7 +83,7 @@ func bareBoot(t *testing.T, kernel, initrd string) time.Duration {
 	sock := filepath.Join(dir, "agent.sock")
 	khz := tscKHz(t)
 	start := time.Now()
-	cmd := exec.Command(runtime.DefaultQEMU,
+	cmd := exec.Command(vmm.DefaultQEMU,
 		"-M", "microvm", "-accel", "tcg", "-cpu", "qemu64,+arat", "-nodefaults", "-no-user-config",
 		"-m", "512M", "-smp", "1", "-display", "none", "-no-reboot",
 		"-kernel", kernel, "-initrd", initrd,
@@ -132,10 +135,10 @@ func tscKHz(t *testing.T) string {
 	return ""
 }
 
-func startVM(t *testing.T, name string) (*runtime.VM, time.Duration) {
+func startVM(t *testing.T, name string) (*vmpodagent.Guest, time.Duration) {
 	cfg := testenv.VMConfig(t, name)
 	start := time.Now()
-	vm, err := runtime.Start(context.Background(), cfg)
+	vm, err := vmpodagent.Boot(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,8 +160,8 @@ func TestBenchBoot(t *testing.T) {
 		}
 	}
 	report(t, "boot, bare QEMU exec → first agent reply:  %s", bare)
-	report(t, "boot, runtime.Start → first agent reply:   %s", full)
-	report(t, "boot ratio runtime.Start / bare QEMU: p50 %.2f, min %.2f  (goal <= 1.15)",
+	report(t, "boot, vmpodagent.Boot → first agent reply: %s", full)
+	report(t, "boot ratio vmpodagent.Boot / bare QEMU: p50 %.2f, min %.2f  (goal <= 1.15)",
 		float64(full.pct(0.5))/float64(bare.pct(0.5)), float64(full.pct(0))/float64(bare.pct(0)))
 }
 
@@ -271,10 +274,10 @@ func TestBenchSharedFS(t *testing.T) {
 	requireBench(t)
 	n := rounds(5)
 	ctx := context.Background()
-	for _, fs := range []runtime.SharedFS{runtime.SharedFS9P, runtime.SharedFSVirtioFS} {
+	for _, fs := range []machine.SharedFS{machine.NineP, machine.VirtioFS} {
 		cfg := testenv.VMConfig(t, "bench-"+strings.ReplaceAll(string(fs), "-", ""))
 		cfg.SharedFS = fs
-		vm, err := runtime.Start(ctx, cfg)
+		vm, err := vmpodagent.Boot(ctx, cfg)
 		if err != nil {
 			t.Fatal(err)
 		}

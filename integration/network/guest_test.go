@@ -17,6 +17,7 @@ import (
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/network"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
 // pod is a booted pod: its netns plumbed into a VM whose guest was set up as the shim
@@ -25,7 +26,7 @@ type pod struct {
 	*podNet
 	plan     *network.Plan
 	plumbing *network.Plumbing
-	vm       *runtime.VM
+	vm       *vmpodagent.Guest
 }
 
 // bootPod inspects and plumbs the pod netns, boots a VM with the taps, and sends the
@@ -51,7 +52,7 @@ func bootPod(t *testing.T, pn *podNet, name string) *pod {
 // container is a busybox container in the pod's VM; its network is the guest's.
 type container struct {
 	id     string
-	proc   *runtime.Process
+	proc   *vmpodagent.Process
 	output *testenv.Buffer // stdout and stderr
 }
 

@@ -17,12 +17,14 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
 // startContainer creates and starts a busybox container running args.
-func startContainer(t *testing.T, vm *runtime.VM, id string, spec *specs.Spec, stdio runtime.Stdio) *runtime.Process {
+func startContainer(t *testing.T, vm *vmpodagent.Guest, id string, spec *specs.Spec, stdio runtime.Stdio) *vmpodagent.Process {
 	t.Helper()
 	ctx := testenv.Context(t, time.Minute)
 	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
@@ -42,7 +44,7 @@ func startContainer(t *testing.T, vm *runtime.VM, id string, spec *specs.Spec, s
 }
 
 // run runs args to completion in a fresh container and returns its exit and output.
-func run(t *testing.T, vm *runtime.VM, id string, stdin io.Reader, args ...string) (runtime.Exit, string, string) {
+func run(t *testing.T, vm *vmpodagent.Guest, id string, stdin io.Reader, args ...string) (runtime.Exit, string, string) {
 	t.Helper()
 	var stdout, stderr testenv.Buffer
 	p := startContainer(t, vm, id, testenv.Spec(args...), runtime.Stdio{Stdin: stdin, Stdout: &stdout, Stderr: &stderr})
@@ -183,7 +185,7 @@ func TestTwoContainersInOneVM(t *testing.T) {
 	var outA, outB testenv.Buffer
 	a := startContainer(t, vm, "a", testenv.Spec("sh", "-c", "echo from-a > /marker; sleep 0.3; cat /marker"), runtime.Stdio{Stdout: &outA})
 	b := startContainer(t, vm, "b", testenv.Spec("sh", "-c", "sleep 0.3; cat /marker 2>&1 || echo no-marker"), runtime.Stdio{Stdout: &outB})
-	for _, p := range []*runtime.Process{a, b} {
+	for _, p := range []*vmpodagent.Process{a, b} {
 		if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 {
 			t.Fatalf("%s: exit %d, %v", p.ContainerID(), exit.Status, err)
 		}
@@ -206,8 +208,8 @@ func TestStats(t *testing.T) {
 	if err != nil {
 		t.Fatalf("stats: %v", err)
 	}
-	if st.Cpu.UsageUsec == 0 || st.Memory.Usage == 0 || st.Pids.Current == 0 {
-		t.Fatalf("stats look empty: cpu %+v memory usage %d pids %+v", st.Cpu, st.Memory.Usage, st.Pids)
+	if st.CPU.UsageUsec == 0 || st.Memory.Usage == 0 || st.Pids.Current == 0 {
+		t.Fatalf("stats look empty: cpu %+v memory usage %d pids %+v", st.CPU, st.Memory.Usage, st.Pids)
 	}
 	pids, err := vm.Agent().ListProcesses(ctx, "busy")
 	if err != nil || len(pids) == 0 {
@@ -316,7 +318,7 @@ func TestShareFileAndReadOnly(t *testing.T) {
 
 func TestSharedFSVariants(t *testing.T) {
 	testenv.Require(t)
-	for _, fs := range []runtime.SharedFS{runtime.SharedFS9P, runtime.SharedFSVirtioFS} {
+	for _, fs := range []machine.SharedFS{machine.NineP, machine.VirtioFS} {
 		t.Run(string(fs), func(t *testing.T) {
 			cfg := testenv.VMConfig(t, "fs-"+strings.ReplaceAll(string(fs), "-", ""))
 			cfg.SharedFS = fs
@@ -332,7 +334,7 @@ func TestSharedFSVariants(t *testing.T) {
 func TestQ35Machine(t *testing.T) {
 	testenv.Require(t)
 	cfg := testenv.VMConfig(t, "q35")
-	cfg.Machine = runtime.MachineQ35
+	cfg.Type = machine.Q35
 	vm := testenv.StartVM(t, cfg)
 	exit, out, _ := run(t, vm, "hello", nil, "echo", "q35")
 	if exit.Status != 0 || out != "q35\n" {
@@ -347,7 +349,7 @@ func TestAgentCallTimesOutWhenGuestStops(t *testing.T) {
 	cfg.StopTimeout = 2 * time.Second
 	vm := testenv.StartVM(t, cfg)
 	// SIGSTOP QEMU: the guest, and so the agent, stops answering.
-	if err := syscall.Kill(vm.QEMUPid(), syscall.SIGSTOP); err != nil {
+	if err := syscall.Kill(vm.Machine().Pid(), syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
@@ -370,25 +372,25 @@ func TestStartFailuresLeaveNothing(t *testing.T) {
 	kernel := testenv.Kernel(t)
 	cases := []struct {
 		name   string
-		mutate func(*runtime.Config)
+		mutate func(*vmpodagent.Config)
 		want   string
 	}{
-		{"missing kernel", func(c *runtime.Config) { c.Kernel = "/no/such/vmlinux" }, "kernel"},
-		{"missing qemu", func(c *runtime.Config) { c.QEMUPath = "/no/such/qemu" }, "qemu"},
-		{"bad machine", func(c *runtime.Config) { c.Machine = "pc-i440fx" }, "machine"},
-		{"hotplug on microvm", func(c *runtime.Config) { c.MaxVCPUs = 4 }, "max_vcpus"},
+		{"missing kernel", func(c *vmpodagent.Config) { c.Boot.Kernel = "/no/such/vmlinux" }, "kernel"},
+		{"missing qemu", func(c *vmpodagent.Config) { c.QEMUPath = "/no/such/qemu" }, "qemu"},
+		{"bad machine", func(c *vmpodagent.Config) { c.Type = "pc-i440fx" }, "machine"},
+		{"hotplug on microvm", func(c *vmpodagent.Config) { c.MaxVCPUs = 4 }, "max_vcpus"},
 		// A kernel with no agent behind it: the initrd is the kernel image, so the kernel
 		// finds no /init, panics, and QEMU exits (-no-reboot).
-		{"guest never reaches the agent", func(c *runtime.Config) { c.Initrd = kernel }, "boot"},
+		{"guest never reaches the agent", func(c *vmpodagent.Config) { c.Boot.Initrd = kernel }, "boot"},
 		// QEMU itself refuses to start.
-		{"QEMU cannot start the machine", func(c *runtime.Config) { c.MemoryMiB = 1 << 30 }, "QEMU exited"},
+		{"QEMU cannot start the machine", func(c *vmpodagent.Config) { c.MemoryMiB = 1 << 30 }, "QEMU exited"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testenv.VMConfig(t, "fail")
 			cfg.BootTimeout = 20 * time.Second
 			tc.mutate(&cfg)
-			vm, err := runtime.Start(context.Background(), cfg)
+			vm, err := vmpodagent.Boot(context.Background(), cfg)
 			if err == nil {
 				_ = vm.Kill()
 				t.Fatal("start succeeded")
@@ -406,7 +408,7 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 	cfg := testenv.VMConfig(t, "slow")
 	cfg.BootTimeout = 300 * time.Millisecond // far below a TCG boot
 	start := time.Now()
-	vm, err := runtime.Start(context.Background(), cfg)
+	vm, err := vmpodagent.Boot(context.Background(), cfg)
 	if err == nil {
 		_ = vm.Kill()
 		t.Fatal("start succeeded within an impossible timeout")
@@ -441,7 +443,7 @@ func TestReconnectAgent(t *testing.T) {
 func TestHotplugVCPUAndMemory(t *testing.T) {
 	testenv.Require(t)
 	cfg := testenv.VMConfig(t, "hotplug")
-	cfg.Machine = runtime.MachineQ35
+	cfg.Type = machine.Q35
 	// Four slots: the vCPU has to go to the lowest free one (QEMU lists the highest
 	// first); a guest handed slot 3 first never finishes onlining it.
 	cfg.VCPUs, cfg.MaxVCPUs = 1, 4
@@ -484,7 +486,7 @@ func TestOOMKillIsReported(t *testing.T) {
 	limit := int64(32 << 20)
 	spec := testenv.Spec("sh", "-c", `x=$(head -c 200000000 /dev/zero | tr '\0' a); echo survived`)
 	spec.Linux.Resources = &specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}}
-	events := make(chan runtime.OOMEvent, 1)
+	events := make(chan vmpodagent.OOMEvent, 1)
 	go func() {
 		if ev, err := vm.Agent().WaitOOMEvent(ctx, 0); err == nil {
 			events <- ev
@@ -508,7 +510,7 @@ func TestOOMKillIsReported(t *testing.T) {
 		t.Fatal("no OOM event for an OOM-killed container")
 	}
 	st, err := vm.Agent().ContainerStats(ctx, "hog")
-	if err != nil || st.Memory.OomKill == 0 {
-		t.Fatalf("stats after the OOM kill: %v, oom_kill %d", err, st.GetMemory().GetOomKill())
+	if err != nil || st.GetMemoryEvents().GetOomKill() == 0 {
+		t.Fatalf("stats after the OOM kill: %v, oom_kill %d", err, st.GetMemoryEvents().GetOomKill())
 	}
 }

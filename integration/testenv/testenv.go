@@ -16,7 +16,8 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
-	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/vmm"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
 // Environment variables `make test` sets for the integration tests.
@@ -68,24 +69,25 @@ func StateRoot(t testing.TB) string {
 }
 
 // VMConfig is a small VM of the test guest, with its state under a fresh directory.
-func VMConfig(t testing.TB, name string) runtime.Config {
-	return runtime.Config{
-		Name:     name,
-		StateDir: filepath.Join(StateRoot(t), "vm"),
-		LogPath:  filepath.Join(t.TempDir(), name+".log"),
-		Kernel:   Kernel(t),
-		Initrd:   Initrd(t),
+func VMConfig(t testing.TB, name string) vmpodagent.Config {
+	return vmpodagent.Config{
+		Config: vmm.Config{
+			Name:     name,
+			StateDir: filepath.Join(StateRoot(t), "vm"),
+			LogPath:  filepath.Join(t.TempDir(), name+".log"),
+			Boot:     vmm.Boot{Kernel: Kernel(t), Initrd: Initrd(t)},
+		},
 		// tests check results, not speed: a wide boot timeout absorbs a loaded CI host
 		BootTimeout: 60 * time.Second,
 	}
 }
 
 // StartVM boots cfg and registers its stop and the leak check with the test.
-func StartVM(t testing.TB, cfg runtime.Config) *runtime.VM {
+func StartVM(t testing.TB, cfg vmpodagent.Config) *vmpodagent.Guest {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	vm, err := runtime.Start(ctx, cfg)
+	vm, err := vmpodagent.Boot(ctx, cfg)
 	if err != nil {
 		t.Fatalf("start VM: %v", err)
 	}

@@ -13,7 +13,7 @@
 //
 //	plan, err := network.Inspect(netnsPath)      // read-only
 //	plumbing, err := network.Plumb(plan)         // taps and filters; nothing left on error
-//	cfg.NICs = plumbing.NICs()                   // runtime.Start passes the taps to QEMU
+//	cfg.NICs = plumbing.NICs()                   // vmm.Start passes the taps to QEMU
 //	req.Interfaces, req.Routes = plan.GuestInterfaces(), plan.GuestRoutes()
 //	...
 //	plumbing.Teardown()                          // after the VM stopped

@@ -10,14 +10,14 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/internal/cleanup"
-	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // Plumbing is a Plan made real in the pod's netns: a tap per interface, mirrored to it.
 // It holds the taps' files and the netns until Teardown.
 type Plumbing struct {
 	plan *Plan
-	nics []runtime.NIC
+	nics []vmm.NIC
 	// undo holds everything Plumb created, to be removed last-first.
 	undo cleanup.Stack
 }
@@ -48,7 +48,7 @@ func Plumb(plan *Plan) (_ *Plumbing, retErr error) {
 		if err != nil {
 			return nil, fmt.Errorf("network: netns %s: link %s: %w", plan.Netns, iface.Name, err)
 		}
-		p.nics = append(p.nics, runtime.NIC{Tap: tap, MAC: iface.MAC.String()})
+		p.nics = append(p.nics, vmm.NIC{Tap: tap, MAC: iface.MAC.String()})
 	}
 	return p, nil
 }
@@ -141,10 +141,10 @@ func (p *podNetns) removeTap(tapFile *os.File, index int) error {
 // Plan is the plan this plumbing was made from.
 func (p *Plumbing) Plan() *Plan { return p.plan }
 
-// NICs are the taps for runtime.Config.NICs, in Plan.Interfaces order, each with the MAC
-// its guest NIC must have. The files stay owned by the Plumbing: runtime.Start hands
+// NICs are the taps for vmm.Config.NICs, in Plan.Interfaces order, each with the MAC
+// its guest NIC must have. The files stay owned by the Plumbing: vmm.Start hands
 // copies to QEMU, Teardown closes them.
-func (p *Plumbing) NICs() []runtime.NIC { return append([]runtime.NIC(nil), p.nics...) }
+func (p *Plumbing) NICs() []vmm.NIC { return append([]vmm.NIC(nil), p.nics...) }
 
 // Teardown removes what Plumb created, last first: the ingress qdiscs with their filters,
 // the taps (closing their files), and releases the netns. Call it once the VM has

@@ -10,12 +10,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
 
-	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/runtime/vmm"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
 // DefaultPath is where the shim looks without a ConfigPath runtime option.
@@ -42,9 +43,9 @@ type Hypervisor struct {
 	Initrd    string `toml:"initrd"`
 	// KernelParams are appended to the guest kernel command line.
 	KernelParams []string         `toml:"kernel_params"`
-	Machine      runtime.Machine  `toml:"machine"`
-	Accel        runtime.Accel    `toml:"accel"`
-	SharedFS     runtime.SharedFS `toml:"shared_fs"`
+	Machine      machine.Type     `toml:"machine"`
+	Accel        machine.Accel    `toml:"accel"`
+	SharedFS     machine.SharedFS `toml:"shared_fs"`
 }
 
 // Sizing bounds the VMs: a pod gets what its resources ask for within these limits.
@@ -90,13 +91,13 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil
 func Default() Config {
 	return Config{
 		Hypervisor: Hypervisor{
-			QEMU:      runtime.DefaultQEMU,
-			Virtiofsd: runtime.DefaultVirtiofsd,
+			QEMU:      vmm.DefaultQEMU,
+			Virtiofsd: vmm.DefaultVirtiofsd,
 			Kernel:    "/usr/share/vmpod/vmlinux",
 			Initrd:    "/usr/share/vmpod/initrd.img",
-			Machine:   runtime.MachineMicroVM,
-			Accel:     runtime.AccelAuto,
-			SharedFS:  runtime.SharedFSVirtioFS,
+			Machine:   machine.MicroVM,
+			Accel:     machine.AccelAuto,
+			SharedFS:  machine.VirtioFS,
 		},
 		Sizing: Sizing{
 			DefaultVCPUs:     1,
@@ -106,9 +107,9 @@ func Default() Config {
 			GuestOverheadMiB: 64,
 		},
 		Timeouts: Timeouts{
-			Boot: Duration{runtime.DefaultBootTimeout},
-			Call: Duration{runtime.DefaultCallTimeout},
-			Stop: Duration{runtime.DefaultStopTimeout},
+			Boot: Duration{vmpodagent.DefaultBootTimeout},
+			Call: Duration{vmpodagent.DefaultCallTimeout},
+			Stop: Duration{vmm.DefaultStopTimeout},
 		},
 		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs"}},
 		StateDir:    "/run/vmpod",
@@ -163,14 +164,16 @@ func (c Config) Validate() error {
 			bad(key, "%q must be an absolute path", p)
 		}
 	}
-	if !slices.Contains([]runtime.Machine{runtime.MachineMicroVM, runtime.MachineQ35}, c.Hypervisor.Machine) {
-		bad("hypervisor.machine", "%q: want microvm or q35", c.Hypervisor.Machine)
+	if err := c.Hypervisor.Machine.Check(); err != nil {
+		bad("hypervisor.machine", "%v", err)
 	}
-	if !slices.Contains([]runtime.Accel{runtime.AccelAuto, runtime.AccelKVM, runtime.AccelTCG}, c.Hypervisor.Accel) {
-		bad("hypervisor.accel", "%q: want auto, kvm or tcg", c.Hypervisor.Accel)
+	if err := c.Hypervisor.Accel.Check(); err != nil {
+		bad("hypervisor.accel", "%v", err)
 	}
-	if !slices.Contains([]runtime.SharedFS{runtime.SharedFSVirtioFS, runtime.SharedFS9P}, c.Hypervisor.SharedFS) {
-		bad("hypervisor.shared_fs", "%q: want virtio-fs or 9p", c.Hypervisor.SharedFS)
+	if c.Hypervisor.SharedFS == machine.NoSharedFS {
+		bad("hypervisor.shared_fs", "%q: container pods need a shared filesystem (virtio-fs or 9p)", c.Hypervisor.SharedFS)
+	} else if err := c.Hypervisor.SharedFS.Check(); err != nil {
+		bad("hypervisor.shared_fs", "%v", err)
 	}
 	s := c.Sizing
 	if s.DefaultVCPUs < 1 || s.MaxVCPUs < s.DefaultVCPUs {

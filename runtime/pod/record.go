@@ -2,9 +2,12 @@ package pod
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // recordFile, in a container's bundle, says which pod VM the container ran in, so that
@@ -17,9 +20,9 @@ type Record struct {
 	StateDir string `json:"state_dir"`
 }
 
-// WriteRecord writes the pod's record into a container's bundle.
-func (p *Pod) WriteRecord(bundle string) error {
-	b, err := json.Marshal(Record{PodID: p.id, StateDir: p.stateDir})
+// writeRecord writes a pod's record into a container's bundle.
+func writeRecord(bundle, podID, stateDir string) error {
+	b, err := json.Marshal(Record{PodID: podID, StateDir: stateDir})
 	if err != nil {
 		return err
 	}
@@ -40,4 +43,21 @@ func ReadRecord(bundle string) (Record, error) {
 		return r, fmt.Errorf("pod record %s: %w", bundle, err)
 	}
 	return r, nil
+}
+
+// Cleanup removes what the pod a bundle's container ran in left on the host after its
+// shim died (QEMU, helpers, mounts, the state directory): containerd's `shim delete`. A
+// bundle without a record has nothing to clean.
+func Cleanup(bundle string) error {
+	rec, err := ReadRecord(bundle)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if err := vmm.CleanupState(rec.StateDir); err != nil {
+		return fmt.Errorf("pod %s: %w", rec.PodID, err)
+	}
+	return nil
 }

@@ -8,7 +8,7 @@ import (
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
-	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 )
 
@@ -68,8 +68,8 @@ func sizeForClaims(claims []claim, s nodeconfig.Sizing) Size {
 // headroom is how far a VM booted at size can grow: on q35 up to the node's maximums
 // (CPU hotplug, and a virtio-mem device whose size is a multiple of its 2 MiB block);
 // microvm has no hotplug and stays at its boot size.
-func headroom(machine runtime.Machine, size Size, s nodeconfig.Sizing) Size {
-	if machine != runtime.MachineQ35 {
+func headroom(t machine.Type, size Size, s nodeconfig.Sizing) Size {
+	if t != machine.Q35 {
 		return size
 	}
 	const blockMiB = 2
@@ -85,7 +85,7 @@ func headroom(machine runtime.Machine, size Size, s nodeconfig.Sizing) Size {
 // guest has used is not reliably given back, and CPUs are cheap to leave online.
 // An update that asks for more than the headroom changes nothing and says which limit
 // does not fit.
-func (p *Pod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
+func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
 	p.resizeMu.Lock()
 	defer p.resizeMu.Unlock()
 
@@ -112,7 +112,7 @@ func (p *Pod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxReso
 	if err := p.grow(ctx, cur, target); err != nil {
 		return fmt.Errorf("pod %s: update container %s: %w", p.id, id, err)
 	}
-	if err := p.vm.Agent().UpdateContainer(ctx, id, r); err != nil {
+	if err := p.guest.Agent().UpdateContainer(ctx, id, r); err != nil {
 		return err
 	}
 	p.mu.Lock()
@@ -144,11 +144,11 @@ func resizeTarget(cur, before, after, maxSize Size) (Size, error) {
 }
 
 // grow brings the VM from cur to target by hotplug. Only called under resizeMu.
-func (p *Pod) grow(ctx context.Context, cur, target Size) error {
+func (p *containerPod) grow(ctx context.Context, cur, target Size) error {
 	lg := log.G(ctx).WithField("pod", p.id)
 	if add := target.VCPUs - cur.VCPUs; add > 0 {
 		lg.Infof("growing the VM: %d -> %d vCPUs", cur.VCPUs, target.VCPUs)
-		online, err := p.vm.AddVCPUs(ctx, add)
+		online, err := p.guest.AddVCPUs(ctx, add)
 		if err != nil {
 			return fmt.Errorf("resources.cpu: %w", err)
 		}
@@ -159,7 +159,7 @@ func (p *Pod) grow(ctx context.Context, cur, target Size) error {
 		// virtio-mem plugs whole 2 MiB blocks above the boot memory
 		mib := min(target.MemoryMiB+(target.MemoryMiB-p.boot.MemoryMiB)%2, p.maxSize.MemoryMiB)
 		lg.Infof("growing the VM: %d -> %d MiB", cur.MemoryMiB, mib)
-		guestBytes, err := p.vm.ResizeMemory(ctx, mib)
+		guestBytes, err := p.guest.ResizeMemory(ctx, mib)
 		if err != nil {
 			return fmt.Errorf("resources.memory.limit: %w", err)
 		}
@@ -169,14 +169,14 @@ func (p *Pod) grow(ctx context.Context, cur, target Size) error {
 	return nil
 }
 
-func (p *Pod) growthNote() string {
+func (p *containerPod) growthNote() string {
 	if p.maxSize == p.boot {
 		return "machine " + string(p.machine) + " has no hotplug: a pod that resizes needs the vmpod.dev/machine: q35 annotation"
 	}
 	return "the node's sizing.max_vcpus / sizing.max_memory_mib"
 }
 
-func (p *Pod) setSize(f func(*Size)) {
+func (p *containerPod) setSize(f func(*Size)) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	f(&p.size)

@@ -6,7 +6,7 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
-	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 )
 
@@ -63,15 +63,15 @@ func TestSizeForClaims(t *testing.T) {
 func TestHeadroom(t *testing.T) {
 	s := nodeconfig.Default().Sizing // max 4 vCPUs, 8192 MiB
 	boot := Size{VCPUs: 1, MemoryMiB: 577}
-	if got := headroom(runtime.MachineMicroVM, boot, s); got != boot {
+	if got := headroom(machine.MicroVM, boot, s); got != boot {
 		t.Errorf("microvm: got %+v, want the boot size %+v (no hotplug)", got, boot)
 	}
 	// q35: the virtio-mem region above the boot memory is a whole number of 2 MiB blocks
-	if got, want := headroom(runtime.MachineQ35, boot, s), (Size{VCPUs: 4, MemoryMiB: 577 + 7614}); got != want {
+	if got, want := headroom(machine.Q35, boot, s), (Size{VCPUs: 4, MemoryMiB: 577 + 7614}); got != want {
 		t.Errorf("q35: got %+v, want %+v", got, want)
 	}
 	big := Size{VCPUs: 6, MemoryMiB: 9000} // booted above the maximums (an older config)
-	if got := headroom(runtime.MachineQ35, big, s); got != big {
+	if got := headroom(machine.Q35, big, s); got != big {
 		t.Errorf("q35 above the maximums: got %+v, want %+v", got, big)
 	}
 }

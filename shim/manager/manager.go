@@ -27,7 +27,6 @@ import (
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
-	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/pod"
 )
 
@@ -162,12 +161,8 @@ func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if address != "" && shim.CanConnect(address) {
 		return stopped(), nil // the pod's shim serves on; it cleans up itself
 	}
-	if rec, err := pod.ReadRecord(bundle); err == nil {
-		if err := runtime.CleanupState(rec.StateDir); err != nil {
-			log.G(ctx).WithError(err).Warn("clean up pod state")
-		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		log.G(ctx).WithError(err).Warn("read pod record")
+	if err := pod.Cleanup(bundle); err != nil {
+		log.G(ctx).WithError(err).Warn("clean up pod state")
 	}
 	if address != "" {
 		_ = shim.RemoveSocket(address)

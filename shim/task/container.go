@@ -174,7 +174,7 @@ func (s *service) start(ctx context.Context, c *container, execID string) (uint3
 		if _, err := p.state.next(stateRunning, "start"); err != nil {
 			return 0, fmt.Errorf("%s: %w", p, err)
 		}
-		if err := s.pod.VM().Agent().StartContainer(ctx, c.id); err != nil {
+		if err := s.pod.StartContainer(ctx, c.id); err != nil {
 			return 0, err
 		}
 		if err := p.move(stateRunning, "start"); err != nil {

@@ -12,6 +12,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/pod"
 )
 
 // exitVMGone is the exit status of a process whose VM died under it, as if killed.
@@ -27,7 +28,7 @@ type process struct {
 
 	mu         sync.Mutex
 	state      state
-	rt         *runtime.Process // the guest process, once it exists
+	rt         pod.Process // the pod's process, once it exists
 	pid        uint32
 	exitStatus uint32
 	exitedAt   time.Time

@@ -42,7 +42,7 @@ type service struct {
 	shutdown  shutdown.Service
 
 	podMu sync.Mutex // serialises booting and stopping the VM
-	pod   *pod.Pod   // set by the first Create, then fixed
+	pod   pod.Pod    // set by the first Create, then fixed
 	podID string
 
 	mu         sync.Mutex
@@ -90,7 +90,7 @@ func (s *service) UnaryServerInterceptor() ttrpc.UnaryServerInterceptor {
 }
 
 // podFor returns the pod a new container belongs to, booting its VM for the first one.
-func (s *service) podFor(ctx context.Context, containerID string, spec *specs.Spec, configPath string) (*pod.Pod, bool, error) {
+func (s *service) podFor(ctx context.Context, containerID string, spec *specs.Spec, configPath string) (pod.Pod, bool, error) {
 	s.podMu.Lock()
 	defer s.podMu.Unlock()
 	podID := pod.ID(containerID, spec)
@@ -123,11 +123,11 @@ func (s *service) podFor(ctx context.Context, containerID string, spec *specs.Sp
 
 // watchPod forwards OOM kills and logs an unexpected VM death; the processes' own exit
 // handlers see the VM go and publish their exits.
-func (s *service) watchPod(p *pod.Pod) {
+func (s *service) watchPod(p pod.Pod) {
 	go func() {
 		var after uint64
 		for {
-			ev, err := p.VM().Agent().WaitOOMEvent(s.ctx, after)
+			ev, err := p.WaitOOMEvent(s.ctx, after)
 			if err != nil {
 				return // the VM is gone or the shim is stopping
 			}
@@ -327,12 +327,11 @@ func (s *service) freeze(ctx context.Context, id string, pause bool) error {
 	p := c.init
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	agent := s.pod.VM().Agent()
 	if pause {
 		if _, err := p.state.next(statePaused, "pause"); err != nil {
 			return fmt.Errorf("%s: %w", p, err)
 		}
-		if err := agent.PauseContainer(ctx, id); err != nil {
+		if err := s.pod.PauseContainer(ctx, id); err != nil {
 			return err
 		}
 		s.events.send(&eventstypes.TaskPaused{ContainerID: id})
@@ -341,7 +340,7 @@ func (s *service) freeze(ctx context.Context, id string, pause bool) error {
 	if p.state != statePaused {
 		return fmt.Errorf("%s is %s: cannot resume: %w", p, p.state, errdefs.ErrFailedPrecondition)
 	}
-	if err := agent.ResumeContainer(ctx, id); err != nil {
+	if err := s.pod.ResumeContainer(ctx, id); err != nil {
 		return err
 	}
 	s.events.send(&eventstypes.TaskResumed{ContainerID: id})
@@ -366,7 +365,7 @@ func (s *service) Pids(ctx context.Context, r *taskAPI.PidsRequest) (*taskAPI.Pi
 	if _, err := s.get(r.ID); err != nil {
 		return nil, err
 	}
-	pids, err := s.pod.VM().Agent().ListProcesses(ctx, r.ID)
+	pids, err := s.pod.ContainerPids(ctx, r.ID)
 	if err != nil {
 		return nil, err
 	}
@@ -423,11 +422,11 @@ func (s *service) Stats(ctx context.Context, r *taskAPI.StatsRequest) (*taskAPI.
 	if _, err := s.get(r.ID); err != nil {
 		return nil, err
 	}
-	st, err := s.pod.VM().Agent().ContainerStats(ctx, r.ID)
+	st, err := s.pod.ContainerStats(ctx, r.ID)
 	if err != nil {
 		return nil, err
 	}
-	data, err := typeurl.MarshalAny(metrics(st))
+	data, err := typeurl.MarshalAny(st)
 	if err != nil {
 		return nil, err
 	}

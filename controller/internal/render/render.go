@@ -20,6 +20,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 )
@@ -190,9 +191,9 @@ func (r *renderer) domain(d *vmpodv1.DomainSpec) error {
 	// round up to whole MiB: QEMU sizes RAM in MiB
 	r.vmspec.MemoryMiB = (r.guestMemory.Value() + (1<<20 - 1)) >> 20
 
-	r.vmspec.Machine = vmspec.MachineQ35
+	r.vmspec.Machine = machine.Q35
 	if d.Machine != nil && d.Machine.Type != "" {
-		r.vmspec.Machine = vmspec.Machine(d.Machine.Type)
+		r.vmspec.Machine = machine.Type(d.Machine.Type)
 	}
 	r.vmspec.Firmware = vmspec.Firmware{Type: vmspec.FirmwareBIOS}
 	if d.Firmware != nil && d.Firmware.Bootloader != nil && d.Firmware.Bootloader.EFI != nil {

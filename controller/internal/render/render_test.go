@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 )
@@ -147,7 +148,7 @@ func TestPod(t *testing.T) {
 	}
 	want := &vmspec.VM{
 		Version: vmspec.Version, CPU: vmspec.CPU{Sockets: 2, Cores: 2, Threads: 1}, MemoryMiB: 1500,
-		Machine: vmspec.MachineQ35, Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true},
+		Machine: machine.Q35, Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true},
 		Disks: []vmspec.Disk{
 			{Name: "root", Volume: "root", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1},
 			{Name: "data", Volume: "data", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSCSI},
@@ -181,7 +182,7 @@ func TestPodDefaults(t *testing.T) {
 		t.Fatalf("Parse: %v", err)
 	}
 	// 100M = 95.37 MiB, rounded up; one NIC on the pod network; base64 user data decoded
-	if spec.MemoryMiB != 96 || spec.CPU.VCPUs() != 1 || spec.Machine != vmspec.MachineQ35 || spec.Firmware.Type != vmspec.FirmwareBIOS {
+	if spec.MemoryMiB != 96 || spec.CPU.VCPUs() != 1 || spec.Machine != machine.Q35 || spec.Firmware.Type != vmspec.FirmwareBIOS {
 		t.Errorf("defaults: %+v", spec)
 	}
 	if len(spec.Interfaces) != 1 || spec.Interfaces[0].PodInterface != "eth0" {

@@ -1,4 +1,4 @@
-package runtime
+package vmpodagent
 
 import (
 	"context"
@@ -16,24 +16,24 @@ import (
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
 
-// Agent is the host's client of one guest agent: a Go method for every agent operation.
-// Errors come back as native errdefs classes (NotFound, FailedPrecondition, ...), so
-// callers test them with errdefs.Is*; only the shim's RPC boundary maps them again.
-type Agent struct {
+// Client is the host's client of one guest's vmpod agent: a Go method for every agent
+// operation. Errors come back as native errdefs classes (NotFound, FailedPrecondition, ...),
+// so callers test them with errdefs.Is*; only the shim's RPC boundary maps them again.
+type Client struct {
 	vm          string
 	callTimeout time.Duration
 
-	mu   sync.RWMutex // guards the connection, which ReconnectAgent replaces
+	mu   sync.RWMutex // guards the connection, which Guest.ReconnectAgent replaces
 	conn *ttrpc.Client
 	rpc  agentv1.AgentService
 }
 
-func newAgent(vm string, callTimeout time.Duration) *Agent {
-	return &Agent{vm: vm, callTimeout: callTimeout}
+func newClient(vm string, callTimeout time.Duration) *Client {
+	return &Client{vm: vm, callTimeout: callTimeout}
 }
 
 // use switches the agent to a new connection and closes the old one.
-func (a *Agent) use(c *ttrpc.Client) {
+func (a *Client) use(c *ttrpc.Client) {
 	a.mu.Lock()
 	old := a.conn
 	a.conn, a.rpc = c, agentv1.NewAgentClient(c)
@@ -44,7 +44,7 @@ func (a *Agent) use(c *ttrpc.Client) {
 }
 
 // client is the current connection's stub.
-func (a *Agent) client() agentv1.AgentService {
+func (a *Client) client() agentv1.AgentService {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	return a.rpc
@@ -64,7 +64,7 @@ func nativeErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response,
 }
 
 // call bounds a short call by the call timeout and names the VM and operation in errors.
-func (a *Agent) call(ctx context.Context, op string, fn func(context.Context) error) error {
+func (a *Client) call(ctx context.Context, op string, fn func(context.Context) error) error {
 	ctx, cancel := context.WithTimeout(ctx, a.callTimeout)
 	defer cancel()
 	if err := fn(ctx); err != nil {
@@ -74,14 +74,14 @@ func (a *Agent) call(ctx context.Context, op string, fn func(context.Context) er
 }
 
 // poll is call without the timeout, for long polls that wait on the guest.
-func (a *Agent) poll(ctx context.Context, op string, fn func(context.Context) error) error {
+func (a *Client) poll(ctx context.Context, op string, fn func(context.Context) error) error {
 	if err := fn(ctx); err != nil {
 		return fmt.Errorf("vm %s: agent %s: %w", a.vm, op, err)
 	}
 	return nil
 }
 
-func (a *Agent) close() error {
+func (a *Client) close() error {
 	a.mu.RLock()
 	defer a.mu.RUnlock()
 	if a.conn == nil {
@@ -91,7 +91,7 @@ func (a *Agent) close() error {
 }
 
 // Ping returns the agent's view of the guest.
-func (a *Agent) Ping(ctx context.Context) (resp *agentv1.PingResponse, err error) {
+func (a *Client) Ping(ctx context.Context) (resp *agentv1.PingResponse, err error) {
 	err = a.call(ctx, "ping", func(ctx context.Context) error {
 		resp, err = a.client().Ping(ctx, &agentv1.PingRequest{})
 		return err
@@ -100,7 +100,7 @@ func (a *Agent) Ping(ctx context.Context) (resp *agentv1.PingResponse, err error
 }
 
 // SetupSandbox configures the guest as the pod (hostname, clock, network, DNS, sysctls).
-func (a *Agent) SetupSandbox(ctx context.Context, req *agentv1.SetupSandboxRequest) error {
+func (a *Client) SetupSandbox(ctx context.Context, req *agentv1.SetupSandboxRequest) error {
 	return a.call(ctx, "setup sandbox", func(ctx context.Context) error {
 		_, err := a.client().SetupSandbox(ctx, req)
 		return err
@@ -108,7 +108,7 @@ func (a *Agent) SetupSandbox(ctx context.Context, req *agentv1.SetupSandboxReque
 }
 
 // OnlineResources brings hot-added vCPUs and memory online.
-func (a *Agent) OnlineResources(ctx context.Context) (resp *agentv1.OnlineResourcesResponse, err error) {
+func (a *Client) OnlineResources(ctx context.Context) (resp *agentv1.OnlineResourcesResponse, err error) {
 	err = a.call(ctx, "online resources", func(ctx context.Context) error {
 		resp, err = a.client().OnlineResources(ctx, &agentv1.OnlineResourcesRequest{})
 		return err
@@ -117,15 +117,15 @@ func (a *Agent) OnlineResources(ctx context.Context) (resp *agentv1.OnlineResour
 }
 
 // shutdown asks the guest to power off; the reply may be lost with the VM.
-func (a *Agent) shutdown(ctx context.Context) error {
+func (a *Client) shutdown(ctx context.Context) error {
 	return a.call(ctx, "shutdown", func(ctx context.Context) error {
 		_, err := a.client().Shutdown(ctx, &agentv1.ShutdownRequest{})
 		return err
 	})
 }
 
-// createContainer is the raw create; VM.CreateContainer shares the rootfs first.
-func (a *Agent) createContainer(ctx context.Context, id string, spec *specs.Spec, stdio *agentv1.Stdio) (pid uint32, err error) {
+// createContainer is the raw create; Guest.CreateContainer shares the rootfs first.
+func (a *Client) createContainer(ctx context.Context, id string, spec *specs.Spec, stdio *agentv1.Stdio) (pid uint32, err error) {
 	raw, err := json.Marshal(spec)
 	if err != nil {
 		return 0, fmt.Errorf("vm %s: container %s: encode spec: %w", a.vm, id, err)
@@ -141,14 +141,14 @@ func (a *Agent) createContainer(ctx context.Context, id string, spec *specs.Spec
 }
 
 // StartContainer starts a created container's init.
-func (a *Agent) StartContainer(ctx context.Context, id string) error {
+func (a *Client) StartContainer(ctx context.Context, id string) error {
 	return a.call(ctx, "start container "+id, func(ctx context.Context) error {
 		_, err := a.client().StartContainer(ctx, &agentv1.ContainerRequest{ContainerId: id})
 		return err
 	})
 }
 
-func (a *Agent) removeContainer(ctx context.Context, id string, force bool) error {
+func (a *Client) removeContainer(ctx context.Context, id string, force bool) error {
 	return a.call(ctx, "remove container "+id, func(ctx context.Context) error {
 		_, err := a.client().RemoveContainer(ctx, &agentv1.RemoveContainerRequest{ContainerId: id, Force: force})
 		return err
@@ -156,7 +156,7 @@ func (a *Agent) removeContainer(ctx context.Context, id string, force bool) erro
 }
 
 // PauseContainer freezes every process of the container.
-func (a *Agent) PauseContainer(ctx context.Context, id string) error {
+func (a *Client) PauseContainer(ctx context.Context, id string) error {
 	return a.call(ctx, "pause container "+id, func(ctx context.Context) error {
 		_, err := a.client().PauseContainer(ctx, &agentv1.ContainerRequest{ContainerId: id})
 		return err
@@ -164,7 +164,7 @@ func (a *Agent) PauseContainer(ctx context.Context, id string) error {
 }
 
 // ResumeContainer thaws a paused container.
-func (a *Agent) ResumeContainer(ctx context.Context, id string) error {
+func (a *Client) ResumeContainer(ctx context.Context, id string) error {
 	return a.call(ctx, "resume container "+id, func(ctx context.Context) error {
 		_, err := a.client().ResumeContainer(ctx, &agentv1.ContainerRequest{ContainerId: id})
 		return err
@@ -172,7 +172,7 @@ func (a *Agent) ResumeContainer(ctx context.Context, id string) error {
 }
 
 // UpdateContainer applies new cgroup limits inside the guest.
-func (a *Agent) UpdateContainer(ctx context.Context, id string, res *specs.LinuxResources) error {
+func (a *Client) UpdateContainer(ctx context.Context, id string, res *specs.LinuxResources) error {
 	raw, err := json.Marshal(res)
 	if err != nil {
 		return fmt.Errorf("vm %s: container %s: encode resources: %w", a.vm, id, err)
@@ -183,17 +183,8 @@ func (a *Agent) UpdateContainer(ctx context.Context, id string, res *specs.Linux
 	})
 }
 
-// ContainerStats reads the container's cgroup in the guest.
-func (a *Agent) ContainerStats(ctx context.Context, id string) (resp *agentv1.ContainerStatsResponse, err error) {
-	err = a.call(ctx, "stats "+id, func(ctx context.Context) error {
-		resp, err = a.client().ContainerStats(ctx, &agentv1.ContainerRequest{ContainerId: id})
-		return err
-	})
-	return resp, err
-}
-
 // ListProcesses returns the guest pids in the container.
-func (a *Agent) ListProcesses(ctx context.Context, id string) (pids []uint32, err error) {
+func (a *Client) ListProcesses(ctx context.Context, id string) (pids []uint32, err error) {
 	err = a.call(ctx, "list processes "+id, func(ctx context.Context) error {
 		resp, err := a.client().ListProcesses(ctx, &agentv1.ContainerRequest{ContainerId: id})
 		if err == nil {
@@ -204,7 +195,7 @@ func (a *Agent) ListProcesses(ctx context.Context, id string) (pids []uint32, er
 	return pids, err
 }
 
-func (a *Agent) execProcess(ctx context.Context, id, execID string, proc *specs.Process, stdio *agentv1.Stdio) (pid uint32, err error) {
+func (a *Client) execProcess(ctx context.Context, id, execID string, proc *specs.Process, stdio *agentv1.Stdio) (pid uint32, err error) {
 	raw, err := json.Marshal(proc)
 	if err != nil {
 		return 0, fmt.Errorf("vm %s: container %s exec %s: encode process: %w", a.vm, id, execID, err)
@@ -227,7 +218,7 @@ type OOMEvent struct {
 }
 
 // WaitOOMEvent blocks until an OOM kill numbered above afterSeq.
-func (a *Agent) WaitOOMEvent(ctx context.Context, afterSeq uint64) (ev OOMEvent, err error) {
+func (a *Client) WaitOOMEvent(ctx context.Context, afterSeq uint64) (ev OOMEvent, err error) {
 	err = a.poll(ctx, "wait OOM event", func(ctx context.Context) error {
 		resp, err := a.client().WaitOOMEvent(ctx, &agentv1.WaitOOMEventRequest{AfterSeq: afterSeq})
 		if err == nil {

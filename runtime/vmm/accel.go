@@ -1,4 +1,4 @@
-package runtime
+package vmm
 
 import (
 	"bufio"
@@ -7,11 +7,13 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 // accelChoice is what Accel resolved to on this host, and why.
 type accelChoice struct {
-	accel  Accel // kvm or tcg
+	accel  machine.Accel // kvm or tcg
 	reason string
 }
 
@@ -62,24 +64,24 @@ func readHostCPU() hostCPU {
 
 // resolveAccel turns auto into kvm or tcg. /dev/kvm alone is not enough: some hosts
 // expose it without hardware virtualisation (PVM here), and a stock guest hangs there.
-func resolveAccel(want Accel, h hostCPU) (accelChoice, error) {
+func resolveAccel(want machine.Accel, h hostCPU) (accelChoice, error) {
 	hw := h.flags["vmx"] || h.flags["svm"]
 	switch want {
-	case AccelTCG:
-		return accelChoice{AccelTCG, "configured"}, nil
-	case AccelKVM:
+	case machine.TCG:
+		return accelChoice{machine.TCG, "configured"}, nil
+	case machine.KVM:
 		if !h.kvmOpens {
 			return accelChoice{}, errors.New("accel: kvm configured but /dev/kvm does not open")
 		}
-		return accelChoice{AccelKVM, "configured"}, nil
+		return accelChoice{machine.KVM, "configured"}, nil
 	}
 	switch {
 	case h.kvmOpens && hw:
-		return accelChoice{AccelKVM, "/dev/kvm opens and the CPU has vmx/svm"}, nil
+		return accelChoice{machine.KVM, "/dev/kvm opens and the CPU has vmx/svm"}, nil
 	case h.kvmOpens:
-		return accelChoice{AccelTCG, "/dev/kvm opens but the CPU advertises neither vmx nor svm: using TCG emulation (slow)"}, nil
+		return accelChoice{machine.TCG, "/dev/kvm opens but the CPU advertises neither vmx nor svm: using TCG emulation (slow)"}, nil
 	default:
-		return accelChoice{AccelTCG, "/dev/kvm does not open: using TCG emulation (slow)"}, nil
+		return accelChoice{machine.TCG, "/dev/kvm does not open: using TCG emulation (slow)"}, nil
 	}
 }
 

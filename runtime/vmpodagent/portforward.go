@@ -1,4 +1,4 @@
-package runtime
+package vmpodagent
 
 import (
 	"context"
@@ -10,10 +10,9 @@ import (
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
 
-// ForwardPort carries conn to TCP port on the guest's loopback, the pod's localhost, until
+// forwardPort carries conn to TCP port on the guest's loopback, the pod's localhost, until
 // both directions have ended: what `kubectl port-forward` means for a pod.
-func (vm *VM) ForwardPort(ctx context.Context, conn net.Conn, port uint32) error {
-	a := vm.agent
+func (a *Client) forwardPort(ctx context.Context, conn net.Conn, port uint32) error {
 	var id uint64
 	err := a.call(ctx, fmt.Sprintf("open port %d", port), func(ctx context.Context) error {
 		resp, err := a.client().OpenPort(ctx, &agentv1.OpenPortRequest{Port: port})
@@ -66,7 +65,7 @@ func (vm *VM) ForwardPort(ctx context.Context, conn net.Conn, port uint32) error
 	_ = conn.Close()
 	err = errors.Join(toHost, toGuest, closePort(false))
 	if err != nil {
-		return fmt.Errorf("vm %s: port-forward to %d: %w", vm.cfg.Name, port, err)
+		return fmt.Errorf("port-forward to %d: %w", port, err)
 	}
 	return nil
 }

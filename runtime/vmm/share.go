@@ -1,4 +1,4 @@
-package runtime
+package vmm
 
 import (
 	"bufio"
@@ -12,12 +12,10 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
-
-	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
 
-// sharedDir is the host directory the guest sees at agentv1.GuestSharedDir. Container
-// rootfs and volumes are bind-mounted into it while the VM runs.
+// sharedDir is the host directory the guest mounts by ShareTag. Container rootfs and
+// volumes are bind-mounted into it while the VM runs.
 //
 // virtiofsd serves it from a mount namespace of its own, created when it starts; a bind
 // mount made later reaches that namespace only through mount propagation. So the
@@ -54,8 +52,8 @@ func newSharedDir(path string) (*sharedDir, error) {
 }
 
 // share bind-mounts hostPath (a directory or a file, not what is mounted below it) into
-// the shared directory under name and returns where the guest sees it. name is a relative path chosen by the
-// runtime; it identifies the share for unshare.
+// the shared directory under name and returns its path relative to the directory. name
+// is a relative path chosen by the runtime; it identifies the share for unshare.
 func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) {
 	if name == "" || filepath.IsAbs(name) || !filepath.IsLocal(name) {
 		return "", fmt.Errorf("share name %q: must be a relative path inside the shared directory", name)
@@ -101,7 +99,7 @@ func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) 
 		}
 	}
 	s.shares[name] = target
-	return filepath.Join(agentv1.GuestSharedDir, rel), nil
+	return rel, nil
 }
 
 // unshare undoes share. Unknown names are not an error: removal is idempotent.

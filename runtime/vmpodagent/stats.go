@@ -1,13 +1,27 @@
-package task
+package vmpodagent
 
 import (
+	"context"
+
 	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
 
-// metrics is the guest cgroup v2 stats in the type containerd's CRI reads (cgroup v2
-// Metrics, whatever the host's own cgroup version).
+// ContainerStats reads the container's cgroup in the guest, in the type containerd's CRI
+// reads (cgroup v2 Metrics, whatever the host's own cgroup version).
+func (a *Client) ContainerStats(ctx context.Context, id string) (*cgroupsv2.Metrics, error) {
+	var st *agentv1.ContainerStatsResponse
+	err := a.call(ctx, "stats "+id, func(ctx context.Context) (err error) {
+		st, err = a.client().ContainerStats(ctx, &agentv1.ContainerRequest{ContainerId: id})
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return metrics(st), nil
+}
+
 func metrics(st *agentv1.ContainerStatsResponse) *cgroupsv2.Metrics {
 	m := &cgroupsv2.Metrics{
 		Pids: &cgroupsv2.PidsStat{Current: st.GetPids().GetCurrent(), Limit: st.GetPids().GetLimit()},

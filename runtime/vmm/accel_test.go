@@ -1,23 +1,27 @@
-package runtime
+package vmm
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/vmpod/vmpod/api/machine"
+)
 
 func TestResolveAccel(t *testing.T) {
 	vmx := map[string]bool{"vmx": true}
 	none := map[string]bool{}
 	cases := []struct {
 		name    string
-		want    Accel
+		want    machine.Accel
 		host    hostCPU
-		got     Accel
+		got     machine.Accel
 		wantErr bool
 	}{
-		{"auto on a KVM host", AccelAuto, hostCPU{kvmOpens: true, flags: vmx}, AccelKVM, false},
-		{"auto with /dev/kvm but no vmx/svm (PVM)", AccelAuto, hostCPU{kvmOpens: true, flags: none}, AccelTCG, false},
-		{"auto without /dev/kvm", AccelAuto, hostCPU{flags: vmx}, AccelTCG, false},
-		{"tcg forced on a KVM host", AccelTCG, hostCPU{kvmOpens: true, flags: vmx}, AccelTCG, false},
-		{"kvm forced without /dev/kvm", AccelKVM, hostCPU{}, "", true},
-		{"kvm forced with /dev/kvm", AccelKVM, hostCPU{kvmOpens: true}, AccelKVM, false},
+		{"auto on a KVM host", machine.AccelAuto, hostCPU{kvmOpens: true, flags: vmx}, machine.KVM, false},
+		{"auto with /dev/kvm but no vmx/svm (PVM)", machine.AccelAuto, hostCPU{kvmOpens: true, flags: none}, machine.TCG, false},
+		{"auto without /dev/kvm", machine.AccelAuto, hostCPU{flags: vmx}, machine.TCG, false},
+		{"tcg forced on a KVM host", machine.TCG, hostCPU{kvmOpens: true, flags: vmx}, machine.TCG, false},
+		{"kvm forced without /dev/kvm", machine.KVM, hostCPU{}, "", true},
+		{"kvm forced with /dev/kvm", machine.KVM, hostCPU{kvmOpens: true}, machine.KVM, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

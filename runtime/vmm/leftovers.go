@@ -1,4 +1,4 @@
-package runtime
+package vmm
 
 import (
 	"errors"

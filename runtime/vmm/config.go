@@ -1,0 +1,321 @@
+// Package vmm is the machine layer: one QEMU process and everything of it on the host —
+// the state directory, the QMP monitor, the device model (package devices) that renders
+// QEMU's command line and places hotplugs, the shared directory and its virtiofsd, the
+// virtio-serial ports guest layers talk through, the pod cgroup QEMU runs in, and the
+// teardown of all of it. A Machine is up when QMP answers; what runs in the guest is for
+// the guest layers on top (runtime/vmpodagent for container pods, runtime/qga for VM
+// pods), which reach the guest only through the ports and the monitor this layer owns.
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
+)
+
+// Defaults for Config's zero values.
+const (
+	DefaultQEMU        = "/usr/bin/qemu-system-x86_64"
+	DefaultVirtiofsd   = "/usr/lib/qemu/virtiofsd"
+	DefaultVCPUs       = 1
+	DefaultMemoryMiB   = 512
+	DefaultUpTimeout   = 30 * time.Second
+	DefaultStopTimeout = 10 * time.Second
+)
+
+// Config describes one machine. Paths are host paths chosen by the node admin or the
+// runtime, never by a pod author.
+type Config struct {
+	// Name identifies the machine in logs, errors and QEMU's process title.
+	Name string
+	// StateDir holds the machine's sockets and shared directory. It must not exist; Start
+	// creates it and the teardown removes it. Unix socket paths limit it to about 80 bytes.
+	StateDir string
+	// LogPath receives QEMU's stderr and, with ConsoleLog, the guest's serial console
+	// (default StateDir/vm.log, which goes away with StateDir).
+	LogPath string
+
+	QEMUPath string // default DefaultQEMU
+
+	Type  machine.Type  // default microvm
+	Accel machine.Accel // default auto
+
+	VCPUs        int // default DefaultVCPUs
+	MaxVCPUs     int // CPU hotplug headroom (q35 only); default VCPUs
+	MemoryMiB    int // default DefaultMemoryMiB
+	MaxMemoryMiB int // virtio-mem headroom (q35 only); 0 = none
+
+	// Boot is how the guest starts: a kernel, or firmware that boots from a disk.
+	Boot Boot
+
+	SharedFS      machine.SharedFS // default none
+	VirtiofsdPath string           // default DefaultVirtiofsd; with SharedFS virtio-fs
+
+	// Ports are virtio-serial ports, by the name the guest finds them under; the host end
+	// of each is a unix socket (PortSocket) QEMU listens on.
+	Ports []string
+	// Console is where the guest's first serial port goes.
+	Console Console
+
+	// NICs are attached at boot.
+	NICs []NIC
+	// Devices are more cold-plugged devices (disks, ...), in the order the guest sees them.
+	Devices []devices.Device
+	// Files are opened by the caller for QEMU (disk images opened inside their volume):
+	// QEMU gets each as fd set Files[i].Set, which a device names as /dev/fdset/<set>.
+	Files []FDSetFile
+
+	// Reboot makes a guest reboot reset the machine (a VM pod's OS reboots in place);
+	// without it QEMU exits, as a container pod's guest must not come back by itself.
+	Reboot bool
+	// Paused starts QEMU with its vCPUs stopped (-S); Resume starts them.
+	Paused bool
+
+	// Cgroup is the cgroup QEMU and virtiofsd run in (the pod's): a cgroupfs path below
+	// the hierarchy's root, or a systemd slice:prefix:name triple. "" leaves them in the
+	// shim's cgroup.
+	Cgroup string
+
+	UpTimeout   time.Duration // until QMP answers; default DefaultUpTimeout
+	StopTimeout time.Duration // graceful stop before QEMU is told to quit; default DefaultStopTimeout
+}
+
+// Boot is a direct kernel boot (Kernel set) or a firmware boot from the machine's disks.
+type Boot struct {
+	Kernel string // uncompressed vmlinux with a PVH entry, or a bzImage
+	Initrd string
+	// KernelParams are the guest layer's kernel command line; the machine adds what the
+	// machine type needs (pci=off on microvm, the TSC rate under TCG).
+	KernelParams []string
+	// Firmware for a boot without Kernel: BIOS (SeaBIOS) or UEFI (OVMF). With Kernel, q35
+	// uses qboot, the fastest to reach a kernel.
+	Firmware Firmware
+}
+
+// Firmware is what the machine starts with when it boots from disk.
+type Firmware struct {
+	Type FirmwareType
+	// UEFI: the OVMF code (read-only) and the machine's own copy of the variable store,
+	// made from VarsTemplate in the state directory.
+	Code, VarsTemplate string
+}
+
+// FirmwareType names a firmware.
+type FirmwareType string
+
+const (
+	FirmwareBIOS FirmwareType = "bios" // SeaBIOS, QEMU's default
+	FirmwareUEFI FirmwareType = "uefi" // OVMF from pflash
+)
+
+// Console is the destination of the guest's serial console.
+type Console string
+
+const (
+	// ConsoleLog appends the console to LogPath (container pods: boot diagnostics).
+	ConsoleLog Console = "log"
+	// ConsoleSocket serves the console on a unix socket (ConsoleSocket), for a VM pod's
+	// log and interactive attach.
+	ConsoleSocket Console = "socket"
+	// ConsoleNone leaves the guest without a serial console.
+	ConsoleNone Console = "none"
+)
+
+// NIC is a tap device opened by the caller (in the pod's network namespace) and handed
+// to QEMU by file descriptor.
+type NIC struct {
+	Tap *os.File
+	MAC string
+}
+
+// FDSetFile is a file the caller opened for QEMU; QEMU finds it in fd set Set.
+type FDSetFile struct {
+	File *os.File
+	Set  int
+}
+
+var validName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$`)
+
+// maxSocketPath: sun_path is 108 bytes including the NUL; the longest socket the machine
+// creates is StateDir + "/virtiofsd.sock".
+const maxSocketPath = 107
+
+// withDefaults returns a copy with zero values filled in.
+func (c Config) withDefaults() Config {
+	if c.LogPath == "" && c.StateDir != "" {
+		c.LogPath = filepath.Join(c.StateDir, "vm.log")
+	}
+	if c.QEMUPath == "" {
+		c.QEMUPath = DefaultQEMU
+	}
+	if c.VirtiofsdPath == "" {
+		c.VirtiofsdPath = DefaultVirtiofsd
+	}
+	if c.Type == "" {
+		c.Type = machine.MicroVM
+	}
+	if c.Accel == "" {
+		c.Accel = machine.AccelAuto
+	}
+	if c.VCPUs == 0 {
+		c.VCPUs = DefaultVCPUs
+	}
+	if c.MaxVCPUs == 0 {
+		c.MaxVCPUs = c.VCPUs
+	}
+	if c.MemoryMiB == 0 {
+		c.MemoryMiB = DefaultMemoryMiB
+	}
+	if c.SharedFS == "" {
+		c.SharedFS = machine.NoSharedFS
+	}
+	if c.Console == "" {
+		c.Console = ConsoleLog
+	}
+	if c.UpTimeout == 0 {
+		c.UpTimeout = DefaultUpTimeout
+	}
+	if c.StopTimeout == 0 {
+		c.StopTimeout = DefaultStopTimeout
+	}
+	return c
+}
+
+// Validate reports every problem with c, each naming its field.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{field}, args...)...))
+	}
+	if !validName.MatchString(c.Name) {
+		bad("name", "%q must be 1-128 of [a-zA-Z0-9_.-], starting with a letter or digit", c.Name)
+	}
+	switch {
+	case c.StateDir == "" || !filepath.IsAbs(c.StateDir):
+		bad("state_dir", "%q must be an absolute path", c.StateDir)
+	case len(c.StateDir)+len("/virtiofsd.sock") > maxSocketPath:
+		bad("state_dir", "%q is too long for unix socket paths (max %d bytes)", c.StateDir, maxSocketPath-len("/virtiofsd.sock"))
+	default:
+		if _, err := os.Lstat(c.StateDir); err == nil {
+			bad("state_dir", "%q already exists (a VM of that name running, or not cleaned up)", c.StateDir)
+		}
+	}
+	if c.LogPath != "" && !filepath.IsAbs(c.LogPath) {
+		bad("log_path", "%q must be an absolute path", c.LogPath)
+	}
+	if err := checkFile(c.QEMUPath); err != nil {
+		bad("qemu", "%v", err)
+	}
+	c.Boot.validate(c.Type, bad)
+	if c.SharedFS == machine.VirtioFS {
+		if err := checkFile(c.VirtiofsdPath); err != nil {
+			bad("virtiofsd", "%v", err)
+		}
+	}
+	if err := c.Type.Check(); err != nil {
+		bad("machine", "%v", err)
+	}
+	if c.Type == machine.MicroVM {
+		if c.MaxVCPUs > c.VCPUs {
+			bad("max_vcpus", "CPU hotplug needs machine q35 (microvm has no hotplug)")
+		}
+		if c.MaxMemoryMiB > 0 {
+			bad("max_memory_mib", "memory hotplug needs machine q35 (microvm has no hotplug)")
+		}
+	}
+	if err := c.Accel.Check(); err != nil {
+		bad("accel", "%v", err)
+	}
+	if c.VCPUs < 1 || c.VCPUs > 255 {
+		bad("vcpus", "%d: want 1-255", c.VCPUs)
+	}
+	if c.MaxVCPUs < c.VCPUs || c.MaxVCPUs > 255 {
+		bad("max_vcpus", "%d: want vcpus (%d) to 255", c.MaxVCPUs, c.VCPUs)
+	}
+	if c.MemoryMiB < 64 {
+		bad("memory_mib", "%d: want at least 64", c.MemoryMiB)
+	}
+	if c.MaxMemoryMiB != 0 && c.MaxMemoryMiB < c.MemoryMiB {
+		bad("max_memory_mib", "%d is below memory_mib %d", c.MaxMemoryMiB, c.MemoryMiB)
+	}
+	if err := c.SharedFS.Check(); err != nil {
+		bad("shared_fs", "%v", err)
+	}
+	switch c.Console {
+	case ConsoleLog, ConsoleSocket, ConsoleNone:
+	default:
+		bad("console", "%q: want log, socket or none", c.Console)
+	}
+	for i, nic := range c.NICs {
+		if nic.Tap == nil {
+			bad(fmt.Sprintf("nics[%d].tap", i), "missing")
+		}
+	}
+	sets := map[int]bool{}
+	for i, f := range c.Files {
+		if f.File == nil {
+			bad(fmt.Sprintf("files[%d].file", i), "missing")
+		}
+		if sets[f.Set] {
+			bad(fmt.Sprintf("files[%d].set", i), "fd set %d is used twice", f.Set)
+		}
+		sets[f.Set] = true
+	}
+	for field, d := range map[string]time.Duration{"up_timeout": c.UpTimeout, "stop_timeout": c.StopTimeout} {
+		if d < 0 {
+			bad(field, "%v is negative", d)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (b Boot) validate(t machine.Type, bad func(field, format string, args ...any)) {
+	if b.Kernel != "" {
+		for field, path := range map[string]string{"kernel": b.Kernel, "initrd": b.Initrd} {
+			if err := checkFile(path); err != nil {
+				bad(field, "%v", err)
+			}
+		}
+		if b.Firmware.Type != "" {
+			bad("firmware", "%s: a direct kernel boot uses no firmware of its own", b.Firmware.Type)
+		}
+		return
+	}
+	if t == machine.MicroVM {
+		bad("firmware", "machine microvm boots only a kernel (its firmware cannot boot from a disk): use machine q35")
+	}
+	switch b.Firmware.Type {
+	case FirmwareBIOS:
+	case FirmwareUEFI:
+		for field, path := range map[string]string{"firmware.code": b.Firmware.Code, "firmware.vars": b.Firmware.VarsTemplate} {
+			if err := checkFile(path); err != nil {
+				bad(field, "%v", err)
+			}
+		}
+	default:
+		bad("firmware", "%q: want bios or uefi (or a kernel)", b.Firmware.Type)
+	}
+}
+
+func checkFile(path string) error {
+	if path == "" {
+		return errors.New("not set")
+	}
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("%q must be an absolute path", path)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if fi.IsDir() {
+		return fmt.Errorf("%q is a directory", path)
+	}
+	return nil
+}

@@ -1,0 +1,439 @@
+package vmm
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
+	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/qmp"
+)
+
+// helperExitWait bounds the wait for virtiofsd to leave by itself after QEMU is gone,
+// and for QEMU to leave after a QMP quit.
+const helperExitWait = 2 * time.Second
+
+// Machine is one running QEMU. Every host resource Start created (processes, sockets,
+// mounts, the state directory) is on its teardown stack, which Stop and Kill run exactly
+// once.
+type Machine struct {
+	cfg   Config
+	plan  bootPlan
+	hw    *devices.VM // the device model: argv rendered at boot, hotplugs placed later
+	qemu  *exec.Cmd
+	mon   *qmp.Monitor
+	share *sharedDir // nil without a shared filesystem
+
+	exited  chan struct{} // closed when QEMU exits
+	exitErr error
+
+	teardown cleanup.Stack
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// Start starts QEMU for cfg and returns once its QMP monitor answers: the machine is up
+// (the guest may still be booting, or waiting with Paused). On any failure everything it
+// started is stopped and removed again, and the error names the machine and the step.
+func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("vm %s: invalid config: %w", cfg.Name, err)
+	}
+	logger := log.G(ctx).WithField("vm", cfg.Name)
+
+	host := readHostCPU()
+	accel, err := resolveAccel(cfg.Accel, host)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+	}
+	if accel.accel == machine.TCG && cfg.Accel == machine.AccelAuto {
+		logger.Warnf("accel: %s", accel.reason)
+	}
+	plan := bootPlan{cfg: cfg, accel: accel, paths: newPaths(cfg.StateDir)}
+	if accel.accel == machine.TCG && cfg.Type == machine.MicroVM {
+		if plan.tscKHz, err = host.tscKHz(); err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		}
+	}
+	hw, err := plan.hardware()
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+	}
+	m := &Machine{cfg: cfg, plan: plan, hw: hw, exited: make(chan struct{})}
+	defer func() {
+		if retErr != nil {
+			if err := m.teardown.Run(); err != nil {
+				logger.WithError(err).Error("cleanup after failed start left something behind")
+			}
+		}
+	}()
+
+	if err := os.MkdirAll(filepath.Dir(cfg.StateDir), 0o711); err != nil {
+		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
+	}
+	if err := os.Mkdir(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
+	}
+	m.teardown.Add("remove state dir", func() error { return removeStateDir(cfg.StateDir) })
+
+	logFile, err := os.OpenFile(cfg.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: log: %w", cfg.Name, err)
+	}
+	defer logFile.Close() // children hold their own copies
+
+	if cfg.Boot.Firmware.Type == FirmwareUEFI {
+		if err := copyFile(cfg.Boot.Firmware.VarsTemplate, plan.paths.uefiVars); err != nil {
+			return nil, fmt.Errorf("vm %s: UEFI variable store: %w", cfg.Name, err)
+		}
+	}
+	if cfg.SharedFS != machine.NoSharedFS {
+		if m.share, err = newSharedDir(plan.paths.shared); err != nil {
+			return nil, fmt.Errorf("vm %s: shared dir: %w", cfg.Name, err)
+		}
+		m.teardown.Add("unmount shared dir", m.share.close)
+	}
+	if cfg.SharedFS == machine.VirtioFS {
+		if err := m.startVirtiofsd(ctx, logFile); err != nil {
+			return nil, fmt.Errorf("vm %s: virtiofsd: %w", cfg.Name, err)
+		}
+	}
+
+	logger.WithField("accel", accel.accel).WithField("machine", cfg.Type).Debug("starting QEMU")
+	if err := m.startQEMU(logFile); err != nil {
+		return nil, fmt.Errorf("vm %s: start QEMU: %w", cfg.Name, err)
+	}
+	upCtx, cancel := context.WithTimeout(ctx, cfg.UpTimeout)
+	defer cancel()
+	if err := m.connectQMP(upCtx); err != nil {
+		return nil, fmt.Errorf("vm %s: QMP: %w%s", cfg.Name, err, m.ConsoleHint())
+	}
+	return m, nil
+}
+
+func (m *Machine) startVirtiofsd(ctx context.Context, logFile *os.File) error {
+	sock := m.plan.paths.virtiofsdSock
+	cmd := exec.Command(m.cfg.VirtiofsdPath,
+		"--socket-path="+sock,
+		"-o", "source="+m.plan.paths.shared,
+		"-o", "cache=auto",
+		"-o", "xattr")
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// A dying shim must not leave virtiofsd behind.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	m.teardown.Add("stop virtiofsd", func() error { return stopHelper(cmd, done) })
+	// QEMU connects to the socket at start-up, so it must exist first.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return nil
+		}
+		select {
+		case <-done:
+			return fmt.Errorf("exited before creating %s: %s", sock, cmd.ProcessState)
+		case <-ctx.Done():
+			return ctx.Err()
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no socket at %s after 5s", sock)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// stopHelper waits briefly for a helper that should exit on its own, then kills it.
+func stopHelper(cmd *exec.Cmd, done <-chan struct{}) error {
+	select {
+	case <-done:
+		return nil
+	case <-time.After(helperExitWait):
+	}
+	_ = cmd.Process.Kill()
+	<-done
+	return nil
+}
+
+func (m *Machine) startQEMU(logFile *os.File) error {
+	args, files := m.hw.Render()
+	cmd := exec.Command(m.cfg.QEMUPath, args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.ExtraFiles = files
+	// Pdeathsig: `kill -9` of the shim must not leave a QEMU running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	m.qemu = cmd
+	go func() {
+		m.exitErr = cmd.Wait()
+		close(m.exited)
+	}()
+	m.teardown.Add("stop QEMU", func() error {
+		select {
+		case <-m.exited:
+		default:
+			_ = cmd.Process.Kill()
+			<-m.exited
+		}
+		return nil
+	})
+	return nil
+}
+
+// connectQMP connects the machine's QMP monitor; QEMU creates its socket at start-up.
+func (m *Machine) connectQMP(ctx context.Context) error {
+	dialCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-m.exited:
+			cancel()
+		case <-dialCtx.Done():
+		}
+	}()
+	mon, err := qmp.Dial(dialCtx, m.plan.paths.qmpSock)
+	if err != nil {
+		return m.Explain(err)
+	}
+	m.mon = mon
+	m.teardown.Add("close QMP", func() error { _ = mon.Close(); return nil })
+	return nil
+}
+
+// DialPort connects to the host end of the virtio-serial port named name, retrying until
+// QEMU has opened it. It gives up when ctx ends or QEMU exits.
+func (m *Machine) DialPort(ctx context.Context, name string) (net.Conn, error) {
+	return m.dial(ctx, m.plan.paths.port(name))
+}
+
+// DialConsole connects to the serial console socket (Console: ConsoleSocket).
+func (m *Machine) DialConsole(ctx context.Context) (net.Conn, error) {
+	if m.cfg.Console != ConsoleSocket {
+		return nil, fmt.Errorf("vm %s: the serial console is not a socket", m.cfg.Name)
+	}
+	return m.dial(ctx, m.plan.paths.console)
+}
+
+func (m *Machine) dial(ctx context.Context, path string) (net.Conn, error) {
+	var d net.Dialer
+	for {
+		conn, err := d.DialContext(ctx, "unix", path)
+		if err == nil {
+			return conn, nil
+		}
+		select {
+		case <-m.exited:
+			return nil, m.Explain(err)
+		case <-ctx.Done():
+			return nil, fmt.Errorf("QEMU never opened %s: %w", path, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// Explain explains a failure by QEMU's death if QEMU is dead or dying: a closed socket is
+// often the first sign, the exit status comes a moment later.
+func (m *Machine) Explain(err error) error {
+	select {
+	case <-m.exited:
+		return fmt.Errorf("QEMU exited (%v)", m.exitErr)
+	case <-time.After(200 * time.Millisecond):
+		return err
+	}
+}
+
+// ConsoleHint is the end of the machine's log, for boot errors.
+func (m *Machine) ConsoleHint() string {
+	tail := logTail(m.cfg.LogPath, 15)
+	if tail == "" {
+		return ""
+	}
+	return "\n--- last lines of " + m.cfg.LogPath + ":\n" + tail
+}
+
+func logTail(path string, lines int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	all := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(all) > lines {
+		all = all[len(all)-lines:]
+	}
+	return strings.Join(all, "\n")
+}
+
+// Name is the machine's name.
+func (m *Machine) Name() string { return m.cfg.Name }
+
+// Type is the machine type.
+func (m *Machine) Type() machine.Type { return m.cfg.Type }
+
+// Accel is the accelerator the machine runs on.
+func (m *Machine) Accel() machine.Accel { return m.plan.accel.accel }
+
+// Config is the machine's configuration, defaults filled in.
+func (m *Machine) Config() Config { return m.cfg }
+
+// Monitor is the machine's QMP monitor.
+func (m *Machine) Monitor() *qmp.Monitor { return m.mon }
+
+// Hardware is the machine's device model.
+func (m *Machine) Hardware() *devices.VM { return m.hw }
+
+// Done is closed when QEMU has exited, for whatever reason.
+func (m *Machine) Done() <-chan struct{} { return m.exited }
+
+// ExitErr is how QEMU exited (nil: status 0); valid once Done is closed.
+func (m *Machine) ExitErr() error {
+	<-m.exited
+	return m.exitErr
+}
+
+// Pid is the QEMU process id.
+func (m *Machine) Pid() int { return m.qemu.Process.Pid }
+
+// Resume starts the vCPUs of a machine started Paused, or paused by Pause.
+func (m *Machine) Resume(ctx context.Context) error {
+	if err := m.mon.Cont(ctx); err != nil {
+		return fmt.Errorf("vm %s: resume: %w", m.cfg.Name, err)
+	}
+	return nil
+}
+
+// Pause stops the vCPUs; the guest notices nothing but lost time.
+func (m *Machine) Pause(ctx context.Context) error {
+	if err := m.mon.Stop(ctx); err != nil {
+		return fmt.Errorf("vm %s: pause: %w", m.cfg.Name, err)
+	}
+	return nil
+}
+
+// Powerdown presses the ACPI power button: the guest decides whether to power off.
+func (m *Machine) Powerdown(ctx context.Context) error {
+	if err := m.mon.SystemPowerdown(ctx); err != nil {
+		return fmt.Errorf("vm %s: ACPI power-down: %w", m.cfg.Name, err)
+	}
+	return nil
+}
+
+// Stop asks the guest to power off (ask; nil presses the ACPI power button), waits up to
+// StopTimeout for QEMU to exit, asks QEMU to quit if it does not, and removes everything
+// Start created. Safe to call again and after QEMU died; later calls return the first
+// result.
+func (m *Machine) Stop(ctx context.Context, ask func(context.Context) error) error {
+	if ask == nil {
+		ask = m.Powerdown
+	}
+	m.stopOnce.Do(func() {
+		select {
+		case <-m.exited:
+		default:
+			shutdownCtx, cancel := context.WithTimeout(ctx, m.cfg.StopTimeout)
+			if err := ask(shutdownCtx); err != nil {
+				log.G(ctx).WithError(err).Warnf("vm %s: graceful shutdown failed, killing QEMU", m.cfg.Name)
+			}
+			select {
+			case <-m.exited:
+			case <-shutdownCtx.Done():
+				log.G(ctx).Warnf("vm %s: still running %v after shutdown, asking QEMU to quit", m.cfg.Name, m.cfg.StopTimeout)
+				m.Quit(ctx)
+			}
+			cancel()
+		}
+		m.stopErr = m.runTeardown()
+	})
+	return m.stopErr
+}
+
+// Quit asks QEMU itself to exit (QMP quit) and waits briefly for it: the guest gets no
+// say. The teardown kills QEMU if even that does not work.
+func (m *Machine) Quit(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, helperExitWait)
+	defer cancel()
+	if err := m.mon.Quit(ctx); err != nil {
+		log.G(ctx).WithError(err).Warnf("vm %s: QMP quit", m.cfg.Name)
+	}
+	select {
+	case <-m.exited:
+	case <-ctx.Done():
+	}
+}
+
+// Kill stops the machine at once (SIGKILL to QEMU) and removes everything Start created.
+func (m *Machine) Kill() error {
+	m.stopOnce.Do(func() { m.stopErr = m.runTeardown() })
+	return m.stopErr
+}
+
+// OnTeardown adds fn to what Stop and Kill undo, before everything Start created: a guest
+// layer's connections, files it keeps in the state directory.
+func (m *Machine) OnTeardown(what string, fn func() error) { m.teardown.Add(what, fn) }
+
+func (m *Machine) runTeardown() error {
+	if err := m.teardown.Run(); err != nil {
+		return fmt.Errorf("vm %s: teardown: %w", m.cfg.Name, err)
+	}
+	return nil
+}
+
+// Share bind-mounts a host directory or file into the shared directory under name and
+// returns the path below the guest's mount of it.
+func (m *Machine) Share(hostPath, name string, readonly bool) (string, error) {
+	if m.share == nil {
+		return "", fmt.Errorf("vm %s: share %s: the VM has no shared filesystem", m.cfg.Name, hostPath)
+	}
+	rel, err := m.share.share(hostPath, name, readonly)
+	if err != nil {
+		return "", fmt.Errorf("vm %s: %w", m.cfg.Name, err)
+	}
+	return rel, nil
+}
+
+// Unshare removes a share made by Share.
+func (m *Machine) Unshare(name string) error {
+	if m.share == nil {
+		return nil
+	}
+	return m.share.unshare(name)
+}
+
+// StatePath is a path in the machine's state directory, for a guest layer's files; they
+// go with the directory.
+func (m *Machine) StatePath(name string) string { return filepath.Join(m.cfg.StateDir, name) }
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		_ = out.Close()
+		return err
+	}
+	return out.Close()
+}

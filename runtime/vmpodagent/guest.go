@@ -1,0 +1,241 @@
+// Package vmpodagent is the guest layer of container pods: the vmpod agent (PID 1 of the
+// vmpod guest kernel's initramfs) driven over a virtio-serial port of the machine. It
+// boots the machine with the vmpod guest, waits for the agent, and runs containers,
+// processes, stdio, port-forwards and resource onlining through it.
+package vmpodagent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/agent/channel"
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+// Defaults for Config's zero values.
+const (
+	DefaultBootTimeout = 30 * time.Second
+	DefaultCallTimeout = 30 * time.Second
+)
+
+// Config is a machine that boots the vmpod guest: Boot.Kernel and Boot.Initrd are the
+// guest's, Boot.KernelParams the node admin's additions; the rest of the machine is as
+// for any vmm.Machine (SharedFS defaults to virtio-fs here).
+type Config struct {
+	vmm.Config
+	BootTimeout time.Duration // until the agent answers; default DefaultBootTimeout
+	CallTimeout time.Duration // per agent call (long polls excepted); default DefaultCallTimeout
+	// Debug turns on the agent's debug log (on the guest console).
+	Debug bool
+}
+
+// Guest is a booted vmpod guest: its machine and its agent.
+type Guest struct {
+	m     *vmm.Machine
+	agent *Client
+	cfg   Config
+}
+
+// machineConfig is the machine that runs the vmpod guest: the agent's port, the console
+// in the log, the kernel command line the agent reads.
+func (c Config) machineConfig() vmm.Config {
+	mc := c.Config
+	if mc.SharedFS == "" {
+		mc.SharedFS = machine.VirtioFS
+	}
+	if mc.UpTimeout == 0 {
+		mc.UpTimeout = c.BootTimeout
+	}
+	mc.Ports = append([]string{agentv1.PortName}, mc.Ports...)
+	mc.Console = vmm.ConsoleLog
+	params := []string{"console=ttyS0", "quiet", "panic=-1"}
+	switch mc.SharedFS {
+	case machine.VirtioFS:
+		params = append(params, agentv1.KernelParamShare+"=virtiofs:"+vmm.ShareTag)
+	case machine.NineP:
+		params = append(params, agentv1.KernelParamShare+"=9p:"+vmm.ShareTag)
+	}
+	if c.Debug {
+		params = append(params, agentv1.KernelParamDebug)
+	}
+	mc.Boot.KernelParams = append(params, mc.Boot.KernelParams...)
+	return mc
+}
+
+// Boot starts the machine and returns once the agent has answered: the moment the guest
+// counts as booted. On any failure everything it started is stopped and removed again.
+func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
+	if cfg.BootTimeout == 0 {
+		cfg.BootTimeout = DefaultBootTimeout
+	}
+	if cfg.CallTimeout == 0 {
+		cfg.CallTimeout = DefaultCallTimeout
+	}
+	if cfg.Boot.Kernel == "" {
+		return nil, fmt.Errorf("vm %s: invalid config: kernel: not set (the vmpod guest boots its own kernel)", cfg.Name)
+	}
+	started := time.Now()
+	bootCtx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
+	defer cancel()
+	m, err := vmm.Start(bootCtx, cfg.machineConfig())
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			_ = m.Kill()
+		}
+	}()
+	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout), cfg: cfg}
+	m.OnTeardown("close agent connection", g.agent.close)
+	if err := g.connectAgent(bootCtx); err != nil {
+		return nil, fmt.Errorf("vm %s: boot: %w%s", cfg.Name, err, m.ConsoleHint())
+	}
+	log.G(ctx).WithField("vm", cfg.Name).WithField("accel", m.Accel()).Infof("booted in %v", time.Since(started).Round(time.Millisecond))
+	return g, nil
+}
+
+// connectAgent dials the agent's port, starts a channel session and waits for the agent's
+// first Ping reply.
+func (g *Guest) connectAgent(ctx context.Context) error {
+	raw, err := g.m.DialPort(ctx, agentv1.PortName)
+	if err != nil {
+		return err
+	}
+	// Abort the handshake at once if QEMU dies.
+	stopWatch := make(chan struct{})
+	go func() {
+		select {
+		case <-g.m.Done():
+			_ = raw.Close()
+		case <-stopWatch:
+		}
+	}()
+	defer close(stopWatch)
+
+	conn, err := channel.Client(ctx, raw)
+	if err != nil {
+		_ = raw.Close()
+		return g.m.Explain(fmt.Errorf("agent did not answer the channel handshake: %w", err))
+	}
+	g.agent.use(ttrpc.NewClient(conn, ttrpc.WithUnaryClientInterceptor(nativeErrors)))
+	if _, err := g.agent.Ping(ctx); err != nil {
+		return g.m.Explain(err)
+	}
+	return nil
+}
+
+// ReconnectAgent drops the agent connection and starts a new channel session, as a
+// restarted shim would. Calls in flight on the old connection fail; later calls through
+// the same *Client use the new one.
+func (g *Guest) ReconnectAgent(ctx context.Context) error {
+	_ = g.agent.close()
+	ctx, cancel := context.WithTimeout(ctx, g.cfg.BootTimeout)
+	defer cancel()
+	if err := g.connectAgent(ctx); err != nil {
+		return fmt.Errorf("vm %s: reconnect agent: %w", g.cfg.Name, err)
+	}
+	return nil
+}
+
+// Name is the guest's (its machine's) name.
+func (g *Guest) Name() string { return g.cfg.Name }
+
+// Machine is the machine the guest runs on.
+func (g *Guest) Machine() *vmm.Machine { return g.m }
+
+// Agent is the guest's agent client.
+func (g *Guest) Agent() *Client { return g.agent }
+
+// Done is closed when QEMU has exited, for whatever reason.
+func (g *Guest) Done() <-chan struct{} { return g.m.Done() }
+
+// Stop shuts the guest down through its agent, then stops the machine (see vmm.Stop).
+func (g *Guest) Stop(ctx context.Context) error { return g.m.Stop(ctx, g.agent.shutdown) }
+
+// Kill stops the machine at once and removes everything Boot created.
+func (g *Guest) Kill() error { return g.m.Kill() }
+
+// Share bind-mounts a host directory or file into the guest at
+// GuestSharedDir/<share path> and returns its guest path.
+func (g *Guest) Share(hostPath, name string, readonly bool) (string, error) {
+	rel, err := g.m.Share(hostPath, name, readonly)
+	if err != nil {
+		return "", err
+	}
+	return agentv1.GuestSharedDir + "/" + rel, nil
+}
+
+// Unshare removes a share made by Share.
+func (g *Guest) Unshare(name string) error { return g.m.Unshare(name) }
+
+// rootfsShare is the share name of a container's rootfs.
+func rootfsShare(containerID string) string { return containerID + "/rootfs" }
+
+// CreateContainer shares the host directory rootfs into the guest, points spec's root at
+// it and creates the container. Bind-mount sources in spec must already be guest paths.
+func (g *Guest) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (*Process, error) {
+	if spec == nil || spec.Root == nil {
+		return nil, fmt.Errorf("vm %s: container %s: spec.root: missing", g.cfg.Name, id)
+	}
+	var undo cleanup.Stack
+	defer func() { _ = undo.Run() }()
+	guestRoot, err := g.Share(rootfs, rootfsShare(id), false)
+	if err != nil {
+		return nil, fmt.Errorf("container %s: rootfs: %w", id, err)
+	}
+	undo.Add("unshare rootfs", func() error { return g.Unshare(rootfsShare(id)) })
+
+	guestSpec := *spec
+	root := *spec.Root
+	root.Path = guestRoot
+	guestSpec.Root = &root
+	pid, err := g.agent.createContainer(ctx, id, &guestSpec, stdioRequest(stdio))
+	if err != nil {
+		return nil, err
+	}
+	undo.Release()
+	return newProcess(g.agent, id, "", pid, stdio), nil
+}
+
+// Exec starts another process in a running container.
+func (g *Guest) Exec(ctx context.Context, containerID, execID string, proc *specs.Process, stdio runtime.Stdio) (*Process, error) {
+	pid, err := g.agent.execProcess(ctx, containerID, execID, proc, stdioRequest(stdio))
+	if err != nil {
+		return nil, err
+	}
+	return newProcess(g.agent, containerID, execID, pid, stdio), nil
+}
+
+// RemoveContainer removes the container in the guest (force: kill it first) and its
+// rootfs share. A container the guest does not know, or a machine that is gone, leaves
+// only the host side to clean up, which is done.
+func (g *Guest) RemoveContainer(ctx context.Context, id string, force bool) error {
+	select {
+	case <-g.m.Done():
+	default:
+		if err := g.agent.removeContainer(ctx, id, force); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+	}
+	return g.Unshare(rootfsShare(id))
+}
+
+// ForwardPort carries conn to TCP port on the guest's loopback (see Client.forwardPort).
+func (g *Guest) ForwardPort(ctx context.Context, conn net.Conn, port uint32) error {
+	if err := g.agent.forwardPort(ctx, conn, port); err != nil {
+		return fmt.Errorf("vm %s: %w", g.cfg.Name, err)
+	}
+	return nil
+}
