@@ -67,9 +67,9 @@ type VM struct {
 	CPU     CPU    `json:"cpu"`
 	// MemoryMiB is the guest's RAM. QEMU's own overhead is not included: the RuntimeClass
 	// overhead accounts for it.
-	MemoryMiB int64    `json:"memoryMiB"`
+	MemoryMiB int64        `json:"memoryMiB"`
 	Machine   machine.Type `json:"machine,omitempty"`
-	Firmware  Firmware `json:"firmware"`
+	Firmware  Firmware     `json:"firmware"`
 	// Disks in the order the guest sees them. Each names a pod volume.
 	Disks      []Disk      `json:"disks,omitempty"`
 	Interfaces []Interface `json:"interfaces,omitempty"`
