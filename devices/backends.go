@@ -17,6 +17,9 @@ type Blockdev struct {
 	ReadOnly bool
 	Direct   bool // cache.direct=on (O_DIRECT)
 	Discard  bool // discard=unmap
+	// Backing names the node under this one (a qcow2 overlay over a read-only base),
+	// overriding whatever backing file the image itself records.
+	Backing string
 }
 
 func (b Blockdev) option() string {
@@ -30,6 +33,10 @@ func (b Blockdev) option() string {
 	if b.Discard {
 		o.add("discard", "unmap")
 	}
+	if b.Backing != "" {
+		o.add("backing", b.Backing)
+	}
+	// the protocol node inherits read-only: an fd set's O_RDONLY fd is opened read-only
 	return o.add("file.driver", b.Protocol).add("file.filename", b.Filename).String()
 }
 

@@ -75,6 +75,13 @@ type Machine struct {
 	// Reboot lets a guest reboot reset the machine; without it QEMU exits
 	// (-no-reboot), as a container pod's guest must not come back by itself.
 	Reboot bool
+	// ExitOnPanic makes QEMU exit with status 1 when the guest reports a panic
+	// (pvpanic), instead of pausing the guest.
+	ExitOnPanic bool
+	// VNCSocket serves the guest's display (a VGA device) over VNC on a unix socket.
+	VNCSocket string
+	// UUID is the SMBIOS system UUID, also given as the system serial number.
+	UUID string
 	// RootPorts is the number of PCIe root ports created at boot for hotplug
 	// (q35 only, up to MaxRootPorts).
 	RootPorts int
@@ -141,7 +148,7 @@ func (m *Machine) validate() error {
 	}
 	for _, f := range []struct{ field, path string }{
 		{"Kernel", m.Kernel}, {"Initrd", m.Initrd}, {"Firmware", m.Firmware}, {"ConsoleLog", m.ConsoleLog},
-		{"ConsoleSocket", m.ConsoleSocket},
+		{"ConsoleSocket", m.ConsoleSocket}, {"VNCSocket", m.VNCSocket},
 	} {
 		if f.path != "" {
 			c.path(f.field, f.path)
@@ -151,6 +158,7 @@ func (m *Machine) validate() error {
 		c.fail("Kernel", "Initrd and Append need a Kernel")
 	}
 	c.text("Append", m.Append)
+	c.text("UUID", m.UUID)
 	c.path("QMPSocket", m.QMPSocket)
 	if m.RootPorts < 0 || m.RootPorts > MaxRootPorts {
 		c.fail("RootPorts", "%d is outside 0..%d", m.RootPorts, MaxRootPorts)
@@ -241,6 +249,15 @@ func (m *Machine) args(shared bool) []string {
 	args = append(args, "-nodefaults", "-no-user-config", "-display", "none")
 	if !m.Reboot {
 		args = append(args, "-no-reboot")
+	}
+	if m.ExitOnPanic {
+		args = append(args, "-action", "panic=exit-failure")
+	}
+	if m.VNCSocket != "" {
+		args = append(args, "-vnc", "unix:"+m.VNCSocket)
+	}
+	if m.UUID != "" {
+		args = append(args, "-uuid", m.UUID, "-smbios", newOptions("type=1").add("serial", m.UUID).String())
 	}
 	if m.Type == machine.MicroVM {
 		// Legacy virtio-mmio lacks VIRTIO_F_VERSION_1, which virtio-fs requires

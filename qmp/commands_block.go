@@ -14,8 +14,9 @@ type BlockdevOptions struct {
 	Protocol string // protocol driver: "file" or "host_device"; "" means "file"
 	Filename string
 	ReadOnly bool
-	Direct   bool // bypass the host page cache (cache.direct=on, O_DIRECT)
-	Discard  bool // pass the guest's discards down to the image (discard=unmap)
+	Direct   bool   // bypass the host page cache (cache.direct=on, O_DIRECT)
+	Discard  bool   // pass the guest's discards down to the image (discard=unmap)
+	Backing  string // node name of the base under a qcow2 overlay
 }
 
 // MarshalJSON renders the QAPI BlockdevOptions union.
@@ -33,11 +34,13 @@ func (o BlockdevOptions) MarshalJSON() ([]byte, error) {
 		ReadOnly bool   `json:"read-only,omitempty"`
 		Cache    *cache `json:"cache,omitempty"`
 		Discard  string `json:"discard,omitempty"`
+		Backing  string `json:"backing,omitempty"`
 		File     file   `json:"file"`
 	}{
 		Driver:   orDefault(o.Format, "raw"),
 		NodeName: o.NodeName,
 		ReadOnly: o.ReadOnly,
+		Backing:  o.Backing,
 		File:     file{Driver: orDefault(o.Protocol, "file"), Filename: o.Filename},
 	}
 	if o.Direct {
