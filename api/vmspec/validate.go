@@ -38,11 +38,15 @@ func (e *FieldError) Error() string {
 
 var (
 	dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	uuidForm = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 	// Linux interface names: at most 15 bytes, no '/' or whitespace; kept to a safe subset.
 	ifName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$`)
 	// An extended resource name: a DNS-subdomain prefix and a name, as in nvidia.com/gpu.
 	resourceName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`)
 )
+
+// IsUUID says whether s has the form UUID takes.
+func IsUUID(s string) bool { return uuidForm.MatchString(s) }
 
 // Validate checks the spec as Parse returns it (defaults filled in) and reports every
 // problem, each as a *FieldError joined with errors.Join.
@@ -74,6 +78,9 @@ func (vm *VM) Validate() error {
 	vm.validateInterfaces(v, microvm)
 	vm.validateCloudInit(v, microvm, volumes)
 	vm.validateHostDevices(v, microvm)
+	if vm.UUID != "" && !IsUUID(vm.UUID) {
+		v.add("uuid", "must be a lowercase UUID (8-4-4-4-12 hex digits), got %q", vm.UUID)
+	}
 	if vm.Migration != nil {
 		switch vm.Migration.Role {
 		case RoleSource, RoleTarget:

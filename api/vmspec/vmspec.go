@@ -51,6 +51,9 @@ const (
 	// shim answers an exec of exactly [GuestAgentPingCommand] in the compute container with
 	// a qemu-guest-agent guest-ping instead of running anything.
 	GuestAgentPingCommand = "vmpod.dev/guest-agent-ping"
+	// GuestInfoCommand is an exec that prints what the guest agent reports of the guest,
+	// as GuestInfo JSON: `kubectl exec <pod> -- vmpod.dev/guest-info`.
+	GuestInfoCommand = "vmpod.dev/guest-info"
 )
 
 // VolumeMountPath is where a filesystem volume is mounted in the compute container.
@@ -80,6 +83,11 @@ type VM struct {
 	GPUs        []HostDevice `json:"gpus,omitempty"`
 	HostDevices []HostDevice `json:"hostDevices,omitempty"`
 	Migration   *Migration   `json:"migration,omitempty"`
+	// UUID is the machine's SMBIOS UUID and serial, and cloud-init's instance-id: the
+	// same for every boot of one VirtualMachine (the controller uses the object's UID),
+	// so the guest sees one machine across restarts and cloud-init runs its
+	// per-instance modules once. Empty: the shim derives none (a fresh one per boot).
+	UUID string `json:"uuid,omitempty"`
 }
 
 // CPU is the guest topology; the guest has Sockets*Cores*Threads vCPUs.
@@ -194,6 +202,33 @@ type HostDevice struct {
 	Name string `json:"name"`
 	// ResourceName is an extended resource, e.g. nvidia.com/GA102GL_A10.
 	ResourceName string `json:"resourceName"`
+}
+
+// GuestInfo is what GuestInfoCommand prints: the guest OS, hostname and addresses as the
+// QEMU guest agent reports them (KubeVirt's VMI status.guestOSInfo and interfaces).
+type GuestInfo struct {
+	AgentVersion string           `json:"agentVersion"`
+	OS           *GuestOS         `json:"os,omitempty"`
+	Hostname     string           `json:"hostname,omitempty"`
+	Interfaces   []GuestInterface `json:"interfaces,omitempty"`
+}
+
+// GuestOS is the guest's os-release, as far as the agent reports it.
+type GuestOS struct {
+	ID            string `json:"id,omitempty"`
+	Name          string `json:"name,omitempty"`
+	PrettyName    string `json:"prettyName,omitempty"`
+	Version       string `json:"version,omitempty"`
+	VersionID     string `json:"versionId,omitempty"`
+	KernelRelease string `json:"kernelRelease,omitempty"`
+	Machine       string `json:"machine,omitempty"`
+}
+
+// GuestInterface is a guest NIC with its addresses (CIDR notation).
+type GuestInterface struct {
+	Name string   `json:"name"`
+	MAC  string   `json:"mac,omitempty"`
+	IPs  []string `json:"ips,omitempty"`
 }
 
 // Migration marks a pod as one end of a live migration.

@@ -97,6 +97,7 @@ func TestParseInvalid(t *testing.T) {
 		{"int overflow", `{"version":"v1alpha1","memoryMiB":99999999999999999999}`,
 			[]string{"memoryMiB: 99999999999999999999 is not an integer in range"}},
 		{"too little memory", `{"version":"v1alpha1","memoryMiB":1}`, []string{"memoryMiB: must be between 16"}},
+		{"bad uuid", `{"version":"v1alpha1","memoryMiB":128,"uuid":"../../etc"}`, []string{`uuid: must be a lowercase UUID`}},
 		{"too many vcpus", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"sockets":2,"cores":512}}`,
 			[]string{"cpu: sockets*cores*threads is 1024 vCPUs"}},
 		{"negative cpu", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"threads":-1}}`,

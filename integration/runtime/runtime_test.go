@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -512,5 +513,70 @@ func TestOOMKillIsReported(t *testing.T) {
 	st, err := vm.Agent().ContainerStats(ctx, "hog")
 	if err != nil || st.GetMemoryEvents().GetOomKill() == 0 {
 		t.Fatalf("stats after the OOM kill: %v, oom_kill %d", err, st.GetMemoryEvents().GetOomKill())
+	}
+}
+
+// cgroupFile is a file of the cgroup at path (below the root) in the hierarchy that
+// accounts memory: cgroup v1's memory controller, or v2's unified tree.
+func cgroupFile(path, v1name, v2name string) string {
+	if _, err := os.Stat("/sys/fs/cgroup/memory"); err == nil {
+		return filepath.Join("/sys/fs/cgroup/memory", path, v1name)
+	}
+	return filepath.Join("/sys/fs/cgroup", path, v2name)
+}
+
+// QEMU and virtiofsd run in the pod's cgroup, whose memory use then includes the VM's.
+func TestCgroup(t *testing.T) {
+	testenv.Require(t)
+	parent := fmt.Sprintf("/vmpod-it-%d", time.Now().UnixNano())
+	cfg := testenv.VMConfig(t, "cgroup")
+	cfg.Cgroup = parent + "/pod"
+	t.Cleanup(func() {
+		for _, root := range []string{"/sys/fs/cgroup"} {
+			dirs, _ := filepath.Glob(filepath.Join(root, "*", parent))
+			dirs = append(dirs, filepath.Join(root, parent))
+			for _, d := range dirs {
+				_ = os.Remove(d)
+			}
+		}
+	})
+	vm := testenv.StartVM(t, cfg)
+	procs, err := os.ReadFile(cgroupFile(cfg.Cgroup, "cgroup.procs", "cgroup.procs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemu := vm.Machine().Pid()
+	// QEMU's own memory: anonymous and shared-memory (guest RAM) pages. Its file pages
+	// (binary, libraries) are charged to whoever first read them, another QEMU perhaps.
+	var rssKiB int
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", qemu))
+	for l := range strings.Lines(string(status)) {
+		for _, key := range []string{"RssAnon:", "RssShmem:"} {
+			if v, ok := strings.CutPrefix(l, key); ok {
+				var kib int
+				fmt.Sscan(v, &kib)
+				rssKiB += kib
+			}
+		}
+	}
+	pids := strings.Fields(string(procs))
+	if !slices.Contains(pids, fmt.Sprint(qemu)) || len(pids) < 2 {
+		t.Fatalf("cgroup %s holds %v; want QEMU (%d) and virtiofsd", cfg.Cgroup, pids, qemu)
+	}
+	usage, err := os.ReadFile(cgroupFile(cfg.Cgroup, "memory.usage_in_bytes", "memory.current"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bytes int
+	fmt.Sscan(string(usage), &bytes)
+	t.Logf("cgroup memory %d MiB, QEMU anonymous+shmem RSS %d MiB", bytes>>20, rssKiB>>10)
+	if bytes < rssKiB*1024 {
+		t.Fatalf("the cgroup accounts %d bytes, less than QEMU's own memory (%d KiB): QEMU's memory is charged elsewhere", bytes, rssKiB)
+	}
+	if err := vm.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(cgroupFile(cfg.Cgroup, "", "")); !os.IsNotExist(err) {
+		t.Fatalf("the cgroup is still there after the VM stopped: %v", err)
 	}
 }

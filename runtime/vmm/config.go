@@ -76,6 +76,14 @@ type Config struct {
 	Reboot bool
 	// Paused starts QEMU with its vCPUs stopped (-S); Resume starts them.
 	Paused bool
+	// ExitOnPanic ends QEMU with status 1 when the guest reports a kernel panic
+	// (pvpanic) instead of leaving it paused.
+	ExitOnPanic bool
+	// VNC gives the guest a VGA display served over VNC on a unix socket (VNCSocket).
+	VNC bool
+	// UUID is the machine's SMBIOS UUID (and serial number): stable per VM, it is how a
+	// guest OS and licensing tell one machine from another.
+	UUID string
 
 	// Cgroup is the cgroup QEMU and virtiofsd run in (the pod's): a cgroupfs path below
 	// the hierarchy's root, or a systemd slice:prefix:name triple. "" leaves them in the
@@ -140,7 +148,10 @@ type FDSetFile struct {
 	Set  int
 }
 
-var validName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$`)
+var (
+	validName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$`)
+	validUUID = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+)
 
 // maxSocketPath: sun_path is 108 bytes including the NUL; the longest socket the machine
 // creates is StateDir + "/virtiofsd.sock".
@@ -256,6 +267,12 @@ func (c Config) Validate() error {
 		if nic.Tap == nil {
 			bad(fmt.Sprintf("nics[%d].tap", i), "missing")
 		}
+	}
+	if c.UUID != "" && !validUUID.MatchString(c.UUID) {
+		bad("uuid", "%q is not a UUID", c.UUID)
+	}
+	if c.VNC && c.Type != machine.Q35 {
+		bad("vnc", "a display needs machine q35")
 	}
 	sets := map[int]bool{}
 	for i, f := range c.Files {

@@ -33,7 +33,7 @@ type bootPlan struct {
 }
 
 type paths struct {
-	stateDir, qmpSock, virtiofsdSock, shared, console, uefiVars string
+	stateDir, qmpSock, virtiofsdSock, shared, console, uefiVars, vnc string
 }
 
 func newPaths(stateDir string) paths {
@@ -44,23 +44,13 @@ func newPaths(stateDir string) paths {
 		shared:        filepath.Join(stateDir, "shared"),
 		console:       filepath.Join(stateDir, "console.sock"),
 		uefiVars:      filepath.Join(stateDir, "uefi-vars.fd"),
+		vnc:           filepath.Join(stateDir, "vnc.sock"),
 	}
 }
 
-// port is the host socket of the virtio-serial port named name.
-func (p paths) port(name string) string {
-	return filepath.Join(p.stateDir, "port-"+portFile(name)+".sock")
-}
-
-// portFile is a port name as a file name: "org.qemu.guest_agent.0" stays as it is.
-func portFile(name string) string {
-	return strings.Map(func(r rune) rune {
-		if r == '/' {
-			return '_'
-		}
-		return r
-	}, name)
-}
+// port is the host socket of the i-th virtio-serial port: numbered, since a port's name
+// ("org.qemu.guest_agent.0") would push the path past sun_path's 108 bytes.
+func (p paths) port(i int) string { return filepath.Join(p.stateDir, "port"+strconv.Itoa(i)+".sock") }
 
 // kernelCmdline is the guest layer's kernel command line with what the machine type needs
 // in front: microvm has no PCI and, under TCG, no timer to calibrate the TSC against.
@@ -89,6 +79,11 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		QMPSocket:   b.paths.qmpSock,
 		Reboot:      c.Reboot,
 		StartPaused: c.Paused,
+		ExitOnPanic: c.ExitOnPanic,
+		UUID:        c.UUID,
+	}
+	if c.VNC {
+		m.VNCSocket = b.paths.vnc
 	}
 	switch c.Console {
 	case ConsoleLog:
@@ -114,11 +109,14 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	if len(c.Ports) > 0 {
 		ser := &devices.VirtioSerial{DeviceID: "vser0"}
 		for i, name := range c.Ports {
-			ser.Ports = append(ser.Ports, devices.SerialPort{DeviceID: fmt.Sprintf("port%d", i), Name: name, SocketPath: b.paths.port(name)})
+			ser.Ports = append(ser.Ports, devices.SerialPort{DeviceID: fmt.Sprintf("port%d", i), Name: name, SocketPath: b.paths.port(i)})
 		}
 		devs = append(devs, ser)
 	}
 	devs = append(devs, &devices.VirtioRNG{DeviceID: "rng0"})
+	if c.VNC {
+		devs = append(devs, &devices.VGA{DeviceID: "video0"})
+	}
 	if c.Type == machine.Q35 {
 		m.RootPorts = hotplugRootPorts
 		if c.MaxMemoryMiB > c.MemoryMiB {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -29,12 +30,13 @@ const helperExitWait = 2 * time.Second
 // mounts, the state directory) is on its teardown stack, which Stop and Kill run exactly
 // once.
 type Machine struct {
-	cfg   Config
-	plan  bootPlan
-	hw    *devices.VM // the device model: argv rendered at boot, hotplugs placed later
-	qemu  *exec.Cmd
-	mon   *qmp.Monitor
-	share *sharedDir // nil without a shared filesystem
+	cfg    Config
+	plan   bootPlan
+	hw     *devices.VM // the device model: argv rendered at boot, hotplugs placed later
+	qemu   *exec.Cmd
+	mon    *qmp.Monitor
+	share  *sharedDir // nil without a shared filesystem
+	cgroup *podCgroup // nil without Config.Cgroup
 
 	exited  chan struct{} // closed when QEMU exits
 	exitErr error
@@ -89,6 +91,13 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	}
 	m.teardown.Add("remove state dir", func() error { return removeStateDir(cfg.StateDir) })
 
+	if cfg.Cgroup != "" {
+		if m.cgroup, err = openPodCgroup(cfg.Cgroup); err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		}
+		m.teardown.Add("remove cgroup", m.cgroup.remove)
+	}
+
 	logFile, err := os.OpenFile(cfg.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: log: %w", cfg.Name, err)
@@ -134,12 +143,16 @@ func (m *Machine) startVirtiofsd(ctx context.Context, logFile *os.File) error {
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// A dying shim must not leave virtiofsd behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	m.cgroup.cloneInto(cmd.SysProcAttr)
 	if err := cmd.Start(); err != nil {
 		return err
 	}
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
 	m.teardown.Add("stop virtiofsd", func() error { return stopHelper(cmd, done) })
+	if err := m.joinCgroup(cmd.Process.Pid); err != nil {
+		return err
+	}
 	// QEMU connects to the socket at start-up, so it must exist first.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -179,6 +192,7 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 	cmd.ExtraFiles = files
 	// Pdeathsig: `kill -9` of the shim must not leave a QEMU running.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	m.cgroup.cloneInto(cmd.SysProcAttr)
 	if err := cmd.Start(); err != nil {
 		return err
 	}
@@ -196,7 +210,25 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 		}
 		return nil
 	})
-	return nil
+	return m.joinCgroup(cmd.Process.Pid)
+}
+
+// joinCgroup moves a process QEMU or a helper into the pod's cgroup, where it was not
+// cloned into it (cgroup v1).
+func (m *Machine) joinCgroup(pid int) error {
+	if m.cgroup == nil {
+		return nil
+	}
+	return m.cgroup.add(pid)
+}
+
+// CgroupPath is the cgroup (below the hierarchy's root) the machine's processes run in,
+// or "" when they stay in the caller's.
+func (m *Machine) CgroupPath() string {
+	if m.cgroup == nil {
+		return ""
+	}
+	return m.cgroup.path
 }
 
 // connectQMP connects the machine's QMP monitor; QEMU creates its socket at start-up.
@@ -222,8 +254,15 @@ func (m *Machine) connectQMP(ctx context.Context) error {
 // DialPort connects to the host end of the virtio-serial port named name, retrying until
 // QEMU has opened it. It gives up when ctx ends or QEMU exits.
 func (m *Machine) DialPort(ctx context.Context, name string) (net.Conn, error) {
-	return m.dial(ctx, m.plan.paths.port(name))
+	i := slices.Index(m.cfg.Ports, name)
+	if i < 0 {
+		return nil, fmt.Errorf("vm %s: no virtio-serial port %q", m.cfg.Name, name)
+	}
+	return m.dial(ctx, m.plan.paths.port(i))
 }
+
+// VNCSocket is the unix socket QEMU serves the display on (Config.VNC).
+func (m *Machine) VNCSocket() string { return m.plan.paths.vnc }
 
 // DialConsole connects to the serial console socket (Console: ConsoleSocket).
 func (m *Machine) DialConsole(ctx context.Context) (net.Conn, error) {

@@ -68,6 +68,9 @@ func Pod(vm *vmpodv1.VirtualMachine, claims map[string]Claim, cfg Config) (*core
 	spec := &vm.Spec.Template.Spec
 	r := &renderer{vm: vm, cfg: cfg, claims: claims, limits: corev1.ResourceList{}}
 	r.vmspec = vmspec.VM{Version: vmspec.Version}
+	if vmspec.IsUUID(string(vm.UID)) { // the API server's UIDs are; a test's may not be
+		r.vmspec.UUID = string(vm.UID)
+	}
 	if err := r.domain(&spec.Domain); err != nil {
 		return nil, err
 	}
