@@ -1,0 +1,160 @@
+// Package cloudinit makes a VM pod's NoCloud data source: the `cidata` ISO that
+// cloud-init (and cloudbase-init on Windows) finds among the guest's disks, with
+// meta-data (instance-id, local-hostname), user-data and network-config. The data come
+// inline from the VM spec or from a Secret volume, read inside its mount.
+package cloudinit
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/diskfs/go-diskfs/backend/file"
+	"github.com/diskfs/go-diskfs/filesystem/iso9660"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+)
+
+// maxData bounds user-data and network-config read from a Secret (Kubernetes caps a
+// Secret at 1 MiB).
+const maxData = 1 << 20
+
+// VolumeLabel is the label cloud-init's NoCloud looks for.
+const VolumeLabel = "cidata"
+
+// NoCloud is the data source's content.
+type NoCloud struct {
+	// InstanceID stays the same across reboots of one VM: cloud-init runs its
+	// per-instance modules again only when it changes.
+	InstanceID string
+	Hostname   string
+	UserData   []byte
+	// NetworkData is network-config (v1 or v2); nil leaves the network to cloud-init's
+	// fallback (DHCP on the first NIC), which the shim's DHCP server answers.
+	NetworkData []byte
+}
+
+// metaData is the meta-data file: YAML, written as JSON (which YAML reads) so no value
+// can break out of its key.
+func (n NoCloud) metaData() []byte {
+	b, _ := json.Marshal(map[string]string{"instance-id": n.InstanceID, "local-hostname": n.Hostname})
+	return append(b, '\n')
+}
+
+// WriteISO writes the data source as an ISO 9660 image (Rock Ridge and Joliet names, as
+// genisoimage -rock -joliet writes them) at path. workDir is scratch space for the build.
+func (n NoCloud) WriteISO(path, workDir string) (retErr error) {
+	if n.InstanceID == "" {
+		return errors.New("cloud-init: no instance-id")
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return fmt.Errorf("cloud-init ISO: %w", err)
+	}
+	defer func() {
+		if err := f.Close(); err != nil && retErr == nil {
+			retErr = err
+		}
+		if retErr != nil {
+			_ = os.Remove(path)
+		}
+	}()
+	ws, err := os.MkdirTemp(workDir, ".cidata-")
+	if err != nil {
+		return fmt.Errorf("cloud-init ISO: %w", err)
+	}
+	defer os.RemoveAll(ws)
+	iso, err := iso9660.Create(file.New(f, false), 0, 0, 2048, ws)
+	if err != nil {
+		return fmt.Errorf("cloud-init ISO: %w", err)
+	}
+	files := map[string][]byte{"meta-data": n.metaData(), "user-data": n.UserData}
+	if n.NetworkData != nil {
+		files["network-config"] = n.NetworkData
+	}
+	for name, data := range files {
+		w, err := iso.OpenFile("/"+name, os.O_CREATE|os.O_RDWR)
+		if err != nil {
+			return fmt.Errorf("cloud-init ISO: %s: %w", name, err)
+		}
+		if _, err := w.Write(data); err != nil {
+			return fmt.Errorf("cloud-init ISO: %s: %w", name, err)
+		}
+		if err := w.Close(); err != nil {
+			return fmt.Errorf("cloud-init ISO: %s: %w", name, err)
+		}
+	}
+	if err := iso.Finalize(iso9660.FinalizeOptions{RockRidge: true, Joliet: true, VolumeIdentifier: VolumeLabel}); err != nil {
+		return fmt.Errorf("cloud-init ISO: %w", err)
+	}
+	return nil
+}
+
+// Data is the user-data and network-config of ci: inline, or the files of its Secret
+// volume (userdata, networkdata), opened inside the volume's mount in the compute
+// container's spec. Errors name the field.
+func Data(ci *vmspec.CloudInit, spec *specs.Spec) (userData, networkData []byte, err error) {
+	if ci.SecretVolume == "" {
+		userData = []byte(ci.UserData)
+		if ci.NetworkData != "" {
+			networkData = []byte(ci.NetworkData)
+		}
+		return userData, networkData, nil
+	}
+	dest := vmspec.VolumeMountPath(ci.SecretVolume)
+	var src string
+	for _, m := range spec.Mounts {
+		if filepath.Clean(m.Destination) == dest {
+			src = m.Source
+		}
+	}
+	if src == "" {
+		return nil, nil, fmt.Errorf("cloudInit.secretVolume %s: the compute container has no volume mounted at %s", ci.SecretVolume, dest)
+	}
+	root, err := os.OpenRoot(src)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cloudInit.secretVolume %s: %w", ci.SecretVolume, err)
+	}
+	defer root.Close()
+	if userData, err = readLimited(root, vmspec.CloudInitUserDataKey); err != nil {
+		return nil, nil, fmt.Errorf("cloudInit.secretVolume %s: %w", ci.SecretVolume, err)
+	}
+	networkData, err = readLimited(root, vmspec.CloudInitNetworkDataKey)
+	if errors.Is(err, os.ErrNotExist) {
+		return userData, nil, nil // network data is optional
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("cloudInit.secretVolume %s: %w", ci.SecretVolume, err)
+	}
+	return userData, networkData, nil
+}
+
+// readLimited reads name in root, at most maxData bytes. A Secret volume's keys are
+// symlinks into a ..data directory inside the volume, which os.Root follows as long as
+// they stay inside.
+func readLimited(root *os.Root, name string) ([]byte, error) {
+	f, err := root.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", name)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxData+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if len(b) > maxData {
+		return nil, fmt.Errorf("%s is larger than %d bytes", name, maxData)
+	}
+	return b, nil
+}

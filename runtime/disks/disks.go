@@ -1,0 +1,347 @@
+// Package disks finds a VM pod's disks in the compute container's OCI spec and opens them
+// for QEMU: image volumes (KubeVirt's containerDisk), filesystem PVCs' disk.img and block
+// PVCs. A pod author names volumes, never paths (api/vmspec); the files are opened by the
+// shim inside their volume's mount (os.Root: no symlink or ".." leaves it) and handed to
+// QEMU as fds, so QEMU never resolves a path a pod controls. Images are probed before
+// QEMU sees them: a qcow2 with a backing file, a corrupt or truncated one is refused.
+package disks
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/devices"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+// Options say where the shim may put what it makes for the disks.
+type Options struct {
+	// ScratchDir holds the qcow2 overlays that take a containerDisk's guest writes: the
+	// compute container's writable rootfs, so the kubelet counts them as the pod's
+	// ephemeral storage and they go with the container.
+	ScratchDir string
+	// QEMUImg is qemu-img, which probes and checks images and makes overlays.
+	QEMUImg string
+	// FirstFDSet numbers the fd sets the disks' files go into.
+	FirstFDSet int
+}
+
+// Disk is one opened disk.
+type Disk struct {
+	Spec   vmspec.Disk
+	File   *os.File // the image or block device, opened for QEMU
+	Format string   // raw or qcow2
+	Size   int64    // virtual size in bytes
+	// Overlay is the qcow2 overlay taking the guest's writes (image disks), or "".
+	Overlay string
+}
+
+// Set is a VM's opened disks; Close releases them.
+type Set struct {
+	Disks []*Disk
+	opts  Options
+}
+
+// Open finds and opens every disk of vm in spec. On error nothing stays open or made,
+// and the error names the disk (disks[i]) and what is wrong.
+func Open(ctx context.Context, vm *vmspec.VM, spec *specs.Spec, opts Options) (_ *Set, retErr error) {
+	set := &Set{opts: opts}
+	defer func() {
+		if retErr != nil {
+			_ = set.Close()
+		}
+	}()
+	for i, d := range vm.Disks {
+		disk, err := open(ctx, d, spec, opts)
+		if err != nil {
+			return nil, fmt.Errorf("disks[%d] (%s, volume %s): %w", i, d.Name, d.Volume, err)
+		}
+		set.Disks = append(set.Disks, disk)
+	}
+	return set, nil
+}
+
+func open(ctx context.Context, d vmspec.Disk, spec *specs.Spec, opts Options) (*Disk, error) {
+	var f *os.File
+	var err error
+	writable := !d.ReadOnly && d.Device != vmspec.DeviceCDROM
+	switch d.Source {
+	case vmspec.SourceImage:
+		f, err = openImageVolume(spec, d.Volume)
+	case vmspec.SourceFile:
+		f, err = openInVolume(spec, d.Volume, vmspec.DiskImageFile, writable)
+	case vmspec.SourceBlock:
+		f, err = openBlockVolume(spec, d.Volume, writable)
+	default:
+		err = fmt.Errorf("source %q: want image, file or block", d.Source)
+	}
+	if err != nil {
+		return nil, err
+	}
+	disk := &Disk{Spec: d, File: f}
+	info, err := probe(ctx, opts.QEMUImg, f, d.Source == vmspec.SourceBlock)
+	if err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	disk.Format, disk.Size = info.format, info.size
+	if d.Source != vmspec.SourceImage && disk.Format != "raw" {
+		_ = f.Close()
+		return nil, fmt.Errorf("a %s volume holds a raw disk, this one is %s", d.Source, disk.Format)
+	}
+	if d.Source == vmspec.SourceImage && writable {
+		// the image is shared and read-only: the guest writes to a throwaway overlay
+		if disk.Overlay, err = makeOverlay(ctx, opts, d.Name, disk.Size); err != nil {
+			_ = f.Close()
+			return nil, err
+		}
+	}
+	return disk, nil
+}
+
+// mountOf is the host source of the compute container's bind mount at dest.
+func mountOf(spec *specs.Spec, dest string) (string, error) {
+	for _, m := range spec.Mounts {
+		if filepath.Clean(m.Destination) == dest && (m.Type == "bind" || hasOption(m.Options, "bind") || hasOption(m.Options, "rbind")) {
+			return m.Source, nil
+		}
+	}
+	return "", fmt.Errorf("the compute container has no volume mounted at %s (is the volume in the pod?)", dest)
+}
+
+func hasOption(opts []string, o string) bool {
+	for _, x := range opts {
+		if x == o {
+			return true
+		}
+	}
+	return false
+}
+
+// openImageVolume opens the one regular file in disk/ of an image volume, read-only.
+func openImageVolume(spec *specs.Spec, volume string) (*os.File, error) {
+	src, err := mountOf(spec, vmspec.VolumeMountPath(volume))
+	if err != nil {
+		return nil, err
+	}
+	root, err := os.OpenRoot(src)
+	if err != nil {
+		return nil, fmt.Errorf("image volume: %w", err)
+	}
+	defer root.Close()
+	dir, err := root.Open(vmspec.ContainerDiskDir)
+	if err != nil {
+		return nil, fmt.Errorf("image volume: %s/: %w (a containerDisk image holds its disk in /%s)", vmspec.ContainerDiskDir, errors.Unwrap(err), vmspec.ContainerDiskDir)
+	}
+	entries, err := dir.ReadDir(-1)
+	_ = dir.Close()
+	if err != nil {
+		return nil, fmt.Errorf("image volume: %s/: %w", vmspec.ContainerDiskDir, err)
+	}
+	var files []string
+	for _, e := range entries {
+		switch {
+		case e.Type().IsRegular():
+			files = append(files, e.Name())
+		case e.Type()&fs.ModeSymlink != 0:
+			return nil, fmt.Errorf("image volume: %s/%s is a symbolic link: a containerDisk's disk must be a regular file", vmspec.ContainerDiskDir, e.Name())
+		}
+	}
+	slices.Sort(files)
+	if len(files) != 1 {
+		return nil, fmt.Errorf("image volume: %s/ holds %d regular files (%s), want exactly one disk image", vmspec.ContainerDiskDir, len(files), strings.Join(files, ", "))
+	}
+	return openRegular(root, filepath.Join(vmspec.ContainerDiskDir, files[0]), false)
+}
+
+// openInVolume opens name inside the filesystem volume's mount.
+func openInVolume(spec *specs.Spec, volume, name string, writable bool) (*os.File, error) {
+	src, err := mountOf(spec, vmspec.VolumeMountPath(volume))
+	if err != nil {
+		return nil, err
+	}
+	root, err := os.OpenRoot(src)
+	if err != nil {
+		return nil, fmt.Errorf("filesystem volume: %w", err)
+	}
+	defer root.Close()
+	return openRegular(root, name, writable)
+}
+
+// openRegular opens name in root and checks it is a regular file: not a symlink (even one
+// that stays inside), not a device or a FIFO.
+func openRegular(root *os.Root, name string, writable bool) (*os.File, error) {
+	fi, err := root.Lstat(name)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, errors.Unwrap(err))
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file (%s)", name, fi.Mode().Type())
+	}
+	flag := os.O_RDONLY
+	if writable {
+		flag = os.O_RDWR
+	}
+	f, err := root.OpenFile(name, flag|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", name, errors.Unwrap(err))
+	}
+	if fi2, err := f.Stat(); err != nil || !fi2.Mode().IsRegular() || !os.SameFile(fi, fi2) {
+		_ = f.Close()
+		return nil, fmt.Errorf("%s changed while it was opened", name)
+	}
+	return f, nil
+}
+
+// openBlockVolume opens the host block device the CRI gave the compute container at
+// BlockDevicePath(volume). The OCI spec names it only by major:minor; sysfs names its
+// node in /dev, which is opened and checked to be that device.
+func openBlockVolume(spec *specs.Spec, volume string, writable bool) (*os.File, error) {
+	want := vmspec.BlockDevicePath(volume)
+	var dev *specs.LinuxDevice
+	if spec.Linux != nil {
+		for i := range spec.Linux.Devices {
+			if filepath.Clean(spec.Linux.Devices[i].Path) == want {
+				dev = &spec.Linux.Devices[i]
+			}
+		}
+	}
+	if dev == nil {
+		return nil, fmt.Errorf("the compute container has no block device at %s (is the volume a volumeDevice of the pod?)", want)
+	}
+	if dev.Type != "b" {
+		return nil, fmt.Errorf("%s is a %q device, want a block device", want, dev.Type)
+	}
+	rdev := unix.Mkdev(uint32(dev.Major), uint32(dev.Minor))
+	uevent, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/uevent", dev.Major, dev.Minor))
+	if err != nil {
+		return nil, fmt.Errorf("block device %d:%d: %w", dev.Major, dev.Minor, err)
+	}
+	var name string
+	for _, line := range strings.Split(string(uevent), "\n") {
+		if v, ok := strings.CutPrefix(line, "DEVNAME="); ok {
+			name = v
+		}
+	}
+	if name == "" || !filepath.IsLocal(name) {
+		return nil, fmt.Errorf("block device %d:%d: sysfs gives no usable name (%q)", dev.Major, dev.Minor, name)
+	}
+	flag := os.O_RDONLY
+	if writable {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(filepath.Join("/dev", name), flag|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("block device %d:%d: %w", dev.Major, dev.Minor, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK || st.Rdev != rdev {
+		_ = f.Close()
+		return nil, fmt.Errorf("block device %d:%d: /dev/%s is not that device", dev.Major, dev.Minor, name)
+	}
+	return f, nil
+}
+
+// makeOverlay creates an empty qcow2 of size bytes in the scratch dir. It records no
+// backing file: the machine stacks it on the image's node (devices.Disk.Backing).
+func makeOverlay(ctx context.Context, opts Options, name string, size int64) (string, error) {
+	if opts.ScratchDir == "" {
+		return "", errors.New("no scratch space for the disk's overlay")
+	}
+	path := filepath.Join(opts.ScratchDir, ".vmpod-overlay-"+name+".qcow2")
+	_ = os.Remove(path)
+	if _, err := runQEMUImg(ctx, opts.QEMUImg, nil, "create", "-q", "-f", "qcow2", path, fmt.Sprint(size)); err != nil {
+		return "", fmt.Errorf("overlay: %w", err)
+	}
+	return path, nil
+}
+
+// Attach adds a disk the runtime made itself (the cloud-init data source): a raw image
+// in f, read-only, which the set then owns.
+func (s *Set) Attach(d vmspec.Disk, f *os.File) error {
+	size, err := sizeOf(f, false)
+	if err != nil {
+		return fmt.Errorf("disk %s: %w", d.Name, err)
+	}
+	d.ReadOnly = true
+	s.Disks = append(s.Disks, &Disk{Spec: d, File: f, Format: "raw", Size: size})
+	return nil
+}
+
+// Close closes every disk's file and removes the overlays.
+func (s *Set) Close() error {
+	var errs []error
+	for _, d := range s.Disks {
+		errs = append(errs, d.File.Close())
+		if d.Overlay != "" {
+			if err := os.Remove(d.Overlay); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Machine is what the disks add to a machine: their devices (a virtio-scsi controller if
+// a disk needs one), in the VM spec's order, and the files QEMU inherits as fd sets.
+func (s *Set) Machine() ([]devices.Device, []vmm.FDSetFile, error) {
+	var devs []devices.Device
+	var files []vmm.FDSetFile
+	sata, scsi := 0, false
+	for i, d := range s.Disks {
+		set := s.opts.FirstFDSet + i
+		files = append(files, vmm.FDSetFile{File: d.File, Set: set})
+		protocol := "file"
+		if d.Spec.Source == vmspec.SourceBlock {
+			protocol = "host_device"
+		}
+		image := devices.Blockdev{Format: d.Format, Protocol: protocol, Filename: devices.FDSetPath(set),
+			ReadOnly: d.Spec.ReadOnly || d.Spec.Device == vmspec.DeviceCDROM}
+		dev := &devices.Disk{DeviceID: fmt.Sprintf("disk%d", i), Bus: devices.DiskBus(d.Spec.Bus),
+			CDROM: d.Spec.Device == vmspec.DeviceCDROM, Image: image, Serial: serial(d.Spec.Name), BootIndex: d.Spec.BootOrder}
+		if d.Overlay != "" {
+			base := image
+			base.ReadOnly = true
+			dev.Backing = &base
+			dev.Image = devices.Blockdev{Format: "qcow2", Protocol: "file", Filename: d.Overlay}
+		}
+		switch dev.Bus {
+		case devices.BusSATA:
+			dev.Port = sata
+			sata++
+		case devices.BusSCSI:
+			dev.Controller, scsi = scsiController, true
+		}
+		devs = append(devs, dev)
+	}
+	if sata > maxSATA {
+		return nil, nil, fmt.Errorf("disks: %d disks on bus sata; q35 has %d SATA ports", sata, maxSATA)
+	}
+	if scsi {
+		devs = append([]devices.Device{&devices.VirtioSCSI{DeviceID: scsiController}}, devs...)
+	}
+	return devs, files, nil
+}
+
+const (
+	scsiController = "scsi0"
+	maxSATA        = 6
+)
+
+// serial is a disk name as a virtio/SCSI/ATA serial (at most 20 bytes).
+func serial(name string) string {
+	if len(name) > 20 {
+		return name[:20]
+	}
+	return name
+}
