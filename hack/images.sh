@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # images.sh: every image critest v1.36 pulls, plus docker.io/library/busybox:latest for the
-# integration tests, served by a local registry (`crane registry serve`, $VMPOD_REGISTRY,
+# integration tests (and, with VMPOD_VM_GUEST, the VM-pod test guest as a containerDisk), served by a local registry (`crane registry serve`, $VMPOD_REGISTRY,
 # default 127.0.0.1:5000) that containerd's hosts.toml mirrors point at.
 #
 # The upstream images cannot be pulled offline, so each is rebuilt to behave as critest
@@ -167,6 +167,33 @@ push_cached() {
   done < "$dir/images.txt"
 }
 
+# push_vm_guest: the VM-pod test guest (hack/vm-guest-image.sh; VMPOD_VM_GUEST is its cache
+# dir, set by make test) as a containerDisk image: its qcow2 at /disk/, owned by 107:107 as
+# in KubeVirt's containerDisk images. The layer tar is kept next to the disk.
+VM_GUEST_REF=vmpod-test/debian-vm:bookworm
+push_vm_guest() {
+  local dir=${VMPOD_VM_GUEST:-} stamp
+  [ -n "$dir" ] || return 0
+  [ -f "$dir/disk.qcow2" ] || die "VMPOD_VM_GUEST=$dir has no disk.qcow2"
+  stamp="$(tb_pid registry) $dir"
+  [ "$(cat "$TB_REGISTRY_DIR/pushed-vm-guest" 2>/dev/null)" != "$stamp" ] || return 0
+  if [ ! -f "$dir/containerdisk.tar" ]; then
+    local L
+    L=$(mktemp -d -t vmpod-cd.XXXXXX)
+    mkdir "$L/disk"
+    ln "$dir/disk.qcow2" "$L/disk/disk.qcow2" 2>/dev/null || cp "$dir/disk.qcow2" "$L/disk/disk.qcow2"
+    tar --numeric-owner --owner=107 --group=107 --sort=name --mtime=@0 -C "$L" -cf "$dir/containerdisk.tar.tmp" disk
+    rm -rf "$L"
+    mv "$dir/containerdisk.tar.tmp" "$dir/containerdisk.tar"
+  fi
+  "$CRANE" append --oci-empty-base -f "$dir/containerdisk.tar" -t "$TB_REGISTRY/$VM_GUEST_REF" >/dev/null 2>&1 ||
+    die "push of the VM test guest failed"
+  "$CRANE" mutate "$TB_REGISTRY/$VM_GUEST_REF" --set-platform linux/amd64 -t "$TB_REGISTRY/$VM_GUEST_REF" >/dev/null 2>&1 ||
+    die "push of the VM test guest failed (platform)"
+  echo "$stamp" > "$TB_REGISTRY_DIR/pushed-vm-guest"
+  log "pushed the VM test guest as $VM_GUEST_REF ($(du -h "$dir/containerdisk.tar" | cut -f1))"
+}
+
 main() {
   need_root
   local t rootfs key cache stamp n
@@ -179,6 +206,7 @@ main() {
   mkdir -p "$TB_RUN" "$TB_LOGS"
   registry_start
   stamp="$(tb_pid registry) $key"
+  push_vm_guest
   if [ "$(cat "$TB_REGISTRY_DIR/pushed" 2>/dev/null)" = "$stamp" ]; then
     log "registry already holds image set $key"
     return
@@ -202,6 +230,10 @@ main() {
   echo "$stamp" > "$TB_REGISTRY_DIR/pushed"
 }
 
+if [ "${1:-}" = --vm-guest-ref ]; then
+  echo "$VM_GUEST_REF"   # where push_vm_guest puts the VM test guest, below the registry
+  exit 0
+fi
 W=
 trap '[ -z "$W" ] || rm -rf "$W"' EXIT
 main "$@"

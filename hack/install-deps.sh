@@ -15,9 +15,13 @@ PACKAGES=(
   # agent API code generation
   protobuf-compiler
   # container networking and the integration tests' host side
-  iproute2 iptables util-linux kmod procps psmisc curl ca-certificates
+  iproute2 iptables util-linux kmod procps psmisc curl ca-certificates iputils-ping
   # busybox for test images (extracted, not installed as the host's busybox)
   dpkg-dev file
+  # VM-pod test guest (hack/vm-guest-image.sh): a Debian rootfs, a disk image made without
+  # loop devices or mounts (sfdisk, FAT + syslinux, ext4 by mke2fs -d), a cidata seed (ISO or
+  # vfat), UEFI firmware and python3 for the boot test's guest-agent and QMP client
+  mmdebstrap dosfstools mtools syslinux syslinux-common fdisk e2fsprogs genisoimage ovmf python3
 )
 
 missing=()

@@ -35,6 +35,10 @@ step "guest, shim, test bed binaries (cached)"
 prepare_testbed
 step "test rootfs"
 BUSYBOX=$(hack/busybox-rootfs.sh)
+step "VM-pod test guest: Debian with cloud-init and qemu-guest-agent (cached)"
+# the test bed's registry serves it as a containerDisk (hack/images.sh)
+export VMPOD_VM_GUEST
+VMPOD_VM_GUEST=$(hack/vm-guest-image.sh)
 step "generated code up to date"
 hack/proto.sh --check
 hack/generate.sh --check
@@ -56,6 +60,8 @@ export VMPOD_INTEGRATION=1
 export VMPOD_KERNEL=$VMPOD_OUT/guest/vmlinux
 export VMPOD_INITRD=$VMPOD_OUT/guest/initrd.img
 export VMPOD_BUSYBOX_ROOTFS=$BUSYBOX
+export VMPOD_VM_GUEST_IMAGE=docker.io/$(hack/images.sh --vm-guest-ref)
+export VMPOD_VM_GUEST_RAW=$VMPOD_VM_GUEST/disk.raw
 
 step "go vet"
 go vet ./...

@@ -101,14 +101,28 @@ type ContainerConfig struct {
 	StdinOnce bool              `json:"stdin_once,omitempty"`
 	Tty       bool              `json:"tty,omitempty"`
 	Mounts    []Mount           `json:"mounts,omitempty"`
+	Devices   []Device          `json:"devices,omitempty"`
 	Linux     map[string]any    `json:"linux"`
 }
 
-// Mount is a host path in a container.
+// Mount is a host path, or an image (an image volume), in a container.
 type Mount struct {
+	ContainerPath string     `json:"container_path"`
+	HostPath      string     `json:"host_path,omitempty"`
+	Readonly      bool       `json:"readonly,omitempty"`
+	Image         *ImageSpec `json:"image,omitempty"`
+}
+
+// ImageSpec names an image.
+type ImageSpec struct {
+	Image string `json:"image"`
+}
+
+// Device is a host device node in a container.
+type Device struct {
 	ContainerPath string `json:"container_path"`
 	HostPath      string `json:"host_path"`
-	Readonly      bool   `json:"readonly,omitempty"`
+	Permissions   string `json:"permissions"`
 }
 
 // WriteJSON writes v to a file in the test's temp dir and returns its path.

@@ -46,6 +46,12 @@ type Hypervisor struct {
 	Machine      machine.Type     `toml:"machine"`
 	Accel        machine.Accel    `toml:"accel"`
 	SharedFS     machine.SharedFS `toml:"shared_fs"`
+
+	// VM pods (docs/design/110): qemu-img probes their disk images and makes overlays;
+	// OVMF's code and variable-store template boot firmware.type uefi.
+	QEMUImg  string `toml:"qemu_img"`
+	UEFICode string `toml:"uefi_code"`
+	UEFIVars string `toml:"uefi_vars"`
 }
 
 // Sizing bounds the VMs: a pod gets what its resources ask for within these limits.
@@ -98,6 +104,9 @@ func Default() Config {
 			Machine:   machine.MicroVM,
 			Accel:     machine.AccelAuto,
 			SharedFS:  machine.VirtioFS,
+			QEMUImg:   "/usr/bin/qemu-img",
+			UEFICode:  "/usr/share/OVMF/OVMF_CODE_4M.fd",
+			UEFIVars:  "/usr/share/OVMF/OVMF_VARS_4M.fd",
 		},
 		Sizing: Sizing{
 			DefaultVCPUs:     1,
@@ -111,7 +120,7 @@ func Default() Config {
 			Call: Duration{vmpodagent.DefaultCallTimeout},
 			Stop: Duration{vmm.DefaultStopTimeout},
 		},
-		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs"}},
+		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs", "vmpod.dev/vm"}},
 		StateDir:    "/run/vmpod",
 	}
 }
@@ -158,7 +167,8 @@ func (c Config) Validate() error {
 	for key, p := range map[string]string{
 		"hypervisor.qemu": c.Hypervisor.QEMU, "hypervisor.kernel": c.Hypervisor.Kernel,
 		"hypervisor.initrd": c.Hypervisor.Initrd, "hypervisor.virtiofsd": c.Hypervisor.Virtiofsd,
-		"state_dir": c.StateDir,
+		"hypervisor.qemu_img": c.Hypervisor.QEMUImg, "hypervisor.uefi_code": c.Hypervisor.UEFICode,
+		"hypervisor.uefi_vars": c.Hypervisor.UEFIVars, "state_dir": c.StateDir,
 	} {
 		if !filepath.IsAbs(p) {
 			bad(key, "%q must be an absolute path", p)

@@ -93,9 +93,18 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 		return nil, fmt.Errorf("pod %s: %w: %w", podID, err, errdefs.ErrInvalidArgument)
 	}
 	if choice.VM != "" {
-		return nil, fmt.Errorf("pod %s: annotation %s: VM pods are not supported by this shim yet: %w", podID, annotations.VM, errdefs.ErrNotImplemented)
+		return startVMPod(ctx, cfg, podID, spec, choice.VM)
 	}
 	return startContainerPod(ctx, cfg, podID, spec, choice)
+}
+
+// cgroupsPath is the cgroup the container's spec asks for: the pod's (the kubelet's pod
+// cgroup is its parent), where the VM's host processes go.
+func cgroupsPath(spec *specs.Spec) string {
+	if spec.Linux == nil {
+		return ""
+	}
+	return spec.Linux.CgroupsPath
 }
 
 // networkNamespace is the pod's network namespace as CRI made it (with CNI's veth in it),

@@ -12,6 +12,7 @@ import (
 // CRI annotations containerd puts on every container of a pod (sandbox and app).
 const (
 	AnnotationContainerType   = "io.kubernetes.cri.container-type"
+	AnnotationContainerName   = "io.kubernetes.cri.container-name"
 	AnnotationSandboxID       = "io.kubernetes.cri.sandbox-id"
 	AnnotationSandboxCPUQuota = "io.kubernetes.cri.sandbox-cpu-quota"
 	AnnotationSandboxCPUPer   = "io.kubernetes.cri.sandbox-cpu-period"

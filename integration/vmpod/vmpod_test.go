@@ -1,0 +1,505 @@
+// Integration tests of VM pods: a real Debian guest (hack/vm-guest-image.sh) booted by
+// containerd-shim-vmpod-v2 under a real containerd 2.4, driven through CRI with crictl as
+// the kubelet drives a pod the vmpod controller rendered (docs/design/110-vm-pods.md).
+package vmpod_test
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/integration/testenv"
+)
+
+// The test guest, as make test prepares it.
+const (
+	envGuestImage = "VMPOD_VM_GUEST_IMAGE" // containerDisk reference in the test bed's registry
+	envGuestRaw   = "VMPOD_VM_GUEST_RAW"   // the same disk as a sparse raw file
+)
+
+// Under TCG on 2 busy cores the guest agent answers after ~25-35 s and cloud-init's
+// effects show after ~40-60 s (reference/full-os-guest); the bounds leave room.
+const (
+	agentWithin     = 4 * time.Minute
+	cloudInitWithin = 5 * time.Minute
+	powerOffWithin  = 2 * time.Minute
+)
+
+func guestImage(t *testing.T) string {
+	t.Helper()
+	testenv.RequireTestbed(t)
+	img := os.Getenv(envGuestImage)
+	if img == "" {
+		t.Skipf("VM pod test: needs the test guest (%s; make test builds it with hack/vm-guest-image.sh)", envGuestImage)
+	}
+	testenv.Crictl(t, "pull", img)
+	return img
+}
+
+func guestRaw(t *testing.T) string {
+	t.Helper()
+	testenv.RequireTestbed(t)
+	raw := os.Getenv(envGuestRaw)
+	if raw == "" {
+		t.Skipf("VM pod test: needs the test guest (%s; make test builds it with hack/vm-guest-image.sh)", envGuestRaw)
+	}
+	return raw
+}
+
+// computeImage is the compute container's image: the shim never runs it (the controller
+// renders the pause image; any image does).
+func computeImage(t *testing.T) string { return testenv.BusyboxImage(t) }
+
+func annotation(t *testing.T, vm vmspec.VM) map[string]string {
+	t.Helper()
+	vm.Version = vmspec.Version
+	b, err := vm.Encode()
+	if err != nil {
+		t.Fatalf("vm spec: %v", err)
+	}
+	return map[string]string{vmspec.Annotation: string(b)}
+}
+
+func baseVM() vmspec.VM {
+	return vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
+		Firmware: vmspec.Firmware{Type: vmspec.FirmwareBIOS}, UUID: "5b0e8f6c-8e1f-4a51-9c3b-2f2d7c1a0b01",
+		Interfaces: []vmspec.Interface{{Name: "default", PodInterface: "eth0", Model: vmspec.ModelVirtio}}}
+}
+
+// compute creates (and starts) the VM pod's compute container with extra mounts and devices.
+func compute(t *testing.T, pod *testenv.Pod, mounts []testenv.Mount, devs []testenv.Device, start bool) string {
+	t.Helper()
+	cfg := testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: vmspec.ComputeContainer},
+		Image:    map[string]string{"image": computeImage(t)},
+		LogPath:  fmt.Sprintf("compute-%d.log", time.Now().UnixNano()),
+		Stdin:    true, Tty: true,
+		Mounts: mounts, Devices: devs,
+	}
+	path := testenv.WriteJSON(t, "compute.json", cfg)
+	id := testenv.Crictl(t, "create", pod.ID, path, pod.Config)
+	if start {
+		testenv.Crictl(t, "start", id)
+	}
+	return id
+}
+
+// execIn runs a command in the guest through CRI ExecSync (the guest agent).
+func execIn(id string, timeout time.Duration, args ...string) (string, error) {
+	return testenv.Cmd("crictl", append([]string{"exec", "-s", "--timeout", fmt.Sprint(int(timeout.Seconds())), id}, args...)...)
+}
+
+// waitExec retries a command until it succeeds and its output contains want.
+func waitExec(t *testing.T, id string, within time.Duration, want string, args ...string) string {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	var out string
+	var err error
+	for time.Now().Before(deadline) {
+		out, err = execIn(id, 20*time.Second, args...)
+		if err == nil && strings.Contains(out, want) {
+			return out
+		}
+		time.Sleep(2 * time.Second)
+	}
+	t.Fatalf("exec %v did not give %q within %v: %q, %v\nconsole:\n%s", args, want, within, out, err, consoleTail(id))
+	return ""
+}
+
+// waitLog waits for the container's log (the serial console) to show want.
+func waitLog(t *testing.T, id, want string, within time.Duration) {
+	t.Helper()
+	var logs string
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if logs = testenv.Crictl(t, "logs", id); strings.Contains(logs, want) {
+			return
+		}
+	}
+	t.Errorf("the container log (serial console) lacks %q after %v:\n%s", want, within, logs)
+}
+
+func consoleTail(id string) string {
+	out, _ := testenv.Cmd("crictl", "logs", "--tail", "40", id)
+	return out
+}
+
+type containerStatus struct {
+	State    string `json:"state"`
+	ExitCode int    `json:"exitCode"`
+	Pid      int
+}
+
+func status(t *testing.T, id string) containerStatus {
+	t.Helper()
+	var v struct {
+		Status containerStatus `json:"status"`
+		Info   struct {
+			Pid int `json:"pid"`
+		} `json:"info"`
+	}
+	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspect", id)), &v); err != nil {
+		t.Fatal(err)
+	}
+	v.Status.Pid = v.Info.Pid
+	return v.Status
+}
+
+func waitExited(t *testing.T, id string, within time.Duration) int {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		if st := status(t, id); st.State == "CONTAINER_EXITED" {
+			return st.ExitCode
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("container %s still running after %v\nconsole:\n%s", id, within, consoleTail(id))
+	return 0
+}
+
+func podIP(t *testing.T, pod *testenv.Pod) string {
+	t.Helper()
+	var v struct {
+		Status struct {
+			Network struct {
+				IP string `json:"ip"`
+			} `json:"network"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspectp", pod.ID)), &v); err != nil {
+		t.Fatal(err)
+	}
+	if v.Status.Network.IP == "" {
+		t.Fatal("the pod has no IP")
+	}
+	return v.Status.Network.IP
+}
+
+// attachSees attaches to the serial console, presses Enter every second and waits for want.
+func attachSees(t *testing.T, id, want string, within time.Duration) {
+	t.Helper()
+	cmd := exec.Command("crictl", "attach", "-i", id)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = io.Discard
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	found := make(chan string, 1)
+	go func() {
+		var seen strings.Builder
+		r := bufio.NewReader(stdout)
+		buf := make([]byte, 4096)
+		for {
+			n, err := r.Read(buf)
+			seen.Write(buf[:n])
+			if strings.Contains(seen.String(), want) {
+				found <- seen.String()
+				return
+			}
+			if err != nil {
+				found <- ""
+				return
+			}
+		}
+	}()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	deadline := time.After(within)
+	for {
+		select {
+		case out := <-found:
+			if out == "" {
+				t.Fatalf("attach ended before %q appeared", want)
+			}
+			return
+		case <-tick.C:
+			_, _ = io.WriteString(stdin, "\r")
+		case <-deadline:
+			t.Fatalf("attach: no %q within %v", want, within)
+		}
+	}
+}
+
+// vncBanner reaches the VM's display through a CRI port-forward of port 5900, as
+// `kubectl port-forward` (and `kubectl vmpod vnc`) do, and reads the RFB greeting.
+func vncBanner(t *testing.T, pod *testenv.Pod) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	pf := exec.Command("crictl", "port-forward", pod.ID, fmt.Sprintf("%d:5900", port))
+	if err := pf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	var banner []byte
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+		if err != nil {
+			continue
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		banner = make([]byte, 12)
+		n, _ := io.ReadFull(conn, banner)
+		conn.Close()
+		banner = banner[:n]
+		if n == 12 {
+			break
+		}
+	}
+	if !strings.HasPrefix(string(banner), "RFB ") {
+		t.Errorf("VNC through port-forward 5900: got %q, want an RFB greeting", banner)
+	}
+}
+
+// The acceptance flow of a VM pod from a containerDisk: cloud-init, the guest agent, the
+// console, the pod IP, reboot in place, ACPI power-off on SIGTERM, and a crash.
+func TestVMPodFromContainerDisk(t *testing.T) {
+	img := guestImage(t)
+	vm := baseVM()
+	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "rootdisk", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
+	vm.CloudInit = &vmspec.CloudInit{Bus: vmspec.BusSATA, UserData: "#cloud-config\nwrite_files:\n  - path: /var/tmp/hello.txt\n    content: \"hello from vmpod cloud-init\\n\"\n"}
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-cd"}, Hostname: "vm-cd-guest", Annotations: annotation(t, vm)})
+	termLog := filepath.Join(t.TempDir(), "termination-log")
+	os.WriteFile(termLog, nil, 0o644)
+	mounts := []testenv.Mount{
+		{ContainerPath: vmspec.VolumeMountPath("rootdisk"), Image: &testenv.ImageSpec{Image: img}, Readonly: true},
+		{ContainerPath: "/dev/termination-log", HostPath: termLog},
+	}
+	t0 := time.Now()
+	id := compute(t, pod, mounts, nil, true)
+	qemu := status(t, id).Pid
+	if cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", qemu)); !strings.Contains(string(cmdline), "qemu-system") {
+		t.Fatalf("the compute container's pid %d is not QEMU: %q", qemu, cmdline)
+	}
+
+	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
+	t.Logf("guest agent answers %v after start", time.Since(t0).Round(time.Second))
+	out := waitExec(t, id, cloudInitWithin, "hello from vmpod cloud-init", "cat", "/var/tmp/hello.txt")
+	t.Logf("cloud-init's file after %v: %q", time.Since(t0).Round(time.Second), out)
+	if host, err := execIn(id, 20*time.Second, "hostname"); err != nil || strings.TrimSpace(host) != "vm-cd-guest" {
+		t.Errorf("guest hostname %q, %v; want the pod's, vm-cd-guest", host, err)
+	}
+	if _, err := execIn(id, 20*time.Second, "false"); err == nil {
+		t.Error("exec of false succeeded")
+	}
+
+	ip := podIP(t, pod)
+	waitExec(t, id, time.Minute, ip+"/", "ip", "-4", "-o", "addr", "show", "eth0")
+	if out, err := exec.Command("ping", "-c", "3", "-W", "5", ip).CombinedOutput(); err != nil {
+		t.Errorf("the host cannot reach the guest on the pod IP %s: %v\n%s", ip, err, out)
+	}
+	var info vmspec.GuestInfo
+	if out, err := execIn(id, 30*time.Second, vmspec.GuestInfoCommand); err != nil || json.Unmarshal([]byte(out), &info) != nil {
+		t.Errorf("guest info: %q, %v", out, err)
+	} else if info.OS == nil || info.OS.ID != "debian" || info.Hostname != "vm-cd-guest" || !strings.Contains(fmt.Sprint(info.Interfaces), ip+"/") {
+		t.Errorf("guest info %+v (os %+v): want debian, the pod's hostname and IP", info, info.OS)
+	}
+
+	for _, want := range []string{"Linux version", "login:"} {
+		waitLog(t, id, want, 2*time.Minute)
+	}
+	attachSees(t, id, "login:", time.Minute)
+	vncBanner(t, pod)
+
+	// reboot inside the guest: the pod and the container live on, the guest boots again
+	bootID := strings.TrimSpace(waitExec(t, id, time.Minute, "-", "cat", "/proc/sys/kernel/random/boot_id"))
+	_, _ = execIn(id, 20*time.Second, "systemctl", "reboot")
+	deadline := time.Now().Add(agentWithin)
+	for {
+		out, err := execIn(id, 20*time.Second, "cat", "/proc/sys/kernel/random/boot_id")
+		if err == nil && strings.TrimSpace(out) != bootID && strings.TrimSpace(out) != "" {
+			break
+		}
+		if st := status(t, id); st.State != "CONTAINER_RUNNING" {
+			t.Fatalf("the container is %s after a guest reboot", st.State)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new boot id within %v of a guest reboot: %q %v\nconsole:\n%s", agentWithin, out, err, consoleTail(id))
+		}
+		time.Sleep(3 * time.Second)
+	}
+	if st := status(t, id); st.Pid != qemu {
+		t.Errorf("QEMU changed across the guest reboot: %d -> %d", qemu, st.Pid)
+	}
+
+	// SIGTERM (crictl stop) = ACPI power-down: the guest shuts down and the container exits 0
+	t1 := time.Now()
+	testenv.Crictl(t, "stop", "--timeout", fmt.Sprint(int(powerOffWithin.Seconds())), id)
+	if code := waitExited(t, id, 10*time.Second); code != 0 {
+		t.Errorf("exit code %d after an ACPI power-down, want 0\nconsole:\n%s", code, consoleTail(id))
+	}
+	t.Logf("power-off took %v", time.Since(t1).Round(time.Second))
+	if b, _ := os.ReadFile(termLog); !strings.Contains(string(b), "powered off") {
+		t.Errorf("termination message %q", b)
+	}
+	testenv.Crictl(t, "rm", id)
+
+	// the VM boots again in the same pod as a new compute container; kill -9 of QEMU is
+	// an exit with its reason
+	id2 := compute(t, pod, mounts, nil, true)
+	waitExec(t, id2, agentWithin, "", vmspec.GuestAgentPingCommand)
+	if err := syscall.Kill(status(t, id2).Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if code := waitExited(t, id2, 30*time.Second); code != 137 {
+		t.Errorf("exit code %d after kill -9 of QEMU, want 137", code)
+	}
+	if b, _ := os.ReadFile(termLog); !strings.Contains(string(b), "QEMU was killed by killed") && !strings.Contains(string(b), "QEMUCrashed") {
+		t.Errorf("termination message %q, want the crash", b)
+	}
+}
+
+// copySparse copies the raw guest disk (sparse, ~1 GiB apparent) to dst.
+func copySparse(t *testing.T, src, dst string) {
+	t.Helper()
+	if out, err := exec.Command("cp", "--sparse=always", src, dst).CombinedOutput(); err != nil {
+		t.Fatalf("copy the guest disk: %v: %s", err, out)
+	}
+}
+
+// losetup attaches file to a loop device for the test.
+func losetup(t *testing.T, file string) string {
+	t.Helper()
+	out, err := exec.Command("losetup", "--find", "--show", file).Output()
+	if err != nil {
+		t.Fatalf("losetup: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	return dev
+}
+
+// UEFI (OVMF → systemd-boot) from a block PVC (a loop device), with a filesystem PVC's
+// disk.img as a second, data disk on SCSI.
+func TestVMPodUEFIFromBlockDevice(t *testing.T) {
+	raw := guestRaw(t)
+	dir := t.TempDir()
+	copySparse(t, raw, filepath.Join(dir, "root.raw"))
+	dev := losetup(t, filepath.Join(dir, "root.raw"))
+	pvc := filepath.Join(dir, "pvc")
+	os.Mkdir(pvc, 0o755)
+	if out, err := exec.Command("truncate", "-s", "64M", filepath.Join(pvc, vmspec.DiskImageFile)).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	vm := baseVM()
+	vm.Firmware.Type = vmspec.FirmwareUEFI
+	vm.Disks = []vmspec.Disk{
+		{Name: "root", Volume: "root", Source: vmspec.SourceBlock, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1},
+		{Name: "data", Volume: "data", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSCSI},
+	}
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-uefi"}, Hostname: "vm-uefi", Annotations: annotation(t, vm)})
+	id := compute(t, pod,
+		[]testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("data"), HostPath: pvc}},
+		[]testenv.Device{{ContainerPath: vmspec.BlockDevicePath("root"), HostPath: dev, Permissions: "rwm"}}, true)
+	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
+	if out := waitExec(t, id, time.Minute, "efi", "ls", "/sys/firmware"); !strings.Contains(out, "efi") {
+		t.Errorf("the guest did not boot through UEFI: /sys/firmware has %q", out)
+	}
+	waitExec(t, id, time.Minute, "scsi-0QEMU_QEMU_HARDDISK_data", "ls", "/dev/disk/by-id")
+	// the guest writes to the PVC: the bytes land in disk.img on the host
+	if _, err := execIn(id, 30*time.Second, "sh", "-c", "printf vmpod-was-here | dd of=/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_data conv=fsync 2>/dev/null"); err != nil {
+		t.Fatalf("write to the data disk: %v", err)
+	}
+	testenv.Crictl(t, "stop", "--timeout", fmt.Sprint(int(powerOffWithin.Seconds())), id)
+	if code := waitExited(t, id, 10*time.Second); code != 0 {
+		t.Errorf("exit code %d after power-off, want 0", code)
+	}
+	b := make([]byte, 14)
+	f, _ := os.Open(filepath.Join(pvc, vmspec.DiskImageFile))
+	f.ReadAt(b, 0)
+	f.Close()
+	if string(b) != "vmpod-was-here" {
+		t.Errorf("disk.img starts with %q, want the guest's write", b)
+	}
+}
+
+// BIOS boot from a filesystem PVC's disk.img.
+func TestVMPodFromDiskImg(t *testing.T) {
+	raw := guestRaw(t)
+	pvc := t.TempDir()
+	copySparse(t, raw, filepath.Join(pvc, vmspec.DiskImageFile))
+	vm := baseVM()
+	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSATA, BootOrder: 1}}
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file"}, Hostname: "vm-file", Annotations: annotation(t, vm)})
+	id := compute(t, pod, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc}}, nil, true)
+	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
+	waitExec(t, id, time.Minute, "ata-QEMU_HARDDISK_root", "ls", "/dev/disk/by-id")
+	testenv.Crictl(t, "stop", "--timeout", fmt.Sprint(int(powerOffWithin.Seconds())), id)
+	if code := waitExited(t, id, 10*time.Second); code != 0 {
+		t.Errorf("exit code %d after power-off, want 0", code)
+	}
+}
+
+// Bad input is refused with the field named, and leaves nothing (RunPod's cleanup checks
+// the pod's state dir, processes and mounts are gone).
+func TestVMPodBadInput(t *testing.T) {
+	testenv.RequireTestbed(t)
+	// an annotation the schema refuses: runp fails, naming the field
+	bad := baseVM()
+	bad.Disks = []vmspec.Disk{{Name: "root", Volume: "../etc", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio}}
+	raw, _ := json.Marshal(map[string]any{"version": vmspec.Version, "cpu": bad.CPU, "memoryMiB": 512, "firmware": bad.Firmware, "disks": bad.Disks, "hostPath": "/etc"})
+	cfg := testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-bad", Namespace: "vmpod-test", UID: fmt.Sprint(time.Now().UnixNano())},
+		Annotations: map[string]string{vmspec.Annotation: string(raw)}, LogDirectory: t.TempDir(), Linux: map[string]any{}}
+	_, err := testenv.Cmd("crictl", "runp", "--runtime", "vmpod", testenv.WriteJSON(t, "bad.json", cfg))
+	if err == nil || !strings.Contains(err.Error(), "hostPath") {
+		t.Errorf("runp with an unknown field: %v, want the field named", err)
+	}
+	for _, p := range strings.Fields(testenv.Crictl(t, "pods", "-q", "--name", "vm-bad")) {
+		t.Errorf("pod %s left after a refused runp", p)
+		_, _ = testenv.Cmd("crictl", "rmp", "-f", p)
+	}
+
+	// a disk naming a volume the pod lacks: create fails, the pod stays usable
+	vm := baseVM()
+	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "missing", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-novol"}, Annotations: annotation(t, vm)})
+	cc := testenv.ContainerConfig{Metadata: testenv.Metadata{Name: vmspec.ComputeContainer}, Image: map[string]string{"image": computeImage(t)}, Linux: map[string]any{}}
+	// CRI creates the task (and so the VM) at StartContainer
+	cid := testenv.Crictl(t, "create", pod.ID, testenv.WriteJSON(t, "c.json", cc), pod.Config)
+	_, err = testenv.Cmd("crictl", "start", cid)
+	if err == nil || !strings.Contains(err.Error(), "disks[0]") || !strings.Contains(err.Error(), "/vmpod/volumes/missing") {
+		t.Errorf("start with a missing volume: %v, want disks[0] and the mount path named", err)
+	}
+	if procs := testenv.LiveProcessesMentioning(testenv.PodStateDir(t, pod.ID)); len(procs) > 0 {
+		t.Errorf("a refused create left processes: %v", procs)
+	}
+
+	// a guest without an agent (a disk with nothing bootable): exec says so
+	pvc := t.TempDir()
+	os.WriteFile(filepath.Join(pvc, vmspec.DiskImageFile), make([]byte, 1<<20), 0o644)
+	vm.Disks[0].Volume = "blank"
+	pod2 := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-noagent"}, Annotations: annotation(t, vm)})
+	id := compute(t, pod2, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("blank"), HostPath: pvc}}, nil, true)
+	_, err = execIn(id, 30*time.Second, "true")
+	if err == nil || !strings.Contains(err.Error(), "guest agent did not answer") {
+		t.Errorf("exec into a guest without an agent: %v, want the missing agent named", err)
+	}
+	if _, err := execIn(id, 30*time.Second, vmspec.GuestAgentPingCommand); err == nil {
+		t.Error("guest-agent ping succeeded without an agent")
+	}
+	testenv.Crictl(t, "stop", "--timeout", "1", id)
+	if code := waitExited(t, id, 30*time.Second); code != 137 {
+		t.Errorf("a guest that ignores the power button: exit %d after the grace period, want 137", code)
+	}
+}

@@ -1,0 +1,377 @@
+package pod
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/network"
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
+)
+
+// VNCPort is the port a VM pod serves its display on, on the pod's localhost: what
+// `kubectl port-forward <pod> 5900` (and `kubectl vmpod vnc`) reach.
+const VNCPort = 5900
+
+// vmPod is a pod that is a VM booted from its own disks (docs/design/110-vm-pods.md). Its
+// sandbox container is a stand-in process of the shim; its one app container, compute,
+// is the VM: created = QEMU started with its vCPUs stopped, started = running, exited =
+// powered off. A new compute container (the kubelet's or the controller's restart) boots
+// the VM again, in the same pod, with the same network.
+type vmPod struct {
+	id       string
+	cfg      nodeconfig.Config
+	vm       *vmspec.VM
+	hostname string
+	stateDir string
+	network  *network.Plumbing         // nil without a pod network namespace
+	loopback *network.LoopbackRedirect // VNC on the pod's localhost; nil without a netns
+
+	mu        sync.Mutex
+	sandbox   *standIn // the sandbox container, once created
+	sandboxID string
+	compute   *computeVM // the VM, while a compute container exists
+	computeID string
+
+	done     chan struct{}
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// startVMPod checks a VM pod's spec against the node and makes its network ready; the VM
+// itself boots with the compute container.
+func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, annotation string) (_ *vmPod, retErr error) {
+	vm, err := vmspec.Parse([]byte(annotation))
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", podID, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
+	}
+	if err := checkVMAgainstNode(vm, cfg); err != nil {
+		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", podID, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
+	}
+	p := &vmPod{id: podID, cfg: cfg, vm: vm, hostname: spec.Hostname, stateDir: filepath.Join(cfg.StateDir, podID), done: make(chan struct{})}
+	var undo cleanup.Stack
+	defer func() {
+		if retErr != nil {
+			_ = undo.Run()
+		}
+	}()
+	if netns := networkNamespace(spec); netns != "" {
+		plan, err := network.Inspect(netns)
+		if err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		for _, s := range plan.Skipped {
+			log.G(ctx).WithField("pod", podID).Infof("pod network: skipped %s", s)
+		}
+		for i, iface := range vm.Interfaces {
+			if !hasInterface(plan, iface.PodInterface) {
+				return nil, fmt.Errorf("pod %s: annotation %s: interfaces[%d].podInterface: the pod has no interface %s: %w", podID, vmspec.Annotation, i, iface.PodInterface, errdefs.ErrInvalidArgument)
+			}
+		}
+		if p.network, err = network.Plumb(plan); err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		undo.Add("tear down pod network", p.network.Teardown)
+		if p.loopback, err = network.RedirectLoopback(netns); err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		undo.Add("remove the loopback redirect", p.loopback.Close)
+		go p.serveLoopback(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
+	} else if len(vm.Interfaces) > 0 {
+		log.G(ctx).WithField("pod", podID).Warn("VM pod without a network namespace (host network?): its interfaces get no NIC")
+	}
+	log.G(ctx).WithField("pod", podID).Infof("VM pod: %d vCPU, %d MiB, %s, firmware %s, %d disks", vm.CPU.VCPUs(), vm.MemoryMiB, vm.Machine, vm.Firmware.Type, len(vm.Disks))
+	return p, nil
+}
+
+// checkVMAgainstNode applies the node admin's bounds (nodeconfig sizing) to a VM spec.
+func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
+	var errs []error
+	if n := vm.CPU.VCPUs(); n > cfg.Sizing.MaxVCPUs {
+		errs = append(errs, fmt.Errorf("cpu: %d vCPUs, the node allows %d (sizing.max_vcpus)", n, cfg.Sizing.MaxVCPUs))
+	}
+	if vm.MemoryMiB > int64(cfg.Sizing.MaxMemoryMiB) {
+		errs = append(errs, fmt.Errorf("memoryMiB: %d, the node allows %d (sizing.max_memory_mib)", vm.MemoryMiB, cfg.Sizing.MaxMemoryMiB))
+	}
+	if vm.Firmware.SecureBoot {
+		errs = append(errs, errors.New("firmware.secureBoot: not supported by this node yet (UEFI without secure boot is)"))
+	}
+	if len(vm.GPUs) > 0 || len(vm.HostDevices) > 0 {
+		errs = append(errs, errors.New("gpus/hostDevices: device passthrough for VM pods is not supported by this node yet"))
+	}
+	if vm.Migration != nil {
+		errs = append(errs, errors.New("migration: live migration is not supported by this node yet"))
+	}
+	for i, iface := range vm.Interfaces {
+		if iface.Model != "" && iface.Model != vmspec.ModelVirtio {
+			errs = append(errs, fmt.Errorf("interfaces[%d].model: %s is not supported by this node yet (virtio is)", i, iface.Model))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func hasInterface(plan *network.Plan, name string) bool {
+	for _, i := range plan.Interfaces {
+		if i.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *vmPod) ID() string { return p.id }
+
+func (p *vmPod) Done() <-chan struct{} { return p.done }
+
+func (p *vmPod) WriteRecord(bundle string) error { return writeRecord(bundle, p.id, p.stateDir) }
+
+// serveLoopback serves CRI port-forwards to the pod's localhost: the VNC port reaches the
+// VM's display. The guest's own ports are not reachable this way: the pod's address is
+// the guest's, and a connection from the pod's netns to it would never leave the netns.
+func (p *vmPod) serveLoopback(ctx context.Context) {
+	for {
+		conn, port, err := p.loopback.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("port-forward")
+			continue
+		}
+		if port != VNCPort {
+			log.G(ctx).Warnf("port-forward to port %d of a VM pod: only the VNC display (port %d) is served on the pod's localhost; reach the guest on the pod's IP", port, VNCPort)
+			_ = conn.Close()
+			continue
+		}
+		go p.proxyVNC(ctx, conn)
+	}
+}
+
+func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	p.mu.Lock()
+	c := p.compute
+	p.mu.Unlock()
+	if c == nil {
+		log.G(ctx).Warn("VNC: the VM is not running")
+		return
+	}
+	vnc, err := net.Dial("unix", c.machine.VNCSocket())
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("VNC")
+		return
+	}
+	defer vnc.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(vnc, conn); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(conn, vnc); done <- struct{}{} }()
+	<-done
+}
+
+// CreateContainer creates the sandbox stand-in or boots the VM for the compute container.
+func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.done:
+		return nil, fmt.Errorf("pod %s is stopped: %w", p.id, errdefs.ErrFailedPrecondition)
+	default:
+	}
+	if spec.Annotations[AnnotationContainerType] == ContainerTypeSandbox {
+		if p.sandbox != nil {
+			return nil, fmt.Errorf("pod %s: a second sandbox container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
+		}
+		p.sandbox, p.sandboxID = newStandIn(), id
+		return p.sandbox, nil
+	}
+	if name, cri := spec.Annotations[AnnotationContainerName]; cri && name != vmspec.ComputeContainer {
+		return nil, fmt.Errorf("pod %s: container %s (%s): a VM pod runs one container, %q: %w", p.id, id, name, vmspec.ComputeContainer, errdefs.ErrInvalidArgument)
+	}
+	if p.compute != nil {
+		return nil, fmt.Errorf("pod %s: container %s: the VM already runs as container %s: %w", p.id, id, p.computeID, errdefs.ErrAlreadyExists)
+	}
+	c, err := p.bootVM(ctx, id, rootfs, spec, stdio)
+	if err != nil {
+		return nil, err
+	}
+	p.compute, p.computeID = c, id
+	return c, nil
+}
+
+// lookup is the container id's process: the stand-in or the VM.
+func (p *vmPod) lookup(id string) (Process, *computeVM, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.sandbox != nil && id == p.sandboxID:
+		return p.sandbox, nil, nil
+	case p.compute != nil && id == p.computeID:
+		return p.compute, p.compute, nil
+	}
+	return nil, nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
+}
+
+func (p *vmPod) StartContainer(ctx context.Context, id string) error {
+	_, c, err := p.lookup(id)
+	if err != nil || c == nil {
+		return err // the stand-in has nothing to start
+	}
+	return c.powerOn(ctx)
+}
+
+func (p *vmPod) Exec(ctx context.Context, containerID, execID string, proc *specs.Process, stdio runtime.Stdio) (Process, error) {
+	_, c, err := p.lookup(containerID)
+	if err != nil {
+		return nil, err
+	}
+	if c == nil {
+		return nil, fmt.Errorf("pod %s: exec in the sandbox of a VM pod: exec in container %s: %w", p.id, vmspec.ComputeContainer, errdefs.ErrInvalidArgument)
+	}
+	return c.exec(ctx, execID, proc, stdio)
+}
+
+func (p *vmPod) PauseContainer(ctx context.Context, id string) error {
+	_, c, err := p.lookup(id)
+	if err != nil || c == nil {
+		return err
+	}
+	return c.machine.Pause(ctx)
+}
+
+func (p *vmPod) ResumeContainer(ctx context.Context, id string) error {
+	_, c, err := p.lookup(id)
+	if err != nil || c == nil {
+		return err
+	}
+	return c.machine.Resume(ctx)
+}
+
+func (p *vmPod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
+	_, c, err := p.lookup(id)
+	if err != nil || c == nil {
+		return err // the sandbox's resources are the pod's: nothing runs in the stand-in
+	}
+	return fmt.Errorf("pod %s: resizing a running VM pod is not supported yet: change the VirtualMachine and restart it: %w", p.id, errdefs.ErrNotImplemented)
+}
+
+func (p *vmPod) ContainerStats(ctx context.Context, id string) (*cgroupsv2.Metrics, error) {
+	_, c, err := p.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	if c == nil {
+		return &cgroupsv2.Metrics{}, nil
+	}
+	return c.stats()
+}
+
+func (p *vmPod) ContainerPids(ctx context.Context, id string) ([]uint32, error) {
+	proc, _, err := p.lookup(id)
+	if err != nil {
+		return nil, err
+	}
+	return []uint32{proc.Pid()}, nil
+}
+
+// WaitOOMEvent: the guest's OOM kills are its own business; a host-side OOM kill of QEMU
+// shows as the compute container's exit.
+func (p *vmPod) WaitOOMEvent(ctx context.Context, afterSeq uint64) (OOMEvent, error) {
+	select {
+	case <-ctx.Done():
+		return OOMEvent{}, ctx.Err()
+	case <-p.done:
+		return OOMEvent{}, fmt.Errorf("pod %s is stopped: %w", p.id, errdefs.ErrNotFound)
+	}
+}
+
+func (p *vmPod) RemoveContainer(ctx context.Context, id string, force bool) error {
+	_, c, err := p.lookup(id)
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c == nil {
+		p.sandbox.end(exitKilled)
+		p.sandbox, p.sandboxID = nil, ""
+		return nil
+	}
+	err = c.shutDown()
+	p.compute, p.computeID = nil, ""
+	return err
+}
+
+// Stop ends the VM if it still runs and releases the pod's network. Later calls return the
+// first result.
+func (p *vmPod) Stop(ctx context.Context) error {
+	p.stopOnce.Do(func() {
+		p.mu.Lock()
+		var errs []error
+		if p.compute != nil {
+			errs = append(errs, p.compute.shutDown())
+			p.compute = nil
+		}
+		if p.sandbox != nil {
+			p.sandbox.end(exitKilled)
+		}
+		p.mu.Unlock()
+		if p.loopback != nil {
+			errs = append(errs, p.loopback.Close())
+		}
+		if p.network != nil {
+			errs = append(errs, p.network.Teardown())
+		}
+		close(p.done)
+		p.stopErr = errors.Join(errs...)
+	})
+	return p.stopErr
+}
+
+// resolvConf is the DNS the CRI gave the compute container (its /etc/resolv.conf mount),
+// for the guest's DHCP lease.
+func resolvConf(spec *specs.Spec) (servers []netip.Addr, search []string) {
+	for _, m := range spec.Mounts {
+		if m.Destination != "/etc/resolv.conf" {
+			continue
+		}
+		f, err := os.Open(m.Source)
+		if err != nil {
+			return nil, nil
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) < 2 {
+				continue
+			}
+			switch fields[0] {
+			case "nameserver":
+				if a, err := netip.ParseAddr(fields[1]); err == nil {
+					servers = append(servers, a)
+				}
+			case "search":
+				search = fields[1:]
+			}
+		}
+	}
+	return servers, search
+}
+
+var _ Pod = (*vmPod)(nil)

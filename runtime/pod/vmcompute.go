@@ -1,0 +1,629 @@
+package pod
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/devices"
+	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/qmp"
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/cloudinit"
+	"github.com/vmpod/vmpod/runtime/disks"
+	"github.com/vmpod/vmpod/runtime/network"
+	"github.com/vmpod/vmpod/runtime/qga"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+const (
+	// consoleDrainWait bounds how long an exit waits for the rest of the console output.
+	consoleDrainWait = 2 * time.Second
+	// agentCheckWait bounds the guest-agent check that precedes an exec.
+	agentCheckWait = 5 * time.Second
+	// maxExecInput bounds the stdin of an exec: the guest agent takes it in one message.
+	maxExecInput = 1 << 20
+	// terminationLog is where the kubelet reads a container's termination message (the
+	// default terminationMessagePath): the compute container's exit reason goes there.
+	terminationLog = "/dev/termination-log"
+)
+
+// computeVM is the compute container of a VM pod: one boot of the VM.
+type computeVM struct {
+	pod     *vmPod
+	id      string
+	machine *vmm.Machine
+	disks   *disks.Set
+	agent   *qga.Client
+	dhcp    []*network.DHCPServer
+	events  *qmp.Subscription
+	console net.Conn
+	termLog string // host path of the compute container's termination log, if mounted
+
+	stdinOnce     sync.Once
+	powerdownOnce sync.Once
+	stdinStop     chan struct{}
+	consoleDone   chan struct{} // closed when the console output has reached the host
+
+	mu       sync.Mutex
+	killedBy syscall.Signal // SIGKILL asked for: the exit is a kill, whatever QEMU says
+	panicked bool
+
+	exited chan struct{}
+	exit   runtime.Exit
+
+	shutOnce sync.Once
+	shutErr  error
+}
+
+// bootVM starts QEMU for the compute container, its vCPUs stopped until StartContainer:
+// the disks opened inside their volumes, the cloud-init disk, the NICs and their DHCP
+// answers, the console on the container's stdio. On error nothing is left.
+func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (_ *computeVM, retErr error) {
+	lg := log.G(ctx).WithField("pod", p.id)
+	started := time.Now()
+	c := &computeVM{pod: p, id: id, exited: make(chan struct{}), stdinStop: make(chan struct{}), consoleDone: make(chan struct{})}
+	var undo cleanup.Stack
+	defer func() {
+		if retErr != nil {
+			if err := undo.Run(); err != nil {
+				lg.WithError(err).Warn("cleanup after a failed VM boot")
+			}
+		}
+	}()
+	h := p.cfg.Hypervisor
+	set, err := disks.Open(ctx, p.vm, spec, disks.Options{ScratchDir: rootfs, QEMUImg: h.QEMUImg, FirstFDSet: 1})
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
+	}
+	c.disks = set
+	undo.Add("close disks", set.Close)
+	if ci := p.vm.CloudInit; ci != nil {
+		if err := p.attachCloudInit(ci, spec, rootfs, set); err != nil {
+			return nil, fmt.Errorf("pod %s: %w", p.id, err)
+		}
+	}
+	devs, files, err := set.Machine()
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
+	}
+	devs = append(devs, &devices.PVPanic{DeviceID: "pvpanic0"})
+	cfg := vmm.Config{
+		Name:        p.id,
+		StateDir:    p.stateDir,
+		QEMUPath:    h.QEMU,
+		Type:        p.vm.Machine,
+		Accel:       h.Accel,
+		VCPUs:       p.vm.CPU.VCPUs(),
+		MemoryMiB:   int(p.vm.MemoryMiB),
+		Boot:        vmm.Boot{Firmware: vmm.Firmware{Type: vmm.FirmwareType(p.vm.Firmware.Type), Code: h.UEFICode, VarsTemplate: h.UEFIVars}},
+		Ports:       []string{qga.PortName},
+		Console:     vmm.ConsoleSocket,
+		Devices:     devs,
+		Files:       files,
+		Reboot:      true,
+		Paused:      true,
+		ExitOnPanic: true,
+		VNC:         true,
+		UUID:        p.vm.UUID,
+		UpTimeout:   p.cfg.Timeouts.Boot.Duration,
+		Cgroup:      cgroupsPath(spec), // QEMU is the compute container
+	}
+	if p.network != nil {
+		plan := p.network.Plan()
+		nics := p.network.NICs()
+		dns, search := resolvConf(spec)
+		for _, iface := range p.vm.Interfaces {
+			i := interfaceIndex(plan, iface.PodInterface)
+			nic := nics[i]
+			if iface.MACAddress != "" {
+				nic.MAC = iface.MACAddress
+			}
+			cfg.NICs = append(cfg.NICs, nic)
+			lease, err := plan.LeaseFor(iface.PodInterface, dns, search, p.hostname)
+			if err != nil {
+				lg.WithError(err).Infof("interface %s: no DHCP (the guest configures itself)", iface.Name)
+				continue
+			}
+			lease.MAC, _ = net.ParseMAC(nic.MAC)
+			srv, err := p.network.ServeDHCP(iface.PodInterface, lease)
+			if err != nil {
+				return nil, fmt.Errorf("pod %s: interface %s: %w", p.id, iface.Name, err)
+			}
+			c.dhcp = append(c.dhcp, srv)
+			undo.Add("stop DHCP", srv.Close)
+		}
+	}
+	m, err := vmm.Start(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w", p.id, err)
+	}
+	c.machine = m
+	undo.Add("stop QEMU", m.Kill)
+	c.events = m.Monitor().Subscribe(qmp.EventNamed(eventGuestPanicked))
+	if c.console, err = m.DialConsole(ctx); err != nil {
+		return nil, fmt.Errorf("pod %s: serial console: %w", p.id, err)
+	}
+	c.agent = qga.New(func(ctx context.Context) (net.Conn, error) { return m.DialPort(ctx, qga.PortName) })
+	c.termLog = mountSource(spec, terminationLog)
+	undo.Release()
+
+	go c.pumpConsole(stdio)
+	go c.watch(log.WithLogger(context.WithoutCancel(ctx), lg))
+	lg.Infof("VM created in %v (QEMU pid %d, paused until the container starts)", time.Since(started).Round(time.Millisecond), m.Pid())
+	return c, nil
+}
+
+// eventGuestPanicked is QEMU's event for a guest that reported a panic (pvpanic).
+const eventGuestPanicked = "GUEST_PANICKED"
+
+func interfaceIndex(plan *network.Plan, name string) int {
+	for i, iface := range plan.Interfaces {
+		if iface.Name == name {
+			return i
+		}
+	}
+	return -1 // checked at pod start
+}
+
+// attachCloudInit builds the NoCloud disk in the container's scratch space and adds it to
+// the disks: a cdrom on sata or scsi, a read-only disk on virtio.
+func (p *vmPod) attachCloudInit(ci *vmspec.CloudInit, spec *specs.Spec, scratch string, set *disks.Set) error {
+	userData, networkData, err := cloudinit.Data(ci, spec)
+	if err != nil {
+		return fmt.Errorf("annotation %s: %w: %w", vmspec.Annotation, err, errdefs.ErrInvalidArgument)
+	}
+	instanceID := p.vm.UUID
+	if instanceID == "" {
+		instanceID = p.id
+	}
+	path := filepath.Join(scratch, ".vmpod-cidata.iso")
+	_ = os.Remove(path) // an earlier boot's, in a reused scratch dir
+	nc := cloudinit.NoCloud{InstanceID: instanceID, Hostname: p.hostname, UserData: userData, NetworkData: networkData}
+	if err := nc.WriteISO(path, scratch); err != nil {
+		return err
+	}
+	f, err := os.Open(path)
+	_ = os.Remove(path) // the open file is all QEMU needs
+	if err != nil {
+		return fmt.Errorf("cloud-init ISO: %w", err)
+	}
+	bus := ci.Bus
+	if bus == "" {
+		bus = vmspec.BusVirtio
+	}
+	d := vmspec.Disk{Name: "cloudinit", Device: vmspec.DeviceCDROM, Bus: bus}
+	if bus == vmspec.BusVirtio {
+		d.Device = vmspec.DeviceDisk
+	}
+	if err := set.Attach(d, f); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return nil
+}
+
+// mountSource is the host source of the spec's mount at dest, or "".
+func mountSource(spec *specs.Spec, dest string) string {
+	for _, m := range spec.Mounts {
+		if m.Destination == dest {
+			return m.Source
+		}
+	}
+	return ""
+}
+
+// pumpConsole carries the serial console to the container's stdout (its log, and attach)
+// and the container's stdin to the console.
+func (c *computeVM) pumpConsole(stdio runtime.Stdio) {
+	if stdio.Stdin != nil {
+		go func() {
+			buf := make([]byte, 4096)
+			for {
+				n, err := stdio.Stdin.Read(buf)
+				select {
+				case <-c.stdinStop:
+					return
+				default:
+				}
+				if n > 0 {
+					if _, werr := c.console.Write(buf[:n]); werr != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+	out := stdio.Stdout
+	if out == nil {
+		out = io.Discard
+	}
+	_, _ = io.Copy(out, c.console) // ends when QEMU closes the console, at its exit
+	close(c.consoleDone)
+}
+
+// watch waits for QEMU to exit and records how the container ended.
+func (c *computeVM) watch(ctx context.Context) {
+	<-c.machine.Done()
+	exitErr := c.machine.ExitErr()
+	// a panic event QEMU sent before it exited is still queued: read the queue to its end
+	// (it ends when the monitor sees QEMU's socket close)
+	drainCtx, cancel := context.WithTimeout(ctx, consoleDrainWait)
+	defer cancel()
+	for {
+		ev, err := c.events.Next(drainCtx)
+		if err != nil {
+			break
+		}
+		if ev.Name == eventGuestPanicked {
+			c.mu.Lock()
+			c.panicked = true
+			c.mu.Unlock()
+		}
+	}
+	select {
+	case <-c.consoleDone:
+	case <-time.After(consoleDrainWait):
+		_ = c.console.Close()
+		<-c.consoleDone
+	}
+	c.mu.Lock()
+	exit := exitOf(exitErr, c.killedBy, c.panicked)
+	c.mu.Unlock()
+	if exit.Status != 0 {
+		if tail := strings.TrimSpace(c.machine.ConsoleHint()); tail != "" && !c.isKill(exit) {
+			exit.Reason += "\n" + tail
+		}
+	}
+	if c.termLog != "" {
+		if err := os.WriteFile(c.termLog, []byte(exit.Reason+"\n"), 0o644); err != nil {
+			log.G(ctx).WithError(err).Warn("termination message")
+		}
+	}
+	log.G(ctx).Infof("VM exited: status %d: %s", exit.Status, firstLine(exit.Reason))
+	c.exit = exit
+	close(c.exited)
+}
+
+func (c *computeVM) isKill(e runtime.Exit) bool { return e.Status == exitKilled }
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
+}
+
+// exitOf is the compute container's exit for how QEMU ended: a kill that was asked for, a
+// guest panic, a guest power-off, or QEMU failing.
+func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit {
+	e := runtime.Exit{ExitedAt: time.Now()}
+	var ee *exec.ExitError
+	switch {
+	case killedBy != 0:
+		e.Status, e.Reason = 128+int(killedBy), fmt.Sprintf("the VM was stopped without a shutdown (%s)", killedBy)
+	case panicked:
+		e.Status, e.Reason = 1, "GuestPanicked: the guest kernel panicked (pvpanic)"
+	case exitErr == nil:
+		e.Status, e.Reason = 0, "the guest powered off"
+	case errors.As(exitErr, &ee) && ee.ProcessState != nil:
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			e.Status, e.Reason = 128+int(ws.Signal()), fmt.Sprintf("QEMUCrashed: QEMU was killed by %s", ws.Signal())
+		} else {
+			e.Status, e.Reason = ee.ExitCode(), fmt.Sprintf("QEMUFailed: QEMU exited with status %d", ee.ExitCode())
+		}
+	default:
+		e.Status, e.Reason = 255, "QEMUFailed: "+exitErr.Error()
+	}
+	return e
+}
+
+// powerOn starts the vCPUs: the firmware runs, the guest boots.
+func (c *computeVM) powerOn(ctx context.Context) error { return c.machine.Resume(ctx) }
+
+// Pid is QEMU's: the host process that is the VM.
+func (c *computeVM) Pid() uint32 { return uint32(c.machine.Pid()) }
+
+func (c *computeVM) Wait(ctx context.Context) (runtime.Exit, error) {
+	select {
+	case <-c.exited:
+		return c.exit, nil
+	case <-ctx.Done():
+		return runtime.Exit{}, ctx.Err()
+	}
+}
+
+// Signal: SIGKILL ends QEMU at once; the stop signals press the ACPI power button, and the
+// guest shuts down in its own time (the kubelet's grace period, then SIGKILL).
+func (c *computeVM) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
+	select {
+	case <-c.machine.Done():
+		return fmt.Errorf("the VM has exited: %w", errdefs.ErrNotFound)
+	default:
+	}
+	switch sig {
+	case 0:
+		return nil
+	case syscall.SIGKILL:
+		c.mu.Lock()
+		c.killedBy = sig
+		c.mu.Unlock()
+		c.machine.Quit(ctx)
+		select {
+		case <-c.machine.Done():
+		default:
+			_ = syscall.Kill(c.machine.Pid(), syscall.SIGKILL)
+		}
+		return nil
+	case syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPWR:
+		if err := c.machine.Powerdown(ctx); err != nil {
+			return err
+		}
+		c.powerdownOnce.Do(func() { go c.keepPressing() })
+		return nil
+	}
+	return fmt.Errorf("signal %d to a VM: a VM takes SIGTERM (ACPI power-down) and SIGKILL (stop at once): %w", sig, errdefs.ErrInvalidArgument)
+}
+
+// powerButtonRepeat is how often a guest that has not powered off yet has its power button
+// pressed again.
+const powerButtonRepeat = 10 * time.Second
+
+// keepPressing presses the ACPI power button again until QEMU exits: a guest that is still
+// booting (systemd-logind not up yet, as right after a reboot) drops the first press, and
+// the kubelet sends its stop signal once. The grace period's SIGKILL ends it anyway.
+func (c *computeVM) keepPressing() {
+	t := time.NewTicker(powerButtonRepeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.machine.Done():
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = c.machine.Powerdown(ctx)
+			cancel()
+		}
+	}
+}
+
+func (c *computeVM) Resize(context.Context, uint32, uint32) error { return nil }
+
+// CloseStdin stops forwarding input to the console; the console itself stays.
+func (c *computeVM) CloseStdin(context.Context) error {
+	c.stdinOnce.Do(func() { close(c.stdinStop) })
+	return nil
+}
+
+func (c *computeVM) Remove(context.Context) error { return nil }
+
+// shutDown stops QEMU if it still runs and releases everything the boot made.
+func (c *computeVM) shutDown() error {
+	c.shutOnce.Do(func() {
+		errs := []error{c.machine.Kill()}
+		<-c.exited
+		_ = c.CloseStdin(context.Background())
+		c.events.Close()
+		_ = c.agent.Close()
+		_ = c.console.Close()
+		for _, s := range c.dhcp {
+			errs = append(errs, s.Close())
+		}
+		errs = append(errs, c.disks.Close())
+		c.shutErr = errors.Join(errs...)
+	})
+	return c.shutErr
+}
+
+// stats are QEMU's, read on the host: its CPU time and resident memory.
+func (c *computeVM) stats() (*cgroupsv2.Metrics, error) {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.machine.Pid()))
+	if err != nil {
+		return nil, fmt.Errorf("VM stats: %w", err)
+	}
+	// fields after the command (which may hold spaces) start after the last ')'
+	fields := strings.Fields(string(stat[strings.LastIndexByte(string(stat), ')')+1:]))
+	if len(fields) < 22 {
+		return nil, fmt.Errorf("VM stats: short /proc/%d/stat", c.machine.Pid())
+	}
+	const ticksPerSec = 100 // USER_HZ
+	utime, _ := strconv.ParseUint(fields[11], 10, 64)
+	stime, _ := strconv.ParseUint(fields[12], 10, 64)
+	rssPages, _ := strconv.ParseUint(fields[21], 10, 64)
+	toUsec := func(t uint64) uint64 { return t * 1_000_000 / ticksPerSec }
+	return &cgroupsv2.Metrics{
+		Pids:   &cgroupsv2.PidsStat{Current: 1},
+		CPU:    &cgroupsv2.CPUStat{UsageUsec: toUsec(utime + stime), UserUsec: toUsec(utime), SystemUsec: toUsec(stime)},
+		Memory: &cgroupsv2.MemoryStat{Usage: rssPages * uint64(os.Getpagesize())},
+	}, nil
+}
+
+// exec runs a command in the guest through the QEMU guest agent. An exec of exactly
+// [vmspec.GuestAgentPingCommand] is KubeVirt's guestAgentPing probe: it answers from
+// guest-ping and runs nothing.
+func (c *computeVM) exec(ctx context.Context, execID string, proc *specs.Process, stdio runtime.Stdio) (Process, error) {
+	if proc.Terminal {
+		return nil, fmt.Errorf("exec %s: a terminal in a VM: the QEMU guest agent runs commands without one; use the serial console (kubectl attach, kubectl vmpod console): %w", execID, errdefs.ErrInvalidArgument)
+	}
+	if len(proc.Args) == 0 {
+		return nil, fmt.Errorf("exec %s: process.args: empty: %w", execID, errdefs.ErrInvalidArgument)
+	}
+	ping := len(proc.Args) == 1 && proc.Args[0] == vmspec.GuestAgentPingCommand
+	if !ping {
+		// the agent must be there for anything else, or the exec fails now, saying so
+		checkCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
+		err := c.agent.Ping(checkCtx)
+		cancel()
+		if errors.Is(err, qga.ErrNoAgent) {
+			return nil, fmt.Errorf("exec %s: %w: %w", execID, err, errdefs.ErrFailedPrecondition)
+		}
+	}
+	e := &guestExec{vm: c, done: make(chan struct{}), cancel: make(chan struct{})}
+	go e.run(proc.Args, ping, stdio)
+	return e, nil
+}
+
+// guestExec is an exec'd command in a VM pod's guest.
+type guestExec struct {
+	vm         *computeVM
+	done       chan struct{}
+	exit       runtime.Exit
+	cancel     chan struct{}
+	cancelOnce sync.Once
+	killedBy   syscall.Signal
+}
+
+func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
+	defer close(e.done)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-e.cancel:
+			cancel()
+		case <-e.vm.machine.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	stderr := func(msg string) {
+		if stdio.Stderr != nil {
+			_, _ = io.WriteString(stdio.Stderr, msg+"\n")
+		}
+	}
+	finish := func(status int) { e.exit = runtime.Exit{Status: status, ExitedAt: time.Now()} }
+	if ping {
+		if err := e.vm.agent.Ping(ctx); err != nil {
+			stderr(err.Error())
+			finish(1)
+			return
+		}
+		finish(0)
+		return
+	}
+	if len(args) == 1 && args[0] == vmspec.GuestInfoCommand {
+		info, err := guestInfo(ctx, e.vm.agent)
+		if err != nil {
+			stderr(err.Error())
+			finish(1)
+			return
+		}
+		if stdio.Stdout != nil {
+			_, _ = stdio.Stdout.Write(append(info, '\n'))
+		}
+		finish(0)
+		return
+	}
+	var input []byte
+	if stdio.Stdin != nil {
+		b, err := io.ReadAll(io.LimitReader(stdio.Stdin, maxExecInput+1))
+		if err != nil || len(b) > maxExecInput {
+			stderr(fmt.Sprintf("stdin: more than %d bytes, or unreadable: the guest agent takes stdin in one message", maxExecInput))
+			finish(126)
+			return
+		}
+		input = b
+	}
+	st, err := e.vm.agent.Run(ctx, qga.ExecRequest{Path: args[0], Args: args[1:], Input: input})
+	if err != nil {
+		if e.killedBy != 0 {
+			finish(128 + int(e.killedBy))
+			return
+		}
+		stderr(err.Error())
+		finish(126) // the command could not be run
+		return
+	}
+	if stdio.Stdout != nil {
+		_, _ = stdio.Stdout.Write(st.Stdout)
+	}
+	if stdio.Stderr != nil {
+		_, _ = stdio.Stderr.Write(st.Stderr)
+	}
+	finish(st.Status)
+}
+
+// Pid is QEMU's: the guest process has no host pid.
+func (e *guestExec) Pid() uint32 { return e.vm.Pid() }
+
+func (e *guestExec) Wait(ctx context.Context) (runtime.Exit, error) {
+	select {
+	case <-e.done:
+		return e.exit, nil
+	case <-ctx.Done():
+		return runtime.Exit{}, ctx.Err()
+	}
+}
+
+// Signal ends the exec for containerd (an ExecSync timeout kills it). The guest agent
+// cannot signal a process, so the command itself may run on in the guest.
+func (e *guestExec) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
+	if sig == 0 {
+		return nil
+	}
+	e.cancelOnce.Do(func() {
+		e.killedBy = sig
+		close(e.cancel)
+	})
+	return nil
+}
+
+func (e *guestExec) Resize(context.Context, uint32, uint32) error { return nil }
+func (e *guestExec) CloseStdin(context.Context) error             { return nil }
+func (e *guestExec) Remove(context.Context) error {
+	return e.Signal(context.Background(), syscall.SIGKILL, false)
+}
+
+// guestInfo is GuestInfoCommand's output. Only the agent's version is required: a guest
+// agent may lack (or an admin may have disabled) the other commands.
+func guestInfo(ctx context.Context, agent *qga.Client) ([]byte, error) {
+	ai, err := agent.Info(ctx)
+	if err != nil {
+		return nil, err
+	}
+	info := vmspec.GuestInfo{AgentVersion: ai.Version}
+	if ai.Supports("guest-get-osinfo") {
+		if os, err := agent.OSInfo(ctx); err == nil {
+			g := vmspec.GuestOS(os)
+			info.OS = &g
+		}
+	}
+	if ai.Supports("guest-get-host-name") {
+		info.Hostname, _ = agent.HostName(ctx)
+	}
+	if ai.Supports("guest-network-get-interfaces") {
+		ifs, err := agent.Interfaces(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, i := range ifs {
+			gi := vmspec.GuestInterface{Name: i.Name}
+			if i.MAC != nil {
+				gi.MAC = i.MAC.String()
+			}
+			for _, ip := range i.IPs {
+				gi.IPs = append(gi.IPs, ip.String())
+			}
+			info.Interfaces = append(info.Interfaces, gi)
+		}
+	}
+	return json.Marshal(info)
+}
