@@ -48,6 +48,18 @@ func TestDeviceArgs(t *testing.T) {
 		{"net multiqueue fds", &VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56", TapFiles: []*os.File{testFile, testFile}}, onPort, []string{
 			"-netdev", "tap,id=eth0-tap,fds=3:4,vhost=off",
 			"-device", "virtio-net-pci,id=eth0,bus=rp2,netdev=eth0-tap,mac=52:54:00:12:34:56,mq=on,vectors=6"}},
+		{"e1000 for a guest without virtio", &VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56", TapFiles: []*os.File{testFile}, Model: "e1000e"}, onPCIe0, []string{
+			"-netdev", "tap,id=eth0-tap,fd=3,vhost=off",
+			"-device", "e1000e,id=eth0,bus=pcie.0,addr=0x5.0,netdev=eth0-tap,mac=52:54:00:12:34:56"}},
+		{"disk: scsi cdrom", &Disk{DeviceID: "cd0", Bus: BusSCSI, CDROM: true, Controller: "scsi0", Image: Blockdev{Format: "raw", Protocol: "file", Filename: "/dev/fdset/3", ReadOnly: true}, BootIndex: 2}, onPCIe0, []string{
+			"-blockdev", "driver=raw,node-name=cd0-drive,read-only=on,file.driver=file,file.filename=/dev/fdset/3",
+			"-device", "scsi-cd,id=cd0,bus=scsi0.0,drive=cd0-drive,bootindex=2"}},
+		{"disk: sata over a base", &Disk{DeviceID: "d0", Bus: BusSATA, Port: 1, Serial: "root",
+			Image:   Blockdev{Format: "qcow2", Protocol: "file", Filename: "/scratch/ov.qcow2"},
+			Backing: &Blockdev{Format: "qcow2", Protocol: "file", Filename: "/dev/fdset/1", ReadOnly: true}}, onPCIe0, []string{
+			"-blockdev", "driver=qcow2,node-name=d0-base,read-only=on,file.driver=file,file.filename=/dev/fdset/1",
+			"-blockdev", "driver=qcow2,node-name=d0-drive,backing=d0-base,file.driver=file,file.filename=/scratch/ov.qcow2",
+			"-device", "ide-hd,id=d0,bus=ide.1,drive=d0-drive,serial=root"}},
 		{"net tap by name on mmio", &VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56", TapName: "tap0", Queues: 2, Vhost: true}, onMMIO, []string{
 			"-netdev", "tap,id=eth0-tap,ifname=tap0,script=no,downscript=no,queues=2,vhost=on",
 			"-device", "virtio-net-device,id=eth0,netdev=eth0-tap,mac=52:54:00:12:34:56,mq=on"}},
@@ -126,6 +138,10 @@ func TestInvalidDeviceFieldsAreNamed(t *testing.T) {
 		{&VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56"}, `virtio-net "eth0"`, "TapFiles"},
 		{&VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56", TapName: "t", TapFiles: []*os.File{testFile}}, `virtio-net "eth0"`, "TapName"},
 		{&VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56", TapFiles: []*os.File{testFile}, Queues: 2}, `virtio-net "eth0"`, "Queues"},
+		{&VirtioNet{DeviceID: "eth0", MAC: "52:54:00:12:34:56", TapFiles: []*os.File{testFile}, Model: "rtl8139"}, `virtio-net "eth0"`, "Model"},
+		{&Disk{DeviceID: "d", Bus: BusVirtio, CDROM: true, Image: Blockdev{Format: "raw", Protocol: "file", Filename: "/a", ReadOnly: true}}, `disk "d"`, "CDROM"},
+		{&Disk{DeviceID: "d", Bus: BusSATA, Port: 6, Image: Blockdev{Format: "raw", Protocol: "file", Filename: "/a"}}, `disk "d"`, "Port"},
+		{&Disk{DeviceID: "d", Bus: BusVirtio, Image: Blockdev{Format: "raw", Protocol: "file", Filename: "/a"}, Backing: &Blockdev{Format: "raw", Protocol: "file", Filename: "/b", ReadOnly: true}}, `disk "d"`, "Image.Format"},
 		{&VirtioFS{DeviceID: "fs", SocketPath: "/s", Tag: long}, `vhost-user-fs "fs"`, "Tag"},
 		{&VirtioFS{DeviceID: "fs", SocketPath: "/s", Tag: "t", QueueSize: 1000}, `vhost-user-fs "fs"`, "QueueSize"},
 		{&VirtioFS{DeviceID: "fs", SocketPath: "s", Tag: "t"}, `vhost-user-fs "fs"`, "SocketPath"},

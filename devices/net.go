@@ -23,6 +23,9 @@ type VirtioNet struct {
 	// Vhost moves the data path into the kernel (vhost-net); it needs
 	// /dev/vhost-net. Off, QEMU's userspace virtio-net serves the queues.
 	Vhost bool
+	// Model replaces virtio-net with an emulated Intel NIC, "e1000" or "e1000e", for
+	// guests without virtio drivers (a Windows installer); PCI only, one queue.
+	Model string
 }
 
 // ID implements Device.
@@ -60,11 +63,24 @@ func (d *VirtioNet) Spec(p Placement) (Spec, error) {
 	if d.Queues < 0 {
 		c.fail("Queues", "%d is negative", d.Queues)
 	}
+	if d.Model != "" {
+		c.oneOf("Model", d.Model, "e1000", "e1000e")
+		if p.Transport != PCI {
+			c.fail("Model", "%s is a PCI NIC: it needs q35", d.Model)
+		}
+		if len(d.TapFiles) > 1 || d.Queues > 1 {
+			c.fail("Model", "%s has one queue", d.Model)
+		}
+	}
 	if err := c.Err(); err != nil {
 		return Spec{}, err
 	}
 	queues := max(d.Queues, len(d.TapFiles), 1)
-	fe := Frontend{Driver: p.Transport.virtioDriver("virtio-net"), ID: d.DeviceID, Bus: p.Bus, Addr: p.Addr,
+	driver := p.Transport.virtioDriver("virtio-net")
+	if d.Model != "" {
+		driver = d.Model
+	}
+	fe := Frontend{Driver: driver, ID: d.DeviceID, Bus: p.Bus, Addr: p.Addr,
 		Props: []Property{StringProp("netdev", d.NetdevID()), StringProp("mac", d.MAC)}}
 	if queues > 1 {
 		fe.Props = append(fe.Props, BoolProp("mq", true))

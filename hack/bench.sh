@@ -2,20 +2,31 @@
 # bench.sh (make bench): vmpod's figures next to their baselines, each measured in the same
 # run: boot (bare QEMU), exec and stdio (runc on the host), 9p vs virtio-fs, pod network
 # (a process in the netns), CRI pod start and ExecSync (runc through the same containerd),
-# and the host memory of an idle pod. Nothing asserts a time; results go to
+# the host memory of an idle pod, and a VM pod's start and memory (bare QEMU and libvirt
+# booting the same guest). Nothing asserts a time; results go to
 # _output/bench.txt and, by hand, to docs/benchmarks.md.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$VMPOD_ROOT"
 
 prepare_testbed
+# the VM-pod test guest, served by the test bed's registry as a containerDisk (images.sh)
+export VMPOD_VM_GUEST VMPOD_VM_GUEST_DIR
+VMPOD_VM_GUEST=$(hack/vm-guest-image.sh)
+VMPOD_VM_GUEST_DIR=$VMPOD_VM_GUEST
 started_here=0
 if ! hack/containerd.sh status >/dev/null 2>&1; then
   hack/containerd.sh start
   started_here=1
+else
+  hack/images.sh   # a running test bed gets the guest pushed
 fi
-trap '[ $started_here = 0 ] || hack/containerd.sh stop >/dev/null' EXIT
+# libvirt (libvirtd with only its QEMU driver, and virtlogd), the baseline a KubeVirt node
+# pays per VM: hack/libvirt-baseline.sh
+eval "$(hack/libvirt-baseline.sh start)"
+trap 'hack/libvirt-baseline.sh stop >/dev/null || true; [ $started_here = 0 ] || hack/containerd.sh stop >/dev/null' EXIT
 eval "$(hack/containerd.sh env)"
+export VMPOD_VM_GUEST_IMAGE=docker.io/$(hack/images.sh --vm-guest-ref)
 
 export VMPOD_ROOT VMPOD_INTEGRATION=1 VMPOD_BENCH=1
 export VMPOD_KERNEL=$VMPOD_OUT/guest/vmlinux VMPOD_INITRD=$VMPOD_OUT/guest/initrd.img

@@ -64,6 +64,9 @@ func (vm *VM) DeepCopy() *VM {
 	c := *vm
 	c.Disks = append([]Disk(nil), vm.Disks...)
 	c.Interfaces = append([]Interface(nil), vm.Interfaces...)
+	for i := range c.Interfaces {
+		c.Interfaces[i].Ports = append([]Port(nil), c.Interfaces[i].Ports...)
+	}
 	c.GPUs = append([]HostDevice(nil), vm.GPUs...)
 	c.HostDevices = append([]HostDevice(nil), vm.HostDevices...)
 	if vm.CloudInit != nil {
@@ -103,6 +106,14 @@ func (vm *VM) Default() {
 	for i := range vm.Interfaces {
 		if vm.Interfaces[i].Model == "" {
 			vm.Interfaces[i].Model = ModelVirtio
+		}
+		if vm.Interfaces[i].Binding == "" {
+			vm.Interfaces[i].Binding = BindingBridge
+		}
+		for j := range vm.Interfaces[i].Ports {
+			if vm.Interfaces[i].Ports[j].Protocol == "" {
+				vm.Interfaces[i].Ports[j].Protocol = ProtocolTCP
+			}
 		}
 	}
 	if vm.CloudInit != nil && vm.CloudInit.Bus == "" {

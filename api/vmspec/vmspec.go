@@ -173,7 +173,50 @@ type Interface struct {
 	// MACAddress is optional; by default the guest NIC takes the pod interface's MAC, so the
 	// pod's IP reaches the guest.
 	MACAddress string `json:"macAddress,omitempty"`
+	// Binding is how the guest NIC reaches the pod interface; default bridge.
+	Binding Binding `json:"binding,omitempty"`
+	// Ports, with binding masquerade, are the pod ports forwarded to the guest; none
+	// forwards every port (KubeVirt's semantics).
+	Ports []Port `json:"ports,omitempty"`
 }
+
+// Binding is a guest NIC's way onto its pod interface (KubeVirt's interface binding).
+type Binding string
+
+const (
+	// BindingBridge: the guest NIC is the pod interface: it takes the pod's MAC and, by
+	// DHCP from the shim, the pod's IP, routes and DNS.
+	BindingBridge Binding = "bridge"
+	// BindingMasquerade: the guest sits on a private subnet behind NAT in the pod's network
+	// namespace (MasqueradeGuest / MasqueradeGateway); its traffic leaves with the pod's IP,
+	// and the pod's IP (Ports, or every port) is forwarded to it. The guest's address does
+	// not change when the pod's does, which live migration and multi-NIC guests need.
+	BindingMasquerade Binding = "masquerade"
+)
+
+// The masquerade binding's private subnet, KubeVirt's defaults: the guest is .2, the pod's
+// netns .1 (the guest's gateway and DNS-less DHCP server).
+const (
+	MasqueradeSubnet  = "10.0.2.0/24"
+	MasqueradeGuest   = "10.0.2.2"
+	MasqueradeGateway = "10.0.2.1"
+)
+
+// Port is a pod port forwarded to the guest.
+type Port struct {
+	// Name is optional, for humans.
+	Name     string   `json:"name,omitempty"`
+	Protocol Protocol `json:"protocol,omitempty"` // default TCP
+	Port     int      `json:"port"`
+}
+
+// Protocol of a forwarded port.
+type Protocol string
+
+const (
+	ProtocolTCP Protocol = "TCP"
+	ProtocolUDP Protocol = "UDP"
+)
 
 // Model is the guest NIC model.
 type Model string

@@ -316,18 +316,26 @@ func disk(d *node) vmpodv1.Disk {
 
 func iface(i *node) vmpodv1.Interface {
 	out := vmpodv1.Interface{Name: i.str("name"), Model: i.str("model"), MACAddress: i.str("macAddress")}
+	if i.has("bridge") {
+		out.Bridge = &vmpodv1.InterfaceBridge{}
+	}
+	if i.has("masquerade") {
+		out.Masquerade = &vmpodv1.InterfaceMasquerade{}
+	}
+	i.ignore("bridge", "masquerade") // both are empty objects: present is all they say
+	for _, p := range i.list("ports") {
+		port, _ := p.integer("port")
+		out.Ports = append(out.Ports, vmpodv1.Port{Name: p.str("name"), Protocol: p.str("protocol"), Port: int32(port)})
+	}
 	switch out.Model {
 	case "", "virtio", "e1000", "e1000e":
 	default:
 		i.rep.errorf(i.at("model"), "model %s is not supported (virtio, e1000, e1000e)", out.Model)
 	}
-	i.ignore("bridge") // what vmpod does: the guest NIC is wired to the pod interface
-	i.dropped("masquerade", "vmpod has no NAT binding: the guest NIC gets the pod's IP directly (KubeVirt's bridge)")
 	i.unsupported("sriov", "SR-IOV interfaces are not supported: pass the VF as a hostDevice")
 	i.unsupported("slirp", "slirp is not supported")
 	i.unsupported("macvtap", "macvtap is not supported")
 	i.unsupported("binding", "network binding plugins are not supported")
-	i.dropped("ports", "port lists only matter to masquerade; dropped")
 	i.dropped("pciAddress", "PCI addresses are assigned by the shim; dropped")
 	i.dropped("bootOrder", "network boot is not supported; dropped")
 	return out

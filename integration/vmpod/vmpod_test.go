@@ -503,3 +503,94 @@ func TestVMPodBadInput(t *testing.T) {
 		t.Errorf("a guest that ignores the power button: exit %d after the grace period, want 137", code)
 	}
 }
+
+// The masquerade binding: the guest is 10.0.2.2 behind NAT in the pod; the pod's IP is
+// forwarded to it (every port), its own connections leave with the pod's IP, and a
+// port-forward reaches its ports.
+func TestVMPodMasquerade(t *testing.T) {
+	img := guestImage(t)
+	vm := baseVM()
+	vm.Interfaces[0].Binding = vmspec.BindingMasquerade
+	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "rootdisk", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-nat"}, Hostname: "vm-nat", Annotations: annotation(t, vm)})
+	id := compute(t, pod, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("rootdisk"), Image: &testenv.ImageSpec{Image: img}, Readonly: true}}, nil, true)
+	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
+	waitExec(t, id, 2*time.Minute, vmspec.MasqueradeGuest+"/24", "ip", "-4", "-o", "addr", "show", "eth0")
+	ip := podIP(t, pod)
+
+	// the guest serves HTTP on 8080; the host reaches it on the pod's IP, and through a
+	// CRI port-forward
+	if _, err := execIn(id, 30*time.Second, "sh", "-c", "cd /etc && nohup python3 -m http.server 8080 >/dev/null 2>&1 &"); err != nil {
+		t.Fatalf("start a web server in the guest: %v", err)
+	}
+	url := fmt.Sprintf("http://%s:8080/hostname", ip)
+	var body []byte
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if body, _ = exec.Command("curl", "-sf", "--max-time", "5", url).Output(); strings.TrimSpace(string(body)) == "vm-nat" {
+			break
+		}
+	}
+	if strings.TrimSpace(string(body)) != "vm-nat" {
+		t.Errorf("GET %s through the NAT: %q, want the guest's hostname", url, body)
+	}
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	local := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	pf := exec.Command("crictl", "port-forward", pod.ID, fmt.Sprintf("%d:8080", local))
+	if err := pf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	body = nil
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		if body, _ = exec.Command("curl", "-sf", "--max-time", "5", fmt.Sprintf("http://127.0.0.1:%d/hostname", local)).Output(); len(body) > 0 {
+			break
+		}
+	}
+	if strings.TrimSpace(string(body)) != "vm-nat" {
+		t.Errorf("port-forward to the guest's 8080: %q, want its hostname", body)
+	}
+
+	// the guest's own connection to the host arrives from the pod's IP
+	host, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	hostPort := host.Addr().(*net.TCPAddr).Port
+	from := make(chan string, 1)
+	go func() {
+		c, err := host.Accept()
+		if err == nil {
+			from <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			c.Close()
+		}
+	}()
+	gw := strings.Fields(waitExec(t, id, 30*time.Second, "default via", "ip", "-4", "route", "show", "default"))
+	if len(gw) < 3 || gw[2] != vmspec.MasqueradeGateway {
+		t.Fatalf("the guest's default route %v, want via %s", gw, vmspec.MasqueradeGateway)
+	}
+	target := bridgeGateway(t, ip)
+	if _, err := execIn(id, 30*time.Second, "bash", "-c", fmt.Sprintf("echo hi > /dev/tcp/%s/%d", target, hostPort)); err != nil {
+		t.Fatalf("connect from the guest to the host: %v", err)
+	}
+	select {
+	case got := <-from:
+		if got != ip {
+			t.Errorf("the guest's connection came from %s, want the pod's IP %s (masqueraded)", got, ip)
+		}
+	case <-time.After(30 * time.Second):
+		t.Error("the guest's connection never arrived")
+	}
+}
+
+// bridgeGateway is the host's address on the pod network: the first address of the pod's
+// /24 (the test bed's CNI bridge is its gateway).
+func bridgeGateway(t *testing.T, podIP string) string {
+	t.Helper()
+	ip := net.ParseIP(podIP).To4()
+	if ip == nil {
+		t.Fatalf("pod IP %q is not IPv4", podIP)
+	}
+	return net.IPv4(ip[0], ip[1], ip[2], 1).String()
+}

@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"strconv"
-	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -56,16 +54,7 @@ func RedirectLoopback(netnsPath string) (_ *LoopbackRedirect, retErr error) {
 	return r, nil
 }
 
-// iptables runs iptables on the netns's nat table (the shim has no nftables library; CNI's
-// portmap plugin works the same way).
-func (r *LoopbackRedirect) iptables(op string) error {
-	args := append([]string{"--net=" + r.netnsPath, "iptables", "-w", "5", "-t", "nat", op}, r.rule...)
-	out, err := exec.Command("nsenter", args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("network: netns %s: iptables %s %s: %w: %s", r.netnsPath, op, strings.Join(r.rule, " "), err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
+func (r *LoopbackRedirect) iptables(op string) error { return iptables(r.netnsPath, "nat", op, r.rule) }
 
 // Accept waits for the next redirected connection and returns it with the port it was
 // meant for.

@@ -19,6 +19,9 @@ type Plan struct {
 	Routes []Route
 	// Skipped lists what Inspect found but leaves out of the plan, for the shim's log.
 	Skipped []Skipped
+	// Masquerade, set by the caller before Plumb, puts one interface behind NAT instead of
+	// mirroring it (VM pods' masquerade binding).
+	Masquerade *Masquerade
 }
 
 // Interface is one pod link in the netns and the guest NIC it becomes.

@@ -77,6 +77,12 @@ func (p *Plumbing) plumbInterface(pn *podNetns, iface Interface) (*os.File, erro
 	if err := pn.prepareTap(tap, iface.MTU); err != nil {
 		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
 	}
+	if m := p.plan.Masquerade; m != nil && m.Interface == iface.Name {
+		if err := p.plumbMasquerade(pn, iface, tap); err != nil {
+			return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+		}
+		return tapFile, nil
+	}
 	if err := pn.addIngress(link.Attrs().Index); err != nil {
 		return nil, err
 	}

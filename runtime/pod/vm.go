@@ -42,6 +42,9 @@ type vmPod struct {
 	stateDir string
 	network  *network.Plumbing         // nil without a pod network namespace
 	loopback *network.LoopbackRedirect // VNC on the pod's localhost; nil without a netns
+	// masquerade: the first interface's guest is behind NAT, reachable from the netns, so
+	// port-forwards to its ports work
+	masquerade bool
 
 	mu        sync.Mutex
 	sandbox   *standIn // the sandbox container, once created
@@ -84,6 +87,12 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 				return nil, fmt.Errorf("pod %s: annotation %s: interfaces[%d].podInterface: the pod has no interface %s: %w", podID, vmspec.Annotation, i, iface.PodInterface, errdefs.ErrInvalidArgument)
 			}
 		}
+		for _, iface := range vm.Interfaces {
+			if iface.Binding == vmspec.BindingMasquerade {
+				plan.Masquerade = masqueradeOf(iface)
+				p.masquerade = true
+			}
+		}
 		if p.network, err = network.Plumb(plan); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
@@ -118,11 +127,6 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	if vm.Migration != nil {
 		errs = append(errs, errors.New("migration: live migration is not supported by this node yet"))
 	}
-	for i, iface := range vm.Interfaces {
-		if iface.Model != "" && iface.Model != vmspec.ModelVirtio {
-			errs = append(errs, fmt.Errorf("interfaces[%d].model: %s is not supported by this node yet (virtio is)", i, iface.Model))
-		}
-	}
 	return errors.Join(errs...)
 }
 
@@ -142,8 +146,9 @@ func (p *vmPod) Done() <-chan struct{} { return p.done }
 func (p *vmPod) WriteRecord(bundle string) error { return writeRecord(bundle, p.id, p.stateDir) }
 
 // serveLoopback serves CRI port-forwards to the pod's localhost: the VNC port reaches the
-// VM's display. The guest's own ports are not reachable this way: the pod's address is
-// the guest's, and a connection from the pod's netns to it would never leave the netns.
+// VM's display; other ports reach the guest behind a masquerade binding. With a bridge
+// binding the guest's ports are not reachable this way: the pod's address is the guest's,
+// and a connection from the pod's netns to it would never leave the netns.
 func (p *vmPod) serveLoopback(ctx context.Context) {
 	for {
 		conn, port, err := p.loopback.Accept()
@@ -154,13 +159,46 @@ func (p *vmPod) serveLoopback(ctx context.Context) {
 			log.G(ctx).WithError(err).Warn("port-forward")
 			continue
 		}
-		if port != VNCPort {
+		switch {
+		case port == VNCPort:
+			go p.proxyVNC(ctx, conn)
+		case p.masquerade:
+			go p.proxyGuest(ctx, conn, port)
+		default:
 			log.G(ctx).Warnf("port-forward to port %d of a VM pod: only the VNC display (port %d) is served on the pod's localhost; reach the guest on the pod's IP", port, VNCPort)
 			_ = conn.Close()
-			continue
 		}
-		go p.proxyVNC(ctx, conn)
 	}
+}
+
+// proxyGuest carries a port-forward to the guest behind NAT.
+func (p *vmPod) proxyGuest(ctx context.Context, conn net.Conn, port uint32) {
+	defer conn.Close()
+	guest, err := network.DialInNetns(p.network.Plan().Netns, net.JoinHostPort(vmspec.MasqueradeGuest, fmt.Sprint(port)))
+	if err != nil {
+		log.G(ctx).WithError(err).Warnf("port-forward to guest port %d", port)
+		return
+	}
+	splice(conn, guest)
+}
+
+// splice copies both ways until one side ends, then closes the other.
+func splice(a, b net.Conn) {
+	defer b.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(b, a); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(a, b); done <- struct{}{} }()
+	<-done
+}
+
+// masqueradeOf is the NAT plumbing for a masquerade interface.
+func masqueradeOf(iface vmspec.Interface) *network.Masquerade {
+	m := &network.Masquerade{Interface: iface.PodInterface, Subnet: netip.MustParsePrefix(vmspec.MasqueradeSubnet),
+		Guest: netip.MustParseAddr(vmspec.MasqueradeGuest), Gateway: netip.MustParseAddr(vmspec.MasqueradeGateway)}
+	for _, port := range iface.Ports {
+		m.Ports = append(m.Ports, network.Port{Protocol: strings.ToLower(string(port.Protocol)), Port: port.Port})
+	}
+	return m
 }
 
 func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
@@ -177,11 +215,7 @@ func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
 		log.G(ctx).WithError(err).Warn("VNC")
 		return
 	}
-	defer vnc.Close()
-	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(vnc, conn); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(conn, vnc); done <- struct{}{} }()
-	<-done
+	splice(conn, vnc)
 }
 
 // CreateContainer creates the sandbox stand-in or boots the VM for the compute container.

@@ -136,13 +136,20 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 			if iface.MACAddress != "" {
 				nic.MAC = iface.MACAddress
 			}
+			if iface.Model != vmspec.ModelVirtio {
+				nic.Model = string(iface.Model)
+			}
 			cfg.NICs = append(cfg.NICs, nic)
+			mac, _ := net.ParseMAC(nic.MAC)
 			lease, err := plan.LeaseFor(iface.PodInterface, dns, search, p.hostname)
+			if iface.Binding == vmspec.BindingMasquerade {
+				lease, err = plan.MasqueradeLease(mac, dns, search, p.hostname)
+			}
 			if err != nil {
 				lg.WithError(err).Infof("interface %s: no DHCP (the guest configures itself)", iface.Name)
 				continue
 			}
-			lease.MAC, _ = net.ParseMAC(nic.MAC)
+			lease.MAC = mac
 			srv, err := p.network.ServeDHCP(iface.PodInterface, lease)
 			if err != nil {
 				return nil, fmt.Errorf("pod %s: interface %s: %w", p.id, iface.Name, err)

@@ -140,6 +140,8 @@ const (
 type NIC struct {
 	Tap *os.File
 	MAC string
+	// Model is "" (virtio-net) or an emulated NIC, e1000 or e1000e (q35).
+	Model string
 }
 
 // FDSetFile is a file the caller opened for QEMU; QEMU finds it in fd set Set.

@@ -139,5 +139,5 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 
 // nicDevice is the guest NIC for nic.
 func nicDevice(id string, nic NIC) devices.Device {
-	return &devices.VirtioNet{DeviceID: id, MAC: nic.MAC, TapFiles: []*os.File{nic.Tap}}
+	return &devices.VirtioNet{DeviceID: id, MAC: nic.MAC, TapFiles: []*os.File{nic.Tap}, Model: nic.Model}
 }

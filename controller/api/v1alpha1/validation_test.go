@@ -95,14 +95,15 @@ func TestVirtualMachineValidation(t *testing.T) {
 			[]string{"spec.template.spec.domain: Invalid value", "set memory.guest or resources.requests.memory"}},
 		{"tiny memory", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Memory.Guest = ptr.To(resource.MustParse("1Mi")) },
 			[]string{"spec.template.spec.domain.memory.guest", "must be at least 16Mi"}},
-		{"microvm with efi", func(vm *vmpodv1.VirtualMachine) {
-			spec(vm).Domain.Machine = &vmpodv1.Machine{Type: "microvm"}
-			spec(vm).Domain.Firmware = &vmpodv1.Firmware{Bootloader: &vmpodv1.Bootloader{EFI: &vmpodv1.EFI{}}}
-		}, []string{"spec.template.spec.domain.firmware.bootloader.efi", "microvm boots without UEFI"}},
-		{"microvm with a sata disk", func(vm *vmpodv1.VirtualMachine) {
-			spec(vm).Domain.Machine = &vmpodv1.Machine{Type: "microvm"}
-			spec(vm).Domain.Devices.Disks[0].Disk = &vmpodv1.DiskTarget{Bus: "sata"}
-		}, []string{"spec.template.spec.domain.devices", "microvm has no PCI bus"}},
+		{"microvm", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Machine = &vmpodv1.Machine{Type: "microvm"} },
+			[]string{`spec.template.spec.domain.machine.type: Unsupported value: "microvm"`}},
+		{"bridge and masquerade", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Interfaces[0].Bridge = &vmpodv1.InterfaceBridge{}
+			spec(vm).Domain.Devices.Interfaces[0].Masquerade = &vmpodv1.InterfaceMasquerade{}
+		}, []string{"an interface has one binding: bridge or masquerade"}},
+		{"ports on a bridge", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Interfaces[0].Ports = []vmpodv1.Port{{Port: 80}}
+		}, []string{"spec.template.spec.domain.devices.interfaces[0].ports", "ports are forwarded only by the masquerade binding"}},
 		{"interface without network", func(vm *vmpodv1.VirtualMachine) { spec(vm).Networks[0].Name = "other" },
 			[]string{"spec.template.spec.domain.devices.interfaces: Invalid value", "every interface needs a network", "spec.template.spec.networks: Invalid value"}},
 		{"two pod networks", func(vm *vmpodv1.VirtualMachine) {

@@ -142,8 +142,6 @@ type InstanceSpec struct {
 
 // DomainSpec is the virtual hardware.
 // +kubebuilder:validation:XValidation:rule="(has(self.memory) && has(self.memory.guest)) || (has(self.resources.requests) && 'memory' in self.resources.requests)",message="set memory.guest or resources.requests.memory"
-// +kubebuilder:validation:XValidation:rule="!has(self.machine) || self.machine.type != 'microvm' || !has(self.firmware) || !has(self.firmware.bootloader) || !has(self.firmware.bootloader.efi)",message="microvm boots without UEFI: use machine q35 or a bios bootloader",fieldPath=".firmware.bootloader.efi"
-// +kubebuilder:validation:XValidation:rule="!has(self.machine) || self.machine.type != 'microvm' || (self.devices.disks.all(d, !has(d.cdrom) && (!has(d.disk) || !has(d.disk.bus) || d.disk.bus == 'virtio')) && self.devices.interfaces.all(i, !has(i.model) || i.model == 'virtio') && !has(self.devices.gpus) && !has(self.devices.hostDevices))",message="microvm has no PCI bus: only virtio disks and interfaces, no cdrom, gpus or hostDevices",fieldPath=".devices"
 type DomainSpec struct {
 	// +optional
 	CPU *CPU `json:"cpu,omitempty"`
@@ -194,9 +192,10 @@ type ResourceRequirements struct {
 	Limits corev1.ResourceList `json:"limits,omitempty"`
 }
 
-// Machine is the QEMU machine type.
+// Machine is the QEMU machine type. Only q35: microvm, vmpod's other machine, boots a
+// kernel directly and cannot boot a VM's disk through firmware.
 type Machine struct {
-	// +kubebuilder:validation:Enum=q35;microvm
+	// +kubebuilder:validation:Enum=q35
 	// +kubebuilder:default=q35
 	// +optional
 	Type string `json:"type,omitempty"`
@@ -217,7 +216,7 @@ type Bootloader struct {
 	EFI *EFI `json:"efi,omitempty"`
 }
 
-// BIOS boots with SeaBIOS (q35) or qboot (microvm).
+// BIOS boots with SeaBIOS.
 type BIOS struct{}
 
 // EFI boots with OVMF.
@@ -295,9 +294,12 @@ type CDRomTarget struct {
 	Bus DiskBus `json:"bus,omitempty"`
 }
 
-// Interface is a guest NIC; its name is the name of the network behind it. The guest NIC is
-// wired to the pod interface (tc mirred), so the guest has the pod's IP and MAC: KubeVirt's
-// "bridge" binding. There is no NAT ("masquerade") binding.
+// Interface is a guest NIC; its name is the name of the network behind it. With the bridge
+// binding (the default) the guest NIC is wired to the pod interface (tc mirred) and gets the
+// pod's IP by DHCP; with masquerade it sits behind NAT in the pod (10.0.2.2), its traffic
+// leaves with the pod's IP and the pod's IP (ports, or every port) is forwarded to it.
+// +kubebuilder:validation:XValidation:rule="!(has(self.bridge) && has(self.masquerade))",message="an interface has one binding: bridge or masquerade"
+// +kubebuilder:validation:XValidation:rule="!has(self.ports) || has(self.masquerade)",message="ports are forwarded only by the masquerade binding",fieldPath=".ports"
 type Interface struct {
 	// +kubebuilder:validation:MaxLength=63
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
@@ -310,6 +312,36 @@ type Interface struct {
 	// +kubebuilder:validation:Pattern=`^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$`
 	// +optional
 	MACAddress string `json:"macAddress,omitempty"`
+	// Bridge selects the bridge binding (the default).
+	// +optional
+	Bridge *InterfaceBridge `json:"bridge,omitempty"`
+	// Masquerade selects the NAT binding.
+	// +optional
+	Masquerade *InterfaceMasquerade `json:"masquerade,omitempty"`
+	// Ports the masquerade binding forwards to the guest; none forwards every port.
+	// +kubebuilder:validation:MaxItems=64
+	// +listType=atomic
+	// +optional
+	Ports []Port `json:"ports,omitempty"`
+}
+
+// InterfaceBridge is the bridge binding; it has no settings.
+type InterfaceBridge struct{}
+
+// InterfaceMasquerade is the masquerade binding; it has no settings.
+type InterfaceMasquerade struct{}
+
+// Port is a pod port the masquerade binding forwards to the guest.
+type Port struct {
+	// +optional
+	Name string `json:"name,omitempty"`
+	// +kubebuilder:validation:Enum=TCP;UDP
+	// +kubebuilder:default=TCP
+	// +optional
+	Protocol string `json:"protocol,omitempty"`
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=65535
+	Port int32 `json:"port"`
 }
 
 // GPU is a GPU passed through to the guest, allocated as one unit of a device plugin resource.

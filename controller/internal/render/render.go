@@ -354,7 +354,8 @@ func (r *renderer) networks(spec *vmpodv1.InstanceSpec) error {
 			model = vmspec.ModelVirtio
 		}
 		r.vmspec.Interfaces = append(r.vmspec.Interfaces, vmspec.Interface{
-			Name: iface.Name, PodInterface: podIface, Model: model, MACAddress: iface.MACAddress})
+			Name: iface.Name, PodInterface: podIface, Model: model, MACAddress: iface.MACAddress,
+			Binding: binding(iface), Ports: ports(iface.Ports)})
 	}
 	if len(secondary) > 0 {
 		b, err := json.Marshal(secondary)
@@ -464,4 +465,20 @@ func hashOf(pod *corev1.Pod) string {
 	}
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:8])
+}
+
+// binding is the interface's vmspec binding: masquerade if asked for, else bridge.
+func binding(iface vmpodv1.Interface) vmspec.Binding {
+	if iface.Masquerade != nil {
+		return vmspec.BindingMasquerade
+	}
+	return vmspec.BindingBridge
+}
+
+func ports(in []vmpodv1.Port) []vmspec.Port {
+	var out []vmspec.Port
+	for _, p := range in {
+		out = append(out, vmspec.Port{Name: p.Name, Protocol: vmspec.Protocol(p.Protocol), Port: int(p.Port)})
+	}
+	return out
 }

@@ -156,8 +156,8 @@ func TestPod(t *testing.T) {
 			{Name: "iso", Volume: "iso", Source: vmspec.SourceFile, Device: vmspec.DeviceCDROM, Bus: vmspec.BusSATA, ReadOnly: true},
 		},
 		Interfaces: []vmspec.Interface{
-			{Name: "default", PodInterface: "eth0", Model: vmspec.ModelVirtio},
-			{Name: "storage", PodInterface: "net1", Model: vmspec.ModelE1000E, MACAddress: "02:00:00:00:00:07"},
+			{Name: "default", PodInterface: "eth0", Model: vmspec.ModelVirtio, Binding: vmspec.BindingBridge},
+			{Name: "storage", PodInterface: "net1", Model: vmspec.ModelE1000E, MACAddress: "02:00:00:00:00:07", Binding: vmspec.BindingBridge},
 		},
 		CloudInit: &vmspec.CloudInit{SecretVolume: "ci", Bus: vmspec.BusSATA},
 		GPUs:      []vmspec.HostDevice{{Name: "g1", ResourceName: "nvidia.com/A10"}, {Name: "g2", ResourceName: "nvidia.com/A10"}},
@@ -215,10 +215,9 @@ func TestPodErrors(t *testing.T) {
 		{"unknown claim", func(*vmpodv1.VirtualMachine) {}, map[string]Claim{"fedora-data": {}}, `volumes[fast]: PVC "nvme" is not known`},
 		{"disk without volume", func(vm *vmpodv1.VirtualMachine) { vm.Spec.Template.Spec.Volumes = vm.Spec.Template.Spec.Volumes[1:] }, claims,
 			`disks[0]: no volume named "root"`},
-		{"microvm with a scsi disk", func(vm *vmpodv1.VirtualMachine) {
+		{"microvm", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Domain.Machine = &vmpodv1.Machine{Type: "microvm"}
-			vm.Spec.Template.Spec.Domain.Firmware = nil
-		}, claims, "disks[1].bus: microvm has no PCI bus"},
+		}, claims, "machine: microvm boots only a kernel"},
 		{"limit below request", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Domain.Resources.Limits = corev1.ResourceList{"memory": resource.MustParse("1Gi")}
 		}, claims, "memory limit 1Gi is below the request 1500Mi"},

@@ -200,7 +200,7 @@ func (r Run) OK() bool { return r.Problem == "" && r.Failed == r.Deviated && r.P
 func (r Run) SummaryLine() string {
 	line := fmt.Sprintf("critest[%s]: %d passed, %d failed, %d skipped", r.Handler, r.Passed, r.Failed, r.Skipped)
 	if r.Deviated > 0 {
-		line += fmt.Sprintf(" (%d of the failed are documented deviations, docs/conformance.md)", r.Deviated)
+		line += fmt.Sprintf(" (%d of the failed are documented deviations, design/007)", r.Deviated)
 	}
 	if w := r.Meta["wall_seconds"]; w != "" && r.Meta["status"] == "ran" {
 		line += " in " + w + "s wall"
