@@ -434,7 +434,8 @@ func TestVMPodUEFIFromBlockDevice(t *testing.T) {
 	}
 }
 
-// BIOS boot from a filesystem PVC's disk.img.
+// BIOS boot from a filesystem PVC's disk.img, on SATA; QEMU in the container's cgroup; a
+// guest panic.
 func TestVMPodFromDiskImg(t *testing.T) {
 	raw := guestRaw(t)
 	pvc := t.TempDir()
@@ -442,12 +443,23 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	vm := baseVM()
 	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSATA, BootOrder: 1}}
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file"}, Hostname: "vm-file", Annotations: annotation(t, vm)})
-	id := compute(t, pod, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc}}, nil, true)
+	termLog := filepath.Join(t.TempDir(), "termination-log")
+	os.WriteFile(termLog, nil, 0o644)
+	id := compute(t, pod, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc},
+		{ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
+	// QEMU is the compute container: it runs in the container's cgroup
+	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", status(t, id).Pid)); !strings.Contains(string(cg), id) {
+		t.Errorf("QEMU's cgroups do not name the compute container %s:\n%s", id, cg)
+	}
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
 	waitExec(t, id, time.Minute, "ata-QEMU_HARDDISK_root", "ls", "/dev/disk/by-id")
-	testenv.Crictl(t, "stop", "--timeout", fmt.Sprint(int(powerOffWithin.Seconds())), id)
-	if code := waitExited(t, id, 10*time.Second); code != 0 {
-		t.Errorf("exit code %d after power-off, want 0", code)
+	// a kernel panic reaches QEMU through pvpanic: the container fails, saying why
+	_, _ = execIn(id, 20*time.Second, "sh", "-c", "echo c > /proc/sysrq-trigger")
+	if code := waitExited(t, id, time.Minute); code != 1 {
+		t.Errorf("exit code %d after a guest panic, want 1", code)
+	}
+	if b, _ := os.ReadFile(termLog); !strings.Contains(string(b), "GuestPanicked") {
+		t.Errorf("termination message %q, want the panic", b)
 	}
 }
 
