@@ -233,21 +233,29 @@ func attachSees(t *testing.T, id, want string, within time.Duration) {
 	}
 }
 
-// vncBanner reaches the VM's display through a CRI port-forward of port 5900, as
-// `kubectl port-forward` (and `kubectl vmpod vnc`) do, and reads the RFB greeting.
-func vncBanner(t *testing.T, pod *testenv.Pod) {
+// portForward runs `crictl port-forward` of the pod's port to a free local port, which it
+// returns, until the test ends.
+func portForward(t *testing.T, pod *testenv.Pod, port int) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	port := l.Addr().(*net.TCPAddr).Port
+	local := l.Addr().(*net.TCPAddr).Port
 	l.Close()
-	pf := exec.Command("crictl", "port-forward", pod.ID, fmt.Sprintf("%d:5900", port))
+	pf := exec.Command("crictl", "port-forward", pod.ID, fmt.Sprintf("%d:%d", local, port))
 	if err := pf.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	t.Cleanup(func() { _ = pf.Process.Kill(); _ = pf.Wait() })
+	return local
+}
+
+// vncBanner reaches the VM's display through a CRI port-forward of port 5900, as
+// `kubectl port-forward` (and `kubectl vmpod vnc`) do, and reads the RFB greeting.
+func vncBanner(t *testing.T, pod *testenv.Pod) {
+	t.Helper()
+	port := portForward(t, pod, 5900)
 	var banner []byte
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
@@ -518,7 +526,7 @@ func TestVMPodBadInput(t *testing.T) {
 
 // The masquerade binding: the guest is 10.0.2.2 behind NAT in the pod; the pod's IP is
 // forwarded to it (every port), its own connections leave with the pod's IP, and a
-// port-forward reaches its ports.
+// port-forward reaches its ports. Pause and resume.
 func TestVMPodMasquerade(t *testing.T) {
 	img := guestImage(t)
 	vm := baseVM()
@@ -545,14 +553,20 @@ func TestVMPodMasquerade(t *testing.T) {
 	if strings.TrimSpace(string(body)) != "vm-nat" {
 		t.Errorf("GET %s through the NAT: %q, want the guest's hostname", url, body)
 	}
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
-	local := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	pf := exec.Command("crictl", "port-forward", pod.ID, fmt.Sprintf("%d:8080", local))
-	if err := pf.Start(); err != nil {
-		t.Fatal(err)
+	// pause (QMP stop) freezes the guest: it stops answering; resume brings it back
+	if _, err := testenv.Cmd("ctr", "-n", "k8s.io", "task", "pause", id); err != nil {
+		t.Fatalf("pause: %v", err)
 	}
-	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	if out, err := exec.Command("curl", "-sf", "--max-time", "3", url).Output(); err == nil {
+		t.Errorf("a paused VM answered: %q", out)
+	}
+	if _, err := testenv.Cmd("ctr", "-n", "k8s.io", "task", "resume", id); err != nil {
+		t.Fatalf("resume: %v", err)
+	}
+	if out, err := exec.Command("curl", "-sf", "--max-time", "10", url).Output(); err != nil || strings.TrimSpace(string(out)) != "vm-nat" {
+		t.Errorf("after resume: %q, %v", out, err)
+	}
+	local := portForward(t, pod, 8080)
 	body = nil
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
 		if body, _ = exec.Command("curl", "-sf", "--max-time", "5", fmt.Sprintf("http://127.0.0.1:%d/hostname", local)).Output(); len(body) > 0 {

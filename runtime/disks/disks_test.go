@@ -157,6 +157,18 @@ func TestBadDisks(t *testing.T) {
 			run(t, o.QEMUImg, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", filepath.Join(d, "x.qcow2"), "8M")
 			return imageDisk("cd")
 		}, "backing file"},
+		{"external data file", func(t *testing.T, spec *specs.Spec) vmspec.VM {
+			d := filepath.Join(volume(t, spec, "cd"), "disk")
+			os.Mkdir(d, 0o755)
+			run(t, o.QEMUImg, "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(t.TempDir(), "outside.raw"), filepath.Join(d, "x.qcow2"), "8M")
+			return imageDisk("cd")
+		}, "external file"},
+		{"encrypted qcow2", func(t *testing.T, spec *specs.Spec) vmspec.VM {
+			d := filepath.Join(volume(t, spec, "cd"), "disk")
+			os.Mkdir(d, 0o755)
+			run(t, o.QEMUImg, "create", "-q", "--object", "secret,id=s0,data=pw", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0", filepath.Join(d, "x.qcow2"), "8M")
+			return imageDisk("cd")
+		}, "encrypted"},
 		{"truncated qcow2", func(t *testing.T, spec *specs.Spec) vmspec.VM {
 			d := filepath.Join(volume(t, spec, "cd"), "disk")
 			os.Mkdir(d, 0o755)

@@ -3,6 +3,7 @@ package disks
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -36,15 +37,19 @@ func probe(ctx context.Context, qemuImg string, f *os.File, block bool) (imageIn
 	if err != nil {
 		return imageInfo{}, err
 	}
-	head := make([]byte, 4)
+	head := make([]byte, qcow2HeaderLen)
 	if _, err := f.ReadAt(head, 0); err != nil && !errors.Is(err, io.EOF) {
 		return imageInfo{}, fmt.Errorf("read image header: %w", err)
 	}
-	if !bytes.Equal(head, qcow2Magic) {
+	if !bytes.Equal(head[:4], qcow2Magic) {
 		if size == 0 {
 			return imageInfo{}, errors.New("the disk is empty (0 bytes)")
 		}
 		return imageInfo{format: "raw", size: size}, nil
+	}
+	// What would make QEMU open another file goes before qemu-img sees the image at all.
+	if err := checkQcow2Header(head); err != nil {
+		return imageInfo{}, err
 	}
 	out, err := runQEMUImg(ctx, qemuImg, f, "info", "--output=json", "-U", "-f", "qcow2", "/dev/fd/3")
 	if err != nil {
@@ -55,7 +60,8 @@ func probe(ctx context.Context, qemuImg string, f *os.File, block bool) (imageIn
 		BackingFilename string `json:"backing-filename"`
 		FormatSpecific  struct {
 			Data struct {
-				Corrupt bool `json:"corrupt"`
+				Corrupt  bool   `json:"corrupt"`
+				DataFile string `json:"data-file"`
 			} `json:"data"`
 		} `json:"format-specific"`
 	}
@@ -65,6 +71,8 @@ func probe(ctx context.Context, qemuImg string, f *os.File, block bool) (imageIn
 	switch {
 	case info.BackingFilename != "":
 		return imageInfo{}, fmt.Errorf("qcow2 image has a backing file (%q): a disk image must be self-contained", info.BackingFilename)
+	case info.FormatSpecific.Data.DataFile != "":
+		return imageInfo{}, fmt.Errorf("qcow2 image keeps its data in an external file (%q): a disk image must be self-contained", info.FormatSpecific.Data.DataFile)
 	case info.FormatSpecific.Data.Corrupt:
 		return imageInfo{}, errors.New("qcow2 image is marked corrupt")
 	case info.VirtualSize <= 0:
@@ -131,4 +139,41 @@ func runQEMUImg(ctx context.Context, qemuImg string, f *os.File, args ...string)
 		return stdout.Bytes(), &qemuImgError{err: err, stderr: strings.TrimSpace(stderr.String())}
 	}
 	return stdout.Bytes(), nil
+}
+
+// The qcow2 header fields checked in Go (docs/interop/qcow2.txt, big-endian).
+const (
+	qcow2HeaderLen        = 104 // version 3's header; version 2's is 72 bytes of it
+	qcow2BackingOffset    = 8   // uint64: where the backing file's name is, 0 for none
+	qcow2CryptMethod      = 32  // uint32: 0 none, 1 AES, 2 LUKS
+	qcow2Incompatible     = 72  // uint64, version 3: features a reader must understand
+	qcow2IncompatDataFile = 1 << 2
+	qcow2IncompatKnown    = 1<<5 - 1 // dirty, corrupt, external data file, compression type, extended L2
+)
+
+// checkQcow2Header refuses, from the header alone, a qcow2 that would make QEMU open a file
+// the image names (a backing file, an external data file: a pod author could name any host
+// path, CVE-2024-4467), an encrypted one, and one with incompatible features vmpod does not
+// know.
+func checkQcow2Header(h []byte) error {
+	version := binary.BigEndian.Uint32(h[4:8])
+	switch {
+	case version != 2 && version != 3:
+		return fmt.Errorf("qcow2 image: version %d: want 2 or 3", version)
+	case binary.BigEndian.Uint64(h[qcow2BackingOffset:]) != 0:
+		return errors.New("qcow2 image has a backing file: a disk image must be self-contained")
+	case binary.BigEndian.Uint32(h[qcow2CryptMethod:]) != 0:
+		return errors.New("qcow2 image is encrypted")
+	}
+	if version < 3 {
+		return nil
+	}
+	incompat := binary.BigEndian.Uint64(h[qcow2Incompatible:])
+	switch {
+	case incompat&qcow2IncompatDataFile != 0:
+		return errors.New("qcow2 image keeps its data in an external file: a disk image must be self-contained")
+	case incompat&^qcow2IncompatKnown != 0:
+		return fmt.Errorf("qcow2 image has unknown incompatible features %#x", incompat&^qcow2IncompatKnown)
+	}
+	return nil
 }

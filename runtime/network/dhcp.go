@@ -1,6 +1,7 @@
 package network
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -248,7 +249,7 @@ func (s *DHCPServer) serve() {
 	defer s.wg.Done()
 	buf := make([]byte, 2048)
 	for {
-		n, _, err := unix.Recvfrom(int(s.sock.Fd()), buf, 0)
+		n, sa, err := unix.Recvfrom(int(s.sock.Fd()), buf, 0)
 		select {
 		case <-s.done:
 			return
@@ -260,9 +261,12 @@ func (s *DHCPServer) serve() {
 		if err != nil {
 			return // the socket is broken: the guest keeps what it has leased
 		}
+		if ll, isLL := sa.(*unix.SockaddrLinklayer); isLL && ll.Pkttype == unix.PACKET_OUTGOING {
+			continue // on its way into the guest (mirrored from the pod link): not the guest's
+		}
 		req, from, ok := parseDHCPFrame(buf[:n])
-		if !ok {
-			continue
+		if !ok || !bytes.Equal(from, s.lease.MAC) {
+			continue // only the guest NIC's own frames, whatever their chaddr says
 		}
 		rep, err := reply(req, s.lease)
 		if err != nil || rep == nil {

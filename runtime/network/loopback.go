@@ -91,6 +91,22 @@ func originalPort(conn *net.TCPConn) (uint32, error) {
 	return port, errors.Join(err, sockErr)
 }
 
+// Serve hands each redirected connection to handle, in a goroutine of its own, until
+// Close. Accept errors other than the close are logged by logf and skipped.
+func (r *LoopbackRedirect) Serve(handle func(conn net.Conn, port uint32), logf func(error)) {
+	for {
+		conn, port, err := r.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil {
+			logf(err)
+			continue
+		}
+		go handle(conn, port)
+	}
+}
+
 // Close removes the rule and closes the listener; Accept then fails with net.ErrClosed.
 func (r *LoopbackRedirect) Close() error {
 	var err error

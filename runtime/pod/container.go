@@ -152,21 +152,11 @@ func (p *containerPod) WriteRecord(bundle string) error { return writeRecord(bun
 // servePortForwards carries each connection containerd makes to localhost in the pod's
 // netns (a CRI port-forward) to the same port on the guest's loopback.
 func (p *containerPod) servePortForwards(ctx context.Context) {
-	for {
-		conn, port, err := p.loopback.Accept()
-		if errors.Is(err, net.ErrClosed) {
-			return
+	p.loopback.Serve(func(conn net.Conn, port uint32) {
+		if err := p.guest.ForwardPort(ctx, conn, port); err != nil {
+			log.G(ctx).WithError(err).Debugf("port-forward to %d ended", port)
 		}
-		if err != nil {
-			log.G(ctx).WithError(err).Warn("port-forward")
-			continue
-		}
-		go func() {
-			if err := p.guest.ForwardPort(ctx, conn, port); err != nil {
-				log.G(ctx).WithError(err).Debugf("port-forward to %d ended", port)
-			}
-		}()
-	}
+	}, func(err error) { log.G(ctx).WithError(err).Warn("port-forward") })
 }
 
 // pids are the guest pids of the pod's container inits: the processes whose namespaces

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 
@@ -46,11 +47,17 @@ type vmPod struct {
 	// port-forwards to its ports work
 	masquerade bool
 
+	// bootMu serialises booting the VM and stopping the pod, which may take a while; mu
+	// only guards the fields below, so lookups do not wait for a boot.
+	bootMu    sync.Mutex
 	mu        sync.Mutex
 	sandbox   *standIn // the sandbox container, once created
 	sandboxID string
 	compute   *computeVM // the VM, while a compute container exists
 	computeID string
+	// removed are containers already released (a compute whose VM exited and was
+	// replaced): deleting them again succeeds
+	removed map[string]bool
 
 	done     chan struct{}
 	stopOnce sync.Once
@@ -67,7 +74,8 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 	if err := checkVMAgainstNode(vm, cfg); err != nil {
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", podID, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
 	}
-	p := &vmPod{id: podID, cfg: cfg, vm: vm, hostname: spec.Hostname, stateDir: filepath.Join(cfg.StateDir, podID), done: make(chan struct{})}
+	p := &vmPod{id: podID, cfg: cfg, vm: vm, hostname: spec.Hostname, stateDir: filepath.Join(cfg.StateDir, podID),
+		done: make(chan struct{}), removed: map[string]bool{}}
 	var undo cleanup.Stack
 	defer func() {
 		if retErr != nil {
@@ -87,16 +95,22 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 				return nil, fmt.Errorf("pod %s: annotation %s: interfaces[%d].podInterface: the pod has no interface %s: %w", podID, vmspec.Annotation, i, iface.PodInterface, errdefs.ErrInvalidArgument)
 			}
 		}
+		// only the interfaces the VM has get a tap: the others stay as CNI made them
+		plan.Interfaces = slices.DeleteFunc(plan.Interfaces, func(i network.Interface) bool {
+			return !slices.ContainsFunc(vm.Interfaces, func(v vmspec.Interface) bool { return v.PodInterface == i.Name })
+		})
 		for _, iface := range vm.Interfaces {
 			if iface.Binding == vmspec.BindingMasquerade {
 				plan.Masquerade = masqueradeOf(iface)
 				p.masquerade = true
 			}
 		}
-		if p.network, err = network.Plumb(plan); err != nil {
-			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		if len(plan.Interfaces) > 0 { // a VM without NICs has nothing to plumb
+			if p.network, err = network.Plumb(plan); err != nil {
+				return nil, fmt.Errorf("pod %s: %w", podID, err)
+			}
+			undo.Add("tear down pod network", p.network.Teardown)
 		}
-		undo.Add("tear down pod network", p.network.Teardown)
 		if p.loopback, err = network.RedirectLoopback(netns); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
@@ -150,25 +164,17 @@ func (p *vmPod) WriteRecord(bundle string) error { return writeRecord(bundle, p.
 // binding the guest's ports are not reachable this way: the pod's address is the guest's,
 // and a connection from the pod's netns to it would never leave the netns.
 func (p *vmPod) serveLoopback(ctx context.Context) {
-	for {
-		conn, port, err := p.loopback.Accept()
-		if errors.Is(err, net.ErrClosed) {
-			return
-		}
-		if err != nil {
-			log.G(ctx).WithError(err).Warn("port-forward")
-			continue
-		}
+	p.loopback.Serve(func(conn net.Conn, port uint32) {
 		switch {
 		case port == VNCPort:
-			go p.proxyVNC(ctx, conn)
+			p.proxyVNC(ctx, conn)
 		case p.masquerade:
-			go p.proxyGuest(ctx, conn, port)
+			p.proxyGuest(ctx, conn, port)
 		default:
 			log.G(ctx).Warnf("port-forward to port %d of a VM pod: only the VNC display (port %d) is served on the pod's localhost; reach the guest on the pod's IP", port, VNCPort)
 			_ = conn.Close()
 		}
-	}
+	}, func(err error) { log.G(ctx).WithError(err).Warn("port-forward") })
 }
 
 // proxyGuest carries a port-forward to the guest behind NAT.
@@ -219,15 +225,12 @@ func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
 }
 
 // CreateContainer creates the sandbox stand-in or boots the VM for the compute container.
+// A compute container whose VM has exited is released first: the kubelet creates the next
+// one before it deletes the dead one.
 func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	select {
-	case <-p.done:
-		return nil, fmt.Errorf("pod %s is stopped: %w", p.id, errdefs.ErrFailedPrecondition)
-	default:
-	}
 	if spec.Annotations[AnnotationContainerType] == ContainerTypeSandbox {
+		p.mu.Lock()
+		defer p.mu.Unlock()
 		if p.sandbox != nil {
 			return nil, fmt.Errorf("pod %s: a second sandbox container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
 		}
@@ -237,14 +240,36 @@ func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *sp
 	if name, cri := spec.Annotations[AnnotationContainerName]; cri && name != vmspec.ComputeContainer {
 		return nil, fmt.Errorf("pod %s: container %s (%s): a VM pod runs one container, %q: %w", p.id, id, name, vmspec.ComputeContainer, errdefs.ErrInvalidArgument)
 	}
-	if p.compute != nil {
-		return nil, fmt.Errorf("pod %s: container %s: the VM already runs as container %s: %w", p.id, id, p.computeID, errdefs.ErrAlreadyExists)
+	p.bootMu.Lock()
+	defer p.bootMu.Unlock()
+	select {
+	case <-p.done:
+		return nil, fmt.Errorf("pod %s is stopped: %w", p.id, errdefs.ErrFailedPrecondition)
+	default:
+	}
+	p.mu.Lock()
+	old, oldID := p.compute, p.computeID
+	p.mu.Unlock()
+	if old != nil {
+		select {
+		case <-old.exited:
+		default:
+			return nil, fmt.Errorf("pod %s: container %s: the VM already runs as container %s: %w", p.id, id, oldID, errdefs.ErrAlreadyExists)
+		}
+		if err := old.shutDown(); err != nil {
+			log.G(ctx).WithError(err).Warnf("pod %s: releasing the exited VM of container %s", p.id, oldID)
+		}
+		p.mu.Lock()
+		p.compute, p.computeID, p.removed[oldID] = nil, "", true
+		p.mu.Unlock()
 	}
 	c, err := p.bootVM(ctx, id, rootfs, spec, stdio)
 	if err != nil {
 		return nil, err
 	}
+	p.mu.Lock()
 	p.compute, p.computeID = c, id
+	p.mu.Unlock()
 	return c, nil
 }
 
@@ -335,43 +360,58 @@ func (p *vmPod) WaitOOMEvent(ctx context.Context, afterSeq uint64) (OOMEvent, er
 }
 
 func (p *vmPod) RemoveContainer(ctx context.Context, id string, force bool) error {
-	_, c, err := p.lookup(id)
-	if err != nil {
-		return err
-	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if c == nil {
+	var c *computeVM
+	switch {
+	case p.sandbox != nil && id == p.sandboxID:
 		p.sandbox.end(exitKilled)
 		p.sandbox, p.sandboxID = nil, ""
+		p.removed[id] = true
+		p.mu.Unlock()
 		return nil
+	case p.compute != nil && id == p.computeID:
+		c = p.compute
+		p.compute, p.computeID, p.removed[id] = nil, "", true
+	case p.removed[id]:
+		p.mu.Unlock()
+		return nil
+	default:
+		p.mu.Unlock()
+		return fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
 	}
-	err = c.shutDown()
-	p.compute, p.computeID = nil, ""
-	return err
+	p.mu.Unlock()
+	// Forgotten before the teardown: an error is reported once, and a retried delete
+	// then succeeds instead of keeping the container (and the pod) forever.
+	if err := c.shutDown(); err != nil {
+		return fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
+	}
+	return nil
 }
 
 // Stop ends the VM if it still runs and releases the pod's network. Later calls return the
 // first result.
 func (p *vmPod) Stop(ctx context.Context) error {
 	p.stopOnce.Do(func() {
+		p.bootMu.Lock() // a boot in progress finishes (or fails) first
+		defer p.bootMu.Unlock()
 		p.mu.Lock()
-		var errs []error
-		if p.compute != nil {
-			errs = append(errs, p.compute.shutDown())
-			p.compute = nil
-		}
-		if p.sandbox != nil {
-			p.sandbox.end(exitKilled)
-		}
+		c, sandbox := p.compute, p.sandbox
+		p.compute = nil
+		close(p.done)
 		p.mu.Unlock()
+		var errs []error
+		if c != nil {
+			errs = append(errs, c.shutDown())
+		}
+		if sandbox != nil {
+			sandbox.end(exitKilled)
+		}
 		if p.loopback != nil {
 			errs = append(errs, p.loopback.Close())
 		}
 		if p.network != nil {
 			errs = append(errs, p.network.Teardown())
 		}
-		close(p.done)
 		p.stopErr = errors.Join(errs...)
 	})
 	return p.stopErr

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -90,6 +91,9 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 	}()
 	h := p.cfg.Hypervisor
 	set, err := disks.Open(ctx, p.vm, spec, disks.Options{ScratchDir: rootfs, QEMUImg: h.QEMUImg, FirstFDSet: 1})
+	if err != nil && ctx.Err() != nil {
+		return nil, fmt.Errorf("pod %s: %w", p.id, err) // given up, not a bad disk
+	}
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
 	}
@@ -292,7 +296,12 @@ func (c *computeVM) watch(ctx context.Context) {
 	case <-c.consoleDone:
 	case <-time.After(consoleDrainWait):
 		_ = c.console.Close()
-		<-c.consoleDone
+		select {
+		case <-c.consoleDone:
+		case <-time.After(consoleDrainWait):
+			// the pump is stuck writing to a stdout nobody reads (containerd away): the
+			// exit does not wait for it
+		}
 	}
 	c.mu.Lock()
 	exit := exitOf(exitErr, c.killedBy, c.panicked)
@@ -377,7 +386,7 @@ func (c *computeVM) Signal(ctx context.Context, sig syscall.Signal, all bool) er
 		select {
 		case <-c.machine.Done():
 		default:
-			_ = syscall.Kill(c.machine.Pid(), syscall.SIGKILL)
+			c.machine.KillProcess()
 		}
 		return nil
 	case syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPWR:
@@ -425,6 +434,13 @@ func (c *computeVM) Remove(context.Context) error { return nil }
 // shutDown stops QEMU if it still runs and releases everything the boot made.
 func (c *computeVM) shutDown() error {
 	c.shutOnce.Do(func() {
+		select {
+		case <-c.machine.Done():
+		default:
+			c.mu.Lock()
+			c.killedBy = syscall.SIGKILL // the exit is a kill, not a crash
+			c.mu.Unlock()
+		}
 		errs := []error{c.machine.Kill()}
 		<-c.exited
 		_ = c.CloseStdin(context.Background())
@@ -440,8 +456,14 @@ func (c *computeVM) shutDown() error {
 	return c.shutErr
 }
 
-// stats are QEMU's, read on the host: its CPU time and resident memory.
+// stats are QEMU's, read on the host: its CPU time and resident memory. An exited VM has
+// none (its pid may belong to another process by now).
 func (c *computeVM) stats() (*cgroupsv2.Metrics, error) {
+	select {
+	case <-c.machine.Done():
+		return &cgroupsv2.Metrics{}, nil
+	default:
+	}
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.machine.Pid()))
 	if err != nil {
 		return nil, fmt.Errorf("VM stats: %w", err)
@@ -495,7 +517,7 @@ type guestExec struct {
 	exit       runtime.Exit
 	cancel     chan struct{}
 	cancelOnce sync.Once
-	killedBy   syscall.Signal
+	killedBy   atomic.Int32 // the signal Signal ended it with
 }
 
 func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
@@ -541,9 +563,13 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 	}
 	var input []byte
 	if stdio.Stdin != nil {
-		b, err := io.ReadAll(io.LimitReader(stdio.Stdin, maxExecInput+1))
-		if err != nil || len(b) > maxExecInput {
-			stderr(fmt.Sprintf("stdin: more than %d bytes, or unreadable: the guest agent takes stdin in one message", maxExecInput))
+		b, err := readInput(ctx, stdio.Stdin)
+		if ctx.Err() != nil {
+			finish(128 + int(e.killedBy.Load()))
+			return
+		}
+		if err != nil {
+			stderr(err.Error())
 			finish(126)
 			return
 		}
@@ -551,8 +577,8 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 	}
 	st, err := e.vm.agent.Run(ctx, qga.ExecRequest{Path: args[0], Args: args[1:], Input: input})
 	if err != nil {
-		if e.killedBy != 0 {
-			finish(128 + int(e.killedBy))
+		if sig := e.killedBy.Load(); sig != 0 {
+			finish(128 + int(sig))
 			return
 		}
 		stderr(err.Error())
@@ -587,7 +613,7 @@ func (e *guestExec) Signal(ctx context.Context, sig syscall.Signal, all bool) er
 		return nil
 	}
 	e.cancelOnce.Do(func() {
-		e.killedBy = sig
+		e.killedBy.Store(int32(sig))
 		close(e.cancel)
 	})
 	return nil
@@ -633,4 +659,31 @@ func guestInfo(ctx context.Context, agent *qga.Client) ([]byte, error) {
 		}
 	}
 	return json.Marshal(info)
+}
+
+// readInput reads an exec's stdin to its end (the guest agent takes it in one message),
+// giving up when ctx ends (the exec killed, the VM gone) rather than holding the exec, and
+// with it the container's exit, for a stdin that never closes.
+func readInput(ctx context.Context, r io.Reader) ([]byte, error) {
+	type result struct {
+		b   []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		b, err := io.ReadAll(io.LimitReader(r, maxExecInput+1))
+		done <- result{b, err}
+	}()
+	select {
+	case res := <-done:
+		if res.err != nil {
+			return nil, fmt.Errorf("stdin: %w", res.err)
+		}
+		if len(res.b) > maxExecInput {
+			return nil, fmt.Errorf("stdin: more than %d bytes: the guest agent takes stdin in one message", maxExecInput)
+		}
+		return res.b, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }

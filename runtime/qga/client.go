@@ -31,9 +31,9 @@ const PortName = "org.qemu.guest_agent.0"
 // DefaultTimeout bounds a call whose context has no deadline.
 const DefaultTimeout = 10 * time.Second
 
-// maxReply bounds one reply line. guest-exec-status carries up to 16 MiB of output
-// (the agent's own cap) in base64.
-const maxReply = 24 << 20
+// maxReply bounds one reply line. guest-exec-status carries up to 16 MiB of each of stdout
+// and stderr (the agent's own cap), in base64: 2 × 16 MiB × 4/3, and some JSON.
+const maxReply = 48 << 20
 
 // ErrNoAgent: nothing answered a resync in time: the guest has no agent running (not
 // installed, not started yet, or the guest is not up).
@@ -191,14 +191,16 @@ func (c *Client) roundTripLocked(ctx context.Context, command string, args any) 
 	}
 	stop := c.deadline(ctx)
 	defer stop()
+	// the agent answered the sync just now: silence from here on is a slow command, not
+	// a missing agent
 	if _, err := c.conn.Write(append(req, '\n')); err != nil {
 		_ = c.dropLocked()
-		return nil, fmt.Errorf("guest agent %s: %w", command, c.ioErr(ctx, err))
+		return nil, fmt.Errorf("guest agent %s: %w", command, c.callErr(ctx, err))
 	}
 	line, err := c.readLine()
 	if err != nil {
 		_ = c.dropLocked()
-		return nil, fmt.Errorf("guest agent %s: %w", command, c.ioErr(ctx, err))
+		return nil, fmt.Errorf("guest agent %s: %w", command, c.callErr(ctx, err))
 	}
 	var rep struct {
 		Return json.RawMessage `json:"return"`
@@ -248,8 +250,9 @@ func (c *Client) deadline(ctx context.Context) (stop func()) {
 	if d, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(d)
 	}
-	done := make(chan struct{})
+	done, exited := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(exited)
 		select {
 		case <-ctx.Done():
 			_ = conn.SetDeadline(time.Unix(1, 0))
@@ -258,8 +261,22 @@ func (c *Client) deadline(ctx context.Context) (stop func()) {
 	}()
 	return func() {
 		close(done)
+		<-exited // a late deadline in the past must not land after the reset below
 		_ = conn.SetDeadline(time.Time{})
 	}
+}
+
+// callErr is ioErr for a command after a successful sync: a timeout is the caller's
+// deadline passing while the command runs.
+func (c *Client) callErr(ctx context.Context, err error) error {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		if ctx.Err() != nil {
+			return fmt.Errorf("no reply: %w", ctx.Err())
+		}
+		return fmt.Errorf("no reply: %w", context.DeadlineExceeded)
+	}
+	return c.ioErr(ctx, err)
 }
 
 // ioErr turns a timeout while waiting for the agent into ErrNoAgent (or ctx's error when

@@ -418,6 +418,10 @@ func (m *Machine) Quit(ctx context.Context) {
 	}
 }
 
+// KillProcess sends SIGKILL to QEMU and nothing else: the teardown stays for Stop or Kill.
+// It signals through the process handle, never a bare pid that may have been reused.
+func (m *Machine) KillProcess() { _ = m.qemu.Process.Kill() }
+
 // Kill stops the machine at once (SIGKILL to QEMU) and removes everything Start created.
 func (m *Machine) Kill() error {
 	m.stopOnce.Do(func() { m.stopErr = m.runTeardown() })
