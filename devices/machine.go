@@ -95,6 +95,10 @@ type Machine struct {
 type UEFI struct {
 	Code string // read-only firmware image
 	Vars string // this VM's writable copy of the variable store
+	// SecureBoot runs an SMM build of OVMF (Code must be one, Vars a template with keys
+	// enrolled): the machine gets SMM, and only SMM code may write the variable store, so
+	// the guest cannot turn secure boot off behind the firmware's back.
+	SecureBoot bool
 }
 
 // FDSet is one file QEMU inherits and adds to fd set Set.
@@ -229,6 +233,9 @@ func (m *Machine) args(shared bool) []string {
 	}
 	if m.UEFI != nil {
 		machineOpts.add("pflash0", pflashCodeNode).add("pflash1", pflashVarsNode)
+		if m.UEFI.SecureBoot {
+			machineOpts.addBool("smm", true)
+		}
 	}
 	args = append(args,
 		"-machine", machineOpts.String(),
@@ -271,6 +278,9 @@ func (m *Machine) args(shared bool) []string {
 		args = append(args,
 			"-blockdev", newOptions("").add("driver", "file").add("node-name", pflashCodeNode).add("filename", m.UEFI.Code).addBool("read-only", true).String(),
 			"-blockdev", newOptions("").add("driver", "file").add("node-name", pflashVarsNode).add("filename", m.UEFI.Vars).String())
+		if m.UEFI.SecureBoot {
+			args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
+		}
 	}
 	if m.Kernel != "" {
 		args = append(args, "-kernel", m.Kernel)

@@ -60,7 +60,10 @@ make -s -j"$(nproc)" vmlinux >"$KB/build.log" 2>&1 || { tail -30 "$KB/build.log"
 mkdir -p "$OUT.tmp"
 cp vmlinux "$OUT.tmp/vmlinux"
 cp .config "$OUT.tmp/config"
-make -s kernelrelease > "$OUT.tmp/release"
+# --no-print-directory: under another make (make cold-test) the "Entering directory" lines
+# would land in the file
+make -s --no-print-directory kernelrelease > "$OUT.tmp/release"
+[[ $(cat "$OUT.tmp/release") =~ ^[0-9][^[:space:]]*$ ]] || die "kernelrelease printed $(cat "$OUT.tmp/release")"
 publish "$OUT.tmp" "$OUT"
 log "built $(cat "$OUT/release"): $OUT"
 echo "$OUT"

@@ -17,7 +17,8 @@
 # path-excludes: 192 MB of modules instead of 400 MB (the cloud kernel has 105 MB).
 #
 # Disk (MBR, 1088 MiB): p1 FAT16 "BOOT" with the kernel and initrd, syslinux for BIOS and
-# systemd-boot as \EFI\BOOT\BOOTX64.EFI for UEFI; p2 ext4 LABEL=rootfs. Only Debian packages
+# Debian's signed shim + GRUB as \EFI\BOOT\BOOTX64.EFI for UEFI (with secure boot too);
+# p2 ext4 LABEL=rootfs. Only Debian packages
 # (hack/install-deps.sh): mmdebstrap in unshare mode (its /proc and /sys mounts stay in its own
 # mount namespace), then mkfs.fat, mtools, syslinux and `mke2fs -d` write the filesystems at
 # byte offsets into the image file: no loop devices, no mounts.
@@ -89,27 +90,38 @@ trap 'rm -rf --one-file-system "$W"' EXIT
 R=$W/rootfs
 mkdir -p "$W/out" "$W/hooks"
 
-# systemd-boot's EFI binary, from its package (not installed on the host); the .deb is cached
-SDBOOT_VERSION=$(apt-cache policy systemd-boot-efi | sed -n 's/^ *Candidate: //p')
-[ -n "$SDBOOT_VERSION" ] && [ "$SDBOOT_VERSION" != "(none)" ] || die "apt knows no systemd-boot-efi package: run apt-get update"
-SDBOOT_DEB=$BASE/debs/systemd-boot-efi_${SDBOOT_VERSION#*:}_amd64.deb
-if [ ! -f "$SDBOOT_DEB" ]; then
-  log "downloading systemd-boot-efi $SDBOOT_VERSION"
-  mkdir "$W/deb"
+# The UEFI boot chain, as Debian's installer sets it up for secure boot: shim (signed by
+# Microsoft, carrying Debian's key) loads GRUB (signed by Debian), which loads the signed
+# kernel. From the packages, not installed on the host; the .debs are cached.
+# fetch_deb PACKAGE: the package's .deb in $BASE/debs, downloaded if missing; sets DEB, VERSION
+fetch_deb() {
+  local pkg=$1
+  VERSION=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
+  [ -n "$VERSION" ] && [ "$VERSION" != "(none)" ] || die "apt knows no $pkg package: run apt-get update"
+  DEB=$BASE/debs/${pkg}_${VERSION#*:}_amd64.deb
+  [ -f "$DEB" ] && return
+  log "downloading $pkg $VERSION"
+  rm -rf "$W/deb"; mkdir "$W/deb"
   # a stale package list names a version the mirror no longer has: update once and retry
   # as root: the _apt user cannot reach a cache under root's home
-  if ! (cd "$W/deb" && apt-get download -qq -o APT::Sandbox::User=root "systemd-boot-efi=$SDBOOT_VERSION" >/dev/null); then
+  if ! (cd "$W/deb" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$VERSION" >/dev/null); then
     apt-get update -qq
-    SDBOOT_VERSION=$(apt-cache policy systemd-boot-efi | sed -n 's/^ *Candidate: //p')
-    SDBOOT_DEB=$BASE/debs/systemd-boot-efi_${SDBOOT_VERSION#*:}_amd64.deb
-    (cd "$W/deb" && apt-get download -qq -o APT::Sandbox::User=root "systemd-boot-efi=$SDBOOT_VERSION" >/dev/null)
+    VERSION=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
+    DEB=$BASE/debs/${pkg}_${VERSION#*:}_amd64.deb
+    (cd "$W/deb" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$VERSION" >/dev/null)
   fi
-  find "$BASE/debs" -name 'systemd-boot-efi_*.deb' -delete
-  mv "$W"/deb/systemd-boot-efi_*.deb "$SDBOOT_DEB"
-fi
-dpkg-deb -x "$SDBOOT_DEB" "$W/sdboot"
-SDBOOT_EFI=$W/sdboot/usr/lib/systemd/boot/efi/systemd-bootx64.efi
-[ -f "$SDBOOT_EFI" ] || die "$SDBOOT_DEB has no systemd-bootx64.efi"
+  find "$BASE/debs" -name "${pkg}_*.deb" -delete
+  mv "$W"/deb/"${pkg}"_*.deb "$DEB"
+}
+fetch_deb shim-signed
+SHIM_VERSION=$VERSION
+dpkg-deb -x "$DEB" "$W/efi"
+fetch_deb grub-efi-amd64-signed
+GRUB_VERSION=$VERSION
+dpkg-deb -x "$DEB" "$W/efi"
+SHIM_EFI=$W/efi/usr/lib/shim/shimx64.efi.signed
+GRUB_EFI=$W/efi/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed
+for f in "$SHIM_EFI" "$GRUB_EFI"; do [ -f "$f" ] || die "no ${f#"$W"/efi} in the packages"; done
 
 # Before the kernel is installed: a MODULES=list initramfs, so the kernel's postinst builds one
 # small initrd (MODULES=most would make it several times bigger), once.
@@ -215,13 +227,15 @@ printf 'SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  LINU
 mcopy -i "$P1" "$W/syslinux.cfg" ::syslinux.cfg
 syslinux --install --offset $((P1_START * 512)) "$IMG"
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$IMG" bs=440 count=1 conv=notrunc status=none
-# UEFI: systemd-boot as the removable-media loader, one entry, no menu
-mmd -i "$P1" ::EFI ::EFI/BOOT ::loader ::loader/entries
-mcopy -i "$P1" "$SDBOOT_EFI" ::EFI/BOOT/BOOTX64.EFI
-printf 'default debian.conf\ntimeout 0\n' > "$W/loader.conf"
-printf 'title Debian (vmpod test guest)\nlinux /vmlinuz\ninitrd /initrd.img\noptions %s\n' "$CMDLINE" > "$W/debian.conf"
-mcopy -i "$P1" "$W/loader.conf" ::loader/loader.conf
-mcopy -i "$P1" "$W/debian.conf" ::loader/entries/debian.conf
+# UEFI: shim as the removable-media loader, GRUB next to it; GRUB's built-in config reads
+# grub.cfg from /EFI/debian (its prefix) or else from its own directory: both have it. The
+# kernel and initrd are the FAT partition's (GRUB's root is the partition it came from).
+mmd -i "$P1" ::EFI ::EFI/BOOT ::EFI/debian
+mcopy -i "$P1" "$SHIM_EFI" ::EFI/BOOT/BOOTX64.EFI
+mcopy -i "$P1" "$GRUB_EFI" ::EFI/BOOT/grubx64.efi
+printf 'serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\nset timeout=0\nmenuentry "Debian (vmpod test guest)" {\n  linux /vmlinuz %s\n  initrd /initrd.img\n}\n' "$CMDLINE" > "$W/grub.cfg"
+mcopy -i "$P1" "$W/grub.cfg" ::EFI/BOOT/grub.cfg
+mcopy -i "$P1" "$W/grub.cfg" ::EFI/debian/grub.cfg
 # p2: ext4 filled from the directory, at its byte offset. The size is given with its unit: a
 # bare number is KiB, not filesystem blocks.
 mke2fs -q -t ext4 -L rootfs -d "$R" -E offset=$((P2_START * 512)) "$IMG" "$((P2_SECTORS / 2))k"
@@ -237,7 +251,8 @@ linux-image-amd64=$(pkgver linux-image-amd64)
 systemd=$(pkgver systemd)
 cloud-init=$(pkgver cloud-init)
 qemu-guest-agent=$(pkgver qemu-guest-agent)
-systemd-boot-efi=$SDBOOT_VERSION
+shim-signed=$SHIM_VERSION
+grub-efi-amd64-signed=$GRUB_VERSION
 cmdline=$CMDLINE
 rootfs_kib=$(du -sk "$R" | cut -f1)
 initrd_bytes=$(stat -c %s "$R/boot/initrd.img-$KVER")

@@ -398,8 +398,9 @@ func losetup(t *testing.T, file string) string {
 	return dev
 }
 
-// UEFI (OVMF → systemd-boot) from a block PVC (a loop device), with a filesystem PVC's
-// disk.img as a second, data disk on SCSI.
+// UEFI with secure boot (OVMF's SMM build, Microsoft's keys → Debian's signed shim, GRUB
+// and kernel) from a block PVC (a loop device), with a filesystem PVC's disk.img as a
+// second, data disk on SCSI.
 func TestVMPodUEFIFromBlockDevice(t *testing.T) {
 	raw := guestRaw(t)
 	dir := t.TempDir()
@@ -411,7 +412,7 @@ func TestVMPodUEFIFromBlockDevice(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	vm := baseVM()
-	vm.Firmware.Type = vmspec.FirmwareUEFI
+	vm.Firmware = vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true}
 	vm.Disks = []vmspec.Disk{
 		{Name: "root", Volume: "root", Source: vmspec.SourceBlock, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1},
 		{Name: "data", Volume: "data", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSCSI},
@@ -423,6 +424,10 @@ func TestVMPodUEFIFromBlockDevice(t *testing.T) {
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
 	if out := waitExec(t, id, time.Minute, "efi", "ls", "/sys/firmware"); !strings.Contains(out, "efi") {
 		t.Errorf("the guest did not boot through UEFI: /sys/firmware has %q", out)
+	}
+	// the SecureBoot variable: 4 bytes of attributes, then 1 = on
+	if out, err := execIn(id, 30*time.Second, "od", "-An", "-tu1", "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"); err != nil || !strings.HasSuffix(strings.TrimSpace(out), " 1") {
+		t.Errorf("secure boot is not on in the guest: SecureBoot = %q, %v", out, err)
 	}
 	waitExec(t, id, time.Minute, "scsi-0QEMU_QEMU_HARDDISK_data", "ls", "/dev/disk/by-id")
 	// the guest writes to the PVC: the bytes land in disk.img on the host

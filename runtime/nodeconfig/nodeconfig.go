@@ -48,10 +48,14 @@ type Hypervisor struct {
 	SharedFS     machine.SharedFS `toml:"shared_fs"`
 
 	// VM pods (docs/design/110): qemu-img probes their disk images and makes overlays;
-	// OVMF's code and variable-store template boot firmware.type uefi.
-	QEMUImg  string `toml:"qemu_img"`
-	UEFICode string `toml:"uefi_code"`
-	UEFIVars string `toml:"uefi_vars"`
+	// OVMF's code and variable-store template boot firmware.type uefi; with secureBoot, its
+	// SMM build and a template with Microsoft's keys enrolled (they sign shim, which carries
+	// the distributions' keys).
+	QEMUImg        string `toml:"qemu_img"`
+	UEFICode       string `toml:"uefi_code"`
+	UEFIVars       string `toml:"uefi_vars"`
+	UEFISecureCode string `toml:"uefi_secure_code"`
+	UEFISecureVars string `toml:"uefi_secure_vars"`
 }
 
 // Sizing bounds the VMs: a pod gets what its resources ask for within these limits.
@@ -97,16 +101,18 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil
 func Default() Config {
 	return Config{
 		Hypervisor: Hypervisor{
-			QEMU:      vmm.DefaultQEMU,
-			Virtiofsd: vmm.DefaultVirtiofsd,
-			Kernel:    "/usr/share/vmpod/vmlinux",
-			Initrd:    "/usr/share/vmpod/initrd.img",
-			Machine:   machine.MicroVM,
-			Accel:     machine.AccelAuto,
-			SharedFS:  machine.VirtioFS,
-			QEMUImg:   "/usr/bin/qemu-img",
-			UEFICode:  "/usr/share/OVMF/OVMF_CODE_4M.fd",
-			UEFIVars:  "/usr/share/OVMF/OVMF_VARS_4M.fd",
+			QEMU:           vmm.DefaultQEMU,
+			Virtiofsd:      vmm.DefaultVirtiofsd,
+			Kernel:         "/usr/share/vmpod/vmlinux",
+			Initrd:         "/usr/share/vmpod/initrd.img",
+			Machine:        machine.MicroVM,
+			Accel:          machine.AccelAuto,
+			SharedFS:       machine.VirtioFS,
+			QEMUImg:        "/usr/bin/qemu-img",
+			UEFICode:       "/usr/share/OVMF/OVMF_CODE_4M.fd",
+			UEFIVars:       "/usr/share/OVMF/OVMF_VARS_4M.fd",
+			UEFISecureCode: "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+			UEFISecureVars: "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
 		},
 		Sizing: Sizing{
 			DefaultVCPUs:     1,
@@ -168,7 +174,8 @@ func (c Config) Validate() error {
 		"hypervisor.qemu": c.Hypervisor.QEMU, "hypervisor.kernel": c.Hypervisor.Kernel,
 		"hypervisor.initrd": c.Hypervisor.Initrd, "hypervisor.virtiofsd": c.Hypervisor.Virtiofsd,
 		"hypervisor.qemu_img": c.Hypervisor.QEMUImg, "hypervisor.uefi_code": c.Hypervisor.UEFICode,
-		"hypervisor.uefi_vars": c.Hypervisor.UEFIVars, "state_dir": c.StateDir,
+		"hypervisor.uefi_vars": c.Hypervisor.UEFIVars, "hypervisor.uefi_secure_code": c.Hypervisor.UEFISecureCode,
+		"hypervisor.uefi_secure_vars": c.Hypervisor.UEFISecureVars, "state_dir": c.StateDir,
 	} {
 		if !filepath.IsAbs(p) {
 			bad(key, "%q must be an absolute path", p)

@@ -132,9 +132,6 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	if vm.MemoryMiB > int64(cfg.Sizing.MaxMemoryMiB) {
 		errs = append(errs, fmt.Errorf("memoryMiB: %d, the node allows %d (sizing.max_memory_mib)", vm.MemoryMiB, cfg.Sizing.MaxMemoryMiB))
 	}
-	if vm.Firmware.SecureBoot {
-		errs = append(errs, errors.New("firmware.secureBoot: not supported by this node yet (UEFI without secure boot is)"))
-	}
 	if len(vm.GPUs) > 0 || len(vm.HostDevices) > 0 {
 		errs = append(errs, errors.New("gpus/hostDevices: device passthrough for VM pods is not supported by this node yet"))
 	}

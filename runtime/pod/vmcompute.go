@@ -30,6 +30,7 @@ import (
 	"github.com/vmpod/vmpod/runtime/cloudinit"
 	"github.com/vmpod/vmpod/runtime/disks"
 	"github.com/vmpod/vmpod/runtime/network"
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/qga"
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
@@ -117,7 +118,7 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		Accel:       h.Accel,
 		VCPUs:       p.vm.CPU.VCPUs(),
 		MemoryMiB:   int(p.vm.MemoryMiB),
-		Boot:        vmm.Boot{Firmware: vmm.Firmware{Type: vmm.FirmwareType(p.vm.Firmware.Type), Code: h.UEFICode, VarsTemplate: h.UEFIVars}},
+		Boot:        vmm.Boot{Firmware: firmware(p.vm.Firmware, h)},
 		Ports:       []string{qga.PortName},
 		Console:     vmm.ConsoleSocket,
 		Devices:     devs,
@@ -686,4 +687,13 @@ func readInput(ctx context.Context, r io.Reader) ([]byte, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// firmware is the machine's firmware for the VM spec's, from the node's OVMF builds.
+func firmware(f vmspec.Firmware, h nodeconfig.Hypervisor) vmm.Firmware {
+	fw := vmm.Firmware{Type: vmm.FirmwareType(f.Type), Code: h.UEFICode, VarsTemplate: h.UEFIVars}
+	if f.SecureBoot {
+		fw.SecureBoot, fw.Code, fw.VarsTemplate = true, h.UEFISecureCode, h.UEFISecureVars
+	}
+	return fw
 }

@@ -112,6 +112,8 @@ type Firmware struct {
 	// UEFI: the OVMF code (read-only) and the machine's own copy of the variable store,
 	// made from VarsTemplate in the state directory.
 	Code, VarsTemplate string
+	// SecureBoot (UEFI): Code is OVMF's SMM build and VarsTemplate has the keys enrolled.
+	SecureBoot bool
 }
 
 // FirmwareType names a firmware.
@@ -311,6 +313,9 @@ func (b Boot) validate(t machine.Type, bad func(field, format string, args ...an
 	}
 	switch b.Firmware.Type {
 	case FirmwareBIOS:
+		if b.Firmware.SecureBoot {
+			bad("firmware.secure_boot", "needs UEFI")
+		}
 	case FirmwareUEFI:
 		for field, path := range map[string]string{"firmware.code": b.Firmware.Code, "firmware.vars": b.Firmware.VarsTemplate} {
 			if err := checkFile(path); err != nil {

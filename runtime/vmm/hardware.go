@@ -97,7 +97,7 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 			m.Firmware = devices.QbootFirmware
 		}
 	} else if c.Boot.Firmware.Type == FirmwareUEFI {
-		m.UEFI = &devices.UEFI{Code: c.Boot.Firmware.Code, Vars: b.paths.uefiVars}
+		m.UEFI = &devices.UEFI{Code: c.Boot.Firmware.Code, Vars: b.paths.uefiVars, SecureBoot: c.Boot.Firmware.SecureBoot}
 	}
 	for _, f := range c.Files {
 		m.FDSets = append(m.FDSets, devices.FDSet{File: f.File, Set: f.Set})
