@@ -26,18 +26,15 @@ const detachKey = 0x1d
 // Console attaches the terminal to the VM's serial console: the compute container's stdin
 // and TTY, which the shim wires to the guest's serial port.
 func Console(ctx context.Context, rc *rest.Config, c client.Client, key types.NamespacedName, stdio IO) error {
-	vm := &vmpodv1.VirtualMachine{}
-	if err := c.Get(ctx, key, vm); err != nil {
-		return fmt.Errorf("get VirtualMachine %s: %w", key, err)
-	}
-	if vm.Status.PrintableStatus != vmpodv1.StatusRunning || vm.Status.PodName == "" {
-		return fmt.Errorf("VirtualMachine %s is %s, not Running: no console to attach to", key.Name, orUnknown(vm.Status.PrintableStatus))
+	pod, err := runningPod(ctx, c, key, "no console to attach to")
+	if err != nil {
+		return err
 	}
 	cs, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return fmt.Errorf("API client: %w", err)
 	}
-	req := cs.CoreV1().RESTClient().Post().Resource("pods").Namespace(key.Namespace).Name(vm.Status.PodName).SubResource("attach").
+	req := cs.CoreV1().RESTClient().Post().Resource("pods").Namespace(key.Namespace).Name(pod).SubResource("attach").
 		VersionedParams(&corev1.PodAttachOptions{Container: vmspec.ComputeContainer, Stdin: true, Stdout: true, TTY: true}, scheme.ParameterCodec)
 	ws, err := remotecommand.NewWebSocketExecutor(rc, "GET", req.URL().String())
 	if err != nil {
@@ -60,7 +57,7 @@ func Console(ctx context.Context, rc *rest.Config, c client.Client, key types.Na
 		}
 		defer term.Restore(int(f.Fd()), old)
 	}
-	fmt.Fprintf(stdio.Err, "Connected to %s (pod %s). Ctrl-] detaches.\r\n", key.Name, vm.Status.PodName)
+	fmt.Fprintf(stdio.Err, "Connected to %s (pod %s). Ctrl-] detaches.\r\n", key.Name, pod)
 	err = exec.StreamWithContext(ctx, remotecommand.StreamOptions{Stdin: &detachReader{r: in}, Stdout: stdio.Out, Tty: true})
 	fmt.Fprint(stdio.Err, "\r\nDisconnected.\r\n")
 	if err != nil && err != io.EOF {
@@ -88,6 +85,19 @@ func (d *detachReader) Read(p []byte) (int, error) {
 		return i, nil
 	}
 	return n, err
+}
+
+// runningPod is the pod of a Running VirtualMachine; for any other, an error that says why
+// ("... not Running: " + what).
+func runningPod(ctx context.Context, c client.Client, key types.NamespacedName, what string) (string, error) {
+	vm := &vmpodv1.VirtualMachine{}
+	if err := c.Get(ctx, key, vm); err != nil {
+		return "", fmt.Errorf("get VirtualMachine %s: %w", key, err)
+	}
+	if vm.Status.PrintableStatus != vmpodv1.StatusRunning || vm.Status.PodName == "" {
+		return "", fmt.Errorf("VirtualMachine %s is %s, not Running: %s", key.Name, orUnknown(vm.Status.PrintableStatus), what)
+	}
+	return vm.Status.PodName, nil
 }
 
 func orUnknown(s vmpodv1.PrintableStatus) vmpodv1.PrintableStatus {

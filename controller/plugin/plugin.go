@@ -2,6 +2,7 @@
 //
 //	kubectl vmpod start|stop|restart VM    change what runs (see docs/design/102-state-change-requests.md)
 //	kubectl vmpod console VM               attach to the VM's serial console
+//	kubectl vmpod vnc VM                   forward a local port to the VM's display
 //	kubectl vmpod convert -f FILE          KubeVirt/CDI manifests -> vmpod's
 package plugin
 
@@ -32,6 +33,8 @@ Usage:
   kubectl vmpod stop VM [flags]       stop a VM (the guest gets an ACPI power-off)
   kubectl vmpod restart VM [flags]    replace the VM's pod with a new one
   kubectl vmpod console VM [flags]    attach to the VM's serial console (Ctrl-] detaches)
+  kubectl vmpod vnc VM [flags]        forward a local port (--port, default free) to the VM's
+                                      VNC display and print the address for a viewer
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
                                       manifests to vmpod's (- reads stdin)
 
@@ -68,6 +71,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	loading := clientcmd.NewDefaultClientConfigLoadingRules()
 	fs.StringVar(&loading.ExplicitPath, "kubeconfig", "", "path to the kubeconfig file")
 	file := fs.StringP("filename", "f", "", "convert: the manifest file (- for stdin)")
+	port := fs.Int("port", 0, "vnc: the local port (0: a free one)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -102,6 +106,8 @@ func run(ctx context.Context, args []string, stdio IO) error {
 		return nil
 	case "console":
 		return Console(ctx, rc, c, key, stdio)
+	case "vnc":
+		return VNC(ctx, rc, c, key, *port, stdio)
 	}
 	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
 }

@@ -199,6 +199,9 @@ func TestStartStopRestart(t *testing.T) {
 	if _, stderr, err := f.run(nil, "vmpod", "console", "manual"); err == nil || !strings.Contains(stderr, "not Running: no console") {
 		t.Errorf("console of a stopped VM: %v %s", err, stderr)
 	}
+	if _, stderr, err := f.run(nil, "vmpod", "vnc", "manual"); err == nil || !strings.Contains(stderr, "not Running: no display") {
+		t.Errorf("vnc of a stopped VM: %v %s", err, stderr)
+	}
 	if _, stderr, err := f.run(nil, "vmpod", "start", "nosuchvm"); err == nil || !strings.Contains(stderr, "not found") {
 		t.Errorf("start of a missing VM: %v %s", err, stderr)
 	}
