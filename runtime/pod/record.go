@@ -14,15 +14,15 @@ import (
 // containerd's `shim delete` (run after a shim died) can find what to clean up.
 const recordFile = "vmpod-pod.json"
 
-// Record is what a bundle remembers of its pod.
-type Record struct {
+// record is what a bundle remembers of its pod.
+type record struct {
 	PodID    string `json:"pod_id"`
 	StateDir string `json:"state_dir"`
 }
 
 // writeRecord writes a pod's record into a container's bundle.
 func writeRecord(bundle, podID, stateDir string) error {
-	b, err := json.Marshal(Record{PodID: podID, StateDir: stateDir})
+	b, err := json.Marshal(record{PodID: podID, StateDir: stateDir})
 	if err != nil {
 		return err
 	}
@@ -32,9 +32,9 @@ func writeRecord(bundle, podID, stateDir string) error {
 	return nil
 }
 
-// ReadRecord reads a bundle's pod record; a bundle without one returns os.ErrNotExist.
-func ReadRecord(bundle string) (Record, error) {
-	var r Record
+// readRecord reads a bundle's pod record; a bundle without one returns os.ErrNotExist.
+func readRecord(bundle string) (record, error) {
+	var r record
 	b, err := os.ReadFile(filepath.Join(bundle, recordFile))
 	if err != nil {
 		return r, err
@@ -49,7 +49,7 @@ func ReadRecord(bundle string) (Record, error) {
 // shim died (QEMU, helpers, mounts, the state directory): containerd's `shim delete`. A
 // bundle without a record has nothing to clean.
 func Cleanup(bundle string) error {
-	rec, err := ReadRecord(bundle)
+	rec, err := readRecord(bundle)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
