@@ -573,6 +573,10 @@ func TestCgroup(t *testing.T) {
 	if bytes < rssKiB*1024 {
 		t.Fatalf("the cgroup accounts %d bytes, less than QEMU's own memory (%d KiB): QEMU's memory is charged elsewhere", bytes, rssKiB)
 	}
+	st, err := vm.Machine().CgroupStats()
+	if err != nil || st.GetMemory().GetUsage() < uint64(rssKiB)*1024 || st.GetCPU().GetUsageUsec() == 0 {
+		t.Fatalf("cgroup stats %+v, %v: want QEMU's memory and CPU time", st, err)
+	}
 	if err := vm.Stop(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -466,6 +467,26 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	}
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
 	waitExec(t, id, time.Minute, "ata-QEMU_HARDDISK_root", "ls", "/dev/disk/by-id")
+	// CRI stats of the compute container are QEMU's cgroup's
+	var stats struct {
+		Stats []struct {
+			CPU struct {
+				UsageCoreNanoSeconds struct{ Value string } `json:"usageCoreNanoSeconds"`
+			} `json:"cpu"`
+			Memory struct {
+				WorkingSetBytes struct{ Value string } `json:"workingSetBytes"`
+			} `json:"memory"`
+		} `json:"stats"`
+	}
+	if err := json.Unmarshal([]byte(testenv.Crictl(t, "stats", "-o", "json", "--id", id)), &stats); err != nil || len(stats.Stats) != 1 {
+		t.Fatalf("crictl stats: %v %+v", err, stats)
+	}
+	if ws, _ := strconv.ParseInt(stats.Stats[0].Memory.WorkingSetBytes.Value, 10, 64); ws < 100<<20 {
+		t.Errorf("the VM's working set is %d bytes: want QEMU's (a booted 1 GiB guest uses well over 100 MiB)", ws)
+	}
+	if cpu, _ := strconv.ParseInt(stats.Stats[0].CPU.UsageCoreNanoSeconds.Value, 10, 64); cpu == 0 {
+		t.Error("the VM has used no CPU time, says CRI")
+	}
 	// a kernel panic reaches QEMU through pvpanic: the container fails, saying why
 	_, _ = execIn(id, 20*time.Second, "sh", "-c", "echo c > /proc/sysrq-trigger")
 	if code := waitExited(t, id, time.Minute); code != 1 {

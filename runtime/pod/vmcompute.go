@@ -457,13 +457,17 @@ func (c *computeVM) shutDown() error {
 	return c.shutErr
 }
 
-// stats are QEMU's, read on the host: its CPU time and resident memory. An exited VM has
-// none (its pid may belong to another process by now).
+// stats are QEMU's, read on the host: its cgroup's figures (the compute container's
+// cgroup), else its CPU time and resident memory from /proc. An exited VM has none (its
+// pid may belong to another process by now).
 func (c *computeVM) stats() (*cgroupsv2.Metrics, error) {
 	select {
 	case <-c.machine.Done():
 		return &cgroupsv2.Metrics{}, nil
 	default:
+	}
+	if c.machine.CgroupPath() != "" {
+		return c.machine.CgroupStats()
 	}
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.machine.Pid()))
 	if err != nil {

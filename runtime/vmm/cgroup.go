@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
 
@@ -143,4 +144,31 @@ func (c *podCgroup) remove() error {
 		return fmt.Errorf("cgroup %s: remove: %w", c.path, err)
 	}
 	return nil
+}
+
+// stats are the cgroup's CPU, memory and pids figures in cgroup v2's shape (what CRI reads,
+// whatever the host's version).
+func (c *podCgroup) stats() (*cgroupsv2.Metrics, error) {
+	if c.v2 != nil {
+		return c.v2.Stat()
+	}
+	s, err := c.v1.Stat(cgroup1.IgnoreNotExist)
+	if err != nil {
+		return nil, fmt.Errorf("cgroup %s: %w", c.path, err)
+	}
+	m := &cgroupsv2.Metrics{}
+	if u := s.GetCPU().GetUsage(); u != nil {
+		m.CPU = &cgroupsv2.CPUStat{UsageUsec: u.Total / 1000, UserUsec: u.User / 1000, SystemUsec: u.Kernel / 1000}
+	}
+	if t := s.GetCPU().GetThrottling(); t != nil && m.CPU != nil {
+		m.CPU.NrPeriods, m.CPU.NrThrottled, m.CPU.ThrottledUsec = t.Periods, t.ThrottledPeriods, t.ThrottledTime/1000
+	}
+	if mem := s.GetMemory(); mem != nil {
+		m.Memory = &cgroupsv2.MemoryStat{Usage: mem.GetUsage().GetUsage(), UsageLimit: mem.GetUsage().GetLimit(),
+			Anon: mem.RSS, File: mem.Cache, FileMapped: mem.MappedFile}
+	}
+	if p := s.GetPids(); p != nil {
+		m.Pids = &cgroupsv2.PidsStat{Current: p.Current, Limit: p.Limit}
+	}
+	return m, nil
 }

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
 	"github.com/containerd/log"
 
 	"github.com/vmpod/vmpod/api/machine"
@@ -220,6 +221,15 @@ func (m *Machine) joinCgroup(pid int) error {
 		return nil
 	}
 	return m.cgroup.add(pid)
+}
+
+// CgroupStats are the figures of the cgroup the machine's processes run in (QEMU's CPU
+// time and memory as the kernel charges them), or an error without Config.Cgroup.
+func (m *Machine) CgroupStats() (*cgroupsv2.Metrics, error) {
+	if m.cgroup == nil {
+		return nil, fmt.Errorf("vm %s: no cgroup of its own", m.cfg.Name)
+	}
+	return m.cgroup.stats()
 }
 
 // CgroupPath is the cgroup (below the hierarchy's root) the machine's processes run in,
