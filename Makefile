@@ -11,7 +11,7 @@ export GONOSUMDB := github.com/digitalocean/go-qemu,sigs.k8s.io/cri-tools
 export GOTOOLCHAIN := local
 
 .PHONY: all build guest deps proto proto-check test bench demo clean containerd images critest \
-	generate generate-check envtest-assets controller-test cold-test cold-demo conformance-doc
+	generate generate-check kube-assets controller-test cold-test cold-demo conformance-doc
 
 all: build
 
@@ -61,14 +61,15 @@ generate:
 generate-check:
 	hack/generate.sh --check
 
-# kube-apiserver, etcd and kubectl for envtest, built from the Go proxy and cached
-envtest-assets:
-	hack/envtest-assets.sh
+# Kubernetes binaries (envtest: kube-apiserver, etcd, kubectl; cluster: kubelet, ...), built
+# from the Go proxy and cached
+kube-assets:
+	hack/kube-assets.sh
 
 # the controller's and the annotation schema's tests; the envtest suites need the assets
 # (without KUBEBUILDER_ASSETS they skip and say why)
 controller-test:
-	KUBEBUILDER_ASSETS=$$(hack/envtest-assets.sh) $(GO) test -count=1 ./api/... ./controller/... ./cmd/...
+	KUBEBUILDER_ASSETS=$$(hack/kube-assets.sh) $(GO) test -count=1 ./api/... ./controller/... ./cmd/...
 
 clean:
 	rm -rf $(OUT)

@@ -23,6 +23,10 @@
 # passed to the shim as ConfigPath; default _output/vmpod-config.toml), VMPOD_REGISTRY,
 # VMPOD_SUBNET, VMPOD_BRIDGE, VMPOD_KEEP_LEAKS=1 (stop reports leaks but leaves them for
 # inspection). containerd and the shims get VMPOD_* variables and nothing else of ours.
+# For a node of the test cluster (hack/cluster.sh runs this script inside the node's
+# network namespace): VMPOD_REGISTRY_EXTERNAL=1 (the registry is the cluster's: use it,
+# start none) and VMPOD_POD_ROUTES (CIDRs, comma-separated, that pods route through the
+# bridge: services, other nodes' pods; by default pods reach only their own subnet).
 set -euo pipefail
 # shellcheck source=hack/testbed-lib.sh
 source "$(dirname "$0")/testbed-lib.sh"
@@ -206,7 +210,10 @@ EOF
   done
 
   # containerd adds the loopback plugin itself. No default route in pods: they reach only
-  # the bridge subnet, so nothing leaves the machine.
+  # the bridge subnet (and VMPOD_POD_ROUTES), so nothing leaves the machine.
+  local routes="" cidr
+  local cidrs=${VMPOD_POD_ROUTES:-}
+  for cidr in ${cidrs//,/ }; do routes+="${routes:+, }{ \"dst\": \"$cidr\" }"; done
   cat > "$TB_ETC/cni/net.d/10-$TB_CNI_NETWORK.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
@@ -221,7 +228,8 @@ EOF
       "ipam": {
         "type": "host-local",
         "dataDir": "$TB_IPAM",
-        "ranges": [[{ "subnet": "$TB_SUBNET" }]]
+        "ranges": [[{ "subnet": "$TB_SUBNET" }]],
+        "routes": [$routes]
       }
     },
     { "type": "portmap", "capabilities": { "portMappings": true } }
@@ -258,7 +266,7 @@ cmd_start() {
   t=$(now_ms)
   if pid=$(tb_pid containerd) && [ -S "$TB_SOCK" ]; then
     log "containerd already running (pid $pid, $TB_SOCK)"
-    "$VMPOD_ROOT/hack/images.sh"   # re-pushes only if the registry lost its images
+    registry_and_images   # re-pushes only if the registry lost its images
     return
   fi
   preflight
@@ -277,13 +285,22 @@ cmd_start() {
   # the CNI bridge plugin (isGateway) turns ip_forward on; stop puts back what was there
   [ -f "$TB_RUN/ip_forward.orig" ] || cat /proc/sys/net/ipv4/ip_forward > "$TB_RUN/ip_forward.orig"
   step "config" cmd_config
-  step "registry + critest images" "$VMPOD_ROOT/hack/images.sh"
+  step "registry + critest images" registry_and_images
   echo "$TB_SHIM_DIR" > "$TB_RUN/shim.dir"
   launch_containerd
   date +%s > "$TB_RUN/started"
   STARTING=0
   log "containerd $CONTAINERD_VERSION up in $(since "$t"): pid $(tb_pid containerd), socket $TB_SOCK, handlers: $(runtime_handlers)"
   log "clients: eval \"\$(hack/containerd.sh env)\"; crictl ps; ctr images pull --hosts-dir \$VMPOD_TESTBED_HOSTS_DIR \$VMPOD_TESTBED_BUSYBOX"
+}
+
+registry_and_images() {
+  if [ "${VMPOD_REGISTRY_EXTERNAL:-0}" = 1 ]; then
+    curl -fs "http://$TB_REGISTRY/v2/" >/dev/null || die "VMPOD_REGISTRY_EXTERNAL=1 but no registry answers at http://$TB_REGISTRY"
+    log "registry: http://$TB_REGISTRY (external)"
+    return
+  fi
+  "$VMPOD_ROOT/hack/images.sh"
 }
 
 # cmd_start_fresh: a run that owns the test bed (CI, make test) must not fail, nor reuse

@@ -3,13 +3,14 @@
 #
 #   1. build what the tests need (cached under $VMPOD_CACHE): the guest kernel and
 #      initramfs, the busybox test rootfs, containerd + runc + CNI + critest (the test
-#      bed), kube-apiserver + etcd (envtest);
-#   2. start the test bed: a private containerd with the runc and vmpod runtimes;
+#      bed), Kubernetes' binaries (envtest, the test cluster);
+#   2. start the test bed: a private containerd with the runc and vmpod runtimes; and the
+#      test cluster: a control plane and two nodes with kubelet (hack/cluster.sh);
 #   3. run every Go test package: unit tests, integration tests that boot real VMs under
-#      QEMU, drive containerd through CRI and ctr, and run the controller against a real
-#      kube-apiserver;
+#      QEMU, drive containerd through CRI and ctr, run the controller against a real
+#      kube-apiserver, and the cluster's end-to-end tests through kubectl;
 #   4. run critest with the runc handler (the bar) and the vmpod handler;
-#   5. stop the test bed and check it left nothing behind;
+#   5. stop the test bed and the cluster and check they left nothing behind;
 #   6. end with the summary of all of it. Exit status 0 only if nothing failed.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -42,10 +43,12 @@ VMPOD_VM_GUEST=$(hack/vm-guest-image.sh)
 step "generated code up to date"
 hack/proto.sh --check
 hack/generate.sh --check
-step "envtest: kube-apiserver + etcd"
-KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
+step "Kubernetes binaries (envtest, cluster)"
+KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)
 
 stop_testbed() {
+  step "stop the test cluster, check for leaks"
+  hack/cluster.sh stop || echo "FAIL test cluster: stop failed or left something behind (above)" >> "$EXTRA"
   step "stop the test bed, check for leaks"
   hack/containerd.sh stop || echo "FAIL test bed: stop failed" >> "$EXTRA"
   hack/leakcheck.sh || echo "FAIL leak check: the test bed left something behind (above)" >> "$EXTRA"
@@ -54,6 +57,9 @@ trap 'rc=$? s=$STEP; stop_testbed; failed_step $rc "$s"' EXIT
 step "start the test bed"
 hack/containerd.sh start-fresh
 eval "$(hack/containerd.sh env)"
+step "start the test cluster (integration/cluster's tests run against it)"
+hack/cluster.sh start-fresh
+eval "$(hack/cluster.sh env)"
 
 export VMPOD_ROOT KUBEBUILDER_ASSETS
 export VMPOD_INTEGRATION=1

@@ -1,6 +1,6 @@
 // Package testenv runs the controller's tests against a real kube-apiserver and etcd
 // (controller-runtime's envtest) with vmpod's CRDs and RuntimeClass installed. The binaries
-// come from KUBEBUILDER_ASSETS, which hack/envtest-assets.sh builds and prints; without it
+// come from KUBEBUILDER_ASSETS, which hack/kube-assets.sh builds and prints; without it
 // the tests skip and say so.
 //
 // One control plane serves a whole test package: call Get from each test and Stop from
@@ -43,7 +43,7 @@ import (
 
 // SkipReason is why the envtest suites skip without KUBEBUILDER_ASSETS.
 const SkipReason = "KUBEBUILDER_ASSETS is not set, so there is no kube-apiserver+etcd to test against: " +
-	"export KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)"
+	"export KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)"
 
 // Env is a running control plane.
 type Env struct {

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# envtest-assets.sh: kube-apiserver, etcd and kubectl for controller-runtime's envtest, built
-# from the Go module proxy alone (setup-envtest downloads from GCS, which is not reachable here).
+# kube-assets.sh: Kubernetes' binaries, built from the Go module proxy alone (setup-envtest and
+# dl.k8s.io download from GCS, which is not reachable here): kube-apiserver, etcd and kubectl
+# for controller-runtime's envtest, and kubelet, kube-scheduler, kube-controller-manager and
+# kube-proxy for the test cluster (hack/cluster.sh). One build: they share most of their code,
+# so the four node binaries add ~40% to the cold build of the first three.
 #
-#   hack/envtest-assets.sh          # prints the assets directory on stdout
-#   export KUBEBUILDER_ASSETS=$(hack/envtest-assets.sh)
+#   hack/kube-assets.sh          # prints the assets directory on stdout
+#   export KUBEBUILDER_ASSETS=$(hack/kube-assets.sh)
 #
 # How: `go install k8s.io/kubernetes/cmd/kube-apiserver@v` fails because k8s.io/kubernetes
 # replaces its staging modules (k8s.io/api, client-go, ...) with ./staging/src paths. A
@@ -14,22 +17,24 @@
 # k8s.io/kubernetes pins, so it shares the compiled dependencies.
 # Measured recipe: ../shared/reference/envtest-assets/REPORT.md; decision: docs/design/104-envtest.md.
 #
-# Cached under $VMPOD_CACHE/envtest/<k8s version>/: a warm run returns at once; a cold run
+# Cached under $VMPOD_CACHE/kube/<k8s version>/: a warm run returns at once; a cold run
 # takes ~6-10 min of 2 cores (most of it compiling kube-apiserver).
 # Knobs: ENVTEST_K8S_VERSION (default from lib.sh), FORCE=1 (rebuild).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 VERSION=${ENVTEST_K8S_VERSION}
-DEST=$VMPOD_CACHE/envtest/$VERSION
+DEST=$VMPOD_CACHE/kube/$VERSION
 FORCE=${FORCE:-0}
 
+BINS=(kube-apiserver kubectl kubelet kube-scheduler kube-controller-manager kube-proxy)
 have_assets() {
-  [ -x "$DEST/kube-apiserver" ] && [ -x "$DEST/etcd" ] && [ -x "$DEST/kubectl" ] &&
-    [ "$("$DEST/kube-apiserver" --version 2>/dev/null)" = "Kubernetes $VERSION" ]
+  local b
+  for b in "${BINS[@]}" etcd; do [ -x "$DEST/$b" ] || return 1; done
+  [ "$("$DEST/kube-apiserver" --version 2>/dev/null)" = "Kubernetes $VERSION" ]
 }
 if [ "$FORCE" != 1 ] && have_assets; then
-  log "kube-apiserver, etcd, kubectl $VERSION cached in $DEST"
+  log "${BINS[*]} etcd $VERSION cached in $DEST"
   echo "$DEST"
   exit 0
 fi
@@ -37,7 +42,7 @@ fi
 export CGO_ENABLED=0 # static binaries, like upstream's releases
 STAGING_VERSION="v0${VERSION#v1}" # v1.37.1 -> v0.37.1
 MINOR=$(echo "$VERSION" | cut -d. -f2)
-WORK=$VMPOD_CACHE/envtest/$VERSION.work # the wrapper module; Go's build cache makes a retry warm
+WORK=$VMPOD_CACHE/kube/$VERSION.work # the wrapper module; Go's build cache makes a retry warm
 W=$WORK/wrapper
 rm -rf "$W"
 mkdir -p "$W/stub/sample-apiserver" "$W/out"
@@ -49,7 +54,7 @@ KMOD=$(go mod download -json "k8s.io/kubernetes@$VERSION" | sed -n 's/^[[:space:
 [ -f "$KMOD" ] || die "could not download k8s.io/kubernetes@$VERSION from the module proxy"
 
 {
-  printf 'module local/vmpod-envtest-assets\n\n'
+  printf 'module local/vmpod-kube-assets\n\n'
   sed -n '/^go /{p;q}' "$KMOD"
   # the same GODEBUG defaults as upstream's builds
   grep -E '^godebug ' "$KMOD" | sort -u || true
@@ -64,7 +69,8 @@ KMOD=$(go mod download -json "k8s.io/kubernetes@$VERSION" | sed -n 's/^[[:space:
   printf ')\n'
 } >go.mod
 
-PKGS=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3)
+PKGS=(go.etcd.io/etcd/server/v3)
+for b in "${BINS[@]}"; do PKGS+=("k8s.io/kubernetes/cmd/$b"); done
 {
   printf '//go:build tools\n\npackage tools\n\nimport (\n'
   for p in "${PKGS[@]}"; do printf '\t_ "%s"\n' "$p"; done
@@ -80,11 +86,11 @@ for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   # /version reports these; without them the server says v0.0.0-master
   LDF+=" -X $v.gitVersion=$VERSION -X $v.gitMajor=1 -X $v.gitMinor=$MINOR -X $v.gitTreeState=clean"
 done
-log "go build ${PKGS[*]} (cold: ~6-10 min on 2 cores)"
+log "go build ${PKGS[*]} (cold: ~10-14 min on 2 cores)"
 go build -trimpath -ldflags "$LDF" -o "$W/out/" "${PKGS[@]}"
 
 mkdir -p "$WORK/bin"
-install -m 0755 "$W/out/kube-apiserver" "$W/out/kubectl" "$WORK/bin/"
+for b in "${BINS[@]}"; do install -m 0755 "$W/out/$b" "$WORK/bin/"; done
 install -m 0755 "$W/out/server" "$WORK/bin/etcd" # `go build -o dir/` names server/v3's binary "server"
 # Not `etcd --version | head -1`: under pipefail, head exiting first kills etcd with SIGPIPE
 # and the script (exit 141) before the binaries are published; a cold run failed that way.
@@ -92,5 +98,5 @@ etcd_version=$("$WORK/bin/etcd" --version) || die "the etcd just built does not 
 log "${etcd_version%%$'\n'*}"
 publish "$WORK/bin" "$DEST"
 have_assets || die "built binaries in $DEST do not report $VERSION"
-log "built envtest assets in $DEST"
+log "built ${BINS[*]} etcd in $DEST"
 echo "$DEST"
