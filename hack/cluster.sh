@@ -19,6 +19,8 @@
 #   node i      netns vmpod-n<i>, eth0 10.98.0.1<i>; pods 10.244.<i>.0/24 on its own CNI
 #               bridge; routes to the other nodes' pod subnets over the bridge
 #   services    10.96.0.0/24 (kube-proxy, iptables mode, in each node's netns)
+# vmpod-controller runs in-cluster from config/default, its images built from this tree
+# (hack/controller-images.sh) and pushed to the cluster's registry.
 # Node 1 carries vmpod.dev/runtime=true (runtimeclass/runtimeclass.yaml selects it); the
 # other nodes run runc pods only unless labelled, so scheduling by RuntimeClass is tested.
 set -euo pipefail
@@ -59,6 +61,7 @@ node_testbed() {
   in_node "$i" env VMPOD_RUN="$(node_run "$i")" VMPOD_REGISTRY="$CL_REGISTRY" VMPOD_REGISTRY_EXTERNAL=1 \
     VMPOD_SUBNET="10.244.$i.0/24" VMPOD_BRIDGE=cni0 VMPOD_CNI_NETWORK="vmpod-n$i" \
     VMPOD_POD_ROUTES="$routes" VMPOD_CONFIG="$(node_run "$i")/vmpod-config.toml" \
+    VMPOD_TESTBED_LOGS_OUT="$VMPOD_OUT/cluster-logs/node-$i" \
     "$VMPOD_ROOT/hack/containerd.sh" "$2"
 }
 
@@ -211,6 +214,83 @@ control_plane_up() {
     --bind-address 127.0.0.1 --leader-elect=false --profiling=false
 }
 
+# ----------------------------------------------------------------------------------- storage
+
+LPP_DIR=$VMPOD_CACHE/local-path-provisioner-$LOCAL_PATH_PROVISIONER_VERSION
+CL_BLOCK_PVS=${VMPOD_CLUSTER_BLOCK_PVS:-2} # loop-device PVs on node 1, 2 GiB each
+
+# build_local_path_provisioner: the provisioner's static binary from the module proxy (go
+# install: its go.mod has no replace directives), cached by version
+build_local_path_provisioner() {
+  [ -x "$LPP_DIR/bin/local-path-provisioner" ] && return
+  local tmp=$LPP_DIR.build.$$
+  rm -rf "$tmp"
+  mkdir -p "$tmp/bin"
+  (cd / && GOBIN=$tmp/bin CGO_ENABLED=0 go install -trimpath "github.com/rancher/local-path-provisioner@$LOCAL_PATH_PROVISIONER_VERSION")
+  publish "$tmp" "$LPP_DIR"
+}
+
+storage_up() {
+  build_local_path_provisioner
+  local crane=$TB_CRANE_BIN/crane ref w
+  ref=$CL_REGISTRY/rancher/local-path-provisioner:$LOCAL_PATH_PROVISIONER_VERSION
+  w=$(mktemp -d)
+  install -m 0755 "$LPP_DIR/bin/local-path-provisioner" "$w/local-path-provisioner"
+  tar --numeric-owner --owner=0 --group=0 --mtime=@0 -C "$w" -cf "$w.tar" local-path-provisioner
+  "$crane" append --oci-empty-base -f "$w.tar" -t "$ref" >/dev/null 2>&1
+  "$crane" mutate "$ref" --set-platform linux/amd64 --entrypoint /local-path-provisioner -t "$ref" >/dev/null 2>&1
+  rm -rf "$w" "$w.tar"
+  # each node's volumes in its own directory: the nodes share the host's filesystem
+  local i map=""
+  for ((i = 1; i <= CL_NODES; i++)); do
+    mkdir -p "$(node_run "$i")/storage"
+    map+="${map:+,}{\"node\":\"$(node_name "$i")\",\"paths\":[\"$(node_run "$i")/storage\"]}"
+  done
+  sed -e "s|NODE_PATH_MAP|[$map]|" -e "s|LPP_VERSION|$LOCAL_PATH_PROVISIONER_VERSION|" \
+    "$VMPOD_ROOT/hack/cluster/local-path-storage.yaml" | kubectl apply -f - >/dev/null
+  block_pvs_up
+  kubectl rollout status -n local-path-storage deployment/local-path-provisioner --timeout=120s >/dev/null ||
+    die "local-path-provisioner did not become ready"
+}
+
+# block_pvs_up: Block PersistentVolumes on node 1, each a loop device over a sparse file,
+# of the local-block class; stop detaches them (loops_down)
+block_pvs_up() {
+  local n dev file
+  mkdir -p "$TB_RUN/block"
+  for ((n = 1; n <= CL_BLOCK_PVS; n++)); do
+    file=$TB_RUN/block/pv$n.img
+    truncate -s 2G "$file"
+    dev=$(losetup --find --show "$file")
+    kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: vmpod-block-$n
+spec:
+  capacity: {storage: 2Gi}
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: local-block
+  local: {path: $dev}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions:
+        - {key: kubernetes.io/hostname, operator: In, values: [$(node_name 1)]}
+EOF
+  done
+}
+
+# loops_down: detach the loop devices whose backing files are the cluster's
+loops_down() {
+  local dev
+  for dev in $(losetup -n -O NAME,BACK-FILE | awk -v d="$TB_RUN/block/" 'index($2, d) == 1 { print $1 }'); do
+    losetup -d "$dev" || true
+  done
+}
+
 # ------------------------------------------------------------------------------------- nodes
 
 # The cgroup v1 controllers (this host has no v2; kubelet's cgroupfs driver uses these).
@@ -339,15 +419,29 @@ cmd_start() {
   step "certificates" make_pki
   step "network: bridge $CL_BRIDGE, $CL_NODES node namespaces" net_up
   step "registry + images at $CL_REGISTRY" env VMPOD_REGISTRY="$CL_REGISTRY" "$VMPOD_ROOT/hack/images.sh"
+  step "vmpod-controller and vmpod-importer images" "$VMPOD_ROOT/hack/controller-images.sh" "$CL_REGISTRY"
   step "control plane" control_plane_up
   for ((i = 1; i <= CL_NODES; i++)); do node_up "$i"; done
   step "nodes Ready" wait_for 120 "$CL_NODES nodes Ready" nodes_ready
   kubectl label node "$(node_name 1)" vmpod.dev/runtime=true --overwrite >/dev/null
   kubectl apply -f "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" >/dev/null
+  step "storage: local-path-provisioner, Block PVs on loop devices" storage_up
+  step "vmpod-controller from config/default" deploy_controller
   STARTING=0
   date +%s > "$TB_RUN/started"
   log "cluster up in $(since "$t"): $CL_NODES nodes, API https://$CL_API:6443"
   log "clients: eval \"\$(hack/cluster.sh env)\"; kubectl get nodes"
+}
+
+# deploy_controller: what an admin applies, unchanged (its ghcr.io images resolve to the
+# cluster's registry through the nodes' containerd mirrors)
+deploy_controller() {
+  # the verb before "-n vmpod-system": kubectl takes a leading word it does not know for a
+  # plugin name and finds kubectl-vmpod in "vmpod-system" (it prints an error, then goes on)
+  kubectl apply -k "$VMPOD_ROOT/config/default" >/dev/null
+  kubectl rollout status -n vmpod-system deployment/vmpod-controller --timeout=180s >/dev/null ||
+    { kubectl get pods -n vmpod-system -o wide >&2; kubectl logs -n vmpod-system deployment/vmpod-controller --tail=30 >&2 || true
+      die "vmpod-controller did not become ready"; }
 }
 
 nodes_ready() {
@@ -360,6 +454,9 @@ nodes_ready() {
 # down the normal way (volumes unmounted, CNI DEL) before they stop
 delete_workloads() {
   tb_pid kube-apiserver >/dev/null || return 0
+  # VirtualMachines and DataVolumes first, while their controller still runs: it deletes
+  # what it made (pods, Jobs) and would otherwise recreate a VM's pod deleted below
+  kubectl delete virtualmachines.vmpod.dev,datavolumes.vmpod.dev --all -A --wait=false >/dev/null 2>&1 || true
   local ns
   for ns in $(kubectl get ns -o jsonpath='{.items[*].metadata.name}' 2>/dev/null); do
     case $ns in kube-system | kube-public | kube-node-lease) continue ;; esac
@@ -369,6 +466,8 @@ delete_workloads() {
       --cascade=orphan >/dev/null 2>&1 || true
     kubectl delete pods --all -n "$ns" --grace-period=2 --wait=false >/dev/null 2>&1 || true
   done
+  # volumes: the provisioner's helper pods remove the directories of Delete-policy PVs
+  kubectl delete pvc --all -A --wait=false >/dev/null 2>&1 || true
   local i
   for ((i = 0; i < 300; i++)); do
     [ -z "$(kubectl get pods -A -o name 2>/dev/null)" ] && return
@@ -382,6 +481,7 @@ cmd_stop() {
   local t rc=0 i leaks
   t=$(now_ms)
   [ -d "$TB_RUN" ] || { log "not running (no $TB_RUN)"; return 0; }
+  rm -rf "$VMPOD_OUT/cluster-logs"
   step "deleting workloads" delete_workloads
   for ((i = 1; i <= CL_NODES; i++)); do
     tb_stop_daemons 15 "kubelet-$i" "kube-proxy-$i"
@@ -389,7 +489,9 @@ cmd_stop() {
     # mount when it stops; what is mounted below it (volumes) is a leak, reported below
     ! mountpoint -q "$(node_run "$i")/kubelet" || umount "$(node_run "$i")/kubelet" || true
     if [ -e "/run/netns/$(node_netns "$i")" ]; then
-      step "node $(node_name "$i"): containerd" node_testbed "$i" stop || rc=1
+      # not through step, which would hide the exit status: the node's own leak check
+      log "node $(node_name "$i"): stopping containerd"
+      node_testbed "$i" stop || { rc=1; log "node $(node_name "$i"): containerd stop failed or found leaks (above)"; }
     fi
   done
   # in dependency order: kube-apiserver waits out its etcd connection retries otherwise
@@ -398,6 +500,7 @@ cmd_stop() {
   tb_stop_daemons 15 etcd registry
   net_down
   cgroups_down
+  loops_down
   leaks=$(cluster_leaks)
   if [ -n "$leaks" ]; then
     rc=1
@@ -424,6 +527,7 @@ cluster_leaks() {
   done
   for m in $(tb_mounts_under "$TB_RUN"); do echo "mount: $m ($(tb_fstype "$m"))"; done
   ! ip link show "$CL_BRIDGE" >/dev/null 2>&1 || echo "link: bridge $CL_BRIDGE"
+  losetup -n -O NAME,BACK-FILE | awk -v d="$TB_RUN/" 'index($2, d) == 1 { print "loop device: " $1 " over " $2 }'
   ip -4 -o route show 10.244.0.0/16 2>/dev/null | prefix_lines "route: "
   local c
   for c in "${CL_CGROUP_CONTROLLERS[@]}"; do
@@ -447,16 +551,14 @@ force_clean() {
   for m in $(tb_mounts_under "$TB_RUN"); do umount -l "$m" 2>/dev/null || true; done
   net_down
   cgroups_down
+  loops_down
 }
 
+# save_cluster_logs: the control plane's, kubelets' and kube-proxies' logs (each node's
+# containerd.sh stop saved its own into cluster-logs/node-<i>)
 save_cluster_logs() {
-  rm -rf "$VMPOD_OUT/cluster-logs"
   mkdir -p "$VMPOD_OUT/cluster-logs"
   [ ! -d "$TB_LOGS" ] || cp -a "$TB_LOGS"/. "$VMPOD_OUT/cluster-logs/"
-  local i
-  for ((i = 1; i <= CL_NODES; i++)); do
-    [ ! -d "$(node_run "$i")/logs" ] || cp -a "$(node_run "$i")/logs" "$VMPOD_OUT/cluster-logs/node-$i"
-  done
 }
 
 cmd_clean() {
@@ -492,7 +594,8 @@ cmd_env() {
 export KUBECONFIG=$KUBECONFIG_ADMIN
 export VMPOD_CLUSTER=$TB_RUN
 export VMPOD_CLUSTER_REGISTRY=$CL_REGISTRY
-export PATH=$KUBE_BIN:$TB_CRI_TOOLS_BIN:\$PATH
+# kubectl, crictl, and kubectl-vmpod (so `kubectl vmpod ...` works as for users)
+export PATH=$KUBE_BIN:$TB_CRI_TOOLS_BIN:$VMPOD_OUT/bin:\$PATH
 EOF
 }
 

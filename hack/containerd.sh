@@ -433,7 +433,7 @@ cmd_stop() {
   save_logs
   [ -z "$(tb_mounts_under "$TB_RUN")" ] || die "mounts remain under $TB_RUN; not deleting it"
   rm -rf --one-file-system "$TB_RUN"
-  log "stopped in $(since "$t"); logs in $VMPOD_OUT/testbed-logs"
+  log "stopped in $(since "$t"); logs in ${VMPOD_TESTBED_LOGS_OUT:-$VMPOD_OUT/testbed-logs}"
   return $rc
 }
 
@@ -446,10 +446,13 @@ wait_marked_gone() {
   done
 }
 
+# save_logs: the logs outlive the run dir, in VMPOD_TESTBED_LOGS_OUT (a cluster node's go to
+# the cluster's logs) or _output/testbed-logs
 save_logs() {
   [ -d "$TB_LOGS" ] || return 0
-  mkdir -p "$VMPOD_OUT/testbed-logs"
-  cp -a "$TB_LOGS"/. "$VMPOD_OUT/testbed-logs/"
+  local out=${VMPOD_TESTBED_LOGS_OUT:-$VMPOD_OUT/testbed-logs}
+  mkdir -p "$out"
+  cp -a "$TB_LOGS"/. "$out/"
 }
 
 cmd_clean() {

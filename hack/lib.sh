@@ -19,6 +19,8 @@ CRI_TOOLS_VERSION=v1.36.0
 CONTROLLER_TOOLS_VERSION=v0.23.0
 ENVTEST_K8S_VERSION=v1.37.1
 PROTOC_GEN_GO_VERSION=v1.36.12
+# the test cluster's dynamic Filesystem PVCs (hack/cluster.sh); the CSI hostpath driver is not served
+LOCAL_PATH_PROVISIONER_VERSION=v0.0.30
 TTRPC_VERSION=v1.2.10
 
 export PATH=/usr/local/go/bin:$PATH

@@ -54,6 +54,12 @@ const (
 	// GuestInfoCommand is an exec that prints what the guest agent reports of the guest,
 	// as GuestInfo JSON: `kubectl exec <pod> -- vmpod.dev/guest-info`.
 	GuestInfoCommand = "vmpod.dev/guest-info"
+	// PauseCommand and UnpauseCommand are execs the shim answers by stopping and resuming
+	// the VM's vCPUs (QMP stop/cont): the kubelet has no pause of its own, and an exec is
+	// authorized like any other (pods/exec). While paused, the guestAgentPing probe and
+	// every other exec fail at once, saying so. Each prints the VM's state after it.
+	PauseCommand   = "vmpod.dev/pause"
+	UnpauseCommand = "vmpod.dev/unpause"
 )
 
 // VolumeMountPath is where a filesystem volume is mounted in the compute container.

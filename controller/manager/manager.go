@@ -45,6 +45,9 @@ type Options struct {
 	Namespace string
 	// SkipNameValidation lets tests run several managers in one process.
 	SkipNameValidation bool
+	// PodExec runs pause/unpause in VM pods; nil: through the API server's pods/exec.
+	// Tests without a kubelet set a recorder.
+	PodExec vm.PodExec
 }
 
 // DefaultOptions are the defaults of the flags.
@@ -127,7 +130,13 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 		return nil, fmt.Errorf("new manager: %w", err)
 	}
 	recorder := mgr.GetEventRecorder(Name)
-	vms := &vm.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Render: o.Render, Backoff: o.Backoff}
+	podExec := o.PodExec
+	if podExec == nil {
+		if podExec, err = vm.NewAPIExec(mgr.GetConfig()); err != nil {
+			return nil, err
+		}
+	}
+	vms := &vm.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Render: o.Render, Backoff: o.Backoff, Exec: podExec}
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
 	}

@@ -1,6 +1,7 @@
 // Package plugin is kubectl-vmpod, the kubectl plugin for vmpod VMs:
 //
 //	kubectl vmpod start|stop|restart VM    change what runs (see docs/design/102-state-change-requests.md)
+//	kubectl vmpod pause|unpause VM         stop and resume the running VM's vCPUs in place
 //	kubectl vmpod console VM               attach to the VM's serial console
 //	kubectl vmpod vnc VM                   forward a local port to the VM's display
 //	kubectl vmpod convert -f FILE          KubeVirt/CDI manifests -> vmpod's
@@ -32,6 +33,8 @@ Usage:
   kubectl vmpod start VM [flags]      start a stopped VM
   kubectl vmpod stop VM [flags]       stop a VM (the guest gets an ACPI power-off)
   kubectl vmpod restart VM [flags]    replace the VM's pod with a new one
+  kubectl vmpod pause VM [flags]      stop the running VM's vCPUs (memory and devices stay)
+  kubectl vmpod unpause VM [flags]    resume a paused VM
   kubectl vmpod console VM [flags]    attach to the VM's serial console (Ctrl-] detaches)
   kubectl vmpod vnc VM [flags]        forward a local port (--port, default free) to the VM's
                                       VNC display and print the address for a viewer
@@ -97,7 +100,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	}
 	key := types.NamespacedName{Namespace: ns, Name: fs.Arg(0)}
 	switch cmd {
-	case "start", "stop", "restart":
+	case "start", "stop", "restart", "pause", "unpause":
 		msg, err := StateChange(ctx, c, key, vmpodv1.StateChangeAction(strings.ToUpper(cmd[:1])+cmd[1:]))
 		if err != nil {
 			return err
@@ -145,7 +148,7 @@ func convertCmd(file string, args []string, stdio IO) error {
 	return convert.Stream(in, stdio.Out, stdio.Err)
 }
 
-// StateChange starts, stops or restarts a VM and says what it did. A lasting change (start
+// StateChange starts, stops, restarts, pauses or unpauses a VM and says what it did. A lasting change (start
 // a Halted VM, stop an Always one) edits spec.runStrategy, as virtctl does; a one-off
 // (a Manual VM, any restart) is a request annotation the controller carries out.
 func StateChange(ctx context.Context, c client.Client, key types.NamespacedName, action vmpodv1.StateChangeAction) (string, error) {
@@ -201,6 +204,11 @@ func StateChange(ctx context.Context, c client.Client, key types.NamespacedName,
 			return "", fmt.Errorf("VirtualMachine %s has no pod to restart (status %s); use start", key.Name, vm.Status.PrintableStatus)
 		}
 		return request(vmpodv1.StateChangeRequest{Action: action, PodUID: vm.Status.PodUID})
+	case vmpodv1.StateChangePause, vmpodv1.StateChangeUnpause:
+		if !vm.Status.Created || vm.Status.PodName == "" {
+			return "", fmt.Errorf("VirtualMachine %s is not running (status %s): nothing to %s", key.Name, vm.Status.PrintableStatus, strings.ToLower(string(action)))
+		}
+		return request(vmpodv1.StateChangeRequest{Action: action})
 	}
 	return "", fmt.Errorf("unknown action %q", action)
 }

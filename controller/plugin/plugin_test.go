@@ -196,6 +196,11 @@ func TestStartStopRestart(t *testing.T) {
 	if _, stderr, err := f.run(nil, "vmpod", "restart", "manual"); err == nil || !strings.Contains(stderr, "has no pod to restart") {
 		t.Errorf("restart of a stopped VM: %v %s", err, stderr)
 	}
+	for _, verb := range []string{"pause", "unpause"} {
+		if _, stderr, err := f.run(nil, "vmpod", verb, "manual"); err == nil || !strings.Contains(stderr, "is not running") {
+			t.Errorf("%s of a stopped VM: %v %s", verb, err, stderr)
+		}
+	}
 	if _, stderr, err := f.run(nil, "vmpod", "console", "manual"); err == nil || !strings.Contains(stderr, "not Running: no console") {
 		t.Errorf("console of a stopped VM: %v %s", err, stderr)
 	}

@@ -5,11 +5,11 @@ package cluster
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -271,7 +271,7 @@ func runcClient(t *testing.T, c *testenv.Cluster, ns string) string {
 // portForwardGet runs kubectl port-forward to the pod's port and GETs / through it.
 func portForwardGet(t *testing.T, c *testenv.Cluster, ns, pod string, port int) string {
 	t.Helper()
-	cmd := exec.Command("kubectl", "--kubeconfig", c.Kubeconfig, "port-forward", "-n", ns, "pod/"+pod, fmt.Sprintf(":%d", port))
+	cmd := c.Command(context.Background(), "port-forward", "-n", ns, "pod/"+pod, fmt.Sprintf(":%d", port))
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

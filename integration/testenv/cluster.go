@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -61,7 +62,7 @@ func (c *Cluster) Kubectl(t testing.TB, args ...string) string {
 func (c *Cluster) KubectlErr(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
+	cmd := c.Command(ctx, args...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -69,6 +70,22 @@ func (c *Cluster) KubectlErr(args ...string) (string, error) {
 		return string(out), fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
 	}
 	return string(out), nil
+}
+
+// withKubeconfig adds --kubeconfig after the command and its arguments but before a "--"
+// (what follows is the exec'd command's): kubectl hands everything after a plugin's name
+// (vmpod) to the plugin and refuses flags before it.
+func (c *Cluster) withKubeconfig(args []string) []string {
+	i := slices.Index(args, "--")
+	if i < 0 {
+		i = len(args)
+	}
+	return slices.Concat(args[:i], []string{"--kubeconfig", c.Kubeconfig}, args[i:])
+}
+
+// Command is an exec.Cmd of kubectl with the cluster's kubeconfig.
+func (c *Cluster) Command(ctx context.Context, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "kubectl", c.withKubeconfig(args)...)
 }
 
 // Namespace creates a namespace for the test and deletes it (and waits for its pods to go)

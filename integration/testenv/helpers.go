@@ -44,3 +44,23 @@ func WaitFor(t testing.TB, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// PollWithin polls cond every 250ms until it holds or d has passed, and says which.
+func PollWithin(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	return true
+}
+
+// WaitForWithin is WaitFor with its own deadline, for what takes longer than 30s.
+func WaitForWithin(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	if !PollWithin(d, cond) {
+		t.Fatalf("timed out after %v waiting for %s", d, what)
+	}
+}

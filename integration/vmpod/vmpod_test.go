@@ -592,6 +592,26 @@ func TestVMPodMasquerade(t *testing.T) {
 	if out, err := exec.Command("curl", "-sf", "--max-time", "10", url).Output(); err != nil || strings.TrimSpace(string(out)) != "vm-nat" {
 		t.Errorf("after resume: %q, %v", out, err)
 	}
+	// the same through the execs the shim answers itself (what kubectl vmpod pause uses, the
+	// kubelet having no pause): while paused, other execs and the agent probe fail at once
+	if out, err := execIn(id, 20*time.Second, vmspec.PauseCommand); err != nil || strings.TrimSpace(out) != "paused" {
+		t.Fatalf("exec %s: %q, %v", vmspec.PauseCommand, out, err)
+	}
+	if out, err := exec.Command("curl", "-sf", "--max-time", "3", url).Output(); err == nil {
+		t.Errorf("a VM paused by exec answered: %q", out)
+	}
+	for _, args := range [][]string{{vmspec.GuestAgentPingCommand}, {"hostname"}} {
+		t0 := time.Now()
+		if out, err := execIn(id, 20*time.Second, args...); err == nil || !strings.Contains(err.Error(), "paused") || time.Since(t0) > 5*time.Second {
+			t.Errorf("exec %v in a paused VM: %q, %v after %v; want a prompt error saying it is paused", args, out, err, time.Since(t0))
+		}
+	}
+	if out, err := execIn(id, 20*time.Second, vmspec.UnpauseCommand); err != nil || strings.TrimSpace(out) != "running" {
+		t.Fatalf("exec %s: %q, %v", vmspec.UnpauseCommand, out, err)
+	}
+	if out, err := exec.Command("curl", "-sf", "--max-time", "10", url).Output(); err != nil || strings.TrimSpace(string(out)) != "vm-nat" {
+		t.Errorf("after unpause: %q, %v", out, err)
+	}
 	local := portForward(t, pod, 8080)
 	body = nil
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {

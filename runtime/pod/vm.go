@@ -307,7 +307,8 @@ func (p *vmPod) PauseContainer(ctx context.Context, id string) error {
 	if err != nil || c == nil {
 		return err
 	}
-	return c.machine.Pause(ctx)
+	_, err = c.setPaused(ctx, true)
+	return err
 }
 
 func (p *vmPod) ResumeContainer(ctx context.Context, id string) error {
@@ -315,7 +316,8 @@ func (p *vmPod) ResumeContainer(ctx context.Context, id string) error {
 	if err != nil || c == nil {
 		return err
 	}
-	return c.machine.Resume(ctx)
+	_, err = c.setPaused(ctx, false)
+	return err
 }
 
 func (p *vmPod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {

@@ -67,6 +67,7 @@ type computeVM struct {
 	mu       sync.Mutex
 	killedBy syscall.Signal // SIGKILL asked for: the exit is a kill, whatever QEMU says
 	panicked bool
+	paused   bool // vCPUs stopped by a pause (not the created-but-not-started stop)
 
 	exited chan struct{}
 	exit   runtime.Exit
@@ -500,8 +501,15 @@ func (c *computeVM) exec(ctx context.Context, execID string, proc *specs.Process
 	if len(proc.Args) == 0 {
 		return nil, fmt.Errorf("exec %s: process.args: empty: %w", execID, errdefs.ErrInvalidArgument)
 	}
-	ping := len(proc.Args) == 1 && proc.Args[0] == vmspec.GuestAgentPingCommand
-	if !ping {
+	args := proc.Args
+	control := len(args) == 1 && (args[0] == vmspec.PauseCommand || args[0] == vmspec.UnpauseCommand)
+	ping := len(args) == 1 && args[0] == vmspec.GuestAgentPingCommand
+	// a paused VM's probe fails (exit 1, below): an exec that cannot start is "unknown" to
+	// the kubelet's prober, which would keep the pod Ready
+	if c.isPaused() && !control && !ping {
+		return nil, fmt.Errorf("exec %s: %w: %w", execID, errPaused, errdefs.ErrFailedPrecondition)
+	}
+	if !ping && !control {
 		// the agent must be there for anything else, or the exec fails now, saying so
 		checkCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
 		err := c.agent.Ping(checkCtx)
@@ -545,10 +553,28 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 	}
 	finish := func(status int) { e.exit = runtime.Exit{Status: status, ExitedAt: time.Now()} }
 	if ping {
+		if e.vm.isPaused() {
+			stderr(errPaused.Error())
+			finish(1)
+			return
+		}
 		if err := e.vm.agent.Ping(ctx); err != nil {
 			stderr(err.Error())
 			finish(1)
 			return
+		}
+		finish(0)
+		return
+	}
+	if len(args) == 1 && (args[0] == vmspec.PauseCommand || args[0] == vmspec.UnpauseCommand) {
+		state, err := e.vm.setPaused(ctx, args[0] == vmspec.PauseCommand)
+		if err != nil {
+			stderr(err.Error())
+			finish(1)
+			return
+		}
+		if stdio.Stdout != nil {
+			_, _ = io.WriteString(stdio.Stdout, state+"\n")
 		}
 		finish(0)
 		return
@@ -628,6 +654,31 @@ func (e *guestExec) Resize(context.Context, uint32, uint32) error { return nil }
 func (e *guestExec) CloseStdin(context.Context) error             { return nil }
 func (e *guestExec) Remove(context.Context) error {
 	return e.Signal(context.Background(), syscall.SIGKILL, false)
+}
+
+// errPaused is why an exec into a paused VM fails: nothing in the guest can answer.
+var errPaused = errors.New("the VM is paused (kubectl vmpod unpause resumes it)")
+
+func (c *computeVM) isPaused() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.paused
+}
+
+// setPaused stops or resumes the VM's vCPUs and returns the state it is in after: "paused"
+// or "running". Both are idempotent, as QMP stop and cont are.
+func (c *computeVM) setPaused(ctx context.Context, pause bool) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	op, state := c.machine.Resume, "running"
+	if pause {
+		op, state = c.machine.Pause, "paused"
+	}
+	if err := op(ctx); err != nil {
+		return "", fmt.Errorf("VM %s: %s: %w", c.id, state, err)
+	}
+	c.paused = pause
+	return state, nil
 }
 
 // guestInfo is GuestInfoCommand's output. Only the agent's version is required: a guest

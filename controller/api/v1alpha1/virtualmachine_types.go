@@ -39,6 +39,11 @@ const (
 	StateChangeStart   StateChangeAction = "Start"
 	StateChangeStop    StateChangeAction = "Stop"
 	StateChangeRestart StateChangeAction = "Restart"
+	// StateChangePause and StateChangeUnpause stop and resume the running VM's vCPUs in
+	// place (its memory, devices and connections stay); the controller carries them out
+	// through an exec of vmspec.PauseCommand / UnpauseCommand in the VM's pod.
+	StateChangePause   StateChangeAction = "Pause"
+	StateChangeUnpause StateChangeAction = "Unpause"
 )
 
 // StateChangeRequest is the value of StateChangeRequestAnnotation.
@@ -508,6 +513,7 @@ const (
 	StatusProvisioning     PrintableStatus = "Provisioning"
 	StatusStarting         PrintableStatus = "Starting"
 	StatusRunning          PrintableStatus = "Running"
+	StatusPaused           PrintableStatus = "Paused"
 	StatusStopping         PrintableStatus = "Stopping"
 	StatusTerminating      PrintableStatus = "Terminating"
 	StatusCrashLoopBackOff PrintableStatus = "CrashLoopBackOff"
@@ -534,6 +540,8 @@ const (
 	VMRestartRequired = "RestartRequired"
 	// VMDataVolumesReady is True when every DataVolume the VM uses has Succeeded.
 	VMDataVolumesReady = "DataVolumesReady"
+	// VMPaused is True while the running pod's VM is paused by a Pause request.
+	VMPaused = "Paused"
 )
 
 // StartFailure tracks consecutive pod failures for the restart back-off.
@@ -569,6 +577,10 @@ type VirtualMachineStatus struct {
 	IPs []string `json:"ips,omitempty"`
 	// +optional
 	StartFailure *StartFailure `json:"startFailure,omitempty"`
+	// PausedPodUID is the pod whose VM a Pause request paused; an Unpause, or that pod
+	// going, clears it. The Paused condition and status follow it.
+	// +optional
+	PausedPodUID types.UID `json:"pausedPodUID,omitempty"`
 	// +optional
 	// +listType=map
 	// +listMapKey=type

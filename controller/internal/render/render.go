@@ -20,6 +20,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	podannotations "github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -29,8 +30,10 @@ const (
 	// VMNameLabel is set on a VM's pods to its name.
 	VMNameLabel = "vmpod.dev/vm-name"
 	// TemplateHashAnnotation on a pod is the hash of what it was rendered from, so a
-	// template change shows as RestartRequired instead of going unnoticed.
-	TemplateHashAnnotation = "vmpod.dev/template-hash"
+	// template change shows as RestartRequired instead of going unnoticed. Not under
+	// vmpod.dev/: containerd hands the shim every vmpod.dev/* pod annotation, and the shim
+	// refuses keys it does not know (the first pod on a real kubelet failed on exactly that).
+	TemplateHashAnnotation = "controller.vmpod.dev/template-hash"
 	// PodNamePrefix + the VM's name is the pod's name.
 	PodNamePrefix = "vmpod-"
 
@@ -100,6 +103,13 @@ func Pod(vm *vmpodv1.VirtualMachine, claims map[string]Claim, cfg Config) (*core
 		annotations = map[string]string{}
 	}
 	maps.Copy(annotations, r.annotations)
+	// a vmpod.dev/ key the shim does not know would fail every sandbox the kubelet starts:
+	// refuse it here, where the user sees it on the VM
+	for k := range annotations {
+		if strings.HasPrefix(k, podannotations.Prefix) && !slices.Contains(podannotations.Known(), k) {
+			return nil, fmt.Errorf("spec.template.metadata.annotations[%s]: not a vmpod annotation (known: %s)", k, strings.Join(podannotations.Known(), ", "))
+		}
+	}
 	annotations[vmspec.Annotation] = string(annotation)
 
 	hostname := spec.Hostname

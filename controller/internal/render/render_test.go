@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	podannotations "github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -247,5 +248,23 @@ func TestTemplateHash(t *testing.T) {
 	c, _ := Pod(vm, claims, cfg)
 	if TemplateHash(c) == TemplateHash(a) {
 		t.Errorf("a memory change kept the hash %q", TemplateHash(a))
+	}
+}
+
+// The rendered pod's vmpod.dev/* annotations are what containerd hands the shim: every one
+// must pass the shim's own check (api/annotations), or every sandbox of the VM fails. A
+// template annotation the shim would refuse is refused here, naming it.
+func TestPodAnnotationsPassTheShim(t *testing.T) {
+	pod, err := Pod(fedora(), claims, cfg)
+	if err != nil {
+		t.Fatalf("Pod: %v", err)
+	}
+	if _, err := podannotations.Parse(pod.Annotations, podannotations.Known()); err != nil {
+		t.Errorf("the shim would refuse the rendered pod: %v", err)
+	}
+	vm := fedora()
+	vm.Spec.Template.ObjectMeta.Annotations = map[string]string{"vmpod.dev/bogus": "x"}
+	if _, err := Pod(vm, claims, cfg); err == nil || !strings.Contains(err.Error(), "annotations[vmpod.dev/bogus]") {
+		t.Errorf("template annotation vmpod.dev/bogus: %v, want an error naming it", err)
 	}
 }

@@ -51,12 +51,15 @@ type Reconciler struct {
 	Recorder  events.EventRecorder
 	Render    render.Config
 	Backoff   Backoff
+	// Exec runs the shim's control commands (pause, unpause) in a VM's pod.
+	Exec PodExec
 }
 
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines,verbs=get;list;watch;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;create
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=pods/exec,verbs=get;create
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 
@@ -95,6 +98,8 @@ type run struct {
 	requestDone bool     // remove the request annotation after this pass
 	blocked     *blocker // why no pod can be created now
 	wantRunning bool
+	setPause    bool // carry out a Pause (pauseVM) or Unpause request in the running pod
+	pauseVM     bool
 }
 
 // blocker is a reason the VM cannot get a pod now.
@@ -118,6 +123,11 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 	r.recordFailure()
 	r.readRequest(ctx)
 	r.decide(ctx)
+	if r.setPause {
+		if err := r.pause(ctx); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
 
 	switch {
 	case r.pod != nil && r.pod.DeletionTimestamp != nil:
@@ -211,7 +221,7 @@ func (r *run) readRequest(ctx context.Context) {
 	req := &vmpodv1.StateChangeRequest{}
 	if err := json.Unmarshal([]byte(raw), req); err != nil || !validAction(req.Action) {
 		r.event(corev1.EventTypeWarning, "InvalidRequest", "Ignore",
-			"ignoring %s=%q: want {\"action\": \"Start\"|\"Stop\"|\"Restart\"}", vmpodv1.StateChangeRequestAnnotation, raw)
+			"ignoring %s=%q: want {\"action\": \"Start\"|\"Stop\"|\"Restart\"|\"Pause\"|\"Unpause\"}", vmpodv1.StateChangeRequestAnnotation, raw)
 		log.FromContext(ctx).Info("dropping malformed state change request", "value", raw)
 		r.requestDone = true
 		return
@@ -220,7 +230,12 @@ func (r *run) readRequest(ctx context.Context) {
 }
 
 func validAction(a vmpodv1.StateChangeAction) bool {
-	return a == vmpodv1.StateChangeStart || a == vmpodv1.StateChangeStop || a == vmpodv1.StateChangeRestart
+	switch a {
+	case vmpodv1.StateChangeStart, vmpodv1.StateChangeStop, vmpodv1.StateChangeRestart,
+		vmpodv1.StateChangePause, vmpodv1.StateChangeUnpause:
+		return true
+	}
+	return false
 }
 
 // decide sets wantRunning from the runStrategy and the pending request, and whether the
@@ -284,6 +299,13 @@ func (r *run) decide(ctx context.Context) {
 			r.wantRunning = true
 			r.requestDone = active
 		}
+	case vmpodv1.StateChangePause, vmpodv1.StateChangeUnpause:
+		if !active {
+			ignore("the VM is not running")
+			break
+		}
+		r.pauseVM = r.request.Action == vmpodv1.StateChangePause
+		r.setPause = true
 	}
 	if r.requestDone {
 		log.FromContext(ctx).Info("state change request done", "action", r.request.Action)

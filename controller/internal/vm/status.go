@@ -130,6 +130,11 @@ func (r *run) fillStatus() {
 		ready.Reason, ready.Message = "NoPod", "the VM has no pod"
 	case s.Ready:
 		ready.Status, ready.Reason, ready.Message = metav1.ConditionTrue, "PodReady", "pod "+r.pod.Name+" is Ready"
+	default:
+		// say why the pod waits where a user looks first: no node fits, an image cannot be pulled
+		if c := unschedulable(r.pod); c != nil {
+			ready.Reason, ready.Message = "PodUnschedulable", "pod "+r.pod.Name+" cannot be scheduled: "+c.Message
+		}
 	}
 	r.setCondition(ready)
 
@@ -155,6 +160,7 @@ func (r *run) fillStatus() {
 		}
 	}
 	r.setCondition(restart)
+	r.setCondition(r.pausedCondition())
 }
 
 func (r *run) setCondition(c metav1.Condition) {
@@ -190,6 +196,8 @@ func (r *run) printableStatus() vmpodv1.PrintableStatus {
 		return vmpodv1.StatusTerminating
 	case p != nil && p.DeletionTimestamp != nil:
 		return vmpodv1.StatusStopping
+	case p != nil && p.Status.Phase == corev1.PodRunning && r.paused():
+		return vmpodv1.StatusPaused
 	case p != nil && p.Status.Phase == corev1.PodRunning:
 		return vmpodv1.StatusRunning
 	case p != nil && (p.Status.Phase == corev1.PodPending || p.Status.Phase == ""):
@@ -223,12 +231,20 @@ func pendingStatus(p *corev1.Pod) vmpodv1.PrintableStatus {
 			}
 		}
 	}
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
-			return vmpodv1.StatusUnschedulable
-		}
+	if unschedulable(p) != nil {
+		return vmpodv1.StatusUnschedulable
 	}
 	return vmpodv1.StatusStarting
+}
+
+// unschedulable is the pod's PodScheduled condition when the scheduler found no node for it.
+func unschedulable(p *corev1.Pod) *corev1.PodCondition {
+	for i, c := range p.Status.Conditions {
+		if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
+			return &p.Status.Conditions[i]
+		}
+	}
+	return nil
 }
 
 func podReady(p *corev1.Pod) bool {

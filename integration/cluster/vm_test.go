@@ -1,0 +1,266 @@
+package cluster
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+)
+
+// kubevirtVM is a VirtualMachine as KubeVirt's user guide writes one: a containerDisk
+// (the test guest: Debian with cloud-init and qemu-guest-agent, pushed to the cluster's
+// registry by hack/images.sh), cloud-init user data, masquerade networking and the guest
+// agent as the readiness probe. The test converts it with `kubectl vmpod convert`.
+const kubevirtVM = `apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: debian
+spec:
+  running: true
+  template:
+    metadata:
+      labels: {kubevirt.io/vm: debian}
+    spec:
+      terminationGracePeriodSeconds: 120
+      domain:
+        cpu: {cores: 1}
+        resources:
+          requests: {memory: 1Gi}
+        devices:
+          disks:
+          - name: containerdisk
+            disk: {bus: virtio}
+          - name: cloudinitdisk
+            disk: {bus: virtio}
+          interfaces:
+          - name: default
+            masquerade: {}
+      networks:
+      - name: default
+        pod: {}
+      readinessProbe:
+        guestAgentPing: {}
+        initialDelaySeconds: 5
+        periodSeconds: 5
+      volumes:
+      - name: containerdisk
+        containerDisk:
+          image: docker.io/vmpod-test/debian-vm:bookworm
+      - name: cloudinitdisk
+        cloudInitNoCloud:
+          userData: |
+            #cloud-config
+            write_files:
+              - path: /var/tmp/e2e.txt
+                content: "written by cloud-init on a kubelet node\n"
+`
+
+const vmBootWithin = 6 * time.Minute // TCG on 2 shared cores: the guest agent answers in ~30-90 s
+
+// TestVirtualMachine: a user's KubeVirt VirtualMachine, converted and applied, boots on the
+// vmpod node through the in-cluster controller and a real kubelet; it becomes Ready by its
+// guest agent; cloud-init ran; the console shows a login prompt; pause, unpause, stop, start
+// and restart change the guest and the VM's status follows; deleting the VM powers the
+// guest off.
+func TestVirtualMachine(t *testing.T) {
+	c := testenv.RequireCluster(t)
+	if _, err := exec.LookPath("kubectl-vmpod"); err != nil {
+		t.Fatalf("kubectl-vmpod not on PATH (hack/cluster.sh env puts _output/bin there): %v", err)
+	}
+	ns := c.Namespace(t)
+
+	converted := kubectlStdin(t, c, kubevirtVM, "vmpod", "convert", "-f", "-")
+	kubectlStdin(t, c, converted, "apply", "-n", ns, "-f", "-")
+
+	pod := waitVM(t, c, ns, "debian", vmBootWithin, "Running", "True")
+	node := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.nodeName}")
+	if node != vmpodNode {
+		t.Errorf("VM runs on %q, want the vmpod node %s", node, vmpodNode)
+	}
+
+	// exec reaches the guest through its agent; the agent answers before cloud-init is done
+	var out string
+	if !testenv.PollWithin(3*time.Minute, func() bool {
+		out, _ = c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "cat", "/var/tmp/e2e.txt")
+		return strings.Contains(out, "written by cloud-init")
+	}) {
+		t.Errorf("cloud-init's file in the guest: %q", out)
+	}
+
+	// the serial console through the API server's attach, as a user types
+	consoleLogin(t, c, ns, "debian")
+
+	// pause: the vCPUs stop, the guest agent cannot answer (Ready goes False) and the status
+	// says Paused; unpause: the same guest (not rebooted) answers again
+	bootID := c.Kubectl(t, "exec", "-n", ns, pod, "-c", "compute", "--", "cat", "/proc/sys/kernel/random/boot_id")
+	c.Kubectl(t, "vmpod", "pause", "-n", ns, "debian")
+	waitVM(t, c, ns, "debian", 2*time.Minute, "Paused", "False")
+	if _, err := c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "true"); err == nil || !strings.Contains(err.Error(), "paused") {
+		t.Errorf("exec into a paused VM: %v, want an error saying it is paused", err)
+	}
+	c.Kubectl(t, "vmpod", "unpause", "-n", ns, "debian")
+	waitVM(t, c, ns, "debian", 2*time.Minute, "Running", "True")
+	if again := c.Kubectl(t, "exec", "-n", ns, pod, "-c", "compute", "--", "cat", "/proc/sys/kernel/random/boot_id"); again != bootID {
+		t.Errorf("boot id %q after unpause, was %q: the guest rebooted", again, bootID)
+	}
+
+	// stop: the guest powers off, the pod goes, the status says Stopped
+	firstUID := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.podUID}")
+	c.Kubectl(t, "vmpod", "stop", "-n", ns, "debian")
+	waitVMStopped(t, c, ns, "debian")
+
+	// start: a new pod boots the guest again
+	c.Kubectl(t, "vmpod", "start", "-n", ns, "debian")
+	waitVM(t, c, ns, "debian", vmBootWithin, "Running", "True")
+	uid := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.podUID}")
+	if uid == firstUID {
+		t.Errorf("start: the VM still has pod %s", uid)
+	}
+
+	// restart: replaced by another pod, Ready again
+	c.Kubectl(t, "vmpod", "restart", "-n", ns, "debian")
+	testenv.WaitForWithin(t, 2*time.Minute, "restart to replace the VM's pod", func() bool {
+		now, _ := c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.podUID}")
+		return now != "" && now != uid
+	})
+	waitVM(t, c, ns, "debian", vmBootWithin, "Running", "True")
+
+	// delete: the guest gets the ACPI power button and is gone well within its grace period
+	start := time.Now()
+	c.Kubectl(t, "delete", "vm.vmpod.dev", "-n", ns, "debian", "--wait=true", "--timeout=150s")
+	testenv.WaitForWithin(t, 2*time.Minute, "the VM's pod to go", func() bool {
+		pods, _ := c.KubectlErr("get", "pods", "-n", ns, "-l", "vmpod.dev/vm-name=debian", "-o", "name")
+		return strings.TrimSpace(pods) == ""
+	})
+	took := time.Since(start)
+	t.Logf("VM deleted and its pod gone in %v", took.Round(time.Second))
+	if took > 120*time.Second {
+		t.Errorf("deleting the VM took %v: more than its 120 s grace period (the guest ignored the power button?)", took)
+	}
+}
+
+// waitVM waits for the VM's printable status and Ready and returns its pod's name.
+func waitVM(t *testing.T, c *testenv.Cluster, ns, name string, within time.Duration, status, ready string) string {
+	t.Helper()
+	var last string
+	ok := testenv.PollWithin(within, func() bool {
+		last, _ = c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, name, "-o",
+			`jsonpath={.status.printableStatus} {.status.conditions[?(@.type=="Ready")].status} {.status.podName}`)
+		f := strings.Fields(last)
+		return len(f) == 3 && f[0] == status && f[1] == ready
+	})
+	if !ok {
+		pods, _ := c.KubectlErr("get", "pods", "-n", ns, "-o", "wide")
+		desc, _ := c.KubectlErr("describe", "vm.vmpod.dev", "-n", ns, name)
+		t.Fatalf("VM %s: not %s/Ready=%s after %v (last: %q)\npods:\n%s\n%s", name, status, ready, within, last, pods, desc)
+	}
+	return strings.Fields(last)[2]
+}
+
+func waitVMStopped(t *testing.T, c *testenv.Cluster, ns, name string) {
+	t.Helper()
+	testenv.WaitForWithin(t, 3*time.Minute, "VM "+name+" Stopped with no pod", func() bool {
+		st, _ := c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, name, "-o", "jsonpath={.status.printableStatus}")
+		pods, _ := c.KubectlErr("get", "pods", "-n", ns, "-l", "vmpod.dev/vm-name="+name, "-o", "name")
+		return st == "Stopped" && strings.TrimSpace(pods) == ""
+	})
+}
+
+// consoleLogin attaches `kubectl vmpod console` with a pipe for stdin, presses Enter until
+// the guest's getty answers with a login prompt, then detaches with Ctrl-].
+func consoleLogin(t *testing.T, c *testenv.Cluster, ns, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := c.Command(ctx, "vmpod", "console", "-n", ns, name)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("kubectl vmpod console: %v", err)
+	}
+	found := make(chan bool, 1)
+	go func() {
+		r := bufio.NewReader(stdout)
+		var seen strings.Builder
+		buf := make([]byte, 4096)
+		for {
+			n, err := r.Read(buf)
+			seen.Write(buf[:n])
+			if strings.Contains(seen.String(), "login:") {
+				found <- true
+				return
+			}
+			if err != nil {
+				found <- false
+				return
+			}
+		}
+	}()
+	ticker := time.NewTicker(2 * time.Second)
+	defer ticker.Stop()
+	ok := false
+wait:
+	for {
+		select {
+		case ok = <-found:
+			break wait
+		case <-ticker.C:
+			_, _ = io.WriteString(stdin, "\r")
+		case <-ctx.Done():
+			break wait
+		}
+	}
+	_, _ = stdin.Write([]byte{0x1d}) // Ctrl-]: detach
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+		t.Errorf("kubectl vmpod console did not detach on Ctrl-]")
+	}
+	if !ok {
+		t.Errorf("kubectl vmpod console: no login prompt")
+	}
+}
+
+// kubectlStdin runs kubectl with input on stdin and returns its stdout.
+func kubectlStdin(t *testing.T, c *testenv.Cluster, input string, args ...string) string {
+	t.Helper()
+	cmd := c.Command(context.Background(), args...)
+	cmd.Stdin = strings.NewReader(input)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("kubectl %s: %v: %s", strings.Join(args, " "), err, stderr.String())
+	}
+	if stderr.Len() > 0 {
+		t.Logf("kubectl %s: %s", strings.Join(args, " "), strings.TrimSpace(stderr.String()))
+	}
+	return string(out)
+}
+
+// TestVirtualMachineUnschedulable: a VM no node can hold says so on the VM (status and the
+// Ready condition carry the scheduler's reason), not as a silent Pending.
+func TestVirtualMachineUnschedulable(t *testing.T) {
+	c := testenv.RequireCluster(t)
+	ns := c.Namespace(t)
+	huge := strings.Replace(strings.Replace(kubevirtVM, "name: debian", "name: huge", 1), "memory: 1Gi", "memory: 4000Gi", 1)
+	kubectlStdin(t, c, kubectlStdin(t, c, huge, "vmpod", "convert", "-f", "-"), "apply", "-n", ns, "-f", "-")
+	var last string
+	if !testenv.PollWithin(time.Minute, func() bool {
+		last, _ = c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, "huge", "-o",
+			`jsonpath={.status.printableStatus}|{.status.conditions[?(@.type=="Ready")].reason}|{.status.conditions[?(@.type=="Ready")].message}`)
+		f := strings.Split(last, "|")
+		return len(f) == 3 && f[0] == "ErrorUnschedulable" && f[1] == "PodUnschedulable" && strings.Contains(f[2], "Insufficient memory")
+	}) {
+		t.Fatalf("VM huge: status|reason|message = %q, want ErrorUnschedulable, PodUnschedulable and the scheduler's Insufficient memory", last)
+	}
+}
