@@ -230,6 +230,11 @@ func TestHTTPImportQcow2(t *testing.T) {
 			t.Errorf("Job args %q lack %q", args, want)
 		}
 	}
+	// the importer runs where VMs can: the RuntimeClass's node selector (a WaitForFirstConsumer
+	// volume binds on the importer's node)
+	if ns := job.Spec.Template.Spec.NodeSelector; ns["vmpod.dev/runtime"] != "true" {
+		t.Errorf("importer nodeSelector = %v, want the vmpod RuntimeClass's", ns)
+	}
 	if p := job.Spec.PodFailurePolicy; p == nil || p.Rules[0].OnExitCodes.Values[0] != 2 {
 		t.Errorf("podFailurePolicy = %+v, want FailJob on exit 2", p)
 	}

@@ -7,9 +7,12 @@ package datavolume
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	nodev1 "k8s.io/api/node/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -30,12 +33,17 @@ type Reconciler struct {
 	Recorder events.EventRecorder
 	// ImporterImage runs cmd/vmpod-importer (with qemu-img) in the worker Jobs.
 	ImporterImage string
+	// RuntimeClassName is the RuntimeClass VM pods run under. Importer pods get its
+	// scheduling (node selector, tolerations): a WaitForFirstConsumer volume binds on the
+	// importer's node, and only a node the RuntimeClass selects can then run the VM.
+	RuntimeClassName string
 }
 
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch;create;patch
 // +kubebuilder:rbac:groups=batch,resources=jobs,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups=node.k8s.io,resources=runtimeclasses,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=serviceaccounts,verbs=create
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=create
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
@@ -291,9 +299,31 @@ func (r *Reconciler) ensureWorker(ctx context.Context, dv *vmpodv1.DataVolume, p
 		}
 	}
 	job = &batchv1.Job{ObjectMeta: objMeta(), Spec: WorkerJobSpec(dv, pvc, source, name, r.ImporterImage)}
+	if err := r.scheduleWithVMs(ctx, &job.Spec.Template.Spec); err != nil {
+		return nil, err
+	}
 	if err := r.Client.Create(ctx, job); err != nil {
 		return nil, fmt.Errorf("create Job %s: %w", name, err)
 	}
 	log.FromContext(ctx).Info("created importer Job", "job", name, "image", r.ImporterImage)
 	return job, nil
+}
+
+// scheduleWithVMs gives the importer pod the RuntimeClass's scheduling. A missing
+// RuntimeClass is an error (the Job would land where no VM can use the volume); one
+// without scheduling leaves the pod unconstrained.
+func (r *Reconciler) scheduleWithVMs(ctx context.Context, pod *corev1.PodSpec) error {
+	if r.RuntimeClassName == "" {
+		return nil
+	}
+	rc := &nodev1.RuntimeClass{}
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: r.RuntimeClassName}, rc); err != nil {
+		return fmt.Errorf("RuntimeClass %s (the importer runs on its nodes): %w", r.RuntimeClassName, err)
+	}
+	if rc.Scheduling == nil {
+		return nil
+	}
+	pod.NodeSelector = maps.Clone(rc.Scheduling.NodeSelector)
+	pod.Tolerations = slices.Clone(rc.Scheduling.Tolerations)
+	return nil
 }

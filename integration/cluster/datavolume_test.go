@@ -1,0 +1,130 @@
+package cluster
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+)
+
+// cdiDataVolume is a CDI DataVolume importing a disk over HTTP, as CDI's examples write
+// one; STORAGE is its storage stanza.
+const cdiDataVolume = `apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: NAME
+spec:
+  source:
+    http:
+      url: URL
+  storage:
+STORAGE`
+
+// TestDataVolumeImportAndBoot: DataVolumes import the test guest over HTTP from a server pod
+// in the cluster into a local-path Filesystem PVC and into a Block PVC (a local PV on a loop
+// device), and a VirtualMachine boots from each; a URL that answers 404 fails the
+// DataVolume with the reason.
+func TestDataVolumeImportAndBoot(t *testing.T) {
+	c := testenv.RequireCluster(t)
+	raw := os.Getenv("VMPOD_VM_GUEST_RAW")
+	qcow2 := filepath.Join(filepath.Dir(raw), "disk.qcow2")
+	if _, err := os.Stat(qcow2); raw == "" || err != nil {
+		t.Fatalf("the test guest's disk.qcow2 next to VMPOD_VM_GUEST_RAW=%q: %v (make test sets it; by hand: VMPOD_VM_GUEST_RAW=$(hack/vm-guest-image.sh)/disk.raw)", raw, err)
+	}
+	ns := c.Namespace(t)
+	base := imageServer(t, c, ns, filepath.Dir(qcow2))
+
+	for _, tc := range []struct{ name, storage string }{
+		{"fs", "    resources: {requests: {storage: 1500Mi}}\n"},
+		{"block", "    volumeMode: Block\n    storageClassName: local-block\n    resources: {requests: {storage: 2Gi}}\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dv := "root-" + tc.name
+			applyConverted(t, c, ns, strings.NewReplacer("NAME", dv, "URL", base+"/disk.qcow2", "STORAGE", tc.storage).Replace(cdiDataVolume))
+			t0 := time.Now()
+			waitDataVolume(t, c, ns, dv, "Succeeded", 6*time.Minute)
+			t.Logf("DataVolume %s imported in %v", dv, time.Since(t0).Round(time.Second))
+
+			vm := "vm-" + tc.name
+			manifest := strings.NewReplacer("name: debian", "name: "+vm, "kubevirt.io/vm: debian", "kubevirt.io/vm: "+vm,
+				"containerDisk:\n          image: docker.io/vmpod-test/debian-vm:bookworm", "dataVolume:\n          name: "+dv).Replace(kubevirtVM)
+			applyConverted(t, c, ns, manifest)
+			pod := waitVM(t, c, ns, vm, vmBootWithin, "Running", "True")
+			var out string
+			if !testenv.PollWithin(3*time.Minute, func() bool {
+				out, _ = c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "cat", "/var/tmp/e2e.txt")
+				return strings.Contains(out, "written by cloud-init")
+			}) {
+				t.Errorf("cloud-init's file in the guest booted from %s: %q", dv, out)
+			}
+			c.Kubectl(t, "delete", "vm.vmpod.dev", "-n", ns, vm, "--wait=true", "--timeout=150s")
+		})
+	}
+
+	t.Run("404", func(t *testing.T) {
+		applyConverted(t, c, ns, strings.NewReplacer("NAME", "missing", "URL", base+"/no-such.qcow2",
+			"STORAGE", "    resources: {requests: {storage: 100Mi}}\n").Replace(cdiDataVolume))
+		waitDataVolume(t, c, ns, "missing", "Failed", 3*time.Minute)
+		msg := c.Kubectl(t, "get", "datavolume.vmpod.dev", "-n", ns, "missing", "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].message}`)
+		if !strings.Contains(msg, "404") {
+			t.Errorf("the failed DataVolume's Ready message %q does not give the 404", msg)
+		}
+	})
+}
+
+// imageServer runs busybox httpd on the runc node serving dir (read-only) behind a
+// Service, and returns its base URL (by ClusterIP: the test cluster has no DNS).
+func imageServer(t *testing.T, c *testenv.Cluster, ns, dir string) string {
+	t.Helper()
+	labels := map[string]string{"app": "images"}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "images", Labels: labels},
+		Spec: corev1.PodSpec{
+			NodeName:                      runcNode,
+			TerminationGracePeriodSeconds: ptr.To[int64](1),
+			Containers: []corev1.Container{{Name: "httpd", Image: busybox, Command: []string{"httpd", "-f", "-p", "8080", "-h", "/srv"},
+				VolumeMounts: []corev1.VolumeMount{{Name: "images", MountPath: "/srv", ReadOnly: true}}}},
+			Volumes: []corev1.Volume{{Name: "images", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: dir}}}},
+		},
+	}
+	if _, err := c.Client.CoreV1().Pods(ns).Create(t.Context(), pod, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create image server: %v", err)
+	}
+	svc, err := c.Client.CoreV1().Services(ns).Create(t.Context(), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "images"},
+		Spec:       corev1.ServiceSpec{Selector: labels, Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create image service: %v", err)
+	}
+	c.WaitPod(t, ns, "images", 2*time.Minute, "Running", func(p *corev1.Pod) bool { return p.Status.Phase == corev1.PodRunning })
+	return fmt.Sprintf("http://%s", svc.Spec.ClusterIP)
+}
+
+// applyConverted converts a KubeVirt/CDI manifest with kubectl vmpod convert and applies it.
+func applyConverted(t *testing.T, c *testenv.Cluster, ns, manifest string) {
+	t.Helper()
+	kubectlStdin(t, c, kubectlStdin(t, c, manifest, "vmpod", "convert", "-f", "-"), "apply", "-n", ns, "-f", "-")
+}
+
+func waitDataVolume(t *testing.T, c *testenv.Cluster, ns, name, phase string, within time.Duration) {
+	t.Helper()
+	var last string
+	if !testenv.PollWithin(within, func() bool {
+		last, _ = c.KubectlErr("get", "datavolume.vmpod.dev", "-n", ns, name, "-o", "jsonpath={.status.phase} {.status.progress}")
+		return strings.HasPrefix(last, phase)
+	}) {
+		desc, _ := c.KubectlErr("describe", "datavolume.vmpod.dev", "-n", ns, name)
+		pods, _ := c.KubectlErr("get", "pods,pvc", "-n", ns, "-o", "wide")
+		t.Fatalf("DataVolume %s: not %s after %v (last %q)\n%s\n%s", name, phase, within, last, desc, pods)
+	}
+}
