@@ -12,7 +12,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$VMPOD_ROOT"
 
-files=(hack/*.sh Makefile .ci/run)
+files=(hack/*.sh runtimeclass/*.sh Makefile .ci/run)
 pattern='\|[[:space:]]*(head|tail -n *\+?[0-9]*q|grep[[:space:]]+(-[a-zA-Z]*[qm]|--quiet|--max-count)|sed[[:space:]][^|]*[0-9/}]q|awk[[:space:]][^|]*exit)'
 # comments (from a '#' that starts a word to the end of the line) are not code
 found=$(awk -v pat="$pattern" '

@@ -44,6 +44,7 @@ node_name() { echo "vmpod-n$1"; }
 node_ip() { echo "$CL_NET.1$1"; }
 node_run() { echo "$TB_RUN/n$1"; }
 node_netns() { echo "vmpod-n$1"; }
+node_root() { echo "$TB_RUN/n$1/install"; } # where runtimeclass/install-node.sh installs the node ("/" of a real one)
 kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
 # in_node I CMD...: run CMD in node I's network namespace (only the netns: the node shares
@@ -58,9 +59,12 @@ in_node() {
 node_testbed() {
   local i=$1 r routes=$CL_SERVICES,$CL_API/32
   for ((r = 1; r <= CL_NODES; r++)); do [ "$r" = "$i" ] || routes+=",10.244.$r.0/24"; done
-  in_node "$i" env VMPOD_RUN="$(node_run "$i")" VMPOD_REGISTRY="$CL_REGISTRY" VMPOD_REGISTRY_EXTERNAL=1 \
+  # the test bed's client settings (make test exports them) must not reach a node's
+  in_node "$i" env -u CONTAINER_RUNTIME_ENDPOINT -u IMAGE_SERVICE_ENDPOINT -u CRI_CONFIG_FILE -u CONTAINERD_ADDRESS \
+    VMPOD_RUN="$(node_run "$i")" VMPOD_REGISTRY="$CL_REGISTRY" VMPOD_REGISTRY_EXTERNAL=1 \
     VMPOD_SUBNET="10.244.$i.0/24" VMPOD_BRIDGE=cni0 VMPOD_CNI_NETWORK="vmpod-n$i" \
-    VMPOD_POD_ROUTES="$routes" VMPOD_CONFIG="$(node_run "$i")/vmpod-config.toml" \
+    VMPOD_POD_ROUTES="$routes" VMPOD_CONFIG="$(node_root "$i")/etc/vmpod/config.toml" \
+    VMPOD_CONTAINERD_IMPORT="$(node_root "$i")/etc/containerd/conf.d/vmpod.toml" \
     VMPOD_TESTBED_LOGS_OUT="$VMPOD_OUT/cluster-logs/node-$i" \
     "$VMPOD_ROOT/hack/containerd.sh" "$2"
 }
@@ -327,14 +331,6 @@ write_node_configs() {
   local i=$1 run
   run=$(node_run "$i")
   mkdir -p "$run/kubelet" "$run/pod-logs"
-  # the node's vmpod config: the shim's state under the node's own run dir
-  cat > "$run/vmpod-config.toml" <<EOF
-# written by hack/cluster.sh for node $(node_name "$i")
-state_dir = "$run/vm"
-[hypervisor]
-kernel = "$VMPOD_OUT/guest/vmlinux"
-initrd = "$VMPOD_OUT/guest/initrd.img"
-EOF
   cat > "$run/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -385,6 +381,10 @@ node_up() {
   name=$(node_name "$i")
   write_node_configs "$i"
   node_cgroup_root "$i"
+  # vmpod the way an admin installs it: binary, guest, config, containerd drop-in
+  "$VMPOD_ROOT/runtimeclass/install-node.sh" --root "$(node_root "$i")" --state-dir "$run/vm" \
+    --shim "$VMPOD_OUT/bin/containerd-shim-vmpod-v2" \
+    --kernel "$VMPOD_OUT/guest/vmlinux" --initrd "$VMPOD_OUT/guest/initrd.img" >/dev/null
   step "node $name: containerd" node_testbed "$i" start
   tb_daemon "kubelet-$i" "$TB_LOGS/kubelet-$i.log" nsenter --net="/run/netns/$(node_netns "$i")" \
     "$KUBE_BIN/kubelet" --config "$run/kubelet.yaml" --kubeconfig "$CL_PKI/kubelet-$i.kubeconfig" \
@@ -423,7 +423,11 @@ cmd_start() {
   step "control plane" control_plane_up
   for ((i = 1; i <= CL_NODES; i++)); do node_up "$i"; done
   step "nodes Ready" wait_for 120 "$CL_NODES nodes Ready" nodes_ready
-  kubectl label node "$(node_name 1)" vmpod.dev/runtime=true --overwrite >/dev/null
+  # the installer's last step on node 1 (node 2 stays runc-only): the label the
+  # RuntimeClass selects
+  PATH=$KUBE_BIN:$PATH KUBECONFIG=$KUBECONFIG_ADMIN "$VMPOD_ROOT/runtimeclass/install-node.sh" \
+    --root "$(node_root 1)" --state-dir "$(node_run 1)/vm" --shim "$VMPOD_OUT/bin/containerd-shim-vmpod-v2" \
+    --kernel "$VMPOD_OUT/guest/vmlinux" --initrd "$VMPOD_OUT/guest/initrd.img" --node "$(node_name 1)" >/dev/null
   kubectl apply -f "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" >/dev/null
   step "storage: local-path-provisioner, Block PVs on loop devices" storage_up
   step "vmpod-controller from config/default" deploy_controller
@@ -436,8 +440,6 @@ cmd_start() {
 # deploy_controller: what an admin applies, unchanged (its ghcr.io images resolve to the
 # cluster's registry through the nodes' containerd mirrors)
 deploy_controller() {
-  # the verb before "-n vmpod-system": kubectl takes a leading word it does not know for a
-  # plugin name and finds kubectl-vmpod in "vmpod-system" (it prints an error, then goes on)
   kubectl apply -k "$VMPOD_ROOT/config/default" >/dev/null
   kubectl rollout status -n vmpod-system deployment/vmpod-controller --timeout=180s >/dev/null ||
     { kubectl get pods -n vmpod-system -o wide >&2; kubectl logs -n vmpod-system deployment/vmpod-controller --tail=30 >&2 || true
@@ -594,7 +596,7 @@ cmd_env() {
 export KUBECONFIG=$KUBECONFIG_ADMIN
 export VMPOD_CLUSTER=$TB_RUN
 export VMPOD_CLUSTER_REGISTRY=$CL_REGISTRY
-# kubectl, crictl, and kubectl-vmpod (so `kubectl vmpod ...` works as for users)
+# kubectl, crictl, and kubectl-vmpod (so "kubectl vmpod ..." works as for users)
 export PATH=$KUBE_BIN:$TB_CRI_TOOLS_BIN:$VMPOD_OUT/bin:\$PATH
 EOF
 }

@@ -25,8 +25,10 @@
 # inspection). containerd and the shims get VMPOD_* variables and nothing else of ours.
 # For a node of the test cluster (hack/cluster.sh runs this script inside the node's
 # network namespace): VMPOD_REGISTRY_EXTERNAL=1 (the registry is the cluster's: use it,
-# start none) and VMPOD_POD_ROUTES (CIDRs, comma-separated, that pods route through the
-# bridge: services, other nodes' pods; by default pods reach only their own subnet).
+# start none), VMPOD_POD_ROUTES (CIDRs, comma-separated, that pods route through the
+# bridge: services, other nodes' pods; by default pods reach only their own subnet) and
+# VMPOD_CONTAINERD_IMPORT (the vmpod drop-in runtimeclass/install-node.sh wrote, imported
+# instead of the built-in stanza).
 set -euo pipefail
 # shellcheck source=hack/testbed-lib.sh
 source "$(dirname "$0")/testbed-lib.sh"
@@ -138,6 +140,8 @@ vmpod_runtime_stanza() {
       -e "s|^\([[:space:]]*ConfigPath = \).*|\1\"$TB_VMPOD_CONFIG\"|" "$snippet"
 }
 
+containerd_imports() { [ -z "${VMPOD_CONTAINERD_IMPORT:-}" ] || printf '"%s"' "$VMPOD_CONTAINERD_IMPORT"; }
+
 cmd_config() {
   mkdir -p "$TB_ETC/containerd" "$TB_ETC/certs.d" "$TB_ETC/cni/net.d"
   [ -f "$TB_VMPOD_CONFIG" ] ||
@@ -149,8 +153,9 @@ version = 3
 root = "$TB_ROOT"
 state = "$TB_STATE"
 temp = "$TB_TMP"
-# no drop-ins: a host's /etc/containerd/conf.d must not change the test bed
-imports = []
+# no drop-ins: a host's /etc/containerd/conf.d must not change the test bed (a cluster
+# node imports the one runtimeclass/install-node.sh wrote for it: VMPOD_CONTAINERD_IMPORT)
+imports = [$(containerd_imports)]
 
 [grpc]
   address = "$TB_SOCK"
@@ -197,7 +202,7 @@ imports = []
   [plugins."io.containerd.transfer.v1.local"]
     config_path = "$TB_ETC/certs.d"
 
-$(vmpod_runtime_stanza)
+$([ -n "${VMPOD_CONTAINERD_IMPORT:-}" ] || vmpod_runtime_stanza)
 EOF
 
   # Every registry critest names, and the _default fallback, resolve to the local registry

@@ -75,7 +75,13 @@ prefix_lines() { sed "s|^|$1|"; }
 
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (containerd, CNI and mounts need it)"; }
 
-crictl() { "$TB_CRI_TOOLS_BIN/crictl" --config "$TB_ETC/crictl.yaml" "$@"; }
+# crictl: endpoints as flags, not only in the config file: CONTAINER_RUNTIME_ENDPOINT in the
+# environment (another test bed's `env`) would win over the file, and a cluster node's
+# stop once removed the pods of the wrong containerd that way
+crictl() {
+  "$TB_CRI_TOOLS_BIN/crictl" --config "$TB_ETC/crictl.yaml" \
+    --runtime-endpoint "unix://$TB_SOCK" --image-endpoint "unix://$TB_SOCK" "$@"
+}
 ctr() { "$TB_CONTAINERD_BIN/ctr" --address "$TB_SOCK" "$@"; }
 
 # tb_pid NAME: the recorded pid of a daemon the test bed started, if it is still that process

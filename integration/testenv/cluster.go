@@ -185,9 +185,16 @@ func (c *Cluster) Events(t testing.TB, ns, name string) string {
 func (c *Cluster) NodeCrictl(t testing.TB, node int, args ...string) string {
 	t.Helper()
 	sock := filepath.Join(c.Run, fmt.Sprintf("n%d", node), "containerd.sock")
-	out, err := Cmd("crictl", append([]string{"--runtime-endpoint", "unix://" + sock, "--image-endpoint", "unix://" + sock}, args...)...)
+	cmd := exec.Command("crictl", append([]string{"--runtime-endpoint", "unix://" + sock, "--image-endpoint", "unix://" + sock}, args...)...)
+	// not the test bed's crictl settings, which make test exports
+	cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		return strings.HasPrefix(kv, "CRI_CONFIG_FILE=") || strings.HasPrefix(kv, "CONTAINER_RUNTIME_ENDPOINT=") || strings.HasPrefix(kv, "IMAGE_SERVICE_ENDPOINT=")
+	})
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("crictl on node %d %v: %v", node, args, err)
+		t.Fatalf("crictl on node %d %v: %v: %s", node, args, err, stderr.String())
 	}
-	return out
+	return string(out)
 }
