@@ -8,6 +8,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/httpstream"
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/remotecommand"
@@ -58,7 +59,11 @@ func (e *APIExec) Exec(ctx context.Context, namespace, pod, container string, co
 	if err != nil {
 		return "", fmt.Errorf("exec in %s/%s: %w", namespace, pod, err)
 	}
-	exec, err := remotecommand.NewFallbackExecutor(ws, spdy, func(err error) bool { return true })
+	// SPDY only when the API server refuses the WebSocket upgrade, as kubectl does: falling
+	// back on any error would run a failed command twice
+	exec, err := remotecommand.NewFallbackExecutor(ws, spdy, func(err error) bool {
+		return httpstream.IsUpgradeFailure(err) || httpstream.IsHTTPSProxyError(err)
+	})
 	if err != nil {
 		return "", fmt.Errorf("exec in %s/%s: %w", namespace, pod, err)
 	}
