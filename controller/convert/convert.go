@@ -8,11 +8,14 @@ package convert
 import (
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -37,8 +40,17 @@ func Object(obj map[string]any) (*Result, error) {
 	switch {
 	case group == "kubevirt.io" && kind == "VirtualMachine":
 		out = virtualMachine(root)
+	case group == "kubevirt.io" && kind == "VirtualMachineInstance":
+		out = virtualMachineInstance(root)
 	case group == "cdi.kubevirt.io" && kind == "DataVolume":
 		out = dataVolume(root)
+	case group == "instancetype.kubevirt.io" && (kind == vmpodv1.KindInstancetype || kind == vmpodv1.KindClusterInstancetype):
+		out = instancetypeObject(root, kind)
+	case group == "instancetype.kubevirt.io" && (kind == vmpodv1.KindPreference || kind == vmpodv1.KindClusterPreference):
+		out = preferenceObject(root, kind)
+	case isKubeVirtGroup(group):
+		name, _ := nameOf(obj)
+		return nil, fmt.Errorf("%s %s %s: %w: %s", apiVersion, kind, name, ErrNotConverted, notConverted(group, kind))
 	default:
 		return nil, fmt.Errorf("%s %s: %w", apiVersion, kind, ErrNotKubeVirt)
 	}
@@ -57,14 +69,35 @@ func objectMeta(root *node) metav1.ObjectMeta {
 	}
 	// set by the API server; meaningless in a new manifest
 	m.ignore("creationTimestamp", "resourceVersion", "uid", "generation", "managedFields", "selfLink", "finalizers", "ownerReferences")
-	meta := metav1.ObjectMeta{Name: m.str("name"), GenerateName: m.str("generateName"), Namespace: m.str("namespace"),
-		Labels: m.stringMap("labels"), Annotations: m.stringMap("annotations")}
-	for k := range meta.Annotations {
-		if strings.HasPrefix(k, "kubevirt.io/") || strings.HasPrefix(k, "cdi.kubevirt.io/") {
-			root.rep.warnf("metadata.annotations."+k, "a KubeVirt annotation; vmpod ignores it")
+	return metav1.ObjectMeta{Name: m.str("name"), GenerateName: m.str("generateName"), Namespace: m.str("namespace"),
+		Labels: m.stringMap("labels"), Annotations: annotations(m)}
+}
+
+// annotations reads m's annotations and leaves out KubeVirt's (kubevirt.io/ and every
+// *.kubevirt.io/ prefix): they configure KubeVirt's components, which do not run here.
+// Those that change the guest refuse the conversion; the rest are dropped with a warning.
+func annotations(m *node) map[string]string {
+	all := m.stringMap("annotations")
+	for k := range all {
+		prefix, _, found := strings.Cut(k, "/")
+		if !found || !isKubeVirtGroup(prefix) {
+			continue
+		}
+		delete(all, k)
+		path := m.at("annotations") + "." + k
+		switch {
+		case prefix == "hooks.kubevirt.io":
+			m.rep.errorf(path, "sidecar hooks rewrite KubeVirt's libvirt domain or cloud-init; vmpod has neither to rewrite")
+		case prefix == "smbios.vm.kubevirt.io":
+			m.rep.errorf(path, "SMBIOS fields are not supported: the guest would see different firmware tables")
+		default:
+			m.rep.warnf(path, "a KubeVirt annotation: nothing in vmpod reads it; dropped")
 		}
 	}
-	return meta
+	if len(all) == 0 {
+		return nil
+	}
+	return all
 }
 
 func virtualMachine(root *node) *vmpodv1.VirtualMachine {
@@ -93,22 +126,28 @@ func virtualMachine(root *node) *vmpodv1.VirtualMachine {
 	default:
 		root.rep.errorf("spec.runStrategy", "%q is not supported by vmpod", strategy)
 	}
-	spec.unsupported("instancetype", "instance types are not supported: inline the domain")
-	spec.unsupported("preference", "preferences are not supported: inline the domain")
+	if m := spec.object("instancetype"); m != nil {
+		vm.Spec.Instancetype = &vmpodv1.InstancetypeMatcher{Name: m.str("name"),
+			Kind: matcherKind(m, vmpodv1.KindInstancetype, vmpodv1.KindClusterInstancetype)}
+	}
+	if m := spec.object("preference"); m != nil {
+		vm.Spec.Preference = &vmpodv1.PreferenceMatcher{Name: m.str("name"),
+			Kind: matcherKind(m, vmpodv1.KindPreference, vmpodv1.KindClusterPreference)}
+	}
 	for _, t := range spec.list("dataVolumeTemplates") {
 		meta := t.object("metadata")
 		meta.ignore("creationTimestamp")
 		var name string
-		var labels, annotations map[string]string
+		var labels, dvAnnotations map[string]string
 		if meta != nil {
-			name, labels, annotations = meta.str("name"), meta.stringMap("labels"), meta.stringMap("annotations")
+			name, labels, dvAnnotations = meta.str("name"), meta.stringMap("labels"), annotations(meta)
 		}
 		var dvSpec vmpodv1.DataVolumeSpec
 		if s := t.required("spec"); s != nil {
 			dvSpec = dataVolumeSpec(s)
 		}
 		vm.Spec.DataVolumeTemplates = append(vm.Spec.DataVolumeTemplates, vmpodv1.DataVolumeTemplateSpec{
-			Metadata: vmpodv1.DataVolumeTemplateMeta{Name: name, Labels: labels, Annotations: annotations},
+			Metadata: vmpodv1.DataVolumeTemplateMeta{Name: name, Labels: labels, Annotations: dvAnnotations},
 			Spec:     dvSpec,
 		})
 	}
@@ -118,9 +157,174 @@ func virtualMachine(root *node) *vmpodv1.VirtualMachine {
 	}
 	if m := tmpl.object("metadata"); m != nil {
 		m.ignore("creationTimestamp")
-		vm.Spec.Template.ObjectMeta = vmpodv1.TemplateMeta{Labels: m.stringMap("labels"), Annotations: m.stringMap("annotations")}
+		vm.Spec.Template.ObjectMeta = vmpodv1.TemplateMeta{Labels: m.stringMap("labels"), Annotations: annotations(m)}
 	}
 	if s := tmpl.required("spec"); s != nil {
+		vm.Spec.Template.Spec = instanceSpec(s)
+	}
+	return vm
+}
+
+// matcherKind reads an instancetype or preference matcher's kind (KubeVirt takes it in
+// any case, default the cluster kind) and what vmpod does not do with matchers.
+func matcherKind(m *node, namespaced, cluster string) string {
+	m.dropped("revisionName", "vmpod applies the object as it is when a pod starts (no revisions); dropped")
+	m.unsupported("inferFromVolume", "inferring from a volume's labels is not supported: name it")
+	m.dropped("inferFromVolumeFailurePolicy", "no inference; dropped")
+	switch k := m.str("kind"); strings.ToLower(k) {
+	case "", strings.ToLower(cluster):
+		return cluster
+	case strings.ToLower(namespaced):
+		return namespaced
+	default:
+		m.rep.errorf(m.at("kind"), "%q is not %s or %s", k, cluster, namespaced)
+		return ""
+	}
+}
+
+// instancetypeObject converts an instance type: its vCPUs and memory.
+func instancetypeObject(root *node, kind string) client.Object {
+	meta := objectMeta(root)
+	var spec vmpodv1.InstancetypeSpec
+	if s := root.required("spec"); s != nil {
+		if c := s.required("cpu"); c != nil {
+			if v, ok := c.integer("guest"); ok && v > 0 {
+				spec.CPU.Guest = uint32(v)
+			}
+			c.dropped("model", "the CPU model is the node admin's choice in vmpod; dropped")
+			c.unsupported("dedicatedCPUPlacement", "dedicated CPUs are not supported yet")
+			c.unsupported("isolateEmulatorThread", "dedicated CPUs are not supported yet")
+			c.unsupported("numa", "guest NUMA is not supported")
+			c.unsupported("realtime", "realtime vCPUs are not supported")
+			c.dropped("maxSockets", "CPU hotplug sizes come from the node's config; dropped")
+		}
+		if m := s.required("memory"); m != nil {
+			if q, ok := quantity(m, "guest"); ok {
+				spec.Memory.Guest = q
+			}
+			m.unsupported("hugepages", "hugepages are not supported")
+			m.dropped("overcommitPercent", "vmpod's memory request is the guest's memory; dropped")
+			m.dropped("maxGuest", "memory hotplug sizes come from the node's config; dropped")
+		}
+		for _, k := range []string{"gpus", "hostDevices", "nodeSelector", "schedulerName", "annotations", "launchSecurity"} {
+			s.unsupported(k, "not supported in vmpod's instance types: the VM would not get it")
+		}
+		s.dropped("ioThreadsPolicy", "IO threads are the shim's choice; dropped")
+	}
+	tm := metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: kind}
+	if kind == vmpodv1.KindClusterInstancetype {
+		meta.Namespace = ""
+		return &vmpodv1.VirtualMachineClusterInstancetype{TypeMeta: tm, ObjectMeta: meta, Spec: spec}
+	}
+	return &vmpodv1.VirtualMachineInstancetype{TypeMeta: tm, ObjectMeta: meta, Spec: spec}
+}
+
+// preferenceObject converts a preference: the defaults vmpod can apply.
+func preferenceObject(root *node, kind string) client.Object {
+	meta := objectMeta(root)
+	var spec vmpodv1.PreferenceSpec
+	if s := root.required("spec"); s != nil {
+		if c := s.object("cpu"); c != nil {
+			switch t := strings.TrimPrefix(strings.ToLower(c.str("preferredCPUTopology")), "prefer"); t {
+			case "":
+			case "sockets", "cores", "threads":
+				spec.CPU = &vmpodv1.CPUPreferences{PreferredCPUTopology: vmpodv1.CPUTopology(t)}
+			case "any":
+				root.rep.warnf(c.at("preferredCPUTopology"), "any becomes sockets (KubeVirt's default)")
+				spec.CPU = &vmpodv1.CPUPreferences{PreferredCPUTopology: vmpodv1.TopologySockets}
+			default:
+				root.rep.errorf(c.at("preferredCPUTopology"), "%q is not supported (sockets, cores, threads)", t)
+			}
+		}
+		if d := s.object("devices"); d != nil {
+			spec.Devices = &vmpodv1.DevicePreferences{PreferredDiskBus: vmpodv1.DiskBus(oneOf(d, "preferredDiskBus", "virtio", "sata", "scsi")),
+				PreferredCdromBus:       vmpodv1.DiskBus(oneOf(d, "preferredCdromBus", "sata", "scsi")),
+				PreferredInterfaceModel: oneOf(d, "preferredInterfaceModel", "virtio", "e1000", "e1000e")}
+			// every vmpod VM has these: nothing to prefer
+			d.ignore("preferredRng", "preferredAutoattachSerialConsole", "preferredAutoattachPodInterface")
+		}
+		if f := s.object("firmware"); f != nil {
+			spec.Firmware = &vmpodv1.FirmwarePreferences{}
+			if v, ok := f.boolean("preferredUseEfi"); ok {
+				spec.Firmware.PreferredUseEFI = &v
+			}
+			if v, ok := f.boolean("preferredUseSecureBoot"); ok {
+				spec.Firmware.PreferredUseSecureBoot = &v
+			}
+			f.ignore("preferredUseBios") // BIOS is the default
+		}
+		if m := s.object("machine"); m != nil {
+			switch t := m.str("preferredMachineType"); {
+			case t == "":
+			case t == "q35" || strings.HasPrefix(t, "pc-q35"):
+				spec.Machine = &vmpodv1.MachinePreferences{PreferredMachineType: "q35"}
+			default:
+				root.rep.warnf(m.at("preferredMachineType"), "machine %s is not supported; q35 is preferred instead", t)
+				spec.Machine = &vmpodv1.MachinePreferences{PreferredMachineType: "q35"}
+			}
+		}
+		if v, ok := s.integer("preferredTerminationGracePeriodSeconds"); ok {
+			spec.PreferredTerminationGracePeriodSeconds = &v
+		}
+		if r := s.object("requirements"); r != nil {
+			spec.Requirements = &vmpodv1.PreferenceRequirements{}
+			if c := r.object("cpu"); c != nil {
+				if v, ok := c.integer("guest"); ok && v > 0 {
+					spec.Requirements.CPU = &vmpodv1.InstancetypeCPU{Guest: uint32(v)}
+				}
+			}
+			if m := r.object("memory"); m != nil {
+				if q, ok := quantity(m, "guest"); ok {
+					spec.Requirements.Memory = &vmpodv1.InstancetypeMemory{Guest: q}
+				}
+			}
+		}
+	}
+	tm := metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: kind}
+	if kind == vmpodv1.KindClusterPreference {
+		meta.Namespace = ""
+		return &vmpodv1.VirtualMachineClusterPreference{TypeMeta: tm, ObjectMeta: meta, Spec: spec}
+	}
+	return &vmpodv1.VirtualMachinePreference{TypeMeta: tm, ObjectMeta: meta, Spec: spec}
+}
+
+// oneOf reads a string that must be one of values (or unset).
+func oneOf(n *node, key string, values ...string) string {
+	v := n.str(key)
+	if v != "" && !slices.Contains(values, v) {
+		n.rep.errorf(n.at(key), "%q is not supported (%s)", v, strings.Join(values, ", "))
+		return ""
+	}
+	return v
+}
+
+// quantity reads a resource quantity (a string, or a bare number of bytes).
+func quantity(n *node, key string) (resource.Quantity, bool) {
+	v, ok := n.get(key)
+	if !ok {
+		n.rep.errorf(n.at(key), "missing")
+		return resource.Quantity{}, false
+	}
+	str := fmt.Sprint(v)
+	if f, isFloat := v.(float64); isFloat {
+		str = strconv.FormatFloat(f, 'f', -1, 64) // a bare number of bytes, not 2.1e+09
+	}
+	q, err := resource.ParseQuantity(str)
+	if err != nil {
+		n.rep.errorf(n.at(key), "%v", err)
+		return resource.Quantity{}, false
+	}
+	return q, true
+}
+
+// virtualMachineInstance converts a VMI: an instance that runs once and is gone is, in
+// vmpod, a VirtualMachine with runStrategy Once (vmpod has no VMI kind of its own).
+func virtualMachineInstance(root *node) *vmpodv1.VirtualMachine {
+	vm := &vmpodv1.VirtualMachine{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: "VirtualMachine"}, ObjectMeta: objectMeta(root)}
+	vm.Spec.RunStrategy = vmpodv1.RunStrategyOnce
+	vm.Spec.Template.ObjectMeta = vmpodv1.TemplateMeta{Labels: vm.Labels, Annotations: vm.Annotations}
+	root.rep.warnf("kind", "a VirtualMachineInstance runs once: it becomes a VirtualMachine with runStrategy Once (its pod and status carry the VM's name)")
+	if s := root.required("spec"); s != nil {
 		vm.Spec.Template.Spec = instanceSpec(s)
 	}
 	return vm
@@ -154,6 +358,72 @@ func instanceSpec(s *node) vmpodv1.InstanceSpec {
 	out.Hostname = s.str("hostname")
 	out.Subdomain = s.str("subdomain")
 	s.dropped("evictionStrategy", "vmpod does not live-migrate on eviction yet; the VM is stopped like a pod")
+	dnsLabelNames(s, &out)
+	defaultDisks(s, &out)
+	return out
+}
+
+// defaultDisks adds a virtio disk for every volume no disk names, as KubeVirt's defaulting
+// does: a manifest may list a volume (a cloud-init disk, typically) and leave its disk out.
+func defaultDisks(s *node, spec *vmpodv1.InstanceSpec) {
+	for _, v := range spec.Volumes {
+		if !slices.ContainsFunc(spec.Domain.Devices.Disks, func(d vmpodv1.Disk) bool { return d.Name == v.Name }) {
+			spec.Domain.Devices.Disks = append(spec.Domain.Devices.Disks, vmpodv1.Disk{Name: v.Name, Disk: &vmpodv1.DiskTarget{}})
+		}
+	}
+}
+
+// dnsLabelNames renames disks and volumes, interfaces and networks whose names are not DNS
+// labels (vmpod's names become device and file names; KubeVirt allows vpc_net_0), the
+// same way on both sides of each pair, and warns.
+func dnsLabelNames(s *node, spec *vmpodv1.InstanceSpec) {
+	renamed := map[string]string{} // "kind/old" -> new
+	rename := func(kind, path string, name *string) {
+		if *name == "" || len(validation.IsDNS1123Label(*name)) == 0 {
+			return
+		}
+		key := kind + "/" + *name
+		if to, ok := renamed[key]; ok {
+			*name = to
+			return
+		}
+		to := dnsLabel(*name)
+		if to == "" {
+			s.rep.errorf(path, "name %q cannot be made a DNS label", *name)
+			return
+		}
+		s.rep.warnf(path, "name %q becomes %q (vmpod's names are DNS labels)", *name, to)
+		renamed[key] = to
+		*name = to
+	}
+	d := &spec.Domain.Devices
+	for i := range d.Disks {
+		rename("disk", fmt.Sprintf("%s.domain.devices.disks[%d].name", s.path, i), &d.Disks[i].Name)
+	}
+	for i := range spec.Volumes {
+		rename("disk", fmt.Sprintf("%s.volumes[%d].name", s.path, i), &spec.Volumes[i].Name)
+	}
+	for i := range d.Interfaces {
+		rename("net", fmt.Sprintf("%s.domain.devices.interfaces[%d].name", s.path, i), &d.Interfaces[i].Name)
+	}
+	for i := range spec.Networks {
+		rename("net", fmt.Sprintf("%s.networks[%d].name", s.path, i), &spec.Networks[i].Name)
+	}
+}
+
+// dnsLabel lower-cases name, turns what a DNS label cannot hold into '-', trims '-' from
+// both ends and cuts it to 63 characters.
+func dnsLabel(name string) string {
+	b := []byte(strings.ToLower(name))
+	for i, c := range b {
+		if (c < 'a' || c > 'z') && (c < '0' || c > '9') {
+			b[i] = '-'
+		}
+	}
+	out := strings.Trim(string(b), "-")
+	if len(out) > validation.DNS1123LabelMaxLength {
+		out = strings.TrimRight(out[:validation.DNS1123LabelMaxLength], "-")
+	}
 	return out
 }
 
@@ -214,6 +484,7 @@ func domain(d *node) vmpodv1.DomainSpec {
 				efi.dropped("persistent", "persistent EFI variables are not supported; dropped")
 			}
 		}
+		f.unsupported("kernelBoot", "booting a kernel and initrd from a container image is not supported: without them the VM would have nothing to boot; boot from a disk")
 		f.dropped("uuid", "the firmware UUID is not configurable; dropped")
 		f.dropped("serial", "the firmware serial is not configurable; dropped")
 	}
@@ -269,7 +540,11 @@ func devices(dev *node) vmpodv1.Devices {
 	}
 	// on in vmpod: the serial console is the compute container's log and stdin
 	dev.ignore("autoattachSerialConsole")
-	for _, k := range []string{"autoattachGraphicsDevice", "autoattachMemBalloon", "rng", "watchdog", "tpm", "sound", "inputs", "blockMultiQueue", "networkInterfaceMultiqueue", "useVirtioTransitional"} {
+	// every vmpod VM has a virtio-rng fed by QEMU's getrandom source (runtime/vmm)
+	if r := dev.object("rng"); r != nil && len(r.m) > 0 {
+		dev.rep.warnf(dev.at("rng"), "the guest always gets a virtio-rng; its settings are dropped")
+	}
+	for _, k := range []string{"autoattachGraphicsDevice", "autoattachMemBalloon", "watchdog", "tpm", "sound", "inputs", "blockMultiQueue", "networkInterfaceMultiqueue", "useVirtioTransitional"} {
 		dev.dropped(k, "not supported by vmpod; dropped")
 	}
 	return out
@@ -368,6 +643,14 @@ func volume(v *node) vmpodv1.Volume {
 		}
 		if s := c.object("secretRef"); s != nil {
 			out.CloudInitNoCloud.SecretRef = &vmpodv1.LocalObjectReference{Name: s.str("name")}
+		}
+		if ci := out.CloudInitNoCloud; ci.UserData == "" && ci.UserDataBase64 == "" && ci.SecretRef == nil {
+			// KubeVirt takes network data alone (or an empty userData); vmpod wants user
+			// data, and an empty cloud-config is what cloud-init made of none
+			ci.UserData = "#cloud-config\n"
+			if c.has("userData") {
+				v.rep.warnf(c.at("userData"), "empty: becomes an empty #cloud-config")
+			}
 		}
 		if s := c.object("networkDataSecretRef"); s != nil {
 			out.CloudInitNoCloud.NetworkDataSecretRef = &vmpodv1.LocalObjectReference{Name: s.str("name")}
@@ -502,6 +785,43 @@ func dataVolumeSource(src *node) vmpodv1.DataVolumeSource {
 	return out
 }
 
-// ErrNotKubeVirt is wrapped by Object's error for objects that are not a KubeVirt
-// VirtualMachine (kubevirt.io) or CDI DataVolume (cdi.kubevirt.io).
-var ErrNotKubeVirt = errors.New("not a KubeVirt VirtualMachine or CDI DataVolume")
+// ErrNotKubeVirt is wrapped by Object's error for objects that are not KubeVirt's or
+// CDI's at all (a Secret next to a VM, say): Stream passes them through.
+var ErrNotKubeVirt = errors.New("not a KubeVirt or CDI object")
+
+// ErrNotConverted is wrapped by Object's error for a KubeVirt or CDI kind vmpod has no
+// equivalent of: passing it through would leave the user applying an object nothing
+// serves (or KubeVirt's, if it is installed too), thinking it was converted.
+var ErrNotConverted = errors.New("not converted")
+
+// isKubeVirtGroup is KubeVirt's API groups: kubevirt.io and its subgroups
+// (cdi., instancetype., migrations., snapshot., pool., export., clone., ...).
+func isKubeVirtGroup(group string) bool {
+	return group == "kubevirt.io" || strings.HasSuffix(group, ".kubevirt.io")
+}
+
+// notConverted says why a KubeVirt kind has no vmpod equivalent, and what to do instead.
+func notConverted(group, kind string) string {
+	switch {
+	case kind == "VirtualMachineInstancePreset":
+		return "presets (deprecated in KubeVirt) are not supported: use an instance type and a preference"
+	case strings.HasPrefix(group, "migrations.") || kind == "VirtualMachineInstanceMigration":
+		return "live migration is not supported yet"
+	case kind == "VirtualMachineInstanceReplicaSet" || strings.HasPrefix(group, "pool."):
+		return "VM replica sets and pools are not supported: write a VirtualMachine per replica"
+	case strings.HasPrefix(group, "snapshot.") || strings.HasPrefix(group, "export.") || strings.HasPrefix(group, "clone."):
+		return "snapshots, exports and clones of VMs are not supported; clone a disk with a DataVolume whose source is its PVC"
+	case group == "kubevirt.io" && kind == "KubeVirt", group == "cdi.kubevirt.io" && (kind == "CDI" || kind == "CDIConfig"):
+		return "an installation's configuration: vmpod is configured on its nodes (/etc/vmpod/config.toml) and by its controller's flags"
+	case kind == "DataSource" || kind == "DataImportCron":
+		return "DataSources and import crons are not supported: import with a DataVolume"
+	}
+	return "vmpod has no equivalent"
+}
+
+// nameOf is an object's metadata.name, for messages about objects not converted.
+func nameOf(obj map[string]any) (string, bool) {
+	meta, _ := obj["metadata"].(map[string]any)
+	name, ok := meta["name"].(string)
+	return name, ok
+}

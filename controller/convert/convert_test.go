@@ -2,6 +2,7 @@ package convert
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -124,14 +125,13 @@ func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
 		t.Errorf("masquerade interface %+v, want the binding and port 5432 carried", i)
 	}
 	// every field the converter does not carry is named, and nothing else
-	if n := strings.Count(warnings, "\n"); n != 5 {
-		t.Errorf("%d warnings, want 5:\n%s", n, warnings)
+	if n := strings.Count(warnings, "\n"); n != 4 {
+		t.Errorf("%d warnings, want 4:\n%s", n, warnings)
 	}
 	for _, w := range []string{
 		"spec.template.spec.domain.cpu.model: the CPU model is the node admin's choice",
 		"spec.template.spec.domain.machine.type: pc-q35-rhel9.4.0 becomes q35",
 		"spec.template.spec.domain.features: not supported by vmpod; dropped",
-		"spec.template.spec.domain.devices.rng:",
 		"spec.template.spec.evictionStrategy:",
 	} {
 		if !strings.Contains(warnings, w) {
@@ -164,10 +164,10 @@ func TestConvertDataVolumes(t *testing.T) {
 func TestConvertRefusesWhatWouldChangeTheVM(t *testing.T) {
 	_, _, err := convertFile(t, "kubevirt-vm-unsupported.yaml")
 	if err == nil {
-		t.Fatal("converted a VM with a hostDisk, a LUN, SR-IOV and an instancetype")
+		t.Fatal("converted a VM with a hostDisk, a LUN, SR-IOV and an inferred instancetype")
 	}
 	for _, want := range []string{
-		"spec.instancetype: instance types are not supported",
+		"spec.instancetype.inferFromVolume: inferring from a volume's labels is not supported",
 		"spec.template.spec.volumes[0]: volume source hostDisk is not supported by vmpod",
 		"spec.template.spec.volumes[1]: volume source emptyDisk is not supported",
 		"spec.template.spec.domain.devices.disks[1].lun: LUN passthrough is not supported",
@@ -201,5 +201,134 @@ func TestObjectErrors(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestConvertVirtualMachineInstance(t *testing.T) {
+	docs, warnings, err := convertFile(t, "kubevirt-vmi.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	if len(docs) != 1 || docs[0]["kind"] != "VirtualMachine" {
+		t.Fatalf("want one VirtualMachine, got %v", docs)
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[0])
+	if vm.Name != "scratch-vm" || vm.Spec.RunStrategy != vmpodv1.RunStrategyOnce || vm.Spec.Template.ObjectMeta.Labels["app"] != "scratch" {
+		t.Errorf("name %s, runStrategy %s, template labels %v: want scratch-vm, Once, the VMI's labels", vm.Name, vm.Spec.RunStrategy, vm.Spec.Template.ObjectMeta.Labels)
+	}
+	if _, ok := vm.Annotations["kubevirt.io/latest-observed-api-version"]; ok || vm.Annotations["team"] != "platform" {
+		t.Errorf("annotations %v: want KubeVirt's dropped and the user's kept", vm.Annotations)
+	}
+	s := vm.Spec.Template.Spec
+	var disks, volumes []string
+	for _, d := range s.Domain.Devices.Disks {
+		disks = append(disks, d.Name)
+	}
+	for _, v := range s.Volumes {
+		volumes = append(volumes, v.Name)
+	}
+	// names become DNS labels on both sides of each pair; the cloud-init volume got its disk
+	if strings.Join(disks, ",") != "rootdisk,cloud-init" || strings.Join(volumes, ",") != "rootdisk,cloud-init" {
+		t.Errorf("disks %v volumes %v", disks, volumes)
+	}
+	if s.Domain.Devices.Interfaces[0].Name != "vpc-net-0" || s.Networks[0].Name != "vpc-net-0" {
+		t.Errorf("interface %q network %q, want vpc-net-0", s.Domain.Devices.Interfaces[0].Name, s.Networks[0].Name)
+	}
+	if ci := s.Volumes[1].CloudInitNoCloud; ci.UserData != "#cloud-config\n" || !strings.Contains(ci.NetworkData, "dhcp4") {
+		t.Errorf("cloud-init %+v: want an empty cloud-config and the network data", ci)
+	}
+	for _, w := range []string{
+		"kind: a VirtualMachineInstance runs once",
+		`name "vpc_net_0" becomes "vpc-net-0"`,
+		`name "rootDisk" becomes "rootdisk"`,
+		"userData: empty",
+		"metadata.annotations.kubevirt.io/latest-observed-api-version: a KubeVirt annotation",
+	} {
+		if !strings.Contains(warnings, w) {
+			t.Errorf("warnings lack %q:\n%s", w, warnings)
+		}
+	}
+}
+
+func TestConvertRefusesKindsWithoutEquivalent(t *testing.T) {
+	docs, _, err := convertFile(t, "kubevirt-not-converted.yaml")
+	if err == nil || docs != nil {
+		t.Fatalf("converted KubeVirt kinds vmpod has no equivalent of: %v, %d documents", err, len(docs))
+	}
+	if !errors.Is(err, ErrNotConverted) {
+		t.Errorf("error %v does not wrap ErrNotConverted", err)
+	}
+	for _, want := range []string{
+		"VirtualMachinePool workers: not converted: VM replica sets and pools",
+		"VirtualMachineInstanceMigration move-db: not converted: live migration",
+		"MigrationPolicy fast: not converted: live migration",
+		"KubeVirt kubevirt: not converted: an installation's configuration",
+		"DataSource fedora: not converted: DataSources",
+		"VirtualMachineSnapshot before-upgrade: not converted: snapshots",
+		"spec.template.metadata.annotations.hooks.kubevirt.io/hookSidecars: sidecar hooks",
+		"spec.template.metadata.annotations.smbios.vm.kubevirt.io/baseBoardManufacturer: SMBIOS",
+		"spec.template.spec.domain.firmware.kernelBoot: booting a kernel",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+func TestDNSLabel(t *testing.T) {
+	for in, want := range map[string]string{
+		"vpc_net_0": "vpc-net-0", "rootDisk": "rootdisk", "_x_": "x", "a.b": "a-b", "___": "",
+		strings.Repeat("a", 70): strings.Repeat("a", 63), strings.Repeat("a", 62) + "_b": strings.Repeat("a", 62),
+	} {
+		if got := dnsLabel(in); got != want {
+			t.Errorf("dnsLabel(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestConvertInstancetypesAndPreferences(t *testing.T) {
+	docs, warnings, err := convertFile(t, "kubevirt-instancetypes.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	if len(docs) != 5 {
+		t.Fatalf("%d documents, want 5", len(docs))
+	}
+	cit := decode[vmpodv1.VirtualMachineClusterInstancetype](t, docs[0])
+	if cit.Kind != vmpodv1.KindClusterInstancetype || cit.Spec.CPU.Guest != 1 || cit.Spec.Memory.Guest.String() != "4Gi" {
+		t.Errorf("cluster instancetype = %+v", cit)
+	}
+	it := decode[vmpodv1.VirtualMachineInstancetype](t, docs[1])
+	if it.Spec.CPU.Guest != 4 || it.Spec.Memory.Guest.Value() != 8<<30 {
+		t.Errorf("instancetype = %+v", it.Spec)
+	}
+	fedora := decode[vmpodv1.VirtualMachineClusterPreference](t, docs[2])
+	p := fedora.Spec
+	if p.CPU.PreferredCPUTopology != vmpodv1.TopologySockets || p.Devices.PreferredDiskBus != "virtio" || !*p.Firmware.PreferredUseEFI ||
+		*p.PreferredTerminationGracePeriodSeconds != 180 || p.Requirements.Memory.Guest.String() != "2Gi" || p.Requirements.CPU.Guest != 1 {
+		t.Errorf("preference fedora = %+v", p)
+	}
+	windows := decode[vmpodv1.VirtualMachinePreference](t, docs[3])
+	if w := windows.Spec; w.CPU.PreferredCPUTopology != vmpodv1.TopologyCores || w.Devices.PreferredCdromBus != "sata" || w.Machine.PreferredMachineType != "q35" {
+		t.Errorf("preference windows = %+v", w)
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[4])
+	if m := vm.Spec.Instancetype; m == nil || m.Name != "u1.medium" || m.Kind != vmpodv1.KindClusterInstancetype {
+		t.Errorf("instancetype matcher = %+v", m)
+	}
+	if m := vm.Spec.Preference; m == nil || m.Name != "fedora" || m.Kind != vmpodv1.KindClusterPreference {
+		t.Errorf("preference matcher = %+v", m)
+	}
+	if vm.Spec.Template.Spec.Domain.Memory != nil || len(vm.Spec.Template.Spec.Domain.Devices.Disks) != 1 {
+		t.Errorf("domain = %+v: want no memory of its own and the containerdisk's default disk", vm.Spec.Template.Spec.Domain)
+	}
+	for _, w := range []string{
+		"spec.cpu.model: the CPU model is the node admin's choice",
+		"spec.devices.preferredDiskDedicatedIoThread: not supported by vmpod; dropped",
+		"spec.instancetype.revisionName: vmpod applies the object as it is",
+	} {
+		if !strings.Contains(warnings, w) {
+			t.Errorf("warnings lack %q:\n%s", w, warnings)
+		}
 	}
 }

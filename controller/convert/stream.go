@@ -11,8 +11,9 @@ import (
 )
 
 // Stream converts a stream of YAML or JSON documents and writes vmpod's YAML to out, one
-// document per object. Other objects (a cloud-init Secret next to a VM, say) pass through
-// unchanged. Warnings go to warn, prefixed by the object. All errors are collected before
+// document per object. Objects that are not KubeVirt's or CDI's (a cloud-init Secret next
+// to a VM, say) pass through unchanged; a KubeVirt kind with no vmpod equivalent is an
+// error. Warnings go to warn, prefixed by the object. All errors are collected before
 // failing, and nothing is written unless everything converted.
 func Stream(in io.Reader, out, warn io.Writer) error {
 	dec := utilyaml.NewYAMLOrJSONDecoder(in, 4096)

@@ -25,6 +25,7 @@ import (
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/datavolume"
+	"github.com/vmpod/vmpod/controller/internal/podexec"
 	"github.com/vmpod/vmpod/controller/internal/render"
 	"github.com/vmpod/vmpod/controller/internal/vm"
 )
@@ -132,7 +133,7 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 	recorder := mgr.GetEventRecorder(Name)
 	podExec := o.PodExec
 	if podExec == nil {
-		if podExec, err = vm.NewAPIExec(mgr.GetConfig()); err != nil {
+		if podExec, err = podexec.New(mgr.GetConfig()); err != nil {
 			return nil, err
 		}
 	}

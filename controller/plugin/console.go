@@ -3,6 +3,7 @@ package plugin
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -10,14 +11,13 @@ import (
 	"golang.org/x/term"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/remotecommand"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/podexec"
 )
 
 // detachKey (Ctrl-]) ends a console session, as in telnet and virsh console.
@@ -30,21 +30,12 @@ func Console(ctx context.Context, rc *rest.Config, c client.Client, key types.Na
 	if err != nil {
 		return err
 	}
-	cs, err := kubernetes.NewForConfig(rc)
+	pe, err := podexec.New(rc)
 	if err != nil {
-		return fmt.Errorf("API client: %w", err)
+		return err
 	}
-	req := cs.CoreV1().RESTClient().Post().Resource("pods").Namespace(key.Namespace).Name(pod).SubResource("attach").
-		VersionedParams(&corev1.PodAttachOptions{Container: vmspec.ComputeContainer, Stdin: true, Stdout: true, TTY: true}, scheme.ParameterCodec)
-	ws, err := remotecommand.NewWebSocketExecutor(rc, "GET", req.URL().String())
-	if err != nil {
-		return fmt.Errorf("console: %w", err)
-	}
-	spdy, err := remotecommand.NewSPDYExecutor(rc, "POST", req.URL())
-	if err != nil {
-		return fmt.Errorf("console: %w", err)
-	}
-	exec, err := remotecommand.NewFallbackExecutor(ws, spdy, func(err error) bool { return true })
+	exec, err := podexec.Executor(rc, pe.URL(key.Namespace, pod, "attach",
+		&corev1.PodAttachOptions{Container: vmspec.ComputeContainer, Stdin: true, Stdout: true, TTY: true}))
 	if err != nil {
 		return fmt.Errorf("console: %w", err)
 	}
@@ -105,4 +96,32 @@ func orUnknown(s vmpodv1.PrintableStatus) vmpodv1.PrintableStatus {
 		return vmpodv1.StatusUnknown
 	}
 	return s
+}
+
+// GuestOSInfo prints what the VM's guest agent reports of the guest (OS, hostname,
+// interfaces and addresses), as `virtctl guestosinfo` does: the compute container answers
+// the exec vmspec.GuestInfoCommand itself from the QEMU guest agent.
+func GuestOSInfo(ctx context.Context, rc *rest.Config, c client.Client, key types.NamespacedName, stdio IO) error {
+	pod, err := runningPod(ctx, c, key, "no guest agent to ask")
+	if err != nil {
+		return err
+	}
+	pe, err := podexec.New(rc)
+	if err != nil {
+		return err
+	}
+	out, err := pe.Exec(ctx, key.Namespace, pod, vmspec.ComputeContainer, []string{vmspec.GuestInfoCommand})
+	if err != nil {
+		return fmt.Errorf("guest info: %w", err)
+	}
+	var info vmspec.GuestInfo
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		return fmt.Errorf("guest info from pod %s: %w", pod, err)
+	}
+	b, err := json.MarshalIndent(info, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(stdio.Out, "%s\n", b)
+	return err
 }

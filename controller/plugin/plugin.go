@@ -4,6 +4,8 @@
 //	kubectl vmpod pause|unpause VM         stop and resume the running VM's vCPUs in place
 //	kubectl vmpod console VM               attach to the VM's serial console
 //	kubectl vmpod vnc VM                   forward a local port to the VM's display
+//	kubectl vmpod port-forward VM PORT...  forward local ports to the guest's
+//	kubectl vmpod guestosinfo VM           what the guest agent reports of the guest
 //	kubectl vmpod convert -f FILE          KubeVirt/CDI manifests -> vmpod's
 package plugin
 
@@ -38,6 +40,13 @@ Usage:
   kubectl vmpod console VM [flags]    attach to the VM's serial console (Ctrl-] detaches)
   kubectl vmpod vnc VM [flags]        forward a local port (--port, default free) to the VM's
                                       VNC display and print the address for a viewer
+  kubectl vmpod port-forward VM [LOCAL:]REMOTE...
+                                      forward local ports to the guest's ports (masquerade
+                                      binding); --stdio connects stdin/stdout to one port,
+                                      for ssh: ssh -o ProxyCommand='kubectl vmpod
+                                      port-forward --stdio VM 22' user@VM
+  kubectl vmpod guestosinfo VM        print what the guest agent reports: OS, hostname,
+                                      interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
                                       manifests to vmpod's (- reads stdin)
 
@@ -75,6 +84,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	fs.StringVar(&loading.ExplicitPath, "kubeconfig", "", "path to the kubeconfig file")
 	file := fs.StringP("filename", "f", "", "convert: the manifest file (- for stdin)")
 	port := fs.Int("port", 0, "vnc: the local port (0: a free one)")
+	stdioForward := fs.Bool("stdio", false, "port-forward: connect stdin and stdout to the one guest port")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -83,7 +93,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	if cmd == "convert" {
 		return convertCmd(*file, fs.Args(), stdio)
 	}
-	if fs.NArg() != 1 {
+	if fs.NArg() == 0 || (fs.NArg() != 1 && cmd != "port-forward") {
 		return fmt.Errorf("%s needs one VM name, got %d arguments", cmd, fs.NArg())
 	}
 	ns, _, err := config.Namespace()
@@ -111,6 +121,16 @@ func run(ctx context.Context, args []string, stdio IO) error {
 		return Console(ctx, rc, c, key, stdio)
 	case "vnc":
 		return VNC(ctx, rc, c, key, *port, stdio)
+	case "port-forward":
+		if *stdioForward {
+			if fs.NArg() != 2 {
+				return fmt.Errorf("port-forward --stdio needs a VM and one guest port, got %q", fs.Args())
+			}
+			return PortForwardStdio(ctx, rc, c, key, fs.Arg(1), stdio)
+		}
+		return PortForward(ctx, rc, c, key, fs.Args()[1:], stdio)
+	case "guestosinfo":
+		return GuestOSInfo(ctx, rc, c, key, stdio)
 	}
 	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
 }

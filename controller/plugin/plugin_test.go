@@ -108,7 +108,7 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 
 	// a VM with a DataVolume template and a Secret, and CDI DataVolumes: warnings on
 	// stderr, every object accepted
-	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml"} {
+	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml"} {
 		out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/"+file)
 		if err != nil {
 			t.Fatalf("convert %s: %v\n%s", file, err, stderr)
@@ -120,10 +120,15 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 		f.mustRun([]byte(out), "apply", "-f", "-")
 	}
 	got := f.mustRun(nil, "get", "virtualmachines,datavolumes,secrets", "-o", "name")
-	for _, want := range []string{"virtualmachine.vmpod.dev/fedora-db", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit"} {
+	for _, want := range []string{"virtualmachine.vmpod.dev/fedora-db", "virtualmachine.vmpod.dev/scratch-vm", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("kubectl get lacks %s:\n%s", want, got)
 		}
+	}
+	// the VM sized by the converted instance type and preference gets their CPU and memory
+	sized := f.waitPod("fedora-sized", "")
+	if spec, err := vmspec.Parse([]byte(sized.Annotations[vmspec.Annotation])); err != nil || spec.MemoryMiB != 4096 || spec.Firmware.Type != vmspec.FirmwareUEFI {
+		t.Errorf("fedora-sized: %v, %+v: want u1.medium's 4Gi and the fedora preference's EFI", err, spec)
 	}
 	// the VM's template DataVolume is created by the controller
 	testenv.Eventually(t, timeout, "the fedora-db-root DataVolume", func() (bool, string) {
@@ -135,6 +140,11 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 	out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/kubevirt-vm-unsupported.yaml")
 	if err == nil || out != "" || !strings.Contains(stderr, "hostDisk is not supported") {
 		t.Errorf("unsupported manifest: err %v, stdout %q, stderr %s", err, out, stderr)
+	}
+	// and so are KubeVirt kinds vmpod has no equivalent of: never printed back as if converted
+	out, stderr, err = f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/kubevirt-not-converted.yaml")
+	if err == nil || out != "" || !strings.Contains(stderr, "VirtualMachinePool workers: not converted") {
+		t.Errorf("KubeVirt kinds without an equivalent: err %v, stdout %q, stderr %s", err, out, stderr)
 	}
 }
 
@@ -206,6 +216,18 @@ func TestStartStopRestart(t *testing.T) {
 	}
 	if _, stderr, err := f.run(nil, "vmpod", "vnc", "manual"); err == nil || !strings.Contains(stderr, "not Running: no display") {
 		t.Errorf("vnc of a stopped VM: %v %s", err, stderr)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "guestosinfo", "manual"); err == nil || !strings.Contains(stderr, "not Running: no guest agent") {
+		t.Errorf("guestosinfo of a stopped VM: %v %s", err, stderr)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "port-forward", "manual", "8080"); err == nil || !strings.Contains(stderr, "not Running: no guest to forward to") {
+		t.Errorf("port-forward to a stopped VM: %v %s", err, stderr)
+	}
+	// a bad port is refused before the VM is looked up
+	for _, args := range [][]string{{"manual", "http"}, {"manual", "1:2:3"}, {"manual", "8080:0"}, {"manual"}, {"--stdio", "manual", "1:22"}} {
+		if _, stderr, err := f.run(nil, append([]string{"vmpod", "port-forward"}, args...)...); err == nil || !strings.Contains(stderr, "port") {
+			t.Errorf("port-forward %q: %v %s, want an error about the port", args, err, stderr)
+		}
 	}
 	if _, stderr, err := f.run(nil, "vmpod", "start", "nosuchvm"); err == nil || !strings.Contains(stderr, "not found") {
 		t.Errorf("start of a missing VM: %v %s", err, stderr)

@@ -60,6 +60,12 @@ func TestVirtualMachineValidation(t *testing.T) {
 	if err := env.Client.Create(ctx, validVM(ns), &clientDryRun); err != nil {
 		t.Fatalf("a valid VM was rejected: %v", err)
 	}
+	sized := validVM(ns) // its size from an instancetype: no memory of its own
+	sized.Spec.Instancetype = &vmpodv1.InstancetypeMatcher{Name: "u1.small"}
+	sized.Spec.Template.Spec.Domain.Memory = nil
+	if err := env.Client.Create(ctx, sized, &clientDryRun); err != nil {
+		t.Fatalf("a valid VM with an instancetype was rejected: %v", err)
+	}
 	spec := func(vm *vmpodv1.VirtualMachine) *vmpodv1.InstanceSpec { return &vm.Spec.Template.Spec }
 	for _, tc := range []struct {
 		name   string
@@ -93,6 +99,20 @@ func TestVirtualMachineValidation(t *testing.T) {
 			[]string{`spec.template.spec.domain.devices.disks[0].disk.bus: Unsupported value: "ide"`}},
 		{"no memory", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Memory = nil },
 			[]string{"spec.template.spec.domain: Invalid value", "set memory.guest or resources.requests.memory"}},
+		{"instancetype and cpu", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Instancetype = &vmpodv1.InstancetypeMatcher{Name: "u1.small"}
+			spec(vm).Domain.Memory = nil
+			spec(vm).Domain.CPU = &vmpodv1.CPU{Cores: 2}
+		}, []string{"spec.template.spec.domain.cpu: Invalid value", "the instancetype sets the vCPUs"}},
+		{"instancetype and memory", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Instancetype = &vmpodv1.InstancetypeMatcher{Name: "u1.small"}
+			spec(vm).Domain.Resources.Requests = corev1.ResourceList{"memory": resource.MustParse("1Gi")}
+		}, []string{"spec.template.spec.domain.memory: Invalid value", "remove domain.memory.guest",
+			"spec.template.spec.domain.resources: Invalid value", "remove resources.requests.memory"}},
+		{"instancetype kind", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Memory = nil
+			vm.Spec.Instancetype = &vmpodv1.InstancetypeMatcher{Name: "u1.small", Kind: "VirtualMachineClusterPreference"}
+		}, []string{`spec.instancetype.kind: Unsupported value: "VirtualMachineClusterPreference"`}},
 		{"tiny memory", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Memory.Guest = ptr.To(resource.MustParse("1Mi")) },
 			[]string{"spec.template.spec.domain.memory.guest", "must be at least 16Mi"}},
 		{"microvm", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.Machine = &vmpodv1.Machine{Type: "microvm"} },

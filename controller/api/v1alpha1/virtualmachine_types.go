@@ -55,9 +55,21 @@ type StateChangeRequest struct {
 }
 
 // VirtualMachineSpec is the desired VM.
+// +kubebuilder:validation:XValidation:rule="has(self.instancetype) || (has(self.template.spec.domain.memory) && has(self.template.spec.domain.memory.guest)) || (has(self.template.spec.domain.resources.requests) && 'memory' in self.template.spec.domain.resources.requests)",message="set memory.guest or resources.requests.memory",fieldPath=".template.spec.domain"
+// +kubebuilder:validation:XValidation:rule="!has(self.instancetype) || !has(self.template.spec.domain.cpu)",message="the instancetype sets the vCPUs: remove domain.cpu",fieldPath=".template.spec.domain.cpu"
+// +kubebuilder:validation:XValidation:rule="!has(self.instancetype) || !has(self.template.spec.domain.memory) || !has(self.template.spec.domain.memory.guest)",message="the instancetype sets the memory: remove domain.memory.guest",fieldPath=".template.spec.domain.memory"
+// +kubebuilder:validation:XValidation:rule="!has(self.instancetype) || !has(self.template.spec.domain.resources.requests) || !('memory' in self.template.spec.domain.resources.requests)",message="the instancetype sets the memory: remove resources.requests.memory",fieldPath=".template.spec.domain.resources"
 type VirtualMachineSpec struct {
 	// RunStrategy says when the VM's pod should exist.
 	RunStrategy RunStrategy `json:"runStrategy"`
+
+	// Instancetype gives the VM its vCPUs and memory; the template then sets neither
+	// (domain.cpu, domain.memory.guest, a memory request).
+	// +optional
+	Instancetype *InstancetypeMatcher `json:"instancetype,omitempty"`
+	// Preference gives the VM defaults for what its template leaves unset.
+	// +optional
+	Preference *PreferenceMatcher `json:"preference,omitempty"`
 
 	// Template is the VM the pod runs.
 	Template VirtualMachineTemplateSpec `json:"template"`
@@ -146,7 +158,6 @@ type InstanceSpec struct {
 }
 
 // DomainSpec is the virtual hardware.
-// +kubebuilder:validation:XValidation:rule="(has(self.memory) && has(self.memory.guest)) || (has(self.resources.requests) && 'memory' in self.resources.requests)",message="set memory.guest or resources.requests.memory"
 type DomainSpec struct {
 	// +optional
 	CPU *CPU `json:"cpu,omitempty"`
@@ -262,7 +273,7 @@ type Devices struct {
 
 // Disk is a guest disk; its name is the name of the volume behind it.
 // +kubebuilder:validation:XValidation:rule="!(has(self.disk) && has(self.cdrom))",message="choose disk or cdrom"
-// +kubebuilder:validation:XValidation:rule="!has(self.cdrom) || self.cdrom.bus != 'virtio'",message="a cdrom needs bus sata or scsi",fieldPath=".cdrom.bus"
+// +kubebuilder:validation:XValidation:rule="!has(self.cdrom) || !has(self.cdrom.bus) || self.cdrom.bus != 'virtio'",message="a cdrom needs bus sata or scsi",fieldPath=".cdrom.bus"
 type Disk struct {
 	// +kubebuilder:validation:MaxLength=63
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
@@ -285,7 +296,8 @@ type DiskBus string
 
 // DiskTarget is a hard disk.
 type DiskTarget struct {
-	// +kubebuilder:default=virtio
+	// Bus unset is the preference's, else virtio. (No schema default: it would hide
+	// "unset" from the preference.)
 	// +optional
 	Bus DiskBus `json:"bus,omitempty"`
 	// +optional
@@ -294,7 +306,7 @@ type DiskTarget struct {
 
 // CDRomTarget is a CD-ROM drive.
 type CDRomTarget struct {
-	// +kubebuilder:default=sata
+	// Bus unset is the preference's, else sata.
 	// +optional
 	Bus DiskBus `json:"bus,omitempty"`
 }
@@ -309,8 +321,8 @@ type Interface struct {
 	// +kubebuilder:validation:MaxLength=63
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
 	Name string `json:"name"`
+	// Model unset is the preference's, else virtio.
 	// +kubebuilder:validation:Enum=virtio;e1000;e1000e
-	// +kubebuilder:default=virtio
 	// +optional
 	Model string `json:"model,omitempty"`
 	// MACAddress overrides the pod interface's MAC for the guest NIC.

@@ -6,7 +6,9 @@ package vm
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -20,6 +22,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/instancetype"
 	"github.com/vmpod/vmpod/controller/internal/render"
 )
 
@@ -58,6 +61,7 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines,verbs=get;list;watch;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;create
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachineinstancetypes;virtualmachineclusterinstancetypes;virtualmachinepreferences;virtualmachineclusterpreferences,verbs=get
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
 // +kubebuilder:rbac:groups="",resources=pods/exec,verbs=get;create
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch
@@ -97,6 +101,10 @@ type run struct {
 	requestRaw  string   // the annotation value request was parsed from
 	requestDone bool     // remove the request annotation after this pass
 	blocked     *blocker // why no pod can be created now
+	// expanded is the VM with its instance type and preference applied (vm itself when it
+	// has neither): what a pod is rendered from. expandErr says why there is none.
+	expanded    *vmpodv1.VirtualMachine
+	expandErr   error
 	wantRunning bool
 	setPause    bool // carry out a Pause (pauseVM) or Unpause request in the running pod
 	pauseVM     bool
@@ -120,6 +128,7 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 	if err := r.getPod(ctx); err != nil {
 		return reconcile.Result{}, err
 	}
+	r.expanded, r.expandErr = instancetype.Expand(ctx, r.APIReader, r.vm)
 	r.recordFailure()
 	r.readRequest(ctx)
 	r.decide(ctx)
@@ -347,7 +356,10 @@ func (r *run) createPod(ctx context.Context) (reconcile.Result, error) {
 	if err != nil || r.blocked != nil {
 		return reconcile.Result{}, err
 	}
-	pod, err := render.Pod(r.vm, claims, r.Render)
+	if r.expandErr != nil {
+		return r.expansionFailed()
+	}
+	pod, err := render.Pod(r.expanded, claims, r.Render)
 	if err != nil {
 		r.blocked = &blocker{vmpodv1.StatusInvalidSpec, "InvalidSpec", err.Error(), true}
 		r.event(corev1.EventTypeWarning, "InvalidSpec", "RenderPod", "%v", err)
@@ -376,6 +388,33 @@ func (r *run) createPod(ctx context.Context) (reconcile.Result, error) {
 	r.pod = pod
 	return reconcile.Result{}, nil
 }
+
+// expansionFailed blocks the pod of a VM whose instance type or preference cannot be
+// applied. A missing one may yet be created (it is looked up, not watched: poll for it);
+// unmet requirements wait for the spec to change.
+func (r *run) expansionFailed() (reconcile.Result, error) {
+	var nf *instancetype.NotFoundError
+	var unmet *instancetype.RequirementsError
+	switch err := r.expandErr; {
+	case errors.As(err, &nf):
+		reason := "InstancetypeNotFound"
+		if strings.Contains(nf.Kind, "Preference") {
+			reason = "PreferenceNotFound"
+		}
+		r.blocked = &blocker{vmpodv1.StatusInvalidSpec, reason, err.Error(), true}
+		r.event(corev1.EventTypeWarning, reason, "ExpandInstancetype", "%v", err)
+		return reconcile.Result{RequeueAfter: instancetypeRetry}, nil
+	case errors.As(err, &unmet):
+		r.blocked = &blocker{vmpodv1.StatusInvalidSpec, "PreferenceRequirementsNotMet", err.Error(), true}
+		r.event(corev1.EventTypeWarning, "PreferenceRequirementsNotMet", "ExpandInstancetype", "%v", err)
+		return reconcile.Result{}, nil
+	default:
+		return reconcile.Result{}, fmt.Errorf("expand instancetype and preference: %w", err)
+	}
+}
+
+// instancetypeRetry is how often a VM waiting for its instance type or preference looks again.
+const instancetypeRetry = 10 * time.Second
 
 // event records an event on the VM, related to its pod if there is one.
 func (r *run) event(eventType, reason, action, note string, args ...any) {

@@ -126,6 +126,8 @@ func (r *run) fillStatus() {
 
 	ready := metav1.Condition{Type: vmpodv1.VMReady, Status: metav1.ConditionFalse, Reason: "PodNotReady", Message: "the pod is not Ready"}
 	switch {
+	case r.pod == nil && r.blocked != nil:
+		ready.Reason, ready.Message = r.blocked.reason, "the VM has no pod: "+r.blocked.message
 	case r.pod == nil:
 		ready.Reason, ready.Message = "NoPod", "the VM has no pod"
 	case s.Ready:
@@ -178,7 +180,10 @@ func (r *run) renderedHash() (string, error) {
 				func(d corev1.VolumeDevice) bool { return d.Name == v.Name })}
 		}
 	}
-	pod, err := render.Pod(r.vm, claims, r.Render)
+	if r.expandErr != nil {
+		return "", r.expandErr
+	}
+	pod, err := render.Pod(r.expanded, claims, r.Render)
 	if err != nil {
 		return "", err
 	}
