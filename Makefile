@@ -44,7 +44,7 @@ cold-demo:
 bench: guest
 	hack/bench.sh
 
-## demo: boot a VM and run a container in it
+## demo: a container pod in a VM through CRI, then a KubeVirt VirtualMachine on a kubelet node
 demo: guest
 	hack/demo.sh
 

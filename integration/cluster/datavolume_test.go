@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -31,23 +32,33 @@ STORAGE`
 
 // TestDataVolumeImportAndBoot: DataVolumes import the test guest over HTTP from a server pod
 // in the cluster into a local-path Filesystem PVC and into a Block PVC (a local PV on a loop
-// device), and a VirtualMachine boots from each; a URL that answers 404 fails the
-// DataVolume with the reason.
+// device), and a VirtualMachine boots from each; a URL that answers 404 and a corrupt qcow2
+// (truncated: its header promises clusters the file does not hold) fail the DataVolume with
+// the reason.
 func TestDataVolumeImportAndBoot(t *testing.T) {
 	c := testenv.RequireCluster(t)
+	t.Parallel() // with TestVirtualMachine: see there
 	raw := os.Getenv("VMPOD_VM_GUEST_RAW")
 	qcow2 := filepath.Join(filepath.Dir(raw), "disk.qcow2")
 	if _, err := os.Stat(qcow2); raw == "" || err != nil {
 		t.Fatalf("the test guest's disk.qcow2 next to VMPOD_VM_GUEST_RAW=%q: %v (make test sets it; by hand: VMPOD_VM_GUEST_RAW=$(hack/vm-guest-image.sh)/disk.raw)", raw, err)
 	}
 	ns := c.Namespace(t)
-	base := imageServer(t, c, ns, filepath.Dir(qcow2))
+	// served: the guest's image, and a copy cut short after its first MiB
+	dir := t.TempDir()
+	if err := os.Link(qcow2, filepath.Join(dir, "disk.qcow2")); err != nil {
+		st, _ := os.Stat(qcow2)
+		copyPrefix(t, qcow2, filepath.Join(dir, "disk.qcow2"), st.Size()) // another filesystem
+	}
+	copyPrefix(t, qcow2, filepath.Join(dir, "truncated.qcow2"), 1<<20)
+	base := imageServer(t, c, ns, dir)
 
 	for _, tc := range []struct{ name, storage string }{
 		{"fs", "    resources: {requests: {storage: 1500Mi}}\n"},
 		{"block", "    volumeMode: Block\n    storageClassName: local-block\n    resources: {requests: {storage: 2Gi}}\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			dv := "root-" + tc.name
 			applyConverted(t, c, ns, strings.NewReplacer("NAME", dv, "URL", base+"/disk.qcow2", "STORAGE", tc.storage).Replace(cdiDataVolume))
 			t0 := time.Now()
@@ -71,6 +82,7 @@ func TestDataVolumeImportAndBoot(t *testing.T) {
 	}
 
 	t.Run("404", func(t *testing.T) {
+		t.Parallel()
 		applyConverted(t, c, ns, strings.NewReplacer("NAME", "missing", "URL", base+"/no-such.qcow2",
 			"STORAGE", "    resources: {requests: {storage: 100Mi}}\n").Replace(cdiDataVolume))
 		waitDataVolume(t, c, ns, "missing", "Failed", 3*time.Minute)
@@ -79,6 +91,38 @@ func TestDataVolumeImportAndBoot(t *testing.T) {
 			t.Errorf("the failed DataVolume's Ready message %q does not give the 404", msg)
 		}
 	})
+
+	t.Run("corrupt", func(t *testing.T) {
+		t.Parallel()
+		applyConverted(t, c, ns, strings.NewReplacer("NAME", "corrupt", "URL", base+"/truncated.qcow2",
+			"STORAGE", "    resources: {requests: {storage: 1500Mi}}\n").Replace(cdiDataVolume))
+		waitDataVolume(t, c, ns, "corrupt", "Failed", 3*time.Minute)
+		cond := c.Kubectl(t, "get", "datavolume.vmpod.dev", "-n", ns, "corrupt", "-o",
+			`jsonpath={.status.conditions[?(@.type=="Ready")].reason}: {.status.conditions[?(@.type=="Ready")].message}`)
+		if !strings.HasPrefix(cond, "InvalidImage: ") {
+			t.Errorf("the failed DataVolume's Ready condition is %q, want reason InvalidImage", cond)
+		}
+	})
+}
+
+// copyPrefix writes the first n bytes of src to dst.
+func copyPrefix(t *testing.T, src, dst string, n int64) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(out, in, n); err != nil {
+		t.Fatalf("copy %s: %v", src, err)
+	}
+	if err := out.Close(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // imageServer runs busybox httpd on the runc node serving dir (read-only) behind a

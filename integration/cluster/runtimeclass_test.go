@@ -271,25 +271,32 @@ func runcClient(t *testing.T, c *testenv.Cluster, ns string) string {
 // portForwardGet runs kubectl port-forward to the pod's port and GETs / through it.
 func portForwardGet(t *testing.T, c *testenv.Cluster, ns, pod string, port int) string {
 	t.Helper()
-	cmd := c.Command(context.Background(), "port-forward", "-n", ns, "pod/"+pod, fmt.Sprintf(":%d", port))
+	return forwardedGet(t, c, "/", "port-forward", "-n", ns, "pod/"+pod, fmt.Sprintf(":%d", port))
+}
+
+// forwardedGet runs a kubectl port-forward command (kubectl's or kubectl vmpod's, which
+// print the same first line) and GETs path through the local port it reports.
+func forwardedGet(t *testing.T, c *testenv.Cluster, path string, args ...string) string {
+	t.Helper()
+	cmd := c.Command(context.Background(), args...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("kubectl port-forward: %v", err)
+		t.Fatalf("kubectl %s: %v", strings.Join(args, " "), err)
 	}
 	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
 	// "Forwarding from 127.0.0.1:PORT -> 8080"
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil {
-		t.Fatalf("kubectl port-forward printed no address: %v", err)
+		t.Fatalf("kubectl %s printed no address: %v", strings.Join(args, " "), err)
 	}
 	var local int
 	if _, err := fmt.Sscanf(line, "Forwarding from 127.0.0.1:%d", &local); err != nil {
-		t.Fatalf("kubectl port-forward: unexpected first line %q", line)
+		t.Fatalf("kubectl %s: unexpected first line %q", strings.Join(args, " "), line)
 	}
-	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", local))
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d%s", local, path))
 	if err != nil {
 		t.Fatalf("GET through port-forward: %v", err)
 	}

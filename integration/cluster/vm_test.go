@@ -3,12 +3,17 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io"
+	"net"
 	"os/exec"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/integration/testenv"
 )
 
@@ -58,17 +63,22 @@ spec:
             write_files:
               - path: /var/tmp/e2e.txt
                 content: "written by cloud-init on a kubelet node\n"
+            runcmd:
+              - [systemd-run, --unit=e2e-http, python3, -m, http.server, "8080", --directory, /var/tmp]
 `
 
 const vmBootWithin = 6 * time.Minute // TCG on 2 shared cores: the guest agent answers in ~30-90 s
 
 // TestVirtualMachine: a user's KubeVirt VirtualMachine, converted and applied, boots on the
 // vmpod node through the in-cluster controller and a real kubelet; it becomes Ready by its
-// guest agent; cloud-init ran; the console shows a login prompt; pause, unpause, stop, start
-// and restart change the guest and the VM's status follows; deleting the VM powers the
-// guest off.
+// guest agent; cloud-init ran; the console shows a login prompt; guestosinfo, port-forward
+// and vnc reach the guest; pause, unpause, stop, start and restart change the guest and the
+// VM's status follows; deleting the VM powers the guest off.
 func TestVirtualMachine(t *testing.T) {
 	c := testenv.RequireCluster(t)
+	// alongside the DataVolume test's VMs: each TCG guest keeps about one core busy, and the
+	// two together take 4-5 minutes less than one after the other on a 2-core CI machine
+	t.Parallel()
 	if _, err := exec.LookPath("kubectl-vmpod"); err != nil {
 		t.Fatalf("kubectl-vmpod not on PATH (hack/cluster.sh env puts _output/bin there): %v", err)
 	}
@@ -94,6 +104,10 @@ func TestVirtualMachine(t *testing.T) {
 
 	// the serial console through the API server's attach, as a user types
 	consoleLogin(t, c, ns, "debian")
+
+	guestOSInfo(t, c, ns, "debian")
+	guestPortForward(t, c, ns, "debian")
+	vncGreeting(t, c, ns, "debian")
 
 	// pause: the vCPUs stop, the guest agent cannot answer (Ready goes False) and the status
 	// says Paused; unpause: the same guest (not rebooted) answers again
@@ -227,6 +241,79 @@ wait:
 	}
 	if !ok {
 		t.Errorf("kubectl vmpod console: no login prompt")
+	}
+}
+
+// guestOSInfo: kubectl vmpod guestosinfo reports the guest as its agent sees it: the OS
+// the image holds and the masquerade address the shim's DHCP gave it.
+func guestOSInfo(t *testing.T, c *testenv.Cluster, ns, name string) {
+	t.Helper()
+	out := c.Kubectl(t, "vmpod", "guestosinfo", "-n", ns, name)
+	var info vmspec.GuestInfo
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		t.Fatalf("kubectl vmpod guestosinfo printed %q: %v", out, err)
+	}
+	if info.AgentVersion == "" || info.OS == nil || info.OS.ID != "debian" || info.Hostname == "" {
+		t.Errorf("guestosinfo: agent %q, OS %+v, hostname %q; want the agent's version, Debian and a hostname", info.AgentVersion, info.OS, info.Hostname)
+	}
+	var ips []string
+	for _, i := range info.Interfaces {
+		ips = append(ips, i.IPs...)
+	}
+	if !slices.ContainsFunc(ips, func(ip string) bool { return strings.HasPrefix(ip, "10.0.2.2/") }) {
+		t.Errorf("guestosinfo: addresses %q, want the masquerade address 10.0.2.2", ips)
+	}
+}
+
+// guestPortForward: kubectl vmpod port-forward reaches a port the guest listens on (the
+// HTTP server cloud-init's runcmd started) through the API server, the kubelet and the
+// shim, both as a local port and on stdin/stdout (what ssh's ProxyCommand uses).
+func guestPortForward(t *testing.T, c *testenv.Cluster, ns, name string) {
+	t.Helper()
+	var out string
+	if !testenv.PollWithin(2*time.Minute, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		cmd := c.Command(ctx, "vmpod", "port-forward", "--stdio", "-n", ns, name, "8080")
+		cmd.Stdin = strings.NewReader("GET /e2e.txt HTTP/1.0\r\n\r\n")
+		b, _ := cmd.CombinedOutput()
+		out = string(b)
+		return strings.Contains(out, "written by cloud-init")
+	}) {
+		t.Fatalf("kubectl vmpod port-forward --stdio to the guest's port 8080: %q", out)
+	}
+	if got := forwardedGet(t, c, "/e2e.txt", "vmpod", "port-forward", "-n", ns, name, "0:8080"); !strings.Contains(got, "written by cloud-init") {
+		t.Errorf("GET through kubectl vmpod port-forward: %q", got)
+	}
+}
+
+// vncGreeting: kubectl vmpod vnc forwards a local port to the VM's display, which greets
+// with the RFB protocol version.
+func vncGreeting(t *testing.T, c *testenv.Cluster, ns, name string) {
+	t.Helper()
+	cmd := c.Command(context.Background(), "vmpod", "vnc", "-n", ns, name)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("kubectl vmpod vnc: %v", err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	m := regexp.MustCompile(`vnc://(127\.0\.0\.1:\d+)`).FindStringSubmatch(line)
+	if err != nil || m == nil {
+		t.Fatalf("kubectl vmpod vnc printed %q (%v), want the local address", line, err)
+	}
+	conn, err := net.DialTimeout("tcp", m[1], 10*time.Second)
+	if err != nil {
+		t.Fatalf("connect to the VNC forward: %v", err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(30 * time.Second))
+	greeting := make([]byte, 12)
+	if _, err := io.ReadFull(conn, greeting); err != nil || !strings.HasPrefix(string(greeting), "RFB 003.") {
+		t.Errorf("VNC through kubectl vmpod vnc: read %q (%v), want an RFB greeting", greeting, err)
 	}
 }
 

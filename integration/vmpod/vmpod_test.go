@@ -280,6 +280,7 @@ func vncBanner(t *testing.T, pod *testenv.Pod) {
 // The acceptance flow of a VM pod from a containerDisk: cloud-init, the guest agent, the
 // console, the pod IP, reboot in place, ACPI power-off on SIGTERM, and a crash.
 func TestVMPodFromContainerDisk(t *testing.T) {
+	t.Parallel() // two TCG guests at a time: each keeps about one of the 2 cores busy
 	img := guestImage(t)
 	vm := baseVM()
 	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "rootdisk", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
@@ -403,6 +404,7 @@ func losetup(t *testing.T, file string) string {
 // and kernel) from a block PVC (a loop device), with a filesystem PVC's disk.img as a
 // second, data disk on SCSI.
 func TestVMPodUEFIFromBlockDevice(t *testing.T) {
+	t.Parallel() // two TCG guests at a time: each keeps about one of the 2 cores busy
 	raw := guestRaw(t)
 	dir := t.TempDir()
 	copySparse(t, raw, filepath.Join(dir, "root.raw"))
@@ -451,6 +453,7 @@ func TestVMPodUEFIFromBlockDevice(t *testing.T) {
 // BIOS boot from a filesystem PVC's disk.img, on SATA; QEMU in the container's cgroup; a
 // guest panic.
 func TestVMPodFromDiskImg(t *testing.T) {
+	t.Parallel() // two TCG guests at a time: each keeps about one of the 2 cores busy
 	raw := guestRaw(t)
 	pvc := t.TempDir()
 	copySparse(t, raw, filepath.Join(pvc, vmspec.DiskImageFile))
@@ -554,6 +557,7 @@ func TestVMPodBadInput(t *testing.T) {
 // forwarded to it (every port), its own connections leave with the pod's IP, and a
 // port-forward reaches its ports. Pause and resume.
 func TestVMPodMasquerade(t *testing.T) {
+	t.Parallel() // two TCG guests at a time: each keeps about one of the 2 cores busy
 	img := guestImage(t)
 	vm := baseVM()
 	vm.Interfaces[0].Binding = vmspec.BindingMasquerade
