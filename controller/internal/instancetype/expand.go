@@ -26,6 +26,15 @@ func (e *NotFoundError) Error() string {
 	return fmt.Sprintf("%s %s not found", e.Kind, e.Name)
 }
 
+// Reason is the VM condition's reason: InstancetypeNotFound or PreferenceNotFound.
+func (e *NotFoundError) Reason() string {
+	switch e.Kind {
+	case vmpodv1.KindPreference, vmpodv1.KindClusterPreference:
+		return "PreferenceNotFound"
+	}
+	return "InstancetypeNotFound"
+}
+
 // RequirementsError is a VM below its preference's requirements.
 type RequirementsError struct {
 	Preference string

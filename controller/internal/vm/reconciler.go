@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -397,10 +396,7 @@ func (r *run) expansionFailed() (reconcile.Result, error) {
 	var unmet *instancetype.RequirementsError
 	switch err := r.expandErr; {
 	case errors.As(err, &nf):
-		reason := "InstancetypeNotFound"
-		if strings.Contains(nf.Kind, "Preference") {
-			reason = "PreferenceNotFound"
-		}
+		reason := nf.Reason()
 		r.blocked = &blocker{vmpodv1.StatusInvalidSpec, reason, err.Error(), true}
 		r.event(corev1.EventTypeWarning, reason, "ExpandInstancetype", "%v", err)
 		return reconcile.Result{RequeueAfter: instancetypeRetry}, nil
