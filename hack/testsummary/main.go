@@ -129,6 +129,33 @@ func (s *summary) skipReason(k testKey) string {
 	return "(no reason given)"
 }
 
+// Failure output kept per failed test: CI shows only the end of a run, where the
+// summary is, so the reason must be there too.
+const (
+	failureMaxLines   = 15
+	failureMaxLineLen = 400
+)
+
+// failureLines is the end of a failed test's own output (its t.Error/t.Log lines),
+// without test2json's markers; a parent's output does not repeat its subtests'.
+func (s *summary) failureLines(k testKey) []string {
+	var lines []string
+	for _, l := range s.output[k] {
+		t := strings.TrimSpace(l)
+		if t == "" || strings.HasPrefix(t, "=== ") || strings.HasPrefix(t, "--- ") {
+			continue
+		}
+		if len(t) > failureMaxLineLen {
+			t = t[:failureMaxLineLen] + " […]"
+		}
+		lines = append(lines, t)
+	}
+	if len(lines) > failureMaxLines {
+		lines = append([]string{"[…]"}, lines[len(lines)-failureMaxLines:]...)
+	}
+	return lines
+}
+
 func shortPkg(p string) string { return strings.TrimPrefix(p, "github.com/vmpod/vmpod/") }
 
 func (s *summary) print(w io.Writer, extra []string) (failed bool) {
@@ -166,6 +193,9 @@ func (s *summary) print(w io.Writer, extra []string) (failed bool) {
 		fmt.Fprintf(w, "\nfailed (%d):\n", len(s.failed))
 		for _, k := range s.failed {
 			fmt.Fprintf(w, "  %s %s\n", shortPkg(k.pkg), k.test)
+			for _, l := range s.failureLines(k) {
+				fmt.Fprintf(w, "      %s\n", l)
+			}
 		}
 	}
 	for _, n := range names {

@@ -14,6 +14,9 @@ const stream = `{"Action":"run","Package":"p/a","Test":"TestOK"}
 {"Action":"skip","Package":"p/a","Test":"TestSkip","Elapsed":0}
 {"Action":"pass","Package":"p/a","Elapsed":0.2}
 {"Action":"run","Package":"p/b","Test":"TestBad"}
+{"Action":"output","Package":"p/b","Test":"TestBad","Output":"=== RUN   TestBad\n"}
+{"Action":"output","Package":"p/b","Test":"TestBad","Output":"    b_test.go:7: QEMU said no\n"}
+{"Action":"output","Package":"p/b","Test":"TestBad","Output":"--- FAIL: TestBad (1.00s)\n"}
 {"Action":"fail","Package":"p/b","Test":"TestBad","Elapsed":1}
 {"Action":"fail","Package":"p/b","Elapsed":1.1}
 # p/c
@@ -34,7 +37,7 @@ func TestSummaryCountsAndReasons(t *testing.T) {
 	}
 	for _, want := range []string{
 		"p/a TestSkip: needs root",
-		"p/b TestBad",
+		"p/b TestBad\n      b_test.go:7: QEMU said no\n",
 		"BUILD FAILED",
 		"c.go:3:1: syntax error",
 		"critest[runc]: 1 passed",

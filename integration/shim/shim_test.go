@@ -260,7 +260,7 @@ func TestQEMUDyingDuringCreate(t *testing.T) {
 	}
 	id := fmt.Sprintf("qemudies-%d", time.Now().UnixNano())
 	_, err = testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2", "--runtime-config-path", cfg,
-		os.Getenv(testenv.EnvBusyboxImage), id, "true")
+		ctrImage(t), id, "true")
 	if err == nil || !strings.Contains(err.Error(), "QEMU exited") {
 		t.Fatalf("ctr run with a QEMU that dies: %v, want an error saying QEMU exited", err)
 	}
@@ -276,7 +276,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 	}
 	id := fmt.Sprintf("badcfg-%d", time.Now().UnixNano())
 	_, err := testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2", "--runtime-config-path", cfg,
-		os.Getenv(testenv.EnvBusyboxImage), id, "true")
+		ctrImage(t), id, "true")
 	if err == nil || !strings.Contains(err.Error(), "kernal") {
 		t.Fatalf("ctr run with a misspelled config key: %v, want an error naming it", err)
 	}
@@ -362,7 +362,7 @@ func TestMissingNetnsIsRejected(t *testing.T) {
 	id := fmt.Sprintf("nonetns-%d", time.Now().UnixNano())
 	_, err := testenv.Cmd("ctr", "run", "--rm", "--runtime", "io.containerd.vmpod.v2",
 		"--runtime-config-path", os.Getenv(testenv.EnvVmpodConfig),
-		"--with-ns", "network:/run/vmpod-no-such-netns", os.Getenv(testenv.EnvBusyboxImage), id, "true")
+		"--with-ns", "network:/run/vmpod-no-such-netns", ctrImage(t), id, "true")
 	if err == nil || !strings.Contains(err.Error(), "vmpod-no-such-netns") {
 		t.Fatalf("ctr run in a missing netns: %v, want an error naming it", err)
 	}
@@ -415,13 +415,21 @@ func TestPodToPod(t *testing.T) {
 	}
 }
 
-// ctrRun runs a one-off vmpod container through ctr with extra flags and returns ctr's output.
-func ctrRun(t *testing.T, flags []string, args ...string) (string, error) {
+// ctrImage pulls the test bed's busybox image into ctr's namespace (CRI's is another)
+// and returns its name, so a test that runs alone finds it.
+func ctrImage(t *testing.T) string {
 	t.Helper()
 	img := os.Getenv(testenv.EnvBusyboxImage)
 	if _, err := testenv.Cmd("ctr", "images", "pull", "--plain-http", "--hosts-dir", os.Getenv(testenv.EnvHostsDir), img); err != nil {
 		t.Fatal(err)
 	}
+	return img
+}
+
+// ctrRun runs a one-off vmpod container through ctr with extra flags and returns ctr's output.
+func ctrRun(t *testing.T, flags []string, args ...string) (string, error) {
+	t.Helper()
+	img := ctrImage(t)
 	id := fmt.Sprintf("ctr-%d", time.Now().UnixNano())
 	cmd := append([]string{"run", "--rm", "--runtime", "io.containerd.vmpod.v2", "--runtime-config-path", os.Getenv(testenv.EnvVmpodConfig)}, flags...)
 	cmd = append(append(cmd, img, id), args...)

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -152,6 +153,10 @@ func (m *Machine) startVirtiofsd(ctx context.Context, logFile *os.File) error {
 	go func() { _ = cmd.Wait(); close(done) }()
 	m.teardown.Add("stop virtiofsd", func() error { return stopHelper(cmd, done) })
 	if err := m.joinCgroup(cmd.Process.Pid); err != nil {
+		if errors.Is(err, syscall.ESRCH) { // died at once (see startQEMU)
+			<-done
+			return fmt.Errorf("exited (%s) before joining %w", cmd.ProcessState, err)
+		}
 		return err
 	}
 	// QEMU connects to the socket at start-up, so it must exist first.
@@ -211,7 +216,17 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 		}
 		return nil
 	})
-	return m.joinCgroup(cmd.Process.Pid)
+	if err := m.joinCgroup(cmd.Process.Pid); err != nil {
+		if errors.Is(err, syscall.ESRCH) {
+			// cgroup v1 moves QEMU after it started: one that died at once (a bad
+			// binary, a refused option) is gone or a zombie by then. Its exit is the
+			// error worth reporting, and Wait returns it promptly.
+			<-m.exited
+			return fmt.Errorf("QEMU exited (%v) before joining %w", m.exitErr, err)
+		}
+		return err
+	}
+	return nil
 }
 
 // joinCgroup moves a process QEMU or a helper into the pod's cgroup, where it was not
