@@ -176,6 +176,9 @@ imports = [$(containerd_imports)]
     enable_selinux = false
     # pod netns bind mounts under state, not /run/netns: leaks are ours to find
     netns_mounts_under_state_dir = true
+    # ExecSync gives up draining output a background child holds after this (containerd's
+    # default 0s waits for ever); integration/shim holds vmpod to runc's behaviour here
+    drain_exec_sync_io_timeout = "10s"
     # true when this process lacks CAP_SYS_RESOURCE (see restrict_oom_score_adj in the script)
     restrict_oom_score_adj = $(restrict_oom_score_adj)
     [plugins."io.containerd.cri.v1.runtime".cni]

@@ -74,3 +74,25 @@ func (m *Monitor) AddCPU(ctx context.Context, id string, cpu HotpluggableCPU) er
 	}
 	return m.DeviceAdd(ctx, d)
 }
+
+// VCPU is one entry of query-cpus-fast: a running vCPU and the host thread that runs it.
+type VCPU struct {
+	Index    int    `json:"cpu-index"`
+	ThreadID int    `json:"thread-id"`
+	QOMPath  string `json:"qom-path"`
+}
+
+// QueryVCPUs lists the running vCPUs with their host threads (query-cpus-fast, which does
+// not interrupt the vCPUs). A reply without a thread id is refused: pinning needs it.
+func (m *Monitor) QueryVCPUs(ctx context.Context) ([]VCPU, error) {
+	var cpus []VCPU
+	if err := m.run(ctx, "query-cpus-fast", "", nil, &cpus); err != nil {
+		return nil, err
+	}
+	for i, c := range cpus {
+		if c.ThreadID <= 0 {
+			return nil, fmt.Errorf("qmp: query-cpus-fast: [%d] (cpu-index %d): thread-id %d", i, c.Index, c.ThreadID)
+		}
+	}
+	return cpus, nil
+}

@@ -209,6 +209,23 @@ func TestQueryReplies(t *testing.T) {
 		t.Errorf("QueryMigrate = %+v (err %v)", r.info, r.err)
 	}
 
+	type vcpuResult struct {
+		cpus []qmp.VCPU
+		err  error
+	}
+	vc := make(chan vcpuResult, 1)
+	go func() { c, err := m.QueryVCPUs(ctx); vc <- vcpuResult{c, err} }()
+	srv.Reply(srv.Expect("query-cpus-fast"), json.RawMessage(`[{"cpu-index":0,"thread-id":4711,"qom-path":"/machine/unattached/device[0]","target":"x86_64","props":{"socket-id":0}},
+		{"cpu-index":1,"thread-id":4712,"qom-path":"/machine/peripheral/cpu1","target":"x86_64"}]`))
+	if r := <-vc; r.err != nil || len(r.cpus) != 2 || r.cpus[1].ThreadID != 4712 || r.cpus[1].Index != 1 {
+		t.Errorf("QueryVCPUs = %+v (err %v)", r.cpus, r.err)
+	}
+	go func() { c, err := m.QueryVCPUs(ctx); vc <- vcpuResult{c, err} }()
+	srv.Reply(srv.Expect("query-cpus-fast"), json.RawMessage(`[{"cpu-index":0,"qom-path":"/machine/unattached/device[0]"}]`))
+	if r := <-vc; r.err == nil || !strings.Contains(r.err.Error(), "thread-id") {
+		t.Errorf("QueryVCPUs of a reply without thread ids: %v, want an error naming thread-id", r.err)
+	}
+
 	type getResult struct {
 		v   uint64
 		err error

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"sort"
 	"strings"
 	"time"
@@ -136,10 +137,11 @@ const (
 	failureMaxLineLen = 400
 )
 
-// failureLines is the end of a failed test's own output (its t.Error/t.Log lines),
-// without test2json's markers; a parent's output does not repeat its subtests'.
+// failureLines is what a failed test said: its t.Error/t.Fatal/t.Log lines ("x_test.go:12:
+// ..."), the last failureMaxLines of them, else the end of its output. The long dumps a
+// test logs (a VM's console) are continuation lines and stay out.
 func (s *summary) failureLines(k testKey) []string {
-	var lines []string
+	var said, all []string
 	for _, l := range s.output[k] {
 		t := strings.TrimSpace(l)
 		if t == "" || strings.HasPrefix(t, "=== ") || strings.HasPrefix(t, "--- ") {
@@ -148,13 +150,23 @@ func (s *summary) failureLines(k testKey) []string {
 		if len(t) > failureMaxLineLen {
 			t = t[:failureMaxLineLen] + " […]"
 		}
-		lines = append(lines, t)
+		all = append(all, t)
+		if goSourcePrefix.MatchString(t) {
+			said = append(said, t)
+		}
+	}
+	lines := all
+	if len(said) > 0 {
+		lines = said
 	}
 	if len(lines) > failureMaxLines {
 		lines = append([]string{"[…]"}, lines[len(lines)-failureMaxLines:]...)
 	}
 	return lines
 }
+
+// goSourcePrefix starts a line a test printed through testing.T: "name.go:123: ".
+var goSourcePrefix = regexp.MustCompile(`^[\w.-]+\.go:[0-9]+: `)
 
 func shortPkg(p string) string { return strings.TrimPrefix(p, "github.com/vmpod/vmpod/") }
 

@@ -16,6 +16,8 @@ const stream = `{"Action":"run","Package":"p/a","Test":"TestOK"}
 {"Action":"run","Package":"p/b","Test":"TestBad"}
 {"Action":"output","Package":"p/b","Test":"TestBad","Output":"=== RUN   TestBad\n"}
 {"Action":"output","Package":"p/b","Test":"TestBad","Output":"    b_test.go:7: QEMU said no\n"}
+{"Action":"output","Package":"p/b","Test":"TestBad","Output":"    testenv.go:102: VM log:\n"}
+{"Action":"output","Package":"p/b","Test":"TestBad","Output":"        [    4.408330] reboot: Power down\n"}
 {"Action":"output","Package":"p/b","Test":"TestBad","Output":"--- FAIL: TestBad (1.00s)\n"}
 {"Action":"fail","Package":"p/b","Test":"TestBad","Elapsed":1}
 {"Action":"fail","Package":"p/b","Elapsed":1.1}
@@ -37,7 +39,7 @@ func TestSummaryCountsAndReasons(t *testing.T) {
 	}
 	for _, want := range []string{
 		"p/a TestSkip: needs root",
-		"p/b TestBad\n      b_test.go:7: QEMU said no\n",
+		"p/b TestBad\n      b_test.go:7: QEMU said no\n      testenv.go:102: VM log:\n\n",
 		"BUILD FAILED",
 		"c.go:3:1: syntax error",
 		"critest[runc]: 1 passed",

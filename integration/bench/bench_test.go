@@ -199,7 +199,7 @@ func TestBenchExec(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 {
+		if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 {
 			t.Fatalf("exec: %v status %d", err, exit.Status)
 		}
 		vmExec = append(vmExec, time.Since(s))
@@ -292,7 +292,7 @@ func TestBenchSharedFS(t *testing.T) {
 			if err := vm.Agent().StartContainer(ctx, id); err != nil {
 				t.Fatal(err)
 			}
-			exit, err := p.Wait(ctx)
+			exit, err := testenv.WaitOutput(ctx, p)
 			d := time.Since(s)
 			if err != nil || exit.Status != 0 {
 				t.Fatalf("%s over %s: exit %d, %v: %s", args[0], fs, exit.Status, err, stderr.String())
@@ -334,7 +334,7 @@ func TestBenchStdio(t *testing.T) {
 	if err := vm.Agent().StartContainer(ctx, "dd"); err != nil {
 		t.Fatal(err)
 	}
-	if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 || out.n != mib<<20 {
+	if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 || out.n != mib<<20 {
 		t.Fatalf("dd: exit %d, %v, %d bytes", exit.Status, err, out.n)
 	}
 	vmRate := float64(out.n) / time.Since(s).Seconds() / (1 << 20)

@@ -105,7 +105,7 @@ func (c *container) waitOutput(t *testing.T, marker string) {
 func (p *pod) run(t *testing.T, id, script string) string {
 	t.Helper()
 	c := p.startContainer(t, id, script, nil)
-	exit, err := c.proc.Wait(testenv.Context(t, time.Minute))
+	exit, err := testenv.WaitOutput(testenv.Context(t, time.Minute), c.proc)
 	if err != nil || exit.Status != 0 {
 		t.Fatalf("container %s: exit %d, %v; output:\n%s", id, exit.Status, err, c.output)
 	}

@@ -49,7 +49,7 @@ func run(t *testing.T, vm *vmpodagent.Guest, id string, stdin io.Reader, args ..
 	t.Helper()
 	var stdout, stderr testenv.Buffer
 	p := startContainer(t, vm, id, testenv.Spec(args...), runtime.Stdio{Stdin: stdin, Stdout: &stdout, Stderr: &stderr})
-	exit, err := p.Wait(testenv.Context(t, time.Minute))
+	exit, err := testenv.WaitOutput(testenv.Context(t, time.Minute), p)
 	if err != nil {
 		t.Fatalf("wait %s: %v", id, err)
 	}
@@ -111,7 +111,7 @@ func TestTerminalWithResize(t *testing.T) {
 	if _, err := stdinW.Write([]byte("\n")); err != nil {
 		t.Fatal(err)
 	}
-	exit, err := p.Wait(testenv.Context(t, time.Minute))
+	exit, err := testenv.WaitOutput(testenv.Context(t, time.Minute), p)
 	if err != nil || exit.Status != 0 {
 		t.Fatalf("wait: %v, exit %d; output %q", err, exit.Status, out.String())
 	}
@@ -133,7 +133,7 @@ func TestSignals(t *testing.T) {
 	if err := term.Signal(ctx, syscall.SIGTERM, false); err != nil {
 		t.Fatalf("SIGTERM: %v", err)
 	}
-	exit, err := term.Wait(ctx)
+	exit, err := testenv.WaitOutput(ctx, term)
 	if err != nil || exit.Status != 42 || !strings.Contains(out.String(), "got-TERM") {
 		t.Fatalf("after SIGTERM: exit %d, err %v, output %q", exit.Status, err, out.String())
 	}
@@ -142,7 +142,7 @@ func TestSignals(t *testing.T) {
 	if err := kill.Signal(ctx, syscall.SIGKILL, false); err != nil {
 		t.Fatalf("SIGKILL: %v", err)
 	}
-	if exit, err := kill.Wait(ctx); err != nil || exit.Status != 128+9 {
+	if exit, err := testenv.WaitOutput(ctx, kill); err != nil || exit.Status != 128+9 {
 		t.Fatalf("after SIGKILL: exit %d, err %v; want 137", exit.Status, err)
 	}
 	// A finished process is NotFound for signals, as containerd expects.
@@ -163,7 +163,7 @@ func TestExecIntoRunningContainer(t *testing.T) {
 	if err != nil {
 		t.Fatalf("exec: %v", err)
 	}
-	exit, err := p.Wait(ctx)
+	exit, err := testenv.WaitOutput(ctx, p)
 	if err != nil || exit.Status != 0 {
 		t.Fatalf("exec wait: %v, exit %d", err, exit.Status)
 	}
@@ -187,7 +187,7 @@ func TestTwoContainersInOneVM(t *testing.T) {
 	a := startContainer(t, vm, "a", testenv.Spec("sh", "-c", "echo from-a > /marker; sleep 0.3; cat /marker"), runtime.Stdio{Stdout: &outA})
 	b := startContainer(t, vm, "b", testenv.Spec("sh", "-c", "sleep 0.3; cat /marker 2>&1 || echo no-marker"), runtime.Stdio{Stdout: &outB})
 	for _, p := range []*vmpodagent.Process{a, b} {
-		if exit, err := p.Wait(ctx); err != nil || exit.Status != 0 {
+		if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 {
 			t.Fatalf("%s: exit %d, %v", p.ContainerID(), exit.Status, err)
 		}
 	}
@@ -306,7 +306,7 @@ func TestShareFileAndReadOnly(t *testing.T) {
 	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/etc/hosts", Type: "bind", Source: guestFile, Options: []string{"rbind", "ro"}})
 	var out testenv.Buffer
 	p := startContainer(t, vm, "c", spec, runtime.Stdio{Stdout: &out, Stderr: io.Discard})
-	if exit, err := p.Wait(testenv.Context(t, time.Minute)); err != nil || exit.Status != 0 {
+	if exit, err := testenv.WaitOutput(testenv.Context(t, time.Minute), p); err != nil || exit.Status != 0 {
 		t.Fatalf("exit %d err %v", exit.Status, err)
 	}
 	if got := out.String(); !strings.Contains(got, "shared-host") || !strings.Contains(got, "read-only") {
@@ -495,7 +495,7 @@ func TestOOMKillIsReported(t *testing.T) {
 	}()
 	var out testenv.Buffer
 	p := startContainer(t, vm, "hog", spec, runtime.Stdio{Stdout: &out})
-	exit, err := p.Wait(ctx)
+	exit, err := testenv.WaitOutput(ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -100,9 +100,11 @@ type ContainerConfig struct {
 	Stdin     bool              `json:"stdin,omitempty"`
 	StdinOnce bool              `json:"stdin_once,omitempty"`
 	Tty       bool              `json:"tty,omitempty"`
-	Mounts    []Mount           `json:"mounts,omitempty"`
-	Devices   []Device          `json:"devices,omitempty"`
-	Linux     map[string]any    `json:"linux"`
+	// StopSignal is CRI's Signal enum (runtime.v1.Signal), not a signal number.
+	StopSignal int            `json:"stop_signal,omitempty"`
+	Mounts     []Mount        `json:"mounts,omitempty"`
+	Devices    []Device       `json:"devices,omitempty"`
+	Linux      map[string]any `json:"linux"`
 }
 
 // Mount is a host path, or an image (an image volume), in a container.
@@ -139,16 +141,27 @@ func WriteJSON(t testing.TB, name string, v any) string {
 	return p
 }
 
-// Pod is a pod sandbox run through CRI with the vmpod handler.
+// Pod is a pod sandbox run through CRI.
 type Pod struct {
-	ID     string
-	Config string // path of its config file
-	t      testing.TB
+	ID      string
+	Config  string // path of its config file
+	Handler string // its runtime handler: vmpod or runc
+	t       testing.TB
 }
 
 // RunPod runs a pod with the vmpod handler and removes it (and checks it left nothing)
 // when the test ends.
 func RunPod(t testing.TB, cfg PodConfig) *Pod {
+	t.Helper()
+	return RunPodWith(t, "vmpod", cfg)
+}
+
+// Handlers are the test bed's runtime handlers, for a test that holds vmpod to what runc
+// does.
+var Handlers = []string{"runc", "vmpod"}
+
+// RunPodWith is RunPod with another runtime handler (runc: the behaviour vmpod is held to).
+func RunPodWith(t testing.TB, handler string, cfg PodConfig) *Pod {
 	t.Helper()
 	if cfg.Metadata.UID == "" {
 		cfg.Metadata.UID = fmt.Sprintf("%s-%d", cfg.Metadata.Name, time.Now().UnixNano())
@@ -163,8 +176,8 @@ func RunPod(t testing.TB, cfg PodConfig) *Pod {
 		cfg.Linux = map[string]any{}
 	}
 	path := WriteJSON(t, "pod.json", cfg)
-	id := Crictl(t, "runp", "--runtime", "vmpod", path)
-	p := &Pod{ID: id, Config: path, t: t}
+	id := Crictl(t, "runp", "--runtime", handler, path)
+	p := &Pod{ID: id, Config: path, Handler: handler, t: t}
 	t.Cleanup(func() {
 		_, _ = Cmd("crictl", "stopp", id)
 		if _, err := Cmd("crictl", "rmp", id); err != nil {
@@ -178,6 +191,14 @@ func RunPod(t testing.TB, cfg PodConfig) *Pod {
 // Container creates and starts a container in the pod.
 func (p *Pod) Container(cfg ContainerConfig) string {
 	p.t.Helper()
+	id := p.Create(cfg)
+	Crictl(p.t, "start", id)
+	return id
+}
+
+// Create creates a container in the pod and does not start it.
+func (p *Pod) Create(cfg ContainerConfig) string {
+	p.t.Helper()
 	if cfg.Image == nil {
 		cfg.Image = map[string]string{"image": BusyboxImage(p.t)}
 	}
@@ -188,9 +209,7 @@ func (p *Pod) Container(cfg ContainerConfig) string {
 		cfg.LogPath = cfg.Metadata.Name + ".log"
 	}
 	path := WriteJSON(p.t, cfg.Metadata.Name+".json", cfg)
-	id := Crictl(p.t, "create", p.ID, path, p.Config)
-	Crictl(p.t, "start", id)
-	return id
+	return Crictl(p.t, "create", p.ID, path, p.Config)
 }
 
 // BusyboxImage is the test bed's busybox image, pulled into CRI's namespace.

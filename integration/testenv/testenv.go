@@ -16,6 +16,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -223,5 +224,20 @@ func Spec(args ...string) *specs.Spec {
 				"/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
 			},
 		},
+	}
+}
+
+// WaitOutput waits for a guest process to exit and its output to reach the host writers
+// (Wait returns at the exit; a background child may hold the output open longer).
+func WaitOutput(ctx context.Context, p *vmpodagent.Process) (runtime.Exit, error) {
+	exit, err := p.Wait(ctx)
+	if err != nil {
+		return exit, err
+	}
+	select {
+	case <-p.OutputDone():
+		return exit, nil
+	case <-ctx.Done():
+		return exit, ctx.Err()
 	}
 }

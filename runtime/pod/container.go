@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"k8s.io/utils/cpuset"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/api/annotations"
@@ -39,6 +40,9 @@ type containerPod struct {
 
 	resizeMu sync.Mutex // one resize at a time
 
+	pinMu  sync.Mutex    // one vCPU pinning at a time
+	pinned cpuset.CPUSet // the host CPUs the vCPUs run on; empty: anywhere
+
 	mu         sync.Mutex
 	size       Size // what the VM has now
 	containers map[string]*container
@@ -49,8 +53,9 @@ type containerPod struct {
 
 type container struct {
 	shares []string
-	pid    uint32 // guest pid of its init, once created
-	claim  claim  // its limits, which the VM's size must hold
+	pid    uint32        // guest pid of its init, once created
+	claim  claim         // its limits, which the VM's size must hold
+	cpus   cpuset.CPUSet // the host CPUs it was given (linux.resources.cpu.cpus)
 }
 
 // startContainerPod boots the VM for a container pod, sized from spec (the pod's first
@@ -182,12 +187,19 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 	c := &container{}
 	if spec.Linux != nil {
 		c.claim = claimOf(spec.Linux.Resources, claim{})
+		cpus, err := hostCPUs(spec.Linux.Resources)
+		if err != nil {
+			p.mu.Unlock()
+			return nil, fmt.Errorf("pod %s: container %s: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
+		}
+		c.cpus = cpus
 	}
 	p.containers[id] = c
 	p.mu.Unlock()
 
 	var undo cleanup.Stack
 	defer func() { _ = undo.Run() }()
+	undo.Add("re-pin vCPUs without it", func() error { return p.pinVCPUs(context.WithoutCancel(ctx), false) })
 	undo.Add("forget container", func() error {
 		p.mu.Lock()
 		defer p.mu.Unlock()
@@ -200,6 +212,12 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 	}
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: container %s: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
+	}
+	if guest.Linux != nil {
+		guest.Linux.Resources = guestResources(guest.Linux.Resources)
+	}
+	if err := p.pinVCPUs(ctx, false); err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: linux.resources.cpu.cpus: %w", p.id, id, err)
 	}
 	proc, err := p.guest.CreateContainer(ctx, id, rootfs, guest, stdio)
 	if err != nil {
@@ -265,6 +283,9 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 	p.mu.Lock()
 	delete(p.containers, id)
 	p.mu.Unlock()
+	if err := p.pinVCPUs(ctx, false); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("pod %s: container %s: %v", p.id, id, errs)
 	}

@@ -57,8 +57,12 @@ type Pod interface {
 type Process interface {
 	// Pid is the process id reported to containerd.
 	Pid() uint32
-	// Wait blocks until the process exited and its output reached the host.
+	// Wait blocks until the process exited. Its output may still be on its way (a
+	// background child can hold it open).
 	Wait(ctx context.Context) (runtime.Exit, error)
+	// OutputDone is closed once the process's output has all reached the host, or was cut
+	// off: by Remove, by the pod's end, or for an init a bounded drain after its exit.
+	OutputDone() <-chan struct{}
 	// Signal delivers sig (all: to every process of the container; init only).
 	Signal(ctx context.Context, sig syscall.Signal, all bool) error
 	// Resize sets the process's terminal size.

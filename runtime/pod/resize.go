@@ -96,6 +96,15 @@ func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.
 		return fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
 	}
 	next := claimOf(r, c.claim)
+	cpus := c.cpus
+	if r != nil && r.CPU != nil && r.CPU.Cpus != "" { // an empty cpuset leaves it as it is
+		set, err := hostCPUs(r)
+		if err != nil {
+			p.mu.Unlock()
+			return fmt.Errorf("pod %s: update container %s: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
+		}
+		cpus = set
+	}
 	before, after := []claim{c.claim}, []claim{next}
 	for other, oc := range p.containers {
 		if other != id {
@@ -112,7 +121,14 @@ func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.
 	if err := p.grow(ctx, cur, target); err != nil {
 		return fmt.Errorf("pod %s: update container %s: %w", p.id, id, err)
 	}
-	if err := p.guest.Agent().UpdateContainer(ctx, id, r); err != nil {
+	p.mu.Lock()
+	c.cpus = cpus
+	p.mu.Unlock()
+	// vCPUs just added run anywhere until pinned.
+	if err := p.pinVCPUs(ctx, target.VCPUs > cur.VCPUs); err != nil {
+		return fmt.Errorf("pod %s: update container %s: linux.resources.cpu.cpus: %w", p.id, id, err)
+	}
+	if err := p.guest.Agent().UpdateContainer(ctx, id, guestResources(r)); err != nil {
 		return err
 	}
 	p.mu.Lock()

@@ -55,6 +55,9 @@ func (s *standIn) Signal(ctx context.Context, sig syscall.Signal, all bool) erro
 	return nil
 }
 
+// OutputDone: a stand-in writes nothing.
+func (s *standIn) OutputDone() <-chan struct{} { return s.exited }
+
 func (s *standIn) Resize(context.Context, uint32, uint32) error { return nil }
 func (s *standIn) CloseStdin(context.Context) error             { return nil }
 func (s *standIn) Remove(context.Context) error                 { return nil }

@@ -369,6 +369,9 @@ func (c *computeVM) Wait(ctx context.Context) (runtime.Exit, error) {
 	}
 }
 
+// OutputDone: the VM's console goes to its log, not to containerd's stdio.
+func (c *computeVM) OutputDone() <-chan struct{} { return c.exited }
+
 // Signal: SIGKILL ends QEMU at once; the stop signals press the ACPI power button, and the
 // guest shuts down in its own time (the kubelet's grace period, then SIGKILL).
 func (c *computeVM) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
@@ -636,6 +639,10 @@ func (e *guestExec) Wait(ctx context.Context) (runtime.Exit, error) {
 		return runtime.Exit{}, ctx.Err()
 	}
 }
+
+// OutputDone: the guest agent returns a command's output with its exit, and run writes
+// it before finishing.
+func (e *guestExec) OutputDone() <-chan struct{} { return e.done }
 
 // Signal ends the exec for containerd (an ExecSync timeout kills it). The guest agent
 // cannot signal a process, so the command itself may run on in the guest.

@@ -15,10 +15,12 @@ import (
 	"github.com/vmpod/vmpod/runtime"
 )
 
-// outputDrainTimeout bounds how long Wait waits for a process's output after its exit. A
-// background child that inherited stdout keeps the stream open; its output after this is
-// not waited for.
-const outputDrainTimeout = 2 * time.Second
+// initDrainTimeout bounds how long a container's init's output is waited for after the
+// init exited: a background child that inherited stdout keeps the stream open, and what
+// it writes after this is not copied (runc's shim waits as long at delete). An exec's
+// output is copied until its end or Remove: containerd drains it itself
+// (drain_exec_sync_io_timeout) and deletes the exec when it gives up.
+const initDrainTimeout = 2 * time.Second
 
 // stdioRequest is what the agent is asked to attach.
 func stdioRequest(s runtime.Stdio) *agentv1.Stdio {
@@ -41,7 +43,9 @@ type Process struct {
 	pid         uint32
 
 	output     sync.WaitGroup // stdout/stderr pumps
+	outputDone chan struct{}  // closed when the pumps have ended
 	stopOutput context.CancelFunc
+	drainOnce  sync.Once
 	stdinDone  chan struct{}
 }
 
@@ -65,7 +69,8 @@ func (p *Process) name() string {
 
 func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime.Stdio) *Process {
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel, stdinDone: make(chan struct{})}
+	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel,
+		outputDone: make(chan struct{}), stdinDone: make(chan struct{})}
 	if stdio.Stdout != nil {
 		p.pumpOutput(ctx, stdio.Stdout, "stdout", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
 			return a.client().ReadStdout(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
@@ -76,6 +81,7 @@ func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime
 			return a.client().ReadStderr(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
 		})
 	}
+	go func() { p.output.Wait(); close(p.outputDone) }()
 	if stdio.Stdin != nil {
 		go p.pumpStdin(ctx, stdio.Stdin)
 	} else {
@@ -114,8 +120,9 @@ func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
 	}
 }
 
-// Wait blocks until the process exited and its output reached the host writers (or
-// outputDrainTimeout passed after the exit).
+// Wait blocks until the process exited. Its output may still be on its way: OutputDone
+// says when it is over. After an init's exit, its output is waited for initDrainTimeout
+// at most.
 func (p *Process) Wait(ctx context.Context) (runtime.Exit, error) {
 	var exit runtime.Exit
 	err := p.agent.poll(ctx, "wait "+p.name(), func(ctx context.Context) error {
@@ -128,19 +135,25 @@ func (p *Process) Wait(ctx context.Context) (runtime.Exit, error) {
 	if err != nil {
 		return runtime.Exit{}, err
 	}
-	drained := make(chan struct{})
-	go func() { p.output.Wait(); close(drained) }()
-	select {
-	case <-drained:
-	case <-time.After(outputDrainTimeout):
-		log.G(ctx).Warnf("vm %s: %s exited but its output is still open after %v (a child holds it?): detaching", p.agent.vm, p.name(), outputDrainTimeout)
-		p.stopOutput()
-		<-drained
-	case <-ctx.Done():
-		return runtime.Exit{}, ctx.Err()
+	if p.execID == "" {
+		p.drainOnce.Do(func() { go p.boundDrain() })
 	}
 	return exit, nil
 }
+
+// boundDrain cuts an exited init's output off after initDrainTimeout.
+func (p *Process) boundDrain() {
+	select {
+	case <-p.outputDone:
+	case <-time.After(initDrainTimeout):
+		log.L.Warnf("vm %s: %s exited but its output is still open after %v (a child holds it?): detaching", p.agent.vm, p.name(), initDrainTimeout)
+		p.stopOutput()
+	}
+}
+
+// OutputDone is closed once the process's output has all reached the host writers, or
+// was cut off (Remove, the bounded drain of an init, a broken connection to the guest).
+func (p *Process) OutputDone() <-chan struct{} { return p.outputDone }
 
 // Signal delivers sig to the process (all: to every process of the container; init only).
 func (p *Process) Signal(ctx context.Context, sig syscall.Signal, all bool) error {

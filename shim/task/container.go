@@ -226,14 +226,27 @@ func (s *service) start(ctx context.Context, c *container, execID string) (uint3
 	return p.pid, nil
 }
 
-// handleExit waits for a process to exit with its output delivered, then publishes the
-// exit. An init's exit is published only after every exec of the container has published
-// its own, as containerd expects.
+// handleExit waits for a process to exit, then publishes the exit. An init's exit is
+// published once its output has been delivered (the runtime bounds that wait) and after
+// every exec of the container has published its own, as containerd expects: whoever reads
+// an exited container's log finds all of it. An exec's exit is published at once and its
+// output closed at its end, as runc's shim does: a background child holding the exec's
+// stdout keeps containerd draining it until drain_exec_sync_io_timeout, when containerd
+// deletes the exec (remove cuts the output off).
 func (s *service) handleExit(c *container, p *process) {
 	ctx := s.ctx
 	exit := p.awaitExit(ctx, s.pod.Done())
-	p.io.closeOutput()
-	if p.execID == "" {
+	closeAtEnd := func() {
+		select {
+		case <-p.rt.OutputDone():
+		case <-s.pod.Done():
+		}
+		p.io.closeOutput()
+	}
+	if p.execID != "" {
+		go closeAtEnd()
+	} else {
+		closeAtEnd()
 		c.mu.Lock()
 		c.initExiting = true
 		c.mu.Unlock()

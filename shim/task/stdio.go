@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"sync"
 	"syscall"
 	"time"
 
@@ -32,6 +33,7 @@ type hostIO struct {
 	stdin          io.ReadCloser
 	stdout, stderr io.WriteCloser
 	logger         *exec.Cmd // a binary:// logging process, if any
+	outputClosed   sync.Once // at the output's end and at delete, whichever is first
 }
 
 // openIO opens stdio as containerd described it. Every opened end is closed again if a
@@ -184,8 +186,10 @@ func (h *hostIO) stdio(terminal bool) runtime.Stdio {
 	return s
 }
 
-// closeOutput ends the output streams; a logger exits when it reads their end.
-func (h *hostIO) closeOutput() {
+// closeOutput ends the output streams, once; a logger exits when it reads their end.
+func (h *hostIO) closeOutput() { h.outputClosed.Do(h.closeOutputOnce) }
+
+func (h *hostIO) closeOutputOnce() {
 	for _, w := range []io.Closer{h.stdout, h.stderr} {
 		if w != nil {
 			_ = w.Close()

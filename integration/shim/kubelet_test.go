@@ -1,0 +1,196 @@
+package shim_test
+
+// What containerd's CRI plugin and the kubelet expect of a container's processes beyond
+// critest (issue 13), each checked against runc on the same containerd.
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	goruntime "runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+)
+
+// eachHandler runs f for runc and for vmpod, one pod each.
+func eachHandler(t *testing.T, name string, f func(t *testing.T, pod *testenv.Pod)) {
+	testenv.RequireTestbed(t)
+	for _, h := range testenv.Handlers {
+		t.Run(h, func(t *testing.T) {
+			f(t, testenv.RunPodWith(t, h, testenv.PodConfig{Metadata: testenv.Metadata{Name: name + "-" + h}}))
+		})
+	}
+}
+
+// A container's own stop signal reaches its process, whose trap runs and decides the exit.
+func TestStopSignalRunsTheTrap(t *testing.T) {
+	eachHandler(t, "stopsig", func(t *testing.T, pod *testenv.Pod) {
+		id := pod.Container(testenv.ContainerConfig{
+			Metadata:   testenv.Metadata{Name: "trapper"},
+			StopSignal: int(runtimeapi.Signal_SIGNAL_SIGUSR1),
+			Command:    sh(`trap 'echo trapped; exit 0' USR1; echo ready; while true; do sleep 0.2; done`),
+		})
+		waitLog(t, id, "ready") // the trap is set: a signal before it would kill the shell
+		testenv.Crictl(t, "stop", "--timeout", "60", id)
+		if state, code := inspect(t, id); state != "CONTAINER_EXITED" || code != 0 {
+			t.Fatalf("after stop with SIGUSR1: %s, exit %d; want exited 0 by the trap", state, code)
+		}
+		waitLog(t, id, "trapped")
+	})
+}
+
+// A tty container whose process exits at once starts promptly (the call does not wait
+// for a terminal that is already gone), and its output is in its log.
+func TestTTYContainerThatExitsAtOnce(t *testing.T) {
+	for _, stdin := range []bool{false, true} {
+		name := "tty"
+		if stdin {
+			name = "tty-stdin"
+		}
+		t.Run(name, func(t *testing.T) {
+			eachHandler(t, name, func(t *testing.T, pod *testenv.Pod) {
+				id := pod.Create(testenv.ContainerConfig{
+					Metadata: testenv.Metadata{Name: "quick"}, Tty: true, Stdin: stdin, StdinOnce: stdin,
+					Command: sh(`echo tty-out`),
+				})
+				// Well under the agent's 30 s call timeout, which a lost terminal hit.
+				testenv.Crictl(t, "--timeout", "20s", "start", id)
+				if _, code := waitState(t, id, "CONTAINER_EXITED", 20*time.Second); code != 0 {
+					t.Fatalf("exit %d, want 0", code)
+				}
+				waitLog(t, id, "tty-out")
+			})
+		})
+	}
+}
+
+// ExecSync delivers what a background child writes to the exec's stdout after the exec
+// itself exited, and fails once the test bed's drain_exec_sync_io_timeout (10 s) passes
+// with the output still held.
+func TestExecSyncDrainsBackgroundOutput(t *testing.T) {
+	eachHandler(t, "drain", func(t *testing.T, pod *testenv.Pod) {
+		id := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "idle"}, Command: []string{"sleep", "3600"}})
+		out := testenv.Crictl(t, "exec", "-s", id, "sh", "-c", `(sleep 3; echo late) & echo early`)
+		if out != "early\nlate" {
+			t.Errorf("exec output %q, want early and late (the child's output after the exec's exit)", out)
+		}
+		out, err := testenv.Cmd("crictl", "exec", "-s", id, "sh", "-c", `(sleep 25; echo never) & echo early`)
+		if err == nil || !strings.Contains(err.Error(), "io is still held") {
+			t.Errorf("exec whose child holds stdout past the drain timeout: %v, output %q; want containerd's drain error", err, out)
+		}
+		// The container is unharmed and execs work on.
+		if out := testenv.Crictl(t, "exec", "-s", id, "echo", "after"); out != "after" {
+			t.Errorf("exec after the drain timeout printed %q", out)
+		}
+	})
+}
+
+// A container given exclusive CPUs (the kubelet's static CPU manager writes them into
+// linux.resources.cpu.cpus) starts, and under vmpod its pod's vCPU threads run on those
+// host CPUs, follow an update, and run anywhere again once no container asks.
+func TestExclusiveCPUs(t *testing.T) {
+	online := strings.TrimSpace(readFile(t, "/sys/devices/system/cpu/online"))
+	last := fmt.Sprint(goruntime.NumCPU() - 1)
+	eachHandler(t, "cpus", func(t *testing.T, pod *testenv.Pod) {
+		id := pod.Container(testenv.ContainerConfig{
+			Metadata: testenv.Metadata{Name: "pinned"}, Command: []string{"sleep", "3600"},
+			Linux: map[string]any{"resources": map[string]any{"cpuset_cpus": last}},
+		})
+		allowed := func() string {
+			out := testenv.Crictl(t, "exec", "-s", id, "grep", "Cpus_allowed_list", "/proc/self/status")
+			return strings.TrimSpace(strings.TrimPrefix(out, "Cpus_allowed_list:"))
+		}
+		if pod.Handler == "runc" {
+			if got := allowed(); got != last {
+				t.Errorf("runc container runs on CPUs %q, want %q", got, last)
+			}
+			return
+		}
+		// In the guest the container has every vCPU: they all run on the pod's CPUs.
+		if got, n := allowed(), testenv.Crictl(t, "exec", "-s", id, "nproc"); got != guestCPUList(t, n) {
+			t.Errorf("guest container runs on CPUs %q, want all %s vCPUs", got, n)
+		}
+		assertVCPUsOn(t, pod, last)
+		testenv.Crictl(t, "update", "--cpuset-cpus", "0", id)
+		assertVCPUsOn(t, pod, "0")
+
+		// Another container without a cpuset; the pinned one goes: nothing pins the VM.
+		pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "free"}, Command: []string{"sleep", "3600"}})
+		testenv.Crictl(t, "rm", "-f", id)
+		assertVCPUsOn(t, pod, online)
+	})
+}
+
+// guestCPUList is the cpu list of n CPUs numbered from 0.
+func guestCPUList(t *testing.T, n string) string {
+	switch n {
+	case "1":
+		return "0"
+	case "":
+		t.Fatal("nproc printed nothing")
+	}
+	return "0-" + fmt.Sprint(atoi(t, n)-1)
+}
+
+// assertVCPUsOn fails unless every vCPU thread of the pod's QEMU may run exactly on cpus.
+func assertVCPUsOn(t *testing.T, pod *testenv.Pod, cpus string) {
+	t.Helper()
+	qemu := podQEMU(t, pod)
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", qemu))
+	if err != nil {
+		t.Fatal(err)
+	}
+	vcpus := 0
+	for _, task := range tasks {
+		comm, err := os.ReadFile(filepath.Join(task, "comm"))
+		if err != nil || !strings.HasPrefix(string(comm), "CPU ") { // debug-threads: "CPU 0/TCG"
+			continue
+		}
+		vcpus++
+		for l := range strings.Lines(readFile(t, filepath.Join(task, "status"))) {
+			if v, ok := strings.CutPrefix(l, "Cpus_allowed_list:"); ok && strings.TrimSpace(v) != cpus {
+				t.Errorf("vCPU thread %s (%s) may run on CPUs %q, want %q", filepath.Base(task), strings.TrimSpace(string(comm)), strings.TrimSpace(v), cpus)
+			}
+		}
+	}
+	if vcpus == 0 {
+		t.Fatalf("QEMU %d has no vCPU threads named \"CPU n/...\"", qemu)
+	}
+}
+
+// podQEMU is the pid of the pod's QEMU.
+func podQEMU(t *testing.T, pod *testenv.Pod) int {
+	t.Helper()
+	for _, p := range testenv.LiveProcessesMentioning(testenv.PodStateDir(t, pod.ID) + "/") {
+		if strings.Contains(p, "qemu-system") {
+			pid, _, _ := strings.Cut(p, ":")
+			return atoi(t, pid)
+		}
+	}
+	t.Fatalf("no QEMU for pod %s", pod.ID)
+	return 0
+}
+
+func atoi(t *testing.T, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
