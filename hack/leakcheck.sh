@@ -7,7 +7,7 @@
 # Checked (see tb_leaks in testbed-lib.sh):
 #   processes  any process carrying VMPOD_TESTBED_RUN=$VMPOD_RUN (containerd, registry,
 #              shims, QEMU, virtiofsd ... whatever inherited it); any
-#              containerd-shim-vmpod-v2 / qemu-system-* / virtiofsd whose command line names
+#              containerd-shim-vmpod-v2 / vmpod-pid-proxy / qemu-system-* / virtiofsd whose command line names
 #              the run dir; any process whose root is an overlay of the test bed's
 #              snapshotter (runc containers orphaned by a dead shim)
 #   mounts     anything mounted under the run dir: rootfs, shm, pod netns (with the
@@ -27,7 +27,7 @@ source "$(dirname "$0")/testbed-lib.sh"
 check() {
   local leaks others
   leaks=$(tb_leaks)
-  others=$(pgrep -c -f "^[^ ]*(containerd-shim-vmpod-v2|qemu-system-[a-z0-9_]+|virtiofsd)( |$)" || true)
+  others=$(pgrep -c -f "^[^ ]*(containerd-shim-vmpod-v2|vmpod-pid-proxy|qemu-system-[a-z0-9_]+|virtiofsd)( |$)" || true)
   if [ -n "$leaks" ]; then
     prefix_lines "leak: " <<< "$leaks"
     log "LEAKS found for the test bed at $TB_RUN (hack/containerd.sh clean removes them)"

@@ -201,7 +201,7 @@ tb_leaks() {
     args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-120)
     echo "process: pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) is a container process on this test bed's rootfs: $args"
   done
-  for pid in $(pgrep -f "^[^ ]*(containerd-shim-vmpod-v2|qemu-system-[a-z0-9_]+|virtiofsd)( |$)" || true); do
+  for pid in $(pgrep -f "^[^ ]*(containerd-shim-vmpod-v2|vmpod-pid-proxy|qemu-system-[a-z0-9_]+|virtiofsd)( |$)" || true); do
     [ -r "/proc/$pid/cmdline" ] || continue
     args=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)
     case "$args" in

@@ -5,7 +5,8 @@
 #
 #   runtimeclass/install-node.sh --shim BIN --kernel FILE --initrd FILE [options]
 #
-#   --shim FILE        containerd-shim-vmpod-v2 (make build: _output/bin/)
+#   --shim FILE        containerd-shim-vmpod-v2 (make build: _output/bin/); vmpod-pid-proxy
+#                      is taken from the same directory
 #   --kernel FILE      the guest kernel and initramfs for container pods (make guest:
 #   --initrd FILE        _output/guest/vmlinux, initrd.img)
 #   --root DIR         install below DIR instead of / (a node image being built, or a test
@@ -15,7 +16,8 @@
 #                      a kubeconfig allowed to patch nodes; runtimeclass.yaml selects it)
 #
 # It writes:
-#   <root>/usr/local/bin/containerd-shim-vmpod-v2
+#   <root>/usr/local/bin/containerd-shim-vmpod-v2, vmpod-pid-proxy (the host pid of each
+#                                                  container: it must sit next to the shim)
 #   <root>/usr/local/share/vmpod/guest/{vmlinux,initrd.img}
 #   <root>/etc/vmpod/config.toml                  (runtime/nodeconfig: defaults for the rest)
 #   <root>/etc/containerd/conf.d/vmpod.toml       (runtimeclass/containerd-config.toml with
@@ -46,6 +48,8 @@ for f in shim kernel initrd; do
 done
 [ -x "$shim" ] || die "--shim $shim: not executable"
 "$shim" -v >/dev/null 2>&1 || die "--shim $shim does not run ($shim -v failed)"
+proxy=$(dirname "$shim")/vmpod-pid-proxy
+[ -x "$proxy" ] || die "$proxy: missing (make build puts it next to the shim)"
 root=${root%/}
 snippet=$here/containerd-config.toml
 [ -f "$snippet" ] || die "$snippet missing (run the script from the vmpod tree or a release)"
@@ -56,6 +60,7 @@ etc=$root/etc/vmpod
 dropin=$root/etc/containerd/conf.d
 install -d -m 0755 "$bin" "$guest" "$etc" "$dropin"
 install -m 0755 "$shim" "$bin/containerd-shim-vmpod-v2"
+install -m 0755 "$proxy" "$bin/vmpod-pid-proxy"
 install -m 0644 "$kernel" "$guest/vmlinux"
 install -m 0644 "$initrd" "$guest/initrd.img"
 
@@ -78,7 +83,7 @@ mv "$etc/config.toml.new" "$etc/config.toml"
 } > "$dropin/vmpod.toml.new"
 grep -q "ConfigPath = \"$etc/config.toml\"" "$dropin/vmpod.toml.new" || die "could not set ConfigPath in $snippet"
 mv "$dropin/vmpod.toml.new" "$dropin/vmpod.toml"
-echo "installed: $bin/containerd-shim-vmpod-v2, $guest, $etc/config.toml, $dropin/vmpod.toml"
+echo "installed: $bin/containerd-shim-vmpod-v2, $bin/vmpod-pid-proxy, $guest, $etc/config.toml, $dropin/vmpod.toml"
 
 if [ -n "$node" ]; then
   kubectl label node "$node" vmpod.dev/runtime=true --overwrite >/dev/null || die "could not label node $node"

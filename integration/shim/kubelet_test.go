@@ -4,18 +4,22 @@ package shim_test
 // critest (issue 13), each checked against runc on the same containerd.
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/runtime/pidproxy"
 )
 
 // eachHandler runs f for runc and for vmpod, one pod each.
@@ -193,4 +197,101 @@ func readFile(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// What a shim that died mid-teardown left behind (after containerd forgot its pod, so no
+// `shim delete` visits it) is cleaned up by the next pod's shim: its processes, mounts and
+// state directory. The leftover is made by hand as a dead shim leaves it: an owner file
+// nobody holds locked, a mount, a helper still running.
+func TestDeadShimLeftoversAreSwept(t *testing.T) {
+	testenv.RequireTestbed(t)
+	dir := testenv.PodStateDir(t, fmt.Sprintf("orphan-%d", time.Now().UnixNano()))
+	shared := filepath.Join(dir, "shared")
+	if err := os.MkdirAll(shared, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _, _ = testenv.Cmd("umount", "-l", shared); _ = os.RemoveAll(dir) })
+	if err := os.WriteFile(filepath.Join(dir, "owner"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testenv.Cmd("mount", "-t", "tmpfs", "orphan", shared); err != nil {
+		t.Fatal(err)
+	}
+	helper := exec.Command("sh", "-c", "sleep 1000", dir)
+	if err := helper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = helper.Wait() }()
+	t.Cleanup(func() { _ = helper.Process.Kill() })
+
+	testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "sweeper"}})
+	testenv.AssertPodGone(t, filepath.Base(dir))
+}
+
+// Task pids are host pids that stand for the pod's containers: /proc/<pid> exists on the
+// host, a signal to a container's pid reaches its init (its trap runs), SIGKILL to it
+// kills the container, and SIGKILL to the sandbox's pid ends the sandbox (NOTREADY).
+func TestTaskPidsAreHostPids(t *testing.T) {
+	eachHandler(t, "pids", func(t *testing.T, pod *testenv.Pod) {
+		trapper := pod.Container(testenv.ContainerConfig{
+			Metadata: testenv.Metadata{Name: "trapper"},
+			Command:  sh(`trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.2; done`),
+		})
+		victim := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "victim"}, Command: []string{"sleep", "3600"}})
+		sandboxPid, containerPid := infoPid(t, "inspectp", pod.ID), infoPid(t, "inspect", trapper)
+		for _, pid := range []int{sandboxPid, containerPid, infoPid(t, "inspect", victim)} {
+			cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			if err != nil {
+				t.Fatalf("pid %d is not a host process: %v", pid, err)
+			}
+			if pod.Handler == "vmpod" && !strings.Contains(string(cmdline), pidproxy.Binary) {
+				t.Fatalf("pid %d is %q, want a vmpod pid proxy (not signalling it)", pid, cmdline)
+			}
+		}
+		waitLog(t, trapper, "ready")
+		if err := syscall.Kill(containerPid, syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if _, code := waitState(t, trapper, "CONTAINER_EXITED", 30*time.Second); code != 3 {
+			t.Errorf("SIGTERM to the container's pid: exit %d, want 3 from its trap", code)
+		}
+		waitLog(t, trapper, "got-term")
+
+		if err := syscall.Kill(infoPid(t, "inspect", victim), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		if _, code := waitState(t, victim, "CONTAINER_EXITED", 30*time.Second); code != 137 {
+			t.Errorf("SIGKILL to the container's pid: exit %d, want 137", code)
+		}
+
+		if err := syscall.Kill(sandboxPid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			var v struct {
+				Status struct{ State string } `json:"status"`
+			}
+			if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspectp", pod.ID)), &v); err != nil {
+				t.Fatal(err)
+			}
+			if v.Status.State == "SANDBOX_NOTREADY" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("sandbox is %s 30s after SIGKILL to its pid %d, want SANDBOX_NOTREADY", v.Status.State, sandboxPid)
+			}
+		}
+	})
+}
+
+// infoPid is the pid crictl's inspect (or inspectp) reports for id.
+func infoPid(t *testing.T, verb, id string) int {
+	t.Helper()
+	var v struct {
+		Info struct{ Pid int } `json:"info"`
+	}
+	if err := json.Unmarshal([]byte(testenv.Crictl(t, verb, id)), &v); err != nil || v.Info.Pid <= 0 {
+		t.Fatalf("crictl %s %s: pid %d, %v", verb, id, v.Info.Pid, err)
+	}
+	return v.Info.Pid
 }

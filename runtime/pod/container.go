@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	cgroupsv2 "github.com/containerd/cgroups/v3/cgroup2/stats"
@@ -22,6 +23,7 @@ import (
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/network"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
+	"github.com/vmpod/vmpod/runtime/pidproxy"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -53,9 +55,10 @@ type containerPod struct {
 
 type container struct {
 	shares []string
-	pid    uint32        // guest pid of its init, once created
-	claim  claim         // its limits, which the VM's size must hold
-	cpus   cpuset.CPUSet // the host CPUs it was given (linux.resources.cpu.cpus)
+	pid    uint32          // guest pid of its init, once created
+	proxy  *pidproxy.Proxy // stands for it on the host (its host pid), once created
+	claim  claim           // its limits, which the VM's size must hold
+	cpus   cpuset.CPUSet   // the host CPUs it was given (linux.resources.cpu.cpus)
 }
 
 // startContainerPod boots the VM for a container pod, sized from spec (the pod's first
@@ -164,15 +167,15 @@ func (p *containerPod) servePortForwards(ctx context.Context) {
 	}, func(err error) { log.G(ctx).WithError(err).Warn("port-forward") })
 }
 
-// pids are the guest pids of the pod's container inits: the processes whose namespaces
-// other containers may join.
-func (p *containerPod) pids() []uint32 {
+// nsOwners maps the host pids of the pod's containers (their proxies, which containerd
+// builds namespace paths from) to their inits' guest pids.
+func (p *containerPod) nsOwners() map[uint32]uint32 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	var out []uint32
+	out := map[uint32]uint32{}
 	for _, c := range p.containers {
-		if c.pid != 0 {
-			out = append(out, c.pid)
+		if c.pid != 0 && c.proxy != nil {
+			out[uint32(c.proxy.Pid())] = c.pid
 		}
 	}
 	return out
@@ -206,7 +209,7 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 		delete(p.containers, id)
 		return nil
 	})
-	guest, shares, err := guestSpec(id, spec, p.pids(), p.guest.Share, vmm.MountPointsBelow)
+	guest, shares, err := guestSpec(id, spec, p.nsOwners(), p.guest.Share, vmm.MountPointsBelow)
 	for _, name := range shares {
 		undo.Add("unshare "+name, func() error { return p.guest.Unshare(name) })
 	}
@@ -219,27 +222,97 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 	if err := p.pinVCPUs(ctx, false); err != nil {
 		return nil, fmt.Errorf("pod %s: container %s: linux.resources.cpu.cpus: %w", p.id, id, err)
 	}
+	proxy, err := p.startProxy(id)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
+	}
+	undo.Add("stop pid proxy", func() error { proxy.Stop(); return nil })
 	proc, err := p.guest.CreateContainer(ctx, id, rootfs, guest, stdio)
 	if err != nil {
 		return nil, err
 	}
 	p.mu.Lock()
-	c.shares, c.pid = shares, proc.Pid()
+	c.shares, c.pid, c.proxy = shares, proc.Pid(), proxy
 	p.mu.Unlock()
 	undo.Release()
-	return proc, nil
+	go relaySignals(log.G(ctx).WithField("container", id), proc, proxy)
+	return hostProcess{proc, proxy}, nil
+}
+
+// startProxy starts the host process whose pid stands for container id (pidproxy), in
+// the pod's cgroup, named by the pod's state directory (leak checks and `shim delete`
+// find it there).
+func (p *containerPod) startProxy(id string) (*pidproxy.Proxy, error) {
+	exe, err := pidproxy.Path()
+	if err != nil {
+		return nil, err
+	}
+	m := p.guest.Machine()
+	proxy, err := pidproxy.Start(exe, filepath.Join(p.stateDir, "containers", id), m.PlaceInCgroup)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.AdoptIntoCgroup(proxy.Pid()); err != nil {
+		proxy.Stop()
+		return nil, fmt.Errorf("pid proxy: %w", err)
+	}
+	return proxy, nil
+}
+
+// relaySignals passes the signals sent to a container's host pid on to its init, and
+// SIGKILLs the init when that pid is killed — what they do to a runc container.
+func relaySignals(lg *log.Entry, proc *vmpodagent.Process, proxy *pidproxy.Proxy) {
+	ctx := context.Background()
+	for sig := range proxy.Signals() {
+		lg.Infof("signal %d to the container's host pid %d: relaying it to its init", sig, proxy.Pid())
+		if err := proc.Signal(ctx, sig, false); err != nil {
+			lg.WithError(err).Debugf("relay signal %d", sig)
+		}
+	}
+	if proxy.Killed() {
+		lg.Warnf("the container's host pid %d was killed: killing its init", proxy.Pid())
+		if err := proc.Signal(ctx, syscall.SIGKILL, false); err != nil {
+			lg.WithError(err).Debug("kill the init")
+		}
+	}
+}
+
+// hostProcess is a container's process as containerd sees it: with the host pid of the
+// container's proxy. An init's proxy ends with the init: from then on its pid names
+// nothing, as a runc container's pid after its exit.
+type hostProcess struct {
+	*vmpodagent.Process
+	proxy *pidproxy.Proxy
+}
+
+func (h hostProcess) Pid() uint32 { return uint32(h.proxy.Pid()) }
+
+func (h hostProcess) Wait(ctx context.Context) (runtime.Exit, error) {
+	exit, err := h.Process.Wait(ctx)
+	if err == nil && h.ExecID() == "" {
+		h.proxy.Stop()
+	}
+	return exit, err
 }
 
 func (p *containerPod) StartContainer(ctx context.Context, id string) error {
 	return p.guest.Agent().StartContainer(ctx, id)
 }
 
+// Exec starts a process in a container; containerd sees the container's host pid for it
+// (an exec has no proxy of its own: one per exec would cost a process start each).
 func (p *containerPod) Exec(ctx context.Context, containerID, execID string, proc *specs.Process, stdio runtime.Stdio) (Process, error) {
+	p.mu.Lock()
+	c, ok := p.containers[containerID]
+	p.mu.Unlock()
+	if !ok || c.proxy == nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, containerID, errdefs.ErrNotFound)
+	}
 	pr, err := p.guest.Exec(ctx, containerID, execID, proc, stdio)
 	if err != nil {
 		return nil, err
 	}
-	return pr, nil
+	return hostProcess{pr, c.proxy}, nil
 }
 
 func (p *containerPod) PauseContainer(ctx context.Context, id string) error {
@@ -280,6 +353,9 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 			errs = append(errs, err)
 		}
 	}
+	if c.proxy != nil {
+		c.proxy.Stop()
+	}
 	p.mu.Lock()
 	delete(p.containers, id)
 	p.mu.Unlock()
@@ -302,6 +378,13 @@ func (p *containerPod) Stop(ctx context.Context) error {
 			err = p.loopback.Close()
 		}
 		err = errors.Join(err, p.guest.Stop(ctx))
+		p.mu.Lock()
+		for _, c := range p.containers {
+			if c.proxy != nil {
+				c.proxy.Stop()
+			}
+		}
+		p.mu.Unlock()
 		if p.network != nil {
 			err = errors.Join(err, p.network.Teardown())
 		}

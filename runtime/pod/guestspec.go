@@ -26,11 +26,12 @@ var nsPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/[a-z_]+$`)
 //   - other bind sources: shared into the guest (read-only when the mount is), and
 //     share names are returned so RemoveContainer can take them back;
 //
-//   - namespace paths must be /proc/<pid>/ns/* of a process of this pod: tasks report
-//     guest pids to containerd, which builds these paths from them, so they are guest
-//     paths already — anything else (a host path) is refused, but for the user namespace
-//     containerd pins on the host for a pod with ID mappings: the guest makes its own
-//     from the same mappings;
+//   - namespace paths must be /proc/<pid>/ns/* of a container of this pod: containerd
+//     builds them from the host pids tasks report (their pid proxies), nsOwners maps
+//     those to the containers' guest pids, and the path is rewritten to the guest's —
+//     anything else (a host path) is refused, but for the user namespace containerd pins
+//     on the host for a pod with ID mappings: the guest makes its own from the same
+//     mappings;
 //
 //   - a host mount below a bind source becomes a share and a bind of its own: the guest
 //     sees a shared directory as one filesystem, so without this a read-only bind could
@@ -38,7 +39,7 @@ var nsPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/[a-z_]+$`)
 //
 // share is called for each host path to share; it returns the guest path. submounts lists
 // the mount points below a host directory.
-func guestSpec(id string, spec *specs.Spec, podPids []uint32, share shareFunc, submounts func(string) ([]string, error)) (*specs.Spec, []string, error) {
+func guestSpec(id string, spec *specs.Spec, nsOwners map[uint32]uint32, share shareFunc, submounts func(string) ([]string, error)) (*specs.Spec, []string, error) {
 	g, err := deepCopy(spec)
 	if err != nil {
 		return nil, nil, err
@@ -62,9 +63,11 @@ func guestSpec(id string, spec *specs.Spec, podPids []uint32, share shareFunc, s
 					return nil, nil, fmt.Errorf("linux.namespaces[%d].path %q: not /proc/<pid>/ns/<type>", i, ns.Path)
 				}
 				pid, _ := strconv.ParseUint(m[1], 10, 32)
-				if !slices.Contains(podPids, uint32(pid)) {
-					return nil, nil, fmt.Errorf("linux.namespaces[%d].path %q: pid %d is not a process of this pod", i, ns.Path, pid)
+				guestPid, ok := nsOwners[uint32(pid)]
+				if !ok {
+					return nil, nil, fmt.Errorf("linux.namespaces[%d].path %q: pid %d is not a container of this pod", i, ns.Path, pid)
 				}
+				ns.Path = fmt.Sprintf("/proc/%d/ns/%s", guestPid, filepath.Base(ns.Path))
 			}
 			kept = append(kept, ns)
 		}

@@ -96,6 +96,7 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: %w: %w", podID, err, errdefs.ErrInvalidArgument)
 	}
+	go sweepOrphans(context.WithoutCancel(ctx), cfg.StateDir)
 	if choice.VM != "" {
 		return startVMPod(ctx, cfg, podID, spec, choice.VM)
 	}

@@ -76,7 +76,7 @@ func TestGuestSpec(t *testing.T) {
 		got = append(got, shared{host, name, ro})
 		return "/guest/" + name, nil
 	}
-	g, names, err := guestSpec("c1", spec, []uint32{42}, share, noSubmounts)
+	g, names, err := guestSpec("c1", spec, map[uint32]uint32{42: 7}, share, noSubmounts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,8 +85,8 @@ func TestGuestSpec(t *testing.T) {
 			t.Error("network namespace kept: the VM is the pod's network")
 		}
 	}
-	if len(g.Linux.Namespaces) != 3 {
-		t.Errorf("namespaces: %+v", g.Linux.Namespaces)
+	if len(g.Linux.Namespaces) != 3 || g.Linux.Namespaces[0].Path != "/proc/7/ns/ipc" {
+		t.Errorf("namespaces: %+v; want the IPC namespace of host pid 42 as guest pid 7's", g.Linux.Namespaces)
 	}
 	if g.Mounts[1].Source != "/guest/c1/mounts/1" || !got[0].ro || got[0].host != "/var/lib/cri/hosts" {
 		t.Errorf("hosts mount: %+v, shares %+v", g.Mounts[1], got)
@@ -106,9 +106,9 @@ func TestGuestSpec(t *testing.T) {
 }
 
 func TestGuestSpecRefusesForeignNamespaces(t *testing.T) {
-	for _, path := range []string{"/proc/99/ns/ipc", "/var/run/netns/x", "/proc/self/ns/pid"} {
+	for _, path := range []string{"/proc/99/ns/ipc", "/proc/7/ns/ipc", "/var/run/netns/x", "/proc/self/ns/pid"} {
 		spec := &specs.Spec{Linux: &specs.Linux{Namespaces: []specs.LinuxNamespace{{Type: specs.IPCNamespace, Path: path}}}}
-		_, _, err := guestSpec("c", spec, []uint32{42}, nil, noSubmounts)
+		_, _, err := guestSpec("c", spec, map[uint32]uint32{42: 7}, nil, noSubmounts)
 		if err == nil || !strings.Contains(err.Error(), "linux.namespaces[0].path") {
 			t.Errorf("%s: got %v, want an error naming linux.namespaces[0].path", path, err)
 		}

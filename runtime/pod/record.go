@@ -1,11 +1,14 @@
 package pod
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/containerd/log"
 
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
@@ -59,5 +62,18 @@ func Cleanup(bundle string) error {
 	if err := vmm.CleanupState(rec.StateDir); err != nil {
 		return fmt.Errorf("pod %s: %w", rec.PodID, err)
 	}
+	sweepOrphans(context.Background(), filepath.Dir(rec.StateDir))
 	return nil
+}
+
+// sweepOrphans finishes what dead shims left under the node's state root (vmm.SweepOrphans):
+// each pod start and each `shim delete` looks, so a leftover lasts until the next one.
+func sweepOrphans(ctx context.Context, root string) {
+	swept, err := vmm.SweepOrphans(root)
+	for _, dir := range swept {
+		log.G(ctx).Warnf("cleaned up %s, left behind by a shim that died", dir)
+	}
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("sweeping what dead shims left")
+	}
 }

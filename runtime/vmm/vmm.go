@@ -91,6 +91,13 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	if err := os.Mkdir(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
 	}
+	owner, err := lockOwner(cfg.StateDir)
+	if err != nil {
+		_ = os.RemoveAll(cfg.StateDir)
+		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
+	}
+	// Released last, once the directory is gone: until then a sweep must not touch it.
+	m.teardown.Add("release owner lock", owner.Close)
 	m.teardown.Add("remove state dir", func() error { return removeStateDir(cfg.StateDir) })
 
 	if cfg.Cgroup != "" {
@@ -228,6 +235,12 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 	}
 	return nil
 }
+
+// PlaceInCgroup and AdoptIntoCgroup put a host process that belongs to the VM, started by
+// the caller, in the machine's cgroup: PlaceInCgroup adjusts its attributes before it
+// starts (cgroup v2 clones it there), AdoptIntoCgroup moves it after (cgroup v1).
+func (m *Machine) PlaceInCgroup(attr *syscall.SysProcAttr) { m.cgroup.cloneInto(attr) }
+func (m *Machine) AdoptIntoCgroup(pid int) error           { return m.joinCgroup(pid) }
 
 // joinCgroup moves a process QEMU or a helper into the pod's cgroup, where it was not
 // cloned into it (cgroup v1).

@@ -1,0 +1,64 @@
+package vmm
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestSweepOrphansCleansOnlyDeadOwners(t *testing.T) {
+	root := t.TempDir()
+	mkdir := func(name string) string {
+		d := filepath.Join(root, name)
+		if err := os.Mkdir(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	alive, dead, unowned := mkdir("alive"), mkdir("dead"), mkdir("creating")
+	lock, err := lockOwner(alive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	gone, err := lockOwner(dead)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = gone.Close() // its owner died
+	// A helper of the dead VM still runs, naming its directory.
+	helper := exec.Command("sh", "-c", "sleep 1000", dead)
+	if err := helper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = helper.Wait(); close(exited) }()
+	t.Cleanup(func() { _ = helper.Process.Kill() })
+
+	swept, err := SweepOrphans(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(swept, []string{dead}) {
+		t.Errorf("swept %q, want only %s", swept, dead)
+	}
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		t.Error("the dead VM's helper still runs")
+	}
+	for _, d := range []string{alive, unowned} {
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("%s: %v, want it left alone", d, err)
+		}
+	}
+	if _, err := os.Stat(dead); !os.IsNotExist(err) {
+		t.Errorf("%s: %v, want it removed", dead, err)
+	}
+	if swept, err := SweepOrphans(filepath.Join(root, "absent")); err != nil || swept != nil {
+		t.Errorf("sweep of a missing root: %q, %v", swept, err)
+	}
+}
