@@ -180,8 +180,17 @@ func RunPodWith(t testing.TB, handler string, cfg PodConfig) *Pod {
 	p := &Pod{ID: id, Config: path, Handler: handler, t: t}
 	t.Cleanup(func() {
 		_, _ = Cmd("crictl", "stopp", id)
-		if _, err := Cmd("crictl", "rmp", id); err != nil {
-			t.Errorf("remove pod: %v", err)
+		// After a shim died, containerd cleans up after it asynchronously and refuses the
+		// sandbox's task delete ("ttrpc: closed") until done; the kubelet retries, so do we.
+		for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+			_, err := Cmd("crictl", "rmp", id)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("remove pod: %v", err)
+				break
+			}
 		}
 		AssertPodGone(t, id)
 	})

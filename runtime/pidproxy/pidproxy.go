@@ -81,6 +81,7 @@ type Proxy struct {
 	cmd      *exec.Cmd
 	stdin    io.Closer
 	signals  chan syscall.Signal
+	stopping chan struct{} // closed by Stop: signals are dropped from then on
 	exited   chan struct{}
 	stopOnce sync.Once
 	mu       sync.Mutex
@@ -93,7 +94,10 @@ func Start(exe, standsFor string, place func(*syscall.SysProcAttr)) (*Proxy, err
 	cmd := exec.Command(exe, standsFor)
 	// A proxy needs one thread and no collector to speak of.
 	cmd.Env = append(os.Environ(), "GOMAXPROCS=1", "GOGC=off")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	// No parent-death signal: it follows the thread that forked, not the shim, and a
+	// thread of the shim may end (one locked into a netns it could not leave). The proxy
+	// ends at its stdin's EOF, which the kernel delivers when the shim dies.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if place != nil {
 		place(cmd.SysProcAttr)
 	}
@@ -120,7 +124,8 @@ func Start(exe, standsFor string, place func(*syscall.SysProcAttr)) (*Proxy, err
 		_ = cmd.Wait()
 		return nil, fmt.Errorf("pid proxy for %s: not ready (%v, %d)", standsFor, err, b[0])
 	}
-	p := &Proxy{cmd: cmd, stdin: stdin, signals: make(chan syscall.Signal, 16), exited: make(chan struct{})}
+	p := &Proxy{cmd: cmd, stdin: stdin, signals: make(chan syscall.Signal, 16),
+		stopping: make(chan struct{}), exited: make(chan struct{})}
 	go p.relay(stdout)
 	return p, nil
 }
@@ -130,7 +135,10 @@ func (p *Proxy) relay(stdout io.Reader) {
 	for {
 		n, err := stdout.Read(buf)
 		for _, b := range buf[:n] {
-			p.signals <- syscall.Signal(b)
+			select {
+			case p.signals <- syscall.Signal(b):
+			case <-p.stopping: // nobody relays any more
+			}
 		}
 		if err != nil {
 			break
@@ -148,6 +156,16 @@ func (p *Proxy) Pid() int { return p.cmd.Process.Pid }
 // has exited.
 func (p *Proxy) Signals() <-chan syscall.Signal { return p.signals }
 
+// Exited reports whether the proxy has exited (its pid may name another process now).
+func (p *Proxy) Exited() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
 // Killed reports, once the proxy has exited (Signals closed), whether something other
 // than Stop ended it.
 func (p *Proxy) Killed() bool {
@@ -163,6 +181,7 @@ func (p *Proxy) Stop() {
 		p.mu.Lock()
 		p.stopped = true
 		p.mu.Unlock()
+		close(p.stopping)
 		_ = p.stdin.Close()
 		_ = p.cmd.Process.Kill() // an error: it is on its way out already
 	})

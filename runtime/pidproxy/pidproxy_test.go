@@ -79,3 +79,29 @@ func TestStopIsNotAKill(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// A proxy nobody relays for (a container whose creation failed) still stops, however many
+// signals it was sent.
+func TestStopWithUnreadSignals(t *testing.T) {
+	p := start(t)
+	// More distinct signals than the relay buffers, one at a time so none coalesce.
+	for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGUSR1,
+		syscall.SIGUSR2, syscall.SIGALRM, syscall.SIGTERM, syscall.SIGSTKFLT, syscall.SIGCONT, syscall.SIGTSTP,
+		syscall.SIGTTIN, syscall.SIGTTOU, syscall.SIGXCPU, syscall.SIGXFSZ, syscall.SIGVTALRM, syscall.SIGPROF,
+		syscall.SIGWINCH, syscall.SIGIO, syscall.SIGPWR} {
+		if err := syscall.Kill(p.Pid(), sig); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	stopped := make(chan struct{})
+	go func() { p.Stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Stop hung with unread signals")
+	}
+	if !p.Exited() {
+		t.Error("Exited() = false after Stop")
+	}
+}

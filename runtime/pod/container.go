@@ -174,7 +174,8 @@ func (p *containerPod) nsOwners() map[uint32]uint32 {
 	defer p.mu.Unlock()
 	out := map[uint32]uint32{}
 	for _, c := range p.containers {
-		if c.pid != 0 && c.proxy != nil {
+		// An exited container's proxy pid is free for another process to take.
+		if c.pid != 0 && c.proxy != nil && !c.proxy.Exited() {
 			out[uint32(c.proxy.Pid())] = c.pid
 		}
 	}
@@ -360,7 +361,8 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 	delete(p.containers, id)
 	p.mu.Unlock()
 	if err := p.pinVCPUs(ctx, false); err != nil {
-		errs = append(errs, err)
+		// The container is gone either way; its CPUs stay in the pinning until the next change.
+		log.G(ctx).WithError(err).Warnf("pod %s: re-pin vCPUs without container %s", p.id, id)
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("pod %s: container %s: %v", p.id, id, errs)
@@ -377,14 +379,19 @@ func (p *containerPod) Stop(ctx context.Context) error {
 		if p.loopback != nil {
 			err = p.loopback.Close()
 		}
-		err = errors.Join(err, p.guest.Stop(ctx))
+		// The proxies first: they are in the pod's cgroup, which the VM's teardown removes.
 		p.mu.Lock()
+		var proxies []*pidproxy.Proxy
 		for _, c := range p.containers {
 			if c.proxy != nil {
-				c.proxy.Stop()
+				proxies = append(proxies, c.proxy)
 			}
 		}
 		p.mu.Unlock()
+		for _, proxy := range proxies {
+			proxy.Stop()
+		}
+		err = errors.Join(err, p.guest.Stop(ctx))
 		if p.network != nil {
 			err = errors.Join(err, p.network.Teardown())
 		}

@@ -73,6 +73,11 @@ func (p *containerPod) podCPUs() cpuset.CPUSet {
 func (p *containerPod) pinVCPUs(ctx context.Context, always bool) error {
 	p.pinMu.Lock()
 	defer p.pinMu.Unlock()
+	select {
+	case <-p.guest.Done():
+		return nil // no vCPUs left to pin
+	default:
+	}
 	want := p.podCPUs()
 	if !always && want.String() == p.pinned.String() { // (Equals tells nil from empty)
 		return nil

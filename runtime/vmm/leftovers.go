@@ -45,6 +45,7 @@ func CleanupState(stateDir string) error {
 	return errors.Join(errs...)
 }
 
+// processesNaming lists the processes whose command line names path or a path below it.
 func processesNaming(s string) []int {
 	var pids []int
 	dirs, _ := filepath.Glob("/proc/[0-9]*")
@@ -55,19 +56,47 @@ func processesNaming(s string) []int {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join(d, "cmdline"))
-		if err == nil && strings.Contains(string(b), s) {
+		if err == nil && namesPath(string(b), s) {
 			pids = append(pids, pid)
 		}
 	}
 	return pids
 }
 
+// waitGone waits until pid is gone or a zombie (dead: only its parent's wait is left,
+// and the parent of a dead shim's child may be an init that reaps late or never).
 func waitGone(pid int, d time.Duration) {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
-		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) || isZombie(pid) {
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// "pid (comm) state ...": comm may hold spaces and parentheses
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	return len(f) > 0 && f[0] == "Z"
+}
+
+// namesPath reports whether a command line (NUL-separated) names path itself or a path
+// below it — not a sibling that merely starts with the same characters (/run/vmpod/x is
+// not named by /run/vmpod/x2/qmp.sock).
+func namesPath(cmdline, path string) bool {
+	for rest := cmdline; ; {
+		i := strings.Index(rest, path)
+		if i < 0 {
+			return false
+		}
+		rest = rest[i+len(path):]
+		if rest == "" || strings.ContainsRune("/\x00,", rune(rest[0])) {
+			return true
+		}
 	}
 }

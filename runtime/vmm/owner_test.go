@@ -62,3 +62,21 @@ func TestSweepOrphansCleansOnlyDeadOwners(t *testing.T) {
 		t.Errorf("sweep of a missing root: %q, %v", swept, err)
 	}
 }
+
+func TestNamesPathIsNotFooledBySiblings(t *testing.T) {
+	for _, tc := range []struct {
+		cmdline string
+		want    bool
+	}{
+		{"qemu\x00-chardev\x00socket,id=qmp,path=/run/vmpod/x/qmp.sock,server=on\x00", true},
+		{"sh\x00-c\x00sleep 1000\x00/run/vmpod/x\x00", true},
+		{"virtiofsd\x00--shared-dir=/run/vmpod/x", true},
+		{"qemu\x00-name\x00guest=x,debug-threads=on\x00-chardev\x00path=/run/vmpod/x2/qmp.sock\x00", false},
+		{"vmpod-pid-proxy\x00/run/vmpod/x2/containers/c\x00", false},
+		{"vmpod-pid-proxy\x00/run/vmpod/x2/containers/c\x00/run/vmpod/x,y\x00", true},
+	} {
+		if got := namesPath(tc.cmdline, "/run/vmpod/x"); got != tc.want {
+			t.Errorf("namesPath(%q) = %v, want %v", tc.cmdline, got, tc.want)
+		}
+	}
+}
