@@ -217,9 +217,6 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: container %s: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
 	}
-	if guest.Linux != nil {
-		guest.Linux.Resources = guestResources(guest.Linux.Resources)
-	}
 	if err := p.pinVCPUs(ctx, false); err != nil {
 		return nil, fmt.Errorf("pod %s: container %s: linux.resources.cpu.cpus: %w", p.id, id, err)
 	}

@@ -21,6 +21,9 @@ var nsPath = regexp.MustCompile(`^/proc/([0-9]+)/ns/[a-z_]+$`)
 //
 //   - the network namespace: the VM is the pod's network, every container shares it;
 //
+//   - host CPU and NUMA node numbers (cpu.cpus, cpu.mems): the VM's vCPUs are pinned to
+//     those CPUs instead (cpuset.go);
+//
 //   - a bind of /dev/shm (CRI's pod shm): the guest's pod-wide tmpfs instead;
 //
 //   - other bind sources: shared into the guest (read-only when the mount is), and
@@ -72,6 +75,7 @@ func guestSpec(id string, spec *specs.Spec, nsOwners map[uint32]uint32, share sh
 			kept = append(kept, ns)
 		}
 		g.Linux.Namespaces = kept
+		g.Linux.Resources = guestResources(g.Linux.Resources)
 	}
 	var shares []string
 	mounts := make([]specs.Mount, 0, len(g.Mounts))
