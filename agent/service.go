@@ -59,8 +59,8 @@ func (s *service) SetupSandbox(_ context.Context, req *agentv1.SetupSandboxReque
 	return empty, setupSandbox(req)
 }
 
-func (s *service) OnlineResources(context.Context, *agentv1.OnlineResourcesRequest) (*agentv1.OnlineResourcesResponse, error) {
-	return onlineResources()
+func (s *service) OnlineResources(_ context.Context, req *agentv1.OnlineResourcesRequest) (*agentv1.OnlineResourcesResponse, error) {
+	return onlineResources(req)
 }
 
 func (s *service) Shutdown(ctx context.Context, _ *agentv1.ShutdownRequest) (*agentv1.Empty, error) {

@@ -24,6 +24,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -148,34 +149,51 @@ func bootVM(t *testing.T, cfg vmpodagent.Config) (*vmpodagent.Guest, time.Durati
 	return vm, time.Since(start)
 }
 
-// TestBenchBoot: bare QEMU boot vs runtime.Start (microvm, the default), and the same on
-// q35 with the resize headroom a q35 container pod gets (8 vCPU slots, virtio-mem to
-// 16 GiB: nodeconfig's defaults) — what making q35 the default for in-place resize would
-// cost (issue 13 point 5). Alternating, so drift hits all alike.
+// TestBenchBoot: bare QEMU boot vs runtime.Start (microvm, the default), the default pod
+// as it boots now (microvm with the node's default growth room, 4 vCPUs and 8 GiB of
+// which 1 and 512 MiB are online: in-place resize, issue 13 point 5), and q35 with the
+// resize headroom a q35 pod would get (8 vCPU slots, virtio-mem to 16 GiB) — the other
+// route to resizing default pods. Alternating, so drift hits all alike. Each microvm's
+// QEMU memory (PSS) is read once it answers, to show what the offline room costs.
 func TestBenchBoot(t *testing.T) {
 	requireBench(t)
 	kernel, initrd := testenv.Kernel(t), testenv.Initrd(t)
+	sizing := nodeconfig.Default().Sizing
 	n := rounds(15)
-	var bare, full, q35 sample
+	var bare, full, grow, q35 sample
+	fullMem, growMem := map[string]int64{}, map[string]int64{}
+	boot := func(cfg vmpodagent.Config, into *sample, mem map[string]int64) {
+		vm, d := bootVM(t, cfg)
+		*into = append(*into, d)
+		if mem != nil {
+			for k, v := range pssByKind(t, strconv.Itoa(vm.Machine().Pid())) {
+				mem[k] += v
+			}
+		}
+		if err := vm.Stop(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for i := range n {
 		bare = append(bare, bareBoot(t, kernel, initrd))
-		vm, d := startVM(t, fmt.Sprintf("bench-boot-%d", i))
-		full = append(full, d)
-		if err := vm.Stop(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		cfg := testenv.VMConfig(t, fmt.Sprintf("bench-boot-q35-%d", i))
+		boot(testenv.VMConfig(t, fmt.Sprintf("bench-boot-%d", i)), &full, fullMem)
+		cfg := testenv.VMConfig(t, fmt.Sprintf("bench-boot-grow-%d", i))
+		cfg.MaxVCPUs, cfg.MaxMemoryMiB = sizing.MaxVCPUs, sizing.MaxMemoryMiB
+		boot(cfg, &grow, growMem)
+		cfg = testenv.VMConfig(t, fmt.Sprintf("bench-boot-q35-%d", i))
 		cfg.Type, cfg.MaxVCPUs, cfg.MaxMemoryMiB = machine.Q35, 8, 16384
-		vm, d = bootVM(t, cfg)
-		q35 = append(q35, d)
-		if err := vm.Stop(context.Background()); err != nil {
-			t.Fatal(err)
-		}
+		boot(cfg, &q35, nil)
 	}
 	report(t, "boot, bare QEMU exec → first agent reply:  %s", bare)
 	report(t, "boot, vmpodagent.Boot → first agent reply: %s", full)
 	report(t, "boot ratio vmpodagent.Boot / bare QEMU: p50 %.2f, min %.2f  (goal <= 1.15)",
 		float64(full.pct(0.5))/float64(bare.pct(0.5)), float64(full.pct(0))/float64(bare.pct(0)))
+	report(t, "boot, microvm with %d vCPUs / %d MiB offline room → first agent reply: %s", sizing.MaxVCPUs, sizing.MaxMemoryMiB, grow)
+	report(t, "boot ratio microvm+room / microvm: p50 %.2f, min %.2f",
+		float64(grow.pct(0.5))/float64(full.pct(0.5)), float64(grow.pct(0))/float64(full.pct(0)))
+	mib := func(m map[string]int64, k string) int64 { return m[k] / int64(n) >> 20 }
+	report(t, "QEMU PSS at first agent reply, microvm: guest RAM %d MiB, the rest %d MiB; with the offline room: %d MiB, %d MiB",
+		mib(fullMem, "guest RAM"), mib(fullMem, "other")+mib(fullMem, "TCG cache"), mib(growMem, "guest RAM"), mib(growMem, "other")+mib(growMem, "TCG cache"))
 	report(t, "boot, q35 with resize headroom → first agent reply: %s", q35)
 	report(t, "boot ratio q35+headroom / microvm: p50 %.2f, min %.2f",
 		float64(q35.pct(0.5))/float64(full.pct(0.5)), float64(q35.pct(0))/float64(full.pct(0)))

@@ -379,7 +379,7 @@ func TestStartFailuresLeaveNothing(t *testing.T) {
 		{"missing kernel", func(c *vmpodagent.Config) { c.Boot.Kernel = "/no/such/vmlinux" }, "kernel"},
 		{"missing qemu", func(c *vmpodagent.Config) { c.QEMUPath = "/no/such/qemu" }, "qemu"},
 		{"bad machine", func(c *vmpodagent.Config) { c.Type = "pc-i440fx" }, "machine"},
-		{"hotplug on microvm", func(c *vmpodagent.Config) { c.MaxVCPUs = 4 }, "max_vcpus"},
+		{"fewer max vCPUs than vCPUs", func(c *vmpodagent.Config) { c.VCPUs, c.MaxVCPUs = 2, 1 }, "max_vcpus"},
 		// A kernel with no agent behind it: the initrd is the kernel image, so the kernel
 		// finds no /init, panics, and QEMU exits (-no-reboot).
 		{"guest never reaches the agent", func(c *vmpodagent.Config) { c.Boot.Initrd = kernel }, "boot"},
@@ -441,12 +441,20 @@ func TestReconnectAgent(t *testing.T) {
 	}
 }
 
+// Growing a VM: on q35 by hotplug, on microvm (no hotplug) from vCPUs and memory it
+// booted with offline.
 func TestHotplugVCPUAndMemory(t *testing.T) {
 	testenv.Require(t)
-	cfg := testenv.VMConfig(t, "hotplug")
-	cfg.Type = machine.Q35
-	// Four slots: the vCPU has to go to the lowest free one (QEMU lists the highest
-	// first); a guest handed slot 3 first never finishes onlining it.
+	for _, m := range []machine.Type{machine.Q35, machine.MicroVM} {
+		t.Run(string(m), func(t *testing.T) { testGrowth(t, m) })
+	}
+}
+
+func testGrowth(t *testing.T, m machine.Type) {
+	cfg := testenv.VMConfig(t, "grow-"+string(m))
+	cfg.Type = m
+	// Four slots: on q35 the vCPU has to go to the lowest free one (QEMU lists the
+	// highest first); a guest handed slot 3 first never finishes onlining it.
 	cfg.VCPUs, cfg.MaxVCPUs = 1, 4
 	cfg.MemoryMiB, cfg.MaxMemoryMiB = 512, 1024
 	vm := testenv.StartVM(t, cfg)
@@ -456,8 +464,8 @@ func TestHotplugVCPUAndMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if before.OnlineCpus != 1 {
-		t.Fatalf("booted with %d CPUs online, want 1", before.OnlineCpus)
+	if before.OnlineCpus != 1 || before.MemoryBytes > 512<<20 {
+		t.Fatalf("booted with %d CPUs online and %d MiB, want 1 and at most 512", before.OnlineCpus, before.MemoryBytes>>20)
 	}
 	cpus, err := vm.AddVCPUs(ctx, 1)
 	if err != nil || cpus != 2 {
@@ -472,6 +480,9 @@ func TestHotplugVCPUAndMemory(t *testing.T) {
 	}
 	if grown := int64(mem) - int64(before.MemoryBytes); grown < 200<<20 {
 		t.Fatalf("memory grew by %d MiB, want about 256", grown>>20)
+	}
+	if _, err := vm.ResizeMemory(ctx, 2048); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("growing memory past max_memory_mib: %v, want InvalidArgument", err)
 	}
 	// A container sees the new CPU.
 	exit, out, _ := run(t, vm, "nproc", nil, "nproc")

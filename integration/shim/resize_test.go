@@ -1,6 +1,7 @@
 package shim_test
 
 import (
+	"encoding/json"
 	"strconv"
 	"strings"
 	"testing"
@@ -76,23 +77,69 @@ func TestUpdateGrowsTheVM(t *testing.T) {
 	}
 }
 
-// On microvm (no hotplug) an update the VM cannot hold is refused, naming the limit and
-// the way out, and changes nothing.
-func TestUpdateBeyondAVMWithoutHotplugIsRefused(t *testing.T) {
-	testenv.RequireTestbed(t)
-	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "nogrow"}})
-	id := pod.Container(limited("app", 500, 128<<20))
+// statusResources is what CRI's ContainerStatus says a container's limits are: what the
+// kubelet's in-place resize checks against what it asked for.
+func statusResources(t *testing.T, id string) (cpuQuota, memoryLimit int64) {
+	t.Helper()
+	var v struct {
+		Status struct {
+			Resources struct {
+				Linux struct {
+					CPUQuota           int64 `json:"cpuQuota,string"`
+					MemoryLimitInBytes int64 `json:"memoryLimitInBytes,string"`
+				} `json:"linux"`
+			} `json:"resources"`
+		} `json:"status"`
+	}
+	out := testenv.Crictl(t, "inspect", id)
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("crictl inspect: %v\n%s", err, out)
+	}
+	return v.Status.Resources.Linux.CPUQuota, v.Status.Resources.Linux.MemoryLimitInBytes
+}
 
-	_, err := testenv.Cmd("crictl", "update", "--memory", strconv.Itoa(1<<30), id)
-	if err == nil || !strings.Contains(err.Error(), "resources.memory.limit") || !strings.Contains(err.Error(), "q35") {
-		t.Fatalf("update to 1 GiB on microvm: %v; want an error naming resources.memory.limit and q35", err)
-	}
-	if _, _, memMax := guestView(t, id); memMax != strconv.Itoa(128<<20) {
-		t.Errorf("after the refused update: memory.max %s, want the old %d", memMax, 128<<20)
-	}
-	// Within the VM's size an update still applies.
-	testenv.Crictl(t, "update", "--memory", strconv.Itoa(256<<20), id)
-	if _, _, memMax := guestView(t, id); memMax != strconv.Itoa(256<<20) {
-		t.Errorf("after an update within the VM: memory.max %s, want %d", memMax, 256<<20)
-	}
+// In-place resize of an ordinary pod (no machine annotation: microvm, which has no
+// hotplug) grows its VM from vCPUs and memory blocks it booted with offline; the
+// container's status reports the new limits, as with runc. Beyond the node's maximum an
+// update is refused, naming the limit, and changes nothing.
+func TestInPlaceResizeOfADefaultPod(t *testing.T) {
+	eachHandler(t, "resize", func(t *testing.T, pod *testenv.Pod) {
+		id := pod.Container(limited("app", 500, 128<<20))
+		var bootMem int
+		if pod.Handler == "vmpod" {
+			cpus, mem, memMax := guestView(t, id)
+			if cpus != "0" || mem > 512 || memMax != strconv.Itoa(128<<20) {
+				t.Fatalf("before the update: CPUs %s, %d MiB, memory.max %s; want CPU 0, at most the 512 MiB default, 128 MiB", cpus, mem, memMax)
+			}
+			bootMem = mem
+		}
+
+		testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1<<30), id)
+		if quota, limit := statusResources(t, id); quota != 200000 || limit != 1<<30 {
+			t.Errorf("status after the update: cpu quota %d, memory limit %d; want 200000, %d", quota, limit, 1<<30)
+		}
+		if pod.Handler != "vmpod" {
+			return
+		}
+		cpus, mem, memMax := guestView(t, id)
+		if cpus != "0-1" {
+			t.Errorf("after the update: online CPUs %q, want 0-1", cpus)
+		}
+		// 1 GiB + the guest's overhead, in whole 128 MiB blocks
+		if mem < bootMem+512 {
+			t.Errorf("after the update: MemTotal %d MiB, want at least %d (booted with %d)", mem, bootMem+512, bootMem)
+		}
+		if memMax != strconv.Itoa(1<<30) {
+			t.Errorf("after the update: memory.max %s, want %d", memMax, 1<<30)
+		}
+
+		// the test bed's node allows 8 GiB and 4 vCPUs
+		_, err := testenv.Cmd("crictl", "update", "--memory", strconv.Itoa(16<<30), id)
+		if err == nil || !strings.Contains(err.Error(), "resources.memory.limit") || !strings.Contains(err.Error(), "max_memory_mib") {
+			t.Fatalf("update to 16 GiB: %v; want an error naming resources.memory.limit and sizing.max_memory_mib", err)
+		}
+		if _, mem2, memMax := guestView(t, id); memMax != strconv.Itoa(1<<30) || mem2 < mem-16 || mem2 > mem+16 {
+			t.Errorf("after the refused update: memory.max %s, MemTotal %d MiB; want %d and ~%d MiB", memMax, mem2, 1<<30, mem)
+		}
+	})
 }

@@ -248,7 +248,7 @@ func PodStateDir(t testing.TB, podID string) string {
 	return ""
 }
 
-// AssertPodGone fails if anything of the pod's VM is left: live processes naming its
+// AssertPodGone fails if anything of the pod is left: its shim, live processes naming its
 // state dir (QEMU, virtiofsd; zombies are already dead), mounts below it, the dir itself.
 // It allows a few seconds: after a shim dies, containerd's `shim delete` cleans up
 // asynchronously and may still be at work when RemovePodSandbox returns.
@@ -260,6 +260,11 @@ func AssertPodGone(t testing.TB, podID string) {
 		left = left[:0]
 		if procs := LiveProcessesMentioning(dir); len(procs) > 0 {
 			left = append(left, fmt.Sprintf("processes of pod %s: %s", podID, strings.Join(procs, "; ")))
+		}
+		// containerd forgets a pod's shim once RemovePodSandbox returns: one still running
+		// holds the VM's resources and answers a socket nobody will call again
+		if shims := liveShimsOf(podID); len(shims) > 0 {
+			left = append(left, fmt.Sprintf("shim of pod %s after its removal: %s", podID, strings.Join(shims, "; ")))
 		}
 		if mounts := MountsUnder(dir); len(mounts) > 0 {
 			left = append(left, fmt.Sprintf("mounts of pod %s: %s", podID, strings.Join(mounts, ", ")))
@@ -275,6 +280,18 @@ func AssertPodGone(t testing.TB, podID string) {
 	for _, l := range left {
 		t.Errorf("leak: %s", l)
 	}
+}
+
+// liveShimsOf lists the running vmpod shims of pod podID (containerd starts a pod's shim
+// with -id <sandbox id>).
+func liveShimsOf(podID string) []string {
+	var shims []string
+	for _, p := range LiveProcessesMentioning("-id " + podID) {
+		if strings.Contains(p, "containerd-shim-vmpod-v2") {
+			shims = append(shims, p)
+		}
+	}
+	return shims
 }
 
 // LiveProcessesMentioning is ProcessesMentioning without zombies (dead, not yet reaped).

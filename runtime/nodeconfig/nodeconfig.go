@@ -61,8 +61,9 @@ type Hypervisor struct {
 // Sizing bounds the VMs: a pod gets what its resources ask for within these limits.
 type Sizing struct {
 	DefaultVCPUs int `toml:"default_vcpus"`
-	// MaxVCPUs and MaxMemoryMiB cap a pod's boot size and, on q35, how far an update of
-	// its limits can grow it by hotplug (docs/design/008).
+	// MaxVCPUs and MaxMemoryMiB cap a pod's boot size and how far an update of its limits
+	// can grow it: by hotplug on q35 (docs/design/008), from room booted offline on
+	// microvm (docs/design/013).
 	MaxVCPUs         int `toml:"max_vcpus"`
 	DefaultMemoryMiB int `toml:"default_memory_mib"`
 	MaxMemoryMiB     int `toml:"max_memory_mib"`

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // claim is what a container's limits ask of its pod's VM. Zero is no limit, which claims
@@ -65,14 +66,12 @@ func sizeForClaims(claims []claim, s nodeconfig.Sizing) Size {
 	return size
 }
 
-// headroom is how far a VM booted at size can grow: on q35 up to the node's maximums
-// (CPU hotplug, and a virtio-mem device whose size is a multiple of its 2 MiB block);
-// microvm has no hotplug and stays at its boot size.
+// headroom is how far a VM booted at size can grow: up to the node's maximums, on q35 by
+// CPU hotplug and a virtio-mem device (whole 2 MiB blocks), on microvm, which has no
+// hotplug, from vCPUs and RAM it boots with offline (whole memory blocks the guest
+// probes, vmm.ProbeBlockMiB).
 func headroom(t machine.Type, size Size, s nodeconfig.Sizing) Size {
-	if t != machine.Q35 {
-		return size
-	}
-	const blockMiB = 2
+	blockMiB := memoryBlockMiB(t)
 	return Size{
 		VCPUs:     max(size.VCPUs, s.MaxVCPUs),
 		MemoryMiB: size.MemoryMiB + max(s.MaxMemoryMiB-size.MemoryMiB, 0)/blockMiB*blockMiB,
@@ -80,7 +79,8 @@ func headroom(t machine.Type, size Size, s nodeconfig.Sizing) Size {
 }
 
 // UpdateContainer gives container id the resources r. When the pod's limits with r no
-// longer fit the VM, the VM grows first (hot-added vCPUs, virtio-mem), up to its headroom;
+// longer fit the VM, the VM grows first (q35: hot-added vCPUs, virtio-mem; microvm: vCPUs
+// and memory blocks it booted with offline), up to its headroom;
 // then the container's cgroup in the guest takes r. The VM never shrinks: memory the
 // guest has used is not reliably given back, and CPUs are cheap to leave online.
 // An update that asks for more than the headroom changes nothing and says which limit
@@ -172,8 +172,8 @@ func (p *containerPod) grow(ctx context.Context, cur, target Size) error {
 		lg.Infof("VM grown to %d vCPUs (%d online in the guest)", target.VCPUs, online)
 	}
 	if target.MemoryMiB > cur.MemoryMiB {
-		// virtio-mem plugs whole 2 MiB blocks above the boot memory
-		mib := min(target.MemoryMiB+(target.MemoryMiB-p.boot.MemoryMiB)%2, p.maxSize.MemoryMiB)
+		// memory grows in whole blocks above the boot memory (see headroom)
+		mib := min(roundUp(target.MemoryMiB-p.boot.MemoryMiB, memoryBlockMiB(p.machine))+p.boot.MemoryMiB, p.maxSize.MemoryMiB)
 		lg.Infof("growing the VM: %d -> %d MiB", cur.MemoryMiB, mib)
 		guestBytes, err := p.guest.ResizeMemory(ctx, mib)
 		if err != nil {
@@ -186,11 +186,18 @@ func (p *containerPod) grow(ctx context.Context, cur, target Size) error {
 }
 
 func (p *containerPod) growthNote() string {
-	if p.maxSize == p.boot {
-		return "machine " + string(p.machine) + " has no hotplug: a pod that resizes needs the vmpod.dev/machine: q35 annotation"
-	}
 	return "the node's sizing.max_vcpus / sizing.max_memory_mib"
 }
+
+// memoryBlockMiB is the unit in which a VM of machine t grows its memory.
+func memoryBlockMiB(t machine.Type) int {
+	if t == machine.MicroVM {
+		return vmm.ProbeBlockMiB
+	}
+	return 2 // virtio-mem's block
+}
+
+func roundUp(n, unit int) int { return (n + unit - 1) / unit * unit }
 
 func (p *containerPod) setSize(f func(*Size)) {
 	p.mu.Lock()

@@ -63,8 +63,12 @@ func TestSizeForClaims(t *testing.T) {
 func TestHeadroom(t *testing.T) {
 	s := nodeconfig.Default().Sizing // max 4 vCPUs, 8192 MiB
 	boot := Size{VCPUs: 1, MemoryMiB: 577}
-	if got := headroom(machine.MicroVM, boot, s); got != boot {
-		t.Errorf("microvm: got %+v, want the boot size %+v (no hotplug)", got, boot)
+	// microvm: vCPUs and whole 128 MiB memory blocks booted offline
+	if got, want := headroom(machine.MicroVM, boot, s), (Size{VCPUs: 4, MemoryMiB: 577 + 7552}); got != want {
+		t.Errorf("microvm: got %+v, want %+v", got, want)
+	}
+	if got := headroom(machine.MicroVM, Size{VCPUs: 4, MemoryMiB: 8100}, s); got != (Size{VCPUs: 4, MemoryMiB: 8100}) {
+		t.Errorf("microvm less than a block below the maximum: got %+v, want no growth", got)
 	}
 	// q35: the virtio-mem region above the boot memory is a whole number of 2 MiB blocks
 	if got, want := headroom(machine.Q35, boot, s), (Size{VCPUs: 4, MemoryMiB: 577 + 7614}); got != want {

@@ -47,9 +47,12 @@ type Config struct {
 	Accel machine.Accel // default auto
 
 	VCPUs        int // default DefaultVCPUs
-	MaxVCPUs     int // CPU hotplug headroom (q35 only); default VCPUs
+	// MaxVCPUs and MaxMemoryMiB are how far the machine can grow (see OfflineGrowth): on
+	// q35 by hotplug (vCPUs, a virtio-mem device), on microvm, which has no hotplug, from
+	// vCPUs and RAM present at boot but kept offline (maxcpus=, mem=).
+	MaxVCPUs     int // default VCPUs
 	MemoryMiB    int // default DefaultMemoryMiB
-	MaxMemoryMiB int // virtio-mem headroom (q35 only); 0 = none
+	MaxMemoryMiB int // 0 = no growth
 
 	// Boot is how the guest starts: a kernel, or firmware that boots from a disk.
 	Boot Boot
@@ -236,13 +239,8 @@ func (c Config) Validate() error {
 	if err := c.Type.Check(); err != nil {
 		bad("machine", "%v", err)
 	}
-	if c.Type == machine.MicroVM {
-		if c.MaxVCPUs > c.VCPUs {
-			bad("max_vcpus", "CPU hotplug needs machine q35 (microvm has no hotplug)")
-		}
-		if c.MaxMemoryMiB > 0 {
-			bad("max_memory_mib", "memory hotplug needs machine q35 (microvm has no hotplug)")
-		}
+	if c.OfflineGrowth() && c.Boot.Kernel == "" && (c.MaxVCPUs > c.VCPUs || c.MaxMemoryMiB > c.MemoryMiB) {
+		bad("max_vcpus", "growth on microvm needs a kernel booted with maxcpus= and mem= (boot.kernel)")
 	}
 	if err := c.Accel.Check(); err != nil {
 		bad("accel", "%v", err)

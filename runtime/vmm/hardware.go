@@ -53,29 +53,75 @@ func newPaths(stateDir string) paths {
 func (p paths) port(i int) string { return filepath.Join(p.stateDir, "port"+strconv.Itoa(i)+".sock") }
 
 // kernelCmdline is the guest layer's kernel command line with what the machine type needs
-// in front: microvm has no PCI and, under TCG, no timer to calibrate the TSC against.
+// in front: microvm has no PCI and, under TCG, no timer to calibrate the TSC against; its
+// growth room is vCPUs the kernel leaves offline and RAM above mem= (OfflineGrowth).
 func (b bootPlan) kernelCmdline() string {
 	var params []string
-	if b.cfg.Type == machine.MicroVM {
+	c := b.cfg
+	if c.Type == machine.MicroVM {
 		params = append(params, "pci=off")
 		if b.tscKHz > 0 {
 			params = append(params, "tsc_early_khz="+strconv.Itoa(b.tscKHz))
 		}
+		if c.MaxVCPUs > c.VCPUs {
+			params = append(params, "maxcpus="+strconv.Itoa(c.VCPUs))
+		}
+		if c.MaxMemoryMiB > c.MemoryMiB {
+			params = append(params, fmt.Sprintf("mem=%dM", microvmMemLimitMiB(c.MemoryMiB)))
+		}
 	}
-	return strings.Join(append(params, b.cfg.Boot.KernelParams...), " ")
+	return strings.Join(append(params, c.Boot.KernelParams...), " ")
 }
+
+// microvmRAMBelow4GMiB is how much of a microvm's RAM QEMU maps below 4 GiB; the rest
+// starts at 4 GiB (measured: the e820 map of -m 4096 is usable up to 0xbfffffff, then
+// from 0x100000000).
+const microvmRAMBelow4GMiB = 3072
+
+// microvmMemLimitMiB is mem= for a microvm kernel that should use memMiB of its RAM:
+// mem= is the highest physical address the kernel may use, not an amount.
+func microvmMemLimitMiB(memMiB int) int {
+	if memMiB > microvmRAMBelow4GMiB {
+		return memMiB + 4096 - microvmRAMBelow4GMiB
+	}
+	return memMiB
+}
+
+// ProbeBlockMiB is the unit in which a microvm's offline RAM comes online: the guest
+// kernel's memory block (128 MiB on x86-64 below 64 GiB), which memory/probe adds whole.
+// The block the boot memory ends in is the kernel's, in part: growth starts after it.
+const ProbeBlockMiB = 128
+
+// machineSize is the vCPUs and RAM QEMU gets: the boot size, or on microvm with growth
+// room everything the machine may grow to, since it has no hotplug (the kernel is told
+// to leave the rest offline).
+func (c Config) machineSize() (vcpus, memMiB int) {
+	if !c.OfflineGrowth() {
+		return c.VCPUs, c.MemoryMiB
+	}
+	memMiB = c.MemoryMiB
+	if c.MaxMemoryMiB > c.MemoryMiB {
+		firstFree := (c.MemoryMiB + ProbeBlockMiB - 1) / ProbeBlockMiB * ProbeBlockMiB
+		memMiB = firstFree + (c.MaxMemoryMiB-c.MemoryMiB)/ProbeBlockMiB*ProbeBlockMiB
+	}
+	return c.MaxVCPUs, memMiB
+}
+
+// OfflineGrowth says the machine grows past its boot size by the guest onlining what it
+// booted without (microvm: no hotplug) rather than by hotplug (q35).
+func (c Config) OfflineGrowth() bool { return c.Type == machine.MicroVM }
 
 // hardware is the machine as package devices models it: from it QEMU's argv is rendered
 // and hotplugs are placed.
 func (b bootPlan) hardware() (*devices.VM, error) {
 	c := b.cfg
+	vcpus, memMiB := c.machineSize()
 	m := devices.Machine{
 		Name:        c.Name,
 		Type:        c.Type,
 		Accel:       b.accel.accel,
-		VCPUs:       c.VCPUs,
-		MaxVCPUs:    c.MaxVCPUs,
-		Memory:      uint64(c.MemoryMiB) << 20,
+		VCPUs:       vcpus,
+		Memory:      uint64(memMiB) << 20,
 		QMPSocket:   b.paths.qmpSock,
 		Reboot:      c.Reboot,
 		StartPaused: c.Paused,
@@ -118,6 +164,7 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		devs = append(devs, &devices.VGA{DeviceID: "video0"})
 	}
 	if c.Type == machine.Q35 {
+		m.MaxVCPUs = c.MaxVCPUs
 		m.RootPorts = hotplugRootPorts
 		if c.MaxMemoryMiB > c.MemoryMiB {
 			m.MaxMemory = uint64(c.MaxMemoryMiB) << 20

@@ -107,10 +107,11 @@ func (a *Client) SetupSandbox(ctx context.Context, req *agentv1.SetupSandboxRequ
 	})
 }
 
-// OnlineResources brings hot-added vCPUs and memory online.
-func (a *Client) OnlineResources(ctx context.Context) (resp *agentv1.OnlineResourcesResponse, err error) {
+// OnlineResources brings hot-added (or booted offline) vCPUs and memory online, as much
+// as req asks.
+func (a *Client) OnlineResources(ctx context.Context, req *agentv1.OnlineResourcesRequest) (resp *agentv1.OnlineResourcesResponse, err error) {
 	err = a.call(ctx, "online resources", func(ctx context.Context) error {
-		resp, err = a.client().OnlineResources(ctx, &agentv1.OnlineResourcesRequest{})
+		resp, err = a.client().OnlineResources(ctx, req)
 		return err
 	})
 	return resp, err

@@ -45,6 +45,9 @@ type Guest struct {
 	m     *vmm.Machine
 	agent *Client
 	cfg   Config
+	// bootMemory is the memory the kernel managed when the agent first answered: on a
+	// machine that grows offline (microvm) memory targets count from it.
+	bootMemory uint64
 }
 
 // machineConfig is the machine that runs the vmpod guest: the agent's port, the console
@@ -99,19 +102,21 @@ func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 	}()
 	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout), cfg: cfg}
 	m.OnTeardown("close agent connection", g.agent.close)
-	if err := g.connectAgent(bootCtx); err != nil {
+	ping, err := g.connectAgent(bootCtx)
+	if err != nil {
 		return nil, fmt.Errorf("vm %s: boot: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
+	g.bootMemory = ping.MemoryBytes
 	log.G(ctx).WithField("vm", cfg.Name).WithField("accel", m.Accel()).Infof("booted in %v", time.Since(started).Round(time.Millisecond))
 	return g, nil
 }
 
 // connectAgent dials the agent's port, starts a channel session and waits for the agent's
-// first Ping reply.
-func (g *Guest) connectAgent(ctx context.Context) error {
+// first Ping reply, which it returns.
+func (g *Guest) connectAgent(ctx context.Context) (*agentv1.PingResponse, error) {
 	raw, err := g.m.DialPort(ctx, agentv1.PortName)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// Abort the handshake at once if QEMU dies.
 	stopWatch := make(chan struct{})
@@ -127,13 +132,14 @@ func (g *Guest) connectAgent(ctx context.Context) error {
 	conn, err := channel.Client(ctx, raw)
 	if err != nil {
 		_ = raw.Close()
-		return g.m.Explain(fmt.Errorf("agent did not answer the channel handshake: %w", err))
+		return nil, g.m.Explain(fmt.Errorf("agent did not answer the channel handshake: %w", err))
 	}
 	g.agent.use(ttrpc.NewClient(conn, ttrpc.WithUnaryClientInterceptor(nativeErrors)))
-	if _, err := g.agent.Ping(ctx); err != nil {
-		return g.m.Explain(err)
+	ping, err := g.agent.Ping(ctx)
+	if err != nil {
+		return nil, g.m.Explain(err)
 	}
-	return nil
+	return ping, nil
 }
 
 // ReconnectAgent drops the agent connection and starts a new channel session, as a
@@ -143,7 +149,7 @@ func (g *Guest) ReconnectAgent(ctx context.Context) error {
 	_ = g.agent.close()
 	ctx, cancel := context.WithTimeout(ctx, g.cfg.BootTimeout)
 	defer cancel()
-	if err := g.connectAgent(ctx); err != nil {
+	if _, err := g.connectAgent(ctx); err != nil {
 		return fmt.Errorf("vm %s: reconnect agent: %w", g.cfg.Name, err)
 	}
 	return nil

@@ -5,27 +5,54 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
 
-// onlineWait bounds how long a hotplug waits for the guest to take what was added.
+// onlineWait bounds how long a growth waits for the guest to take what was added.
 const onlineWait = 30 * time.Second
 
-// AddVCPUs hot-plugs n vCPUs into the machine and has the agent bring them online. It
-// returns the guest's online CPU count.
+// AddVCPUs gives the guest n more vCPUs and returns its online CPU count: hot-plugged and
+// onlined on q35; on a machine that grows offline (microvm) they are there since boot and
+// the agent only onlines them.
 func (g *Guest) AddVCPUs(ctx context.Context, n int) (int, error) {
-	want, err := g.m.PlugVCPUs(ctx, n)
-	if err != nil {
-		return 0, err
+	var want int
+	if g.cfg.OfflineGrowth() {
+		ping, err := g.agent.Ping(ctx)
+		if err != nil {
+			return 0, err
+		}
+		want = int(ping.OnlineCpus) + n
+		if want > g.cfg.MaxVCPUs {
+			return 0, fmt.Errorf("vm %s: add %d vCPUs: %d online of max_vcpus %d: %w", g.cfg.Name, n, ping.OnlineCpus, g.cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
+		}
+	} else {
+		var err error
+		if want, err = g.m.PlugVCPUs(ctx, n); err != nil {
+			return 0, err
+		}
 	}
-	online, err := g.awaitOnline(ctx, func(cpus uint32, _ uint64) bool { return int(cpus) >= want })
+	online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{Cpus: uint32(want)},
+		func(cpus uint32, _ uint64) bool { return int(cpus) >= want })
 	log.G(ctx).Infof("vm %s: %d vCPUs online", g.cfg.Name, online.cpus)
 	return int(online.cpus), err
 }
 
-// ResizeMemory sets the guest's memory to totalMiB (virtio-mem) and returns the memory the
-// guest then manages.
+// ResizeMemory sets the guest's memory to totalMiB and returns the memory the guest then
+// manages: through virtio-mem on q35; on a machine that grows offline (microvm) the agent
+// adds RAM the kernel booted without, in whole memory blocks, never giving any back.
 func (g *Guest) ResizeMemory(ctx context.Context, totalMiB int) (uint64, error) {
+	if g.cfg.OfflineGrowth() {
+		if totalMiB < g.cfg.MemoryMiB || totalMiB > g.cfg.MaxMemoryMiB {
+			return 0, fmt.Errorf("vm %s: resize memory to %d MiB: want %d-%d: %w", g.cfg.Name, totalMiB, g.cfg.MemoryMiB, g.cfg.MaxMemoryMiB, errdefs.ErrInvalidArgument)
+		}
+		target := g.bootMemory + uint64(totalMiB-g.cfg.MemoryMiB)<<20
+		online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{MemoryBytes: target},
+			func(_ uint32, mem uint64) bool { return mem >= target })
+		return online.mem, err
+	}
 	before, err := g.agent.Ping(ctx)
 	if err != nil {
 		return 0, err
@@ -35,7 +62,7 @@ func (g *Guest) ResizeMemory(ctx context.Context, totalMiB int) (uint64, error) 
 		return 0, err
 	}
 	target := int64(before.MemoryBytes) + delta
-	online, err := g.awaitOnline(ctx, func(_ uint32, mem uint64) bool {
+	online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{}, func(_ uint32, mem uint64) bool {
 		if delta >= 0 {
 			return int64(mem) >= target-(64<<20) // the kernel keeps a little for its memmap
 		}
@@ -49,14 +76,14 @@ type guestSize struct {
 	mem  uint64
 }
 
-// awaitOnline asks the agent to online what was added until done holds for the guest's
+// awaitOnline asks the agent to online what req says until done holds for the guest's
 // CPUs and memory, or onlineWait passes.
-func (g *Guest) awaitOnline(ctx context.Context, done func(cpus uint32, mem uint64) bool) (guestSize, error) {
+func (g *Guest) awaitOnline(ctx context.Context, req *agentv1.OnlineResourcesRequest, done func(cpus uint32, mem uint64) bool) (guestSize, error) {
 	ctx, cancel := context.WithTimeout(ctx, onlineWait)
 	defer cancel()
 	var last guestSize
 	for {
-		resp, err := g.agent.OnlineResources(ctx)
+		resp, err := g.agent.OnlineResources(ctx, req)
 		if err != nil {
 			return last, err
 		}

@@ -469,8 +469,17 @@ func (x *DNS) GetOptions() []string {
 	return nil
 }
 
+// OnlineResourcesRequest brings online what the host added. Offline memory blocks are
+// always onlined (the host added them: virtio-mem, or a probe below).
 type OnlineResourcesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// cpus, when set, is how many CPUs should be online: offline ones (hot-added, or left
+	// offline at boot by maxcpus=) are onlined, lowest first, until that many are.
+	Cpus uint32 `protobuf:"varint,1,opt,name=cpus,proto3" json:"cpus,omitempty"`
+	// memory_bytes, when set, is the MemTotal wanted: RAM the firmware's map has but the
+	// kernel was booted without (mem=, a microvm's growth room) is added through
+	// memory/probe, a block at a time in address order, until MemTotal reaches it.
+	MemoryBytes   uint64 `protobuf:"varint,2,opt,name=memory_bytes,json=memoryBytes,proto3" json:"memory_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -503,6 +512,20 @@ func (x *OnlineResourcesRequest) ProtoReflect() protoreflect.Message {
 // Deprecated: Use OnlineResourcesRequest.ProtoReflect.Descriptor instead.
 func (*OnlineResourcesRequest) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *OnlineResourcesRequest) GetCpus() uint32 {
+	if x != nil {
+		return x.Cpus
+	}
+	return 0
+}
+
+func (x *OnlineResourcesRequest) GetMemoryBytes() uint64 {
+	if x != nil {
+		return x.MemoryBytes
+	}
+	return 0
 }
 
 type OnlineResourcesResponse struct {
@@ -2396,8 +2419,10 @@ const file_agent_proto_rawDesc = "" +
 	"\x03DNS\x12\x18\n" +
 	"\aservers\x18\x01 \x03(\tR\aservers\x12\x1a\n" +
 	"\bsearches\x18\x02 \x03(\tR\bsearches\x12\x18\n" +
-	"\aoptions\x18\x03 \x03(\tR\aoptions\"\x18\n" +
-	"\x16OnlineResourcesRequest\"\xb4\x01\n" +
+	"\aoptions\x18\x03 \x03(\tR\aoptions\"O\n" +
+	"\x16OnlineResourcesRequest\x12\x12\n" +
+	"\x04cpus\x18\x01 \x01(\rR\x04cpus\x12!\n" +
+	"\fmemory_bytes\x18\x02 \x01(\x04R\vmemoryBytes\"\xb4\x01\n" +
 	"\x17OnlineResourcesResponse\x12!\n" +
 	"\fcpus_onlined\x18\x01 \x01(\rR\vcpusOnlined\x122\n" +
 	"\x15memory_blocks_onlined\x18\x02 \x01(\rR\x13memoryBlocksOnlined\x12\x1f\n" +

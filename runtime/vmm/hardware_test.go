@@ -1,0 +1,67 @@
+package vmm
+
+import (
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/vmpod/vmpod/api/machine"
+)
+
+// argAfter is the argument that follows flag in args.
+func argAfter(args []string, flag string) string {
+	if i := slices.Index(args, flag); i >= 0 && i+1 < len(args) {
+		return args[i+1]
+	}
+	return ""
+}
+
+// A microvm cannot hot-plug: its growth room is in the machine from boot, and the kernel
+// is told to leave it offline.
+func TestMicrovmGrowthRoomIsBootedOffline(t *testing.T) {
+	for _, tc := range []struct {
+		name              string
+		vcpus, maxVCPUs   int
+		memMiB, maxMemMiB int
+		smp, mem          string
+		params, notParams []string
+	}{
+		{"no growth", 1, 1, 512, 0, "cpus=1,maxcpus=1", "size=512M", nil, []string{"maxcpus=", "mem="}},
+		{"growth", 1, 4, 576, 8192, "cpus=4,maxcpus=4", "size=8192M", []string{"maxcpus=1", "mem=576M"}, nil},
+		// the growth room is whole 128 MiB blocks after the one the boot memory ends in
+		{"unaligned maximum", 2, 2, 576, 1000, "cpus=2,maxcpus=2", "size=1024M", []string{"mem=576M"}, []string{"maxcpus="}},
+		// mem= is an address: RAM above 3 GiB lives above 4 GiB
+		{"above 3 GiB", 1, 1, 3584, 4096, "cpus=1,maxcpus=1", "size=4096M", []string{"mem=4608M"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Config{Name: "g", Type: machine.MicroVM, VCPUs: tc.vcpus, MaxVCPUs: tc.maxVCPUs, MemoryMiB: tc.memMiB, MaxMemoryMiB: tc.maxMemMiB,
+				Boot: Boot{Kernel: "/k/vmlinux", KernelParams: []string{"quiet"}}, SharedFS: machine.NoSharedFS, Console: ConsoleNone}
+			b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
+			vm, err := b.hardware()
+			if err != nil {
+				t.Fatal(err)
+			}
+			args, _ := vm.Render()
+			if got := argAfter(args, "-smp"); got != tc.smp {
+				t.Errorf("-smp %q, want %q", got, tc.smp)
+			}
+			if got := argAfter(args, "-m"); got != tc.mem {
+				t.Errorf("-m %q, want %q", got, tc.mem)
+			}
+			params := strings.Fields(argAfter(args, "-append"))
+			for _, p := range tc.params {
+				if !slices.Contains(params, p) {
+					t.Errorf("kernel command line %q lacks %s", params, p)
+				}
+			}
+			for _, p := range tc.notParams {
+				if slices.ContainsFunc(params, func(s string) bool { return strings.HasPrefix(s, p) }) {
+					t.Errorf("kernel command line %q has %s", params, p)
+				}
+			}
+			if params[len(params)-1] != "quiet" {
+				t.Errorf("kernel command line %q: the guest layer's parameters should come last", params)
+			}
+		})
+	}
+}
