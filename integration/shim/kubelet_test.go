@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	goruntime "runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -248,6 +249,28 @@ func TestTaskPidsAreHostPids(t *testing.T) {
 				t.Fatalf("pid %d is %q, want a vmpod pid proxy (not signalling it)", pid, cmdline)
 			}
 		}
+		// the task API's Pids (`ctr task ps`) names host processes too, the container's
+		// own pid among them
+		out, err := testenv.Cmd("ctr", "-n", "k8s.io", "task", "ps", trapper)
+		if err != nil {
+			t.Fatalf("ctr task ps: %v", err)
+		}
+		var listed []int
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n")[1:] { // after the header
+			f := strings.Fields(line)
+			pid, err := strconv.Atoi(f[0])
+			if err != nil {
+				t.Fatalf("ctr task ps line %q", line)
+			}
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+				t.Errorf("ctr task ps lists %d, not a host process: %v", pid, err)
+			}
+			listed = append(listed, pid)
+		}
+		if !slices.Contains(listed, containerPid) {
+			t.Errorf("ctr task ps lists %v, want the container's pid %d among them", listed, containerPid)
+		}
+
 		waitLog(t, trapper, "ready")
 		if err := syscall.Kill(containerPid, syscall.SIGTERM); err != nil {
 			t.Fatal(err)

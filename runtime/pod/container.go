@@ -325,8 +325,20 @@ func (p *containerPod) ContainerStats(ctx context.Context, id string) (*cgroupsv
 	return p.guest.Agent().ContainerStats(ctx, id)
 }
 
+// ContainerPids is the container's host pid, its proxy's, while the container runs: its
+// processes' guest pids would name unrelated host processes to whoever acts on them
+// (docs/design/012). `ctr task ps` thus shows one pid per container, as with Kata.
 func (p *containerPod) ContainerPids(ctx context.Context, id string) ([]uint32, error) {
-	return p.guest.Agent().ListProcesses(ctx, id)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c, ok := p.containers[id]
+	if !ok {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
+	}
+	if c.proxy == nil || c.proxy.Exited() {
+		return nil, nil
+	}
+	return []uint32{uint32(c.proxy.Pid())}, nil
 }
 
 func (p *containerPod) WaitOOMEvent(ctx context.Context, afterSeq uint64) (OOMEvent, error) {

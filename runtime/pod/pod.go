@@ -37,7 +37,7 @@ type Pod interface {
 	// UpdateContainer gives a container new resource limits.
 	UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error
 	ContainerStats(ctx context.Context, id string) (*cgroupsv2.Metrics, error)
-	// ContainerPids lists the processes of a container.
+	// ContainerPids lists the host pids that stand for a container's processes.
 	ContainerPids(ctx context.Context, id string) ([]uint32, error)
 	// WaitOOMEvent blocks until an OOM kill numbered above afterSeq.
 	WaitOOMEvent(ctx context.Context, afterSeq uint64) (OOMEvent, error)

@@ -46,7 +46,7 @@ type Config struct {
 	Type  machine.Type  // default microvm
 	Accel machine.Accel // default auto
 
-	VCPUs        int // default DefaultVCPUs
+	VCPUs int // default DefaultVCPUs
 	// MaxVCPUs and MaxMemoryMiB are how far the machine can grow (see OfflineGrowth): on
 	// q35 by hotplug (vCPUs, a virtio-mem device), on microvm, which has no hotplug, from
 	// vCPUs and RAM present at boot but kept offline (maxcpus=, mem=).
