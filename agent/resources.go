@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -28,6 +29,9 @@ const (
 // A microvm pod boots with vCPUs kept offline (maxcpus=) and RAM the kernel was told to
 // leave alone (mem=): req says how much of it to take.
 func onlineResources(req *agentv1.OnlineResourcesRequest) (*agentv1.OnlineResourcesResponse, error) {
+	// One at a time: a call the host gave up on may still be probing when its retry comes.
+	onlineMu.Lock()
+	defer onlineMu.Unlock()
 	resp := &agentv1.OnlineResourcesResponse{}
 	n, err := onlineCPUs(int(req.GetCpus()))
 	if err != nil {
@@ -55,8 +59,11 @@ func onlineResources(req *agentv1.OnlineResourcesRequest) (*agentv1.OnlineResour
 	return resp, nil
 }
 
+var onlineMu sync.Mutex
+
 // onlineCPUs onlines offline CPUs, lowest first, until want are online, and returns how
-// many it onlined.
+// many it onlined. A CPU the kernel refuses for now ends the pass: the host polls again,
+// and the online CPUs stay the lowest ones.
 func onlineCPUs(want int) (int, error) {
 	files, _ := filepath.Glob(cpuSysfs + "/cpu[0-9]*/online")
 	slices.SortFunc(files, func(a, b string) int { return cpuNumber(a) - cpuNumber(b) })
@@ -73,6 +80,8 @@ func onlineCPUs(want int) (int, error) {
 		if onlined {
 			n++
 			online++
+		} else if readTrim(f) == "0" {
+			break
 		}
 	}
 	return n, nil
@@ -110,7 +119,7 @@ func probeMemory(want uint64) (int, error) {
 		if total >= want {
 			return added, nil
 		}
-		if err := os.WriteFile(memorySysfs+"/probe", []byte(fmt.Sprintf("0x%x", addr)), 0); err != nil {
+		if err := os.WriteFile(memorySysfs+"/probe", []byte(fmt.Sprintf("0x%x", addr)), 0); err != nil && !present(addr/blockSize) {
 			return added, fmt.Errorf("memory: probe 0x%x: %w", addr, err)
 		}
 		added++

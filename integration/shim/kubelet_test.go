@@ -132,6 +132,51 @@ func TestExclusiveCPUs(t *testing.T) {
 	})
 }
 
+// A pod that grows to 2 whole CPUs with an exclusive cpuset of 2 (what the kubelet's
+// static CPU manager gives a Guaranteed pod): each of the VM's 2 online vCPUs gets a CPU
+// of its own, and the vCPUs a microvm keeps offline for growth (docs/design/013) may run
+// on either.
+func TestExclusiveCPUsOnePerVCPU(t *testing.T) {
+	testenv.RequireTestbed(t)
+	if goruntime.NumCPU() < 2 {
+		t.Skip("needs 2 host CPUs")
+	}
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "cpus2"}})
+	id := pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "pinned"}, Command: []string{"sleep", "3600"},
+		Linux: map[string]any{"resources": map[string]any{"cpuset_cpus": "0-1", "cpu_period": 100000, "cpu_quota": 100000}},
+	})
+	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--cpuset-cpus", "0-1", id)
+	got := vcpuAffinity(t, pod)
+	want := map[string]string{"CPU 0/TCG": "0", "CPU 1/TCG": "1", "CPU 2/TCG": "0-1", "CPU 3/TCG": "0-1"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("vCPU threads may run on %v, want %v", got, want)
+	}
+}
+
+// vcpuAffinity maps each vCPU thread of the pod's QEMU ("CPU n/TCG") to the host CPUs it
+// may run on.
+func vcpuAffinity(t *testing.T, pod *testenv.Pod) map[string]string {
+	t.Helper()
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", podQEMU(t, pod)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, task := range tasks {
+		comm, err := os.ReadFile(filepath.Join(task, "comm"))
+		if err != nil || !strings.HasPrefix(string(comm), "CPU ") {
+			continue
+		}
+		for l := range strings.Lines(readFile(t, filepath.Join(task, "status"))) {
+			if v, ok := strings.CutPrefix(l, "Cpus_allowed_list:"); ok {
+				out[strings.TrimSpace(string(comm))] = strings.TrimSpace(v)
+			}
+		}
+	}
+	return out
+}
+
 // guestCPUList is the cpu list of n CPUs numbered from 0.
 func guestCPUList(t *testing.T, n string) string {
 	switch n {

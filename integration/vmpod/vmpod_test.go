@@ -72,6 +72,9 @@ func annotation(t *testing.T, vm vmspec.VM) map[string]string {
 	return map[string]string{vmspec.Annotation: string(b)}
 }
 
+// testSSHKey is a public key the containerDisk test's user-data gives a user.
+const testSSHKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLXRlc3Qta2V5LW5vdC1hLXJlYWwtb25lLTAx vmpod-test"
+
 func baseVM() vmspec.VM {
 	return vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
 		Firmware: vmspec.Firmware{Type: vmspec.FirmwareBIOS}, UUID: "5b0e8f6c-8e1f-4a51-9c3b-2f2d7c1a0b01",
@@ -284,7 +287,8 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	img := guestImage(t)
 	vm := baseVM()
 	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "rootdisk", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
-	vm.CloudInit = &vmspec.CloudInit{Bus: vmspec.BusSATA, UserData: "#cloud-config\nwrite_files:\n  - path: /var/tmp/hello.txt\n    content: \"hello from vmpod cloud-init\\n\"\n"}
+	vm.CloudInit = &vmspec.CloudInit{Bus: vmspec.BusSATA, UserData: "#cloud-config\nwrite_files:\n  - path: /var/tmp/hello.txt\n    content: \"hello from vmpod cloud-init\\n\"\n" +
+		"users:\n  - name: vmpod\n    ssh_authorized_keys: [\"" + testSSHKey + "\"]\n"}
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-cd"}, Hostname: "vm-cd-guest", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
@@ -308,6 +312,20 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	}
 	if _, err := execIn(id, 20*time.Second, "false"); err == nil {
 		t.Error("exec of false succeeded")
+	}
+	if keys, err := execIn(id, 20*time.Second, "cat", "/home/vmpod/.ssh/authorized_keys"); err != nil || !strings.Contains(keys, testSSHKey) {
+		t.Errorf("the SSH key from user-data: authorized_keys %q, %v", keys, err)
+	}
+	// the VM's identity: SMBIOS UUID and serial from the spec, and cloud-init's instance-id,
+	// the same again after the reboot below
+	for _, f := range []string{"product_uuid", "product_serial"} {
+		if got, err := execIn(id, 20*time.Second, "cat", "/sys/class/dmi/id/"+f); err != nil || !strings.EqualFold(strings.TrimSpace(got), vm.UUID) {
+			t.Errorf("guest %s %q, %v; want the VM's UUID %s", f, got, err, vm.UUID)
+		}
+	}
+	instanceID := strings.TrimSpace(waitExec(t, id, time.Minute, "", "cat", "/var/lib/cloud/data/instance-id"))
+	if instanceID == "" {
+		t.Error("cloud-init recorded no instance-id")
 	}
 
 	ip := podIP(t, pod)
@@ -347,6 +365,9 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	}
 	if st := status(t, id); st.Pid != qemu {
 		t.Errorf("QEMU changed across the guest reboot: %d -> %d", qemu, st.Pid)
+	}
+	if after, err := execIn(id, 20*time.Second, "cat", "/var/lib/cloud/data/instance-id"); err != nil || strings.TrimSpace(after) != instanceID {
+		t.Errorf("cloud-init's instance-id after the reboot %q, %v; want the same %q", after, err, instanceID)
 	}
 
 	// SIGTERM (crictl stop) = ACPI power-down: the guest shuts down and the container exits 0

@@ -69,6 +69,10 @@ type Sizing struct {
 	MaxMemoryMiB     int `toml:"max_memory_mib"`
 	// GuestOverheadMiB is added to a pod's memory limit for the guest kernel and agent.
 	GuestOverheadMiB int `toml:"guest_overhead_mib"`
+	// MicrovmGrowth gives microvm pods their growth room (up to the maximums, booted
+	// offline: docs/design/013); false boots them at their size, and an update that
+	// outgrows it is refused.
+	MicrovmGrowth bool `toml:"microvm_growth"`
 }
 
 // Timeouts are durations in Go syntax ("30s").
@@ -121,6 +125,7 @@ func Default() Config {
 			DefaultMemoryMiB: 512,
 			MaxMemoryMiB:     8192,
 			GuestOverheadMiB: 64,
+			MicrovmGrowth:    true,
 		},
 		Timeouts: Timeouts{
 			Boot: Duration{vmpodagent.DefaultBootTimeout},

@@ -25,17 +25,18 @@ kernel = "/opt/vmpod/vmlinux"
 machine = "q35"
 [sizing]
 max_vcpus = 8
+microvm_growth = false
 [timeouts]
 boot = "45s"
 `))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Hypervisor.Kernel != "/opt/vmpod/vmlinux" || cfg.Hypervisor.Machine != "q35" || cfg.Sizing.MaxVCPUs != 8 ||
+	if cfg.Hypervisor.Kernel != "/opt/vmpod/vmlinux" || cfg.Hypervisor.Machine != "q35" || cfg.Sizing.MaxVCPUs != 8 || cfg.Sizing.MicrovmGrowth ||
 		cfg.Timeouts.Boot.Duration != 45*time.Second || cfg.StateDir != "/run/vp" {
 		t.Fatalf("overrides not applied: %+v", cfg)
 	}
-	if cfg.Hypervisor.Initrd != Default().Hypervisor.Initrd || cfg.Sizing.DefaultVCPUs != 1 {
+	if cfg.Hypervisor.Initrd != Default().Hypervisor.Initrd || cfg.Sizing.DefaultVCPUs != 1 || !Default().Sizing.MicrovmGrowth {
 		t.Fatalf("defaults lost: %+v", cfg)
 	}
 }

@@ -35,7 +35,7 @@ type containerPod struct {
 	machine  machine.Type
 	sizing   nodeconfig.Sizing
 	boot     Size // what the VM booted with
-	maxSize  Size // how far hotplug can grow it (boot on microvm)
+	maxSize  Size // how far it can grow (headroom)
 	stateDir string
 	network  *network.Plumbing         // nil without a pod network namespace
 	loopback *network.LoopbackRedirect // port-forwards into the guest; nil without a netns

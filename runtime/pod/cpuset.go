@@ -82,7 +82,10 @@ func (p *containerPod) pinVCPUs(ctx context.Context, always bool) error {
 	if !always && want.String() == p.pinned.String() { // (Equals tells nil from empty)
 		return nil
 	}
-	if err := p.guest.Machine().PinVCPUs(ctx, want); err != nil {
+	p.mu.Lock()
+	online := p.size.VCPUs
+	p.mu.Unlock()
+	if err := p.guest.Machine().PinVCPUs(ctx, want, online); err != nil {
 		return err
 	}
 	p.pinned = want

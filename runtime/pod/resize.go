@@ -69,8 +69,11 @@ func sizeForClaims(claims []claim, s nodeconfig.Sizing) Size {
 // headroom is how far a VM booted at size can grow: up to the node's maximums, on q35 by
 // CPU hotplug and a virtio-mem device (whole 2 MiB blocks), on microvm, which has no
 // hotplug, from vCPUs and RAM it boots with offline (whole memory blocks the guest
-// probes, vmm.ProbeBlockMiB).
+// probes, vmm.ProbeBlockMiB) unless the node turned that off (sizing.microvm_growth).
 func headroom(t machine.Type, size Size, s nodeconfig.Sizing) Size {
+	if t == machine.MicroVM && !s.MicrovmGrowth {
+		return size
+	}
 	blockMiB := memoryBlockMiB(t)
 	return Size{
 		VCPUs:     max(size.VCPUs, s.MaxVCPUs),
@@ -159,13 +162,18 @@ func resizeTarget(cur, before, after, maxSize Size) (Size, error) {
 	return target, nil
 }
 
-// grow brings the VM from cur to target by hotplug. Only called under resizeMu.
+// grow brings the VM from cur to target (hotplug on q35, onlining on microvm). vCPUs that
+// came online before a failure count in the pod's size: they are the guest's now. Only
+// called under resizeMu.
 func (p *containerPod) grow(ctx context.Context, cur, target Size) error {
 	lg := log.G(ctx).WithField("pod", p.id)
-	if add := target.VCPUs - cur.VCPUs; add > 0 {
+	if target.VCPUs > cur.VCPUs {
 		lg.Infof("growing the VM: %d -> %d vCPUs", cur.VCPUs, target.VCPUs)
-		online, err := p.guest.AddVCPUs(ctx, add)
+		online, err := p.guest.GrowVCPUs(ctx, target.VCPUs)
 		if err != nil {
+			if online > cur.VCPUs {
+				p.setSize(func(s *Size) { s.VCPUs = min(online, target.VCPUs) })
+			}
 			return fmt.Errorf("resources.cpu: %w", err)
 		}
 		p.setSize(func(s *Size) { s.VCPUs = target.VCPUs })
@@ -186,6 +194,9 @@ func (p *containerPod) grow(ctx context.Context, cur, target Size) error {
 }
 
 func (p *containerPod) growthNote() string {
+	if p.machine == machine.MicroVM && !p.sizing.MicrovmGrowth {
+		return "the node's sizing.microvm_growth is off"
+	}
 	return "the node's sizing.max_vcpus / sizing.max_memory_mib"
 }
 

@@ -70,6 +70,11 @@ func TestHeadroom(t *testing.T) {
 	if got := headroom(machine.MicroVM, Size{VCPUs: 4, MemoryMiB: 8100}, s); got != (Size{VCPUs: 4, MemoryMiB: 8100}) {
 		t.Errorf("microvm less than a block below the maximum: got %+v, want no growth", got)
 	}
+	off := s
+	off.MicrovmGrowth = false
+	if got := headroom(machine.MicroVM, boot, off); got != boot {
+		t.Errorf("microvm with sizing.microvm_growth off: got %+v, want the boot size %+v", got, boot)
+	}
 	// q35: the virtio-mem region above the boot memory is a whole number of 2 MiB blocks
 	if got, want := headroom(machine.Q35, boot, s), (Size{VCPUs: 4, MemoryMiB: 577 + 7614}); got != want {
 		t.Errorf("q35: got %+v, want %+v", got, want)

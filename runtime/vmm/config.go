@@ -239,9 +239,6 @@ func (c Config) Validate() error {
 	if err := c.Type.Check(); err != nil {
 		bad("machine", "%v", err)
 	}
-	if c.OfflineGrowth() && c.Boot.Kernel == "" && (c.MaxVCPUs > c.VCPUs || c.MaxMemoryMiB > c.MemoryMiB) {
-		bad("max_vcpus", "growth on microvm needs a kernel booted with maxcpus= and mem= (boot.kernel)")
-	}
 	if err := c.Accel.Check(); err != nil {
 		bad("accel", "%v", err)
 	}

@@ -53,8 +53,9 @@ func newPaths(stateDir string) paths {
 func (p paths) port(i int) string { return filepath.Join(p.stateDir, "port"+strconv.Itoa(i)+".sock") }
 
 // kernelCmdline is the guest layer's kernel command line with what the machine type needs
-// in front: microvm has no PCI and, under TCG, no timer to calibrate the TSC against; its
-// growth room is vCPUs the kernel leaves offline and RAM above mem= (OfflineGrowth).
+// around it: microvm has no PCI and, under TCG, no timer to calibrate the TSC against; its
+// growth room is vCPUs the kernel leaves offline and RAM above mem= (OfflineGrowth), put
+// last so that a node's own maxcpus= or mem= cannot take the room away unnoticed.
 func (b bootPlan) kernelCmdline() string {
 	var params []string
 	c := b.cfg
@@ -63,14 +64,17 @@ func (b bootPlan) kernelCmdline() string {
 		if b.tscKHz > 0 {
 			params = append(params, "tsc_early_khz="+strconv.Itoa(b.tscKHz))
 		}
+	}
+	params = append(params, c.Boot.KernelParams...)
+	if c.OfflineGrowth() {
 		if c.MaxVCPUs > c.VCPUs {
 			params = append(params, "maxcpus="+strconv.Itoa(c.VCPUs))
 		}
-		if c.MaxMemoryMiB > c.MemoryMiB {
+		if c.MemoryLimitMiB() > c.MemoryMiB {
 			params = append(params, fmt.Sprintf("mem=%dM", microvmMemLimitMiB(c.MemoryMiB)))
 		}
 	}
-	return strings.Join(append(params, c.Boot.KernelParams...), " ")
+	return strings.Join(params, " ")
 }
 
 // microvmRAMBelow4GMiB is how much of a microvm's RAM QEMU maps below 4 GiB; the rest
@@ -92,17 +96,30 @@ func microvmMemLimitMiB(memMiB int) int {
 // The block the boot memory ends in is the kernel's, in part: growth starts after it.
 const ProbeBlockMiB = 128
 
+// MemoryLimitMiB is the most memory the machine can grow to: MaxMemoryMiB on q35 (the
+// caller sizes it in virtio-mem's blocks), on microvm the boot memory and as many whole
+// probe blocks as fit below MaxMemoryMiB. Without growth room it is MemoryMiB.
+func (c Config) MemoryLimitMiB() int {
+	if c.MaxMemoryMiB <= c.MemoryMiB {
+		return c.MemoryMiB
+	}
+	if !c.OfflineGrowth() {
+		return c.MaxMemoryMiB
+	}
+	return c.MemoryMiB + (c.MaxMemoryMiB-c.MemoryMiB)/ProbeBlockMiB*ProbeBlockMiB
+}
+
 // machineSize is the vCPUs and RAM QEMU gets: the boot size, or on microvm with growth
 // room everything the machine may grow to, since it has no hotplug (the kernel is told
-// to leave the rest offline).
+// to leave the rest offline). That RAM ends on a block boundary: up to 127 MiB above
+// MaxMemoryMiB, address space the guest never uses (the rest of the block it boots into).
 func (c Config) machineSize() (vcpus, memMiB int) {
 	if !c.OfflineGrowth() {
 		return c.VCPUs, c.MemoryMiB
 	}
 	memMiB = c.MemoryMiB
-	if c.MaxMemoryMiB > c.MemoryMiB {
-		firstFree := (c.MemoryMiB + ProbeBlockMiB - 1) / ProbeBlockMiB * ProbeBlockMiB
-		memMiB = firstFree + (c.MaxMemoryMiB-c.MemoryMiB)/ProbeBlockMiB*ProbeBlockMiB
+	if grow := c.MemoryLimitMiB() - c.MemoryMiB; grow > 0 {
+		memMiB = (c.MemoryMiB+ProbeBlockMiB-1)/ProbeBlockMiB*ProbeBlockMiB + grow
 	}
 	return c.MaxVCPUs, memMiB
 }
@@ -117,16 +134,19 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	c := b.cfg
 	vcpus, memMiB := c.machineSize()
 	m := devices.Machine{
-		Name:        c.Name,
-		Type:        c.Type,
-		Accel:       b.accel.accel,
-		VCPUs:       vcpus,
-		Memory:      uint64(memMiB) << 20,
-		QMPSocket:   b.paths.qmpSock,
-		Reboot:      c.Reboot,
-		StartPaused: c.Paused,
-		ExitOnPanic: c.ExitOnPanic,
-		UUID:        c.UUID,
+		Name:   c.Name,
+		Type:   c.Type,
+		Accel:  b.accel.accel,
+		VCPUs:  vcpus,
+		Memory: uint64(memMiB) << 20,
+		// RAM the guest may never touch must not count against the host's overcommit
+		// limit: a memfd is accounted page by page as it is used, anonymous RAM at start.
+		SharedMemory: c.OfflineGrowth() && memMiB > c.MemoryMiB,
+		QMPSocket:    b.paths.qmpSock,
+		Reboot:       c.Reboot,
+		StartPaused:  c.Paused,
+		ExitOnPanic:  c.ExitOnPanic,
+		UUID:         c.UUID,
 	}
 	if c.VNC {
 		m.VNCSocket = b.paths.vnc

@@ -59,8 +59,17 @@ func TestMicrovmGrowthRoomIsBootedOffline(t *testing.T) {
 					t.Errorf("kernel command line %q has %s", params, p)
 				}
 			}
-			if params[len(params)-1] != "quiet" {
-				t.Errorf("kernel command line %q: the guest layer's parameters should come last", params)
+			// the room's parameters come after the guest layer's, so that theirs cannot undo it
+			quiet := slices.Index(params, "quiet")
+			for i, p := range params {
+				if (strings.HasPrefix(p, "mem=") || strings.HasPrefix(p, "maxcpus=")) && i < quiet {
+					t.Errorf("kernel command line %q: %s before the guest layer's parameters", params, p)
+				}
+			}
+			// RAM the guest may never use is a memfd, not anonymous memory counted at start
+			shared := slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "memory-backend-memfd,") })
+			if grows := len(tc.params) > 0; shared != grows {
+				t.Errorf("memfd-backed RAM %v, want %v: %q", shared, grows, args)
 			}
 		})
 	}

@@ -11,11 +11,14 @@ import (
 	"github.com/vmpod/vmpod/qmp"
 )
 
-// PlugVCPUs hot-plugs n vCPUs (q35 with MaxVCPUs headroom) and returns how many the
-// machine then has. Bringing them online is the guest's business.
-func (m *Machine) PlugVCPUs(ctx context.Context, n int) (int, error) {
+// PlugVCPUs hot-plugs vCPUs (q35 with MaxVCPUs headroom) until the machine has total,
+// and returns how many it then has. Bringing them online is the guest's business.
+func (m *Machine) PlugVCPUs(ctx context.Context, total int) (int, error) {
 	if m.cfg.Type != machine.Q35 {
 		return 0, fmt.Errorf("vm %s: add vCPUs: machine %s has no CPU hotplug: %w", m.cfg.Name, m.cfg.Type, errdefs.ErrNotImplemented)
+	}
+	if total > m.cfg.MaxVCPUs {
+		return 0, fmt.Errorf("vm %s: %d vCPUs: max_vcpus is %d: %w", m.cfg.Name, total, m.cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
 	}
 	slots, err := m.mon.QueryHotpluggableCPUs(ctx)
 	if err != nil {
@@ -34,13 +37,14 @@ func (m *Machine) PlugVCPUs(ctx context.Context, n int) (int, error) {
 	// a CPU whose APIC ID leaves holes below it, and (measured, Linux 6.1 under TCG) its
 	// onlining then stalls. Plug in topology order, as the boot CPUs were.
 	slices.SortFunc(free, func(a, b qmp.HotpluggableCPU) int { return a.Props.Compare(b.Props) })
+	n := max(total-plugged, 0)
 	if n > len(free) {
-		return 0, fmt.Errorf("vm %s: add %d vCPUs: only %d of max_vcpus %d free: %w", m.cfg.Name, n, len(free), m.cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
+		return plugged, fmt.Errorf("vm %s: %d vCPUs: only %d of max_vcpus %d free: %w", m.cfg.Name, total, len(free), m.cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
 	}
 	for i := range n {
 		id := fmt.Sprintf("cpu%d", plugged+i)
 		if err := m.mon.AddCPU(ctx, id, free[i]); err != nil {
-			return 0, fmt.Errorf("vm %s: add vCPU %s: %w", m.cfg.Name, id, err)
+			return plugged + i, fmt.Errorf("vm %s: add vCPU %s: %w", m.cfg.Name, id, err)
 		}
 	}
 	return plugged + n, nil

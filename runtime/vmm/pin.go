@@ -3,20 +3,26 @@ package vmm
 import (
 	"context"
 	"fmt"
+	"slices"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/utils/cpuset"
+
+	"github.com/vmpod/vmpod/qmp"
 )
 
-// PinVCPUs runs the machine's vCPU threads on host CPUs cpus: one vCPU per CPU when the
-// counts match (each vCPU gets a CPU of its own, what an exclusive cpuset is for), else
-// every vCPU on the whole set. An empty set lets them run anywhere the shim may. vCPUs
-// added later (hotplug) start unpinned: pin again after adding them.
-func (m *Machine) PinVCPUs(ctx context.Context, cpus cpuset.CPUSet) error {
+// PinVCPUs runs the machine's vCPU threads on host CPUs cpus. The first online vCPUs are
+// the ones the guest uses (a microvm's others are booted offline, OfflineGrowth); when
+// their count matches the set's, each gets a CPU of its own, what an exclusive cpuset is
+// for, and any offline ones the whole set; else every vCPU runs on the whole set. An empty
+// set lets them run anywhere the shim may. vCPUs hot-plugged later start unpinned: pin
+// again after adding them, or after onlining more.
+func (m *Machine) PinVCPUs(ctx context.Context, cpus cpuset.CPUSet, online int) error {
 	vcpus, err := m.mon.QueryVCPUs(ctx)
 	if err != nil {
 		return fmt.Errorf("vm %s: pin vCPUs: %w", m.cfg.Name, err)
 	}
+	slices.SortFunc(vcpus, func(a, b qmp.VCPU) int { return a.Index - b.Index })
 	var whole unix.CPUSet
 	if cpus.IsEmpty() {
 		// The shim's own affinity is what QEMU inherited at start.
@@ -31,7 +37,7 @@ func (m *Machine) PinVCPUs(ctx context.Context, cpus cpuset.CPUSet) error {
 	list := cpus.List()
 	for i, v := range vcpus {
 		set := whole
-		if len(list) == len(vcpus) {
+		if len(list) == online && i < online {
 			set.Zero()
 			set.Set(list[i])
 		}

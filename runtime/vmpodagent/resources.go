@@ -14,29 +14,26 @@ import (
 // onlineWait bounds how long a growth waits for the guest to take what was added.
 const onlineWait = 30 * time.Second
 
-// AddVCPUs gives the guest n more vCPUs and returns its online CPU count: hot-plugged and
-// onlined on q35; on a machine that grows offline (microvm) they are there since boot and
-// the agent only onlines them.
-func (g *Guest) AddVCPUs(ctx context.Context, n int) (int, error) {
-	var want int
-	if g.cfg.OfflineGrowth() {
-		ping, err := g.agent.Ping(ctx)
-		if err != nil {
-			return 0, err
-		}
-		want = int(ping.OnlineCpus) + n
-		if want > g.cfg.MaxVCPUs {
-			return 0, fmt.Errorf("vm %s: add %d vCPUs: %d online of max_vcpus %d: %w", g.cfg.Name, n, ping.OnlineCpus, g.cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
-		}
-	} else {
-		var err error
-		if want, err = g.m.PlugVCPUs(ctx, n); err != nil {
+// GrowVCPUs gives the guest total vCPUs and returns its online CPU count (also when it
+// fails part way: what came online stays): hot-plugged and onlined on q35; on a machine
+// that grows offline (microvm) they are there since boot and the agent only onlines them.
+// The target is absolute, so a retry after a partial failure asks for no more than before.
+func (g *Guest) GrowVCPUs(ctx context.Context, total int) (int, error) {
+	cfg := g.m.Config()
+	if total > cfg.MaxVCPUs {
+		return 0, fmt.Errorf("vm %s: %d vCPUs: max_vcpus is %d: %w", cfg.Name, total, cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
+	}
+	if !cfg.OfflineGrowth() {
+		if _, err := g.m.PlugVCPUs(ctx, total); err != nil {
+			if ping, perr := g.agent.OnlineResources(ctx, &agentv1.OnlineResourcesRequest{Cpus: uint32(total)}); perr == nil {
+				return int(ping.OnlineCpus), err
+			}
 			return 0, err
 		}
 	}
-	online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{Cpus: uint32(want)},
-		func(cpus uint32, _ uint64) bool { return int(cpus) >= want })
-	log.G(ctx).Infof("vm %s: %d vCPUs online", g.cfg.Name, online.cpus)
+	online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{Cpus: uint32(total)},
+		func(cpus uint32, _ uint64) bool { return int(cpus) >= total })
+	log.G(ctx).Infof("vm %s: %d vCPUs online", cfg.Name, online.cpus)
 	return int(online.cpus), err
 }
 
@@ -44,11 +41,11 @@ func (g *Guest) AddVCPUs(ctx context.Context, n int) (int, error) {
 // manages: through virtio-mem on q35; on a machine that grows offline (microvm) the agent
 // adds RAM the kernel booted without, in whole memory blocks, never giving any back.
 func (g *Guest) ResizeMemory(ctx context.Context, totalMiB int) (uint64, error) {
-	if g.cfg.OfflineGrowth() {
-		if totalMiB < g.cfg.MemoryMiB || totalMiB > g.cfg.MaxMemoryMiB {
-			return 0, fmt.Errorf("vm %s: resize memory to %d MiB: want %d-%d: %w", g.cfg.Name, totalMiB, g.cfg.MemoryMiB, g.cfg.MaxMemoryMiB, errdefs.ErrInvalidArgument)
+	if cfg := g.m.Config(); cfg.OfflineGrowth() {
+		if limit := cfg.MemoryLimitMiB(); totalMiB < cfg.MemoryMiB || totalMiB > limit {
+			return 0, fmt.Errorf("vm %s: resize memory to %d MiB: want %d-%d: %w", cfg.Name, totalMiB, cfg.MemoryMiB, limit, errdefs.ErrInvalidArgument)
 		}
-		target := g.bootMemory + uint64(totalMiB-g.cfg.MemoryMiB)<<20
+		target := g.bootMemory + uint64(totalMiB-cfg.MemoryMiB)<<20
 		online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{MemoryBytes: target},
 			func(_ uint32, mem uint64) bool { return mem >= target })
 		return online.mem, err

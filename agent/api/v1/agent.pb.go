@@ -474,7 +474,8 @@ func (x *DNS) GetOptions() []string {
 type OnlineResourcesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// cpus, when set, is how many CPUs should be online: offline ones (hot-added, or left
-	// offline at boot by maxcpus=) are onlined, lowest first, until that many are.
+	// offline at boot by maxcpus=) are onlined, lowest first, until that many are. 0
+	// leaves CPUs as they are (a microvm's spare vCPUs must stay offline).
 	Cpus uint32 `protobuf:"varint,1,opt,name=cpus,proto3" json:"cpus,omitempty"`
 	// memory_bytes, when set, is the MemTotal wanted: RAM the firmware's map has but the
 	// kernel was booted without (mem=, a microvm's growth room) is added through
