@@ -39,6 +39,24 @@ func guestView(t *testing.T, id string) (cpus string, memMiB int, memoryMax stri
 	return f[0], mem, f[2]
 }
 
+// assertGrownTo2CPUs1GiB checks container id after an update to 2 CPUs and 1 GiB in a VM
+// booted with bootMemMiB: 2 vCPUs online, at least 512 MiB more memory, the new limit in
+// its cgroup. It returns the online CPUs and MemTotal.
+func assertGrownTo2CPUs1GiB(t *testing.T, id string, bootMemMiB int) (cpus string, memMiB int) {
+	t.Helper()
+	cpus, memMiB, memMax := guestView(t, id)
+	if cpus != "0-1" {
+		t.Errorf("after the update: online CPUs %q, want 0-1", cpus)
+	}
+	if memMiB < bootMemMiB+512 {
+		t.Errorf("after the update: MemTotal %d MiB, want at least %d (booted with %d)", memMiB, bootMemMiB+512, bootMemMiB)
+	}
+	if memMax != strconv.Itoa(1<<30) {
+		t.Errorf("after the update: memory.max %s, want %d", memMax, 1<<30)
+	}
+	return cpus, memMiB
+}
+
 // In-place resize (kubelet's UpdateContainerResources) of a container whose new limits
 // outgrow the VM: on q35 the VM grows by CPU hotplug and virtio-mem before the guest's
 // cgroup takes the limits.
@@ -57,18 +75,9 @@ func TestUpdateGrowsTheVM(t *testing.T) {
 
 	// 2 CPUs and 1 GiB: more than the 1-vCPU, 512 MiB VM the pod booted as
 	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1<<30), id)
-	cpus, mem, memMax = guestView(t, id)
-	if cpus != "0-1" {
-		t.Errorf("after the update: online CPUs %q, want 0-1", cpus)
-	}
 	// 1 GiB + 64 MiB overhead was plugged; the guest's memmap of the new memory comes out
 	// of it, so MemTotal grows by a little less than the 576 MiB added.
-	if mem < bootMem+512 {
-		t.Errorf("after the update: MemTotal %d MiB, want at least %d (booted with %d, 576 MiB added)", mem, bootMem+512, bootMem)
-	}
-	if memMax != strconv.Itoa(1<<30) {
-		t.Errorf("after the update: memory.max %s, want %d", memMax, 1<<30)
-	}
+	cpus, mem = assertGrownTo2CPUs1GiB(t, id, bootMem)
 
 	// Shrinking the limits takes effect in the cgroup; the VM keeps its size.
 	testenv.Crictl(t, "update", "--memory", strconv.Itoa(256<<20), id)
@@ -121,17 +130,8 @@ func TestInPlaceResizeOfADefaultPod(t *testing.T) {
 		if pod.Handler != "vmpod" {
 			return
 		}
-		cpus, mem, memMax := guestView(t, id)
-		if cpus != "0-1" {
-			t.Errorf("after the update: online CPUs %q, want 0-1", cpus)
-		}
 		// 1 GiB + the guest's overhead, in whole 128 MiB blocks
-		if mem < bootMem+512 {
-			t.Errorf("after the update: MemTotal %d MiB, want at least %d (booted with %d)", mem, bootMem+512, bootMem)
-		}
-		if memMax != strconv.Itoa(1<<30) {
-			t.Errorf("after the update: memory.max %s, want %d", memMax, 1<<30)
-		}
+		_, mem := assertGrownTo2CPUs1GiB(t, id, bootMem)
 
 		// the test bed's node allows 8 GiB and 4 vCPUs
 		_, err := testenv.Cmd("crictl", "update", "--memory", strconv.Itoa(16<<30), id)
