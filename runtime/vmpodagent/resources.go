@@ -25,8 +25,9 @@ func (g *Guest) GrowVCPUs(ctx context.Context, total int) (int, error) {
 	}
 	if !cfg.OfflineGrowth() {
 		if _, err := g.m.PlugVCPUs(ctx, total); err != nil {
-			if ping, perr := g.agent.OnlineResources(ctx, &agentv1.OnlineResourcesRequest{Cpus: uint32(total)}); perr == nil {
-				return int(ping.OnlineCpus), err
+			// what was plugged before the failure still comes online
+			if resp, oerr := g.agent.OnlineResources(ctx, &agentv1.OnlineResourcesRequest{Cpus: uint32(total)}); oerr == nil {
+				return int(resp.OnlineCpus), err
 			}
 			return 0, err
 		}
