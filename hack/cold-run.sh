@@ -25,14 +25,17 @@ if [ "${COLD_GO:-0}" = 1 ]; then
 fi
 
 failed=
+n=0
 for t in "${targets[@]}"; do
-  log "make $t (log: $top/$t.log)"
+  n=$((n + 1))
+  tlog=$top/$n-$t.log # numbered: `test test` keeps both runs' logs
+  log "make $t (log: $tlog)"
   start=$(date +%s)
-  if env "${env[@]}" make -C "$top/vmpod" "$t" > "$top/$t.log" 2>&1; then rc=0; else rc=$?; fi
+  if env "${env[@]}" make -C "$top/vmpod" "$t" > "$tlog" 2>&1; then rc=0; else rc=$?; fi
   secs=$(( $(date +%s) - start ))
   dirty=$(git -C "$top/vmpod" status --porcelain)
   if [ "$rc" != 0 ]; then
-    tail -30 "$top/$t.log" >&2
+    tail -30 "$tlog" >&2
     failed+=" $t"
   elif [ -n "$dirty" ]; then
     printf '%s\n' "$dirty" >&2
