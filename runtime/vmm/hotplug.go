@@ -14,7 +14,7 @@ import (
 // PlugVCPUs hot-plugs vCPUs (q35 with MaxVCPUs headroom) until the machine has total,
 // and returns how many it then has. Bringing them online is the guest's business.
 func (m *Machine) PlugVCPUs(ctx context.Context, total int) (int, error) {
-	if m.cfg.Type != machine.Q35 {
+	if m.cfg.Type != machine.Q35 { // microvm grows by onlining instead (OfflineGrowth, 013)
 		return 0, fmt.Errorf("vm %s: add vCPUs: machine %s has no CPU hotplug: %w", m.cfg.Name, m.cfg.Type, errdefs.ErrNotImplemented)
 	}
 	if total > m.cfg.MaxVCPUs {
@@ -55,7 +55,7 @@ func (m *Machine) PlugVCPUs(ctx context.Context, total int) (int, error) {
 // the guest for (negative: to give back). The guest plugs and unplugs blocks at its own
 // pace.
 func (m *Machine) PlugMemory(ctx context.Context, totalMiB int) (int64, error) {
-	if m.cfg.Type != machine.Q35 || m.cfg.MaxMemoryMiB <= m.cfg.MemoryMiB {
+	if m.cfg.Type != machine.Q35 || m.cfg.MaxMemoryMiB <= m.cfg.MemoryMiB { // microvm: OfflineGrowth
 		return 0, fmt.Errorf("vm %s: resize memory: needs machine q35 with max_memory_mib: %w", m.cfg.Name, errdefs.ErrNotImplemented)
 	}
 	if totalMiB < m.cfg.MemoryMiB || totalMiB > m.cfg.MaxMemoryMiB {
