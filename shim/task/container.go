@@ -254,8 +254,8 @@ func (s *service) handleExit(c *container, p *process) {
 	}
 	p.mu.Lock()
 	if p.state == stateDeleted {
-		// Deleted before it ever ran (a created container removed): containerd has
-		// forgotten it, an exit would name nothing.
+		// A created container removed whose exit came later than remove waits for:
+		// TaskDelete is out, an exit now would name a task containerd has forgotten.
 		p.mu.Unlock()
 		return
 	}
@@ -291,6 +291,7 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 		return nil, err
 	}
 	p.mu.Lock()
+	wasCreated := p.state == stateCreated
 	if _, err := p.state.next(stateDeleted, "delete"); err != nil {
 		p.mu.Unlock()
 		return nil, fmt.Errorf("%s: %w", p, err)
@@ -306,9 +307,17 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 		c.mu.Lock()
 		delete(c.execs, execID)
 		c.mu.Unlock()
+		p.mu.Lock()
+		p.state = stateDeleted
+		p.mu.Unlock()
 	} else {
 		if err := s.pod.RemoveContainer(ctx, c.id, true); err != nil {
 			return nil, err
+		}
+		if wasCreated {
+			// Removing a created init ends it, and its exit handler publishes TaskExit;
+			// containerd must see that before TaskDelete, never after.
+			p.awaitExited(ctx, createdExitWait)
 		}
 		if c.mounted {
 			if err := mount.UnmountRecursive(c.rootfs, 0); err != nil {
@@ -318,19 +327,21 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 		s.mu.Lock()
 		delete(s.containers, c.id)
 		s.mu.Unlock()
+		// Deleted and announced under the lock the exit handler publishes under: a
+		// TaskExit is queued before this TaskDelete or not at all.
+		p.mu.Lock()
+		p.state = stateDeleted
 		s.events.send(&eventstypes.TaskDelete{
 			ContainerID: c.id,
 			Pid:         p.pid,
 			ExitStatus:  p.exitStatus,
 			ExitedAt:    protobuf.ToTimestamp(p.exitedAt),
 		})
+		p.mu.Unlock()
 	}
 	if p.io != nil {
 		p.io.close()
 	}
-	p.mu.Lock()
-	p.state = stateDeleted
-	p.mu.Unlock()
 	if execID == "" && s.podEmpty() {
 		if err := s.stopPod(ctx); err != nil {
 			log.G(ctx).WithError(err).Warn("stop pod VM")

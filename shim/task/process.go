@@ -91,6 +91,20 @@ func (p *process) awaitExit(ctx context.Context, vmDone <-chan struct{}) runtime
 	}
 }
 
+// createdExitWait bounds how long removing a created init waits for its exit to be
+// published: a guest that never reports it must not hold up the delete.
+var createdExitWait = 5 * time.Second
+
+// awaitExited waits, at most d, for the process's exit to be recorded (and, for an init
+// or a started exec, published: the exit handler does both under p.mu).
+func (p *process) awaitExited(ctx context.Context, d time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	if err := p.wait(ctx); err != nil {
+		log.G(ctx).Warnf("%s: no exit within %v of its removal; deleting without it", p, d)
+	}
+}
+
 func (p *process) wait(ctx context.Context) error {
 	select {
 	case <-p.exited:

@@ -1,0 +1,123 @@
+package task
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/events"
+	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/typeurl/v2"
+
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/pod"
+)
+
+// fakePod stands in for a pod's VM below the task layer: removing a container ends its
+// init, whose exit the fake reports exitDelay later (as the agent's exit notice can
+// arrive after the remove call returned). Methods the test does not reach are left to
+// the embedded nil interface.
+type fakePod struct {
+	pod.Pod
+	init      *fakeProcess
+	exitDelay time.Duration // < 0: the exit is never reported
+	done      chan struct{}
+}
+
+func (f *fakePod) RemoveContainer(ctx context.Context, id string, force bool) error {
+	if f.exitDelay >= 0 {
+		time.AfterFunc(f.exitDelay, func() { close(f.init.exited) })
+	}
+	return nil
+}
+func (f *fakePod) Done() <-chan struct{}          { return f.done }
+func (f *fakePod) Stop(ctx context.Context) error { return nil }
+
+type fakeProcess struct {
+	pod.Process
+	exited chan struct{}
+	output chan struct{}
+}
+
+func (f *fakeProcess) Pid() uint32                 { return 4242 }
+func (f *fakeProcess) OutputDone() <-chan struct{} { return f.output }
+func (f *fakeProcess) Wait(ctx context.Context) (runtime.Exit, error) {
+	select {
+	case <-f.exited:
+		return runtime.Exit{Status: 137, ExitedAt: time.Now()}, nil
+	case <-ctx.Done():
+		return runtime.Exit{}, ctx.Err()
+	}
+}
+
+// recorder is containerd's event service as the shim sees it.
+type recorder struct {
+	mu     sync.Mutex
+	topics []string
+}
+
+func (r *recorder) Publish(ctx context.Context, topic string, event events.Event) error {
+	if _, err := typeurl.MarshalAny(event); err != nil {
+		return fmt.Errorf("event %T: %w", event, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.topics = append(r.topics, topic)
+	return nil
+}
+
+func (r *recorder) Close() error { return nil }
+
+func (r *recorder) published() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.topics...)
+}
+
+// A created, never started container removed directly (Delete without a Kill first):
+// its init's exit is published before TaskDelete when it comes in time, and never after.
+func TestRemovingACreatedInitOrdersItsExit(t *testing.T) {
+	defer func(d time.Duration) { createdExitWait = d }(createdExitWait)
+	createdExitWait = 300 * time.Millisecond
+	cases := map[string]struct {
+		exitDelay time.Duration
+		want      []string
+	}{
+		"exit at once":          {0, []string{"/tasks/exit", "/tasks/delete"}},
+		"exit after the remove": {50 * time.Millisecond, []string{"/tasks/exit", "/tasks/delete"}},
+		"exit after the wait":   {time.Second, []string{"/tasks/delete"}},
+		"exit never reported":   {-1, []string{"/tasks/delete"}},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			ctx, sd := shutdown.WithShutdown(ctx)
+			defer sd.Shutdown()
+			rec := &recorder{}
+			rt := &fakeProcess{exited: make(chan struct{}), output: make(chan struct{})}
+			close(rt.output)
+			fp := &fakePod{init: rt, exitDelay: tc.exitDelay, done: make(chan struct{})}
+			s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, rec, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
+			c := &container{id: "c1", execs: map[string]*process{}}
+			c.init = newProcess("c1", "", stdioPaths{})
+			c.init.io, c.init.rt, c.init.pid = &hostIO{}, rt, rt.Pid()
+			s.containers["c1"] = c
+			go s.handleExit(c, c.init)
+
+			if _, err := s.remove(ctx, c, ""); err != nil {
+				t.Fatal(err)
+			}
+			// whatever the exit handler does later must not follow the delete
+			time.Sleep(max(tc.exitDelay, 0) + 300*time.Millisecond)
+			if got := rec.published(); fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("published %v, want %v", got, tc.want)
+			}
+			if _, ok := s.containers["c1"]; ok {
+				t.Error("the container is still known after its removal")
+			}
+		})
+	}
+}
