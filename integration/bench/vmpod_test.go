@@ -17,6 +17,7 @@ import (
 	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime/qga"
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // The VM-pod test guest (hack/vm-guest-image.sh): its cache dir and its containerDisk.
@@ -58,7 +59,7 @@ func bareVMBoot(t *testing.T, base string) (time.Duration, int, func()) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "qga.sock")
-	args := []string{"-name", "bench-bare", "-machine", "q35", "-accel", "tcg,tb-size=64", "-cpu", "qemu64,+arat",
+	args := []string{"-name", "bench-bare", "-machine", "q35", "-accel", fmt.Sprintf("tcg,tb-size=%d", vmm.TCGCodeCacheMiB), "-cpu", "qemu64,+arat",
 		"-smp", "1", "-m", "1024", "-nodefaults", "-no-user-config", "-display", "none", "-vnc", "unix:" + filepath.Join(dir, "vnc.sock"),
 		"-serial", "file:" + filepath.Join(dir, "console.log"),
 		"-blockdev", "driver=qcow2,node-name=disk0,file.driver=file,file.filename=" + overlay(t, base),

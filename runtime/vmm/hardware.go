@@ -18,10 +18,10 @@ const (
 	hotplugRootPorts = 4
 	// memoryDeviceID is the virtio-mem device that carries memory above MemoryMiB.
 	memoryDeviceID = "vmem0"
-	// tcgCodeCacheMiB caps TCG's translated-code cache. QEMU's default reserves 1 GiB and an
+	// TCGCodeCacheMiB caps TCG's translated-code cache. QEMU's default reserves 1 GiB and an
 	// idle pod had filled 111 MiB of it; at 64 MiB exec latency is unchanged (257 vs 263 ms
 	// p50), at 32 MiB the cache thrashes (503 ms). KVM has no such cache.
-	tcgCodeCacheMiB = 64
+	TCGCodeCacheMiB = 64
 )
 
 // bootPlan is everything resolved before QEMU starts.
@@ -169,7 +169,7 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		m.FDSets = append(m.FDSets, devices.FDSet{File: f.File, Set: f.Set})
 	}
 	if b.accel.accel == machine.TCG {
-		m.TCGCacheMiB = tcgCodeCacheMiB
+		m.TCGCacheMiB = TCGCodeCacheMiB
 	}
 	var devs []devices.Device
 	if len(c.Ports) > 0 {
