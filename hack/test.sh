@@ -6,7 +6,8 @@
 #      bed), Kubernetes' binaries (envtest, the test cluster);
 #   2. start the test bed: a private containerd with the runc and vmpod runtimes; and the
 #      test cluster: a control plane and two nodes with kubelet (hack/cluster.sh);
-#   3. run every Go test package: unit tests, integration tests that boot real VMs under
+#   3. fuzz every parser of untrusted input for a bounded time (hack/fuzz.sh); run every
+#      Go test package: unit tests under -race, integration tests that boot real VMs under
 #      QEMU, drive containerd through CRI and ctr, run the controller against a real
 #      kube-apiserver, and the cluster's end-to-end tests through kubectl;
 #   4. run critest with the runc handler (the bar) and the vmpod handler;
@@ -72,15 +73,26 @@ export VMPOD_VM_GUEST_RAW=$VMPOD_VM_GUEST/disk.raw
 step "go vet"
 go vet ./...
 step "compiling tests"
-go test -count=1 -run '^$' ./... >/dev/null
+packages=$(go list ./...)
+mapfile -t units < <(grep -v '/integration/' <<< "$packages")
+go test -race -count=1 -run '^$' "${units[@]}" >/dev/null
+go test -count=1 -run '^$' ./integration/... >/dev/null
 
-# One package at a time: integration packages boot VMs and must not starve each other
-# on a 2-core machine; tests inside a package still run in parallel where they say so.
-step "go test (unit + integration)"
+step "fuzz the parsers of untrusted input (hack/fuzz.sh)"
+hack/fuzz.sh || echo "FAIL fuzz: a target crashed (above; the input is under its package's testdata/fuzz/)" >> "$EXTRA"
+
+# Unit packages under the race detector: they hold the concurrency (event queues, agent
+# reconnects, exit ordering, the controller's reconcilers). Then the integration packages,
+# one at a time: they boot VMs and must not starve each other on a 2-core machine; tests
+# inside a package still run in parallel where they say so.
+step "go test (unit under -race, then integration)"
 go build -o "$RESULTS/testsummary" ./hack/testsummary
 go_test_scratch
 set +e
-go test -json -count=1 -p 1 -timeout 45m ./... 2>&1 | "$RESULTS/testsummary" -record "$RESULTS/go-test.json"
+{
+  go test -race -json -count=1 -timeout 20m "${units[@]}"
+  go test -json -count=1 -p 1 -timeout 45m ./integration/...
+} 2>&1 | "$RESULTS/testsummary" -record "$RESULTS/go-test.json"
 set -e
 
 step "critest: $CRITEST_HANDLERS"

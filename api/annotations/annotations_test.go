@@ -1,8 +1,11 @@
 package annotations
 
 import (
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/vmpod/vmpod/api/machine"
 )
 
 func TestParse(t *testing.T) {
@@ -40,4 +43,33 @@ func TestParse(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzParse: any annotations, whatever the node allows: no panic, and what is accepted
+// is what the keys' checks accept (a VM document is api/vmspec's to judge).
+func FuzzParse(f *testing.F) {
+	f.Add(Machine, "q35", SharedFS, "virtio-fs", true)
+	f.Add(Machine, "pc", "vmpod.dev/kernel", "/boot/vmlinuz", true)
+	f.Add(SharedFS, "", VM, "{}", false)
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string, allowAll bool) {
+		allowed := []string{Machine}
+		if allowAll {
+			allowed = Known()
+		}
+		pod, err := Parse(map[string]string{k1: v1, k2: v2, "other.io/key": "anything"}, allowed)
+		if err != nil {
+			return
+		}
+		if pod.Machine != "" && pod.Machine.Check() != nil {
+			t.Fatalf("accepted machine %q", pod.Machine)
+		}
+		if pod.SharedFS != "" && (pod.SharedFS.Check() != nil || pod.SharedFS == machine.NoSharedFS) {
+			t.Fatalf("accepted shared fs %q", pod.SharedFS)
+		}
+		for _, k := range []string{k1, k2} {
+			if strings.HasPrefix(k, Prefix) && !slices.Contains(allowed, k) {
+				t.Fatalf("accepted %s, which the node does not allow", k)
+			}
+		}
+	})
 }

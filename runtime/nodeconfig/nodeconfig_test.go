@@ -68,3 +68,28 @@ func TestMissingExplicitFileIsAnError(t *testing.T) {
 		t.Fatal("a config path that does not exist loaded")
 	}
 }
+
+// FuzzLoad: any file at the config path loads or is refused; no panic, and what loads
+// validates.
+func FuzzLoad(f *testing.F) {
+	for _, s := range []string{
+		"", "state_dir = \"/run/vp\"\n[hypervisor]\nmachine = \"q35\"\n", "[sizing]\ndefault_vcpus = 4\nmax_vcpus = 2\n",
+		"[timeouts]\nboot = \"45s\"\n", "[hypervisor\n", "[annotations]\nallowed = [\"vmpod.dev/vm\"]\n",
+	} {
+		f.Add([]byte(s))
+	}
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p := filepath.Join(dir, "config.toml")
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := Load(p)
+		if err != nil {
+			return
+		}
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("loaded a config that does not validate: %v", err)
+		}
+	})
+}
