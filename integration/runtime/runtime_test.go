@@ -439,6 +439,41 @@ func TestReconnectAgent(t *testing.T) {
 	if exit.Status != 0 || out != "still-works\n" {
 		t.Fatalf("exit %d output %q", exit.Status, out)
 	}
+
+	// Streams in flight across reconnects lose nothing and repeat nothing: a container
+	// writing numbered lines for a while, and one echoing its stdin back.
+	ctx = testenv.Context(t, 2*time.Minute)
+	var talker testenv.Buffer
+	lines := startContainer(t, vm, "talker", testenv.Spec("sh", "-c", "i=0; while [ $i -lt 100 ]; do echo line$i; i=$((i+1)); sleep 0.1; done"), runtime.Stdio{Stdout: &talker})
+	stdinR, stdinW := io.Pipe()
+	var echoed testenv.Buffer
+	echo := startContainer(t, vm, "echo", testenv.Spec("cat"), runtime.Stdio{Stdin: stdinR, Stdout: &echoed})
+	for i := range 3 {
+		fmt.Fprintf(stdinW, "in%d\n", i)
+		testenv.WaitFor(t, "the talker's output to grow", func() bool { return strings.Count(talker.String(), "\n") > 10*(i+1) })
+		if err := vm.ReconnectAgent(ctx); err != nil {
+			t.Fatalf("reconnect with streams in flight %d: %v", i, err)
+		}
+	}
+	fmt.Fprintf(stdinW, "in3\n")
+	stdinW.Close()
+	var want strings.Builder
+	for i := range 100 {
+		fmt.Fprintf(&want, "line%d\n", i)
+	}
+	for name, tc := range map[string]struct {
+		p    *vmpodagent.Process
+		out  *testenv.Buffer
+		want string
+	}{"talker": {lines, &talker, want.String()}, "echo": {echo, &echoed, "in0\nin1\nin2\nin3\n"}} {
+		exit, err := testenv.WaitOutput(ctx, tc.p)
+		if err != nil || exit.Status != 0 {
+			t.Errorf("%s: exit %d, %v", name, exit.Status, err)
+		}
+		if got := tc.out.String(); got != tc.want {
+			t.Errorf("%s across reconnects: got %q, want %q", name, got, tc.want)
+		}
+	}
 }
 
 // Growing a VM: on q35 by hotplug, on microvm (no hotplug) from vCPUs and memory it

@@ -3,7 +3,9 @@ package vmpodagent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"time"
 
@@ -23,20 +25,26 @@ type Client struct {
 	vm          string
 	callTimeout time.Duration
 
-	mu   sync.RWMutex // guards the connection, which Guest.ReconnectAgent replaces
-	conn *ttrpc.Client
-	rpc  agentv1.AgentService
+	mu       sync.RWMutex // guards the connection, which Guest.ReconnectAgent replaces
+	conn     io.Closer
+	rpc      agentv1.AgentService
+	replaced chan struct{}   // closed when the next connection is installed
+	gone     <-chan struct{} // closed when the guest is: no connection will come
 }
 
-func newClient(vm string, callTimeout time.Duration) *Client {
-	return &Client{vm: vm, callTimeout: callTimeout}
+func newClient(vm string, callTimeout time.Duration, gone <-chan struct{}) *Client {
+	return &Client{vm: vm, callTimeout: callTimeout, replaced: make(chan struct{}), gone: gone}
 }
 
 // use switches the agent to a new connection and closes the old one.
-func (a *Client) use(c *ttrpc.Client) {
+func (a *Client) use(c *ttrpc.Client) { a.install(agentv1.NewAgentClient(c), c) }
+
+func (a *Client) install(rpc agentv1.AgentService, conn io.Closer) {
 	a.mu.Lock()
 	old := a.conn
-	a.conn, a.rpc = c, agentv1.NewAgentClient(c)
+	a.conn, a.rpc = conn, rpc
+	close(a.replaced)
+	a.replaced = make(chan struct{})
 	a.mu.Unlock()
 	if old != nil {
 		_ = old.Close()
@@ -50,11 +58,38 @@ func (a *Client) client() agentv1.AgentService {
 	return a.rpc
 }
 
+// resume makes a call, and makes it again on the next connection each time the one it
+// used is closed under it (Guest.ReconnectAgent replaced it), until ctx ends or the guest
+// is gone. For calls a repeat cannot spoil: stream reads and writes name offsets (nothing
+// lost, nothing twice), a wait asks again.
+func (a *Client) resume(ctx context.Context, call func(agentv1.AgentService) error) error {
+	for {
+		a.mu.RLock()
+		rpc, replaced := a.rpc, a.replaced
+		a.mu.RUnlock()
+		err := call(rpc)
+		if !errors.Is(err, ttrpc.ErrClosed) {
+			return err
+		}
+		select {
+		case <-replaced:
+		case <-ctx.Done():
+			return err
+		case <-a.gone:
+			return err
+		}
+	}
+}
+
 // nativeErrors is the client side of the RPC boundary: gRPC status → errdefs class.
 // ttrpc turns a reply's status into an error only after the interceptor returns, so the
-// status is read from the reply here.
+// status is read from the reply here. Transport errors (ttrpc.ErrClosed, the context's)
+// stay what they are: callers tell a replaced connection from a failed call by them.
 func nativeErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response, info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
 	if err := invoker(ctx, req, resp); err != nil {
+		if _, isStatus := status.FromError(err); !isStatus {
+			return err
+		}
 		return errgrpc.ToNative(err)
 	}
 	if resp.Status != nil && codes.Code(resp.Status.Code) != codes.OK {

@@ -19,6 +19,7 @@ import (
 	"github.com/vmpod/vmpod/agent/channel"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
@@ -100,13 +101,14 @@ func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 			_ = m.Kill()
 		}
 	}()
-	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout), cfg: cfg}
+	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout, m.Done()), cfg: cfg}
 	m.OnTeardown("close agent connection", g.agent.close)
 	ping, err := g.connectAgent(bootCtx)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: boot: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
 	g.bootMemory = ping.MemoryBytes
+	phases.Mark(ctx, "boot")
 	log.G(ctx).WithField("vm", cfg.Name).WithField("accel", m.Accel()).Infof("booted in %v", time.Since(started).Round(time.Millisecond))
 	return g, nil
 }

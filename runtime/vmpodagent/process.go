@@ -72,13 +72,21 @@ func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime
 	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel,
 		outputDone: make(chan struct{}), stdinDone: make(chan struct{})}
 	if stdio.Stdout != nil {
-		p.pumpOutput(ctx, stdio.Stdout, "stdout", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
-			return a.client().ReadStdout(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
+		p.pumpOutput(ctx, stdio.Stdout, "stdout", func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
+			err = a.resume(ctx, func(rpc agentv1.AgentService) error {
+				resp, err = rpc.ReadStdout(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
+				return err
+			})
+			return resp, err
 		})
 	}
 	if stdio.Stderr != nil && !stdio.Terminal {
-		p.pumpOutput(ctx, stdio.Stderr, "stderr", func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
-			return a.client().ReadStderr(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
+		p.pumpOutput(ctx, stdio.Stderr, "stderr", func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
+			err = a.resume(ctx, func(rpc agentv1.AgentService) error {
+				resp, err = rpc.ReadStderr(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
+				return err
+			})
+			return resp, err
 		})
 	}
 	go func() { p.output.Wait(); close(p.outputDone) }()
@@ -106,7 +114,11 @@ func (p *Process) pumpOutput(ctx context.Context, w io.Writer, stream string, re
 func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
 	defer close(p.stdinDone)
 	err := copyToGuest(ctx, r, func(ctx context.Context, offset uint64, data []byte) (uint64, error) {
-		resp, err := p.agent.client().WriteStdin(ctx, &agentv1.WriteStdinRequest{ContainerId: p.containerID, ExecId: p.execID, Offset: offset, Data: data})
+		var resp *agentv1.WriteStdinResponse
+		err := p.agent.resume(ctx, func(rpc agentv1.AgentService) (err error) {
+			resp, err = rpc.WriteStdin(ctx, &agentv1.WriteStdinRequest{ContainerId: p.containerID, ExecId: p.execID, Offset: offset, Data: data})
+			return err
+		})
 		if err != nil {
 			return offset, err
 		}
@@ -126,11 +138,13 @@ func (p *Process) pumpStdin(ctx context.Context, r io.Reader) {
 func (p *Process) Wait(ctx context.Context) (runtime.Exit, error) {
 	var exit runtime.Exit
 	err := p.agent.poll(ctx, "wait "+p.name(), func(ctx context.Context) error {
-		resp, err := p.agent.client().WaitProcess(ctx, p.req())
-		if err == nil {
-			exit = runtime.Exit{Status: int(resp.ExitStatus), ExitedAt: time.Unix(0, resp.ExitedAtUnixNanos)}
-		}
-		return err
+		return p.agent.resume(ctx, func(rpc agentv1.AgentService) error {
+			resp, err := rpc.WaitProcess(ctx, p.req())
+			if err == nil {
+				exit = runtime.Exit{Status: int(resp.ExitStatus), ExitedAt: time.Unix(0, resp.ExitedAtUnixNanos)}
+			}
+			return err
+		})
 	})
 	if err != nil {
 		return runtime.Exit{}, err

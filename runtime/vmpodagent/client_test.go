@@ -1,0 +1,105 @@
+package vmpodagent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/ttrpc"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+)
+
+// fakeStreams is one connection's view of a guest's stdout: the guest's bytes, and a
+// connection that can be closed under a read in flight.
+type fakeStreams struct {
+	agentv1.AgentService
+	data   []byte
+	closed chan struct{}
+	reads  chan struct{} // one value per read that reached the fake
+}
+
+func (f *fakeStreams) ReadStdout(ctx context.Context, req *agentv1.ReadStreamRequest) (*agentv1.ReadStreamResponse, error) {
+	f.reads <- struct{}{}
+	if req.Offset >= uint64(len(f.data)) {
+		select { // a long poll: nothing new until the connection goes
+		case <-f.closed:
+			return nil, ttrpc.ErrClosed
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	end := min(req.Offset+3, uint64(len(f.data)))
+	return &agentv1.ReadStreamResponse{Offset: req.Offset, Data: f.data[req.Offset:end], Eof: end == uint64(len(f.data)) && f.closed == nil}, nil
+}
+
+type closer struct {
+	once sync.Once
+	c    chan struct{}
+}
+
+func (c *closer) Close() error { c.once.Do(func() { close(c.c) }); return nil }
+
+// A stream read in flight when its connection is replaced goes on, on the next one, from
+// the offset it had reached: nothing lost, nothing twice.
+func TestStreamResumesOnTheNextConnection(t *testing.T) {
+	a := newClient("t", time.Second, nil)
+	first := &closer{c: make(chan struct{})}
+	conn1 := &fakeStreams{data: []byte("hello, "), closed: first.c, reads: make(chan struct{}, 100)}
+	a.install(conn1, first)
+
+	var out bytes.Buffer
+	done := make(chan error, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		done <- copyFromGuest(ctx, &out, func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
+			err = a.resume(ctx, func(rpc agentv1.AgentService) error {
+				resp, err = rpc.ReadStdout(ctx, &agentv1.ReadStreamRequest{Offset: offset})
+				return err
+			})
+			return resp, err
+		})
+	}()
+	// three reads deliver "hello, "; the fourth waits for more
+	for range 4 {
+		<-conn1.reads
+	}
+	// the second connection has the whole stream, which then ends
+	conn2 := &fakeStreams{data: []byte("hello, world"), reads: make(chan struct{}, 100)}
+	a.install(conn2, &closer{c: make(chan struct{})})
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != "hello, world" {
+		t.Errorf("host got %q, want %q", out.String(), "hello, world")
+	}
+}
+
+// Only a closed connection is retried; a failed call is the caller's, and a closed
+// connection nobody replaces ends with the context or the guest.
+func TestResumeRetriesOnlyAClosedConnection(t *testing.T) {
+	gone := make(chan struct{})
+	a := newClient("t", time.Second, gone)
+	a.install(nil, nil)
+	calls := 0
+	failed := fmt.Errorf("the guest said no")
+	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return failed }); !errors.Is(err, failed) || calls != 1 {
+		t.Errorf("resume of a failing call: %v after %d calls, want the call's error after 1", err, calls)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	calls = 0
+	if err := a.resume(ctx, func(agentv1.AgentService) error { calls++; return ttrpc.ErrClosed }); !errors.Is(err, ttrpc.ErrClosed) || calls != 1 {
+		t.Errorf("resume with no new connection: %v after %d calls, want ttrpc.ErrClosed after 1", err, calls)
+	}
+	close(gone)
+	calls = 0
+	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return ttrpc.ErrClosed }); !errors.Is(err, ttrpc.ErrClosed) || calls != 1 {
+		t.Errorf("resume once the guest is gone: %v after %d calls, want ttrpc.ErrClosed after 1", err, calls)
+	}
+}
