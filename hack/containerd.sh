@@ -509,6 +509,8 @@ export VMPOD_TESTBED_REGISTRY=$TB_REGISTRY
 # ctr resolves registries client-side: pass --hosts-dir \$VMPOD_TESTBED_HOSTS_DIR to ctr pull
 export VMPOD_TESTBED_HOSTS_DIR=$TB_ETC/certs.d
 export VMPOD_TESTBED_BUSYBOX=docker.io/library/busybox:latest
+# the shims' log lines land here too (make bench reads a pod start's phases from it)
+export VMPOD_TESTBED_CONTAINERD_LOG=$TB_LOGS/containerd.log
 export PATH=$TB_CRI_TOOLS_BIN:$TB_CONTAINERD_BIN:\$PATH
 EOF
 }

@@ -15,6 +15,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/internal/phases"
 )
 
 func criClient(t *testing.T) runtimeapi.RuntimeServiceClient {
@@ -33,9 +34,14 @@ type criPod struct {
 	sandbox, container string
 }
 
+// podStart is how long a pod start took, and each of its CRI calls.
+type podStart struct {
+	total, runp, create, start time.Duration
+}
+
 // startPod is RunPodSandbox + CreateContainer + StartContainer, the pod start the
-// kubelet does, timed as one.
-func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, handler, image string, n int) (criPod, time.Duration) {
+// kubelet does, timed as one and call by call.
+func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, handler, image string, n int) (criPod, podStart) {
 	t.Helper()
 	cfg := &runtimeapi.PodSandboxConfig{
 		Metadata:     &runtimeapi.PodSandboxMetadata{Name: fmt.Sprintf("bench-%s-%d", handler, n), Namespace: "vmpod-bench", Uid: fmt.Sprintf("bench-%s-%d-%d", handler, n, time.Now().UnixNano())},
@@ -43,10 +49,12 @@ func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceCli
 		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
 	}
 	start := time.Now()
+	var took podStart
 	sb, err := rs.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg, RuntimeHandler: handler})
 	if err != nil {
 		t.Fatalf("%s: run pod: %v", handler, err)
 	}
+	took.runp = time.Since(start)
 	c, err := rs.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{
 		PodSandboxId: sb.PodSandboxId,
 		Config: &runtimeapi.ContainerConfig{
@@ -61,10 +69,44 @@ func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceCli
 	if err != nil {
 		t.Fatalf("%s: create container: %v", handler, err)
 	}
+	took.create = time.Since(start) - took.runp
 	if _, err := rs.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: c.ContainerId}); err != nil {
 		t.Fatalf("%s: start container: %v", handler, err)
 	}
-	return criPod{sb.PodSandboxId, c.ContainerId}, time.Since(start)
+	took.total = time.Since(start)
+	took.start = took.total - took.runp - took.create
+	return criPod{sb.PodSandboxId, c.ContainerId}, took
+}
+
+// shimPhases reads back the steps the shim logged for creating container id (the
+// sandbox's create boots the VM): its "container created" line in containerd's log.
+func shimPhases(t *testing.T, id string) []phases.Step {
+	t.Helper()
+	path := os.Getenv(testenv.EnvContainerdLog)
+	if path == "" {
+		t.Fatalf("%s not set (hack/containerd.sh env)", testenv.EnvContainerdLog)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(string(b)) {
+		if !strings.Contains(line, "container="+id) || !strings.Contains(line, `msg="container created`) {
+			continue
+		}
+		_, rest, ok := strings.Cut(line, `phases="`)
+		value, _, closed := strings.Cut(rest, `"`)
+		if !ok || !closed {
+			t.Fatalf("container %s: no phases in the shim's line %q", id, line)
+		}
+		steps, err := phases.Parse(value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return steps
+	}
+	t.Fatalf("container %s: the shim logged no \"container created\" line in %s", id, path)
+	return nil
 }
 
 func removePod(ctx context.Context, rs runtimeapi.RuntimeServiceClient, p criPod) {
@@ -83,10 +125,27 @@ func TestBenchCRI(t *testing.T) {
 
 	starts := map[string]sample{}
 	execs := map[string]sample{}
+	calls := map[string]sample{}   // vmpod's CRI calls, by call
+	phaseOf := map[string]sample{} // the shim's steps of a pod start, by step
+	var order []string             // the steps in the order they happen
 	for i := range n {
 		for _, handler := range []string{"runc", "vmpod"} {
 			p, d := startPod(ctx, t, rs, handler, image, i)
-			starts[handler] = append(starts[handler], d)
+			starts[handler] = append(starts[handler], d.total)
+			if handler == "vmpod" {
+				calls["RunPodSandbox"] = append(calls["RunPodSandbox"], d.runp)
+				calls["CreateContainer"] = append(calls["CreateContainer"], d.create)
+				calls["StartContainer"] = append(calls["StartContainer"], d.start)
+				for _, c := range []struct{ who, id string }{{"sandbox", p.sandbox}, {"app", p.container}} {
+					for _, s := range shimPhases(t, c.id) {
+						key := c.who + " " + s.Name
+						if _, seen := phaseOf[key]; !seen {
+							order = append(order, key)
+						}
+						phaseOf[key] = append(phaseOf[key], s.Took)
+					}
+				}
+			}
 			for range 4 {
 				s := time.Now()
 				resp, err := rs.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: p.container, Cmd: []string{"true"}, Timeout: 30})
@@ -102,6 +161,13 @@ func TestBenchCRI(t *testing.T) {
 	report(t, "CRI pod start (runp+create+start), runc:  %s", starts["runc"])
 	report(t, "CRI pod start (runp+create+start), vmpod: %s", starts["vmpod"])
 	report(t, "CRI pod start ratio vmpod / runc (p50):   %.2f", float64(starts["vmpod"].pct(0.5))/float64(starts["runc"].pct(0.5)))
+	report(t, "where a vmpod pod start goes (p50 of %d; the shim's steps from its log, docs/benchmarks.md says what each is):", n)
+	for _, c := range []string{"RunPodSandbox", "CreateContainer", "StartContainer"} {
+		report(t, "  CRI %-26s %s", c, ms(calls[c].pct(0.5)))
+	}
+	for _, k := range order {
+		report(t, "    shim %-24s %s", k, ms(phaseOf[k].pct(0.5)))
+	}
 	report(t, "ExecSync `true`, runc:                    %s", execs["runc"])
 	report(t, "ExecSync `true`, vmpod:                   %s", execs["vmpod"])
 	report(t, "ExecSync ratio vmpod / runc (p50):        %.2f  (goal <= 1)", float64(execs["vmpod"].pct(0.5))/float64(execs["runc"].pct(0.5)))

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ const (
 	EnvVmpodConfig     = "VMPOD_CONFIG"
 	EnvBusyboxImage    = "VMPOD_TESTBED_BUSYBOX"
 	EnvHostsDir        = "VMPOD_TESTBED_HOSTS_DIR"
+	EnvContainerdLog   = "VMPOD_TESTBED_CONTAINERD_LOG"
 	EnvRoot            = "VMPOD_ROOT"
 )
 
@@ -280,6 +282,21 @@ func AssertPodGone(t testing.TB, podID string) {
 	for _, l := range left {
 		t.Errorf("leak: %s", l)
 	}
+}
+
+// ShimPid is the pid of pod podID's running vmpod shim.
+func ShimPid(t testing.TB, podID string) int {
+	t.Helper()
+	shims := liveShimsOf(podID)
+	if len(shims) != 1 {
+		t.Fatalf("pod %s: want one running shim, found %q", podID, shims)
+	}
+	pid, _, _ := strings.Cut(shims[0], ":")
+	n, err := strconv.Atoi(pid)
+	if err != nil {
+		t.Fatalf("shim process %q: %v", shims[0], err)
+	}
+	return n
 }
 
 // liveShimsOf lists the running vmpod shims of pod podID (containerd starts a pod's shim

@@ -20,6 +20,7 @@ import (
 	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/network"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
@@ -121,6 +122,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
 		undo.Add("tear down pod network", plumbing.Teardown)
+		phases.Mark(ctx, "network")
 		gc.NICs = plumbing.NICs()
 		setup.Interfaces, setup.Routes = plan.GuestInterfaces(), plan.GuestRoutes()
 	}
@@ -132,6 +134,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	if err := guest.Agent().SetupSandbox(ctx, setup); err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
+	phases.Mark(ctx, "setup")
 	p := &containerPod{id: podID, guest: guest, machine: gc.Type, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
 		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}}
 	if plumbing != nil {

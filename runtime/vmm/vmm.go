@@ -21,6 +21,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/qmp"
 )
 
@@ -124,21 +125,25 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 		}
 		m.teardown.Add("unmount shared dir", m.share.close)
 	}
+	phases.Mark(ctx, "prepare")
 	if cfg.SharedFS == machine.VirtioFS {
 		if err := m.startVirtiofsd(ctx, logFile); err != nil {
 			return nil, fmt.Errorf("vm %s: virtiofsd: %w", cfg.Name, err)
 		}
+		phases.Mark(ctx, "virtiofsd")
 	}
 
 	logger.WithField("accel", accel.accel).WithField("machine", cfg.Type).Debug("starting QEMU")
 	if err := m.startQEMU(logFile); err != nil {
 		return nil, fmt.Errorf("vm %s: start QEMU: %w", cfg.Name, err)
 	}
+	phases.Mark(ctx, "qemu")
 	upCtx, cancel := context.WithTimeout(ctx, cfg.UpTimeout)
 	defer cancel()
 	if err := m.connectQMP(upCtx); err != nil {
 		return nil, fmt.Errorf("vm %s: QMP: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
+	phases.Mark(ctx, "qmp")
 	return m, nil
 }
 
