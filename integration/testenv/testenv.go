@@ -141,14 +141,18 @@ func ProcessesMentioning(s string) []string {
 
 // MountsUnder lists mount points at or below dir.
 func MountsUnder(dir string) []string {
+	return MountsWhere(func(p string) bool { return p == dir || strings.HasPrefix(p, dir+"/") })
+}
+
+// MountsWhere lists the host's mount points whose path match accepts.
+func MountsWhere(match func(path string) bool) []string {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return nil
 	}
 	var out []string
 	for line := range strings.Lines(string(b)) {
-		f := strings.Fields(line)
-		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+		if f := strings.Fields(line); len(f) > 4 && match(f[4]) {
 			out = append(out, f[4])
 		}
 	}
