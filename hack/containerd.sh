@@ -511,6 +511,8 @@ export VMPOD_TESTBED_HOSTS_DIR=$TB_ETC/certs.d
 export VMPOD_TESTBED_BUSYBOX=docker.io/library/busybox:latest
 # the shims' log lines land here too (make bench reads a pod start's phases from it)
 export VMPOD_TESTBED_CONTAINERD_LOG=$TB_LOGS/containerd.log
+# where the shims listen (tests check a removed pod's socket is gone)
+export VMPOD_TESTBED_SHIM_SOCKETS=$TB_SHIM_SOCKETS
 export PATH=$TB_CRI_TOOLS_BIN:$TB_CONTAINERD_BIN:\$PATH
 EOF
 }

@@ -2,6 +2,8 @@ package testenv
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -20,6 +22,8 @@ const (
 	EnvBusyboxImage    = "VMPOD_TESTBED_BUSYBOX"
 	EnvHostsDir        = "VMPOD_TESTBED_HOSTS_DIR"
 	EnvContainerdLog   = "VMPOD_TESTBED_CONTAINERD_LOG"
+	EnvShimSockets     = "VMPOD_TESTBED_SHIM_SOCKETS"
+	EnvContainerdAddr  = "CONTAINERD_ADDRESS"
 	EnvRoot            = "VMPOD_ROOT"
 )
 
@@ -271,6 +275,11 @@ func AssertPodGone(t testing.TB, podID string) {
 		if mounts := MountsUnder(dir); len(mounts) > 0 {
 			left = append(left, fmt.Sprintf("mounts of pod %s: %s", podID, strings.Join(mounts, ", ")))
 		}
+		if sock := shimSocketOf(podID); sock != "" {
+			if _, err := os.Lstat(sock); err == nil {
+				left = append(left, fmt.Sprintf("shim socket of pod %s: %s", podID, sock))
+			}
+		}
 		if _, err := os.Lstat(dir); err == nil {
 			left = append(left, fmt.Sprintf("state dir of pod %s: %s", podID, dir))
 		}
@@ -282,6 +291,17 @@ func AssertPodGone(t testing.TB, podID string) {
 	for _, l := range left {
 		t.Errorf("leak: %s", l)
 	}
+}
+
+// shimSocketOf is where a CRI pod's shim listens: containerd names it by the hash of its
+// own address, the namespace and the pod (pkg/shim.CreateSocketAddress). "" off the test bed.
+func shimSocketOf(podID string) string {
+	dir, addr := os.Getenv(EnvShimSockets), os.Getenv(EnvContainerdAddr)
+	if dir == "" || addr == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(filepath.Join(addr, "k8s.io", podID)))
+	return filepath.Join(dir, hex.EncodeToString(sum[:]))
 }
 
 // ShimPid is the pid of pod podID's running vmpod shim.

@@ -7,8 +7,10 @@ package task
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -27,6 +29,7 @@ import (
 	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/pod"
@@ -68,7 +71,39 @@ func New(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (*s
 		containers: map[string]*container{},
 	}
 	sd.RegisterCallback(func(ctx context.Context) error { return s.stopPod(ctx) })
+	if path := listeningSocket(shimSocketFd); path != "" {
+		// pkg/shim removes, at exit, the socket it derives from the -id flag: the first
+		// container's. This shim listens on its pod's socket, which is another name when
+		// the pod's first container here was not its sandbox (a pod whose shim died gets a
+		// new one from its next container). Remove the socket actually served.
+		sd.RegisterCallback(func(context.Context) error { return removeSocket(path) })
+	}
 	return s, nil
+}
+
+// shimSocketFd is where containerd's shim manager hands the server its listening socket.
+const shimSocketFd = 3
+
+// listeningSocket is the path of the listening unix socket at fd, or "" if fd is not one.
+func listeningSocket(fd int) string {
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v != 1 {
+		return ""
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return ""
+	}
+	if u, ok := sa.(*unix.SockaddrUnix); ok && strings.HasPrefix(u.Name, "/") {
+		return u.Name
+	}
+	return ""
+}
+
+func removeSocket(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove shim socket: %w", err)
+	}
+	return nil
 }
 
 func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
