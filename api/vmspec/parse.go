@@ -73,6 +73,10 @@ func (vm *VM) DeepCopy() *VM {
 		ci := *vm.CloudInit
 		c.CloudInit = &ci
 	}
+	c.AccessCredentials = append([]AccessCredential(nil), vm.AccessCredentials...)
+	for i := range c.AccessCredentials {
+		c.AccessCredentials[i].Users = append([]string(nil), c.AccessCredentials[i].Users...)
+	}
 	if vm.Migration != nil {
 		m := *vm.Migration
 		c.Migration = &m
@@ -118,6 +122,11 @@ func (vm *VM) Default() {
 	}
 	if vm.CloudInit != nil && vm.CloudInit.Bus == "" {
 		vm.CloudInit.Bus = BusVirtio
+	}
+	for i := range vm.AccessCredentials {
+		if vm.AccessCredentials[i].Propagation == "" {
+			vm.AccessCredentials[i].Propagation = PropagateNoCloud
+		}
 	}
 }
 

@@ -19,6 +19,9 @@ const (
 	MaxDisks        = 64
 	MaxInterfaces   = 16
 	MaxHostDevices  = 16 // each of gpus and hostDevices
+	MaxCredentials  = 16
+	MaxEmptyDiskMiB = 64 << 20 // 64 TiB
+	MaxKeyUsers     = 16 // per access credential
 	maxDNSLabelSize = 63
 )
 
@@ -76,6 +79,7 @@ func (vm *VM) Validate() error {
 	volumes := vm.validateDisks(v)
 	vm.validateInterfaces(v)
 	vm.validateCloudInit(v, volumes)
+	vm.validateAccessCredentials(v, volumes)
 	vm.validateHostDevices(v)
 	if vm.UUID != "" && !IsUUID(vm.UUID) {
 		v.add("uuid", "must be a lowercase UUID (8-4-4-4-12 hex digits), got %q", vm.UUID)
@@ -117,7 +121,7 @@ func (vm *VM) validateDisks(v *validator) map[string]bool {
 	for i, d := range vm.Disks {
 		at := fmt.Sprintf("disks[%d]", i)
 		v.name(at+".name", d.Name, names, i, "disks")
-		if v.label(at+".volume", d.Volume) {
+		if d.Source != SourceEmpty && v.label(at+".volume", d.Volume) {
 			if volumes[d.Volume] {
 				v.add(at+".volume", "volume %q is already used by another disk", d.Volume)
 			}
@@ -125,8 +129,21 @@ func (vm *VM) validateDisks(v *validator) map[string]bool {
 		}
 		switch d.Source {
 		case SourceImage, SourceFile, SourceBlock:
+			if d.SizeMiB != 0 {
+				v.add(at+".sizeMiB", "only an empty disk has a size (a %s disk's is its volume's)", d.Source)
+			}
+		case SourceEmpty:
+			if d.Volume != "" {
+				v.add(at+".volume", "an empty disk has no volume, got %q", d.Volume)
+			}
+			if d.SizeMiB < 1 || d.SizeMiB > MaxEmptyDiskMiB {
+				v.add(at+".sizeMiB", "must be between 1 and %d, got %d", MaxEmptyDiskMiB, d.SizeMiB)
+			}
+			if d.Device != DeviceDisk || d.ReadOnly {
+				v.add(at+".device", "an empty disk is a writable disk")
+			}
 		default:
-			v.add(at+".source", "must be image, file or block, got %q", d.Source)
+			v.add(at+".source", "must be image, file, block or empty, got %q", d.Source)
 		}
 		v.bus(at+".bus", d.Bus)
 		switch d.Device {
@@ -229,6 +246,52 @@ func (vm *VM) validateCloudInit(v *validator, diskVolumes map[string]bool) {
 	}
 	v.bus("cloudInit.bus", ci.Bus)
 }
+
+// validateAccessCredentials: each credential's Secret volume is its own (no disk, cloud-init
+// data or other credential reads it) and its propagation can happen.
+func (vm *VM) validateAccessCredentials(v *validator, diskVolumes map[string]bool) {
+	if len(vm.AccessCredentials) > MaxCredentials {
+		v.add("accessCredentials", "has %d credentials, at most %d are allowed", len(vm.AccessCredentials), MaxCredentials)
+	}
+	seen := map[string]int{}
+	for i, c := range vm.AccessCredentials {
+		at := fmt.Sprintf("accessCredentials[%d]", i)
+		v.name(at+".secretVolume", c.SecretVolume, seen, i, "accessCredentials")
+		switch {
+		case diskVolumes[c.SecretVolume]:
+			v.add(at+".secretVolume", "volume %q is also a disk", c.SecretVolume)
+		case vm.CloudInit != nil && vm.CloudInit.SecretVolume == c.SecretVolume && c.SecretVolume != "":
+			v.add(at+".secretVolume", "volume %q is also cloudInit.secretVolume", c.SecretVolume)
+		}
+		switch c.Propagation {
+		case PropagateNoCloud:
+			if vm.CloudInit == nil {
+				v.add(at+".propagation", "noCloud puts the keys in cloud-init's meta-data: the VM needs cloudInit")
+			}
+			if len(c.Users) > 0 {
+				v.add(at+".users", "only propagation guestAgent names users (noCloud gives the keys to cloud-init's default user)")
+			}
+		case PropagateGuestAgent:
+			if len(c.Users) == 0 {
+				v.add(at+".users", "propagation guestAgent needs at least one user")
+			}
+			if len(c.Users) > MaxKeyUsers {
+				v.add(at+".users", "has %d users, at most %d are allowed", len(c.Users), MaxKeyUsers)
+			}
+			for j, u := range c.Users {
+				if !userName.MatchString(u) {
+					v.add(fmt.Sprintf("%s.users[%d]", at, j), "must be a user name (letters, digits, _ . -, not starting with - or ., at most 32), got %q", u)
+				}
+			}
+		default:
+			v.add(at+".propagation", "must be noCloud or guestAgent, got %q", c.Propagation)
+		}
+	}
+}
+
+// userName is a portable guest account name: POSIX's portable set (upper case for
+// Windows guests, whose agent takes the keys too).
+var userName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.-]{0,31}$`)
 
 func (vm *VM) validateHostDevices(v *validator) {
 	names := map[string]int{}

@@ -83,6 +83,9 @@ type VM struct {
 	Disks      []Disk      `json:"disks,omitempty"`
 	Interfaces []Interface `json:"interfaces,omitempty"`
 	CloudInit  *CloudInit  `json:"cloudInit,omitempty"`
+	// AccessCredentials give the guest's users SSH public keys (KubeVirt's
+	// accessCredentials).
+	AccessCredentials []AccessCredential `json:"accessCredentials,omitempty"`
 	// GPUs and HostDevices are allocated the Kubernetes way (device plugin or DRA, resource
 	// limits on the compute container); the shim resolves them from the OCI spec's CDI
 	// devices. Here they only say how many of each resource the guest gets and their names.
@@ -125,8 +128,8 @@ const (
 type Disk struct {
 	// Name is the disk's name, unique in the VM; the shim uses it as the disk's serial.
 	Name string `json:"name"`
-	// Volume is the name of a pod volume (never a path).
-	Volume string `json:"volume"`
+	// Volume is the name of a pod volume (never a path); none for source empty.
+	Volume string `json:"volume,omitempty"`
 	// Source says how that volume holds the disk.
 	Source DiskSource `json:"source"`
 	Device DiskDevice `json:"device,omitempty"`
@@ -134,6 +137,8 @@ type Disk struct {
 	// BootOrder: lower boots first; 0 means not bootable. Unique among disks.
 	BootOrder int  `json:"bootOrder,omitempty"`
 	ReadOnly  bool `json:"readOnly,omitempty"`
+	// SizeMiB is the size of a source empty disk, and only of one.
+	SizeMiB int64 `json:"sizeMiB,omitempty"`
 }
 
 // DiskSource is how a pod volume holds a disk, and so where the shim finds it.
@@ -149,6 +154,9 @@ const (
 	SourceFile DiskSource = "file"
 	// SourceBlock: a block volume (PVC, volumeMode Block) at BlockDevicePath(volume).
 	SourceBlock DiskSource = "block"
+	// SourceEmpty: a blank disk of SizeMiB the shim makes in the compute container's
+	// writable layer (KubeVirt's emptyDisk): the pod's ephemeral storage, gone with it.
+	SourceEmpty DiskSource = "empty"
 )
 
 // DiskDevice is what the guest sees.
@@ -244,6 +252,31 @@ type CloudInit struct {
 	// Bus of the cidata disk.
 	Bus Bus `json:"bus,omitempty"`
 }
+
+// AccessCredential is a set of SSH public keys, from a Secret, and how they reach the guest.
+type AccessCredential struct {
+	// SecretVolume is a pod volume (a Secret) mounted at VolumeMountPath(SecretVolume);
+	// each of its files holds authorized_keys lines.
+	SecretVolume string `json:"secretVolume"`
+	// Propagation is how the keys reach the guest; default noCloud.
+	Propagation KeyPropagation `json:"propagation,omitempty"`
+	// Users, with propagation guestAgent, are the guest accounts whose authorized_keys
+	// get the keys.
+	Users []string `json:"users,omitempty"`
+}
+
+// KeyPropagation is how an access credential's keys reach the guest.
+type KeyPropagation string
+
+const (
+	// PropagateNoCloud puts the keys in cloud-init's meta-data (public-keys): cloud-init
+	// gives them to the guest's default user at its first boot. Needs CloudInit.
+	PropagateNoCloud KeyPropagation = "noCloud"
+	// PropagateGuestAgent has the QEMU guest agent add the keys to each of Users'
+	// authorized_keys (guest-ssh-add-authorized-keys) once the agent answers and the
+	// account exists, on every boot.
+	PropagateGuestAgent KeyPropagation = "guestAgent"
+)
 
 // HostDevice is a device the guest gets, by the Kubernetes resource that allocates it.
 type HostDevice struct {

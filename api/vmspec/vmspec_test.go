@@ -24,13 +24,15 @@ const full = `{
     {"name": "root", "volume": "rootdisk", "source": "image", "bus": "virtio", "bootOrder": 1},
     {"name": "data", "volume": "data", "source": "file"},
     {"name": "fast", "volume": "fast", "source": "block", "bus": "scsi"},
-    {"name": "iso", "volume": "installer", "source": "file", "device": "cdrom", "bus": "sata", "bootOrder": 2, "readOnly": true}
+    {"name": "iso", "volume": "installer", "source": "file", "device": "cdrom", "bus": "sata", "bootOrder": 2, "readOnly": true},
+    {"name": "scratch", "source": "empty", "sizeMiB": 2048}
   ],
   "interfaces": [
     {"name": "default", "podInterface": "eth0"},
     {"name": "storage", "podInterface": "net1", "model": "e1000e", "macAddress": "02:00:00:00:00:01"}
   ],
   "cloudInit": {"userData": "#cloud-config\npassword: x\n", "networkData": "version: 2\n"},
+  "accessCredentials": [{"secretVolume": "keys"}, {"secretVolume": "admin-keys", "propagation": "guestAgent", "users": ["vmpod", "Administrator"]}],
   "gpus": [{"name": "gpu1", "resourceName": "nvidia.com/GA102GL_A10"}],
   "hostDevices": [{"name": "nic1", "resourceName": "intel.com/sriov_netdevice"}],
   "migration": {"role": "target"}
@@ -55,6 +57,9 @@ func TestParseValid(t *testing.T) {
 	}
 	if d := vm.Disks[1]; d.Bus != BusVirtio || d.Device != DeviceDisk {
 		t.Errorf("disks[1] defaults: bus %q device %q, want virtio disk", d.Bus, d.Device)
+	}
+	if p := vm.AccessCredentials[0].Propagation; p != PropagateNoCloud {
+		t.Errorf("accessCredentials[0].propagation defaults to %q, want noCloud", p)
 	}
 	if vm.Interfaces[0].Model != ModelVirtio || vm.CloudInit.Bus != BusVirtio {
 		t.Errorf("defaults not applied: interface model %q, cloud-init bus %q", vm.Interfaces[0].Model, vm.CloudInit.Bus)
@@ -106,6 +111,26 @@ func TestParseInvalid(t *testing.T) {
 		{"bad uuid", `{"version":"v1alpha1","memoryMiB":128,"uuid":"../../etc"}`, []string{`uuid: must be a lowercase UUID`}},
 		{"too many vcpus", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"sockets":2,"cores":512}}`,
 			[]string{"cpu: sockets*cores*threads is 1024 vCPUs"}},
+		{"access credentials", `{"version":"v1alpha1","memoryMiB":128,"disks":[{"name":"a","volume":"v1","source":"file"}],"accessCredentials":[
+			{"secretVolume":"k1"},
+			{"secretVolume":"k1","propagation":"guestAgent"},
+			{"secretVolume":"v1","propagation":"guestAgent","users":["root","-rf","../x"]},
+			{"secretVolume":"k4","propagation":"configDrive","users":["root"]},
+			{"secretVolume":"/etc/ssh","propagation":"guestAgent","users":["root"]}]}`,
+			[]string{"accessCredentials[0].propagation: noCloud puts the keys in cloud-init's meta-data: the VM needs cloudInit",
+				`accessCredentials[1].secretVolume: "k1" is used twice in accessCredentials`,
+				"accessCredentials[1].users: propagation guestAgent needs at least one user",
+				`accessCredentials[2].secretVolume: volume "v1" is also a disk`,
+				`accessCredentials[2].users[1]: must be a user name`, `accessCredentials[2].users[2]: must be a user name`,
+				`accessCredentials[3].propagation: must be noCloud or guestAgent, got "configDrive"`,
+				`accessCredentials[4].secretVolume: must be a DNS label`}},
+		{"empty disks", `{"version":"v1alpha1","memoryMiB":128,"disks":[
+			{"name":"a","source":"empty"},
+			{"name":"b","volume":"v","source":"empty","sizeMiB":1},
+			{"name":"c","source":"empty","sizeMiB":1,"device":"cdrom","bus":"sata"},
+			{"name":"d","volume":"d","source":"file","sizeMiB":10}]}`,
+			[]string{"disks[0].sizeMiB: must be between 1 and", `disks[1].volume: an empty disk has no volume, got "v"`,
+				"disks[2].device: an empty disk is a writable disk", "disks[3].sizeMiB: only an empty disk has a size"}},
 		{"negative cpu", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"threads":-1}}`,
 			[]string{"cpu.threads: must be between 1 and 512, got -1"}},
 		{"bad machine and firmware", `{"version":"v1alpha1","memoryMiB":128,"machine":"pc","firmware":{"type":"coreboot"}}`,
@@ -120,7 +145,7 @@ func TestParseInvalid(t *testing.T) {
 			{"name":"a","volume":"v1","source":"nfs","bootOrder":1},
 			{"name":"a","volume":"v1","source":"file","device":"cdrom","bootOrder":1},
 			{"name":"c","volume":"v3","source":"file","device":"floppy","bootOrder":-1}]}`,
-			[]string{`disks[0].source: must be image, file or block, got "nfs"`,
+			[]string{`disks[0].source: must be image, file, block or empty, got "nfs"`,
 				`disks[1].name: "a" is used twice in disks`, `disks[1].volume: volume "v1" is already used by another disk`,
 				"disks[1].bus: a cdrom needs bus sata or scsi", "disks[1].bootOrder: 1 is also the boot order of disks[0]",
 				`disks[2].device: must be disk or cdrom, got "floppy"`, "disks[2].bootOrder: must not be negative"}},

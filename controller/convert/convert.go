@@ -358,9 +358,44 @@ func instanceSpec(s *node) vmpodv1.InstanceSpec {
 	out.Hostname = s.str("hostname")
 	out.Subdomain = s.str("subdomain")
 	s.dropped("evictionStrategy", "vmpod does not live-migrate on eviction yet; the VM is stopped like a pod")
+	for _, c := range s.list("accessCredentials") {
+		if ac, ok := accessCredential(c); ok {
+			out.AccessCredentials = append(out.AccessCredentials, ac)
+		}
+	}
 	dnsLabelNames(s, &out)
 	defaultDisks(s, &out)
 	return out
+}
+
+// accessCredential converts an SSH public key credential; a password is refused, and
+// configDrive propagation too (vmpod's cloud-init data source is NoCloud).
+func accessCredential(c *node) (vmpodv1.AccessCredential, bool) {
+	var out vmpodv1.AccessCredential
+	if c.oneKey("access credential", "sshPublicKey") == "" {
+		return out, false
+	}
+	k := c.object("sshPublicKey")
+	if src := k.required("source"); src != nil {
+		if sec := src.required("secret"); sec != nil {
+			out.SSHPublicKey.Source.Secret.SecretName = sec.str("secretName")
+		}
+	}
+	m := k.required("propagationMethod")
+	if m == nil {
+		return out, false
+	}
+	switch m.oneKey("propagation method", "noCloud", "qemuGuestAgent") {
+	case "noCloud":
+		m.object("noCloud")
+		out.SSHPublicKey.PropagationMethod.NoCloud = &vmpodv1.NoCloudSSHPublicKeyAccessCredentialPropagation{}
+	case "qemuGuestAgent":
+		out.SSHPublicKey.PropagationMethod.QemuGuestAgent = &vmpodv1.QemuGuestAgentSSHPublicKeyAccessCredentialPropagation{
+			Users: m.object("qemuGuestAgent").strings("users")}
+	default:
+		return out, false
+	}
+	return out, true
 }
 
 // defaultDisks adds a virtio disk for every volume no disk names, as KubeVirt's defaulting
@@ -618,7 +653,13 @@ func iface(i *node) vmpodv1.Interface {
 
 func volume(v *node) vmpodv1.Volume {
 	out := vmpodv1.Volume{Name: v.str("name")}
-	switch v.oneKey("volume source", "containerDisk", "dataVolume", "persistentVolumeClaim", "cloudInitNoCloud") {
+	switch v.oneKey("volume source", "containerDisk", "dataVolume", "persistentVolumeClaim", "cloudInitNoCloud", "emptyDisk") {
+	case "emptyDisk":
+		e := v.object("emptyDisk")
+		out.EmptyDisk = &vmpodv1.EmptyDiskSource{}
+		if c, ok := quantity(e, "capacity"); ok {
+			out.EmptyDisk.Capacity = c
+		}
 	case "containerDisk":
 		c := v.object("containerDisk")
 		out.ContainerDisk = &vmpodv1.ContainerDiskSource{Image: c.str("image"),

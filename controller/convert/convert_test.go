@@ -124,6 +124,14 @@ func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
 	if i := vm.Spec.Template.Spec.Domain.Devices.Interfaces[0]; i.Masquerade == nil || len(i.Ports) != 1 || i.Ports[0].Port != 5432 {
 		t.Errorf("masquerade interface %+v, want the binding and port 5432 carried", i)
 	}
+	if e := vm.Spec.Template.Spec.Volumes[2].EmptyDisk; e == nil || e.Capacity.String() != "2Gi" {
+		t.Errorf("emptyDisk = %+v", e)
+	}
+	ac := vm.Spec.Template.Spec.AccessCredentials
+	if len(ac) != 2 || ac[0].SSHPublicKey.Source.Secret.SecretName != "my-pub-key" || ac[0].SSHPublicKey.PropagationMethod.NoCloud == nil ||
+		ac[1].SSHPublicKey.PropagationMethod.QemuGuestAgent == nil || strings.Join(ac[1].SSHPublicKey.PropagationMethod.QemuGuestAgent.Users, ",") != "fedora,admin" {
+		t.Errorf("accessCredentials = %+v", ac)
+	}
 	// every field the converter does not carry is named, and nothing else
 	if n := strings.Count(warnings, "\n"); n != 4 {
 		t.Errorf("%d warnings, want 4:\n%s", n, warnings)
@@ -169,9 +177,11 @@ func TestConvertRefusesWhatWouldChangeTheVM(t *testing.T) {
 	for _, want := range []string{
 		"spec.instancetype.inferFromVolume: inferring from a volume's labels is not supported",
 		"spec.template.spec.volumes[0]: volume source hostDisk is not supported by vmpod",
-		"spec.template.spec.volumes[1]: volume source emptyDisk is not supported",
+		"spec.template.spec.volumes[1]: volume source ephemeral is not supported",
 		"spec.template.spec.domain.devices.disks[1].lun: LUN passthrough is not supported",
 		"spec.template.spec.domain.devices.interfaces[0].sriov: SR-IOV interfaces are not supported",
+		"spec.template.spec.accessCredentials[0]: access credential userPassword is not supported by vmpod (supported: sshPublicKey)",
+		"spec.template.spec.accessCredentials[1].sshPublicKey.propagationMethod: propagation method configDrive is not supported by vmpod (supported: noCloud, qemuGuestAgent)",
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q:\n%v", want, err)

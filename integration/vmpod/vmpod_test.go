@@ -75,6 +75,36 @@ func annotation(t *testing.T, vm vmspec.VM) map[string]string {
 // testSSHKey is a public key the containerDisk test's user-data gives a user.
 const testSSHKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLXRlc3Qta2V5LW5vdC1hLXJlYWwtb25lLTAx vmpod-test"
 
+// Keys of the access credentials: one through cloud-init's meta-data, one through the guest
+// agent.
+const (
+	noCloudKey    = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLW5vY2xvdWQta2V5LW5vdC1hLXJlYWwtb25l nocloud"
+	guestAgentKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LW5vdC1yZWFsLTAx guestagent"
+)
+
+// secretVolume is a host directory laid out as the kubelet lays out a Secret volume: each
+// key a symlink into ..data.
+func secretVolume(t *testing.T, data map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	ts := filepath.Join(dir, "..2026_12_03_00_00_00.000000001")
+	if err := os.Mkdir(ts, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Base(ts), filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range data {
+		if err := os.WriteFile(filepath.Join(ts, k), []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("..data/"+k, filepath.Join(dir, k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
 func baseVM() vmspec.VM {
 	return vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
 		Firmware: vmspec.Firmware{Type: vmspec.FirmwareBIOS}, UUID: "5b0e8f6c-8e1f-4a51-9c3b-2f2d7c1a0b01",
@@ -289,12 +319,18 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "rootdisk", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
 	vm.CloudInit = &vmspec.CloudInit{Bus: vmspec.BusSATA, UserData: "#cloud-config\nwrite_files:\n  - path: /var/tmp/hello.txt\n    content: \"hello from vmpod cloud-init\\n\"\n" +
 		"users:\n  - name: vmpod\n    ssh_authorized_keys: [\"" + testSSHKey + "\"]\n"}
+	vm.AccessCredentials = []vmspec.AccessCredential{
+		{SecretVolume: "keys-nocloud", Propagation: vmspec.PropagateNoCloud},
+		{SecretVolume: "keys-agent", Propagation: vmspec.PropagateGuestAgent, Users: []string{"vmpod"}},
+	}
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-cd"}, Hostname: "vm-cd-guest", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
 	mounts := []testenv.Mount{
 		{ContainerPath: vmspec.VolumeMountPath("rootdisk"), Image: &testenv.ImageSpec{Image: img}, Readonly: true},
 		{ContainerPath: "/dev/termination-log", HostPath: termLog},
+		{ContainerPath: vmspec.VolumeMountPath("keys-nocloud"), HostPath: secretVolume(t, map[string]string{"key": "# team\n" + noCloudKey + "\n"}), Readonly: true},
+		{ContainerPath: vmspec.VolumeMountPath("keys-agent"), HostPath: secretVolume(t, map[string]string{"ops": guestAgentKey}), Readonly: true},
 	}
 	t0 := time.Now()
 	id := compute(t, pod, mounts, nil, true)
@@ -317,6 +353,10 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	// cloud-init writes files before it creates users (write_files precedes users_groups in
 	// the same stage), so under TCG the key can land seconds after hello.txt
 	waitExec(t, id, time.Minute, testSSHKey, "cat", "/home/vmpod/.ssh/authorized_keys")
+	// access credentials: the guest agent adds its key once the account exists; cloud-init
+	// read the other from its meta-data (public-keys)
+	waitExec(t, id, time.Minute, guestAgentKey, "cat", "/home/vmpod/.ssh/authorized_keys")
+	waitExec(t, id, time.Minute, noCloudKey, "cat", "/run/cloud-init/instance-data.json")
 	// the VM's identity: SMBIOS UUID and serial from the spec, and cloud-init's instance-id,
 	// the same again after the reboot below
 	for _, f := range []string{"product_uuid", "product_serial"} {
@@ -480,7 +520,8 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	pvc := t.TempDir()
 	copySparse(t, raw, filepath.Join(pvc, vmspec.DiskImageFile))
 	vm := baseVM()
-	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSATA, BootOrder: 1}}
+	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSATA, BootOrder: 1},
+		{Name: "scratch", Source: vmspec.SourceEmpty, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, SizeMiB: 3 << 10}}
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file"}, Hostname: "vm-file", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
@@ -492,6 +533,11 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	}
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
 	waitExec(t, id, time.Minute, "ata-QEMU_HARDDISK_root", "ls", "/dev/disk/by-id")
+	// the empty disk: the one virtio disk, 3 GiB, named by its serial
+	waitExec(t, id, time.Minute, "virtio-scratch", "ls", "/dev/disk/by-id")
+	if size := strings.TrimSpace(waitExec(t, id, time.Minute, "", "cat", "/sys/block/vda/size")); size != fmt.Sprint(3<<30/512) {
+		t.Errorf("empty disk: %s sectors, want 3 GiB", size)
+	}
 	// CRI stats of the compute container are QEMU's cgroup's
 	var stats struct {
 		Stats []struct {
@@ -556,10 +602,27 @@ func TestVMPodBadInput(t *testing.T) {
 		t.Errorf("a refused create left processes: %v", procs)
 	}
 
-	// a guest without an agent (a disk with nothing bootable): exec says so
 	pvc := t.TempDir()
 	os.WriteFile(filepath.Join(pvc, vmspec.DiskImageFile), make([]byte, 1<<20), 0o644)
 	vm.Disks[0].Volume = "blank"
+
+	// an access credential whose Secret holds no SSH key: create fails naming the
+	// credential, the file and the line; nothing runs
+	keyed := vm
+	keyed.AccessCredentials = []vmspec.AccessCredential{{SecretVolume: "keys", Propagation: vmspec.PropagateGuestAgent, Users: []string{"root"}}}
+	podKey := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-badkey"}, Annotations: annotation(t, keyed)})
+	cc.Mounts = []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("blank"), HostPath: pvc},
+		{ContainerPath: vmspec.VolumeMountPath("keys"), HostPath: secretVolume(t, map[string]string{"ops": "password123\n"}), Readonly: true}}
+	cid = testenv.Crictl(t, "create", podKey.ID, testenv.WriteJSON(t, "ck.json", cc), podKey.Config)
+	_, err = testenv.Cmd("crictl", "start", cid)
+	if err == nil || !strings.Contains(err.Error(), "accessCredentials[0] (secretVolume keys): ops line 1: not an SSH public key") {
+		t.Errorf("start with a Secret that holds no key: %v, want the credential, file and line named", err)
+	}
+	if procs := testenv.LiveProcessesMentioning(testenv.PodStateDir(t, podKey.ID)); len(procs) > 0 {
+		t.Errorf("a refused create left processes: %v", procs)
+	}
+
+	// a guest without an agent (a disk with nothing bootable): exec says so
 	pod2 := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-noagent"}, Annotations: annotation(t, vm)})
 	id := compute(t, pod2, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("blank"), HostPath: pvc}}, nil, true)
 	_, err = execIn(id, 30*time.Second, "true")

@@ -1,16 +1,21 @@
 // Package cloudinit makes a VM pod's NoCloud data source: the `cidata` ISO that
 // cloud-init (and cloudbase-init on Windows) finds among the guest's disks, with
-// meta-data (instance-id, local-hostname), user-data and network-config. The data come
-// inline from the VM spec or from a Secret volume, read inside its mount.
+// meta-data (instance-id, local-hostname, public-keys), user-data and network-config. The
+// data come inline from the VM spec or from Secret volumes, read inside their mounts.
 package cloudinit
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/diskfs/go-diskfs/backend/file"
 	"github.com/diskfs/go-diskfs/filesystem/iso9660"
@@ -36,12 +41,19 @@ type NoCloud struct {
 	// NetworkData is network-config (v1 or v2); nil leaves the network to cloud-init's
 	// fallback (DHCP on the first NIC), which the shim's DHCP server answers.
 	NetworkData []byte
+	// PublicKeys are authorized_keys lines cloud-init gives the guest's default user
+	// (meta-data public-keys, as KubeVirt's noCloud key propagation writes them).
+	PublicKeys []string
 }
 
 // metaData is the meta-data file: YAML, written as JSON (which YAML reads) so no value
 // can break out of its key.
 func (n NoCloud) metaData() []byte {
-	b, _ := json.Marshal(map[string]string{"instance-id": n.InstanceID, "local-hostname": n.Hostname})
+	md := map[string]any{"instance-id": n.InstanceID, "local-hostname": n.Hostname}
+	if len(n.PublicKeys) > 0 {
+		md["public-keys"] = n.PublicKeys
+	}
+	b, _ := json.Marshal(md)
 	return append(b, '\n')
 }
 
@@ -105,17 +117,7 @@ func Data(ci *vmspec.CloudInit, spec *specs.Spec) (userData, networkData []byte,
 		}
 		return userData, networkData, nil
 	}
-	dest := vmspec.VolumeMountPath(ci.SecretVolume)
-	var src string
-	for _, m := range spec.Mounts {
-		if filepath.Clean(m.Destination) == dest {
-			src = m.Source
-		}
-	}
-	if src == "" {
-		return nil, nil, fmt.Errorf("cloudInit.secretVolume %s: the compute container has no volume mounted at %s", ci.SecretVolume, dest)
-	}
-	root, err := os.OpenRoot(src)
+	root, err := openVolume(ci.SecretVolume, spec)
 	if err != nil {
 		return nil, nil, fmt.Errorf("cloudInit.secretVolume %s: %w", ci.SecretVolume, err)
 	}
@@ -132,6 +134,98 @@ func Data(ci *vmspec.CloudInit, spec *specs.Spec) (userData, networkData []byte,
 	}
 	return userData, networkData, nil
 }
+
+// openVolume opens the mount of a filesystem volume in the compute container's spec as a
+// root nothing read through it can leave.
+func openVolume(volume string, spec *specs.Spec) (*os.Root, error) {
+	dest := vmspec.VolumeMountPath(volume)
+	var src string
+	for _, m := range spec.Mounts {
+		if filepath.Clean(m.Destination) == dest {
+			src = m.Source
+		}
+	}
+	if src == "" {
+		return nil, fmt.Errorf("the compute container has no volume mounted at %s", dest)
+	}
+	return os.OpenRoot(src)
+}
+
+// maxKeyLine bounds one authorized_keys line (an RSA-16384 key with options fits).
+const maxKeyLine = 16 << 10
+
+// PublicKeys reads the SSH public keys of an access credential's Secret volume: every file
+// of the volume (a Secret's keys; its ..data bookkeeping skipped), each line an
+// authorized_keys entry; blank lines and comments are skipped. A line that is no public key
+// is an error naming the file and line: keys go into a guest's authorized_keys.
+func PublicKeys(volume string, spec *specs.Spec) ([]string, error) {
+	root, err := openVolume(volume, spec)
+	if err != nil {
+		return nil, err
+	}
+	defer root.Close()
+	dir, err := root.Open(".")
+	if err != nil {
+		return nil, err
+	}
+	names, err := dir.Readdirnames(-1)
+	_ = dir.Close()
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(names)
+	var keys []string
+	for _, name := range names {
+		if strings.HasPrefix(name, ".") {
+			continue // ..data, ..<timestamp>: the Secret volume's own layout
+		}
+		b, err := readLimited(root, name)
+		if err != nil {
+			return nil, err
+		}
+		for i, line := range strings.Split(string(b), "\n") {
+			line = strings.TrimSpace(line)
+			if line == "" || strings.HasPrefix(line, "#") {
+				continue
+			}
+			if err := checkPublicKey(line); err != nil {
+				return nil, fmt.Errorf("%s line %d: %w", name, i+1, err)
+			}
+			keys = append(keys, line)
+		}
+	}
+	if len(keys) == 0 {
+		return nil, errors.New("holds no SSH public key")
+	}
+	return keys, nil
+}
+
+// checkPublicKey accepts an authorized_keys line: optional options, a key type and its
+// base64 blob, an optional comment; printable text only.
+func checkPublicKey(line string) error {
+	if len(line) > maxKeyLine {
+		return fmt.Errorf("longer than %d bytes", maxKeyLine)
+	}
+	for _, r := range line {
+		if r < ' ' && r != '\t' || r == 0x7f || r == utf8.RuneError {
+			return errors.New("holds a control character or invalid UTF-8")
+		}
+	}
+	f := strings.Fields(line)
+	for i := 0; i+1 < len(f); i++ {
+		if !keyType.MatchString(f[i]) {
+			continue
+		}
+		if _, err := base64.StdEncoding.DecodeString(f[i+1]); err == nil {
+			return nil
+		}
+	}
+	return errors.New("not an SSH public key (type and base64 key, e.g. ssh-ed25519 AAAA...)")
+}
+
+// keyType is an OpenSSH public key type: ssh-rsa, ssh-ed25519, ecdsa-sha2-nistp256,
+// sk-ssh-ed25519@openssh.com, their -cert-v01 forms.
+var keyType = regexp.MustCompile(`^(ssh|ecdsa|sk)-[a-z0-9@.-]+$`)
 
 // readLimited reads name in root, at most maxData bytes. A Secret volume's keys are
 // symlinks into a ..data directory inside the volume, which os.Root follows as long as

@@ -44,6 +44,8 @@ type Disk struct {
 	Size   int64    // virtual size in bytes
 	// Overlay is the qcow2 overlay taking the guest's writes (image disks), or "".
 	Overlay string
+	// Blank is the file of an empty disk, made in the scratch dir, or "".
+	Blank string
 }
 
 // Set is a VM's opened disks; Close releases them.
@@ -63,6 +65,9 @@ func Open(ctx context.Context, vm *vmspec.VM, spec *specs.Spec, opts Options) (_
 	}()
 	for i, d := range vm.Disks {
 		disk, err := open(ctx, d, spec, opts)
+		if err != nil && d.Volume == "" {
+			return nil, fmt.Errorf("disks[%d] (%s): %w", i, d.Name, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("disks[%d] (%s, volume %s): %w", i, d.Name, d.Volume, err)
 		}
@@ -82,6 +87,8 @@ func open(ctx context.Context, d vmspec.Disk, spec *specs.Spec, opts Options) (*
 		f, err = openInVolume(spec, d.Volume, vmspec.DiskImageFile, writable)
 	case vmspec.SourceBlock:
 		f, err = openBlockVolume(spec, d.Volume, writable)
+	case vmspec.SourceEmpty:
+		return makeBlank(opts, d)
 	default:
 		err = fmt.Errorf("source %q: want image, file or block", d.Source)
 	}
@@ -266,6 +273,33 @@ func makeOverlay(ctx context.Context, opts Options, name string, size int64) (st
 	return path, nil
 }
 
+// makeBlank makes an empty disk: a sparse raw file of the disk's size in the scratch dir.
+// It stays linked there while the VM runs, so the kubelet counts what the guest writes as
+// the pod's ephemeral storage.
+func makeBlank(opts Options, d vmspec.Disk) (*Disk, error) {
+	if opts.ScratchDir == "" {
+		return nil, errors.New("no scratch space for an empty disk")
+	}
+	name := ".vmpod-empty-" + d.Name + ".raw"
+	root, err := os.OpenRoot(opts.ScratchDir)
+	if err != nil {
+		return nil, fmt.Errorf("empty disk: %w", err)
+	}
+	defer root.Close()
+	_ = root.Remove(name) // an earlier boot's: an empty disk starts empty
+	f, err := root.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("empty disk: %w", err)
+	}
+	size := d.SizeMiB << 20
+	if err := f.Truncate(size); err != nil {
+		_ = f.Close()
+		_ = root.Remove(name)
+		return nil, fmt.Errorf("empty disk of %d MiB: %w", d.SizeMiB, err)
+	}
+	return &Disk{Spec: d, File: f, Format: "raw", Size: size, Blank: filepath.Join(opts.ScratchDir, name)}, nil
+}
+
 // Attach adds a disk the runtime made itself (the cloud-init data source): a raw image
 // in f, read-only, which the set then owns.
 func (s *Set) Attach(d vmspec.Disk, f *os.File) error {
@@ -278,13 +312,16 @@ func (s *Set) Attach(d vmspec.Disk, f *os.File) error {
 	return nil
 }
 
-// Close closes every disk's file and removes the overlays.
+// Close closes every disk's file and removes the overlays and empty disks.
 func (s *Set) Close() error {
 	var errs []error
 	for _, d := range s.Disks {
 		errs = append(errs, d.File.Close())
-		if d.Overlay != "" {
-			if err := os.Remove(d.Overlay); err != nil && !errors.Is(err, os.ErrNotExist) {
+		for _, made := range []string{d.Overlay, d.Blank} {
+			if made == "" {
+				continue
+			}
+			if err := os.Remove(made); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
 			}
 		}

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -110,6 +111,52 @@ func TestFileAndCdrom(t *testing.T) {
 	}
 	if cd := devs[2].(*devices.Disk); !cd.CDROM || !cd.Image.ReadOnly || cd.Port != 0 {
 		t.Fatalf("cdrom %+v", cd)
+	}
+}
+
+// An empty disk is a sparse raw file of its size in the scratch dir, made afresh on every
+// boot and removed with the set.
+func TestEmptyDisk(t *testing.T) {
+	o := opts(t)
+	vm := vmspec.VM{Disks: []vmspec.Disk{{Name: "scratch", Source: vmspec.SourceEmpty, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, SizeMiB: 1 << 20}}}
+	// what an earlier boot left: the next boot's disk starts empty all the same
+	os.WriteFile(filepath.Join(o.ScratchDir, ".vmpod-empty-scratch.raw"), []byte("old data"), 0o600)
+	set, err := Open(context.Background(), &vm, &specs.Spec{}, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := set.Disks[0]
+	if d.Format != "raw" || d.Size != 1<<40 || d.Blank != filepath.Join(o.ScratchDir, ".vmpod-empty-scratch.raw") {
+		t.Fatalf("disk %+v", d)
+	}
+	fi, err := os.Stat(d.Blank)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if used := fi.Sys().(*syscall.Stat_t).Blocks * 512; fi.Size() != 1<<40 || used > 1<<20 {
+		t.Errorf("empty disk: size %d, %d bytes allocated; want 1 TiB, sparse", fi.Size(), used)
+	}
+	head := make([]byte, 8)
+	if _, err := d.File.ReadAt(head, 0); err != nil || string(head) != "\x00\x00\x00\x00\x00\x00\x00\x00" {
+		t.Errorf("empty disk starts with %q, %v; want zeros", head, err)
+	}
+	devs, _, err := set.Machine()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if disk := devs[0].(*devices.Disk); disk.Image.Format != "raw" || disk.Image.ReadOnly || disk.Backing != nil || disk.Serial != "scratch" {
+		t.Errorf("device %+v", disk)
+	}
+	if err := set.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(d.Blank); !os.IsNotExist(err) {
+		t.Errorf("empty disk left behind: %v", err)
+	}
+
+	o.ScratchDir = filepath.Join(o.ScratchDir, "missing")
+	if _, err := Open(context.Background(), &vm, &specs.Spec{}, o); err == nil || !strings.HasPrefix(err.Error(), "disks[0] (scratch): empty disk:") {
+		t.Errorf("no scratch dir: got %v", err)
 	}
 }
 

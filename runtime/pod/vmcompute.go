@@ -58,6 +58,8 @@ type computeVM struct {
 	events  *qmp.Subscription
 	console net.Conn
 	termLog string // host path of the compute container's termination log, if mounted
+	// agentKeys are the access credentials the guest agent adds once the VM runs
+	agentKeys []userKeys
 
 	stdinOnce     sync.Once
 	powerdownOnce sync.Once
@@ -101,8 +103,13 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 	}
 	c.disks = set
 	undo.Add("close disks", set.Close)
+	noCloudKeys, agentKeys, err := accessCredentials(p.vm.AccessCredentials, spec)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
+	}
+	c.agentKeys = agentKeys
 	if ci := p.vm.CloudInit; ci != nil {
-		if err := p.attachCloudInit(ci, spec, rootfs, set); err != nil {
+		if err := p.attachCloudInit(ci, spec, rootfs, set, noCloudKeys); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", p.id, err)
 		}
 	}
@@ -198,7 +205,7 @@ func interfaceIndex(plan *network.Plan, name string) int {
 
 // attachCloudInit builds the NoCloud disk in the container's scratch space and adds it to
 // the disks: a cdrom on sata or scsi, a read-only disk on virtio.
-func (p *vmPod) attachCloudInit(ci *vmspec.CloudInit, spec *specs.Spec, scratch string, set *disks.Set) error {
+func (p *vmPod) attachCloudInit(ci *vmspec.CloudInit, spec *specs.Spec, scratch string, set *disks.Set, publicKeys []string) error {
 	userData, networkData, err := cloudinit.Data(ci, spec)
 	if err != nil {
 		return fmt.Errorf("annotation %s: %w: %w", vmspec.Annotation, err, errdefs.ErrInvalidArgument)
@@ -209,7 +216,7 @@ func (p *vmPod) attachCloudInit(ci *vmspec.CloudInit, spec *specs.Spec, scratch 
 	}
 	path := filepath.Join(scratch, ".vmpod-cidata.iso")
 	_ = os.Remove(path) // an earlier boot's, in a reused scratch dir
-	nc := cloudinit.NoCloud{InstanceID: instanceID, Hostname: p.hostname, UserData: userData, NetworkData: networkData}
+	nc := cloudinit.NoCloud{InstanceID: instanceID, Hostname: p.hostname, UserData: userData, NetworkData: networkData, PublicKeys: publicKeys}
 	if err := nc.WriteISO(path, scratch); err != nil {
 		return err
 	}
@@ -354,8 +361,17 @@ func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit 
 	return e
 }
 
-// powerOn starts the vCPUs: the firmware runs, the guest boots.
-func (c *computeVM) powerOn(ctx context.Context) error { return c.machine.Resume(ctx) }
+// powerOn starts the vCPUs: the firmware runs, the guest boots. Access credentials for the
+// guest agent are handed over in the background as soon as it and the accounts exist.
+func (c *computeVM) powerOn(ctx context.Context) error {
+	if err := c.machine.Resume(ctx); err != nil {
+		return err
+	}
+	if len(c.agentKeys) > 0 {
+		go c.addKeysThroughAgent(context.WithoutCancel(ctx), c.agentKeys)
+	}
+	return nil
+}
 
 // Pid is QEMU's: the host process that is the VM.
 func (c *computeVM) Pid() uint32 { return uint32(c.machine.Pid()) }

@@ -251,3 +251,29 @@ func TestReconnectAndConcurrency(t *testing.T) {
 		t.Fatalf("%d dials, want 2", n)
 	}
 }
+
+func TestAddAuthorizedKeys(t *testing.T) {
+	var got []string
+	f := &fakeAgent{t: t, reply: func(cmd string, args json.RawMessage) (any, string, bool) {
+		if cmd != "guest-sync-delimited" {
+			got = append(got, cmd+" "+string(args))
+		}
+		if strings.Contains(string(args), `"username":"nobody-here"`) {
+			return nil, "GenericError", false
+		}
+		return map[string]any{}, "", false
+	}}
+	c := New(f.dial)
+	defer c.Close()
+	if err := c.AddAuthorizedKeys(ctx(t), "vmpod", []string{"ssh-ed25519 AAAA a", "ssh-rsa BBBB b"}); err != nil {
+		t.Fatal(err)
+	}
+	want := `guest-ssh-add-authorized-keys {"username":"vmpod","keys":["ssh-ed25519 AAAA a","ssh-rsa BBBB b"],"reset":false}`
+	if len(got) != 1 || got[0] != want {
+		t.Fatalf("agent got %q, want %q", got, want)
+	}
+	var agentErr *Error
+	if err := c.AddAuthorizedKeys(ctx(t), "nobody-here", []string{"ssh-ed25519 AAAA a"}); !errors.As(err, &agentErr) || agentErr.Command != "guest-ssh-add-authorized-keys" {
+		t.Fatalf("unknown user: got %v, want the agent's error", err)
+	}
+}

@@ -75,6 +75,18 @@ func (c *Client) HostName(ctx context.Context) (string, error) {
 	return h.HostName, nil
 }
 
+// AddAuthorizedKeys runs guest-ssh-add-authorized-keys: user's ~/.ssh/authorized_keys
+// gets keys it lacks (the agent creates the file with the owner and modes sshd wants). The
+// agent refuses a user it does not know; the Error says so.
+func (c *Client) AddAuthorizedKeys(ctx context.Context, user string, keys []string) error {
+	args := struct {
+		Username string   `json:"username"`
+		Keys     []string `json:"keys"`
+		Reset    bool     `json:"reset"`
+	}{user, keys, false}
+	return c.call(ctx, "guest-ssh-add-authorized-keys", args, nil)
+}
+
 // Interface is a guest NIC and its addresses (guest-network-get-interfaces).
 type Interface struct {
 	Name string

@@ -43,6 +43,13 @@ func validVM(ns string) *vmpodv1.VirtualMachine {
 	}
 }
 
+// sshKeys is an access credential of the Secret name, propagated by noCloud or the agent.
+func sshKeys(secret string, noCloud *vmpodv1.NoCloudSSHPublicKeyAccessCredentialPropagation, agent *vmpodv1.QemuGuestAgentSSHPublicKeyAccessCredentialPropagation) vmpodv1.AccessCredential {
+	return vmpodv1.AccessCredential{SSHPublicKey: vmpodv1.SSHPublicKeyAccessCredential{
+		Source:            vmpodv1.SSHPublicKeyAccessCredentialSource{Secret: vmpodv1.AccessCredentialSecretSource{SecretName: secret}},
+		PropagationMethod: vmpodv1.SSHPublicKeyAccessCredentialPropagationMethod{NoCloud: noCloud, QemuGuestAgent: agent}}}
+}
+
 func validDV(ns string) *vmpodv1.DataVolume {
 	return &vmpodv1.DataVolume{
 		ObjectMeta: metav1.ObjectMeta{Name: "dv", Namespace: ns},
@@ -82,6 +89,23 @@ func TestVirtualMachineValidation(t *testing.T) {
 		{"two volume sources", func(vm *vmpodv1.VirtualMachine) {
 			spec(vm).Volumes[0].DataVolume = &vmpodv1.DataVolumeVolumeSource{Name: "dv"}
 		}, []string{"spec.template.spec.volumes[0]: Invalid value", "set exactly one of containerDisk, dataVolume, persistentVolumeClaim, cloudInitNoCloud"}},
+		{"noCloud keys without cloud-init", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks = spec(vm).Domain.Devices.Disks[:1]
+			spec(vm).Volumes = spec(vm).Volumes[:1]
+			spec(vm).AccessCredentials = []vmpodv1.AccessCredential{sshKeys("keys", &vmpodv1.NoCloudSSHPublicKeyAccessCredentialPropagation{}, nil)}
+		}, []string{"spec.template.spec.accessCredentials: Invalid value", "noCloud key propagation needs a cloudInitNoCloud volume"}},
+		{"two key propagations", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).AccessCredentials = []vmpodv1.AccessCredential{
+				sshKeys("keys", &vmpodv1.NoCloudSSHPublicKeyAccessCredentialPropagation{}, &vmpodv1.QemuGuestAgentSSHPublicKeyAccessCredentialPropagation{Users: []string{"root"}})}
+		}, []string{"spec.template.spec.accessCredentials[0].sshPublicKey.propagationMethod: Invalid value", "set exactly one of noCloud, qemuGuestAgent"}},
+		{"bad key credentials", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).AccessCredentials = []vmpodv1.AccessCredential{
+				sshKeys("", nil, &vmpodv1.QemuGuestAgentSSHPublicKeyAccessCredentialPropagation{Users: []string{"-rf", ""}}),
+				sshKeys("keys", nil, &vmpodv1.QemuGuestAgentSSHPublicKeyAccessCredentialPropagation{}),
+			}
+		}, []string{"spec.template.spec.accessCredentials[0].sshPublicKey.source.secret.secretName: Invalid value",
+			`spec.template.spec.accessCredentials[0].sshPublicKey.propagationMethod.qemuGuestAgent.users[0]: Invalid value: "-rf"`,
+			"spec.template.spec.accessCredentials[1].sshPublicKey.propagationMethod.qemuGuestAgent.users: Required value"}},
 		{"duplicate disk", func(vm *vmpodv1.VirtualMachine) {
 			spec(vm).Domain.Devices.Disks = append(spec(vm).Domain.Devices.Disks, vmpodv1.Disk{Name: "root"})
 		}, []string{"spec.template.spec.domain.devices.disks[2]: Duplicate value"}},

@@ -107,6 +107,7 @@ type VirtualMachineTemplateSpec struct {
 // +kubebuilder:validation:XValidation:rule="self.volumes.all(v, self.domain.devices.disks.exists(d, d.name == v.name))",message="every volume needs a disk of the same name in domain.devices.disks",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.domain.devices.interfaces.all(i, self.networks.exists(n, n.name == i.name))",message="every interface needs a network of the same name in networks",fieldPath=".domain.devices.interfaces"
 // +kubebuilder:validation:XValidation:rule="self.networks.all(n, self.domain.devices.interfaces.exists(i, i.name == n.name))",message="every network needs an interface of the same name in domain.devices.interfaces",fieldPath=".networks"
+// +kubebuilder:validation:XValidation:rule="!has(self.accessCredentials) || self.accessCredentials.all(c, !has(c.sshPublicKey.propagationMethod.noCloud)) || self.volumes.exists(v, has(v.cloudInitNoCloud))",message="noCloud key propagation needs a cloudInitNoCloud volume",fieldPath=".accessCredentials"
 // +kubebuilder:validation:XValidation:rule="self.volumes.filter(v, has(v.cloudInitNoCloud)).size() <= 1",message="at most one cloudInitNoCloud volume",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.networks.filter(n, has(n.pod) || (has(n.multus) && n.multus.?default.orValue(false))).size() <= 1",message="at most one default network (pod, or multus with default: true)",fieldPath=".networks"
 type InstanceSpec struct {
@@ -155,6 +156,64 @@ type InstanceSpec struct {
 	// +kubebuilder:validation:MaxLength=63
 	// +optional
 	Subdomain string `json:"subdomain,omitempty"`
+
+	// AccessCredentials give the guest's users SSH public keys from Secrets (KubeVirt's
+	// accessCredentials).
+	// +kubebuilder:validation:MaxItems=16
+	// +listType=atomic
+	// +optional
+	AccessCredentials []AccessCredential `json:"accessCredentials,omitempty"`
+}
+
+// AccessCredential is a credential the guest gets. Only SSH public keys: KubeVirt's
+// userPassword would put passwords where vmpod keeps only public data.
+type AccessCredential struct {
+	SSHPublicKey SSHPublicKeyAccessCredential `json:"sshPublicKey"`
+}
+
+// SSHPublicKeyAccessCredential is a Secret of SSH public keys (every value of the Secret
+// holds authorized_keys lines) and how they reach the guest.
+type SSHPublicKeyAccessCredential struct {
+	Source            SSHPublicKeyAccessCredentialSource            `json:"source"`
+	PropagationMethod SSHPublicKeyAccessCredentialPropagationMethod `json:"propagationMethod"`
+}
+
+// SSHPublicKeyAccessCredentialSource is where the keys are.
+type SSHPublicKeyAccessCredentialSource struct {
+	Secret AccessCredentialSecretSource `json:"secret"`
+}
+
+// AccessCredentialSecretSource names a Secret in the VM's namespace.
+type AccessCredentialSecretSource struct {
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	SecretName string `json:"secretName"`
+}
+
+// SSHPublicKeyAccessCredentialPropagationMethod is how the keys reach the guest.
+// +kubebuilder:validation:XValidation:rule="[has(self.noCloud), has(self.qemuGuestAgent)].filter(x, x).size() == 1",message="set exactly one of noCloud, qemuGuestAgent"
+type SSHPublicKeyAccessCredentialPropagationMethod struct {
+	// NoCloud puts the keys in the cloud-init meta-data (public-keys): cloud-init gives them
+	// to the guest's default user. Needs a cloudInitNoCloud volume.
+	// +optional
+	NoCloud *NoCloudSSHPublicKeyAccessCredentialPropagation `json:"noCloud,omitempty"`
+	// QemuGuestAgent has the guest agent add the keys to the users' authorized_keys once
+	// it answers and the accounts exist, every time the VM starts.
+	// +optional
+	QemuGuestAgent *QemuGuestAgentSSHPublicKeyAccessCredentialPropagation `json:"qemuGuestAgent,omitempty"`
+}
+
+// NoCloudSSHPublicKeyAccessCredentialPropagation has no settings.
+type NoCloudSSHPublicKeyAccessCredentialPropagation struct{}
+
+// QemuGuestAgentSSHPublicKeyAccessCredentialPropagation names the guest accounts.
+type QemuGuestAgentSSHPublicKeyAccessCredentialPropagation struct {
+	// +kubebuilder:validation:MinItems=1
+	// +kubebuilder:validation:MaxItems=16
+	// +kubebuilder:validation:items:MaxLength=32
+	// +kubebuilder:validation:items:Pattern=`^[A-Za-z_][A-Za-z0-9_.-]*$`
+	// +listType=atomic
+	Users []string `json:"users"`
 }
 
 // DomainSpec is the virtual hardware.
@@ -384,7 +443,7 @@ type HostDevice struct {
 }
 
 // Volume is a named source of a disk.
-// +kubebuilder:validation:XValidation:rule="[has(self.containerDisk), has(self.dataVolume), has(self.persistentVolumeClaim), has(self.cloudInitNoCloud)].filter(x, x).size() == 1",message="set exactly one of containerDisk, dataVolume, persistentVolumeClaim, cloudInitNoCloud"
+// +kubebuilder:validation:XValidation:rule="[has(self.containerDisk), has(self.dataVolume), has(self.persistentVolumeClaim), has(self.cloudInitNoCloud), has(self.emptyDisk)].filter(x, x).size() == 1",message="set exactly one of containerDisk, dataVolume, persistentVolumeClaim, cloudInitNoCloud, emptyDisk"
 type Volume struct {
 	// +kubebuilder:validation:MaxLength=63
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
@@ -407,6 +466,16 @@ type VolumeSource struct {
 	// CloudInitNoCloud is cloud-init data the guest reads from a NoCloud (cidata) disk.
 	// +optional
 	CloudInitNoCloud *CloudInitNoCloudSource `json:"cloudInitNoCloud,omitempty"`
+	// EmptyDisk is a blank disk made when the VM starts, in the pod's ephemeral storage:
+	// it survives a reboot of the guest, not a restart of the VM.
+	// +optional
+	EmptyDisk *EmptyDiskSource `json:"emptyDisk,omitempty"`
+}
+
+// EmptyDiskSource is the size of a blank disk.
+type EmptyDiskSource struct {
+	// Capacity is the disk's size, rounded up to whole MiB.
+	Capacity resource.Quantity `json:"capacity"`
 }
 
 // ContainerDiskSource is a disk in an OCI image.

@@ -80,6 +80,9 @@ func Pod(vm *vmpodv1.VirtualMachine, claims map[string]Claim, cfg Config) (*core
 	if err := r.volumes(spec); err != nil {
 		return nil, err
 	}
+	if err := r.accessCredentials(spec); err != nil {
+		return nil, err
+	}
 	if err := r.networks(spec); err != nil {
 		return nil, err
 	}
@@ -248,6 +251,15 @@ func (r *renderer) volumes(spec *vmpodv1.InstanceSpec) error {
 			}
 		}
 		switch {
+		case v.EmptyDisk != nil:
+			if d.Device != vmspec.DeviceDisk || d.ReadOnly {
+				return fmt.Errorf("spec.template.spec.domain.devices.disks[%d]: volume %s is an emptyDisk: a writable disk, not a cdrom or read-only", i, v.Name)
+			}
+			c := v.EmptyDisk.Capacity
+			if c.Sign() <= 0 || c.Cmp(*resource.NewQuantity(vmspec.MaxEmptyDiskMiB<<20, resource.BinarySI)) > 0 {
+				return fmt.Errorf("spec.template.spec.volumes[%s].emptyDisk.capacity: must be more than 0 and at most %dTi, got %s", v.Name, vmspec.MaxEmptyDiskMiB>>20, c.String())
+			}
+			d.Source, d.Volume, d.SizeMiB = vmspec.SourceEmpty, "", (c.Value()+(1<<20-1))>>20
 		case v.ContainerDisk != nil:
 			d.Source = vmspec.SourceImage
 			r.podVolumes = append(r.podVolumes, corev1.Volume{Name: v.Name, VolumeSource: corev1.VolumeSource{
@@ -319,6 +331,31 @@ func (r *renderer) cloudInit(v *vmpodv1.Volume, disk vmpodv1.Disk) error {
 		r.mount(v.Name, true)
 	}
 	r.vmspec.CloudInit = ci
+	return nil
+}
+
+// accessCredentialVolume names the pod volume of accessCredentials[i]'s Secret.
+func accessCredentialVolume(i int) string { return fmt.Sprintf("access-credential-%d", i) }
+
+// accessCredentials mounts each credential's Secret in the compute container, where the
+// shim reads the keys when the VM starts (as it reads a cloud-init Secret): the keys never
+// pass through the annotation, and a Secret that changes reaches the next start.
+func (r *renderer) accessCredentials(spec *vmpodv1.InstanceSpec) error {
+	for i, c := range spec.AccessCredentials {
+		name := accessCredentialVolume(i)
+		if slices.ContainsFunc(spec.Volumes, func(v vmpodv1.Volume) bool { return v.Name == name }) {
+			return fmt.Errorf("spec.template.spec.volumes[%s]: the name is taken by accessCredentials[%d]'s Secret volume; rename the volume", name, i)
+		}
+		ac := vmspec.AccessCredential{SecretVolume: name, Propagation: vmspec.PropagateNoCloud}
+		if a := c.SSHPublicKey.PropagationMethod.QemuGuestAgent; a != nil {
+			ac.Propagation, ac.Users = vmspec.PropagateGuestAgent, slices.Clone(a.Users)
+		}
+		optional := false
+		r.podVolumes = append(r.podVolumes, corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{
+			Secret: &corev1.SecretVolumeSource{SecretName: c.SSHPublicKey.Source.Secret.SecretName, Optional: &optional}}})
+		r.mount(name, true)
+		r.vmspec.AccessCredentials = append(r.vmspec.AccessCredentials, ac)
+	}
 	return nil
 }
 

@@ -42,6 +42,7 @@ func fedora() *vmpodv1.VirtualMachine {
 								{Name: "fast"},
 								{Name: "iso", CDRom: &vmpodv1.CDRomTarget{}},
 								{Name: "ci", Disk: &vmpodv1.DiskTarget{Bus: "sata"}},
+								{Name: "scratch", Disk: &vmpodv1.DiskTarget{}},
 							},
 							Interfaces: []vmpodv1.Interface{{Name: "default"}, {Name: "storage", Model: "e1000e", MACAddress: "02:00:00:00:00:07"}},
 							GPUs:       []vmpodv1.GPU{{Name: "g1", DeviceName: "nvidia.com/A10"}, {Name: "g2", DeviceName: "nvidia.com/A10"}},
@@ -53,6 +54,7 @@ func fedora() *vmpodv1.VirtualMachine {
 						{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "nvme", ReadOnly: true}}},
 						{Name: "iso", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "installer"}}},
 						{Name: "ci", VolumeSource: vmpodv1.VolumeSource{CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{SecretRef: &vmpodv1.LocalObjectReference{Name: "fedora-ci"}}}},
+						{Name: "scratch", VolumeSource: vmpodv1.VolumeSource{EmptyDisk: &vmpodv1.EmptyDiskSource{Capacity: resource.MustParse("1.5Gi")}}},
 					},
 					Networks: []vmpodv1.Network{
 						{Name: "default", Pod: &vmpodv1.PodNetwork{}},
@@ -60,6 +62,15 @@ func fedora() *vmpodv1.VirtualMachine {
 					},
 					ReadinessProbe: &vmpodv1.Probe{GuestAgentPing: &vmpodv1.GuestAgentPing{}, PeriodSeconds: 5},
 					NodeSelector:   map[string]string{"disk": "ssd"},
+					AccessCredentials: []vmpodv1.AccessCredential{
+						{SSHPublicKey: vmpodv1.SSHPublicKeyAccessCredential{
+							Source:            vmpodv1.SSHPublicKeyAccessCredentialSource{Secret: vmpodv1.AccessCredentialSecretSource{SecretName: "team-keys"}},
+							PropagationMethod: vmpodv1.SSHPublicKeyAccessCredentialPropagationMethod{NoCloud: &vmpodv1.NoCloudSSHPublicKeyAccessCredentialPropagation{}}}},
+						{SSHPublicKey: vmpodv1.SSHPublicKeyAccessCredential{
+							Source: vmpodv1.SSHPublicKeyAccessCredentialSource{Secret: vmpodv1.AccessCredentialSecretSource{SecretName: "ops-keys"}},
+							PropagationMethod: vmpodv1.SSHPublicKeyAccessCredentialPropagationMethod{
+								QemuGuestAgent: &vmpodv1.QemuGuestAgentSSHPublicKeyAccessCredentialPropagation{Users: []string{"fedora", "root"}}}}},
+					},
 				},
 			},
 		},
@@ -102,7 +113,8 @@ func TestPod(t *testing.T) {
 		t.Errorf("resources = %v / %v, want %v / %v", c.Resources.Requests, c.Resources.Limits, wantReq, wantLim)
 	}
 
-	wantVolumes := map[string]string{"root": "image:quay.io/x/fedora:42", "data": "pvc:fedora-data", "fast": "pvc:nvme", "iso": "pvc:installer", "ci": "secret:fedora-ci"}
+	wantVolumes := map[string]string{"root": "image:quay.io/x/fedora:42", "data": "pvc:fedora-data", "fast": "pvc:nvme", "iso": "pvc:installer", "ci": "secret:fedora-ci",
+		"access-credential-0": "secret:team-keys", "access-credential-1": "secret:ops-keys"}
 	for _, v := range s.Volumes {
 		var got string
 		switch {
@@ -125,7 +137,8 @@ func TestPod(t *testing.T) {
 	for _, m := range c.VolumeMounts {
 		mounts[m.Name] = m.MountPath
 	}
-	wantMounts := map[string]string{"root": "/vmpod/volumes/root", "data": "/vmpod/volumes/data", "iso": "/vmpod/volumes/iso", "ci": "/vmpod/volumes/ci"}
+	wantMounts := map[string]string{"root": "/vmpod/volumes/root", "data": "/vmpod/volumes/data", "iso": "/vmpod/volumes/iso", "ci": "/vmpod/volumes/ci",
+		"access-credential-0": "/vmpod/volumes/access-credential-0", "access-credential-1": "/vmpod/volumes/access-credential-1"}
 	if !reflect.DeepEqual(mounts, wantMounts) {
 		t.Errorf("mounts = %v, want %v", mounts, wantMounts)
 	}
@@ -155,13 +168,18 @@ func TestPod(t *testing.T) {
 			{Name: "data", Volume: "data", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSCSI},
 			{Name: "fast", Volume: "fast", Source: vmspec.SourceBlock, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, ReadOnly: true},
 			{Name: "iso", Volume: "iso", Source: vmspec.SourceFile, Device: vmspec.DeviceCDROM, Bus: vmspec.BusSATA, ReadOnly: true},
+			{Name: "scratch", Source: vmspec.SourceEmpty, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, SizeMiB: 1536},
 		},
 		Interfaces: []vmspec.Interface{
 			{Name: "default", PodInterface: "eth0", Model: vmspec.ModelVirtio, Binding: vmspec.BindingBridge},
 			{Name: "storage", PodInterface: "net1", Model: vmspec.ModelE1000E, MACAddress: "02:00:00:00:00:07", Binding: vmspec.BindingBridge},
 		},
 		CloudInit: &vmspec.CloudInit{SecretVolume: "ci", Bus: vmspec.BusSATA},
-		GPUs:      []vmspec.HostDevice{{Name: "g1", ResourceName: "nvidia.com/A10"}, {Name: "g2", ResourceName: "nvidia.com/A10"}},
+		AccessCredentials: []vmspec.AccessCredential{
+			{SecretVolume: "access-credential-0", Propagation: vmspec.PropagateNoCloud},
+			{SecretVolume: "access-credential-1", Propagation: vmspec.PropagateGuestAgent, Users: []string{"fedora", "root"}},
+		},
+		GPUs: []vmspec.HostDevice{{Name: "g1", ResourceName: "nvidia.com/A10"}, {Name: "g2", ResourceName: "nvidia.com/A10"}},
 	}
 	if !reflect.DeepEqual(vm, want) {
 		t.Errorf("annotation =\n%+v\nwant\n%+v", vm, want)
@@ -225,6 +243,16 @@ func TestPodErrors(t *testing.T) {
 		{"bad base64", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Volumes[4].CloudInitNoCloud = &vmpodv1.CloudInitNoCloudSource{UserDataBase64: "%%%"}
 		}, claims, "volumes[ci].cloudInitNoCloud.userDataBase64: illegal base64"},
+		{"empty disk of no size", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Volumes[5].EmptyDisk.Capacity = resource.MustParse("0")
+		}, claims, "volumes[scratch].emptyDisk.capacity: must be more than 0 and at most 64Ti, got 0"},
+		{"empty cdrom", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Domain.Devices.Disks[5] = vmpodv1.Disk{Name: "scratch", CDRom: &vmpodv1.CDRomTarget{}}
+		}, claims, "domain.devices.disks[5]: volume scratch is an emptyDisk: a writable disk, not a cdrom"},
+		{"credential volume name taken", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Volumes[5].Name = "access-credential-1"
+			vm.Spec.Template.Spec.Domain.Devices.Disks[5].Name = "access-credential-1"
+		}, claims, "volumes[access-credential-1]: the name is taken by accessCredentials[1]'s Secret volume"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			vm := fedora()
