@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"syscall"
 )
@@ -23,15 +24,30 @@ type imageInfo struct {
 	BackingFilename string `json:"backing-filename"`
 	FormatSpecific  struct {
 		Data struct {
-			Corrupt bool `json:"corrupt"`
+			Corrupt    bool   `json:"corrupt"`
+			CreateType string `json:"create-type"` // vmdk
 		} `json:"data"`
 	} `json:"format-specific"`
 }
 
+// importFormats are the image formats an import converts, as CDI's: qcow2 and raw, and the
+// other hypervisors' disks users bring (VMware's vmdk, VirtualBox's vdi, Hyper-V's vhd
+// — qemu's "vpc" — and vhdx). Anything else qemu-img can parse (qed, bochs, cloop, dmg,
+// parallels, luks...) is refused: every parser is attack surface on untrusted input.
+var importFormats = []string{"raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx"}
+
+// checkedFormats are those qemu-img check verifies: a truncated image of these passes info
+// and even converts, its missing clusters read as zeros.
+var checkedFormats = []string{"qcow2", "vdi", "vhdx"}
+
+// vmdkOneFile are the vmdk create types whose data is in the file itself; the others
+// (monolithicFlat, twoGbMaxExtent*, vmfs...) are a descriptor naming extent files, which,
+// like a backing file, could name any file on the node.
+var vmdkOneFile = []string{"monolithicSparse", "streamOptimized"}
+
 // writeImage converts the image at src (format, or probed if "") to a raw disk in the
-// destination, sized to target. Only qcow2 and raw are accepted: other formats widen the
-// attack surface of parsing untrusted images for no need, and a backing file could name any
-// file on the node.
+// destination, sized to target. Only importFormats are accepted, and no image that refers
+// to another file (a backing file, vmdk extents) could name any file on the node.
 func writeImage(ctx context.Context, o Options, rep Reporter, src, format string, target int64) error {
 	info, err := qemuImgInfo(ctx, src, format)
 	if err != nil {
@@ -39,8 +55,10 @@ func writeImage(ctx context.Context, o Options, rep Reporter, src, format string
 	}
 	slog.Info("image", "format", info.Format, "virtualSize", info.VirtualSize, "targetSize", target)
 	switch {
-	case info.Format != "qcow2" && info.Format != "raw":
-		return permanent("InvalidImage", "format %s is not supported: use qcow2 or raw", info.Format)
+	case !slices.Contains(importFormats, info.Format):
+		return permanent("InvalidImage", "format %s is not supported: use raw, qcow2, vmdk, vdi, vhd or vhdx", info.Format)
+	case info.Format == "vmdk" && !slices.Contains(vmdkOneFile, info.FormatSpecific.Data.CreateType):
+		return permanent("InvalidImage", "vmdk of type %q keeps its data in other files: convert it to a single-file vmdk (monolithicSparse or streamOptimized), qcow2 or raw", info.FormatSpecific.Data.CreateType)
 	case info.BackingFilename != "":
 		return permanent("InvalidImage", "the image has a backing file (%s): upload a standalone image", info.BackingFilename)
 	case info.FormatSpecific.Data.Corrupt:
@@ -55,10 +73,8 @@ func writeImage(ctx context.Context, o Options, rep Reporter, src, format string
 			return permanent("InvalidImage", "not a disk image: %d bytes is not a whole number of 512-byte sectors", st.Size())
 		}
 	}
-	if info.Format == "qcow2" {
-		// a truncated qcow2 passes info and even converts (the missing clusters read as
-		// zeros); only check notices
-		if err := qemuImgCheck(ctx, src); err != nil {
+	if slices.Contains(checkedFormats, info.Format) {
+		if err := qemuImgCheck(ctx, src, info.Format); err != nil {
 			return err
 		}
 	}
@@ -165,9 +181,9 @@ func qemuImgInfo(ctx context.Context, path, format string) (*imageInfo, error) {
 	return info, nil
 }
 
-// qemuImgCheck fails on a corrupt qcow2. Leaked clusters (exit 3) waste space but are safe.
-func qemuImgCheck(ctx context.Context, path string) error {
-	cmd := limitedCommand(ctx, "check", "-f", "qcow2", path)
+// qemuImgCheck fails on a corrupt image. Leaked clusters (exit 3) waste space but are safe.
+func qemuImgCheck(ctx context.Context, path, format string) error {
+	cmd := limitedCommand(ctx, "check", "-f", format, path)
 	out := &boundedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	err := cmd.Run()
@@ -179,7 +195,7 @@ func qemuImgCheck(ctx context.Context, path string) error {
 		slog.Warn("qcow2 image has leaked clusters (harmless)", "output", out.String())
 		return nil
 	case errors.As(err, &ee) && (ee.ExitCode() == 1 || ee.ExitCode() == 2):
-		return permanent("InvalidImage", "the qcow2 image is corrupt (qemu-img check exit %d): %s", ee.ExitCode(), out)
+		return permanent("InvalidImage", "the %s image is corrupt (qemu-img check exit %d): %s", format, ee.ExitCode(), out)
 	}
 	return fmt.Errorf("qemu-img check: %w: %s", err, out)
 }

@@ -1,6 +1,7 @@
 // Package importer is vmpod-importer: it fills one PVC for a DataVolume. It downloads a
 // disk image over HTTP(S) or pulls a containerDisk from a registry (verifying a checksum),
-// converts qcow2/raw, gzip- or xz-compressed, to a raw image with qemu-img and sizes it to
+// converts raw, qcow2, vmdk, vdi, vhd or vhdx, gzip- or xz-compressed, to a raw image with
+// qemu-img and sizes it to
 // the PVC; or clones another PVC's disk; or makes a blank disk; or extracts a tar archive.
 //
 // It reports progress and the result as annotations on the PVC (see Reporter); the

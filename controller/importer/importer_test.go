@@ -177,6 +177,72 @@ func TestHTTPImport(t *testing.T) {
 	}
 }
 
+// convertTo converts raw into another format with qemu-img (opts: its -o options).
+func convertTo(t *testing.T, raw []byte, format, opts string) []byte {
+	t.Helper()
+	dir := t.TempDir()
+	in, out := filepath.Join(dir, "in.raw"), filepath.Join(dir, "out."+format)
+	if err := os.WriteFile(in, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"convert", "-f", "raw", "-O", format}
+	if opts != "" {
+		args = append(args, "-o", opts)
+	}
+	if b, err := exec.Command("qemu-img", append(args, in, out)...).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert to %s: %v: %s", format, err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// Other hypervisors' disks convert as CDI converts them; formats outside the list, and a
+// vmdk whose data lives in other files (which could be any file on the node), do not.
+func TestImageFormats(t *testing.T) {
+	raw, _ := testImage(t, 4*mib)
+	files := map[string][]byte{
+		"/disk.vmdk":      convertTo(t, raw, "vmdk", "subformat=monolithicSparse"),
+		"/stream.vmdk.gz": gz(t, convertTo(t, raw, "vmdk", "subformat=streamOptimized")),
+		"/disk.vdi":       convertTo(t, raw, "vdi", ""),
+		"/disk.vhd":       convertTo(t, raw, "vpc", "subformat=dynamic,force_size=on"),
+		"/disk.vhdx.xz":   xzip(t, convertTo(t, raw, "vhdx", "")),
+		"/disk.qed":       convertTo(t, raw, "qed", ""),
+		"/truncated.vhdx": convertTo(t, raw, "vhdx", "")[:1*mib],
+	}
+	secret := filepath.Join(t.TempDir(), "node-secret")
+	os.WriteFile(secret, bytes.Repeat([]byte("node secret\n"), 512), 0o600)
+	files["/flat.vmdk"] = []byte("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\n" +
+		"RW 12 FLAT \"" + secret + "\" 0\n\nddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"1\"\nddb.geometry.heads = \"16\"\nddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\n")
+	url := serve(t, files)
+	for _, path := range []string{"/disk.vmdk", "/stream.vmdk.gz", "/disk.vdi", "/disk.vhd", "/disk.vhdx.xz"} {
+		t.Run(path, func(t *testing.T) {
+			o := options(t, url+path)
+			if err := Run(context.Background(), o, &recorder{}); err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+			checkDisk(t, o.Dest, raw, 64*mib)
+		})
+	}
+	for path, want := range map[string]string{
+		"/disk.qed":       "format qed is not supported",
+		"/flat.vmdk":      `vmdk of type "monolithicFlat" keeps its data in other files`,
+		"/truncated.vhdx": "",
+	} {
+		t.Run(path, func(t *testing.T) {
+			o := options(t, url+path)
+			err := Run(context.Background(), o, &recorder{})
+			expectFailure(t, err, "InvalidImage", true)
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("err = %v, want %q", err, want)
+			}
+			noDisk(t, o)
+		})
+	}
+}
+
 func TestHTTPImportChecksum(t *testing.T) {
 	raw, qcow2 := testImage(t, 4*mib)
 	compressed := gz(t, qcow2)
@@ -210,7 +276,7 @@ func TestHTTPImportFailures(t *testing.T) {
 		"/big.qcow2":       bigQcow2,
 		"/backing.qcow2":   withBacking,
 		"/bad.gz":          append([]byte{0x1f, 0x8b}, raw[:1000]...),
-		"/disk.vmdk":       vmdk(t),
+		"/disk.qed":        convertTo(t, raw, "qed", ""),
 	})
 	for _, tc := range []struct {
 		path, reason string
@@ -223,7 +289,7 @@ func TestHTTPImportFailures(t *testing.T) {
 		{"/big.qcow2", "ImageTooLarge", true},
 		{"/backing.qcow2", "InvalidImage", true},
 		{"/bad.gz", "InvalidImage", true},
-		{"/disk.vmdk", "InvalidImage", true},
+		{"/disk.qed", "InvalidImage", true},
 	} {
 		t.Run(tc.path, func(t *testing.T) {
 			o := options(t, url+tc.path)
@@ -237,7 +303,7 @@ func TestHTTPImportFailures(t *testing.T) {
 		})
 	}
 	t.Run("wrong header", func(t *testing.T) {
-		o := options(t, url+"/disk.vmdk")
+		o := options(t, url+"/disk.qed")
 		o.Headers = nil
 		expectFailure(t, Run(context.Background(), o, &recorder{}), "HTTPError", true)
 	})
@@ -280,18 +346,6 @@ func qcow2WithBacking(t *testing.T) []byte {
 		t.Fatalf("qemu-img create: %v: %s", err, out)
 	}
 	b, err := os.ReadFile(overlay)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func vmdk(t *testing.T) []byte {
-	p := filepath.Join(t.TempDir(), "d.vmdk")
-	if out, err := exec.Command("qemu-img", "create", "-f", "vmdk", p, "1M").CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img create: %v: %s", err, out)
-	}
-	b, err := os.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -389,18 +443,14 @@ func TestArchive(t *testing.T) {
 	}
 }
 
-func TestRegistryImport(t *testing.T) {
-	raw, qcow2 := testImage(t, 4*mib)
-	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(srv.Close)
-	host := strings.TrimPrefix(srv.URL, "http://")
-
-	// a containerDisk image: the disk in /disk, as KubeVirt's containerDisks are built
+// pushDisk pushes a one-layer containerDisk image holding data at file.
+func pushDisk(t *testing.T, reference, file string, data []byte) string {
+	t.Helper()
 	var layerTar bytes.Buffer
 	tw := tar.NewWriter(&layerTar)
 	tw.WriteHeader(&tar.Header{Name: "disk/", Typeflag: tar.TypeDir, Mode: 0o555})
-	tw.WriteHeader(&tar.Header{Name: "disk/fedora.qcow2", Typeflag: tar.TypeReg, Mode: 0o444, Size: int64(len(qcow2))})
-	tw.Write(qcow2)
+	tw.WriteHeader(&tar.Header{Name: file, Typeflag: tar.TypeReg, Mode: 0o444, Size: int64(len(data))})
+	tw.Write(data)
 	tw.Close()
 	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(layerTar.Bytes())), nil })
 	if err != nil {
@@ -410,19 +460,38 @@ func TestRegistryImport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ref, err := name.ParseReference(host + "/vmpod/fedora:42")
+	ref, err := name.ParseReference(reference)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := remote.Write(ref, img); err != nil {
 		t.Fatalf("push the test image: %v", err)
 	}
+	return ref.String()
+}
 
-	o := options(t, "docker://"+ref.String())
+func TestRegistryImport(t *testing.T) {
+	raw, qcow2 := testImage(t, 4*mib)
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(srv.Close)
+	host := strings.TrimPrefix(srv.URL, "http://")
+
+	// a containerDisk image: the disk in /disk, as KubeVirt's containerDisks are built
+	ref := pushDisk(t, host+"/vmpod/fedora:42", "disk/fedora.qcow2", qcow2)
+	o := options(t, "docker://"+ref)
 	o.Source = "registry"
 	rep := &recorder{}
 	if err := Run(context.Background(), o, rep); err != nil {
 		t.Fatalf("Run: %v", err)
+	}
+	checkDisk(t, o.Dest, raw, 64*mib)
+
+	// the disk compressed in the image, as CDI takes it
+	xzRef := pushDisk(t, host+"/vmpod/fedora:42-xz", "disk/fedora.qcow2.xz", xzip(t, qcow2))
+	o = options(t, "docker://"+xzRef)
+	o.Source = "registry"
+	if err := Run(context.Background(), o, &recorder{}); err != nil {
+		t.Fatalf("Run of an xz disk: %v", err)
 	}
 	checkDisk(t, o.Dest, raw, 64*mib)
 

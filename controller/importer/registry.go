@@ -85,7 +85,15 @@ func pullRegistry(ctx context.Context, o Options, rep Reporter) (string, error) 
 		if err != nil {
 			return "", transient("WriteFailed", "create %s: %w", dst, err)
 		}
-		_, err = copySparse(f, tr)
+		// a containerDisk's disk may be compressed, as CDI allows: unwrap gzip or xz
+		var data io.Reader
+		var kind string
+		if data, kind, err = decompress(tr); err == nil {
+			if kind != "none" {
+				slog.Info("decompressing the disk", "compression", kind)
+			}
+			_, err = copySparse(f, data)
+		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
