@@ -43,8 +43,8 @@ type DataVolumeSource struct {
 	Blank *BlankSource `json:"blank,omitempty"`
 }
 
-// HTTPSource downloads an image over HTTP(S). qcow2, raw, and either gzip- or xz-compressed
-// are accepted and converted to raw.
+// HTTPSource downloads an image over HTTP(S). raw, qcow2, vmdk (single-file), vdi, vhd and
+// vhdx, gzip- or xz-compressed or not, are accepted and converted to raw.
 type HTTPSource struct {
 	// +kubebuilder:validation:Pattern=`^https?://`
 	// +kubebuilder:validation:MaxLength=4096
@@ -73,7 +73,8 @@ type HTTPSource struct {
 	SecretExtraHeaders []string `json:"secretExtraHeaders,omitempty"`
 }
 
-// RegistrySource pulls a containerDisk image and imports its disk (the file in /disk).
+// RegistrySource pulls a containerDisk image and imports its disk (the file in /disk), in
+// any format an HTTPSource takes.
 type RegistrySource struct {
 	// URL is docker://<image reference>.
 	// +kubebuilder:validation:Pattern=`^docker://`
