@@ -15,7 +15,7 @@ func microvm() Machine {
 	return Machine{
 		Name: "pod-a", Type: machine.MicroVM, Accel: machine.TCG, VCPUs: 1, Memory: 512 << 20,
 		Kernel: "/k/vmlinux", Initrd: "/k/initrd.img", Append: "console=ttyS0 tsc_early_khz=2700000",
-		QMPSocket: "/run/vm/qmp.sock", ConsoleLog: "/run/vm/console.log",
+		QMPSocket: "/run/vm/qmp.sock", ConsoleLog: "/run/vm/console.log", Sandbox: true,
 	}
 }
 
@@ -41,7 +41,8 @@ func TestMicrovmArgv(t *testing.T) {
 		"-machine", "microvm,memory-backend=mem", // virtio-fs asks for shared RAM
 		"-accel", "tcg", "-cpu", "qemu64,+arat", "-smp", "cpus=1,maxcpus=1", "-m", "size=512M",
 		"-object", "memory-backend-memfd,id=mem,size=536870912,share=on",
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-no-reboot",
 		"-global", "virtio-mmio.force-legacy=false",
 		"-kernel", "/k/vmlinux", "-initrd", "/k/initrd.img", "-append", "console=ttyS0 tsc_early_khz=2700000",
 		"-chardev", "socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off", "-mon", "chardev=qmp,mode=control",

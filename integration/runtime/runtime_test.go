@@ -605,6 +605,10 @@ func TestCgroup(t *testing.T) {
 	// (binary, libraries) are charged to whoever first read them, another QEMU perhaps.
 	var rssKiB int
 	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", qemu))
+	// QEMU runs under its seccomp sandbox (-sandbox): mode 2, a filter
+	if !strings.Contains(string(status), "\nSeccomp:\t2\n") {
+		t.Errorf("QEMU has no seccomp filter:\n%s", status)
+	}
 	for l := range strings.Lines(string(status)) {
 		for _, key := range []string{"RssAnon:", "RssShmem:"} {
 			if v, ok := strings.CutPrefix(l, key); ok {

@@ -531,6 +531,10 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", status(t, id).Pid)); !strings.Contains(string(cg), id) {
 		t.Errorf("QEMU's cgroups do not name the compute container %s:\n%s", id, cg)
 	}
+	// and under its seccomp sandbox, firmware, disks and all
+	if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", status(t, id).Pid)); !strings.Contains(string(st), "\nSeccomp:\t2\n") {
+		t.Errorf("QEMU has no seccomp filter")
+	}
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
 	waitExec(t, id, time.Minute, "ata-QEMU_HARDDISK_root", "ls", "/dev/disk/by-id")
 	// the empty disk: the one virtio disk, 3 GiB, named by its serial

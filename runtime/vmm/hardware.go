@@ -168,6 +168,7 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	for _, f := range c.Files {
 		m.FDSets = append(m.FDSets, devices.FDSet{File: f.File, Set: f.Set})
 	}
+	m.Sandbox = true // every VM: nothing vmpod asks of QEMU needs what the filter denies
 	if b.accel.accel == machine.TCG {
 		m.TCGCacheMiB = TCGCodeCacheMiB
 	}
