@@ -21,7 +21,7 @@ const (
 	MaxHostDevices  = 16 // each of gpus and hostDevices
 	MaxCredentials  = 16
 	MaxEmptyDiskMiB = 64 << 20 // 64 TiB
-	MaxKeyUsers     = 16 // per access credential
+	MaxKeyUsers     = 16       // per access credential
 	maxDNSLabelSize = 63
 )
 
@@ -139,8 +139,11 @@ func (vm *VM) validateDisks(v *validator) map[string]bool {
 			if d.SizeMiB < 1 || d.SizeMiB > MaxEmptyDiskMiB {
 				v.add(at+".sizeMiB", "must be between 1 and %d, got %d", MaxEmptyDiskMiB, d.SizeMiB)
 			}
-			if d.Device != DeviceDisk || d.ReadOnly {
-				v.add(at+".device", "an empty disk is a writable disk")
+			if d.Device != DeviceDisk {
+				v.add(at+".device", "an empty disk is a disk, not a %s", d.Device)
+			}
+			if d.ReadOnly {
+				v.add(at+".readOnly", "an empty disk is writable")
 			}
 		default:
 			v.add(at+".source", "must be image, file, block or empty, got %q", d.Source)

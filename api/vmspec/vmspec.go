@@ -274,7 +274,7 @@ const (
 	PropagateNoCloud KeyPropagation = "noCloud"
 	// PropagateGuestAgent has the QEMU guest agent add the keys to each of Users'
 	// authorized_keys (guest-ssh-add-authorized-keys) once the agent answers and the
-	// account exists, on every boot.
+	// account exists, at every start of the VM (a reboot inside the guest keeps them).
 	PropagateGuestAgent KeyPropagation = "guestAgent"
 )
 

@@ -130,7 +130,7 @@ func TestParseInvalid(t *testing.T) {
 			{"name":"c","source":"empty","sizeMiB":1,"device":"cdrom","bus":"sata"},
 			{"name":"d","volume":"d","source":"file","sizeMiB":10}]}`,
 			[]string{"disks[0].sizeMiB: must be between 1 and", `disks[1].volume: an empty disk has no volume, got "v"`,
-				"disks[2].device: an empty disk is a writable disk", "disks[3].sizeMiB: only an empty disk has a size"}},
+				"disks[2].device: an empty disk is a disk, not a cdrom", "disks[3].sizeMiB: only an empty disk has a size"}},
 		{"negative cpu", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"threads":-1}}`,
 			[]string{"cpu.threads: must be between 1 and 512, got -1"}},
 		{"bad machine and firmware", `{"version":"v1alpha1","memoryMiB":128,"machine":"pc","firmware":{"type":"coreboot"}}`,

@@ -89,20 +89,13 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 	if err != nil {
 		return "", transient("WriteFailed", "create %s: %w", path, err)
 	}
-	written, err := copySparse(f, data)
+	written, err := copySparse(f, limitImage(data, o.imageLimit))
 	if cerr := f.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
 	if err != nil {
 		os.Remove(path)
-		var ie *Error
-		if errors.As(err, &ie) {
-			return "", err
-		}
-		if ctx.Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) || isNetError(err) {
-			return "", transient("DownloadFailed", "%s: %w", what, err)
-		}
-		return "", permanent("InvalidImage", "%s: %s stream: %w", what, kind, err)
+		return "", streamError(ctx, err, what, kind, func(err error) error { return transient("DownloadFailed", "%s: %w", what, err) })
 	}
 	if total > 0 && counter.n.Load() != total {
 		os.Remove(path)
@@ -117,6 +110,20 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 	}
 	slog.Info("downloaded", "bytes", counter.n.Load(), "compression", kind, "imageBytes", written)
 	return path, nil
+}
+
+// streamError classifies an error of copying a (decompressed) download: the importer's own
+// errors as they are, a cut connection by transport, anything else is the stream's content
+// (a corrupt gzip or xz stream), which a retry will not fix.
+func streamError(ctx context.Context, err error, what, kind string, transport func(error) error) error {
+	var ie *Error
+	switch {
+	case errors.As(err, &ie):
+		return err
+	case ctx.Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) || isNetError(err):
+		return transport(err)
+	}
+	return permanent("InvalidImage", "%s: %s stream: %w", what, kind, err)
 }
 
 func isNetError(err error) bool {
@@ -171,6 +178,37 @@ func decompress(r io.Reader) (io.Reader, string, error) {
 		return z, "xz", nil
 	}
 	return br, "none", nil
+}
+
+// limitImage fails a read past max bytes (none if max is 0) with ImageTooLarge.
+func limitImage(r io.Reader, max int64) io.Reader {
+	if max <= 0 {
+		return r
+	}
+	return &limitedImage{r: r, left: max}
+}
+
+type limitedImage struct {
+	r    io.Reader
+	left int64
+}
+
+func (l *limitedImage) Read(p []byte) (int, error) {
+	if l.left <= 0 {
+		// one byte more is too many
+		var b [1]byte
+		n, err := l.r.Read(b[:])
+		if n > 0 {
+			return 0, permanent("ImageTooLarge", "the image decompresses to more bytes than the disk it could hold")
+		}
+		return 0, err
+	}
+	if int64(len(p)) > l.left {
+		p = p[:l.left]
+	}
+	n, err := l.r.Read(p)
+	l.left -= int64(n)
+	return n, err
 }
 
 // copySparse copies r to f, seeking over all-zero chunks so that a raw image's holes stay

@@ -38,7 +38,7 @@ var importFormats = []string{"raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx"}
 
 // checkedFormats are those qemu-img check verifies: a truncated image of these passes info
 // and even converts, its missing clusters read as zeros.
-var checkedFormats = []string{"qcow2", "vdi", "vhdx"}
+var checkedFormats = []string{"qcow2", "vdi", "vhdx", "vmdk"}
 
 // vmdkOneFile are the vmdk create types whose data is in the file itself; the others
 // (monolithicFlat, twoGbMaxExtent*, vmfs...) are a descriptor naming extent files, which,

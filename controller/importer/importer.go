@@ -39,6 +39,10 @@ type Options struct {
 	Size               int64  // the PVC's requested size in bytes
 	FilesystemOverhead float64
 	Scratch            string // a directory for the download
+	// imageLimit bounds the bytes a download may decompress to (run sets it from the
+	// target size): an image is not much larger than the disk it holds, and a small
+	// compressed stream of zeros must not keep the importer busy for hours.
+	imageLimit int64
 
 	// ProgressInterval is how often progress is reported.
 	ProgressInterval time.Duration
@@ -120,6 +124,8 @@ func run(ctx context.Context, o Options, rep Reporter) error {
 		return writeImage(ctx, o, rep, src, "raw", target)
 	}
 
+	// every format's metadata (qcow2's tables, vmdk's grain directories) fits in an eighth
+	o.imageLimit = target + target/8 + 64<<20
 	var downloaded string
 	switch o.Source {
 	case "http":

@@ -88,21 +88,42 @@ func pullRegistry(ctx context.Context, o Options, rep Reporter) (string, error) 
 		// a containerDisk's disk may be compressed, as CDI allows: unwrap gzip or xz
 		var data io.Reader
 		var kind string
-		if data, kind, err = decompress(tr); err == nil {
+		entry := &readErr{r: tr}
+		if data, kind, err = decompress(entry); err == nil {
 			if kind != "none" {
 				slog.Info("decompressing the disk", "compression", kind)
 			}
-			_, err = copySparse(f, data)
+			_, err = copySparse(f, limitImage(data, o.imageLimit))
 		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
 		if err != nil {
 			os.Remove(dst)
-			return "", registryError(o.URL, err)
+			if entry.err == nil && ctx.Err() == nil {
+				// the layer arrived whole (its digest checked), the disk in it did not
+				// decompress: a bad image, not a bad connection
+				err = streamError(ctx, err, "/"+name, kind, func(err error) error { return permanent("InvalidImage", "/%s: %s stream: %w", name, kind, err) })
+				return "", err
+			}
+			return "", streamError(ctx, err, "/"+name, kind, func(err error) error { return registryError(o.URL, err) })
 		}
 		return dst, nil
 	}
+}
+
+// readErr remembers the first error (but EOF) of reading r: the layer's transport.
+type readErr struct {
+	r   io.Reader
+	err error
+}
+
+func (e *readErr) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) && e.err == nil {
+		e.err = err
+	}
+	return n, err
 }
 
 func registryError(url string, err error) error {

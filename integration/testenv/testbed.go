@@ -275,7 +275,7 @@ func AssertPodGone(t testing.TB, podID string) {
 		if mounts := MountsUnder(dir); len(mounts) > 0 {
 			left = append(left, fmt.Sprintf("mounts of pod %s: %s", podID, strings.Join(mounts, ", ")))
 		}
-		if sock := shimSocketOf(podID); sock != "" {
+		for _, sock := range shimSocketsOf(podID) {
 			if _, err := os.Lstat(sock); err == nil {
 				left = append(left, fmt.Sprintf("shim socket of pod %s: %s", podID, sock))
 			}
@@ -293,15 +293,20 @@ func AssertPodGone(t testing.TB, podID string) {
 	}
 }
 
-// shimSocketOf is where a CRI pod's shim listens: containerd names it by the hash of its
-// own address, the namespace and the pod (pkg/shim.CreateSocketAddress). "" off the test bed.
-func shimSocketOf(podID string) string {
+// shimSocketsOf are where pod podID's shim may listen: containerd names the socket by the
+// hash of its own address, the namespace and the pod (pkg/shim.CreateSocketAddress); the
+// pod is CRI's (k8s.io) or ctr's (default). None off the test bed.
+func shimSocketsOf(podID string) []string {
 	dir, addr := os.Getenv(EnvShimSockets), os.Getenv(EnvContainerdAddr)
 	if dir == "" || addr == "" {
-		return ""
+		return nil
 	}
-	sum := sha256.Sum256([]byte(filepath.Join(addr, "k8s.io", podID)))
-	return filepath.Join(dir, hex.EncodeToString(sum[:]))
+	var socks []string
+	for _, ns := range []string{"k8s.io", "default"} {
+		sum := sha256.Sum256([]byte(filepath.Join(addr, ns, podID)))
+		socks = append(socks, filepath.Join(dir, hex.EncodeToString(sum[:])))
+	}
+	return socks
 }
 
 // ShimPid is the pid of pod podID's running vmpod shim.

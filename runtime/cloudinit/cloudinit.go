@@ -42,7 +42,7 @@ type NoCloud struct {
 	// fallback (DHCP on the first NIC), which the shim's DHCP server answers.
 	NetworkData []byte
 	// PublicKeys are authorized_keys lines cloud-init gives the guest's default user
-	// (meta-data public-keys, as KubeVirt's noCloud key propagation writes them).
+	// (meta-data public-keys: a list here, a map in KubeVirt's; cloud-init reads both).
 	PublicKeys []string
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/containerd/log"
@@ -25,6 +26,7 @@ type userKeys struct {
 const (
 	keyRetryFirst = time.Second
 	keyRetryMax   = 10 * time.Second
+	keyAgentPing  = time.Second
 )
 
 // accessCredentials reads the keys of each access credential from its Secret volume: those
@@ -39,7 +41,13 @@ func accessCredentials(creds []vmspec.AccessCredential, spec *specs.Spec) (noClo
 		switch c.Propagation {
 		case vmspec.PropagateGuestAgent:
 			for _, u := range c.Users {
-				agent = append(agent, userKeys{user: u, keys: keys})
+				// one call per user, whatever the credentials naming it
+				i := slices.IndexFunc(agent, func(k userKeys) bool { return k.user == u })
+				if i < 0 {
+					agent = append(agent, userKeys{user: u})
+					i = len(agent) - 1
+				}
+				agent[i].keys = append(agent[i].keys, keys...)
 			}
 		default:
 			noCloud = append(noCloud, keys...)
@@ -60,6 +68,19 @@ func (c *computeVM) addKeysThroughAgent(ctx context.Context, todo []userKeys) {
 		case <-c.exited:
 			return
 		case <-time.After(delay):
+		}
+		// one short ping a round: while the agent is not up, the key calls would each hold
+		// the agent (one call at a time) for their whole timeout, ahead of execs
+		pingCtx, cancel := context.WithTimeout(ctx, keyAgentPing)
+		err := c.agent.Ping(pingCtx)
+		cancel()
+		if err != nil {
+			if msg := err.Error(); lastErr[""] != msg {
+				lastErr[""] = msg
+				lg.WithError(err).Info("guest agent: not answering yet; SSH keys wait for it")
+			}
+			delay = min(2*delay, keyRetryMax)
+			continue
 		}
 		var left []userKeys
 		for _, k := range todo {

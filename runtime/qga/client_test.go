@@ -268,7 +268,7 @@ func TestAddAuthorizedKeys(t *testing.T) {
 	if err := c.AddAuthorizedKeys(ctx(t), "vmpod", []string{"ssh-ed25519 AAAA a", "ssh-rsa BBBB b"}); err != nil {
 		t.Fatal(err)
 	}
-	want := `guest-ssh-add-authorized-keys {"username":"vmpod","keys":["ssh-ed25519 AAAA a","ssh-rsa BBBB b"],"reset":false}`
+	want := `guest-ssh-add-authorized-keys {"username":"vmpod","keys":["ssh-ed25519 AAAA a","ssh-rsa BBBB b"]}`
 	if len(got) != 1 || got[0] != want {
 		t.Fatalf("agent got %q, want %q", got, want)
 	}

@@ -76,14 +76,14 @@ func (c *Client) HostName(ctx context.Context) (string, error) {
 }
 
 // AddAuthorizedKeys runs guest-ssh-add-authorized-keys: user's ~/.ssh/authorized_keys
-// gets keys it lacks (the agent creates the file with the owner and modes sshd wants). The
-// agent refuses a user it does not know; the Error says so.
+// gets keys it lacks (the agent creates the file with the owner and modes sshd wants); the
+// keys already there stay (no "reset", which older agents do not know). The agent refuses a
+// user it does not know; the Error says so.
 func (c *Client) AddAuthorizedKeys(ctx context.Context, user string, keys []string) error {
 	args := struct {
 		Username string   `json:"username"`
 		Keys     []string `json:"keys"`
-		Reset    bool     `json:"reset"`
-	}{user, keys, false}
+	}{user, keys}
 	return c.call(ctx, "guest-ssh-add-authorized-keys", args, nil)
 }
 

@@ -75,8 +75,11 @@ func New(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (*s
 		// pkg/shim removes, at exit, the socket it derives from the -id flag: the first
 		// container's. This shim listens on its pod's socket, which is another name when
 		// the pod's first container here was not its sandbox (a pod whose shim died gets a
-		// new one from its next container). Remove the socket actually served.
-		sd.RegisterCallback(func(context.Context) error { return removeSocket(path) })
+		// new one from its next container). Remove the socket actually served, unless a
+		// newer shim of the pod has bound that path since.
+		if ours, err := os.Stat(path); err == nil {
+			sd.RegisterCallback(func(context.Context) error { return removeSocket(path, ours) })
+		}
 	}
 	return s, nil
 }
@@ -99,7 +102,11 @@ func listeningSocket(fd int) string {
 	return ""
 }
 
-func removeSocket(path string) error {
+// removeSocket removes path if it is still the socket file ours describes.
+func removeSocket(path string, ours os.FileInfo) error {
+	if now, err := os.Stat(path); err != nil || !os.SameFile(now, ours) {
+		return nil // gone, or another shim's now
+	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove shim socket: %w", err)
 	}

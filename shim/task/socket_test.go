@@ -41,13 +41,29 @@ func TestListeningSocket(t *testing.T) {
 		t.Errorf("stdin: got %q, want none", got)
 	}
 
-	if err := removeSocket(path); err != nil {
+	ours, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := removeSocket(path, ours); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(path); !os.IsNotExist(err) {
 		t.Errorf("socket still there after removal: %v", err)
 	}
-	if err := removeSocket(path); err != nil {
+	if err := removeSocket(path, ours); err != nil {
 		t.Errorf("removing a socket already gone: %v", err)
+	}
+	// a newer shim of the pod bound the path meanwhile: its socket stays
+	l2, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l2.Close()
+	if err := removeSocket(path, ours); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(path); err != nil {
+		t.Errorf("removed another shim's socket: %v", err)
 	}
 }

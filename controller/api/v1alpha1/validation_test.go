@@ -106,6 +106,10 @@ func TestVirtualMachineValidation(t *testing.T) {
 		}, []string{"spec.template.spec.accessCredentials[0].sshPublicKey.source.secret.secretName: Invalid value",
 			`spec.template.spec.accessCredentials[0].sshPublicKey.propagationMethod.qemuGuestAgent.users[0]: Invalid value: "-rf"`,
 			"spec.template.spec.accessCredentials[1].sshPublicKey.propagationMethod.qemuGuestAgent.users: Required value"}},
+		{"empty cdrom", func(vm *vmpodv1.VirtualMachine) {
+			spec(vm).Domain.Devices.Disks = append(spec(vm).Domain.Devices.Disks, vmpodv1.Disk{Name: "scratch", CDRom: &vmpodv1.CDRomTarget{Bus: "sata"}})
+			spec(vm).Volumes = append(spec(vm).Volumes, vmpodv1.Volume{Name: "scratch", VolumeSource: vmpodv1.VolumeSource{EmptyDisk: &vmpodv1.EmptyDiskSource{Capacity: resource.MustParse("1Gi")}}})
+		}, []string{"spec.template.spec.volumes: Invalid value", "an emptyDisk volume's disk is a writable disk"}},
 		{"duplicate disk", func(vm *vmpodv1.VirtualMachine) {
 			spec(vm).Domain.Devices.Disks = append(spec(vm).Domain.Devices.Disks, vmpodv1.Disk{Name: "root"})
 		}, []string{"spec.template.spec.domain.devices.disks[2]: Duplicate value"}},

@@ -107,6 +107,7 @@ type VirtualMachineTemplateSpec struct {
 // +kubebuilder:validation:XValidation:rule="self.volumes.all(v, self.domain.devices.disks.exists(d, d.name == v.name))",message="every volume needs a disk of the same name in domain.devices.disks",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.domain.devices.interfaces.all(i, self.networks.exists(n, n.name == i.name))",message="every interface needs a network of the same name in networks",fieldPath=".domain.devices.interfaces"
 // +kubebuilder:validation:XValidation:rule="self.networks.all(n, self.domain.devices.interfaces.exists(i, i.name == n.name))",message="every network needs an interface of the same name in domain.devices.interfaces",fieldPath=".networks"
+// +kubebuilder:validation:XValidation:rule="self.volumes.all(v, !has(v.emptyDisk) || self.domain.devices.disks.all(d, d.name != v.name || (!has(d.cdrom) && !(has(d.disk) && has(d.disk.readonly) && d.disk.readonly))))",message="an emptyDisk volume's disk is a writable disk: not a cdrom, not readOnly",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="!has(self.accessCredentials) || self.accessCredentials.all(c, !has(c.sshPublicKey.propagationMethod.noCloud)) || self.volumes.exists(v, has(v.cloudInitNoCloud))",message="noCloud key propagation needs a cloudInitNoCloud volume",fieldPath=".accessCredentials"
 // +kubebuilder:validation:XValidation:rule="self.volumes.filter(v, has(v.cloudInitNoCloud)).size() <= 1",message="at most one cloudInitNoCloud volume",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.networks.filter(n, has(n.pod) || (has(n.multus) && n.multus.?default.orValue(false))).size() <= 1",message="at most one default network (pod, or multus with default: true)",fieldPath=".networks"
@@ -474,7 +475,11 @@ type VolumeSource struct {
 
 // EmptyDiskSource is the size of a blank disk.
 type EmptyDiskSource struct {
-	// Capacity is the disk's size, rounded up to whole MiB.
+	// The range is checked when the pod is rendered: a CEL quantity rule in a list of 64
+	// volumes exceeds the API server's cost budget.
+
+	// Capacity is the disk's size, above 0 and at most 64Ti, rounded up to whole MiB; the
+	// compute container requests it as ephemeral storage.
 	Capacity resource.Quantity `json:"capacity"`
 }
 

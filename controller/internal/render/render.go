@@ -339,7 +339,8 @@ func accessCredentialVolume(i int) string { return fmt.Sprintf("access-credentia
 
 // accessCredentials mounts each credential's Secret in the compute container, where the
 // shim reads the keys when the VM starts (as it reads a cloud-init Secret): the keys never
-// pass through the annotation, and a Secret that changes reaches the next start.
+// pass through the annotation. Keys added to the Secret reach the guest agent's users at
+// the next start; cloud-init applies noCloud keys once per instance, as with KubeVirt.
 func (r *renderer) accessCredentials(spec *vmpodv1.InstanceSpec) error {
 	for i, c := range spec.AccessCredentials {
 		name := accessCredentialVolume(i)
@@ -466,6 +467,17 @@ func (r *renderer) resources(d *vmpodv1.DomainSpec) (corev1.ResourceRequirements
 			m = r.guestMemory
 		}
 		lim[corev1.ResourceMemory] = m
+	}
+	if _, ok := req[corev1.ResourceEphemeralStorage]; !ok {
+		// empty disks live in the compute container's writable layer: the scheduler
+		// must find the room a guest may fill (the kubelet counts what it writes)
+		var mib int64
+		for _, disk := range r.vmspec.Disks {
+			mib += disk.SizeMiB
+		}
+		if mib > 0 {
+			req[corev1.ResourceEphemeralStorage] = *resource.NewQuantity(mib<<20, resource.BinarySI)
+		}
 	}
 	if _, ok := req[corev1.ResourceCPU]; !ok {
 		ratio := max(r.cfg.CPUAllocationRatio, 1)

@@ -107,7 +107,8 @@ func TestPod(t *testing.T) {
 	}
 
 	// 4 vCPUs at ratio 10 request 400m; memory is the guest's; 2 GPUs of one resource.
-	wantReq := corev1.ResourceList{"cpu": resource.MustParse("400m"), "memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2")}
+	wantReq := corev1.ResourceList{"cpu": resource.MustParse("400m"), "memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2"),
+		"ephemeral-storage": resource.MustParse("1536Mi")} // the empty disk
 	wantLim := corev1.ResourceList{"memory": resource.MustParse("1500Mi"), "nvidia.com/A10": resource.MustParse("2")}
 	if !equality.Semantic.DeepEqual(c.Resources.Requests, wantReq) || !equality.Semantic.DeepEqual(c.Resources.Limits, wantLim) {
 		t.Errorf("resources = %v / %v, want %v / %v", c.Resources.Requests, c.Resources.Limits, wantReq, wantLim)
