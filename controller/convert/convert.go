@@ -803,11 +803,15 @@ func dataVolumeSpec(s *node) vmpodv1.DataVolumeSpec {
 
 func dataVolumeSource(src *node) vmpodv1.DataVolumeSource {
 	var out vmpodv1.DataVolumeSource
-	switch src.oneKey("DataVolume source", "http", "registry", "pvc", "blank") {
+	switch src.oneKey("DataVolume source", "http", "s3", "registry", "pvc", "blank") {
 	case "http":
 		h := src.object("http")
 		out.HTTP = &vmpodv1.HTTPSource{URL: h.str("url"), SecretRef: h.str("secretRef"), CertConfigMap: h.str("certConfigMap"),
 			ExtraHeaders: h.strings("extraHeaders"), SecretExtraHeaders: h.strings("secretExtraHeaders"), Checksum: h.str("checksum")}
+	case "s3":
+		h := src.object("s3")
+		out.S3 = &vmpodv1.S3Source{URL: h.str("url"), SecretRef: h.str("secretRef"), CertConfigMap: h.str("certConfigMap"),
+			Region: h.str("region"), Checksum: h.str("checksum")}
 	case "registry":
 		r := src.object("registry")
 		out.Registry = &vmpodv1.RegistrySource{URL: r.str("url"), SecretRef: r.str("secretRef"), CertConfigMap: r.str("certConfigMap")}

@@ -162,6 +162,10 @@ func TestConvertDataVolumes(t *testing.T) {
 	if clone.Spec.Source.PVC == nil || clone.Spec.Source.PVC.Name != "alpine-root" || *clone.Spec.Storage.StorageClassName != "fast" {
 		t.Errorf("clone DataVolume = %+v", clone.Spec)
 	}
+	s3 := decode[vmpodv1.DataVolume](t, docs[2])
+	if want := (vmpodv1.S3Source{URL: "https://s3.us-west-2.amazonaws.com/mybucket/fedora.qcow2", SecretRef: "endpoint-secret", CertConfigMap: "tls-certs"}); s3.Spec.Source.S3 == nil || *s3.Spec.Source.S3 != want {
+		t.Errorf("S3 DataVolume = %+v", s3.Spec.Source)
+	}
 	for _, w := range []string{"pullMethod: vmpod's importer pulls the image itself", "spec.preallocation:", "cdi.kubevirt.io/storage.bind.immediate.requested: a KubeVirt annotation"} {
 		if !strings.Contains(warnings, w) {
 			t.Errorf("warnings lack %q:\n%s", w, warnings)

@@ -1,5 +1,5 @@
 // Package importer is vmpod-importer: it fills one PVC for a DataVolume. It downloads a
-// disk image over HTTP(S) or pulls a containerDisk from a registry (verifying a checksum),
+// disk image over HTTP(S) or from S3 or pulls a containerDisk from a registry (verifying a checksum),
 // converts raw, qcow2, vmdk, vdi, vhd or vhdx, gzip- or xz-compressed, to a raw image with
 // qemu-img and sizes it to
 // the PVC; or clones another PVC's disk; or makes a blank disk; or extracts a tar archive.
@@ -22,13 +22,14 @@ import (
 // Options says what to import where. Every path is a flag so that the Job spec alone decides
 // the pod's layout.
 type Options struct {
-	Source string // http, registry, pvc or blank
-	// http and registry
+	Source string // http, s3, registry, pvc or blank
+	// http, s3 and registry
 	URL        string
 	Checksum   string   // <algorithm>:<hex> of the downloaded bytes
 	Headers    []string // "Name: value"
 	HeaderDirs []string // directories whose files each hold one "Name: value" header
-	AuthDir    string   // files accessKeyId and secretKey: basic auth / registry credentials
+	AuthDir    string   // files accessKeyId and secretKey: basic auth / S3 keys / registry credentials
+	S3Region   string   // s3: the signing region (default: from an AWS host name, else us-east-1)
 	CADir      string   // *.pem, *.crt (any file) with CA certificates to trust
 	// pvc: the source PVC's mount (a directory holding disk.img) or its block device
 	SourcePath string
@@ -130,6 +131,8 @@ func run(ctx context.Context, o Options, rep Reporter) error {
 	switch o.Source {
 	case "http":
 		downloaded, err = downloadHTTP(ctx, o, rep)
+	case "s3":
+		downloaded, err = downloadS3(ctx, o, rep)
 	case "registry":
 		downloaded, err = pullRegistry(ctx, o, rep)
 	}
@@ -146,7 +149,7 @@ func run(ctx context.Context, o Options, rep Reporter) error {
 func (o *Options) validate() error {
 	bad := func(format string, args ...any) error { return permanent("InvalidArguments", format, args...) }
 	switch o.Source {
-	case "http", "registry":
+	case "http", "s3", "registry":
 		if o.URL == "" {
 			return bad("--url is required for source %s", o.Source)
 		}
@@ -156,7 +159,7 @@ func (o *Options) validate() error {
 		}
 	case "blank":
 	default:
-		return bad("--source must be http, registry, pvc or blank, got %q", o.Source)
+		return bad("--source must be http, s3, registry, pvc or blank, got %q", o.Source)
 	}
 	switch {
 	case o.ContentType != "kubevirt" && o.ContentType != "archive":
@@ -167,7 +170,7 @@ func (o *Options) validate() error {
 		return bad("an archive is extracted from an http source into a filesystem")
 	case o.Dest == "":
 		return bad("--dest is required")
-	case o.Scratch == "" && (o.Source == "http" || o.Source == "registry"):
+	case o.Scratch == "" && (o.Source == "http" || o.Source == "s3" || o.Source == "registry"):
 		return bad("--scratch is required for downloads")
 	case o.FilesystemOverhead < 0 || o.FilesystemOverhead >= 1:
 		return bad("--filesystem-overhead must be in [0, 1), got %v", o.FilesystemOverhead)

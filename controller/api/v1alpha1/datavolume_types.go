@@ -29,10 +29,12 @@ const (
 )
 
 // DataVolumeSource is where a DataVolume's data comes from.
-// +kubebuilder:validation:XValidation:rule="[has(self.http), has(self.registry), has(self.pvc), has(self.blank)].filter(x, x).size() == 1",message="set exactly one of http, registry, pvc, blank"
+// +kubebuilder:validation:XValidation:rule="[has(self.http), has(self.s3), has(self.registry), has(self.pvc), has(self.blank)].filter(x, x).size() == 1",message="set exactly one of http, s3, registry, pvc, blank"
 type DataVolumeSource struct {
 	// +optional
 	HTTP *HTTPSource `json:"http,omitempty"`
+	// +optional
+	S3 *S3Source `json:"s3,omitempty"`
 	// +optional
 	Registry *RegistrySource `json:"registry,omitempty"`
 	// PVC clones another PVC of the same namespace.
@@ -71,6 +73,31 @@ type HTTPSource struct {
 	// +listType=atomic
 	// +optional
 	SecretExtraHeaders []string `json:"secretExtraHeaders,omitempty"`
+}
+
+// S3Source gets an object from an S3-compatible store, in any format an HTTPSource takes.
+type S3Source struct {
+	// URL is http(s)://<endpoint>/<bucket>/<object key>, path-style as in CDI.
+	// +kubebuilder:validation:Pattern=`^https?://[^/?#]+/[^/?#]+/[^?#]+$`
+	// +kubebuilder:validation:MaxLength=4096
+	URL string `json:"url"`
+	// SecretRef names a Secret with keys accessKeyId and secretKey: the request is signed
+	// with them (AWS Signature Version 4). Without it the object is read anonymously.
+	// +optional
+	SecretRef string `json:"secretRef,omitempty"`
+	// CertConfigMap names a ConfigMap of CA certificates trusted for the endpoint.
+	// +optional
+	CertConfigMap string `json:"certConfigMap,omitempty"`
+	// Region to sign for. Defaults to the region of an AWS endpoint's name
+	// (s3.<region>.amazonaws.com), else us-east-1 (MinIO's and Ceph RGW's default). A vmpod
+	// addition: CDI takes the endpoint name's first label.
+	// +kubebuilder:validation:Pattern=`^[a-z0-9][a-z0-9-]{0,62}$`
+	// +optional
+	Region string `json:"region,omitempty"`
+	// Checksum of the object's bytes as <algorithm>:<hex>, as for HTTPSource.
+	// +kubebuilder:validation:Pattern=`^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$`
+	// +optional
+	Checksum string `json:"checksum,omitempty"`
 }
 
 // RegistrySource pulls a containerDisk image and imports its disk (the file in /disk), in
@@ -171,7 +198,7 @@ type DataVolumeStatus struct {
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
 
-// DataVolume is a PVC filled from a source: an HTTP(S) download, a registry image, a clone
+// DataVolume is a PVC filled from a source: an HTTP(S) download, an S3 object, a registry image, a clone
 // of another PVC, or nothing.
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status

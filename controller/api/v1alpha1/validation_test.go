@@ -195,7 +195,13 @@ func TestDataVolumeValidation(t *testing.T) {
 		want   []string
 	}{
 		{"two sources", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.Blank = &vmpodv1.BlankSource{} },
-			[]string{"spec.source: Invalid value", "set exactly one of http, registry, pvc, blank"}},
+			[]string{"spec.source: Invalid value", "set exactly one of http, s3, registry, pvc, blank"}},
+		{"s3 without an object key", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.Source = vmpodv1.DataVolumeSource{S3: &vmpodv1.S3Source{URL: "https://s3.example.com/bucket"}}
+		}, []string{"spec.source.s3.url: Invalid value"}},
+		{"s3 region", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.Source = vmpodv1.DataVolumeSource{S3: &vmpodv1.S3Source{URL: "https://s3.example.com/bucket/disk.qcow2", Region: "EU West"}}
+		}, []string{"spec.source.s3.region: Invalid value"}},
 		{"no source", func(dv *vmpodv1.DataVolume) { dv.Spec.Source = vmpodv1.DataVolumeSource{} },
 			[]string{"spec.source: Invalid value"}},
 		{"ftp", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.HTTP.URL = "ftp://example.com/x" },

@@ -314,6 +314,37 @@ func TestImportFailures(t *testing.T) {
 	}
 }
 
+// An S3 DataVolume's Job: the importer signs with the Secret's keys, mounted where --auth-dir
+// says, and trusts the ConfigMap's CAs. (The download itself is the importer's own test,
+// against a real S3 server.)
+func TestS3ImportJob(t *testing.T) {
+	f := setup(t)
+	const url = "https://s3.eu-west-1.amazonaws.com/images/fedora.qcow2.xz"
+	checksum := sha([]byte("fedora"))
+	dv := f.dataVolume("fedora", vmpodv1.DataVolumeSource{S3: &vmpodv1.S3Source{
+		URL: url, SecretRef: "s3-keys", CertConfigMap: "s3-ca", Region: "eu-west-1", Checksum: checksum}})
+	job := f.job(dv)
+	pod := job.Spec.Template.Spec
+	args := strings.Join(pod.Containers[0].Args, " ")
+	for _, want := range []string{"--source=s3", "--url=" + url, "--s3-region=eu-west-1", "--checksum=" + checksum,
+		"--auth-dir=/vmpod/auth", "--ca-dir=/vmpod/ca"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("Job args %q lack %q", args, want)
+		}
+	}
+	volumes := map[string]corev1.VolumeSource{}
+	for _, v := range pod.Volumes {
+		volumes[v.Name] = v.VolumeSource
+	}
+	if s := volumes["auth"].Secret; s == nil || s.SecretName != "s3-keys" {
+		t.Errorf("auth volume = %+v, want Secret s3-keys", volumes["auth"])
+	}
+	if c := volumes["ca"].ConfigMap; c == nil || c.Name != "s3-ca" {
+		t.Errorf("ca volume = %+v, want ConfigMap s3-ca", volumes["ca"])
+	}
+	f.waitPhase("fedora", vmpodv1.PhaseImportScheduled)
+}
+
 func TestCloneAndBlank(t *testing.T) {
 	f := setup(t)
 	// the clone's source is itself a DataVolume still being filled

@@ -118,6 +118,15 @@ func WorkerJobSpec(dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeC
 			c.Args = append(c.Args, "--header-dir="+dir)
 		}
 		addCredentials(src.HTTP.SecretRef, src.HTTP.CertConfigMap)
+	case src.S3 != nil:
+		c.Args = append(c.Args, "--source=s3", "--url="+src.S3.URL)
+		if src.S3.Region != "" {
+			c.Args = append(c.Args, "--s3-region="+src.S3.Region)
+		}
+		if src.S3.Checksum != "" {
+			c.Args = append(c.Args, "--checksum="+src.S3.Checksum)
+		}
+		addCredentials(src.S3.SecretRef, src.S3.CertConfigMap)
 	case src.Registry != nil:
 		c.Args = append(c.Args, "--source=registry", "--url="+src.Registry.URL)
 		addCredentials(src.Registry.SecretRef, src.Registry.CertConfigMap)
