@@ -803,7 +803,7 @@ func dataVolumeSpec(s *node) vmpodv1.DataVolumeSpec {
 
 func dataVolumeSource(src *node) vmpodv1.DataVolumeSource {
 	var out vmpodv1.DataVolumeSource
-	switch src.oneKey("DataVolume source", "http", "s3", "registry", "pvc", "blank") {
+	switch src.oneKey("DataVolume source", "http", "s3", "registry", "upload", "pvc", "blank") {
 	case "http":
 		h := src.object("http")
 		out.HTTP = &vmpodv1.HTTPSource{URL: h.str("url"), SecretRef: h.str("secretRef"), CertConfigMap: h.str("certConfigMap"),
@@ -823,6 +823,9 @@ func dataVolumeSource(src *node) vmpodv1.DataVolumeSource {
 	case "pvc":
 		p := src.object("pvc")
 		out.PVC = &vmpodv1.PVCSource{Namespace: p.str("namespace"), Name: p.str("name")}
+	case "upload":
+		src.object("upload")
+		out.Upload = &vmpodv1.UploadSource{}
 	case "blank":
 		src.object("blank")
 		out.Blank = &vmpodv1.BlankSource{}

@@ -166,6 +166,9 @@ func TestConvertDataVolumes(t *testing.T) {
 	if want := (vmpodv1.S3Source{URL: "https://s3.us-west-2.amazonaws.com/mybucket/fedora.qcow2", SecretRef: "endpoint-secret", CertConfigMap: "tls-certs"}); s3.Spec.Source.S3 == nil || *s3.Spec.Source.S3 != want {
 		t.Errorf("S3 DataVolume = %+v", s3.Spec.Source)
 	}
+	if up := decode[vmpodv1.DataVolume](t, docs[3]); up.Spec.Source.Upload == nil {
+		t.Errorf("upload DataVolume = %+v", up.Spec.Source)
+	}
 	for _, w := range []string{"pullMethod: vmpod's importer pulls the image itself", "spec.preallocation:", "cdi.kubevirt.io/storage.bind.immediate.requested: a KubeVirt annotation"} {
 		if !strings.Contains(warnings, w) {
 			t.Errorf("warnings lack %q:\n%s", w, warnings)
@@ -203,7 +206,7 @@ func TestObjectErrors(t *testing.T) {
 		{"both", "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: x}\nspec: {running: true, runStrategy: Always, template: {spec: {domain: {}}}}", "both running and runStrategy"},
 		{"wrong type", "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: x}\nspec: {running: \"yes\", template: {spec: {domain: {}}}}", "spec.running: must be true or false"},
 		{"no size", "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata: {name: d}\nspec: {source: {blank: {}}, storage: {}}", "vmpod needs the size"},
-		{"upload", "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata: {name: d}\nspec: {source: {upload: {}}, storage: {resources: {requests: {storage: 1Gi}}}}", "spec.source: DataVolume source upload is not supported"},
+		{"gcs", "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataVolume\nmetadata: {name: d}\nspec: {source: {gcs: {url: \"gs://b/k\"}}, storage: {resources: {requests: {storage: 1Gi}}}}", "spec.source: DataVolume source gcs is not supported"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var obj map[string]any

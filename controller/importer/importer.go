@@ -1,5 +1,5 @@
 // Package importer is vmpod-importer: it fills one PVC for a DataVolume. It downloads a
-// disk image over HTTP(S) or from S3 or pulls a containerDisk from a registry (verifying a checksum),
+// disk image over HTTP(S) or from S3, takes an upload, or pulls a containerDisk from a registry (verifying a checksum),
 // converts raw, qcow2, vmdk, vdi, vhd or vhdx, gzip- or xz-compressed, to a raw image with
 // qemu-img and sizes it to
 // the PVC; or clones another PVC's disk; or makes a blank disk; or extracts a tar archive.
@@ -22,7 +22,7 @@ import (
 // Options says what to import where. Every path is a flag so that the Job spec alone decides
 // the pod's layout.
 type Options struct {
-	Source string // http, s3, registry, pvc or blank
+	Source string // http, s3, registry, upload, pvc or blank
 	// http, s3 and registry
 	URL        string
 	Checksum   string   // <algorithm>:<hex> of the downloaded bytes
@@ -31,6 +31,8 @@ type Options struct {
 	AuthDir    string   // files accessKeyId and secretKey: basic auth / S3 keys / registry credentials
 	S3Region   string   // s3: the signing region (default: from an AWS host name, else us-east-1)
 	CADir      string   // *.pem, *.crt (any file) with CA certificates to trust
+	// upload: the address to take the upload on (the worker pod's loopback)
+	Listen string
 	// pvc: the source PVC's mount (a directory holding disk.img) or its block device
 	SourcePath string
 
@@ -135,6 +137,8 @@ func run(ctx context.Context, o Options, rep Reporter) error {
 		downloaded, err = downloadS3(ctx, o, rep)
 	case "registry":
 		downloaded, err = pullRegistry(ctx, o, rep)
+	case "upload":
+		return serveUpload(ctx, o, rep, target)
 	}
 	if err != nil {
 		return err
@@ -153,13 +157,17 @@ func (o *Options) validate() error {
 		if o.URL == "" {
 			return bad("--url is required for source %s", o.Source)
 		}
+	case "upload":
+		if o.Listen == "" {
+			return bad("--listen is required for source upload")
+		}
 	case "pvc":
 		if o.SourcePath == "" {
 			return bad("--source-path is required for source pvc")
 		}
 	case "blank":
 	default:
-		return bad("--source must be http, s3, registry, pvc or blank, got %q", o.Source)
+		return bad("--source must be http, s3, registry, upload, pvc or blank, got %q", o.Source)
 	}
 	switch {
 	case o.ContentType != "kubevirt" && o.ContentType != "archive":
@@ -170,7 +178,7 @@ func (o *Options) validate() error {
 		return bad("an archive is extracted from an http source into a filesystem")
 	case o.Dest == "":
 		return bad("--dest is required")
-	case o.Scratch == "" && (o.Source == "http" || o.Source == "s3" || o.Source == "registry"):
+	case o.Scratch == "" && o.Source != "pvc" && o.Source != "blank":
 		return bad("--scratch is required for downloads")
 	case o.FilesystemOverhead < 0 || o.FilesystemOverhead >= 1:
 		return bad("--filesystem-overhead must be in [0, 1), got %v", o.FilesystemOverhead)

@@ -37,12 +37,23 @@ type recorder struct {
 	progress  []string
 	succeeded bool
 	failed    string
+	ready     []string
 }
 
 func (r *recorder) Progress(_ context.Context, p, _ string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.progress = append(r.progress, p)
+}
+func (r *recorder) Ready(_ context.Context, msg string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ready = append(r.ready, msg)
+}
+func (r *recorder) readies() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.ready...)
 }
 func (r *recorder) Succeeded(context.Context) error { r.succeeded = true; return nil }
 func (r *recorder) Failed(_ context.Context, reason, _ string, _ bool) error {

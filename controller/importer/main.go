@@ -14,6 +14,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 )
 
 // Exit codes. The DataVolume controller's Job fails at once on ExitPermanent (its
@@ -68,12 +70,13 @@ func parseFlags(args []string) (Options, string, error) {
 	var headers, headerDirs stringList
 	var kubeconfig string
 	fs := flag.NewFlagSet("vmpod-importer", flag.ContinueOnError)
-	fs.StringVar(&o.Source, "source", "", "http, s3, registry, pvc or blank")
+	fs.StringVar(&o.Source, "source", "", "http, s3, registry, upload, pvc or blank")
 	fs.StringVar(&o.URL, "url", "", "http(s)://..., http(s)://<endpoint>/<bucket>/<key> (s3) or docker://...")
 	fs.StringVar(&o.Checksum, "checksum", "", "sha256:<hex> or sha512:<hex> of the downloaded bytes")
 	fs.Var(&headers, "header", `an extra HTTP header "Name: value" (repeatable)`)
 	fs.Var(&headerDirs, "header-dir", "a directory of files each holding a header (repeatable)")
 	fs.StringVar(&o.AuthDir, "auth-dir", "", "a directory with files accessKeyId and secretKey")
+	fs.StringVar(&o.Listen, "listen", "", "upload: the address to take the upload on (PUT or POST "+vmpodv1.UploadPath+")")
 	fs.StringVar(&o.S3Region, "s3-region", "", "s3: the signing region (default: from an AWS endpoint's name, else us-east-1)")
 	fs.StringVar(&o.CADir, "ca-dir", "", "a directory of PEM CA certificates to trust")
 	fs.StringVar(&o.SourcePath, "source-path", "", "pvc source: the source PVC's mount or block device")

@@ -20,6 +20,8 @@ type Reporter interface {
 	// Progress reports the share done ("42.00%", or "N/A") and what is happening. It may
 	// drop reports that come faster than it wants to send them.
 	Progress(ctx context.Context, progress, message string)
+	// Ready says the importer waits for the user (an upload) and why.
+	Ready(ctx context.Context, message string)
 	// Succeeded is called once the data is complete and synced.
 	Succeeded(ctx context.Context) error
 	// Failed reports a failure; a permanent one is final.
@@ -52,6 +54,14 @@ func (r *PVCReporter) Progress(ctx context.Context, progress, message string) {
 	if err := r.patch(ctx, "Running", progress, "", message); err != nil {
 		// progress is advisory: the import goes on
 		slog.Warn("could not report progress on the PVC", "err", err)
+	}
+}
+
+// Ready marks the PVC as waiting for an upload; it is never throttled.
+func (r *PVCReporter) Ready(ctx context.Context, message string) {
+	slog.Info("ready", "message", message)
+	if err := r.patch(ctx, string(vmpodv1.PhaseUploadReady), "N/A", "", message); err != nil {
+		slog.Warn("could not report readiness on the PVC", "err", err)
 	}
 }
 
@@ -106,6 +116,9 @@ type LogReporter struct{}
 
 func (LogReporter) Progress(_ context.Context, progress, message string) {
 	slog.Info("progress", "progress", progress, "message", message)
+}
+func (LogReporter) Ready(_ context.Context, message string) {
+	slog.Info("ready", "message", message)
 }
 func (LogReporter) Succeeded(context.Context) error { return nil }
 func (LogReporter) Failed(context.Context, string, string, bool) error {

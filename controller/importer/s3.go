@@ -10,6 +10,8 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/vmpod/vmpod/controller/internal/sigv4"
 )
 
 // S3 source, with CDI's addressing: the URL is http(s)://<endpoint>/<bucket>/<object key>
@@ -96,7 +98,7 @@ func downloadS3(ctx context.Context, o Options, rep Reporter) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		signV4(req, s3Credentials{AccessKeyID: user, SecretKey: pass}, region, "s3", time.Now())
+		sigv4.Sign(req, sigv4.Credentials{AccessKeyID: user, SecretKey: pass}, region, "s3", time.Now())
 	}
 	resp, err := client.Do(req)
 	if err != nil {

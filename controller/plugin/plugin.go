@@ -7,6 +7,7 @@
 //	kubectl vmpod port-forward VM PORT...  forward local ports to the guest's
 //	kubectl vmpod guestosinfo VM           what the guest agent reports of the guest
 //	kubectl vmpod convert -f FILE          KubeVirt/CDI manifests -> vmpod's
+//	kubectl vmpod image-upload dv NAME ... upload a disk image into a DataVolume
 package plugin
 
 import (
@@ -17,6 +18,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 	"k8s.io/apimachinery/pkg/types"
@@ -49,6 +51,11 @@ Usage:
                                       interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
                                       manifests to vmpod's (- reads stdin)
+  kubectl vmpod image-upload dv NAME --image-path=FILE [--size=10Gi] [--volume-mode=block]
+        [--storage-class=SC] [--access-mode=MODE] [--no-create] [--wait-secs=300]
+                                      upload a disk image (raw, qcow2, vmdk, vdi, vhd(x),
+                                      gzip or xz) into DataVolume NAME, made with source
+                                      upload unless it exists; needs pods/portforward
 
 Flags: the usual kubectl connection flags (--kubeconfig, --context, -n/--namespace, ...).
 `
@@ -85,6 +92,14 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	file := fs.StringP("filename", "f", "", "convert: the manifest file (- for stdin)")
 	port := fs.Int("port", 0, "vnc: the local port (0: a free one)")
 	stdioForward := fs.Bool("stdio", false, "port-forward: connect stdin and stdout to the one guest port")
+	var upload UploadOptions
+	fs.StringVar(&upload.ImagePath, "image-path", "", "image-upload: the image file")
+	fs.StringVar(&upload.Size, "size", "", "image-upload: the new DataVolume's size (e.g. 10Gi)")
+	fs.StringVar(&upload.VolumeMode, "volume-mode", "", "image-upload: the new DataVolume's volume mode (block or filesystem)")
+	fs.StringVar(&upload.StorageClass, "storage-class", "", "image-upload: the new DataVolume's storage class")
+	fs.StringVar(&upload.AccessMode, "access-mode", "", "image-upload: the new DataVolume's access mode (default ReadWriteOnce)")
+	fs.BoolVar(&upload.NoCreate, "no-create", false, "image-upload: upload into an existing DataVolume only")
+	waitSecs := fs.Int("wait-secs", 300, "image-upload: how long to wait for the importer, and for the import")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -93,8 +108,17 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	if cmd == "convert" {
 		return convertCmd(*file, fs.Args(), stdio)
 	}
-	if fs.NArg() == 0 || (fs.NArg() != 1 && cmd != "port-forward") {
-		return fmt.Errorf("%s needs one VM name, got %d arguments", cmd, fs.NArg())
+	upload.Wait = time.Duration(*waitSecs) * time.Second
+	names := fs.Args()
+	if cmd == "image-upload" {
+		// virtctl's form: image-upload dv NAME
+		if len(names) != 2 || names[0] != "dv" {
+			return fmt.Errorf("image-upload takes dv NAME (vmpod uploads into DataVolumes), got %q", names)
+		}
+		names = names[1:]
+	}
+	if len(names) == 0 || (len(names) != 1 && cmd != "port-forward") {
+		return fmt.Errorf("%s needs one VM name, got %d arguments", cmd, len(names))
 	}
 	ns, _, err := config.Namespace()
 	if err != nil {
@@ -108,7 +132,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	if err != nil {
 		return err
 	}
-	key := types.NamespacedName{Namespace: ns, Name: fs.Arg(0)}
+	key := types.NamespacedName{Namespace: ns, Name: names[0]}
 	switch cmd {
 	case "start", "stop", "restart", "pause", "unpause":
 		msg, err := StateChange(ctx, c, key, vmpodv1.StateChangeAction(strings.ToUpper(cmd[:1])+cmd[1:]))
@@ -131,6 +155,8 @@ func run(ctx context.Context, args []string, stdio IO) error {
 		return PortForward(ctx, rc, c, key, fs.Args()[1:], stdio)
 	case "guestosinfo":
 		return GuestOSInfo(ctx, rc, c, key, stdio)
+	case "image-upload":
+		return ImageUpload(ctx, rc, c, key, upload, stdio)
 	}
 	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
 }

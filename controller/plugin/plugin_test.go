@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -233,4 +234,44 @@ func TestStartStopRestart(t *testing.T) {
 		t.Errorf("start of a missing VM: %v %s", err, stderr)
 	}
 	fmt.Fprintln(os.Stderr) // keep go test's output tidy after the plugin's
+}
+
+// image-upload's mistakes a user can make are refused before anything is created; the
+// upload itself (through the kubelet's port-forward) is the cluster's end-to-end test.
+func TestImageUploadBadInput(t *testing.T) {
+	f := setup(t)
+	ctx := context.Background()
+	image := filepath.Join(t.TempDir(), "disk.qcow2")
+	if err := os.WriteFile(image, []byte("QFI\xfb"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	imported := &vmpodv1.DataVolume{ObjectMeta: metav1.ObjectMeta{Name: "imported", Namespace: f.ns},
+		Spec: vmpodv1.DataVolumeSpec{Source: vmpodv1.DataVolumeSource{Blank: &vmpodv1.BlankSource{}},
+			Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}}}}
+	if err := f.env.Client.Create(ctx, imported); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"pvc", "disk", "--image-path", image}, "image-upload takes dv NAME"},
+		{[]string{"dv", "disk", "--size=1Gi"}, "needs --image-path"},
+		{[]string{"dv", "disk", "--size=1Gi", "--image-path", image + ".missing"}, "no such file"},
+		{[]string{"dv", "disk", "--size=1Gi", "--image-path", filepath.Dir(image)}, "is not a regular file"},
+		{[]string{"dv", "disk", "--image-path", image}, "give --size to create it"},
+		{[]string{"dv", "disk", "--no-create", "--image-path", image}, "does not exist (--no-create)"},
+		{[]string{"dv", "disk", "--size=big", "--image-path", image}, `--size "big": not a positive quantity`},
+		{[]string{"dv", "disk", "--size=1Gi", "--volume-mode=raw", "--image-path", image}, `--volume-mode "raw": want block or filesystem`},
+		{[]string{"dv", "imported", "--image-path", image}, "does not take uploads"},
+	} {
+		_, stderr, err := f.run(nil, append([]string{"vmpod", "image-upload"}, tc.args...)...)
+		if err == nil || !strings.Contains(stderr, tc.want) {
+			t.Errorf("image-upload %q: %v %q, want an error saying %q", tc.args, err, stderr, tc.want)
+		}
+	}
+	dvs := &vmpodv1.DataVolumeList{}
+	if err := f.env.Client.List(ctx, dvs, client.InNamespace(f.ns)); err != nil || len(dvs.Items) != 1 {
+		t.Errorf("DataVolumes after refused uploads: %d (%v), want only the one made by the test", len(dvs.Items), err)
+	}
 }

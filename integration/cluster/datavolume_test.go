@@ -1,9 +1,11 @@
 package cluster
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -103,6 +105,45 @@ func TestDataVolumeImportAndBoot(t *testing.T) {
 			t.Errorf("the failed DataVolume's Ready condition is %q, want reason InvalidImage", cond)
 		}
 	})
+}
+
+// TestDataVolumeUpload: kubectl vmpod image-upload creates an upload DataVolume and sends a
+// local image through the API server's port-forward to the importer pod on the vmpod node;
+// an image the importer refuses fails the command with the reason and leaves the DataVolume
+// waiting for another upload, which then completes it.
+func TestDataVolumeUpload(t *testing.T) {
+	c := testenv.RequireCluster(t)
+	t.Parallel()
+	ns := c.Namespace(t)
+	dir := t.TempDir()
+	raw, qcow2 := filepath.Join(dir, "disk.raw"), filepath.Join(dir, "disk.qcow2")
+	if err := os.WriteFile(raw, append([]byte("vmpod upload test"), make([]byte, 8<<20)...)[:8<<20], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v: %s", err, out)
+	}
+	copyPrefix(t, qcow2, filepath.Join(dir, "truncated.qcow2"), 64<<10)
+
+	upload := func(args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		out, err := c.Command(ctx, append([]string{"vmpod", "image-upload", "dv", "uploaded", "-n", ns, "--wait-secs=240"}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	out, err := upload("--size=100Mi", "--image-path="+filepath.Join(dir, "truncated.qcow2"))
+	if err == nil || !strings.Contains(out, "refused the upload") || !strings.Contains(out, "InvalidImage") {
+		t.Fatalf("uploading a truncated qcow2: err %v, output:\n%s\nwant the importer's refusal with reason InvalidImage", err, out)
+	}
+	waitDataVolume(t, c, ns, "uploaded", "UploadReady", time.Minute)
+
+	t0 := time.Now()
+	out, err = upload("--no-create", "--image-path="+qcow2)
+	if err != nil || !strings.Contains(out, "DataVolume uploaded: Succeeded") {
+		t.Fatalf("kubectl vmpod image-upload: %v\n%s", err, out)
+	}
+	t.Logf("uploaded and imported in %v:\n%s", time.Since(t0).Round(time.Second), out)
+	waitDataVolume(t, c, ns, "uploaded", "Succeeded", time.Minute)
 }
 
 // copyPrefix writes the first n bytes of src to dst.

@@ -29,7 +29,7 @@ const (
 )
 
 // DataVolumeSource is where a DataVolume's data comes from.
-// +kubebuilder:validation:XValidation:rule="[has(self.http), has(self.s3), has(self.registry), has(self.pvc), has(self.blank)].filter(x, x).size() == 1",message="set exactly one of http, s3, registry, pvc, blank"
+// +kubebuilder:validation:XValidation:rule="[has(self.http), has(self.s3), has(self.registry), has(self.upload), has(self.pvc), has(self.blank)].filter(x, x).size() == 1",message="set exactly one of http, s3, registry, upload, pvc, blank"
 type DataVolumeSource struct {
 	// +optional
 	HTTP *HTTPSource `json:"http,omitempty"`
@@ -37,6 +37,9 @@ type DataVolumeSource struct {
 	S3 *S3Source `json:"s3,omitempty"`
 	// +optional
 	Registry *RegistrySource `json:"registry,omitempty"`
+	// Upload waits for the user to upload the image (kubectl vmpod image-upload).
+	// +optional
+	Upload *UploadSource `json:"upload,omitempty"`
 	// PVC clones another PVC of the same namespace.
 	// +optional
 	PVC *PVCSource `json:"pvc,omitempty"`
@@ -114,6 +117,12 @@ type RegistrySource struct {
 	CertConfigMap string `json:"certConfigMap,omitempty"`
 }
 
+// UploadSource is an image the user uploads, in any format an HTTPSource takes. The
+// DataVolume is UploadReady while its importer waits; the upload goes through the API
+// server's port-forward to the importer pod, so uploading needs pods/portforward in the
+// namespace (no upload proxy, no token).
+type UploadSource struct{}
+
 // PVCSource is a PVC to clone.
 // +kubebuilder:validation:XValidation:rule="!has(self.__namespace__) || self.__namespace__.size() == 0",message="vmpod clones within a namespace only; leave namespace empty",fieldPath=".namespace"
 type PVCSource struct {
@@ -150,6 +159,8 @@ const (
 	PhasePending          DataVolumePhase = "Pending"
 	PhaseImportScheduled  DataVolumePhase = "ImportScheduled"
 	PhaseImportInProgress DataVolumePhase = "ImportInProgress"
+	PhaseUploadScheduled  DataVolumePhase = "UploadScheduled"
+	PhaseUploadReady      DataVolumePhase = "UploadReady"
 	PhaseCloneScheduled   DataVolumePhase = "CloneScheduled"
 	PhaseCloneInProgress  DataVolumePhase = "CloneInProgress"
 	PhaseSucceeded        DataVolumePhase = "Succeeded"
@@ -171,10 +182,18 @@ const (
 // only after the data is complete and synced, so a PVC with it is never half-written. See
 // docs/design/103-import-progress.md.
 const (
-	ImportPhaseAnnotation    = "vmpod.dev/import-phase" // Running, Succeeded or Failed
+	ImportPhaseAnnotation    = "vmpod.dev/import-phase" // Running, UploadReady, Succeeded or Failed
 	ImportProgressAnnotation = "vmpod.dev/import-progress"
 	ImportReasonAnnotation   = "vmpod.dev/import-reason"
 	ImportMessageAnnotation  = "vmpod.dev/import-message"
+)
+
+// How an upload reaches the importer: kubectl vmpod image-upload PUTs the image to
+// UploadPath on the importer pod's loopback port UploadPort, through the API server's
+// port-forward (docs/design/103-import-progress.md).
+const (
+	UploadPort = 8080
+	UploadPath = "/upload"
 )
 
 // DataVolumeStatus is what the controller observed.
@@ -198,7 +217,7 @@ type DataVolumeStatus struct {
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
 
-// DataVolume is a PVC filled from a source: an HTTP(S) download, an S3 object, a registry image, a clone
+// DataVolume is a PVC filled from a source: an HTTP(S) download, an S3 object, an upload, a registry image, a clone
 // of another PVC, or nothing.
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status

@@ -195,7 +195,7 @@ func TestDataVolumeValidation(t *testing.T) {
 		want   []string
 	}{
 		{"two sources", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.Blank = &vmpodv1.BlankSource{} },
-			[]string{"spec.source: Invalid value", "set exactly one of http, s3, registry, pvc, blank"}},
+			[]string{"spec.source: Invalid value", "set exactly one of http, s3, registry, upload, pvc, blank"}},
 		{"s3 without an object key", func(dv *vmpodv1.DataVolume) {
 			dv.Spec.Source = vmpodv1.DataVolumeSource{S3: &vmpodv1.S3Source{URL: "https://s3.example.com/bucket"}}
 		}, []string{"spec.source.s3.url: Invalid value"}},

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -34,6 +35,8 @@ import (
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/datavolume"
+	"github.com/vmpod/vmpod/controller/internal/s3test"
+	"github.com/vmpod/vmpod/controller/internal/sigv4"
 	"github.com/vmpod/vmpod/controller/internal/testenv"
 )
 
@@ -161,7 +164,7 @@ func (f *fixture) job(dv *vmpodv1.DataVolume) *batchv1.Job {
 }
 
 // paths stand for the worker pod's volumes.
-type paths struct{ dest, scratch, source string }
+type paths struct{ dest, scratch, source, auth string }
 
 // runImporter runs the real vmpod-importer as the kubelet would run the Job's container:
 // its args (volume paths mapped to test directories), its env (the downward API's
@@ -179,6 +182,8 @@ func (f *fixture) runImporter(job *batchv1.Job, p paths, extra ...string) int {
 			a = "--scratch=" + p.scratch
 		case strings.HasPrefix(a, "--source-path="):
 			a = "--source-path=" + p.source
+		case strings.HasPrefix(a, "--auth-dir="):
+			a = "--auth-dir=" + p.auth // the Secret's volume
 		}
 		args = append(args, a)
 	}
@@ -343,6 +348,101 @@ func TestS3ImportJob(t *testing.T) {
 		t.Errorf("ca volume = %+v, want ConfigMap s3-ca", volumes["ca"])
 	}
 	f.waitPhase("fedora", vmpodv1.PhaseImportScheduled)
+}
+
+// An upload DataVolume: UploadScheduled, then UploadReady once its importer listens; a refused
+// upload leaves it UploadReady, a good one completes it.
+func TestUpload(t *testing.T) {
+	f := setup(t)
+	raw, qcow2 := image(t)
+	dv := f.dataVolume("uploaded", vmpodv1.DataVolumeSource{Upload: &vmpodv1.UploadSource{}})
+	job := f.job(dv)
+	args := strings.Join(job.Spec.Template.Spec.Containers[0].Args, " ")
+	if !strings.Contains(args, "--source=upload") || !strings.Contains(args, fmt.Sprintf("--listen=127.0.0.1:%d", vmpodv1.UploadPort)) {
+		t.Errorf("Job args %q: want an upload on the pod's loopback port %d", args, vmpodv1.UploadPort)
+	}
+	f.waitPhase("uploaded", vmpodv1.PhaseUploadScheduled)
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	dest := t.TempDir()
+	done := make(chan int, 1)
+	go func() { done <- f.runImporter(job, paths{dest: dest, scratch: t.TempDir()}, "--listen="+addr) }()
+	f.waitPhase("uploaded", vmpodv1.PhaseUploadReady)
+
+	put := func(body []byte) int {
+		req, err := http.NewRequest(http.MethodPut, "http://"+addr+vmpodv1.UploadPath, bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := put(qcow2[:len(qcow2)/2]); code != http.StatusBadRequest {
+		t.Errorf("a truncated qcow2: %d, want 400", code)
+	}
+	testenv.Eventually(t, timeout, "UploadReady saying the upload was refused", func() (bool, string) {
+		d := f.dv("uploaded")
+		c := meta.FindStatusCondition(d.Status.Conditions, vmpodv1.DVRunning)
+		return d.Status.Phase == vmpodv1.PhaseUploadReady && c != nil && strings.Contains(c.Message, "upload refused (InvalidImage"), describe(d)
+	})
+	if code := put(qcow2); code != http.StatusOK {
+		t.Fatalf("the qcow2: %d, want 200", code)
+	}
+	if code := <-done; code != 0 {
+		t.Fatalf("importer exit code %d", code)
+	}
+	f.waitPhase("uploaded", vmpodv1.PhaseSucceeded)
+	disk, err := os.ReadFile(filepath.Join(dest, "disk.img"))
+	if err != nil || !bytes.Equal(disk[:len(raw)], raw) {
+		t.Errorf("disk.img does not hold the uploaded image (%v)", err)
+	}
+}
+
+// An S3 DataVolume imported by the real importer, with the Job's args, from a real S3 server
+// that checks the request's signature: with the Secret's keys it succeeds, with a key the
+// server does not know it fails with the reason.
+func TestS3Import(t *testing.T) {
+	f := setup(t)
+	raw, qcow2 := image(t)
+	m := s3test.Start(t, map[string][]byte{"images/disk.qcow2": qcow2})
+	for _, tc := range []struct {
+		name   string
+		cred   sigv4.Credentials
+		code   int
+		phase  vmpodv1.DataVolumePhase
+		reason string
+	}{
+		{"signed", m.Cred, 0, vmpodv1.PhaseSucceeded, ""},
+		{"unknown-key", sigv4.Credentials{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SecretKey: "x"}, 2, vmpodv1.PhaseFailed, "S3Unauthorized"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dv := f.dataVolume(tc.name, vmpodv1.DataVolumeSource{S3: &vmpodv1.S3Source{URL: m.ObjectURL("images/disk.qcow2"), SecretRef: "s3-keys"}})
+			dest := t.TempDir()
+			if code := f.runImporter(f.job(dv), paths{dest: dest, scratch: t.TempDir(), auth: s3test.WriteCredentials(t, tc.cred)}); code != tc.code {
+				t.Errorf("importer exit code %d, want %d", code, tc.code)
+			}
+			got := f.waitPhase(tc.name, tc.phase)
+			if tc.reason != "" {
+				if c := meta.FindStatusCondition(got.Status.Conditions, vmpodv1.DVReady); c == nil || c.Reason != tc.reason {
+					t.Errorf("Ready = %+v, want reason %s", c, tc.reason)
+				}
+				return
+			}
+			disk, err := os.ReadFile(filepath.Join(dest, "disk.img"))
+			if err != nil || !bytes.Equal(disk[:len(raw)], raw) {
+				t.Errorf("disk.img does not hold the object's image (%v)", err)
+			}
+		})
+	}
 }
 
 func TestCloneAndBlank(t *testing.T) {

@@ -141,6 +141,8 @@ func WorkerJobSpec(dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeC
 			c.Args = append(c.Args, "--source-path="+sourceMount)
 			c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: "source", MountPath: sourceMount, ReadOnly: true})
 		}
+	case src.Upload != nil:
+		c.Args = append(c.Args, "--source=upload", "--listen=127.0.0.1:"+strconv.Itoa(vmpodv1.UploadPort))
 	case src.Blank != nil:
 		c.Args = append(c.Args, "--source=blank")
 	}

@@ -124,14 +124,21 @@ func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *v
 	}
 
 	scheduled, inProgress := vmpodv1.PhaseImportScheduled, vmpodv1.PhaseImportInProgress
-	if dv.Spec.Source.PVC != nil {
+	switch {
+	case dv.Spec.Source.PVC != nil:
 		scheduled, inProgress = vmpodv1.PhaseCloneScheduled, vmpodv1.PhaseCloneInProgress
+	case dv.Spec.Source.Upload != nil:
+		scheduled = vmpodv1.PhaseUploadScheduled
 	}
-	if pvc.Annotations[vmpodv1.ImportPhaseAnnotation] == "Running" {
+	switch pvc.Annotations[vmpodv1.ImportPhaseAnnotation] {
+	case "Running":
 		s.Phase = inProgress
 		s.Progress = pvc.Annotations[vmpodv1.ImportProgressAnnotation]
 		setCondition(s, dv, vmpodv1.DVRunning, true, "Running", pvc.Annotations[vmpodv1.ImportMessageAnnotation])
-	} else {
+	case string(vmpodv1.PhaseUploadReady):
+		s.Phase, s.Progress = vmpodv1.PhaseUploadReady, "N/A"
+		setCondition(s, dv, vmpodv1.DVRunning, true, "UploadReady", pvc.Annotations[vmpodv1.ImportMessageAnnotation])
+	default:
 		s.Phase, s.Progress = scheduled, "N/A"
 		setCondition(s, dv, vmpodv1.DVRunning, false, "Pending", "importer Job "+job.Name+" created")
 	}
@@ -224,7 +231,9 @@ func (r *Reconciler) phaseEvent(dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeSta
 	case vmpodv1.PhaseFailed:
 		c := meta.FindStatusCondition(s.Conditions, vmpodv1.DVReady)
 		r.Recorder.Eventf(dv, nil, corev1.EventTypeWarning, "ImportFailed", "Import", "%s: %s", c.Reason, c.Message)
-	case vmpodv1.PhaseImportScheduled, vmpodv1.PhaseCloneScheduled:
+	case vmpodv1.PhaseUploadReady:
+		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, "UploadReady", "Import", "the importer waits for an upload: kubectl vmpod image-upload dv %s --image-path=FILE", dv.Name)
+	case vmpodv1.PhaseImportScheduled, vmpodv1.PhaseCloneScheduled, vmpodv1.PhaseUploadScheduled:
 		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, string(s.Phase), "Import", "worker Job %s created", WorkerName(dv))
 	}
 }

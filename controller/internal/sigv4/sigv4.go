@@ -1,4 +1,9 @@
-package importer
+// Package sigv4 signs HTTP requests with AWS Signature Version 4, for the one kind of
+// request vmpod makes of S3-compatible stores: a GET with an empty body. vmpod signs it
+// itself rather than take an AWS SDK (tens of MB of code for one request); the signer is
+// checked against AWS's published example and against a real S3 server that verifies it
+// with botocore's signer (controller/importer's tests).
+package sigv4
 
 import (
 	"crypto/hmac"
@@ -11,32 +16,27 @@ import (
 	"time"
 )
 
-// AWS Signature Version 4 for the one request the importer makes of S3: a GET with an empty
-// body. The importer signs it itself rather than take an AWS SDK (tens of MB of code for one
-// request); the signer is checked against AWS's published example and against a real S3
-// server that verifies it with botocore's signer (see the tests).
-
 // emptySHA256 is the hex SHA-256 of an empty body: a GET's x-amz-content-sha256.
 const emptySHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-// s3Credentials are an access key pair (CDI's Secret keys accessKeyId and secretKey).
-type s3Credentials struct {
+// Credentials are an access key pair (CDI's Secret keys accessKeyId and secretKey).
+type Credentials struct {
 	AccessKeyID string
 	SecretKey   string
 }
 
-// signV4 adds x-amz-date, x-amz-content-sha256 and the Authorization header to req, signing
+// Sign adds x-amz-date, x-amz-content-sha256 and the Authorization header to req, signing
 // every header it already carries plus Host, for service in region at now. The body must be
 // empty. It sets req.URL.RawPath to the path as signed, so that what is sent is what was
 // signed (S3 compares the canonical URI byte for byte).
-func signV4(req *http.Request, cred s3Credentials, region, service string, now time.Time) {
+func Sign(req *http.Request, cred Credentials, region, service string, now time.Time) {
 	now = now.UTC()
 	amzDate := now.Format("20060102T150405Z")
 	day := now.Format("20060102")
 	req.Header.Set("X-Amz-Date", amzDate)
 	req.Header.Set("X-Amz-Content-Sha256", emptySHA256)
 
-	canonicalURI := awsURIEncode(req.URL.Path, false)
+	canonicalURI := uriEncode(req.URL.Path, false)
 	if canonicalURI == "" {
 		canonicalURI = "/"
 	}
@@ -90,16 +90,16 @@ func canonicalQuery(q url.Values) string {
 	var pairs []string
 	for name, values := range q {
 		for _, v := range values {
-			pairs = append(pairs, awsURIEncode(name, true)+"="+awsURIEncode(v, true))
+			pairs = append(pairs, uriEncode(name, true)+"="+uriEncode(v, true))
 		}
 	}
 	sort.Strings(pairs)
 	return strings.Join(pairs, "&")
 }
 
-// awsURIEncode percent-encodes every byte but the unreserved ones (A-Z a-z 0-9 - _ . ~),
+// uriEncode percent-encodes every byte but the unreserved ones (A-Z a-z 0-9 - _ . ~),
 // and '/' unless encodeSlash, as SigV4 specifies (url.PathEscape keeps more).
-func awsURIEncode(s string, encodeSlash bool) string {
+func uriEncode(s string, encodeSlash bool) string {
 	const hexdigits = "0123456789ABCDEF"
 	var b strings.Builder
 	for i := 0; i < len(s); i++ {

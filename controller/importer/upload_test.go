@@ -1,0 +1,121 @@
+package importer
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func upload(t *testing.T, addr, method string, body io.Reader) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, "http://"+addr+vmpodv1.UploadPath, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s: %v", method, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// An upload that is not a usable image is refused with its reason, and the importer waits
+// for the next; a good one completes the import, and then the importer stops listening.
+func TestUpload(t *testing.T) {
+	raw, qcow2 := testImage(t, 4*mib)
+	addr := freeAddr(t)
+	o := Options{Source: "upload", Listen: addr, ContentType: "kubevirt", Dest: t.TempDir(), DestMode: "filesystem",
+		Size: 64 * mib, FilesystemOverhead: 0.055, Scratch: t.TempDir(), ProgressInterval: 1}
+	rep := &recorder{}
+	done := make(chan error, 1)
+	go func() { done <- Run(context.Background(), o, rep) }()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for len(rep.readies()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the importer never said it was ready")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if code, _ := upload(t, addr, http.MethodGet, nil); code != http.StatusMethodNotAllowed {
+		t.Errorf("GET: %d, want 405", code)
+	}
+	code, answer := upload(t, addr, http.MethodPut, strings.NewReader("<html>not a disk</html>"))
+	if code != http.StatusBadRequest || !strings.Contains(answer, "InvalidImage") {
+		t.Errorf("a page as image: %d %q, want 400 InvalidImage", code, answer)
+	}
+	if r := rep.readies(); len(r) != 2 || !strings.Contains(r[1], "upload refused (InvalidImage") {
+		t.Errorf("ready reports %q, want a second one saying the upload was refused", r)
+	}
+	noDisk(t, o)
+	// a cut upload: the importer is told less than it was promised
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(conn, "PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", vmpodv1.UploadPath, len(qcow2))
+	conn.Write(qcow2[:len(qcow2)/3])
+	conn.Close()
+
+	// until the importer notices the cut, it refuses another upload
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		code, answer = upload(t, addr, http.MethodPost, bytes.NewReader(gz(t, qcow2)))
+		if code != http.StatusConflict || time.Now().After(deadline) {
+			break
+		}
+	}
+	if code != http.StatusOK {
+		t.Fatalf("gzip'd qcow2: %d %q", code, answer)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the importer did not finish after a good upload")
+	}
+	checkDisk(t, o.Dest, raw, 60*mib)
+	if !rep.succeeded {
+		t.Error("not reported as succeeded")
+	}
+	if r := rep.readies(); len(r) != 3 || !strings.Contains(r[2], "upload failed (DownloadFailed") {
+		t.Errorf("ready reports %q, want a third one saying the cut upload failed", r)
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Error("the importer still listens after the import")
+	}
+}
+
+func TestUploadStopped(t *testing.T) {
+	o := Options{Source: "upload", Listen: freeAddr(t), ContentType: "kubevirt", Dest: t.TempDir(), DestMode: "filesystem",
+		Size: 64 * mib, Scratch: t.TempDir()}
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(200*time.Millisecond, cancel)
+	expectFailure(t, Run(ctx, o, &recorder{}), "UploadFailed", false)
+
+	o.Listen = "127.0.0.1:1:2"
+	expectFailure(t, Run(context.Background(), o, &recorder{}), "UploadFailed", false)
+	o.Listen = ""
+	expectFailure(t, Run(context.Background(), o, &recorder{}), "InvalidArguments", true)
+}
