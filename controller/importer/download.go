@@ -20,10 +20,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/ulikunitz/xz"
+
+	"github.com/vmpod/vmpod/controller/internal/counting"
 )
 
 // downloadHTTP fetches o.URL into the scratch directory, decompressing gzip or xz on the way,
@@ -66,7 +67,7 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 	if err != nil {
 		return "", err
 	}
-	counter := &countingReader{r: body}
+	counter := &counting.Reader{R: body}
 	raw := io.Reader(counter)
 	if sum != nil {
 		raw = io.TeeReader(counter, sum)
@@ -74,9 +75,9 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 	stop := reportEvery(ctx, o.ProgressInterval, func() {
 		progress := "N/A"
 		if total > 0 {
-			progress = fmt.Sprintf("%.2f%%", 100*float64(counter.n.Load())/float64(total))
+			progress = fmt.Sprintf("%.2f%%", 100*float64(counter.N())/float64(total))
 		}
-		rep.Progress(ctx, progress, fmt.Sprintf("%s: %d bytes", what, counter.n.Load()))
+		rep.Progress(ctx, progress, fmt.Sprintf("%s: %d bytes", what, counter.N()))
 	})
 	defer stop()
 
@@ -97,9 +98,9 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 		os.Remove(path)
 		return "", streamError(ctx, err, what, kind, func(err error) error { return transient("DownloadFailed", "%s: %w", what, err) })
 	}
-	if total > 0 && counter.n.Load() != total {
+	if total > 0 && counter.N() != total {
 		os.Remove(path)
-		return "", transient("DownloadFailed", "%s: got %d of %d bytes", what, counter.n.Load(), total)
+		return "", transient("DownloadFailed", "%s: got %d of %d bytes", what, counter.N(), total)
 	}
 	if sum != nil {
 		if got := sum.Sum(nil); subtle.ConstantTimeCompare(got, want) != 1 {
@@ -108,7 +109,7 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 		}
 		slog.Info("checksum verified", "checksum", o.Checksum)
 	}
-	slog.Info("downloaded", "bytes", counter.n.Load(), "compression", kind, "imageBytes", written)
+	slog.Info("downloaded", "bytes", counter.N(), "compression", kind, "imageBytes", written)
 	return path, nil
 }
 
@@ -249,17 +250,6 @@ func isZero(b []byte) bool {
 		}
 	}
 	return true
-}
-
-type countingReader struct {
-	r io.Reader
-	n atomic.Int64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n.Add(int64(n))
-	return n, err
 }
 
 // reportEvery calls f every interval until stop is called; stop calls f a last time.

@@ -9,7 +9,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -23,6 +22,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/counting"
 	"github.com/vmpod/vmpod/controller/internal/datavolume"
 )
 
@@ -221,7 +221,7 @@ func uploadPod(ctx context.Context, c client.Client, dv *vmpodv1.DataVolume) (st
 // put sends the image, saying how far it got every few seconds, and returns the importer's
 // verdict: it answers once the image is written, or refuses it with the reason.
 func put(ctx context.Context, url string, f *os.File, size int64, stdio IO) error {
-	body := &countingBody{r: f}
+	body := &counting.Reader{R: f}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, url, body)
 	if err != nil {
 		return err
@@ -238,7 +238,7 @@ func put(ctx context.Context, url string, f *os.File, size int64, stdio IO) erro
 			case <-stop:
 				return
 			case <-t.C:
-				n := body.n.Load()
+				n := body.N()
 				fmt.Fprintf(stdio.Err, "sent %d of %d MiB (%.0f%%)\n", n>>20, size>>20, 100*float64(n)/float64(max(size, 1)))
 			}
 		}
@@ -253,15 +253,4 @@ func put(ctx context.Context, url string, f *os.File, size int64, stdio IO) erro
 		return fmt.Errorf("the importer refused the upload (%s): %s", resp.Status, strings.TrimSpace(string(answer)))
 	}
 	return nil
-}
-
-type countingBody struct {
-	r io.Reader
-	n atomic.Int64
-}
-
-func (c *countingBody) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n.Add(int64(n))
-	return n, err
 }
