@@ -147,6 +147,12 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 		if wait := r.backoffRemaining(); wait > 0 {
 			return reconcile.Result{RequeueAfter: wait}, nil
 		}
+		// Until the status that accounts for this pod's end (a failure counted, a crash loop
+		// ended by a clean shutdown) is stored, the pod is its only record: deleting it in
+		// the same pass would lose that outcome if the status write then conflicts.
+		if !equality.Semantic.DeepEqual(r.vm.Status.StartFailure, r.status.StartFailure) {
+			return reconcile.Result{RequeueAfter: time.Second}, nil
+		}
 		return reconcile.Result{}, r.deletePod(ctx, "Replacing", fmt.Sprintf("pod ended (%s); starting a new one", r.pod.Status.Phase))
 	case r.wantRunning && r.pod == nil:
 		return r.createPod(ctx)
