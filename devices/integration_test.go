@@ -442,3 +442,55 @@ func TestIntegrationUnavailableBackends(t *testing.T) {
 		})
 	}
 }
+
+// TestIntegrationCPUFeatures starts QEMU with a named CPU model, Hyper-V enlightenments,
+// a hidden KVM signature and ACPI and SMM off, and reads each back from the machine and
+// its vCPU: the rendered -cpu and -machine options mean what the Machine said. Under TCG
+// QEMU keeps the hv-* properties without implementing them and refuses vpindex (and so
+// what needs it); the KVM-only set is covered by the unit test of the argv.
+func TestIntegrationCPUFeatures(t *testing.T) {
+	qmptest.RequireIntegration(t)
+	f := newFixture(t)
+	mc := devices.Machine{
+		Name: "cpu-features", Type: machine.Q35, Accel: machine.TCG, VCPUs: 1, Memory: 128 << 20,
+		QMPSocket: f.path("qmp.sock"), StartPaused: true, CPUModel: "Nehalem", KVMHidden: true,
+		NoACPI: true, NoSMM: true,
+		HyperV: &machine.HyperV{Relaxed: true, VAPIC: true, Spinlocks: 8191, Runtime: true, Reset: true,
+			Frequencies: true, Reenlightenment: true, EVMCS: true, VendorID: "vmpodtest"},
+	}
+	vm, err := devices.NewVM(mc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, m := boot(t, vm)
+	ctx := testCtx(t)
+	cpus, err := m.QueryVCPUs(ctx)
+	if err != nil || len(cpus) != 1 {
+		t.Fatalf("query-cpus-fast: %v %+v", err, cpus)
+	}
+	cpu := cpus[0].QOMPath
+	if typ, err := qmp.QOMGet[string](ctx, m, cpu, "type"); err != nil || typ != "Nehalem-x86_64-cpu" {
+		t.Errorf("vCPU type %q (%v), want Nehalem-x86_64-cpu", typ, err)
+	}
+	for prop, want := range map[string]bool{
+		"hv-relaxed": true, "hv-vapic": true, "hv-runtime": true, "hv-reset": true, "hv-frequencies": true,
+		"hv-reenlightenment": true, "hv-evmcs": true, "kvm": false,
+		"hv-synic": false, "hv-stimer": false, "hv-ipi": false, // asked for by no one
+	} {
+		if got, err := qmp.QOMGet[bool](ctx, m, cpu, prop); err != nil || got != want {
+			t.Errorf("vCPU %s = %v (%v), want %v", prop, got, err, want)
+		}
+	}
+	if got, err := qmp.QOMGet[uint32](ctx, m, cpu, "hv-spinlocks"); err != nil || got != 8191 {
+		t.Errorf("vCPU hv-spinlocks = %d (%v), want 8191", got, err)
+	}
+	if got, err := qmp.QOMGet[string](ctx, m, cpu, "hv-vendor-id"); err != nil || got != "vmpodtest" {
+		t.Errorf("vCPU hv-vendor-id = %q (%v), want vmpodtest", got, err)
+	}
+	for _, prop := range []string{"acpi", "smm"} {
+		if got, err := qmp.QOMGet[string](ctx, m, "/machine", prop); err != nil || got != "off" {
+			t.Errorf("machine %s = %q (%v), want off", prop, got, err)
+		}
+	}
+	quit(t, q, m, mc.QMPSocket)
+}

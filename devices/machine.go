@@ -36,6 +36,15 @@ type Machine struct {
 	// into a 4 ms tick (measured: ttrpc round trips 0.7 ms with ARAT, 3.3 ms
 	// without).
 	CPUModel string
+	// HyperV enlightenments become hv-* flags of the CPU. They are KVM's: under TCG QEMU
+	// accepts most of them, implements none and refuses vpindex.
+	HyperV *machine.HyperV
+	// KVMHidden hides KVM's CPUID signature from the guest (kvm=off), for guest drivers
+	// that refuse to run in a VM.
+	KVMHidden bool
+	// NoACPI builds the machine without ACPI tables; NoSMM without System Management Mode
+	// (q35), which UEFI secure boot needs. Both are on by default, as in QEMU.
+	NoACPI, NoSMM bool
 	// Sandbox turns on QEMU's seccomp filter: no exec or fork, no setuid, no obsolete
 	// syscalls, no changes to scheduling, memory policy or resource limits — what an
 	// exploit of a device model reaches for first. The shim pins vCPUs and moves cgroups
@@ -129,6 +138,17 @@ func (m *Machine) validate() error {
 	c.oneOf("Type", string(m.Type), string(machine.MicroVM), string(machine.Q35))
 	c.oneOf("Accel", string(m.Accel), string(machine.KVM), string(machine.TCG))
 	c.text("CPUModel", m.CPUModel)
+	if m.HyperV != nil {
+		if err := m.HyperV.Check(); err != nil {
+			c.fail("HyperV", "%v", err)
+		}
+	}
+	if m.NoSMM && m.UEFI != nil && m.UEFI.SecureBoot {
+		c.fail("NoSMM", "secure boot needs SMM")
+	}
+	if (m.NoACPI || m.NoSMM) && m.Type != machine.Q35 {
+		c.fail("NoACPI/NoSMM", "only q35 has ACPI and SMM switches")
+	}
 	if m.TCGCacheMiB < 0 {
 		c.fail("TCGCacheMiB", "%d is negative", m.TCGCacheMiB)
 	}
@@ -209,15 +229,46 @@ func (m *Machine) transport() Transport {
 	return PCI
 }
 
-func (m *Machine) cpuModel() string {
+// cpu is -cpu's value: the model and its flags.
+func (m *Machine) cpu() string {
+	var model string
 	switch {
 	case m.CPUModel != "":
-		return m.CPUModel
+		model = m.CPUModel
 	case m.Accel == machine.KVM:
-		return "host"
+		model = "host"
 	default:
-		return "qemu64,+arat"
+		model = "qemu64,+arat"
 	}
+	o := newOptions(model)
+	if m.KVMHidden {
+		o.addBool("kvm", false)
+	}
+	if h := m.HyperV; h != nil {
+		for _, f := range []struct {
+			name string
+			on   bool
+		}{
+			{"hv-relaxed", h.Relaxed}, {"hv-vapic", h.VAPIC}, {"hv-vpindex", h.VPIndex},
+			{"hv-runtime", h.Runtime}, {"hv-synic", h.SynIC},
+			// the synthetic timers run on the reference TSC page (hv-time)
+			{"hv-time", h.SynICTimer}, {"hv-stimer", h.SynICTimer}, {"hv-stimer-direct", h.SynICTimerDirect},
+			{"hv-reset", h.Reset}, {"hv-frequencies", h.Frequencies},
+			{"hv-reenlightenment", h.Reenlightenment}, {"hv-tlbflush", h.TLBFlush}, {"hv-ipi", h.IPI},
+			{"hv-evmcs", h.EVMCS},
+		} {
+			if f.on {
+				o.addBool(f.name, true)
+			}
+		}
+		if h.Spinlocks != 0 {
+			o.addUint("hv-spinlocks", uint64(h.Spinlocks))
+		}
+		if h.VendorID != "" {
+			o.add("hv-vendor-id", h.VendorID)
+		}
+	}
+	return o.String()
 }
 
 func (m *Machine) accelOption() string {
@@ -245,10 +296,16 @@ func (m *Machine) args(shared bool) []string {
 			machineOpts.addBool("smm", true)
 		}
 	}
+	if m.NoSMM {
+		machineOpts.addBool("smm", false)
+	}
+	if m.NoACPI {
+		machineOpts.addBool("acpi", false)
+	}
 	args = append(args,
 		"-machine", machineOpts.String(),
 		"-accel", m.accelOption(),
-		"-cpu", m.cpuModel(),
+		"-cpu", m.cpu(),
 		"-smp", newOptions("").add("cpus", strconv.Itoa(m.VCPUs)).add("maxcpus", strconv.Itoa(max(m.MaxVCPUs, m.VCPUs))).String())
 	mem := newOptions("").add("size", megabytes(m.Memory))
 	if m.MemorySlots > 0 {

@@ -119,6 +119,8 @@ func TestMachineValidation(t *testing.T) {
 		{func(m *Machine) { m.ConsoleLog = "console.log" }, "ConsoleLog"},
 		{func(m *Machine) { m.RootPorts = 2 }, "RootPorts"},
 		{func(m *Machine) { m.Name = "a\x00b" }, "Name"},
+		{func(m *Machine) { m.NoACPI = true }, "NoACPI/NoSMM"}, // microvm has neither switch
+		{func(m *Machine) { m.HyperV = &machine.HyperV{SynIC: true} }, "HyperV"},
 	}
 	for _, tt := range tests {
 		m := microvm()
@@ -132,6 +134,55 @@ func TestMachineValidation(t *testing.T) {
 	m := q35(MaxRootPorts + 1)
 	if _, err := NewVM(m); err == nil {
 		t.Errorf("%d root ports accepted", m.RootPorts)
+	}
+}
+
+// The CPU's flags follow the model; each enlightenment is QEMU's hv-* property, and the
+// synthetic timers bring the reference TSC page they run on.
+func TestCPUFlagsAndPlatformSwitches(t *testing.T) {
+	m := q35(0)
+	m.CPUModel = "Skylake-Client-IBRS"
+	m.KVMHidden, m.NoACPI, m.NoSMM = true, true, true
+	m.HyperV = &machine.HyperV{Relaxed: true, VAPIC: true, Spinlocks: 8191, VPIndex: true, Runtime: true, SynIC: true,
+		SynICTimer: true, SynICTimerDirect: true, Reset: true, VendorID: "KVMKVMKVM", Frequencies: true,
+		Reenlightenment: true, TLBFlush: true, IPI: true, EVMCS: true}
+	vm, err := NewVM(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args, _ := vm.Render()
+	want := "Skylake-Client-IBRS,kvm=off,hv-relaxed=on,hv-vapic=on,hv-vpindex=on,hv-runtime=on,hv-synic=on," +
+		"hv-time=on,hv-stimer=on,hv-stimer-direct=on,hv-reset=on,hv-frequencies=on,hv-reenlightenment=on," +
+		"hv-tlbflush=on,hv-ipi=on,hv-evmcs=on,hv-spinlocks=8191,hv-vendor-id=KVMKVMKVM"
+	if got := argAfter(args, "-cpu"); got != want {
+		t.Errorf("-cpu %s\nwant %s", got, want)
+	}
+	if got := argAfter(args, "-machine"); got != "q35,smm=off,acpi=off" {
+		t.Errorf("-machine %s", got)
+	}
+	// the defaults: the accelerator's model, no flags, QEMU's ACPI and SMM
+	for accel, cpu := range map[machine.Accel]string{machine.KVM: "host", machine.TCG: "qemu64,+arat"} {
+		m := q35(0)
+		m.Accel = accel
+		vm, err := NewVM(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		args, _ := vm.Render()
+		if got := argAfter(args, "-cpu"); got != cpu {
+			t.Errorf("%s: -cpu %s, want %s", accel, got, cpu)
+		}
+		if got := argAfter(args, "-machine"); got != "q35" {
+			t.Errorf("%s: -machine %s, want q35", accel, got)
+		}
+	}
+	// secure boot cannot do without SMM
+	m = q35(0)
+	m.Kernel, m.Firmware, m.NoSMM = "", "", true
+	m.UEFI = &UEFI{Code: "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", Vars: "/run/vm/vars.fd", SecureBoot: true}
+	var fe *FieldError
+	if _, err := NewVM(m); !errors.As(err, &fe) || fe.Field != "NoSMM" {
+		t.Errorf("secure boot without SMM: %v, want a NoSMM FieldError", err)
 	}
 }
 
@@ -354,4 +405,12 @@ func TestPortAllocator(t *testing.T) {
 	if last.Slot != lastRootPortSlot || last.Function != portsPerSlot-1 {
 		t.Errorf("last root port at %#x.%d, want %#x.%d", last.Slot, last.Function, lastRootPortSlot, portsPerSlot-1)
 	}
+}
+
+// argAfter is the argument that follows flag in args.
+func argAfter(args []string, flag string) string {
+	if i := slices.Index(args, flag); i >= 0 && i+1 < len(args) {
+		return args[i+1]
+	}
+	return ""
 }

@@ -81,11 +81,22 @@ func (vm *VM) DeepCopy() *VM {
 		m := *vm.Migration
 		c.Migration = &m
 	}
+	c.Features.ACPI = clonePtr(vm.Features.ACPI)
+	c.Features.SMM = clonePtr(vm.Features.SMM)
+	c.Features.HyperV = clonePtr(vm.Features.HyperV)
 	return &c
 }
 
-// Default fills in what an author may leave out: a 1x1x1 CPU, q35, BIOS, disks as virtio
-// disks, virtio NICs. Version and memory have no defaults.
+func clonePtr[T any](p *T) *T {
+	if p == nil {
+		return nil
+	}
+	v := *p
+	return &v
+}
+
+// Default fills in what an author may leave out: a 1x1x1 CPU, q35, BIOS, ACPI and SMM on,
+// disks as virtio disks, virtio NICs. Version and memory have no defaults.
 func (vm *VM) Default() {
 	for _, n := range []*int{&vm.CPU.Sockets, &vm.CPU.Cores, &vm.CPU.Threads} {
 		if *n == 0 {
@@ -97,6 +108,13 @@ func (vm *VM) Default() {
 	}
 	if vm.Firmware.Type == "" {
 		vm.Firmware.Type = FirmwareBIOS
+	}
+	on := true
+	if vm.Features.ACPI == nil {
+		vm.Features.ACPI = &on
+	}
+	if vm.Features.SMM == nil {
+		vm.Features.SMM = &on
 	}
 	for i := range vm.Disks {
 		d := &vm.Disks[i]

@@ -76,6 +76,7 @@ func (vm *VM) Validate() error {
 	default:
 		v.add("firmware.type", "must be bios or uefi, got %q", vm.Firmware.Type)
 	}
+	vm.validateFeatures(v)
 	volumes := vm.validateDisks(v)
 	vm.validateInterfaces(v)
 	vm.validateCloudInit(v, volumes)
@@ -107,8 +108,27 @@ func (vm *VM) validateCPUAndMemory(v *validator) {
 	if n := int64(vm.CPU.Sockets) * int64(vm.CPU.Cores) * int64(vm.CPU.Threads); n > MaxVCPUs {
 		v.add("cpu", "sockets*cores*threads is %d vCPUs, more than %d", n, MaxVCPUs)
 	}
+	if err := machine.CheckCPUModel(vm.CPU.Model); err != nil {
+		v.add("cpu.model", "%v", err)
+	}
 	if vm.MemoryMiB < MinMemoryMiB || vm.MemoryMiB > MaxMemoryMiB {
 		v.add("memoryMiB", "must be between %d and %d, got %d", MinMemoryMiB, MaxMemoryMiB, vm.MemoryMiB)
+	}
+}
+
+func (vm *VM) validateFeatures(v *validator) {
+	f := vm.Features
+	if f.ACPI == nil || f.SMM == nil {
+		v.add("features", "acpi and smm must be set (Default sets them)")
+		return
+	}
+	if !*f.SMM && vm.Firmware.SecureBoot {
+		v.add("features.smm", "secure boot needs SMM")
+	}
+	if f.HyperV != nil {
+		if err := f.HyperV.Check(); err != nil {
+			v.add("features.hyperv", "%s", strings.ReplaceAll(err.Error(), "\n", "; "))
+		}
 	}
 }
 

@@ -79,6 +79,7 @@ type VM struct {
 	MemoryMiB int64        `json:"memoryMiB"`
 	Machine   machine.Type `json:"machine,omitempty"`
 	Firmware  Firmware     `json:"firmware"`
+	Features  Features     `json:"features"`
 	// Disks in the order the guest sees them. Each names a pod volume.
 	Disks      []Disk      `json:"disks,omitempty"`
 	Interfaces []Interface `json:"interfaces,omitempty"`
@@ -99,11 +100,27 @@ type VM struct {
 	UUID string `json:"uuid,omitempty"`
 }
 
-// CPU is the guest topology; the guest has Sockets*Cores*Threads vCPUs.
+// CPU is the guest's CPU: its topology (Sockets*Cores*Threads vCPUs) and model.
 type CPU struct {
 	Sockets int `json:"sockets"`
 	Cores   int `json:"cores"`
 	Threads int `json:"threads"`
+	// Model is "" or machine.CPUHostModel for the node's default, machine.CPUHostPassthrough,
+	// or a named QEMU model (e.g. "Skylake-Client-IBRS"); the shim boots any but the
+	// default only if the node's config lists it (hypervisor.cpu_models).
+	Model string `json:"model,omitempty"`
+}
+
+// Features are the machine's optional platform features (KubeVirt's domain.features).
+type Features struct {
+	// ACPI and SMM default to on (QEMU's q35); UEFI secure boot needs SMM.
+	ACPI *bool `json:"acpi"`
+	SMM  *bool `json:"smm"`
+	// HyperV are Hyper-V enlightenments for Windows guests. They are paravirtual interfaces
+	// of KVM: on a node without KVM the shim boots the guest without them and says so.
+	HyperV *machine.HyperV `json:"hyperv,omitempty"`
+	// KVMHidden hides the KVM signature from the guest.
+	KVMHidden bool `json:"kvmHidden,omitempty"`
 }
 
 // VCPUs is the number of vCPUs the topology gives the guest.

@@ -16,10 +16,12 @@ const minimal = `{"version":"v1alpha1","memoryMiB":128}`
 // full uses every field.
 const full = `{
   "version": "v1alpha1",
-  "cpu": {"sockets": 1, "cores": 2, "threads": 1},
+  "cpu": {"sockets": 1, "cores": 2, "threads": 1, "model": "host-passthrough"},
   "memoryMiB": 2048,
   "machine": "q35",
   "firmware": {"type": "uefi", "secureBoot": true},
+  "features": {"acpi": true, "smm": true, "kvmHidden": true,
+    "hyperv": {"relaxed": true, "vapic": true, "spinlocks": 8191, "vpindex": true, "synic": true, "synicTimer": true, "vendorID": "vmpod"}},
   "disks": [
     {"name": "root", "volume": "rootdisk", "source": "image", "bus": "virtio", "bootOrder": 1},
     {"name": "data", "volume": "data", "source": "file"},
@@ -43,7 +45,9 @@ func TestParseValid(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Parse(minimal): %v", err)
 	}
-	want := &VM{Version: Version, CPU: CPU{1, 1, 1}, MemoryMiB: 128, Machine: machine.Q35, Firmware: Firmware{Type: FirmwareBIOS}}
+	on := true
+	want := &VM{Version: Version, CPU: CPU{1, 1, 1, ""}, MemoryMiB: 128, Machine: machine.Q35, Firmware: Firmware{Type: FirmwareBIOS},
+		Features: Features{ACPI: &on, SMM: &on}}
 	if !reflect.DeepEqual(vm, want) {
 		t.Errorf("Parse(minimal) = %+v, want %+v", vm, want)
 	}
@@ -166,6 +170,14 @@ func TestParseInvalid(t *testing.T) {
 			"hostDevices":[{"name":"g","resourceName":"kubernetes.io/memory"}]}`,
 			[]string{`gpus[0].resourceName: must be an extended resource name like vendor.com/device, got "gpu"`,
 				`hostDevices[0].name: "g" is used twice in gpus and hostDevices`, `hostDevices[0].resourceName: "kubernetes.io/memory" is a native resource`}},
+		{"feature shapes", `{"version":"v1alpha1","memoryMiB":128,"features":{"acpi":"yes","hyperv":{"synic":true,"passthrough":true}}}`,
+			[]string{"features.acpi: must be true or false",
+				"features.hyperv.passthrough: unknown field"}},
+		{"cpu model and feature rules", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"model":"qemu64,+vmx"},"firmware":{"type":"uefi","secureBoot":true},
+			"features":{"smm":false,"hyperv":{"synic":true,"ipi":true,"evmcs":true,"spinlocks":100,"vendorID":"a,b"}}}`,
+			[]string{`cpu.model: "qemu64,+vmx" is not a CPU model name`, "features.smm: secure boot needs SMM",
+				"features.hyperv: synic needs vpindex; ipi needs vpindex; evmcs needs vapic; spinlocks 100: want 0 (off) or 4095 to 4294967295; " +
+					`vendorID "a,b": want 1-12 letters or digits`}},
 		{"migration role", `{"version":"v1alpha1","memoryMiB":128,"migration":{"role":"both"}}`,
 			[]string{`migration.role: must be source or target, got "both"`}},
 	} {

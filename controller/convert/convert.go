@@ -8,6 +8,7 @@ package convert
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/vmpod/vmpod/api/machine"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 )
 
@@ -191,7 +193,7 @@ func instancetypeObject(root *node, kind string) client.Object {
 			if v, ok := c.integer("guest"); ok && v > 0 {
 				spec.CPU.Guest = uint32(v)
 			}
-			c.dropped("model", "the CPU model is the node admin's choice in vmpod; dropped")
+			c.dropped("model", "instance types carry no CPU model in vmpod yet: set the VM's domain.cpu.model; dropped")
 			c.unsupported("dedicatedCPUPlacement", "dedicated CPUs are not supported yet")
 			c.unsupported("isolateEmulatorThread", "dedicated CPUs are not supported yet")
 			c.unsupported("numa", "guest NUMA is not supported")
@@ -262,6 +264,10 @@ func preferenceObject(root *node, kind string) client.Object {
 				root.rep.warnf(m.at("preferredMachineType"), "machine %s is not supported; q35 is preferred instead", t)
 				spec.Machine = &vmpodv1.MachinePreferences{PreferredMachineType: "q35"}
 			}
+		}
+		if f := s.object("features"); f != nil {
+			vf := features(f, preferredKey)
+			spec.Features = &vmpodv1.FeaturePreferences{PreferredACPI: vf.ACPI, PreferredSMM: vf.SMM, PreferredHyperv: vf.HyperV, PreferredKVM: vf.KVM}
 		}
 		if v, ok := s.integer("preferredTerminationGracePeriodSeconds"); ok {
 			spec.PreferredTerminationGracePeriodSeconds = &v
@@ -471,7 +477,10 @@ func domain(d *node) vmpodv1.DomainSpec {
 				*dst = uint32(v)
 			}
 		}
-		c.dropped("model", "the CPU model is the node admin's choice in vmpod; dropped")
+		out.CPU.Model = cpuModel(c)
+	}
+	if f := d.object("features"); f != nil {
+		out.Features = features(f, featureKey)
 	}
 	if m := d.object("memory"); m != nil {
 		if g := m.str("guest"); g != "" {
@@ -527,6 +536,93 @@ func domain(d *node) vmpodv1.DomainSpec {
 		out.Devices = devices(dev)
 	}
 	return out
+}
+
+// cpuModel carries a CPU model over: host-model is vmpod's default too, host-passthrough
+// and named models boot where the node's admin allows them.
+func cpuModel(c *node) string {
+	model := c.str("model")
+	switch {
+	case model == "" || model == machine.CPUHostModel:
+		return ""
+	case machine.CheckCPUModel(model) != nil:
+		c.rep.errorf(c.at("model"), "%v", machine.CheckCPUModel(model))
+		return ""
+	case model != machine.CPUHostPassthrough:
+		c.rep.warnf(c.at("model"), "%s boots only on nodes whose vmpod config lists it (hypervisor.cpu_models)", model)
+	}
+	return model
+}
+
+// features converts domain.features: those vmpod's machine has (ACPI, SMM, Hyper-V
+// enlightenments, a hidden KVM signature); the rest are what QEMU does anyway or dropped.
+// A preference's features have the same shape under keys named preferredAcpi and so on:
+// key gives a feature's key.
+func features(f *node, key func(string) string) *vmpodv1.Features {
+	out := &vmpodv1.Features{ACPI: featureState(f, key("acpi")), SMM: featureState(f, key("smm"))}
+	if a := f.object(key("apic")); a != nil {
+		if on, set := a.boolean("enabled"); set && !on {
+			a.rep.errorf(a.at("enabled"), "a guest without an APIC is not supported")
+		}
+		a.dropped("endOfInterrupt", "paravirtual EOI is on wherever KVM offers it; dropped")
+	}
+	if k := f.object(key("kvm")); k != nil {
+		hidden, _ := k.boolean("hidden")
+		out.KVM = &vmpodv1.FeatureKVM{Hidden: hidden}
+	}
+	if h := f.object(key("hyperv")); h != nil {
+		hv := &vmpodv1.FeatureHyperv{
+			Relaxed: featureState(h, "relaxed"), VAPIC: featureState(h, "vapic"), VPIndex: featureState(h, "vpindex"),
+			Runtime: featureState(h, "runtime"), SyNIC: featureState(h, "synic"), Reset: featureState(h, "reset"),
+			Frequencies: featureState(h, "frequencies"), Reenlightenment: featureState(h, "reenlightenment"),
+			IPI: featureState(h, "ipi"), EVMCS: featureState(h, "evmcs"),
+		}
+		if sl := h.object("spinlocks"); sl != nil {
+			hv.Spinlocks = &vmpodv1.FeatureSpinlocks{Enabled: enabled(sl)}
+			if n, ok := sl.integer("spinlocks"); ok {
+				if n < 4096 || n > math.MaxUint32 {
+					sl.rep.errorf(sl.at("spinlocks"), "%d: want 4096 or more", n)
+				}
+				hv.Spinlocks.Retries = ptr.To(uint32(n))
+			}
+		}
+		if t := h.object("synictimer"); t != nil {
+			hv.SyNICTimer = &vmpodv1.SyNICTimer{Enabled: enabled(t), Direct: featureState(t, "direct")}
+		}
+		if v := h.object("vendorid"); v != nil {
+			hv.VendorID = &vmpodv1.FeatureVendorID{Enabled: enabled(v), VendorID: v.str("vendorid")}
+		}
+		if t := h.object("tlbflush"); t != nil {
+			hv.TLBFlush = &vmpodv1.FeatureState{Enabled: enabled(t)}
+			t.dropped("direct", "not supported by vmpod's QEMU; dropped")
+			t.dropped("extended", "not supported by vmpod's QEMU; dropped")
+		}
+		out.HyperV = hv
+	}
+	f.dropped(key("hypervPassthrough"), "every enlightenment KVM has is not supported: list them under hyperv; dropped")
+	f.dropped(key("pvspinlock"), "paravirtual spinlocks are on wherever KVM offers them; dropped")
+	return out
+}
+
+// featureKey is a VM's feature key; preferredKey a preference's (acpi: preferredAcpi).
+func featureKey(k string) string { return k }
+
+func preferredKey(k string) string { return "preferred" + strings.ToUpper(k[:1]) + k[1:] }
+
+// featureState reads a KubeVirt feature state ({} or {enabled: bool}) at key, nil if unset.
+func featureState(n *node, key string) *vmpodv1.FeatureState {
+	o := n.object(key)
+	if o == nil {
+		return nil
+	}
+	return &vmpodv1.FeatureState{Enabled: enabled(o)}
+}
+
+func enabled(o *node) *bool {
+	if v, ok := o.boolean("enabled"); ok {
+		return &v
+	}
+	return nil
 }
 
 func resourceList(r *node, key string) corev1.ResourceList {

@@ -3,6 +3,7 @@ package convert
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os"
 	"strings"
 	"testing"
@@ -22,8 +23,18 @@ func convertFile(t *testing.T, name string) (docs []map[string]any, warnings str
 		t.Fatal(err)
 	}
 	defer f.Close()
+	return convertReader(f)
+}
+
+// convertString runs Stream on a manifest.
+func convertString(t *testing.T, manifest string) (docs []map[string]any, warnings string, err error) {
+	t.Helper()
+	return convertReader(strings.NewReader(manifest))
+}
+
+func convertReader(in io.Reader) (docs []map[string]any, warnings string, err error) {
 	var out, warn bytes.Buffer
-	if err := Stream(f, &out, &warn); err != nil {
+	if err := Stream(in, &out, &warn); err != nil {
 		return nil, warn.String(), err
 	}
 	dec := utilyaml.NewYAMLOrJSONDecoder(&out, 4096)
@@ -132,14 +143,16 @@ func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
 		ac[1].SSHPublicKey.PropagationMethod.QemuGuestAgent == nil || strings.Join(ac[1].SSHPublicKey.PropagationMethod.QemuGuestAgent.Users, ",") != "fedora,admin" {
 		t.Errorf("accessCredentials = %+v", ac)
 	}
+	if d.CPU.Model != "host-passthrough" || d.Features == nil || d.Features.ACPI == nil || d.Features.ACPI.Enabled != nil ||
+		d.Features.SMM == nil || !*d.Features.SMM.Enabled || d.Features.HyperV != nil {
+		t.Errorf("cpu model %q, features %+v: want host-passthrough, acpi {} and smm enabled", d.CPU.Model, d.Features)
+	}
 	// every field the converter does not carry is named, and nothing else
-	if n := strings.Count(warnings, "\n"); n != 4 {
-		t.Errorf("%d warnings, want 4:\n%s", n, warnings)
+	if n := strings.Count(warnings, "\n"); n != 2 {
+		t.Errorf("%d warnings, want 2:\n%s", n, warnings)
 	}
 	for _, w := range []string{
-		"spec.template.spec.domain.cpu.model: the CPU model is the node admin's choice",
 		"spec.template.spec.domain.machine.type: pc-q35-rhel9.4.0 becomes q35",
-		"spec.template.spec.domain.features: not supported by vmpod; dropped",
 		"spec.template.spec.evictionStrategy:",
 	} {
 		if !strings.Contains(warnings, w) {
@@ -329,6 +342,11 @@ func TestConvertInstancetypesAndPreferences(t *testing.T) {
 	if w := windows.Spec; w.CPU.PreferredCPUTopology != vmpodv1.TopologyCores || w.Devices.PreferredCdromBus != "sata" || w.Machine.PreferredMachineType != "q35" {
 		t.Errorf("preference windows = %+v", w)
 	}
+	if f := windows.Spec.Features; f == nil || f.PreferredACPI == nil || f.PreferredSMM == nil || f.PreferredHyperv == nil ||
+		f.PreferredHyperv.Relaxed == nil || f.PreferredHyperv.SyNICTimer == nil || f.PreferredHyperv.SyNICTimer.Direct == nil ||
+		*f.PreferredHyperv.Spinlocks.Retries != 8191 || f.PreferredHyperv.EVMCS != nil {
+		t.Errorf("preference windows' features = %+v", f)
+	}
 	vm := decode[vmpodv1.VirtualMachine](t, docs[4])
 	if m := vm.Spec.Instancetype; m == nil || m.Name != "u1.medium" || m.Kind != vmpodv1.KindClusterInstancetype {
 		t.Errorf("instancetype matcher = %+v", m)
@@ -340,12 +358,93 @@ func TestConvertInstancetypesAndPreferences(t *testing.T) {
 		t.Errorf("domain = %+v: want no memory of its own and the containerdisk's default disk", vm.Spec.Template.Spec.Domain)
 	}
 	for _, w := range []string{
-		"spec.cpu.model: the CPU model is the node admin's choice",
+		"spec.cpu.model: instance types carry no CPU model in vmpod yet",
 		"spec.devices.preferredDiskDedicatedIoThread: not supported by vmpod; dropped",
 		"spec.instancetype.revisionName: vmpod applies the object as it is",
 	} {
 		if !strings.Contains(warnings, w) {
 			t.Errorf("warnings lack %q:\n%s", w, warnings)
+		}
+	}
+}
+
+// A Windows VM keeps its Hyper-V enlightenments, secure boot with SMM and its CPU model;
+// what vmpod's machine does not have (the clock section, a TPM) is named.
+func TestConvertWindowsKeepsItsEnlightenments(t *testing.T) {
+	docs, warnings, err := convertFile(t, "kubevirt-vm-windows.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[0])
+	d := vm.Spec.Template.Spec.Domain
+	if d.CPU.Model != "" || d.CPU.Cores != 2 {
+		t.Errorf("cpu %+v: host-model is the default (no model)", d.CPU)
+	}
+	f := d.Features
+	if f == nil || f.ACPI == nil || f.SMM == nil || f.HyperV == nil || f.KVM != nil {
+		t.Fatalf("features %+v", f)
+	}
+	h := f.HyperV
+	for name, s := range map[string]*vmpodv1.FeatureState{"relaxed": h.Relaxed, "vapic": h.VAPIC, "vpindex": h.VPIndex, "runtime": h.Runtime,
+		"reset": h.Reset, "synic": h.SyNIC, "frequencies": h.Frequencies, "reenlightenment": h.Reenlightenment, "tlbflush": h.TLBFlush, "ipi": h.IPI} {
+		if s == nil || s.Enabled != nil {
+			t.Errorf("hyperv.%s = %+v, want {}", name, s)
+		}
+	}
+	if h.EVMCS != nil || h.Spinlocks == nil || *h.Spinlocks.Retries != 8191 || h.SyNICTimer == nil || h.SyNICTimer.Direct == nil ||
+		h.VendorID == nil || h.VendorID.VendorID != "KVMKVMKVM" {
+		t.Errorf("hyperv = %+v", h)
+	}
+	if n := strings.Count(warnings, "\n"); n != 2 {
+		t.Errorf("%d warnings, want 2:\n%s", n, warnings)
+	}
+	for _, w := range []string{"spec.template.spec.domain.clock: not supported by vmpod; dropped", "spec.template.spec.domain.devices.tpm: not supported by vmpod; dropped"} {
+		if !strings.Contains(warnings, w) {
+			t.Errorf("warnings lack %q:\n%s", w, warnings)
+		}
+	}
+}
+
+// Features vmpod cannot give are refused or named, never carried silently.
+func TestConvertFeatureBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		features, cpuModel string
+		errs, warnings     []string
+	}{
+		{features: `{"apic": {"enabled": false}}`, errs: []string{"features.apic.enabled: a guest without an APIC is not supported"}},
+		{features: `{"hyperv": {"spinlocks": {"spinlocks": 100}}}`, errs: []string{"features.hyperv.spinlocks.spinlocks: 100: want 4096 or more"}},
+		{features: `{"hyperv": {"relaxed": {"enabled": "yes"}}}`, errs: []string{"features.hyperv.relaxed.enabled: must be true or false"}},
+		{cpuModel: `"Skylake,+vmx"`, errs: []string{`cpu.model: "Skylake,+vmx" is not a CPU model name`}},
+		{features: `{"hypervPassthrough": {"enabled": true}, "pvspinlock": {}, "hyperv": {"tlbflush": {"direct": {}}, "stimer": {}}}`,
+			warnings: []string{"features.hypervPassthrough: every enlightenment", "features.pvspinlock: paravirtual spinlocks",
+				"features.hyperv.tlbflush.direct: not supported", "features.hyperv.stimer: not supported by vmpod; dropped"}},
+		{cpuModel: `"Skylake-Client-IBRS"`, warnings: []string{"cpu.model: Skylake-Client-IBRS boots only on nodes whose vmpod config lists it"}},
+	} {
+		domain := `"memory": {"guest": "1Gi"}`
+		if tc.features != "" {
+			domain += `, "features": ` + tc.features
+		}
+		if tc.cpuModel != "" {
+			domain += `, "cpu": {"model": ` + tc.cpuModel + `}`
+		}
+		manifest := `{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "f"},
+			"spec": {"runStrategy": "Halted", "template": {"spec": {"domain": {` + domain + `, "devices": {}}}}}}`
+		_, warnings, err := convertString(t, manifest)
+		if len(tc.errs) > 0 && err == nil {
+			t.Errorf("%s%s: converted", tc.features, tc.cpuModel)
+		}
+		for _, e := range tc.errs {
+			if err == nil || !strings.Contains(err.Error(), e) {
+				t.Errorf("%s%s: error %v, want %q", tc.features, tc.cpuModel, err, e)
+			}
+		}
+		if len(tc.errs) == 0 && err != nil {
+			t.Errorf("%s%s: %v", tc.features, tc.cpuModel, err)
+		}
+		for _, w := range tc.warnings {
+			if !strings.Contains(warnings, w) {
+				t.Errorf("%s%s: warnings lack %q:\n%s", tc.features, tc.cpuModel, w, warnings)
+			}
 		}
 	}
 }

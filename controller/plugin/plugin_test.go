@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/testenv"
@@ -109,7 +110,7 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 
 	// a VM with a DataVolume template and a Secret, and CDI DataVolumes: warnings on
 	// stderr, every object accepted
-	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml"} {
+	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml", "kubevirt-vm-windows.yaml"} {
 		out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/"+file)
 		if err != nil {
 			t.Fatalf("convert %s: %v\n%s", file, err, stderr)
@@ -130,6 +131,15 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 	sized := f.waitPod("fedora-sized", "")
 	if spec, err := vmspec.Parse([]byte(sized.Annotations[vmspec.Annotation])); err != nil || spec.MemoryMiB != 4096 || spec.Firmware.Type != vmspec.FirmwareUEFI {
 		t.Errorf("fedora-sized: %v, %+v: want u1.medium's 4Gi and the fedora preference's EFI", err, spec)
+	}
+	// the Windows VM's enlightenments pass the CRD's rules and reach the pod's annotation
+	win := f.waitPod("win2k22", "")
+	wantHV := machine.HyperV{Relaxed: true, VAPIC: true, VPIndex: true, Runtime: true, Reset: true, Spinlocks: 8191, SynIC: true,
+		SynICTimer: true, SynICTimerDirect: true, Frequencies: true, Reenlightenment: true, TLBFlush: true, IPI: true, VendorID: "KVMKVMKVM"}
+	if spec, err := vmspec.Parse([]byte(win.Annotations[vmspec.Annotation])); err != nil {
+		t.Errorf("win2k22's annotation: %v", err)
+	} else if hv := spec.Features.HyperV; hv == nil || *hv != wantHV || !*spec.Features.SMM || !spec.Firmware.SecureBoot {
+		t.Errorf("win2k22: hyperv %+v, smm %v, secure boot %v; want %+v with SMM and secure boot", hv, *spec.Features.SMM, spec.Firmware.SecureBoot, wantHV)
 	}
 	// the VM's template DataVolume is created by the controller
 	testenv.Eventually(t, timeout, "the fedora-db-root DataVolume", func() (bool, string) {

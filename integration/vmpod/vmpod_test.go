@@ -522,6 +522,10 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	vm := baseVM()
 	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSATA, BootOrder: 1},
 		{Name: "scratch", Source: vmspec.SourceEmpty, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, SizeMiB: 3 << 10}}
+	// a named CPU model the test bed's config allows, and enlightenments, which a TCG node
+	// boots without (the shim logs it)
+	vm.CPU.Model = "Nehalem"
+	vm.Features.HyperV = &machine.HyperV{Relaxed: true, VAPIC: true, VPIndex: true, SynIC: true}
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file"}, Hostname: "vm-file", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
@@ -536,6 +540,7 @@ func TestVMPodFromDiskImg(t *testing.T) {
 		t.Errorf("QEMU has no seccomp filter")
 	}
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
+	waitExec(t, id, time.Minute, "(Nehalem Class Core i7)", "grep", "-m1", "model name", "/proc/cpuinfo")
 	waitExec(t, id, time.Minute, "ata-QEMU_HARDDISK_root", "ls", "/dev/disk/by-id")
 	// the empty disk: the one virtio disk, 3 GiB, named by its serial
 	waitExec(t, id, time.Minute, "virtio-scratch", "ls", "/dev/disk/by-id")
@@ -587,6 +592,19 @@ func TestVMPodBadInput(t *testing.T) {
 		t.Errorf("runp with an unknown field: %v, want the field named", err)
 	}
 	for _, p := range strings.Fields(testenv.Crictl(t, "pods", "-q", "--name", "vm-bad")) {
+		t.Errorf("pod %s left after a refused runp", p)
+		_, _ = testenv.Cmd("crictl", "rmp", "-f", p)
+	}
+
+	// a CPU model the node's admin has not allowed: runp fails naming it
+	model := baseVM()
+	model.CPU.Model = "Skylake-Server"
+	cfg.Metadata.Name, cfg.Annotations = "vm-model", annotation(t, model)
+	_, err = testenv.Cmd("crictl", "runp", "--runtime", "vmpod", testenv.WriteJSON(t, "model.json", cfg))
+	if err == nil || !strings.Contains(err.Error(), "cpu.model: Skylake-Server is not one of the CPU models this node allows") {
+		t.Errorf("runp with a CPU model the node does not allow: %v, want cpu.model named", err)
+	}
+	for _, p := range strings.Fields(testenv.Crictl(t, "pods", "-q", "--name", "vm-model")) {
 		t.Errorf("pod %s left after a refused runp", p)
 		_, _ = testenv.Cmd("crictl", "rmp", "-f", p)
 	}

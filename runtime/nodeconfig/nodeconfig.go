@@ -56,6 +56,11 @@ type Hypervisor struct {
 	UEFIVars       string `toml:"uefi_vars"`
 	UEFISecureCode string `toml:"uefi_secure_code"`
 	UEFISecureVars string `toml:"uefi_secure_vars"`
+	// CPUModels are the CPU models a VM pod may ask for besides the default (the host's
+	// CPU under KVM): machine.CPUHostPassthrough and QEMU model names. A model is the
+	// admin's to allow: it decides which nodes a VM can move between, and a named model
+	// with features the host lacks loses them.
+	CPUModels []string `toml:"cpu_models"`
 }
 
 // Sizing bounds the VMs: a pod gets what its resources ask for within these limits.
@@ -118,6 +123,7 @@ func Default() Config {
 			UEFIVars:       "/usr/share/OVMF/OVMF_VARS_4M.fd",
 			UEFISecureCode: "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
 			UEFISecureVars: "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+			CPUModels:      []string{machine.CPUHostPassthrough},
 		},
 		Sizing: Sizing{
 			DefaultVCPUs:     1,
@@ -197,6 +203,11 @@ func (c Config) Validate() error {
 		bad("hypervisor.shared_fs", "%q: container pods need a shared filesystem (virtio-fs or 9p)", c.Hypervisor.SharedFS)
 	} else if err := c.Hypervisor.SharedFS.Check(); err != nil {
 		bad("hypervisor.shared_fs", "%v", err)
+	}
+	for i, m := range c.Hypervisor.CPUModels {
+		if err := machine.CheckCPUModel(m); err != nil || m == "" || m == machine.CPUHostModel {
+			bad(fmt.Sprintf("hypervisor.cpu_models[%d]", i), "%q: want host-passthrough or a QEMU CPU model name (the default needs no entry)", m)
+		}
 	}
 	s := c.Sizing
 	if s.DefaultVCPUs < 1 || s.MaxVCPUs < s.DefaultVCPUs {

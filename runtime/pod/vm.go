@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/runtime"
@@ -131,6 +132,9 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	}
 	if vm.MemoryMiB > int64(cfg.Sizing.MaxMemoryMiB) {
 		errs = append(errs, fmt.Errorf("memoryMiB: %d, the node allows %d (sizing.max_memory_mib)", vm.MemoryMiB, cfg.Sizing.MaxMemoryMiB))
+	}
+	if m := vm.CPU.Model; m != "" && m != machine.CPUHostModel && !slices.Contains(cfg.Hypervisor.CPUModels, m) {
+		errs = append(errs, fmt.Errorf("cpu.model: %s is not one of the CPU models this node allows (hypervisor.cpu_models: %s)", m, strings.Join(cfg.Hypervisor.CPUModels, ", ")))
 	}
 	if len(vm.GPUs) > 0 || len(vm.HostDevices) > 0 {
 		errs = append(errs, errors.New("gpus/hostDevices: device passthrough for VM pods is not supported by this node yet"))

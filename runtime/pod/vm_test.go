@@ -56,8 +56,9 @@ func TestCheckVMAgainstNode(t *testing.T) {
 	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 8, Threads: 1}, MemoryMiB: 1 << 20, Machine: machine.Q35,
 		Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true}, Migration: &vmspec.Migration{Role: vmspec.RoleTarget},
 	}
+	vm.CPU.Model = "Skylake-Server" // not in the default cpu_models
 	err := checkVMAgainstNode(vm, cfg)
-	for _, want := range []string{"cpu: 8 vCPUs", "memoryMiB", "migration"} {
+	for _, want := range []string{"cpu: 8 vCPUs", "memoryMiB", "migration", "cpu.model: Skylake-Server is not one of the CPU models this node allows"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want %q named", err, want)
 		}
@@ -65,6 +66,12 @@ func TestCheckVMAgainstNode(t *testing.T) {
 	ok := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35}
 	if err := checkVMAgainstNode(ok, cfg); err != nil {
 		t.Errorf("a small VM: %v", err)
+	}
+	for _, model := range []string{machine.CPUHostModel, machine.CPUHostPassthrough} {
+		ok.CPU.Model = model
+		if err := checkVMAgainstNode(ok, cfg); err != nil {
+			t.Errorf("cpu model %s on a default node: %v", model, err)
+		}
 	}
 }
 

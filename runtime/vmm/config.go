@@ -54,6 +54,18 @@ type Config struct {
 	MemoryMiB    int // default DefaultMemoryMiB
 	MaxMemoryMiB int // 0 = no growth
 
+	// CPUModel is the guest's CPU model: "" (or machine.CPUHostModel) lets the machine pick
+	// for its accelerator, the host's CPU under KVM; machine.CPUHostPassthrough is the
+	// host's CPU as it is (KVM only); anything else a QEMU model name.
+	CPUModel string
+	// HyperV enlightenments for Windows guests. KVM implements them; under TCG the machine
+	// boots without them (Start logs it): QEMU would take most and implement none.
+	HyperV *machine.HyperV
+	// KVMHidden hides the KVM signature from the guest.
+	KVMHidden bool
+	// NoACPI and NoSMM turn off q35's ACPI and System Management Mode.
+	NoACPI, NoSMM bool
+
 	// Boot is how the guest starts: a kernel, or firmware that boots from a disk.
 	Boot Boot
 
@@ -269,6 +281,20 @@ func (c Config) Validate() error {
 	}
 	if c.UUID != "" && !validUUID.MatchString(c.UUID) {
 		bad("uuid", "%q is not a UUID", c.UUID)
+	}
+	if err := machine.CheckCPUModel(c.CPUModel); err != nil {
+		bad("cpu_model", "%v", err)
+	}
+	if c.HyperV != nil {
+		if err := c.HyperV.Check(); err != nil {
+			bad("hyperv", "%v", err)
+		}
+	}
+	if (c.NoACPI || c.NoSMM) && c.Type != machine.Q35 {
+		bad("no_acpi/no_smm", "only machine q35 has ACPI and SMM switches")
+	}
+	if c.NoSMM && c.Boot.Firmware.SecureBoot {
+		bad("no_smm", "secure boot needs SMM")
 	}
 	if c.VNC && c.Type != machine.Q35 {
 		bad("vnc", "a display needs machine q35")

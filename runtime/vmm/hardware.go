@@ -147,6 +147,22 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		StartPaused:  c.Paused,
 		ExitOnPanic:  c.ExitOnPanic,
 		UUID:         c.UUID,
+		KVMHidden:    c.KVMHidden,
+		NoACPI:       c.NoACPI,
+		NoSMM:        c.NoSMM,
+	}
+	switch c.CPUModel {
+	case "", machine.CPUHostModel: // the machine's choice for its accelerator
+	case machine.CPUHostPassthrough:
+		if b.accel.accel != machine.KVM {
+			return nil, fmt.Errorf("cpu model %s needs KVM; this node emulates (TCG: %s)", c.CPUModel, b.accel.reason)
+		}
+		m.CPUModel = "host"
+	default:
+		m.CPUModel = c.CPUModel
+	}
+	if b.accel.accel == machine.KVM {
+		m.HyperV = c.HyperV
 	}
 	if c.VNC {
 		m.VNCSocket = b.paths.vnc

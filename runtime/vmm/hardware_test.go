@@ -74,3 +74,45 @@ func TestMicrovmGrowthRoomIsBootedOffline(t *testing.T) {
 		})
 	}
 }
+
+// The CPU model and Hyper-V enlightenments depend on the accelerator: the host's CPU and
+// the enlightenments are KVM's, and a VM that asks for host-passthrough on an emulating
+// node is refused rather than given another CPU.
+func TestCPUModelAndEnlightenmentsFollowTheAccelerator(t *testing.T) {
+	hv := &machine.HyperV{Relaxed: true, Spinlocks: 8191}
+	for _, tc := range []struct {
+		name    string
+		accel   machine.Accel
+		model   string
+		cpu     string // -cpu, "" for an error
+		wantErr string
+	}{
+		{"kvm default", machine.KVM, "", "host,hv-relaxed=on,hv-spinlocks=8191", ""},
+		{"kvm host-model", machine.KVM, machine.CPUHostModel, "host,hv-relaxed=on,hv-spinlocks=8191", ""},
+		{"kvm passthrough", machine.KVM, machine.CPUHostPassthrough, "host,hv-relaxed=on,hv-spinlocks=8191", ""},
+		{"kvm named", machine.KVM, "Skylake-Server", "Skylake-Server,hv-relaxed=on,hv-spinlocks=8191", ""},
+		{"tcg default", machine.TCG, "", "qemu64,+arat", ""},
+		{"tcg named", machine.TCG, "Nehalem", "Nehalem", ""},
+		{"tcg passthrough", machine.TCG, machine.CPUHostPassthrough, "", "cpu model host-passthrough needs KVM"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, CPUModel: tc.model, HyperV: hv,
+				Boot: Boot{Firmware: Firmware{Type: FirmwareBIOS}}, SharedFS: machine.NoSharedFS, Console: ConsoleNone}
+			b := bootPlan{cfg: c, accel: accelChoice{accel: tc.accel, reason: "test"}, paths: newPaths("/run/vm/g")}
+			vm, err := b.hardware()
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("hardware() = %v, want an error with %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			args, _ := vm.Render()
+			if got := argAfter(args, "-cpu"); got != tc.cpu {
+				t.Errorf("-cpu %q, want %q", got, tc.cpu)
+			}
+		})
+	}
+}

@@ -67,6 +67,9 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	if accel.accel == machine.TCG && cfg.Accel == machine.AccelAuto {
 		logger.Warnf("accel: %s", accel.reason)
 	}
+	if accel.accel == machine.TCG && cfg.HyperV != nil {
+		logger.Warn("hyperv: Hyper-V enlightenments are KVM's; under TCG the guest boots without them")
+	}
 	plan := bootPlan{cfg: cfg, accel: accel, paths: newPaths(cfg.StateDir)}
 	if accel.accel == machine.TCG && cfg.Type == machine.MicroVM {
 		if plan.tscKHz, err = host.tscKHz(); err != nil {

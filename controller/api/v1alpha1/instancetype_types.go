@@ -86,6 +86,8 @@ type PreferenceSpec struct {
 	Firmware *FirmwarePreferences `json:"firmware,omitempty"`
 	// +optional
 	Machine *MachinePreferences `json:"machine,omitempty"`
+	// +optional
+	Features *FeaturePreferences `json:"features,omitempty"`
 	// +kubebuilder:validation:Minimum=0
 	// +optional
 	PreferredTerminationGracePeriodSeconds *int64 `json:"preferredTerminationGracePeriodSeconds,omitempty"`
@@ -121,6 +123,19 @@ type FirmwarePreferences struct {
 	PreferredUseEFI *bool `json:"preferredUseEfi,omitempty"`
 	// +optional
 	PreferredUseSecureBoot *bool `json:"preferredUseSecureBoot,omitempty"`
+}
+
+// FeaturePreferences are platform feature defaults: each applies where the VM's
+// domain.features leaves that feature (or, under hyperv, that enlightenment) unset.
+type FeaturePreferences struct {
+	// +optional
+	PreferredACPI *FeatureState `json:"preferredAcpi,omitempty"`
+	// +optional
+	PreferredSMM *FeatureState `json:"preferredSmm,omitempty"`
+	// +optional
+	PreferredHyperv *FeatureHyperv `json:"preferredHyperv,omitempty"`
+	// +optional
+	PreferredKVM *FeatureKVM `json:"preferredKvm,omitempty"`
 }
 
 // MachinePreferences are machine defaults.

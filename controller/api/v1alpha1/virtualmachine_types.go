@@ -233,6 +233,8 @@ type DomainSpec struct {
 	Machine *Machine `json:"machine,omitempty"`
 	// +optional
 	Firmware *Firmware `json:"firmware,omitempty"`
+	// +optional
+	Features *Features `json:"features,omitempty"`
 	Devices  Devices   `json:"devices"`
 }
 
@@ -250,6 +252,110 @@ type CPU struct {
 	// +kubebuilder:validation:Maximum=512
 	// +optional
 	Threads uint32 `json:"threads,omitempty"`
+	// Model is the guest's CPU model: host-model (the default: the node's own choice, the
+	// host's CPU under KVM), host-passthrough, or a QEMU model name such as
+	// Skylake-Client-IBRS. A node boots a model other than the default only if its admin
+	// allows it (hypervisor.cpu_models in /etc/vmpod/config.toml); otherwise the pod fails
+	// to start, saying so.
+	// +kubebuilder:validation:MaxLength=64
+	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9][A-Za-z0-9._-]*$`
+	// +optional
+	Model string `json:"model,omitempty"`
+}
+
+// Features are optional platform features, in KubeVirt's shape.
+type Features struct {
+	// ACPI is on unless enabled is false.
+	// +optional
+	ACPI *FeatureState `json:"acpi,omitempty"`
+	// SMM (System Management Mode) is on unless enabled is false; UEFI secure boot needs it.
+	// +optional
+	SMM *FeatureState `json:"smm,omitempty"`
+	// HyperV enlightenments make Windows guests fast under KVM. A node without KVM boots
+	// the guest without them.
+	// +optional
+	HyperV *FeatureHyperv `json:"hyperv,omitempty"`
+	// KVM hides the hypervisor's signature from the guest.
+	// +optional
+	KVM *FeatureKVM `json:"kvm,omitempty"`
+}
+
+// FeatureState turns a feature on or off.
+type FeatureState struct {
+	// Enabled defaults to true.
+	// +optional
+	Enabled *bool `json:"enabled,omitempty"`
+}
+
+// FeatureHyperv lists the Hyper-V enlightenments the guest gets.
+// +kubebuilder:validation:XValidation:rule="!has(self.synic) || (has(self.vpindex) && (!has(self.vpindex.enabled) || self.vpindex.enabled))",message="synic needs vpindex"
+// +kubebuilder:validation:XValidation:rule="!has(self.synictimer) || (has(self.synic) && (!has(self.synic.enabled) || self.synic.enabled))",message="synictimer needs synic"
+// +kubebuilder:validation:XValidation:rule="!has(self.ipi) || (has(self.vpindex) && (!has(self.vpindex.enabled) || self.vpindex.enabled))",message="ipi needs vpindex"
+// +kubebuilder:validation:XValidation:rule="!has(self.tlbflush) || (has(self.vpindex) && (!has(self.vpindex.enabled) || self.vpindex.enabled))",message="tlbflush needs vpindex"
+// +kubebuilder:validation:XValidation:rule="!has(self.evmcs) || (has(self.vapic) && (!has(self.vapic.enabled) || self.vapic.enabled))",message="evmcs needs vapic"
+type FeatureHyperv struct {
+	// +optional
+	Relaxed *FeatureState `json:"relaxed,omitempty"`
+	// +optional
+	VAPIC *FeatureState `json:"vapic,omitempty"`
+	// +optional
+	Spinlocks *FeatureSpinlocks `json:"spinlocks,omitempty"`
+	// +optional
+	VPIndex *FeatureState `json:"vpindex,omitempty"`
+	// +optional
+	Runtime *FeatureState `json:"runtime,omitempty"`
+	// +optional
+	SyNIC *FeatureState `json:"synic,omitempty"`
+	// +optional
+	SyNICTimer *SyNICTimer `json:"synictimer,omitempty"`
+	// +optional
+	Reset *FeatureState `json:"reset,omitempty"`
+	// +optional
+	VendorID *FeatureVendorID `json:"vendorid,omitempty"`
+	// +optional
+	Frequencies *FeatureState `json:"frequencies,omitempty"`
+	// +optional
+	Reenlightenment *FeatureState `json:"reenlightenment,omitempty"`
+	// +optional
+	TLBFlush *FeatureState `json:"tlbflush,omitempty"`
+	// +optional
+	IPI *FeatureState `json:"ipi,omitempty"`
+	// +optional
+	EVMCS *FeatureState `json:"evmcs,omitempty"`
+}
+
+// FeatureSpinlocks is how often the guest retries a spinlock before it tells the hypervisor.
+type FeatureSpinlocks struct {
+	// +optional
+	Enabled *bool `json:"enabled,omitempty"`
+	// Retries defaults to 4096, KubeVirt's default and least value.
+	// +kubebuilder:validation:Minimum=4096
+	// +optional
+	Retries *uint32 `json:"spinlocks,omitempty"`
+}
+
+// SyNICTimer is the synthetic timer; Direct delivers its expiry as a plain interrupt.
+type SyNICTimer struct {
+	// +optional
+	Enabled *bool `json:"enabled,omitempty"`
+	// +optional
+	Direct *FeatureState `json:"direct,omitempty"`
+}
+
+// FeatureVendorID is the hypervisor vendor the guest sees.
+type FeatureVendorID struct {
+	// +optional
+	Enabled *bool `json:"enabled,omitempty"`
+	// +kubebuilder:validation:MaxLength=12
+	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9]+$`
+	// +optional
+	VendorID string `json:"vendorid,omitempty"`
+}
+
+// FeatureKVM hides KVM from the guest.
+type FeatureKVM struct {
+	// +optional
+	Hidden bool `json:"hidden,omitempty"`
 }
 
 // Memory is the guest's memory.

@@ -183,9 +183,53 @@ func applyPreference(s *vmpodv1.InstanceSpec, p *vmpodv1.PreferenceSpec) {
 	if mp := p.Machine; mp != nil && mp.PreferredMachineType != "" && (d.Machine == nil || d.Machine.Type == "") {
 		d.Machine = &vmpodv1.Machine{Type: mp.PreferredMachineType}
 	}
+	if fp := p.Features; fp != nil {
+		applyFeaturePreferences(d, fp)
+	}
 	if p.PreferredTerminationGracePeriodSeconds != nil && s.TerminationGracePeriodSeconds == nil {
 		v := *p.PreferredTerminationGracePeriodSeconds
 		s.TerminationGracePeriodSeconds = &v
+	}
+}
+
+// applyFeaturePreferences fills each feature the VM leaves unset, and under hyperv each
+// enlightenment, as KubeVirt does: a VM that lists some enlightenments still gets the
+// preference's others.
+func applyFeaturePreferences(d *vmpodv1.DomainSpec, fp *vmpodv1.FeaturePreferences) {
+	if d.Features == nil {
+		d.Features = &vmpodv1.Features{}
+	}
+	f := d.Features
+	fill(&f.ACPI, fp.PreferredACPI)
+	fill(&f.SMM, fp.PreferredSMM)
+	fill(&f.KVM, fp.PreferredKVM)
+	ph := fp.PreferredHyperv
+	if ph == nil {
+		return
+	}
+	if f.HyperV == nil {
+		f.HyperV = &vmpodv1.FeatureHyperv{}
+	}
+	h := f.HyperV
+	for _, s := range []struct{ vm, pref **vmpodv1.FeatureState }{
+		{&h.Relaxed, &ph.Relaxed}, {&h.VAPIC, &ph.VAPIC}, {&h.VPIndex, &ph.VPIndex}, {&h.Runtime, &ph.Runtime},
+		{&h.SyNIC, &ph.SyNIC}, {&h.Reset, &ph.Reset}, {&h.Frequencies, &ph.Frequencies},
+		{&h.Reenlightenment, &ph.Reenlightenment}, {&h.TLBFlush, &ph.TLBFlush}, {&h.IPI, &ph.IPI}, {&h.EVMCS, &ph.EVMCS},
+	} {
+		fill(s.vm, *s.pref)
+	}
+	fill(&h.Spinlocks, ph.Spinlocks)
+	fill(&h.SyNICTimer, ph.SyNICTimer)
+	fill(&h.VendorID, ph.VendorID)
+}
+
+// fill sets *dst to a copy of pref if the VM left it unset.
+func fill[T any, PT interface {
+	*T
+	DeepCopy() PT
+}](dst *PT, pref PT) {
+	if *dst == nil && pref != nil {
+		*dst = pref.DeepCopy()
 	}
 }
 

@@ -193,8 +193,10 @@ func (r *renderer) domain(d *vmpodv1.DomainSpec) error {
 				*dst = int(src)
 			}
 		}
+		cpu.Model = d.CPU.Model
 	}
 	r.vmspec.CPU = cpu
+	r.vmspec.Features = features(d.Features)
 
 	switch {
 	case d.Memory != nil && d.Memory.Guest != nil:
@@ -218,6 +220,43 @@ func (r *renderer) domain(d *vmpodv1.DomainSpec) error {
 			SecureBoot: ptr.Deref(d.Firmware.Bootloader.EFI.SecureBoot, true)}
 	}
 	return nil
+}
+
+// features is the VM spec's form of KubeVirt-shaped features: a feature listed without
+// enabled: false is on.
+func features(f *vmpodv1.Features) vmspec.Features {
+	var out vmspec.Features
+	if f == nil {
+		return out // ACPI and SMM default to on in the spec
+	}
+	on := func(s *vmpodv1.FeatureState) bool { return s != nil && ptr.Deref(s.Enabled, true) }
+	if f.ACPI != nil {
+		out.ACPI = ptr.To(on(f.ACPI))
+	}
+	if f.SMM != nil {
+		out.SMM = ptr.To(on(f.SMM))
+	}
+	out.KVMHidden = f.KVM != nil && f.KVM.Hidden
+	if h := f.HyperV; h != nil {
+		hv := &machine.HyperV{
+			Relaxed: on(h.Relaxed), VAPIC: on(h.VAPIC), VPIndex: on(h.VPIndex), Runtime: on(h.Runtime),
+			SynIC: on(h.SyNIC), Reset: on(h.Reset), Frequencies: on(h.Frequencies),
+			Reenlightenment: on(h.Reenlightenment), TLBFlush: on(h.TLBFlush), IPI: on(h.IPI), EVMCS: on(h.EVMCS),
+		}
+		if t := h.SyNICTimer; t != nil && ptr.Deref(t.Enabled, true) {
+			hv.SynICTimer, hv.SynICTimerDirect = true, on(t.Direct)
+		}
+		if sl := h.Spinlocks; sl != nil && ptr.Deref(sl.Enabled, true) {
+			hv.Spinlocks = int(ptr.Deref(sl.Retries, 4096))
+		}
+		if v := h.VendorID; v != nil && ptr.Deref(v.Enabled, true) {
+			hv.VendorID = v.VendorID
+		}
+		if *hv != (machine.HyperV{}) {
+			out.HyperV = hv
+		}
+	}
+	return out
 }
 
 func (r *renderer) volumes(spec *vmpodv1.InstanceSpec) error {

@@ -32,9 +32,17 @@ func fedora() *vmpodv1.VirtualMachine {
 				ObjectMeta: vmpodv1.TemplateMeta{Labels: map[string]string{"app": "db"}, Annotations: map[string]string{"team": "a"}},
 				Spec: vmpodv1.InstanceSpec{
 					Domain: vmpodv1.DomainSpec{
-						CPU:      &vmpodv1.CPU{Cores: 2, Sockets: 2},
+						CPU:      &vmpodv1.CPU{Cores: 2, Sockets: 2, Model: "Skylake-Client-IBRS"},
 						Memory:   &vmpodv1.Memory{Guest: q("1500Mi")},
 						Firmware: &vmpodv1.Firmware{Bootloader: &vmpodv1.Bootloader{EFI: &vmpodv1.EFI{}}},
+						Features: &vmpodv1.Features{
+							ACPI: &vmpodv1.FeatureState{}, SMM: &vmpodv1.FeatureState{Enabled: ptr.To(true)}, KVM: &vmpodv1.FeatureKVM{Hidden: true},
+							HyperV: &vmpodv1.FeatureHyperv{
+								Relaxed: &vmpodv1.FeatureState{}, VAPIC: &vmpodv1.FeatureState{}, Spinlocks: &vmpodv1.FeatureSpinlocks{Retries: ptr.To[uint32](8191)},
+								VPIndex: &vmpodv1.FeatureState{}, SyNIC: &vmpodv1.FeatureState{}, SyNICTimer: &vmpodv1.SyNICTimer{Direct: &vmpodv1.FeatureState{}},
+								Reset: &vmpodv1.FeatureState{Enabled: ptr.To(false)}, VendorID: &vmpodv1.FeatureVendorID{VendorID: "vmpod"},
+							},
+						},
 						Devices: vmpodv1.Devices{
 							Disks: []vmpodv1.Disk{
 								{Name: "root", Disk: &vmpodv1.DiskTarget{Bus: "virtio"}, BootOrder: ptr.To[int32](1)},
@@ -162,8 +170,11 @@ func TestPod(t *testing.T) {
 		t.Fatalf("the rendered annotation does not parse: %v\n%s", err, pod.Annotations[vmspec.Annotation])
 	}
 	want := &vmspec.VM{
-		Version: vmspec.Version, CPU: vmspec.CPU{Sockets: 2, Cores: 2, Threads: 1}, MemoryMiB: 1500,
+		Version: vmspec.Version, CPU: vmspec.CPU{Sockets: 2, Cores: 2, Threads: 1, Model: "Skylake-Client-IBRS"}, MemoryMiB: 1500,
 		Machine: machine.Q35, Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true},
+		Features: vmspec.Features{ACPI: ptr.To(true), SMM: ptr.To(true), KVMHidden: true,
+			HyperV: &machine.HyperV{Relaxed: true, VAPIC: true, Spinlocks: 8191, VPIndex: true, SynIC: true, SynICTimer: true,
+				SynICTimerDirect: true, VendorID: "vmpod"}},
 		Disks: []vmspec.Disk{
 			{Name: "root", Volume: "root", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1},
 			{Name: "data", Volume: "data", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusSCSI},
@@ -250,6 +261,9 @@ func TestPodErrors(t *testing.T) {
 		{"empty cdrom", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Domain.Devices.Disks[5] = vmpodv1.Disk{Name: "scratch", CDRom: &vmpodv1.CDRomTarget{}}
 		}, claims, "domain.devices.disks[5]: volume scratch is an emptyDisk: a writable disk, not a cdrom"},
+		{"secure boot without SMM", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Domain.Features.SMM.Enabled = ptr.To(false)
+		}, claims, "features.smm: secure boot needs SMM"},
 		{"credential volume name taken", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Volumes[5].Name = "access-credential-1"
 			vm.Spec.Template.Spec.Domain.Devices.Disks[5].Name = "access-credential-1"

@@ -27,9 +27,11 @@ func TestInstancetypeAndPreference(t *testing.T) {
 	t.Cleanup(func() { _ = f.c.Delete(f.ctx, it) })
 	f.create(&vmpodv1.VirtualMachinePreference{ObjectMeta: metav1.ObjectMeta{Name: "linux", Namespace: f.ns},
 		Spec: vmpodv1.PreferenceSpec{
-			CPU:                                    &vmpodv1.CPUPreferences{PreferredCPUTopology: vmpodv1.TopologyCores},
-			Devices:                                &vmpodv1.DevicePreferences{PreferredDiskBus: "scsi", PreferredInterfaceModel: "e1000e"},
-			Firmware:                               &vmpodv1.FirmwarePreferences{PreferredUseEFI: ptr.To(true), PreferredUseSecureBoot: ptr.To(false)},
+			CPU:      &vmpodv1.CPUPreferences{PreferredCPUTopology: vmpodv1.TopologyCores},
+			Devices:  &vmpodv1.DevicePreferences{PreferredDiskBus: "scsi", PreferredInterfaceModel: "e1000e"},
+			Firmware: &vmpodv1.FirmwarePreferences{PreferredUseEFI: ptr.To(true), PreferredUseSecureBoot: ptr.To(false)},
+			Features: &vmpodv1.FeaturePreferences{PreferredSMM: &vmpodv1.FeatureState{Enabled: ptr.To(false)},
+				PreferredHyperv: &vmpodv1.FeatureHyperv{Relaxed: &vmpodv1.FeatureState{}, VAPIC: &vmpodv1.FeatureState{}}},
 			PreferredTerminationGracePeriodSeconds: ptr.To[int64](42),
 			Requirements:                           &vmpodv1.PreferenceRequirements{Memory: &vmpodv1.InstancetypeMemory{Guest: resource.MustParse("1Gi")}},
 		}})
@@ -44,7 +46,10 @@ func TestInstancetypeAndPreference(t *testing.T) {
 		v.Spec.Template.Spec.Networks = []vmpodv1.Network{{Name: "default", Pod: &vmpodv1.PodNetwork{}}}
 		return v
 	}
-	f.create(sized("web"))
+	web := sized("web")
+	// the VM's own enlightenment setting wins; the preference fills the others
+	web.Spec.Template.Spec.Domain.Features = &vmpodv1.Features{HyperV: &vmpodv1.FeatureHyperv{Relaxed: &vmpodv1.FeatureState{Enabled: ptr.To(false)}}}
+	f.create(web)
 	pod := f.waitPod("web", "")
 	spec, err := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
 	if err != nil {
@@ -58,6 +63,9 @@ func TestInstancetypeAndPreference(t *testing.T) {
 	}
 	if spec.Interfaces[0].Model != vmspec.ModelE1000E || spec.Firmware.Type != vmspec.FirmwareUEFI || spec.Firmware.SecureBoot {
 		t.Errorf("nic model %s, firmware %+v: want the preference's e1000e and EFI without Secure Boot", spec.Interfaces[0].Model, spec.Firmware)
+	}
+	if hv := spec.Features.HyperV; hv == nil || hv.Relaxed || !hv.VAPIC || *spec.Features.SMM || !*spec.Features.ACPI {
+		t.Errorf("features %+v (hyperv %+v): want the VM's relaxed off, the preference's vapic and SMM off, ACPI by default", spec.Features, hv)
 	}
 	if g := pod.Spec.TerminationGracePeriodSeconds; g == nil || *g < 42 {
 		t.Errorf("grace period %v, want the preference's 42 s (plus the shim's margin)", g)
