@@ -80,6 +80,7 @@ const testSSHKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLXRlc3Qta2V5LW5v
 const (
 	noCloudKey    = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLW5vY2xvdWQta2V5LW5vdC1hLXJlYWwtb25l nocloud"
 	guestAgentKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LW5vdC1yZWFsLTAx guestagent"
+	rotatedKey    = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LXJvdGF0ZWQtMDAy rotated"
 )
 
 // secretVolume is a host directory laid out as the kubelet lays out a Secret volume: each
@@ -103,6 +104,33 @@ func secretVolume(t *testing.T, data map[string]string) string {
 		}
 	}
 	return dir
+}
+
+// updateSecretVolume changes a secretVolume's content the way the kubelet does when the
+// Secret changes: a new timestamped directory, and ..data swapped to it atomically.
+func updateSecretVolume(t *testing.T, dir string, data map[string]string) {
+	t.Helper()
+	ts := filepath.Join(dir, fmt.Sprintf("..2026_12_04_00_00_00.%09d", time.Now().Nanosecond()))
+	if err := os.Mkdir(ts, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range data {
+		if err := os.WriteFile(filepath.Join(ts, k), []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Lstat(filepath.Join(dir, k)); err != nil {
+			if err := os.Symlink("..data/"+k, filepath.Join(dir, k)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tmp := filepath.Join(dir, "..data_tmp")
+	if err := os.Symlink(filepath.Base(ts), tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func baseVM() vmspec.VM {
@@ -326,11 +354,12 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-cd"}, Hostname: "vm-cd-guest", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
+	agentSecret := secretVolume(t, map[string]string{"ops": guestAgentKey})
 	mounts := []testenv.Mount{
 		{ContainerPath: vmspec.VolumeMountPath("rootdisk"), Image: &testenv.ImageSpec{Image: img}, Readonly: true},
 		{ContainerPath: "/dev/termination-log", HostPath: termLog},
 		{ContainerPath: vmspec.VolumeMountPath("keys-nocloud"), HostPath: secretVolume(t, map[string]string{"key": "# team\n" + noCloudKey + "\n"}), Readonly: true},
-		{ContainerPath: vmspec.VolumeMountPath("keys-agent"), HostPath: secretVolume(t, map[string]string{"ops": guestAgentKey}), Readonly: true},
+		{ContainerPath: vmspec.VolumeMountPath("keys-agent"), HostPath: agentSecret, Readonly: true},
 	}
 	t0 := time.Now()
 	id := compute(t, pod, mounts, nil, true)
@@ -357,6 +386,18 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	// read the other from its meta-data (public-keys)
 	waitExec(t, id, time.Minute, guestAgentKey, "cat", "/home/vmpod/.ssh/authorized_keys")
 	waitExec(t, id, time.Minute, noCloudKey, "cat", "/run/cloud-init/instance-data.json")
+	// the Secret changes (a key rotated): the agent's key follows it, cloud-init's stays
+	updateSecretVolume(t, agentSecret, map[string]string{"ops": rotatedKey})
+	keys := waitExec(t, id, time.Minute, rotatedKey, "cat", "/home/vmpod/.ssh/authorized_keys")
+	if !strings.Contains(keys, testSSHKey) {
+		t.Errorf("the key rotation took cloud-init's key too:\n%s", keys)
+	}
+	for deadline := time.Now().Add(time.Minute); strings.Contains(keys, guestAgentKey) && time.Now().Before(deadline); time.Sleep(2 * time.Second) {
+		keys, _ = execIn(id, 20*time.Second, "cat", "/home/vmpod/.ssh/authorized_keys")
+	}
+	if strings.Contains(keys, guestAgentKey) {
+		t.Errorf("the key the Secret dropped is still authorized:\n%s", keys)
+	}
 	// the VM's identity: SMBIOS UUID and serial from the spec, and cloud-init's instance-id,
 	// the same again after the reboot below
 	for _, f := range []string{"product_uuid", "product_serial"} {

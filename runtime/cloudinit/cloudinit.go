@@ -195,10 +195,13 @@ func PublicKeys(volume string, spec *specs.Spec) ([]string, error) {
 		}
 	}
 	if len(keys) == 0 {
-		return nil, errors.New("holds no SSH public key")
+		return nil, ErrNoPublicKey
 	}
 	return keys, nil
 }
+
+// ErrNoPublicKey is a Secret volume without a single SSH public key.
+var ErrNoPublicKey = errors.New("holds no SSH public key")
 
 // checkPublicKey accepts an authorized_keys line: optional options, a key type and its
 // base64 blob, an optional comment; printable text only.

@@ -58,8 +58,9 @@ type computeVM struct {
 	events  *qmp.Subscription
 	console net.Conn
 	termLog string // host path of the compute container's termination log, if mounted
-	// agentKeys are the access credentials the guest agent adds once the VM runs
-	agentKeys []userKeys
+	// agentKeys reads the access credentials the guest agent keeps in the guest while the
+	// VM runs; nil without any
+	agentKeys func() ([]userKeys, error)
 
 	stdinOnce     sync.Once
 	powerdownOnce sync.Once
@@ -103,11 +104,16 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 	}
 	c.disks = set
 	undo.Add("close disks", set.Close)
-	noCloudKeys, agentKeys, err := accessCredentials(p.vm.AccessCredentials, spec)
+	noCloudKeys, agentKeys, err := accessCredentials(p.vm.AccessCredentials, spec, false)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
 	}
-	c.agentKeys = agentKeys
+	if len(agentKeys) > 0 {
+		c.agentKeys = func() ([]userKeys, error) {
+			_, keys, err := accessCredentials(p.vm.AccessCredentials, spec, true)
+			return keys, err
+		}
+	}
 	if ci := p.vm.CloudInit; ci != nil {
 		if err := p.attachCloudInit(ci, spec, rootfs, set, noCloudKeys); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", p.id, err)
@@ -367,13 +373,14 @@ func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit 
 }
 
 // powerOn starts the vCPUs: the firmware runs, the guest boots. Access credentials for the
-// guest agent are handed over in the background as soon as it and the accounts exist.
+// guest agent are handed over in the background as soon as it and the accounts exist, and
+// kept in line with their Secrets from then on.
 func (c *computeVM) powerOn(ctx context.Context) error {
 	if err := c.machine.Resume(ctx); err != nil {
 		return err
 	}
-	if len(c.agentKeys) > 0 {
-		go c.addKeysThroughAgent(context.WithoutCancel(ctx), c.agentKeys)
+	if c.agentKeys != nil {
+		go c.syncKeysThroughAgent(context.WithoutCancel(ctx), c.agentKeys, keySyncPeriod)
 	}
 	return nil
 }

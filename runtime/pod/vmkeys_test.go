@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -20,15 +22,20 @@ import (
 	"github.com/vmpod/vmpod/runtime/qga"
 )
 
-// keyAgent answers guest-sync-delimited and guest-ssh-add-authorized-keys like
-// qemu-guest-agent: an account exists only once created is closed, as when cloud-init
-// creates it seconds into the boot.
+// keyAgent answers guest-sync-delimited, guest-ping and the guest-ssh-*-authorized-keys
+// commands like qemu-guest-agent, over each user's authorized_keys as a list of lines: an
+// account exists only once created is closed, as when cloud-init creates it seconds into
+// the boot.
 type keyAgent struct {
 	created            chan struct{}
 	createAfterRefusal bool
 	mu                 sync.Mutex
-	added              map[string][]string
+	files              map[string][]string // user: authorized_keys lines
 	tries              int
+}
+
+func newKeyAgent(createAfterRefusal bool) *keyAgent {
+	return &keyAgent{created: make(chan struct{}), createAfterRefusal: createAfterRefusal, files: map[string][]string{}}
 }
 
 func (a *keyAgent) dial(context.Context) (net.Conn, error) {
@@ -56,12 +63,19 @@ func (a *keyAgent) dial(context.Context) (net.Conn, error) {
 				out = fmt.Sprintf("\xff{\"return\": %d}\n", req.Arguments.ID)
 			case "guest-ping":
 				out = "{\"return\": {}}\n"
-			case "guest-ssh-add-authorized-keys":
+			case "guest-ssh-add-authorized-keys", "guest-ssh-remove-authorized-keys":
 				a.mu.Lock()
 				a.tries++
 				select {
 				case <-a.created:
-					a.added[req.Arguments.Username] = req.Arguments.Keys
+					u := req.Arguments.Username
+					for _, k := range req.Arguments.Keys {
+						if req.Execute == "guest-ssh-add-authorized-keys" && !slices.Contains(a.files[u], k) {
+							a.files[u] = append(a.files[u], k)
+						} else if req.Execute == "guest-ssh-remove-authorized-keys" {
+							a.files[u] = slices.DeleteFunc(a.files[u], func(l string) bool { return l == k })
+						}
+					}
 					out = "{\"return\": {}}\n"
 				default:
 					out = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"failed to get passwd entry\"}}\n"
@@ -79,38 +93,101 @@ func (a *keyAgent) dial(context.Context) (net.Conn, error) {
 	return host, nil
 }
 
-func TestAddKeysThroughAgentWaitsForTheAccount(t *testing.T) {
-	a := &keyAgent{created: make(chan struct{}), createAfterRefusal: true, added: map[string][]string{}}
+// file is a copy of user's authorized_keys.
+func (a *keyAgent) file(user string) []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.files[user])
+}
+
+// secretKeys stands in for the Secret volumes: what read returns can be changed.
+type secretKeys struct {
+	mu   sync.Mutex
+	keys []userKeys
+	err  error
+}
+
+func (s *secretKeys) set(keys []userKeys, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keys, s.err = keys, err
+}
+
+func (s *secretKeys) read() ([]userKeys, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.keys, s.err
+}
+
+func waitFile(t *testing.T, a *keyAgent, user string, want []string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * keyRetryFirst); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if got := a.file(user); slices.Equal(got, want) {
+			return
+		}
+	}
+	t.Fatalf("authorized_keys of %s = %q, want %q", user, a.file(user), want)
+}
+
+func TestSyncKeysWaitsForTheAccount(t *testing.T) {
+	a := newKeyAgent(true)
 	c := &computeVM{pod: &vmPod{id: "p"}, agent: qga.New(a.dial), exited: make(chan struct{})}
 	defer c.agent.Close()
 	done := make(chan struct{})
-	keys := []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA a"}}}
-	go func() { c.addKeysThroughAgent(context.Background(), keys); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * keyRetryFirst):
-		t.Fatal("keys not added after the account appeared")
-	}
+	secret := &secretKeys{keys: []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA a"}}}}
+	go func() { c.syncKeysThroughAgent(context.Background(), secret.read, time.Hour); close(done) }()
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA a"})
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if got := a.added["vmpod"]; len(got) != 1 || got[0] != "ssh-ed25519 AAAA a" {
-		t.Errorf("agent added %q for vmpod", got)
-	}
 	if a.tries < 2 {
 		t.Errorf("%d tries, want a retry after the refusal", a.tries)
 	}
+	a.mu.Unlock()
 
-	// a VM that exits ends the retries
-	b := &keyAgent{created: make(chan struct{}), added: map[string][]string{}}
-	c = &computeVM{pod: &vmPod{id: "p"}, agent: qga.New(b.dial), exited: make(chan struct{})}
-	defer c.agent.Close()
-	done = make(chan struct{})
-	go func() { c.addKeysThroughAgent(context.Background(), keys); close(done) }()
+	// a VM that exits ends the loop
 	close(c.exited)
 	select {
 	case <-done:
 	case <-time.After(keyRetryMax):
-		t.Fatal("retries go on after the VM exited")
+		t.Fatal("the key loop goes on after the VM exited")
+	}
+}
+
+// Keys follow the Secret: a new key is added, a key the Secret dropped is removed, and a
+// key the guest's user added stays. A Secret that stops parsing changes nothing.
+func TestSyncKeysFollowsTheSecret(t *testing.T) {
+	a := newKeyAgent(false)
+	close(a.created)
+	a.files["vmpod"] = []string{"ssh-ed25519 AAAA own"}
+	c := &computeVM{pod: &vmPod{id: "p"}, agent: qga.New(a.dial), exited: make(chan struct{})}
+	defer c.agent.Close()
+	secret := &secretKeys{keys: []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA a"}}, {user: "ops", keys: []string{"ssh-rsa AAAA o"}}}}
+	done := make(chan struct{})
+	go func() { c.syncKeysThroughAgent(context.Background(), secret.read, 20*time.Millisecond); close(done) }()
+	defer func() { close(c.exited); <-done }()
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA a"})
+	waitFile(t, a, "ops", []string{"ssh-rsa AAAA o"})
+
+	secret.set([]userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA b"}}}, nil) // ops' key is gone too
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA b"})
+	waitFile(t, a, "ops", nil)
+
+	secret.set(nil, errors.New("ops line 1: not an SSH public key"))
+	time.Sleep(100 * time.Millisecond) // five periods
+	if got := a.file("vmpod"); !reflect.DeepEqual(got, []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA b"}) {
+		t.Errorf("a Secret that does not parse changed the keys: %q", got)
+	}
+}
+
+func TestKeyChanges(t *testing.T) {
+	applied := map[string][]string{"a": {"k1", "k2"}, "gone": {"k9"}}
+	got := keyChanges([]userKeys{{"a", []string{"k2", "k3", "k3"}}, {"b", []string{"k1"}}, {"skip", []string{"k1"}}}, applied, map[string]bool{"skip": true})
+	want := []keyChange{
+		{user: "a", add: []string{"k3"}, remove: []string{"k1"}, want: []string{"k2", "k3", "k3"}},
+		{user: "b", add: []string{"k1"}, want: []string{"k1"}},
+		{user: "gone", remove: []string{"k9"}},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("keyChanges =\n%+v\nwant\n%+v", got, want)
 	}
 }
 
@@ -127,7 +204,7 @@ func TestAccessCredentialsOneCallPerUser(t *testing.T) {
 		{SecretVolume: "team", Propagation: vmspec.PropagateGuestAgent, Users: []string{"root", "fedora"}},
 		{SecretVolume: "ops", Propagation: vmspec.PropagateGuestAgent, Users: []string{"root"}},
 		{SecretVolume: "all", Propagation: vmspec.PropagateNoCloud},
-	}, spec)
+	}, spec, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,8 +212,18 @@ func TestAccessCredentialsOneCallPerUser(t *testing.T) {
 	if !reflect.DeepEqual(agent, want) || !reflect.DeepEqual(noCloud, []string{"ssh-ed25519 AAAAC3Nz all"}) {
 		t.Errorf("agent keys %+v, noCloud %q; want %+v and the noCloud key", agent, noCloud, want)
 	}
-	if _, _, err := accessCredentials([]vmspec.AccessCredential{{SecretVolume: "missing"}}, spec); err == nil ||
+	if _, _, err := accessCredentials([]vmspec.AccessCredential{{SecretVolume: "missing"}}, spec, true); err == nil ||
 		!strings.Contains(err.Error(), "accessCredentials[0] (secretVolume missing): the compute container has no volume mounted at /vmpod/volumes/missing") {
 		t.Errorf("missing volume: %v", err)
+	}
+	// a Secret whose keys were all taken back: refused at start, no keys once running
+	empty := t.TempDir()
+	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: vmspec.VolumeMountPath("empty"), Source: empty, Type: "bind"})
+	creds := []vmspec.AccessCredential{{SecretVolume: "empty", Propagation: vmspec.PropagateGuestAgent, Users: []string{"root"}}}
+	if _, _, err := accessCredentials(creds, spec, false); err == nil || !strings.Contains(err.Error(), "holds no SSH public key") {
+		t.Errorf("an empty Secret at start: %v", err)
+	}
+	if _, agent, err := accessCredentials(creds, spec, true); err != nil || !reflect.DeepEqual(agent, []userKeys{{user: "root"}}) {
+		t.Errorf("an empty Secret later: %+v, %v; want root with no keys", agent, err)
 	}
 }

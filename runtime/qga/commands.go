@@ -87,6 +87,16 @@ func (c *Client) AddAuthorizedKeys(ctx context.Context, user string, keys []stri
 	return c.call(ctx, "guest-ssh-add-authorized-keys", args, nil)
 }
 
+// RemoveAuthorizedKeys runs guest-ssh-remove-authorized-keys: keys leave user's
+// ~/.ssh/authorized_keys; the other lines stay, and a key that is not there is no error.
+func (c *Client) RemoveAuthorizedKeys(ctx context.Context, user string, keys []string) error {
+	args := struct {
+		Username string   `json:"username"`
+		Keys     []string `json:"keys"`
+	}{user, keys}
+	return c.call(ctx, "guest-ssh-remove-authorized-keys", args, nil)
+}
+
 // Interface is a guest NIC and its addresses (guest-network-get-interfaces).
 type Interface struct {
 	Name string
