@@ -193,7 +193,7 @@ func instancetypeObject(root *node, kind string) client.Object {
 			if v, ok := c.integer("guest"); ok && v > 0 {
 				spec.CPU.Guest = uint32(v)
 			}
-			c.dropped("model", "instance types carry no CPU model in vmpod yet: set the VM's domain.cpu.model; dropped")
+			spec.CPU.Model = cpuModel(c)
 			c.unsupported("dedicatedCPUPlacement", "dedicated CPUs are not supported yet")
 			c.unsupported("isolateEmulatorThread", "dedicated CPUs are not supported yet")
 			c.unsupported("numa", "guest NUMA is not supported")
@@ -276,7 +276,7 @@ func preferenceObject(root *node, kind string) client.Object {
 			spec.Requirements = &vmpodv1.PreferenceRequirements{}
 			if c := r.object("cpu"); c != nil {
 				if v, ok := c.integer("guest"); ok && v > 0 {
-					spec.Requirements.CPU = &vmpodv1.InstancetypeCPU{Guest: uint32(v)}
+					spec.Requirements.CPU = &vmpodv1.CPURequirement{Guest: uint32(v)}
 				}
 			}
 			if m := r.object("memory"); m != nil {

@@ -329,7 +329,7 @@ func TestConvertInstancetypesAndPreferences(t *testing.T) {
 		t.Errorf("cluster instancetype = %+v", cit)
 	}
 	it := decode[vmpodv1.VirtualMachineInstancetype](t, docs[1])
-	if it.Spec.CPU.Guest != 4 || it.Spec.Memory.Guest.Value() != 8<<30 {
+	if it.Spec.CPU.Guest != 4 || it.Spec.CPU.Model != "host-passthrough" || it.Spec.Memory.Guest.Value() != 8<<30 {
 		t.Errorf("instancetype = %+v", it.Spec)
 	}
 	fedora := decode[vmpodv1.VirtualMachineClusterPreference](t, docs[2])
@@ -358,7 +358,6 @@ func TestConvertInstancetypesAndPreferences(t *testing.T) {
 		t.Errorf("domain = %+v: want no memory of its own and the containerdisk's default disk", vm.Spec.Template.Spec.Domain)
 	}
 	for _, w := range []string{
-		"spec.cpu.model: instance types carry no CPU model in vmpod yet",
 		"spec.devices.preferredDiskDedicatedIoThread: not supported by vmpod; dropped",
 		"spec.instancetype.revisionName: vmpod applies the object as it is",
 	} {

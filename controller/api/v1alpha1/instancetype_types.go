@@ -50,8 +50,23 @@ type InstancetypeSpec struct {
 	Memory InstancetypeMemory `json:"memory"`
 }
 
-// InstancetypeCPU is the guest's vCPU count; its topology is the preference's.
+// InstancetypeCPU is the guest's vCPU count (its topology is the preference's) and CPU
+// model.
 type InstancetypeCPU struct {
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=512
+	Guest uint32 `json:"guest"`
+	// Model is the guest's CPU model, as domain.cpu.model (which a VM with an instance
+	// type cannot set): host-model (the default), host-passthrough or a QEMU model name the
+	// node allows.
+	// +kubebuilder:validation:MaxLength=64
+	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9][A-Za-z0-9._-]*$`
+	// +optional
+	Model string `json:"model,omitempty"`
+}
+
+// CPURequirement is the least vCPUs a preference accepts.
+type CPURequirement struct {
 	// +kubebuilder:validation:Minimum=1
 	// +kubebuilder:validation:Maximum=512
 	Guest uint32 `json:"guest"`
@@ -148,7 +163,7 @@ type MachinePreferences struct {
 // PreferenceRequirements are minimums.
 type PreferenceRequirements struct {
 	// +optional
-	CPU *InstancetypeCPU `json:"cpu,omitempty"`
+	CPU *CPURequirement `json:"cpu,omitempty"`
 	// +optional
 	Memory *InstancetypeMemory `json:"memory,omitempty"`
 }

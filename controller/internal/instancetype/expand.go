@@ -135,14 +135,14 @@ func kindOr(kind, def string) string {
 	return kind
 }
 
-// applyInstancetype sets the domain's vCPUs (spread by the preference's topology) and
-// memory. The CRD has refused a template that sets either itself.
+// applyInstancetype sets the domain's vCPUs (spread by the preference's topology), CPU
+// model and memory. The CRD has refused a template that sets its own cpu or memory.
 func applyInstancetype(d *vmpodv1.DomainSpec, it *vmpodv1.InstancetypeSpec, pref *vmpodv1.PreferenceSpec) {
 	topology := vmpodv1.TopologySockets
 	if pref != nil && pref.CPU != nil && pref.CPU.PreferredCPUTopology != "" {
 		topology = pref.CPU.PreferredCPUTopology
 	}
-	cpu := &vmpodv1.CPU{Sockets: 1, Cores: 1, Threads: 1}
+	cpu := &vmpodv1.CPU{Sockets: 1, Cores: 1, Threads: 1, Model: it.CPU.Model}
 	switch topology {
 	case vmpodv1.TopologyCores:
 		cpu.Cores = it.CPU.Guest

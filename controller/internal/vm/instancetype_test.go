@@ -22,7 +22,7 @@ import (
 func TestInstancetypeAndPreference(t *testing.T) {
 	f := setup(t)
 	it := &vmpodv1.VirtualMachineClusterInstancetype{ObjectMeta: metav1.ObjectMeta{Name: "u1-" + f.ns},
-		Spec: vmpodv1.InstancetypeSpec{CPU: vmpodv1.InstancetypeCPU{Guest: 4}, Memory: vmpodv1.InstancetypeMemory{Guest: resource.MustParse("2Gi")}}}
+		Spec: vmpodv1.InstancetypeSpec{CPU: vmpodv1.InstancetypeCPU{Guest: 4, Model: "Nehalem"}, Memory: vmpodv1.InstancetypeMemory{Guest: resource.MustParse("2Gi")}}}
 	f.create(it)
 	t.Cleanup(func() { _ = f.c.Delete(f.ctx, it) })
 	f.create(&vmpodv1.VirtualMachinePreference{ObjectMeta: metav1.ObjectMeta{Name: "linux", Namespace: f.ns},
@@ -55,8 +55,8 @@ func TestInstancetypeAndPreference(t *testing.T) {
 	if err != nil {
 		t.Fatalf("annotation: %v", err)
 	}
-	if spec.CPU != (vmspec.CPU{Sockets: 1, Cores: 4, Threads: 1}) || spec.MemoryMiB != 2048 {
-		t.Errorf("cpu %+v memory %d MiB: want the instance type's 4 vCPUs as cores (the preference's topology) and 2Gi", spec.CPU, spec.MemoryMiB)
+	if spec.CPU != (vmspec.CPU{Sockets: 1, Cores: 4, Threads: 1, Model: "Nehalem"}) || spec.MemoryMiB != 2048 {
+		t.Errorf("cpu %+v memory %d MiB: want the instance type's 4 vCPUs as cores (the preference's topology), its model and 2Gi", spec.CPU, spec.MemoryMiB)
 	}
 	if len(spec.Disks) != 1 || spec.Disks[0].Bus != vmspec.BusSCSI {
 		t.Errorf("disks %+v: want the preference's scsi bus where the VM set none", spec.Disks)
