@@ -174,8 +174,8 @@ func (o *Options) validate() error {
 		return bad("--content-type must be kubevirt or archive, got %q", o.ContentType)
 	case o.DestMode != "filesystem" && o.DestMode != "block":
 		return bad("--dest-mode must be filesystem or block, got %q", o.DestMode)
-	case o.ContentType == "archive" && (o.DestMode != "filesystem" || o.Source != "http"):
-		return bad("an archive is extracted from an http source into a filesystem")
+	case o.ContentType == "archive" && (o.DestMode != "filesystem" || (o.Source != "http" && o.Source != "s3" && o.Source != "upload")):
+		return bad("an archive is extracted from an http, s3 or upload source into a filesystem")
 	case o.Dest == "":
 		return bad("--dest is required")
 	case o.Scratch == "" && o.Source != "pvc" && o.Source != "blank":
@@ -201,12 +201,13 @@ func (o *Options) targetSize() (int64, error) {
 		}
 		return size, nil
 	}
-	if o.ContentType == "archive" {
-		return 0, nil
-	}
 	free, err := freeBytes(o.Dest)
 	if err != nil {
 		return 0, transient("WriteFailed", "free space of %s: %w", o.Dest, err)
+	}
+	if o.ContentType == "archive" {
+		// what the files can take up: it bounds the archive as a disk's size bounds an image
+		return free, nil
 	}
 	size := o.Size
 	if size <= 0 || free < size {

@@ -108,7 +108,8 @@ func (u *uploader) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// write receives the request's body and writes the image into the volume.
+// write receives the request's body and writes the image into the volume (or, for
+// content type archive, extracts the tar archive into it).
 func (u *uploader) write(r *http.Request) error {
 	// the request's context ends when the client goes away
 	ctx := r.Context()
@@ -117,6 +118,9 @@ func (u *uploader) write(r *http.Request) error {
 		return err
 	}
 	defer os.Remove(received)
+	if u.o.ContentType == "archive" {
+		return extractArchive(ctx, received, u.o.Dest)
+	}
 	if err := writeImage(ctx, u.o, u.rep, received, "", u.target); err != nil {
 		if u.o.DestMode == "filesystem" {
 			os.Remove(filepath.Join(u.o.Dest, DiskImageFile+".partial"))

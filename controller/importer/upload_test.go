@@ -1,12 +1,16 @@
 package importer
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -118,4 +122,48 @@ func TestUploadStopped(t *testing.T) {
 	expectFailure(t, Run(context.Background(), o, &recorder{}), "UploadFailed", false)
 	o.Listen = ""
 	expectFailure(t, Run(context.Background(), o, &recorder{}), "InvalidArguments", true)
+}
+
+// An archive upload is unpacked into the volume, like an archive download; one larger than
+// the 64 MiB slack of an image's limit goes through (the limit is the volume's free space).
+func TestUploadArchive(t *testing.T) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	big := make([]byte, 80*mib)
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{{"www/index.html", []byte("hello")}, {"www/big.bin", big}} {
+		if err := tw.WriteHeader(&tar.Header{Name: f.name, Mode: 0o644, Size: int64(len(f.data)), Typeflag: tar.TypeReg}); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write(f.data)
+	}
+	tw.Close()
+	addr := freeAddr(t)
+	o := Options{Source: "upload", Listen: addr, ContentType: "archive", Dest: t.TempDir(), DestMode: "filesystem",
+		Size: 128 * mib, Scratch: t.TempDir(), ProgressInterval: 1}
+	rep := &recorder{}
+	done := make(chan error, 1)
+	go func() { done <- Run(context.Background(), o, rep) }()
+	for deadline := time.Now().Add(30 * time.Second); len(rep.readies()) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the importer never said it was ready")
+		}
+	}
+	if code, answer := upload(t, addr, http.MethodPut, bytes.NewReader(gz(t, buf.Bytes()))); code != http.StatusOK {
+		t.Fatalf("archive upload: %d %q", code, answer)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(o.Dest, "www/index.html")); err != nil || string(b) != "hello" {
+		t.Errorf("www/index.html = %q, %v", b, err)
+	}
+	if st, err := os.Stat(filepath.Join(o.Dest, "www/big.bin")); err != nil || st.Size() != int64(len(big)) {
+		t.Errorf("www/big.bin: %v, %v; want %d bytes", st, err, len(big))
+	}
+	if _, err := os.Stat(filepath.Join(o.Dest, DiskImageFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("an archive import wrote a disk image (%v)", err)
+	}
 }

@@ -51,7 +51,7 @@ Usage:
                                       interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
                                       manifests to vmpod's (- reads stdin)
-  kubectl vmpod image-upload dv NAME --image-path=FILE [--size=10Gi] [--volume-mode=block]
+  kubectl vmpod image-upload dv NAME --image-path=FILE|--archive-path=TAR [--size=10Gi] [--volume-mode=block]
         [--storage-class=SC] [--access-mode=MODE] [--no-create] [--wait-secs=300]
                                       upload a disk image (raw, qcow2, vmdk, vdi, vhd(x),
                                       gzip or xz) into DataVolume NAME, made with source
@@ -94,6 +94,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	stdioForward := fs.Bool("stdio", false, "port-forward: connect stdin and stdout to the one guest port")
 	var upload UploadOptions
 	fs.StringVar(&upload.ImagePath, "image-path", "", "image-upload: the image file")
+	fs.StringVar(&upload.ArchivePath, "archive-path", "", "image-upload: a tar archive to unpack into a Filesystem volume (instead of --image-path)")
 	fs.StringVar(&upload.Size, "size", "", "image-upload: the new DataVolume's size (e.g. 10Gi)")
 	fs.StringVar(&upload.VolumeMode, "volume-mode", "", "image-upload: the new DataVolume's volume mode (block or filesystem)")
 	fs.StringVar(&upload.StorageClass, "storage-class", "", "image-upload: the new DataVolume's storage class")

@@ -255,6 +255,12 @@ func TestImageUploadBadInput(t *testing.T) {
 	if err := os.WriteFile(image, []byte("QFI\xfb"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	takesImages := &vmpodv1.DataVolume{ObjectMeta: metav1.ObjectMeta{Name: "takes-images", Namespace: f.ns},
+		Spec: vmpodv1.DataVolumeSpec{Source: vmpodv1.DataVolumeSource{Upload: &vmpodv1.UploadSource{}},
+			Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}}}}
+	if err := f.env.Client.Create(ctx, takesImages); err != nil {
+		t.Fatal(err)
+	}
 	imported := &vmpodv1.DataVolume{ObjectMeta: metav1.ObjectMeta{Name: "imported", Namespace: f.ns},
 		Spec: vmpodv1.DataVolumeSpec{Source: vmpodv1.DataVolumeSource{Blank: &vmpodv1.BlankSource{}},
 			Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}}}}
@@ -267,6 +273,10 @@ func TestImageUploadBadInput(t *testing.T) {
 	}{
 		{[]string{"pvc", "disk", "--image-path", image}, "image-upload takes dv NAME"},
 		{[]string{"dv", "disk", "--size=1Gi"}, "needs --image-path"},
+		{[]string{"dv", "disk", "--size=1Gi", "--image-path", image, "--archive-path", image}, "not both"},
+		{[]string{"dv", "disk", "--size=1Gi", "--volume-mode=block", "--archive-path", image}, "needs --volume-mode filesystem"},
+		{[]string{"dv", "disk", "--size=1Gi", "--archive-path", filepath.Dir(image)}, "--archive-path " + filepath.Dir(image) + " is not a regular file"},
+		{[]string{"dv", "takes-images", "--archive-path", image}, "takes a disk image: upload it with --image-path"},
 		{[]string{"dv", "disk", "--size=1Gi", "--image-path", image + ".missing"}, "no such file"},
 		{[]string{"dv", "disk", "--size=1Gi", "--image-path", filepath.Dir(image)}, "is not a regular file"},
 		{[]string{"dv", "disk", "--image-path", image}, "give --size to create it"},
@@ -281,7 +291,7 @@ func TestImageUploadBadInput(t *testing.T) {
 		}
 	}
 	dvs := &vmpodv1.DataVolumeList{}
-	if err := f.env.Client.List(ctx, dvs, client.InNamespace(f.ns)); err != nil || len(dvs.Items) != 1 {
-		t.Errorf("DataVolumes after refused uploads: %d (%v), want only the one made by the test", len(dvs.Items), err)
+	if err := f.env.Client.List(ctx, dvs, client.InNamespace(f.ns)); err != nil || len(dvs.Items) != 2 {
+		t.Errorf("DataVolumes after refused uploads: %d (%v), want only the two made by the test", len(dvs.Items), err)
 	}
 }

@@ -29,6 +29,9 @@ import (
 // UploadOptions are image-upload's flags, named as virtctl's.
 type UploadOptions struct {
 	ImagePath string
+	// ArchivePath is a tar archive (gzip or xz too) to unpack into a Filesystem volume: the
+	// DataVolume's contentType is archive
+	ArchivePath string
 	// for a new DataVolume
 	Size         string
 	VolumeMode   string // block or filesystem
@@ -45,13 +48,22 @@ type UploadOptions struct {
 // checks and converts it as it would a download; a refused image leaves the DataVolume
 // waiting for another upload.
 func ImageUpload(ctx context.Context, rc *rest.Config, c client.Client, key types.NamespacedName, o UploadOptions, stdio IO) error {
-	if o.ImagePath == "" {
-		return errors.New("image-upload needs --image-path")
+	path, flag := o.ImagePath, "--image-path"
+	switch {
+	case o.ImagePath != "" && o.ArchivePath != "":
+		return errors.New("image-upload takes --image-path or --archive-path, not both")
+	case o.ArchivePath != "":
+		path, flag = o.ArchivePath, "--archive-path"
+		if strings.EqualFold(o.VolumeMode, "block") {
+			return errors.New("--archive-path unpacks files: it needs --volume-mode filesystem")
+		}
+	case o.ImagePath == "":
+		return errors.New("image-upload needs --image-path (or --archive-path)")
 	}
 	if o.Wait <= 0 {
 		o.Wait = 5 * time.Minute
 	}
-	f, err := os.Open(o.ImagePath)
+	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
@@ -61,7 +73,7 @@ func ImageUpload(ctx context.Context, rc *rest.Config, c client.Client, key type
 		return err
 	}
 	if !st.Mode().IsRegular() {
-		return fmt.Errorf("--image-path %s is not a regular file", o.ImagePath)
+		return fmt.Errorf("%s %s is not a regular file", flag, path)
 	}
 	if err := ensureUploadDataVolume(ctx, c, key, o, stdio); err != nil {
 		return err
@@ -77,7 +89,7 @@ func ImageUpload(ctx context.Context, rc *rest.Config, c client.Client, key type
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdio.Err, "uploading %s (%d bytes) to DataVolume %s through pod %s\n", o.ImagePath, st.Size(), key.Name, pod)
+	fmt.Fprintf(stdio.Err, "uploading %s (%d bytes) to DataVolume %s through pod %s\n", path, st.Size(), key.Name, pod)
 	fwCtx, stopForward := context.WithCancel(ctx)
 	defer stopForward()
 	fw, errc, err := forward(fwCtx, rc, key.Namespace, pod, []string{"0:" + strconv.Itoa(vmpodv1.UploadPort)}, io.Discard, stdio.Err)
@@ -113,6 +125,12 @@ func ensureUploadDataVolume(ctx context.Context, c client.Client, key types.Name
 		if dv.Spec.Source.Upload == nil {
 			return fmt.Errorf("DataVolume %s does not take uploads (its source is not upload)", key.Name)
 		}
+		switch takesArchive := dv.Spec.ContentType == vmpodv1.ContentTypeArchive; {
+		case takesArchive && o.ArchivePath == "":
+			return fmt.Errorf("DataVolume %s takes a tar archive (contentType archive): upload it with --archive-path", key.Name)
+		case !takesArchive && o.ArchivePath != "":
+			return fmt.Errorf("DataVolume %s takes a disk image: upload it with --image-path", key.Name)
+		}
 		if dv.Status.Phase == vmpodv1.PhaseSucceeded {
 			return fmt.Errorf("DataVolume %s holds its data already (Succeeded); a DataVolume is one import: make a new one", key.Name)
 		}
@@ -138,6 +156,9 @@ func ensureUploadDataVolume(ctx context.Context, c client.Client, key types.Name
 			Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{
 				Requests: corev1.ResourceList{corev1.ResourceStorage: size}}},
 		},
+	}
+	if o.ArchivePath != "" {
+		dv.Spec.ContentType = vmpodv1.ContentTypeArchive
 	}
 	switch strings.ToLower(o.VolumeMode) {
 	case "":

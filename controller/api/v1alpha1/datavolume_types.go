@@ -6,7 +6,7 @@ import (
 )
 
 // DataVolumeSpec is a PVC and how to fill it.
-// +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || has(self.source.http)",message="contentType archive needs an http source",fieldPath=".contentType"
+// +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || has(self.source.http) || has(self.source.s3) || has(self.source.upload)",message="contentType archive needs an http, s3 or upload source",fieldPath=".contentType"
 // +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || !has(self.storage.volumeMode) || self.storage.volumeMode == 'Filesystem'",message="contentType archive extracts files: it needs volumeMode Filesystem",fieldPath=".contentType"
 type DataVolumeSpec struct {
 	Source DataVolumeSource `json:"source"`

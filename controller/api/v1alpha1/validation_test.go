@@ -221,7 +221,7 @@ func TestDataVolumeValidation(t *testing.T) {
 		{"archive from a registry", func(dv *vmpodv1.DataVolume) {
 			dv.Spec.ContentType = vmpodv1.ContentTypeArchive
 			dv.Spec.Source = vmpodv1.DataVolumeSource{Registry: &vmpodv1.RegistrySource{URL: "docker://x/y"}}
-		}, []string{"spec.contentType: Invalid value", "archive needs an http source"}},
+		}, []string{"spec.contentType: Invalid value", "archive needs an http, s3 or upload source"}},
 		{"archive into a block volume", func(dv *vmpodv1.DataVolume) {
 			dv.Spec.ContentType = vmpodv1.ContentTypeArchive
 			dv.Spec.Storage.VolumeMode = &block
