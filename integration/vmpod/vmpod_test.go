@@ -81,6 +81,9 @@ const (
 	noCloudKey    = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLW5vY2xvdWQta2V5LW5vdC1hLXJlYWwtb25l nocloud"
 	guestAgentKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LW5vdC1yZWFsLTAx guestagent"
 	rotatedKey    = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LXJvdGF0ZWQtMDAy rotated"
+	// how the guest agent's keys appear in authorized_keys: marked as the shim's
+	guestAgentLine = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LW5vdC1yZWFsLTAx vmpod:guestagent"
+	rotatedLine    = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHZtcG9kLWd1ZXN0YWdlbnQta2V5LXJvdGF0ZWQtMDAy vmpod:rotated"
 )
 
 // secretVolume is a host directory laid out as the kubelet lays out a Secret volume: each
@@ -384,18 +387,18 @@ func TestVMPodFromContainerDisk(t *testing.T) {
 	waitExec(t, id, time.Minute, testSSHKey, "cat", "/home/vmpod/.ssh/authorized_keys")
 	// access credentials: the guest agent adds its key once the account exists; cloud-init
 	// read the other from its meta-data (public-keys)
-	waitExec(t, id, time.Minute, guestAgentKey, "cat", "/home/vmpod/.ssh/authorized_keys")
+	waitExec(t, id, time.Minute, guestAgentLine, "cat", "/home/vmpod/.ssh/authorized_keys")
 	waitExec(t, id, time.Minute, noCloudKey, "cat", "/run/cloud-init/instance-data.json")
 	// the Secret changes (a key rotated): the agent's key follows it, cloud-init's stays
 	updateSecretVolume(t, agentSecret, map[string]string{"ops": rotatedKey})
-	keys := waitExec(t, id, time.Minute, rotatedKey, "cat", "/home/vmpod/.ssh/authorized_keys")
+	keys := waitExec(t, id, time.Minute, rotatedLine, "cat", "/home/vmpod/.ssh/authorized_keys")
 	if !strings.Contains(keys, testSSHKey) {
 		t.Errorf("the key rotation took cloud-init's key too:\n%s", keys)
 	}
-	for deadline := time.Now().Add(time.Minute); strings.Contains(keys, guestAgentKey) && time.Now().Before(deadline); time.Sleep(2 * time.Second) {
+	for deadline := time.Now().Add(time.Minute); strings.Contains(keys, guestAgentLine) && time.Now().Before(deadline); time.Sleep(2 * time.Second) {
 		keys, _ = execIn(id, 20*time.Second, "cat", "/home/vmpod/.ssh/authorized_keys")
 	}
-	if strings.Contains(keys, guestAgentKey) {
+	if strings.Contains(keys, guestAgentLine) {
 		t.Errorf("the key the Secret dropped is still authorized:\n%s", keys)
 	}
 	// the VM's identity: SMBIOS UUID and serial from the spec, and cloud-init's instance-id,

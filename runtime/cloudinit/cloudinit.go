@@ -226,6 +226,9 @@ func checkPublicKey(line string) error {
 	return errors.New("not an SSH public key (type and base64 key, e.g. ssh-ed25519 AAAA...)")
 }
 
+// IsKeyType says whether a word of an authorized_keys line is an OpenSSH key type.
+func IsKeyType(word string) bool { return keyType.MatchString(word) }
+
 // keyType is an OpenSSH public key type: ssh-rsa, ssh-ed25519, ecdsa-sha2-nistp256,
 // sk-ssh-ed25519@openssh.com, their -cert-v01 forms.
 var keyType = regexp.MustCompile(`^(ssh|ecdsa|sk)-[a-z0-9@.-]+$`)

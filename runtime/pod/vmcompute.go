@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,8 +110,13 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
 	}
 	if len(agentKeys) > 0 {
+		// only the guest agent's credentials: a noCloud Secret that stops parsing must not
+		// hold up their keys
+		agentCreds := slices.DeleteFunc(slices.Clone(p.vm.AccessCredentials), func(c vmspec.AccessCredential) bool {
+			return c.Propagation != vmspec.PropagateGuestAgent
+		})
 		c.agentKeys = func() ([]userKeys, error) {
-			_, keys, err := accessCredentials(p.vm.AccessCredentials, spec, true)
+			_, keys, err := accessCredentials(agentCreds, spec, true)
 			return keys, err
 		}
 	}

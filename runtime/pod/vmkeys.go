@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/containerd/log"
@@ -66,16 +66,19 @@ func accessCredentials(creds []vmspec.AccessCredential, spec *specs.Spec, emptyO
 }
 
 // syncKeysThroughAgent keeps each user's authorized_keys in line with the guest-agent
-// credentials' Secret volumes for as long as the VM runs: read gives the keys as the
-// volumes hold them now, read again every period; a key that appears is added (guest-ssh-add-authorized-keys), a
-// key this loop added that the Secret no longer holds is removed
-// (guest-ssh-remove-authorized-keys). Keys it did not add (the guest's users', cloud-init's)
-// are never removed. Until the agent answers and the accounts exist it retries with
-// backoff; a Secret that stops parsing keeps the keys as they are, and says why once. An
-// agent without the commands is told once in the log: the keys cannot reach that guest.
+// credentials' Secret volumes for as long as the VM runs. read gives the keys as the
+// volumes hold them now; it is called again every period. The shim writes each key with
+// the comment "vmpod:<the key's comment>" (managedKey): that mark, kept in the guest's own
+// file, is how it tells the lines it manages from the guest users' and cloud-init's, across
+// VM and shim restarts alike. For each user whose keys changed (and for every user on the
+// first round): the file is read (guest-ssh-get-authorized-keys), missing keys are added,
+// then marked lines the Secret no longer holds are removed. Unmarked lines are never
+// touched. Until the agent answers and the accounts exist it retries with backoff; a
+// Secret that stops parsing keeps the guest's keys as they are and says why once; an agent
+// without the commands is told once in the log.
 func (c *computeVM) syncKeysThroughAgent(ctx context.Context, read func() ([]userKeys, error), period time.Duration) {
 	lg := log.G(ctx).WithField("pod", c.pod.id)
-	applied := map[string][]string{} // per user, the keys this loop has added and not removed
+	synced := map[string][]string{} // per user, the Secret keys the file was last brought in line with
 	unsupported := map[string]bool{} // users whose agent lacks the commands
 	lastErr := map[string]string{}
 	note := func(key string, err error, format string, args ...any) {
@@ -97,8 +100,13 @@ func (c *computeVM) syncKeysThroughAgent(ctx context.Context, read func() ([]use
 			delay = period
 			continue
 		}
-		changes := keyChanges(want, applied, unsupported)
-		if len(changes) == 0 {
+		var todo []userKeys
+		for _, u := range want {
+			if prev, ok := synced[u.user]; !unsupported[u.user] && (!ok || !slices.Equal(prev, u.keys)) {
+				todo = append(todo, u)
+			}
+		}
+		if len(todo) == 0 {
 			delay = period
 			continue
 		}
@@ -113,18 +121,20 @@ func (c *computeVM) syncKeysThroughAgent(ctx context.Context, read func() ([]use
 			continue
 		}
 		done := true
-		for _, ch := range changes {
-			err := c.applyKeyChange(ctx, ch)
+		for _, u := range todo {
+			added, removed, err := c.syncUserKeys(ctx, u)
 			var agentErr *qga.Error
 			switch {
 			case err == nil:
-				applied[ch.user] = ch.want
-				lg.Infof("guest agent: SSH public keys of %s: %d added, %d removed", ch.user, len(ch.add), len(ch.remove))
+				synced[u.user] = u.keys
+				if added+removed > 0 {
+					lg.Infof("guest agent: SSH public keys of %s: %d added, %d removed", u.user, added, removed)
+				}
 			case errors.As(err, &agentErr) && agentErr.Class == "CommandNotFound":
-				unsupported[ch.user] = true
-				lg.WithError(err).Warnf("guest agent cannot manage SSH keys (too old?): %s gets none", ch.user)
+				unsupported[u.user] = true
+				lg.WithError(err).Warnf("guest agent cannot manage SSH keys (too old, or the command is disabled): %s's keys are not kept", u.user)
 			default:
-				note(ch.user, err, "guest agent: SSH keys of %s not updated yet; retrying", ch.user)
+				note(u.user, err, "guest agent: SSH keys of %s not updated yet; retrying", u.user)
 				done = false
 			}
 		}
@@ -136,62 +146,94 @@ func (c *computeVM) syncKeysThroughAgent(ctx context.Context, read func() ([]use
 	}
 }
 
-// keyChange is what one user's authorized_keys needs: keys to add and keys to remove, to
-// hold want (of what vmpod manages).
-type keyChange struct {
-	user        string
-	add, remove []string
-	want        []string
+// managedMark starts the comment of every authorized_keys line the shim manages.
+const managedMark = "vmpod:"
+
+// managedKey is a Secret's key as the shim writes it: its options, type and data as they
+// are, and the comment marked.
+func managedKey(key string) string {
+	head, comment := splitKey(key)
+	return head + " " + managedMark + comment
 }
 
-// keyChanges compares the keys the Secrets hold with those applied, user by user.
-func keyChanges(want []userKeys, applied map[string][]string, skip map[string]bool) []keyChange {
-	wanted := map[string][]string{}
-	for _, u := range want {
-		wanted[u.user] = u.keys
-	}
-	users := slices.Sorted(maps.Keys(wanted))
-	for u := range applied {
-		if _, ok := wanted[u]; !ok {
-			users = append(users, u)
-		}
-	}
-	var out []keyChange
-	for _, u := range users {
-		if skip[u] {
-			continue
-		}
-		ch := keyChange{user: u, want: wanted[u]}
-		for _, k := range ch.want {
-			if !slices.Contains(applied[u], k) && !slices.Contains(ch.add, k) {
-				ch.add = append(ch.add, k)
-			}
-		}
-		for _, k := range applied[u] {
-			if !slices.Contains(ch.want, k) {
-				ch.remove = append(ch.remove, k)
-			}
-		}
-		if len(ch.add) > 0 || len(ch.remove) > 0 {
-			out = append(out, ch)
-		}
-	}
-	return out
+// isManaged says whether an authorized_keys line carries the shim's mark.
+func isManaged(line string) bool {
+	_, comment := splitKey(line)
+	return strings.HasPrefix(comment, managedMark)
 }
 
-func (c *computeVM) applyKeyChange(ctx context.Context, ch keyChange) error {
-	if len(ch.remove) > 0 {
+// splitKey cuts an authorized_keys line after its key data (options, type, base64) from
+// the comment that follows; a line without a recognisable key is all head.
+func splitKey(line string) (head, comment string) {
+	line = strings.TrimSpace(line)
+	var fields [][2]int // start and end of each whitespace-separated field
+	for i := 0; i < len(line); {
+		for i < len(line) && (line[i] == ' ' || line[i] == '\t') {
+			i++
+		}
+		start := i
+		for i < len(line) && line[i] != ' ' && line[i] != '\t' {
+			i++
+		}
+		if i > start {
+			fields = append(fields, [2]int{start, i})
+		}
+	}
+	for i := 0; i+1 < len(fields); i++ {
+		if cloudinit.IsKeyType(line[fields[i][0]:fields[i][1]]) {
+			end := fields[i+1][1]
+			return line[:end], strings.TrimSpace(line[end:])
+		}
+	}
+	return line, ""
+}
+
+// syncUserKeys brings one user's authorized_keys in line with u.keys: adds what is
+// missing first (a failing removal must not leave the user locked out), then removes the
+// marked lines the Secret no longer holds.
+func (c *computeVM) syncUserKeys(ctx context.Context, u userKeys) (added, removed int, err error) {
+	callCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
+	file, err := c.agent.AuthorizedKeys(callCtx, u.user)
+	cancel()
+	var agentErr *qga.Error
+	switch {
+	case errors.As(err, &agentErr) && agentErr.Class != "CommandNotFound":
+		// qemu-guest-agent cannot read a file that does not exist yet (an account with no
+		// keys) or a user it does not know: add (which creates the file, and is refused
+		// for an unknown user), remove nothing this time
+		file = nil
+	case err != nil:
+		return 0, 0, err
+	}
+	var add, remove []string
+	want := map[string]bool{}
+	for _, k := range u.keys {
+		line := managedKey(k)
+		if !want[line] && !slices.Contains(file, line) {
+			add = append(add, line)
+		}
+		want[line] = true
+	}
+	for _, line := range file {
+		if isManaged(line) && !want[line] {
+			remove = append(remove, line)
+		}
+	}
+	if len(add) > 0 {
 		callCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
-		err := c.agent.RemoveAuthorizedKeys(callCtx, ch.user, ch.remove)
+		err := c.agent.AddAuthorizedKeys(callCtx, u.user, add)
 		cancel()
 		if err != nil {
-			return err
+			return 0, 0, err
 		}
 	}
-	if len(ch.add) > 0 {
+	if len(remove) > 0 {
 		callCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
-		defer cancel()
-		return c.agent.AddAuthorizedKeys(callCtx, ch.user, ch.add)
+		err := c.agent.RemoveAuthorizedKeys(callCtx, u.user, remove)
+		cancel()
+		if err != nil {
+			return len(add), 0, err
+		}
 	}
-	return nil
+	return len(add), len(remove), nil
 }

@@ -63,6 +63,16 @@ func (a *keyAgent) dial(context.Context) (net.Conn, error) {
 				out = fmt.Sprintf("\xff{\"return\": %d}\n", req.Arguments.ID)
 			case "guest-ping":
 				out = "{\"return\": {}}\n"
+			case "guest-ssh-get-authorized-keys":
+				a.mu.Lock()
+				lines, ok := a.files[req.Arguments.Username]
+				a.mu.Unlock()
+				if !ok { // qemu-guest-agent cannot read a file that is not there
+					out = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"failed to read\"}}\n"
+					break
+				}
+				b, _ := json.Marshal(map[string]any{"return": map[string]any{"keys": lines}})
+				out = string(b) + "\n"
 			case "guest-ssh-add-authorized-keys", "guest-ssh-remove-authorized-keys":
 				a.mu.Lock()
 				a.tries++
@@ -136,7 +146,7 @@ func TestSyncKeysWaitsForTheAccount(t *testing.T) {
 	done := make(chan struct{})
 	secret := &secretKeys{keys: []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA a"}}}}
 	go func() { c.syncKeysThroughAgent(context.Background(), secret.read, time.Hour); close(done) }()
-	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA a"})
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA vmpod:a"})
 	a.mu.Lock()
 	if a.tries < 2 {
 		t.Errorf("%d tries, want a retry after the refusal", a.tries)
@@ -152,42 +162,63 @@ func TestSyncKeysWaitsForTheAccount(t *testing.T) {
 	}
 }
 
-// Keys follow the Secret: a new key is added, a key the Secret dropped is removed, and a
-// key the guest's user added stays. A Secret that stops parsing changes nothing.
+// Keys follow the Secret: a new key is added, a key the Secret dropped is removed, and
+// lines the shim did not write stay, even one holding the same key as the Secret. A
+// Secret that stops parsing changes nothing.
 func TestSyncKeysFollowsTheSecret(t *testing.T) {
 	a := newKeyAgent(false)
 	close(a.created)
-	a.files["vmpod"] = []string{"ssh-ed25519 AAAA own"}
+	a.files["vmpod"] = []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA a laptop"} // the user's, and cloud-init's copy of a
 	c := &computeVM{pod: &vmPod{id: "p"}, agent: qga.New(a.dial), exited: make(chan struct{})}
 	defer c.agent.Close()
-	secret := &secretKeys{keys: []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA a"}}, {user: "ops", keys: []string{"ssh-rsa AAAA o"}}}}
+	secret := &secretKeys{keys: []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA a laptop"}}, {user: "ops", keys: []string{`from="10.0.0.0/8" ssh-rsa AAAA o`}}}}
 	done := make(chan struct{})
 	go func() { c.syncKeysThroughAgent(context.Background(), secret.read, 20*time.Millisecond); close(done) }()
 	defer func() { close(c.exited); <-done }()
-	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA a"})
-	waitFile(t, a, "ops", []string{"ssh-rsa AAAA o"})
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA a laptop", "ssh-ed25519 AAAA vmpod:a laptop"})
+	waitFile(t, a, "ops", []string{`from="10.0.0.0/8" ssh-rsa AAAA vmpod:o`}) // created by the add
 
-	secret.set([]userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 AAAA b"}}}, nil) // ops' key is gone too
-	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA b"})
+	secret.set([]userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 BBBB b"}}, {user: "ops"}}, nil) // a rotated, ops' key gone
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA a laptop", "ssh-ed25519 BBBB vmpod:b"})
 	waitFile(t, a, "ops", nil)
 
 	secret.set(nil, errors.New("ops line 1: not an SSH public key"))
 	time.Sleep(100 * time.Millisecond) // five periods
-	if got := a.file("vmpod"); !reflect.DeepEqual(got, []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA b"}) {
+	if got := a.file("vmpod"); !slices.Equal(got, []string{"ssh-ed25519 AAAA own", "ssh-ed25519 AAAA a laptop", "ssh-ed25519 BBBB vmpod:b"}) {
 		t.Errorf("a Secret that does not parse changed the keys: %q", got)
 	}
 }
 
-func TestKeyChanges(t *testing.T) {
-	applied := map[string][]string{"a": {"k1", "k2"}, "gone": {"k9"}}
-	got := keyChanges([]userKeys{{"a", []string{"k2", "k3", "k3"}}, {"b", []string{"k1"}}, {"skip", []string{"k1"}}}, applied, map[string]bool{"skip": true})
-	want := []keyChange{
-		{user: "a", add: []string{"k3"}, remove: []string{"k1"}, want: []string{"k2", "k3", "k3"}},
-		{user: "b", add: []string{"k1"}, want: []string{"k1"}},
-		{user: "gone", remove: []string{"k9"}},
+// A key dropped from the Secret while the VM was down goes on its next start: the mark in
+// the guest's file says the shim put it there.
+func TestSyncKeysRemovesWhatAnEarlierRunAdded(t *testing.T) {
+	a := newKeyAgent(false)
+	close(a.created)
+	a.files["vmpod"] = []string{"ssh-ed25519 AAAA own", "ssh-ed25519 OLD0 vmpod:revoked", "ssh-ed25519 KEEP vmpod:kept"}
+	c := &computeVM{pod: &vmPod{id: "p"}, agent: qga.New(a.dial), exited: make(chan struct{})}
+	defer c.agent.Close()
+	secret := &secretKeys{keys: []userKeys{{user: "vmpod", keys: []string{"ssh-ed25519 KEEP kept"}}}}
+	done := make(chan struct{})
+	go func() { c.syncKeysThroughAgent(context.Background(), secret.read, time.Hour); close(done) }()
+	defer func() { close(c.exited); <-done }()
+	waitFile(t, a, "vmpod", []string{"ssh-ed25519 AAAA own", "ssh-ed25519 KEEP vmpod:kept"})
+}
+
+func TestManagedKey(t *testing.T) {
+	for _, tc := range []struct{ key, managed string }{
+		{"ssh-ed25519 AAAA", "ssh-ed25519 AAAA vmpod:"},
+		{"ssh-ed25519 AAAA alice@laptop  home", "ssh-ed25519 AAAA vmpod:alice@laptop  home"},
+		{`command="echo  hi",no-pty ssh-rsa BBBB ops`, `command="echo  hi",no-pty ssh-rsa BBBB vmpod:ops`},
+	} {
+		if got := managedKey(tc.key); got != tc.managed {
+			t.Errorf("managedKey(%q) = %q, want %q", tc.key, got, tc.managed)
+		}
+		if isManaged(tc.key) || !isManaged(tc.managed) {
+			t.Errorf("isManaged(%q), isManaged(%q) = %v, %v", tc.key, tc.managed, isManaged(tc.key), isManaged(tc.managed))
+		}
 	}
-	if !reflect.DeepEqual(got, want) {
-		t.Errorf("keyChanges =\n%+v\nwant\n%+v", got, want)
+	if isManaged("# vmpod: a comment line") || isManaged("ssh-ed25519") {
+		t.Error("a line without a key is managed")
 	}
 }
 

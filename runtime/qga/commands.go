@@ -87,6 +87,20 @@ func (c *Client) AddAuthorizedKeys(ctx context.Context, user string, keys []stri
 	return c.call(ctx, "guest-ssh-add-authorized-keys", args, nil)
 }
 
+// AuthorizedKeys runs guest-ssh-get-authorized-keys: the key lines of user's
+// ~/.ssh/authorized_keys (not its comments or blank lines), none if it has no such file.
+func (c *Client) AuthorizedKeys(ctx context.Context, user string) ([]string, error) {
+	var out struct {
+		Keys []string `json:"keys"`
+	}
+	if err := c.call(ctx, "guest-ssh-get-authorized-keys", struct {
+		Username string `json:"username"`
+	}{user}, &out); err != nil {
+		return nil, err
+	}
+	return out.Keys, nil
+}
+
 // RemoveAuthorizedKeys runs guest-ssh-remove-authorized-keys: keys leave user's
 // ~/.ssh/authorized_keys; the other lines stay, and a key that is not there is no error.
 func (c *Client) RemoveAuthorizedKeys(ctx context.Context, user string, keys []string) error {
