@@ -78,7 +78,7 @@ func accessCredentials(creds []vmspec.AccessCredential, spec *specs.Spec, emptyO
 // without the commands is told once in the log.
 func (c *computeVM) syncKeysThroughAgent(ctx context.Context, read func() ([]userKeys, error), period time.Duration) {
 	lg := log.G(ctx).WithField("pod", c.pod.id)
-	synced := map[string][]string{} // per user, the Secret keys the file was last brought in line with
+	synced := map[string][]string{}  // per user, the Secret keys the file was last brought in line with
 	unsupported := map[string]bool{} // users whose agent lacks the commands
 	lastErr := map[string]string{}
 	note := func(key string, err error, format string, args ...any) {
