@@ -137,7 +137,9 @@ func (m *Machine) validate() error {
 	c.text("Name", m.Name)
 	c.oneOf("Type", string(m.Type), string(machine.MicroVM), string(machine.Q35))
 	c.oneOf("Accel", string(m.Accel), string(machine.KVM), string(machine.TCG))
-	c.text("CPUModel", m.CPUModel)
+	if err := machine.CheckCPUModel(m.CPUModel); err != nil {
+		c.fail("CPUModel", "%v", err)
+	}
 	if m.HyperV != nil {
 		if err := m.HyperV.Check(); err != nil {
 			c.fail("HyperV", "%v", err)

@@ -54,8 +54,8 @@ state_dir = "/run/vmpod-test/vm"
 [hypervisor]
 kernel = "$VMPOD_OUT/guest/vmlinux"
 initrd = "$VMPOD_OUT/guest/initrd.img"
-# a named model the VM pod tests boot (TCG emulates it); the default allows only host-passthrough
-cpu_models = ["host-passthrough", "Nehalem"]
+# a named model the VM pod tests boot (TCG emulates it); by default a node lists none
+cpu_models = ["Nehalem"]
 EOC
 }
 

@@ -8,13 +8,24 @@ import (
 
 // CPU models a VM may ask for besides a named QEMU model (e.g. "Skylake-Client-IBRS").
 const (
-	// CPUHostModel is KubeVirt's default and vmpod's: the node's own choice, the host's
-	// CPU under KVM and an emulated baseline under TCG. It is what "" means too.
+	// CPUHostModel is KubeVirt's default and vmpod's, what "" means too: the host's CPU as
+	// it is under KVM (QEMU's "host"; vmpod does not compute a named model close to the
+	// host as libvirt's host-model does), an emulated baseline under TCG.
 	CPUHostModel = "host-model"
-	// CPUHostPassthrough gives the guest the host's CPU as it is (QEMU's "host"): every
-	// feature, no migration to a different CPU. KVM only.
+	// CPUHostPassthrough is the host's CPU as it is (QEMU's "host"): under KVM the same as
+	// the default; refused where there is no KVM, rather than given another CPU.
 	CPUHostPassthrough = "host-passthrough"
 )
+
+// CheckNamedCPUModel says what is wrong with a name a node admin lists as a model VM pods
+// may ask for: a QEMU model name, not one of the host-* choices or QEMU's "host".
+func CheckNamedCPUModel(model string) error {
+	switch model {
+	case "", CPUHostModel, CPUHostPassthrough, "host":
+		return fmt.Errorf("%q: list QEMU CPU model names only (the host's CPU needs no entry)", model)
+	}
+	return CheckCPUModel(model)
+}
 
 // cpuModelName is a QEMU CPU model's name: the value of -cpu before its flags, so it may
 // hold no ',' (which would start a flag) and nothing a shell or a log would mangle.
@@ -31,7 +42,8 @@ func CheckCPUModel(model string) error {
 // HyperV is the set of Hyper-V enlightenments a guest gets: paravirtual interfaces of KVM
 // that Windows uses where it finds them (without them a Windows guest spins on locks,
 // takes timer interrupts the slow way and trips its own watchdog when a vCPU is
-// preempted). The names are KubeVirt's; each becomes QEMU's hv-* CPU property.
+// preempted). They are KubeVirt's enlightenments (its synictimer and vendorid are
+// synicTimer and vendorID in vmpod's JSON); each becomes QEMU's hv-* CPU property.
 type HyperV struct {
 	Relaxed bool `json:"relaxed,omitempty"` // no watchdog timeouts while the host preempts a vCPU
 	VAPIC   bool `json:"vapic,omitempty"`   // interrupt controller access without exits
@@ -52,9 +64,9 @@ type HyperV struct {
 	EVMCS            bool   `json:"evmcs,omitempty"`            // enlightened VMCS, for nested Hyper-V (Intel)
 }
 
-// MinSpinlocks is the least retry count Hyper-V's spinlock enlightenment takes (QEMU
-// refuses fewer).
-const MinSpinlocks = 0xfff
+// MinSpinlocks is the least retry count of the spinlock enlightenment: KubeVirt's (QEMU
+// itself takes 4095).
+const MinSpinlocks = 4096
 
 // vendorID is what QEMU's hv-vendor-id takes: up to 12 characters, and vmpod keeps to
 // letters and digits so the value cannot carry a ',' into -cpu.

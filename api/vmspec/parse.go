@@ -109,11 +109,12 @@ func (vm *VM) Default() {
 	if vm.Firmware.Type == "" {
 		vm.Firmware.Type = FirmwareBIOS
 	}
-	on := true
 	if vm.Features.ACPI == nil {
+		on := true
 		vm.Features.ACPI = &on
 	}
 	if vm.Features.SMM == nil {
+		on := true
 		vm.Features.SMM = &on
 	}
 	for i := range vm.Disks {

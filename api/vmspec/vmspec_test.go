@@ -176,7 +176,7 @@ func TestParseInvalid(t *testing.T) {
 		{"cpu model and feature rules", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"model":"qemu64,+vmx"},"firmware":{"type":"uefi","secureBoot":true},
 			"features":{"smm":false,"hyperv":{"synic":true,"ipi":true,"evmcs":true,"spinlocks":100,"vendorID":"a,b"}}}`,
 			[]string{`cpu.model: "qemu64,+vmx" is not a CPU model name`, "features.smm: secure boot needs SMM",
-				"features.hyperv: synic needs vpindex; ipi needs vpindex; evmcs needs vapic; spinlocks 100: want 0 (off) or 4095 to 4294967295; " +
+				"features.hyperv: synic needs vpindex; ipi needs vpindex; evmcs needs vapic; spinlocks 100: want 0 (off) or 4096 to 4294967295; " +
 					`vendorID "a,b": want 1-12 letters or digits`}},
 		{"migration role", `{"version":"v1alpha1","memoryMiB":128,"migration":{"role":"both"}}`,
 			[]string{`migration.role: must be source or target, got "both"`}},

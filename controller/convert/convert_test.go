@@ -144,7 +144,7 @@ func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
 		t.Errorf("accessCredentials = %+v", ac)
 	}
 	if d.CPU.Model != "host-passthrough" || d.Features == nil || d.Features.ACPI == nil || d.Features.ACPI.Enabled != nil ||
-		d.Features.SMM == nil || !*d.Features.SMM.Enabled || d.Features.HyperV != nil {
+		d.Features.SMM == nil || d.Features.SMM.Enabled == nil || !*d.Features.SMM.Enabled || d.Features.HyperV != nil {
 		t.Errorf("cpu model %q, features %+v: want host-passthrough, acpi {} and smm enabled", d.CPU.Model, d.Features)
 	}
 	// every field the converter does not carry is named, and nothing else

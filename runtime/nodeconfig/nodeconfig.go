@@ -56,10 +56,10 @@ type Hypervisor struct {
 	UEFIVars       string `toml:"uefi_vars"`
 	UEFISecureCode string `toml:"uefi_secure_code"`
 	UEFISecureVars string `toml:"uefi_secure_vars"`
-	// CPUModels are the CPU models a VM pod may ask for besides the default (the host's
-	// CPU under KVM): machine.CPUHostPassthrough and QEMU model names. A model is the
-	// admin's to allow: it decides which nodes a VM can move between, and a named model
-	// with features the host lacks loses them.
+	// CPUModels are the named QEMU CPU models a VM pod may ask for. Without one a VM gets
+	// the host's CPU (KVM) or an emulated baseline (TCG). A named model is the admin's to
+	// allow: it is what keeps a VM movable between hosts of different CPUs, and only a
+	// host that has its features can give them all.
 	CPUModels []string `toml:"cpu_models"`
 }
 
@@ -123,7 +123,6 @@ func Default() Config {
 			UEFIVars:       "/usr/share/OVMF/OVMF_VARS_4M.fd",
 			UEFISecureCode: "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
 			UEFISecureVars: "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
-			CPUModels:      []string{machine.CPUHostPassthrough},
 		},
 		Sizing: Sizing{
 			DefaultVCPUs:     1,
@@ -205,8 +204,8 @@ func (c Config) Validate() error {
 		bad("hypervisor.shared_fs", "%v", err)
 	}
 	for i, m := range c.Hypervisor.CPUModels {
-		if err := machine.CheckCPUModel(m); err != nil || m == "" || m == machine.CPUHostModel {
-			bad(fmt.Sprintf("hypervisor.cpu_models[%d]", i), "%q: want host-passthrough or a QEMU CPU model name (the default needs no entry)", m)
+		if err := machine.CheckNamedCPUModel(m); err != nil {
+			bad(fmt.Sprintf("hypervisor.cpu_models[%d]", i), "%v", err)
 		}
 	}
 	s := c.Sizing

@@ -47,6 +47,7 @@ func TestLoadRejectsBadInputNamingTheKey(t *testing.T) {
 		"unknown table":     {"[hypervisr]\nqemu = \"/x\"\n", "hypervisr"},
 		"bad machine":       {"[hypervisor]\nmachine = \"pc\"\n", "hypervisor.machine"},
 		"bad cpu model":     {"[hypervisor]\ncpu_models = [\"Nehalem\", \"qemu64,+vmx\"]\n", "hypervisor.cpu_models[1]"},
+		"host as a model":   {"[hypervisor]\ncpu_models = [\"host\"]\n", "hypervisor.cpu_models[0]: \"host\": list QEMU CPU model names only"},
 		"relative path":     {"[hypervisor]\nkernel = \"vmlinux\"\n", "hypervisor.kernel"},
 		"bad duration":      {"[timeouts]\nboot = \"soon\"\n", "boot"},
 		"negative timeout":  {"[timeouts]\nstop = \"-1s\"\n", "timeouts.stop"},

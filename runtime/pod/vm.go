@@ -133,7 +133,13 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	if vm.MemoryMiB > int64(cfg.Sizing.MaxMemoryMiB) {
 		errs = append(errs, fmt.Errorf("memoryMiB: %d, the node allows %d (sizing.max_memory_mib)", vm.MemoryMiB, cfg.Sizing.MaxMemoryMiB))
 	}
-	if m := vm.CPU.Model; m != "" && m != machine.CPUHostModel && !slices.Contains(cfg.Hypervisor.CPUModels, m) {
+	switch m := vm.CPU.Model; {
+	case m == "" || m == machine.CPUHostModel:
+	case m == machine.CPUHostPassthrough:
+		if cfg.Hypervisor.Accel == machine.TCG { // with accel auto, the machine layer finds out
+			errs = append(errs, errors.New("cpu.model: host-passthrough needs KVM; this node emulates (hypervisor.accel tcg)"))
+		}
+	case !slices.Contains(cfg.Hypervisor.CPUModels, m):
 		errs = append(errs, fmt.Errorf("cpu.model: %s is not one of the CPU models this node allows (hypervisor.cpu_models: %s)", m, strings.Join(cfg.Hypervisor.CPUModels, ", ")))
 	}
 	if len(vm.GPUs) > 0 || len(vm.HostDevices) > 0 {

@@ -73,6 +73,11 @@ func TestCheckVMAgainstNode(t *testing.T) {
 			t.Errorf("cpu model %s on a default node: %v", model, err)
 		}
 	}
+	tcg := cfg
+	tcg.Hypervisor.Accel = machine.TCG
+	if err := checkVMAgainstNode(ok, tcg); err == nil || !strings.Contains(err.Error(), "cpu.model: host-passthrough needs KVM") {
+		t.Errorf("host-passthrough on a TCG node: %v", err)
+	}
 }
 
 func TestStandIn(t *testing.T) {

@@ -171,12 +171,10 @@ func TestVirtualMachineValidation(t *testing.T) {
 		}, []string{"spec.template.metadata: Invalid value", "rendered by the controller"}},
 		{"cpu model with flags", func(vm *vmpodv1.VirtualMachine) { spec(vm).Domain.CPU = &vmpodv1.CPU{Model: "qemu64,+vmx"} },
 			[]string{"spec.template.spec.domain.cpu.model: Invalid value"}},
-		{"enlightenments without their prerequisites", func(vm *vmpodv1.VirtualMachine) {
+		{"enlightenment values", func(vm *vmpodv1.VirtualMachine) {
 			spec(vm).Domain.Features = &vmpodv1.Features{HyperV: &vmpodv1.FeatureHyperv{
-				SyNIC: &vmpodv1.FeatureState{}, VPIndex: &vmpodv1.FeatureState{Enabled: ptr.To(false)}, EVMCS: &vmpodv1.FeatureState{},
 				Spinlocks: &vmpodv1.FeatureSpinlocks{Retries: ptr.To[uint32](100)}, VendorID: &vmpodv1.FeatureVendorID{VendorID: "a,b"}}}
-		}, []string{"spec.template.spec.domain.features.hyperv: Invalid value", "synic needs vpindex", "evmcs needs vapic",
-			"spec.template.spec.domain.features.hyperv.spinlocks.spinlocks: Invalid value", "spec.template.spec.domain.features.hyperv.vendorid.vendorid: Invalid value"}},
+		}, []string{"spec.template.spec.domain.features.hyperv.spinlocks.spinlocks: Invalid value", "spec.template.spec.domain.features.hyperv.vendorid.vendorid: Invalid value"}},
 		{"long name", func(vm *vmpodv1.VirtualMachine) { vm.Name = strings.Repeat("a", 58) },
 			[]string{"at most 57 characters"}},
 		{"duplicate DataVolume templates", func(vm *vmpodv1.VirtualMachine) {

@@ -252,11 +252,11 @@ type CPU struct {
 	// +kubebuilder:validation:Maximum=512
 	// +optional
 	Threads uint32 `json:"threads,omitempty"`
-	// Model is the guest's CPU model: host-model (the default: the node's own choice, the
-	// host's CPU under KVM), host-passthrough, or a QEMU model name such as
-	// Skylake-Client-IBRS. A node boots a model other than the default only if its admin
-	// allows it (hypervisor.cpu_models in /etc/vmpod/config.toml); otherwise the pod fails
-	// to start, saying so.
+	// Model is the guest's CPU model: host-model (the default: the host's CPU as it is under
+	// KVM, an emulated baseline under TCG), host-passthrough (the host's CPU; refused on a
+	// node without KVM), or a QEMU model name such as Skylake-Client-IBRS, which a node boots
+	// only if its admin lists it (hypervisor.cpu_models in /etc/vmpod/config.toml);
+	// otherwise the pod fails to start, saying so.
 	// +kubebuilder:validation:MaxLength=64
 	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9][A-Za-z0-9._-]*$`
 	// +optional
@@ -265,7 +265,8 @@ type CPU struct {
 
 // Features are optional platform features, in KubeVirt's shape.
 type Features struct {
-	// ACPI is on unless enabled is false.
+	// ACPI is on unless enabled is false. Without ACPI the guest cannot be asked to power
+	// off: stopping the VM waits out its grace period, then ends it.
 	// +optional
 	ACPI *FeatureState `json:"acpi,omitempty"`
 	// SMM (System Management Mode) is on unless enabled is false; UEFI secure boot needs it.
@@ -287,12 +288,10 @@ type FeatureState struct {
 	Enabled *bool `json:"enabled,omitempty"`
 }
 
-// FeatureHyperv lists the Hyper-V enlightenments the guest gets.
-// +kubebuilder:validation:XValidation:rule="!has(self.synic) || (has(self.vpindex) && (!has(self.vpindex.enabled) || self.vpindex.enabled))",message="synic needs vpindex"
-// +kubebuilder:validation:XValidation:rule="!has(self.synictimer) || (has(self.synic) && (!has(self.synic.enabled) || self.synic.enabled))",message="synictimer needs synic"
-// +kubebuilder:validation:XValidation:rule="!has(self.ipi) || (has(self.vpindex) && (!has(self.vpindex.enabled) || self.vpindex.enabled))",message="ipi needs vpindex"
-// +kubebuilder:validation:XValidation:rule="!has(self.tlbflush) || (has(self.vpindex) && (!has(self.vpindex.enabled) || self.vpindex.enabled))",message="tlbflush needs vpindex"
-// +kubebuilder:validation:XValidation:rule="!has(self.evmcs) || (has(self.vapic) && (!has(self.vapic.enabled) || self.vapic.enabled))",message="evmcs needs vapic"
+// FeatureHyperv lists the Hyper-V enlightenments the guest gets. Their dependencies
+// (synic needs vpindex, synictimer synic, ipi and tlbflush vpindex, evmcs vapic) are
+// checked once a preference has filled in what the VM leaves unset: a VM that breaks them
+// reports InvalidSpec.
 type FeatureHyperv struct {
 	// +optional
 	Relaxed *FeatureState `json:"relaxed,omitempty"`

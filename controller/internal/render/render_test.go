@@ -264,6 +264,9 @@ func TestPodErrors(t *testing.T) {
 		{"secure boot without SMM", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Domain.Features.SMM.Enabled = ptr.To(false)
 		}, claims, "features.smm: secure boot needs SMM"},
+		{"enlightenment without its prerequisite", func(vm *vmpodv1.VirtualMachine) {
+			vm.Spec.Template.Spec.Domain.Features.HyperV.VPIndex = &vmpodv1.FeatureState{Enabled: ptr.To(false)}
+		}, claims, "features.hyperv: synic needs vpindex"},
 		{"credential volume name taken", func(vm *vmpodv1.VirtualMachine) {
 			vm.Spec.Template.Spec.Volumes[5].Name = "access-credential-1"
 			vm.Spec.Template.Spec.Domain.Devices.Disks[5].Name = "access-credential-1"
