@@ -46,6 +46,8 @@ func Object(obj map[string]any) (*Result, error) {
 		out = virtualMachineInstance(root)
 	case group == "cdi.kubevirt.io" && kind == "DataVolume":
 		out = dataVolume(root)
+	case group == "cdi.kubevirt.io" && kind == vmpodv1.DataSourceKind:
+		out = dataSource(root)
 	case group == "instancetype.kubevirt.io" && (kind == vmpodv1.KindInstancetype || kind == vmpodv1.KindClusterInstancetype):
 		out = instancetypeObject(root, kind)
 	case group == "instancetype.kubevirt.io" && (kind == vmpodv1.KindPreference || kind == vmpodv1.KindClusterPreference):
@@ -844,14 +846,42 @@ func dataVolume(root *node) *vmpodv1.DataVolume {
 	return dv
 }
 
+// dataSource converts a CDI DataSource: the PVC it names.
+func dataSource(root *node) *vmpodv1.DataSource {
+	ds := &vmpodv1.DataSource{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: vmpodv1.DataSourceKind}, ObjectMeta: objectMeta(root)}
+	spec := root.required("spec")
+	src := spec.required("source")
+	if src == nil {
+		return ds
+	}
+	switch src.oneKey("DataSource source", "pvc") {
+	case "pvc":
+		if p := src.object("pvc"); p != nil {
+			ds.Spec.Source.PVC = vmpodv1.DataSourcePVC{Name: p.str("name"), Namespace: p.str("namespace")}
+			if ns := ds.Spec.Source.PVC.Namespace; ns != "" && ns != ds.Namespace {
+				p.rep.warnf(p.at("namespace"), "only DataVolumes in namespace %s can clone this PVC: vmpod does not clone across namespaces yet", ns)
+			}
+		}
+	}
+	return ds
+}
+
 func dataVolumeSpec(s *node) vmpodv1.DataVolumeSpec {
 	var out vmpodv1.DataVolumeSpec
-	if src := s.object("source"); src != nil {
-		out.Source = dataVolumeSource(src)
-	} else {
-		s.unsupported("sourceRef", "sourceRef (DataSource) is not supported: use a source")
-		if !s.has("sourceRef") {
-			s.rep.errorf(s.at("source"), "missing")
+	switch s.oneKey("data source", "source", "sourceRef") {
+	case "source":
+		out.Source = dataVolumeSource(s.object("source"))
+	case "sourceRef":
+		ref := s.object("sourceRef")
+		if ref == nil {
+			break
+		}
+		out.SourceRef = &vmpodv1.DataVolumeSourceRef{Kind: ref.str("kind"), Name: ref.str("name"), Namespace: ref.str("namespace")}
+		if out.SourceRef.Kind != vmpodv1.DataSourceKind {
+			ref.rep.errorf(ref.at("kind"), "%q is not supported (DataSource)", out.SourceRef.Kind)
+		}
+		if out.SourceRef.Namespace != "" {
+			ref.rep.warnf(ref.at("namespace"), "the DataSource must name a PVC in the DataVolume's own namespace: vmpod does not clone across namespaces yet")
 		}
 	}
 	switch ct := s.str("contentType"); ct {
@@ -957,8 +987,8 @@ func notConverted(group, kind string) string {
 		return "snapshots, exports and clones of VMs are not supported; clone a disk with a DataVolume whose source is its PVC"
 	case group == "kubevirt.io" && kind == "KubeVirt", group == "cdi.kubevirt.io" && (kind == "CDI" || kind == "CDIConfig"):
 		return "an installation's configuration: vmpod is configured on its nodes (/etc/vmpod/config.toml) and by its controller's flags"
-	case kind == "DataSource" || kind == "DataImportCron":
-		return "DataSources and import crons are not supported: import with a DataVolume"
+	case kind == "DataImportCron":
+		return "import crons are not supported: import with a DataVolume (and name its PVC in a DataSource)"
 	}
 	return "vmpod has no equivalent"
 }

@@ -293,7 +293,7 @@ func TestConvertRefusesKindsWithoutEquivalent(t *testing.T) {
 		"VirtualMachineInstanceMigration move-db: not converted: live migration",
 		"MigrationPolicy fast: not converted: live migration",
 		"KubeVirt kubevirt: not converted: an installation's configuration",
-		"DataSource fedora: not converted: DataSources",
+		"DataImportCron fedora-nightly: not converted: import crons",
 		"VirtualMachineSnapshot before-upgrade: not converted: snapshots",
 		"spec.template.metadata.annotations.hooks.kubevirt.io/hookSidecars: sidecar hooks",
 		"spec.template.metadata.annotations.smbios.vm.kubevirt.io/baseBoardManufacturer: SMBIOS",
@@ -444,6 +444,45 @@ func TestConvertFeatureBadInput(t *testing.T) {
 			if !strings.Contains(warnings, w) {
 				t.Errorf("%s%s: warnings lack %q:\n%s", tc.features, tc.cpuModel, w, warnings)
 			}
+		}
+	}
+}
+
+// A DataSource and a DataVolume template cloning it by sourceRef convert; a sourceRef
+// to another namespace's DataSource is carried with a warning (vmpod clones within a
+// namespace), a snapshot source is refused.
+func TestConvertDataSources(t *testing.T) {
+	docs, warnings, err := convertFile(t, "cdi-datasource.yaml")
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	if len(docs) != 3 {
+		t.Fatalf("%d documents, want 3", len(docs))
+	}
+	ds := decode[vmpodv1.DataSource](t, docs[1])
+	if ds.Kind != vmpodv1.DataSourceKind || ds.Spec.Source.PVC != (vmpodv1.DataSourcePVC{Name: "fedora-42-golden"}) {
+		t.Errorf("DataSource = %+v", ds)
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[2])
+	if ref := vm.Spec.DataVolumeTemplates[0].Spec.SourceRef; ref == nil || *ref != (vmpodv1.DataVolumeSourceRef{Kind: "DataSource", Name: "fedora"}) {
+		t.Errorf("template sourceRef = %+v", ref)
+	}
+	if warnings != "" {
+		t.Errorf("warnings for a same-namespace golden image:\n%s", warnings)
+	}
+
+	_, warnings, err = convertString(t, `{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d", "namespace": "vms"},
+		"spec": {"sourceRef": {"kind": "DataSource", "name": "fedora", "namespace": "os-images"}, "storage": {"resources": {"requests": {"storage": "8Gi"}}}}}`)
+	if err != nil || !strings.Contains(warnings, "spec.sourceRef.namespace: the DataSource must name a PVC in the DataVolume's own namespace") {
+		t.Errorf("cross-namespace sourceRef: %v, warnings %q", err, warnings)
+	}
+	for manifest, want := range map[string]string{
+		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource", "metadata": {"name": "s"}, "spec": {"source": {"snapshot": {"name": "snap"}}}}`:                                                 "DataSource source snapshot is not supported by vmpod (supported: pvc)",
+		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"}, "spec": {"sourceRef": {"kind": "DataVolume", "name": "x"}, "storage": {}}}`:                          `spec.sourceRef.kind: "DataVolume" is not supported (DataSource)`,
+		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"}, "spec": {"source": {"blank": {}}, "sourceRef": {"kind": "DataSource", "name": "x"}, "storage": {}}}`: "more than one data source: source, sourceRef",
+	} {
+		if _, _, err := convertString(t, manifest); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", manifest, err, want)
 		}
 	}
 }

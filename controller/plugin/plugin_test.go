@@ -110,19 +110,19 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 
 	// a VM with a DataVolume template and a Secret, and CDI DataVolumes: warnings on
 	// stderr, every object accepted
-	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml", "kubevirt-vm-windows.yaml"} {
+	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml", "kubevirt-vm-windows.yaml", "cdi-datasource.yaml"} {
 		out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/"+file)
 		if err != nil {
 			t.Fatalf("convert %s: %v\n%s", file, err, stderr)
 		}
-		if !strings.Contains(stderr, "Warning:") {
+		if !strings.Contains(stderr, "Warning:") && file != "cdi-datasource.yaml" {
 			t.Errorf("convert %s printed no warnings", file)
 		}
 		t.Logf("kubectl vmpod convert -f %s warned:\n%s", file, stderr)
 		f.mustRun([]byte(out), "apply", "-f", "-")
 	}
-	got := f.mustRun(nil, "get", "virtualmachines,datavolumes,secrets", "-o", "name")
-	for _, want := range []string{"virtualmachine.vmpod.dev/fedora-db", "virtualmachine.vmpod.dev/scratch-vm", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit"} {
+	got := f.mustRun(nil, "get", "virtualmachines,datavolumes,secrets,datasources", "-o", "name")
+	for _, want := range []string{"datasource.vmpod.dev/fedora", "virtualmachine.vmpod.dev/fedora-from-golden", "virtualmachine.vmpod.dev/fedora-db", "virtualmachine.vmpod.dev/scratch-vm", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("kubectl get lacks %s:\n%s", want, got)
 		}

@@ -6,10 +6,15 @@ import (
 )
 
 // DataVolumeSpec is a PVC and how to fill it.
-// +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || has(self.source.http) || has(self.source.s3) || has(self.source.upload)",message="contentType archive needs an http, s3 or upload source",fieldPath=".contentType"
+// +kubebuilder:validation:XValidation:rule="has(self.source) != has(self.sourceRef)",message="set exactly one of source and sourceRef"
+// +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || (has(self.source) && (has(self.source.http) || has(self.source.s3) || has(self.source.upload)))",message="contentType archive needs an http, s3 or upload source",fieldPath=".contentType"
 // +kubebuilder:validation:XValidation:rule="self.contentType != 'archive' || !has(self.storage.volumeMode) || self.storage.volumeMode == 'Filesystem'",message="contentType archive extracts files: it needs volumeMode Filesystem",fieldPath=".contentType"
 type DataVolumeSpec struct {
-	Source DataVolumeSource `json:"source"`
+	// +optional
+	Source DataVolumeSource `json:"source,omitzero"`
+	// SourceRef clones what a DataSource names, as CDI's sourceRef does.
+	// +optional
+	SourceRef *DataVolumeSourceRef `json:"sourceRef,omitempty"`
 	// ContentType kubevirt is a disk image (converted to raw), archive a tar archive
 	// extracted into the volume.
 	// +kubebuilder:validation:Enum=kubevirt;archive
@@ -19,6 +24,22 @@ type DataVolumeSpec struct {
 	// Storage is the PVC to create.
 	Storage StorageSpec `json:"storage"`
 }
+
+// DataVolumeSourceRef names the DataSource a DataVolume clones.
+type DataVolumeSourceRef struct {
+	// +kubebuilder:validation:Enum=DataSource
+	Kind string `json:"kind"`
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Name string `json:"name"`
+	// Namespace of the DataSource; the DataVolume's by default.
+	// +kubebuilder:validation:MaxLength=63
+	// +optional
+	Namespace string `json:"namespace,omitempty"`
+}
+
+// DataSourceKind is the one kind a sourceRef names.
+const DataSourceKind = "DataSource"
 
 // ContentType is what a DataVolume's source holds.
 type ContentType string
@@ -261,6 +282,49 @@ type DataVolumeTemplateMeta struct {
 	Annotations map[string]string `json:"annotations,omitempty"`
 }
 
+// DataSourceSpec names the data a DataSource publishes: a PVC, as in CDI.
+type DataSourceSpec struct {
+	Source DataSourceSource `json:"source"`
+}
+
+// DataSourceSource is a DataSource's data.
+type DataSourceSource struct {
+	PVC DataSourcePVC `json:"pvc"`
+}
+
+// DataSourcePVC is the PVC a DataSource publishes.
+type DataSourcePVC struct {
+	// Namespace of the PVC; the DataSource's by default.
+	// +kubebuilder:validation:MaxLength=63
+	// +optional
+	Namespace string `json:"namespace,omitempty"`
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Name string `json:"name"`
+}
+
+// DataSource is a name for a PVC of golden data (an OS image) that DataVolumes clone by
+// reference (sourceRef), so the PVC behind the name can be replaced (CDI's DataSource).
+// +kubebuilder:object:root=true
+// +kubebuilder:resource:shortName=das,categories=vmpod
+// +kubebuilder:printcolumn:name="PVC",type=string,JSONPath=`.spec.source.pvc.name`
+// +kubebuilder:printcolumn:name="PVC Namespace",type=string,JSONPath=`.spec.source.pvc.namespace`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type DataSource struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec DataSourceSpec `json:"spec"`
+}
+
+// DataSourceList is a list of DataSources.
+// +kubebuilder:object:root=true
+type DataSourceList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []DataSource `json:"items"`
+}
+
 func init() {
-	SchemeBuilder.Register(&DataVolume{}, &DataVolumeList{})
+	SchemeBuilder.Register(&DataVolume{}, &DataVolumeList{}, &DataSource{}, &DataSourceList{})
 }

@@ -209,7 +209,19 @@ func TestDataVolumeValidation(t *testing.T) {
 			dv.Spec.Source = vmpodv1.DataVolumeSource{S3: &vmpodv1.S3Source{URL: "https://s3.example.com/bucket/disk.qcow2", Region: "EU West"}}
 		}, []string{"spec.source.s3.region: Invalid value"}},
 		{"no source", func(dv *vmpodv1.DataVolume) { dv.Spec.Source = vmpodv1.DataVolumeSource{} },
-			[]string{"spec.source: Invalid value"}},
+			[]string{"spec: Invalid value", "set exactly one of source and sourceRef"}},
+		{"source and sourceRef", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.SourceRef = &vmpodv1.DataVolumeSourceRef{Kind: vmpodv1.DataSourceKind, Name: "fedora"}
+		}, []string{"spec: Invalid value", "set exactly one of source and sourceRef"}},
+		{"sourceRef to a PVC", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.Source = vmpodv1.DataVolumeSource{}
+			dv.Spec.SourceRef = &vmpodv1.DataVolumeSourceRef{Kind: "PersistentVolumeClaim", Name: "fedora"}
+		}, []string{"spec.sourceRef.kind: Unsupported value"}},
+		{"archive through a DataSource", func(dv *vmpodv1.DataVolume) {
+			dv.Spec.ContentType = vmpodv1.ContentTypeArchive
+			dv.Spec.Source = vmpodv1.DataVolumeSource{}
+			dv.Spec.SourceRef = &vmpodv1.DataVolumeSourceRef{Kind: vmpodv1.DataSourceKind, Name: "fedora"}
+		}, []string{"spec.contentType: Invalid value", "archive needs an http, s3 or upload source"}},
 		{"ftp", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.HTTP.URL = "ftp://example.com/x" },
 			[]string{"spec.source.http.url: Invalid value"}},
 		{"bad checksum", func(dv *vmpodv1.DataVolume) { dv.Spec.Source.HTTP.Checksum = "md5:abc" },

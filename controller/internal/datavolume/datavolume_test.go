@@ -549,3 +549,75 @@ func TestJobFailureWithoutReportFailsTheDataVolume(t *testing.T) {
 		t.Errorf("restartCount = %d, want the Job's 4 failed pods", got.Status.RestartCount)
 	}
 }
+
+// TestCloneThroughDataSource: a DataVolume whose sourceRef names a DataSource waits for
+// the DataSource, then clones the PVC it names like a pvc source (a Job mounting it
+// read-only); a DataSource naming another namespace's PVC fails the DataVolume, saying so,
+// and starts nothing.
+func TestCloneThroughDataSource(t *testing.T) {
+	f := setup(t)
+	golden := f.dataVolume("golden", vmpodv1.DataVolumeSource{Blank: &vmpodv1.BlankSource{}})
+	ref := func(name, dataSource string) *vmpodv1.DataVolume {
+		dv := &vmpodv1.DataVolume{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: f.ns},
+			Spec: vmpodv1.DataVolumeSpec{SourceRef: &vmpodv1.DataVolumeSourceRef{Kind: vmpodv1.DataSourceKind, Name: dataSource},
+				Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{"storage": resource.MustParse("64Mi")}}}}}
+		if err := f.c.Create(f.ctx, dv); err != nil {
+			t.Fatalf("create DataVolume %s: %v", name, err)
+		}
+		return dv
+	}
+	clone := ref("from-fedora", "fedora")
+	testenv.Eventually(t, timeout, "the clone to wait for its DataSource", func() (bool, string) {
+		d := f.dv("from-fedora")
+		c := meta.FindStatusCondition(d.Status.Conditions, vmpodv1.DVRunning)
+		return c != nil && c.Reason == "DataSourceNotFound" && strings.Contains(c.Message, f.ns+"/fedora"), describe(d)
+	})
+	dataSource := func(name, pvcNamespace string) {
+		ds := &vmpodv1.DataSource{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: f.ns},
+			Spec: vmpodv1.DataSourceSpec{Source: vmpodv1.DataSourceSource{PVC: vmpodv1.DataSourcePVC{Name: "golden", Namespace: pvcNamespace}}}}
+		if err := f.c.Create(f.ctx, ds); err != nil {
+			t.Fatalf("create DataSource %s: %v", name, err)
+		}
+	}
+	dataSource("fedora", "")
+	// the DataSource's PVC is a DataVolume still being filled: the clone waits for it
+	testenv.Eventually(t, timeout, "the clone to wait for the golden PVC", func() (bool, string) {
+		c := meta.FindStatusCondition(f.dv("from-fedora").Status.Conditions, vmpodv1.DVRunning)
+		return c != nil && c.Reason == "SourceNotReady", describe(f.dv("from-fedora"))
+	})
+	src := t.TempDir()
+	if code := f.runImporter(f.job(golden), paths{dest: src}); code != 0 {
+		t.Fatalf("golden importer exit %d", code)
+	}
+	f.waitPhase("golden", vmpodv1.PhaseSucceeded)
+	if err := os.WriteFile(filepath.Join(src, "disk.img"), append([]byte("golden!"), make([]byte, 4*mib-7)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	job := f.job(clone)
+	if vols := job.Spec.Template.Spec.Volumes; !hasReadOnlyClaim(vols, "golden") {
+		t.Errorf("clone Job volumes %+v lack the golden PVC read-only", vols)
+	}
+	dest := t.TempDir()
+	if code := f.runImporter(job, paths{dest: dest, source: src}); code != 0 {
+		t.Fatalf("clone importer exit %d", code)
+	}
+	f.waitPhase("from-fedora", vmpodv1.PhaseSucceeded)
+	if b, err := os.ReadFile(filepath.Join(dest, "disk.img")); err != nil || !bytes.HasPrefix(b, []byte("golden!")) {
+		t.Fatalf("the clone does not hold the golden PVC's data (%v)", err)
+	}
+
+	// a DataSource naming another namespace's PVC: Failed with the reason, no PVC, no Job
+	dataSource("elsewhere", "os-images")
+	cross := ref("from-elsewhere", "elsewhere")
+	f.waitPhase("from-elsewhere", vmpodv1.PhaseFailed)
+	if c := meta.FindStatusCondition(f.dv("from-elsewhere").Status.Conditions, vmpodv1.DVRunning); c == nil || c.Reason != "CrossNamespaceClone" ||
+		!strings.Contains(c.Message, "names PVC os-images/golden") {
+		t.Errorf("cross-namespace clone: condition %+v", c)
+	}
+	if err := f.get(cross.Name, &corev1.PersistentVolumeClaim{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a refused clone created its PVC (%v)", err)
+	}
+	if err := f.get(datavolume.WorkerName(cross), &batchv1.Job{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a refused clone created a Job (%v)", err)
+	}
+}

@@ -5,6 +5,7 @@
 package datavolume
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"maps"
@@ -41,6 +42,7 @@ type Reconciler struct {
 
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=datasources,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch;create;patch
 // +kubebuilder:rbac:groups=batch,resources=jobs,verbs=get;list;watch;create;delete
 // +kubebuilder:rbac:groups=node.k8s.io,resources=runtimeclasses,verbs=get;list;watch
@@ -80,6 +82,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) error {
 	if s.Phase == vmpodv1.PhaseSucceeded || s.Phase == vmpodv1.PhaseFailed {
 		return r.cleanup(ctx, dv, s) // terminal: the spec is immutable
+	}
+	if dv.Spec.SourceRef != nil {
+		resolved, err := r.resolveSourceRef(ctx, dv, s)
+		if err != nil || resolved == nil {
+			return err
+		}
+		dv = resolved
 	}
 	pvc, err := r.ensurePVC(ctx, dv, s)
 	if err != nil || pvc == nil {
@@ -206,6 +215,37 @@ func (r *Reconciler) cloneSource(ctx context.Context, dv *vmpodv1.DataVolume, s 
 		return wait("SourceNotReady", "waiting for DataVolume "+owner.Name+" to fill source PVC "+name)
 	}
 	return src, nil
+}
+
+// resolveSourceRef turns a sourceRef into the clone it stands for: a copy of dv whose source
+// is the DataSource's PVC, read at every pass until the clone starts. It returns nil while
+// the DataSource does not exist (the DataVolume waits for it) and when its PVC cannot be
+// cloned (the DataVolume has failed, saying why).
+func (r *Reconciler) resolveSourceRef(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) (*vmpodv1.DataVolume, error) {
+	ref := dv.Spec.SourceRef
+	key := types.NamespacedName{Namespace: cmp.Or(ref.Namespace, dv.Namespace), Name: ref.Name}
+	ds := &vmpodv1.DataSource{}
+	err := r.Client.Get(ctx, key, ds)
+	switch {
+	case apierrors.IsNotFound(err):
+		msg := "waiting for DataSource " + key.String()
+		s.Phase, s.Progress = vmpodv1.PhaseCloneScheduled, "N/A"
+		setCondition(s, dv, vmpodv1.DVRunning, false, "DataSourceNotFound", msg)
+		setCondition(s, dv, vmpodv1.DVReady, false, "DataSourceNotFound", msg)
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("get DataSource %s: %w", key, err)
+	}
+	pvc := ds.Spec.Source.PVC
+	if ns := cmp.Or(pvc.Namespace, ds.Namespace); ns != dv.Namespace {
+		fail(s, dv, "CrossNamespaceClone", fmt.Sprintf("DataSource %s names PVC %s/%s: vmpod clones within the DataVolume's namespace only (not yet across namespaces)",
+			key, ns, pvc.Name))
+		return nil, nil
+	}
+	out := dv.DeepCopy()
+	out.Spec.SourceRef = nil
+	out.Spec.Source = vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Name: pvc.Name}}
+	return out, nil
 }
 
 // cleanup deletes a succeeded import's Job (and so its pod); a failed one's stays for its logs.

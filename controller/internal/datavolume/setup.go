@@ -1,6 +1,7 @@
 package datavolume
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 
@@ -16,8 +17,12 @@ import (
 )
 
 // cloneSourceIndex indexes DataVolumes by the PVC they clone, so a source PVC that appears
-// or completes wakes its clones.
-const cloneSourceIndex = "vmpod.dev/clone-source"
+// or completes wakes its clones; sourceRefIndex by the DataSource (namespace/name) they
+// clone through, so a DataSource that appears or changes, and its PVC, wake them.
+const (
+	cloneSourceIndex = "vmpod.dev/clone-source"
+	sourceRefIndex   = "vmpod.dev/source-ref"
+)
 
 // SetupWithManager registers the reconciler and its watches.
 func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error {
@@ -30,15 +35,43 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 	if err != nil {
 		return fmt.Errorf("index DataVolumes by clone source: %w", err)
 	}
-	clonesOf := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+	err = mgr.GetFieldIndexer().IndexField(ctx, &vmpodv1.DataVolume{}, sourceRefIndex, func(o client.Object) []string {
+		dv := o.(*vmpodv1.DataVolume)
+		if ref := dv.Spec.SourceRef; ref != nil {
+			return []string{cmp.Or(ref.Namespace, dv.Namespace) + "/" + ref.Name}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("index DataVolumes by DataSource: %w", err)
+	}
+	c := mgr.GetClient()
+	list := func(ctx context.Context, opts ...client.ListOption) []reconcile.Request {
 		dvs := &vmpodv1.DataVolumeList{}
-		if err := mgr.GetClient().List(ctx, dvs, client.InNamespace(o.GetNamespace()), client.MatchingFields{cloneSourceIndex: o.GetName()}); err != nil {
-			ctrl.LoggerFrom(ctx).Error(err, "list DataVolumes cloning a PVC", "pvc", o.GetName())
+		if err := c.List(ctx, dvs, opts...); err != nil {
+			ctrl.LoggerFrom(ctx).Error(err, "list the DataVolumes a change concerns")
 			return nil
 		}
 		reqs := make([]reconcile.Request, 0, len(dvs.Items))
 		for _, dv := range dvs.Items {
 			reqs = append(reqs, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: dv.Namespace, Name: dv.Name}})
+		}
+		return reqs
+	}
+	throughDataSource := func(ctx context.Context, ds client.Object) []reconcile.Request {
+		return list(ctx, client.MatchingFields{sourceRefIndex: ds.GetNamespace() + "/" + ds.GetName()})
+	}
+	clonesOf := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, pvc client.Object) []reconcile.Request {
+		reqs := list(ctx, client.InNamespace(pvc.GetNamespace()), client.MatchingFields{cloneSourceIndex: pvc.GetName()})
+		sources := &vmpodv1.DataSourceList{}
+		if err := c.List(ctx, sources, client.InNamespace(pvc.GetNamespace())); err != nil {
+			ctrl.LoggerFrom(ctx).Error(err, "list DataSources", "namespace", pvc.GetNamespace())
+			return reqs
+		}
+		for i := range sources.Items {
+			if ds := &sources.Items[i]; ds.Spec.Source.PVC.Name == pvc.GetName() && cmp.Or(ds.Spec.Source.PVC.Namespace, ds.Namespace) == pvc.GetNamespace() {
+				reqs = append(reqs, throughDataSource(ctx, ds)...)
+			}
 		}
 		return reqs
 	})
@@ -48,5 +81,6 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 		Owns(&corev1.PersistentVolumeClaim{}).
 		Owns(&batchv1.Job{}).
 		Watches(&corev1.PersistentVolumeClaim{}, clonesOf).
+		Watches(&vmpodv1.DataSource{}, handler.EnqueueRequestsFromMapFunc(throughDataSource)).
 		Complete(r)
 }
