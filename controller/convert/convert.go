@@ -868,7 +868,19 @@ func dataSource(root *node) *vmpodv1.DataSource {
 
 func dataVolumeSpec(s *node) vmpodv1.DataVolumeSpec {
 	var out vmpodv1.DataVolumeSpec
-	switch s.oneKey("data source", "source", "sourceRef") {
+	which := ""
+	switch hasSource, hasRef := s.has("source"), s.has("sourceRef"); {
+	case hasSource && hasRef:
+		s.rep.errorf(s.path, "more than one data source: source, sourceRef")
+		s.ignore("source", "sourceRef")
+	case hasSource:
+		which = "source"
+	case hasRef:
+		which = "sourceRef"
+	default:
+		s.rep.errorf(s.at("source"), "missing (or sourceRef)")
+	}
+	switch which {
 	case "source":
 		out.Source = dataVolumeSource(s.object("source"))
 	case "sourceRef":
