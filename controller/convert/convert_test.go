@@ -480,7 +480,7 @@ func TestConvertDataSources(t *testing.T) {
 		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource", "metadata": {"name": "s"}, "spec": {"source": {"snapshot": {"name": "snap"}}}}`:                                                 "DataSource source snapshot is not supported by vmpod (supported: pvc)",
 		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"}, "spec": {"sourceRef": {"kind": "DataVolume", "name": "x"}, "storage": {}}}`:                          `spec.sourceRef.kind: "DataVolume" is not supported (DataSource)`,
 		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"}, "spec": {"source": {"blank": {}}, "sourceRef": {"kind": "DataSource", "name": "x"}, "storage": {}}}`: "more than one data source: source, sourceRef",
-		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"}, "spec": {"contentType": "kubevirt", "storage": {}}}`: "spec.source: missing (or sourceRef)",
+		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"}, "spec": {"contentType": "kubevirt", "storage": {}}}`:                                                 "spec.source: missing (or sourceRef)",
 	} {
 		if _, _, err := convertString(t, manifest); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want %q", manifest, err, want)
