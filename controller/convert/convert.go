@@ -858,9 +858,6 @@ func dataSource(root *node) *vmpodv1.DataSource {
 	case "pvc":
 		if p := src.object("pvc"); p != nil {
 			ds.Spec.Source.PVC = vmpodv1.DataSourcePVC{Name: p.str("name"), Namespace: p.str("namespace")}
-			if ns := ds.Spec.Source.PVC.Namespace; ns != "" && ns != ds.Namespace {
-				p.rep.warnf(p.at("namespace"), "only DataVolumes in namespace %s can clone this PVC: vmpod does not clone across namespaces yet", ns)
-			}
 		}
 	}
 	return ds
@@ -891,9 +888,6 @@ func dataVolumeSpec(s *node) vmpodv1.DataVolumeSpec {
 		out.SourceRef = &vmpodv1.DataVolumeSourceRef{Kind: ref.str("kind"), Name: ref.str("name"), Namespace: ref.str("namespace")}
 		if out.SourceRef.Kind != vmpodv1.DataSourceKind {
 			ref.rep.errorf(ref.at("kind"), "%q is not supported (DataSource)", out.SourceRef.Kind)
-		}
-		if out.SourceRef.Namespace != "" {
-			ref.rep.warnf(ref.at("namespace"), "the DataSource must name a PVC in the DataVolume's own namespace: vmpod does not clone across namespaces yet")
 		}
 	}
 	switch ct := s.str("contentType"); ct {

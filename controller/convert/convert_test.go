@@ -449,8 +449,8 @@ func TestConvertFeatureBadInput(t *testing.T) {
 }
 
 // A DataSource and a DataVolume template cloning it by sourceRef convert; a sourceRef
-// to another namespace's DataSource is carried with a warning (vmpod clones within a
-// namespace), a snapshot source is refused.
+// to another namespace's DataSource and a pvc source in another namespace are carried as
+// they are (the controller checks the clone is allowed); a snapshot source is refused.
 func TestConvertDataSources(t *testing.T) {
 	docs, warnings, err := convertFile(t, "cdi-datasource.yaml")
 	if err != nil {
@@ -471,10 +471,21 @@ func TestConvertDataSources(t *testing.T) {
 		t.Errorf("warnings for a same-namespace golden image:\n%s", warnings)
 	}
 
-	_, warnings, err = convertString(t, `{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d", "namespace": "vms"},
+	docs, warnings, err = convertString(t, `{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d", "namespace": "vms"},
 		"spec": {"sourceRef": {"kind": "DataSource", "name": "fedora", "namespace": "os-images"}, "storage": {"resources": {"requests": {"storage": "8Gi"}}}}}`)
-	if err != nil || !strings.Contains(warnings, "spec.sourceRef.namespace: the DataSource must name a PVC in the DataVolume's own namespace") {
-		t.Errorf("cross-namespace sourceRef: %v, warnings %q", err, warnings)
+	if err != nil || warnings != "" || len(docs) != 1 {
+		t.Fatalf("cross-namespace sourceRef: %v, %d documents, warnings %q", err, len(docs), warnings)
+	}
+	if ref := decode[vmpodv1.DataVolume](t, docs[0]).Spec.SourceRef; *ref != (vmpodv1.DataVolumeSourceRef{Kind: "DataSource", Name: "fedora", Namespace: "os-images"}) {
+		t.Errorf("cross-namespace sourceRef = %+v", ref)
+	}
+	docs, warnings, err = convertString(t, `{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataVolume", "metadata": {"name": "d"},
+		"spec": {"source": {"pvc": {"name": "golden", "namespace": "os-images"}}, "storage": {"resources": {"requests": {"storage": "8Gi"}}}}}`)
+	if err != nil || warnings != "" || len(docs) != 1 {
+		t.Fatalf("cross-namespace pvc source: %v, %d documents, warnings %q", err, len(docs), warnings)
+	}
+	if src := decode[vmpodv1.DataVolume](t, docs[0]).Spec.Source.PVC; *src != (vmpodv1.PVCSource{Namespace: "os-images", Name: "golden"}) {
+		t.Errorf("cross-namespace pvc source = %+v", src)
 	}
 	for manifest, want := range map[string]string{
 		`{"apiVersion": "cdi.kubevirt.io/v1beta1", "kind": "DataSource", "metadata": {"name": "s"}, "spec": {"source": {"snapshot": {"name": "snap"}}}}`:                                                 "DataSource source snapshot is not supported by vmpod (supported: pvc)",

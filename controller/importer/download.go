@@ -81,9 +81,11 @@ func saveVerified(ctx context.Context, o Options, rep Reporter, body io.Reader, 
 	})
 	defer stop()
 
-	data, kind, err := decompress(raw)
-	if err != nil {
-		return "", err
+	data, kind := io.Reader(raw), "none"
+	if o.SourceFormat == "" {
+		if data, kind, err = decompress(raw); err != nil {
+			return "", err
+		}
 	}
 	path := filepath.Join(o.Scratch, "download")
 	f, err := os.Create(path)

@@ -35,6 +35,11 @@ type Options struct {
 	Listen string
 	// pvc: the source PVC's mount (a directory holding disk.img) or its block device
 	SourcePath string
+	// SourceFormat "raw" takes a download as a raw disk as it is: a clone from another
+	// namespace is a guest-written disk, which must be neither format-probed (a guest can
+	// make its first sector look like a qcow2 header with a backing file on the host) nor
+	// decompressed. Empty: probe.
+	SourceFormat string
 
 	ContentType        string // kubevirt (a disk image) or archive (a tar archive)
 	Dest               string // the PVC's mount (filesystem) or block device (block)
@@ -147,7 +152,7 @@ func run(ctx context.Context, o Options, rep Reporter) error {
 	if o.ContentType == "archive" {
 		return extractArchive(ctx, downloaded, o.Dest)
 	}
-	return writeImage(ctx, o, rep, downloaded, "", target)
+	return writeImage(ctx, o, rep, downloaded, o.SourceFormat, target)
 }
 
 func (o *Options) validate() error {
@@ -176,6 +181,8 @@ func (o *Options) validate() error {
 		return bad("--dest-mode must be filesystem or block, got %q", o.DestMode)
 	case o.ContentType == "archive" && (o.DestMode != "filesystem" || (o.Source != "http" && o.Source != "s3" && o.Source != "upload")):
 		return bad("an archive is extracted from an http, s3 or upload source into a filesystem")
+	case o.SourceFormat != "" && (o.SourceFormat != "raw" || (o.Source != "http" && o.Source != "s3") || o.ContentType != "kubevirt"):
+		return bad("--source-format=raw is for a disk image from an http or s3 source, got %q", o.SourceFormat)
 	case o.Dest == "":
 		return bad("--dest is required")
 	case o.Scratch == "" && o.Source != "pvc" && o.Source != "blank":

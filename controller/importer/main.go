@@ -26,10 +26,16 @@ const (
 	ExitPermanent = 2
 )
 
-// Main is cmd/vmpod-importer. The PVC to report on comes from $VMPOD_PVC_NAME and
+// Main is cmd/vmpod-importer; `vmpod-importer serve` is the source side of a clone from
+// another namespace (see Serve). The PVC to report on comes from $VMPOD_PVC_NAME and
 // $VMPOD_NAMESPACE (set by the Job); without them the importer only logs.
 func Main(args []string) int {
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	if len(args) > 0 && args[0] == "serve" {
+		ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer cancel()
+		return serveMain(ctx, args[1:])
+	}
 	o, kubeconfig, err := parseFlags(args)
 	if errors.Is(err, flag.ErrHelp) {
 		return ExitOK
@@ -80,6 +86,7 @@ func parseFlags(args []string) (Options, string, error) {
 	fs.StringVar(&o.S3Region, "s3-region", "", "s3: the signing region (default: from an AWS endpoint's name, else us-east-1)")
 	fs.StringVar(&o.CADir, "ca-dir", "", "a directory of PEM CA certificates to trust")
 	fs.StringVar(&o.SourcePath, "source-path", "", "pvc source: the source PVC's mount or block device")
+	fs.StringVar(&o.SourceFormat, "source-format", "", "raw: take the download as a raw disk, neither probed nor decompressed (a clone of a guest-written disk)")
 	fs.StringVar(&o.ContentType, "content-type", "kubevirt", "kubevirt (a disk image) or archive (tar)")
 	fs.StringVar(&o.Dest, "dest", "", "the PVC's mount directory or block device")
 	fs.StringVar(&o.DestMode, "dest-mode", "filesystem", "filesystem or block")

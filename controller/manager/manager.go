@@ -141,7 +141,7 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
 	}
-	dvs := &datavolume.Reconciler{Client: mgr.GetClient(), Recorder: recorder, ImporterImage: o.ImporterImage, RuntimeClassName: o.Render.RuntimeClassName}
+	dvs := &datavolume.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, ImporterImage: o.ImporterImage, RuntimeClassName: o.Render.RuntimeClassName}
 	if err := dvs.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the DataVolume controller: %w", err)
 	}

@@ -110,19 +110,20 @@ func TestConvertedKubeVirtManifestsAreAcceptedAndRun(t *testing.T) {
 
 	// a VM with a DataVolume template and a Secret, and CDI DataVolumes: warnings on
 	// stderr, every object accepted
-	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml", "kubevirt-vm-windows.yaml", "cdi-datasource.yaml"} {
+	for _, file := range []string{"kubevirt-vm-fedora.yaml", "cdi-datavolumes.yaml", "kubevirt-vmi.yaml", "kubevirt-instancetypes.yaml", "kubevirt-vm-windows.yaml", "cdi-datasource.yaml", "kubevirt-vm-golden-image.yaml"} {
 		out, stderr, err := f.run(nil, "vmpod", "convert", "-f", "../convert/testdata/"+file)
 		if err != nil {
 			t.Fatalf("convert %s: %v\n%s", file, err, stderr)
 		}
-		if !strings.Contains(stderr, "Warning:") && file != "cdi-datasource.yaml" {
+		if !strings.Contains(stderr, "Warning:") && file != "cdi-datasource.yaml" && file != "kubevirt-vm-golden-image.yaml" {
 			t.Errorf("convert %s printed no warnings", file)
 		}
 		t.Logf("kubectl vmpod convert -f %s warned:\n%s", file, stderr)
 		f.mustRun([]byte(out), "apply", "-f", "-")
 	}
 	got := f.mustRun(nil, "get", "virtualmachines,datavolumes,secrets,datasources", "-o", "name")
-	for _, want := range []string{"datasource.vmpod.dev/fedora", "virtualmachine.vmpod.dev/fedora-from-golden", "virtualmachine.vmpod.dev/fedora-db", "virtualmachine.vmpod.dev/scratch-vm", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit"} {
+	for _, want := range []string{"datasource.vmpod.dev/fedora", "virtualmachine.vmpod.dev/fedora-from-golden", "virtualmachine.vmpod.dev/fedora-db", "virtualmachine.vmpod.dev/scratch-vm", "datavolume.vmpod.dev/alpine-root", "datavolume.vmpod.dev/alpine-copy", "secret/fedora-db-cloudinit",
+		"virtualmachine.vmpod.dev/rhel-from-shared-golden", "datavolume.vmpod.dev/centos-stream-copy"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("kubectl get lacks %s:\n%s", want, got)
 		}

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -211,5 +213,75 @@ func waitDataVolume(t *testing.T, c *testenv.Cluster, ns, name, phase string, wi
 		desc, _ := c.KubectlErr("describe", "datavolume.vmpod.dev", "-n", ns, name)
 		pods, _ := c.KubectlErr("get", "pods,pvc", "-n", ns, "-o", "wide")
 		t.Fatalf("DataVolume %s: not %s after %v (last %q)\n%s\n%s", name, phase, within, last, desc, pods)
+	}
+}
+
+// TestDataVolumeCloneAcrossNamespaces: CDI's golden-image pattern across namespaces. A
+// DataVolume imports an image in one namespace, a DataSource there publishes it, and a
+// DataVolume in another namespace clones it by sourceRef: refused (waiting, saying how to
+// grant it) until the source namespace binds vmpod-datavolume-cloner to the other
+// namespace's default ServiceAccount, then pulled from a server pod in the source namespace
+// over TLS. The clone holds the golden bytes, and the server side is gone afterwards.
+func TestDataVolumeCloneAcrossNamespaces(t *testing.T) {
+	c := testenv.RequireCluster(t)
+	t.Parallel()
+	golden, ns := c.Namespace(t), c.Namespace(t)
+	dir := t.TempDir()
+	disk := make([]byte, 8<<20)
+	copy(disk, "vmpod golden image")
+	copy(disk[5<<20:], "written by the golden image's guest")
+	if err := os.WriteFile(filepath.Join(dir, "disk.raw"), disk, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	base := imageServer(t, c, golden, dir)
+	size := "    resources: {requests: {storage: 64Mi}}\n"
+	applyConverted(t, c, golden, strings.NewReplacer("NAME", "golden", "URL", base+"/disk.raw", "STORAGE", size).Replace(cdiDataVolume))
+	applyConverted(t, c, golden, "apiVersion: cdi.kubevirt.io/v1beta1\nkind: DataSource\nmetadata: {name: os-image}\nspec: {source: {pvc: {name: golden}}}\n")
+	waitDataVolume(t, c, golden, "golden", "Succeeded", 4*time.Minute)
+
+	applyConverted(t, c, ns, `apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata: {name: copy}
+spec:
+  sourceRef: {kind: DataSource, name: os-image, namespace: `+golden+`}
+  storage:
+`+size)
+	grant := "kubectl create rolebinding clone-to-" + ns + " -n " + golden + " --clusterrole=vmpod-datavolume-cloner --serviceaccount=" + ns + ":default"
+	var last string
+	if !testenv.PollWithin(time.Minute, func() bool {
+		last, _ = c.KubectlErr("get", "datavolume.vmpod.dev", "-n", ns, "copy", "-o", `jsonpath={.status.conditions[?(@.type=="Running")].reason}: {.status.conditions[?(@.type=="Running")].message}`)
+		return strings.HasPrefix(last, "CloneNotAuthorized: ") && strings.Contains(last, grant)
+	}) {
+		t.Fatalf("the clone before the grant: %q, want CloneNotAuthorized saying %q", last, grant)
+	}
+	c.Kubectl(t, strings.Fields(grant)[1:]...)
+	t0 := time.Now()
+	waitDataVolume(t, c, ns, "copy", "Succeeded", 4*time.Minute)
+	t.Logf("cloned across namespaces in %v", time.Since(t0).Round(time.Second))
+
+	// the clone's disk starts with the golden image's bytes
+	want := sha256.Sum256(disk)
+	reader := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "reader"},
+		Spec: corev1.PodSpec{
+			RestartPolicy: corev1.RestartPolicyNever,
+			Containers: []corev1.Container{{Name: "sha", Image: busybox, Command: []string{"sh", "-c", fmt.Sprintf("head -c %d /data/disk.img | sha256sum", len(disk))},
+				VolumeMounts: []corev1.VolumeMount{{Name: "data", MountPath: "/data", ReadOnly: true}}}},
+			Volumes: []corev1.Volume{{Name: "data", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "copy", ReadOnly: true}}}},
+		},
+	}
+	if _, err := c.Client.CoreV1().Pods(ns).Create(t.Context(), reader, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create reader pod: %v", err)
+	}
+	c.WaitPod(t, ns, "reader", 2*time.Minute, "Succeeded", func(p *corev1.Pod) bool { return p.Status.Phase == corev1.PodSucceeded })
+	if out := c.Kubectl(t, "logs", "-n", ns, "reader"); !strings.HasPrefix(out, hex.EncodeToString(want[:])) {
+		t.Errorf("the clone's first %d bytes hash to %q, want the golden image's %x", len(disk), out, want)
+	}
+	var left string
+	if !testenv.PollWithin(time.Minute, func() bool {
+		left = c.Kubectl(t, "get", "pods,services,secrets", "-n", golden, "-l", "vmpod.dev/clone-for", "-o", "name")
+		return strings.TrimSpace(left) == ""
+	}) {
+		t.Errorf("the clone's server side is left in %s:\n%s", golden, left)
 	}
 }

@@ -144,10 +144,11 @@ type RegistrySource struct {
 // namespace (no upload proxy, no token).
 type UploadSource struct{}
 
-// PVCSource is a PVC to clone.
-// +kubebuilder:validation:XValidation:rule="!has(self.__namespace__) || self.__namespace__.size() == 0",message="vmpod clones within a namespace only; leave namespace empty",fieldPath=".namespace"
+// PVCSource is a PVC to clone. A PVC in another namespace is cloned only if that
+// namespace lets the DataVolume's namespace's default ServiceAccount create
+// datavolumes/source there (ClusterRole vmpod-datavolume-cloner), as in CDI.
 type PVCSource struct {
-	// Namespace must be empty (the DataVolume's own).
+	// Namespace is the PVC's namespace (default: the DataVolume's).
 	// +optional
 	Namespace string `json:"namespace,omitempty"`
 	// +kubebuilder:validation:MinLength=1
@@ -215,6 +216,18 @@ const (
 const (
 	UploadPort = 8080
 	UploadPath = "/upload"
+)
+
+// How a clone from another namespace reaches its importer: a pod in the source namespace
+// serves the source PVC's disk at ClonePath over TLS on ClonePort, behind a Service
+// (docs/design/113-cross-namespace-clone.md).
+const (
+	ClonePort = 8443
+	ClonePath = "/disk.img"
+	// the keys of the source side's Secret, the files of the server's --tls-dir
+	CloneCertKey  = "tls.crt"
+	CloneKeyKey   = "tls.key"
+	CloneTokenKey = "token"
 )
 
 // DataVolumeStatus is what the controller observed.

@@ -236,9 +236,6 @@ func TestDataVolumeValidation(t *testing.T) {
 			dv.Spec.ContentType = vmpodv1.ContentTypeArchive
 			dv.Spec.Storage.VolumeMode = &block
 		}, []string{"spec.contentType: Invalid value", "needs volumeMode Filesystem"}},
-		{"cross-namespace clone", func(dv *vmpodv1.DataVolume) {
-			dv.Spec.Source = vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Namespace: "other", Name: "golden"}}
-		}, []string{"spec.source.pvc.namespace: Invalid value", "within a namespace only"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dv := validDV(ns)

@@ -51,9 +51,10 @@ func WorkerName(dv *vmpodv1.DataVolume) string {
 	return name[:54] + "-" + hex.EncodeToString(sum[:4])
 }
 
-// WorkerJobSpec is the Job that runs vmpod-importer for dv into pvc; source is the PVC to
-// clone (nil unless dv clones one).
-func WorkerJobSpec(dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeClaim, name, image string) batchv1.JobSpec {
+// WorkerJobSpec is the Job that runs vmpod-importer for dv into pvc. A clone has source,
+// the PVC to mount (in dv's namespace), or served, the source pod to pull from (another
+// namespace's PVC).
+func WorkerJobSpec(dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeClaim, served *RemoteClone, name, image string) batchv1.JobSpec {
 	block := pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1.PersistentVolumeBlock
 	size := pvc.Spec.Resources.Requests[corev1.ResourceStorage]
 	c := corev1.Container{
@@ -141,6 +142,14 @@ func WorkerJobSpec(dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeC
 			c.Args = append(c.Args, "--source-path="+sourceMount)
 			c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: "source", MountPath: sourceMount, ReadOnly: true})
 		}
+	case src.PVC != nil && served != nil:
+		// a guest-written disk: raw, never probed (see the importer's --source-format)
+		c.Args = append(c.Args, "--source=http", "--url="+served.URL, "--source-format=raw", "--header-dir="+headersMount, "--ca-dir="+caMount)
+		only := func(key string) corev1.VolumeSource {
+			return corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: served.Secret, Items: []corev1.KeyToPath{{Key: key, Path: key}}}}
+		}
+		mount("clone-header", headersMount, only(cloneHeaderKey))
+		mount("clone-ca", caMount, only(cloneCAKey))
 	case src.Upload != nil:
 		c.Args = append(c.Args, "--source=upload", "--listen=127.0.0.1:"+strconv.Itoa(vmpodv1.UploadPort))
 	case src.Blank != nil:

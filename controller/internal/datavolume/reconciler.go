@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"time"
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -30,8 +31,11 @@ import (
 
 // Reconciler reconciles DataVolumes.
 type Reconciler struct {
-	Client   client.Client
-	Recorder events.EventRecorder
+	Client client.Client
+	// APIReader reads objects outside the DataVolume's namespace and Secrets, uncached: the
+	// manager may watch one namespace only, and no Secret is ever cached.
+	APIReader client.Reader
+	Recorder  events.EventRecorder
 	// ImporterImage runs cmd/vmpod-importer (with qemu-img) in the worker Jobs.
 	ImporterImage string
 	// RuntimeClassName is the RuntimeClass VM pods run under. Importer pods get its
@@ -40,7 +44,8 @@ type Reconciler struct {
 	RuntimeClassName string
 }
 
-// +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;patch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes/finalizers,verbs=update
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datasources,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch;create;patch
@@ -49,6 +54,9 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups="",resources=serviceaccounts,verbs=create
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=create
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
+// +kubebuilder:rbac:groups="",resources=services;secrets,verbs=get;create;delete
+// +kubebuilder:rbac:groups="",resources=pods,verbs=get;create;delete
 
 // Reconcile moves one DataVolume along: PVC, worker Job, status.
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
@@ -57,10 +65,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	if dv.DeletionTimestamp != nil {
-		return reconcile.Result{}, nil // the PVC and Job go with it (owner references)
+		// the PVC and Job go with it (owner references); a clone's source side in another
+		// namespace, which owner references cannot reach, goes now
+		return reconcile.Result{}, r.releaseCloneSource(ctx, dv)
 	}
 	status := dv.Status.DeepCopy()
-	if err := r.reconcile(ctx, dv, status); err != nil {
+	requeue, err := r.reconcile(ctx, dv, status)
+	if err != nil {
 		return reconcile.Result{}, err
 	}
 	status.ObservedGeneration = dv.Generation
@@ -69,30 +80,48 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		r.phaseEvent(dv, status)
 		log.FromContext(ctx).Info("phase", "from", old, "to", status.Phase, "progress", status.Progress)
 	}
-	if equality.Semantic.DeepEqual(&dv.Status, status) {
-		return reconcile.Result{}, nil
+	if !equality.Semantic.DeepEqual(&dv.Status, status) {
+		dv.Status = *status
+		if err := r.Client.Status().Update(ctx, dv); err != nil {
+			return reconcile.Result{}, fmt.Errorf("update status: %w", err)
+		}
 	}
-	dv.Status = *status
-	if err := r.Client.Status().Update(ctx, dv); err != nil {
-		return reconcile.Result{}, fmt.Errorf("update status: %w", err)
-	}
-	return reconcile.Result{}, nil
+	return reconcile.Result{RequeueAfter: requeue}, nil
 }
 
-func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) error {
+// reconcile moves dv along, writing what it saw into s. A non-zero duration asks for
+// another pass then: it waits on something no watch reports (another namespace's objects,
+// an authorization an admin may grant).
+func (r *Reconciler) reconcile(ctx context.Context, orig *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) (time.Duration, error) {
 	if s.Phase == vmpodv1.PhaseSucceeded || s.Phase == vmpodv1.PhaseFailed {
-		return r.cleanup(ctx, dv, s) // terminal: the spec is immutable
+		return 0, r.cleanup(ctx, orig, s) // terminal: the spec is immutable
 	}
+	// dv is what the DataVolume asks for, with a sourceRef resolved to its PVC; orig is the
+	// object itself, which takes the finalizer
+	dv := orig
 	if dv.Spec.SourceRef != nil {
 		resolved, err := r.resolveSourceRef(ctx, dv, s)
 		if err != nil || resolved == nil {
-			return err
+			return pollElsewhere(err, dv.Spec.SourceRef.Namespace, dv), err
 		}
 		dv = resolved
 	}
+	remote := dv.Spec.Source.PVC != nil && cmp.Or(dv.Spec.Source.PVC.Namespace, dv.Namespace) != dv.Namespace
+	if remote {
+		// before anything is made for it; once its Job runs, the clone goes on
+		job, err := r.getWorker(ctx, dv)
+		if err != nil {
+			return 0, err
+		}
+		if job == nil {
+			if ok, err := r.authorizeClone(ctx, dv, s); err != nil || !ok {
+				return pollAuthorization, err
+			}
+		}
+	}
 	pvc, err := r.ensurePVC(ctx, dv, s)
 	if err != nil || pvc == nil {
-		return err
+		return 0, err
 	}
 	setBound(s, pvc)
 
@@ -103,21 +132,33 @@ func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *v
 		s.Phase, s.Progress = vmpodv1.PhaseSucceeded, "100.00%"
 		setCondition(s, dv, vmpodv1.DVRunning, false, "Completed", "the import completed")
 		setCondition(s, dv, vmpodv1.DVReady, true, "Succeeded", "the PVC holds the complete data")
-		return r.cleanup(ctx, dv, s)
+		return 0, r.cleanup(ctx, orig, s)
 	case string(vmpodv1.PhaseFailed):
 		fail(s, dv, pvc.Annotations[vmpodv1.ImportReasonAnnotation], pvc.Annotations[vmpodv1.ImportMessageAnnotation])
-		return nil
+		return 0, r.cleanup(ctx, orig, s)
 	}
 
-	var source *corev1.PersistentVolumeClaim
-	if dv.Spec.Source.PVC != nil {
-		if source, err = r.cloneSource(ctx, dv, s); err != nil || source == nil {
-			return err
-		}
-	}
-	job, err := r.ensureWorker(ctx, dv, pvc, source)
+	job, err := r.getWorker(ctx, dv)
 	if err != nil {
-		return err
+		return 0, err
+	}
+	if job == nil {
+		var source *corev1.PersistentVolumeClaim
+		var served *RemoteClone
+		if dv.Spec.Source.PVC != nil {
+			if source, err = r.cloneSource(ctx, dv, s); err != nil || source == nil {
+				return pollElsewhere(err, dv.Spec.Source.PVC.Namespace, dv), err
+			}
+		}
+		if remote {
+			if served, err = r.serveCloneSource(ctx, orig, source, s); err != nil || served == nil {
+				return pollElsewhere(err, source.Namespace, dv), err
+			}
+			source = nil // pulled from the source pod, not mounted
+		}
+		if job, err = r.createWorker(ctx, dv, pvc, source, served); err != nil {
+			return 0, err
+		}
 	}
 	s.RestartCount = job.Status.Failed
 	if c := jobCondition(job, batchv1.JobFailed); c != nil {
@@ -129,7 +170,7 @@ func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *v
 			reason, msg = r, msg+"; last attempt: "+pvc.Annotations[vmpodv1.ImportMessageAnnotation]
 		}
 		fail(s, dv, reason, msg)
-		return nil
+		return 0, r.cleanup(ctx, orig, s)
 	}
 
 	scheduled, inProgress := vmpodv1.PhaseImportScheduled, vmpodv1.PhaseImportInProgress
@@ -152,7 +193,7 @@ func (r *Reconciler) reconcile(ctx context.Context, dv *vmpodv1.DataVolume, s *v
 		setCondition(s, dv, vmpodv1.DVRunning, false, "Pending", "importer Job "+job.Name+" created")
 	}
 	setCondition(s, dv, vmpodv1.DVReady, false, string(s.Phase), "the PVC is being filled")
-	return nil
+	return 0, nil
 }
 
 // ensurePVC returns the DataVolume's PVC, creating it. A PVC of that name that the
@@ -195,9 +236,10 @@ func (r *Reconciler) ensurePVC(ctx context.Context, dv *vmpodv1.DataVolume, s *v
 // cloneSource returns the PVC to clone once it exists and, if a DataVolume fills it, the
 // DataVolume has Succeeded; nil while waiting.
 func (r *Reconciler) cloneSource(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) (*corev1.PersistentVolumeClaim, error) {
-	name := dv.Spec.Source.PVC.Name
+	key := types.NamespacedName{Namespace: cmp.Or(dv.Spec.Source.PVC.Namespace, dv.Namespace), Name: dv.Spec.Source.PVC.Name}
+	name := key.String()
 	src := &corev1.PersistentVolumeClaim{}
-	err := r.Client.Get(ctx, types.NamespacedName{Namespace: dv.Namespace, Name: name}, src)
+	err := r.reader(dv, key.Namespace).Get(ctx, key, src)
 	wait := func(reason, msg string) (*corev1.PersistentVolumeClaim, error) {
 		s.Phase, s.Progress = vmpodv1.PhaseCloneScheduled, "N/A"
 		setCondition(s, dv, vmpodv1.DVRunning, false, reason, msg)
@@ -225,7 +267,7 @@ func (r *Reconciler) resolveSourceRef(ctx context.Context, dv *vmpodv1.DataVolum
 	ref := dv.Spec.SourceRef
 	key := types.NamespacedName{Namespace: cmp.Or(ref.Namespace, dv.Namespace), Name: ref.Name}
 	ds := &vmpodv1.DataSource{}
-	err := r.Client.Get(ctx, key, ds)
+	err := r.reader(dv, key.Namespace).Get(ctx, key, ds)
 	switch {
 	case apierrors.IsNotFound(err):
 		msg := "waiting for DataSource " + key.String()
@@ -237,19 +279,18 @@ func (r *Reconciler) resolveSourceRef(ctx context.Context, dv *vmpodv1.DataVolum
 		return nil, fmt.Errorf("get DataSource %s: %w", key, err)
 	}
 	pvc := ds.Spec.Source.PVC
-	if ns := cmp.Or(pvc.Namespace, ds.Namespace); ns != dv.Namespace {
-		fail(s, dv, "CrossNamespaceClone", fmt.Sprintf("DataSource %s names PVC %s/%s: vmpod clones within the DataVolume's namespace only (not yet across namespaces)",
-			key, ns, pvc.Name))
-		return nil, nil
-	}
 	out := dv.DeepCopy()
 	out.Spec.SourceRef = nil
-	out.Spec.Source = vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Name: pvc.Name}}
+	out.Spec.Source = vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Namespace: cmp.Or(pvc.Namespace, ds.Namespace), Name: pvc.Name}}
 	return out, nil
 }
 
-// cleanup deletes a succeeded import's Job (and so its pod); a failed one's stays for its logs.
+// cleanup ends a clone's source side in another namespace and deletes a succeeded
+// import's Job (and so its pod); a failed one's stays for its logs.
 func (r *Reconciler) cleanup(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) error {
+	if err := r.releaseCloneSource(ctx, dv); err != nil {
+		return err
+	}
 	if s.Phase != vmpodv1.PhaseSucceeded {
 		return nil
 	}
@@ -317,23 +358,25 @@ func jobCondition(job *batchv1.Job, t batchv1.JobConditionType) *batchv1.JobCond
 	return nil
 }
 
-// ensureWorker creates the worker Job and the identity it runs as: a ServiceAccount whose
+// getWorker returns the worker Job, nil if there is none yet.
+func (r *Reconciler) getWorker(ctx context.Context, dv *vmpodv1.DataVolume) (*batchv1.Job, error) {
+	job := &batchv1.Job{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: dv.Namespace, Name: WorkerName(dv)}, job)
+	switch {
+	case apierrors.IsNotFound(err):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("get Job %s: %w", WorkerName(dv), err)
+	}
+	return job, nil
+}
+
+// createWorker creates the worker Job and the identity it runs as: a ServiceAccount whose
 // Role may only read and annotate this one PVC, because the importer parses untrusted
 // images and must not be able to mark other PVCs complete.
-func (r *Reconciler) ensureWorker(ctx context.Context, dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeClaim) (*batchv1.Job, error) {
+func (r *Reconciler) createWorker(ctx context.Context, dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeClaim, served *RemoteClone) (*batchv1.Job, error) {
 	name := WorkerName(dv)
-	owner := []metav1.OwnerReference{*metav1.NewControllerRef(dv, vmpodv1.GroupVersion.WithKind("DataVolume"))}
-	objMeta := func() metav1.ObjectMeta {
-		return metav1.ObjectMeta{Name: name, Namespace: dv.Namespace, Labels: map[string]string{DataVolumeLabel: dv.Name}, OwnerReferences: owner}
-	}
-	job := &batchv1.Job{}
-	err := r.Client.Get(ctx, types.NamespacedName{Namespace: dv.Namespace, Name: name}, job)
-	if err == nil {
-		return job, nil
-	}
-	if !apierrors.IsNotFound(err) {
-		return nil, fmt.Errorf("get Job %s: %w", name, err)
-	}
+	objMeta := func() metav1.ObjectMeta { return workerMeta(dv) }
 	identity := []client.Object{
 		&corev1.ServiceAccount{ObjectMeta: objMeta()},
 		&rbacv1.Role{ObjectMeta: objMeta(), Rules: []rbacv1.PolicyRule{{
@@ -347,7 +390,7 @@ func (r *Reconciler) ensureWorker(ctx context.Context, dv *vmpodv1.DataVolume, p
 			return nil, fmt.Errorf("create importer %T %s: %w", o, name, err)
 		}
 	}
-	job = &batchv1.Job{ObjectMeta: objMeta(), Spec: WorkerJobSpec(dv, pvc, source, name, r.ImporterImage)}
+	job := &batchv1.Job{ObjectMeta: objMeta(), Spec: WorkerJobSpec(dv, pvc, source, served, name, r.ImporterImage)}
 	if err := r.scheduleWithVMs(ctx, &job.Spec.Template.Spec); err != nil {
 		return nil, err
 	}

@@ -16,7 +16,7 @@ import (
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 )
 
-// cloneSourceIndex indexes DataVolumes by the PVC they clone, so a source PVC that appears
+// cloneSourceIndex indexes DataVolumes by the PVC (namespace/name) they clone, so a source PVC that appears
 // or completes wakes its clones; sourceRefIndex by the DataSource (namespace/name) they
 // clone through, so a DataSource that appears or changes, and its PVC, wake them.
 const (
@@ -27,8 +27,9 @@ const (
 // SetupWithManager registers the reconciler and its watches.
 func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error {
 	err := mgr.GetFieldIndexer().IndexField(ctx, &vmpodv1.DataVolume{}, cloneSourceIndex, func(o client.Object) []string {
-		if src := o.(*vmpodv1.DataVolume).Spec.Source.PVC; src != nil {
-			return []string{src.Name}
+		dv := o.(*vmpodv1.DataVolume)
+		if src := dv.Spec.Source.PVC; src != nil {
+			return []string{cmp.Or(src.Namespace, dv.Namespace) + "/" + src.Name}
 		}
 		return nil
 	})
@@ -62,7 +63,7 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 		return list(ctx, client.MatchingFields{sourceRefIndex: ds.GetNamespace() + "/" + ds.GetName()})
 	}
 	clonesOf := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, pvc client.Object) []reconcile.Request {
-		reqs := list(ctx, client.InNamespace(pvc.GetNamespace()), client.MatchingFields{cloneSourceIndex: pvc.GetName()})
+		reqs := list(ctx, client.MatchingFields{cloneSourceIndex: pvc.GetNamespace() + "/" + pvc.GetName()})
 		sources := &vmpodv1.DataSourceList{}
 		if err := c.List(ctx, sources, client.InNamespace(pvc.GetNamespace())); err != nil {
 			ctrl.LoggerFrom(ctx).Error(err, "list DataSources", "namespace", pvc.GetNamespace())
