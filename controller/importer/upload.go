@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -64,9 +65,14 @@ type uploader struct {
 }
 
 func (u *uploader) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	form := r.URL.Path == vmpodv1.UploadFormPath
 	switch {
-	case r.URL.Path != vmpodv1.UploadPath:
+	case r.URL.Path != vmpodv1.UploadPath && !form:
 		http.NotFound(w, r)
+		return
+	case form && r.Method != http.MethodPost:
+		w.Header().Set("Allow", "POST")
+		http.Error(w, "post the form with the image in field "+vmpodv1.UploadFormField, http.StatusMethodNotAllowed)
 		return
 	case r.Method != http.MethodPut && r.Method != http.MethodPost:
 		w.Header().Set("Allow", "PUT, POST")
@@ -85,8 +91,17 @@ func (u *uploader) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 	}
 
-	slog.Info("upload started", "remote", r.RemoteAddr, "bytes", r.ContentLength)
-	err := u.write(r)
+	body, total := io.Reader(r.Body), r.ContentLength
+	if form {
+		file, err := formFile(r)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		body, total = file, -1 // the part's length is not told
+	}
+	slog.Info("upload started", "remote", r.RemoteAddr, "bytes", total, "form", form)
+	err := u.write(r.Context(), body, total)
 	var ie *Error
 	switch {
 	case err == nil:
@@ -108,12 +123,31 @@ func (u *uploader) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// write receives the request's body and writes the image into the volume (or, for
-// content type archive, extracts the tar archive into it).
-func (u *uploader) write(r *http.Request) error {
-	// the request's context ends when the client goes away
-	ctx := r.Context()
-	received, err := saveVerified(ctx, u.o, u.rep, r.Body, r.ContentLength, "receiving the upload")
+// formFile returns the form's file field, streamed: the parts before it are skipped.
+func formFile(r *http.Request) (io.Reader, error) {
+	mr, err := r.MultipartReader()
+	if err != nil {
+		return nil, fmt.Errorf("not a multipart/form-data upload: %w", err)
+	}
+	for {
+		part, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("the form has no field %q with the image", vmpodv1.UploadFormField)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read the form: %w", err)
+		}
+		if part.FormName() == vmpodv1.UploadFormField {
+			return part, nil
+		}
+	}
+}
+
+// write receives body (total bytes, -1 if unknown) and writes the image into the volume
+// (or, for content type archive, extracts the tar archive into it). ctx is the request's,
+// which ends when the client goes away.
+func (u *uploader) write(ctx context.Context, body io.Reader, total int64) error {
+	received, err := saveVerified(ctx, u.o, u.rep, body, total, "receiving the upload")
 	if err != nil {
 		return err
 	}

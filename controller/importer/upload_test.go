@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime/multipart"
 	"net"
 	"net/http"
 	"os"
@@ -166,4 +167,66 @@ func TestUploadArchive(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(o.Dest, DiskImageFile)); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("an archive import wrote a disk image (%v)", err)
 	}
+}
+
+// The form endpoint takes the image from the form's file field, streamed after the fields
+// before it; a form without it, or a GET, is refused and the importer waits on.
+func TestUploadForm(t *testing.T) {
+	raw, qcow2 := testImage(t, 4*mib)
+	addr := freeAddr(t)
+	o := Options{Source: "upload", Listen: addr, ContentType: "kubevirt", Dest: t.TempDir(), DestMode: "filesystem",
+		Size: 64 * mib, FilesystemOverhead: 0.055, Scratch: t.TempDir(), ProgressInterval: 1}
+	rep := &recorder{}
+	done := make(chan error, 1)
+	go func() { done <- Run(context.Background(), o, rep) }()
+	for deadline := time.Now().Add(30 * time.Second); len(rep.readies()) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the importer never said it was ready")
+		}
+	}
+	post := func(fields map[string][]byte, order ...string) (int, string) {
+		t.Helper()
+		pr, pw := io.Pipe()
+		mw := multipart.NewWriter(pw)
+		go func() {
+			for _, name := range order {
+				part, err := mw.CreateFormFile(name, name+".qcow2")
+				if err == nil {
+					_, err = part.Write(fields[name])
+				}
+				if err != nil {
+					pw.CloseWithError(err)
+					return
+				}
+			}
+			pw.CloseWithError(mw.Close())
+		}()
+		resp, err := http.Post("http://"+addr+vmpodv1.UploadFormPath, mw.FormDataContentType(), pr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	resp, err := http.Get("http://" + addr + vmpodv1.UploadFormPath)
+	if err != nil || resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("GET the form endpoint: %v %v, want 405", err, resp.Status)
+	}
+	if code, answer := post(map[string][]byte{"image": qcow2}, "image"); code != http.StatusBadRequest || !strings.Contains(answer, `no field "file"`) {
+		t.Errorf("a form without the file field: %d %q, want 400 naming the field", code, answer)
+	}
+	noDisk(t, o)
+	if code, answer := post(map[string][]byte{"notes": []byte("a field before the file"), "file": qcow2}, "notes", "file"); code != http.StatusOK {
+		t.Fatalf("the form with the qcow2: %d %q", code, answer)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the importer did not finish after a good upload")
+	}
+	checkDisk(t, o.Dest, raw, 60*mib)
 }

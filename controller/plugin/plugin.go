@@ -51,11 +51,13 @@ Usage:
                                       interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
                                       manifests to vmpod's (- reads stdin)
-  kubectl vmpod image-upload dv NAME --image-path=FILE|--archive-path=TAR [--size=10Gi] [--volume-mode=block]
+  kubectl vmpod image-upload dv|pvc NAME --image-path=FILE|--archive-path=TAR [--size=10Gi] [--volume-mode=block]
         [--storage-class=SC] [--access-mode=MODE] [--no-create] [--wait-secs=300]
                                       upload a disk image (raw, qcow2, vmdk, vdi, vhd(x),
                                       gzip or xz) into DataVolume NAME, made with source
-                                      upload unless it exists; needs pods/portforward
+                                      upload unless it exists; needs pods/portforward.
+                                      pvc NAME: the same, for a VM that names PVC NAME
+                                      (the DataVolume NAME fills and owns it)
 
 Flags: the usual kubectl connection flags (--kubeconfig, --context, -n/--namespace, ...).
 `
@@ -112,10 +114,11 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	upload.Wait = time.Duration(*waitSecs) * time.Second
 	names := fs.Args()
 	if cmd == "image-upload" {
-		// virtctl's form: image-upload dv NAME
-		if len(names) != 2 || names[0] != "dv" {
-			return fmt.Errorf("image-upload takes dv NAME (vmpod uploads into DataVolumes), got %q", names)
+		// virtctl's forms: image-upload dv NAME, image-upload pvc NAME
+		if len(names) != 2 || (names[0] != "dv" && names[0] != "pvc") {
+			return fmt.Errorf("image-upload takes dv NAME or pvc NAME, got %q", names)
 		}
+		upload.PVC = names[0] == "pvc"
 		names = names[1:]
 	}
 	if len(names) == 0 || (len(names) != 1 && cmd != "port-forward") {

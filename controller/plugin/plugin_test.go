@@ -268,11 +268,19 @@ func TestImageUploadBadInput(t *testing.T) {
 	if err := f.env.Client.Create(ctx, imported); err != nil {
 		t.Fatal(err)
 	}
+	bare := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "bare", Namespace: f.ns},
+		Spec: corev1.PersistentVolumeClaimSpec{AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}}}
+	if err := f.env.Client.Create(ctx, bare); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
-		{[]string{"pvc", "disk", "--image-path", image}, "image-upload takes dv NAME"},
+		{[]string{"pv", "disk", "--image-path", image}, "image-upload takes dv NAME or pvc NAME"},
+		{[]string{"pvc", "bare", "--size=1Gi", "--image-path", image}, "PVC bare exists and no DataVolume fills it"},
+		{[]string{"pvc", "disk", "--size=1Gi", "--volume-mode=raw", "--image-path", image}, `--volume-mode "raw": want block or filesystem`},
 		{[]string{"dv", "disk", "--size=1Gi"}, "needs --image-path"},
 		{[]string{"dv", "disk", "--size=1Gi", "--image-path", image, "--archive-path", image}, "not both"},
 		{[]string{"dv", "disk", "--size=1Gi", "--volume-mode=block", "--archive-path", image}, "needs --volume-mode filesystem"},

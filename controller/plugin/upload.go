@@ -38,6 +38,10 @@ type UploadOptions struct {
 	StorageClass string
 	AccessMode   string
 	NoCreate     bool
+	// PVC is virtctl's image-upload pvc NAME: the user wants PVC NAME. vmpod fills PVCs
+	// through DataVolumes, so it is the same upload, into the DataVolume NAME that owns the
+	// PVC NAME; a PVC of that name that no DataVolume fills is refused up front.
+	PVC bool
 	// Wait bounds each wait: for the importer to be ready, and for the import to complete
 	Wait time.Duration
 }
@@ -74,6 +78,11 @@ func ImageUpload(ctx context.Context, rc *rest.Config, c client.Client, key type
 	}
 	if !st.Mode().IsRegular() {
 		return fmt.Errorf("%s %s is not a regular file", flag, path)
+	}
+	if o.PVC {
+		if err := checkUploadPVC(ctx, c, key, stdio); err != nil {
+			return err
+		}
 	}
 	if err := ensureUploadDataVolume(ctx, c, key, o, stdio); err != nil {
 		return err
@@ -113,6 +122,24 @@ func ImageUpload(ctx context.Context, rc *rest.Config, c client.Client, key type
 		return err
 	}
 	fmt.Fprintf(stdio.Out, "DataVolume %s: Succeeded, PVC %s holds the image\n", key.Name, key.Name)
+	return nil
+}
+
+// checkUploadPVC refuses image-upload pvc NAME when PVC NAME exists and no DataVolume fills
+// it (vmpod's importer writes only into a DataVolume's own PVC), and says how the PVC is made.
+func checkUploadPVC(ctx context.Context, c client.Client, key types.NamespacedName, stdio IO) error {
+	pvc := &corev1.PersistentVolumeClaim{}
+	err := c.Get(ctx, key, pvc)
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return fmt.Errorf("get PVC %s: %w", key, err)
+	default:
+		if owner := metav1.GetControllerOf(pvc); owner == nil || owner.Kind != "DataVolume" || owner.Name != key.Name {
+			return fmt.Errorf("PVC %s exists and no DataVolume fills it: vmpod uploads into a DataVolume's PVC (delete the PVC, or upload under another name)", key.Name)
+		}
+	}
+	fmt.Fprintf(stdio.Err, "PVC %s is filled through DataVolume %s, which owns it (vmpod imports into DataVolumes)\n", key.Name, key.Name)
 	return nil
 }
 

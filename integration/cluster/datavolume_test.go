@@ -109,7 +109,7 @@ func TestDataVolumeImportAndBoot(t *testing.T) {
 	})
 }
 
-// TestDataVolumeUpload: kubectl vmpod image-upload creates an upload DataVolume and sends a
+// TestDataVolumeUpload: kubectl vmpod image-upload (pvc, then dv) creates an upload DataVolume and sends a
 // local image through the API server's port-forward to the importer pod on the vmpod node;
 // an image the importer refuses fails the command with the reason and leaves the DataVolume
 // waiting for another upload, which then completes it.
@@ -127,20 +127,21 @@ func TestDataVolumeUpload(t *testing.T) {
 	}
 	copyPrefix(t, qcow2, filepath.Join(dir, "truncated.qcow2"), 64<<10)
 
-	upload := func(args ...string) (string, error) {
+	upload := func(kind string, args ...string) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
-		out, err := c.Command(ctx, append([]string{"vmpod", "image-upload", "dv", "uploaded", "-n", ns, "--wait-secs=240"}, args...)...).CombinedOutput()
+		out, err := c.Command(ctx, append([]string{"vmpod", "image-upload", kind, "uploaded", "-n", ns, "--wait-secs=240"}, args...)...).CombinedOutput()
 		return string(out), err
 	}
-	out, err := upload("--size=100Mi", "--image-path="+filepath.Join(dir, "truncated.qcow2"))
+	// virtctl's image-upload pvc: the DataVolume of the same name is made, and fills the PVC
+	out, err := upload("pvc", "--size=100Mi", "--image-path="+filepath.Join(dir, "truncated.qcow2"))
 	if err == nil || !strings.Contains(out, "refused the upload") || !strings.Contains(out, "InvalidImage") {
 		t.Fatalf("uploading a truncated qcow2: err %v, output:\n%s\nwant the importer's refusal with reason InvalidImage", err, out)
 	}
 	waitDataVolume(t, c, ns, "uploaded", "UploadReady", time.Minute)
 
 	t0 := time.Now()
-	out, err = upload("--no-create", "--image-path="+qcow2)
+	out, err = upload("dv", "--no-create", "--image-path="+qcow2)
 	if err != nil || !strings.Contains(out, "DataVolume uploaded: Succeeded") {
 		t.Fatalf("kubectl vmpod image-upload: %v\n%s", err, out)
 	}

@@ -212,10 +212,13 @@ const (
 
 // How an upload reaches the importer: kubectl vmpod image-upload PUTs the image to
 // UploadPath on the importer pod's loopback port UploadPort, through the API server's
-// port-forward (docs/design/103-import-progress.md).
+// port-forward (docs/design/103-import-progress.md). UploadFormPath takes it as the field
+// "file" of a multipart/form-data POST, as CDI's upload-form endpoint does (a browser, curl -F).
 const (
-	UploadPort = 8080
-	UploadPath = "/upload"
+	UploadPort      = 8080
+	UploadPath      = "/upload"
+	UploadFormPath  = "/upload-form"
+	UploadFormField = "file"
 )
 
 // How a clone from another namespace reaches its importer: a pod in the source namespace
