@@ -66,7 +66,7 @@ func writeImage(ctx context.Context, o Options, rep Reporter, src, format string
 	case info.VirtualSize > target:
 		return permanent("ImageTooLarge", "the image's virtual size %d is more than the %d bytes available in the PVC", info.VirtualSize, target)
 	}
-	if info.Format == "raw" && o.Source != "pvc" {
+	if info.Format == "raw" && o.Source != "pvc" && o.SourceFormat != "raw" {
 		// a raw "image" that is not whole sectors is almost certainly not a disk (an HTML
 		// error page served with 200, say). qemu-img rounds the virtual size up: stat it.
 		if st, err := os.Stat(src); err == nil && st.Size()%512 != 0 {

@@ -164,7 +164,9 @@ func TestCloneServerRefuses(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.o.Listen = "127.0.0.1:0"
-			err := Serve(context.Background(), tc.o, func(net.Addr) { t.Error("it listened") })
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			err := Serve(ctx, tc.o, func(net.Addr) { t.Error("it listened"); cancel() })
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Serve: %v, want an error with %q", err, tc.want)
 			}

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"time"
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -42,6 +43,8 @@ type Options struct {
 	Render                  render.Config
 	ImporterImage           string
 	Backoff                 vm.Backoff
+	// CloneSweepInterval: how often clone source sides no DataVolume wants are deleted.
+	CloneSweepInterval time.Duration
 	// Namespace, if set, is the only namespace watched.
 	Namespace string
 	// SkipNameValidation lets tests run several managers in one process.
@@ -63,6 +66,8 @@ func DefaultOptions() Options {
 		},
 		ImporterImage: "ghcr.io/vmpod/vmpod-importer:latest",
 		Backoff:       vm.DefaultBackoff,
+
+		CloneSweepInterval: datavolume.DefaultCloneSweepInterval,
 	}
 }
 
@@ -79,6 +84,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&o.Backoff.Base, "restart-backoff", o.Backoff.Base, "wait after a VM pod's first failure; doubles per consecutive failure")
 	fs.DurationVar(&o.Backoff.Max, "restart-backoff-max", o.Backoff.Max, "longest wait between failed VM pods")
 	fs.StringVar(&o.Namespace, "namespace", o.Namespace, "watch only this namespace (default: all)")
+	fs.DurationVar(&o.CloneSweepInterval, "clone-sweep-interval", o.CloneSweepInterval, "how often clone servers in source namespaces that no DataVolume wants are deleted")
 }
 
 // Scheme is the types the manager works with.
@@ -141,7 +147,8 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
 	}
-	dvs := &datavolume.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, ImporterImage: o.ImporterImage, RuntimeClassName: o.Render.RuntimeClassName}
+	dvs := &datavolume.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, ImporterImage: o.ImporterImage, RuntimeClassName: o.Render.RuntimeClassName,
+		CloneSweepInterval: o.CloneSweepInterval}
 	if err := dvs.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the DataVolume controller: %w", err)
 	}

@@ -61,7 +61,7 @@ type DataVolumeSource struct {
 	// Upload waits for the user to upload the image (kubectl vmpod image-upload).
 	// +optional
 	Upload *UploadSource `json:"upload,omitempty"`
-	// PVC clones another PVC of the same namespace.
+	// PVC clones another PVC, of this namespace or (if that one allows it) another.
 	// +optional
 	PVC *PVCSource `json:"pvc,omitempty"`
 	// Blank is an empty (sparse) disk of the PVC's size.

@@ -3,14 +3,19 @@ package datavolume
 import (
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -43,8 +48,14 @@ const (
 	// DataVolumes clone from there.
 	ClonerClusterRole = "vmpod-datavolume-cloner"
 
-	// the source side's certificate outlives any clone; it trusts nothing but this one
-	cloneCertValidity = 30 * 24 * time.Hour
+	// How long a source side may serve: its certificate's validity (the importer trusts no
+	// other, so the token is useless after it) and its pod's active deadline. It bounds the
+	// access a clone grants even if its DataVolume's author kept the cleanup from running.
+	cloneServeLimit = 24 * time.Hour
+
+	// DefaultCloneSweepInterval is how often source sides whose DataVolume no longer
+	// wants them are looked for (see SweepCloneSources).
+	DefaultCloneSweepInterval = 2 * time.Minute
 
 	// How often a clone waiting on something no watch reports looks again: objects in
 	// another namespace (the manager may watch one namespace only) and an authorization an
@@ -93,28 +104,36 @@ func pollElsewhere(err error, ns string, dv *vmpodv1.DataVolume) time.Duration {
 // clones of VM templates. vmpod has no admission webhook to see who created a DataVolume, so
 // the rule holds for every clone; it depends on nothing the DataVolume's author sets but the
 // source itself, and it is asked before anything is made, at every pass until the Job runs.
-func (r *Reconciler) authorizeClone(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus) (bool, error) {
-	src := dv.Spec.Source.PVC
+func (r *Reconciler) authorizeClone(ctx context.Context, dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeStatus, ns string) (bool, error) {
 	sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
 		User:   "system:serviceaccount:" + dv.Namespace + ":default",
 		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + dv.Namespace, "system:authenticated"},
 		ResourceAttributes: &authorizationv1.ResourceAttributes{
-			Namespace: src.Namespace, Verb: "create", Group: vmpodv1.GroupVersion.Group, Resource: "datavolumes", Subresource: "source"},
+			Namespace: ns, Verb: "create", Group: vmpodv1.GroupVersion.Group, Resource: "datavolumes", Subresource: "source"},
 	}}
 	if err := r.Client.Create(ctx, sar); err != nil {
-		return false, fmt.Errorf("SubjectAccessReview of a clone from namespace %s: %w", src.Namespace, err)
+		return false, fmt.Errorf("SubjectAccessReview of a clone from namespace %s: %w", ns, err)
 	}
 	if sar.Status.Allowed {
 		return true, nil
 	}
 	msg := fmt.Sprintf("ServiceAccount %s/default may not clone from namespace %s (create datavolumes/source there); an admin of %s grants it: "+
 		"kubectl create rolebinding clone-to-%s -n %s --clusterrole=%s --serviceaccount=%s:default",
-		dv.Namespace, src.Namespace, src.Namespace, dv.Namespace, src.Namespace, ClonerClusterRole, dv.Namespace)
+		dv.Namespace, ns, ns, dv.Namespace, ns, ClonerClusterRole, dv.Namespace)
 	s.Phase, s.Progress = vmpodv1.PhaseCloneScheduled, "N/A"
 	setCondition(s, dv, vmpodv1.DVRunning, false, "CloneNotAuthorized", msg)
 	setCondition(s, dv, vmpodv1.DVReady, false, "CloneNotAuthorized", msg)
-	log.FromContext(ctx).Info("clone not authorized", "source", src.Namespace+"/"+src.Name, "reason", sar.Status.Reason)
+	log.FromContext(ctx).Info("clone not authorized", "namespace", ns, "reason", sar.Status.Reason)
 	return false, nil
+}
+
+// denied ends a pass whose clone is not (or no longer) authorized: a grant withdrawn before
+// the Job was made takes the source side down too. It asks again later.
+func (r *Reconciler) denied(ctx context.Context, dv *vmpodv1.DataVolume, err error) (time.Duration, error) {
+	if err != nil {
+		return 0, err
+	}
+	return pollAuthorization, r.releaseCloneSource(ctx, dv)
 }
 
 // serveCloneSource makes the source side serve source (another namespace's PVC) and the
@@ -145,8 +164,18 @@ func (r *Reconciler) serveCloneSource(ctx context.Context, orig *vmpodv1.DataVol
 	}
 	serverSecret := &corev1.Secret{ObjectMeta: objMeta()}
 	err := r.APIReader.Get(ctx, client.ObjectKeyFromObject(serverSecret), serverSecret)
+	if err == nil && !certFor(serverSecret.Data[vmpodv1.CloneCertKey], ip) {
+		// the Service was made anew (another ClusterIP): so are the certificate and the
+		// pod that serves it
+		for _, o := range []client.Object{&corev1.Pod{ObjectMeta: objMeta()}, serverSecret} {
+			if err := r.Client.Delete(ctx, o); client.IgnoreNotFound(err) != nil {
+				return nil, fmt.Errorf("delete the stale clone source %T: %w", o, err)
+			}
+		}
+		return nil, fmt.Errorf("the clone source's certificate does not name Service %s/%s's ClusterIP %s: made anew", svc.Namespace, svc.Name, ip)
+	}
 	if apierrors.IsNotFound(err) {
-		cert, key, err := selfsigned.New(ip, svc.Name+"."+svc.Namespace, cloneCertValidity)
+		cert, key, err := selfsigned.New(ip, svc.Name+"."+svc.Namespace, cloneServeLimit)
 		if err != nil {
 			return nil, err
 		}
@@ -162,23 +191,38 @@ func (r *Reconciler) serveCloneSource(ctx context.Context, orig *vmpodv1.DataVol
 	if err := r.getOrCreate(ctx, pod); err != nil {
 		return nil, err
 	}
+	if claim := podClaim(pod); claim != source.Name {
+		// the DataSource names another PVC now
+		if err := r.Client.Delete(ctx, pod); client.IgnoreNotFound(err) != nil {
+			return nil, fmt.Errorf("delete the clone source pod serving PVC %s: %w", claim, err)
+		}
+		return nil, fmt.Errorf("the clone source pod served PVC %s, not %s: made anew", claim, source.Name)
+	}
 	if !podReady(pod) {
-		msg := fmt.Sprintf("waiting for pod %s/%s to serve PVC %s (%s)", pod.Namespace, pod.Name, source.Name, pod.Status.Phase)
+		msg := fmt.Sprintf("waiting for pod %s/%s to serve PVC %s (%s%s)", pod.Namespace, pod.Name, source.Name, pod.Status.Phase, podTrouble(pod))
 		s.Phase, s.Progress = vmpodv1.PhaseCloneScheduled, "N/A"
 		setCondition(s, orig, vmpodv1.DVRunning, false, "CloneSourceStarting", msg)
 		setCondition(s, orig, vmpodv1.DVReady, false, "CloneSourceStarting", msg)
 		return nil, nil
 	}
 
-	// the target side: the importer trusts this server's certificate only and sends the token
+	// the target side: the importer trusts this server's certificate only and sends the
+	// token; kept in step with the server's Secret, which a withdrawn grant renews
+	data := map[string][]byte{
+		cloneCAKey:     serverSecret.Data[vmpodv1.CloneCertKey],
+		cloneHeaderKey: []byte("Authorization: Bearer " + string(serverSecret.Data[vmpodv1.CloneTokenKey])),
+	}
 	targetSecret := &corev1.Secret{ObjectMeta: workerMeta(orig)}
 	err = r.APIReader.Get(ctx, client.ObjectKeyFromObject(targetSecret), targetSecret)
-	if apierrors.IsNotFound(err) {
-		targetSecret.Data = map[string][]byte{
-			cloneCAKey:     serverSecret.Data[vmpodv1.CloneCertKey],
-			cloneHeaderKey: []byte("Authorization: Bearer " + string(serverSecret.Data[vmpodv1.CloneTokenKey])),
-		}
+	switch {
+	case apierrors.IsNotFound(err):
+		targetSecret.Data = data
 		err = r.create(ctx, targetSecret)
+	case err == nil && !metav1.IsControlledBy(targetSecret, orig):
+		err = fmt.Errorf("it exists and does not belong to this DataVolume")
+	case err == nil && !equality.Semantic.DeepEqual(targetSecret.Data, data):
+		targetSecret.Data = data
+		err = r.Client.Update(ctx, targetSecret)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("clone credentials Secret %s: %w", targetSecret.Name, err)
@@ -190,10 +234,17 @@ func (r *Reconciler) serveCloneSource(ctx context.Context, orig *vmpodv1.DataVol
 // holdForCloneSource puts the finalizer and the source namespace on dv before anything is
 // made in that namespace.
 func (r *Reconciler) holdForCloneSource(ctx context.Context, dv *vmpodv1.DataVolume, ns string) error {
-	if controllerutil.ContainsFinalizer(dv, cloneFinalizer) && dv.Annotations[cloneNamespaceAnnotation] == ns {
+	old := dv.Annotations[cloneNamespaceAnnotation]
+	if controllerutil.ContainsFinalizer(dv, cloneFinalizer) && old == ns {
 		return nil
 	}
-	patch := client.MergeFrom(dv.DeepCopy())
+	if old != "" && old != ns {
+		// the DataSource moved to another namespace before the clone started
+		if err := r.deleteCloneSource(ctx, dv, old); err != nil {
+			return err
+		}
+	}
+	patch := client.MergeFromWithOptions(dv.DeepCopy(), client.MergeFromWithOptimisticLock{})
 	controllerutil.AddFinalizer(dv, cloneFinalizer)
 	metav1.SetMetaDataAnnotation(&dv.ObjectMeta, cloneNamespaceAnnotation, ns)
 	if err := r.Client.Patch(ctx, dv, patch); err != nil {
@@ -210,21 +261,32 @@ func (r *Reconciler) releaseCloneSource(ctx context.Context, dv *vmpodv1.DataVol
 		return nil
 	}
 	if ns := dv.Annotations[cloneNamespaceAnnotation]; ns != "" {
-		name := CloneSourceName(dv)
-		for _, o := range []client.Object{&corev1.Pod{}, &corev1.Service{}, &corev1.Secret{}} {
-			o.SetNamespace(ns)
-			o.SetName(name)
-			if err := r.Client.Delete(ctx, o); client.IgnoreNotFound(err) != nil {
-				return fmt.Errorf("delete the clone source's %T %s/%s: %w", o, ns, name, err)
-			}
+		if err := r.deleteCloneSource(ctx, dv, ns); err != nil {
+			return err
 		}
-		log.FromContext(ctx).Info("deleted the clone source", "namespace", ns, "name", name)
 	}
-	patch := client.MergeFrom(dv.DeepCopy())
+	patch := client.MergeFromWithOptions(dv.DeepCopy(), client.MergeFromWithOptimisticLock{})
 	controllerutil.RemoveFinalizer(dv, cloneFinalizer)
 	if err := r.Client.Patch(ctx, dv, patch); err != nil {
 		return fmt.Errorf("remove the clone finalizer: %w", err)
 	}
+	return nil
+}
+
+// deleteCloneSource deletes the Pod, Service and Secret that serve dv's clone in ns.
+func (r *Reconciler) deleteCloneSource(ctx context.Context, dv *vmpodv1.DataVolume, ns string) error {
+	return deleteCloneObjects(ctx, r.Client, ns, CloneSourceName(dv))
+}
+
+func deleteCloneObjects(ctx context.Context, c client.Writer, ns, name string) error {
+	for _, o := range []client.Object{&corev1.Pod{}, &corev1.Service{}, &corev1.Secret{}} {
+		o.SetNamespace(ns)
+		o.SetName(name)
+		if err := c.Delete(ctx, o); client.IgnoreNotFound(err) != nil {
+			return fmt.Errorf("delete the clone source's %T %s/%s: %w", o, ns, name, err)
+		}
+	}
+	log.FromContext(ctx).Info("deleted the clone source", "namespace", ns, "name", name)
 	return nil
 }
 
@@ -278,6 +340,7 @@ func cloneServerPod(source *corev1.PersistentVolumeClaim, secret, image string) 
 		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: "source", MountPath: sourceMount, ReadOnly: true})
 	}
 	return corev1.PodSpec{
+		ActiveDeadlineSeconds:         ptr.To(int64(cloneServeLimit / time.Second)),
 		Containers:                    []corev1.Container{c},
 		AutomountServiceAccountToken:  ptr.To(false),
 		TerminationGracePeriodSeconds: ptr.To[int64](5),
@@ -286,6 +349,41 @@ func cloneServerPod(source *corev1.PersistentVolumeClaim, secret, image string) 
 			{Name: "tls", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: secret}}},
 		},
 	}
+}
+
+// podClaim is the PVC the clone source pod serves.
+func podClaim(p *corev1.Pod) string {
+	for _, v := range p.Spec.Volumes {
+		if v.Name == "source" && v.PersistentVolumeClaim != nil {
+			return v.PersistentVolumeClaim.ClaimName
+		}
+	}
+	return ""
+}
+
+// podTrouble is why the pod's container is not running, if it says: a crash loop (no
+// disk.img), an image that does not pull.
+func podTrouble(p *corev1.Pod) string {
+	for _, c := range p.Status.ContainerStatuses {
+		if w := c.State.Waiting; w != nil && w.Reason != "" {
+			trouble := ": " + w.Reason
+			if t := c.LastTerminationState.Terminated; t != nil && t.Message != "" {
+				trouble += ": " + t.Message
+			}
+			return trouble
+		}
+	}
+	return ""
+}
+
+// certFor says whether the PEM certificate names ip.
+func certFor(certPEM []byte, ip net.IP) bool {
+	block, _ := pem.Decode(certPEM)
+	if block == nil {
+		return false
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	return err == nil && cert.VerifyHostname(ip.String()) == nil
 }
 
 func podReady(p *corev1.Pod) bool {
@@ -302,4 +400,44 @@ func podReady(p *corev1.Pod) bool {
 func workerMeta(dv *vmpodv1.DataVolume) metav1.ObjectMeta {
 	return metav1.ObjectMeta{Name: WorkerName(dv), Namespace: dv.Namespace, Labels: map[string]string{DataVolumeLabel: dv.Name},
 		OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(dv, vmpodv1.GroupVersion.WithKind("DataVolume"))}}
+}
+
+// SweepCloneSources deletes the source side of every clone whose DataVolume no longer wants
+// it: gone, finished, being deleted, or without the finalizer and annotation that name this
+// namespace. The finalizer and the annotation live on an object the DataVolume's author can
+// edit, so they cannot be the only way a source side ends.
+func (r *Reconciler) SweepCloneSources(ctx context.Context) error {
+	pods := &corev1.PodList{}
+	if err := r.APIReader.List(ctx, pods, client.HasLabels{CloneForLabel}); err != nil {
+		return fmt.Errorf("list clone source pods: %w", err)
+	}
+	var errs []error
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		wanted, err := r.cloneSourceWanted(ctx, p)
+		if err == nil && !wanted {
+			log.FromContext(ctx).Info("sweeping a clone source no DataVolume wants", "namespace", p.Namespace, "name", p.Name, "for", p.Annotations[CloneForAnnotation])
+			err = deleteCloneObjects(ctx, r.Client, p.Namespace, p.Name)
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Reconciler) cloneSourceWanted(ctx context.Context, p *corev1.Pod) (bool, error) {
+	ns, name, ok := strings.Cut(p.Annotations[CloneForAnnotation], "/")
+	if !ok {
+		return false, nil
+	}
+	dv := &vmpodv1.DataVolume{}
+	err := r.APIReader.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, dv)
+	switch {
+	case apierrors.IsNotFound(err):
+		return false, nil
+	case err != nil:
+		return true, fmt.Errorf("get DataVolume %s/%s: %w", ns, name, err)
+	}
+	return string(dv.UID) == p.Labels[CloneForLabel] && p.Name == CloneSourceName(dv) &&
+		dv.DeletionTimestamp == nil && dv.Status.Phase != vmpodv1.PhaseSucceeded && dv.Status.Phase != vmpodv1.PhaseFailed &&
+		controllerutil.ContainsFinalizer(dv, cloneFinalizer) && dv.Annotations[cloneNamespaceAnnotation] == p.Namespace, nil
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -22,6 +23,7 @@ import (
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/datavolume"
 	"github.com/vmpod/vmpod/controller/internal/testenv"
+	"github.com/vmpod/vmpod/controller/manager"
 )
 
 // TestCloneAcrossNamespaces: a DataVolume cloning another namespace's golden image through
@@ -53,7 +55,7 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 		Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: "controller"}}}
 	create(binding)
 	t.Cleanup(func() { env.Client.Delete(ctx, binding) })
-	env.StartManagerAs(t, env.ServiceAccountConfig(t, ns, "controller"), ns, nil)
+	env.StartManagerAs(t, env.ServiceAccountConfig(t, ns, "controller"), ns, func(o *manager.Options) { o.CloneSweepInterval = time.Second })
 	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: ctx}
 
 	size := corev1.ResourceList{"storage": resource.MustParse("64Mi")}
@@ -77,15 +79,46 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 			return c != nil && c.Reason == reason && strings.Contains(c.Message, msg), describe(d)
 		})
 	}
-	sourceSide := func(dv *vmpodv1.DataVolume) (svc *corev1.Service, secret *corev1.Secret, pod *corev1.Pod, err error) {
-		key := types.NamespacedName{Namespace: golden, Name: datavolume.CloneSourceName(f.dv(dv.Name))}
+	// sourceSide reads dv's Service, Secret and Pod in the golden namespace, and how many exist
+	sourceSide := func(dv *vmpodv1.DataVolume) (svc *corev1.Service, secret *corev1.Secret, pod *corev1.Pod, found int) {
+		key := types.NamespacedName{Namespace: golden, Name: datavolume.CloneSourceName(dv)}
 		svc, secret, pod = &corev1.Service{}, &corev1.Secret{}, &corev1.Pod{}
 		for _, o := range []client.Object{svc, secret, pod} {
-			if err = env.Client.Get(ctx, key, o); err != nil {
-				return
+			err := env.Client.Get(ctx, key, o)
+			switch {
+			case err == nil:
+				found++
+			case !apierrors.IsNotFound(err):
+				t.Fatalf("get %T %s: %v", o, key, err)
 			}
 		}
 		return
+	}
+	waitSourceSide := func(dv *vmpodv1.DataVolume, want int, what string) {
+		t.Helper()
+		testenv.Eventually(t, timeout, what, func() (bool, string) {
+			_, _, _, found := sourceSide(dv)
+			return found == want, fmt.Sprintf("%d of 3 source objects", found)
+		})
+	}
+	markReady := func(pod *corev1.Pod) {
+		t.Helper()
+		pod.Status.Phase = corev1.PodRunning
+		pod.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
+		if err := env.Client.Status().Update(ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+	}
+	annotatePVC := func(name, phase string) {
+		t.Helper()
+		pvc := &corev1.PersistentVolumeClaim{}
+		if err := f.get(name, pvc); err != nil {
+			t.Fatal(err)
+		}
+		metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, vmpodv1.ImportPhaseAnnotation, phase)
+		if err := env.Client.Update(ctx, pvc); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	// not granted: waits, says how to grant it, makes nothing
@@ -94,8 +127,23 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 	if err := f.get(dv.Name, &corev1.PersistentVolumeClaim{}); !apierrors.IsNotFound(err) {
 		t.Errorf("an unauthorized clone made its PVC (%v)", err)
 	}
-	if _, _, _, err := sourceSide(dv); !apierrors.IsNotFound(err) {
-		t.Errorf("an unauthorized clone made its source side (%v)", err)
+	if _, _, _, found := sourceSide(dv); found != 0 {
+		t.Errorf("an unauthorized clone made %d source objects", found)
+	}
+	// the same through a DataSource of the DataVolume's own namespace that names the golden
+	// PVC: it is the PVC's namespace that must grant it
+	create(&vmpodv1.DataSource{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "mine"},
+		Spec: vmpodv1.DataSourceSpec{Source: vmpodv1.DataSourceSource{PVC: vmpodv1.DataSourcePVC{Name: "fedora-golden", Namespace: golden}}}})
+	sneaky := &vmpodv1.DataVolume{ObjectMeta: metav1.ObjectMeta{Name: "sneaky", Namespace: ns},
+		Spec: vmpodv1.DataVolumeSpec{SourceRef: &vmpodv1.DataVolumeSourceRef{Kind: vmpodv1.DataSourceKind, Name: "mine"},
+			Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: size}}}}
+	create(sneaky)
+	waitReason("sneaky", "CloneNotAuthorized", "may not clone from namespace "+golden)
+	if _, _, _, found := sourceSide(sneaky); found != 0 {
+		t.Errorf("a clone through the DataVolume's own DataSource made %d source objects", found)
+	}
+	if err := env.Client.Delete(ctx, sneaky); err != nil {
+		t.Fatal(err)
 	}
 
 	// granted the way the message says: the source side appears, held by the finalizer
@@ -103,9 +151,10 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: datavolume.ClonerClusterRole},
 		Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: "default"}}})
 	waitReason("rootdisk", "CloneSourceStarting", "to serve PVC fedora-golden")
-	svc, secret, pod, err := sourceSide(dv)
-	if err != nil {
-		t.Fatalf("the source side: %v", err)
+	dv = f.dv(dv.Name)
+	svc, secret, pod, found := sourceSide(dv)
+	if found != 3 {
+		t.Fatalf("the source side: %d of 3 objects", found)
 	}
 	if !slices.Contains(f.dv(dv.Name).Finalizers, "vmpod.dev/clone-source") {
 		t.Errorf("finalizers %v lack vmpod.dev/clone-source", f.dv(dv.Name).Finalizers)
@@ -125,11 +174,7 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 	}
 
 	// the kubelet's part: the pod is ready
-	pod.Status.Phase = corev1.PodRunning
-	pod.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}
-	if err := env.Client.Status().Update(ctx, pod); err != nil {
-		t.Fatal(err)
-	}
+	markReady(pod)
 	job := f.job(dv)
 	c := job.Spec.Template.Spec.Containers[0]
 	wantURL := fmt.Sprintf("--url=https://%s:%d%s", svc.Spec.ClusterIP, vmpodv1.ClonePort, vmpodv1.ClonePath)
@@ -138,8 +183,10 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 			t.Errorf("clone Job args %v lack %s", c.Args, want)
 		}
 	}
-	if hasReadOnlyClaim(job.Spec.Template.Spec.Volumes, "fedora-golden") {
-		t.Errorf("the clone Job mounts the other namespace's PVC")
+	for _, v := range job.Spec.Template.Spec.Volumes {
+		if v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.ClaimName == "fedora-golden" {
+			t.Errorf("the clone Job mounts the other namespace's PVC: %+v", v)
+		}
 	}
 	target := &corev1.Secret{}
 	if err := f.get(datavolume.WorkerName(dv), target); err != nil {
@@ -151,38 +198,62 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 	}
 
 	// the importer's report completes it; the source side goes, and the finalizer
-	pvc := &corev1.PersistentVolumeClaim{}
-	if err := f.get(dv.Name, pvc); err != nil {
-		t.Fatal(err)
-	}
-	metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, vmpodv1.ImportPhaseAnnotation, string(vmpodv1.PhaseSucceeded))
-	if err := env.Client.Update(ctx, pvc); err != nil {
-		t.Fatal(err)
-	}
+	annotatePVC(dv.Name, string(vmpodv1.PhaseSucceeded))
 	f.waitPhase(dv.Name, vmpodv1.PhaseSucceeded)
-	testenv.Eventually(t, timeout, "the source side deleted and the finalizer removed", func() (bool, string) {
-		_, _, _, err := sourceSide(dv)
-		fin := f.dv(dv.Name).Finalizers
-		return apierrors.IsNotFound(err) && len(fin) == 0, fmt.Sprintf("source side: %v, finalizers %v", err, fin)
+	waitSourceSide(dv, 0, "the completed clone's source side deleted")
+	if fin := f.dv(dv.Name).Finalizers; len(fin) != 0 {
+		t.Errorf("the completed clone keeps finalizers %v", fin)
+	}
+
+	// a clone by a direct pvc source whose import fails: the source side goes too
+	direct := func(name string) *vmpodv1.DataVolume {
+		d := &vmpodv1.DataVolume{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+			Spec: vmpodv1.DataVolumeSpec{Source: vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Namespace: golden, Name: "fedora-golden"}},
+				Storage: vmpodv1.StorageSpec{Resources: corev1.VolumeResourceRequirements{Requests: size}}}}
+		create(d)
+		waitSourceSide(d, 3, "the source side of "+name)
+		return d
+	}
+	broken := direct("broken")
+	_, _, pod, _ = sourceSide(broken)
+	markReady(pod)
+	f.job(broken)
+	annotatePVC(broken.Name, string(vmpodv1.PhaseFailed))
+	f.waitPhase(broken.Name, vmpodv1.PhaseFailed)
+	waitSourceSide(broken, 0, "the failed clone's source side deleted")
+
+	// its author strips the finalizer and deletes it: the sweep takes the source side down
+	stripped := direct("stripped")
+	testenv.Eventually(t, timeout, "the finalizer on "+stripped.Name, func() (bool, string) {
+		d := f.dv(stripped.Name)
+		return len(d.Finalizers) == 1, fmt.Sprint(d.Finalizers)
 	})
+	d := f.dv(stripped.Name)
+	d.Finalizers = nil
+	if err := env.Client.Update(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Delete(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	waitSourceSide(stripped, 0, "the stripped clone's source side swept")
 
 	// deleted mid-clone: the source side goes with it
-	gone := clone("abandoned")
-	testenv.Eventually(t, timeout, "the second clone's source side", func() (bool, string) {
-		_, _, _, err := sourceSide(gone)
-		return err == nil, fmt.Sprint(err)
-	})
+	gone := direct("abandoned")
 	if err := env.Client.Delete(ctx, f.dv(gone.Name)); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, timeout, "the deleted clone and its source side gone", func() (bool, string) {
-		dvErr := f.get(gone.Name, &vmpodv1.DataVolume{})
-		left := 0
-		for _, o := range []client.Object{&corev1.Service{}, &corev1.Secret{}, &corev1.Pod{}} {
-			if err := env.Client.Get(ctx, types.NamespacedName{Namespace: golden, Name: datavolume.CloneSourceName(gone)}, o); err == nil {
-				left++
-			}
-		}
-		return apierrors.IsNotFound(dvErr) && left == 0, fmt.Sprintf("DataVolume: %v, %d source objects left", dvErr, left)
+	testenv.Eventually(t, timeout, "the deleted clone gone", func() (bool, string) {
+		err := f.get(gone.Name, &vmpodv1.DataVolume{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
 	})
+	waitSourceSide(gone, 0, "the deleted clone's source side deleted")
+
+	// the grant withdrawn before the Job is made: the clone waits again, its source side gone
+	revoked := direct("revoked")
+	if err := env.Client.Delete(ctx, &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: golden, Name: "clone-to-" + ns}}); err != nil {
+		t.Fatal(err)
+	}
+	waitReason(revoked.Name, "CloneNotAuthorized", "may not clone from namespace "+golden)
+	waitSourceSide(revoked, 0, "the revoked clone's source side deleted")
 }

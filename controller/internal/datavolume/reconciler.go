@@ -42,6 +42,8 @@ type Reconciler struct {
 	// scheduling (node selector, tolerations): a WaitForFirstConsumer volume binds on the
 	// importer's node, and only a node the RuntimeClass selects can then run the VM.
 	RuntimeClassName string
+	// CloneSweepInterval is how often SweepCloneSources runs (DefaultCloneSweepInterval if 0).
+	CloneSweepInterval time.Duration
 }
 
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;patch
@@ -55,7 +57,8 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups=rbac.authorization.k8s.io,resources=roles;rolebindings,verbs=create
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
-// +kubebuilder:rbac:groups="",resources=services;secrets,verbs=get;create;delete
+// +kubebuilder:rbac:groups="",resources=services,verbs=get;create;delete
+// +kubebuilder:rbac:groups="",resources=secrets,verbs=get;create;update;delete
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;create;delete
 
 // Reconcile moves one DataVolume along: PVC, worker Job, status.
@@ -96,27 +99,47 @@ func (r *Reconciler) reconcile(ctx context.Context, orig *vmpodv1.DataVolume, s 
 	if s.Phase == vmpodv1.PhaseSucceeded || s.Phase == vmpodv1.PhaseFailed {
 		return 0, r.cleanup(ctx, orig, s) // terminal: the spec is immutable
 	}
+	// One read of the worker Job decides both whether a clone is still to be authorized and
+	// whether to make it.
+	job, err := r.getWorker(ctx, orig)
+	if err != nil {
+		return 0, err
+	}
+	if job != nil && !metav1.IsControlledBy(job, orig) {
+		// an earlier DataVolume's, not collected yet, or someone else's: never adopted
+		msg := fmt.Sprintf("waiting for Job %s, which does not belong to this DataVolume, to go", job.Name)
+		setCondition(s, orig, vmpodv1.DVRunning, false, "WorkerExists", msg)
+		setCondition(s, orig, vmpodv1.DVReady, false, "WorkerExists", msg)
+		return pollCrossNamespace, nil
+	}
 	// dv is what the DataVolume asks for, with a sourceRef resolved to its PVC; orig is the
 	// object itself, which takes the finalizer
 	dv := orig
-	if dv.Spec.SourceRef != nil {
+	switch ref := dv.Spec.SourceRef; {
+	case ref != nil && job != nil:
+		// the clone runs with the source resolved when its Job was made: a DataSource
+		// changed or deleted since must not stop it (and is not read again)
+		dv = dv.DeepCopy()
+		dv.Spec.SourceRef, dv.Spec.Source = nil, vmpodv1.DataVolumeSource{PVC: &vmpodv1.PVCSource{Name: ref.Name}}
+	case ref != nil:
+		if ns := ref.Namespace; ns != "" && ns != dv.Namespace {
+			// only who may clone from a namespace reads its DataSources: whether one exists,
+			// and where its PVC is, is not told to others
+			if ok, err := r.authorizeClone(ctx, orig, s, ns); err != nil || !ok {
+				return r.denied(ctx, orig, err)
+			}
+		}
 		resolved, err := r.resolveSourceRef(ctx, dv, s)
 		if err != nil || resolved == nil {
-			return pollElsewhere(err, dv.Spec.SourceRef.Namespace, dv), err
+			return pollElsewhere(err, ref.Namespace, dv), err
 		}
 		dv = resolved
 	}
 	remote := dv.Spec.Source.PVC != nil && cmp.Or(dv.Spec.Source.PVC.Namespace, dv.Namespace) != dv.Namespace
-	if remote {
+	if remote && job == nil {
 		// before anything is made for it; once its Job runs, the clone goes on
-		job, err := r.getWorker(ctx, dv)
-		if err != nil {
-			return 0, err
-		}
-		if job == nil {
-			if ok, err := r.authorizeClone(ctx, dv, s); err != nil || !ok {
-				return pollAuthorization, err
-			}
+		if ok, err := r.authorizeClone(ctx, orig, s, dv.Spec.Source.PVC.Namespace); err != nil || !ok {
+			return r.denied(ctx, orig, err)
 		}
 	}
 	pvc, err := r.ensurePVC(ctx, dv, s)
@@ -138,10 +161,6 @@ func (r *Reconciler) reconcile(ctx context.Context, orig *vmpodv1.DataVolume, s 
 		return 0, r.cleanup(ctx, orig, s)
 	}
 
-	job, err := r.getWorker(ctx, dv)
-	if err != nil {
-		return 0, err
-	}
 	if job == nil {
 		var source *corev1.PersistentVolumeClaim
 		var served *RemoteClone
@@ -315,7 +334,9 @@ func (r *Reconciler) phaseEvent(dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeSta
 	case vmpodv1.PhaseUploadReady:
 		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, "UploadReady", "Import", "the importer waits for an upload: kubectl vmpod image-upload dv %s --image-path=FILE", dv.Name)
 	case vmpodv1.PhaseImportScheduled, vmpodv1.PhaseCloneScheduled, vmpodv1.PhaseUploadScheduled:
-		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, string(s.Phase), "Import", "worker Job %s created", WorkerName(dv))
+		// what it waits for, or the Job it made
+		c := meta.FindStatusCondition(s.Conditions, vmpodv1.DVRunning)
+		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, string(s.Phase), "Import", "%s", c.Message)
 	}
 }
 
@@ -394,7 +415,12 @@ func (r *Reconciler) createWorker(ctx context.Context, dv *vmpodv1.DataVolume, p
 	if err := r.scheduleWithVMs(ctx, &job.Spec.Template.Spec); err != nil {
 		return nil, err
 	}
-	if err := r.Client.Create(ctx, job); err != nil {
+	err := r.Client.Create(ctx, job)
+	if apierrors.IsAlreadyExists(err) {
+		// made by the pass before this one, which the cache has not seen yet
+		err = r.APIReader.Get(ctx, client.ObjectKeyFromObject(job), job)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("create Job %s: %w", name, err)
 	}
 	log.FromContext(ctx).Info("created importer Job", "job", name, "image", r.ImporterImage)

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"time"
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -11,6 +12,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -76,6 +78,24 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 		}
 		return reqs
 	})
+	// the sweep runs on the leader only, like the reconcilers (RunnableFunc's default)
+	err = mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
+		every := cmp.Or(r.CloneSweepInterval, DefaultCloneSweepInterval)
+		logger := ctrl.LoggerFrom(ctx).WithName("clone-sweep")
+		for {
+			if err := r.SweepCloneSources(ctrl.LoggerInto(ctx, logger)); err != nil {
+				logger.Error(err, "sweep clone sources")
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(every):
+			}
+		}
+	}))
+	if err != nil {
+		return fmt.Errorf("add the clone source sweep: %w", err)
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("datavolume").
 		For(&vmpodv1.DataVolume{}).
