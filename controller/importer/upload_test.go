@@ -44,24 +44,39 @@ func upload(t *testing.T, addr, method string, body io.Reader) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// startUpload runs an upload import into a 64 MiB filesystem volume until it is ready for an
+// upload; finished waits for it to succeed.
+func startUpload(t *testing.T) (o Options, rep *recorder, finished func()) {
+	t.Helper()
+	o = Options{Source: "upload", Listen: freeAddr(t), ContentType: "kubevirt", Dest: t.TempDir(), DestMode: "filesystem",
+		Size: 64 * mib, FilesystemOverhead: 0.055, Scratch: t.TempDir(), ProgressInterval: 1}
+	rep = &recorder{}
+	done := make(chan error, 1)
+	go func() { done <- Run(context.Background(), o, rep) }()
+	for deadline := time.Now().Add(30 * time.Second); len(rep.readies()) == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the importer never said it was ready")
+		}
+	}
+	return o, rep, func() {
+		t.Helper()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("the importer did not finish after a good upload")
+		}
+	}
+}
+
 // An upload that is not a usable image is refused with its reason, and the importer waits
 // for the next; a good one completes the import, and then the importer stops listening.
 func TestUpload(t *testing.T) {
 	raw, qcow2 := testImage(t, 4*mib)
-	addr := freeAddr(t)
-	o := Options{Source: "upload", Listen: addr, ContentType: "kubevirt", Dest: t.TempDir(), DestMode: "filesystem",
-		Size: 64 * mib, FilesystemOverhead: 0.055, Scratch: t.TempDir(), ProgressInterval: 1}
-	rep := &recorder{}
-	done := make(chan error, 1)
-	go func() { done <- Run(context.Background(), o, rep) }()
-
-	deadline := time.Now().Add(30 * time.Second)
-	for len(rep.readies()) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the importer never said it was ready")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	o, rep, finished := startUpload(t)
+	addr := o.Listen
 	if code, _ := upload(t, addr, http.MethodGet, nil); code != http.StatusMethodNotAllowed {
 		t.Errorf("GET: %d, want 405", code)
 	}
@@ -92,14 +107,7 @@ func TestUpload(t *testing.T) {
 	if code != http.StatusOK {
 		t.Fatalf("gzip'd qcow2: %d %q", code, answer)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Run: %v", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the importer did not finish after a good upload")
-	}
+	finished()
 	checkDisk(t, o.Dest, raw, 60*mib)
 	if !rep.succeeded {
 		t.Error("not reported as succeeded")
@@ -173,17 +181,8 @@ func TestUploadArchive(t *testing.T) {
 // before it; a form without it, or a GET, is refused and the importer waits on.
 func TestUploadForm(t *testing.T) {
 	raw, qcow2 := testImage(t, 4*mib)
-	addr := freeAddr(t)
-	o := Options{Source: "upload", Listen: addr, ContentType: "kubevirt", Dest: t.TempDir(), DestMode: "filesystem",
-		Size: 64 * mib, FilesystemOverhead: 0.055, Scratch: t.TempDir(), ProgressInterval: 1}
-	rep := &recorder{}
-	done := make(chan error, 1)
-	go func() { done <- Run(context.Background(), o, rep) }()
-	for deadline := time.Now().Add(30 * time.Second); len(rep.readies()) == 0; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the importer never said it was ready")
-		}
-	}
+	o, _, finished := startUpload(t)
+	addr := o.Listen
 	post := func(fields map[string][]byte, order ...string) (int, string) {
 		t.Helper()
 		pr, pw := io.Pipe()
@@ -220,13 +219,6 @@ func TestUploadForm(t *testing.T) {
 	if code, answer := post(map[string][]byte{"notes": []byte("a field before the file"), "file": qcow2}, "notes", "file"); code != http.StatusOK {
 		t.Fatalf("the form with the qcow2: %d %q", code, answer)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Run: %v", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("the importer did not finish after a good upload")
-	}
+	finished()
 	checkDisk(t, o.Dest, raw, 60*mib)
 }
