@@ -78,6 +78,11 @@ type Sizing struct {
 	// offline: docs/design/013); false boots them at their size, and an update that
 	// outgrows it is refused.
 	MicrovmGrowth bool `toml:"microvm_growth"`
+	// FreePageReporting has guests report the memory they free, which the host then
+	// takes back (a virtio-balloon that never inflates; KubeVirt's default too).
+	// Memory a guest frees stays resident on the host without it; with it, a guest that
+	// reuses freed memory faults it in again (measured in docs/benchmarks.md).
+	FreePageReporting bool `toml:"free_page_reporting"`
 }
 
 // Timeouts are durations in Go syntax ("30s").
@@ -131,6 +136,8 @@ func Default() Config {
 			MaxMemoryMiB:     8192,
 			GuestOverheadMiB: 64,
 			MicrovmGrowth:    true,
+
+			FreePageReporting: true,
 		},
 		Timeouts: Timeouts{
 			Boot: Duration{vmpodagent.DefaultBootTimeout},

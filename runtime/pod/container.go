@@ -84,6 +84,8 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			MemoryMiB:     size.MemoryMiB,
 			StopTimeout:   cfg.Timeouts.Stop.Duration,
 			Cgroup:        cgroupsPath(spec),
+
+			FreePageReporting: cfg.Sizing.FreePageReporting,
 		},
 		BootTimeout: cfg.Timeouts.Boot.Duration,
 		CallTimeout: cfg.Timeouts.Call.Duration,

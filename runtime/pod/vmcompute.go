@@ -151,10 +151,12 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		Reboot:      true,
 		Paused:      true,
 		ExitOnPanic: true,
-		VNC:         true,
-		UUID:        p.vm.UUID,
-		UpTimeout:   p.cfg.Timeouts.Boot.Duration,
-		Cgroup:      cgroupsPath(spec), // QEMU is the compute container
+
+		FreePageReporting: p.cfg.Sizing.FreePageReporting,
+		VNC:               true,
+		UUID:              p.vm.UUID,
+		UpTimeout:         p.cfg.Timeouts.Boot.Duration,
+		Cgroup:            cgroupsPath(spec), // QEMU is the compute container
 	}
 	if p.network != nil {
 		plan := p.network.Plan()

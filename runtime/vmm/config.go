@@ -94,6 +94,9 @@ type Config struct {
 	// ExitOnPanic ends QEMU with status 1 when the guest reports a kernel panic
 	// (pvpanic) instead of leaving it paused.
 	ExitOnPanic bool
+	// FreePageReporting gives the VM a virtio-balloon whose guest reports the memory it
+	// frees, which QEMU returns to the host (nodeconfig sizing.free_page_reporting).
+	FreePageReporting bool
 	// VNC gives the guest a VGA display served over VNC on a unix socket (VNCSocket).
 	VNC bool
 	// UUID is the machine's SMBIOS UUID (and serial number): stable per VM, it is how a
