@@ -3,6 +3,9 @@ package qmp
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"os"
+	"strconv"
 )
 
 // BlockdevOptions describe a disk image for blockdev-add: a format node over a
@@ -91,4 +94,46 @@ func (m *Monitor) QueryBlock(ctx context.Context) ([]BlockInfo, error) {
 	var bs []BlockInfo
 	err := m.run(ctx, "query-block", "", nil, &bs)
 	return bs, err
+}
+
+// AddedFD is where add-fd put a descriptor: a device opens the set as /dev/fdset/<FDSetID>.
+type AddedFD struct {
+	FDSetID int `json:"fdset-id"`
+	FD      int `json:"fd"`
+}
+
+func (a *AddedFD) validate() *ReplyError {
+	if a.FDSetID < 0 || a.FD < 0 {
+		return &ReplyError{Problem: fmt.Sprintf("fdset-id %d, fd %d: negative", a.FDSetID, a.FD)}
+	}
+	return nil
+}
+
+// AddFD passes file to QEMU (SCM_RIGHTS) into a new fd set (add-fd), which a block node
+// then opens as /dev/fdset/<id>: QEMU gets the image the caller opened, never a path.
+// opaque is a note QEMU keeps with the descriptor (query-fdsets). The caller may close
+// file once AddFD returns; QEMU holds its copy until RemoveFDSet.
+func (m *Monitor) AddFD(ctx context.Context, file *os.File, opaque string) (AddedFD, error) {
+	var added AddedFD
+	if file == nil {
+		return added, fmt.Errorf("qmp: add-fd %s: no file", opaque)
+	}
+	ret, err := m.call(ctx, "add-fd", struct {
+		Opaque string `json:"opaque,omitempty"`
+	}{opaque}, file)
+	if err == nil {
+		err = decodeStrict("add-fd reply", "return", ret, &added)
+	}
+	if err != nil {
+		return added, commandFailed("add-fd", opaque, err)
+	}
+	return added, nil
+}
+
+// RemoveFDSet closes every descriptor of fd set id (remove-fd); a block node still
+// using one keeps it until the node is deleted.
+func (m *Monitor) RemoveFDSet(ctx context.Context, id int) error {
+	return m.run(ctx, "remove-fd", strconv.Itoa(id), struct {
+		FDSetID int `json:"fdset-id"`
+	}{id}, nil)
 }

@@ -264,3 +264,52 @@ func TestCPUPropsCompareIsTopologyOrder(t *testing.T) {
 		t.Fatalf("sorted slots %v, want %s", got, want)
 	}
 }
+
+// add-fd passes the descriptor and names the set QEMU made; a reply without the set or
+// with a negative one is refused, and remove-fd names the set.
+func TestAddFDAndRemoveFDSet(t *testing.T) {
+	srv := qmptest.NewServer(t)
+	m := dial(t, srv)
+	f, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, tc := range []struct {
+		reply string
+		want  qmp.AddedFD
+		err   string
+	}{
+		{`{"fdset-id": 3, "fd": 25}`, qmp.AddedFD{FDSetID: 3, FD: 25}, ""},
+		{`{"fd": 25}`, qmp.AddedFD{}, `"return.fdset-id"`},
+		{`{"fdset-id": -1, "fd": 25}`, qmp.AddedFD{}, "negative"},
+	} {
+		var got qmp.AddedFD
+		errc := async(func() (err error) {
+			got, err = m.AddFD(ctxTimeout(t, 5*time.Second), f, "disk1")
+			return err
+		})
+		c := srv.Expect("add-fd")
+		if string(c.Arguments) != `{"opaque":"disk1"}` || len(c.Files) != 1 {
+			t.Fatalf("add-fd arguments %s with %d files, want opaque disk1 and 1 file", c.Arguments, len(c.Files))
+		}
+		c.Files[0].Close()
+		srv.Reply(c, json.RawMessage(tc.reply))
+		err := waitErr(t, errc)
+		switch {
+		case tc.err == "" && (err != nil || got != tc.want):
+			t.Errorf("reply %s: %+v, %v; want %+v", tc.reply, got, err, tc.want)
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("reply %s: %v, want an error with %s", tc.reply, err, tc.err)
+		}
+	}
+	errc := async(func() error { return m.RemoveFDSet(ctxTimeout(t, 5*time.Second), 3) })
+	c := srv.Expect("remove-fd")
+	if string(c.Arguments) != `{"fdset-id":3}` {
+		t.Errorf("remove-fd arguments %s", c.Arguments)
+	}
+	srv.Reply(c, struct{}{})
+	if err := waitErr(t, errc); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -573,7 +573,13 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file"}, Hostname: "vm-file", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
+	// a volume no disk uses at boot: plugged in while the VM runs, below
+	data := t.TempDir()
+	if err := os.WriteFile(filepath.Join(data, vmspec.DiskImageFile), append([]byte("vmpod hot-plugged disk"), make([]byte, 64<<20-22)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	id := compute(t, pod, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc},
+		{ContainerPath: vmspec.VolumeMountPath("data"), HostPath: data},
 		{ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
 	// QEMU is the compute container: it runs in the container's cgroup
 	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", status(t, id).Pid)); !strings.Contains(string(cg), id) {
@@ -590,6 +596,34 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	waitExec(t, id, time.Minute, "virtio-scratch", "ls", "/dev/disk/by-id")
 	if size := strings.TrimSpace(waitExec(t, id, time.Minute, "", "cat", "/sys/block/vda/size")); size != fmt.Sprint(3<<30/512) {
 		t.Errorf("empty disk: %s sectors, want 3 GiB", size)
+	}
+	// the data volume, attached while the VM runs: the guest sees the disk and its bytes;
+	// refusals name the field; detached, it is gone from the guest
+	attach := `{"name": "data", "volume": "data", "source": "file"}`
+	if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, attach); err != nil || !strings.Contains(out, "disk data attached") {
+		t.Fatalf("%s: %q, %v", vmspec.AttachDiskCommand, out, err)
+	}
+	waitExec(t, id, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
+	for arg, want := range map[string]string{
+		attach: "plugged already",
+		`{"name": "root", "volume": "data", "source": "file"}`:     "is the name of disks[0]",
+		`{"name": "other", "volume": "nothere", "source": "file"}`: "no volume mounted at /vmpod/volumes/nothere",
+	} {
+		if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, arg); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s %s: %q, %v; want a failure saying %q", vmspec.AttachDiskCommand, arg, out, err, want)
+		}
+	}
+	if out, err := execIn(id, 3*time.Minute, vmspec.DetachDiskCommand, "data"); err != nil || !strings.Contains(out, "disk data detached") {
+		t.Fatalf("%s: %q, %v", vmspec.DetachDiskCommand, out, err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(2 * time.Second) {
+		out := waitExec(t, id, time.Minute, "virtio-scratch", "ls", "/dev/disk/by-id")
+		if !strings.Contains(out, "virtio-data") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the detached disk is still in the guest: %q", out)
+		}
 	}
 	// CRI stats of the compute container are QEMU's cgroup's
 	var stats struct {

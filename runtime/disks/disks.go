@@ -116,6 +116,27 @@ func open(ctx context.Context, d vmspec.Disk, spec *specs.Spec, opts Options) (*
 	return disk, nil
 }
 
+// OpenHotplug opens d, a disk to plug into the running VM (vmspec.ParseHotplugDisk's: a
+// file or block volume of the compute container), as a boot disk's is opened: inside its
+// volume, probed, raw.
+func OpenHotplug(ctx context.Context, d vmspec.Disk, spec *specs.Spec, opts Options) (*Disk, error) {
+	if d.Source != vmspec.SourceFile && d.Source != vmspec.SourceBlock {
+		return nil, fmt.Errorf("disk %s: source %q: only a file or block volume is hot-plugged", d.Name, d.Source)
+	}
+	disk, err := open(ctx, d, spec, opts)
+	if err != nil {
+		return nil, fmt.Errorf("disk %s (volume %s): %w", d.Name, d.Volume, err)
+	}
+	return disk, nil
+}
+
+// VirtioBlk is the device that plugs d into a running VM as id: a virtio disk named by its
+// serial, as the boot disks are.
+func (d *Disk) VirtioBlk(id string) devices.VirtioBlk {
+	return devices.VirtioBlk{DeviceID: id, Format: d.Format, BlockDevice: d.Spec.Source == vmspec.SourceBlock,
+		ReadOnly: d.Spec.ReadOnly, Serial: serial(d.Spec.Name)}
+}
+
 // mountOf is the host source of the compute container's bind mount at dest.
 func mountOf(spec *specs.Spec, dest string) (string, error) {
 	for _, m := range spec.Mounts {

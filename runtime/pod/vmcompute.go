@@ -58,7 +58,8 @@ type computeVM struct {
 	dhcp    []*network.DHCPServer
 	events  *qmp.Subscription
 	console net.Conn
-	termLog string // host path of the compute container's termination log, if mounted
+	termLog string      // host path of the compute container's termination log, if mounted
+	spec    *specs.Spec // the compute container's, whose volumes disks are opened in
 	// agentKeys reads the access credentials the guest agent keeps in the guest while the
 	// VM runs; nil without any
 	agentKeys func() ([]userKeys, error)
@@ -86,7 +87,7 @@ type computeVM struct {
 func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (_ *computeVM, retErr error) {
 	lg := log.G(ctx).WithField("pod", p.id)
 	started := time.Now()
-	c := &computeVM{pod: p, id: id, exited: make(chan struct{}), stdinStop: make(chan struct{}), consoleDone: make(chan struct{})}
+	c := &computeVM{pod: p, id: id, spec: spec, exited: make(chan struct{}), stdinStop: make(chan struct{}), consoleDone: make(chan struct{})}
 	var undo cleanup.Stack
 	defer func() {
 		if retErr != nil {
@@ -543,12 +544,13 @@ func (c *computeVM) exec(ctx context.Context, execID string, proc *specs.Process
 	args := proc.Args
 	control := len(args) == 1 && (args[0] == vmspec.PauseCommand || args[0] == vmspec.UnpauseCommand)
 	ping := len(args) == 1 && args[0] == vmspec.GuestAgentPingCommand
+	hotplug := len(args) == 2 && (args[0] == vmspec.AttachDiskCommand || args[0] == vmspec.DetachDiskCommand)
 	// a paused VM's probe fails (exit 1, below): an exec that cannot start is "unknown" to
 	// the kubelet's prober, which would keep the pod Ready
 	if c.isPaused() && !control && !ping {
 		return nil, fmt.Errorf("exec %s: %w: %w", execID, errPaused, errdefs.ErrFailedPrecondition)
 	}
-	if !ping && !control {
+	if !ping && !control && !hotplug {
 		// the agent must be there for anything else, or the exec fails now, saying so
 		checkCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
 		err := c.agent.Ping(checkCtx)
@@ -618,6 +620,25 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 		finish(0)
 		return
 	}
+	if len(args) == 2 && (args[0] == vmspec.AttachDiskCommand || args[0] == vmspec.DetachDiskCommand) {
+		hpCtx, cancel := context.WithTimeout(ctx, hotplugWait)
+		defer cancel()
+		op := e.vm.attachDisk
+		if args[0] == vmspec.DetachDiskCommand {
+			op = e.vm.detachDisk
+		}
+		msg, err := op(hpCtx, args[1])
+		if err != nil {
+			stderr(err.Error())
+			finish(1)
+			return
+		}
+		if stdio.Stdout != nil {
+			_, _ = io.WriteString(stdio.Stdout, msg+"\n")
+		}
+		finish(0)
+		return
+	}
 	if len(args) == 1 && args[0] == vmspec.GuestInfoCommand {
 		info, err := guestInfo(ctx, e.vm.agent)
 		if err != nil {
@@ -662,6 +683,40 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 		_, _ = stdio.Stderr.Write(st.Stderr)
 	}
 	finish(st.Status)
+}
+
+// hotplugWait bounds an attach or detach: a detach waits for the guest to let the disk go
+// (Linux takes ~5 s, pciehp's grace period; more under TCG).
+const hotplugWait = 2 * time.Minute
+
+// hotDiskID is a hot-plugged disk's device id, apart from the boot disks' (disk<i>).
+func hotDiskID(name string) string { return "hot-" + name }
+
+// attachDisk plugs in the disk an AttachDiskCommand describes (JSON).
+func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) {
+	d, err := vmspec.ParseHotplugDisk([]byte(arg), c.pod.vm)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
+	}
+	disk, err := disks.OpenHotplug(ctx, d, c.spec, disks.Options{QEMUImg: c.pod.cfg.Hypervisor.QEMUImg})
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
+	}
+	defer disk.File.Close() // QEMU holds its own copy once plugged
+	if err := c.machine.PlugDisk(ctx, disk.VirtioBlk(hotDiskID(d.Name)), disk.File); err != nil {
+		return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+	}
+	log.G(ctx).WithField("pod", c.pod.id).Infof("attached disk %s (volume %s, %d bytes)", d.Name, d.Volume, disk.Size)
+	return fmt.Sprintf("disk %s attached (virtio, serial %s, %d bytes)", d.Name, disk.VirtioBlk("").Serial, disk.Size), nil
+}
+
+// detachDisk takes out a disk attachDisk plugged in, by name.
+func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error) {
+	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil {
+		return "", fmt.Errorf("%s: disk %s: %w", vmspec.DetachDiskCommand, name, err)
+	}
+	log.G(ctx).WithField("pod", c.pod.id).Infof("detached disk %s", name)
+	return "disk " + name + " detached", nil
 }
 
 // Pid is QEMU's: the guest process has no host pid.

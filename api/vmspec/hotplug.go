@@ -1,0 +1,87 @@
+package vmspec
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+)
+
+// The execs that plug a disk into a running VM pod and take it out again, answered by the
+// shim in the compute container as PauseCommand is (authorized as any exec: pods/exec).
+//
+//	vmpod.dev/attach-disk '{"name": "data", "volume": "data", "source": "file"}'
+//	vmpod.dev/detach-disk data
+//
+// The disk is a volume the compute container already mounts (at VolumeMountPath or
+// BlockDevicePath) that no boot disk uses; it goes on a free PCIe root port as a virtio
+// disk whose serial is its name, and it lasts as long as the VM runs: a disk that must
+// come back after a restart belongs in the VM's spec.
+const (
+	AttachDiskCommand = "vmpod.dev/attach-disk"
+	DetachDiskCommand = "vmpod.dev/detach-disk"
+)
+
+// ParseHotplugDisk decodes and checks the disk of an AttachDiskCommand for vm: strict as
+// Parse, a file or block volume, a virtio disk (the bus that hot-plugs on q35), no boot
+// order, and a name and volume no disk of vm has. Errors name the field (disk.<field>).
+func ParseHotplugDisk(data []byte, vm *VM) (Disk, error) {
+	var d Disk
+	var raw any
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	if err := dec.Decode(&raw); err != nil {
+		return d, fmt.Errorf("disk: not JSON: %w", err)
+	}
+	if dec.More() {
+		return d, errors.New("disk: trailing data after the JSON object")
+	}
+	if err := checkShape(raw, reflect.TypeFor[Disk](), "disk"); err != nil {
+		return d, err
+	}
+	if err := json.Unmarshal(data, &d); err != nil {
+		return d, fmt.Errorf("disk: %w", err)
+	}
+	if d.Device == "" {
+		d.Device = DeviceDisk
+	}
+	if d.Bus == "" {
+		d.Bus = BusVirtio
+	}
+	v := &validator{}
+	names := map[string]int{}
+	for i, b := range vm.Disks {
+		names[b.Name] = i
+	}
+	if v.label("disk.name", d.Name) {
+		if i, dup := names[d.Name]; dup {
+			v.add("disk.name", "%q is the name of disks[%d]", d.Name, i)
+		}
+	}
+	if v.label("disk.volume", d.Volume) {
+		for i, b := range vm.Disks {
+			if b.Volume == d.Volume {
+				v.add("disk.volume", "volume %q is disks[%d]'s", d.Volume, i)
+			}
+		}
+	}
+	switch d.Source {
+	case SourceFile, SourceBlock:
+	default:
+		v.add("disk.source", "must be file or block (a volume the compute container mounts), got %q", d.Source)
+	}
+	if d.Device != DeviceDisk {
+		v.add("disk.device", "must be disk, got %q", d.Device)
+	}
+	if d.Bus != BusVirtio {
+		v.add("disk.bus", "must be virtio (the bus q35 hot-plugs), got %q", d.Bus)
+	}
+	if d.BootOrder != 0 {
+		v.add("disk.bootOrder", "a hot-plugged disk does not boot, got %d", d.BootOrder)
+	}
+	if d.SizeMiB != 0 {
+		v.add("disk.sizeMiB", "only an empty disk has a size, got %d", d.SizeMiB)
+	}
+	return d, errors.Join(v.errs...)
+}

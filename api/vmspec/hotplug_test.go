@@ -1,0 +1,33 @@
+package vmspec
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseHotplugDisk(t *testing.T) {
+	vm := &VM{Disks: []Disk{{Name: "root", Volume: "root", Source: SourceFile}}}
+	d, err := ParseHotplugDisk([]byte(`{"name": "data", "volume": "data", "source": "block", "readOnly": true}`), vm)
+	if err != nil || d != (Disk{Name: "data", Volume: "data", Source: SourceBlock, Device: DeviceDisk, Bus: BusVirtio, ReadOnly: true}) {
+		t.Fatalf("ParseHotplugDisk = %+v, %v", d, err)
+	}
+	for disk, want := range map[string]string{
+		`{"name": "root", "volume": "data", "source": "file"}`:                     `disk.name: "root" is the name of disks[0]`,
+		`{"name": "data", "volume": "root", "source": "file"}`:                     `disk.volume: volume "root" is disks[0]'s`,
+		`{"name": "data", "volume": "data", "source": "image"}`:                    "disk.source: must be file or block",
+		`{"name": "data", "volume": "data", "source": "empty", "sizeMiB": 10}`:     "disk.sizeMiB: only an empty disk has a size",
+		`{"name": "data", "volume": "data", "source": "file", "bus": "sata"}`:      "disk.bus: must be virtio",
+		`{"name": "data", "volume": "data", "source": "file", "device": "cdrom"}`:  "disk.device: must be disk",
+		`{"name": "data", "volume": "data", "source": "file", "bootOrder": 1}`:     "disk.bootOrder: a hot-plugged disk does not boot",
+		`{"name": "Data", "volume": "data", "source": "file"}`:                     "disk.name: must be a DNS label",
+		`{"name": "data", "volume": "../etc", "source": "file"}`:                   "disk.volume: must be a DNS label",
+		`{"name": "data", "volume": "data", "source": "file", "path": "/dev/sda"}`: "disk.path: unknown field",
+		`{"name": "data", "volume": "data", "source": "file", "readOnly": "yes"}`:  "disk.readOnly",
+		`{"name": "data"} {}`: "trailing data",
+		`[1]`:                 "disk: ",
+	} {
+		if _, err := ParseHotplugDisk([]byte(disk), vm); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("ParseHotplugDisk(%s) = %v, want an error with %q", disk, err, want)
+		}
+	}
+}
