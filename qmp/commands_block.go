@@ -109,18 +109,20 @@ func (a *AddedFD) validate() *ReplyError {
 	return nil
 }
 
-// AddFD passes file to QEMU (SCM_RIGHTS) into a new fd set (add-fd), which a block node
-// then opens as /dev/fdset/<id>: QEMU gets the image the caller opened, never a path.
-// opaque is a note QEMU keeps with the descriptor (query-fdsets). The caller may close
-// file once AddFD returns; QEMU holds its copy until RemoveFDSet.
-func (m *Monitor) AddFD(ctx context.Context, file *os.File, opaque string) (AddedFD, error) {
+// AddFD passes file to QEMU (SCM_RIGHTS) into fd set fdSet (add-fd), which a block node
+// then opens as /dev/fdset/<fdSet>: QEMU gets the image the caller opened, never a path.
+// The caller names the set, so that it can remove it even when no reply came. opaque is
+// a note QEMU keeps with the descriptor (query-fdsets). The caller may close file once
+// AddFD returns; QEMU holds its copy until RemoveFDSet.
+func (m *Monitor) AddFD(ctx context.Context, file *os.File, fdSet int, opaque string) (AddedFD, error) {
 	var added AddedFD
 	if file == nil {
 		return added, fmt.Errorf("qmp: add-fd %s: no file", opaque)
 	}
 	ret, err := m.call(ctx, "add-fd", struct {
-		Opaque string `json:"opaque,omitempty"`
-	}{opaque}, file)
+		FDSetID int    `json:"fdset-id"`
+		Opaque  string `json:"opaque,omitempty"`
+	}{fdSet, opaque}, file)
 	if err == nil {
 		err = decodeStrict("add-fd reply", "return", ret, &added)
 	}

@@ -286,12 +286,12 @@ func TestAddFDAndRemoveFDSet(t *testing.T) {
 	} {
 		var got qmp.AddedFD
 		errc := async(func() (err error) {
-			got, err = m.AddFD(ctxTimeout(t, 5*time.Second), f, "disk1")
+			got, err = m.AddFD(ctxTimeout(t, 5*time.Second), f, 3, "disk1")
 			return err
 		})
 		c := srv.Expect("add-fd")
-		if string(c.Arguments) != `{"opaque":"disk1"}` || len(c.Files) != 1 {
-			t.Fatalf("add-fd arguments %s with %d files, want opaque disk1 and 1 file", c.Arguments, len(c.Files))
+		if string(c.Arguments) != `{"fdset-id":3,"opaque":"disk1"}` || len(c.Files) != 1 {
+			t.Fatalf("add-fd arguments %s with %d files, want fd set 3, opaque disk1 and 1 file", c.Arguments, len(c.Files))
 		}
 		c.Files[0].Close()
 		srv.Reply(c, json.RawMessage(tc.reply))

@@ -21,6 +21,12 @@ import (
 const (
 	AttachDiskCommand = "vmpod.dev/attach-disk"
 	DetachDiskCommand = "vmpod.dev/detach-disk"
+
+	// MaxHotplugDiskName is a virtio disk serial's size: a hot-plugged disk's name is its
+	// serial whole, so no two disks look alike in /dev/disk/by-id.
+	MaxHotplugDiskName = 20
+	// CloudInitDiskName is the cloud-init disk's name (and serial).
+	CloudInitDiskName = "cloudinit"
 )
 
 // ParseHotplugDisk decodes and checks the disk of an AttachDiskCommand for vm: strict as
@@ -55,8 +61,14 @@ func ParseHotplugDisk(data []byte, vm *VM) (Disk, error) {
 		names[b.Name] = i
 	}
 	if v.label("disk.name", d.Name) {
-		if i, dup := names[d.Name]; dup {
+		switch i, dup := names[d.Name]; {
+		case dup:
 			v.add("disk.name", "%q is the name of disks[%d]", d.Name, i)
+		case len(d.Name) > MaxHotplugDiskName:
+			// the guest finds the disk by its serial, which is its name: whole, unique
+			v.add("disk.name", "%q is %d characters: a hot-plugged disk's name is its serial, at most %d", d.Name, len(d.Name), MaxHotplugDiskName)
+		case d.Name == CloudInitDiskName:
+			v.add("disk.name", "%q is the cloud-init disk's", d.Name)
 		}
 	}
 	if v.label("disk.volume", d.Volume) {

@@ -23,8 +23,10 @@ func TestParseHotplugDisk(t *testing.T) {
 		`{"name": "data", "volume": "../etc", "source": "file"}`:                   "disk.volume: must be a DNS label",
 		`{"name": "data", "volume": "data", "source": "file", "path": "/dev/sda"}`: "disk.path: unknown field",
 		`{"name": "data", "volume": "data", "source": "file", "readOnly": "yes"}`:  "disk.readOnly",
+		`{"name": "a-name-of-21-letters1", "volume": "data", "source": "file"}`:    "at most 20",
+		`{"name": "cloudinit", "volume": "data", "source": "file"}`:                "the cloud-init disk's",
 		`{"name": "data"} {}`: "trailing data",
-		`[1]`:                 "disk: ",
+		`[1]`:                 "disk: must be an object",
 	} {
 		if _, err := ParseHotplugDisk([]byte(disk), vm); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("ParseHotplugDisk(%s) = %v, want an error with %q", disk, err, want)

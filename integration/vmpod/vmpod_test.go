@@ -604,8 +604,12 @@ func TestVMPodFromDiskImg(t *testing.T) {
 		t.Fatalf("%s: %q, %v", vmspec.AttachDiskCommand, out, err)
 	}
 	waitExec(t, id, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
+	if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, attach, "extra"); err == nil || !strings.Contains(err.Error(), "takes one argument") {
+		t.Errorf("%s with two arguments: %q, %v", vmspec.AttachDiskCommand, out, err)
+	}
 	for arg, want := range map[string]string{
-		attach: "plugged already",
+		attach: "is attached already",
+		`{"name": "alias", "volume": "data", "source": "file"}`:    "holds the image of disk data",
 		`{"name": "root", "volume": "data", "source": "file"}`:     "is the name of disks[0]",
 		`{"name": "other", "volume": "nothere", "source": "file"}`: "no volume mounted at /vmpod/volumes/nothere",
 	} {
@@ -625,6 +629,11 @@ func TestVMPodFromDiskImg(t *testing.T) {
 			t.Fatalf("the detached disk is still in the guest: %q", out)
 		}
 	}
+	// detached, the name and the volume are free again
+	if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, attach); err != nil || !strings.Contains(out, "disk data attached") {
+		t.Fatalf("%s after the detach: %q, %v", vmspec.AttachDiskCommand, out, err)
+	}
+	waitExec(t, id, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
 	// CRI stats of the compute container are QEMU's cgroup's
 	var stats struct {
 		Stats []struct {

@@ -139,12 +139,21 @@ func (d *Disk) VirtioBlk(id string) devices.VirtioBlk {
 
 // mountOf is the host source of the compute container's bind mount at dest.
 func mountOf(spec *specs.Spec, dest string) (string, error) {
+	m, err := bindMountAt(spec, dest)
+	if err != nil {
+		return "", err
+	}
+	return m.Source, nil
+}
+
+// bindMountAt is the compute container's bind mount at dest.
+func bindMountAt(spec *specs.Spec, dest string) (specs.Mount, error) {
 	for _, m := range spec.Mounts {
 		if filepath.Clean(m.Destination) == dest && (m.Type == "bind" || hasOption(m.Options, "bind") || hasOption(m.Options, "rbind")) {
-			return m.Source, nil
+			return m, nil
 		}
 	}
-	return "", fmt.Errorf("the compute container has no volume mounted at %s (is the volume in the pod?)", dest)
+	return specs.Mount{}, fmt.Errorf("the compute container has no volume mounted at %s (is the volume in the pod?)", dest)
 }
 
 func hasOption(opts []string, o string) bool {
@@ -194,11 +203,15 @@ func openImageVolume(spec *specs.Spec, volume string) (*os.File, error) {
 
 // openInVolume opens name inside the filesystem volume's mount.
 func openInVolume(spec *specs.Spec, volume, name string, writable bool) (*os.File, error) {
-	src, err := mountOf(spec, vmspec.VolumeMountPath(volume))
+	m, err := bindMountAt(spec, vmspec.VolumeMountPath(volume))
 	if err != nil {
 		return nil, err
 	}
-	root, err := os.OpenRoot(src)
+	if writable && hasOption(m.Options, "ro") {
+		// the shim opens the volume on the host, past the container's read-only mount
+		return nil, fmt.Errorf("the volume is mounted read-only in the compute container: its disk must be readOnly")
+	}
+	root, err := os.OpenRoot(m.Source)
 	if err != nil {
 		return nil, fmt.Errorf("filesystem volume: %w", err)
 	}

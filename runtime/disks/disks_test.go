@@ -31,10 +31,19 @@ func run(t *testing.T, name string, args ...string) {
 	}
 }
 
-// volume makes a directory standing for a volume's mount and a spec that mounts it.
+// volume makes a directory standing for a read-only volume's mount (an image volume's) and
+// a spec that mounts it; pvcVolume one that is mounted read-write, as a PVC's.
 func volume(t *testing.T, spec *specs.Spec, name string) string {
+	return mountVolume(t, spec, name, "ro")
+}
+
+func pvcVolume(t *testing.T, spec *specs.Spec, name string) string {
+	return mountVolume(t, spec, name, "rw")
+}
+
+func mountVolume(t *testing.T, spec *specs.Spec, name, mode string) string {
 	dir := t.TempDir()
-	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: vmspec.VolumeMountPath(name), Type: "bind", Source: dir, Options: []string{"rbind", "ro"}})
+	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: vmspec.VolumeMountPath(name), Type: "bind", Source: dir, Options: []string{"rbind", mode}})
 	return dir
 }
 
@@ -85,7 +94,7 @@ func TestImageVolume(t *testing.T) {
 func TestFileAndCdrom(t *testing.T) {
 	o := opts(t)
 	spec := &specs.Spec{}
-	pvc := volume(t, spec, "data")
+	pvc := pvcVolume(t, spec, "data")
 	run(t, "truncate", "-s", "32M", filepath.Join(pvc, "disk.img"))
 	iso := volume(t, spec, "installer")
 	os.Mkdir(filepath.Join(iso, "disk"), 0o755)
@@ -191,11 +200,15 @@ func TestBadDisks(t *testing.T) {
 			return imageDisk("cd")
 		}, "disk/"},
 		{"disk.img links out", func(t *testing.T, spec *specs.Spec) vmspec.VM {
-			os.Symlink("../../../../etc/passwd", filepath.Join(volume(t, spec, "pvc"), "disk.img"))
+			os.Symlink("../../../../etc/passwd", filepath.Join(pvcVolume(t, spec, "pvc"), "disk.img"))
 			return vmspec.VM{Disks: []vmspec.Disk{{Name: "d", Volume: "pvc", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio}}}
 		}, "not a regular file"},
+		{"writable disk on a read-only mount", func(t *testing.T, spec *specs.Spec) vmspec.VM {
+			os.WriteFile(filepath.Join(volume(t, spec, "pvc"), "disk.img"), make([]byte, 1<<20), 0o644)
+			return vmspec.VM{Disks: []vmspec.Disk{{Name: "d", Volume: "pvc", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio}}}
+		}, "mounted read-only in the compute container"},
 		{"qcow2 disk.img", func(t *testing.T, spec *specs.Spec) vmspec.VM {
-			run(t, o.QEMUImg, "create", "-q", "-f", "qcow2", filepath.Join(volume(t, spec, "pvc"), "disk.img"), "8M")
+			run(t, o.QEMUImg, "create", "-q", "-f", "qcow2", filepath.Join(pvcVolume(t, spec, "pvc"), "disk.img"), "8M")
 			return vmspec.VM{Disks: []vmspec.Disk{{Name: "d", Volume: "pvc", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio}}}
 		}, "holds a raw disk, this one is qcow2"},
 		{"backing file", func(t *testing.T, spec *specs.Spec) vmspec.VM {

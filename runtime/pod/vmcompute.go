@@ -60,6 +60,9 @@ type computeVM struct {
 	console net.Conn
 	termLog string      // host path of the compute container's termination log, if mounted
 	spec    *specs.Spec // the compute container's, whose volumes disks are opened in
+
+	hotMu sync.Mutex
+	hot   map[string]os.FileInfo // hot-plugged disks' images, by disk name
 	// agentKeys reads the access credentials the guest agent keeps in the guest while the
 	// VM runs; nil without any
 	agentKeys func() ([]userKeys, error)
@@ -249,7 +252,7 @@ func (p *vmPod) attachCloudInit(ci *vmspec.CloudInit, spec *specs.Spec, scratch 
 	if bus == "" {
 		bus = vmspec.BusVirtio
 	}
-	d := vmspec.Disk{Name: "cloudinit", Device: vmspec.DeviceCDROM, Bus: bus}
+	d := vmspec.Disk{Name: vmspec.CloudInitDiskName, Device: vmspec.DeviceCDROM, Bus: bus}
 	if bus == vmspec.BusVirtio {
 		d.Device = vmspec.DeviceDisk
 	}
@@ -544,7 +547,10 @@ func (c *computeVM) exec(ctx context.Context, execID string, proc *specs.Process
 	args := proc.Args
 	control := len(args) == 1 && (args[0] == vmspec.PauseCommand || args[0] == vmspec.UnpauseCommand)
 	ping := len(args) == 1 && args[0] == vmspec.GuestAgentPingCommand
-	hotplug := len(args) == 2 && (args[0] == vmspec.AttachDiskCommand || args[0] == vmspec.DetachDiskCommand)
+	hotplug := args[0] == vmspec.AttachDiskCommand || args[0] == vmspec.DetachDiskCommand
+	if hotplug && len(args) != 2 {
+		return nil, fmt.Errorf("exec %s: %s takes one argument (quote the disk's JSON), got %d: %w", execID, args[0], len(args)-1, errdefs.ErrInvalidArgument)
+	}
 	// a paused VM's probe fails (exit 1, below): an exec that cannot start is "unknown" to
 	// the kubelet's prober, which would keep the pod Ready
 	if c.isPaused() && !control && !ping {
@@ -607,49 +613,35 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 		finish(0)
 		return
 	}
-	if len(args) == 1 && (args[0] == vmspec.PauseCommand || args[0] == vmspec.UnpauseCommand) {
-		state, err := e.vm.setPaused(ctx, args[0] == vmspec.PauseCommand)
+	// answer ends a command the shim answers itself: its output, or its error and status 1
+	answer := func(out string, err error) {
 		if err != nil {
 			stderr(err.Error())
 			finish(1)
 			return
 		}
 		if stdio.Stdout != nil {
-			_, _ = io.WriteString(stdio.Stdout, state+"\n")
+			_, _ = io.WriteString(stdio.Stdout, out+"\n")
 		}
 		finish(0)
-		return
 	}
-	if len(args) == 2 && (args[0] == vmspec.AttachDiskCommand || args[0] == vmspec.DetachDiskCommand) {
+	switch {
+	case len(args) == 1 && (args[0] == vmspec.PauseCommand || args[0] == vmspec.UnpauseCommand):
+		answer(e.vm.setPaused(ctx, args[0] == vmspec.PauseCommand))
+		return
+	case len(args) == 2 && args[0] == vmspec.AttachDiskCommand:
 		hpCtx, cancel := context.WithTimeout(ctx, hotplugWait)
 		defer cancel()
-		op := e.vm.attachDisk
-		if args[0] == vmspec.DetachDiskCommand {
-			op = e.vm.detachDisk
-		}
-		msg, err := op(hpCtx, args[1])
-		if err != nil {
-			stderr(err.Error())
-			finish(1)
-			return
-		}
-		if stdio.Stdout != nil {
-			_, _ = io.WriteString(stdio.Stdout, msg+"\n")
-		}
-		finish(0)
+		answer(e.vm.attachDisk(hpCtx, args[1]))
 		return
-	}
-	if len(args) == 1 && args[0] == vmspec.GuestInfoCommand {
+	case len(args) == 2 && args[0] == vmspec.DetachDiskCommand:
+		hpCtx, cancel := context.WithTimeout(ctx, hotplugWait)
+		defer cancel()
+		answer(e.vm.detachDisk(hpCtx, args[1]))
+		return
+	case len(args) == 1 && args[0] == vmspec.GuestInfoCommand:
 		info, err := guestInfo(ctx, e.vm.agent)
-		if err != nil {
-			stderr(err.Error())
-			finish(1)
-			return
-		}
-		if stdio.Stdout != nil {
-			_, _ = stdio.Stdout.Write(append(info, '\n'))
-		}
-		finish(0)
+		answer(string(info), err)
 		return
 	}
 	var input []byte
@@ -698,23 +690,69 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
 	}
+	c.hotMu.Lock()
+	defer c.hotMu.Unlock()
+	if _, dup := c.hot[d.Name]; dup {
+		return "", fmt.Errorf("%s: disk %s is attached already: %w", vmspec.AttachDiskCommand, d.Name, errdefs.ErrAlreadyExists)
+	}
 	disk, err := disks.OpenHotplug(ctx, d, c.spec, disks.Options{QEMUImg: c.pod.cfg.Hypervisor.QEMUImg})
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
 	}
 	defer disk.File.Close() // QEMU holds its own copy once plugged
+	fi, err := disk.File.Stat()
+	if err != nil {
+		return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+	}
+	// the same image under another volume's name would have two writers
+	if other := c.diskOf(fi); other != "" {
+		return "", fmt.Errorf("%s: disk %s: volume %s holds the image of disk %s: %w", vmspec.AttachDiskCommand, d.Name, d.Volume, other, errdefs.ErrAlreadyExists)
+	}
 	if err := c.machine.PlugDisk(ctx, disk.VirtioBlk(hotDiskID(d.Name)), disk.File); err != nil {
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
 	}
+	if c.hot == nil {
+		c.hot = map[string]os.FileInfo{}
+	}
+	c.hot[d.Name] = fi
 	log.G(ctx).WithField("pod", c.pod.id).Infof("attached disk %s (volume %s, %d bytes)", d.Name, d.Volume, disk.Size)
 	return fmt.Sprintf("disk %s attached (virtio, serial %s, %d bytes)", d.Name, disk.VirtioBlk("").Serial, disk.Size), nil
 }
 
+// diskOf names the boot or hot-plugged disk whose image fi is, or "". Called with hotMu.
+func (c *computeVM) diskOf(fi os.FileInfo) string {
+	for _, d := range c.disks.Disks {
+		if bfi, err := d.File.Stat(); err == nil && sameImage(fi, bfi) {
+			return d.Spec.Name
+		}
+	}
+	for name, hfi := range c.hot {
+		if sameImage(fi, hfi) {
+			return name
+		}
+	}
+	return ""
+}
+
+// sameImage says whether two opened disks are one image: one file, or one block device
+// through two device nodes.
+func sameImage(a, b os.FileInfo) bool {
+	if os.SameFile(a, b) {
+		return true
+	}
+	sa, okA := a.Sys().(*syscall.Stat_t)
+	sb, okB := b.Sys().(*syscall.Stat_t)
+	return okA && okB && a.Mode()&os.ModeDevice != 0 && b.Mode()&os.ModeDevice != 0 && sa.Rdev == sb.Rdev
+}
+
 // detachDisk takes out a disk attachDisk plugged in, by name.
 func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error) {
+	c.hotMu.Lock()
+	defer c.hotMu.Unlock()
 	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil {
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.DetachDiskCommand, name, err)
 	}
+	delete(c.hot, name)
 	log.G(ctx).WithField("pod", c.pod.id).Infof("detached disk %s", name)
 	return "disk " + name + " detached", nil
 }

@@ -2,8 +2,10 @@ package vmm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -12,6 +14,14 @@ import (
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/qmp"
+)
+
+const (
+	// firstHotFDSet numbers the fd sets of hot-plugged disks, far above the boot disks'.
+	firstHotFDSet = 1000
+	// hotplugCleanupWait bounds each QMP step that undoes or finishes a hotplug. They run
+	// on their own context: a caller that gave up must not leave a half-plugged disk.
+	hotplugCleanupWait = 10 * time.Second
 )
 
 // pluggedDisk is a disk PlugDisk added: what UnplugDisk must take away again.
@@ -34,6 +44,7 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 	if _, dup := m.disks[disk.DeviceID]; dup {
 		return fmt.Errorf("vm %s: plug disk %s: plugged already: %w", m.cfg.Name, disk.DeviceID, errdefs.ErrAlreadyExists)
 	}
+	fail := func(err error) error { return fmt.Errorf("vm %s: plug disk %s: %w", m.cfg.Name, disk.DeviceID, err) }
 	var undo cleanup.Stack
 	defer func() {
 		if retErr != nil {
@@ -42,40 +53,50 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 			}
 		}
 	}()
-	added, err := m.mon.AddFD(ctx, file, disk.DeviceID)
-	if err != nil {
-		return fmt.Errorf("vm %s: plug disk %s: %w", m.cfg.Name, disk.DeviceID, err)
+	m.nextFDSet++
+	fdSet := firstHotFDSet + m.nextFDSet
+	// every undo is registered before its step: a step whose reply never came may have
+	// been done, and undoing what was not done only fails harmlessly
+	undo.Add("remove fd set", func() error {
+		return m.cleanupStep(ctx, func(c context.Context) error { return m.mon.RemoveFDSet(c, fdSet) })
+	})
+	if _, err := m.mon.AddFD(ctx, file, fdSet, disk.DeviceID); err != nil {
+		return fail(err)
 	}
-	undo.Add("remove fd set", func() error { return m.mon.RemoveFDSet(context.WithoutCancel(ctx), added.FDSetID) })
-	disk.Path = devices.FDSetPath(added.FDSetID)
+	disk.Path = devices.FDSetPath(fdSet)
 	hp, err := m.hw.Hotplug(&disk)
 	if err != nil {
 		return fmt.Errorf("vm %s: plug disk %s: %w: %w", m.cfg.Name, disk.DeviceID, err, errdefs.ErrInvalidArgument)
 	}
 	undo.Add("release the root port", func() error { return m.hw.Release(disk.DeviceID) })
+	undo.Add("delete the block node", func() error {
+		return m.cleanupStep(ctx, func(c context.Context) error { return m.mon.BlockdevDel(c, hp.Blockdev.NodeName) })
+	})
 	if err := m.mon.BlockdevAdd(ctx, qmp.BlockdevOptions(*hp.Blockdev)); err != nil {
-		return fmt.Errorf("vm %s: plug disk %s: %w", m.cfg.Name, disk.DeviceID, err)
+		return fail(err)
 	}
-	undo.Add("delete the block node", func() error { return m.mon.BlockdevDel(context.WithoutCancel(ctx), hp.Blockdev.NodeName) })
 	dev := qmp.DeviceOptions{Driver: hp.Device.Driver, ID: hp.Device.ID, Bus: hp.Device.Bus}
 	for _, p := range hp.Device.Props {
 		dev.Props = append(dev.Props, qmp.Prop(p))
 	}
-	if err := m.mon.DeviceAdd(ctx, dev); err != nil {
-		return fmt.Errorf("vm %s: plug disk %s: %w", m.cfg.Name, disk.DeviceID, err)
+	if err := m.mon.DeviceAdd(ctx, dev); err != nil && !m.devicePresent(ctx, disk.DeviceID) {
+		return fail(err)
+	} else if err != nil {
+		// no reply, but QEMU did add it: the disk is the guest's, and ours to unplug
+		log.G(ctx).WithError(err).Warnf("vm %s: disk %s: device_add gave no answer, but the device is there", m.cfg.Name, disk.DeviceID)
 	}
 	if m.disks == nil {
 		m.disks = map[string]pluggedDisk{}
 	}
-	m.disks[disk.DeviceID] = pluggedDisk{node: hp.Blockdev.NodeName, fdSet: added.FDSetID}
-	log.G(ctx).Infof("vm %s: plugged disk %s on %s (fd set %d)", m.cfg.Name, disk.DeviceID, hp.Port.ID, added.FDSetID)
+	m.disks[disk.DeviceID] = pluggedDisk{node: hp.Blockdev.NodeName, fdSet: fdSet}
+	log.G(ctx).Infof("vm %s: plugged disk %s on %s (fd set %d)", m.cfg.Name, disk.DeviceID, hp.Port.ID, fdSet)
 	return nil
 }
 
 // UnplugDisk takes a disk PlugDisk added out of the machine: device_del, which on q35 the
-// guest must answer (it releases the device; Linux takes ~5 s, pciehp's grace period),
-// then its block node, fd set and root port. ctx bounds the wait for the guest; a guest
-// that never lets go leaves the disk plugged, and the error says so.
+// guest must answer (it releases the device), then its block node, fd set and root port.
+// ctx bounds the wait for the guest; a disk the guest still holds then stays plugged, and
+// the error says so. One the guest let go of on its own (an eject) is finished here too.
 func (m *Machine) UnplugDisk(ctx context.Context, id string) error {
 	m.plugMu.Lock()
 	defer m.plugMu.Unlock()
@@ -83,20 +104,45 @@ func (m *Machine) UnplugDisk(ctx context.Context, id string) error {
 	if !ok {
 		return fmt.Errorf("vm %s: unplug disk %s: not a plugged disk: %w", m.cfg.Name, id, errdefs.ErrNotFound)
 	}
-	if err := m.mon.DeviceDel(ctx, id); err != nil {
+	if err := m.mon.DeviceDel(ctx, id); err != nil && m.devicePresent(ctx, id) {
 		return fmt.Errorf("vm %s: unplug disk %s: the guest did not release it: %w", m.cfg.Name, id, err)
 	}
-	// the device is gone: whatever fails below, the disk is no longer the guest's
+	// the device is gone: the rest is the host's, each step tried whatever the others did
 	delete(m.disks, id)
-	if err := m.hw.Release(id); err != nil {
-		return fmt.Errorf("vm %s: unplug disk %s: %w", m.cfg.Name, id, err)
-	}
-	if err := m.mon.BlockdevDel(ctx, d.node); err != nil {
-		return fmt.Errorf("vm %s: unplug disk %s: %w", m.cfg.Name, id, err)
-	}
-	if err := m.mon.RemoveFDSet(ctx, d.fdSet); err != nil {
-		return fmt.Errorf("vm %s: unplug disk %s: %w", m.cfg.Name, id, err)
+	err := errors.Join(
+		m.hw.Release(id),
+		m.cleanupStep(ctx, func(c context.Context) error { return m.mon.BlockdevDel(c, d.node) }),
+		m.cleanupStep(ctx, func(c context.Context) error { return m.mon.RemoveFDSet(c, d.fdSet) }))
+	if err != nil {
+		return fmt.Errorf("vm %s: unplug disk %s: the guest let it go, but: %w", m.cfg.Name, id, err)
 	}
 	log.G(ctx).Infof("vm %s: unplugged disk %s", m.cfg.Name, id)
 	return nil
+}
+
+// cleanupStep runs one QMP step of undoing or finishing a hotplug on a context of its own.
+func (m *Machine) cleanupStep(ctx context.Context, step func(context.Context) error) error {
+	c, cancel := context.WithTimeout(context.WithoutCancel(ctx), hotplugCleanupWait)
+	defer cancel()
+	return step(c)
+}
+
+// devicePresent says whether QEMU has device id (qom-list /machine/peripheral). Asked
+// when a device_add or device_del gave no clear answer; true when QEMU cannot tell, so
+// that nothing is released that may still be in use.
+func (m *Machine) devicePresent(ctx context.Context, id string) bool {
+	var props []qmp.ObjectProperty
+	err := m.cleanupStep(ctx, func(c context.Context) (err error) {
+		props, err = m.mon.QOMList(c, "/machine/peripheral")
+		return err
+	})
+	if err != nil {
+		return true
+	}
+	for _, p := range props {
+		if p.Name == id {
+			return true
+		}
+	}
+	return false
 }

@@ -197,12 +197,6 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		devs = append(devs, ser)
 	}
 	devs = append(devs, &devices.VirtioRNG{DeviceID: "rng0"})
-	if c.FreePageReporting {
-		// The guest tells QEMU which memory it has freed, and QEMU gives it back to the
-		// host; without it a VM keeps resident every page its guest ever touched.
-		// The balloon never inflates: vmpod sizes guests by hotplug and growth room.
-		devs = append(devs, &devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true})
-	}
 	if c.VNC {
 		devs = append(devs, &devices.VGA{DeviceID: "video0"})
 	}
@@ -224,6 +218,14 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		devs = append(devs, nicDevice(fmt.Sprintf("net%d", i), nic))
 	}
 	devs = append(devs, c.Devices...)
+	if c.FreePageReporting {
+		// The guest tells QEMU which memory it has freed, and QEMU gives it back to the
+		// host; without it a VM keeps resident every page its guest ever touched.
+		// The balloon never inflates: vmpod sizes guests by hotplug and growth room.
+		// Last: whether a node reports free pages must not move any other device's slot
+		// (a guest names NICs and disks by them, docs/design/202).
+		devs = append(devs, &devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true})
+	}
 	return devices.NewVM(m, devs...)
 }
 

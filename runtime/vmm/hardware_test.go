@@ -116,3 +116,44 @@ func TestCPUModelAndEnlightenmentsFollowTheAccelerator(t *testing.T) {
 		})
 	}
 }
+
+// Free page reporting adds a balloon that reports, and nothing else changes: every other
+// device keeps its argument, PCI slot included, whether a node turns it on or not.
+func TestFreePageReportingMovesNoDevice(t *testing.T) {
+	for _, typ := range []machine.Type{machine.Q35, machine.MicroVM} {
+		t.Run(string(typ), func(t *testing.T) {
+			render := func(reporting bool) []string {
+				c := Config{Name: "g", Type: typ, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: machine.NoSharedFS,
+					Console: ConsoleNone, VNC: typ == machine.Q35, Ports: []string{"agent"}, FreePageReporting: reporting}
+				b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
+				vm, err := b.hardware()
+				if err != nil {
+					t.Fatal(err)
+				}
+				args, _ := vm.Render()
+				return args
+			}
+			devicesOf := func(args []string) (all []string, balloon string) {
+				for i, a := range args {
+					if a != "-device" || i+1 == len(args) {
+						continue
+					}
+					if strings.Contains(args[i+1], "virtio-balloon") {
+						balloon = args[i+1]
+					} else {
+						all = append(all, args[i+1])
+					}
+				}
+				return all, balloon
+			}
+			off, noBalloon := devicesOf(render(false))
+			on, balloon := devicesOf(render(true))
+			if noBalloon != "" || !strings.Contains(balloon, "free-page-reporting=on") {
+				t.Errorf("balloon without reporting %q, with it %q", noBalloon, balloon)
+			}
+			if !slices.Equal(on, off) {
+				t.Errorf("the other devices differ with free page reporting:\n%q\nwithout:\n%q", on, off)
+			}
+		})
+	}
+}
