@@ -335,8 +335,11 @@ func (r *Reconciler) phaseEvent(dv *vmpodv1.DataVolume, s *vmpodv1.DataVolumeSta
 		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, "UploadReady", "Import", "the importer waits for an upload: kubectl vmpod image-upload dv %s --image-path=FILE", dv.Name)
 	case vmpodv1.PhaseImportScheduled, vmpodv1.PhaseCloneScheduled, vmpodv1.PhaseUploadScheduled:
 		// what it waits for, or the Job it made
-		c := meta.FindStatusCondition(s.Conditions, vmpodv1.DVRunning)
-		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, string(s.Phase), "Import", "%s", c.Message)
+		msg := "worker Job " + WorkerName(dv)
+		if c := meta.FindStatusCondition(s.Conditions, vmpodv1.DVRunning); c != nil {
+			msg = c.Message
+		}
+		r.Recorder.Eventf(dv, nil, corev1.EventTypeNormal, string(s.Phase), "Import", "%s", msg)
 	}
 }
 
