@@ -19,8 +19,9 @@ import (
 // TestHotplugDisk: a disk image the host opened is plugged into a running q35 VM and
 // unplugged again, each observed from a container in the guest (the disk's serial and size
 // in sysfs); a second plug of the same id, an unplug of an unknown one and a plug into a
-// microvm are refused, and a failed plug (an image opened read-only for a writable disk)
-// leaves nothing behind: the same id plugs afterwards.
+// microvm or a q35 without ACPI (whose guest never sees the disk, measured) are refused,
+// and a failed plug (an image opened read-only for a writable disk) leaves nothing behind:
+// the same id plugs afterwards.
 func TestHotplugDisk(t *testing.T) {
 	testenv.Require(t)
 	cfg := testenv.VMConfig(t, "hotdisk")
@@ -79,6 +80,13 @@ func TestHotplugDisk(t *testing.T) {
 	micro := testenv.StartVM(t, testenv.VMConfig(t, "hotdisk-micro"))
 	if err := micro.Machine().PlugDisk(ctx, disk, nil); !errdefs.IsNotImplemented(err) {
 		t.Errorf("plugging into a microvm: %v, want NotImplemented", err)
+	}
+	// without ACPI the guest would never see the disk (measured): refused up front
+	cfg = testenv.VMConfig(t, "hotdisk-noacpi")
+	cfg.Type, cfg.NoACPI = machine.Q35, true
+	noACPI := testenv.StartVM(t, cfg)
+	if err := noACPI.Machine().PlugDisk(ctx, disk, nil); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "features.acpi") {
+		t.Errorf("plugging into a q35 without ACPI: %v, want FailedPrecondition naming features.acpi", err)
 	}
 }
 

@@ -39,6 +39,10 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 	if m.cfg.Type != machine.Q35 {
 		return fmt.Errorf("vm %s: plug disk %s: machine %s has no hotplug: %w", m.cfg.Name, disk.DeviceID, m.cfg.Type, errdefs.ErrNotImplemented)
 	}
+	if m.cfg.NoACPI {
+		// measured: without ACPI the guest never sees a disk plugged on a root port
+		return fmt.Errorf("vm %s: plug disk %s: the machine has no ACPI (features.acpi), through which q35 hot-plugs: %w", m.cfg.Name, disk.DeviceID, errdefs.ErrFailedPrecondition)
+	}
 	m.plugMu.Lock()
 	defer m.plugMu.Unlock()
 	if _, dup := m.disks[disk.DeviceID]; dup {
