@@ -23,6 +23,7 @@ import (
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/agent/channel"
 	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
@@ -257,6 +258,71 @@ func TestBenchFreePageReporting(t *testing.T) {
 	report(t, "guest RAM resident after a container touched and freed 256 MiB: %d MiB with free page reporting, %d MiB without",
 		mib(on[1]), mib(off[1]))
 	report(t, "boot → first agent reply with the balloon: %s; without: %s", boots[true], boots[false])
+}
+
+// TestBenchHotplugDisk: how long a disk takes to come into a running q35 VM and to go
+// (issue 11): PlugDisk's QMP steps; until a container in the guest sees the disk in sysfs
+// (polled by exec, so it includes an exec's ~0.3 s under TCG); UnplugDisk until QEMU's
+// DEVICE_DELETED, which waits for the guest to let go.
+func TestBenchHotplugDisk(t *testing.T) {
+	requireBench(t)
+	n := rounds(5)
+	ctx := context.Background()
+	cfg := testenv.VMConfig(t, "bench-hotplug")
+	cfg.Type = machine.Q35
+	vm, _ := bootVM(t, cfg)
+	defer vm.Stop(ctx)
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	if _, err := vm.CreateContainer(ctx, "c", rootfs, testenv.Spec("sleep", "1000"), runtime.Stdio{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Agent().StartContainer(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	image := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(image, make([]byte, 16<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	seen := func(serial string) bool {
+		var out bytes.Buffer
+		p, err := vm.Exec(ctx, "c", fmt.Sprintf("ls-%d", time.Now().UnixNano()), testenv.Spec("sh", "-c", "cat /sys/block/vd*/serial 2>/dev/null; true").Process, runtime.Stdio{Stdout: &out})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := testenv.WaitOutput(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+		_ = p.Remove(ctx)
+		return strings.Contains(out.String(), serial)
+	}
+	var plug, visible, unplug sample
+	for i := range n {
+		f, err := os.OpenFile(image, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serial := fmt.Sprintf("bench%d", i)
+		start := time.Now()
+		if err := vm.Machine().PlugDisk(ctx, devices.VirtioBlk{DeviceID: serial, Serial: serial}, f); err != nil {
+			t.Fatal(err)
+		}
+		plug = append(plug, time.Since(start))
+		f.Close()
+		for !seen(serial) {
+			if time.Since(start) > time.Minute {
+				t.Fatalf("disk %s not in the guest after a minute", serial)
+			}
+		}
+		visible = append(visible, time.Since(start))
+		start = time.Now()
+		if err := vm.Machine().UnplugDisk(ctx, serial); err != nil {
+			t.Fatal(err)
+		}
+		unplug = append(unplug, time.Since(start))
+	}
+	report(t, "disk hotplug, q35: PlugDisk (add-fd, blockdev-add, device_add): %s", plug)
+	report(t, "disk hotplug, q35: until a container sees it in sysfs:          %s", visible)
+	report(t, "disk unplug, q35: UnplugDisk until the guest let it go:         %s", unplug)
 }
 
 // TestBenchExec: agent round trip, and exec of `true` into a running container in the
