@@ -80,11 +80,13 @@ func (c *Client) HostName(ctx context.Context) (string, error) {
 // keys already there stay (no "reset", which older agents do not know). The agent refuses a
 // user it does not know; the Error says so.
 func (c *Client) AddAuthorizedKeys(ctx context.Context, user string, keys []string) error {
-	args := struct {
-		Username string   `json:"username"`
-		Keys     []string `json:"keys"`
-	}{user, keys}
-	return c.call(ctx, "guest-ssh-add-authorized-keys", args, nil)
+	return c.call(ctx, "guest-ssh-add-authorized-keys", userKeys{user, keys}, nil)
+}
+
+// userKeys are the arguments of guest-ssh-add- and -remove-authorized-keys.
+type userKeys struct {
+	Username string   `json:"username"`
+	Keys     []string `json:"keys"`
 }
 
 // AuthorizedKeys runs guest-ssh-get-authorized-keys: the key lines of user's
@@ -104,11 +106,7 @@ func (c *Client) AuthorizedKeys(ctx context.Context, user string) ([]string, err
 // RemoveAuthorizedKeys runs guest-ssh-remove-authorized-keys: keys leave user's
 // ~/.ssh/authorized_keys; the other lines stay, and a key that is not there is no error.
 func (c *Client) RemoveAuthorizedKeys(ctx context.Context, user string, keys []string) error {
-	args := struct {
-		Username string   `json:"username"`
-		Keys     []string `json:"keys"`
-	}{user, keys}
-	return c.call(ctx, "guest-ssh-remove-authorized-keys", args, nil)
+	return c.call(ctx, "guest-ssh-remove-authorized-keys", userKeys{user, keys}, nil)
 }
 
 // Interface is a guest NIC and its addresses (guest-network-get-interfaces).
