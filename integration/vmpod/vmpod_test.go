@@ -617,6 +617,16 @@ func TestVMPodFromDiskImg(t *testing.T) {
 			t.Errorf("%s %s: %q, %v; want a failure saying %q", vmspec.AttachDiskCommand, arg, out, err, want)
 		}
 	}
+	// a paused VM cannot answer an unplug: refused, saying so, until it runs again
+	if out, err := execIn(id, time.Minute, vmspec.PauseCommand); err != nil || !strings.Contains(out, "paused") {
+		t.Fatalf("%s: %q, %v", vmspec.PauseCommand, out, err)
+	}
+	if out, err := execIn(id, time.Minute, vmspec.DetachDiskCommand, "data"); err == nil || !strings.Contains(err.Error(), "paused") {
+		t.Errorf("%s while paused: %q, %v; want a refusal saying it is paused", vmspec.DetachDiskCommand, out, err)
+	}
+	if out, err := execIn(id, time.Minute, vmspec.UnpauseCommand); err != nil || !strings.Contains(out, "running") {
+		t.Fatalf("%s: %q, %v", vmspec.UnpauseCommand, out, err)
+	}
 	if out, err := execIn(id, 3*time.Minute, vmspec.DetachDiskCommand, "data"); err != nil || !strings.Contains(out, "disk data detached") {
 		t.Fatalf("%s: %q, %v", vmspec.DetachDiskCommand, out, err)
 	}

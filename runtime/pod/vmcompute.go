@@ -692,6 +692,9 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 	}
 	c.hotMu.Lock()
 	defer c.hotMu.Unlock()
+	if c.isPaused() {
+		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, errPaused)
+	}
 	if _, dup := c.hot[d.Name]; dup {
 		return "", fmt.Errorf("%s: disk %s is attached already: %w", vmspec.AttachDiskCommand, d.Name, errdefs.ErrAlreadyExists)
 	}
@@ -749,6 +752,9 @@ func sameImage(a, b os.FileInfo) bool {
 func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error) {
 	c.hotMu.Lock()
 	defer c.hotMu.Unlock()
+	if c.isPaused() {
+		return "", fmt.Errorf("%s: %w", vmspec.DetachDiskCommand, errPaused)
+	}
 	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil {
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.DetachDiskCommand, name, err)
 	}
@@ -804,6 +810,13 @@ func (c *computeVM) isPaused() bool {
 // setPaused stops or resumes the VM's vCPUs and returns the state it is in after: "paused"
 // or "running". Both are idempotent, as QMP stop and cont are.
 func (c *computeVM) setPaused(ctx context.Context, pause bool) (string, error) {
+	if pause {
+		// a detach waits for the guest, which a pause would stop from answering
+		if !c.hotMu.TryLock() {
+			return "", fmt.Errorf("VM %s: a disk is being attached or detached: pause after it: %w", c.id, errdefs.ErrFailedPrecondition)
+		}
+		defer c.hotMu.Unlock()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	op, state := c.machine.Resume, "running"
