@@ -395,13 +395,6 @@ func podReady(p *corev1.Pod) bool {
 	return false
 }
 
-// workerMeta is the metadata of the objects in dv's namespace that fill it: named like the
-// worker, labelled, owned by dv.
-func workerMeta(dv *vmpodv1.DataVolume) metav1.ObjectMeta {
-	return metav1.ObjectMeta{Name: WorkerName(dv), Namespace: dv.Namespace, Labels: map[string]string{DataVolumeLabel: dv.Name},
-		OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(dv, vmpodv1.GroupVersion.WithKind("DataVolume"))}}
-}
-
 // SweepCloneSources deletes the source side of every clone whose DataVolume no longer wants
 // it: gone, finished, being deleted, or without the finalizer and annotation that name this
 // namespace. The finalizer and the annotation live on an object the DataVolume's author can

@@ -9,6 +9,7 @@ import (
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -49,6 +50,13 @@ func WorkerName(dv *vmpodv1.DataVolume) string {
 	}
 	sum := sha256.Sum256([]byte(dv.Name))
 	return name[:54] + "-" + hex.EncodeToString(sum[:4])
+}
+
+// workerMeta is the metadata of the objects in dv's namespace that fill it: named like the
+// worker, labelled, owned by dv.
+func workerMeta(dv *vmpodv1.DataVolume) metav1.ObjectMeta {
+	return metav1.ObjectMeta{Name: WorkerName(dv), Namespace: dv.Namespace, Labels: map[string]string{DataVolumeLabel: dv.Name},
+		OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(dv, vmpodv1.GroupVersion.WithKind("DataVolume"))}}
 }
 
 // WorkerJobSpec is the Job that runs vmpod-importer for dv into pvc. A clone has source,

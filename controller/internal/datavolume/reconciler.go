@@ -400,12 +400,11 @@ func (r *Reconciler) getWorker(ctx context.Context, dv *vmpodv1.DataVolume) (*ba
 // images and must not be able to mark other PVCs complete.
 func (r *Reconciler) createWorker(ctx context.Context, dv *vmpodv1.DataVolume, pvc, source *corev1.PersistentVolumeClaim, served *RemoteClone) (*batchv1.Job, error) {
 	name := WorkerName(dv)
-	objMeta := func() metav1.ObjectMeta { return workerMeta(dv) }
 	identity := []client.Object{
-		&corev1.ServiceAccount{ObjectMeta: objMeta()},
-		&rbacv1.Role{ObjectMeta: objMeta(), Rules: []rbacv1.PolicyRule{{
+		&corev1.ServiceAccount{ObjectMeta: workerMeta(dv)},
+		&rbacv1.Role{ObjectMeta: workerMeta(dv), Rules: []rbacv1.PolicyRule{{
 			APIGroups: []string{""}, Resources: []string{"persistentvolumeclaims"}, ResourceNames: []string{pvc.Name}, Verbs: []string{"get", "patch"}}}},
-		&rbacv1.RoleBinding{ObjectMeta: objMeta(),
+		&rbacv1.RoleBinding{ObjectMeta: workerMeta(dv),
 			RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: name},
 			Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: name, Namespace: dv.Namespace}}},
 	}
@@ -414,7 +413,7 @@ func (r *Reconciler) createWorker(ctx context.Context, dv *vmpodv1.DataVolume, p
 			return nil, fmt.Errorf("create importer %T %s: %w", o, name, err)
 		}
 	}
-	job := &batchv1.Job{ObjectMeta: objMeta(), Spec: WorkerJobSpec(dv, pvc, source, served, name, r.ImporterImage)}
+	job := &batchv1.Job{ObjectMeta: workerMeta(dv), Spec: WorkerJobSpec(dv, pvc, source, served, name, r.ImporterImage)}
 	if err := r.scheduleWithVMs(ctx, &job.Spec.Template.Spec); err != nil {
 		return nil, err
 	}
