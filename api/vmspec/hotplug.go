@@ -15,9 +15,15 @@ import (
 //	vmpod.dev/detach-disk data
 //
 // The disk is a volume the compute container already mounts (at VolumeMountPath or
-// BlockDevicePath) that no boot disk uses; it goes on a free PCIe root port as a virtio
+// BlockDevicePath) that no boot disk uses, or one an attachment pod on the same node mounts
+// at that path (HotplugDisk.AttachmentPod); it goes on a free PCIe root port as a virtio
 // disk whose serial is its name, and it lasts as long as the VM runs: a disk that must
-// come back after a restart belongs in the VM's spec.
+// come back after a restart belongs in the VM's spec (the controller attaches a
+// VirtualMachine's hotpluggable volumes again to its next pod).
+//
+// Both are idempotent, so a controller that lost track can say again what it wants: an
+// attach of the disk already attached under that name from the same image succeeds, and
+// a detach of a disk that is not attached succeeds, saying so.
 const (
 	AttachDiskCommand = "vmpod.dev/attach-disk"
 	DetachDiskCommand = "vmpod.dev/detach-disk"
@@ -27,13 +33,31 @@ const (
 	MaxHotplugDiskName = 20
 	// CloudInitDiskName is the cloud-init disk's name (and serial).
 	CloudInitDiskName = "cloudinit"
+
+	// AttachmentForLabel on an attachment pod is the UID of the VM pod it lends its volumes
+	// to: the pod's consent, without which the shim plugs none of them (a pods/exec right
+	// on a VM pod is no right to another pod's volumes). The shim reads it from the pod
+	// sandbox's labels in containerd, which only the pod's own labels set.
+	AttachmentForLabel = "vmpod.dev/attachment-for"
 )
+
+// HotplugDisk is an AttachDiskCommand's argument: the disk, and where its volume is.
+type HotplugDisk struct {
+	Disk
+	// AttachmentPod is the UID of a pod on the VM pod's node, in its namespace, labelled
+	// AttachmentForLabel with the VM pod's UID, one of whose containers mounts the volume
+	// (at VolumeMountPath or BlockDevicePath, as the compute container would). Empty: the
+	// compute container mounts it. It is how a PVC reaches a running VM, whose own pod's
+	// volumes cannot change (docs/design/204).
+	AttachmentPod string `json:"attachmentPod,omitempty"`
+}
 
 // ParseHotplugDisk decodes and checks the disk of an AttachDiskCommand for vm: strict as
 // Parse, a file or block volume, a virtio disk (the bus that hot-plugs on q35), no boot
-// order, and a name and volume no disk of vm has. Errors name the field (disk.<field>).
-func ParseHotplugDisk(data []byte, vm *VM) (Disk, error) {
-	var d Disk
+// order, a name and volume no disk of vm has, and an attachment pod named by something
+// that can be a label value (a UID). Errors name the field (disk.<field>).
+func ParseHotplugDisk(data []byte, vm *VM) (HotplugDisk, error) {
+	var d HotplugDisk
 	var raw any
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.UseNumber()
@@ -43,7 +67,7 @@ func ParseHotplugDisk(data []byte, vm *VM) (Disk, error) {
 	if dec.More() {
 		return d, errors.New("disk: trailing data after the JSON object")
 	}
-	if err := checkShape(raw, reflect.TypeFor[Disk](), "disk"); err != nil {
+	if err := checkShape(raw, reflect.TypeFor[HotplugDisk](), "disk"); err != nil {
 		return d, err
 	}
 	if err := json.Unmarshal(data, &d); err != nil {
@@ -70,6 +94,9 @@ func ParseHotplugDisk(data []byte, vm *VM) (Disk, error) {
 		case d.Name == CloudInitDiskName:
 			v.add("disk.name", "%q is the cloud-init disk's", d.Name)
 		}
+	}
+	if d.AttachmentPod != "" && (len(d.AttachmentPod) > maxDNSLabelSize || !labelValue.MatchString(d.AttachmentPod)) {
+		v.add("disk.attachmentPod", "must be a pod's UID, got %q", d.AttachmentPod)
 	}
 	if v.label("disk.volume", d.Volume) {
 		for i, b := range vm.Disks {

@@ -768,12 +768,12 @@ func volume(v *node) vmpodv1.Volume {
 	case "dataVolume":
 		d := v.object("dataVolume")
 		out.DataVolume = &vmpodv1.DataVolumeVolumeSource{Name: d.str("name")}
-		d.dropped("hotpluggable", "hotplug is not supported; dropped")
+		out.DataVolume.Hotpluggable, _ = d.boolean("hotpluggable")
 	case "persistentVolumeClaim":
 		p := v.object("persistentVolumeClaim")
-		out.PersistentVolumeClaim = &corev1.PersistentVolumeClaimVolumeSource{ClaimName: p.str("claimName")}
+		out.PersistentVolumeClaim = &vmpodv1.PersistentVolumeClaimVolumeSource{PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: p.str("claimName")}}
 		out.PersistentVolumeClaim.ReadOnly, _ = p.boolean("readOnly")
-		p.dropped("hotpluggable", "hotplug is not supported; dropped")
+		out.PersistentVolumeClaim.Hotpluggable, _ = p.boolean("hotpluggable")
 	case "cloudInitNoCloud":
 		c := v.object("cloudInitNoCloud")
 		out.CloudInitNoCloud = &vmpodv1.CloudInitNoCloudSource{

@@ -47,6 +47,13 @@ Usage:
                                       binding); --stdio connects stdin/stdout to one port,
                                       for ssh: ssh -o ProxyCommand='kubectl vmpod
                                       port-forward --stdio VM 22' user@VM
+  kubectl vmpod addvolume VM --volume-name=NAME
+                                      add DataVolume or PVC NAME to the VM as a hotpluggable
+                                      virtio disk (serial NAME, at most 20 characters): a
+                                      running VM gets it without a restart; it stays in
+                                      the VM's spec (--persist is implied)
+  kubectl vmpod removevolume VM --volume-name=NAME
+                                      take a hotpluggable volume out of the VM (and its guest)
   kubectl vmpod guestosinfo VM        print what the guest agent reports: OS, hostname,
                                       interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
@@ -102,6 +109,8 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	fs.StringVar(&upload.StorageClass, "storage-class", "", "image-upload: the new DataVolume's storage class")
 	fs.StringVar(&upload.AccessMode, "access-mode", "", "image-upload: the new DataVolume's access mode (default ReadWriteOnce)")
 	fs.BoolVar(&upload.NoCreate, "no-create", false, "image-upload: upload into an existing DataVolume only")
+	volumeName := fs.String("volume-name", "", "addvolume, removevolume: the DataVolume or PVC (and the volume's name)")
+	fs.Bool("persist", true, "addvolume: accepted for virtctl's sake; the VM's spec is always changed")
 	waitSecs := fs.Int("wait-secs", 300, "image-upload: how long to wait for the importer, and for the import")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -161,6 +170,20 @@ func run(ctx context.Context, args []string, stdio IO) error {
 		return GuestOSInfo(ctx, rc, c, key, stdio)
 	case "image-upload":
 		return ImageUpload(ctx, rc, c, key, upload, stdio)
+	case "addvolume", "removevolume":
+		if *volumeName == "" {
+			return fmt.Errorf("%s needs --volume-name", cmd)
+		}
+		change := AddVolume
+		if cmd == "removevolume" {
+			change = RemoveVolume
+		}
+		msg, err := change(ctx, c, key, *volumeName)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdio.Out, msg)
+		return nil
 	}
 	return fmt.Errorf("unknown command %q\n\n%s", cmd, usage)
 }

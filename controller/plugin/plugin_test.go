@@ -304,3 +304,55 @@ func TestImageUploadBadInput(t *testing.T) {
 		t.Errorf("DataVolumes after refused uploads: %d (%v), want only the two made by the test", len(dvs.Items), err)
 	}
 }
+
+// TestAddRemoveVolume: addvolume adds a DataVolume (or else a PVC) as a hotpluggable volume
+// with a virtio disk of its name; removevolume takes it out again, and refuses a volume of
+// the VM's pod and a name it does not know. A name too long for a disk serial is refused
+// by the API server's schema, naming the rule.
+func TestAddRemoveVolume(t *testing.T) {
+	f := setup(t)
+	ctx := context.Background()
+	if err := f.env.Client.Create(ctx, newVM(f.ns, "hot", vmpodv1.RunStrategyHalted)); err != nil {
+		t.Fatal(err)
+	}
+	claim := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "scratch", Namespace: f.ns},
+		Spec: corev1.PersistentVolumeClaimSpec{AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}}}
+	long := claim.DeepCopy()
+	long.Name = "a-claim-name-of-21-ch"
+	for _, o := range []*corev1.PersistentVolumeClaim{claim, long} {
+		if err := f.env.Client.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	if out := f.mustRun(nil, "vmpod", "addvolume", "hot", "--volume-name=scratch", "--persist"); !strings.Contains(out, "volume scratch added") {
+		t.Errorf("addvolume: %s", out)
+	}
+	spec := f.vm("hot").Spec.Template.Spec
+	v := spec.Volumes[len(spec.Volumes)-1]
+	d := spec.Domain.Devices.Disks[len(spec.Domain.Devices.Disks)-1]
+	if v.Name != "scratch" || v.PersistentVolumeClaim == nil || v.PersistentVolumeClaim.ClaimName != "scratch" || !v.Hotpluggable() ||
+		d.Name != "scratch" || d.Disk == nil || d.Disk.Bus != "virtio" {
+		t.Errorf("after addvolume: volume %+v, disk %+v", v, d)
+	}
+	for args, want := range map[string]string{
+		"addvolume hot --volume-name=scratch":               "has a volume or disk named scratch already",
+		"addvolume hot --volume-name=nothing":               "neither a DataVolume nor a PVC",
+		"addvolume hot --volume-name=a-claim-name-of-21-ch": "at most 20 characters",
+		"addvolume hot": "needs --volume-name",
+		"removevolume hot --volume-name=" + spec.Volumes[0].Name: "is not hotpluggable",
+		"removevolume hot --volume-name=nothing":                 "has no volume nothing",
+	} {
+		if _, stderr, err := f.run(nil, append([]string{"vmpod"}, strings.Fields(args)...)...); err == nil || !strings.Contains(stderr, want) {
+			t.Errorf("kubectl vmpod %s: %v %s; want an error saying %q", args, err, stderr, want)
+		}
+	}
+	if out := f.mustRun(nil, "vmpod", "removevolume", "hot", "--volume-name=scratch"); !strings.Contains(out, "volume scratch removed") {
+		t.Errorf("removevolume: %s", out)
+	}
+	after := f.vm("hot").Spec.Template.Spec
+	if len(after.Volumes) != len(spec.Volumes)-1 || len(after.Domain.Devices.Disks) != len(spec.Domain.Devices.Disks)-1 {
+		t.Errorf("after removevolume: %d volumes, %d disks; want one fewer of each than %d, %d", len(after.Volumes), len(after.Domain.Devices.Disks), len(spec.Volumes), len(spec.Domain.Devices.Disks))
+	}
+}

@@ -74,6 +74,7 @@ func Crictl(t testing.TB, args ...string) string {
 type PodConfig struct {
 	Metadata     Metadata          `json:"metadata"`
 	Hostname     string            `json:"hostname,omitempty"`
+	Labels       map[string]string `json:"labels,omitempty"`
 	LogDirectory string            `json:"log_directory,omitempty"`
 	Annotations  map[string]string `json:"annotations,omitempty"`
 	PortMappings []PortMapping     `json:"port_mappings,omitempty"`

@@ -570,7 +570,8 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	// boots without (the shim logs it)
 	vm.CPU.Model = "Nehalem"
 	vm.Features.HyperV = &machine.HyperV{Relaxed: true, VAPIC: true, VPIndex: true, SynIC: true}
-	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file"}, Hostname: "vm-file", Annotations: annotation(t, vm)})
+	vmUID := fmt.Sprintf("vm-file-%d", time.Now().UnixNano())
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file", UID: vmUID}, Hostname: "vm-file", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
 	// a volume no disk uses at boot: plugged in while the VM runs, below
@@ -607,8 +608,11 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, attach, "extra"); err == nil || !strings.Contains(err.Error(), "takes one argument") {
 		t.Errorf("%s with two arguments: %q, %v", vmspec.AttachDiskCommand, out, err)
 	}
+	// said again, the same attach is no error (the controller repeats what it wants)
+	if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, attach); err != nil || !strings.Contains(out, "disk data attached already") {
+		t.Errorf("%s again: %q, %v; want it attached already", vmspec.AttachDiskCommand, out, err)
+	}
 	for arg, want := range map[string]string{
-		attach: "is attached already",
 		`{"name": "alias", "volume": "data", "source": "file"}`:    "holds the image of disk data",
 		`{"name": "root", "volume": "data", "source": "file"}`:     "is the name of disks[0]",
 		`{"name": "other", "volume": "nothere", "source": "file"}`: "no volume mounted at /vmpod/volumes/nothere",
@@ -644,6 +648,7 @@ func TestVMPodFromDiskImg(t *testing.T) {
 		t.Fatalf("%s after the detach: %q, %v", vmspec.AttachDiskCommand, out, err)
 	}
 	waitExec(t, id, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
+	attachFromPod(t, id, vmUID)
 	// CRI stats of the compute container are QEMU's cgroup's
 	var stats struct {
 		Stats []struct {
@@ -671,6 +676,52 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(termLog); !strings.Contains(string(b), "GuestPanicked") {
 		t.Errorf("termination message %q, want the panic", b)
+	}
+}
+
+// attachFromPod: a volume another pod on the node mounts (an attachment pod, run with runc
+// as the controller runs one) is plugged into the VM of compute container id, whose pod's
+// UID is vmUID, only once that pod lends it: in the VM pod's namespace and labelled
+// vmpod.dev/attachment-for with its UID. Detached, it is gone; a detach of a disk that is
+// not attached says so and succeeds.
+func attachFromPod(t *testing.T, id, vmUID string) {
+	t.Helper()
+	const marker = "lent by an attachment pod"
+	lent := t.TempDir()
+	if err := os.WriteFile(filepath.Join(lent, vmspec.DiskImageFile), append([]byte(marker), make([]byte, 16<<20-len(marker))...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	attachmentPod := func(name, namespace, lendsTo string) string {
+		uid := fmt.Sprintf("%s-%d", name, time.Now().UnixNano())
+		p := testenv.RunPodWith(t, "runc", testenv.PodConfig{Metadata: testenv.Metadata{Name: name, Namespace: namespace, UID: uid},
+			Labels: map[string]string{vmspec.AttachmentForLabel: lendsTo}})
+		p.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "attach"}, Command: []string{"sleep", "3600"},
+			Mounts: []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("lent"), HostPath: lent}}})
+		return uid
+	}
+	lender := attachmentPod("lender", "", vmUID)
+	disk := func(uid, volume string) string {
+		return fmt.Sprintf(`{"name": "lent", "volume": %q, "source": "file", "attachmentPod": %q}`, volume, uid)
+	}
+	for arg, want := range map[string]string{
+		disk("no-such-pod", "lent"):                                 "no container of it on this node",
+		disk(attachmentPod("other-vm", "", "another-pod"), "lent"):  "does not lend its volumes to this pod (its label vmpod.dev/attachment-for is",
+		disk(attachmentPod("elsewhere", "other-ns", vmUID), "lent"): "is in namespace other-ns, this pod in vmpod-test",
+		disk(lender, "nothere"):                                     "has volume nothere (at /vmpod/volumes/nothere)",
+	} {
+		if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, arg); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s %s: %q, %v; want a failure saying %q", vmspec.AttachDiskCommand, arg, out, err, want)
+		}
+	}
+	if out, err := execIn(id, time.Minute, vmspec.AttachDiskCommand, disk(lender, "lent")); err != nil || !strings.Contains(out, "disk lent attached") {
+		t.Fatalf("%s from the attachment pod: %q, %v", vmspec.AttachDiskCommand, out, err)
+	}
+	waitExec(t, id, time.Minute, marker, "head", "-c", fmt.Sprint(len(marker)), "/dev/disk/by-id/virtio-lent")
+	if out, err := execIn(id, 3*time.Minute, vmspec.DetachDiskCommand, "lent"); err != nil || !strings.Contains(out, "disk lent detached") {
+		t.Fatalf("%s lent: %q, %v", vmspec.DetachDiskCommand, out, err)
+	}
+	if out, err := execIn(id, time.Minute, vmspec.DetachDiskCommand, "lent"); err != nil || !strings.Contains(out, "disk lent is not attached") {
+		t.Errorf("%s lent again: %q, %v; want success saying it is not attached", vmspec.DetachDiskCommand, out, err)
 	}
 }
 

@@ -130,6 +130,34 @@ func OpenHotplug(ctx context.Context, d vmspec.Disk, spec *specs.Spec, opts Opti
 	return disk, nil
 }
 
+// HasVolume says whether the container of spec has d's volume where d's source puts it: a
+// bind mount at VolumeMountPath (file) or a device at BlockDevicePath (block).
+func HasVolume(spec *specs.Spec, d vmspec.Disk) bool {
+	switch d.Source {
+	case vmspec.SourceFile, vmspec.SourceImage:
+		_, err := bindMountAt(spec, vmspec.VolumeMountPath(d.Volume))
+		return err == nil
+	case vmspec.SourceBlock:
+		if spec.Linux == nil {
+			return false
+		}
+		for _, dev := range spec.Linux.Devices {
+			if filepath.Clean(dev.Path) == vmspec.BlockDevicePath(d.Volume) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// VolumePath is where a container has d's volume (HasVolume).
+func VolumePath(d vmspec.Disk) string {
+	if d.Source == vmspec.SourceBlock {
+		return vmspec.BlockDevicePath(d.Volume)
+	}
+	return vmspec.VolumeMountPath(d.Volume)
+}
+
 // VirtioBlk is the device that plugs d into a running VM as id: a virtio disk named by its
 // serial, as the boot disks are.
 func (d *Disk) VirtioBlk(id string) devices.VirtioBlk {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 )
 
@@ -82,23 +83,30 @@ type OOMEvent struct {
 
 // ID is the pod a container with this spec belongs to.
 func ID(containerID string, spec *specs.Spec) string {
-	if id := spec.Annotations[AnnotationSandboxID]; id != "" {
+	if id := spec.Annotations[cri.AnnotationSandboxID]; id != "" {
 		return id
 	}
 	return containerID
 }
 
+// Host is what a pod may ask of the node beyond its own spec.
+type Host struct {
+	// Pods finds another pod on the node, for a VM pod's disk attached from an attachment
+	// pod's volume (vmspec.HotplugDisk.AttachmentPod); nil: none can be.
+	Pods cri.PodLookup
+}
+
 // Start starts the pod whose first container has spec: a VM pod if its annotations ask
 // for one, else a container pod. It validates the vmpod.dev/* annotations against the
 // node's config before anything starts.
-func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec) (Pod, error) {
+func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, host Host) (Pod, error) {
 	choice, err := annotations.Parse(spec.Annotations, cfg.Annotations.Allowed)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: %w: %w", podID, err, errdefs.ErrInvalidArgument)
 	}
 	go sweepOrphans(context.WithoutCancel(ctx), cfg.StateDir)
 	if choice.VM != "" {
-		return startVMPod(ctx, cfg, podID, spec, choice.VM)
+		return startVMPod(ctx, cfg, podID, spec, choice.VM, host)
 	}
 	return startContainerPod(ctx, cfg, podID, spec, choice)
 }

@@ -8,6 +8,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 )
 
@@ -24,17 +25,17 @@ func TestSizeFor(t *testing.T) {
 	}{
 		{"no limits", &specs.Spec{}, Size{1, 512}, ""},
 		{"CRI pod limits", &specs.Spec{Annotations: map[string]string{
-			AnnotationSandboxID: "p", AnnotationSandboxCPUQuota: "250000", AnnotationSandboxCPUPer: "100000",
-			AnnotationSandboxMemory: "1073741824"}}, Size{3, 1024 + 64}, ""},
+			cri.AnnotationSandboxID: "p", cri.AnnotationSandboxCPUQuota: "250000", cri.AnnotationSandboxCPUPer: "100000",
+			cri.AnnotationSandboxMemory: "1073741824"}}, Size{3, 1024 + 64}, ""},
 		{"clamped to the node's maximum", &specs.Spec{Annotations: map[string]string{
-			AnnotationSandboxID: "p", AnnotationSandboxCPUQuota: "6400000", AnnotationSandboxCPUPer: "100000",
-			AnnotationSandboxMemory: "68719476736"}}, Size{4, 8192}, ""},
+			cri.AnnotationSandboxID: "p", cri.AnnotationSandboxCPUQuota: "6400000", cri.AnnotationSandboxCPUPer: "100000",
+			cri.AnnotationSandboxMemory: "68719476736"}}, Size{4, 8192}, ""},
 		{"small pods get the default", &specs.Spec{Annotations: map[string]string{
-			AnnotationSandboxID: "p", AnnotationSandboxMemory: "67108864"}}, Size{1, 512}, ""},
+			cri.AnnotationSandboxID: "p", cri.AnnotationSandboxMemory: "67108864"}}, Size{1, 512}, ""},
 		{"ctr run: the container's own limits", &specs.Spec{Linux: &specs.Linux{Resources: &specs.LinuxResources{
 			CPU:    &specs.LinuxCPU{Quota: i64(200000), Period: u64(100000)},
 			Memory: &specs.LinuxMemory{Limit: i64(768 << 20)}}}}, Size{2, 768 + 64}, ""},
-		{"bad annotation", &specs.Spec{Annotations: map[string]string{AnnotationSandboxMemory: "lots"}}, Size{}, AnnotationSandboxMemory},
+		{"bad annotation", &specs.Spec{Annotations: map[string]string{cri.AnnotationSandboxMemory: "lots"}}, Size{}, cri.AnnotationSandboxMemory},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

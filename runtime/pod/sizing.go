@@ -6,19 +6,8 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
-)
-
-// CRI annotations containerd puts on every container of a pod (sandbox and app).
-const (
-	AnnotationContainerType   = "io.kubernetes.cri.container-type"
-	AnnotationContainerName   = "io.kubernetes.cri.container-name"
-	AnnotationSandboxID       = "io.kubernetes.cri.sandbox-id"
-	AnnotationSandboxCPUQuota = "io.kubernetes.cri.sandbox-cpu-quota"
-	AnnotationSandboxCPUPer   = "io.kubernetes.cri.sandbox-cpu-period"
-	AnnotationSandboxMemory   = "io.kubernetes.cri.sandbox-memory"
-
-	ContainerTypeSandbox = "sandbox"
 )
 
 // Size is a VM's vCPUs and memory.
@@ -54,16 +43,16 @@ func podLimits(spec *specs.Spec) (quota, period, memBytes int64, err error) {
 		}
 		return n, nil
 	}
-	if quota, err = parse(AnnotationSandboxCPUQuota); err != nil {
+	if quota, err = parse(cri.AnnotationSandboxCPUQuota); err != nil {
 		return
 	}
-	if period, err = parse(AnnotationSandboxCPUPer); err != nil {
+	if period, err = parse(cri.AnnotationSandboxCPUPer); err != nil {
 		return
 	}
-	if memBytes, err = parse(AnnotationSandboxMemory); err != nil {
+	if memBytes, err = parse(cri.AnnotationSandboxMemory); err != nil {
 		return
 	}
-	if _, cri := spec.Annotations[AnnotationSandboxID]; cri || spec.Linux == nil || spec.Linux.Resources == nil {
+	if _, cri := spec.Annotations[cri.AnnotationSandboxID]; cri || spec.Linux == nil || spec.Linux.Resources == nil {
 		return quota, period, memBytes, nil
 	}
 	// Not a CRI pod (e.g. ctr run): the container's own limits size its VM.

@@ -23,6 +23,7 @@ import (
 	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/network"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 )
@@ -39,6 +40,7 @@ const VNCPort = 5900
 type vmPod struct {
 	id       string
 	cfg      nodeconfig.Config
+	host     Host
 	vm       *vmspec.VM
 	hostname string
 	stateDir string
@@ -67,7 +69,7 @@ type vmPod struct {
 
 // startVMPod checks a VM pod's spec against the node and makes its network ready; the VM
 // itself boots with the compute container.
-func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, annotation string) (_ *vmPod, retErr error) {
+func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, annotation string, host Host) (_ *vmPod, retErr error) {
 	vm, err := vmspec.Parse([]byte(annotation))
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", podID, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
@@ -75,7 +77,7 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 	if err := checkVMAgainstNode(vm, cfg); err != nil {
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", podID, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
 	}
-	p := &vmPod{id: podID, cfg: cfg, vm: vm, hostname: spec.Hostname, stateDir: filepath.Join(cfg.StateDir, podID),
+	p := &vmPod{id: podID, cfg: cfg, host: host, vm: vm, hostname: spec.Hostname, stateDir: filepath.Join(cfg.StateDir, podID),
 		done: make(chan struct{}), removed: map[string]bool{}}
 	var undo cleanup.Stack
 	defer func() {
@@ -235,7 +237,7 @@ func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
 // A compute container whose VM has exited is released first: the kubelet creates the next
 // one before it deletes the dead one.
 func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
-	if spec.Annotations[AnnotationContainerType] == ContainerTypeSandbox {
+	if spec.Annotations[cri.AnnotationContainerType] == cri.ContainerTypeSandbox {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		if p.sandbox != nil {
@@ -244,7 +246,7 @@ func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *sp
 		p.sandbox, p.sandboxID = newStandIn(), id
 		return p.sandbox, nil
 	}
-	if name, cri := spec.Annotations[AnnotationContainerName]; cri && name != vmspec.ComputeContainer {
+	if name, cri := spec.Annotations[cri.AnnotationContainerName]; cri && name != vmspec.ComputeContainer {
 		return nil, fmt.Errorf("pod %s: container %s (%s): a VM pod runs one container, %q: %w", p.id, id, name, vmspec.ComputeContainer, errdefs.ErrInvalidArgument)
 	}
 	p.bootMu.Lock()

@@ -29,6 +29,7 @@ import (
 	"github.com/vmpod/vmpod/qmp"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/cloudinit"
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/disks"
 	"github.com/vmpod/vmpod/runtime/network"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
@@ -684,7 +685,9 @@ const hotplugWait = 2 * time.Minute
 // hotDiskID is a hot-plugged disk's device id, apart from the boot disks' (disk<i>).
 func hotDiskID(name string) string { return "hot-" + name }
 
-// attachDisk plugs in the disk an AttachDiskCommand describes (JSON).
+// attachDisk plugs in the disk an AttachDiskCommand describes (JSON). The same disk
+// attached again from the same image is no error: the controller says again what it wants
+// when it cannot know whether its last attach got through.
 func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) {
 	d, err := vmspec.ParseHotplugDisk([]byte(arg), c.pod.vm)
 	if err != nil {
@@ -695,10 +698,13 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 	if c.isPaused() {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, errPaused)
 	}
-	if _, dup := c.hot[d.Name]; dup {
-		return "", fmt.Errorf("%s: disk %s is attached already: %w", vmspec.AttachDiskCommand, d.Name, errdefs.ErrAlreadyExists)
+	spec := c.spec
+	if d.AttachmentPod != "" {
+		if spec, err = c.attachmentSpec(ctx, d); err != nil {
+			return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+		}
 	}
-	disk, err := disks.OpenHotplug(ctx, d, c.spec, disks.Options{QEMUImg: c.pod.cfg.Hypervisor.QEMUImg})
+	disk, err := disks.OpenHotplug(ctx, d.Disk, spec, disks.Options{QEMUImg: c.pod.cfg.Hypervisor.QEMUImg})
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
 	}
@@ -706,6 +712,12 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 	fi, err := disk.File.Stat()
 	if err != nil {
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+	}
+	if hfi, dup := c.hot[d.Name]; dup {
+		if sameImage(fi, hfi) {
+			return fmt.Sprintf("disk %s attached already", d.Name), nil
+		}
+		return "", fmt.Errorf("%s: disk %s is attached already, from another image: %w", vmspec.AttachDiskCommand, d.Name, errdefs.ErrAlreadyExists)
 	}
 	// the same image under another volume's name would have two writers
 	if other := c.diskOf(fi); other != "" {
@@ -718,8 +730,38 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 		c.hot = map[string]os.FileInfo{}
 	}
 	c.hot[d.Name] = fi
-	log.G(ctx).WithField("pod", c.pod.id).Infof("attached disk %s (volume %s, %d bytes)", d.Name, d.Volume, disk.Size)
+	from := ""
+	if d.AttachmentPod != "" {
+		from = ", pod " + d.AttachmentPod
+	}
+	log.G(ctx).WithField("pod", c.pod.id).Infof("attached disk %s (volume %s%s, %d bytes)", d.Name, d.Volume, from, disk.Size)
 	return fmt.Sprintf("disk %s attached (virtio, serial %s, %d bytes)", d.Name, disk.VirtioBlk("").Serial, disk.Size), nil
+}
+
+// attachmentSpec is the OCI spec of the container of d's attachment pod that mounts d's
+// volume, once that pod is known to lend it to this one: it runs on this node, in this
+// pod's namespace, and its sandbox is labelled AttachmentForLabel with this pod's UID.
+func (c *computeVM) attachmentSpec(ctx context.Context, d vmspec.HotplugDisk) (*specs.Spec, error) {
+	self, ns := c.spec.Annotations[cri.AnnotationSandboxUID], c.spec.Annotations[cri.AnnotationSandboxNamespace]
+	if self == "" || c.pod.host.Pods == nil {
+		return nil, fmt.Errorf("disk.attachmentPod: this pod was not started through CRI, so no other pod can lend it a volume: %w", errdefs.ErrFailedPrecondition)
+	}
+	p, err := c.pod.host.Pods.Pod(ctx, d.AttachmentPod)
+	if err != nil {
+		return nil, fmt.Errorf("disk.attachmentPod: %w", err)
+	}
+	if p.Namespace != ns {
+		return nil, fmt.Errorf("disk.attachmentPod: pod %s is in namespace %s, this pod in %s: %w", d.AttachmentPod, p.Namespace, ns, errdefs.ErrPermissionDenied)
+	}
+	if lent := p.Labels[vmspec.AttachmentForLabel]; lent != self {
+		return nil, fmt.Errorf("disk.attachmentPod: pod %s does not lend its volumes to this pod (its label %s is %q, this pod's UID %s): %w", d.AttachmentPod, vmspec.AttachmentForLabel, lent, self, errdefs.ErrPermissionDenied)
+	}
+	for _, spec := range p.Containers {
+		if disks.HasVolume(spec, d.Disk) {
+			return spec, nil
+		}
+	}
+	return nil, fmt.Errorf("disk.attachmentPod: no container of pod %s has volume %s (at %s): %w", d.AttachmentPod, d.Volume, disks.VolumePath(d.Disk), errdefs.ErrNotFound)
 }
 
 // diskOf names the boot or hot-plugged disk whose image fi is, or "". Called with hotMu.
@@ -748,12 +790,16 @@ func sameImage(a, b os.FileInfo) bool {
 	return okA && okB && a.Mode()&os.ModeDevice != 0 && b.Mode()&os.ModeDevice != 0 && sa.Rdev == sb.Rdev
 }
 
-// detachDisk takes out a disk attachDisk plugged in, by name.
+// detachDisk takes out a disk attachDisk plugged in, by name. A disk that is not attached
+// is no error (see attachDisk), and the answer says so.
 func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error) {
 	c.hotMu.Lock()
 	defer c.hotMu.Unlock()
 	if c.isPaused() {
 		return "", fmt.Errorf("%s: %w", vmspec.DetachDiskCommand, errPaused)
+	}
+	if _, ok := c.hot[name]; !ok {
+		return "disk " + name + " is not attached", nil
 	}
 	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil {
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.DetachDiskCommand, name, err)

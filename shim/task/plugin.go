@@ -23,7 +23,9 @@ func init() {
 			if err != nil {
 				return nil, err
 			}
-			return New(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			// containerd's API socket: where the shim looks up another pod's containers
+			// (an attachment pod's volume, docs/design/204), never to change anything
+			return New(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service), ic.Properties[plugins.PropertyGRPCAddress])
 		},
 	})
 }

@@ -31,6 +31,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/pod"
 )
@@ -43,6 +44,7 @@ type service struct {
 	namespace string
 	events    *eventQueue
 	shutdown  shutdown.Service
+	host      pod.Host // what the pod may ask of the node
 
 	podMu sync.Mutex // serialises booting and stopping the VM
 	pod   pod.Pod    // set by the first Create, then fixed
@@ -58,7 +60,8 @@ var (
 )
 
 // New is the task service of a shim process.
-func New(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (*service, error) {
+// containerdAddress is containerd's gRPC socket ("" without one).
+func New(ctx context.Context, publisher shim.Publisher, sd shutdown.Service, containerdAddress string) (*service, error) {
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
 		return nil, err
@@ -69,6 +72,7 @@ func New(ctx context.Context, publisher shim.Publisher, sd shutdown.Service) (*s
 		events:     newEventQueue(ctx, publisher, sd),
 		shutdown:   sd,
 		containers: map[string]*container{},
+		host:       pod.Host{Pods: cri.Containerd{Address: containerdAddress, Namespace: ns}},
 	}
 	sd.RegisterCallback(func(ctx context.Context) error { return s.stopPod(ctx) })
 	if path := listeningSocket(shimSocketFd); path != "" {
@@ -154,7 +158,7 @@ func (s *service) podFor(ctx context.Context, containerID string, spec *specs.Sp
 	if cfg.Debug {
 		_ = log.SetLevel("debug")
 	}
-	p, err := pod.Start(ctx, cfg, podID, spec)
+	p, err := pod.Start(ctx, cfg, podID, spec, s.host)
 	if err != nil {
 		return nil, false, err
 	}

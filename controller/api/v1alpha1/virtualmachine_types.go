@@ -109,6 +109,7 @@ type VirtualMachineTemplateSpec struct {
 // +kubebuilder:validation:XValidation:rule="self.networks.all(n, self.domain.devices.interfaces.exists(i, i.name == n.name))",message="every network needs an interface of the same name in domain.devices.interfaces",fieldPath=".networks"
 // +kubebuilder:validation:XValidation:rule="self.volumes.all(v, !has(v.emptyDisk) || self.domain.devices.disks.all(d, d.name != v.name || (!has(d.cdrom) && !(has(d.disk) && has(d.disk.readonly) && d.disk.readonly))))",message="an emptyDisk volume's disk is a writable disk: not a cdrom, not readOnly",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="!has(self.accessCredentials) || self.accessCredentials.all(c, !has(c.sshPublicKey.propagationMethod.noCloud)) || self.volumes.exists(v, has(v.cloudInitNoCloud))",message="noCloud key propagation needs a cloudInitNoCloud volume",fieldPath=".accessCredentials"
+// +kubebuilder:validation:XValidation:rule="self.volumes.all(v, !(v.?dataVolume.hotpluggable.orValue(false) || v.?persistentVolumeClaim.hotpluggable.orValue(false)) || (v.name.size() <= 20 && self.domain.devices.disks.all(d, d.name != v.name || (!has(d.cdrom) && d.?disk.bus.orValue('virtio') == 'virtio'))))",message="a hotpluggable volume's name is at most 20 characters (its disk's serial) and its disk is a virtio disk",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.volumes.filter(v, has(v.cloudInitNoCloud)).size() <= 1",message="at most one cloudInitNoCloud volume",fieldPath=".volumes"
 // +kubebuilder:validation:XValidation:rule="self.networks.filter(n, has(n.pod) || (has(n.multus) && n.multus.?default.orValue(false))).size() <= 1",message="at most one default network (pod, or multus with default: true)",fieldPath=".networks"
 type InstanceSpec struct {
@@ -557,6 +558,12 @@ type Volume struct {
 	VolumeSource `json:",inline"`
 }
 
+// Hotpluggable says whether the volume is attached to the running VM rather than to its
+// pod.
+func (v *Volume) Hotpluggable() bool {
+	return (v.DataVolume != nil && v.DataVolume.Hotpluggable) || (v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.Hotpluggable)
+}
+
 // VolumeSource is where a volume's data comes from.
 type VolumeSource struct {
 	// ContainerDisk is an ephemeral disk from an OCI image (the disk file in its /disk
@@ -568,7 +575,7 @@ type VolumeSource struct {
 	DataVolume *DataVolumeVolumeSource `json:"dataVolume,omitempty"`
 	// PersistentVolumeClaim holds the disk: a disk.img file (Filesystem) or the device (Block).
 	// +optional
-	PersistentVolumeClaim *corev1.PersistentVolumeClaimVolumeSource `json:"persistentVolumeClaim,omitempty"`
+	PersistentVolumeClaim *PersistentVolumeClaimVolumeSource `json:"persistentVolumeClaim,omitempty"`
 	// CloudInitNoCloud is cloud-init data the guest reads from a NoCloud (cidata) disk.
 	// +optional
 	CloudInitNoCloud *CloudInitNoCloudSource `json:"cloudInitNoCloud,omitempty"`
@@ -605,6 +612,21 @@ type ContainerDiskSource struct {
 type DataVolumeVolumeSource struct {
 	// +kubebuilder:validation:MinLength=1
 	Name string `json:"name"`
+	// Hotpluggable: see PersistentVolumeClaimVolumeSource.
+	// +optional
+	Hotpluggable bool `json:"hotpluggable,omitempty"`
+}
+
+// PersistentVolumeClaimVolumeSource is a PVC in the VM's namespace.
+type PersistentVolumeClaimVolumeSource struct {
+	corev1.PersistentVolumeClaimVolumeSource `json:",inline"`
+	// Hotpluggable volumes are attached to the running VM, not to its pod: added to the
+	// spec while the VM runs, the guest gets the disk without a restart, and removed, it
+	// loses it; a restarted VM gets them again once it runs. Its disk is a virtio disk
+	// whose name (at most 20 characters) is its serial. The PVC reaches the node through
+	// an attachment pod (docs/design/204).
+	// +optional
+	Hotpluggable bool `json:"hotpluggable,omitempty"`
 }
 
 // CloudInitNoCloudSource is NoCloud user and network data, inline or from Secrets.
@@ -772,10 +794,46 @@ type VirtualMachineStatus struct {
 	// going, clears it. The Paused condition and status follow it.
 	// +optional
 	PausedPodUID types.UID `json:"pausedPodUID,omitempty"`
+	// VolumeStatus is where each hotpluggable volume is on its way into the running VM.
+	// +optional
+	// +listType=map
+	// +listMapKey=name
+	VolumeStatus []VolumeStatus `json:"volumeStatus,omitempty"`
 	// +optional
 	// +listType=map
 	// +listMapKey=type
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// VolumePhase is how far a hotpluggable volume is on its way into the VM.
+type VolumePhase string
+
+const (
+	// VolumePending: waiting for the attachment pod that mounts the PVC on the VM's node.
+	VolumePending VolumePhase = "Pending"
+	// VolumeAttachedToNode: the attachment pod runs; the disk is not plugged in yet.
+	VolumeAttachedToNode VolumePhase = "AttachedToNode"
+	// VolumeReady: the guest has the disk.
+	VolumeReady VolumePhase = "Ready"
+	// VolumeDetaching: removed from the spec, being unplugged from the guest.
+	VolumeDetaching VolumePhase = "Detaching"
+)
+
+// VolumeStatus is a hotpluggable volume's way into the running VM.
+type VolumeStatus struct {
+	Name  string      `json:"name"`
+	Phase VolumePhase `json:"phase"`
+	// Reason and Message say why it is not Ready.
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// +optional
+	Message string `json:"message,omitempty"`
+	// AttachmentPod is the pod that mounts the PVC on the VM's node.
+	// +optional
+	AttachmentPod string `json:"attachmentPod,omitempty"`
+	// PodUID is the VM's pod whose guest has the disk (phase Ready or Detaching).
+	// +optional
+	PodUID types.UID `json:"podUID,omitempty"`
 }
 
 // VirtualMachine is a VM that runs as a pod of RuntimeClass vmpod.

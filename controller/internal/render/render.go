@@ -275,6 +275,9 @@ func (r *renderer) volumes(spec *vmpodv1.InstanceSpec) error {
 			}
 			continue
 		}
+		if v.Hotpluggable() {
+			continue // attached to the running VM, not its pod (HotplugVolumes)
+		}
 		d := vmspec.Disk{Name: disk.Name, Volume: v.Name, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio,
 			BootOrder: int(ptr.Deref(disk.BootOrder, 0))}
 		switch {

@@ -59,8 +59,8 @@ func fedora() *vmpodv1.VirtualMachine {
 					Volumes: []vmpodv1.Volume{
 						{Name: "root", VolumeSource: vmpodv1.VolumeSource{ContainerDisk: &vmpodv1.ContainerDiskSource{Image: "quay.io/x/fedora:42", ImagePullSecret: "pull"}}},
 						{Name: "data", VolumeSource: vmpodv1.VolumeSource{DataVolume: &vmpodv1.DataVolumeVolumeSource{Name: "fedora-data"}}},
-						{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "nvme", ReadOnly: true}}},
-						{Name: "iso", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "installer"}}},
+						{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &vmpodv1.PersistentVolumeClaimVolumeSource{PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: "nvme", ReadOnly: true}}}},
+						{Name: "iso", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &vmpodv1.PersistentVolumeClaimVolumeSource{PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: "installer"}}}},
 						{Name: "ci", VolumeSource: vmpodv1.VolumeSource{CloudInitNoCloud: &vmpodv1.CloudInitNoCloudSource{SecretRef: &vmpodv1.LocalObjectReference{Name: "fedora-ci"}}}},
 						{Name: "scratch", VolumeSource: vmpodv1.VolumeSource{EmptyDisk: &vmpodv1.EmptyDiskSource{Capacity: resource.MustParse("1.5Gi")}}},
 					},

@@ -77,6 +77,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	if err != nil {
 		return result, err
 	}
+	result.RequeueAfter = soonest(result.RequeueAfter, run.hotplugRetry)
 	if err := run.writeStatus(ctx); err != nil {
 		return reconcile.Result{}, err
 	}
@@ -107,6 +108,8 @@ type run struct {
 	wantRunning bool
 	setPause    bool // carry out a Pause (pauseVM) or Unpause request in the running pod
 	pauseVM     bool
+	// hotplugRetry is when to try a failed disk attach or detach again (0: not needed)
+	hotplugRetry time.Duration
 }
 
 // blocker is a reason the VM cannot get a pod now.
@@ -135,6 +138,10 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 		if err := r.pause(ctx); err != nil {
 			return reconcile.Result{}, err
 		}
+	}
+	var err error
+	if r.hotplugRetry, err = r.hotplug(ctx); err != nil {
+		return reconcile.Result{}, err
 	}
 
 	switch {

@@ -41,8 +41,8 @@ func TestVMCreatesPod(t *testing.T) {
 	spec.Domain.Devices.Disks = append(spec.Domain.Devices.Disks,
 		vmpodv1.Disk{Name: "data", Disk: &vmpodv1.DiskTarget{Bus: "scsi"}}, vmpodv1.Disk{Name: "fast"})
 	spec.Volumes = append(spec.Volumes,
-		vmpodv1.Volume{Name: "data", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "data"}}},
-		vmpodv1.Volume{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "fast"}}})
+		vmpodv1.Volume{Name: "data", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &vmpodv1.PersistentVolumeClaimVolumeSource{PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: "data"}}}},
+		vmpodv1.Volume{Name: "fast", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &vmpodv1.PersistentVolumeClaimVolumeSource{PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: "fast"}}}})
 	spec.Domain.Devices.Interfaces = []vmpodv1.Interface{{Name: "default"}, {Name: "storage"}}
 	spec.Networks = []vmpodv1.Network{{Name: "default", Pod: &vmpodv1.PodNetwork{}}, {Name: "storage", Multus: &vmpodv1.MultusNetwork{NetworkName: "storage-net"}}}
 	f.create(v)
@@ -322,7 +322,7 @@ func TestVolumesGateThePod(t *testing.T) {
 	f.create(v)
 	w := f.cirros("pvc", vmpodv1.RunStrategyAlways)
 	w.Spec.Template.Spec.Volumes[0] = vmpodv1.Volume{Name: "containerdisk", VolumeSource: vmpodv1.VolumeSource{
-		PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "late"}}}
+		PersistentVolumeClaim: &vmpodv1.PersistentVolumeClaimVolumeSource{PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: "late"}}}}
 	f.create(w)
 
 	got := f.waitStatus("dv", vmpodv1.StatusProvisioning)

@@ -52,10 +52,19 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 		}
 		return reqs
 	})
+	// attachment pods belong to the VM's pod (they go with it), and name the VM in a label
+	byAttachment := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+		vm, ok := o.GetLabels()[render.VMNameLabel]
+		if _, hp := o.GetLabels()[render.HotplugVolumeLabel]; !ok || !hp {
+			return nil
+		}
+		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: vm}}}
+	})
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("virtualmachine").
 		For(&vmpodv1.VirtualMachine{}).
 		Owns(&corev1.Pod{}).
+		Watches(&corev1.Pod{}, byAttachment).
 		Watches(&vmpodv1.DataVolume{}, byClaim).
 		Watches(&corev1.PersistentVolumeClaim{}, byClaim).
 		Complete(r)

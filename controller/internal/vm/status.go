@@ -49,61 +49,69 @@ func (r *run) claims(ctx context.Context) (map[string]render.Claim, error) {
 	claims := map[string]render.Claim{}
 	for i := range r.vm.Spec.Template.Spec.Volumes {
 		v := &r.vm.Spec.Template.Spec.Volumes[i]
-		name := render.ClaimName(v)
-		if name == "" {
-			continue
+		if render.ClaimName(v) == "" || v.Hotpluggable() {
+			continue // a hotpluggable volume waits for its PVC without holding the VM back
 		}
-		if v.DataVolume != nil {
-			if ready, err := r.dataVolumeReady(ctx, name); err != nil || !ready {
-				return nil, err
-			}
+		c, blocked, err := r.claim(ctx, v)
+		if err != nil || blocked != nil {
+			r.blocked = blocked
+			return nil, err
 		}
-		pvc := &corev1.PersistentVolumeClaim{}
-		err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.vm.Namespace, Name: name}, pvc)
-		switch {
-		case apierrors.IsNotFound(err):
-			r.blocked = &blocker{vmpodv1.StatusPvcNotFound, "PVCNotFound", fmt.Sprintf("PVC %s of volume %s not found", name, v.Name), true}
-			return nil, nil
-		case err != nil:
-			return nil, fmt.Errorf("get PVC %s: %w", name, err)
-		}
-		// A PVC a DataVolume fills is usable only once the DataVolume has Succeeded, also
-		// when the VM names the PVC directly: never boot from a half-written disk.
-		if owner := metav1.GetControllerOf(pvc); owner != nil && owner.Kind == "DataVolume" && v.DataVolume == nil {
-			if ready, err := r.dataVolumeReady(ctx, owner.Name); err != nil || !ready {
-				return nil, err
-			}
-		}
-		claims[name] = render.Claim{Block: pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1.PersistentVolumeBlock}
+		claims[render.ClaimName(v)] = c
 	}
 	return claims, nil
 }
 
-// dataVolumeReady is true when the DataVolume has Succeeded; otherwise it sets r.blocked.
-func (r *run) dataVolumeReady(ctx context.Context, name string) (bool, error) {
+// claim looks up the PVC of volume v. It is usable once it exists and a DataVolume that
+// fills it has Succeeded; else the blocker says why not.
+func (r *run) claim(ctx context.Context, v *vmpodv1.Volume) (render.Claim, *blocker, error) {
+	name := render.ClaimName(v)
+	if v.DataVolume != nil {
+		if blocked, err := r.dataVolumeBlocker(ctx, name); err != nil || blocked != nil {
+			return render.Claim{}, blocked, err
+		}
+	}
+	pvc := &corev1.PersistentVolumeClaim{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.vm.Namespace, Name: name}, pvc)
+	switch {
+	case apierrors.IsNotFound(err):
+		return render.Claim{}, &blocker{vmpodv1.StatusPvcNotFound, "PVCNotFound", fmt.Sprintf("PVC %s of volume %s not found", name, v.Name), true}, nil
+	case err != nil:
+		return render.Claim{}, nil, fmt.Errorf("get PVC %s: %w", name, err)
+	}
+	// A PVC a DataVolume fills is usable only once the DataVolume has Succeeded, also
+	// when the VM names the PVC directly: never boot from a half-written disk.
+	if owner := metav1.GetControllerOf(pvc); owner != nil && owner.Kind == "DataVolume" && v.DataVolume == nil {
+		if blocked, err := r.dataVolumeBlocker(ctx, owner.Name); err != nil || blocked != nil {
+			return render.Claim{}, blocked, err
+		}
+	}
+	return render.Claim{Block: pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1.PersistentVolumeBlock}, nil, nil
+}
+
+// dataVolumeBlocker is nil when the DataVolume has Succeeded; otherwise it says why not.
+func (r *run) dataVolumeBlocker(ctx context.Context, name string) (*blocker, error) {
 	dv := &vmpodv1.DataVolume{}
 	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.vm.Namespace, Name: name}, dv)
 	switch {
 	case apierrors.IsNotFound(err):
-		r.blocked = &blocker{vmpodv1.StatusDataVolumeError, "DataVolumeNotFound", fmt.Sprintf("DataVolume %s not found", name), true}
-		return false, nil
+		return &blocker{vmpodv1.StatusDataVolumeError, "DataVolumeNotFound", fmt.Sprintf("DataVolume %s not found", name), true}, nil
 	case err != nil:
-		return false, fmt.Errorf("get DataVolume %s: %w", name, err)
+		return nil, fmt.Errorf("get DataVolume %s: %w", name, err)
 	}
 	switch dv.Status.Phase {
 	case vmpodv1.PhaseSucceeded:
-		return true, nil
+		return nil, nil
 	case vmpodv1.PhaseFailed:
 		msg := fmt.Sprintf("DataVolume %s failed", name)
 		if c := meta.FindStatusCondition(dv.Status.Conditions, vmpodv1.DVReady); c != nil {
 			msg += ": " + c.Reason + ": " + c.Message
 		}
-		r.blocked = &blocker{vmpodv1.StatusDataVolumeError, "DataVolumeFailed", msg, true}
+		return &blocker{vmpodv1.StatusDataVolumeError, "DataVolumeFailed", msg, true}, nil
 	default:
-		r.blocked = &blocker{vmpodv1.StatusProvisioning, "DataVolumeNotReady",
-			fmt.Sprintf("waiting for DataVolume %s (%s %s)", name, dv.Status.Phase, dv.Status.Progress), false}
+		return &blocker{vmpodv1.StatusProvisioning, "DataVolumeNotReady",
+			fmt.Sprintf("waiting for DataVolume %s (%s %s)", name, dv.Status.Phase, dv.Status.Progress), false}, nil
 	}
-	return false, nil
 }
 
 // fillStatus derives the status from the pod and what this pass found.
