@@ -498,3 +498,38 @@ func TestConvertDataSources(t *testing.T) {
 		}
 	}
 }
+
+// TestConvertHotpluggableVolumes: KubeVirt's hotpluggable dataVolume and
+// persistentVolumeClaim volumes (what virtctl addvolume --persist writes) keep the flag.
+func TestConvertHotpluggableVolumes(t *testing.T) {
+	docs, warnings, err := convertString(t, `apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata: {name: hot}
+spec:
+  runStrategy: Always
+  template:
+    spec:
+      domain:
+        devices:
+          disks:
+          - {name: root, disk: {bus: virtio}}
+          - {name: scratch, disk: {bus: virtio}, serial: scratch}
+          - {name: logs, disk: {bus: virtio}}
+        resources: {requests: {memory: 1Gi}}
+      volumes:
+      - {name: root, dataVolume: {name: root}}
+      - {name: scratch, dataVolume: {name: scratch, hotpluggable: true}}
+      - {name: logs, persistentVolumeClaim: {claimName: logs, hotpluggable: true}}
+`)
+	if err != nil {
+		t.Fatalf("convert: %v", err)
+	}
+	vm := decode[vmpodv1.VirtualMachine](t, docs[0])
+	vols := vm.Spec.Template.Spec.Volumes
+	if len(vols) != 3 || vols[0].Hotpluggable() || !vols[1].Hotpluggable() || !vols[2].Hotpluggable() || vols[2].PersistentVolumeClaim.ClaimName != "logs" {
+		t.Errorf("volumes %+v: want scratch and logs hotpluggable, root not", vols)
+	}
+	if strings.Contains(warnings, "hotpluggable") {
+		t.Errorf("warnings about hotpluggable:\n%s", warnings)
+	}
+}

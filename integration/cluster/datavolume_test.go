@@ -81,6 +81,9 @@ func TestDataVolumeImportAndBoot(t *testing.T) {
 			}) {
 				t.Errorf("cloud-init's file in the guest booted from %s: %q", dv, out)
 			}
+			if tc.name == "fs" {
+				hotplugVolume(t, c, ns, vm, pod)
+			}
 			c.Kubectl(t, "delete", "vm.vmpod.dev", "-n", ns, vm, "--wait=true", "--timeout=150s")
 		})
 	}
