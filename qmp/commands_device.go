@@ -73,13 +73,21 @@ func (m *Monitor) DeviceAdd(ctx context.Context, d DeviceOptions) error {
 func (m *Monitor) DeviceDel(ctx context.Context, id string) error {
 	sub := m.Subscribe(DeviceDeletedFilter(id))
 	defer sub.Close()
-	if err := m.run(ctx, "device_del", id, idArgs{id}, nil); err != nil {
+	if err := m.RequestDeviceDel(ctx, id); err != nil {
 		return err
 	}
 	if _, err := sub.Next(ctx); err != nil {
 		return commandFailed("device_del", id, fmt.Errorf("waiting for DEVICE_DELETED: %w", err))
 	}
 	return nil
+}
+
+// RequestDeviceDel asks QEMU to unplug a device (device_del) and returns without waiting,
+// for a device whose removal the caller tells by other means: a vCPU's slot in
+// query-hotpluggable-cpus (measured: QEMU 7.2 under TCG removes an ejected vCPU without
+// sending DEVICE_DELETED).
+func (m *Monitor) RequestDeviceDel(ctx context.Context, id string) error {
+	return m.run(ctx, "device_del", id, idArgs{id}, nil)
 }
 
 // ObjectProperty is one entry of qom-list.

@@ -260,6 +260,83 @@ func TestBenchFreePageReporting(t *testing.T) {
 	report(t, "boot → first agent reply with the balloon: %s; without: %s", boots[true], boots[false])
 }
 
+// TestBenchShrink: what giving back a q35 VM's growth does for the host (issue 11). A VM
+// booted with 1 vCPU and 512 MiB grows to 2 vCPUs and 1536 MiB (virtio-mem); a container
+// touches and frees 768 MiB; then the VM shrinks back to its boot size. Guest RAM resident
+// on the host (PSS) after the touch and after the shrink, without free page reporting (so
+// the shrink alone is measured) and with it (the default), and how long the vCPU unplug
+// and the memory unplug take.
+func TestBenchShrink(t *testing.T) {
+	requireBench(t)
+	n := rounds(3)
+	const settle = 8 * time.Second
+	ctx := context.Background()
+	type result struct{ touched, shrunk int64 }
+	var cpuTimes, memTimes sample
+	measure := func(name string, reporting bool) result {
+		cfg := testenv.VMConfig(t, name)
+		cfg.Type = machine.Q35
+		cfg.VCPUs, cfg.MaxVCPUs = 1, 2
+		cfg.MemoryMiB, cfg.MaxMemoryMiB = 512, 1536
+		cfg.FreePageReporting = reporting
+		vm, _ := bootVM(t, cfg)
+		defer vm.Stop(ctx)
+		if _, err := vm.GrowVCPUs(ctx, 2); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := vm.ResizeMemory(ctx, 1536); err != nil {
+			t.Fatal(err)
+		}
+		rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+		p, err := vm.CreateContainer(ctx, "hog", rootfs, testenv.Spec("dd", "if=/dev/zero", "of=/dev/null", "bs=768M", "count=1"), runtime.Stdio{Stderr: &bytes.Buffer{}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := vm.Agent().StartContainer(ctx, "hog"); err != nil {
+			t.Fatal(err)
+		}
+		if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 {
+			t.Fatalf("dd in the guest: %v, status %d", err, exit.Status)
+		}
+		if err := vm.RemoveContainer(ctx, "hog", true); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(settle)
+		var r result
+		r.touched = pssByKind(t, strconv.Itoa(vm.Machine().Pid()))["guest RAM"]
+		t0 := time.Now()
+		if cpus, err := vm.ShrinkVCPUs(ctx, 1); err != nil || cpus != 1 {
+			t.Fatalf("shrink to 1 vCPU: %d, %v", cpus, err)
+		}
+		t1 := time.Now()
+		if _, err := vm.ResizeMemory(ctx, 512); err != nil {
+			t.Fatalf("shrink memory: %v", err)
+		}
+		cpuTimes, memTimes = append(cpuTimes, t1.Sub(t0)), append(memTimes, time.Since(t1))
+		time.Sleep(settle)
+		r.shrunk = pssByKind(t, strconv.Itoa(vm.Machine().Pid()))["guest RAM"]
+		return r
+	}
+	results := map[bool][]result{}
+	for i := range n {
+		for _, reporting := range []bool{false, true} {
+			results[reporting] = append(results[reporting], measure(fmt.Sprintf("bench-shrink-%d-%v", i, reporting), reporting))
+		}
+	}
+	p50 := func(rs []result, f func(result) int64) int64 {
+		xs := make([]int64, len(rs))
+		for i, r := range rs {
+			xs[i] = f(r)
+		}
+		slices.Sort(xs)
+		return xs[len(xs)/2] >> 20
+	}
+	touched, shrunk := func(r result) int64 { return r.touched }, func(r result) int64 { return r.shrunk }
+	report(t, "q35 grown to 1536 MiB, 768 MiB touched and freed, then shrunk to its 512 MiB boot size (guest RAM PSS, p50 of %d): without free page reporting %d MiB -> %d MiB; with it %d MiB -> %d MiB",
+		n, p50(results[false], touched), p50(results[false], shrunk), p50(results[true], touched), p50(results[true], shrunk))
+	report(t, "shrink: hot-plugged vCPU removed (ACPI eject) %s; 1 GiB of virtio-mem given back %s", cpuTimes, memTimes)
+}
+
 // TestBenchHotplugDisk: how long a disk takes to come into a running q35 VM and to go
 // (issue 11): PlugDisk's QMP steps; until a container in the guest sees the disk in sysfs
 // (polled by exec, so it includes an exec's ~0.3 s under TCG); UnplugDisk until QEMU's

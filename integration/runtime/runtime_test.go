@@ -533,6 +533,27 @@ func testGrowth(t *testing.T, m machine.Type) {
 	if exit.Status != 0 || strings.TrimSpace(out) != "2" {
 		t.Fatalf("nproc in a container: %q (exit %d), want 2", out, exit.Status)
 	}
+	if m != machine.Q35 {
+		if _, err := vm.ShrinkVCPUs(ctx, 1); !errdefs.IsNotImplemented(err) {
+			t.Errorf("shrinking a %s: %v, want NotImplemented (it keeps what it onlined)", m, err)
+		}
+		return
+	}
+	// q35 gives back what it grew by: the hot-plugged vCPU, ejected by the guest, and the
+	// virtio-mem memory, which the guest onlined movable and can empty
+	t0 := time.Now()
+	if cpus, err := vm.ShrinkVCPUs(ctx, 1); err != nil || cpus != 1 {
+		t.Fatalf("shrink to 1 vCPU: %d online, %v", cpus, err)
+	}
+	t1 := time.Now()
+	if mem, err = vm.ResizeMemory(ctx, 512); err != nil || mem > before.MemoryBytes+(64<<20) {
+		t.Fatalf("shrink memory to 512 MiB: the guest has %d MiB (booted with %d), %v", mem>>20, before.MemoryBytes>>20, err)
+	}
+	t.Logf("vCPU removed in %v, 512 MiB given back in %v", t1.Sub(t0).Round(time.Millisecond), time.Since(t1).Round(time.Millisecond))
+	// and it grows again
+	if cpus, err := vm.GrowVCPUs(ctx, 2); err != nil || cpus != 2 {
+		t.Fatalf("grow to 2 vCPUs after the shrink: %d online, %v", cpus, err)
+	}
 }
 
 func TestOOMKillIsReported(t *testing.T) {

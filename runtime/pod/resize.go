@@ -84,8 +84,8 @@ func headroom(t machine.Type, size Size, s nodeconfig.Sizing) Size {
 // UpdateContainer gives container id the resources r. When the pod's limits with r no
 // longer fit the VM, the VM grows first (q35: hot-added vCPUs, virtio-mem; microvm: vCPUs
 // and memory blocks it booted with offline), up to its headroom;
-// then the container's cgroup in the guest takes r. The VM never shrinks: memory the
-// guest has used is not reliably given back, and CPUs are cheap to leave online.
+// then the container's cgroup in the guest takes r. When they need less than the VM grew
+// to, a q35 VM then gives the difference back (shrink); microvm keeps it.
 // An update that asks for more than the headroom changes nothing and says which limit
 // does not fit.
 func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
@@ -137,7 +137,69 @@ func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.
 	p.mu.Lock()
 	c.claim = next
 	p.mu.Unlock()
+	// the lower limits are in force: what the VM grew for and no longer needs goes back
+	p.shrink(ctx, target, shrinkTarget(target, sizeForClaims(after, p.sizing), p.boot, memoryBlockMiB(p.machine)))
 	return nil
+}
+
+// shrinkTarget is the size a VM of size cur takes when the pod's limits need only after:
+// what they need, never below boot (the vCPUs and memory it booted with cannot be
+// unplugged), memory in whole blocks above boot; cur where that is no smaller.
+func shrinkTarget(cur, after, boot Size, blockMiB int) Size {
+	t := cur
+	if v := max(after.VCPUs, boot.VCPUs); v < cur.VCPUs {
+		t.VCPUs = v
+	}
+	if m := boot.MemoryMiB + roundUp(max(after.MemoryMiB-boot.MemoryMiB, 0), blockMiB); m < cur.MemoryMiB {
+		t.MemoryMiB = m
+	}
+	return t
+}
+
+// shrink gives back, on q35, what the VM of size cur has beyond target: hot-plugged vCPUs
+// (unless a container is pinned: its guest CPUs are numbered) and virtio-mem memory, which
+// the guest empties (auto-movable onlining put it in ZONE_MOVABLE) and unplugs. It comes
+// after the guest's cgroups took the lower limits, so it is best effort: a guest that
+// keeps some (memory it cannot move in time, a vCPU it does not release) is logged, not
+// an error of the update. The pod's size becomes the target whatever the guest did: a
+// later growth asks QEMU for absolute amounts, so a size recorded too low only makes it
+// ask again. Only called under resizeMu.
+func (p *containerPod) shrink(ctx context.Context, cur, target Size) {
+	if p.machine != machine.Q35 || target == cur {
+		return // microvm grows by onlining what it booted with, and keeps it (013)
+	}
+	lg := log.G(ctx).WithField("pod", p.id)
+	if target.VCPUs < cur.VCPUs && !p.anyPinned() {
+		lg.Infof("shrinking the VM: %d -> %d vCPUs", cur.VCPUs, target.VCPUs)
+		online, err := p.guest.ShrinkVCPUs(ctx, target.VCPUs)
+		if err != nil {
+			lg.WithError(err).Warnf("the guest keeps %d vCPUs", online)
+		}
+		p.setSize(func(s *Size) { s.VCPUs = target.VCPUs })
+	}
+	if target.MemoryMiB < cur.MemoryMiB {
+		lg.Infof("shrinking the VM: %d -> %d MiB", cur.MemoryMiB, target.MemoryMiB)
+		guestBytes, err := p.guest.ResizeMemory(ctx, target.MemoryMiB)
+		if err != nil {
+			lg.WithError(err).Warnf("the guest still manages %d MiB", guestBytes>>20)
+		} else {
+			lg.Infof("VM shrunk to %d MiB (the guest manages %d MiB)", target.MemoryMiB, guestBytes>>20)
+		}
+		p.setSize(func(s *Size) { s.MemoryMiB = target.MemoryMiB })
+	}
+}
+
+// anyPinned says whether a container has a cpuset: its guest CPUs are numbered, and
+// taking vCPUs away would renumber them under it.
+func (p *containerPod) anyPinned() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.containers {
+		if !c.cpus.IsEmpty() {
+			return true
+		}
+	}
+	return false
 }
 
 // resizeTarget is the size a VM of size cur, at most maxSize, takes for an update that

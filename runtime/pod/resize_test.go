@@ -94,7 +94,7 @@ func TestResizeTarget(t *testing.T) {
 	}{
 		{"fits: nothing to do", Size{2, 1024}, Size{1, 600}, Size{2, 1000}, Size{2, 1024}, ""},
 		{"grows what outgrew the VM", Size{1, 512}, Size{1, 192}, Size{2, 1088}, Size{2, 1088}, ""},
-		{"never shrinks", Size{4, 4096}, Size{4, 4096}, Size{1, 512}, Size{4, 4096}, ""},
+		{"a growth target never shrinks (shrinkTarget does, after)", Size{4, 4096}, Size{4, 4096}, Size{1, 512}, Size{4, 4096}, ""},
 		{"refuses more CPU than the headroom", Size{1, 512}, Size{1, 512}, Size{5, 512}, Size{}, "resources.cpu"},
 		{"refuses more memory than the headroom", Size{1, 512}, Size{1, 512}, Size{1, 9000}, Size{}, "resources.memory.limit"},
 		// booted capped at the maximum (the pod asked for 16 GiB): lowering to 12 GiB is fine
@@ -112,6 +112,26 @@ func TestResizeTarget(t *testing.T) {
 			}
 			if err != nil || got != tc.want {
 				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestShrinkTarget(t *testing.T) {
+	boot := Size{VCPUs: 1, MemoryMiB: 512}
+	for _, tc := range []struct {
+		name             string
+		cur, after, want Size
+	}{
+		{"gives back what the limits no longer need", Size{4, 4096}, Size{2, 1100}, Size{2, 1100}},
+		{"memory in whole blocks above boot", Size{4, 4096}, Size{4, 1101}, Size{4, 1102}},
+		{"never below boot", Size{4, 4096}, Size{1, 300}, Size{1, 512}},
+		{"nothing to give back", Size{2, 1024}, Size{2, 1024}, Size{2, 1024}},
+		{"more needed than the VM has: not a shrink", Size{2, 1024}, Size{3, 2048}, Size{2, 1024}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := shrinkTarget(tc.cur, tc.after, boot, 2); got != tc.want {
+				t.Errorf("shrinkTarget(%+v, %+v) = %+v, want %+v", tc.cur, tc.after, got, tc.want)
 			}
 		})
 	}

@@ -3,7 +3,10 @@ package vmm
 import (
 	"context"
 	"fmt"
+	"path"
 	"slices"
+	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -48,6 +51,67 @@ func (m *Machine) PlugVCPUs(ctx context.Context, total int) (int, error) {
 		}
 	}
 	return plugged + n, nil
+}
+
+// UnplugVCPUs takes hot-plugged vCPUs out again (q35), the last in the topology first,
+// until the machine has total, and returns how many it then has. Only vCPUs PlugVCPUs
+// added can go: the boot vCPUs stay, so the machine never has fewer than it booted with.
+// The guest offlines each vCPU before it lets QEMU remove it (ACPI eject); one it keeps
+// (the guest refused, or did not answer in time) stays, and the error says so.
+func (m *Machine) UnplugVCPUs(ctx context.Context, total int) (int, error) {
+	if m.cfg.Type != machine.Q35 {
+		return 0, fmt.Errorf("vm %s: remove vCPUs: machine %s has no CPU hotplug: %w", m.cfg.Name, m.cfg.Type, errdefs.ErrNotImplemented)
+	}
+	slots, err := m.mon.QueryHotpluggableCPUs(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("vm %s: remove vCPUs: %w", m.cfg.Name, err)
+	}
+	var hot []qmp.HotpluggableCPU
+	plugged := 0
+	for _, s := range slots {
+		if !s.Plugged() {
+			continue
+		}
+		plugged++
+		if strings.HasPrefix(s.QOMPath, qmp.PeripheralPath("")) { // device_add'ed: ours to take
+			hot = append(hot, s)
+		}
+	}
+	slices.SortFunc(hot, func(a, b qmp.HotpluggableCPU) int { return b.Props.Compare(a.Props) })
+	for _, s := range hot {
+		if plugged <= total {
+			break
+		}
+		id := path.Base(s.QOMPath)
+		if err := m.unplugVCPU(ctx, id, s.QOMPath); err != nil {
+			return plugged, fmt.Errorf("vm %s: remove vCPU %s: %w", m.cfg.Name, id, err)
+		}
+		plugged--
+	}
+	return plugged, nil
+}
+
+// unplugVCPU asks for vCPU id's removal and waits until its slot is free: QEMU sends no
+// DEVICE_DELETED for a vCPU the guest ejected (measured, QEMU 7.2 under TCG), so the slot
+// is what tells.
+func (m *Machine) unplugVCPU(ctx context.Context, id, qomPath string) error {
+	if err := m.mon.RequestDeviceDel(ctx, id); err != nil {
+		return err
+	}
+	for {
+		slots, err := m.mon.QueryHotpluggableCPUs(ctx)
+		if err != nil {
+			return err
+		}
+		if !slices.ContainsFunc(slots, func(s qmp.HotpluggableCPU) bool { return s.QOMPath == qomPath }) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the guest did not release it: %w", ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // PlugMemory sets the memory above MemoryMiB the virtio-mem device offers the guest, so

@@ -63,7 +63,9 @@ func (c Config) machineConfig() vmm.Config {
 	}
 	mc.Ports = append([]string{agentv1.PortName}, mc.Ports...)
 	mc.Console = vmm.ConsoleLog
-	params := []string{"console=ttyS0", "quiet", "panic=-1"}
+	// auto-movable: memory added later goes to ZONE_MOVABLE while the kernel keeps enough
+	// of its own, so the virtio-mem blocks a shrink asks back can be emptied (docs/design/008)
+	params := []string{"console=ttyS0", "quiet", "panic=-1", "memory_hotplug.online_policy=auto-movable"}
 	switch mc.SharedFS {
 	case machine.VirtioFS:
 		params = append(params, agentv1.KernelParamShare+"=virtiofs:"+vmm.ShareTag)

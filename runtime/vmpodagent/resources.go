@@ -60,13 +60,57 @@ func (g *Guest) ResizeMemory(ctx context.Context, totalMiB int) (uint64, error) 
 		return 0, err
 	}
 	target := int64(before.MemoryBytes) + delta
+	if delta < 0 {
+		// the guest's virtio-mem driver offlines and unplugs blocks itself; onlining
+		// offline blocks now (OnlineResources) would fight it, so only look
+		got, err := g.awaitSize(ctx, func(_ uint32, mem uint64) bool { return int64(mem) <= target+(64<<20) })
+		return got.mem, err
+	}
 	online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{}, func(_ uint32, mem uint64) bool {
-		if delta >= 0 {
-			return int64(mem) >= target-(64<<20) // the kernel keeps a little for its memmap
-		}
-		return int64(mem) <= target+(64<<20)
+		return int64(mem) >= target-(64<<20) // the kernel keeps a little for its memmap
 	})
 	return online.mem, err
+}
+
+// ShrinkVCPUs takes the guest down to total vCPUs, never below those it booted with (q35:
+// the hot-plugged ones are unplugged, the guest offlining each as QEMU ejects it), and
+// returns how many it then has online. A machine that grows offline (microvm) keeps its
+// vCPUs: NotImplemented (an idle online vCPU costs the host nothing).
+func (g *Guest) ShrinkVCPUs(ctx context.Context, total int) (int, error) {
+	cfg := g.m.Config()
+	if cfg.OfflineGrowth() {
+		return 0, fmt.Errorf("vm %s: remove vCPUs: machine %s grows by onlining and never gives vCPUs back: %w", cfg.Name, cfg.Type, errdefs.ErrNotImplemented)
+	}
+	plugged, err := g.m.UnplugVCPUs(ctx, total)
+	if err != nil {
+		return plugged, err
+	}
+	got, err := g.awaitSize(ctx, func(cpus uint32, _ uint64) bool { return int(cpus) <= plugged })
+	log.G(ctx).Infof("vm %s: %d vCPUs online", cfg.Name, got.cpus)
+	return int(got.cpus), err
+}
+
+// awaitSize waits, only looking (Ping), until done holds for the guest's CPUs and memory,
+// or onlineWait passes.
+func (g *Guest) awaitSize(ctx context.Context, done func(cpus uint32, mem uint64) bool) (guestSize, error) {
+	ctx, cancel := context.WithTimeout(ctx, onlineWait)
+	defer cancel()
+	var last guestSize
+	for {
+		resp, err := g.agent.Ping(ctx)
+		if err != nil {
+			return last, err
+		}
+		last = guestSize{resp.OnlineCpus, resp.MemoryBytes}
+		if done(last.cpus, last.mem) {
+			return last, nil
+		}
+		select {
+		case <-ctx.Done():
+			return last, fmt.Errorf("vm %s: guest has %d CPUs, %d MiB after %v: %w", g.cfg.Name, last.cpus, last.mem>>20, onlineWait, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 type guestSize struct {
