@@ -264,8 +264,8 @@ func TestBenchFreePageReporting(t *testing.T) {
 // booted with 1 vCPU and 512 MiB grows to 2 vCPUs and 1536 MiB (virtio-mem); a container
 // touches and frees 768 MiB; then the VM shrinks back to its boot size. Guest RAM resident
 // on the host (PSS) after the touch and after the shrink, without free page reporting (so
-// the shrink alone is measured) and with it (the default), and how long the vCPU unplug
-// and the memory unplug take.
+// the shrink alone is measured) and with it (the default), and how long the memory unplug
+// (and, under KVM, the vCPU unplug) takes.
 func TestBenchShrink(t *testing.T) {
 	requireBench(t)
 	n := rounds(3)
@@ -304,15 +304,18 @@ func TestBenchShrink(t *testing.T) {
 		time.Sleep(settle)
 		var r result
 		r.touched = pssByKind(t, strconv.Itoa(vm.Machine().Pid()))["guest RAM"]
-		t0 := time.Now()
-		if cpus, err := vm.ShrinkVCPUs(ctx, 1); err != nil || cpus != 1 {
-			t.Fatalf("shrink to 1 vCPU: %d, %v", cpus, err)
+		if vm.Machine().Accel() == machine.KVM { // TCG: QEMU 7.2 does not survive it (008)
+			t0 := time.Now()
+			if cpus, err := vm.ShrinkVCPUs(ctx, 1); err != nil || cpus != 1 {
+				t.Fatalf("shrink to 1 vCPU: %d, %v", cpus, err)
+			}
+			cpuTimes = append(cpuTimes, time.Since(t0))
 		}
 		t1 := time.Now()
 		if _, err := vm.ResizeMemory(ctx, 512); err != nil {
 			t.Fatalf("shrink memory: %v", err)
 		}
-		cpuTimes, memTimes = append(cpuTimes, t1.Sub(t0)), append(memTimes, time.Since(t1))
+		memTimes = append(memTimes, time.Since(t1))
 		time.Sleep(settle)
 		r.shrunk = pssByKind(t, strconv.Itoa(vm.Machine().Pid()))["guest RAM"]
 		return r
@@ -334,7 +337,12 @@ func TestBenchShrink(t *testing.T) {
 	touched, shrunk := func(r result) int64 { return r.touched }, func(r result) int64 { return r.shrunk }
 	report(t, "q35 grown to 1536 MiB, 768 MiB touched and freed, then shrunk to its 512 MiB boot size (guest RAM PSS, p50 of %d): without free page reporting %d MiB -> %d MiB; with it %d MiB -> %d MiB",
 		n, p50(results[false], touched), p50(results[false], shrunk), p50(results[true], touched), p50(results[true], shrunk))
-	report(t, "shrink: hot-plugged vCPU removed (ACPI eject) %s; 1 GiB of virtio-mem given back %s", cpuTimes, memTimes)
+	report(t, "shrink: 1 GiB of virtio-mem given back %s", memTimes)
+	if len(cpuTimes) > 0 {
+		report(t, "shrink: hot-plugged vCPU removed (ACPI eject, until its slot is free) %s", cpuTimes)
+	} else {
+		report(t, "shrink: vCPUs kept (accel %s: QEMU 7.2 under TCG does not survive a vCPU unplug)", machine.TCG)
+	}
 }
 
 // TestBenchHotplugDisk: how long a disk takes to come into a running q35 VM and to go

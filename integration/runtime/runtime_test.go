@@ -539,20 +539,36 @@ func testGrowth(t *testing.T, m machine.Type) {
 		}
 		return
 	}
-	// q35 gives back what it grew by: the hot-plugged vCPU, ejected by the guest, and the
-	// virtio-mem memory, which the guest onlined movable and can empty
-	t0 := time.Now()
-	if cpus, err := vm.ShrinkVCPUs(ctx, 1); err != nil || cpus != 1 {
-		t.Fatalf("shrink to 1 vCPU: %d online, %v", cpus, err)
+	// q35 gives back the virtio-mem memory it grew by, which the guest onlined movable and
+	// can empty; a hot-plugged vCPU only under KVM (QEMU 7.2 under TCG corrupts its heap
+	// unplugging one: measured, docs/design/008)
+	if vm.Machine().Accel() == machine.KVM {
+		if cpus, err := vm.ShrinkVCPUs(ctx, 1); err != nil || cpus != 1 {
+			t.Fatalf("shrink to 1 vCPU: %d online, %v", cpus, err)
+		}
+	} else if _, err := vm.ShrinkVCPUs(ctx, 1); !errdefs.IsNotImplemented(err) {
+		t.Errorf("shrinking vCPUs under %s: %v, want NotImplemented", vm.Machine().Accel(), err)
 	}
-	t1 := time.Now()
+	t0 := time.Now()
 	if mem, err = vm.ResizeMemory(ctx, 512); err != nil || mem > before.MemoryBytes+(64<<20) {
 		t.Fatalf("shrink memory to 512 MiB: the guest has %d MiB (booted with %d), %v", mem>>20, before.MemoryBytes>>20, err)
 	}
-	t.Logf("vCPU removed in %v, 512 MiB given back in %v", t1.Sub(t0).Round(time.Millisecond), time.Since(t1).Round(time.Millisecond))
-	// and it grows again
-	if cpus, err := vm.GrowVCPUs(ctx, 2); err != nil || cpus != 2 {
-		t.Fatalf("grow to 2 vCPUs after the shrink: %d online, %v", cpus, err)
+	t.Logf("512 MiB given back in %v", time.Since(t0).Round(time.Millisecond))
+	// and it grows again, and QEMU stops cleanly after all that
+	if mem, err = vm.ResizeMemory(ctx, 768); err != nil || int64(mem)-int64(before.MemoryBytes) < 250<<20 {
+		t.Fatalf("grow memory after the shrink: the guest has %d MiB, %v", mem>>20, err)
+	}
+	if cpus, err := vm.GrowVCPUs(ctx, 3); err != nil || cpus != 3 {
+		t.Fatalf("grow to 3 vCPUs after the shrink: %d online, %v", cpus, err)
+	}
+	if err := vm.RemoveContainer(ctx, "nproc", true); err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Stop(ctx); err != nil {
+		t.Errorf("stop after the shrink: %v", err)
+	}
+	if err := vm.Machine().ExitErr(); err != nil {
+		t.Errorf("QEMU after the shrink: %v", err)
 	}
 }
 

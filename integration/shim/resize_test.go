@@ -6,7 +6,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // limited is a container that sleeps under limits of cpuMilli thousandths of a CPU and
@@ -80,11 +82,15 @@ func TestUpdateGrowsTheVM(t *testing.T) {
 	assertGrownTo2CPUs1GiB(t, id, bootMem)
 
 	// Lower limits take effect in the cgroup, and then the q35 VM gives back what it grew
-	// for: the hot-plugged vCPU (the guest offlines it as QEMU ejects it) and the virtio-mem
-	// memory (onlined movable, so the guest can empty it), down to its boot size.
+	// for: the virtio-mem memory (onlined movable, so the guest can empty it) and, under
+	// KVM, the hot-plugged vCPU (QEMU 7.2 under TCG does not survive a vCPU unplug).
 	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "100000", "--memory", strconv.Itoa(256<<20), id)
-	if cpus2, mem2, memMax := guestView(t, id); memMax != strconv.Itoa(256<<20) || cpus2 != "0" || mem2 > bootMem+64 {
-		t.Errorf("after lowering the limits: CPUs %s, %d MiB, memory.max %s; want CPU 0, at most %d MiB (booted with %d), %d", cpus2, mem2, memMax, bootMem+64, bootMem, 256<<20)
+	wantCPUs := "0-1"
+	if accel, err := vmm.ResolveAccel(machine.AccelAuto); err == nil && accel == machine.KVM {
+		wantCPUs = "0"
+	}
+	if cpus2, mem2, memMax := guestView(t, id); memMax != strconv.Itoa(256<<20) || cpus2 != wantCPUs || mem2 > bootMem+64 {
+		t.Errorf("after lowering the limits: CPUs %s, %d MiB, memory.max %s; want CPUs %s, at most %d MiB (booted with %d), %d", cpus2, mem2, memMax, wantCPUs, bootMem+64, bootMem, 256<<20)
 	}
 	// and grows again as before
 	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1<<30), id)

@@ -157,7 +157,8 @@ func shrinkTarget(cur, after, boot Size, blockMiB int) Size {
 }
 
 // shrink gives back, on q35, what the VM of size cur has beyond target: hot-plugged vCPUs
-// (unless a container is pinned: its guest CPUs are numbered) and virtio-mem memory, which
+// (under KVM, and unless a container is pinned: its guest CPUs are numbered) and
+// virtio-mem memory, which
 // the guest empties (auto-movable onlining put it in ZONE_MOVABLE) and unplugs. It comes
 // after the guest's cgroups took the lower limits, so it is best effort: a guest that
 // keeps some (memory it cannot move in time, a vCPU it does not release) is logged, not
@@ -172,10 +173,15 @@ func (p *containerPod) shrink(ctx context.Context, cur, target Size) {
 	if target.VCPUs < cur.VCPUs && !p.anyPinned() {
 		lg.Infof("shrinking the VM: %d -> %d vCPUs", cur.VCPUs, target.VCPUs)
 		online, err := p.guest.ShrinkVCPUs(ctx, target.VCPUs)
-		if err != nil {
+		switch {
+		case errdefs.IsNotImplemented(err):
+			lg.WithError(err).Infof("the VM keeps %d vCPUs", cur.VCPUs) // its size stays
+		case err != nil:
 			lg.WithError(err).Warnf("the guest keeps %d vCPUs", online)
+			p.setSize(func(s *Size) { s.VCPUs = target.VCPUs })
+		default:
+			p.setSize(func(s *Size) { s.VCPUs = target.VCPUs })
 		}
-		p.setSize(func(s *Size) { s.VCPUs = target.VCPUs })
 	}
 	if target.MemoryMiB < cur.MemoryMiB {
 		lg.Infof("shrinking the VM: %d -> %d MiB", cur.MemoryMiB, target.MemoryMiB)

@@ -62,6 +62,13 @@ func readHostCPU() hostCPU {
 	return h
 }
 
+// ResolveAccel is the accelerator a VM configured with want gets on this host (auto
+// becomes kvm or tcg), as Start decides it.
+func ResolveAccel(want machine.Accel) (machine.Accel, error) {
+	c, err := resolveAccel(want, readHostCPU())
+	return c.accel, err
+}
+
 // resolveAccel turns auto into kvm or tcg. /dev/kvm alone is not enough: some hosts
 // expose it without hardware virtualisation (PVM here), and a stock guest hangs there.
 func resolveAccel(want machine.Accel, h hostCPU) (accelChoice, error) {
