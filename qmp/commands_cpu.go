@@ -45,6 +45,21 @@ func (a CPUProps) Compare(b CPUProps) int {
 	return 0
 }
 
+// Name is a device id for the vCPU of this slot, unique among the machine's slots:
+// "cpu-s<socket>-c<core>-t<thread>" (with -n<node>/-d<die> where set).
+func (a CPUProps) Name() string {
+	name := "cpu"
+	for _, part := range []struct {
+		tag string
+		v   *int
+	}{{"n", a.NodeID}, {"s", a.SocketID}, {"d", a.DieID}, {"c", a.CoreID}, {"t", a.ThreadID}} {
+		if part.v != nil {
+			name += fmt.Sprintf("-%s%d", part.tag, *part.v)
+		}
+	}
+	return name
+}
+
 // QueryHotpluggableCPUs lists the vCPU slots (query-hotpluggable-cpus). It needs a
 // machine with CPU hotplug, such as q35.
 func (m *Monitor) QueryHotpluggableCPUs(ctx context.Context) ([]HotpluggableCPU, error) {

@@ -313,3 +313,18 @@ func TestAddFDAndRemoveFDSet(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A vCPU's device id names its slot: unique among the slots, whichever props the machine
+// sets.
+func TestCPUPropsName(t *testing.T) {
+	n := func(v int) *int { return &v }
+	for props, want := range map[qmp.CPUProps]string{
+		{SocketID: n(0), CoreID: n(1), ThreadID: n(0)}:            "cpu-s0-c1-t0",
+		{NodeID: n(1), SocketID: n(2), DieID: n(0), CoreID: n(3)}: "cpu-n1-s2-d0-c3",
+		{}: "cpu",
+	} {
+		if got := props.Name(); got != want {
+			t.Errorf("%+v.Name() = %q, want %q", props, got, want)
+		}
+	}
+}

@@ -649,6 +649,7 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	}
 	waitExec(t, id, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
 	attachFromPod(t, id, vmUID)
+	plugInterface(t, id, pod.ID)
 	// CRI stats of the compute container are QEMU's cgroup's
 	var stats struct {
 		Stats []struct {
@@ -676,6 +677,34 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(termLog); !strings.Contains(string(b), "GuestPanicked") {
 		t.Errorf("termination message %q, want the panic", b)
+	}
+}
+
+// plugInterface: an interface added to the running VM pod's netns (as multus' dynamic
+// networks controller adds one) becomes a guest NIC with the interface's MAC, and the
+// guest's DHCP on it gets the interface's address, reachable from the veth's other end;
+// removed, the NIC leaves the guest. docs/design/205.
+func plugInterface(t *testing.T, id, podID string) {
+	t.Helper()
+	net1 := testenv.AddPodInterface(t, podID, "net1", "10.250.8.1/24", "10.250.8.2/24")
+	byMAC := `for i in /sys/class/net/*; do [ "$(cat $i/address)" = ` + net1.MAC + ` ] && basename $i; done; true`
+	ifname := strings.TrimSpace(waitExec(t, id, time.Minute, "eth", "sh", "-c", byMAC))
+	if out, err := execIn(id, time.Minute, "dhclient", "-1", ifname); err != nil {
+		t.Fatalf("dhclient -1 %s in the guest: %q, %v", ifname, out, err)
+	}
+	waitExec(t, id, 30*time.Second, "10.250.8.2/24", "ip", "-4", "addr", "show", "dev", ifname)
+	if b, err := exec.Command("ping", "-c", "1", "-W", "5", "-I", net1.Host, "10.250.8.2").CombinedOutput(); err != nil {
+		t.Errorf("ping the guest's %s from the veth's other end: %v\n%s", ifname, err, b)
+	}
+	testenv.RemovePodInterface(t, net1)
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(2 * time.Second) {
+		out := waitExec(t, id, time.Minute, "eth0", "ls", "/sys/class/net")
+		if !strings.Contains(out, ifname) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still in the guest after its pod interface went: %q", ifname, out)
+		}
 	}
 }
 

@@ -16,6 +16,10 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
+// maxListBytes bounds the reply listing the node's containers: specs are ~10-30 KiB, so
+// a few thousand containers.
+const maxListBytes = 128 << 20
+
 // Pod is a pod on this node as containerd's CRI plugin recorded it.
 type Pod struct {
 	UID       string
@@ -45,7 +49,10 @@ func (c Containerd) Pod(ctx context.Context, uid string) (*Pod, error) {
 	if c.Address == "" {
 		return nil, fmt.Errorf("pod %s: the shim was started without containerd's address: %w", uid, errdefs.ErrFailedPrecondition)
 	}
-	conn, err := grpc.NewClient("unix://"+c.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// every container with its spec in one reply: more than gRPC's default 4 MiB on a
+	// busy node
+	conn, err := grpc.NewClient("unix://"+c.Address, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxListBytes)))
 	if err != nil {
 		return nil, fmt.Errorf("containerd at %s: %w", c.Address, err)
 	}

@@ -185,18 +185,20 @@ type DHCPServer struct {
 	wg      sync.WaitGroup
 }
 
-// ServeDHCP starts answering the guest on the tap of the plumbing's interface named name.
-// Close stops it.
+// ServeDHCP starts answering the guest on the tap of the plumbing's interface named name
+// (one Plumb or Add plumbed). Close stops it.
 func (p *Plumbing) ServeDHCP(name string, lease Lease) (*DHCPServer, error) {
-	var iface *Interface
-	for i := range p.plan.Interfaces {
-		if p.plan.Interfaces[i].Name == name {
-			iface = &p.plan.Interfaces[i]
-		}
+	p.mu.Lock()
+	pl, ok := p.plumbed[name]
+	closed := p.closed
+	p.mu.Unlock()
+	if closed {
+		return nil, fmt.Errorf("network: DHCP: %w", errTornDown)
 	}
-	if iface == nil {
+	if !ok {
 		return nil, fmt.Errorf("network: DHCP: no pod interface %s", name)
 	}
+	iface := &pl.iface
 	pn, err := openNetns(p.plan.Netns)
 	if err != nil {
 		return nil, fmt.Errorf("network: DHCP: netns %s: %w", p.plan.Netns, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -18,8 +19,22 @@ import (
 type Plumbing struct {
 	plan *Plan
 	nics []vmm.NIC
+	pn   *podNetns
 	// undo holds everything Plumb created, to be removed last-first.
 	undo cleanup.Stack
+
+	mu     sync.Mutex
+	closed bool // torn down: its netns handle is closed (a closed handle works in the shim's own netns)
+	// plumbed are the interfaces with a tap, by link name: Plan's, then those Add plumbed
+	plumbed map[string]*plumbed
+	nextTap int // numbers the taps Add makes, after Plan's
+}
+
+// plumbed is one interface made real: its tap, and (for one Add plumbed) what removes it.
+type plumbed struct {
+	iface    Interface
+	tapIndex int
+	undo     *cleanup.Stack // nil for Plan's: Teardown removes those
 }
 
 // Plumb creates, for each interface of plan, its tap in the netns (same MTU, up, no IPv6
@@ -34,7 +49,7 @@ func Plumb(plan *Plan) (_ *Plumbing, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("network: netns %s: %w", plan.Netns, err)
 	}
-	p := &Plumbing{plan: plan}
+	p := &Plumbing{plan: plan, pn: pn, plumbed: map[string]*plumbed{}, nextTap: len(plan.Interfaces)}
 	p.undo.Add("close netns", pn.close)
 	defer func() {
 		if retErr != nil {
@@ -44,62 +59,64 @@ func Plumb(plan *Plan) (_ *Plumbing, retErr error) {
 		}
 	}()
 	for _, iface := range plan.Interfaces {
-		tap, err := p.plumbInterface(pn, iface)
+		tap, tapIndex, err := p.plumbInterface(pn, iface, &p.undo)
 		if err != nil {
 			return nil, fmt.Errorf("network: netns %s: link %s: %w", plan.Netns, iface.Name, err)
 		}
 		p.nics = append(p.nics, vmm.NIC{Tap: tap, MAC: iface.MAC.String()})
+		p.plumbed[iface.Name] = &plumbed{iface: iface, tapIndex: tapIndex}
 	}
 	return p, nil
 }
 
-// plumbInterface does one interface, pushing an undo for each thing it creates.
-func (p *Plumbing) plumbInterface(pn *podNetns, iface Interface) (*os.File, error) {
+// plumbInterface does one interface, pushing onto undo an undo for each thing it creates,
+// and returns its tap's file and ifindex.
+func (p *Plumbing) plumbInterface(pn *podNetns, iface Interface, undo *cleanup.Stack) (*os.File, int, error) {
 	link, err := pn.handle.LinkByIndex(iface.Index)
 	if err != nil {
-		return nil, fmt.Errorf("gone since Inspect (ifindex %d): %w", iface.Index, err)
+		return nil, 0, fmt.Errorf("gone since Inspect (ifindex %d): %w", iface.Index, err)
 	}
 	if a := link.Attrs(); a.Name != iface.Name || !bytes.Equal(a.HardwareAddr, iface.MAC) {
-		return nil, fmt.Errorf("changed since Inspect: ifindex %d is now %s with MAC %s", iface.Index, a.Name, a.HardwareAddr)
+		return nil, 0, fmt.Errorf("changed since Inspect: ifindex %d is now %s with MAC %s", iface.Index, a.Name, a.HardwareAddr)
 	}
 
 	tapFile, err := createTap(pn.ns, iface.Tap)
 	if err != nil {
-		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+		return nil, 0, fmt.Errorf("tap %s: %w", iface.Tap, err)
 	}
 	tap, err := pn.handle.LinkByName(iface.Tap)
 	if err != nil {
 		_ = tapFile.Close() // the only descriptor: the tap goes with it
-		return nil, fmt.Errorf("tap %s: not found after creating it: %w", iface.Tap, err)
+		return nil, 0, fmt.Errorf("tap %s: not found after creating it: %w", iface.Tap, err)
 	}
-	p.undo.Add("remove tap "+iface.Tap, func() error { return pn.removeTap(tapFile, tap.Attrs().Index) })
+	undo.Add("remove tap "+iface.Tap, func() error { return pn.removeTap(tapFile, tap.Attrs().Index) })
 
 	if err := pn.prepareTap(tap, iface.MTU); err != nil {
-		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+		return nil, 0, fmt.Errorf("tap %s: %w", iface.Tap, err)
 	}
 	if m := p.plan.Masquerade; m != nil && m.Interface == iface.Name {
 		if err := p.plumbMasquerade(pn, iface, tap); err != nil {
-			return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+			return nil, 0, fmt.Errorf("tap %s: %w", iface.Tap, err)
 		}
-		return tapFile, nil
+		return tapFile, tap.Attrs().Index, nil
 	}
 	if err := pn.addIngress(link.Attrs().Index); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	p.undo.Add("delete ingress qdisc of "+iface.Name, func() error { return pn.delIngress(link.Attrs().Index) })
+	undo.Add("delete ingress qdisc of "+iface.Name, func() error { return pn.delIngress(link.Attrs().Index) })
 	if err := pn.addIngress(tap.Attrs().Index); err != nil {
-		return nil, fmt.Errorf("tap %s: %w", iface.Tap, err)
+		return nil, 0, fmt.Errorf("tap %s: %w", iface.Tap, err)
 	}
-	p.undo.Add("delete ingress qdisc of "+iface.Tap, func() error { return pn.delIngress(tap.Attrs().Index) })
+	undo.Add("delete ingress qdisc of "+iface.Tap, func() error { return pn.delIngress(tap.Attrs().Index) })
 
 	// The filters go with their qdiscs: no undo of their own.
 	if err := pn.redirect(link.Attrs().Index, tap.Attrs().Index); err != nil {
-		return nil, fmt.Errorf("%s to tap %s: %w", iface.Name, iface.Tap, err)
+		return nil, 0, fmt.Errorf("%s to tap %s: %w", iface.Name, iface.Tap, err)
 	}
 	if err := pn.redirect(tap.Attrs().Index, link.Attrs().Index); err != nil {
-		return nil, fmt.Errorf("tap %s to %s: %w", iface.Tap, iface.Name, err)
+		return nil, 0, fmt.Errorf("tap %s to %s: %w", iface.Tap, iface.Name, err)
 	}
-	return tapFile, nil
+	return tapFile, tap.Attrs().Index, nil
 }
 
 // in6AddrGenModeNone is IN6_ADDR_GEN_MODE_NONE of linux/if_link.h (not in x/sys/unix).
@@ -144,6 +161,9 @@ func (p *podNetns) removeTap(tapFile *os.File, index int) error {
 	return closeErr
 }
 
+// errTornDown: the plumbing's netns handle is closed.
+var errTornDown = errors.New("the pod network is torn down")
+
 // Plan is the plan this plumbing was made from.
 func (p *Plumbing) Plan() *Plan { return p.plan }
 
@@ -157,7 +177,18 @@ func (p *Plumbing) NICs() []vmm.NIC { return append([]vmm.NIC(nil), p.nics...) }
 // stopped; if QEMU still runs, its NICs lose their link. Errors name each step that
 // failed; everything is attempted. Calling it again does nothing.
 func (p *Plumbing) Teardown() error {
-	if err := p.undo.Run(); err != nil {
+	p.mu.Lock()
+	p.closed = true
+	var errs []error
+	for name, pl := range p.plumbed {
+		if pl.undo != nil {
+			errs = append(errs, pl.undo.Run())
+			delete(p.plumbed, name)
+		}
+	}
+	errs = append(errs, p.undo.Run())
+	p.mu.Unlock()
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("network: netns %s: teardown: %w", p.plan.Netns, err)
 	}
 	return nil

@@ -42,6 +42,9 @@ type containerPod struct {
 	loopback *network.LoopbackRedirect // port-forwards into the guest; nil without a netns
 
 	resizeMu sync.Mutex // one resize at a time
+	// nics follows the netns for interfaces added later; stopNetwork ends that
+	nics        *nicFollower
+	stopNetwork context.CancelFunc
 
 	pinMu  sync.Mutex    // one vCPU pinning at a time
 	pinned cpuset.CPUSet // the host CPUs the vCPUs run on; empty: anywhere
@@ -144,6 +147,10 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
 		go p.servePortForwards(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
+		p.nics = &nicFollower{pod: podID, network: plumbing, machine: guest.Machine(), configure: p.configureNIC}
+		var netCtx context.Context
+		netCtx, p.stopNetwork = context.WithCancel(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx)))
+		p.nics.follow(netCtx)
 	}
 	undo.Release()
 	return p, nil
@@ -390,6 +397,11 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 func (p *containerPod) Stop(ctx context.Context) error {
 	p.stopOnce.Do(func() {
 		var err error
+		if p.stopNetwork != nil {
+			// a sync under way must not plumb a tap after the teardown below
+			p.stopNetwork()
+			<-p.nics.done
+		}
 		if p.loopback != nil {
 			err = p.loopback.Close()
 		}

@@ -45,6 +45,7 @@ type vmPod struct {
 	hostname string
 	stateDir string
 	network  *network.Plumbing         // nil without a pod network namespace
+	keptNICs map[string]int            // pod interfaces the VM's spec leaves out, by name: ifindex
 	loopback *network.LoopbackRedirect // VNC on the pod's localhost; nil without a netns
 	// masquerade: the first interface's guest is behind NAT, reachable from the netns, so
 	// port-forwards to its ports work
@@ -99,8 +100,13 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 			}
 		}
 		// only the interfaces the VM has get a tap: the others stay as CNI made them
+		p.keptNICs = map[string]int{} // never plugged in later either (docs/design/205)
 		plan.Interfaces = slices.DeleteFunc(plan.Interfaces, func(i network.Interface) bool {
-			return !slices.ContainsFunc(vm.Interfaces, func(v vmspec.Interface) bool { return v.PodInterface == i.Name })
+			if slices.ContainsFunc(vm.Interfaces, func(v vmspec.Interface) bool { return v.PodInterface == i.Name }) {
+				return false
+			}
+			p.keptNICs[i.Name] = i.Index
+			return true
 		})
 		for _, iface := range vm.Interfaces {
 			if iface.Binding == vmspec.BindingMasquerade {

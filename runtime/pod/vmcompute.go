@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -61,6 +62,10 @@ type computeVM struct {
 	console net.Conn
 	termLog string      // host path of the compute container's termination log, if mounted
 	spec    *specs.Spec // the compute container's, whose volumes disks are opened in
+
+	// nics follows the pod's netns for interfaces added while the VM runs; stopNICs ends it
+	nics     *nicFollower
+	stopNICs context.CancelFunc
 
 	hotMu sync.Mutex
 	hot   map[string]os.FileInfo // hot-plugged disks' images, by disk name
@@ -211,6 +216,16 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 
 	go c.pumpConsole(stdio)
 	go c.watch(log.WithLogger(context.WithoutCancel(ctx), lg))
+	if p.network != nil {
+		dns, search := resolvConf(spec)
+		c.nics = &nicFollower{pod: p.id, network: p.network, machine: m, configureFirst: true, kept: p.keptNICs,
+			configure: func(_ context.Context, plan *network.Plan, iface network.Interface) (func() error, error) {
+				return c.serveDHCP(plan, iface, dns, search)
+			}}
+		var nicCtx context.Context
+		nicCtx, c.stopNICs = context.WithCancel(log.WithLogger(context.WithoutCancel(ctx), lg))
+		c.nics.follow(nicCtx)
+	}
 	lg.Infof("VM created in %v (QEMU pid %d, paused until the container starts)", time.Since(started).Round(time.Millisecond), m.Pid())
 	return c, nil
 }
@@ -477,9 +492,28 @@ func (c *computeVM) CloseStdin(context.Context) error {
 
 func (c *computeVM) Remove(context.Context) error { return nil }
 
+// serveDHCP answers the guest's DHCP on a NIC plugged for iface (of plan, a Rescan's):
+// the pod interface's address, as the boot NICs get theirs.
+func (c *computeVM) serveDHCP(plan *network.Plan, iface network.Interface, dns []netip.Addr, search []string) (func() error, error) {
+	lease, err := plan.LeaseFor(iface.Name, dns, search, c.pod.hostname)
+	if err != nil {
+		return nil, nil // no address to give: the guest configures itself
+	}
+	srv, err := c.pod.network.ServeDHCP(iface.Name, lease)
+	if err != nil {
+		return nil, err
+	}
+	return srv.Close, nil
+}
+
 // shutDown stops QEMU if it still runs and releases everything the boot made.
 func (c *computeVM) shutDown() error {
 	c.shutOnce.Do(func() {
+		if c.stopNICs != nil {
+			// a plug under way must not outlive the VM, nor its taps the teardown
+			c.stopNICs()
+			<-c.nics.done
+		}
 		select {
 		case <-c.machine.Done():
 		default:

@@ -45,7 +45,8 @@ func (m *Machine) PlugVCPUs(ctx context.Context, total int) (int, error) {
 		return plugged, fmt.Errorf("vm %s: %d vCPUs: only %d of max_vcpus %d free: %w", m.cfg.Name, total, len(free), m.cfg.MaxVCPUs, errdefs.ErrInvalidArgument)
 	}
 	for i := range n {
-		id := fmt.Sprintf("cpu%d", plugged+i)
+		// named by its slot: an id that no other vCPU, earlier or later, can have
+		id := free[i].Props.Name()
 		if err := m.mon.AddCPU(ctx, id, free[i]); err != nil {
 			return plugged + i, fmt.Errorf("vm %s: add vCPU %s: %w", m.cfg.Name, id, err)
 		}
@@ -88,13 +89,19 @@ func (m *Machine) UnplugVCPUs(ctx context.Context, total int) (int, error) {
 			break
 		}
 		id := path.Base(s.QOMPath)
-		if err := m.unplugVCPU(ctx, id, s.QOMPath); err != nil {
+		uctx, cancel := context.WithTimeout(ctx, vcpuUnplugWait)
+		err := m.unplugVCPU(uctx, id, s.QOMPath)
+		cancel()
+		if err != nil {
 			return plugged, fmt.Errorf("vm %s: remove vCPU %s: %w", m.cfg.Name, id, err)
 		}
 		plugged--
 	}
 	return plugged, nil
 }
+
+// vcpuUnplugWait bounds the wait for the guest to release one vCPU.
+const vcpuUnplugWait = 30 * time.Second
 
 // unplugVCPU asks for vCPU id's removal and waits until its slot is free: QEMU sends no
 // DEVICE_DELETED for a vCPU the guest ejected (measured, QEMU 7.2 under TCG), so the slot

@@ -41,8 +41,9 @@ type Machine struct {
 	share  *sharedDir // nil without a shared filesystem
 	cgroup *podCgroup // nil without Config.Cgroup
 
-	plugMu    sync.Mutex             // one disk plug or unplug at a time
+	plugMu    sync.Mutex             // one disk or NIC plug or unplug at a time
 	disks     map[string]pluggedDisk // hot-plugged disks, by device id
+	nics      map[string]string      // hot-plugged NICs' netdev ids, by device id
 	nextFDSet int                    // the last hot-plugged disk's fd set, less firstHotFDSet
 
 	exited  chan struct{} // closed when QEMU exits

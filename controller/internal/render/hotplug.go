@@ -14,8 +14,13 @@ import (
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 )
 
-// HotplugVolumeLabel on an attachment pod names the VM's volume it mounts.
-const HotplugVolumeLabel = "vmpod.dev/hotplug-volume"
+const (
+	// HotplugVolumeLabel on an attachment pod names the VM's volume it mounts.
+	HotplugVolumeLabel = "vmpod.dev/hotplug-volume"
+	// AttachmentFinalizer holds an attachment pod (and the kubelet from unmounting its
+	// volume) until the disk is out of the VM, or the VM's QEMU is gone.
+	AttachmentFinalizer = "vmpod.dev/hotplug-detach"
+)
 
 // HotplugVolume is a hotpluggable volume of a VM: attached to the running VM through an
 // attachment pod that mounts its PVC on the VM pod's node (docs/design/204).
@@ -82,6 +87,7 @@ func AttachmentPod(vm *vmpodv1.VirtualMachine, vmPod *corev1.Pod, hv HotplugVolu
 				vmspec.AttachmentForLabel: string(vmPod.UID),
 			},
 			OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(vmPod, corev1.SchemeGroupVersion.WithKind("Pod"))},
+			Finalizers:      []string{AttachmentFinalizer},
 		},
 		Spec: corev1.PodSpec{
 			// the VM pod's node, through the scheduler (a nodeName would skip the volume

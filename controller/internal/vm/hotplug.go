@@ -11,7 +11,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/vmpod/vmpod/api/vmspec"
@@ -33,8 +35,29 @@ const hotplugExecWait = 3 * time.Minute
 // its attachment pod deleted. status.volumeStatus records each one's way. It returns how
 // soon to look again (0: when something changes).
 func (r *run) hotplug(ctx context.Context) (time.Duration, error) {
-	if !r.podRunning() || !r.wantRunning {
-		// no guest to plug into: the attachment pods go with their VM pod (owner)
+	running := r.podRunning() && r.wantRunning
+	pods := &corev1.PodList{}
+	if err := r.Client.List(ctx, pods, ctrl.InNamespace(r.vm.Namespace), ctrl.MatchingLabels{render.VMNameLabel: r.vm.Name}, ctrl.HasLabels{render.HotplugVolumeLabel}); err != nil {
+		return 0, fmt.Errorf("list attachment pods: %w", err)
+	}
+	attachment := map[string]*corev1.Pod{}
+	stale := map[string]bool{} // attachment pods' names still taken by an earlier VM pod's
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if running && metav1.IsControlledBy(p, r.pod) && p.Labels[vmspec.AttachmentForLabel] == string(r.pod.UID) {
+			attachment[p.Labels[render.HotplugVolumeLabel]] = p
+			continue
+		}
+		// an earlier VM pod's, or this one's whose VM does not run (any more): it goes
+		// once no QEMU can have its disk open
+		stale[p.Name] = true
+		if r.qemuGone(p) {
+			if err := r.releaseAttachmentPod(ctx, p); err != nil {
+				return 0, err
+			}
+		}
+	}
+	if !running {
 		r.status.VolumeStatus = nil
 		return 0, nil
 	}
@@ -44,28 +67,8 @@ func (r *run) hotplug(ctx context.Context) (time.Duration, error) {
 	}
 	wanted, err := render.HotplugVolumes(src)
 	if err != nil {
-		r.status.VolumeStatus = nil
 		r.event(corev1.EventTypeWarning, "InvalidSpec", "HotplugVolume", "%v", err)
-		return 0, nil // nothing to do until the spec changes
-	}
-	pods := &corev1.PodList{}
-	if err := r.Client.List(ctx, pods, ctrl.InNamespace(r.vm.Namespace), ctrl.MatchingLabels{render.VMNameLabel: r.vm.Name}, ctrl.HasLabels{render.HotplugVolumeLabel}); err != nil {
-		return 0, fmt.Errorf("list attachment pods: %w", err)
-	}
-	attachment := map[string]*corev1.Pod{}
-	stale := map[string]bool{} // attachment pods' names still taken by an earlier VM pod's
-	for i := range pods.Items {
-		p := &pods.Items[i]
-		if metav1.IsControlledBy(p, r.pod) && p.Labels[vmspec.AttachmentForLabel] == string(r.pod.UID) {
-			attachment[p.Labels[render.HotplugVolumeLabel]] = p
-			continue
-		}
-		// an earlier VM pod's: the garbage collector takes it with that pod, but its name
-		// is this pod's to use now
-		stale[p.Name] = true
-		if err := r.deleteAttachmentPod(ctx, p); err != nil {
-			return 0, err
-		}
+		wanted = nil // what is attached is detached: the spec no longer says what it wants
 	}
 	old := map[string]vmpodv1.VolumeStatus{}
 	for _, s := range r.status.VolumeStatus {
@@ -84,26 +87,29 @@ func (r *run) hotplug(ctx context.Context) (time.Duration, error) {
 		retry = soonest(retry, again)
 		next = append(next, s)
 	}
-	for _, s := range old {
-		if slices.ContainsFunc(wanted, func(hv render.HotplugVolume) bool { return hv.Name == s.Name }) {
+	// volumes no longer wanted: by their status, or by an attachment pod the status lost
+	unwanted := map[string]bool{}
+	for name := range old {
+		unwanted[name] = true
+	}
+	for name := range attachment {
+		unwanted[name] = true
+	}
+	for name := range unwanted {
+		if slices.ContainsFunc(wanted, func(hv render.HotplugVolume) bool { return hv.Name == name }) {
 			continue
 		}
-		s, again, err := r.detach(ctx, s, attachment[s.Name])
+		was, ok := old[name]
+		if !ok {
+			was = vmpodv1.VolumeStatus{Name: name, Phase: vmpodv1.VolumeDetaching, AttachmentPod: attachment[name].Name}
+		}
+		s, again, err := r.detach(ctx, was, attachment[name])
 		if err != nil {
 			return 0, err
 		}
 		retry = soonest(retry, again)
 		if s != nil {
 			next = append(next, *s)
-		}
-	}
-	// attachment pods of volumes neither wanted nor attached
-	for name, p := range attachment {
-		if slices.ContainsFunc(next, func(s vmpodv1.VolumeStatus) bool { return s.Name == name }) {
-			continue
-		}
-		if err := r.deleteAttachmentPod(ctx, p); err != nil {
-			return 0, err
 		}
 	}
 	slices.SortFunc(next, func(a, b vmpodv1.VolumeStatus) int { return cmp.Compare(a.Name, b.Name) })
@@ -149,11 +155,18 @@ func (r *run) attach(ctx context.Context, hv render.HotplugVolume, pod *corev1.P
 		r.event(corev1.EventTypeNormal, "SuccessfulCreate", "HotplugVolume", "created attachment pod %s for volume %s", p.Name, hv.Name)
 		s.AttachmentPod, s.Reason, s.Message = p.Name, "AttachmentPodCreated", "waiting for the attachment pod to mount the volume on node "+r.pod.Spec.NodeName
 		return s, 0, nil
-	case pod.DeletionTimestamp != nil:
-		s.Reason, s.Message = "AttachmentPodTerminating", "waiting for the old attachment pod to go"
+	case pod.DeletionTimestamp != nil, pod.Status.Phase == corev1.PodFailed, pod.Status.Phase == corev1.PodSucceeded:
+		// going (deleted by someone, evicted) or ended: the disk comes out before the
+		// kubelet may unmount its volume (the finalizer holds it), and a new attachment
+		// pod brings it back
+		if out, again, err := r.detach(ctx, vmpodv1.VolumeStatus{Name: hv.Name, Phase: vmpodv1.VolumeDetaching, AttachmentPod: pod.Name}, pod); err != nil || out != nil {
+			if out != nil {
+				s = *out
+			}
+			return s, again, err
+		}
+		s.Reason, s.Message = "AttachmentPodTerminating", fmt.Sprintf("attachment pod %s is going: the disk is out until a new one mounts the volume", pod.Name)
 		return s, 0, nil
-	case pod.Status.Phase == corev1.PodFailed || pod.Status.Phase == corev1.PodSucceeded:
-		return s, 0, r.deleteAttachmentPod(ctx, pod) // its replacement comes next pass
 	case pod.Status.Phase != corev1.PodRunning:
 		s.Reason, s.Message = "AttachmentPodNotRunning", fmt.Sprintf("attachment pod %s is %s", pod.Name, pod.Status.Phase)
 		return s, 0, nil
@@ -186,47 +199,100 @@ func (r *run) attach(ctx context.Context, hv render.HotplugVolume, pod *corev1.P
 	return s, 0, nil
 }
 
-// detach unplugs a volume gone from the spec, then deletes its attachment pod. It returns
-// the volume's status while it is still on its way out, nil once it is gone.
+// detach unplugs a volume's disk (idempotent in the shim: also when the status never saw
+// it attached — an attach whose answer was lost may have plugged it), then lets its
+// attachment pod go. It returns the volume's status while it is still on its way out, nil
+// once it is out.
 func (r *run) detach(ctx context.Context, was vmpodv1.VolumeStatus, pod *corev1.Pod) (*vmpodv1.VolumeStatus, time.Duration, error) {
-	if was.Phase == vmpodv1.VolumeReady || was.Phase == vmpodv1.VolumeDetaching {
-		s := was
-		s.Phase = vmpodv1.VolumeDetaching
-		if r.paused() {
-			s.Reason, s.Message = "Paused", "the disk is unplugged once the VM is unpaused"
-			return &s, 0, nil
-		}
-		if r.Exec == nil {
-			s.Reason, s.Message = "NoPodExec", "the controller runs without pod exec: it cannot unplug disks"
-			return &s, 0, nil
-		}
-		execCtx, cancel := context.WithTimeout(ctx, hotplugExecWait)
-		defer cancel()
-		if _, err := r.Exec.Exec(execCtx, r.pod.Namespace, r.pod.Name, vmspec.ComputeContainer, []string{vmspec.DetachDiskCommand, was.Name}); err != nil {
-			s.Reason, s.Message = "FailedDetach", err.Error()
-			r.event(corev1.EventTypeWarning, "FailedDetach", "HotplugVolume", "volume %s: %v", was.Name, err)
-			return &s, hotplugRetry, nil
-		}
-		log.FromContext(ctx).Info("volume detached", "volume", was.Name, "pod", r.pod.Name)
+	s := was
+	s.Phase = vmpodv1.VolumeDetaching
+	if r.paused() {
+		s.Reason, s.Message = "Paused", "the disk is unplugged once the VM is unpaused"
+		return &s, 0, nil
+	}
+	if r.Exec == nil {
+		s.Reason, s.Message = "NoPodExec", "the controller runs without pod exec: it cannot unplug disks"
+		return &s, 0, nil
+	}
+	execCtx, cancel := context.WithTimeout(ctx, hotplugExecWait)
+	defer cancel()
+	if _, err := r.Exec.Exec(execCtx, r.pod.Namespace, r.pod.Name, vmspec.ComputeContainer, []string{vmspec.DetachDiskCommand, was.Name}); err != nil {
+		s.Reason, s.Message = "FailedDetach", err.Error()
+		r.event(corev1.EventTypeWarning, "FailedDetach", "HotplugVolume", "volume %s: %v", was.Name, err)
+		return &s, hotplugRetry, nil
+	}
+	log.FromContext(ctx).Info("volume detached", "volume", was.Name, "pod", r.pod.Name)
+	if was.Phase == vmpodv1.VolumeReady || was.Phase == vmpodv1.VolumeDetaching && was.PodUID != "" {
 		r.event(corev1.EventTypeNormal, "VolumeDetached", "HotplugVolume", "volume %s detached from the VM in pod %s", was.Name, r.pod.Name)
 	}
 	if pod != nil {
-		if err := r.deleteAttachmentPod(ctx, pod); err != nil {
+		if err := r.releaseAttachmentPod(ctx, pod); err != nil {
 			return nil, 0, err
 		}
 	}
 	return nil, 0, nil
 }
 
-func (r *run) deleteAttachmentPod(ctx context.Context, p *corev1.Pod) error {
+// qemuGone says whether the VM pod that attachment pod p lends its volume to has no QEMU
+// any more that could have the disk open: it is gone (a pod of the VM's name with another
+// UID, or none), or has ended.
+func (r *run) qemuGone(p *corev1.Pod) bool {
+	owner := metav1.GetControllerOf(p)
+	if r.pod == nil || owner == nil || owner.UID != r.pod.UID {
+		return true
+	}
+	return finished(r.pod)
+}
+
+// releaseAttachmentPod lets attachment pod p go: its finalizer (which holds the kubelet
+// from unmounting the volume while a VM may use it) removed, and p deleted.
+func (r *run) releaseAttachmentPod(ctx context.Context, p *corev1.Pod) error {
+	return releaseAttachmentPod(ctx, r.Client, p)
+}
+
+func releaseAttachmentPod(ctx context.Context, c ctrl.Client, p *corev1.Pod) error {
+	if controllerutil.ContainsFinalizer(p, render.AttachmentFinalizer) {
+		patch := ctrl.MergeFrom(p.DeepCopy())
+		controllerutil.RemoveFinalizer(p, render.AttachmentFinalizer)
+		if err := c.Patch(ctx, p, patch); ctrl.IgnoreNotFound(err) != nil {
+			return fmt.Errorf("release attachment pod %s: %w", p.Name, err)
+		}
+	}
 	if p.DeletionTimestamp != nil {
 		return nil
 	}
 	uid := p.UID
-	if err := r.Client.Delete(ctx, p, ctrl.Preconditions{UID: &uid}); ctrl.IgnoreNotFound(err) != nil {
+	if err := c.Delete(ctx, p, ctrl.Preconditions{UID: &uid}); ctrl.IgnoreNotFound(err) != nil {
 		return fmt.Errorf("delete attachment pod %s: %w", p.Name, err)
 	}
 	log.FromContext(ctx).Info("deleted attachment pod", "pod", p.Name)
+	return nil
+}
+
+// releaseOrphanAttachmentPods lets go the attachment pods of a VM that is gone, once the
+// VM pod they lend to is gone too (its deletion brings the VM's key back here).
+func releaseOrphanAttachmentPods(ctx context.Context, c ctrl.Client, reader ctrl.Reader, key types.NamespacedName) error {
+	pods := &corev1.PodList{}
+	if err := c.List(ctx, pods, ctrl.InNamespace(key.Namespace), ctrl.MatchingLabels{render.VMNameLabel: key.Name}, ctrl.HasLabels{render.HotplugVolumeLabel}); err != nil {
+		return fmt.Errorf("list attachment pods: %w", err)
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		owner := metav1.GetControllerOf(p)
+		if owner != nil {
+			vmPod := &corev1.Pod{}
+			err := reader.Get(ctx, types.NamespacedName{Namespace: key.Namespace, Name: owner.Name}, vmPod)
+			if err == nil && vmPod.UID == owner.UID && !finished(vmPod) {
+				continue // its QEMU may still have the disk open
+			}
+			if ctrl.IgnoreNotFound(err) != nil {
+				return err
+			}
+		}
+		if err := releaseAttachmentPod(ctx, c, p); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

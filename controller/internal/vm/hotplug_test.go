@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -76,6 +78,9 @@ func TestHotplugVolume(t *testing.T) {
 	if sc := att.Spec.SecurityContext; sc == nil || sc.RunAsNonRoot == nil || !*sc.RunAsNonRoot || *att.Spec.AutomountServiceAccountToken {
 		t.Errorf("attachment pod runs as root or with a token: %+v", sc)
 	}
+	if !slices.Contains(att.Finalizers, render.AttachmentFinalizer) {
+		t.Errorf("attachment pod finalizers %v: want %s, holding its volume until the disk is out", att.Finalizers, render.AttachmentFinalizer)
+	}
 	f.waitVolume("hp", "data", vmpodv1.VolumePending, "AttachmentPodNotRunning")
 
 	// it runs: the attach exec names it; failing, it is retried and said
@@ -106,6 +111,20 @@ func TestHotplugVolume(t *testing.T) {
 		t.Errorf("adding a hotpluggable volume asks for a restart: %+v", c)
 	}
 
+	// the attachment pod deleted by someone else (a drain, a user): the disk comes out
+	// before the pod may go, and a new attachment pod brings it back
+	detaches := countExec(exec, vmspec.DetachDiskCommand)
+	if err := f.c.Delete(f.ctx, att); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, timeout, "a detach, then the deleted attachment pod gone and another one made", func() (bool, string) {
+		p := f.attachmentPod("hp", "data")
+		return countExec(exec, vmspec.DetachDiskCommand) > detaches && p != nil && p.UID != att.UID, fmt.Sprint(f.vm("hp").Status.VolumeStatus)
+	})
+	att = f.waitAttachmentPod("hp", "data")
+	f.kubeletRuns(att)
+	f.waitVolume("hp", "data", vmpodv1.VolumeReady, "")
+
 	// removed: detached, then its attachment pod deleted, and gone from the status
 	f.update("hp", func(v *vmpodv1.VirtualMachine) { removeVolume(v, "data") })
 	testenv.Eventually(t, timeout, "the volume to be detached", func() (bool, string) {
@@ -133,6 +152,37 @@ func TestHotplugVolume(t *testing.T) {
 	if s := volumeStatus(f.vm("hp"), "data"); s == nil || s.Phase == vmpodv1.VolumeReady {
 		t.Errorf("volume status %+v with the new pod's attachment pod not running, want it not Ready", s)
 	}
+
+	// the VM deleted: its attachment pod is held while the VM pod's QEMU may run, and let
+	// go once that pod has ended (the garbage collector, absent here, then deletes both)
+	last := f.waitAttachmentPod("hp", "data")
+	if err := f.c.Delete(f.ctx, f.vm("hp")); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, timeout, "the VM to go", func() (bool, string) {
+		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: "hp"}, &vmpodv1.VirtualMachine{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
+	time.Sleep(time.Second)
+	if p := f.attachmentPod("hp", "data"); p == nil || !slices.Contains(p.Finalizers, render.AttachmentFinalizer) {
+		t.Fatalf("the attachment pod lost its finalizer while its VM pod runs: %+v", p)
+	}
+	f.kubeletEnds(f.pod("hp"), 0)
+	testenv.Eventually(t, timeout, "the attachment pod let go", func() (bool, string) {
+		p := f.attachmentPod("hp", "data")
+		return p == nil || p.UID != last.UID || !slices.Contains(p.Finalizers, render.AttachmentFinalizer), fmt.Sprintf("%+v", p)
+	})
+}
+
+// countExec counts the execs of command the controller ran.
+func countExec(exec *recordingExec, command string) int {
+	n := 0
+	for _, c := range exec.ran() {
+		if strings.Contains(c, ":"+command+" ") {
+			n++
+		}
+	}
+	return n
 }
 
 func addHotplugVolume(v *vmpodv1.VirtualMachine, name, claim string) {

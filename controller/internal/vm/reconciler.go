@@ -61,7 +61,7 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;create
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachineinstancetypes;virtualmachineclusterinstancetypes;virtualmachinepreferences;virtualmachineclusterpreferences,verbs=get
-// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete;patch
 // +kubebuilder:rbac:groups="",resources=pods/exec,verbs=get;create
 // (pods/finalizers: an attachment pod blocks its VM pod's deletion, which OwnerReferencesPermissionEnforcement checks)
 // +kubebuilder:rbac:groups="",resources=pods/finalizers,verbs=update
@@ -72,7 +72,10 @@ type Reconciler struct {
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	vm := &vmpodv1.VirtualMachine{}
 	if err := r.Client.Get(ctx, req.NamespacedName, vm); err != nil {
-		return reconcile.Result{}, ctrl.IgnoreNotFound(err)
+		if apierrors.IsNotFound(err) {
+			return reconcile.Result{}, releaseOrphanAttachmentPods(ctx, r.Client, r.APIReader, req.NamespacedName)
+		}
+		return reconcile.Result{}, err
 	}
 	run := &run{Reconciler: r, vm: vm, status: *vm.Status.DeepCopy(), now: time.Now()}
 	result, err := run.reconcile(ctx)
@@ -141,10 +144,18 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 			return reconcile.Result{}, err
 		}
 	}
-	var err error
-	if r.hotplugRetry, err = r.hotplug(ctx); err != nil {
-		return reconcile.Result{}, err
+	// a hotplug that fails does not hold the VM's life back: its error comes after
+	var hotplugErr error
+	r.hotplugRetry, hotplugErr = r.hotplug(ctx)
+	result, err := r.converge(ctx)
+	if err == nil {
+		err = hotplugErr
 	}
+	return result, err
+}
+
+// converge brings the VM's pod in line with its runStrategy and pending request.
+func (r *run) converge(ctx context.Context) (reconcile.Result, error) {
 
 	switch {
 	case r.pod != nil && r.pod.DeletionTimestamp != nil:

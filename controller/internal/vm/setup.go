@@ -8,6 +8,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
@@ -62,6 +63,9 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 	})
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("virtualmachine").
+		// a VM's pause or disk attach waits on its guest (up to minutes for a detach):
+		// other VMs must not wait behind it
+		WithOptions(controller.Options{MaxConcurrentReconciles: 4}).
 		For(&vmpodv1.VirtualMachine{}).
 		Owns(&corev1.Pod{}).
 		Watches(&corev1.Pod{}, byAttachment).

@@ -1,0 +1,270 @@
+package pod
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/containerd/log"
+
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/runtime/network"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+// An interface added to or removed from a running pod's netns (multus' dynamic networks
+// controller runs CNI ADD and DEL on a live pod) reaches its q35 VM as a NIC plugged or
+// unplugged; the guest gets its configuration from the agent (container pods) or by
+// DHCP (VM pods): docs/design/205.
+
+// nicSettle is how long the netns must be quiet before it is read again: CNI makes a
+// link, names it, addresses it and sets it up in several steps.
+const nicSettle = time.Second
+
+// nicUnplugWait bounds the unplug that undoes a failed plug: the guest must let go.
+const nicUnplugWait = 30 * time.Second
+
+// nicFollower follows a pod's netns for one running VM and plugs and unplugs its NICs.
+type nicFollower struct {
+	pod     string
+	network *network.Plumbing
+	machine *vmm.Machine
+	// configure gives the guest a plugged NIC's configuration, or readies the host for the
+	// guest to ask (DHCP, before the plug); the returned func undoes it
+	configure func(ctx context.Context, plan *network.Plan, iface network.Interface) (undo func() error, err error)
+	// configureFirst: configure before the plug (a DHCP server must answer the guest's
+	// first request), else after (the agent finds the NIC by its MAC)
+	configureFirst bool
+	// kept are pod interfaces that stay out of the guest (ifindex by name): a VM pod's
+	// spec names the pod interfaces its VM boots with, and the others in the netns when
+	// the pod was plumbed are not the VM's
+	kept map[string]int
+
+	ids    map[string]*hotNIC // by link name
+	next   int
+	warned map[string]bool // links already logged as not reaching the guest
+	done   chan struct{}
+}
+
+// hotNIC is a NIC the follower plugged.
+type hotNIC struct {
+	id     string
+	undoFn func() error // its configuration's undo, or nil
+}
+
+// follow starts following until ctx ends; f.done closes when it has stopped and removed
+// what it plumbed.
+func (f *nicFollower) follow(ctx context.Context) {
+	f.ids, f.warned, f.done = map[string]*hotNIC{}, map[string]bool{}, make(chan struct{})
+	go func() {
+		defer close(f.done)
+		f.run(ctx)
+		f.release(log.G(ctx).WithField("pod", f.pod))
+	}()
+}
+
+func (f *nicFollower) run(ctx context.Context) {
+	lg := log.G(ctx).WithField("pod", f.pod)
+	for ctx.Err() == nil {
+		changes, err := f.network.Watch(ctx)
+		if err != nil {
+			lg.WithError(err).Warn("pod network: interfaces added later will not reach the guest")
+			return
+		}
+		// an interface may have come between the plumbing (or a lost watch) and this one
+		f.sync(ctx)
+		f.follow1(ctx, changes)
+		if ctx.Err() == nil {
+			// the subscription broke (netlink drops it on a receive error such as ENOBUFS)
+			lg.Warn("pod network: the netns watch ended; watching again")
+			select {
+			case <-ctx.Done():
+			case <-time.After(nicSettle):
+			}
+		}
+	}
+}
+
+// follow1 syncs after each quiet spell of changes, until changes closes.
+func (f *nicFollower) follow1(ctx context.Context, changes <-chan struct{}) {
+	for {
+		if _, ok := <-changes; !ok {
+			return
+		}
+		quiet := time.NewTimer(nicSettle)
+	settle:
+		for {
+			select {
+			case _, ok := <-changes:
+				if !ok {
+					quiet.Stop()
+					return
+				}
+				quiet.Reset(nicSettle)
+			case <-quiet.C:
+				break settle
+			}
+		}
+		f.sync(ctx)
+	}
+}
+
+// sync plugs a NIC for each interface the netns gained and unplugs those of the
+// interfaces it lost.
+func (f *nicFollower) sync(ctx context.Context) {
+	lg := log.G(ctx).WithField("pod", f.pod)
+	added, removed, err := f.network.Rescan()
+	if err != nil {
+		lg.WithError(err).Warn("pod network: read the netns again")
+		return
+	}
+	for _, name := range removed {
+		nic, ok := f.ids[name]
+		if !ok {
+			if !f.warned[name] {
+				f.warned[name] = true
+				lg.Warnf("pod network: %s left the netns; the guest keeps the NIC it booted with until the VM ends", name)
+			}
+			continue
+		}
+		if err := f.machine.UnplugNIC(ctx, nic.id); err != nil {
+			lg.WithError(err).Warnf("pod network: %s left the netns", name)
+			continue
+		}
+		delete(f.ids, name)
+		if nic.undoFn != nil {
+			if err := nic.undoFn(); err != nil {
+				lg.WithError(err).Warnf("pod network: %s", name)
+			}
+		}
+		if err := f.network.Remove(name); err != nil {
+			lg.WithError(err).Warnf("pod network: %s", name)
+		}
+		lg.Infof("pod network: %s left the netns: its NIC is unplugged", name)
+	}
+	for _, iface := range added.Interfaces {
+		if idx, ok := f.kept[iface.Name]; ok && idx == iface.Index {
+			continue
+		}
+		if t := f.machine.Config().Type; t != machine.Q35 {
+			if !f.warned[iface.Name] {
+				f.warned[iface.Name] = true
+				lg.Warnf("pod network: %s joined the netns, but machine %s has no hotplug: the guest gets it when the pod is recreated (on q35 it is plugged in)", iface.Name, t)
+			}
+			continue
+		}
+		if err := f.plug(ctx, added, iface); err != nil {
+			lg.WithError(err).Warnf("pod network: %s joined the netns", iface.Name)
+			continue
+		}
+		lg.Infof("pod network: %s joined the netns: plugged in as %s (%s)", iface.Name, f.ids[iface.Name].id, iface.MAC)
+	}
+}
+
+// plug makes iface (of plan, a Rescan's) a guest NIC: its tap, the device, its
+// configuration. On failure nothing is left.
+func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface network.Interface) (retErr error) {
+	nic, err := f.network.Add(iface)
+	if err != nil {
+		return err
+	}
+	var undo []func() error
+	defer func() {
+		if retErr != nil {
+			for i := len(undo) - 1; i >= 0; i-- {
+				if err := undo[i](); err != nil {
+					retErr = fmt.Errorf("%w (undoing: %v)", retErr, err)
+				}
+			}
+		}
+	}()
+	undo = append(undo, func() error {
+		if _, held := f.ids[iface.Name]; held {
+			return nil // its NIC is still plugged: see the unplug's undo
+		}
+		return f.network.Remove(iface.Name)
+	})
+	f.next++
+	hot := &hotNIC{id: fmt.Sprintf("hotnic%d", f.next)}
+	if f.configureFirst {
+		if hot.undoFn, err = f.configure(ctx, plan, iface); err != nil {
+			return err
+		}
+		if hot.undoFn != nil {
+			undo = append(undo, hot.undoFn)
+		}
+	}
+	if err := f.machine.PlugNIC(ctx, hot.id, nic); err != nil {
+		return err
+	}
+	undo = append(undo, func() error {
+		// on a context of its own: the plug may be undone because ctx ended (the VM stops)
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nicUnplugWait)
+		defer cancel()
+		if err := f.machine.UnplugNIC(uctx, hot.id); err != nil {
+			// the guest holds the NIC: its tap stays, and the follower keeps it to unplug
+			// when the link goes (release removes the tap once the VM is gone)
+			f.ids[iface.Name] = hot
+			return err
+		}
+		return nil
+	})
+	if !f.configureFirst {
+		if hot.undoFn, err = f.configure(ctx, plan, iface); err != nil {
+			return fmt.Errorf("configure NIC %s in the guest: %w", hot.id, err)
+		}
+	}
+	f.ids[iface.Name] = hot
+	return nil
+}
+
+// release removes what the follower plumbed once it stops: the VM that had the NICs is
+// going (a pod's next VM follows the netns afresh and plugs them again).
+func (f *nicFollower) release(lg *log.Entry) {
+	for name, nic := range f.ids {
+		if nic.undoFn != nil {
+			if err := nic.undoFn(); err != nil {
+				lg.WithError(err).Warnf("pod network: %s", name)
+			}
+		}
+		if err := f.network.Remove(name); err != nil {
+			lg.WithError(err).Warnf("pod network: %s", name)
+		}
+	}
+}
+
+// routesOut is plan's routes out of the interface named name.
+func routesOut(plan *network.Plan, name string) []network.Route {
+	var out []network.Route
+	for _, r := range plan.Routes {
+		if r.Device == name {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// nicConfigWait bounds the wait for a container pod's guest to have a plugged NIC.
+const nicConfigWait = 10 * time.Second
+
+// configureNIC has a container pod's agent configure a plugged NIC (found by its MAC):
+// its addresses and MTU, and the routes out of it; again until the guest has it. The
+// guest drops all of it with the NIC.
+func (p *containerPod) configureNIC(ctx context.Context, plan *network.Plan, iface network.Interface) (func() error, error) {
+	one := &network.Plan{Interfaces: []network.Interface{iface}, Routes: routesOut(plan, iface.Name)}
+	req := &agentv1.SetupSandboxRequest{Interfaces: one.GuestInterfaces(), Routes: one.GuestRoutes()}
+	ctx, cancel := context.WithTimeout(ctx, nicConfigWait)
+	defer cancel()
+	for {
+		err := p.guest.Agent().SetupSandbox(ctx, req)
+		if err == nil {
+			return nil, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
