@@ -225,20 +225,7 @@ func TestBenchFreePageReporting(t *testing.T) {
 		defer vm.Stop(ctx)
 		time.Sleep(settle)
 		idle = guestRAM(vm)
-		rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
-		p, err := vm.CreateContainer(ctx, "hog", rootfs, testenv.Spec("dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"), runtime.Stdio{Stderr: &bytes.Buffer{}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := vm.Agent().StartContainer(ctx, "hog"); err != nil {
-			t.Fatal(err)
-		}
-		if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 {
-			t.Fatalf("dd in the guest: %v, status %d", err, exit.Status)
-		}
-		if err := vm.RemoveContainer(ctx, "hog", true); err != nil {
-			t.Fatal(err)
-		}
+		touchAndFree(t, vm, "256M")
 		time.Sleep(settle)
 		return idle, guestRAM(vm)
 	}
@@ -287,20 +274,7 @@ func TestBenchShrink(t *testing.T) {
 		if _, err := vm.ResizeMemory(ctx, 1536); err != nil {
 			t.Fatal(err)
 		}
-		rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
-		p, err := vm.CreateContainer(ctx, "hog", rootfs, testenv.Spec("dd", "if=/dev/zero", "of=/dev/null", "bs=768M", "count=1"), runtime.Stdio{Stderr: &bytes.Buffer{}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := vm.Agent().StartContainer(ctx, "hog"); err != nil {
-			t.Fatal(err)
-		}
-		if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 {
-			t.Fatalf("dd in the guest: %v, status %d", err, exit.Status)
-		}
-		if err := vm.RemoveContainer(ctx, "hog", true); err != nil {
-			t.Fatal(err)
-		}
+		touchAndFree(t, vm, "768M")
 		time.Sleep(settle)
 		var r result
 		r.touched = pssByKind(t, strconv.Itoa(vm.Machine().Pid()))["guest RAM"]
@@ -342,6 +316,26 @@ func TestBenchShrink(t *testing.T) {
 		report(t, "shrink: hot-plugged vCPU removed (ACPI eject, until its slot is free) %s", cpuTimes)
 	} else {
 		report(t, "shrink: vCPUs kept (accel %s: QEMU 7.2 under TCG does not survive a vCPU unplug)", machine.TCG)
+	}
+}
+
+// touchAndFree has a container in vm's guest touch size of memory (dd's buffer) and end.
+func touchAndFree(t *testing.T, vm *vmpodagent.Guest, size string) {
+	t.Helper()
+	ctx := context.Background()
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	p, err := vm.CreateContainer(ctx, "hog", rootfs, testenv.Spec("dd", "if=/dev/zero", "of=/dev/null", "bs="+size, "count=1"), runtime.Stdio{Stderr: &bytes.Buffer{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := vm.Agent().StartContainer(ctx, "hog"); err != nil {
+		t.Fatal(err)
+	}
+	if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 {
+		t.Fatalf("dd in the guest: %v, status %d", err, exit.Status)
+	}
+	if err := vm.RemoveContainer(ctx, "hog", true); err != nil {
+		t.Fatal(err)
 	}
 }
 

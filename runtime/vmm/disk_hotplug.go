@@ -36,12 +36,8 @@ type pluggedDisk struct {
 // path. disk.Path is ignored. On any failure what was done is undone: no fd set, block
 // node, device or root port is left.
 func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os.File) (retErr error) {
-	if m.cfg.Type != machine.Q35 {
-		return fmt.Errorf("vm %s: plug disk %s: machine %s has no hotplug: %w", m.cfg.Name, disk.DeviceID, m.cfg.Type, errdefs.ErrNotImplemented)
-	}
-	if m.cfg.NoACPI {
-		// measured: without ACPI the guest never sees a disk plugged on a root port
-		return fmt.Errorf("vm %s: plug disk %s: the machine has no ACPI (features.acpi), through which q35 hot-plugs: %w", m.cfg.Name, disk.DeviceID, errdefs.ErrFailedPrecondition)
+	if err := m.canHotplug("disk " + disk.DeviceID); err != nil {
+		return err
 	}
 	m.plugMu.Lock()
 	defer m.plugMu.Unlock()
@@ -79,15 +75,8 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 	if err := m.mon.BlockdevAdd(ctx, qmp.BlockdevOptions(*hp.Blockdev)); err != nil {
 		return fail(err)
 	}
-	dev := qmp.DeviceOptions{Driver: hp.Device.Driver, ID: hp.Device.ID, Bus: hp.Device.Bus}
-	for _, p := range hp.Device.Props {
-		dev.Props = append(dev.Props, qmp.Prop(p))
-	}
-	if err := m.mon.DeviceAdd(ctx, dev); err != nil && !m.devicePresent(ctx, disk.DeviceID) {
+	if err := m.addDevice(ctx, hp, "disk"); err != nil {
 		return fail(err)
-	} else if err != nil {
-		// no reply, but QEMU did add it: the disk is the guest's, and ours to unplug
-		log.G(ctx).WithError(err).Warnf("vm %s: disk %s: device_add gave no answer, but the device is there", m.cfg.Name, disk.DeviceID)
 	}
 	if m.disks == nil {
 		m.disks = map[string]pluggedDisk{}
@@ -108,8 +97,8 @@ func (m *Machine) UnplugDisk(ctx context.Context, id string) error {
 	if !ok {
 		return fmt.Errorf("vm %s: unplug disk %s: not a plugged disk: %w", m.cfg.Name, id, errdefs.ErrNotFound)
 	}
-	if err := m.mon.DeviceDel(ctx, id); err != nil && m.devicePresent(ctx, id) {
-		return fmt.Errorf("vm %s: unplug disk %s: the guest did not release it: %w", m.cfg.Name, id, err)
+	if err := m.delDevice(ctx, id); err != nil {
+		return fmt.Errorf("vm %s: unplug disk %s: %w", m.cfg.Name, id, err)
 	}
 	// the device is gone: the rest is the host's, each step tried whatever the others did
 	delete(m.disks, id)
@@ -121,6 +110,43 @@ func (m *Machine) UnplugDisk(ctx context.Context, id string) error {
 		return fmt.Errorf("vm %s: unplug disk %s: the guest let it go, but: %w", m.cfg.Name, id, err)
 	}
 	log.G(ctx).Infof("vm %s: unplugged disk %s", m.cfg.Name, id)
+	return nil
+}
+
+// canHotplug refuses a hotplug of what on a machine that has none.
+func (m *Machine) canHotplug(what string) error {
+	if m.cfg.Type != machine.Q35 {
+		return fmt.Errorf("vm %s: plug %s: machine %s has no hotplug: %w", m.cfg.Name, what, m.cfg.Type, errdefs.ErrNotImplemented)
+	}
+	if m.cfg.NoACPI {
+		// measured: without ACPI the guest never sees a device plugged on a root port
+		return fmt.Errorf("vm %s: plug %s: the machine has no ACPI (features.acpi), through which q35 hot-plugs: %w", m.cfg.Name, what, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
+// addDevice adds hp's device (device_add). A device_add without a clear answer is
+// settled by asking QEMU: a device that is there is the guest's, and ours to unplug.
+func (m *Machine) addDevice(ctx context.Context, hp devices.Hotplug, kind string) error {
+	dev := qmp.DeviceOptions{Driver: hp.Device.Driver, ID: hp.Device.ID, Bus: hp.Device.Bus}
+	for _, p := range hp.Device.Props {
+		dev.Props = append(dev.Props, qmp.Prop(p))
+	}
+	err := m.mon.DeviceAdd(ctx, dev)
+	if err != nil && !m.devicePresent(ctx, hp.Device.ID) {
+		return err
+	} else if err != nil {
+		log.G(ctx).WithError(err).Warnf("vm %s: %s %s: device_add gave no answer, but the device is there", m.cfg.Name, kind, hp.Device.ID)
+	}
+	return nil
+}
+
+// delDevice unplugs device id (device_del) and waits for the guest to let it go; one
+// whose device_del had no clear answer counts as gone if QEMU no longer has it.
+func (m *Machine) delDevice(ctx context.Context, id string) error {
+	if err := m.mon.DeviceDel(ctx, id); err != nil && m.devicePresent(ctx, id) {
+		return fmt.Errorf("the guest did not release it: %w", err)
+	}
 	return nil
 }
 

@@ -8,7 +8,6 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
-	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/qmp"
@@ -19,11 +18,8 @@ import (
 // (getfd), a tap netdev on it, and the device with nic's MAC. On any failure what was
 // done is undone: no descriptor, netdev, device or root port is left.
 func (m *Machine) PlugNIC(ctx context.Context, id string, nic NIC) (retErr error) {
-	if m.cfg.Type != machine.Q35 {
-		return fmt.Errorf("vm %s: plug NIC %s: machine %s has no hotplug: %w", m.cfg.Name, id, m.cfg.Type, errdefs.ErrNotImplemented)
-	}
-	if m.cfg.NoACPI {
-		return fmt.Errorf("vm %s: plug NIC %s: the machine has no ACPI (features.acpi), through which q35 hot-plugs: %w", m.cfg.Name, id, errdefs.ErrFailedPrecondition)
+	if err := m.canHotplug("NIC " + id); err != nil {
+		return err
 	}
 	if nic.Tap == nil {
 		return fmt.Errorf("vm %s: plug NIC %s: no tap: %w", m.cfg.Name, id, errdefs.ErrInvalidArgument)
@@ -63,14 +59,8 @@ func (m *Machine) PlugNIC(ctx context.Context, id string, nic NIC) (retErr error
 	if err := m.mon.NetdevAddTap(ctx, qmp.TapNetdev{ID: hp.Tap.ID, FDs: names, Vhost: hp.Tap.Vhost}); err != nil {
 		return fail(err)
 	}
-	opts := qmp.DeviceOptions{Driver: hp.Device.Driver, ID: hp.Device.ID, Bus: hp.Device.Bus}
-	for _, p := range hp.Device.Props {
-		opts.Props = append(opts.Props, qmp.Prop(p))
-	}
-	if err := m.mon.DeviceAdd(ctx, opts); err != nil && !m.devicePresent(ctx, id) {
+	if err := m.addDevice(ctx, hp, "NIC"); err != nil {
 		return fail(err)
-	} else if err != nil {
-		log.G(ctx).WithError(err).Warnf("vm %s: NIC %s: device_add gave no answer, but the device is there", m.cfg.Name, id)
 	}
 	if m.nics == nil {
 		m.nics = map[string]string{}
@@ -89,8 +79,8 @@ func (m *Machine) UnplugNIC(ctx context.Context, id string) error {
 	if !ok {
 		return fmt.Errorf("vm %s: unplug NIC %s: not a plugged NIC: %w", m.cfg.Name, id, errdefs.ErrNotFound)
 	}
-	if err := m.mon.DeviceDel(ctx, id); err != nil && m.devicePresent(ctx, id) {
-		return fmt.Errorf("vm %s: unplug NIC %s: the guest did not release it: %w", m.cfg.Name, id, err)
+	if err := m.delDevice(ctx, id); err != nil {
+		return fmt.Errorf("vm %s: unplug NIC %s: %w", m.cfg.Name, id, err)
 	}
 	delete(m.nics, id)
 	err := errors.Join(m.hw.Release(id),

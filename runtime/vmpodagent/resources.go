@@ -93,24 +93,13 @@ func (g *Guest) ShrinkVCPUs(ctx context.Context, total int) (int, error) {
 // awaitSize waits, only looking (Ping), until done holds for the guest's CPUs and memory,
 // or onlineWait passes.
 func (g *Guest) awaitSize(ctx context.Context, done func(cpus uint32, mem uint64) bool) (guestSize, error) {
-	ctx, cancel := context.WithTimeout(ctx, onlineWait)
-	defer cancel()
-	var last guestSize
-	for {
+	return g.await(ctx, 100*time.Millisecond, func(ctx context.Context) (guestSize, error) {
 		resp, err := g.agent.Ping(ctx)
 		if err != nil {
-			return last, err
+			return guestSize{}, err
 		}
-		last = guestSize{resp.OnlineCpus, resp.MemoryBytes}
-		if done(last.cpus, last.mem) {
-			return last, nil
-		}
-		select {
-		case <-ctx.Done():
-			return last, fmt.Errorf("vm %s: guest has %d CPUs, %d MiB after %v: %w", g.cfg.Name, last.cpus, last.mem>>20, onlineWait, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
+		return guestSize{resp.OnlineCpus, resp.MemoryBytes}, nil
+	}, done)
 }
 
 type guestSize struct {
@@ -121,22 +110,34 @@ type guestSize struct {
 // awaitOnline asks the agent to online what req says until done holds for the guest's
 // CPUs and memory, or onlineWait passes.
 func (g *Guest) awaitOnline(ctx context.Context, req *agentv1.OnlineResourcesRequest, done func(cpus uint32, mem uint64) bool) (guestSize, error) {
+	return g.await(ctx, 50*time.Millisecond, func(ctx context.Context) (guestSize, error) {
+		resp, err := g.agent.OnlineResources(ctx, req)
+		if err != nil {
+			return guestSize{}, err
+		}
+		return guestSize{resp.OnlineCpus, resp.MemoryBytes}, nil
+	}, done)
+}
+
+// await asks the guest its size every interval until done holds for it, or onlineWait
+// passes; it returns the last size it heard.
+func (g *Guest) await(ctx context.Context, interval time.Duration, ask func(context.Context) (guestSize, error), done func(cpus uint32, mem uint64) bool) (guestSize, error) {
 	ctx, cancel := context.WithTimeout(ctx, onlineWait)
 	defer cancel()
 	var last guestSize
 	for {
-		resp, err := g.agent.OnlineResources(ctx, req)
+		size, err := ask(ctx)
 		if err != nil {
 			return last, err
 		}
-		last = guestSize{resp.OnlineCpus, resp.MemoryBytes}
+		last = size
 		if done(last.cpus, last.mem) {
 			return last, nil
 		}
 		select {
 		case <-ctx.Done():
 			return last, fmt.Errorf("vm %s: guest has %d CPUs, %d MiB after %v: %w", g.cfg.Name, last.cpus, last.mem>>20, onlineWait, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(interval):
 		}
 	}
 }
