@@ -99,6 +99,9 @@ type Machine struct {
 	// RootPorts is the number of PCIe root ports created at boot for hotplug
 	// (q35 only, up to MaxRootPorts).
 	RootPorts int
+	// PCIHole64 sizes q35's 64-bit PCI MMIO window (0: QEMU's default), for passed-through
+	// devices with large BARs (GPUs) that the default window cannot map.
+	PCIHole64 uint64
 	// StartPaused starts with the vCPUs stopped (-S) until QMP cont.
 	StartPaused bool
 	// IncomingMigration makes QEMU wait for migrate-incoming (-incoming defer).
@@ -193,6 +196,9 @@ func (m *Machine) validate() error {
 	c.path("QMPSocket", m.QMPSocket)
 	if m.RootPorts < 0 || m.RootPorts > MaxRootPorts {
 		c.fail("RootPorts", "%d is outside 0..%d", m.RootPorts, MaxRootPorts)
+	}
+	if m.PCIHole64 != 0 && m.Type != machine.Q35 {
+		c.fail("PCIHole64", "the 64-bit PCI window is q35's")
 	}
 	if m.RootPorts > 0 && m.Type != machine.Q35 {
 		c.fail("RootPorts", "PCIe root ports need q35")
@@ -335,6 +341,9 @@ func (m *Machine) args(shared bool) []string {
 	}
 	if m.UUID != "" {
 		args = append(args, "-uuid", m.UUID, "-smbios", newOptions("type=1").add("serial", m.UUID).String())
+	}
+	if m.PCIHole64 != 0 {
+		args = append(args, "-global", fmt.Sprintf("q35-pcihost.pci-hole64-size=%d", m.PCIHole64))
 	}
 	if m.Type == machine.MicroVM {
 		// Legacy virtio-mmio lacks VIRTIO_F_VERSION_1, which virtio-fs requires

@@ -197,3 +197,80 @@ func TestResolveVFIODevice(t *testing.T) {
 		}
 	}
 }
+
+// ClaimVFIO hands over only whole IOMMU groups the pod was given, bound to vfio-pci, and
+// binds only what the node allows; it refuses anything else, naming the device.
+func TestClaimVFIO(t *testing.T) {
+	f := newFakeSysfs(t)
+	for addr, ids := range map[string][2]string{"0000:01:00.0": {"0x10de", "0x2236"}, "0000:01:00.1": {"0x10de", "0x1aef"}, "0000:02:00.0": {"0x8086", "0x10d3"}} {
+		f.file("bus/pci/devices/"+addr+"/vendor", ids[0]+"\n")
+		f.file("bus/pci/devices/"+addr+"/device", ids[1]+"\n")
+	}
+	s := Sysfs{Root: f.root, afterWrite: f.kernel()}
+	group7 := CharDevice{Path: "/dev/vfio/7", Major: 243, Minor: 0}
+	nic := CharDevice{Path: "/dev/vfio/devices/vfio0", Major: 511, Minor: 0}
+
+	// already vfio-pci (the device plugin's doing): no allow-list needed
+	got, err := s.ClaimVFIO([]CharDevice{nic}, nil)
+	if err != nil || len(got) != 1 || got[0] != mustAddr(t, "0000:02:00.0") {
+		t.Fatalf("ClaimVFIO(vfio0) = %v, %v", got, err)
+	}
+	// group 7: a GPU on nouveau and its audio function; the bridge stays
+	if _, err := s.ClaimVFIO([]CharDevice{group7}, nil); err == nil || !strings.Contains(err.Error(), "0000:01:00.0 (vendor:device 10de:2236) has driver nouveau, not vfio-pci") {
+		t.Errorf("ClaimVFIO of a group on nouveau without an allow-list: %v", err)
+	}
+	if d := strings.TrimSpace(f.read("bus/pci/devices/0000:01:00.0/driver_override")); d != "(null)" {
+		t.Errorf("a refused claim left driver_override %q", d)
+	}
+	got, err = s.ClaimVFIO([]CharDevice{group7, group7}, []string{"10de:*"})
+	if err != nil || len(got) != 2 {
+		t.Fatalf("ClaimVFIO(group 7) with 10de:* allowed = %v, %v", got, err)
+	}
+	for _, a := range got {
+		if d, _ := s.Driver(a); d != "vfio-pci" {
+			t.Errorf("%s has driver %q after the claim", a, d)
+		}
+	}
+	// one function of a group whose other endpoint the pod was not given
+	f.mkdir("devices/pci0000:00/0000:00:01.0/0000:01:00.0/vfio-dev/vfio1")
+	f.symlink("dev/char/511:1", "../../devices/pci0000:00/0000:00:01.0/0000:01:00.0/vfio-dev/vfio1")
+	if _, err := s.ClaimVFIO([]CharDevice{{Path: "/dev/vfio/devices/vfio1", Major: 511, Minor: 1}}, nil); err == nil || !strings.Contains(err.Error(), "IOMMU group 7 also holds 0000:01:00.1, which the pod was not given") {
+		t.Errorf("ClaimVFIO of half a group: %v", err)
+	}
+	// not VFIO at all: /dev/null under a VFIO name
+	if _, err := s.ClaimVFIO([]CharDevice{{Path: "/dev/vfio/9", Major: 1, Minor: 3}}, nil); err == nil || !strings.Contains(err.Error(), "/dev/vfio/9") || !strings.Contains(err.Error(), "not a VFIO group or device") {
+		t.Errorf("ClaimVFIO of /dev/null: %v", err)
+	}
+}
+
+func TestCheckVFIOBindPattern(t *testing.T) {
+	for p, ok := range map[string]bool{"10de:2236": true, "10DE:*": true, "10de": false, "10de:22": false, "*:*": false, "10de:2236:0": false} {
+		if err := CheckVFIOBindPattern(p); (err == nil) != ok {
+			t.Errorf("CheckVFIOBindPattern(%q) = %v, want ok=%v", p, err, ok)
+		}
+	}
+}
+
+// A GPU's 64-bit BARs size the q35 window: 2 x 32 GiB needs more than QEMU's 32 GiB.
+func TestBAR64BytesAndWindow(t *testing.T) {
+	f := newFakeSysfs(t)
+	f.file("bus/pci/devices/0000:01:00.0/resource",
+		"0x00000000fa000000 0x00000000faffffff 0x0000000000040200\n"+ // 32-bit MMIO, 16 MiB
+			"0x0000038000000000 0x00000387ffffffff 0x000000000014220c\n"+ // 64-bit prefetchable, 32 GiB
+			"0x0000000000000000 0x0000000000000000 0x0000000000000000\n"+
+			"0x0000038800000000 0x0000038801ffffff 0x000000000014220c\n"+ // 64-bit, 32 MiB
+			"0x0000000000000000 0x0000000000000000 0x0000000000000000\n"+
+			"0x000000000000e000 0x000000000000e07f 0x0000000000040101\n"+ // I/O
+			"0x00000000fb000000 0x00000000fb07ffff 0x0000000000046200\n") // ROM: not a BAR
+	s := Sysfs{Root: f.root}
+	got, err := s.BAR64Bytes(mustAddr(t, "0000:01:00.0"))
+	if want := uint64(32<<30 + 32<<20); err != nil || got != want {
+		t.Fatalf("BAR64Bytes = %d, %v; want %d", got, err, want)
+	}
+	if w := PCIHole64For(got); w != 128<<30 {
+		t.Errorf("PCIHole64For(%d) = %d, want 128 GiB", got, w)
+	}
+	if w := PCIHole64For(256 << 20); w != 0 {
+		t.Errorf("PCIHole64For(256 MiB) = %d, want 0 (QEMU's default maps it)", w)
+	}
+}

@@ -821,6 +821,29 @@ func TestVMPodBadInput(t *testing.T) {
 		t.Errorf("a refused create left processes: %v", procs)
 	}
 
+	// a GPU the device plugin did not give (no VFIO device in the container), and a
+	// "VFIO device" that is /dev/null: refused, naming what is missing or wrong
+	gpu := vm
+	gpu.GPUs = []vmspec.HostDevice{{Name: "gpu1", ResourceName: "nvidia.com/GA102GL_A10"}}
+	for name, tc := range map[string]struct {
+		devs []testenv.Device
+		want string
+	}{
+		"no VFIO device": {nil, "gpus/hostDevices: 1 asked for, but the compute container was given 0 VFIO devices"},
+		"not VFIO":       {[]testenv.Device{{ContainerPath: "/dev/vfio/7", HostPath: "/dev/null", Permissions: "rw"}}, "/dev/vfio/7: devices: char device 1:3"},
+	} {
+		podGPU := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-gpu"}, Annotations: annotation(t, gpu)})
+		cg := cc
+		cg.Mounts, cg.Devices = []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("blank"), HostPath: pvc}}, tc.devs
+		cid = testenv.Crictl(t, "create", podGPU.ID, testenv.WriteJSON(t, "cg.json", cg), podGPU.Config)
+		if _, err = testenv.Cmd("crictl", "start", cid); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: start: %v, want %q", name, err, tc.want)
+		}
+		if procs := testenv.LiveProcessesMentioning(testenv.PodStateDir(t, podGPU.ID)); len(procs) > 0 {
+			t.Errorf("%s: a refused create left processes: %v", name, procs)
+		}
+	}
+
 	// a guest without an agent (a disk with nothing bootable): exec says so
 	pod2 := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-noagent"}, Annotations: annotation(t, vm)})
 	id := compute(t, pod2, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("blank"), HostPath: pvc}}, nil, true)

@@ -15,6 +15,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -28,6 +29,7 @@ type Config struct {
 	Sizing      Sizing      `toml:"sizing"`
 	Timeouts    Timeouts    `toml:"timeouts"`
 	Annotations Annotations `toml:"annotations"`
+	Devices     Devices     `toml:"devices"`
 	// StateDir holds one directory per pod (sockets, shared directory); keep it short,
 	// unix socket paths are limited to 108 bytes.
 	StateDir string `toml:"state_dir"`
@@ -90,6 +92,15 @@ type Timeouts struct {
 	Boot Duration `toml:"boot"`
 	Call Duration `toml:"call"`
 	Stop Duration `toml:"stop"`
+}
+
+// Devices is what the node lets vmpod do with host PCI devices a pod was allocated.
+type Devices struct {
+	// VFIOBind lists the vendor:device IDs ("10de:2236", "10de:*") the shim may bind to
+	// vfio-pci when a pod is given one still on its host driver. Empty (the default): only
+	// functions already bound to vfio-pci (by the device plugin, the DRA driver or the
+	// admin) are passed through.
+	VFIOBind []string `toml:"vfio_bind"`
 }
 
 // Annotations lists the vmpod.dev/* pod annotations pod authors may set on this node.
@@ -213,6 +224,11 @@ func (c Config) Validate() error {
 	for i, m := range c.Hypervisor.CPUModels {
 		if err := machine.CheckNamedCPUModel(m); err != nil {
 			bad(fmt.Sprintf("hypervisor.cpu_models[%d]", i), "%v", err)
+		}
+	}
+	for i, p := range c.Devices.VFIOBind {
+		if err := devices.CheckVFIOBindPattern(p); err != nil {
+			bad(fmt.Sprintf("devices.vfio_bind[%d]", i), "%q: %v", p, err)
 		}
 	}
 	s := c.Sizing

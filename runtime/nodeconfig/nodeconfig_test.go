@@ -54,6 +54,7 @@ func TestLoadRejectsBadInputNamingTheKey(t *testing.T) {
 		"sizes upside down": {"[sizing]\ndefault_vcpus = 4\nmax_vcpus = 2\n", "sizing"},
 		"not toml":          {"[hypervisor\n", "config"},
 		"wrong type":        {"[sizing]\nmax_vcpus = \"many\"\n", "max_vcpus"},
+		"bad vfio_bind":     {"[devices]\nvfio_bind = [\"10de:*\", \"nvidia\"]\n", "devices.vfio_bind[1]: \"nvidia\""},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {

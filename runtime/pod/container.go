@@ -19,6 +19,7 @@ import (
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/runtime"
@@ -42,6 +43,11 @@ type containerPod struct {
 	loopback *network.LoopbackRedirect // port-forwards into the guest; nil without a netns
 
 	resizeMu sync.Mutex // one resize at a time
+	// hostDevices are the PCI functions plugged for containers' VFIO devices; vfioBind is
+	// the node's devices.vfio_bind
+	hostDevMu   sync.Mutex
+	hostDevices []devices.PCIAddress
+	vfioBind    []string
 	// nics follows the netns for interfaces added later; stopNetwork ends that
 	nics        *nicFollower
 	stopNetwork context.CancelFunc
@@ -141,7 +147,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	}
 	phases.Mark(ctx, "setup")
 	p := &containerPod{id: podID, guest: guest, machine: gc.Type, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
-		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}}
+		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}, vfioBind: cfg.Devices.VFIOBind}
 	if plumbing != nil {
 		if p.loopback, err = network.RedirectLoopback(plumbing.Plan().Netns); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
@@ -222,6 +228,10 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 		delete(p.containers, id)
 		return nil
 	})
+	spec, err := p.plugHostDevices(ctx, spec)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
+	}
 	guest, shares, err := guestSpec(id, spec, p.nsOwners(), p.guest.Share, vmm.MountPointsBelow)
 	for _, name := range shares {
 		undo.Add("unshare "+name, func() error { return p.guest.Unshare(name) })

@@ -150,8 +150,8 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	case !slices.Contains(cfg.Hypervisor.CPUModels, m):
 		errs = append(errs, fmt.Errorf("cpu.model: %s is not one of the CPU models this node allows (hypervisor.cpu_models: %s)", m, strings.Join(cfg.Hypervisor.CPUModels, ", ")))
 	}
-	if len(vm.GPUs) > 0 || len(vm.HostDevices) > 0 {
-		errs = append(errs, errors.New("gpus/hostDevices: device passthrough for VM pods is not supported by this node yet"))
+	if (len(vm.GPUs) > 0 || len(vm.HostDevices) > 0) && vm.Machine != machine.Q35 {
+		errs = append(errs, fmt.Errorf("gpus/hostDevices: passthrough needs machine q35 (PCIe), not %s", vm.Machine))
 	}
 	if vm.Migration != nil {
 		errs = append(errs, errors.New("migration: live migration is not supported by this node yet"))

@@ -140,6 +140,13 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		return nil, fmt.Errorf("pod %s: annotation %s: %w: %w", p.id, vmspec.Annotation, err, errdefs.ErrInvalidArgument)
 	}
 	devs = append(devs, &devices.PVPanic{DeviceID: "pvpanic0"})
+	hostDevs, hole64, err := hostDevicesFor(spec, p.vm, devices.Sysfs{}, p.cfg.Devices.VFIOBind)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: annotation %s: %w", p.id, vmspec.Annotation, err)
+	}
+	if len(hostDevs) > 0 {
+		lg.Infof("passing through %d PCI functions (%v)", len(hostDevs), hostDevs)
+	}
 	cfg := vmm.Config{
 		Name:        p.id,
 		StateDir:    p.stateDir,
@@ -157,6 +164,8 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		Ports:       []string{qga.PortName},
 		Console:     vmm.ConsoleSocket,
 		Devices:     devs,
+		HostDevices: hostDevs,
+		PCIHole64:   hole64,
 		Files:       files,
 		Reboot:      true,
 		Paused:      true,

@@ -82,6 +82,12 @@ type Config struct {
 	NICs []NIC
 	// Devices are more cold-plugged devices (disks, ...), in the order the guest sees them.
 	Devices []devices.Device
+	// HostDevices are host PCI functions passed through (vfio-pci, bound and claimed by
+	// the caller: devices.Sysfs.ClaimVFIO), each on a PCIe root port of its own (q35).
+	HostDevices []devices.PCIAddress
+	// PCIHole64 sizes q35's 64-bit PCI window for their BARs (devices.PCIHole64For; 0:
+	// QEMU's default).
+	PCIHole64 uint64
 	// Files are opened by the caller for QEMU (disk images opened inside their volume):
 	// QEMU gets each as fd set Files[i].Set, which a device names as /dev/fdset/<set>.
 	Files []FDSetFile

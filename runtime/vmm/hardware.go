@@ -200,9 +200,15 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	if c.VNC {
 		devs = append(devs, &devices.VGA{DeviceID: "video0"})
 	}
+	if len(c.HostDevices) > 0 && c.Type != machine.Q35 {
+		return nil, fmt.Errorf("host devices: passthrough needs machine q35 (PCIe), not %s", c.Type)
+	}
 	if c.Type == machine.Q35 {
 		m.MaxVCPUs = c.MaxVCPUs
-		m.RootPorts = hotplugRootPorts
+		// a root port for each passed-through function (large BARs want one, and a
+		// driver may insist on a PCIe link), and the hotplug ports besides
+		m.RootPorts = hotplugRootPorts + len(c.HostDevices)
+		m.PCIHole64 = c.PCIHole64
 		if c.MaxMemoryMiB > c.MemoryMiB {
 			m.MaxMemory = uint64(c.MaxMemoryMiB) << 20
 			devs = append(devs, &devices.VirtioMem{DeviceID: memoryDeviceID, Size: uint64(c.MaxMemoryMiB-c.MemoryMiB) << 20})
@@ -226,7 +232,16 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		// (a guest names NICs and disks by them, docs/design/202).
 		devs = append(devs, &devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true})
 	}
-	return devices.NewVM(m, devs...)
+	vm, err := devices.NewVM(m, devs...)
+	if err != nil {
+		return nil, err
+	}
+	for i, a := range c.HostDevices {
+		if _, err := vm.Hotplug(&devices.VFIO{DeviceID: fmt.Sprintf("hostdev%d", i), Host: a}); err != nil {
+			return nil, fmt.Errorf("host device %s: %w", a, err)
+		}
+	}
+	return vm, nil
 }
 
 // nicDevice is the guest NIC for nic.

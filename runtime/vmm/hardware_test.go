@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
 )
 
 // argAfter is the argument that follows flag in args.
@@ -155,5 +156,34 @@ func TestFreePageReportingMovesNoDevice(t *testing.T) {
 				t.Errorf("the other devices differ with free page reporting:\n%q\nwithout:\n%q", on, off)
 			}
 		})
+	}
+}
+
+// Passed-through functions sit on PCIe root ports of their own, before the hotplug ports,
+// with the 64-bit window the caller sized; a microvm has no PCIe for them.
+func TestHostDevicesOnRootPorts(t *testing.T) {
+	gpu, _ := devices.ParsePCIAddress("0000:65:00.0")
+	audio, _ := devices.ParsePCIAddress("0000:65:00.1")
+	c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: machine.NoSharedFS,
+		Console: ConsoleNone, HostDevices: []devices.PCIAddress{gpu, audio}, PCIHole64: 128 << 30}
+	b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
+	vm, err := b.hardware()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args, _ := vm.Render()
+	joined := strings.Join(args, " ")
+	for _, want := range []string{"vfio-pci,id=hostdev0,bus=rp0,host=0000:65:00.0", "vfio-pci,id=hostdev1,bus=rp1,host=0000:65:00.1", "q35-pcihost.pci-hole64-size=137438953472"} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("argv lacks %q:\n%s", want, joined)
+		}
+	}
+	if n := strings.Count(joined, "pcie-root-port"); n != hotplugRootPorts+2 {
+		t.Errorf("%d root ports, want %d: the hotplug ones and one per host device", n, hotplugRootPorts+2)
+	}
+	c.Type = machine.MicroVM
+	b.cfg = c
+	if _, err := b.hardware(); err == nil || !strings.Contains(err.Error(), "needs machine q35") {
+		t.Errorf("host devices on microvm: %v", err)
 	}
 }
