@@ -17,38 +17,50 @@ type CharDevice struct {
 	Major, Minor uint32
 }
 
-// ClaimVFIO turns the VFIO nodes a pod was given into the PCI functions its VM gets, once
-// each is safe to hand over:
+// VFIOClaim is what CheckVFIO found: the PCI functions a pod's VFIO nodes give, and
+// those of them still to be bound to vfio-pci.
+type VFIOClaim struct {
+	Functions []PCIAddress // sorted
+	toBind    []PCIAddress
+	sysfs     Sysfs
+}
+
+// CheckVFIO turns the VFIO nodes a pod was given into the PCI functions its VM gets, once
+// each is safe to hand over, and changes nothing (Bind does):
 //   - each node is a VFIO group or device (by major:minor, not by name);
 //   - every endpoint of the IOMMU group of each function is one the pod was given: VFIO
 //     isolates whole groups, so a group member left on the host would share DMA with
 //     the guest;
 //   - each function is bound to vfio-pci, or its vendor:device is one the node's
-//     allow-list lets the shim bind ("10de:2236", "10de:*"); nothing else is rebound.
+//     allow-list lets the shim bind ("10de:2236", "10de:*") and it is no bridge.
 //
-// On error nothing was bound, unless the error says so. The result is sorted.
-func (s Sysfs) ClaimVFIO(nodes []CharDevice, allowBind []string) ([]PCIAddress, error) {
-	var given []PCIAddress
+// Errors name the node that brought the function in.
+func (s Sysfs) CheckVFIO(nodes []CharDevice, allowBind []string) (*VFIOClaim, error) {
+	c := &VFIOClaim{sysfs: s}
+	from := map[PCIAddress]string{}
 	for _, n := range nodes {
 		fns, err := s.ResolveVFIODevice(n.Major, n.Minor)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", n.Path, err)
 		}
 		for _, a := range fns {
-			if !slices.Contains(given, a) {
-				given = append(given, a)
+			if _, dup := from[a]; !dup {
+				from[a] = n.Path
+				c.Functions = append(c.Functions, a)
 			}
 		}
 	}
-	slices.SortFunc(given, func(a, b PCIAddress) int { return strings.Compare(a.String(), b.String()) })
-	var toBind []PCIAddress
-	for _, a := range given {
+	slices.SortFunc(c.Functions, func(a, b PCIAddress) int { return strings.Compare(a.String(), b.String()) })
+	for _, a := range c.Functions {
+		fail := func(format string, args ...any) (*VFIOClaim, error) {
+			return nil, fmt.Errorf("%s: devices: %s: %s", from[a], a, fmt.Sprintf(format, args...))
+		}
 		g, err := s.IOMMUGroupOf(a)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%s: %w", from[a], err)
 		}
 		for _, m := range g.Devices {
-			if slices.Contains(given, m) {
+			if _, given := from[m]; given {
 				continue
 			}
 			bridge, err := s.isBridge(m)
@@ -56,7 +68,7 @@ func (s Sysfs) ClaimVFIO(nodes []CharDevice, allowBind []string) ([]PCIAddress, 
 				return nil, err
 			}
 			if !bridge {
-				return nil, fmt.Errorf("devices: %s: IOMMU group %d also holds %s, which the pod was not given (VFIO assigns whole groups)", a, g.Number, m)
+				return fail("IOMMU group %d also holds %s, which the pod was not given (VFIO assigns whole groups)", g.Number, m)
 			}
 		}
 		driver, err := s.Driver(a)
@@ -70,21 +82,31 @@ func (s Sysfs) ClaimVFIO(nodes []CharDevice, allowBind []string) ([]PCIAddress, 
 		if err != nil {
 			return nil, err
 		}
+		bound := "no driver"
+		if driver != "" {
+			bound = "driver " + driver
+		}
 		if !allowed(id, allowBind) {
-			bound := "no driver"
-			if driver != "" {
-				bound = "driver " + driver
-			}
-			return nil, fmt.Errorf("devices: %s (vendor:device %s) has %s, not vfio-pci, and the node's devices.vfio_bind does not let vmpod bind it", a, id, bound)
+			return fail("vendor:device %s has %s, not vfio-pci, and the node's devices.vfio_bind does not let vmpod bind it", id, bound)
 		}
-		toBind = append(toBind, a)
+		if bridge, err := s.isBridge(a); err != nil || bridge {
+			return fail("is a bridge (%s): vmpod never binds a bridge to vfio-pci, whatever devices.vfio_bind says", bound)
+		}
+		c.toBind = append(c.toBind, a)
 	}
-	for _, a := range toBind {
-		if err := s.BindVFIO(a); err != nil {
-			return nil, fmt.Errorf("%w (devices bound so far stay with vfio-pci)", err)
+	return c, nil
+}
+
+// Bind binds to vfio-pci the functions CheckVFIO found still on another driver. The
+// device plugin owns a device's life on the host: vmpod never binds one back.
+func (c *VFIOClaim) Bind() error {
+	for _, a := range c.toBind {
+		if err := c.sysfs.BindVFIO(a); err != nil {
+			return fmt.Errorf("%w (devices bound so far stay with vfio-pci)", err)
 		}
 	}
-	return given, nil
+	c.toBind = nil
+	return nil
 }
 
 // VendorDevice is the function's "vendor:device" ID, as lspci -n prints it: "10de:2236".

@@ -360,6 +360,10 @@ func (m *Machine) args(shared bool) []string {
 		if m.UEFI.SecureBoot {
 			args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
 		}
+		if m.PCIHole64 != 0 {
+			// OVMF sizes its own 64-bit aperture (32 GiB by default in older builds)
+			args = append(args, "-fw_cfg", fmt.Sprintf("name=opt/ovmf/X-PciMmio64Mb,string=%d", m.PCIHole64>>20))
+		}
 	}
 	if m.Kernel != "" {
 		args = append(args, "-kernel", m.Kernel)

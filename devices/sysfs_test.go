@@ -198,31 +198,39 @@ func TestResolveVFIODevice(t *testing.T) {
 	}
 }
 
-// ClaimVFIO hands over only whole IOMMU groups the pod was given, bound to vfio-pci, and
-// binds only what the node allows; it refuses anything else, naming the device.
-func TestClaimVFIO(t *testing.T) {
+// CheckVFIO hands over only whole IOMMU groups the pod was given, bound to vfio-pci, and
+// lets Bind bind only what the node allows; it refuses anything else, naming the node and
+// the device, and changes nothing.
+func TestCheckVFIOAndBind(t *testing.T) {
 	f := newFakeSysfs(t)
 	for addr, ids := range map[string][2]string{"0000:01:00.0": {"0x10de", "0x2236"}, "0000:01:00.1": {"0x10de", "0x1aef"}, "0000:02:00.0": {"0x8086", "0x10d3"}} {
 		f.file("bus/pci/devices/"+addr+"/vendor", ids[0]+"\n")
 		f.file("bus/pci/devices/"+addr+"/device", ids[1]+"\n")
 	}
 	s := Sysfs{Root: f.root, afterWrite: f.kernel()}
+	claim := func(nodes []CharDevice, allow []string) ([]PCIAddress, error) {
+		c, err := s.CheckVFIO(nodes, allow)
+		if err != nil {
+			return nil, err
+		}
+		return c.Functions, c.Bind()
+	}
 	group7 := CharDevice{Path: "/dev/vfio/7", Major: 243, Minor: 0}
 	nic := CharDevice{Path: "/dev/vfio/devices/vfio0", Major: 511, Minor: 0}
 
 	// already vfio-pci (the device plugin's doing): no allow-list needed
-	got, err := s.ClaimVFIO([]CharDevice{nic}, nil)
+	got, err := claim([]CharDevice{nic}, nil)
 	if err != nil || len(got) != 1 || got[0] != mustAddr(t, "0000:02:00.0") {
 		t.Fatalf("ClaimVFIO(vfio0) = %v, %v", got, err)
 	}
 	// group 7: a GPU on nouveau and its audio function; the bridge stays
-	if _, err := s.ClaimVFIO([]CharDevice{group7}, nil); err == nil || !strings.Contains(err.Error(), "0000:01:00.0 (vendor:device 10de:2236) has driver nouveau, not vfio-pci") {
+	if _, err := claim([]CharDevice{group7}, nil); err == nil || !strings.Contains(err.Error(), "/dev/vfio/7: devices: 0000:01:00.0: vendor:device 10de:2236 has driver nouveau, not vfio-pci") {
 		t.Errorf("ClaimVFIO of a group on nouveau without an allow-list: %v", err)
 	}
 	if d := strings.TrimSpace(f.read("bus/pci/devices/0000:01:00.0/driver_override")); d != "(null)" {
 		t.Errorf("a refused claim left driver_override %q", d)
 	}
-	got, err = s.ClaimVFIO([]CharDevice{group7, group7}, []string{"10de:*"})
+	got, err = claim([]CharDevice{group7, group7}, []string{"10de:*"})
 	if err != nil || len(got) != 2 {
 		t.Fatalf("ClaimVFIO(group 7) with 10de:* allowed = %v, %v", got, err)
 	}
@@ -234,11 +242,11 @@ func TestClaimVFIO(t *testing.T) {
 	// one function of a group whose other endpoint the pod was not given
 	f.mkdir("devices/pci0000:00/0000:00:01.0/0000:01:00.0/vfio-dev/vfio1")
 	f.symlink("dev/char/511:1", "../../devices/pci0000:00/0000:00:01.0/0000:01:00.0/vfio-dev/vfio1")
-	if _, err := s.ClaimVFIO([]CharDevice{{Path: "/dev/vfio/devices/vfio1", Major: 511, Minor: 1}}, nil); err == nil || !strings.Contains(err.Error(), "IOMMU group 7 also holds 0000:01:00.1, which the pod was not given") {
+	if _, err := claim([]CharDevice{{Path: "/dev/vfio/devices/vfio1", Major: 511, Minor: 1}}, nil); err == nil || !strings.Contains(err.Error(), "IOMMU group 7 also holds 0000:01:00.1, which the pod was not given") {
 		t.Errorf("ClaimVFIO of half a group: %v", err)
 	}
 	// not VFIO at all: /dev/null under a VFIO name
-	if _, err := s.ClaimVFIO([]CharDevice{{Path: "/dev/vfio/9", Major: 1, Minor: 3}}, nil); err == nil || !strings.Contains(err.Error(), "/dev/vfio/9") || !strings.Contains(err.Error(), "not a VFIO group or device") {
+	if _, err := claim([]CharDevice{{Path: "/dev/vfio/9", Major: 1, Minor: 3}}, nil); err == nil || !strings.Contains(err.Error(), "/dev/vfio/9") || !strings.Contains(err.Error(), "not a VFIO group or device") {
 		t.Errorf("ClaimVFIO of /dev/null: %v", err)
 	}
 }

@@ -176,6 +176,19 @@ func TestCPUFlagsAndPlatformSwitches(t *testing.T) {
 			t.Errorf("%s: -machine %s, want q35", accel, got)
 		}
 	}
+	// a 64-bit PCI window for large BARs reaches QEMU and, under UEFI, OVMF
+	m = q35(0)
+	m.Kernel, m.Firmware = "", ""
+	m.UEFI = &UEFI{Code: "/usr/share/OVMF/OVMF_CODE_4M.fd", Vars: "/run/vm/vars.fd"}
+	m.PCIHole64 = 128 << 30
+	hole, err := NewVM(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	holeArgs, _ := hole.Render()
+	if j := strings.Join(holeArgs, " "); !strings.Contains(j, "-global q35-pcihost.pci-hole64-size=137438953472") || !strings.Contains(j, "-fw_cfg name=opt/ovmf/X-PciMmio64Mb,string=131072") {
+		t.Errorf("a 128 GiB window: %s", j)
+	}
 	// secure boot cannot do without SMM
 	m = q35(0)
 	m.Kernel, m.Firmware, m.NoSMM = "", "", true

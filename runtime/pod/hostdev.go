@@ -52,10 +52,11 @@ func hostDevicesFor(spec *specs.Spec, vm *vmspec.VM, sysfs devices.Sysfs, allowB
 		return nil, 0, fmt.Errorf("gpus/hostDevices: %d asked for, but the compute container was given %d VFIO devices (is the device plugin or DRA driver of %s running, and the resource in the container's limits?): %w",
 			want, len(nodes), resourceNames(vm), errdefs.ErrFailedPrecondition)
 	}
-	fns, err := sysfs.ClaimVFIO(nodes, allowBind)
+	claim, err := sysfs.CheckVFIO(nodes, allowBind)
 	if err != nil {
 		return nil, 0, fmt.Errorf("gpus/hostDevices: %w: %w", err, errdefs.ErrFailedPrecondition)
 	}
+	fns := claim.Functions
 	if spec.Process != nil {
 		for _, env := range spec.Process.Env {
 			name, value, _ := strings.Cut(env, "=")
@@ -80,6 +81,10 @@ func hostDevicesFor(spec *specs.Spec, vm *vmspec.VM, sysfs devices.Sysfs, allowB
 			return nil, 0, fmt.Errorf("gpus/hostDevices: %w", err)
 		}
 		bars += n
+	}
+	// every check passed: only now may a function leave its host driver
+	if err := claim.Bind(); err != nil {
+		return nil, 0, fmt.Errorf("gpus/hostDevices: %w: %w", err, errdefs.ErrFailedPrecondition)
 	}
 	return fns, devices.PCIHole64For(bars), nil
 }
@@ -107,10 +112,14 @@ func (p *containerPod) plugHostDevices(ctx context.Context, spec *specs.Spec) (*
 	if p.machine != machine.Q35 {
 		return nil, fmt.Errorf("linux.devices %s: PCI passthrough needs a q35 pod (annotation vmpod.dev/machine: q35), this one is %s: %w", nodes[0].Path, p.machine, errdefs.ErrFailedPrecondition)
 	}
-	fns, err := devices.Sysfs{}.ClaimVFIO(nodes, p.vfioBind)
+	// one container's claim at a time: two sharing a group must not both rebind it
+	p.hostDevMu.Lock()
+	defer p.hostDevMu.Unlock()
+	claim, err := devices.Sysfs{}.CheckVFIO(nodes, p.vfioBind)
 	if err != nil {
 		return nil, fmt.Errorf("linux.devices: %w: %w", err, errdefs.ErrFailedPrecondition)
 	}
+	fns := claim.Functions
 	var bars uint64
 	for _, a := range fns {
 		n, err := devices.Sysfs{}.BAR64Bytes(a)
@@ -122,8 +131,9 @@ func (p *containerPod) plugHostDevices(ctx context.Context, spec *specs.Spec) (*
 	if devices.PCIHole64For(bars) != 0 {
 		return nil, fmt.Errorf("linux.devices: %v have %d GiB of 64-bit BARs, more than a running VM's window maps: pass them to a VM pod (gpus/hostDevices), which sizes its window at boot: %w", fns, bars>>30, errdefs.ErrFailedPrecondition)
 	}
-	p.hostDevMu.Lock()
-	defer p.hostDevMu.Unlock()
+	if err := claim.Bind(); err != nil {
+		return nil, fmt.Errorf("linux.devices: %w: %w", err, errdefs.ErrFailedPrecondition)
+	}
 	for _, a := range fns {
 		if slices.Contains(p.hostDevices, a) {
 			continue

@@ -83,7 +83,7 @@ type Config struct {
 	// Devices are more cold-plugged devices (disks, ...), in the order the guest sees them.
 	Devices []devices.Device
 	// HostDevices are host PCI functions passed through (vfio-pci, bound and claimed by
-	// the caller: devices.Sysfs.ClaimVFIO), each on a PCIe root port of its own (q35).
+	// the caller: devices.Sysfs.CheckVFIO and Bind), each on a PCIe root port of its own (q35).
 	HostDevices []devices.PCIAddress
 	// PCIHole64 sizes q35's 64-bit PCI window for their BARs (devices.PCIHole64For; 0:
 	// QEMU's default).

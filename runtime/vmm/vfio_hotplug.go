@@ -12,7 +12,7 @@ import (
 )
 
 // PlugVFIO hot-plugs host PCI function a (bound to vfio-pci and claimed by the caller:
-// devices.Sysfs.ClaimVFIO) as device id on the lowest free PCIe root port of a q35
+// devices.Sysfs.CheckVFIO and Bind) as device id on the lowest free PCIe root port of a q35
 // machine. Its BARs must fit the 64-bit window the machine booted with. On failure no
 // device or root port is left.
 func (m *Machine) PlugVFIO(ctx context.Context, id string, a devices.PCIAddress) error {
