@@ -179,8 +179,13 @@ func TestKillQEMUIsSeenAsExit(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, code := waitState(t, id, "CONTAINER_EXITED", 5*time.Second)
-	if d > time.Second {
-		t.Errorf("containerd saw the exit %v after QEMU died, want within 1s", d)
+	// ~0.1 s as a rule; about 1 run in 20, containerd's delete of the container's task
+	// meets the shim already gone ("ttrpc: closed": the dead-shim cleanup of the sandbox
+	// task ends the pod's shim first, issue 13) and containerd retries after its 1 s
+	// back-off. That race is containerd's retry away from a failure; 2.5 s still tells a
+	// prompt exit from a missed one (the next poll of a stuck VM).
+	if d > 2500*time.Millisecond {
+		t.Errorf("containerd saw the exit %v after QEMU died, want within 2.5s", d)
 	}
 	if code != 137 {
 		t.Errorf("exit code %d, want 137", code)
