@@ -179,11 +179,11 @@ func TestKillQEMUIsSeenAsExit(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, code := waitState(t, id, "CONTAINER_EXITED", 5*time.Second)
-	// ~0.1 s as a rule; about 1 run in 20, containerd's delete of the container's task
-	// meets the shim already gone ("ttrpc: closed": the dead-shim cleanup of the sandbox
-	// task ends the pod's shim first, issue 13) and containerd retries after its 1 s
-	// back-off. That race is containerd's retry away from a failure; 2.5 s still tells a
-	// prompt exit from a missed one (the next poll of a stuck VM).
+	// ~0.1 s as a rule. About 1 run in 20 (measured), containerd's delete of the
+	// container's task meets the pod's shim already gone ("ttrpc: closed", just after
+	// containerd's "cleaning up dead shim" for the sandbox task; why the shim ends first is
+	// issue 13's to find) and containerd handles the exit again after its 1 s back-off.
+	// 2.5 s still tells a prompt exit from a missed one.
 	if d > 2500*time.Millisecond {
 		t.Errorf("containerd saw the exit %v after QEMU died, want within 2.5s", d)
 	}
