@@ -179,13 +179,12 @@ func TestKillQEMUIsSeenAsExit(t *testing.T) {
 		t.Fatal(err)
 	}
 	d, code := waitState(t, id, "CONTAINER_EXITED", 5*time.Second)
-	// ~0.1 s as a rule. About 1 run in 20 (measured), containerd's delete of the
-	// container's task meets the pod's shim already gone ("ttrpc: closed", just after
-	// containerd's "cleaning up dead shim" for the sandbox task; why the shim ends first is
-	// issue 13's to find) and containerd handles the exit again after its 1 s back-off.
-	// 2.5 s still tells a prompt exit from a missed one.
-	if d > 2500*time.Millisecond {
-		t.Errorf("containerd saw the exit %v after QEMU died, want within 2.5s", d)
+	t.Logf("containerd saw the exit %v after QEMU died", d)
+	// ~0.1 s as a rule. A shim that exits under the container's task delete (the
+	// sandbox's Shutdown arriving while that delete still stops the VM) shows here as
+	// containerd's retry after its 1 s back-off.
+	if d > time.Second {
+		t.Errorf("containerd saw the exit %v after QEMU died, want within 1s", d)
 	}
 	if code != 137 {
 		t.Errorf("exit code %d, want 137", code)

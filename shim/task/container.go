@@ -307,6 +307,16 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}
 	p.mu.Unlock()
+	if execID == "" {
+		s.mu.Lock()
+		s.removing++
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			s.removing--
+			s.mu.Unlock()
+		}()
+	}
 
 	if execID != "" {
 		if p.rt != nil {

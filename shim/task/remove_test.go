@@ -24,6 +24,8 @@ type fakePod struct {
 	init      *fakeProcess
 	exitDelay time.Duration // < 0: the exit is never reported
 	done      chan struct{}
+	stopping  chan struct{} // non-nil: Stop signals here, then waits for release
+	release   chan struct{}
 }
 
 func (f *fakePod) RemoveContainer(ctx context.Context, id string, force bool) error {
@@ -32,8 +34,14 @@ func (f *fakePod) RemoveContainer(ctx context.Context, id string, force bool) er
 	}
 	return nil
 }
-func (f *fakePod) Done() <-chan struct{}          { return f.done }
-func (f *fakePod) Stop(ctx context.Context) error { return nil }
+func (f *fakePod) Done() <-chan struct{} { return f.done }
+func (f *fakePod) Stop(ctx context.Context) error {
+	if f.stopping != nil {
+		f.stopping <- struct{}{}
+		<-f.release
+	}
+	return nil
+}
 
 type fakeProcess struct {
 	pod.Process
@@ -119,5 +127,50 @@ func TestRemovingACreatedInitOrdersItsExit(t *testing.T) {
 				t.Error("the container is still known after its removal")
 			}
 		})
+	}
+}
+
+// containerd sends Shutdown after every task delete. The sandbox's can come while the
+// last container's Delete is still stopping the VM: the shim must not exit under that
+// Delete (containerd would see "ttrpc: closed" and retry against a dead shim), and the
+// Shutdown after the last Delete must end it.
+func TestShutdownWaitsForTheLastDelete(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ctx, sd := shutdown.WithShutdown(ctx)
+	defer sd.Shutdown()
+	rt := &fakeProcess{exited: make(chan struct{}), output: make(chan struct{})}
+	close(rt.output)
+	close(rt.exited)
+	fp := &fakePod{init: rt, exitDelay: -1, done: make(chan struct{}), stopping: make(chan struct{}), release: make(chan struct{})}
+	s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, &recorder{}, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
+	c := &container{id: "app", execs: map[string]*process{}}
+	c.init = newProcess("app", "", stdioPaths{})
+	c.init.io, c.init.rt, c.init.pid = &hostIO{}, rt, rt.Pid()
+	c.init.state = stateStopped
+	s.containers["app"] = c
+
+	removed := make(chan error, 1)
+	go func() { _, err := s.remove(ctx, c, ""); removed <- err }()
+	<-fp.stopping // the app is out of the map; its Delete is stopping the VM
+	if _, err := s.Shutdown(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	select { // Shutdown ends the shim asynchronously
+	case <-sd.Done():
+		t.Fatal("the shim shut down while the last container's Delete was still answering")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(fp.release)
+	if err := <-removed; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Shutdown(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sd.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the Shutdown after the last Delete did not end the shim")
 	}
 }

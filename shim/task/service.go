@@ -52,6 +52,7 @@ type service struct {
 
 	mu         sync.Mutex
 	containers map[string]*container // nil value: being created
+	removing   int                   // containers whose Delete has not answered yet
 }
 
 var (
@@ -211,10 +212,22 @@ func (s *service) podGone() bool {
 	}
 }
 
+// podEmpty reports whether the pod has no container left: its VM can stop.
 func (s *service) podEmpty() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.containers) == 0
+}
+
+// idle reports whether the shim may exit: no container left and no container's Delete
+// still working towards its answer. containerd asks every deleted task's shim to shut
+// down, and the sandbox's Delete can be answered (and its Shutdown sent) while the last
+// container's Delete is stopping the VM: exiting then would cut that answer off, and
+// containerd would retry the delete against a dead shim.
+func (s *service) idle() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.containers) == 0 && s.removing == 0
 }
 
 // stopPod stops the VM and releases the pod's host resources; idempotent.
@@ -488,8 +501,8 @@ func (s *service) Connect(ctx context.Context, r *taskAPI.ConnectRequest) (*task
 }
 
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
-	if !s.podEmpty() {
-		return empty, nil // still serving containers
+	if !s.idle() {
+		return empty, nil // still serving containers; the last Delete's Shutdown ends it
 	}
 	s.shutdown.Shutdown()
 	return empty, nil
