@@ -41,6 +41,9 @@ step "VM-pod test guest: Debian with cloud-init and qemu-guest-agent (cached)"
 # the test bed's registry serves it as a containerDisk (hack/images.sh)
 export VMPOD_VM_GUEST
 VMPOD_VM_GUEST=$(hack/vm-guest-image.sh)
+step "nested VFIO proof's L1 guest: the same with Debian's QEMU (cached)"
+export VMPOD_NESTED_GUEST
+VMPOD_NESTED_GUEST=$(hack/vm-guest-image.sh --nested)
 step "generated code up to date"
 hack/proto.sh --check
 hack/generate.sh --check

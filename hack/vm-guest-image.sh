@@ -37,15 +37,26 @@
 #
 # Cold build on 2 shared cores: 75 s when they are idle, up to about 150 s when they are busy
 # (mmdebstrap 50-110 s, partitions and filesystems 3 s, qcow2 15 s). A cache hit takes a second.
+#
+# --nested: the same guest plus Debian's qemu-system-x86 and busybox-static, cached apart
+# (vm-guest-nested/): the L1 host of the nested VFIO proof (integration/nestedvfio), which
+# runs vmpod's machine layer inside it and builds its L2's initramfs from busybox-static.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+
+FLAVOUR=
+case ${1:-} in
+  "") ;;
+  --nested) FLAVOUR=nested ;;
+  *) die "usage: $0 [--nested]" ;;
+esac
 
 "$VMPOD_ROOT/hack/install-deps.sh" >&2
 [ "$(id -u)" = 0 ] || die "needs root (mmdebstrap writes a root-owned tree)"
 
 WEEK=$(date -u +%G-W%V)
-BASE=$VMPOD_CACHE/vm-guest
-OUT=$BASE/$WEEK-$(hash_of "$0")
+BASE=$VMPOD_CACHE/vm-guest${FLAVOUR:+-$FLAVOUR}
+OUT=$BASE/$WEEK-$( (cat "$0"; echo "$FLAVOUR") | hash_of)
 if [ -f "$OUT/INFO" ]; then
   log "cached: $OUT"
   echo "$OUT"
@@ -60,6 +71,7 @@ done
 
 PKGS=linux-image-amd64,systemd-sysv,udev,dbus,hostname,e2fsprogs,cloud-init,qemu-guest-agent
 PKGS+=,ifupdown,isc-dhcp-client,iproute2
+if [ "$FLAVOUR" = nested ]; then PKGS+=,qemu-system-x86,busybox-static,kmod; fi
 CMDLINE="root=LABEL=rootfs ro console=ttyS0,115200 net.ifnames=0"
 # the kernel's module trees left out (dpkg filters; a later path-include wins)
 KMOD=/lib/modules/*/kernel
@@ -245,6 +257,7 @@ qemu-img convert -c -O qcow2 "$IMG" "$W/out/disk.qcow2"
 
 cat > "$W/out/INFO" <<EOF
 built=$(date -u +%FT%TZ)
+flavour=${FLAVOUR:-default}
 week=$WEEK
 kernel=$KVER
 linux-image-amd64=$(pkgver linux-image-amd64)
