@@ -364,16 +364,7 @@ func TestBenchHotplugDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	seen := func(serial string) bool {
-		var out bytes.Buffer
-		p, err := vm.Exec(ctx, "c", fmt.Sprintf("ls-%d", time.Now().UnixNano()), testenv.Spec("sh", "-c", "cat /sys/block/vd*/serial 2>/dev/null; true").Process, runtime.Stdio{Stdout: &out})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := testenv.WaitOutput(ctx, p); err != nil {
-			t.Fatal(err)
-		}
-		_ = p.Remove(ctx)
-		return strings.Contains(out.String(), serial)
+		return strings.Contains(containerSh(ctx, t, vm, "c", "cat /sys/block/vd*/serial 2>/dev/null; true"), serial)
 	}
 	var plug, visible, unplug sample
 	for i := range n {
@@ -446,16 +437,7 @@ func TestBenchHotplug(t *testing.T) {
 		// virtio devices of type 1 (net): found through the virtio bus, which a container
 		// sees whatever its network namespace
 		nets := func() int {
-			var out bytes.Buffer
-			p, err := vm.Exec(ctx, "c", fmt.Sprintf("net-%d", time.Now().UnixNano()), testenv.Spec("sh", "-c", "grep -l 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null | wc -l").Process, runtime.Stdio{Stdout: &out})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := testenv.WaitOutput(ctx, p); err != nil {
-				t.Fatal(err)
-			}
-			_ = p.Remove(ctx)
-			c, _ := strconv.Atoi(strings.TrimSpace(out.String()))
+			c, _ := strconv.Atoi(containerSh(ctx, t, vm, "c", "grep -l 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null | wc -l"))
 			return c
 		}
 		before := nets()
@@ -485,6 +467,22 @@ func TestBenchHotplug(t *testing.T) {
 	report(t, "NIC hotplug, q35: PlugNIC (getfd, netdev_add, device_add):        %s", nicPlug)
 	report(t, "NIC hotplug, q35: until a container sees the virtio-net device:   %s", nicSeen)
 	report(t, "NIC unplug, q35: UnplugNIC until the guest let it go:             %s", nicUnplug)
+}
+
+// containerSh execs script with sh in container id of vm's guest and returns its stdout,
+// trimmed.
+func containerSh(ctx context.Context, t *testing.T, vm *vmpodagent.Guest, id, script string) string {
+	t.Helper()
+	var out bytes.Buffer
+	p, err := vm.Exec(ctx, id, fmt.Sprintf("sh-%d", time.Now().UnixNano()), testenv.Spec("sh", "-c", script).Process, runtime.Stdio{Stdout: &out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := testenv.WaitOutput(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	_ = p.Remove(ctx)
+	return strings.TrimSpace(out.String())
 }
 
 // TestBenchExec: agent round trip, and exec of `true` into a running container in the

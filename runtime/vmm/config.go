@@ -97,6 +97,10 @@ type Config struct {
 	Reboot bool
 	// Paused starts QEMU with its vCPUs stopped (-S); Resume starts them.
 	Paused bool
+	// Incoming starts QEMU waiting for a migration (-incoming defer) instead of booting:
+	// the target of a live migration (AcceptMigration). Its Config must give the same
+	// machine and devices as the source's.
+	Incoming bool
 	// ExitOnPanic ends QEMU with status 1 when the guest reports a kernel panic
 	// (pvpanic) instead of leaving it paused.
 	ExitOnPanic bool

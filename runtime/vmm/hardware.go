@@ -141,15 +141,16 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		Memory: uint64(memMiB) << 20,
 		// RAM the guest may never touch must not count against the host's overcommit
 		// limit: a memfd is accounted page by page as it is used, anonymous RAM at start.
-		SharedMemory: c.OfflineGrowth() && memMiB > c.MemoryMiB,
-		QMPSocket:    b.paths.qmpSock,
-		Reboot:       c.Reboot,
-		StartPaused:  c.Paused,
-		ExitOnPanic:  c.ExitOnPanic,
-		UUID:         c.UUID,
-		KVMHidden:    c.KVMHidden,
-		NoACPI:       c.NoACPI,
-		NoSMM:        c.NoSMM,
+		SharedMemory:      c.OfflineGrowth() && memMiB > c.MemoryMiB,
+		QMPSocket:         b.paths.qmpSock,
+		Reboot:            c.Reboot,
+		StartPaused:       c.Paused,
+		IncomingMigration: c.Incoming,
+		ExitOnPanic:       c.ExitOnPanic,
+		UUID:              c.UUID,
+		KVMHidden:         c.KVMHidden,
+		NoACPI:            c.NoACPI,
+		NoSMM:             c.NoSMM,
 	}
 	switch c.CPUModel {
 	case "", machine.CPUHostModel: // the machine's choice for its accelerator
@@ -187,6 +188,9 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	m.Sandbox = true // every VM: nothing vmpod asks of QEMU needs what the filter denies
 	if b.accel.accel == machine.TCG {
 		m.TCGCacheMiB = TCGCodeCacheMiB
+		// what may migrate (VM pods, q35 container pods without virtio-fs) must not lose
+		// guest writes to QEMU 7.2's TCG dirty-tracking bug (devices.Machine.UnalignedRAM)
+		m.UnalignedRAM = c.Type == machine.Q35
 	}
 	var devs []devices.Device
 	if len(c.Ports) > 0 {

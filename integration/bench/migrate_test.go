@@ -1,0 +1,187 @@
+package bench
+
+import (
+	"bufio"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/qmp"
+	"github.com/vmpod/vmpod/qmp/qmptest"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+// TestBenchMigration (issue 12): live migration of a 512 MiB Debian guest between two
+// machines on this host, idle and while a guest process rewrites 256 MiB of tmpfs in a
+// loop (without and with auto-converge). The guest moves back and forth, so one boot
+// serves every round. Per migration: QEMU's total time, downtime and bytes sent, and the
+// downtime seen from outside: the longest gap in replies to a ping every 10 ms from the
+// host side of the guest's network (both machines' taps on one bridge; the gap includes
+// the switch of the bridge to the target's port, which the guest's announcement drives).
+func TestBenchMigration(t *testing.T) {
+	requireBench(t)
+	n := rounds(3)
+	disk := testenv.GuestDisk(t)
+	ctx := testenv.Context(t, 30*time.Minute)
+	root := testenv.StateRoot(t)
+
+	ns := qmptest.NewNetns(t)
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", append([]string{"-n", ns.Name}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	ip("link", "add", "br0", "type", "bridge")
+	t.Cleanup(func() { _ = exec.Command("ip", "-n", ns.Name, "link", "del", "br0").Run() })
+	ip("addr", "add", "10.99.0.1/24", "dev", "br0")
+	ip("link", "set", "br0", "up")
+
+	const mac = "02:00:00:00:99:02"
+	seq := 0
+	machineOn := func(incoming bool) *testenv.GuestVM {
+		seq++
+		name := fmt.Sprintf("mig%d", seq)
+		tapName := fmt.Sprintf("migtap%d", seq)
+		tap := ns.OpenTap(t, tapName)
+		ip("link", "set", tapName, "master", "br0")
+		ip("link", "set", tapName, "up")
+		cfg := testenv.GuestVMConfig(t, root, name, disk, 512)
+		cfg.NICs = []vmm.NIC{{Tap: tap, MAC: mac}}
+		cfg.Incoming = incoming
+		return testenv.StartGuestVM(t, ctx, cfg)
+	}
+
+	cur := machineOn(false)
+	cur.WaitAgent(ctx, 4*time.Minute)
+	cur.Sh(ctx, "ip link set eth0 up && ip addr add 10.99.0.2/24 dev eth0")
+
+	type result struct {
+		info qmp.MigrationInfo
+		gap  time.Duration
+		err  error
+	}
+	migrate := func(opts vmm.MigrationOptions) result {
+		next := machineOn(true)
+		uri := "unix:" + filepath.Join(root, next.Name(), "migrate.sock")
+		if err := next.AcceptMigration(ctx, uri, opts); err != nil {
+			t.Fatal(err)
+		}
+		pinger, gaps := pingGaps(t, ns.Name, "10.99.0.2")
+		time.Sleep(time.Second) // a few replies before
+		incoming := make(chan error, 1)
+		go func() { _, err := next.AwaitIncoming(ctx); incoming <- err }()
+		info, err := cur.Migrate(ctx, uri, opts)
+		if err != nil {
+			_ = pinger.Process.Kill()
+			<-gaps
+			_ = next.Kill()
+			return result{info: info, err: err}
+		}
+		if err := <-incoming; err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second)               // replies after, from the target
+		_ = pinger.Process.Signal(syscall.SIGINT) // ping ends, its replies read
+		gap := <-gaps
+		cur.Quit(ctx)
+		cur = next
+		cur.WaitAgent(ctx, time.Minute)
+		return result{info: info, gap: gap}
+	}
+	summary := func(name string, rs []result) {
+		var total, down, seen sample
+		var sent []string
+		failed := 0
+		for _, r := range rs {
+			if r.err != nil {
+				failed++
+				t.Logf("%s: %v", name, r.err)
+				continue
+			}
+			total = append(total, r.info.TotalTime)
+			down = append(down, r.info.Downtime)
+			seen = append(seen, r.gap)
+			sent = append(sent, fmt.Sprintf("%d", ramTransferred(r.info)>>20))
+		}
+		if len(total) == 0 {
+			report(t, "migration, %s: none completed (%d of %d cancelled at the 60 s completion timeout)", name, failed, len(rs))
+			return
+		}
+		report(t, "migration, %s: total %s", name, total)
+		report(t, "migration, %s: downtime (QEMU) %s", name, down)
+		report(t, "migration, %s: longest ping gap %s  (10 ms interval)", name, seen)
+		report(t, "migration, %s: MiB sent %s; %d of %d not completed in 60 s", name, strings.Join(sent, ", "), failed, len(rs))
+	}
+	fast := vmm.MigrationOptions{MaxBandwidth: 1 << 30, DowntimeLimit: 50 * time.Millisecond, CompletionTimeout: time.Minute}
+
+	var idle []result
+	for range n {
+		idle = append(idle, migrate(fast))
+	}
+	summary("idle 512 MiB guest", idle)
+
+	cur.Sh(ctx, "setsid sh -c 'while :; do dd if=/dev/zero of=/dev/shm/dirty bs=1M count=256 conv=notrunc 2>/dev/null; done' </dev/null >/dev/null 2>&1 &")
+	time.Sleep(3 * time.Second)
+	var dirty, converged []result
+	for range n {
+		dirty = append(dirty, migrate(fast))
+	}
+	summary("guest rewriting 256 MiB, no auto-converge", dirty)
+	auto := fast
+	auto.AutoConverge = true
+	for range n {
+		converged = append(converged, migrate(auto))
+	}
+	summary("guest rewriting 256 MiB, auto-converge", converged)
+}
+
+func ramTransferred(info qmp.MigrationInfo) uint64 {
+	if info.RAM == nil {
+		return 0
+	}
+	return info.RAM.Transferred
+}
+
+// pingGaps pings addr every 10 ms from netns ns until the process is interrupted, then
+// sends the longest gap between consecutive replies (ping -D timestamps).
+func pingGaps(t *testing.T, ns, addr string) (*exec.Cmd, <-chan time.Duration) {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", ns, "ping", "-D", "-n", "-i", "0.01", addr)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	gaps := make(chan time.Duration, 1)
+	go func() {
+		var last, longest float64
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			// "[1796436311.092660] 64 bytes from 10.99.0.2: icmp_seq=1 ttl=64 time=0.3 ms"
+			l := sc.Text()
+			if !strings.HasPrefix(l, "[") || !strings.Contains(l, "bytes from") {
+				continue
+			}
+			ts, err := strconv.ParseFloat(l[1:strings.IndexByte(l, ']')], 64)
+			if err != nil {
+				continue
+			}
+			if last != 0 && ts-last > longest {
+				longest = ts - last
+			}
+			last = ts
+		}
+		_ = cmd.Wait()
+		gaps <- time.Duration(longest * float64(time.Second))
+	}()
+	return cmd, gaps
+}

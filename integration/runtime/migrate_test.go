@@ -1,0 +1,119 @@
+package runtime_test
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/qmp"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+// TestLiveMigration (issue 12, docs/design/207): a running Debian guest moves between two
+// machines on this host. A process in the guest keeps a counter in tmpfs; it goes on
+// counting on the target, where a file written before the move is still in tmpfs. Before
+// that, a migration cancelled half-way (its stream throttled to 1 MiB/s) leaves the source
+// running and counting, and its target ends. Both machines open the same disk overlay:
+// QEMU keeps the target's image inactive until the state has arrived.
+func TestLiveMigration(t *testing.T) {
+	testenv.Require(t)
+	disk := testenv.GuestDisk(t)
+	ctx := testenv.Context(t, 10*time.Minute)
+	root := testenv.StateRoot(t)
+	config := func(name string, incoming bool) vmm.Config {
+		cfg := testenv.GuestVMConfig(t, root, name, disk, 512)
+		cfg.Incoming = incoming
+		return cfg
+	}
+	counter := func(g *testenv.GuestVM) int {
+		t.Helper()
+		n, err := strconv.Atoi(g.Sh(ctx, "cat /dev/shm/counter"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	counting := func(g *testenv.GuestVM, where string) int {
+		t.Helper()
+		a := counter(g)
+		time.Sleep(1500 * time.Millisecond)
+		b := counter(g)
+		if b <= a {
+			t.Fatalf("%s: the guest's counter stands at %d", where, b)
+		}
+		return b
+	}
+
+	src := testenv.StartGuestVM(t, ctx, config("mig-src", false))
+	src.WaitAgent(ctx, 4*time.Minute)
+	token := fmt.Sprint(time.Now().UnixNano())
+	src.Sh(ctx, "echo "+token+" > /dev/shm/token; "+
+		"setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/counter.new; mv /dev/shm/counter.new /dev/shm/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 & "+
+		"echo $! > /dev/shm/counter.pid; sleep 0.5")
+	counting(src, "source, before")
+
+	// A migration that cannot finish in time is cancelled; the source runs on.
+	slow := testenv.StartGuestVM(t, ctx, config("mig-slow", true))
+	slowURI := "unix:" + filepath.Join(root, "mig-slow", "migrate.sock")
+	if err := slow.AcceptMigration(ctx, slowURI, vmm.MigrationOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var polls int
+	_, err := src.Migrate(ctx, slowURI, vmm.MigrationOptions{
+		MaxBandwidth:      1 << 20,
+		CompletionTimeout: 2 * time.Second,
+		Progress:          func(qmp.MigrationInfo) { polls++ },
+	})
+	if !errors.Is(err, vmm.ErrMigrationCancelled) {
+		t.Fatalf("a migration past its completion timeout: %v, want ErrMigrationCancelled", err)
+	}
+	t.Logf("cancelled as asked (%d polls): %v", polls, err)
+	select {
+	case <-slow.Done():
+	case <-time.After(30 * time.Second):
+		t.Error("the target of a cancelled migration still runs")
+	}
+	after := counting(src, "source, after the cancelled migration")
+
+	// The real one.
+	dst := testenv.StartGuestVM(t, ctx, config("mig-dst", true))
+	if _, err := dst.Migrate(ctx, "unix:/nowhere", vmm.MigrationOptions{}); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("migrating a target that received nothing: %v, want FailedPrecondition", err)
+	}
+	uri := "unix:" + filepath.Join(root, "mig-dst", "migrate.sock")
+	if err := dst.AcceptMigration(ctx, uri, vmm.MigrationOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	incoming := make(chan error, 1)
+	go func() { _, err := dst.AwaitIncoming(ctx); incoming <- err }()
+	info, err := src.Migrate(ctx, uri, vmm.MigrationOptions{DowntimeLimit: 50 * time.Millisecond, MaxBandwidth: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-incoming; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("migrated: total %v, downtime %v, setup %v, %d MiB sent, %d dirty syncs",
+		info.TotalTime, info.Downtime, info.SetupTime, info.RAM.Transferred>>20, info.RAM.DirtySyncCount)
+	if st, err := src.Monitor().Status(ctx); err != nil || st.State != qmp.RunStatePostMigrate {
+		t.Errorf("source after the migration: %+v, %v; want postmigrate", st, err)
+	}
+	src.Quit(ctx)
+
+	dst.WaitAgent(ctx, time.Minute)
+	if n := counting(dst, "target"); n <= after {
+		t.Errorf("the counter went back: %d on the target, %d on the source before", n, after)
+	}
+	if got := dst.Sh(ctx, "cat /dev/shm/token"); got != token {
+		t.Errorf("tmpfs file on the target: %q, want %q", got, token)
+	}
+	if out := dst.Sh(ctx, "kill -0 $(cat /dev/shm/counter.pid) && echo alive"); out != "alive" {
+		t.Errorf("the counting process on the target: %q", out)
+	}
+}

@@ -1,0 +1,222 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/qmp"
+)
+
+// Live migration of a machine (issue 12, docs/design/207): the target is a second Machine
+// started from the same Config (its own StateDir, taps and files) with Incoming set; it
+// listens (AcceptMigration), the source sends its state there (Migrate) and the target's
+// guest goes on where the source's stopped. The stream's transport is the caller's: a
+// URI both QEMUs can reach ("unix:/path", or "fd:" for a connection the caller made).
+
+// MigrationOptions tune one migration. Both sides take the capabilities, the source the
+// rest. Zero values keep QEMU's defaults.
+type MigrationOptions struct {
+	// MaxBandwidth caps the stream, in bytes per second (QEMU's default: 128 MiB/s).
+	MaxBandwidth uint64
+	// DowntimeLimit is the longest the guest may be stopped for the final copy (QEMU's
+	// default: 300 ms). Lower it with a higher bandwidth (qmp.MigrationParameters).
+	DowntimeLimit time.Duration
+	// AutoConverge throttles the guest's vCPUs when its memory is dirtied faster than the
+	// stream sends it.
+	AutoConverge bool
+	// CompletionTimeout cancels the migration when it has not completed in this long.
+	CompletionTimeout time.Duration
+	// ProgressTimeout cancels it when the bytes left have not dropped for this long.
+	ProgressTimeout time.Duration
+	// Progress, if set, receives each poll's state (every 100 ms).
+	Progress func(qmp.MigrationInfo)
+}
+
+// migrationPoll is how often a migration's state is read while it runs.
+const migrationPoll = 100 * time.Millisecond
+
+// capabilities are the migration capabilities both sides set.
+func (o MigrationOptions) capabilities() []qmp.MigrationCapabilityState {
+	return []qmp.MigrationCapabilityState{
+		{Capability: qmp.MigrationCapEvents, State: true},
+		{Capability: qmp.MigrationCapAutoConverge, State: o.AutoConverge},
+	}
+}
+
+// ErrMigrationCancelled is returned by Migrate when the migration was cancelled (by the
+// caller's context or a timeout); the source machine runs on.
+var ErrMigrationCancelled = errors.New("migration cancelled")
+
+// canMigrate says why this machine's state cannot move, or nil.
+func (m *Machine) canMigrate() error {
+	if m.cfg.SharedFS == machine.VirtioFS {
+		// QEMU 7.2's vhost-user-fs device blocks migration (measured: "State blocked by
+		// non-migratable device '0000:00:01.0/vhost-user-fs'"): virtiofsd's state (open
+		// files, the guest's FUSE requests in flight) has no migration stream.
+		return fmt.Errorf("vm %s: a machine with virtio-fs (vhost-user-fs) cannot be migrated by QEMU 7.2: %w", m.cfg.Name, errdefs.ErrNotImplemented)
+	}
+	if len(m.cfg.HostDevices) > 0 {
+		return fmt.Errorf("vm %s: a machine with passed-through PCI devices %v cannot be migrated (VFIO devices carry no migratable state here): %w", m.cfg.Name, m.cfg.HostDevices, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
+// AcceptMigration makes a machine started with Config.Incoming listen for its state on
+// uri. It returns once QEMU listens; AwaitIncoming follows the migration.
+func (m *Machine) AcceptMigration(ctx context.Context, uri string, opts MigrationOptions) error {
+	if !m.cfg.Incoming {
+		return fmt.Errorf("vm %s: accept a migration: the machine was not started to receive one (Config.Incoming): %w", m.cfg.Name, errdefs.ErrFailedPrecondition)
+	}
+	if err := m.canMigrate(); err != nil {
+		return err
+	}
+	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
+		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
+	}
+	if err := m.mon.MigrateIncoming(ctx, uri); err != nil {
+		return fmt.Errorf("vm %s: accept a migration on %s: %w", m.cfg.Name, uri, err)
+	}
+	log.G(ctx).Infof("vm %s: waiting for a migration on %s", m.cfg.Name, uri)
+	return nil
+}
+
+// AwaitIncoming waits until the migration AcceptMigration listens for has completed and
+// the guest is here, in the run state it had on the source. A failed incoming migration
+// ends the target's QEMU.
+func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
+	tick := time.NewTicker(migrationPoll)
+	defer tick.Stop()
+	for {
+		info, err := m.mon.QueryMigrate(ctx)
+		if err == nil {
+			switch info.Status {
+			case qmp.MigrationCompleted:
+				// the guest takes the source's run state (running, or paused if it was)
+				st, err := m.mon.Status(ctx)
+				if err != nil {
+					return info, fmt.Errorf("vm %s: after the incoming migration: %w", m.cfg.Name, err)
+				}
+				if st.State != qmp.RunStateInMigrate {
+					return info, nil
+				}
+			case qmp.MigrationFailed:
+				return info, fmt.Errorf("vm %s: incoming migration failed: %s", m.cfg.Name, info.ErrorDesc)
+			}
+		}
+		select {
+		case <-m.exited:
+			return info, fmt.Errorf("vm %s: incoming migration: %w", m.cfg.Name, m.Explain(errors.New("QEMU exited")))
+		case <-ctx.Done():
+			return info, fmt.Errorf("vm %s: incoming migration: %w", m.cfg.Name, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// Migrate sends the running machine's state to uri, where the target listens, and
+// returns QEMU's final account of it. On success the guest runs on the target and this
+// machine is stopped for good (QEMU's postmigrate state): the caller quits it. When the
+// migration fails or is cancelled (ctx, CompletionTimeout, ProgressTimeout) the guest
+// runs on here as before; a cancellation returns ErrMigrationCancelled.
+func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions) (qmp.MigrationInfo, error) {
+	if err := m.canMigrate(); err != nil {
+		return qmp.MigrationInfo{}, err
+	}
+	if m.cfg.Incoming {
+		// a target that never received a guest has nothing to send
+		if info, err := m.mon.QueryMigrate(ctx); err != nil || info.Status != qmp.MigrationCompleted {
+			return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: the machine is still waiting for its own incoming migration: %w", m.cfg.Name, errdefs.ErrFailedPrecondition)
+		}
+	}
+	fail := func(err error) (qmp.MigrationInfo, error) {
+		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate to %s: %w", m.cfg.Name, uri, err)
+	}
+	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
+		return fail(err)
+	}
+	if opts.MaxBandwidth != 0 || opts.DowntimeLimit != 0 {
+		if err := m.mon.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxBandwidth: opts.MaxBandwidth, DowntimeLimit: opts.DowntimeLimit}); err != nil {
+			return fail(err)
+		}
+	}
+	start := time.Now()
+	if err := m.mon.Migrate(ctx, uri); err != nil {
+		return fail(err)
+	}
+	log.G(ctx).Infof("vm %s: migrating to %s", m.cfg.Name, uri)
+
+	var (
+		lowest     uint64
+		lastGain   = time.Now()
+		cancelling error
+	)
+	tick := time.NewTicker(migrationPoll)
+	defer tick.Stop()
+	// Reads of the migration's state outlive a cancelled ctx: a cancel must be seen through.
+	qctx := context.WithoutCancel(ctx)
+	for {
+		info, err := m.mon.QueryMigrate(qctx)
+		if err != nil {
+			return fail(err)
+		}
+		if opts.Progress != nil {
+			opts.Progress(info)
+		}
+		switch info.Status {
+		case qmp.MigrationCompleted:
+			log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent)", m.cfg.Name, info.TotalTime, info.Downtime, ramTransferred(info)>>20)
+			return info, nil
+		case qmp.MigrationFailed:
+			return info, fmt.Errorf("vm %s: migrate to %s: failed: %s", m.cfg.Name, uri, info.ErrorDesc)
+		case qmp.MigrationCancelled:
+			if cancelling == nil {
+				cancelling = errors.New("cancelled in QEMU")
+			}
+			return info, fmt.Errorf("vm %s: migrate to %s: %w: %w", m.cfg.Name, uri, ErrMigrationCancelled, cancelling)
+		}
+		if cancelling == nil {
+			if rem := ramRemaining(info); info.RAM != nil && (lowest == 0 || rem < lowest) {
+				lowest, lastGain = rem, time.Now()
+			}
+			switch {
+			case ctx.Err() != nil:
+				cancelling = ctx.Err()
+			case opts.CompletionTimeout > 0 && time.Since(start) > opts.CompletionTimeout:
+				cancelling = fmt.Errorf("not completed within %v", opts.CompletionTimeout)
+			case opts.ProgressTimeout > 0 && time.Since(lastGain) > opts.ProgressTimeout:
+				cancelling = fmt.Errorf("no progress for %v (%d MiB left)", opts.ProgressTimeout, lowest>>20)
+			}
+			if cancelling != nil {
+				log.G(ctx).WithError(cancelling).Warnf("vm %s: cancelling the migration", m.cfg.Name)
+				if err := m.mon.MigrateCancel(qctx); err != nil {
+					return info, fmt.Errorf("vm %s: cancel migration (%v): %w", m.cfg.Name, cancelling, err)
+				}
+			}
+		}
+		select {
+		case <-m.exited:
+			return info, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, m.Explain(errors.New("QEMU exited")))
+		case <-tick.C:
+		}
+	}
+}
+
+func ramTransferred(info qmp.MigrationInfo) uint64 {
+	if info.RAM == nil {
+		return 0
+	}
+	return info.RAM.Transferred
+}
+
+func ramRemaining(info qmp.MigrationInfo) uint64 {
+	if info.RAM == nil {
+		return 0
+	}
+	return info.RAM.Remaining
+}

@@ -1,0 +1,41 @@
+package vmm
+
+import (
+	"context"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
+)
+
+// What cannot move is refused before QEMU is asked anything (the machines here have no
+// monitor: a call to QEMU would panic), with an error naming why.
+func TestMigrationRefusals(t *testing.T) {
+	ctx := context.Background()
+	cases := []struct {
+		name string
+		cfg  Config
+		call func(*Machine) error
+		want func(error) bool
+	}{
+		{"virtio-fs source", Config{Name: "a", SharedFS: machine.VirtioFS},
+			func(m *Machine) error { _, err := m.Migrate(ctx, "unix:/x", MigrationOptions{}); return err }, errdefs.IsNotImplemented},
+		{"virtio-fs target", Config{Name: "a", SharedFS: machine.VirtioFS, Incoming: true},
+			func(m *Machine) error { return m.AcceptMigration(ctx, "unix:/x", MigrationOptions{}) }, errdefs.IsNotImplemented},
+		{"VFIO source", Config{Name: "a", HostDevices: []devices.PCIAddress{{Bus: 1}}},
+			func(m *Machine) error { _, err := m.Migrate(ctx, "unix:/x", MigrationOptions{}); return err }, errdefs.IsFailedPrecondition},
+		{"target not started incoming", Config{Name: "a"},
+			func(m *Machine) error { return m.AcceptMigration(ctx, "unix:/x", MigrationOptions{}) }, errdefs.IsFailedPrecondition},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.call(&Machine{cfg: tc.cfg})
+			if !tc.want(err) {
+				t.Fatalf("got %v", err)
+			}
+			t.Log(err)
+		})
+	}
+}
