@@ -327,15 +327,24 @@ func (m *Machine) args(shared bool) []string {
 		"-accel", m.accelOption(),
 		"-cpu", m.cpu(),
 		"-smp", newOptions("").add("cpus", strconv.Itoa(m.VCPUs)).add("maxcpus", strconv.Itoa(max(m.MaxVCPUs, m.VCPUs))).String())
-	mem := newOptions("").add("size", megabytes(m.Memory))
+	// The slack is added to maxmem too: QEMU sizes the room for memory devices (virtio-mem)
+	// as maxmem minus RAM, which must stay what the device model planned.
+	var slack uint64
 	if m.UnalignedRAM && !shared {
-		mem = newOptions("").add("size", strconv.FormatUint((m.Memory+unalignedRAMSlack)>>10, 10)+"K")
+		slack = unalignedRAMSlack
 	}
+	size := func(n uint64) string {
+		if slack == 0 {
+			return megabytes(n)
+		}
+		return strconv.FormatUint((n+slack)>>10, 10) + "K"
+	}
+	mem := newOptions("").add("size", size(m.Memory))
 	if m.MemorySlots > 0 {
 		mem.add("slots", strconv.Itoa(m.MemorySlots))
 	}
 	if m.MaxMemory > 0 {
-		mem.add("maxmem", megabytes(m.MaxMemory))
+		mem.add("maxmem", size(m.MaxMemory))
 	}
 	args = append(args, "-m", mem.String())
 	if shared {

@@ -21,6 +21,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,6 +95,8 @@ func TestNestedVFIOPassthrough(t *testing.T) {
 		"-netdev", "user,id=n0", "-device", "e1000e,netdev=n0",
 		"-serial", "file:"+console, "-serial", "file:"+proof,
 	)
+	// an interrupted or timed-out go test must not leave L1 running
+	qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	start := time.Now()
 	out, err := qemu.CombinedOutput()
 	elapsed := time.Since(start)

@@ -200,6 +200,9 @@ func TestTCGq35RAMIsUnaligned(t *testing.T) {
 		mem   string
 	}{
 		{"q35 TCG", machine.Q35, machine.TCG, machine.NoSharedFS, "size=524296K"},
+		// the room for virtio-mem (maxmem minus RAM) stays 512 MiB: QEMU refuses a
+		// virtio-mem device larger than that room (measured)
+		{"q35 TCG, growth room", machine.Q35, machine.TCG, machine.NoSharedFS, "size=524296K,maxmem=1048584K"},
 		{"q35 KVM", machine.Q35, machine.KVM, machine.NoSharedFS, "size=512M"},
 		{"q35 TCG virtio-fs", machine.Q35, machine.TCG, machine.VirtioFS, "size=512M"},
 		{"microvm TCG", machine.MicroVM, machine.TCG, machine.NoSharedFS, "size=512M"},
@@ -207,6 +210,9 @@ func TestTCGq35RAMIsUnaligned(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Config{Name: "g", Type: tc.typ, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, SharedFS: tc.fs, Console: ConsoleNone,
 				Boot: Boot{Kernel: "/k/vmlinux"}, VirtiofsdPath: "/usr/libexec/virtiofsd"}
+			if strings.Contains(tc.name, "growth room") {
+				c.MaxMemoryMiB = 1024
+			}
 			b := bootPlan{cfg: c, accel: accelChoice{accel: tc.accel}, paths: newPaths("/run/vm/g"), tscKHz: 1000000}
 			vm, err := b.hardware()
 			if err != nil {

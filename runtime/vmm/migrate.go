@@ -87,8 +87,9 @@ func (m *Machine) AcceptMigration(ctx context.Context, uri string, opts Migratio
 }
 
 // AwaitIncoming waits until the migration AcceptMigration listens for has completed and
-// the guest is here, in the run state it had on the source. A failed incoming migration
-// ends the target's QEMU.
+// the guest is here, in the run state it had on the source, except that a machine
+// started Paused (QEMU's -S) keeps its vCPUs stopped until Resume. A failed incoming
+// migration ends the target's QEMU.
 func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
 	tick := time.NewTicker(migrationPoll)
 	defer tick.Stop()
@@ -123,7 +124,11 @@ func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 // returns QEMU's final account of it. On success the guest runs on the target and this
 // machine is stopped for good (QEMU's postmigrate state): the caller quits it. When the
 // migration fails or is cancelled (ctx, CompletionTimeout, ProgressTimeout) the guest
-// runs on here as before; a cancellation returns ErrMigrationCancelled.
+// runs on here as before, and a cancellation's error is ErrMigrationCancelled; a
+// migration that completes before its cancel takes effect is a success. Migrate returns
+// only once QEMU has finished the migration one way or the other, or has exited, or
+// cannot be asked any more (maxQueryErrors in a row, after a last cancel): then the
+// outcome is unknown and the error says so.
 func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions) (qmp.MigrationInfo, error) {
 	if err := m.canMigrate(); err != nil {
 		return qmp.MigrationInfo{}, err
@@ -152,50 +157,90 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 	log.G(ctx).Infof("vm %s: migrating to %s", m.cfg.Name, uri)
 
 	var (
-		lowest     uint64
-		lastGain   = time.Now()
-		cancelling error
+		lowest      uint64
+		seen        bool // lowest holds a reading
+		lastGain    = time.Now()
+		cancelling  error
+		queryErrors int
+		lateTimes   int // polls of a completed migration whose times were not set yet
 	)
+	cancel := func(why error) {
+		cancelling = why
+		log.G(ctx).WithError(why).Warnf("vm %s: cancelling the migration", m.cfg.Name)
+		// A refused cancel is not the end: the next polls see where QEMU went.
+		if err := m.mon.MigrateCancel(context.WithoutCancel(ctx)); err != nil {
+			log.G(ctx).WithError(err).Warnf("vm %s: migrate_cancel", m.cfg.Name)
+		}
+	}
 	tick := time.NewTicker(migrationPoll)
 	defer tick.Stop()
 	// Reads of the migration's state outlive a cancelled ctx: a cancel must be seen through.
 	qctx := context.WithoutCancel(ctx)
 	for {
 		info, err := m.mon.QueryMigrate(qctx)
-		if err != nil {
-			return fail(err)
-		}
-		if opts.Progress != nil {
-			opts.Progress(info)
-		}
-		switch info.Status {
-		case qmp.MigrationCompleted:
-			log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent)", m.cfg.Name, info.TotalTime, info.Downtime, ramTransferred(info)>>20)
-			return info, nil
-		case qmp.MigrationFailed:
-			return info, fmt.Errorf("vm %s: migrate to %s: failed: %s", m.cfg.Name, uri, info.ErrorDesc)
-		case qmp.MigrationCancelled:
+		switch {
+		case err != nil:
+			select {
+			case <-m.exited:
+				return info, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, m.Explain(errors.New("QEMU exited")))
+			default:
+			}
+			// QEMU holds its big lock through long dirty-bitmap syncs (TCG): a slow monitor
+			// is no reason to give up on a migration that goes on without us
+			queryErrors++
+			log.G(ctx).WithError(err).Warnf("vm %s: query-migrate (%d in a row)", m.cfg.Name, queryErrors)
+			if queryErrors >= maxQueryErrors {
+				if cancelling == nil {
+					cancel(fmt.Errorf("QEMU did not report the migration's state %d times in a row: %w", queryErrors, err))
+				}
+				// neither success nor a cancel can be promised: the caller must look at both
+				// machines before ending either
+				return info, fmt.Errorf("vm %s: migrate to %s: outcome unknown (QEMU stopped answering; a cancel was asked): %w", m.cfg.Name, uri, err)
+			}
+		default:
+			queryErrors = 0
+			if opts.Progress != nil {
+				opts.Progress(info)
+			}
+			if info.Status == qmp.MigrationCompleted && info.RAM == nil {
+				// A machine that arrived by migration reports that incoming migration as
+				// completed (QEMU fills query-migrate from both sides) until its outgoing
+				// one has a state of its own: measured, a hop "done" at once. An outgoing
+				// migration that completed has its RAM figures.
+				info.Status = qmp.MigrationSetup
+			}
+			if info.Status == qmp.MigrationCompleted && info.TotalTime == 0 && lateTimes < maxLateTimes {
+				// QEMU marks the migration completed a moment before it computes its total
+				// time and downtime (measured: both 0 in one poll): read them once they are
+				lateTimes++
+				break
+			}
+			switch info.Status {
+			case qmp.MigrationCompleted:
+				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent)", m.cfg.Name, info.TotalTime, info.Downtime, ramTransferred(info)>>20)
+				return info, nil
+			case qmp.MigrationFailed:
+				if cancelling != nil {
+					return info, fmt.Errorf("vm %s: migrate to %s: %w (%w): failed: %s", m.cfg.Name, uri, ErrMigrationCancelled, cancelling, info.ErrorDesc)
+				}
+				return info, fmt.Errorf("vm %s: migrate to %s: failed: %s", m.cfg.Name, uri, info.ErrorDesc)
+			case qmp.MigrationCancelled:
+				if cancelling == nil {
+					cancelling = errors.New("cancelled in QEMU")
+				}
+				return info, fmt.Errorf("vm %s: migrate to %s: %w: %w", m.cfg.Name, uri, ErrMigrationCancelled, cancelling)
+			}
 			if cancelling == nil {
-				cancelling = errors.New("cancelled in QEMU")
-			}
-			return info, fmt.Errorf("vm %s: migrate to %s: %w: %w", m.cfg.Name, uri, ErrMigrationCancelled, cancelling)
-		}
-		if cancelling == nil {
-			if rem := ramRemaining(info); info.RAM != nil && (lowest == 0 || rem < lowest) {
-				lowest, lastGain = rem, time.Now()
-			}
-			switch {
-			case ctx.Err() != nil:
-				cancelling = ctx.Err()
-			case opts.CompletionTimeout > 0 && time.Since(start) > opts.CompletionTimeout:
-				cancelling = fmt.Errorf("not completed within %v", opts.CompletionTimeout)
-			case opts.ProgressTimeout > 0 && time.Since(lastGain) > opts.ProgressTimeout:
-				cancelling = fmt.Errorf("no progress for %v (%d MiB left)", opts.ProgressTimeout, lowest>>20)
-			}
-			if cancelling != nil {
-				log.G(ctx).WithError(cancelling).Warnf("vm %s: cancelling the migration", m.cfg.Name)
-				if err := m.mon.MigrateCancel(qctx); err != nil {
-					return info, fmt.Errorf("vm %s: cancel migration (%v): %w", m.cfg.Name, cancelling, err)
+				if rem := ramRemaining(info); info.RAM != nil && (!seen || rem < lowest) {
+					lowest, seen, lastGain = rem, true, time.Now()
+				}
+				switch {
+				case ctx.Err() != nil:
+					cancel(ctx.Err())
+				case opts.CompletionTimeout > 0 && time.Since(start) > opts.CompletionTimeout:
+					cancel(fmt.Errorf("not completed within %v", opts.CompletionTimeout))
+				case opts.ProgressTimeout > 0 && time.Since(lastGain) > opts.ProgressTimeout:
+					cancel(fmt.Errorf("no progress for %v (%d MiB left)", opts.ProgressTimeout, lowest>>20))
 				}
 			}
 		}
@@ -206,6 +251,13 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 		}
 	}
 }
+
+// maxQueryErrors is how many query-migrate failures in a row Migrate rides out (each
+// bounded by the monitor's own timeout).
+const maxQueryErrors = 5
+
+// maxLateTimes bounds the polls that wait for a completed migration's times.
+const maxLateTimes = 10
 
 func ramTransferred(info qmp.MigrationInfo) uint64 {
 	if info.RAM == nil {

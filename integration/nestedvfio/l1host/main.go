@@ -42,7 +42,7 @@ func main() {
 		hotplug  = flag.String("hotplug", "", "PCI address of the function to bind and hot-plug")
 		allow    = flag.String("allow", "", "the node's devices.vfio_bind allow-list, comma-separated")
 		stateDir = flag.String("state", "/run/vmpod-l2", "L2 VM state directory")
-		timeout  = flag.Duration("timeout", 40*time.Minute, "give up after")
+		timeout  = flag.Duration("timeout", 20*time.Minute, "give up after (less than the test's 30)")
 	)
 	flag.Parse()
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
@@ -163,10 +163,12 @@ func run(ctx context.Context, kernel, initrd, coldplug, hotplug string, allow []
 		case <-ctx.Done():
 			return fmt.Errorf("L2 did not finish: %w", ctx.Err())
 		case <-m.Done():
-			// drain what the console still holds
-			for l := range lines {
-				fmt.Println("L2| " + l)
-				done = done || strings.Contains(l, "L2-DONE")
+			// drain what the console still holds (nil: already drained)
+			if lines != nil {
+				for l := range lines {
+					fmt.Println("L2| " + l)
+					done = done || strings.Contains(l, "L2-DONE")
+				}
 			}
 			if !done {
 				return fmt.Errorf("L2 exited before L2-DONE: %v", m.ExitErr())
