@@ -137,6 +137,22 @@ type MigrationInfo struct {
 	ErrorDesc        string        // why it failed
 }
 
+// Transferred is the RAM bytes sent so far (0 before the RAM stage).
+func (i MigrationInfo) Transferred() uint64 {
+	if i.RAM == nil {
+		return 0
+	}
+	return i.RAM.Transferred
+}
+
+// Remaining is the RAM bytes left in this pass (0 before the RAM stage).
+func (i MigrationInfo) Remaining() uint64 {
+	if i.RAM == nil {
+		return 0
+	}
+	return i.RAM.Remaining
+}
+
 // MigrationRAM is the RAM part of query-migrate.
 type MigrationRAM struct {
 	Transferred    uint64  `json:"transferred"` // bytes sent

@@ -108,7 +108,7 @@ func TestBenchMigration(t *testing.T) {
 			total = append(total, r.info.TotalTime)
 			down = append(down, r.info.Downtime)
 			seen = append(seen, r.gap)
-			sent = append(sent, fmt.Sprintf("%d", ramTransferred(r.info)>>20))
+			sent = append(sent, fmt.Sprintf("%d", r.info.Transferred()>>20))
 		}
 		if len(total) == 0 {
 			report(t, "migration, %s: none completed (%d of %d failed, see the log)", name, failed, len(rs))
@@ -140,13 +140,6 @@ func TestBenchMigration(t *testing.T) {
 		converged = append(converged, migrate(auto))
 	}
 	summary("guest rewriting 256 MiB, auto-converge", converged)
-}
-
-func ramTransferred(info qmp.MigrationInfo) uint64 {
-	if info.RAM == nil {
-		return 0
-	}
-	return info.RAM.Transferred
 }
 
 // pingGaps pings addr every 10 ms from netns ns until the process is interrupted, then

@@ -13,7 +13,6 @@
 package nestedvfio
 
 import (
-	"bufio"
 	"context"
 	"os"
 	"os/exec"
@@ -106,7 +105,7 @@ func TestNestedVFIOPassthrough(t *testing.T) {
 		write(t, dst, string(transcript)+"\n(L1 QEMU ran "+elapsed.Round(time.Second).String()+")\n")
 	}
 	if err != nil {
-		t.Fatalf("L1 QEMU: %v\n%s\nconsole tail:\n%s", err, out, tail(console, 60))
+		t.Fatalf("L1 QEMU: %v\n%s\nconsole tail:\n%s", err, out, testenv.TailFile(console, 60))
 	}
 
 	for _, want := range []*regexp.Regexp{
@@ -127,7 +126,7 @@ func TestNestedVFIOPassthrough(t *testing.T) {
 		}
 	}
 	if t.Failed() {
-		t.Logf("L1 console tail:\n%s", tail(console, 60))
+		t.Logf("L1 console tail:\n%s", testenv.TailFile(console, 60))
 	}
 }
 
@@ -136,23 +135,4 @@ func write(t *testing.T, path, content string) {
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// tail is the last n lines of a file.
-func tail(path string, n int) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return err.Error()
-	}
-	defer f.Close()
-	var lines []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		if len(lines) > n {
-			lines = lines[1:]
-		}
-	}
-	return strings.Join(lines, "\n")
 }

@@ -71,8 +71,7 @@ func StartGuestVM(t testing.TB, ctx context.Context, cfg vmm.Config) *GuestVM {
 	t.Cleanup(func() {
 		_ = m.Kill()
 		if t.Failed() {
-			b, _ := os.ReadFile(cfg.LogPath)
-			t.Logf("%s log:\n%s", cfg.Name, lastLines(string(b), 30))
+			t.Logf("%s log:\n%s", cfg.Name, TailFile(cfg.LogPath, 30))
 		}
 	})
 	agent := qga.New(func(ctx context.Context) (net.Conn, error) { return m.DialPort(ctx, qga.PortName) })
@@ -111,8 +110,14 @@ func (g *GuestVM) Sh(ctx context.Context, script string) string {
 	return strings.TrimSpace(string(st.Stdout))
 }
 
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+// TailFile is the last n lines of the file at path (or why it cannot be read): a VM log
+// worth showing when a test fails.
+func TailFile(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}

@@ -217,7 +217,7 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 			}
 			switch info.Status {
 			case qmp.MigrationCompleted:
-				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent)", m.cfg.Name, info.TotalTime, info.Downtime, ramTransferred(info)>>20)
+				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent)", m.cfg.Name, info.TotalTime, info.Downtime, info.Transferred()>>20)
 				return info, nil
 			case qmp.MigrationFailed:
 				if cancelling != nil {
@@ -231,7 +231,7 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 				return info, fmt.Errorf("vm %s: migrate to %s: %w: %w", m.cfg.Name, uri, ErrMigrationCancelled, cancelling)
 			}
 			if cancelling == nil {
-				if rem := ramRemaining(info); info.RAM != nil && (!seen || rem < lowest) {
+				if rem := info.Remaining(); info.RAM != nil && (!seen || rem < lowest) {
 					lowest, seen, lastGain = rem, true, time.Now()
 				}
 				switch {
@@ -258,17 +258,3 @@ const maxQueryErrors = 5
 
 // maxLateTimes bounds the polls that wait for a completed migration's times.
 const maxLateTimes = 10
-
-func ramTransferred(info qmp.MigrationInfo) uint64 {
-	if info.RAM == nil {
-		return 0
-	}
-	return info.RAM.Transferred
-}
-
-func ramRemaining(info qmp.MigrationInfo) uint64 {
-	if info.RAM == nil {
-		return 0
-	}
-	return info.RAM.Remaining
-}
