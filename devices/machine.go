@@ -53,10 +53,21 @@ type Machine struct {
 	// TCGCacheMiB caps TCG's translated-code cache (tb-size); 0 leaves QEMU's default
 	// (1 GiB reserved, filled as the guest runs code). Ignored under KVM, which has none.
 	TCGCacheMiB int
-	VCPUs       int
+	// TCGSingleThread runs every vCPU on one host thread (thread=single) instead of one
+	// thread each. QEMU 7.2's multi-threaded TCG aborts when a vCPU is hot-plugged while
+	// the running vCPUs hold every region of the code cache (tcg_region_initial_alloc's
+	// assertion); with one thread there is nothing to allocate. Ignored under KVM.
+	TCGSingleThread bool
+	VCPUs           int
 	// MaxVCPUs above VCPUs leaves room to hot-plug vCPUs (q35 only); 0 means VCPUs.
 	MaxVCPUs int
-	Memory   uint64 // guest RAM in bytes, a multiple of 1 MiB
+	// Cores and Threads give the guest a topology: sockets of Cores*Threads vCPUs, as
+	// many as max(MaxVCPUs, VCPUs) fills (vCPUs are hot-plugged in that topology's
+	// order, so whole sockets when the counts are multiples of a socket). 0 and 0 leave it
+	// to QEMU (7.2: one socket of cores on q35). A guest's licensing (Windows client
+	// editions run at most two sockets) and its scheduler see it.
+	Cores, Threads int
+	Memory         uint64 // guest RAM in bytes, a multiple of 1 MiB
 	// MaxMemory above Memory leaves address space for memory devices
 	// (virtio-mem); q35 only. 0 means none.
 	MaxMemory uint64
@@ -178,6 +189,13 @@ func (m *Machine) validate() error {
 	if m.MaxVCPUs > m.VCPUs && m.Type != machine.Q35 {
 		c.fail("MaxVCPUs", "vCPU hotplug needs q35")
 	}
+	if m.Cores != 0 || m.Threads != 0 {
+		if perSocket := m.Cores * m.Threads; m.Cores < 1 || m.Threads < 1 {
+			c.fail("Cores/Threads", "%d cores of %d threads; set both, at least 1", m.Cores, m.Threads)
+		} else if all := max(m.MaxVCPUs, m.VCPUs); all%perSocket != 0 {
+			c.fail("Cores/Threads", "%d vCPUs are not whole sockets of %d cores of %d threads", all, m.Cores, m.Threads)
+		}
+	}
 	if m.Memory == 0 || m.Memory%mib != 0 {
 		c.fail("Memory", "%d is not a positive multiple of 1 MiB", m.Memory)
 	}
@@ -293,10 +311,23 @@ func (m *Machine) cpu() string {
 
 func (m *Machine) accelOption() string {
 	o := newOptions(string(m.Accel))
+	if m.Accel == machine.TCG && m.TCGSingleThread {
+		o.add("thread", "single")
+	}
 	if m.Accel == machine.TCG && m.TCGCacheMiB > 0 {
 		o.add("tb-size", strconv.Itoa(m.TCGCacheMiB))
 	}
 	return o.String()
+}
+
+// smp is -smp: the boot vCPUs, the most there can be, and the topology if one is set.
+func (m *Machine) smp() string {
+	all := max(m.MaxVCPUs, m.VCPUs)
+	o := newOptions("").add("cpus", strconv.Itoa(m.VCPUs))
+	if m.Cores > 0 && m.Threads > 0 {
+		o.add("sockets", strconv.Itoa(all/(m.Cores*m.Threads))).add("cores", strconv.Itoa(m.Cores)).add("threads", strconv.Itoa(m.Threads))
+	}
+	return o.add("maxcpus", strconv.Itoa(all)).String()
 }
 
 // sandboxOptions deny every class of syscall QEMU's seccomp filter can deny.
@@ -326,7 +357,7 @@ func (m *Machine) args(shared bool) []string {
 		"-machine", machineOpts.String(),
 		"-accel", m.accelOption(),
 		"-cpu", m.cpu(),
-		"-smp", newOptions("").add("cpus", strconv.Itoa(m.VCPUs)).add("maxcpus", strconv.Itoa(max(m.MaxVCPUs, m.VCPUs))).String())
+		"-smp", m.smp())
 	// The slack is added to maxmem too: QEMU sizes the room for memory devices (virtio-mem)
 	// as maxmem minus RAM, which must stay what the device model planned.
 	var slack uint64

@@ -121,6 +121,8 @@ func TestMachineValidation(t *testing.T) {
 		{func(m *Machine) { m.Name = "a\x00b" }, "Name"},
 		{func(m *Machine) { m.NoACPI = true }, "NoACPI/NoSMM"}, // microvm has neither switch
 		{func(m *Machine) { m.HyperV = &machine.HyperV{SynIC: true} }, "HyperV"},
+		{func(m *Machine) { m.Cores = 2 }, "Cores/Threads"},               // threads left out
+		{func(m *Machine) { m.Cores, m.Threads = 2, 1 }, "Cores/Threads"}, // 1 vCPU is not whole 2-core sockets
 	}
 	for _, tt := range tests {
 		m := microvm()
@@ -134,6 +136,31 @@ func TestMachineValidation(t *testing.T) {
 	m := q35(MaxRootPorts + 1)
 	if _, err := NewVM(m); err == nil {
 		t.Errorf("%d root ports accepted", m.RootPorts)
+	}
+}
+
+// A topology gives QEMU sockets of cores of threads, as many sockets as the most vCPUs
+// fill: hot-plugged vCPUs then come a socket at a time.
+func TestSMPTopology(t *testing.T) {
+	for _, tt := range []struct {
+		vcpus, maxVCPUs, cores, threads int
+		want                            string
+	}{
+		{2, 4, 0, 0, "cpus=2,maxcpus=4"},
+		{2, 6, 1, 1, "cpus=2,sockets=6,cores=1,threads=1,maxcpus=6"},
+		{4, 8, 2, 2, "cpus=4,sockets=2,cores=2,threads=2,maxcpus=8"},
+		{4, 0, 2, 1, "cpus=4,sockets=2,cores=2,threads=1,maxcpus=4"},
+	} {
+		m := q35(9)
+		m.VCPUs, m.MaxVCPUs, m.Cores, m.Threads = tt.vcpus, tt.maxVCPUs, tt.cores, tt.threads
+		vm, err := NewVM(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		args, _ := vm.Render()
+		if joined := strings.Join(args, " "); !strings.Contains(joined, "-smp "+tt.want+" ") {
+			t.Errorf("%d/%d vCPUs, %d cores of %d threads: argv lacks -smp %s:\n%s", tt.vcpus, tt.maxVCPUs, tt.cores, tt.threads, tt.want, joined)
+		}
 	}
 }
 

@@ -116,7 +116,27 @@ func (vm *VM) validateCPUAndMemory(v *validator) {
 	if vm.MemoryMiB < MinMemoryMiB || vm.MemoryMiB > MaxMemoryMiB {
 		v.add("memoryMiB", "must be between %d and %d, got %d", MinMemoryMiB, MaxMemoryMiB, vm.MemoryMiB)
 	}
+	// growth room: hot-plugged sockets and virtio-mem memory (q35 is the only machine a
+	// VM pod boots, checked above)
+	if n := vm.CPU.MaxSockets; n != 0 {
+		if n < vm.CPU.Sockets || n > MaxVCPUs {
+			v.add("cpu.maxSockets", "must be between sockets (%d) and %d, got %d", vm.CPU.Sockets, MaxVCPUs, n)
+		} else if all := int64(n) * int64(vm.CPU.Cores) * int64(vm.CPU.Threads); all > MaxVCPUs {
+			v.add("cpu.maxSockets", "maxSockets*cores*threads is %d vCPUs, more than %d", all, MaxVCPUs)
+		}
+	}
+	if m := vm.MaxMemoryMiB; m != 0 {
+		switch {
+		case m < vm.MemoryMiB || m > MaxMemoryMiB:
+			v.add("maxMemoryMiB", "must be between memoryMiB (%d) and %d, got %d", vm.MemoryMiB, MaxMemoryMiB, m)
+		case (m-vm.MemoryMiB)%GrowthBlockMiB != 0:
+			v.add("maxMemoryMiB", "the room above memoryMiB (%d MiB) must be whole %d MiB blocks", m-vm.MemoryMiB, GrowthBlockMiB)
+		}
+	}
 }
+
+// GrowthBlockMiB is the unit memory is hot-plugged in: virtio-mem's block on x86-64.
+const GrowthBlockMiB = 2
 
 func (vm *VM) validateFeatures(v *validator) {
 	f := vm.Features

@@ -76,10 +76,14 @@ type VM struct {
 	CPU     CPU    `json:"cpu"`
 	// MemoryMiB is the guest's RAM. QEMU's own overhead is not included: the RuntimeClass
 	// overhead accounts for it.
-	MemoryMiB int64        `json:"memoryMiB"`
-	Machine   machine.Type `json:"machine,omitempty"`
-	Firmware  Firmware     `json:"firmware"`
-	Features  Features     `json:"features"`
+	MemoryMiB int64 `json:"memoryMiB"`
+	// MaxMemoryMiB above MemoryMiB is room to hot-plug memory into the running guest
+	// (KubeVirt's memory.maxGuest): a virtio-mem device of the difference, which grows and
+	// shrinks as the compute container's memory limit does (docs/design/208). 0: none.
+	MaxMemoryMiB int64        `json:"maxMemoryMiB,omitempty"`
+	Machine      machine.Type `json:"machine,omitempty"`
+	Firmware     Firmware     `json:"firmware"`
+	Features     Features     `json:"features"`
 	// Disks in the order the guest sees them. Each names a pod volume.
 	Disks      []Disk      `json:"disks,omitempty"`
 	Interfaces []Interface `json:"interfaces,omitempty"`
@@ -105,6 +109,10 @@ type CPU struct {
 	Sockets int `json:"sockets"`
 	Cores   int `json:"cores"`
 	Threads int `json:"threads"`
+	// MaxSockets above Sockets is room to hot-plug whole sockets into the running guest
+	// (KubeVirt's cpu.maxSockets), as the compute container's CPU limit grows
+	// (docs/design/208). 0: none.
+	MaxSockets int `json:"maxSockets,omitempty"`
 	// Model is "" or machine.CPUHostModel for the node's default, machine.CPUHostPassthrough,
 	// or a named QEMU model (e.g. "Skylake-Client-IBRS"); the shim boots any but the
 	// default only if the node's config lists it (hypervisor.cpu_models).
@@ -125,6 +133,20 @@ type Features struct {
 
 // VCPUs is the number of vCPUs the topology gives the guest.
 func (c CPU) VCPUs() int { return c.Sockets * c.Cores * c.Threads }
+
+// MaxVCPUs is the most vCPUs the guest can have: its sockets, or MaxSockets if more.
+func (c CPU) MaxVCPUs() int { return max(c.Sockets, c.MaxSockets) * c.Cores * c.Threads }
+
+// PerSocket is the number of vCPUs in a socket: the unit of CPU hotplug.
+func (c CPU) PerSocket() int { return c.Cores * c.Threads }
+
+// CPUResizable says whether the spec declares a CPU room (cpu.maxSockets, which may be
+// all used): its vCPUs follow the compute container's CPU limit.
+func (vm *VM) CPUResizable() bool { return vm.CPU.MaxSockets != 0 }
+
+// MemoryResizable says whether the spec declares a memory room (maxMemoryMiB, which may
+// be all used): its memory follows the compute container's memory limit.
+func (vm *VM) MemoryResizable() bool { return vm.MaxMemoryMiB != 0 }
 
 // Firmware is how the guest boots.
 type Firmware struct {

@@ -46,7 +46,7 @@ func TestParseValid(t *testing.T) {
 		t.Fatalf("Parse(minimal): %v", err)
 	}
 	on := true
-	want := &VM{Version: Version, CPU: CPU{1, 1, 1, ""}, MemoryMiB: 128, Machine: machine.Q35, Firmware: Firmware{Type: FirmwareBIOS},
+	want := &VM{Version: Version, CPU: CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 128, Machine: machine.Q35, Firmware: Firmware{Type: FirmwareBIOS},
 		Features: Features{ACPI: &on, SMM: &on}}
 	if !reflect.DeepEqual(vm, want) {
 		t.Errorf("Parse(minimal) = %+v, want %+v", vm, want)
@@ -115,6 +115,10 @@ func TestParseInvalid(t *testing.T) {
 		{"bad uuid", `{"version":"v1alpha1","memoryMiB":128,"uuid":"../../etc"}`, []string{`uuid: must be a lowercase UUID`}},
 		{"too many vcpus", `{"version":"v1alpha1","memoryMiB":128,"cpu":{"sockets":2,"cores":512}}`,
 			[]string{"cpu: sockets*cores*threads is 1024 vCPUs"}},
+		{"growth room below the boot size", `{"version":"v1alpha1","memoryMiB":128,"maxMemoryMiB":64,"cpu":{"sockets":2,"maxSockets":1}}`,
+			[]string{"cpu.maxSockets: must be between sockets (2) and 512, got 1", "maxMemoryMiB: must be between memoryMiB (128) and"}},
+		{"growth room too large or in part blocks", `{"version":"v1alpha1","memoryMiB":128,"maxMemoryMiB":129,"cpu":{"sockets":2,"cores":4,"maxSockets":200}}`,
+			[]string{"cpu.maxSockets: maxSockets*cores*threads is 800 vCPUs", "maxMemoryMiB: the room above memoryMiB (1 MiB) must be whole 2 MiB blocks"}},
 		{"access credentials", `{"version":"v1alpha1","memoryMiB":128,"disks":[{"name":"a","volume":"v1","source":"file"}],"accessCredentials":[
 			{"secretVolume":"k1"},
 			{"secretVolume":"k1","propagation":"guestAgent"},

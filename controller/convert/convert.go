@@ -200,7 +200,7 @@ func instancetypeObject(root *node, kind string) client.Object {
 			c.unsupported("isolateEmulatorThread", "dedicated CPUs are not supported yet")
 			c.unsupported("numa", "guest NUMA is not supported")
 			c.unsupported("realtime", "realtime vCPUs are not supported")
-			c.dropped("maxSockets", "CPU hotplug sizes come from the node's config; dropped")
+			c.dropped("maxSockets", "vmpod's instance types carry no CPU hotplug room yet (a VM's domain.cpu.maxSockets does); dropped")
 		}
 		if m := s.required("memory"); m != nil {
 			if q, ok := quantity(m, "guest"); ok {
@@ -208,7 +208,7 @@ func instancetypeObject(root *node, kind string) client.Object {
 			}
 			m.unsupported("hugepages", "hugepages are not supported")
 			m.dropped("overcommitPercent", "vmpod's memory request is the guest's memory; dropped")
-			m.dropped("maxGuest", "memory hotplug sizes come from the node's config; dropped")
+			m.dropped("maxGuest", "vmpod's instance types carry no memory hotplug room yet (a VM's domain.memory.maxGuest does); dropped")
 		}
 		for _, k := range []string{"gpus", "hostDevices", "nodeSelector", "schedulerName", "annotations", "launchSecurity"} {
 			s.unsupported(k, "not supported in vmpod's instance types: the VM would not get it")
@@ -474,7 +474,7 @@ func domain(d *node) vmpodv1.DomainSpec {
 	var out vmpodv1.DomainSpec
 	if c := d.object("cpu"); c != nil {
 		out.CPU = &vmpodv1.CPU{}
-		for key, dst := range map[string]*uint32{"cores": &out.CPU.Cores, "sockets": &out.CPU.Sockets, "threads": &out.CPU.Threads} {
+		for key, dst := range map[string]*uint32{"cores": &out.CPU.Cores, "sockets": &out.CPU.Sockets, "threads": &out.CPU.Threads, "maxSockets": &out.CPU.MaxSockets} {
 			if v, ok := c.integer(key); ok && v > 0 {
 				*dst = uint32(v)
 			}
@@ -491,6 +491,14 @@ func domain(d *node) vmpodv1.DomainSpec {
 				d.rep.errorf(m.at("guest"), "%v", err)
 			} else {
 				out.Memory = &vmpodv1.Memory{Guest: &q}
+			}
+		}
+		if m.has("maxGuest") {
+			if q, ok := quantity(m, "maxGuest"); ok {
+				if out.Memory == nil {
+					out.Memory = &vmpodv1.Memory{}
+				}
+				out.Memory.MaxGuest = &q
 			}
 		}
 		m.dropped("hugepages", "hugepages are not supported; dropped")

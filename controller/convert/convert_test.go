@@ -120,7 +120,8 @@ func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
 		t.Errorf("storage from the legacy pvc form = %+v", dvt.Spec.Storage)
 	}
 	d := vm.Spec.Template.Spec.Domain
-	if d.Machine.Type != "q35" || d.Firmware.Bootloader.EFI == nil || *d.Firmware.Bootloader.EFI.SecureBoot || d.CPU.Cores != 2 || d.Memory.Guest.String() != "2Gi" {
+	if d.Machine.Type != "q35" || d.Firmware.Bootloader.EFI == nil || *d.Firmware.Bootloader.EFI.SecureBoot || d.CPU.Cores != 2 || d.Memory.Guest.String() != "2Gi" ||
+		d.CPU.MaxSockets != 4 || d.Memory.MaxGuest.String() != "8Gi" {
 		t.Errorf("domain = %+v", d)
 	}
 	if cd := d.Devices.Disks[1].CDRom; cd == nil || cd.Bus != "sata" {

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -33,9 +34,8 @@ spec:
     spec:
       terminationGracePeriodSeconds: 120
       domain:
-        cpu: {cores: 1}
-        resources:
-          requests: {memory: 1Gi}
+        cpu: {cores: 1, maxSockets: 2}
+        memory: {guest: 1Gi, maxGuest: 1536Mi}
         devices:
           disks:
           - name: containerdisk
@@ -108,6 +108,7 @@ func TestVirtualMachine(t *testing.T) {
 	guestOSInfo(t, c, ns, "debian")
 	guestPortForward(t, c, ns, "debian")
 	vncGreeting(t, c, ns, "debian")
+	liveResize(t, c, ns, "debian", pod)
 
 	// pause: the vCPUs stop, the guest agent cannot answer (Ready goes False) and the status
 	// says Paused; unpause: the same guest (not rebooted) answers again
@@ -155,6 +156,47 @@ func TestVirtualMachine(t *testing.T) {
 	t.Logf("VM deleted and its pod gone in %v", took.Round(time.Second))
 	if took > 120*time.Second {
 		t.Errorf("deleting the VM took %v: more than its 120 s grace period (the guest ignored the power button?)", took)
+	}
+}
+
+// liveResize: sockets and guest memory raised within the VM's room reach the running guest
+// through an in-place resize of its pod (the controller patches pods/resize, the kubelet
+// admits it and sends CRI UpdateContainerResources, the shim hot-plugs): the guest has a
+// second vCPU and 512 MiB more, in the same pod and boot, and no restart is required.
+func liveResize(t *testing.T, c *testenv.Cluster, ns, vm, pod string) {
+	t.Helper()
+	guest := func(args ...string) string {
+		out, _ := c.KubectlErr(append([]string{"exec", "-n", ns, pod, "-c", "compute", "--"}, args...)...)
+		return strings.TrimSpace(out)
+	}
+	memTotal := func() int {
+		f := strings.Fields(guest("grep", "MemTotal", "/proc/meminfo"))
+		if len(f) < 2 {
+			t.Fatalf("MemTotal: %q", f)
+		}
+		kib, _ := strconv.Atoi(f[1])
+		return kib
+	}
+	if n := guest("nproc"); n != "1" {
+		t.Fatalf("nproc %q before the resize, want 1", n)
+	}
+	before, bootID := memTotal(), guest("cat", "/proc/sys/kernel/random/boot_id")
+	t0 := time.Now()
+	c.Kubectl(t, "patch", "vm.vmpod.dev", "-n", ns, vm, "--type=merge", "-p",
+		`{"spec":{"template":{"spec":{"domain":{"cpu":{"sockets":2},"memory":{"guest":"1536Mi"}}}}}}`)
+	testenv.WaitForWithin(t, 2*time.Minute, "the guest to have 2 vCPUs", func() bool { return guest("nproc") == "2" })
+	t.Logf("live resize: the guest has its second vCPU after %v", time.Since(t0).Round(time.Second))
+	testenv.WaitForWithin(t, time.Minute, "the guest to have 512 MiB more", func() bool { return memTotal()-before >= 500<<10 })
+	// the kubelet reports what the runtime applied
+	testenv.WaitForWithin(t, time.Minute, "the pod's status to show the new limits", func() bool {
+		l, _ := c.KubectlErr("get", "pod", "-n", ns, pod, "-o", "jsonpath={.status.containerStatuses[0].resources.limits.cpu} {.status.containerStatuses[0].resources.limits.memory}")
+		return l == "2 1536Mi"
+	})
+	if again := guest("cat", "/proc/sys/kernel/random/boot_id"); again != bootID {
+		t.Errorf("boot id %q after the resize, was %q: the guest rebooted", again, bootID)
+	}
+	if rr := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", `jsonpath={.status.conditions[?(@.type=="RestartRequired")].status}`); rr != "False" {
+		t.Errorf("RestartRequired %q after a resize within the room, want False", rr)
 	}
 }
 
@@ -339,7 +381,10 @@ func kubectlStdin(t *testing.T, c *testenv.Cluster, input string, args ...string
 func TestVirtualMachineUnschedulable(t *testing.T) {
 	c := testenv.RequireCluster(t)
 	ns := c.Namespace(t)
-	huge := strings.Replace(strings.Replace(kubevirtVM, "name: debian", "name: huge", 1), "memory: 1Gi", "memory: 4000Gi", 1)
+	huge := strings.Replace(strings.Replace(kubevirtVM, "name: debian", "name: huge", 1), "memory: {guest: 1Gi, maxGuest: 1536Mi}", "memory: {guest: 4000Gi}", 1)
+	if !strings.Contains(huge, "4000Gi") {
+		t.Fatal("the VM manifest changed: this test no longer makes its VM huge")
+	}
 	kubectlStdin(t, c, kubectlStdin(t, c, huge, "vmpod", "convert", "-f", "-"), "apply", "-n", ns, "-f", "-")
 	var last string
 	if !testenv.PollWithin(time.Minute, func() bool {

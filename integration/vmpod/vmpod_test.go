@@ -145,13 +145,17 @@ func baseVM() vmspec.VM {
 // compute creates (and starts) the VM pod's compute container with extra mounts and devices.
 func compute(t *testing.T, pod *testenv.Pod, mounts []testenv.Mount, devs []testenv.Device, start bool) string {
 	t.Helper()
-	cfg := testenv.ContainerConfig{
-		Metadata: testenv.Metadata{Name: vmspec.ComputeContainer},
-		Image:    map[string]string{"image": computeImage(t)},
-		LogPath:  fmt.Sprintf("compute-%d.log", time.Now().UnixNano()),
-		Stdin:    true, Tty: true,
-		Mounts: mounts, Devices: devs,
-	}
+	return computeWith(t, pod, testenv.ContainerConfig{Mounts: mounts, Devices: devs}, start)
+}
+
+// computeWith creates (and starts) the compute container of cfg, which need not name
+// itself, its image, its log or stdio.
+func computeWith(t *testing.T, pod *testenv.Pod, cfg testenv.ContainerConfig, start bool) string {
+	t.Helper()
+	cfg.Metadata = testenv.Metadata{Name: vmspec.ComputeContainer}
+	cfg.Image = map[string]string{"image": computeImage(t)}
+	cfg.LogPath = fmt.Sprintf("compute-%d.log", time.Now().UnixNano())
+	cfg.Stdin, cfg.Tty = true, true
 	path := testenv.WriteJSON(t, "compute.json", cfg)
 	id := testenv.Crictl(t, "create", pod.ID, path, pod.Config)
 	if start {
@@ -570,6 +574,8 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	// boots without (the shim logs it)
 	vm.CPU.Model = "Nehalem"
 	vm.Features.HyperV = &machine.HyperV{Relaxed: true, VAPIC: true, VPIndex: true, SynIC: true}
+	// room to grow by a socket and 512 MiB (resizeVM, below)
+	vm.CPU.MaxSockets, vm.MaxMemoryMiB = 2, vm.MemoryMiB+512
 	vmUID := fmt.Sprintf("vm-file-%d", time.Now().UnixNano())
 	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-file", UID: vmUID}, Hostname: "vm-file", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
@@ -579,9 +585,13 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(data, vmspec.DiskImageFile), append([]byte("vmpod hot-plugged disk"), make([]byte, 64<<20-22)...), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	id := compute(t, pod, []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc},
-		{ContainerPath: vmspec.VolumeMountPath("data"), HostPath: data},
-		{ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
+	// the controller's limits: the VM's size (docs/design/106, 208)
+	id := computeWith(t, pod, testenv.ContainerConfig{
+		Mounts: []testenv.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc},
+			{ContainerPath: vmspec.VolumeMountPath("data"), HostPath: data},
+			{ContainerPath: "/dev/termination-log", HostPath: termLog}},
+		Linux: map[string]any{"resources": map[string]any{"cpu_period": 100000, "cpu_quota": 100000, "memory_limit_in_bytes": vm.MemoryMiB << 20}},
+	}, true)
 	// QEMU is the compute container: it runs in the container's cgroup
 	if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", status(t, id).Pid)); !strings.Contains(string(cg), id) {
 		t.Errorf("QEMU's cgroups do not name the compute container %s:\n%s", id, cg)
@@ -650,6 +660,7 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	waitExec(t, id, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
 	attachFromPod(t, id, vmUID)
 	plugInterface(t, id, pod.ID)
+	resizeVM(t, id)
 	// CRI stats of the compute container are QEMU's cgroup's
 	var stats struct {
 		Stats []struct {
@@ -677,6 +688,53 @@ func TestVMPodFromDiskImg(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(termLog); !strings.Contains(string(b), "GuestPanicked") {
 		t.Errorf("termination message %q, want the panic", b)
+	}
+}
+
+// resizeVM: raising the compute container's limits (what the kubelet sends for an in-place
+// pod resize) hot-plugs a socket and 512 MiB into the guest, which has them online (a
+// Debian guest onlines neither itself: the guest agent does); limits the VM cannot follow
+// are refused, naming the limit. docs/design/208.
+func resizeVM(t *testing.T, id string) {
+	t.Helper()
+	memTotalKiB := func() int {
+		out := waitExec(t, id, time.Minute, "MemTotal", "grep", "MemTotal", "/proc/meminfo")
+		kib, err := strconv.Atoi(strings.Fields(out)[1])
+		if err != nil {
+			t.Fatalf("MemTotal: %q", out)
+		}
+		return kib
+	}
+	waitExec(t, id, time.Minute, "1", "nproc")
+	before := memTotalKiB()
+	started := time.Now()
+	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1536<<20), id)
+	t.Logf("resize to 2 vCPUs, 1536 MiB: %v", time.Since(started).Round(time.Millisecond))
+	waitExec(t, id, time.Minute, "2", "nproc")
+	// the new vCPU is a second socket (1 core of 1 thread each)
+	waitExec(t, id, time.Minute, "1", "cat", "/sys/devices/system/cpu/cpu1/topology/physical_package_id")
+	grown := memTotalKiB()
+	if grown-before < 500<<10 {
+		t.Errorf("MemTotal %d KiB after the resize, %d KiB before: want 512 MiB more", grown, before)
+	}
+	for args, want := range map[string]string{
+		"--cpu-period 100000 --cpu-quota 250000": "whole vCPUs",
+		"--cpu-period 100000 --cpu-quota 300000": "3 vCPUs, the VM can have 2 (its cpu.maxSockets)",
+		"--memory " + strconv.Itoa(2048<<20):     "2048 MiB, the VM can have 1536 MiB (its maxMemoryMiB)",
+		// QEMU 7.2 under TCG does not survive a vCPU unplug (runtime/vmm)
+		"--cpu-period 100000 --cpu-quota 100000": "does not survive a vCPU unplug",
+	} {
+		if out, err := testenv.Cmd("crictl", append([]string{"update"}, append(strings.Fields(args), id)...)...); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("crictl update %s: %q, %v; want a refusal saying %q", args, out, err, want)
+		}
+	}
+	waitExec(t, id, time.Minute, "2", "nproc")
+	// memory given back: the blocks were onlined movable, so the guest can empty them
+	started = time.Now()
+	testenv.Crictl(t, "update", "--memory", strconv.Itoa(1024<<20), id)
+	t.Logf("shrink to 1024 MiB: %v", time.Since(started).Round(time.Millisecond))
+	if after := memTotalKiB(); after > before+(8<<10) {
+		t.Errorf("MemTotal %d KiB after the shrink: want the %d KiB of before the growth", after, before)
 	}
 }
 

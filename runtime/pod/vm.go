@@ -137,9 +137,13 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	var errs []error
 	if n := vm.CPU.VCPUs(); n > cfg.Sizing.MaxVCPUs {
 		errs = append(errs, fmt.Errorf("cpu: %d vCPUs, the node allows %d (sizing.max_vcpus)", n, cfg.Sizing.MaxVCPUs))
+	} else if n := vm.CPU.MaxVCPUs(); n > cfg.Sizing.MaxVCPUs {
+		errs = append(errs, fmt.Errorf("cpu.maxSockets: room for %d vCPUs, the node allows %d (sizing.max_vcpus)", n, cfg.Sizing.MaxVCPUs))
 	}
 	if vm.MemoryMiB > int64(cfg.Sizing.MaxMemoryMiB) {
 		errs = append(errs, fmt.Errorf("memoryMiB: %d, the node allows %d (sizing.max_memory_mib)", vm.MemoryMiB, cfg.Sizing.MaxMemoryMiB))
+	} else if vm.MaxMemoryMiB > int64(cfg.Sizing.MaxMemoryMiB) {
+		errs = append(errs, fmt.Errorf("maxMemoryMiB: %d, the node allows %d (sizing.max_memory_mib)", vm.MaxMemoryMiB, cfg.Sizing.MaxMemoryMiB))
 	}
 	switch m := vm.CPU.Model; {
 	case m == "" || m == machine.CPUHostModel:
@@ -338,12 +342,13 @@ func (p *vmPod) ResumeContainer(ctx context.Context, id string) error {
 	return err
 }
 
+// UpdateContainer resizes the VM as the compute container's limits change (vmresize.go).
 func (p *vmPod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
 	_, c, err := p.lookup(id)
 	if err != nil || c == nil {
 		return err // the sandbox's resources are the pod's: nothing runs in the stand-in
 	}
-	return fmt.Errorf("pod %s: resizing a running VM pod is not supported yet: change the VirtualMachine and restart it: %w", p.id, errdefs.ErrNotImplemented)
+	return c.resize(ctx, r)
 }
 
 func (p *vmPod) ContainerStats(ctx context.Context, id string) (*cgroupsv2.Metrics, error) {

@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -71,6 +72,15 @@ func TestCheckVMAgainstNode(t *testing.T) {
 		ok.CPU.Model = model
 		if err := checkVMAgainstNode(ok, cfg); err != nil {
 			t.Errorf("cpu model %s on a default node: %v", model, err)
+		}
+	}
+	// growth room counts against the node's maximums as the boot size does
+	grow := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 2, Threads: 1, MaxSockets: cfg.Sizing.MaxVCPUs}, MemoryMiB: 1024,
+		MaxMemoryMiB: int64(cfg.Sizing.MaxMemoryMiB) + 2, Machine: machine.Q35}
+	err = checkVMAgainstNode(grow, cfg)
+	for _, want := range []string{fmt.Sprintf("cpu.maxSockets: room for %d vCPUs", 2*cfg.Sizing.MaxVCPUs), "maxMemoryMiB:"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("growth room beyond the node: %v, want %q named", err, want)
 		}
 	}
 	tcg := cfg

@@ -78,9 +78,16 @@ type computeVM struct {
 	stdinStop     chan struct{}
 	consoleDone   chan struct{} // closed when the console output has reached the host
 
+	// bootLimits are the compute container's limits at boot, limits its limits now; size
+	// is the VM's (docs/design/208). Guarded by hotMu.
+	bootLimits, limits claim
+	size               Size
+	bootBlocks         map[uint64]bool // the guest's memory blocks before its first growth
+
 	mu       sync.Mutex
 	killedBy syscall.Signal // SIGKILL asked for: the exit is a kill, whatever QEMU says
 	panicked bool
+	running  bool // started: the vCPUs ran (a pause stops them again)
 	paused   bool // vCPUs stopped by a pause (not the created-but-not-started stop)
 
 	exited chan struct{}
@@ -96,7 +103,12 @@ type computeVM struct {
 func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (_ *computeVM, retErr error) {
 	lg := log.G(ctx).WithField("pod", p.id)
 	started := time.Now()
-	c := &computeVM{pod: p, id: id, spec: spec, exited: make(chan struct{}), stdinStop: make(chan struct{}), consoleDone: make(chan struct{})}
+	c := &computeVM{pod: p, id: id, spec: spec, exited: make(chan struct{}), stdinStop: make(chan struct{}), consoleDone: make(chan struct{}),
+		size: Size{VCPUs: p.vm.CPU.VCPUs(), MemoryMiB: int(p.vm.MemoryMiB)}}
+	if spec.Linux != nil {
+		c.bootLimits = claimOf(spec.Linux.Resources, claim{})
+		c.limits = c.bootLimits
+	}
 	var undo cleanup.Stack
 	defer func() {
 		if retErr != nil {
@@ -148,28 +160,33 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		lg.Infof("passing through %d PCI functions (%v)", len(hostDevs), hostDevs)
 	}
 	cfg := vmm.Config{
-		Name:        p.id,
-		StateDir:    p.stateDir,
-		QEMUPath:    h.QEMU,
-		Type:        p.vm.Machine,
-		Accel:       h.Accel,
-		VCPUs:       p.vm.CPU.VCPUs(),
-		MemoryMiB:   int(p.vm.MemoryMiB),
-		CPUModel:    p.vm.CPU.Model,
-		HyperV:      p.vm.Features.HyperV,
-		KVMHidden:   p.vm.Features.KVMHidden,
-		NoACPI:      !*p.vm.Features.ACPI,
-		NoSMM:       !*p.vm.Features.SMM,
-		Boot:        vmm.Boot{Firmware: firmware(p.vm.Firmware, h)},
-		Ports:       []string{qga.PortName},
-		Console:     vmm.ConsoleSocket,
-		Devices:     devs,
-		HostDevices: hostDevs,
-		PCIHole64:   hole64,
-		Files:       files,
-		Reboot:      true,
-		Paused:      true,
-		ExitOnPanic: true,
+		Name:      p.id,
+		StateDir:  p.stateDir,
+		QEMUPath:  h.QEMU,
+		Type:      p.vm.Machine,
+		Accel:     h.Accel,
+		VCPUs:     p.vm.CPU.VCPUs(),
+		MaxVCPUs:  p.vm.CPU.MaxVCPUs(),
+		Cores:     p.vm.CPU.Cores,
+		Threads:   p.vm.CPU.Threads,
+		MemoryMiB: int(p.vm.MemoryMiB),
+		// growth room: a virtio-mem device of the difference (none without)
+		MaxMemoryMiB: int(p.vm.MaxMemoryMiB),
+		CPUModel:     p.vm.CPU.Model,
+		HyperV:       p.vm.Features.HyperV,
+		KVMHidden:    p.vm.Features.KVMHidden,
+		NoACPI:       !*p.vm.Features.ACPI,
+		NoSMM:        !*p.vm.Features.SMM,
+		Boot:         vmm.Boot{Firmware: firmware(p.vm.Firmware, h)},
+		Ports:        []string{qga.PortName},
+		Console:      vmm.ConsoleSocket,
+		Devices:      devs,
+		HostDevices:  hostDevs,
+		PCIHole64:    hole64,
+		Files:        files,
+		Reboot:       true,
+		Paused:       true,
+		ExitOnPanic:  true,
 
 		FreePageReporting: p.cfg.Sizing.FreePageReporting,
 		VNC:               true,
@@ -416,6 +433,9 @@ func (c *computeVM) powerOn(ctx context.Context) error {
 	if err := c.machine.Resume(ctx); err != nil {
 		return err
 	}
+	c.mu.Lock()
+	c.running = true
+	c.mu.Unlock()
 	if c.agentKeys != nil {
 		go c.syncKeysThroughAgent(context.WithoutCancel(ctx), c.agentKeys, keySyncPeriod)
 	}
@@ -890,6 +910,12 @@ func (e *guestExec) Remove(context.Context) error {
 // errPaused is why an exec into a paused VM fails: nothing in the guest can answer.
 var errPaused = errors.New("the VM is paused (kubectl vmpod unpause resumes it)")
 
+func (c *computeVM) isRunning() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.running
+}
+
 func (c *computeVM) isPaused() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -902,7 +928,7 @@ func (c *computeVM) setPaused(ctx context.Context, pause bool) (string, error) {
 	if pause {
 		// a detach waits for the guest, which a pause would stop from answering
 		if !c.hotMu.TryLock() {
-			return "", fmt.Errorf("VM %s: a disk is being attached or detached: pause after it: %w", c.id, errdefs.ErrFailedPrecondition)
+			return "", fmt.Errorf("VM %s: a disk is being attached or detached, or the VM resized: pause after it: %w", c.id, errdefs.ErrFailedPrecondition)
 		}
 		defer c.hotMu.Unlock()
 	}

@@ -50,9 +50,12 @@ type Config struct {
 	// MaxVCPUs and MaxMemoryMiB are how far the machine can grow (see OfflineGrowth): on
 	// q35 by hotplug (vCPUs, a virtio-mem device), on microvm, which has no hotplug, from
 	// vCPUs and RAM present at boot but kept offline (maxcpus=, mem=).
-	MaxVCPUs     int // default VCPUs
-	MemoryMiB    int // default DefaultMemoryMiB
-	MaxMemoryMiB int // 0 = no growth
+	MaxVCPUs int // default VCPUs
+	// Cores and Threads make sockets of Cores*Threads vCPUs (a VM's topology); 0 and 0
+	// leave it to QEMU. VCPUs and MaxVCPUs are then whole sockets.
+	Cores, Threads int
+	MemoryMiB      int // default DefaultMemoryMiB
+	MaxMemoryMiB   int // 0 = no growth
 
 	// CPUModel is the guest's CPU model: "" (or machine.CPUHostModel) lets the machine pick
 	// for its accelerator, the host's CPU under KVM; machine.CPUHostPassthrough is the
@@ -272,6 +275,11 @@ func (c Config) Validate() error {
 	}
 	if c.MaxVCPUs < c.VCPUs || c.MaxVCPUs > 255 {
 		bad("max_vcpus", "%d: want vcpus (%d) to 255", c.MaxVCPUs, c.VCPUs)
+	}
+	if c.Cores != 0 || c.Threads != 0 {
+		if per := c.Cores * c.Threads; c.Cores < 1 || c.Threads < 1 || c.VCPUs%per != 0 || c.MaxVCPUs%per != 0 {
+			bad("cores", "%d cores of %d threads: want both at least 1, vcpus (%d) and max_vcpus (%d) whole sockets", c.Cores, c.Threads, c.VCPUs, c.MaxVCPUs)
+		}
 	}
 	if c.MemoryMiB < 64 {
 		bad("memory_mib", "%d: want at least 64", c.MemoryMiB)

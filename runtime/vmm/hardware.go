@@ -134,11 +134,13 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	c := b.cfg
 	vcpus, memMiB := c.machineSize()
 	m := devices.Machine{
-		Name:   c.Name,
-		Type:   c.Type,
-		Accel:  b.accel.accel,
-		VCPUs:  vcpus,
-		Memory: uint64(memMiB) << 20,
+		Name:    c.Name,
+		Type:    c.Type,
+		Accel:   b.accel.accel,
+		VCPUs:   vcpus,
+		Cores:   c.Cores,
+		Threads: c.Threads,
+		Memory:  uint64(memMiB) << 20,
 		// RAM the guest may never touch must not count against the host's overcommit
 		// limit: a memfd is accounted page by page as it is used, anonymous RAM at start.
 		SharedMemory:      c.OfflineGrowth() && memMiB > c.MemoryMiB,
@@ -191,6 +193,10 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		// what may migrate (VM pods, q35 container pods without virtio-fs) must not lose
 		// guest writes to QEMU 7.2's TCG dirty-tracking bug (devices.Machine.UnalignedRAM)
 		m.UnalignedRAM = c.Type == machine.Q35
+		// a vCPU hot-plugged into multi-threaded TCG may abort QEMU (devices.Machine.
+		// TCGSingleThread; docs/design/208): a machine that can grow vCPUs runs them all on
+		// one thread
+		m.TCGSingleThread = c.Type == machine.Q35 && c.MaxVCPUs > c.VCPUs
 	}
 	var devs []devices.Device
 	if len(c.Ports) > 0 {

@@ -138,18 +138,23 @@ func (m *Machine) PlugMemory(ctx context.Context, totalMiB int) (int64, error) {
 		return 0, fmt.Errorf("vm %s: resize memory to %d MiB: want %d-%d: %w", m.cfg.Name, totalMiB, m.cfg.MemoryMiB, m.cfg.MaxMemoryMiB, errdefs.ErrInvalidArgument)
 	}
 	requested := uint64(totalMiB-m.cfg.MemoryMiB) << 20
-	before := m.pluggedMemory(ctx)
+	before, _ := m.PluggedMemory(ctx) // unknown: the change is reckoned from none
 	if err := qmp.QOMSet(ctx, m.mon, qmp.PeripheralPath(memoryDeviceID), "requested-size", requested); err != nil {
 		return 0, fmt.Errorf("vm %s: resize memory: %w", m.cfg.Name, err)
 	}
 	return int64(requested) - int64(before), nil
 }
 
-// pluggedMemory is what the virtio-mem device has plugged now.
-func (m *Machine) pluggedMemory(ctx context.Context) uint64 {
+// PluggedMemory is the memory above MemoryMiB the guest has taken from the virtio-mem
+// device: it catches up with PlugMemory's request at the guest's pace, in either
+// direction.
+func (m *Machine) PluggedMemory(ctx context.Context) (uint64, error) {
+	if m.cfg.Type != machine.Q35 || m.cfg.MaxMemoryMiB <= m.cfg.MemoryMiB {
+		return 0, nil
+	}
 	size, err := qmp.QOMGet[uint64](ctx, m.mon, qmp.PeripheralPath(memoryDeviceID), "size")
 	if err != nil {
-		return 0
+		return 0, fmt.Errorf("vm %s: plugged memory: %w", m.cfg.Name, err)
 	}
-	return size
+	return size, nil
 }

@@ -240,6 +240,7 @@ type DomainSpec struct {
 }
 
 // CPU is the guest's CPU topology.
+// +kubebuilder:validation:XValidation:rule="!has(self.maxSockets) || self.maxSockets >= self.?sockets.orValue(1)",message="maxSockets must be at least sockets",fieldPath=".maxSockets"
 type CPU struct {
 	// +kubebuilder:validation:Minimum=1
 	// +kubebuilder:validation:Maximum=512
@@ -253,6 +254,14 @@ type CPU struct {
 	// +kubebuilder:validation:Maximum=512
 	// +optional
 	Threads uint32 `json:"threads,omitempty"`
+	// MaxSockets leaves room to hot-plug sockets (of cores*threads vCPUs each) into the
+	// running VM, as in KubeVirt: raising sockets up to it resizes the running VM's pod
+	// in place (its CPU limit is its vCPU count) instead of needing a restart. Unset: no
+	// room.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=512
+	// +optional
+	MaxSockets uint32 `json:"maxSockets,omitempty"`
 	// Model is the guest's CPU model: host-model (the default: the host's CPU as it is under
 	// KVM, an emulated baseline under TCG), host-passthrough (the host's CPU; refused on a
 	// node without KVM), or a QEMU model name such as Skylake-Client-IBRS, which a node boots
@@ -359,11 +368,17 @@ type FeatureKVM struct {
 }
 
 // Memory is the guest's memory.
+// +kubebuilder:validation:XValidation:rule="!has(self.maxGuest) || !has(self.guest) || quantity(self.guest).compareTo(quantity(self.maxGuest)) <= 0",message="maxGuest must be at least guest",fieldPath=".maxGuest"
 type Memory struct {
 	// Guest is the RAM the guest sees. Defaults to resources.requests.memory.
 	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
 	// +optional
 	Guest *resource.Quantity `json:"guest,omitempty"`
+	// MaxGuest leaves room to hot-plug memory into the running VM (a virtio-mem device of
+	// the difference), as in KubeVirt: changing guest up to it resizes the running VM's
+	// pod in place instead of needing a restart. Unset: no room.
+	// +optional
+	MaxGuest *resource.Quantity `json:"maxGuest,omitempty"`
 }
 
 // ResourceRequirements are the compute container's requests and limits (cpu, memory).

@@ -163,8 +163,85 @@ func Pod(vm *vmpodv1.VirtualMachine, claims map[string]Claim, cfg Config) (*core
 			}},
 		},
 	}
-	pod.Annotations[TemplateHashAnnotation] = hashOf(pod)
+	pod.Annotations[TemplateHashAnnotation] = hashOf(shapeOf(pod, r.vmspec))
 	return pod, nil
+}
+
+// shapeOf is what of pod a live resize cannot change, for its hash. For each dimension
+// the VM declares room in (CPU: cpu.maxSockets, memory: maxMemoryMiB), the VM spec's size
+// and the compute container's quantities are left out — but which requests and limits
+// exist stays in, since a resize cannot add or remove one. A VM whose sockets or memory
+// change within its room then keeps its hash, and its pod is resized (Resize) instead of
+// needing a restart; a change of anything else, the room included, still needs one.
+func shapeOf(pod *corev1.Pod, vm vmspec.VM) *corev1.Pod {
+	var names []corev1.ResourceName
+	if vm.CPUResizable() {
+		names = append(names, corev1.ResourceCPU)
+		vm.CPU.Sockets = 0
+	}
+	if vm.MemoryResizable() {
+		names = append(names, corev1.ResourceMemory)
+		vm.MemoryMiB = 0
+	}
+	if len(names) == 0 {
+		return pod
+	}
+	shape := pod.DeepCopy()
+	b, err := json.Marshal(vm)
+	if err != nil {
+		panic(fmt.Sprintf("render: marshal the VM spec for its hash: %v", err)) // it has marshalled once already
+	}
+	shape.Annotations[vmspec.Annotation] = string(b)
+	res := &shape.Spec.Containers[0].Resources
+	for _, l := range []corev1.ResourceList{res.Requests, res.Limits} {
+		for _, name := range names {
+			if _, ok := l[name]; ok {
+				l[name] = resource.Quantity{}
+			}
+		}
+	}
+	return shape
+}
+
+// Resize is the compute container's cpu and memory of want, if pod, rendered with the
+// same hash, has others and want does not go below the size pod's VM booted with (the
+// shim cannot go there: a restart can): what a live resize of pod gives it. Nil if there
+// is nothing to change or it cannot be done in place.
+func Resize(pod, want *corev1.Pod) *corev1.ResourceRequirements {
+	if TemplateHash(pod) != TemplateHash(want) || len(pod.Spec.Containers) == 0 || len(want.Spec.Containers) == 0 || BelowBoot(pod, want) {
+		return nil
+	}
+	have, next := pod.Spec.Containers[0].Resources, want.Spec.Containers[0].Resources
+	out := &corev1.ResourceRequirements{Requests: corev1.ResourceList{}, Limits: corev1.ResourceList{}}
+	changed := false
+	for _, name := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory} {
+		// the same hash: the same keys exist on both
+		for _, pair := range []struct{ have, next, out corev1.ResourceList }{{have.Requests, next.Requests, out.Requests}, {have.Limits, next.Limits, out.Limits}} {
+			n, ok := pair.next[name]
+			if !ok {
+				continue
+			}
+			pair.out[name] = n
+			if h := pair.have[name]; h.Cmp(n) != 0 {
+				changed = true
+			}
+		}
+	}
+	if !changed {
+		return nil
+	}
+	return out
+}
+
+// BelowBoot says whether want asks for fewer sockets or less memory than the VM of pod
+// booted with: the shim refuses that, so it takes a restart.
+func BelowBoot(pod, want *corev1.Pod) bool {
+	booted, err1 := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
+	next, err2 := vmspec.Parse([]byte(want.Annotations[vmspec.Annotation]))
+	if err1 != nil || err2 != nil {
+		return false // not a VM pod this controller rendered: the hash decides
+	}
+	return next.CPU.Sockets < booted.CPU.Sockets || next.MemoryMiB < booted.MemoryMiB
 }
 
 // TemplateHash is the hash a pod rendered now would carry.
@@ -194,6 +271,8 @@ func (r *renderer) domain(d *vmpodv1.DomainSpec) error {
 			}
 		}
 		cpu.Model = d.CPU.Model
+		// the room is declared even when all used: the VM stays resizable (smaller again)
+		cpu.MaxSockets = int(d.CPU.MaxSockets)
 	}
 	r.vmspec.CPU = cpu
 	r.vmspec.Features = features(d.Features)
@@ -208,6 +287,16 @@ func (r *renderer) domain(d *vmpodv1.DomainSpec) error {
 	}
 	// round up to whole MiB: QEMU sizes RAM in MiB
 	r.vmspec.MemoryMiB = (r.guestMemory.Value() + (1<<20 - 1)) >> 20
+	if d.Memory != nil && d.Memory.MaxGuest != nil {
+		// Memory that can grow does so in whole hotplug blocks, as the shim follows
+		// changes of the memory limit in them: guest memory and room are rounded up to
+		// blocks, and the limit is the rounded guest memory.
+		block := int64(vmspec.GrowthBlockMiB)
+		r.vmspec.MemoryMiB = (r.vmspec.MemoryMiB + block - 1) / block * block
+		maxMiB := (d.Memory.MaxGuest.Value() + block<<20 - 1) / (block << 20) * block
+		r.vmspec.MaxMemoryMiB = max(maxMiB, r.vmspec.MemoryMiB) // declared even when all used
+		r.guestMemory = *resource.NewQuantity(r.vmspec.MemoryMiB<<20, resource.BinarySI)
+	}
 
 	r.vmspec.Machine = machine.Q35
 	if d.Machine != nil && d.Machine.Type != "" {
@@ -520,6 +609,12 @@ func (r *renderer) resources(d *vmpodv1.DomainSpec) (corev1.ResourceRequirements
 		if mib > 0 {
 			req[corev1.ResourceEphemeralStorage] = *resource.NewQuantity(mib<<20, resource.BinarySI)
 		}
+	}
+	if _, ok := lim[corev1.ResourceCPU]; !ok && r.vmspec.CPUResizable() {
+		// a VM that can grow vCPUs has as many CPUs of limit as vCPUs: the shim follows
+		// a change of the limit (docs/design/208); the RuntimeClass overhead leaves QEMU's
+		// own threads room on top at the pod level
+		lim[corev1.ResourceCPU] = *resource.NewQuantity(int64(r.vmspec.CPU.VCPUs()), resource.DecimalSI)
 	}
 	if _, ok := req[corev1.ResourceCPU]; !ok {
 		ratio := max(r.cfg.CPUAllocationRatio, 1)

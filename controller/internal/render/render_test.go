@@ -297,6 +297,98 @@ func TestTemplateHash(t *testing.T) {
 	}
 }
 
+// A VM with room (maxSockets, maxGuest) renders it into the pod's VM spec, in whole
+// memory blocks, with CPU and memory limits equal to its size; sockets and guest memory
+// changed within the room keep the hash, and Resize gives the new cpu and memory. A
+// change of the room changes the hash.
+func TestGrowthRoom(t *testing.T) {
+	growable := func(sockets uint32, guest string) *vmpodv1.VirtualMachine {
+		vm := fedora()
+		d := &vm.Spec.Template.Spec.Domain
+		d.CPU.Sockets, d.CPU.MaxSockets = sockets, 4
+		d.Memory = &vmpodv1.Memory{Guest: q(guest), MaxGuest: q("3001Mi")}
+		return vm
+	}
+	a, err := Pod(growable(2, "1501Mi"), claims, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := vmspec.Parse([]byte(a.Annotations[vmspec.Annotation]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// guest memory and room rounded up to 2 MiB blocks; the limit is the rounded guest
+	if spec.CPU.MaxSockets != 4 || spec.CPU.VCPUs() != 4 || spec.MemoryMiB != 1502 || spec.MaxMemoryMiB != 3002 {
+		t.Errorf("VM spec cpu %+v, memory %d of %d MiB; want 2x2 of 4 sockets, 1502 of 3002 MiB", spec.CPU, spec.MemoryMiB, spec.MaxMemoryMiB)
+	}
+	res := a.Spec.Containers[0].Resources
+	if res.Limits.Cpu().String() != "4" || res.Limits.Memory().Value() != 1502<<20 || res.Requests.Memory().Value() != 1502<<20 {
+		t.Errorf("compute resources %v: want a CPU limit of the 4 vCPUs and 1502 MiB of memory", res)
+	}
+
+	b, _ := Pod(growable(3, "2Gi"), claims, cfg)
+	if TemplateHash(b) != TemplateHash(a) {
+		t.Errorf("sockets and memory within the room changed the hash")
+	}
+	got := Resize(a, b)
+	if got == nil || got.Limits.Cpu().String() != "6" || got.Limits.Memory().String() != "2Gi" || got.Requests.Memory().String() != "2Gi" {
+		t.Fatalf("Resize %v: want cpu 6, memory 2Gi", got)
+	}
+	if _, ok := got.Limits["nvidia.com/A10"]; ok {
+		t.Error("Resize touches device resources")
+	}
+	if Resize(b, b) != nil {
+		t.Error("Resize of a pod to itself changes something")
+	}
+	vm := growable(3, "2Gi")
+	vm.Spec.Template.Spec.Domain.CPU.MaxSockets = 8
+	c, _ := Pod(vm, claims, cfg)
+	if TemplateHash(c) == TemplateHash(a) || Resize(a, c) != nil {
+		t.Errorf("a change of the room kept the hash, or is resized in place")
+	}
+	// all the room used: still resizable in place, and back down to where it booted
+	full, _ := Pod(growable(4, "3001Mi"), claims, cfg)
+	if TemplateHash(full) != TemplateHash(a) || Resize(a, full) == nil || Resize(full, a) != nil {
+		t.Errorf("the whole room: hash kept %v, resize up %v, down below boot %v (want kept, a resize, none)",
+			TemplateHash(full) == TemplateHash(a), Resize(a, full), Resize(full, a))
+	}
+	if !BelowBoot(full, a) || BelowBoot(a, full) {
+		t.Error("BelowBoot does not compare with the size the pod booted with")
+	}
+	// room in one dimension only: the other one's change needs a restart
+	cpuOnly := func(sockets uint32, guest string) *vmpodv1.VirtualMachine {
+		vm := growable(sockets, guest)
+		vm.Spec.Template.Spec.Domain.Memory.MaxGuest = nil
+		return vm
+	}
+	x, _ := Pod(cpuOnly(2, "1500Mi"), claims, cfg)
+	y, _ := Pod(cpuOnly(3, "1500Mi"), claims, cfg)
+	z, _ := Pod(cpuOnly(2, "2Gi"), claims, cfg)
+	if TemplateHash(x) != TemplateHash(y) || TemplateHash(x) == TemplateHash(z) {
+		t.Errorf("CPU room only: a sockets change kept the hash %v, a memory change kept it %v (want true, false)",
+			TemplateHash(x) == TemplateHash(y), TemplateHash(x) == TemplateHash(z))
+	}
+	memOnly := growable(2, "1500Mi")
+	memOnly.Spec.Template.Spec.Domain.CPU.MaxSockets = 0
+	m1, _ := Pod(memOnly, claims, cfg)
+	memOnly.Spec.Template.Spec.Domain.CPU.Sockets = 3
+	m2, _ := Pod(memOnly, claims, cfg)
+	if TemplateHash(m1) == TemplateHash(m2) {
+		t.Error("memory room only: a sockets change kept the hash")
+	}
+	// without room, sockets change the hash (a restart), as before
+	d, _ := Pod(fedora(), claims, cfg)
+	vm = fedora()
+	vm.Spec.Template.Spec.Domain.CPU.Sockets = 3
+	e, _ := Pod(vm, claims, cfg)
+	if TemplateHash(d) == TemplateHash(e) {
+		t.Error("a VM without room kept its hash over a sockets change")
+	}
+	if _, ok := d.Spec.Containers[0].Resources.Limits["cpu"]; ok {
+		t.Error("a VM without CPU room got a CPU limit")
+	}
+}
+
 // The rendered pod's vmpod.dev/* annotations are what containerd hands the shim: every one
 // must pass the shim's own check (api/annotations), or every sandbox of the VM fails. A
 // template annotation the shim would refuse is refused here, naming it.

@@ -151,6 +151,9 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 	if err == nil {
 		err = hotplugErr
 	}
+	if err == nil {
+		err = r.resize(ctx)
+	}
 	return result, err
 }
 

@@ -164,9 +164,12 @@ func (r *run) fillStatus() {
 
 	restart := metav1.Condition{Type: vmpodv1.VMRestartRequired, Status: metav1.ConditionFalse, Reason: "UpToDate"}
 	if r.pod != nil && r.pod.DeletionTimestamp == nil && !finished(r.pod) && r.blocked == nil {
-		if want, err := r.renderedHash(); err == nil && want != render.TemplateHash(r.pod) {
+		if want, err := r.renderedPod(); err == nil && render.TemplateHash(want) != render.TemplateHash(r.pod) {
 			restart.Status, restart.Reason = metav1.ConditionTrue, "TemplateChanged"
 			restart.Message = "the template changed after the pod was created; restart the VM to apply it"
+		} else if err == nil && render.BelowBoot(r.pod, want) {
+			restart.Status, restart.Reason = metav1.ConditionTrue, "BelowBootSize"
+			restart.Message = "the VM's sockets or memory went below what it booted with; restart the VM to apply it"
 		}
 	}
 	r.setCondition(restart)
@@ -178,9 +181,18 @@ func (r *run) setCondition(c metav1.Condition) {
 	meta.SetStatusCondition(&r.status.Conditions, c)
 }
 
-// renderedHash is the template hash a pod created now would have. PVC volume modes cannot
-// change under a pod, so they are taken from the pod itself.
+// renderedHash is the template hash a pod created now would have.
 func (r *run) renderedHash() (string, error) {
+	pod, err := r.renderedPod()
+	if err != nil {
+		return "", err
+	}
+	return render.TemplateHash(pod), nil
+}
+
+// renderedPod is the pod that would be created now for the VM of the existing pod. PVC
+// volume modes cannot change under a pod, so they are taken from the pod itself.
+func (r *run) renderedPod() (*corev1.Pod, error) {
 	claims := map[string]render.Claim{}
 	for _, v := range r.pod.Spec.Volumes {
 		if v.PersistentVolumeClaim != nil {
@@ -189,13 +201,9 @@ func (r *run) renderedHash() (string, error) {
 		}
 	}
 	if r.expandErr != nil {
-		return "", r.expandErr
+		return nil, r.expandErr
 	}
-	pod, err := render.Pod(r.expanded, claims, r.Render)
-	if err != nil {
-		return "", err
-	}
-	return render.TemplateHash(pod), nil
+	return render.Pod(r.expanded, claims, r.Render)
 }
 
 func (r *run) usesDataVolumes() bool {

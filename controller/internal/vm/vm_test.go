@@ -132,7 +132,10 @@ func (f *fixture) kubeletRuns(p *corev1.Pod) {
 	p.Status.PodIP, p.Status.PodIPs = "10.99.0.7", []corev1.PodIP{{IP: "10.99.0.7"}}
 	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}}
 	p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: vmspec.ComputeContainer, Image: p.Spec.Containers[0].Image, ImageID: "sha256:x",
-		Ready: true, Started: ptr.To(true), State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}}}
+		Ready: true, Started: ptr.To(true), State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+		// a kubelet that resizes in place (1.35+) reports them; the API server refuses a
+		// resize of a running pod without
+		Resources: p.Spec.Containers[0].Resources.DeepCopy()}}
 	if err := f.c.Status().Update(f.ctx, p); err != nil {
 		f.t.Fatalf("mark pod running: %v", err)
 	}

@@ -1,0 +1,347 @@
+package pod
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/runtime/qga"
+)
+
+// A VM pod's vCPUs and memory follow its compute container's limits (docs/design/208):
+// each whole CPU of limit added or taken away is a vCPU, each MiB of memory limit a MiB of
+// guest memory, within the growth room the VM's spec leaves (cpu.maxSockets,
+// maxMemoryMiB). The change of the limits since boot is what counts, not the limits
+// themselves: the controller's limits equal the VM's size, but a pod written by hand may
+// have any, and an update that changes no limit must change nothing.
+
+// vmTarget is the size a VM booted from vm, whose compute container had the limits
+// bootLimits then, takes when they become next.
+func vmTarget(vm *vmspec.VM, bootLimits, next claim) (Size, error) {
+	boot := Size{VCPUs: vm.CPU.VCPUs(), MemoryMiB: int(vm.MemoryMiB)}
+	t := boot
+	if next.cpuMilli != bootLimits.cpuMilli {
+		if bootLimits.cpuMilli == 0 || next.cpuMilli == 0 {
+			return Size{}, fmt.Errorf("linux.resources.cpu: the VM's vCPUs follow changes of the compute container's CPU limit, %s: %w",
+				unlimited(bootLimits.cpuMilli), errdefs.ErrInvalidArgument)
+		}
+		delta := next.cpuMilli - bootLimits.cpuMilli
+		if delta%1000 != 0 {
+			return Size{}, fmt.Errorf("linux.resources.cpu: the CPU limit changes by %dm: a VM gains or loses whole vCPUs: %w", delta, errdefs.ErrInvalidArgument)
+		}
+		t.VCPUs = boot.VCPUs + int(delta/1000)
+		switch per := vm.CPU.PerSocket(); {
+		case t.VCPUs < boot.VCPUs:
+			return Size{}, fmt.Errorf("linux.resources.cpu: %d vCPUs, fewer than the %d the VM booted with: %w", t.VCPUs, boot.VCPUs, errdefs.ErrFailedPrecondition)
+		case t.VCPUs%per != 0:
+			return Size{}, fmt.Errorf("linux.resources.cpu: %d vCPUs are not whole sockets of %d (cores*threads): %w", t.VCPUs, per, errdefs.ErrInvalidArgument)
+		case t.VCPUs > vm.CPU.MaxVCPUs():
+			return Size{}, fmt.Errorf("linux.resources.cpu: %d vCPUs, the VM can have %d (its cpu.maxSockets): %w", t.VCPUs, vm.CPU.MaxVCPUs(), errdefs.ErrFailedPrecondition)
+		}
+	}
+	if next.memBytes != bootLimits.memBytes {
+		if bootLimits.memBytes == 0 || next.memBytes == 0 {
+			return Size{}, fmt.Errorf("linux.resources.memory.limit: the VM's memory follows changes of the compute container's memory limit, %s: %w",
+				unlimited(bootLimits.memBytes), errdefs.ErrInvalidArgument)
+		}
+		const block = vmspec.GrowthBlockMiB << 20
+		delta := next.memBytes - bootLimits.memBytes
+		if delta%block != 0 {
+			return Size{}, fmt.Errorf("linux.resources.memory.limit: the limit changes by %d bytes: a VM gains or loses whole %d MiB blocks: %w", delta, vmspec.GrowthBlockMiB, errdefs.ErrInvalidArgument)
+		}
+		t.MemoryMiB = boot.MemoryMiB + int(delta>>20)
+		maxMiB := max(vm.MaxMemoryMiB, vm.MemoryMiB)
+		switch {
+		case t.MemoryMiB < boot.MemoryMiB:
+			return Size{}, fmt.Errorf("linux.resources.memory.limit: %d MiB, less than the %d MiB the VM booted with: %w", t.MemoryMiB, boot.MemoryMiB, errdefs.ErrFailedPrecondition)
+		case int64(t.MemoryMiB) > maxMiB:
+			return Size{}, fmt.Errorf("linux.resources.memory.limit: %d MiB, the VM can have %d MiB (its maxMemoryMiB): %w", t.MemoryMiB, maxMiB, errdefs.ErrFailedPrecondition)
+		}
+	}
+	return t, nil
+}
+
+// unlimited says which end of a change to or from no limit had none.
+func unlimited(atBoot int64) string {
+	if atBoot == 0 {
+		return "which it did not have at boot"
+	}
+	return "which this update removes"
+}
+
+// settleWait bounds how long a resize waits for the guest to take or give back what
+// changed: well below the CRI client's deadline (the kubelet's 2 minutes, crictl's 30 s
+// here), so that the caller hears why, not only that time ran out. resizeStep is how often
+// it looks meanwhile.
+const (
+	settleWait = 20 * time.Second
+	resizeStep = 100 * time.Millisecond
+)
+
+// resize brings the running VM to the size the compute container's limits r ask for:
+// vCPUs hot-plugged (or, under KVM, unplugged) and the virtio-mem device's size set; what
+// the guest leaves offline (Debian has no rule onlining hot-added CPUs or memory) comes
+// online through the guest agent when it answers. An update that changes nothing is done
+// at once. The size the VM ends at is recorded whatever failed: a retry (the kubelet
+// retries a resize it could not finish) asks again for what is missing.
+func (c *computeVM) resize(ctx context.Context, r *specs.LinuxResources) error {
+	c.hotMu.Lock() // one hotplug at a time, and no pause under it
+	defer c.hotMu.Unlock()
+	fail := func(err error) error { return fmt.Errorf("pod %s: update container %s: %w", c.pod.id, c.id, err) }
+	next := claimOf(r, c.limits)
+	target, err := vmTarget(c.pod.vm, c.bootLimits, next)
+	if err != nil {
+		return fail(err)
+	}
+	if target == c.size && c.memorySettled(ctx) {
+		c.limits = next
+		return nil
+	}
+	if !c.isRunning() {
+		return fail(fmt.Errorf("the VM has not been started: resize it once it runs: %w", errdefs.ErrFailedPrecondition))
+	}
+	if c.isPaused() {
+		return fail(fmt.Errorf("%w: %w", errPaused, errdefs.ErrFailedPrecondition))
+	}
+	// one budget for the guest's part of the whole update (QMP steps keep the caller's)
+	settle, cancel := context.WithTimeout(ctx, settleWait)
+	defer cancel()
+	if target.VCPUs != c.size.VCPUs {
+		if err := c.resizeVCPUs(ctx, settle, target.VCPUs); err != nil {
+			return fail(err)
+		}
+	}
+	c.limits.cpuMilli = next.cpuMilli // done: a later update that leaves CPU out keeps it
+	if err := c.resizeMemory(ctx, settle, target.MemoryMiB); err != nil {
+		return fail(err)
+	}
+	c.limits = next
+	return nil
+}
+
+// agentProbeWait bounds the first question to the guest agent of a resize: without an
+// answering agent the hardware change stands, and the caller must not wait for one.
+const agentProbeWait = 3 * time.Second
+
+// probeAgent asks the guest agent something with a short deadline: nil if it answers.
+func probeAgent[T any](ctx context.Context, ask func(context.Context) (T, error)) (T, error) {
+	pctx, cancel := context.WithTimeout(ctx, agentProbeWait)
+	defer cancel()
+	return ask(pctx)
+}
+
+// memorySettled says whether the guest has taken all the virtio-mem device offers (a
+// resize that timed out waiting for it is not done yet, though the size is the target).
+func (c *computeVM) memorySettled(ctx context.Context) bool {
+	plugged, err := c.machine.PluggedMemory(ctx)
+	return err == nil && int(plugged>>20) == c.size.MemoryMiB-int(c.pod.vm.MemoryMiB)
+}
+
+// resizeVCPUs hot-plugs vCPUs up to total (whole sockets, in topology order) and has the
+// guest online them, or unplugs the hot-plugged ones down to total (KVM only: QEMU under
+// TCG does not survive a vCPU unplug, and says so).
+func (c *computeVM) resizeVCPUs(ctx, settle context.Context, total int) error {
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	had := c.size.VCPUs
+	started := time.Now()
+	if total < had {
+		n, err := c.machine.UnplugVCPUs(ctx, total)
+		if n > 0 {
+			c.size.VCPUs = n // what is still plugged
+		}
+		if err != nil {
+			return fmt.Errorf("linux.resources.cpu: %w", err)
+		}
+		lg.Infof("VM shrunk to %d vCPUs in %v", n, time.Since(started).Round(time.Millisecond))
+		return nil
+	}
+	n, err := c.machine.PlugVCPUs(ctx, total)
+	if n > had {
+		c.size.VCPUs = n // plugged: the guest's now, whatever came after
+		online, oerr := c.onlineVCPUs(settle, had, n)
+		switch {
+		case oerr != nil:
+			lg.WithError(oerr).Warnf("%d vCPUs plugged; the guest agent did not bring them online: the guest's own policy decides", n)
+		default:
+			lg.Infof("VM grown to %d vCPUs in %v (%d online in the guest)", n, time.Since(started).Round(time.Millisecond), online)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("linux.resources.cpu: %w", err)
+	}
+	return nil
+}
+
+// onlineVCPUs has the guest agent online the vCPUs numbered from had (the hot-plugged
+// ones; a CPU the guest's admin took offline below them stays so) until the guest knows
+// want and all of those are online, and returns how many are online.
+func (c *computeVM) onlineVCPUs(ctx context.Context, had, want int) (int, error) {
+	if _, err := probeAgent(ctx, c.agent.VCPUs); err != nil {
+		return 0, err
+	}
+	for {
+		vcpus, err := c.agent.VCPUs(ctx)
+		if err != nil {
+			return 0, err
+		}
+		var offline []int
+		online := 0
+		for _, v := range vcpus {
+			switch {
+			case v.Online:
+				online++
+			case v.LogicalID >= had:
+				offline = append(offline, v.LogicalID)
+			}
+		}
+		if len(vcpus) >= want && len(offline) == 0 {
+			return online, nil
+		}
+		if len(offline) > 0 {
+			if _, err := c.agent.OnlineVCPUs(ctx, offline); err != nil {
+				return online, err
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return online, fmt.Errorf("the guest knows %d of %d vCPUs: %w", len(vcpus), want, ctx.Err())
+		case <-time.After(resizeStep):
+		}
+	}
+}
+
+// resizeMemory sizes the virtio-mem device so that the VM has totalMiB in all, and waits
+// (until settle ends) for the guest to take it — what it leaves offline brought online
+// through the guest agent — or to give it back. A guest that does not finish in time fails
+// the resize with Unavailable: the device keeps asking, the guest keeps going at its pace,
+// and the retried update finds it done (or onlines what is still offline).
+func (c *computeVM) resizeMemory(ctx, settle context.Context, totalMiB int) error {
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	started := time.Now()
+	if totalMiB != c.size.MemoryMiB {
+		if _, err := c.machine.PlugMemory(ctx, totalMiB); err != nil {
+			return fmt.Errorf("linux.resources.memory.limit: %w", err)
+		}
+		c.size.MemoryMiB = totalMiB
+	}
+	want := uint64(totalMiB-int(c.pod.vm.MemoryMiB)) << 20
+	var on *blockOnliner // nil: nothing to online (none hot-plugged, or no agent)
+	if want > 0 {
+		on = c.blockOnliner(settle)
+	}
+	lastLog := time.Now()
+	for {
+		plugged, err := c.machine.PluggedMemory(ctx)
+		if err != nil {
+			return fmt.Errorf("linux.resources.memory.limit: %w", err)
+		}
+		if on != nil && on.onlineNew(settle) {
+			continue // look again at once: the guest may have added the next block
+		}
+		if plugged == want {
+			lg.Infof("VM memory at %d MiB in %v", totalMiB, time.Since(started).Round(time.Millisecond))
+			return nil
+		}
+		if time.Since(lastLog) > 5*time.Second {
+			lg.Infof("resizing memory: the guest has %d MiB of the %d MiB asked above its boot memory", plugged>>20, want>>20)
+			lastLog = time.Now()
+		}
+		select {
+		case <-settle.Done():
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("linux.resources.memory.limit: the guest has %d MiB of the %d MiB asked above its boot memory after %v; the VM keeps asking: %w",
+				plugged>>20, want>>20, time.Since(started).Round(time.Second), errdefs.ErrUnavailable)
+		case <-time.After(resizeStep):
+		}
+	}
+}
+
+// blockOnliner brings the memory blocks a growth adds online through the guest agent: a
+// Debian guest leaves hot-added memory offline, and the virtio-mem driver stops adding
+// blocks while too many are (1 GiB).
+type blockOnliner struct {
+	agent interface {
+		MemoryBlocks(context.Context) ([]qga.MemoryBlock, error)
+		OnlineMovable(context.Context, uint64) error
+		OnlineMemoryBlocks(context.Context, []uint64) (map[uint64]string, error)
+	}
+	lg *log.Entry
+	// known are the guest's boot blocks and those this resize asked to online: not asked
+	// (again)
+	known   map[uint64]bool
+	movable bool // the agent can online movable (see qga.OnlineMovable)
+	gone    bool // the agent stopped answering: the guest's own policy decides
+}
+
+// blockOnliner is a resize's onliner of hot-plugged memory blocks: every block but those
+// the guest booted with (noted at the first growth) that is offline; nil if the guest
+// agent does not answer. Called with hotMu.
+func (c *computeVM) blockOnliner(ctx context.Context) *blockOnliner {
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	blocks, err := probeAgent(ctx, c.agent.MemoryBlocks)
+	if err != nil {
+		lg.WithError(err).Warn("resizing memory: the guest agent does not answer: the guest's own policy onlines the hot-plugged memory, or not")
+		return nil
+	}
+	if c.bootBlocks == nil { // before the first growth: all the guest has is its boot memory
+		c.bootBlocks = map[uint64]bool{}
+		for _, b := range blocks {
+			c.bootBlocks[b.PhysIndex] = true
+		}
+	}
+	return &blockOnliner{agent: c.agent, lg: lg, known: maps.Clone(c.bootBlocks), movable: true}
+}
+
+// onlineNew brings the guest's new offline blocks online, movable where it can, and says
+// whether it asked for any.
+func (o *blockOnliner) onlineNew(ctx context.Context) bool {
+	if o.gone {
+		return false
+	}
+	blocks, err := o.agent.MemoryBlocks(ctx)
+	if err != nil {
+		o.lg.WithError(err).Warn("growing memory: the guest agent stopped answering")
+		o.gone = true
+		return false
+	}
+	var offline, normal []uint64
+	for _, b := range blocks {
+		if !b.Online && !o.known[b.PhysIndex] {
+			offline = append(offline, b.PhysIndex)
+		}
+	}
+	for _, i := range offline {
+		o.known[i] = true // asked once: a block that stays offline is the guest's choice
+		if o.movable {
+			err := o.agent.OnlineMovable(ctx, i)
+			if err == nil {
+				continue
+			}
+			// an agent without file access (disabled commands) never can; a block the
+			// guest refuses (or onlined itself meanwhile) says nothing about the next
+			o.movable = !qga.IsCommandNotFound(err)
+			o.lg.WithError(err).Infof("memory block %d: not onlined movable; onlined in the guest's default zone, whose unmovable pages a shrink cannot return", i)
+		}
+		normal = append(normal, i)
+	}
+	if len(normal) > 0 {
+		failed, err := o.agent.OnlineMemoryBlocks(ctx, normal)
+		if err != nil {
+			o.lg.WithError(err).Warn("growing memory: onlining through the guest agent")
+			o.gone = true
+		}
+		for i, why := range failed {
+			o.lg.Warnf("the guest could not online memory block %d: %s", i, why)
+		}
+	}
+	return len(offline) > 0
+}
