@@ -7,11 +7,9 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
-	eventsv1 "k8s.io/api/events/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -94,20 +92,4 @@ func TestLiveResize(t *testing.T) {
 	if slices.Contains(f.events("grow"), "ResizeFailed") {
 		t.Errorf("a resize failed: %v", f.eventNotes("grow", "ResizeFailed"))
 	}
-}
-
-// eventNotes are the notes of the VM's events of reason.
-func (f *fixture) eventNotes(vmName, reason string) []string {
-	f.t.Helper()
-	list := &eventsv1.EventList{}
-	if err := f.c.List(f.ctx, list, client.InNamespace(f.ns)); err != nil {
-		f.t.Fatalf("list events: %v", err)
-	}
-	var notes []string
-	for _, e := range list.Items {
-		if e.Regarding.Name == vmName && e.Reason == reason {
-			notes = append(notes, e.Note)
-		}
-	}
-	return notes
 }

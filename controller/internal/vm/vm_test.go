@@ -188,20 +188,40 @@ func (f *fixture) setStrategy(vmName string, s vmpodv1.RunStrategy) {
 	}
 }
 
-// events are the reasons of the events regarding the VM.
-func (f *fixture) events(vmName string) []string {
+// vmEvents are the events regarding the VM.
+func (f *fixture) vmEvents(vmName string) []eventsv1.Event {
 	f.t.Helper()
 	list := &eventsv1.EventList{}
 	if err := f.c.List(f.ctx, list, client.InNamespace(f.ns)); err != nil {
 		f.t.Fatalf("list events: %v", err)
 	}
-	var reasons []string
+	var out []eventsv1.Event
 	for _, e := range list.Items {
 		if e.Regarding.Name == vmName && e.Regarding.Kind == "VirtualMachine" {
-			reasons = append(reasons, e.Reason)
+			out = append(out, e)
 		}
 	}
+	return out
+}
+
+// events are the reasons of the events regarding the VM.
+func (f *fixture) events(vmName string) []string {
+	var reasons []string
+	for _, e := range f.vmEvents(vmName) {
+		reasons = append(reasons, e.Reason)
+	}
 	return reasons
+}
+
+// eventNotes are the notes of the VM's events of reason.
+func (f *fixture) eventNotes(vmName, reason string) []string {
+	var notes []string
+	for _, e := range f.vmEvents(vmName) {
+		if e.Reason == reason {
+			notes = append(notes, e.Note)
+		}
+	}
+	return notes
 }
 
 func (f *fixture) waitEvent(vmName, reason string) {
