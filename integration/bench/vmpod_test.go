@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -107,10 +108,19 @@ func waitPing(agent *qga.Client) error {
 // that succeeds.
 func vmPodBoot(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, image string, n int) (criPod, time.Duration) {
 	t.Helper()
+	return vmPodBootWith(ctx, t, rs, image, n, nil, &runtimeapi.LinuxContainerConfig{})
+}
+
+// vmPodBootWith is vmPodBoot of the VM edit changes, its compute container with linux.
+func vmPodBootWith(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, image string, n int, edit func(*vmspec.VM), linux *runtimeapi.LinuxContainerConfig) (criPod, time.Duration) {
+	t.Helper()
 	vm := vmspec.VM{Version: vmspec.Version, CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
 		Firmware:   vmspec.Firmware{Type: vmspec.FirmwareBIOS},
 		Disks:      []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceImage, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}},
 		Interfaces: []vmspec.Interface{{Name: "default", PodInterface: "eth0", Model: vmspec.ModelVirtio}}}
+	if edit != nil {
+		edit(&vm)
+	}
 	ann, err := vm.Encode()
 	if err != nil {
 		t.Fatal(err)
@@ -134,7 +144,7 @@ func vmPodBoot(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceCl
 			Image:    &runtimeapi.ImageSpec{Image: testenv.BusyboxImage(t)},
 			LogPath:  "compute.log", Stdin: true, Tty: true,
 			Mounts: []*runtimeapi.Mount{{ContainerPath: vmspec.VolumeMountPath("root"), Image: &runtimeapi.ImageSpec{Image: image}, Readonly: true}},
-			Linux:  &runtimeapi.LinuxContainerConfig{},
+			Linux:  linux,
 		},
 		SandboxConfig: cfg,
 	})
@@ -235,4 +245,77 @@ func TestBenchVMPod(t *testing.T) {
 		report(t, "idle VM host memory (PSS), libvirt: %d MiB (QEMU %d + virtqemud/virtlogd %d)", (lvQEMU+daemons)>>20, lvQEMU>>20, daemons>>20)
 		report(t, "idle VM host memory ratio vmpod / libvirt: %.2f  (goal < 1)", float64(podQEMU+podShim)/float64(lvQEMU+daemons))
 	}
+}
+
+// TestBenchVMPodResize: a running VM pod (the Debian test guest, 1 vCPU, 1 GiB, room for
+// 2 sockets and 1.5 GiB) resized in place as the kubelet does it (CRI
+// UpdateContainerResources of the compute container): the time the update takes and until
+// the guest sees the change, and the guest RAM resident on the host that a memory shrink
+// gives back after the guest used the memory it was given. docs/design/208.
+func TestBenchVMPodResize(t *testing.T) {
+	requireBench(t)
+	_, image := vmGuest(t)
+	rs := criClient(t)
+	ctx := context.Background()
+	testenv.Crictl(t, "pull", image)
+	limits := func(cpus, memMiB int64) *runtimeapi.LinuxContainerResources {
+		return &runtimeapi.LinuxContainerResources{CpuPeriod: 100000, CpuQuota: cpus * 100000, MemoryLimitInBytes: memMiB << 20}
+	}
+	p, _ := vmPodBootWith(ctx, t, rs, image, 200, func(vm *vmspec.VM) { vm.CPU.MaxSockets, vm.MaxMemoryMiB = 2, 1536 },
+		&runtimeapi.LinuxContainerConfig{Resources: limits(1, 1024)})
+	defer removePod(ctx, rs, p)
+	time.Sleep(idleSettle)
+	guest := func(script string) string {
+		resp, err := rs.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: p.container, Cmd: []string{"sh", "-c", script}, Timeout: 60})
+		if err != nil || resp.ExitCode != 0 {
+			t.Fatalf("guest %q: %v %s", script, err, resp.GetStderr())
+		}
+		return string(resp.Stdout)
+	}
+	update := func(r *runtimeapi.LinuxContainerResources) time.Duration {
+		start := time.Now()
+		if _, err := rs.UpdateContainerResources(ctx, &runtimeapi.UpdateContainerResourcesRequest{ContainerId: p.container, Linux: r}); err != nil {
+			t.Fatalf("update to %d CPUs, %d MiB: %v", r.CpuQuota/r.CpuPeriod, r.MemoryLimitInBytes>>20, err)
+		}
+		return time.Since(start)
+	}
+	seen := func(script, want string) time.Duration {
+		start := time.Now()
+		for deadline := start.Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+			if guest(script) == want {
+				return time.Since(start)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the guest's %q is not %q after a minute", script, want)
+			}
+		}
+	}
+	const memTotalMiB = "echo $(( $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2) / 1024 ))"
+	bootMiB, _ := strconv.Atoi(strings.TrimSpace(guest(memTotalMiB)))
+
+	// a vCPU: once (QEMU under TCG does not survive its unplug)
+	cpuUpdate := update(limits(2, 1024))
+	cpuSeen := seen("nproc", "2\n")
+	report(t, "VM pod resize, vCPU 1 -> 2 (a socket): update %v, then nproc 2 after %v", cpuUpdate.Round(time.Millisecond), cpuSeen.Round(time.Millisecond))
+
+	// memory: grown, filled by the guest (tmpfs), freed, shrunk; the host RSS of each step
+	qemu := testenv.QEMUPid(t, p.sandbox)
+	var grow, shrink sample
+	var freed, given []int64
+	for i := range rounds(3) {
+		grow = append(grow, update(limits(2, 1536)))
+		seen(memTotalMiB+" | awk '{print ($1 >= "+strconv.Itoa(bootMiB+500)+")}'", "1\n")
+		guest("dd if=/dev/zero of=/dev/shm/fill bs=1M count=640 2>/dev/null; sync")
+		full := pss(t, qemu)
+		guest("rm -f /dev/shm/fill")
+		time.Sleep(10 * time.Second) // free page reporting (on by default) returns what it can
+		reported := pss(t, qemu)
+		shrink = append(shrink, update(limits(2, 1024)))
+		after := pss(t, qemu)
+		freed, given = append(freed, (full-reported)>>20), append(given, (reported-after)>>20)
+		t.Logf("round %d: QEMU PSS %d MiB filled, %d MiB freed, %d MiB after the shrink", i, full>>20, reported>>20, after>>20)
+	}
+	report(t, "VM pod resize, memory 1024 -> 1536 MiB (onlined movable): update %s", grow)
+	report(t, "VM pod resize, memory 1536 -> 1024 MiB after the guest used and freed 640 MiB: update %s", shrink)
+	report(t, "VM pod resize, host memory (QEMU PSS) returned once the guest freed it (free page reporting): %v MiB; then by the shrink: %v MiB", freed, given)
 }
