@@ -717,6 +717,27 @@ func resizeVM(t *testing.T, id string) {
 	if grown-before < 500<<10 {
 		t.Errorf("MemTotal %d KiB after the resize, %d KiB before: want 512 MiB more", grown, before)
 	}
+	// a guest reboot keeps the size: the vCPU is present at boot, and the memory the
+	// device plugs again at boot is onlined again (the guest would leave it offline)
+	bootID := strings.TrimSpace(waitExec(t, id, time.Minute, "", "cat", "/proc/sys/kernel/random/boot_id"))
+	_, _ = execIn(id, 20*time.Second, "systemctl", "reboot")
+	for deadline := time.Now().Add(agentWithin); ; time.Sleep(3 * time.Second) {
+		out, err := execIn(id, 20*time.Second, "cat", "/proc/sys/kernel/random/boot_id")
+		if err == nil && strings.TrimSpace(out) != bootID && strings.TrimSpace(out) != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new boot id within %v of a guest reboot: %q %v\nconsole:\n%s", agentWithin, out, err, consoleTail(id))
+		}
+	}
+	waitExec(t, id, time.Minute, "2", "nproc")
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(2 * time.Second) {
+		if after := memTotalKiB(); after-before >= 500<<10 {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("MemTotal %d KiB after a reboot of the grown guest, %d KiB before the growth: want 512 MiB more", after, before)
+		}
+	}
 	for args, want := range map[string]string{
 		"--cpu-period 100000 --cpu-quota 250000": "whole vCPUs",
 		"--cpu-period 100000 --cpu-quota 300000": "3 vCPUs, the VM can have 2 (its cpu.maxSockets)",

@@ -242,6 +242,9 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 
 	go c.pumpConsole(stdio)
 	go c.watch(log.WithLogger(context.WithoutCancel(ctx), lg))
+	if p.vm.MemoryResizable() {
+		go c.followReboots(log.WithLogger(context.WithoutCancel(ctx), lg))
+	}
 	if p.network != nil {
 		dns, search := resolvConf(spec)
 		c.nics = &nicFollower{pod: p.id, network: p.network, machine: m, configureFirst: true, kept: p.keptNICs,

@@ -11,6 +11,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/qmp"
 	"github.com/vmpod/vmpod/runtime/qga"
 )
 
@@ -344,4 +345,54 @@ func (o *blockOnliner) onlineNew(ctx context.Context) bool {
 		}
 	}
 	return len(offline) > 0
+}
+
+// rebootAgentWait bounds the wait for the guest agent after a guest reboot.
+const rebootAgentWait = 5 * time.Minute
+
+// followReboots brings hot-plugged memory online again after each guest reboot:
+// virtio-mem plugs what it is asked for again at boot, and a guest without an onlining
+// policy (Debian) leaves it offline — it would run with less memory than its pod pays for.
+// (Hot-plugged vCPUs are present at boot; Linux brings them up itself.) It ends with QEMU.
+func (c *computeVM) followReboots(ctx context.Context) {
+	resets := c.machine.Monitor().Subscribe(qmp.EventNamed(eventReset))
+	defer resets.Close()
+	for {
+		if _, err := resets.Next(ctx); err != nil {
+			return // QEMU is gone
+		}
+		if !c.awaitAgent(ctx, rebootAgentWait) {
+			continue
+		}
+		c.hotMu.Lock()
+		if c.size.MemoryMiB > int(c.pod.vm.MemoryMiB) && c.bootBlocks != nil {
+			settle, cancel := context.WithTimeout(ctx, settleWait)
+			if err := c.resizeMemory(ctx, settle, c.size.MemoryMiB); err != nil {
+				log.G(ctx).WithField("pod", c.pod.id).WithError(err).Warn("after the guest's reboot: its hot-plugged memory")
+			}
+			cancel()
+		}
+		c.hotMu.Unlock()
+	}
+}
+
+// eventReset is QEMU's event for a machine reset: a guest reboot, with Reboot set.
+const eventReset = "RESET"
+
+// awaitAgent waits until the guest agent answers, within at most wait; false if it did
+// not, or QEMU ended.
+func (c *computeVM) awaitAgent(ctx context.Context, wait time.Duration) bool {
+	for deadline := time.Now().Add(wait); time.Now().Before(deadline); {
+		select {
+		case <-c.machine.Done():
+			return false
+		case <-ctx.Done():
+			return false
+		case <-time.After(2 * time.Second):
+		}
+		if _, err := probeAgent(ctx, c.agent.MemoryBlocks); err == nil {
+			return true
+		}
+	}
+	return false
 }
