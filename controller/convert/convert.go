@@ -200,7 +200,9 @@ func instancetypeObject(root *node, kind string) client.Object {
 			c.unsupported("isolateEmulatorThread", "dedicated CPUs are not supported yet")
 			c.unsupported("numa", "guest NUMA is not supported")
 			c.unsupported("realtime", "realtime vCPUs are not supported")
-			c.dropped("maxSockets", "vmpod's instance types carry no CPU hotplug room yet (a VM's domain.cpu.maxSockets does); dropped")
+			if v, ok := c.integer("maxSockets"); ok && v > 0 {
+				spec.CPU.MaxSockets = uint32(v)
+			}
 		}
 		if m := s.required("memory"); m != nil {
 			if q, ok := quantity(m, "guest"); ok {
@@ -208,7 +210,11 @@ func instancetypeObject(root *node, kind string) client.Object {
 			}
 			m.unsupported("hugepages", "hugepages are not supported")
 			m.dropped("overcommitPercent", "vmpod's memory request is the guest's memory; dropped")
-			m.dropped("maxGuest", "vmpod's instance types carry no memory hotplug room yet (a VM's domain.memory.maxGuest does); dropped")
+			if m.has("maxGuest") {
+				if q, ok := quantity(m, "maxGuest"); ok {
+					spec.Memory.MaxGuest = &q
+				}
+			}
 		}
 		for _, k := range []string{"gpus", "hostDevices", "nodeSelector", "schedulerName", "annotations", "launchSecurity"} {
 			s.unsupported(k, "not supported in vmpod's instance types: the VM would not get it")
@@ -283,7 +289,7 @@ func preferenceObject(root *node, kind string) client.Object {
 			}
 			if m := r.object("memory"); m != nil {
 				if q, ok := quantity(m, "guest"); ok {
-					spec.Requirements.Memory = &vmpodv1.InstancetypeMemory{Guest: q}
+					spec.Requirements.Memory = &vmpodv1.MemoryRequirement{Guest: q}
 				}
 			}
 		}

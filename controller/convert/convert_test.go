@@ -330,7 +330,8 @@ func TestConvertInstancetypesAndPreferences(t *testing.T) {
 		t.Errorf("cluster instancetype = %+v", cit)
 	}
 	it := decode[vmpodv1.VirtualMachineInstancetype](t, docs[1])
-	if it.Spec.CPU.Guest != 4 || it.Spec.CPU.Model != "host-passthrough" || it.Spec.Memory.Guest.Value() != 8<<30 {
+	if it.Spec.CPU.Guest != 4 || it.Spec.CPU.Model != "host-passthrough" || it.Spec.Memory.Guest.Value() != 8<<30 ||
+		it.Spec.CPU.MaxSockets != 8 || it.Spec.Memory.MaxGuest.String() != "16Gi" {
 		t.Errorf("instancetype = %+v", it.Spec)
 	}
 	fedora := decode[vmpodv1.VirtualMachineClusterPreference](t, docs[2])

@@ -63,6 +63,13 @@ type InstancetypeCPU struct {
 	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9][A-Za-z0-9._-]*$`
 	// +optional
 	Model string `json:"model,omitempty"`
+	// MaxSockets is the VM's room to hot-plug sockets, as domain.cpu.maxSockets: a VM
+	// switched to an instance type of more sockets within it is resized in place (with the
+	// sockets topology; other topologies change the socket's size, which needs a restart).
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=512
+	// +optional
+	MaxSockets uint32 `json:"maxSockets,omitempty"`
 }
 
 // CPURequirement is the least vCPUs a preference accepts.
@@ -72,8 +79,18 @@ type CPURequirement struct {
 	Guest uint32 `json:"guest"`
 }
 
-// InstancetypeMemory is the guest's RAM.
+// InstancetypeMemory is the guest's RAM and its room to grow.
+// +kubebuilder:validation:XValidation:rule="!has(self.maxGuest) || quantity(self.guest).compareTo(quantity(self.maxGuest)) <= 0",message="maxGuest must be at least guest",fieldPath=".maxGuest"
 type InstancetypeMemory struct {
+	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
+	Guest resource.Quantity `json:"guest"`
+	// MaxGuest is the VM's room to hot-plug memory, as domain.memory.maxGuest.
+	// +optional
+	MaxGuest *resource.Quantity `json:"maxGuest,omitempty"`
+}
+
+// MemoryRequirement is the least memory a preference accepts.
+type MemoryRequirement struct {
 	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
 	Guest resource.Quantity `json:"guest"`
 }
@@ -165,7 +182,7 @@ type PreferenceRequirements struct {
 	// +optional
 	CPU *CPURequirement `json:"cpu,omitempty"`
 	// +optional
-	Memory *InstancetypeMemory `json:"memory,omitempty"`
+	Memory *MemoryRequirement `json:"memory,omitempty"`
 }
 
 // VirtualMachineInstancetype is an instance type in a namespace.

@@ -12,6 +12,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -142,7 +143,7 @@ func applyInstancetype(d *vmpodv1.DomainSpec, it *vmpodv1.InstancetypeSpec, pref
 	if pref != nil && pref.CPU != nil && pref.CPU.PreferredCPUTopology != "" {
 		topology = pref.CPU.PreferredCPUTopology
 	}
-	cpu := &vmpodv1.CPU{Sockets: 1, Cores: 1, Threads: 1, Model: it.CPU.Model}
+	cpu := &vmpodv1.CPU{Sockets: 1, Cores: 1, Threads: 1, Model: it.CPU.Model, MaxSockets: it.CPU.MaxSockets}
 	switch topology {
 	case vmpodv1.TopologyCores:
 		cpu.Cores = it.CPU.Guest
@@ -154,6 +155,9 @@ func applyInstancetype(d *vmpodv1.DomainSpec, it *vmpodv1.InstancetypeSpec, pref
 	d.CPU = cpu
 	guest := it.Memory.Guest.DeepCopy()
 	d.Memory = &vmpodv1.Memory{Guest: &guest}
+	if it.Memory.MaxGuest != nil {
+		d.Memory.MaxGuest = ptr.To(it.Memory.MaxGuest.DeepCopy())
+	}
 }
 
 // applyPreference fills what the template left unset.

@@ -33,7 +33,7 @@ func TestInstancetypeAndPreference(t *testing.T) {
 			Features: &vmpodv1.FeaturePreferences{PreferredSMM: &vmpodv1.FeatureState{Enabled: ptr.To(false)},
 				PreferredHyperv: &vmpodv1.FeatureHyperv{Relaxed: &vmpodv1.FeatureState{}, VAPIC: &vmpodv1.FeatureState{}}},
 			PreferredTerminationGracePeriodSeconds: ptr.To[int64](42),
-			Requirements:                           &vmpodv1.PreferenceRequirements{Memory: &vmpodv1.InstancetypeMemory{Guest: resource.MustParse("1Gi")}},
+			Requirements:                           &vmpodv1.PreferenceRequirements{Memory: &vmpodv1.MemoryRequirement{Guest: resource.MustParse("1Gi")}},
 		}})
 
 	sized := func(name string) *vmpodv1.VirtualMachine {

@@ -38,16 +38,7 @@ func TestLiveResize(t *testing.T) {
 	if lim.Cpu().String() != "1" || lim.Memory().String() != "1Gi" {
 		t.Fatalf("compute limits cpu %s memory %s, want the VM's size: 1, 1Gi", lim.Cpu(), lim.Memory())
 	}
-	// the API server admits a resize against the pod's node
-	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "resize-" + f.ns}}
-	f.create(node)
-	t.Cleanup(func() { _ = f.c.Delete(f.ctx, node) })
-	node.Status.Capacity = corev1.ResourceList{"cpu": resource.MustParse("8"), "memory": resource.MustParse("16Gi"), "pods": resource.MustParse("110")}
-	node.Status.Allocatable = node.Status.Capacity
-	if err := f.c.Status().Update(f.ctx, node); err != nil {
-		t.Fatal(err)
-	}
-	f.bind(pod, node.Name)
+	f.bind(pod, f.node())
 	f.kubeletRuns(pod)
 	f.waitStatus("grow", vmpodv1.StatusRunning)
 
@@ -92,4 +83,54 @@ func TestLiveResize(t *testing.T) {
 	if slices.Contains(f.events("grow"), "ResizeFailed") {
 		t.Errorf("a resize failed: %v", f.eventNotes("grow", "ResizeFailed"))
 	}
+}
+
+// A VM sized by an instance type with room (maxSockets, maxGuest) switched to a larger one
+// within the room is resized in place, as KubeVirt does with an instance type change.
+func TestLiveResizeByInstancetype(t *testing.T) {
+	f := setup(t)
+	sizes := map[string]vmpodv1.InstancetypeSpec{
+		"small": {CPU: vmpodv1.InstancetypeCPU{Guest: 1, MaxSockets: 4}, Memory: vmpodv1.InstancetypeMemory{Guest: resource.MustParse("1Gi"), MaxGuest: ptr.To(resource.MustParse("2Gi"))}},
+		"large": {CPU: vmpodv1.InstancetypeCPU{Guest: 2, MaxSockets: 4}, Memory: vmpodv1.InstancetypeMemory{Guest: resource.MustParse("1536Mi"), MaxGuest: ptr.To(resource.MustParse("2Gi"))}},
+	}
+	for name, spec := range sizes {
+		f.create(&vmpodv1.VirtualMachineInstancetype{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: f.ns}, Spec: spec})
+	}
+	vm := f.cirros("sized", vmpodv1.RunStrategyAlways)
+	vm.Spec.Instancetype = &vmpodv1.InstancetypeMatcher{Name: "small", Kind: vmpodv1.KindInstancetype}
+	vm.Spec.Template.Spec.Domain.Resources.Requests = nil
+	f.create(vm)
+	pod := f.waitPod("sized", "")
+	spec, err := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
+	if err != nil || spec.CPU.MaxSockets != 4 || spec.MaxMemoryMiB != 2048 {
+		t.Fatalf("the pod's VM spec %+v (%v): want the instance type's room", spec, err)
+	}
+	f.bind(pod, f.node())
+	f.kubeletRuns(pod)
+	f.waitStatus("sized", vmpodv1.StatusRunning)
+
+	f.update("sized", func(v *vmpodv1.VirtualMachine) { v.Spec.Instancetype.Name = "large" })
+	testenv.Eventually(t, timeout, "the pod resized to the large instance type", func() (bool, string) {
+		p := f.pod("sized")
+		l := p.Spec.Containers[0].Resources.Limits
+		return p.UID == pod.UID && l.Cpu().String() == "2" && l.Memory().String() == "1536Mi", p.Spec.Containers[0].Resources.String()
+	})
+	if c := condition(f.vm("sized"), vmpodv1.VMRestartRequired); c == nil || c.Status != "False" {
+		t.Errorf("RestartRequired %+v after a switch within the room, want False", c)
+	}
+}
+
+// node creates a Node with room for the test's pods, gone with the test, and returns its
+// name: the API server admits a resize against the pod's node.
+func (f *fixture) node() string {
+	f.t.Helper()
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "resize-" + f.ns}}
+	f.create(node)
+	f.t.Cleanup(func() { _ = f.c.Delete(f.ctx, node) })
+	node.Status.Capacity = corev1.ResourceList{"cpu": resource.MustParse("8"), "memory": resource.MustParse("16Gi"), "pods": resource.MustParse("110")}
+	node.Status.Allocatable = node.Status.Capacity
+	if err := f.c.Status().Update(f.ctx, node); err != nil {
+		f.t.Fatal(err)
+	}
+	return node.Name
 }
