@@ -2,6 +2,7 @@ package pod
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"time"
@@ -356,24 +357,61 @@ const rebootAgentWait = 5 * time.Minute
 // (Hot-plugged vCPUs are present at boot; Linux brings them up itself.) It ends with QEMU.
 func (c *computeVM) followReboots(ctx context.Context) {
 	resets := c.machine.Monitor().Subscribe(qmp.EventNamed(eventReset))
-	defer resets.Close()
+	defer func() { resets.Close() }()
 	for {
-		if _, err := resets.Next(ctx); err != nil {
-			return // QEMU is gone
-		}
-		if !c.awaitAgent(ctx, rebootAgentWait) {
+		_, err := resets.Next(ctx)
+		if errors.Is(err, qmp.ErrSubscriptionOverflow) { // a guest rebooting in a loop
+			resets.Close()
+			resets = c.machine.Monitor().Subscribe(qmp.EventNamed(eventReset))
 			continue
 		}
-		c.hotMu.Lock()
-		if c.size.MemoryMiB > int(c.pod.vm.MemoryMiB) && c.bootBlocks != nil {
-			settle, cancel := context.WithTimeout(ctx, settleWait)
-			if err := c.resizeMemory(ctx, settle, c.size.MemoryMiB); err != nil {
-				log.G(ctx).WithField("pod", c.pod.id).WithError(err).Warn("after the guest's reboot: its hot-plugged memory")
-			}
-			cancel()
+		if err != nil {
+			return // QEMU is gone
 		}
-		c.hotMu.Unlock()
+		drainQueued(resets) // reboots while this one was handled: only the last counts
+		if c.awaitAgent(ctx, rebootAgentWait) {
+			c.onlineAfterReboot(ctx)
+		}
 	}
+}
+
+// drainQueued drops the events already queued on s.
+func drainQueued(s *qmp.Subscription) {
+	done, cancel := context.WithCancel(context.Background())
+	cancel()
+	for {
+		if _, err := s.Next(done); err != nil {
+			return
+		}
+	}
+}
+
+// rebootOnlineRounds bounds the rounds (settleWait each) that onlining after a reboot
+// takes: a booting guest's virtio-mem adds at most 1 GiB offline at a time, and a slow
+// guest may need more than one round; hotMu is free between them.
+const rebootOnlineRounds = 6
+
+// onlineAfterReboot has the guest take and online its hot-plugged memory again.
+func (c *computeVM) onlineAfterReboot(ctx context.Context) {
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	for range rebootOnlineRounds {
+		c.hotMu.Lock()
+		if c.size.MemoryMiB <= int(c.pod.vm.MemoryMiB) || c.bootBlocks == nil || c.isPaused() {
+			c.hotMu.Unlock()
+			return // nothing hot-plugged, or no onlining before; a paused guest cannot
+		}
+		settle, cancel := context.WithTimeout(ctx, settleWait)
+		err := c.resizeMemory(ctx, settle, c.size.MemoryMiB)
+		cancel()
+		c.hotMu.Unlock()
+		if err == nil || !errdefs.IsUnavailable(err) {
+			if err != nil {
+				lg.WithError(err).Warn("after the guest's reboot: its hot-plugged memory")
+			}
+			return
+		}
+	}
+	lg.Warn("after the guest's reboot: its hot-plugged memory is not all back yet; the next resize looks again")
 }
 
 // eventReset is QEMU's event for a machine reset: a guest reboot, with Reboot set.

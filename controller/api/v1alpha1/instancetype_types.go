@@ -80,9 +80,9 @@ type CPURequirement struct {
 }
 
 // InstancetypeMemory is the guest's RAM and its room to grow.
-// +kubebuilder:validation:XValidation:rule="!has(self.maxGuest) || quantity(self.guest).compareTo(quantity(self.maxGuest)) <= 0",message="maxGuest must be at least guest",fieldPath=".maxGuest"
+// +kubebuilder:validation:XValidation:rule="!has(self.maxGuest) || quantity(string(self.guest)).compareTo(quantity(string(self.maxGuest))) <= 0",message="maxGuest must be at least guest",fieldPath=".maxGuest"
 type InstancetypeMemory struct {
-	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
 	Guest resource.Quantity `json:"guest"`
 	// MaxGuest is the VM's room to hot-plug memory, as domain.memory.maxGuest.
 	// +optional
@@ -91,7 +91,7 @@ type InstancetypeMemory struct {
 
 // MemoryRequirement is the least memory a preference accepts.
 type MemoryRequirement struct {
-	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
 	Guest resource.Quantity `json:"guest"`
 }
 

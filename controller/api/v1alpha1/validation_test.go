@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -273,4 +274,28 @@ func expectRejected(t *testing.T, err error, want []string) {
 			t.Errorf("error lacks %q:\n%v", w, err)
 		}
 	}
+}
+
+// Memory written as a bare number of bytes (a quantity is an int or a string, and KubeVirt's
+// instance types write `guest: 8589934592`) passes the CRDs' quantity rules; the room
+// below the guest memory is refused either way.
+func TestQuantityRulesTakeIntegers(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	ctx := context.Background()
+	instancetype := func(guest, maxGuest any) *unstructured.Unstructured {
+		return &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": vmpodv1.GroupVersion.String(), "kind": vmpodv1.KindInstancetype,
+			"metadata": map[string]any{"generateName": "it-", "namespace": ns},
+			"spec":     map[string]any{"cpu": map[string]any{"guest": int64(1)}, "memory": map[string]any{"guest": guest, "maxGuest": maxGuest}},
+		}}
+	}
+	if err := env.Client.Create(ctx, instancetype(int64(2<<30), int64(4<<30)), &clientDryRun); err != nil {
+		t.Errorf("an instance type of integer quantities: %v", err)
+	}
+	if err := env.Client.Create(ctx, instancetype("2Gi", "4Gi"), &clientDryRun); err != nil {
+		t.Errorf("an instance type of string quantities: %v", err)
+	}
+	err := env.Client.Create(ctx, instancetype(int64(2<<30), "1Gi"), &clientDryRun)
+	expectRejected(t, err, []string{"maxGuest must be at least guest"})
 }

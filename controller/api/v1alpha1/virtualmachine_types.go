@@ -368,10 +368,10 @@ type FeatureKVM struct {
 }
 
 // Memory is the guest's memory.
-// +kubebuilder:validation:XValidation:rule="!has(self.maxGuest) || !has(self.guest) || quantity(self.guest).compareTo(quantity(self.maxGuest)) <= 0",message="maxGuest must be at least guest",fieldPath=".maxGuest"
+// +kubebuilder:validation:XValidation:rule="!has(self.maxGuest) || !has(self.guest) || quantity(string(self.guest)).compareTo(quantity(string(self.maxGuest))) <= 0",message="maxGuest must be at least guest",fieldPath=".maxGuest"
 type Memory struct {
 	// Guest is the RAM the guest sees. Defaults to resources.requests.memory.
-	// +kubebuilder:validation:XValidation:rule="quantity(self).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('16Mi')) >= 0",message="must be at least 16Mi"
 	// +optional
 	Guest *resource.Quantity `json:"guest,omitempty"`
 	// MaxGuest leaves room to hot-plug memory into the running VM (a virtio-mem device of
