@@ -213,13 +213,7 @@ func TestTCGq35RAMIsUnaligned(t *testing.T) {
 			if strings.Contains(tc.name, "growth room") {
 				c.MaxMemoryMiB = 1024
 			}
-			b := bootPlan{cfg: c, accel: accelChoice{accel: tc.accel}, paths: newPaths("/run/vm/g"), tscKHz: 1000000}
-			vm, err := b.hardware()
-			if err != nil {
-				t.Fatal(err)
-			}
-			args, _ := vm.Render()
-			if got := argAfter(args, "-m"); got != tc.mem {
+			if got := argAfter(renderedArgs(t, c, tc.accel), "-m"); got != tc.mem {
 				t.Errorf("-m %q, want %q", got, tc.mem)
 			}
 		})
@@ -246,15 +240,21 @@ func TestTCGHotplugRunsOneThread(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Config{Name: "g", Type: tc.typ, VCPUs: tc.vcpus, MaxVCPUs: tc.maxCPU, MemoryMiB: 512, Console: ConsoleNone,
 				Boot: Boot{Kernel: "/k/vmlinux"}}
-			b := bootPlan{cfg: c, accel: accelChoice{accel: tc.accel}, paths: newPaths("/run/vm/g"), tscKHz: 1000000}
-			vm, err := b.hardware()
-			if err != nil {
-				t.Fatal(err)
-			}
-			args, _ := vm.Render()
-			if got := argAfter(args, "-accel"); got != tc.want {
+			if got := argAfter(renderedArgs(t, c, tc.accel), "-accel"); got != tc.want {
 				t.Errorf("-accel %q, want %q", got, tc.want)
 			}
 		})
 	}
+}
+
+// renderedArgs is QEMU's argv for machine c under accel.
+func renderedArgs(t *testing.T, c Config, accel machine.Accel) []string {
+	t.Helper()
+	b := bootPlan{cfg: c, accel: accelChoice{accel: accel}, paths: newPaths("/run/vm/g"), tscKHz: 1000000}
+	vm, err := b.hardware()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args, _ := vm.Render()
+	return args
 }
