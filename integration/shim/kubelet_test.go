@@ -50,6 +50,38 @@ func TestStopSignalRunsTheTrap(t *testing.T) {
 	})
 }
 
+// A container that traps SIGTERM and carries on keeps running through its grace period
+// (its trap runs; it is not killed at once) and is killed when the period ends: 137.
+func TestTrappedTermWaitsForTheGracePeriod(t *testing.T) {
+	eachHandler(t, "termtrap", func(t *testing.T, pod *testenv.Pod) {
+		id := pod.Container(testenv.ContainerConfig{
+			Metadata: testenv.Metadata{Name: "stubborn"},
+			Command:  sh(`trap 'echo got-term' TERM; echo ready; while true; do sleep 0.2; done`),
+		})
+		waitLog(t, id, "ready")
+		const grace = 4 * time.Second
+		stopped := make(chan error, 1)
+		start := time.Now()
+		go func() {
+			_, err := testenv.Cmd("crictl", "stop", "--timeout", fmt.Sprint(int(grace.Seconds())), id)
+			stopped <- err
+		}()
+		waitLog(t, id, "got-term")
+		if state, _ := inspect(t, id); state != "CONTAINER_RUNNING" && time.Since(start) < grace {
+			t.Errorf("within the grace period after its trap ran: %s, want still running", state)
+		}
+		if err := <-stopped; err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took < grace {
+			t.Errorf("stop returned after %v, before the %v grace period ended", took, grace)
+		}
+		if state, code := inspect(t, id); state != "CONTAINER_EXITED" || code != 137 {
+			t.Errorf("after the grace period: %s, exit %d; want exited 137", state, code)
+		}
+	})
+}
+
 // A tty container whose process exits at once starts promptly (the call does not wait
 // for a terminal that is already gone), and its output is in its log.
 func TestTTYContainerThatExitsAtOnce(t *testing.T) {
@@ -272,6 +304,56 @@ func TestDeadShimLeftoversAreSwept(t *testing.T) {
 
 	testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "sweeper"}})
 	testenv.AssertPodGone(t, filepath.Base(dir))
+}
+
+// A container rootfs the host keeps busy (a shell or an agent whose working directory is
+// inside it) must not keep its pod: once StopPodSandbox and RemovePodSandbox return
+// success, the shim, the VM and every mount are gone (issue 13 item 7). vmpod detaches the
+// busy rootfs lazily and finishes the teardown, as Kata does; runc's shim refuses instead
+// (its Delete fails with EBUSY, so StopPodSandbox fails until the holder leaves). Both
+// keep the rule: no success while anything of the pod lingers.
+func TestBusyRootfsDoesNotKeepThePod(t *testing.T) {
+	eachHandler(t, "busy-rootfs", func(t *testing.T, pod *testenv.Pod) {
+		id := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "app"}, Command: []string{"sleep", "3600"}})
+		// the bundle's rootfs containerd's shim mounts (vmpod shares a bind of it with the VM)
+		rootfsOf := func(p string) bool {
+			return strings.Contains(p, "/io.containerd.runtime.v2.task/") && strings.HasSuffix(p, "/"+id+"/rootfs")
+		}
+		mounted := testenv.MountsWhere(rootfsOf)
+		if len(mounted) != 1 {
+			t.Fatalf("the container's rootfs on the host: %v, want one mount", mounted)
+		}
+		holder := exec.Command("sleep", "1000")
+		holder.Dir = mounted[0]
+		if err := holder.Start(); err != nil {
+			t.Fatal(err)
+		}
+		held := true
+		release := func() {
+			if held {
+				_ = holder.Process.Kill()
+				_ = holder.Wait()
+				held = false
+			}
+		}
+		defer release()
+
+		stopErr, rmErr := pod.Remove(10 * time.Second)
+		switch {
+		case stopErr == nil && rmErr == nil:
+			// removal reported: nothing of the pod may be left, busy rootfs or not
+			testenv.AssertPodGone(t, pod.ID)
+			if left := testenv.MountsWhere(rootfsOf); len(left) > 0 {
+				t.Errorf("the busy rootfs is still in the host's mount table: %v", left)
+			}
+		case pod.Handler == "vmpod":
+			t.Fatalf("vmpod detaches a busy rootfs: stop %v, remove %v; want both to succeed", stopErr, rmErr)
+		default:
+			t.Logf("runc refuses while the rootfs is busy: stop: %v; remove: %v", stopErr, rmErr)
+		}
+		// the holder leaves: the test's cleanup removes a pod runc kept and checks it is gone
+		release()
+	})
 }
 
 // Task pids are host pids that stand for the pod's containers: /proc/<pid> exists on the

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -154,6 +155,22 @@ type Pod struct {
 	Config  string // path of its config file
 	Handler string // its runtime handler: vmpod or runc
 	t       testing.TB
+	removed bool // by the test, through Remove
+}
+
+// Remove stops and removes the pod as the kubelet does (StopPodSandbox, then
+// RemovePodSandbox), within timeout each, and returns each call's error (the removal is
+// not tried after a failed stop). Once both succeed the test's cleanup only checks that
+// nothing of the pod is left.
+func (p *Pod) Remove(timeout time.Duration) (stopErr, removeErr error) {
+	t := fmt.Sprintf("%ds", int(timeout.Seconds()))
+	if _, stopErr = Cmd("crictl", "--timeout", t, "stopp", p.ID); stopErr != nil {
+		return stopErr, errors.New("not tried after the stop failed")
+	}
+	if _, removeErr = Cmd("crictl", "--timeout", t, "rmp", p.ID); removeErr == nil {
+		p.removed = true
+	}
+	return nil, removeErr
 }
 
 // RunPod runs a pod with the vmpod handler and removes it (and checks it left nothing)
@@ -186,6 +203,10 @@ func RunPodWith(t testing.TB, handler string, cfg PodConfig) *Pod {
 	id := Crictl(t, "runp", "--runtime", handler, path)
 	p := &Pod{ID: id, Config: path, Handler: handler, t: t}
 	t.Cleanup(func() {
+		if p.removed {
+			AssertPodGone(t, id)
+			return
+		}
 		_, _ = Cmd("crictl", "stopp", id)
 		// After a shim died, containerd cleans up after it asynchronously and refuses the
 		// sandbox's task delete ("ttrpc: closed") until done; the kubelet retries, so do we.

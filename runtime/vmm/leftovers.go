@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/vmpod/vmpod/internal/mounts"
 )
 
 // CleanupState removes what a VM whose owner died left behind under stateDir: QEMU or
@@ -29,15 +31,8 @@ func CleanupState(stateDir string) error {
 		}
 		waitGone(pid, 5*time.Second)
 	}
-	mounts, err := mountsUnder(stateDir)
-	if err != nil {
+	if _, err := mounts.UnmountTree(stateDir); err != nil {
 		errs = append(errs, err)
-	}
-	// deepest first
-	for i := len(mounts) - 1; i >= 0; i-- {
-		if err := unmount(mounts[i]); err != nil {
-			errs = append(errs, err)
-		}
 	}
 	if err := removeStateDir(stateDir); err != nil {
 		errs = append(errs, err)

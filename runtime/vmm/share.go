@@ -1,17 +1,17 @@
 package vmm
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/internal/mounts"
 )
 
 // sharedDir is the host directory the guest mounts by ShareTag. Container rootfs and
@@ -142,84 +142,24 @@ func (s *sharedDir) close() error {
 	return errors.Join(errs...)
 }
 
-// unmount detaches target and everything below it.
+// unmount takes down target; one the host keeps busy is detached lazily.
 func unmount(target string) error {
-	err := unix.Unmount(target, 0)
-	if errors.Is(err, unix.EBUSY) {
-		err = unix.Unmount(target, unix.MNT_DETACH)
-	}
-	if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not a mount point (any more)
-		return fmt.Errorf("unmount %s: %w", target, err)
-	}
-	return nil
+	_, err := mounts.Unmount(target)
+	return err
 }
 
 // MountPointsBelow lists the mount points strictly below dir, parents before children.
-func MountPointsBelow(dir string) ([]string, error) {
-	all, err := mountsUnder(filepath.Clean(dir))
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, m := range all {
-		if m != filepath.Clean(dir) && !slices.Contains(out, m) {
-			out = append(out, m)
-		}
-	}
-	return out, nil
-}
-
-// mountsUnder lists mount points at or below dir, from /proc/self/mountinfo.
-func mountsUnder(dir string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMountinfo(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
-		}
-	}
-	return out, sc.Err()
-}
-
-// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space, ...).
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			var c byte
-			if _, err := fmt.Sscanf(s[i+1:i+4], "%03o", &c); err == nil {
-				b.WriteByte(c)
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
+func MountPointsBelow(dir string) ([]string, error) { return mounts.Below(dir) }
 
 // removeStateDir deletes dir, but never through a mount: if anything is still mounted
 // below it, deleting would reach into a container's rootfs or a volume on the host.
 func removeStateDir(dir string) error {
-	mounts, err := mountsUnder(dir)
+	left, err := mounts.Under(dir)
 	if err != nil {
 		return fmt.Errorf("remove %s: list mounts: %w", dir, err)
 	}
-	if len(mounts) > 0 {
-		return fmt.Errorf("remove %s: still mounted below it: %s (left in place)", dir, strings.Join(mounts, ", "))
+	if len(left) > 0 {
+		return fmt.Errorf("remove %s: still mounted below it: %s (left in place)", dir, strings.Join(left, ", "))
 	}
 	return os.RemoveAll(dir)
 }

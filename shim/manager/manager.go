@@ -17,7 +17,6 @@ import (
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
-	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/defaults"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -27,6 +26,7 @@ import (
 	"github.com/containerd/typeurl/v2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/vmpod/vmpod/internal/mounts"
 	"github.com/vmpod/vmpod/runtime/pod"
 )
 
@@ -154,8 +154,12 @@ func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	if err != nil {
 		return shim.StopStatus{}, err
 	}
-	if err := mount.UnmountRecursive(filepath.Join(bundle, "rootfs"), 0); err != nil {
+	detached, err := mounts.UnmountTree(filepath.Join(bundle, "rootfs"))
+	if err != nil {
 		log.G(ctx).WithError(err).Warn("unmount rootfs")
+	}
+	for _, m := range detached {
+		log.G(ctx).Warnf("%s was busy on the host: detached lazily", m)
 	}
 	address, _ := shimAddress(bundle)
 	if address != "" && shim.CanConnect(address) {

@@ -18,6 +18,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/mounts"
 	"github.com/vmpod/vmpod/internal/phases"
 )
 
@@ -91,6 +92,20 @@ func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec) (dir st
 	return dir, true, nil
 }
 
+// unmountRootfs takes the rootfs and what is mounted below it off the host. A mount the
+// host keeps busy (a shell whose working directory is inside it) is detached lazily, so
+// a stray process cannot hold the pod's VM (docs/design/016-busy-mounts.md).
+func unmountRootfs(ctx context.Context, rootfs string) error {
+	detached, err := mounts.UnmountTree(rootfs)
+	for _, m := range detached {
+		log.G(ctx).Warnf("%s was busy on the host: detached lazily, the kernel frees it when its last user exits", m)
+	}
+	if err != nil {
+		return fmt.Errorf("unmount rootfs: %w", err)
+	}
+	return nil
+}
+
 // create makes the container's init in the guest (the pod's VM is booted first if this is
 // its first container) and announces it.
 func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []*types.Mount, paths stdioPaths, configPath string) (*container, error) {
@@ -135,7 +150,7 @@ func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
 	if mounted {
-		undo.Add("unmount rootfs", func() error { return mount.UnmountRecursive(rootfs, 0) })
+		undo.Add("unmount rootfs", func() error { return unmountRootfs(ctx, rootfs) })
 	}
 	hio, err := openIO(ctx, id, s.namespace, paths)
 	if err != nil {
@@ -331,7 +346,9 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 		p.state = stateDeleted
 		p.mu.Unlock()
 	} else {
-		if err := s.pod.RemoveContainer(ctx, c.id, true); err != nil {
+		// NotFound: an earlier Delete removed it from the guest and failed on the host
+		// side; this one finishes that, or the shim would hold the pod for good.
+		if err := s.pod.RemoveContainer(ctx, c.id, true); err != nil && !errdefs.IsNotFound(err) {
 			return nil, err
 		}
 		if wasCreated {
@@ -340,8 +357,8 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 			p.awaitExited(ctx, createdExitWait)
 		}
 		if c.mounted {
-			if err := mount.UnmountRecursive(c.rootfs, 0); err != nil {
-				return nil, fmt.Errorf("container %s: unmount rootfs: %w", c.id, err)
+			if err := unmountRootfs(ctx, c.rootfs); err != nil {
+				return nil, fmt.Errorf("container %s: %w", c.id, err)
 			}
 		}
 		s.mu.Lock()

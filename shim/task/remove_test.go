@@ -2,6 +2,7 @@ package task
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/events"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/typeurl/v2"
 
 	"github.com/vmpod/vmpod/runtime"
@@ -26,9 +28,15 @@ type fakePod struct {
 	done      chan struct{}
 	stopping  chan struct{} // non-nil: Stop signals here, then waits for release
 	release   chan struct{}
+	removes   []error // what successive RemoveContainer calls return (then nil)
 }
 
 func (f *fakePod) RemoveContainer(ctx context.Context, id string, force bool) error {
+	if len(f.removes) > 0 {
+		err := f.removes[0]
+		f.removes = f.removes[1:]
+		return err
+	}
 	if f.exitDelay >= 0 {
 		time.AfterFunc(f.exitDelay, func() { close(f.init.exited) })
 	}
@@ -172,5 +180,54 @@ func TestShutdownWaitsForTheLastDelete(t *testing.T) {
 	case <-sd.Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("the Shutdown after the last Delete did not end the shim")
+	}
+}
+
+// A Delete that removed the container from the guest and then failed (a share that would
+// not go) is finished by containerd's retry, which the pod answers NotFound: the retry
+// must not fail on it, or the container stays known, the shim ignores every Shutdown and
+// outlives its pod with the VM (issue 13 item 7).
+func TestRetriedDeleteFinishesTheRemoval(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ctx, sd := shutdown.WithShutdown(ctx)
+	defer sd.Shutdown()
+	rec := &recorder{}
+	rt := &fakeProcess{exited: make(chan struct{}), output: make(chan struct{})}
+	close(rt.output)
+	close(rt.exited)
+	fp := &fakePod{init: rt, exitDelay: -1, done: make(chan struct{}), removes: []error{
+		errors.New("pod p: container app: unshare rootfs: device or resource busy"),
+		fmt.Errorf("pod p: container app: %w", errdefs.ErrNotFound),
+	}}
+	s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, rec, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
+	c := &container{id: "app", execs: map[string]*process{}}
+	c.init = newProcess("app", "", stdioPaths{})
+	c.init.io, c.init.rt, c.init.pid = &hostIO{}, rt, rt.Pid()
+	c.init.state = stateStopped
+	s.containers["app"] = c
+
+	if _, err := s.remove(ctx, c, ""); err == nil {
+		t.Fatal("the first Delete hid its failure")
+	}
+	if _, ok := s.containers["app"]; !ok {
+		t.Fatal("a failed Delete forgot the container: containerd's retry would find nothing to finish")
+	}
+	if _, err := s.remove(ctx, c, ""); err != nil {
+		t.Fatalf("the retried Delete: %v", err)
+	}
+	if _, ok := s.containers["app"]; ok {
+		t.Error("the container is still known after the retried Delete")
+	}
+	if _, err := s.Shutdown(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sd.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the Shutdown after the retried Delete did not end the shim")
+	}
+	if got := rec.published(); fmt.Sprint(got) != "[/tasks/delete]" {
+		t.Errorf("published %v, want one TaskDelete", got)
 	}
 }
