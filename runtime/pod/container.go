@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -61,6 +64,9 @@ type containerPod struct {
 
 	stopOnce sync.Once
 	stopErr  error
+	stopping atomic.Bool   // Stop was called: the VM's end is not news
+	killedAs string        // why vmpod killed the VM itself (a wedged guest), if it did
+	ended    chan struct{} // closed once the VM's end was reported (reportEnd)
 }
 
 type container struct {
@@ -69,6 +75,8 @@ type container struct {
 	proxy  *pidproxy.Proxy // stands for it on the host (its host pid), once created
 	claim  claim           // its limits, which the VM's size must hold
 	cpus   cpuset.CPUSet   // the host CPUs it was given (linux.resources.cpu.cpus)
+	// termLog is the host file the kubelet reads its termination message from, if mounted
+	termLog string
 }
 
 // startContainerPod boots the VM for a container pod, sized from spec (the pod's first
@@ -147,7 +155,9 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	}
 	phases.Mark(ctx, "setup")
 	p := &containerPod{id: podID, guest: guest, machine: gc.Type, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
-		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}, vfioBind: cfg.Devices.VFIOBind}
+		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}, vfioBind: cfg.Devices.VFIOBind,
+		ended: make(chan struct{})}
+	go p.reportEnd(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
 	if plumbing != nil {
 		if p.loopback, err = network.RedirectLoopback(plumbing.Plan().Netns); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
@@ -206,7 +216,7 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 		p.mu.Unlock()
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
 	}
-	c := &container{}
+	c := &container{termLog: mountSource(spec, terminationLog)}
 	if spec.Linux != nil {
 		c.claim = claimOf(spec.Linux.Resources, claim{})
 		cpus, err := hostCPUs(spec.Linux.Resources)
@@ -256,7 +266,7 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 	p.mu.Unlock()
 	undo.Release()
 	go relaySignals(log.G(ctx).WithField("container", id), proc, proxy)
-	return hostProcess{proc, proxy}, nil
+	return hostProcess{proc, proxy, p}, nil
 }
 
 // startProxy starts the host process whose pid stands for container id (pidproxy), in
@@ -303,16 +313,120 @@ func relaySignals(lg *log.Entry, proc *vmpodagent.Process, proxy *pidproxy.Proxy
 type hostProcess struct {
 	*vmpodagent.Process
 	proxy *pidproxy.Proxy
+	pod   *containerPod
 }
 
 func (h hostProcess) Pid() uint32 { return uint32(h.proxy.Pid()) }
 
+// Wait returns the process's exit. When the VM ended under it, it returns only once the
+// pod has reported why (the containers' termination messages are written before
+// containerd hears of their exits and the kubelet reads them).
 func (h hostProcess) Wait(ctx context.Context) (runtime.Exit, error) {
 	exit, err := h.Process.Wait(ctx)
 	if err == nil && h.ExecID() == "" {
 		h.proxy.Stop()
 	}
+	if err != nil {
+		select {
+		case <-h.pod.guest.Done():
+			<-h.pod.ended
+		default:
+		}
+	}
 	return exit, err
+}
+
+// unresponsiveAfter bounds how long a signal may take to reach a container's process. A
+// guest that has not taken it by then is wedged (its vCPUs stopped, its agent stuck): a
+// signal stays queued, as kill(2) queues one for a stopped process, and a SIGKILL ends
+// the VM, the one way left to keep its promise.
+var unresponsiveAfter = 10 * time.Second
+
+// Signal delivers sig, bounded by unresponsiveAfter as above: so a wedged guest cannot
+// keep its containers from being stopped (containerd's SIGTERM, its SIGKILL after the
+// grace period, the SIGKILL to every container of a pod being stopped).
+func (h hostProcess) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
+	result := make(chan error, 1)
+	go func() { result <- h.Process.Signal(context.WithoutCancel(ctx), sig, all) }() // bounded by the agent call timeout
+	select {
+	case err := <-result:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(unresponsiveAfter):
+	}
+	if sig == syscall.SIGKILL {
+		h.pod.killWedged(ctx, fmt.Sprintf("GuestUnresponsive: the guest did not take a SIGKILL for container %s within %v; vmpod killed the VM",
+			h.ContainerID(), unresponsiveAfter))
+		return nil
+	}
+	lg := log.G(ctx).WithField("container", h.ContainerID())
+	lg.Warnf("the guest has not taken signal %d within %v: it stays queued", sig, unresponsiveAfter)
+	go func() {
+		if err := <-result; err != nil {
+			lg.WithError(err).Warnf("queued signal %d", sig)
+		}
+	}()
+	return nil
+}
+
+// killWedged ends the VM of a guest that no longer answers, saying why.
+func (p *containerPod) killWedged(ctx context.Context, why string) {
+	p.mu.Lock()
+	if p.killedAs == "" {
+		p.killedAs = why
+	}
+	p.mu.Unlock()
+	log.G(ctx).Errorf("pod %s: %s", p.id, why)
+	p.guest.Machine().KillProcess()
+}
+
+// reportEnd waits for the VM to end. Unless the pod was being stopped, it logs why and
+// writes the reason into each container's termination message (where the container left
+// none), where the kubelet shows it: a guest kernel panic, the agent's death (the guest's
+// init), a wedged guest vmpod killed, QEMU crashing.
+func (p *containerPod) reportEnd(ctx context.Context) {
+	defer close(p.ended)
+	<-p.guest.Done()
+	if p.stopping.Load() {
+		return
+	}
+	p.mu.Lock()
+	why := p.killedAs
+	var logs []string
+	for _, c := range p.containers {
+		if c.termLog != "" {
+			logs = append(logs, c.termLog)
+		}
+	}
+	p.mu.Unlock()
+	if why == "" {
+		why = p.guest.Machine().Ending()
+		if strings.Contains(why, "Attempted to kill init") {
+			why += " (the guest's init is vmpod's agent: it died)"
+		}
+	}
+	log.G(ctx).Errorf("the VM ended: %s", why)
+	for _, path := range logs {
+		if err := writeTerminationMessage(path, why); err != nil {
+			log.G(ctx).WithError(err).Warn("termination message")
+		}
+	}
+}
+
+// writeTerminationMessage writes msg to the termination log at path unless the container
+// wrote one itself.
+func writeTerminationMessage(path, msg string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || fi.Size() > 0 {
+		return err
+	}
+	_, err = f.WriteString(msg + "\n")
+	return err
 }
 
 func (p *containerPod) StartContainer(ctx context.Context, id string) error {
@@ -332,7 +446,7 @@ func (p *containerPod) Exec(ctx context.Context, containerID, execID string, pro
 	if err != nil {
 		return nil, err
 	}
-	return hostProcess{pr, c.proxy}, nil
+	return hostProcess{pr, c.proxy, p}, nil
 }
 
 func (p *containerPod) PauseContainer(ctx context.Context, id string) error {
@@ -405,6 +519,7 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 // port-forward redirect, the VM (it holds the taps), then the network plumbing. Later
 // calls return the first result.
 func (p *containerPod) Stop(ctx context.Context) error {
+	p.stopping.Store(true)
 	p.stopOnce.Do(func() {
 		var err error
 		if p.stopNetwork != nil {

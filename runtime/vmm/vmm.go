@@ -49,6 +49,9 @@ type Machine struct {
 	exited  chan struct{} // closed when QEMU exits
 	exitErr error
 
+	endMu          sync.Mutex
+	shutdownReason string // of QEMU's last SHUTDOWN event (Ending)
+
 	teardown cleanup.Stack
 	stopOnce sync.Once
 	stopErr  error
@@ -299,6 +302,7 @@ func (m *Machine) connectQMP(ctx context.Context) error {
 	}
 	m.mon = mon
 	m.teardown.Add("close QMP", func() error { _ = mon.Close(); return nil })
+	m.followShutdowns(mon)
 	return nil
 }
 

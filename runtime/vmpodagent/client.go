@@ -100,9 +100,13 @@ func nativeErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response,
 
 // call bounds a short call by the call timeout and names the VM and operation in errors.
 func (a *Client) call(ctx context.Context, op string, fn func(context.Context) error) error {
-	ctx, cancel := context.WithTimeout(ctx, a.callTimeout)
+	callCtx, cancel := context.WithTimeout(ctx, a.callTimeout)
 	defer cancel()
-	if err := fn(ctx); err != nil {
+	if err := fn(callCtx); err != nil {
+		if callCtx.Err() != nil && ctx.Err() == nil {
+			// the call's own bound, not the caller's: say what that means
+			return fmt.Errorf("vm %s: agent %s: no answer within %v, the guest is wedged or overloaded: %w", a.vm, op, a.callTimeout, err)
+		}
 		return fmt.Errorf("vm %s: agent %s: %w", a.vm, op, err)
 	}
 	return nil
