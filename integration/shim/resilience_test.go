@@ -5,6 +5,7 @@ package shim_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -88,7 +89,12 @@ func TestWedgedContainerCanBeStopped(t *testing.T) {
 		if err := syscall.Kill(wedged, syscall.SIGSTOP); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = syscall.Kill(wedged, syscall.SIGCONT) })
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", wedged))
+		t.Cleanup(func() { // unless it is gone and its pid another process's
+			if now, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", wedged)); string(now) == string(cmdline) {
+				_ = syscall.Kill(wedged, syscall.SIGCONT)
+			}
+		})
 		if pod.Handler == "vmpod" {
 			// an exec into a wedged guest fails within its timeout
 			if out, err := testenv.Cmd("crictl", "--timeout", "20s", "exec", "-s", "--timeout", "3", app, "true"); err == nil {

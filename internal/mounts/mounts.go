@@ -21,7 +21,7 @@ import (
 // Under lists the mount points at or below dir, parents before children (mountinfo
 // order), each once.
 func Under(dir string) ([]string, error) {
-	all, err := stacked(dir)
+	_, all, err := stacked(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -34,16 +34,21 @@ func Under(dir string) ([]string, error) {
 	return out, nil
 }
 
-// stacked lists the mounts at or below dir in mountinfo order: a mount point appears once
-// per mount stacked on it.
-func stacked(dir string) ([]string, error) {
-	dir = filepath.Clean(dir)
+// stacked lists the mounts at or below dir in mountinfo order (a mount point appears once
+// per mount stacked on it), and dir as mountinfo names it: with symlinks resolved.
+func stacked(dir string) (resolved string, mounts []string, err error) {
+	resolved, err = filepath.EvalSymlinks(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return dir, nil, nil // nothing can be mounted there
+	}
+	if err != nil {
+		return dir, nil, err
+	}
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return nil, err
+		return resolved, nil, err
 	}
 	defer f.Close()
-	var out []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
@@ -51,20 +56,26 @@ func stacked(dir string) ([]string, error) {
 			continue
 		}
 		mp := unescape(fields[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
+		if mp == resolved || strings.HasPrefix(mp, resolved+"/") {
+			mounts = append(mounts, mp)
 		}
 	}
-	return out, sc.Err()
+	return resolved, mounts, sc.Err()
 }
 
 // Below lists the mount points strictly below dir, parents before children.
 func Below(dir string) ([]string, error) {
-	all, err := Under(dir)
+	resolved, all, err := stacked(dir)
 	if err != nil {
 		return nil, err
 	}
-	return slices.DeleteFunc(all, func(m string) bool { return m == filepath.Clean(dir) }), nil
+	var out []string
+	for _, mp := range all {
+		if mp != resolved && !slices.Contains(out, mp) {
+			out = append(out, mp)
+		}
+	}
+	return out, nil
 }
 
 // Unmount takes down the mount at target (the topmost one, if several are stacked there)
@@ -89,7 +100,7 @@ func Unmount(target string) (detached bool, err error) {
 // the mount points that were busy and detached lazily. Mounts stacked on one point all
 // go. It goes on past a failure and returns every error.
 func UnmountTree(dir string) (detached []string, err error) {
-	all, err := stacked(dir)
+	_, all, err := stacked(dir)
 	if err != nil {
 		return nil, fmt.Errorf("unmount %s: list mounts: %w", dir, err)
 	}

@@ -64,6 +64,7 @@ func TestUnmountTreeDetachesWhatIsBusy(t *testing.T) {
 	if err := holder.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
 
 	below, err := Below(top)
 	if err != nil {
@@ -89,5 +90,30 @@ func TestUnmountTreeDetachesWhatIsBusy(t *testing.T) {
 	// Idempotent: nothing is mounted any more.
 	if detached, err := UnmountTree(top); err != nil || len(detached) > 0 {
 		t.Errorf("second UnmountTree: %v, %v", detached, err)
+	}
+}
+
+// A directory reached through a symlink is matched by its resolved path, as mountinfo
+// names it; a missing one has nothing mounted.
+func TestThroughASymlink(t *testing.T) {
+	requireRoot(t)
+	root := t.TempDir()
+	real := filepath.Join(root, "real")
+	tmpfs(t, filepath.Join(real, "sub"))
+	link := filepath.Join(root, "link")
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	if below, err := Below(link); err != nil || !slices.Equal(below, []string{filepath.Join(real, "sub")}) {
+		t.Fatalf("Below(link) = %v, %v", below, err)
+	}
+	if _, err := UnmountTree(link); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := Under(real); len(left) > 0 {
+		t.Errorf("left mounted: %v", left)
+	}
+	if got, err := Under(filepath.Join(root, "absent")); err != nil || got != nil {
+		t.Errorf("Under(absent) = %v, %v", got, err)
 	}
 }

@@ -157,7 +157,6 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	p := &containerPod{id: podID, guest: guest, machine: gc.Type, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
 		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}, vfioBind: cfg.Devices.VFIOBind,
 		ended: make(chan struct{})}
-	go p.reportEnd(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
 	if plumbing != nil {
 		if p.loopback, err = network.RedirectLoopback(plumbing.Plan().Netns); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
@@ -169,6 +168,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		p.nics.follow(netCtx)
 	}
 	undo.Release()
+	go p.reportEnd(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
 	return p, nil
 }
 
@@ -327,20 +327,41 @@ func (h hostProcess) Wait(ctx context.Context) (runtime.Exit, error) {
 		h.proxy.Stop()
 	}
 	if err != nil {
-		select {
-		case <-h.pod.guest.Done():
-			<-h.pod.ended
-		default:
-		}
+		h.pod.awaitEndReport()
 	}
 	return exit, err
 }
 
+// endNoticeWait bounds how long a failed Wait looks for the VM's end (QEMU is reaped a
+// moment after its connections break), endReportWait how long it then waits for the
+// report: a termination log that blocks must not hold back the exits.
+const (
+	endNoticeWait = time.Second
+	endReportWait = 5 * time.Second
+)
+
+func (p *containerPod) awaitEndReport() {
+	select {
+	case <-p.guest.Done():
+	case <-time.After(endNoticeWait):
+		return // a broken connection the VM outlives: the caller retries
+	}
+	select {
+	case <-p.ended:
+	case <-time.After(endReportWait):
+	}
+}
+
 // unresponsiveAfter bounds how long a signal may take to reach a container's process. A
-// guest that has not taken it by then is wedged (its vCPUs stopped, its agent stuck): a
-// signal stays queued, as kill(2) queues one for a stopped process, and a SIGKILL ends
-// the VM, the one way left to keep its promise.
+// guest that has not taken it by then is wedged (its vCPUs stopped, its agent stuck) or
+// badly overloaded: a signal stays queued, as kill(2) queues one for a stopped process;
+// a SIGKILL to a container's init ends the VM if the guest does not answer a ping
+// either, the one way left to keep SIGKILL's promise.
 var unresponsiveAfter = 10 * time.Second
+
+// wedgedPingWait is how long the agent has to answer the ping that tells a wedged guest
+// from an overloaded one.
+var wedgedPingWait = 5 * time.Second
 
 // Signal delivers sig, bounded by unresponsiveAfter as above: so a wedged guest cannot
 // keep its containers from being stopped (containerd's SIGTERM, its SIGKILL after the
@@ -350,17 +371,19 @@ func (h hostProcess) Signal(ctx context.Context, sig syscall.Signal, all bool) e
 	go func() { result <- h.Process.Signal(context.WithoutCancel(ctx), sig, all) }() // bounded by the agent call timeout
 	select {
 	case err := <-result:
-		return err
+		return h.pod.goneErr(err)
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-time.After(unresponsiveAfter):
 	}
-	if sig == syscall.SIGKILL {
-		h.pod.killWedged(ctx, fmt.Sprintf("GuestUnresponsive: the guest did not take a SIGKILL for container %s within %v; vmpod killed the VM",
-			h.ContainerID(), unresponsiveAfter))
-		return nil
+	lg := log.G(ctx).WithField("container", h.ContainerID()).WithField("exec", h.ExecID())
+	if sig == syscall.SIGKILL && h.ExecID() == "" {
+		why := fmt.Sprintf("GuestUnresponsive: the guest did not take a SIGKILL for container %s within %v, nor answer a ping; vmpod killed the VM",
+			h.ContainerID(), unresponsiveAfter)
+		if h.pod.killIfWedged(ctx, why) {
+			return nil
+		}
 	}
-	lg := log.G(ctx).WithField("container", h.ContainerID())
 	lg.Warnf("the guest has not taken signal %d within %v: it stays queued", sig, unresponsiveAfter)
 	go func() {
 		if err := <-result; err != nil {
@@ -370,8 +393,28 @@ func (h hostProcess) Signal(ctx context.Context, sig syscall.Signal, all bool) e
 	return nil
 }
 
-// killWedged ends the VM of a guest that no longer answers, saying why.
-func (p *containerPod) killWedged(ctx context.Context, why string) {
+// goneErr is err, or NotFound ("process already finished") if the VM ended meanwhile:
+// another container's SIGKILL may have ended it (killIfWedged).
+func (p *containerPod) goneErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	select {
+	case <-p.guest.Done():
+		return fmt.Errorf("pod %s: the VM is gone: %w", p.id, errdefs.ErrNotFound)
+	default:
+		return err
+	}
+}
+
+// killIfWedged ends the VM, saying why, unless its agent still answers a ping (an
+// overloaded guest is left alone). It reports whether it killed it.
+func (p *containerPod) killIfWedged(ctx context.Context, why string) bool {
+	pingCtx, cancel := context.WithTimeout(ctx, wedgedPingWait)
+	defer cancel()
+	if _, err := p.guest.Agent().Ping(pingCtx); err == nil {
+		return false
+	}
 	p.mu.Lock()
 	if p.killedAs == "" {
 		p.killedAs = why
@@ -379,6 +422,7 @@ func (p *containerPod) killWedged(ctx context.Context, why string) {
 	p.mu.Unlock()
 	log.G(ctx).Errorf("pod %s: %s", p.id, why)
 	p.guest.Machine().KillProcess()
+	return true
 }
 
 // reportEnd waits for the VM to end. Unless the pod was being stopped, it logs why and
@@ -395,7 +439,8 @@ func (p *containerPod) reportEnd(ctx context.Context) {
 	why := p.killedAs
 	var logs []string
 	for _, c := range p.containers {
-		if c.termLog != "" {
+		// one that exited before keeps its own end: the kubelet re-reads its log
+		if c.termLog != "" && c.proxy != nil && !c.proxy.Exited() {
 			logs = append(logs, c.termLog)
 		}
 	}
@@ -415,15 +460,23 @@ func (p *containerPod) reportEnd(ctx context.Context) {
 }
 
 // writeTerminationMessage writes msg to the termination log at path unless the container
-// wrote one itself.
+// wrote one itself. Only a regular file is written, and never through a symlink: the
+// source is the user's, and a FIFO or a device would block or take the write.
 func writeTerminationMessage(path, msg string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|syscall.O_NONBLOCK|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if fi, err := f.Stat(); err != nil || fi.Size() > 0 {
+	fi, err := f.Stat()
+	if err != nil {
 		return err
+	}
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file (%s)", path, fi.Mode().Type())
+	}
+	if fi.Size() > 0 {
+		return nil
 	}
 	_, err = f.WriteString(msg + "\n")
 	return err

@@ -9,6 +9,9 @@ import (
 	"os/exec"
 	"strings"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/qmp"
 )
@@ -17,7 +20,9 @@ import (
 // powered off, rebooted under -no-reboot, or QEMU was told to quit), for Ending.
 func (m *Machine) followShutdowns(mon *qmp.Monitor) {
 	sub := mon.Subscribe(qmp.EventNamed(qmp.EventShutdown))
+	m.followed = make(chan struct{})
 	go func() {
+		defer close(m.followed)
 		defer sub.Close()
 		for {
 			ev, err := sub.Next(context.Background())
@@ -38,6 +43,13 @@ func (m *Machine) followShutdowns(mon *qmp.Monitor) {
 // failed, or what QEMU said the guest did.
 func (m *Machine) Ending() string {
 	<-m.exited
+	if m.followed != nil {
+		// events QEMU sent before its monitor closed are still on their way
+		select {
+		case <-m.followed:
+		case <-time.After(time.Second):
+		}
+	}
 	m.endMu.Lock()
 	shutdown := m.shutdownReason
 	m.endMu.Unlock()
@@ -51,7 +63,7 @@ func describeEnding(exitErr error, shutdown, panicked string) string {
 		return "GuestPanicked: " + panicked
 	case errors.As(exitErr, &ee) && ee.ProcessState != nil:
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return fmt.Sprintf("QEMUCrashed: QEMU was killed by %s", ws.Signal())
+			return fmt.Sprintf("QEMUCrashed: QEMU was killed by %s", unix.SignalName(ws.Signal()))
 		}
 		return fmt.Sprintf("QEMUFailed: QEMU exited with status %d", ee.ExitCode())
 	case exitErr != nil:

@@ -47,7 +47,7 @@ func TestDescribeEnding(t *testing.T) {
 		want             string
 	}{
 		{nil, "guest-reset", "Kernel panic - not syncing: x", "GuestPanicked: Kernel panic - not syncing: x"},
-		{killed, "", "", "QEMUCrashed: QEMU was killed by killed"},
+		{killed, "", "", "QEMUCrashed: QEMU was killed by SIGKILL"},
 		{failed, "", "", "QEMUFailed: QEMU exited with status 3"},
 		{errors.New("wait: no child"), "", "", "QEMUFailed: wait: no child"},
 		{nil, "guest-reset", "", "GuestReset: the guest rebooted, and a vmpod VM ends at a reboot"},

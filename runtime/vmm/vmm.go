@@ -50,7 +50,8 @@ type Machine struct {
 	exitErr error
 
 	endMu          sync.Mutex
-	shutdownReason string // of QEMU's last SHUTDOWN event (Ending)
+	shutdownReason string        // of QEMU's last SHUTDOWN event (Ending)
+	followed       chan struct{} // closed once no SHUTDOWN event can come any more
 
 	teardown cleanup.Stack
 	stopOnce sync.Once

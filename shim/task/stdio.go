@@ -32,8 +32,11 @@ type stdioPaths struct {
 type hostIO struct {
 	stdin          io.ReadCloser
 	stdout, stderr io.WriteCloser
-	logger         *exec.Cmd // a binary:// logging process, if any
-	outputClosed   sync.Once // at the output's end and at delete, whichever is first
+	// readEnds of the output FIFOs, held (never read) so a write does not fail while
+	// containerd restarts: its data waits in the FIFO for the next containerd's reader
+	readEnds     []io.Closer
+	logger       *exec.Cmd // a binary:// logging process, if any
+	outputClosed sync.Once // at the output's end and at delete, whichever is first
 }
 
 // openIO opens stdio as containerd described it. Every opened end is closed again if a
@@ -73,6 +76,14 @@ func openIO(ctx context.Context, containerID, namespace string, p stdioPaths) (_
 			}
 			undo.Add("close "+out.path, f.Close)
 			*out.dst = f
+			// containerd's own shims do the same: without a reader of its own a write while
+			// containerd is away fails (EPIPE) and the copy from the guest gives up
+			r, err := fifo.OpenFifo(ctx, out.path, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+			if err != nil {
+				return nil, fmt.Errorf("open %s: %w", out.path, err)
+			}
+			undo.Add("close the read end of "+out.path, r.Close)
+			h.readEnds = append(h.readEnds, r)
 		}
 	case "file":
 		f, err := openLogFile(u.Path)
@@ -194,6 +205,9 @@ func (h *hostIO) closeOutputOnce() {
 		if w != nil {
 			_ = w.Close()
 		}
+	}
+	for _, r := range h.readEnds {
+		_ = r.Close()
 	}
 	if h.logger != nil {
 		done := make(chan struct{})
