@@ -43,16 +43,26 @@ type podStart struct {
 // kubelet does, timed as one and call by call.
 func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, handler, image string, n int) (criPod, podStart) {
 	t.Helper()
+	p, took, err := runPod(ctx, t.TempDir(), rs, handler, image, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, took
+}
+
+// runPod is startPod for any goroutine: it returns its error, with the pod to remove if
+// it got that far.
+func runPod(ctx context.Context, logDir string, rs runtimeapi.RuntimeServiceClient, handler, image string, n int) (criPod, podStart, error) {
 	cfg := &runtimeapi.PodSandboxConfig{
 		Metadata:     &runtimeapi.PodSandboxMetadata{Name: fmt.Sprintf("bench-%s-%d", handler, n), Namespace: "vmpod-bench", Uid: fmt.Sprintf("bench-%s-%d-%d", handler, n, time.Now().UnixNano())},
-		LogDirectory: t.TempDir(),
+		LogDirectory: logDir,
 		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
 	}
 	start := time.Now()
 	var took podStart
 	sb, err := rs.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg, RuntimeHandler: handler})
 	if err != nil {
-		t.Fatalf("%s: run pod: %v", handler, err)
+		return criPod{}, took, fmt.Errorf("%s: run pod: %w", handler, err)
 	}
 	took.runp = time.Since(start)
 	c, err := rs.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{
@@ -67,15 +77,15 @@ func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceCli
 		SandboxConfig: cfg,
 	})
 	if err != nil {
-		t.Fatalf("%s: create container: %v", handler, err)
+		return criPod{sandbox: sb.PodSandboxId}, took, fmt.Errorf("%s: create container: %w", handler, err)
 	}
 	took.create = time.Since(start) - took.runp
 	if _, err := rs.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: c.ContainerId}); err != nil {
-		t.Fatalf("%s: start container: %v", handler, err)
+		return criPod{sb.PodSandboxId, c.ContainerId}, took, fmt.Errorf("%s: start container: %w", handler, err)
 	}
 	took.total = time.Since(start)
 	took.start = took.total - took.runp - took.create
-	return criPod{sb.PodSandboxId, c.ContainerId}, took
+	return criPod{sb.PodSandboxId, c.ContainerId}, took, nil
 }
 
 // shimPhases reads back the steps the shim logged for creating container id (the
@@ -193,26 +203,39 @@ func reportIdleMemory(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeSe
 		}
 	}()
 	time.Sleep(5 * time.Second) // let them settle
-	var guestRAM, tcgCache, qemuRest, shims, helpers int64
+	m := measureIdle(t, pods)
+	report(t, "idle pod memory, PSS per pod of %d: guest RAM %d MiB; QEMU %d MiB + TCG code cache %d MiB; shim %d MiB; virtiofsd %d MiB",
+		memoryPods, m.guestRAM>>20, m.qemu>>20, m.tcgCache>>20, m.shim>>20, m.helpers>>20)
+	report(t, "idle pod overhead beyond guest RAM: %d MiB without TCG's code cache (goal <= 40), %d MiB with it (TCG only)",
+		m.overhead()>>20, (m.overhead()+m.tcgCache)>>20)
+}
+
+// idleMemory is the host memory of a pod (PSS, bytes), by what holds it.
+type idleMemory struct {
+	guestRAM, tcgCache, qemu, shim, helpers int64
+}
+
+// overhead is what a pod costs beyond its guest's RAM, TCG's code cache aside (KVM has none).
+func (m idleMemory) overhead() int64 { return m.qemu + m.shim + m.helpers }
+
+// measureIdle is the mean idleMemory of pods.
+func measureIdle(t *testing.T, pods []criPod) idleMemory {
+	var sum idleMemory
 	for _, p := range pods {
 		qemu := strconv.Itoa(testenv.QEMUPid(t, p.sandbox))
 		m := pssByKind(t, qemu)
-		guestRAM += m["guest RAM"]
-		tcgCache += m["TCG cache"]
-		qemuRest += m["other"]
-		shims += pssByKind(t, parentOf(qemu))["other"]
+		sum.guestRAM += m["guest RAM"]
+		sum.tcgCache += m["TCG cache"]
+		sum.qemu += m["other"]
+		sum.shim += pssByKind(t, parentOf(qemu))["other"]
 		for _, proc := range testenv.LiveProcessesMentioning(testenv.PodStateDir(t, p.sandbox)) {
 			if pid, _, _ := strings.Cut(proc, ": "); pid != qemu {
-				helpers += pssByKind(t, pid)["other"]
+				sum.helpers += pssByKind(t, pid)["other"]
 			}
 		}
 	}
-	n := int64(memoryPods)
-	overhead := (qemuRest + shims + helpers) / n
-	report(t, "idle pod memory, PSS per pod of %d: guest RAM %d MiB; QEMU %d MiB + TCG code cache %d MiB; shim %d MiB; virtiofsd %d MiB",
-		memoryPods, guestRAM/n>>20, qemuRest/n>>20, tcgCache/n>>20, shims/n>>20, helpers/n>>20)
-	report(t, "idle pod overhead beyond guest RAM: %d MiB without TCG's code cache (goal <= 40), %d MiB with it (TCG only)",
-		overhead>>20, (overhead+tcgCache/n)>>20)
+	n := int64(len(pods))
+	return idleMemory{sum.guestRAM / n, sum.tcgCache / n, sum.qemu / n, sum.shim / n, sum.helpers / n}
 }
 
 // pssByKind sums a process's PSS by kind of mapping: the guest's RAM, TCG's code cache,
