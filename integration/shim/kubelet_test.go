@@ -5,7 +5,9 @@ package shim_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -295,6 +297,17 @@ func TestDeadShimLeftoversAreSwept(t *testing.T) {
 	if _, err := testenv.Cmd("mount", "-t", "tmpfs", "orphan", shared); err != nil {
 		t.Fatal(err)
 	}
+	// the dead shim's ttrpc socket, which its state dir lists (vmm.Config.OwnerSockets)
+	sock := filepath.Join(t.TempDir(), "shim.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	_ = l.Close()
+	if err := os.WriteFile(filepath.Join(dir, "owner-sockets"), []byte(sock+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	helper := exec.Command("sh", "-c", "sleep 1000", dir)
 	if err := helper.Start(); err != nil {
 		t.Fatal(err)
@@ -304,6 +317,9 @@ func TestDeadShimLeftoversAreSwept(t *testing.T) {
 
 	testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "sweeper"}})
 	testenv.AssertPodGone(t, filepath.Base(dir))
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the dead shim's socket was not swept (%v)", err)
+	}
 }
 
 // A container rootfs the host keeps busy (a shell or an agent whose working directory is

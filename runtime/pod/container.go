@@ -81,7 +81,7 @@ type container struct {
 
 // startContainerPod boots the VM for a container pod, sized from spec (the pod's first
 // container) within the node's bounds.
-func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, choice annotations.Pod) (*containerPod, error) {
+func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, choice annotations.Pod, host Host) (*containerPod, error) {
 	size, err := sizeFor(spec, cfg.Sizing)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: %w: %w", podID, err, errdefs.ErrInvalidArgument)
@@ -101,6 +101,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			MemoryMiB:     size.MemoryMiB,
 			StopTimeout:   cfg.Timeouts.Stop.Duration,
 			Cgroup:        cgroupsPath(spec),
+			OwnerSockets:  host.ownerSockets(),
 
 			FreePageReporting: cfg.Sizing.FreePageReporting,
 		},

@@ -94,6 +94,17 @@ type Host struct {
 	// Pods finds another pod on the node, for a VM pod's disk attached from an attachment
 	// pod's volume (vmspec.HotplugDisk.AttachmentPod); nil: none can be.
 	Pods cri.PodLookup
+	// ShimSocket is the socket the shim serves the pod on, removed by a sweep if the shim
+	// dies without stopping the pod (vmm.Config.OwnerSockets); "" for none.
+	ShimSocket string
+}
+
+// ownerSockets is the host's sockets for vmm.Config.OwnerSockets.
+func (h Host) ownerSockets() []string {
+	if h.ShimSocket == "" {
+		return nil
+	}
+	return []string{h.ShimSocket}
 }
 
 // Start starts the pod whose first container has spec: a VM pod if its annotations ask
@@ -108,7 +119,7 @@ func Start(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs
 	if choice.VM != "" {
 		return startVMPod(ctx, cfg, podID, spec, choice.VM, host)
 	}
-	return startContainerPod(ctx, cfg, podID, spec, choice)
+	return startContainerPod(ctx, cfg, podID, spec, choice, host)
 }
 
 // cgroupsPath is the cgroup the container's spec asks for: the pod's (the kubelet's pod

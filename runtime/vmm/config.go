@@ -121,6 +121,11 @@ type Config struct {
 	// shim's cgroup.
 	Cgroup string
 
+	// OwnerSockets are sockets the machine's owner serves for it elsewhere (a shim's ttrpc
+	// socket). If the owner dies without tearing the machine down, the sweep of its state
+	// directory (SweepOrphans, CleanupState) removes each that nobody serves any more.
+	OwnerSockets []string
+
 	UpTimeout   time.Duration // until QMP answers; default DefaultUpTimeout
 	StopTimeout time.Duration // graceful stop before QEMU is told to quit; default DefaultStopTimeout
 }
@@ -241,6 +246,11 @@ func (c Config) Validate() error {
 	}
 	if !validName.MatchString(c.Name) {
 		bad("name", "%q must be 1-128 of [a-zA-Z0-9_.-], starting with a letter or digit", c.Name)
+	}
+	for _, sock := range c.OwnerSockets {
+		if !filepath.IsAbs(sock) || filepath.Clean(sock) != sock {
+			bad("owner_sockets", "%q must be a clean absolute path", sock)
+		}
 	}
 	switch {
 	case c.StateDir == "" || !filepath.IsAbs(c.StateDir):

@@ -34,6 +34,9 @@ func CleanupState(stateDir string) error {
 	if _, err := mounts.UnmountTree(stateDir); err != nil {
 		errs = append(errs, err)
 	}
+	if err := removeOwnerSockets(stateDir); err != nil {
+		errs = append(errs, err)
+	}
 	if err := removeStateDir(stateDir); err != nil {
 		errs = append(errs, err)
 	}

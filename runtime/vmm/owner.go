@@ -3,8 +3,11 @@ package vmm
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -91,4 +94,42 @@ func takeOwnerLock(dir string) (orphan bool, release func(), err error) {
 		return false, nil, fmt.Errorf("sweep %s: lock: %w", dir, err)
 	}
 	return true, func() { _ = f.Close() }, nil
+}
+
+// ownerSocketsFile, in a VM's state directory, lists Config.OwnerSockets, one per line.
+const ownerSocketsFile = "owner-sockets"
+
+func recordOwnerSockets(stateDir string, socks []string) error {
+	if len(socks) == 0 {
+		return nil
+	}
+	return os.WriteFile(filepath.Join(stateDir, ownerSocketsFile), []byte(strings.Join(socks, "\n")+"\n"), 0o600)
+}
+
+// removeOwnerSockets removes the sockets a dead owner served for the VM in stateDir: each
+// listed path that is still a socket and that nobody answers on (a new owner of the same
+// pod may serve the same path by now).
+func removeOwnerSockets(stateDir string) error {
+	b, err := os.ReadFile(filepath.Join(stateDir, ownerSocketsFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, path := range strings.Fields(string(b)) {
+		fi, err := os.Lstat(path)
+		if err != nil || fi.Mode().Type() != os.ModeSocket {
+			continue // gone already, or not a socket: not ours to remove
+		}
+		if conn, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			_ = conn.Close()
+			continue // served again
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -1,6 +1,8 @@
 package vmm
 
 import (
+	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,5 +80,51 @@ func TestNamesPathIsNotFooledBySiblings(t *testing.T) {
 		if got := namesPath(tc.cmdline, "/run/vmpod/x"); got != tc.want {
 			t.Errorf("namesPath(%q) = %v, want %v", tc.cmdline, got, tc.want)
 		}
+	}
+}
+
+// A dead owner's sockets go with its state directory: one nobody serves is removed, one
+// served again (a new shim of the same pod) and a listed path that is no socket stay.
+func TestCleanupRemovesDeadOwnerSockets(t *testing.T) {
+	root := t.TempDir()
+	state := filepath.Join(root, "vm")
+	if err := os.Mkdir(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sock := func(name string, serve bool) string {
+		path := filepath.Join(root, name)
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if serve {
+			t.Cleanup(func() { _ = l.Close() })
+		} else {
+			l.(*net.UnixListener).SetUnlinkOnClose(false)
+			_ = l.Close() // the owner died: the file stays, nobody answers
+		}
+		return path
+	}
+	dead, served := sock("dead.sock", false), sock("served.sock", true)
+	plain := filepath.Join(root, "plain")
+	if err := os.WriteFile(plain, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := recordOwnerSockets(state, []string{dead, served, plain, filepath.Join(root, "absent.sock")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := CleanupState(state); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(dead); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the dead owner's socket is still there (%v)", err)
+	}
+	for _, keep := range []string{served, plain} {
+		if _, err := os.Lstat(keep); err != nil {
+			t.Errorf("%s was removed: %v", keep, err)
+		}
+	}
+	if _, err := os.Lstat(state); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state dir still there (%v)", err)
 	}
 }

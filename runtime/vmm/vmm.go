@@ -111,6 +111,11 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	}
 	// Released last, once the directory is gone: until then a sweep must not touch it.
 	m.teardown.Add("release owner lock", owner.Close)
+	if err := recordOwnerSockets(cfg.StateDir, cfg.OwnerSockets); err != nil {
+		_ = owner.Close()
+		_ = os.RemoveAll(cfg.StateDir)
+		return nil, fmt.Errorf("vm %s: state dir: %w", cfg.Name, err)
+	}
 	m.teardown.Add("remove state dir", func() error { return removeStateDir(cfg.StateDir) })
 
 	if cfg.Cgroup != "" {

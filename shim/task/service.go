@@ -77,6 +77,7 @@ func New(ctx context.Context, publisher shim.Publisher, sd shutdown.Service, con
 	}
 	sd.RegisterCallback(func(ctx context.Context) error { return s.stopPod(ctx) })
 	if path := listeningSocket(shimSocketFd); path != "" {
+		s.host.ShimSocket = path
 		// pkg/shim removes, at exit, the socket it derives from the -id flag: the first
 		// container's. This shim listens on its pod's socket, which is another name when
 		// the pod's first container here was not its sandbox (a pod whose shim died gets a
