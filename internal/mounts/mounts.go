@@ -22,16 +22,7 @@ import (
 // order), each once.
 func Under(dir string) ([]string, error) {
 	_, all, err := stacked(dir)
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, mp := range all {
-		if !slices.Contains(out, mp) {
-			out = append(out, mp)
-		}
-	}
-	return out, nil
+	return distinct(all, ""), err
 }
 
 // stacked lists the mounts at or below dir in mountinfo order (a mount point appears once
@@ -66,16 +57,18 @@ func stacked(dir string) (resolved string, mounts []string, err error) {
 // Below lists the mount points strictly below dir, parents before children.
 func Below(dir string) ([]string, error) {
 	resolved, all, err := stacked(dir)
-	if err != nil {
-		return nil, err
-	}
+	return distinct(all, resolved), err
+}
+
+// distinct is mounts without repeats (stacked mounts) and without except, in order.
+func distinct(mounts []string, except string) []string {
 	var out []string
-	for _, mp := range all {
-		if mp != resolved && !slices.Contains(out, mp) {
+	for _, mp := range mounts {
+		if mp != except && !slices.Contains(out, mp) {
 			out = append(out, mp)
 		}
 	}
-	return out, nil
+	return out
 }
 
 // Unmount takes down the mount at target (the topmost one, if several are stacked there)

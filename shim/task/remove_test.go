@@ -92,6 +92,29 @@ func (r *recorder) published() []string {
 	return append([]string(nil), r.topics...)
 }
 
+// fixture is a shim service over a fake pod, with one container whose init is the pod's.
+type fixture struct {
+	ctx context.Context
+	sd  shutdown.Service
+	rec *recorder
+	s   *service
+	c   *container
+}
+
+func newFixture(t *testing.T, fp *fakePod, id string) fixture {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	ctx, sd := shutdown.WithShutdown(ctx)
+	t.Cleanup(sd.Shutdown)
+	rec := &recorder{}
+	s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, rec, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
+	c := &container{id: id, execs: map[string]*process{}}
+	c.init = newProcess(id, "", stdioPaths{})
+	c.init.io, c.init.rt, c.init.pid = &hostIO{}, fp.init, fp.init.Pid()
+	s.containers[id] = c
+	return fixture{ctx, sd, rec, s, c}
+}
+
 // A created, never started container removed directly (Delete without a Kill first):
 // its init's exit is published before TaskDelete when it comes in time, and never after.
 func TestRemovingACreatedInitOrdersItsExit(t *testing.T) {
@@ -108,19 +131,10 @@ func TestRemovingACreatedInitOrdersItsExit(t *testing.T) {
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			ctx, sd := shutdown.WithShutdown(ctx)
-			defer sd.Shutdown()
-			rec := &recorder{}
 			rt := &fakeProcess{exited: make(chan struct{}), output: make(chan struct{})}
 			close(rt.output)
-			fp := &fakePod{init: rt, exitDelay: tc.exitDelay, done: make(chan struct{})}
-			s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, rec, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
-			c := &container{id: "c1", execs: map[string]*process{}}
-			c.init = newProcess("c1", "", stdioPaths{})
-			c.init.io, c.init.rt, c.init.pid = &hostIO{}, rt, rt.Pid()
-			s.containers["c1"] = c
+			fx := newFixture(t, &fakePod{init: rt, exitDelay: tc.exitDelay, done: make(chan struct{})}, "c1")
+			ctx, rec, s, c := fx.ctx, fx.rec, fx.s, fx.c
 			go s.handleExit(c, c.init)
 
 			if _, err := s.remove(ctx, c, ""); err != nil {
@@ -143,20 +157,13 @@ func TestRemovingACreatedInitOrdersItsExit(t *testing.T) {
 // Delete (containerd would see "ttrpc: closed" and retry against a dead shim), and the
 // Shutdown after the last Delete must end it.
 func TestShutdownWaitsForTheLastDelete(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ctx, sd := shutdown.WithShutdown(ctx)
-	defer sd.Shutdown()
 	rt := &fakeProcess{exited: make(chan struct{}), output: make(chan struct{})}
 	close(rt.output)
 	close(rt.exited)
 	fp := &fakePod{init: rt, exitDelay: -1, done: make(chan struct{}), stopping: make(chan struct{}), release: make(chan struct{})}
-	s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, &recorder{}, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
-	c := &container{id: "app", execs: map[string]*process{}}
-	c.init = newProcess("app", "", stdioPaths{})
-	c.init.io, c.init.rt, c.init.pid = &hostIO{}, rt, rt.Pid()
+	fx := newFixture(t, fp, "app")
+	ctx, sd, s, c := fx.ctx, fx.sd, fx.s, fx.c
 	c.init.state = stateStopped
-	s.containers["app"] = c
 
 	removed := make(chan error, 1)
 	go func() { _, err := s.remove(ctx, c, ""); removed <- err }()
@@ -188,11 +195,6 @@ func TestShutdownWaitsForTheLastDelete(t *testing.T) {
 // must not fail on it, or the container stays known, the shim ignores every Shutdown and
 // outlives its pod with the VM (issue 13 item 7).
 func TestRetriedDeleteFinishesTheRemoval(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ctx, sd := shutdown.WithShutdown(ctx)
-	defer sd.Shutdown()
-	rec := &recorder{}
 	rt := &fakeProcess{exited: make(chan struct{}), output: make(chan struct{})}
 	close(rt.output)
 	close(rt.exited)
@@ -200,12 +202,9 @@ func TestRetriedDeleteFinishesTheRemoval(t *testing.T) {
 		errors.New("pod p: container app: unshare rootfs: device or resource busy"),
 		fmt.Errorf("pod p: container app: %w", errdefs.ErrNotFound),
 	}}
-	s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, rec, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
-	c := &container{id: "app", execs: map[string]*process{}}
-	c.init = newProcess("app", "", stdioPaths{})
-	c.init.io, c.init.rt, c.init.pid = &hostIO{}, rt, rt.Pid()
+	fx := newFixture(t, fp, "app")
+	ctx, sd, rec, s, c := fx.ctx, fx.sd, fx.rec, fx.s, fx.c
 	c.init.state = stateStopped
-	s.containers["app"] = c
 
 	if _, err := s.remove(ctx, c, ""); err == nil {
 		t.Fatal("the first Delete hid its failure")
@@ -219,6 +218,13 @@ func TestRetriedDeleteFinishesTheRemoval(t *testing.T) {
 	if _, ok := s.containers["app"]; ok {
 		t.Error("the container is still known after the retried Delete")
 	}
+	// events go out asynchronously, from a queue of their own
+	for deadline := time.Now().Add(5 * time.Second); len(rec.published()) == 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := rec.published(); fmt.Sprint(got) != "[/tasks/delete]" {
+		t.Errorf("published %v, want one TaskDelete", got)
+	}
 	if _, err := s.Shutdown(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -226,8 +232,5 @@ func TestRetriedDeleteFinishesTheRemoval(t *testing.T) {
 	case <-sd.Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("the Shutdown after the retried Delete did not end the shim")
-	}
-	if got := rec.published(); fmt.Sprint(got) != "[/tasks/delete]" {
-		t.Errorf("published %v, want one TaskDelete", got)
 	}
 }
