@@ -149,6 +149,11 @@ func TestHotplugVolume(t *testing.T) {
 		p := f.attachmentPod("hp", "data")
 		return p != nil && p.Labels[vmspec.AttachmentForLabel] == string(next.UID), fmt.Sprint(f.vm("hp").Status.VolumeStatus)
 	})
+	// the status follows the new attachment pod in a later reconcile (measured: a cold
+	// run read it still absent)
+	testenv.Eventually(t, timeout, "the volume's status for the new pod", func() (bool, string) {
+		return volumeStatus(f.vm("hp"), "data") != nil, fmt.Sprint(f.vm("hp").Status.VolumeStatus)
+	})
 	if s := volumeStatus(f.vm("hp"), "data"); s == nil || s.Phase == vmpodv1.VolumeReady {
 		t.Errorf("volume status %+v with the new pod's attachment pod not running, want it not Ready", s)
 	}
