@@ -92,7 +92,7 @@ func bareBoot(t *testing.T, kernel, initrd string) time.Duration {
 		"-M", "microvm", "-accel", fmt.Sprintf("tcg,tb-size=%d", vmm.TCGCodeCacheMiB), "-cpu", "qemu64,+arat", "-nodefaults", "-no-user-config",
 		"-m", "512M", "-smp", "1", "-display", "none", "-no-reboot",
 		"-kernel", kernel, "-initrd", initrd,
-		"-append", "console=ttyS0 quiet panic=-1 pci=off tsc_early_khz="+khz,
+		"-append", "console=ttyS0 quiet panic=-1 pci=off tsc=reliable tsc_early_khz="+khz,
 		"-serial", "file:"+filepath.Join(dir, "console.log"),
 		"-chardev", "socket,id=agent,path="+sock+",server=on,wait=off",
 		"-device", "virtio-serial-device,id=vser0",

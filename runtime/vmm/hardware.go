@@ -62,7 +62,11 @@ func (b bootPlan) kernelCmdline() string {
 	if c.Type == machine.MicroVM {
 		params = append(params, "pci=off")
 		if b.tscKHz > 0 {
-			params = append(params, "tsc_early_khz="+strconv.Itoa(b.tscKHz))
+			// tsc=reliable: every vCPU reads the one host TSC, but Linux marks a TSC
+			// unstable on a non-Intel CPU model with several possible CPUs and falls
+			// back to jiffies, which keeps a 250 Hz tick running in an idle guest
+			// (measured: 4.4 % of a host core per idle pod)
+			params = append(params, "tsc_early_khz="+strconv.Itoa(b.tscKHz), "tsc=reliable")
 		}
 	}
 	params = append(params, c.Boot.KernelParams...)

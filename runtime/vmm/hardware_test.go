@@ -258,3 +258,32 @@ func renderedArgs(t *testing.T, c Config, accel machine.Accel) []string {
 	args, _ := vm.Render()
 	return args
 }
+
+// A microvm under TCG (a TSC frequency to pass) gets the TSC's frequency and is told the
+// TSC is reliable: without it the guest keeps time in jiffies and never stops its tick
+// (docs/design/018). Under KVM, and on q35, neither.
+func TestKernelCmdlineTSC(t *testing.T) {
+	for _, tc := range []struct {
+		typ    machine.Type
+		tscKHz int
+		want   []string
+		absent []string
+	}{
+		{machine.MicroVM, 2600000, []string{"pci=off", "tsc_early_khz=2600000", "tsc=reliable"}, nil},
+		{machine.MicroVM, 0, []string{"pci=off"}, []string{"tsc_early_khz", "tsc=reliable"}},
+		{machine.Q35, 0, nil, []string{"pci=off", "tsc_early_khz", "tsc=reliable"}},
+	} {
+		line := bootPlan{cfg: Config{Type: tc.typ, VCPUs: 1, MemoryMiB: 512}, tscKHz: tc.tscKHz}.kernelCmdline()
+		params := strings.Fields(line)
+		for _, w := range tc.want {
+			if !slices.Contains(params, w) {
+				t.Errorf("%s, TSC %d kHz: %q lacks %s", tc.typ, tc.tscKHz, line, w)
+			}
+		}
+		for _, a := range tc.absent {
+			if strings.Contains(line, a) {
+				t.Errorf("%s, TSC %d kHz: %q has %s", tc.typ, tc.tscKHz, line, a)
+			}
+		}
+	}
+}
