@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -410,7 +409,6 @@ func firstLine(s string) string {
 // guest panic, a guest power-off, or QEMU failing.
 func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit {
 	e := runtime.Exit{ExitedAt: time.Now()}
-	var ee *exec.ExitError
 	switch {
 	case killedBy != 0:
 		e.Status, e.Reason = 128+int(killedBy), fmt.Sprintf("the VM was stopped without a shutdown (%s)", killedBy)
@@ -418,14 +416,8 @@ func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit 
 		e.Status, e.Reason = 1, "GuestPanicked: the guest kernel panicked (pvpanic)"
 	case exitErr == nil:
 		e.Status, e.Reason = 0, "the guest powered off"
-	case errors.As(exitErr, &ee) && ee.ProcessState != nil:
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			e.Status, e.Reason = 128+int(ws.Signal()), fmt.Sprintf("QEMUCrashed: QEMU was killed by %s", ws.Signal())
-		} else {
-			e.Status, e.Reason = ee.ExitCode(), fmt.Sprintf("QEMUFailed: QEMU exited with status %d", ee.ExitCode())
-		}
 	default:
-		e.Status, e.Reason = 255, "QEMUFailed: "+exitErr.Error()
+		e.Status, e.Reason = vmm.QEMUExit(exitErr)
 	}
 	return e
 }

@@ -56,18 +56,27 @@ func (m *Machine) Ending() string {
 	return describeEnding(m.exitErr, shutdown, panicLine(m.cfg.LogPath))
 }
 
-func describeEnding(exitErr error, shutdown, panicked string) string {
+// QEMUExit is the exit status and "Reason: message" for QEMU exiting with exitErr (not
+// nil): killed by a signal (QEMUCrashed, 128+signal) or failing with a status of its own
+// (QEMUFailed). VM pods and container pods word it alike.
+func QEMUExit(exitErr error) (status int, reason string) {
 	var ee *exec.ExitError
+	if errors.As(exitErr, &ee) && ee.ProcessState != nil {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal()), fmt.Sprintf("QEMUCrashed: QEMU was killed by %s", unix.SignalName(ws.Signal()))
+		}
+		return ee.ExitCode(), fmt.Sprintf("QEMUFailed: QEMU exited with status %d", ee.ExitCode())
+	}
+	return 255, "QEMUFailed: " + exitErr.Error()
+}
+
+func describeEnding(exitErr error, shutdown, panicked string) string {
 	switch {
 	case panicked != "":
 		return "GuestPanicked: " + panicked
-	case errors.As(exitErr, &ee) && ee.ProcessState != nil:
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return fmt.Sprintf("QEMUCrashed: QEMU was killed by %s", unix.SignalName(ws.Signal()))
-		}
-		return fmt.Sprintf("QEMUFailed: QEMU exited with status %d", ee.ExitCode())
 	case exitErr != nil:
-		return "QEMUFailed: " + exitErr.Error()
+		_, reason := QEMUExit(exitErr)
+		return reason
 	}
 	switch shutdown {
 	case "guest-reset":
