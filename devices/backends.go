@@ -104,6 +104,10 @@ func (m MemoryBackend) option() string {
 type Chardev struct {
 	ID   string
 	Path string
+	// Socket is a unix socket the runtime made, instead of Path: listening with Server,
+	// else connected. QEMU inherits it, so it needs no access to where the socket lives
+	// (it may run as a user of its own, docs/design/014).
+	Socket *os.File
 	// File makes it a log file (append=on) instead of a socket.
 	File bool
 	// Server makes QEMU listen on the socket (without waiting for a client)
@@ -111,11 +115,17 @@ type Chardev struct {
 	Server bool
 }
 
-func (c Chardev) option() string {
+// option renders the backend; fd is the number Socket will have in QEMU.
+func (c Chardev) option(fd int) string {
 	if c.File {
 		return newOptions("file").add("id", c.ID).add("path", c.Path).addBool("append", true).String()
 	}
-	o := newOptions("socket").add("id", c.ID).add("path", c.Path)
+	o := newOptions("socket").add("id", c.ID)
+	if c.Socket != nil {
+		o.add("fd", strconv.Itoa(fd))
+	} else {
+		o.add("path", c.Path)
+	}
 	if c.Server {
 		o.addBool("server", true).addBool("wait", false)
 	}
@@ -140,4 +150,22 @@ func (f Fsdev) option() string {
 		o.add("multidevs", f.MultiDevs)
 	}
 	return o.String()
+}
+
+// render renders the backend, appending Socket to the files QEMU inherits.
+func (c Chardev) render(files []*os.File) (string, []*os.File) {
+	if c.Socket == nil {
+		return c.option(0), files
+	}
+	return c.option(3 + len(files)), append(files, c.Socket)
+}
+
+// check reports a chardev given neither or both of Path and Socket.
+func (c Chardev) check(ch *checker, field string) {
+	switch {
+	case c.Socket != nil && c.Path != "":
+		ch.fail(field, "give a socket path or an inherited socket, not both")
+	case c.Socket == nil:
+		ch.path(field, c.Path)
+	}
 }

@@ -1,5 +1,7 @@
 package devices
 
+import "os"
+
 // VirtioFS is a vhost-user-fs device (virtio-fs) served by a virtiofsd listening
 // on SocketPath; the runtime starts virtiofsd, one per VM, before QEMU. virtiofsd
 // maps guest RAM, so a VM with this device backs its RAM with a shared memfd;
@@ -7,6 +9,9 @@ package devices
 type VirtioFS struct {
 	DeviceID   string
 	SocketPath string
+	// Conn is a connection to virtiofsd the runtime made, instead of SocketPath: QEMU
+	// inherits it.
+	Conn *os.File
 	// Tag is the name the guest mounts: mount -t virtiofs <tag> /mnt.
 	Tag string
 	// QueueSize is the request queue's size; 0 keeps QEMU's default (128).
@@ -23,7 +28,7 @@ func (d *VirtioFS) ID() string { return d.DeviceID }
 func (d *VirtioFS) Spec(p Placement) (Spec, error) {
 	c := newChecker("vhost-user-fs", d.DeviceID)
 	c.id("DeviceID", d.DeviceID)
-	c.path("SocketPath", d.SocketPath)
+	Chardev{Path: d.SocketPath, Socket: d.Conn}.check(c, "SocketPath")
 	c.required("Tag", d.Tag)
 	c.maxLen("Tag", d.Tag, maxFSTag)
 	if d.QueueSize < 0 || d.QueueSize&(d.QueueSize-1) != 0 || d.QueueSize > 1024 {
@@ -39,7 +44,7 @@ func (d *VirtioFS) Spec(p Placement) (Spec, error) {
 		fe.Props = append(fe.Props, UintProp("queue-size", uint64(d.QueueSize)))
 	}
 	return Spec{
-		Chardevs:          []Chardev{{ID: chardev, Path: d.SocketPath}},
+		Chardevs:          []Chardev{{ID: chardev, Path: d.SocketPath, Socket: d.Conn}},
 		Frontends:         []Frontend{fe},
 		NeedsSharedMemory: true,
 	}, nil

@@ -86,11 +86,21 @@ type Machine struct {
 	// choice for q35 direct kernel boot.
 	Firmware  string
 	QMPSocket string // the unix socket QEMU's QMP monitor listens on
+	// QMPListener is a listening unix socket QEMU inherits for its QMP monitor, instead
+	// of QMPSocket: a QEMU running as a user of its own creates nothing on the host.
+	QMPListener *os.File
 	// ConsoleLog receives the guest's serial console (ttyS0), appended.
 	ConsoleLog string
 	// ConsoleSocket serves the serial console on a unix socket instead (a VM pod's
-	// console log and attach). At most one of ConsoleLog and ConsoleSocket.
-	ConsoleSocket string
+	// console log and attach), or ConsoleListener on an inherited listening socket. At
+	// most one of ConsoleLog, ConsoleSocket and ConsoleListener.
+	ConsoleSocket   string
+	ConsoleListener *os.File
+	// Inherit are files QEMU inherits as fds 3, 4, ... in this order, for what it opens by
+	// name: InheritedPath(i) names Inherit[i] (/proc/self/fd/<n>). The kernel, initrd and
+	// firmware are given so when QEMU's user may not reach their paths: reopening an fd's
+	// magic link checks the file's own permissions, not its directories'.
+	Inherit []*os.File
 	// UEFI boots OVMF from pflash instead of Firmware or the default SeaBIOS (q35).
 	UEFI *UEFI
 	// FDSets are fds QEMU inherits into fd sets (-add-fd), for images a device opens
@@ -105,6 +115,9 @@ type Machine struct {
 	ExitOnPanic bool
 	// VNCSocket serves the guest's display (a VGA device) over VNC on a unix socket.
 	VNCSocket string
+	// VNCClients serves the display over VNC to clients the runtime hands to QEMU one
+	// connection at a time (QMP add_client), instead of on VNCSocket.
+	VNCClients bool
 	// UUID is the SMBIOS system UUID, also given as the system serial number.
 	UUID string
 	// RootPorts is the number of PCIe root ports created at boot for hotplug
@@ -146,6 +159,9 @@ type FDSet struct {
 	File *os.File
 	Set  int
 }
+
+// InheritedPath is how QEMU names Machine.Inherit[i]: Render passes those first.
+func InheritedPath(i int) string { return "/proc/self/fd/" + strconv.Itoa(3+i) }
 
 // FDSetPath is how a device names the file of fd set set.
 func FDSetPath(set int) string { return "/dev/fdset/" + strconv.Itoa(set) }
@@ -212,7 +228,7 @@ func (m *Machine) validate() error {
 	}
 	for _, f := range []struct{ field, path string }{
 		{"Kernel", m.Kernel}, {"Initrd", m.Initrd}, {"Firmware", m.Firmware}, {"ConsoleLog", m.ConsoleLog},
-		{"ConsoleSocket", m.ConsoleSocket}, {"VNCSocket", m.VNCSocket},
+		{"ConsoleSocket", m.ConsoleSocket}, {"VNCSocket", m.VNCSocket}, {"QMPSocket", m.QMPSocket},
 	} {
 		if f.path != "" {
 			c.path(f.field, f.path)
@@ -223,7 +239,17 @@ func (m *Machine) validate() error {
 	}
 	c.text("Append", m.Append)
 	c.text("UUID", m.UUID)
-	c.path("QMPSocket", m.QMPSocket)
+	if (m.QMPSocket == "") == (m.QMPListener == nil) {
+		c.fail("QMPSocket", "give a socket path or QMPListener, one of them")
+	}
+	if m.VNCSocket != "" && m.VNCClients {
+		c.fail("VNCClients", "the display is served on VNCSocket or to handed-over clients, not both")
+	}
+	for i, f := range m.Inherit {
+		if f == nil {
+			c.fail(fmt.Sprintf("Inherit[%d]", i), "missing")
+		}
+	}
 	if m.RootPorts < 0 || m.RootPorts > MaxRootPorts {
 		c.fail("RootPorts", "%d is outside 0..%d", m.RootPorts, MaxRootPorts)
 	}
@@ -233,8 +259,8 @@ func (m *Machine) validate() error {
 	if m.RootPorts > 0 && m.Type != machine.Q35 {
 		c.fail("RootPorts", "PCIe root ports need q35")
 	}
-	if m.ConsoleLog != "" && m.ConsoleSocket != "" {
-		c.fail("ConsoleSocket", "the console goes to ConsoleLog or ConsoleSocket, not both")
+	if n := btoi(m.ConsoleLog != "") + btoi(m.ConsoleSocket != "") + btoi(m.ConsoleListener != nil); n > 1 {
+		c.fail("ConsoleSocket", "the console goes to one of ConsoleLog, ConsoleSocket and ConsoleListener")
 	}
 	if m.UEFI != nil {
 		c.path("UEFI.Code", m.UEFI.Code)
@@ -333,9 +359,16 @@ func (m *Machine) smp() string {
 // sandboxOptions deny every class of syscall QEMU's seccomp filter can deny.
 const sandboxOptions = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
-// args renders everything but the devices. shared says whether guest RAM must be
-// a shared memfd.
-func (m *Machine) args(shared bool) []string {
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// args renders everything but the devices, appending what QEMU must inherit to files.
+// shared says whether guest RAM must be a shared memfd.
+func (m *Machine) args(shared bool, files []*os.File) ([]string, []*os.File) {
 	args := []string{"-name", newOptions("").add("guest", orDefault(m.Name, "vmpod")).addBool("debug-threads", true).String()}
 	machineOpts := newOptions(string(m.Type))
 	if shared {
@@ -391,8 +424,12 @@ func (m *Machine) args(shared bool) []string {
 	if m.ExitOnPanic {
 		args = append(args, "-action", "panic=exit-failure")
 	}
-	if m.VNCSocket != "" {
+	switch {
+	case m.VNCSocket != "":
 		args = append(args, "-vnc", "unix:"+m.VNCSocket)
+	case m.VNCClients:
+		// VNC set up but listening nowhere: add_client hands it each connection
+		args = append(args, "-vnc", "none")
 	}
 	if m.UUID != "" {
 		args = append(args, "-uuid", m.UUID, "-smbios", newOptions("type=1").add("serial", m.UUID).String())
@@ -429,18 +466,19 @@ func (m *Machine) args(shared bool) []string {
 	if m.Append != "" {
 		args = append(args, "-append", m.Append)
 	}
+	qmp, files := Chardev{ID: qmpChardevID, Path: m.QMPSocket, Socket: m.QMPListener, Server: true}.render(files)
 	args = append(args,
-		"-chardev", Chardev{ID: qmpChardevID, Path: m.QMPSocket, Server: true}.option(),
+		"-chardev", qmp,
 		"-mon", newOptions("").add("chardev", qmpChardevID).add("mode", "control").String())
+	var console string
 	switch {
 	case m.ConsoleLog != "":
-		args = append(args,
-			"-chardev", Chardev{ID: consoleChardevID, Path: m.ConsoleLog, File: true}.option(),
-			"-serial", "chardev:"+consoleChardevID)
-	case m.ConsoleSocket != "":
-		args = append(args,
-			"-chardev", Chardev{ID: consoleChardevID, Path: m.ConsoleSocket, Server: true}.option(),
-			"-serial", "chardev:"+consoleChardevID)
+		console, files = Chardev{ID: consoleChardevID, Path: m.ConsoleLog, File: true}.render(files)
+	case m.ConsoleSocket != "" || m.ConsoleListener != nil:
+		console, files = Chardev{ID: consoleChardevID, Path: m.ConsoleSocket, Socket: m.ConsoleListener, Server: true}.render(files)
+	}
+	if console != "" {
+		args = append(args, "-chardev", console, "-serial", "chardev:"+consoleChardevID)
 	}
 	if m.StartPaused {
 		args = append(args, "-S")
@@ -448,7 +486,7 @@ func (m *Machine) args(shared bool) []string {
 	if m.IncomingMigration {
 		args = append(args, "-incoming", "defer")
 	}
-	return args
+	return args, files
 }
 
 // megabytes renders a MiB-aligned size for -m, whose bare numbers mean MiB.

@@ -1,6 +1,9 @@
 package devices
 
-import "fmt"
+import (
+	"fmt"
+	"os"
+)
 
 // VirtioSerial is a virtio-serial controller with its ports. vmpod's agent channel
 // is a port named "vmpod.agent" whose chardev is a unix socket QEMU listens on
@@ -16,8 +19,10 @@ type SerialPort struct {
 	DeviceID string
 	// Name is what the guest finds in /sys/class/virtio-ports/*/name.
 	Name string
-	// SocketPath is the unix socket QEMU listens on for the host side.
+	// SocketPath is the unix socket QEMU listens on for the host side, or Listener one
+	// the runtime made and QEMU inherits.
 	SocketPath string
+	Listener   *os.File
 }
 
 // ID implements Device.
@@ -32,7 +37,7 @@ func (d *VirtioSerial) Spec(p Placement) (Spec, error) {
 		field := fmt.Sprintf("Ports[%d]", i)
 		c.id(field+".DeviceID", port.DeviceID)
 		c.required(field+".Name", port.Name)
-		c.path(field+".SocketPath", port.SocketPath)
+		Chardev{Path: port.SocketPath, Socket: port.Listener}.check(c, field+".SocketPath")
 		if names[port.Name] {
 			c.fail(field+".Name", "%q is used by another port", port.Name)
 		}
@@ -44,7 +49,7 @@ func (d *VirtioSerial) Spec(p Placement) (Spec, error) {
 	s := Spec{Frontends: []Frontend{{Driver: p.Transport.virtioDriver("virtio-serial"), ID: d.DeviceID, Bus: p.Bus, Addr: p.Addr}}}
 	for _, port := range d.Ports {
 		chardev := port.DeviceID + "-sock"
-		s.Chardevs = append(s.Chardevs, Chardev{ID: chardev, Path: port.SocketPath, Server: true})
+		s.Chardevs = append(s.Chardevs, Chardev{ID: chardev, Path: port.SocketPath, Socket: port.Listener, Server: true})
 		s.Frontends = append(s.Frontends, Frontend{Driver: "virtserialport", ID: port.DeviceID, Bus: d.DeviceID + ".0",
 			Props: []Property{StringProp("chardev", chardev), StringProp("name", port.Name)}})
 	}

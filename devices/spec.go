@@ -109,7 +109,9 @@ func (s Spec) args(shared bool, files []*os.File) ([]string, []*os.File) {
 		args = append(args, "-object", m.option())
 	}
 	for _, c := range s.Chardevs {
-		args = append(args, "-chardev", c.option())
+		var opt string
+		opt, files = c.render(files)
+		args = append(args, "-chardev", opt)
 	}
 	for _, f := range s.Fsdevs {
 		args = append(args, "-fsdev", f.option())

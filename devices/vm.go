@@ -135,7 +135,8 @@ func (vm *VM) Render() (args []string, files []*os.File) {
 	vm.mu.Lock()
 	defer vm.mu.Unlock()
 	shared := vm.sharedMemory()
-	args = vm.machine.args(shared)
+	files = append(files, vm.machine.Inherit...) // first: InheritedPath numbers them so
+	args, files = vm.machine.args(shared, files)
 	for _, s := range vm.machine.FDSets {
 		args = append(args, "-add-fd", newOptions("").add("fd", strconv.Itoa(3+len(files))).add("set", strconv.Itoa(s.Set)).String())
 		files = append(files, s.File)

@@ -83,3 +83,16 @@ func (m *Monitor) NetdevAddTap(ctx context.Context, n TapNetdev) error {
 func (m *Monitor) NetdevDel(ctx context.Context, id string) error {
 	return m.run(ctx, "netdev_del", id, idArgs{id}, nil)
 }
+
+// AddClient hands QEMU a connection for one of its display servers (add_client): fdName
+// was passed with GetFD, and protocol is "vnc" (or "spice", "@dbus-display"). With
+// skipAuth the client skips the server's authentication, which the caller did already:
+// the connection is one it accepted and vouches for.
+func (m *Monitor) AddClient(ctx context.Context, protocol, fdName string, skipAuth bool) error {
+	args := struct {
+		Protocol string `json:"protocol"`
+		FDName   string `json:"fdname"`
+		SkipAuth bool   `json:"skipauth"`
+	}{protocol, fdName, skipAuth}
+	return m.run(ctx, "add_client", fdName, args, nil)
+}

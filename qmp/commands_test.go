@@ -66,6 +66,8 @@ func TestCommandArguments(t *testing.T) {
 		{"migrate-set-parameters", func(ctx context.Context, m *qmp.Monitor) error {
 			return m.MigrateSetParameters(ctx, qmp.MigrationParameters{MaxBandwidth: 10e9, DowntimeLimit: 30 * time.Millisecond})
 		}, "migrate-set-parameters", `{"max-bandwidth":10000000000,"downtime-limit":30}`, struct{}{}},
+		{"add_client", func(ctx context.Context, m *qmp.Monitor) error { return m.AddClient(ctx, "vnc", "vnc-1", true) },
+			"add_client", `{"protocol":"vnc","fdname":"vnc-1","skipauth":true}`, struct{}{}},
 		{"migrate", func(ctx context.Context, m *qmp.Monitor) error { return m.Migrate(ctx, "unix:/run/m.sock") },
 			"migrate", `{"uri":"unix:/run/m.sock"}`, struct{}{}},
 		{"migrate-incoming", func(ctx context.Context, m *qmp.Monitor) error { return m.MigrateIncoming(ctx, "unix:/run/m.sock") },

@@ -597,6 +597,9 @@ func TestBenchSharedFS(t *testing.T) {
 	for _, fs := range []machine.SharedFS{machine.NineP, machine.VirtioFS} {
 		cfg := testenv.VMConfig(t, "bench-"+strings.ReplaceAll(string(fs), "-", ""))
 		cfg.SharedFS = fs
+		if fs == machine.NineP {
+			cfg.Users = nil // QEMU serves 9p itself: only as root (vmm.Config.Users)
+		}
 		vm, err := vmpodagent.Boot(ctx, cfg)
 		if err != nil {
 			t.Fatal(err)

@@ -35,6 +35,9 @@ func GuestDisk(t testing.TB) string {
 	return disk
 }
 
+// GuestVMConfig runs QEMU as root: the disk is a qcow2 overlay that names its base by
+// path, which QEMU opens itself. (VM pods open every image in the shim: runtime/disks.)
+//
 // GuestVMConfig is a q35 machine of 1 vCPU and memMiB booting disk (GuestDisk) with
 // SeaBIOS, its guest agent's port and its console in its log, its state in root/name.
 func GuestVMConfig(t testing.TB, root, name, disk string, memMiB int) vmm.Config {

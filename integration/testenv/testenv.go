@@ -19,6 +19,7 @@ import (
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
+	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 // Environment variables `make test` sets for the integration tests.
@@ -77,6 +78,7 @@ func VMConfig(t testing.TB, name string) vmpodagent.Config {
 			StateDir: filepath.Join(StateRoot(t), "vm"),
 			LogPath:  filepath.Join(t.TempDir(), name+".log"),
 			Boot:     vmm.Boot{Kernel: Kernel(t), Initrd: Initrd(t)},
+			Users:    QEMUUsers(),
 		},
 		// tests check results, not speed: a wide boot timeout absorbs a loaded CI host
 		BootTimeout: 60 * time.Second,
@@ -244,4 +246,11 @@ func WaitOutput(ctx context.Context, p *vmpodagent.Process) (runtime.Exit, error
 	case <-ctx.Done():
 		return exit, ctx.Err()
 	}
+}
+
+// QEMUUsers is the uid pool the tests' machines run QEMU from: the node default's, so that
+// tests and test nodes on one host never lease one uid twice.
+func QEMUUsers() *vmuser.Pool {
+	p := vmuser.Default()
+	return &p
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
+	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 // DefaultPath is where the shim looks without a ConfigPath runtime option.
@@ -30,6 +31,7 @@ type Config struct {
 	Timeouts    Timeouts    `toml:"timeouts"`
 	Annotations Annotations `toml:"annotations"`
 	Devices     Devices     `toml:"devices"`
+	Isolation   Isolation   `toml:"isolation"`
 	// StateDir holds one directory per pod (sockets, shared directory); keep it short,
 	// unix socket paths are limited to 108 bytes.
 	StateDir string `toml:"state_dir"`
@@ -103,6 +105,37 @@ type Devices struct {
 	VFIOBind []string `toml:"vfio_bind"`
 }
 
+// Isolation is how the node keeps what faces a guest from the node (docs/design/014).
+type Isolation struct {
+	// QEMUUser is "pod" (the default): each VM's QEMU runs as a uid of its own, leased
+	// from [FirstUID, FirstUID+UIDs), without capabilities, under its seccomp filter;
+	// or "root", for a node that cannot give QEMU its own user (9p shared folders, a
+	// /dev/kvm only root may open).
+	QEMUUser string `toml:"qemu_user"`
+	// FirstUID and UIDs reserve the host uids QEMUs run as: a range no user, container
+	// runtime or kubelet user namespace maps. The default is the top 64 Ki of systemd's
+	// unassigned 0x70000000-0x7FFDFFFF.
+	FirstUID uint32 `toml:"first_uid"`
+	UIDs     uint32 `toml:"uids"`
+	// LockDir holds the leases, one lock file per uid: host-wide, like the uids, so that
+	// several vmpod nodes of one host (test clusters) never share one.
+	LockDir string `toml:"lock_dir"`
+}
+
+// QEMU user modes (Isolation.QEMUUser).
+const (
+	QEMUUserPod  = "pod"
+	QEMUUserRoot = "root"
+)
+
+// QEMUUsers is the pool QEMUs' uids are leased from, nil when QEMU runs as root.
+func (i Isolation) QEMUUsers() *vmuser.Pool {
+	if i.QEMUUser == QEMUUserRoot {
+		return nil
+	}
+	return &vmuser.Pool{Dir: i.LockDir, First: i.FirstUID, Count: i.UIDs}
+}
+
 // Annotations lists the vmpod.dev/* pod annotations pod authors may set on this node.
 type Annotations struct {
 	Allowed []string `toml:"allowed"`
@@ -154,6 +187,12 @@ func Default() Config {
 			Boot: Duration{vmpodagent.DefaultBootTimeout},
 			Call: Duration{vmpodagent.DefaultCallTimeout},
 			Stop: Duration{vmm.DefaultStopTimeout},
+		},
+		Isolation: Isolation{
+			QEMUUser: QEMUUserPod,
+			FirstUID: vmuser.DefaultFirst,
+			UIDs:     vmuser.DefaultCount,
+			LockDir:  vmuser.DefaultDir,
 		},
 		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs", "vmpod.dev/vm"}},
 		StateDir:    "/run/vmpod",
@@ -220,6 +259,18 @@ func (c Config) Validate() error {
 		bad("hypervisor.shared_fs", "%q: container pods need a shared filesystem (virtio-fs or 9p)", c.Hypervisor.SharedFS)
 	} else if err := c.Hypervisor.SharedFS.Check(); err != nil {
 		bad("hypervisor.shared_fs", "%v", err)
+	}
+	switch c.Isolation.QEMUUser {
+	case QEMUUserRoot:
+	case QEMUUserPod:
+		if err := c.Isolation.QEMUUsers().Validate(); err != nil {
+			bad("isolation", "%v", err)
+		}
+		if c.Hypervisor.SharedFS == machine.NineP {
+			bad("hypervisor.shared_fs", "9p makes QEMU the file server of the pods' files, which needs root: use virtio-fs, or isolation.qemu_user = %q", QEMUUserRoot)
+		}
+	default:
+		bad("isolation.qemu_user", "%q: want %q or %q", c.Isolation.QEMUUser, QEMUUserPod, QEMUUserRoot)
 	}
 	for i, m := range c.Hypervisor.CPUModels {
 		if err := machine.CheckNamedCPUModel(m); err != nil {

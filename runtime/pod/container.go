@@ -92,6 +92,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			Name:          podID,
 			StateDir:      filepath.Join(cfg.StateDir, podID),
 			QEMUPath:      h.QEMU,
+			Users:         cfg.Isolation.QEMUUsers(),
 			VirtiofsdPath: h.Virtiofsd,
 			Boot:          vmm.Boot{Kernel: h.Kernel, Initrd: h.Initrd, KernelParams: h.KernelParams},
 			Type:          h.Machine,
@@ -113,6 +114,9 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		gc.Type = choice.Machine
 	}
 	if choice.SharedFS != "" {
+		if choice.SharedFS == machine.NineP && gc.Users != nil {
+			return nil, fmt.Errorf("pod %s: annotation vmpod.dev/shared-fs: 9p makes QEMU the file server of the pod's files, and QEMU runs as a user of its own on this node (isolation.qemu_user): use virtio-fs: %w", podID, errdefs.ErrInvalidArgument)
+		}
 		gc.SharedFS = choice.SharedFS
 	}
 	maxSize := headroom(gc.Type, size, cfg.Sizing)

@@ -235,7 +235,7 @@ func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
 		log.G(ctx).Warn("VNC: the VM is not running")
 		return
 	}
-	vnc, err := net.Dial("unix", c.machine.VNCSocket())
+	vnc, err := c.machine.DialVNC(ctx)
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("VNC")
 		return

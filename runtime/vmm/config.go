@@ -17,6 +17,7 @@ import (
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
+	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 // Defaults for Config's zero values.
@@ -42,6 +43,10 @@ type Config struct {
 	LogPath string
 
 	QEMUPath string // default DefaultQEMU
+	// Users, if set, runs QEMU as a uid of its own leased from the pool, with no
+	// capabilities, and gives it only descriptors: sockets the runtime listens on or
+	// connected, files it opened (docs/design/014). Nil runs QEMU as root.
+	Users *vmuser.Pool
 
 	Type  machine.Type  // default microvm
 	Accel machine.Accel // default auto
@@ -338,7 +343,20 @@ func (c Config) Validate() error {
 		if sets[f.Set] {
 			bad(fmt.Sprintf("files[%d].set", i), "fd set %d is used twice", f.Set)
 		}
+		if f.Set < 0 || f.Set >= machineFDSets {
+			bad(fmt.Sprintf("files[%d].set", i), "fd set %d is outside 0..%d (the machine's own sets follow)", f.Set, machineFDSets-1)
+		}
 		sets[f.Set] = true
+	}
+	if c.Users != nil {
+		if err := c.Users.Validate(); err != nil {
+			bad("users", "%v", err)
+		}
+		if c.SharedFS == machine.NineP {
+			// QEMU is 9p's file server: it would have to read and chown every file of the
+			// pod's rootfs. virtiofsd serves them from a process of its own instead.
+			bad("shared_fs", "9p makes QEMU the file server of the pod's files, which needs root: use virtio-fs, or run QEMU as root (no users)")
+		}
 	}
 	for field, d := range map[string]time.Duration{"up_timeout": c.UpTimeout, "stop_timeout": c.StopTimeout} {
 		if d < 0 {

@@ -33,7 +33,7 @@ type bootPlan struct {
 }
 
 type paths struct {
-	stateDir, qmpSock, virtiofsdSock, shared, console, uefiVars, vnc string
+	stateDir, qmpSock, virtiofsdSock, shared, console, uefiVars string
 }
 
 func newPaths(stateDir string) paths {
@@ -44,7 +44,6 @@ func newPaths(stateDir string) paths {
 		shared:        filepath.Join(stateDir, "shared"),
 		console:       filepath.Join(stateDir, "console.sock"),
 		uefiVars:      filepath.Join(stateDir, "uefi-vars.fd"),
-		vnc:           filepath.Join(stateDir, "vnc.sock"),
 	}
 }
 
@@ -133,8 +132,9 @@ func (c Config) machineSize() (vcpus, memMiB int) {
 func (c Config) OfflineGrowth() bool { return c.Type == machine.MicroVM }
 
 // hardware is the machine as package devices models it: from it QEMU's argv is rendered
-// and hotplugs are placed.
-func (b bootPlan) hardware() (*devices.VM, error) {
+// and hotplugs are placed. QEMU gets files' descriptors; without files (a check before
+// anything is opened, and tests) the model names paths instead.
+func (b bootPlan) hardware(files *hostFiles) (*devices.VM, error) {
 	c := b.cfg
 	vcpus, memMiB := c.machineSize()
 	m := devices.Machine{
@@ -148,7 +148,6 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 		// RAM the guest may never touch must not count against the host's overcommit
 		// limit: a memfd is accounted page by page as it is used, anonymous RAM at start.
 		SharedMemory:      c.OfflineGrowth() && memMiB > c.MemoryMiB,
-		QMPSocket:         b.paths.qmpSock,
 		Reboot:            c.Reboot,
 		StartPaused:       c.Paused,
 		IncomingMigration: c.Incoming,
@@ -171,9 +170,7 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	if b.accel.accel == machine.KVM {
 		m.HyperV = c.HyperV
 	}
-	if c.VNC {
-		m.VNCSocket = b.paths.vnc
-	}
+	m.VNCClients = c.VNC // DialVNC
 	switch c.Console {
 	case ConsoleLog:
 		m.ConsoleLog = c.LogPath
@@ -191,6 +188,24 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	for _, f := range c.Files {
 		m.FDSets = append(m.FDSets, devices.FDSet{File: f.File, Set: f.Set})
 	}
+	if files == nil {
+		m.QMPSocket = b.paths.qmpSock
+	} else {
+		m.QMPListener, m.Inherit = files.qmp, files.inherit
+		m.FDSets = append(m.FDSets, files.fdSets...)
+		if m.ConsoleSocket != "" {
+			m.ConsoleSocket, m.ConsoleListener = "", files.console
+		}
+		if m.ConsoleLog != "" {
+			m.ConsoleLog = files.consoleLog
+		}
+		if m.Kernel != "" {
+			m.Kernel, m.Initrd, m.Firmware = files.kernel, files.initrd, files.firmware
+		}
+		if m.UEFI != nil {
+			m.UEFI.Code, m.UEFI.Vars = files.uefiCode, files.uefiVars
+		}
+	}
 	m.Sandbox = true // every VM: nothing vmpod asks of QEMU needs what the filter denies
 	if b.accel.accel == machine.TCG {
 		m.TCGCacheMiB = TCGCodeCacheMiB
@@ -206,7 +221,11 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	if len(c.Ports) > 0 {
 		ser := &devices.VirtioSerial{DeviceID: "vser0"}
 		for i, name := range c.Ports {
-			ser.Ports = append(ser.Ports, devices.SerialPort{DeviceID: fmt.Sprintf("port%d", i), Name: name, SocketPath: b.paths.port(i)})
+			port := devices.SerialPort{DeviceID: fmt.Sprintf("port%d", i), Name: name, SocketPath: b.paths.port(i)}
+			if files != nil {
+				port.SocketPath, port.Listener = "", files.ports[i]
+			}
+			ser.Ports = append(ser.Ports, port)
 		}
 		devs = append(devs, ser)
 	}
@@ -230,7 +249,11 @@ func (b bootPlan) hardware() (*devices.VM, error) {
 	}
 	switch c.SharedFS {
 	case machine.VirtioFS:
-		devs = append(devs, &devices.VirtioFS{DeviceID: "share", SocketPath: b.paths.virtiofsdSock, Tag: ShareTag})
+		fs := &devices.VirtioFS{DeviceID: "share", SocketPath: b.paths.virtiofsdSock, Tag: ShareTag}
+		if files != nil {
+			fs.SocketPath, fs.Conn = "", files.virtiofsd
+		}
+		devs = append(devs, fs)
 	case machine.NineP:
 		devs = append(devs, &devices.Virtio9P{DeviceID: "share", Path: b.paths.shared, MountTag: ShareTag, SecurityModel: "passthrough"})
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,7 +26,11 @@ func CleanupState(stateDir string) error {
 		return nil
 	}
 	var errs []error
-	for _, pid := range processesNaming(stateDir) {
+	pids := processesNaming(stateDir) // virtiofsd, and QEMUs of older shims
+	if pid := recordedProcess(stateDir); pid > 0 && !slices.Contains(pids, pid) {
+		pids = append(pids, pid)
+	}
+	for _, pid := range pids {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
 			errs = append(errs, fmt.Errorf("kill %d: %w", pid, err))
 		}

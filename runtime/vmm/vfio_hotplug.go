@@ -21,6 +21,9 @@ func (m *Machine) PlugVFIO(ctx context.Context, id string, a devices.PCIAddress)
 	}
 	m.plugMu.Lock()
 	defer m.plugMu.Unlock()
+	if err := m.grantVFIO(ctx, a); err != nil {
+		return fmt.Errorf("vm %s: plug PCI device %s: %w", m.cfg.Name, a, err)
+	}
 	hp, err := m.hw.Hotplug(&devices.VFIO{DeviceID: id, Host: a})
 	if err != nil {
 		return fmt.Errorf("vm %s: plug PCI device %s: %w: %w", m.cfg.Name, a, err, errdefs.ErrInvalidArgument)

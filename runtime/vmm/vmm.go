@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	"github.com/vmpod/vmpod/internal/cleanup"
 	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/qmp"
+	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 // helperExitWait bounds the wait for virtiofsd to leave by itself after QEMU is gone,
@@ -38,8 +40,14 @@ type Machine struct {
 	hw     *devices.VM // the device model: argv rendered at boot, hotplugs placed later
 	qemu   *exec.Cmd
 	mon    *qmp.Monitor
-	share  *sharedDir // nil without a shared filesystem
-	cgroup *podCgroup // nil without Config.Cgroup
+	share  *sharedDir    // nil without a shared filesystem
+	cgroup *podCgroup    // nil without Config.Cgroup
+	lease  *vmuser.Lease // QEMU's uid; nil: QEMU runs as root
+
+	vncClients atomic.Uint64 // names the connections DialVNC hands to QEMU
+
+	vfioMu      sync.Mutex
+	vfioGranted map[string]bool // VFIO group devices given to QEMU's user
 
 	plugMu    sync.Mutex             // one disk or NIC plug or unplug at a time
 	disks     map[string]pluggedDisk // hot-plugged disks, by device id
@@ -85,11 +93,12 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 		}
 	}
-	hw, err := plan.hardware()
-	if err != nil {
+	// the device model as it will be, with paths for the descriptors not yet opened: a
+	// machine it cannot describe starts nothing
+	if _, err := plan.hardware(nil); err != nil {
 		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 	}
-	m := &Machine{cfg: cfg, plan: plan, hw: hw, exited: make(chan struct{})}
+	m := &Machine{cfg: cfg, plan: plan, exited: make(chan struct{})}
 	defer func() {
 		if retErr != nil {
 			if err := m.teardown.Run(); err != nil {
@@ -150,8 +159,30 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 		phases.Mark(ctx, "virtiofsd")
 	}
 
+	files, err := openHostFiles(plan, logFile)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+	}
+	// closed once QEMU started (below); a failure before that closes them here
+	m.teardown.Add("close QEMU's descriptors", func() error { files.close(logFile); return nil })
+	if m.hw, err = plan.hardware(files); err != nil {
+		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+	}
+	if cfg.Users != nil {
+		if m.lease, err = cfg.Users.Lease(cfg.Name + " " + cfg.StateDir); err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		}
+		m.teardown.Add("release QEMU's uid", m.lease.Release)
+		for _, a := range cfg.HostDevices {
+			if err := m.grantVFIO(ctx, a); err != nil {
+				return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+			}
+		}
+	}
 	logger.WithField("accel", accel.accel).WithField("machine", cfg.Type).Debug("starting QEMU")
-	if err := m.startQEMU(logFile); err != nil {
+	err = m.startQEMU(logFile)
+	files.close(logFile) // QEMU holds its own copies now, or never will
+	if err != nil {
 		return nil, fmt.Errorf("vm %s: start QEMU: %w", cfg.Name, err)
 	}
 	phases.Mark(ctx, "qemu")
@@ -228,10 +259,27 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 	// Pdeathsig: `kill -9` of the shim must not leave a QEMU running.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	m.cgroup.cloneInto(cmd.SysProcAttr)
+	if m.lease != nil {
+		cred, err := qemuCredential(m.lease, m.plan.accel.accel)
+		if err != nil {
+			return err
+		}
+		cmd.SysProcAttr.Credential = cred
+		// the uid stays leased while QEMU lives, even past a dead shim
+		cmd.ExtraFiles = append(cmd.ExtraFiles, m.lease.File())
+		if m.cfg.Type == machine.Q35 { // may get a passed-through device
+			if err := raiseMemlock(); err != nil && len(m.cfg.HostDevices) > 0 {
+				return err
+			}
+		}
+	}
 	if err := cmd.Start(); err != nil {
 		return err
 	}
 	m.qemu = cmd
+	if err := recordProcess(m.cfg.StateDir, cmd.Process.Pid); err != nil {
+		log.L.WithError(err).Warnf("vm %s: record QEMU's pid for a sweep", m.cfg.Name)
+	}
 	go func() {
 		m.exitErr = cmd.Wait()
 		close(m.exited)
@@ -322,8 +370,36 @@ func (m *Machine) DialPort(ctx context.Context, name string) (net.Conn, error) {
 	return m.dial(ctx, m.plan.paths.port(i))
 }
 
-// VNCSocket is the unix socket QEMU serves the display on (Config.VNC).
-func (m *Machine) VNCSocket() string { return m.plan.paths.vnc }
+// DialVNC connects to the guest's display (Config.VNC): QEMU serves VNC to no socket of
+// its own but to connections handed to it (add_client), each one end of a socket pair
+// whose other end DialVNC returns. The caller authenticated its client already.
+func (m *Machine) DialVNC(ctx context.Context) (net.Conn, error) {
+	if !m.cfg.VNC {
+		return nil, fmt.Errorf("vm %s: the machine has no display", m.cfg.Name)
+	}
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: VNC: %w", m.cfg.Name, err)
+	}
+	ours, theirs := os.NewFile(uintptr(fds[0]), "vnc"), os.NewFile(uintptr(fds[1]), "vnc-qemu")
+	defer theirs.Close() // QEMU holds its own copy
+	conn, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: VNC: %w", m.cfg.Name, err)
+	}
+	name := fmt.Sprintf("vnc-%d", m.vncClients.Add(1))
+	if err := m.mon.GetFD(ctx, name, theirs); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("vm %s: VNC: %w", m.cfg.Name, err)
+	}
+	if err := m.mon.AddClient(ctx, "vnc", name, true); err != nil {
+		_ = m.mon.CloseFD(context.WithoutCancel(ctx), name)
+		conn.Close()
+		return nil, fmt.Errorf("vm %s: VNC: %w", m.cfg.Name, err)
+	}
+	return conn, nil
+}
 
 // DialConsole connects to the serial console socket (Console: ConsoleSocket).
 func (m *Machine) DialConsole(ctx context.Context) (net.Conn, error) {

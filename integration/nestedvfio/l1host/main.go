@@ -32,6 +32,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/runtime/vmm"
+	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 func main() {
@@ -120,6 +121,7 @@ func run(ctx context.Context, kernel, initrd, coldplug, hotplug string, allow []
 	bars += bars64
 
 	_ = os.RemoveAll(stateDir)
+	users := vmuser.Default()
 	cfg := vmm.Config{
 		Name:        "l2",
 		StateDir:    stateDir,
@@ -130,6 +132,7 @@ func run(ctx context.Context, kernel, initrd, coldplug, hotplug string, allow []
 		Boot:        vmm.Boot{Kernel: kernel, Initrd: initrd, KernelParams: []string{"console=ttyS0", "rdinit=/init", "panic=-1"}},
 		Console:     vmm.ConsoleSocket,
 		HostDevices: claim.Functions,
+		Users:       &users, // an unprivileged QEMU is given the group device (vmm grantVFIO)
 		PCIHole64:   devices.PCIHole64For(bars),
 		Paused:      true, // the console is connected before the guest prints
 	}

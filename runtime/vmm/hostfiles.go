@@ -1,0 +1,303 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
+	"github.com/vmpod/vmpod/runtime/vmuser"
+)
+
+// QEMU opens nothing on the host by path (docs/design/014): it may run as a user of its
+// own that can reach none of the node's paths, the state directory included. The shim
+// makes and opens everything and QEMU inherits descriptors: sockets the shim listens on
+// (QMP, console, virtio-serial ports), its connection to virtiofsd, the firmware's
+// pflash images and the console log in fd sets, and the kernel, initrd and firmware it
+// loads by name as /proc/self/fd/<n> (a reopen that checks the file's own permissions,
+// which are world-readable, not its directories'). Disks already came as fd sets.
+
+// The machine's own fd sets: between the caller's (Config.Files) and hot-plugged disks'.
+const (
+	machineFDSets   = 900
+	consoleLogFDSet = machineFDSets
+	uefiCodeFDSet   = machineFDSets + 1
+	uefiVarsFDSet   = machineFDSets + 2
+)
+
+// hostFiles are the descriptors QEMU inherits for what its command line names. The
+// shim's copies are closed once QEMU has started (close): a listening socket QEMU alone
+// holds refuses connections once QEMU is gone, instead of queueing them forever.
+type hostFiles struct {
+	qmp, console *os.File   // listening
+	ports        []*os.File // listening, one per Config.Ports
+	virtiofsd    *os.File   // connected
+	inherit      []*os.File // devices.Machine.Inherit
+	kernel       string     // what QEMU opens: InheritedPath of inherit[i]
+	initrd       string
+	firmware     string
+	fdSets       []devices.FDSet
+	uefiCode     string // fd set paths
+	uefiVars     string
+	consoleLog   string
+}
+
+func (h *hostFiles) all() []*os.File {
+	files := append([]*os.File{h.qmp, h.console, h.virtiofsd}, h.ports...)
+	files = append(files, h.inherit...)
+	for _, s := range h.fdSets {
+		files = append(files, s.File)
+	}
+	return files
+}
+
+// close closes the shim's copies; logFile, which the caller owns, stays open.
+func (h *hostFiles) close(logFile *os.File) {
+	for _, f := range h.all() {
+		if f != nil && f != logFile {
+			_ = f.Close()
+		}
+	}
+}
+
+// openHostFiles makes the sockets and opens the files of plan for QEMU. virtiofsd, if the
+// machine has one, must be listening already. On failure nothing stays open.
+func openHostFiles(plan bootPlan, logFile *os.File) (_ *hostFiles, retErr error) {
+	c, p := plan.cfg, plan.paths
+	h := &hostFiles{}
+	defer func() {
+		if retErr != nil {
+			h.close(logFile)
+		}
+	}()
+	var err error
+	if h.qmp, err = listenUnix(p.qmpSock); err != nil {
+		return nil, err
+	}
+	if c.Console == ConsoleSocket {
+		if h.console, err = listenUnix(p.console); err != nil {
+			return nil, err
+		}
+	}
+	for i := range c.Ports {
+		l, err := listenUnix(p.port(i))
+		if err != nil {
+			return nil, err
+		}
+		h.ports = append(h.ports, l)
+	}
+	if c.SharedFS == machine.VirtioFS {
+		conn, err := net.Dial("unix", p.virtiofsdSock)
+		if err != nil {
+			return nil, fmt.Errorf("connect to virtiofsd: %w", err)
+		}
+		h.virtiofsd, err = conn.(*net.UnixConn).File()
+		conn.Close()
+		if err != nil {
+			return nil, fmt.Errorf("connect to virtiofsd: %w", err)
+		}
+	}
+	load := func(what, path string) (string, error) {
+		f, err := os.Open(path)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", what, err)
+		}
+		h.inherit = append(h.inherit, f)
+		return devices.InheritedPath(len(h.inherit) - 1), nil
+	}
+	if c.Boot.Kernel != "" {
+		if h.kernel, err = load("kernel", c.Boot.Kernel); err != nil {
+			return nil, err
+		}
+		if c.Boot.Initrd != "" {
+			if h.initrd, err = load("initrd", c.Boot.Initrd); err != nil {
+				return nil, err
+			}
+		}
+		if c.Type == machine.Q35 {
+			if h.firmware, err = load("firmware", devices.QbootFirmware); err != nil {
+				return nil, err
+			}
+		}
+	}
+	fdSet := func(what, path string, flag, set int) (string, error) {
+		f, err := os.OpenFile(path, flag, 0)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", what, err)
+		}
+		h.fdSets = append(h.fdSets, devices.FDSet{File: f, Set: set})
+		return devices.FDSetPath(set), nil
+	}
+	if c.Boot.Kernel == "" && c.Boot.Firmware.Type == FirmwareUEFI {
+		if h.uefiCode, err = fdSet("UEFI code", c.Boot.Firmware.Code, os.O_RDONLY, uefiCodeFDSet); err != nil {
+			return nil, err
+		}
+		if h.uefiVars, err = fdSet("UEFI variable store", p.uefiVars, os.O_RDWR, uefiVarsFDSet); err != nil {
+			return nil, err
+		}
+	}
+	if c.Console == ConsoleLog {
+		// QEMU appends the console to its own stderr's file, opened write-only (fd sets
+		// hand out a descriptor by access mode)
+		h.fdSets = append(h.fdSets, devices.FDSet{File: logFile, Set: consoleLogFDSet})
+		h.consoleLog = devices.FDSetPath(consoleLogFDSet)
+	}
+	return h, nil
+}
+
+// listenUnix listens on a new unix socket at path and returns the listening descriptor.
+func listenUnix(path string) (*os.File, error) {
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false) // the path goes with the state dir; QEMU keeps listening
+	f, err := l.File()
+	l.Close()
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// qemuCredential is the user QEMU runs as with lease: the lease's uid and group, and the
+// group that opens /dev/kvm under KVM. Root's capabilities go with the uid change.
+func qemuCredential(lease *vmuser.Lease, accel machine.Accel) (*syscall.Credential, error) {
+	cred := &syscall.Credential{Uid: lease.UID, Gid: lease.GID(), Groups: []uint32{}}
+	if accel == machine.KVM {
+		gid, err := kvmGroup("/dev/kvm")
+		if err != nil {
+			return nil, err
+		}
+		if gid >= 0 {
+			cred.Groups = append(cred.Groups, uint32(gid))
+		}
+	}
+	return cred, nil
+}
+
+// kvmGroup is the group through which an unprivileged QEMU opens the KVM device at path:
+// -1 if anyone may, an error if only its owner may.
+func kvmGroup(path string) (int, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("kvm: %w", err)
+	}
+	switch {
+	case st.Mode&0o006 == 0o006:
+		return -1, nil
+	case st.Mode&0o060 == 0o060:
+		return int(st.Gid), nil
+	}
+	return 0, fmt.Errorf("kvm: %s (mode %04o, uid %d, gid %d) opens for its owner only, and QEMU runs as a user of its own: make it 0660 with a group (udev's rule gives group kvm), or run QEMU as root (node config isolation.qemu_user = \"root\")", path, st.Mode&0o7777, st.Uid, st.Gid)
+}
+
+// raiseMemlock lets an unprivileged QEMU pin guest RAM, which a passed-through device
+// (VFIO) needs all of, boot-plugged or hot-plugged: RLIMIT_MEMLOCK is inherited, and
+// QEMU's seccomp filter keeps it from changing its own. The shim is root and unaffected;
+// what QEMU may pin is still bounded by its cgroup's memory limit.
+// Raising it takes CAP_SYS_RESOURCE, which a shim in a restricted container may lack:
+// then only machines with passed-through devices fail, with this error.
+var raiseMemlock = sync.OnceValue(func() error {
+	inf := &unix.Rlimit{Cur: unix.RLIM_INFINITY, Max: unix.RLIM_INFINITY}
+	if err := unix.Prlimit(0, unix.RLIMIT_MEMLOCK, inf, nil); err != nil {
+		return fmt.Errorf("VFIO: QEMU runs as a user of its own and must pin guest RAM, but the shim cannot lift RLIMIT_MEMLOCK (%w; it needs CAP_SYS_RESOURCE)", err)
+	}
+	return nil
+})
+
+// grantVFIO gives the machine's QEMU user the VFIO group device of host function a, until
+// the teardown gives it back to its owner. QEMU opens /dev/vfio/<group> by path (QEMU 7.2
+// takes no descriptor for it); several functions of one group share one grant.
+func (m *Machine) grantVFIO(ctx context.Context, a devices.PCIAddress) error {
+	if m.lease == nil {
+		return nil
+	}
+	if err := raiseMemlock(); err != nil {
+		return err
+	}
+	g, err := devices.Sysfs{}.IOMMUGroupOf(a)
+	if err != nil {
+		return err
+	}
+	dev := filepath.Join("/dev/vfio", strconv.Itoa(g.Number))
+	m.vfioMu.Lock()
+	defer m.vfioMu.Unlock()
+	if m.vfioGranted[dev] {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(dev, &st); err != nil {
+		return fmt.Errorf("VFIO group of %s: %w", a, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFCHR {
+		return fmt.Errorf("VFIO group of %s: %s is not a character device", a, dev)
+	}
+	if err := os.Chown(dev, int(m.lease.UID), int(m.lease.GID())); err != nil {
+		return fmt.Errorf("VFIO group of %s: give %s to QEMU's user: %w", a, dev, err)
+	}
+	if m.vfioGranted == nil {
+		m.vfioGranted = map[string]bool{}
+	}
+	m.vfioGranted[dev] = true
+	uid, gid := int(st.Uid), int(st.Gid)
+	m.teardown.Add("give back "+dev, func() error { return os.Chown(dev, uid, gid) })
+	log.G(ctx).Debugf("vm %s: %s (group of %s) given to uid %d", m.cfg.Name, dev, a, m.lease.UID)
+	return nil
+}
+
+// qemuRecord names the file in the state dir that records QEMU's pid and start time: a
+// sweep after a dead shim finds its QEMU by it (QEMU's command line names no path of the
+// state dir any more), and a reused pid does not match the start time.
+const qemuRecord = "qemu.pid"
+
+func recordProcess(stateDir string, pid int) error {
+	start, err := processStart(pid)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(stateDir, qemuRecord), []byte(fmt.Sprintf("%d %d\n", pid, start)), 0o600)
+}
+
+// recordedProcess is the pid the state dir records if that process still runs, else 0.
+func recordedProcess(stateDir string) int {
+	b, err := os.ReadFile(filepath.Join(stateDir, qemuRecord))
+	if err != nil {
+		return 0
+	}
+	var pid int
+	var start uint64
+	if _, err := fmt.Sscanf(string(b), "%d %d", &pid, &start); err != nil || pid <= 0 {
+		return 0
+	}
+	if now, err := processStart(pid); err != nil || now != start {
+		return 0
+	}
+	return pid
+}
+
+// processStart is when pid started, in clock ticks after boot (/proc/<pid>/stat field 22).
+func processStart(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// "pid (comm) state ppid ...": comm may hold spaces and parentheses
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 20 {
+		return 0, errors.New("short /proc stat")
+	}
+	return strconv.ParseUint(f[19], 10, 64)
+}

@@ -1,0 +1,109 @@
+// Package vmuser leases host user IDs to VMs: each VM's QEMU runs as a user of its own, so
+// that a guest escaping through a device model owns one unprivileged process and nothing of
+// another pod (docs/design/014).
+//
+// A lease is an exclusive flock on <Dir>/<uid>. The lock lives in the open file, which the
+// VM's QEMU inherits: the uid stays taken while either the shim or its QEMU lives, and a
+// crash of both frees it without a sweep. Lock files are kept, never removed: removing
+// one another leaser has opened would let two VMs take the same uid.
+package vmuser
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// The node's default pool: the top 64 Ki uids of systemd's unassigned range
+// 0x70000000-0x7FFDFFFF (systemd.io/UIDS-GIDS), below the sign bit some tools trip on.
+const (
+	DefaultDir   = "/run/vmpod/users"
+	DefaultFirst = 0x7FFD0000
+	DefaultCount = 0x10000
+)
+
+// Default is the node's default pool.
+func Default() Pool { return Pool{Dir: DefaultDir, First: DefaultFirst, Count: DefaultCount} }
+
+// Pool is a range of host uids reserved for VMs. The gid of each lease is its uid: a
+// group of its own, that no file on the host belongs to.
+type Pool struct {
+	// Dir holds the lock files, one per uid ever leased.
+	Dir string
+	// First is the pool's first uid; Count how many it has.
+	First, Count uint32
+}
+
+// Validate names what is wrong with the range.
+func (p Pool) Validate() error {
+	switch {
+	case p.Dir == "" || !filepath.IsAbs(p.Dir):
+		return fmt.Errorf("vm users: lock directory %q is not an absolute path", p.Dir)
+	case p.First == 0 || p.Count == 0:
+		return fmt.Errorf("vm users: first uid %d and count %d must both be positive (uid 0 is root)", p.First, p.Count)
+	case uint64(p.First)+uint64(p.Count) > 1<<32-1:
+		return fmt.Errorf("vm users: %d uids from %d run past the last valid uid %d", p.Count, p.First, uint32(1<<32-2))
+	case p.contains(65534) || p.contains(65535):
+		return fmt.Errorf("vm users: uids %d..%d include nobody (65534) or the 16-bit -1 (65535)", p.First, p.Last())
+	}
+	return nil
+}
+
+// Last is the pool's last uid.
+func (p Pool) Last() uint32 { return p.First + p.Count - 1 }
+
+func (p Pool) contains(uid uint32) bool { return uid >= p.First && uid-p.First < p.Count }
+
+// ErrExhausted is returned when every uid of the pool is leased.
+var ErrExhausted = errors.New("every uid of the pool is in use")
+
+// Lease is one uid, held until Release.
+type Lease struct {
+	UID  uint32
+	lock *os.File
+}
+
+// GID is the lease's group: its uid.
+func (l *Lease) GID() uint32 { return l.UID }
+
+// File is the lock; the VM's processes inherit it so that the uid is not leased again
+// while any of them lives.
+func (l *Lease) File() *os.File { return l.lock }
+
+// Release gives the uid back once no process that inherited File holds it either.
+func (l *Lease) Release() error { return l.lock.Close() }
+
+// Lease takes the lowest free uid of the pool and records owner (for whoever looks at the
+// lock files: which VM has which uid).
+func (p Pool) Lease(owner string) (*Lease, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(p.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("vm users: %w", err)
+	}
+	for i := uint32(0); i < p.Count; i++ {
+		uid := p.First + i
+		f, err := os.OpenFile(filepath.Join(p.Dir, strconv.FormatUint(uint64(uid), 10)), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("vm users: lock uid %d: %w", uid, err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				continue
+			}
+			return nil, fmt.Errorf("vm users: lock uid %d: %w", uid, err)
+		}
+		// the record is informative: a failed write leaves the lease good
+		if err := f.Truncate(0); err == nil {
+			_, _ = f.WriteAt([]byte(owner+"\n"), 0)
+		}
+		return &Lease{UID: uid, lock: f}, nil
+	}
+	return nil, fmt.Errorf("vm users: %d uids from %d: %w", p.Count, p.First, ErrExhausted)
+}
