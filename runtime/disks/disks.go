@@ -42,8 +42,10 @@ type Disk struct {
 	File   *os.File // the image or block device, opened for QEMU
 	Format string   // raw or qcow2
 	Size   int64    // virtual size in bytes
-	// Overlay is the qcow2 overlay taking the guest's writes (image disks), or "".
-	Overlay string
+	// Overlay is the qcow2 overlay taking the guest's writes (image disks), or "", and
+	// OverlayFile it opened for QEMU (which may not reach the scratch dir itself).
+	Overlay     string
+	OverlayFile *os.File
 	// Blank is the file of an empty disk, made in the scratch dir, or "".
 	Blank string
 }
@@ -108,7 +110,7 @@ func open(ctx context.Context, d vmspec.Disk, spec *specs.Spec, opts Options) (*
 	}
 	if d.Source == vmspec.SourceImage && writable {
 		// the image is shared and read-only: the guest writes to a throwaway overlay
-		if disk.Overlay, err = makeOverlay(ctx, opts, d.Name, disk.Size); err != nil {
+		if disk.Overlay, disk.OverlayFile, err = makeOverlay(ctx, opts, d.Name, disk.Size); err != nil {
 			_ = f.Close()
 			return nil, err
 		}
@@ -323,16 +325,26 @@ func openBlockVolume(spec *specs.Spec, volume string, writable bool) (*os.File, 
 
 // makeOverlay creates an empty qcow2 of size bytes in the scratch dir. It records no
 // backing file: the machine stacks it on the image's node (devices.Disk.Backing).
-func makeOverlay(ctx context.Context, opts Options, name string, size int64) (string, error) {
+func makeOverlay(ctx context.Context, opts Options, name string, size int64) (string, *os.File, error) {
 	if opts.ScratchDir == "" {
-		return "", errors.New("no scratch space for the disk's overlay")
+		return "", nil, errors.New("no scratch space for the disk's overlay")
 	}
-	path := filepath.Join(opts.ScratchDir, ".vmpod-overlay-"+name+".qcow2")
+	base := ".vmpod-overlay-" + name + ".qcow2"
+	path := filepath.Join(opts.ScratchDir, base)
 	_ = os.Remove(path)
 	if _, err := runQEMUImg(ctx, opts.QEMUImg, nil, "create", "-q", "-f", "qcow2", path, fmt.Sprint(size)); err != nil {
-		return "", fmt.Errorf("overlay: %w", err)
+		return "", nil, fmt.Errorf("overlay: %w", err)
 	}
-	return path, nil
+	root, err := os.OpenRoot(opts.ScratchDir)
+	if err == nil {
+		defer root.Close()
+		var f *os.File
+		if f, err = root.OpenFile(base, os.O_RDWR, 0); err == nil {
+			return path, f, nil
+		}
+	}
+	_ = os.Remove(path)
+	return "", nil, fmt.Errorf("overlay: %w", err)
 }
 
 // makeBlank makes an empty disk: a sparse raw file of the disk's size in the scratch dir.
@@ -379,6 +391,9 @@ func (s *Set) Close() error {
 	var errs []error
 	for _, d := range s.Disks {
 		errs = append(errs, d.File.Close())
+		if d.OverlayFile != nil {
+			errs = append(errs, d.OverlayFile.Close())
+		}
 		for _, made := range []string{d.Overlay, d.Blank} {
 			if made == "" {
 				continue
@@ -408,11 +423,14 @@ func (s *Set) Machine() ([]devices.Device, []vmm.FDSetFile, error) {
 			ReadOnly: d.Spec.ReadOnly || d.Spec.Device == vmspec.DeviceCDROM}
 		dev := &devices.Disk{DeviceID: fmt.Sprintf("disk%d", i), Bus: devices.DiskBus(d.Spec.Bus),
 			CDROM: d.Spec.Device == vmspec.DeviceCDROM, Image: image, Serial: serial(d.Spec.Name), BootIndex: d.Spec.BootOrder}
-		if d.Overlay != "" {
+		if d.OverlayFile != nil {
+			// the overlays' sets follow the images'
+			overlaySet := s.opts.FirstFDSet + len(s.Disks) + i
+			files = append(files, vmm.FDSetFile{File: d.OverlayFile, Set: overlaySet})
 			base := image
 			base.ReadOnly = true
 			dev.Backing = &base
-			dev.Image = devices.Blockdev{Format: "qcow2", Protocol: "file", Filename: d.Overlay}
+			dev.Image = devices.Blockdev{Format: "qcow2", Protocol: "file", Filename: devices.FDSetPath(overlaySet)}
 		}
 		switch dev.Bus {
 		case devices.BusSATA:

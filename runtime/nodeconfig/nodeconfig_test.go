@@ -55,6 +55,10 @@ func TestLoadRejectsBadInputNamingTheKey(t *testing.T) {
 		"not toml":          {"[hypervisor\n", "config"},
 		"wrong type":        {"[sizing]\nmax_vcpus = \"many\"\n", "max_vcpus"},
 		"bad vfio_bind":     {"[devices]\nvfio_bind = [\"10de:*\", \"nvidia\"]\n", "devices.vfio_bind[1]: \"nvidia\""},
+		"bad qemu_user":     {"[isolation]\nqemu_user = \"qemu\"\n", "isolation.qemu_user: \"qemu\""},
+		"uids with root":    {"[isolation]\nfirst_uid = 0\n", "isolation: vm users: first uid 0"},
+		"uids with nobody":  {"[isolation]\nfirst_uid = 60000\nuids = 10000\n", "include nobody"},
+		"9p with own users": {"[hypervisor]\nshared_fs = \"9p\"\n", "hypervisor.shared_fs: 9p makes QEMU the file server"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
