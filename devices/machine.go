@@ -158,6 +158,8 @@ type UEFI struct {
 type FDSet struct {
 	File *os.File
 	Set  int
+	// Opaque describes the file (-add-fd opaque=, shown by query-fdsets and ps).
+	Opaque string
 }
 
 // InheritedPath is how QEMU names Machine.Inherit[i]: Render passes those first.

@@ -138,7 +138,11 @@ func (vm *VM) Render() (args []string, files []*os.File) {
 	files = append(files, vm.machine.Inherit...) // first: InheritedPath numbers them so
 	args, files = vm.machine.args(shared, files)
 	for _, s := range vm.machine.FDSets {
-		args = append(args, "-add-fd", newOptions("").add("fd", strconv.Itoa(3+len(files))).add("set", strconv.Itoa(s.Set)).String())
+		o := newOptions("").add("fd", strconv.Itoa(3+len(files))).add("set", strconv.Itoa(s.Set))
+		if s.Opaque != "" {
+			o.add("opaque", s.Opaque)
+		}
+		args = append(args, "-add-fd", o.String())
 		files = append(files, s.File)
 	}
 	if vm.ports != nil {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"fmt"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -69,15 +68,15 @@ func TestBenchMigration(t *testing.T) {
 	}
 	migrate := func(opts vmm.MigrationOptions) result {
 		next := machineOn(true)
-		uri := "unix:" + filepath.Join(root, next.Name(), "migrate.sock")
-		if err := next.AcceptMigration(ctx, uri, opts); err != nil {
+		out, in := testenv.MigrationStream(t)
+		if err := next.AcceptMigration(ctx, in, opts); err != nil {
 			t.Fatal(err)
 		}
 		pinger, gaps := pingGaps(t, ns.Name, "10.99.0.2")
 		time.Sleep(time.Second) // a few replies before
 		incoming := make(chan error, 1)
 		go func() { _, err := next.AwaitIncoming(ctx); incoming <- err }()
-		info, err := cur.Migrate(ctx, uri, opts)
+		info, err := cur.Migrate(ctx, out, opts)
 		if err != nil {
 			_ = pinger.Process.Kill()
 			<-gaps

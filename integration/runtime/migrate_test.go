@@ -3,7 +3,6 @@ package runtime_test
 import (
 	"errors"
 	"fmt"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -63,12 +62,12 @@ func TestLiveMigration(t *testing.T) {
 
 	// A migration that cannot finish in time is cancelled; the source runs on.
 	slow := testenv.StartGuestVM(t, ctx, config("mig-slow", true))
-	slowURI := "unix:" + filepath.Join(root, "mig-slow", "migrate.sock")
-	if err := slow.AcceptMigration(ctx, slowURI, vmm.MigrationOptions{}); err != nil {
+	slowOut, slowIn := testenv.MigrationStream(t)
+	if err := slow.AcceptMigration(ctx, slowIn, vmm.MigrationOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	var polls int
-	_, err := src.Migrate(ctx, slowURI, vmm.MigrationOptions{
+	_, err := src.Migrate(ctx, slowOut, vmm.MigrationOptions{
 		MaxBandwidth:      1 << 20,
 		CompletionTimeout: 2 * time.Second,
 		Progress:          func(qmp.MigrationInfo) { polls++ },
@@ -86,16 +85,16 @@ func TestLiveMigration(t *testing.T) {
 
 	// The real one.
 	dst := testenv.StartGuestVM(t, ctx, config("mig-dst", true))
-	if _, err := dst.Migrate(ctx, "unix:/nowhere", vmm.MigrationOptions{}); !errdefs.IsFailedPrecondition(err) {
+	out, in := testenv.MigrationStream(t)
+	if _, err := dst.Migrate(ctx, in, vmm.MigrationOptions{}); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("migrating a target that received nothing: %v, want FailedPrecondition", err)
 	}
-	uri := "unix:" + filepath.Join(root, "mig-dst", "migrate.sock")
-	if err := dst.AcceptMigration(ctx, uri, vmm.MigrationOptions{}); err != nil {
+	if err := dst.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	incoming := make(chan error, 1)
 	go func() { _, err := dst.AwaitIncoming(ctx); incoming <- err }()
-	info, err := src.Migrate(ctx, uri, vmm.MigrationOptions{DowntimeLimit: 50 * time.Millisecond, MaxBandwidth: 1 << 30})
+	info, err := src.Migrate(ctx, out, vmm.MigrationOptions{DowntimeLimit: 50 * time.Millisecond, MaxBandwidth: 1 << 30})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,12 +137,12 @@ func TestLiveMigration(t *testing.T) {
 	cur := dst
 	for i := range 3 {
 		next := testenv.StartGuestVM(t, ctx, config(fmt.Sprintf("mig-hop%d", i), true))
-		uri := "unix:" + filepath.Join(root, next.Name(), "migrate.sock")
-		if err := next.AcceptMigration(ctx, uri, vmm.MigrationOptions{}); err != nil {
+		out, in := testenv.MigrationStream(t)
+		if err := next.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		go func() { _, err := next.AwaitIncoming(ctx); incoming <- err }()
-		info, err := cur.Migrate(ctx, uri, vmm.MigrationOptions{DowntimeLimit: 50 * time.Millisecond, MaxBandwidth: 1 << 30, AutoConverge: true})
+		info, err := cur.Migrate(ctx, out, vmm.MigrationOptions{DowntimeLimit: 50 * time.Millisecond, MaxBandwidth: 1 << 30, AutoConverge: true})
 		if err != nil {
 			t.Fatalf("hop %d: %v", i, err)
 		}

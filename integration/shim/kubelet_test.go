@@ -251,14 +251,7 @@ func assertVCPUsOn(t *testing.T, pod *testenv.Pod, cpus string) {
 // podQEMU is the pid of the pod's QEMU.
 func podQEMU(t *testing.T, pod *testenv.Pod) int {
 	t.Helper()
-	for _, p := range testenv.LiveProcessesMentioning(testenv.PodStateDir(t, pod.ID) + "/") {
-		if strings.Contains(p, "qemu-system") {
-			pid, _, _ := strings.Cut(p, ":")
-			return atoi(t, pid)
-		}
-	}
-	t.Fatalf("no QEMU for pod %s", pod.ID)
-	return 0
+	return testenv.QEMUPid(t, pod.ID)
 }
 
 func atoi(t *testing.T, s string) int {

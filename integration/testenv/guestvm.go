@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -35,24 +36,37 @@ func GuestDisk(t testing.TB) string {
 	return disk
 }
 
-// GuestVMConfig runs QEMU as root: the disk is a qcow2 overlay that names its base by
-// path, which QEMU opens itself. (VM pods open every image in the shim: runtime/disks.)
-//
 // GuestVMConfig is a q35 machine of 1 vCPU and memMiB booting disk (GuestDisk) with
-// SeaBIOS, its guest agent's port and its console in its log, its state in root/name.
+// SeaBIOS, its guest agent's port and its console in its log, its state in root/name. Its
+// QEMU runs as a user of its own and gets the overlay and its base as descriptors, as a
+// VM pod's (runtime/disks).
 func GuestVMConfig(t testing.TB, root, name, disk string, memMiB int) vmm.Config {
+	t.Helper()
+	open := func(path string, flag int) *os.File {
+		f, err := os.OpenFile(path, flag, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() }) // QEMU holds its own copy
+		return f
+	}
+	base, overlay := open(os.Getenv(EnvVMGuestRaw), os.O_RDONLY), open(disk, os.O_RDWR)
 	return vmm.Config{
 		Name:      name,
 		StateDir:  filepath.Join(root, name),
 		LogPath:   filepath.Join(t.TempDir(), name+".log"),
+		Users:     QEMUUsers(),
 		Type:      machine.Q35,
 		VCPUs:     1,
 		MemoryMiB: memMiB,
 		Boot:      vmm.Boot{Firmware: vmm.Firmware{Type: vmm.FirmwareBIOS}},
 		Ports:     []string{qga.PortName},
 		Console:   vmm.ConsoleLog,
-		Devices:   []devices.Device{&devices.VirtioBlk{DeviceID: "disk0", Path: disk, Format: "qcow2", BootIndex: 1}},
-		Reboot:    true,
+		Files:     []vmm.FDSetFile{{File: base, Set: 1}, {File: overlay, Set: 2}},
+		Devices: []devices.Device{&devices.Disk{DeviceID: "disk0", Bus: devices.BusVirtio, BootIndex: 1,
+			Image:   devices.Blockdev{Format: "qcow2", Protocol: "file", Filename: devices.FDSetPath(2)},
+			Backing: &devices.Blockdev{Format: "raw", Protocol: "file", Filename: devices.FDSetPath(1), ReadOnly: true}}},
+		Reboot: true,
 	}
 }
 
@@ -125,4 +139,18 @@ func TailFile(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// MigrationStream is a connected pair for a migration on one host: the source's end and
+// the target's (vmm.Machine.Migrate and AcceptMigration). The test's copies are closed
+// when it ends; the QEMUs hold their own.
+func MigrationStream(t testing.TB) (source, target *os.File) {
+	t.Helper()
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	source, target = os.NewFile(uintptr(fds[0]), "migration-source"), os.NewFile(uintptr(fds[1]), "migration-target")
+	t.Cleanup(func() { source.Close(); target.Close() })
+	return source, target
 }

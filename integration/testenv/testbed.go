@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/vmpod/vmpod/runtime/vmm"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -374,16 +375,12 @@ func LiveProcessesMentioning(s string) []string {
 	return live
 }
 
-// QEMUPid finds the QEMU of a pod.
+// QEMUPid finds the QEMU of a pod: by the record in its state dir, since its command
+// line names no path (docs/design/014).
 func QEMUPid(t testing.TB, podID string) int {
 	t.Helper()
-	for _, p := range LiveProcessesMentioning(PodStateDir(t, podID)) {
-		pid, cmdline, _ := strings.Cut(p, ": ")
-		if strings.Contains(cmdline, "qemu-system") {
-			var n int
-			fmt.Sscan(pid, &n)
-			return n
-		}
+	if pid := vmm.QEMUOf(PodStateDir(t, podID)); pid > 0 {
+		return pid
 	}
 	t.Fatalf("no QEMU for pod %s", podID)
 	return 0

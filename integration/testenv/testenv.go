@@ -116,6 +116,14 @@ func AssertNoLeaks(t testing.TB, stateDir string) {
 	if procs := ProcessesMentioning(stateDir); len(procs) > 0 {
 		t.Errorf("leak: processes still running for %s: %s", stateDir, strings.Join(procs, "; "))
 	}
+	// QEMU's command line names no path (docs/design/014): it holds its uid's lease
+	held, err := QEMUUsers().Held(stateDir)
+	if err != nil {
+		t.Errorf("leak check: %v", err)
+	}
+	if len(held) > 0 {
+		t.Errorf("leak: QEMU uids %v, leased for %s, are still held (a QEMU or its shim lives)", held, stateDir)
+	}
 	if mounts := MountsUnder(stateDir); len(mounts) > 0 {
 		t.Errorf("leak: mounts still below %s: %s", stateDir, strings.Join(mounts, ", "))
 	}

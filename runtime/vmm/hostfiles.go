@@ -34,6 +34,10 @@ const (
 	consoleLogFDSet = machineFDSets
 	uefiCodeFDSet   = machineFDSets + 1
 	uefiVarsFDSet   = machineFDSets + 2
+	// stateFDSet holds a copy of the QMP listener that QEMU never uses: its description
+	// names the state dir on QEMU's command line, which nothing else does any more, so
+	// that ps, an operator and a path-based leak check see whose QEMU it is.
+	stateFDSet = machineFDSets + 3
 )
 
 // hostFiles are the descriptors QEMU inherits for what its command line names. The
@@ -85,6 +89,11 @@ func openHostFiles(plan bootPlan, logFile *os.File) (_ *hostFiles, retErr error)
 	if h.qmp, err = listenUnix(p.qmpSock); err != nil {
 		return nil, err
 	}
+	fd, err := unix.FcntlInt(h.qmp.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", p.qmpSock, err)
+	}
+	h.fdSets = append(h.fdSets, devices.FDSet{File: os.NewFile(uintptr(fd), p.qmpSock), Set: stateFDSet, Opaque: p.qmpSock})
 	if c.Console == ConsoleSocket {
 		if h.console, err = listenUnix(p.console); err != nil {
 			return nil, err
@@ -136,7 +145,7 @@ func openHostFiles(plan bootPlan, logFile *os.File) (_ *hostFiles, retErr error)
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", what, err)
 		}
-		h.fdSets = append(h.fdSets, devices.FDSet{File: f, Set: set})
+		h.fdSets = append(h.fdSets, devices.FDSet{File: f, Set: set, Opaque: path})
 		return devices.FDSetPath(set), nil
 	}
 	if c.Boot.Kernel == "" && c.Boot.Firmware.Type == FirmwareUEFI {
@@ -150,7 +159,7 @@ func openHostFiles(plan bootPlan, logFile *os.File) (_ *hostFiles, retErr error)
 	if c.Console == ConsoleLog {
 		// QEMU appends the console to its own stderr's file, opened write-only (fd sets
 		// hand out a descriptor by access mode)
-		h.fdSets = append(h.fdSets, devices.FDSet{File: logFile, Set: consoleLogFDSet})
+		h.fdSets = append(h.fdSets, devices.FDSet{File: logFile, Set: consoleLogFDSet, Opaque: c.LogPath})
 		h.consoleLog = devices.FDSetPath(consoleLogFDSet)
 	}
 	return h, nil
@@ -270,8 +279,9 @@ func recordProcess(stateDir string, pid int) error {
 	return os.WriteFile(filepath.Join(stateDir, qemuRecord), []byte(fmt.Sprintf("%d %d\n", pid, start)), 0o600)
 }
 
-// recordedProcess is the pid the state dir records if that process still runs, else 0.
-func recordedProcess(stateDir string) int {
+// QEMUOf is the pid of the QEMU of the machine with state dir stateDir, if it runs (its
+// record there names a live process of the same start time), else 0.
+func QEMUOf(stateDir string) int {
 	b, err := os.ReadFile(filepath.Join(stateDir, qemuRecord))
 	if err != nil {
 		return 0

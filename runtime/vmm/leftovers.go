@@ -27,7 +27,7 @@ func CleanupState(stateDir string) error {
 	}
 	var errs []error
 	pids := processesNaming(stateDir) // virtiofsd, and QEMUs of older shims
-	if pid := recordedProcess(stateDir); pid > 0 && !slices.Contains(pids, pid) {
+	if pid := QEMUOf(stateDir); pid > 0 && !slices.Contains(pids, pid) {
 		pids = append(pids, pid)
 	}
 	for _, pid := range pids {

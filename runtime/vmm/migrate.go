@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -16,8 +17,10 @@ import (
 // Live migration of a machine (issue 12, docs/design/207): the target is a second Machine
 // started from the same Config (its own StateDir, taps and files) with Incoming set; it
 // listens (AcceptMigration), the source sends its state there (Migrate) and the target's
-// guest goes on where the source's stopped. The stream's transport is the caller's: a
-// URI both QEMUs can reach ("unix:/path", or "fd:" for a connection the caller made).
+// guest goes on where the source's stopped. The stream's transport is the caller's: each
+// QEMU is handed its end as a descriptor (a socket pair on one host, a connection the
+// shims made between nodes), since a QEMU running as a user of its own can neither bind
+// nor reach a socket path on the host (docs/design/014).
 
 // MigrationOptions tune one migration. Both sides take the capabilities, the source the
 // rest. Zero values keep QEMU's defaults.
@@ -67,9 +70,24 @@ func (m *Machine) canMigrate() error {
 	return nil
 }
 
-// AcceptMigration makes a machine started with Config.Incoming listen for its state on
-// uri. It returns once QEMU listens; AwaitIncoming follows the migration.
-func (m *Machine) AcceptMigration(ctx context.Context, uri string, opts MigrationOptions) error {
+// migrationFD is the name under which a migration's stream is handed to QEMU (getfd).
+const migrationFD = "migration"
+
+// handStream passes stream to QEMU for a migration and returns the URI that names it.
+func (m *Machine) handStream(ctx context.Context, stream *os.File) (string, error) {
+	if stream == nil {
+		return "", fmt.Errorf("no migration stream: %w", errdefs.ErrInvalidArgument)
+	}
+	if err := m.mon.GetFD(ctx, migrationFD, stream); err != nil {
+		return "", err
+	}
+	return "fd:" + migrationFD, nil
+}
+
+// AcceptMigration makes a machine started with Config.Incoming read its state from
+// stream, a connection to the source (QEMU keeps its own copy; the caller may close
+// its). It returns once QEMU reads; AwaitIncoming follows the migration.
+func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts MigrationOptions) error {
 	if !m.cfg.Incoming {
 		return fmt.Errorf("vm %s: accept a migration: the machine was not started to receive one (Config.Incoming): %w", m.cfg.Name, errdefs.ErrFailedPrecondition)
 	}
@@ -79,10 +97,14 @@ func (m *Machine) AcceptMigration(ctx context.Context, uri string, opts Migratio
 	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
 		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
 	}
-	if err := m.mon.MigrateIncoming(ctx, uri); err != nil {
-		return fmt.Errorf("vm %s: accept a migration on %s: %w", m.cfg.Name, uri, err)
+	uri, err := m.handStream(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
 	}
-	log.G(ctx).Infof("vm %s: waiting for a migration on %s", m.cfg.Name, uri)
+	if err := m.mon.MigrateIncoming(ctx, uri); err != nil {
+		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, errors.Join(err, m.mon.CloseFD(context.WithoutCancel(ctx), migrationFD)))
+	}
+	log.G(ctx).Infof("vm %s: waiting for a migration", m.cfg.Name)
 	return nil
 }
 
@@ -120,7 +142,8 @@ func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 	}
 }
 
-// Migrate sends the running machine's state to uri, where the target listens, and
+// Migrate sends the running machine's state over stream, a connection to the target
+// (QEMU keeps its own copy; the caller may close its), and
 // returns QEMU's final account of it. On success the guest runs on the target and this
 // machine is stopped for good (QEMU's postmigrate state): the caller quits it. When the
 // migration fails or is cancelled (ctx, CompletionTimeout, ProgressTimeout) the guest
@@ -129,7 +152,7 @@ func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 // only once QEMU has finished the migration one way or the other, or has exited, or
 // cannot be asked any more (maxQueryErrors in a row, after a last cancel): then the
 // outcome is unknown and the error says so.
-func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions) (qmp.MigrationInfo, error) {
+func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOptions) (qmp.MigrationInfo, error) {
 	if err := m.canMigrate(); err != nil {
 		return qmp.MigrationInfo{}, err
 	}
@@ -140,7 +163,7 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 		}
 	}
 	fail := func(err error) (qmp.MigrationInfo, error) {
-		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate to %s: %w", m.cfg.Name, uri, err)
+		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, err)
 	}
 	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
 		return fail(err)
@@ -150,11 +173,15 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 			return fail(err)
 		}
 	}
-	start := time.Now()
-	if err := m.mon.Migrate(ctx, uri); err != nil {
+	uri, err := m.handStream(ctx, stream)
+	if err != nil {
 		return fail(err)
 	}
-	log.G(ctx).Infof("vm %s: migrating to %s", m.cfg.Name, uri)
+	start := time.Now()
+	if err := m.mon.Migrate(ctx, uri); err != nil {
+		return fail(errors.Join(err, m.mon.CloseFD(context.WithoutCancel(ctx), migrationFD)))
+	}
+	log.G(ctx).Infof("vm %s: migrating", m.cfg.Name)
 
 	var (
 		lowest      uint64
@@ -195,7 +222,7 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 				}
 				// neither success nor a cancel can be promised: the caller must look at both
 				// machines before ending either
-				return info, fmt.Errorf("vm %s: migrate to %s: outcome unknown (QEMU stopped answering; a cancel was asked): %w", m.cfg.Name, uri, err)
+				return info, fmt.Errorf("vm %s: migrate: outcome unknown (QEMU stopped answering; a cancel was asked): %w", m.cfg.Name, err)
 			}
 		default:
 			queryErrors = 0
@@ -221,14 +248,14 @@ func (m *Machine) Migrate(ctx context.Context, uri string, opts MigrationOptions
 				return info, nil
 			case qmp.MigrationFailed:
 				if cancelling != nil {
-					return info, fmt.Errorf("vm %s: migrate to %s: %w (%w): failed: %s", m.cfg.Name, uri, ErrMigrationCancelled, cancelling, info.ErrorDesc)
+					return info, fmt.Errorf("vm %s: migrate: %w (%w): failed: %s", m.cfg.Name, ErrMigrationCancelled, cancelling, info.ErrorDesc)
 				}
-				return info, fmt.Errorf("vm %s: migrate to %s: failed: %s", m.cfg.Name, uri, info.ErrorDesc)
+				return info, fmt.Errorf("vm %s: migrate: failed: %s", m.cfg.Name, info.ErrorDesc)
 			case qmp.MigrationCancelled:
 				if cancelling == nil {
 					cancelling = errors.New("cancelled in QEMU")
 				}
-				return info, fmt.Errorf("vm %s: migrate to %s: %w: %w", m.cfg.Name, uri, ErrMigrationCancelled, cancelling)
+				return info, fmt.Errorf("vm %s: migrate: %w: %w", m.cfg.Name, ErrMigrationCancelled, cancelling)
 			}
 			if cancelling == nil {
 				if rem := info.Remaining(); info.RAM != nil && (!seen || rem < lowest) {

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"os"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -21,13 +22,13 @@ func TestMigrationRefusals(t *testing.T) {
 		want func(error) bool
 	}{
 		{"virtio-fs source", Config{Name: "a", SharedFS: machine.VirtioFS},
-			func(m *Machine) error { _, err := m.Migrate(ctx, "unix:/x", MigrationOptions{}); return err }, errdefs.IsNotImplemented},
+			func(m *Machine) error { _, err := m.Migrate(ctx, os.Stdin, MigrationOptions{}); return err }, errdefs.IsNotImplemented},
 		{"virtio-fs target", Config{Name: "a", SharedFS: machine.VirtioFS, Incoming: true},
-			func(m *Machine) error { return m.AcceptMigration(ctx, "unix:/x", MigrationOptions{}) }, errdefs.IsNotImplemented},
+			func(m *Machine) error { return m.AcceptMigration(ctx, os.Stdin, MigrationOptions{}) }, errdefs.IsNotImplemented},
 		{"VFIO source", Config{Name: "a", HostDevices: []devices.PCIAddress{{Bus: 1}}},
-			func(m *Machine) error { _, err := m.Migrate(ctx, "unix:/x", MigrationOptions{}); return err }, errdefs.IsFailedPrecondition},
+			func(m *Machine) error { _, err := m.Migrate(ctx, os.Stdin, MigrationOptions{}); return err }, errdefs.IsFailedPrecondition},
 		{"target not started incoming", Config{Name: "a"},
-			func(m *Machine) error { return m.AcceptMigration(ctx, "unix:/x", MigrationOptions{}) }, errdefs.IsFailedPrecondition},
+			func(m *Machine) error { return m.AcceptMigration(ctx, os.Stdin, MigrationOptions{}) }, errdefs.IsFailedPrecondition},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

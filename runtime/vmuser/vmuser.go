@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -106,4 +107,36 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 		return &Lease{UID: uid, lock: f}, nil
 	}
 	return nil, fmt.Errorf("vm users: %d uids from %d: %w", p.Count, p.First, ErrExhausted)
+}
+
+// Held lists the uids whose lease some process still holds and whose record names owner
+// (a leak check: after a VM's teardown and its QEMU's exit, none may be left).
+func (p Pool) Held(owner string) ([]uint32, error) {
+	entries, err := os.ReadDir(p.Dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var held []uint32
+	for _, e := range entries {
+		uid, err := strconv.ParseUint(e.Name(), 10, 32)
+		if err != nil || !p.contains(uint32(uid)) {
+			continue
+		}
+		f, err := os.OpenFile(filepath.Join(p.Dir, e.Name()), os.O_RDONLY|unix.O_NOFOLLOW, 0)
+		if err != nil {
+			continue
+		}
+		record := make([]byte, 4096)
+		n, _ := f.ReadAt(record, 0)
+		if strings.Contains(string(record[:n]), owner) {
+			if err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
+				held = append(held, uint32(uid))
+			}
+		}
+		f.Close()
+	}
+	return held, nil
 }

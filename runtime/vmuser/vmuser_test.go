@@ -30,8 +30,14 @@ func TestLeasesAreExclusiveAndReused(t *testing.T) {
 	if string(b) != "vmb\n" {
 		t.Errorf("lock file of 5001 records %q", b)
 	}
+	if held, err := p.Held("vmb"); err != nil || len(held) != 1 || held[0] != 5001 {
+		t.Errorf("Held(vmb) = %v, %v; want [5001]", held, err)
+	}
 	if err := leases[1].Release(); err != nil {
 		t.Fatal(err)
+	}
+	if held, err := p.Held("vmb"); err != nil || len(held) != 0 {
+		t.Errorf("Held(vmb) after its release = %v, %v; want none", held, err)
 	}
 	l, err := p.Lease("vme")
 	if err != nil || l.UID != 5001 {
