@@ -71,7 +71,7 @@ func groupNode(path string) (devices.CharDevice, error) {
 	return devices.CharDevice{Path: path, Major: unix.Major(uint64(st.Rdev)), Minor: unix.Minor(uint64(st.Rdev))}, nil
 }
 
-func run(ctx context.Context, kernel, initrd, coldplug, hotplug string, allow []string, stateDir string) error {
+func run(ctx context.Context, kernel, initrd, coldplug, hotplug string, allow []string, stateDir string) (retErr error) {
 	var sysfs devices.Sysfs
 
 	// Cold plug: the device plugin's group node.
@@ -141,7 +141,37 @@ func run(ctx context.Context, kernel, initrd, coldplug, hotplug string, allow []
 	if err != nil {
 		return fmt.Errorf("start L2: %w", err)
 	}
-	defer func() { _ = m.Kill() }()
+	defer func() {
+		_ = m.Kill()
+		// the teardown gives the group device back to its owner
+		var st unix.Stat_t
+		if err := unix.Stat(coldplug, &st); err == nil && st.Uid != 0 && retErr == nil {
+			retErr = fmt.Errorf("%s still belongs to uid %d after the VM", coldplug, st.Uid)
+		}
+	}()
+	// the proof covers an unprivileged QEMU: its own uid, no capabilities, given the
+	// group device for its life (docs/design/014)
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.Pid()))
+	if err != nil {
+		return err
+	}
+	var uid, capEff string
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "Uid:"); ok {
+			uid = strings.Fields(v)[0]
+		}
+		if v, ok := strings.CutPrefix(l, "CapEff:"); ok {
+			capEff = strings.TrimSpace(v)
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(coldplug, &st); err != nil {
+		return err
+	}
+	if uid == "0" || capEff != "0000000000000000" || fmt.Sprint(st.Uid) != uid {
+		return fmt.Errorf("L2's QEMU runs as uid %s with CapEff %s, and %s belongs to uid %d: want an unprivileged QEMU owning the group", uid, capEff, coldplug, st.Uid)
+	}
+	logf("L2's QEMU runs as uid %s without capabilities; %s is given to it", uid, coldplug)
 	conn, err := m.DialConsole(ctx)
 	if err != nil {
 		return err
