@@ -2,6 +2,7 @@ package shim_test
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -71,34 +72,7 @@ func TestContainerChurn(t *testing.T) {
 	baseFDs, baseRSS := shimFDs(t, shim), shimRSSKiB(t, shim)
 
 	start := time.Now()
-	next := make(chan int)
-	errs := make(chan error, churnWorkers)
-	for range churnWorkers {
-		go func() {
-			for i := range next {
-				if err := cycle(fmt.Sprintf("c%d", i)); err != nil {
-					errs <- err
-					return
-				}
-			}
-			errs <- nil
-		}()
-	}
-feed:
-	for i := range churnCycles {
-		select {
-		case next <- i:
-		case err := <-errs: // a worker stopped early
-			t.Error(err)
-			break feed
-		}
-	}
-	close(next)
-	for range churnWorkers {
-		if err := <-errs; err != nil {
-			t.Error(err)
-		}
-	}
+	runCycles(t, churnCycles, churnWorkers, func(i int) error { return cycle(fmt.Sprintf("c%d", i)) })
 	took := time.Since(start)
 	fds, rss := shimFDs(t, shim), shimRSSKiB(t, shim)
 	t.Logf("%d cycles, %d at a time, in %v (%v each); shim fds %d → %d, RSS %d → %d KiB",
@@ -110,6 +84,41 @@ feed:
 	// ~10 MiB over the cycles
 	if rss > baseRSS+8<<10 {
 		t.Errorf("the shim's RSS grew from %d to %d KiB over %d cycles", baseRSS, rss, churnCycles)
+	}
+}
+
+// runCycles runs cycle(0) to cycle(n-1), workers at a time. The first error of a worker
+// ends that worker and stops handing out cycles; every error fails the test.
+func runCycles(t *testing.T, n, workers int, cycle func(i int) error) {
+	next, errs := make(chan int), make(chan error, workers)
+	for range workers {
+		go func() {
+			// a helper's t.Fatal ends this goroutine: it still reports
+			err := errors.New("a cycle failed the test")
+			defer func() { errs <- err }()
+			for i := range next {
+				if err = cycle(i); err != nil {
+					return
+				}
+			}
+			err = nil
+		}()
+	}
+feed:
+	for i := range n {
+		select {
+		case next <- i:
+		case err := <-errs: // a worker stopped early
+			t.Error(err)
+			workers--
+			break feed
+		}
+	}
+	close(next)
+	for range workers {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
 	}
 }
 

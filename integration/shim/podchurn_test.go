@@ -69,35 +69,7 @@ func TestPodChurn(t *testing.T) {
 	before := host()
 
 	start := time.Now()
-	next, errs := make(chan int), make(chan error, podWorkers)
-	for range podWorkers {
-		go func() {
-			// a helper's t.Fatal ends this goroutine: it still reports
-			err := fmt.Errorf("a pod cycle failed the test")
-			defer func() { errs <- err }()
-			for i := range next {
-				if err = cycle(i); err != nil {
-					return
-				}
-			}
-			err = nil
-		}()
-	}
-feed:
-	for i := range cycles {
-		select {
-		case next <- i:
-		case err := <-errs:
-			t.Error(err)
-			break feed
-		}
-	}
-	close(next)
-	for range podWorkers {
-		if err := <-errs; err != nil {
-			t.Error(err)
-		}
-	}
+	runCycles(t, cycles, podWorkers, cycle)
 	took := time.Since(start)
 	after := host()
 	t.Logf("%d pod cycles, %d at a time, in %v (%v each); before %+v, after %+v",
