@@ -1,14 +1,10 @@
 package runtime_test
 
 import (
-	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/vmpod/vmpod/integration/testenv"
@@ -67,24 +63,7 @@ func TestQEMUIsUnprivileged(t *testing.T) {
 
 	// A process with QEMU A's credentials: it can read its own QEMU's /proc (the control:
 	// the helper does run and can read what its uid owns) and nothing of B's.
-	uid, _ := strconv.ParseUint(uidA, 10, 32)
-	gid, _ := strconv.ParseUint(strings.Fields(stA["Gid"])[0], 10, 32)
-	as := func(script string) (int, string) {
-		t.Helper()
-		cmd := exec.Command("/bin/sh", "-c", script)
-		cmd.Dir = "/"
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		err := cmd.Run()
-		if exit, ok := err.(*exec.ExitError); ok {
-			return exit.ExitCode(), out.String()
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return 0, out.String()
-	}
+	as := func(script string) (int, string) { return testenv.AsUserOf(t, pidA, script) }
 	if code, out := as(fmt.Sprintf("head -c 1 /proc/%d/environ >/dev/null && kill -0 %d", pidA, pidA)); code != 0 {
 		t.Fatalf("control: as QEMU A's user, reading QEMU A's environ and signalling it: exit %d: %s", code, out)
 	}

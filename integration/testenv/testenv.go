@@ -6,10 +6,14 @@ package testenv
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -261,4 +265,36 @@ func WaitOutput(ctx context.Context, p *vmpodagent.Process) (runtime.Exit, error
 func QEMUUsers() *vmuser.Pool {
 	p := vmuser.Default()
 	return &p
+}
+
+// AsUserOf runs script with /bin/sh as the user and group process pid runs as (no
+// supplementary groups) and returns its exit status and output: what a process with
+// those credentials — a guest that took over that QEMU — may do on the host.
+func AsUserOf(t testing.TB, pid int, script string) (int, string) {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uid, gid uint64
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "Uid:"); ok {
+			uid, _ = strconv.ParseUint(strings.Fields(v)[0], 10, 32)
+		}
+		if v, ok := strings.CutPrefix(l, "Gid:"); ok {
+			gid, _ = strconv.ParseUint(strings.Fields(v)[0], 10, 32)
+		}
+	}
+	cmd := exec.Command("/bin/sh", "-c", script)
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if errors.As(err, &exit) {
+		return exit.ExitCode(), string(out)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return 0, string(out)
 }

@@ -597,8 +597,18 @@ func TestVMPodFromDiskImg(t *testing.T) {
 		t.Errorf("QEMU's cgroups do not name the compute container %s:\n%s", id, cg)
 	}
 	// and under its seccomp sandbox, firmware, disks and all
-	if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", status(t, id).Pid)); !strings.Contains(string(st), "\nSeccomp:\t2\n") {
-		t.Errorf("QEMU has no seccomp filter")
+	qemu := status(t, id).Pid
+	if st, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", qemu)); !strings.Contains(string(st), "\nSeccomp:\t2\n") || strings.Contains(string(st), "\nUid:\t0\t") {
+		t.Errorf("QEMU has no seccomp filter or runs as root:\n%s", st)
+	}
+	// as a user of its own it reaches its disks only through the descriptors the shim
+	// opened: not by path, its own disk image included (docs/design/014)
+	for _, path := range []string{filepath.Join(pvc, vmspec.DiskImageFile), filepath.Join(data, vmspec.DiskImageFile)} {
+		if code, out := testenv.AsUserOf(t, int(qemu), "head -c1 "+path+" >/dev/null"); code == 0 {
+			t.Errorf("QEMU's user can open %s", path)
+		} else {
+			t.Logf("QEMU's user opening %s: %s", path, strings.TrimSpace(out))
+		}
 	}
 	waitExec(t, id, agentWithin, "", vmspec.GuestAgentPingCommand)
 	waitExec(t, id, time.Minute, "(Nehalem Class Core i7)", "grep", "-m1", "model name", "/proc/cpuinfo")
