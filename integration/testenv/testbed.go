@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/vmpod/vmpod/runtime/vmm"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // The test bed (hack/containerd.sh) exports these for its clients.

@@ -267,7 +267,7 @@ func (c Config) Validate() error {
 			bad("isolation", "%v", err)
 		}
 		if c.Hypervisor.SharedFS == machine.NineP {
-			bad("hypervisor.shared_fs", "9p makes QEMU the file server of the pods' files, which needs root: use virtio-fs, or isolation.qemu_user = %q", QEMUUserRoot)
+			bad("hypervisor.shared_fs", "%v: use virtio-fs, or isolation.qemu_user = %q", vmm.ErrNinePNeedsRoot, QEMUUserRoot)
 		}
 	default:
 		bad("isolation.qemu_user", "%q: want %q or %q", c.Isolation.QEMUUser, QEMUUserPod, QEMUUserRoot)

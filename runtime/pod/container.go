@@ -115,7 +115,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	}
 	if choice.SharedFS != "" {
 		if choice.SharedFS == machine.NineP && gc.Users != nil {
-			return nil, fmt.Errorf("pod %s: annotation vmpod.dev/shared-fs: 9p makes QEMU the file server of the pod's files, and QEMU runs as a user of its own on this node (isolation.qemu_user): use virtio-fs: %w", podID, errdefs.ErrInvalidArgument)
+			return nil, fmt.Errorf("pod %s: annotation vmpod.dev/shared-fs: %w, and QEMU runs as a user of its own on this node (isolation.qemu_user): use virtio-fs: %w", podID, vmm.ErrNinePNeedsRoot, errdefs.ErrInvalidArgument)
 		}
 		gc.SharedFS = choice.SharedFS
 	}

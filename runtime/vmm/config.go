@@ -243,6 +243,11 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// ErrNinePNeedsRoot is why 9p and an unprivileged QEMU (Config.Users) do not go together:
+// QEMU is 9p's file server, and would have to read and chown every file of the pod's
+// rootfs. virtiofsd serves them from a process of its own instead.
+var ErrNinePNeedsRoot = errors.New("9p makes QEMU the file server of the pod's files, which needs root")
+
 // Validate reports every problem with c, each naming its field.
 func (c Config) Validate() error {
 	var errs []error
@@ -353,9 +358,7 @@ func (c Config) Validate() error {
 			bad("users", "%v", err)
 		}
 		if c.SharedFS == machine.NineP {
-			// QEMU is 9p's file server: it would have to read and chown every file of the
-			// pod's rootfs. virtiofsd serves them from a process of its own instead.
-			bad("shared_fs", "9p makes QEMU the file server of the pod's files, which needs root: use virtio-fs, or run QEMU as root (no users)")
+			bad("shared_fs", "%s: use virtio-fs, or run QEMU as root (no users)", ErrNinePNeedsRoot)
 		}
 	}
 	for field, d := range map[string]time.Duration{"up_timeout": c.UpTimeout, "stop_timeout": c.StopTimeout} {

@@ -1,7 +1,6 @@
 package vmm
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -12,7 +11,6 @@ import (
 	"sync"
 	"syscall"
 
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/api/machine"
@@ -35,7 +33,7 @@ const (
 	uefiCodeFDSet   = machineFDSets + 1
 	uefiVarsFDSet   = machineFDSets + 2
 	// stateFDSet holds a copy of the QMP listener that QEMU never uses: its description
-	// names the state dir on QEMU's command line, which nothing else does any more, so
+	// names the state dir on QEMU's command line, which nothing else does for every VM, so
 	// that ps, an operator and a path-based leak check see whose QEMU it is.
 	stateFDSet = machineFDSets + 3
 )
@@ -122,6 +120,14 @@ func openHostFiles(plan bootPlan, logFile *os.File) (_ *hostFiles, retErr error)
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", what, err)
 		}
+		// QEMU reopens it as itself: it must be world-readable (a distribution's are)
+		if st, err := f.Stat(); err != nil || (c.Users != nil && st.Mode().Perm()&0o004 == 0) {
+			f.Close()
+			if err == nil {
+				err = fmt.Errorf("mode %v is not world-readable, and QEMU runs as a user of its own", st.Mode().Perm())
+			}
+			return "", fmt.Errorf("%s %s: %w", what, path, err)
+		}
 		h.inherit = append(h.inherit, f)
 		return devices.InheritedPath(len(h.inherit) - 1), nil
 	}
@@ -197,7 +203,9 @@ func qemuCredential(lease *vmuser.Lease, accel machine.Accel) (*syscall.Credenti
 }
 
 // kvmGroup is the group through which an unprivileged QEMU opens the KVM device at path:
-// -1 if anyone may, an error if only its owner may.
+// -1 if anyone may, an error if only its owner may, or only its group and that group is
+// root's (membership of gid 0 would open every group-root file on the host to QEMU, the
+// containerd socket among them).
 func kvmGroup(path string) (int, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
@@ -206,16 +214,16 @@ func kvmGroup(path string) (int, error) {
 	switch {
 	case st.Mode&0o006 == 0o006:
 		return -1, nil
-	case st.Mode&0o060 == 0o060:
+	case st.Mode&0o060 == 0o060 && st.Gid != 0:
 		return int(st.Gid), nil
 	}
-	return 0, fmt.Errorf("kvm: %s (mode %04o, uid %d, gid %d) opens for its owner only, and QEMU runs as a user of its own: make it 0660 with a group (udev's rule gives group kvm), or run QEMU as root (node config isolation.qemu_user = \"root\")", path, st.Mode&0o7777, st.Uid, st.Gid)
+	return 0, fmt.Errorf("kvm: %s (mode %04o, uid %d, gid %d) opens for its owner (or root's group) only, and QEMU runs as a user of its own: make it 0660 with a group (udev's rule gives group kvm), or run QEMU as root (node config isolation.qemu_user = \"root\")", path, st.Mode&0o7777, st.Uid, st.Gid)
 }
 
 // raiseMemlock lets an unprivileged QEMU pin guest RAM, which a passed-through device
-// (VFIO) needs all of, boot-plugged or hot-plugged: RLIMIT_MEMLOCK is inherited, and
-// QEMU's seccomp filter keeps it from changing its own. The shim is root and unaffected;
-// what QEMU may pin is still bounded by its cgroup's memory limit.
+// (VFIO) needs all of, boot-plugged or hot-plugged: RLIMIT_MEMLOCK is inherited, and QEMU,
+// without CAP_SYS_RESOURCE, cannot raise its own. The shim is root and unaffected; what
+// QEMU may pin is bounded by its pod cgroup's memory limit, where it has one.
 // Raising it takes CAP_SYS_RESOURCE, which a shim in a restricted container may lack:
 // then only machines with passed-through devices fail, with this error.
 var raiseMemlock = sync.OnceValue(func() error {
@@ -225,46 +233,6 @@ var raiseMemlock = sync.OnceValue(func() error {
 	}
 	return nil
 })
-
-// grantVFIO gives the machine's QEMU user the VFIO group device of host function a, until
-// the teardown gives it back to its owner. QEMU opens /dev/vfio/<group> by path (QEMU 7.2
-// takes no descriptor for it); several functions of one group share one grant.
-func (m *Machine) grantVFIO(ctx context.Context, a devices.PCIAddress) error {
-	if m.lease == nil {
-		return nil
-	}
-	if err := raiseMemlock(); err != nil {
-		return err
-	}
-	g, err := devices.Sysfs{}.IOMMUGroupOf(a)
-	if err != nil {
-		return err
-	}
-	dev := filepath.Join("/dev/vfio", strconv.Itoa(g.Number))
-	m.vfioMu.Lock()
-	defer m.vfioMu.Unlock()
-	if m.vfioGranted[dev] {
-		return nil
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(dev, &st); err != nil {
-		return fmt.Errorf("VFIO group of %s: %w", a, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFCHR {
-		return fmt.Errorf("VFIO group of %s: %s is not a character device", a, dev)
-	}
-	if err := os.Chown(dev, int(m.lease.UID), int(m.lease.GID())); err != nil {
-		return fmt.Errorf("VFIO group of %s: give %s to QEMU's user: %w", a, dev, err)
-	}
-	if m.vfioGranted == nil {
-		m.vfioGranted = map[string]bool{}
-	}
-	m.vfioGranted[dev] = true
-	uid, gid := int(st.Uid), int(st.Gid)
-	m.teardown.Add("give back "+dev, func() error { return os.Chown(dev, uid, gid) })
-	log.G(ctx).Debugf("vm %s: %s (group of %s) given to uid %d", m.cfg.Name, dev, a, m.lease.UID)
-	return nil
-}
 
 // qemuRecord names the file in the state dir that records QEMU's pid and start time: a
 // sweep after a dead shim finds its QEMU by it (QEMU's command line names no path of the

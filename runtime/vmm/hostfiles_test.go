@@ -129,10 +129,14 @@ func TestKVMGroup(t *testing.T) {
 	}{
 		{0o666, false, ""},
 		{0o660, true, ""},
-		{0o600, false, "opens for its owner only"},
-		{0o640, false, "opens for its owner only"},
+		{0o600, false, "opens for its owner"},
+		{0o640, false, "opens for its owner"},
 	} {
 		if err := os.Chmod(dev, tc.mode); err != nil {
+			t.Fatal(err)
+		}
+		// a group of its own, not root's: root's group is refused (below)
+		if err := os.Chown(dev, 0, 36); err != nil {
 			t.Fatal(err)
 		}
 		gid, err := kvmGroup(dev)
@@ -146,5 +150,14 @@ func TestKVMGroup(t *testing.T) {
 		case tc.group != (gid >= 0):
 			t.Errorf("mode %o: group %d", tc.mode, gid)
 		}
+	}
+	if err := os.Chmod(dev, 0o660); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(dev, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	if gid, err := kvmGroup(dev); err == nil {
+		t.Errorf("0660 root:root gives QEMU group %d; root's group must be refused", gid)
 	}
 }

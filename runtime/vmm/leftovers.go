@@ -26,7 +26,7 @@ func CleanupState(stateDir string) error {
 		return nil
 	}
 	var errs []error
-	pids := processesNaming(stateDir) // virtiofsd, and QEMUs of older shims
+	pids := processesNaming(stateDir) // virtiofsd, and QEMU by its state dir's fd set
 	if pid := QEMUOf(stateDir); pid > 0 && !slices.Contains(pids, pid) {
 		pids = append(pids, pid)
 	}
@@ -35,6 +35,9 @@ func CleanupState(stateDir string) error {
 			errs = append(errs, fmt.Errorf("kill %d: %w", pid, err))
 		}
 		waitGone(pid, 5*time.Second)
+	}
+	if err := giveBackRecordedVFIO(stateDir); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := mounts.UnmountTree(stateDir); err != nil {
 		errs = append(errs, err)

@@ -84,6 +84,14 @@ func (m *Machine) handStream(ctx context.Context, stream *os.File) (string, erro
 	return "fd:" + migrationFD, nil
 }
 
+// dropStream closes the stream handStream passed if the command that was to take it failed
+// before it did; once taken QEMU has no such name any more, which is no error.
+func (m *Machine) dropStream(ctx context.Context) {
+	if err := m.mon.CloseFD(context.WithoutCancel(ctx), migrationFD); err != nil {
+		log.G(ctx).WithError(err).Debugf("vm %s: closefd %s", m.cfg.Name, migrationFD)
+	}
+}
+
 // AcceptMigration makes a machine started with Config.Incoming read its state from
 // stream, a connection to the source (QEMU keeps its own copy; the caller may close
 // its). It returns once QEMU reads; AwaitIncoming follows the migration.
@@ -102,7 +110,8 @@ func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts Mig
 		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
 	}
 	if err := m.mon.MigrateIncoming(ctx, uri); err != nil {
-		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, errors.Join(err, m.mon.CloseFD(context.WithoutCancel(ctx), migrationFD)))
+		m.dropStream(ctx)
+		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
 	}
 	log.G(ctx).Infof("vm %s: waiting for a migration", m.cfg.Name)
 	return nil
@@ -179,7 +188,8 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	}
 	start := time.Now()
 	if err := m.mon.Migrate(ctx, uri); err != nil {
-		return fail(errors.Join(err, m.mon.CloseFD(context.WithoutCancel(ctx), migrationFD)))
+		m.dropStream(ctx)
+		return fail(err)
 	}
 	log.G(ctx).Infof("vm %s: migrating", m.cfg.Name)
 

@@ -46,8 +46,9 @@ type Machine struct {
 
 	vncClients atomic.Uint64 // names the connections DialVNC hands to QEMU
 
-	vfioMu      sync.Mutex
-	vfioGranted map[string]bool // VFIO group devices given to QEMU's user
+	vfioMu     sync.Mutex
+	vfioGrants []vfioGrant // VFIO group devices given to QEMU's user
+	vfioClosed bool        // the teardown gave them back: no more grants
 
 	plugMu    sync.Mutex             // one disk or NIC plug or unplug at a time
 	disks     map[string]pluggedDisk // hot-plugged disks, by device id
@@ -169,10 +170,12 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 	}
 	if cfg.Users != nil {
-		if m.lease, err = cfg.Users.Lease(cfg.Name + " " + cfg.StateDir); err != nil {
+		if m.lease, err = cfg.Users.Lease(cfg.StateDir); err != nil {
 			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 		}
 		m.teardown.Add("release QEMU's uid", m.lease.Release)
+		// before QEMU starts, so that it runs after QEMU has exited; hot-plug grants too
+		m.teardown.Add("give back VFIO devices", m.giveBackVFIO)
 		for _, a := range cfg.HostDevices {
 			if err := m.grantVFIO(ctx, a); err != nil {
 				return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
@@ -254,6 +257,7 @@ func stopHelper(cmd *exec.Cmd, done <-chan struct{}) error {
 func (m *Machine) startQEMU(logFile *os.File) error {
 	args, files := m.hw.Render()
 	cmd := exec.Command(m.cfg.QEMUPath, args...)
+	cmd.Dir = "/" // not the shim's working directory (a bundle)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.ExtraFiles = files
 	// Pdeathsig: `kill -9` of the shim must not leave a QEMU running.
@@ -265,8 +269,6 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 			return err
 		}
 		cmd.SysProcAttr.Credential = cred
-		// the uid stays leased while QEMU lives, even past a dead shim
-		cmd.ExtraFiles = append(cmd.ExtraFiles, m.lease.File())
 		if m.cfg.Type == machine.Q35 { // may get a passed-through device
 			if err := raiseMemlock(); err != nil && len(m.cfg.HostDevices) > 0 {
 				return err
@@ -360,8 +362,8 @@ func (m *Machine) connectQMP(ctx context.Context) error {
 	return nil
 }
 
-// DialPort connects to the host end of the virtio-serial port named name, retrying until
-// QEMU has opened it. It gives up when ctx ends or QEMU exits.
+// DialPort connects to the host end of the virtio-serial port named name: a socket the
+// shim listens on and QEMU accepts on. It gives up when ctx ends or QEMU exits.
 func (m *Machine) DialPort(ctx context.Context, name string) (net.Conn, error) {
 	i := slices.Index(m.cfg.Ports, name)
 	if i < 0 {
@@ -420,7 +422,7 @@ func (m *Machine) dial(ctx context.Context, path string) (net.Conn, error) {
 		case <-m.exited:
 			return nil, m.Explain(err)
 		case <-ctx.Done():
-			return nil, fmt.Errorf("QEMU never opened %s: %w", path, ctx.Err())
+			return nil, fmt.Errorf("no connection to %s: %w", path, ctx.Err())
 		case <-time.After(5 * time.Millisecond):
 		}
 	}

@@ -2,10 +2,12 @@
 // that a guest escaping through a device model owns one unprivileged process and nothing of
 // another pod (docs/design/014).
 //
-// A lease is an exclusive flock on <Dir>/<uid>. The lock lives in the open file, which the
-// VM's QEMU inherits: the uid stays taken while either the shim or its QEMU lives, and a
-// crash of both frees it without a sweep. Lock files are kept, never removed: removing
-// one another leaser has opened would let two VMs take the same uid.
+// A lease is an exclusive flock on <Dir>/<uid>, held by the shim alone, and a uid is
+// leased only while no process runs as it: a QEMU that outlived its shim (or a process it
+// left) keeps its uid from the next VM. QEMU must not hold the lock itself: a flock belongs
+// to the open file, and a compromised QEMU could unlock it for everyone and have its uid
+// leased to a second VM while it runs. Lock files are kept, never removed: removing one
+// another leaser has opened would let two VMs take the same uid.
 package vmuser
 
 import (
@@ -13,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -48,7 +51,7 @@ func (p Pool) Validate() error {
 		return fmt.Errorf("vm users: first uid %d and count %d must both be positive (uid 0 is root)", p.First, p.Count)
 	case uint64(p.First)+uint64(p.Count) > 1<<32-1:
 		return fmt.Errorf("vm users: %d uids from %d run past the last valid uid %d", p.Count, p.First, uint32(1<<32-2))
-	case p.contains(65534) || p.contains(65535):
+	case p.Contains(65534) || p.Contains(65535):
 		return fmt.Errorf("vm users: uids %d..%d include nobody (65534) or the 16-bit -1 (65535)", p.First, p.Last())
 	}
 	return nil
@@ -57,7 +60,10 @@ func (p Pool) Validate() error {
 // Last is the pool's last uid.
 func (p Pool) Last() uint32 { return p.First + p.Count - 1 }
 
-func (p Pool) contains(uid uint32) bool { return uid >= p.First && uid-p.First < p.Count }
+// Contains says whether uid is one of the pool's; a nil pool has none.
+func (p *Pool) Contains(uid uint32) bool {
+	return p != nil && uid >= p.First && uid-p.First < p.Count
+}
 
 // ErrExhausted is returned when every uid of the pool is leased.
 var ErrExhausted = errors.New("every uid of the pool is in use")
@@ -71,11 +77,7 @@ type Lease struct {
 // GID is the lease's group: its uid.
 func (l *Lease) GID() uint32 { return l.UID }
 
-// File is the lock; the VM's processes inherit it so that the uid is not leased again
-// while any of them lives.
-func (l *Lease) File() *os.File { return l.lock }
-
-// Release gives the uid back once no process that inherited File holds it either.
+// Release gives the uid back; it is leased again only once no process runs as it.
 func (l *Lease) Release() error { return l.lock.Close() }
 
 // Lease takes the lowest free uid of the pool and records owner (for whoever looks at the
@@ -100,6 +102,13 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 			}
 			return nil, fmt.Errorf("vm users: lock uid %d: %w", uid, err)
 		}
+		if running, err := processesRunningAs(uid); err != nil || running {
+			f.Close()
+			if err != nil {
+				return nil, fmt.Errorf("vm users: uid %d: %w", uid, err)
+			}
+			continue
+		}
 		// the record is informative: a failed write leaves the lease good
 		if err := f.Truncate(0); err == nil {
 			_, _ = f.WriteAt([]byte(owner+"\n"), 0)
@@ -109,8 +118,36 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 	return nil, fmt.Errorf("vm users: %d uids from %d: %w", p.Count, p.First, ErrExhausted)
 }
 
-// Held lists the uids whose lease some process still holds and whose record names owner
-// (a leak check: after a VM's teardown and its QEMU's exit, none may be left).
+// processesRunningAs reports whether any process has uid as its real, effective, saved or
+// filesystem uid. A process that exits while it is read does not count.
+func processesRunningAs(uid uint32) (bool, error) {
+	procs, err := os.ReadDir("/proc")
+	if err != nil {
+		return false, err
+	}
+	want := strconv.FormatUint(uint64(uid), 10)
+	for _, e := range procs {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
+		if err != nil {
+			continue
+		}
+		for l := range strings.Lines(string(b)) {
+			if ids, ok := strings.CutPrefix(l, "Uid:"); ok {
+				if slices.Contains(strings.Fields(ids), want) {
+					return true, nil
+				}
+				break
+			}
+		}
+	}
+	return false, nil
+}
+
+// Held lists the uids whose lease some process still holds and whose record is owner
+// (a leak check: after a VM's teardown, none may be left).
 func (p Pool) Held(owner string) ([]uint32, error) {
 	entries, err := os.ReadDir(p.Dir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -122,7 +159,7 @@ func (p Pool) Held(owner string) ([]uint32, error) {
 	var held []uint32
 	for _, e := range entries {
 		uid, err := strconv.ParseUint(e.Name(), 10, 32)
-		if err != nil || !p.contains(uint32(uid)) {
+		if err != nil || !p.Contains(uint32(uid)) {
 			continue
 		}
 		f, err := os.OpenFile(filepath.Join(p.Dir, e.Name()), os.O_RDONLY|unix.O_NOFOLLOW, 0)
@@ -131,7 +168,7 @@ func (p Pool) Held(owner string) ([]uint32, error) {
 		}
 		record := make([]byte, 4096)
 		n, _ := f.ReadAt(record, 0)
-		if strings.Contains(string(record[:n]), owner) {
+		if rec := strings.TrimSuffix(string(record[:n]), "\n"); owner == "" || rec == owner {
 			if err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
 				held = append(held, uint32(uid))
 			}
