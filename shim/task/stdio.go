@@ -21,6 +21,10 @@ import (
 // loggerReadyWait bounds how long a binary:// logger may take to signal it is ready.
 const loggerReadyWait = 10 * time.Second
 
+// stdinDrainWait bounds how long CloseIO waits for the stdin reader to take what is left in
+// the FIFO: a process that never reads its stdin must not hold the RPC.
+const stdinDrainWait = time.Second
+
 // stdioPaths is what containerd asked for: FIFO paths or binary:// / file:// URIs.
 type stdioPaths struct {
 	stdin, stdout, stderr string
@@ -30,7 +34,7 @@ type stdioPaths struct {
 // hostIO is a process's stdio on the host, opened. Output is closed once the process's
 // output has been copied, which is the EOF containerd's readers wait for.
 type hostIO struct {
-	stdin          io.ReadCloser
+	stdin          *drainingReader
 	stdout, stderr io.WriteCloser
 	// readEnds of the output FIFOs, held (never read) so a write does not fail while
 	// containerd restarts: its data waits in the FIFO for the next containerd's reader
@@ -50,12 +54,16 @@ func openIO(ctx context.Context, containerID, namespace string, p stdioPaths) (_
 		}
 	}()
 	if p.stdin != "" {
-		f, err := fifo.OpenFifo(ctx, p.stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+		// Not the RPC's ctx: the FIFO opens (in the background) only once containerd opens
+		// its end, which may be after the Exec RPC returned, and a ctx that ends first
+		// closes the FIFO unopened (measured: an exec's stdin lost, "reading from a closed
+		// fifo"). closeStdin and close end it; containerd's runc shim does the same.
+		f, err := fifo.OpenFifo(context.Background(), p.stdin, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return nil, fmt.Errorf("stdin %s: %w", p.stdin, err)
 		}
 		undo.Add("close stdin", f.Close)
-		h.stdin = f
+		h.stdin = &drainingReader{ReadCloser: f, drained: make(chan struct{})}
 	}
 	u, err := url.Parse(p.stdout)
 	if err != nil {
@@ -222,10 +230,35 @@ func (h *hostIO) closeOutputOnce() {
 	}
 }
 
+// closeStdin ends the stdin FIFO once its reader has drained it: containerd sends CloseIO
+// after its last write, and closing the FIFO at once would drop what the reader had not
+// read yet (measured: a VM exec's JSON request, lost now and then). Kata's shim waits for
+// its stdin copy the same way.
 func (h *hostIO) closeStdin() {
-	if h.stdin != nil {
-		_ = h.stdin.Close()
+	if h.stdin == nil {
+		return
 	}
+	select {
+	case <-h.stdin.drained:
+	case <-time.After(stdinDrainWait):
+	}
+	_ = h.stdin.Close()
+}
+
+// drainingReader is the stdin FIFO, noting when a read has reached its end (every writer
+// gone and the buffer empty) or failed.
+type drainingReader struct {
+	io.ReadCloser
+	once    sync.Once
+	drained chan struct{}
+}
+
+func (r *drainingReader) Read(p []byte) (int, error) {
+	n, err := r.ReadCloser.Read(p)
+	if err != nil {
+		r.once.Do(func() { close(r.drained) })
+	}
+	return n, err
 }
 
 func (h *hostIO) close() {
