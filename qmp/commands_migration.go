@@ -160,7 +160,8 @@ type MigrationRAM struct {
 	Total          uint64  `json:"total"`       // guest RAM
 	Duplicate      uint64  `json:"duplicate"`   // zero pages sent as such
 	DirtySyncCount uint64  `json:"dirty-sync-count"`
-	MbPS           float64 `json:"mbps"` // throughput in Mbit/s
+	DirtyPagesRate uint64  `json:"dirty-pages-rate"` // pages dirtied per second
+	MbPS           float64 `json:"mbps"`             // throughput in Mbit/s
 }
 
 type migrationInfoReply struct {

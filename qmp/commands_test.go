@@ -206,7 +206,7 @@ func TestQueryReplies(t *testing.T) {
 	}
 	go func() { i, err := m.QueryMigrate(ctx); mc <- migResult{i, err} }()
 	srv.Reply(srv.Expect("query-migrate"), map[string]any{"status": "completed", "total-time": 305, "downtime": 3,
-		"ram": map[string]any{"transferred": 44e6, "remaining": 0, "total": 268435456, "duplicate": 10, "dirty-sync-count": 3, "mbps": 1200.5}})
+		"ram": map[string]any{"transferred": 44e6, "remaining": 0, "total": 268435456, "duplicate": 10, "dirty-sync-count": 3, "dirty-pages-rate": 120, "mbps": 1200.5}})
 	if r := <-mc; r.err != nil || r.info.Downtime != 3*time.Millisecond || r.info.RAM == nil || r.info.RAM.Transferred != 44e6 {
 		t.Errorf("QueryMigrate = %+v (err %v)", r.info, r.err)
 	}

@@ -1,12 +1,6 @@
 package vmspec
 
-import (
-	"bytes"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"reflect"
-)
+import "errors"
 
 // The execs that plug a disk into a running VM pod and take it out again, answered by the
 // shim in the compute container as PauseCommand is (authorized as any exec: pods/exec).
@@ -58,20 +52,8 @@ type HotplugDisk struct {
 // that can be a label value (a UID). Errors name the field (disk.<field>).
 func ParseHotplugDisk(data []byte, vm *VM) (HotplugDisk, error) {
 	var d HotplugDisk
-	var raw any
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.UseNumber()
-	if err := dec.Decode(&raw); err != nil {
-		return d, fmt.Errorf("disk: not JSON: %w", err)
-	}
-	if dec.More() {
-		return d, errors.New("disk: trailing data after the JSON object")
-	}
-	if err := checkShape(raw, reflect.TypeFor[HotplugDisk](), "disk"); err != nil {
+	if err := decodeStrict(data, &d, "disk"); err != nil {
 		return d, err
-	}
-	if err := json.Unmarshal(data, &d); err != nil {
-		return d, fmt.Errorf("disk: %w", err)
 	}
 	if d.Device == "" {
 		d.Device = DeviceDisk

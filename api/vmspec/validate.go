@@ -89,9 +89,9 @@ func (vm *VM) Validate() error {
 	}
 	if vm.Migration != nil {
 		switch vm.Migration.Role {
-		case RoleSource, RoleTarget:
+		case RoleTarget:
 		default:
-			v.add("migration.role", "must be source or target, got %q", vm.Migration.Role)
+			v.add("migration.role", "must be target (a source is any running VM pod), got %q", vm.Migration.Role)
 		}
 	}
 	return errors.Join(v.errs...)
@@ -254,6 +254,9 @@ func (vm *VM) validateInterfaces(v *validator) {
 			}
 			if p.Protocol != ProtocolTCP && p.Protocol != ProtocolUDP {
 				v.add(pat+".protocol", "must be TCP or UDP, got %q", p.Protocol)
+			}
+			if p.Protocol == ProtocolTCP && p.Port == MigrationPort {
+				v.add(pat+".port", "TCP %d is the port a migration target receives its guest on", MigrationPort)
 			}
 			key := fmt.Sprintf("%s/%d", p.Protocol, p.Port)
 			if k, dup := seen[key]; dup {

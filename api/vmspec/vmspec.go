@@ -352,7 +352,8 @@ type GuestInterface struct {
 	IPs  []string `json:"ips,omitempty"`
 }
 
-// Migration marks a pod as one end of a live migration.
+// Migration marks a pod as the target of a live migration (MigrateAcceptCommand): its QEMU
+// starts waiting for the guest instead of booting it.
 type Migration struct {
 	Role MigrationRole `json:"role"`
 }
@@ -361,8 +362,6 @@ type Migration struct {
 type MigrationRole string
 
 const (
-	// RoleSource: the running VM that will be migrated away.
-	RoleSource MigrationRole = "source"
 	// RoleTarget: QEMU starts waiting for an incoming migration instead of booting.
 	RoleTarget MigrationRole = "target"
 )

@@ -109,6 +109,8 @@ func TestParseInvalid(t *testing.T) {
 		{"ports on a bridge", `{"version":"v1alpha1","memoryMiB":128,"interfaces":[{"name":"a","podInterface":"eth0","ports":[{"port":80}]}]}`, []string{"interfaces[0].ports: only the masquerade binding"}},
 		{"bad ports", `{"version":"v1alpha1","memoryMiB":128,"interfaces":[{"name":"a","podInterface":"eth0","binding":"masquerade","ports":[{"port":0},{"port":80,"protocol":"SCTP"},{"port":22},{"port":22}]}]}`,
 			[]string{"interfaces[0].ports[0].port: must be between 1 and 65535", "interfaces[0].ports[1].protocol: must be TCP or UDP", "interfaces[0].ports[3]: TCP/22 is also ports[2]"}},
+		{"the migration port forwarded", `{"version":"v1alpha1","memoryMiB":128,"interfaces":[{"name":"a","podInterface":"eth0","binding":"masquerade","ports":[{"port":49152}]}]}`,
+			[]string{"interfaces[0].ports[0].port: TCP 49152 is the port a migration target receives its guest on"}},
 		{"two masquerades", `{"version":"v1alpha1","memoryMiB":128,"interfaces":[{"name":"a","podInterface":"eth0","binding":"masquerade"},{"name":"b","podInterface":"net1","binding":"masquerade"}]}`,
 			[]string{"interfaces[1].binding: masquerade is also the binding of interfaces[0]"}},
 		{"bad binding", `{"version":"v1alpha1","memoryMiB":128,"interfaces":[{"name":"a","podInterface":"eth0","binding":"sriov"}]}`, []string{`interfaces[0].binding: must be bridge or masquerade, got "sriov"`}},
@@ -183,7 +185,7 @@ func TestParseInvalid(t *testing.T) {
 				"features.hyperv: synic needs vpindex; ipi needs vpindex; evmcs needs vapic; spinlocks 100: want 0 (off) or 4096 to 4294967295; " +
 					`vendorID "a,b": want 1-12 letters or digits`}},
 		{"migration role", `{"version":"v1alpha1","memoryMiB":128,"migration":{"role":"both"}}`,
-			[]string{`migration.role: must be source or target, got "both"`}},
+			[]string{`migration.role: must be target (a source is any running VM pod), got "both"`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			vm, err := Parse([]byte(tc.json))

@@ -1,6 +1,7 @@
 package network
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -23,6 +24,9 @@ type Masquerade struct {
 	Guest     netip.Addr
 	Gateway   netip.Addr
 	Ports     []Port // none: everything
+	// Kept are ports of the pod's own, never forwarded: what the shim serves on the pod's
+	// address (a migration target's port).
+	Kept []Port
 }
 
 // Port is a forwarded port.
@@ -57,6 +61,10 @@ func (p *Plumbing) plumbMasquerade(pn *podNetns, iface Interface, tap netlink.Li
 	}
 	rules := [][]string{{"POSTROUTING", "-s", m.Guest.String() + "/32", "-o", iface.Name, "-j", "MASQUERADE"}}
 	if len(m.Ports) == 0 {
+		for _, port := range m.Kept { // ahead of the rule that forwards everything
+			rules = append(rules, []string{"PREROUTING", "-i", iface.Name, "-d", pod.String() + "/32", "-p", port.Protocol,
+				"--dport", strconv.Itoa(port.Port), "-j", "RETURN"})
+		}
 		rules = append(rules, []string{"PREROUTING", "-i", iface.Name, "-d", pod.String() + "/32", "-j", "DNAT", "--to-destination", m.Guest.String()})
 	}
 	for _, port := range m.Ports {
@@ -110,9 +118,34 @@ func (p *Plan) MasqueradeLease(mac net.HardwareAddr, dns []netip.Addr, search []
 	return l, nil
 }
 
+// ListenInNetns listens on addr (tcp) inside the netns at netnsPath: the socket stays in
+// the netns whatever thread accepts on it.
+func ListenInNetns(netnsPath, addr string) (net.Listener, error) {
+	pn, err := openNetns(netnsPath)
+	if err != nil {
+		return nil, fmt.Errorf("network: netns %s: %w", netnsPath, err)
+	}
+	defer pn.close()
+	var l net.Listener
+	err = inNetns(pn.ns, func() error {
+		var err error
+		l, err = net.Listen("tcp", addr)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("network: netns %s: %w", netnsPath, err)
+	}
+	return l, nil
+}
+
 // DialInNetns connects to addr (tcp) from inside the netns at netnsPath: a port-forward to
 // a guest behind Masquerade, which only the netns can reach.
 func DialInNetns(netnsPath, addr string) (net.Conn, error) {
+	return DialInNetnsContext(context.Background(), netnsPath, addr)
+}
+
+// DialInNetnsContext is DialInNetns bounded by ctx: a peer on another node may not answer.
+func DialInNetnsContext(ctx context.Context, netnsPath, addr string) (net.Conn, error) {
 	pn, err := openNetns(netnsPath)
 	if err != nil {
 		return nil, fmt.Errorf("network: netns %s: %w", netnsPath, err)
@@ -121,7 +154,7 @@ func DialInNetns(netnsPath, addr string) (net.Conn, error) {
 	var conn net.Conn
 	err = inNetns(pn.ns, func() error {
 		var err error
-		conn, err = net.Dial("tcp", addr)
+		conn, err = (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 		return err
 	})
 	return conn, err

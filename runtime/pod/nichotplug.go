@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/log"
@@ -41,10 +42,12 @@ type nicFollower struct {
 	// the pod was plumbed are not the VM's
 	kept map[string]int
 
-	ids    map[string]*hotNIC // by link name
-	next   int
-	warned map[string]bool // links already logged as not reaching the guest
-	done   chan struct{}
+	ids map[string]*hotNIC // by link name
+	// plugged is len(ids), for readers outside the follower's goroutine
+	plugged atomic.Int32
+	next    int
+	warned  map[string]bool // links already logged as not reaching the guest
+	done    chan struct{}
 }
 
 // hotNIC is a NIC the follower plugged.
@@ -133,6 +136,7 @@ func (f *nicFollower) sync(ctx context.Context) {
 			continue
 		}
 		delete(f.ids, name)
+		f.plugged.Store(int32(len(f.ids)))
 		if nic.undoFn != nil {
 			if err := nic.undoFn(); err != nil {
 				lg.WithError(err).Warnf("pod network: %s", name)
@@ -206,6 +210,7 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 			// the guest holds the NIC: its tap stays, and the follower keeps it to unplug
 			// when the link goes (release removes the tap once the VM is gone)
 			f.ids[iface.Name] = hot
+			f.plugged.Store(int32(len(f.ids)))
 			return err
 		}
 		return nil
@@ -216,6 +221,7 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 		}
 	}
 	f.ids[iface.Name] = hot
+	f.plugged.Store(int32(len(f.ids)))
 	return nil
 }
 

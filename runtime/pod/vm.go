@@ -50,6 +50,10 @@ type vmPod struct {
 	// masquerade: the first interface's guest is behind NAT, reachable from the netns, so
 	// port-forwards to its ports work
 	masquerade bool
+	// netns is the pod's network namespace ("" without one), address its IPv4 address
+	// there: where a migration target listens, and whence a source dials
+	netns   string
+	address netip.Addr
 
 	// bootMu serialises booting the VM and stopping the pod, which may take a while; mu
 	// only guards the fields below, so lookups do not wait for a boot.
@@ -91,6 +95,7 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 		if err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
+		p.netns, p.address = netns, podAddress(plan)
 		for _, s := range plan.Skipped {
 			log.G(ctx).WithField("pod", podID).Infof("pod network: skipped %s", s)
 		}
@@ -111,6 +116,8 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 		for _, iface := range vm.Interfaces {
 			if iface.Binding == vmspec.BindingMasquerade {
 				plan.Masquerade = masqueradeOf(iface)
+				// the pod's own port, where it receives a migrating guest
+				plan.Masquerade.Kept = []network.Port{{Protocol: "tcp", Port: vmspec.MigrationPort}}
 				p.masquerade = true
 			}
 		}
@@ -127,6 +134,9 @@ func startVMPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *
 		go p.serveLoopback(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
 	} else if len(vm.Interfaces) > 0 {
 		log.G(ctx).WithField("pod", podID).Warn("VM pod without a network namespace (host network?): its interfaces get no NIC")
+	}
+	if vm.Migration != nil && !p.address.IsValid() {
+		return nil, fmt.Errorf("pod %s: annotation %s: migration.role target: the pod has no network namespace with an IPv4 address to receive the guest on: %w", podID, vmspec.Annotation, errdefs.ErrInvalidArgument)
 	}
 	log.G(ctx).WithField("pod", podID).Infof("VM pod: %d vCPU, %d MiB, %s, firmware %s, %d disks", vm.CPU.VCPUs(), vm.MemoryMiB, vm.Machine, vm.Firmware.Type, len(vm.Disks))
 	return p, nil
@@ -157,10 +167,26 @@ func checkVMAgainstNode(vm *vmspec.VM, cfg nodeconfig.Config) error {
 	if (len(vm.GPUs) > 0 || len(vm.HostDevices) > 0) && vm.Machine != machine.Q35 {
 		errs = append(errs, fmt.Errorf("gpus/hostDevices: passthrough needs machine q35 (PCIe), not %s", vm.Machine))
 	}
-	if vm.Migration != nil {
-		errs = append(errs, errors.New("migration: live migration is not supported by this node yet"))
-	}
 	return errors.Join(errs...)
+}
+
+// podAddress is the pod's IPv4 address: eth0's, or the first interface's that has one.
+func podAddress(plan *network.Plan) netip.Addr {
+	var first netip.Addr
+	for _, iface := range plan.Interfaces {
+		for _, a := range iface.Addresses {
+			if !a.Addr().Is4() {
+				continue
+			}
+			if iface.Name == "eth0" {
+				return a.Addr()
+			}
+			if !first.IsValid() {
+				first = a.Addr()
+			}
+		}
+	}
+	return first
 }
 
 func hasInterface(plan *network.Plan, name string) bool {

@@ -45,7 +45,7 @@ func TestExitOf(t *testing.T) {
 		{"QEMU failed", exitErrOf(t, "exit 3"), 0, false, 3, "QEMUFailed"},
 	}
 	for _, c := range cases {
-		e := exitOf(c.err, c.killedBy, c.panicked)
+		e := exitOf(c.err, c.killedBy, c.panicked, nil)
 		if e.Status != c.status || !strings.Contains(e.Reason, c.reason) {
 			t.Errorf("%s: got %d %q, want %d %q", c.name, e.Status, e.Reason, c.status, c.reason)
 		}
@@ -55,11 +55,11 @@ func TestExitOf(t *testing.T) {
 func TestCheckVMAgainstNode(t *testing.T) {
 	cfg := nodeconfig.Default()
 	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 8, Threads: 1}, MemoryMiB: 1 << 20, Machine: machine.Q35,
-		Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true}, Migration: &vmspec.Migration{Role: vmspec.RoleTarget},
+		Firmware: vmspec.Firmware{Type: vmspec.FirmwareUEFI, SecureBoot: true},
 	}
 	vm.CPU.Model = "Skylake-Server" // not in the default cpu_models
 	err := checkVMAgainstNode(vm, cfg)
-	for _, want := range []string{"cpu: 8 vCPUs", "memoryMiB", "migration", "cpu.model: Skylake-Server is not one of the CPU models this node allows"} {
+	for _, want := range []string{"cpu: 8 vCPUs", "memoryMiB", "cpu.model: Skylake-Server is not one of the CPU models this node allows"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want %q named", err, want)
 		}

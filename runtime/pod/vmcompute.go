@@ -88,6 +88,12 @@ type computeVM struct {
 	panicked bool
 	running  bool // started: the vCPUs ran (a pause stops them again)
 	paused   bool // vCPUs stopped by a pause (not the created-but-not-started stop)
+	// awaiting: a migration target's guest has not arrived and been handed over yet, so
+	// its vCPUs wait for the source's commit, not for the container's start (vmmigrate.go)
+	awaiting  bool
+	accepting bool               // a migration target listening for its source
+	migrating context.CancelFunc // a migration away from here in flight: its cancel
+	decided   *runtime.Exit      // the exit the shim chose (migrated away, never arrived)
 
 	exited chan struct{}
 	exit   runtime.Exit
@@ -103,7 +109,7 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 	lg := log.G(ctx).WithField("pod", p.id)
 	started := time.Now()
 	c := &computeVM{pod: p, id: id, spec: spec, exited: make(chan struct{}), stdinStop: make(chan struct{}), consoleDone: make(chan struct{}),
-		size: Size{VCPUs: p.vm.CPU.VCPUs(), MemoryMiB: int(p.vm.MemoryMiB)}}
+		size: Size{VCPUs: p.vm.CPU.VCPUs(), MemoryMiB: int(p.vm.MemoryMiB)}, awaiting: p.vm.Migration != nil}
 	if spec.Linux != nil {
 		c.bootLimits = claimOf(spec.Linux.Resources, claim{})
 		c.limits = c.bootLimits
@@ -188,6 +194,8 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		Reboot:       true,
 		Paused:       true,
 		ExitOnPanic:  true,
+		// a migration target waits for its guest (vmmigrate.go)
+		Incoming: p.vm.Migration != nil,
 
 		FreePageReporting: p.cfg.Sizing.FreePageReporting,
 		VNC:               true,
@@ -202,8 +210,13 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		for _, iface := range p.vm.Interfaces {
 			i := interfaceIndex(plan, iface.PodInterface)
 			nic := nics[i]
-			if iface.MACAddress != "" {
+			switch {
+			case iface.MACAddress != "":
 				nic.MAC = iface.MACAddress
+			case iface.Binding == vmspec.BindingMasquerade && p.vm.UUID != "":
+				// behind NAT the guest's MAC need not be the pod's: one of the VM's own keeps
+				// it from pod to pod, across a migration too (the DHCP server answers by MAC)
+				nic.MAC = guestMAC(p.vm.UUID, iface.Name)
 			}
 			if iface.Model != vmspec.ModelVirtio {
 				nic.Model = string(iface.Model)
@@ -256,7 +269,11 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 		nicCtx, c.stopNICs = context.WithCancel(log.WithLogger(context.WithoutCancel(ctx), lg))
 		c.nics.follow(nicCtx)
 	}
-	lg.Infof("VM created in %v (QEMU pid %d, paused until the container starts)", time.Since(started).Round(time.Millisecond), m.Pid())
+	if c.awaiting {
+		lg.Infof("migration target created in %v (QEMU pid %d, waiting for the guest: %s)", time.Since(started).Round(time.Millisecond), m.Pid(), vmspec.MigrateAcceptCommand)
+	} else {
+		lg.Infof("VM created in %v (QEMU pid %d, paused until the container starts)", time.Since(started).Round(time.Millisecond), m.Pid())
+	}
 	return c, nil
 }
 
@@ -382,7 +399,11 @@ func (c *computeVM) watch(ctx context.Context) {
 		}
 	}
 	c.mu.Lock()
-	exit := exitOf(exitErr, c.killedBy, c.panicked)
+	exit := exitOf(exitErr, c.killedBy, c.panicked, c.decided)
+	if c.awaiting && c.decided == nil && c.killedBy == 0 {
+		// a migration target's QEMU ends by itself when its incoming stream fails
+		exit.Reason = vmspec.MigrationFailedReason + ": the guest did not arrive: " + exit.Reason
+	}
 	c.mu.Unlock()
 	if exit.Status != 0 {
 		if tail := strings.TrimSpace(c.machine.ConsoleHint()); tail != "" && !c.isKill(exit) {
@@ -406,13 +427,15 @@ func firstLine(s string) string {
 	return line
 }
 
-// exitOf is the compute container's exit for how QEMU ended: a kill that was asked for, a
-// guest panic, a guest power-off, or QEMU failing.
-func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit {
+// exitOf is the compute container's exit for how QEMU ended: a kill that was asked for, an
+// end the shim decided on (a migration), a guest panic, a guest power-off, or QEMU failing.
+func exitOf(exitErr error, killedBy syscall.Signal, panicked bool, decided *runtime.Exit) runtime.Exit {
 	e := runtime.Exit{ExitedAt: time.Now()}
 	switch {
 	case killedBy != 0:
 		e.Status, e.Reason = 128+int(killedBy), fmt.Sprintf("the VM was stopped without a shutdown (%s)", killedBy)
+	case decided != nil:
+		e.Status, e.Reason = decided.Status, decided.Reason
 	case panicked:
 		e.Status, e.Reason = 1, "GuestPanicked: the guest kernel panicked (pvpanic)"
 	case exitErr == nil:
@@ -427,6 +450,14 @@ func exitOf(exitErr error, killedBy syscall.Signal, panicked bool) runtime.Exit 
 // guest agent are handed over in the background as soon as it and the accounts exist, and
 // kept in line with their Secrets from then on.
 func (c *computeVM) powerOn(ctx context.Context) error {
+	c.mu.Lock()
+	if c.awaiting {
+		// a migration target: its vCPUs start when the source hands the guest over
+		c.running = true
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Unlock()
 	if err := c.machine.Resume(ctx); err != nil {
 		return err
 	}
@@ -612,12 +643,16 @@ func (c *computeVM) exec(ctx context.Context, execID string, proc *specs.Process
 	if hotplug && len(args) != 2 {
 		return nil, fmt.Errorf("exec %s: %s takes one argument (quote the disk's JSON), got %d: %w", execID, args[0], len(args)-1, errdefs.ErrInvalidArgument)
 	}
+	migration := args[0] == vmspec.MigrateAcceptCommand || args[0] == vmspec.MigrateCommand || args[0] == vmspec.MigrateCancelCommand
+	if migration && len(args) != 1 {
+		return nil, fmt.Errorf("exec %s: %s takes no arguments (its request is JSON on stdin: it holds a key), got %d: %w", execID, args[0], len(args)-1, errdefs.ErrInvalidArgument)
+	}
 	// a paused VM's probe fails (exit 1, below): an exec that cannot start is "unknown" to
 	// the kubelet's prober, which would keep the pod Ready
 	if c.isPaused() && !control && !ping {
 		return nil, fmt.Errorf("exec %s: %w: %w", execID, errPaused, errdefs.ErrFailedPrecondition)
 	}
-	if !ping && !control && !hotplug {
+	if !ping && !control && !hotplug && !migration {
 		// the agent must be there for anything else, or the exec fails now, saying so
 		checkCtx, cancel := context.WithTimeout(ctx, agentCheckWait)
 		err := c.agent.Ping(checkCtx)
@@ -704,6 +739,9 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 		info, err := guestInfo(ctx, e.vm.agent)
 		answer(string(info), err)
 		return
+	case len(args) == 1 && args[0] == vmspec.MigrateCancelCommand:
+		answer(e.vm.cancelMigration(ctx))
+		return
 	}
 	var input []byte
 	if stdio.Stdin != nil {
@@ -718,6 +756,23 @@ func (e *guestExec) run(args []string, ping bool, stdio runtime.Stdio) {
 			return
 		}
 		input = b
+	}
+	switch {
+	case len(args) == 1 && args[0] == vmspec.MigrateAcceptCommand:
+		answer(e.vm.acceptMigration(ctx, input))
+		return
+	case len(args) == 1 && args[0] == vmspec.MigrateCommand:
+		out := stdio.Stdout
+		if out == nil {
+			out = io.Discard
+		}
+		if err := e.vm.migrate(ctx, input, out); err != nil {
+			stderr(err.Error())
+			finish(1)
+			return
+		}
+		finish(0)
+		return
 	}
 	st, err := e.vm.agent.Run(ctx, qga.ExecRequest{Path: args[0], Args: args[1:], Input: input})
 	if err != nil {

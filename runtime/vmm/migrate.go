@@ -118,7 +118,7 @@ func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts Mig
 }
 
 // AwaitIncoming waits until the migration AcceptMigration listens for has completed and
-// the guest is here, in the run state it had on the source, except that a machine
+// the guest is here (from then on the machine may Migrate it on), in the run state it had on the source, except that a machine
 // started Paused (QEMU's -S) keeps its vCPUs stopped until Resume. A failed incoming
 // migration ends the target's QEMU.
 func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
@@ -135,6 +135,7 @@ func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 					return info, fmt.Errorf("vm %s: after the incoming migration: %w", m.cfg.Name, err)
 				}
 				if st.State != qmp.RunStateInMigrate {
+					m.arrived.Store(true)
 					return info, nil
 				}
 			case qmp.MigrationFailed:
@@ -165,11 +166,10 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	if err := m.canMigrate(); err != nil {
 		return qmp.MigrationInfo{}, err
 	}
-	if m.cfg.Incoming {
-		// a target that never received a guest has nothing to send
-		if info, err := m.mon.QueryMigrate(ctx); err != nil || info.Status != qmp.MigrationCompleted {
-			return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: the machine is still waiting for its own incoming migration: %w", m.cfg.Name, errdefs.ErrFailedPrecondition)
-		}
+	if m.cfg.Incoming && !m.arrived.Load() {
+		// a target that never received a guest has nothing to send (once it has, QEMU's
+		// account is its last outgoing migration's: a cancelled one says cancelled)
+		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: the machine is still waiting for its own incoming migration: %w", m.cfg.Name, errdefs.ErrFailedPrecondition)
 	}
 	fail := func(err error) (qmp.MigrationInfo, error) {
 		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, err)

@@ -45,6 +45,9 @@ type Machine struct {
 	lease  *vmuser.Lease // QEMU's uid; nil: QEMU runs as root
 
 	vncClients atomic.Uint64 // names the connections DialVNC hands to QEMU
+	// arrived: a machine started Incoming has its guest (AwaitIncoming saw it), so it may
+	// send it on
+	arrived atomic.Bool
 
 	vfioMu     sync.Mutex
 	vfioGrants []vfioGrant // VFIO group devices given to QEMU's user

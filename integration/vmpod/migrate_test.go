@@ -1,0 +1,290 @@
+package vmpod_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/integration/testenv"
+)
+
+// execStdin runs a command in the compute container through CRI's streaming Exec with
+// stdin (what `kubectl exec -i` does): the migration execs take their request there.
+func execStdin(id string, stdin any, timeout time.Duration, args ...string) (string, error) {
+	var b []byte // nil: an empty stdin
+	if stdin != nil {
+		var err error
+		if b, err = json.Marshal(stdin); err != nil {
+			return "", err
+		}
+	}
+	cmd := exec.Command("crictl", append([]string{"exec", "-i", id}, args...)...)
+	cmd.Stdin = bytes.NewReader(b)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	var err error
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err = <-done:
+	case <-time.After(timeout):
+		_ = cmd.Process.Kill()
+		<-done
+		err = fmt.Errorf("timed out after %v", timeout)
+	}
+	if err != nil {
+		return stdout.String(), fmt.Errorf("crictl exec -i %v: %w: %s", args, err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
+// guestCount reads the counter the guest's counting loop keeps in its tmpfs.
+func guestCount(t *testing.T, id string) int {
+	t.Helper()
+	out := waitExec(t, id, time.Minute, "", "cat", "/dev/shm/count")
+	n, err := strconv.Atoi(strings.TrimSpace(out))
+	if err != nil {
+		t.Fatalf("the guest's counter: %q", out)
+	}
+	return n
+}
+
+// TestVMPodLiveMigration (issue 12, docs/design/209): a running Debian guest moves from one
+// VM pod to another through the shims' migration execs, over TLS between the pods' network
+// namespaces, its disk on storage both pods mount. The guest's memory (a tmpfs file, a
+// counting process, a web server) carries over, it keeps its address behind the
+// masquerade binding and answers on the target pod's IP; the source's container ends
+// Migrated. A stranger's credentials are refused with the source untouched, and a
+// cancelled migration leaves the guest running where it was.
+func TestVMPodLiveMigration(t *testing.T) {
+	raw := guestRaw(t)
+	pvc := t.TempDir() // both pods mount it: on one host, what an RWX volume is between nodes
+	copySparse(t, raw, filepath.Join(pvc, vmspec.DiskImageFile))
+	vm := baseVM()
+	vm.MemoryMiB = 512
+	vm.Interfaces[0].Binding = vmspec.BindingMasquerade
+	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
+	rootMount := testenv.Mount{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc}
+	target := vm
+	target.Migration = &vmspec.Migration{Role: vmspec.RoleTarget}
+
+	src := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-src"}, Hostname: "vm-mig", Annotations: annotation(t, vm)})
+	termLog := filepath.Join(t.TempDir(), "termination-log")
+	os.WriteFile(termLog, nil, 0o644)
+	srcID := compute(t, src, []testenv.Mount{rootMount, {ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
+	waitExec(t, srcID, agentWithin, "", vmspec.GuestAgentPingCommand)
+	// state that lives only in the guest's memory
+	pid := strings.TrimSpace(waitExec(t, srcID, time.Minute, "", "sh", "-c",
+		"echo moved > /dev/shm/marker; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.1; done' >/dev/null 2>&1 & echo $!"))
+	if _, err := execIn(srcID, 30*time.Second, "sh", "-c", "cd /dev/shm && nohup python3 -m http.server 8080 >/dev/null 2>&1 &"); err != nil {
+		t.Fatalf("start a web server in the guest: %v", err)
+	}
+
+	dst := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-dst"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
+	dstID := compute(t, dst, []testenv.Mount{rootMount}, nil, true)
+	if st := status(t, dstID); st.State != "CONTAINER_RUNNING" {
+		t.Fatalf("the target's compute container: %s", st.State)
+	}
+	targetCreds, sourceCreds, err := vmspec.NewMigrationCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// refused up front, each saying why: the wrong pod for each verb, no request on stdin,
+	// a request on the command line
+	for _, c := range []struct {
+		id    string
+		stdin any
+		args  []string
+		want  string
+	}{
+		{srcID, vmspec.MigrationAccept{TLS: targetCreds}, []string{vmspec.MigrateAcceptCommand}, "no migration target"},
+		{dstID, vmspec.MigrationRequest{Target: "10.0.0.1:49152", TLS: sourceCreds}, []string{vmspec.MigrateCommand}, "own guest has not arrived"},
+		{srcID, nil, []string{vmspec.MigrateCommand}, "the request goes on stdin"},
+		{srcID, nil, []string{vmspec.MigrateCommand, "{}"}, "takes no arguments"},
+	} {
+		if out, err := execStdin(c.id, c.stdin, time.Minute, c.args...); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: %q, %v; want a refusal saying %q", c.args, out, err, c.want)
+		}
+	}
+
+	out, err := execStdin(dstID, vmspec.MigrationAccept{TLS: targetCreds}, time.Minute, vmspec.MigrateAcceptCommand)
+	if err != nil {
+		t.Fatalf("%s: %v", vmspec.MigrateAcceptCommand, err)
+	}
+	var listening vmspec.MigrationListening
+	if err := json.Unmarshal([]byte(out), &listening); err != nil {
+		t.Fatalf("%s printed %q: %v", vmspec.MigrateAcceptCommand, out, err)
+	}
+	if want := net.JoinHostPort(podIP(t, dst), fmt.Sprint(vmspec.MigrationPort)); listening.Address != want {
+		t.Errorf("the target listens on %s, want the pod's IP and port, %s", listening.Address, want)
+	}
+	if _, err := execStdin(dstID, vmspec.MigrationAccept{TLS: targetCreds}, time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "already listening") {
+		t.Errorf("a second accept: %v, want a refusal", err)
+	}
+
+	// a source with another migration's credentials: the TLS handshake fails, nothing moves
+	_, strangerCreds, _ := vmspec.NewMigrationCredentials()
+	if out, err := execStdin(srcID, vmspec.MigrationRequest{Target: listening.Address, TLS: strangerCreds}, time.Minute, vmspec.MigrateCommand); err == nil {
+		t.Fatalf("a migration with a stranger's credentials: %q", out)
+	} else {
+		t.Logf("with a stranger's credentials: %v", err)
+	}
+	before := guestCount(t, srcID)
+
+	start := time.Now()
+	req := vmspec.MigrationRequest{Target: listening.Address, TLS: sourceCreds, Options: vmspec.MigrationRequestOptions{BandwidthMiB: 1024, AutoConverge: true}}
+	out, err = execStdin(srcID, req, 5*time.Minute, vmspec.MigrateCommand)
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", vmspec.MigrateCommand, err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	var final vmspec.MigrationProgress
+	if err := json.Unmarshal([]byte(lines[len(lines)-1]), &final); err != nil || final.Status != "completed" || final.TransferredBytes == 0 {
+		t.Fatalf("the migration's last line %q (%v): want completed, with bytes sent", lines[len(lines)-1], err)
+	}
+	t.Logf("migrated in %v (exec), QEMU: %d ms, downtime %d ms, %d MiB sent, %d progress lines",
+		time.Since(start).Round(time.Millisecond), final.ElapsedMs, final.DowntimeMs, final.TransferredBytes>>20, len(lines))
+
+	// the source's container ends, saying where the guest went
+	if code := waitExited(t, srcID, time.Minute); code != 0 {
+		t.Errorf("the source's compute container exited %d, want 0", code)
+	}
+	if b, _ := os.ReadFile(termLog); !strings.HasPrefix(string(b), vmspec.MigratedReason+": the guest moved to "+listening.Address) {
+		t.Errorf("the source's termination message %q", b)
+	}
+	// the guest runs on in the target: its memory came along
+	if got := strings.TrimSpace(waitExec(t, dstID, 2*time.Minute, "moved", "cat", "/dev/shm/marker")); got != "moved" {
+		t.Errorf("the tmpfs file: %q", got)
+	}
+	if _, err := execIn(dstID, 20*time.Second, "kill", "-0", pid); err != nil {
+		t.Errorf("the counting process %s is gone: %v", pid, err)
+	}
+	after := guestCount(t, dstID)
+	time.Sleep(2 * time.Second)
+	if later := guestCount(t, dstID); after < before || later <= after {
+		t.Errorf("the counter: %d before the migration, %d and %d after: want it to go on", before, after, later)
+	}
+	// behind NAT the guest keeps its address, and the target pod's IP reaches it
+	waitExec(t, dstID, time.Minute, vmspec.MasqueradeGuest+"/24", "ip", "-4", "-o", "addr", "show", "eth0")
+	url := fmt.Sprintf("http://%s:8080/marker", podIP(t, dst))
+	var body []byte
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if body, _ = exec.Command("curl", "-sf", "--max-time", "5", url).Output(); strings.TrimSpace(string(body)) == "moved" {
+			break
+		}
+	}
+	if strings.TrimSpace(string(body)) != "moved" {
+		t.Errorf("GET %s: %q, want the guest's web server, moved along", url, body)
+	}
+
+	// a migration cancelled half-way: the guest runs on where it is, the would-be target ends
+	dst2 := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-dst2"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
+	termLog2 := filepath.Join(t.TempDir(), "termination-log")
+	os.WriteFile(termLog2, nil, 0o644)
+	dst2ID := compute(t, dst2, []testenv.Mount{rootMount, {ContainerPath: "/dev/termination-log", HostPath: termLog2}}, nil, true)
+	t2, s2, _ := vmspec.NewMigrationCredentials()
+	out, err = execStdin(dst2ID, vmspec.MigrationAccept{TLS: t2}, time.Minute, vmspec.MigrateAcceptCommand)
+	if err != nil {
+		t.Fatalf("%s: %v", vmspec.MigrateAcceptCommand, err)
+	}
+	if err := json.Unmarshal([]byte(out), &listening); err != nil {
+		t.Fatal(err)
+	}
+	slow := make(chan error, 1)
+	go func() {
+		// 1 MiB/s: a 512 MiB guest would take minutes
+		_, err := execStdin(dstID, vmspec.MigrationRequest{Target: listening.Address, TLS: s2, Options: vmspec.MigrationRequestOptions{BandwidthMiB: 1}}, 5*time.Minute, vmspec.MigrateCommand)
+		slow <- err
+	}()
+	time.Sleep(5 * time.Second)
+	if out, err := execIn(dstID, 30*time.Second, vmspec.MigrateCancelCommand); err != nil || strings.TrimSpace(out) != "migration cancelled" {
+		t.Errorf("%s: %q, %v", vmspec.MigrateCancelCommand, out, err)
+	}
+	select {
+	case err := <-slow:
+		if err == nil || !strings.Contains(err.Error(), "cancelled") {
+			t.Errorf("the cancelled migration's exec: %v, want a failure saying it was cancelled", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the cancelled migration's exec did not end")
+	}
+	if out, err := execIn(dstID, 30*time.Second, vmspec.MigrateCancelCommand); err != nil || strings.TrimSpace(out) != "no migration in flight" {
+		t.Errorf("%s again: %q, %v", vmspec.MigrateCancelCommand, out, err)
+	}
+	n := guestCount(t, dstID)
+	time.Sleep(2 * time.Second)
+	if m := guestCount(t, dstID); m <= n {
+		t.Errorf("after the cancel the counter stands at %d, then %d", n, m)
+	}
+	if st := status(t, dstID); st.State != "CONTAINER_RUNNING" {
+		t.Errorf("the VM's container after the cancel: %s", st.State)
+	}
+	if code := waitExited(t, dst2ID, 2*time.Minute); code != 1 {
+		t.Errorf("the abandoned target exited %d, want 1", code)
+	}
+	if b, _ := os.ReadFile(termLog2); !strings.HasPrefix(string(b), vmspec.MigrationFailedReason) {
+		t.Errorf("the abandoned target's termination message %q", b)
+	}
+
+	// targets whose devices differ from the source's: refused by their QEMU, each at its
+	// own point of the stream, and the guest runs on where it was
+	for _, c := range []struct {
+		name string
+		edit func(*vmspec.VM)
+		want string
+	}{
+		// an e1000e NIC brings a ROM, a RAM block the source lacks: the target fails at
+		// the stream's start, and the source's QEMU hears of it through the stream
+		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed"},
+		// the disk on SATA: the RAM matches, the virtio-blk state (sent last, the guest
+		// stopped) does not. The source's QEMU has completed; the target says it failed,
+		// and the source resumes its guest: the switchover's first phase
+		{"the disk on SATA", func(vm *vmspec.VM) { vm.Disks[0].Bus = vmspec.BusSATA }, "the guest runs on here"},
+	} {
+		odd := target
+		odd.Interfaces = append([]vmspec.Interface{}, target.Interfaces...)
+		odd.Disks = append([]vmspec.Disk{}, target.Disks...)
+		c.edit(&odd)
+		pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-odd"}, Hostname: "vm-mig", Annotations: annotation(t, odd)})
+		oddID := compute(t, pod, []testenv.Mount{rootMount}, nil, true)
+		to, so, _ := vmspec.NewMigrationCredentials()
+		out, err := execStdin(oddID, vmspec.MigrationAccept{TLS: to}, time.Minute, vmspec.MigrateAcceptCommand)
+		if err != nil {
+			t.Fatalf("%s: %s: %v", c.name, vmspec.MigrateAcceptCommand, err)
+		}
+		if err := json.Unmarshal([]byte(out), &listening); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		out, err = execStdin(dstID, vmspec.MigrationRequest{Target: listening.Address, TLS: so, Options: vmspec.MigrationRequestOptions{BandwidthMiB: 1024}}, 5*time.Minute, vmspec.MigrateCommand)
+		if err == nil || !strings.Contains(err.Error(), c.want) || time.Since(start) > time.Minute {
+			t.Errorf("to a target with %s: %v after %v\n%s; want a prompt failure saying %q", c.name, err, time.Since(start), out, c.want)
+		} else {
+			t.Logf("to a target with %s, after %v: %v", c.name, time.Since(start).Round(time.Millisecond), err)
+		}
+		n := guestCount(t, dstID)
+		time.Sleep(2 * time.Second)
+		if m := guestCount(t, dstID); m <= n {
+			t.Errorf("%s: after the failed migration the counter stands at %d, then %d", c.name, n, m)
+		}
+		if st := status(t, dstID); st.State != "CONTAINER_RUNNING" {
+			t.Errorf("%s: the VM's container after the failed migration: %s", c.name, st.State)
+		}
+		if code := waitExited(t, oddID, 2*time.Minute); code != 1 {
+			t.Errorf("the target with %s exited %d, want 1", c.name, code)
+		}
+	}
+}

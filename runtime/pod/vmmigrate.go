@@ -1,0 +1,542 @@
+package pod
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/qmp"
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/network"
+	"github.com/vmpod/vmpod/runtime/vmm"
+)
+
+// Live migration between VM pods (issue 12, docs/design/209). The target is a VM pod
+// rendered from the source's spec with migration.role target: its QEMU starts waiting for
+// the guest. vmspec.MigrateAcceptCommand makes its shim listen on the pod's
+// vmspec.MigrationPort; vmspec.MigrateCommand makes the source's shim connect twice, over
+// TLS with each end's certificate pinned by the other:
+//
+//   - the stream connection carries QEMU's migration stream, source to target, each shim
+//     copying between the TLS connection and a socket pair whose other end its QEMU holds;
+//   - the control connection carries the switchover: once the target's QEMU has the whole
+//     guest (paused) its shim says loaded; the source's shim, whose QEMU stopped the guest
+//     at completion, answers commit and quits its QEMU; only then does the target's shim
+//     start the guest's vCPUs. Without a loaded the source resumes its guest; without a
+//     commit the target keeps its guest paused. No outcome runs the guest twice.
+
+const (
+	// migrationDialWait bounds the source's connections to the target.
+	migrationDialWait = 30 * time.Second
+	// migrationHandshakeWait bounds one TLS handshake and the role byte after it.
+	migrationHandshakeWait = 10 * time.Second
+	// switchoverWait bounds each side's wait for the other's word at the switchover.
+	switchoverWait = 2 * time.Minute
+	// progressEvery spaces the progress lines a migration prints.
+	progressEvery = time.Second
+)
+
+// The first byte a source sends on each of its connections, after the TLS handshake.
+const (
+	roleControl = 'C'
+	roleStream  = 'S'
+)
+
+// switchover is a control connection's message, one JSON line each.
+type switchover struct {
+	Loaded bool   `json:"loaded,omitempty"` // target: the guest is here, paused
+	Commit bool   `json:"commit,omitempty"` // source: the guest is yours, start it
+	Error  string `json:"error,omitempty"`  // target: it could not take the guest
+}
+
+// guestMAC is a masquerade-bound NIC's MAC when the spec names none: locally administered,
+// from the VM's UUID and the interface's name, the same in every pod of the VM.
+func guestMAC(uuid, iface string) string {
+	h := sha256.Sum256([]byte(uuid + "/" + iface))
+	h[0] = h[0]&0xfe | 0x02 // unicast, locally administered
+	return net.HardwareAddr(h[:6]).String()
+}
+
+// migratable says why this VM's guest cannot move to another pod, before anything starts.
+// Called with hotMu held.
+func (c *computeVM) migratable() error {
+	p := c.pod
+	var errs []error
+	if p.netns == "" || !p.address.IsValid() {
+		errs = append(errs, errors.New("the pod has no network namespace with an IPv4 address to send the guest from"))
+	}
+	for i, d := range p.vm.Disks {
+		switch d.Source {
+		case vmspec.SourceImage:
+			errs = append(errs, fmt.Errorf("disks[%d] (%s): a containerDisk's writable overlay is on this node only", i, d.Name))
+		case vmspec.SourceEmpty:
+			errs = append(errs, fmt.Errorf("disks[%d] (%s): an empty disk lives in the compute container's scratch space on this node", i, d.Name))
+		}
+	}
+	for i, iface := range p.vm.Interfaces {
+		switch {
+		case iface.Binding != vmspec.BindingMasquerade:
+			errs = append(errs, fmt.Errorf("interfaces[%d] (%s): the %s binding gives the guest the pod's IP, which the target pod does not have (masquerade keeps the guest's address)", i, iface.Name, iface.Binding))
+		case iface.MACAddress == "" && p.vm.UUID == "":
+			errs = append(errs, fmt.Errorf("interfaces[%d] (%s): the guest's MAC would change (the spec has neither macAddress nor uuid)", i, iface.Name))
+		}
+	}
+	if n := len(p.vm.GPUs) + len(p.vm.HostDevices); n > 0 {
+		errs = append(errs, fmt.Errorf("gpus/hostDevices: %d passed-through PCI devices carry no migratable state", n))
+	}
+	if len(c.hot) > 0 {
+		errs = append(errs, fmt.Errorf("%d hot-plugged disks: the target pod boots without them (detach them first)", len(c.hot)))
+	}
+	if c.nics != nil && c.nics.plugged.Load() > 0 {
+		errs = append(errs, fmt.Errorf("%d hot-plugged NICs: the target pod boots without them", c.nics.plugged.Load()))
+	}
+	if boot := (Size{VCPUs: p.vm.CPU.VCPUs(), MemoryMiB: int(p.vm.MemoryMiB)}); c.size != boot {
+		errs = append(errs, fmt.Errorf("the VM was resized to %d vCPUs and %d MiB: the target pod boots at the spec's %d and %d", c.size.VCPUs, c.size.MemoryMiB, boot.VCPUs, boot.MemoryMiB))
+	}
+	return errors.Join(errs...)
+}
+
+// acceptMigration answers vmspec.MigrateAcceptCommand on a migration target: it listens on
+// the pod's migration port and returns where; the guest arrives in the background
+// (receive), and the pod fails if none does within the request's timeout.
+func (c *computeVM) acceptMigration(ctx context.Context, input []byte) (string, error) {
+	const cmd = vmspec.MigrateAcceptCommand
+	if len(input) == 0 {
+		return "", fmt.Errorf("%s: the request goes on stdin (exec -i), as JSON: %w", cmd, errdefs.ErrInvalidArgument)
+	}
+	req, err := vmspec.ParseMigrationAccept(input)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w: %w", cmd, err, errdefs.ErrInvalidArgument)
+	}
+	cfg, err := req.TLS.Config()
+	if err != nil { // checked by the parse
+		return "", fmt.Errorf("%s: accept.tls: %w: %w", cmd, err, errdefs.ErrInvalidArgument)
+	}
+	c.mu.Lock()
+	switch {
+	case !c.awaiting:
+		c.mu.Unlock()
+		return "", fmt.Errorf("%s: this VM is no migration target waiting for its guest (annotation %s: migration.role target): %w", cmd, vmspec.Annotation, errdefs.ErrFailedPrecondition)
+	case c.accepting:
+		c.mu.Unlock()
+		return "", fmt.Errorf("%s: already listening for the source: %w", cmd, errdefs.ErrAlreadyExists)
+	}
+	c.accepting = true
+	c.mu.Unlock()
+	l, err := network.ListenInNetns(c.pod.netns, ":"+strconv.Itoa(vmspec.MigrationPort))
+	if err != nil {
+		c.mu.Lock()
+		c.accepting = false
+		c.mu.Unlock()
+		return "", fmt.Errorf("%s: %w", cmd, err)
+	}
+	addr := net.JoinHostPort(c.pod.address.String(), strconv.Itoa(vmspec.MigrationPort))
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	lg.Infof("migration target: listening on %s for %v", addr, req.AcceptTimeout())
+	go c.receive(log.WithLogger(context.WithoutCancel(ctx), lg), l, cfg, req.AcceptTimeout())
+	out, err := json.Marshal(vmspec.MigrationListening{Address: addr})
+	return string(out), err
+}
+
+// receive takes the source's two connections on l, hands the stream to QEMU and sees the
+// switchover through. A target whose guest does not arrive fails (its container exits 1).
+func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config, wait time.Duration) {
+	lg := log.G(ctx)
+	control, stream, err := acceptSource(ctx, l, cfg, wait, c.machine.Done())
+	if err != nil {
+		c.failTarget(ctx, err)
+		return
+	}
+	defer control.Close()
+	defer stream.Close()
+	qemuEnd, shimEnd, err := streamPair()
+	if err != nil {
+		c.failTarget(ctx, err)
+		return
+	}
+	defer shimEnd.Close()
+	err = c.machine.AcceptMigration(ctx, qemuEnd, vmm.MigrationOptions{})
+	qemuEnd.Close() // QEMU holds its own copy
+	if err != nil {
+		c.failTarget(ctx, err)
+		return
+	}
+	// the source's bytes to QEMU; nothing flows back (no return path). A QEMU that stopped
+	// reading (its load failed) ends the stream, which the source's QEMU then hears of.
+	go func() {
+		if _, err := io.Copy(shimEnd, stream); err != nil {
+			_ = stream.Close()
+		}
+		_ = shimEnd.CloseWrite()
+	}()
+	started := time.Now()
+	info, err := c.machine.AwaitIncoming(ctx)
+	if err != nil {
+		_ = writeSwitchover(control, switchover{Error: err.Error()})
+		c.failTarget(ctx, err)
+		return
+	}
+	lg.Infof("migration target: the guest arrived (%v, %d MiB); telling the source", time.Since(started).Round(time.Millisecond), info.Transferred()>>20)
+	if err := writeSwitchover(control, switchover{Loaded: true}); err != nil {
+		// the source cannot know the guest is here: it resumes its own
+		c.failTarget(ctx, fmt.Errorf("tell the source the guest arrived: %w", err))
+		return
+	}
+	msg, err := readSwitchover(control, switchoverWait)
+	if err != nil || !msg.Commit {
+		// The source may have quit its guest or resumed it: the one safe thing is to keep
+		// this one stopped. An unpause starts it once the source is known to have ended.
+		lg.WithError(err).Errorf("migration target: the source did not hand the guest over; it stays paused here (%s starts it once the source pod is known to have ended)", vmspec.UnpauseCommand)
+		c.mu.Lock()
+		c.awaiting, c.paused = false, true
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Lock()
+	c.awaiting = false
+	start := c.running // the container started: the guest runs
+	c.mu.Unlock()
+	if start {
+		if err := c.machine.Resume(ctx); err != nil {
+			lg.WithError(err).Error("migration target: start the guest")
+			return
+		}
+	}
+	lg.Infof("migration target: the guest runs here (switchover %v after it arrived)", time.Since(started).Round(time.Millisecond))
+}
+
+// acceptSource accepts connections on l until it has the source's control and stream
+// connections, each past the TLS handshake (a connection that fails it is dropped: a port
+// scan does not end the wait), for up to wait or until QEMU exits. It closes l.
+func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait time.Duration, qemuDone <-chan struct{}) (control, stream net.Conn, err error) {
+	deadline := time.Now().Add(wait)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		select {
+		case <-qemuDone:
+			_ = l.Close()
+		case <-stop:
+		}
+	}()
+	defer l.Close()
+	if tl, ok := l.(*net.TCPListener); ok {
+		_ = tl.SetDeadline(deadline)
+	}
+	for control == nil || stream == nil {
+		conn, err := l.Accept()
+		if err != nil {
+			for _, c := range []net.Conn{control, stream} {
+				if c != nil {
+					c.Close()
+				}
+			}
+			select {
+			case <-qemuDone:
+				return nil, nil, errors.New("QEMU exited while waiting for the source")
+			default:
+			}
+			if time.Now().After(deadline) {
+				return nil, nil, fmt.Errorf("the source did not connect within %v", wait)
+			}
+			return nil, nil, fmt.Errorf("accept: %w", err)
+		}
+		tc := tls.Server(conn, cfg)
+		role, err := handshake(tc)
+		switch {
+		case err != nil:
+			log.G(ctx).WithError(err).Warnf("migration target: refused a connection from %s", conn.RemoteAddr())
+			tc.Close()
+		case role == roleControl && control == nil:
+			control = tc
+		case role == roleStream && stream == nil:
+			stream = tc
+		default:
+			log.G(ctx).Warnf("migration target: refused an extra connection (role %q) from %s", role, conn.RemoteAddr())
+			tc.Close()
+		}
+	}
+	return control, stream, nil
+}
+
+// handshake completes a server-side TLS handshake and reads the role byte after it.
+func handshake(tc *tls.Conn) (byte, error) {
+	_ = tc.SetDeadline(time.Now().Add(migrationHandshakeWait))
+	defer tc.SetDeadline(time.Time{})
+	if err := tc.Handshake(); err != nil {
+		return 0, err
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(tc, b[:]); err != nil {
+		return 0, fmt.Errorf("role: %w", err)
+	}
+	return b[0], nil
+}
+
+// failTarget ends a migration target whose guest did not arrive: its container exits 1
+// with the reason.
+func (c *computeVM) failTarget(ctx context.Context, why error) {
+	log.G(ctx).WithError(why).Error("migration target: the guest did not arrive")
+	c.mu.Lock()
+	c.decided = &runtime.Exit{Status: 1, Reason: vmspec.MigrationFailedReason + ": " + why.Error()}
+	c.mu.Unlock()
+	c.machine.Quit(ctx)
+	c.machine.KillProcess() // if even quit did not end it
+}
+
+// migrate answers vmspec.MigrateCommand: it sends the running guest to the target the
+// request names, printing progress as vmspec.MigrationProgress lines to out. On success the
+// guest runs in the target pod and this container exits 0 (vmspec.MigratedReason); on
+// failure or a cancel (vmspec.MigrateCancelCommand, or the exec ended) the guest runs on
+// here as before.
+func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) error {
+	const cmd = vmspec.MigrateCommand
+	if len(input) == 0 {
+		return fmt.Errorf("%s: the request goes on stdin (exec -i), as JSON: %w", cmd, errdefs.ErrInvalidArgument)
+	}
+	req, err := vmspec.ParseMigrationRequest(input)
+	if err != nil {
+		return fmt.Errorf("%s: %w: %w", cmd, err, errdefs.ErrInvalidArgument)
+	}
+	cfg, err := req.TLS.Config()
+	if err != nil {
+		return fmt.Errorf("%s: request.tls: %w: %w", cmd, err, errdefs.ErrInvalidArgument)
+	}
+	// no attach, detach, resize or pause while the guest moves
+	if !c.hotMu.TryLock() {
+		return fmt.Errorf("%s: a disk is being attached or detached, or the VM resized: migrate after it: %w", cmd, errdefs.ErrFailedPrecondition)
+	}
+	defer c.hotMu.Unlock()
+	if err := c.migratable(); err != nil {
+		return fmt.Errorf("%s: this VM cannot migrate: %w: %w", cmd, err, errdefs.ErrFailedPrecondition)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.mu.Lock()
+	switch {
+	case c.migrating != nil:
+		c.mu.Unlock()
+		return fmt.Errorf("%s: a migration of this VM is in flight: %w", cmd, errdefs.ErrAlreadyExists)
+	case c.awaiting:
+		c.mu.Unlock()
+		return fmt.Errorf("%s: this VM's own guest has not arrived: %w", cmd, errdefs.ErrFailedPrecondition)
+	case !c.running || c.paused:
+		c.mu.Unlock()
+		return fmt.Errorf("%s: the VM is not running: %w", cmd, errdefs.ErrFailedPrecondition)
+	}
+	c.migrating = cancel
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.migrating = nil
+		c.mu.Unlock()
+	}()
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	report := func(p vmspec.MigrationProgress) {
+		b, _ := json.Marshal(p)
+		_, _ = out.Write(append(b, '\n'))
+	}
+	fail := func(err error) error {
+		report(vmspec.MigrationProgress{Status: string(qmp.MigrationFailed), Error: err.Error()})
+		return fmt.Errorf("%s: %w", cmd, err)
+	}
+
+	dialCtx, cancelDial := context.WithTimeout(ctx, migrationDialWait)
+	control, err := c.dialTarget(dialCtx, req.Target, cfg, roleControl)
+	if err != nil {
+		cancelDial()
+		return fail(err)
+	}
+	defer control.Close()
+	stream, err := c.dialTarget(dialCtx, req.Target, cfg, roleStream)
+	cancelDial()
+	if err != nil {
+		return fail(err)
+	}
+	defer stream.Close()
+	qemuEnd, shimEnd, err := streamPair()
+	if err != nil {
+		return fail(err)
+	}
+	defer shimEnd.Close()
+	sent := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(stream, shimEnd) // ends when QEMU closes its end, after the last byte
+		if err != nil {
+			// the target went away: QEMU must hear of it (a full socket pair would hold it
+			// until the progress timeout)
+			_ = shimEnd.Close()
+		} else if cw, ok := stream.(interface{ CloseWrite() error }); ok {
+			err = cw.CloseWrite()
+		}
+		sent <- err
+	}()
+
+	o := req.Options
+	gib := (c.pod.vm.MemoryMiB + 1023) / 1024
+	opts := vmm.MigrationOptions{
+		MaxBandwidth:      uint64(o.BandwidthMiB) << 20,
+		DowntimeLimit:     time.Duration(o.DowntimeLimitMs) * time.Millisecond,
+		AutoConverge:      o.AutoConverge,
+		CompletionTimeout: time.Duration(int64(o.CompletionTimeoutPerGiB)*gib) * time.Second,
+		ProgressTimeout:   time.Duration(o.ProgressTimeoutSeconds) * time.Second,
+	}
+	var last time.Time
+	opts.Progress = func(info qmp.MigrationInfo) {
+		if time.Since(last) < progressEvery {
+			return
+		}
+		last = time.Now()
+		report(progressOf(info))
+	}
+	lg.Infof("migrating to %s (%d MiB/s, auto-converge %v)", req.Target, o.BandwidthMiB, o.AutoConverge)
+	info, err := c.machine.Migrate(ctx, qemuEnd, opts)
+	qemuEnd.Close()
+	if err != nil {
+		return fail(err) // the guest runs on here
+	}
+	// QEMU stopped the guest here for good unless told to resume it (postmigrate): wait for
+	// the target's word before either side runs it
+	if err := c.awaitLoaded(control, sent); err != nil {
+		lg.WithError(err).Warn("migration: the target did not take the guest; resuming it here")
+		if rerr := c.machine.Resume(context.WithoutCancel(ctx)); rerr != nil {
+			return fail(fmt.Errorf("%w; and resuming the guest here failed: %w", err, rerr))
+		}
+		return fail(fmt.Errorf("%w; the guest runs on here", err))
+	}
+	// From here the guest is the target's: whatever happens to the commit, this QEMU never
+	// runs it again (a target without the commit keeps it paused).
+	c.mu.Lock()
+	c.decided = &runtime.Exit{Status: 0, Reason: fmt.Sprintf("%s: the guest moved to %s (downtime %v, %d MiB sent)", vmspec.MigratedReason, req.Target, info.Downtime, info.Transferred()>>20)}
+	c.mu.Unlock()
+	if err := writeSwitchover(control, switchover{Commit: true}); err != nil {
+		lg.WithError(err).Error("migration: the commit did not reach the target: the guest stays paused there")
+	}
+	c.machine.Quit(context.WithoutCancel(ctx))
+	report(progressOf(info))
+	lg.Infof("migrated to %s in %v (downtime %v, %d MiB sent)", req.Target, info.TotalTime, info.Downtime, info.Transferred()>>20)
+	return nil
+}
+
+// awaitLoaded waits for the stream's last byte to leave and the target's word that it has
+// the guest.
+func (c *computeVM) awaitLoaded(control net.Conn, sent <-chan error) error {
+	select {
+	case err := <-sent:
+		if err != nil {
+			return fmt.Errorf("send the stream's end: %w", err)
+		}
+	case <-time.After(switchoverWait):
+		return fmt.Errorf("the stream's end did not leave within %v", switchoverWait)
+	}
+	msg, err := readSwitchover(control, switchoverWait)
+	switch {
+	case err != nil:
+		return fmt.Errorf("the target's word: %w", err)
+	case msg.Error != "":
+		return fmt.Errorf("the target: %s", msg.Error)
+	case !msg.Loaded:
+		return errors.New("the target did not say it has the guest")
+	}
+	return nil
+}
+
+// cancelMigration answers vmspec.MigrateCancelCommand: the migration in flight is
+// cancelled and the guest runs on here. Without one it says so, no error (idempotent).
+func (c *computeVM) cancelMigration(ctx context.Context) (string, error) {
+	c.mu.Lock()
+	cancel := c.migrating
+	c.mu.Unlock()
+	if cancel == nil {
+		return "no migration in flight", nil
+	}
+	cancel()
+	log.G(ctx).WithField("pod", c.pod.id).Info("migration cancelled")
+	return "migration cancelled", nil
+}
+
+// dialTarget connects to the target from the pod's network namespace and introduces the
+// connection by role after the TLS handshake.
+func (c *computeVM) dialTarget(ctx context.Context, addr string, cfg *tls.Config, role byte) (net.Conn, error) {
+	conn, err := network.DialInNetnsContext(ctx, c.pod.netns, addr)
+	if err != nil {
+		return nil, fmt.Errorf("connect to the target %s: %w", addr, err)
+	}
+	tc := tls.Client(conn, cfg)
+	if dl, ok := ctx.Deadline(); ok {
+		_ = tc.SetDeadline(dl)
+	}
+	if err := tc.HandshakeContext(ctx); err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("target %s: TLS: %w", addr, err)
+	}
+	if _, err := tc.Write([]byte{role}); err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("target %s: %w", addr, err)
+	}
+	_ = tc.SetDeadline(time.Time{})
+	return tc, nil
+}
+
+// progressOf is the progress line of QEMU's account.
+func progressOf(info qmp.MigrationInfo) vmspec.MigrationProgress {
+	p := vmspec.MigrationProgress{Status: string(info.Status), ElapsedMs: info.TotalTime.Milliseconds(), DowntimeMs: info.Downtime.Milliseconds(), Error: info.ErrorDesc}
+	if info.RAM != nil {
+		p.TotalBytes, p.TransferredBytes, p.RemainingBytes, p.DirtyPagesRate = info.RAM.Total, info.Transferred(), info.Remaining(), info.RAM.DirtyPagesRate
+	}
+	return p
+}
+
+// streamPair is a connected socket pair: one end for QEMU, one the shim copies through.
+func streamPair() (qemuEnd *os.File, shimEnd *net.UnixConn, err error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("migration stream: %w", err)
+	}
+	qemuEnd = os.NewFile(uintptr(fds[0]), "migration-qemu")
+	shim := os.NewFile(uintptr(fds[1]), "migration-shim")
+	defer shim.Close() // FileConn keeps a copy
+	conn, err := net.FileConn(shim)
+	if err != nil {
+		qemuEnd.Close()
+		return nil, nil, fmt.Errorf("migration stream: %w", err)
+	}
+	return qemuEnd, conn.(*net.UnixConn), nil
+}
+
+func writeSwitchover(conn net.Conn, m switchover) error {
+	b, _ := json.Marshal(m)
+	_ = conn.SetWriteDeadline(time.Now().Add(switchoverWait))
+	_, err := conn.Write(append(b, '\n'))
+	return err
+}
+
+// readSwitchover reads one message within wait: each side reads one, so a buffer that reads
+// ahead loses nothing.
+func readSwitchover(conn net.Conn, wait time.Duration) (switchover, error) {
+	_ = conn.SetReadDeadline(time.Now().Add(wait))
+	defer conn.SetReadDeadline(time.Time{})
+	line, err := bufio.NewReaderSize(io.LimitReader(conn, 64<<10), 64<<10).ReadBytes('\n')
+	if err != nil {
+		return switchover{}, err
+	}
+	var m switchover
+	if err := json.Unmarshal(line, &m); err != nil {
+		return switchover{}, fmt.Errorf("a switchover message: %w", err)
+	}
+	return m, nil
+}

@@ -1,0 +1,184 @@
+package pod
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/api/vmspec"
+)
+
+// The target takes exactly the source it was told to expect: a port scan and a peer with
+// other credentials are dropped without ending the wait; the source's two connections are
+// told apart by their role; a wait with no source ends with an error saying so.
+func TestAcceptSource(t *testing.T) {
+	target, source, err := vmspec.NewMigrationCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, stranger, err := vmspec.NewMigrationCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverCfg, _ := target.Config()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		control, stream net.Conn
+		err             error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, s, err := acceptSource(context.Background(), l, serverCfg, 20*time.Second, make(chan struct{}))
+		done <- result{c, s, err}
+	}()
+	addr := l.Addr().String()
+	// a port scan: connects, sends nothing TLS, leaves
+	if scan, err := net.Dial("tcp", addr); err == nil {
+		_, _ = io.WriteString(scan, "GET / HTTP/1.0\r\n\r\n")
+		scan.Close()
+	}
+	dial := func(creds vmspec.MigrationTLS, role byte) (net.Conn, error) {
+		cfg, err := creds.Config()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		tc := tls.Client(conn, cfg)
+		if err := tc.Handshake(); err != nil {
+			tc.Close()
+			return nil, err
+		}
+		if _, err := tc.Write([]byte{role}); err != nil {
+			tc.Close()
+			return nil, err
+		}
+		return tc, nil
+	}
+	// a peer with another migration's credentials: its handshake may finish on its side
+	// (TLS 1.3 client), but the target drops it
+	if c, err := dial(stranger, roleControl); err == nil {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Error("the target kept a connection from a stranger")
+		}
+		c.Close()
+	}
+	ctl, err := dial(source, roleControl)
+	if err != nil {
+		t.Fatalf("the source's control connection: %v", err)
+	}
+	defer ctl.Close()
+	str, err := dial(source, roleStream)
+	if err != nil {
+		t.Fatalf("the source's stream connection: %v", err)
+	}
+	defer str.Close()
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("acceptSource: %v", r.err)
+	}
+	defer r.control.Close()
+	defer r.stream.Close()
+	// told apart: what the source writes on each arrives on the same one
+	go func() { _, _ = io.WriteString(ctl, "c"); _, _ = io.WriteString(str, "s") }()
+	for conn, want := range map[net.Conn]string{r.control: "c", r.stream: "s"} {
+		b := make([]byte, 1)
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(conn, b); err != nil || string(b) != want {
+			t.Errorf("read %q, %v; want %q", b, err, want)
+		}
+	}
+	// the listener is closed once both came
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Error("the target still listens after its source connected")
+	}
+
+	// nobody comes
+	l2, _ := net.Listen("tcp", "127.0.0.1:0")
+	if _, _, err := acceptSource(context.Background(), l2, serverCfg, 300*time.Millisecond, make(chan struct{})); err == nil || !strings.Contains(err.Error(), "did not connect within 300ms") {
+		t.Errorf("no source: %v", err)
+	}
+	// QEMU gone: the wait ends at once
+	l3, _ := net.Listen("tcp", "127.0.0.1:0")
+	gone := make(chan struct{})
+	close(gone)
+	if _, _, err := acceptSource(context.Background(), l3, serverCfg, time.Minute, gone); err == nil || !strings.Contains(err.Error(), "QEMU exited") {
+		t.Errorf("QEMU gone: %v", err)
+	}
+}
+
+func TestSwitchoverMessages(t *testing.T) {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	go func() { _ = writeSwitchover(a, switchover{Loaded: true}) }()
+	if m, err := readSwitchover(b, 5*time.Second); err != nil || !m.Loaded || m.Commit {
+		t.Errorf("loaded: %+v, %v", m, err)
+	}
+	// silence is an error, not a hang
+	if _, err := readSwitchover(b, 100*time.Millisecond); err == nil {
+		t.Error("no message: no error")
+	}
+	go func() { _, _ = io.WriteString(a, "not json\n") }()
+	if _, err := readSwitchover(b, 5*time.Second); err == nil || !strings.Contains(err.Error(), "switchover message") {
+		t.Errorf("garbage: %v", err)
+	}
+}
+
+func TestGuestMAC(t *testing.T) {
+	const uuid = "5b0e8f6c-8e1f-4a51-9c3b-2f2d7c1a0b01"
+	a, b := guestMAC(uuid, "default"), guestMAC(uuid, "default")
+	if a != b {
+		t.Errorf("not the same from pod to pod: %s, %s", a, b)
+	}
+	if guestMAC(uuid, "other") == a || guestMAC("6b0e8f6c-8e1f-4a51-9c3b-2f2d7c1a0b01", "default") == a {
+		t.Error("two NICs share a MAC")
+	}
+	mac, err := net.ParseMAC(a)
+	if err != nil || len(mac) != 6 || mac[0]&1 != 0 || mac[0]&2 == 0 {
+		t.Errorf("%s: want a unicast, locally administered MAC (%v)", a, err)
+	}
+}
+
+// What cannot move is refused before anything starts, naming each reason.
+func TestMigratable(t *testing.T) {
+	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
+		Disks:      []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile}},
+		Interfaces: []vmspec.Interface{{Name: "default", PodInterface: "eth0", Binding: vmspec.BindingMasquerade}},
+		UUID:       "5b0e8f6c-8e1f-4a51-9c3b-2f2d7c1a0b01"}
+	p := &vmPod{vm: vm, netns: "/run/netns/x", address: netip.MustParseAddr("10.88.0.5")}
+	c := &computeVM{pod: p, size: Size{VCPUs: 1, MemoryMiB: 1024}}
+	if err := c.migratable(); err != nil {
+		t.Fatalf("a VM on shared storage behind NAT: %v", err)
+	}
+	bad := *vm
+	bad.UUID = ""
+	bad.Disks = append([]vmspec.Disk{}, vm.Disks...)
+	bad.Disks = append(bad.Disks, vmspec.Disk{Name: "cd", Source: vmspec.SourceImage}, vmspec.Disk{Name: "tmp", Source: vmspec.SourceEmpty})
+	bad.Interfaces = append([]vmspec.Interface{}, vm.Interfaces...)
+	bad.Interfaces = append(bad.Interfaces, vmspec.Interface{Name: "br", PodInterface: "net1", Binding: vmspec.BindingBridge})
+	bad.HostDevices = []vmspec.HostDevice{{Name: "gpu"}}
+	c = &computeVM{pod: &vmPod{vm: &bad}, size: Size{VCPUs: 2, MemoryMiB: 1024}, hot: map[string]os.FileInfo{"data": nil}}
+	err := c.migratable()
+	for _, want := range []string{"no network namespace", "disks[1] (cd): a containerDisk", "disks[2] (tmp): an empty disk",
+		"interfaces[0] (default): the guest's MAC would change", "interfaces[1] (br): the bridge binding", "1 passed-through",
+		"1 hot-plugged disks", "resized to 2 vCPUs"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("got %v, want %q", err, want)
+		}
+	}
+}
