@@ -119,6 +119,33 @@ type MigrationProgress struct {
 	Error            string `json:"error,omitempty"`
 }
 
+// Migratable says why a VM of this spec cannot move to another pod, naming each field, or
+// nil. What only the running VM knows (hot-plugged devices, a resize, a pause) its shim
+// checks as well.
+func (vm *VM) Migratable() error {
+	var errs []error
+	for i, d := range vm.Disks {
+		switch d.Source {
+		case SourceImage:
+			errs = append(errs, fmt.Errorf("disks[%d] (%s): a containerDisk's writable overlay is on its node only", i, d.Name))
+		case SourceEmpty:
+			errs = append(errs, fmt.Errorf("disks[%d] (%s): an empty disk lives in the compute container's scratch space on its node", i, d.Name))
+		}
+	}
+	for i, iface := range vm.Interfaces {
+		switch {
+		case iface.Binding != BindingMasquerade:
+			errs = append(errs, fmt.Errorf("interfaces[%d] (%s): the %s binding gives the guest the pod's IP, which the target pod does not have (masquerade keeps the guest's address)", i, iface.Name, iface.Binding))
+		case iface.MACAddress == "" && vm.UUID == "":
+			errs = append(errs, fmt.Errorf("interfaces[%d] (%s): the guest's MAC would change (the spec has neither macAddress nor uuid)", i, iface.Name))
+		}
+	}
+	if n := len(vm.GPUs) + len(vm.HostDevices); n > 0 {
+		errs = append(errs, fmt.Errorf("gpus/hostDevices: %d passed-through PCI devices carry no migratable state", n))
+	}
+	return errors.Join(errs...)
+}
+
 // ParseMigrationAccept decodes and checks a MigrateAcceptCommand's stdin. Errors name the
 // field.
 func ParseMigrationAccept(data []byte) (MigrationAccept, error) {

@@ -1,5 +1,5 @@
 // Package manager assembles vmpod-controller: a controller-runtime manager running the
-// VirtualMachine and DataVolume reconcilers.
+// VirtualMachine, VirtualMachineMigration and DataVolume reconcilers.
 package manager
 
 import (
@@ -26,6 +26,7 @@ import (
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/datavolume"
+	"github.com/vmpod/vmpod/controller/internal/migration"
 	"github.com/vmpod/vmpod/controller/internal/podexec"
 	"github.com/vmpod/vmpod/controller/internal/render"
 	"github.com/vmpod/vmpod/controller/internal/vm"
@@ -52,6 +53,10 @@ type Options struct {
 	// PodExec runs pause/unpause in VM pods; nil: through the API server's pods/exec.
 	// Tests without a kubelet set a recorder.
 	PodExec vm.PodExec
+	// MigrationExec runs the migration execs, with stdin; nil: through pods/exec.
+	MigrationExec migration.Exec
+	// MigrationTargetWait bounds a target pod's start (0: migration.DefaultTargetWait).
+	MigrationTargetWait time.Duration
 }
 
 // DefaultOptions are the defaults of the flags.
@@ -137,15 +142,25 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 		return nil, fmt.Errorf("new manager: %w", err)
 	}
 	recorder := mgr.GetEventRecorder(Name)
-	podExec := o.PodExec
-	if podExec == nil {
-		if podExec, err = podexec.New(mgr.GetConfig()); err != nil {
-			return nil, err
-		}
+	execClient, err := podexec.New(mgr.GetConfig())
+	if err != nil {
+		return nil, err
+	}
+	var podExec vm.PodExec = execClient
+	if o.PodExec != nil {
+		podExec = o.PodExec
+	}
+	var migrationExec migration.Exec = execClient
+	if o.MigrationExec != nil {
+		migrationExec = o.MigrationExec
 	}
 	vms := &vm.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Render: o.Render, Backoff: o.Backoff, Exec: podExec}
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
+	}
+	migrations := &migration.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Exec: migrationExec, TargetWait: o.MigrationTargetWait}
+	if err := migrations.SetupWithManager(mgr); err != nil {
+		return nil, fmt.Errorf("set up the VirtualMachineMigration controller: %w", err)
 	}
 	dvs := &datavolume.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, ImporterImage: o.ImporterImage, RuntimeClassName: o.Render.RuntimeClassName,
 		CloneSweepInterval: o.CloneSweepInterval}

@@ -54,6 +54,9 @@ Usage:
                                       the VM's spec (--persist is implied)
   kubectl vmpod removevolume VM --volume-name=NAME
                                       take a hotpluggable volume out of the VM (and its guest)
+  kubectl vmpod migrate VM            move the running VM to a pod on another node without
+                                      stopping it (a VirtualMachineMigration)
+  kubectl vmpod migrate-cancel VM     cancel the VM's migration; the guest runs on where it is
   kubectl vmpod guestosinfo VM        print what the guest agent reports: OS, hostname,
                                       interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
@@ -168,6 +171,17 @@ func run(ctx context.Context, args []string, stdio IO) error {
 		return PortForward(ctx, rc, c, key, fs.Args()[1:], stdio)
 	case "guestosinfo":
 		return GuestOSInfo(ctx, rc, c, key, stdio)
+	case "migrate", "migrate-cancel":
+		do := Migrate
+		if cmd == "migrate-cancel" {
+			do = MigrateCancel
+		}
+		msg, err := do(ctx, c, key)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdio.Out, msg)
+		return nil
 	case "image-upload":
 		return ImageUpload(ctx, rc, c, key, upload, stdio)
 	case "addvolume", "removevolume":

@@ -356,3 +356,32 @@ func TestAddRemoveVolume(t *testing.T) {
 		t.Errorf("after removevolume: %d volumes, %d disks; want one fewer of each than %d, %d", len(after.Volumes), len(after.Domain.Devices.Disks), len(spec.Volumes), len(spec.Domain.Devices.Disks))
 	}
 }
+
+// migrate creates a VirtualMachineMigration the controller acts on (here: refuses, the VM
+// is not running); migrate-cancel deletes the unfinished ones, saying so when there are
+// none. The migration itself is the controller's (controller/internal/vm).
+func TestMigrateCommands(t *testing.T) {
+	f := setup(t)
+	ctx := context.Background()
+	if err := f.env.Client.Create(ctx, newVM(f.ns, "still", vmpodv1.RunStrategyHalted)); err != nil {
+		t.Fatal(err)
+	}
+	out := f.mustRun(nil, "vmpod", "migrate", "still")
+	if !strings.Contains(out, "VM still: migration still-migration-") {
+		t.Fatalf("migrate: %s", out)
+	}
+	name := strings.Fields(strings.TrimPrefix(out, "VM still: migration "))[0]
+	testenv.Eventually(t, timeout, "the controller to refuse the migration", func() (bool, string) {
+		m := &vmpodv1.VirtualMachineMigration{}
+		if err := f.env.Client.Get(ctx, types.NamespacedName{Namespace: f.ns, Name: name}, m); err != nil {
+			return false, err.Error()
+		}
+		return m.Status.Phase == vmpodv1.MigrationFailed && strings.Contains(m.Status.FailureReason, "not running"), fmt.Sprintf("%+v", m.Status)
+	})
+	if out := f.mustRun(nil, "vmpod", "migrate-cancel", "still"); !strings.Contains(out, "no migration in flight") {
+		t.Errorf("migrate-cancel with none in flight: %s", out)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "migrate", "nosuchvm"); err == nil || !strings.Contains(stderr, "not found") {
+		t.Errorf("migrate of a missing VM: %v %s", err, stderr)
+	}
+}

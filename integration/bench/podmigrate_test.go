@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"os/exec"
@@ -48,6 +47,7 @@ func TestBenchPodMigration(t *testing.T) {
 	cur := machineOn(false)
 	cur.WaitAgent(ctx, agentReadyWithin)
 	var bareTotal, bareDown sample
+	var bareSent, podSent []string
 	for range n {
 		next := machineOn(true)
 		out, in := testenv.MigrationStream(t)
@@ -65,6 +65,7 @@ func TestBenchPodMigration(t *testing.T) {
 		cur = next
 		cur.WaitAgent(ctx, time.Minute)
 		bareTotal, bareDown = append(bareTotal, info.TotalTime), append(bareDown, info.Downtime)
+		bareSent = append(bareSent, fmt.Sprint(info.Transferred()>>20))
 	}
 	cur.Quit(ctx)
 
@@ -116,7 +117,7 @@ func TestBenchPodMigration(t *testing.T) {
 		if err := json.Unmarshal([]byte(out), &l); err != nil {
 			t.Fatalf("round %d: accept printed %q", i, out)
 		}
-		srcPings, dstPings := pingTimes(t, podAddr(t, srcPod)), pingTimes(t, podAddr(t, dstPod))
+		srcPings, dstPings := pingTimes(t, srcPod.IP()), pingTimes(t, dstPod.IP())
 		time.Sleep(time.Second) // replies before
 		start := time.Now()
 		out, err = crictlExecStdin(srcID, vmspec.MigrationRequest{Target: l.Address, TLS: sc, Options: fast}, vmspec.MigrateCommand)
@@ -144,10 +145,12 @@ func TestBenchPodMigration(t *testing.T) {
 		podTotal = append(podTotal, time.Duration(final.ElapsedMs)*time.Millisecond)
 		podDown = append(podDown, time.Duration(final.DowntimeMs)*time.Millisecond)
 		execWall, seen = append(execWall, wall), append(seen, gap)
+		podSent = append(podSent, fmt.Sprint(final.TransferredBytes>>20))
 		srcPod, srcID = dstPod, dstID
 	}
 	report(t, "pod migration, idle %d MiB guest: total (QEMU) %s; bare machines %s: ratio %.2f", memMiB, podTotal, bareTotal, ratio(podTotal, bareTotal))
 	report(t, "pod migration, idle %d MiB guest: downtime (QEMU) %s; bare machines %s", memMiB, podDown, bareDown)
+	report(t, "pod migration, idle %d MiB guest: MiB sent %s; bare machines %s", memMiB, strings.Join(podSent, ", "), strings.Join(bareSent, ", "))
 	report(t, "pod migration, idle %d MiB guest: migrate exec (client) %s; outside downtime (last source reply to first target reply, 10 ms ping) %s", memMiB, execWall, seen)
 }
 
@@ -163,22 +166,6 @@ func last(ts []time.Time) time.Time {
 		return time.Time{}
 	}
 	return ts[len(ts)-1]
-}
-
-// podAddr is a CRI pod's IP.
-func podAddr(t *testing.T, p *testenv.Pod) string {
-	t.Helper()
-	var v struct {
-		Status struct {
-			Network struct {
-				IP string `json:"ip"`
-			} `json:"network"`
-		} `json:"status"`
-	}
-	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspectp", p.ID)), &v); err != nil || v.Status.Network.IP == "" {
-		t.Fatalf("pod IP: %v", err)
-	}
-	return v.Status.Network.IP
 }
 
 // pingTimes pings addr every 10 ms from the host; the returned func stops it and gives
@@ -216,19 +203,11 @@ func pingTimes(t *testing.T, addr string) func() []time.Time {
 	}
 }
 
-// crictlExecStdin runs a command in a container through CRI's streaming Exec with the JSON
-// of stdin as its stdin.
+// crictlExecStdin runs a migration exec with stdin's JSON as its stdin.
 func crictlExecStdin(id string, stdin any, args ...string) (string, error) {
 	b, err := json.Marshal(stdin)
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.Command("crictl", append([]string{"exec", "-i", id}, args...)...)
-	cmd.Stdin = bytes.NewReader(b)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return stdout.String(), fmt.Errorf("crictl exec -i %v: %w: %s", args, err, strings.TrimSpace(stderr.String()))
-	}
-	return stdout.String(), nil
+	return testenv.ExecStdin(id, b, 10*time.Minute, args...)
 }

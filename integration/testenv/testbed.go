@@ -227,6 +227,48 @@ func RunPodWith(t testing.TB, handler string, cfg PodConfig) *Pod {
 	return p
 }
 
+// IP is the pod's IP address, as CRI reports it.
+func (p *Pod) IP() string {
+	p.t.Helper()
+	var v struct {
+		Status struct {
+			Network struct {
+				IP string `json:"ip"`
+			} `json:"network"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(Crictl(p.t, "inspectp", p.ID)), &v); err != nil || v.Status.Network.IP == "" {
+		p.t.Fatalf("pod %s: no IP (%v)", p.ID, err)
+	}
+	return v.Status.Network.IP
+}
+
+// ExecStdin runs a command in a container through CRI's streaming Exec (what `kubectl exec
+// -i` does) with stdin (nil: an empty one), for at most timeout; an error carries stderr.
+func ExecStdin(id string, stdin []byte, timeout time.Duration, args ...string) (string, error) {
+	cmd := exec.Command("crictl", append([]string{"exec", "-i", id}, args...)...)
+	cmd.Stdin = bytes.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(timeout):
+		_ = cmd.Process.Kill()
+		<-done
+		err = fmt.Errorf("timed out after %v", timeout)
+	}
+	if err != nil {
+		return stdout.String(), fmt.Errorf("crictl exec -i %v: %w: %s", args, err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
 // Container creates and starts a container in the pod.
 func (p *Pod) Container(cfg ContainerConfig) string {
 	p.t.Helper()

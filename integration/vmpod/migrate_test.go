@@ -1,7 +1,6 @@
 package vmpod_test
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -17,40 +16,20 @@ import (
 	"github.com/vmpod/vmpod/integration/testenv"
 )
 
-// execStdin runs a command in the compute container through CRI's streaming Exec with
-// stdin (what `kubectl exec -i` does): the migration execs take their request there.
+// execStdin runs a migration exec with its request as JSON on stdin (nil: none).
 func execStdin(id string, stdin any, timeout time.Duration, args ...string) (string, error) {
-	var b []byte // nil: an empty stdin
+	var b []byte
 	if stdin != nil {
 		var err error
 		if b, err = json.Marshal(stdin); err != nil {
 			return "", err
 		}
 	}
-	cmd := exec.Command("crictl", append([]string{"exec", "-i", id}, args...)...)
-	cmd.Stdin = bytes.NewReader(b)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Start(); err != nil {
-		return "", err
-	}
-	var err error
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err = <-done:
-	case <-time.After(timeout):
-		_ = cmd.Process.Kill()
-		<-done
-		err = fmt.Errorf("timed out after %v", timeout)
-	}
-	if err != nil {
-		return stdout.String(), fmt.Errorf("crictl exec -i %v: %w: %s", args, err, strings.TrimSpace(stderr.String()))
-	}
-	return stdout.String(), nil
+	return testenv.ExecStdin(id, b, timeout, args...)
 }
 
-// guestCount reads the counter the guest's counting loop keeps in its tmpfs.
+// guestCount reads the counter the guest's counting loop keeps in its tmpfs (renamed into
+// place, so a read never sees it half-written).
 func guestCount(t *testing.T, id string) int {
 	t.Helper()
 	out := waitExec(t, id, time.Minute, "", "cat", "/dev/shm/count")
@@ -87,7 +66,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 	waitExec(t, srcID, agentWithin, "", vmspec.GuestAgentPingCommand)
 	// state that lives only in the guest's memory
 	pid := strings.TrimSpace(waitExec(t, srcID, time.Minute, "", "sh", "-c",
-		"echo moved > /dev/shm/marker; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.1; done' >/dev/null 2>&1 & echo $!"))
+		"echo moved > /dev/shm/marker; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.1; done' >/dev/null 2>&1 & echo $!"))
 	if _, err := execIn(srcID, 30*time.Second, "sh", "-c", "cd /dev/shm && nohup python3 -m http.server 8080 >/dev/null 2>&1 &"); err != nil {
 		t.Fatalf("start a web server in the guest: %v", err)
 	}
@@ -164,6 +143,15 @@ func TestVMPodLiveMigration(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(termLog); !strings.HasPrefix(string(b), vmspec.MigratedReason+": the guest moved to "+listening.Address) {
 		t.Errorf("the source's termination message %q", b)
+	}
+	// the source pod never boots the guest again (a restarted container would run a second
+	// copy from the same disk)
+	again := testenv.WriteJSON(t, "compute.json", testenv.ContainerConfig{Metadata: testenv.Metadata{Name: vmspec.ComputeContainer, Attempt: 1},
+		Image: map[string]string{"image": computeImage(t)}, LogPath: "compute-again.log", Mounts: []testenv.Mount{rootMount}})
+	// (CRI creates the container's record; the task, and so the VM, comes with its start)
+	newID := testenv.Crictl(t, "create", src.ID, again, src.Config)
+	if out, err := testenv.Cmd("crictl", "start", newID); err == nil || !strings.Contains(err.Error(), "does not boot it again") {
+		t.Errorf("a new compute container in the source pod: %q, %v; want a refusal", out, err)
 	}
 	// the guest runs on in the target: its memory came along
 	if got := strings.TrimSpace(waitExec(t, dstID, 2*time.Minute, "moved", "cat", "/dev/shm/marker")); got != "moved" {

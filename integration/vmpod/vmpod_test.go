@@ -237,23 +237,7 @@ func waitExited(t *testing.T, id string, within time.Duration) int {
 	return 0
 }
 
-func podIP(t *testing.T, pod *testenv.Pod) string {
-	t.Helper()
-	var v struct {
-		Status struct {
-			Network struct {
-				IP string `json:"ip"`
-			} `json:"network"`
-		} `json:"status"`
-	}
-	if err := json.Unmarshal([]byte(testenv.Crictl(t, "inspectp", pod.ID)), &v); err != nil {
-		t.Fatal(err)
-	}
-	if v.Status.Network.IP == "" {
-		t.Fatal("the pod has no IP")
-	}
-	return v.Status.Network.IP
-}
+func podIP(t *testing.T, pod *testenv.Pod) string { t.Helper(); return pod.IP() }
 
 // attachSees attaches to the serial console, presses Enter every second and waits for want.
 func attachSees(t *testing.T, id, want string, within time.Duration) {

@@ -66,6 +66,10 @@ type vmPod struct {
 	// removed are containers already released (a compute whose VM exited and was
 	// replaced): deleting them again succeeds
 	removed map[string]bool
+	// migratedTo is set once the guest moved to another pod (vmmigrate.go): this pod never
+	// boots it again, whatever restarts its container, since the guest runs on elsewhere
+	// from the same disks
+	migratedTo string
 
 	done     chan struct{}
 	stopOnce sync.Once
@@ -293,8 +297,11 @@ func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *sp
 	default:
 	}
 	p.mu.Lock()
-	old, oldID := p.compute, p.computeID
+	old, oldID, gone := p.compute, p.computeID, p.migratedTo
 	p.mu.Unlock()
+	if gone != "" {
+		return nil, fmt.Errorf("pod %s: container %s: the guest migrated to %s and runs there from the same disks; this pod does not boot it again: %w", p.id, id, gone, errdefs.ErrFailedPrecondition)
+	}
 	if old != nil {
 		select {
 		case <-old.exited:

@@ -986,6 +986,10 @@ func (c *computeVM) setPaused(ctx context.Context, pause bool) (string, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.awaiting {
+		// a migration target's vCPUs belong to the switchover until the guest is here
+		return "", fmt.Errorf("VM %s: the guest has not arrived from its migration source: %w", c.id, errdefs.ErrFailedPrecondition)
+	}
 	op, state := c.machine.Resume, "running"
 	if pause {
 		op, state = c.machine.Pause, "paused"

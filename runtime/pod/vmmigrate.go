@@ -79,24 +79,8 @@ func (c *computeVM) migratable() error {
 	if p.netns == "" || !p.address.IsValid() {
 		errs = append(errs, errors.New("the pod has no network namespace with an IPv4 address to send the guest from"))
 	}
-	for i, d := range p.vm.Disks {
-		switch d.Source {
-		case vmspec.SourceImage:
-			errs = append(errs, fmt.Errorf("disks[%d] (%s): a containerDisk's writable overlay is on this node only", i, d.Name))
-		case vmspec.SourceEmpty:
-			errs = append(errs, fmt.Errorf("disks[%d] (%s): an empty disk lives in the compute container's scratch space on this node", i, d.Name))
-		}
-	}
-	for i, iface := range p.vm.Interfaces {
-		switch {
-		case iface.Binding != vmspec.BindingMasquerade:
-			errs = append(errs, fmt.Errorf("interfaces[%d] (%s): the %s binding gives the guest the pod's IP, which the target pod does not have (masquerade keeps the guest's address)", i, iface.Name, iface.Binding))
-		case iface.MACAddress == "" && p.vm.UUID == "":
-			errs = append(errs, fmt.Errorf("interfaces[%d] (%s): the guest's MAC would change (the spec has neither macAddress nor uuid)", i, iface.Name))
-		}
-	}
-	if n := len(p.vm.GPUs) + len(p.vm.HostDevices); n > 0 {
-		errs = append(errs, fmt.Errorf("gpus/hostDevices: %d passed-through PCI devices carry no migratable state", n))
+	if err := p.vm.Migratable(); err != nil {
+		errs = append(errs, err)
 	}
 	if len(c.hot) > 0 {
 		errs = append(errs, fmt.Errorf("%d hot-plugged disks: the target pod boots without them (detach them first)", len(c.hot)))
@@ -423,6 +407,9 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	c.mu.Lock()
 	c.decided = &runtime.Exit{Status: 0, Reason: fmt.Sprintf("%s: the guest moved to %s (downtime %v, %d MiB sent)", vmspec.MigratedReason, req.Target, info.Downtime, info.Transferred()>>20)}
 	c.mu.Unlock()
+	c.pod.mu.Lock()
+	c.pod.migratedTo = req.Target
+	c.pod.mu.Unlock()
 	if err := writeSwitchover(control, switchover{Commit: true}); err != nil {
 		lg.WithError(err).Error("migration: the commit did not reach the target: the guest stays paused there")
 	}

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net/url"
 	"strings"
 
@@ -66,6 +67,21 @@ func (c *Client) URL(namespace, pod, subresource string, opts runtime.Object) *u
 
 // Config is the cluster's client configuration.
 func (c *Client) Config() *rest.Config { return c.config }
+
+// Stream runs command in a container of a pod with stdin (nil: none), copying its stdout
+// to stdout as it comes; an error carries its stderr.
+func (c *Client) Stream(ctx context.Context, namespace, pod, container string, command []string, stdin io.Reader, stdout io.Writer) error {
+	u := c.URL(namespace, pod, "exec", &corev1.PodExecOptions{Container: container, Command: command, Stdin: stdin != nil, Stdout: true, Stderr: true})
+	exec, err := Executor(c.config, u)
+	if err != nil {
+		return fmt.Errorf("exec in %s/%s: %w", namespace, pod, err)
+	}
+	var stderr bytes.Buffer
+	if err := exec.StreamWithContext(ctx, remotecommand.StreamOptions{Stdin: stdin, Stdout: stdout, Stderr: &stderr}); err != nil {
+		return fmt.Errorf("exec %s in %s/%s: %w: %s", strings.Join(command, " "), namespace, pod, err, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
 
 // Exec runs command in a container of a pod and returns its stdout; an error carries its
 // stderr.

@@ -22,6 +22,7 @@ import (
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/instancetype"
+	"github.com/vmpod/vmpod/controller/internal/migration"
 	"github.com/vmpod/vmpod/controller/internal/render"
 )
 
@@ -163,6 +164,9 @@ func (r *run) converge(ctx context.Context) (reconcile.Result, error) {
 	switch {
 	case r.pod != nil && r.pod.DeletionTimestamp != nil:
 		// wait for the old pod to go; its deletion event brings us back
+	case r.pod != nil && migration.MigratedAway(r.pod):
+		// the guest runs on in a migration's target pod: the migration controller makes
+		// that the VM's pod and deletes this one, whose end is no reason to start another
 	case r.wantRunning && r.pod != nil && finished(r.pod):
 		// A failed pod stays, with its logs (the serial console), until its back-off ends:
 		// the pod is then the record of the failure, not a status field a stale cache
@@ -188,16 +192,21 @@ func (r *run) converge(ctx context.Context) (reconcile.Result, error) {
 	return reconcile.Result{}, nil
 }
 
-// getPod finds the VM's pod. A pod of that name that the VM does not control is never
-// touched: it blocks the VM.
+// getPod finds the VM's pod: the one its status names (a migration's target, once the
+// guest moved there), else the one of its own name. A pod of that name that the VM does
+// not control is never touched: it blocks the VM.
 func (r *run) getPod(ctx context.Context) error {
+	name := render.PodName(r.vm.Name)
+	if r.vm.Status.PodName != "" {
+		name = r.vm.Status.PodName
+	}
 	pod := &corev1.Pod{}
-	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.vm.Namespace, Name: render.PodName(r.vm.Name)}, pod)
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.vm.Namespace, Name: name}, pod)
 	switch {
 	case apierrors.IsNotFound(err):
 		return nil
 	case err != nil:
-		return fmt.Errorf("get pod %s: %w", render.PodName(r.vm.Name), err)
+		return fmt.Errorf("get pod %s: %w", name, err)
 	case !metav1.IsControlledBy(pod, r.vm):
 		r.blocked = &blocker{vmpodv1.StatusUnknown, "PodNameTaken",
 			fmt.Sprintf("pod %s exists and does not belong to this VM", pod.Name), true}

@@ -1,0 +1,125 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// VirtualMachineMigrationSpec names the VM to move and how (KubeVirt's MigrationPolicy
+// knobs, per migration; zero takes KubeVirt's default).
+// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="a migration's spec cannot change: delete it (cancel) and create another"
+type VirtualMachineMigrationSpec struct {
+	// VMName is a VirtualMachine in the migration's namespace.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	VMName string `json:"vmName"`
+	// BandwidthMiB caps the stream in MiB/s (default 64).
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1048576
+	// +optional
+	BandwidthMiB int32 `json:"bandwidthMiB,omitempty"`
+	// AutoConverge throttles a guest that dirties memory faster than it is sent (default
+	// true, as KubeVirt's).
+	// +optional
+	AutoConverge *bool `json:"autoConverge,omitempty"`
+	// CompletionTimeoutPerGiB bounds the migration at this many seconds per GiB of guest
+	// memory (default 800).
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=86400
+	// +optional
+	CompletionTimeoutPerGiB int32 `json:"completionTimeoutPerGiB,omitempty"`
+	// ProgressTimeoutSeconds cancels a migration whose remaining bytes have not dropped
+	// for this long (default 150).
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=86400
+	// +optional
+	ProgressTimeoutSeconds int32 `json:"progressTimeoutSeconds,omitempty"`
+}
+
+// MigrationPhase is where a migration is.
+type MigrationPhase string
+
+const (
+	// MigrationPending: accepted, nothing started.
+	MigrationPending MigrationPhase = "Pending"
+	// MigrationScheduling: the target pod was created and waits for a node and its start.
+	MigrationScheduling MigrationPhase = "Scheduling"
+	// MigrationTargetReady: the target pod runs, waiting for the guest.
+	MigrationTargetReady MigrationPhase = "TargetReady"
+	// MigrationRunning: the guest's state is on its way.
+	MigrationRunning MigrationPhase = "Running"
+	// MigrationSucceeded: the guest runs in the target pod, the VM's pod now.
+	MigrationSucceeded MigrationPhase = "Succeeded"
+	// MigrationFailed: the guest runs on in the source pod (or the VM was not running).
+	MigrationFailed MigrationPhase = "Failed"
+)
+
+// VirtualMachineMigrationStatus is how far the migration is, from the shims' account.
+type VirtualMachineMigrationStatus struct {
+	// +optional
+	Phase MigrationPhase `json:"phase,omitempty"`
+	// +optional
+	SourcePod string `json:"sourcePod,omitempty"`
+	// +optional
+	SourceNode string `json:"sourceNode,omitempty"`
+	// +optional
+	TargetPod string `json:"targetPod,omitempty"`
+	// +optional
+	TargetNode string `json:"targetNode,omitempty"`
+	// +optional
+	StartTimestamp *metav1.Time `json:"startTimestamp,omitempty"`
+	// +optional
+	EndTimestamp *metav1.Time `json:"endTimestamp,omitempty"`
+	// TotalBytes is the guest's memory; TransferredBytes and RemainingBytes QEMU's count.
+	// +optional
+	TotalBytes int64 `json:"totalBytes,omitempty"`
+	// +optional
+	TransferredBytes int64 `json:"transferredBytes,omitempty"`
+	// +optional
+	RemainingBytes int64 `json:"remainingBytes,omitempty"`
+	// DirtyPagesRate is how many guest pages the guest dirtied per second, last reading.
+	// +optional
+	DirtyPagesRate int64 `json:"dirtyPagesRate,omitempty"`
+	// DowntimeMs is how long the guest was stopped for the switch, QEMU's figure.
+	// +optional
+	DowntimeMs int64 `json:"downtimeMs,omitempty"`
+	// FailureReason says why a Failed migration failed.
+	// +optional
+	FailureReason string `json:"failureReason,omitempty"`
+}
+
+// VirtualMachineMigration moves a running VirtualMachine's guest into a new pod on another
+// node without stopping it (KubeVirt's VirtualMachineInstanceMigration). Deleting it while
+// it runs cancels it; the guest runs on in its pod.
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=vmim,categories=vmpod
+// +kubebuilder:printcolumn:name="VM",type=string,JSONPath=`.spec.vmName`
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Source",type=string,JSONPath=`.status.sourceNode`
+// +kubebuilder:printcolumn:name="Target",type=string,JSONPath=`.status.targetNode`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type VirtualMachineMigration struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec VirtualMachineMigrationSpec `json:"spec"`
+	// +optional
+	Status VirtualMachineMigrationStatus `json:"status,omitzero"`
+}
+
+// VirtualMachineMigrationList is a list of VirtualMachineMigrations.
+// +kubebuilder:object:root=true
+type VirtualMachineMigrationList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []VirtualMachineMigration `json:"items"`
+}
+
+// Finished says whether the migration has ended, one way or the other.
+func (m *VirtualMachineMigration) Finished() bool {
+	return m.Status.Phase == MigrationSucceeded || m.Status.Phase == MigrationFailed
+}
+
+func init() {
+	SchemeBuilder.Register(&VirtualMachineMigration{}, &VirtualMachineMigrationList{})
+}

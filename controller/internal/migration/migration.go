@@ -1,0 +1,612 @@
+// Package migration reconciles VirtualMachineMigrations: it starts a target pod for the VM
+// on another node, has the shims move the guest into it (vmspec.MigrateAcceptCommand and
+// vmspec.MigrateCommand, docs/design/209) and makes the target the VM's pod. The guest
+// runs on in the source pod whenever the migration fails or is cancelled.
+package migration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/util/retry"
+	ctrlruntime "sigs.k8s.io/controller-runtime"
+	ctrl "sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+)
+
+// Exec runs a command in a pod's container with stdin, copying its stdout to stdout as it
+// comes (the migrate exec prints a progress line a second); an error carries its stderr.
+type Exec interface {
+	Stream(ctx context.Context, namespace, pod, container string, command []string, stdin io.Reader, stdout io.Writer) error
+}
+
+const (
+	// Finalizer holds a migration that is still running until its cancel has reached the
+	// source's shim and its target pod is gone.
+	Finalizer = "vmpod.dev/migration"
+	// Label on a target pod names its migration.
+	Label = "vmpod.dev/migration"
+	// DefaultTargetWait bounds how long a target pod may take to be scheduled and started.
+	DefaultTargetWait = 5 * time.Minute
+	// progressEvery spaces the status updates of a running migration.
+	progressEvery = 2 * time.Second
+)
+
+// Reconciler reconciles VirtualMachineMigrations.
+type Reconciler struct {
+	Client   ctrl.Client
+	Recorder events.EventRecorder
+	Exec     Exec
+	// TargetWait bounds the target pod's scheduling and start (0: DefaultTargetWait).
+	TargetWait time.Duration
+
+	mu       sync.Mutex
+	inFlight map[types.UID]*flight // migrate execs this process runs
+}
+
+// flight is a migrate exec running in the background: its latest progress line, and its
+// outcome once it has ended.
+type flight struct {
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	last   vmspec.MigrationProgress
+	done   bool
+	err    error
+}
+
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachinemigrations,verbs=get;list;watch;update;patch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachinemigrations/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachinemigrations/finalizers,verbs=update
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines,verbs=get;list;watch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=pods/exec,verbs=get;create
+
+// Reconcile moves one migration on by a phase.
+func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	m := &vmpodv1.VirtualMachineMigration{}
+	if err := r.Client.Get(ctx, req.NamespacedName, m); err != nil {
+		return reconcile.Result{}, ctrl.IgnoreNotFound(err)
+	}
+	if m.DeletionTimestamp != nil {
+		return reconcile.Result{}, r.cancel(ctx, m)
+	}
+	if m.Finished() {
+		if controllerutil.RemoveFinalizer(m, Finalizer) { // a finish whose last write failed
+			return reconcile.Result{}, r.Client.Update(ctx, m)
+		}
+		return reconcile.Result{}, nil
+	}
+	if controllerutil.AddFinalizer(m, Finalizer) {
+		if err := r.Client.Update(ctx, m); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	switch m.Status.Phase {
+	case "", vmpodv1.MigrationPending:
+		return r.start(ctx, m)
+	case vmpodv1.MigrationScheduling:
+		return r.awaitTarget(ctx, m)
+	case vmpodv1.MigrationTargetReady:
+		return r.send(ctx, m)
+	case vmpodv1.MigrationRunning:
+		return r.follow(ctx, m)
+	}
+	return reconcile.Result{}, nil
+}
+
+// start checks that the VM can move and creates its target pod, a copy of the running
+// pod's (the same VM spec, so the same machine) with the target role, on another node.
+func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
+	vm, source, why, err := r.sourceOf(ctx, m)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	if why != "" {
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
+	}
+	if other, err := r.otherMigration(ctx, m); err != nil || other != "" {
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "migration "+other+" of this VM runs")
+	}
+	spec, err := vmspec.Parse([]byte(source.Annotations[vmspec.Annotation]))
+	if err != nil {
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("pod %s: annotation %s: %v", source.Name, vmspec.Annotation, err))
+	}
+	if err := spec.Migratable(); err != nil {
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "the VM cannot migrate: "+strings.ReplaceAll(err.Error(), "\n", "; "))
+	}
+	target, err := targetPod(m, source, spec)
+	if err != nil {
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, err.Error())
+	}
+	if err := r.Client.Create(ctx, target); err != nil && !apierrors.IsAlreadyExists(err) {
+		return reconcile.Result{}, fmt.Errorf("create target pod %s: %w", target.Name, err)
+	}
+	r.Recorder.Eventf(vm, target, corev1.EventTypeNormal, "MigrationScheduling", "CreateTargetPod",
+		"migration %s: created target pod %s (away from node %s)", m.Name, target.Name, source.Spec.NodeName)
+	m.Status.Phase = vmpodv1.MigrationScheduling
+	m.Status.SourcePod, m.Status.SourceNode, m.Status.TargetPod = source.Name, source.Spec.NodeName, target.Name
+	m.Status.StartTimestamp = &metav1.Time{Time: time.Now()}
+	return reconcile.Result{}, r.Client.Status().Update(ctx, m)
+}
+
+// sourceOf is the VM and its running pod, or why the VM cannot migrate now.
+func (r *Reconciler) sourceOf(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (*vmpodv1.VirtualMachine, *corev1.Pod, string, error) {
+	vm := &vmpodv1.VirtualMachine{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, nil, fmt.Sprintf("spec.vmName: VirtualMachine %s not found", m.Spec.VMName), nil
+		}
+		return nil, nil, "", err
+	}
+	if vm.Status.PodName == "" {
+		return vm, nil, "the VM is not running", nil
+	}
+	pod := &corev1.Pod{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: vm.Status.PodName}, pod); err != nil {
+		if apierrors.IsNotFound(err) {
+			return vm, nil, "the VM is not running", nil
+		}
+		return nil, nil, "", err
+	}
+	switch {
+	case !metav1.IsControlledBy(pod, vm):
+		return vm, nil, fmt.Sprintf("pod %s is not the VM's", pod.Name), nil
+	case pod.DeletionTimestamp != nil || pod.Status.Phase != corev1.PodRunning || !computeRunning(pod):
+		return vm, nil, fmt.Sprintf("the VM is not running (pod %s: %s)", pod.Name, pod.Status.Phase), nil
+	case vm.Status.PausedPodUID == pod.UID:
+		return vm, nil, "the VM is paused (unpause it first)", nil
+	case len(vm.Status.VolumeStatus) > 0:
+		return vm, nil, fmt.Sprintf("the VM has %d hot-plugged volumes: the target pod would boot without them (remove them first)", len(vm.Status.VolumeStatus)), nil
+	case pod.Spec.NodeName == "":
+		return vm, nil, fmt.Sprintf("pod %s has no node", pod.Name), nil
+	}
+	return vm, pod, "", nil
+}
+
+// otherMigration names an unfinished migration of the same VM created before m (the
+// older one goes on), or "".
+func (r *Reconciler) otherMigration(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (string, error) {
+	all := &vmpodv1.VirtualMachineMigrationList{}
+	if err := r.Client.List(ctx, all, ctrl.InNamespace(m.Namespace)); err != nil {
+		return "", err
+	}
+	for _, o := range all.Items {
+		if o.UID == m.UID || o.Spec.VMName != m.Spec.VMName || o.Finished() || o.DeletionTimestamp != nil {
+			continue
+		}
+		if o.CreationTimestamp.Before(&m.CreationTimestamp) || (o.CreationTimestamp.Equal(&m.CreationTimestamp) && o.Name < m.Name) ||
+			o.Status.Phase != "" && o.Status.Phase != vmpodv1.MigrationPending {
+			return o.Name, nil
+		}
+	}
+	return "", nil
+}
+
+// targetPod is the source pod again, for the guest to arrive in: another name, no node,
+// required to run on another node, and the target role in its VM spec.
+func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspec.VM) (*corev1.Pod, error) {
+	vm.Migration = &vmspec.Migration{Role: vmspec.RoleTarget}
+	ann, err := vm.Encode()
+	if err != nil {
+		return nil, err
+	}
+	t := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{
+		Name:            TargetPodName(source.Name, m.UID),
+		Namespace:       source.Namespace,
+		Labels:          map[string]string{},
+		Annotations:     map[string]string{},
+		OwnerReferences: source.OwnerReferences, // the VM's: the pod goes with it
+	}, Spec: *source.Spec.DeepCopy()}
+	for k, v := range source.Labels {
+		t.Labels[k] = v
+	}
+	t.Labels[Label] = m.Name
+	for k, v := range source.Annotations {
+		t.Annotations[k] = v
+	}
+	t.Annotations[vmspec.Annotation] = string(ann)
+	t.Spec.NodeName = ""
+	awayFrom(&t.Spec, source.Spec.NodeName)
+	return t, nil
+}
+
+// TargetPodName is the target pod's name: the source's and a piece of the migration's UID.
+func TargetPodName(source string, migration types.UID) string {
+	suffix := strings.ReplaceAll(string(migration), "-", "")
+	if len(suffix) > 5 {
+		suffix = suffix[:5]
+	}
+	base := strings.TrimSuffix(source, "-mig-"+suffix)
+	if i := strings.LastIndex(base, "-mig-"); i > 0 {
+		base = base[:i] // a pod that arrived by migration: one suffix, not one per hop
+	}
+	if len(base) > 253-10 {
+		base = base[:253-10]
+	}
+	return base + "-mig-" + suffix
+}
+
+// awayFrom requires the pod's node not to be node: a NotIn term added to every required
+// node selector term (terms are ORed), or the only term.
+func awayFrom(spec *corev1.PodSpec, node string) {
+	notIn := corev1.NodeSelectorRequirement{Key: corev1.LabelHostname, Operator: corev1.NodeSelectorOpNotIn, Values: []string{node}}
+	if spec.Affinity == nil {
+		spec.Affinity = &corev1.Affinity{}
+	}
+	if spec.Affinity.NodeAffinity == nil {
+		spec.Affinity.NodeAffinity = &corev1.NodeAffinity{}
+	}
+	na := spec.Affinity.NodeAffinity
+	if na.RequiredDuringSchedulingIgnoredDuringExecution == nil {
+		na.RequiredDuringSchedulingIgnoredDuringExecution = &corev1.NodeSelector{}
+	}
+	sel := na.RequiredDuringSchedulingIgnoredDuringExecution
+	if len(sel.NodeSelectorTerms) == 0 {
+		sel.NodeSelectorTerms = []corev1.NodeSelectorTerm{{}}
+	}
+	for i := range sel.NodeSelectorTerms {
+		sel.NodeSelectorTerms[i].MatchExpressions = append(sel.NodeSelectorTerms[i].MatchExpressions, notIn)
+	}
+}
+
+// awaitTarget waits for the target pod's VM container to run.
+func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
+	target := &corev1.Pod{}
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target)
+	switch {
+	case apierrors.IsNotFound(err):
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "the target pod "+m.Status.TargetPod+" is gone")
+	case err != nil:
+		return reconcile.Result{}, err
+	case target.Status.Phase == corev1.PodFailed || target.Status.Phase == corev1.PodSucceeded:
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("the target pod %s ended (%s) before the guest moved%s", target.Name, target.Status.Phase, terminated(target)))
+	case target.Status.Phase == corev1.PodRunning && computeRunning(target):
+		m.Status.Phase, m.Status.TargetNode = vmpodv1.MigrationTargetReady, target.Spec.NodeName
+		return reconcile.Result{}, r.Client.Status().Update(ctx, m)
+	}
+	wait := r.TargetWait
+	if wait == 0 {
+		wait = DefaultTargetWait
+	}
+	if left := time.Until(m.Status.StartTimestamp.Add(wait)); left > 0 {
+		return reconcile.Result{RequeueAfter: min(left, 10*time.Second)}, nil
+	}
+	why := fmt.Sprintf("the target pod %s did not start within %v", target.Name, wait)
+	for _, c := range target.Status.Conditions {
+		if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse {
+			why += ": " + c.Message
+		}
+	}
+	return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
+}
+
+// send marks the migration Running and has the shims move the guest in the background:
+// the migrate exec lasts as long as the migration (follow reads its progress). Running is
+// stored first, so a controller that dies before its exec starts finds no flight of its
+// own on its next pass and ends the migration as failed (recover).
+func (r *Reconciler) send(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
+	m.Status.Phase = vmpodv1.MigrationRunning
+	if err := r.Client.Status().Update(ctx, m); err != nil {
+		return reconcile.Result{}, err
+	}
+	r.launch(ctx, m.DeepCopy())
+	return reconcile.Result{RequeueAfter: progressEvery}, nil
+}
+
+// launch runs, in the background, the target's accept and then the source's migrate.
+func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigration) {
+	lg := log.FromContext(ctx).WithValues("vm", m.Spec.VMName, "from", m.Status.SourcePod, "to", m.Status.TargetPod)
+	ctx, cancel := context.WithCancel(context.Background())
+	f := &flight{cancel: cancel}
+	r.mu.Lock()
+	if r.inFlight == nil {
+		r.inFlight = map[types.UID]*flight{}
+	}
+	r.inFlight[m.UID] = f
+	r.mu.Unlock()
+	end := func(err error) {
+		f.mu.Lock()
+		f.done, f.err = true, err
+		f.mu.Unlock()
+	}
+	go func() {
+		defer cancel()
+		targetTLS, sourceTLS, err := vmspec.NewMigrationCredentials()
+		if err != nil {
+			end(err)
+			return
+		}
+		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS})
+		var out bytes.Buffer
+		if err := r.Exec.Stream(ctx, m.Namespace, m.Status.TargetPod, vmspec.ComputeContainer, []string{vmspec.MigrateAcceptCommand}, bytes.NewReader(accept), &out); err != nil {
+			end(fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err))
+			return
+		}
+		var listening vmspec.MigrationListening
+		if err := json.Unmarshal(out.Bytes(), &listening); err != nil {
+			end(fmt.Errorf("the target pod %s answered %q: %w", m.Status.TargetPod, out.String(), err))
+			return
+		}
+		auto := m.Spec.AutoConverge == nil || *m.Spec.AutoConverge
+		req, _ := json.Marshal(vmspec.MigrationRequest{Target: listening.Address, TLS: sourceTLS, Options: vmspec.MigrationRequestOptions{
+			BandwidthMiB: int(m.Spec.BandwidthMiB), AutoConverge: auto,
+			CompletionTimeoutPerGiB: int(m.Spec.CompletionTimeoutPerGiB), ProgressTimeoutSeconds: int(m.Spec.ProgressTimeoutSeconds)}})
+		lg.Info("migrating", "address", listening.Address)
+		pr, pw := io.Pipe()
+		read := make(chan struct{})
+		go func() {
+			defer close(read)
+			sc := bufio.NewScanner(pr)
+			for sc.Scan() {
+				var p vmspec.MigrationProgress
+				if json.Unmarshal(sc.Bytes(), &p) == nil {
+					f.mu.Lock()
+					f.last = p
+					f.mu.Unlock()
+				}
+			}
+			_, _ = io.Copy(io.Discard, pr)
+		}()
+		err = r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCommand}, bytes.NewReader(req), pw)
+		_ = pw.Close()
+		<-read // the last line is read before the outcome is told
+		end(err)
+	}()
+}
+
+func (r *Reconciler) flightOf(uid types.UID) *flight {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.inFlight[uid]
+}
+
+func (r *Reconciler) land(uid types.UID) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.inFlight, uid)
+}
+
+// follow copies a running migration's progress into its status and, once the migrate
+// exec has ended, makes the target the VM's pod or gives up on it.
+func (r *Reconciler) follow(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
+	f := r.flightOf(m.UID)
+	if f == nil {
+		// this process did not start it (a restart): the source's pod says how it ended
+		return reconcile.Result{}, r.recover(ctx, m)
+	}
+	f.mu.Lock()
+	last, done, execErr := f.last, f.done, f.err
+	f.mu.Unlock()
+	m.Status.TotalBytes, m.Status.TransferredBytes, m.Status.RemainingBytes = int64(last.TotalBytes), int64(last.TransferredBytes), int64(last.RemainingBytes)
+	m.Status.DirtyPagesRate, m.Status.DowntimeMs = int64(last.DirtyPagesRate), last.DowntimeMs
+	if !done {
+		return reconcile.Result{RequeueAfter: progressEvery}, r.Client.Status().Update(ctx, m)
+	}
+	r.land(m.UID)
+	if execErr != nil || last.Status != "completed" {
+		why := fmt.Sprintf("the source pod %s: %v", m.Status.SourcePod, execErr)
+		if execErr == nil {
+			why = fmt.Sprintf("the source pod %s ended the migration %s: %s", m.Status.SourcePod, last.Status, last.Error)
+		}
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
+	}
+	return reconcile.Result{}, r.succeed(ctx, m)
+}
+
+// recover ends a migration whose exec this process no longer has: a source whose guest
+// moved away means success, anything else a failure (after a cancel, in case the exec
+// still runs in the source's shim).
+func (r *Reconciler) recover(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
+	moved, err := r.sourceMigratedAway(ctx, m)
+	if err != nil {
+		return err
+	}
+	if moved {
+		return r.succeed(ctx, m)
+	}
+	_ = r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCancelCommand}, nil, io.Discard)
+	return r.finish(ctx, m, vmpodv1.MigrationFailed, "the controller restarted while the guest moved; it runs on in the source pod")
+}
+
+// succeed makes the target the VM's pod and deletes the source's, whose guest has left.
+func (r *Reconciler) succeed(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
+	target := &corev1.Pod{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target); err != nil {
+		return fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err)
+	}
+	vm := &vmpodv1.VirtualMachine{}
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err != nil {
+			return err
+		}
+		vm.Status.PodName, vm.Status.PodUID, vm.Status.NodeName = target.Name, target.UID, target.Spec.NodeName
+		return r.Client.Status().Update(ctx, vm)
+	})
+	if err != nil {
+		return fmt.Errorf("make %s the VM's pod: %w", target.Name, err)
+	}
+	source := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Status.SourcePod}}
+	if err := r.Client.Delete(ctx, source); ctrl.IgnoreNotFound(err) != nil {
+		return fmt.Errorf("delete the source pod %s: %w", source.Name, err)
+	}
+	r.Recorder.Eventf(vm, target, corev1.EventTypeNormal, "Migrated", "Migrate", "migration %s: the guest moved from %s (node %s) to %s (node %s), downtime %d ms",
+		m.Name, m.Status.SourcePod, m.Status.SourceNode, target.Name, target.Spec.NodeName, m.Status.DowntimeMs)
+	return r.finish(ctx, m, vmpodv1.MigrationSucceeded, "")
+}
+
+// finish ends the migration: a failure deletes the target pod (the guest runs on in the
+// source), and either drops the finalizer.
+func (r *Reconciler) finish(ctx context.Context, m *vmpodv1.VirtualMachineMigration, phase vmpodv1.MigrationPhase, why string) error {
+	if phase == vmpodv1.MigrationFailed {
+		if err := r.deleteTarget(ctx, m); err != nil {
+			return err
+		}
+		log.FromContext(ctx).Info("migration failed", "vm", m.Spec.VMName, "reason", why)
+		r.Recorder.Eventf(m, nil, corev1.EventTypeWarning, "MigrationFailed", "Migrate", "%s", why)
+	}
+	m.Status.Phase, m.Status.FailureReason = phase, why
+	m.Status.EndTimestamp = &metav1.Time{Time: time.Now()}
+	if err := r.Client.Status().Update(ctx, m); err != nil {
+		return err
+	}
+	if controllerutil.RemoveFinalizer(m, Finalizer) {
+		return r.Client.Update(ctx, m)
+	}
+	return nil
+}
+
+// deleteTarget deletes the migration's target pod unless it is the VM's pod.
+func (r *Reconciler) deleteTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
+	if m.Status.TargetPod == "" {
+		return nil
+	}
+	vm := &vmpodv1.VirtualMachine{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err == nil && vm.Status.PodName == m.Status.TargetPod {
+		return nil
+	}
+	t := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Status.TargetPod}}
+	if err := r.Client.Delete(ctx, t); ctrl.IgnoreNotFound(err) != nil {
+		return fmt.Errorf("delete the target pod %s: %w", t.Name, err)
+	}
+	return nil
+}
+
+// cancel ends a deleted migration: a running one is cancelled in the source's shim and
+// the target pod goes, so the guest runs on in the source. A migration that completed
+// before the cancel took effect is seen through instead: its guest is in the target now.
+func (r *Reconciler) cancel(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
+	if !controllerutil.ContainsFinalizer(m, Finalizer) {
+		return nil
+	}
+	if !m.Finished() {
+		moved := false
+		if m.Status.Phase == vmpodv1.MigrationRunning {
+			if err := r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCancelCommand}, nil, io.Discard); err != nil {
+				log.FromContext(ctx).Error(err, "cancel the migration in the source pod", "pod", m.Status.SourcePod)
+			}
+			if f := r.flightOf(m.UID); f != nil {
+				// the migrate exec ends promptly once cancelled; its outcome decides
+				for deadline := time.Now().Add(cancelWait); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+					f.mu.Lock()
+					done := f.done
+					f.mu.Unlock()
+					if done {
+						break
+					}
+				}
+				f.cancel()
+			}
+			var err error
+			if moved, err = r.sourceMigratedAway(ctx, m); err != nil {
+				return err
+			}
+		}
+		r.land(m.UID)
+		if moved {
+			if err := r.succeed(ctx, m); err != nil {
+				return err
+			}
+		} else {
+			if err := r.deleteTarget(ctx, m); err != nil {
+				return err
+			}
+			r.Recorder.Eventf(m, nil, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "cancelled: the guest runs on in %s", m.Status.SourcePod)
+		}
+	}
+	controllerutil.RemoveFinalizer(m, Finalizer)
+	return ctrl.IgnoreNotFound(r.Client.Update(ctx, m))
+}
+
+// cancelWait bounds the wait for a cancelled migrate exec to end.
+const cancelWait = 30 * time.Second
+
+// sourceMigratedAway says whether the source pod's guest has left (its container ended
+// Migrated), reading the pod from the API server: the cache may not have the end yet.
+func (r *Reconciler) sourceMigratedAway(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (bool, error) {
+	for range 3 {
+		source := &corev1.Pod{}
+		err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source)
+		switch {
+		case apierrors.IsNotFound(err):
+			return false, nil
+		case err != nil:
+			return false, err
+		case MigratedAway(source):
+			return true, nil
+		case computeRunning(source):
+			return false, nil // still the guest's
+		}
+		time.Sleep(time.Second) // ended, but how is not reported yet
+	}
+	return false, nil
+}
+
+// computeRunning says whether the pod's VM container runs.
+func computeRunning(pod *corev1.Pod) bool {
+	for _, cs := range pod.Status.ContainerStatuses {
+		if cs.Name == vmspec.ComputeContainer {
+			return cs.State.Running != nil
+		}
+	}
+	return false
+}
+
+// MigratedAway says whether the pod's guest moved to another pod: its VM container ended
+// with the shim's Migrated termination message.
+func MigratedAway(pod *corev1.Pod) bool {
+	for _, cs := range pod.Status.ContainerStatuses {
+		if t := cs.State.Terminated; cs.Name == vmspec.ComputeContainer && t != nil {
+			return t.ExitCode == 0 && strings.HasPrefix(t.Message, vmspec.MigratedReason+":")
+		}
+	}
+	return false
+}
+
+// terminated is ": <message>" of the pod's VM container's end, or "".
+func terminated(pod *corev1.Pod) string {
+	for _, cs := range pod.Status.ContainerStatuses {
+		if t := cs.State.Terminated; cs.Name == vmspec.ComputeContainer && t != nil && t.Message != "" {
+			return ": " + strings.TrimSpace(t.Message)
+		}
+	}
+	return ""
+}
+
+// SetupWithManager registers the reconciler; a target pod's changes wake its migration.
+func (r *Reconciler) SetupWithManager(mgr ctrlruntime.Manager) error {
+	byTarget := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o ctrl.Object) []reconcile.Request {
+		name, ok := o.GetLabels()[Label]
+		if !ok {
+			return nil
+		}
+		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: name}}}
+	})
+	return ctrlruntime.NewControllerManagedBy(mgr).
+		Named("virtualmachinemigration").
+		// a migration's exec runs in the background: a pass never waits for the guest
+		For(&vmpodv1.VirtualMachineMigration{}).
+		Watches(&corev1.Pod{}, byTarget).
+		Complete(r)
+}

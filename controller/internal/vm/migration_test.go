@@ -1,0 +1,367 @@
+package vm_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/migration"
+	"github.com/vmpod/vmpod/controller/internal/render"
+	"github.com/vmpod/vmpod/controller/internal/testenv"
+	"github.com/vmpod/vmpod/controller/manager"
+)
+
+// fakeShims stands in for the shims' migration execs (no kubelet here; the shims' side is
+// integration/vmpod's TestVMPodLiveMigration). It checks what the controller hands each
+// end: a target pod accepts, a source pod's migrate must name the address the target
+// gave and carry the certificate pair that matches the target's. How a migrate ends is
+// the test's: done, failed or held until cancelled.
+type fakeShims struct {
+	mu      sync.Mutex
+	accepts map[string]vmspec.MigrationAccept // by target pod
+	calls   []string
+	outcome func(source string) error // nil: completed
+	hold    chan struct{}             // non-nil: a migrate waits for a cancel
+}
+
+const fakeTargetAddress = "10.99.0.8:49152"
+
+func (s *fakeShims) Stream(ctx context.Context, ns, pod, container string, cmd []string, stdin io.Reader, stdout io.Writer) error {
+	var in []byte
+	if stdin != nil {
+		in, _ = io.ReadAll(stdin)
+	}
+	s.mu.Lock()
+	s.calls = append(s.calls, pod+":"+strings.Join(cmd, " "))
+	s.mu.Unlock()
+	if container != vmspec.ComputeContainer || len(cmd) != 1 {
+		return fmt.Errorf("exec %v in container %s", cmd, container)
+	}
+	switch cmd[0] {
+	case vmspec.MigrateAcceptCommand:
+		a, err := vmspec.ParseMigrationAccept(in)
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		if s.accepts == nil {
+			s.accepts = map[string]vmspec.MigrationAccept{}
+		}
+		s.accepts[pod] = a
+		s.mu.Unlock()
+		b, _ := json.Marshal(vmspec.MigrationListening{Address: fakeTargetAddress})
+		_, err = stdout.Write(b)
+		return err
+	case vmspec.MigrateCommand:
+		r, err := vmspec.ParseMigrationRequest(in)
+		if err != nil {
+			return err
+		}
+		if r.Target != fakeTargetAddress {
+			return fmt.Errorf("migrate to %s, the target said %s", r.Target, fakeTargetAddress)
+		}
+		s.mu.Lock()
+		paired := false
+		for _, a := range s.accepts {
+			paired = paired || (a.TLS.PeerCert == r.TLS.Cert && r.TLS.PeerCert == a.TLS.Cert)
+		}
+		outcome, hold := s.outcome, s.hold
+		s.mu.Unlock()
+		if !paired {
+			return errors.New("the source's credentials do not pair with any target's")
+		}
+		line := func(p vmspec.MigrationProgress) { b, _ := json.Marshal(p); _, _ = stdout.Write(append(b, '\n')) }
+		line(vmspec.MigrationProgress{Status: "active", TotalBytes: 512 << 20, TransferredBytes: 100 << 20, RemainingBytes: 400 << 20})
+		if hold != nil {
+			select {
+			case <-hold:
+				return errors.New("vmpod.dev/migrate: migration cancelled")
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		if outcome != nil {
+			if err := outcome(pod); err != nil {
+				return err
+			}
+		}
+		line(vmspec.MigrationProgress{Status: "completed", TotalBytes: 512 << 20, TransferredBytes: 210 << 20, DowntimeMs: 23})
+		return nil
+	case vmspec.MigrateCancelCommand:
+		s.mu.Lock()
+		if s.hold != nil {
+			close(s.hold)
+			s.hold = nil
+		}
+		s.mu.Unlock()
+		_, err := io.WriteString(stdout, "migration cancelled\n")
+		return err
+	}
+	return fmt.Errorf("unexpected exec %v", cmd)
+}
+
+func (s *fakeShims) ran() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.calls...)
+}
+
+// migratable is a VM a migration can move: its disk on a PVC, behind masquerade.
+func (f *fixture) migratable(name string) *vmpodv1.VirtualMachine {
+	f.t.Helper()
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: name + "-root", Namespace: f.ns},
+		Spec: corev1.PersistentVolumeClaimSpec{AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteMany},
+			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{"storage": resource.MustParse("1Gi")}}}}
+	f.create(pvc)
+	vm := f.cirros(name, vmpodv1.RunStrategyAlways)
+	spec := &vm.Spec.Template.Spec
+	spec.Domain.Devices.Disks = spec.Domain.Devices.Disks[:1]
+	spec.Domain.Devices.Disks[0].Name = "root"
+	spec.Volumes = []vmpodv1.Volume{{Name: "root", VolumeSource: vmpodv1.VolumeSource{PersistentVolumeClaim: &vmpodv1.PersistentVolumeClaimVolumeSource{
+		PersistentVolumeClaimVolumeSource: corev1.PersistentVolumeClaimVolumeSource{ClaimName: pvc.Name}}}}}
+	spec.Domain.Devices.Interfaces = []vmpodv1.Interface{{Name: "default", Masquerade: &vmpodv1.InterfaceMasquerade{}}}
+	spec.Networks = []vmpodv1.Network{{Name: "default", Pod: &vmpodv1.PodNetwork{}}}
+	return vm
+}
+
+func (f *fixture) migration(name, vmName string) *vmpodv1.VirtualMachineMigration {
+	f.t.Helper()
+	m := &vmpodv1.VirtualMachineMigration{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: f.ns}, Spec: vmpodv1.VirtualMachineMigrationSpec{VMName: vmName}}
+	f.create(m)
+	return m
+}
+
+func (f *fixture) getMigration(name string) *vmpodv1.VirtualMachineMigration {
+	f.t.Helper()
+	m := &vmpodv1.VirtualMachineMigration{}
+	if err := f.c.Get(f.ctx, types.NamespacedName{Namespace: f.ns, Name: name}, m); err != nil {
+		f.t.Fatalf("get migration %s: %v", name, err)
+	}
+	return m
+}
+
+func (f *fixture) waitPhase(name string, phase vmpodv1.MigrationPhase) *vmpodv1.VirtualMachineMigration {
+	f.t.Helper()
+	var m *vmpodv1.VirtualMachineMigration
+	testenv.Eventually(f.t, timeout, fmt.Sprintf("migration %s %s", name, phase), func() (bool, string) {
+		m = f.getMigration(name)
+		return m.Status.Phase == phase, fmt.Sprintf("%+v", m.Status)
+	})
+	return m
+}
+
+func (f *fixture) getPod(name string) (*corev1.Pod, error) {
+	p := &corev1.Pod{}
+	return p, f.c.Get(f.ctx, types.NamespacedName{Namespace: f.ns, Name: name}, p)
+}
+
+// gone says whether the pod is deleted or being deleted (no kubelet here to finish it).
+func (f *fixture) gone(name string) bool {
+	p, err := f.getPod(name)
+	return apierrors.IsNotFound(err) || (err == nil && p.DeletionTimestamp != nil)
+}
+
+// A VirtualMachine's guest moves to a target pod on another node: the target is the source
+// pod again with the target role, kept off the source's node; the shims are asked in
+// order with credentials that pair; the target becomes the VM's pod, the source goes, and
+// the VM controller does not start another. A failing migration and a cancelled one leave
+// the VM where it was and take their target pods away; migrations that cannot be are
+// refused up front with the reason.
+func TestVirtualMachineMigration(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	shims := &fakeShims{}
+	env.StartManager(t, ns, func(o *manager.Options) {
+		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, 5*time.Second
+	})
+	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	f.create(f.migratable("mv"))
+	source := f.waitPod("mv", "")
+	f.bind(source, "node-a")
+	f.kubeletRuns(source)
+	f.waitStatus("mv", vmpodv1.StatusRunning)
+
+	f.migration("first", "mv")
+	m := f.waitPhase("first", vmpodv1.MigrationScheduling)
+	if m.Status.SourcePod != source.Name || m.Status.SourceNode != "node-a" || m.Status.TargetPod == "" {
+		t.Fatalf("status %+v", m.Status)
+	}
+	if m.Status.TargetPod != migration.TargetPodName(source.Name, m.UID) {
+		t.Errorf("target pod %s, want %s", m.Status.TargetPod, migration.TargetPodName(source.Name, m.UID))
+	}
+	target, err := f.getPod(m.Status.TargetPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := vmspec.Parse([]byte(target.Annotations[vmspec.Annotation]))
+	if err != nil || spec.Migration == nil || spec.Migration.Role != vmspec.RoleTarget {
+		t.Errorf("the target pod's VM spec: %+v, %v; want the target role", spec, err)
+	}
+	if src, _ := vmspec.Parse([]byte(source.Annotations[vmspec.Annotation])); src != nil && spec != nil {
+		spec.Migration = nil
+		a, _ := spec.Encode()
+		b, _ := src.Encode()
+		if !bytes.Equal(a, b) {
+			t.Errorf("the target's VM spec differs from the source's beyond the role:\n%s\n%s", a, b)
+		}
+	}
+	terms := target.Spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms
+	if len(terms) == 0 || !strings.Contains(fmt.Sprint(terms), "node-a") || !strings.Contains(fmt.Sprint(terms), "NotIn") {
+		t.Errorf("the target pod's node affinity %+v: want it kept off node-a", terms)
+	}
+	if !metav1.IsControlledBy(target, f.vm("mv")) || target.Labels[migration.Label] != "first" {
+		t.Errorf("the target pod's owner %v, labels %v", target.OwnerReferences, target.Labels)
+	}
+	f.bind(target, "node-b")
+	f.kubeletRuns(target)
+	m = f.waitPhase("first", vmpodv1.MigrationSucceeded)
+	if m.Status.TargetNode != "node-b" || m.Status.DowntimeMs != 23 || m.Status.TransferredBytes != 210<<20 || m.Status.EndTimestamp == nil {
+		t.Errorf("status of the migration that succeeded: %+v", m.Status)
+	}
+	if got := shims.ran(); len(got) != 2 || got[0] != target.Name+":"+vmspec.MigrateAcceptCommand || got[1] != source.Name+":"+vmspec.MigrateCommand {
+		t.Errorf("execs %v: want accept in the target, then migrate in the source", got)
+	}
+	testenv.Eventually(t, timeout, "the target to be the VM's pod and the source gone", func() (bool, string) {
+		v := f.vm("mv")
+		return v.Status.PodName == target.Name && v.Status.NodeName == "node-b" && f.gone(source.Name), fmt.Sprintf("%+v", v.Status)
+	})
+	f.waitEvent("mv", "Migrated")
+	if len(f.getMigration("first").Finalizers) != 0 {
+		t.Error("a finished migration keeps its finalizer")
+	}
+	// the VM stays with its new pod: no other pod is started for it
+	time.Sleep(2 * time.Second)
+	if v := f.vm("mv"); v.Status.PodName != target.Name || v.Status.PrintableStatus != vmpodv1.StatusRunning {
+		t.Errorf("after the migration the VM's pod is %s (%s), want %s running", v.Status.PodName, v.Status.PrintableStatus, target.Name)
+	}
+	if _, err := f.getPod(render.PodName("mv")); err == nil && !f.gone(render.PodName("mv")) {
+		t.Error("the VM controller started a pod of the VM's own name beside the migrated one")
+	}
+
+	// the source's shim fails the migration: the guest stays, the target pod goes
+	shims.mu.Lock()
+	shims.outcome = func(string) error {
+		return errors.New("vmpod.dev/migrate: migrate: failed: Unable to write to socket: Broken pipe")
+	}
+	shims.mu.Unlock()
+	f.migration("second", "mv")
+	m = f.waitPhase("second", vmpodv1.MigrationScheduling)
+	t2, _ := f.getPod(m.Status.TargetPod)
+	f.bind(t2, "node-c")
+	f.kubeletRuns(t2)
+	m = f.waitPhase("second", vmpodv1.MigrationFailed)
+	if !strings.Contains(m.Status.FailureReason, "Broken pipe") {
+		t.Errorf("failure reason %q", m.Status.FailureReason)
+	}
+	testenv.Eventually(t, timeout, "the failed migration's target pod to go", func() (bool, string) { return f.gone(t2.Name), "" })
+	if v := f.vm("mv"); v.Status.PodName != target.Name {
+		t.Errorf("after a failed migration the VM's pod is %s, want %s", v.Status.PodName, target.Name)
+	}
+
+	// deleted while it runs: the source's shim is told to cancel, the target goes
+	shims.mu.Lock()
+	shims.outcome, shims.hold = nil, make(chan struct{})
+	shims.mu.Unlock()
+	f.migration("third", "mv")
+	m = f.waitPhase("third", vmpodv1.MigrationScheduling)
+	t3, _ := f.getPod(m.Status.TargetPod)
+	f.bind(t3, "node-c")
+	f.kubeletRuns(t3)
+	f.waitPhase("third", vmpodv1.MigrationRunning)
+	// a second migration of the VM meanwhile is refused
+	f.migration("fourth", "mv")
+	if m := f.waitPhase("fourth", vmpodv1.MigrationFailed); !strings.Contains(m.Status.FailureReason, "migration third of this VM runs") {
+		t.Errorf("a concurrent migration: %q", m.Status.FailureReason)
+	}
+	if err := f.c.Delete(f.ctx, f.getMigration("third")); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, timeout, "the cancelled migration and its target pod to go", func() (bool, string) {
+		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: "third"}, &vmpodv1.VirtualMachineMigration{})
+		return apierrors.IsNotFound(err) && f.gone(t3.Name), fmt.Sprint(err)
+	})
+	if got := shims.ran(); !strings.Contains(strings.Join(got, " "), target.Name+":"+vmspec.MigrateCancelCommand) {
+		t.Errorf("execs %v: want a cancel in the VM's pod", got)
+	}
+	if v := f.vm("mv"); v.Status.PodName != target.Name {
+		t.Errorf("after a cancel the VM's pod is %s, want %s", v.Status.PodName, target.Name)
+	}
+
+	// refused before anything starts
+	f.create(f.cirros("cd", vmpodv1.RunStrategyAlways)) // a containerDisk, bridge-bound
+	cd := f.waitPod("cd", "")
+	f.bind(cd, "node-a")
+	f.kubeletRuns(cd)
+	f.create(f.cirros("off", vmpodv1.RunStrategyHalted))
+	for name, c := range map[string]struct{ vm, want string }{
+		"to-nowhere": {"absent", "spec.vmName: VirtualMachine absent not found"},
+		"halted":     {"off", "the VM is not running"},
+		"containerd": {"cd", "disks[0] (containerdisk): a containerDisk's writable overlay"},
+	} {
+		f.migration(name, c.vm)
+		m := f.waitPhase(name, vmpodv1.MigrationFailed)
+		if !strings.Contains(m.Status.FailureReason, c.want) || m.Status.TargetPod != "" {
+			t.Errorf("%s: %q (target pod %q); want a refusal saying %q", name, m.Status.FailureReason, m.Status.TargetPod, c.want)
+		}
+	}
+	if m := f.getMigration("containerd"); !strings.Contains(m.Status.FailureReason, "interfaces[0] (default): the bridge binding") {
+		t.Errorf("a bridge-bound VM: %q", m.Status.FailureReason)
+	}
+
+	// a target pod no node takes: the migration fails after the target wait
+	shims.mu.Lock()
+	shims.hold = nil
+	shims.mu.Unlock()
+	f.migration("stuck", "mv")
+	m = f.waitPhase("stuck", vmpodv1.MigrationFailed)
+	if !strings.Contains(m.Status.FailureReason, "did not start within 5s") {
+		t.Errorf("a target that never starts: %q", m.Status.FailureReason)
+	}
+}
+
+// A VM pod whose guest moved away is not replaced by the VM controller, although it ended
+// and the VM should run: the migration controller makes the target the VM's pod.
+func TestMigratedPodIsNotReplaced(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	env.StartManager(t, ns, func(o *manager.Options) { o.Backoff = fast })
+	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	f.create(f.cirros("gone", vmpodv1.RunStrategyAlways))
+	p := f.waitPod("gone", "")
+	f.kubeletRuns(p)
+	f.waitStatus("gone", vmpodv1.StatusRunning)
+	now := metav1.Now()
+	p.Status.Phase = corev1.PodSucceeded
+	p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: vmspec.ComputeContainer, Image: p.Spec.Containers[0].Image, ImageID: "sha256:x",
+		State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 0, StartedAt: now, FinishedAt: now,
+			Message: vmspec.MigratedReason + ": the guest moved to 10.99.0.8:49152 (downtime 23ms, 210 MiB sent)"}}}}
+	if err := f.c.Status().Update(f.ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second)
+	if cur := f.pod("gone"); cur.UID != p.UID || cur.DeletionTimestamp != nil {
+		t.Errorf("the migrated-away pod was replaced or deleted by the VM controller")
+	}
+	// the control: the same end without the Migrated message is a power-off, replaced
+	p = f.pod("gone")
+	p.Status.ContainerStatuses[0].State.Terminated.Message = "the guest powered off"
+	if err := f.c.Status().Update(f.ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	f.waitPod("gone", p.UID) // a new pod of the same name
+}
