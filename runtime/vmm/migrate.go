@@ -70,6 +70,29 @@ func (m *Machine) canMigrate() error {
 	return nil
 }
 
+// migrationEvents wakes its reader on each of QEMU's MIGRATION events (the events
+// capability is on at both ends), so that a migration's end is seen when it happens rather
+// than at the next poll: measured, the polls alone added up to 200 ms to the downtime a
+// guest sees, between the source's completion and the target's start. The polls stay, for
+// what has no event (progress) and in case one is missed.
+func (m *Machine) migrationEvents(ctx context.Context) (wake <-chan struct{}, stop func()) {
+	sub := m.mon.Subscribe(qmp.EventNamed(qmp.EventMigration))
+	ch := make(chan struct{}, 1)
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		for {
+			if _, err := sub.Next(ctx); err != nil {
+				return
+			}
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return ch, func() { cancel(); sub.Close() }
+}
+
 // migrationFD is the name under which a migration's stream is handed to QEMU (getfd).
 const migrationFD = "migration"
 
@@ -124,6 +147,8 @@ func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts Mig
 func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
 	tick := time.NewTicker(migrationPoll)
 	defer tick.Stop()
+	changed, stop := m.migrationEvents(ctx)
+	defer stop()
 	for {
 		info, err := m.mon.QueryMigrate(ctx)
 		if err == nil {
@@ -148,6 +173,7 @@ func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 		case <-ctx.Done():
 			return info, fmt.Errorf("vm %s: incoming migration: %w", m.cfg.Name, ctx.Err())
 		case <-tick.C:
+		case <-changed:
 		}
 	}
 }
@@ -186,6 +212,8 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	if err != nil {
 		return fail(err)
 	}
+	changed, stop := m.migrationEvents(ctx)
+	defer stop()
 	start := time.Now()
 	if err := m.mon.Migrate(ctx, uri); err != nil {
 		m.dropStream(ctx)
@@ -211,6 +239,7 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	}
 	tick := time.NewTicker(migrationPoll)
 	defer tick.Stop()
+	var again <-chan time.Time // a quick second look, for times QEMU has yet to set
 	// Reads of the migration's state outlive a cancelled ctx: a cancel must be seen through.
 	qctx := context.WithoutCancel(ctx)
 	for {
@@ -250,6 +279,7 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				// QEMU marks the migration completed a moment before it computes its total
 				// time and downtime (measured: both 0 in one poll): read them once they are
 				lateTimes++
+				again = time.After(lateTimesPoll)
 				break
 			}
 			switch info.Status {
@@ -285,6 +315,8 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		case <-m.exited:
 			return info, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, m.Explain(errors.New("QEMU exited")))
 		case <-tick.C:
+		case <-changed:
+		case <-again:
 		}
 	}
 }
@@ -293,5 +325,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 // bounded by the monitor's own timeout).
 const maxQueryErrors = 5
 
-// maxLateTimes bounds the polls that wait for a completed migration's times.
-const maxLateTimes = 10
+// maxLateTimes bounds the polls that wait for a completed migration's times, lateTimesPoll
+// spaces them: the guest waits for the switchover meanwhile.
+const (
+	maxLateTimes  = 100
+	lateTimesPoll = 5 * time.Millisecond
+)

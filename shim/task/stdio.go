@@ -245,6 +245,13 @@ func (h *hostIO) closeStdin() {
 	_ = h.stdin.Close()
 }
 
+// endStdin closes the stdin FIFO at once: the process is gone, nobody will read it.
+func (h *hostIO) endStdin() {
+	if h.stdin != nil {
+		_ = h.stdin.Close()
+	}
+}
+
 // drainingReader is the stdin FIFO, noting when a read has reached its end (every writer
 // gone and the buffer empty) or failed.
 type drainingReader struct {
@@ -262,7 +269,7 @@ func (r *drainingReader) Read(p []byte) (int, error) {
 }
 
 func (h *hostIO) close() {
-	h.closeStdin()
+	h.endStdin()
 	h.closeOutput()
 }
 
