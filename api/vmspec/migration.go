@@ -106,6 +106,17 @@ const (
 	maxMigrationAcceptTimeout          = time.Hour
 )
 
+// MigrationCancelled is MigrateCancelCommand's output: where the guest is once the
+// migration in flight (if any) has ended. A cancel that came too late finds the guest
+// moved: the caller must then treat the migration as done, not delete its target.
+type MigrationCancelled struct {
+	// GuestMoved: the guest left for MovedTo (a migration completed, this one or before).
+	GuestMoved bool   `json:"guestMoved"`
+	MovedTo    string `json:"movedTo,omitempty"`
+	// WasInFlight: a migration was running and has now ended.
+	WasInFlight bool `json:"wasInFlight"`
+}
+
 // MigrationProgress is one line of MigrateCommand's output: a reading of QEMU's account of
 // the migration, the last one its outcome.
 type MigrationProgress struct {

@@ -158,7 +158,7 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
 	}
-	migrations := &migration.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Exec: migrationExec, TargetWait: o.MigrationTargetWait}
+	migrations := &migration.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Exec: migrationExec, TargetWait: o.MigrationTargetWait}
 	if err := migrations.SetupWithManager(mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachineMigration controller: %w", err)
 	}

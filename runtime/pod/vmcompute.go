@@ -91,9 +91,9 @@ type computeVM struct {
 	// awaiting: a migration target's guest has not arrived and been handed over yet, so
 	// its vCPUs wait for the source's commit, not for the container's start (vmmigrate.go)
 	awaiting  bool
-	accepting bool               // a migration target listening for its source
-	migrating context.CancelFunc // a migration away from here in flight: its cancel
-	decided   *runtime.Exit      // the exit the shim chose (migrated away, never arrived)
+	accepting bool          // a migration target listening for its source
+	migrating *outgoing     // a migration away from here in flight
+	decided   *runtime.Exit // the exit the shim chose (migrated away, never arrived)
 
 	exited chan struct{}
 	exit   runtime.Exit
@@ -986,9 +986,14 @@ func (c *computeVM) setPaused(ctx context.Context, pause bool) (string, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.awaiting {
+	switch {
+	case c.awaiting:
 		// a migration target's vCPUs belong to the switchover until the guest is here
 		return "", fmt.Errorf("VM %s: the guest has not arrived from its migration source: %w", c.id, errdefs.ErrFailedPrecondition)
+	case c.migrating != nil || c.decided != nil:
+		// a source's: a cont while QEMU waits for the target's word would run the guest
+		// in two places
+		return "", fmt.Errorf("VM %s: the guest is migrating or has moved away: %w", c.id, errdefs.ErrFailedPrecondition)
 	}
 	op, state := c.machine.Resume, "running"
 	if pause {

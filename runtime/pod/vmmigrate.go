@@ -199,13 +199,17 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 			lg.WithError(err).Error("migration target: start the guest")
 			return
 		}
+		if c.agentKeys != nil { // as powerOn does for a guest that boots here
+			go c.syncKeysThroughAgent(context.WithoutCancel(ctx), c.agentKeys, keySyncPeriod)
+		}
 	}
 	lg.Infof("migration target: the guest runs here (switchover %v after it arrived)", time.Since(started).Round(time.Millisecond))
 }
 
 // acceptSource accepts connections on l until it has the source's control and stream
 // connections, each past the TLS handshake (a connection that fails it is dropped: a port
-// scan does not end the wait), for up to wait or until QEMU exits. It closes l.
+// scan does not end the wait), for up to wait or until QEMU exits. Handshakes run side by
+// side, so a peer that connects and stalls holds up nobody. It closes l.
 func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait time.Duration, qemuDone <-chan struct{}) (control, stream net.Conn, err error) {
 	deadline := time.Now().Add(wait)
 	stop := make(chan struct{})
@@ -221,9 +225,48 @@ func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait tim
 	if tl, ok := l.(*net.TCPListener); ok {
 		_ = tl.SetDeadline(deadline)
 	}
+	type introduced struct {
+		conn net.Conn
+		role byte
+	}
+	arrived := make(chan introduced)
+	accepted := make(chan error, 1)
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				accepted <- err
+				return
+			}
+			go func() {
+				tc := tls.Server(conn, cfg)
+				role, err := handshake(tc)
+				if err != nil {
+					log.G(ctx).WithError(err).Warnf("migration target: refused a connection from %s", conn.RemoteAddr())
+					tc.Close()
+					return
+				}
+				select {
+				case arrived <- introduced{tc, role}:
+				case <-stop:
+					tc.Close()
+				}
+			}()
+		}
+	}()
 	for control == nil || stream == nil {
-		conn, err := l.Accept()
-		if err != nil {
+		select {
+		case in := <-arrived:
+			switch {
+			case in.role == roleControl && control == nil:
+				control = in.conn
+			case in.role == roleStream && stream == nil:
+				stream = in.conn
+			default:
+				log.G(ctx).Warnf("migration target: refused an extra connection (role %q) from %s", in.role, in.conn.RemoteAddr())
+				in.conn.Close()
+			}
+		case err := <-accepted:
 			for _, c := range []net.Conn{control, stream} {
 				if c != nil {
 					c.Close()
@@ -238,20 +281,6 @@ func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait tim
 				return nil, nil, fmt.Errorf("the source did not connect within %v", wait)
 			}
 			return nil, nil, fmt.Errorf("accept: %w", err)
-		}
-		tc := tls.Server(conn, cfg)
-		role, err := handshake(tc)
-		switch {
-		case err != nil:
-			log.G(ctx).WithError(err).Warnf("migration target: refused a connection from %s", conn.RemoteAddr())
-			tc.Close()
-		case role == roleControl && control == nil:
-			control = tc
-		case role == roleStream && stream == nil:
-			stream = tc
-		default:
-			log.G(ctx).Warnf("migration target: refused an extra connection (role %q) from %s", role, conn.RemoteAddr())
-			tc.Close()
 		}
 	}
 	return control, stream, nil
@@ -322,12 +351,14 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		c.mu.Unlock()
 		return fmt.Errorf("%s: the VM is not running: %w", cmd, errdefs.ErrFailedPrecondition)
 	}
-	c.migrating = cancel
+	flight := &outgoing{cancel: cancel, done: make(chan struct{})}
+	c.migrating = flight
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
 		c.migrating = nil
 		c.mu.Unlock()
+		close(flight.done)
 	}()
 	lg := log.G(ctx).WithField("pod", c.pod.id)
 	report := func(p vmspec.MigrationProgress) {
@@ -391,11 +422,21 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	info, err := c.machine.Migrate(ctx, qemuEnd, opts)
 	qemuEnd.Close()
 	if err != nil {
-		return fail(err) // the guest runs on here
+		// QEMU may have completed (and stopped the guest) after all, e.g. when it stopped
+		// answering: no commit went out, so the guest is this pod's to run on
+		return fail(c.resumeIfCompleted(ctx, err))
 	}
 	// QEMU stopped the guest here for good unless told to resume it (postmigrate): wait for
 	// the target's word before either side runs it
-	if err := c.awaitLoaded(control, sent); err != nil {
+	if err := c.awaitLoaded(control, sent); err == nil && ctx.Err() != nil {
+		// cancelled at the last moment: the target has the guest but no commit, so it
+		// keeps it paused; the guest goes on here
+		lg.Warn("migration: cancelled after the target loaded the guest; resuming it here")
+		if rerr := c.machine.Resume(context.WithoutCancel(ctx)); rerr != nil {
+			return fail(fmt.Errorf("%w (cancelled); and resuming the guest here failed: %w", vmm.ErrMigrationCancelled, rerr))
+		}
+		return fail(fmt.Errorf("%w; the guest runs on here", vmm.ErrMigrationCancelled))
+	} else if err != nil {
 		lg.WithError(err).Warn("migration: the target did not take the guest; resuming it here")
 		if rerr := c.machine.Resume(context.WithoutCancel(ctx)); rerr != nil {
 			return fail(fmt.Errorf("%w; and resuming the guest here failed: %w", err, rerr))
@@ -414,6 +455,7 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		lg.WithError(err).Error("migration: the commit did not reach the target: the guest stays paused there")
 	}
 	c.machine.Quit(context.WithoutCancel(ctx))
+	c.machine.KillProcess() // if quit did not end it: this QEMU must never run the guest again
 	report(progressOf(info))
 	lg.Infof("migrated to %s in %v (downtime %v, %d MiB sent)", req.Target, info.TotalTime, info.Downtime, info.Transferred()>>20)
 	return nil
@@ -442,18 +484,52 @@ func (c *computeVM) awaitLoaded(control net.Conn, sent <-chan error) error {
 	return nil
 }
 
+// outgoing is a migration away from here in flight.
+type outgoing struct {
+	cancel context.CancelFunc
+	done   chan struct{} // closed when migrate has returned
+}
+
+// cancelWait bounds how long a cancel waits for the migration in flight to end.
+const cancelWait = 2 * time.Minute
+
 // cancelMigration answers vmspec.MigrateCancelCommand: the migration in flight is
-// cancelled and the guest runs on here. Without one it says so, no error (idempotent).
+// cancelled, and once it has ended the answer says where the guest is (a cancel that came
+// after the switchover finds it moved). Without a migration it says where the guest is.
 func (c *computeVM) cancelMigration(ctx context.Context) (string, error) {
 	c.mu.Lock()
-	cancel := c.migrating
+	flight := c.migrating
 	c.mu.Unlock()
-	if cancel == nil {
-		return "no migration in flight", nil
+	answer := vmspec.MigrationCancelled{}
+	if flight != nil {
+		answer.WasInFlight = true
+		flight.cancel()
+		select {
+		case <-flight.done:
+		case <-time.After(cancelWait):
+			return "", fmt.Errorf("%s: the migration did not end within %v of its cancel: %w", vmspec.MigrateCancelCommand, cancelWait, errdefs.ErrUnavailable)
+		}
 	}
-	cancel()
-	log.G(ctx).WithField("pod", c.pod.id).Info("migration cancelled")
-	return "migration cancelled", nil
+	c.pod.mu.Lock()
+	answer.MovedTo = c.pod.migratedTo
+	c.pod.mu.Unlock()
+	answer.GuestMoved = answer.MovedTo != ""
+	log.G(ctx).WithField("pod", c.pod.id).Infof("migration cancel: %+v", answer)
+	out, err := json.Marshal(answer)
+	return string(out), err
+}
+
+// resumeIfCompleted resumes the guest if QEMU completed the migration (postmigrate) though
+// Migrate failed: no commit was sent, so no other pod runs it. It returns why as err says.
+func (c *computeVM) resumeIfCompleted(ctx context.Context, why error) error {
+	st, err := c.machine.Monitor().Status(context.WithoutCancel(ctx))
+	if err != nil || st.State != qmp.RunStatePostMigrate {
+		return why
+	}
+	if err := c.machine.Resume(context.WithoutCancel(ctx)); err != nil {
+		return fmt.Errorf("%w; QEMU had completed, and resuming the guest here failed: %w", why, err)
+	}
+	return fmt.Errorf("%w; QEMU had completed, the guest was resumed here", why)
 }
 
 // dialTarget connects to the target from the pod's network namespace and introduces the

@@ -67,6 +67,13 @@ func TestAcceptSource(t *testing.T) {
 		}
 		return tc, nil
 	}
+	// a peer that connects and says nothing holds up nobody (a handshake may take 10 s)
+	stall, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stall.Close()
+	start := time.Now()
 	// a peer with another migration's credentials: its handshake may finish on its side
 	// (TLS 1.3 client), but the target drops it
 	if c, err := dial(stranger, roleControl); err == nil {
@@ -89,6 +96,9 @@ func TestAcceptSource(t *testing.T) {
 	r := <-done
 	if r.err != nil {
 		t.Fatalf("acceptSource: %v", r.err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("the source was accepted %v after a stalling peer connected: handshakes wait for each other", d)
 	}
 	defer r.control.Close()
 	defer r.stream.Close()

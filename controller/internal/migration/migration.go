@@ -52,9 +52,12 @@ const (
 
 // Reconciler reconciles VirtualMachineMigrations.
 type Reconciler struct {
-	Client   ctrl.Client
-	Recorder events.EventRecorder
-	Exec     Exec
+	Client ctrl.Client
+	// APIReader reads around the cache where a stale pod would mislead: whether a source's
+	// guest has left decides whether a target pod may be deleted.
+	APIReader ctrl.Reader
+	Recorder  events.EventRecorder
+	Exec      Exec
 	// TargetWait bounds the target pod's scheduling and start (0: DefaultTargetWait).
 	TargetWait time.Duration
 
@@ -404,29 +407,63 @@ func (r *Reconciler) follow(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 	if !done {
 		return reconcile.Result{RequeueAfter: progressEvery}, r.Client.Status().Update(ctx, m)
 	}
-	r.land(m.UID)
-	if execErr != nil || last.Status != "completed" {
+	// the flight is kept until its outcome is stored: a failed write must not turn into
+	// a recovery that cannot see the exec's word
+	moved, err := r.guestMoved(ctx, m, f)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	if moved {
+		err = r.succeed(ctx, m)
+	} else {
 		why := fmt.Sprintf("the source pod %s: %v", m.Status.SourcePod, execErr)
 		if execErr == nil {
 			why = fmt.Sprintf("the source pod %s ended the migration %s: %s", m.Status.SourcePod, last.Status, last.Error)
 		}
-		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
+		err = r.finish(ctx, m, vmpodv1.MigrationFailed, why)
 	}
-	return reconcile.Result{}, r.succeed(ctx, m)
+	if err == nil {
+		r.land(m.UID)
+	}
+	return reconcile.Result{}, err
 }
 
-// recover ends a migration whose exec this process no longer has: a source whose guest
-// moved away means success, anything else a failure (after a cancel, in case the exec
-// still runs in the source's shim).
+// guestMoved says whether the guest has left the source pod: the migrate exec's own
+// outcome when it completed, else the source's shim's word (vmspec.MigrateCancelCommand
+// ends what may still run there and says where the guest is), else the source pod's
+// record read from the API server. An exec that failed may have lost only its stream
+// while the shims went on and switched over: deleting the target then would lose the
+// guest.
+func (r *Reconciler) guestMoved(ctx context.Context, m *vmpodv1.VirtualMachineMigration, f *flight) (bool, error) {
+	if f != nil {
+		f.mu.Lock()
+		completed := f.done && f.err == nil && f.last.Status == "completed"
+		f.mu.Unlock()
+		if completed {
+			return true, nil
+		}
+	}
+	var out bytes.Buffer
+	err := r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCancelCommand}, nil, &out)
+	var answer vmspec.MigrationCancelled
+	if err == nil && json.Unmarshal(out.Bytes(), &answer) == nil {
+		return answer.GuestMoved, nil
+	}
+	log.FromContext(ctx).Info("the source's shim cannot say where the guest is; reading its pod", "pod", m.Status.SourcePod, "error", err)
+	return r.sourceMigratedAway(ctx, m)
+}
+
+// recover ends a migration whose exec this process does not have (it restarted since it
+// started the exec): a guest that moved means success, anything else a failure, after
+// the source's shim was told to cancel.
 func (r *Reconciler) recover(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
-	moved, err := r.sourceMigratedAway(ctx, m)
+	moved, err := r.guestMoved(ctx, m, nil)
 	if err != nil {
 		return err
 	}
 	if moved {
 		return r.succeed(ctx, m)
 	}
-	_ = r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCancelCommand}, nil, io.Discard)
 	return r.finish(ctx, m, vmpodv1.MigrationFailed, "the controller restarted while the guest moved; it runs on in the source pod")
 }
 
@@ -450,6 +487,11 @@ func (r *Reconciler) succeed(ctx context.Context, m *vmpodv1.VirtualMachineMigra
 	source := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Status.SourcePod}}
 	if err := r.Client.Delete(ctx, source); ctrl.IgnoreNotFound(err) != nil {
 		return fmt.Errorf("delete the source pod %s: %w", source.Name, err)
+	}
+	// a target whose commit got lost keeps the guest paused; the source is gone now, so it
+	// may run (an unpause of a running guest changes nothing)
+	if err := r.Exec.Stream(ctx, m.Namespace, target.Name, vmspec.ComputeContainer, []string{vmspec.UnpauseCommand}, nil, io.Discard); err != nil {
+		log.FromContext(ctx).Error(err, "unpause the migrated guest", "pod", target.Name)
 	}
 	r.Recorder.Eventf(vm, target, corev1.EventTypeNormal, "Migrated", "Migrate", "migration %s: the guest moved from %s (node %s) to %s (node %s), downtime %d ms",
 		m.Name, m.Status.SourcePod, m.Status.SourceNode, target.Name, target.Spec.NodeName, m.Status.DowntimeMs)
@@ -477,18 +519,25 @@ func (r *Reconciler) finish(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 	return nil
 }
 
-// deleteTarget deletes the migration's target pod unless it is the VM's pod.
+// deleteTarget deletes the migration's target pods (by its label: one created before its
+// name reached the status too) unless one is the VM's pod.
 func (r *Reconciler) deleteTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
-	if m.Status.TargetPod == "" {
-		return nil
-	}
 	vm := &vmpodv1.VirtualMachine{}
-	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err == nil && vm.Status.PodName == m.Status.TargetPod {
-		return nil
+	if err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); ctrl.IgnoreNotFound(err) != nil {
+		return err
 	}
-	t := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Status.TargetPod}}
-	if err := r.Client.Delete(ctx, t); ctrl.IgnoreNotFound(err) != nil {
-		return fmt.Errorf("delete the target pod %s: %w", t.Name, err)
+	pods := &corev1.PodList{}
+	if err := r.APIReader.List(ctx, pods, ctrl.InNamespace(m.Namespace), ctrl.MatchingLabels{Label: m.Name}); err != nil {
+		return fmt.Errorf("list the target pods: %w", err)
+	}
+	for i := range pods.Items {
+		t := &pods.Items[i]
+		if t.Name == vm.Status.PodName || t.DeletionTimestamp != nil {
+			continue
+		}
+		if err := r.Client.Delete(ctx, t); ctrl.IgnoreNotFound(err) != nil {
+			return fmt.Errorf("delete the target pod %s: %w", t.Name, err)
+		}
 	}
 	return nil
 }
@@ -503,27 +552,17 @@ func (r *Reconciler) cancel(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 	if !m.Finished() {
 		moved := false
 		if m.Status.Phase == vmpodv1.MigrationRunning {
-			if err := r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCancelCommand}, nil, io.Discard); err != nil {
-				log.FromContext(ctx).Error(err, "cancel the migration in the source pod", "pod", m.Status.SourcePod)
-			}
-			if f := r.flightOf(m.UID); f != nil {
-				// the migrate exec ends promptly once cancelled; its outcome decides
-				for deadline := time.Now().Add(cancelWait); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-					f.mu.Lock()
-					done := f.done
-					f.mu.Unlock()
-					if done {
-						break
-					}
-				}
-				f.cancel()
-			}
+			f := r.flightOf(m.UID)
 			var err error
-			if moved, err = r.sourceMigratedAway(ctx, m); err != nil {
+			// the shim's cancel returns once the migration has ended, saying where the
+			// guest is
+			if moved, err = r.guestMoved(ctx, m, f); err != nil {
 				return err
 			}
+			if f != nil {
+				f.cancel()
+			}
 		}
-		r.land(m.UID)
 		if moved {
 			if err := r.succeed(ctx, m); err != nil {
 				return err
@@ -534,20 +573,18 @@ func (r *Reconciler) cancel(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			}
 			r.Recorder.Eventf(m, nil, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "cancelled: the guest runs on in %s", m.Status.SourcePod)
 		}
+		r.land(m.UID)
 	}
 	controllerutil.RemoveFinalizer(m, Finalizer)
 	return ctrl.IgnoreNotFound(r.Client.Update(ctx, m))
 }
-
-// cancelWait bounds the wait for a cancelled migrate exec to end.
-const cancelWait = 30 * time.Second
 
 // sourceMigratedAway says whether the source pod's guest has left (its container ended
 // Migrated), reading the pod from the API server: the cache may not have the end yet.
 func (r *Reconciler) sourceMigratedAway(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (bool, error) {
 	for range 3 {
 		source := &corev1.Pod{}
-		err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source)
+		err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source)
 		switch {
 		case apierrors.IsNotFound(err):
 			return false, nil

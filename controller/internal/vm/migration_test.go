@@ -37,6 +37,8 @@ type fakeShims struct {
 	calls   []string
 	outcome func(source string) error // nil: completed
 	hold    chan struct{}             // non-nil: a migrate waits for a cancel
+	// late: a cancel finds the switchover done (the guest moved): the migrate completes
+	late bool
 }
 
 const fakeTargetAddress = "10.99.0.8:49152"
@@ -90,7 +92,12 @@ func (s *fakeShims) Stream(ctx context.Context, ns, pod, container string, cmd [
 		if hold != nil {
 			select {
 			case <-hold:
-				return errors.New("vmpod.dev/migrate: migration cancelled")
+				s.mu.Lock()
+				late := s.late
+				s.mu.Unlock()
+				if !late {
+					return errors.New("vmpod.dev/migrate: migration cancelled")
+				}
 			case <-ctx.Done():
 				return ctx.Err()
 			}
@@ -104,12 +111,20 @@ func (s *fakeShims) Stream(ctx context.Context, ns, pod, container string, cmd [
 		return nil
 	case vmspec.MigrateCancelCommand:
 		s.mu.Lock()
+		answer := vmspec.MigrationCancelled{WasInFlight: s.hold != nil, GuestMoved: s.late}
+		if answer.GuestMoved {
+			answer.MovedTo = fakeTargetAddress
+		}
 		if s.hold != nil {
 			close(s.hold)
 			s.hold = nil
 		}
 		s.mu.Unlock()
-		_, err := io.WriteString(stdout, "migration cancelled\n")
+		b, _ := json.Marshal(answer)
+		_, err := stdout.Write(b)
+		return err
+	case vmspec.UnpauseCommand:
+		_, err := io.WriteString(stdout, "running\n")
 		return err
 	}
 	return fmt.Errorf("unexpected exec %v", cmd)
@@ -233,8 +248,9 @@ func TestVirtualMachineMigration(t *testing.T) {
 	if m.Status.TargetNode != "node-b" || m.Status.DowntimeMs != 23 || m.Status.TransferredBytes != 210<<20 || m.Status.EndTimestamp == nil {
 		t.Errorf("status of the migration that succeeded: %+v", m.Status)
 	}
-	if got := shims.ran(); len(got) != 2 || got[0] != target.Name+":"+vmspec.MigrateAcceptCommand || got[1] != source.Name+":"+vmspec.MigrateCommand {
-		t.Errorf("execs %v: want accept in the target, then migrate in the source", got)
+	if got := shims.ran(); len(got) != 3 || got[0] != target.Name+":"+vmspec.MigrateAcceptCommand || got[1] != source.Name+":"+vmspec.MigrateCommand ||
+		got[2] != target.Name+":"+vmspec.UnpauseCommand {
+		t.Errorf("execs %v: want accept in the target, migrate in the source, unpause in the target (a lost commit's guest)", got)
 	}
 	testenv.Eventually(t, timeout, "the target to be the VM's pod and the source gone", func() (bool, string) {
 		v := f.vm("mv")
@@ -301,6 +317,29 @@ func TestVirtualMachineMigration(t *testing.T) {
 	if v := f.vm("mv"); v.Status.PodName != target.Name {
 		t.Errorf("after a cancel the VM's pod is %s, want %s", v.Status.PodName, target.Name)
 	}
+
+	// deleted too late: the source's shim says the guest moved before the cancel took
+	// effect; the target, which holds the guest, becomes the VM's pod instead of going
+	vmPod := f.vm("mv").Status.PodName
+	shims.mu.Lock()
+	shims.hold, shims.late = make(chan struct{}), true
+	shims.mu.Unlock()
+	f.migration("late", "mv")
+	m = f.waitPhase("late", vmpodv1.MigrationScheduling)
+	t5, _ := f.getPod(m.Status.TargetPod)
+	f.bind(t5, "node-d")
+	f.kubeletRuns(t5)
+	f.waitPhase("late", vmpodv1.MigrationRunning)
+	if err := f.c.Delete(f.ctx, f.getMigration("late")); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, timeout, "the late-cancelled migration's target to be the VM's pod", func() (bool, string) {
+		v := f.vm("mv")
+		return v.Status.PodName == t5.Name && !f.gone(t5.Name) && f.gone(vmPod), fmt.Sprintf("%+v", v.Status)
+	})
+	shims.mu.Lock()
+	shims.late = false
+	shims.mu.Unlock()
 
 	// refused before anything starts
 	f.create(f.cirros("cd", vmpodv1.RunStrategyAlways)) // a containerDisk, bridge-bound

@@ -396,6 +396,15 @@ func (r *run) createPod(ctx context.Context) (reconcile.Result, error) {
 	if r.expandErr != nil {
 		return r.expansionFailed()
 	}
+	// The cache may not have the VM's latest status yet: a migration that just made
+	// another pod the VM's would otherwise get a second copy of the guest booted here.
+	live := &vmpodv1.VirtualMachine{}
+	if err := r.APIReader.Get(ctx, ctrl.ObjectKeyFromObject(r.vm), live); err != nil {
+		return reconcile.Result{}, fmt.Errorf("read VM %s: %w", r.vm.Name, err)
+	}
+	if live.Status.PodName != r.vm.Status.PodName {
+		return reconcile.Result{RequeueAfter: time.Second}, nil
+	}
 	pod, err := render.Pod(r.expanded, claims, r.Render)
 	if err != nil {
 		r.blocked = &blocker{vmpodv1.StatusInvalidSpec, "InvalidSpec", err.Error(), true}
