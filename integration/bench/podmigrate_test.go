@@ -51,7 +51,7 @@ func TestBenchPodMigration(t *testing.T) {
 	cur := machineOn(false)
 	cur.WaitAgent(ctx, agentReadyWithin)
 	var bareTotal, bareDown sample
-	var bareSent, podSent []string
+	var bareSent []string
 	for range n {
 		next := machineOn(true)
 		// the guest runs as long between migrations as in the pod rounds below (a target
@@ -111,56 +111,78 @@ func TestBenchPodMigration(t *testing.T) {
 		}
 	}
 	time.Sleep(idleSettle / 2) // the rest of boot, so the rounds migrate an idle guest
-	var podTotal, podDown, execWall, seen sample
-	for i := range n {
-		dstPod, dstID := pod(target)
-		tc, sc, err := vmspec.NewMigrationCredentials()
-		if err != nil {
-			t.Fatal(err)
-		}
-		out, err := crictlExecStdin(dstID, vmspec.MigrationAccept{TLS: tc}, vmspec.MigrateAcceptCommand)
-		if err != nil {
-			t.Fatalf("round %d: accept: %v", i, err)
-		}
-		var l vmspec.MigrationListening
-		if err := json.Unmarshal([]byte(out), &l); err != nil {
-			t.Fatalf("round %d: accept printed %q", i, out)
-		}
-		srcPings, dstPings := pingTimes(t, srcPod.IP()), pingTimes(t, dstPod.IP())
-		time.Sleep(time.Second) // replies before
-		start := time.Now()
-		out, err = crictlExecStdin(srcID, vmspec.MigrationRequest{Target: l.Address, TLS: sc, Options: fast}, vmspec.MigrateCommand)
-		wall := time.Since(start)
-		if err != nil {
-			t.Fatalf("round %d: migrate: %v\n%s", i, err, out)
-		}
-		time.Sleep(2 * time.Second) // replies after, from the target
-		lastSrc, firstDst := last(srcPings()), dstPings()
-		var gap time.Duration = -1
-		for _, ts := range firstDst {
-			if ts.After(lastSrc) {
-				gap = ts.Sub(lastSrc)
-				break
-			}
-		}
-		if gap < 0 {
-			t.Fatalf("round %d: the target pod never answered a ping after the source's last reply", i)
-		}
-		lines := strings.Split(strings.TrimSpace(out), "\n")
-		var final vmspec.MigrationProgress
-		if err := json.Unmarshal([]byte(lines[len(lines)-1]), &final); err != nil || final.Status != "completed" {
-			t.Fatalf("round %d: last line %q", i, lines[len(lines)-1])
-		}
-		podTotal = append(podTotal, time.Duration(final.ElapsedMs)*time.Millisecond)
-		podDown = append(podDown, time.Duration(final.DowntimeMs)*time.Millisecond)
-		execWall, seen = append(execWall, wall), append(seen, gap)
-		podSent = append(podSent, fmt.Sprint(final.TransferredBytes>>20))
-		srcPod, srcID = dstPod, dstID
+	type rounds struct {
+		total, down, wall, seen sample
+		sent                    []string
 	}
-	report(t, "pod migration, idle %d MiB guest: total (QEMU) %s; bare machines %s: ratio %.2f", memMiB, podTotal, bareTotal, ratio(podTotal, bareTotal))
-	report(t, "pod migration, idle %d MiB guest: downtime (QEMU) %s; bare machines %s", memMiB, podDown, bareDown)
-	report(t, "pod migration, idle %d MiB guest: MiB sent %s; bare machines %s", memMiB, strings.Join(podSent, ", "), strings.Join(bareSent, ", "))
-	report(t, "pod migration, idle %d MiB guest: migrate exec (client) %s; outside downtime (last source reply to first target reply, 10 ms ping) %s", memMiB, execWall, seen)
+	// migrate moves the guest n times with opts, each time into a new target pod
+	migrate := func(opts vmspec.MigrationRequestOptions) rounds {
+		var r rounds
+		for i := range n {
+			dstPod, dstID := pod(target)
+			tc, sc, err := vmspec.NewMigrationCredentials()
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := crictlExecStdin(dstID, vmspec.MigrationAccept{TLS: tc}, vmspec.MigrateAcceptCommand)
+			if err != nil {
+				t.Fatalf("round %d: accept: %v", i, err)
+			}
+			var l vmspec.MigrationListening
+			if err := json.Unmarshal([]byte(out), &l); err != nil {
+				t.Fatalf("round %d: accept printed %q", i, out)
+			}
+			srcPings, dstPings := pingTimes(t, srcPod.IP()), pingTimes(t, dstPod.IP())
+			time.Sleep(time.Second) // replies before
+			start := time.Now()
+			out, err = crictlExecStdin(srcID, vmspec.MigrationRequest{Target: l.Address, TLS: sc, Options: opts}, vmspec.MigrateCommand)
+			wall := time.Since(start)
+			if err != nil {
+				t.Fatalf("round %d: migrate: %v\n%s", i, err, out)
+			}
+			time.Sleep(2 * time.Second) // replies after, from the target
+			lastSrc, firstDst := last(srcPings()), dstPings()
+			var gap time.Duration = -1
+			for _, ts := range firstDst {
+				if ts.After(lastSrc) {
+					gap = ts.Sub(lastSrc)
+					break
+				}
+			}
+			if gap < 0 {
+				t.Fatalf("round %d: the target pod never answered a ping after the source's last reply", i)
+			}
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			var final vmspec.MigrationProgress
+			if err := json.Unmarshal([]byte(lines[len(lines)-1]), &final); err != nil || final.Status != "completed" {
+				t.Fatalf("round %d: last line %q", i, lines[len(lines)-1])
+			}
+			r.total = append(r.total, time.Duration(final.ElapsedMs)*time.Millisecond)
+			r.down = append(r.down, time.Duration(final.DowntimeMs)*time.Millisecond)
+			r.wall, r.seen = append(r.wall, wall), append(r.seen, gap)
+			r.sent = append(r.sent, fmt.Sprint(final.TransferredBytes>>20))
+			srcPod, srcID = dstPod, dstID
+		}
+		return r
+	}
+	idle := migrate(fast)
+	report(t, "pod migration, idle %d MiB guest: total (QEMU) %s; bare machines %s: ratio %.2f", memMiB, idle.total, bareTotal, ratio(idle.total, bareTotal))
+	report(t, "pod migration, idle %d MiB guest: downtime (QEMU) %s; bare machines %s", memMiB, idle.down, bareDown)
+	report(t, "pod migration, idle %d MiB guest: MiB sent %s; bare machines %s", memMiB, strings.Join(idle.sent, ", "), strings.Join(bareSent, ", "))
+	report(t, "pod migration, idle %d MiB guest: migrate exec (client) %s; outside downtime (last source reply to first target reply, 10 ms ping) %s", memMiB, idle.wall, idle.seen)
+
+	// a guest rewriting 256 MiB of tmpfs in a loop, with auto-converge (the controller's
+	// default, KubeVirt's): TestBenchMigration has the same guest between bare machines
+	if _, err := testenv.Cmd("crictl", "exec", "-s", "--timeout", "20", srcID, "sh", "-c",
+		"setsid sh -c 'while :; do dd if=/dev/zero of=/dev/shm/dirty bs=1M count=256 conv=notrunc 2>/dev/null; done' </dev/null >/dev/null 2>&1 &"); err != nil {
+		t.Fatalf("start the dirtying loop: %v", err)
+	}
+	time.Sleep(3 * time.Second)
+	auto := fast
+	auto.AutoConverge = true
+	dirty := migrate(auto)
+	report(t, "pod migration, guest rewriting 256 MiB, auto-converge: total (QEMU) %s; downtime (QEMU) %s; outside downtime %s; MiB sent %s",
+		dirty.total, dirty.down, dirty.seen, strings.Join(dirty.sent, ", "))
 }
 
 func ratio(a, b sample) float64 {
