@@ -161,6 +161,20 @@ func (f *fixture) migration(name, vmName string) *vmpodv1.VirtualMachineMigratio
 	return m
 }
 
+// startTarget waits for the migration's target pod and has "the kubelet" of node run it;
+// the migration then goes on to its execs.
+func (f *fixture) startTarget(name, node string) *corev1.Pod {
+	f.t.Helper()
+	m := f.waitPhase(name, vmpodv1.MigrationScheduling)
+	p, err := f.getPod(m.Status.TargetPod)
+	if err != nil {
+		f.t.Fatalf("the target pod of migration %s: %v", name, err)
+	}
+	f.bind(p, node)
+	f.kubeletRuns(p)
+	return p
+}
+
 func (f *fixture) getMigration(name string) *vmpodv1.VirtualMachineMigration {
 	f.t.Helper()
 	m := &vmpodv1.VirtualMachineMigration{}
@@ -276,10 +290,7 @@ func TestVirtualMachineMigration(t *testing.T) {
 	}
 	shims.mu.Unlock()
 	f.migration("second", "mv")
-	m = f.waitPhase("second", vmpodv1.MigrationScheduling)
-	t2, _ := f.getPod(m.Status.TargetPod)
-	f.bind(t2, "node-c")
-	f.kubeletRuns(t2)
+	t2 := f.startTarget("second", "node-c")
 	m = f.waitPhase("second", vmpodv1.MigrationFailed)
 	if !strings.Contains(m.Status.FailureReason, "Broken pipe") {
 		t.Errorf("failure reason %q", m.Status.FailureReason)
@@ -294,10 +305,7 @@ func TestVirtualMachineMigration(t *testing.T) {
 	shims.outcome, shims.hold = nil, make(chan struct{})
 	shims.mu.Unlock()
 	f.migration("third", "mv")
-	m = f.waitPhase("third", vmpodv1.MigrationScheduling)
-	t3, _ := f.getPod(m.Status.TargetPod)
-	f.bind(t3, "node-c")
-	f.kubeletRuns(t3)
+	t3 := f.startTarget("third", "node-c")
 	f.waitPhase("third", vmpodv1.MigrationRunning)
 	// a second migration of the VM meanwhile is refused
 	f.migration("fourth", "mv")
@@ -325,10 +333,7 @@ func TestVirtualMachineMigration(t *testing.T) {
 	shims.hold, shims.late = make(chan struct{}), true
 	shims.mu.Unlock()
 	f.migration("late", "mv")
-	m = f.waitPhase("late", vmpodv1.MigrationScheduling)
-	t5, _ := f.getPod(m.Status.TargetPod)
-	f.bind(t5, "node-d")
-	f.kubeletRuns(t5)
+	t5 := f.startTarget("late", "node-d")
 	f.waitPhase("late", vmpodv1.MigrationRunning)
 	if err := f.c.Delete(f.ctx, f.getMigration("late")); err != nil {
 		t.Fatal(err)
