@@ -285,4 +285,21 @@ func TestVMPodLiveMigration(t *testing.T) {
 			t.Errorf("the target with %s exited %d, want 1", c.name, code)
 		}
 	}
+
+	// a target stopped before any guest arrived ends at once, saying so (nothing to power off)
+	idle := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-idle"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
+	idleLog := filepath.Join(t.TempDir(), "termination-log")
+	os.WriteFile(idleLog, nil, 0o644)
+	idleID := compute(t, idle, []testenv.Mount{rootMount, {ContainerPath: "/dev/termination-log", HostPath: idleLog}}, nil, true)
+	stopped := time.Now()
+	testenv.Crictl(t, "stop", "--timeout", "60", idleID)
+	if d := time.Since(stopped); d > 20*time.Second {
+		t.Errorf("stopping a target that waits for its guest took %v", d)
+	}
+	if code := waitExited(t, idleID, time.Minute); code != 1 {
+		t.Errorf("the stopped target exited %d, want 1", code)
+	}
+	if b, _ := os.ReadFile(idleLog); !strings.Contains(string(b), "before the guest arrived") {
+		t.Errorf("the stopped target's termination message %q", b)
+	}
 }

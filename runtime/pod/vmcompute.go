@@ -92,6 +92,7 @@ type computeVM struct {
 	// its vCPUs wait for the source's commit, not for the container's start (vmmigrate.go)
 	awaiting  bool
 	accepting bool          // a migration target listening for its source
+	loaded    bool          // a migration target told its source it has the guest
 	migrating *outgoing     // a migration away from here in flight
 	decided   *runtime.Exit // the exit the shim chose (migrated away, never arrived)
 
@@ -508,6 +509,15 @@ func (c *computeVM) Signal(ctx context.Context, sig syscall.Signal, all bool) er
 		}
 		return nil
 	case syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPWR:
+		c.mu.Lock()
+		empty := c.awaiting && !c.loaded
+		c.mu.Unlock()
+		if empty {
+			// a migration target without a guest has nothing to power off, and once it is
+			// stopping it must not take one (after loaded, the source may commit: it waits)
+			c.failTarget(ctx, fmt.Errorf("stopped (%s) before the guest arrived", sig))
+			return nil
+		}
 		if err := c.machine.Powerdown(ctx); err != nil {
 			return err
 		}

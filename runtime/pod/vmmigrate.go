@@ -175,6 +175,13 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		return
 	}
 	lg.Infof("migration target: the guest arrived (%v, %d MiB); telling the source", time.Since(started).Round(time.Millisecond), info.Transferred()>>20)
+	c.mu.Lock()
+	if !c.awaiting || c.decided != nil { // stopped meanwhile (SIGTERM): the source resumes
+		c.mu.Unlock()
+		return
+	}
+	c.loaded = true // from here a stop waits for the source's word (it may commit)
+	c.mu.Unlock()
 	if err := writeSwitchover(control, switchover{Loaded: true}); err != nil {
 		// the source cannot know the guest is here: it resumes its own
 		c.failTarget(ctx, fmt.Errorf("tell the source the guest arrived: %w", err))
