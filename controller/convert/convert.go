@@ -371,7 +371,13 @@ func instanceSpec(s *node) vmpodv1.InstanceSpec {
 	out.PriorityClassName = s.str("priorityClassName")
 	out.Hostname = s.str("hostname")
 	out.Subdomain = s.str("subdomain")
-	s.dropped("evictionStrategy", "vmpod does not live-migrate on eviction yet; the VM is stopped like a pod")
+	switch e := vmpodv1.EvictionStrategy(s.str("evictionStrategy")); e {
+	case "":
+	case vmpodv1.EvictionStrategyNone, vmpodv1.EvictionStrategyLiveMigrate:
+		out.EvictionStrategy = &e
+	default: // LiveMigrateIfPossible, External
+		s.rep.warnf(s.at("evictionStrategy"), "%s is not supported: the VM is stopped on eviction like a pod (LiveMigrate moves it, None stops it)", e)
+	}
 	for _, c := range s.list("accessCredentials") {
 		if ac, ok := accessCredential(c); ok {
 			out.AccessCredentials = append(out.AccessCredentials, ac)

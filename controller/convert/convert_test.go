@@ -148,13 +148,15 @@ func TestConvertFedoraWarnsAboutWhatItDrops(t *testing.T) {
 		d.Features.SMM == nil || d.Features.SMM.Enabled == nil || !*d.Features.SMM.Enabled || d.Features.HyperV != nil {
 		t.Errorf("cpu model %q, features %+v: want host-passthrough, acpi {} and smm enabled", d.CPU.Model, d.Features)
 	}
+	if e := vm.Spec.Template.Spec.EvictionStrategy; e == nil || *e != vmpodv1.EvictionStrategyLiveMigrate {
+		t.Errorf("evictionStrategy = %v, want LiveMigrate carried", e)
+	}
 	// every field the converter does not carry is named, and nothing else
-	if n := strings.Count(warnings, "\n"); n != 2 {
-		t.Errorf("%d warnings, want 2:\n%s", n, warnings)
+	if n := strings.Count(warnings, "\n"); n != 1 {
+		t.Errorf("%d warnings, want 1:\n%s", n, warnings)
 	}
 	for _, w := range []string{
 		"spec.template.spec.domain.machine.type: pc-q35-rhel9.4.0 becomes q35",
-		"spec.template.spec.evictionStrategy:",
 	} {
 		if !strings.Contains(warnings, w) {
 			t.Errorf("warnings lack %q:\n%s", w, warnings)
@@ -533,5 +535,44 @@ spec:
 	}
 	if strings.Contains(warnings, "hotpluggable") {
 		t.Errorf("warnings about hotpluggable:\n%s", warnings)
+	}
+}
+
+// TestConvertEvictionStrategy: None and LiveMigrate are carried; KubeVirt's other
+// strategies are named in a warning and the VM gets the default (stopped on eviction).
+func TestConvertEvictionStrategy(t *testing.T) {
+	for _, tc := range []struct{ strategy, want, warning string }{
+		{"LiveMigrate", "LiveMigrate", ""},
+		{"None", "None", ""},
+		{"LiveMigrateIfPossible", "", "spec.template.spec.evictionStrategy: LiveMigrateIfPossible is not supported"},
+		{"External", "", "spec.template.spec.evictionStrategy: External is not supported"},
+	} {
+		manifest := `apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata: {name: vm}
+spec:
+  runStrategy: Always
+  template:
+    spec:
+      evictionStrategy: ` + tc.strategy + `
+      domain:
+        devices: {disks: [{name: root, disk: {bus: virtio}}]}
+      volumes: [{name: root, containerDisk: {image: quay.io/containerdisks/fedora:40}}]
+`
+		docs, warnings, err := convertString(t, manifest)
+		if err != nil {
+			t.Fatalf("%s: convert: %v", tc.strategy, err)
+		}
+		vm := decode[vmpodv1.VirtualMachine](t, docs[0])
+		got := ""
+		if e := vm.Spec.Template.Spec.EvictionStrategy; e != nil {
+			got = string(*e)
+		}
+		if got != tc.want {
+			t.Errorf("%s: evictionStrategy %q, want %q", tc.strategy, got, tc.want)
+		}
+		if tc.warning == "" && warnings != "" || !strings.Contains(warnings, tc.warning) {
+			t.Errorf("%s: warnings %q, want %q", tc.strategy, warnings, tc.warning)
+		}
 	}
 }

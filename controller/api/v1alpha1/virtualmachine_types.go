@@ -141,6 +141,14 @@ type InstanceSpec struct {
 	// +optional
 	TerminationGracePeriodSeconds *int64 `json:"terminationGracePeriodSeconds,omitempty"`
 
+	// EvictionStrategy says what an eviction of the VM's pod does (kubectl drain evicts):
+	// None (the default) stops the VM like any pod; LiveMigrate refuses the eviction (a
+	// PodDisruptionBudget) and moves the guest to another node once its node is cordoned,
+	// so a drain completes when the guest has left.
+	// +kubebuilder:validation:Enum=None;LiveMigrate
+	// +optional
+	EvictionStrategy *EvictionStrategy `json:"evictionStrategy,omitempty"`
+
 	// +optional
 	NodeSelector map[string]string `json:"nodeSelector,omitempty"`
 	// +optional
@@ -166,6 +174,16 @@ type InstanceSpec struct {
 	// +optional
 	AccessCredentials []AccessCredential `json:"accessCredentials,omitempty"`
 }
+
+// EvictionStrategy is what an eviction of a VM's pod does.
+type EvictionStrategy string
+
+const (
+	// EvictionStrategyNone lets the eviction stop the VM.
+	EvictionStrategyNone EvictionStrategy = "None"
+	// EvictionStrategyLiveMigrate moves the guest off a cordoned node instead.
+	EvictionStrategyLiveMigrate EvictionStrategy = "LiveMigrate"
+)
 
 // AccessCredential is a credential the guest gets. Only SSH public keys: KubeVirt's
 // userPassword would put passwords where vmpod keeps only public data.

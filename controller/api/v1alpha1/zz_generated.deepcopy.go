@@ -1085,6 +1085,11 @@ func (in *InstanceSpec) DeepCopyInto(out *InstanceSpec) {
 		*out = new(int64)
 		**out = **in
 	}
+	if in.EvictionStrategy != nil {
+		in, out := &in.EvictionStrategy, &out.EvictionStrategy
+		*out = new(EvictionStrategy)
+		**out = **in
+	}
 	if in.NodeSelector != nil {
 		in, out := &in.NodeSelector, &out.NodeSelector
 		*out = make(map[string]string, len(*in))

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -82,6 +83,7 @@ type flight struct {
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
 // +kubebuilder:rbac:groups="",resources=pods/exec,verbs=get;create
+// +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch
 
 // Reconcile moves one migration on by a phase.
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
@@ -132,12 +134,15 @@ func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigrati
 		}
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "migration "+other+" of this VM runs")
 	}
+	if why, err := Unmovable(ctx, r.Client, source); err != nil || why != "" {
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
+	}
 	spec, err := vmspec.Parse([]byte(source.Annotations[vmspec.Annotation]))
 	if err != nil {
-		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("pod %s: annotation %s: %v", source.Name, vmspec.Annotation, err))
-	}
-	if err := spec.Migratable(); err != nil {
-		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "the VM cannot migrate: "+strings.ReplaceAll(err.Error(), "\n", "; "))
+		return reconcile.Result{}, err // Unmovable parsed it
 	}
 	target, err := targetPod(m, source, spec)
 	if err != nil {
@@ -186,6 +191,62 @@ func (r *Reconciler) sourceOf(ctx context.Context, m *vmpodv1.VirtualMachineMigr
 		return vm, nil, fmt.Sprintf("pod %s has no node", pod.Name), nil
 	}
 	return vm, pod, "", nil
+}
+
+// Unmovable says why the guest of a VM pod cannot move to another node whatever the
+// moment, or "": its VM spec (vmspec.VM.Migratable: node-local disks, bindings, devices)
+// or a claim another node cannot open while this one has it.
+func Unmovable(ctx context.Context, c ctrl.Reader, pod *corev1.Pod) (string, error) {
+	spec, err := vmspec.Parse([]byte(pod.Annotations[vmspec.Annotation]))
+	if err != nil {
+		return fmt.Sprintf("pod %s: annotation %s: %v", pod.Name, vmspec.Annotation, err), nil
+	}
+	if err := spec.Migratable(); err != nil {
+		return "the VM cannot migrate: " + strings.ReplaceAll(err.Error(), "\n", "; "), nil
+	}
+	why, err := unshared(ctx, c, pod)
+	if why != "" {
+		why = "the VM cannot migrate: " + why
+	}
+	return why, err
+}
+
+// unshared says why a claim the source pod mounts cannot be opened on another node at the
+// same time (KubeVirt's rule: live migration needs ReadWriteMany), or "". The access modes
+// of a bound claim are its volume's; an unbound one's are what it asked for.
+func unshared(ctx context.Context, c ctrl.Reader, source *corev1.Pod) (string, error) {
+	for _, v := range source.Spec.Volumes {
+		if v.PersistentVolumeClaim == nil {
+			continue
+		}
+		pvc := &corev1.PersistentVolumeClaim{}
+		if err := c.Get(ctx, types.NamespacedName{Namespace: source.Namespace, Name: v.PersistentVolumeClaim.ClaimName}, pvc); err != nil {
+			if apierrors.IsNotFound(err) {
+				return fmt.Sprintf("volume %s: PersistentVolumeClaim %s not found", v.Name, v.PersistentVolumeClaim.ClaimName), nil
+			}
+			return "", fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		modes := pvc.Status.AccessModes
+		if len(modes) == 0 {
+			modes = pvc.Spec.AccessModes
+		}
+		if !slices.Contains(modes, corev1.ReadWriteMany) {
+			return fmt.Sprintf("volume %s: PersistentVolumeClaim %s is %s, not ReadWriteMany: another node cannot open its disk while this one has it (put it on shared storage)",
+				v.Name, pvc.Name, accessModes(modes)), nil
+		}
+	}
+	return "", nil
+}
+
+func accessModes(modes []corev1.PersistentVolumeAccessMode) string {
+	if len(modes) == 0 {
+		return "without access modes"
+	}
+	s := make([]string, len(modes))
+	for i, m := range modes {
+		s[i] = string(m)
+	}
+	return strings.Join(s, ",")
 }
 
 // otherMigration names an unfinished migration of the same VM created before m (the

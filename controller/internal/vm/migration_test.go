@@ -13,16 +13,21 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/migration"
 	"github.com/vmpod/vmpod/controller/internal/render"
 	"github.com/vmpod/vmpod/controller/internal/testenv"
+	"github.com/vmpod/vmpod/controller/internal/vm"
 	"github.com/vmpod/vmpod/controller/manager"
 )
 
@@ -138,9 +143,14 @@ func (s *fakeShims) ran() []string {
 
 // migratable is a VM a migration can move: its disk on a PVC, behind masquerade.
 func (f *fixture) migratable(name string) *vmpodv1.VirtualMachine {
+	return f.vmOnClaim(name, corev1.ReadWriteMany)
+}
+
+// vmOnClaim is a VM whose disk is on a PVC of the access mode, behind masquerade.
+func (f *fixture) vmOnClaim(name string, mode corev1.PersistentVolumeAccessMode) *vmpodv1.VirtualMachine {
 	f.t.Helper()
 	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: name + "-root", Namespace: f.ns},
-		Spec: corev1.PersistentVolumeClaimSpec{AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteMany},
+		Spec: corev1.PersistentVolumeClaimSpec{AccessModes: []corev1.PersistentVolumeAccessMode{mode},
 			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{"storage": resource.MustParse("1Gi")}}}}
 	f.create(pvc)
 	vm := f.cirros(name, vmpodv1.RunStrategyAlways)
@@ -352,10 +362,15 @@ func TestVirtualMachineMigration(t *testing.T) {
 	f.bind(cd, "node-a")
 	f.kubeletRuns(cd)
 	f.create(f.cirros("off", vmpodv1.RunStrategyHalted))
+	f.create(f.vmOnClaim("local", corev1.ReadWriteOnce))
+	local := f.waitPod("local", "")
+	f.bind(local, "node-a")
+	f.kubeletRuns(local)
 	for name, c := range map[string]struct{ vm, want string }{
 		"to-nowhere": {"absent", "spec.vmName: VirtualMachine absent not found"},
 		"halted":     {"off", "the VM is not running"},
 		"containerd": {"cd", "disks[0] (containerdisk): a containerDisk's writable overlay"},
+		"unshared":   {"local", "volume root: PersistentVolumeClaim local-root is ReadWriteOnce, not ReadWriteMany"},
 	} {
 		f.migration(name, c.vm)
 		m := f.waitPhase(name, vmpodv1.MigrationFailed)
@@ -408,4 +423,110 @@ func TestMigratedPodIsNotReplaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.waitPod("gone", p.UID) // a new pod of the same name
+}
+
+// A VM with evictionStrategy LiveMigrate is guarded by a PodDisruptionBudget that no
+// eviction passes, and leaves a cordoned node by migration; one that cannot move stays and
+// says why; a VM without the strategy is neither guarded nor moved, and dropping the
+// strategy drops the budget.
+func TestEvacuation(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	shims := &fakeShims{}
+	env.StartManager(t, ns, func(o *manager.Options) {
+		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, time.Minute
+	})
+	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	nodeA, nodeB := "evac-a-"+ns, "evac-b-"+ns
+	for _, n := range []string{nodeA, nodeB} {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}
+		f.create(node)
+		t.Cleanup(func() { _ = f.c.Delete(f.ctx, node) })
+	}
+	running := func(name string) *corev1.Pod {
+		p := f.waitPod(name, "")
+		f.bind(p, nodeA)
+		f.kubeletRuns(p)
+		f.waitStatus(name, vmpodv1.StatusRunning)
+		return p
+	}
+	mover := f.migratable("mover")
+	mover.Spec.Template.Spec.EvictionStrategy = ptr.To(vmpodv1.EvictionStrategyLiveMigrate)
+	f.create(mover)
+	source := running("mover")
+	f.create(f.migratable("stayer"))
+	running("stayer")
+	stuck := f.cirros("stuck", vmpodv1.RunStrategyAlways) // a containerDisk: it cannot move
+	stuck.Spec.Template.Spec.EvictionStrategy = ptr.To(vmpodv1.EvictionStrategyLiveMigrate)
+	f.create(stuck)
+	running("stuck")
+
+	budget := &policyv1.PodDisruptionBudget{}
+	testenv.Eventually(t, timeout, "the LiveMigrate VM's PodDisruptionBudget", func() (bool, string) {
+		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("mover")}, budget)
+		return err == nil, fmt.Sprint(err)
+	})
+	sel, err := metav1.LabelSelectorAsSelector(budget.Spec.Selector)
+	if err != nil || budget.Spec.MinAvailable == nil || budget.Spec.MinAvailable.IntValue() != 2 ||
+		!sel.Matches(labels.Set(source.Labels)) || !metav1.IsControlledBy(budget, f.vm("mover")) {
+		t.Errorf("budget %+v (%v): want minAvailable 2 over the VM's pods, owned by the VM", budget.Spec, err)
+	}
+	if sel.Matches(labels.Set{render.VMNameLabel: "mover", render.HotplugVolumeLabel: "data"}) {
+		t.Errorf("the budget selects the VM's disk attachment pods too")
+	}
+	if err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("stayer")}, &policyv1.PodDisruptionBudget{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a VM without evictionStrategy has a budget (%v)", err)
+	}
+
+	// kubectl drain's first step: the node is cordoned
+	node := &corev1.Node{}
+	if err := f.c.Get(f.ctx, types.NamespacedName{Name: nodeA}, node); err != nil {
+		t.Fatal(err)
+	}
+	node.Spec.Unschedulable = true
+	if err := f.c.Update(f.ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	var evac *vmpodv1.VirtualMachineMigration
+	testenv.Eventually(t, timeout, "an evacuation migration of the LiveMigrate VM", func() (bool, string) {
+		all := &vmpodv1.VirtualMachineMigrationList{}
+		if err := f.c.List(f.ctx, all, client.InNamespace(ns)); err != nil {
+			return false, err.Error()
+		}
+		for i := range all.Items {
+			if v := all.Items[i].Spec.VMName; v == "stayer" || v == "stuck" {
+				t.Errorf("VM %s is migrated (%s): it has no evictionStrategy or cannot move", v, all.Items[i].Name)
+			}
+			if all.Items[i].Spec.VMName == "mover" {
+				evac = &all.Items[i]
+			}
+		}
+		return evac != nil, fmt.Sprint(len(all.Items))
+	})
+	if evac.Labels[vm.EvacuationLabel] != nodeA || !strings.HasPrefix(evac.Name, "mover-evacuation-") {
+		t.Errorf("evacuation %s, labels %v", evac.Name, evac.Labels)
+	}
+	f.waitEvent("stuck", "EvacuationBlocked")
+	if notes := f.eventNotes("stuck", "EvacuationBlocked"); len(notes) == 0 || !strings.Contains(notes[0], "containerDisk") {
+		t.Errorf("EvacuationBlocked events %q: want the reason the guest cannot move", notes)
+	}
+	f.startTarget(evac.Name, nodeB)
+	f.waitPhase(evac.Name, vmpodv1.MigrationSucceeded)
+	testenv.Eventually(t, timeout, "the VM on the other node", func() (bool, string) {
+		v := f.vm("mover")
+		return v.Status.NodeName == nodeB && f.gone(source.Name), fmt.Sprintf("%+v", v.Status)
+	})
+	// off the cordoned node: no second evacuation
+	time.Sleep(2 * time.Second)
+	all := &vmpodv1.VirtualMachineMigrationList{}
+	if err := f.c.List(f.ctx, all, client.InNamespace(ns)); err != nil || len(all.Items) != 1 {
+		t.Errorf("%d migrations (%v), want the one evacuation", len(all.Items), err)
+	}
+
+	// the strategy dropped: the budget goes
+	f.update("mover", func(v *vmpodv1.VirtualMachine) { v.Spec.Template.Spec.EvictionStrategy = nil })
+	testenv.Eventually(t, timeout, "the budget to go with the strategy", func() (bool, string) {
+		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("mover")}, &policyv1.PodDisruptionBudget{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
 }

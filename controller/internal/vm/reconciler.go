@@ -68,6 +68,9 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups="",resources=pods/finalizers,verbs=update
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups=policy,resources=poddisruptionbudgets,verbs=get;list;watch;create;update;delete
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachinemigrations,verbs=get;list;watch;create
 
 // Reconcile brings one VM's pod in line with its runStrategy and pending request.
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
@@ -154,6 +157,14 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 	}
 	if err == nil {
 		err = r.resize(ctx)
+	}
+	if err == nil {
+		err = r.ensureDisruptionBudget(ctx)
+	}
+	if err == nil {
+		var evac reconcile.Result
+		evac, err = r.evacuate(ctx)
+		result.RequeueAfter = soonest(result.RequeueAfter, evac.RequeueAfter)
 	}
 	return result, err
 }
