@@ -57,6 +57,8 @@ type Options struct {
 	MigrationExec migration.Exec
 	// MigrationTargetWait bounds a target pod's start (0: migration.DefaultTargetWait).
 	MigrationTargetWait time.Duration
+	// MigrationLimits bound the migrations running at once.
+	MigrationLimits migration.Limits
 }
 
 // DefaultOptions are the defaults of the flags.
@@ -71,6 +73,8 @@ func DefaultOptions() Options {
 		},
 		ImporterImage: "ghcr.io/vmpod/vmpod-importer:latest",
 		Backoff:       vm.DefaultBackoff,
+		MigrationLimits: migration.Limits{PerCluster: migration.DefaultParallelPerCluster,
+			OutboundPerNode: migration.DefaultParallelOutboundPerNode},
 
 		CloneSweepInterval: datavolume.DefaultCloneSweepInterval,
 	}
@@ -89,6 +93,8 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&o.Backoff.Base, "restart-backoff", o.Backoff.Base, "wait after a VM pod's first failure; doubles per consecutive failure")
 	fs.DurationVar(&o.Backoff.Max, "restart-backoff-max", o.Backoff.Max, "longest wait between failed VM pods")
 	fs.StringVar(&o.Namespace, "namespace", o.Namespace, "watch only this namespace (default: all)")
+	fs.IntVar(&o.MigrationLimits.PerCluster, "parallel-migrations-per-cluster", o.MigrationLimits.PerCluster, "most live migrations running at once in the cluster")
+	fs.IntVar(&o.MigrationLimits.OutboundPerNode, "parallel-outbound-migrations-per-node", o.MigrationLimits.OutboundPerNode, "most live migrations leaving one node at once")
 	fs.DurationVar(&o.CloneSweepInterval, "clone-sweep-interval", o.CloneSweepInterval, "how often clone servers in source namespaces that no DataVolume wants are deleted")
 }
 
@@ -158,7 +164,8 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
 	}
-	migrations := &migration.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Exec: migrationExec, TargetWait: o.MigrationTargetWait}
+	migrations := &migration.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Exec: migrationExec, TargetWait: o.MigrationTargetWait,
+		Limits: o.MigrationLimits}
 	if err := migrations.SetupWithManager(mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachineMigration controller: %w", err)
 	}

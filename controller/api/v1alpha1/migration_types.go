@@ -33,6 +33,12 @@ type VirtualMachineMigrationSpec struct {
 	// +kubebuilder:validation:Maximum=86400
 	// +optional
 	ProgressTimeoutSeconds int32 `json:"progressTimeoutSeconds,omitempty"`
+	// DowntimeLimitMs is the longest the guest may stay stopped for the last copy; QEMU
+	// keeps copying until the rest fits (default 300, QEMU's).
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=60000
+	// +optional
+	DowntimeLimitMs int32 `json:"downtimeLimitMs,omitempty"`
 }
 
 // MigrationPhase is where a migration is.

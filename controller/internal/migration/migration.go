@@ -61,10 +61,27 @@ type Reconciler struct {
 	Exec      Exec
 	// TargetWait bounds the target pod's scheduling and start (0: DefaultTargetWait).
 	TargetWait time.Duration
+	// Limits bound how many migrations run at once (zero fields: KubeVirt's defaults).
+	Limits Limits
 
 	mu       sync.Mutex
 	inFlight map[types.UID]*flight // migrate execs this process runs
 }
+
+// Limits bound the migrations that run at once (past Pending, not finished), as
+// KubeVirt's parallelMigrationsPerCluster and parallelOutboundMigrationsPerNode: a
+// migration over either stays Pending until one ends. They count what the controller's
+// cache shows, so two migrations started in the same instant may both pass.
+type Limits struct {
+	PerCluster      int
+	OutboundPerNode int
+}
+
+// KubeVirt's defaults.
+const (
+	DefaultParallelPerCluster      = 5
+	DefaultParallelOutboundPerNode = 2
+)
 
 // flight is a migrate exec running in the background: its latest progress line, and its
 // outcome once it has ended.
@@ -133,6 +150,19 @@ func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigrati
 			return reconcile.Result{}, err
 		}
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "migration "+other+" of this VM runs")
+	}
+	if busy, err := r.overLimit(ctx, source.Spec.NodeName); err != nil || busy != "" {
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		if m.Status.Phase != vmpodv1.MigrationPending {
+			r.Recorder.Eventf(m, nil, corev1.EventTypeNormal, "MigrationQueued", "Migrate", "waiting: %s", busy)
+			m.Status.Phase = vmpodv1.MigrationPending
+			if err := r.Client.Status().Update(ctx, m); err != nil {
+				return reconcile.Result{}, err
+			}
+		}
+		return reconcile.Result{RequeueAfter: 5 * time.Second}, nil
 	}
 	if why, err := Unmovable(ctx, r.Client, source); err != nil || why != "" {
 		if err != nil {
@@ -264,6 +294,38 @@ func (r *Reconciler) otherMigration(ctx context.Context, m *vmpodv1.VirtualMachi
 			o.Status.Phase != "" && o.Status.Phase != vmpodv1.MigrationPending {
 			return o.Name, nil
 		}
+	}
+	return "", nil
+}
+
+// overLimit says which limit a new migration out of node would pass, or "".
+func (r *Reconciler) overLimit(ctx context.Context, node string) (string, error) {
+	perCluster, perNode := r.Limits.PerCluster, r.Limits.OutboundPerNode
+	if perCluster <= 0 {
+		perCluster = DefaultParallelPerCluster
+	}
+	if perNode <= 0 {
+		perNode = DefaultParallelOutboundPerNode
+	}
+	all := &vmpodv1.VirtualMachineMigrationList{}
+	if err := r.Client.List(ctx, all); err != nil {
+		return "", fmt.Errorf("list migrations: %w", err)
+	}
+	running, fromNode := 0, 0
+	for _, o := range all.Items {
+		if o.Finished() || o.Status.Phase == "" || o.Status.Phase == vmpodv1.MigrationPending {
+			continue
+		}
+		running++
+		if o.Status.SourceNode == node {
+			fromNode++
+		}
+	}
+	switch {
+	case running >= perCluster:
+		return fmt.Sprintf("%d migrations run in the cluster (at most %d at once)", running, perCluster), nil
+	case fromNode >= perNode:
+		return fmt.Sprintf("%d migrations leave node %s (at most %d at once)", fromNode, node, perNode), nil
 	}
 	return "", nil
 }
@@ -416,7 +478,8 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 		auto := m.Spec.AutoConverge == nil || *m.Spec.AutoConverge
 		req, _ := json.Marshal(vmspec.MigrationRequest{Target: listening.Address, TLS: sourceTLS, Options: vmspec.MigrationRequestOptions{
 			BandwidthMiB: int(m.Spec.BandwidthMiB), AutoConverge: auto,
-			CompletionTimeoutPerGiB: int(m.Spec.CompletionTimeoutPerGiB), ProgressTimeoutSeconds: int(m.Spec.ProgressTimeoutSeconds)}})
+			CompletionTimeoutPerGiB: int(m.Spec.CompletionTimeoutPerGiB), ProgressTimeoutSeconds: int(m.Spec.ProgressTimeoutSeconds),
+			DowntimeLimitMs: int(m.Spec.DowntimeLimitMs)}})
 		lg.Info("migrating", "address", listening.Address)
 		pr, pw := io.Pipe()
 		read := make(chan struct{})

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	eventsv1 "k8s.io/api/events/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -44,6 +45,14 @@ type fakeShims struct {
 	hold    chan struct{}             // non-nil: a migrate waits for a cancel
 	// late: a cancel finds the switchover done (the guest moved): the migrate completes
 	late bool
+	// downtimes are the downtime limits the migrate requests carried, in order
+	downtimes []int
+}
+
+func (s *fakeShims) downtime() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]int(nil), s.downtimes...)
 }
 
 const fakeTargetAddress = "10.99.0.8:49152"
@@ -83,6 +92,7 @@ func (s *fakeShims) Stream(ctx context.Context, ns, pod, container string, cmd [
 			return fmt.Errorf("migrate to %s, the target said %s", r.Target, fakeTargetAddress)
 		}
 		s.mu.Lock()
+		s.downtimes = append(s.downtimes, r.Options.DowntimeLimitMs)
 		paired := false
 		for _, a := range s.accepts {
 			paired = paired || (a.TLS.PeerCert == r.TLS.Cert && r.TLS.PeerCert == a.TLS.Cert)
@@ -529,4 +539,58 @@ func TestEvacuation(t *testing.T) {
 		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("mover")}, &policyv1.PodDisruptionBudget{})
 		return apierrors.IsNotFound(err), fmt.Sprint(err)
 	})
+}
+
+// Migrations out of one node beyond the per-node limit wait Pending, saying so, until one
+// ends; then the next starts. The migration's downtime limit reaches the source's shim.
+func TestMigrationLimits(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	shims := &fakeShims{hold: make(chan struct{})}
+	env.StartManager(t, ns, func(o *manager.Options) {
+		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, time.Minute
+		o.MigrationLimits = migration.Limits{PerCluster: 5, OutboundPerNode: 1}
+	})
+	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	for _, name := range []string{"one", "two"} {
+		f.create(f.migratable(name))
+		p := f.waitPod(name, "")
+		f.bind(p, "node-a")
+		f.kubeletRuns(p)
+		f.waitStatus(name, vmpodv1.StatusRunning)
+	}
+	first := &vmpodv1.VirtualMachineMigration{ObjectMeta: metav1.ObjectMeta{Name: "first", Namespace: ns},
+		Spec: vmpodv1.VirtualMachineMigrationSpec{VMName: "one", DowntimeLimitMs: 120}}
+	f.create(first)
+	f.startTarget("first", "node-b")
+	f.waitPhase("first", vmpodv1.MigrationRunning)
+	f.migration("second", "two")
+	f.waitPhase("second", vmpodv1.MigrationPending)
+	time.Sleep(3 * time.Second)
+	if m := f.getMigration("second"); m.Status.Phase != vmpodv1.MigrationPending || m.Status.TargetPod != "" {
+		t.Errorf("the second migration off node-a: %+v, want it Pending with no target while the first runs", m.Status)
+	}
+	found := false
+	testenv.Eventually(t, timeout, "a MigrationQueued event", func() (bool, string) {
+		evs := &eventsv1.EventList{}
+		if err := f.c.List(f.ctx, evs, client.InNamespace(ns)); err != nil {
+			return false, err.Error()
+		}
+		for _, e := range evs.Items {
+			if e.Regarding.Name == "second" && e.Reason == "MigrationQueued" && strings.Contains(e.Note, "leave node node-a (at most 1 at once)") {
+				found = true
+			}
+		}
+		return found, fmt.Sprint(len(evs.Items))
+	})
+	shims.mu.Lock()
+	close(shims.hold) // the first ends (its source's shim says cancelled)
+	shims.hold = nil
+	shims.mu.Unlock()
+	f.waitPhase("first", vmpodv1.MigrationFailed)
+	f.startTarget("second", "node-b")
+	f.waitPhase("second", vmpodv1.MigrationSucceeded)
+	if got := shims.downtime(); len(got) == 0 || got[0] != 120 {
+		t.Errorf("downtime limits the sources were asked for: %v, want 120 ms first", got)
+	}
 }

@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -126,6 +127,21 @@ func (f *fixture) describe(vmName string) string {
 // kubeletRuns marks the pod running and ready, as a kubelet would.
 func (f *fixture) kubeletRuns(p *corev1.Pod) {
 	f.t.Helper()
+	// a pod the controller changed since the caller read it (labels, annotations) is read
+	// again, as the kubelet's status manager does on a conflict
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if err := f.c.Get(f.ctx, types.NamespacedName{Namespace: p.Namespace, Name: p.Name}, p); err != nil {
+			return err
+		}
+		f.markRunning(p)
+		return f.c.Status().Update(f.ctx, p)
+	})
+	if err != nil {
+		f.t.Fatalf("mark pod running: %v", err)
+	}
+}
+
+func (f *fixture) markRunning(p *corev1.Pod) {
 	now := metav1.Now()
 	p.Status.Phase = corev1.PodRunning
 	p.Status.StartTime = &now
@@ -136,9 +152,6 @@ func (f *fixture) kubeletRuns(p *corev1.Pod) {
 		// a kubelet that resizes in place (1.35+) reports them; the API server refuses a
 		// resize of a running pod without
 		Resources: p.Spec.Containers[0].Resources.DeepCopy()}}
-	if err := f.c.Status().Update(f.ctx, p); err != nil {
-		f.t.Fatalf("mark pod running: %v", err)
-	}
 }
 
 // kubeletEnds marks the pod's VM ended: the guest powered off (code 0) or QEMU failed.
