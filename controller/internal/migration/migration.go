@@ -354,8 +354,31 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 	}
 	t.Annotations[vmspec.Annotation] = string(ann)
 	t.Spec.NodeName = ""
+	// a source that arrived by migration carries the rule that kept it off its own
+	// source's node: that node may take the guest back now
+	if prev := source.Annotations[AwayFromAnnotation]; prev != "" {
+		dropAwayFrom(&t.Spec, prev)
+	}
 	awayFrom(&t.Spec, source.Spec.NodeName)
+	t.Annotations[AwayFromAnnotation] = source.Spec.NodeName
 	return t, nil
+}
+
+// AwayFromAnnotation on a target pod names the node its node affinity keeps it off (the
+// source's), so the next migration's target can drop that rule.
+const AwayFromAnnotation = "vmpod.dev/migration-away-from"
+
+// dropAwayFrom removes awayFrom(spec, node)'s requirement from every required term.
+func dropAwayFrom(spec *corev1.PodSpec, node string) {
+	if spec.Affinity == nil || spec.Affinity.NodeAffinity == nil || spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution == nil {
+		return
+	}
+	terms := spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms
+	for i := range terms {
+		terms[i].MatchExpressions = slices.DeleteFunc(terms[i].MatchExpressions, func(r corev1.NodeSelectorRequirement) bool {
+			return r.Key == corev1.LabelHostname && r.Operator == corev1.NodeSelectorOpNotIn && slices.Equal(r.Values, []string{node})
+		})
+	}
 }
 
 // TargetPodName is the target pod's name: the source's and a piece of the migration's UID.

@@ -326,6 +326,11 @@ func TestVirtualMachineMigration(t *testing.T) {
 	shims.mu.Unlock()
 	f.migration("third", "mv")
 	t3 := f.startTarget("third", "node-c")
+	// the VM's pod arrived from node-a: its own target may go back there, not stay on node-b
+	if terms := t3.Spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms; len(terms) != 1 ||
+		fmt.Sprint(terms[0].MatchExpressions) != fmt.Sprint([]corev1.NodeSelectorRequirement{{Key: corev1.LabelHostname, Operator: corev1.NodeSelectorOpNotIn, Values: []string{"node-b"}}}) {
+		t.Errorf("the second hop's target affinity %+v: want only NotIn node-b", terms)
+	}
 	f.waitPhase("third", vmpodv1.MigrationRunning)
 	// a second migration of the VM meanwhile is refused
 	f.migration("fourth", "mv")
