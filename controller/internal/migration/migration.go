@@ -365,8 +365,9 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 }
 
 // AwayFromAnnotation on a target pod names the node its node affinity keeps it off (the
-// source's), so the next migration's target can drop that rule.
-const AwayFromAnnotation = "vmpod.dev/migration-away-from"
+// source's), so the next migration's target can drop that rule. The controller's own
+// bookkeeping: outside vmpod.dev/, the node's contract, which refuses keys it does not know.
+const AwayFromAnnotation = "controller.vmpod.dev/migration-away-from"
 
 // dropAwayFrom removes awayFrom(spec, node)'s requirement from every required term.
 func dropAwayFrom(spec *corev1.PodSpec, node string) {

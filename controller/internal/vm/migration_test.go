@@ -23,6 +23,7 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
 	"github.com/vmpod/vmpod/controller/internal/migration"
@@ -272,6 +273,10 @@ func TestVirtualMachineMigration(t *testing.T) {
 	terms := target.Spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms
 	if len(terms) == 0 || !strings.Contains(fmt.Sprint(terms), "node-a") || !strings.Contains(fmt.Sprint(terms), "NotIn") {
 		t.Errorf("the target pod's node affinity %+v: want it kept off node-a", terms)
+	}
+	// the node takes the pod: every vmpod.dev/ annotation is one it knows (it refuses others)
+	if _, err := annotations.Parse(target.Annotations, annotations.Known()); err != nil {
+		t.Errorf("the target pod's annotations would be refused by the shim: %v", err)
 	}
 	if !metav1.IsControlledBy(target, f.vm("mv")) || target.Labels[migration.Label] != "first" {
 		t.Errorf("the target pod's owner %v, labels %v", target.OwnerReferences, target.Labels)
