@@ -14,21 +14,27 @@
 #   hack/cluster.sh status       what runs (exit 0 when the API answers)
 #   hack/cluster.sh env          exports for clients: eval "$(hack/cluster.sh env)"
 #
-# Layout (VMPOD_CLUSTER_NODES, default 2):
+# Layout (VMPOD_CLUSTER_NODES, default 3; VMPOD_CLUSTER_VMPOD_NODES, default 2):
 #   host        bridge vmpod-k8s0 10.98.0.1/24: the API (:6443) and the registry (:5100)
 #   node i      netns vmpod-n<i>, eth0 10.98.0.1<i>; pods 10.244.<i>.0/24 on its own CNI
 #               bridge; routes to the other nodes' pod subnets over the bridge
 #   services    10.96.0.0/24 (kube-proxy, iptables mode, in each node's netns)
 # vmpod-controller runs in-cluster from config/default, its images built from this tree
 # (hack/controller-images.sh) and pushed to the cluster's registry.
-# Node 1 carries vmpod.dev/runtime=true (runtimeclass/runtimeclass.yaml selects it); the
-# other nodes run runc pods only unless labelled, so scheduling by RuntimeClass is tested.
+# Nodes 1 to VMPOD_CLUSTER_VMPOD_NODES carry vmpod.dev/runtime=true (runtimeclass.yaml
+# selects it): two, so VMs migrate between nodes. The others run runc pods only, so
+# scheduling by RuntimeClass is tested.
+# Storage: local-path (node-local, the default class), local-block (loop devices on node 1)
+# and vmpod-shared: local-path's shared-filesystem mode over a directory every node sees
+# (the nodes share the host's filesystem), ReadWriteMany, standing in for NFS: the shared
+# storage live migration needs.
 set -euo pipefail
 export VMPOD_RUN=${VMPOD_CLUSTER_RUN:-/run/vmpod-k8s}
 # shellcheck source=hack/testbed-lib.sh
 source "$(dirname "$0")/testbed-lib.sh"
 
-CL_NODES=${VMPOD_CLUSTER_NODES:-2}
+CL_NODES=${VMPOD_CLUSTER_NODES:-3}
+CL_VMPOD_NODES=${VMPOD_CLUSTER_VMPOD_NODES:-2}
 CL_BRIDGE=vmpod-k8s0
 CL_NET=10.98.0
 CL_API=$CL_NET.1
@@ -250,7 +256,8 @@ storage_up() {
     mkdir -p "$(node_run "$i")/storage"
     map+="${map:+,}{\"node\":\"$(node_name "$i")\",\"paths\":[\"$(node_run "$i")/storage\"]}"
   done
-  sed -e "s|NODE_PATH_MAP|[$map]|" -e "s|LPP_VERSION|$LOCAL_PATH_PROVISIONER_VERSION|" \
+  mkdir -p "$TB_RUN/shared"
+  sed -e "s|NODE_PATH_MAP|[$map]|" -e "s|SHARED_PATH|$TB_RUN/shared|" -e "s|LPP_VERSION|$LOCAL_PATH_PROVISIONER_VERSION|" \
     "$VMPOD_ROOT/hack/cluster/local-path-storage.yaml" | kubectl apply -f - >/dev/null
   block_pvs_up
   kubectl rollout status -n local-path-storage deployment/local-path-provisioner --timeout=120s >/dev/null ||
@@ -399,6 +406,7 @@ node_up() {
 preflight() {
   need_root
   [ "$CL_NODES" -ge 1 ] && [ "$CL_NODES" -le 4 ] || die "VMPOD_CLUSTER_NODES=$CL_NODES: 1 to 4"
+  [ "$CL_VMPOD_NODES" -ge 1 ] && [ "$CL_VMPOD_NODES" -le "$CL_NODES" ] || die "VMPOD_CLUSTER_VMPOD_NODES=$CL_VMPOD_NODES: 1 to $CL_NODES"
   ! ip link show "$CL_BRIDGE" >/dev/null 2>&1 || die "bridge $CL_BRIDGE exists: an earlier cluster is up (hack/cluster.sh stop or clean)"
   [ -z "$(ip -4 -o route show "$CL_NET.0/24")" ] || die "$CL_NET.0/24 is routed on this host already"
   [ -z "$(ip -4 -o route show root "$CL_PODS")" ] || die "part of $CL_PODS is routed on this host already"
@@ -423,11 +431,13 @@ cmd_start() {
   step "control plane" control_plane_up
   for ((i = 1; i <= CL_NODES; i++)); do node_up "$i"; done
   step "nodes Ready" wait_for 120 "$CL_NODES nodes Ready" nodes_ready
-  # the installer's last step on node 1 (node 2 stays runc-only): the label the
-  # RuntimeClass selects
-  PATH=$KUBE_BIN:$PATH KUBECONFIG=$KUBECONFIG_ADMIN "$VMPOD_ROOT/runtimeclass/install-node.sh" \
-    --root "$(node_root 1)" --state-dir "$(node_run 1)/vm" --shim "$VMPOD_OUT/bin/containerd-shim-vmpod-v2" \
-    --kernel "$VMPOD_OUT/guest/vmlinux" --initrd "$VMPOD_OUT/guest/initrd.img" --node "$(node_name 1)" >/dev/null
+  # the installer's last step on the vmpod nodes (the others stay runc-only): the label
+  # the RuntimeClass selects
+  for ((i = 1; i <= CL_VMPOD_NODES; i++)); do
+    PATH=$KUBE_BIN:$PATH KUBECONFIG=$KUBECONFIG_ADMIN "$VMPOD_ROOT/runtimeclass/install-node.sh" \
+      --root "$(node_root "$i")" --state-dir "$(node_run "$i")/vm" --shim "$VMPOD_OUT/bin/containerd-shim-vmpod-v2" \
+      --kernel "$VMPOD_OUT/guest/vmlinux" --initrd "$VMPOD_OUT/guest/initrd.img" --node "$(node_name "$i")" >/dev/null
+  done
   kubectl apply -f "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" >/dev/null
   step "storage: local-path-provisioner, Block PVs on loop devices" storage_up
   step "vmpod-controller from config/default" deploy_controller

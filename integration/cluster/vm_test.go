@@ -89,8 +89,8 @@ func TestVirtualMachine(t *testing.T) {
 
 	pod := waitVM(t, c, ns, "debian", vmBootWithin, "Running", "True")
 	node := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.nodeName}")
-	if node != vmpodNode {
-		t.Errorf("VM runs on %q, want the vmpod node %s", node, vmpodNode)
+	if !slices.Contains(vmpodNodes, node) {
+		t.Errorf("VM runs on %q, want a vmpod node %v", node, vmpodNodes)
 	}
 
 	// exec reaches the guest through its agent; the agent answers before cloud-init is done
