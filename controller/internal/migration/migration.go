@@ -70,8 +70,8 @@ type Reconciler struct {
 
 // Limits bound the migrations that run at once (past Pending, not finished), as
 // KubeVirt's parallelMigrationsPerCluster and parallelOutboundMigrationsPerNode: a
-// migration over either stays Pending until one ends. They count what the controller's
-// cache shows, so two migrations started in the same instant may both pass.
+// migration over either stays Pending until one ends. They count what the API server says
+// when each migration starts; the reconciler starts one at a time.
 type Limits struct {
 	PerCluster      int
 	OutboundPerNode int
@@ -307,8 +307,10 @@ func (r *Reconciler) overLimit(ctx context.Context, node string) (string, error)
 	if perNode <= 0 {
 		perNode = DefaultParallelOutboundPerNode
 	}
+	// from the API server: a drain starts its node's evacuations in one burst, faster than
+	// the cache sees each one leave Pending
 	all := &vmpodv1.VirtualMachineMigrationList{}
-	if err := r.Client.List(ctx, all); err != nil {
+	if err := r.APIReader.List(ctx, all); err != nil {
 		return "", fmt.Errorf("list migrations: %w", err)
 	}
 	running, fromNode := 0, 0
@@ -369,7 +371,8 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 // bookkeeping: outside vmpod.dev/, the node's contract, which refuses keys it does not know.
 const AwayFromAnnotation = "controller.vmpod.dev/migration-away-from"
 
-// dropAwayFrom removes awayFrom(spec, node)'s requirement from every required term.
+// dropAwayFrom removes awayFrom(spec, node)'s requirement from every required term (a
+// user's own identical rule too: the VM's template still has it for the next new pod).
 func dropAwayFrom(spec *corev1.PodSpec, node string) {
 	if spec.Affinity == nil || spec.Affinity.NodeAffinity == nil || spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution == nil {
 		return

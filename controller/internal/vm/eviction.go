@@ -32,8 +32,10 @@ import (
 // pods/eviction; vmpod has no webhook (docs/design/210).
 
 const (
-	// EvacuationLabel on a migration the controller created to empty a node names the node.
-	EvacuationLabel = "vmpod.dev/evacuation"
+	// EvacuationLabel ("true") marks a migration the controller created to empty a node;
+	// EvacuationNodeAnnotation names the node (a node name may be longer than a label value).
+	EvacuationLabel          = "vmpod.dev/evacuation"
+	EvacuationNodeAnnotation = "vmpod.dev/evacuation-node"
 	// budgetMinAvailable is one more than the pods a VM has outside a migration and as many
 	// as it has during one: no eviction of the VM's pods is ever allowed, in particular not
 	// of the source pod while a target pod that already counts as healthy waits for the
@@ -73,8 +75,10 @@ func (r *run) ensureDisruptionBudget(ctx context.Context) error {
 	case err != nil:
 		return fmt.Errorf("get PodDisruptionBudget %s: %w", key.Name, err)
 	case !metav1.IsControlledBy(have, r.vm):
-		r.event(corev1.EventTypeWarning, "DisruptionBudgetNameTaken", "GuardPods",
-			"PodDisruptionBudget %s exists and does not belong to this VM: its pods are not guarded from eviction", key.Name)
+		if liveMigrates(r.vm) {
+			r.event(corev1.EventTypeWarning, "DisruptionBudgetNameTaken", "GuardPods",
+				"PodDisruptionBudget %s exists and does not belong to this VM: its pods are not guarded from eviction", key.Name)
+		}
 		return nil
 	}
 	if !liveMigrates(r.vm) {
@@ -136,7 +140,9 @@ func (r *run) evacuate(ctx context.Context) (reconcile.Result, error) {
 	if err := r.Client.List(ctx, all, ctrl.InNamespace(r.vm.Namespace)); err != nil {
 		return reconcile.Result{}, fmt.Errorf("list migrations: %w", err)
 	}
-	// failed evacuations of this pod since its last move: the back-off's count
+	// evacuations that failed since this pod was created: the back-off's count (by time, not
+	// by pod name: a migration refused up front names no source pod, and a VM's restarted
+	// pod has the name of the one before)
 	var lastFailure time.Time
 	var failures int32
 	for _, m := range all.Items {
@@ -146,7 +152,8 @@ func (r *run) evacuate(ctx context.Context) (reconcile.Result, error) {
 		if !m.Finished() {
 			return reconcile.Result{}, nil // it moves already (or is about to)
 		}
-		if m.Labels[EvacuationLabel] != "" && m.Status.Phase == vmpodv1.MigrationFailed && m.Status.SourcePod == r.pod.Name && m.Status.EndTimestamp != nil {
+		if m.Labels[EvacuationLabel] != "" && m.Status.Phase == vmpodv1.MigrationFailed && m.Status.EndTimestamp != nil &&
+			!m.Status.EndTimestamp.Before(&r.pod.CreationTimestamp) {
 			failures++
 			if m.Status.EndTimestamp.After(lastFailure) {
 				lastFailure = m.Status.EndTimestamp.Time
@@ -166,11 +173,31 @@ func (r *run) evacuate(ctx context.Context) (reconcile.Result, error) {
 		r.event(corev1.EventTypeWarning, "EvacuationBlocked", "Migrate", "node %s is cordoned but the guest cannot leave it (%s): evictions stay refused; stop the VM or set evictionStrategy None", node.Name, why)
 		return reconcile.Result{RequeueAfter: evacuationBackoff.Max}, nil
 	}
+	// states a migration refuses for now: say so, look again later
+	switch {
+	case r.vm.Status.PausedPodUID == r.pod.UID:
+		why = "the VM is paused"
+	case len(r.vm.Status.VolumeStatus) > 0:
+		why = fmt.Sprintf("it has %d hot-plugged volumes", len(r.vm.Status.VolumeStatus))
+	}
+	if why != "" {
+		r.event(corev1.EventTypeWarning, "EvacuationBlocked", "Migrate", "node %s is cordoned but the guest cannot leave it now (%s): evictions stay refused", node.Name, why)
+		return reconcile.Result{RequeueAfter: evacuationBackoff.Base}, nil
+	}
+	// the caches may lag a migration that just moved the guest: another would move it again
+	live := &vmpodv1.VirtualMachine{}
+	if err := r.APIReader.Get(ctx, ctrl.ObjectKeyFromObject(r.vm), live); err != nil {
+		return reconcile.Result{}, fmt.Errorf("read VM %s: %w", r.vm.Name, err)
+	}
+	if live.Status.PodName != r.pod.Name || migration.MigratedAway(r.pod) {
+		return reconcile.Result{RequeueAfter: time.Second}, nil
+	}
 	m := &vmpodv1.VirtualMachineMigration{
 		ObjectMeta: metav1.ObjectMeta{
 			Namespace:    r.vm.Namespace,
 			GenerateName: evacuationPrefix(r.vm.Name),
-			Labels:       map[string]string{EvacuationLabel: node.Name},
+			Labels:       map[string]string{EvacuationLabel: "true"},
+			Annotations:  map[string]string{EvacuationNodeAnnotation: node.Name},
 		},
 		Spec: vmpodv1.VirtualMachineMigrationSpec{VMName: r.vm.Name},
 	}

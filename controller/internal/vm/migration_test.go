@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -523,8 +524,8 @@ func TestEvacuation(t *testing.T) {
 		}
 		return evac != nil, fmt.Sprint(len(all.Items))
 	})
-	if evac.Labels[vm.EvacuationLabel] != nodeA || !strings.HasPrefix(evac.Name, "mover-evacuation-") {
-		t.Errorf("evacuation %s, labels %v", evac.Name, evac.Labels)
+	if evac.Labels[vm.EvacuationLabel] != "true" || evac.Annotations[vm.EvacuationNodeAnnotation] != nodeA || !strings.HasPrefix(evac.Name, "mover-evacuation-") {
+		t.Errorf("evacuation %s, labels %v, annotations %v", evac.Name, evac.Labels, evac.Annotations)
 	}
 	f.waitEvent("stuck", "EvacuationBlocked")
 	if notes := f.eventNotes("stuck", "EvacuationBlocked"); len(notes) == 0 || !strings.Contains(notes[0], "containerDisk") {
@@ -549,6 +550,30 @@ func TestEvacuation(t *testing.T) {
 		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("mover")}, &policyv1.PodDisruptionBudget{})
 		return apierrors.IsNotFound(err), fmt.Sprint(err)
 	})
+	// an evacuation that fails is not followed by another at once (back-off: a minute)
+	shims.mu.Lock()
+	shims.outcome = func(string) error {
+		return errors.New("vmpod.dev/migrate: failed: Unable to write to socket: Broken pipe")
+	}
+	shims.mu.Unlock()
+	loser := f.migratable("loser")
+	loser.Spec.Template.Spec.EvictionStrategy = ptr.To(vmpodv1.EvictionStrategyLiveMigrate)
+	f.create(loser)
+	running("loser")
+	evacuations := func() []vmpodv1.VirtualMachineMigration {
+		all := &vmpodv1.VirtualMachineMigrationList{}
+		if err := f.c.List(f.ctx, all, client.InNamespace(ns)); err != nil {
+			t.Fatal(err)
+		}
+		return slices.DeleteFunc(all.Items, func(m vmpodv1.VirtualMachineMigration) bool { return m.Spec.VMName != "loser" })
+	}
+	testenv.Eventually(t, timeout, "an evacuation of the second VM", func() (bool, string) { return len(evacuations()) == 1, "" })
+	f.startTarget(evacuations()[0].Name, nodeB)
+	f.waitPhase(evacuations()[0].Name, vmpodv1.MigrationFailed)
+	time.Sleep(3 * time.Second)
+	if got := evacuations(); len(got) != 1 {
+		t.Errorf("%d evacuations of the VM after one failed, want 1 until its back-off ends", len(got))
+	}
 }
 
 // Migrations out of one node beyond the per-node limit wait Pending, saying so, until one

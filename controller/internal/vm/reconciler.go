@@ -60,6 +60,8 @@ type Reconciler struct {
 
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines,verbs=get;list;watch;update;patch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
+// (virtualmachines/finalizers: the objects the VM controls block its deletion, which OwnerReferencesPermissionEnforcement checks)
+// +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/finalizers,verbs=update
 // +kubebuilder:rbac:groups=vmpod.dev,resources=datavolumes,verbs=get;list;watch;create
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachineinstancetypes;virtualmachineclusterinstancetypes;virtualmachinepreferences;virtualmachineclusterpreferences,verbs=get
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete;patch
