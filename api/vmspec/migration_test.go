@@ -132,3 +132,42 @@ func TestMigrationCredentialsPinThePeer(t *testing.T) {
 		t.Errorf("the source's refusal of another target: %v, want it to say why", c)
 	}
 }
+
+// FuzzParseMigrationRequest: the source shim's parser of a migrate exec's stdin (what a
+// pods/exec caller sends) never panics, and what it accepts is usable as is: an IP:port
+// target, options within bounds with the defaults filled in, credentials that make a TLS
+// configuration.
+//
+// A valid request and accept (fresh credentials) are in testdata/fuzz: seeds made here
+// would differ in every fuzzing worker, which stalls Go's fuzzer (1 exec/s).
+func FuzzParseMigrationRequest(f *testing.F) {
+	for _, s := range [][]byte{[]byte(`{}`), []byte(`null`), []byte(`{"target":"[::1]:1","tls":{}}`),
+		[]byte(`{"target":"10.0.0.1:49152","options":{"bandwidthMiB":-1,"downtimeLimitMs":70000}}`)} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := ParseMigrationRequest(data)
+		if err == nil {
+			host, port, serr := net.SplitHostPort(r.Target)
+			if serr != nil || net.ParseIP(host) == nil || port == "" {
+				t.Fatalf("accepted target %q", r.Target)
+			}
+			o := r.Options
+			if o.BandwidthMiB <= 0 || o.CompletionTimeoutPerGiB <= 0 || o.ProgressTimeoutSeconds <= 0 || o.DowntimeLimitMs < 0 || o.DowntimeLimitMs > 60_000 {
+				t.Fatalf("accepted options %+v", o)
+			}
+			if _, err := r.TLS.Config(); err != nil {
+				t.Fatalf("accepted credentials that make no TLS configuration: %v", err)
+			}
+		}
+		a, err := ParseMigrationAccept(data)
+		if err == nil {
+			if d := a.AcceptTimeout(); d <= 0 || d > maxMigrationAcceptTimeout {
+				t.Fatalf("accepted timeout %v", d)
+			}
+			if _, err := a.TLS.Config(); err != nil {
+				t.Fatalf("accepted credentials that make no TLS configuration: %v", err)
+			}
+		}
+	})
+}

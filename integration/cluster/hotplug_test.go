@@ -8,7 +8,9 @@ import (
 	"github.com/vmpod/vmpod/integration/testenv"
 )
 
-// hotplugVolume: a blank DataVolume added to running VM vm (pod pod) with kubectl vmpod
+// hotplugVolume: a blank DataVolume (on the shared class: with two vmpod nodes, a
+// node-local volume binds where its blank-image pod ran, which need not be the VM's node)
+// added to running VM vm (pod pod) with kubectl vmpod
 // addvolume reaches the guest as a virtio disk named by its serial, without a restart,
 // through an attachment pod the kubelet mounts the PVC for; what the guest writes there is
 // still there after a restart of the VM, which gets the disk again from its spec; removed
@@ -25,6 +27,8 @@ spec:
   source:
     blank: {}
   storage:
+    accessModes: [ReadWriteMany]
+    storageClassName: vmpod-shared
     resources: {requests: {storage: 64Mi}}
 `)
 	waitDataVolume(t, c, ns, dv, "Succeeded", 3*time.Minute)

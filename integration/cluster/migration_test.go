@@ -131,7 +131,13 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 		t.Fatalf("open a connection to the source pod: %v", err)
 	}
 
-	// an eviction is refused (the PodDisruptionBudget): the VM is moved, not stopped
+	// an eviction is refused by the VM's PodDisruptionBudget once the disruption controller
+	// has counted its pod (before that, the API server refuses any eviction it guards)
+	testenv.WaitForWithin(t, time.Minute, "the disruption controller to count the VM's pod", func() bool {
+		pdb, err := c.Client.PolicyV1().PodDisruptionBudgets(ns).Get(t.Context(), "vmpod-"+vm, metav1.GetOptions{})
+		return err == nil && pdb.Status.ObservedGeneration == pdb.Generation && pdb.Status.ExpectedPods == 1 &&
+			pdb.Status.CurrentHealthy == 1 && pdb.Status.DisruptionsAllowed == 0
+	})
 	err = c.Client.PolicyV1().Evictions(ns).Evict(t.Context(), &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: pod}})
 	if !apierrors.IsTooManyRequests(err) {
 		t.Errorf("evicting the LiveMigrate VM's pod: %v, want 429 (its disruption budget)", err)
@@ -222,9 +228,14 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	if now := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.nodeName}"); now == here || !slices.Contains(vmpodNodes, now) {
 		t.Errorf("after draining %s the VM is on %q", here, now)
 	}
-	evac := c.Kubectl(t, "get", "vmim", "-n", ns, "-l", "vmpod.dev/evacuation="+here, "-o", "jsonpath={.items[*].status.phase}")
-	if evac != "Succeeded" {
-		t.Errorf("the evacuation migrations of %s: %q, want one Succeeded", here, evac)
+	// (the source pod goes before the migration's last status write)
+	var evac string
+	if !testenv.PollWithin(time.Minute, func() bool {
+		evac, _ = c.KubectlErr("get", "vmim", "-n", ns, "-l", "vmpod.dev/evacuation=true", "-o",
+			`jsonpath={range .items[*]}{.metadata.annotations.vmpod\.dev/evacuation-node} {.status.phase}{"\n"}{end}`)
+		return strings.Contains(evac, here+" Succeeded")
+	}) {
+		t.Errorf("the evacuation migrations: %q, want one off %s Succeeded", evac, here)
 	}
 	waitVM(t, c, ns, vm, 2*time.Minute, "Running", "True")
 	checkGuestKept("after the drain", before)
