@@ -213,10 +213,8 @@ func (r *Reconciler) sourceOf(ctx context.Context, m *vmpodv1.VirtualMachineMigr
 		return vm, nil, fmt.Sprintf("pod %s is not the VM's", pod.Name), nil
 	case pod.DeletionTimestamp != nil || pod.Status.Phase != corev1.PodRunning || !computeRunning(pod):
 		return vm, nil, fmt.Sprintf("the VM is not running (pod %s: %s)", pod.Name, pod.Status.Phase), nil
-	case vm.Status.PausedPodUID == pod.UID:
-		return vm, nil, "the VM is paused (unpause it first)", nil
-	case len(vm.Status.VolumeStatus) > 0:
-		return vm, nil, fmt.Sprintf("the VM has %d hot-plugged volumes: the target pod would boot without them (remove them first)", len(vm.Status.VolumeStatus)), nil
+	case NotNow(vm, pod) != "":
+		return vm, nil, NotNow(vm, pod), nil
 	case pod.Spec.NodeName == "":
 		return vm, nil, fmt.Sprintf("pod %s has no node", pod.Name), nil
 	}
@@ -277,6 +275,18 @@ func accessModes(modes []corev1.PersistentVolumeAccessMode) string {
 		s[i] = string(m)
 	}
 	return strings.Join(s, ",")
+}
+
+// NotNow says why the VM's guest cannot leave pod for the time being (a state its owner
+// can change), or "".
+func NotNow(vm *vmpodv1.VirtualMachine, pod *corev1.Pod) string {
+	switch {
+	case vm.Status.PausedPodUID == pod.UID:
+		return "the VM is paused (unpause it first)"
+	case len(vm.Status.VolumeStatus) > 0:
+		return fmt.Sprintf("the VM has %d hot-plugged volumes: the target pod would boot without them (remove them first)", len(vm.Status.VolumeStatus))
+	}
+	return ""
 }
 
 // otherMigration names an unfinished migration of the same VM created before m (the

@@ -174,13 +174,7 @@ func (r *run) evacuate(ctx context.Context) (reconcile.Result, error) {
 		return reconcile.Result{RequeueAfter: evacuationBackoff.Max}, nil
 	}
 	// states a migration refuses for now: say so, look again later
-	switch {
-	case r.vm.Status.PausedPodUID == r.pod.UID:
-		why = "the VM is paused"
-	case len(r.vm.Status.VolumeStatus) > 0:
-		why = fmt.Sprintf("it has %d hot-plugged volumes", len(r.vm.Status.VolumeStatus))
-	}
-	if why != "" {
+	if why = migration.NotNow(r.vm, r.pod); why != "" {
 		r.event(corev1.EventTypeWarning, "EvacuationBlocked", "Migrate", "node %s is cordoned but the guest cannot leave it now (%s): evictions stay refused", node.Name, why)
 		return reconcile.Result{RequeueAfter: evacuationBackoff.Base}, nil
 	}
