@@ -47,6 +47,9 @@ type container struct {
 	bundle string
 	cgroup string // cgroupfs directory in the guest
 	runc   *runc.Runc
+	// seccomp: the container has a seccomp profile, which only runc can give an exec'd
+	// process (runcOnly)
+	seccomp bool
 
 	mu    sync.Mutex
 	state containerState
@@ -123,11 +126,12 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 		return 0, fmt.Errorf("container %s: %w", id, err)
 	}
 	c := &container{
-		id:     id,
-		bundle: filepath.Join(m.bundleRoot, id),
-		cgroup: filepath.Join(m.cgroupRoot, spec.Linux.CgroupsPath),
-		state:  stateCreating,
-		execs:  map[string]*process{},
+		id:      id,
+		bundle:  filepath.Join(m.bundleRoot, id),
+		cgroup:  filepath.Join(m.cgroupRoot, spec.Linux.CgroupsPath),
+		seccomp: spec.Linux.Seccomp != nil,
+		state:   stateCreating,
+		execs:   map[string]*process{},
 	}
 	c.runc = m.runcFor(c.bundle)
 
@@ -303,6 +307,11 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 		return nil, err
 	}
 	defer streams.close()
+	why := runcOnly(c, spec, stdioReq.GetTerminal())
+	if why == "" {
+		return m.startExec(c, execID, spec, streams)
+	}
+	slog.Debug("exec through runc", "container", c.id, "exec", execID, "because", why)
 	pidFile := filepath.Join(c.bundle, "exec-"+execID+".pid")
 	defer os.Remove(pidFile)
 	opts := &runc.ExecOpts{PidFile: pidFile, Detach: true, IO: streams.runcIO()}
@@ -325,6 +334,43 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 	}
 	p.watchExit(m.reaper.Claim(pid), nil)
 	return p, nil
+}
+
+// startExec starts an exec'd process without runc (nsexec.go).
+func (m *containers) startExec(c *container, execID string, spec *specs.Process, streams *stdio) (*process, error) {
+	started := time.Now()
+	initPid := c.initPid()
+	pid, err := nsExec{initPid: initPid, cgroup: c.cgroup, process: spec, stdio: streams.pipes.child}.start()
+	if err != nil {
+		return nil, err
+	}
+	_ = streams.pipes.CloseAfterStart()
+	// runc gives an exec'd process the container's OOM score; a fork inherits the
+	// agent's. Set right after the exec: the process runs a few instructions with the
+	// agent's score (0; the agent, PID 1, is never the OOM killer's choice).
+	if adj, err := os.ReadFile(fmt.Sprintf("/proc/%d/oom_score_adj", initPid)); err == nil {
+		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), adj, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+			slog.Warn("exec: oom_score_adj not set", "container", c.id, "exec", execID, "error", err)
+		}
+	}
+	slog.Debug("exec", "container", c.id, "exec", execID, "took", time.Since(started))
+	p := &process{containerID: c.id, execID: execID, pid: pid, exited: make(chan struct{})}
+	if err := streams.attach(p); err != nil {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		return nil, fmt.Errorf("stdio: %w", err)
+	}
+	p.watchExit(m.reaper.Claim(pid), nil)
+	return p, nil
+}
+
+// initPid is the guest pid of the container's init (0 before it was created).
+func (c *container) initPid() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.init == nil {
+		return 0
+	}
+	return c.init.pid
 }
 
 // process finds a container's init (execID "") or exec'd process.
