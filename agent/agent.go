@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"slices"
 	"time"
 
 	runc "github.com/containerd/go-runc"
@@ -42,8 +41,8 @@ func Main() {
 
 func run() error {
 	booted := time.Now()
-	if !slices.Contains(os.Environ(), switchedEnv) {
-		return switchRoot() // execs the agent again on the new root
+	if err := switchRoot(); err != nil {
+		return fmt.Errorf("switch root: %w", err)
 	}
 	if err := mountEarly(); err != nil {
 		return err

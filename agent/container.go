@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -46,7 +45,10 @@ type container struct {
 	id     string
 	bundle string
 	cgroup string // cgroupfs directory in the guest
-	runc   *runc.Runc
+	runner runner
+	// runc is the container's runc, for execs the agent cannot start itself; nil for a
+	// sandbox container the agent started (it has no runc state)
+	runc *runc.Runc
 	// seccomp: the container has a seccomp profile, which only runc can give an exec'd
 	// process (runcOnly)
 	seccomp bool
@@ -133,7 +135,6 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 		state:   stateCreating,
 		execs:   map[string]*process{},
 	}
-	c.runc = m.runcFor(c.bundle)
 
 	m.mu.Lock()
 	if _, exists := m.byID[id]; exists {
@@ -190,20 +191,16 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 	}
 	defer streams.close()
 
-	pidFile := filepath.Join(c.bundle, "init.pid")
-	opts := &runc.CreateOpts{PidFile: pidFile, IO: streams.runcIO()}
-	if streams.console != nil {
-		opts.ConsoleSocket = streams.console
+	var pid int
+	by := "runc"
+	if why := agentStartsSandbox(spec); why == "" && streams.pipes != nil {
+		by = "agent"
+		pid, err = m.startSandbox(c, spec, rootfs, streams, &undo)
+	} else {
+		pid, err = m.runcCreate(ctx, c, streams, &undo)
 	}
-	if err := c.runc.Create(ctx, id, c.bundle, opts); err != nil {
-		return 0, fmt.Errorf("container %s: runc create: %w", id, runcError(c.runc, err))
-	}
-	undo.Add("runc delete", func() error {
-		return c.runc.Delete(context.Background(), id, &runc.DeleteOpts{Force: true})
-	})
-	pid, err := runc.ReadPidFile(pidFile)
 	if err != nil {
-		return 0, fmt.Errorf("container %s: runc pid file: %w", id, err)
+		return 0, fmt.Errorf("container %s: %w", id, err)
 	}
 	init := &process{containerID: id, pid: pid, exited: make(chan struct{})}
 	if err := streams.attach(init); err != nil {
@@ -215,11 +212,66 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 	c.mu.Unlock()
 	// After the state is set: an init that already died must leave the container stopped.
 	init.watchExit(m.reaper.Claim(pid), func(*process) { c.setState(stateStopped) })
-	if m.oom != nil {
+	// A sandbox the agent started holds namespaces only: no OOM of it is news (and its
+	// cgroup may have no memory controller yet, as runc enables them for app containers).
+	if m.oom != nil && c.runc != nil {
 		m.oom.watch(id, c.cgroup)
 	}
 	undo.Release()
-	slog.Info("container created", "container", id, "pid", pid)
+	slog.Info("container created", "container", id, "pid", pid, "by", by)
+	return pid, nil
+}
+
+func (c *container) setRunner(r runner) runner {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.runner = r
+	return r
+}
+
+// control is the container's runner, once its create got that far.
+func (c *container) control() (runner, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.runner == nil {
+		return nil, fmt.Errorf("container %s is %s: %w", c.id, c.state, errdefs.ErrFailedPrecondition)
+	}
+	return c.runner, nil
+}
+
+// runcCreate has runc create the container: its init waits for start.
+func (m *containers) runcCreate(ctx context.Context, c *container, streams *stdio, undo *cleanup.Stack) (int, error) {
+	c.runc = m.runcFor(c.bundle)
+	pidFile := filepath.Join(c.bundle, "init.pid")
+	opts := &runc.CreateOpts{PidFile: pidFile, IO: streams.runcIO()}
+	if streams.console != nil {
+		opts.ConsoleSocket = streams.console
+	}
+	if err := c.runc.Create(ctx, c.id, c.bundle, opts); err != nil {
+		return 0, fmt.Errorf("runc create: %w", runcError(c.runc, err))
+	}
+	r := c.setRunner(runcRunner{id: c.id, runc: c.runc})
+	undo.Add("runc delete", func() error { return r.delete(context.Background()) })
+	pid, err := runc.ReadPidFile(pidFile)
+	if err != nil {
+		return 0, fmt.Errorf("runc pid file: %w", err)
+	}
+	return pid, nil
+}
+
+// startSandbox starts a pod's sandbox container without runc (sandboxinit.go).
+func (m *containers) startSandbox(c *container, spec *specs.Spec, rootfs string, streams *stdio, undo *cleanup.Stack) (int, error) {
+	if err := os.MkdirAll(c.cgroup, 0o755); err != nil {
+		return 0, fmt.Errorf("cgroup: %w", err)
+	}
+	r := c.setRunner(sandboxRunner{cgroup: c.cgroup})
+	undo.Add("remove cgroup", func() error { return r.delete(context.Background()) })
+	pid, err := startSandboxInit(spec, rootfs, c.cgroup, streams.pipes.child)
+	if err != nil {
+		return 0, err
+	}
+	_ = streams.pipes.CloseAfterStart()
+	undo.Add("kill init", func() error { return unix.Kill(pid, unix.SIGKILL) })
 	return pid, nil
 }
 
@@ -253,12 +305,13 @@ func (m *containers) start(ctx context.Context, id string) error {
 	}
 	c.mu.Lock()
 	err = c.require("start", stateCreated)
+	r := c.runner
 	c.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := c.runc.Start(ctx, id); err != nil {
-		return fmt.Errorf("container %s: runc start: %w", id, runcError(c.runc, err))
+	if err := r.start(ctx); err != nil {
+		return fmt.Errorf("container %s: %w", id, err)
 	}
 	c.transition(stateCreated, stateRunning)
 	slog.Info("container started", "container", id)
@@ -310,6 +363,9 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 	why := runcOnly(c, spec, stdioReq.GetTerminal())
 	if why == "" {
 		return m.startExec(c, execID, spec, streams)
+	}
+	if c.runc == nil {
+		return nil, fmt.Errorf("an exec with %s needs runc, and the agent started this sandbox container itself: %w", why, errdefs.ErrFailedPrecondition)
 	}
 	slog.Debug("exec through runc", "container", c.id, "exec", execID, "because", why)
 	pidFile := filepath.Join(c.bundle, "exec-"+execID+".pid")
@@ -429,8 +485,12 @@ func (m *containers) signal(ctx context.Context, req *agentv1.SignalProcessReque
 		if err != nil {
 			return err
 		}
-		if err := c.runc.Kill(ctx, c.id, int(sig), &runc.KillOpts{All: true}); err != nil {
-			return fmt.Errorf("container %s: runc kill --all: %w", c.id, runcError(c.runc, err))
+		r, err := c.control()
+		if err != nil {
+			return err
+		}
+		if err := r.killAll(ctx, sig); err != nil {
+			return fmt.Errorf("container %s: %w", c.id, err)
 		}
 		return nil
 	}
@@ -451,13 +511,13 @@ func (m *containers) remove(ctx context.Context, id string, force bool) error {
 	if err == nil && !force {
 		err = c.require("remove (it is still running; use force)", stateCreated, stateStopped)
 	}
-	init := c.init
+	init, r := c.init, c.runner
 	c.mu.Unlock()
 	if err != nil {
 		return err
 	}
 	if force && !init.hasExited() {
-		_ = c.runc.Kill(ctx, id, int(unix.SIGKILL), &runc.KillOpts{All: true})
+		_ = r.killAll(ctx, unix.SIGKILL)
 		waitCtx, cancel := context.WithTimeout(ctx, killWait)
 		err := init.wait(waitCtx)
 		cancel()
@@ -465,8 +525,8 @@ func (m *containers) remove(ctx context.Context, id string, force bool) error {
 			return fmt.Errorf("container %s: init did not die after SIGKILL: %w", id, err)
 		}
 	}
-	if err := c.runc.Delete(ctx, id, &runc.DeleteOpts{Force: true}); err != nil {
-		return fmt.Errorf("container %s: runc delete: %w", id, runcError(c.runc, err))
+	if err := r.delete(ctx); err != nil {
+		return fmt.Errorf("container %s: %w", id, err)
 	}
 	if m.oom != nil {
 		m.oom.unwatch(id)
@@ -506,18 +566,19 @@ func (m *containers) freeze(ctx context.Context, id string, pause bool) error {
 	if err != nil {
 		return err
 	}
-	from, to, op, run := stateRunning, statePaused, "pause", c.runc.Pause
+	from, to, op := stateRunning, statePaused, "pause"
 	if !pause {
-		from, to, op, run = statePaused, stateRunning, "resume", c.runc.Resume
+		from, to, op = statePaused, stateRunning, "resume"
 	}
 	c.mu.Lock()
 	err = c.require(op, from)
+	r := c.runner
 	c.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := run(ctx, id); err != nil {
-		return fmt.Errorf("container %s: runc %s: %w", id, op, runcError(c.runc, err))
+	if err := r.freeze(ctx, pause); err != nil {
+		return fmt.Errorf("container %s: %w", id, err)
 	}
 	c.transition(from, to)
 	return nil
@@ -534,12 +595,13 @@ func (m *containers) update(ctx context.Context, id string, raw []byte) error {
 	}
 	c.mu.Lock()
 	err = c.require("update", stateCreated, stateRunning, statePaused)
+	r := c.runner
 	c.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := c.runc.Update(ctx, id, &res); err != nil {
-		return fmt.Errorf("container %s: runc update: %w", id, runcError(c.runc, err))
+	if err := r.update(ctx, &res); err != nil {
+		return fmt.Errorf("container %s: %w", id, err)
 	}
 	return nil
 }
@@ -550,18 +612,9 @@ func (m *containers) pids(id string) ([]uint32, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := os.ReadFile(filepath.Join(c.cgroup, "cgroup.procs"))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil // stopped: the cgroup is gone with the processes
-	}
+	pids, err := cgroupPids(c.cgroup) // none once stopped: the cgroup is gone with them
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
-	}
-	var pids []uint32
-	for f := range strings.FieldsSeq(string(b)) {
-		if pid, err := strconv.ParseUint(f, 10, 32); err == nil {
-			pids = append(pids, uint32(pid))
-		}
 	}
 	return pids, nil
 }
@@ -575,6 +628,8 @@ func (m *containers) killAll(ctx context.Context) {
 	}
 	m.mu.Unlock()
 	for _, c := range all {
-		_ = c.runc.Kill(ctx, c.id, int(unix.SIGKILL), &runc.KillOpts{All: true})
+		if r, err := c.control(); err == nil {
+			_ = r.killAll(ctx, unix.SIGKILL)
+		}
 	}
 }

@@ -10,14 +10,20 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// switchedEnv marks the agent's second start, on the new root.
-const switchedEnv = "VMPOD_AGENT_ROOT=tmpfs"
-
-// switchRoot moves the initramfs contents onto a tmpfs that becomes the root, then
-// re-executes the agent there. The initramfs root cannot be pivot_root'ed away from,
-// and runc jails every container with pivot_root; --no-pivot (chroot) would let a
-// process with CAP_SYS_CHROOT climb back out into the guest. It is what switch_root(8)
-// does, including freeing the initramfs copy.
+// switchRoot moves the initramfs contents onto a tmpfs that becomes the root. The
+// initramfs root cannot be pivot_root'ed away from, and runc jails every container with
+// pivot_root; --no-pivot (chroot) would let a process with CAP_SYS_CHROOT climb back out
+// into the guest. It is what switch_root(8) does, but for one thing: the agent goes on
+// running from its initramfs image instead of executing a copy on the new root.
+//
+// That is for TCG. An exec of the copy freed the pages the first agent had run from,
+// with QEMU's translations of that code still cached for them (keyed by virtual address
+// and physical page). virtiofsd writes file contents into guest memory behind TCG's back,
+// so when the guest put a container binary's page cache on those pages, a static
+// binary linked at the same address as the agent (0x400000: pause, most static Go
+// programs) could run the agent's stale translations: pause died of SIGSEGV or SIGILL
+// once in ~40 pods when it was the first program a fresh guest ran (docs/design/020).
+// Kept mapped, the pages are never reused.
 func switchRoot() error {
 	const newRoot = "/.root"
 	if err := os.Mkdir(newRoot, 0o755); err != nil {
@@ -38,15 +44,13 @@ func switchRoot() error {
 	if err := unix.Chroot("."); err != nil {
 		return err
 	}
-	if err := os.Chdir("/"); err != nil {
-		return err
-	}
-	return unix.Exec("/init", os.Args, append(os.Environ(), switchedEnv))
+	return os.Chdir("/")
 }
 
 // moveTree copies the regular files, directories and symlinks of the initramfs under
 // src to dst and deletes each copied file (devices are skipped: devtmpfs comes later,
-// and the console is already open on fds 0-2).
+// and the console is already open on fds 0-2). The running agent, /init, is not copied:
+// nothing executes it again.
 func moveTree(src, dst string) error {
 	return filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -73,6 +77,9 @@ func moveTree(src, dst string) error {
 			}
 			return os.Symlink(link, target)
 		case d.Type().IsRegular():
+			if path == "/init" {
+				return os.Remove(path)
+			}
 			if err := copyFile(path, target, info.Mode()); err != nil {
 				return err
 			}

@@ -1,0 +1,278 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+)
+
+// A pod's sandbox container (CRI's "pause") runs no workload: its init holds the pod's
+// IPC, UTS and, when the pod shares one, PID namespace for the other containers to join,
+// and reaps what is orphaned in that PID namespace. Created by runc it was the slowest
+// step of a pod start after the boot (~800 ms under TCG: the first runc of a fresh guest).
+// The agent starts it itself (docs/design/020), as nsExec starts an exec'd process: on a
+// thread of its own it unshares the UTS and IPC namespaces the spec asks for, names the
+// host and sets the IPC sysctls in them, cuts its capabilities, and forks the init into a
+// new PID (and cgroup) namespace, chrooted into the image's rootfs, in the container's
+// cgroup. The init gets no mount namespace: no container ever joins the sandbox's, and the
+// pause binary touches no file after its exec.
+
+// criContainerType is the annotation CRI puts on every container it creates; its value is
+// "sandbox" on the pod's sandbox container.
+const criContainerType = "io.kubernetes.cri.container-type"
+
+// ipcUTSSysctls are the sysctls of the IPC and UTS namespaces, the only ones runc allows in
+// a container that has those namespaces (besides net.*, which the agent sets for the pod).
+var ipcUTSSysctls = []string{"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
+	"kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced",
+	"kernel.hostname", "kernel.domainname"}
+
+// sandboxNamespaces are the namespaces the agent can give a sandbox's init.
+var sandboxNamespaces = []specs.LinuxNamespaceType{specs.PIDNamespace, specs.IPCNamespace,
+	specs.UTSNamespace, specs.MountNamespace, specs.CgroupNamespace}
+
+// agentStartsSandbox says whether the agent starts spec's init itself ("") or why runc
+// must: it is no sandbox container, or it asks for what only runc gives (runcOnly's list:
+// a seccomp profile, a user namespace, a terminal, rlimits), a namespace the agent does
+// not make or one to join, a sysctl outside the IPC and UTS namespaces, a relative path.
+func agentStartsSandbox(spec *specs.Spec) string {
+	if spec.Annotations[criContainerType] != "sandbox" {
+		return "not a pod's sandbox container"
+	}
+	p := spec.Process
+	switch {
+	case spec.Linux.Seccomp != nil:
+		return "a seccomp profile"
+	case p.Terminal:
+		return "a terminal"
+	case len(p.Rlimits) > 0:
+		return "rlimits"
+	case p.Scheduler != nil || p.IOPriority != nil || p.ExecCPUAffinity != nil:
+		return "scheduler, I/O priority or CPU affinity"
+	case len(p.Args) == 0 || !filepath.IsAbs(p.Args[0]):
+		return "a command that is not an absolute path"
+	}
+	if caps := p.Capabilities; caps != nil {
+		for _, name := range slices.Concat(caps.Bounding, caps.Inheritable, caps.Ambient) {
+			if _, ok := capabilities[name]; !ok {
+				return "capability " + name
+			}
+		}
+	}
+	for _, ns := range spec.Linux.Namespaces {
+		if !slices.Contains(sandboxNamespaces, ns.Type) || ns.Path != "" {
+			return fmt.Sprintf("namespace %s %s", ns.Type, ns.Path)
+		}
+	}
+	for k := range spec.Linux.Sysctl {
+		if !slices.Contains(ipcUTSSysctls, k) && !strings.HasPrefix(k, "fs.mqueue.") {
+			return "sysctl " + k
+		}
+	}
+	return ""
+}
+
+func hasNamespace(spec *specs.Spec, t specs.LinuxNamespaceType) bool {
+	return slices.ContainsFunc(spec.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == t })
+}
+
+// startSandboxInit starts spec's init in rootfs and the cgroup directory cgroup (which
+// exists) and returns its pid. agentStartsSandbox must have accepted spec.
+func startSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File) (int, error) {
+	type result struct {
+		pid int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		// Never unlocked (nsExec.start says why).
+		runtime.LockOSThread()
+		pid, err := forkSandboxInit(spec, rootfs, cgroup, stdio)
+		done <- result{pid, err}
+	}()
+	r := <-done
+	if r.err != nil {
+		return 0, r.err
+	}
+	if adj := spec.Process.OOMScoreAdj; adj != nil {
+		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", r.pid), []byte(strconv.Itoa(*adj)), 0); err != nil && !errors.Is(err, unix.ESRCH) {
+			_ = unix.Kill(r.pid, unix.SIGKILL)
+			return 0, fmt.Errorf("process.oomScoreAdj %d: %w", *adj, err)
+		}
+	}
+	return r.pid, nil
+}
+
+func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File) (int, error) {
+	cgroupFD, err := unix.Open(cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("cgroup %s: %w", cgroup, err)
+	}
+	defer unix.Close(cgroupFD)
+	var unshare int
+	if hasNamespace(spec, specs.UTSNamespace) {
+		unshare |= unix.CLONE_NEWUTS
+	}
+	if hasNamespace(spec, specs.IPCNamespace) {
+		unshare |= unix.CLONE_NEWIPC
+	}
+	if unshare != 0 {
+		if err := unix.Unshare(unshare); err != nil {
+			return 0, fmt.Errorf("unshare UTS/IPC: %w", err)
+		}
+	}
+	// From here the thread's host name and IPC sysctls are the pod's.
+	if spec.Hostname != "" {
+		if unshare&unix.CLONE_NEWUTS == 0 {
+			return 0, invalidf("hostname: set without a UTS namespace")
+		}
+		if err := unix.Sethostname([]byte(spec.Hostname)); err != nil {
+			return 0, fmt.Errorf("hostname %q: %w", spec.Hostname, err)
+		}
+	}
+	if spec.Domainname != "" {
+		if err := unix.Setdomainname([]byte(spec.Domainname)); err != nil {
+			return 0, fmt.Errorf("domainname %q: %w", spec.Domainname, err)
+		}
+	}
+	for k, v := range spec.Linux.Sysctl {
+		// /proc/sys resolves these for the writing thread's namespaces.
+		if err := setSysctl(k, v); err != nil {
+			return 0, fmt.Errorf("linux.sysctl[%s]: %w", k, err)
+		}
+	}
+	p := spec.Process
+	if p.NoNewPrivileges {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return 0, fmt.Errorf("no_new_privs: %w", err)
+		}
+	}
+	var ambient []uintptr
+	if caps := p.Capabilities; caps != nil {
+		if err := limitThreadCapabilities(caps); err != nil {
+			return 0, err
+		}
+		for _, name := range caps.Ambient {
+			ambient = append(ambient, uintptr(capabilities[name]))
+		}
+	}
+	var clone uintptr
+	if hasNamespace(spec, specs.PIDNamespace) {
+		clone |= unix.CLONE_NEWPID
+	}
+	if hasNamespace(spec, specs.CgroupNamespace) {
+		clone |= unix.CLONE_NEWCGROUP // rooted at the cgroup it is forked into
+	}
+	attr := &syscall.ProcAttr{
+		Dir:   p.Cwd,
+		Env:   p.Env,
+		Files: []uintptr{stdio[0].Fd(), stdio[1].Fd(), stdio[2].Fd()},
+		Sys: &syscall.SysProcAttr{
+			Chroot:      rootfs,
+			Setsid:      true,
+			Credential:  &syscall.Credential{Uid: p.User.UID, Gid: p.User.GID, Groups: slices.Clone(p.User.AdditionalGids)},
+			AmbientCaps: ambient,
+			Cloneflags:  clone,
+			UseCgroupFD: true,
+			CgroupFD:    cgroupFD,
+		},
+	}
+	pid, err := syscall.ForkExec(p.Args[0], p.Args, attr)
+	if err != nil {
+		return 0, fmt.Errorf("exec failed: unable to start container process: exec %s: %w", p.Args[0], err)
+	}
+	return pid, nil
+}
+
+// sandboxRunner controls a sandbox container the agent started: through its cgroup, as
+// runc would.
+type sandboxRunner struct {
+	cgroup string
+}
+
+// start does nothing: the init runs from its creation (pause only waits for signals, and
+// CRI starts the sandbox right after creating it).
+func (sandboxRunner) start(context.Context) error { return nil }
+
+func (r sandboxRunner) killAll(_ context.Context, sig unix.Signal) error {
+	pids, err := cgroupPids(r.cgroup)
+	if err != nil {
+		return err
+	}
+	for _, pid := range pids {
+		if err := unix.Kill(int(pid), sig); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("signal %d to pid %d: %w", sig, pid, err)
+		}
+	}
+	return nil
+}
+
+// delete removes the cgroup once the kernel has emptied it (it does so after the last
+// process was reaped; runc delete waits the same way).
+func (r sandboxRunner) delete(context.Context) error {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		err := unix.Rmdir(r.cgroup)
+		if err == nil || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return fmt.Errorf("remove cgroup %s: %w", r.cgroup, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (r sandboxRunner) freeze(ctx context.Context, frozen bool) error {
+	var want uint64
+	if frozen {
+		want = 1
+	}
+	if err := os.WriteFile(filepath.Join(r.cgroup, "cgroup.freeze"), []byte(strconv.FormatUint(want, 10)), 0); err != nil {
+		return fmt.Errorf("cgroup.freeze: %w", err)
+	}
+	for {
+		if keyed(r.cgroup, "cgroup.events")["frozen"] == want {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cgroup %s: not frozen %d: %w", r.cgroup, want, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func (sandboxRunner) update(context.Context, *specs.LinuxResources) error {
+	return fmt.Errorf("the pod's sandbox container runs no workload: its limits are the pod's, set on the host: %w", errdefs.ErrFailedPrecondition)
+}
+
+// cgroupPids lists the processes in a cgroup directory (none once it is gone).
+func cgroupPids(dir string) ([]uint32, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var pids []uint32
+	for f := range strings.FieldsSeq(string(b)) {
+		if pid, err := strconv.ParseUint(f, 10, 32); err == nil {
+			pids = append(pids, uint32(pid))
+		}
+	}
+	return pids, nil
+}
