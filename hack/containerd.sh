@@ -140,6 +140,29 @@ vmpod_runtime_stanza() {
       -e "s|^\([[:space:]]*ConfigPath = \).*|\1\"$TB_VMPOD_CONFIG\"|" "$snippet"
 }
 
+# runsc_runtime_stanza: gVisor as a third runtime handler, "runsc", when VMPOD_GVISOR_DIR
+# names a directory with runsc and containerd-shim-runsc-v1 (hack/gvisor.sh; make bench
+# sets it). systrap: the platform that needs neither KVM nor ptrace.
+runsc_runtime_stanza() {
+  [ -n "${VMPOD_GVISOR_DIR:-}" ] || return 0
+  [ -x "$VMPOD_GVISOR_DIR/runsc" ] || die "VMPOD_GVISOR_DIR=$VMPOD_GVISOR_DIR has no runsc"
+  mkdir -p "$TB_ETC/runsc"
+  cat > "$TB_ETC/runsc/config.toml" <<EOT
+binary_name = "$VMPOD_GVISOR_DIR/runsc"
+root = "$TB_RUN/runsc"
+[runsc_config]
+  platform = "systrap"
+EOT
+  cat <<EOT
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc]
+        runtime_type = "io.containerd.runsc.v1"
+        runtime_path = "$VMPOD_GVISOR_DIR/containerd-shim-runsc-v1"
+        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runsc.options]
+          TypeUrl = "io.containerd.runsc.v1.options"
+          ConfigPath = "$TB_ETC/runsc/config.toml"
+EOT
+}
+
 containerd_imports() { [ -z "${VMPOD_CONTAINERD_IMPORT:-}" ] || printf '"%s"' "$VMPOD_CONTAINERD_IMPORT"; }
 
 cmd_config() {
@@ -192,6 +215,7 @@ imports = [$(containerd_imports)]
           BinaryName = "$TB_RUNC_BIN/runc"
           Root = "$TB_RUN/runc"
           SystemdCgroup = false
+$(runsc_runtime_stanza)
 
   [plugins."io.containerd.grpc.v1.cri"]
     stream_server_address = "127.0.0.1"

@@ -22,6 +22,8 @@ PROTOC_GEN_GO_VERSION=v1.36.12
 # the test cluster's dynamic Filesystem PVCs (hack/cluster.sh); the CSI hostpath driver is not served
 LOCAL_PATH_PROVISIONER_VERSION=v0.0.30
 TTRPC_VERSION=v1.2.10
+# gVisor (make bench only): the gvisor.dev/gvisor module's pseudo-version of its go branch
+GVISOR_VERSION=v0.0.0-20260905035102-160fafc42237
 
 export PATH=/usr/local/go/bin:$PATH
 export GOFLAGS=${GOFLAGS:--buildvcs=false}

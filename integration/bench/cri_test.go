@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -133,13 +134,18 @@ func TestBenchCRI(t *testing.T) {
 	image := testenv.BusyboxImage(t)
 	n := rounds(5)
 
+	handlers := []string{"runc", "vmpod"}
+	gvisor := hasHandler(ctx, t, rs, "runsc")
+	if gvisor {
+		handlers = append(handlers, "runsc")
+	}
 	starts := map[string]sample{}
 	execs := map[string]sample{}
 	calls := map[string]sample{}   // vmpod's CRI calls, by call
 	phaseOf := map[string]sample{} // the shim's steps of a pod start, by step
 	var order []string             // the steps in the order they happen
 	for i := range n {
-		for _, handler := range []string{"runc", "vmpod"} {
+		for _, handler := range handlers {
 			p, d := startPod(ctx, t, rs, handler, image, i)
 			starts[handler] = append(starts[handler], d.total)
 			if handler == "vmpod" {
@@ -181,6 +187,111 @@ func TestBenchCRI(t *testing.T) {
 	report(t, "ExecSync `true`, runc:                    %s", execs["runc"])
 	report(t, "ExecSync `true`, vmpod:                   %s", execs["vmpod"])
 	report(t, "ExecSync ratio vmpod / runc (p50):        %.2f  (goal <= 1)", float64(execs["vmpod"].pct(0.5))/float64(execs["runc"].pct(0.5)))
+	if !gvisor {
+		report(t, "gVisor: not measured: containerd has no runsc handler (make bench builds one: hack/gvisor.sh)")
+		return
+	}
+	report(t, "CRI pod start, gVisor (runsc, systrap):   %s", starts["runsc"])
+	report(t, "ExecSync `true`, gVisor:                  %s", execs["runsc"])
+	mem := map[string]int64{}
+	for _, h := range handlers {
+		mem[h] = idleTreeMemory(ctx, t, rs, h, image)
+	}
+	report(t, "peers side by side (p50; idle memory: PSS of a pod's shim and everything under it, mean of %d pods):", memoryPods)
+	report(t, "  %-8s %12s %12s %14s", "", "pod start", "ExecSync", "idle memory")
+	for _, h := range handlers {
+		report(t, "  %-8s %12s %12s %10d MiB", h, ms(starts[h].pct(0.5)), ms(execs[h].pct(0.5)), mem[h]>>20)
+	}
+	report(t, "  ratio vmpod / runsc: pod start %.2f, ExecSync %.2f", float64(starts["vmpod"].pct(0.5))/float64(starts["runsc"].pct(0.5)),
+		float64(execs["vmpod"].pct(0.5))/float64(execs["runsc"].pct(0.5)))
+}
+
+// hasHandler reports whether the CRI runtime has a runtime handler of that name.
+func hasHandler(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, name string) bool {
+	st, err := rs.Status(ctx, &runtimeapi.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return slices.ContainsFunc(st.RuntimeHandlers, func(h *runtimeapi.RuntimeHandler) bool { return h.Name == name })
+}
+
+// idleTreeMemory is the mean host memory (PSS) of memoryPods idle pods of a handler: the
+// pod's shim and every process under it (runc: the shim, pause and the container; runsc:
+// the shim, the sandbox's Sentry and gofer; vmpod: the shim, QEMU with the guest's RAM,
+// virtiofsd, the pid proxies) — the one measure that applies to all three.
+func idleTreeMemory(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, handler, image string) int64 {
+	var pods []criPod
+	defer func() {
+		for _, p := range pods {
+			removePod(ctx, rs, p)
+		}
+	}()
+	for i := range memoryPods {
+		p, _ := startPod(ctx, t, rs, handler, image, 200+i)
+		pods = append(pods, p)
+	}
+	time.Sleep(5 * time.Second) // let them settle
+	var sum int64
+	for _, p := range pods {
+		shim := shimOf(t, p.sandbox)
+		for _, pid := range append(descendants(shim), shim) {
+			sum += pssOf(pid)
+		}
+	}
+	return sum / int64(len(pods))
+}
+
+// shimOf finds the shim serving a pod sandbox: containerd starts it with "-id <sandbox>".
+func shimOf(t *testing.T, sandbox string) int {
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		b, _ := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if args := strings.Split(string(b), "\x00"); slices.Contains(args, "-id") && slices.Contains(args, sandbox) {
+			return pid
+		}
+	}
+	t.Fatalf("no shim for sandbox %s", sandbox)
+	return 0
+}
+
+// descendants lists every process below pid.
+func descendants(pid int) []int {
+	children := map[int][]int{}
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		child, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		if ppid, err := strconv.Atoi(parentOf(d.Name())); err == nil {
+			children[ppid] = append(children[ppid], child)
+		}
+	}
+	var out []int
+	for queue := children[pid]; len(queue) > 0; queue = queue[1:] {
+		out = append(out, queue[0])
+		queue = append(queue, children[queue[0]]...)
+	}
+	return out
+}
+
+// pssOf is a process's PSS in bytes (0 once it is gone).
+func pssOf(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return 0
+	}
+	for l := range strings.Lines(string(b)) {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "Pss:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
 }
 
 // memoryPods is how many idle pods share the node in the memory measurement: file pages
