@@ -383,6 +383,12 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 	if err != nil {
 		return nil, fmt.Errorf("runc pid file: %w", err)
 	}
+	return m.adoptExec(c, execID, pid, streams)
+}
+
+// adoptExec makes a started exec'd process the agent's: its stdio attached, its exit
+// awaited from the reaper.
+func (m *containers) adoptExec(c *container, execID string, pid int, streams *stdio) (*process, error) {
 	p := &process{containerID: c.id, execID: execID, pid: pid, exited: make(chan struct{})}
 	if err := streams.attach(p); err != nil {
 		_ = unix.Kill(pid, unix.SIGKILL)
@@ -410,13 +416,7 @@ func (m *containers) startExec(c *container, execID string, spec *specs.Process,
 		}
 	}
 	slog.Debug("exec", "container", c.id, "exec", execID, "took", time.Since(started))
-	p := &process{containerID: c.id, execID: execID, pid: pid, exited: make(chan struct{})}
-	if err := streams.attach(p); err != nil {
-		_ = unix.Kill(pid, unix.SIGKILL)
-		return nil, fmt.Errorf("stdio: %w", err)
-	}
-	p.watchExit(m.reaper.Claim(pid), nil)
-	return p, nil
+	return m.adoptExec(c, execID, pid, streams)
 }
 
 // initPid is the guest pid of the container's init (0 before it was created).

@@ -122,16 +122,21 @@ func sameNamespace(pid int, ns string) (bool, error) {
 // namespace). An error before the exec names what failed as runc's would ("exec: "x":
 // executable file not found in $PATH").
 func (x nsExec) start() (int, error) {
+	return onThreadOfItsOwn(x.forkOnThisThread)
+}
+
+// onThreadOfItsOwn runs fork on an OS thread nothing else will ever run on: fork moves
+// the thread into a container's namespaces and cuts its capabilities, and Go ends a
+// thread whose goroutine exits locked to it.
+func onThreadOfItsOwn(fork func() (int, error)) (int, error) {
 	type result struct {
 		pid int
 		err error
 	}
 	done := make(chan result, 1)
 	go func() {
-		// Never unlocked: this thread leaves in the container's namespaces with its
-		// capabilities cut, and Go ends a thread whose goroutine exits locked.
-		runtime.LockOSThread()
-		pid, err := x.forkOnThisThread()
+		runtime.LockOSThread() // never unlocked
+		pid, err := fork()
 		done <- result{pid, err}
 	}()
 	r := <-done
@@ -204,19 +209,9 @@ func (x nsExec) forkOnThisThread() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("exec failed: unable to start container process: %w", err)
 	}
-	if p.NoNewPrivileges {
-		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			return 0, fmt.Errorf("no_new_privs: %w", err)
-		}
-	}
-	var ambient []uintptr
-	if caps := p.Capabilities; caps != nil {
-		if err := limitThreadCapabilities(caps); err != nil {
-			return 0, err
-		}
-		for _, name := range caps.Ambient {
-			ambient = append(ambient, uintptr(capabilities[name]))
-		}
+	ambient, err := restrictThread(p)
+	if err != nil {
+		return 0, err
 	}
 	groups := make([]uint32, len(p.User.AdditionalGids))
 	copy(groups, p.User.AdditionalGids)
@@ -239,6 +234,29 @@ func (x nsExec) forkOnThisThread() (int, error) {
 		return 0, fmt.Errorf("exec failed: unable to start container process: exec %s: %w", path, err)
 	}
 	return pid, nil
+}
+
+// restrictThread gives the calling thread the process's no_new_privs and capability
+// bounding and inheritable sets, which a child it forks keeps, and returns the ambient
+// capabilities the child must raise itself (SysProcAttr.AmbientCaps).
+func restrictThread(p *specs.Process) ([]uintptr, error) {
+	if p.NoNewPrivileges {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return nil, fmt.Errorf("no_new_privs: %w", err)
+		}
+	}
+	caps := p.Capabilities
+	if caps == nil {
+		return nil, nil
+	}
+	if err := limitThreadCapabilities(caps); err != nil {
+		return nil, err
+	}
+	ambient := make([]uintptr, 0, len(caps.Ambient))
+	for _, name := range caps.Ambient {
+		ambient = append(ambient, uintptr(capabilities[name]))
+	}
+	return ambient, nil
 }
 
 // limitThreadCapabilities gives the thread the process's bounding and inheritable sets,

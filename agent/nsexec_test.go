@@ -12,7 +12,6 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -23,26 +22,7 @@ import (
 // ipc and cgroup, in a cgroup of its own. It needs root and a cgroup2 hierarchy.
 func fakeContainer(t *testing.T) (pid int, cgroup string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipped: joining namespaces needs root")
-	}
-	root := "/sys/fs/cgroup"
-	if _, err := os.Stat(filepath.Join(root, "unified", "cgroup.procs")); err == nil {
-		root = filepath.Join(root, "unified") // a hybrid host
-	}
-	if _, err := os.Stat(filepath.Join(root, "cgroup.controllers")); err != nil {
-		t.Skipf("skipped: no cgroup2 hierarchy at %s", root)
-	}
-	cgroup = filepath.Join(root, fmt.Sprintf("vmpod-nsexec-test-%d", os.Getpid()))
-	if err := os.Mkdir(cgroup, 0o755); err != nil {
-		t.Skipf("skipped: cannot make a cgroup: %v", err)
-	}
-	t.Cleanup(func() {
-		// The cgroup goes once its processes have.
-		for i := 0; i < 50 && os.Remove(cgroup) != nil; i++ {
-			time.Sleep(100 * time.Millisecond)
-		}
-	})
+	cgroup = testCgroup(t, "nsexec")
 	cgfd, err := unix.Open(cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)

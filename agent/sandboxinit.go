@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -91,28 +90,17 @@ func hasNamespace(spec *specs.Spec, t specs.LinuxNamespaceType) bool {
 // startSandboxInit starts spec's init in rootfs and the cgroup directory cgroup (which
 // exists) and returns its pid. agentStartsSandbox must have accepted spec.
 func startSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File) (int, error) {
-	type result struct {
-		pid int
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		// Never unlocked (nsExec.start says why).
-		runtime.LockOSThread()
-		pid, err := forkSandboxInit(spec, rootfs, cgroup, stdio)
-		done <- result{pid, err}
-	}()
-	r := <-done
-	if r.err != nil {
-		return 0, r.err
+	pid, err := onThreadOfItsOwn(func() (int, error) { return forkSandboxInit(spec, rootfs, cgroup, stdio) })
+	if err != nil {
+		return 0, err
 	}
 	if adj := spec.Process.OOMScoreAdj; adj != nil {
-		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", r.pid), []byte(strconv.Itoa(*adj)), 0); err != nil && !errors.Is(err, unix.ESRCH) {
-			_ = unix.Kill(r.pid, unix.SIGKILL)
+		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), []byte(strconv.Itoa(*adj)), 0); err != nil && !errors.Is(err, unix.ESRCH) {
+			_ = unix.Kill(pid, unix.SIGKILL)
 			return 0, fmt.Errorf("process.oomScoreAdj %d: %w", *adj, err)
 		}
 	}
-	return r.pid, nil
+	return pid, nil
 }
 
 func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File) (int, error) {
@@ -154,19 +142,9 @@ func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File)
 		}
 	}
 	p := spec.Process
-	if p.NoNewPrivileges {
-		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-			return 0, fmt.Errorf("no_new_privs: %w", err)
-		}
-	}
-	var ambient []uintptr
-	if caps := p.Capabilities; caps != nil {
-		if err := limitThreadCapabilities(caps); err != nil {
-			return 0, err
-		}
-		for _, name := range caps.Ambient {
-			ambient = append(ambient, uintptr(capabilities[name]))
-		}
+	ambient, err := restrictThread(p)
+	if err != nil {
+		return 0, err
 	}
 	var clone uintptr
 	if hasNamespace(spec, specs.PIDNamespace) {

@@ -38,7 +38,7 @@ func sandboxSpec() *specs.Spec {
 func testCgroup(t *testing.T, name string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("skipped: starting a sandbox init needs root")
+		t.Skip("skipped: joining and making namespaces needs root")
 	}
 	root := "/sys/fs/cgroup"
 	if _, err := os.Stat(filepath.Join(root, "unified", "cgroup.procs")); err == nil {
