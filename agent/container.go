@@ -350,6 +350,12 @@ func (m *containers) exec(ctx context.Context, req *agentv1.ExecProcessRequest) 
 		delete(c.execs, req.ExecId)
 		return 0, fmt.Errorf("container %s exec %s: %w", c.id, req.ExecId, err)
 	}
+	if c.execs == nil {
+		// Removed meanwhile (a forced remove): the process must not outlive its container.
+		_ = unix.Kill(p.pid, unix.SIGKILL)
+		p.release()
+		return 0, fmt.Errorf("container %s was removed during exec %s: %w", c.id, req.ExecId, errdefs.ErrNotFound)
+	}
 	c.execs[req.ExecId] = p
 	return p.pid, nil
 }
@@ -360,12 +366,21 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 		return nil, err
 	}
 	defer streams.close()
+	if c.runc == nil {
+		// Its init is only chrooted in the guest's mount namespace: there is no container
+		// filesystem to run an exec in. CRI never execs into a sandbox.
+		return nil, fmt.Errorf("the pod's sandbox container, started by the agent, takes no exec: %w", errdefs.ErrFailedPrecondition)
+	}
 	why := runcOnly(c, spec, stdioReq.GetTerminal())
 	if why == "" {
-		return m.startExec(c, execID, spec, streams)
-	}
-	if c.runc == nil {
-		return nil, fmt.Errorf("an exec with %s needs runc, and the agent started this sandbox container itself: %w", why, errdefs.ErrFailedPrecondition)
+		p, err := m.startExec(c, execID, spec, streams)
+		if !errors.Is(err, unix.EBUSY) {
+			return p, err
+		}
+		// EBUSY: the container enabled controllers in its own cgroup (systemd, nested
+		// containers), which a process can no longer be forked into; runc joins the
+		// init's cgroup instead.
+		why = "a cgroup with controllers enabled below it"
 	}
 	slog.Debug("exec through runc", "container", c.id, "exec", execID, "because", why)
 	pidFile := filepath.Join(c.bundle, "exec-"+execID+".pid")

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -70,9 +71,15 @@ type nsExec struct {
 //   - a terminal (runc allocates the pty in the container's devpts instance);
 //   - rlimits, scheduler, I/O priority and CPU affinity of the process (per-process
 //     state a forking thread cannot give only its child);
-//   - capabilities whose names this kernel does not know (runc's rules for them).
+//   - capabilities whose names this kernel does not know (runc's rules for them), or none
+//     at all (runc then gives the container's);
+//   - a process with no args (a Windows-style commandLine).
 func runcOnly(c *container, p *specs.Process, terminal bool) string {
 	switch {
+	case len(p.Args) == 0:
+		return "no args (a commandLine)"
+	case p.Capabilities == nil:
+		return "no capabilities given (runc falls back to the container's)"
 	case c.seccomp:
 		return "the container has a seccomp profile"
 	case terminal || p.Terminal:
@@ -82,14 +89,8 @@ func runcOnly(c *container, p *specs.Process, terminal bool) string {
 	case p.Scheduler != nil || p.IOPriority != nil || p.ExecCPUAffinity != nil:
 		return "scheduler, I/O priority or CPU affinity"
 	}
-	if p.Capabilities != nil {
-		for _, set := range [][]string{p.Capabilities.Bounding, p.Capabilities.Inheritable, p.Capabilities.Ambient} {
-			for _, name := range set {
-				if _, ok := capabilities[name]; !ok {
-					return "capability " + name
-				}
-			}
-		}
+	if name := unknownCapability(p.Capabilities); name != "" {
+		return "capability " + name
 	}
 	for _, ns := range []string{"user", "time"} {
 		same, err := sameNamespace(c.initPid(), ns)
@@ -98,6 +99,16 @@ func runcOnly(c *container, p *specs.Process, terminal bool) string {
 		}
 		if !same {
 			return "a " + ns + " namespace of its own"
+		}
+	}
+	return ""
+}
+
+// unknownCapability is the first name in caps this agent does not know, or "".
+func unknownCapability(caps *specs.LinuxCapabilities) string {
+	for _, name := range slices.Concat(caps.Bounding, caps.Effective, caps.Permitted, caps.Inheritable, caps.Ambient) {
+		if _, ok := capabilities[name]; !ok {
+			return name
 		}
 	}
 	return ""
@@ -182,6 +193,12 @@ func (x nsExec) forkOnThisThread() (int, error) {
 	}
 	fds = append(fds, cgroupFD)
 
+	// Read in the guest's /proc, before the thread sees the container's (whose /proc a
+	// container could have mounted over).
+	last, err := lastCap()
+	if err != nil {
+		return 0, err
+	}
 	// A thread may join a mount namespace only with an fs_struct of its own.
 	if err := unix.Unshare(unix.CLONE_FS); err != nil {
 		return 0, fmt.Errorf("unshare fs: %w", err)
@@ -198,10 +215,9 @@ func (x nsExec) forkOnThisThread() (int, error) {
 		umask = int(*p.User.Umask)
 	}
 	unix.Umask(umask)
-	if fi, err := os.Stat(p.Cwd); err != nil || !fi.IsDir() {
-		if err == nil {
-			err = unix.ENOTDIR
-		}
+	// The thread's cwd is its own since the unshare: a relative command is found from the
+	// process's cwd, as runc finds it after its chdir.
+	if err := unix.Chdir(p.Cwd); err != nil {
 		return 0, fmt.Errorf("exec failed: unable to start container process: chdir to cwd (%q) set in config.json failed: %w", p.Cwd, err)
 	}
 	env := withHome(p.Env, int(p.User.UID))
@@ -209,7 +225,7 @@ func (x nsExec) forkOnThisThread() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("exec failed: unable to start container process: %w", err)
 	}
-	ambient, err := restrictThread(p)
+	ambient, err := restrictThread(p, last)
 	if err != nil {
 		return 0, err
 	}
@@ -239,7 +255,7 @@ func (x nsExec) forkOnThisThread() (int, error) {
 // restrictThread gives the calling thread the process's no_new_privs and capability
 // bounding and inheritable sets, which a child it forks keeps, and returns the ambient
 // capabilities the child must raise itself (SysProcAttr.AmbientCaps).
-func restrictThread(p *specs.Process) ([]uintptr, error) {
+func restrictThread(p *specs.Process, lastCap int) ([]uintptr, error) {
 	if p.NoNewPrivileges {
 		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 			return nil, fmt.Errorf("no_new_privs: %w", err)
@@ -249,12 +265,16 @@ func restrictThread(p *specs.Process) ([]uintptr, error) {
 	if caps == nil {
 		return nil, nil
 	}
-	if err := limitThreadCapabilities(caps); err != nil {
+	if err := limitThreadCapabilities(caps, lastCap); err != nil {
 		return nil, err
 	}
+	// The kernel keeps an ambient capability only if it is permitted and inheritable;
+	// Go's child adds it to both sets itself, so the spec's sets are checked here.
 	ambient := make([]uintptr, 0, len(caps.Ambient))
 	for _, name := range caps.Ambient {
-		ambient = append(ambient, uintptr(capabilities[name]))
+		if slices.Contains(caps.Permitted, name) && slices.Contains(caps.Inheritable, name) && slices.Contains(caps.Bounding, name) {
+			ambient = append(ambient, uintptr(capabilities[name]))
+		}
 	}
 	return ambient, nil
 }
@@ -264,11 +284,7 @@ func restrictThread(p *specs.Process) ([]uintptr, error) {
 // still needs CAP_SETUID and CAP_SETGID to become the process's user, and the exec
 // computes them from bounding, inheritable and ambient as it does for `runc exec`'s
 // process (root: bounding ∪ inheritable; others: ambient, plus file capabilities).
-func limitThreadCapabilities(caps *specs.LinuxCapabilities) error {
-	last, err := lastCap()
-	if err != nil {
-		return err
-	}
+func limitThreadCapabilities(caps *specs.LinuxCapabilities, last int) error {
 	keep := map[int]bool{}
 	for _, name := range caps.Bounding {
 		keep[capabilities[name]] = true
@@ -314,7 +330,9 @@ func lookPath(file string, env []string) (string, error) {
 		if dir == "" {
 			dir = "."
 		}
-		if path, err := exec.LookPath(filepath.Join(dir, file)); err == nil {
+		// dir + "/" + file always has a slash: LookPath then checks that file and never
+		// searches the agent's own PATH (filepath.Join(".", "x") would be "x").
+		if path, err := exec.LookPath(dir + "/" + file); err == nil {
 			return path, nil
 		}
 	}
@@ -346,11 +364,16 @@ func withHome(env []string, uid int) []string {
 }
 
 func passwdHome(path string, uid int) (string, error) {
-	f, err := os.Open(path)
+	// Non-blocking, and only a regular file: the container owns this path, and a FIFO
+	// there must not hold the agent's thread for ever.
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return "", err
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return "", fmt.Errorf("%s: not a regular file", path)
+	}
 	s := bufio.NewScanner(f)
 	for s.Scan() {
 		fields := strings.Split(s.Text(), ":")

@@ -107,8 +107,9 @@ func TestExecJoinsTheContainer(t *testing.T) {
 		NoNewPrivileges: true,
 		Capabilities: &specs.LinuxCapabilities{
 			Bounding:    []string{"CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"},
+			Permitted:   []string{"CAP_NET_BIND_SERVICE"},
 			Inheritable: []string{"CAP_NET_BIND_SERVICE"},
-			Ambient:     []string{"CAP_NET_BIND_SERVICE"},
+			Ambient:     []string{"CAP_NET_BIND_SERVICE", "CAP_KILL"}, // CAP_KILL: not permitted, dropped
 		},
 	}
 	status, out, err := runInContainer(t, initPid, cgroup, p)
@@ -172,8 +173,28 @@ func TestExecFailuresNameTheirCause(t *testing.T) {
 			}
 		})
 	}
-	// A file found only in the container's mount namespace is looked up there.
+	// A relative command is found from the process's cwd, and a "." in PATH means that
+	// cwd, never the agent's own PATH.
+	script := fmt.Sprintf("/proc/%d/root/mnt/run.sh", initPid)
+	if err := os.WriteFile(script, []byte("#!/bin/sh\necho relative-ok\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		path string
+	}{{[]string{"./run.sh"}, "/usr/bin:/bin"}, {[]string{"run.sh"}, ".:/usr/bin"}} {
+		p := specs.Process{Cwd: "/mnt", Env: []string{"PATH=" + tc.path}, Args: tc.args}
+		if status, out, err := runInContainer(t, initPid, cgroup, &p); err != nil || status != 0 || out != "relative-ok\n" {
+			t.Errorf("%v with PATH=%s from /mnt: %d %q %v", tc.args, tc.path, status, out, err)
+		}
+	}
 	p := base
+	p.Args, p.Env = []string{"true"}, []string{"PATH=/nonexistent"}
+	if _, _, err := runInContainer(t, initPid, cgroup, &p); err == nil {
+		t.Error("true found with PATH=/nonexistent: the agent's own PATH was searched")
+	}
+	// A file found only in the container's mount namespace is looked up there.
+	p = base
 	p.Args = []string{"/bin/cat", "/mnt/marker"}
 	if status, out, err := runInContainer(t, initPid, cgroup, &p); err != nil || status != 0 || out != "in-the-container\n" {
 		t.Fatalf("cat /mnt/marker: %d %q %v", status, out, err)
@@ -182,7 +203,9 @@ func TestExecFailuresNameTheirCause(t *testing.T) {
 
 func TestRuncOnly(t *testing.T) {
 	self := &container{init: &process{pid: os.Getpid()}}
-	plain := func() *specs.Process { return &specs.Process{Args: []string{"true"}, Cwd: "/"} }
+	plain := func() *specs.Process {
+		return &specs.Process{Args: []string{"true"}, Cwd: "/", Capabilities: &specs.LinuxCapabilities{}}
+	}
 	if why := runcOnly(self, plain(), false); why != "" {
 		t.Fatalf("plain exec: %q, want none", why)
 	}
@@ -191,12 +214,14 @@ func TestRuncOnly(t *testing.T) {
 		edit     func(*specs.Process)
 		terminal bool
 	}{
-		"seccomp":    {c: &container{seccomp: true, init: self.init}},
-		"terminal":   {c: self, terminal: true},
-		"rlimits":    {c: self, edit: func(p *specs.Process) { p.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Soft: 1, Hard: 1}} }},
-		"scheduler":  {c: self, edit: func(p *specs.Process) { p.Scheduler = &specs.Scheduler{Policy: specs.SchedOther} }},
-		"capability": {c: self, edit: func(p *specs.Process) { p.Capabilities = &specs.LinuxCapabilities{Bounding: []string{"CAP_NOPE"}} }},
-		"gone init":  {c: &container{init: &process{pid: 1 << 30}}},
+		"seccomp":         {c: &container{seccomp: true, init: self.init}},
+		"terminal":        {c: self, terminal: true},
+		"rlimits":         {c: self, edit: func(p *specs.Process) { p.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Soft: 1, Hard: 1}} }},
+		"scheduler":       {c: self, edit: func(p *specs.Process) { p.Scheduler = &specs.Scheduler{Policy: specs.SchedOther} }},
+		"capability":      {c: self, edit: func(p *specs.Process) { p.Capabilities = &specs.LinuxCapabilities{Bounding: []string{"CAP_NOPE"}} }},
+		"no capabilities": {c: self, edit: func(p *specs.Process) { p.Capabilities = nil }},
+		"no args":         {c: self, edit: func(p *specs.Process) { p.Args = nil; p.CommandLine = "true" }},
+		"gone init":       {c: &container{init: &process{pid: 1 << 30}}},
 	} {
 		p := plain()
 		if tc.edit != nil {

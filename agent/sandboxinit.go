@@ -44,8 +44,10 @@ var sandboxNamespaces = []specs.LinuxNamespaceType{specs.PIDNamespace, specs.IPC
 
 // agentStartsSandbox says whether the agent starts spec's init itself ("") or why runc
 // must: it is no sandbox container, or it asks for what only runc gives (runcOnly's list:
-// a seccomp profile, a user namespace, a terminal, rlimits), a namespace the agent does
-// not make or one to join, a sysctl outside the IPC and UTS namespaces, a relative path.
+// a seccomp profile, a user namespace, a terminal, rlimits, no capabilities), a namespace
+// the agent does not make or one to join, a sysctl outside the IPC and UTS namespaces (or
+// without its namespace), a relative path, or it runs as root or with ambient
+// capabilities (a chroot is all that holds it).
 func agentStartsSandbox(spec *specs.Spec) string {
 	if spec.Annotations[criContainerType] != "sandbox" {
 		return "not a pod's sandbox container"
@@ -63,12 +65,17 @@ func agentStartsSandbox(spec *specs.Spec) string {
 	case len(p.Args) == 0 || !filepath.IsAbs(p.Args[0]):
 		return "a command that is not an absolute path"
 	}
-	if caps := p.Capabilities; caps != nil {
-		for _, name := range slices.Concat(caps.Bounding, caps.Inheritable, caps.Ambient) {
-			if _, ok := capabilities[name]; !ok {
-				return "capability " + name
-			}
-		}
+	switch {
+	case p.Capabilities == nil:
+		return "no capabilities given"
+	case unknownCapability(p.Capabilities) != "":
+		return "capability " + unknownCapability(p.Capabilities)
+	case p.User.UID == 0 || len(p.Capabilities.Ambient) > 0:
+		// The init is only chrooted, in the guest's mount namespace: a process that can
+		// keep CAP_SYS_CHROOT could climb out. runc pivots into a mount namespace.
+		return "a root or ambient-capable init"
+	case (spec.Hostname != "" || spec.Domainname != "") && !hasNamespace(spec, specs.UTSNamespace):
+		return "a host name without a UTS namespace"
 	}
 	for _, ns := range spec.Linux.Namespaces {
 		if !slices.Contains(sandboxNamespaces, ns.Type) || ns.Path != "" {
@@ -76,8 +83,13 @@ func agentStartsSandbox(spec *specs.Spec) string {
 		}
 	}
 	for k := range spec.Linux.Sysctl {
-		if !slices.Contains(ipcUTSSysctls, k) && !strings.HasPrefix(k, "fs.mqueue.") {
+		uts := k == "kernel.hostname" || k == "kernel.domainname"
+		switch {
+		case !slices.Contains(ipcUTSSysctls, k) && !strings.HasPrefix(k, "fs.mqueue."):
 			return "sysctl " + k
+		case uts && !hasNamespace(spec, specs.UTSNamespace), !uts && !hasNamespace(spec, specs.IPCNamespace):
+			// runc refuses them without the namespace: they would be the guest's
+			return "sysctl " + k + " without its namespace"
 		}
 	}
 	return ""
@@ -142,7 +154,11 @@ func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File)
 		}
 	}
 	p := spec.Process
-	ambient, err := restrictThread(p)
+	last, err := lastCap()
+	if err != nil {
+		return 0, err
+	}
+	ambient, err := restrictThread(p, last)
 	if err != nil {
 		return 0, err
 	}
@@ -197,9 +213,12 @@ func (r sandboxRunner) killAll(_ context.Context, sig unix.Signal) error {
 	return nil
 }
 
-// delete removes the cgroup once the kernel has emptied it (it does so after the last
-// process was reaped; runc delete waits the same way).
+// delete kills what is left (as runc delete --force does) and removes the cgroup once the
+// kernel has emptied it (after the last process was reaped).
 func (r sandboxRunner) delete(context.Context) error {
+	if err := os.WriteFile(filepath.Join(r.cgroup, "cgroup.kill"), []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("cgroup.kill: %w", err)
+	}
 	deadline := time.Now().Add(2 * time.Second)
 	for {
 		err := unix.Rmdir(r.cgroup)

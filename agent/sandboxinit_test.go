@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -154,7 +155,17 @@ func TestAgentStartsSandbox(t *testing.T) {
 		"non-namespaced sysctl": func(s *specs.Spec) {
 			s.Linux.Sysctl["kernel.panic"] = "1"
 		},
-		"unknown capability": func(s *specs.Spec) { s.Process.Capabilities.Ambient = []string{"CAP_NOPE"} },
+		"unknown capability": func(s *specs.Spec) { s.Process.Capabilities.Bounding = []string{"CAP_NOPE"} },
+		"no capabilities":    func(s *specs.Spec) { s.Process.Capabilities = nil },
+		"root":               func(s *specs.Spec) { s.Process.User.UID = 0 },
+		"ambient":            func(s *specs.Spec) { s.Process.Capabilities.Ambient = []string{"CAP_KILL"} },
+		"no args":            func(s *specs.Spec) { s.Process.Args = nil },
+		"host name, no UTS namespace": func(s *specs.Spec) {
+			s.Linux.Namespaces = slices.DeleteFunc(s.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.UTSNamespace })
+		},
+		"IPC sysctl, no IPC namespace": func(s *specs.Spec) {
+			s.Linux.Namespaces = slices.DeleteFunc(s.Linux.Namespaces, func(ns specs.LinuxNamespace) bool { return ns.Type == specs.IPCNamespace })
+		},
 	} {
 		s := sandboxSpec()
 		edit(s)

@@ -143,9 +143,9 @@ vmpod_runtime_stanza() {
 # runsc_runtime_stanza: gVisor as a third runtime handler, "runsc", when VMPOD_GVISOR_DIR
 # names a directory with runsc and containerd-shim-runsc-v1 (hack/gvisor.sh; make bench
 # sets it). systrap: the platform that needs neither KVM nor ptrace.
+# (cmd_config checks the directory first: a die in here would only end the substitution)
 runsc_runtime_stanza() {
   [ -n "${VMPOD_GVISOR_DIR:-}" ] || return 0
-  [ -x "$VMPOD_GVISOR_DIR/runsc" ] || die "VMPOD_GVISOR_DIR=$VMPOD_GVISOR_DIR has no runsc"
   mkdir -p "$TB_ETC/runsc"
   cat > "$TB_ETC/runsc/config.toml" <<EOT
 binary_name = "$VMPOD_GVISOR_DIR/runsc"
@@ -167,6 +167,10 @@ containerd_imports() { [ -z "${VMPOD_CONTAINERD_IMPORT:-}" ] || printf '"%s"' "$
 
 cmd_config() {
   mkdir -p "$TB_ETC/containerd" "$TB_ETC/certs.d" "$TB_ETC/cni/net.d"
+  if [ -n "${VMPOD_GVISOR_DIR:-}" ] &&
+    ! { [ -x "$VMPOD_GVISOR_DIR/runsc" ] && [ -x "$VMPOD_GVISOR_DIR/containerd-shim-runsc-v1" ]; }; then
+    die "VMPOD_GVISOR_DIR=$VMPOD_GVISOR_DIR: no runsc and containerd-shim-runsc-v1 there (hack/gvisor.sh builds them)"
+  fi
   [ -f "$TB_VMPOD_CONFIG" ] ||
     log "note: $TB_VMPOD_CONFIG does not exist yet (VMPOD_CONFIG): the vmpod shim will get a missing ConfigPath"
   cat > "$TB_ETC/containerd/config.toml" <<EOF

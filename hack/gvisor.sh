@@ -17,19 +17,20 @@ fi
 t0=$(date +%s)
 log "building gVisor $GVISOR_VERSION: runsc and containerd-shim-runsc-v1 (a few minutes)"
 rm -rf "$OUT.tmp" "$OUT.src" && mkdir -p "$OUT.tmp"
+trap 'rm -rf "$OUT.tmp" "$OUT.src"' EXIT
 # One change to gVisor's source: its shim sets its own OOM score to -999, which needs
 # CAP_SYS_RESOURCE (this test bed's containerd runs without it, as restrict_oom_score_adj
 # in containerd.sh says); patched, the shim keeps the score containerd gives it, as
 # containerd's runc shim nearly does (its parent's + 1). Nothing the bench measures
 # depends on it.
-src=$(go mod download -json gvisor.dev/gvisor@"$GVISOR_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+# (from outside the repository: the download must not touch vmpod's go.sum)
+src=$(cd "$VMPOD_CACHE" && GOFLAGS=-mod=mod go mod download -json gvisor.dev/gvisor@"$GVISOR_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
 [ -d "$src" ] || die "gvisor.dev/gvisor@$GVISOR_VERSION: not downloaded"
 cp -r "$src" "$OUT.src" && chmod -R u+w "$OUT.src"
 grep -q 'oomScoreMax = -999' "$OUT.src/pkg/shim/v1/manager.go" || die "gVisor's shim no longer sets oomScoreMax = -999: revisit the patch"
 sed -i 's/oomScoreMax = -999/oomScoreMax = 0/' "$OUT.src/pkg/shim/v1/manager.go"
 (cd "$OUT.src" && CGO_ENABLED=0 go build -ldflags "-s -w" -o "$OUT.tmp/runsc" ./runsc &&
   CGO_ENABLED=0 go build -ldflags "-s -w" -o "$OUT.tmp/shim" ./shim)
-rm -rf "$OUT.src"
 mv "$OUT.tmp/shim" "$OUT.tmp/containerd-shim-runsc-v1"
 "$OUT.tmp/runsc" --version >&2
 publish "$OUT.tmp" "$OUT"
