@@ -76,21 +76,13 @@ type nsExec struct {
 //   - a process with no args (a Windows-style commandLine).
 func runcOnly(c *container, p *specs.Process, terminal bool) string {
 	switch {
-	case len(p.Args) == 0:
-		return "no args (a commandLine)"
-	case p.Capabilities == nil:
-		return "no capabilities given (runc falls back to the container's)"
 	case c.seccomp:
 		return "the container has a seccomp profile"
-	case terminal || p.Terminal:
+	case terminal:
 		return "a terminal"
-	case len(p.Rlimits) > 0:
-		return "rlimits"
-	case p.Scheduler != nil || p.IOPriority != nil || p.ExecCPUAffinity != nil:
-		return "scheduler, I/O priority or CPU affinity"
 	}
-	if name := unknownCapability(p.Capabilities); name != "" {
-		return "capability " + name
+	if why := processNeedsRunc(p); why != "" {
+		return why
 	}
 	for _, ns := range []string{"user", "time"} {
 		same, err := sameNamespace(c.initPid(), ns)
@@ -100,6 +92,27 @@ func runcOnly(c *container, p *specs.Process, terminal bool) string {
 		if !same {
 			return "a " + ns + " namespace of its own"
 		}
+	}
+	return ""
+}
+
+// processNeedsRunc says what of a process only runc can give it (runcOnly's list, for the
+// process alone), or "": both the agent's exec and its sandbox init ask.
+func processNeedsRunc(p *specs.Process) string {
+	switch {
+	case len(p.Args) == 0:
+		return "no args (a commandLine)"
+	case p.Capabilities == nil:
+		return "no capabilities given (runc falls back to the container's)"
+	case p.Terminal:
+		return "a terminal"
+	case len(p.Rlimits) > 0:
+		return "rlimits"
+	case p.Scheduler != nil || p.IOPriority != nil || p.ExecCPUAffinity != nil:
+		return "scheduler, I/O priority or CPU affinity"
+	}
+	if name := unknownCapability(p.Capabilities); name != "" {
+		return "capability " + name
 	}
 	return ""
 }

@@ -53,23 +53,15 @@ func agentStartsSandbox(spec *specs.Spec) string {
 		return "not a pod's sandbox container"
 	}
 	p := spec.Process
-	switch {
-	case spec.Linux.Seccomp != nil:
+	if spec.Linux.Seccomp != nil {
 		return "a seccomp profile"
-	case p.Terminal:
-		return "a terminal"
-	case len(p.Rlimits) > 0:
-		return "rlimits"
-	case p.Scheduler != nil || p.IOPriority != nil || p.ExecCPUAffinity != nil:
-		return "scheduler, I/O priority or CPU affinity"
-	case len(p.Args) == 0 || !filepath.IsAbs(p.Args[0]):
-		return "a command that is not an absolute path"
+	}
+	if why := processNeedsRunc(p); why != "" {
+		return why
 	}
 	switch {
-	case p.Capabilities == nil:
-		return "no capabilities given"
-	case unknownCapability(p.Capabilities) != "":
-		return "capability " + unknownCapability(p.Capabilities)
+	case !filepath.IsAbs(p.Args[0]):
+		return "a command that is not an absolute path"
 	case p.User.UID == 0 || len(p.Capabilities.Ambient) > 0:
 		// The init is only chrooted, in the guest's mount namespace: a process that can
 		// keep CAP_SYS_CHROOT could climb out. runc pivots into a mount namespace.
@@ -254,22 +246,4 @@ func (r sandboxRunner) freeze(ctx context.Context, frozen bool) error {
 
 func (sandboxRunner) update(context.Context, *specs.LinuxResources) error {
 	return fmt.Errorf("the pod's sandbox container runs no workload: its limits are the pod's, set on the host: %w", errdefs.ErrFailedPrecondition)
-}
-
-// cgroupPids lists the processes in a cgroup directory (none once it is gone).
-func cgroupPids(dir string) ([]uint32, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var pids []uint32
-	for f := range strings.FieldsSeq(string(b)) {
-		if pid, err := strconv.ParseUint(f, 10, 32); err == nil {
-			pids = append(pids, uint32(pid))
-		}
-	}
-	return pids, nil
 }

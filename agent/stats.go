@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -111,4 +112,22 @@ func ioStats(dir string) []*agentv1.IOStats {
 		out = append(out, &s)
 	}
 	return out
+}
+
+// cgroupPids lists the processes in a cgroup directory (none once it is gone).
+func cgroupPids(dir string) ([]uint32, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var pids []uint32
+	for f := range strings.FieldsSeq(string(b)) {
+		if pid, err := strconv.ParseUint(f, 10, 32); err == nil {
+			pids = append(pids, uint32(pid))
+		}
+	}
+	return pids, nil
 }
