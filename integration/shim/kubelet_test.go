@@ -387,7 +387,10 @@ func TestTaskPidsAreHostPids(t *testing.T) {
 	eachHandler(t, "pids", func(t *testing.T, pod *testenv.Pod) {
 		trapper := pod.Container(testenv.ContainerConfig{
 			Metadata: testenv.Metadata{Name: "trapper"},
-			Command:  sh(`trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.2; done`),
+			// one long sleep, not a loop of short ones: `ctr task ps` below lists the
+			// container's processes and checks each on the host; a loop's sleep can end
+			// between the listing and the check (CI saw it with runc)
+			Command: sh(`trap 'echo got-term; exit 3' TERM; echo ready; sleep 3600 & wait`),
 		})
 		victim := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "victim"}, Command: []string{"sleep", "3600"}})
 		sandboxPid, containerPid := infoPid(t, "inspectp", pod.ID), infoPid(t, "inspect", trapper)
