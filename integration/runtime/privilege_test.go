@@ -60,6 +60,19 @@ func TestQEMUIsUnprivileged(t *testing.T) {
 	if uidA == strings.Fields(stB["Uid"])[0] {
 		t.Errorf("both QEMUs run as uid %s", uidA)
 	}
+	// each QEMU has SysV IPC of its own: nothing it makes there outlives it for the uid's
+	// next holder, nor is seen by another pod's (files its uid leaves are swept at lease)
+	ipcNS := func(pid int) string {
+		t.Helper()
+		ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/ipc", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ns
+	}
+	if own, nsA, nsB := ipcNS(os.Getpid()), ipcNS(pidA), ipcNS(pidB); nsA == own || nsB == own || nsA == nsB {
+		t.Errorf("IPC namespaces: ours %s, QEMU A's %s, QEMU B's %s; want one of its own each", own, nsA, nsB)
+	}
 
 	// A process with QEMU A's credentials: it can read its own QEMU's /proc (the control:
 	// the helper does run and can read what its uid owns) and nothing of B's.

@@ -133,7 +133,7 @@ func (i Isolation) QEMUUsers() *vmuser.Pool {
 	if i.QEMUUser == QEMUUserRoot {
 		return nil
 	}
-	return &vmuser.Pool{Dir: i.LockDir, First: i.FirstUID, Count: i.UIDs}
+	return &vmuser.Pool{Dir: i.LockDir, First: i.FirstUID, Count: i.UIDs, Sweep: vmuser.DefaultSweep}
 }
 
 // Annotations lists the vmpod.dev/* pod annotations pod authors may set on this node.

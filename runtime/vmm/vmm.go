@@ -272,6 +272,9 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 			return err
 		}
 		cmd.SysProcAttr.Credential = cred
+		// SysV IPC of its own: the uid's next holder must not find what this QEMU made
+		// there (its files are swept at lease, runtime/vmuser), nor may other pods see it
+		cmd.SysProcAttr.Cloneflags |= syscall.CLONE_NEWIPC
 		if m.cfg.Type == machine.Q35 { // may get a passed-through device
 			if err := raiseMemlock(); err != nil && len(m.cfg.HostDevices) > 0 {
 				return err

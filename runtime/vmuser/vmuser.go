@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -30,8 +31,14 @@ const (
 	DefaultCount = 0x10000
 )
 
+// DefaultSweep are the host's world-writable directories, where a VM's uid can leave files
+// behind it (docs/design/014).
+var DefaultSweep = []string{"/tmp", "/var/tmp", "/dev/shm"}
+
 // Default is the node's default pool.
-func Default() Pool { return Pool{Dir: DefaultDir, First: DefaultFirst, Count: DefaultCount} }
+func Default() Pool {
+	return Pool{Dir: DefaultDir, First: DefaultFirst, Count: DefaultCount, Sweep: DefaultSweep}
+}
 
 // Pool is a range of host uids reserved for VMs. The gid of each lease is its uid: a
 // group of its own, that no file on the host belongs to.
@@ -40,6 +47,11 @@ type Pool struct {
 	Dir string
 	// First is the pool's first uid; Count how many it has.
 	First, Count uint32
+	// Sweep are directories swept of a uid's files before it is leased again, so that a
+	// VM never finds what an earlier VM of the same uid left (files in /tmp, POSIX shared
+	// memory in /dev/shm). QEMU's SysV IPC needs no sweep: it gets an IPC namespace of
+	// its own (runtime/vmm).
+	Sweep []string
 }
 
 // Validate names what is wrong with the range.
@@ -109,6 +121,10 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 			}
 			continue
 		}
+		if err := sweep(uid, p.Sweep); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("vm users: uid %d: remove what its earlier holder left: %w", uid, err)
+		}
 		// the record is informative: a failed write leaves the lease good
 		if err := f.Truncate(0); err == nil {
 			_, _ = f.WriteAt([]byte(owner+"\n"), 0)
@@ -176,4 +192,58 @@ func (p Pool) Held(owner string) ([]uint32, error) {
 		f.Close()
 	}
 	return held, nil
+}
+
+// sweep removes uid's files and directories from dirs. A uid creates files only where it
+// may write: in a world-writable directory or in one of its own (its group owns nothing),
+// so the walk enters only world-writable directories, on the same filesystem, and removes
+// whatever uid owns there, whole. No process runs as uid meanwhile (checked before), so
+// nothing it owns moves under the walk; symbolic links are removed, never followed.
+func sweep(uid uint32, dirs []string) error {
+	var errs []error
+	for _, dir := range dirs {
+		st, err := os.Lstat(dir)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !st.IsDir() {
+			errs = append(errs, fmt.Errorf("%s: not a directory", dir))
+			continue
+		}
+		errs = append(errs, sweepDir(uid, dir, st.Sys().(*syscall.Stat_t).Dev))
+	}
+	return errors.Join(errs...)
+}
+
+func sweepDir(uid uint32, dir string, dev uint64) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range entries {
+		path := filepath.Join(dir, e.Name())
+		info, err := e.Info()
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		st := info.Sys().(*syscall.Stat_t)
+		switch {
+		case st.Uid == uid:
+			if err := os.RemoveAll(path); err != nil {
+				errs = append(errs, err)
+			}
+		case info.IsDir() && info.Mode().Perm()&0o002 != 0 && st.Dev == dev:
+			errs = append(errs, sweepDir(uid, path, dev))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -124,3 +124,76 @@ func TestValidate(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// What a uid's earlier holder left in the world-writable directories goes before the uid
+// is leased again; nobody else's files go, and no link is followed.
+func TestLeaseSweepsWhatTheLastHolderLeft(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to make files of another uid")
+	}
+	tmp, shm, outside := t.TempDir(), t.TempDir(), t.TempDir()
+	for _, d := range []string{tmp, shm} {
+		if err := os.Chmod(d, 0o1777); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := Pool{Dir: t.TempDir(), First: 0x7FFDFF10, Count: 1, Sweep: []string{tmp, shm, filepath.Join(tmp, "absent")}}
+	uid, other := int(p.First), int(p.First)+1
+	mk := func(path string, dir bool, owner int, mode os.FileMode) {
+		t.Helper()
+		var err error
+		if dir {
+			err = os.Mkdir(path, mode)
+		} else {
+			err = os.WriteFile(path, []byte("left"), mode)
+		}
+		if err == nil {
+			err = os.Chmod(path, mode) // past the umask
+		}
+		if err == nil {
+			err = os.Lchown(path, owner, owner)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	keep := filepath.Join(outside, "target")
+	mk(keep, false, 0, 0o644)
+	mk(filepath.Join(tmp, "secret"), false, uid, 0o600)
+	mk(filepath.Join(tmp, "tree"), true, uid, 0o700)
+	mk(filepath.Join(tmp, "tree", "inner"), false, uid, 0o600)
+	mk(filepath.Join(tmp, "others"), false, other, 0o644)
+	mk(filepath.Join(tmp, ".X11-unix"), true, 0, 0o1777) // world-writable: entered
+	mk(filepath.Join(tmp, ".X11-unix", "X9"), false, uid, 0o600)
+	mk(filepath.Join(tmp, ".X11-unix", "X1"), false, 0, 0o600)
+	mk(filepath.Join(tmp, "private"), true, 0, 0o755) // not world-writable: not entered
+	mk(filepath.Join(tmp, "private", "planted"), false, uid, 0o600)
+	mk(filepath.Join(shm, "qemu-ram"), false, uid, 0o600)
+	link := filepath.Join(tmp, "link")
+	if err := os.Symlink(keep, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+
+	l, err := p.Lease("vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	for _, gone := range []string{"secret", "tree", ".X11-unix/X9", "link"} {
+		if _, err := os.Lstat(filepath.Join(tmp, gone)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s is still there after the lease: %v", gone, err)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(shm, "qemu-ram")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the shared memory file is still there: %v", err)
+	}
+	for _, kept := range []string{filepath.Join(tmp, "others"), filepath.Join(tmp, ".X11-unix", "X1"),
+		filepath.Join(tmp, "private", "planted"), keep} {
+		if _, err := os.Lstat(kept); err != nil {
+			t.Errorf("%s went: %v", kept, err)
+		}
+	}
+}
