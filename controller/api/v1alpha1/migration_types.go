@@ -57,6 +57,10 @@ const (
 	MigrationSucceeded MigrationPhase = "Succeeded"
 	// MigrationFailed: the guest runs on in the source pod (or the VM was not running).
 	MigrationFailed MigrationPhase = "Failed"
+	// MigrationCancelled: deleted before the guest moved; it runs on in the source pod. A
+	// migration is cancelled by deleting it, so this phase shows only while the deletion
+	// waits on another finalizer (or to a watch that sees the last update).
+	MigrationCancelled MigrationPhase = "Cancelled"
 )
 
 // VirtualMachineMigrationStatus is how far the migration is, from the shims' account.
@@ -123,7 +127,11 @@ type VirtualMachineMigrationList struct {
 
 // Finished says whether the migration has ended, one way or the other.
 func (m *VirtualMachineMigration) Finished() bool {
-	return m.Status.Phase == MigrationSucceeded || m.Status.Phase == MigrationFailed
+	switch m.Status.Phase {
+	case MigrationSucceeded, MigrationFailed, MigrationCancelled:
+		return true
+	}
+	return false
 }
 
 func init() {

@@ -728,16 +728,37 @@ func (r *Reconciler) cancel(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			if err := r.succeed(ctx, m); err != nil {
 				return err
 			}
-		} else {
-			if err := r.deleteTarget(ctx, m); err != nil {
-				return err
-			}
-			r.Recorder.Eventf(m, nil, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "cancelled: the guest runs on in %s", m.Status.SourcePod)
+		} else if err := r.cancelled(ctx, m); err != nil {
+			return err
 		}
 		r.land(m.UID)
 	}
 	controllerutil.RemoveFinalizer(m, Finalizer)
 	return ctrl.IgnoreNotFound(r.Client.Update(ctx, m))
+}
+
+// cancelled records a cancel that left the guest in the source: the target pod goes and
+// the phase says Cancelled (its last write: the deletion then completes). The event goes on
+// the VM too, which outlives the migration object.
+func (r *Reconciler) cancelled(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
+	if err := r.deleteTarget(ctx, m); err != nil {
+		return err
+	}
+	where := m.Status.SourcePod
+	if where == "" {
+		where = "its pod (the migration had not started)"
+	}
+	m.Status.Phase = vmpodv1.MigrationCancelled
+	m.Status.EndTimestamp = &metav1.Time{Time: time.Now()}
+	if err := r.Client.Status().Update(ctx, m); err != nil {
+		return ctrl.IgnoreNotFound(err)
+	}
+	r.Recorder.Eventf(m, nil, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "cancelled: the guest runs on in %s", where)
+	vm := &vmpodv1.VirtualMachine{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err == nil {
+		r.Recorder.Eventf(vm, m, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "migration %s cancelled: the guest runs on in %s", m.Name, where)
+	}
+	return nil
 }
 
 // sourceMigratedAway says whether the source pod's guest has left (its container ended

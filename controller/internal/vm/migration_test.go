@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/vmspec"
@@ -343,12 +344,43 @@ func TestVirtualMachineMigration(t *testing.T) {
 	if m := f.waitPhase("fourth", vmpodv1.MigrationFailed); !strings.Contains(m.Status.FailureReason, "migration third of this VM runs") {
 		t.Errorf("a concurrent migration: %q", m.Status.FailureReason)
 	}
-	if err := f.c.Delete(f.ctx, f.getMigration("third")); err != nil {
+	// a finalizer of the test's own keeps the deleted migration readable after the
+	// controller's cancel, to see its last word
+	const hold = "test.vmpod.dev/hold"
+	third := f.getMigration("third")
+	controllerutil.AddFinalizer(third, hold)
+	if err := f.c.Update(f.ctx, third); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, timeout, "the cancelled migration and its target pod to go", func() (bool, string) {
+	if err := f.c.Delete(f.ctx, third); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, timeout, "the cancelled migration to say Cancelled and its target pod to go", func() (bool, string) {
+		m := f.getMigration("third")
+		return m.Status.Phase == vmpodv1.MigrationCancelled && m.Status.EndTimestamp != nil &&
+			!controllerutil.ContainsFinalizer(m, migration.Finalizer) && f.gone(t3.Name), fmt.Sprintf("%+v", m.Status)
+	})
+	third = f.getMigration("third")
+	controllerutil.RemoveFinalizer(third, hold)
+	if err := f.c.Update(f.ctx, third); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, timeout, "the cancelled migration to go", func() (bool, string) {
 		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: "third"}, &vmpodv1.VirtualMachineMigration{})
-		return apierrors.IsNotFound(err) && f.gone(t3.Name), fmt.Sprint(err)
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
+	testenv.Eventually(t, timeout, "a MigrationCancelled event on the VM, which outlives the migration", func() (bool, string) {
+		evs := &eventsv1.EventList{}
+		if err := f.c.List(f.ctx, evs, client.InNamespace(ns)); err != nil {
+			return false, err.Error()
+		}
+		for _, e := range evs.Items {
+			if e.Regarding.Kind == "VirtualMachine" && e.Regarding.Name == "mv" && e.Reason == "MigrationCancelled" &&
+				strings.Contains(e.Note, "migration third cancelled: the guest runs on in "+target.Name) {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprint(len(evs.Items), " events")
 	})
 	if got := shims.ran(); !strings.Contains(strings.Join(got, " "), target.Name+":"+vmspec.MigrateCancelCommand) {
 		t.Errorf("execs %v: want a cancel in the VM's pod", got)
