@@ -97,6 +97,9 @@ func run() error {
 		return err
 	}
 	agentv1.RegisterAgentService(server, svc)
+	if _, off := params[agentv1.KernelParamNoWarmup]; !off {
+		go warmRunc(context.Background(), svc.containers)
+	}
 	slog.Info("serving", "port", port.String(), "setup", time.Since(booted).Round(time.Millisecond))
 	listener := channel.Listen(port, func(format string, args ...any) { slog.Info(fmt.Sprintf(format, args...)) })
 	return server.Serve(context.Background(), listener)

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/internal/phases"
 )
@@ -144,6 +146,7 @@ func TestBenchCRI(t *testing.T) {
 	calls := map[string]sample{}   // vmpod's CRI calls, by call
 	phaseOf := map[string]sample{} // the shim's steps of a pod start, by step
 	var order []string             // the steps in the order they happen
+	cold := map[string]sample{}    // vmpod without the runc warm-up: pod start, RunPodSandbox, app create
 	for i := range n {
 		for _, handler := range handlers {
 			p, d := startPod(ctx, t, rs, handler, image, i)
@@ -172,6 +175,24 @@ func TestBenchCRI(t *testing.T) {
 			}
 			removePod(ctx, rs, p)
 		}
+		// the same vmpod pod with the guest's runc warm-up off, alternating with the
+		// others (docs/design/021)
+		var p criPod
+		var d podStart
+		withoutRuncWarmup(t, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
+		cold["pod start"] = append(cold["pod start"], d.total)
+		cold["RunPodSandbox"] = append(cold["RunPodSandbox"], d.runp)
+		for _, s := range shimPhases(t, p.container) {
+			if s.Name == "create" {
+				cold["app create"] = append(cold["app create"], s.Took)
+			}
+		}
+		removePod(ctx, rs, p)
+	}
+	warm := map[string]sample{"pod start": starts["vmpod"], "RunPodSandbox": calls["RunPodSandbox"], "app create": phaseOf["app create"]}
+	report(t, "the guest's runc warm-up (docs/design/021), vmpod pods with and without it (p50 of %d):", n)
+	for _, k := range []string{"RunPodSandbox", "app create", "pod start"} {
+		report(t, "  %-14s with %9s  without %9s  ratio %.2f", k, ms(warm[k].pct(0.5)), ms(cold[k].pct(0.5)), float64(warm[k].pct(0.5))/float64(cold[k].pct(0.5)))
 	}
 	reportIdleMemory(ctx, t, rs, image)
 	report(t, "CRI pod start (runp+create+start), runc:  %s", starts["runc"])
@@ -204,6 +225,37 @@ func TestBenchCRI(t *testing.T) {
 	}
 	report(t, "  ratio vmpod / runsc: pod start %.2f, ExecSync %.2f", float64(starts["vmpod"].pct(0.5))/float64(starts["runsc"].pct(0.5)),
 		float64(execs["vmpod"].pct(0.5))/float64(execs["runsc"].pct(0.5)))
+}
+
+// withoutRuncWarmup runs start with the guest's runc warm-up off: the node config the
+// vmpod shim reads at each pod's start gets vmpod.nowarmup on the guest kernel command
+// line, and its own content back once start returned (or the test ended).
+func withoutRuncWarmup(t *testing.T, start func()) {
+	t.Helper()
+	path := os.Getenv(testenv.EnvVmpodConfig)
+	orig, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(orig, []byte("kernel_params")) {
+		t.Fatalf("%s sets kernel_params already: the bench adds its own", path)
+	}
+	const section = "[hypervisor]\n"
+	if !bytes.Contains(orig, []byte(section)) {
+		t.Fatalf("%s has no [hypervisor] section", path)
+	}
+	cold := bytes.Replace(orig, []byte(section), []byte(section+"kernel_params = [\""+agentv1.KernelParamNoWarmup+"\"]\n"), 1)
+	restore := func() {
+		if err := os.WriteFile(path, orig, 0o644); err != nil {
+			t.Errorf("restore %s: %v", path, err)
+		}
+	}
+	if err := os.WriteFile(path, cold, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(restore)
+	defer restore()
+	start()
 }
 
 // hasHandler reports whether the CRI runtime has a runtime handler of that name.

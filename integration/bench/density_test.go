@@ -106,7 +106,7 @@ func TestBenchDensity(t *testing.T) {
 	atOnce := envCount("VMPOD_BENCH_AT_ONCE", 20)
 	idle := envCount("VMPOD_BENCH_IDLE_PODS", 50)
 
-	for _, handler := range []string{"runc", "vmpod"} {
+	burst := func(label, handler string) time.Duration {
 		var alone sample
 		for i := range 3 {
 			p, took := startPod(ctx, t, rs, handler, image, 1000+i)
@@ -119,8 +119,15 @@ func TestBenchDensity(t *testing.T) {
 			t.Fatal(err)
 		}
 		report(t, "density, %s: one pod alone %s; %d at once: all started after %s (%.1f× one alone; goal <= 3), each %s",
-			handler, ms(alone.pct(0.5)), atOnce, ms(wall), float64(wall)/float64(alone.pct(0.5)), each)
+			label, ms(alone.pct(0.5)), atOnce, ms(wall), float64(wall)/float64(alone.pct(0.5)), each)
+		return wall
 	}
+	burst("runc", "runc")
+	warm := burst("vmpod", "vmpod")
+	// what the guest's runc warm-up costs a burst on a CPU-bound node (docs/design/021)
+	var cold time.Duration
+	withoutRuncWarmup(t, func() { cold = burst("vmpod without the runc warm-up", "vmpod") })
+	report(t, "density, vmpod: %d at once with the runc warm-up %s, without %s (ratio %.2f)", atOnce, ms(warm), ms(cold), float64(warm)/float64(cold))
 
 	before := memAvailable(t)
 	var pods []criPod

@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
@@ -681,5 +682,42 @@ func TestCgroup(t *testing.T) {
 	}
 	if _, err := os.Stat(cgroupFile(cfg.Cgroup, "", "")); !os.IsNotExist(err) {
 		t.Fatalf("the cgroup is still there after the VM stopped: %v", err)
+	}
+}
+
+// The agent warms runc up at boot with a throwaway container (docs/design/021): it
+// succeeds in the real guest, cleans up (the agent says warmed only once runc deleted it),
+// and the kernel parameter turns it off.
+func TestRuncWarmup(t *testing.T) {
+	testenv.Require(t)
+	for _, warm := range []bool{true, false} {
+		t.Run(fmt.Sprint("warm=", warm), func(t *testing.T) {
+			cfg := testenv.VMConfig(t, "warmup")
+			if !warm {
+				cfg.Boot.KernelParams = append(cfg.Boot.KernelParams, agentv1.KernelParamNoWarmup)
+			}
+			vm := testenv.StartVM(t, cfg)
+			if warm {
+				testenv.WaitForWithin(t, time.Minute, "the agent to warm runc up", func() bool {
+					b, _ := os.ReadFile(cfg.LogPath)
+					if i := bytes.Index(b, []byte("runc warm-up failed")); i >= 0 {
+						t.Fatalf("the warm-up failed: %s", b[i:])
+					}
+					return bytes.Contains(b, []byte("runc warmed up"))
+				})
+				b, _ := os.ReadFile(cfg.LogPath)
+				i := bytes.Index(b, []byte("runc warmed up"))
+				line, _, _ := bytes.Cut(b[i:], []byte("\n"))
+				t.Logf("guest: %s", line)
+			}
+			// a container starts as usual, after the warm-up or without one
+			if exit, out, _ := run(t, vm, "after", nil, "echo", "ok"); exit.Status != 0 || out != "ok\n" {
+				t.Fatalf("a container after the warm-up: exit %d, %q", exit.Status, out)
+			}
+			b, _ := os.ReadFile(cfg.LogPath)
+			if got := bytes.Contains(b, []byte("runc warm")); got != warm {
+				t.Errorf("warm-up in the guest's log: %v, want %v", got, warm)
+			}
+		})
 	}
 }

@@ -19,4 +19,8 @@ const (
 	KernelParamShare = "vmpod.share"
 	// KernelParamDebug on the guest kernel command line turns on the agent's debug log.
 	KernelParamDebug = "vmpod.debug"
+	// KernelParamNoWarmup on the guest kernel command line (the node config's
+	// hypervisor.kernel_params) keeps the agent from warming runc up at boot
+	// (docs/design/021); make bench measures a pod start with and without.
+	KernelParamNoWarmup = "vmpod.nowarmup"
 )
