@@ -157,7 +157,7 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	}
 	phases.Mark(ctx, "prepare")
 	if cfg.SharedFS == machine.VirtioFS {
-		if err := m.startVirtiofsd(ctx, logFile); err != nil {
+		if err := m.startVirtiofsd(logFile); err != nil {
 			return nil, fmt.Errorf("vm %s: virtiofsd: %w", cfg.Name, err)
 		}
 		phases.Mark(ctx, "virtiofsd")
@@ -201,13 +201,32 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	return m, nil
 }
 
-func (m *Machine) startVirtiofsd(ctx context.Context, logFile *os.File) error {
+func (m *Machine) startVirtiofsd(logFile *os.File) error {
+	// The shim listens and hands virtiofsd the listening socket (--fd), as libvirt does:
+	// QEMU's connection then waits in the backlog however late virtiofsd gets to accept
+	// it. Waiting for virtiofsd's own socket to appear raced its listen (a burst of 20
+	// pods saw "connection refused" between its bind and its listen).
 	sock := m.plan.paths.virtiofsdSock
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) { // an earlier boot's
+		return fmt.Errorf("listen for virtiofsd: %w", err)
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		return fmt.Errorf("listen for virtiofsd: %w", err)
+	}
+	l.SetUnlinkOnClose(false) // QEMU's connection is made by path, after this returns
+	listening, err := l.File()
+	l.Close()
+	if err != nil {
+		return fmt.Errorf("listen for virtiofsd: %w", err)
+	}
+	defer listening.Close() // virtiofsd has its own copy once started
 	cmd := exec.Command(m.cfg.VirtiofsdPath,
-		"--socket-path="+sock,
+		"--fd=3",
 		"-o", "source="+m.plan.paths.shared,
 		"-o", "cache=auto",
 		"-o", "xattr")
+	cmd.ExtraFiles = []*os.File{listening}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// A dying shim must not leave virtiofsd behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -225,24 +244,7 @@ func (m *Machine) startVirtiofsd(ctx context.Context, logFile *os.File) error {
 		}
 		return err
 	}
-	// QEMU connects to the socket at start-up, so it must exist first.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return nil
-		}
-		select {
-		case <-done:
-			return fmt.Errorf("exited before creating %s: %s", sock, cmd.ProcessState)
-		case <-ctx.Done():
-			return ctx.Err()
-		default:
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no socket at %s after 5s", sock)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	return nil
 }
 
 // stopHelper waits briefly for a helper that should exit on its own, then kills it.
