@@ -29,6 +29,9 @@ const (
 // Main runs the agent as the guest's init. It never returns: on a fatal error it logs
 // why to the console (the VM's log on the host) and powers the VM off.
 func Main() {
+	if len(os.Args) > 2 && os.Args[1] == idleExecArg {
+		execIdle(os.Args[2:]) // the agent's own trampoline (warmup.go), never returns
+	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "vmpod-agent is the guest's init (PID 1); it does not run on a host")
 		os.Exit(2)

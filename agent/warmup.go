@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -65,32 +66,54 @@ func warmupOnce(ctx context.Context, m *containers) error {
 	if err := os.WriteFile(filepath.Join(bundle, "config.json"), b, 0o600); err != nil {
 		return err
 	}
-	runcLog := filepath.Join(bundle, "runc.log")
-	global := []string{"--root", filepath.Join(warmupRoot, "state"), "--log", runcLog, "--log-format", "json"}
-	createErr := m.runIdle(ctx, append(global, "create", "--bundle", bundle, warmupID)...)
-	// delete whatever create left, even after a failure half-way
-	deleteErr := m.runIdle(context.WithoutCancel(ctx), append(global, "delete", "--force", warmupID)...)
-	if createErr != nil {
-		return fmt.Errorf("runc create: %w", runcError(&runc.Runc{Log: runcLog}, createErr))
+	run := func(ctx context.Context, verb string, args ...string) error {
+		r := &runc.Runc{Log: filepath.Join(warmupRoot, verb+".log")} // for runcError
+		global := []string{"--root", filepath.Join(warmupRoot, "state"), "--log", r.Log, "--log-format", "json"}
+		if err := m.runIdle(ctx, append(append(global, verb), args...)...); err != nil {
+			return fmt.Errorf("runc %s: %w", verb, runcError(r, err))
+		}
+		return nil
 	}
-	if deleteErr != nil {
-		return fmt.Errorf("runc delete: %w", runcError(&runc.Runc{Log: runcLog}, deleteErr))
+	createErr := run(ctx, "create", "--bundle", bundle, warmupID)
+	// delete whatever create left, even after a failure half-way
+	deleteErr := run(context.WithoutCancel(ctx), "delete", "--force", warmupID)
+	if err := errors.Join(createErr, deleteErr); err != nil {
+		return err
+	}
+	// runc removed the container's cgroup: "warmed up" says nothing was left behind
+	if _, err := os.Stat(filepath.Join(cgroupRoot, warmupCgroup)); !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("cgroup %s is still there after runc delete: %v", warmupCgroup, err)
 	}
 	return nil
 }
 
-// runIdle runs runc with args as SCHED_IDLE, which its children inherit: set on the
-// process right after its start, long before runc's Go start-up gets to fork anything.
-// (Not on an agent thread: a SCHED_IDLE thread holding the runtime's fork lock or a GC
-// stop-the-world would hold up the agent's real work behind the idle class.)
+// idleExecArg makes the agent binary a trampoline: `vmpod-agent --exec-idle prog args...`
+// sets SCHED_IDLE on itself and executes prog.
+const idleExecArg = "--exec-idle"
+
+// execIdle is the trampoline. The scheduling class is a thread's: set after runc started,
+// it would reach only runc's main thread, not the threads its Go runtime has started by
+// then nor whatever they fork. Set here on the one thread that calls execve (the main
+// goroutine is locked to the main thread, nsexec.go), it is the only thread runc starts
+// with, and everything runc starts inherits it. (Not on an agent thread either: a
+// SCHED_IDLE thread holding the Go runtime's fork lock, or late to a stop-the-world, would
+// hold the agent's real work up behind the idle class.)
+func execIdle(argv []string) {
+	if err := unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}, 0); err != nil {
+		fmt.Fprintln(os.Stderr, "SCHED_IDLE:", err)
+		os.Exit(126)
+	}
+	err := unix.Exec(argv[0], argv, os.Environ())
+	fmt.Fprintln(os.Stderr, "exec", argv[0]+":", err)
+	os.Exit(127)
+}
+
+// runIdle runs runc with args as SCHED_IDLE, through the agent's own trampoline.
 func (m *containers) runIdle(ctx context.Context, args ...string) error {
-	cmd := exec.CommandContext(ctx, m.runcBinary, args...)
+	cmd := exec.CommandContext(ctx, "/proc/self/exe", append([]string{idleExecArg, m.runcBinary}, args...)...)
 	ec, err := m.reaper.Start(cmd)
 	if err != nil {
 		return err
-	}
-	if err := unix.SchedSetAttr(cmd.Process.Pid, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE}, 0); err != nil {
-		slog.Warn("runc warm-up at normal priority", "error", fmt.Errorf("SCHED_IDLE: %w", err))
 	}
 	status, err := m.reaper.Wait(cmd, ec)
 	if err != nil {

@@ -372,6 +372,15 @@ func TestAgentCallTimesOutWhenGuestStops(t *testing.T) {
 	// StartVM's cleanup checks for leaks.
 }
 
+// fakeVirtiofsd is a virtiofsd that says why it will not serve and exits.
+func fakeVirtiofsd(t *testing.T) string {
+	path := filepath.Join(t.TempDir(), "virtiofsd")
+	if err := os.WriteFile(path, []byte("#!/bin/sh\necho 'fake virtiofsd: refusing' >&2\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func TestStartFailuresLeaveNothing(t *testing.T) {
 	testenv.Require(t)
 	kernel := testenv.Kernel(t)
@@ -389,6 +398,9 @@ func TestStartFailuresLeaveNothing(t *testing.T) {
 		{"guest never reaches the agent", func(c *vmpodagent.Config) { c.Boot.Initrd = kernel }, "boot"},
 		// QEMU itself refuses to start.
 		{"QEMU cannot start the machine", func(c *vmpodagent.Config) { c.MemoryMiB = 1 << 30 }, "QEMU exited"},
+		// virtiofsd refuses at once: its own words reach the error (through the VM's log),
+		// whether the shim's connection or QEMU's handshake is the first to find it gone
+		{"virtiofsd exits at once", func(c *vmpodagent.Config) { c.VirtiofsdPath = fakeVirtiofsd(t) }, "fake virtiofsd: refusing"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

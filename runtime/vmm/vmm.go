@@ -44,6 +44,9 @@ type Machine struct {
 	cgroup *podCgroup    // nil without Config.Cgroup
 	lease  *vmuser.Lease // QEMU's uid; nil: QEMU runs as root
 
+	// virtiofsdEnded says how virtiofsd ended, or "" while it runs; nil without one
+	virtiofsdEnded func() string
+
 	vncClients atomic.Uint64 // names the connections DialVNC hands to QEMU
 	// arrived: a machine started Incoming has its guest (AwaitIncoming saw it), so it may
 	// send it on
@@ -165,6 +168,11 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 
 	files, err := openHostFiles(plan, logFile)
 	if err != nil {
+		if m.virtiofsdEnded != nil {
+			if ended := m.virtiofsdEnded(); ended != "" { // it refused the connection by dying
+				err = fmt.Errorf("%w: virtiofsd %s%s", err, ended, m.ConsoleHint())
+			}
+		}
 		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 	}
 	// closed once QEMU started (below); a failure before that closes them here
@@ -206,15 +214,11 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 	// QEMU's connection then waits in the backlog however late virtiofsd gets to accept
 	// it. Waiting for virtiofsd's own socket to appear raced its listen (a burst of 20
 	// pods saw "connection refused" between its bind and its listen).
-	sock := m.plan.paths.virtiofsdSock
-	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) { // an earlier boot's
-		return fmt.Errorf("listen for virtiofsd: %w", err)
-	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: m.plan.paths.virtiofsdSock, Net: "unix"})
 	if err != nil {
 		return fmt.Errorf("listen for virtiofsd: %w", err)
 	}
-	l.SetUnlinkOnClose(false) // QEMU's connection is made by path, after this returns
+	l.SetUnlinkOnClose(false) // openHostFiles dials it by path for QEMU, after this returns
 	listening, err := l.File()
 	l.Close()
 	if err != nil {
@@ -237,6 +241,14 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
 	m.teardown.Add("stop virtiofsd", func() error { return stopHelper(cmd, done) })
+	m.virtiofsdEnded = func() string {
+		select {
+		case <-done:
+			return "exited: " + cmd.ProcessState.String()
+		case <-time.After(100 * time.Millisecond): // a refused connection comes before the reaping
+			return ""
+		}
+	}
 	if err := m.joinCgroup(cmd.Process.Pid); err != nil {
 		if errors.Is(err, syscall.ESRCH) { // died at once (see startQEMU)
 			<-done

@@ -31,9 +31,10 @@ const (
 	DefaultCount = 0x10000
 )
 
-// DefaultSweep are the host's world-writable directories, where a VM's uid can leave files
-// behind it (docs/design/014).
-var DefaultSweep = []string{"/tmp", "/var/tmp", "/dev/shm"}
+// DefaultSweep are the host's usual world-writable directories, where a VM's uid can leave
+// files behind it (docs/design/014): temporary files, POSIX shared memory and message
+// queues opened by path, lock files.
+var DefaultSweep = []string{"/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock"}
 
 // Default is the node's default pool.
 func Default() Pool {
@@ -50,7 +51,7 @@ type Pool struct {
 	// Sweep are directories swept of a uid's files before it is leased again, so that a
 	// VM never finds what an earlier VM of the same uid left (files in /tmp, POSIX shared
 	// memory in /dev/shm). QEMU's SysV IPC needs no sweep: it gets an IPC namespace of
-	// its own (runtime/vmm).
+	// its own (runtime/vmm). A uid whose sweep fails is passed over.
 	Sweep []string
 }
 
@@ -101,6 +102,7 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 	if err := os.MkdirAll(p.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("vm users: %w", err)
 	}
+	var sweepErrs []error
 	for i := uint32(0); i < p.Count; i++ {
 		uid := p.First + i
 		f, err := os.OpenFile(filepath.Join(p.Dir, strconv.FormatUint(uint64(uid), 10)), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
@@ -122,8 +124,10 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 			continue
 		}
 		if err := sweep(uid, p.Sweep); err != nil {
+			// not this uid: what is left of its earlier holder would reach the next VM
 			f.Close()
-			return nil, fmt.Errorf("vm users: uid %d: remove what its earlier holder left: %w", uid, err)
+			sweepErrs = append(sweepErrs, fmt.Errorf("uid %d: remove what its earlier holder left: %w", uid, err))
+			continue
 		}
 		// the record is informative: a failed write leaves the lease good
 		if err := f.Truncate(0); err == nil {
@@ -131,7 +135,7 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 		}
 		return &Lease{UID: uid, lock: f}, nil
 	}
-	return nil, fmt.Errorf("vm users: %d uids from %d: %w", p.Count, p.First, ErrExhausted)
+	return nil, fmt.Errorf("vm users: %d uids from %d: %w", p.Count, p.First, errors.Join(append([]error{ErrExhausted}, sweepErrs...)...))
 }
 
 // processesRunningAs reports whether any process has uid as its real, effective, saved or
@@ -194,15 +198,19 @@ func (p Pool) Held(owner string) ([]uint32, error) {
 	return held, nil
 }
 
+// sweepDepth bounds how deep the sweep follows world-writable directories into each other.
+const sweepDepth = 8
+
 // sweep removes uid's files and directories from dirs. A uid creates files only where it
 // may write: in a world-writable directory or in one of its own (its group owns nothing),
 // so the walk enters only world-writable directories, on the same filesystem, and removes
-// whatever uid owns there, whole. No process runs as uid meanwhile (checked before), so
-// nothing it owns moves under the walk; symbolic links are removed, never followed.
+// whatever uid owns there, whole. Every step goes through a directory's descriptor
+// (os.Root), never a path looked up again: another uid may rename a world-writable
+// directory it owns, or put a symbolic link in its place, while the walk is in it.
 func sweep(uid uint32, dirs []string) error {
 	var errs []error
 	for _, dir := range dirs {
-		st, err := os.Lstat(dir)
+		root, err := os.OpenRoot(dir)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
@@ -210,39 +218,48 @@ func sweep(uid uint32, dirs []string) error {
 			errs = append(errs, err)
 			continue
 		}
-		if !st.IsDir() {
-			errs = append(errs, fmt.Errorf("%s: not a directory", dir))
-			continue
+		if st, err := root.Stat("."); err != nil {
+			errs = append(errs, err)
+		} else {
+			errs = append(errs, sweepRoot(uid, root, dir, st.Sys().(*syscall.Stat_t).Dev, 0))
 		}
-		errs = append(errs, sweepDir(uid, dir, st.Sys().(*syscall.Stat_t).Dev))
+		root.Close()
 	}
 	return errors.Join(errs...)
 }
 
-func sweepDir(uid uint32, dir string, dev uint64) error {
-	entries, err := os.ReadDir(dir)
+// sweepRoot sweeps the directory dir (at path, for messages) of uid's entries.
+func sweepRoot(uid uint32, dir *os.Root, path string, dev uint64, depth int) error {
+	f, err := dir.Open(".")
 	if err != nil {
-		return err
+		return nil // gone meanwhile: nothing left of uid's in it
+	}
+	names, err := f.Readdirnames(-1)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
 	}
 	var errs []error
-	for _, e := range entries {
-		path := filepath.Join(dir, e.Name())
-		info, err := e.Info()
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
+	for _, name := range names {
+		info, err := dir.Lstat(name)
 		if err != nil {
-			errs = append(errs, err)
-			continue
+			continue // gone meanwhile
 		}
-		st := info.Sys().(*syscall.Stat_t)
 		switch {
-		case st.Uid == uid:
-			if err := os.RemoveAll(path); err != nil {
-				errs = append(errs, err)
+		case info.Sys().(*syscall.Stat_t).Uid == uid:
+			if err := dir.RemoveAll(name); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("%s: %w", filepath.Join(path, name), err))
 			}
-		case info.IsDir() && info.Mode().Perm()&0o002 != 0 && st.Dev == dev:
-			errs = append(errs, sweepDir(uid, path, dev))
+		case info.IsDir() && depth < sweepDepth:
+			sub, err := dir.OpenRoot(name)
+			if err != nil {
+				continue // gone, or made a link out of the directory meanwhile
+			}
+			// decided on what was opened, not on what the name pointed at before
+			if st, err := sub.Stat("."); err == nil && st.Mode().Perm()&0o002 != 0 && st.Sys().(*syscall.Stat_t).Dev == dev {
+				errs = append(errs, sweepRoot(uid, sub, filepath.Join(path, name), dev, depth+1))
+			}
+			sub.Close()
 		}
 	}
 	return errors.Join(errs...)

@@ -169,6 +169,13 @@ func TestLeaseSweepsWhatTheLastHolderLeft(t *testing.T) {
 	mk(filepath.Join(tmp, "private"), true, 0, 0o755) // not world-writable: not entered
 	mk(filepath.Join(tmp, "private", "planted"), false, uid, 0o600)
 	mk(filepath.Join(shm, "qemu-ram"), false, uid, 0o600)
+	// a link to a world-writable directory elsewhere is not a way out of the swept ones
+	elsewhere := filepath.Join(outside, "ww")
+	mk(elsewhere, true, 0, 0o1777)
+	mk(filepath.Join(elsewhere, "not-swept"), false, uid, 0o600)
+	if err := os.Symlink(elsewhere, filepath.Join(tmp, "ww-link")); err != nil {
+		t.Fatal(err)
+	}
 	link := filepath.Join(tmp, "link")
 	if err := os.Symlink(keep, link); err != nil {
 		t.Fatal(err)
@@ -191,7 +198,7 @@ func TestLeaseSweepsWhatTheLastHolderLeft(t *testing.T) {
 		t.Errorf("the shared memory file is still there: %v", err)
 	}
 	for _, kept := range []string{filepath.Join(tmp, "others"), filepath.Join(tmp, ".X11-unix", "X1"),
-		filepath.Join(tmp, "private", "planted"), keep} {
+		filepath.Join(tmp, "private", "planted"), keep, filepath.Join(elsewhere, "not-swept")} {
 		if _, err := os.Lstat(kept); err != nil {
 			t.Errorf("%s went: %v", kept, err)
 		}
