@@ -248,7 +248,7 @@ func (m *containers) runcCreate(ctx context.Context, c *container, streams *stdi
 		opts.ConsoleSocket = streams.console
 	}
 	if err := c.runc.Create(ctx, c.id, c.bundle, opts); err != nil {
-		return 0, fmt.Errorf("runc create: %w", runcError(c.runc, err))
+		return 0, fmt.Errorf("runc create: %w", runcError(c.runc.Log, err))
 	}
 	r := c.setRunner(runcRunner{id: c.id, runc: c.runc})
 	undo.Add("runc delete", func() error { return r.delete(context.Background()) })
@@ -277,8 +277,8 @@ func (m *containers) startSandbox(c *container, spec *specs.Spec, rootfs string,
 
 // runcError turns runc's failure into the message runc logged, which says what was wrong
 // ("exec: \"nope\": executable file not found"), instead of only its exit status.
-func runcError(r *runc.Runc, err error) error {
-	b, rerr := os.ReadFile(r.Log)
+func runcError(logPath string, err error) error {
+	b, rerr := os.ReadFile(logPath)
 	if rerr != nil {
 		return err
 	}
@@ -391,7 +391,7 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 	}
 	started := time.Now()
 	if err := c.runc.Exec(ctx, c.id, *spec, opts); err != nil {
-		return nil, fmt.Errorf("runc exec: %w", runcError(c.runc, err))
+		return nil, fmt.Errorf("runc exec: %w", runcError(c.runc.Log, err))
 	}
 	slog.Debug("runc exec", "container", c.id, "exec", execID, "took", time.Since(started))
 	pid, err := runc.ReadPidFile(pidFile)

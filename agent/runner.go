@@ -58,5 +58,5 @@ func (r runcRunner) wrap(op string, err error) error {
 	if err == nil {
 		return nil
 	}
-	return fmt.Errorf("runc %s: %w", op, runcError(r.runc, err))
+	return fmt.Errorf("runc %s: %w", op, runcError(r.runc.Log, err))
 }

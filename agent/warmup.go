@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"time"
 
-	runc "github.com/containerd/go-runc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 )
@@ -67,10 +66,10 @@ func warmupOnce(ctx context.Context, m *containers) error {
 		return err
 	}
 	run := func(ctx context.Context, verb string, args ...string) error {
-		r := &runc.Runc{Log: filepath.Join(warmupRoot, verb+".log")} // for runcError
-		global := []string{"--root", filepath.Join(warmupRoot, "state"), "--log", r.Log, "--log-format", "json"}
+		logPath := filepath.Join(warmupRoot, verb+".log")
+		global := []string{"--root", filepath.Join(warmupRoot, "state"), "--log", logPath, "--log-format", "json"}
 		if err := m.runIdle(ctx, append(append(global, verb), args...)...); err != nil {
-			return fmt.Errorf("runc %s: %w", verb, runcError(r, err))
+			return fmt.Errorf("runc %s: %w", verb, runcError(logPath, err))
 		}
 		return nil
 	}
