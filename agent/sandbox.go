@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -8,6 +10,7 @@ import (
 	"regexp"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -23,9 +26,20 @@ var (
 	validSysctl   = regexp.MustCompile(`^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$`)
 )
 
-// setupSandbox makes the guest the pod: clock, hostname, network, DNS, sysctls. Each
-// step names the request field it failed on.
+// setupSandbox makes the guest the pod: randomness and shared directory (a guest restored
+// from a template), clock, hostname, network, DNS, sysctls. Each step names the request
+// field it failed on.
 func setupSandbox(req *agentv1.SetupSandboxRequest) error {
+	if len(req.Entropy) > 0 {
+		if err := addEntropy(req.Entropy); err != nil {
+			return fmt.Errorf("entropy: %w", err)
+		}
+	}
+	if req.Share != "" {
+		if err := mountLateShare(req.Share); err != nil {
+			return fmt.Errorf("share: %w", err)
+		}
+	}
 	if req.HostTimeUnixNanos > 0 {
 		ts := unix.NsecToTimespec(req.HostTimeUnixNanos)
 		if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
@@ -221,4 +235,72 @@ func setSysctl(key, value string) error {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	return nil
+}
+
+// maxEntropy bounds SetupSandboxRequest.entropy: the kernel's pool takes 256 bits at a time.
+const maxEntropy = 512
+
+// addEntropy credits b to the kernel's entropy pool and reseeds its random number
+// generator from it at once (RNDRESEEDCRNG), so that what the guest draws from now on
+// differs from what any other restore of the same saved state draws.
+func addEntropy(b []byte) error {
+	if len(b) > maxEntropy {
+		return invalidf("%d bytes: at most %d", len(b), maxEntropy)
+	}
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	info := make([]byte, 8+len(b))
+	binary.NativeEndian.PutUint32(info[0:], uint32(len(b)*8))
+	binary.NativeEndian.PutUint32(info[4:], uint32(len(b)))
+	copy(info[8:], b)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&info[0]))); errno != 0 {
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); errno != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	}
+	return nil
+}
+
+// shareAppearWait bounds the wait for a virtio-fs device the host has just plugged: the
+// guest's driver registers its tag once the hotplug's probe has run.
+const shareAppearWait = 5 * time.Second
+
+// mountLateShare mounts the shared directory of a guest that booted without one (restored
+// from a template): the device was plugged after the restore, and until its driver has
+// probed it virtio-fs does not know the tag (EINVAL). A guest that has its share mounted
+// already keeps it.
+func mountLateShare(spec string) error {
+	if mounted, err := isMountPoint(agentv1.GuestSharedDir); err != nil {
+		return err
+	} else if mounted {
+		return nil
+	}
+	deadline := time.Now().Add(shareAppearWait)
+	for {
+		err := mountShare(spec)
+		if err == nil || !errors.Is(err, unix.EINVAL) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// isMountPoint says whether dir is the root of a mount (it and its parent differ in
+// device), false if it does not exist.
+func isMountPoint(dir string) (bool, error) {
+	var st, parent unix.Stat_t
+	if err := unix.Stat(dir, &st); errors.Is(err, unix.ENOENT) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	if err := unix.Stat(filepath.Dir(dir), &parent); err != nil {
+		return false, err
+	}
+	return st.Dev != parent.Dev, nil
 }

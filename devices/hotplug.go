@@ -19,7 +19,10 @@ type Hotplug struct {
 	Blockdev *Blockdev
 	Tap      *TapNetdev
 	Memory   *MemoryBackend
-	Device   Frontend
+	// Chardev is a vhost-user device's backend: a connection to its daemon, which the
+	// runtime passes (getfd) and adds (chardev-add) before the device.
+	Chardev *Chardev
+	Device  Frontend
 }
 
 // Hotplug places dev on the lowest free root port and returns the steps that plug
@@ -81,6 +84,9 @@ func (vm *VM) place(dev Device, port RootPort) (Hotplug, error) {
 	if len(spec.Taps) == 1 {
 		hp.Tap = &spec.Taps[0]
 	}
+	if len(spec.Chardevs) == 1 {
+		hp.Chardev = &spec.Chardevs[0]
+	}
 	if len(spec.Memory) == 1 {
 		m := spec.Memory[0]
 		m.Shared = m.Shared || vm.sharedMemory()
@@ -92,8 +98,11 @@ func (vm *VM) place(dev Device, port RootPort) (Hotplug, error) {
 // hotpluggable reports why spec cannot be hot-plugged with the steps of Hotplug.
 func hotpluggable(id string, s Spec) error {
 	var why []string
-	if len(s.Chardevs) > 0 {
-		why = append(why, "a chardev")
+	switch {
+	case len(s.Chardevs) > 1:
+		why = append(why, "more than one chardev")
+	case len(s.Chardevs) == 1 && (s.Chardevs[0].Socket == nil || s.Chardevs[0].Server || s.Chardevs[0].File):
+		why = append(why, "a chardev that is not a connection the runtime made")
 	}
 	if len(s.Fsdevs) > 0 {
 		why = append(why, "a 9p fsdev, which QEMU cannot add at run time")

@@ -76,8 +76,12 @@ type Machine struct {
 	// SharedMemory backs guest RAM with a shared memfd. vhost-user devices
 	// (virtio-fs) need it and turn it on by themselves.
 	SharedMemory bool
-	Kernel       string // a PVH vmlinux or a bzImage; "" boots from firmware
-	Initrd       string
+	// RAMFile, if set, is the shared guest RAM instead of a memfd QEMU makes: a file the
+	// runtime made (a memfd it filled with a template's RAM, docs/design/022), which QEMU
+	// inherits and maps shared. It implies SharedMemory.
+	RAMFile *os.File
+	Kernel  string // a PVH vmlinux or a bzImage; "" boots from firmware
+	Initrd  string
 	// Append is the kernel command line, passed as one argument (no escaping).
 	// Under TCG, microvm guests need tsc_early_khz=<host TSC kHz>: microvm has
 	// no timer to calibrate the TSC against.
@@ -413,7 +417,14 @@ func (m *Machine) args(shared bool, files []*os.File) ([]string, []*os.File) {
 		mem.add("maxmem", size(m.MaxMemory))
 	}
 	args = append(args, "-m", mem.String())
-	if shared {
+	switch {
+	case m.RAMFile != nil:
+		// a descriptor QEMU reopens by path: memory-backend-file takes no fd
+		path := "/proc/self/fd/" + strconv.Itoa(3+len(files))
+		files = append(files, m.RAMFile)
+		args = append(args, "-object", newOptions("memory-backend-file").add("id", ramBackendID).addUint("size", m.Memory).
+			add("mem-path", path).addBool("share", true).String())
+	case shared:
 		args = append(args, "-object", MemoryBackend{ID: ramBackendID, Size: m.Memory, Shared: true}.option())
 	}
 	args = append(args, "-nodefaults", "-no-user-config", "-display", "none")

@@ -116,7 +116,7 @@ func (vm *VM) all() []placed {
 
 // sharedMemory reports whether guest RAM must be a shared memfd.
 func (vm *VM) sharedMemory() bool {
-	if vm.machine.SharedMemory {
+	if vm.machine.SharedMemory || vm.machine.RAMFile != nil {
 		return true
 	}
 	for _, p := range vm.all() {

@@ -2,6 +2,7 @@ package devices
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"reflect"
 	"slices"
@@ -453,4 +454,69 @@ func argAfter(args []string, flag string) string {
 		return args[i+1]
 	}
 	return ""
+}
+
+func TestVirtioFSHotplugsOnAConnection(t *testing.T) {
+	conn, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	vm, err := NewVM(q35(4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vm.Hotplug(&VirtioFS{DeviceID: "share", Conn: conn, Tag: "vmpod"}); err == nil || !strings.Contains(err.Error(), "shared guest RAM") {
+		t.Errorf("virtio-fs plugged into a VM without shared RAM: %v", err)
+	}
+	m := q35(4)
+	m.SharedMemory = true
+	if vm, err = NewVM(m); err != nil {
+		t.Fatal(err)
+	}
+	hp, err := vm.Hotplug(&VirtioFS{DeviceID: "share", Conn: conn, Tag: "vmpod"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hp.Chardev == nil || hp.Chardev.Socket != conn || hp.Chardev.ID != "share-sock" {
+		t.Errorf("chardev %+v: want share-sock on the connection", hp.Chardev)
+	}
+	if hp.Device.Driver != "vhost-user-fs-pci" || hp.Device.Bus != hp.Port.ID {
+		t.Errorf("device %+v on port %s", hp.Device, hp.Port.ID)
+	}
+	// a chardev QEMU would have to open or listen on itself is not a hot-pluggable one
+	if _, err := vm.Hotplug(&VirtioFS{DeviceID: "other", SocketPath: "/s", Tag: "t"}); err == nil || !strings.Contains(err.Error(), "chardev") {
+		t.Errorf("virtio-fs on a socket path: %v", err)
+	}
+}
+
+func TestRAMFileIsTheSharedGuestRAM(t *testing.T) {
+	ram, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ram.Close()
+	m := q35(4)
+	m.RAMFile = ram
+	vm, err := NewVM(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args, files := vm.Render()
+	i := slices.Index(files, ram)
+	if i < 0 {
+		t.Fatalf("QEMU does not inherit the RAM file: %v", files)
+	}
+	joined := strings.Join(args, " ")
+	for _, want := range []string{
+		"-machine q35,memory-backend=mem",
+		fmt.Sprintf("-object memory-backend-file,id=mem,size=1073741824,mem-path=/proc/self/fd/%d,share=on", 3+i),
+	} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("argv lacks %q: %s", want, joined)
+		}
+	}
+	if strings.Contains(joined, "memory-backend-memfd,id=mem") {
+		t.Error("a memfd besides the RAM file")
+	}
 }

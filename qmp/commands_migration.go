@@ -60,6 +60,9 @@ const (
 	MigrationCapAutoConverge          MigrationCapability = "auto-converge"
 	MigrationCapPostcopyRAM           MigrationCapability = "postcopy-ram"
 	MigrationCapMultifd               MigrationCapability = "multifd"
+	// MigrationCapIgnoreShared leaves shared RAM (share=on backends) out of the stream:
+	// the destination maps the same contents itself (QEMU 7.2 calls it experimental).
+	MigrationCapIgnoreShared MigrationCapability = "x-ignore-shared"
 )
 
 // MigrationCapabilityState turns one capability on or off.

@@ -96,3 +96,34 @@ func (m *Monitor) AddClient(ctx context.Context, protocol, fdName string, skipAu
 	}{protocol, fdName, skipAuth}
 	return m.run(ctx, "add_client", fdName, args, nil)
 }
+
+// ChardevAddSocketFD adds a socket character device on a connection passed with GetFD
+// as fdName (chardev-add): QEMU takes the descriptor as connected, the way a vhost-user
+// device's backend is given to a QEMU that may not reach the daemon's socket path.
+func (m *Monitor) ChardevAddSocketFD(ctx context.Context, id, fdName string) error {
+	type str struct {
+		Str string `json:"str"`
+	}
+	type addr struct {
+		Type string `json:"type"`
+		Data str    `json:"data"`
+	}
+	type socket struct {
+		Addr   addr `json:"addr"`
+		Server bool `json:"server"`
+	}
+	type backend struct {
+		Type string `json:"type"`
+		Data socket `json:"data"`
+	}
+	args := struct {
+		ID      string  `json:"id"`
+		Backend backend `json:"backend"`
+	}{id, backend{Type: "socket", Data: socket{Addr: addr{Type: "fd", Data: str{fdName}}}}}
+	return m.run(ctx, "chardev-add", id, args, nil)
+}
+
+// ChardevRemove removes a character device no device uses any more (chardev-remove).
+func (m *Monitor) ChardevRemove(ctx context.Context, id string) error {
+	return m.run(ctx, "chardev-remove", id, idArgs{id}, nil)
+}

@@ -50,6 +50,11 @@ func TestCommandArguments(t *testing.T) {
 		}, "netdev_add", `{"type":"tap","id":"n","ifname":"tap0","script":"no","downscript":"no","queues":2,"vhost":false}`, struct{}{}},
 		{"netdev_del", func(ctx context.Context, m *qmp.Monitor) error { return m.NetdevDel(ctx, "n") },
 			"netdev_del", `{"id":"n"}`, struct{}{}},
+		{"chardev-add on a passed connection", func(ctx context.Context, m *qmp.Monitor) error {
+			return m.ChardevAddSocketFD(ctx, "share-sock", "virtiofsd")
+		}, "chardev-add", `{"id":"share-sock","backend":{"type":"socket","data":{"addr":{"type":"fd","data":{"str":"virtiofsd"}},"server":false}}}`, struct{}{}},
+		{"chardev-remove", func(ctx context.Context, m *qmp.Monitor) error { return m.ChardevRemove(ctx, "share-sock") },
+			"chardev-remove", `{"id":"share-sock"}`, struct{}{}},
 		{"add cpu", func(ctx context.Context, m *qmp.Monitor) error {
 			return m.AddCPU(ctx, "cpu1", qmp.HotpluggableCPU{Type: "qemu64-x86_64-cpu", VCPUsCount: 1,
 				Props: qmp.CPUProps{SocketID: &two, CoreID: &zero, ThreadID: &zero}})

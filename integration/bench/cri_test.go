@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -147,6 +146,18 @@ func TestBenchCRI(t *testing.T) {
 	phaseOf := map[string]sample{} // the shim's steps of a pod start, by step
 	var order []string             // the steps in the order they happen
 	cold := map[string]sample{}    // vmpod without the runc warm-up: pod start, RunPodSandbox, app create
+	tmpl := map[string]sample{}    // vmpod q35 from a template: pod start, RunPodSandbox, shim steps
+	var tmplOrder []string
+	// the first q35 pod makes the template (docs/design/022); timed apart
+	templateDir := testenv.TemplateDir(t)
+	_ = os.RemoveAll(templateDir)
+	t.Cleanup(func() { _ = os.RemoveAll(templateDir) })
+	var first podStart
+	testenv.WithNodeConfig(t, templateConfig, func() {
+		p, d := startPod(ctx, t, rs, "vmpod", image, -1)
+		first = d
+		removePod(ctx, rs, p)
+	})
 	for i := range n {
 		for _, handler := range handlers {
 			p, d := startPod(ctx, t, rs, handler, image, i)
@@ -179,7 +190,7 @@ func TestBenchCRI(t *testing.T) {
 		// others (docs/design/021)
 		var p criPod
 		var d podStart
-		withoutRuncWarmup(t, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
+		testenv.WithNodeConfig(t, noWarmupConfig, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
 		cold["pod start"] = append(cold["pod start"], d.total)
 		cold["RunPodSandbox"] = append(cold["RunPodSandbox"], d.runp)
 		for _, s := range shimPhases(t, p.container) {
@@ -188,6 +199,29 @@ func TestBenchCRI(t *testing.T) {
 			}
 		}
 		removePod(ctx, rs, p)
+		// and restored from a template (q35)
+		testenv.WithNodeConfig(t, templateConfig, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
+		tmpl["pod start"] = append(tmpl["pod start"], d.total)
+		tmpl["RunPodSandbox"] = append(tmpl["RunPodSandbox"], d.runp)
+		for _, c := range []struct{ who, id string }{{"sandbox", p.sandbox}, {"app", p.container}} {
+			for _, s := range shimPhases(t, c.id) {
+				key := c.who + " " + s.Name
+				if _, seen := tmpl[key]; !seen {
+					tmplOrder = append(tmplOrder, key)
+				}
+				tmpl[key] = append(tmpl[key], s.Took)
+			}
+		}
+		removePod(ctx, rs, p)
+	}
+	report(t, "vmpod from a template (q35, docs/design/022) against a boot (the default microvm), p50 of %d:", n)
+	report(t, "  the first q35 pod, which makes the template: pod start %s", ms(first.total))
+	report(t, "  RunPodSandbox  template %9s  boot %9s  ratio %.2f", ms(tmpl["RunPodSandbox"].pct(0.5)), ms(calls["RunPodSandbox"].pct(0.5)),
+		float64(tmpl["RunPodSandbox"].pct(0.5))/float64(calls["RunPodSandbox"].pct(0.5)))
+	report(t, "  pod start      template %9s  boot %9s  ratio %.2f", ms(tmpl["pod start"].pct(0.5)), ms(starts["vmpod"].pct(0.5)),
+		float64(tmpl["pod start"].pct(0.5))/float64(starts["vmpod"].pct(0.5)))
+	for _, k := range tmplOrder {
+		report(t, "    shim %-24s %s", k, ms(tmpl[k].pct(0.5)))
 	}
 	warm := map[string]sample{"pod start": starts["vmpod"], "RunPodSandbox": calls["RunPodSandbox"], "app create": phaseOf["app create"]}
 	report(t, "the guest's runc warm-up (docs/design/021), vmpod pods with and without it (p50 of %d):", n)
@@ -227,36 +261,11 @@ func TestBenchCRI(t *testing.T) {
 		float64(execs["vmpod"].pct(0.5))/float64(execs["runsc"].pct(0.5)))
 }
 
-// withoutRuncWarmup runs start with the guest's runc warm-up off: the node config the
-// vmpod shim reads at each pod's start gets vmpod.nowarmup on the guest kernel command
-// line, and its own content back once start returned (or the test ended).
-func withoutRuncWarmup(t *testing.T, start func()) {
-	t.Helper()
-	path := os.Getenv(testenv.EnvVmpodConfig)
-	orig, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if bytes.Contains(orig, []byte("kernel_params")) {
-		t.Fatalf("%s sets kernel_params already: the bench adds its own", path)
-	}
-	const section = "[hypervisor]\n"
-	if !bytes.Contains(orig, []byte(section)) {
-		t.Fatalf("%s has no [hypervisor] section", path)
-	}
-	cold := bytes.Replace(orig, []byte(section), []byte(section+"kernel_params = [\""+agentv1.KernelParamNoWarmup+"\"]\n"), 1)
-	restore := func() {
-		if err := os.WriteFile(path, orig, 0o644); err != nil {
-			t.Errorf("restore %s: %v", path, err)
-		}
-	}
-	if err := os.WriteFile(path, cold, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(restore)
-	defer restore()
-	start()
-}
+// noWarmupConfig is the node config of vmpod pods without the guest's runc warm-up.
+const noWarmupConfig = "kernel_params = [\"" + agentv1.KernelParamNoWarmup + "\"]\n"
+
+// templateConfig is the node config of vmpod pods restored from templates.
+const templateConfig = testenv.TemplateConfig
 
 // hasHandler reports whether the CRI runtime has a runtime handler of that name.
 func hasHandler(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, name string) bool {

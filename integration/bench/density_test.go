@@ -126,7 +126,7 @@ func TestBenchDensity(t *testing.T) {
 	warm := burst("vmpod", "vmpod")
 	// what the guest's runc warm-up costs a burst on a CPU-bound node (docs/design/021)
 	var cold time.Duration
-	withoutRuncWarmup(t, func() { cold = burst("vmpod without the runc warm-up", "vmpod") })
+	testenv.WithNodeConfig(t, noWarmupConfig, func() { cold = burst("vmpod without the runc warm-up", "vmpod") })
 	report(t, "density, vmpod: %d at once with the runc warm-up %s, without %s (ratio %.2f)", atOnce, ms(warm), ms(cold), float64(warm)/float64(cold))
 
 	before := memAvailable(t)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
@@ -427,4 +428,51 @@ func QEMUPid(t testing.TB, podID string) int {
 	}
 	t.Fatalf("no QEMU for pod %s", podID)
 	return 0
+}
+
+// WithNodeConfig runs start with lines added to the [hypervisor] section of the node
+// config the vmpod shim reads at each pod's start, and the config's own content back once
+// start returned (or the test ended). The lines must set what the config leaves unset.
+func WithNodeConfig(t testing.TB, lines string, start func()) {
+	t.Helper()
+	path := os.Getenv(EnvVmpodConfig)
+	orig, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.Lines(lines) {
+		if key, _, _ := strings.Cut(line, " = "); bytes.Contains(orig, []byte("\n"+key+" ")) {
+			t.Fatalf("%s sets %s already: the bench sets its own", path, key)
+		}
+	}
+	const section = "[hypervisor]\n"
+	if !bytes.Contains(orig, []byte(section)) {
+		t.Fatalf("%s has no [hypervisor] section", path)
+	}
+	changed := bytes.Replace(orig, []byte(section), []byte(section+lines), 1)
+	restore := func() {
+		if err := os.WriteFile(path, orig, 0o644); err != nil {
+			t.Errorf("restore %s: %v", path, err)
+		}
+	}
+	if err := os.WriteFile(path, changed, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(restore)
+	defer restore()
+	start()
+}
+
+// TemplateConfig is the node config (WithNodeConfig) of vmpod pods restored from
+// templates (docs/design/022).
+const TemplateConfig = "machine = \"q35\"\ntemplates = true\n"
+
+// TemplateDir is where the test bed's vmpod shim keeps its templates.
+func TemplateDir(t testing.TB) string {
+	t.Helper()
+	cfg, err := nodeconfig.Load(os.Getenv(EnvVmpodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg.TemplateDir()
 }

@@ -50,6 +50,11 @@ type Hypervisor struct {
 	Machine      machine.Type     `toml:"machine"`
 	Accel        machine.Accel    `toml:"accel"`
 	SharedFS     machine.SharedFS `toml:"shared_fs"`
+	// Templates starts each container pod whose machine is q35 from a template of its
+	// shape — a guest booted once and saved — instead of booting it (docs/design/022).
+	// TemplateDir keeps the templates; "" is state_dir + "-templates".
+	Templates   bool   `toml:"templates"`
+	TemplateDir string `toml:"template_dir"`
 
 	// VM pods (docs/design/110): qemu-img probes their disk images and makes overlays;
 	// OVMF's code and variable-store template boot firmware.type uefi; with secureBoot, its
@@ -233,6 +238,14 @@ func Load(path string) (Config, error) {
 }
 
 // Validate reports every problem, each naming its key.
+// TemplateDir is where container pods' templates are kept (hypervisor.template_dir).
+func (c Config) TemplateDir() string {
+	if c.Hypervisor.TemplateDir != "" {
+		return c.Hypervisor.TemplateDir
+	}
+	return filepath.Clean(c.StateDir) + "-templates"
+}
+
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
@@ -248,6 +261,9 @@ func (c Config) Validate() error {
 		if !filepath.IsAbs(p) {
 			bad(key, "%q must be an absolute path", p)
 		}
+	}
+	if d := c.Hypervisor.TemplateDir; d != "" && (!filepath.IsAbs(d) || filepath.Clean(d) != d) {
+		bad("hypervisor.template_dir", "%q must be a clean absolute path", d)
 	}
 	if err := c.Hypervisor.Machine.Check(); err != nil {
 		bad("hypervisor.machine", "%v", err)

@@ -31,6 +31,7 @@ import (
 	"github.com/vmpod/vmpod/runtime/pidproxy"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
+	"github.com/vmpod/vmpod/runtime/vmtemplate"
 )
 
 // containerPod is a pod whose containers run in the vmpod guest under its agent.
@@ -150,7 +151,12 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		gc.NICs = plumbing.NICs()
 		setup.Interfaces, setup.Routes = plan.GuestInterfaces(), plan.GuestRoutes()
 	}
-	guest, err := vmpodagent.Boot(ctx, gc)
+	var guest *vmpodagent.Guest
+	if h.Templates {
+		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir()}).Boot(ctx, gc)
+	} else {
+		guest, err = vmpodagent.Boot(ctx, gc)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}

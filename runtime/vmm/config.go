@@ -8,12 +8,17 @@
 package vmm
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
@@ -109,6 +114,19 @@ type Config struct {
 	// the target of a live migration (AcceptMigration). Its Config must give the same
 	// machine and devices as the source's.
 	Incoming bool
+	// Template makes the machine a template's (docs/design/022): booted once to have its
+	// state saved (SaveState), or started from such a state (RestoreFrom) instead of
+	// booting. A saved state carries neither a virtiofsd connection nor a tap, so a
+	// template machine's virtio-fs device and NICs are hot-plugged once its guest is up
+	// rather than cold-plugged, and its RAM is shared so that virtio-fs can be added. A
+	// template being saved has no NICs and starts no virtiofsd. q35 with ACPI only; what a
+	// saved state would carry for every restore (an SMBIOS UUID, disks, host devices) is
+	// refused.
+	Template bool
+	// RestoreFrom, with Template, is what SaveTemplate saved of a template machine whose
+	// TemplateKey equals this one's: QEMU restores it and Start returns once the guest
+	// runs again with the virtio-fs device and NICs plugged. The files stay the caller's.
+	RestoreFrom *SavedTemplate
 	// ExitOnPanic ends QEMU with status 1 when the guest reports a kernel panic
 	// (pvpanic) instead of leaving it paused.
 	ExitOnPanic bool
@@ -361,12 +379,123 @@ func (c Config) Validate() error {
 			bad("shared_fs", "%s: use virtio-fs, or run QEMU as root (no users)", ErrNinePNeedsRoot)
 		}
 	}
+	if c.Template {
+		c.validateTemplate(bad)
+		if c.saving() && len(c.NICs) > 0 {
+			bad("nics", "a template being saved has none: each restore plugs its own")
+		}
+	} else if c.RestoreFrom != nil {
+		bad("restore_from", "a saved state is restored only into a template machine (template)")
+	}
 	for field, d := range map[string]time.Duration{"up_timeout": c.UpTimeout, "stop_timeout": c.StopTimeout} {
 		if d < 0 {
 			bad(field, "%v is negative", d)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// CheckTemplate reports why c cannot be a template machine (Template) — be restored from
+// a template or be saved as one, NICs aside — or nil.
+func (c Config) CheckTemplate() error {
+	c = c.withDefaults()
+	c.Template = true
+	var errs []error
+	c.validateTemplate(func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: "+format, append([]any{field}, args...)...))
+	})
+	return errors.Join(errs...)
+}
+
+// validateTemplate reports what a template machine cannot have.
+func (c Config) validateTemplate(bad func(field, format string, args ...any)) {
+	if c.Type != machine.Q35 || c.NoACPI {
+		bad("template", "needs machine q35 with ACPI, through which the devices a saved state lacks are hot-plugged")
+	}
+	if c.Boot.Kernel == "" {
+		bad("template", "needs a direct kernel boot")
+	}
+	if c.SharedFS == machine.NineP {
+		bad("template", "shared_fs 9p cannot be hot-plugged; use virtio-fs")
+	}
+	if c.Incoming {
+		bad("template", "a template machine restores a file (restore_from), not a live migration (incoming)")
+	}
+	if c.UUID != "" {
+		bad("template", "an SMBIOS UUID would be the same in every restore")
+	}
+	if len(c.Devices) > 0 || len(c.HostDevices) > 0 || len(c.Files) > 0 {
+		bad("template", "disks and host devices are not part of a template")
+	}
+	if r := c.RestoreFrom; r != nil && (r.State == nil || r.RAM == nil) {
+		bad("restore_from", "a saved template is a state file and a RAM file")
+	}
+	if len(c.NICs) > templateNICs {
+		bad("nics", "%d: a restored template machine plugs at most %d", len(c.NICs), templateNICs)
+	}
+	if c.VNC || c.Reboot {
+		bad("template", "VM pods' display and in-place reboot are not part of a template")
+	}
+}
+
+// saving is a template machine being booted to have its state saved.
+func (c Config) saving() bool { return c.Template && c.RestoreFrom == nil }
+
+// runsVirtiofsd says whether the machine gets a virtiofsd (a template being saved has no
+// shared directory yet).
+func (c Config) runsVirtiofsd() bool { return c.SharedFS == machine.VirtioFS && !c.saving() }
+
+// templateFormat changes whenever what a saved state depends on changes in a way
+// TemplateKey cannot see (the rendering of the machine, the restore's steps).
+const templateFormat = "vmpod-template-1"
+
+// TemplateKey identifies what a template machine's saved state depends on: QEMU's
+// command line as Start would render it (every RAM block and device a restore must match,
+// the kernel command line the guest booted with), with the name and the state directory's
+// paths left out, and the identity of the files it reads (QEMU, kernel, initramfs).
+// Machines with equal keys can restore each other's saved state; names, state
+// directories, taps and the shared directory's contents differ freely.
+func (c Config) TemplateKey() (string, error) {
+	c = c.withDefaults()
+	if !c.Template {
+		return "", errors.New("template key: not a template machine")
+	}
+	plan, err := planFor(c)
+	if err != nil {
+		return "", fmt.Errorf("template key: %w", err)
+	}
+	hw, err := plan.hardware(nil, nil)
+	if err != nil {
+		return "", fmt.Errorf("template key: %w", err)
+	}
+	args, _ := hw.Render()
+	h := sha256.New()
+	fmt.Fprintln(h, templateFormat)
+	for i, a := range args {
+		if i > 0 && args[i-1] == "-name" {
+			continue
+		}
+		a = strings.ReplaceAll(a, c.LogPath, "$LOG") // first: it may be in the state dir
+		fmt.Fprintln(h, strings.ReplaceAll(a, c.StateDir, "$STATE"))
+	}
+	for _, f := range []string{c.QEMUPath, c.Boot.Kernel, c.Boot.Initrd} {
+		id, err := fileIdentity(f)
+		if err != nil {
+			return "", fmt.Errorf("template key: %w", err)
+		}
+		fmt.Fprintf(h, "%s %s\n", f, id)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32], nil
+}
+
+// fileIdentity is a file's device, inode, size and modification time: a rebuilt kernel or
+// an upgraded QEMU gives another.
+func fileIdentity(path string) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return "", fmt.Errorf("%s: %w", path, err)
+	}
+	return fmt.Sprintf("%d:%d:%d:%d.%d", st.Dev, st.Ino, st.Size, st.Mtim.Sec, st.Mtim.Nsec), nil
 }
 
 func (b Boot) validate(t machine.Type, bad func(field, format string, args ...any)) {

@@ -16,6 +16,9 @@ const (
 	ShareTag = "vmpod"
 	// hotplugRootPorts are the PCIe root ports a q35 machine gets for hot-plugged devices.
 	hotplugRootPorts = 4
+	// templateNICs is how many NICs a restored template machine plugs at most: a pod with
+	// more boots (each takes a root port of its own, as does the virtio-fs device).
+	templateNICs = 3
 	// memoryDeviceID is the virtio-mem device that carries memory above MemoryMiB.
 	memoryDeviceID = "vmem0"
 	// TCGCodeCacheMiB caps TCG's translated-code cache. QEMU's default reserves 1 GiB and an
@@ -134,7 +137,7 @@ func (c Config) OfflineGrowth() bool { return c.Type == machine.MicroVM }
 // hardware is the machine as package devices models it: from it QEMU's argv is rendered
 // and hotplugs are placed. QEMU gets files' descriptors; without files (a check before
 // anything is opened, and tests) the model names paths instead.
-func (b bootPlan) hardware(files *hostFiles) (*devices.VM, error) {
+func (b bootPlan) hardware(files *hostFiles, ram *os.File) (*devices.VM, error) {
 	c := b.cfg
 	vcpus, memMiB := c.machineSize()
 	m := devices.Machine{
@@ -147,10 +150,12 @@ func (b bootPlan) hardware(files *hostFiles) (*devices.VM, error) {
 		Memory:  uint64(memMiB) << 20,
 		// RAM the guest may never touch must not count against the host's overcommit
 		// limit: a memfd is accounted page by page as it is used, anonymous RAM at start.
-		SharedMemory:      c.OfflineGrowth() && memMiB > c.MemoryMiB,
+		// and a template's, whose virtio-fs device is plugged after it is up
+		SharedMemory:      (c.OfflineGrowth() && memMiB > c.MemoryMiB) || c.Template,
+		RAMFile:           ram, // a template's (makeRAM)
 		Reboot:            c.Reboot,
 		StartPaused:       c.Paused,
-		IncomingMigration: c.Incoming,
+		IncomingMigration: c.Incoming || c.RestoreFrom != nil,
 		ExitOnPanic:       c.ExitOnPanic,
 		UUID:              c.UUID,
 		KVMHidden:         c.KVMHidden,
@@ -241,24 +246,30 @@ func (b bootPlan) hardware(files *hostFiles) (*devices.VM, error) {
 		// a root port for each passed-through function (large BARs want one, and a
 		// driver may insist on a PCIe link), and the hotplug ports besides
 		m.RootPorts = hotplugRootPorts + len(c.HostDevices)
+		if c.Template { // what a restore plugs takes root ports too
+			m.RootPorts += 1 + templateNICs
+		}
 		m.PCIHole64 = c.PCIHole64
 		if c.MaxMemoryMiB > c.MemoryMiB {
 			m.MaxMemory = uint64(c.MaxMemoryMiB) << 20
 			devs = append(devs, &devices.VirtioMem{DeviceID: memoryDeviceID, Size: uint64(c.MaxMemoryMiB-c.MemoryMiB) << 20})
 		}
 	}
-	switch c.SharedFS {
-	case machine.VirtioFS:
-		fs := &devices.VirtioFS{DeviceID: "share", SocketPath: b.paths.virtiofsdSock, Tag: ShareTag}
+	switch {
+	case c.Template: // virtio-fs and NICs are plugged once it is up (restoreDevices)
+	case c.SharedFS == machine.VirtioFS:
+		fs := &devices.VirtioFS{DeviceID: shareDeviceID, SocketPath: b.paths.virtiofsdSock, Tag: ShareTag}
 		if files != nil {
 			fs.SocketPath, fs.Conn = "", files.virtiofsd
 		}
 		devs = append(devs, fs)
-	case machine.NineP:
-		devs = append(devs, &devices.Virtio9P{DeviceID: "share", Path: b.paths.shared, MountTag: ShareTag, SecurityModel: "passthrough"})
+	case c.SharedFS == machine.NineP:
+		devs = append(devs, &devices.Virtio9P{DeviceID: shareDeviceID, Path: b.paths.shared, MountTag: ShareTag, SecurityModel: "passthrough"})
 	}
 	for i, nic := range c.NICs {
-		devs = append(devs, nicDevice(fmt.Sprintf("net%d", i), nic))
+		if !c.Template {
+			devs = append(devs, nicDevice(nicID(i), nic))
+		}
 	}
 	devs = append(devs, c.Devices...)
 	if c.FreePageReporting {
@@ -280,6 +291,12 @@ func (b bootPlan) hardware(files *hostFiles) (*devices.VM, error) {
 	}
 	return vm, nil
 }
+
+// shareDeviceID is the shared directory's device.
+const shareDeviceID = "share"
+
+// nicID is the device id of Config.NICs[i].
+func nicID(i int) string { return fmt.Sprintf("net%d", i) }
 
 // nicDevice is the guest NIC for nic.
 func nicDevice(id string, nic NIC) devices.Device {

@@ -38,7 +38,7 @@ func TestMicrovmGrowthRoomIsBootedOffline(t *testing.T) {
 			c := Config{Name: "g", Type: machine.MicroVM, VCPUs: tc.vcpus, MaxVCPUs: tc.maxVCPUs, MemoryMiB: tc.memMiB, MaxMemoryMiB: tc.maxMemMiB,
 				Boot: Boot{Kernel: "/k/vmlinux", KernelParams: []string{"quiet"}}, SharedFS: machine.NoSharedFS, Console: ConsoleNone}
 			b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-			vm, err := b.hardware(nil)
+			vm, err := b.hardware(nil, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -100,7 +100,7 @@ func TestCPUModelAndEnlightenmentsFollowTheAccelerator(t *testing.T) {
 			c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, CPUModel: tc.model, HyperV: hv,
 				Boot: Boot{Firmware: Firmware{Type: FirmwareBIOS}}, SharedFS: machine.NoSharedFS, Console: ConsoleNone}
 			b := bootPlan{cfg: c, accel: accelChoice{accel: tc.accel, reason: "test"}, paths: newPaths("/run/vm/g")}
-			vm, err := b.hardware(nil)
+			vm, err := b.hardware(nil, nil)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("hardware() = %v, want an error with %q", err, tc.wantErr)
@@ -127,7 +127,7 @@ func TestFreePageReportingMovesNoDevice(t *testing.T) {
 				c := Config{Name: "g", Type: typ, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: machine.NoSharedFS,
 					Console: ConsoleNone, VNC: typ == machine.Q35, Ports: []string{"agent"}, FreePageReporting: reporting}
 				b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-				vm, err := b.hardware(nil)
+				vm, err := b.hardware(nil, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -167,7 +167,7 @@ func TestHostDevicesOnRootPorts(t *testing.T) {
 	c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: machine.NoSharedFS,
 		Console: ConsoleNone, HostDevices: []devices.PCIAddress{gpu, audio}, PCIHole64: 128 << 30}
 	b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-	vm, err := b.hardware(nil)
+	vm, err := b.hardware(nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +183,7 @@ func TestHostDevicesOnRootPorts(t *testing.T) {
 	}
 	c.Type = machine.MicroVM
 	b.cfg = c
-	if _, err := b.hardware(nil); err == nil || !strings.Contains(err.Error(), "needs machine q35") {
+	if _, err := b.hardware(nil, nil); err == nil || !strings.Contains(err.Error(), "needs machine q35") {
 		t.Errorf("host devices on microvm: %v", err)
 	}
 }
@@ -251,7 +251,7 @@ func TestTCGHotplugRunsOneThread(t *testing.T) {
 func renderedArgs(t *testing.T, c Config, accel machine.Accel) []string {
 	t.Helper()
 	b := bootPlan{cfg: c, accel: accelChoice{accel: accel}, paths: newPaths("/run/vm/g"), tscKHz: 1000000}
-	vm, err := b.hardware(nil)
+	vm, err := b.hardware(nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

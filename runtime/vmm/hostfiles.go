@@ -104,7 +104,7 @@ func openHostFiles(plan bootPlan, logFile *os.File) (_ *hostFiles, retErr error)
 		}
 		h.ports = append(h.ports, l)
 	}
-	if c.SharedFS == machine.VirtioFS {
+	if c.SharedFS == machine.VirtioFS && !c.Template { // a template's is plugged later
 		conn, err := net.Dial("unix", p.virtiofsdSock)
 		if err != nil {
 			return nil, fmt.Errorf("connect to virtiofsd: %w", err)

@@ -65,7 +65,7 @@ func TestQEMUGetsDescriptorsNotPaths(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer files.close(log)
-			vm, err := b.hardware(files)
+			vm, err := b.hardware(files, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -10,7 +10,6 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
-	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/qmp"
 )
 
@@ -37,6 +36,8 @@ type MigrationOptions struct {
 	CompletionTimeout time.Duration
 	// ProgressTimeout cancels it when the bytes left have not dropped for this long.
 	ProgressTimeout time.Duration
+	// IgnoreShared leaves shared RAM out of the stream (a template's, SavedTemplate).
+	IgnoreShared bool
 	// Progress, if set, receives each poll's state (every 100 ms).
 	Progress func(qmp.MigrationInfo)
 }
@@ -49,6 +50,7 @@ func (o MigrationOptions) capabilities() []qmp.MigrationCapabilityState {
 	return []qmp.MigrationCapabilityState{
 		{Capability: qmp.MigrationCapEvents, State: true},
 		{Capability: qmp.MigrationCapAutoConverge, State: o.AutoConverge},
+		{Capability: qmp.MigrationCapIgnoreShared, State: o.IgnoreShared},
 	}
 }
 
@@ -58,7 +60,7 @@ var ErrMigrationCancelled = errors.New("migration cancelled")
 
 // canMigrate says why this machine's state cannot move, or nil.
 func (m *Machine) canMigrate() error {
-	if m.cfg.SharedFS == machine.VirtioFS {
+	if m.cfg.runsVirtiofsd() {
 		// QEMU 7.2's vhost-user-fs device blocks migration (measured: "State blocked by
 		// non-migratable device '0000:00:01.0/vhost-user-fs'"): virtiofsd's state (open
 		// files, the guest's FUSE requests in flight) has no migration stream.
@@ -125,6 +127,11 @@ func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts Mig
 	if err := m.canMigrate(); err != nil {
 		return err
 	}
+	return m.accept(ctx, stream, opts)
+}
+
+// accept makes QEMU read its incoming migration from stream.
+func (m *Machine) accept(ctx context.Context, stream *os.File, opts MigrationOptions) error {
 	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
 		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
 	}

@@ -59,6 +59,7 @@ type Machine struct {
 	plugMu    sync.Mutex             // one disk or NIC plug or unplug at a time
 	disks     map[string]pluggedDisk // hot-plugged disks, by device id
 	nics      map[string]string      // hot-plugged NICs' netdev ids, by device id
+	ram       *os.File               // a template machine's guest RAM (makeRAM)
 	nextFDSet int                    // the last hot-plugged disk's fd set, less firstHotFDSet
 
 	exited  chan struct{} // closed when QEMU exits
@@ -83,26 +84,19 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 	}
 	logger := log.G(ctx).WithField("vm", cfg.Name)
 
-	host := readHostCPU()
-	accel, err := resolveAccel(cfg.Accel, host)
+	plan, err := planFor(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 	}
-	if accel.accel == machine.TCG && cfg.Accel == machine.AccelAuto {
-		logger.Warnf("accel: %s", accel.reason)
+	if plan.accel.accel == machine.TCG && cfg.Accel == machine.AccelAuto {
+		logger.Warnf("accel: %s", plan.accel.reason)
 	}
-	if accel.accel == machine.TCG && cfg.HyperV != nil {
+	if plan.accel.accel == machine.TCG && cfg.HyperV != nil {
 		logger.Warn("hyperv: Hyper-V enlightenments are KVM's; under TCG the guest boots without them")
-	}
-	plan := bootPlan{cfg: cfg, accel: accel, paths: newPaths(cfg.StateDir)}
-	if accel.accel == machine.TCG && cfg.Type == machine.MicroVM {
-		if plan.tscKHz, err = host.tscKHz(); err != nil {
-			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
-		}
 	}
 	// the device model as it will be, with paths for the descriptors not yet opened: a
 	// machine it cannot describe starts nothing
-	if _, err := plan.hardware(nil); err != nil {
+	if _, err := plan.hardware(nil, nil); err != nil {
 		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 	}
 	m := &Machine{cfg: cfg, plan: plan, exited: make(chan struct{})}
@@ -152,32 +146,33 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 			return nil, fmt.Errorf("vm %s: UEFI variable store: %w", cfg.Name, err)
 		}
 	}
-	if cfg.SharedFS != machine.NoSharedFS {
+	if cfg.SharedFS != machine.NoSharedFS && !cfg.saving() {
 		if m.share, err = newSharedDir(plan.paths.shared); err != nil {
 			return nil, fmt.Errorf("vm %s: shared dir: %w", cfg.Name, err)
 		}
 		m.teardown.Add("unmount shared dir", m.share.close)
 	}
 	phases.Mark(ctx, "prepare")
-	if cfg.SharedFS == machine.VirtioFS {
+	if cfg.runsVirtiofsd() {
 		if err := m.startVirtiofsd(logFile); err != nil {
 			return nil, fmt.Errorf("vm %s: virtiofsd: %w", cfg.Name, err)
 		}
 		phases.Mark(ctx, "virtiofsd")
 	}
 
+	if cfg.Template {
+		if err := m.makeRAM(); err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		}
+	}
 	files, err := openHostFiles(plan, logFile)
 	if err != nil {
-		if m.virtiofsdEnded != nil {
-			if ended := m.virtiofsdEnded(); ended != "" { // it refused the connection by dying
-				err = fmt.Errorf("%w: virtiofsd %s%s", err, ended, m.ConsoleHint())
-			}
-		}
-		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
+		// virtiofsd may have refused the connection by dying
+		return nil, fmt.Errorf("vm %s: %w", cfg.Name, m.virtiofsdError(err))
 	}
 	// closed once QEMU started (below); a failure before that closes them here
 	m.teardown.Add("close QEMU's descriptors", func() error { files.close(logFile); return nil })
-	if m.hw, err = plan.hardware(files); err != nil {
+	if m.hw, err = plan.hardware(files, m.ram); err != nil {
 		return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 	}
 	if cfg.Users != nil {
@@ -193,7 +188,7 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 			}
 		}
 	}
-	logger.WithField("accel", accel.accel).WithField("machine", cfg.Type).Debug("starting QEMU")
+	logger.WithField("accel", plan.accel.accel).WithField("machine", cfg.Type).Debug("starting QEMU")
 	err = m.startQEMU(logFile)
 	files.close(logFile) // QEMU holds its own copies now, or never will
 	if err != nil {
@@ -206,7 +201,29 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 		return nil, fmt.Errorf("vm %s: QMP: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
 	phases.Mark(ctx, "qmp")
+	if cfg.RestoreFrom != nil {
+		if err := m.restore(ctx); err != nil {
+			return nil, fmt.Errorf("vm %s: restore: %w", cfg.Name, err)
+		}
+	}
 	return m, nil
+}
+
+// planFor resolves what cfg leaves to the host: the accelerator and, for a microvm under
+// TCG, the TSC rate the guest is told.
+func planFor(cfg Config) (bootPlan, error) {
+	host := readHostCPU()
+	accel, err := resolveAccel(cfg.Accel, host)
+	if err != nil {
+		return bootPlan{}, err
+	}
+	plan := bootPlan{cfg: cfg, accel: accel, paths: newPaths(cfg.StateDir)}
+	if accel.accel == machine.TCG && cfg.Type == machine.MicroVM {
+		if plan.tscKHz, err = host.tscKHz(); err != nil {
+			return bootPlan{}, err
+		}
+	}
+	return plan, nil
 }
 
 func (m *Machine) startVirtiofsd(logFile *os.File) error {

@@ -66,10 +66,11 @@ func (c Config) machineConfig() vmm.Config {
 	// auto-movable: memory added later goes to ZONE_MOVABLE while the kernel keeps enough
 	// of its own, so the virtio-mem blocks a shrink asks back can be emptied (docs/design/008)
 	params := []string{"console=ttyS0", "quiet", "panic=-1", "memory_hotplug.online_policy=auto-movable"}
-	switch mc.SharedFS {
-	case machine.VirtioFS:
+	switch {
+	case mc.Template: // plugged after the restore and mounted by restored (the agent's setup)
+	case mc.SharedFS == machine.VirtioFS:
 		params = append(params, agentv1.KernelParamShare+"=virtiofs:"+vmm.ShareTag)
-	case machine.NineP:
+	case mc.SharedFS == machine.NineP:
 		params = append(params, agentv1.KernelParamShare+"=9p:"+vmm.ShareTag)
 	}
 	if c.Debug {
@@ -80,7 +81,9 @@ func (c Config) machineConfig() vmm.Config {
 }
 
 // Boot starts the machine and returns once the agent has answered: the moment the guest
-// counts as booted. On any failure everything it started is stopped and removed again.
+// counts as booted. A template machine with a saved state to restore (vmm.Config.
+// RestoreFrom) is restored instead, and returns as a booted one would: its shared
+// directory mounted, its randomness its own. On any failure everything it started is stopped and removed again.
 func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 	if cfg.BootTimeout == 0 {
 		cfg.BootTimeout = DefaultBootTimeout
@@ -110,6 +113,12 @@ func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 		return nil, fmt.Errorf("vm %s: boot: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
 	g.bootMemory = ping.MemoryBytes
+	if cfg.RestoreFrom != nil {
+		phases.Mark(ctx, "agent")
+		if err := g.restored(bootCtx); err != nil {
+			return nil, fmt.Errorf("vm %s: restore: %w%s", cfg.Name, err, m.ConsoleHint())
+		}
+	}
 	phases.Mark(ctx, "boot")
 	log.G(ctx).WithField("vm", cfg.Name).WithField("accel", m.Accel()).Infof("booted in %v", time.Since(started).Round(time.Millisecond))
 	return g, nil

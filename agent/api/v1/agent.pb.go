@@ -191,7 +191,15 @@ type SetupSandboxRequest struct {
 	Routes            []*Route     `protobuf:"bytes,4,rep,name=routes,proto3" json:"routes,omitempty"`
 	Dns               *DNS         `protobuf:"bytes,5,opt,name=dns,proto3" json:"dns,omitempty"`
 	// Pod-level sysctls (net.*, kernel.shm*, ...), applied in the guest.
-	Sysctls       map[string]string `protobuf:"bytes,6,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Sysctls map[string]string `protobuf:"bytes,6,rep,name=sysctls,proto3" json:"sysctls,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// share, when set, is the host's shared directory to mount, as the kernel parameter
+	// vmpod.share names it ("virtiofs:<tag>"): a guest restored from a template booted
+	// without it (docs/design/022).
+	Share string `protobuf:"bytes,7,opt,name=share,proto3" json:"share,omitempty"`
+	// entropy, when set, is random bytes from the host, credited to the guest's pool and
+	// the kernel's random number generator reseeded from it: a guest restored from a
+	// template starts with the random state every other restore of it has.
+	Entropy       []byte `protobuf:"bytes,8,opt,name=entropy,proto3" json:"entropy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -264,6 +272,20 @@ func (x *SetupSandboxRequest) GetDns() *DNS {
 func (x *SetupSandboxRequest) GetSysctls() map[string]string {
 	if x != nil {
 		return x.Sysctls
+	}
+	return nil
+}
+
+func (x *SetupSandboxRequest) GetShare() string {
+	if x != nil {
+		return x.Share
+	}
+	return ""
+}
+
+func (x *SetupSandboxRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
 	}
 	return nil
 }
@@ -2394,7 +2416,7 @@ const file_agent_proto_rawDesc = "" +
 	"\fuptime_nanos\x18\x03 \x01(\x04R\vuptimeNanos\x12\x1f\n" +
 	"\vonline_cpus\x18\x04 \x01(\rR\n" +
 	"onlineCpus\x12!\n" +
-	"\fmemory_bytes\x18\x05 \x01(\x04R\vmemoryBytes\"\xfb\x02\n" +
+	"\fmemory_bytes\x18\x05 \x01(\x04R\vmemoryBytes\"\xab\x03\n" +
 	"\x13SetupSandboxRequest\x12\x1a\n" +
 	"\bhostname\x18\x01 \x01(\tR\bhostname\x12/\n" +
 	"\x14host_time_unix_nanos\x18\x02 \x01(\x03R\x11hostTimeUnixNanos\x129\n" +
@@ -2403,7 +2425,9 @@ const file_agent_proto_rawDesc = "" +
 	"interfaces\x12-\n" +
 	"\x06routes\x18\x04 \x03(\v2\x15.vmpod.agent.v1.RouteR\x06routes\x12%\n" +
 	"\x03dns\x18\x05 \x01(\v2\x13.vmpod.agent.v1.DNSR\x03dns\x12J\n" +
-	"\asysctls\x18\x06 \x03(\v20.vmpod.agent.v1.SetupSandboxRequest.SysctlsEntryR\asysctls\x1a:\n" +
+	"\asysctls\x18\x06 \x03(\v20.vmpod.agent.v1.SetupSandboxRequest.SysctlsEntryR\asysctls\x12\x14\n" +
+	"\x05share\x18\a \x01(\tR\x05share\x12\x18\n" +
+	"\aentropy\x18\b \x01(\fR\aentropy\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"a\n" +

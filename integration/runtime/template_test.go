@@ -1,0 +1,110 @@
+package runtime_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
+	"github.com/vmpod/vmpod/runtime/vmtemplate"
+)
+
+// TestTemplate: guests restored from a template (docs/design/022). The first q35 guest
+// makes the template (a machine booted and saved), later ones restore it; each gets its
+// shared directory plugged and mounted (a container runs from its rootfs) and randomness
+// of its own; a saved state QEMU refuses is removed and the guest booted instead; a
+// microvm, which cannot be a template's, boots.
+func TestTemplate(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join(testenv.StateRoot(t), "templates")
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	store := &vmtemplate.Store{Dir: dir}
+	boot := func(name string, typ machine.Type) *vmpodagent.Guest {
+		t.Helper()
+		cfg := testenv.VMConfig(t, name)
+		cfg.Type = typ
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		g, err := store.Boot(ctx, cfg)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		t.Cleanup(func() {
+			if err := g.Stop(context.Background()); err != nil {
+				t.Errorf("stop %s: %v", name, err)
+			}
+			testenv.AssertNoLeaks(t, cfg.StateDir)
+		})
+		return g
+	}
+	states := func() []string {
+		s, _ := filepath.Glob(filepath.Join(dir, "*.state"))
+		return s
+	}
+	// what a container sees of the guest's randomness, through the shared rootfs
+	sample := func(g *vmpodagent.Guest, id string) (random, bootID string) {
+		t.Helper()
+		exit, out, errOut := run(t, g, id, nil, "sh", "-c", "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /proc/sys/kernel/random/boot_id")
+		if exit.Status != 0 {
+			t.Fatalf("%s: exit %d: %s", id, exit.Status, errOut)
+		}
+		lines := strings.Fields(out)
+		if len(lines) != 2 || len(lines[0]) != 32 {
+			t.Fatalf("%s: output %q: want 16 random bytes in hex and a boot id", id, out)
+		}
+		return lines[0], lines[1]
+	}
+
+	a := boot("tmpl-a", machine.Q35)
+	if s := states(); len(s) != 1 {
+		t.Fatalf("after the first q35 guest: saved states %v, want one", s)
+	}
+	if procs := testenv.ProcessesMentioning(dir); len(procs) > 0 {
+		t.Errorf("the template machine outlived its save: %v", procs)
+	}
+	if leftovers, _ := filepath.Glob(filepath.Join(dir, "*.vm")); len(leftovers) > 0 {
+		t.Errorf("the template machine's state dir is left: %v", leftovers)
+	}
+	b := boot("tmpl-b", machine.Q35)
+	randA, bootA := sample(a, "rand-a")
+	randB, bootB := sample(b, "rand-b")
+	if randA == randB {
+		t.Errorf("two guests restored from one template read the same random bytes %s: the restore did not reseed", randA)
+	}
+	// the kernel makes the boot id at its first read, which no template guest does before
+	// it is saved: each restore makes its own, from its reseeded pool
+	if bootA == bootB {
+		t.Errorf("two guests restored from one template have the same boot id %s", bootA)
+	}
+
+	// a state QEMU refuses: removed, the guest booted, the next guest makes a new one
+	s := states()[0]
+	if err := os.Truncate(s, 4096); err != nil {
+		t.Fatal(err)
+	}
+	c := boot("tmpl-c", machine.Q35)
+	if _, err := os.Stat(s); !os.IsNotExist(err) {
+		t.Errorf("a refused state is still there (%v)", err)
+	}
+	if exit, out, _ := run(t, c, "after-refused", nil, "echo", "booted"); exit.Status != 0 || out != "booted\n" {
+		t.Errorf("guest booted after a refused state: exit %d, %q", exit.Status, out)
+	}
+	boot("tmpl-d", machine.Q35)
+	if s := states(); len(s) != 1 {
+		t.Errorf("after a refused state: saved states %v, want a new one", s)
+	}
+
+	// a microvm has no hotplug, so no template: it boots
+	m := boot("tmpl-micro", machine.MicroVM)
+	if exit, _, _ := run(t, m, "micro", nil, "true"); exit.Status != 0 {
+		t.Errorf("microvm guest: exit %d", exit.Status)
+	}
+	if s := states(); len(s) != 1 {
+		t.Errorf("a microvm made a template: %v", s)
+	}
+}
