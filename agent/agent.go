@@ -90,6 +90,9 @@ func run() error {
 		booted:   booted,
 		poweroff: poweroff,
 	}
+	_, noWarmup := params[agentv1.KernelParamNoWarmup]
+	_, template := params[agentv1.KernelParamTemplate]
+	svc.warmAfterRestore = template && !noWarmup
 
 	port, err := openPort(agentv1.PortName)
 	if err != nil {
@@ -100,7 +103,7 @@ func run() error {
 		return err
 	}
 	agentv1.RegisterAgentService(server, svc)
-	if _, off := params[agentv1.KernelParamNoWarmup]; !off {
+	if !noWarmup && !template {
 		go warmRunc(context.Background(), svc.containers)
 	}
 	slog.Info("serving", "port", port.String(), "setup", time.Since(booted).Round(time.Millisecond))

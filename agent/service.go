@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/containerd/errdefs/pkg/errgrpc"
@@ -24,6 +25,10 @@ type service struct {
 	oom        *oomWatcher
 	booted     time.Time
 	poweroff   func()
+
+	// warmAfterRestore: a template's guest warms runc up once restored (KernelParamTemplate)
+	warmAfterRestore bool
+	warmOnce         sync.Once
 }
 
 var _ agentv1.AgentService = (*service)(nil)
@@ -56,7 +61,13 @@ func (s *service) Ping(context.Context, *agentv1.PingRequest) (*agentv1.PingResp
 }
 
 func (s *service) SetupSandbox(_ context.Context, req *agentv1.SetupSandboxRequest) (*agentv1.Empty, error) {
-	return empty, setupSandbox(req)
+	if err := setupSandbox(req); err != nil {
+		return nil, err
+	}
+	if req.Share != "" && s.warmAfterRestore { // restored: the host gave the share late
+		s.warmOnce.Do(func() { go warmRunc(context.Background(), s.containers) })
+	}
+	return empty, nil
 }
 
 func (s *service) OnlineResources(_ context.Context, req *agentv1.OnlineResourcesRequest) (*agentv1.OnlineResourcesResponse, error) {

@@ -142,11 +142,12 @@ func TestBenchCRI(t *testing.T) {
 	}
 	starts := map[string]sample{}
 	execs := map[string]sample{}
-	calls := map[string]sample{}   // vmpod's CRI calls, by call
-	phaseOf := map[string]sample{} // the shim's steps of a pod start, by step
-	var order []string             // the steps in the order they happen
-	cold := map[string]sample{}    // vmpod without the runc warm-up: pod start, RunPodSandbox, app create
-	tmpl := map[string]sample{}    // vmpod q35 from a template: pod start, RunPodSandbox, shim steps
+	calls := map[string]sample{}    // vmpod's CRI calls, by call
+	phaseOf := map[string]sample{}  // the shim's steps of a pod start, by step
+	var order []string              // the steps in the order they happen
+	cold := map[string]sample{}     // vmpod without the runc warm-up: pod start, RunPodSandbox, app create
+	tmpl := map[string]sample{}     // vmpod q35 from a template: pod start, RunPodSandbox, shim steps
+	tmplCold := map[string]sample{} // the same without the runc warm-up after the restore
 	var tmplOrder []string
 	// the first q35 pod makes the template (docs/design/022); timed apart
 	templateDir := testenv.TemplateDir(t)
@@ -213,6 +214,14 @@ func TestBenchCRI(t *testing.T) {
 			}
 		}
 		removePod(ctx, rs, p)
+		testenv.WithNodeConfig(t, templateConfig+noWarmupConfig, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
+		tmplCold["pod start"] = append(tmplCold["pod start"], d.total)
+		for _, s := range shimPhases(t, p.container) {
+			if s.Name == "create" {
+				tmplCold["app create"] = append(tmplCold["app create"], s.Took)
+			}
+		}
+		removePod(ctx, rs, p)
 	}
 	report(t, "vmpod from a template (q35, docs/design/022) against a boot (the default microvm), p50 of %d:", n)
 	report(t, "  the first q35 pod, which makes the template: pod start %s", ms(first.total))
@@ -222,6 +231,10 @@ func TestBenchCRI(t *testing.T) {
 		float64(tmpl["pod start"].pct(0.5))/float64(starts["vmpod"].pct(0.5)))
 	for _, k := range tmplOrder {
 		report(t, "    shim %-24s %s", k, ms(tmpl[k].pct(0.5)))
+	}
+	for _, k := range []string{"app create", "pod start"} {
+		report(t, "  %-14s template with the runc warm-up after the restore %9s, without %9s  ratio %.2f", k,
+			ms(tmpl[k].pct(0.5)), ms(tmplCold[k].pct(0.5)), float64(tmpl[k].pct(0.5))/float64(tmplCold[k].pct(0.5)))
 	}
 	warm := map[string]sample{"pod start": starts["vmpod"], "RunPodSandbox": calls["RunPodSandbox"], "app create": phaseOf["app create"]}
 	report(t, "the guest's runc warm-up (docs/design/021), vmpod pods with and without it (p50 of %d):", n)

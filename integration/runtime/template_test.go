@@ -1,6 +1,7 @@
 package runtime_test
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -24,6 +25,7 @@ func TestTemplate(t *testing.T) {
 	dir := filepath.Join(testenv.StateRoot(t), "templates")
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	store := &vmtemplate.Store{Dir: dir}
+	logs := map[*vmpodagent.Guest]string{}
 	boot := func(name string, typ machine.Type) *vmpodagent.Guest {
 		t.Helper()
 		cfg := testenv.VMConfig(t, name)
@@ -40,6 +42,7 @@ func TestTemplate(t *testing.T) {
 			}
 			testenv.AssertNoLeaks(t, cfg.StateDir)
 		})
+		logs[g] = cfg.LogPath
 		return g
 	}
 	states := func() []string {
@@ -69,6 +72,16 @@ func TestTemplate(t *testing.T) {
 	}
 	if leftovers, _ := filepath.Glob(filepath.Join(dir, "*.vm")); len(leftovers) > 0 {
 		t.Errorf("the template machine's state dir is left: %v", leftovers)
+	}
+	// runc is warmed up after the restore (docs/design/021), not in the template's boot
+	testenv.WaitForWithin(t, time.Minute, "the restored agent to warm runc up", func() bool {
+		b, _ := os.ReadFile(logs[a])
+		return bytes.Contains(b, []byte("runc warmed up"))
+	})
+	if tlogs, _ := filepath.Glob(filepath.Join(dir, "*.log")); len(tlogs) != 1 {
+		t.Errorf("template machine logs %v, want one", tlogs)
+	} else if b, _ := os.ReadFile(tlogs[0]); bytes.Contains(b, []byte("runc warm")) {
+		t.Errorf("the template machine warmed runc up before it was saved:\n%s", b)
 	}
 	b := boot("tmpl-b", machine.Q35)
 	randA, bootA := sample(a, "rand-a")

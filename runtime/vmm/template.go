@@ -56,8 +56,10 @@ func (m *Machine) SaveTemplate(ctx context.Context, to SavedTemplate) (qmp.Migra
 	return info, nil
 }
 
-// makeRAM makes a template machine's guest RAM: a memfd the size of the machine's RAM,
-// filled from the saved template it restores, if any.
+// makeRAM makes a template machine's guest RAM: a memfd the size of the machine's RAM.
+// For a restore it starts filling it from the saved template's RAM, which it checks
+// fits, while QEMU starts (QEMU maps the memfd but reads none of it before the
+// migration's device state has arrived); restore waits for the copy (ramFilled).
 func (m *Machine) makeRAM() error {
 	_, memMiB := m.cfg.machineSize()
 	fd, err := unix.MemfdCreate("vmpod-ram:"+m.cfg.Name, unix.MFD_CLOEXEC)
@@ -77,11 +79,18 @@ func (m *Machine) makeRAM() error {
 	} else if st.Size() != int64(memMiB)<<20 {
 		return fmt.Errorf("template RAM: %d bytes, the machine has %d: %w", st.Size(), int64(memMiB)<<20, errdefs.ErrInvalidArgument)
 	}
-	n, err := m.copyRAMAsPod(m.ram, m.cfg.RestoreFrom.RAM)
-	if err != nil {
-		return fmt.Errorf("template RAM: %w", err)
-	}
-	log.L.Debugf("vm %s: %d MiB of template RAM copied", m.cfg.Name, n>>20)
+	filled := make(chan error, 1)
+	go func() {
+		n, err := m.copyRAMAsPod(m.ram, m.cfg.RestoreFrom.RAM)
+		if err == nil {
+			log.L.Debugf("vm %s: %d MiB of template RAM copied", m.cfg.Name, n>>20)
+		}
+		filled <- err
+		close(filled)
+	}()
+	m.ramFilled = filled
+	// a failed start waits for the copier before the memfd goes
+	m.teardown.Add("wait for the RAM copy", func() error { <-filled; return nil })
 	return nil
 }
 
@@ -140,6 +149,14 @@ func copyRAM(dst, src *os.File) (int64, error) {
 // (-incoming defer, its RAM filled by makeRAM) and plugs what the state lacks. The guest
 // runs when it returns.
 func (m *Machine) restore(ctx context.Context) error {
+	select {
+	case err := <-m.ramFilled:
+		if err != nil {
+			return fmt.Errorf("template RAM: %w", err)
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	if err := m.accept(ctx, m.cfg.RestoreFrom.State, MigrationOptions{IgnoreShared: true}); err != nil {
 		return err
 	}

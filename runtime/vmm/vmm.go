@@ -60,6 +60,7 @@ type Machine struct {
 	disks     map[string]pluggedDisk // hot-plugged disks, by device id
 	nics      map[string]string      // hot-plugged NICs' netdev ids, by device id
 	ram       *os.File               // a template machine's guest RAM (makeRAM)
+	ramFilled <-chan error           // the restore's copy into ram is done (makeRAM)
 	nextFDSet int                    // the last hot-plugged disk's fd set, less firstHotFDSet
 
 	exited  chan struct{} // closed when QEMU exits

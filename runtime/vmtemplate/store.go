@@ -82,13 +82,12 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 	return vmpodagent.Boot(ctx, cfg)
 }
 
-// templateConfig is cfg as a template machine. Template machines boot without the runc
-// warm-up (docs/design/021): a state saved while it ran would have every restore finish it.
+// templateConfig is cfg as a template machine. Its agent warms runc up (docs/design/021)
+// after each restore, not at boot: a state saved while it ran would have every restore
+// finish it.
 func templateConfig(cfg vmpodagent.Config) vmpodagent.Config {
 	cfg.Template = true
-	if !slices.Contains(cfg.Boot.KernelParams, agentv1.KernelParamNoWarmup) {
-		cfg.Boot.KernelParams = append(slices.Clip(cfg.Boot.KernelParams), agentv1.KernelParamNoWarmup)
-	}
+	cfg.Boot.KernelParams = append(slices.Clip(cfg.Boot.KernelParams), agentv1.KernelParamTemplate)
 	return cfg
 }
 

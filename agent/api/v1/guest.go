@@ -23,4 +23,9 @@ const (
 	// hypervisor.kernel_params) keeps the agent from warming runc up at boot
 	// (docs/design/021); make bench measures a pod start with and without.
 	KernelParamNoWarmup = "vmpod.nowarmup"
+	// KernelParamTemplate on the guest kernel command line marks a guest booted to be
+	// saved as a template (docs/design/022): the agent warms runc up after each restore —
+	// when the host hands it the shared directory (SetupSandboxRequest.share) — instead of
+	// at boot, where a saved state would have every restore finish it.
+	KernelParamTemplate = "vmpod.template"
 )
