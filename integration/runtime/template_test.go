@@ -5,7 +5,9 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -119,5 +121,65 @@ func TestTemplate(t *testing.T) {
 	}
 	if s := states(); len(s) != 1 {
 		t.Errorf("a microvm made a template: %v", s)
+	}
+}
+
+// TestTemplateMadeOnce: two machines of one shape started at once on a node without their
+// template: one makes it (under the template's lock) and is restored from it, the other
+// boots rather than wait; one template results and both guests run containers.
+func TestTemplateMadeOnce(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join(testenv.StateRoot(t), "templates")
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	store := &vmtemplate.Store{Dir: dir}
+	var cfgs []vmpodagent.Config
+	for _, name := range []string{"once-a", "once-b"} {
+		cfg := testenv.VMConfig(t, name)
+		cfg.Type = machine.Q35
+		cfgs = append(cfgs, cfg)
+	}
+	guests := make([]*vmpodagent.Guest, len(cfgs))
+	errs := make([]error, len(cfgs))
+	var wg sync.WaitGroup
+	for i, cfg := range cfgs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			guests[i], errs[i] = store.Boot(ctx, cfg)
+		}()
+	}
+	wg.Wait()
+	for i, g := range guests {
+		if g == nil {
+			continue
+		}
+		t.Cleanup(func() {
+			if err := g.Stop(context.Background()); err != nil {
+				t.Errorf("stop %s: %v", cfgs[i].Name, err)
+			}
+			testenv.AssertNoLeaks(t, cfgs[i].StateDir)
+		})
+	}
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("%s: %v", cfgs[i].Name, err)
+		}
+	}
+	if s, _ := filepath.Glob(filepath.Join(dir, "*.state")); len(s) != 1 {
+		t.Errorf("templates %v, want one", s)
+	}
+	restored := 0
+	for i, g := range guests {
+		if exit, out, _ := run(t, g, "once-"+strconv.Itoa(i), nil, "echo", "up"); exit.Status != 0 || out != "up\n" {
+			t.Errorf("%s: exit %d, %q", cfgs[i].Name, exit.Status, out)
+		}
+		if g.Machine().Config().RestoreFrom != nil {
+			restored++
+		}
+	}
+	if restored != 1 {
+		t.Errorf("%d of the two guests were restored, want the one that made the template", restored)
 	}
 }
