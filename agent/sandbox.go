@@ -297,10 +297,10 @@ func isMountPoint(dir string) (bool, error) {
 	if err := unix.Stat(dir, &st); errors.Is(err, unix.ENOENT) {
 		return false, nil
 	} else if err != nil {
-		return false, err
+		return false, fmt.Errorf("stat %s: %w", dir, err)
 	}
 	if err := unix.Stat(filepath.Dir(dir), &parent); err != nil {
-		return false, err
+		return false, fmt.Errorf("stat %s: %w", filepath.Dir(dir), err)
 	}
 	return st.Dev != parent.Dev, nil
 }

@@ -64,7 +64,7 @@ func (s *service) SetupSandbox(_ context.Context, req *agentv1.SetupSandboxReque
 	if err := setupSandbox(req); err != nil {
 		return nil, err
 	}
-	if req.Share != "" && s.warmAfterRestore { // restored: the host gave the share late
+	if len(req.Entropy) > 0 && s.warmAfterRestore { // restored: the host reseeds a restore
 		s.warmOnce.Do(func() { go warmRunc(context.Background(), s.containers) })
 	}
 	return empty, nil

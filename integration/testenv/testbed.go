@@ -430,9 +430,10 @@ func QEMUPid(t testing.TB, podID string) int {
 	return 0
 }
 
-// WithNodeConfig runs start with lines added to the [hypervisor] section of the node
-// config the vmpod shim reads at each pod's start, and the config's own content back once
-// start returned (or the test ended). The lines must set what the config leaves unset.
+// WithNodeConfig runs start with lines added to the node config the vmpod shim reads at
+// each pod's start, and the config's own content back once start returned (or the test
+// ended): lines before the first table header go into [hypervisor], tables after it
+// ("[timeouts]\nboot = ...") at the end. They must set what the config leaves unset.
 func WithNodeConfig(t testing.TB, lines string, start func()) {
 	t.Helper()
 	path := os.Getenv(EnvVmpodConfig)
@@ -440,16 +441,28 @@ func WithNodeConfig(t testing.TB, lines string, start func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	hypervisor, tables := lines, ""
+	if i := strings.Index("\n"+lines, "\n["); i >= 0 {
+		hypervisor, tables = lines[:i], lines[i:]
+	}
 	for line := range strings.Lines(lines) {
-		if key, _, _ := strings.Cut(line, " = "); bytes.Contains(orig, []byte("\n"+key+" ")) {
-			t.Fatalf("%s sets %s already: the bench sets its own", path, key)
+		key, _, _ := strings.Cut(strings.TrimSpace(line), " = ")
+		if strings.HasPrefix(key, "[") && bytes.Contains(orig, []byte(key)) ||
+			!strings.HasPrefix(key, "[") && bytes.Contains(orig, []byte("\n"+key+" ")) {
+			t.Fatalf("%s sets %s already: the test sets its own", path, key)
 		}
 	}
 	const section = "[hypervisor]\n"
 	if !bytes.Contains(orig, []byte(section)) {
 		t.Fatalf("%s has no [hypervisor] section", path)
 	}
-	changed := bytes.Replace(orig, []byte(section), []byte(section+lines), 1)
+	changed := bytes.Replace(orig, []byte(section), []byte(section+hypervisor), 1)
+	if tables != "" {
+		if !bytes.HasSuffix(changed, []byte("\n")) {
+			changed = append(changed, '\n')
+		}
+		changed = append(changed, tables...)
+	}
 	restore := func() {
 		if err := os.WriteFile(path, orig, 0o644); err != nil {
 			t.Errorf("restore %s: %v", path, err)

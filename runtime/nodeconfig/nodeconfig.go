@@ -237,7 +237,6 @@ func Load(path string) (Config, error) {
 	return cfg, nil
 }
 
-// Validate reports every problem, each naming its key.
 // TemplateDir is where container pods' templates are kept (hypervisor.template_dir).
 func (c Config) TemplateDir() string {
 	if c.Hypervisor.TemplateDir != "" {
@@ -246,6 +245,7 @@ func (c Config) TemplateDir() string {
 	return filepath.Clean(c.StateDir) + "-templates"
 }
 
+// Validate reports every problem, each naming its key.
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {

@@ -115,7 +115,7 @@ type Config struct {
 	// machine and devices as the source's.
 	Incoming bool
 	// Template makes the machine a template's (docs/design/022): booted once to have its
-	// state saved (SaveState), or started from such a state (RestoreFrom) instead of
+	// state saved (SaveTemplate), or started from such a state (RestoreFrom) instead of
 	// booting. A saved state carries neither a virtiofsd connection nor a tap, so a
 	// template machine's virtio-fs device and NICs are hot-plugged once its guest is up
 	// rather than cold-plugged, and its RAM is shared so that virtio-fs can be added. A
@@ -421,6 +421,9 @@ func (c Config) validateTemplate(bad func(field, format string, args ...any)) {
 	if c.Incoming {
 		bad("template", "a template machine restores a file (restore_from), not a live migration (incoming)")
 	}
+	if c.Paused {
+		bad("template", "a restored guest must run: its devices are plugged and its agent set up at once")
+	}
 	if c.UUID != "" {
 		bad("template", "an SMBIOS UUID would be the same in every restore")
 	}
@@ -452,7 +455,8 @@ const templateFormat = "vmpod-template-1"
 // TemplateKey identifies what a template machine's saved state depends on: QEMU's
 // command line as Start would render it (every RAM block and device a restore must match,
 // the kernel command line the guest booted with), with the name and the state directory's
-// paths left out, and the identity of the files it reads (QEMU, kernel, initramfs).
+// paths left out, the identity of the files it reads (QEMU, kernel, initramfs), and the
+// host's kernel release and CPU flags (a guest keeps using the CPU features it found).
 // Machines with equal keys can restore each other's saved state; names, state
 // directories, taps and the shared directory's contents differ freely.
 func (c Config) TemplateKey() (string, error) {
@@ -470,22 +474,40 @@ func (c Config) TemplateKey() (string, error) {
 	}
 	args, _ := hw.Render()
 	h := sha256.New()
-	fmt.Fprintln(h, templateFormat)
+	field := func(s string) { fmt.Fprintf(h, "%d:%s\n", len(s), s) } // no two lists hash alike
+	field(templateFormat)
 	for i, a := range args {
 		if i > 0 && args[i-1] == "-name" {
 			continue
 		}
 		a = strings.ReplaceAll(a, c.LogPath, "$LOG") // first: it may be in the state dir
-		fmt.Fprintln(h, strings.ReplaceAll(a, c.StateDir, "$STATE"))
+		field(strings.ReplaceAll(a, c.StateDir, "$STATE"))
 	}
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		return "", fmt.Errorf("template key: %w", err)
+	}
+	field(unix.ByteSliceToString(uts.Release[:]))
+	field(hostCPUFlags())
 	for _, f := range []string{c.QEMUPath, c.Boot.Kernel, c.Boot.Initrd} {
 		id, err := fileIdentity(f)
 		if err != nil {
 			return "", fmt.Errorf("template key: %w", err)
 		}
-		fmt.Fprintf(h, "%s %s\n", f, id)
+		field(f + " " + id)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:32], nil
+}
+
+// hostCPUFlags is the first CPU's flags line of /proc/cpuinfo ("" if unreadable).
+func hostCPUFlags() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for line := range strings.Lines(string(b)) {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
 }
 
 // fileIdentity is a file's device, inode, size and modification time: a rebuilt kernel or

@@ -256,7 +256,7 @@ func (b bootPlan) hardware(files *hostFiles, ram *os.File) (*devices.VM, error) 
 		}
 	}
 	switch {
-	case c.Template: // virtio-fs and NICs are plugged once it is up (restoreDevices)
+	case c.Template: // virtio-fs and NICs are plugged once it is up (restore)
 	case c.SharedFS == machine.VirtioFS:
 		fs := &devices.VirtioFS{DeviceID: shareDeviceID, SocketPath: b.paths.virtiofsdSock, Tag: ShareTag}
 		if files != nil {

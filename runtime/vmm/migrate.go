@@ -127,21 +127,24 @@ func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts Mig
 	if err := m.canMigrate(); err != nil {
 		return err
 	}
-	return m.accept(ctx, stream, opts)
+	if err := m.accept(ctx, stream, opts); err != nil {
+		return fmt.Errorf("vm %s: %w", m.cfg.Name, err)
+	}
+	return nil
 }
 
 // accept makes QEMU read its incoming migration from stream.
 func (m *Machine) accept(ctx context.Context, stream *os.File, opts MigrationOptions) error {
 	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
-		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
+		return fmt.Errorf("accept a migration: %w", err)
 	}
 	uri, err := m.handStream(ctx, stream)
 	if err != nil {
-		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
+		return fmt.Errorf("accept a migration: %w", err)
 	}
 	if err := m.mon.MigrateIncoming(ctx, uri); err != nil {
 		m.dropStream(ctx)
-		return fmt.Errorf("vm %s: accept a migration: %w", m.cfg.Name, err)
+		return fmt.Errorf("accept a migration: %w", err)
 	}
 	log.G(ctx).Infof("vm %s: waiting for a migration", m.cfg.Name)
 	return nil
@@ -152,6 +155,15 @@ func (m *Machine) accept(ctx context.Context, stream *os.File, opts MigrationOpt
 // started Paused (QEMU's -S) keeps its vCPUs stopped until Resume. A failed incoming
 // migration ends the target's QEMU.
 func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
+	info, err := m.awaitIncoming(ctx)
+	if err != nil {
+		return info, fmt.Errorf("vm %s: %w", m.cfg.Name, err)
+	}
+	return info, nil
+}
+
+// awaitIncoming is AwaitIncoming with errors that do not name the machine.
+func (m *Machine) awaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
 	tick := time.NewTicker(migrationPoll)
 	defer tick.Stop()
 	changed, stop := m.migrationEvents(ctx)
@@ -164,21 +176,21 @@ func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 				// the guest takes the source's run state (running, or paused if it was)
 				st, err := m.mon.Status(ctx)
 				if err != nil {
-					return info, fmt.Errorf("vm %s: after the incoming migration: %w", m.cfg.Name, err)
+					return info, fmt.Errorf("after the incoming migration: %w", err)
 				}
 				if st.State != qmp.RunStateInMigrate {
 					m.arrived.Store(true)
 					return info, nil
 				}
 			case qmp.MigrationFailed:
-				return info, fmt.Errorf("vm %s: incoming migration failed: %s", m.cfg.Name, info.ErrorDesc)
+				return info, fmt.Errorf("incoming migration failed: %s", info.ErrorDesc)
 			}
 		}
 		select {
 		case <-m.exited:
-			return info, fmt.Errorf("vm %s: incoming migration: %w", m.cfg.Name, m.Explain(errors.New("QEMU exited")))
+			return info, fmt.Errorf("incoming migration: %w", m.Explain(errors.New("QEMU exited")))
 		case <-ctx.Done():
-			return info, fmt.Errorf("vm %s: incoming migration: %w", m.cfg.Name, ctx.Err())
+			return info, fmt.Errorf("incoming migration: %w", ctx.Err())
 		case <-tick.C:
 		case <-changed:
 		}

@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -44,35 +43,70 @@ func ramCopyMain() int {
 	return 0
 }
 
-// copyRAMAsPod is copyRAM run in the machine's cgroup (itself, without one).
-func (m *Machine) copyRAMAsPod(dst, src *os.File) (int64, error) {
+// ramCopy is a copy of a template's RAM under way (startRAMCopy).
+type ramCopy struct {
+	cmd            *exec.Cmd // nil: copied in this process already
+	stdout, stderr bytes.Buffer
+	n              int64
+	err            error
+}
+
+// startRAMCopy starts copying src into dst (copyRAM) by a process in the machine's cgroup;
+// a machine without a cgroup of its own runs in the caller's, and copies right here.
+func (m *Machine) startRAMCopy(dst, src *os.File) (*ramCopy, error) {
+	c := &ramCopy{}
 	if m.cgroup == nil {
-		return copyRAM(dst, src)
+		c.n, c.err = copyRAM(dst, src)
+		return c, nil
 	}
 	cmd := exec.Command("/proc/self/exe")
 	cmd.Dir = "/"
 	cmd.Env = []string{ramCopyEnv + "=1"}
 	cmd.ExtraFiles = []*os.File{dst, src}
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.Stdout, cmd.Stderr = &c.stdout, &c.stderr
 	goAhead, err := cmd.StdinPipe()
 	if err != nil {
-		return 0, err
+		return nil, fmt.Errorf("the RAM copier's stdin: %w", err)
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	m.cgroup.cloneInto(cmd.SysProcAttr)
 	if err := cmd.Start(); err != nil {
-		return 0, fmt.Errorf("start the copier: %w", err)
+		return nil, fmt.Errorf("start the RAM copier: %w", err)
 	}
+	c.cmd = cmd
 	if err := m.cgroup.add(cmd.Process.Pid); err != nil { // cgroup v1: moved, not cloned
 		goAhead.Close() // EOF: it exits without copying
 		_ = cmd.Wait()
-		return 0, err
+		return nil, fmt.Errorf("the RAM copier: %w", err)
 	}
-	_, werr := io.WriteString(goAhead, "go")
+	_, err = io.WriteString(goAhead, "go")
 	goAhead.Close()
-	if err := cmd.Wait(); err != nil || werr != nil {
-		return 0, fmt.Errorf("copier: %w: %s", errors.Join(err, werr), strings.TrimSpace(stderr.String()))
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, fmt.Errorf("the RAM copier's go-ahead: %w", err)
 	}
-	return strconv.ParseInt(strings.TrimSpace(stdout.String()), 10, 64)
+	return c, nil
+}
+
+// wait waits for the copy and returns the bytes written.
+func (c *ramCopy) wait() (int64, error) {
+	if c.cmd == nil {
+		return c.n, c.err
+	}
+	if err := c.cmd.Wait(); err != nil {
+		return 0, fmt.Errorf("the RAM copier: %w: %s", err, strings.TrimSpace(c.stderr.String()))
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(c.stdout.String()), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("the RAM copier's count %q: %w", c.stdout.String(), err)
+	}
+	return n, nil
+}
+
+// kill ends a copy still under way (a machine that failed to start).
+func (c *ramCopy) kill() {
+	if c.cmd != nil && c.cmd.Process != nil {
+		_ = c.cmd.Process.Kill()
+	}
 }

@@ -34,6 +34,12 @@ type SavedTemplate struct {
 	State, RAM *os.File
 }
 
+// ErrTemplateRefused is why a restore failed when QEMU would not take the saved template
+// itself (its RAM the wrong size, the state refused or QEMU dying on it): the template is
+// bad, unlike a restore that failed on what is the pod's own (a slow host, virtiofsd, a
+// NIC).
+var ErrTemplateRefused = errors.New("the saved template was refused")
+
 // templateBandwidth lets a migration into a file go as fast as QEMU writes it (QEMU's
 // default cap is 128 MiB/s, meant for a network).
 const templateBandwidth = 1 << 40
@@ -77,11 +83,15 @@ func (m *Machine) makeRAM() error {
 	if st, err := m.cfg.RestoreFrom.RAM.Stat(); err != nil {
 		return fmt.Errorf("template RAM: %w", err)
 	} else if st.Size() != int64(memMiB)<<20 {
-		return fmt.Errorf("template RAM: %d bytes, the machine has %d: %w", st.Size(), int64(memMiB)<<20, errdefs.ErrInvalidArgument)
+		return fmt.Errorf("template RAM: %d bytes, the machine has %d: %w", st.Size(), int64(memMiB)<<20, ErrTemplateRefused)
+	}
+	copier, err := m.startRAMCopy(m.ram, m.cfg.RestoreFrom.RAM)
+	if err != nil {
+		return fmt.Errorf("template RAM: %w", err)
 	}
 	filled := make(chan error, 1)
 	go func() {
-		n, err := m.copyRAMAsPod(m.ram, m.cfg.RestoreFrom.RAM)
+		n, err := copier.wait()
 		if err == nil {
 			log.L.Debugf("vm %s: %d MiB of template RAM copied", m.cfg.Name, n>>20)
 		}
@@ -89,8 +99,8 @@ func (m *Machine) makeRAM() error {
 		close(filled)
 	}()
 	m.ramFilled = filled
-	// a failed start waits for the copier before the memfd goes
-	m.teardown.Add("wait for the RAM copy", func() error { <-filled; return nil })
+	// a failed start ends the copier before the memfd goes
+	m.teardown.Add("stop the RAM copy", func() error { copier.kill(); <-filled; return nil })
 	return nil
 }
 
@@ -160,7 +170,10 @@ func (m *Machine) restore(ctx context.Context) error {
 	if err := m.accept(ctx, m.cfg.RestoreFrom.State, MigrationOptions{IgnoreShared: true}); err != nil {
 		return err
 	}
-	if _, err := m.AwaitIncoming(ctx); err != nil {
+	if _, err := m.awaitIncoming(ctx); err != nil {
+		if ctx.Err() == nil { // QEMU failed the state or died reading it
+			return fmt.Errorf("%w: %w", ErrTemplateRefused, err)
+		}
 		return err
 	}
 	phases.Mark(ctx, "restore")
@@ -215,18 +228,17 @@ func (m *Machine) plugShare(ctx context.Context) (retErr error) {
 	if hp.Chardev == nil {
 		return fail(errors.New("the device model gave virtio-fs no chardev"))
 	}
-	undo.Add("close descriptor "+virtiofsdConnFD, func() error {
-		return m.cleanupStep(ctx, func(c context.Context) error { return m.mon.CloseFD(c, virtiofsdConnFD) })
-	})
 	if err := m.mon.GetFD(ctx, virtiofsdConnFD, f); err != nil {
+		return fail(err)
+	}
+	if err := m.mon.ChardevAddSocketFD(ctx, hp.Chardev.ID, virtiofsdConnFD); err != nil {
+		// chardev-add takes the descriptor only when it succeeds
+		_ = m.cleanupStep(ctx, func(c context.Context) error { return m.mon.CloseFD(c, virtiofsdConnFD) })
 		return fail(err)
 	}
 	undo.Add("remove chardev "+hp.Chardev.ID, func() error {
 		return m.cleanupStep(ctx, func(c context.Context) error { return m.mon.ChardevRemove(c, hp.Chardev.ID) })
 	})
-	if err := m.mon.ChardevAddSocketFD(ctx, hp.Chardev.ID, virtiofsdConnFD); err != nil {
-		return fail(err)
-	}
 	if err := m.addDevice(ctx, hp, "virtio-fs"); err != nil {
 		return fail(err)
 	}

@@ -96,6 +96,7 @@ func TestTemplateValidation(t *testing.T) {
 		"UUID":             {func(c *Config) { c.UUID = "a8098c1a-f86e-11da-bd1a-00112444be1e" }, "template: an SMBIOS UUID"},
 		"disk":             {func(c *Config) { c.Files = []FDSetFile{{File: f}} }, "template: disks"},
 		"live migration":   {func(c *Config) { c.Incoming = true }, "template: a template machine restores a file"},
+		"paused":           {func(c *Config) { c.Paused = true }, "template: a restored guest must run"},
 		"NICs when saving": {func(c *Config) { c.NICs = []NIC{{Tap: f}} }, "nics: a template being saved has none"},
 		"too many NICs": {func(c *Config) {
 			c.RestoreFrom = saved
@@ -194,7 +195,11 @@ func TestRAMCopyIsChargedToThePod(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := &Machine{cgroup: c}
-	n, err := m.copyRAMAsPod(dst, src)
+	copier, err := m.startRAMCopy(dst, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := copier.wait()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,7 +67,7 @@ func (c Config) machineConfig() vmm.Config {
 	// of its own, so the virtio-mem blocks a shrink asks back can be emptied (docs/design/008)
 	params := []string{"console=ttyS0", "quiet", "panic=-1", "memory_hotplug.online_policy=auto-movable"}
 	switch {
-	case mc.Template: // plugged after the restore and mounted by restored (the agent's setup)
+	case mc.Template: // plugged after a restore, mounted by restored()
 	case mc.SharedFS == machine.VirtioFS:
 		params = append(params, agentv1.KernelParamShare+"=virtiofs:"+vmm.ShareTag)
 	case mc.SharedFS == machine.NineP:

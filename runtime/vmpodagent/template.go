@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"time"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/api/machine"
@@ -30,10 +31,11 @@ func (g *Guest) SaveState(ctx context.Context, to vmm.SavedTemplate) (qmp.Migrat
 }
 
 // restored makes a guest restored from a template its own: the kernel's random number
-// generator reseeded from the host (every restore of a state starts with the same pool)
-// and the shared directory, plugged after the restore, mounted.
+// generator reseeded from the host (every restore of a state starts with the same pool),
+// its clock set (it went on from the template's), and the shared directory, plugged after
+// the restore, mounted.
 func (g *Guest) restored(ctx context.Context) error {
-	req := &agentv1.SetupSandboxRequest{Entropy: make([]byte, restoreEntropy)}
+	req := &agentv1.SetupSandboxRequest{Entropy: make([]byte, restoreEntropy), HostTimeUnixNanos: time.Now().UnixNano()}
 	if _, err := rand.Read(req.Entropy); err != nil {
 		return fmt.Errorf("entropy for the guest: %w", err)
 	}

@@ -34,17 +34,26 @@ type Store struct {
 }
 
 // Each template is two files (vmm.SavedTemplate): key.ram, written first, and key.state,
-// whose presence says the template is whole. key.lock is held while it is made.
-func (s *Store) statePath(key string) string { return filepath.Join(s.Dir, key+".state") }
-func (s *Store) ramPath(key string) string   { return filepath.Join(s.Dir, key+".ram") }
-func (s *Store) lockPath(key string) string  { return filepath.Join(s.Dir, key+".lock") }
+// whose presence says the template is whole. key.lock is held while a template is made,
+// removed or trimmed (never removed itself: a lock file replaced under a holder would
+// lock nothing); key.failed marks a recent failure to make it, key.vm and key.tmp-* are
+// the maker's machine and files while it works.
+func (s *Store) statePath(key string) string  { return filepath.Join(s.Dir, key+".state") }
+func (s *Store) ramPath(key string) string    { return filepath.Join(s.Dir, key+".ram") }
+func (s *Store) lockPath(key string) string   { return filepath.Join(s.Dir, key+".lock") }
+func (s *Store) failedPath(key string) string { return filepath.Join(s.Dir, key+".failed") }
+func (s *Store) vmDir(key string) string      { return filepath.Join(s.Dir, key+".vm") }
+
+// failBackoff is how long after a failed make a shape's pods boot without trying again.
+const failBackoff = 10 * time.Minute
 
 // Boot starts cfg's guest from the template of its shape, and returns it as
-// vmpodagent.Boot would have. The template's state is made first if there is none (the
-// first pod of a shape pays a boot, a save and a restore); a machine that cannot be a
-// template's (another machine type, disks, ...) boots, and so does one whose template
-// another process is making at the moment, rather than wait. A saved state QEMU refuses
-// is removed and the guest booted; the next machine makes a new one.
+// vmpodagent.Boot would have. The template is made first if there is none (the first pod
+// of a shape pays a boot, a save and a restore); a machine that cannot be a template's
+// (another machine type, disks, ...) boots, and so does one whose template another
+// process is making at the moment, rather than wait. A template QEMU refuses
+// (vmm.ErrTemplateRefused) is removed and the guest booted; the next machine makes a new
+// one. A restore that fails for the pod's own reasons fails as a boot would.
 func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Guest, error) {
 	logger := log.G(ctx).WithField("vm", cfg.Name)
 	tcfg := templateConfig(cfg)
@@ -62,7 +71,7 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 		logger.WithError(err).Warn("template: booting")
 		return vmpodagent.Boot(ctx, cfg)
 	}
-	if saved == nil { // being made by another machine
+	if saved == nil { // being made by another machine, or failed to be made lately
 		return vmpodagent.Boot(ctx, cfg)
 	}
 	defer saved.State.Close()
@@ -74,10 +83,10 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 		_ = os.Chtimes(saved.State.Name(), now, now) // recently used (maxStates)
 		return g, nil
 	}
-	if ctx.Err() != nil {
+	if !errors.Is(err, vmm.ErrTemplateRefused) || ctx.Err() != nil {
 		return nil, err
 	}
-	logger.WithError(err).Warnf("template %s: restore failed; removing it and booting", key)
+	logger.WithError(err).Warnf("template %s: refused; removing it and booting", key)
 	s.remove(key, saved.State)
 	return vmpodagent.Boot(ctx, cfg)
 }
@@ -91,67 +100,117 @@ func templateConfig(cfg vmpodagent.Config) vmpodagent.Config {
 	return cfg
 }
 
-// open opens the saved template of key, making it first if there is none. It returns
-// nil and no error when another process is making it.
-func (s *Store) open(ctx context.Context, key string, cfg vmpodagent.Config) (*vmm.SavedTemplate, error) {
-	if saved, err := s.openSaved(key); saved != nil || err != nil {
-		return saved, err
-	}
+// checkDir makes the store's directory if need be and refuses one anybody but this
+// process's user could reach: what it holds becomes every restored guest's memory.
+func (s *Store) checkDir() error {
 	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("template dir: %w", err)
+		return fmt.Errorf("template dir: %w", err)
 	}
-	lock, err := os.OpenFile(s.lockPath(key), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("template lock: %w", err)
+	var st unix.Stat_t
+	if err := unix.Lstat(s.Dir, &st); err != nil {
+		return fmt.Errorf("template dir: %w", err)
 	}
-	defer lock.Close()
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
-		return nil, nil
-	} else if err != nil {
-		return nil, fmt.Errorf("template lock: %w", err)
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || st.Uid != uint32(os.Geteuid()) || st.Mode&0o077 != 0 {
+		return fmt.Errorf("template dir %s: must be a directory of uid %d that no one else may enter (mode %#o, uid %d)", s.Dir, os.Geteuid(), st.Mode&0o7777, st.Uid)
 	}
-	// made while this process waited for the lock
-	if saved, err := s.openSaved(key); saved != nil || err != nil {
-		return saved, err
-	}
-	if err := s.make(ctx, key, cfg); err != nil {
-		return nil, err
-	}
-	s.trim(key)
-	saved, err := s.openSaved(key)
-	if saved == nil && err == nil {
-		err = errors.New("made, then gone")
-	}
-	return saved, err
+	return nil
 }
 
-// openSaved opens key's files, or returns nil and no error if there is no whole template.
-func (s *Store) openSaved(key string) (*vmm.SavedTemplate, error) {
-	state, err := os.Open(s.statePath(key))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+// lock takes key's lock, waiting for it or not; ok is false when it would have waited.
+func (s *Store) lock(key string, wait bool) (unlock func(), ok bool, err error) {
+	f, err := os.OpenFile(s.lockPath(key), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, false, fmt.Errorf("template %s: lock: %w", key, err)
+	}
+	how := unix.LOCK_EX
+	if !wait {
+		how |= unix.LOCK_NB
+	}
+	if err := unix.Flock(int(f.Fd()), how); errors.Is(err, unix.EWOULDBLOCK) {
+		f.Close()
+		return nil, false, nil
 	} else if err != nil {
-		return nil, fmt.Errorf("template %s: %w", key, err)
+		f.Close()
+		return nil, false, fmt.Errorf("template %s: lock: %w", key, err)
+	}
+	return func() { f.Close() }, true, nil
+}
+
+// open opens the saved template of key, making it first if there is none. It returns
+// nil and no error when another process is making it, or making it failed lately.
+func (s *Store) open(ctx context.Context, key string, cfg vmpodagent.Config) (*vmm.SavedTemplate, error) {
+	if saved := s.openSaved(key); saved != nil {
+		return saved, nil
+	}
+	if err := s.checkDir(); err != nil {
+		return nil, err
+	}
+	unlock, ok, err := s.lock(key, false)
+	if err != nil || !ok {
+		return nil, err
+	}
+	defer unlock()
+	if saved := s.openSaved(key); saved != nil { // made while this process looked
+		return saved, nil
+	}
+	if st, err := os.Stat(s.failedPath(key)); err == nil && time.Since(st.ModTime()) < failBackoff {
+		log.G(ctx).Debugf("template %s: making it failed %v ago; booting", key, time.Since(st.ModTime()).Round(time.Second))
+		return nil, nil
+	}
+	s.clean(key)
+	if err := s.make(ctx, key, cfg); err != nil {
+		s.clean(key)
+		if f, ferr := os.Create(s.failedPath(key)); ferr == nil {
+			f.Close()
+		}
+		return nil, err
+	}
+	_ = os.Remove(s.failedPath(key))
+	s.trim(key)
+	if saved := s.openSaved(key); saved != nil {
+		return saved, nil
+	}
+	return nil, fmt.Errorf("template %s: made, then gone", key)
+}
+
+// openSaved opens key's files if the template is whole, or returns nil.
+func (s *Store) openSaved(key string) *vmm.SavedTemplate {
+	state, err := os.Open(s.statePath(key))
+	if err != nil {
+		return nil
 	}
 	ram, err := os.Open(s.ramPath(key))
-	if err != nil {
+	if err != nil { // being removed, or a half left by a crash: clean removes it
 		state.Close()
-		return nil, fmt.Errorf("template %s: %w", key, err)
+		return nil
 	}
-	return &vmm.SavedTemplate{State: state, RAM: ram}, nil
+	return &vmm.SavedTemplate{State: state, RAM: ram}
+}
+
+// clean removes what a dead maker or a half-done removal left of key, the lock held: its
+// machine (processes, mounts, state dir), its temporary files, a state without RAM or RAM
+// without a state.
+func (s *Store) clean(key string) {
+	_ = vmm.CleanupState(s.vmDir(key))
+	tmps, _ := filepath.Glob(filepath.Join(s.Dir, key+".tmp-*"))
+	for _, p := range tmps {
+		_ = os.Remove(p)
+	}
+	_, stateErr := os.Stat(s.statePath(key))
+	_, ramErr := os.Stat(s.ramPath(key))
+	if (stateErr == nil) != (ramErr == nil) {
+		_ = os.Remove(s.statePath(key))
+		_ = os.Remove(s.ramPath(key))
+	}
 }
 
 // make boots a template machine of cfg's shape and saves its state as key's.
 func (s *Store) make(ctx context.Context, key string, cfg vmpodagent.Config) (retErr error) {
 	started := time.Now()
 	cfg.Name = "template-" + key[:12]
-	cfg.StateDir = filepath.Join(s.Dir, key+".vm")
+	cfg.StateDir = s.vmDir(key)
 	cfg.LogPath = filepath.Join(s.Dir, key+".log")
 	cfg.NICs, cfg.Cgroup, cfg.OwnerSockets = nil, "", nil
-	// a template left by a dead maker: nothing runs in it (the lock was free)
-	if err := os.RemoveAll(cfg.StateDir); err != nil {
-		return fmt.Errorf("template %s: %w", key, err)
-	}
 	g, err := vmpodagent.Boot(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("template %s: boot: %w", key, err)
@@ -198,40 +257,57 @@ func (s *Store) make(ctx context.Context, key string, cfg vmpodagent.Config) (re
 	return nil
 }
 
-// remove removes a template QEMU refused, unless it was replaced meanwhile (its state
-// file is another).
+// remove removes a template QEMU refused, under its lock, unless it was replaced
+// meanwhile (its state file is another).
 func (s *Store) remove(key string, state *os.File) {
 	opened, err := state.Stat()
 	if err != nil {
 		return
 	}
+	unlock, _, err := s.lock(key, true)
+	if err != nil {
+		return
+	}
+	defer unlock()
 	if now, err := os.Stat(s.statePath(key)); err == nil && os.SameFile(opened, now) {
 		_ = os.Remove(s.statePath(key))
 		_ = os.Remove(s.ramPath(key))
 	}
 }
 
-// trim removes the least recently used saved states beyond maxStates, never keep's.
+// trim removes the least recently used templates beyond maxStates, never keep's, and what
+// other keys' dead makers left; a key whose lock another process holds is left alone.
 func (s *Store) trim(keep string) {
-	paths, _ := filepath.Glob(filepath.Join(s.Dir, "*.state"))
-	if len(paths) <= maxStates {
-		return
-	}
+	locks, _ := filepath.Glob(filepath.Join(s.Dir, "*.lock"))
 	type used struct {
-		path string
-		at   time.Time
+		key string
+		at  time.Time
 	}
-	var states []used
-	for _, p := range paths {
-		if st, err := os.Stat(p); err == nil && p != s.statePath(keep) {
-			states = append(states, used{p, st.ModTime()})
+	var whole []used
+	for _, l := range locks {
+		key := strings.TrimSuffix(filepath.Base(l), ".lock")
+		if key == keep {
+			continue
+		}
+		if st, err := os.Stat(s.statePath(key)); err == nil {
+			whole = append(whole, used{key, st.ModTime()})
+			continue
+		}
+		if unlock, ok, _ := s.lock(key, false); ok {
+			s.clean(key)
+			unlock()
 		}
 	}
-	slices.SortFunc(states, func(a, b used) int { return a.at.Compare(b.at) })
-	for _, u := range states[:max(0, len(paths)-maxStates)] {
-		base := strings.TrimSuffix(u.path, ".state")
-		for _, p := range []string{u.path, base + ".ram", base + ".log", base + ".lock"} {
+	slices.SortFunc(whole, func(a, b used) int { return a.at.Compare(b.at) })
+	for _, u := range whole[:max(0, len(whole)+1-maxStates)] {
+		unlock, ok, _ := s.lock(u.key, false)
+		if !ok {
+			continue
+		}
+		for _, p := range []string{s.statePath(u.key), s.ramPath(u.key), filepath.Join(s.Dir, u.key+".log"), s.failedPath(u.key)} {
 			_ = os.Remove(p)
 		}
+		s.clean(u.key)
+		unlock()
 	}
 }

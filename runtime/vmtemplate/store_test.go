@@ -10,7 +10,7 @@ import (
 )
 
 // trim keeps the maxStates most recently used templates, and the one just made whatever
-// its age, with each removed template's files.
+// its age, and removes the others' files but their locks.
 func TestTrimRemovesTheLeastRecentlyUsed(t *testing.T) {
 	s := &Store{Dir: t.TempDir()}
 	now := time.Now()
@@ -34,7 +34,7 @@ func TestTrimRemovesTheLeastRecentlyUsed(t *testing.T) {
 		left = append(left, e.Name())
 	}
 	for _, gone := range []string{key(1), key(2), key(3)} {
-		for _, ext := range []string{".state", ".ram", ".lock"} {
+		for _, ext := range []string{".state", ".ram"} {
 			if slices.Contains(left, gone+ext) {
 				t.Errorf("%s%s is left: %v", gone, ext, left)
 			}
@@ -50,25 +50,63 @@ func TestTrimRemovesTheLeastRecentlyUsed(t *testing.T) {
 	}
 }
 
-// A state file without its RAM is an error, not a template; no state file is no template.
-func TestOpenSaved(t *testing.T) {
+// Only a state file with its RAM is a template; clean removes a half one (a crash between
+// the two renames or removals) and a dead maker's temporary files.
+func TestHalfTemplates(t *testing.T) {
 	s := &Store{Dir: t.TempDir()}
-	if saved, err := s.openSaved("k"); saved != nil || err != nil {
-		t.Errorf("no files: %v, %v; want nothing", saved, err)
+	if saved := s.openSaved("k"); saved != nil {
+		t.Errorf("no files: %v; want nothing", saved)
 	}
-	if err := os.WriteFile(s.statePath("k"), nil, 0o600); err != nil {
-		t.Fatal(err)
+	write := func(p string) {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if saved, err := s.openSaved("k"); saved != nil || err == nil {
-		t.Errorf("a state without RAM: %v, %v; want an error", saved, err)
+	write(s.statePath("k"))
+	write(filepath.Join(s.Dir, "k.tmp-123"))
+	if saved := s.openSaved("k"); saved != nil {
+		t.Errorf("a state without RAM: %v; want no template", saved)
 	}
-	if err := os.WriteFile(s.ramPath("k"), nil, 0o600); err != nil {
-		t.Fatal(err)
+	s.clean("k")
+	for _, p := range []string{s.statePath("k"), filepath.Join(s.Dir, "k.tmp-123")} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s is left (%v)", p, err)
+		}
 	}
-	saved, err := s.openSaved("k")
-	if err != nil || saved == nil {
-		t.Fatalf("a whole template: %v, %v", saved, err)
+	write(s.statePath("k"))
+	write(s.ramPath("k"))
+	saved := s.openSaved("k")
+	if saved == nil {
+		t.Fatal("a whole template was not opened")
 	}
 	saved.State.Close()
 	saved.RAM.Close()
+	s.clean("k")
+	if saved := s.openSaved("k"); saved == nil {
+		t.Error("clean removed a whole template")
+	} else {
+		saved.State.Close()
+		saved.RAM.Close()
+	}
+}
+
+// The store's directory becomes guests' memory: one others may enter is refused.
+func TestCheckDir(t *testing.T) {
+	s := &Store{Dir: filepath.Join(t.TempDir(), "templates")}
+	if err := s.checkDir(); err != nil {
+		t.Fatalf("a fresh directory: %v", err)
+	}
+	if err := os.Chmod(s.Dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.checkDir(); err == nil {
+		t.Error("a directory others may enter was accepted")
+	}
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(t.TempDir(), link); err != nil {
+		t.Fatal(err)
+	}
+	if err := (&Store{Dir: link}).checkDir(); err == nil {
+		t.Error("a symbolic link was accepted")
+	}
 }

@@ -25,7 +25,7 @@ const (
 	KernelParamNoWarmup = "vmpod.nowarmup"
 	// KernelParamTemplate on the guest kernel command line marks a guest booted to be
 	// saved as a template (docs/design/022): the agent warms runc up after each restore —
-	// when the host hands it the shared directory (SetupSandboxRequest.share) — instead of
-	// at boot, where a saved state would have every restore finish it.
+	// when the host reseeds it (SetupSandboxRequest.entropy) — instead of at boot, where a
+	// saved state would have every restore finish it.
 	KernelParamTemplate = "vmpod.template"
 )
