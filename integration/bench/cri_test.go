@@ -439,7 +439,7 @@ func pssByKind(t *testing.T, pid string) map[string]int64 {
 		}
 		if strings.Contains(f[0], "-") && len(f) >= 5 { // a mapping's header line
 			switch {
-			case strings.Contains(l, "memory-backend"):
+			case strings.Contains(l, "memory-backend"), strings.Contains(l, "memfd:vmpod-ram"): // QEMU's, a template's (runtime/vmm)
 				kind = "guest RAM"
 			case f[1] == "rwxp" && len(f) == 5: // anonymous, writable and executable
 				kind = "TCG cache"
