@@ -167,15 +167,7 @@ func TestBenchCRI(t *testing.T) {
 				calls["RunPodSandbox"] = append(calls["RunPodSandbox"], d.runp)
 				calls["CreateContainer"] = append(calls["CreateContainer"], d.create)
 				calls["StartContainer"] = append(calls["StartContainer"], d.start)
-				for _, c := range []struct{ who, id string }{{"sandbox", p.sandbox}, {"app", p.container}} {
-					for _, s := range shimPhases(t, c.id) {
-						key := c.who + " " + s.Name
-						if _, seen := phaseOf[key]; !seen {
-							order = append(order, key)
-						}
-						phaseOf[key] = append(phaseOf[key], s.Took)
-					}
-				}
+				recordPhases(t, p, phaseOf, &order)
 			}
 			for range 4 {
 				s := time.Now()
@@ -204,15 +196,7 @@ func TestBenchCRI(t *testing.T) {
 		testenv.WithNodeConfig(t, templateConfig, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
 		tmpl["pod start"] = append(tmpl["pod start"], d.total)
 		tmpl["RunPodSandbox"] = append(tmpl["RunPodSandbox"], d.runp)
-		for _, c := range []struct{ who, id string }{{"sandbox", p.sandbox}, {"app", p.container}} {
-			for _, s := range shimPhases(t, c.id) {
-				key := c.who + " " + s.Name
-				if _, seen := tmpl[key]; !seen {
-					tmplOrder = append(tmplOrder, key)
-				}
-				tmpl[key] = append(tmpl[key], s.Took)
-			}
-		}
+		recordPhases(t, p, tmpl, &tmplOrder)
 		removePod(ctx, rs, p)
 		testenv.WithNodeConfig(t, templateConfig+noWarmupConfig, func() { p, d = startPod(ctx, t, rs, "vmpod", image, i) })
 		tmplCold["pod start"] = append(tmplCold["pod start"], d.total)
@@ -272,6 +256,21 @@ func TestBenchCRI(t *testing.T) {
 	}
 	report(t, "  ratio vmpod / runsc: pod start %.2f, ExecSync %.2f", float64(starts["vmpod"].pct(0.5))/float64(starts["runsc"].pct(0.5)),
 		float64(execs["vmpod"].pct(0.5))/float64(execs["runsc"].pct(0.5)))
+}
+
+// recordPhases adds the shim's steps of p's start (its sandbox's and app container's,
+// "sandbox boot", "app create", ...) to into, and new step names to order.
+func recordPhases(t *testing.T, p criPod, into map[string]sample, order *[]string) {
+	t.Helper()
+	for _, c := range []struct{ who, id string }{{"sandbox", p.sandbox}, {"app", p.container}} {
+		for _, s := range shimPhases(t, c.id) {
+			key := c.who + " " + s.Name
+			if _, seen := into[key]; !seen {
+				*order = append(*order, key)
+			}
+			into[key] = append(into[key], s.Took)
+		}
+	}
 }
 
 // noWarmupConfig is the node config of vmpod pods without the guest's runc warm-up.

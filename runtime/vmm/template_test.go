@@ -123,17 +123,22 @@ func TestTemplateValidation(t *testing.T) {
 	}
 }
 
+// testMemfd is an empty memfd, closed when the test ends.
+func testMemfd(t *testing.T) *os.File {
+	t.Helper()
+	fd, err := unix.MemfdCreate("test", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "memfd")
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
 // copyRAM copies what the guest wrote and nothing else: the pages it never touched (holes)
 // and the ones it zeroed stay unallocated in the copy.
 func TestCopyRAMKeepsItSparse(t *testing.T) {
-	memfd := func() *os.File {
-		fd, err := unix.MemfdCreate("test", unix.MFD_CLOEXEC)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return os.NewFile(uintptr(fd), "memfd")
-	}
-	src, dst := memfd(), memfd()
+	src, dst := testMemfd(t), testMemfd(t)
 	defer src.Close()
 	defer dst.Close()
 	const pages = 64
@@ -181,14 +186,7 @@ func TestRAMCopyIsChargedToThePod(t *testing.T) {
 	if err != nil {
 		t.Skipf("skipped: no cgroup to test in: %v", err)
 	}
-	memfd := func() *os.File {
-		fd, err := unix.MemfdCreate("test", unix.MFD_CLOEXEC)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return os.NewFile(uintptr(fd), "memfd")
-	}
-	src, dst := memfd(), memfd()
+	src, dst := testMemfd(t), testMemfd(t)
 	defer src.Close()
 	const size = 16 << 20
 	if _, err := src.Write(bytes.Repeat([]byte("guest RAM"), size/9+1)[:size]); err != nil {
