@@ -62,6 +62,9 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 		return vmpodagent.Boot(ctx, cfg)
 	}
 	key, err := tcfg.TemplateKey()
+	if err == nil {
+		err = s.checkDir()
+	}
 	if err != nil {
 		logger.WithError(err).Warn("template: booting")
 		return vmpodagent.Boot(ctx, cfg)
@@ -141,9 +144,6 @@ func (s *Store) lock(key string, wait bool) (unlock func(), ok bool, err error) 
 func (s *Store) open(ctx context.Context, key string, cfg vmpodagent.Config) (*vmm.SavedTemplate, error) {
 	if saved := s.openSaved(key); saved != nil {
 		return saved, nil
-	}
-	if err := s.checkDir(); err != nil {
-		return nil, err
 	}
 	unlock, ok, err := s.lock(key, false)
 	if err != nil || !ok {
