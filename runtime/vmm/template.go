@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"syscall"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -171,7 +173,7 @@ func (m *Machine) restore(ctx context.Context) error {
 		return err
 	}
 	if _, err := m.awaitIncoming(ctx); err != nil {
-		if ctx.Err() == nil { // QEMU failed the state or died reading it
+		if ctx.Err() == nil && !m.killed() { // QEMU failed the state or died reading it
 			return fmt.Errorf("%w: %w", ErrTemplateRefused, err)
 		}
 		return err
@@ -189,6 +191,23 @@ func (m *Machine) restore(ctx context.Context) error {
 	}
 	phases.Mark(ctx, "plug")
 	return nil
+}
+
+// killed says whether QEMU has exited by a signal (the OOM killer, an operator): no
+// verdict on what it was doing.
+func (m *Machine) killed() bool {
+	select {
+	case <-m.exited:
+	default:
+		return false
+	}
+	var exit *exec.ExitError
+	if errors.As(m.exitErr, &exit) {
+		if ws, ok := exit.Sys().(syscall.WaitStatus); ok {
+			return ws.Signaled()
+		}
+	}
+	return false
 }
 
 // virtiofsdConnFD is the name under which a restored machine's connection to its

@@ -110,6 +110,11 @@ func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 	m.OnTeardown("close agent connection", g.agent.close)
 	ping, err := g.connectAgent(bootCtx)
 	if err != nil {
+		if cfg.RestoreFrom != nil && ctx.Err() == nil {
+			// QEMU took the state, but the guest it holds never answered: the template's
+			// fault as much as a state QEMU refuses (the pod is booted instead)
+			err = fmt.Errorf("%w: the restored guest's agent: %w", vmm.ErrTemplateRefused, err)
+		}
 		return nil, fmt.Errorf("vm %s: boot: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
 	g.bootMemory = ping.MemoryBytes

@@ -160,8 +160,10 @@ func (s *Store) open(ctx context.Context, key string, cfg vmpodagent.Config) (*v
 	s.clean(key)
 	if err := s.make(ctx, key, cfg); err != nil {
 		s.clean(key)
-		if f, ferr := os.Create(s.failedPath(key)); ferr == nil {
-			f.Close()
+		if ctx.Err() == nil { // not a pod given up on
+			if f, ferr := os.Create(s.failedPath(key)); ferr == nil {
+				f.Close()
+			}
 		}
 		return nil, err
 	}
@@ -258,14 +260,15 @@ func (s *Store) make(ctx context.Context, key string, cfg vmpodagent.Config) (re
 }
 
 // remove removes a template QEMU refused, under its lock, unless it was replaced
-// meanwhile (its state file is another).
+// meanwhile (its state file is another). A lock another process holds is a maker's, which
+// runs only once the state is gone: nothing to remove then.
 func (s *Store) remove(key string, state *os.File) {
 	opened, err := state.Stat()
 	if err != nil {
 		return
 	}
-	unlock, _, err := s.lock(key, true)
-	if err != nil {
+	unlock, ok, err := s.lock(key, false)
+	if err != nil || !ok {
 		return
 	}
 	defer unlock()
@@ -293,8 +296,12 @@ func (s *Store) trim(keep string) {
 			whole = append(whole, used{key, st.ModTime()})
 			continue
 		}
-		if unlock, ok, _ := s.lock(key, false); ok {
+		if unlock, ok, _ := s.lock(key, false); ok { // no template: what is left goes
 			s.clean(key)
+			_ = os.Remove(filepath.Join(s.Dir, key+".log"))
+			if st, err := os.Stat(s.failedPath(key)); err == nil && time.Since(st.ModTime()) > failBackoff {
+				_ = os.Remove(s.failedPath(key))
+			}
 			unlock()
 		}
 	}

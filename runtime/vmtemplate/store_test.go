@@ -1,12 +1,15 @@
 package vmtemplate
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
 // trim keeps the maxStates most recently used templates, and the one just made whatever
@@ -27,26 +30,49 @@ func TestTrimRemovesTheLeastRecentlyUsed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// a key another process holds is left alone, whatever its age; a key without a state
+	// loses what a dead maker left (a temporary file, a lone RAM file) but its lock
+	held, _, err := s.lock(key(1), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held()
+	for _, f := range []string{"dead.lock", "dead.ram", "dead.tmp-1", "dead.log"} {
+		if err := os.WriteFile(filepath.Join(s.Dir, f), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	s.trim(key(0)) // just made, yet the oldest
 	var left []string
 	entries, _ := os.ReadDir(s.Dir)
 	for _, e := range entries {
 		left = append(left, e.Name())
 	}
-	for _, gone := range []string{key(1), key(2), key(3)} {
+	for _, gone := range []string{key(2), key(3), "dead"} {
 		for _, ext := range []string{".state", ".ram"} {
 			if slices.Contains(left, gone+ext) {
 				t.Errorf("%s%s is left: %v", gone, ext, left)
 			}
 		}
 	}
-	for _, kept := range []string{key(0), key(4), key(maxStates + 2)} {
+	for _, f := range []string{"dead.tmp-1", "dead.log"} {
+		if slices.Contains(left, f) {
+			t.Errorf("%s is left: %v", f, left)
+		}
+	}
+	for _, lock := range []string{key(2) + ".lock", "dead.lock"} {
+		if !slices.Contains(left, lock) {
+			t.Errorf("%s was removed: a lock file replaced under its holder locks nothing", lock)
+		}
+	}
+	for _, kept := range []string{key(0), key(1), key(5), key(maxStates + 2)} {
 		if !slices.Contains(left, kept+".state") || !slices.Contains(left, kept+".ram") {
 			t.Errorf("%s was removed: %v", kept, left)
 		}
 	}
-	if states, _ := filepath.Glob(filepath.Join(s.Dir, "*.state")); len(states) != maxStates {
-		t.Errorf("%d templates left, want %d", len(states), maxStates)
+	// k01, the oldest after keep but held, stays: one more than maxStates
+	if states, _ := filepath.Glob(filepath.Join(s.Dir, "*.state")); len(states) != maxStates+1 {
+		t.Errorf("%d templates left, want %d", len(states), maxStates+1)
 	}
 }
 
@@ -108,5 +134,61 @@ func TestCheckDir(t *testing.T) {
 	}
 	if err := (&Store{Dir: link}).checkDir(); err == nil {
 		t.Error("a symbolic link was accepted")
+	}
+}
+
+// A template is removed only if it is still the one the refused restore opened, and only
+// under its lock.
+func TestRemoveTakesOnlyTheRefusedTemplate(t *testing.T) {
+	s := &Store{Dir: t.TempDir()}
+	write := func() {
+		for _, p := range []string{s.statePath("k"), s.ramPath("k")} {
+			if err := os.WriteFile(p+".new", nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Rename(p+".new", p); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write()
+	refused := s.openSaved("k")
+	defer refused.State.Close()
+	defer refused.RAM.Close()
+	write() // a new template replaced it meanwhile
+	s.remove("k", refused.State)
+	if s.openSaved("k") == nil {
+		t.Fatal("removed the template that replaced the refused one")
+	}
+	again := s.openSaved("k")
+	defer again.State.Close()
+	defer again.RAM.Close()
+	unlock, _, err := s.lock("k", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.remove("k", again.State) // another holds the lock: left to it
+	unlock()
+	if s.openSaved("k") == nil {
+		t.Fatal("removed under another's lock")
+	}
+	s.remove("k", again.State)
+	for _, p := range []string{s.statePath("k"), s.ramPath("k")} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Errorf("%s is left (%v)", p, err)
+		}
+	}
+}
+
+// After a failed make, the shape's pods boot without trying again for failBackoff.
+func TestFailedMakeBacksOff(t *testing.T) {
+	s := &Store{Dir: t.TempDir()}
+	if err := os.WriteFile(s.failedPath("k"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// a make would need a machine: open must not try one
+	saved, err := s.open(context.Background(), "k", vmpodagent.Config{})
+	if saved != nil || err != nil {
+		t.Errorf("open within the backoff: %v, %v; want nothing, no error", saved, err)
 	}
 }
