@@ -12,9 +12,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -488,7 +490,7 @@ func (c Config) TemplateKey() (string, error) {
 		return "", fmt.Errorf("template key: %w", err)
 	}
 	field(unix.ByteSliceToString(uts.Release[:]))
-	field(hostCPUFlags())
+	field(strings.Join(slices.Sorted(maps.Keys(plan.host.flags)), " "))
 	for _, f := range []string{c.QEMUPath, c.Boot.Kernel, c.Boot.Initrd} {
 		id, err := fileIdentity(f)
 		if err != nil {
@@ -497,17 +499,6 @@ func (c Config) TemplateKey() (string, error) {
 		field(f + " " + id)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:32], nil
-}
-
-// hostCPUFlags is the first CPU's flags line of /proc/cpuinfo ("" if unreadable).
-func hostCPUFlags() string {
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	for line := range strings.Lines(string(b)) {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
 }
 
 // fileIdentity is a file's device, inode, size and modification time: a rebuilt kernel or

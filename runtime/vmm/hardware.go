@@ -33,6 +33,7 @@ type bootPlan struct {
 	accel  accelChoice
 	tscKHz int // 0 unless microvm under TCG
 	paths  paths
+	host   hostCPU // what the accelerator was chosen from
 }
 
 type paths struct {

@@ -218,7 +218,7 @@ func planFor(cfg Config) (bootPlan, error) {
 	if err != nil {
 		return bootPlan{}, err
 	}
-	plan := bootPlan{cfg: cfg, accel: accel, paths: newPaths(cfg.StateDir)}
+	plan := bootPlan{cfg: cfg, accel: accel, paths: newPaths(cfg.StateDir), host: host}
 	if accel.accel == machine.TCG && cfg.Type == machine.MicroVM {
 		if plan.tscKHz, err = host.tscKHz(); err != nil {
 			return bootPlan{}, err
