@@ -222,6 +222,62 @@ func TestKillShimTakesQEMUWithIt(t *testing.T) {
 	// RunPod's cleanup: containerd's `shim delete` must leave no mount, dir or socket.
 }
 
+// containerd runs `shim delete` in a container's bundle whenever its connection to the
+// shim closes — after every container's removal too, the pod's shim serving on — and the
+// delete took a dial that missed containerd's 100 ms on a loaded node for a dead shim: it
+// tore the pod's VM down under its other containers (CI, TestContainerChurn: an exec
+// killed, the next creates refused). Here the delete runs by hand in a copy of a live
+// container's bundle whose recorded address nobody serves — a shim the delete cannot
+// reach — and the pod carries on: its shim holds the VM's owner lock.
+func TestShimDeleteLeavesALivePod(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "spared"}})
+	id := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "sleeper"}, Command: []string{"sleep", "1000"}})
+	shim := testenv.ShimPid(t, pod.ID)
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", shim))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sandboxBundle, err := os.Readlink(fmt.Sprintf("/proc/%d/cwd", shim)) // containerd starts it there
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle, copied := filepath.Join(filepath.Dir(sandboxBundle), id), t.TempDir()
+	record, err := os.ReadFile(filepath.Join(bundle, "vmpod-pod.json")) // names the pod's VM
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bootstrap map[string]any
+	if b, err := os.ReadFile(filepath.Join(bundle, "bootstrap.json")); err != nil {
+		t.Fatal(err)
+	} else if err := json.Unmarshal(b, &bootstrap); err != nil {
+		t.Fatal(err)
+	}
+	bootstrap["address"] = "unix://" + filepath.Join(copied, "unreachable.sock")
+	b, err := json.Marshal(bootstrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, content := range map[string][]byte{"vmpod-pod.json": record, "bootstrap.json": b} {
+		if err := os.WriteFile(filepath.Join(copied, name), content, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	del := exec.Command(exe, "-namespace", "k8s.io", "-id", id, "delete")
+	del.Dir = copied
+	if out, err := del.CombinedOutput(); err != nil {
+		t.Fatalf("shim delete: %v: %s", err, out)
+	}
+	if out := testenv.Crictl(t, "exec", "-s", id, "echo", "still-here"); out != "still-here" {
+		t.Errorf("exec after the shim delete: %q", out)
+	}
+	// a second container still joins the pod: its shim's socket was left
+	second := pod.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "second"}, Command: []string{"sleep", "1000"}})
+	if out := testenv.Crictl(t, "exec", "-s", second, "echo", "joined"); out != "joined" {
+		t.Errorf("exec in a container created after the shim delete: %q", out)
+	}
+}
+
 // containerd restarted (as a node upgrade does) while 10 pods run: every pod's shim and VM
 // carry on, and through the new containerd each container can still be exec'd into,
 // keeps logging, can be stopped, and each pod removed without leftovers.

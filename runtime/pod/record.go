@@ -50,7 +50,9 @@ func readRecord(bundle string) (record, error) {
 
 // Cleanup removes what the pod a bundle's container ran in left on the host after its
 // shim died (QEMU, helpers, mounts, the state directory): containerd's `shim delete`. A
-// bundle without a record has nothing to clean.
+// bundle without a record has nothing to clean. A pod whose shim lives — it holds its
+// VM's owner lock — is left alone: containerd runs `shim delete` after each container's
+// removal too, and only the lock proves the shim gone.
 func Cleanup(bundle string) error {
 	rec, err := readRecord(bundle)
 	if errors.Is(err, os.ErrNotExist) {
@@ -59,7 +61,7 @@ func Cleanup(bundle string) error {
 	if err != nil {
 		return err
 	}
-	if err := vmm.CleanupState(rec.StateDir); err != nil {
+	if _, err := vmm.CleanupOrphan(rec.StateDir); err != nil {
 		return fmt.Errorf("pod %s: %w", rec.PodID, err)
 	}
 	sweepOrphans(context.Background(), filepath.Dir(rec.StateDir))

@@ -3,13 +3,13 @@ package vmm
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/internal/sockets"
 )
 
 // ownerFile, in a VM's state directory, is locked (flock) by the process that owns the
@@ -57,24 +57,30 @@ func SweepOrphans(root string) ([]string, error) {
 			continue
 		}
 		dir := filepath.Join(root, e.Name())
-		orphan, release, err := takeOwnerLock(dir)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if !orphan {
-			continue
-		}
-		// Holding the dead owner's lock: a concurrent sweep skips this directory.
-		err = CleanupState(dir)
-		release()
+		orphan, err := CleanupOrphan(dir)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("sweep %s: %w", dir, err))
 			continue
 		}
-		swept = append(swept, dir)
+		if orphan {
+			swept = append(swept, dir)
+		}
 	}
 	return swept, errors.Join(errs...)
+}
+
+// CleanupOrphan cleans up the VM state directory dir (CleanupState) if the process that
+// owned its VM is dead, holding the dead owner's lock meanwhile (a concurrent sweep skips
+// the directory), and reports whether it was dead. A live owner's VM is left alone: its
+// lock is the one sign that tells a dead shim from a busy one (a dial to a shim whose node
+// is loaded can time out). A directory without an owner file is being created: left alone.
+func CleanupOrphan(dir string) (orphan bool, err error) {
+	orphan, release, err := takeOwnerLock(dir)
+	if err != nil || !orphan {
+		return false, err
+	}
+	defer release()
+	return true, CleanupState(dir)
 }
 
 // takeOwnerLock takes dir's owner lock if its owner is dead (orphan: true).
@@ -84,14 +90,14 @@ func takeOwnerLock(dir string) (orphan bool, release func(), err error) {
 		return false, nil, nil
 	}
 	if err != nil {
-		return false, nil, fmt.Errorf("sweep %s: %w", dir, err)
+		return false, nil, fmt.Errorf("owner lock: %w", err)
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		_ = f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return false, nil, nil // its owner lives
 		}
-		return false, nil, fmt.Errorf("sweep %s: lock: %w", dir, err)
+		return false, nil, fmt.Errorf("owner lock: %w", err)
 	}
 	return true, func() { _ = f.Close() }, nil
 }
@@ -123,9 +129,8 @@ func removeOwnerSockets(stateDir string) error {
 		if err != nil || fi.Mode().Type() != os.ModeSocket {
 			continue // gone already, or not a socket: not ours to remove
 		}
-		if conn, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			_ = conn.Close()
-			continue // served again
+		if sockets.Served(path) {
+			continue // served again, by a new shim of the pod
 		}
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)

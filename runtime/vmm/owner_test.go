@@ -63,6 +63,14 @@ func TestSweepOrphansCleansOnlyDeadOwners(t *testing.T) {
 	if swept, err := SweepOrphans(filepath.Join(root, "absent")); err != nil || swept != nil {
 		t.Errorf("sweep of a missing root: %q, %v", swept, err)
 	}
+	// `shim delete` asks about one directory: a live owner's is left, whatever the caller
+	// concluded about its shim
+	if orphan, err := CleanupOrphan(alive); err != nil || orphan {
+		t.Errorf("CleanupOrphan of a live owner's directory: %v, %v; want it left", orphan, err)
+	}
+	if _, err := os.Stat(alive); err != nil {
+		t.Errorf("%s: %v, want it left alone", alive, err)
+	}
 }
 
 func TestNamesPathIsNotFooledBySiblings(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -27,6 +28,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/internal/mounts"
+	"github.com/vmpod/vmpod/internal/sockets"
 	"github.com/vmpod/vmpod/runtime/pod"
 )
 
@@ -65,7 +67,7 @@ func (manager) Start(ctx context.Context, params *bootapi.BootstrapParams) (_ *b
 		if !shim.SocketEaddrinuse(err) {
 			return nil, fmt.Errorf("shim socket %s: %w", address, err)
 		}
-		if shim.CanConnect(address) {
+		if sockets.Served(strings.TrimPrefix(address, "unix://")) {
 			// The pod's shim is running: the container joins it.
 			result.Address = address
 			return result, nil
@@ -162,9 +164,14 @@ func (manager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 		log.G(ctx).Warnf("%s was busy on the host: detached lazily", m)
 	}
 	address, _ := shimAddress(bundle)
-	if address != "" && shim.CanConnect(address) {
+	// containerd runs `shim delete` whenever a connection to a shim closes — after every
+	// container's removal too, its pod's shim serving on: a pod is cleaned up only once
+	// its shim's socket refuses
+	if address != "" && sockets.Served(strings.TrimPrefix(address, "unix://")) {
 		return stopped(), nil // the pod's shim serves on; it cleans up itself
 	}
+	// pod.Cleanup leaves a VM whose shim holds its owner lock: a shim that lives without
+	// its socket (removed by hand) keeps its pod
 	if err := pod.Cleanup(bundle); err != nil {
 		log.G(ctx).WithError(err).Warn("clean up pod state")
 	}
