@@ -128,6 +128,13 @@ func (m *Monitor) MigrateCancel(ctx context.Context) error {
 	return m.Execute(ctx, "migrate_cancel", nil, nil)
 }
 
+// MigrateStartPostcopy switches the outgoing migration, which must have the postcopy-ram
+// capability at both ends, to post-copy: the guest stops here and runs on the target,
+// which fetches the pages not yet sent as it faults on them.
+func (m *Monitor) MigrateStartPostcopy(ctx context.Context) error {
+	return m.Execute(ctx, "migrate-start-postcopy", nil, nil)
+}
+
 // MigrationInfo is the reply to query-migrate. Status is MigrationNone when no
 // migration has run.
 type MigrationInfo struct {

@@ -65,6 +65,11 @@ type MigrationAccept struct {
 	// TimeoutSeconds is how long the target waits for the source to connect; the target
 	// pod fails after it (0: DefaultMigrationAcceptTimeout).
 	TimeoutSeconds int `json:"timeoutSeconds,omitempty"`
+	// PostCopy readies the target for a migration the source may switch to post-copy
+	// (MigrationRequestOptions.AllowPostCopy, which must match): its QEMU handles the
+	// guest's faults on pages not yet sent. A node that cannot (QEMU as a user of its own
+	// without vm.unprivileged_userfaultfd) refuses before the source connects.
+	PostCopy bool `json:"postCopy,omitempty"`
 }
 
 // MigrationListening is MigrateAcceptCommand's output: where the source is to connect.
@@ -95,6 +100,12 @@ type MigrationRequestOptions struct {
 	// ProgressTimeoutSeconds cancels a migration whose remaining bytes have not dropped for
 	// this long (KubeVirt's default: 150).
 	ProgressTimeoutSeconds int `json:"progressTimeoutSeconds,omitempty"`
+	// AllowPostCopy switches a migration that hits either timeout to post-copy instead of
+	// cancelling it (KubeVirt's default: false): the guest runs on in the target pod at
+	// once, which fetches the pages not yet sent as the guest touches them. From then on
+	// the migration cannot be cancelled, and if the stream breaks the guest is lost. The
+	// target must have been readied for it (MigrationAccept.PostCopy).
+	AllowPostCopy bool `json:"allowPostCopy,omitempty"`
 }
 
 // KubeVirt's migration defaults, which a zero MigrationRequestOptions field takes.

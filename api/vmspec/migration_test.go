@@ -14,13 +14,13 @@ func TestParseMigrationRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	good, _ := json.Marshal(MigrationRequest{Target: "10.88.0.7:49152", TLS: source, Options: MigrationRequestOptions{AutoConverge: true}})
+	good, _ := json.Marshal(MigrationRequest{Target: "10.88.0.7:49152", TLS: source, Options: MigrationRequestOptions{AutoConverge: true, AllowPostCopy: true}})
 	r, err := ParseMigrationRequest(good)
 	if err != nil {
 		t.Fatalf("a good request: %v", err)
 	}
 	if r.Options.BandwidthMiB != DefaultMigrationBandwidthMiB || r.Options.CompletionTimeoutPerGiB != DefaultMigrationCompletionPerGiB ||
-		r.Options.ProgressTimeoutSeconds != DefaultMigrationProgressTimeoutSec || !r.Options.AutoConverge {
+		r.Options.ProgressTimeoutSeconds != DefaultMigrationProgressTimeoutSec || !r.Options.AutoConverge || !r.Options.AllowPostCopy {
 		t.Errorf("defaults not filled in: %+v", r.Options)
 	}
 	tlsJSON, _ := json.Marshal(source)
@@ -37,6 +37,7 @@ func TestParseMigrationRequest(t *testing.T) {
 		"progress type":  {`{"target":"10.0.0.1:49152","tls":` + string(tlsJSON) + `,"options":{"progressTimeoutSeconds":"1"}}`, "request.options.progressTimeoutSeconds: must be an integer"},
 		"trailing":       {string(good) + `{}`, "request: trailing data"},
 		"accept in send": {`{"tls":` + string(tlsJSON) + `,"timeoutSeconds":5}`, "request.timeoutSeconds: unknown field"},
+		"post-copy type": {`{"target":"10.0.0.1:49152","tls":` + string(tlsJSON) + `,"options":{"allowPostCopy":"yes"}}`, "request.options.allowPostCopy: must be true or false"},
 	} {
 		if _, err := ParseMigrationRequest([]byte(tc.in)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error containing %q", name, err, tc.want)
@@ -51,9 +52,9 @@ func TestParseMigrationAccept(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	good, _ := json.Marshal(MigrationAccept{TLS: target})
+	good, _ := json.Marshal(MigrationAccept{TLS: target, PostCopy: true})
 	a, err := ParseMigrationAccept(good)
-	if err != nil || a.AcceptTimeout() != DefaultMigrationAcceptTimeout {
+	if err != nil || a.AcceptTimeout() != DefaultMigrationAcceptTimeout || !a.PostCopy {
 		t.Fatalf("a good accept: %+v, %v", a, err)
 	}
 	bad, _ := json.Marshal(MigrationAccept{TLS: target, TimeoutSeconds: 7200})

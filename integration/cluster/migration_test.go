@@ -192,7 +192,7 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	// 2. a target pod that goes away half-way: the migration fails, the guest runs on
 	before = count()
 	here := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.nodeName}")
-	failing := migrate(t, c, ns, vm, "1") // 1 MiB/s: long enough to pull the target away
+	failing := migrate(t, c, ns, vm, "bandwidthMiB: 1") // long enough to pull the target away
 	waitMigration(t, c, ns, failing, "Running", 5*time.Minute)
 	targetPod := c.Kubectl(t, "get", "vmim", "-n", ns, failing, "-o", "jsonpath={.status.targetPod}")
 	c.Kubectl(t, "delete", "pod", "-n", ns, targetPod, "--wait=false")
@@ -209,7 +209,45 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	}
 	checkGuestKept("after a failed migration", before)
 
-	// 3. kubectl drain of the VM's node: cordoned, the controller migrates the VM away, the
+	// 3. post-copy: at 1 MiB/s the migration cannot complete in its 2 s; allowed to, it
+	// switches to post-copy and succeeds. First to nodes whose QEMU may not handle its own
+	// page faults: the target refuses up front, the guest runs on where it was.
+	userfaultfd := "/proc/sys/vm/unprivileged_userfaultfd" // the nodes share this host's kernel
+	allow := func(v string) {
+		t.Helper()
+		if err := os.WriteFile(userfaultfd, []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if old, err := os.ReadFile(userfaultfd); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Cleanup(func() { allow(strings.TrimSpace(string(old))) })
+	}
+	const postCopy = "bandwidthMiB: 1, completionTimeoutPerGiB: 2, allowPostCopy: true"
+	allow("0")
+	before = count()
+	refused := waitMigration(t, c, ns, migrate(t, c, ns, vm, postCopy), "Failed", 5*time.Minute)
+	if !strings.Contains(refused.reason, "vm.unprivileged_userfaultfd") {
+		t.Errorf("post-copy to a node that cannot: failed with %q, want the reason naming vm.unprivileged_userfaultfd", refused.reason)
+	}
+	if p := waitVM(t, c, ns, vm, 2*time.Minute, "Running", "True"); p != target {
+		t.Errorf("the VM's pod is %s after a refused post-copy migration, want %s still", p, target)
+	}
+	checkGuestKept("after a refused post-copy migration", before)
+	allow("1")
+	before = count()
+	pc := migrate(t, c, ns, vm, postCopy)
+	st = waitMigration(t, c, ns, pc, "Succeeded", 5*time.Minute)
+	t.Logf("post-copy migration %s: %s -> %s, %s", pc, st.from, st.to, st.figures)
+	if st.from != here || st.to == here {
+		t.Errorf("post-copy migrated from %s to %s; the VM was on %s", st.from, st.to, here)
+	}
+	target = waitVM(t, c, ns, vm, 2*time.Minute, "Running", "True")
+	checkGuestKept("after a post-copy migration", before)
+	here = st.to
+
+	// 4. kubectl drain of the VM's node: cordoned, the controller migrates the VM away, the
 	// drain's retried eviction finds the source pod gone
 	before = count()
 	t.Cleanup(func() { _, _ = c.KubectlErr("uncordon", here) })
@@ -242,10 +280,10 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 }
 
 // migrate creates a VirtualMachineMigration of the VM (kubectl vmpod migrate, or a manifest
-// when bandwidthMiB is set) and returns its name.
-func migrate(t *testing.T, c *testenv.Cluster, ns, vm, bandwidthMiB string) string {
+// when spec has fields beyond the VM's name, "bandwidthMiB: 1" say) and returns its name.
+func migrate(t *testing.T, c *testenv.Cluster, ns, vm, spec string) string {
 	t.Helper()
-	if bandwidthMiB == "" {
+	if spec == "" {
 		out := c.Kubectl(t, "vmpod", "migrate", "-n", ns, vm)
 		f := strings.Fields(out) // "VM <vm>: migration <name> created ..."
 		if len(f) < 4 || f[2] != "migration" {
@@ -255,9 +293,9 @@ func migrate(t *testing.T, c *testenv.Cluster, ns, vm, bandwidthMiB string) stri
 	}
 	return strings.TrimSpace(kubectlStdin(t, c, fmt.Sprintf(`apiVersion: vmpod.dev/v1alpha1
 kind: VirtualMachineMigration
-metadata: {generateName: %s-slow-}
-spec: {vmName: %s, bandwidthMiB: %s}
-`, vm, vm, bandwidthMiB), "create", "-n", ns, "-f", "-", "-o", "jsonpath={.metadata.name}"))
+metadata: {generateName: %s-migration-}
+spec: {vmName: %s, %s}
+`, vm, vm, spec), "create", "-n", ns, "-f", "-", "-o", "jsonpath={.metadata.name}"))
 }
 
 type migrationStatus struct{ from, to, reason, figures string }

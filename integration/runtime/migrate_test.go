@@ -3,7 +3,10 @@ package runtime_test
 import (
 	"errors"
 	"fmt"
+	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,7 +22,8 @@ import (
 // counting on the target, where a file written before the move is still in tmpfs. Before
 // that, a migration cancelled half-way (its stream throttled to 1 MiB/s) leaves the source
 // running and counting, and its target ends. Both machines open the same disk overlay:
-// QEMU keeps the target's image inactive until the state has arrived.
+// QEMU keeps the target's image inactive until the state has arrived. After three hops
+// with a guest writing all along, a last one at 1 MiB/s switches to post-copy.
 func TestLiveMigration(t *testing.T) {
 	testenv.Require(t)
 	disk := testenv.GuestDisk(t)
@@ -164,10 +168,74 @@ func TestLiveMigration(t *testing.T) {
 		}
 		written = n
 	}
+
+	// Post-copy (KubeVirt's allowPostCopy): the stream throttled to 1 MiB/s as in the
+	// cancelled migration above, the writer dirtying pages all along; at its completion
+	// timeout the migration switches to post-copy instead of cancelling, the guest runs on
+	// the target at once and the target pulls the pages it faults on. A target whose QEMU
+	// may not handle its own page faults refuses before anything is sent.
+	next := testenv.StartGuestVM(t, ctx, config("mig-postcopy", true))
+	out, in = testenv.MigrationStream(t)
+	allowUserfaultfd := func(v string) {
+		t.Helper()
+		if err := os.WriteFile("/proc/sys/vm/unprivileged_userfaultfd", []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if old, err := os.ReadFile("/proc/sys/vm/unprivileged_userfaultfd"); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Cleanup(func() { allowUserfaultfd(strings.TrimSpace(string(old))) })
+	}
+	allowUserfaultfd("0")
+	if err := next.AcceptMigration(ctx, in, vmm.MigrationOptions{PostCopy: true}); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "vm.unprivileged_userfaultfd") {
+		t.Errorf("post-copy to a QEMU that may not use userfaultfd: %v, want FailedPrecondition naming the sysctl", err)
+	}
+	allowUserfaultfd("1")
+	if err := next.AcceptMigration(ctx, in, vmm.MigrationOptions{PostCopy: true}); err != nil {
+		t.Fatal(err)
+	}
+	arrived := make(chan qmp.MigrationStatus, 1)
+	go func() {
+		info, err := next.AwaitIncoming(ctx)
+		arrived <- info.Status
+		if err == nil && info.Status == qmp.MigrationPostcopyActive {
+			_, err = next.AwaitPostCopy(ctx) // the guest runs; the rest of its memory follows
+		}
+		incoming <- err
+	}()
+	var phases []qmp.MigrationStatus
+	info, err = cur.Migrate(ctx, out, vmm.MigrationOptions{
+		MaxBandwidth: 1 << 20, CompletionTimeout: 2 * time.Second, PostCopy: true,
+		Progress: func(i qmp.MigrationInfo) {
+			if len(phases) == 0 || phases[len(phases)-1] != i.Status {
+				phases = append(phases, i.Status)
+			}
+		},
+	})
+	if err != nil {
+		t.Fatalf("post-copy: %v (phases %v)", err, phases)
+	}
+	if err := <-incoming; err != nil {
+		t.Fatalf("post-copy target: %v", err)
+	}
+	t.Logf("post-copy: total %v, downtime %v, %d MiB sent; phases %v; the target could run the guest at %q",
+		info.TotalTime, info.Downtime, info.Transferred()>>20, phases, <-arrived)
+	if !slices.Contains(phases, qmp.MigrationPostcopyActive) {
+		t.Errorf("phases %v: the migration never ran as post-copy", phases)
+	}
+	cur.Quit(ctx)
+	cur = next
+	cur.WaitAgent(ctx, time.Minute)
+	counting(cur, "after post-copy")
+	if n := lines(cur); n <= written {
+		t.Errorf("after post-copy: the writer's sequence stands at %d lines", n)
+	}
+
 	time.Sleep(time.Second)
 	if out := cur.Sh(ctx, "kill -0 $(cat /dev/shm/seq.pid) || echo 'the writer is gone'; "+
 		"awk 'NR > 1 && $1 != prev + 1 { print \"line \" NR \": \" $1 \" after \" prev } { prev = $1 }' /dev/shm/seq > /dev/shm/seq.breaks || echo 'awk failed'; head -5 /dev/shm/seq.breaks; "+
 		"dmesg | grep -E 'BUG|Oops|corrupt|general protection' || true"); out != "" {
-		t.Errorf("after 3 hops with a writer: %s", out)
+		t.Errorf("after 3 hops and a post-copy with a writer: %s", out)
 	}
 }

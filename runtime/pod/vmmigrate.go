@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -121,6 +122,14 @@ func (c *computeVM) acceptMigration(ctx context.Context, input []byte) (string, 
 	}
 	c.accepting = true
 	c.mu.Unlock()
+	if req.PostCopy {
+		if err := c.machine.CanPostCopy(); err != nil {
+			c.mu.Lock()
+			c.accepting = false
+			c.mu.Unlock()
+			return "", fmt.Errorf("%s: accept.postCopy: %w", cmd, err)
+		}
+	}
 	l, err := network.ListenInNetns(c.pod.netns, ":"+strconv.Itoa(vmspec.MigrationPort))
 	if err != nil {
 		c.mu.Lock()
@@ -131,16 +140,16 @@ func (c *computeVM) acceptMigration(ctx context.Context, input []byte) (string, 
 	addr := net.JoinHostPort(c.pod.address.String(), strconv.Itoa(vmspec.MigrationPort))
 	lg := log.G(ctx).WithField("pod", c.pod.id)
 	lg.Infof("migration target: listening on %s for %v", addr, req.AcceptTimeout())
-	go c.receive(log.WithLogger(context.WithoutCancel(ctx), lg), l, cfg, req.AcceptTimeout())
+	go c.receive(log.WithLogger(context.WithoutCancel(ctx), lg), l, cfg, req)
 	out, err := json.Marshal(vmspec.MigrationListening{Address: addr})
 	return string(out), err
 }
 
 // receive takes the source's two connections on l, hands the stream to QEMU and sees the
 // switchover through. A target whose guest does not arrive fails (its container exits 1).
-func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config, wait time.Duration) {
+func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config, req vmspec.MigrationAccept) {
 	lg := log.G(ctx)
-	control, stream, err := acceptSource(ctx, l, cfg, wait, c.machine.Done())
+	control, stream, err := acceptSource(ctx, l, cfg, req.AcceptTimeout(), c.machine.Done())
 	if err != nil {
 		c.failTarget(ctx, err)
 		return
@@ -153,20 +162,24 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		return
 	}
 	defer shimEnd.Close()
-	err = c.machine.AcceptMigration(ctx, qemuEnd, vmm.MigrationOptions{})
+	err = c.machine.AcceptMigration(ctx, qemuEnd, vmm.MigrationOptions{PostCopy: req.PostCopy})
 	qemuEnd.Close() // QEMU holds its own copy
 	if err != nil {
 		c.failTarget(ctx, err)
 		return
 	}
-	// the source's bytes to QEMU; nothing flows back (no return path). A QEMU that stopped
-	// reading (its load failed) ends the stream, which the source's QEMU then hears of.
+	// the source's bytes to QEMU. A QEMU that stopped reading (its load failed) ends the
+	// stream, which the source's QEMU then hears of. Only post-copy has a return path:
+	// QEMU's requests for the pages its guest faults on.
 	go func() {
 		if _, err := io.Copy(shimEnd, stream); err != nil {
 			_ = stream.Close()
 		}
 		_ = shimEnd.CloseWrite()
 	}()
+	if req.PostCopy {
+		go copyReturnPath(stream, shimEnd)
+	}
 	started := time.Now()
 	info, err := c.machine.AwaitIncoming(ctx)
 	if err != nil {
@@ -174,7 +187,12 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		c.failTarget(ctx, err)
 		return
 	}
-	lg.Infof("migration target: the guest arrived (%v, %d MiB); telling the source", time.Since(started).Round(time.Millisecond), info.Transferred()>>20)
+	postCopy := info.Status == qmp.MigrationPostcopyActive
+	if postCopy {
+		lg.Infof("migration target: the guest's devices arrived by post-copy (%v), its memory follows; telling the source", time.Since(started).Round(time.Millisecond))
+	} else {
+		lg.Infof("migration target: the guest arrived (%v, %d MiB); telling the source", time.Since(started).Round(time.Millisecond), info.Transferred()>>20)
+	}
 	c.mu.Lock()
 	if !c.awaiting || c.decided != nil { // stopped meanwhile (SIGTERM): the source resumes
 		c.mu.Unlock()
@@ -195,6 +213,13 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		c.mu.Lock()
 		c.awaiting, c.paused = false, true
 		c.mu.Unlock()
+		if postCopy {
+			// a source past the switch never resumes its guest: if the rest of the memory
+			// arrives the guest is whole here (paused), and if not it is lost
+			if _, err := c.machine.AwaitPostCopy(ctx); err != nil {
+				c.loseGuest(ctx, err)
+			}
+		}
 		return
 	}
 	c.mu.Lock()
@@ -211,6 +236,36 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		}
 	}
 	lg.Infof("migration target: the guest runs here (switchover %v after it arrived)", time.Since(started).Round(time.Millisecond))
+	if postCopy {
+		if _, err := c.machine.AwaitPostCopy(ctx); err != nil {
+			// the guest's memory is split between the pods: neither can run it
+			c.loseGuest(ctx, err)
+		} else {
+			lg.Infof("migration target: post-copy done, the guest's memory is all here (%v after the stream began)", time.Since(started).Round(time.Millisecond))
+		}
+	}
+}
+
+// copyReturnPath copies a post-copy migration's return path — the target QEMU's requests
+// for pages — from from to to, against the stream's direction; the end of one is the end
+// of the other.
+func copyReturnPath(to io.Writer, from io.Reader) {
+	_, _ = io.Copy(to, from)
+	if cw, ok := to.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}
+
+// loseGuest ends a pod whose post-copy migration broke after the switch: its QEMU has
+// only part of the guest's memory and the rest is on the other side, so its container
+// exits 1 with the reason (the VM's run strategy decides what boots next).
+func (c *computeVM) loseGuest(ctx context.Context, why error) {
+	log.G(ctx).WithError(why).Error("migration: post-copy broke after the switch: the guest is lost")
+	c.mu.Lock()
+	c.decided = &runtime.Exit{Status: 1, Reason: vmspec.MigrationFailedReason + ": the guest was lost: " + why.Error()}
+	c.mu.Unlock()
+	c.machine.Quit(context.WithoutCancel(ctx))
+	c.machine.KillProcess()
 }
 
 // acceptSource accepts connections on l until it has the source's control and stream
@@ -416,18 +471,40 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		AutoConverge:      o.AutoConverge,
 		CompletionTimeout: time.Duration(int64(o.CompletionTimeoutPerGiB)*gib) * time.Second,
 		ProgressTimeout:   time.Duration(o.ProgressTimeoutSeconds) * time.Second,
+		PostCopy:          o.AllowPostCopy,
 	}
-	var last time.Time
+	var (
+		last       time.Time
+		switched   = make(chan struct{}) // closed once QEMU runs the migration as post-copy
+		switchOnce sync.Once
+	)
 	opts.Progress = func(info qmp.MigrationInfo) {
+		if info.Status == qmp.MigrationPostcopyActive {
+			switchOnce.Do(func() { close(switched) })
+		}
 		if time.Since(last) < progressEvery {
 			return
 		}
 		last = time.Now()
 		report(progressOf(info))
 	}
-	lg.Infof("migrating to %s (%d MiB/s, auto-converge %v)", req.Target, o.BandwidthMiB, o.AutoConverge)
-	info, err := c.machine.Migrate(ctx, qemuEnd, opts)
-	qemuEnd.Close()
+	if o.AllowPostCopy {
+		go copyReturnPath(shimEnd, stream)
+	}
+	lg.Infof("migrating to %s (%d MiB/s, auto-converge %v, post-copy allowed %v)", req.Target, o.BandwidthMiB, o.AutoConverge, o.AllowPostCopy)
+	done := make(chan migrated, 1)
+	go func() {
+		info, err := c.machine.Migrate(ctx, qemuEnd, opts)
+		qemuEnd.Close()
+		done <- migrated{info, err}
+	}()
+	var r migrated
+	select {
+	case r = <-done:
+	case <-switched:
+		return c.handOverPostCopy(ctx, control, done, req.Target, report, fail)
+	}
+	info, err := r.info, r.err
 	if err != nil {
 		// QEMU may have completed (and stopped the guest) after all, e.g. when it stopped
 		// answering: no commit went out, so the guest is this pod's to run on
@@ -465,6 +542,77 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	c.machine.KillProcess() // if quit did not end it: this QEMU must never run the guest again
 	report(progressOf(info))
 	lg.Infof("migrated to %s in %v (downtime %v, %d MiB sent)", req.Target, info.TotalTime, info.Downtime, info.Transferred()>>20)
+	return nil
+}
+
+// migrated is what Migrate returned.
+type migrated struct {
+	info qmp.MigrationInfo
+	err  error
+}
+
+// handOverPostCopy ends a migration QEMU switched to post-copy (done delivers Migrate's
+// return). The guest stopped here for good at the switch — its memory is no longer whole
+// here — so there is nothing to resume: the target gets the commit as soon as it has the
+// guest's devices, and this QEMU serves the pages the target asks for until the last.
+// Anything that breaks the hand-over from here loses the guest (loseGuest, both pods).
+func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done <-chan migrated, target string, report func(vmspec.MigrationProgress), fail func(error) error) error {
+	lg := log.G(ctx).WithField("pod", c.pod.id)
+	lg.Warn("migration: switched to post-copy: the guest stopped here and runs in the target pod once it has its devices")
+	lost := func(err error) error {
+		err = fmt.Errorf("post-copy: %w: %w", err, vmm.ErrPostCopyBroken)
+		c.loseGuest(ctx, err)
+		return fail(err)
+	}
+	loaded := make(chan error, 1)
+	go func() {
+		msg, err := readSwitchover(control, switchoverWait)
+		switch {
+		case err != nil:
+			err = fmt.Errorf("the target's word: %w", err)
+		case msg.Error != "":
+			err = fmt.Errorf("the target: %s", msg.Error)
+		case !msg.Loaded:
+			err = errors.New("the target did not say it has the guest")
+		}
+		loaded <- err
+	}()
+	var r *migrated
+	select {
+	case err := <-loaded:
+		if err != nil {
+			<-done // QEMU's end of it, which cannot be a guest to resume
+			return lost(err)
+		}
+	case m := <-done:
+		if m.err != nil {
+			return lost(m.err)
+		}
+		r = &m
+		if err := <-loaded; err != nil {
+			return lost(err)
+		}
+	}
+	c.mu.Lock()
+	c.decided = &runtime.Exit{Status: 0, Reason: fmt.Sprintf("%s: the guest moved to %s (post-copy)", vmspec.MigratedReason, target)}
+	c.mu.Unlock()
+	c.pod.mu.Lock()
+	c.pod.migratedTo = target
+	c.pod.mu.Unlock()
+	if err := writeSwitchover(control, switchover{Commit: true}); err != nil {
+		lg.WithError(err).Error("migration: the commit did not reach the target: the guest stays paused there")
+	}
+	if r == nil {
+		m := <-done // the target runs the guest; the pages it has not fetched yet are sent
+		r = &m
+	}
+	if r.err != nil {
+		return lost(r.err)
+	}
+	c.machine.Quit(context.WithoutCancel(ctx))
+	c.machine.KillProcess()
+	report(progressOf(r.info))
+	lg.Infof("migrated to %s by post-copy in %v (downtime %v, %d MiB sent)", target, r.info.TotalTime, r.info.Downtime, r.info.Transferred()>>20)
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -36,6 +37,13 @@ type MigrationOptions struct {
 	CompletionTimeout time.Duration
 	// ProgressTimeout cancels it when the bytes left have not dropped for this long.
 	ProgressTimeout time.Duration
+	// PostCopy, at both ends, switches a migration that hits CompletionTimeout or
+	// ProgressTimeout to post-copy instead of cancelling it (KubeVirt's allowPostCopy):
+	// the guest stops here and runs on the target, which fetches each page not yet sent
+	// when the guest touches it. It then completes however fast the guest dirties memory,
+	// but can no longer be cancelled, and a stream that breaks from then on leaves the
+	// guest split between the two machines (both paused): docs/design/207.
+	PostCopy bool
 	// IgnoreShared leaves shared RAM out of the stream (a template's, SavedTemplate).
 	IgnoreShared bool
 	// Progress, if set, receives each poll's state (every 100 ms).
@@ -51,12 +59,38 @@ func (o MigrationOptions) capabilities() []qmp.MigrationCapabilityState {
 		{Capability: qmp.MigrationCapEvents, State: true},
 		{Capability: qmp.MigrationCapAutoConverge, State: o.AutoConverge},
 		{Capability: qmp.MigrationCapIgnoreShared, State: o.IgnoreShared},
+		{Capability: qmp.MigrationCapPostcopyRAM, State: o.PostCopy},
 	}
+}
+
+// unprivilegedUserfaultfd is the sysctl that lets a process without CAP_SYS_PTRACE create
+// a userfaultfd, which a post-copy target's QEMU 7.2 needs (it predates /dev/userfaultfd).
+const unprivilegedUserfaultfd = "/proc/sys/vm/unprivileged_userfaultfd"
+
+// CanPostCopy says why this machine cannot receive a migration switched to post-copy, or
+// nil: a caller asks before it tells a source to connect.
+func (m *Machine) CanPostCopy() error {
+	if m.cfg.Users == nil {
+		return nil // QEMU runs as root
+	}
+	b, err := os.ReadFile(unprivilegedUserfaultfd)
+	if err != nil {
+		return fmt.Errorf("vm %s: post-copy: %w", m.cfg.Name, err)
+	}
+	if strings.TrimSpace(string(b)) != "1" {
+		return fmt.Errorf("vm %s: post-copy needs the target's QEMU, which runs as a user of its own, to handle its page faults (userfaultfd): the node allows that only with vm.unprivileged_userfaultfd = 1 (it is %s): %w",
+			m.cfg.Name, strings.TrimSpace(string(b)), errdefs.ErrFailedPrecondition)
+	}
+	return nil
 }
 
 // ErrMigrationCancelled is returned by Migrate when the migration was cancelled (by the
 // caller's context or a timeout); the source machine runs on.
 var ErrMigrationCancelled = errors.New("migration cancelled")
+
+// ErrPostCopyBroken is returned by Migrate when the stream of a migration switched to
+// post-copy broke: neither machine has the whole guest.
+var ErrPostCopyBroken = errors.New("post-copy migration interrupted")
 
 // canMigrate says why this machine's state cannot move, or nil.
 func (m *Machine) canMigrate() error {
@@ -127,6 +161,11 @@ func (m *Machine) AcceptMigration(ctx context.Context, stream *os.File, opts Mig
 	if err := m.canMigrate(); err != nil {
 		return err
 	}
+	if opts.PostCopy {
+		if err := m.CanPostCopy(); err != nil {
+			return err
+		}
+	}
 	if err := m.accept(ctx, stream, opts); err != nil {
 		return fmt.Errorf("vm %s: %w", m.cfg.Name, err)
 	}
@@ -153,17 +192,30 @@ func (m *Machine) accept(ctx context.Context, stream *os.File, opts MigrationOpt
 // AwaitIncoming waits until the migration AcceptMigration listens for has completed and
 // the guest is here (from then on the machine may Migrate it on), in the run state it had on the source, except that a machine
 // started Paused (QEMU's -S) keeps its vCPUs stopped until Resume. A failed incoming
-// migration ends the target's QEMU.
+// migration ends the target's QEMU. A migration the source switched to post-copy returns
+// as soon as the guest's devices are here and it can run (info.Status postcopy-active),
+// its memory still arriving: AwaitPostCopy then waits for the rest.
 func (m *Machine) AwaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
-	info, err := m.awaitIncoming(ctx)
+	info, err := m.awaitIncoming(ctx, false)
 	if err != nil {
 		return info, fmt.Errorf("vm %s: %w", m.cfg.Name, err)
 	}
 	return info, nil
 }
 
-// awaitIncoming is AwaitIncoming with errors that do not name the machine.
-func (m *Machine) awaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) {
+// AwaitPostCopy waits until an incoming migration AwaitIncoming left post-copy active has
+// brought the guest's last page; a broken stream is ErrPostCopyBroken.
+func (m *Machine) AwaitPostCopy(ctx context.Context) (qmp.MigrationInfo, error) {
+	info, err := m.awaitIncoming(ctx, true)
+	if err != nil {
+		return info, fmt.Errorf("vm %s: post-copy: %w", m.cfg.Name, err)
+	}
+	return info, nil
+}
+
+// awaitIncoming is AwaitIncoming (AwaitPostCopy with whole) with errors that do not name
+// the machine.
+func (m *Machine) awaitIncoming(ctx context.Context, whole bool) (qmp.MigrationInfo, error) {
 	tick := time.NewTicker(migrationPoll)
 	defer tick.Stop()
 	changed, stop := m.migrationEvents(ctx)
@@ -182,8 +234,26 @@ func (m *Machine) awaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 					m.arrived.Store(true)
 					return info, nil
 				}
+			case qmp.MigrationPostcopyActive:
+				// the source has stopped the guest and sent its devices: once QEMU has
+				// loaded them (it leaves inmigrate) the guest can run here
+				if whole {
+					break
+				}
+				st, err := m.mon.Status(ctx)
+				if err != nil {
+					return info, fmt.Errorf("during the post-copy migration: %w", err)
+				}
+				if st.State != qmp.RunStateInMigrate {
+					return info, nil
+				}
 			case qmp.MigrationFailed:
+				if whole {
+					return info, fmt.Errorf("incoming migration failed after the switch to post-copy: %w: %s", ErrPostCopyBroken, info.ErrorDesc)
+				}
 				return info, fmt.Errorf("incoming migration failed: %s", info.ErrorDesc)
+			case qmp.MigrationPostcopyPaused:
+				return info, fmt.Errorf("incoming migration: the post-copy stream broke: %w", ErrPostCopyBroken)
 			}
 		}
 		select {
@@ -203,7 +273,9 @@ func (m *Machine) awaitIncoming(ctx context.Context) (qmp.MigrationInfo, error) 
 // machine is stopped for good (QEMU's postmigrate state): the caller quits it. When the
 // migration fails or is cancelled (ctx, CompletionTimeout, ProgressTimeout) the guest
 // runs on here as before, and a cancellation's error is ErrMigrationCancelled; a
-// migration that completes before its cancel takes effect is a success. Migrate returns
+// migration that completes before its cancel takes effect is a success. With
+// opts.PostCopy a timeout switches the migration to post-copy instead, after which it is
+// not cancelled and a broken stream is ErrPostCopyBroken. Migrate returns
 // only once QEMU has finished the migration one way or the other, or has exited, or
 // cannot be asked any more (maxQueryErrors in a row, after a last cancel): then the
 // outcome is unknown and the error says so.
@@ -245,10 +317,25 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		seen        bool // lowest holds a reading
 		lastGain    = time.Now()
 		cancelling  error
+		postCopy    error // why the migration was switched to post-copy
 		queryErrors int
 		lateTimes   int // polls of a completed migration whose times were not set yet
 	)
-	cancel := func(why error) {
+	var cancel func(why error)
+	// giveUp cancels the migration, or switches it to post-copy when the options allow:
+	// either ends a migration that does not converge
+	giveUp := func(why error) {
+		if !opts.PostCopy {
+			cancel(why)
+			return
+		}
+		postCopy = why
+		log.G(ctx).WithError(why).Warnf("vm %s: switching the migration to post-copy", m.cfg.Name)
+		if err := m.mon.MigrateStartPostcopy(context.WithoutCancel(ctx)); err != nil {
+			cancel(fmt.Errorf("%w; post-copy refused: %w", why, err))
+		}
+	}
+	cancel = func(why error) {
 		cancelling = why
 		log.G(ctx).WithError(why).Warnf("vm %s: cancelling the migration", m.cfg.Name)
 		// A refused cancel is not the end: the next polls see where QEMU went.
@@ -303,9 +390,16 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 			}
 			switch info.Status {
 			case qmp.MigrationCompleted:
-				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent)", m.cfg.Name, info.TotalTime, info.Downtime, info.Transferred()>>20)
+				how := ""
+				if postCopy != nil {
+					how = fmt.Sprintf(", post-copy since %v", postCopy)
+				}
+				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent%s)", m.cfg.Name, info.TotalTime, info.Downtime, info.Transferred()>>20, how)
 				return info, nil
 			case qmp.MigrationFailed:
+				if postCopy != nil {
+					return info, fmt.Errorf("vm %s: migrate: failed after the switch to post-copy (%v): %w: %s", m.cfg.Name, postCopy, ErrPostCopyBroken, info.ErrorDesc)
+				}
 				if cancelling != nil {
 					return info, fmt.Errorf("vm %s: migrate: %w (%w): failed: %s", m.cfg.Name, ErrMigrationCancelled, cancelling, info.ErrorDesc)
 				}
@@ -321,13 +415,22 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 					lowest, seen, lastGain = rem, true, time.Now()
 				}
 				switch {
+				case postCopy != nil || info.Status == qmp.MigrationPostcopyActive:
+					// the guest runs on the target: there is nothing to cancel back to, and
+					// the caller's cancel waits for the end like everyone else
 				case ctx.Err() != nil:
 					cancel(ctx.Err())
 				case opts.CompletionTimeout > 0 && time.Since(start) > opts.CompletionTimeout:
-					cancel(fmt.Errorf("not completed within %v", opts.CompletionTimeout))
+					giveUp(fmt.Errorf("not completed within %v", opts.CompletionTimeout))
 				case opts.ProgressTimeout > 0 && time.Since(lastGain) > opts.ProgressTimeout:
-					cancel(fmt.Errorf("no progress for %v (%d MiB left)", opts.ProgressTimeout, lowest>>20))
+					giveUp(fmt.Errorf("no progress for %v (%d MiB left)", opts.ProgressTimeout, lowest>>20))
 				}
+			}
+			if info.Status == qmp.MigrationPostcopyPaused {
+				// the stream broke after the switch: the guest's memory is split between the
+				// machines, both paused; QEMU can resume it over a new stream
+				// (migrate-recover), which vmpod does not do
+				return info, fmt.Errorf("vm %s: migrate: the post-copy stream broke: the guest is paused, its memory split between source and target: %w", m.cfg.Name, ErrPostCopyBroken)
 			}
 		}
 		select {

@@ -172,7 +172,7 @@ func (m *Machine) restore(ctx context.Context) error {
 	if err := m.accept(ctx, m.cfg.RestoreFrom.State, MigrationOptions{IgnoreShared: true}); err != nil {
 		return err
 	}
-	if _, err := m.awaitIncoming(ctx); err != nil {
+	if _, err := m.awaitIncoming(ctx, false); err != nil {
 		if ctx.Err() == nil && !m.killed() { // QEMU failed the state or died reading it
 			return fmt.Errorf("%w: %w", ErrTemplateRefused, err)
 		}

@@ -39,6 +39,14 @@ type VirtualMachineMigrationSpec struct {
 	// +kubebuilder:validation:Maximum=60000
 	// +optional
 	DowntimeLimitMs int32 `json:"downtimeLimitMs,omitempty"`
+	// AllowPostCopy switches a migration that hits its completion or progress timeout to
+	// post-copy instead of failing it (default false, as KubeVirt's): the guest runs on in
+	// the target pod at once and fetches the memory not yet sent as it touches it. It then
+	// completes however fast the guest dirties memory, but cannot be cancelled, and if the
+	// stream between the nodes breaks the guest is lost. The target node must let QEMU
+	// handle its own page faults (vm.unprivileged_userfaultfd = 1).
+	// +optional
+	AllowPostCopy bool `json:"allowPostCopy,omitempty"`
 }
 
 // MigrationPhase is where a migration is.

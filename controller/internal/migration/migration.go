@@ -501,7 +501,7 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			end(err)
 			return
 		}
-		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS})
+		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, PostCopy: m.Spec.AllowPostCopy})
 		var out bytes.Buffer
 		if err := r.Exec.Stream(ctx, m.Namespace, m.Status.TargetPod, vmspec.ComputeContainer, []string{vmspec.MigrateAcceptCommand}, bytes.NewReader(accept), &out); err != nil {
 			end(fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err))
@@ -516,7 +516,7 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 		req, _ := json.Marshal(vmspec.MigrationRequest{Target: listening.Address, TLS: sourceTLS, Options: vmspec.MigrationRequestOptions{
 			BandwidthMiB: int(m.Spec.BandwidthMiB), AutoConverge: auto,
 			CompletionTimeoutPerGiB: int(m.Spec.CompletionTimeoutPerGiB), ProgressTimeoutSeconds: int(m.Spec.ProgressTimeoutSeconds),
-			DowntimeLimitMs: int(m.Spec.DowntimeLimitMs)}})
+			DowntimeLimitMs: int(m.Spec.DowntimeLimitMs), AllowPostCopy: m.Spec.AllowPostCopy}})
 		lg.Info("migrating", "address", listening.Address)
 		pr, pw := io.Pipe()
 		read := make(chan struct{})
