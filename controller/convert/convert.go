@@ -44,6 +44,8 @@ func Object(obj map[string]any) (*Result, error) {
 		out = virtualMachine(root)
 	case group == "kubevirt.io" && kind == "VirtualMachineInstance":
 		out = virtualMachineInstance(root)
+	case group == "kubevirt.io" && kind == "VirtualMachineInstanceMigration":
+		out = migration(root)
 	case group == "cdi.kubevirt.io" && kind == "DataVolume":
 		out = dataVolume(root)
 	case group == "cdi.kubevirt.io" && kind == vmpodv1.DataSourceKind:
@@ -866,6 +868,25 @@ func dataVolume(root *node) *vmpodv1.DataVolume {
 	return dv
 }
 
+// migration converts a VirtualMachineInstanceMigration into a VirtualMachineMigration of
+// the VM of the same name: a VM's instance has its VM's name in KubeVirt, and vmpod
+// migrates VirtualMachines (a standalone VMI converts to one too). KubeVirt's cluster
+// defaults are vmpod's (64 MiB/s, auto-converge, 800 s per GiB, 150 s without progress).
+func migration(root *node) *vmpodv1.VirtualMachineMigration {
+	m := &vmpodv1.VirtualMachineMigration{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: "VirtualMachineMigration"}, ObjectMeta: objectMeta(root)}
+	s := root.required("spec")
+	if s == nil {
+		return m
+	}
+	if m.Spec.VMName = s.str("vmiName"); m.Spec.VMName == "" {
+		root.rep.errorf(s.at("vmiName"), "missing: the migration must name the VM instance to move")
+	}
+	s.unsupported("addedNodeSelector", "vmpod chooses the target node itself (another node that runs vmpod)")
+	s.unsupported("sendTo", "migrations to another cluster are not supported")
+	s.unsupported("receive", "migrations from another cluster are not supported")
+	return m
+}
+
 // dataSource converts a CDI DataSource: the PVC it names.
 func dataSource(root *node) *vmpodv1.DataSource {
 	ds := &vmpodv1.DataSource{TypeMeta: metav1.TypeMeta{APIVersion: vmpodv1.GroupVersion.String(), Kind: vmpodv1.DataSourceKind}, ObjectMeta: objectMeta(root)}
@@ -1005,8 +1026,8 @@ func notConverted(group, kind string) string {
 	switch {
 	case kind == "VirtualMachineInstancePreset":
 		return "presets (deprecated in KubeVirt) are not supported: use an instance type and a preference"
-	case strings.HasPrefix(group, "migrations.") || kind == "VirtualMachineInstanceMigration":
-		return "live migration is not supported yet"
+	case strings.HasPrefix(group, "migrations."):
+		return "migration policies are not supported: a VirtualMachineMigration carries the same knobs itself (bandwidthMiB, autoConverge, completionTimeoutPerGiB, progressTimeoutSeconds, allowPostCopy)"
 	case kind == "VirtualMachineInstanceReplicaSet" || strings.HasPrefix(group, "pool."):
 		return "VM replica sets and pools are not supported: write a VirtualMachine per replica"
 	case strings.HasPrefix(group, "snapshot.") || strings.HasPrefix(group, "export.") || strings.HasPrefix(group, "clone."):

@@ -283,6 +283,37 @@ func TestConvertVirtualMachineInstance(t *testing.T) {
 	}
 }
 
+// A KubeVirt migration of a VM's instance becomes a VirtualMachineMigration of the VM; what
+// vmpod cannot honour (a node selector for the target, another cluster) is refused by name.
+func TestConvertMigration(t *testing.T) {
+	docs, warnings, err := convertString(t, `apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstanceMigration
+metadata:
+  name: move-db
+  namespace: prod
+spec:
+  vmiName: db
+`)
+	if err != nil || len(docs) != 1 || warnings != "" {
+		t.Fatalf("convert: %v, %d documents, warnings %q", err, len(docs), warnings)
+	}
+	m := docs[0]
+	spec, _ := m["spec"].(map[string]any)
+	meta, _ := m["metadata"].(map[string]any)
+	if m["apiVersion"] != "vmpod.dev/v1alpha1" || m["kind"] != "VirtualMachineMigration" || meta["name"] != "move-db" || meta["namespace"] != "prod" || spec["vmName"] != "db" {
+		t.Errorf("converted to %v", m)
+	}
+	for manifest, want := range map[string]string{
+		"apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstanceMigration\nmetadata: {name: m}\nspec: {vmiName: db, addedNodeSelector: {zone: a}}\n": "spec.addedNodeSelector: vmpod chooses the target node itself",
+		"apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstanceMigration\nmetadata: {name: m}\nspec: {}\n":                                          "spec.vmiName: missing",
+		"apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstanceMigration\nmetadata: {name: m}\n":                                                    "spec: missing",
+	} {
+		if _, _, err := convertString(t, manifest); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want an error containing %q", manifest, err, want)
+		}
+	}
+}
+
 func TestConvertRefusesKindsWithoutEquivalent(t *testing.T) {
 	docs, _, err := convertFile(t, "kubevirt-not-converted.yaml")
 	if err == nil || docs != nil {
@@ -293,8 +324,7 @@ func TestConvertRefusesKindsWithoutEquivalent(t *testing.T) {
 	}
 	for _, want := range []string{
 		"VirtualMachinePool workers: not converted: VM replica sets and pools",
-		"VirtualMachineInstanceMigration move-db: not converted: live migration",
-		"MigrationPolicy fast: not converted: live migration",
+		"MigrationPolicy fast: not converted: migration policies are not supported: a VirtualMachineMigration carries the same knobs",
 		"KubeVirt kubevirt: not converted: an installation's configuration",
 		"DataImportCron fedora-nightly: not converted: import crons",
 		"VirtualMachineSnapshot before-upgrade: not converted: snapshots",
