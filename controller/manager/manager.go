@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strconv"
 	"time"
 
 	batchv1 "k8s.io/api/batch/v1"
@@ -59,6 +60,8 @@ type Options struct {
 	MigrationTargetWait time.Duration
 	// MigrationLimits bound the migrations running at once.
 	MigrationLimits migration.Limits
+	// MigrationPolicy is what migrations that do not say take.
+	MigrationPolicy migration.Policy
 }
 
 // DefaultOptions are the defaults of the flags.
@@ -75,6 +78,7 @@ func DefaultOptions() Options {
 		Backoff:       vm.DefaultBackoff,
 		MigrationLimits: migration.Limits{PerCluster: migration.DefaultParallelPerCluster,
 			OutboundPerNode: migration.DefaultParallelOutboundPerNode},
+		MigrationPolicy: migration.DefaultPolicy,
 
 		CloneSweepInterval: datavolume.DefaultCloneSweepInterval,
 	}
@@ -95,6 +99,12 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.Namespace, "namespace", o.Namespace, "watch only this namespace (default: all)")
 	fs.IntVar(&o.MigrationLimits.PerCluster, "parallel-migrations-per-cluster", o.MigrationLimits.PerCluster, "most live migrations running at once in the cluster")
 	fs.IntVar(&o.MigrationLimits.OutboundPerNode, "parallel-outbound-migrations-per-node", o.MigrationLimits.OutboundPerNode, "most live migrations leaving one node at once")
+	p := &o.MigrationPolicy
+	fs.Func("migration-bandwidth-mib", fmt.Sprintf("MiB/s a live migration's stream may take unless it says (default %d)", p.BandwidthMiB), int32Flag(&p.BandwidthMiB, 1, 1<<20))
+	fs.Func("migration-completion-timeout-per-gib", fmt.Sprintf("seconds per GiB of guest memory a live migration may take unless it says (default %d)", p.CompletionTimeoutPerGiB), int32Flag(&p.CompletionTimeoutPerGiB, 1, 86400))
+	fs.Func("migration-progress-timeout", fmt.Sprintf("seconds a live migration may go without progress unless it says (default %d)", p.ProgressTimeoutSeconds), int32Flag(&p.ProgressTimeoutSeconds, 1, 86400))
+	fs.BoolVar(&p.AutoConverge, "migration-auto-converge", p.AutoConverge, "throttle a guest that dirties memory faster than its migration sends it, unless the migration says")
+	fs.BoolVar(&p.AllowPostCopy, "migration-allow-post-copy", p.AllowPostCopy, "switch a live migration that does not converge to post-copy unless it says (target nodes need vm.unprivileged_userfaultfd = 1)")
 	fs.DurationVar(&o.CloneSweepInterval, "clone-sweep-interval", o.CloneSweepInterval, "how often clone servers in source namespaces that no DataVolume wants are deleted")
 }
 
@@ -164,8 +174,9 @@ func New(ctx context.Context, cfg *rest.Config, o Options) (ctrl.Manager, error)
 	if err := vms.SetupWithManager(ctx, mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachine controller: %w", err)
 	}
+	policy := o.MigrationPolicy
 	migrations := &migration.Reconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: recorder, Exec: migrationExec, TargetWait: o.MigrationTargetWait,
-		Limits: o.MigrationLimits}
+		Limits: o.MigrationLimits, Policy: &policy}
 	if err := migrations.SetupWithManager(mgr); err != nil {
 		return nil, fmt.Errorf("set up the VirtualMachineMigration controller: %w", err)
 	}
@@ -223,4 +234,16 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 		os.Setenv("KUBECONFIG", kubeconfig)
 	}
 	return ctrl.GetConfig()
+}
+
+// int32Flag parses a flag's whole number within [lo, hi] into dst.
+func int32Flag(dst *int32, lo, hi int64) func(string) error {
+	return func(v string) error {
+		n, err := strconv.ParseInt(v, 10, 32)
+		if err != nil || n < lo || n > hi {
+			return fmt.Errorf("want a whole number from %d to %d, got %q", lo, hi, v)
+		}
+		*dst = int32(n)
+		return nil
+	}
 }

@@ -194,14 +194,17 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		lg.Infof("migration target: the guest arrived (%v, %d MiB); telling the source", time.Since(started).Round(time.Millisecond), info.Transferred()>>20)
 	}
 	c.mu.Lock()
-	if !c.awaiting || c.decided != nil { // stopped meanwhile (SIGTERM): the source resumes
+	// stopped meanwhile (SIGTERM): the source resumes its guest, unless the migration was
+	// switched to post-copy, which then breaks and loses it (docs/design/209)
+	if !c.awaiting || c.decided != nil {
 		c.mu.Unlock()
 		return
 	}
 	c.loaded = true // from here a stop waits for the source's word (it may commit)
 	c.mu.Unlock()
 	if err := writeSwitchover(control, switchover{Loaded: true}); err != nil {
-		// the source cannot know the guest is here: it resumes its own
+		// the source cannot know the guest is here: it resumes its own (or, in post-copy,
+		// loses it once this QEMU quits)
 		c.failTarget(ctx, fmt.Errorf("tell the source the guest arrived: %w", err))
 		return
 	}
@@ -229,6 +232,9 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 	if start {
 		if err := c.machine.Resume(ctx); err != nil {
 			lg.WithError(err).Error("migration target: start the guest")
+			if postCopy { // the source has committed and will not run it either
+				c.loseGuest(ctx, fmt.Errorf("start the guest during post-copy: %w", err))
+			}
 			return
 		}
 		if c.agentKeys != nil { // as powerOn does for a guest that boots here
@@ -505,6 +511,9 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		return c.handOverPostCopy(ctx, control, done, req.Target, report, fail)
 	}
 	info, err := r.info, r.err
+	if errors.Is(err, vmm.ErrPostCopyBroken) { // switched and broke between two polls
+		return c.lostInPostCopy(ctx, err, fail)
+	}
 	if err != nil {
 		// QEMU may have completed (and stopped the guest) after all, e.g. when it stopped
 		// answering: no commit went out, so the guest is this pod's to run on
@@ -552,18 +561,15 @@ type migrated struct {
 }
 
 // handOverPostCopy ends a migration QEMU switched to post-copy (done delivers Migrate's
-// return). The guest stopped here for good at the switch — its memory is no longer whole
-// here — so there is nothing to resume: the target gets the commit as soon as it has the
-// guest's devices, and this QEMU serves the pages the target asks for until the last.
-// Anything that breaks the hand-over from here loses the guest (loseGuest, both pods).
+// return). The guest stopped here at the switch and its memory is no longer whole here
+// while pages travel, so the target gets the commit as soon as it has the guest's devices,
+// and this QEMU serves the pages the target asks for until the last. A target that never
+// says it has the guest keeps it paused (no commit): if the migration still completes,
+// the guest here is whole and resumes, as after a pre-copy; if it breaks, the guest is
+// lost (lostInPostCopy).
 func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done <-chan migrated, target string, report func(vmspec.MigrationProgress), fail func(error) error) error {
 	lg := log.G(ctx).WithField("pod", c.pod.id)
 	lg.Warn("migration: switched to post-copy: the guest stopped here and runs in the target pod once it has its devices")
-	lost := func(err error) error {
-		err = fmt.Errorf("post-copy: %w: %w", err, vmm.ErrPostCopyBroken)
-		c.loseGuest(ctx, err)
-		return fail(err)
-	}
 	loaded := make(chan error, 1)
 	go func() {
 		msg, err := readSwitchover(control, switchoverWait)
@@ -581,16 +587,15 @@ func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done
 	select {
 	case err := <-loaded:
 		if err != nil {
-			<-done // QEMU's end of it, which cannot be a guest to resume
-			return lost(err)
+			return c.resumeAfterPostCopy(ctx, <-done, err, fail)
 		}
 	case m := <-done:
 		if m.err != nil {
-			return lost(m.err)
+			return c.lostInPostCopy(ctx, m.err, fail)
 		}
 		r = &m
 		if err := <-loaded; err != nil {
-			return lost(err)
+			return c.resumeAfterPostCopy(ctx, m, err, fail)
 		}
 	}
 	c.mu.Lock()
@@ -607,13 +612,37 @@ func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done
 		r = &m
 	}
 	if r.err != nil {
-		return lost(r.err)
+		return c.lostInPostCopy(ctx, r.err, fail)
 	}
 	c.machine.Quit(context.WithoutCancel(ctx))
 	c.machine.KillProcess()
 	report(progressOf(r.info))
 	lg.Infof("migrated to %s by post-copy in %v (downtime %v, %d MiB sent)", target, r.info.TotalTime, r.info.Downtime, r.info.Transferred()>>20)
 	return nil
+}
+
+// resumeAfterPostCopy ends a post-copy the target never took (why): no commit went out,
+// so the target keeps its copy paused. If QEMU completed the migration the guest is whole
+// here and runs on (QEMU reactivates its disks on the resume); if not, it is lost.
+func (c *computeVM) resumeAfterPostCopy(ctx context.Context, m migrated, why error, fail func(error) error) error {
+	if m.err != nil {
+		return c.lostInPostCopy(ctx, fmt.Errorf("%w; and then: %w", why, m.err), fail)
+	}
+	log.G(ctx).WithField("pod", c.pod.id).WithError(why).Warn("migration: the target did not take the guest after post-copy completed; resuming it here")
+	if err := c.machine.Resume(context.WithoutCancel(ctx)); err != nil {
+		return c.lostInPostCopy(ctx, fmt.Errorf("%w; and resuming the guest here failed: %w", why, err), fail)
+	}
+	return fail(fmt.Errorf("%w; the guest runs on here", why))
+}
+
+// lostInPostCopy ends the source of a post-copy that broke (why): the guest's memory is
+// split between the pods, so this one ends too (loseGuest).
+func (c *computeVM) lostInPostCopy(ctx context.Context, why error, fail func(error) error) error {
+	if !errors.Is(why, vmm.ErrPostCopyBroken) {
+		why = fmt.Errorf("post-copy: %w: %w", why, vmm.ErrPostCopyBroken)
+	}
+	c.loseGuest(ctx, why)
+	return fail(why)
 }
 
 // awaitLoaded waits for the stream's last byte to leave and the target's word that it has

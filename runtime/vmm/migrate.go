@@ -42,7 +42,7 @@ type MigrationOptions struct {
 	// the guest stops here and runs on the target, which fetches each page not yet sent
 	// when the guest touches it. It then completes however fast the guest dirties memory,
 	// but can no longer be cancelled, and a stream that breaks from then on leaves the
-	// guest split between the two machines (both paused): docs/design/207.
+	// guest split between the two machines (both paused): docs/design/209.
 	PostCopy bool
 	// IgnoreShared leaves shared RAM out of the stream (a template's, SavedTemplate).
 	IgnoreShared bool
@@ -74,6 +74,9 @@ func (m *Machine) CanPostCopy() error {
 		return nil // QEMU runs as root
 	}
 	b, err := os.ReadFile(unprivilegedUserfaultfd)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // a kernel before 5.2: any process may create a userfaultfd
+	}
 	if err != nil {
 		return fmt.Errorf("vm %s: post-copy: %w", m.cfg.Name, err)
 	}
@@ -317,7 +320,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		seen        bool // lowest holds a reading
 		lastGain    = time.Now()
 		cancelling  error
-		postCopy    error // why the migration was switched to post-copy
+		postCopy    error     // why QEMU was asked to switch to post-copy (it agreed)
+		postCopyAt  time.Time // when
+		switched    bool      // QEMU has said it runs the migration as post-copy
 		queryErrors int
 		lateTimes   int // polls of a completed migration whose times were not set yet
 	)
@@ -329,11 +334,12 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 			cancel(why)
 			return
 		}
-		postCopy = why
 		log.G(ctx).WithError(why).Warnf("vm %s: switching the migration to post-copy", m.cfg.Name)
 		if err := m.mon.MigrateStartPostcopy(context.WithoutCancel(ctx)); err != nil {
 			cancel(fmt.Errorf("%w; post-copy refused: %w", why, err))
+			return
 		}
+		postCopy, postCopyAt = why, time.Now()
 	}
 	cancel = func(why error) {
 		cancelling = why
@@ -362,6 +368,11 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 			queryErrors++
 			log.G(ctx).WithError(err).Warnf("vm %s: query-migrate (%d in a row)", m.cfg.Name, queryErrors)
 			if queryErrors >= maxQueryErrors {
+				if postCopy != nil {
+					// a cancel could break a post-copy QEMU may be carrying out: none is sent,
+					// and the guest, partly on the target by now, is given up for lost
+					return info, fmt.Errorf("vm %s: migrate: outcome unknown (QEMU stopped answering after the switch to post-copy was asked): %w: %w", m.cfg.Name, ErrPostCopyBroken, err)
+				}
 				if cancelling == nil {
 					cancel(fmt.Errorf("QEMU did not report the migration's state %d times in a row: %w", queryErrors, err))
 				}
@@ -398,6 +409,10 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				return info, nil
 			case qmp.MigrationFailed:
 				if postCopy != nil {
+					// QEMU restarts the guest here when a migration fails before its switch
+					if st, err := m.mon.Status(qctx); err == nil && st.State == qmp.RunStateRunning {
+						return info, fmt.Errorf("vm %s: migrate: failed before the switch to post-copy; the guest runs on here: %s", m.cfg.Name, info.ErrorDesc)
+					}
 					return info, fmt.Errorf("vm %s: migrate: failed after the switch to post-copy (%v): %w: %s", m.cfg.Name, postCopy, ErrPostCopyBroken, info.ErrorDesc)
 				}
 				if cancelling != nil {
@@ -414,12 +429,22 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				if rem := info.Remaining(); info.RAM != nil && (!seen || rem < lowest) {
 					lowest, seen, lastGain = rem, true, time.Now()
 				}
+				switch info.Status {
+				case qmp.MigrationPostcopyActive, qmp.MigrationPostcopyPaused, qmp.MigrationPostcopyRecover:
+					switched = true
+				}
 				switch {
-				case postCopy != nil || info.Status == qmp.MigrationPostcopyActive:
-					// the guest runs on the target: there is nothing to cancel back to, and
-					// the caller's cancel waits for the end like everyone else
+				case switched:
+					// the guest's memory is partly on the target: there is nothing to cancel
+					// back to, and the caller's cancel waits for the end like everyone else
 				case ctx.Err() != nil:
 					cancel(ctx.Err())
+				case postCopy != nil:
+					// asked, not yet switched (QEMU switches between two passes over the
+					// RAM): a stream that stalls keeps it from ever doing so
+					if time.Since(postCopyAt) > postCopySwitchWait {
+						cancel(fmt.Errorf("%v, and QEMU has not switched to post-copy %v after it was asked", postCopy, postCopySwitchWait))
+					}
 				case opts.CompletionTimeout > 0 && time.Since(start) > opts.CompletionTimeout:
 					giveUp(fmt.Errorf("not completed within %v", opts.CompletionTimeout))
 				case opts.ProgressTimeout > 0 && time.Since(lastGain) > opts.ProgressTimeout:
@@ -442,6 +467,10 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		}
 	}
 }
+
+// postCopySwitchWait bounds the wait for QEMU to switch a migration to post-copy once
+// asked; it is cancelled past it, as it would have been without post-copy.
+const postCopySwitchWait = 30 * time.Second
 
 // maxQueryErrors is how many query-migrate failures in a row Migrate rides out (each
 // bounded by the monitor's own timeout).

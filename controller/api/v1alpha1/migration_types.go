@@ -5,30 +5,32 @@ import (
 )
 
 // VirtualMachineMigrationSpec names the VM to move and how (KubeVirt's MigrationPolicy
-// knobs, per migration; zero takes KubeVirt's default).
+// knobs, per migration; unset takes the cluster's policy, the controller's --migration-*
+// flags, whose defaults are KubeVirt's).
 // +kubebuilder:validation:XValidation:rule="self == oldSelf",message="a migration's spec cannot change: delete it (cancel) and create another"
 type VirtualMachineMigrationSpec struct {
 	// VMName is a VirtualMachine in the migration's namespace.
 	// +kubebuilder:validation:MinLength=1
 	// +kubebuilder:validation:MaxLength=253
 	VMName string `json:"vmName"`
-	// BandwidthMiB caps the stream in MiB/s (default 64).
+	// BandwidthMiB caps the stream in MiB/s (default: the controller's
+	// --migration-bandwidth-mib, 64).
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=1048576
 	// +optional
 	BandwidthMiB int32 `json:"bandwidthMiB,omitempty"`
-	// AutoConverge throttles a guest that dirties memory faster than it is sent (default
-	// true, as KubeVirt's).
+	// AutoConverge throttles a guest that dirties memory faster than it is sent (default:
+	// the controller's --migration-auto-converge, true).
 	// +optional
 	AutoConverge *bool `json:"autoConverge,omitempty"`
 	// CompletionTimeoutPerGiB bounds the migration at this many seconds per GiB of guest
-	// memory (default 800).
+	// memory (default: the controller's --migration-completion-timeout-per-gib, 800).
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=86400
 	// +optional
 	CompletionTimeoutPerGiB int32 `json:"completionTimeoutPerGiB,omitempty"`
 	// ProgressTimeoutSeconds cancels a migration whose remaining bytes have not dropped
-	// for this long (default 150).
+	// for this long (default: the controller's --migration-progress-timeout, 150).
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=86400
 	// +optional
@@ -40,13 +42,14 @@ type VirtualMachineMigrationSpec struct {
 	// +optional
 	DowntimeLimitMs int32 `json:"downtimeLimitMs,omitempty"`
 	// AllowPostCopy switches a migration that hits its completion or progress timeout to
-	// post-copy instead of failing it (default false, as KubeVirt's): the guest runs on in
+	// post-copy instead of failing it (default: the controller's
+	// --migration-allow-post-copy, false unless set, as KubeVirt's): the guest runs on in
 	// the target pod at once and fetches the memory not yet sent as it touches it. It then
 	// completes however fast the guest dirties memory, but cannot be cancelled, and if the
 	// stream between the nodes breaks the guest is lost. The target node must let QEMU
 	// handle its own page faults (vm.unprivileged_userfaultfd = 1).
 	// +optional
-	AllowPostCopy bool `json:"allowPostCopy,omitempty"`
+	AllowPostCopy *bool `json:"allowPostCopy,omitempty"`
 }
 
 // MigrationPhase is where a migration is.

@@ -63,6 +63,8 @@ type Reconciler struct {
 	TargetWait time.Duration
 	// Limits bound how many migrations run at once (zero fields: KubeVirt's defaults).
 	Limits Limits
+	// Policy is what a migration's spec leaves unset takes (nil: DefaultPolicy).
+	Policy *Policy
 
 	mu       sync.Mutex
 	inFlight map[types.UID]*flight // migrate execs this process runs
@@ -82,6 +84,58 @@ const (
 	DefaultParallelPerCluster      = 5
 	DefaultParallelOutboundPerNode = 2
 )
+
+// Policy is the cluster's migration policy, KubeVirt's spec.configuration.migrations: the
+// knobs a VirtualMachineMigration's spec leaves unset take its values, and so do the
+// migrations the controller makes itself (evacuations of a drained node).
+type Policy struct {
+	BandwidthMiB            int32
+	CompletionTimeoutPerGiB int32
+	ProgressTimeoutSeconds  int32
+	AutoConverge            bool
+	AllowPostCopy           bool
+}
+
+// DefaultPolicy is KubeVirt's defaults, as vmpod has them: 64 MiB/s, 800 s per GiB, 150 s
+// without progress, auto-converge, no post-copy.
+var DefaultPolicy = Policy{
+	BandwidthMiB: vmspec.DefaultMigrationBandwidthMiB, CompletionTimeoutPerGiB: vmspec.DefaultMigrationCompletionPerGiB,
+	ProgressTimeoutSeconds: vmspec.DefaultMigrationProgressTimeoutSec, AutoConverge: true,
+}
+
+// requestOptions are what the source's shim is asked for: the spec's knobs, the policy's
+// where the spec sets none.
+func (p Policy) requestOptions(s vmpodv1.VirtualMachineMigrationSpec) vmspec.MigrationRequestOptions {
+	pick := func(spec, policy int32) int {
+		if spec != 0 {
+			return int(spec)
+		}
+		return int(policy)
+	}
+	o := vmspec.MigrationRequestOptions{
+		BandwidthMiB:            pick(s.BandwidthMiB, p.BandwidthMiB),
+		CompletionTimeoutPerGiB: pick(s.CompletionTimeoutPerGiB, p.CompletionTimeoutPerGiB),
+		ProgressTimeoutSeconds:  pick(s.ProgressTimeoutSeconds, p.ProgressTimeoutSeconds),
+		DowntimeLimitMs:         int(s.DowntimeLimitMs),
+		AutoConverge:            p.AutoConverge,
+		AllowPostCopy:           p.AllowPostCopy,
+	}
+	if s.AutoConverge != nil {
+		o.AutoConverge = *s.AutoConverge
+	}
+	if s.AllowPostCopy != nil {
+		o.AllowPostCopy = *s.AllowPostCopy
+	}
+	return o
+}
+
+// policy is the reconciler's Policy or the default.
+func (r *Reconciler) policy() Policy {
+	if r.Policy == nil {
+		return DefaultPolicy
+	}
+	return *r.Policy
+}
 
 // flight is a migrate exec running in the background: its latest progress line, and its
 // outcome once it has ended.
@@ -501,7 +555,8 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			end(err)
 			return
 		}
-		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, PostCopy: m.Spec.AllowPostCopy})
+		opts := r.policy().requestOptions(m.Spec)
+		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, PostCopy: opts.AllowPostCopy})
 		var out bytes.Buffer
 		if err := r.Exec.Stream(ctx, m.Namespace, m.Status.TargetPod, vmspec.ComputeContainer, []string{vmspec.MigrateAcceptCommand}, bytes.NewReader(accept), &out); err != nil {
 			end(fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err))
@@ -512,11 +567,7 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			end(fmt.Errorf("the target pod %s answered %q: %w", m.Status.TargetPod, out.String(), err))
 			return
 		}
-		auto := m.Spec.AutoConverge == nil || *m.Spec.AutoConverge
-		req, _ := json.Marshal(vmspec.MigrationRequest{Target: listening.Address, TLS: sourceTLS, Options: vmspec.MigrationRequestOptions{
-			BandwidthMiB: int(m.Spec.BandwidthMiB), AutoConverge: auto,
-			CompletionTimeoutPerGiB: int(m.Spec.CompletionTimeoutPerGiB), ProgressTimeoutSeconds: int(m.Spec.ProgressTimeoutSeconds),
-			DowntimeLimitMs: int(m.Spec.DowntimeLimitMs), AllowPostCopy: m.Spec.AllowPostCopy}})
+		req, _ := json.Marshal(vmspec.MigrationRequest{Target: listening.Address, TLS: sourceTLS, Options: opts})
 		lg.Info("migrating", "address", listening.Address)
 		pr, pw := io.Pipe()
 		read := make(chan struct{})

@@ -48,14 +48,14 @@ type fakeShims struct {
 	hold    chan struct{}             // non-nil: a migrate waits for a cancel
 	// late: a cancel finds the switchover done (the guest moved): the migrate completes
 	late bool
-	// downtimes are the downtime limits the migrate requests carried, in order
-	downtimes []int
+	// requests are the options the migrate requests carried, in order
+	requests []vmspec.MigrationRequestOptions
 }
 
-func (s *fakeShims) downtime() []int {
+func (s *fakeShims) options() []vmspec.MigrationRequestOptions {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return append([]int(nil), s.downtimes...)
+	return append([]vmspec.MigrationRequestOptions(nil), s.requests...)
 }
 
 const fakeTargetAddress = "10.99.0.8:49152"
@@ -95,15 +95,20 @@ func (s *fakeShims) Stream(ctx context.Context, ns, pod, container string, cmd [
 			return fmt.Errorf("migrate to %s, the target said %s", r.Target, fakeTargetAddress)
 		}
 		s.mu.Lock()
-		s.downtimes = append(s.downtimes, r.Options.DowntimeLimitMs)
-		paired := false
+		s.requests = append(s.requests, r.Options)
+		paired, readied := false, false
 		for _, a := range s.accepts {
-			paired = paired || (a.TLS.PeerCert == r.TLS.Cert && r.TLS.PeerCert == a.TLS.Cert)
+			if a.TLS.PeerCert == r.TLS.Cert && r.TLS.PeerCert == a.TLS.Cert {
+				paired, readied = true, a.PostCopy == r.Options.AllowPostCopy
+			}
 		}
 		outcome, hold := s.outcome, s.hold
 		s.mu.Unlock()
 		if !paired {
 			return errors.New("the source's credentials do not pair with any target's")
+		}
+		if !readied {
+			return errors.New("the source may switch to post-copy and its target was not readied for it, or the other way round")
 		}
 		line := func(p vmspec.MigrationProgress) { b, _ := json.Marshal(p); _, _ = stdout.Write(append(b, '\n')) }
 		line(vmspec.MigrationProgress{Status: "active", TotalBytes: 512 << 20, TransferredBytes: 100 << 20, RemainingBytes: 400 << 20})
@@ -609,7 +614,8 @@ func TestEvacuation(t *testing.T) {
 }
 
 // Migrations out of one node beyond the per-node limit wait Pending, saying so, until one
-// ends; then the next starts. The migration's downtime limit reaches the source's shim.
+// ends; then the next starts. The migration's knobs reach the source's shim, the cluster's
+// policy (the controller's flags) filling what a migration leaves unset.
 func TestMigrationLimits(t *testing.T) {
 	env := testenv.Get(t)
 	ns := env.Namespace(t)
@@ -617,6 +623,7 @@ func TestMigrationLimits(t *testing.T) {
 	env.StartManager(t, ns, func(o *manager.Options) {
 		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, time.Minute
 		o.MigrationLimits = migration.Limits{PerCluster: 5, OutboundPerNode: 1}
+		o.MigrationPolicy.BandwidthMiB, o.MigrationPolicy.AllowPostCopy = 32, true
 	})
 	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
 	for _, name := range []string{"one", "two"} {
@@ -627,7 +634,7 @@ func TestMigrationLimits(t *testing.T) {
 		f.waitStatus(name, vmpodv1.StatusRunning)
 	}
 	first := &vmpodv1.VirtualMachineMigration{ObjectMeta: metav1.ObjectMeta{Name: "first", Namespace: ns},
-		Spec: vmpodv1.VirtualMachineMigrationSpec{VMName: "one", DowntimeLimitMs: 120}}
+		Spec: vmpodv1.VirtualMachineMigrationSpec{VMName: "one", DowntimeLimitMs: 120, AllowPostCopy: new(false)}}
 	f.create(first)
 	f.startTarget("first", "node-b")
 	f.waitPhase("first", vmpodv1.MigrationRunning)
@@ -657,7 +664,10 @@ func TestMigrationLimits(t *testing.T) {
 	f.waitPhase("first", vmpodv1.MigrationFailed)
 	f.startTarget("second", "node-b")
 	f.waitPhase("second", vmpodv1.MigrationSucceeded)
-	if got := shims.downtime(); len(got) == 0 || got[0] != 120 {
-		t.Errorf("downtime limits the sources were asked for: %v, want 120 ms first", got)
+	got := shims.options()
+	if len(got) != 2 || got[0].DowntimeLimitMs != 120 || got[0].AllowPostCopy || !got[1].AllowPostCopy ||
+		got[0].BandwidthMiB != 32 || got[1].BandwidthMiB != 32 || !got[1].AutoConverge || got[1].CompletionTimeoutPerGiB != 800 {
+		t.Errorf("the sources were asked for %+v; want the policy's 32 MiB/s, auto-converge and 800 s/GiB in both, "+
+			"a 120 ms downtime limit and no post-copy in the first (its spec), post-copy in the second (the policy)", got)
 	}
 }
