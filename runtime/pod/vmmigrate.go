@@ -571,18 +571,7 @@ func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done
 	lg := log.G(ctx).WithField("pod", c.pod.id)
 	lg.Warn("migration: switched to post-copy: the guest stopped here and runs in the target pod once it has its devices")
 	loaded := make(chan error, 1)
-	go func() {
-		msg, err := readSwitchover(control, switchoverWait)
-		switch {
-		case err != nil:
-			err = fmt.Errorf("the target's word: %w", err)
-		case msg.Error != "":
-			err = fmt.Errorf("the target: %s", msg.Error)
-		case !msg.Loaded:
-			err = errors.New("the target did not say it has the guest")
-		}
-		loaded <- err
-	}()
+	go func() { loaded <- readLoaded(control) }()
 	var r *migrated
 	select {
 	case err := <-loaded:
@@ -656,6 +645,11 @@ func (c *computeVM) awaitLoaded(control net.Conn, sent <-chan error) error {
 	case <-time.After(switchoverWait):
 		return fmt.Errorf("the stream's end did not leave within %v", switchoverWait)
 	}
+	return readLoaded(control)
+}
+
+// readLoaded reads the target's word at the switchover: nil if it has the guest.
+func readLoaded(control net.Conn) error {
 	msg, err := readSwitchover(control, switchoverWait)
 	switch {
 	case err != nil:
