@@ -3,10 +3,14 @@ package runtime_test
 import (
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -23,7 +27,8 @@ import (
 // that, a migration cancelled half-way (its stream throttled to 1 MiB/s) leaves the source
 // running and counting, and its target ends. Both machines open the same disk overlay:
 // QEMU keeps the target's image inactive until the state has arrived. After three hops
-// with a guest writing all along, a last one at 1 MiB/s switches to post-copy.
+// with a guest writing all along, one at 1 MiB/s switches to post-copy; a last post-copy
+// whose stream is cut after the switch loses the guest, and both machines say so.
 func TestLiveMigration(t *testing.T) {
 	testenv.Require(t)
 	disk := testenv.GuestDisk(t)
@@ -238,4 +243,80 @@ func TestLiveMigration(t *testing.T) {
 		"dmesg | grep -E 'BUG|Oops|corrupt|general protection' || true"); out != "" {
 		t.Errorf("after 3 hops and a post-copy with a writer: %s", out)
 	}
+
+	// A post-copy whose stream breaks after the switch (the network between two nodes
+	// going): the guest is whole in neither machine, and both say so.
+	last := testenv.StartGuestVM(t, ctx, config("mig-cut", true))
+	out, in, cut := pacedStream(t, 1<<20)
+	if err := last.AcceptMigration(ctx, in, vmm.MigrationOptions{PostCopy: true}); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		// cut once the target runs the guest, its memory still coming at 1 MiB/s
+		info, err := last.AwaitIncoming(ctx)
+		if err == nil && info.Status != qmp.MigrationPostcopyActive {
+			err = fmt.Errorf("the guest arrived whole (%s) before the cut", info.Status)
+		}
+		if err == nil {
+			cut()
+			_, err = last.AwaitPostCopy(ctx)
+		}
+		incoming <- err
+	}()
+	_, err = cur.Migrate(ctx, out, vmm.MigrationOptions{CompletionTimeout: 2 * time.Second, PostCopy: true})
+	if !errors.Is(err, vmm.ErrPostCopyBroken) {
+		t.Errorf("the source of a post-copy cut after its switch: %v, want ErrPostCopyBroken", err)
+	}
+	if err := <-incoming; !errors.Is(err, vmm.ErrPostCopyBroken) {
+		t.Errorf("the target of a post-copy cut after its switch: %v, want ErrPostCopyBroken", err)
+	}
+	// the source stopped the guest at the switch for good; the target's vCPUs stall on the
+	// pages that never come (QEMU still calls that running): its owner ends it (a pod's
+	// shim quits it, runtime/pod loseGuest)
+	if st, err := cur.Monitor().Status(ctx); err != nil || st.State == qmp.RunStateRunning {
+		t.Errorf("the source after a broken post-copy: %+v, %v; want the guest stopped there", st, err)
+	}
+}
+
+// pacedStream is a migration stream through a relay that carries the source's bytes at
+// about rate bytes a second (the return path as it comes); cut breaks it, and both QEMUs
+// see their connection end, as when the network between two nodes goes.
+func pacedStream(t *testing.T, rate int) (source, target *os.File, cut func()) {
+	t.Helper()
+	pair := func(name string) (*os.File, net.Conn) {
+		fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qemuEnd, relayEnd := os.NewFile(uintptr(fds[0]), name), os.NewFile(uintptr(fds[1]), name+"-relay")
+		defer relayEnd.Close() // FileConn holds its own copy
+		conn, err := net.FileConn(relayEnd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { qemuEnd.Close(); conn.Close() })
+		return qemuEnd, conn
+	}
+	source, fromSource := pair("migration-source")
+	target, toTarget := pair("migration-target")
+	go func() {
+		buf := make([]byte, 64<<10)
+		start, sent := time.Now(), 0
+		for {
+			n, err := fromSource.Read(buf)
+			if n > 0 {
+				if _, err := toTarget.Write(buf[:n]); err != nil {
+					return
+				}
+				sent += n
+				time.Sleep(time.Duration(sent)*time.Second/time.Duration(rate) - time.Since(start))
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	go func() { _, _ = io.Copy(fromSource, toTarget) }() // post-copy's page requests
+	var once sync.Once
+	return source, target, func() { once.Do(func() { fromSource.Close(); toTarget.Close() }) }
 }

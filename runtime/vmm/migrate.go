@@ -223,9 +223,22 @@ func (m *Machine) awaitIncoming(ctx context.Context, whole bool) (qmp.MigrationI
 	defer tick.Stop()
 	changed, stop := m.migrationEvents(ctx)
 	defer stop()
+	queryErrors := 0
 	for {
-		info, err := m.mon.QueryMigrate(ctx)
-		if err == nil {
+		info, err := m.queryMigrate(ctx, whole)
+		if err != nil {
+			// after a broken post-copy a vCPU can wait for a page while it holds QEMU's big
+			// lock (seen under TCG): the monitor never answers again
+			queryErrors++
+			log.G(ctx).WithError(err).Warnf("vm %s: query-migrate of the incoming migration (%d in a row)", m.cfg.Name, queryErrors)
+			if queryErrors >= maxQueryErrors {
+				if whole {
+					return info, fmt.Errorf("QEMU stopped answering (%d times in a row): %w: %w", queryErrors, ErrPostCopyBroken, err)
+				}
+				return info, fmt.Errorf("incoming migration: QEMU stopped answering (%d times in a row): %w", queryErrors, err)
+			}
+		} else {
+			queryErrors = 0
 			switch info.Status {
 			case qmp.MigrationCompleted:
 				// the guest takes the source's run state (running, or paused if it was)
@@ -355,7 +368,7 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	// Reads of the migration's state outlive a cancelled ctx: a cancel must be seen through.
 	qctx := context.WithoutCancel(ctx)
 	for {
-		info, err := m.mon.QueryMigrate(qctx)
+		info, err := m.queryMigrate(qctx, switched)
 		switch {
 		case err != nil:
 			select {
@@ -466,6 +479,23 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		case <-again:
 		}
 	}
+}
+
+// postCopyQueryTimeout bounds one query-migrate once post-copy is under way, in place of
+// the monitor's default: a post-copy has no dirty-bitmap syncs to hold QEMU's big lock for
+// long, and a monitor that stops answering then (a vCPU waiting for a page that will not
+// come while it holds that lock) must be given up on in under a minute.
+const postCopyQueryTimeout = 10 * time.Second
+
+// queryMigrate reads QEMU's account of the migration, bounded by postCopyQueryTimeout in
+// post-copy and by the monitor's default otherwise.
+func (m *Machine) queryMigrate(ctx context.Context, postCopy bool) (qmp.MigrationInfo, error) {
+	if postCopy {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, postCopyQueryTimeout)
+		defer cancel()
+	}
+	return m.mon.QueryMigrate(ctx)
 }
 
 // postCopySwitchWait bounds the wait for QEMU to switch a migration to post-copy once
