@@ -3,7 +3,6 @@ package bench
 import (
 	"bufio"
 	"fmt"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -170,15 +169,7 @@ func TestBenchMigration(t *testing.T) {
 
 	// post-copy: the target QEMU, a user of its own, needs the node's leave to handle its
 	// page faults (docs/design/209)
-	const userfaultfd = "/proc/sys/vm/unprivileged_userfaultfd"
-	old, err := os.ReadFile(userfaultfd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(userfaultfd, []byte("1"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = os.WriteFile(userfaultfd, old, 0o644) })
+	testenv.AllowUserfaultfd(t, true)
 	post := capped
 	post.AutoConverge, post.PostCopy, post.CompletionTimeout = false, true, 5*time.Second
 	var postCopied []result

@@ -212,20 +212,8 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	// 3. post-copy: at 1 MiB/s the migration cannot complete in its 2 s; allowed to, it
 	// switches to post-copy and succeeds. First to nodes whose QEMU may not handle its own
 	// page faults: the target refuses up front, the guest runs on where it was.
-	userfaultfd := "/proc/sys/vm/unprivileged_userfaultfd" // the nodes share this host's kernel
-	allow := func(v string) {
-		t.Helper()
-		if err := os.WriteFile(userfaultfd, []byte(v), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if old, err := os.ReadFile(userfaultfd); err != nil {
-		t.Fatal(err)
-	} else {
-		t.Cleanup(func() { allow(strings.TrimSpace(string(old))) })
-	}
+	allow := testenv.AllowUserfaultfd(t, false) // the nodes share this host's kernel
 	const postCopy = "bandwidthMiB: 1, completionTimeoutPerGiB: 2, allowPostCopy: true"
-	allow("0")
 	before = count()
 	refused := waitMigration(t, c, ns, migrate(t, c, ns, vm, postCopy), "Failed", 5*time.Minute)
 	if !strings.Contains(refused.reason, "vm.unprivileged_userfaultfd") {
@@ -235,7 +223,7 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 		t.Errorf("the VM's pod is %s after a refused post-copy migration, want %s still", p, target)
 	}
 	checkGuestKept("after a refused post-copy migration", before)
-	allow("1")
+	allow(true)
 	before = count()
 	pc := migrate(t, c, ns, vm, postCopy)
 	st = waitMigration(t, c, ns, pc, "Succeeded", 5*time.Minute)

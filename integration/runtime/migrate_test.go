@@ -181,22 +181,11 @@ func TestLiveMigration(t *testing.T) {
 	// may not handle its own page faults refuses before anything is sent.
 	next := testenv.StartGuestVM(t, ctx, config("mig-postcopy", true))
 	out, in = testenv.MigrationStream(t)
-	allowUserfaultfd := func(v string) {
-		t.Helper()
-		if err := os.WriteFile("/proc/sys/vm/unprivileged_userfaultfd", []byte(v), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if old, err := os.ReadFile("/proc/sys/vm/unprivileged_userfaultfd"); err != nil {
-		t.Fatal(err)
-	} else {
-		t.Cleanup(func() { allowUserfaultfd(strings.TrimSpace(string(old))) })
-	}
-	allowUserfaultfd("0")
+	allowUserfaultfd := testenv.AllowUserfaultfd(t, false)
 	if err := next.AcceptMigration(ctx, in, vmm.MigrationOptions{PostCopy: true}); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "vm.unprivileged_userfaultfd") {
 		t.Errorf("post-copy to a QEMU that may not use userfaultfd: %v, want FailedPrecondition naming the sysctl", err)
 	}
-	allowUserfaultfd("1")
+	allowUserfaultfd(true)
 	if err := next.AcceptMigration(ctx, in, vmm.MigrationOptions{PostCopy: true}); err != nil {
 		t.Fatal(err)
 	}

@@ -154,3 +154,31 @@ func MigrationStream(t testing.TB) (source, target *os.File) {
 	t.Cleanup(func() { source.Close(); target.Close() })
 	return source, target
 }
+
+// unprivilegedUserfaultfd lets a process without CAP_SYS_PTRACE handle its own page
+// faults: the post-copy target's QEMU, a user of its own, needs it (docs/design/209).
+const unprivilegedUserfaultfd = "/proc/sys/vm/unprivileged_userfaultfd"
+
+// AllowUserfaultfd sets the host's vm.unprivileged_userfaultfd (test clusters' nodes share
+// this kernel) for the rest of the test, and returns a setter for changes meanwhile; the
+// value it had comes back at the test's end.
+func AllowUserfaultfd(t testing.TB, allowed bool) (set func(allowed bool)) {
+	t.Helper()
+	old, err := os.ReadFile(unprivilegedUserfaultfd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.WriteFile(unprivilegedUserfaultfd, old, 0o644) })
+	set = func(allowed bool) {
+		t.Helper()
+		v := "0"
+		if allowed {
+			v = "1"
+		}
+		if err := os.WriteFile(unprivilegedUserfaultfd, []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set(allowed)
+	return set
+}
