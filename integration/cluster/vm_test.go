@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"os/exec"
@@ -126,8 +127,10 @@ func TestVirtualMachine(t *testing.T) {
 
 	// stop: the guest powers off, the pod goes, the status says Stopped
 	firstUID := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.podUID}")
+	stopped := time.Now()
 	c.Kubectl(t, "vmpod", "stop", "-n", ns, "debian")
 	waitVMStopped(t, c, ns, "debian")
+	t.Logf("stop: the VM Stopped with no pod after %v", time.Since(stopped).Round(time.Second))
 
 	// start: a new pod boots the guest again
 	c.Kubectl(t, "vmpod", "start", "-n", ns, "debian")
@@ -137,12 +140,17 @@ func TestVirtualMachine(t *testing.T) {
 		t.Errorf("start: the VM still has pod %s", uid)
 	}
 
-	// restart: replaced by another pod, Ready again
+	// restart: replaced by another pod, Ready again. The old pod goes as a stop's does
+	// (the guest powers off within the pod's grace period), so it has a stop's time.
+	restarted := time.Now()
 	c.Kubectl(t, "vmpod", "restart", "-n", ns, "debian")
-	testenv.WaitForWithin(t, 2*time.Minute, "restart to replace the VM's pod", func() bool {
+	if !testenv.PollWithin(vmStopWithin, func() bool {
 		now, _ := c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, "debian", "-o", "jsonpath={.status.podUID}")
 		return now != "" && now != uid
-	})
+	}) {
+		t.Fatalf("restart: the VM's pod %s not replaced after %v\n%s", uid, vmStopWithin, vmReport(c, ns, "debian"))
+	}
+	t.Logf("restart: the VM's pod replaced after %v", time.Since(restarted).Round(time.Second))
 	waitVM(t, c, ns, "debian", vmBootWithin, "Running", "True")
 
 	// delete: the guest gets the ACPI power button and is gone well within its grace period
@@ -211,20 +219,35 @@ func waitVM(t *testing.T, c *testenv.Cluster, ns, name string, within time.Durat
 		return len(f) == 3 && f[0] == status && f[1] == ready
 	})
 	if !ok {
-		pods, _ := c.KubectlErr("get", "pods", "-n", ns, "-o", "wide")
-		desc, _ := c.KubectlErr("describe", "vm.vmpod.dev", "-n", ns, name)
-		t.Fatalf("VM %s: not %s/Ready=%s after %v (last: %q)\npods:\n%s\n%s", name, status, ready, within, last, pods, desc)
+		t.Fatalf("VM %s: not %s/Ready=%s after %v (last: %q)\n%s", name, status, ready, within, last, vmReport(c, ns, name))
 	}
 	return strings.Fields(last)[2]
 }
 
+// vmReport is what a failed wait on a VM prints: its namespace's pods, the VM's
+// description (status, conditions, events), its pods' events and the end of their serial
+// consoles (a guest slow to boot or to power off shows why there).
+func vmReport(c *testenv.Cluster, ns, name string) string {
+	pods, _ := c.KubectlErr("get", "pods", "-n", ns, "-o", "wide")
+	desc, _ := c.KubectlErr("describe", "vm.vmpod.dev", "-n", ns, name)
+	events, _ := c.KubectlErr("get", "events", "-n", ns, "--sort-by=.lastTimestamp", "--field-selector=involvedObject.kind=Pod")
+	console, _ := c.KubectlErr("logs", "-n", ns, "-l", "vmpod.dev/vm-name="+name, "-c", "compute", "--tail=25", "--prefix")
+	return fmt.Sprintf("pods:\n%s\n%s\npod events:\n%s\nconsoles:\n%s", pods, desc, events, console)
+}
+
+// vmStopWithin bounds a VM's stop: the guest has its pod's grace period (120 s) to power
+// off, then the kubelet ends the pod.
+const vmStopWithin = 3 * time.Minute
+
 func waitVMStopped(t *testing.T, c *testenv.Cluster, ns, name string) {
 	t.Helper()
-	testenv.WaitForWithin(t, 3*time.Minute, "VM "+name+" Stopped with no pod", func() bool {
+	if !testenv.PollWithin(vmStopWithin, func() bool {
 		st, _ := c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, name, "-o", "jsonpath={.status.printableStatus}")
 		pods, _ := c.KubectlErr("get", "pods", "-n", ns, "-l", "vmpod.dev/vm-name="+name, "-o", "name")
 		return st == "Stopped" && strings.TrimSpace(pods) == ""
-	})
+	}) {
+		t.Fatalf("VM %s not Stopped with no pod after %v\n%s", name, vmStopWithin, vmReport(c, ns, name))
+	}
 }
 
 // consoleLogin attaches `kubectl vmpod console` with a pipe for stdin, presses Enter until

@@ -704,7 +704,14 @@ func resizeVM(t *testing.T, id string) {
 	started := time.Now()
 	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1536<<20), id)
 	t.Logf("resize to 2 vCPUs, 1536 MiB: %v", time.Since(started).Round(time.Millisecond))
-	waitExec(t, id, time.Minute, "2", "nproc")
+	if !testenv.PollWithin(time.Minute, func() bool {
+		out, err := execIn(id, 20*time.Second, "nproc")
+		return err == nil && strings.TrimSpace(out) == "2"
+	}) {
+		// what the guest kernel made of the hot-added CPU
+		out, err := execIn(id, 20*time.Second, "sh", "-c", "grep -H . /sys/devices/system/cpu/cpu*/online; dmesg | grep -i -e cpu -e smpboot | tail -n 20")
+		t.Fatalf("the guest has not 2 vCPUs online a minute after the resize; the guest says (%v):\n%s", err, out)
+	}
 	// the new vCPU is a second socket (1 core of 1 thread each)
 	waitExec(t, id, time.Minute, "1", "cat", "/sys/devices/system/cpu/cpu1/topology/physical_package_id")
 	grown := memTotalKiB()

@@ -166,7 +166,7 @@ func (c *computeVM) resizeVCPUs(ctx, settle context.Context, total int) error {
 	n, err := c.machine.PlugVCPUs(ctx, total)
 	if n > had {
 		c.size.VCPUs = n // plugged: the guest's now, whatever came after
-		online, oerr := c.onlineVCPUs(settle, had, n)
+		online, oerr := onlineVCPUs(settle, c.agent, had, n)
 		switch {
 		case oerr != nil:
 			lg.WithError(oerr).Warnf("%d vCPUs plugged; the guest agent did not bring them online: the guest's own policy decides", n)
@@ -180,15 +180,25 @@ func (c *computeVM) resizeVCPUs(ctx, settle context.Context, total int) error {
 	return nil
 }
 
+// vcpuAgent is what onlining hot-plugged vCPUs asks of the guest agent.
+type vcpuAgent interface {
+	VCPUs(context.Context) ([]qga.VCPU, error)
+	OnlineVCPUs(context.Context, []int) (int, error)
+}
+
 // onlineVCPUs has the guest agent online the vCPUs numbered from had (the hot-plugged
 // ones; a CPU the guest's admin took offline below them stays so) until the guest knows
-// want and all of those are online, and returns how many are online.
-func (c *computeVM) onlineVCPUs(ctx context.Context, had, want int) (int, error) {
-	if _, err := probeAgent(ctx, c.agent.VCPUs); err != nil {
+// want and all of those are online, and returns how many are online. A refused onlining
+// is asked again until ctx ends: the guest may list a hot-added CPU before it can bring
+// it up. (CI once had a resize's vCPU part end within a second, before the 3 s agent
+// probe could have run out, and the CPU offline for good: the first refusal ended it.)
+func onlineVCPUs(ctx context.Context, agent vcpuAgent, had, want int) (int, error) {
+	if _, err := probeAgent(ctx, agent.VCPUs); err != nil {
 		return 0, err
 	}
+	var refused error // the guest's last refusal to bring a vCPU up
 	for {
-		vcpus, err := c.agent.VCPUs(ctx)
+		vcpus, err := agent.VCPUs(ctx)
 		if err != nil {
 			return 0, err
 		}
@@ -206,13 +216,26 @@ func (c *computeVM) onlineVCPUs(ctx context.Context, had, want int) (int, error)
 			return online, nil
 		}
 		if len(offline) > 0 {
-			if _, err := c.agent.OnlineVCPUs(ctx, offline); err != nil {
-				return online, err
+			n, err := agent.OnlineVCPUs(ctx, offline)
+			if err == nil && n == len(offline) {
+				continue
 			}
-			continue
+			if err == nil { // the agent stops at the first CPU it cannot bring up, silently
+				err = fmt.Errorf("%d of vCPUs %v brought online", n, offline)
+			}
+			if ctx.Err() != nil {
+				return online, fmt.Errorf("vCPUs %v offline: %w", offline, err)
+			}
+			if refused == nil {
+				log.G(ctx).WithError(err).Info("growing vCPUs: the guest refused to bring them up yet; trying again")
+			}
+			refused = err
 		}
 		select {
 		case <-ctx.Done():
+			if refused != nil {
+				return online, fmt.Errorf("vCPUs %v offline: %w", offline, refused)
+			}
 			return online, fmt.Errorf("the guest knows %d of %d vCPUs: %w", len(vcpus), want, ctx.Err())
 		case <-time.After(resizeStep):
 		}

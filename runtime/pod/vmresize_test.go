@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -130,5 +131,45 @@ func TestBlockOnliner(t *testing.T) {
 	}
 	if f.blocks[1].Online {
 		t.Error("block 7, offline before the growth, was onlined")
+	}
+}
+
+// fakeVCPUs is a guest agent's vCPUs: the guest refuses to bring a CPU up the first
+// refusals times it is asked, as a guest still adding the CPU does.
+type fakeVCPUs struct {
+	vcpus    []qga.VCPU
+	refusals int
+	asked    int
+}
+
+func (f *fakeVCPUs) VCPUs(context.Context) ([]qga.VCPU, error) { return slices.Clone(f.vcpus), nil }
+
+func (f *fakeVCPUs) OnlineVCPUs(_ context.Context, ids []int) (int, error) {
+	f.asked++
+	if f.asked <= f.refusals {
+		return 0, &qga.Error{Command: "guest-set-vcpus", Class: "GenericError", Desc: "pwrite(\"/sys/devices/system/cpu/cpu1/online\"): Device or resource busy"}
+	}
+	for i := range f.vcpus {
+		if slices.Contains(ids, f.vcpus[i].LogicalID) {
+			f.vcpus[i].Online = true
+		}
+	}
+	return len(ids), nil
+}
+
+// Hot-plugged vCPUs come online even when the guest refuses at first; a CPU offline
+// below them is the guest's; a guest that never brings them up fails the onlining once
+// its time is up, saying which.
+func TestOnlineVCPUs(t *testing.T) {
+	f := &fakeVCPUs{vcpus: []qga.VCPU{{LogicalID: 0, Online: true}, {LogicalID: 1}, {LogicalID: 2}}, refusals: 3}
+	online, err := onlineVCPUs(context.Background(), f, 2, 3)
+	if err != nil || online != 2 || !f.vcpus[2].Online || f.vcpus[1].Online {
+		t.Fatalf("online %d, %v, %+v; want vCPU 2 onlined after 3 refusals, vCPU 1 left offline", online, err, f.vcpus)
+	}
+	f = &fakeVCPUs{vcpus: []qga.VCPU{{LogicalID: 0, Online: true}, {LogicalID: 1}}, refusals: 1 << 30}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	if online, err := onlineVCPUs(ctx, f, 1, 2); err == nil || !strings.Contains(err.Error(), "vCPUs [1] offline") || !strings.Contains(err.Error(), "busy") || online != 1 {
+		t.Errorf("a guest that never brings vCPU 1 up: online %d, %v; want an error naming it and the guest's reason", online, err)
 	}
 }
