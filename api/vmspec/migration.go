@@ -142,7 +142,7 @@ type MigrationProgress struct {
 }
 
 // Migratable says why a VM of this spec cannot move to another pod, naming each field, or
-// nil. What only the running VM knows (hot-plugged devices, a resize, a pause) its shim
+// nil. What only the running VM knows (hot-plugged devices, a pause) its shim
 // checks as well.
 func (vm *VM) Migratable() error {
 	var errs []error

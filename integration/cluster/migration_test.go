@@ -52,10 +52,11 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 
 	const vm = "mover"
 	manifest := strings.NewReplacer("name: debian", "name: "+vm, "kubevirt.io/vm: debian", "kubevirt.io/vm: "+vm,
-		"memory: {guest: 1Gi, maxGuest: 1536Mi}", "memory: {guest: 512Mi}",
+		"memory: {guest: 1Gi, maxGuest: 1536Mi}", "memory: {guest: 512Mi, maxGuest: 768Mi}",
 		"terminationGracePeriodSeconds: 120\n", "terminationGracePeriodSeconds: 120\n      evictionStrategy: LiveMigrate\n",
 		"containerDisk:\n          image: docker.io/vmpod-test/debian-vm:bookworm", "dataVolume:\n          name: shared-root").Replace(kubevirtVM)
-	if !strings.Contains(manifest, "evictionStrategy: LiveMigrate") || !strings.Contains(manifest, "guest: 512Mi") || !strings.Contains(manifest, "shared-root") {
+	if !strings.Contains(manifest, "evictionStrategy: LiveMigrate") || !strings.Contains(manifest, "guest: 512Mi, maxGuest: 768Mi") ||
+		!strings.Contains(manifest, "maxSockets: 2") || !strings.Contains(manifest, "shared-root") {
 		t.Fatal("the VM manifest changed: this test no longer gives its VM what it needs")
 	}
 	applyConverted(t, c, ns, manifest)
@@ -143,6 +144,29 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 		t.Errorf("evicting the LiveMigrate VM's pod: %v, want 429 (its disruption budget)", err)
 	}
 
+	// resized in place first (a second socket, 256 MiB more): the target pod boots at the
+	// spec's size and takes the guest's from the source (docs/design/209)
+	memTotal := func() int {
+		t.Helper()
+		f := strings.Fields(guest("grep", "MemTotal", "/proc/meminfo"))
+		if len(f) < 2 {
+			t.Fatalf("MemTotal: %q", f)
+		}
+		kib, _ := strconv.Atoi(f[1])
+		return kib
+	}
+	bootMem := memTotal()
+	c.Kubectl(t, "patch", "vm.vmpod.dev", "-n", ns, vm, "--type=merge", "-p",
+		`{"spec":{"template":{"spec":{"domain":{"cpu":{"sockets":2},"memory":{"guest":"768Mi"}}}}}}`)
+	var nproc string
+	if !testenv.PollWithin(2*time.Minute, func() bool {
+		nproc = guest("nproc")
+		return nproc == "2" && memTotal()-bootMem >= 250<<10
+	}) {
+		t.Fatalf("the resize: the guest has %s vCPUs and %d KiB (%d KiB at boot); want 2 and 256 MiB more", nproc, memTotal(), bootMem)
+	}
+	grownMem := memTotal()
+
 	// 1. kubectl vmpod migrate: to the other vmpod node
 	before := count()
 	sourceNode := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.nodeName}")
@@ -178,6 +202,9 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 		time.Sleep(time.Second)
 		if b := count(); a <= before || b <= a {
 			t.Errorf("%s: the counter went %d, %d, %d: want it counting on", when, before, a, b)
+		}
+		if n, m := guest("nproc"), memTotal(); n != "2" || m != grownMem {
+			t.Errorf("%s: %s vCPUs and %d KiB, want the resized guest's 2 and %d KiB", when, n, m, grownMem)
 		}
 	}
 	checkGuestKept("after the migration", before)

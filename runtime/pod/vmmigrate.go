@@ -9,8 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -57,11 +59,110 @@ const (
 	roleStream  = 'S'
 )
 
-// switchover is a control connection's message, one JSON line each.
+// switchover is a control connection's message, one JSON line each. The two sides take
+// turns: shape, ready (or error), then loaded (or error), then commit.
 type switchover struct {
-	Loaded bool   `json:"loaded,omitempty"` // target: the guest is here, paused
-	Commit bool   `json:"commit,omitempty"` // source: the guest is yours, start it
-	Error  string `json:"error,omitempty"`  // target: it could not take the guest
+	Shape  *guestShape `json:"shape,omitempty"`  // source, first: what the guest has now
+	Ready  bool        `json:"ready,omitempty"`  // target: this VM matches the shape
+	Loaded bool        `json:"loaded,omitempty"` // target: the guest is here, paused
+	Commit bool        `json:"commit,omitempty"` // source: the guest is yours, start it
+	Error  string      `json:"error,omitempty"`  // target: it could not take the guest
+}
+
+// guestShape is what the running guest has that its spec does not say: the size a resize
+// gave it (docs/design/208), and what the target needs to follow later resizes as the
+// source would. A migration carries the state of the machine's devices, not the devices:
+// the target plugs the same vCPUs before its QEMU reads the stream (docs/design/209).
+// virtio-mem's plugged memory travels in its device's state.
+type guestShape struct {
+	VCPUs     int `json:"vcpus"`
+	MemoryMiB int `json:"memoryMiB"`
+	// the compute container's limits the source booted with: the target's limits must
+	// ask for this size from them, as the source's ask for it now
+	BootCPUMilli int64 `json:"bootCPUMilli,omitempty"`
+	BootMemBytes int64 `json:"bootMemBytes,omitempty"`
+	// the guest's memory blocks before its first growth (none before one): hot-plugged
+	// memory is onlined again after a guest reboot on the target too
+	BootBlocks []uint64 `json:"bootBlocks,omitempty"`
+}
+
+// shape is this guest's shape. Called with hotMu held.
+func (c *computeVM) shape() guestShape {
+	s := guestShape{VCPUs: c.size.VCPUs, MemoryMiB: c.size.MemoryMiB, BootCPUMilli: c.bootLimits.cpuMilli, BootMemBytes: c.bootLimits.memBytes}
+	s.BootBlocks = slices.Sorted(maps.Keys(c.bootBlocks))
+	return s
+}
+
+// agreeShape tells the target the guest's shape and waits for it to match it.
+func agreeShape(control net.Conn, s guestShape) error {
+	if err := writeSwitchover(control, switchover{Shape: &s}); err != nil {
+		return fmt.Errorf("tell the target the guest's shape: %w", err)
+	}
+	msg, err := readSwitchover(control, switchoverWait)
+	switch {
+	case err != nil:
+		return fmt.Errorf("the target's answer to the guest's shape: %w", err)
+	case msg.Error != "":
+		return fmt.Errorf("the target refused the guest: %s", msg.Error)
+	case !msg.Ready:
+		return errors.New("the target did not say it matches the guest's shape")
+	}
+	return nil
+}
+
+// takeShape reads the source's guestShape and makes this VM match it before QEMU reads
+// the stream: this pod's limits must ask for the guest's size (a target made from the
+// source pod before its resize was applied would hold the guest in a cgroup too small,
+// and the kubelet would never resize it again), and the vCPUs the source plugged are
+// plugged here, in the same slots. A refusal is told to the source, which then never
+// starts the stream.
+func (c *computeVM) takeShape(ctx context.Context, control net.Conn) error {
+	msg, err := readSwitchover(control, switchoverWait)
+	switch {
+	case err != nil:
+		return fmt.Errorf("the guest's shape from the source: %w", err)
+	case msg.Shape == nil:
+		return errors.New("the source did not say the guest's shape")
+	}
+	s := *msg.Shape
+	c.hotMu.Lock() // no resize meanwhile
+	defer c.hotMu.Unlock()
+	if err := c.matchShape(ctx, s); err != nil {
+		_ = writeSwitchover(control, switchover{Error: err.Error()})
+		return err
+	}
+	log.G(ctx).WithField("pod", c.pod.id).Infof("migration target: the guest has %d vCPUs and %d MiB", c.size.VCPUs, c.size.MemoryMiB)
+	return writeSwitchover(control, switchover{Ready: true})
+}
+
+// matchShape checks s against this pod and plugs the vCPUs it lacks. Called with hotMu
+// held.
+func (c *computeVM) matchShape(ctx context.Context, s guestShape) error {
+	boot := claim{cpuMilli: s.BootCPUMilli, memBytes: s.BootMemBytes}
+	want, err := vmTarget(c.pod.vm, boot, c.limits)
+	if err != nil {
+		return fmt.Errorf("this pod's limits, from the source's at its boot: %w", err)
+	}
+	if got := (Size{VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB}); got != want {
+		return fmt.Errorf("the guest has %d vCPUs and %d MiB; this pod's limits (CPU %dm, memory %d MiB) give it %d and %d (a resize not yet applied to the pod the target was made from?): %w",
+			got.VCPUs, got.MemoryMiB, c.limits.cpuMilli, c.limits.memBytes>>20, want.VCPUs, want.MemoryMiB, errdefs.ErrFailedPrecondition)
+	}
+	if s.VCPUs > c.size.VCPUs {
+		n, err := c.machine.PlugVCPUs(ctx, s.VCPUs)
+		if err != nil {
+			return fmt.Errorf("plug the guest's %d vCPUs: %w", s.VCPUs, err)
+		}
+		c.size.VCPUs = n
+	}
+	c.size.MemoryMiB = s.MemoryMiB
+	c.bootLimits = boot
+	if len(s.BootBlocks) > 0 {
+		c.bootBlocks = map[uint64]bool{}
+		for _, b := range s.BootBlocks {
+			c.bootBlocks[b] = true
+		}
+	}
+	return nil
 }
 
 // guestMAC is a masquerade-bound NIC's MAC when the spec names none: locally administered,
@@ -88,9 +189,6 @@ func (c *computeVM) migratable() error {
 	}
 	if c.nics != nil && c.nics.plugged.Load() > 0 {
 		errs = append(errs, fmt.Errorf("%d hot-plugged NICs: the target pod boots without them", c.nics.plugged.Load()))
-	}
-	if boot := (Size{VCPUs: p.vm.CPU.VCPUs(), MemoryMiB: int(p.vm.MemoryMiB)}); c.size != boot {
-		errs = append(errs, fmt.Errorf("the VM was resized to %d vCPUs and %d MiB: the target pod boots at the spec's %d and %d", c.size.VCPUs, c.size.MemoryMiB, boot.VCPUs, boot.MemoryMiB))
 	}
 	return errors.Join(errs...)
 }
@@ -156,6 +254,10 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 	}
 	defer control.Close()
 	defer stream.Close()
+	if err := c.takeShape(ctx, control); err != nil {
+		c.failTarget(ctx, err)
+		return
+	}
 	qemuEnd, shimEnd, err := streamPair()
 	if err != nil {
 		c.failTarget(ctx, err)
@@ -451,6 +553,9 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		return fail(err)
 	}
 	defer stream.Close()
+	if err := agreeShape(control, c.shape()); err != nil {
+		return fail(err)
+	}
 	qemuEnd, shimEnd, err := streamPair()
 	if err != nil {
 		return fail(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -175,6 +176,11 @@ func TestMigratable(t *testing.T) {
 	if err := c.migratable(); err != nil {
 		t.Fatalf("a VM on shared storage behind NAT: %v", err)
 	}
+	// resized: the target plugs the same (takeShape)
+	c.size = Size{VCPUs: 2, MemoryMiB: 1536}
+	if err := c.migratable(); err != nil {
+		t.Fatalf("a resized VM: %v", err)
+	}
 	bad := *vm
 	bad.UUID = ""
 	bad.Disks = append([]vmspec.Disk{}, vm.Disks...)
@@ -186,9 +192,63 @@ func TestMigratable(t *testing.T) {
 	err := c.migratable()
 	for _, want := range []string{"no network namespace", "disks[1] (cd): a containerDisk", "disks[2] (tmp): an empty disk",
 		"interfaces[0] (default): the guest's MAC would change", "interfaces[1] (br): the bridge binding", "1 passed-through",
-		"1 hot-plugged disks", "resized to 2 vCPUs"} {
+		"1 hot-plugged disks"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want %q", err, want)
+		}
+	}
+}
+
+// A target takes the source's guest shape when its limits ask for that size from the
+// source's boot limits, and then follows later resizes as the source would; otherwise it
+// refuses, and the source hears why before any byte of the guest is sent.
+func TestGuestShape(t *testing.T) {
+	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1, MaxSockets: 2}, MemoryMiB: 1024, MaxMemoryMiB: 1536, Machine: machine.Q35}
+	const gib = int64(1) << 30
+	source := &computeVM{pod: &vmPod{id: "src", vm: vm}, size: Size{VCPUs: 1, MemoryMiB: 1536},
+		bootLimits: claim{1000, gib}, limits: claim{1000, gib + 512<<20}, bootBlocks: map[uint64]bool{1: true, 0: true}}
+	target := func(limits claim) *computeVM {
+		return &computeVM{pod: &vmPod{id: "dst", vm: vm}, size: Size{VCPUs: 1, MemoryMiB: 1024}, bootLimits: limits, limits: limits}
+	}
+	exchange := func(dst *computeVM) (sourceErr, targetErr error) {
+		a, b := net.Pipe()
+		defer a.Close()
+		defer b.Close()
+		done := make(chan error, 1)
+		go func() { done <- dst.takeShape(context.Background(), b) }()
+		sourceErr = agreeShape(a, source.shape())
+		return sourceErr, <-done
+	}
+
+	// made from the resized source pod: the same limits
+	dst := target(source.limits)
+	if serr, terr := exchange(dst); serr != nil || terr != nil {
+		t.Fatalf("a target with the source's limits now: source %v, target %v", serr, terr)
+	}
+	if dst.size != source.size || dst.bootLimits != source.bootLimits || !maps.Equal(dst.bootBlocks, source.bootBlocks) {
+		t.Errorf("the target took size %+v, boot limits %+v, boot blocks %v; want the source's %+v, %+v, %v",
+			dst.size, dst.bootLimits, dst.bootBlocks, source.size, source.bootLimits, source.bootBlocks)
+	}
+	// so a later resize back to the boot size is reckoned as on the source
+	if got, err := vmTarget(vm, dst.bootLimits, source.bootLimits); err != nil || got != (Size{VCPUs: 1, MemoryMiB: 1024}) {
+		t.Errorf("a shrink to the boot limits on the target: %+v, %v", got, err)
+	}
+
+	for _, c := range []struct {
+		name   string
+		limits claim
+		want   string
+	}{
+		{"made from the pod before its resize", source.bootLimits, "give it 1 and 1024"},
+		{"without limits", claim{}, "CPU limit"},
+		{"asking for more than the VM's room", claim{1000, 2 * gib}, "maxMemoryMiB"},
+	} {
+		serr, terr := exchange(target(c.limits))
+		if terr == nil || !strings.Contains(terr.Error(), c.want) {
+			t.Errorf("a target %s: %v, want a refusal saying %q", c.name, terr, c.want)
+		}
+		if serr == nil || !strings.Contains(serr.Error(), "the target refused the guest") || !strings.Contains(serr.Error(), c.want) {
+			t.Errorf("a target %s: the source heard %v, want the target's refusal", c.name, serr)
 		}
 	}
 }
