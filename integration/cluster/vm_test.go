@@ -159,7 +159,7 @@ func TestVirtualMachine(t *testing.T) {
 	// test, against 11 s for a booted one, so the check is of a booted guest.
 	var state string
 	if !testenv.PollWithin(3*time.Minute, func() bool {
-		state, _ = c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "systemctl", "is-system-running", "--wait")
+		state, _ = c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "timeout", "60", "systemctl", "is-system-running", "--wait")
 		return strings.Contains(state, "running") || strings.Contains(state, "degraded")
 	}) {
 		t.Fatalf("the restarted guest did not finish booting: systemctl is-system-running says %q", state)
