@@ -146,24 +146,32 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 
 	// resized in place first (a second socket, 256 MiB more): the target pod boots at the
 	// spec's size and takes the guest's from the source (docs/design/209)
+	// (errors as 0: a poll asks again)
+	memTotalOf := func(meminfo string) int {
+		if f := strings.Fields(meminfo); len(f) >= 2 {
+			kib, _ := strconv.Atoi(f[1])
+			return kib
+		}
+		return 0
+	}
 	memTotal := func() int {
 		t.Helper()
-		f := strings.Fields(guest("grep", "MemTotal", "/proc/meminfo"))
-		if len(f) < 2 {
-			t.Fatalf("MemTotal: %q", f)
+		kib := memTotalOf(guest("grep", "MemTotal", "/proc/meminfo"))
+		if kib == 0 {
+			t.Fatal("the guest's MemTotal: none")
 		}
-		kib, _ := strconv.Atoi(f[1])
 		return kib
 	}
 	bootMem := memTotal()
 	c.Kubectl(t, "patch", "vm.vmpod.dev", "-n", ns, vm, "--type=merge", "-p",
 		`{"spec":{"template":{"spec":{"domain":{"cpu":{"sockets":2},"memory":{"guest":"768Mi"}}}}}}`)
-	var nproc string
+	var nproc, meminfo string
 	if !testenv.PollWithin(2*time.Minute, func() bool {
-		nproc = guest("nproc")
-		return nproc == "2" && memTotal()-bootMem >= 250<<10
+		nproc, _ = c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "nproc")
+		meminfo, _ = c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "grep", "MemTotal", "/proc/meminfo")
+		return strings.TrimSpace(nproc) == "2" && memTotalOf(meminfo)-bootMem >= 250<<10
 	}) {
-		t.Fatalf("the resize: the guest has %s vCPUs and %d KiB (%d KiB at boot); want 2 and 256 MiB more", nproc, memTotal(), bootMem)
+		t.Fatalf("the resize: the guest has %q vCPUs and %q (%d KiB at boot); want 2 and 256 MiB more", nproc, meminfo, bootMem)
 	}
 	grownMem := memTotal()
 

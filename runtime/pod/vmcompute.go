@@ -984,6 +984,13 @@ func (c *computeVM) isPaused() bool {
 	return c.paused
 }
 
+// isAwaiting says whether this VM is a migration target whose guest has not arrived.
+func (c *computeVM) isAwaiting() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.awaiting
+}
+
 // setPaused stops or resumes the VM's vCPUs and returns the state it is in after: "paused"
 // or "running". Both are idempotent, as QMP stop and cont are.
 func (c *computeVM) setPaused(ctx context.Context, pause bool) (string, error) {

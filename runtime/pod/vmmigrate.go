@@ -36,8 +36,9 @@ import (
 //
 //   - the stream connection carries QEMU's migration stream, source to target, each shim
 //     copying between the TLS connection and a socket pair whose other end its QEMU holds;
-//   - the control connection carries the switchover: once the target's QEMU has the whole
-//     guest (paused) its shim says loaded; the source's shim, whose QEMU stopped the guest
+//   - the control connection first carries the guest's shape (a resize's vCPUs and memory),
+//     which the target matches before its QEMU reads the stream, answering ready; then the
+//     switchover: once the target's QEMU has the whole guest (paused) its shim says loaded; the source's shim, whose QEMU stopped the guest
 //     at completion, answers commit and quits its QEMU; only then does the target's shim
 //     start the guest's vCPUs. Without a loaded the source resumes its guest; without a
 //     commit the target keeps its guest paused. No outcome runs the guest twice.
@@ -93,13 +94,22 @@ func (c *computeVM) shape() guestShape {
 	return s
 }
 
-// agreeShape tells the target the guest's shape and waits for it to match it.
-func agreeShape(control net.Conn, s guestShape) error {
+// agreeShape tells the target the guest's shape and waits for it to match it, or for ctx
+// to end (a cancel).
+func agreeShape(ctx context.Context, control net.Conn, s guestShape) error {
+	stop := context.AfterFunc(ctx, func() { _ = control.SetDeadline(time.Now()) })
+	defer stop()
+	cancelled := fmt.Errorf("%w before the stream began; the guest runs on here", vmm.ErrMigrationCancelled)
 	if err := writeSwitchover(control, switchover{Shape: &s}); err != nil {
+		if ctx.Err() != nil {
+			return cancelled
+		}
 		return fmt.Errorf("tell the target the guest's shape: %w", err)
 	}
 	msg, err := readSwitchover(control, switchoverWait)
 	switch {
+	case ctx.Err() != nil:
+		return cancelled
 	case err != nil:
 		return fmt.Errorf("the target's answer to the guest's shape: %w", err)
 	case msg.Error != "":
@@ -142,6 +152,9 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape) error {
 	want, err := vmTarget(c.pod.vm, boot, c.limits)
 	if err != nil {
 		return fmt.Errorf("this pod's limits, from the source's at its boot: %w", err)
+	}
+	if s.VCPUs < c.size.VCPUs { // resizes wait for the guest (resize), so this is a bug
+		return fmt.Errorf("the guest has %d vCPUs, this VM already %d", s.VCPUs, c.size.VCPUs)
 	}
 	if got := (Size{VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB}); got != want {
 		return fmt.Errorf("the guest has %d vCPUs and %d MiB; this pod's limits (CPU %dm, memory %d MiB) give it %d and %d (a resize not yet applied to the pod the target was made from?): %w",
@@ -553,7 +566,7 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		return fail(err)
 	}
 	defer stream.Close()
-	if err := agreeShape(control, c.shape()); err != nil {
+	if err := agreeShape(ctx, control, c.shape()); err != nil {
 		return fail(err)
 	}
 	qemuEnd, shimEnd, err := streamPair()

@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
 	"maps"
 	"net"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
 // The target takes exactly the source it was told to expect: a port scan and a peer with
@@ -216,7 +218,7 @@ func TestGuestShape(t *testing.T) {
 		defer b.Close()
 		done := make(chan error, 1)
 		go func() { done <- dst.takeShape(context.Background(), b) }()
-		sourceErr = agreeShape(a, source.shape())
+		sourceErr = agreeShape(context.Background(), a, source.shape())
 		return sourceErr, <-done
 	}
 
@@ -250,5 +252,17 @@ func TestGuestShape(t *testing.T) {
 		if serr == nil || !strings.Contains(serr.Error(), "the target refused the guest") || !strings.Contains(serr.Error(), c.want) {
 			t.Errorf("a target %s: the source heard %v, want the target's refusal", c.name, serr)
 		}
+	}
+
+	// a target that never answers: a cancel ends the wait at once
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	go func() { _, _ = io.Copy(io.Discard, b) }()
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	started := time.Now()
+	if err := agreeShape(ctx, a, source.shape()); !errors.Is(err, vmm.ErrMigrationCancelled) || time.Since(started) > 5*time.Second {
+		t.Errorf("cancelled while the target is silent: %v after %v, want a prompt cancel", err, time.Since(started))
 	}
 }

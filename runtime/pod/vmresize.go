@@ -79,11 +79,12 @@ func unlimited(atBoot int64) string {
 
 // settleWait bounds how long a resize waits for the guest to take or give back what
 // changed: well below the CRI client's deadline (the kubelet's 2 minutes, crictl's 30 s
-// here), so that the caller hears why, not only that time ran out. resizeStep is how often
-// it looks meanwhile.
+// here), so that the caller hears why, not only that time ran out; vcpuOnlineWait is the
+// vCPUs' part of it. resizeStep is how often it looks meanwhile.
 const (
-	settleWait = 20 * time.Second
-	resizeStep = 100 * time.Millisecond
+	settleWait     = 20 * time.Second
+	vcpuOnlineWait = 10 * time.Second
+	resizeStep     = 100 * time.Millisecond
 )
 
 // resize brings the running VM to the size the compute container's limits r ask for:
@@ -110,6 +111,12 @@ func (c *computeVM) resize(ctx context.Context, r *specs.LinuxResources) error {
 	}
 	if c.isPaused() {
 		return fail(fmt.Errorf("%w: %w", errPaused, errdefs.ErrFailedPrecondition))
+	}
+	if c.isAwaiting() {
+		// a vCPU plugged into a QEMU waiting for a migration's stream would have no state
+		// in it, and the stream sets virtio-mem's size: the guest's shape comes from the
+		// source (takeShape)
+		return fail(fmt.Errorf("the VM waits for its guest from a migration: resize it once the guest has arrived: %w", errdefs.ErrFailedPrecondition))
 	}
 	// one budget for the guest's part of the whole update (QMP steps keep the caller's)
 	settle, cancel := context.WithTimeout(ctx, settleWait)
@@ -166,7 +173,10 @@ func (c *computeVM) resizeVCPUs(ctx, settle context.Context, total int) error {
 	n, err := c.machine.PlugVCPUs(ctx, total)
 	if n > had {
 		c.size.VCPUs = n // plugged: the guest's now, whatever came after
-		online, oerr := onlineVCPUs(settle, c.agent, had, n)
+		// a part of the update's budget: the memory's part must not find it spent
+		vctx, cancel := context.WithTimeout(settle, vcpuOnlineWait)
+		online, oerr := onlineVCPUs(vctx, c.agent, had, n)
+		cancel()
 		switch {
 		case oerr != nil:
 			lg.WithError(oerr).Warnf("%d vCPUs plugged; the guest agent did not bring them online: the guest's own policy decides", n)
@@ -223,7 +233,8 @@ func onlineVCPUs(ctx context.Context, agent vcpuAgent, had, want int) (int, erro
 			if err == nil { // the agent stops at the first CPU it cannot bring up, silently
 				err = fmt.Errorf("%d of vCPUs %v brought online", n, offline)
 			}
-			if ctx.Err() != nil {
+			// an agent that does not have the command, or cannot answer it, will not later
+			if ctx.Err() != nil || qga.IsCommandNotFound(err) || errors.As(err, new(*qga.ReplyError)) {
 				return online, fmt.Errorf("vCPUs %v offline: %w", offline, err)
 			}
 			if refused == nil {

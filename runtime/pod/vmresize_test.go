@@ -140,12 +140,16 @@ type fakeVCPUs struct {
 	vcpus    []qga.VCPU
 	refusals int
 	asked    int
+	disabled bool // the agent's guest-set-vcpus is disabled
 }
 
 func (f *fakeVCPUs) VCPUs(context.Context) ([]qga.VCPU, error) { return slices.Clone(f.vcpus), nil }
 
 func (f *fakeVCPUs) OnlineVCPUs(_ context.Context, ids []int) (int, error) {
 	f.asked++
+	if f.disabled {
+		return 0, &qga.Error{Command: "guest-set-vcpus", Class: "CommandNotFound", Desc: "Command guest-set-vcpus has been disabled"}
+	}
 	if f.asked <= f.refusals {
 		return 0, &qga.Error{Command: "guest-set-vcpus", Class: "GenericError", Desc: "pwrite(\"/sys/devices/system/cpu/cpu1/online\"): Device or resource busy"}
 	}
@@ -159,17 +163,24 @@ func (f *fakeVCPUs) OnlineVCPUs(_ context.Context, ids []int) (int, error) {
 
 // Hot-plugged vCPUs come online even when the guest refuses at first; a CPU offline
 // below them is the guest's; a guest that never brings them up fails the onlining once
-// its time is up, saying which.
+// its time is up, saying which; an agent without the command fails it at once.
 func TestOnlineVCPUs(t *testing.T) {
+	within := func(d time.Duration) context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		t.Cleanup(cancel)
+		return ctx
+	}
 	f := &fakeVCPUs{vcpus: []qga.VCPU{{LogicalID: 0, Online: true}, {LogicalID: 1}, {LogicalID: 2}}, refusals: 3}
-	online, err := onlineVCPUs(context.Background(), f, 2, 3)
+	online, err := onlineVCPUs(within(time.Minute), f, 2, 3)
 	if err != nil || online != 2 || !f.vcpus[2].Online || f.vcpus[1].Online {
 		t.Fatalf("online %d, %v, %+v; want vCPU 2 onlined after 3 refusals, vCPU 1 left offline", online, err, f.vcpus)
 	}
 	f = &fakeVCPUs{vcpus: []qga.VCPU{{LogicalID: 0, Online: true}, {LogicalID: 1}}, refusals: 1 << 30}
-	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-	defer cancel()
-	if online, err := onlineVCPUs(ctx, f, 1, 2); err == nil || !strings.Contains(err.Error(), "vCPUs [1] offline") || !strings.Contains(err.Error(), "busy") || online != 1 {
+	if online, err := onlineVCPUs(within(500*time.Millisecond), f, 1, 2); err == nil || !strings.Contains(err.Error(), "vCPUs [1] offline") || !strings.Contains(err.Error(), "busy") || online != 1 {
 		t.Errorf("a guest that never brings vCPU 1 up: online %d, %v; want an error naming it and the guest's reason", online, err)
+	}
+	f = &fakeVCPUs{vcpus: []qga.VCPU{{LogicalID: 0, Online: true}, {LogicalID: 1}}, disabled: true}
+	if _, err := onlineVCPUs(within(time.Minute), f, 1, 2); !qga.IsCommandNotFound(err) || f.asked != 1 {
+		t.Errorf("an agent without guest-set-vcpus: %v after %d asks, want its error at the first", err, f.asked)
 	}
 }
