@@ -397,7 +397,8 @@ func (r *Reconciler) overLimit(ctx context.Context, node string) (string, error)
 }
 
 // targetPod is the source pod again, for the guest to arrive in: another name, no node,
-// required to run on another node, and the target role in its VM spec.
+// required to run on another node, the target role in its VM spec, and the size the
+// source's VM has (appliedSize).
 func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspec.VM) (*corev1.Pod, error) {
 	vm.Migration = &vmspec.Migration{Role: vmspec.RoleTarget}
 	ann, err := vm.Encode()
@@ -420,6 +421,7 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 	}
 	t.Annotations[vmspec.Annotation] = string(ann)
 	t.Spec.NodeName = ""
+	appliedSize(&t.Spec, source)
 	// a source that arrived by migration carries the rule that kept it off its own
 	// source's node: that node may take the guest back now
 	if prev := source.Annotations[AwayFromAnnotation]; prev != "" {
@@ -428,6 +430,46 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 	awayFrom(&t.Spec, source.Spec.NodeName)
 	t.Annotations[AwayFromAnnotation] = source.Spec.NodeName
 	return t, nil
+}
+
+// appliedSize gives spec's compute container the CPU and memory the kubelet reports as
+// applied to the source's, where they differ from what its spec asks: a resize the
+// kubelet deferred (no room on the node) is in the source's spec, not in its VM. The guest
+// moves at the size it has — the target's shim refuses any other (docs/design/209) — and
+// the VM controller resizes the target once it is the VM's pod, on a node that may have
+// the room.
+func appliedSize(spec *corev1.PodSpec, source *corev1.Pod) {
+	var applied *corev1.ResourceRequirements
+	for _, st := range source.Status.ContainerStatuses {
+		if st.Name == vmspec.ComputeContainer {
+			applied = st.Resources
+		}
+	}
+	if applied == nil { // a kubelet that does not report them resizes nothing either
+		return
+	}
+	for i := range spec.Containers {
+		c := &spec.Containers[i]
+		if c.Name != vmspec.ComputeContainer {
+			continue
+		}
+		for _, name := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory} {
+			setQuantity(&c.Resources.Limits, name, applied.Limits)
+			setQuantity(&c.Resources.Requests, name, applied.Requests)
+		}
+	}
+}
+
+// setQuantity sets (*to)[name] to from's, if from has one.
+func setQuantity(to *corev1.ResourceList, name corev1.ResourceName, from corev1.ResourceList) {
+	q, ok := from[name]
+	if !ok {
+		return
+	}
+	if *to == nil {
+		*to = corev1.ResourceList{}
+	}
+	(*to)[name] = q
 }
 
 // AwayFromAnnotation on a target pod names the node its node affinity keeps it off (the

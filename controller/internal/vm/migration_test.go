@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -453,6 +454,67 @@ func TestVirtualMachineMigration(t *testing.T) {
 
 // A VM pod whose guest moved away is not replaced by the VM controller, although it ended
 // and the VM should run: the migration controller makes the target the VM's pod.
+// A VM whose resize the kubelet has not applied (deferred: no room on its node) migrates
+// at the size it has: the target pod asks for the CPU and memory the kubelet reports as
+// applied to the source, not what the source's spec asks (the target's shim refuses any
+// size but the guest's), and once the target is the VM's pod the VM controller resizes it.
+func TestMigrationOfADeferredResize(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	shims := &fakeShims{}
+	env.StartManager(t, ns, func(o *manager.Options) {
+		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, 5*time.Second
+	})
+	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	vm := f.migratable("defer")
+	d := &vm.Spec.Template.Spec.Domain
+	d.CPU = &vmpodv1.CPU{Sockets: 1, MaxSockets: 2}
+	d.Memory = &vmpodv1.Memory{Guest: ptr.To(resource.MustParse("1Gi")), MaxGuest: ptr.To(resource.MustParse("2Gi"))}
+	d.Resources.Requests = nil
+	f.create(vm)
+	nodeA, nodeB := f.nodeNamed("defer-a-"+ns), f.nodeNamed("defer-b-"+ns)
+	source := f.waitPod("defer", "")
+	f.bind(source, nodeA)
+	f.kubeletRuns(source) // applied: 1 CPU, 1Gi
+	f.waitStatus("defer", vmpodv1.StatusRunning)
+	applied := source.Spec.Containers[0].Resources.DeepCopy()
+	limits := func(p *corev1.Pod) string {
+		l := p.Spec.Containers[0].Resources.Limits
+		return l.Cpu().String() + " " + l.Memory().String()
+	}
+
+	// the VM grows; the kubelet (this test) never applies it
+	f.update("defer", func(v *vmpodv1.VirtualMachine) {
+		v.Spec.Template.Spec.Domain.CPU.Sockets = 2
+		v.Spec.Template.Spec.Domain.Memory.Guest = ptr.To(resource.MustParse("1536Mi"))
+	})
+	testenv.Eventually(t, timeout, "the source pod's spec resized", func() (bool, string) {
+		l := limits(f.pod("defer"))
+		return l == "2 1536Mi", l
+	})
+
+	f.migration("move", "defer")
+	m := f.waitPhase("move", vmpodv1.MigrationScheduling)
+	target, err := f.getPod(m.Status.TargetPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := target.Spec.Containers[0].Resources; !equality.Semantic.DeepEqual(got.Limits, applied.Limits) || !equality.Semantic.DeepEqual(got.Requests, applied.Requests) {
+		t.Errorf("the target's compute resources %s; want those applied to the source, %s", got.String(), applied.String())
+	}
+	f.bind(target, nodeB)
+	f.kubeletRuns(target)
+	f.waitPhase("move", vmpodv1.MigrationSucceeded)
+	testenv.Eventually(t, timeout, "the target resized to the VM's spec once it is the VM's pod", func() (bool, string) {
+		p, err := f.getPod(target.Name)
+		if err != nil {
+			return false, err.Error()
+		}
+		l := limits(p)
+		return l == "2 1536Mi", l
+	})
+}
+
 func TestMigratedPodIsNotReplaced(t *testing.T) {
 	env := testenv.Get(t)
 	ns := env.Namespace(t)

@@ -122,9 +122,12 @@ func TestLiveResizeByInstancetype(t *testing.T) {
 
 // node creates a Node with room for the test's pods, gone with the test, and returns its
 // name: the API server admits a resize against the pod's node.
-func (f *fixture) node() string {
+func (f *fixture) node() string { return f.nodeNamed("resize-" + f.ns) }
+
+// nodeNamed creates a node of that name with room (8 CPUs, 16 GiB) for the test's life.
+func (f *fixture) nodeNamed(name string) string {
 	f.t.Helper()
-	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "resize-" + f.ns}}
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}
 	f.create(node)
 	f.t.Cleanup(func() { _ = f.c.Delete(f.ctx, node) })
 	node.Status.Capacity = corev1.ResourceList{"cpu": resource.MustParse("8"), "memory": resource.MustParse("16Gi"), "pods": resource.MustParse("110")}
