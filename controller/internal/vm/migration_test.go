@@ -161,6 +161,19 @@ func (s *fakeShims) ran() []string {
 }
 
 // migratable is a VM a migration can move: its disk on a PVC, behind masquerade.
+// migrationFixture starts the controllers in a namespace of their own with the shims'
+// migration execs faked (they succeed unless told otherwise) and a target that does not
+// run failing its migration after targetWait.
+func migrationFixture(t *testing.T, targetWait time.Duration) (*fixture, *fakeShims) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	shims := &fakeShims{}
+	env.StartManager(t, ns, func(o *manager.Options) {
+		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, targetWait
+	})
+	return &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}, shims
+}
+
 func (f *fixture) migratable(name string) *vmpodv1.VirtualMachine {
 	return f.vmOnClaim(name, corev1.ReadWriteMany)
 }
@@ -241,13 +254,8 @@ func (f *fixture) gone(name string) bool {
 // the VM where it was and take their target pods away; migrations that cannot be are
 // refused up front with the reason.
 func TestVirtualMachineMigration(t *testing.T) {
-	env := testenv.Get(t)
-	ns := env.Namespace(t)
-	shims := &fakeShims{}
-	env.StartManager(t, ns, func(o *manager.Options) {
-		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, 5*time.Second
-	})
-	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	f, shims := migrationFixture(t, 5*time.Second)
+	ns := f.ns
 	f.create(f.migratable("mv"))
 	source := f.waitPod("mv", "")
 	f.bind(source, "node-a")
@@ -452,20 +460,13 @@ func TestVirtualMachineMigration(t *testing.T) {
 	}
 }
 
-// A VM pod whose guest moved away is not replaced by the VM controller, although it ended
-// and the VM should run: the migration controller makes the target the VM's pod.
 // A VM whose resize the kubelet has not applied (deferred: no room on its node) migrates
 // at the size it has: the target pod asks for the CPU and memory the kubelet reports as
 // applied to the source, not what the source's spec asks (the target's shim refuses any
 // size but the guest's), and once the target is the VM's pod the VM controller resizes it.
 func TestMigrationOfADeferredResize(t *testing.T) {
-	env := testenv.Get(t)
-	ns := env.Namespace(t)
-	shims := &fakeShims{}
-	env.StartManager(t, ns, func(o *manager.Options) {
-		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, 5*time.Second
-	})
-	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	f, _ := migrationFixture(t, 5*time.Second)
+	ns := f.ns
 	vm := f.migratable("defer")
 	d := &vm.Spec.Template.Spec.Domain
 	d.CPU = &vmpodv1.CPU{Sockets: 1, MaxSockets: 2}
@@ -515,6 +516,8 @@ func TestMigrationOfADeferredResize(t *testing.T) {
 	})
 }
 
+// A VM pod whose guest moved away is not replaced by the VM controller, although it ended
+// and the VM should run: the migration controller makes the target the VM's pod.
 func TestMigratedPodIsNotReplaced(t *testing.T) {
 	env := testenv.Get(t)
 	ns := env.Namespace(t)
@@ -550,13 +553,8 @@ func TestMigratedPodIsNotReplaced(t *testing.T) {
 // says why; a VM without the strategy is neither guarded nor moved, and dropping the
 // strategy drops the budget.
 func TestEvacuation(t *testing.T) {
-	env := testenv.Get(t)
-	ns := env.Namespace(t)
-	shims := &fakeShims{}
-	env.StartManager(t, ns, func(o *manager.Options) {
-		o.Backoff, o.MigrationExec, o.MigrationTargetWait = fast, shims, time.Minute
-	})
-	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	f, shims := migrationFixture(t, time.Minute)
+	ns := f.ns
 	nodeA, nodeB := "evac-a-"+ns, "evac-b-"+ns
 	for _, n := range []string{nodeA, nodeB} {
 		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}
