@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/spf13/pflag"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -13,15 +14,17 @@ import (
 )
 
 // Migrate creates a VirtualMachineMigration of the VM (virtctl migrate): the controller
-// moves the running guest to a pod on another node.
-func Migrate(ctx context.Context, c client.Client, vm types.NamespacedName) (string, error) {
+// moves the running guest to a pod on another node. knobs holds the spec's policy fields
+// the command line set (VMName is the VM's); what it leaves unset is the cluster's policy.
+func Migrate(ctx context.Context, c client.Client, vm types.NamespacedName, knobs vmpodv1.VirtualMachineMigrationSpec) (string, error) {
 	v := &vmpodv1.VirtualMachine{}
 	if err := c.Get(ctx, vm, v); err != nil {
 		return "", fmt.Errorf("VM %s: %w", vm.Name, err)
 	}
+	knobs.VMName = vm.Name
 	m := &vmpodv1.VirtualMachineMigration{
 		ObjectMeta: metav1.ObjectMeta{GenerateName: vm.Name + "-migration-", Namespace: vm.Namespace},
-		Spec:       vmpodv1.VirtualMachineMigrationSpec{VMName: vm.Name},
+		Spec:       knobs,
 	}
 	if err := c.Create(ctx, m); err != nil {
 		return "", fmt.Errorf("create a migration of VM %s: %w", vm.Name, err)
@@ -51,4 +54,49 @@ func MigrateCancel(ctx context.Context, c client.Client, vm types.NamespacedName
 		return fmt.Sprintf("VM %s: no migration in flight", vm.Name), nil
 	}
 	return fmt.Sprintf("VM %s: cancelled migration %s", vm.Name, strings.Join(cancelled, ", ")), nil
+}
+
+// migrationFlags are kubectl vmpod migrate's flags for a migration's policy knobs (the
+// VirtualMachineMigration spec's fields), which virtctl does not have: a user would
+// otherwise write the manifest.
+type migrationFlags struct {
+	fs                                   *pflag.FlagSet
+	bandwidthMiB, perGiB, progress, down *int32
+	autoConverge, postCopy               *bool
+}
+
+func addMigrationFlags(fs *pflag.FlagSet) migrationFlags {
+	return migrationFlags{fs: fs,
+		bandwidthMiB: fs.Int32("bandwidth-mib", 0, "migrate: cap the stream at this many MiB/s (default: the cluster's policy)"),
+		perGiB:       fs.Int32("completion-timeout-per-gib", 0, "migrate: give up (or switch to post-copy) after this many seconds per GiB of guest memory"),
+		progress:     fs.Int32("progress-timeout", 0, "migrate: give up (or switch to post-copy) after this many seconds without progress"),
+		down:         fs.Int32("downtime-limit-ms", 0, "migrate: the longest the guest may stay stopped for the last copy"),
+		autoConverge: fs.Bool("auto-converge", false, "migrate: throttle a guest that dirties memory faster than it is sent"),
+		postCopy:     fs.Bool("allow-post-copy", false, "migrate: switch to post-copy instead of giving up (needs vm.unprivileged_userfaultfd = 1 on the target node)"),
+	}
+}
+
+// spec is the knobs the command line set; the API server checks their ranges.
+func (f migrationFlags) spec() vmpodv1.VirtualMachineMigrationSpec {
+	var s vmpodv1.VirtualMachineMigrationSpec
+	set := func(name string) bool { return f.fs.Changed(name) }
+	if set("bandwidth-mib") {
+		s.BandwidthMiB = *f.bandwidthMiB
+	}
+	if set("completion-timeout-per-gib") {
+		s.CompletionTimeoutPerGiB = *f.perGiB
+	}
+	if set("progress-timeout") {
+		s.ProgressTimeoutSeconds = *f.progress
+	}
+	if set("downtime-limit-ms") {
+		s.DowntimeLimitMs = *f.down
+	}
+	if set("auto-converge") {
+		s.AutoConverge = f.autoConverge
+	}
+	if set("allow-post-copy") {
+		s.AllowPostCopy = f.postCopy
+	}
+	return s
 }

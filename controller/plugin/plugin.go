@@ -54,8 +54,11 @@ Usage:
                                       the VM's spec (--persist is implied)
   kubectl vmpod removevolume VM --volume-name=NAME
                                       take a hotpluggable volume out of the VM (and its guest)
-  kubectl vmpod migrate VM            move the running VM to a pod on another node without
-                                      stopping it (a VirtualMachineMigration)
+  kubectl vmpod migrate VM [--bandwidth-mib=N] [--auto-converge[=false]] [--allow-post-copy]
+        [--completion-timeout-per-gib=S] [--progress-timeout=S] [--downtime-limit-ms=MS]
+                                      move the running VM to a pod on another node without
+                                      stopping it (a VirtualMachineMigration; unset knobs
+                                      take the cluster's policy)
   kubectl vmpod migrate-cancel VM     cancel the VM's migration; the guest runs on where it is
   kubectl vmpod guestosinfo VM        print what the guest agent reports: OS, hostname,
                                       interfaces and addresses (JSON)
@@ -115,6 +118,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	volumeName := fs.String("volume-name", "", "addvolume, removevolume: the DataVolume or PVC (and the volume's name)")
 	fs.Bool("persist", true, "addvolume: accepted for virtctl's sake; the VM's spec is always changed")
 	waitSecs := fs.Int("wait-secs", 300, "image-upload: how long to wait for the importer, and for the import")
+	knobs := addMigrationFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -172,11 +176,12 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	case "guestosinfo":
 		return GuestOSInfo(ctx, rc, c, key, stdio)
 	case "migrate", "migrate-cancel":
-		do := Migrate
-		if cmd == "migrate-cancel" {
-			do = MigrateCancel
+		var msg string
+		if cmd == "migrate" {
+			msg, err = Migrate(ctx, c, key, knobs.spec())
+		} else {
+			msg, err = MigrateCancel(ctx, c, key)
 		}
-		msg, err := do(ctx, c, key)
 		if err != nil {
 			return err
 		}

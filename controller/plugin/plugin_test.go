@@ -16,9 +16,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/vmpod/vmpod/api/machine"
@@ -380,6 +382,21 @@ func TestMigrateCommands(t *testing.T) {
 	})
 	if out := f.mustRun(nil, "vmpod", "migrate-cancel", "still"); !strings.Contains(out, "no migration in flight") {
 		t.Errorf("migrate-cancel with none in flight: %s", out)
+	}
+	// the policy knobs on the command line go into the spec; those not given stay unset
+	// (the cluster's policy), an explicit false included
+	out = f.mustRun(nil, "vmpod", "migrate", "still", "--bandwidth-mib=8", "--allow-post-copy", "--auto-converge=false", "--completion-timeout-per-gib", "30")
+	m := &vmpodv1.VirtualMachineMigration{}
+	if err := f.env.Client.Get(ctx, types.NamespacedName{Namespace: f.ns, Name: strings.Fields(strings.TrimPrefix(out, "VM still: migration "))[0]}, m); err != nil {
+		t.Fatal(err)
+	}
+	want := vmpodv1.VirtualMachineMigrationSpec{VMName: "still", BandwidthMiB: 8, AllowPostCopy: ptr.To(true), AutoConverge: ptr.To(false), CompletionTimeoutPerGiB: 30}
+	if !equality.Semantic.DeepEqual(m.Spec, want) {
+		t.Errorf("migrate with flags: spec %+v, want %+v", m.Spec, want)
+	}
+	// out of the CRD's range: the API server's refusal names the field
+	if _, stderr, err := f.run(nil, "vmpod", "migrate", "still", "--bandwidth-mib=-1"); err == nil || !strings.Contains(stderr, "bandwidthMiB") {
+		t.Errorf("migrate --bandwidth-mib=-1: %v %s; want the refusal naming bandwidthMiB", err, stderr)
 	}
 	if _, stderr, err := f.run(nil, "vmpod", "migrate", "nosuchvm"); err == nil || !strings.Contains(stderr, "not found") {
 		t.Errorf("migrate of a missing VM: %v %s", err, stderr)

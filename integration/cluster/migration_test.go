@@ -178,7 +178,7 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	// 1. kubectl vmpod migrate: to the other vmpod node
 	before := count()
 	sourceNode := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.nodeName}")
-	first := migrate(t, c, ns, vm, "")
+	first := migrate(t, c, ns, vm)
 	st := waitMigration(t, c, ns, first, "Succeeded", 5*time.Minute)
 	t.Logf("migration %s: %s -> %s, %s", first, st.from, st.to, st.figures)
 	if st.from != sourceNode || st.to == sourceNode || !slices.Contains(vmpodNodes, st.to) {
@@ -227,7 +227,7 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	// 2. a target pod that goes away half-way: the migration fails, the guest runs on
 	before = count()
 	here := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.nodeName}")
-	failing := migrate(t, c, ns, vm, "bandwidthMiB: 1") // long enough to pull the target away
+	failing := migrate(t, c, ns, vm, "--bandwidth-mib=1") // long enough to pull the target away
 	waitMigration(t, c, ns, failing, "Running", 5*time.Minute)
 	targetPod := c.Kubectl(t, "get", "vmim", "-n", ns, failing, "-o", "jsonpath={.status.targetPod}")
 	c.Kubectl(t, "delete", "pod", "-n", ns, targetPod, "--wait=false")
@@ -248,9 +248,9 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	// switches to post-copy and succeeds. First to nodes whose QEMU may not handle its own
 	// page faults: the target refuses up front, the guest runs on where it was.
 	allow := testenv.AllowUserfaultfd(t, false) // the nodes share this host's kernel
-	const postCopy = "bandwidthMiB: 1, completionTimeoutPerGiB: 2, allowPostCopy: true"
+	postCopy := []string{"--bandwidth-mib=1", "--completion-timeout-per-gib=2", "--allow-post-copy"}
 	before = count()
-	refused := waitMigration(t, c, ns, migrate(t, c, ns, vm, postCopy), "Failed", 5*time.Minute)
+	refused := waitMigration(t, c, ns, migrate(t, c, ns, vm, postCopy...), "Failed", 5*time.Minute)
 	if !strings.Contains(refused.reason, "vm.unprivileged_userfaultfd") {
 		t.Errorf("post-copy to a node that cannot: failed with %q, want the reason naming vm.unprivileged_userfaultfd", refused.reason)
 	}
@@ -260,7 +260,7 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	checkGuestKept("after a refused post-copy migration", before)
 	allow(true)
 	before = count()
-	pc := migrate(t, c, ns, vm, postCopy)
+	pc := migrate(t, c, ns, vm, postCopy...)
 	st = waitMigration(t, c, ns, pc, "Succeeded", 5*time.Minute)
 	t.Logf("post-copy migration %s: %s -> %s, %s", pc, st.from, st.to, st.figures)
 	if st.from != here || st.to == here {
@@ -302,23 +302,16 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	checkGuestKept("after the drain", before)
 }
 
-// migrate creates a VirtualMachineMigration of the VM (kubectl vmpod migrate, or a manifest
-// when spec has fields beyond the VM's name, "bandwidthMiB: 1" say) and returns its name.
-func migrate(t *testing.T, c *testenv.Cluster, ns, vm, spec string) string {
+// migrate creates a VirtualMachineMigration of the VM with kubectl vmpod migrate, its
+// policy knobs as the command's flags ("--bandwidth-mib=1", say), and returns its name.
+func migrate(t *testing.T, c *testenv.Cluster, ns, vm string, flags ...string) string {
 	t.Helper()
-	if spec == "" {
-		out := c.Kubectl(t, "vmpod", "migrate", "-n", ns, vm)
-		f := strings.Fields(out) // "VM <vm>: migration <name> created ..."
-		if len(f) < 4 || f[2] != "migration" {
-			t.Fatalf("kubectl vmpod migrate printed %q", out)
-		}
-		return f[3]
+	out := c.Kubectl(t, append([]string{"vmpod", "migrate", "-n", ns, vm}, flags...)...)
+	f := strings.Fields(out) // "VM <vm>: migration <name> created ..."
+	if len(f) < 4 || f[2] != "migration" {
+		t.Fatalf("kubectl vmpod migrate printed %q", out)
 	}
-	return strings.TrimSpace(kubectlStdin(t, c, fmt.Sprintf(`apiVersion: vmpod.dev/v1alpha1
-kind: VirtualMachineMigration
-metadata: {generateName: %s-migration-}
-spec: {vmName: %s, %s}
-`, vm, vm, spec), "create", "-n", ns, "-f", "-", "-o", "jsonpath={.metadata.name}"))
+	return f[3]
 }
 
 type migrationStatus struct{ from, to, reason, figures string }
