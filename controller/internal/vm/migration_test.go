@@ -160,7 +160,6 @@ func (s *fakeShims) ran() []string {
 	return append([]string(nil), s.calls...)
 }
 
-// migratable is a VM a migration can move: its disk on a PVC, behind masquerade.
 // migrationFixture starts the controllers in a namespace of their own with the shims'
 // migration execs faked (they succeed unless told otherwise) and a target that does not
 // run failing its migration after targetWait.
@@ -174,6 +173,7 @@ func migrationFixture(t *testing.T, targetWait time.Duration) (*fixture, *fakeSh
 	return &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}, shims
 }
 
+// migratable is a VM a migration can move: its disk on a PVC, behind masquerade.
 func (f *fixture) migratable(name string) *vmpodv1.VirtualMachine {
 	return f.vmOnClaim(name, corev1.ReadWriteMany)
 }
