@@ -261,16 +261,20 @@ func onlineVCPUs(ctx context.Context, agent vcpuAgent, had, want int) (int, erro
 func (c *computeVM) resizeMemory(ctx, settle context.Context, totalMiB int) error {
 	lg := log.G(ctx).WithField("pod", c.pod.id)
 	started := time.Now()
+	want := uint64(totalMiB-int(c.pod.vm.MemoryMiB)) << 20
+	var on *blockOnliner // nil: nothing to online (none hot-plugged, or no agent)
+	if want > 0 {
+		// before the plug: on the first growth the onliner notes the guest's blocks as its
+		// boot memory, never to be onlined, and a guest quick to add the new blocks would
+		// have them noted too (the likely cause of a cluster test run in which 256 MiB
+		// were plugged and the guest's MemTotal never moved)
+		on = c.blockOnliner(settle)
+	}
 	if totalMiB != c.size.MemoryMiB {
 		if _, err := c.machine.PlugMemory(ctx, totalMiB); err != nil {
 			return fmt.Errorf("linux.resources.memory.limit: %w", err)
 		}
 		c.size.MemoryMiB = totalMiB
-	}
-	want := uint64(totalMiB-int(c.pod.vm.MemoryMiB)) << 20
-	var on *blockOnliner // nil: nothing to online (none hot-plugged, or no agent)
-	if want > 0 {
-		on = c.blockOnliner(settle)
 	}
 	lastLog := time.Now()
 	for {
