@@ -38,10 +38,11 @@ import (
 //     copying between the TLS connection and a socket pair whose other end its QEMU holds;
 //   - the control connection first carries the guest's shape (a resize's vCPUs and memory),
 //     which the target matches before its QEMU reads the stream, answering ready; then the
-//     switchover: once the target's QEMU has the whole guest (paused) its shim says loaded; the source's shim, whose QEMU stopped the guest
-//     at completion, answers commit and quits its QEMU; only then does the target's shim
-//     start the guest's vCPUs. Without a loaded the source resumes its guest; without a
-//     commit the target keeps its guest paused. No outcome runs the guest twice.
+//     switchover: once the target's QEMU has the whole guest (paused) its shim says
+//     loaded; the source's shim, whose QEMU stopped the guest at completion, answers
+//     commit and quits its QEMU; only then does the target's shim start the guest's
+//     vCPUs. Without a loaded the source resumes its guest; without a commit the target
+//     keeps its guest paused. No outcome runs the guest twice.
 
 const (
 	// migrationDialWait bounds the source's connections to the target.
@@ -157,7 +158,7 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape) error {
 		return fmt.Errorf("the guest has %d vCPUs, this VM already %d", s.VCPUs, c.size.VCPUs)
 	}
 	if got := (Size{VCPUs: s.VCPUs, MemoryMiB: s.MemoryMiB}); got != want {
-		return fmt.Errorf("the guest has %d vCPUs and %d MiB; this pod's limits (CPU %dm, memory %d MiB) give it %d and %d (a resize not yet applied to the pod the target was made from?): %w",
+		return fmt.Errorf("the guest has %d vCPUs and %d MiB; this pod's limits (CPU %dm, memory %d MiB) give it %d and %d (a target pod asks for what is applied to the source's compute container): %w",
 			got.VCPUs, got.MemoryMiB, c.limits.cpuMilli, c.limits.memBytes>>20, want.VCPUs, want.MemoryMiB, errdefs.ErrFailedPrecondition)
 	}
 	if s.VCPUs > c.size.VCPUs {
