@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -145,11 +146,20 @@ func probeAgent[T any](ctx context.Context, ask func(context.Context) (T, error)
 	return ask(pctx)
 }
 
-// memorySettled says whether the guest has taken all the virtio-mem device offers (a
-// resize that timed out waiting for it is not done yet, though the size is the target).
+// memorySettled says whether the guest has taken all the virtio-mem device offers and, if
+// it grew, has every hot-plugged block online (a resize that timed out waiting for either
+// is not done yet, though the size is the target). A guest agent that does not answer
+// leaves the blocks to the guest's own policy.
 func (c *computeVM) memorySettled(ctx context.Context) bool {
 	plugged, err := c.machine.PluggedMemory(ctx)
-	return err == nil && int(plugged>>20) == c.size.MemoryMiB-int(c.pod.vm.MemoryMiB)
+	if err != nil || int(plugged>>20) != c.size.MemoryMiB-int(c.pod.vm.MemoryMiB) {
+		return false
+	}
+	if plugged == 0 || c.bootBlocks == nil {
+		return true
+	}
+	blocks, err := probeAgent(ctx, c.agent.MemoryBlocks)
+	return err != nil || !slices.ContainsFunc(blocks, func(b qga.MemoryBlock) bool { return !b.Online && !c.bootBlocks[b.PhysIndex] })
 }
 
 // resizeVCPUs hot-plugs vCPUs up to total (whole sockets, in topology order) and has the
@@ -285,18 +295,23 @@ func (c *computeVM) resizeMemory(ctx, settle context.Context, totalMiB int) erro
 		if on != nil && on.onlineNew(settle) {
 			continue // look again at once: the guest may have added the next block
 		}
-		if plugged == want {
+		failed := on.failedBlocks()
+		if plugged == want && len(failed) == 0 {
 			lg.Infof("VM memory at %d MiB in %v", totalMiB, time.Since(started).Round(time.Millisecond))
 			return nil
 		}
 		if time.Since(lastLog) > 5*time.Second {
-			lg.Infof("resizing memory: the guest has %d MiB of the %d MiB asked above its boot memory", plugged>>20, want>>20)
+			lg.Infof("resizing memory: the guest has %d MiB of the %d MiB asked above its boot memory; blocks %v not online yet", plugged>>20, want>>20, failed)
 			lastLog = time.Now()
 		}
 		select {
 		case <-settle.Done():
 			if ctx.Err() != nil {
 				return ctx.Err()
+			}
+			if plugged == want {
+				return fmt.Errorf("linux.resources.memory.limit: the guest could not online memory blocks %v in %v (%s); a retry asks again: %w",
+					failed, time.Since(started).Round(time.Second), on.failed[failed[0]], errdefs.ErrUnavailable)
 			}
 			return fmt.Errorf("linux.resources.memory.limit: the guest has %d MiB of the %d MiB asked above its boot memory after %v; the VM keeps asking: %w",
 				plugged>>20, want>>20, time.Since(started).Round(time.Second), errdefs.ErrUnavailable)
@@ -315,9 +330,13 @@ type blockOnliner struct {
 		OnlineMemoryBlocks(context.Context, []uint64) (map[uint64]string, error)
 	}
 	lg *log.Entry
-	// known are the guest's boot blocks and those this resize asked to online: not asked
-	// (again)
-	known   map[uint64]bool
+	// known are the guest's boot blocks and those this resize onlined: not asked (again;
+	// a block the guest takes offline after it came online is the guest's choice)
+	known map[uint64]bool
+	// failed are the new blocks the guest could not online yet, and why: asked again at
+	// each look while the resize lasts (a transient refusal must not leave a block
+	// offline for good, as a first refusal once did a hot-plugged vCPU)
+	failed  map[uint64]string
 	movable bool // the agent can online movable (see qga.OnlineMovable)
 	gone    bool // the agent stopped answering: the guest's own policy decides
 }
@@ -338,11 +357,12 @@ func (c *computeVM) blockOnliner(ctx context.Context) *blockOnliner {
 			c.bootBlocks[b.PhysIndex] = true
 		}
 	}
-	return &blockOnliner{agent: c.agent, lg: lg, known: maps.Clone(c.bootBlocks), movable: true}
+	return &blockOnliner{agent: c.agent, lg: lg, known: maps.Clone(c.bootBlocks), failed: map[uint64]string{}, movable: true}
 }
 
-// onlineNew brings the guest's new offline blocks online, movable where it can, and says
-// whether it asked for any.
+// onlineNew brings the guest's new offline blocks online, movable where it can, asks
+// again for those it could not online before, and says whether it found new ones (a
+// retry alone is not a reason to look again at once).
 func (o *blockOnliner) onlineNew(ctx context.Context) bool {
 	if o.gone {
 		return false
@@ -351,39 +371,70 @@ func (o *blockOnliner) onlineNew(ctx context.Context) bool {
 	if err != nil {
 		o.lg.WithError(err).Warn("growing memory: the guest agent stopped answering")
 		o.gone = true
+		clear(o.failed) // nobody to ask: the guest's own policy decides
 		return false
 	}
 	var offline, normal []uint64
+	fresh := false
 	for _, b := range blocks {
-		if !b.Online && !o.known[b.PhysIndex] {
+		switch {
+		case b.Online:
+			delete(o.failed, b.PhysIndex) // onlined at last, by us or by the guest
+		case !o.known[b.PhysIndex]:
+			_, again := o.failed[b.PhysIndex]
+			fresh = fresh || !again
 			offline = append(offline, b.PhysIndex)
 		}
 	}
 	for _, i := range offline {
-		o.known[i] = true // asked once: a block that stays offline is the guest's choice
 		if o.movable {
 			err := o.agent.OnlineMovable(ctx, i)
 			if err == nil {
+				o.known[i] = true
+				delete(o.failed, i)
 				continue
 			}
 			// an agent without file access (disabled commands) never can; a block the
 			// guest refuses (or onlined itself meanwhile) says nothing about the next
 			o.movable = !qga.IsCommandNotFound(err)
-			o.lg.WithError(err).Infof("memory block %d: not onlined movable; onlined in the guest's default zone, whose unmovable pages a shrink cannot return", i)
+			if _, again := o.failed[i]; !again {
+				o.lg.WithError(err).Infof("memory block %d: not onlined movable; onlined in the guest's default zone, whose unmovable pages a shrink cannot return", i)
+			}
 		}
 		normal = append(normal, i)
 	}
-	if len(normal) > 0 {
-		failed, err := o.agent.OnlineMemoryBlocks(ctx, normal)
-		if err != nil {
-			o.lg.WithError(err).Warn("growing memory: onlining through the guest agent")
-			o.gone = true
-		}
-		for i, why := range failed {
-			o.lg.Warnf("the guest could not online memory block %d: %s", i, why)
-		}
+	if len(normal) == 0 {
+		return fresh
 	}
-	return len(offline) > 0
+	failed, err := o.agent.OnlineMemoryBlocks(ctx, normal)
+	if err != nil {
+		o.lg.WithError(err).Warn("growing memory: onlining through the guest agent")
+		o.gone = true
+		clear(o.failed)
+		return fresh
+	}
+	for _, i := range normal {
+		why, bad := failed[i]
+		if !bad {
+			o.known[i] = true
+			delete(o.failed, i)
+			continue
+		}
+		if _, again := o.failed[i]; !again {
+			o.lg.Infof("the guest could not online memory block %d yet (%s); asking again while the resize lasts", i, why)
+		}
+		o.failed[i] = why
+	}
+	return fresh
+}
+
+// failedBlocks are the new blocks the guest could not online yet, in order; none for a
+// nil onliner (nothing to online).
+func (o *blockOnliner) failedBlocks() []uint64 {
+	if o == nil {
+		return nil
+	}
+	return slices.Sorted(maps.Keys(o.failed))
 }
 
 // rebootAgentWait bounds the wait for the guest agent after a guest reboot.

@@ -69,6 +69,9 @@ type fakeBlocks struct {
 	blocks        []qga.MemoryBlock
 	refuseMovable map[uint64]bool
 	disabled      bool // the agent's file commands are disabled
+	// refuse is how many more times the guest refuses to online each block (in the
+	// default zone), as a guest still adding it may
+	refuse        map[uint64]int
 	movable, norm []uint64
 }
 
@@ -88,10 +91,16 @@ func (f *fakeBlocks) OnlineMovable(_ context.Context, i uint64) error {
 
 func (f *fakeBlocks) OnlineMemoryBlocks(_ context.Context, is []uint64) (map[uint64]string, error) {
 	f.norm = append(f.norm, is...)
+	failed := map[uint64]string{}
 	for _, i := range is {
+		if f.refuse[i] > 0 {
+			f.refuse[i]--
+			failed[i] = "operation-failed"
+			continue
+		}
 		f.set(i)
 	}
-	return nil, nil
+	return failed, nil
 }
 
 func (f *fakeBlocks) set(i uint64) {
@@ -107,7 +116,7 @@ func (f *fakeBlocks) set(i uint64) {
 // is asked once.
 func TestBlockOnliner(t *testing.T) {
 	f := &fakeBlocks{blocks: []qga.MemoryBlock{{PhysIndex: 0, Online: true}, {PhysIndex: 7, Online: false}}, refuseMovable: map[uint64]bool{34: true}}
-	on := &blockOnliner{agent: f, lg: log.L, known: map[uint64]bool{0: true, 7: true}, movable: true}
+	on := &blockOnliner{agent: f, lg: log.L, known: map[uint64]bool{0: true, 7: true}, failed: map[uint64]string{}, movable: true}
 	ctx := context.Background()
 	if on.onlineNew(ctx) {
 		t.Error("nothing new, yet it onlined something")
@@ -131,6 +140,39 @@ func TestBlockOnliner(t *testing.T) {
 	}
 	if f.blocks[1].Online {
 		t.Error("block 7, offline before the growth, was onlined")
+	}
+	if got := on.failedBlocks(); len(got) != 0 {
+		t.Errorf("failed blocks %v; want none", got)
+	}
+}
+
+// A block the guest refuses to online is asked again at each look, without making the
+// resize look again at once, until the guest takes it; until then the resize is not done.
+func TestBlockOnlinerAsksAgain(t *testing.T) {
+	f := &fakeBlocks{blocks: []qga.MemoryBlock{{PhysIndex: 0, Online: true}, {PhysIndex: 32}, {PhysIndex: 33}},
+		refuse: map[uint64]int{33: 2}, disabled: true}
+	on := &blockOnliner{agent: f, lg: log.L, known: map[uint64]bool{0: true}, failed: map[uint64]string{}, movable: true}
+	ctx := context.Background()
+	if !on.onlineNew(ctx) || !slices.Equal(on.failedBlocks(), []uint64{33}) {
+		t.Fatalf("first look: failed %v; want [33]", on.failedBlocks())
+	}
+	if on.onlineNew(ctx) {
+		t.Error("a retry alone made the resize look again at once")
+	}
+	if !slices.Equal(on.failedBlocks(), []uint64{33}) || !slices.Equal(f.norm, []uint64{32, 33, 33}) {
+		t.Fatalf("second look: failed %v, asked %v; want 33 refused again after 32 and 33 asked", on.failedBlocks(), f.norm)
+	}
+	on.onlineNew(ctx)
+	if len(on.failedBlocks()) != 0 || !f.blocks[2].Online {
+		t.Fatalf("third look: failed %v, block 33 online %v; want it taken", on.failedBlocks(), f.blocks[2].Online)
+	}
+	on.onlineNew(ctx)
+	if !slices.Equal(f.norm, []uint64{32, 33, 33, 33}) {
+		t.Errorf("asked %v after every block came online; want nothing asked again", f.norm)
+	}
+	var none *blockOnliner
+	if none.failedBlocks() != nil {
+		t.Error("a nil onliner has failed blocks")
 	}
 }
 
