@@ -77,8 +77,8 @@ func ParseHotplugDisk(data []byte, vm *VM) (HotplugDisk, error) {
 			v.add("disk.name", "%q is the cloud-init disk's", d.Name)
 		}
 	}
-	if d.AttachmentPod != "" && (len(d.AttachmentPod) > maxDNSLabelSize || !labelValue.MatchString(d.AttachmentPod)) {
-		v.add("disk.attachmentPod", "must be a pod's UID, got %q", d.AttachmentPod)
+	if d.AttachmentPod != "" {
+		v.podUID("disk.attachmentPod", d.AttachmentPod)
 	}
 	if v.label("disk.volume", d.Volume) {
 		for i, b := range vm.Disks {

@@ -12,9 +12,11 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"maps"
 	"math/big"
 	"net"
 	"reflect"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -70,6 +72,12 @@ type MigrationAccept struct {
 	// guest's faults on pages not yet sent. A node that cannot (QEMU as a user of its own
 	// without vm.unprivileged_userfaultfd) refuses before the source connects.
 	PostCopy bool `json:"postCopy,omitempty"`
+	// Attachments are the pods on the target's node that lend the target pod the volumes
+	// of the guest's hot-plugged disks, by disk name (HotplugDisk.AttachmentPod's UIDs):
+	// the source's attachment pods are on the source's node. A hot-plugged disk the
+	// source took from an attachment pod needs one here; one the source's compute
+	// container mounts comes from the target's.
+	Attachments map[string]string `json:"attachments,omitempty"`
 }
 
 // MigrationListening is MigrateAcceptCommand's output: where the source is to connect.
@@ -179,6 +187,12 @@ func ParseMigrationAccept(data []byte) (MigrationAccept, error) {
 	a.TLS.validate(v, "accept.tls")
 	if a.TimeoutSeconds < 0 || time.Duration(a.TimeoutSeconds)*time.Second > maxMigrationAcceptTimeout {
 		v.add("accept.timeoutSeconds", "must be between 0 and %d, got %d", int(maxMigrationAcceptTimeout.Seconds()), a.TimeoutSeconds)
+	}
+	for _, disk := range slices.Sorted(maps.Keys(a.Attachments)) {
+		field := "accept.attachments[" + disk + "]"
+		if v.label(field, disk) {
+			v.podUID(field, a.Attachments[disk])
+		}
 	}
 	return a, errors.Join(v.errs...)
 }

@@ -3,6 +3,7 @@ package vmspec
 import (
 	"crypto/tls"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -63,6 +64,21 @@ func TestParseMigrationAccept(t *testing.T) {
 	}
 	if _, err := ParseMigrationAccept([]byte(`{"tls":{}}`)); err == nil || !strings.Contains(err.Error(), "accept.tls: cert, key") {
 		t.Errorf("no credentials: %v", err)
+	}
+	lent, _ := json.Marshal(MigrationAccept{TLS: target, Attachments: map[string]string{"data": "0b5e1d7c-4f2a-4e8e-9d1a-2c3b4d5e6f70"}})
+	if a, err := ParseMigrationAccept(lent); err != nil || a.Attachments["data"] == "" {
+		t.Errorf("an attachment pod for disk data: %+v, %v", a.Attachments, err)
+	}
+	for attachments, want := range map[string]string{
+		`{"Data":"uid"}`:       "accept.attachments[Data]: must be a DNS label",
+		`{"data":"../../etc"}`: "accept.attachments[data]: must be a pod's UID",
+		`{"data":"a b"}`:       "accept.attachments[data]: must be a pod's UID",
+	} {
+		tls, _ := json.Marshal(target)
+		data := fmt.Sprintf(`{"tls":%s,"attachments":%s}`, tls, attachments)
+		if _, err := ParseMigrationAccept([]byte(data)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("attachments %s: %v; want %q", attachments, err, want)
+		}
 	}
 }
 

@@ -178,6 +178,18 @@ func checkShape(v any, t reflect.Type, at string) error {
 			}
 		}
 		return errors.Join(errs...)
+	case reflect.Map: // keyed by string: its keys are the caller's to check
+		m, ok := v.(map[string]any)
+		if !ok || t.Key().Kind() != reflect.String {
+			return typeError(at, "an object", v)
+		}
+		var errs []error
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			if err := checkShape(m[k], t.Elem(), fmt.Sprintf("%s[%s]", at, k)); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
 	case reflect.Slice:
 		l, ok := v.([]any)
 		if !ok {

@@ -380,6 +380,13 @@ func (v *validator) label(path, s string) bool {
 	return true
 }
 
+// podUID checks that uid can name a pod (a UID, as a label value carries it).
+func (v *validator) podUID(path, uid string) {
+	if len(uid) > maxDNSLabelSize || !labelValue.MatchString(uid) {
+		v.add(path, "must be a pod's UID, got %q", uid)
+	}
+}
+
 // name checks a label that must be unique in seen, where it records index i.
 func (v *validator) name(path, s string, seen map[string]int, i int, list string) {
 	if !v.label(path, s) {

@@ -56,14 +56,37 @@ func TestVMPodLiveMigration(t *testing.T) {
 	vm.Interfaces[0].Binding = vmspec.BindingMasquerade
 	vm.Disks = []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, BootOrder: 1}}
 	rootMount := testenv.Mount{ContainerPath: vmspec.VolumeMountPath("root"), HostPath: pvc}
+	// a volume the running guest gets as a hot-plugged disk, which moves with it (the
+	// target plugs it on the source's root port), and one plugged and unplugged before it
+	// so that the two ports differ from what a fresh plug would take
+	data, pad := t.TempDir(), t.TempDir()
+	if err := os.WriteFile(filepath.Join(data, vmspec.DiskImageFile), append([]byte("vmpod hot-plugged disk"), make([]byte, 16<<20-22)...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(pad, vmspec.DiskImageFile), make([]byte, 16<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dataMount := testenv.Mount{ContainerPath: vmspec.VolumeMountPath("data"), HostPath: data}
+	padMount := testenv.Mount{ContainerPath: vmspec.VolumeMountPath("pad"), HostPath: pad}
 	target := vm
 	target.Migration = &vmspec.Migration{Role: vmspec.RoleTarget}
 
 	src := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-src"}, Hostname: "vm-mig", Annotations: annotation(t, vm)})
 	termLog := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog, nil, 0o644)
-	srcID := compute(t, src, []testenv.Mount{rootMount, {ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
+	srcID := compute(t, src, []testenv.Mount{rootMount, dataMount, padMount, {ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
 	waitExec(t, srcID, agentWithin, "", vmspec.GuestAgentPingCommand)
+	attachData := `{"name": "data", "volume": "data", "source": "file"}`
+	for _, args := range [][]string{
+		{vmspec.AttachDiskCommand, `{"name": "pad", "volume": "pad", "source": "file"}`},
+		{vmspec.AttachDiskCommand, attachData},
+		{vmspec.DetachDiskCommand, "pad"},
+	} {
+		if out, err := execIn(srcID, 3*time.Minute, args...); err != nil {
+			t.Fatalf("%v: %q, %v", args, out, err)
+		}
+	}
+	waitExec(t, srcID, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
 	// state that lives only in the guest's memory
 	pid := strings.TrimSpace(waitExec(t, srcID, time.Minute, "", "sh", "-c",
 		"echo moved > /dev/shm/marker; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.1; done' >/dev/null 2>&1 & echo $!"))
@@ -72,7 +95,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 	}
 
 	dst := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-dst"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
-	dstID := compute(t, dst, []testenv.Mount{rootMount}, nil, true)
+	dstID := compute(t, dst, []testenv.Mount{rootMount, dataMount}, nil, true)
 	if st := status(t, dstID); st.State != "CONTAINER_RUNNING" {
 		t.Fatalf("the target's compute container: %s", st.State)
 	}
@@ -160,6 +183,18 @@ func TestVMPodLiveMigration(t *testing.T) {
 	if _, err := execIn(dstID, 20*time.Second, "kill", "-0", pid); err != nil {
 		t.Errorf("the counting process %s is gone: %v", pid, err)
 	}
+	// the hot-plugged disk came along, where the guest had it, writable once the guest is
+	// here; the target's shim knows it (the controller's attach after a move finds it so)
+	waitExec(t, dstID, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
+	if _, err := execIn(dstID, time.Minute, "sh", "-c", "printf moved-disk | dd of=/dev/disk/by-id/virtio-data bs=512 seek=1 conv=fsync"); err != nil {
+		t.Errorf("write to the moved disk: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(data, vmspec.DiskImageFile)); len(b) < 522 || string(b[512:522]) != "moved-disk" {
+		t.Errorf("the data image after the guest's write in the target: %q at 512, want moved-disk", b[512:min(len(b), 522)])
+	}
+	if out, err := execIn(dstID, time.Minute, vmspec.AttachDiskCommand, attachData); err != nil || !strings.Contains(out, "attached already") {
+		t.Errorf("%s in the target: %q, %v; want the disk attached already", vmspec.AttachDiskCommand, out, err)
+	}
 	after := guestCount(t, dstID)
 	time.Sleep(2 * time.Second)
 	if later := guestCount(t, dstID); after < before || later <= after {
@@ -182,7 +217,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 	dst2 := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-dst2"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
 	termLog2 := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog2, nil, 0o644)
-	dst2ID := compute(t, dst2, []testenv.Mount{rootMount, {ContainerPath: "/dev/termination-log", HostPath: termLog2}}, nil, true)
+	dst2ID := compute(t, dst2, []testenv.Mount{rootMount, dataMount, {ContainerPath: "/dev/termination-log", HostPath: termLog2}}, nil, true)
 	t2, s2, _ := vmspec.NewMigrationCredentials()
 	out, err = execStdin(dst2ID, vmspec.MigrationAccept{TLS: t2}, time.Minute, vmspec.MigrateAcceptCommand)
 	if err != nil {
@@ -240,24 +275,31 @@ func TestVMPodLiveMigration(t *testing.T) {
 	// targets whose devices differ from the source's: refused by their QEMU, each at its
 	// own point of the stream, and the guest runs on where it was
 	for _, c := range []struct {
-		name string
-		edit func(*vmspec.VM)
-		want string
+		name   string
+		edit   func(*vmspec.VM)
+		want   string
+		noData bool // the target's compute container lacks the hot-plugged disk's volume
 	}{
+		// refused before the stream begins: the target cannot plug the guest's disk
+		{"no volume for the hot-plugged disk", func(*vmspec.VM) {}, "the target refused the guest: plug the guest's hot-plugged disk data", true},
 		// an e1000e NIC brings a ROM, a RAM block the source lacks: the target fails at
 		// the stream's start, and the source's QEMU hears of it through the stream
-		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed"},
+		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed", false},
 		// the disk on SATA: the RAM matches, the virtio-blk state (sent last, the guest
 		// stopped) does not. The source's QEMU has completed; the target says it failed,
 		// and the source resumes its guest: the switchover's first phase
-		{"the disk on SATA", func(vm *vmspec.VM) { vm.Disks[0].Bus = vmspec.BusSATA }, "the guest runs on here"},
+		{"the disk on SATA", func(vm *vmspec.VM) { vm.Disks[0].Bus = vmspec.BusSATA }, "the guest runs on here", false},
 	} {
 		odd := target
 		odd.Interfaces = append([]vmspec.Interface{}, target.Interfaces...)
 		odd.Disks = append([]vmspec.Disk{}, target.Disks...)
 		c.edit(&odd)
 		pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-odd"}, Hostname: "vm-mig", Annotations: annotation(t, odd)})
-		oddID := compute(t, pod, []testenv.Mount{rootMount}, nil, true)
+		mounts := []testenv.Mount{rootMount, dataMount}
+		if c.noData {
+			mounts = mounts[:1]
+		}
+		oddID := compute(t, pod, mounts, nil, true)
 		to, so, _ := vmspec.NewMigrationCredentials()
 		out, err := execStdin(oddID, vmspec.MigrationAccept{TLS: to}, time.Minute, vmspec.MigrateAcceptCommand)
 		if err != nil {

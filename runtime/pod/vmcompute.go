@@ -67,7 +67,7 @@ type computeVM struct {
 	stopNICs context.CancelFunc
 
 	hotMu sync.Mutex
-	hot   map[string]os.FileInfo // hot-plugged disks' images, by disk name
+	hot   map[string]hotDisk // hot-plugged disks, by name
 	// agentKeys reads the access credentials the guest agent keeps in the guest while the
 	// VM runs; nil without any
 	agentKeys func() ([]userKeys, error)
@@ -810,6 +810,12 @@ const hotplugWait = 2 * time.Minute
 // hotDiskID is a hot-plugged disk's device id, apart from the boot disks' (disk<i>).
 func hotDiskID(name string) string { return "hot-" + name }
 
+// hotDisk is a disk attachDisk plugged in.
+type hotDisk struct {
+	vmspec.HotplugDisk             // as asked for
+	image              os.FileInfo // the opened image, to know it again
+}
+
 // attachDisk plugs in the disk an AttachDiskCommand describes (JSON). The same disk
 // attached again from the same image is no error: the controller says again what it wants
 // when it cannot know whether its last attach got through.
@@ -823,38 +829,50 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 	if c.isPaused() {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, errPaused)
 	}
+	out, err := c.plugHotDisk(ctx, d, "")
+	if err != nil {
+		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
+	}
+	return out, nil
+}
+
+// plugHotDisk opens d's image, from this pod's compute container or from d's attachment
+// pod, and plugs it on root port port ("": the lowest free one), unless that image is
+// attached as d already. Called with hotMu held.
+func (c *computeVM) plugHotDisk(ctx context.Context, d vmspec.HotplugDisk, port string) (string, error) {
 	spec := c.spec
 	if d.AttachmentPod != "" {
+		var err error
 		if spec, err = c.attachmentSpec(ctx, d); err != nil {
-			return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+			return "", fmt.Errorf("disk %s: %w", d.Name, err)
 		}
 	}
 	disk, err := disks.OpenHotplug(ctx, d.Disk, spec, disks.Options{QEMUImg: c.pod.cfg.Hypervisor.QEMUImg})
 	if err != nil {
-		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
+		return "", err
 	}
 	defer disk.File.Close() // QEMU holds its own copy once plugged
 	fi, err := disk.File.Stat()
 	if err != nil {
-		return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+		return "", fmt.Errorf("disk %s: %w", d.Name, err)
 	}
-	if hfi, dup := c.hot[d.Name]; dup {
-		if sameImage(fi, hfi) {
+	if had, dup := c.hot[d.Name]; dup {
+		if sameImage(fi, had.image) {
 			return fmt.Sprintf("disk %s attached already", d.Name), nil
 		}
-		return "", fmt.Errorf("%s: disk %s is attached already, from another image: %w", vmspec.AttachDiskCommand, d.Name, errdefs.ErrAlreadyExists)
+		return "", fmt.Errorf("disk %s is attached already, from another image: %w", d.Name, errdefs.ErrAlreadyExists)
 	}
 	// the same image under another volume's name would have two writers
 	if other := c.diskOf(fi); other != "" {
-		return "", fmt.Errorf("%s: disk %s: volume %s holds the image of disk %s: %w", vmspec.AttachDiskCommand, d.Name, d.Volume, other, errdefs.ErrAlreadyExists)
+		return "", fmt.Errorf("disk %s: volume %s holds the image of disk %s: %w", d.Name, d.Volume, other, errdefs.ErrAlreadyExists)
 	}
-	if err := c.machine.PlugDisk(ctx, disk.VirtioBlk(hotDiskID(d.Name)), disk.File); err != nil {
-		return "", fmt.Errorf("%s: disk %s: %w", vmspec.AttachDiskCommand, d.Name, err)
+	if err := c.machine.PlugDiskAt(ctx, port, disk.VirtioBlk(hotDiskID(d.Name)), disk.File); err != nil {
+		return "", fmt.Errorf("disk %s: %w", d.Name, err)
 	}
 	if c.hot == nil {
-		c.hot = map[string]os.FileInfo{}
+		c.hot = map[string]hotDisk{}
 	}
-	c.hot[d.Name] = fi
+	c.hot[d.Name] = hotDisk{HotplugDisk: d, image: fi}
 	from := ""
 	if d.AttachmentPod != "" {
 		from = ", pod " + d.AttachmentPod
@@ -896,8 +914,8 @@ func (c *computeVM) diskOf(fi os.FileInfo) string {
 			return d.Spec.Name
 		}
 	}
-	for name, hfi := range c.hot {
-		if sameImage(fi, hfi) {
+	for name, h := range c.hot {
+		if sameImage(fi, h.image) {
 			return name
 		}
 	}

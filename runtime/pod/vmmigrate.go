@@ -86,13 +86,30 @@ type guestShape struct {
 	// the guest's memory blocks before its first growth (none before one): hot-plugged
 	// memory is onlined again after a guest reboot on the target too
 	BootBlocks []uint64 `json:"bootBlocks,omitempty"`
+	// the disks attachDisk plugged in, by name: the target plugs the same images on the
+	// same root ports, where the guest's device state expects them
+	Disks []shapedDisk `json:"disks,omitempty"`
+}
+
+// shapedDisk is a hot-plugged disk of a guestShape: as its attach asked for it, and the
+// root port it sits on.
+type shapedDisk struct {
+	vmspec.HotplugDisk
+	Port string `json:"port"`
 }
 
 // shape is this guest's shape. Called with hotMu held.
-func (c *computeVM) shape() guestShape {
+func (c *computeVM) shape() (guestShape, error) {
 	s := guestShape{VCPUs: c.size.VCPUs, MemoryMiB: c.size.MemoryMiB, BootCPUMilli: c.bootLimits.cpuMilli, BootMemBytes: c.bootLimits.memBytes}
 	s.BootBlocks = slices.Sorted(maps.Keys(c.bootBlocks))
-	return s
+	for _, name := range slices.Sorted(maps.Keys(c.hot)) {
+		port, ok := c.machine.DiskPort(hotDiskID(name))
+		if !ok {
+			return s, fmt.Errorf("hot-plugged disk %s has no root port", name) // a bug
+		}
+		s.Disks = append(s.Disks, shapedDisk{HotplugDisk: c.hot[name].HotplugDisk, Port: port})
+	}
+	return s, nil
 }
 
 // agreeShape tells the target the guest's shape and waits for it to match it, or for ctx
@@ -124,10 +141,11 @@ func agreeShape(ctx context.Context, control net.Conn, s guestShape) error {
 // takeShape reads the source's guestShape and makes this VM match it before QEMU reads
 // the stream: this pod's limits must ask for the guest's size (a target made from the
 // source pod before its resize was applied would hold the guest in a cgroup too small,
-// and the kubelet would never resize it again), and the vCPUs the source plugged are
-// plugged here, in the same slots. A refusal is told to the source, which then never
-// starts the stream.
-func (c *computeVM) takeShape(ctx context.Context, control net.Conn) error {
+// and the kubelet would never resize it again), and the vCPUs and disks the source
+// plugged are plugged here, in the same slots; attachments name the pods on this node
+// that lend this pod the disks the source took from its attachment pods. A refusal is
+// told to the source, which then never starts the stream.
+func (c *computeVM) takeShape(ctx context.Context, control net.Conn, attachments map[string]string) error {
 	msg, err := readSwitchover(control, switchoverWait)
 	switch {
 	case err != nil:
@@ -138,17 +156,21 @@ func (c *computeVM) takeShape(ctx context.Context, control net.Conn) error {
 	s := *msg.Shape
 	c.hotMu.Lock() // no resize meanwhile
 	defer c.hotMu.Unlock()
-	if err := c.matchShape(ctx, s); err != nil {
+	if err := c.matchShape(ctx, s, attachments); err != nil {
 		_ = writeSwitchover(control, switchover{Error: err.Error()})
 		return err
 	}
-	log.G(ctx).WithField("pod", c.pod.id).Infof("migration target: the guest has %d vCPUs and %d MiB", c.size.VCPUs, c.size.MemoryMiB)
+	log.G(ctx).WithField("pod", c.pod.id).Infof("migration target: the guest has %d vCPUs, %d MiB and %d hot-plugged disks", c.size.VCPUs, c.size.MemoryMiB, len(s.Disks))
 	return writeSwitchover(control, switchover{Ready: true})
 }
 
-// matchShape checks s against this pod and plugs the vCPUs it lacks. Called with hotMu
-// held.
-func (c *computeVM) matchShape(ctx context.Context, s guestShape) error {
+// matchShape checks s against this pod and plugs the vCPUs and disks it lacks. Called
+// with hotMu held.
+func (c *computeVM) matchShape(ctx context.Context, s guestShape, attachments map[string]string) error {
+	hot, err := c.shapedDisks(s.Disks, attachments)
+	if err != nil {
+		return err
+	}
 	boot := claim{cpuMilli: s.BootCPUMilli, memBytes: s.BootMemBytes}
 	want, err := vmTarget(c.pod.vm, boot, c.limits)
 	if err != nil {
@@ -168,6 +190,11 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape) error {
 		}
 		c.size.VCPUs = n
 	}
+	for i, d := range hot {
+		if _, err := c.plugHotDisk(ctx, d, s.Disks[i].Port); err != nil {
+			return fmt.Errorf("plug the guest's hot-plugged disk %s on %s: %w", d.Name, s.Disks[i].Port, err)
+		}
+	}
 	c.size.MemoryMiB = s.MemoryMiB
 	c.bootLimits = boot
 	if len(s.BootBlocks) > 0 {
@@ -177,6 +204,36 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape) error {
 		}
 	}
 	return nil
+}
+
+// shapedDisks checks the source's hot-plugged disks as an attach to this VM would be
+// checked, and gives each the pod on this node that lends its volume in place of the
+// source's. Nothing is plugged until all of them pass.
+func (c *computeVM) shapedDisks(shaped []shapedDisk, attachments map[string]string) ([]vmspec.HotplugDisk, error) {
+	var hot []vmspec.HotplugDisk
+	for i, sd := range shaped {
+		d := sd.HotplugDisk
+		if d.AttachmentPod != "" {
+			uid, ok := attachments[d.Name]
+			if !ok {
+				return nil, fmt.Errorf("the guest's hot-plugged disk %s comes from an attachment pod on the source's node, and none on this node was named for it (accept.attachments): %w", d.Name, errdefs.ErrFailedPrecondition)
+			}
+			d.AttachmentPod = uid
+		}
+		data, err := json.Marshal(d)
+		if err != nil {
+			return nil, err
+		}
+		d, err = vmspec.ParseHotplugDisk(data, c.pod.vm)
+		if err != nil {
+			return nil, fmt.Errorf("shape.disks[%d]: %w", i, err)
+		}
+		if sd.Port == "" {
+			return nil, fmt.Errorf("shape.disks[%d].port: the source names no root port for disk %s", i, d.Name)
+		}
+		hot = append(hot, d)
+	}
+	return hot, nil
 }
 
 // guestMAC is a masquerade-bound NIC's MAC when the spec names none: locally administered,
@@ -197,9 +254,6 @@ func (c *computeVM) migratable() error {
 	}
 	if err := p.vm.Migratable(); err != nil {
 		errs = append(errs, err)
-	}
-	if len(c.hot) > 0 {
-		errs = append(errs, fmt.Errorf("%d hot-plugged disks: the target pod boots without them (detach them first)", len(c.hot)))
 	}
 	if c.nics != nil && c.nics.plugged.Load() > 0 {
 		errs = append(errs, fmt.Errorf("%d hot-plugged NICs: the target pod boots without them", c.nics.plugged.Load()))
@@ -268,7 +322,7 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 	}
 	defer control.Close()
 	defer stream.Close()
-	if err := c.takeShape(ctx, control); err != nil {
+	if err := c.takeShape(ctx, control, req.Attachments); err != nil {
 		c.failTarget(ctx, err)
 		return
 	}
@@ -567,7 +621,11 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		return fail(err)
 	}
 	defer stream.Close()
-	if err := agreeShape(ctx, control, c.shape()); err != nil {
+	shape, err := c.shape() // hotMu is held
+	if err != nil {
+		return fail(err)
+	}
+	if err := agreeShape(ctx, control, shape); err != nil {
 		return fail(err)
 	}
 	qemuEnd, shimEnd, err := streamPair()

@@ -8,10 +8,11 @@ import (
 	"maps"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/containerd/errdefs"
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
@@ -190,11 +191,10 @@ func TestMigratable(t *testing.T) {
 	bad.Interfaces = append([]vmspec.Interface{}, vm.Interfaces...)
 	bad.Interfaces = append(bad.Interfaces, vmspec.Interface{Name: "br", PodInterface: "net1", Binding: vmspec.BindingBridge})
 	bad.HostDevices = []vmspec.HostDevice{{Name: "gpu"}}
-	c = &computeVM{pod: &vmPod{vm: &bad}, size: Size{VCPUs: 2, MemoryMiB: 1024}, hot: map[string]os.FileInfo{"data": nil}}
+	c = &computeVM{pod: &vmPod{vm: &bad}, size: Size{VCPUs: 2, MemoryMiB: 1024}}
 	err := c.migratable()
 	for _, want := range []string{"no network namespace", "disks[1] (cd): a containerDisk", "disks[2] (tmp): an empty disk",
-		"interfaces[0] (default): the guest's MAC would change", "interfaces[1] (br): the bridge binding", "1 passed-through",
-		"1 hot-plugged disks"} {
+		"interfaces[0] (default): the guest's MAC would change", "interfaces[1] (br): the bridge binding", "1 passed-through"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want %q", err, want)
 		}
@@ -217,8 +217,12 @@ func TestGuestShape(t *testing.T) {
 		defer a.Close()
 		defer b.Close()
 		done := make(chan error, 1)
-		go func() { done <- dst.takeShape(context.Background(), b) }()
-		sourceErr = agreeShape(context.Background(), a, source.shape())
+		go func() { done <- dst.takeShape(context.Background(), b, nil) }()
+		shape, err := source.shape()
+		if err != nil {
+			t.Fatal(err)
+		}
+		sourceErr = agreeShape(context.Background(), a, shape)
 		return sourceErr, <-done
 	}
 
@@ -262,7 +266,40 @@ func TestGuestShape(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(100*time.Millisecond, cancel)
 	started := time.Now()
-	if err := agreeShape(ctx, a, source.shape()); !errors.Is(err, vmm.ErrMigrationCancelled) || time.Since(started) > 5*time.Second {
+	shape, _ := source.shape()
+	if err := agreeShape(ctx, a, shape); !errors.Is(err, vmm.ErrMigrationCancelled) || time.Since(started) > 5*time.Second {
 		t.Errorf("cancelled while the target is silent: %v after %v, want a prompt cancel", err, time.Since(started))
+	}
+}
+
+// The source's hot-plugged disks are checked as an attach to the target would be, and a
+// disk lent by an attachment pod on the source's node needs one on the target's, before
+// anything is plugged.
+func TestShapedDisks(t *testing.T) {
+	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
+		Disks: []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile}}}
+	c := &computeVM{pod: &vmPod{vm: vm}}
+	lent := vmspec.HotplugDisk{Disk: vmspec.Disk{Name: "data", Volume: "data", Source: vmspec.SourceFile}, AttachmentPod: "source-uid"}
+	own := vmspec.HotplugDisk{Disk: vmspec.Disk{Name: "logs", Volume: "logs", Source: vmspec.SourceBlock}}
+	shaped := []shapedDisk{{HotplugDisk: lent, Port: "rp1"}, {HotplugDisk: own, Port: "rp0"}}
+
+	got, err := c.shapedDisks(shaped, map[string]string{"data": "target-uid"})
+	if err != nil || len(got) != 2 || got[0].AttachmentPod != "target-uid" || got[1].AttachmentPod != "" || got[1].Device != vmspec.DeviceDisk {
+		t.Fatalf("disks %+v, %v; want data lent by target-uid, logs from the compute container", got, err)
+	}
+	if _, err := c.shapedDisks(shaped, nil); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "accept.attachments") {
+		t.Errorf("no attachment pod named for disk data: %v", err)
+	}
+	for _, bad := range []struct {
+		disk shapedDisk
+		want string
+	}{
+		{shapedDisk{HotplugDisk: vmspec.HotplugDisk{Disk: vmspec.Disk{Name: "root", Volume: "x", Source: vmspec.SourceFile}}, Port: "rp0"}, "shape.disks[0]: disk.name"},
+		{shapedDisk{HotplugDisk: vmspec.HotplugDisk{Disk: vmspec.Disk{Name: "x", Volume: "root", Source: vmspec.SourceFile}}, Port: "rp0"}, "shape.disks[0]: disk.volume"},
+		{shapedDisk{HotplugDisk: own}, "shape.disks[0].port"},
+	} {
+		if _, err := c.shapedDisks([]shapedDisk{bad.disk}, nil); err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Errorf("disk %+v: %v; want %q", bad.disk, err, bad.want)
+		}
 	}
 }

@@ -35,7 +35,14 @@ type pluggedDisk struct {
 // gets the descriptor in an fd set of its own (add-fd) and opens /dev/fdset/<id>, never a
 // path. disk.Path is ignored. On any failure what was done is undone: no fd set, block
 // node, device or root port is left.
-func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os.File) (retErr error) {
+func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os.File) error {
+	return m.PlugDiskAt(ctx, "", disk, file)
+}
+
+// PlugDiskAt is PlugDisk on the root port with id port ("": the lowest free one): a
+// migration target plugs a hot-plugged disk where the source has it, for the guest's
+// device state to find it there (see DiskPort).
+func (m *Machine) PlugDiskAt(ctx context.Context, port string, disk devices.VirtioBlk, file *os.File) (retErr error) {
 	if err := m.canHotplug("disk " + disk.DeviceID); err != nil {
 		return err
 	}
@@ -64,7 +71,13 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 		return fail(err)
 	}
 	disk.Path = devices.FDSetPath(fdSet)
-	hp, err := m.hw.Hotplug(&disk)
+	var hp devices.Hotplug
+	var err error
+	if port == "" {
+		hp, err = m.hw.Hotplug(&disk)
+	} else {
+		hp, err = m.hw.HotplugAt(port, &disk)
+	}
 	if err != nil {
 		return fmt.Errorf("vm %s: plug disk %s: %w: %w", m.cfg.Name, disk.DeviceID, err, errdefs.ErrInvalidArgument)
 	}
@@ -84,6 +97,16 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 	m.disks[disk.DeviceID] = pluggedDisk{node: hp.Blockdev.NodeName, fdSet: fdSet}
 	log.G(ctx).Infof("vm %s: plugged disk %s on %s (fd set %d)", m.cfg.Name, disk.DeviceID, hp.Port.ID, fdSet)
 	return nil
+}
+
+// DiskPort is the id of the root port a plugged disk sits on.
+func (m *Machine) DiskPort(id string) (string, bool) {
+	ports := m.hw.Ports()
+	if ports == nil { // no hotplug (microvm)
+		return "", false
+	}
+	p, ok := ports.PortOf(id)
+	return p.ID, ok
 }
 
 // UnplugDisk takes a disk PlugDisk added out of the machine: device_del, which on q35 the
