@@ -175,6 +175,43 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	}
 	grownMem := memTotal()
 
+	// a disk plugged in while the VM runs, on shared storage: it moves with the guest, at
+	// its PCI address (each target pod gets an attachment pod of its own, docs/design/209).
+	// Read and written past the guest's page cache (O_DIRECT), so each hop shows the
+	// target's QEMU has the image open for writing.
+	const hp = "mig-hp"
+	applyConverted(t, c, ns, `apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: `+hp+`
+spec:
+  source:
+    blank: {}
+  storage:
+    accessModes: [ReadWriteMany]
+    storageClassName: vmpod-shared
+    resources: {requests: {storage: 64Mi}}
+`)
+	waitDataVolume(t, c, ns, hp, "Succeeded", 3*time.Minute)
+	c.Kubectl(t, "vmpod", "addvolume", "-n", ns, vm, "--volume-name="+hp)
+	hpDisk := "/dev/disk/by-id/virtio-" + hp
+	testenv.WaitForWithin(t, 3*time.Minute, "the hot-plugged disk in the guest", func() bool {
+		out, _ := c.KubectlErr("exec", "-n", ns, pod, "-c", "compute", "--", "ls", "/dev/disk/by-id")
+		return strings.Contains(out, "virtio-"+hp)
+	})
+	hop := 0
+	writeDisk := func() string {
+		t.Helper()
+		hop++
+		mark := fmt.Sprintf("hop-%d-%s", hop, marker[:8])
+		guest("sh", "-c", "printf %-512s "+mark+" | dd of="+hpDisk+" bs=512 count=1 oflag=direct conv=fsync 2>/dev/null")
+		return mark
+	}
+	readDisk := func() string {
+		return strings.TrimSpace(guest("sh", "-c", "dd if="+hpDisk+" bs=512 count=1 iflag=direct 2>/dev/null"))
+	}
+	diskMark := writeDisk()
+
 	// 1. kubectl vmpod migrate: to the other vmpod node
 	before := count()
 	sourceNode := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.nodeName}")
@@ -213,6 +250,18 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 		}
 		if n, m := guest("nproc"), memTotal(); n != "2" || m != grownMem {
 			t.Errorf("%s: %s vCPUs and %d KiB, want the resized guest's 2 and %d KiB", when, n, m, grownMem)
+		}
+		if got := readDisk(); got != diskMark {
+			t.Errorf("%s: the hot-plugged disk holds %q, want %q", when, got, diskMark)
+		} else if diskMark = writeDisk(); readDisk() != diskMark {
+			t.Errorf("%s: the hot-plugged disk does not keep a write (%q)", when, readDisk())
+		}
+		var phase string
+		if !testenv.PollWithin(time.Minute, func() bool {
+			phase, _ = c.KubectlErr("get", "vm.vmpod.dev", "-n", ns, vm, "-o", `jsonpath={.status.volumeStatus[?(@.name=="`+hp+`")].phase}`)
+			return phase == "Ready"
+		}) {
+			t.Errorf("%s: the hot-plugged volume is %q, want Ready", when, phase)
 		}
 	}
 	checkGuestKept("after the migration", before)

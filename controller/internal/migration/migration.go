@@ -31,6 +31,7 @@ import (
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
+	"github.com/vmpod/vmpod/controller/internal/render"
 )
 
 // Exec runs a command in a pod's container with stdin, copying its stdout to stdout as it
@@ -286,11 +287,40 @@ func Unmovable(ctx context.Context, c ctrl.Reader, pod *corev1.Pod) (string, err
 	if err := spec.Migratable(); err != nil {
 		return "the VM cannot migrate: " + strings.ReplaceAll(err.Error(), "\n", "; "), nil
 	}
-	why, err := unshared(ctx, c, pod)
-	if why != "" {
-		why = "the VM cannot migrate: " + why
+	lent, err := attachmentPods(ctx, c, pod)
+	if err != nil {
+		return "", err
 	}
-	return why, err
+	for _, p := range append([]*corev1.Pod{pod}, lent...) {
+		why, err := unshared(ctx, c, p)
+		switch {
+		case err != nil:
+			return "", err
+		case why == "":
+			continue
+		case p != pod:
+			why = fmt.Sprintf("hot-plugged %s (attachment pod %s)", why, p.Name)
+		}
+		return "the VM cannot migrate: " + why, nil
+	}
+	return "", nil
+}
+
+// attachmentPods are the pods that lend vmPod the volumes of its hot-plugged disks
+// (docs/design/204), but those on their way out.
+func attachmentPods(ctx context.Context, c ctrl.Reader, vmPod *corev1.Pod) ([]*corev1.Pod, error) {
+	pods := &corev1.PodList{}
+	if err := c.List(ctx, pods, ctrl.InNamespace(vmPod.Namespace), ctrl.MatchingLabels{vmspec.AttachmentForLabel: string(vmPod.UID)}, ctrl.HasLabels{render.HotplugVolumeLabel}); err != nil {
+		return nil, fmt.Errorf("list the attachment pods of pod %s: %w", vmPod.Name, err)
+	}
+	var lent []*corev1.Pod
+	for i := range pods.Items {
+		if p := &pods.Items[i]; p.DeletionTimestamp == nil && metav1.IsControlledBy(p, vmPod) {
+			lent = append(lent, p)
+		}
+	}
+	slices.SortFunc(lent, func(a, b *corev1.Pod) int { return strings.Compare(a.Name, b.Name) })
+	return lent, nil
 }
 
 // unshared says why a claim the source pod mounts cannot be opened on another node at the
@@ -337,8 +367,13 @@ func NotNow(vm *vmpodv1.VirtualMachine, pod *corev1.Pod) string {
 	switch {
 	case vm.Status.PausedPodUID == pod.UID:
 		return "the VM is paused (unpause it first)"
-	case len(vm.Status.VolumeStatus) > 0:
-		return fmt.Sprintf("the VM has %d hot-plugged volumes: the target pod would boot without them (remove them first)", len(vm.Status.VolumeStatus))
+	}
+	for _, v := range vm.Status.VolumeStatus {
+		if v.Phase != vmpodv1.VolumeReady || v.PodUID != pod.UID {
+			// the target plugs what the source has (the guest's shape): a disk on its way
+			// in or out would be in one of them only
+			return fmt.Sprintf("hot-plugged volume %s is %s: migrate once it is attached or gone", v.Name, v.Phase)
+		}
 	}
 	return ""
 }
@@ -534,6 +569,7 @@ func awayFrom(spec *corev1.PodSpec, node string) {
 func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
 	target := &corev1.Pod{}
 	err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target)
+	waiting := "" // the target's attachment pods that do not run yet
 	switch {
 	case apierrors.IsNotFound(err):
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "the target pod "+m.Status.TargetPod+" is gone")
@@ -542,8 +578,14 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 	case target.Status.Phase == corev1.PodFailed || target.Status.Phase == corev1.PodSucceeded:
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("the target pod %s ended (%s) before the guest moved%s", target.Name, target.Status.Phase, terminated(target)))
 	case target.Status.Phase == corev1.PodRunning && computeRunning(target):
-		m.Status.Phase, m.Status.TargetNode = vmpodv1.MigrationTargetReady, target.Spec.NodeName
-		return reconcile.Result{}, r.Client.Status().Update(ctx, m)
+		if waiting, err = r.lendTarget(ctx, m, target); err != nil {
+			return reconcile.Result{}, err
+		}
+		if waiting == "" {
+			m.Status.Phase, m.Status.TargetNode = vmpodv1.MigrationTargetReady, target.Spec.NodeName
+			return reconcile.Result{}, r.Client.Status().Update(ctx, m)
+		}
+		log.FromContext(ctx).Info("waiting for the target's attachment pods", "migration", m.Name, "why", waiting)
 	}
 	wait := r.TargetWait
 	if wait == 0 {
@@ -553,6 +595,9 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 		return reconcile.Result{RequeueAfter: min(left, 10*time.Second)}, nil
 	}
 	why := fmt.Sprintf("the target pod %s did not start within %v", target.Name, wait)
+	if waiting != "" {
+		why = fmt.Sprintf("the target pod %s's attachment pods did not start within %v: %s", target.Name, wait, waiting)
+	}
 	for _, c := range target.Status.Conditions {
 		if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse {
 			why += ": " + c.Message
@@ -561,21 +606,85 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 	return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
 }
 
+// lendTarget gives the target pod an attachment pod on its node for each of the source's
+// (the volumes of the guest's hot-plugged disks, which the target plugs before the guest
+// arrives), and says what it still waits for: "" once all of them run.
+func (r *Reconciler) lendTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration, target *corev1.Pod) (string, error) {
+	source := &corev1.Pod{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source); err != nil {
+		return "", fmt.Errorf("source pod %s: %w", m.Status.SourcePod, err)
+	}
+	lent, err := attachmentPods(ctx, r.Client, source)
+	if err != nil || len(lent) == 0 {
+		return "", err
+	}
+	vm := &vmpodv1.VirtualMachine{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err != nil {
+		return "", fmt.Errorf("VirtualMachine %s: %w", m.Spec.VMName, err)
+	}
+	var waiting []string
+	for _, src := range lent {
+		want, err := render.TargetAttachmentPod(vm, target, src)
+		if err != nil {
+			return "", err
+		}
+		have := &corev1.Pod{}
+		err = r.Client.Get(ctx, ctrl.ObjectKeyFromObject(want), have)
+		switch {
+		case apierrors.IsNotFound(err):
+			if err := r.Client.Create(ctx, want); err != nil && !apierrors.IsAlreadyExists(err) {
+				return "", fmt.Errorf("create attachment pod %s: %w", want.Name, err)
+			}
+			r.Recorder.Eventf(m, want, corev1.EventTypeNormal, "SuccessfulCreate", "CreateAttachmentPod",
+				"attachment pod %s lends volume %s to the target pod %s", want.Name, want.Labels[render.HotplugVolumeLabel], target.Name)
+			waiting = append(waiting, want.Name+" created")
+		case err != nil:
+			return "", err
+		case have.Status.Phase != corev1.PodRunning || have.DeletionTimestamp != nil:
+			waiting = append(waiting, fmt.Sprintf("%s %s", have.Name, have.Status.Phase))
+		}
+	}
+	return strings.Join(waiting, ", "), nil
+}
+
+// targetAttachments are the target pod's attachment pods, by volume (its hot-plugged
+// disk's name): what the target's accept names for the disks the source's pods lend.
+func (r *Reconciler) targetAttachments(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (map[string]string, error) {
+	target := &corev1.Pod{}
+	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target); err != nil {
+		return nil, fmt.Errorf("target pod %s: %w", m.Status.TargetPod, err)
+	}
+	lent, err := attachmentPods(ctx, r.Client, target)
+	if err != nil || len(lent) == 0 {
+		return nil, err
+	}
+	byVolume := map[string]string{}
+	for _, p := range lent {
+		byVolume[p.Labels[render.HotplugVolumeLabel]] = string(p.UID)
+	}
+	return byVolume, nil
+}
+
 // send marks the migration Running and has the shims move the guest in the background:
 // the migrate exec lasts as long as the migration (follow reads its progress). Running is
 // stored first, so a controller that dies before its exec starts finds no flight of its
 // own on its next pass and ends the migration as failed (recover).
 func (r *Reconciler) send(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
+	attachments, err := r.targetAttachments(ctx, m)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
 	m.Status.Phase = vmpodv1.MigrationRunning
 	if err := r.Client.Status().Update(ctx, m); err != nil {
 		return reconcile.Result{}, err
 	}
-	r.launch(ctx, m.DeepCopy())
+	r.launch(ctx, m.DeepCopy(), attachments)
 	return reconcile.Result{RequeueAfter: progressEvery}, nil
 }
 
 // launch runs, in the background, the target's accept and then the source's migrate.
-func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigration) {
+// attachments name the target's attachment pods, by volume.
+func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigration, attachments map[string]string) {
 	lg := log.FromContext(ctx).WithValues("vm", m.Spec.VMName, "from", m.Status.SourcePod, "to", m.Status.TargetPod)
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &flight{cancel: cancel}
@@ -598,7 +707,7 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			return
 		}
 		opts := r.policy().requestOptions(m.Spec)
-		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, PostCopy: opts.AllowPostCopy})
+		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, PostCopy: opts.AllowPostCopy, Attachments: attachments})
 		var out bytes.Buffer
 		if err := r.Exec.Stream(ctx, m.Namespace, m.Status.TargetPod, vmspec.ComputeContainer, []string{vmspec.MigrateAcceptCommand}, bytes.NewReader(accept), &out); err != nil {
 			end(fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err))

@@ -8,6 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 
 	"github.com/vmpod/vmpod/api/vmspec"
@@ -125,6 +126,29 @@ func AttachmentPod(vm *vmpodv1.VirtualMachine, vmPod *corev1.Pod, hv HotplugVolu
 			}},
 		},
 	}
+}
+
+// TargetAttachmentPod renders, for a migration's target pod, the attachment pod that src
+// is for the source: the same claim and image, on the target's node, lent to the target
+// and named for it (both hold the volume until the guest has moved; docs/design/209).
+func TargetAttachmentPod(vm *vmpodv1.VirtualMachine, target, src *corev1.Pod) (*corev1.Pod, error) {
+	hv := HotplugVolume{Name: src.Labels[HotplugVolumeLabel]}
+	if hv.Name == "" || len(src.Spec.Volumes) != 1 || src.Spec.Volumes[0].PersistentVolumeClaim == nil || len(src.Spec.Containers) != 1 {
+		return nil, fmt.Errorf("pod %s is not an attachment pod of one volume", src.Name)
+	}
+	pvc := src.Spec.Volumes[0].PersistentVolumeClaim
+	hv.Claim, hv.ReadOnly = pvc.ClaimName, pvc.ReadOnly
+	claim := Claim{Block: len(src.Spec.Containers[0].VolumeDevices) > 0}
+	p := AttachmentPod(vm, target, hv, claim, Config{ComputeImage: src.Spec.Containers[0].Image})
+	p.Name = TargetAttachmentPodName(vm.Name, hv.Name, target.UID)
+	return p, nil
+}
+
+// TargetAttachmentPodName is the name of the attachment pod of vm's volume for the
+// migration target pod with UID target: apart from the source's, which still runs.
+func TargetAttachmentPodName(vmName, volume string, target types.UID) string {
+	sum := sha256.Sum256([]byte(target))
+	return AttachmentPodName(vmName, volume) + "-" + hex.EncodeToString(sum[:4])
 }
 
 // HotplugDisk is the disk the shim plugs for hv, from the volume attachmentPod mounts.

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vmpod/vmpod/api/vmspec"
@@ -57,6 +58,20 @@ func TestHotplugVolumes(t *testing.T) {
 	}
 	if AttachmentPodName("a-b", "c") == AttachmentPodName("a", "b-c") {
 		t.Error("two VMs' volumes share an attachment pod name")
+	}
+	// a migration's target gets the same on its node, lent to it, named for it
+	target := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "vmpod-fedora-mig", Namespace: "ns", UID: "target-uid"}, Spec: corev1.PodSpec{NodeName: "node-2"}}
+	tatt, err := TargetAttachmentPod(vm, target, att)
+	if err != nil {
+		t.Fatal(err)
+	}
+	att.Name, att.Labels[vmspec.AttachmentForLabel], att.OwnerReferences[0].Name, att.OwnerReferences[0].UID = tatt.Name, "target-uid", target.Name, target.UID
+	att.Spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms[0].MatchFields[0].Values = []string{"node-2"}
+	if !equality.Semantic.DeepEqual(tatt, att) || tatt.Name == AttachmentPodName("fedora", "logs") || tatt.Name != TargetAttachmentPodName("fedora", "logs", "target-uid") {
+		t.Errorf("the target's attachment pod %s:\n%+v\nwant the source's for node-2 and the target:\n%+v", tatt.Name, tatt, att)
+	}
+	if _, err := TargetAttachmentPod(vm, target, vmPod); err == nil || !strings.Contains(err.Error(), "not an attachment pod") {
+		t.Errorf("a VM pod taken for an attachment pod: %v", err)
 	}
 	disk := HotplugDisk(hvs[1], Claim{Block: true}, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{UID: "att-uid"}})
 	if want := (vmspec.HotplugDisk{Disk: vmspec.Disk{Name: "logs", Volume: "logs", Source: vmspec.SourceBlock, Device: vmspec.DeviceDisk, Bus: vmspec.BusVirtio, ReadOnly: true},

@@ -49,8 +49,13 @@ const (
 var evacuationBackoff = Backoff{Base: time.Minute, Max: 10 * time.Minute}
 
 // DisruptionBudgetName is the name of the PodDisruptionBudget guarding the VM's pods.
-func DisruptionBudgetName(vm string) string {
-	const prefix = "vmpod-"
+func DisruptionBudgetName(vm string) string { return budgetName("vmpod-", vm) }
+
+// AttachmentBudgetName is the name of the PodDisruptionBudget guarding the VM's disk
+// attachment pods.
+func AttachmentBudgetName(vm string) string { return budgetName("vmpod-hotplug-", vm) }
+
+func budgetName(prefix, vm string) string {
 	if len(vm) > 253-len(prefix) {
 		vm = vm[:253-len(prefix)]
 	}
@@ -63,10 +68,42 @@ func liveMigrates(vm *vmpodv1.VirtualMachine) bool {
 	return s != nil && *s == vmpodv1.EvictionStrategyLiveMigrate
 }
 
-// ensureDisruptionBudget creates the PodDisruptionBudget of a LiveMigrate VM (owned by the
-// VM: it goes with it) and deletes it once the VM's strategy is another.
-func (r *run) ensureDisruptionBudget(ctx context.Context) error {
-	key := types.NamespacedName{Namespace: r.vm.Namespace, Name: DisruptionBudgetName(r.vm.Name)}
+// ensureDisruptionBudgets creates the PodDisruptionBudgets of a LiveMigrate VM (owned by
+// the VM: they go with it) and deletes them once the VM's strategy is another. One guards
+// the VM's pods; the other its disk attachment pods (which carry its name too), every
+// eviction of which is refused as well: a drain (whose pod selector may take the VM's
+// name) would otherwise have a hot-plugged disk pulled out of the guest and plugged in
+// again before the guest can move with it; the controller lets the source's go once the
+// guest has moved.
+func (r *run) ensureDisruptionBudgets(ctx context.Context) error {
+	vmPods := policyv1.PodDisruptionBudgetSpec{
+		MinAvailable: ptr.To(intstr.FromInt32(budgetMinAvailable)),
+		Selector: &metav1.LabelSelector{
+			MatchLabels: map[string]string{render.VMNameLabel: r.vm.Name},
+			MatchExpressions: []metav1.LabelSelectorRequirement{
+				{Key: render.HotplugVolumeLabel, Operator: metav1.LabelSelectorOpDoesNotExist},
+			},
+		},
+	}
+	attachmentPods := policyv1.PodDisruptionBudgetSpec{
+		MaxUnavailable: ptr.To(intstr.FromInt32(0)),
+		Selector: &metav1.LabelSelector{
+			MatchLabels: map[string]string{render.VMNameLabel: r.vm.Name},
+			MatchExpressions: []metav1.LabelSelectorRequirement{
+				{Key: render.HotplugVolumeLabel, Operator: metav1.LabelSelectorOpExists},
+			},
+		},
+	}
+	if err := r.ensureBudget(ctx, DisruptionBudgetName(r.vm.Name), "its pods", vmPods); err != nil {
+		return err
+	}
+	return r.ensureBudget(ctx, AttachmentBudgetName(r.vm.Name), "its disk attachment pods", attachmentPods)
+}
+
+// ensureBudget makes the VM's PodDisruptionBudget name (guarding what) have spec while the
+// VM live-migrates, and removes it otherwise.
+func (r *run) ensureBudget(ctx context.Context, name, what string, spec policyv1.PodDisruptionBudgetSpec) error {
+	key := types.NamespacedName{Namespace: r.vm.Namespace, Name: name}
 	have := &policyv1.PodDisruptionBudget{}
 	err := r.Client.Get(ctx, key, have)
 	switch {
@@ -77,7 +114,7 @@ func (r *run) ensureDisruptionBudget(ctx context.Context) error {
 	case !metav1.IsControlledBy(have, r.vm):
 		if liveMigrates(r.vm) {
 			r.event(corev1.EventTypeWarning, "DisruptionBudgetNameTaken", "GuardPods",
-				"PodDisruptionBudget %s exists and does not belong to this VM: its pods are not guarded from eviction", key.Name)
+				"PodDisruptionBudget %s exists and does not belong to this VM: %s are not guarded from eviction", key.Name, what)
 		}
 		return nil
 	}
@@ -92,16 +129,7 @@ func (r *run) ensureDisruptionBudget(ctx context.Context) error {
 	}
 	want := &policyv1.PodDisruptionBudget{
 		ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name, Labels: map[string]string{render.VMNameLabel: r.vm.Name}},
-		Spec: policyv1.PodDisruptionBudgetSpec{
-			MinAvailable: ptr.To(intstr.FromInt32(budgetMinAvailable)),
-			// the VM's pods, not its disk attachment pods (which carry its name too)
-			Selector: &metav1.LabelSelector{
-				MatchLabels: map[string]string{render.VMNameLabel: r.vm.Name},
-				MatchExpressions: []metav1.LabelSelectorRequirement{
-					{Key: render.HotplugVolumeLabel, Operator: metav1.LabelSelectorOpDoesNotExist},
-				},
-			},
-		},
+		Spec:       spec,
 	}
 	if err := controllerutil.SetControllerReference(r.vm, want, r.Client.Scheme()); err != nil {
 		return err

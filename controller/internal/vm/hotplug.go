@@ -51,7 +51,11 @@ func (r *run) hotplug(ctx context.Context) (time.Duration, error) {
 		// an earlier VM pod's, or this one's whose VM does not run (any more): it goes
 		// once no QEMU can have its disk open
 		stale[p.Name] = true
-		if r.qemuGone(p) {
+		gone, err := r.qemuGone(ctx, p)
+		if err != nil {
+			return 0, err
+		}
+		if gone {
 			if err := r.releaseAttachmentPod(ctx, p); err != nil {
 				return 0, err
 			}
@@ -234,14 +238,31 @@ func (r *run) detach(ctx context.Context, was vmpodv1.VolumeStatus, pod *corev1.
 }
 
 // qemuGone says whether the VM pod that attachment pod p lends its volume to has no QEMU
-// any more that could have the disk open: it is gone (a pod of the VM's name with another
-// UID, or none), or has ended.
-func (r *run) qemuGone(p *corev1.Pod) bool {
-	owner := metav1.GetControllerOf(p)
-	if r.pod == nil || owner == nil || owner.UID != r.pod.UID {
-		return true
+// any more that could have the disk open: it is gone (none of its name and UID), or has
+// ended. That pod is the VM's, an earlier one of the VM's still powering off, or a
+// migration's target, which plugs the disk before the guest arrives.
+func (r *run) qemuGone(ctx context.Context, p *corev1.Pod) (bool, error) {
+	if owner := metav1.GetControllerOf(p); r.pod != nil && owner != nil && owner.UID == r.pod.UID {
+		return finished(r.pod), nil
 	}
-	return finished(r.pod)
+	return ownerQEMUGone(ctx, r.APIReader, p)
+}
+
+// ownerQEMUGone is qemuGone for any attachment pod p, read from reader.
+func ownerQEMUGone(ctx context.Context, reader ctrl.Reader, p *corev1.Pod) (bool, error) {
+	owner := metav1.GetControllerOf(p)
+	if owner == nil {
+		return true, nil
+	}
+	vmPod := &corev1.Pod{}
+	err := reader.Get(ctx, types.NamespacedName{Namespace: p.Namespace, Name: owner.Name}, vmPod)
+	switch {
+	case apierrors.IsNotFound(err):
+		return true, nil
+	case err != nil:
+		return false, fmt.Errorf("attachment pod %s: its VM pod %s: %w", p.Name, owner.Name, err)
+	}
+	return vmPod.UID != owner.UID || finished(vmPod), nil
 }
 
 // releaseAttachmentPod lets attachment pod p go: its finalizer (which holds the kubelet
@@ -278,16 +299,11 @@ func releaseOrphanAttachmentPods(ctx context.Context, c ctrl.Client, reader ctrl
 	}
 	for i := range pods.Items {
 		p := &pods.Items[i]
-		owner := metav1.GetControllerOf(p)
-		if owner != nil {
-			vmPod := &corev1.Pod{}
-			err := reader.Get(ctx, types.NamespacedName{Namespace: key.Namespace, Name: owner.Name}, vmPod)
-			if err == nil && vmPod.UID == owner.UID && !finished(vmPod) {
-				continue // its QEMU may still have the disk open
-			}
-			if ctrl.IgnoreNotFound(err) != nil {
+		if gone, err := ownerQEMUGone(ctx, reader, p); err != nil || !gone {
+			if err != nil {
 				return err
 			}
+			continue // its QEMU may still have the disk open
 		}
 		if err := releaseAttachmentPod(ctx, c, p); err != nil {
 			return err

@@ -592,6 +592,17 @@ func TestEvacuation(t *testing.T) {
 	if sel.Matches(labels.Set{render.VMNameLabel: "mover", render.HotplugVolumeLabel: "data"}) {
 		t.Errorf("the budget selects the VM's disk attachment pods too")
 	}
+	// its disk attachment pods have one of their own, which no eviction passes either: a
+	// drain must not pull a hot-plugged disk out of a guest that is about to move with it
+	disks := &policyv1.PodDisruptionBudget{}
+	testenv.Eventually(t, timeout, "the LiveMigrate VM's attachment pods' PodDisruptionBudget", func() (bool, string) {
+		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.AttachmentBudgetName("mover")}, disks)
+		return err == nil, fmt.Sprint(err)
+	})
+	if sel, err := metav1.LabelSelectorAsSelector(disks.Spec.Selector); err != nil || disks.Spec.MaxUnavailable == nil || disks.Spec.MaxUnavailable.IntValue() != 0 ||
+		!sel.Matches(labels.Set{render.VMNameLabel: "mover", render.HotplugVolumeLabel: "data"}) || sel.Matches(labels.Set(source.Labels)) {
+		t.Errorf("attachment pods' budget %+v (%v): want maxUnavailable 0 over the VM's attachment pods only", disks.Spec, err)
+	}
 	if err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("stayer")}, &policyv1.PodDisruptionBudget{}); !apierrors.IsNotFound(err) {
 		t.Errorf("a VM without evictionStrategy has a budget (%v)", err)
 	}
@@ -643,9 +654,10 @@ func TestEvacuation(t *testing.T) {
 
 	// the strategy dropped: the budget goes
 	f.update("mover", func(v *vmpodv1.VirtualMachine) { v.Spec.Template.Spec.EvictionStrategy = nil })
-	testenv.Eventually(t, timeout, "the budget to go with the strategy", func() (bool, string) {
+	testenv.Eventually(t, timeout, "the budgets to go with the strategy", func() (bool, string) {
 		err := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.DisruptionBudgetName("mover")}, &policyv1.PodDisruptionBudget{})
-		return apierrors.IsNotFound(err), fmt.Sprint(err)
+		derr := f.c.Get(f.ctx, types.NamespacedName{Namespace: ns, Name: vm.AttachmentBudgetName("mover")}, &policyv1.PodDisruptionBudget{})
+		return apierrors.IsNotFound(err) && apierrors.IsNotFound(derr), fmt.Sprint(err, derr)
 	})
 	// an evacuation that fails is not followed by another at once (back-off: a minute)
 	shims.mu.Lock()
@@ -729,5 +741,104 @@ func TestMigrationLimits(t *testing.T) {
 		got[0].BandwidthMiB != 32 || got[1].BandwidthMiB != 32 || !got[1].AutoConverge || got[1].CompletionTimeoutPerGiB != 800 {
 		t.Errorf("the sources were asked for %+v; want the policy's 32 MiB/s, auto-converge and 800 s/GiB in both, "+
 			"a 120 ms downtime limit and no post-copy in the first (its spec), post-copy in the second (the policy)", got)
+	}
+}
+
+// A VM with a hot-plugged volume migrates with it: once the target pod runs, it gets an
+// attachment pod of its own on its node, lent to it, and only when that runs does the
+// target accept the guest, naming that pod for the disk; the target then is the VM's pod
+// with the volume attached, and the source's attachment pod goes once the source ended.
+// A volume on its way in, or on a claim only one node can open, is refused up front.
+func TestMigrationWithHotplugVolume(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	exec, shims := &recordingExec{}, &fakeShims{}
+	env.StartManager(t, ns, func(o *manager.Options) {
+		o.Backoff, o.PodExec, o.MigrationExec, o.MigrationTargetWait = fast, exec, shims, time.Minute
+	})
+	f := &fixture{t: t, env: env, c: env.Client, ns: ns, ctx: context.Background()}
+	shared := pvc(ns, "shared")
+	shared.Spec.AccessModes = []corev1.PersistentVolumeAccessMode{corev1.ReadWriteMany}
+	f.create(shared)
+	vm := f.migratable("hpm")
+	addHotplugVolume(vm, "data", "shared")
+	f.create(vm)
+	source := f.waitPod("hpm", "")
+	f.bind(source, "node-a")
+	f.kubeletRuns(source)
+	f.waitStatus("hpm", vmpodv1.StatusRunning)
+	lentToSource := f.waitAttachmentPod("hpm", "data")
+
+	// the volume is still on its way in: not now
+	f.migration("early", "hpm")
+	if m := f.waitPhase("early", vmpodv1.MigrationFailed); !strings.Contains(m.Status.FailureReason, "hot-plugged volume data is Pending") {
+		t.Errorf("a migration while the volume attaches: %q", m.Status.FailureReason)
+	}
+	f.kubeletRuns(lentToSource)
+	f.waitVolume("hpm", "data", vmpodv1.VolumeReady, "")
+
+	f.migration("move", "hpm")
+	target := f.startTarget("move", "node-b")
+	lentName := render.TargetAttachmentPodName("hpm", "data", target.UID)
+	var lent *corev1.Pod
+	testenv.Eventually(t, timeout, "the target's attachment pod", func() (bool, string) {
+		p, err := f.getPod(lentName)
+		lent = p
+		return err == nil, fmt.Sprint(err)
+	})
+	if lent.Labels[vmspec.AttachmentForLabel] != string(target.UID) || !metav1.IsControlledBy(lent, target) ||
+		lent.Spec.Volumes[0].PersistentVolumeClaim.ClaimName != "shared" || !slices.Contains(lent.Finalizers, render.AttachmentFinalizer) {
+		t.Errorf("the target's attachment pod: labels %v, owners %v, volumes %+v, finalizers %v; want claim shared lent to and owned by %s",
+			lent.Labels, lent.OwnerReferences, lent.Spec.Volumes, lent.Finalizers, target.Name)
+	}
+	if terms := lent.Spec.Affinity.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms; terms[0].MatchFields[0].Values[0] != "node-b" {
+		t.Errorf("the target's attachment pod goes to %v, want node-b", terms)
+	}
+	// the source's attachment pod is not taken for a stale one meanwhile
+	time.Sleep(2 * time.Second)
+	if m := f.getMigration("move"); m.Status.Phase != vmpodv1.MigrationScheduling {
+		t.Errorf("the migration is %s before the target's attachment pod runs", m.Status.Phase)
+	}
+	if f.gone(lent.Name) || f.gone(lentToSource.Name) {
+		t.Fatal("an attachment pod was let go while both QEMUs may hold the disk")
+	}
+	f.kubeletRuns(lent)
+	f.waitPhase("move", vmpodv1.MigrationSucceeded)
+	shims.mu.Lock()
+	accepted := shims.accepts[target.Name].Attachments
+	shims.mu.Unlock()
+	if accepted["data"] != string(lent.UID) || len(accepted) != 1 {
+		t.Errorf("the target's accept named attachment pods %v, want data: %s", accepted, lent.UID)
+	}
+	// the target is the VM's pod, with the volume attached from its own attachment pod
+	s := f.waitVolume("hpm", "data", vmpodv1.VolumeReady, "")
+	if s.PodUID != target.UID || s.AttachmentPod != lent.Name {
+		t.Errorf("volume status after the move %+v, want pod %s, attachment pod %s", s, target.UID, lent.Name)
+	}
+	if attach := lastExec(t, exec, vmspec.AttachDiskCommand); !strings.HasPrefix(attach, target.Name+"/") || !strings.Contains(attach, string(lent.UID)) {
+		t.Errorf("the last attach %q: want it in the target, from its attachment pod", attach)
+	}
+	// the source's attachment pod goes once its QEMU is gone
+	if f.gone(lentToSource.Name) {
+		t.Error("the source's attachment pod went while the source pod had not ended")
+	}
+	ended, err := f.getPod(source.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.kubeletEnds(ended, 0)
+	testenv.Eventually(t, timeout, "the source's attachment pod let go", func() (bool, string) {
+		return f.gone(lentToSource.Name), ""
+	})
+
+	// a hot-plugged volume only one node can open: refused up front
+	f.create(pvc(ns, "local"))
+	f.update("hpm", func(v *vmpodv1.VirtualMachine) { addHotplugVolume(v, "logs", "local") })
+	logs := f.waitAttachmentPod("hpm", "logs")
+	f.kubeletRuns(logs)
+	f.waitVolume("hpm", "logs", vmpodv1.VolumeReady, "")
+	f.migration("rwo", "hpm")
+	if m := f.waitPhase("rwo", vmpodv1.MigrationFailed); !strings.Contains(m.Status.FailureReason, "hot-plugged volume logs: PersistentVolumeClaim local is ReadWriteOnce") {
+		t.Errorf("a migration with a ReadWriteOnce hot-plugged volume: %q", m.Status.FailureReason)
 	}
 }

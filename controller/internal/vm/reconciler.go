@@ -161,7 +161,7 @@ func (r *run) reconcile(ctx context.Context) (reconcile.Result, error) {
 		err = r.resize(ctx)
 	}
 	if err == nil {
-		err = r.ensureDisruptionBudget(ctx)
+		err = r.ensureDisruptionBudgets(ctx)
 	}
 	if err == nil {
 		var evac reconcile.Result
