@@ -135,6 +135,13 @@ func (m *Monitor) MigrateStartPostcopy(ctx context.Context) error {
 	return m.Execute(ctx, "migrate-start-postcopy", nil, nil)
 }
 
+// MigrateContinue lets an outgoing migration that paused in state (pre-switchover, with
+// the pause-before-switchover capability) go on: the guest is stopped, and its devices'
+// state is sent next.
+func (m *Monitor) MigrateContinue(ctx context.Context, state MigrationStatus) error {
+	return m.Execute(ctx, "migrate-continue", map[string]any{"state": state}, nil)
+}
+
 // MigrationInfo is the reply to query-migrate. Status is MigrationNone when no
 // migration has run.
 type MigrationInfo struct {

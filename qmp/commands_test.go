@@ -73,6 +73,9 @@ func TestCommandArguments(t *testing.T) {
 		}, "migrate-set-parameters", `{"max-bandwidth":10000000000,"downtime-limit":30}`, struct{}{}},
 		{"add_client", func(ctx context.Context, m *qmp.Monitor) error { return m.AddClient(ctx, "vnc", "vnc-1", true) },
 			"add_client", `{"protocol":"vnc","fdname":"vnc-1","skipauth":true}`, struct{}{}},
+		{"migrate-continue", func(ctx context.Context, m *qmp.Monitor) error {
+			return m.MigrateContinue(ctx, qmp.MigrationPreSwitchover)
+		}, "migrate-continue", `{"state":"pre-switchover"}`, struct{}{}},
 		{"migrate", func(ctx context.Context, m *qmp.Monitor) error { return m.Migrate(ctx, "unix:/run/m.sock") },
 			"migrate", `{"uri":"unix:/run/m.sock"}`, struct{}{}},
 		{"migrate-incoming", func(ctx context.Context, m *qmp.Monitor) error { return m.MigrateIncoming(ctx, "unix:/run/m.sock") },

@@ -1,6 +1,7 @@
 package runtime_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -186,6 +187,46 @@ func TestLiveMigration(t *testing.T) {
 		t.Errorf("post-copy to a QEMU that may not use userfaultfd: %v, want FailedPrecondition naming the sysctl", err)
 	}
 	allowUserfaultfd(true)
+
+	// A cancel at the switch to post-copy: a migration that may switch stops before it,
+	// the guest paused and nothing of its devices sent; cancelled there, the guest runs on
+	// here (vmpod resumes it: QEMU 7.2 leaves it stopped) and the target never ran it. (A
+	// cancel QEMU 7.2 takes once the switch has begun loses the guest.)
+	{
+		spare := testenv.StartGuestVM(t, ctx, config("mig-pc-cancel", true))
+		sout, sin := testenv.MigrationStream(t)
+		if err := spare.AcceptMigration(ctx, sin, vmm.MigrationOptions{PostCopy: true}); err != nil {
+			t.Fatal(err)
+		}
+		spareIn := make(chan error, 1)
+		go func() { _, err := spare.AwaitIncoming(ctx); spareIn <- err }()
+		mctx, cancelMigration := context.WithCancel(ctx)
+		var phases []qmp.MigrationStatus
+		_, err := cur.Migrate(mctx, sout, vmm.MigrationOptions{
+			MaxBandwidth: 1 << 20, CompletionTimeout: 2 * time.Second, PostCopy: true,
+			Progress: func(i qmp.MigrationInfo) {
+				if len(phases) == 0 || phases[len(phases)-1] != i.Status {
+					phases = append(phases, i.Status)
+				}
+				if i.Status == qmp.MigrationPreSwitchover {
+					cancelMigration() // the pause before the switch to post-copy (the pre-copy cannot end at 1 MiB/s)
+				}
+			},
+		})
+		cancelMigration()
+		if !errors.Is(err, vmm.ErrMigrationCancelled) || !slices.Contains(phases, qmp.MigrationPreSwitchover) {
+			t.Errorf("cancelled at the pause before the switch: %v (phases %v), want a cancel after pre-switchover", err, phases)
+		}
+		if st, err := cur.Monitor().Status(ctx); err != nil || st.State != qmp.RunStateRunning {
+			t.Errorf("the source after a cancel at the switch: %+v, %v; want the guest running", st, err)
+		}
+		counting(cur, "after a cancel at the switch to post-copy")
+		if err := <-spareIn; err == nil {
+			t.Error("the target of a migration cancelled before its switch got the guest")
+		}
+		t.Logf("cancelled at the switch to post-copy: phases %v, %v", phases, err)
+	}
+
 	if err := next.AcceptMigration(ctx, in, vmm.MigrationOptions{PostCopy: true}); err != nil {
 		t.Fatal(err)
 	}

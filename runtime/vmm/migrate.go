@@ -307,7 +307,13 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	fail := func(err error) (qmp.MigrationInfo, error) {
 		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, err)
 	}
-	if err := m.mon.MigrateSetCapabilities(ctx, opts.capabilities()...); err != nil {
+	// A migration that may switch to post-copy stops before the switch, its guest paused
+	// and nothing of it sent yet, until migrate-continue: QEMU 7.2 accepts a cancel in any
+	// state, and one that lands once the switch has begun loses the guest (the target
+	// runs it from a stream that ends; the source stays stopped, or runs it too if told
+	// to). vmpod decides at that pause, between the polls, whether the switch happens.
+	caps := append(opts.capabilities(), qmp.MigrationCapabilityState{Capability: qmp.MigrationCapPauseBeforeSwitchover, State: opts.PostCopy})
+	if err := m.mon.MigrateSetCapabilities(ctx, caps...); err != nil {
 		return fail(err)
 	}
 	if opts.MaxBandwidth != 0 || opts.DowntimeLimit != 0 {
@@ -329,13 +335,18 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	log.G(ctx).Infof("vm %s: migrating", m.cfg.Name)
 
 	var (
-		lowest      uint64
-		seen        bool // lowest holds a reading
-		lastGain    = time.Now()
-		cancelling  error
-		postCopy    error     // why QEMU was asked to switch to post-copy (it agreed)
-		postCopyAt  time.Time // when
-		switched    bool      // QEMU has said it runs the migration as post-copy
+		lowest     uint64
+		seen       bool // lowest holds a reading
+		lastGain   = time.Now()
+		cancelling error
+		postCopy   error     // why QEMU was asked to switch to post-copy (it agreed)
+		postCopyAt time.Time // when
+		// QEMU has said it runs the migration as post-copy, or was let go on from its pause
+		// before the switchover once post-copy was asked: from here the guest may run on
+		// the target, and the migration is not cancelled
+		switched    bool
+		continued   bool      // migrate-continue was sent for the pause before the switchover
+		continuedAt time.Time // when
 		queryErrors int
 		lateTimes   int // polls of a completed migration whose times were not set yet
 	)
@@ -421,20 +432,25 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent%s)", m.cfg.Name, info.TotalTime, info.Downtime, info.Transferred()>>20, how)
 				return info, nil
 			case qmp.MigrationFailed:
-				if postCopy != nil {
-					// QEMU restarts the guest here when a migration fails before its switch
-					if st, err := m.mon.Status(qctx); err == nil && st.State == qmp.RunStateRunning {
-						return info, fmt.Errorf("vm %s: migrate: failed before the switch to post-copy; the guest runs on here: %s", m.cfg.Name, info.ErrorDesc)
-					}
+				if switched {
 					return info, fmt.Errorf("vm %s: migrate: failed after the switch to post-copy (%v): %w: %s", m.cfg.Name, postCopy, ErrPostCopyBroken, info.ErrorDesc)
+				}
+				if err := m.resumeAfterPause(qctx, opts); err != nil {
+					return info, fmt.Errorf("vm %s: migrate: failed: %s; %w", m.cfg.Name, info.ErrorDesc, err)
 				}
 				if cancelling != nil {
 					return info, fmt.Errorf("vm %s: migrate: %w (%w): failed: %s", m.cfg.Name, ErrMigrationCancelled, cancelling, info.ErrorDesc)
+				}
+				if postCopy != nil {
+					return info, fmt.Errorf("vm %s: migrate: failed before the switch to post-copy; the guest runs on here: %s", m.cfg.Name, info.ErrorDesc)
 				}
 				return info, fmt.Errorf("vm %s: migrate: failed: %s", m.cfg.Name, info.ErrorDesc)
 			case qmp.MigrationCancelled:
 				if cancelling == nil {
 					cancelling = errors.New("cancelled in QEMU")
+				}
+				if err := m.resumeAfterPause(qctx, opts); err != nil {
+					return info, fmt.Errorf("vm %s: migrate: %w: %w; %w", m.cfg.Name, ErrMigrationCancelled, cancelling, err)
 				}
 				return info, fmt.Errorf("vm %s: migrate: %w: %w", m.cfg.Name, ErrMigrationCancelled, cancelling)
 			}
@@ -450,6 +466,31 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				case switched:
 					// the guest's memory is partly on the target: there is nothing to cancel
 					// back to, and the caller's cancel waits for the end like everyone else
+				case info.Status == qmp.MigrationPreSwitchover && ctx.Err() != nil:
+					cancel(ctx.Err()) // nothing of the guest has run there: it stays here
+				case info.Status == qmp.MigrationPreSwitchover:
+					if continued && time.Since(continuedAt) < continueAgain {
+						break // QEMU has yet to leave the pause it was let out of
+					}
+					// the guest is stopped: go on at once. Once post-copy was asked, this pause
+					// may be its switch (or the pre-copy's end: QEMU does not say), after which
+					// a cancel would lose the guest
+					err := m.mon.MigrateContinue(qctx, qmp.MigrationPreSwitchover)
+					var refused *qmp.CommandError
+					switch {
+					case continued:
+						// asked again: a pause that outlasts a continue whose reply was lost
+						// (a refusal now says QEMU has moved on)
+					case errors.As(err, &refused):
+						cancel(fmt.Errorf("migrate-continue: %w", err)) // not done: still paused
+					case err != nil:
+						// maybe done, maybe not: treated as done (no cancel; asked again if the
+						// pause lasts)
+						log.G(ctx).WithError(err).Warnf("vm %s: migrate-continue", m.cfg.Name)
+					}
+					if cancelling == nil {
+						continued, continuedAt, switched = true, time.Now(), switched || postCopy != nil
+					}
 				case ctx.Err() != nil:
 					cancel(ctx.Err())
 				case postCopy != nil:
@@ -496,6 +537,34 @@ func (m *Machine) queryMigrate(ctx context.Context, postCopy bool) (qmp.Migratio
 		defer cancel()
 	}
 	return m.mon.QueryMigrate(ctx)
+}
+
+// continueAgain is how long a pause before the switchover may outlast the migrate-continue
+// that ended it before the continue is sent again (its reply may have been lost, and a
+// continue whose pause is over is refused harmlessly).
+const continueAgain = 5 * time.Second
+
+// resumeAfterPause runs the guest here again after a migration that may switch to
+// post-copy (and so pauses before its switchover) ended without the switch: QEMU 7.2
+// restarts a guest it stopped for the pre-copy's end, but not one it stopped for the
+// switch to post-copy (a cancel or failure at that pause, or as the switch began, before
+// anything of the device state was sent).
+func (m *Machine) resumeAfterPause(ctx context.Context, opts MigrationOptions) error {
+	if !opts.PostCopy {
+		return nil
+	}
+	st, err := m.mon.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("the guest's state here after the migration: %w", err)
+	}
+	if st.State != qmp.RunStatePostMigrate && st.State != qmp.RunStateFinishMigrate {
+		return nil
+	}
+	if err := m.mon.Cont(ctx); err != nil {
+		return fmt.Errorf("resume the guest here (%s): %w", st.State, err)
+	}
+	log.G(ctx).Infof("vm %s: the guest runs on here (stopped for a switch to post-copy that did not happen)", m.cfg.Name)
+	return nil
 }
 
 // postCopySwitchWait bounds the wait for QEMU to switch a migration to post-copy once
