@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -34,6 +35,9 @@ func setupSandbox(req *agentv1.SetupSandboxRequest) error {
 		if err := addEntropy(req.Entropy); err != nil {
 			return fmt.Errorf("entropy: %w", err)
 		}
+		// said on the console: a guest restored from a template has its template's pool
+		// until here, and a test must be able to tell the reseed was done
+		slog.Info("random number generator reseeded from the host", "bytes", len(req.Entropy))
 	}
 	if req.Share != "" {
 		if err := mountLateShare(req.Share); err != nil {
