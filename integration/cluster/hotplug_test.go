@@ -19,19 +19,7 @@ func hotplugVolume(t *testing.T, c *testenv.Cluster, ns, vm, pod string) {
 	t.Helper()
 	const dv = "data-hp"
 	const marker = "hot-plugged-by-e2e"
-	applyConverted(t, c, ns, `apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: `+dv+`
-spec:
-  source:
-    blank: {}
-  storage:
-    accessModes: [ReadWriteMany]
-    storageClassName: vmpod-shared
-    resources: {requests: {storage: 64Mi}}
-`)
-	waitDataVolume(t, c, ns, dv, "Succeeded", 3*time.Minute)
+	sharedBlankDataVolume(t, c, ns, dv)
 	if out := c.Kubectl(t, "vmpod", "addvolume", "-n", ns, vm, "--volume-name="+dv); !strings.Contains(out, "volume "+dv+" added") {
 		t.Fatalf("addvolume: %s", out)
 	}
@@ -77,4 +65,23 @@ spec:
 	if st := c.Kubectl(t, "get", "vm.vmpod.dev", "-n", ns, vm, "-o", "jsonpath={.status.volumeStatus}"); st != "" {
 		t.Errorf("volume status after removevolume: %s", st)
 	}
+}
+
+// sharedBlankDataVolume imports a blank 64 MiB DataVolume on the shared (ReadWriteMany)
+// class, as a KubeVirt user's CDI manifest asks for it.
+func sharedBlankDataVolume(t *testing.T, c *testenv.Cluster, ns, name string) {
+	t.Helper()
+	applyConverted(t, c, ns, `apiVersion: cdi.kubevirt.io/v1beta1
+kind: DataVolume
+metadata:
+  name: `+name+`
+spec:
+  source:
+    blank: {}
+  storage:
+    accessModes: [ReadWriteMany]
+    storageClassName: vmpod-shared
+    resources: {requests: {storage: 64Mi}}
+`)
+	waitDataVolume(t, c, ns, name, "Succeeded", 3*time.Minute)
 }

@@ -180,19 +180,7 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	// Read and written past the guest's page cache (O_DIRECT), so each hop shows the
 	// target's QEMU has the image open for writing.
 	const hp = "mig-hp"
-	applyConverted(t, c, ns, `apiVersion: cdi.kubevirt.io/v1beta1
-kind: DataVolume
-metadata:
-  name: `+hp+`
-spec:
-  source:
-    blank: {}
-  storage:
-    accessModes: [ReadWriteMany]
-    storageClassName: vmpod-shared
-    resources: {requests: {storage: 64Mi}}
-`)
-	waitDataVolume(t, c, ns, hp, "Succeeded", 3*time.Minute)
+	sharedBlankDataVolume(t, c, ns, hp)
 	c.Kubectl(t, "vmpod", "addvolume", "-n", ns, vm, "--volume-name="+hp)
 	hpDisk := "/dev/disk/by-id/virtio-" + hp
 	testenv.WaitForWithin(t, 3*time.Minute, "the hot-plugged disk in the guest", func() bool {
