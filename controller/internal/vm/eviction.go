@@ -164,8 +164,11 @@ func (r *run) evacuate(ctx context.Context) (reconcile.Result, error) {
 	if !node.Spec.Unschedulable {
 		return reconcile.Result{}, nil
 	}
+	// read past the cache: the migration watch wakes this VM as soon as its evacuation is
+	// created, before the cache may hold it, and a second evacuation would race the first
+	// (seen once in the unit tests under -race: the first one's target pod was gone)
 	all := &vmpodv1.VirtualMachineMigrationList{}
-	if err := r.Client.List(ctx, all, ctrl.InNamespace(r.vm.Namespace)); err != nil {
+	if err := r.APIReader.List(ctx, all, ctrl.InNamespace(r.vm.Namespace)); err != nil {
 		return reconcile.Result{}, fmt.Errorf("list migrations: %w", err)
 	}
 	// evacuations that failed since this pod was created: the back-off's count (by time, not
