@@ -281,7 +281,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 		noData bool // the target's compute container lacks the hot-plugged disk's volume
 	}{
 		// refused before the stream begins: the target cannot plug the guest's disk
-		{"no volume for the hot-plugged disk", func(*vmspec.VM) {}, "the target refused the guest: plug the guest's hot-plugged disk data", true},
+		{"no volume for the hot-plugged disk", func(*vmspec.VM) {}, "the target refused the guest: plug the guest's hot-plugged disk on rp1: disk data", true},
 		// an e1000e NIC brings a ROM, a RAM block the source lacks: the target fails at
 		// the stream's start, and the source's QEMU hears of it through the stream
 		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed", false},

@@ -82,6 +82,9 @@ type computeVM struct {
 	bootLimits, limits claim
 	size               Size
 	bootBlocks         map[uint64]bool // the guest's memory blocks before its first growth
+	// settledBlocks are the blocks past boot the onliner is done with: onlined once (one
+	// offline since is the guest's choice), or refused for good by the guest
+	settledBlocks map[uint64]bool
 
 	mu       sync.Mutex
 	killedBy syscall.Signal // SIGKILL asked for: the exit is a kill, whatever QEMU says
@@ -944,7 +947,10 @@ func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error)
 	if _, ok := c.hot[name]; !ok {
 		return "disk " + name + " is not attached", nil
 	}
-	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil {
+	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil && !errdefs.IsNotFound(err) {
+		if _, plugged := c.machine.DiskPort(hotDiskID(name)); !plugged {
+			delete(c.hot, name) // the guest let it go: what failed is the host's tidying
+		}
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.DetachDiskCommand, name, err)
 	}
 	delete(c.hot, name)

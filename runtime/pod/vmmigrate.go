@@ -192,7 +192,7 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape, attachments ma
 	}
 	for i, d := range hot {
 		if _, err := c.plugHotDisk(ctx, d, s.Disks[i].Port); err != nil {
-			return fmt.Errorf("plug the guest's hot-plugged disk %s on %s: %w", d.Name, s.Disks[i].Port, err)
+			return fmt.Errorf("plug the guest's hot-plugged disk on %s: %w", s.Disks[i].Port, err)
 		}
 	}
 	c.size.MemoryMiB = s.MemoryMiB
@@ -211,8 +211,16 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape, attachments ma
 // source's. Nothing is plugged until all of them pass.
 func (c *computeVM) shapedDisks(shaped []shapedDisk, attachments map[string]string) ([]vmspec.HotplugDisk, error) {
 	var hot []vmspec.HotplugDisk
+	names, ports := map[string]int{}, map[string]int{}
 	for i, sd := range shaped {
 		d := sd.HotplugDisk
+		if j, dup := names[d.Name]; dup {
+			return nil, fmt.Errorf("shape.disks[%d].name: disk %q is shape.disks[%d] too", i, d.Name, j)
+		}
+		if j, dup := ports[sd.Port]; dup && sd.Port != "" {
+			return nil, fmt.Errorf("shape.disks[%d].port: root port %q is shape.disks[%d]'s too", i, sd.Port, j)
+		}
+		names[d.Name], ports[sd.Port] = i, i
 		if d.AttachmentPod != "" {
 			uid, ok := attachments[d.Name]
 			if !ok {
@@ -222,7 +230,7 @@ func (c *computeVM) shapedDisks(shaped []shapedDisk, attachments map[string]stri
 		}
 		data, err := json.Marshal(d)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("shape.disks[%d]: %w", i, err)
 		}
 		d, err = vmspec.ParseHotplugDisk(data, c.pod.vm)
 		if err != nil {

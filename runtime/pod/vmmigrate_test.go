@@ -290,6 +290,14 @@ func TestShapedDisks(t *testing.T) {
 	if _, err := c.shapedDisks(shaped, nil); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "accept.attachments") {
 		t.Errorf("no attachment pod named for disk data: %v", err)
 	}
+	twice := []shapedDisk{{HotplugDisk: own, Port: "rp0"}, {HotplugDisk: own, Port: "rp1"}}
+	if _, err := c.shapedDisks(twice, nil); err == nil || !strings.Contains(err.Error(), `shape.disks[1].name: disk "logs" is shape.disks[0] too`) {
+		t.Errorf("one disk listed twice: %v", err)
+	}
+	onePort := []shapedDisk{{HotplugDisk: lent, Port: "rp0"}, {HotplugDisk: own, Port: "rp0"}}
+	if _, err := c.shapedDisks(onePort, map[string]string{"data": "target-uid"}); err == nil || !strings.Contains(err.Error(), `shape.disks[1].port: root port "rp0"`) {
+		t.Errorf("two disks on one root port: %v", err)
+	}
 	for _, bad := range []struct {
 		disk shapedDisk
 		want string

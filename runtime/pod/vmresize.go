@@ -159,7 +159,9 @@ func (c *computeVM) memorySettled(ctx context.Context) bool {
 		return true
 	}
 	blocks, err := probeAgent(ctx, c.agent.MemoryBlocks)
-	return err != nil || !slices.ContainsFunc(blocks, func(b qga.MemoryBlock) bool { return !b.Online && !c.bootBlocks[b.PhysIndex] })
+	return err != nil || !slices.ContainsFunc(blocks, func(b qga.MemoryBlock) bool {
+		return !b.Online && !c.bootBlocks[b.PhysIndex] && !c.settledBlocks[b.PhysIndex]
+	})
 }
 
 // resizeVCPUs hot-plugs vCPUs up to total (whole sockets, in topology order) and has the
@@ -330,16 +332,24 @@ type blockOnliner struct {
 		OnlineMemoryBlocks(context.Context, []uint64) (map[uint64]string, error)
 	}
 	lg *log.Entry
-	// known are the guest's boot blocks and those this resize onlined: not asked (again;
-	// a block the guest takes offline after it came online is the guest's choice)
+	// known are the guest's boot blocks and those this resize is done with: onlined (one
+	// the guest takes offline after it came online is the guest's choice) or refused for
+	// good; not asked (again)
 	known map[uint64]bool
-	// failed are the new blocks the guest could not online yet, and why: asked again at
-	// each look while the resize lasts (a transient refusal must not leave a block
-	// offline for good, as a first refusal once did a hot-plugged vCPU)
-	failed  map[uint64]string
-	movable bool // the agent can online movable (see qga.OnlineMovable)
-	gone    bool // the agent stopped answering: the guest's own policy decides
+	// settled records the blocks past boot this onliner is done with, for later resizes
+	// (computeVM.settledBlocks)
+	settled map[uint64]bool
+	// failed are the new blocks the guest could not online yet, and why: asked again,
+	// every retryEvery, while the resize lasts (a transient refusal must not leave a
+	// block offline for good, as a first refusal once did a hot-plugged vCPU)
+	failed    map[uint64]string
+	lastRetry time.Time
+	movable   bool // the agent can online movable (see qga.OnlineMovable)
+	gone      bool // the agent stopped answering: the guest's own policy decides
 }
+
+// blockRetryEvery spaces the onliner's questions about blocks the guest refused.
+const blockRetryEvery = time.Second
 
 // blockOnliner is a resize's onliner of hot-plugged memory blocks: every block but those
 // the guest booted with (noted at the first growth) that is offline; nil if the guest
@@ -357,12 +367,15 @@ func (c *computeVM) blockOnliner(ctx context.Context) *blockOnliner {
 			c.bootBlocks[b.PhysIndex] = true
 		}
 	}
-	return &blockOnliner{agent: c.agent, lg: lg, known: maps.Clone(c.bootBlocks), failed: map[uint64]string{}, movable: true}
+	if c.settledBlocks == nil {
+		c.settledBlocks = map[uint64]bool{}
+	}
+	return &blockOnliner{agent: c.agent, lg: lg, known: maps.Clone(c.bootBlocks), settled: c.settledBlocks, failed: map[uint64]string{}, movable: true}
 }
 
 // onlineNew brings the guest's new offline blocks online, movable where it can, asks
-// again for those it could not online before, and says whether it found new ones (a
-// retry alone is not a reason to look again at once).
+// again (every blockRetryEvery) for those it could not online before, and says whether
+// it found new ones (a retry alone is not a reason to look again at once).
 func (o *blockOnliner) onlineNew(ctx context.Context) bool {
 	if o.gone {
 		return false
@@ -374,24 +387,30 @@ func (o *blockOnliner) onlineNew(ctx context.Context) bool {
 		clear(o.failed) // nobody to ask: the guest's own policy decides
 		return false
 	}
-	var offline, normal []uint64
+	retry := time.Since(o.lastRetry) >= blockRetryEvery
+	offline := map[uint64]bool{}
+	var ask, normal []uint64
 	fresh := false
 	for _, b := range blocks {
-		switch {
-		case b.Online:
-			delete(o.failed, b.PhysIndex) // onlined at last, by us or by the guest
-		case !o.known[b.PhysIndex]:
-			_, again := o.failed[b.PhysIndex]
-			fresh = fresh || !again
-			offline = append(offline, b.PhysIndex)
+		if b.Online || o.known[b.PhysIndex] {
+			continue
 		}
+		offline[b.PhysIndex] = true
+		_, again := o.failed[b.PhysIndex]
+		if !again || retry {
+			ask = append(ask, b.PhysIndex)
+		}
+		fresh = fresh || !again
 	}
-	for _, i := range offline {
+	maps.DeleteFunc(o.failed, func(i uint64, _ string) bool { return !offline[i] }) // online now, or gone
+	if retry && len(o.failed) > 0 {
+		o.lastRetry = time.Now()
+	}
+	for _, i := range ask {
 		if o.movable {
 			err := o.agent.OnlineMovable(ctx, i)
 			if err == nil {
-				o.known[i] = true
-				delete(o.failed, i)
+				o.done(i)
 				continue
 			}
 			// an agent without file access (disabled commands) never can; a block the
@@ -415,17 +434,29 @@ func (o *blockOnliner) onlineNew(ctx context.Context) bool {
 	}
 	for _, i := range normal {
 		why, bad := failed[i]
-		if !bad {
-			o.known[i] = true
-			delete(o.failed, i)
-			continue
+		switch {
+		case !bad:
+			o.done(i)
+		case qga.PermanentBlockRefusal(why):
+			o.lg.Warnf("the guest cannot online memory block %d (%s): it stays offline", i, why)
+			o.done(i)
+		default:
+			if _, again := o.failed[i]; !again {
+				o.lg.Infof("the guest could not online memory block %d yet (%s); asking again while the resize lasts", i, why)
+			}
+			o.failed[i] = why
 		}
-		if _, again := o.failed[i]; !again {
-			o.lg.Infof("the guest could not online memory block %d yet (%s); asking again while the resize lasts", i, why)
-		}
-		o.failed[i] = why
 	}
 	return fresh
+}
+
+// done notes that block i needs nothing more, in this resize and later ones.
+func (o *blockOnliner) done(i uint64) {
+	o.known[i] = true
+	delete(o.failed, i)
+	if o.settled != nil {
+		o.settled[i] = true
+	}
 }
 
 // failedBlocks are the new blocks the guest could not online yet, in order; none for a

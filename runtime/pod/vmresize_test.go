@@ -3,6 +3,7 @@ package pod
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -72,6 +73,7 @@ type fakeBlocks struct {
 	// refuse is how many more times the guest refuses to online each block (in the
 	// default zone), as a guest still adding it may
 	refuse        map[uint64]int
+	never         map[uint64]bool // blocks the guest cannot online at all
 	movable, norm []uint64
 }
 
@@ -93,9 +95,13 @@ func (f *fakeBlocks) OnlineMemoryBlocks(_ context.Context, is []uint64) (map[uin
 	f.norm = append(f.norm, is...)
 	failed := map[uint64]string{}
 	for _, i := range is {
+		if f.never[i] {
+			failed[i] = "operation-not-supported"
+			continue
+		}
 		if f.refuse[i] > 0 {
 			f.refuse[i]--
-			failed[i] = "operation-failed"
+			failed[i] = "operation-failed (errno 16)"
 			continue
 		}
 		f.set(i)
@@ -146,29 +152,42 @@ func TestBlockOnliner(t *testing.T) {
 	}
 }
 
-// A block the guest refuses to online is asked again at each look, without making the
-// resize look again at once, until the guest takes it; until then the resize is not done.
+// A block the guest refuses to online is asked again, every blockRetryEvery, without
+// making the resize look again at once, until the guest takes it; until then the resize
+// is not done. One the guest cannot online at all is asked once. Blocks done with are
+// recorded for later resizes.
 func TestBlockOnlinerAsksAgain(t *testing.T) {
-	f := &fakeBlocks{blocks: []qga.MemoryBlock{{PhysIndex: 0, Online: true}, {PhysIndex: 32}, {PhysIndex: 33}},
-		refuse: map[uint64]int{33: 2}, disabled: true}
-	on := &blockOnliner{agent: f, lg: log.L, known: map[uint64]bool{0: true}, failed: map[uint64]string{}, movable: true}
+	f := &fakeBlocks{blocks: []qga.MemoryBlock{{PhysIndex: 0, Online: true}, {PhysIndex: 32}, {PhysIndex: 33}, {PhysIndex: 34}},
+		refuse: map[uint64]int{33: 2}, never: map[uint64]bool{34: true}, disabled: true}
+	settled := map[uint64]bool{}
+	on := &blockOnliner{agent: f, lg: log.L, known: map[uint64]bool{0: true}, settled: settled, failed: map[uint64]string{}, movable: true}
 	ctx := context.Background()
 	if !on.onlineNew(ctx) || !slices.Equal(on.failedBlocks(), []uint64{33}) {
-		t.Fatalf("first look: failed %v; want [33]", on.failedBlocks())
+		t.Fatalf("first look: failed %v; want [33] (34 refused for good)", on.failedBlocks())
 	}
+	on.lastRetry = time.Now() // a retry was just asked for
+	if on.onlineNew(ctx) || !slices.Equal(f.norm, []uint64{32, 33, 34}) {
+		t.Fatalf("a look within a second of the last retry: asked %v; want nothing asked again", f.norm)
+	}
+	on.lastRetry = time.Time{} // a second later
 	if on.onlineNew(ctx) {
 		t.Error("a retry alone made the resize look again at once")
 	}
-	if !slices.Equal(on.failedBlocks(), []uint64{33}) || !slices.Equal(f.norm, []uint64{32, 33, 33}) {
-		t.Fatalf("second look: failed %v, asked %v; want 33 refused again after 32 and 33 asked", on.failedBlocks(), f.norm)
+	if !slices.Equal(on.failedBlocks(), []uint64{33}) || !slices.Equal(f.norm, []uint64{32, 33, 34, 33}) {
+		t.Fatalf("second retry: failed %v, asked %v; want 33 refused again, 34 not asked again", on.failedBlocks(), f.norm)
 	}
+	on.lastRetry = time.Time{}
 	on.onlineNew(ctx)
 	if len(on.failedBlocks()) != 0 || !f.blocks[2].Online {
-		t.Fatalf("third look: failed %v, block 33 online %v; want it taken", on.failedBlocks(), f.blocks[2].Online)
+		t.Fatalf("third retry: failed %v, block 33 online %v; want it taken", on.failedBlocks(), f.blocks[2].Online)
 	}
+	on.lastRetry = time.Time{}
 	on.onlineNew(ctx)
-	if !slices.Equal(f.norm, []uint64{32, 33, 33, 33}) {
-		t.Errorf("asked %v after every block came online; want nothing asked again", f.norm)
+	if !slices.Equal(f.norm, []uint64{32, 33, 34, 33, 33}) {
+		t.Errorf("asked %v after every block was done with; want nothing asked again", f.norm)
+	}
+	if want := map[uint64]bool{32: true, 33: true, 34: true}; !maps.Equal(settled, want) {
+		t.Errorf("blocks recorded as done with: %v, want %v", settled, want)
 	}
 	var none *blockOnliner
 	if none.failedBlocks() != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"strings"
 )
 
 // VCPU is one of the guest's logical CPUs (guest-get-vcpus).
@@ -96,6 +97,13 @@ func (c *Client) OnlineMemoryBlocks(ctx context.Context, indexes []uint64) (map[
 		}
 	}
 	return failed, nil
+}
+
+// PermanentBlockRefusal says whether a reason OnlineMemoryBlocks gave for a block is one
+// asking again cannot change: the guest has no such block, or cannot online it at all
+// (operation-failed, with its errno, may pass).
+func PermanentBlockRefusal(why string) bool {
+	return why == "not-found" || strings.HasPrefix(why, "operation-not-supported")
 }
 
 // OnlineMovable brings memory block index online in ZONE_MOVABLE, which only holds pages

@@ -341,10 +341,11 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		cancelling error
 		postCopy   error     // why QEMU was asked to switch to post-copy (it agreed)
 		postCopyAt time.Time // when
-		// QEMU has said it runs the migration as post-copy, or was let go on from its pause
-		// before the switchover once post-copy was asked: from here the guest may run on
-		// the target, and the migration is not cancelled
-		switched    bool
+		switched   bool      // QEMU has said it runs the migration as post-copy
+		// QEMU was let go on from its pause before the switchover once post-copy was asked:
+		// the pause may have been the switch (or the pre-copy's end: QEMU does not say), so
+		// the guest may run on the target from here, and nothing is cancelled
+		committed   bool
 		continued   bool      // migrate-continue was sent for the pause before the switchover
 		continuedAt time.Time // when
 		queryErrors int
@@ -379,7 +380,7 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	// Reads of the migration's state outlive a cancelled ctx: a cancel must be seen through.
 	qctx := context.WithoutCancel(ctx)
 	for {
-		info, err := m.queryMigrate(qctx, switched)
+		info, err := m.queryMigrate(qctx, switched || committed)
 		switch {
 		case err != nil:
 			select {
@@ -432,7 +433,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent%s)", m.cfg.Name, info.TotalTime, info.Downtime, info.Transferred()>>20, how)
 				return info, nil
 			case qmp.MigrationFailed:
-				if switched {
+				if switched || committed && !m.restartedHere(qctx) {
+					// (QEMU restarts the guest after a failed pre-copy's end, not after a
+					// switch that began)
 					return info, fmt.Errorf("vm %s: migrate: failed after the switch to post-copy (%v): %w: %s", m.cfg.Name, postCopy, ErrPostCopyBroken, info.ErrorDesc)
 				}
 				if err := m.resumeAfterPause(qctx, opts); err != nil {
@@ -449,6 +452,10 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				if cancelling == nil {
 					cancelling = errors.New("cancelled in QEMU")
 				}
+				if switched || committed {
+					// not by vmpod: resuming the guest here could run it in two places
+					return info, fmt.Errorf("vm %s: migrate: %w after the switch to post-copy (%w): %w", m.cfg.Name, ErrMigrationCancelled, cancelling, ErrPostCopyBroken)
+				}
 				if err := m.resumeAfterPause(qctx, opts); err != nil {
 					return info, fmt.Errorf("vm %s: migrate: %w: %w; %w", m.cfg.Name, ErrMigrationCancelled, cancelling, err)
 				}
@@ -463,34 +470,35 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 					switched = true
 				}
 				switch {
-				case switched:
-					// the guest's memory is partly on the target: there is nothing to cancel
-					// back to, and the caller's cancel waits for the end like everyone else
+				case info.Status == qmp.MigrationPreSwitchover && continued:
+					// QEMU has yet to leave the pause it was let out of. A continue whose reply
+					// was lost is sent again if the pause lasts (one whose pause is over is
+					// refused, harmlessly)
+					if time.Since(continuedAt) >= continueAgain {
+						if err := m.mon.MigrateContinue(qctx, qmp.MigrationPreSwitchover); err != nil {
+							log.G(ctx).WithError(err).Infof("vm %s: migrate-continue again", m.cfg.Name)
+						}
+						continuedAt = time.Now()
+					}
+				case switched || committed:
+					// the guest's memory is partly on the target (or may be): there is nothing
+					// to cancel back to, and the caller's cancel waits for the end like
+					// everyone else
 				case info.Status == qmp.MigrationPreSwitchover && ctx.Err() != nil:
 					cancel(ctx.Err()) // nothing of the guest has run there: it stays here
 				case info.Status == qmp.MigrationPreSwitchover:
-					if continued && time.Since(continuedAt) < continueAgain {
-						break // QEMU has yet to leave the pause it was let out of
-					}
-					// the guest is stopped: go on at once. Once post-copy was asked, this pause
-					// may be its switch (or the pre-copy's end: QEMU does not say), after which
-					// a cancel would lose the guest
+					// the guest is stopped: go on at once
 					err := m.mon.MigrateContinue(qctx, qmp.MigrationPreSwitchover)
 					var refused *qmp.CommandError
-					switch {
-					case continued:
-						// asked again: a pause that outlasts a continue whose reply was lost
-						// (a refusal now says QEMU has moved on)
-					case errors.As(err, &refused):
+					if errors.As(err, &refused) {
 						cancel(fmt.Errorf("migrate-continue: %w", err)) // not done: still paused
-					case err != nil:
-						// maybe done, maybe not: treated as done (no cancel; asked again if the
-						// pause lasts)
+						break
+					}
+					if err != nil {
+						// maybe done, maybe not: taken as done, and asked again if the pause lasts
 						log.G(ctx).WithError(err).Warnf("vm %s: migrate-continue", m.cfg.Name)
 					}
-					if cancelling == nil {
-						continued, continuedAt, switched = true, time.Now(), switched || postCopy != nil
-					}
+					continued, continuedAt, committed = true, time.Now(), postCopy != nil
 				case ctx.Err() != nil:
 					cancel(ctx.Err())
 				case postCopy != nil:
@@ -543,6 +551,27 @@ func (m *Machine) queryMigrate(ctx context.Context, postCopy bool) (qmp.Migratio
 // that ended it before the continue is sent again (its reply may have been lost, and a
 // continue whose pause is over is refused harmlessly).
 const continueAgain = 5 * time.Second
+
+// restartedWait bounds restartedHere's wait for QEMU to leave finish-migrate.
+const restartedWait = 5 * time.Second
+
+// restartedHere says whether QEMU runs the guest here again after a failed migration that
+// was let go on from its pause before the switchover: it does after a failed pre-copy's
+// end, not after a switch to post-copy that began (the guest may run on the target).
+func (m *Machine) restartedHere(ctx context.Context) bool {
+	for deadline := time.Now().Add(restartedWait); ; {
+		st, err := m.mon.Status(ctx)
+		switch {
+		case err != nil:
+			return false
+		case st.State == qmp.RunStateRunning:
+			return true
+		case st.State != qmp.RunStateFinishMigrate || time.Now().After(deadline):
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
 
 // resumeAfterPause runs the guest here again after a migration that may switch to
 // post-copy (and so pauses before its switchover) ended without the switch: QEMU 7.2

@@ -369,10 +369,13 @@ func NotNow(vm *vmpodv1.VirtualMachine, pod *corev1.Pod) string {
 		return "the VM is paused (unpause it first)"
 	}
 	for _, v := range vm.Status.VolumeStatus {
-		if v.Phase != vmpodv1.VolumeReady || v.PodUID != pod.UID {
-			// the target plugs what the source has (the guest's shape): a disk on its way
-			// in or out would be in one of them only
+		// the target plugs what the source has (the guest's shape): a disk on its way in or
+		// out would be in one of them only
+		switch {
+		case v.Phase != vmpodv1.VolumeReady:
 			return fmt.Sprintf("hot-plugged volume %s is %s: migrate once it is attached or gone", v.Name, v.Phase)
+		case v.PodUID != pod.UID:
+			return fmt.Sprintf("hot-plugged volume %s is not attached to pod %s yet (it was to an earlier pod of the VM)", v.Name, pod.Name)
 		}
 	}
 	return ""
@@ -578,8 +581,12 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 	case target.Status.Phase == corev1.PodFailed || target.Status.Phase == corev1.PodSucceeded:
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("the target pod %s ended (%s) before the guest moved%s", target.Name, target.Status.Phase, terminated(target)))
 	case target.Status.Phase == corev1.PodRunning && computeRunning(target):
-		if waiting, err = r.lendTarget(ctx, m, target); err != nil {
-			return reconcile.Result{}, err
+		var failed string
+		if waiting, failed, err = r.lendTarget(ctx, m, target); err != nil || failed != "" {
+			if err != nil {
+				return reconcile.Result{}, err
+			}
+			return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, failed)
 		}
 		if waiting == "" {
 			m.Status.Phase, m.Status.TargetNode = vmpodv1.MigrationTargetReady, target.Spec.NodeName
@@ -608,43 +615,55 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 
 // lendTarget gives the target pod an attachment pod on its node for each of the source's
 // (the volumes of the guest's hot-plugged disks, which the target plugs before the guest
-// arrives), and says what it still waits for: "" once all of them run.
-func (r *Reconciler) lendTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration, target *corev1.Pod) (string, error) {
+// arrives), and says what it still waits for ("" once all of them run) or why the
+// migration cannot go on (failed).
+func (r *Reconciler) lendTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration, target *corev1.Pod) (waiting, failed string, err error) {
 	source := &corev1.Pod{}
 	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source); err != nil {
-		return "", fmt.Errorf("source pod %s: %w", m.Status.SourcePod, err)
+		if apierrors.IsNotFound(err) {
+			return "", "the source pod " + m.Status.SourcePod + " is gone", nil
+		}
+		return "", "", fmt.Errorf("source pod %s: %w", m.Status.SourcePod, err)
 	}
 	lent, err := attachmentPods(ctx, r.Client, source)
 	if err != nil || len(lent) == 0 {
-		return "", err
+		return "", "", err
 	}
 	vm := &vmpodv1.VirtualMachine{}
 	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err != nil {
-		return "", fmt.Errorf("VirtualMachine %s: %w", m.Spec.VMName, err)
+		if apierrors.IsNotFound(err) {
+			return "", "VirtualMachine " + m.Spec.VMName + " is gone", nil
+		}
+		return "", "", fmt.Errorf("VirtualMachine %s: %w", m.Spec.VMName, err)
 	}
-	var waiting []string
+	var wait []string
 	for _, src := range lent {
 		want, err := render.TargetAttachmentPod(vm, target, src)
 		if err != nil {
-			return "", err
+			return "", fmt.Sprintf("the target pod's attachment pod for %s: %v", src.Name, err), nil
 		}
 		have := &corev1.Pod{}
 		err = r.Client.Get(ctx, ctrl.ObjectKeyFromObject(want), have)
 		switch {
 		case apierrors.IsNotFound(err):
-			if err := r.Client.Create(ctx, want); err != nil && !apierrors.IsAlreadyExists(err) {
-				return "", fmt.Errorf("create attachment pod %s: %w", want.Name, err)
+			err := r.Client.Create(ctx, want)
+			switch {
+			case apierrors.IsForbidden(err) || apierrors.IsInvalid(err): // a quota, an admission policy: no retry helps
+				return "", fmt.Sprintf("create attachment pod %s for the target pod: %v", want.Name, err), nil
+			case err == nil:
+				r.Recorder.Eventf(m, want, corev1.EventTypeNormal, "SuccessfulCreate", "CreateAttachmentPod",
+					"attachment pod %s lends volume %s to the target pod %s", want.Name, want.Labels[render.HotplugVolumeLabel], target.Name)
+			case !apierrors.IsAlreadyExists(err): // (a cache that has yet to see it)
+				return "", "", fmt.Errorf("create attachment pod %s: %w", want.Name, err)
 			}
-			r.Recorder.Eventf(m, want, corev1.EventTypeNormal, "SuccessfulCreate", "CreateAttachmentPod",
-				"attachment pod %s lends volume %s to the target pod %s", want.Name, want.Labels[render.HotplugVolumeLabel], target.Name)
-			waiting = append(waiting, want.Name+" created")
+			wait = append(wait, want.Name+" created")
 		case err != nil:
-			return "", err
+			return "", "", err
 		case have.Status.Phase != corev1.PodRunning || have.DeletionTimestamp != nil:
-			waiting = append(waiting, fmt.Sprintf("%s %s", have.Name, have.Status.Phase))
+			wait = append(wait, fmt.Sprintf("%s %s", have.Name, have.Status.Phase))
 		}
 	}
-	return strings.Join(waiting, ", "), nil
+	return strings.Join(wait, ", "), "", nil
 }
 
 // targetAttachments are the target pod's attachment pods, by volume (its hot-plugged
@@ -671,6 +690,9 @@ func (r *Reconciler) targetAttachments(ctx context.Context, m *vmpodv1.VirtualMa
 // own on its next pass and ends the migration as failed (recover).
 func (r *Reconciler) send(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
 	attachments, err := r.targetAttachments(ctx, m)
+	if apierrors.IsNotFound(err) {
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "the target pod "+m.Status.TargetPod+" is gone")
+	}
 	if err != nil {
 		return reconcile.Result{}, err
 	}

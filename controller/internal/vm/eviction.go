@@ -52,8 +52,9 @@ var evacuationBackoff = Backoff{Base: time.Minute, Max: 10 * time.Minute}
 func DisruptionBudgetName(vm string) string { return budgetName("vmpod-", vm) }
 
 // AttachmentBudgetName is the name of the PodDisruptionBudget guarding the VM's disk
-// attachment pods.
-func AttachmentBudgetName(vm string) string { return budgetName("vmpod-hotplug-", vm) }
+// attachment pods: its prefix is no "vmpod-<name>" (a VM named hotplug-x would otherwise
+// have x's).
+func AttachmentBudgetName(vm string) string { return budgetName("vmpod.hotplug-", vm) }
 
 func budgetName(prefix, vm string) string {
 	if len(vm) > 253-len(prefix) {
