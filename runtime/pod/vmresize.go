@@ -340,7 +340,7 @@ type blockOnliner struct {
 	// (computeVM.settledBlocks)
 	settled map[uint64]bool
 	// failed are the new blocks the guest could not online yet, and why: asked again,
-	// every retryEvery, while the resize lasts (a transient refusal must not leave a
+	// every blockRetryEvery, while the resize lasts (a transient refusal must not leave a
 	// block offline for good, as a first refusal once did a hot-plugged vCPU)
 	failed    map[uint64]string
 	lastRetry time.Time
