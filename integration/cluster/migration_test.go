@@ -267,9 +267,10 @@ func TestVirtualMachineLiveMigration(t *testing.T) {
 	failing := migrate(t, c, ns, vm, "--bandwidth-mib=1") // long enough to pull the target away
 	waitMigration(t, c, ns, failing, "Running", 5*time.Minute)
 	targetPod := c.Kubectl(t, "get", "vmim", "-n", ns, failing, "-o", "jsonpath={.status.targetPod}")
+	deleted := time.Now()
 	c.Kubectl(t, "delete", "pod", "-n", ns, targetPod, "--wait=false")
 	failed := waitMigration(t, c, ns, failing, "Failed", 3*time.Minute)
-	t.Logf("migration %s with its target deleted: %s", failing, failed.reason)
+	t.Logf("migration %s with its target deleted: failed %v later: %s", failing, time.Since(deleted).Round(time.Second), failed.reason)
 	if failed.reason == "" {
 		t.Errorf("the failed migration gives no reason")
 	}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/qmp"
@@ -484,6 +485,11 @@ func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait tim
 				accepted <- err
 				return
 			}
+			if err := abandonUnanswered(conn); err != nil {
+				log.G(ctx).WithError(err).Warnf("migration target: a connection from %s", conn.RemoteAddr())
+				conn.Close()
+				continue
+			}
 			go func() {
 				tc := tls.Server(conn, cfg)
 				role, err := handshake(tc)
@@ -902,6 +908,10 @@ func (c *computeVM) dialTarget(ctx context.Context, addr string, cfg *tls.Config
 	if err != nil {
 		return nil, fmt.Errorf("connect to the target %s: %w", addr, err)
 	}
+	if err := abandonUnanswered(conn); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("target %s: %w", addr, err)
+	}
 	tc := tls.Client(conn, cfg)
 	if dl, ok := ctx.Deadline(); ok {
 		_ = tc.SetDeadline(dl)
@@ -916,6 +926,37 @@ func (c *computeVM) dialTarget(ctx context.Context, addr string, cfg *tls.Config
 	}
 	_ = tc.SetDeadline(time.Time{})
 	return tc, nil
+}
+
+// peerSilence bounds how long bytes sent to the other shim may go unacknowledged before
+// the connection is given up (TCP_USER_TIMEOUT). A peer whose pod's network went before
+// its shim closed the connection (a target pod deleted mid-stream: the kubelet tears the
+// netns down) never resets it: without a bound the source's QEMU waits on a full send
+// buffer until the progress timeout (seen once: 150 s), or for ever once switched to
+// post-copy. A live peer acknowledges what it receives even while it does not read.
+const peerSilence = 60 * time.Second
+
+// abandonUnanswered makes conn, a TCP connection between the migration's shims, fail once
+// what it sent has gone unacknowledged for peerSilence.
+func abandonUnanswered(conn net.Conn) error {
+	tcp, ok := conn.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	raw, err := tcp.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(peerSilence.Milliseconds()))
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("TCP_USER_TIMEOUT: %w", serr)
+	}
+	return nil
 }
 
 // progressOf is the progress line of QEMU's account.

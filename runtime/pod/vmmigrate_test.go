@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
@@ -309,5 +310,36 @@ func TestShapedDisks(t *testing.T) {
 		if _, err := c.shapedDisks([]shapedDisk{bad.disk}, nil); err == nil || !strings.Contains(err.Error(), bad.want) {
 			t.Errorf("disk %+v: %v; want %q", bad.disk, err, bad.want)
 		}
+	}
+}
+
+// The shims' connections give a silent peer up after peerSilence: a deleted target pod's
+// network can vanish before its shim resets the connection.
+func TestAbandonUnanswered(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	conn, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := abandonUnanswered(conn); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := conn.(*net.TCPConn).SyscallConn()
+	var got int
+	var gerr error
+	_ = raw.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT) })
+	if gerr != nil || got != int(peerSilence.Milliseconds()) {
+		t.Errorf("TCP_USER_TIMEOUT %d ms (%v), want %d", got, gerr, peerSilence.Milliseconds())
+	}
+	a, b := net.Pipe() // not TCP: nothing to set, no error
+	defer a.Close()
+	defer b.Close()
+	if err := abandonUnanswered(a); err != nil {
+		t.Errorf("a pipe: %v", err)
 	}
 }
