@@ -63,6 +63,16 @@ func (o MigrationOptions) capabilities() []qmp.MigrationCapabilityState {
 	}
 }
 
+// outgoingCapabilities are a source's: capabilities, and a migration that may switch to
+// post-copy stops before the switch, its guest paused and nothing of it sent yet, until
+// migrate-continue. QEMU 7.2 accepts a cancel in any state, and one that lands once the
+// switch has begun loses the guest (the target runs it from a stream that ends; the
+// source stays stopped, or runs it too if told to): Migrate decides at that pause,
+// between its polls, whether the switch happens.
+func (o MigrationOptions) outgoingCapabilities() []qmp.MigrationCapabilityState {
+	return append(o.capabilities(), qmp.MigrationCapabilityState{Capability: qmp.MigrationCapPauseBeforeSwitchover, State: o.PostCopy})
+}
+
 // unprivilegedUserfaultfd is the sysctl that lets a process without CAP_SYS_PTRACE create
 // a userfaultfd, which a post-copy target's QEMU 7.2 needs (it predates /dev/userfaultfd).
 const unprivilegedUserfaultfd = "/proc/sys/vm/unprivileged_userfaultfd"
@@ -307,13 +317,7 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 	fail := func(err error) (qmp.MigrationInfo, error) {
 		return qmp.MigrationInfo{}, fmt.Errorf("vm %s: migrate: %w", m.cfg.Name, err)
 	}
-	// A migration that may switch to post-copy stops before the switch, its guest paused
-	// and nothing of it sent yet, until migrate-continue: QEMU 7.2 accepts a cancel in any
-	// state, and one that lands once the switch has begun loses the guest (the target
-	// runs it from a stream that ends; the source stays stopped, or runs it too if told
-	// to). vmpod decides at that pause, between the polls, whether the switch happens.
-	caps := append(opts.capabilities(), qmp.MigrationCapabilityState{Capability: qmp.MigrationCapPauseBeforeSwitchover, State: opts.PostCopy})
-	if err := m.mon.MigrateSetCapabilities(ctx, caps...); err != nil {
+	if err := m.mon.MigrateSetCapabilities(ctx, opts.outgoingCapabilities()...); err != nil {
 		return fail(err)
 	}
 	if opts.MaxBandwidth != 0 || opts.DowntimeLimit != 0 {
