@@ -23,6 +23,27 @@ type PodInterface struct {
 // whose host end has hostCIDR; the test's end removes it if it is still there.
 func AddPodInterface(t testing.TB, id, name, hostCIDR, podCIDR string) PodInterface {
 	t.Helper()
+	return addPodInterface(t, id, name, podCIDR, func(host netlink.Link) error {
+		return netlink.AddrAdd(host, cidrAddr(t, hostCIDR))
+	})
+}
+
+// AddBridgedPodInterface is AddPodInterface with the host end on bridge (PodBridge)
+// instead of addressed, so that several pods' interfaces share one L2 network, as a
+// multus bridge network's do. podCIDR "" leaves the pod end without an address.
+func AddBridgedPodInterface(t testing.TB, id, name, bridge, podCIDR string) PodInterface {
+	t.Helper()
+	br, err := netlink.LinkByName(bridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addPodInterface(t, id, name, podCIDR, func(host netlink.Link) error {
+		return netlink.LinkSetMaster(host, br)
+	})
+}
+
+func addPodInterface(t testing.TB, id, name, podCIDR string, hostSide func(netlink.Link) error) PodInterface {
+	t.Helper()
 	podNS, err := netns.GetFromPath(PodNetns(t, id))
 	if err != nil {
 		t.Fatal(err)
@@ -38,7 +59,7 @@ func AddPodInterface(t testing.TB, id, name, hostCIDR, podCIDR string) PodInterf
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustNet(t, netlink.AddrAdd(hostLink, cidrAddr(t, hostCIDR)))
+	mustNet(t, hostSide(hostLink))
 	mustNet(t, netlink.LinkSetUp(hostLink))
 	h, err := netlink.NewHandleAt(podNS)
 	if err != nil {
@@ -49,9 +70,35 @@ func AddPodInterface(t testing.TB, id, name, hostCIDR, podCIDR string) PodInterf
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustNet(t, h.AddrAdd(podLink, cidrAddr(t, podCIDR)))
+	if podCIDR != "" {
+		mustNet(t, h.AddrAdd(podLink, cidrAddr(t, podCIDR)))
+	}
 	mustNet(t, h.LinkSetUp(podLink))
 	return PodInterface{Host: host, MAC: podLink.Attrs().HardwareAddr.String()}
+}
+
+// PodBridge makes a bridge on the host with address cidr, for AddBridgedPodInterface; the
+// test's end removes it. It returns the bridge's name.
+func PodBridge(t testing.TB, cidr string) string {
+	t.Helper()
+	name := fmt.Sprintf("vmpbr%d", time.Now().UnixNano()%1000000)
+	if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil {
+		t.Fatalf("bridge %s: %v", name, err)
+	}
+	t.Cleanup(func() {
+		if l, err := netlink.LinkByName(name); err == nil {
+			if err := netlink.LinkDel(l); err != nil {
+				t.Errorf("delete bridge %s: %v", name, err)
+			}
+		}
+	})
+	br, err := netlink.LinkByName(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustNet(t, netlink.AddrAdd(br, cidrAddr(t, cidr)))
+	mustNet(t, netlink.LinkSetUp(br))
+	return name
 }
 
 // RemovePodInterface deletes the veth (CNI DEL): both ends go.

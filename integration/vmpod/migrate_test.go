@@ -76,17 +76,34 @@ func TestVMPodLiveMigration(t *testing.T) {
 	os.WriteFile(termLog, nil, 0o644)
 	srcID := compute(t, src, []testenv.Mount{rootMount, dataMount, padMount, {ContainerPath: "/dev/termination-log", HostPath: termLog}}, nil, true)
 	waitExec(t, srcID, agentWithin, "", vmspec.GuestAgentPingCommand)
+	// Devices plugged into the running guest, which move with it: the target plugs them
+	// on the source's root ports. A volume as a hot-plugged disk, and one plugged and
+	// unplugged around it and the NIC below, so that their ports differ from what fresh
+	// plugs would take (pad rp0, data rp1, the NIC rp2, then pad's rp0 free again).
+	// A network as a hot-plugged NIC (multus' dynamic networks controller adds one so):
+	// each pod's link for it hangs off one host bridge, as a multus bridge network's links
+	// do, and the target pod has its own from the start, as multus gives a new pod the
+	// networks of its annotation (docs/design/209). The source's and the target's have
+	// the guest's address, as a network with static IPAM gives them; the others have none.
 	attachData := `{"name": "data", "volume": "data", "source": "file"}`
-	for _, args := range [][]string{
-		{vmspec.AttachDiskCommand, `{"name": "pad", "volume": "pad", "source": "file"}`},
-		{vmspec.AttachDiskCommand, attachData},
-		{vmspec.DetachDiskCommand, "pad"},
-	} {
-		if out, err := execIn(srcID, 3*time.Minute, args...); err != nil {
-			t.Fatalf("%v: %q, %v", args, out, err)
+	plugDisks := func(args ...[]string) {
+		t.Helper()
+		for _, a := range args {
+			if out, err := execIn(srcID, 3*time.Minute, a...); err != nil {
+				t.Fatalf("%v: %q, %v", a, out, err)
+			}
 		}
 	}
+	plugDisks([]string{vmspec.AttachDiskCommand, `{"name": "pad", "volume": "pad", "source": "file"}`}, []string{vmspec.AttachDiskCommand, attachData})
 	waitExec(t, srcID, time.Minute, "vmpod hot-plugged disk", "head", "-c", "22", "/dev/disk/by-id/virtio-data")
+	// (after cloud-init's network stage: without a network config of the user's it falls
+	// back to one NIC, and it once chose a NIC plugged before it ran over eth0)
+	waitExec(t, srcID, 5*time.Minute, "ActiveState=active", "systemctl", "show", "-p", "ActiveState", "cloud-init.service")
+	br := testenv.PodBridge(t, "10.250.9.1/24")
+	srcNet1 := testenv.AddBridgedPodInterface(t, src.ID, "net1", br, "10.250.9.2/24")
+	nic := guestNIC(t, srcID, srcNet1.MAC, "10.250.9.2/24")
+	pingGuest(t, br, "10.250.9.2", 10*time.Second)
+	plugDisks([]string{vmspec.DetachDiskCommand, "pad"})
 	// state that lives only in the guest's memory
 	pid := strings.TrimSpace(waitExec(t, srcID, time.Minute, "", "sh", "-c",
 		"echo moved > /dev/shm/marker; nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count.new; mv /dev/shm/count.new /dev/shm/count; sleep 0.1; done' >/dev/null 2>&1 & echo $!"))
@@ -95,6 +112,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 	}
 
 	dst := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-dst"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
+	dstNet1 := testenv.AddBridgedPodInterface(t, dst.ID, "net1", br, "10.250.9.2/24")
 	dstID := compute(t, dst, []testenv.Mount{rootMount, dataMount}, nil, true)
 	if st := status(t, dstID); st.State != "CONTAINER_RUNNING" {
 		t.Fatalf("the target's compute container: %s", st.State)
@@ -176,6 +194,16 @@ func TestVMPodLiveMigration(t *testing.T) {
 	if out, err := testenv.Cmd("crictl", "start", newID); err == nil || !strings.Contains(err.Error(), "does not boot it again") {
 		t.Errorf("a new compute container in the source pod: %q, %v; want a refusal", out, err)
 	}
+	// the hot-plugged NIC came along, on the target's link: with the source's link gone (as
+	// with its pod), the guest answers there, and with its address flushed it gets it again
+	// from the target's DHCP server, which answers the guest's MAC (a client of its own:
+	// the one the source's test started keeps its lease)
+	testenv.RemovePodInterface(t, srcNet1)
+	pingGuest(t, br, "10.250.9.2", time.Minute)
+	if out, err := execIn(dstID, 2*time.Minute, "sh", "-c", "ip -4 addr flush dev "+nic+" && dhclient -1 -pf /run/dhclient-moved.pid -lf /run/dhclient-moved.leases "+nic); err != nil {
+		t.Errorf("the guest's DHCP on its moved NIC %s: %q, %v", nic, out, err)
+	}
+	waitExec(t, dstID, 30*time.Second, "10.250.9.2/24", "ip", "-4", "addr", "show", "dev", nic)
 	// the guest runs on in the target: its memory came along
 	if got := strings.TrimSpace(waitExec(t, dstID, 2*time.Minute, "moved", "cat", "/dev/shm/marker")); got != "moved" {
 		t.Errorf("the tmpfs file: %q", got)
@@ -215,6 +243,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 
 	// a migration cancelled half-way: the guest runs on where it is, the would-be target ends
 	dst2 := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-dst2"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
+	testenv.AddBridgedPodInterface(t, dst2.ID, "net1", br, "")
 	termLog2 := filepath.Join(t.TempDir(), "termination-log")
 	os.WriteFile(termLog2, nil, 0o644)
 	dst2ID := compute(t, dst2, []testenv.Mount{rootMount, dataMount, {ContainerPath: "/dev/termination-log", HostPath: termLog2}}, nil, true)
@@ -279,22 +308,27 @@ func TestVMPodLiveMigration(t *testing.T) {
 		edit   func(*vmspec.VM)
 		want   string
 		noData bool // the target's compute container lacks the hot-plugged disk's volume
+		noNet1 bool // the target pod lacks the hot-plugged NIC's network
 	}{
-		// refused before the stream begins: the target cannot plug the guest's disk
-		{"no volume for the hot-plugged disk", func(*vmspec.VM) {}, "the target refused the guest: plug the guest's hot-plugged disk on rp1: disk data", true},
+		// refused before the stream begins: the target cannot plug the guest's disk, or NIC
+		{"no volume for the hot-plugged disk", func(*vmspec.VM) {}, "the target refused the guest: plug the guest's hot-plugged disk on rp1: disk data", true, false},
+		{"no network for the hot-plugged NIC", func(*vmspec.VM) {}, "the target refused the guest: shape.nics[0]: the guest has a NIC for pod interface net1", false, true},
 		// an e1000e NIC brings a ROM, a RAM block the source lacks: the target fails at
 		// the stream's start, and the source's QEMU hears of it through the stream
-		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed", false},
+		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed", false, false},
 		// the disk on SATA: the RAM matches, the virtio-blk state (sent last, the guest
 		// stopped) does not. The source's QEMU has completed; the target says it failed,
 		// and the source resumes its guest: the switchover's first phase
-		{"the disk on SATA", func(vm *vmspec.VM) { vm.Disks[0].Bus = vmspec.BusSATA }, "the guest runs on here", false},
+		{"the disk on SATA", func(vm *vmspec.VM) { vm.Disks[0].Bus = vmspec.BusSATA }, "the guest runs on here", false, false},
 	} {
 		odd := target
 		odd.Interfaces = append([]vmspec.Interface{}, target.Interfaces...)
 		odd.Disks = append([]vmspec.Disk{}, target.Disks...)
 		c.edit(&odd)
 		pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-odd"}, Hostname: "vm-mig", Annotations: annotation(t, odd)})
+		if !c.noNet1 {
+			testenv.AddBridgedPodInterface(t, pod.ID, "net1", br, "")
+		}
 		mounts := []testenv.Mount{rootMount, dataMount}
 		if c.noData {
 			mounts = mounts[:1]
@@ -328,6 +362,11 @@ func TestVMPodLiveMigration(t *testing.T) {
 		}
 	}
 
+	// the target follows its pod's netns for the NIC it plugged for the source: the link
+	// leaving (CNI DEL) unplugs it
+	testenv.RemovePodInterface(t, dstNet1)
+	waitNICGone(t, dstID, nic)
+
 	// a target stopped before any guest arrived ends at once, saying so (nothing to power off)
 	idle := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vm-mig-idle"}, Hostname: "vm-mig", Annotations: annotation(t, target)})
 	idleLog := filepath.Join(t.TempDir(), "termination-log")
@@ -344,4 +383,17 @@ func TestVMPodLiveMigration(t *testing.T) {
 	if b, _ := os.ReadFile(idleLog); !strings.Contains(string(b), "before the guest arrived") {
 		t.Errorf("the stopped target's termination message %q", b)
 	}
+}
+
+// pingGuest pings ip through bridge until it answers, for at most within.
+func pingGuest(t *testing.T, bridge, ip string, within time.Duration) {
+	t.Helper()
+	var out []byte
+	var err error
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if out, err = exec.Command("ping", "-c", "1", "-W", "2", "-I", bridge, ip).CombinedOutput(); err == nil {
+			return
+		}
+	}
+	t.Errorf("ping %s through %s for %v: %v\n%s", ip, bridge, within, err, out)
 }

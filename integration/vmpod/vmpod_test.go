@@ -767,20 +767,34 @@ func resizeVM(t *testing.T, id string) {
 func plugInterface(t *testing.T, id, podID string) {
 	t.Helper()
 	net1 := testenv.AddPodInterface(t, podID, "net1", "10.250.8.1/24", "10.250.8.2/24")
-	byMAC := `for i in /sys/class/net/*; do [ "$(cat $i/address)" = ` + net1.MAC + ` ] && basename $i; done; true`
-	ifname := strings.TrimSpace(waitExec(t, id, time.Minute, "eth", "sh", "-c", byMAC))
-	if out, err := execIn(id, time.Minute, "dhclient", "-1", ifname); err != nil {
-		t.Fatalf("dhclient -1 %s in the guest: %q, %v", ifname, out, err)
-	}
-	waitExec(t, id, 30*time.Second, "10.250.8.2/24", "ip", "-4", "addr", "show", "dev", ifname)
+	ifname := guestNIC(t, id, net1.MAC, "10.250.8.2/24")
 	if b, err := exec.Command("ping", "-c", "1", "-W", "5", "-I", net1.Host, "10.250.8.2").CombinedOutput(); err != nil {
 		t.Errorf("ping the guest's %s from the veth's other end: %v\n%s", ifname, err, b)
 	}
 	testenv.RemovePodInterface(t, net1)
+	waitNICGone(t, id, ifname)
+}
+
+// guestNIC waits for the guest of compute container id to have a NIC with mac, has its
+// DHCP client ask for an address on it, which must be cidr, and returns its name.
+func guestNIC(t *testing.T, id, mac, cidr string) string {
+	t.Helper()
+	byMAC := `for i in /sys/class/net/*; do [ "$(cat $i/address)" = ` + mac + ` ] && basename $i; done; true`
+	ifname := strings.TrimSpace(waitExec(t, id, time.Minute, "eth", "sh", "-c", byMAC))
+	if out, err := execIn(id, time.Minute, "dhclient", "-1", ifname); err != nil {
+		t.Fatalf("dhclient -1 %s in the guest: %q, %v", ifname, out, err)
+	}
+	waitExec(t, id, 30*time.Second, cidr, "ip", "-4", "addr", "show", "dev", ifname)
+	return ifname
+}
+
+// waitNICGone waits for the guest of compute container id to have no NIC ifname.
+func waitNICGone(t *testing.T, id, ifname string) {
+	t.Helper()
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(2 * time.Second) {
 		out := waitExec(t, id, time.Minute, "eth0", "ls", "/sys/class/net")
 		if !strings.Contains(out, ifname) {
-			break
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("%s is still in the guest after its pod interface went: %q", ifname, out)

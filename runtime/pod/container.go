@@ -173,7 +173,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
 		go p.servePortForwards(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
-		p.nics = &nicFollower{pod: podID, network: plumbing, machine: guest.Machine(), configure: p.configureNIC}
+		p.nics = &nicFollower{pod: podID, network: plumbing, machine: guest.Machine(), configure: p.configureNIC, busy: new(sync.Mutex)}
 		var netCtx context.Context
 		netCtx, p.stopNetwork = context.WithCancel(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx)))
 		p.nics.follow(netCtx)

@@ -3,9 +3,13 @@ package pod
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
+	"maps"
+	"net"
+	"slices"
+	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
@@ -32,34 +36,44 @@ type nicFollower struct {
 	network *network.Plumbing
 	machine *vmm.Machine
 	// configure gives the guest a plugged NIC's configuration, or readies the host for the
-	// guest to ask (DHCP, before the plug); the returned func undoes it
+	// guest to ask (DHCP, before the plug); the returned func undoes it. iface's MAC is
+	// the guest NIC's.
 	configure func(ctx context.Context, plan *network.Plan, iface network.Interface) (undo func() error, err error)
 	// configureFirst: configure before the plug (a DHCP server must answer the guest's
 	// first request), else after (the agent finds the NIC by its MAC)
 	configureFirst bool
+	// busy is held while the follower plugs or unplugs, as the VM's other device changes
+	// hold it (the VM's hotMu): a migration sends the NICs it found, and a target plugs
+	// the source's (adopt) before the follower reads its netns again.
+	busy *sync.Mutex
+	// waiting says the VM is a migration target whose guest has not arrived: a NIC plugged
+	// now would be a device the stream does not carry, so links wait for wake
+	waiting func() bool
+	wake    chan struct{} // a sync is due (the guest arrived)
+
+	// guarded by busy:
 	// kept are pod interfaces that stay out of the guest (ifindex by name): a VM pod's
 	// spec names the pod interfaces its VM boots with, and the others in the netns when
 	// the pod was plumbed are not the VM's
-	kept map[string]int
+	kept   map[string]int
+	ids    map[string]*hotNIC // by link name
+	next   int
+	warned map[string]bool // links already logged as not reaching the guest
 
-	ids map[string]*hotNIC // by link name
-	// plugged is len(ids), for readers outside the follower's goroutine
-	plugged atomic.Int32
-	next    int
-	warned  map[string]bool // links already logged as not reaching the guest
-	done    chan struct{}
+	done chan struct{}
 }
 
 // hotNIC is a NIC the follower plugged.
 type hotNIC struct {
 	id     string
+	mac    string       // the guest NIC's
 	undoFn func() error // its configuration's undo, or nil
 }
 
 // follow starts following until ctx ends; f.done closes when it has stopped and removed
 // what it plumbed.
 func (f *nicFollower) follow(ctx context.Context) {
-	f.ids, f.warned, f.done = map[string]*hotNIC{}, map[string]bool{}, make(chan struct{})
+	f.ids, f.warned, f.done, f.wake = map[string]*hotNIC{}, map[string]bool{}, make(chan struct{}), make(chan struct{}, 1)
 	go func() {
 		defer close(f.done)
 		f.run(ctx)
@@ -89,11 +103,28 @@ func (f *nicFollower) run(ctx context.Context) {
 	}
 }
 
-// follow1 syncs after each quiet spell of changes, until changes closes.
+// wakeUp has the follower read the netns again: a migration target's guest arrived.
+func (f *nicFollower) wakeUp() {
+	if f == nil { // a VM without a network
+		return
+	}
+	select {
+	case f.wake <- struct{}{}:
+	default: // one is due already
+	}
+}
+
+// follow1 syncs after each quiet spell of changes, and when woken, until changes closes.
 func (f *nicFollower) follow1(ctx context.Context, changes <-chan struct{}) {
 	for {
-		if _, ok := <-changes; !ok {
-			return
+		select {
+		case _, ok := <-changes:
+			if !ok {
+				return
+			}
+		case <-f.wake:
+			f.sync(ctx)
+			continue
 		}
 		quiet := time.NewTimer(nicSettle)
 	settle:
@@ -116,7 +147,16 @@ func (f *nicFollower) follow1(ctx context.Context, changes <-chan struct{}) {
 // sync plugs a NIC for each interface the netns gained and unplugs those of the
 // interfaces it lost.
 func (f *nicFollower) sync(ctx context.Context) {
+	f.busy.Lock()
+	defer f.busy.Unlock()
+	if ctx.Err() != nil {
+		return // the VM stopped while another device change held busy
+	}
 	lg := log.G(ctx).WithField("pod", f.pod)
+	if f.waiting != nil && f.waiting() {
+		lg.Info("pod network: the VM waits for its migrating guest: interfaces added meanwhile get their NICs once it has arrived")
+		return
+	}
 	added, removed, err := f.network.Rescan()
 	if err != nil {
 		lg.WithError(err).Warn("pod network: read the netns again")
@@ -136,7 +176,6 @@ func (f *nicFollower) sync(ctx context.Context) {
 			continue
 		}
 		delete(f.ids, name)
-		f.plugged.Store(int32(len(f.ids)))
 		if nic.undoFn != nil {
 			if err := nic.undoFn(); err != nil {
 				lg.WithError(err).Warnf("pod network: %s", name)
@@ -158,7 +197,7 @@ func (f *nicFollower) sync(ctx context.Context) {
 			}
 			continue
 		}
-		if err := f.plug(ctx, added, iface); err != nil {
+		if err := f.plug(ctx, added, iface, nil, ""); err != nil {
 			lg.WithError(err).Warnf("pod network: %s joined the netns", iface.Name)
 			continue
 		}
@@ -167,11 +206,15 @@ func (f *nicFollower) sync(ctx context.Context) {
 }
 
 // plug makes iface (of plan, a Rescan's) a guest NIC: its tap, the device, its
-// configuration. On failure nothing is left.
-func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface network.Interface) (retErr error) {
+// configuration. mac, if given, is the guest NIC's instead of the link's, and port the
+// root port to plug it on ("": the lowest free one). On failure nothing is left.
+func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface network.Interface, mac net.HardwareAddr, port string) (retErr error) {
 	nic, err := f.network.Add(iface)
 	if err != nil {
 		return err
+	}
+	if mac != nil {
+		iface.MAC, nic.MAC = mac, mac.String()
 	}
 	var undo []func() error
 	defer func() {
@@ -190,7 +233,7 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 		return f.network.Remove(iface.Name)
 	})
 	f.next++
-	hot := &hotNIC{id: fmt.Sprintf("hotnic%d", f.next)}
+	hot := &hotNIC{id: fmt.Sprintf("hotnic%d", f.next), mac: nic.MAC}
 	if f.configureFirst {
 		if hot.undoFn, err = f.configure(ctx, plan, iface); err != nil {
 			return err
@@ -199,7 +242,7 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 			undo = append(undo, hot.undoFn)
 		}
 	}
-	if err := f.machine.PlugNIC(ctx, hot.id, nic); err != nil {
+	if err := f.machine.PlugNICAt(ctx, port, hot.id, nic); err != nil {
 		return err
 	}
 	undo = append(undo, func() error {
@@ -210,7 +253,6 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 			// the guest holds the NIC: its tap stays, and the follower keeps it to unplug
 			// when the link goes (release removes the tap once the VM is gone)
 			f.ids[iface.Name] = hot
-			f.plugged.Store(int32(len(f.ids)))
 			return err
 		}
 		return nil
@@ -221,7 +263,53 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 		}
 	}
 	f.ids[iface.Name] = hot
-	f.plugged.Store(int32(len(f.ids)))
+	return nil
+}
+
+// shaped lists the NICs the follower plugged, for a migration's shape. Called with busy
+// held.
+func (f *nicFollower) shaped() ([]shapedNIC, error) {
+	var out []shapedNIC
+	for _, name := range slices.Sorted(maps.Keys(f.ids)) {
+		nic := f.ids[name]
+		port, ok := f.machine.DevicePort(nic.id)
+		if !ok {
+			return nil, fmt.Errorf("hot-plugged NIC %s (pod interface %s) has no root port", nic.id, name) // a bug
+		}
+		out = append(out, shapedNIC{Interface: name, MAC: nic.mac, Port: port})
+	}
+	return out, nil
+}
+
+// adopt plugs, in a migration target's VM, the NICs the source's follower plugged
+// (checkShapedNICs passed): each mirrors the pod interface of the same name in this
+// pod's netns — multus attached the source pod's networks to the target pod when it was
+// made — with the MAC the guest knows, on the source's root port, before QEMU reads the
+// stream. The follower then treats them as its own: the interface leaving unplugs the
+// NIC. Called with busy held; on failure the NICs plugged so far stay for the VM's
+// teardown (a target that refuses the guest ends).
+func (f *nicFollower) adopt(ctx context.Context, shaped []shapedNIC) error {
+	if len(shaped) == 0 {
+		return nil
+	}
+	added, _, err := f.network.Rescan()
+	if err != nil {
+		return fmt.Errorf("read this pod's netns for the guest's hot-plugged NICs: %w", err)
+	}
+	for i, n := range shaped {
+		if _, ok := f.ids[n.Interface]; ok {
+			return fmt.Errorf("shape.nics[%d]: pod interface %s already has a NIC of this VM's (it joined this pod's netns after the VM started), not on the guest's port %s: %w", i, n.Interface, n.Port, errdefs.ErrFailedPrecondition)
+		}
+		j := slices.IndexFunc(added.Interfaces, func(iface network.Interface) bool { return iface.Name == n.Interface })
+		if j < 0 {
+			return fmt.Errorf("shape.nics[%d]: the guest has a NIC for pod interface %s, which this pod's netns lacks or cannot mirror (the target pod needs the source pod's networks): %w", i, n.Interface, errdefs.ErrFailedPrecondition)
+		}
+		mac, _ := net.ParseMAC(n.MAC) // checked by checkShapedNICs
+		if err := f.plug(ctx, added, added.Interfaces[j], mac, n.Port); err != nil {
+			return fmt.Errorf("shape.nics[%d]: plug the guest's NIC for %s on %s: %w", i, n.Interface, n.Port, err)
+		}
+		delete(f.kept, n.Interface) // the pod's next VM plugs it too, as the source's would
+	}
 	return nil
 }
 

@@ -265,7 +265,7 @@ func (p *vmPod) bootVM(ctx context.Context, id, rootfs string, spec *specs.Spec,
 	}
 	if p.network != nil {
 		dns, search := resolvConf(spec)
-		c.nics = &nicFollower{pod: p.id, network: p.network, machine: m, configureFirst: true, kept: p.keptNICs,
+		c.nics = &nicFollower{pod: p.id, network: p.network, machine: m, configureFirst: true, kept: p.keptNICs, busy: &c.hotMu, waiting: c.isAwaiting,
 			configure: func(_ context.Context, plan *network.Plan, iface network.Interface) (func() error, error) {
 				return c.serveDHCP(plan, iface, dns, search)
 			}}
@@ -569,6 +569,7 @@ func (c *computeVM) serveDHCP(plan *network.Plan, iface network.Interface, dns [
 	if err != nil {
 		return nil, nil // no address to give: the guest configures itself
 	}
+	lease.MAC = iface.MAC // the guest NIC's: a migrated guest keeps its source's
 	srv, err := c.pod.network.ServeDHCP(iface.Name, lease)
 	if err != nil {
 		return nil, err
@@ -948,7 +949,7 @@ func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error)
 		return "disk " + name + " is not attached", nil
 	}
 	if err := c.machine.UnplugDisk(ctx, hotDiskID(name)); err != nil && !errdefs.IsNotFound(err) {
-		if _, plugged := c.machine.DiskPort(hotDiskID(name)); !plugged {
+		if _, plugged := c.machine.DevicePort(hotDiskID(name)); !plugged {
 			delete(c.hot, name) // the guest let it go: what failed is the host's tidying
 		}
 		return "", fmt.Errorf("%s: disk %s: %w", vmspec.DetachDiskCommand, name, err)

@@ -90,6 +90,10 @@ type guestShape struct {
 	// the disks attachDisk plugged in, by name: the target plugs the same images on the
 	// same root ports, where the guest's device state expects them
 	Disks []shapedDisk `json:"disks,omitempty"`
+	// the NICs the pod's netns gained while the VM ran (docs/design/205): the target plugs
+	// a NIC for its own pod interface of the same name, with the guest's MAC, on the
+	// same root port
+	NICs []shapedNIC `json:"nics,omitempty"`
 }
 
 // shapedDisk is a hot-plugged disk of a guestShape: as its attach asked for it, and the
@@ -99,16 +103,60 @@ type shapedDisk struct {
 	Port string `json:"port"`
 }
 
+// shapedNIC is a hot-plugged NIC of a guestShape: the pod interface it mirrors, the MAC
+// the guest knows it by and the root port it sits on.
+type shapedNIC struct {
+	Interface string `json:"interface"`
+	MAC       string `json:"mac"`
+	Port      string `json:"port"`
+}
+
+// checkShapedNICs checks the source's hot-plugged NICs (a peer's input) before anything is
+// plugged for them.
+func checkShapedNICs(shaped []shapedNIC) error {
+	names, macs, ports := map[string]int{}, map[string]int{}, map[string]int{}
+	for i, n := range shaped {
+		if n.Interface == "" {
+			return fmt.Errorf("shape.nics[%d].interface: missing", i)
+		}
+		mac, err := net.ParseMAC(n.MAC)
+		if err != nil || len(mac) != 6 || mac[0]&1 != 0 {
+			return fmt.Errorf("shape.nics[%d].mac: %q is no unicast Ethernet address", i, n.MAC)
+		}
+		if n.Port == "" {
+			return fmt.Errorf("shape.nics[%d].port: the source names no root port for pod interface %s", i, n.Interface)
+		}
+		for _, u := range []struct {
+			seen  map[string]int
+			key   string
+			field string
+		}{{names, n.Interface, "interface"}, {macs, mac.String(), "mac"}, {ports, n.Port, "port"}} {
+			if j, dup := u.seen[u.key]; dup {
+				return fmt.Errorf("shape.nics[%d].%s: %q is shape.nics[%d]'s too", i, u.field, u.key, j)
+			}
+			u.seen[u.key] = i
+		}
+	}
+	return nil
+}
+
 // shape is this guest's shape. Called with hotMu held.
 func (c *computeVM) shape() (guestShape, error) {
 	s := guestShape{VCPUs: c.size.VCPUs, MemoryMiB: c.size.MemoryMiB, BootCPUMilli: c.bootLimits.cpuMilli, BootMemBytes: c.bootLimits.memBytes}
 	s.BootBlocks = slices.Sorted(maps.Keys(c.bootBlocks))
 	for _, name := range slices.Sorted(maps.Keys(c.hot)) {
-		port, ok := c.machine.DiskPort(hotDiskID(name))
+		port, ok := c.machine.DevicePort(hotDiskID(name))
 		if !ok {
 			return s, fmt.Errorf("hot-plugged disk %s has no root port", name) // a bug
 		}
 		s.Disks = append(s.Disks, shapedDisk{HotplugDisk: c.hot[name].HotplugDisk, Port: port})
+	}
+	if c.nics != nil {
+		nics, err := c.nics.shaped()
+		if err != nil {
+			return s, err
+		}
+		s.NICs = nics
 	}
 	return s, nil
 }
@@ -161,16 +209,22 @@ func (c *computeVM) takeShape(ctx context.Context, control net.Conn, attachments
 		_ = writeSwitchover(control, switchover{Error: err.Error()})
 		return err
 	}
-	log.G(ctx).WithField("pod", c.pod.id).Infof("migration target: the guest has %d vCPUs, %d MiB and %d hot-plugged disks", c.size.VCPUs, c.size.MemoryMiB, len(s.Disks))
+	log.G(ctx).WithField("pod", c.pod.id).Infof("migration target: the guest has %d vCPUs, %d MiB, %d hot-plugged disks and %d hot-plugged NICs", c.size.VCPUs, c.size.MemoryMiB, len(s.Disks), len(s.NICs))
 	return writeSwitchover(control, switchover{Ready: true})
 }
 
-// matchShape checks s against this pod and plugs the vCPUs and disks it lacks. Called
-// with hotMu held.
+// matchShape checks s against this pod and plugs the vCPUs, disks and NICs it lacks.
+// Called with hotMu held.
 func (c *computeVM) matchShape(ctx context.Context, s guestShape, attachments map[string]string) error {
 	hot, err := c.shapedDisks(s.Disks, attachments)
 	if err != nil {
 		return err
+	}
+	if err := checkShapedNICs(s.NICs); err != nil {
+		return err
+	}
+	if len(s.NICs) > 0 && c.nics == nil {
+		return fmt.Errorf("shape.nics: the guest has %d hot-plugged NICs, and this pod has no network to plug them into: %w", len(s.NICs), errdefs.ErrFailedPrecondition)
 	}
 	boot := claim{cpuMilli: s.BootCPUMilli, memBytes: s.BootMemBytes}
 	want, err := vmTarget(c.pod.vm, boot, c.limits)
@@ -194,6 +248,11 @@ func (c *computeVM) matchShape(ctx context.Context, s guestShape, attachments ma
 	for i, d := range hot {
 		if _, err := c.plugHotDisk(ctx, d, s.Disks[i].Port); err != nil {
 			return fmt.Errorf("plug the guest's hot-plugged disk on %s: %w", s.Disks[i].Port, err)
+		}
+	}
+	if c.nics != nil {
+		if err := c.nics.adopt(ctx, s.NICs); err != nil {
+			return err
 		}
 	}
 	c.size.MemoryMiB = s.MemoryMiB
@@ -263,9 +322,6 @@ func (c *computeVM) migratable() error {
 	}
 	if err := p.vm.Migratable(); err != nil {
 		errs = append(errs, err)
-	}
-	if c.nics != nil && c.nics.plugged.Load() > 0 {
-		errs = append(errs, fmt.Errorf("%d hot-plugged NICs: the target pod boots without them", c.nics.plugged.Load()))
 	}
 	return errors.Join(errs...)
 }
@@ -395,6 +451,7 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		c.mu.Lock()
 		c.awaiting, c.paused = false, true
 		c.mu.Unlock()
+		c.nics.wakeUp() // links that came while the guest was on its way
 		if postCopy {
 			// a source past the switch never resumes its guest: if the rest of the memory
 			// arrives the guest is whole here (paused), and if not it is lost
@@ -408,6 +465,7 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 	c.awaiting = false
 	start := c.running // the container started: the guest runs
 	c.mu.Unlock()
+	c.nics.wakeUp() // links that came while the guest was on its way
 	if start {
 		if err := c.machine.Resume(ctx); err != nil {
 			lg.WithError(err).Error("migration target: start the guest")

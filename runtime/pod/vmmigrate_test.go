@@ -313,6 +313,39 @@ func TestShapedDisks(t *testing.T) {
 	}
 }
 
+// The source's hot-plugged NICs are a peer's input: each names its pod interface, a
+// unicast MAC and a root port, none of them twice.
+func TestShapedNICs(t *testing.T) {
+	good := []shapedNIC{{Interface: "net1", MAC: "02:00:00:00:00:01", Port: "rp2"}, {Interface: "net2", MAC: "02:00:00:00:00:02", Port: "rp3"}}
+	if err := checkShapedNICs(good); err != nil {
+		t.Fatalf("%+v: %v", good, err)
+	}
+	for _, bad := range []struct {
+		nics []shapedNIC
+		want string
+	}{
+		{[]shapedNIC{{MAC: "02:00:00:00:00:01", Port: "rp2"}}, "shape.nics[0].interface: missing"},
+		{[]shapedNIC{{Interface: "net1", MAC: "not-a-mac", Port: "rp2"}}, `shape.nics[0].mac: "not-a-mac"`},
+		{[]shapedNIC{{Interface: "net1", MAC: "03:00:00:00:00:01", Port: "rp2"}}, "no unicast Ethernet address"},
+		{[]shapedNIC{{Interface: "net1", MAC: "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01", Port: "rp2"}}, "shape.nics[0].mac"},
+		{[]shapedNIC{{Interface: "net1", MAC: "02:00:00:00:00:01"}}, "shape.nics[0].port: the source names no root port for pod interface net1"},
+		{[]shapedNIC{good[0], {Interface: "net1", MAC: "02:00:00:00:00:02", Port: "rp3"}}, `shape.nics[1].interface: "net1" is shape.nics[0]'s too`},
+		{[]shapedNIC{good[0], {Interface: "net2", MAC: "02:00:00:00:00:01", Port: "rp3"}}, `shape.nics[1].mac: "02:00:00:00:00:01" is shape.nics[0]'s too`},
+		{[]shapedNIC{good[0], {Interface: "net2", MAC: "02:00:00:00:00:02", Port: "rp2"}}, `shape.nics[1].port: "rp2" is shape.nics[0]'s too`},
+	} {
+		if err := checkShapedNICs(bad.nics); err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Errorf("%+v: %v; want %q", bad.nics, err, bad.want)
+		}
+	}
+	// a target pod without a network refuses a guest with hot-plugged NICs before plugging
+	// anything
+	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35}
+	c := &computeVM{pod: &vmPod{vm: vm}}
+	if err := c.matchShape(context.Background(), guestShape{VCPUs: 1, MemoryMiB: 1024, NICs: good}, nil); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "no network to plug them into") {
+		t.Errorf("a guest with NICs, a target without a network: %v", err)
+	}
+}
+
 // The shims' connections give a silent peer up after peerSilence: a deleted target pod's
 // network can vanish before its shim resets the connection.
 func TestAbandonUnanswered(t *testing.T) {

@@ -41,7 +41,7 @@ func (m *Machine) PlugDisk(ctx context.Context, disk devices.VirtioBlk, file *os
 
 // PlugDiskAt is PlugDisk on the root port with id port ("": the lowest free one): a
 // migration target plugs a hot-plugged disk where the source has it, for the guest's
-// device state to find it there (see DiskPort).
+// device state to find it there (see DevicePort).
 func (m *Machine) PlugDiskAt(ctx context.Context, port string, disk devices.VirtioBlk, file *os.File) (retErr error) {
 	if err := m.canHotplug("disk " + disk.DeviceID); err != nil {
 		return err
@@ -99,8 +99,8 @@ func (m *Machine) PlugDiskAt(ctx context.Context, port string, disk devices.Virt
 	return nil
 }
 
-// DiskPort is the id of the root port a plugged disk sits on.
-func (m *Machine) DiskPort(id string) (string, bool) {
+// DevicePort is the id of the root port a plugged disk or NIC (by its device id) sits on.
+func (m *Machine) DevicePort(id string) (string, bool) {
 	ports := m.hw.Ports()
 	if ports == nil { // no hotplug (microvm)
 		return "", false

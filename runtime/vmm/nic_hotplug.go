@@ -17,7 +17,13 @@ import (
 // id on the lowest free PCIe root port of a q35 machine: QEMU gets the tap's descriptor
 // (getfd), a tap netdev on it, and the device with nic's MAC. On any failure what was
 // done is undone: no descriptor, netdev, device or root port is left.
-func (m *Machine) PlugNIC(ctx context.Context, id string, nic NIC) (retErr error) {
+func (m *Machine) PlugNIC(ctx context.Context, id string, nic NIC) error {
+	return m.PlugNICAt(ctx, "", id, nic)
+}
+
+// PlugNICAt is PlugNIC on the root port with id port ("": the lowest free one): a
+// migration target plugs a hot-plugged NIC where the source has it (see DevicePort).
+func (m *Machine) PlugNICAt(ctx context.Context, port, id string, nic NIC) (retErr error) {
 	if err := m.canHotplug("NIC " + id); err != nil {
 		return err
 	}
@@ -39,7 +45,13 @@ func (m *Machine) PlugNIC(ctx context.Context, id string, nic NIC) (retErr error
 		}
 	}()
 	dev := nicDevice(id, nic).(*devices.VirtioNet)
-	hp, err := m.hw.Hotplug(dev)
+	var hp devices.Hotplug
+	var err error
+	if port == "" {
+		hp, err = m.hw.Hotplug(dev)
+	} else {
+		hp, err = m.hw.HotplugAt(port, dev)
+	}
 	if err != nil {
 		return fmt.Errorf("vm %s: plug NIC %s: %w: %w", m.cfg.Name, id, err, errdefs.ErrInvalidArgument)
 	}
