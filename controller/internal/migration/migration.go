@@ -44,7 +44,8 @@ const (
 	// Finalizer holds a migration that is still running until its cancel has reached the
 	// source's shim and its target pod is gone.
 	Finalizer = "vmpod.dev/migration"
-	// Label on a target pod names its migration.
+	// Label on a target pod, and on the attachment pods made for it, names its migration:
+	// their changes wake it.
 	Label = "vmpod.dev/migration"
 	// DefaultTargetWait bounds how long a target pod may take to be scheduled and started.
 	DefaultTargetWait = 5 * time.Minute
@@ -642,6 +643,7 @@ func (r *Reconciler) lendTarget(ctx context.Context, m *vmpodv1.VirtualMachineMi
 		if err != nil {
 			return "", fmt.Sprintf("the target pod's attachment pod for %s: %v", src.Name, err), nil
 		}
+		want.Labels[Label] = m.Name // it running wakes the migration
 		have := &corev1.Pod{}
 		err = r.Client.Get(ctx, ctrl.ObjectKeyFromObject(want), have)
 		switch {
@@ -1037,7 +1039,8 @@ func terminated(pod *corev1.Pod) string {
 	return ""
 }
 
-// SetupWithManager registers the reconciler; a target pod's changes wake its migration.
+// SetupWithManager registers the reconciler; a target pod's changes, and its attachment
+// pods', wake its migration.
 func (r *Reconciler) SetupWithManager(mgr ctrlruntime.Manager) error {
 	byTarget := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o ctrl.Object) []reconcile.Request {
 		name, ok := o.GetLabels()[Label]
