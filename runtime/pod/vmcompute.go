@@ -820,6 +820,35 @@ type hotDisk struct {
 	image              os.FileInfo // the opened image, to know it again
 }
 
+// lockDevices takes hotMu for cmd, a device change, unless the guest is migrating away or
+// has left: the change would otherwise wait for the migration to end and then act on a
+// QEMU that no longer runs the guest. The controller asks again, of the pod the guest is
+// in. Checked before waiting and again after, as a migration may start in between.
+func (c *computeVM) lockDevices(cmd string) error {
+	if err := c.guestStays(cmd); err != nil {
+		return err
+	}
+	c.hotMu.Lock()
+	if err := c.guestStays(cmd); err != nil {
+		c.hotMu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// guestStays says why cmd cannot act on this VM's guest: it is migrating, or gone.
+func (c *computeVM) guestStays(cmd string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.migrating != nil:
+		return fmt.Errorf("%s: the guest is migrating; ask again once it has settled, of the pod it is in: %w", cmd, errdefs.ErrFailedPrecondition)
+	case c.decided != nil:
+		return fmt.Errorf("%s: the guest has left this pod (%s): %w", cmd, c.decided.Reason, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
 // attachDisk plugs in the disk an AttachDiskCommand describes (JSON). The same disk
 // attached again from the same image is no error: the controller says again what it wants
 // when it cannot know whether its last attach got through.
@@ -828,7 +857,9 @@ func (c *computeVM) attachDisk(ctx context.Context, arg string) (string, error) 
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, err)
 	}
-	c.hotMu.Lock()
+	if err := c.lockDevices(vmspec.AttachDiskCommand); err != nil {
+		return "", err
+	}
 	defer c.hotMu.Unlock()
 	if c.isPaused() {
 		return "", fmt.Errorf("%s: %w", vmspec.AttachDiskCommand, errPaused)
@@ -940,7 +971,9 @@ func sameImage(a, b os.FileInfo) bool {
 // detachDisk takes out a disk attachDisk plugged in, by name. A disk that is not attached
 // is no error (see attachDisk), and the answer says so.
 func (c *computeVM) detachDisk(ctx context.Context, name string) (string, error) {
-	c.hotMu.Lock()
+	if err := c.lockDevices(vmspec.DetachDiskCommand); err != nil {
+		return "", err
+	}
 	defer c.hotMu.Unlock()
 	if c.isPaused() {
 		return "", fmt.Errorf("%s: %w", vmspec.DetachDiskCommand, errPaused)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
@@ -344,6 +345,44 @@ func TestShapedNICs(t *testing.T) {
 	if err := c.matchShape(context.Background(), guestShape{VCPUs: 1, MemoryMiB: 1024, NICs: good}, nil); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "no network to plug them into") {
 		t.Errorf("a guest with NICs, a target without a network: %v", err)
 	}
+}
+
+// An attach or detach that arrives while the guest migrates away, or after it left, is
+// refused at once instead of waiting for the migration (which holds hotMu) and then
+// acting on a QEMU without the guest.
+func TestDeviceChangesWhileMigrating(t *testing.T) {
+	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
+		Disks: []vmspec.Disk{{Name: "root", Volume: "root", Source: vmspec.SourceFile}}}
+	c := &computeVM{pod: &vmPod{vm: vm}, migrating: &outgoing{done: make(chan struct{})}}
+	c.hotMu.Lock() // the migration's
+	defer c.hotMu.Unlock()
+	change := func(want string) {
+		t.Helper()
+		done := make(chan error, 2)
+		go func() {
+			_, err := c.attachDisk(context.Background(), `{"name": "data", "volume": "data", "source": "file"}`)
+			done <- err
+		}()
+		go func() {
+			_, err := c.detachDisk(context.Background(), "data")
+			done <- err
+		}()
+		for range 2 {
+			select {
+			case err := <-done:
+				if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), want) {
+					t.Errorf("%v; want a refusal saying %q", err, want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the device change waited for the migration")
+			}
+		}
+	}
+	change("the guest is migrating")
+	c.mu.Lock()
+	c.migrating, c.decided = nil, &runtime.Exit{Reason: vmspec.MigratedReason + ": the guest moved to 10.0.0.2:49152"}
+	c.mu.Unlock()
+	change("the guest has left this pod (Migrated: the guest moved to 10.0.0.2:49152)")
 }
 
 // The shims' connections give a silent peer up after peerSilence: a deleted target pod's
