@@ -199,7 +199,15 @@ func TestVMPodLiveMigration(t *testing.T) {
 	// from the target's DHCP server, which answers the guest's MAC (a client of its own:
 	// the one the source's test started keeps its lease)
 	testenv.RemovePodInterface(t, srcNet1)
+	// (the host asks anew who has the address: the target pod's own stack has it too, and
+	// answers only if its link is not mirrored into the guest)
+	if out, err := exec.Command("ip", "neigh", "flush", "dev", br).CombinedOutput(); err != nil {
+		t.Fatalf("ip neigh flush dev %s: %v: %s", br, err, out)
+	}
 	pingGuest(t, br, "10.250.9.2", time.Minute)
+	if out, _ := exec.Command("ip", "neigh", "show", "10.250.9.2", "dev", br).Output(); !strings.Contains(string(out), srcNet1.MAC) {
+		t.Errorf("10.250.9.2 answered from %q, want the guest's MAC %s", out, srcNet1.MAC)
+	}
 	if out, err := execIn(dstID, 2*time.Minute, "sh", "-c", "ip -4 addr flush dev "+nic+" && dhclient -1 -pf /run/dhclient-moved.pid -lf /run/dhclient-moved.leases "+nic); err != nil {
 		t.Errorf("the guest's DHCP on its moved NIC %s: %q, %v", nic, out, err)
 	}

@@ -55,10 +55,11 @@ type nicFollower struct {
 	// kept are pod interfaces that stay out of the guest (ifindex by name): a VM pod's
 	// spec names the pod interfaces its VM boots with, and the others in the netns when
 	// the pod was plumbed are not the VM's
-	kept   map[string]int
-	ids    map[string]*hotNIC // by link name
-	next   int
-	warned map[string]bool // links already logged as not reaching the guest
+	kept    map[string]int
+	ids     map[string]*hotNIC // by link name
+	next    int
+	warned  map[string]bool // links already logged as not reaching the guest
+	stopped bool            // released: nothing is plugged any more
 
 	done chan struct{}
 }
@@ -101,6 +102,24 @@ func (f *nicFollower) run(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// lock takes busy, unless ctx ends first (the VM stops while a migration, an attach or a
+// resize holds it). sync.Mutex has no wait that a context ends, hence the polling; a
+// device change is rare, and a wait is as long as one.
+func (f *nicFollower) lock(ctx context.Context) bool {
+	for !f.busy.TryLock() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	if ctx.Err() != nil {
+		f.busy.Unlock()
+		return false
+	}
+	return true
 }
 
 // wakeUp has the follower read the netns again: a migration target's guest arrived.
@@ -147,11 +166,10 @@ func (f *nicFollower) follow1(ctx context.Context, changes <-chan struct{}) {
 // sync plugs a NIC for each interface the netns gained and unplugs those of the
 // interfaces it lost.
 func (f *nicFollower) sync(ctx context.Context) {
-	f.busy.Lock()
-	defer f.busy.Unlock()
-	if ctx.Err() != nil {
+	if !f.lock(ctx) {
 		return // the VM stopped while another device change held busy
 	}
+	defer f.busy.Unlock()
 	lg := log.G(ctx).WithField("pod", f.pod)
 	if f.waiting != nil && f.waiting() {
 		lg.Info("pod network: the VM waits for its migrating guest: interfaces added meanwhile get their NICs once it has arrived")
@@ -171,7 +189,10 @@ func (f *nicFollower) sync(ctx context.Context) {
 			}
 			continue
 		}
-		if err := f.machine.UnplugNIC(ctx, nic.id); err != nil {
+		uctx, cancel := context.WithTimeout(ctx, nicUnplugWait) // busy is held: the guest must answer in time
+		err := f.machine.UnplugNIC(uctx, nic.id)
+		cancel()
+		if err != nil {
 			lg.WithError(err).Warnf("pod network: %s left the netns", name)
 			continue
 		}
@@ -292,17 +313,20 @@ func (f *nicFollower) adopt(ctx context.Context, shaped []shapedNIC) error {
 	if len(shaped) == 0 {
 		return nil
 	}
+	if f.stopped {
+		return fmt.Errorf("shape.nics: the VM is stopping: %w", errdefs.ErrFailedPrecondition)
+	}
 	added, _, err := f.network.Rescan()
 	if err != nil {
 		return fmt.Errorf("read this pod's netns for the guest's hot-plugged NICs: %w", err)
 	}
 	for i, n := range shaped {
 		if _, ok := f.ids[n.Interface]; ok {
-			return fmt.Errorf("shape.nics[%d]: pod interface %s already has a NIC of this VM's (it joined this pod's netns after the VM started), not on the guest's port %s: %w", i, n.Interface, n.Port, errdefs.ErrFailedPrecondition)
+			return fmt.Errorf("shape.nics[%d].interface: pod interface %s already has a NIC of this VM's, not on the guest's port %s: %w", i, n.Interface, n.Port, errdefs.ErrFailedPrecondition)
 		}
 		j := slices.IndexFunc(added.Interfaces, func(iface network.Interface) bool { return iface.Name == n.Interface })
 		if j < 0 {
-			return fmt.Errorf("shape.nics[%d]: the guest has a NIC for pod interface %s, which this pod's netns lacks or cannot mirror (the target pod needs the source pod's networks): %w", i, n.Interface, errdefs.ErrFailedPrecondition)
+			return fmt.Errorf("shape.nics[%d].interface: the guest has a NIC for pod interface %s, which this pod's netns lacks or cannot mirror (the target pod needs the source pod's networks): %w", i, n.Interface, errdefs.ErrFailedPrecondition)
 		}
 		mac, _ := net.ParseMAC(n.MAC) // checked by checkShapedNICs
 		if err := f.plug(ctx, added, added.Interfaces[j], mac, n.Port); err != nil {
@@ -314,8 +338,13 @@ func (f *nicFollower) adopt(ctx context.Context, shaped []shapedNIC) error {
 }
 
 // release removes what the follower plumbed once it stops: the VM that had the NICs is
-// going (a pod's next VM follows the netns afresh and plugs them again).
+// going (a pod's next VM follows the netns afresh and plugs them again). It waits for a
+// migration target's adopt under way, which QEMU's end cuts short (shutDown kills QEMU
+// first), and none comes after it.
 func (f *nicFollower) release(lg *log.Entry) {
+	f.busy.Lock()
+	defer f.busy.Unlock()
+	f.stopped = true
 	for name, nic := range f.ids {
 		if nic.undoFn != nil {
 			if err := nic.undoFn(); err != nil {

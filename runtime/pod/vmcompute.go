@@ -580,11 +580,6 @@ func (c *computeVM) serveDHCP(plan *network.Plan, iface network.Interface, dns [
 // shutDown stops QEMU if it still runs and releases everything the boot made.
 func (c *computeVM) shutDown() error {
 	c.shutOnce.Do(func() {
-		if c.stopNICs != nil {
-			// a plug under way must not outlive the VM, nor its taps the teardown
-			c.stopNICs()
-			<-c.nics.done
-		}
 		select {
 		case <-c.machine.Done():
 		default:
@@ -594,6 +589,13 @@ func (c *computeVM) shutDown() error {
 		}
 		errs := []error{c.machine.Kill()}
 		<-c.exited
+		if c.stopNICs != nil {
+			// after QEMU: a device change under way (a plug, a migration's, holding hotMu)
+			// fails without it instead of delaying the end; then the follower removes its
+			// taps and DHCP servers before the teardown
+			c.stopNICs()
+			<-c.nics.done
+		}
 		_ = c.CloseStdin(context.Background())
 		c.events.Close()
 		_ = c.agent.Close()
@@ -820,8 +822,8 @@ type hotDisk struct {
 	image              os.FileInfo // the opened image, to know it again
 }
 
-// lockDevices takes hotMu for cmd, a device change, unless the guest is migrating away or
-// has left: the change would otherwise wait for the migration to end and then act on a
+// lockDevices takes hotMu for cmd, a device change, unless the guest is migrating here or
+// away, or has left: the change would otherwise wait for the migration to end and then act on a
 // QEMU that no longer runs the guest. The controller asks again, of the pod the guest is
 // in. Checked before waiting and again after, as a migration may start in between.
 func (c *computeVM) lockDevices(cmd string) error {
@@ -836,11 +838,16 @@ func (c *computeVM) lockDevices(cmd string) error {
 	return nil
 }
 
-// guestStays says why cmd cannot act on this VM's guest: it is migrating, or gone.
+// guestStays says why cmd cannot act on this VM's guest: it has not arrived, is migrating,
+// or is gone.
 func (c *computeVM) guestStays(cmd string) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	switch {
+	case c.awaiting:
+		// a device plugged now would not be in the stream (the source's plugs arrive by
+		// the shape)
+		return fmt.Errorf("%s: the guest has not arrived from its migration source: %w", cmd, errdefs.ErrFailedPrecondition)
 	case c.migrating != nil:
 		return fmt.Errorf("%s: the guest is migrating; ask again once it has settled, of the pod it is in: %w", cmd, errdefs.ErrFailedPrecondition)
 	case c.decided != nil:

@@ -2,6 +2,7 @@ package pod
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -120,7 +121,7 @@ func checkShapedNICs(shaped []shapedNIC) error {
 			return fmt.Errorf("shape.nics[%d].interface: missing", i)
 		}
 		mac, err := net.ParseMAC(n.MAC)
-		if err != nil || len(mac) != 6 || mac[0]&1 != 0 {
+		if err != nil || len(mac) != 6 || mac[0]&1 != 0 || bytes.Equal(mac, make(net.HardwareAddr, 6)) {
 			return fmt.Errorf("shape.nics[%d].mac: %q is no unicast Ethernet address", i, n.MAC)
 		}
 		if n.Port == "" {
@@ -1059,8 +1060,12 @@ func readSwitchover(conn net.Conn, wait time.Duration) (switchover, error) {
 	if err != nil {
 		return switchover{}, err
 	}
+	// strictly: a peer's field this shim does not know (a newer one's device, say) must
+	// refuse the migration here, not be dropped and fail the stream later
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
 	var m switchover
-	if err := json.Unmarshal(line, &m); err != nil {
+	if err := dec.Decode(&m); err != nil {
 		return switchover{}, fmt.Errorf("a switchover message: %w", err)
 	}
 	return m, nil

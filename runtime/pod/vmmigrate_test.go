@@ -153,6 +153,11 @@ func TestSwitchoverMessages(t *testing.T) {
 	if _, err := readSwitchover(b, 5*time.Second); err == nil || !strings.Contains(err.Error(), "switchover message") {
 		t.Errorf("garbage: %v", err)
 	}
+	// a field this shim does not know (a newer peer's device kind) refuses, naming it
+	go func() { _, _ = io.WriteString(a, `{"shape": {"vcpus": 1, "memoryMiB": 512, "gpus": [{}]}}`+"\n") }()
+	if _, err := readSwitchover(b, 5*time.Second); err == nil || !strings.Contains(err.Error(), `unknown field "gpus"`) {
+		t.Errorf("an unknown field: %v", err)
+	}
 }
 
 func TestGuestMAC(t *testing.T) {
@@ -328,6 +333,7 @@ func TestShapedNICs(t *testing.T) {
 		{[]shapedNIC{{MAC: "02:00:00:00:00:01", Port: "rp2"}}, "shape.nics[0].interface: missing"},
 		{[]shapedNIC{{Interface: "net1", MAC: "not-a-mac", Port: "rp2"}}, `shape.nics[0].mac: "not-a-mac"`},
 		{[]shapedNIC{{Interface: "net1", MAC: "03:00:00:00:00:01", Port: "rp2"}}, "no unicast Ethernet address"},
+		{[]shapedNIC{{Interface: "net1", MAC: "00:00:00:00:00:00", Port: "rp2"}}, "no unicast Ethernet address"},
 		{[]shapedNIC{{Interface: "net1", MAC: "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01", Port: "rp2"}}, "shape.nics[0].mac"},
 		{[]shapedNIC{{Interface: "net1", MAC: "02:00:00:00:00:01"}}, "shape.nics[0].port: the source names no root port for pod interface net1"},
 		{[]shapedNIC{good[0], {Interface: "net1", MAC: "02:00:00:00:00:02", Port: "rp3"}}, `shape.nics[1].interface: "net1" is shape.nics[0]'s too`},
@@ -347,8 +353,8 @@ func TestShapedNICs(t *testing.T) {
 	}
 }
 
-// An attach or detach that arrives while the guest migrates away, or after it left, is
-// refused at once instead of waiting for the migration (which holds hotMu) and then
+// An attach or detach that arrives while the guest migrates here or away, or after it
+// left, is refused at once instead of waiting for the migration (which holds hotMu) and then
 // acting on a QEMU without the guest.
 func TestDeviceChangesWhileMigrating(t *testing.T) {
 	vm := &vmspec.VM{CPU: vmspec.CPU{Sockets: 1, Cores: 1, Threads: 1}, MemoryMiB: 1024, Machine: machine.Q35,
@@ -379,6 +385,13 @@ func TestDeviceChangesWhileMigrating(t *testing.T) {
 		}
 	}
 	change("the guest is migrating")
+	c.mu.Lock()
+	c.awaiting = true // a target whose guest is on its way
+	c.mu.Unlock()
+	change("the guest has not arrived from its migration source")
+	c.mu.Lock()
+	c.awaiting = false
+	c.mu.Unlock()
 	c.mu.Lock()
 	c.migrating, c.decided = nil, &runtime.Exit{Reason: vmspec.MigratedReason + ": the guest moved to 10.0.0.2:49152"}
 	c.mu.Unlock()

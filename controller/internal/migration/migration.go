@@ -44,9 +44,12 @@ const (
 	// Finalizer holds a migration that is still running until its cancel has reached the
 	// source's shim and its target pod is gone.
 	Finalizer = "vmpod.dev/migration"
-	// Label on a target pod, and on the attachment pods made for it, names its migration:
-	// their changes wake it.
+	// Label on a target pod names its migration.
 	Label = "vmpod.dev/migration"
+	// AttachmentLabel on an attachment pod made for a target pod names the migration, whose
+	// pass its start wakes. Not Label: deleteTarget deletes what carries that, and an
+	// attachment pod lends its volume to the guest's pod for as long as it runs.
+	AttachmentLabel = "vmpod.dev/migration-attachment"
 	// DefaultTargetWait bounds how long a target pod may take to be scheduled and started.
 	DefaultTargetWait = 5 * time.Minute
 	// progressEvery spaces the status updates of a running migration.
@@ -643,7 +646,7 @@ func (r *Reconciler) lendTarget(ctx context.Context, m *vmpodv1.VirtualMachineMi
 		if err != nil {
 			return "", fmt.Sprintf("the target pod's attachment pod for %s: %v", src.Name, err), nil
 		}
-		want.Labels[Label] = m.Name // it running wakes the migration
+		want.Labels[AttachmentLabel] = m.Name // it running wakes the migration
 		have := &corev1.Pod{}
 		err = r.Client.Get(ctx, ctrl.ObjectKeyFromObject(want), have)
 		switch {
@@ -1044,6 +1047,9 @@ func terminated(pod *corev1.Pod) string {
 func (r *Reconciler) SetupWithManager(mgr ctrlruntime.Manager) error {
 	byTarget := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o ctrl.Object) []reconcile.Request {
 		name, ok := o.GetLabels()[Label]
+		if !ok {
+			name, ok = o.GetLabels()[AttachmentLabel]
+		}
 		if !ok {
 			return nil
 		}
