@@ -55,11 +55,15 @@ type nicFollower struct {
 	// kept are pod interfaces that stay out of the guest (ifindex by name): a VM pod's
 	// spec names the pod interfaces its VM boots with, and the others in the netns when
 	// the pod was plumbed are not the VM's
-	kept    map[string]int
-	ids     map[string]*hotNIC // by link name
-	next    int
-	warned  map[string]bool // links already logged as not reaching the guest
-	stopped bool            // released: nothing is plugged any more
+	kept   map[string]int
+	next   int
+	warned map[string]bool // links already logged as not reaching the guest
+
+	// mu guards ids and stopped, which release reads without busy: a stopping VM must not
+	// wait for a device change (a migration holds busy for minutes)
+	mu      sync.Mutex
+	ids     map[string]*hotNIC // by link name; written with busy held too
+	stopped bool               // released: nothing is plugged any more
 
 	done chan struct{}
 }
@@ -181,7 +185,7 @@ func (f *nicFollower) sync(ctx context.Context) {
 		return
 	}
 	for _, name := range removed {
-		nic, ok := f.ids[name]
+		nic, ok := f.lookup(name)
 		if !ok {
 			if !f.warned[name] {
 				f.warned[name] = true
@@ -196,7 +200,7 @@ func (f *nicFollower) sync(ctx context.Context) {
 			lg.WithError(err).Warnf("pod network: %s left the netns", name)
 			continue
 		}
-		delete(f.ids, name)
+		f.forget(name)
 		if nic.undoFn != nil {
 			if err := nic.undoFn(); err != nil {
 				lg.WithError(err).Warnf("pod network: %s", name)
@@ -218,21 +222,23 @@ func (f *nicFollower) sync(ctx context.Context) {
 			}
 			continue
 		}
-		if err := f.plug(ctx, added, iface, nil, ""); err != nil {
+		id, err := f.plug(ctx, added, iface, nil, "")
+		if err != nil {
 			lg.WithError(err).Warnf("pod network: %s joined the netns", iface.Name)
 			continue
 		}
-		lg.Infof("pod network: %s joined the netns: plugged in as %s (%s)", iface.Name, f.ids[iface.Name].id, iface.MAC)
+		lg.Infof("pod network: %s joined the netns: plugged in as %s (%s)", iface.Name, id, iface.MAC)
 	}
 }
 
 // plug makes iface (of plan, a Rescan's) a guest NIC: its tap, the device, its
 // configuration. mac, if given, is the guest NIC's instead of the link's, and port the
-// root port to plug it on ("": the lowest free one). On failure nothing is left.
-func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface network.Interface, mac net.HardwareAddr, port string) (retErr error) {
+// root port to plug it on ("": the lowest free one). It returns the device's id. On
+// failure nothing is left. Called with busy held.
+func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface network.Interface, mac net.HardwareAddr, port string) (id string, retErr error) {
 	nic, err := f.network.Add(iface)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if mac != nil {
 		iface.MAC, nic.MAC = mac, mac.String()
@@ -248,7 +254,7 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 		}
 	}()
 	undo = append(undo, func() error {
-		if _, held := f.ids[iface.Name]; held {
+		if _, held := f.lookup(iface.Name); held {
 			return nil // its NIC is still plugged: see the unplug's undo
 		}
 		return f.network.Remove(iface.Name)
@@ -257,14 +263,14 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 	hot := &hotNIC{id: fmt.Sprintf("hotnic%d", f.next), mac: nic.MAC}
 	if f.configureFirst {
 		if hot.undoFn, err = f.configure(ctx, plan, iface); err != nil {
-			return err
+			return "", err
 		}
 		if hot.undoFn != nil {
 			undo = append(undo, hot.undoFn)
 		}
 	}
 	if err := f.machine.PlugNICAt(ctx, port, hot.id, nic); err != nil {
-		return err
+		return "", err
 	}
 	undo = append(undo, func() error {
 		// on a context of its own: the plug may be undone because ctx ended (the VM stops)
@@ -272,27 +278,60 @@ func (f *nicFollower) plug(ctx context.Context, plan *network.Plan, iface networ
 		defer cancel()
 		if err := f.machine.UnplugNIC(uctx, hot.id); err != nil {
 			// the guest holds the NIC: its tap stays, and the follower keeps it to unplug
-			// when the link goes (release removes the tap once the VM is gone)
-			f.ids[iface.Name] = hot
+			// when the link goes (release removes the tap once the VM is gone; if that was
+			// already, the first undo does)
+			f.record(iface.Name, hot)
 			return err
 		}
 		return nil
 	})
 	if !f.configureFirst {
 		if hot.undoFn, err = f.configure(ctx, plan, iface); err != nil {
-			return fmt.Errorf("configure NIC %s in the guest: %w", hot.id, err)
+			return "", fmt.Errorf("configure NIC %s in the guest: %w", hot.id, err)
 		}
 	}
-	f.ids[iface.Name] = hot
-	return nil
+	if !f.record(iface.Name, hot) {
+		return "", fmt.Errorf("NIC %s: the VM is stopping: %w", hot.id, errdefs.ErrFailedPrecondition)
+	}
+	return hot.id, nil
+}
+
+// lookup is the NIC plugged for the link named name.
+func (f *nicFollower) lookup(name string) (*hotNIC, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	nic, ok := f.ids[name]
+	return nic, ok
+}
+
+// record keeps nic as the link's, unless the follower has released what it had: then the
+// caller undoes it.
+func (f *nicFollower) record(name string, nic *hotNIC) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.stopped {
+		return false
+	}
+	f.ids[name] = nic
+	return true
+}
+
+// forget drops the link's NIC, unplugged.
+func (f *nicFollower) forget(name string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.ids, name)
 }
 
 // shaped lists the NICs the follower plugged, for a migration's shape. Called with busy
 // held.
 func (f *nicFollower) shaped() ([]shapedNIC, error) {
+	f.mu.Lock()
+	ids := maps.Clone(f.ids)
+	f.mu.Unlock()
 	var out []shapedNIC
-	for _, name := range slices.Sorted(maps.Keys(f.ids)) {
-		nic := f.ids[name]
+	for _, name := range slices.Sorted(maps.Keys(ids)) {
+		nic := ids[name]
 		port, ok := f.machine.DevicePort(nic.id)
 		if !ok {
 			return nil, fmt.Errorf("hot-plugged NIC %s (pod interface %s) has no root port", nic.id, name) // a bug
@@ -313,15 +352,12 @@ func (f *nicFollower) adopt(ctx context.Context, shaped []shapedNIC) error {
 	if len(shaped) == 0 {
 		return nil
 	}
-	if f.stopped {
-		return fmt.Errorf("shape.nics: the VM is stopping: %w", errdefs.ErrFailedPrecondition)
-	}
 	added, _, err := f.network.Rescan()
 	if err != nil {
 		return fmt.Errorf("read this pod's netns for the guest's hot-plugged NICs: %w", err)
 	}
 	for i, n := range shaped {
-		if _, ok := f.ids[n.Interface]; ok {
+		if _, ok := f.lookup(n.Interface); ok {
 			return fmt.Errorf("shape.nics[%d].interface: pod interface %s already has a NIC of this VM's, not on the guest's port %s: %w", i, n.Interface, n.Port, errdefs.ErrFailedPrecondition)
 		}
 		j := slices.IndexFunc(added.Interfaces, func(iface network.Interface) bool { return iface.Name == n.Interface })
@@ -329,7 +365,7 @@ func (f *nicFollower) adopt(ctx context.Context, shaped []shapedNIC) error {
 			return fmt.Errorf("shape.nics[%d].interface: the guest has a NIC for pod interface %s, which this pod's netns lacks or cannot mirror (the target pod needs the source pod's networks): %w", i, n.Interface, errdefs.ErrFailedPrecondition)
 		}
 		mac, _ := net.ParseMAC(n.MAC) // checked by checkShapedNICs
-		if err := f.plug(ctx, added, added.Interfaces[j], mac, n.Port); err != nil {
+		if _, err := f.plug(ctx, added, added.Interfaces[j], mac, n.Port); err != nil {
 			return fmt.Errorf("shape.nics[%d]: plug the guest's NIC for %s on %s: %w", i, n.Interface, n.Port, err)
 		}
 		delete(f.kept, n.Interface) // the pod's next VM plugs it too, as the source's would
@@ -338,14 +374,15 @@ func (f *nicFollower) adopt(ctx context.Context, shaped []shapedNIC) error {
 }
 
 // release removes what the follower plumbed once it stops: the VM that had the NICs is
-// going (a pod's next VM follows the netns afresh and plugs them again). It waits for a
-// migration target's adopt under way, which QEMU's end cuts short (shutDown kills QEMU
-// first), and none comes after it.
+// going (a pod's next VM follows the netns afresh and plugs them again). A plug that ends
+// after it (a migration target's adopt, on the receiving goroutine) undoes itself.
 func (f *nicFollower) release(lg *log.Entry) {
-	f.busy.Lock()
-	defer f.busy.Unlock()
+	f.mu.Lock()
 	f.stopped = true
-	for name, nic := range f.ids {
+	ids := f.ids
+	f.ids = map[string]*hotNIC{}
+	f.mu.Unlock()
+	for name, nic := range ids {
 		if nic.undoFn != nil {
 			if err := nic.undoFn(); err != nil {
 				lg.WithError(err).Warnf("pod network: %s", name)
