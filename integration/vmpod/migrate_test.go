@@ -320,7 +320,7 @@ func TestVMPodLiveMigration(t *testing.T) {
 	}{
 		// refused before the stream begins: the target cannot plug the guest's disk, or NIC
 		{"no volume for the hot-plugged disk", func(*vmspec.VM) {}, "the target refused the guest: plug the guest's hot-plugged disk on rp1: disk data", true, false},
-		{"no network for the hot-plugged NIC", func(*vmspec.VM) {}, "the target refused the guest: shape.nics[0]: the guest has a NIC for pod interface net1", false, true},
+		{"no network for the hot-plugged NIC", func(*vmspec.VM) {}, "the target refused the guest: shape.nics[0].interface: the guest has a NIC for pod interface net1", false, true},
 		// an e1000e NIC brings a ROM, a RAM block the source lacks: the target fails at
 		// the stream's start, and the source's QEMU hears of it through the stream
 		{"an e1000e NIC", func(vm *vmspec.VM) { vm.Interfaces[0].Model = vmspec.ModelE1000E }, "migrate: failed", false, false},
