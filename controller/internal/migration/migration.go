@@ -574,8 +574,7 @@ func awayFrom(spec *corev1.PodSpec, node string) {
 
 // awaitTarget waits for the target pod's VM container to run.
 func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
-	target := &corev1.Pod{}
-	err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target)
+	target, err := r.targetPod(ctx, m)
 	waiting := "" // the target's attachment pods that do not run yet
 	switch {
 	case apierrors.IsNotFound(err):
@@ -671,11 +670,26 @@ func (r *Reconciler) lendTarget(ctx context.Context, m *vmpodv1.VirtualMachineMi
 	return strings.Join(wait, ", "), "", nil
 }
 
+// targetPod is the migration's target pod. One the cache does not have is asked of the API
+// server before it counts as gone: the cache can lag behind the create this controller
+// made a moment ago (the migration's status update, which wakes the next pass, travels
+// on another watch than the pod's), and a migration failed for that "lost" its target
+// within a second of making it (seen in the cluster suite).
+func (r *Reconciler) targetPod(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (*corev1.Pod, error) {
+	key := types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}
+	target := &corev1.Pod{}
+	err := r.Client.Get(ctx, key, target)
+	if apierrors.IsNotFound(err) {
+		err = r.APIReader.Get(ctx, key, target)
+	}
+	return target, err
+}
+
 // targetAttachments are the target pod's attachment pods, by volume (its hot-plugged
 // disk's name): what the target's accept names for the disks the source's pods lend.
 func (r *Reconciler) targetAttachments(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (map[string]string, error) {
-	target := &corev1.Pod{}
-	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target); err != nil {
+	target, err := r.targetPod(ctx, m)
+	if err != nil {
 		return nil, fmt.Errorf("target pod %s: %w", m.Status.TargetPod, err)
 	}
 	lent, err := attachmentPods(ctx, r.Client, target)
