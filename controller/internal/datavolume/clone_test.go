@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	vmpodv1 "github.com/vmpod/vmpod/controller/api/v1alpha1"
@@ -228,9 +229,13 @@ func TestCloneAcrossNamespaces(t *testing.T) {
 		d := f.dv(stripped.Name)
 		return len(d.Finalizers) == 1, fmt.Sprint(d.Finalizers)
 	})
-	d := f.dv(stripped.Name)
-	d.Finalizers = nil
-	if err := env.Client.Update(ctx, d); err != nil {
+	// (the controller writes it too: its status, as the clone goes on)
+	var d *vmpodv1.DataVolume
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		d = f.dv(stripped.Name)
+		d.Finalizers = nil
+		return env.Client.Update(ctx, d)
+	}); err != nil {
 		t.Fatal(err)
 	}
 	if err := env.Client.Delete(ctx, d); err != nil {
