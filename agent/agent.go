@@ -32,6 +32,9 @@ func Main() {
 	if len(os.Args) > 2 && os.Args[1] == idleExecArg {
 		execIdle(os.Args[2:]) // the agent's own trampoline (warmup.go), never returns
 	}
+	if len(os.Args) == 2 && os.Args[1] == containerInitArg {
+		containerInit() // a container's init (appinit.go), never returns
+	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "vmpod-agent is the guest's init (PID 1); it does not run on a host")
 		os.Exit(2)
@@ -90,7 +93,11 @@ func run() error {
 		booted:   booted,
 		poweroff: poweroff,
 	}
+	_, runcApps := params[agentv1.KernelParamRuncApps]
+	svc.containers.runcApps = runcApps
+	// Only runc's app containers gain from the warm-up; the agent's own need no runc.
 	_, noWarmup := params[agentv1.KernelParamNoWarmup]
+	noWarmup = noWarmup || !runcApps
 	_, template := params[agentv1.KernelParamTemplate]
 	svc.warmAfterRestore = template && !noWarmup
 

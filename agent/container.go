@@ -47,8 +47,10 @@ type container struct {
 	cgroup string // cgroupfs directory in the guest
 	runner runner
 	// runc is the container's runc, for execs the agent cannot start itself; nil for a
-	// sandbox container the agent started (it has no runc state)
+	// container the agent created (it has no runc state)
 	runc *runc.Runc
+	// sandbox: the pod's sandbox container (CRI's "pause")
+	sandbox bool
 	// seccomp: the container has a seccomp profile, which only runc can give an exec'd
 	// process (runcOnly)
 	seccomp bool
@@ -93,6 +95,8 @@ type containers struct {
 	bundleRoot string
 	cgroupRoot string // where cgroupfs is mounted
 	oom        *oomWatcher
+	// runcApps: runc creates every app container (KernelParamRuncApps), not the agent
+	runcApps bool
 
 	mu   sync.Mutex
 	byID map[string]*container
@@ -132,6 +136,7 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 		bundle:  filepath.Join(m.bundleRoot, id),
 		cgroup:  filepath.Join(m.cgroupRoot, spec.Linux.CgroupsPath),
 		seccomp: spec.Linux.Seccomp != nil,
+		sandbox: spec.Annotations[criContainerType] == "sandbox",
 		state:   stateCreating,
 		execs:   map[string]*process{},
 	}
@@ -192,12 +197,15 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 	defer streams.close()
 
 	var pid int
-	by := "runc"
-	if why := agentStartsSandbox(spec); why == "" && streams.pipes != nil {
-		by = "agent"
-		pid, err = m.startSandbox(c, spec, rootfs, streams, &undo)
-	} else {
+	by, why := "agent", m.runcCreates(spec, streams)
+	switch {
+	case why != "":
+		by = "runc"
 		pid, err = m.runcCreate(ctx, c, streams, &undo)
+	case c.sandbox:
+		pid, err = m.startSandbox(c, spec, rootfs, streams, &undo)
+	default:
+		pid, err = m.createApp(ctx, c, spec, streams, &undo)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("container %s: %w", id, err)
@@ -214,12 +222,26 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 	init.watchExit(m.reaper.Claim(pid), func(*process) { c.setState(stateStopped) })
 	// A sandbox the agent started holds namespaces only: no OOM of it is news (and its
 	// cgroup may have no memory controller yet, as runc enables them for app containers).
-	if m.oom != nil && c.runc != nil {
+	if m.oom != nil && (c.runc != nil || !c.sandbox) {
 		m.oom.watch(id, c.cgroup)
 	}
 	undo.Release()
-	slog.Info("container created", "container", id, "pid", pid, "by", by)
+	slog.Info("container created", "container", id, "pid", pid, "by", by, "because", why)
 	return pid, nil
+}
+
+// runcCreates says why runc must create spec's container, or "" when the agent does: a
+// pod's sandbox container (sandboxinit.go), an app container (appinit.go).
+func (m *containers) runcCreates(spec *specs.Spec, streams *stdio) string {
+	switch {
+	case streams.pipes == nil || spec.Process.Terminal:
+		return "a terminal"
+	case spec.Annotations[criContainerType] == "sandbox":
+		return agentStartsSandbox(spec)
+	case m.runcApps:
+		return "the node asks runc to create app containers"
+	}
+	return agentCreatesApp(spec)
 }
 
 func (c *container) setRunner(r runner) runner {
@@ -272,6 +294,36 @@ func (m *containers) startSandbox(c *container, spec *specs.Spec, rootfs string,
 	}
 	_ = streams.pipes.CloseAfterStart()
 	undo.Add("kill init", func() error { return unix.Kill(pid, unix.SIGKILL) })
+	return pid, nil
+}
+
+// createApp creates an app container without runc (appinit.go): its cgroup, then its
+// init, which waits for the start.
+func (m *containers) createApp(ctx context.Context, c *container, spec *specs.Spec, streams *stdio, undo *cleanup.Stack) (int, error) {
+	if err := appCgroup(m.cgroupRoot, spec.Linux.CgroupsPath, spec.Linux.Resources); err != nil {
+		_ = os.Remove(c.cgroup)
+		return 0, fmt.Errorf("cgroup: %w", err)
+	}
+	r := &appRunner{sandboxRunner: sandboxRunner{cgroup: c.cgroup}, mountpoint: m.cgroupRoot, group: spec.Linux.CgroupsPath}
+	c.setRunner(r)
+	undo.Add("remove cgroup", func() error { return r.delete(context.Background()) })
+	pid, control, report, err := forkContainerInit(ctx, spec, c.cgroup, streams.pipes.child)
+	if pid > 0 {
+		_ = streams.pipes.CloseAfterStart()
+		// Reaped here when the create fails; the container's exit watch claims it otherwise.
+		undo.Add("kill init", func() error {
+			_ = unix.Kill(pid, unix.SIGKILL)
+			<-m.reaper.Claim(pid)
+			return nil
+		})
+	}
+	if err != nil {
+		return 0, err
+	}
+	r.setInit(control, report)
+	if err := setOOMScore(pid, spec.Process.OOMScoreAdj); err != nil {
+		return 0, err
+	}
 	return pid, nil
 }
 
@@ -366,21 +418,28 @@ func (m *containers) runExec(ctx context.Context, c *container, execID string, s
 		return nil, err
 	}
 	defer streams.close()
-	if c.runc == nil {
+	if c.runc == nil && c.sandbox {
 		// Its init is only chrooted in the guest's mount namespace: there is no container
 		// filesystem to run an exec in. CRI never execs into a sandbox.
 		return nil, fmt.Errorf("the pod's sandbox container, started by the agent, takes no exec: %w", errdefs.ErrFailedPrecondition)
 	}
-	why := runcOnly(c, spec, stdioReq.GetTerminal())
+	why := runcOnly(c, spec)
 	if why == "" {
-		p, err := m.startExec(c, execID, spec, streams)
+		p, err := m.startExec(c, c.cgroup, execID, spec, streams)
 		if !errors.Is(err, unix.EBUSY) {
 			return p, err
 		}
 		// EBUSY: the container enabled controllers in its own cgroup (systemd, nested
-		// containers), which a process can no longer be forked into; runc joins the
-		// init's cgroup instead.
-		why = "a cgroup with controllers enabled below it"
+		// containers), which a process can no longer be forked into. runc's exec joins
+		// the init's cgroup then, and so does the agent's.
+		cgroup, cerr := m.processCgroup(c.initPid())
+		if cerr != nil {
+			return nil, fmt.Errorf("%w (the container's cgroup has controllers enabled below it, and the init's: %v)", err, cerr)
+		}
+		return m.startExec(c, cgroup, execID, spec, streams)
+	}
+	if c.runc == nil {
+		return nil, fmt.Errorf("an exec with %s needs runc, which did not create this container: %w", why, errdefs.ErrFailedPrecondition)
 	}
 	slog.Debug("exec through runc", "container", c.id, "exec", execID, "because", why)
 	pidFile := filepath.Join(c.bundle, "exec-"+execID+".pid")
@@ -413,15 +472,34 @@ func (m *containers) adoptExec(c *container, execID string, pid int, streams *st
 	return p, nil
 }
 
-// startExec starts an exec'd process without runc (nsexec.go).
-func (m *containers) startExec(c *container, execID string, spec *specs.Process, streams *stdio) (*process, error) {
+// processCgroup is the cgroup directory pid is in.
+func (m *containers) processCgroup(pid int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", err
+	}
+	path, ok := strings.CutPrefix(strings.TrimSpace(string(b)), "0::")
+	if !ok || strings.Contains(path, "\n") {
+		return "", fmt.Errorf("/proc/%d/cgroup: %q: not one cgroup2 line", pid, b)
+	}
+	return filepath.Join(m.cgroupRoot, path), nil
+}
+
+// startExec starts an exec'd process without runc (nsexec.go), in cgroup.
+func (m *containers) startExec(c *container, cgroup, execID string, spec *specs.Process, streams *stdio) (*process, error) {
 	started := time.Now()
 	initPid := c.initPid()
-	pid, err := nsExec{initPid: initPid, cgroup: c.cgroup, process: spec, stdio: streams.pipes.child}.start()
+	x := nsExec{initPid: initPid, cgroup: cgroup, process: spec, terminal: streams.req.Terminal, master: &streams.master}
+	if streams.pipes != nil {
+		x.stdio = streams.pipes.child
+	}
+	pid, err := x.start()
 	if err != nil {
 		return nil, err
 	}
-	_ = streams.pipes.CloseAfterStart()
+	if streams.pipes != nil {
+		_ = streams.pipes.CloseAfterStart()
+	}
 	// runc gives an exec'd process the container's OOM score; a fork inherits the
 	// agent's. Set right after the exec: the process runs a few instructions with the
 	// agent's score (0; the agent, PID 1, is never the OOM killer's choice).

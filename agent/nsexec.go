@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -60,7 +62,11 @@ type nsExec struct {
 	initPid int            // the container's init, whose namespaces the process joins
 	cgroup  string         // the container's cgroup directory in the guest's cgroupfs
 	process *specs.Process // the exec'd process
-	stdio   [3]*os.File    // its stdin, stdout, stderr
+	stdio   [3]*os.File    // its stdin, stdout, stderr; unused with a terminal
+	// terminal: the process gets a pty of the container's devpts instance as its
+	// controlling terminal and stdio; master receives the agent's end
+	terminal bool
+	master   **os.File
 }
 
 // runcOnly says why an exec must go through `runc exec`, or "" when the agent can start
@@ -68,18 +74,14 @@ type nsExec struct {
 //   - a seccomp filter (runc compiles the profile with libseccomp; the agent has no
 //     compiler, and installing it on the forking thread would subject the fork itself);
 //   - a user or time namespace (joining either needs a single-threaded caller);
-//   - a terminal (runc allocates the pty in the container's devpts instance);
 //   - rlimits, scheduler, I/O priority and CPU affinity of the process (per-process
 //     state a forking thread cannot give only its child);
 //   - capabilities whose names this kernel does not know (runc's rules for them), or none
 //     at all (runc then gives the container's);
 //   - a process with no args (a Windows-style commandLine).
-func runcOnly(c *container, p *specs.Process, terminal bool) string {
-	switch {
-	case c.seccomp:
+func runcOnly(c *container, p *specs.Process) string {
+	if c.seccomp {
 		return "the container has a seccomp profile"
-	case terminal:
-		return "a terminal"
 	}
 	if why := processNeedsRunc(p); why != "" {
 		return why
@@ -104,8 +106,6 @@ func processNeedsRunc(p *specs.Process) string {
 		return "no args (a commandLine)"
 	case p.Capabilities == nil:
 		return "no capabilities given (runc falls back to the container's)"
-	case p.Terminal:
-		return "a terminal"
 	case len(p.Rlimits) > 0:
 		return "rlimits"
 	case p.Scheduler != nil || p.IOPriority != nil || p.ExecCPUAffinity != nil:
@@ -160,6 +160,13 @@ func onThreadOfItsOwn(fork func() (int, error)) (int, error) {
 	done := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked
+		defer func() {
+			// The agent is the guest's init: a panic here would end the guest.
+			if r := recover(); r != nil {
+				slog.Error("fork panicked", "panic", r, "stack", string(debug.Stack()))
+				done <- result{0, fmt.Errorf("the agent panicked: %v", r)}
+			}
+		}()
 		pid, err := fork()
 		done <- result{pid, err}
 	}()
@@ -244,13 +251,25 @@ func (x nsExec) forkOnThisThread() (int, error) {
 	}
 	groups := make([]uint32, len(p.User.AdditionalGids))
 	copy(groups, p.User.AdditionalGids)
+	files := []uintptr{x.stdio[0].Fd(), x.stdio[1].Fd(), x.stdio[2].Fd()}
+	if x.terminal {
+		master, pty, err := openPty()
+		if err != nil {
+			return 0, err
+		}
+		defer unix.Close(pty)
+		files = []uintptr{uintptr(pty), uintptr(pty), uintptr(pty)}
+		*x.master = master
+	}
 	attr := &syscall.ProcAttr{
 		Dir:   p.Cwd,
 		Env:   env,
-		Files: []uintptr{x.stdio[0].Fd(), x.stdio[1].Fd(), x.stdio[2].Fd()},
+		Files: files,
 		Sys: &syscall.SysProcAttr{
 			// runc's processes lead a session of their own.
 			Setsid:      true,
+			Setctty:     x.terminal,
+			Ctty:        0,
 			Cloneflags:  cloneFlags,
 			Credential:  &syscall.Credential{Uid: p.User.UID, Gid: p.User.GID, Groups: groups},
 			AmbientCaps: ambient,
@@ -260,9 +279,36 @@ func (x nsExec) forkOnThisThread() (int, error) {
 	}
 	pid, err := syscall.ForkExec(path, p.Args, attr)
 	if err != nil {
+		if x.terminal {
+			(*x.master).Close()
+			*x.master = nil
+		}
 		return 0, fmt.Errorf("exec failed: unable to start container process: exec %s: %w", path, err)
 	}
 	return pid, nil
+}
+
+// openPty opens a pty pair of the devpts instance the calling thread sees at /dev/pts —
+// the container's, once the thread joined its mount namespace — as runc allocates an
+// exec's terminal in the container.
+func openPty() (*os.File, int, error) {
+	fd, err := unix.Open("/dev/pts/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, -1, fmt.Errorf("terminal: open the container's /dev/pts/ptmx: %w", err)
+	}
+	master := os.NewFile(uintptr(fd), "pty master")
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
+		master.Close()
+		return nil, -1, fmt.Errorf("terminal: unlock pty: %w", err)
+	}
+	// TIOCGPTPEER opens the peer through the master: no path is looked up in the
+	// container's /dev/pts, which the container could have changed.
+	pty, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.TIOCGPTPEER, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC)
+	if errno != 0 {
+		master.Close()
+		return nil, -1, fmt.Errorf("terminal: open pty peer: %w", errno)
+	}
+	return master, int(pty), nil
 }
 
 // restrictThread gives the calling thread the process's no_new_privs and capability

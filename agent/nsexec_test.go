@@ -206,16 +206,14 @@ func TestRuncOnly(t *testing.T) {
 	plain := func() *specs.Process {
 		return &specs.Process{Args: []string{"true"}, Cwd: "/", Capabilities: &specs.LinuxCapabilities{}}
 	}
-	if why := runcOnly(self, plain(), false); why != "" {
+	if why := runcOnly(self, plain()); why != "" {
 		t.Fatalf("plain exec: %q, want none", why)
 	}
 	for name, tc := range map[string]struct {
-		c        *container
-		edit     func(*specs.Process)
-		terminal bool
+		c    *container
+		edit func(*specs.Process)
 	}{
 		"seccomp":         {c: &container{seccomp: true, init: self.init}},
-		"terminal":        {c: self, terminal: true},
 		"rlimits":         {c: self, edit: func(p *specs.Process) { p.Rlimits = []specs.POSIXRlimit{{Type: "RLIMIT_NOFILE", Soft: 1, Hard: 1}} }},
 		"scheduler":       {c: self, edit: func(p *specs.Process) { p.Scheduler = &specs.Scheduler{Policy: specs.SchedOther} }},
 		"capability":      {c: self, edit: func(p *specs.Process) { p.Capabilities = &specs.LinuxCapabilities{Bounding: []string{"CAP_NOPE"}} }},
@@ -227,7 +225,7 @@ func TestRuncOnly(t *testing.T) {
 		if tc.edit != nil {
 			tc.edit(p)
 		}
-		if why := runcOnly(tc.c, p, tc.terminal); why == "" {
+		if why := runcOnly(tc.c, p); why == "" {
 			t.Errorf("%s: the agent would exec it itself", name)
 		}
 	}

@@ -56,6 +56,9 @@ func agentStartsSandbox(spec *specs.Spec) string {
 	if spec.Linux.Seccomp != nil {
 		return "a seccomp profile"
 	}
+	if p.Terminal {
+		return "a terminal"
+	}
 	if why := processNeedsRunc(p); why != "" {
 		return why
 	}
@@ -74,13 +77,20 @@ func agentStartsSandbox(spec *specs.Spec) string {
 			return fmt.Sprintf("namespace %s %s", ns.Type, ns.Path)
 		}
 	}
+	return namespacedSysctls(spec)
+}
+
+// namespacedSysctls says which of spec's sysctls the agent cannot set in the container's
+// own namespaces: one outside the IPC and UTS namespaces (the pod's net.* ones the agent
+// sets for the guest, applyPodNetSysctls), or one whose namespace the container lacks
+// (runc refuses it: it would be the guest's).
+func namespacedSysctls(spec *specs.Spec) string {
 	for k := range spec.Linux.Sysctl {
 		uts := k == "kernel.hostname" || k == "kernel.domainname"
 		switch {
 		case !slices.Contains(ipcUTSSysctls, k) && !strings.HasPrefix(k, "fs.mqueue."):
 			return "sysctl " + k
 		case uts && !hasNamespace(spec, specs.UTSNamespace), !uts && !hasNamespace(spec, specs.IPCNamespace):
-			// runc refuses them without the namespace: they would be the guest's
 			return "sysctl " + k + " without its namespace"
 		}
 	}

@@ -2,10 +2,13 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"runtime/debug"
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
 	"golang.org/x/sys/unix"
@@ -34,7 +37,15 @@ type service struct {
 var _ agentv1.AgentService = (*service)(nil)
 
 // mapErrors is the RPC boundary: native errors become gRPC codes here and nowhere else.
-func mapErrors(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (any, error) {
+// A panic in a call becomes that call's Internal error: the agent is the guest's init,
+// and its exit would panic the guest's kernel and end the pod.
+func mapErrors(ctx context.Context, unmarshal ttrpc.Unmarshaler, info *ttrpc.UnaryServerInfo, method ttrpc.Method) (_ any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			slog.Error("call panicked", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))
+			err = errgrpc.ToGRPC(fmt.Errorf("%s: the agent panicked: %v: %w", info.FullMethod, r, errdefs.ErrInternal))
+		}
+	}()
 	resp, err := method(ctx, unmarshal)
 	if err != nil {
 		slog.Debug("call failed", "method", info.FullMethod, "error", err)

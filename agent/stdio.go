@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 
+	"github.com/containerd/console"
 	runc "github.com/containerd/go-runc"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
@@ -19,7 +20,8 @@ type stdio struct {
 	req *agentv1.Stdio
 
 	pipes   *pipeIO      // without a terminal
-	console *runc.Socket // with a terminal
+	console *runc.Socket // with a terminal, for runc to send the pty master through
+	master  *os.File     // with a terminal the agent opened itself (nsExec)
 }
 
 func newStdio(req *agentv1.Stdio, uid, gid int) (*stdio, error) {
@@ -45,10 +47,19 @@ func newStdio(req *agentv1.Stdio, uid, gid int) (*stdio, error) {
 // attach moves the agent's ends into p once runc has started the process. For a terminal
 // it receives the pty master runc sent and applies the requested size.
 func (s *stdio) attach(p *process) error {
-	if s.console != nil {
-		master, err := s.console.ReceiveMaster()
-		if err != nil {
-			return fmt.Errorf("receive pty master: %w", err)
+	if s.req.Terminal {
+		var master console.Console
+		if s.master != nil {
+			var err error
+			if master, err = console.ConsoleFromFile(s.master); err != nil {
+				return fmt.Errorf("pty master: %w", err)
+			}
+			s.master = nil
+		} else {
+			var err error
+			if master, err = s.console.ReceiveMaster(); err != nil {
+				return fmt.Errorf("receive pty master: %w", err)
+			}
 		}
 		p.pty = master
 		if s.req.Width > 0 && s.req.Height > 0 {
@@ -92,6 +103,9 @@ func pumpAndClose(o *stream.Output, f *os.File) {
 func (s *stdio) close() {
 	if s.console != nil {
 		_ = s.console.Close()
+	}
+	if s.master != nil {
+		_ = s.master.Close()
 	}
 	if s.pipes != nil {
 		_ = s.pipes.Close()

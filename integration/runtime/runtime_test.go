@@ -697,14 +697,16 @@ func TestCgroup(t *testing.T) {
 	}
 }
 
-// The agent warms runc up at boot with a throwaway container (docs/design/021): it
-// succeeds in the real guest, cleans up (the agent says warmed only once runc deleted it),
-// and the kernel parameter turns it off.
+// The agent warms runc up at boot with a throwaway container (docs/design/021) when runc
+// creates the app containers (KernelParamRuncApps; the agent does by default, design
+// 023): it succeeds in the real guest, cleans up (the agent says warmed only once runc
+// deleted it), and the kernel parameter turns it off.
 func TestRuncWarmup(t *testing.T) {
 	testenv.Require(t)
 	for _, warm := range []bool{true, false} {
 		t.Run(fmt.Sprint("warm=", warm), func(t *testing.T) {
 			cfg := testenv.VMConfig(t, "warmup")
+			cfg.Boot.KernelParams = append(cfg.Boot.KernelParams, agentv1.KernelParamRuncApps)
 			if !warm {
 				cfg.Boot.KernelParams = append(cfg.Boot.KernelParams, agentv1.KernelParamNoWarmup)
 			}

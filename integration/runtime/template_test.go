@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
@@ -32,6 +33,8 @@ func TestTemplate(t *testing.T) {
 		t.Helper()
 		cfg := testenv.VMConfig(t, name)
 		cfg.Type = typ
+		// runc's app containers, whose warm-up the restore runs (docs/design/021)
+		cfg.Boot.KernelParams = append(cfg.Boot.KernelParams, agentv1.KernelParamRuncApps)
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
 		g, err := store.Boot(ctx, cfg)

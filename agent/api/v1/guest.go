@@ -21,11 +21,16 @@ const (
 	KernelParamDebug = "vmpod.debug"
 	// KernelParamNoWarmup on the guest kernel command line (the node config's
 	// hypervisor.kernel_params) keeps the agent from warming runc up at boot
-	// (docs/design/021); make bench measures a pod start with and without.
+	// (docs/design/021), which it does only when runc creates the app containers
+	// (KernelParamRuncApps).
 	KernelParamNoWarmup = "vmpod.nowarmup"
 	// KernelParamTemplate on the guest kernel command line marks a guest booted to be
 	// saved as a template (docs/design/022): the agent warms runc up after each restore —
 	// when the host reseeds it (SetupSandboxRequest.entropy) — instead of at boot, where a
 	// saved state would have every restore finish it.
 	KernelParamTemplate = "vmpod.template"
+	// KernelParamRuncApps on the guest kernel command line has runc create every app
+	// container instead of the agent (docs/design/023), as before the agent could; make
+	// bench measures a pod start both ways.
+	KernelParamRuncApps = "vmpod.runcapps"
 )
