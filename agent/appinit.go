@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -229,9 +231,11 @@ func forkContainerInit(ctx context.Context, spec *specs.Spec, cgroup string, std
 		return 0, nil, nil, err
 	}
 	defer reportW.Close()
+	started := time.Now()
 	pid, err = onThreadOfItsOwn(func() (int, error) {
 		return forkInitOnThisThread(spec, cgroup, append(stdio[:], controlR, reportW))
 	})
+	forked := time.Now()
 	if err != nil {
 		controlW.Close()
 		reportR.Close()
@@ -258,6 +262,7 @@ func forkContainerInit(ctx context.Context, spec *specs.Spec, cgroup string, std
 		reportR.Close()
 		return pid, nil, nil, err
 	}
+	slog.Debug("container init ready", "pid", pid, "fork", forked.Sub(started), "ready", time.Since(forked))
 	return pid, controlW, reportR, nil
 }
 

@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
+
+	"github.com/vmpod/vmpod/agent/rootfs"
 )
 
 // A pod's sandbox container (CRI's "pause") runs no workload: its init holds the pod's
@@ -23,10 +25,11 @@ import (
 // step of a pod start after the boot (~800 ms under TCG: the first runc of a fresh guest).
 // The agent starts it itself (docs/design/020), as nsExec starts an exec'd process: on a
 // thread of its own it unshares the UTS and IPC namespaces the spec asks for, names the
-// host and sets the IPC sysctls in them, cuts its capabilities, and forks the init into a
-// new PID (and cgroup) namespace, chrooted into the image's rootfs, in the container's
-// cgroup. The init gets no mount namespace: no container ever joins the sandbox's, and the
-// pause binary touches no file after its exec.
+// host and sets the IPC sysctls in them, cuts its capabilities, enters a mount namespace
+// whose root is the image's rootfs and nothing else (rootfs.Enter), and forks the init
+// into a new PID (and cgroup) namespace, in the container's cgroup. The init gets none of
+// the spec's mounts: no container ever joins the sandbox's mount namespace, and the pause
+// binary touches no file after its exec.
 
 // criContainerType is the annotation CRI puts on every container it creates; its value is
 // "sandbox" on the pod's sandbox container.
@@ -66,8 +69,8 @@ func agentStartsSandbox(spec *specs.Spec) string {
 	case !filepath.IsAbs(p.Args[0]):
 		return "a command that is not an absolute path"
 	case p.User.UID == 0 || len(p.Capabilities.Ambient) > 0:
-		// The init is only chrooted, in the guest's mount namespace: a process that can
-		// keep CAP_SYS_CHROOT could climb out. runc pivots into a mount namespace.
+		// It gets no device filter nor masked paths, which a process that keeps
+		// capabilities could use; runc gives them.
 		return "a root or ambient-capable init"
 	case (spec.Hostname != "" || spec.Domainname != "") && !hasNamespace(spec, specs.UTSNamespace):
 		return "a host name without a UTS namespace"
@@ -103,8 +106,8 @@ func hasNamespace(spec *specs.Spec, t specs.LinuxNamespaceType) bool {
 
 // startSandboxInit starts spec's init in rootfs and the cgroup directory cgroup (which
 // exists) and returns its pid. agentStartsSandbox must have accepted spec.
-func startSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File) (int, error) {
-	pid, err := onThreadOfItsOwn(func() (int, error) { return forkSandboxInit(spec, rootfs, cgroup, stdio) })
+func startSandboxInit(spec *specs.Spec, root, cgroup string, stdio [3]*os.File) (int, error) {
+	pid, err := onThreadOfItsOwn(func() (int, error) { return forkSandboxInit(spec, root, cgroup, stdio) })
 	if err != nil {
 		return 0, err
 	}
@@ -117,7 +120,7 @@ func startSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File
 	return pid, nil
 }
 
-func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File) (int, error) {
+func forkSandboxInit(spec *specs.Spec, root, cgroup string, stdio [3]*os.File) (int, error) {
 	cgroupFD, err := unix.Open(cgroup, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0, fmt.Errorf("cgroup %s: %w", cgroup, err)
@@ -156,8 +159,17 @@ func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File)
 		}
 	}
 	p := spec.Process
-	last, err := lastCap()
+	last, err := lastCap() // read in the guest's /proc, which the next step leaves
 	if err != nil {
+		return 0, err
+	}
+	// The thread's own mount namespace with the rootfs as its whole tree (design 020
+	// first chrooted the init, which left the guest's root reachable through
+	// /proc/<pid>/root/.. to a process of the pod with the same uid).
+	if err := unix.Unshare(unix.CLONE_FS | unix.CLONE_NEWNS); err != nil {
+		return 0, fmt.Errorf("unshare mount namespace: %w", err)
+	}
+	if err := rootfs.Enter(root); err != nil {
 		return 0, err
 	}
 	ambient, err := restrictThread(p, last)
@@ -176,7 +188,6 @@ func forkSandboxInit(spec *specs.Spec, rootfs, cgroup string, stdio [3]*os.File)
 		Env:   p.Env,
 		Files: []uintptr{stdio[0].Fd(), stdio[1].Fd(), stdio[2].Fd()},
 		Sys: &syscall.SysProcAttr{
-			Chroot:      rootfs,
 			Setsid:      true,
 			Credential:  &syscall.Credential{Uid: p.User.UID, Gid: p.User.GID, Groups: slices.Clone(p.User.AdditionalGids)},
 			AmbientCaps: ambient,

@@ -69,9 +69,29 @@ func TestSandboxInit(t *testing.T) {
 	if why := agentStartsSandbox(spec); why != "" {
 		t.Fatalf("the agent would not start it: %s", why)
 	}
-	pid, err := startSandboxInit(spec, "/", cgroup, [3]*os.File{null, null, null})
+	// The host's tree as the sandbox's rootfs, bound apart: the init's root must be a
+	// mount of its own, as a container's is.
+	root := t.TempDir()
+	if err := unix.Mount("/", root, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		t.Skipf("skipped: cannot bind / for a rootfs: %v", err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(root, unix.MNT_DETACH) })
+	if err := unix.Mount("", root, "", unix.MS_PRIVATE|unix.MS_REC, ""); err != nil {
+		t.Fatal(err)
+	}
+	pid, err := startSandboxInit(spec, root, cgroup, [3]*os.File{null, null, null})
 	if err != nil {
 		t.Fatal(err)
+	}
+	// Its root is all it has: the tree above it is not in its mount namespace.
+	if mounts, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", pid)); err != nil || strings.Contains(string(mounts), " "+root+" ") {
+		t.Errorf("the init's mounts show the tree above its root (%v):\n%s", err, mounts)
+	}
+	// and from its root, ".." goes nowhere (from a chroot it climbs into the tree above)
+	var top, up unix.Stat_t
+	if unix.Stat(fmt.Sprintf("/proc/%d/root", pid), &top) != nil || unix.Stat(fmt.Sprintf("/proc/%d/root/..", pid), &up) != nil ||
+		top.Dev != up.Dev || top.Ino != up.Ino {
+		t.Errorf("the init's root/.. is not its root: %d:%d against %d:%d", up.Dev, up.Ino, top.Dev, top.Ino)
 	}
 	r := sandboxRunner{cgroup: cgroup}
 	t.Cleanup(func() { _ = unix.Kill(pid, unix.SIGKILL) })

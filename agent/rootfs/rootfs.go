@@ -302,6 +302,23 @@ func populateDev(rootFD int, devpts bool) error {
 	return nil
 }
 
+// Enter makes root, bound onto itself, the root of the caller's mount namespace — which
+// must be its own, unshared — and detaches the rest of the tree: for an init that needs
+// none of the spec's mounts (a pod's pause). Unlike a chroot, nothing of the old tree is
+// left to climb back to, even through /proc/<pid>/root from another process.
+func Enter(root string) error {
+	if err := unix.Mount("", "/", "", unix.MS_SLAVE|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("root propagation: %w", err)
+	}
+	if err := unix.Mount(root, root, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s: %w", root, err)
+	}
+	if err := pivot(root); err != nil {
+		return fmt.Errorf("pivot_root %s: %w", root, err)
+	}
+	return nil
+}
+
 // pivot makes root the process's root and detaches the old one (runc's pivot_root(".",
 // ".") without a directory for the old root).
 func pivot(root string) error {
