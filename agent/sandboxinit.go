@@ -111,11 +111,9 @@ func startSandboxInit(spec *specs.Spec, root, cgroup string, stdio [3]*os.File) 
 	if err != nil {
 		return 0, err
 	}
-	if adj := spec.Process.OOMScoreAdj; adj != nil {
-		if err := os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), []byte(strconv.Itoa(*adj)), 0); err != nil && !errors.Is(err, unix.ESRCH) {
-			_ = unix.Kill(pid, unix.SIGKILL)
-			return 0, fmt.Errorf("process.oomScoreAdj %d: %w", *adj, err)
-		}
+	if err := setOOMScore(pid, spec.Process.OOMScoreAdj); err != nil {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		return 0, err
 	}
 	return pid, nil
 }

@@ -146,6 +146,17 @@ func mountInRoot(rootFD int, m specs.Mount) error {
 		if dst, err = mkdirAll(rootFD, rel); err != nil {
 			return err
 		}
+		if m.Type == "proc" || m.Type == "sysfs" {
+			// As runc: not through a symlink, even one inside the root: another container
+			// of the pod could swap one on a volume they share while this one resolves it
+			// (runc's CVE-2019-19921).
+			fd, err := unix.Openat2(rootFD, rel, &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: inRoot | unix.RESOLVE_NO_SYMLINKS})
+			if err != nil {
+				unix.Close(dst)
+				return fmt.Errorf("%s over a symlink or a missing directory: %w", m.Type, err)
+			}
+			unix.Close(fd)
+		}
 		fstype := m.Type
 		if fstype == "cgroup" {
 			fstype = "cgroup2" // the guest has the unified hierarchy only, as runc does then
