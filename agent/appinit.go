@@ -342,10 +342,10 @@ func forkInitOnThisThread(spec *specs.Spec, cgroup string, files []*os.File) (in
 	return pid, nil
 }
 
-// appRunner controls an app container the agent created: through its cgroup, as the
-// sandbox's, and through its init until the start.
+// appRunner controls an app container the agent created: through its cgroup
+// (cgroupRunner), and through its init until the start.
 type appRunner struct {
-	sandboxRunner
+	cgroupRunner
 	mountpoint, group string
 
 	mu              sync.Mutex
@@ -388,10 +388,10 @@ func (r *appRunner) setInit(control, report *os.File) {
 	r.control, r.report = control, report
 }
 
-// delete kills what is in the cgroup and removes it, as for a sandbox — an init that was
+// delete kills what is in the cgroup and removes it (cgroupRunner) — an init that was
 // never started dies of SIGKILL, as runc's does — then closes the init's pipes.
 func (r *appRunner) delete(ctx context.Context) error {
-	err := r.sandboxRunner.delete(ctx)
+	err := r.cgroupRunner.delete(ctx)
 	r.mu.Lock()
 	r.closeInit()
 	r.mu.Unlock()

@@ -286,7 +286,7 @@ func (m *containers) startSandbox(c *container, spec *specs.Spec, rootfs string,
 	if err := os.MkdirAll(c.cgroup, 0o755); err != nil {
 		return 0, fmt.Errorf("cgroup: %w", err)
 	}
-	r := c.setRunner(sandboxRunner{cgroup: c.cgroup})
+	r := c.setRunner(cgroupRunner{cgroup: c.cgroup})
 	undo.Add("remove cgroup", func() error { return r.delete(context.Background()) })
 	pid, err := startSandboxInit(spec, rootfs, c.cgroup, streams.pipes.child)
 	if err != nil {
@@ -304,7 +304,7 @@ func (m *containers) createApp(ctx context.Context, c *container, spec *specs.Sp
 		_ = os.Remove(c.cgroup)
 		return 0, fmt.Errorf("cgroup: %w", err)
 	}
-	r := &appRunner{sandboxRunner: sandboxRunner{cgroup: c.cgroup}, mountpoint: m.cgroupRoot, group: spec.Linux.CgroupsPath}
+	r := &appRunner{cgroupRunner: cgroupRunner{cgroup: c.cgroup}, mountpoint: m.cgroupRoot, group: spec.Linux.CgroupsPath}
 	c.setRunner(r)
 	undo.Add("remove cgroup", func() error { return r.delete(context.Background()) })
 	pid, control, report, err := forkContainerInit(ctx, spec, c.cgroup, streams.pipes.child)

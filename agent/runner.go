@@ -9,8 +9,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// runner controls a created container's processes: runc for every container, but for a
-// pod's sandbox container the agent started itself (sandboxinit.go, docs/design/020).
+// runner controls a created container's processes: runc, or the agent's own for the
+// containers it created itself (a pod's sandbox, sandboxinit.go, docs/design/020; app
+// containers, appinit.go, docs/design/023).
 // Each error says what failed; the caller names the container.
 type runner interface {
 	// start lets the created init run the process.

@@ -201,17 +201,17 @@ func forkSandboxInit(spec *specs.Spec, root, cgroup string, stdio [3]*os.File) (
 	return pid, nil
 }
 
-// sandboxRunner controls a sandbox container the agent started: through its cgroup, as
-// runc would.
-type sandboxRunner struct {
+// cgroupRunner controls a container the agent created through its cgroup, as runc
+// would: the sandbox's as it is, an app container's inside appRunner.
+type cgroupRunner struct {
 	cgroup string
 }
 
 // start does nothing: the init runs from its creation (pause only waits for signals, and
 // CRI starts the sandbox right after creating it).
-func (sandboxRunner) start(context.Context) error { return nil }
+func (cgroupRunner) start(context.Context) error { return nil }
 
-func (r sandboxRunner) killAll(_ context.Context, sig unix.Signal) error {
+func (r cgroupRunner) killAll(_ context.Context, sig unix.Signal) error {
 	pids, err := cgroupPids(r.cgroup)
 	if err != nil {
 		return err
@@ -226,7 +226,7 @@ func (r sandboxRunner) killAll(_ context.Context, sig unix.Signal) error {
 
 // delete kills what is left (as runc delete --force does) and removes the cgroup once the
 // kernel has emptied it (after the last process was reaped).
-func (r sandboxRunner) delete(context.Context) error {
+func (r cgroupRunner) delete(context.Context) error {
 	if err := os.WriteFile(filepath.Join(r.cgroup, "cgroup.kill"), []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("cgroup.kill: %w", err)
 	}
@@ -243,7 +243,7 @@ func (r sandboxRunner) delete(context.Context) error {
 	}
 }
 
-func (r sandboxRunner) freeze(ctx context.Context, frozen bool) error {
+func (r cgroupRunner) freeze(ctx context.Context, frozen bool) error {
 	var want uint64
 	if frozen {
 		want = 1
@@ -263,6 +263,6 @@ func (r sandboxRunner) freeze(ctx context.Context, frozen bool) error {
 	}
 }
 
-func (sandboxRunner) update(context.Context, *specs.LinuxResources) error {
+func (cgroupRunner) update(context.Context, *specs.LinuxResources) error {
 	return fmt.Errorf("the pod's sandbox container runs no workload: its limits are the pod's, set on the host: %w", errdefs.ErrFailedPrecondition)
 }

@@ -93,7 +93,7 @@ func TestSandboxInit(t *testing.T) {
 		top.Dev != up.Dev || top.Ino != up.Ino {
 		t.Errorf("the init's root/.. is not its root: %d:%d against %d:%d", up.Dev, up.Ino, top.Dev, top.Ino)
 	}
-	r := sandboxRunner{cgroup: cgroup}
+	r := cgroupRunner{cgroup: cgroup}
 	t.Cleanup(func() { _ = unix.Kill(pid, unix.SIGKILL) })
 
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
