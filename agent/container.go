@@ -234,7 +234,7 @@ func (m *containers) create(ctx context.Context, req *agentv1.CreateContainerReq
 // pod's sandbox container (sandboxinit.go), an app container (appinit.go).
 func (m *containers) runcCreates(spec *specs.Spec, streams *stdio) string {
 	switch {
-	case streams.pipes == nil || spec.Process.Terminal:
+	case streams.pipes == nil:
 		return "a terminal"
 	case spec.Annotations[criContainerType] == "sandbox":
 		return agentStartsSandbox(spec)

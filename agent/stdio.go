@@ -49,18 +49,16 @@ func newStdio(req *agentv1.Stdio, uid, gid int) (*stdio, error) {
 func (s *stdio) attach(p *process) error {
 	if s.req.Terminal {
 		var master console.Console
+		var err error
 		if s.master != nil {
-			var err error
-			if master, err = console.ConsoleFromFile(s.master); err != nil {
-				return fmt.Errorf("pty master: %w", err)
-			}
-			s.master = nil
+			master, err = console.ConsoleFromFile(s.master) // the agent's own (nsExec)
 		} else {
-			var err error
-			if master, err = s.console.ReceiveMaster(); err != nil {
-				return fmt.Errorf("receive pty master: %w", err)
-			}
+			master, err = s.console.ReceiveMaster() // runc's
 		}
+		if err != nil {
+			return fmt.Errorf("pty master: %w", err)
+		}
+		s.master = nil // p owns it now
 		p.pty = master
 		if s.req.Width > 0 && s.req.Height > 0 {
 			if err := p.resize(s.req.Width, s.req.Height); err != nil {
