@@ -811,10 +811,13 @@ func TestMigrationWithHotplugVolume(t *testing.T) {
 		t.Errorf("the target's accept named attachment pods %v, want data: %s", accepted, lent.UID)
 	}
 	// the target is the VM's pod, with the volume attached from its own attachment pod
-	s := f.waitVolume("hpm", "data", vmpodv1.VolumeReady, "")
-	if s.PodUID != target.UID || s.AttachmentPod != lent.Name {
-		t.Errorf("volume status after the move %+v, want pod %s, attachment pod %s", s, target.UID, lent.Name)
-	}
+	// (the migration's phase and the VM's status are written by two reconciles:
+	// the volume's status may still name the source for a moment)
+	testenv.Eventually(t, timeout, "the volume's status names the target", func() (bool, string) {
+		s := volumeStatus(f.vm("hpm"), "data")
+		return s != nil && s.Phase == vmpodv1.VolumeReady && s.PodUID == target.UID && s.AttachmentPod == lent.Name,
+			fmt.Sprintf("%+v, want Ready in pod %s from attachment pod %s", s, target.UID, lent.Name)
+	})
 	if attach := lastExec(t, exec, vmspec.AttachDiskCommand); !strings.HasPrefix(attach, target.Name+"/") || !strings.Contains(attach, string(lent.UID)) {
 		t.Errorf("the last attach %q: want it in the target, from its attachment pod", attach)
 	}
