@@ -19,8 +19,8 @@ func TestVFIODevicesAreCheckedOnTheHost(t *testing.T) {
 		annotations map[string]string
 		want        string
 	}{
-		"q35":     {map[string]string{"vmpod.dev/machine": "q35"}, "/dev/vfio/7: devices: char device 1:3"},
-		"microvm": {nil, "PCI passthrough needs a q35 pod (annotation vmpod.dev/machine: q35)"},
+		"q35":     {nil, "/dev/vfio/7: devices: char device 1:3"},
+		"microvm": {microvm, "PCI passthrough needs a q35 pod (annotation vmpod.dev/machine: q35)"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "vfio-" + name}, Annotations: tc.annotations})

@@ -118,39 +118,45 @@ func statusResources(t *testing.T, id string) (cpuQuota, memoryLimit int64) {
 	return v.Status.Resources.Linux.CPUQuota, v.Status.Resources.Linux.MemoryLimitInBytes
 }
 
-// In-place resize of an ordinary pod (no machine annotation: microvm, which has no
-// hotplug) grows its VM from vCPUs and memory blocks it booted with offline; the
-// container's status reports the new limits, as with runc. Beyond the node's maximum an
-// update is refused, naming the limit, and changes nothing.
+// In-place resize of an ordinary pod (no machine annotation: q35 restored from a template,
+// which grows by hotplug) and of a microvm pod (which has no hotplug and grows from vCPUs
+// and memory blocks it booted with offline); the container's status reports the new
+// limits, as with runc. Beyond the node's maximum an update is refused, naming the limit,
+// and changes nothing.
 func TestInPlaceResizeOfADefaultPod(t *testing.T) {
-	eachHandler(t, "resize", func(t *testing.T, pod *testenv.Pod) {
-		id := pod.Container(limited("app", 500, 128<<20))
-		var bootMem int
-		if pod.Handler == "vmpod" {
-			cpus, mem, memMax := guestView(t, id)
-			if cpus != "0" || mem > 512 || memMax != strconv.Itoa(128<<20) {
-				t.Fatalf("before the update: CPUs %s, %d MiB, memory.max %s; want CPU 0, at most the 512 MiB default, 128 MiB", cpus, mem, memMax)
-			}
-			bootMem = mem
-		}
-
-		testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1<<30), id)
-		if quota, limit := statusResources(t, id); quota != 200000 || limit != 1<<30 {
-			t.Errorf("status after the update: cpu quota %d, memory limit %d; want 200000, %d", quota, limit, 1<<30)
-		}
-		if pod.Handler != "vmpod" {
-			return
-		}
-		// 1 GiB + the guest's overhead, in whole 128 MiB blocks
-		_, mem := assertGrownTo2CPUs1GiB(t, id, bootMem)
-
-		// the test bed's node allows 8 GiB and 4 vCPUs
-		_, err := testenv.Cmd("crictl", "update", "--memory", strconv.Itoa(16<<30), id)
-		if err == nil || !strings.Contains(err.Error(), "resources.memory.limit") || !strings.Contains(err.Error(), "max_memory_mib") {
-			t.Fatalf("update to 16 GiB: %v; want an error naming resources.memory.limit and sizing.max_memory_mib", err)
-		}
-		if _, mem2, memMax := guestView(t, id); memMax != strconv.Itoa(1<<30) || mem2 < mem-16 || mem2 > mem+16 {
-			t.Errorf("after the refused update: memory.max %s, MemTotal %d MiB; want %d and ~%d MiB", memMax, mem2, 1<<30, mem)
-		}
+	eachHandler(t, "resize", checkInPlaceResize)
+	t.Run("vmpod-microvm", func(t *testing.T) {
+		checkInPlaceResize(t, testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "resize-microvm"}, Annotations: microvm}))
 	})
+}
+
+func checkInPlaceResize(t *testing.T, pod *testenv.Pod) {
+	id := pod.Container(limited("app", 500, 128<<20))
+	var bootMem int
+	if pod.Handler == "vmpod" {
+		cpus, mem, memMax := guestView(t, id)
+		if cpus != "0" || mem > 512 || memMax != strconv.Itoa(128<<20) {
+			t.Fatalf("before the update: CPUs %s, %d MiB, memory.max %s; want CPU 0, at most the 512 MiB default, 128 MiB", cpus, mem, memMax)
+		}
+		bootMem = mem
+	}
+
+	testenv.Crictl(t, "update", "--cpu-period", "100000", "--cpu-quota", "200000", "--memory", strconv.Itoa(1<<30), id)
+	if quota, limit := statusResources(t, id); quota != 200000 || limit != 1<<30 {
+		t.Errorf("status after the update: cpu quota %d, memory limit %d; want 200000, %d", quota, limit, 1<<30)
+	}
+	if pod.Handler != "vmpod" {
+		return
+	}
+	// 1 GiB + the guest's overhead, in whole 128 MiB blocks
+	_, mem := assertGrownTo2CPUs1GiB(t, id, bootMem)
+
+	// the test bed's node allows 8 GiB and 4 vCPUs
+	_, err := testenv.Cmd("crictl", "update", "--memory", strconv.Itoa(16<<30), id)
+	if err == nil || !strings.Contains(err.Error(), "resources.memory.limit") || !strings.Contains(err.Error(), "max_memory_mib") {
+		t.Fatalf("update to 16 GiB: %v; want an error naming resources.memory.limit and sizing.max_memory_mib", err)
+	}
+	if _, mem2, memMax := guestView(t, id); memMax != strconv.Itoa(1<<30) || mem2 < mem-16 || mem2 > mem+16 {
+		t.Errorf("after the refused update: memory.max %s, MemTotal %d MiB; want %d and ~%d MiB", memMax, mem2, 1<<30, mem)
+	}
 }

@@ -22,7 +22,8 @@ func TestLoadOverridesDefaults(t *testing.T) {
 state_dir = "/run/vp"
 [hypervisor]
 kernel = "/opt/vmpod/vmlinux"
-machine = "q35"
+machine = "microvm"
+templates = false
 [sizing]
 max_vcpus = 8
 microvm_growth = false
@@ -32,12 +33,15 @@ boot = "45s"
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Hypervisor.Kernel != "/opt/vmpod/vmlinux" || cfg.Hypervisor.Machine != "q35" || cfg.Sizing.MaxVCPUs != 8 || cfg.Sizing.MicrovmGrowth ||
+	if cfg.Hypervisor.Kernel != "/opt/vmpod/vmlinux" || cfg.Hypervisor.Machine != "microvm" || cfg.Hypervisor.Templates || cfg.Sizing.MaxVCPUs != 8 || cfg.Sizing.MicrovmGrowth ||
 		cfg.Timeouts.Boot.Duration != 45*time.Second || cfg.StateDir != "/run/vp" {
 		t.Fatalf("overrides not applied: %+v", cfg)
 	}
 	if cfg.Hypervisor.Initrd != Default().Hypervisor.Initrd || cfg.Sizing.DefaultVCPUs != 1 || !Default().Sizing.MicrovmGrowth {
 		t.Fatalf("defaults lost: %+v", cfg)
+	}
+	if d := Default().Hypervisor; d.Machine != "q35" || !d.Templates {
+		t.Fatalf("default machine %s, templates %v: want q35 pods restored from templates (docs/design/024)", d.Machine, d.Templates)
 	}
 }
 

@@ -14,9 +14,10 @@ import (
 // PinVCPUs runs the machine's vCPU threads on host CPUs cpus. The first online vCPUs are
 // the ones the guest uses (a microvm's others are booted offline, OfflineGrowth); when
 // their count matches the set's, each gets a CPU of its own, what an exclusive cpuset is
-// for, and any offline ones the whole set; else every vCPU runs on the whole set. An empty
-// set lets them run anywhere the shim may. vCPUs hot-plugged later start unpinned: pin
-// again after adding them, or after onlining more.
+// for, and any offline ones the whole set; else every vCPU runs on the whole set, as do
+// vCPUs that share one host thread (a q35 machine with vCPU room under TCG,
+// docs/design/208). An empty set lets them run anywhere the shim may. vCPUs hot-plugged
+// later start unpinned: pin again after adding them, or after onlining more.
 func (m *Machine) PinVCPUs(ctx context.Context, cpus cpuset.CPUSet, online int) error {
 	vcpus, err := m.mon.QueryVCPUs(ctx)
 	if err != nil {
@@ -35,9 +36,14 @@ func (m *Machine) PinVCPUs(ctx context.Context, cpus cpuset.CPUSet, online int) 
 		}
 	}
 	list := cpus.List()
+	threads := map[int]bool{}
+	for _, v := range vcpus {
+		threads[v.ThreadID] = true
+	}
+	onePerVCPU := len(list) == online && len(threads) == len(vcpus)
 	for i, v := range vcpus {
 		set := whole
-		if len(list) == online && i < online {
+		if onePerVCPU && i < online {
 			set.Zero()
 			set.Set(list[i])
 		}
