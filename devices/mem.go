@@ -11,9 +11,11 @@ type VirtioMem struct {
 	RequestedSize uint64
 }
 
-// virtioMemBlock is virtio-mem's default block size on x86-64 (the THP size);
-// sizes must be multiples of it.
-const virtioMemBlock = 2 << 20
+// VirtioMemBlockMiB is virtio-mem's default block size on x86-64 (the THP size); sizes
+// must be multiples of it.
+const VirtioMemBlockMiB = 2
+
+const virtioMemBlock = VirtioMemBlockMiB << 20
 
 // ID implements Device.
 func (d *VirtioMem) ID() string { return d.DeviceID }

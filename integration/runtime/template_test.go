@@ -196,3 +196,73 @@ func TestTemplateMadeOnce(t *testing.T) {
 		t.Errorf("%d of the two guests were restored, want the one that made the template", restored)
 	}
 }
+
+// TestTemplateOfTheBaseMemory: with a base memory (vmtemplate.Store.BaseMemoryMiB) a
+// machine with more memory restores the base machine's template and gets the rest plugged
+// (virtio-mem) before it is handed over: one template serves both sizes and the guest
+// sees its whole memory. Memory above the base that is not whole virtio-mem blocks gets a
+// template of its own size.
+func TestTemplateOfTheBaseMemory(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join(testenv.StateRoot(t), "templates")
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	store := &vmtemplate.Store{Dir: dir, BaseMemoryMiB: 512}
+	// the node's maximum, 2048 MiB, as the shim sizes the room: whole virtio-mem blocks
+	boot := func(name string, memMiB int) *vmpodagent.Guest {
+		t.Helper()
+		cfg := testenv.VMConfig(t, name)
+		cfg.Type, cfg.MemoryMiB, cfg.MaxMemoryMiB = machine.Q35, memMiB, memMiB+(2048-memMiB)/2*2
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		g, err := store.Boot(ctx, cfg)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		t.Cleanup(func() {
+			if err := g.Stop(context.Background()); err != nil {
+				t.Errorf("stop %s: %v", name, err)
+			}
+			testenv.AssertNoLeaks(t, cfg.StateDir)
+		})
+		return g
+	}
+	memTotalMiB := func(g *vmpodagent.Guest, id string) int {
+		t.Helper()
+		exit, out, errOut := run(t, g, id, nil, "awk", "/^MemTotal:/ { print int($2 / 1024) }", "/proc/meminfo")
+		if exit.Status != 0 {
+			t.Fatalf("%s: exit %d: %s", id, exit.Status, errOut)
+		}
+		n, err := strconv.Atoi(strings.TrimSpace(out))
+		if err != nil {
+			t.Fatalf("%s: MemTotal %q: %v", id, out, err)
+		}
+		return n
+	}
+	states := func() []string {
+		s, _ := filepath.Glob(filepath.Join(dir, "*.state"))
+		return s
+	}
+
+	small := boot("base-512", 512)
+	big := boot("base-1024", 1024)
+	if s := states(); len(s) != 1 {
+		t.Errorf("after a 512 and a 1024 MiB machine: templates %v, want the base's alone", s)
+	}
+	if big.Machine().Config().RestoreFrom == nil {
+		t.Error("the 1024 MiB machine booted: want it restored from the 512 MiB template")
+	}
+	mSmall, mBig := memTotalMiB(small, "mem-512"), memTotalMiB(big, "mem-1024")
+	// MemTotal leaves out what the kernel reserved for itself: compare the difference
+	if d := mBig - mSmall; d < 512-16 || d > 512+16 {
+		t.Errorf("MemTotal %d MiB restored at 1024 MiB, %d MiB at 512: want 512 MiB more", mBig, mSmall)
+	}
+
+	// 1 MiB above a whole block: a template of its own
+	odd := boot("base-1025", 1025)
+	if s := states(); len(s) != 2 {
+		t.Errorf("after a 1025 MiB machine: templates %v, want a second one", s)
+	}
+	if odd.Machine().Config().RestoreFrom == nil || odd.Machine().Config().MemoryMiB != 1025 {
+		t.Errorf("the 1025 MiB machine: restored from %v at %d MiB, want its own template", odd.Machine().Config().RestoreFrom, odd.Machine().Config().MemoryMiB)
+	}
+}

@@ -120,6 +120,14 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		}
 		gc.SharedFS = choice.SharedFS
 	}
+	templates := h.Templates && gc.Type == machine.Q35
+	if templates {
+		// restored from the template of the default memory, the rest plugged in
+		// virtio-mem's blocks (vmtemplate.Store.BaseMemoryMiB)
+		base := cfg.Sizing.DefaultMemoryMiB
+		size.MemoryMiB = min(base+roundUp(size.MemoryMiB-base, memoryBlockMiB(gc.Type)), max(cfg.Sizing.MaxMemoryMiB, size.MemoryMiB))
+		gc.MemoryMiB = size.MemoryMiB
+	}
 	maxSize := headroom(gc.Type, size, cfg.Sizing)
 	gc.MaxVCPUs = maxSize.VCPUs
 	if maxSize.MemoryMiB > size.MemoryMiB {
@@ -152,8 +160,8 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		setup.Interfaces, setup.Routes = plan.GuestInterfaces(), plan.GuestRoutes()
 	}
 	var guest *vmpodagent.Guest
-	if h.Templates {
-		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir()}).Boot(ctx, gc)
+	if templates {
+		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir(), BaseMemoryMiB: cfg.Sizing.DefaultMemoryMiB}).Boot(ctx, gc)
 	} else {
 		guest, err = vmpodagent.Boot(ctx, gc)
 	}

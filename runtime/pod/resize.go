@@ -9,6 +9,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
@@ -273,7 +274,7 @@ func memoryBlockMiB(t machine.Type) int {
 	if t == machine.MicroVM {
 		return vmm.ProbeBlockMiB
 	}
-	return 2 // virtio-mem's block
+	return devices.VirtioMemBlockMiB
 }
 
 func roundUp(n, unit int) int { return (n + unit - 1) / unit * unit }

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -31,6 +32,13 @@ const maxStates = 8
 // (vmm.Config.TemplateKey), made by the first machine that needs one.
 type Store struct {
 	Dir string
+	// BaseMemoryMiB, when set, is the memory of the template a machine with more restores
+	// (with its own vCPU count): the rest is plugged through its virtio-mem device before
+	// the guest is handed over. Pods of every memory size then share one template, as
+	// Kata's do, instead of each size making and keeping its own. A machine whose memory
+	// above the base is not whole virtio-mem blocks, or that has no room to plug it into,
+	// gets a template of its own size.
+	BaseMemoryMiB int
 }
 
 // Each template is two files (vmm.SavedTemplate): key.ram, written first, and key.state,
@@ -57,6 +65,8 @@ const failBackoff = 10 * time.Minute
 func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Guest, error) {
 	logger := log.G(ctx).WithField("vm", cfg.Name)
 	tcfg := templateConfig(cfg)
+	var plug int
+	tcfg.MemoryMiB, plug = s.templateMemory(cfg.Config)
 	if err := tcfg.CheckTemplate(); err != nil {
 		logger.Infof("template: none for this machine (%v); booting", err)
 		return vmpodagent.Boot(ctx, cfg)
@@ -84,6 +94,14 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 	if err == nil {
 		now := time.Now()
 		_ = os.Chtimes(saved.State.Name(), now, now) // recently used (maxStates)
+		if plug == 0 {
+			return g, nil
+		}
+		if _, err := g.ResizeMemory(ctx, plug); err != nil {
+			_ = g.Kill()
+			return nil, fmt.Errorf("vm %s: restored from template %s of %d MiB: plug the rest of its %d MiB: %w", cfg.Name, key, tcfg.MemoryMiB, plug, err)
+		}
+		logger.Debugf("template %s: restored with %d MiB, plugged to %d MiB", key, tcfg.MemoryMiB, plug)
 		return g, nil
 	}
 	if !errors.Is(err, vmm.ErrTemplateRefused) || ctx.Err() != nil {
@@ -92,6 +110,16 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 	logger.WithError(err).Warnf("template %s: refused; removing it and booting", key)
 	s.remove(key, saved.State)
 	return vmpodagent.Boot(ctx, cfg)
+}
+
+// templateMemory is the memory of the template a machine of cfg restores, and what its
+// memory is to be plugged up to after the restore (0: nothing to plug).
+func (s *Store) templateMemory(cfg vmm.Config) (templateMiB, plugTo int) {
+	b := s.BaseMemoryMiB
+	if b <= 0 || cfg.MemoryMiB <= b || cfg.MaxMemoryMiB < cfg.MemoryMiB || (cfg.MemoryMiB-b)%devices.VirtioMemBlockMiB != 0 {
+		return cfg.MemoryMiB, 0
+	}
+	return b, cfg.MemoryMiB
 }
 
 // templateConfig is cfg as a template machine. Its agent warms runc up (docs/design/021)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
 
@@ -190,5 +191,30 @@ func TestFailedMakeBacksOff(t *testing.T) {
 	saved, err := s.open(context.Background(), "k", vmpodagent.Config{})
 	if saved != nil || err != nil {
 		t.Errorf("open within the backoff: %v, %v; want nothing, no error", saved, err)
+	}
+}
+
+// A machine with more memory than the base restores the base's template and is plugged up
+// to its own size, when the difference is whole virtio-mem blocks and its virtio-mem
+// device has room for it; any other machine restores a template of its own size.
+func TestTemplateMemory(t *testing.T) {
+	for _, tc := range []struct {
+		name                  string
+		base, mem, max        int
+		wantTemplate, wantTop int
+	}{
+		{"no base", 0, 1024, 2048, 1024, 0},
+		{"at the base", 512, 512, 2048, 512, 0},
+		{"above the base", 512, 1088, 2048, 512, 1088},
+		{"at the room's end", 512, 2048, 2048, 512, 2048},
+		{"no room", 512, 1088, 0, 1088, 0},
+		{"not whole blocks", 512, 1089, 2049, 1089, 0},
+		{"below the base", 1024, 512, 2048, 512, 0},
+	} {
+		s := &Store{BaseMemoryMiB: tc.base}
+		got, top := s.templateMemory(vmm.Config{MemoryMiB: tc.mem, MaxMemoryMiB: tc.max})
+		if got != tc.wantTemplate || top != tc.wantTop {
+			t.Errorf("%s: template %d MiB, plugged to %d; want %d, %d", tc.name, got, top, tc.wantTemplate, tc.wantTop)
+		}
 	}
 }
