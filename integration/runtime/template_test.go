@@ -35,25 +35,11 @@ func TestTemplate(t *testing.T) {
 		cfg.Type = typ
 		// runc's app containers, whose warm-up the restore runs (docs/design/021)
 		cfg.Boot.KernelParams = append(cfg.Boot.KernelParams, agentv1.KernelParamRuncApps)
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		g, err := store.Boot(ctx, cfg)
-		if err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		t.Cleanup(func() {
-			if err := g.Stop(context.Background()); err != nil {
-				t.Errorf("stop %s: %v", name, err)
-			}
-			testenv.AssertNoLeaks(t, cfg.StateDir)
-		})
+		g := startFromStore(t, store, cfg)
 		logs[g] = cfg.LogPath
 		return g
 	}
-	states := func() []string {
-		s, _ := filepath.Glob(filepath.Join(dir, "*.state"))
-		return s
-	}
+	states := func() []string { return savedStates(dir) }
 	// what a container sees of the guest's randomness, through the shared rootfs
 	sample := func(g *vmpodagent.Guest, id string) (random, bootID string) {
 		t.Helper()
@@ -180,7 +166,7 @@ func TestTemplateMadeOnce(t *testing.T) {
 			t.Fatalf("%s: %v", cfgs[i].Name, err)
 		}
 	}
-	if s, _ := filepath.Glob(filepath.Join(dir, "*.state")); len(s) != 1 {
+	if s := savedStates(dir); len(s) != 1 {
 		t.Errorf("templates %v, want one", s)
 	}
 	restored := 0
@@ -212,19 +198,7 @@ func TestTemplateOfTheBaseMemory(t *testing.T) {
 		t.Helper()
 		cfg := testenv.VMConfig(t, name)
 		cfg.Type, cfg.MemoryMiB, cfg.MaxMemoryMiB = machine.Q35, memMiB, memMiB+(2048-memMiB)/2*2
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		g, err := store.Boot(ctx, cfg)
-		if err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		t.Cleanup(func() {
-			if err := g.Stop(context.Background()); err != nil {
-				t.Errorf("stop %s: %v", name, err)
-			}
-			testenv.AssertNoLeaks(t, cfg.StateDir)
-		})
-		return g
+		return startFromStore(t, store, cfg)
 	}
 	memTotalMiB := func(g *vmpodagent.Guest, id string) int {
 		t.Helper()
@@ -238,10 +212,7 @@ func TestTemplateOfTheBaseMemory(t *testing.T) {
 		}
 		return n
 	}
-	states := func() []string {
-		s, _ := filepath.Glob(filepath.Join(dir, "*.state"))
-		return s
-	}
+	states := func() []string { return savedStates(dir) }
 
 	small := boot("base-512", 512)
 	big := boot("base-1024", 1024)
@@ -265,4 +236,29 @@ func TestTemplateOfTheBaseMemory(t *testing.T) {
 	if odd.Machine().Config().RestoreFrom == nil || odd.Machine().Config().MemoryMiB != 1025 {
 		t.Errorf("the 1025 MiB machine: restored from %v at %d MiB, want its own template", odd.Machine().Config().RestoreFrom, odd.Machine().Config().MemoryMiB)
 	}
+}
+
+// startFromStore starts cfg's guest through store (restored, made first, or booted) and
+// registers its stop and the leak check with the test.
+func startFromStore(t *testing.T, store *vmtemplate.Store, cfg vmpodagent.Config) *vmpodagent.Guest {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	g, err := store.Boot(ctx, cfg)
+	if err != nil {
+		t.Fatalf("%s: %v", cfg.Name, err)
+	}
+	t.Cleanup(func() {
+		if err := g.Stop(context.Background()); err != nil {
+			t.Errorf("stop %s: %v", cfg.Name, err)
+		}
+		testenv.AssertNoLeaks(t, cfg.StateDir)
+	})
+	return g
+}
+
+// savedStates lists the whole templates in dir.
+func savedStates(dir string) []string {
+	s, _ := filepath.Glob(filepath.Join(dir, "*.state"))
+	return s
 }
