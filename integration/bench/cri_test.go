@@ -55,10 +55,19 @@ func startPod(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceCli
 // runPod is startPod for any goroutine: it returns its error, with the pod to remove if
 // it got that far.
 func runPod(ctx context.Context, logDir string, rs runtimeapi.RuntimeServiceClient, handler, image string, n int) (criPod, podStart, error) {
+	return runPodWithLimit(ctx, logDir, rs, handler, image, n, 0)
+}
+
+// runPodWithLimit is runPod for a pod whose limits (what a kubelet sends in the sandbox's
+// resources) add up to memBytes of memory; 0: none.
+func runPodWithLimit(ctx context.Context, logDir string, rs runtimeapi.RuntimeServiceClient, handler, image string, n int, memBytes int64) (criPod, podStart, error) {
 	cfg := &runtimeapi.PodSandboxConfig{
 		Metadata:     &runtimeapi.PodSandboxMetadata{Name: fmt.Sprintf("bench-%s-%d", handler, n), Namespace: "vmpod-bench", Uid: fmt.Sprintf("bench-%s-%d-%d", handler, n, time.Now().UnixNano())},
 		LogDirectory: logDir,
 		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
+	}
+	if memBytes > 0 {
+		cfg.Linux.Resources = &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: memBytes}
 	}
 	start := time.Now()
 	var took podStart
@@ -148,6 +157,7 @@ func TestBenchCRI(t *testing.T) {
 	runcApps := map[string]sample{}   // vmpod with runc creating app containers: pod start, RunPodSandbox, app create
 	booted := map[string]sample{}     // vmpod microvm booted: pod start, RunPodSandbox, shim steps
 	bootedRunc := map[string]sample{} // the same with runc creating app containers
+	large := map[string]sample{}      // vmpod with a 1 GiB limit: the default memory's template, the rest plugged
 	var bare sample                   // bare QEMU's boot to the agent's first reply, the issue's floor
 	kernel, initrd := testenv.Kernel(t), testenv.Initrd(t)
 	var bootedOrder []string
@@ -197,6 +207,21 @@ func TestBenchCRI(t *testing.T) {
 		bootedRunc["pod start"] = append(bootedRunc["pod start"], d.total)
 		bootedRunc["app create"] = append(bootedRunc["app create"], appCreate(t, p))
 		removePod(ctx, rs, p)
+		// and a pod with a 1 GiB limit, which restores the default memory's template and
+		// has the rest plugged (docs/design/022, one template per vCPU count)
+		p, d, err := runPodWithLimit(ctx, t.TempDir(), rs, "vmpod", image, i, 1<<30)
+		if err != nil {
+			t.Fatal(err)
+		}
+		large["pod start"] = append(large["pod start"], d.total)
+		large["RunPodSandbox"] = append(large["RunPodSandbox"], d.runp)
+		steps := shimPhases(t, p.sandbox)
+		at := slices.IndexFunc(steps, func(s phases.Step) bool { return s.Name == "memory" })
+		if at < 0 {
+			t.Fatalf("a pod with a 1 GiB limit: no memory plug among the shim's steps %v: want the default memory's template restored and the rest plugged", steps)
+		}
+		large["memory plug"] = append(large["memory plug"], steps[at].Took)
+		removePod(ctx, rs, p)
 	}
 	report(t, "bare QEMU exec → first agent reply (the same kernel and initramfs): %s", bare)
 	report(t, "CRI pod start / bare boot (p50; issue 14's goal <= 1.0): from a template (the default) %.2f, booted (microvm) %.2f",
@@ -207,6 +232,8 @@ func TestBenchCRI(t *testing.T) {
 		float64(calls["RunPodSandbox"].pct(0.5))/float64(booted["RunPodSandbox"].pct(0.5)))
 	report(t, "  pod start      template %9s  boot %9s  ratio %.2f", ms(starts["vmpod"].pct(0.5)), ms(booted["pod start"].pct(0.5)),
 		float64(starts["vmpod"].pct(0.5))/float64(booted["pod start"].pct(0.5)))
+	report(t, "  a pod with a 1 GiB limit (the default memory's template, the rest plugged): RunPodSandbox %s, pod start %s, the plug %s",
+		ms(large["RunPodSandbox"].pct(0.5)), ms(large["pod start"].pct(0.5)), ms(large["memory plug"].pct(0.5)))
 	report(t, "  where a booted pod's start goes:")
 	for _, k := range bootedOrder {
 		report(t, "    shim %-24s %s", k, ms(booted[k].pct(0.5)))

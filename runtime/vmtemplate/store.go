@@ -20,6 +20,7 @@ import (
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/devices"
+	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -101,6 +102,7 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 			_ = g.Kill()
 			return nil, fmt.Errorf("vm %s: restored from template %s of %d MiB: plug the rest of its %d MiB: %w", cfg.Name, key, tcfg.MemoryMiB, plug, err)
 		}
+		phases.Mark(ctx, "memory")
 		logger.Debugf("template %s: restored with %d MiB, plugged to %d MiB", key, tcfg.MemoryMiB, plug)
 		return g, nil
 	}
