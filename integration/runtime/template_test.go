@@ -184,10 +184,10 @@ func TestTemplateMadeOnce(t *testing.T) {
 }
 
 // TestTemplateOfTheBaseMemory: with a base memory (vmtemplate.Store.BaseMemoryMiB) a
-// machine with more memory restores the base machine's template and gets the rest plugged
-// (virtio-mem) before it is handed over: one template serves both sizes and the guest
-// sees its whole memory. Memory above the base that is not whole virtio-mem blocks gets a
-// template of its own size.
+// machine with more memory, below the base's double, restores the base machine's template
+// and gets the rest plugged (virtio-mem) before it is handed over: one template serves
+// both sizes and the guest sees its whole memory. Memory above the template's that is not
+// whole virtio-mem blocks gets a template of its own size.
 func TestTemplateOfTheBaseMemory(t *testing.T) {
 	testenv.Require(t)
 	dir := filepath.Join(testenv.StateRoot(t), "templates")
@@ -215,26 +215,26 @@ func TestTemplateOfTheBaseMemory(t *testing.T) {
 	states := func() []string { return savedStates(dir) }
 
 	small := boot("base-512", 512)
-	big := boot("base-1024", 1024)
+	big := boot("base-1000", 1000)
 	if s := states(); len(s) != 1 {
-		t.Errorf("after a 512 and a 1024 MiB machine: templates %v, want the base's alone", s)
+		t.Errorf("after a 512 and a 1000 MiB machine: templates %v, want the base's alone", s)
 	}
-	if big.Machine().Config().RestoreFrom == nil {
-		t.Error("the 1024 MiB machine booted: want it restored from the 512 MiB template")
+	if big.Machine().Config().RestoreFrom == nil || big.Machine().Config().MemoryMiB != 512 {
+		t.Errorf("the 1000 MiB machine: restored from %v at %d MiB, want the 512 MiB template", big.Machine().Config().RestoreFrom, big.Machine().Config().MemoryMiB)
 	}
-	mSmall, mBig := memTotalMiB(small, "mem-512"), memTotalMiB(big, "mem-1024")
+	mSmall, mBig := memTotalMiB(small, "mem-512"), memTotalMiB(big, "mem-1000")
 	// MemTotal leaves out what the kernel reserved for itself: compare the difference
-	if d := mBig - mSmall; d < 512-16 || d > 512+16 {
-		t.Errorf("MemTotal %d MiB restored at 1024 MiB, %d MiB at 512: want 512 MiB more", mBig, mSmall)
+	if d := mBig - mSmall; d < 488-16 || d > 488+16 {
+		t.Errorf("MemTotal %d MiB restored at 1000 MiB, %d MiB at 512: want 488 MiB more", mBig, mSmall)
 	}
 
 	// 1 MiB above a whole block: a template of its own
-	odd := boot("base-1025", 1025)
+	odd := boot("base-1001", 1001)
 	if s := states(); len(s) != 2 {
-		t.Errorf("after a 1025 MiB machine: templates %v, want a second one", s)
+		t.Errorf("after a 1001 MiB machine: templates %v, want a second one", s)
 	}
-	if odd.Machine().Config().RestoreFrom == nil || odd.Machine().Config().MemoryMiB != 1025 {
-		t.Errorf("the 1025 MiB machine: restored from %v at %d MiB, want its own template", odd.Machine().Config().RestoreFrom, odd.Machine().Config().MemoryMiB)
+	if odd.Machine().Config().RestoreFrom == nil || odd.Machine().Config().MemoryMiB != 1001 {
+		t.Errorf("the 1001 MiB machine: restored from %v at %d MiB, want its own template", odd.Machine().Config().RestoreFrom, odd.Machine().Config().MemoryMiB)
 	}
 }
 

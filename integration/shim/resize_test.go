@@ -148,7 +148,8 @@ func checkInPlaceResize(t *testing.T, pod *testenv.Pod) {
 	if pod.Handler != "vmpod" {
 		return
 	}
-	// 1 GiB + the guest's overhead, in whole 128 MiB blocks
+	// 1 GiB + the guest's overhead, in whole blocks (q35: virtio-mem's 2 MiB, microvm:
+	// the kernel's 128 MiB)
 	_, mem := assertGrownTo2CPUs1GiB(t, id, bootMem)
 
 	// the test bed's node allows 8 GiB and 4 vCPUs

@@ -122,15 +122,14 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	}
 	templates := h.Templates && gc.Type == machine.Q35
 	if templates {
-		// restored from the template of the default memory, the rest plugged in
-		// virtio-mem's blocks (vmtemplate.Store.BaseMemoryMiB)
-		base := cfg.Sizing.DefaultMemoryMiB
-		size.MemoryMiB = min(base+roundUp(size.MemoryMiB-base, memoryBlockMiB(gc.Type)), max(cfg.Sizing.MaxMemoryMiB, size.MemoryMiB))
+		size = templateSize(size, cfg.Sizing)
 		gc.MemoryMiB = size.MemoryMiB
 	}
 	maxSize := headroom(gc.Type, size, cfg.Sizing)
 	gc.MaxVCPUs = maxSize.VCPUs
-	if maxSize.MemoryMiB > size.MemoryMiB {
+	// a restore plugs memory: the room is part of a template's key, even when the pod
+	// has all the node allows
+	if maxSize.MemoryMiB > size.MemoryMiB || templates {
 		gc.MaxMemoryMiB = maxSize.MemoryMiB
 	}
 	log.G(ctx).WithField("pod", podID).Infof("booting VM: %d vCPU, %d MiB, %s (can grow to %d vCPU, %d MiB)",

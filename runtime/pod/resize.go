@@ -67,6 +67,16 @@ func sizeForClaims(claims []claim, s nodeconfig.Sizing) Size {
 	return size
 }
 
+// templateSize is size as a pod restored from templates gets it: the memory above the
+// node's default rounded up to virtio-mem's blocks, within the node's maximum, so that it
+// is a template's and a plug (vmtemplate.Store.BaseMemoryMiB).
+func templateSize(size Size, s nodeconfig.Sizing) Size {
+	if base := s.DefaultMemoryMiB; size.MemoryMiB > base {
+		size.MemoryMiB = min(base+roundUp(size.MemoryMiB-base, memoryBlockMiB(machine.Q35)), s.MaxMemoryMiB)
+	}
+	return size
+}
+
 // headroom is how far a VM booted at size can grow: up to the node's maximums, on q35 by
 // CPU hotplug and a virtio-mem device (whole 2 MiB blocks), on microvm, which has no
 // hotplug, from vCPUs and RAM it boots with offline (whole memory blocks the guest

@@ -85,6 +85,24 @@ func TestHeadroom(t *testing.T) {
 	}
 }
 
+// A pod restored from templates has the memory above the default in whole virtio-mem
+// blocks, within the node's maximum; at or below the default it is as sized.
+func TestTemplateSize(t *testing.T) {
+	s := nodeconfig.Default().Sizing // default 512 MiB, max 8192
+	for _, tc := range []struct{ mem, want int }{
+		{512, 512}, {577, 578}, {1088, 1088}, {8191, 8192}, {8192, 8192},
+	} {
+		if got := templateSize(Size{VCPUs: 2, MemoryMiB: tc.mem}, s); got != (Size{VCPUs: 2, MemoryMiB: tc.want}) {
+			t.Errorf("%d MiB: got %+v, want %d MiB", tc.mem, got, tc.want)
+		}
+	}
+	odd := s
+	odd.MaxMemoryMiB = 8191
+	if got := templateSize(Size{VCPUs: 1, MemoryMiB: 8191}, odd); got.MemoryMiB != 8191 {
+		t.Errorf("8191 MiB under a maximum of 8191: got %+v, want the maximum, not past it", got)
+	}
+}
+
 func TestResizeTarget(t *testing.T) {
 	maxSize := Size{VCPUs: 4, MemoryMiB: 8192}
 	cases := []struct {

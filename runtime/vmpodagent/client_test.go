@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/containerd/ttrpc"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 	"github.com/vmpod/vmpod/runtime"
@@ -110,6 +111,12 @@ type slowRemove struct {
 	agentv1.AgentService
 	release chan struct{}
 	removed chan *agentv1.ProcessRequest
+	execs   chan *agentv1.ExecProcessRequest
+}
+
+func (f *slowRemove) ExecProcess(ctx context.Context, req *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
+	f.execs <- req
+	return &agentv1.ExecProcessResponse{Pid: 8}, nil
 }
 
 func (f *slowRemove) RemoveProcess(ctx context.Context, req *agentv1.ProcessRequest) (*agentv1.Empty, error) {
@@ -149,5 +156,39 @@ func TestExecRemoveDoesNotWaitForTheGuest(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the guest was never told to remove the exec")
+	}
+}
+
+// An exec whose id is used again (ctr exec --exec-id) right after its removal reaches the
+// guest only once the guest was told to forget the first: it would find it there.
+func TestExecIDUsedAgainWaitsForTheRemoval(t *testing.T) {
+	a := newClient("t", 10*time.Second, nil)
+	guest := &slowRemove{release: make(chan struct{}), removed: make(chan *agentv1.ProcessRequest, 1),
+		execs: make(chan *agentv1.ExecProcessRequest, 2)}
+	a.install(guest, &closer{c: make(chan struct{})})
+	if err := newProcess(a, "c1", "e1", 7, runtime.Stdio{}).Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	execErr := make(chan error, 1)
+	go func() {
+		_, err := a.execProcess(context.Background(), "c1", "e1", &specs.Process{Args: []string{"true"}}, &agentv1.Stdio{})
+		execErr <- err
+	}()
+	select {
+	case <-guest.execs:
+		t.Fatal("the exec reached the guest before the removal of the one of the same id")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(guest.release)
+	<-guest.removed
+	if err := <-execErr; err != nil {
+		t.Fatal(err)
+	}
+	if req := <-guest.execs; req.ContainerId != "c1" || req.ExecId != "e1" {
+		t.Errorf("exec %s/%s reached the guest, want c1/e1", req.ContainerId, req.ExecId)
+	}
+	// another id does not wait
+	if _, err := a.execProcess(context.Background(), "c1", "e2", &specs.Process{Args: []string{"true"}}, &agentv1.Stdio{}); err != nil {
+		t.Fatal(err)
 	}
 }

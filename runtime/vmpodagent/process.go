@@ -200,30 +200,13 @@ func (p *Process) CloseStdin(ctx context.Context) error {
 // Remove stops an exited exec'd process's pumps and has the guest forget it, without
 // waiting for the guest: containerd answers an ExecSync only after deleting the exec (its
 // deferred process.Delete), so the guest's answer would add an agent round trip to every
-// ExecSync. Nothing can name the exec again (containerd's exec ids are unique and the
-// caller has forgotten it); the call outlives an agent reconnect (a repeat finds it gone:
-// NotFound), and if it fails all the same, what the guest keeps of the exec goes with its
-// container.
+// ExecSync. An exec of the same id waits for it (Client.execProcess); if it fails, what
+// the guest keeps of the exec goes with its container.
 func (p *Process) Remove(ctx context.Context) error {
 	p.stopOutput()
 	if p.execID == "" {
 		return nil // the init goes with its container
 	}
-	ctx = context.WithoutCancel(ctx)
-	go func() {
-		err := p.agent.call(ctx, "remove "+p.name(), func(ctx context.Context) error {
-			return p.agent.resume(ctx, func(rpc agentv1.AgentService) error {
-				_, err := rpc.RemoveProcess(ctx, p.req())
-				return err
-			})
-		})
-		select {
-		case <-p.agent.gone: // and the exec with it
-		default:
-			if err != nil && !errdefs.IsNotFound(err) {
-				log.G(ctx).WithError(err).Warnf("vm %s: %s: the guest keeps it until its container goes", p.agent.vm, p.name())
-			}
-		}
-	}()
+	p.agent.removeInBackground(context.WithoutCancel(ctx), p.req())
 	return nil
 }

@@ -66,8 +66,11 @@ func (g *Guest) ResizeMemory(ctx context.Context, totalMiB int) (uint64, error) 
 		got, err := g.awaitSize(ctx, func(_ uint32, mem uint64) bool { return int64(mem) <= target+(64<<20) })
 		return got.mem, err
 	}
+	// the kernel keeps a little for the page structures of what it onlines: 64 B of each
+	// 4 KiB page, 1/64 of it (a large plug's would exceed a fixed slack)
+	slack := max(int64(64<<20), delta/32)
 	online, err := g.awaitOnline(ctx, &agentv1.OnlineResourcesRequest{}, func(_ uint32, mem uint64) bool {
-		return int64(mem) >= target-(64<<20) // the kernel keeps a little for its memmap
+		return int64(mem) >= target-slack
 	})
 	return online.mem, err
 }

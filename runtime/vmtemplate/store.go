@@ -33,12 +33,15 @@ const maxStates = 8
 // (vmm.Config.TemplateKey), made by the first machine that needs one.
 type Store struct {
 	Dir string
-	// BaseMemoryMiB, when set, is the memory of the template a machine with more restores
-	// (with its own vCPU count): the rest is plugged through its virtio-mem device before
-	// the guest is handed over. Pods of every memory size then share one template, as
-	// Kata's do, instead of each size making and keeping its own. A machine whose memory
-	// above the base is not whole virtio-mem blocks, or that has no room to plug it into,
-	// gets a template of its own size.
+	// BaseMemoryMiB, when set, makes templates of its memory and of its doublings (512,
+	// 1024, 2048, ... MiB), and a machine with more restores the largest that fits it
+	// (with its own vCPU count); the rest, less than the template has, is plugged through
+	// its virtio-mem device before the guest is handed over. Pods of every memory size
+	// then share a few templates, as Kata's share one, instead of each size making and
+	// keeping its own; and no guest has more plugged than it booted with (the plugged
+	// memory's page structures come out of what it has). A machine whose memory above its
+	// template's is not whole virtio-mem blocks, or that has no room to plug it into, gets
+	// a template of its own size.
 	BaseMemoryMiB int
 }
 
@@ -100,7 +103,11 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 		}
 		if _, err := g.ResizeMemory(ctx, plug); err != nil {
 			_ = g.Kill()
-			return nil, fmt.Errorf("vm %s: restored from template %s of %d MiB: plug the rest of its %d MiB: %w", cfg.Name, key, tcfg.MemoryMiB, plug, err)
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("vm %s: restored from template %s of %d MiB: plug the rest of its %d MiB: %w", cfg.Name, key, tcfg.MemoryMiB, plug, err)
+			}
+			logger.WithError(err).Warnf("template %s: restored with %d MiB, the rest of %d MiB not plugged; booting", key, tcfg.MemoryMiB, plug)
+			return vmpodagent.Boot(ctx, cfg)
 		}
 		phases.Mark(ctx, "memory")
 		logger.Debugf("template %s: restored with %d MiB, plugged to %d MiB", key, tcfg.MemoryMiB, plug)
@@ -117,11 +124,17 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 // templateMemory is the memory of the template a machine of cfg restores, and what its
 // memory is to be plugged up to after the restore (0: nothing to plug).
 func (s *Store) templateMemory(cfg vmm.Config) (templateMiB, plugTo int) {
-	b := s.BaseMemoryMiB
-	if b <= 0 || cfg.MemoryMiB <= b || cfg.MaxMemoryMiB < cfg.MemoryMiB || (cfg.MemoryMiB-b)%devices.VirtioMemBlockMiB != 0 {
+	t := s.BaseMemoryMiB
+	if t <= 0 || cfg.MemoryMiB <= t {
 		return cfg.MemoryMiB, 0
 	}
-	return b, cfg.MemoryMiB
+	for t*2 <= cfg.MemoryMiB {
+		t *= 2
+	}
+	if t == cfg.MemoryMiB || cfg.MaxMemoryMiB < cfg.MemoryMiB || (cfg.MemoryMiB-t)%devices.VirtioMemBlockMiB != 0 {
+		return cfg.MemoryMiB, 0
+	}
+	return t, cfg.MemoryMiB
 }
 
 // templateConfig is cfg as a template machine. Its agent warms runc up (docs/design/021)

@@ -194,9 +194,10 @@ func TestFailedMakeBacksOff(t *testing.T) {
 	}
 }
 
-// A machine with more memory than the base restores the base's template and is plugged up
-// to its own size, when the difference is whole virtio-mem blocks and its virtio-mem
-// device has room for it; any other machine restores a template of its own size.
+// A machine with more memory than the base restores the template of the base's largest
+// doubling that fits it and is plugged up to its own size, when the difference is whole
+// virtio-mem blocks and its virtio-mem device has room for it; any other machine
+// restores a template of its own size.
 func TestTemplateMemory(t *testing.T) {
 	for _, tc := range []struct {
 		name                  string
@@ -205,8 +206,11 @@ func TestTemplateMemory(t *testing.T) {
 	}{
 		{"no base", 0, 1024, 2048, 1024, 0},
 		{"at the base", 512, 512, 2048, 512, 0},
-		{"above the base", 512, 1088, 2048, 512, 1088},
-		{"at the room's end", 512, 2048, 2048, 512, 2048},
+		{"above the base", 512, 1000, 2048, 512, 1000},
+		{"above a doubling", 512, 1088, 2048, 1024, 1088},
+		{"above two doublings", 512, 4000, 8192, 2048, 4000},
+		{"at a doubling", 512, 2048, 8192, 2048, 0},
+		{"at the room's end", 512, 3000, 3000, 2048, 3000},
 		{"no room", 512, 1088, 0, 1088, 0},
 		{"not whole blocks", 512, 1089, 2049, 1089, 0},
 		{"below the base", 1024, 512, 2048, 512, 0},
