@@ -9,9 +9,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
-	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/grpc/codes"
@@ -32,9 +30,6 @@ type Client struct {
 	rpc      agentv1.AgentService
 	replaced chan struct{}   // closed when the next connection is installed
 	gone     <-chan struct{} // closed when the guest is: no connection will come
-
-	removingMu sync.Mutex
-	removing   map[string]chan struct{} // execs the guest is being told to forget, by container/exec id
 }
 
 func newClient(vm string, callTimeout time.Duration, gone <-chan struct{}) *Client {
@@ -241,11 +236,6 @@ func (a *Client) ListProcesses(ctx context.Context, id string) (pids []uint32, e
 }
 
 func (a *Client) execProcess(ctx context.Context, id, execID string, proc *specs.Process, stdio *agentv1.Stdio) (pid uint32, err error) {
-	// an exec id used again (ctr exec --exec-id) after its removal, which the guest may
-	// not have heard of yet: the new exec would find the old one there
-	if err := a.awaitRemoval(ctx, id+"/"+execID); err != nil {
-		return 0, fmt.Errorf("vm %s: container %s exec %s: %w", a.vm, id, execID, err)
-	}
 	raw, err := json.Marshal(proc)
 	if err != nil {
 		return 0, fmt.Errorf("vm %s: container %s exec %s: encode process: %w", a.vm, id, execID, err)
@@ -277,55 +267,4 @@ func (a *Client) WaitOOMEvent(ctx context.Context, afterSeq uint64) (ev OOMEvent
 		return err
 	})
 	return ev, err
-}
-
-// removeInBackground tells the guest to forget an exec without waiting for its answer;
-// awaitRemoval waits for it. The call outlives an agent reconnect (a repeat finds the exec
-// gone: NotFound), and a failure is logged unless the guest is gone with the exec.
-func (a *Client) removeInBackground(ctx context.Context, req *agentv1.ProcessRequest) {
-	key := req.ContainerId + "/" + req.ExecId
-	done := make(chan struct{})
-	a.removingMu.Lock()
-	if a.removing == nil {
-		a.removing = map[string]chan struct{}{}
-	}
-	a.removing[key] = done
-	a.removingMu.Unlock()
-	go func() {
-		defer func() {
-			a.removingMu.Lock()
-			delete(a.removing, key)
-			a.removingMu.Unlock()
-			close(done)
-		}()
-		err := a.call(ctx, "remove "+key, func(ctx context.Context) error {
-			return a.resume(ctx, func(rpc agentv1.AgentService) error {
-				_, err := rpc.RemoveProcess(ctx, req)
-				return err
-			})
-		})
-		select {
-		case <-a.gone:
-		default:
-			if err != nil && !errdefs.IsNotFound(err) {
-				log.G(ctx).WithError(err).Warnf("vm %s: %s: the guest keeps it until its container goes", a.vm, key)
-			}
-		}
-	}()
-}
-
-// awaitRemoval waits until the guest was told to forget the exec key, if it is being told.
-func (a *Client) awaitRemoval(ctx context.Context, key string) error {
-	a.removingMu.Lock()
-	done := a.removing[key]
-	a.removingMu.Unlock()
-	if done == nil {
-		return nil
-	}
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }

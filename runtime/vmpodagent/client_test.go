@@ -10,10 +10,8 @@ import (
 	"time"
 
 	"github.com/containerd/ttrpc"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
-	"github.com/vmpod/vmpod/runtime"
 )
 
 // fakeStreams is one connection's view of a guest's stdout: the guest's bytes, and a
@@ -103,92 +101,5 @@ func TestResumeRetriesOnlyAClosedConnection(t *testing.T) {
 	calls = 0
 	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return ttrpc.ErrClosed }); !errors.Is(err, ttrpc.ErrClosed) || calls != 1 {
 		t.Errorf("resume once the guest is gone: %v after %d calls, want ttrpc.ErrClosed after 1", err, calls)
-	}
-}
-
-// slowRemove is a guest whose RemoveProcess answers only when released.
-type slowRemove struct {
-	agentv1.AgentService
-	release chan struct{}
-	removed chan *agentv1.ProcessRequest
-	execs   chan *agentv1.ExecProcessRequest
-}
-
-func (f *slowRemove) ExecProcess(ctx context.Context, req *agentv1.ExecProcessRequest) (*agentv1.ExecProcessResponse, error) {
-	f.execs <- req
-	return &agentv1.ExecProcessResponse{Pid: 8}, nil
-}
-
-func (f *slowRemove) RemoveProcess(ctx context.Context, req *agentv1.ProcessRequest) (*agentv1.Empty, error) {
-	select {
-	case <-f.release:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	f.removed <- req
-	return &agentv1.Empty{}, nil
-}
-
-// Removing an exec does not wait for the guest (an ExecSync waits for it), and the guest
-// is still told to forget that exec, even when the caller's context ends at once.
-func TestExecRemoveDoesNotWaitForTheGuest(t *testing.T) {
-	a := newClient("t", 10*time.Second, nil)
-	guest := &slowRemove{release: make(chan struct{}), removed: make(chan *agentv1.ProcessRequest, 1)}
-	a.install(guest, &closer{c: make(chan struct{})})
-	p := newProcess(a, "c1", "e1", 7, runtime.Stdio{})
-	ctx, cancel := context.WithCancel(context.Background())
-	returned := make(chan error, 1)
-	go func() { returned <- p.Remove(ctx) }()
-	select {
-	case err := <-returned:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Remove waited for the guest's answer")
-	}
-	cancel() // the caller's call is over
-	close(guest.release)
-	select {
-	case req := <-guest.removed:
-		if req.ContainerId != "c1" || req.ExecId != "e1" {
-			t.Errorf("the guest was told to remove %s/%s, want c1/e1", req.ContainerId, req.ExecId)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the guest was never told to remove the exec")
-	}
-}
-
-// An exec whose id is used again (ctr exec --exec-id) right after its removal reaches the
-// guest only once the guest was told to forget the first: it would find it there.
-func TestExecIDUsedAgainWaitsForTheRemoval(t *testing.T) {
-	a := newClient("t", 10*time.Second, nil)
-	guest := &slowRemove{release: make(chan struct{}), removed: make(chan *agentv1.ProcessRequest, 1),
-		execs: make(chan *agentv1.ExecProcessRequest, 2)}
-	a.install(guest, &closer{c: make(chan struct{})})
-	if err := newProcess(a, "c1", "e1", 7, runtime.Stdio{}).Remove(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	execErr := make(chan error, 1)
-	go func() {
-		_, err := a.execProcess(context.Background(), "c1", "e1", &specs.Process{Args: []string{"true"}}, &agentv1.Stdio{})
-		execErr <- err
-	}()
-	select {
-	case <-guest.execs:
-		t.Fatal("the exec reached the guest before the removal of the one of the same id")
-	case <-time.After(200 * time.Millisecond):
-	}
-	close(guest.release)
-	<-guest.removed
-	if err := <-execErr; err != nil {
-		t.Fatal(err)
-	}
-	if req := <-guest.execs; req.ContainerId != "c1" || req.ExecId != "e1" {
-		t.Errorf("exec %s/%s reached the guest, want c1/e1", req.ContainerId, req.ExecId)
-	}
-	// another id does not wait
-	if _, err := a.execProcess(context.Background(), "c1", "e2", &specs.Process{Args: []string{"true"}}, &agentv1.Stdio{}); err != nil {
-		t.Fatal(err)
 	}
 }

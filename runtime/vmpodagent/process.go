@@ -197,16 +197,14 @@ func (p *Process) CloseStdin(ctx context.Context) error {
 	})
 }
 
-// Remove stops an exited exec'd process's pumps and has the guest forget it, without
-// waiting for the guest: containerd answers an ExecSync only after deleting the exec (its
-// deferred process.Delete), so the guest's answer would add an agent round trip to every
-// ExecSync. An exec of the same id waits for it (Client.execProcess); if it fails, what
-// the guest keeps of the exec goes with its container.
+// Remove forgets an exited exec'd process in the guest and stops its pumps.
 func (p *Process) Remove(ctx context.Context) error {
 	p.stopOutput()
 	if p.execID == "" {
 		return nil // the init goes with its container
 	}
-	p.agent.removeInBackground(context.WithoutCancel(ctx), p.req())
-	return nil
+	return p.agent.call(ctx, "remove "+p.name(), func(ctx context.Context) error {
+		_, err := p.agent.client().RemoveProcess(ctx, p.req())
+		return err
+	})
 }
