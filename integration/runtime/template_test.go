@@ -3,11 +3,13 @@ package runtime_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -261,4 +263,76 @@ func startFromStore(t *testing.T, store *vmtemplate.Store, cfg vmpodagent.Config
 func savedStates(dir string) []string {
 	s, _ := filepath.Glob(filepath.Join(dir, "*.state"))
 	return s
+}
+
+// TestTemplateChargedToItsCgroup: a template is made in the store's cgroup, which is left
+// in place and keeps the template's RAM file charged after its maker ended — the node's
+// cache, neither the first pod's memory nor the shim's — and lets it go when the template
+// is removed. The machine restored from it runs outside it.
+func TestTemplateChargedToItsCgroup(t *testing.T) {
+	testenv.Require(t)
+	dir := filepath.Join(testenv.StateRoot(t), "templates")
+	group := fmt.Sprintf("/vmpod-it-templates-%d", time.Now().UnixNano())
+	t.Cleanup(func() {
+		_ = os.RemoveAll(dir) // the files first: their pages are what the cgroup holds
+		dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", group))
+		for _, d := range append(dirs, filepath.Join("/sys/fs/cgroup", group)) {
+			_ = os.Remove(d)
+		}
+	})
+	usage := func() int64 {
+		t.Helper()
+		b, err := os.ReadFile(cgroupFile(group, "memory.usage_in_bytes", "memory.current"))
+		if err != nil {
+			t.Fatalf("the template cgroup: %v", err)
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	store := &vmtemplate.Store{Dir: dir, Cgroup: group}
+	cfg := testenv.VMConfig(t, "charged")
+	cfg.Type = machine.Q35
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	g, err := store.Boot(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Machine().Config().RestoreFrom == nil {
+		t.Errorf("the machine was booted, want it restored from the template it made")
+	}
+	procs, err := os.ReadFile(cgroupFile(group, "cgroup.procs", "cgroup.procs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := strings.Fields(string(procs)); len(p) != 0 {
+		t.Errorf("the template cgroup holds %v after the template was made: want its maker gone and the pod's machine elsewhere", p)
+	}
+	rams, _ := filepath.Glob(filepath.Join(dir, "*.ram"))
+	if len(rams) != 1 {
+		t.Fatalf("RAM files %v, want one template's", rams)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(rams[0], &st); err != nil {
+		t.Fatal(err)
+	}
+	ram := st.Blocks * 512 // the pages the template's guest wrote
+	held := usage()
+	t.Logf("template RAM file %d MiB, its cgroup accounts %d MiB", ram>>20, held>>20)
+	if held < ram {
+		t.Errorf("the template cgroup accounts %d MiB, less than the template's RAM file (%d MiB): the file is charged elsewhere", held>>20, ram>>20)
+	}
+	if err := g.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	testenv.AssertNoLeaks(t, cfg.StateDir)
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if left := usage(); held >= ram && left > held-ram*3/4 {
+		t.Errorf("the template removed, its cgroup still accounts %d MiB of %d: want the RAM file's %d MiB gone with it", left>>20, held>>20, ram>>20)
+	}
 }

@@ -55,6 +55,11 @@ type Hypervisor struct {
 	// (docs/design/022). TemplateDir keeps the templates; "" is state_dir + "-templates".
 	Templates   bool   `toml:"templates"`
 	TemplateDir string `toml:"template_dir"`
+	// TemplateCgroup is the cgroup a template's making runs in (its QEMU and
+	// virtiofsd), and so the one its RAM file's pages stay charged to: a node's cache,
+	// neither the pod that happened to make it nor the shim's (containerd's) cgroup. A
+	// cgroupfs path or systemd's slice:prefix:name; "" is DefaultTemplateCgroup.
+	TemplateCgroup string `toml:"template_cgroup"`
 
 	// VM pods (docs/design/110): qemu-img probes their disk images and makes overlays;
 	// OVMF's code and variable-store template boot firmware.type uefi; with secureBoot, its
@@ -238,6 +243,18 @@ func Load(path string) (Config, error) {
 	return cfg, nil
 }
 
+// DefaultTemplateCgroup is hypervisor.template_cgroup's default: beside the kubelet's
+// kubepods, as the node's other system memory is.
+const DefaultTemplateCgroup = "/vmpod-templates"
+
+// TemplateCgroup is the cgroup templates are made in (hypervisor.template_cgroup).
+func (c Config) TemplateCgroup() string {
+	if c.Hypervisor.TemplateCgroup != "" {
+		return c.Hypervisor.TemplateCgroup
+	}
+	return DefaultTemplateCgroup
+}
+
 // TemplateDir is where container pods' templates are kept (hypervisor.template_dir).
 func (c Config) TemplateDir() string {
 	if c.Hypervisor.TemplateDir != "" {
@@ -265,6 +282,11 @@ func (c Config) Validate() error {
 	}
 	if d := c.Hypervisor.TemplateDir; d != "" && (!filepath.IsAbs(d) || filepath.Clean(d) != d) {
 		bad("hypervisor.template_dir", "%q must be a clean absolute path", d)
+	}
+	if g := c.Hypervisor.TemplateCgroup; g != "" {
+		if err := vmm.CheckCgroupPath(g); err != nil {
+			bad("hypervisor.template_cgroup", "%v", err)
+		}
 	}
 	if err := c.Hypervisor.Machine.Check(); err != nil {
 		bad("hypervisor.machine", "%v", err)

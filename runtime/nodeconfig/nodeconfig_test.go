@@ -53,6 +53,8 @@ func TestLoadRejectsBadInputNamingTheKey(t *testing.T) {
 		"bad cpu model":     {"[hypervisor]\ncpu_models = [\"Nehalem\", \"qemu64,+vmx\"]\n", "hypervisor.cpu_models[1]"},
 		"host as a model":   {"[hypervisor]\ncpu_models = [\"host\"]\n", "hypervisor.cpu_models[0]: \"host\": list QEMU CPU model names only"},
 		"relative path":     {"[hypervisor]\nkernel = \"vmlinux\"\n", "hypervisor.kernel"},
+		"relative cgroup":   {"[hypervisor]\ntemplate_cgroup = \"vmpod-templates\"\n", "hypervisor.template_cgroup"},
+		"cgroup above root": {"[hypervisor]\ntemplate_cgroup = \"/a/../..\"\n", "hypervisor.template_cgroup"},
 		"bad duration":      {"[timeouts]\nboot = \"soon\"\n", "boot"},
 		"negative timeout":  {"[timeouts]\nstop = \"-1s\"\n", "timeouts.stop"},
 		"sizes upside down": {"[sizing]\ndefault_vcpus = 4\nmax_vcpus = 2\n", "sizing"},

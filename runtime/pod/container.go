@@ -160,7 +160,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	}
 	var guest *vmpodagent.Guest
 	if templates {
-		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir(), BaseMemoryMiB: cfg.Sizing.DefaultMemoryMiB}).Boot(ctx, gc)
+		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir(), BaseMemoryMiB: cfg.Sizing.DefaultMemoryMiB, Cgroup: cfg.TemplateCgroup()}).Boot(ctx, gc)
 	} else {
 		guest, err = vmpodagent.Boot(ctx, gc)
 	}

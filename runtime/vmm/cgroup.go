@@ -68,6 +68,27 @@ func cgroupfsPath(p string) (string, error) {
 	return filepath.Join(dir, unit), nil
 }
 
+// CheckCgroupPath reports whether p is a cgroup Config.Cgroup can name.
+func CheckCgroupPath(p string) error {
+	_, err := cgroupfsPath(p)
+	return err
+}
+
+// MakeCgroup makes the cgroup at path (a Config.Cgroup value) unless it exists, and
+// leaves it there: a machine started in it finds it made and does not remove it at its
+// teardown, and what its processes charged to it — a template's RAM file in tmpfs — stays
+// charged to it after they end.
+func MakeCgroup(path string) error {
+	c, err := openPodCgroup(path)
+	if err != nil {
+		return err
+	}
+	if c.dirFD != nil {
+		_ = c.dirFD.Close()
+	}
+	return nil
+}
+
 // openPodCgroup makes (or finds) the cgroup at path, cgroup v1 or v2.
 func openPodCgroup(path string) (*podCgroup, error) {
 	p, err := cgroupfsPath(path)

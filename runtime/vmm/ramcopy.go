@@ -11,13 +11,15 @@ import (
 	"syscall"
 )
 
-// A template's RAM is copied into each restored machine's memfd by a process in the pod's
-// cgroup, not by the shim: the kernel charges a shmem page to the memory cgroup of the
-// process that first writes it, and QEMU, which only maps these pages, runs in the pod's.
+// A template's RAM is copied by a process in the machine's cgroup, not by the shim: into
+// each restored machine's memfd (the pod's cgroup), and at the save into the template's
+// file (the template's cgroup, vmtemplate.Store.Cgroup). The kernel charges a shmem page
+// to the memory cgroup of the process that first writes it, and QEMU, which only maps
+// these pages, runs in the machine's.
 // The process is the shim's own binary again (/proc/self/exe), turned into the copier by
 // ramCopyEnv before its main runs — runc's and Docker's re-exec pattern.
 
-// ramCopyEnv marks a process started by copyRAMAsPod.
+// ramCopyEnv marks a process started by startRAMCopy.
 const ramCopyEnv = "VMPOD_INTERNAL_RAM_COPY"
 
 func init() {

@@ -57,8 +57,15 @@ func (m *Machine) SaveTemplate(ctx context.Context, to SavedTemplate) (qmp.Migra
 	if err != nil {
 		return info, fmt.Errorf("vm %s: save a template: %w", m.cfg.Name, err)
 	}
-	// the guest is stopped for good: its RAM is what the state's devices expect
-	if _, err := copyRAM(to.RAM, m.ram); err != nil {
+	// The guest is stopped for good: its RAM is what the state's devices expect. Copied
+	// by a process in the machine's cgroup, as a restore's is (startRAMCopy): the file's
+	// pages are charged to whoever writes them, and they are the template's for as long
+	// as it is kept.
+	copier, err := m.startRAMCopy(to.RAM, m.ram)
+	if err == nil {
+		_, err = copier.wait()
+	}
+	if err != nil {
 		return info, fmt.Errorf("vm %s: save a template: RAM: %w", m.cfg.Name, err)
 	}
 	return info, nil

@@ -43,6 +43,10 @@ type Store struct {
 	// template's is not whole virtio-mem blocks, or that has no room to plug it into, gets
 	// a template of its own size.
 	BaseMemoryMiB int
+	// Cgroup, when set, is the cgroup templates are made in (vmm.Config.Cgroup): their
+	// RAM files' pages, in tmpfs, are charged to it for as long as the files are kept.
+	// Unset, they are charged to the caller's.
+	Cgroup string
 }
 
 // Each template is two files (vmm.SavedTemplate): key.ram, written first, and key.state,
@@ -255,7 +259,12 @@ func (s *Store) make(ctx context.Context, key string, cfg vmpodagent.Config) (re
 	cfg.Name = "template-" + key[:12]
 	cfg.StateDir = s.vmDir(key)
 	cfg.LogPath = filepath.Join(s.Dir, key+".log")
-	cfg.NICs, cfg.Cgroup, cfg.OwnerSockets = nil, "", nil
+	cfg.NICs, cfg.Cgroup, cfg.OwnerSockets = nil, s.Cgroup, nil
+	if s.Cgroup != "" {
+		if err := vmm.MakeCgroup(s.Cgroup); err != nil {
+			return fmt.Errorf("template %s: %w", key, err)
+		}
+	}
 	g, err := vmpodagent.Boot(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("template %s: boot: %w", key, err)
