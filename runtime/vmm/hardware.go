@@ -32,8 +32,14 @@ type bootPlan struct {
 	cfg    Config
 	accel  accelChoice
 	tscKHz int // 0 unless microvm under TCG
-	paths  paths
-	host   hostCPU // what the accelerator was chosen from
+	// zeroPagesOnAlloc: the guest kernel zeroes the pages it allocates (init_on_alloc=1),
+	// for a QEMU whose TCG finds translations by physical page alone (x86, QEMU >= 8.1)
+	// and a virtiofsd writing file pages into guest RAM behind TCG's back: without it a
+	// page that held code runs its stale translations once virtiofsd refilled it with
+	// another binary (docs/design/020; measured under QEMU 10: most execs died)
+	zeroPagesOnAlloc bool
+	paths            paths
+	host             hostCPU // what the accelerator was chosen from
 }
 
 type paths struct {
@@ -71,6 +77,9 @@ func (b bootPlan) kernelCmdline() string {
 			// (measured: 4.4 % of a host core per idle pod)
 			params = append(params, "tsc_early_khz="+strconv.Itoa(b.tscKHz), "tsc=reliable")
 		}
+	}
+	if b.zeroPagesOnAlloc {
+		params = append(params, "init_on_alloc=1")
 	}
 	params = append(params, c.Boot.KernelParams...)
 	if c.OfflineGrowth() {

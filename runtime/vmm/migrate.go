@@ -108,10 +108,16 @@ var ErrPostCopyBroken = errors.New("post-copy migration interrupted")
 // canMigrate says why this machine's state cannot move, or nil.
 func (m *Machine) canMigrate() error {
 	if m.cfg.runsVirtiofsd() {
+		// virtiofsd's state (the files the guest has open) moves in QEMU's stream from
+		// QEMU 8.2 on (vhost-user's device state transfer), if virtiofsd can give it;
 		// QEMU 7.2's vhost-user-fs device blocks migration (measured: "State blocked by
-		// non-migratable device '0000:00:01.0/vhost-user-fs'"): virtiofsd's state (open
-		// files, the guest's FUSE requests in flight) has no migration stream.
-		return fmt.Errorf("vm %s: a machine with virtio-fs (vhost-user-fs) cannot be migrated by QEMU 7.2: %w", m.cfg.Name, errdefs.ErrNotImplemented)
+		// non-migratable device '0000:00:01.0/vhost-user-fs'").
+		if !m.version.atLeast(8, 2) {
+			return fmt.Errorf("vm %s: a machine with virtio-fs (vhost-user-fs) cannot be migrated by QEMU %s (from 8.2 on it can): %w", m.cfg.Name, m.version, errdefs.ErrNotImplemented)
+		}
+		if !virtiofsdMigrates(m.cfg.VirtiofsdPath) {
+			return fmt.Errorf("vm %s: a machine with virtio-fs cannot be migrated: virtiofsd %s cannot hand over its state (virtiofsd >= 1.11 can, --migration-mode): %w", m.cfg.Name, m.cfg.VirtiofsdPath, errdefs.ErrNotImplemented)
+		}
 	}
 	if len(m.cfg.HostDevices) > 0 {
 		return fmt.Errorf("vm %s: a machine with passed-through PCI devices %v cannot be migrated (VFIO devices carry no migratable state here): %w", m.cfg.Name, m.cfg.HostDevices, errdefs.ErrFailedPrecondition)

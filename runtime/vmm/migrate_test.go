@@ -15,6 +15,7 @@ import (
 // monitor: a call to QEMU would panic), with an error naming why.
 func TestMigrationRefusals(t *testing.T) {
 	ctx := context.Background()
+	cVirtiofsd, _ := script(t, "usage: virtiofsd [options]\n    -o source=PATH")
 	cases := []struct {
 		name string
 		cfg  Config
@@ -25,6 +26,12 @@ func TestMigrationRefusals(t *testing.T) {
 			func(m *Machine) error { _, err := m.Migrate(ctx, os.Stdin, MigrationOptions{}); return err }, errdefs.IsNotImplemented},
 		{"virtio-fs target", Config{Name: "a", SharedFS: machine.VirtioFS, Incoming: true},
 			func(m *Machine) error { return m.AcceptMigration(ctx, os.Stdin, MigrationOptions{}) }, errdefs.IsNotImplemented},
+		{"virtio-fs source, QEMU 10 with the C virtiofsd", Config{Name: "a", SharedFS: machine.VirtioFS, VirtiofsdPath: cVirtiofsd},
+			func(m *Machine) error {
+				m.version = qemuVersion{10, 0}
+				_, err := m.Migrate(ctx, os.Stdin, MigrationOptions{})
+				return err
+			}, errdefs.IsNotImplemented},
 		{"VFIO source", Config{Name: "a", HostDevices: []devices.PCIAddress{{Bus: 1}}},
 			func(m *Machine) error { _, err := m.Migrate(ctx, os.Stdin, MigrationOptions{}); return err }, errdefs.IsFailedPrecondition},
 		{"target not started incoming", Config{Name: "a"},

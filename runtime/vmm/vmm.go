@@ -35,14 +35,16 @@ const helperExitWait = 2 * time.Second
 // mounts, the state directory) is on its teardown stack, which Stop and Kill run exactly
 // once.
 type Machine struct {
-	cfg    Config
-	plan   bootPlan
-	hw     *devices.VM // the device model: argv rendered at boot, hotplugs placed later
-	qemu   *exec.Cmd
-	mon    *qmp.Monitor
-	share  *sharedDir    // nil without a shared filesystem
-	cgroup *podCgroup    // nil without Config.Cgroup
-	lease  *vmuser.Lease // QEMU's uid; nil: QEMU runs as root
+	cfg  Config
+	plan bootPlan
+	hw   *devices.VM // the device model: argv rendered at boot, hotplugs placed later
+	qemu *exec.Cmd
+	mon  *qmp.Monitor
+	// version is the running QEMU's, from its QMP greeting (zero if it gave none)
+	version qemuVersion
+	share   *sharedDir    // nil without a shared filesystem
+	cgroup  *podCgroup    // nil without Config.Cgroup
+	lease   *vmuser.Lease // QEMU's uid; nil: QEMU runs as root
 
 	// virtiofsdEnded says how virtiofsd ended, or "" while it runs; nil without one
 	virtiofsdEnded func() string
@@ -224,6 +226,12 @@ func planFor(cfg Config) (bootPlan, error) {
 			return bootPlan{}, err
 		}
 	}
+	if accel.accel == machine.TCG && cfg.SharedFS == machine.VirtioFS {
+		// a QEMU that cannot say its version does not start either: Start says why
+		if v, err := binaryQEMUVersion(cfg.QEMUPath); err == nil {
+			plan.zeroPagesOnAlloc = v.atLeast(8, 1)
+		}
+	}
 	return plan, nil
 }
 
@@ -395,6 +403,7 @@ func (m *Machine) connectQMP(ctx context.Context) error {
 		return m.Explain(err)
 	}
 	m.mon = mon
+	m.version, _ = parseQEMUVersion(mon.Version())
 	m.teardown.Add("close QMP", func() error { _ = mon.Close(); return nil })
 	m.followShutdowns(mon)
 	return nil
