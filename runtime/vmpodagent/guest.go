@@ -51,6 +51,17 @@ type Guest struct {
 	bootMemory uint64
 }
 
+// withDefaults is c with its zero timeouts set.
+func (c Config) withDefaults() Config {
+	if c.BootTimeout == 0 {
+		c.BootTimeout = DefaultBootTimeout
+	}
+	if c.CallTimeout == 0 {
+		c.CallTimeout = DefaultCallTimeout
+	}
+	return c
+}
+
 // machineConfig is the machine that runs the vmpod guest: the agent's port, the console
 // in the log, the kernel command line the agent reads.
 func (c Config) machineConfig() vmm.Config {
@@ -85,12 +96,7 @@ func (c Config) machineConfig() vmm.Config {
 // RestoreFrom) is restored instead, and returns as a booted one would: its shared
 // directory mounted, its randomness its own. On any failure everything it started is stopped and removed again.
 func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
-	if cfg.BootTimeout == 0 {
-		cfg.BootTimeout = DefaultBootTimeout
-	}
-	if cfg.CallTimeout == 0 {
-		cfg.CallTimeout = DefaultCallTimeout
-	}
+	cfg = cfg.withDefaults()
 	if cfg.Boot.Kernel == "" {
 		return nil, fmt.Errorf("vm %s: invalid config: kernel: not set (the vmpod guest boots its own kernel)", cfg.Name)
 	}
@@ -126,6 +132,36 @@ func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 	}
 	phases.Mark(ctx, "boot")
 	log.G(ctx).WithField("vm", cfg.Name).WithField("accel", m.Accel()).Infof("booted in %v", time.Since(started).Round(time.Millisecond))
+	return g, nil
+}
+
+// Receive starts cfg's machine to receive a running guest by live migration from a
+// machine of the same config, containers and all (issue 12, docs/design/211). Before the
+// guest arrives the caller shares into it what the source shared, under the same names
+// (Machine().Share; RootfsShare for a container's rootfs): virtiofsd on this side reopens
+// the files the guest has open by their paths. It then accepts the stream
+// (vmm.Machine.AcceptMigration) and, once the guest has arrived (AwaitIncoming), takes it
+// over with Adopt.
+func Receive(ctx context.Context, cfg Config) (*vmm.Machine, error) {
+	mc := cfg.withDefaults().machineConfig()
+	mc.Incoming = true
+	return vmm.Start(ctx, mc)
+}
+
+// Adopt is the guest that arrived on m (Receive), once its agent answered a session of
+// this side's: its containers and processes are the agent's and came with it. The memory
+// it counts as booted with is what it has now.
+func Adopt(ctx context.Context, cfg Config, m *vmm.Machine) (*Guest, error) {
+	cfg = cfg.withDefaults()
+	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout, m.Done()), cfg: cfg}
+	m.OnTeardown("close agent connection", g.agent.close)
+	ctx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
+	defer cancel()
+	ping, err := g.connectAgent(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("vm %s: the migrated guest's agent: %w%s", cfg.Name, err, m.ConsoleHint())
+	}
+	g.bootMemory = ping.MemoryBytes
 	return g, nil
 }
 
@@ -204,8 +240,8 @@ func (g *Guest) Share(hostPath, name string, readonly bool) (string, error) {
 // Unshare removes a share made by Share.
 func (g *Guest) Unshare(name string) error { return g.m.Unshare(name) }
 
-// rootfsShare is the share name of a container's rootfs.
-func rootfsShare(containerID string) string { return containerID + "/rootfs" }
+// RootfsShare is the share name of a container's rootfs (CreateContainer shares it so).
+func RootfsShare(containerID string) string { return containerID + "/rootfs" }
 
 // CreateContainer shares the host directory rootfs into the guest, points spec's root at
 // it and creates the container. Bind-mount sources in spec must already be guest paths.
@@ -215,11 +251,11 @@ func (g *Guest) CreateContainer(ctx context.Context, id, rootfs string, spec *sp
 	}
 	var undo cleanup.Stack
 	defer func() { _ = undo.Run() }()
-	guestRoot, err := g.Share(rootfs, rootfsShare(id), false)
+	guestRoot, err := g.Share(rootfs, RootfsShare(id), false)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: rootfs: %w", id, err)
 	}
-	undo.Add("unshare rootfs", func() error { return g.Unshare(rootfsShare(id)) })
+	undo.Add("unshare rootfs", func() error { return g.Unshare(RootfsShare(id)) })
 
 	guestSpec := *spec
 	root := *spec.Root
@@ -253,7 +289,7 @@ func (g *Guest) RemoveContainer(ctx context.Context, id string, force bool) erro
 			return err
 		}
 	}
-	return g.Unshare(rootfsShare(id))
+	return g.Unshare(RootfsShare(id))
 }
 
 // ForwardPort carries conn to TCP port on the guest's loopback (see Client.forwardPort).
