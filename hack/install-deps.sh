@@ -22,6 +22,8 @@ PACKAGES=(
   # loop devices or mounts (sfdisk, FAT + syslinux, ext4 by mke2fs -d), a cidata seed (ISO or
   # vfat), UEFI firmware and python3 for the boot test's guest-agent and QMP client
   mmdebstrap dosfstools mtools syslinux syslinux-common fdisk e2fsprogs genisoimage ovmf python3
+  # hack/qemu-next.sh checks the newer QEMU and virtiofsd against Debian's signed indexes
+  gpgv debian-archive-keyring
 )
 
 missing=()

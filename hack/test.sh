@@ -37,6 +37,10 @@ step "guest, shim, test bed binaries (cached)"
 prepare_testbed
 step "test rootfs"
 BUSYBOX=$(hack/busybox-rootfs.sh)
+step "QEMU and virtiofsd that migrate virtio-fs, beside the host's QEMU 7.2 (cached)"
+# integration/runtime's container-pod migration runs on them (docs/design/211)
+export VMPOD_QEMU_NEXT
+VMPOD_QEMU_NEXT=$(hack/qemu-next.sh)
 step "VM-pod test guest: Debian with cloud-init and qemu-guest-agent (cached)"
 # the test bed's registry serves it as a containerDisk (hack/images.sh)
 export VMPOD_VM_GUEST

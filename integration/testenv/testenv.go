@@ -32,6 +32,9 @@ const (
 	EnvKernel  = "VMPOD_KERNEL"
 	EnvInitrd  = "VMPOD_INITRD"
 	EnvBusybox = "VMPOD_BUSYBOX_ROOTFS"
+	// EnvQEMUNext is hack/qemu-next.sh's directory: a QEMU and a virtiofsd that can
+	// migrate a virtio-fs device, which the host's cannot
+	EnvQEMUNext = "VMPOD_QEMU_NEXT"
 )
 
 // Require skips the test unless integration tests were asked for and can run here.
@@ -61,6 +64,13 @@ func mustEnvFile(t testing.TB, name string) string {
 func Kernel(t testing.TB) string        { return mustEnvFile(t, EnvKernel) }
 func Initrd(t testing.TB) string        { return mustEnvFile(t, EnvInitrd) }
 func BusyboxRootfs(t testing.TB) string { return mustEnvFile(t, EnvBusybox) }
+
+// QEMUNext is a QEMU and a virtiofsd that migrate virtio-fs (hack/qemu-next.sh).
+func QEMUNext(t testing.TB) (qemu, virtiofsd string) {
+	t.Helper()
+	dir := mustEnvFile(t, EnvQEMUNext)
+	return filepath.Join(dir, "bin", "qemu-system-x86_64"), filepath.Join(dir, "bin", "virtiofsd")
+}
 
 // StateRoot is a short directory for VM state (unix socket paths are limited to 108
 // bytes, too short for t.TempDir()).

@@ -1,0 +1,146 @@
+package runtime_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/vmpod/vmpod/api/machine"
+	"github.com/vmpod/vmpod/integration/testenv"
+	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/vmm"
+	"github.com/vmpod/vmpod/runtime/vmpodagent"
+)
+
+// TestContainerVMMigratesWithItsShare (issue 12, docs/design/211): a container pod's VM
+// moves to another machine with its container running from a rootfs on virtio-fs.
+// virtiofsd's state — the files the guest has open — travels in QEMU's stream (QEMU >= 8.2,
+// virtiofsd >= 1.11: hack/qemu-next.sh). The container's init holds a file of its rootfs
+// open and keeps a counter in the rootfs; on the target the same process goes on counting
+// (through the target's virtiofsd: the host sees the file grow), reads the next line of
+// the file it held open before the move, and the adopted agent execs into the container.
+// The host's QEMU 7.2 refuses such a migration up front, its guest untouched.
+func TestContainerVMMigratesWithItsShare(t *testing.T) {
+	testenv.Require(t)
+	qemu, virtiofsd := testenv.QEMUNext(t)
+	ctx := testenv.Context(t, 5*time.Minute)
+
+	old := testenv.StartVM(t, testenv.VMConfig(t, "mig-fs-old"))
+	out, _ := testenv.MigrationStream(t)
+	if _, err := old.Machine().Migrate(ctx, out, vmm.MigrationOptions{}); !errdefs.IsNotImplemented(err) {
+		t.Errorf("migrating a virtio-fs machine on QEMU 7.2: %v, want NotImplemented", err)
+	}
+	if _, err := old.Agent().Ping(ctx); err != nil {
+		t.Errorf("the refused machine's guest: %v", err)
+	}
+
+	config := func(name string) vmpodagent.Config {
+		cfg := testenv.VMConfig(t, name)
+		cfg.Type = machine.Q35
+		cfg.QEMUPath, cfg.VirtiofsdPath = qemu, virtiofsd
+		return cfg
+	}
+	src := testenv.StartVM(t, config("mig-fs-src"))
+	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
+	if err := os.WriteFile(filepath.Join(rootfs, "lines"), []byte("first\nsecond\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// fd 3 is opened, and its first line read, before the move; the second line is read
+	// from the same open file once the host asks (creates /go), after the move
+	script := `exec 3< /lines; read a <&3; echo "$a" > /got-before; i=0; ` +
+		`while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; ` +
+		`if [ -e /go ] && [ ! -e /got-after ]; then read b <&3; echo "$b" > /got-after; fi; sleep 0.1; done`
+	if _, err := src.CreateContainer(ctx, "main", rootfs, testenv.Spec("sh", "-c", script), runtime.Stdio{Stderr: os.Stderr}); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Agent().StartContainer(ctx, "main"); err != nil {
+		t.Fatal(err)
+	}
+	counter := func() int {
+		b, _ := os.ReadFile(filepath.Join(rootfs, "counter"))
+		n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		return n
+	}
+	counting := func(where string) int {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for start := counter(); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if n := counter(); n > start && start > 0 {
+				return n
+			} else if start == 0 {
+				start = n
+			}
+		}
+		t.Fatalf("%s: the container's counter stands at %d", where, counter())
+		return 0
+	}
+	before := counting("source")
+
+	dstCfg := config("mig-fs-dst")
+	m, err := vmpodagent.Receive(ctx, dstCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = m.Kill()
+		testenv.AssertNoLeaks(t, dstCfg.StateDir)
+	})
+	// the target serves the same rootfs under the same share name: virtiofsd reopens the
+	// guest's open files by their paths in it
+	if _, err := m.Share(rootfs, vmpodagent.RootfsShare("main"), false); err != nil {
+		t.Fatal(err)
+	}
+	out, in := testenv.MigrationStream(t)
+	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	arrived := make(chan error, 1)
+	go func() { _, err := m.AwaitIncoming(ctx); arrived <- err }()
+	info, err := src.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-arrived; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("migrated: total %v, downtime %v, %d MiB sent", info.TotalTime, info.Downtime, info.RAM.Transferred>>20)
+	src.Machine().Quit(ctx)
+	dst, err := vmpodagent.Adopt(ctx, dstCfg, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if after := counting("target"); after <= before {
+		t.Errorf("the counter went back: %d on the target, %d before the move", after, before)
+	}
+	if err := os.WriteFile(filepath.Join(rootfs, "go"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if got, _ = os.ReadFile(filepath.Join(rootfs, "got-after")); len(got) > 0 {
+			break
+		}
+	}
+	if b, _ := os.ReadFile(filepath.Join(rootfs, "got-before")); string(b) != "first\n" || string(got) != "second\n" {
+		t.Errorf("the file the container held open: read %q before the move and %q after, want \"first\" then \"second\"", b, got)
+	}
+	var stdout testenv.Buffer
+	p, err := dst.Exec(ctx, "main", "after-move", testenv.Spec("cat", "/got-before").Process, runtime.Stdio{Stdout: &stdout})
+	if err != nil {
+		t.Fatalf("exec through the adopted agent: %v", err)
+	}
+	if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 || stdout.String() != "first\n" {
+		t.Errorf("exec through the adopted agent: exit %v, %v, output %q", exit, err, stdout.String())
+	}
+	_ = p.Remove(ctx)
+	if err := dst.RemoveContainer(context.Background(), "main", true); err != nil {
+		t.Errorf("remove the container on the target: %v", err)
+	}
+}
