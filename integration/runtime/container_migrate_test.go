@@ -14,6 +14,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/rootfssync"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 )
@@ -21,11 +22,14 @@ import (
 // TestContainerVMMigratesWithItsShare (issue 12, docs/design/211): a container pod's VM
 // moves to another machine with its container running from a rootfs on virtio-fs.
 // virtiofsd's state — the files the guest has open — travels in QEMU's stream (QEMU >= 8.2,
-// virtiofsd >= 1.11: hack/qemu-next.sh). The container's init holds a file of its rootfs
-// open and keeps a counter in the rootfs; on the target the same process goes on counting
-// (through the target's virtiofsd: the host sees the file grow), reads the next line of
-// the file it held open before the move, and the adopted agent execs into the container.
-// The host's QEMU 7.2 refuses such a migration up front, its guest untouched.
+// virtiofsd >= 1.11: hack/qemu-next.sh). Each machine has its own rootfs, an overlay of
+// the same image, as on two nodes: what the container wrote (the source's upper
+// directory) is mirrored into the target's while the container runs, and once more
+// while the guest is stopped, before virtiofsd's state arrives. The container's init
+// holds open a file it wrote itself and keeps a counter in the rootfs; on the target the
+// same process goes on counting in the target's tree, reads on in the file it held open,
+// and the adopted agent execs into the container. The host's QEMU 7.2 refuses such a
+// migration up front, its guest untouched.
 func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	testenv.Require(t)
 	qemu, virtiofsd := testenv.QEMUNext(t)
@@ -47,21 +51,23 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 		return cfg
 	}
 	src := testenv.StartVM(t, config("mig-fs-src"))
-	rootfs := testenv.OverlayRootfs(t, testenv.BusyboxRootfs(t))
-	if err := os.WriteFile(filepath.Join(rootfs, "lines"), []byte("first\nsecond\n"), 0o644); err != nil {
+	busybox := testenv.BusyboxRootfs(t)
+	from := testenv.NewOverlay(t, busybox)
+	if err := from.Mount(t); err != nil {
 		t.Fatal(err)
 	}
-	// fd 3 is opened, and its first line read, before the move; the second line is read
-	// from the same open file once the host asks (creates /go), after the move
-	script := `exec 3< /lines; read a <&3; echo "$a" > /got-before; i=0; ` +
+	// the file the container holds open is its own (in the upper directory alone), and
+	// it deletes a file of the image's (a whiteout): both must be in the target's tree
+	script := `printf 'first\nsecond\n' > /lines; rm /etc/group; exec 3< /lines; read a <&3; echo "$a" > /got-before; i=0; ` +
 		`while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; ` +
 		`if [ -e /go ] && [ ! -e /got-after ]; then read b <&3; echo "$b" > /got-after; fi; sleep 0.1; done`
-	if _, err := src.CreateContainer(ctx, "main", rootfs, testenv.Spec("sh", "-c", script), runtime.Stdio{Stderr: os.Stderr}); err != nil {
+	if _, err := src.CreateContainer(ctx, "main", from.Merged, testenv.Spec("sh", "-c", script), runtime.Stdio{Stderr: os.Stderr}); err != nil {
 		t.Fatal(err)
 	}
 	if err := src.Agent().StartContainer(ctx, "main"); err != nil {
 		t.Fatal(err)
 	}
+	rootfs := from.Merged // where the test reads what the container writes; the target's after the move
 	counter := func() int {
 		b, _ := os.ReadFile(filepath.Join(rootfs, "counter"))
 		n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
@@ -91,10 +97,30 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 		_ = m.Kill()
 		testenv.AssertNoLeaks(t, dstCfg.StateDir)
 	})
-	// the target serves the same rootfs under the same share name: virtiofsd reopens the
-	// guest's open files by their paths in it
-	if _, err := m.Share(rootfs, vmpodagent.RootfsShare("main"), false); err != nil {
+	// the target's rootfs: the same image, and what the container wrote so far
+	to := testenv.NewOverlay(t, busybox)
+	if c, err := rootfssync.Mirror(from.Upper, to.Upper); err != nil {
 		t.Fatal(err)
+	} else {
+		t.Logf("the container's writes mirrored while it runs: %+v", c)
+	}
+	// once the guest is stopped: the last of its writes, then the rootfs mounted and
+	// shared under the source's share name (virtiofsd reopens the guest's files by their
+	// paths in it)
+	var final rootfssync.Changes
+	var switchover time.Duration
+	beforeSwitchover := func(context.Context) error {
+		start := time.Now()
+		defer func() { switchover = time.Since(start) }()
+		var err error
+		if final, err = rootfssync.Mirror(from.Upper, to.Upper); err != nil {
+			return err
+		}
+		if err := to.Mount(t); err != nil {
+			return err
+		}
+		_, err = m.Share(to.Merged, vmpodagent.RootfsShare("main"), false)
+		return err
 	}
 	out, in := testenv.MigrationStream(t)
 	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
@@ -102,14 +128,16 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	}
 	arrived := make(chan error, 1)
 	go func() { _, err := m.AwaitIncoming(ctx); arrived <- err }()
-	info, err := src.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30})
+	info, err := src.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30, BeforeSwitchover: beforeSwitchover})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := <-arrived; err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("migrated: total %v, downtime %v, %d MiB sent", info.TotalTime, info.Downtime, info.RAM.Transferred>>20)
+	t.Logf("migrated: total %v, downtime %v, %d MiB sent; the last mirror and the share took %v: %+v",
+		info.TotalTime, info.Downtime, info.RAM.Transferred>>20, switchover, final)
+	rootfs = to.Merged
 	src.Machine().Quit(ctx)
 	dst, err := vmpodagent.Adopt(ctx, dstCfg, m)
 	if err != nil {
@@ -127,6 +155,9 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 		if got, _ = os.ReadFile(filepath.Join(rootfs, "got-after")); len(got) > 0 {
 			break
 		}
+	}
+	if _, err := os.Stat(filepath.Join(rootfs, "etc", "group")); !os.IsNotExist(err) {
+		t.Errorf("the image's /etc/group, which the container removed: %v on the target, want it gone", err)
 	}
 	if b, _ := os.ReadFile(filepath.Join(rootfs, "got-before")); string(b) != "first\n" || string(got) != "second\n" {
 		t.Errorf("the file the container held open: read %q before the move and %q after, want \"first\" then \"second\"", b, got)

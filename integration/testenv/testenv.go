@@ -187,23 +187,45 @@ func MountsWhere(match func(path string) bool) []string {
 // would) and unmounts it when the test ends.
 func OverlayRootfs(t testing.TB, lower string) string {
 	t.Helper()
+	o := NewOverlay(t, lower)
+	if err := o.Mount(t); err != nil {
+		t.Fatal(err)
+	}
+	return o.Merged
+}
+
+// Overlay is a container rootfs as containerd's overlay snapshotter lays it out: the
+// image's layers (Lower), what the container writes (Upper), the mount point (Merged).
+type Overlay struct {
+	Lower, Upper, Work, Merged string
+}
+
+// NewOverlay makes an overlay's directories, not mounted yet.
+func NewOverlay(t testing.TB, lower string) Overlay {
+	t.Helper()
 	dir := t.TempDir()
-	upper, work, merged := filepath.Join(dir, "upper"), filepath.Join(dir, "work"), filepath.Join(dir, "merged")
-	for _, d := range []string{upper, work, merged} {
+	o := Overlay{Lower: lower, Upper: filepath.Join(dir, "upper"), Work: filepath.Join(dir, "work"), Merged: filepath.Join(dir, "merged")}
+	for _, d := range []string{o.Upper, o.Work, o.Merged} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", lower, upper, work)
-	if err := unix.Mount("overlay", merged, "overlay", 0, opts); err != nil {
-		t.Fatalf("overlay rootfs: %v", err)
+	return o
+}
+
+// Mount mounts the overlay at Merged, and unmounts it when the test ends. A helper of
+// any goroutine: it returns its error.
+func (o Overlay) Mount(t testing.TB) error {
+	opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", o.Lower, o.Upper, o.Work)
+	if err := unix.Mount("overlay", o.Merged, "overlay", 0, opts); err != nil {
+		return fmt.Errorf("overlay rootfs: %w", err)
 	}
 	t.Cleanup(func() {
-		if err := unix.Unmount(merged, unix.MNT_DETACH); err != nil {
+		if err := unix.Unmount(o.Merged, unix.MNT_DETACH); err != nil {
 			t.Errorf("unmount overlay rootfs: %v", err)
 		}
 	})
-	return merged
+	return nil
 }
 
 // Spec is a runtime-spec for args, close to what containerd generates for a CRI

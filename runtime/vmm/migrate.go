@@ -48,6 +48,12 @@ type MigrationOptions struct {
 	IgnoreShared bool
 	// Progress, if set, receives each poll's state (every 100 ms).
 	Progress func(qmp.MigrationInfo)
+	// BeforeSwitchover, if set, runs at the source once its guest is stopped for the
+	// final copy and before the devices' state is sent: what must match at the target
+	// when that state arrives (a container's rootfs, whose open files virtiofsd's state
+	// names by path: docs/design/211) is brought over then. Its time is the guest's
+	// downtime. An error cancels the migration, and the guest runs on here.
+	BeforeSwitchover func(context.Context) error
 }
 
 // migrationPoll is how often a migration's state is read while it runs.
@@ -70,7 +76,7 @@ func (o MigrationOptions) capabilities() []qmp.MigrationCapabilityState {
 // source stays stopped, or runs it too if told to): Migrate decides at that pause,
 // between its polls, whether the switch happens.
 func (o MigrationOptions) outgoingCapabilities() []qmp.MigrationCapabilityState {
-	return append(o.capabilities(), qmp.MigrationCapabilityState{Capability: qmp.MigrationCapPauseBeforeSwitchover, State: o.PostCopy})
+	return append(o.capabilities(), qmp.MigrationCapabilityState{Capability: qmp.MigrationCapPauseBeforeSwitchover, State: o.PostCopy || o.BeforeSwitchover != nil})
 }
 
 // unprivilegedUserfaultfd is the sysctl that lets a process without CAP_SYS_PTRACE create
@@ -497,7 +503,14 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				case info.Status == qmp.MigrationPreSwitchover && ctx.Err() != nil:
 					cancel(ctx.Err()) // nothing of the guest has run there: it stays here
 				case info.Status == qmp.MigrationPreSwitchover:
-					// the guest is stopped: go on at once
+					// the guest is stopped: go on at once, once what must match at the
+					// target does
+					if opts.BeforeSwitchover != nil {
+						if err := opts.BeforeSwitchover(ctx); err != nil {
+							cancel(fmt.Errorf("before the switchover: %w", err))
+							break
+						}
+					}
 					err := m.mon.MigrateContinue(qctx, qmp.MigrationPreSwitchover)
 					var refused *qmp.CommandError
 					if errors.As(err, &refused) {
