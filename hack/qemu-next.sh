@@ -2,7 +2,7 @@
 # qemu-next.sh: a QEMU and a virtiofsd that can migrate a virtio-fs device, beside the host's
 # QEMU 7.2, which cannot (issue 12: container pods' migration, docs/design/211). QEMU >= 8.2
 # carries virtiofsd's state in its migration stream (vhost-user's device state transfer),
-# and virtiofsd >= 1.11 serializes the files the guest has open (--migration-mode). Debian
+# and the Rust virtiofsd serializes the files the guest has open (--migration-mode). Debian
 # ships both, newer than bookworm's: QEMU from bookworm-backports, built against bookworm's
 # libraries, and virtiofsd from trixie, which needs trixie's C library and runs through
 # trixie's dynamic loader with trixie's libraries (the wrapper bin/virtiofsd). Unpacked
@@ -13,7 +13,9 @@
 # which this prints, holding bin/qemu-system-x86_64 and bin/virtiofsd. The .debs and the
 # suites' indexes are kept under $VMPOD_CACHE/qemu-next.
 set -euo pipefail
+shopt -s inherit_errexit # the index is read in a command substitution: its failures count
 source "$(dirname "$0")/lib.sh"
+umask 022 # QEMU runs as a uid of its own: what is unpacked must be readable by all
 
 MIRROR=${VMPOD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE=$VMPOD_CACHE/qemu-next
@@ -23,28 +25,50 @@ VIRTIOFSD_SUITE=trixie
 VIRTIOFSD_PKGS=(virtiofsd libc6 libseccomp2 libcap-ng0 libgcc-s1)
 
 mkdir -p "$BASE/index" "$BASE/debs"
-# index SUITE: the suite's amd64 Packages file, fetched at most once a day; its path.
-# The suite's InRelease is checked with the host's Debian keyring (gpgv), and the index
-# against the SHA256 InRelease gives it.
+# index SUITE: the path of the suite's amd64 Packages file, fetched at most once a day:
+# its InRelease checked with the host's Debian keyring (gpgv), the index against the
+# SHA256 the signed Release gives it. If the mirror cannot be reached, a Packages file
+# fetched before serves (what it names is then cached, or the download fails).
 index() {
   local suite=$1 dir=$BASE/index/$1
-  if [ -z "$(find "$dir/Packages" -mmin -1440 2>/dev/null)" ]; then
-    mkdir -p "$dir"
-    curl -fsSL --retry 3 -o "$dir/InRelease" "$MIRROR/dists/$suite/InRelease" || die "$suite: InRelease"
-    gpgv --keyring /usr/share/keyrings/debian-archive-keyring.gpg "$dir/InRelease" 2>/dev/null ||
-      die "$suite: InRelease does not verify against /usr/share/keyrings/debian-archive-keyring.gpg"
-    curl -fsSL --retry 3 -o "$dir/Packages.xz" "$MIRROR/dists/$suite/main/binary-amd64/Packages.xz" || die "$suite: Packages.xz"
-    local want
-    want=$(awk '/^SHA256:/ {on=1; next} /^[^ ]/ {on=0} on && $3 == "main/binary-amd64/Packages.xz" {print $1}' "$dir/InRelease")
-    [ -n "$want" ] && [ "$(sha256sum < "$dir/Packages.xz" | cut -d' ' -f1)" = "$want" ] ||
-      die "$suite: Packages.xz does not match its InRelease"
-    xz -dc "$dir/Packages.xz" > "$dir/Packages"
+  if [ -n "$(find "$dir/Packages" -mmin -1440 2>/dev/null)" ]; then
+    echo "$dir/Packages"
+    return
   fi
+  mkdir -p "$dir"
+  local tmp
+  tmp=$(mktemp -d "$dir/.fetch.XXXXXX")
+  if ! fetch_index "$suite" "$tmp"; then
+    rm -rf "$tmp"
+    [ -f "$dir/Packages" ] || die "$suite: no index (above)"
+    log "$suite: using the index fetched on $(date -r "$dir/Packages" +%F)"
+    echo "$dir/Packages"
+    return
+  fi
+  mv "$tmp/Packages" "$dir/Packages"
+  rm -rf "$tmp"
   echo "$dir/Packages"
 }
 
-# field PACKAGES NAME FIELD: FIELD of the newest stanza of NAME (a suite lists one per
-# package; backports may list several)
+# fetch_index SUITE DIR: DIR/Packages, checked; non-zero (and why, logged) if it cannot
+fetch_index() {
+  local suite=$1 tmp=$2 out want
+  curl -fsSL --retry 3 -o "$tmp/InRelease" "$MIRROR/dists/$suite/InRelease" || { log "$suite: InRelease: download failed"; return 1; }
+  if ! out=$(gpgv --keyring /usr/share/keyrings/debian-archive-keyring.gpg --output "$tmp/Release" "$tmp/InRelease" 2>&1); then
+    log "$suite: InRelease does not verify against /usr/share/keyrings/debian-archive-keyring.gpg: $out"
+    return 1
+  fi
+  curl -fsSL --retry 3 -o "$tmp/Packages.xz" "$MIRROR/dists/$suite/main/binary-amd64/Packages.xz" || { log "$suite: Packages.xz: download failed"; return 1; }
+  want=$(awk '/^SHA256:/ {on=1; next} /^[^ ]/ {on=0} on && $3 == "main/binary-amd64/Packages.xz" {print $1}' "$tmp/Release")
+  if [ -z "$want" ] || [ "$(sha256sum < "$tmp/Packages.xz" | cut -d' ' -f1)" != "$want" ]; then
+    log "$suite: Packages.xz does not match its signed Release"
+    return 1
+  fi
+  xz -dc "$tmp/Packages.xz" > "$tmp/Packages"
+}
+
+# field PACKAGES NAME FIELD: FIELD of NAME's stanza (the last, should a suite list more
+# than one)
 field() {
   awk -v pkg="$2" -v f="$3" 'BEGIN {RS=""; FS="\n"}
     { name=""; val=""
@@ -61,6 +85,10 @@ virtiofsd_index=$(index $VIRTIOFSD_SUITE)
 qemu_version=$(field "$qemu_index" qemu-system-x86 Version)
 virtiofsd_version=$(field "$virtiofsd_index" virtiofsd Version)
 [ -n "$qemu_version" ] && [ -n "$virtiofsd_version" ] || die "no qemu-system-x86 in $QEMU_SUITE or no virtiofsd in $VIRTIOFSD_SUITE"
+for p in "${QEMU_PKGS[@]}"; do
+  v=$(field "$qemu_index" "$p" Version)
+  [ "$v" = "$qemu_version" ] || die "$p $v in $QEMU_SUITE, qemu-system-x86 $qemu_version: the suite is mid-update, try again later"
+done
 INSTALL=${VMPOD_QEMU_NEXT_DIR:-/usr/local/lib/vmpod/qemu-next}
 OUT=$INSTALL/${qemu_version//[:~+]/_}-${virtiofsd_version//[:~+]/_}
 if [ -x "$OUT/bin/qemu-system-x86_64" ] && [ -x "$OUT/bin/virtiofsd" ]; then
@@ -70,7 +98,6 @@ if [ -x "$OUT/bin/qemu-system-x86_64" ] && [ -x "$OUT/bin/virtiofsd" ]; then
 fi
 
 mkdir -p "$INSTALL"
-chmod 755 "$INSTALL" "$(dirname "$INSTALL")"
 W=$(mktemp -d "$INSTALL/.build.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 # fetch INDEX PACKAGE DEST: the package's .deb, checked, unpacked into DEST
@@ -112,6 +139,6 @@ chmod +x "$W/out/bin/virtiofsd"
 version=$("$W/out/bin/qemu-system-x86_64" --version)
 echo "${version%%$'\n'*}" >&2
 "$W/out/bin/virtiofsd" --version >&2
-chmod 755 "$W/out"
+chmod 755 "$W/out" # mktemp's directory was 0700
 publish "$W/out" "$OUT"
 echo "$OUT"

@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -18,19 +17,15 @@ import (
 
 var binaryAnswers sync.Map // answerKey → string
 
-type answerKey struct {
-	path, question string
-	dev, ino       uint64
-	mtime          int64
-}
+type answerKey struct{ path, identity, question string }
 
 // askBinary runs path with args and returns what it printed.
 func askBinary(path string, args ...string) (string, error) {
-	var st syscall.Stat_t
-	if err := syscall.Stat(path, &st); err != nil {
-		return "", fmt.Errorf("%s: %w", path, err)
+	id, err := fileIdentity(path)
+	if err != nil {
+		return "", err
 	}
-	key := answerKey{path: path, question: strings.Join(args, " "), dev: st.Dev, ino: st.Ino, mtime: st.Mtim.Nano()}
+	key := answerKey{path: path, identity: id, question: strings.Join(args, " ")}
 	if v, ok := binaryAnswers.Load(key); ok {
 		return v.(string), nil
 	}
@@ -92,9 +87,13 @@ func binaryQEMUVersion(path string) (qemuVersion, error) {
 	return parseQEMUVersion(first)
 }
 
-// virtiofsdMigrates says whether the virtiofsd at path can hand its state to a migration
-// (virtiofsd >= 1.11, the Rust one: --migration-mode). QEMU 7.2's C virtiofsd cannot.
-func virtiofsdMigrates(path string) bool {
+// virtiofsdMigrates says whether the virtiofsd at path can hand its state to a migration:
+// the Rust virtiofsd's --migration-mode (Debian trixie's 1.13 has it). QEMU 7.2's C
+// virtiofsd cannot.
+func virtiofsdMigrates(path string) (bool, error) {
 	help, err := askBinary(path, "--help")
-	return err == nil && strings.Contains(help, "--migration-mode")
+	if err != nil {
+		return false, err
+	}
+	return strings.Contains(help, "--migration-mode"), nil
 }

@@ -56,8 +56,14 @@ func TestBinaryAnswersAreAskedOnce(t *testing.T) {
 	}
 	rust, _ := script(t, "Usage: virtiofsd [OPTIONS]\n      --migration-mode <MIGRATION_MODE>")
 	c, _ := script(t, "usage: virtiofsd [options]\n    -o source=PATH")
-	if !virtiofsdMigrates(rust) || virtiofsdMigrates(c) || virtiofsdMigrates(filepath.Join(t.TempDir(), "missing")) {
-		t.Error("virtiofsdMigrates: want true for a virtiofsd with --migration-mode only")
+	if ok, err := virtiofsdMigrates(rust); !ok || err != nil {
+		t.Errorf("a virtiofsd with --migration-mode: %v, %v", ok, err)
+	}
+	if ok, err := virtiofsdMigrates(c); ok || err != nil {
+		t.Errorf("the C virtiofsd: %v, %v; want false, no error", ok, err)
+	}
+	if _, err := virtiofsdMigrates(filepath.Join(t.TempDir(), "missing")); err == nil {
+		t.Error("a virtiofsd that is not there: want an error saying so")
 	}
 }
 

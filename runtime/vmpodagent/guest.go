@@ -51,6 +51,14 @@ type Guest struct {
 	bootMemory uint64
 }
 
+// check refuses what no vmpod guest can run on.
+func (c Config) check() error {
+	if c.Boot.Kernel == "" {
+		return fmt.Errorf("vm %s: invalid config: kernel: not set (the vmpod guest boots its own kernel)", c.Name)
+	}
+	return nil
+}
+
 // withDefaults is c with its zero timeouts set.
 func (c Config) withDefaults() Config {
 	if c.BootTimeout == 0 {
@@ -97,8 +105,8 @@ func (c Config) machineConfig() vmm.Config {
 // directory mounted, its randomness its own. On any failure everything it started is stopped and removed again.
 func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 	cfg = cfg.withDefaults()
-	if cfg.Boot.Kernel == "" {
-		return nil, fmt.Errorf("vm %s: invalid config: kernel: not set (the vmpod guest boots its own kernel)", cfg.Name)
+	if err := cfg.check(); err != nil {
+		return nil, err
 	}
 	started := time.Now()
 	bootCtx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
@@ -142,26 +150,34 @@ func Boot(ctx context.Context, cfg Config) (_ *Guest, retErr error) {
 // the files the guest has open by their paths. It then accepts the stream
 // (vmm.Machine.AcceptMigration) and, once the guest has arrived (AwaitIncoming), takes it
 // over with Adopt.
+//
+// Receive returns once QEMU waits; a successful migration at the source does not yet
+// mean this side loaded the guest (AwaitIncoming says so): the source must not end its
+// guest before.
 func Receive(ctx context.Context, cfg Config) (*vmm.Machine, error) {
-	mc := cfg.withDefaults().machineConfig()
+	cfg = cfg.withDefaults()
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	mc := cfg.machineConfig()
 	mc.Incoming = true
 	return vmm.Start(ctx, mc)
 }
 
 // Adopt is the guest that arrived on m (Receive), once its agent answered a session of
-// this side's: its containers and processes are the agent's and came with it. The memory
-// it counts as booted with is what it has now.
-func Adopt(ctx context.Context, cfg Config, m *vmm.Machine) (*Guest, error) {
+// this side's: its containers and processes are the agent's and came with it.
+// bootMemory is the source guest's BootMemory, which later resizes count from. On an
+// error m is the caller's to stop, as it was.
+func Adopt(ctx context.Context, cfg Config, m *vmm.Machine, bootMemory uint64) (*Guest, error) {
 	cfg = cfg.withDefaults()
 	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout, m.Done()), cfg: cfg}
 	m.OnTeardown("close agent connection", g.agent.close)
 	ctx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
 	defer cancel()
-	ping, err := g.connectAgent(ctx)
-	if err != nil {
+	if _, err := g.connectAgent(ctx); err != nil {
 		return nil, fmt.Errorf("vm %s: the migrated guest's agent: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
-	g.bootMemory = ping.MemoryBytes
+	g.bootMemory = bootMemory
 	return g, nil
 }
 
@@ -208,6 +224,10 @@ func (g *Guest) ReconnectAgent(ctx context.Context) error {
 	}
 	return nil
 }
+
+// BootMemory is the memory the guest's kernel managed when it booted (what a migration's
+// target passes to Adopt).
+func (g *Guest) BootMemory() uint64 { return g.bootMemory }
 
 // Name is the guest's (its machine's) name.
 func (g *Guest) Name() string { return g.cfg.Name }
