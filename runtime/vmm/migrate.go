@@ -73,10 +73,11 @@ func (o MigrationOptions) capabilities() []qmp.MigrationCapabilityState {
 
 // outgoingCapabilities are a source's: capabilities, and a migration that may switch to
 // post-copy, or has something to do before the switchover (BeforeSwitchover), stops
-// there, its guest paused and its devices' state not sent yet, until migrate-continue. QEMU 7.2 accepts a cancel in any state, and one that lands once the
-// switch has begun loses the guest (the target runs it from a stream that ends; the
-// source stays stopped, or runs it too if told to): Migrate decides at that pause,
-// between its polls, whether the switch happens.
+// there, its guest paused and its devices' state not sent yet, until migrate-continue.
+// QEMU 7.2 accepts a cancel in any state, and one that lands once the switch has begun
+// loses the guest (the target runs it from a stream that ends; the source stays stopped,
+// or runs it too if told to): Migrate decides at that pause, between its polls, whether
+// the switch happens.
 func (o MigrationOptions) outgoingCapabilities() []qmp.MigrationCapabilityState {
 	return append(o.capabilities(), qmp.MigrationCapabilityState{Capability: qmp.MigrationCapPauseBeforeSwitchover, State: o.PostCopy || o.BeforeSwitchover != nil})
 }
