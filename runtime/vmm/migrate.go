@@ -53,8 +53,8 @@ type MigrationOptions struct {
 	// when that state arrives (a container's rootfs, whose open files virtiofsd's state
 	// names by path: docs/design/211) is brought over then. Its time is the guest's
 	// downtime. An error cancels the migration, and the guest runs on here — except,
-	// measured with QEMU 10 under TCG, a guest with virtio-fs, whose processes crashed
-	// after such a resume (a cancel before the switchover did them no harm): design 211.
+	// under TCG, a guest with virtio-fs on QEMU 10, whose processes crashed after such a
+	// resume: the dirty log synced from virtiofsd leaves stale translations (design 211).
 	BeforeSwitchover func(context.Context) error
 }
 
