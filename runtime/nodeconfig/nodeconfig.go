@@ -128,8 +128,18 @@ type Isolation struct {
 	FirstUID uint32 `toml:"first_uid"`
 	UIDs     uint32 `toml:"uids"`
 	// LockDir holds the leases, one lock file per uid: host-wide, like the uids, so that
-	// several vmpod nodes of one host (test clusters) never share one.
+	// several vmpod nodes of one host (test clusters) never share one. The file-owner
+	// ranges' are in its "owners" directory.
 	LockDir string `toml:"lock_dir"`
+	// VirtiofsdUser is "pod" (the default): each VM's virtiofsd runs as root of a user
+	// namespace of its own, whose 64 Ki ids are a host range leased from
+	// [FirstOwnerID, FirstOwnerID+OwnerIDs), and serves the pod's files through
+	// ID-mapped mounts (docs/design/023); or "root", for shared files on a filesystem
+	// that cannot be mounted ID-mapped. Pods with user namespaces of their own
+	// (hostUsers: false) get a root virtiofsd either way, for now.
+	VirtiofsdUser string `toml:"virtiofsd_user"`
+	FirstOwnerID  uint32 `toml:"first_owner_id"`
+	OwnerIDs      uint32 `toml:"owner_ids"`
 }
 
 // QEMU user modes (Isolation.QEMUUser).
@@ -137,6 +147,14 @@ const (
 	QEMUUserPod  = "pod"
 	QEMUUserRoot = "root"
 )
+
+// FileOwners is the pool virtiofsd's ranges are leased from, nil when it runs as root.
+func (i Isolation) FileOwners() *vmuser.Pool {
+	if i.VirtiofsdUser == QEMUUserRoot {
+		return nil
+	}
+	return &vmuser.Pool{Dir: filepath.Join(i.LockDir, "owners"), First: i.FirstOwnerID, Count: i.OwnerIDs, Stride: vmuser.OwnerRange}
+}
 
 // QEMUUsers is the pool QEMUs' uids are leased from, nil when QEMU runs as root.
 func (i Isolation) QEMUUsers() *vmuser.Pool {
@@ -204,6 +222,10 @@ func Default() Config {
 			FirstUID: vmuser.DefaultFirst,
 			UIDs:     vmuser.DefaultCount,
 			LockDir:  vmuser.DefaultDir,
+
+			VirtiofsdUser: QEMUUserPod,
+			FirstOwnerID:  vmuser.DefaultOwnersFirst,
+			OwnerIDs:      vmuser.DefaultOwnersCount,
 		},
 		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs", "vmpod.dev/vm"}},
 		StateDir:    "/run/vmpod",
@@ -310,6 +332,18 @@ func (c Config) Validate() error {
 		}
 	default:
 		bad("isolation.qemu_user", "%q: want %q or %q", c.Isolation.QEMUUser, QEMUUserPod, QEMUUserRoot)
+	}
+	switch c.Isolation.VirtiofsdUser {
+	case QEMUUserRoot:
+	case QEMUUserPod:
+		owners := c.Isolation.FileOwners()
+		if err := owners.Validate(); err != nil {
+			bad("isolation.first_owner_id", "%v", err)
+		} else if qemu := c.Isolation.QEMUUsers(); qemu != nil && owners.First <= qemu.Last() && qemu.First <= owners.Last() {
+			bad("isolation.first_owner_id", "file owners %d..%d overlap QEMU's uids %d..%d", owners.First, owners.Last(), qemu.First, qemu.Last())
+		}
+	default:
+		bad("isolation.virtiofsd_user", "%q: want %q or %q", c.Isolation.VirtiofsdUser, QEMUUserPod, QEMUUserRoot)
 	}
 	for i, m := range c.Hypervisor.CPUModels {
 		if err := machine.CheckNamedCPUModel(m); err != nil {

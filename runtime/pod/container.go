@@ -24,6 +24,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/network"
@@ -32,6 +33,7 @@ import (
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 	"github.com/vmpod/vmpod/runtime/vmtemplate"
+	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 // containerPod is a pod whose containers run in the vmpod guest under its agent.
@@ -80,6 +82,17 @@ type container struct {
 	termLog string
 }
 
+// fileOwners is the pool virtiofsd's ids are leased from, nil to run it as root. A pod with a
+// user namespace of its own (hostUsers: false) gets none: containerd maps its rootfs to
+// the pod's host range already, and a second mapping cannot be stacked on an ID-mapped
+// mount (docs/design/023).
+func fileOwners(i nodeconfig.Isolation, spec *specs.Spec) *vmuser.Pool {
+	if spec.Linux != nil && len(spec.Linux.UIDMappings) > 0 {
+		return nil
+	}
+	return i.FileOwners()
+}
+
 // startContainerPod boots the VM for a container pod, sized from spec (the pod's first
 // container) within the node's bounds.
 func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string, spec *specs.Spec, choice annotations.Pod, host Host) (*containerPod, error) {
@@ -94,6 +107,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			StateDir:      filepath.Join(cfg.StateDir, podID),
 			QEMUPath:      h.QEMU,
 			Users:         cfg.Isolation.QEMUUsers(),
+			FileOwners:    fileOwners(cfg.Isolation, spec),
 			VirtiofsdPath: h.Virtiofsd,
 			Boot:          vmm.Boot{Kernel: h.Kernel, Initrd: h.Initrd, KernelParams: h.KernelParams},
 			Type:          h.Machine,
@@ -202,6 +216,8 @@ func (p *containerPod) Size() Size {
 func (p *containerPod) Done() <-chan struct{} { return p.guest.Done() }
 
 func (p *containerPod) WriteRecord(bundle string) error { return writeRecord(bundle, p.id, p.stateDir) }
+
+func (p *containerPod) RootfsMap() *idmap.Map { return p.guest.Machine().RootfsMap() }
 
 // servePortForwards carries each connection containerd makes to localhost in the pod's
 // netns (a CRI port-forward) to the same port on the guest's loopback.

@@ -17,6 +17,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/api/annotations"
+	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
@@ -52,6 +53,9 @@ type Pod interface {
 	// WriteRecord notes in a container's bundle what `shim delete` must clean up if the
 	// shim dies.
 	WriteRecord(bundle string) error
+	// RootfsMap is the ID mapping a container's rootfs is to be mounted through before
+	// CreateContainer, nil to mount it as it is (docs/design/023).
+	RootfsMap() *idmap.Map
 }
 
 // Process is a container's init or an exec'd process.

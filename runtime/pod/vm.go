@@ -22,6 +22,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/runtime"
 	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/network"
@@ -207,6 +208,9 @@ func (p *vmPod) ID() string { return p.id }
 func (p *vmPod) Done() <-chan struct{} { return p.done }
 
 func (p *vmPod) WriteRecord(bundle string) error { return writeRecord(bundle, p.id, p.stateDir) }
+
+// RootfsMap: a VM pod's containers are its disks' images, never shared.
+func (p *vmPod) RootfsMap() *idmap.Map { return nil }
 
 // serveLoopback serves CRI port-forwards to the pod's localhost: the VNC port reaches the
 // VM's display; other ports reach the guest behind a masquerade binding. With a bridge

@@ -239,18 +239,29 @@ var raiseMemlock = sync.OnceValue(func() error {
 // state dir any more), and a reused pid does not match the start time.
 const qemuRecord = "qemu.pid"
 
-func recordProcess(stateDir string, pid int) error {
+// virtiofsdRecord records virtiofsd's pid the same way: one in a user namespace has no
+// command line naming the state dir (it is given its VirtiofsdRoot alias).
+const virtiofsdRecord = "virtiofsd.pid"
+
+func recordProcess(stateDir, record string, pid int) error {
 	start, err := processStart(pid)
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(stateDir, qemuRecord), []byte(fmt.Sprintf("%d %d\n", pid, start)), 0o600)
+	return os.WriteFile(filepath.Join(stateDir, record), []byte(fmt.Sprintf("%d %d\n", pid, start)), 0o600)
 }
 
 // QEMUOf is the pid of the QEMU of the machine with state dir stateDir, if it runs (its
 // record there names a live process of the same start time), else 0.
-func QEMUOf(stateDir string) int {
-	b, err := os.ReadFile(filepath.Join(stateDir, qemuRecord))
+func QEMUOf(stateDir string) int { return recordedProcess(stateDir, qemuRecord) }
+
+// VirtiofsdOf is the pid of the virtiofsd of the machine with state dir stateDir, as
+// QEMUOf.
+func VirtiofsdOf(stateDir string) int { return recordedProcess(stateDir, virtiofsdRecord) }
+
+// recordedProcess is the pid record names in stateDir, if that process still runs.
+func recordedProcess(stateDir, record string) int {
+	b, err := os.ReadFile(filepath.Join(stateDir, record))
 	if err != nil {
 		return 0
 	}

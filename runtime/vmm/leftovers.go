@@ -27,8 +27,10 @@ func CleanupState(stateDir string) error {
 	}
 	var errs []error
 	pids := processesNaming(stateDir) // virtiofsd, and QEMU by its state dir's fd set
-	if pid := QEMUOf(stateDir); pid > 0 && !slices.Contains(pids, pid) {
-		pids = append(pids, pid)
+	for _, record := range []string{qemuRecord, virtiofsdRecord} {
+		if pid := recordedProcess(stateDir, record); pid > 0 && !slices.Contains(pids, pid) {
+			pids = append(pids, pid)
+		}
 	}
 	for _, pid := range pids {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
@@ -37,6 +39,9 @@ func CleanupState(stateDir string) error {
 		waitGone(pid, 5*time.Second)
 	}
 	if err := giveBackRecordedVFIO(stateDir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := removeVirtiofsdAlias(stateDir); err != nil {
 		errs = append(errs, err)
 	}
 	if _, err := mounts.UnmountTree(stateDir); err != nil {
@@ -49,6 +54,32 @@ func CleanupState(stateDir string) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// virtiofsdAlias names the file in the state dir that records the machine's VirtiofsdRoot
+// alias of its shared directory.
+const virtiofsdAlias = "virtiofsd.alias"
+
+// removeVirtiofsdAlias takes down the alias the state dir records, if it is one.
+func removeVirtiofsdAlias(stateDir string) error {
+	b, err := os.ReadFile(filepath.Join(stateDir, virtiofsdAlias))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	alias := string(b)
+	if filepath.Dir(alias) != VirtiofsdRoot {
+		return fmt.Errorf("cleanup state: %s records %q, not a directory of %s", virtiofsdAlias, alias, VirtiofsdRoot)
+	}
+	if _, err := mounts.UnmountTree(alias); err != nil {
+		return err
+	}
+	if err := os.Remove(alias); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
 }
 
 // processesNaming lists the processes whose command line names path or a path below it.

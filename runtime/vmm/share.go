@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/internal/mounts"
 )
 
@@ -27,6 +28,11 @@ import (
 // deleted directory.
 type sharedDir struct {
 	path string
+	// idmap, if set, is the mapping shares are mounted through (virtiofsd's user
+	// namespace); set before the first share
+	idmap *idmap.Map
+	// alias is a second place the directory is bound at (alsoAt), "" without one
+	alias string
 
 	mu     sync.Mutex
 	seq    uint64
@@ -55,6 +61,12 @@ func newSharedDir(path string) (*sharedDir, error) {
 // the shared directory under name and returns its path relative to the directory. name
 // is a relative path chosen by the runtime; it identifies the share for unshare.
 func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) {
+	return s.shareAs(hostPath, name, readonly, true)
+}
+
+// shareAs is share; mapped says to mount hostPath through the directory's ID mapping, if it
+// has one (not a rootfs mounted through it already).
+func (s *sharedDir) shareAs(hostPath, name string, readonly, mapped bool) (string, error) {
 	if name == "" || filepath.IsAbs(name) || !filepath.IsLocal(name) {
 		return "", fmt.Errorf("share name %q: must be a relative path inside the shared directory", name)
 	}
@@ -87,6 +99,14 @@ func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) 
 	// Not recursive: a recursive bind would hold copies of the host's submounts at the
 	// source's own dentries, and the host could not remove those directories while the VM
 	// runs (EBUSY). Submounts the guest needs are shared one by one (runtime/pod).
+	if mapped && s.idmap != nil {
+		if err := idmap.Bind(hostPath, target, *s.idmap, readonly); err != nil {
+			_ = os.Remove(target)
+			return "", fmt.Errorf("share %s as %q: %w (isolation.virtiofsd_user = \"root\" shares it as it is)", hostPath, name, err)
+		}
+		s.shares[name] = target
+		return rel, nil
+	}
 	if err := unix.Mount(hostPath, target, "", unix.MS_BIND, ""); err != nil {
 		_ = os.Remove(target)
 		return "", fmt.Errorf("share %s as %q: %w", hostPath, name, err)
@@ -126,6 +146,17 @@ func (s *sharedDir) unshare(name string) error {
 	return nil
 }
 
+// alsoAt binds the directory at path too, before anything is shared: a bind of a shared
+// mount is its peer, so every later share reaches it, and any mount namespace copied from
+// it (virtiofsd's).
+func (s *sharedDir) alsoAt(path string) error {
+	if err := unix.Mount(s.path, path, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind the shared directory at %s: %w", path, err)
+	}
+	s.alias = path
+	return nil
+}
+
 // close unshares everything and unmounts the directory itself.
 func (s *sharedDir) close() error {
 	s.mu.Lock()
@@ -137,6 +168,13 @@ func (s *sharedDir) close() error {
 	var errs []error
 	for _, name := range names {
 		errs = append(errs, s.unshare(name))
+	}
+	if s.alias != "" {
+		if err := unmount(s.alias); err != nil {
+			errs = append(errs, err)
+		} else if err := os.Remove(s.alias); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 	}
 	errs = append(errs, unmount(s.path))
 	return errors.Join(errs...)

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,7 @@ import (
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/devices"
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/qmp"
 	"github.com/vmpod/vmpod/runtime/vmuser"
@@ -45,6 +47,10 @@ type Machine struct {
 	share   *sharedDir    // nil without a shared filesystem
 	cgroup  *podCgroup    // nil without Config.Cgroup
 	lease   *vmuser.Lease // QEMU's uid; nil: QEMU runs as root
+	// owners is virtiofsd's range of ids and rootfsMap the user namespace mapping them;
+	// both nil when virtiofsd runs as root
+	owners    *vmuser.Lease
+	rootfsMap *idmap.Map
 
 	// virtiofsdEnded says how virtiofsd ended, or "" while it runs; nil without one
 	virtiofsdEnded func() string
@@ -251,15 +257,23 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 		return fmt.Errorf("listen for virtiofsd: %w", err)
 	}
 	defer listening.Close() // virtiofsd has its own copy once started
+	source := m.plan.paths.shared
+	attr := &syscall.SysProcAttr{}
+	if m.cfg.FileOwners != nil {
+		if source, err = m.leaseOwners(attr); err != nil {
+			return err
+		}
+	}
 	cmd := exec.Command(m.cfg.VirtiofsdPath,
 		"--fd=3",
-		"-o", "source="+m.plan.paths.shared,
+		"-o", "source="+source,
 		"-o", "cache=auto",
 		"-o", "xattr")
 	cmd.ExtraFiles = []*os.File{listening}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// A dying shim must not leave virtiofsd behind.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = attr
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 	m.cgroup.cloneInto(cmd.SysProcAttr)
 	if err := cmd.Start(); err != nil {
 		return err
@@ -267,6 +281,20 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
 	m.teardown.Add("stop virtiofsd", func() error { return stopHelper(cmd, done) })
+	if err := recordProcess(m.cfg.StateDir, virtiofsdRecord, cmd.Process.Pid); err != nil {
+		log.L.WithError(err).Warnf("vm %s: record virtiofsd's pid for a sweep", m.cfg.Name)
+	}
+	if m.owners != nil {
+		// Its namespace serves the ID-mapped mounts. Opened before QEMU starts, so before
+		// any guest can reach virtiofsd and have it make another.
+		ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/user", cmd.Process.Pid))
+		if err != nil {
+			return fmt.Errorf("its user namespace: %w", err)
+		}
+		m.teardown.Add("close virtiofsd's user namespace", ns.Close)
+		m.rootfsMap = &idmap.Map{Userns: ns, Root: m.owners.UID}
+		m.share.idmap = m.rootfsMap
+	}
 	m.virtiofsdEnded = func() string {
 		select {
 		case <-done:
@@ -284,6 +312,54 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 	}
 	return nil
 }
+
+// VirtiofsdRoot holds, for each virtiofsd running in a user namespace, a bind of its
+// machine's shared directory named by its range: the path it is given. The state
+// directory is root's alone (0700), and virtiofsd, no user of the host's, could not
+// traverse it; this directory only lets through (0711) to what is the range root's own.
+const VirtiofsdRoot = "/run/vmpod-virtiofsd"
+
+// leaseOwners leases virtiofsd's range of ids and sets attr to start it as the root of a
+// user namespace mapping the range's 64 Ki ids, with no supplementary groups. It returns
+// the path virtiofsd is to serve: the shared directory, made the range root's, seen
+// through VirtiofsdRoot.
+func (m *Machine) leaseOwners(attr *syscall.SysProcAttr) (string, error) {
+	lease, err := m.cfg.FileOwners.Lease(m.cfg.StateDir)
+	if err != nil {
+		return "", err
+	}
+	m.teardown.Add("release virtiofsd's ids", lease.Release)
+	m.owners = lease
+	ids := []syscall.SysProcIDMap{{ContainerID: 0, HostID: int(lease.UID), Size: vmuser.OwnerRange}}
+	attr.Cloneflags |= syscall.CLONE_NEWUSER
+	attr.UidMappings, attr.GidMappings = ids, ids
+	attr.GidMappingsEnableSetgroups = true // for dropping the shim's groups, below
+	attr.Credential = &syscall.Credential{Uid: 0, Gid: 0, Groups: []uint32{}}
+	owner := int(lease.UID)
+	if err := os.Chown(m.plan.paths.shared, owner, owner); err != nil {
+		return "", fmt.Errorf("give the shared directory to %d: %w", owner, err)
+	}
+	if err := os.MkdirAll(VirtiofsdRoot, 0o711); err != nil {
+		return "", err
+	}
+	// named by the range (one holder at a time) and the state dir (for whoever looks)
+	source := filepath.Join(VirtiofsdRoot, strconv.Itoa(owner)+"-"+filepath.Base(m.cfg.StateDir))
+	// recorded first: CleanupState takes it down if this shim dies
+	if err := os.WriteFile(filepath.Join(m.cfg.StateDir, virtiofsdAlias), []byte(source), 0o600); err != nil {
+		return "", err
+	}
+	if err := os.Mkdir(source, 0o700); err != nil {
+		return "", err
+	}
+	if err := m.share.alsoAt(source); err != nil {
+		return "", err
+	}
+	return source, nil
+}
+
+// RootfsMap is the ID mapping a container's rootfs must be mounted through before
+// ShareRootfs, nil if it is shared as it is (virtiofsd runs as root).
+func (m *Machine) RootfsMap() *idmap.Map { return m.rootfsMap }
 
 // stopHelper waits briefly for a helper that should exit on its own, then kills it.
 func stopHelper(cmd *exec.Cmd, done <-chan struct{}) error {
@@ -325,7 +401,7 @@ func (m *Machine) startQEMU(logFile *os.File) error {
 		return err
 	}
 	m.qemu = cmd
-	if err := recordProcess(m.cfg.StateDir, cmd.Process.Pid); err != nil {
+	if err := recordProcess(m.cfg.StateDir, qemuRecord, cmd.Process.Pid); err != nil {
 		log.L.WithError(err).Warnf("vm %s: record QEMU's pid for a sweep", m.cfg.Name)
 	}
 	go func() {
@@ -632,6 +708,19 @@ func (m *Machine) Share(hostPath, name string, readonly bool) (string, error) {
 		return "", fmt.Errorf("vm %s: share %s: the VM has no shared filesystem", m.cfg.Name, hostPath)
 	}
 	rel, err := m.share.share(hostPath, name, readonly)
+	if err != nil {
+		return "", fmt.Errorf("vm %s: %w", m.cfg.Name, err)
+	}
+	return rel, nil
+}
+
+// ShareRootfs shares a container's rootfs, mounted through RootfsMap already, as Share
+// does.
+func (m *Machine) ShareRootfs(hostPath, name string) (string, error) {
+	if m.share == nil {
+		return "", fmt.Errorf("vm %s: share %s: the VM has no shared filesystem", m.cfg.Name, hostPath)
+	}
+	rel, err := m.share.shareAs(hostPath, name, false, false)
 	if err != nil {
 		return "", fmt.Errorf("vm %s: %w", m.cfg.Name, err)
 	}

@@ -263,15 +263,17 @@ func (g *Guest) Unshare(name string) error { return g.m.Unshare(name) }
 // RootfsShare is the share name of a container's rootfs (CreateContainer shares it so).
 func RootfsShare(containerID string) string { return containerID + "/rootfs" }
 
-// CreateContainer shares the host directory rootfs into the guest, points spec's root at
-// it and creates the container. Bind-mount sources in spec must already be guest paths.
+// CreateContainer shares the host directory rootfs (mounted through the machine's
+// RootfsMap, if it has one) into the guest, points spec's root at it and creates the
+// container. Bind-mount sources in spec must already be guest paths.
 func (g *Guest) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (*Process, error) {
 	if spec == nil || spec.Root == nil {
 		return nil, fmt.Errorf("vm %s: container %s: spec.root: missing", g.cfg.Name, id)
 	}
 	var undo cleanup.Stack
 	defer func() { _ = undo.Run() }()
-	guestRoot, err := g.Share(rootfs, RootfsShare(id), false)
+	rel, err := g.m.ShareRootfs(rootfs, RootfsShare(id))
+	guestRoot := agentv1.GuestSharedDir + "/" + rel
 	if err != nil {
 		return nil, fmt.Errorf("container %s: rootfs: %w", id, err)
 	}

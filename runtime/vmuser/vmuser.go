@@ -31,6 +31,15 @@ const (
 	DefaultCount = 0x10000
 )
 
+// The node's default pool of file-owner ranges (virtiofsd's user namespaces, docs/design/023):
+// ranges of 64 Ki from the bottom of the same unassigned range up to the QEMU pool, 4093
+// of them.
+const (
+	OwnerRange         = 0x10000
+	DefaultOwnersFirst = 0x70000000
+	DefaultOwnersCount = DefaultFirst - DefaultOwnersFirst
+)
+
 // DefaultSweep are the host's usual world-writable directories, where a VM's uid can leave
 // files behind it (docs/design/014): temporary files, POSIX shared memory and message
 // queues opened by path, lock files.
@@ -48,6 +57,10 @@ type Pool struct {
 	Dir string
 	// First is the pool's first uid; Count how many it has.
 	First, Count uint32
+	// Stride is how many uids one lease takes (0 means 1), a multiple of which Count is:
+	// a range of 64 Ki is a user namespace's ids (virtiofsd's, docs/design/023). A lease
+	// is then named by its first uid, and none of its uids may be in use.
+	Stride uint32
 	// Sweep are directories swept of a uid's files before it is leased again, so that a
 	// VM never finds what an earlier VM of the same uid left (files in /tmp, POSIX shared
 	// memory in /dev/shm). QEMU's SysV IPC needs no sweep: it gets an IPC namespace of
@@ -66,9 +79,15 @@ func (p Pool) Validate() error {
 		return fmt.Errorf("vm users: %d uids from %d run past the last valid uid %d", p.Count, p.First, uint32(1<<32-2))
 	case p.Contains(65534) || p.Contains(65535):
 		return fmt.Errorf("vm users: uids %d..%d include nobody (65534) or the 16-bit -1 (65535)", p.First, p.Last())
+	case p.Count%p.stride() != 0:
+		return fmt.Errorf("vm users: %d uids are not a whole number of leases of %d", p.Count, p.stride())
+	case p.stride() > 1 && len(p.Sweep) > 0:
+		return fmt.Errorf("vm users: a sweep removes one uid's files, not a range's (stride %d)", p.stride())
 	}
 	return nil
 }
+
+func (p Pool) stride() uint32 { return max(p.Stride, 1) }
 
 // Last is the pool's last uid.
 func (p Pool) Last() uint32 { return p.First + p.Count - 1 }
@@ -81,7 +100,7 @@ func (p *Pool) Contains(uid uint32) bool {
 // ErrExhausted is returned when every uid of the pool is leased.
 var ErrExhausted = errors.New("every uid of the pool is in use")
 
-// Lease is one uid, held until Release.
+// Lease is one uid, or the pool's Stride uids from UID on, held until Release.
 type Lease struct {
 	UID  uint32
 	lock *os.File
@@ -103,7 +122,7 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 		return nil, fmt.Errorf("vm users: %w", err)
 	}
 	var sweepErrs []error
-	for i := uint32(0); i < p.Count; i++ {
+	for i := uint32(0); i < p.Count; i += p.stride() {
 		uid := p.First + i
 		f, err := os.OpenFile(filepath.Join(p.Dir, strconv.FormatUint(uint64(uid), 10)), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW, 0o600)
 		if err != nil {
@@ -116,7 +135,7 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 			}
 			return nil, fmt.Errorf("vm users: lock uid %d: %w", uid, err)
 		}
-		if running, err := processesRunningAs(uid); err != nil || running {
+		if running, err := processesRunningAs(uid, p.stride()); err != nil || running {
 			f.Close()
 			if err != nil {
 				return nil, fmt.Errorf("vm users: uid %d: %w", uid, err)
@@ -138,14 +157,18 @@ func (p Pool) Lease(owner string) (*Lease, error) {
 	return nil, fmt.Errorf("vm users: %d uids from %d: %w", p.Count, p.First, errors.Join(append([]error{ErrExhausted}, sweepErrs...)...))
 }
 
-// processesRunningAs reports whether any process has uid as its real, effective, saved or
-// filesystem uid. A process that exits while it is read does not count.
-func processesRunningAs(uid uint32) (bool, error) {
+// processesRunningAs reports whether any process has one of the n uids from uid on as its
+// real, effective, saved or filesystem uid. A process that exits while it is read does not
+// count.
+func processesRunningAs(uid, n uint32) (bool, error) {
 	procs, err := os.ReadDir("/proc")
 	if err != nil {
 		return false, err
 	}
-	want := strconv.FormatUint(uint64(uid), 10)
+	inRange := func(f string) bool {
+		v, err := strconv.ParseUint(f, 10, 32)
+		return err == nil && uint32(v) >= uid && uint32(v)-uid < n
+	}
 	for _, e := range procs {
 		if e.Name()[0] < '0' || e.Name()[0] > '9' {
 			continue
@@ -156,7 +179,7 @@ func processesRunningAs(uid uint32) (bool, error) {
 		}
 		for l := range strings.Lines(string(b)) {
 			if ids, ok := strings.CutPrefix(l, "Uid:"); ok {
-				if slices.Contains(strings.Fields(ids), want) {
+				if slices.ContainsFunc(strings.Fields(ids), inRange) {
 					return true, nil
 				}
 				break

@@ -204,3 +204,41 @@ func TestLeaseSweepsWhatTheLastHolderLeft(t *testing.T) {
 		}
 	}
 }
+
+// A range is leased whole: a process running as any uid of it keeps it from the next
+// holder.
+func TestRangesAreLeasedWhole(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root to run a process as another uid")
+	}
+	p := Pool{Dir: t.TempDir(), First: 0x7FF00000, Count: 3 * 16, Stride: 16}
+	if err := (Pool{Dir: p.Dir, First: p.First, Count: 40, Stride: 16}).Validate(); err == nil {
+		t.Error("40 uids in leases of 16 validated")
+	}
+	if err := (Pool{Dir: p.Dir, First: p.First, Count: 32, Stride: 16, Sweep: []string{"/tmp"}}).Validate(); err == nil {
+		t.Error("a sweep of ranges validated")
+	}
+	a, err := p.Lease("a")
+	if err != nil || a.UID != p.First {
+		t.Fatalf("first lease: %v, %v", a, err)
+	}
+	defer a.Release()
+	child := exec.Command("sleep", "60")
+	inSecond := p.First + 16 + 5
+	child.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: inSecond, Gid: inSecond, Groups: []uint32{}}}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = child.Process.Kill(); _ = child.Wait() }()
+	b, err := p.Lease("b")
+	if err != nil || b.UID != p.First+32 {
+		t.Fatalf("with uid %d in use: %v, %v; want the range from %d", inSecond, b, err, p.First+32)
+	}
+	defer b.Release()
+	if held, err := p.Held("b"); err != nil || len(held) != 1 || held[0] != p.First+32 {
+		t.Errorf("Held(b) = %v, %v", held, err)
+	}
+	if _, err := p.Lease("c"); !errors.Is(err, ErrExhausted) {
+		t.Fatalf("a third lease: %v, want ErrExhausted", err)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/vmpod/vmpod/internal/cleanup"
+	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/internal/mounts"
 	"github.com/vmpod/vmpod/internal/phases"
 )
@@ -66,8 +68,9 @@ func loadSpec(bundle string) (*specs.Spec, error) {
 }
 
 // mountRootfs mounts containerd's rootfs mounts (a snapshot) at bundle/rootfs, as every
-// shim does; without mounts the spec's root is used as it is.
-func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec) (dir string, mounted bool, err error) {
+// shim does; without mounts the spec's root is used as it is. With idm they are mounted
+// through that ID mapping (the pod's virtiofsd's, docs/design/023), a root.path too.
+func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec, idm *idmap.Map) (dir string, mounted bool, err error) {
 	if len(mounts) == 0 {
 		if spec.Root == nil || spec.Root.Path == "" {
 			return "", false, fmt.Errorf("no rootfs mounts and no root.path: %w", errdefs.ErrInvalidArgument)
@@ -76,11 +79,24 @@ func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec) (dir st
 		if !filepath.IsAbs(dir) {
 			dir = filepath.Join(bundle, dir)
 		}
-		return dir, false, nil
+		if idm == nil {
+			return dir, false, nil
+		}
+		// onto itself: the bundle keeps its root.path, seen through the mapping
+		if err := idmap.Bind(dir, dir, *idm, false); err != nil {
+			return "", false, fmt.Errorf("root.path: %w", err)
+		}
+		return dir, true, nil
 	}
 	dir = filepath.Join(bundle, "rootfs")
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return "", false, err
+	}
+	if idm != nil {
+		if err := mountMapped(mounts, dir, *idm); err != nil {
+			return "", false, fmt.Errorf("mount rootfs: %w", err)
+		}
+		return dir, true, nil
 	}
 	ms := make([]mount.Mount, 0, len(mounts))
 	for _, m := range mounts {
@@ -90,6 +106,34 @@ func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec) (dir st
 		return "", false, fmt.Errorf("mount rootfs: %w", err)
 	}
 	return dir, true, nil
+}
+
+// mountMapped mounts containerd's rootfs mounts at dir through idm: the overlay and bind
+// mounts snapshotters give. Others name themselves and the node setting that takes them.
+func mountMapped(ms []*types.Mount, dir string, idm idmap.Map) (retErr error) {
+	defer func() {
+		if retErr != nil {
+			_, _ = mounts.UnmountTree(dir)
+		}
+	}()
+	for i, m := range ms {
+		if m.Target != "" {
+			return fmt.Errorf("rootfs mount %d: target %q: only whole-rootfs mounts can be ID-mapped", i, m.Target)
+		}
+		var err error
+		switch m.Type {
+		case "overlay":
+			err = idmap.Overlay(dir, m.Options, idm)
+		case "bind", "rbind":
+			err = idmap.Bind(m.Source, dir, idm, slices.Contains(m.Options, "ro"))
+		default:
+			err = fmt.Errorf("type %q: cannot be ID-mapped for virtiofsd (node config isolation.virtiofsd_user = \"root\" mounts it as it is): %w", m.Type, errdefs.ErrNotImplemented)
+		}
+		if err != nil {
+			return fmt.Errorf("rootfs mount %d: %w", i, err)
+		}
+	}
+	return nil
 }
 
 // unmountRootfs takes the rootfs and what is mounted below it off the host. A mount the
@@ -145,7 +189,7 @@ func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []
 	}
 	phases.Mark(ctx, "pod")
 
-	rootfs, mounted, err := mountRootfs(bundle, rootfsMounts, spec)
+	rootfs, mounted, err := mountRootfs(bundle, rootfsMounts, spec, p.RootfsMap())
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
