@@ -11,7 +11,8 @@
 #              the run dir; any process whose root is an overlay of the test bed's
 #              snapshotter (runc containers orphaned by a dead shim)
 #   mounts     anything mounted under the run dir: rootfs, shm, pod netns (with the
-#              interfaces, e.g. a VM's tap, still inside a leaked netns)
+#              interfaces, e.g. a VM's tap, still inside a leaked netns); a VM's shared
+#              dir still bound in /run/vmpod-virtiofsd for its virtiofsd
 #   network    the test bed's bridge and veths on it, CNI cached results in
 #              /var/lib/cni/results, IPs still reserved, portmap NAT rules of its network
 #   files      pods the CRI plugin still has state for, temp files of containerd/shims/QEMU
@@ -68,11 +69,14 @@ plant_leaks() {
   iptables -t nat -A "$SELFTEST_PARENT_CHAIN" -p tcp -m comment \
     --comment "dnat name: \"$TB_CNI_NETWORK\" id: \"podid\"" -j "$SELFTEST_POD_CHAIN"
   touch "$TB_TMP/vmpod-leaked" "$TB_SHIM_SOCKETS/0123abcd"
+  # a VM's shared dir, still bound for its virtiofsd (docs/design/025)
+  mkdir -p "$TB_RUN/vm/podid/shared" "/run/vmpod-virtiofsd/leaktest-$$"
+  mount --bind "$TB_RUN/vm/podid/shared" "/run/vmpod-virtiofsd/leaktest-$$"
 }
 
 self_test_in_scratch() {
   local kinds=(process mount "in that netns: tapleak0" "link: bridge" "cni: cached" "cni-loopback-podid-lo"
-               "cni: IP" "iptables:" "tmp:" "bundle:" "socket:" "sandbox: pod podid")
+               "cni: IP" "iptables:" "tmp:" "bundle:" "socket:" "sandbox: pod podid" "bound for its virtiofsd")
   local leaks k failed=0
   SELFTEST_PARENT_CHAIN=CNI-LEAKTEST-$$
   SELFTEST_POD_CHAIN=CNI-DN-$(printf '%x' $$)0c0ffee

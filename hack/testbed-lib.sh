@@ -177,6 +177,16 @@ tb_mounts_under() {
   awk -v d="$dir/" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo | sort -r | uniq
 }
 
+# tb_virtiofsd_aliases: binds of this test bed's VMs' shared dirs in /run/vmpod-virtiofsd
+# (runtime/vmm.VirtiofsdRoot, docs/design/025), outside the run dir: the path a virtiofsd
+# in a user namespace is given. Told apart from other runs' by the bind's source (the
+# mountinfo root field: the shared dir's path, relative to /run if that is a filesystem).
+tb_virtiofsd_aliases() {
+  awk -v a="$TB_RUN/" -v b="${TB_RUN#/run}/" 'index($5, "/run/vmpod-virtiofsd/") == 1 &&
+    split($5, p, "/") == 4 && (index($4, a) == 1 || index($4, b) == 1) { print $5 }' \
+    /proc/self/mountinfo | sort -u
+}
+
 # tb_fstype MOUNTPOINT: the filesystem type mounted there (the field after " - " in mountinfo)
 tb_fstype() {
   awk -v m="$1" '$5 == m { for (i = 7; i <= NF; i++) if ($i == "-") { print $(i + 1); exit } }' /proc/self/mountinfo
@@ -217,6 +227,9 @@ tb_leaks() {
       # a leaked pod network namespace: show its interfaces (the VM's tap, the pod's veth)
       nsenter --net="$m" ip -br link 2>/dev/null | prefix_lines "  in that netns: "
     fi
+  done
+  for m in $(tb_virtiofsd_aliases); do
+    echo "mount: $m (a VM's shared dir, bound for its virtiofsd)"
   done
   # 3. network: our bridge (the CNI plugin never deletes it: stop does, so it counts only
   #    after stop), veths still on it, CNI state of our network
@@ -270,6 +283,7 @@ tb_force_clean() {
     timeout 5 tail --pid="$pid" -f /dev/null 2>/dev/null || true
   done
   for m in $(tb_mounts_under "$TB_RUN"); do umount -l "$m" 2>/dev/null || true; done
+  for m in $(tb_virtiofsd_aliases); do umount -l "$m" 2>/dev/null && rmdir "$m" 2>/dev/null || true; done
   ip link del "$TB_BRIDGE" 2>/dev/null || true
   rm -f /var/lib/cni/results/"$TB_CNI_NETWORK"-*
   for id in $(tb_sandbox_ids); do rm -f "/var/lib/cni/results/cni-loopback-$id-lo"; done

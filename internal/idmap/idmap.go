@@ -1,7 +1,7 @@
 // Package idmap mounts directories through an ID mapping: a mount of a container's files in
 // which each owner appears shifted into a host range of the pod's own, so that virtiofsd,
 // running as that range's root in a user namespace, serves them without being root on the
-// host (docs/design/023-virtiofsd-user-namespace.md).
+// host (docs/design/025-virtiofsd-user-namespace.md).
 //
 // A file owned by u on disk appears owned by Root+u through the mount, and a file created
 // through it by Root+u is owned by u on disk: the snapshot keeps its real owners.

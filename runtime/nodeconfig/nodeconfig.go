@@ -134,7 +134,7 @@ type Isolation struct {
 	// VirtiofsdUser is "pod" (the default): each VM's virtiofsd runs as root of a user
 	// namespace of its own, whose 64 Ki ids are a host range leased from
 	// [FirstOwnerID, FirstOwnerID+OwnerIDs), and serves the pod's files through
-	// ID-mapped mounts (docs/design/023); or "root", for shared files on a filesystem
+	// ID-mapped mounts (docs/design/025); or "root", for shared files on a filesystem
 	// that cannot be mounted ID-mapped. Pods with user namespaces of their own
 	// (hostUsers: false) get a root virtiofsd either way, for now.
 	VirtiofsdUser string `toml:"virtiofsd_user"`

@@ -85,7 +85,7 @@ type container struct {
 // fileOwners is the pool virtiofsd's ids are leased from, nil to run it as root. A pod with a
 // user namespace of its own (hostUsers: false) gets none: containerd maps its rootfs to
 // the pod's host range already, and a second mapping cannot be stacked on an ID-mapped
-// mount (docs/design/023).
+// mount (docs/design/025).
 func fileOwners(i nodeconfig.Isolation, spec *specs.Spec) *vmuser.Pool {
 	if spec.Linux != nil && len(spec.Linux.UIDMappings) > 0 {
 		return nil

@@ -54,7 +54,7 @@ type Pod interface {
 	// shim dies.
 	WriteRecord(bundle string) error
 	// RootfsMap is the ID mapping a container's rootfs is to be mounted through before
-	// CreateContainer, nil to mount it as it is (docs/design/023).
+	// CreateContainer, nil to mount it as it is (docs/design/025).
 	RootfsMap() *idmap.Map
 }
 

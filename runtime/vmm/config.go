@@ -57,7 +57,7 @@ type Config struct {
 	// FileOwners, if set, runs virtiofsd as root of a user namespace whose 64 Ki ids are a
 	// range leased from the pool (Stride vmuser.OwnerRange), and shares directories
 	// through ID-mapped mounts: virtiofsd is no user of the host's files, and a file it
-	// makes for the guest's uid u is u's on disk (docs/design/023). Nil runs it as root.
+	// makes for the guest's uid u is u's on disk (docs/design/025). Nil runs it as root.
 	FileOwners *vmuser.Pool
 
 	Type  machine.Type  // default microvm

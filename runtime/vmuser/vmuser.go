@@ -31,7 +31,7 @@ const (
 	DefaultCount = 0x10000
 )
 
-// The node's default pool of file-owner ranges (virtiofsd's user namespaces, docs/design/023):
+// The node's default pool of file-owner ranges (virtiofsd's user namespaces, docs/design/025):
 // ranges of 64 Ki from the bottom of the same unassigned range up to the QEMU pool, 4093
 // of them.
 const (
@@ -58,7 +58,7 @@ type Pool struct {
 	// First is the pool's first uid; Count how many it has.
 	First, Count uint32
 	// Stride is how many uids one lease takes (0 means 1), a multiple of which Count is:
-	// a range of 64 Ki is a user namespace's ids (virtiofsd's, docs/design/023). A lease
+	// a range of 64 Ki is a user namespace's ids (virtiofsd's, docs/design/025). A lease
 	// is then named by its first uid, and none of its uids may be in use.
 	Stride uint32
 	// Sweep are directories swept of a uid's files before it is leased again, so that a

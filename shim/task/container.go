@@ -69,7 +69,7 @@ func loadSpec(bundle string) (*specs.Spec, error) {
 
 // mountRootfs mounts containerd's rootfs mounts (a snapshot) at bundle/rootfs, as every
 // shim does; without mounts the spec's root is used as it is. With idm they are mounted
-// through that ID mapping (the pod's virtiofsd's, docs/design/023), a root.path too.
+// through that ID mapping (the pod's virtiofsd's, docs/design/025), a root.path too.
 func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec, idm *idmap.Map) (dir string, mounted bool, err error) {
 	if len(mounts) == 0 {
 		if spec.Root == nil || spec.Root.Path == "" {
