@@ -135,8 +135,8 @@ type Isolation struct {
 	// namespace of its own, whose 64 Ki ids are a host range leased from
 	// [FirstOwnerID, FirstOwnerID+OwnerIDs), and serves the pod's files through
 	// ID-mapped mounts (docs/design/025); or "root", for shared files on a filesystem
-	// that cannot be mounted ID-mapped. Pods with user namespaces of their own
-	// (hostUsers: false) get a root virtiofsd either way, for now.
+	// that cannot be mounted ID-mapped. For a pod with a user namespace of its own
+	// (hostUsers: false) the namespace maps the pod's host ids onto themselves instead.
 	VirtiofsdUser string `toml:"virtiofsd_user"`
 	FirstOwnerID  uint32 `toml:"first_owner_id"`
 	OwnerIDs      uint32 `toml:"owner_ids"`

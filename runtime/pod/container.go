@@ -27,13 +27,13 @@ import (
 	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/internal/phases"
 	"github.com/vmpod/vmpod/runtime"
+	"github.com/vmpod/vmpod/runtime/cri"
 	"github.com/vmpod/vmpod/runtime/network"
 	"github.com/vmpod/vmpod/runtime/nodeconfig"
 	"github.com/vmpod/vmpod/runtime/pidproxy"
 	"github.com/vmpod/vmpod/runtime/vmm"
 	"github.com/vmpod/vmpod/runtime/vmpodagent"
 	"github.com/vmpod/vmpod/runtime/vmtemplate"
-	"github.com/vmpod/vmpod/runtime/vmuser"
 )
 
 // containerPod is a pod whose containers run in the vmpod guest under its agent.
@@ -82,15 +82,21 @@ type container struct {
 	termLog string
 }
 
-// fileOwners is the pool virtiofsd's ids are leased from, nil to run it as root. A pod with a
-// user namespace of its own (hostUsers: false) gets none: containerd maps its rootfs to
-// the pod's host range already, and a second mapping cannot be stacked on an ID-mapped
-// mount (docs/design/025).
-func fileOwners(i nodeconfig.Isolation, spec *specs.Spec) *vmuser.Pool {
-	if spec.Linux != nil && len(spec.Linux.UIDMappings) > 0 {
-		return nil
+// podIDs are the host sides of a pod's own ID mappings (hostUsers: false), none for a pod
+// in the host's user namespace. containerd gives such a pod's files the pod's host ids
+// already, so its virtiofsd maps those onto themselves instead of mounting anything
+// ID-mapped: a second mapping cannot be stacked on an ID-mapped mount (docs/design/025).
+func podIDs(spec *specs.Spec) (uids, gids []vmm.IDRange) {
+	if spec.Linux == nil {
+		return nil, nil
 	}
-	return i.FileOwners()
+	for _, m := range spec.Linux.UIDMappings {
+		uids = append(uids, vmm.IDRange{First: m.HostID, Count: m.Size})
+	}
+	for _, m := range spec.Linux.GIDMappings {
+		gids = append(gids, vmm.IDRange{First: m.HostID, Count: m.Size})
+	}
+	return uids, gids
 }
 
 // startContainerPod boots the VM for a container pod, sized from spec (the pod's first
@@ -107,7 +113,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 			StateDir:      filepath.Join(cfg.StateDir, podID),
 			QEMUPath:      h.QEMU,
 			Users:         cfg.Isolation.QEMUUsers(),
-			FileOwners:    fileOwners(cfg.Isolation, spec),
+			FileOwners:    cfg.Isolation.FileOwners(),
 			VirtiofsdPath: h.Virtiofsd,
 			Boot:          vmm.Boot{Kernel: h.Kernel, Initrd: h.Initrd, KernelParams: h.KernelParams},
 			Type:          h.Machine,
@@ -127,6 +133,15 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	}
 	if choice.Machine != "" {
 		gc.Type = choice.Machine
+	}
+	if cri.PrivilegedSandbox(spec) {
+		// Host mounts propagated into its volumes after the share (HostToContainer,
+		// Bidirectional: a privileged pod's) are not ID-mapped, and would be nobody's to
+		// a virtiofsd in a user namespace (docs/design/025).
+		gc.FileOwners = nil
+	}
+	if gc.FileOwners != nil {
+		gc.PodUIDs, gc.PodGIDs = podIDs(spec)
 	}
 	if choice.SharedFS != "" {
 		if choice.SharedFS == machine.NineP && gc.Users != nil {

@@ -59,6 +59,11 @@ type Config struct {
 	// through ID-mapped mounts: virtiofsd is no user of the host's files, and a file it
 	// makes for the guest's uid u is u's on disk (docs/design/025). Nil runs it as root.
 	FileOwners *vmuser.Pool
+	// PodUIDs and PodGIDs, with FileOwners, are the host ids of a pod with a user
+	// namespace of its own (its ID mappings' host sides), which its files are owned by
+	// already: virtiofsd's namespace maps them onto themselves and only its root onto the
+	// leased range, and nothing is mounted ID-mapped (RootfsMap is nil).
+	PodUIDs, PodGIDs []IDRange
 
 	Type  machine.Type  // default microvm
 	Accel machine.Accel // default auto
@@ -308,6 +313,15 @@ func (c Config) Validate() error {
 		if err := checkFile(c.VirtiofsdPath); err != nil {
 			bad("virtiofsd", "%v", err)
 		}
+	}
+	if (len(c.PodUIDs) > 0 || len(c.PodGIDs) > 0) && c.FileOwners == nil {
+		bad("pod_uids", "a pod's own ids are mapped for a virtiofsd in a user namespace: set file_owners")
+	}
+	if err := checkIDRanges(c.PodUIDs, len(c.PodUIDs) > 0 || len(c.PodGIDs) > 0); err != nil {
+		bad("pod_uids", "%v", err)
+	}
+	if err := checkIDRanges(c.PodGIDs, len(c.PodUIDs) > 0 || len(c.PodGIDs) > 0); err != nil {
+		bad("pod_gids", "%v", err)
 	}
 	if err := c.Type.Check(); err != nil {
 		bad("machine", "%v", err)
@@ -560,6 +574,41 @@ func checkFile(path string) error {
 	}
 	if fi.IsDir() {
 		return fmt.Errorf("%q is a directory", path)
+	}
+	return nil
+}
+
+// IDRange is Count host ids from First.
+type IDRange struct{ First, Count uint32 }
+
+// maxIDRanges leaves one of the kernel's 340 lines of an ID map to virtiofsd's root.
+const maxIDRanges = 339
+
+// checkIDRanges refuses ranges a user namespace could not map onto themselves beside its
+// root: id 0 (the root is the leased range's), overlaps, too many lines. want says the
+// list must not be empty (its partner is not).
+func checkIDRanges(rs []IDRange, want bool) error {
+	switch {
+	case want && len(rs) == 0:
+		return errors.New("empty, while the other list is not: a pod's own uids and gids come together")
+	case len(rs) > maxIDRanges:
+		return fmt.Errorf("%d ranges: at most %d", len(rs), maxIDRanges)
+	}
+	for i, r := range rs {
+		last := uint64(r.First) + uint64(r.Count) - 1
+		switch {
+		case r.Count == 0:
+			return fmt.Errorf("[%d]: no ids", i)
+		case r.First == 0:
+			return fmt.Errorf("[%d]: includes id 0, host root's", i)
+		case last > 1<<32-2:
+			return fmt.Errorf("[%d]: %d ids from %d run past the last valid id", i, r.Count, r.First)
+		}
+		for j, o := range rs[:i] {
+			if uint64(r.First) <= uint64(o.First)+uint64(o.Count)-1 && uint64(o.First) <= last {
+				return fmt.Errorf("[%d] overlaps [%d]", i, j)
+			}
+		}
 	}
 	return nil
 }

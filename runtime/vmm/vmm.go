@@ -284,7 +284,7 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 	if err := recordProcess(m.cfg.StateDir, virtiofsdRecord, cmd.Process.Pid); err != nil {
 		log.L.WithError(err).Warnf("vm %s: record virtiofsd's pid for a sweep", m.cfg.Name)
 	}
-	if m.owners != nil {
+	if m.owners != nil && len(m.cfg.PodUIDs) == 0 {
 		// Its namespace serves the ID-mapped mounts. Opened before QEMU starts, so before
 		// any guest can reach virtiofsd and have it make another.
 		ns, err := os.Open(fmt.Sprintf("/proc/%d/ns/user", cmd.Process.Pid))
@@ -320,9 +320,10 @@ func (m *Machine) startVirtiofsd(logFile *os.File) error {
 const VirtiofsdRoot = "/run/vmpod-virtiofsd"
 
 // leaseOwners leases virtiofsd's range of ids and sets attr to start it as the root of a
-// user namespace mapping the range's 64 Ki ids, with no supplementary groups. It returns
-// the path virtiofsd is to serve: the shared directory, made the range root's, seen
-// through VirtiofsdRoot.
+// user namespace mapping the range's 64 Ki ids (or, for a pod with ids of its own, the
+// range's first id as root and the pod's ids onto themselves), with no supplementary
+// groups. It returns the path virtiofsd is to serve: the shared directory, made the range
+// root's, seen through VirtiofsdRoot.
 func (m *Machine) leaseOwners(attr *syscall.SysProcAttr) (string, error) {
 	lease, err := m.cfg.FileOwners.Lease(m.cfg.StateDir)
 	if err != nil {
@@ -333,6 +334,10 @@ func (m *Machine) leaseOwners(attr *syscall.SysProcAttr) (string, error) {
 	ids := []syscall.SysProcIDMap{{ContainerID: 0, HostID: int(lease.UID), Size: vmuser.OwnerRange}}
 	attr.Cloneflags |= syscall.CLONE_NEWUSER
 	attr.UidMappings, attr.GidMappings = ids, ids
+	if len(m.cfg.PodUIDs) > 0 {
+		attr.UidMappings = ownIDs(lease.UID, m.cfg.PodUIDs)
+		attr.GidMappings = ownIDs(lease.UID, m.cfg.PodGIDs)
+	}
 	attr.GidMappingsEnableSetgroups = true // for dropping the shim's groups, below
 	attr.Credential = &syscall.Credential{Uid: 0, Gid: 0, Groups: []uint32{}}
 	owner := int(lease.UID)
@@ -355,6 +360,15 @@ func (m *Machine) leaseOwners(attr *syscall.SysProcAttr) (string, error) {
 		return "", err
 	}
 	return source, nil
+}
+
+// ownIDs maps root onto the host's id root and each of a pod's ranges onto itself.
+func ownIDs(root uint32, pod []IDRange) []syscall.SysProcIDMap {
+	ids := []syscall.SysProcIDMap{{ContainerID: 0, HostID: int(root), Size: 1}}
+	for _, r := range pod {
+		ids = append(ids, syscall.SysProcIDMap{ContainerID: int(r.First), HostID: int(r.First), Size: int(r.Count)})
+	}
+	return ids
 }
 
 // RootfsMap is the ID mapping a container's rootfs must be mounted through before
