@@ -3,6 +3,7 @@ package shim_test
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -14,7 +15,7 @@ import (
 )
 
 // TestVirtiofsdIsNoUserOfTheHost: a pod's virtiofsd runs as root of a user namespace whose
-// ids are a host range of its own (docs/design/023): no uid or group of the host's, while
+// ids are a host range of its own (docs/design/025): no uid or group of the host's, while
 // the guest still sees the image's owners, and what it writes, through the rootfs or a
 // volume, lands on disk with the owners the guest gave it.
 func TestVirtiofsdIsNoUserOfTheHost(t *testing.T) {
@@ -95,4 +96,92 @@ func TestVirtiofsdIsNoUserOfTheHost(t *testing.T) {
 		}
 	}
 	t.Logf("virtiofsd %v: uid_map %s", pids, strings.TrimSpace(func() string { b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/uid_map", pid)); return string(b) }()))
+
+	// What virtiofsd's host uid may reach: its own pod's shared directory (the control),
+	// not another pod's, nor another pod's state.
+	other := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "virtiofsd-other"}})
+	other.Container(testenv.ContainerConfig{Metadata: testenv.Metadata{Name: "idle"}, Command: sh("sleep 1000")})
+	otherState := testenv.PodStateDir(t, other.ID)
+	otherPid := vmm.VirtiofsdOf(otherState)
+	if otherPid <= 0 {
+		t.Fatal("no virtiofsd recorded for the second pod")
+	}
+	uid := statusID(t, pid, "Uid")
+	if other := statusID(t, otherPid, "Uid"); other == uid {
+		t.Fatalf("two pods' virtiofsd run as one uid %d", uid)
+	}
+	as := func(args ...string) error {
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %w: %s", args, err, out)
+		}
+		return nil
+	}
+	if err := as("ls", sourceOf(t, pid)); err != nil {
+		t.Errorf("uid %d cannot list its own pod's shared directory (the control): %v", uid, err)
+	}
+	for _, path := range []string{sourceOf(t, otherPid), filepath.Join(otherState, "vm.log"), otherState} {
+		if err := as("ls", path); err == nil {
+			t.Errorf("virtiofsd's uid %d lists %s, of another pod", uid, path)
+		}
+	}
+}
+
+// TestPrivilegedPodsVirtiofsdIsRoot: a privileged pod's virtiofsd stays root, so that host
+// mounts propagated into its volumes (not ID-mapped) reach its guest (docs/design/025).
+func TestPrivilegedPodsVirtiofsdIsRoot(t *testing.T) {
+	testenv.RequireTestbed(t)
+	pod := testenv.RunPod(t, testenv.PodConfig{
+		Metadata: testenv.Metadata{Name: "virtiofsd-privileged"},
+		Linux:    map[string]any{"security_context": map[string]any{"privileged": true}},
+	})
+	pod.Container(testenv.ContainerConfig{
+		Metadata: testenv.Metadata{Name: "idle"}, Command: sh("sleep 1000"),
+		Linux: map[string]any{"security_context": map[string]any{"privileged": true}},
+	})
+	pid := vmm.VirtiofsdOf(testenv.PodStateDir(t, pod.ID))
+	if pid <= 0 {
+		t.Fatal("no virtiofsd recorded for the pod")
+	}
+	if uid := statusID(t, pid, "Uid"); uid != 0 {
+		t.Errorf("a privileged pod's virtiofsd runs as %d, want root", uid)
+	}
+}
+
+// statusID is the real id of key (Uid, Gid) in a process's status.
+func statusID(t *testing.T, pid int, key string) uint32 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range strings.Lines(string(b)) {
+		if ids, ok := strings.CutPrefix(l, key+":"); ok {
+			var id uint32
+			if _, err := fmt.Sscan(ids, &id); err != nil {
+				t.Fatal(err)
+			}
+			return id
+		}
+	}
+	t.Fatalf("process %d: no %s", pid, key)
+	return 0
+}
+
+// sourceOf is the directory a virtiofsd serves, from its command line.
+func sourceOf(t *testing.T, pid int) string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, arg := range strings.Split(string(b), "\x00") {
+		if dir, ok := strings.CutPrefix(arg, "source="); ok {
+			return dir
+		}
+	}
+	t.Fatalf("virtiofsd %d: no source= on its command line %q", pid, b)
+	return ""
 }
