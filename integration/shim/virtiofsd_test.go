@@ -150,6 +150,39 @@ func TestPrivilegedPodsVirtiofsdIsRoot(t *testing.T) {
 	}
 }
 
+// TestUsernsPodsVirtiofsdMapsThePodsIDs: a pod with a user namespace of its own has its
+// files owned by its host ids already; its virtiofsd's namespace maps those onto
+// themselves and only its root onto a range of its own (docs/design/025).
+func TestUsernsPodsVirtiofsdMapsThePodsIDs(t *testing.T) {
+	testenv.RequireTestbed(t)
+	const host = 0x60000000 // the pod's host ids: a range nothing else on the test bed uses
+	ids := []map[string]any{{"host_id": host, "container_id": 0, "length": 65536}}
+	pod := testenv.RunPod(t, testenv.PodConfig{
+		Metadata: testenv.Metadata{Name: "virtiofsd-userns"},
+		Linux: map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{
+			"userns_options": map[string]any{"mode": 0, "uids": ids, "gids": ids}, // mode POD
+		}}},
+	})
+	pid := vmm.VirtiofsdOf(testenv.PodStateDir(t, pod.ID))
+	if pid <= 0 {
+		t.Fatal("no virtiofsd recorded for the pod")
+	}
+	uid := statusID(t, pid, "Uid")
+	if uid < vmuser.DefaultOwnersFirst || uid >= vmuser.DefaultOwnersFirst+vmuser.DefaultOwnersCount {
+		t.Errorf("virtiofsd runs as %d, not a uid of the file-owner ranges", uid)
+	}
+	for _, file := range []string{"uid_map", "gid_map"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Join(strings.Fields(string(b)), " ")
+		if want := fmt.Sprintf("0 %d 1 %d %d 65536", uid, host, host); got != want {
+			t.Errorf("virtiofsd's %s: %q, want %q (its root on its range, the pod's ids onto themselves)", file, got, want)
+		}
+	}
+}
+
 // statusID is the real id of key (Uid, Gid) in a process's status.
 func statusID(t *testing.T, pid int, key string) uint32 {
 	t.Helper()
