@@ -413,8 +413,9 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 		}
 		_ = shimEnd.CloseWrite()
 	}()
+	returnPath := make(chan struct{}) // closed once the return path has all QEMU wrote on it
 	if req.PostCopy {
-		go copyReturnPath(stream, shimEnd)
+		go func() { copyReturnPath(stream, shimEnd); close(returnPath) }()
 	}
 	started := time.Now()
 	info, err := c.machine.AwaitIncoming(ctx)
@@ -486,9 +487,22 @@ func (c *computeVM) receive(ctx context.Context, l net.Listener, cfg *tls.Config
 			c.loseGuest(ctx, err)
 		} else {
 			lg.Infof("migration target: post-copy done, the guest's memory is all here (%v after the stream began)", time.Since(started).Round(time.Millisecond))
+			// QEMU's last word on the return path (its shutdown message) comes after it
+			// reports the migration completed, and the source's QEMU calls its side
+			// completed only once it has that word: closing the stream first (the returns
+			// below) left a source in postcopy-active for good (measured, a cluster run).
+			select {
+			case <-returnPath:
+			case <-time.After(returnPathDrain):
+				lg.Warnf("migration target: the return path did not end within %v of the post-copy's end", returnPathDrain)
+			}
 		}
 	}
 }
+
+// returnPathDrain bounds the wait for a finished post-copy's return path to carry QEMU's
+// last message to the source: QEMU sends it and closes its end at once.
+const returnPathDrain = 10 * time.Second
 
 // copyReturnPath copies a post-copy migration's return path — the target QEMU's requests
 // for pages — from from to to, against the stream's direction; the end of one is the end

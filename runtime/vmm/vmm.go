@@ -357,6 +357,7 @@ func (m *Machine) leaseOwners(attr *syscall.SysProcAttr) (string, error) {
 		return "", err
 	}
 	if err := m.share.alsoAt(source); err != nil {
+		_ = os.Remove(source)
 		return "", err
 	}
 	return source, nil
