@@ -371,6 +371,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		continuedAt time.Time // when
 		queryErrors int
 		lateTimes   int // polls of a completed migration whose times were not set yet
+		// the last time a migration past the switch to post-copy said how it went: it has
+		// no timeout, so a long one is logged rather than waited on in silence
+		postCopyLogged time.Time
 	)
 	var cancel func(why error)
 	// giveUp cancels the migration, or switches it to post-copy when the options allow:
@@ -505,6 +508,13 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 					// the guest's memory is partly on the target (or may be): there is nothing
 					// to cancel back to, and the caller's cancel waits for the end like
 					// everyone else
+					if postCopyLogged.IsZero() {
+						postCopyLogged = time.Now()
+					} else if time.Since(postCopyLogged) >= postCopyLogEvery {
+						postCopyLogged = time.Now()
+						log.G(ctx).Warnf("vm %s: the migration is %s %v after the switch to post-copy was asked (%d MiB sent, %d MiB left): QEMU ends it once the target has every page and has said so",
+							m.cfg.Name, info.Status, time.Since(postCopyAt).Round(time.Second), info.Transferred()>>20, info.Remaining()>>20)
+					}
 				case info.Status == qmp.MigrationPreSwitchover && ctx.Err() != nil:
 					cancel(ctx.Err()) // nothing of the guest has run there: it stays here
 				case info.Status == qmp.MigrationPreSwitchover:
@@ -623,6 +633,11 @@ func (m *Machine) resumeAfterPause(ctx context.Context, opts MigrationOptions) e
 	log.G(ctx).Infof("vm %s: the guest runs on here (stopped for a switch to post-copy that did not happen)", m.cfg.Name)
 	return nil
 }
+
+// postCopyLogEvery spaces the log lines of a migration still under way after its switch to
+// post-copy (design 209: a target that closed the stream too early once left a source in
+// postcopy-active for good, without a word).
+const postCopyLogEvery = 30 * time.Second
 
 // postCopySwitchWait bounds the wait for QEMU to switch a migration to post-copy once
 // asked; it is cancelled past it, as it would have been without post-copy.
