@@ -3,7 +3,6 @@ package shim_test
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -110,20 +109,11 @@ func TestVirtiofsdIsNoUserOfTheHost(t *testing.T) {
 	if other := statusID(t, otherPid, "Uid"); other == uid {
 		t.Fatalf("two pods' virtiofsd run as one uid %d", uid)
 	}
-	as := func(args ...string) error {
-		cmd := exec.Command(args[0], args[1:]...)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{}}}
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("%v: %w: %s", args, err, out)
-		}
-		return nil
-	}
-	if err := as("ls", sourceOf(t, pid)); err != nil {
-		t.Errorf("uid %d cannot list its own pod's shared directory (the control): %v", uid, err)
+	if code, out := testenv.AsUserOf(t, pid, "ls "+sourceOf(t, pid)); code != 0 {
+		t.Errorf("uid %d cannot list its own pod's shared directory (the control): exit %d: %s", uid, code, out)
 	}
 	for _, path := range []string{sourceOf(t, otherPid), filepath.Join(otherState, "vm.log"), otherState} {
-		if err := as("ls", path); err == nil {
+		if code, _ := testenv.AsUserOf(t, pid, "ls "+path); code == 0 {
 			t.Errorf("virtiofsd's uid %d lists %s, of another pod", uid, path)
 		}
 	}
