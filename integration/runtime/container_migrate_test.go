@@ -3,6 +3,7 @@ package runtime_test
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -25,7 +26,8 @@ import (
 // virtiofsd's state — the files the guest has open — travels in QEMU's stream (QEMU >= 8.2,
 // virtiofsd >= 1.11: hack/qemu-next.sh). Each machine has its own rootfs, an overlay of
 // the same image, as on two nodes: what the container wrote (the source's upper
-// directory) is mirrored into the target's while the container runs, and once more
+// directory) is mirrored into the target's over a connection (rootfssync's stream, as
+// between nodes) while the container runs, and once more
 // while the guest is stopped, before virtiofsd's state arrives. The container's init
 // holds open a file it wrote itself and keeps a counter in the rootfs; on the target the
 // same process goes on counting in the target's tree, reads on in the file it held open,
@@ -95,9 +97,10 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	}
 	counting("source")
 
-	// the target's rootfs: the same image, and what the container wrote so far
+	// the target's rootfs: the same image, and what the container wrote so far, sent
+	// over a TCP connection as between two nodes
 	to := testenv.NewOverlay(t, busybox)
-	tree := rootfssync.New(from.Upper, to.Upper)
+	tree := rootfssync.Over(from.Upper, mirrorConnection(t, to.Upper))
 	if c, err := tree.Pass(ctx, true); err != nil {
 		t.Fatal(err)
 	} else {
@@ -223,4 +226,36 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	if err := dst.RemoveContainer(context.Background(), "main", true); err != nil {
 		t.Errorf("remove the container on the target: %v", err)
 	}
+}
+
+// mirrorConnection is a TCP connection to a rootfssync.Receive writing into dst; the
+// cleanup closes it and checks Receive ended cleanly.
+func mirrorConnection(t *testing.T, dst string) net.Conn {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	received := make(chan error, 1)
+	go func() {
+		conn, err := l.Accept()
+		if err != nil {
+			received <- err
+			return
+		}
+		defer conn.Close()
+		received <- rootfssync.Receive(context.Background(), conn, dst)
+	}()
+	conn, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		if err := <-received; err != nil {
+			t.Errorf("the target's rootfs mirror: %v", err)
+		}
+	})
+	return conn
 }

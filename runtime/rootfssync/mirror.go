@@ -2,25 +2,32 @@
 // the source (docs/design/211). Both rootfs are overlays of the same image layers, so
 // what differs is what the container wrote: the source overlay's upper directory. A
 // Mirror makes the target's upper directory, not yet mounted, a copy of it — files,
-// directories, hard and symbolic links, device nodes and the overlay's own whiteouts
-// (character devices 0:0) and opaque markers (xattrs), owners, modes, times — and removes
-// what the source no longer has. Its first pass runs while the container does; each later
-// one copies only what changed since, the last while the guest is stopped, before
+// directories, hard and symbolic links, the overlay's own whiteouts (character devices
+// 0:0) and opaque markers (xattrs), FIFOs, owners, modes, times — and removes what the
+// source no longer has. Its first pass runs while the container does; each later one
+// copies only what changed since, the last while the guest is stopped, before
 // virtiofsd's state (the files the guest has open, by path) reaches the target.
+//
+// A pass is a stream (wire.go): the Mirror walks the source and sends what changed, and
+// Receive, at the target, writes it. Between nodes the stream is a connection (Over);
+// on one host (New) a receiver in the same process reads it.
 //
 // The source is written by a container, as root if it likes, while it is read: every
 // name is resolved one component at a time from a directory descriptor, never through a
 // symbolic link, and a file is opened only once it is known to be the regular file that
 // was looked at (a device node swapped in would be opened by the host's root). What a
-// pass copies is bounded by what it looked at: a file's size, a tree's depth. The target
-// is written by nothing else while a pass runs.
+// pass copies is bounded by what it looked at: a file's size, a tree's depth. The
+// stream is the other node's input and is checked as such (receive.go). The target is
+// written by nothing else while a pass runs.
 package rootfssync
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -29,24 +36,31 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxDepth bounds a tree's nesting: each level holds two descriptors during a pass.
+// maxDepth bounds a tree's nesting: each level holds a descriptor at each end.
 const maxDepth = 256
 
 // Changes counts what a pass did.
 type Changes struct {
 	Copied  int   // entries written (files, new directories, links, nodes)
-	Removed int   // entries removed from the target
+	Removed int   // entries removed from the target, or replaced by one of another kind
 	Skipped int   // entries that changed while a live pass looked at them: the next pass's
-	Bytes   int64 // file content copied
+	Bytes   int64 // file content sent
 }
 
-// Mirror keeps the tree dst a copy of the tree src over passes.
+// Mirror keeps a target tree a copy of the tree src over passes.
 type Mirror struct {
-	src, dst string
-	// copied is, by path below the roots, the source entry as a pass last copied it: its
+	src string
+	dst string // New's: the directory a receiver in this process writes into
+	// Over's: the connection to a Receive
+	r *bufio.Reader
+	w frameWriter
+	// copied is, by path below the roots, the source entry as a pass last sent it: its
 	// inode and status change time, which every write, rename, chown, chmod or xattr
 	// change moves and nobody can set back. A later pass skips what still matches.
 	copied map[string]stamp
+	// listed is, by directory, the names the last pass sent for it: the target removed
+	// those gone since, and what was known of them goes
+	listed map[string][]string
 }
 
 type stamp struct {
@@ -54,41 +68,89 @@ type stamp struct {
 	ctime unix.Timespec
 }
 
-// New is a Mirror of src into dst, both existing directories.
+// New is a Mirror of src into dst, both existing directories on this host.
 func New(src, dst string) *Mirror {
-	return &Mirror{src: src, dst: dst, copied: map[string]stamp{}}
+	return &Mirror{src: src, dst: dst, copied: map[string]stamp{}, listed: map[string][]string{}}
+}
+
+// Over is a Mirror of src into the tree a Receive at the other end of conn writes.
+func Over(src string, conn io.ReadWriter) *Mirror {
+	m := New(src, "")
+	m.r, m.w = bufio.NewReader(conn), frameWriter{bufio.NewWriter(conn)}
+	return m
 }
 
 // errChanged marks an entry that changed between being looked at and being read.
 var errChanged = errors.New("changed while it was copied")
 
-// Pass brings dst to what src is now. A live pass (the container runs) leaves an entry
-// that changes while it copies it to the next pass; a last pass, with the container
-// stopped, fails on it.
+// Pass brings the target to what src is now. A live pass (the container runs) leaves an
+// entry that changes while it copies it to the next pass; a last pass, with the
+// container stopped, fails on it. A pass that fails leaves the target partly written
+// and the next one sends everything again.
 func (m *Mirror) Pass(ctx context.Context, live bool) (Changes, error) {
+	if m.r != nil {
+		return m.send(ctx, m.r, m.w, live)
+	}
+	here, there := net.Pipe()
+	received := make(chan error, 1)
+	go func() {
+		defer there.Close()
+		received <- receivePass(ctx, bufio.NewReader(there), frameWriter{bufio.NewWriter(there)}, m.dst)
+	}()
+	c, err := m.send(ctx, bufio.NewReader(here), frameWriter{bufio.NewWriter(here)}, live)
+	here.Close()
+	if rerr := <-received; err == nil && rerr != nil {
+		err = fmt.Errorf("mirror %s into %s: %w", m.src, m.dst, rerr)
+	}
+	return c, err
+}
+
+func (m *Mirror) send(ctx context.Context, r *bufio.Reader, w frameWriter, live bool) (Changes, error) {
 	var c Changes
-	s, err := unix.Open(m.src, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	p := &pass{Mirror: m, ctx: ctx, live: live, changes: &c, w: w, links: map[uint64]string{}, buf: make([]byte, dataChunk)}
+	err := p.root()
+	var broken *connError
+	switch {
+	case errors.As(err, &broken):
+	case err != nil:
+		// the target hears why and answers: the connection serves the next pass
+		if w.json(frameGaveUp, header{Reason: err.Error()}) == nil && w.w.Flush() == nil {
+			_, _ = readAnswer(r)
+		}
+	default:
+		if err = w.json(framePassEnd, header{}); err == nil {
+			err = w.w.Flush()
+		}
+		var a answer
+		if err == nil {
+			a, err = readAnswer(r)
+		}
+		c.Copied += a.Created
+		c.Removed += a.Removed
+		if err != nil {
+			err = fmt.Errorf("mirror %s: the target's answer: %w", m.src, err)
+		} else if a.Error != "" {
+			err = fmt.Errorf("mirror %s: the target: %s", m.src, a.Error)
+		}
+	}
 	if err != nil {
-		return c, fmt.Errorf("mirror %s: %w", m.src, err)
+		clear(m.copied) // what the target holds is not known any more
+		clear(m.listed)
 	}
-	defer unix.Close(s)
-	d, err := unix.Open(m.dst, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	return c, err
+}
+
+func readAnswer(r *bufio.Reader) (answer, error) {
+	var a answer
+	var buf []byte
+	kind, body, err := readFrame(r, &buf)
 	if err != nil {
-		return c, fmt.Errorf("mirror into %s: %w", m.dst, err)
+		return a, err
 	}
-	defer unix.Close(d)
-	p := pass{Mirror: m, ctx: ctx, live: live, changes: &c, dstRoot: d, links: map[uint64]string{}}
-	if err := p.dir(s, d, ".", 0); err != nil {
-		return c, err
+	if kind != frameAnswer {
+		return a, fmt.Errorf("%w: a %q frame, want the answer", errProtocol, kind)
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(s, &st); err != nil {
-		return c, fmt.Errorf("mirror %s: %w", m.src, err)
-	}
-	if err := p.attributes(s, d, ".", &st); err != nil {
-		return c, err
-	}
-	return c, nil
+	return a, decode(kind, body, &a)
 }
 
 // pass is one Pass's walk.
@@ -97,31 +159,45 @@ type pass struct {
 	ctx     context.Context
 	live    bool
 	changes *Changes
-	dstRoot int
+	w       frameWriter
 	// links maps the inode of a source file with more than one name to the first name
-	// this pass gave it at the target: the others are linked to it
+	// this pass sent it under: the others are linked to it
 	links map[uint64]string
+	buf   []byte // a file's data on its way
 }
 
-// failure is a pass's error, naming the trees and the entry.
+// failure is a pass's error, naming the tree and the entry.
 type failure struct {
-	src, dst, rel string
-	err           error
+	src, rel string
+	err      error
 }
 
 func (f *failure) Error() string {
-	return fmt.Sprintf("mirror %s into %s: %s: %v", f.src, f.dst, f.rel, f.err)
+	return fmt.Sprintf("mirror %s: %s: %v", f.src, f.rel, f.err)
 }
 func (f *failure) Unwrap() error { return f.err }
 
-func (p pass) fail(rel string, err error) error {
-	return &failure{p.src, p.dst, rel, err}
+func (p *pass) fail(rel string, err error) error {
+	return &failure{p.src, rel, err}
+}
+
+// connError is a failure to write the stream: the connection is no use any more.
+type connError struct{ err error }
+
+func (e *connError) Error() string { return "the stream to the target: " + e.err.Error() }
+func (e *connError) Unwrap() error { return e.err }
+
+func (p *pass) send(kind byte, h header) error {
+	if err := p.w.json(kind, h); err != nil {
+		return &connError{err}
+	}
+	return nil
 }
 
 // raced says whether err is a container's change under a live pass (the entry went,
 // became a link or another kind of file, or lost an attribute), which the next pass
 // copies; it then forgets rel, so that it does.
-func (p pass) raced(rel string, err error) bool {
+func (p *pass) raced(rel string, err error) bool {
 	if !p.live || !(errors.Is(err, errChanged) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ELOOP) ||
 		errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ENODATA) || errors.Is(err, unix.ERANGE)) {
 		return false
@@ -132,18 +208,43 @@ func (p pass) raced(rel string, err error) bool {
 }
 
 // forget drops what is known of rel and below it.
-func (p pass) forget(rel string) {
+func (p *pass) forget(rel string) {
 	delete(p.copied, rel)
+	delete(p.listed, rel)
 	prefix := rel + "/"
 	for k := range p.copied {
 		if strings.HasPrefix(k, prefix) {
 			delete(p.copied, k)
 		}
 	}
+	for k := range p.listed {
+		if strings.HasPrefix(k, prefix) {
+			delete(p.listed, k)
+		}
+	}
 }
 
-// dir mirrors the entries of the directory s into the directory d (rel names it).
-func (p pass) dir(s, d int, rel string, depth int) error {
+func (p *pass) root() error {
+	s, err := unix.Open(p.src, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return p.fail(".", err)
+	}
+	defer unix.Close(s)
+	if err := p.dir(s, ".", 0); err != nil {
+		var named *failure
+		if !errors.As(err, &named) {
+			err = p.fail(".", err)
+		}
+		return err
+	}
+	return nil
+}
+
+// dir sends the open directory s (rel names it): every name it holds, what changed
+// among its entries, its own attributes last (the entries written at the target changed
+// the target's). An error before its listing is sent is its own (a race, maybe); after,
+// it names the entry and ends the pass.
+func (p *pass) dir(s int, rel string, depth int) error {
 	if err := p.ctx.Err(); err != nil {
 		return p.fail(rel, err)
 	}
@@ -152,24 +253,20 @@ func (p pass) dir(s, d int, rel string, depth int) error {
 	}
 	want, err := names(s)
 	if err != nil {
-		return p.fail(rel, err)
+		return err
 	}
-	have, err := names(d)
-	if err != nil {
-		return p.fail(rel, err)
-	}
-	for _, name := range have {
+	for _, name := range p.listed[rel] {
 		if _, found := slices.BinarySearch(want, name); !found {
-			if err := removeAll(d, name, 0); err != nil {
-				return p.fail(filepath.Join(rel, name), err)
-			}
-			p.forget(filepath.Join(rel, name))
-			p.changes.Removed++
+			p.forget(filepath.Join(rel, name)) // the target removes it
 		}
+	}
+	p.listed[rel] = want
+	if err := p.send(frameDir, header{Path: rel, Names: want}); err != nil {
+		return p.fail(rel, err)
 	}
 	for _, name := range want {
 		sub := filepath.Join(rel, name)
-		err := p.entry(s, d, name, sub, depth)
+		err := p.entry(s, name, sub, depth)
 		var named *failure
 		switch {
 		case err == nil:
@@ -180,40 +277,53 @@ func (p pass) dir(s, d int, rel string, depth int) error {
 			return p.fail(sub, err)
 		}
 	}
+	var st unix.Stat_t
+	if err := unix.Fstat(s, &st); err != nil {
+		return p.fail(rel, err)
+	}
+	xa, err := xattrs(s)
+	if err != nil {
+		return p.fail(rel, err)
+	}
+	if err := p.send(frameDirEnd, header{Path: rel, Attrs: attrsOf(&st, xa)}); err != nil {
+		return p.fail(rel, err)
+	}
 	return nil
 }
 
-// entry mirrors the entry name of the directory s into d. Errors name nothing: dir
-// adds the path.
-func (p pass) entry(s, d int, name, rel string, depth int) error {
-	var st, old unix.Stat_t
+// entry sends the entry name of the directory s if it changed since the last pass sent
+// it. Errors before its frame is sent name nothing: dir adds the path.
+func (p *pass) entry(s int, name, rel string, depth int) error {
+	var st unix.Stat_t
 	if err := unix.Fstatat(s, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return err
 	}
 	kind := st.Mode & unix.S_IFMT
-	exists := unix.Fstatat(d, name, &old, unix.AT_SYMLINK_NOFOLLOW) == nil
-	if exists && old.Mode&unix.S_IFMT != kind {
-		if err := removeAll(d, name, 0); err != nil {
+	if kind == unix.S_IFDIR {
+		sub, err := unix.Openat(s, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
 			return err
 		}
+		defer unix.Close(sub)
+		return p.dir(sub, rel, depth+1)
+	}
+	if p.copied[rel] == (stamp{st.Ino, st.Ctim}) {
+		return nil // as the last pass sent it
+	}
+	if _, wasDir := p.listed[rel]; wasDir {
 		p.forget(rel)
-		p.changes.Removed++
-		exists = false
-	}
-	if kind == unix.S_IFDIR {
-		return p.subdir(s, d, name, rel, exists, depth)
-	}
-	if exists && p.copied[rel] == (stamp{st.Ino, st.Ctim}) {
-		return nil // as the last pass copied it
 	}
 	var err error
 	switch kind {
 	case unix.S_IFREG:
-		err = p.file(s, d, name, rel, &st, exists)
+		err = p.file(s, name, rel, &st)
 	case unix.S_IFLNK:
-		err = p.symlink(s, d, name, &st, exists)
+		var target string
+		if target, err = readlinkat(s, name); err == nil {
+			err = p.send(frameSymlink, header{Path: rel, Target: target, Attrs: attrsOf(&st, nil)})
+		}
 	default: // character and block devices (the overlay's whiteouts among them), FIFOs, sockets
-		err = p.node(d, name, &st, exists)
+		err = p.send(frameNode, header{Path: rel, Rdev: st.Rdev, Attrs: attrsOf(&st, nil)})
 	}
 	if err != nil {
 		return err
@@ -223,43 +333,13 @@ func (p pass) entry(s, d int, name, rel string, depth int) error {
 	return nil
 }
 
-func (p pass) subdir(s, d int, name, rel string, exists bool, depth int) error {
-	if !exists {
-		if err := unix.Mkdirat(d, name, 0o700); err != nil {
-			return err
-		}
-		p.changes.Copied++
-	}
-	sub, err := unix.Openat(s, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(sub)
-	dsub, err := unix.Openat(d, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(dsub)
-	if err := p.dir(sub, dsub, rel, depth+1); err != nil {
-		return err
-	}
-	// the directory's own attributes, as it is now (what was opened), its times last:
-	// the entries just written changed the target's
-	var st unix.Stat_t
-	if err := unix.Fstat(sub, &st); err != nil {
-		return err
-	}
-	return p.attributes(sub, dsub, rel, &st)
-}
-
-// file copies the regular file name of s into d; a file the pass met under another
-// name already is linked to that copy.
-func (p pass) file(s, d int, name, rel string, st *unix.Stat_t, exists bool) error {
+// file sends the regular file name of s; a file the pass sent under another name
+// already is sent as a link to it.
+func (p *pass) file(s int, name, rel string, st *unix.Stat_t) error {
 	if st.Nlink > 1 {
 		if first, ok := p.links[st.Ino]; ok {
-			return p.link(d, name, first, exists)
+			return p.send(frameLink, header{Path: rel, First: first})
 		}
-		p.links[st.Ino] = rel
 	}
 	in, err := openRegular(s, name, st)
 	if err != nil {
@@ -267,103 +347,69 @@ func (p pass) file(s, d int, name, rel string, st *unix.Stat_t, exists bool) err
 	}
 	from := os.NewFile(uintptr(in), rel)
 	defer from.Close()
-	if err := unix.Fstat(in, st); err != nil { // what is copied: this inode as it is now
+	if err := unix.Fstat(in, st); err != nil { // what is sent: this inode as it is now
 		return err
 	}
-	if exists {
-		// a name that was linked to another file's copy gets a file of its own
-		if err := unix.Unlinkat(d, name, 0); err != nil {
-			return err
-		}
-	}
-	out, err := unix.Openat(d, name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	xa, err := xattrs(in)
 	if err != nil {
 		return err
 	}
-	to := os.NewFile(uintptr(out), rel)
-	defer to.Close()
-	n, err := copySparse(to, from, st.Size)
-	if err != nil {
+	if err := p.send(frameFile, header{Path: rel, Size: st.Size, Attrs: attrsOf(st, xa)}); err != nil {
 		return err
 	}
+	if st.Nlink > 1 {
+		p.links[st.Ino] = rel
+	}
+	n, err := p.data(from, st.Size)
 	p.changes.Bytes += n
-	return p.attributes(in, out, rel, st)
-}
-
-// link makes name in d a hard link to the target's copy first (a path below the root).
-func (p pass) link(d int, name, first string, exists bool) error {
-	var a, b unix.Stat_t
-	if exists && unix.Fstatat(d, name, &a, unix.AT_SYMLINK_NOFOLLOW) == nil &&
-		unix.Fstatat(p.dstRoot, first, &b, unix.AT_SYMLINK_NOFOLLOW) == nil && a.Ino == b.Ino {
-		return nil
-	}
-	if exists {
-		if err := unix.Unlinkat(d, name, 0); err != nil {
-			return err
-		}
-	}
-	return unix.Linkat(p.dstRoot, first, d, name, 0)
-}
-
-func (p pass) symlink(s, d int, name string, st *unix.Stat_t, exists bool) error {
-	target, err := readlinkat(s, name)
 	if err != nil {
-		return err
+		return p.fail(rel, err) // inside the file's frames: the pass ends
 	}
-	if exists {
-		if err := unix.Unlinkat(d, name, 0); err != nil {
-			return err
-		}
-	}
-	if err := unix.Symlinkat(target, d, name); err != nil {
-		return err
-	}
-	return nodeAttributes(d, name, st)
+	return p.send(frameFileEnd, header{Path: rel})
 }
 
-func (p pass) node(d int, name string, st *unix.Stat_t, exists bool) error {
-	if exists {
-		if err := unix.Unlinkat(d, name, 0); err != nil {
-			return err
+// data sends the first size bytes of src, its data only: its holes stay holes at the
+// target (a sparse file the container made costs the target no more than the source).
+// A file that shrinks meanwhile is sent as far as it goes (the target's is size bytes
+// long all the same) and one that grows as far as size: its status change time moved,
+// and the next pass sends it again.
+func (p *pass) data(src *os.File, size int64) (int64, error) {
+	var sent int64
+	for off := int64(0); off < size; {
+		start, err := unix.Seek(int(src.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break // a hole up to the end
 		}
-	}
-	if err := unix.Mknodat(d, name, st.Mode, int(st.Rdev)); err != nil {
-		return err
-	}
-	return nodeAttributes(d, name, st)
-}
-
-// attributes gives the open target d the source's (s, st) owner, mode, extended
-// attributes and times, in that order: a chown drops file capabilities
-// (security.capability) and set-id bits, and every change moves the times.
-func (p pass) attributes(s, d int, rel string, st *unix.Stat_t) error {
-	if err := unix.Fchown(d, int(st.Uid), int(st.Gid)); err != nil {
-		return err
-	}
-	if err := unix.Fchmod(d, st.Mode&0o7777); err != nil {
-		return err
-	}
-	if err := copyXattrs(s, d); err != nil {
-		return err
-	}
-	// utimensat on the descriptor's /proc link: the descriptor's own file, whatever its
-	// name now
-	times := []unix.Timespec{st.Atim, st.Mtim}
-	return unix.UtimesNanoAt(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", d), times, 0)
-}
-
-// nodeAttributes gives a link or node the source's owner, mode (a symbolic link has none
-// of its own) and times.
-func nodeAttributes(d int, name string, st *unix.Stat_t) error {
-	if err := unix.Fchownat(d, name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return err
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFLNK {
-		if err := unix.Fchmodat(d, name, st.Mode&0o7777, 0); err != nil {
-			return err
+		if err != nil {
+			return sent, err
 		}
+		if start >= size {
+			break
+		}
+		hole, err := unix.Seek(int(src.Fd()), start, unix.SEEK_HOLE)
+		if err != nil {
+			return sent, err
+		}
+		end := min(hole, size)
+		for at := start; at < end; {
+			n, err := src.ReadAt(p.buf[:min(end-at, int64(len(p.buf)))], at)
+			if n > 0 {
+				if err := p.w.data(at, p.buf[:n]); err != nil {
+					return sent, &connError{err}
+				}
+				sent += int64(n)
+				at += int64(n)
+			}
+			if errors.Is(err, io.EOF) {
+				return sent, nil
+			}
+			if err != nil {
+				return sent, err
+			}
+		}
+		off = end
 	}
-	return unix.UtimesNanoAt(d, name, []unix.Timespec{st.Atim, st.Mtim}, unix.AT_SYMLINK_NOFOLLOW)
+	return sent, nil
 }
 
 // openRegular opens the source's file name for reading if it is still the regular file
@@ -383,38 +429,6 @@ func openRegular(dir int, name string, st *unix.Stat_t) (int, error) {
 		return -1, errChanged
 	}
 	return unix.Open(fmt.Sprintf("/proc/self/fd/%d", path), unix.O_RDONLY|unix.O_NOCTTY|unix.O_NOATIME|unix.O_CLOEXEC, 0)
-}
-
-// copySparse copies the first size bytes of src into the empty dst, leaving src's holes
-// holes (a sparse file the container made costs the target no more than the source), and
-// makes dst size bytes long. A file that grows meanwhile is copied as far as size: the
-// next pass sees its new status change time.
-func copySparse(dst, src *os.File, size int64) (int64, error) {
-	var copied int64
-	for off := int64(0); off < size; {
-		data, err := unix.Seek(int(src.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			break // a hole up to the end
-		}
-		if err != nil {
-			return copied, err
-		}
-		if data >= size {
-			break
-		}
-		hole, err := unix.Seek(int(src.Fd()), data, unix.SEEK_HOLE)
-		if err != nil {
-			return copied, err
-		}
-		end := min(hole, size)
-		n, err := io.Copy(io.NewOffsetWriter(dst, data), io.NewSectionReader(src, data, end-data))
-		copied += n
-		if err != nil {
-			return copied, err
-		}
-		off = end
-	}
-	return copied, dst.Truncate(size)
 }
 
 // names lists the directory fd's entries, sorted.
@@ -444,65 +458,6 @@ func readlinkat(dir int, name string) (string, error) {
 			return string(buf[:n]), nil
 		}
 	}
-}
-
-// removeAll removes the entry name of the target's directory dir, a whole tree if it is
-// one.
-func removeAll(dir int, name string, depth int) error {
-	err := unix.Unlinkat(dir, name, 0)
-	if err == nil || !errors.Is(err, unix.EISDIR) {
-		return err
-	}
-	if depth > maxDepth {
-		return fmt.Errorf("nested deeper than %d directories", maxDepth)
-	}
-	sub, err := unix.Openat(dir, name, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	list, err := names(sub)
-	if err == nil {
-		for _, n := range list {
-			if err = removeAll(sub, n, depth+1); err != nil {
-				break
-			}
-		}
-	}
-	unix.Close(sub)
-	if err != nil {
-		return err
-	}
-	return unix.Unlinkat(dir, name, unix.AT_REMOVEDIR)
-}
-
-// copyXattrs makes the extended attributes of the open file d those of s: the overlay's
-// own (trusted.overlay.opaque on a directory that hides the layers' one), file
-// capabilities, ACLs, users' attributes.
-func copyXattrs(s, d int) error {
-	want, err := xattrs(s)
-	if err != nil {
-		return err
-	}
-	have, err := xattrs(d)
-	if err != nil {
-		return err
-	}
-	for name := range have {
-		if _, ok := want[name]; !ok {
-			if err := unix.Fremovexattr(d, name); err != nil {
-				return fmt.Errorf("remove xattr %s: %w", name, err)
-			}
-		}
-	}
-	for name, value := range want {
-		if old, ok := have[name]; ok && string(old) == string(value) {
-			continue
-		}
-		if err := unix.Fsetxattr(d, name, value, 0); err != nil {
-			return fmt.Errorf("set xattr %s: %w", name, err)
-		}
-	}
-	return nil
 }
 
 // xattrSizeMax is the kernel's bound on one attribute's value (XATTR_SIZE_MAX) and on
