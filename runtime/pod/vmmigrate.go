@@ -55,6 +55,9 @@ const (
 	switchoverWait = 2 * time.Minute
 	// progressEvery spaces the progress lines a migration prints.
 	progressEvery = time.Second
+	// outcomeWait bounds how long a migration that ended waits for its client to read the
+	// outcome before the VM takes other requests (a cancel, the next migration).
+	outcomeWait = 10 * time.Second
 )
 
 // The first byte a source sends on each of its connections, after the TLS handshake.
@@ -686,9 +689,15 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		close(flight.done)
 	}()
 	lg := log.G(ctx).WithField("pod", c.pod.id)
+	lines := newProgressLines(out)
+	defer func() {
+		if !lines.Close(outcomeWait) {
+			lg.Warnf("migration: the client did not read the outcome within %v", outcomeWait)
+		}
+	}()
 	report := func(p vmspec.MigrationProgress) {
 		b, _ := json.Marshal(p)
-		_, _ = out.Write(append(b, '\n'))
+		lines.Put(append(b, '\n'))
 	}
 	fail := func(err error) error {
 		report(vmspec.MigrationProgress{Status: string(qmp.MigrationFailed), Error: err.Error()})
@@ -771,6 +780,11 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	var r migrated
 	select {
 	case r = <-done:
+		if errors.Is(r.err, vmm.ErrPostCopyUnconfirmed) { // switched, and ended unconfirmed, between two polls
+			again := make(chan migrated, 1)
+			again <- r
+			return c.handOverPostCopy(ctx, control, again, req.Target, report, fail)
+		}
 	case <-switched:
 		return c.handOverPostCopy(ctx, control, done, req.Target, report, fail)
 	}
@@ -830,7 +844,9 @@ type migrated struct {
 // and this QEMU serves the pages the target asks for until the last. A target that never
 // says it has the guest keeps it paused (no commit): if the migration still completes,
 // the guest here is whole and resumes, as after a pre-copy; if it breaks, the guest is
-// lost (lostInPostCopy).
+// lost (lostInPostCopy). A migration QEMU never ends although every page went
+// (vmm.ErrPostCopyUnconfirmed) is the target's once it said it has the guest, and lost
+// otherwise.
 func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done <-chan migrated, target string, report func(vmspec.MigrationProgress), fail func(error) error) error {
 	lg := log.G(ctx).WithField("pod", c.pod.id)
 	lg.Warn("migration: switched to post-copy: the guest stopped here and runs in the target pod once it has its devices")
@@ -843,7 +859,7 @@ func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done
 			return c.resumeAfterPostCopy(ctx, <-done, err, fail)
 		}
 	case m := <-done:
-		if m.err != nil {
+		if m.err != nil && !errors.Is(m.err, vmm.ErrPostCopyUnconfirmed) {
 			return c.lostInPostCopy(ctx, m.err, fail)
 		}
 		r = &m
@@ -864,8 +880,13 @@ func (c *computeVM) handOverPostCopy(ctx context.Context, control net.Conn, done
 		m := <-done // the target runs the guest; the pages it has not fetched yet are sent
 		r = &m
 	}
-	if r.err != nil {
+	if r.err != nil && !errors.Is(r.err, vmm.ErrPostCopyUnconfirmed) {
 		return c.lostInPostCopy(ctx, r.err, fail)
+	}
+	if r.err != nil {
+		// the target said it has the guest and runs it, and QEMU sent every page: only
+		// QEMU's own end never came (design 209)
+		lg.WithError(r.err).Warn("migration: QEMU did not confirm the post-copy's end; the target has every page and runs the guest")
 	}
 	c.machine.Quit(context.WithoutCancel(ctx))
 	c.machine.KillProcess()

@@ -114,6 +114,12 @@ var ErrMigrationCancelled = errors.New("migration cancelled")
 // post-copy broke: neither machine has the whole guest.
 var ErrPostCopyBroken = errors.New("post-copy migration interrupted")
 
+// ErrPostCopyUnconfirmed is returned by Migrate when a migration switched to post-copy has
+// sent every page and QEMU has not completed it for postCopyUnconfirmedAfter: the target
+// may have the whole guest and run it; the source has nothing left to send and must not
+// run it again. Nothing is cancelled.
+var ErrPostCopyUnconfirmed = errors.New("post-copy migration unconfirmed")
+
 // canMigrate says why this machine's state cannot move, or nil.
 func (m *Machine) canMigrate() error {
 	if m.cfg.runsVirtiofsd() {
@@ -374,6 +380,10 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		// the last time a migration past the switch to post-copy said how it went: it has
 		// no timeout, so a long one is logged rather than waited on in silence
 		postCopyLogged time.Time
+		// since when a post-copy has had every page sent and sent nothing more: QEMU
+		// completes once the target says it has them all (its return path's last message)
+		allSentAt   time.Time
+		allSentSize uint64
 	)
 	var cancel func(why error)
 	// giveUp cancels the migration, or switches it to post-copy when the options allow:
@@ -508,6 +518,15 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 					// the guest's memory is partly on the target (or may be): there is nothing
 					// to cancel back to, and the caller's cancel waits for the end like
 					// everyone else
+					if sent := info.Transferred(); info.RAM == nil || info.Remaining() > 0 || sent != allSentSize {
+						allSentAt, allSentSize = time.Time{}, sent
+					} else if allSentAt.IsZero() {
+						allSentAt = time.Now()
+					} else if time.Since(allSentAt) >= postCopyUnconfirmedAfter {
+						// not cancelled: the target may run the guest
+						return info, fmt.Errorf("vm %s: migrate: %w: every page was sent %v ago and QEMU is still %s (%d MiB sent)",
+							m.cfg.Name, ErrPostCopyUnconfirmed, time.Since(allSentAt).Round(time.Second), info.Status, sent>>20)
+					}
 					if postCopyLogged.IsZero() {
 						postCopyLogged = time.Now()
 					} else if time.Since(postCopyLogged) >= postCopyLogEvery {
@@ -633,6 +652,12 @@ func (m *Machine) resumeAfterPause(ctx context.Context, opts MigrationOptions) e
 	log.G(ctx).Infof("vm %s: the guest runs on here (stopped for a switch to post-copy that did not happen)", m.cfg.Name)
 	return nil
 }
+
+// postCopyUnconfirmedAfter bounds a post-copy that sent every page and still does not
+// complete: its source's QEMU waits for the target's last return-path message, which a
+// target that closed the stream too early never sends (design 209: one stayed
+// postcopy-active for 7 minutes). A variable for the tests.
+var postCopyUnconfirmedAfter = time.Minute
 
 // postCopyLogEvery spaces the log lines of a migration still under way after its switch to
 // post-copy (design 209: a target that closed the stream too early once left a source in
