@@ -132,57 +132,11 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	}
 	before = max(before, counting("source, after a cancelled migration"))
 
-	dstCfg := config("mig-fs-dst")
-	m, err := vmpodagent.Receive(ctx, dstCfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = m.Kill()
-		testenv.AssertNoLeaks(t, dstCfg.StateDir)
-	})
-	// once the guest is stopped: the last of its writes, then the rootfs mounted and
-	// shared under the source's share name (virtiofsd reopens the guest's files by their
-	// paths in it)
-	var final rootfssync.Changes
-	var switchover time.Duration
-	beforeSwitchover := func(ctx context.Context) error {
-		start := time.Now()
-		defer func() { switchover = time.Since(start) }()
-		var err error
-		if final, err = tree.Pass(ctx, false); err != nil {
-			return err
-		}
-		if err := to.Mount(t); err != nil {
-			return err
-		}
-		_, err = m.Share(to.Merged, vmpodagent.RootfsShare("main"), false)
-		return err
-	}
-	out, in = testenv.MigrationStream(t)
-	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	arrived := make(chan error, 1)
-	go func() { _, err := m.AwaitIncoming(ctx); arrived <- err }()
-	info, err := src.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30, BeforeSwitchover: beforeSwitchover})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-arrived; err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("migrated: total %v, downtime %v, %d MiB sent; the last mirror and the share took %v: %+v",
-		info.TotalTime, info.Downtime, info.RAM.Transferred>>20, switchover, final)
+	dst, final := moveContainerVM(t, ctx, src, config("mig-fs-dst"), to, tree)
 	if final.Copied == 0 {
 		t.Errorf("the copy made with the guest stopped copied nothing (%+v): want /late and the counter", final)
 	}
 	rootfs = to.Merged
-	src.Machine().Quit(ctx)
-	dst, err := vmpodagent.Adopt(ctx, dstCfg, m, src.BootMemory())
-	if err != nil {
-		t.Fatal(err)
-	}
 
 	after := counting("target")
 	if after <= before {
@@ -190,15 +144,19 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	}
 	// /late, which the container opened after the first copy, is appended to on the target
 	// (after was written there: the source had quit)
-	time.Sleep(500 * time.Millisecond)
-	lines := strings.Fields(read("late"))
-	last := -1
-	if len(lines) > 0 {
-		last, _ = strconv.Atoi(lines[len(lines)-1])
+	lateAtLeast := func(where string, n int) {
+		t.Helper()
+		time.Sleep(500 * time.Millisecond)
+		lines := strings.Fields(read("late"))
+		last := -1
+		if len(lines) > 0 {
+			last, _ = strconv.Atoi(lines[len(lines)-1])
+		}
+		if last < n {
+			t.Errorf("/late on the %s ends %q, want %d or more: the file the container opened last is not written there", where, lines[max(0, len(lines)-3):], n)
+		}
 	}
-	if last < after {
-		t.Errorf("/late on the target ends %q, want %d or more: the file the container opened last is not written there", lines[max(0, len(lines)-3):], after)
-	}
+	lateAtLeast("target", after)
 	if err := os.WriteFile(filepath.Join(rootfs, "go"), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -223,9 +181,96 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 		t.Errorf("exec through the adopted agent: exit %v, %v, output %q", exit, err, stdout.String())
 	}
 	_ = p.Remove(ctx)
-	if err := dst.RemoveContainer(context.Background(), "main", true); err != nil {
-		t.Errorf("remove the container on the target: %v", err)
+
+	// and on again: virtiofsd's state, handed over once, is handed over a second time, and
+	// the rootfs mirrored from the target's overlay, mounted and in use, into a third
+	if _, err := os.ReadFile(filepath.Join(rootfs, "late")); err != nil {
+		t.Fatal(err)
 	}
+	before = counting("target, before the second move")
+	third := testenv.NewOverlay(t, busybox)
+	tree = rootfssync.Over(to.Upper, mirrorConnection(t, third.Upper))
+	if c, err := tree.Pass(ctx, true); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Logf("second move: the container's writes mirrored while it runs: %+v", c)
+	}
+	moved, _ := moveContainerVM(t, ctx, dst, config("mig-fs-third"), third, tree)
+	rootfs = third.Merged
+	after = counting("third machine")
+	if after <= before {
+		t.Errorf("the counter went back: %d on the third machine, %d before the second move", after, before)
+	}
+	lateAtLeast("third machine", after) // a file the container opened on the first machine
+	if b, _ := os.ReadFile(filepath.Join(rootfs, "got-before")); string(b) != "first\n" {
+		t.Errorf("the third machine's rootfs: /got-before %q", b)
+	}
+	var again testenv.Buffer
+	p, err = moved.Exec(ctx, "main", "after-second-move", testenv.Spec("cat", "/got-after").Process, runtime.Stdio{Stdout: &again})
+	if err != nil {
+		t.Fatalf("exec after the second move: %v", err)
+	}
+	if exit, err := testenv.WaitOutput(ctx, p); err != nil || exit.Status != 0 || again.String() != "second\n" {
+		t.Errorf("exec after the second move: exit %v, %v, output %q", exit, err, again.String())
+	}
+	_ = p.Remove(ctx)
+	if err := moved.RemoveContainer(context.Background(), "main", true); err != nil {
+		t.Errorf("remove the container on the third machine: %v", err)
+	}
+}
+
+// moveContainerVM migrates the container VM of from into a machine started from cfg and
+// adopts the guest there. The container's rootfs there is the overlay to, whose upper
+// directory tree mirrors the source's: its last pass runs once the source's guest has
+// stopped, then to is mounted and shared under the source's share name (virtiofsd
+// reopens the guest's files by their paths in it), before the devices' state goes. It
+// returns the adopted guest and what the last pass did.
+func moveContainerVM(t *testing.T, ctx context.Context, from *vmpodagent.Guest, cfg vmpodagent.Config, to testenv.Overlay, tree *rootfssync.Mirror) (*vmpodagent.Guest, rootfssync.Changes) {
+	t.Helper()
+	m, err := vmpodagent.Receive(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = m.Kill()
+		testenv.AssertNoLeaks(t, cfg.StateDir)
+	})
+	var final rootfssync.Changes
+	var switchover time.Duration
+	beforeSwitchover := func(ctx context.Context) error {
+		start := time.Now()
+		defer func() { switchover = time.Since(start) }()
+		var err error
+		if final, err = tree.Pass(ctx, false); err != nil {
+			return err
+		}
+		if err := to.Mount(t); err != nil {
+			return err
+		}
+		_, err = m.Share(to.Merged, vmpodagent.RootfsShare("main"), false)
+		return err
+	}
+	out, in := testenv.MigrationStream(t)
+	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	arrived := make(chan error, 1)
+	go func() { _, err := m.AwaitIncoming(ctx); arrived <- err }()
+	info, err := from.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30, BeforeSwitchover: beforeSwitchover})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-arrived; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: migrated: total %v, downtime %v, %d MiB sent; the last mirror and the share took %v: %+v",
+		cfg.Name, info.TotalTime, info.Downtime, info.RAM.Transferred>>20, switchover, final)
+	from.Machine().Quit(ctx)
+	g, err := vmpodagent.Adopt(ctx, cfg, m, from.BootMemory())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g, final
 }
 
 // mirrorConnection is a TCP connection to a rootfssync.Receive writing into dst; the
