@@ -3,7 +3,6 @@ package runtime_test
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -100,7 +99,7 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	// the target's rootfs: the same image, and what the container wrote so far, sent
 	// over a TCP connection as between two nodes
 	to := testenv.NewOverlay(t, busybox)
-	tree := rootfssync.Over(from.Upper, mirrorConnection(t, to.Upper))
+	tree := rootfssync.Over(from.Upper, testenv.MirrorConnection(t, to.Upper))
 	if c, err := tree.Pass(ctx, true); err != nil {
 		t.Fatal(err)
 	} else {
@@ -132,9 +131,10 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	}
 	before = max(before, counting("source, after a cancelled migration"))
 
-	dst, final := moveContainerVM(t, ctx, src, config("mig-fs-dst"), to, tree)
-	if final.Copied == 0 {
-		t.Errorf("the copy made with the guest stopped copied nothing (%+v): want /late and the counter", final)
+	move := testenv.MoveContainerVM(t, ctx, src, config("mig-fs-dst"), "main", to, tree, vmm.MigrationOptions{MaxBandwidth: 1 << 30})
+	dst := move.Guest
+	if move.Last.Copied == 0 {
+		t.Errorf("the copy made with the guest stopped copied nothing (%+v): want /late and the counter", move.Last)
 	}
 	rootfs = to.Merged
 
@@ -189,13 +189,13 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	}
 	before = counting("target, before the second move")
 	third := testenv.NewOverlay(t, busybox)
-	tree = rootfssync.Over(to.Upper, mirrorConnection(t, third.Upper))
+	tree = rootfssync.Over(to.Upper, testenv.MirrorConnection(t, third.Upper))
 	if c, err := tree.Pass(ctx, true); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("second move: the container's writes mirrored while it runs: %+v", c)
 	}
-	moved, _ := moveContainerVM(t, ctx, dst, config("mig-fs-third"), third, tree)
+	moved := testenv.MoveContainerVM(t, ctx, dst, config("mig-fs-third"), "main", third, tree, vmm.MigrationOptions{MaxBandwidth: 1 << 30}).Guest
 	rootfs = third.Merged
 	after = counting("third machine")
 	if after <= before {
@@ -217,90 +217,4 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	if err := moved.RemoveContainer(context.Background(), "main", true); err != nil {
 		t.Errorf("remove the container on the third machine: %v", err)
 	}
-}
-
-// moveContainerVM migrates the container VM of from into a machine started from cfg and
-// adopts the guest there. The container's rootfs there is the overlay to, whose upper
-// directory tree mirrors the source's: its last pass runs once the source's guest has
-// stopped, then to is mounted and shared under the source's share name (virtiofsd
-// reopens the guest's files by their paths in it), before the devices' state goes. It
-// returns the adopted guest and what the last pass did.
-func moveContainerVM(t *testing.T, ctx context.Context, from *vmpodagent.Guest, cfg vmpodagent.Config, to testenv.Overlay, tree *rootfssync.Mirror) (*vmpodagent.Guest, rootfssync.Changes) {
-	t.Helper()
-	m, err := vmpodagent.Receive(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = m.Kill()
-		testenv.AssertNoLeaks(t, cfg.StateDir)
-	})
-	var final rootfssync.Changes
-	var switchover time.Duration
-	beforeSwitchover := func(ctx context.Context) error {
-		start := time.Now()
-		defer func() { switchover = time.Since(start) }()
-		var err error
-		if final, err = tree.Pass(ctx, false); err != nil {
-			return err
-		}
-		if err := to.Mount(t); err != nil {
-			return err
-		}
-		_, err = m.Share(to.Merged, vmpodagent.RootfsShare("main"), false)
-		return err
-	}
-	out, in := testenv.MigrationStream(t)
-	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	arrived := make(chan error, 1)
-	go func() { _, err := m.AwaitIncoming(ctx); arrived <- err }()
-	info, err := from.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30, BeforeSwitchover: beforeSwitchover})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-arrived; err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("%s: migrated: total %v, downtime %v, %d MiB sent; the last mirror and the share took %v: %+v",
-		cfg.Name, info.TotalTime, info.Downtime, info.RAM.Transferred>>20, switchover, final)
-	from.Machine().Quit(ctx)
-	g, err := vmpodagent.Adopt(ctx, cfg, m, from.BootMemory())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return g, final
-}
-
-// mirrorConnection is a TCP connection to a rootfssync.Receive writing into dst; the
-// cleanup closes it and checks Receive ended cleanly.
-func mirrorConnection(t *testing.T, dst string) net.Conn {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	received := make(chan error, 1)
-	go func() {
-		conn, err := l.Accept()
-		if err != nil {
-			received <- err
-			return
-		}
-		defer conn.Close()
-		received <- rootfssync.Receive(context.Background(), conn, dst)
-	}()
-	conn, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		conn.Close()
-		if err := <-received; err != nil {
-			t.Errorf("the target's rootfs mirror: %v", err)
-		}
-	})
-	return conn
 }
