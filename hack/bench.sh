@@ -3,7 +3,8 @@
 # run: boot (bare QEMU), exec and stdio (runc on the host), 9p vs virtio-fs, pod network
 # (a process in the netns), CRI pod start, ExecSync and idle memory (runc and gVisor through
 # the same containerd), the host memory of an idle pod, and a VM pod's start and memory
-# (bare QEMU and libvirt booting the same guest). Nothing asserts a time; results go to
+# (bare QEMU and libvirt booting the same guest), and migrations (a VM's, a VM pod's, a
+# container VM's against the same machine without its container). Nothing asserts a time; results go to
 # _output/bench.txt and, by hand, to docs/benchmarks.md.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -37,6 +38,8 @@ export VMPOD_ROOT VMPOD_INTEGRATION=1 VMPOD_BENCH=1
 export VMPOD_KERNEL=$VMPOD_OUT/guest/vmlinux VMPOD_INITRD=$VMPOD_OUT/guest/initrd.img
 export VMPOD_BUSYBOX_ROOTFS=$(hack/busybox-rootfs.sh)
 export VMPOD_BENCH_RUNC=$(hack/guest-runc.sh)
+# QEMU 10 and virtiofsd 1.13 (Debian's, checked and cached): a container VM's migration
+export VMPOD_QEMU_NEXT=$(hack/qemu-next.sh)
 export VMPOD_BENCH_OUT=$VMPOD_OUT/bench.txt
 : > "$VMPOD_BENCH_OUT"
 go_test_scratch

@@ -27,7 +27,8 @@ type ContainerVMMove struct {
 // overlay to, whose upper directory tree mirrors the source's: its last pass runs once
 // the source's guest has stopped, then to is mounted and shared under the source's share
 // name (virtiofsd reopens the guest's files by their paths in it), before the devices'
-// state goes. The source's QEMU quits.
+// state goes. The source's QEMU quits. Without a tree (nil) there is no container to
+// carry: the machine alone moves.
 func MoveContainerVM(t testing.TB, ctx context.Context, from *vmpodagent.Guest, cfg vmpodagent.Config, id string, to Overlay, tree *rootfssync.Mirror, opts vmm.MigrationOptions) ContainerVMMove {
 	t.Helper()
 	m, err := vmpodagent.Receive(ctx, cfg)
@@ -39,25 +40,35 @@ func MoveContainerVM(t testing.TB, ctx context.Context, from *vmpodagent.Guest, 
 		AssertNoLeaks(t, cfg.StateDir)
 	})
 	var move ContainerVMMove
-	opts.BeforeSwitchover = func(ctx context.Context) error {
-		start := time.Now()
-		defer func() { move.Switchover = time.Since(start) }()
-		var err error
-		if move.Last, err = tree.Pass(ctx, false); err != nil {
+	if tree != nil {
+		opts.BeforeSwitchover = func(ctx context.Context) error {
+			start := time.Now()
+			defer func() { move.Switchover = time.Since(start) }()
+			var err error
+			if move.Last, err = tree.Pass(ctx, false); err != nil {
+				return err
+			}
+			if err := to.Mount(t); err != nil {
+				return err
+			}
+			_, err = m.Share(to.Merged, vmpodagent.RootfsShare(id), false)
 			return err
 		}
-		if err := to.Mount(t); err != nil {
-			return err
-		}
-		_, err = m.Share(to.Merged, vmpodagent.RootfsShare(id), false)
-		return err
 	}
+	move.finish(t, ctx, from, cfg, m, opts)
+	return move
+}
+
+// finish migrates from into the machine m, waiting to receive it, and adopts the guest.
+func (move *ContainerVMMove) finish(t testing.TB, ctx context.Context, from *vmpodagent.Guest, cfg vmpodagent.Config, m *vmm.Machine, opts vmm.MigrationOptions) {
+	t.Helper()
 	out, in := MigrationStream(t)
 	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	arrived := make(chan error, 1)
 	go func() { _, err := m.AwaitIncoming(ctx); arrived <- err }()
+	var err error
 	if move.Info, err = from.Machine().Migrate(ctx, out, opts); err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +81,6 @@ func MoveContainerVM(t testing.TB, ctx context.Context, from *vmpodagent.Guest, 
 	if move.Guest, err = vmpodagent.Adopt(ctx, cfg, m, from.BootMemory()); err != nil {
 		t.Fatal(err)
 	}
-	return move
 }
 
 // MirrorConnection is a TCP connection to a rootfssync.Receive writing into dst, as the
