@@ -93,6 +93,15 @@ func TestBenchContainerVMMigration(t *testing.T) {
 		move = testenv.MoveContainerVM(t, ctx, carrier, config(machine.VirtioFS), "main", to, tree, opts)
 		carrier, rootfs = move.Guest, to
 		time.Sleep(time.Second) // beats after, from the target's tree
+		if beats.longestGap(time.Now().Add(-500*time.Millisecond), time.Now()) >= 500*time.Millisecond {
+			var out testenv.Buffer
+			p, err := carrier.Exec(ctx, "main", "ps", testenv.Spec("ps", "-o", "pid,stat,args").Process, runtime.Stdio{Stdout: &out, Stderr: &out})
+			if err == nil {
+				_, err = testenv.WaitOutput(ctx, p)
+			}
+			fi, _ := os.Stat(filepath.Join(to.Merged, "heartbeat"))
+			t.Fatalf("the heartbeat stopped after the move (%v; heartbeat %d bytes): %s", err, fi.Size(), out.String())
+		}
 		total, down = append(total, move.Info.TotalTime), append(down, move.Info.Downtime)
 		sent = append(sent, move.Info.Transferred()>>20)
 		switchover = append(switchover, move.Switchover)
