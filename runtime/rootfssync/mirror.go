@@ -188,10 +188,11 @@ func (e *connError) Error() string { return "the stream to the target: " + e.err
 func (e *connError) Unwrap() error { return e.err }
 
 func (p *pass) send(kind byte, h header) error {
-	if err := p.w.json(kind, h); err != nil {
+	err := p.w.json(kind, h)
+	if err != nil && !errors.Is(err, errTooBig) {
 		return &connError{err}
 	}
-	return nil
+	return err
 }
 
 // raced says whether err is a container's change under a live pass (the entry went,

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -300,4 +301,26 @@ func FuzzReceive(f *testing.F) {
 			t.Errorf("%d descriptors open after Receive, %d before", after, before)
 		}
 	})
+}
+
+// A directory whose listing does not fit in a frame fails its pass, naming it, and the
+// connection serves the next pass (nothing of the listing was written).
+func TestADirectoryTooBigForAFrameFailsOnlyItsPass(t *testing.T) {
+	src, dst := t.TempDir(), t.TempDir()
+	long := strings.Repeat("n", 250)
+	big := filepath.Join(src, "big")
+	must(t, os.Mkdir(big, 0o755))
+	for i := range maxFrame/len(long) + 1 {
+		f, err := os.Create(filepath.Join(big, fmt.Sprintf("%s%05d", long[:245], i)))
+		must(t, err)
+		f.Close()
+	}
+	m := overConnection(t, src, dst)
+	if _, err := m.Pass(context.Background(), false); !errors.Is(err, errTooBig) || !strings.Contains(err.Error(), ": big: ") {
+		t.Fatalf("a directory of %d bytes of names: %v, want errTooBig naming it", maxFrame, err)
+	}
+	must(t, os.RemoveAll(big))
+	if _, err := m.Pass(context.Background(), false); err != nil {
+		t.Errorf("the pass after it: %v", err)
+	}
 }

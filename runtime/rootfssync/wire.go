@@ -99,7 +99,7 @@ func (f frameWriter) raw(kind byte, parts ...[]byte) error {
 		n += len(p)
 	}
 	if n > maxFrame {
-		return fmt.Errorf("a %c frame of %d bytes, over %d", kind, n, maxFrame)
+		return fmt.Errorf("%w: a %c frame of %d bytes, over %d", errTooBig, kind, n, maxFrame)
 	}
 	var head [5]byte
 	head[0] = kind
@@ -128,6 +128,10 @@ func (f frameWriter) data(off int64, b []byte) error {
 	binary.BigEndian.PutUint64(o[:], uint64(off))
 	return f.raw(frameData, o[:], b)
 }
+
+// errTooBig is an entry that does not fit in a frame (a directory of too many names):
+// nothing of it was written, and the connection serves on.
+var errTooBig = errors.New("too big for the stream")
 
 // errProtocol marks a stream that is not one: framing, an unknown kind, a body that does
 // not parse. The connection is no use after it.
