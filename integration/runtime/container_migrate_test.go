@@ -63,10 +63,14 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	// the host says the first copy is made (/mirrored), it opens one more file, /late,
 	// and appends to it: only the copy made with the guest stopped has it.
 	script := `printf 'first\nsecond\n' > /lines; rm /etc/group; exec 3< /lines; read a <&3; echo "$a" > /got-before; i=0; ` +
-		`while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; ` +
+		`while :; do i=$((i+1)); echo $i; echo $i > /counter.new; mv /counter.new /counter; ` +
 		`if [ -e /mirrored ] && [ ! -e /late ]; then exec 4>> /late; fi; [ -e /late ] && echo $i >&4; ` +
 		`if [ -e /go ] && [ ! -e /got-after ]; then read b <&3; echo "$b" > /got-after; fi; sleep 0.1; done`
-	if _, err := src.CreateContainer(ctx, "main", from.Merged, testenv.Spec("sh", "-c", script), runtime.Stdio{Stderr: os.Stderr}); err != nil {
+	// its stdout, a line per count, is copied to each machine's writer in turn: the
+	// target's copy goes on where the source's stopped
+	var outputs [3]testenv.Buffer
+	init, err := src.CreateContainer(ctx, "main", from.Merged, testenv.Spec("sh", "-c", script), runtime.Stdio{Stdout: &outputs[0], Stderr: os.Stderr})
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := src.Agent().StartContainer(ctx, "main"); err != nil {
@@ -136,6 +140,10 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 	if move.Last.Copied == 0 {
 		t.Errorf("the copy made with the guest stopped copied nothing (%+v): want /late and the counter", move.Last)
 	}
+	init, err = dst.AdoptProcess("main", "", init.Pid(), runtime.Stdio{Stdout: &outputs[1]}, init.HandOverOutput())
+	if err != nil {
+		t.Fatal(err)
+	}
 	rootfs = to.Merged
 
 	after := counting("target")
@@ -196,12 +204,32 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 		t.Logf("second move: the container's writes mirrored while it runs: %+v", c)
 	}
 	moved := testenv.MoveContainerVM(t, ctx, dst, config("mig-fs-third"), "main", third, tree, vmm.MigrationOptions{MaxBandwidth: 1 << 30}).Guest
+	if _, err := moved.AdoptProcess("main", "", init.Pid(), runtime.Stdio{Stdout: &outputs[2]}, init.HandOverOutput()); err != nil {
+		t.Fatal(err)
+	}
 	rootfs = third.Merged
 	after = counting("third machine")
 	if after <= before {
 		t.Errorf("the counter went back: %d on the third machine, %d before the second move", after, before)
 	}
 	lateAtLeast("third machine", after) // a file the container opened on the first machine
+
+	// the container's stdout, as each machine's writer got it: one count after the other,
+	// none twice, none missing, some on each machine
+	next := 1
+	for i := range outputs {
+		lines := strings.Fields(outputs[i].String())
+		if len(lines) == 0 {
+			t.Errorf("machine %d's copy of the container's stdout is empty", i+1)
+		}
+		for _, line := range lines {
+			if line != strconv.Itoa(next) {
+				t.Fatalf("machine %d's copy of the container's stdout has %q where %d comes next (it has %d lines)", i+1, line, next, len(lines))
+			}
+			next++
+		}
+	}
+	t.Logf("the container's stdout: %d lines across three machines' copies, in order, none lost or twice", next-1)
 	if b, _ := os.ReadFile(filepath.Join(rootfs, "got-before")); string(b) != "first\n" {
 		t.Errorf("the third machine's rootfs: /got-before %q", b)
 	}

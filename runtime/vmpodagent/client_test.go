@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -63,7 +64,7 @@ func TestStreamResumesOnTheNextConnection(t *testing.T) {
 				return err
 			})
 			return resp, err
-		})
+		}, nil)
 	}()
 	// three reads deliver "hello, "; the fourth waits for more
 	for range 4 {
@@ -101,5 +102,24 @@ func TestResumeRetriesOnlyAClosedConnection(t *testing.T) {
 	calls = 0
 	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return ttrpc.ErrClosed }); !errors.Is(err, ttrpc.ErrClosed) || calls != 1 {
 		t.Errorf("resume once the guest is gone: %v after %d calls, want ttrpc.ErrClosed after 1", err, calls)
+	}
+}
+
+// A copy that starts where another reader stopped (a migration's source) asks the guest
+// from there, and records how far it wrote: the next reader's start.
+func TestCopyFromGuestGoesOnWhereAnotherStopped(t *testing.T) {
+	stream := []byte("written at the source|written at the target")
+	read := func(_ context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
+		end := min(offset+8, uint64(len(stream)))
+		return &agentv1.ReadStreamResponse{Offset: offset, Data: stream[offset:end], Eof: end == uint64(len(stream))}, nil
+	}
+	var pos atomic.Uint64
+	pos.Store(uint64(len("written at the source|")))
+	var out bytes.Buffer
+	if err := copyFromGuest(context.Background(), &out, read, &pos); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != "written at the target" || pos.Load() != uint64(len(stream)) {
+		t.Errorf("copied %q up to %d, want the rest from where the other stopped, to %d", out.String(), pos.Load(), len(stream))
 	}
 }

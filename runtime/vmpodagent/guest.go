@@ -288,7 +288,7 @@ func (g *Guest) CreateContainer(ctx context.Context, id, rootfs string, spec *sp
 		return nil, err
 	}
 	undo.Release()
-	return newProcess(g.agent, id, "", pid, stdio), nil
+	return newProcess(g.agent, id, "", pid, stdio, OutputOffsets{}), nil
 }
 
 // Exec starts another process in a running container.
@@ -297,7 +297,18 @@ func (g *Guest) Exec(ctx context.Context, containerID, execID string, proc *spec
 	if err != nil {
 		return nil, err
 	}
-	return newProcess(g.agent, containerID, execID, pid, stdio), nil
+	return newProcess(g.agent, containerID, execID, pid, stdio, OutputOffsets{}), nil
+}
+
+// AdoptProcess is a process that came with a migrated guest (Adopt): its output is copied
+// to stdio's writers from where the source's copy stopped (Process.HandOverOutput at the
+// source), its exit awaited as any process's. Its stdin is not carried: a new writer
+// would start at the guest's offset of the old one, which this side does not know.
+func (g *Guest) AdoptProcess(containerID, execID string, pid uint32, stdio runtime.Stdio, from OutputOffsets) (*Process, error) {
+	if stdio.Stdin != nil {
+		return nil, fmt.Errorf("vm %s: adopt %s: stdio.stdin: a migrated process's stdin is not carried: %w", g.cfg.Name, containerID, errdefs.ErrNotImplemented)
+	}
+	return newProcess(g.agent, containerID, execID, pid, stdio, from), nil
 }
 
 // RemoveContainer removes the container in the guest (force: kill it first) and its

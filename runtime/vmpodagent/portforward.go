@@ -39,7 +39,7 @@ func (a *Client) forwardPort(ctx context.Context, conn net.Conn, port uint32) er
 		defer wg.Done()
 		toHost = copyFromGuest(ctx, conn, func(ctx context.Context, offset uint64) (*agentv1.ReadStreamResponse, error) {
 			return a.client().ReadPort(ctx, &agentv1.PortStreamRequest{ConnectionId: id, Offset: offset})
-		})
+		}, nil)
 		if hc, ok := conn.(interface{ CloseWrite() error }); ok {
 			_ = hc.CloseWrite()
 		} else {

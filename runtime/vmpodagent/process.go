@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -44,9 +45,11 @@ type Process struct {
 
 	output     sync.WaitGroup // stdout/stderr pumps
 	outputDone chan struct{}  // closed when the pumps have ended
-	stopOutput context.CancelFunc
-	drainOnce  sync.Once
-	stdinDone  chan struct{}
+	// how far the pumps have written stdout and stderr to the host's writers
+	stdoutAt, stderrAt atomic.Uint64
+	stopOutput         context.CancelFunc
+	drainOnce          sync.Once
+	stdinDone          chan struct{}
 }
 
 // Pid is the process's pid in the guest.
@@ -67,12 +70,16 @@ func (p *Process) name() string {
 	return p.containerID + "/" + p.execID
 }
 
-func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime.Stdio) *Process {
+// newProcess pumps the process's output from the offsets from (zero for a process this
+// side started) to the host's writers.
+func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime.Stdio, from OutputOffsets) *Process {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Process{agent: a, containerID: containerID, execID: execID, pid: pid, stopOutput: cancel,
 		outputDone: make(chan struct{}), stdinDone: make(chan struct{})}
+	p.stdoutAt.Store(from.Stdout)
+	p.stderrAt.Store(from.Stderr)
 	if stdio.Stdout != nil {
-		p.pumpOutput(ctx, stdio.Stdout, "stdout", func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
+		p.pumpOutput(ctx, stdio.Stdout, "stdout", &p.stdoutAt, func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
 			err = a.resume(ctx, func(rpc agentv1.AgentService) error {
 				resp, err = rpc.ReadStdout(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
 				return err
@@ -81,7 +88,7 @@ func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime
 		})
 	}
 	if stdio.Stderr != nil && !stdio.Terminal {
-		p.pumpOutput(ctx, stdio.Stderr, "stderr", func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
+		p.pumpOutput(ctx, stdio.Stderr, "stderr", &p.stderrAt, func(ctx context.Context, offset uint64) (resp *agentv1.ReadStreamResponse, err error) {
 			err = a.resume(ctx, func(rpc agentv1.AgentService) error {
 				resp, err = rpc.ReadStderr(ctx, &agentv1.ReadStreamRequest{ContainerId: containerID, ExecId: execID, Offset: offset})
 				return err
@@ -98,11 +105,11 @@ func newProcess(a *Client, containerID, execID string, pid uint32, stdio runtime
 	return p
 }
 
-func (p *Process) pumpOutput(ctx context.Context, w io.Writer, stream string, read readAt) {
+func (p *Process) pumpOutput(ctx context.Context, w io.Writer, stream string, pos *atomic.Uint64, read readAt) {
 	p.output.Add(1)
 	go func() {
 		defer p.output.Done()
-		if err := copyFromGuest(ctx, w, read); err != nil && ctx.Err() == nil {
+		if err := copyFromGuest(ctx, w, read, pos); err != nil && ctx.Err() == nil {
 			log.L.WithError(err).Warnf("vm %s: %s %s", p.agent.vm, p.name(), stream)
 		}
 	}()
@@ -195,6 +202,22 @@ func (p *Process) CloseStdin(ctx context.Context) error {
 		_, err := p.agent.client().CloseStdin(ctx, p.req())
 		return err
 	})
+}
+
+// OutputOffsets are how far a process's stdout and stderr have reached the host's
+// writers: where a migration's target goes on copying them (Guest.AdoptProcess). The
+// guest keeps what no reader has asked past.
+type OutputOffsets struct{ Stdout, Stderr uint64 }
+
+// HandOverOutput stops copying the process's output to this side's writers and says how
+// far it got, for a migration's target to go on from there. Called once the guest has
+// left (its agent answers here no more), the offsets are final: the agent drops output
+// only once a read asks past it, so what this side did not write is still in the
+// guest's state, at the target.
+func (p *Process) HandOverOutput() OutputOffsets {
+	p.stopOutput()
+	<-p.outputDone
+	return OutputOffsets{Stdout: p.stdoutAt.Load(), Stderr: p.stderrAt.Load()}
 }
 
 // Remove forgets an exited exec'd process in the guest and stops its pumps.

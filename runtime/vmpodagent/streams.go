@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
 )
@@ -23,9 +24,13 @@ type writeAt func(ctx context.Context, offset uint64, data []byte) (uint64, erro
 // copyFromGuest copies one guest stream to w until its end. Reads name the next offset
 // wanted, which acknowledges everything before it: a reply lost with a channel session
 // costs a repeat, not data. A gap (the guest dropped output) is reported after the copy
-// goes on.
-func copyFromGuest(ctx context.Context, w io.Writer, read readAt) error {
+// goes on. pos, if not nil, holds where the copy starts (another reader, a migration's
+// source, had what came before) and, as it goes, how far it has written to w.
+func copyFromGuest(ctx context.Context, w io.Writer, read readAt, pos *atomic.Uint64) error {
 	var offset uint64
+	if pos != nil {
+		offset = pos.Load()
+	}
 	var dropped uint64
 	for {
 		resp, err := read(ctx, offset)
@@ -41,6 +46,9 @@ func copyFromGuest(ctx context.Context, w io.Writer, read readAt) error {
 			}
 		}
 		offset = resp.Offset + uint64(len(resp.Data))
+		if pos != nil {
+			pos.Store(offset)
+		}
 		if resp.Eof {
 			if dropped > 0 {
 				return fmt.Errorf("%w: %d bytes", errGuestDropped, dropped)
