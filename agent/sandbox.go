@@ -122,6 +122,7 @@ func setupInterface(iface *agentv1.Interface) error {
 			return fmt.Errorf("mtu %d: %w", iface.Mtu, err)
 		}
 	}
+	want := map[string]bool{}
 	for j, a := range iface.Addresses {
 		addr, err := netlink.ParseAddr(a)
 		if err != nil {
@@ -135,6 +136,12 @@ func setupInterface(iface *agentv1.Interface) error {
 		}
 		if err := netlink.AddrReplace(link, addr); err != nil {
 			return fmt.Errorf("addresses[%d] %q: %w", j, a, err)
+		}
+		want[addr.IPNet.String()] = true
+	}
+	if iface.ReplaceAddresses {
+		if err := removeAddressesBut(link, want); err != nil {
+			return err
 		}
 	}
 	if err := netlink.LinkSetUp(link); err != nil {
@@ -171,6 +178,28 @@ func waitForLink(mac net.HardwareAddr) (netlink.Link, error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// removeAddressesBut removes the link's addresses of global scope that want does not
+// name (an IPv6 link-local address stays: the link's own). The kernel takes the routes
+// through them along.
+func removeAddressesBut(link netlink.Link, want map[string]bool) error {
+	have, err := netlink.AddrList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		return fmt.Errorf("addresses of %s: %w", link.Attrs().Name, err)
+	}
+	for _, a := range have {
+		if a.Scope != unix.RT_SCOPE_UNIVERSE || want[a.IPNet.String()] {
+			continue
+		}
+		// a secondary address goes with its primary (without promote_secondaries): gone
+		// already is done
+		if err := netlink.AddrDel(link, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return fmt.Errorf("remove address %s: %w", a.IPNet, err)
+		}
+		slog.Info("address removed: not the pod's any more", "link", link.Attrs().Name, "address", a.IPNet.String())
+	}
+	return nil
 }
 
 func addRoute(r *agentv1.Route) error {

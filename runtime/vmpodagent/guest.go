@@ -300,6 +300,20 @@ func (g *Guest) Exec(ctx context.Context, containerID, execID string, proc *spec
 	return newProcess(g.agent, containerID, execID, pid, stdio, OutputOffsets{}), nil
 }
 
+// TakeAddresses gives a migrated guest its new pod's addresses and routes: each interface
+// is found by its MAC (which moved with the guest) and keeps only the addresses given,
+// the routes through the old ones going with them (docs/design/212).
+func (g *Guest) TakeAddresses(ctx context.Context, interfaces []*agentv1.Interface, routes []*agentv1.Route) error {
+	req := &agentv1.SetupSandboxRequest{Routes: routes}
+	for _, i := range interfaces {
+		req.Interfaces = append(req.Interfaces, &agentv1.Interface{Mac: i.Mac, Name: i.Name, Addresses: i.Addresses, Mtu: i.Mtu, ReplaceAddresses: true})
+	}
+	if err := g.agent.SetupSandbox(ctx, req); err != nil {
+		return fmt.Errorf("vm %s: the new pod's addresses: %w", g.cfg.Name, err)
+	}
+	return nil
+}
+
 // AdoptProcess is a process that came with a migrated guest (Adopt): its output is copied
 // to stdio's writers from where the source's copy stopped (Process.HandOverOutput at the
 // source), its exit awaited as any process's. Its stdin is not carried: a new writer

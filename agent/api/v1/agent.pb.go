@@ -297,10 +297,14 @@ type Interface struct {
 	// Name to give the link in the guest, e.g. "eth0".
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	// Addresses in CIDR form, IPv4 or IPv6.
-	Addresses     []string `protobuf:"bytes,3,rep,name=addresses,proto3" json:"addresses,omitempty"`
-	Mtu           uint32   `protobuf:"varint,4,opt,name=mtu,proto3" json:"mtu,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Addresses []string `protobuf:"bytes,3,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	Mtu       uint32   `protobuf:"varint,4,opt,name=mtu,proto3" json:"mtu,omitempty"`
+	// replace_addresses makes addresses the link's only ones of global scope: the others
+	// go, and the routes through them with them. A migrated guest takes its new pod's
+	// addresses so (docs/design/212).
+	ReplaceAddresses bool `protobuf:"varint,5,opt,name=replace_addresses,json=replaceAddresses,proto3" json:"replace_addresses,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Interface) Reset() {
@@ -359,6 +363,13 @@ func (x *Interface) GetMtu() uint32 {
 		return x.Mtu
 	}
 	return 0
+}
+
+func (x *Interface) GetReplaceAddresses() bool {
+	if x != nil {
+		return x.ReplaceAddresses
+	}
+	return false
 }
 
 type Route struct {
@@ -2430,12 +2441,13 @@ const file_agent_proto_rawDesc = "" +
 	"\aentropy\x18\b \x01(\fR\aentropy\x1a:\n" +
 	"\fSysctlsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"a\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x8e\x01\n" +
 	"\tInterface\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
 	"\taddresses\x18\x03 \x03(\tR\taddresses\x12\x10\n" +
-	"\x03mtu\x18\x04 \x01(\rR\x03mtu\"s\n" +
+	"\x03mtu\x18\x04 \x01(\rR\x03mtu\x12+\n" +
+	"\x11replace_addresses\x18\x05 \x01(\bR\x10replaceAddresses\"s\n" +
 	"\x05Route\x12 \n" +
 	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x18\n" +
 	"\agateway\x18\x02 \x01(\tR\agateway\x12\x16\n" +
