@@ -12,7 +12,6 @@ import (
 
 	"github.com/vmpod/vmpod/integration/testenv"
 	"github.com/vmpod/vmpod/qmp"
-	"github.com/vmpod/vmpod/qmp/qmptest"
 	"github.com/vmpod/vmpod/runtime/vmm"
 )
 
@@ -32,27 +31,14 @@ func TestBenchMigration(t *testing.T) {
 	ctx := testenv.Context(t, 30*time.Minute)
 	root := testenv.StateRoot(t)
 
-	ns := qmptest.NewNetns(t)
-	ip := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", append([]string{"-n", ns.Name}, args...)...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v: %s", args, err, out)
-		}
-	}
-	ip("link", "add", "br0", "type", "bridge")
-	t.Cleanup(func() { _ = exec.Command("ip", "-n", ns.Name, "link", "del", "br0").Run() })
-	ip("addr", "add", "10.99.0.1/24", "dev", "br0")
-	ip("link", "set", "br0", "up")
+	ns := testenv.NewBridgeNet(t, "10.99.0.1/24")
 
 	const mac = "02:00:00:00:99:02"
 	seq := 0
 	machineOn := func(incoming bool) *testenv.GuestVM {
 		seq++
 		name := fmt.Sprintf("mig%d", seq)
-		tapName := fmt.Sprintf("migtap%d", seq)
-		tap := ns.OpenTap(t, tapName)
-		ip("link", "set", tapName, "master", "br0")
-		ip("link", "set", tapName, "up")
+		tap := ns.Tap(fmt.Sprintf("migtap%d", seq))
 		cfg := testenv.GuestVMConfig(t, root, name, disk, 512)
 		cfg.NICs = []vmm.NIC{{Tap: tap, MAC: mac}}
 		cfg.Incoming = incoming
