@@ -246,3 +246,67 @@ func TestContainerVMMigratesWithItsShare(t *testing.T) {
 		t.Errorf("remove the container on the third machine: %v", err)
 	}
 }
+
+// TestAFailedSwitchoverEndsTheTCGGuest (docs/design/211): under TCG a virtio-fs guest
+// resumed after its migration's pause before the switchover runs stale translations of
+// the pages virtiofsd wrote meanwhile (its processes die of SIGSEGV). A migration whose
+// last step before the switchover fails (here: the rootfs's last pass, as a target out of
+// room would fail it) therefore ends the source's guest instead of resuming it
+// (vmm.ErrGuestLost), and its QEMU is gone.
+func TestAFailedSwitchoverEndsTheTCGGuest(t *testing.T) {
+	testenv.Require(t)
+	qemu, virtiofsd := testenv.QEMUNext(t)
+	ctx := testenv.Context(t, 5*time.Minute)
+	config := func(name string) vmpodagent.Config {
+		cfg := testenv.VMConfig(t, name)
+		cfg.Type = machine.Q35
+		cfg.QEMUPath, cfg.VirtiofsdPath = qemu, virtiofsd
+		return cfg
+	}
+	srcCfg := config("mig-lost-src")
+	src, err := vmpodagent.Boot(ctx, srcCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = src.Kill()
+		testenv.AssertNoLeaks(t, srcCfg.StateDir)
+	})
+	if src.Machine().Accel() != machine.TCG {
+		t.Skip("the stale translations are TCG's: on KVM the guest resumes")
+	}
+	rootfs := testenv.NewOverlay(t, testenv.BusyboxRootfs(t))
+	if err := rootfs.Mount(t); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.CreateContainer(ctx, "main", rootfs.Merged, testenv.Spec("sh", "-c", "while :; do cat /etc/passwd > /dev/null; sleep 0.1; done"), runtime.Stdio{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Agent().StartContainer(ctx, "main"); err != nil {
+		t.Fatal(err)
+	}
+	dstCfg := config("mig-lost-dst")
+	m, err := vmpodagent.Receive(ctx, dstCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = m.Kill()
+		testenv.AssertNoLeaks(t, dstCfg.StateDir)
+	})
+	out, in := testenv.MigrationStream(t)
+	if err := m.AcceptMigration(ctx, in, vmm.MigrationOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	lastPass := errors.New("the rootfs's last pass: no space left on the target")
+	_, err = src.Machine().Migrate(ctx, out, vmm.MigrationOptions{MaxBandwidth: 1 << 30,
+		BeforeSwitchover: func(context.Context) error { return lastPass }})
+	if !errors.Is(err, vmm.ErrGuestLost) || !errors.Is(err, lastPass) {
+		t.Fatalf("a migration failing at its switchover under TCG: %v, want ErrGuestLost saying why", err)
+	}
+	select {
+	case <-src.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the source's QEMU still runs the guest that could not be resumed")
+	}
+}

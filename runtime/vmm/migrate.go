@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
+	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/qmp"
 )
 
@@ -384,6 +385,12 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 		// completes once the target says it has them all (its return path's last message)
 		allSentAt   time.Time
 		allSentSize uint64
+		// lostAtPause: under TCG a guest with virtio-fs runs stale translations once
+		// resumed after its migration's pause before the switchover (docs/design/211):
+		// from that pause on, what would resume it here (a cancel, a failure) ends it
+		// instead, and a caller's cancel no longer stops the switchover
+		lostAtPause = m.plan.accel.accel == machine.TCG && m.cfg.runsVirtiofsd()
+		paused      bool // lostAtPause, and the pause was reached
 	)
 	var cancel func(why error)
 	// giveUp cancels the migration, or switches it to post-copy when the options allow:
@@ -427,6 +434,10 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 			queryErrors++
 			log.G(ctx).WithError(err).Warnf("vm %s: query-migrate (%d in a row)", m.cfg.Name, queryErrors)
 			if queryErrors >= maxQueryErrors {
+				if paused {
+					// a cancel would resume the guest here; the target may have it already
+					return info, m.lose(ctx, fmt.Errorf("QEMU stopped answering after the pause before the switchover (%d times in a row): %w", queryErrors, err))
+				}
 				if postCopy != nil {
 					// a cancel could break a post-copy QEMU may be carrying out: none is sent,
 					// and the guest, partly on the target by now, is given up for lost
@@ -467,6 +478,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 				log.G(ctx).Infof("vm %s: migrated in %v (downtime %v, %d MiB sent%s)", m.cfg.Name, info.TotalTime, info.Downtime, info.Transferred()>>20, how)
 				return info, nil
 			case qmp.MigrationFailed:
+				if paused {
+					return info, m.lose(ctx, fmt.Errorf("failed after the pause before the switchover: %s", info.ErrorDesc))
+				}
 				if switched || committed && !m.restartedHere(qctx) {
 					// (QEMU restarts the guest after a failed pre-copy's end, not after a
 					// switch that began)
@@ -485,6 +499,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 			case qmp.MigrationCancelled:
 				if cancelling == nil {
 					cancelling = errors.New("cancelled in QEMU")
+				}
+				if paused {
+					return info, m.lose(ctx, fmt.Errorf("%w after the pause before the switchover (%w)", ErrMigrationCancelled, cancelling))
 				}
 				if switched || committed {
 					// not by vmpod: resuming the guest here could run it in two places
@@ -534,13 +551,24 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 						log.G(ctx).Warnf("vm %s: the migration is %s %v after the switch to post-copy was asked (%d MiB sent, %d MiB left): QEMU ends it once the target has every page and has said so",
 							m.cfg.Name, info.Status, time.Since(postCopyAt).Round(time.Second), info.Transferred()>>20, info.Remaining()>>20)
 					}
-				case info.Status == qmp.MigrationPreSwitchover && ctx.Err() != nil:
+				case info.Status == qmp.MigrationPreSwitchover && ctx.Err() != nil && !lostAtPause:
 					cancel(ctx.Err()) // nothing of the guest has run there: it stays here
 				case info.Status == qmp.MigrationPreSwitchover:
 					// the guest is stopped: go on at once, once what must match at the
 					// target does
+					bctx := ctx
+					if lostAtPause {
+						paused = true
+						if ctx.Err() != nil {
+							log.G(ctx).Warnf("vm %s: a cancel at the pause before the switchover would leave this guest unable to run (TCG, virtio-fs): the migration goes on", m.cfg.Name)
+							bctx = context.WithoutCancel(ctx)
+						}
+					}
 					if opts.BeforeSwitchover != nil {
-						if err := opts.BeforeSwitchover(ctx); err != nil {
+						if err := opts.BeforeSwitchover(bctx); err != nil {
+							if paused {
+								return info, m.lose(ctx, fmt.Errorf("before the switchover: %w", err))
+							}
 							cancel(fmt.Errorf("before the switchover: %w", err))
 							break
 						}
@@ -548,6 +576,9 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 					err := m.mon.MigrateContinue(qctx, qmp.MigrationPreSwitchover)
 					var refused *qmp.CommandError
 					if errors.As(err, &refused) {
+						if paused {
+							return info, m.lose(ctx, fmt.Errorf("migrate-continue: %w", err))
+						}
 						cancel(fmt.Errorf("migrate-continue: %w", err)) // not done: still paused
 						break
 					}
@@ -555,7 +586,7 @@ func (m *Machine) Migrate(ctx context.Context, stream *os.File, opts MigrationOp
 						// maybe done, maybe not: taken as done, and asked again if the pause lasts
 						log.G(ctx).WithError(err).Warnf("vm %s: migrate-continue", m.cfg.Name)
 					}
-					continued, continuedAt, committed = true, time.Now(), postCopy != nil
+					continued, continuedAt, committed = true, time.Now(), postCopy != nil || paused
 				case ctx.Err() != nil:
 					cancel(ctx.Err())
 				case postCopy != nil:
@@ -651,6 +682,21 @@ func (m *Machine) resumeAfterPause(ctx context.Context, opts MigrationOptions) e
 	}
 	log.G(ctx).Infof("vm %s: the guest runs on here (stopped for a switch to post-copy that did not happen)", m.cfg.Name)
 	return nil
+}
+
+// ErrGuestLost is returned by Migrate when it ended the source's guest instead of
+// resuming it: under TCG, a guest with virtio-fs that reached its migration's pause before
+// the switchover runs stale translations of the pages virtiofsd wrote meanwhile once it
+// is resumed (docs/design/211: its processes die of SIGSEGV one after the other), so a
+// migration that fails or is cancelled from that pause on ends it. On KVM it resumes.
+var ErrGuestLost = errors.New("the guest was ended, not resumed")
+
+// lose ends the machine's QEMU after a migration that cannot resume its guest (why), and
+// says so.
+func (m *Machine) lose(ctx context.Context, why error) error {
+	log.G(ctx).WithError(why).Errorf("vm %s: the migration ended at its switchover; ending the guest rather than resuming it with stale translations (TCG, virtio-fs)", m.cfg.Name)
+	m.KillProcess()
+	return fmt.Errorf("vm %s: migrate: %w: %w", m.cfg.Name, why, ErrGuestLost)
 }
 
 // postCopyUnconfirmedAfter bounds a post-copy that sent every page and still does not
