@@ -192,12 +192,14 @@ func removeAddressesBut(link netlink.Link, want map[string]bool) error {
 		if a.Scope != unix.RT_SCOPE_UNIVERSE || want[a.IPNet.String()] {
 			continue
 		}
-		// a secondary address goes with its primary (without promote_secondaries): gone
-		// already is done
-		if err := netlink.AddrDel(link, &a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+		switch err := netlink.AddrDel(link, &a); {
+		case err == nil:
+			slog.Info("address removed: not the pod's any more", "link", link.Attrs().Name, "address", a.IPNet.String())
+		case errors.Is(err, unix.EADDRNOTAVAIL):
+			// a secondary address that went with its primary (without promote_secondaries)
+		default:
 			return fmt.Errorf("remove address %s: %w", a.IPNet, err)
 		}
-		slog.Info("address removed: not the pod's any more", "link", link.Attrs().Name, "address", a.IPNet.String())
 	}
 	return nil
 }
