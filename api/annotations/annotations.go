@@ -28,6 +28,10 @@ const (
 	SharedFS = Prefix + "shared-fs"
 	// VM makes the pod a VM pod; its value is a vmspec JSON document (api/vmspec).
 	VM = Prefix + "vm"
+	// MigrationTarget makes a container pod the target of a live migration: its VM waits
+	// for the guest of the pod it names (the source pod's UID, for the record) instead of
+	// booting, and its containers are the source's once it has come (docs/design/212).
+	MigrationTarget = Prefix + "migration-target"
 )
 
 var known = map[string]func(string) error{
@@ -39,6 +43,12 @@ var known = map[string]func(string) error{
 		return machine.SharedFS(v).Check()
 	},
 	VM: func(string) error { return nil }, // validated by api/vmspec
+	MigrationTarget: func(v string) error {
+		if v == "" || len(v) > 128 || strings.IndexFunc(v, func(r rune) bool { return r <= ' ' || r > '~' }) >= 0 {
+			return fmt.Errorf("%q: want the source pod's UID (1-128 printable ASCII characters, no spaces)", v)
+		}
+		return nil
+	},
 }
 
 // Pod is what a pod's vmpod.dev/* annotations asked for ("" = not asked).
@@ -46,6 +56,8 @@ type Pod struct {
 	Machine  machine.Type
 	SharedFS machine.SharedFS
 	VM       string
+	// MigrationTarget is the source pod a migration target's guest comes from
+	MigrationTarget string
 }
 
 // Parse validates the vmpod.dev/* annotations of a pod against the keys the node allows
@@ -84,6 +96,8 @@ func Parse(annotations map[string]string, allowed []string) (Pod, error) {
 			pod.SharedFS = machine.SharedFS(value)
 		case VM:
 			pod.VM = value
+		case MigrationTarget:
+			pod.MigrationTarget = value
 		}
 	}
 	return pod, errors.Join(errs...)

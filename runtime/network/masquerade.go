@@ -146,6 +146,9 @@ func DialInNetns(netnsPath, addr string) (net.Conn, error) {
 
 // DialInNetnsContext is DialInNetns bounded by ctx: a peer on another node may not answer.
 func DialInNetnsContext(ctx context.Context, netnsPath, addr string) (net.Conn, error) {
+	if netnsPath == "" { // the caller's own
+		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	}
 	pn, err := openNetns(netnsPath)
 	if err != nil {
 		return nil, fmt.Errorf("network: netns %s: %w", netnsPath, err)

@@ -227,7 +227,7 @@ func Default() Config {
 			FirstOwnerID:  vmuser.DefaultOwnersFirst,
 			OwnerIDs:      vmuser.DefaultOwnersCount,
 		},
-		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs", "vmpod.dev/vm"}},
+		Annotations: Annotations{Allowed: []string{"vmpod.dev/machine", "vmpod.dev/shared-fs", "vmpod.dev/vm", "vmpod.dev/migration-target"}},
 		StateDir:    "/run/vmpod",
 	}
 }

@@ -61,9 +61,27 @@ type containerPod struct {
 	pinMu  sync.Mutex    // one vCPU pinning at a time
 	pinned cpuset.CPUSet // the host CPUs the vCPUs run on; empty: anywhere
 
+	// setup is the pod's interfaces and routes as the guest was (or, on a migration's
+	// target, is to be) told them; guestMACs the guest's MAC by pod interface, which a
+	// migrated guest keeps
+	setup     *agentv1.SetupSandboxRequest
+	guestMACs map[string]string
+
 	mu         sync.Mutex
 	size       Size // what the VM has now
 	containers map[string]*container
+	// a migration (containermigrate.go). awaiting: a target whose guest has not arrived
+	// (arrived is closed once it runs here); accepting: it listens for the source.
+	// migrating: a migration away in flight; movedTo: the guest runs in that pod now
+	awaiting  bool
+	accepting bool
+	arrived   chan struct{}
+	migrating *outgoing
+	movedTo   string
+	// vmDone is closed once the pod can run nothing more: its VM ended, but for a guest
+	// that moved away (this pod's containers stay until it is stopped), or it was stopped
+	vmDone     chan struct{}
+	vmDoneOnce sync.Once
 
 	stopOnce sync.Once
 	stopErr  error
@@ -73,13 +91,43 @@ type containerPod struct {
 }
 
 type container struct {
-	shares []string
-	pid    uint32          // guest pid of its init, once created
-	proxy  *pidproxy.Proxy // stands for it on the host (its host pid), once created
-	claim  claim           // its limits, which the VM's size must hold
-	cpus   cpuset.CPUSet   // the host CPUs it was given (linux.resources.cpu.cpus)
+	name string // its CRI name, "" for a pod's sandbox
+	// guestID is the guest's id for it: containerd's, but for a container that came with
+	// a migrated guest, which keeps the source pod's (docs/design/212)
+	guestID string
+	shares  []string
+	pid     uint32          // guest pid of its init, once created
+	proxy   *pidproxy.Proxy // stands for it on the host (its host pid), once created
+	claim   claim           // its limits, which the VM's size must hold
+	cpus    cpuset.CPUSet   // the host CPUs it was given (linux.resources.cpu.cpus)
 	// termLog is the host file the kubelet reads its termination message from, if mounted
 	termLog string
+	root    Rootfs
+	spec    *specs.Spec
+	stdio   runtime.Stdio
+	init    *vmpodagent.Process // its init, once created here or adopted
+
+	// a migration's target: placeholder stands for it until the guest arrives; mirrors
+	// counts the shares whose writes it receives; arriving is the source's container it
+	// becomes, and mirrorDirs where the writes of each of its shares go, once matched
+	placeholder *placeholder
+	mirrors     int
+	arriving    *shapedContainer
+	mirrorDirs  map[string]string
+	rootMounted bool
+	// a migration's source: left stands for it once the guest moved away
+	left *standIn
+}
+
+// label names the container in messages: its CRI name, or its id.
+func (c *container) label() string {
+	switch {
+	case c.name != "":
+		return c.name
+	case c.spec != nil && containerName(c.spec) == "" && c.spec.Annotations[cri.AnnotationContainerType] != "":
+		return labelOf("")
+	}
+	return c.guestID
 }
 
 // podIDs are the host sides of a pod's own ID mappings (hostUsers: false), none for a pod
@@ -188,35 +236,77 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		setup.Interfaces, setup.Routes = plan.GuestInterfaces(), plan.GuestRoutes()
 	}
 	var guest *vmpodagent.Guest
-	if templates {
+	target := choice.MigrationTarget != ""
+	switch {
+	case target:
+		// the same machine as the source's, which the shape checks; never from a template:
+		// the guest's memory comes from the source
+		if templates {
+			return nil, fmt.Errorf("pod %s: annotation %s: this node boots q35 pods from templates (hypervisor.templates), and a migration's target needs the source's machine as it booted: %w",
+				podID, annotations.MigrationTarget, errdefs.ErrNotImplemented)
+		}
+		log.G(ctx).WithField("pod", podID).Infof("migration target: the VM waits for the guest of pod %s", choice.MigrationTarget)
+		guest, err = vmpodagent.Await(ctx, gc)
+	case templates:
 		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir(), BaseMemoryMiB: cfg.Sizing.DefaultMemoryMiB, Cgroup: cfg.TemplateCgroup()}).Boot(ctx, gc)
-	} else {
+	default:
 		guest, err = vmpodagent.Boot(ctx, gc)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: %w", podID, err)
 	}
 	undo.Add("stop VM", guest.Kill)
-	if err := guest.Agent().SetupSandbox(ctx, setup); err != nil {
-		return nil, fmt.Errorf("pod %s: %w", podID, err)
+	if !target {
+		if err := guest.Agent().SetupSandbox(ctx, setup); err != nil {
+			return nil, fmt.Errorf("pod %s: %w", podID, err)
+		}
+		phases.Mark(ctx, "setup")
 	}
-	phases.Mark(ctx, "setup")
 	p := &containerPod{id: podID, guest: guest, machine: gc.Type, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
 		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}, vfioBind: cfg.Devices.VFIOBind,
-		ended: make(chan struct{})}
+		ended: make(chan struct{}), vmDone: make(chan struct{}), setup: setup, guestMACs: map[string]string{},
+		awaiting: target, arrived: make(chan struct{})}
+	for _, i := range setup.Interfaces {
+		p.guestMACs[i.Name] = i.Mac
+	}
 	if plumbing != nil {
 		if p.loopback, err = network.RedirectLoopback(plumbing.Plan().Netns); err != nil {
 			return nil, fmt.Errorf("pod %s: %w", podID, err)
 		}
-		go p.servePortForwards(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
-		p.nics = &nicFollower{pod: podID, network: plumbing, machine: guest.Machine(), configure: p.configureNIC, busy: new(sync.Mutex)}
-		var netCtx context.Context
-		netCtx, p.stopNetwork = context.WithCancel(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx)))
-		p.nics.follow(netCtx)
 	}
 	undo.Release()
-	go p.reportEnd(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
+	go p.watchVM()
+	if !target {
+		close(p.arrived)
+		p.servePod(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
+	}
 	return p, nil
+}
+
+// servePod starts what serves a pod whose guest runs: port-forwards into it, interfaces
+// added to the pod's netns plugged in, the report of the VM's end.
+func (p *containerPod) servePod(ctx context.Context) {
+	if p.network != nil {
+		go p.servePortForwards(ctx)
+		nics := &nicFollower{pod: p.id, network: p.network, machine: p.guest.Machine(), configure: p.configureNIC, busy: new(sync.Mutex)}
+		netCtx, stop := context.WithCancel(ctx)
+		p.mu.Lock()
+		p.nics, p.stopNetwork = nics, stop
+		p.mu.Unlock()
+		nics.follow(netCtx)
+	}
+	go p.reportEnd(ctx)
+}
+
+// watchVM closes vmDone once the VM has ended, unless its guest moved away.
+func (p *containerPod) watchVM() {
+	<-p.guest.Done()
+	p.mu.Lock()
+	moved := p.movedTo != ""
+	p.mu.Unlock()
+	if !moved {
+		p.vmDoneOnce.Do(func() { close(p.vmDone) })
+	}
 }
 
 func (p *containerPod) ID() string { return p.id }
@@ -228,7 +318,7 @@ func (p *containerPod) Size() Size {
 	return p.size
 }
 
-func (p *containerPod) Done() <-chan struct{} { return p.guest.Done() }
+func (p *containerPod) Done() <-chan struct{} { return p.vmDone }
 
 func (p *containerPod) WriteRecord(bundle string) error { return writeRecord(bundle, p.id, p.stateDir) }
 
@@ -259,13 +349,26 @@ func (p *containerPod) nsOwners() map[uint32]uint32 {
 	return out
 }
 
-func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
+func (p *containerPod) CreateContainer(ctx context.Context, id string, root Rootfs, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
 	p.mu.Lock()
 	if _, exists := p.containers[id]; exists {
 		p.mu.Unlock()
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
 	}
-	c := &container{termLog: mountSource(spec, terminationLog)}
+	if p.movedTo != "" {
+		p.mu.Unlock()
+		return nil, fmt.Errorf("pod %s: container %s: the pod's guest moved to %s: %w", p.id, id, p.movedTo, errdefs.ErrFailedPrecondition)
+	}
+	c := &container{name: containerName(spec), guestID: id, root: root, spec: spec, stdio: stdio, termLog: mountSource(spec, terminationLog)}
+	if p.awaiting {
+		if p.accepting {
+			p.mu.Unlock()
+			return nil, fmt.Errorf("pod %s: container %s: the pod is receiving its guest, whose containers are set: %w", p.id, id, errdefs.ErrFailedPrecondition)
+		}
+		p.containers[id] = c
+		p.mu.Unlock()
+		return p.createPlaceholder(ctx, id, c)
+	}
 	if spec.Linux != nil {
 		c.claim = claimOf(spec.Linux.Resources, claim{})
 		cpus, err := hostCPUs(spec.Linux.Resources)
@@ -287,6 +390,9 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 		delete(p.containers, id)
 		return nil
 	})
+	if err := root.mount(); err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
+	}
 	spec, err := p.plugHostDevices(ctx, spec)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
@@ -306,16 +412,48 @@ func (p *containerPod) CreateContainer(ctx context.Context, id, rootfs string, s
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
 	}
 	undo.Add("stop pid proxy", func() error { proxy.Stop(); return nil })
-	proc, err := p.guest.CreateContainer(ctx, id, rootfs, guest, stdio)
+	proc, err := p.guest.CreateContainer(ctx, id, root.Dir, guest, stdio)
 	if err != nil {
 		return nil, err
 	}
 	p.mu.Lock()
-	c.shares, c.pid, c.proxy = shares, proc.Pid(), proxy
+	c.shares, c.pid, c.proxy, c.init = shares, proc.Pid(), proxy, proc
 	p.mu.Unlock()
 	undo.Release()
 	go relaySignals(log.G(ctx).WithField("container", id), proc, proxy)
-	return hostProcess{proc, proxy, p}, nil
+	return hostProcess{proc, proxy, p, c}, nil
+}
+
+// createPlaceholder is CreateContainer on a migration's target before the guest came: the
+// container's host pid, and what it needs to receive the source's container (its rootfs
+// is mounted only once the source's writes are in, docs/design/212).
+func (p *containerPod) createPlaceholder(ctx context.Context, id string, c *container) (Process, error) {
+	var undo cleanup.Stack
+	defer func() { _ = undo.Run() }()
+	undo.Add("forget container", func() error {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		delete(p.containers, id)
+		return nil
+	})
+	mirrored, err := mirroredShares(id, c)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: a migration's target cannot receive it: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
+	}
+	if _, err := guestShares(id, c.spec); err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w: %w", p.id, id, err, errdefs.ErrInvalidArgument)
+	}
+	proxy, err := p.startProxy(id)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
+	}
+	p.mu.Lock()
+	c.proxy, c.mirrors = proxy, len(mirrored)
+	c.placeholder = newPlaceholder(c)
+	p.mu.Unlock()
+	undo.Release()
+	log.G(ctx).WithField("pod", p.id).Infof("migration target: container %s (%s) waits for the guest", id, c.label())
+	return c.placeholder, nil
 }
 
 // startProxy starts the host process whose pid stands for container id (pidproxy), in
@@ -363,15 +501,26 @@ type hostProcess struct {
 	*vmpodagent.Process
 	proxy *pidproxy.Proxy
 	pod   *containerPod
+	c     *container
 }
 
 func (h hostProcess) Pid() uint32 { return uint32(h.proxy.Pid()) }
 
 // Wait returns the process's exit. When the VM ended under it, it returns only once the
 // pod has reported why (the containers' termination messages are written before
-// containerd hears of their exits and the kubelet reads them).
+// containerd hears of their exits and the kubelet reads them). When the guest moved to
+// another pod, an init waits for its stand-in (Signal ends it), and an exec ends as
+// killed: it runs on in the other pod, out of this one's reach.
 func (h hostProcess) Wait(ctx context.Context) (runtime.Exit, error) {
 	exit, err := h.Process.Wait(ctx)
+	if err != nil {
+		if left := h.pod.leftBehind(h.c); left != nil {
+			if h.ExecID() != "" {
+				return runtime.Exit{Status: exitKilled, ExitedAt: time.Now()}, nil
+			}
+			exit, err = left.Wait(ctx)
+		}
+	}
 	if err == nil && h.ExecID() == "" {
 		h.proxy.Stop()
 	}
@@ -379,6 +528,21 @@ func (h hostProcess) Wait(ctx context.Context) (runtime.Exit, error) {
 		h.pod.awaitEndReport()
 	}
 	return exit, err
+}
+
+// leftBehind is the stand-in of container c once the pod's guest moved away, nil before.
+func (p *containerPod) leftBehind(c *container) *standIn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return c.left
+}
+
+// Remove forgets the process; once the guest moved away there is nothing to forget.
+func (h hostProcess) Remove(ctx context.Context) error {
+	if h.pod.leftBehind(h.c) != nil {
+		return nil
+	}
+	return h.Process.Remove(ctx)
 }
 
 // endNoticeWait bounds how long a failed Wait looks for the VM's end (QEMU is reaped a
@@ -416,6 +580,12 @@ var wedgedPingWait = 5 * time.Second
 // keep its containers from being stopped (containerd's SIGTERM, its SIGKILL after the
 // grace period, the SIGKILL to every container of a pod being stopped).
 func (h hostProcess) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
+	if left := h.pod.leftBehind(h.c); left != nil {
+		if h.ExecID() != "" {
+			return fmt.Errorf("pod %s: the pod's guest moved away with the process: %w", h.pod.id, errdefs.ErrNotFound)
+		}
+		return left.Signal(ctx, sig, all)
+	}
 	result := make(chan error, 1)
 	go func() { result <- h.Process.Signal(context.WithoutCancel(ctx), sig, all) }() // bounded by the agent call timeout
 	select {
@@ -481,7 +651,10 @@ func (p *containerPod) killIfWedged(ctx context.Context, why string) bool {
 func (p *containerPod) reportEnd(ctx context.Context) {
 	defer close(p.ended)
 	<-p.guest.Done()
-	if p.stopping.Load() {
+	p.mu.Lock()
+	moved := p.movedTo != ""
+	p.mu.Unlock()
+	if p.stopping.Load() || moved {
 		return
 	}
 	p.mu.Lock()
@@ -531,12 +704,44 @@ func writeTerminationMessage(path, msg string) error {
 	return err
 }
 
+// lookup is container id, and the guest's id for it, if the guest is here to act on it
+// (op says what for).
+func (p *containerPod) lookup(id, op string) (*container, string, error) {
+	p.mu.Lock()
+	c, ok := p.containers[id]
+	p.mu.Unlock()
+	if !ok {
+		return nil, "", fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
+	}
+	if err := p.guestHere(op + " " + id); err != nil {
+		return c, "", err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return c, c.guestID, nil
+}
+
+// StartContainer starts the container's init; a migration target's placeholder only
+// notes it (the guest's container runs already).
 func (p *containerPod) StartContainer(ctx context.Context, id string) error {
-	return p.guest.Agent().StartContainer(ctx, id)
+	p.mu.Lock()
+	c, ok := p.containers[id]
+	if ok && c.placeholder != nil && p.awaiting {
+		c.placeholder.started = true
+		p.mu.Unlock()
+		return nil
+	}
+	p.mu.Unlock()
+	_, gid, err := p.lookup(id, "start")
+	if err != nil {
+		return err
+	}
+	return p.guest.Agent().StartContainer(ctx, gid)
 }
 
 // Exec starts a process in a container; containerd sees the container's host pid for it
-// (an exec has no proxy of its own: one per exec would cost a process start each).
+// (an exec has no proxy of its own: one per exec would cost a process start each). A
+// migration's command is the shim's to answer (containermigrate.go).
 func (p *containerPod) Exec(ctx context.Context, containerID, execID string, proc *specs.Process, stdio runtime.Stdio) (Process, error) {
 	p.mu.Lock()
 	c, ok := p.containers[containerID]
@@ -544,23 +749,47 @@ func (p *containerPod) Exec(ctx context.Context, containerID, execID string, pro
 	if !ok || c.proxy == nil {
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, containerID, errdefs.ErrNotFound)
 	}
-	pr, err := p.guest.Exec(ctx, containerID, execID, proc, stdio)
+	if migrationCommand(proc.Args) {
+		return p.command(ctx, c, execID, proc, stdio)
+	}
+	_, gid, err := p.lookup(containerID, "exec in")
 	if err != nil {
 		return nil, err
 	}
-	return hostProcess{pr, c.proxy, p}, nil
+	pr, err := p.guest.Exec(ctx, gid, execID, proc, stdio)
+	if err != nil {
+		return nil, err
+	}
+	return hostProcess{pr, c.proxy, p, c}, nil
 }
 
 func (p *containerPod) PauseContainer(ctx context.Context, id string) error {
-	return p.guest.Agent().PauseContainer(ctx, id)
+	_, gid, err := p.lookup(id, "pause")
+	if err != nil {
+		return err
+	}
+	return p.guest.Agent().PauseContainer(ctx, gid)
 }
 
 func (p *containerPod) ResumeContainer(ctx context.Context, id string) error {
-	return p.guest.Agent().ResumeContainer(ctx, id)
+	_, gid, err := p.lookup(id, "resume")
+	if err != nil {
+		return err
+	}
+	return p.guest.Agent().ResumeContainer(ctx, gid)
 }
 
+// ContainerStats are the container's cgroup's in the guest; none while the guest is on
+// its way here or gone.
 func (p *containerPod) ContainerStats(ctx context.Context, id string) (*cgroupsv2.Metrics, error) {
-	return p.guest.Agent().ContainerStats(ctx, id)
+	c, gid, err := p.lookup(id, "stats of")
+	if errdefs.IsFailedPrecondition(err) && c != nil {
+		return &cgroupsv2.Metrics{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return p.guest.Agent().ContainerStats(ctx, gid)
 }
 
 // ContainerPids is the container's host pid, its proxy's, while the container runs: its
@@ -579,20 +808,47 @@ func (p *containerPod) ContainerPids(ctx context.Context, id string) ([]uint32, 
 	return []uint32{uint32(c.proxy.Pid())}, nil
 }
 
+// WaitOOMEvent waits for the guest's next OOM kill (on a migration's target, for the
+// guest to arrive first), naming the container by this pod's id.
 func (p *containerPod) WaitOOMEvent(ctx context.Context, afterSeq uint64) (OOMEvent, error) {
+	select {
+	case <-p.arrived:
+	case <-p.vmDone:
+		return OOMEvent{}, fmt.Errorf("pod %s is stopped: %w", p.id, errdefs.ErrNotFound)
+	case <-ctx.Done():
+		return OOMEvent{}, ctx.Err()
+	}
 	ev, err := p.guest.Agent().WaitOOMEvent(ctx, afterSeq)
-	return OOMEvent(ev), err
+	if err != nil {
+		return OOMEvent{}, err
+	}
+	p.mu.Lock()
+	for id, c := range p.containers {
+		if c.guestID == ev.ContainerID {
+			ev.ContainerID = id
+		}
+	}
+	p.mu.Unlock()
+	return OOMEvent(ev), nil
 }
 
-// RemoveContainer removes the container in the guest and takes back its shares.
+// RemoveContainer removes the container in the guest and takes back its shares. A
+// placeholder, or a container whose guest moved away, has only its host side.
 func (p *containerPod) RemoveContainer(ctx context.Context, id string, force bool) error {
 	p.mu.Lock()
 	c, ok := p.containers[id]
+	var hostOnly bool
+	if ok {
+		hostOnly = c.left != nil || (c.placeholder != nil && c.placeholder.adopted() == nil)
+	}
 	p.mu.Unlock()
 	if !ok {
 		return fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
 	}
-	if err := p.guest.RemoveContainer(ctx, id, force); err != nil {
+	if hostOnly {
+		return p.forgetContainer(ctx, id, c)
+	}
+	if err := p.guest.RemoveContainer(ctx, c.guestID, force); err != nil {
 		return err
 	}
 	var errs []error
@@ -617,6 +873,36 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 	return nil
 }
 
+// forgetContainer removes what a container has only on the host: a placeholder whose
+// guest never came (or has not yet: the source's container then has no place here), or a
+// container whose guest moved away.
+func (p *containerPod) forgetContainer(ctx context.Context, id string, c *container) error {
+	if c.placeholder != nil {
+		c.placeholder.stand.end(exitKilled)
+	}
+	p.mu.Lock()
+	if c.left != nil {
+		c.left.end(exitKilled)
+	}
+	mounted := c.rootMounted
+	shares := c.shares
+	delete(p.containers, id)
+	p.mu.Unlock()
+	var errs []error
+	if mounted { // a target that failed after sharing it
+		for _, name := range append(shares, vmpodagent.RootfsShare(c.guestID)) {
+			if err := p.guest.Unshare(name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if c.proxy != nil {
+		c.proxy.Stop()
+	}
+	log.G(ctx).WithField("pod", p.id).Infof("container %s removed (its host side only)", id)
+	return errors.Join(errs...)
+}
+
 // Stop shuts the VM down and releases everything the pod holds on the host: the
 // port-forward redirect, the VM (it holds the taps), then the network plumbing. Later
 // calls return the first result.
@@ -624,10 +910,13 @@ func (p *containerPod) Stop(ctx context.Context) error {
 	p.stopping.Store(true)
 	p.stopOnce.Do(func() {
 		var err error
-		if p.stopNetwork != nil {
+		p.mu.Lock()
+		stopNetwork, nics, noGuest := p.stopNetwork, p.nics, p.awaiting
+		p.mu.Unlock()
+		if stopNetwork != nil {
 			// a sync under way must not plumb a tap after the teardown below
-			p.stopNetwork()
-			<-p.nics.done
+			stopNetwork()
+			<-nics.done
 		}
 		if p.loopback != nil {
 			err = p.loopback.Close()
@@ -639,15 +928,26 @@ func (p *containerPod) Stop(ctx context.Context) error {
 			if c.proxy != nil {
 				proxies = append(proxies, c.proxy)
 			}
+			if c.left != nil {
+				c.left.end(exitKilled)
+			}
+			if c.placeholder != nil {
+				c.placeholder.stand.end(exitKilled)
+			}
 		}
 		p.mu.Unlock()
 		for _, proxy := range proxies {
 			proxy.Stop()
 		}
+		if noGuest {
+			// a migration's target still waiting: no agent to ask for a shutdown
+			p.guest.Machine().Quit(ctx)
+		}
 		err = errors.Join(err, p.guest.Stop(ctx))
 		if p.network != nil {
 			err = errors.Join(err, p.network.Teardown())
 		}
+		p.vmDoneOnce.Do(func() { close(p.vmDone) })
 		p.stopErr = err
 	})
 	return p.stopErr

@@ -28,9 +28,9 @@ import (
 type Pod interface {
 	// ID of the pod: CRI's sandbox id, or the first container's id outside CRI.
 	ID() string
-	// CreateContainer creates a container from its host spec and a host rootfs directory;
-	// its init does not run until StartContainer.
-	CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (Process, error)
+	// CreateContainer creates a container from its host spec and its rootfs; its init does
+	// not run until StartContainer.
+	CreateContainer(ctx context.Context, id string, root Rootfs, spec *specs.Spec, stdio runtime.Stdio) (Process, error)
 	StartContainer(ctx context.Context, id string) error
 	// Exec starts another process in a running container.
 	Exec(ctx context.Context, containerID, execID string, proc *specs.Process, stdio runtime.Stdio) (Process, error)
@@ -76,6 +76,28 @@ type Process interface {
 	CloseStdin(ctx context.Context) error
 	// Remove forgets an exited process and stops its stdio.
 	Remove(ctx context.Context) error
+}
+
+// Rootfs is a container's root filesystem on the host.
+type Rootfs struct {
+	// Dir is where it is, or is to be, mounted: what the guest is given.
+	Dir string
+	// Mount mounts it at Dir (containerd's snapshot, as every shim mounts it); nil when
+	// Dir is the rootfs as it is. The pod mounts it when it creates the container, but
+	// for a migration's target: it writes what the source's container wrote into Upper
+	// first, and mounts it only then (docs/design/212).
+	Mount func() error
+	// Upper is the overlay's upper directory: what the container wrote. "" for a rootfs
+	// that is no overlay (its container cannot migrate).
+	Upper string
+}
+
+// mount mounts the rootfs unless it needs no mount.
+func (r Rootfs) mount() error {
+	if r.Mount == nil {
+		return nil
+	}
+	return r.Mount()
 }
 
 // OOMEvent is one OOM kill in a pod.

@@ -280,7 +280,7 @@ func (p *vmPod) proxyVNC(ctx context.Context, conn net.Conn) {
 // CreateContainer creates the sandbox stand-in or boots the VM for the compute container.
 // A compute container whose VM has exited is released first: the kubelet creates the next
 // one before it deletes the dead one.
-func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
+func (p *vmPod) CreateContainer(ctx context.Context, id string, root Rootfs, spec *specs.Spec, stdio runtime.Stdio) (Process, error) {
 	if spec.Annotations[cri.AnnotationContainerType] == cri.ContainerTypeSandbox {
 		p.mu.Lock()
 		defer p.mu.Unlock()
@@ -319,7 +319,10 @@ func (p *vmPod) CreateContainer(ctx context.Context, id, rootfs string, spec *sp
 		p.compute, p.computeID, p.removed[oldID] = nil, "", true
 		p.mu.Unlock()
 	}
-	c, err := p.bootVM(ctx, id, rootfs, spec, stdio)
+	if err := root.mount(); err != nil {
+		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, err)
+	}
+	c, err := p.bootVM(ctx, id, root.Dir, spec, stdio)
 	if err != nil {
 		return nil, err
 	}

@@ -64,16 +64,24 @@ const (
 const (
 	roleControl = 'C'
 	roleStream  = 'S'
+	// a container pod's: a share's writes as a rootfssync stream, the share's name first
+	// (docs/design/212)
+	roleMirror = 'M'
 )
 
 // switchover is a control connection's message, one JSON line each. The two sides take
 // turns: shape, ready (or error), then loaded (or error), then commit.
 type switchover struct {
 	Shape  *guestShape `json:"shape,omitempty"`  // source, first: what the guest has now
+	Pod    *podShape   `json:"pod,omitempty"`    // a container pod's source, first, instead
 	Ready  bool        `json:"ready,omitempty"`  // target: this VM matches the shape
+	Final  bool        `json:"final,omitempty"`  // container pod's source: its writes are all sent
+	Shared bool        `json:"shared,omitempty"` // container pod's target: mounted and shared
 	Loaded bool        `json:"loaded,omitempty"` // target: the guest is here, paused
 	Commit bool        `json:"commit,omitempty"` // source: the guest is yours, start it
-	Error  string      `json:"error,omitempty"`  // target: it could not take the guest
+	// a container pod's source, with the commit: where its processes' output goes on
+	Handover *handover `json:"handover,omitempty"`
+	Error    string    `json:"error,omitempty"` // target: it could not take the guest
 }
 
 // guestShape is what the running guest has that its spec does not say: the size a resize
@@ -534,6 +542,13 @@ func (c *computeVM) loseGuest(ctx context.Context, why error) {
 // scan does not end the wait), for up to wait or until QEMU exits. Handshakes run side by
 // side, so a peer that connects and stalls holds up nobody. It closes l.
 func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait time.Duration, qemuDone <-chan struct{}) (control, stream net.Conn, err error) {
+	control, stream, _, err = acceptLinks(ctx, l, cfg, wait, qemuDone, 0)
+	return control, stream, err
+}
+
+// acceptLinks is acceptSource that also waits for mirrors connections of roleMirror (a
+// container pod's writes, docs/design/212).
+func acceptLinks(ctx context.Context, l net.Listener, cfg *tls.Config, wait time.Duration, qemuDone <-chan struct{}, mirrors int) (control, stream net.Conn, mirrored []net.Conn, err error) {
 	deadline := time.Now().Add(wait)
 	stop := make(chan struct{})
 	defer close(stop)
@@ -582,7 +597,7 @@ func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait tim
 			}()
 		}
 	}()
-	for control == nil || stream == nil {
+	for control == nil || stream == nil || len(mirrored) < mirrors {
 		select {
 		case in := <-arrived:
 			switch {
@@ -590,28 +605,30 @@ func acceptSource(ctx context.Context, l net.Listener, cfg *tls.Config, wait tim
 				control = in.conn
 			case in.role == roleStream && stream == nil:
 				stream = in.conn
+			case in.role == roleMirror && len(mirrored) < mirrors:
+				mirrored = append(mirrored, in.conn)
 			default:
 				log.G(ctx).Warnf("migration target: refused an extra connection (role %q) from %s", in.role, in.conn.RemoteAddr())
 				in.conn.Close()
 			}
 		case err := <-accepted:
-			for _, c := range []net.Conn{control, stream} {
+			for _, c := range append([]net.Conn{control, stream}, mirrored...) {
 				if c != nil {
 					c.Close()
 				}
 			}
 			select {
 			case <-qemuDone:
-				return nil, nil, errors.New("QEMU exited while waiting for the source")
+				return nil, nil, nil, errors.New("QEMU exited while waiting for the source")
 			default:
 			}
 			if time.Now().After(deadline) {
-				return nil, nil, fmt.Errorf("the source did not connect within %v", wait)
+				return nil, nil, nil, fmt.Errorf("the source did not connect within %v (its %d connections)", wait, 2+mirrors)
 			}
-			return nil, nil, fmt.Errorf("accept: %w", err)
+			return nil, nil, nil, fmt.Errorf("accept: %w", err)
 		}
 	}
-	return control, stream, nil
+	return control, stream, mirrored, nil
 }
 
 // handshake completes a server-side TLS handshake and reads the role byte after it.
@@ -705,13 +722,13 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	}
 
 	dialCtx, cancelDial := context.WithTimeout(ctx, migrationDialWait)
-	control, err := c.dialTarget(dialCtx, req.Target, cfg, roleControl)
+	control, err := dialTarget(dialCtx, c.pod.netns, req.Target, cfg, roleControl)
 	if err != nil {
 		cancelDial()
 		return fail(err)
 	}
 	defer control.Close()
-	stream, err := c.dialTarget(dialCtx, req.Target, cfg, roleStream)
+	stream, err := dialTarget(dialCtx, c.pod.netns, req.Target, cfg, roleStream)
 	cancelDial()
 	if err != nil {
 		return fail(err)
@@ -995,10 +1012,10 @@ func (c *computeVM) resumeIfCompleted(ctx context.Context, why error) error {
 	return fmt.Errorf("%w; QEMU had completed, the guest was resumed here", why)
 }
 
-// dialTarget connects to the target from the pod's network namespace and introduces the
-// connection by role after the TLS handshake.
-func (c *computeVM) dialTarget(ctx context.Context, addr string, cfg *tls.Config, role byte) (net.Conn, error) {
-	conn, err := network.DialInNetnsContext(ctx, c.pod.netns, addr)
+// dialTarget connects to the target at addr from network namespace netns and introduces
+// the connection by role after the TLS handshake.
+func dialTarget(ctx context.Context, netns, addr string, cfg *tls.Config, role byte) (net.Conn, error) {
+	conn, err := network.DialInNetnsContext(ctx, netns, addr)
 	if err != nil {
 		return nil, fmt.Errorf("connect to the target %s: %w", addr, err)
 	}

@@ -121,6 +121,10 @@ var ErrPostCopyBroken = errors.New("post-copy migration interrupted")
 // run it again. Nothing is cancelled.
 var ErrPostCopyUnconfirmed = errors.New("post-copy migration unconfirmed")
 
+// CanMigrate says why this machine's state cannot move, or nil: what Migrate would
+// refuse it for before it starts, for a caller that must refuse before anything else.
+func (m *Machine) CanMigrate() error { return m.canMigrate() }
+
 // canMigrate says why this machine's state cannot move, or nil.
 func (m *Machine) canMigrate() error {
 	if m.cfg.runsVirtiofsd() {

@@ -67,6 +67,12 @@ func (s *sharedDir) share(hostPath, name string, readonly bool) (string, error) 
 // shareAs is share; mapped says to mount hostPath through the directory's ID mapping, if it
 // has one (not a rootfs mounted through it already).
 func (s *sharedDir) shareAs(hostPath, name string, readonly, mapped bool) (string, error) {
+	return s.shareAt(hostPath, name, 0, readonly, mapped)
+}
+
+// shareAt is shareAs at sequence number seq, 0 for the next one: a migrated guest's
+// share sits where the source had it (the guest and virtiofsd's state know it by path).
+func (s *sharedDir) shareAt(hostPath, name string, seq uint64, readonly, mapped bool) (string, error) {
 	if name == "" || filepath.IsAbs(name) || !filepath.IsLocal(name) {
 		return "", fmt.Errorf("share name %q: must be a relative path inside the shared directory", name)
 	}
@@ -79,8 +85,13 @@ func (s *sharedDir) shareAs(hostPath, name string, readonly, mapped bool) (strin
 	if _, exists := s.shares[name]; exists {
 		return "", fmt.Errorf("share %q: already shared", name)
 	}
-	s.seq++
-	rel := filepath.Join(strconv.FormatUint(s.seq, 10), name)
+	if seq == 0 {
+		s.seq++
+		seq = s.seq
+	} else {
+		s.seq = max(s.seq, seq) // the shares made later take numbers of their own
+	}
+	rel := filepath.Join(strconv.FormatUint(seq, 10), name)
 	target := filepath.Join(s.path, rel)
 	if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
 		return "", err
@@ -120,6 +131,23 @@ func (s *sharedDir) shareAs(hostPath, name string, readonly, mapped bool) (strin
 	}
 	s.shares[name] = target
 	return rel, nil
+}
+
+// place is the sequence number share name sits at, false for a name not shared.
+func (s *sharedDir) place(name string) (uint64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	target, ok := s.shares[name]
+	if !ok {
+		return 0, false
+	}
+	rel, err := filepath.Rel(s.path, target)
+	if err != nil {
+		return 0, false
+	}
+	first, _, _ := strings.Cut(rel, "/")
+	seq, err := strconv.ParseUint(first, 10, 64)
+	return seq, err == nil
 }
 
 // unshare undoes share. Unknown names are not an error: removal is idempotent.

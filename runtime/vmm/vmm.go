@@ -742,6 +742,31 @@ func (m *Machine) ShareRootfs(hostPath, name string) (string, error) {
 	return rel, nil
 }
 
+// SharePlace is where share name sits in the shared directory (its sequence number),
+// false for a name not shared: what a migration's target shares it at (ShareAt).
+func (m *Machine) SharePlace(name string) (uint64, bool) {
+	if m.share == nil {
+		return 0, false
+	}
+	return m.share.place(name)
+}
+
+// ShareAt is Share (ShareRootfs, for a rootfs) at the place a migration's source had it
+// (SharePlace): a migrated guest, and virtiofsd's state, know the share by that path.
+func (m *Machine) ShareAt(hostPath, name string, place uint64, readonly, rootfs bool) (string, error) {
+	if m.share == nil {
+		return "", fmt.Errorf("vm %s: share %s: the VM has no shared filesystem", m.cfg.Name, hostPath)
+	}
+	if place == 0 {
+		return "", fmt.Errorf("vm %s: share %q: place 0 is no place", m.cfg.Name, name)
+	}
+	rel, err := m.share.shareAt(hostPath, name, place, readonly, !rootfs)
+	if err != nil {
+		return "", fmt.Errorf("vm %s: %w", m.cfg.Name, err)
+	}
+	return rel, nil
+}
+
 // Unshare removes a share made by Share.
 func (m *Machine) Unshare(name string) error {
 	if m.share == nil {

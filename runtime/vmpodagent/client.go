@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/ttrpc"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -67,6 +68,9 @@ func (a *Client) resume(ctx context.Context, call func(agentv1.AgentService) err
 		a.mu.RLock()
 		rpc, replaced := a.rpc, a.replaced
 		a.mu.RUnlock()
+		if rpc == nil {
+			return a.notConnected()
+		}
 		err := call(rpc)
 		if !errors.Is(err, ttrpc.ErrClosed) {
 			return err
@@ -98,8 +102,17 @@ func nativeErrors(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response,
 	return nil
 }
 
+// notConnected is the error of a call before the agent's first session: a guest that
+// has not arrived from its migration's source yet (Await).
+func (a *Client) notConnected() error {
+	return fmt.Errorf("vm %s: the guest has not arrived: %w", a.vm, errdefs.ErrFailedPrecondition)
+}
+
 // call bounds a short call by the call timeout and names the VM and operation in errors.
 func (a *Client) call(ctx context.Context, op string, fn func(context.Context) error) error {
+	if a.client() == nil {
+		return fmt.Errorf("agent %s: %w", op, a.notConnected())
+	}
 	callCtx, cancel := context.WithTimeout(ctx, a.callTimeout)
 	defer cancel()
 	if err := fn(callCtx); err != nil {
@@ -114,6 +127,9 @@ func (a *Client) call(ctx context.Context, op string, fn func(context.Context) e
 
 // poll is call without the timeout, for long polls that wait on the guest.
 func (a *Client) poll(ctx context.Context, op string, fn func(context.Context) error) error {
+	if a.client() == nil {
+		return fmt.Errorf("agent %s: %w", op, a.notConnected())
+	}
 	if err := fn(ctx); err != nil {
 		return fmt.Errorf("vm %s: agent %s: %w", a.vm, op, err)
 	}

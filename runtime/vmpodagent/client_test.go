@@ -5,11 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/containerd/errdefs"
 	"github.com/containerd/ttrpc"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
@@ -86,7 +88,7 @@ func TestStreamResumesOnTheNextConnection(t *testing.T) {
 func TestResumeRetriesOnlyAClosedConnection(t *testing.T) {
 	gone := make(chan struct{})
 	a := newClient("t", time.Second, gone)
-	a.install(nil, nil)
+	a.install(&fakeStreams{}, nil)
 	calls := 0
 	failed := fmt.Errorf("the guest said no")
 	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return failed }); !errors.Is(err, failed) || calls != 1 {
@@ -102,6 +104,19 @@ func TestResumeRetriesOnlyAClosedConnection(t *testing.T) {
 	calls = 0
 	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return ttrpc.ErrClosed }); !errors.Is(err, ttrpc.ErrClosed) || calls != 1 {
 		t.Errorf("resume once the guest is gone: %v after %d calls, want ttrpc.ErrClosed after 1", err, calls)
+	}
+}
+
+// A guest still on its way (Await) has no agent session: every call fails at once,
+// FailedPrecondition, saying so, and makes none.
+func TestCallsBeforeTheGuestArrivedAreRefused(t *testing.T) {
+	a := newClient("t", time.Second, make(chan struct{}))
+	if _, err := a.Ping(context.Background()); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "has not arrived") {
+		t.Errorf("ping: %v, want FailedPrecondition: the guest has not arrived", err)
+	}
+	calls := 0
+	if err := a.resume(context.Background(), func(agentv1.AgentService) error { calls++; return nil }); !errdefs.IsFailedPrecondition(err) || calls != 0 {
+		t.Errorf("resume: %v after %d calls, want FailedPrecondition after none", err, calls)
 	}
 }
 

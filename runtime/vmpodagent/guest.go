@@ -169,16 +169,41 @@ func Receive(ctx context.Context, cfg Config) (*vmm.Machine, error) {
 // bootMemory is the source guest's BootMemory, which later resizes count from. On an
 // error m is the caller's to stop, as it was.
 func Adopt(ctx context.Context, cfg Config, m *vmm.Machine, bootMemory uint64) (*Guest, error) {
+	g := awaiting(cfg, m)
+	if err := g.Arrived(ctx, bootMemory); err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+// Await is Receive with the guest to come: a Guest whose machine waits for the stream
+// and whose agent calls fail (FailedPrecondition) until Arrived, so that a pod can hold
+// one Guest from its start (docs/design/212). On an error nothing is left running.
+func Await(ctx context.Context, cfg Config) (*Guest, error) {
+	m, err := Receive(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return awaiting(cfg, m), nil
+}
+
+func awaiting(cfg Config, m *vmm.Machine) *Guest {
 	cfg = cfg.withDefaults()
 	g := &Guest{m: m, agent: newClient(cfg.Name, cfg.CallTimeout, m.Done()), cfg: cfg}
 	m.OnTeardown("close agent connection", g.agent.close)
-	ctx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
+	return g
+}
+
+// Arrived takes over the guest that arrived on an awaiting Guest's machine once its agent
+// answers a session of this side's; bootMemory is the source guest's BootMemory.
+func (g *Guest) Arrived(ctx context.Context, bootMemory uint64) error {
+	ctx, cancel := context.WithTimeout(ctx, g.cfg.BootTimeout)
 	defer cancel()
 	if _, err := g.connectAgent(ctx); err != nil {
-		return nil, fmt.Errorf("vm %s: the migrated guest's agent: %w%s", cfg.Name, err, m.ConsoleHint())
+		return fmt.Errorf("vm %s: the migrated guest's agent: %w%s", g.cfg.Name, err, g.m.ConsoleHint())
 	}
 	g.bootMemory = bootMemory
-	return g, nil
+	return nil
 }
 
 // connectAgent dials the agent's port, starts a channel session and waits for the agent's

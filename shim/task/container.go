@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/vmpod/vmpod/internal/idmap"
 	"github.com/vmpod/vmpod/internal/mounts"
 	"github.com/vmpod/vmpod/internal/phases"
+	"github.com/vmpod/vmpod/runtime/pod"
 )
 
 // container is a containerd task: its bundle, rootfs, init and execs.
@@ -67,45 +69,65 @@ func loadSpec(bundle string) (*specs.Spec, error) {
 	return &spec, nil
 }
 
-// mountRootfs mounts containerd's rootfs mounts (a snapshot) at bundle/rootfs, as every
-// shim does; without mounts the spec's root is used as it is. With idm they are mounted
-// through that ID mapping (the pod's virtiofsd's, docs/design/025), a root.path too.
-func mountRootfs(bundle string, mounts []*types.Mount, spec *specs.Spec, idm *idmap.Map) (dir string, mounted bool, err error) {
+// rootfsOf is the container's rootfs: containerd's rootfs mounts (a snapshot), to be
+// mounted at bundle/rootfs as every shim mounts them, but by the pod (pod.Rootfs); without
+// mounts the spec's root as it is. With idm they are mounted through that ID mapping (the
+// pod's virtiofsd's, docs/design/025), a root.path too.
+func rootfsOf(bundle string, mounts []*types.Mount, spec *specs.Spec, idm *idmap.Map) (pod.Rootfs, error) {
 	if len(mounts) == 0 {
 		if spec.Root == nil || spec.Root.Path == "" {
-			return "", false, fmt.Errorf("no rootfs mounts and no root.path: %w", errdefs.ErrInvalidArgument)
+			return pod.Rootfs{}, fmt.Errorf("no rootfs mounts and no root.path: %w", errdefs.ErrInvalidArgument)
 		}
-		dir = spec.Root.Path
+		dir := spec.Root.Path
 		if !filepath.IsAbs(dir) {
 			dir = filepath.Join(bundle, dir)
 		}
 		if idm == nil {
-			return dir, false, nil
+			return pod.Rootfs{Dir: dir}, nil
 		}
 		// onto itself: the bundle keeps its root.path, seen through the mapping
-		if err := idmap.Bind(dir, dir, *idm, false); err != nil {
-			return "", false, fmt.Errorf("root.path: %w", err)
+		return pod.Rootfs{Dir: dir, Mount: func() error {
+			if err := idmap.Bind(dir, dir, *idm, false); err != nil {
+				return fmt.Errorf("root.path: %w", err)
+			}
+			return nil
+		}}, nil
+	}
+	dir := filepath.Join(bundle, "rootfs")
+	root := pod.Rootfs{Dir: dir, Upper: upperDir(mounts)}
+	root.Mount = func() error {
+		if err := os.MkdirAll(dir, 0o711); err != nil {
+			return err
 		}
-		return dir, true, nil
-	}
-	dir = filepath.Join(bundle, "rootfs")
-	if err := os.MkdirAll(dir, 0o711); err != nil {
-		return "", false, err
-	}
-	if idm != nil {
-		if err := mountMapped(mounts, dir, *idm); err != nil {
-			return "", false, fmt.Errorf("mount rootfs: %w", err)
+		if idm != nil {
+			if err := mountMapped(mounts, dir, *idm); err != nil {
+				return fmt.Errorf("mount rootfs: %w", err)
+			}
+			return nil
 		}
-		return dir, true, nil
+		ms := make([]mount.Mount, 0, len(mounts))
+		for _, m := range mounts {
+			ms = append(ms, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+		}
+		if err := mount.All(ms, dir); err != nil {
+			return fmt.Errorf("mount rootfs: %w", err)
+		}
+		return nil
 	}
-	ms := make([]mount.Mount, 0, len(mounts))
-	for _, m := range mounts {
-		ms = append(ms, mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+	return root, nil
+}
+
+// upperDir is the upper directory of a rootfs that is one overlay, "" for any other.
+func upperDir(mounts []*types.Mount) string {
+	if len(mounts) != 1 || mounts[0].Type != "overlay" || mounts[0].Target != "" {
+		return ""
 	}
-	if err := mount.All(ms, dir); err != nil {
-		return "", false, fmt.Errorf("mount rootfs: %w", err)
+	for _, o := range mounts[0].Options {
+		if dir, ok := strings.CutPrefix(o, "upperdir="); ok {
+			return dir
+		}
 	}
-	return dir, true, nil
+	return ""
 }
 
 // mountMapped mounts containerd's rootfs mounts at dir through idm: the overlay and bind
@@ -189,12 +211,13 @@ func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []
 	}
 	phases.Mark(ctx, "pod")
 
-	rootfs, mounted, err := mountRootfs(bundle, rootfsMounts, spec, p.RootfsMap())
+	root, err := rootfsOf(bundle, rootfsMounts, spec, p.RootfsMap())
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
+	mounted := root.Mount != nil // by the pod, once it creates the container
 	if mounted {
-		undo.Add("unmount rootfs", func() error { return unmountRootfs(ctx, rootfs) })
+		undo.Add("unmount rootfs", func() error { return unmountRootfs(ctx, root.Dir) })
 	}
 	hio, err := openIO(ctx, id, s.namespace, paths)
 	if err != nil {
@@ -206,12 +229,12 @@ func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []
 	if err := p.WriteRecord(bundle); err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
-	rt, err := p.CreateContainer(ctx, id, rootfs, spec, hio.stdio(paths.terminal))
+	rt, err := p.CreateContainer(ctx, id, root, spec, hio.stdio(paths.terminal))
 	if err != nil {
 		return nil, err
 	}
 	phases.Mark(ctx, "create")
-	c := &container{id: id, bundle: bundle, spec: spec, rootfs: rootfs, mounted: mounted, execs: map[string]*process{}}
+	c := &container{id: id, bundle: bundle, spec: spec, rootfs: root.Dir, mounted: mounted, execs: map[string]*process{}}
 	c.init = newProcess(id, "", paths)
 	c.init.io, c.init.rt, c.init.pid = hio, rt, rt.Pid()
 
