@@ -123,6 +123,7 @@ func setupInterface(iface *agentv1.Interface) error {
 		}
 	}
 	want := map[string]bool{}
+	addrs := make([]*netlink.Addr, 0, len(iface.Addresses))
 	for j, a := range iface.Addresses {
 		addr, err := netlink.ParseAddr(a)
 		if err != nil {
@@ -134,14 +135,19 @@ func setupInterface(iface *agentv1.Interface) error {
 			// "tentative", when the address cannot be bound or answer).
 			addr.Flags |= unix.IFA_F_NODAD
 		}
-		if err := netlink.AddrReplace(link, addr); err != nil {
-			return fmt.Errorf("addresses[%d] %q: %w", j, a, err)
-		}
+		addrs = append(addrs, addr)
 		want[addr.IPNet.String()] = true
 	}
 	if iface.ReplaceAddresses {
+		// the old ones first: a new address in an old one's subnet is its secondary, and
+		// would go with it
 		if err := removeAddressesBut(link, want); err != nil {
 			return err
+		}
+	}
+	for j, addr := range addrs {
+		if err := netlink.AddrReplace(link, addr); err != nil {
+			return fmt.Errorf("addresses[%d] %q: %w", j, iface.Addresses[j], err)
 		}
 	}
 	if err := netlink.LinkSetUp(link); err != nil {

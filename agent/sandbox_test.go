@@ -111,4 +111,13 @@ func TestInterfaceAddressesAreReplacedWhenAsked(t *testing.T) {
 	if got := addresses(); !slices.Equal(got, []string{"10.97.0.2/24", "fd97::2/64"}) {
 		t.Errorf("addresses replaced: %v, want only the new pod's", got)
 	}
+	// a pod on the same network: the new address is in the old one's subnet (it would be
+	// the old one's secondary, removed with it)
+	sameNet := &agentv1.Interface{Mac: mac, Addresses: []string{"10.97.0.3/24", "fd97::3/64"}, ReplaceAddresses: true}
+	if err := setupInterface(sameNet); err != nil {
+		t.Fatal(err)
+	}
+	if got := addresses(); !slices.Equal(got, []string{"10.97.0.3/24", "fd97::3/64"}) {
+		t.Errorf("addresses replaced within the subnet: %v, want only the new pod's", got)
+	}
 }

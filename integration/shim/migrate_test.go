@@ -34,16 +34,69 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 			`while :; do i=$((i+1)); echo "count $i"; echo $i > /counter.new; mv /counter.new /counter; ` +
 			`if [ -e /go ] && [ ! -e /got-after ]; then read b <&3; echo "$b" > /got-after; fi; sleep 0.2; done`),
 	}
-	var src, dst *testenv.Pod
-	var srcID, dstID string
+	other := counter
+	other.Metadata.Name = "other"
+	var src, dst, wrong *testenv.Pod
+	var srcID, dstID, wrongID string
 	testenv.WithNodeConfig(t, fmt.Sprintf("qemu = %q\nvirtiofsd = %q\nmachine = \"q35\"\ntemplates = false\n", qemu, virtiofsd), func() {
 		src = testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "mig-src"}, Hostname: "mig-src"})
 		srcID = src.Container(counter)
 		waitLog(t, srcID, "count 3")
-		dst = testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "mig-dst"}, Hostname: "mig-src",
-			Annotations: map[string]string{annotations.MigrationTarget: src.ID}})
-		dstID = dst.Container(counter)
+		target := func(name string, c testenv.ContainerConfig) (*testenv.Pod, string) {
+			pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: name}, Hostname: "mig-src",
+				Annotations: map[string]string{annotations.MigrationTarget: src.ID}})
+			return pod, pod.Container(c)
+		}
+		dst, dstID = target("mig-dst", counter)
+		wrong, wrongID = target("mig-wrong", other) // a container of another name
 	})
+	targetTLS, sourceTLS, err := vmspec.NewMigrationCredentials()
+	if err != nil {
+		t.Fatal(err)
+	}
+	accept := func(id string) vmspec.MigrationListening {
+		t.Helper()
+		req, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, TimeoutSeconds: 120})
+		out, err := testenv.ExecStdin(id, req, time.Minute, vmspec.MigrateAcceptCommand)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var listening vmspec.MigrationListening
+		if err := json.Unmarshal([]byte(out), &listening); err != nil {
+			t.Fatalf("accept's answer %q: %v", out, err)
+		}
+		return listening
+	}
+	migrate := func(to vmspec.MigrationListening, opts vmspec.MigrationRequestOptions) (string, error) {
+		req, _ := json.Marshal(vmspec.MigrationRequest{Target: to.Address, TLS: sourceTLS, Options: opts})
+		return testenv.ExecStdin(srcID, req, 5*time.Minute, vmspec.MigrateCommand)
+	}
+
+	// refused before anything moves: a target whose containers are not the source's; and
+	// what a container pod does not do (post-copy; accept on a pod that is no target)
+	if _, err := testenv.ExecStdin(dstID, []byte(`{"tls":{}}`), time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "accept.tls") {
+		t.Errorf("accept with no credentials: %v, want refused naming accept.tls", err)
+	}
+	noTarget, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS})
+	if _, err := testenv.ExecStdin(srcID, noTarget, time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "no migration target") {
+		t.Errorf("accept on a pod that is no target: %v, want refused", err)
+	}
+	wrongAt := accept(wrongID)
+	if _, err := migrate(wrongAt, vmspec.MigrationRequestOptions{AllowPostCopy: true}); err == nil || !strings.Contains(err.Error(), "options.allowPostCopy") {
+		t.Errorf("a post-copy migration: %v, want refused naming options.allowPostCopy", err)
+	}
+	if _, err := migrate(wrongAt, vmspec.MigrationRequestOptions{}); err == nil || !strings.Contains(err.Error(), "this pod has no container counter") {
+		t.Errorf("migrating into a pod of other containers: %v, want the target's refusal", err)
+	}
+	if _, code := waitState(t, wrongID, "CONTAINER_EXITED", 30*time.Second); code != 1 {
+		t.Errorf("the refusing target's container exited %d, want 1", code)
+	}
+	if before, after := countIn(t, srcID), func() int { time.Sleep(time.Second); return countIn(t, srcID) }(); after <= before {
+		t.Errorf("the source's count after the refused migration: %d, then %d: its guest does not run on", before, after)
+	}
+	if stopErr, rmErr := wrong.Remove(time.Minute); stopErr != nil || rmErr != nil {
+		t.Errorf("remove the refusing target: %v, %v", stopErr, rmErr)
+	}
 	if state, _ := inspect(t, dstID); state != "CONTAINER_RUNNING" {
 		t.Fatalf("the target's container is %s before the guest came, want running (a placeholder)", state)
 	}
@@ -51,23 +104,10 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 		t.Errorf("exec in the target before the guest came: %v %q, want refused: the guest has not arrived", err, out)
 	}
 
-	targetTLS, sourceTLS, err := vmspec.NewMigrationCredentials()
-	if err != nil {
-		t.Fatal(err)
-	}
-	accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, TimeoutSeconds: 120})
-	out, err := testenv.ExecStdin(dstID, accept, time.Minute, vmspec.MigrateAcceptCommand)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var listening vmspec.MigrationListening
-	if err := json.Unmarshal([]byte(out), &listening); err != nil {
-		t.Fatalf("accept's answer %q: %v", out, err)
-	}
+	listening := accept(dstID)
 	before := countIn(t, srcID)
-	request, _ := json.Marshal(vmspec.MigrationRequest{Target: listening.Address, TLS: sourceTLS})
 	start := time.Now()
-	progress, err := testenv.ExecStdin(srcID, request, 5*time.Minute, vmspec.MigrateCommand)
+	progress, err := migrate(listening, vmspec.MigrationRequestOptions{})
 	elapsed := time.Since(start)
 	t.Logf("migration (%v): %s", elapsed.Round(time.Millisecond), lastLine(progress))
 	if err != nil {
@@ -111,6 +151,15 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 	if hostname := strings.TrimSpace(testenv.Crictl(t, "exec", "-s", dstID, "hostname")); hostname != "mig-src" {
 		t.Errorf("the guest's hostname in the target: %q", hostname)
 	}
+	// the guest has the target pod's address, and no longer the source's (the documented
+	// limit: the pod IP changes), and answers there
+	addrs := testenv.Crictl(t, "exec", "-s", dstID, "ip", "-4", "addr")
+	if !strings.Contains(addrs, " "+dst.IP()+"/") || strings.Contains(addrs, " "+src.IP()+"/") {
+		t.Errorf("the guest's eth0 in the target: %q, want the target pod's %s and not the source's %s", addrs, dst.IP(), src.IP())
+	}
+	if out, err := testenv.Cmd("ping", "-c", "1", "-W", "5", dst.IP()); err != nil {
+		t.Errorf("ping the target pod's IP: %v %s", err, out)
+	}
 
 	// the log goes on: the source's has the counts up to the move, the target's from there,
 	// each count once
@@ -133,7 +182,7 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 	if _, err := testenv.Cmd("crictl", "exec", "-s", srcID, "true"); err == nil || !strings.Contains(err.Error(), "moved to") {
 		t.Errorf("exec in the source after the move: %v, want refused: the guest moved", err)
 	}
-	if _, err := testenv.ExecStdin(srcID, request, time.Minute, vmspec.MigrateCommand); err == nil || !strings.Contains(err.Error(), "moved to") {
+	if _, err := migrate(listening, vmspec.MigrationRequestOptions{}); err == nil || !strings.Contains(err.Error(), "moved to") {
 		t.Errorf("a second migration of the moved pod: %v, want refused", err)
 	}
 	if pid := vmm.QEMUOf(testenv.PodStateDir(t, src.ID)); pid > 0 {
