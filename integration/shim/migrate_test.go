@@ -19,7 +19,8 @@ import (
 // guest moves into another pod on the same containerd, the target made from the same
 // spec and annotated as a migration's target, through the execs the controller drives
 // (vmspec.MigrateAcceptCommand, vmspec.MigrateCommand). Both pods run on QEMU 10 and
-// virtiofsd 1.13 (hack/qemu-next.sh), which migrate virtio-fs. The container counts in
+// virtiofsd 1.13 (hack/qemu-next.sh), which migrate virtio-fs, with the node's default
+// q35 machines restored from a template. The container counts in
 // memory and to stdout, keeps the count in its rootfs and holds open a file it wrote: in
 // the target the same process goes on counting, from where it was, in the target's
 // rootfs; its log goes on in the target container's log; execs reach it there, and were
@@ -38,10 +39,19 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 	other.Metadata.Name = "other"
 	var src, dst, wrong *testenv.Pod
 	var srcID, dstID, wrongID string
-	testenv.WithNodeConfig(t, fmt.Sprintf("qemu = %q\nvirtiofsd = %q\nmachine = \"q35\"\ntemplates = false\n", qemu, virtiofsd), func() {
+	testenv.WithNodeConfig(t, fmt.Sprintf("qemu = %q\nvirtiofsd = %q\nmachine = \"q35\"\n", qemu, virtiofsd), func() {
 		src = testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "mig-src"}, Hostname: "mig-src"})
 		srcID = src.Container(counter)
 		waitLog(t, srcID, "count 3")
+		// restored from a template (the node's default for q35): the target starts the
+		// machine a restore starts, and plugs what a restore plugs, before the stream
+		restored := false
+		for _, p := range testenv.LiveProcessesMentioning("guest=" + src.ID) {
+			restored = restored || strings.Contains(p, "qemu-system") && strings.Contains(p, "-incoming defer")
+		}
+		if !restored {
+			t.Errorf("the source's QEMU was not restored from a template: the test covers a booted one only")
+		}
 		target := func(name string, c testenv.ContainerConfig) (*testenv.Pod, string) {
 			pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: name}, Hostname: "mig-src",
 				Annotations: map[string]string{annotations.MigrationTarget: src.ID}})

@@ -61,6 +61,7 @@ type containerPod struct {
 	pinMu  sync.Mutex    // one vCPU pinning at a time
 	pinned cpuset.CPUSet // the host CPUs the vCPUs run on; empty: anywhere
 
+	vm machineShape // the machine as QEMU was started, which a migration's target matches
 	// setup is the pod's interfaces and routes as the guest was (or, on a migration's
 	// target, is to be) told them; guestMACs the guest's MAC by pod interface, which a
 	// migrated guest keeps
@@ -239,16 +240,17 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 	target := choice.MigrationTarget != ""
 	switch {
 	case target:
-		// the same machine as the source's, which the shape checks; never from a template:
-		// the guest's memory comes from the source
+		// the machine the source has, which the shape checks: a pod of this spec on this
+		// node restores from a template where there is one
 		if templates {
-			return nil, fmt.Errorf("pod %s: annotation %s: this node boots q35 pods from templates (hypervisor.templates), and a migration's target needs the source's machine as it booted: %w",
-				podID, annotations.MigrationTarget, errdefs.ErrNotImplemented)
+			if restored, ok := templateStore(cfg).Restored(gc); ok {
+				gc = restored
+			}
 		}
 		log.G(ctx).WithField("pod", podID).Infof("migration target: the VM waits for the guest of pod %s", choice.MigrationTarget)
 		guest, err = vmpodagent.Await(ctx, gc)
 	case templates:
-		guest, err = (&vmtemplate.Store{Dir: cfg.TemplateDir(), BaseMemoryMiB: cfg.Sizing.DefaultMemoryMiB, Cgroup: cfg.TemplateCgroup()}).Boot(ctx, gc)
+		guest, err = templateStore(cfg).Boot(ctx, gc)
 	default:
 		guest, err = vmpodagent.Boot(ctx, gc)
 	}
@@ -262,7 +264,7 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		}
 		phases.Mark(ctx, "setup")
 	}
-	p := &containerPod{id: podID, guest: guest, machine: gc.Type, sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
+	p := &containerPod{id: podID, guest: guest, machine: gc.Type, vm: machineShapeOf(guest.Machine().Config()), sizing: cfg.Sizing, boot: size, maxSize: maxSize, size: size,
 		stateDir: gc.StateDir, network: plumbing, containers: map[string]*container{}, vfioBind: cfg.Devices.VFIOBind,
 		ended: make(chan struct{}), vmDone: make(chan struct{}), setup: setup, guestMACs: map[string]string{},
 		awaiting: target, arrived: make(chan struct{})}
@@ -281,6 +283,11 @@ func startContainerPod(ctx context.Context, cfg nodeconfig.Config, podID string,
 		p.servePod(log.WithLogger(context.WithoutCancel(ctx), log.G(ctx).WithField("pod", podID)))
 	}
 	return p, nil
+}
+
+// templateStore is the node's store of VM templates (docs/design/022).
+func templateStore(cfg nodeconfig.Config) *vmtemplate.Store {
+	return &vmtemplate.Store{Dir: cfg.TemplateDir(), BaseMemoryMiB: cfg.Sizing.DefaultMemoryMiB, Cgroup: cfg.TemplateCgroup()}
 }
 
 // servePod starts what serves a pod whose guest runs: port-forwards into it, interfaces

@@ -63,16 +63,29 @@ import (
 
 // podShape is what a container pod's guest is, for the target to check before the stream.
 type podShape struct {
-	Machine      machine.Type `json:"machine"`
-	VCPUs        int          `json:"vcpus"`
-	MemoryMiB    int          `json:"memoryMiB"`
-	MaxVCPUs     int          `json:"maxVCPUs"`
-	MaxMemoryMiB int          `json:"maxMemoryMiB"`
+	Machine machineShape `json:"machine"`
 	// BootMemory is the memory the guest's kernel managed at its boot (resizes count from it)
 	BootMemory uint64 `json:"bootMemory"`
 	// NICs are the guest's MACs by pod interface: the guest keeps them on the target
 	NICs       map[string]string `json:"nics,omitempty"`
 	Containers []shapedContainer `json:"containers"`
+}
+
+// machineShape is the machine a container pod's guest runs on, as QEMU was started: the
+// target's must be the same (the stream carries the devices' state, not the devices).
+type machineShape struct {
+	Type         machine.Type `json:"type"`
+	VCPUs        int          `json:"vcpus"`
+	MemoryMiB    int          `json:"memoryMiB"`
+	MaxVCPUs     int          `json:"maxVCPUs"`
+	MaxMemoryMiB int          `json:"maxMemoryMiB"`
+	// Template: restored from a template, whose devices were plugged after the restore
+	// (vmm.Config.Template)
+	Template bool `json:"template"`
+}
+
+func machineShapeOf(c vmm.Config) machineShape {
+	return machineShape{Type: c.Type, VCPUs: c.VCPUs, MemoryMiB: c.MemoryMiB, MaxVCPUs: c.MaxVCPUs, MaxMemoryMiB: c.MaxMemoryMiB, Template: c.Template}
 }
 
 // shapedContainer is one container of a podShape.
@@ -613,10 +626,12 @@ func (p *containerPod) takePodShape(ctx context.Context, control net.Conn) (podS
 func (p *containerPod) matchPodShape(s podShape) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	want := podShape{Machine: p.machine, VCPUs: p.size.VCPUs, MemoryMiB: p.size.MemoryMiB, MaxVCPUs: p.maxSize.VCPUs, MaxMemoryMiB: p.maxSize.MemoryMiB}
-	if s.Machine != want.Machine || s.VCPUs != want.VCPUs || s.MemoryMiB != want.MemoryMiB || s.MaxVCPUs != want.MaxVCPUs || s.MaxMemoryMiB != want.MaxMemoryMiB {
-		return fmt.Errorf("shape: the guest is a %s machine of %d vCPUs and %d MiB (room for %d, %d MiB); this pod's is a %s of %d and %d MiB (room for %d, %d MiB): %w",
-			s.Machine, s.VCPUs, s.MemoryMiB, s.MaxVCPUs, s.MaxMemoryMiB, want.Machine, want.VCPUs, want.MemoryMiB, want.MaxVCPUs, want.MaxMemoryMiB, errdefs.ErrFailedPrecondition)
+	if s.Machine != p.vm {
+		why := ""
+		if s.Machine.Template != p.vm.Template {
+			why = " (one was restored from a template and one not: a source boots without one while its node is still making it)"
+		}
+		return fmt.Errorf("shape.machine: the guest's machine is %+v, this pod's %+v%s: %w", s.Machine, p.vm, why, errdefs.ErrFailedPrecondition)
 	}
 	byName := map[string]*container{}
 	for _, c := range p.containers {
@@ -1000,7 +1015,7 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 		sent <- err
 	}()
 	o := req.Options
-	gib := (shape.MemoryMiB + 1023) / 1024
+	gib := (p.Size().MemoryMiB + 1023) / 1024
 	opts := vmm.MigrationOptions{
 		MaxBandwidth:      uint64(o.BandwidthMiB) << 20,
 		DowntimeLimit:     time.Duration(o.DowntimeLimitMs) * time.Millisecond,
@@ -1145,8 +1160,7 @@ func (p *containerPod) podShape() (podShape, map[string]string, error) {
 		return podShape{}, nil, fmt.Errorf("the VM was resized (%d vCPUs, %d MiB; it booted with %d, %d MiB): a resized container pod cannot migrate yet: %w",
 			p.size.VCPUs, p.size.MemoryMiB, p.boot.VCPUs, p.boot.MemoryMiB, errdefs.ErrNotImplemented)
 	}
-	s := podShape{Machine: p.machine, VCPUs: p.size.VCPUs, MemoryMiB: p.size.MemoryMiB, MaxVCPUs: p.maxSize.VCPUs, MaxMemoryMiB: p.maxSize.MemoryMiB,
-		BootMemory: p.guest.BootMemory(), NICs: p.guestMACs}
+	s := podShape{Machine: p.vm, BootMemory: p.guest.BootMemory(), NICs: p.guestMACs}
 	sources := map[string]string{}
 	var errs []error
 	for _, id := range slices.Sorted(func(yield func(string) bool) {

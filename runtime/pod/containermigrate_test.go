@@ -76,11 +76,12 @@ func waitingTarget(t *testing.T) *containerPod {
 	}
 	size := Size{VCPUs: 1, MemoryMiB: 512}
 	return &containerPod{id: "target", machine: machine.Q35, size: size, boot: size, maxSize: Size{VCPUs: 4, MemoryMiB: 8192}, awaiting: true,
+		vm:         machineShape{Type: machine.Q35, VCPUs: 1, MemoryMiB: 512, MaxVCPUs: 4, MaxMemoryMiB: 8192, Template: true},
 		containers: map[string]*container{"t-sandbox": sandbox, "t-app": app}}
 }
 
 func goodShape() podShape {
-	return podShape{Machine: machine.Q35, VCPUs: 1, MemoryMiB: 512, MaxVCPUs: 4, MaxMemoryMiB: 8192, Containers: []shapedContainer{
+	return podShape{Machine: machineShape{Type: machine.Q35, VCPUs: 1, MemoryMiB: 512, MaxVCPUs: 4, MaxMemoryMiB: 8192, Template: true}, Containers: []shapedContainer{
 		{Name: "", ID: "s-sandbox", Pid: 1, Mirrored: []string{"s-sandbox/rootfs"}, Places: map[string]uint64{"s-sandbox/rootfs": 1}},
 		{Name: "app", ID: "s-app", Pid: 9, Mirrored: []string{"s-app/rootfs"}, Places: map[string]uint64{"s-app/rootfs": 2}},
 	}}
@@ -101,8 +102,9 @@ func TestMatchPodShape(t *testing.T) {
 		change func(*podShape)
 		want   string
 	}{
-		"size":          {func(s *podShape) { s.MemoryMiB = 1024 }, "1024 MiB"},
-		"machine":       {func(s *podShape) { s.Machine = machine.MicroVM }, "microvm"},
+		"size":          {func(s *podShape) { s.Machine.MemoryMiB = 1024 }, "MemoryMiB:1024"},
+		"machine":       {func(s *podShape) { s.Machine.Type = machine.MicroVM }, "microvm"},
+		"no template":   {func(s *podShape) { s.Machine.Template = false }, "one was restored from a template and one not"},
 		"a name":        {func(s *podShape) { s.Containers[1].Name = "web" }, "no container web"},
 		"one less":      {func(s *podShape) { s.Containers = s.Containers[:1] }, "container app is not the guest's"},
 		"the same id":   {func(s *podShape) { s.Containers[1].ID = "s-sandbox" }, "containers[1].id"},

@@ -135,6 +135,9 @@ type Config struct {
 	// saved state would carry for every restore (an SMBIOS UUID, disks, host devices) is
 	// refused.
 	Template bool
+	// With Incoming, a template machine is the target of a live migration of a machine
+	// restored from a template (RestoreFrom): it plugs what a restore plugs before the
+	// stream arrives, so that its devices are the source's.
 	// RestoreFrom, with Template, is what SaveTemplate saved of a template machine whose
 	// TemplateKey equals this one's: QEMU restores it and Start returns once the guest
 	// runs again with the virtio-fs device and NICs plugged. The files stay the caller's.
@@ -439,8 +442,8 @@ func (c Config) validateTemplate(bad func(field, format string, args ...any)) {
 	if c.SharedFS == machine.NineP {
 		bad("template", "shared_fs 9p cannot be hot-plugged; use virtio-fs")
 	}
-	if c.Incoming {
-		bad("template", "a template machine restores a file (restore_from), not a live migration (incoming)")
+	if c.Incoming && c.RestoreFrom != nil {
+		bad("template", "a template machine restores a file (restore_from) or receives a live migration of a restored one (incoming), not both")
 	}
 	if c.Paused {
 		bad("template", "a restored guest must run: its devices are plugged and its agent set up at once")
@@ -463,7 +466,7 @@ func (c Config) validateTemplate(bad func(field, format string, args ...any)) {
 }
 
 // saving is a template machine being booted to have its state saved.
-func (c Config) saving() bool { return c.Template && c.RestoreFrom == nil }
+func (c Config) saving() bool { return c.Template && c.RestoreFrom == nil && !c.Incoming }
 
 // runsVirtiofsd says whether the machine gets a virtiofsd (a template being saved has no
 // shared directory yet).

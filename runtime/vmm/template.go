@@ -186,6 +186,13 @@ func (m *Machine) restore(ctx context.Context) error {
 		return err
 	}
 	phases.Mark(ctx, "restore")
+	return m.plugRestored(ctx)
+}
+
+// plugRestored plugs what a saved template's state lacks, in the order a restore plugs
+// it, so that each device takes the same root port: the virtio-fs device and the NICs.
+// A live migration's target of a restored machine plugs them before the stream comes.
+func (m *Machine) plugRestored(ctx context.Context) error {
 	if m.cfg.runsVirtiofsd() {
 		if err := m.plugShare(ctx); err != nil {
 			return err

@@ -90,14 +90,14 @@ func TestTemplateValidation(t *testing.T) {
 		change func(*Config)
 		want   string
 	}{
-		"microvm":          {func(c *Config) { c.Type = machine.MicroVM }, "template: needs machine q35"},
-		"no ACPI":          {func(c *Config) { c.NoACPI = true }, "template: needs machine q35 with ACPI"},
-		"9p":               {func(c *Config) { c.SharedFS = machine.NineP }, "template: shared_fs 9p"},
-		"UUID":             {func(c *Config) { c.UUID = "a8098c1a-f86e-11da-bd1a-00112444be1e" }, "template: an SMBIOS UUID"},
-		"disk":             {func(c *Config) { c.Files = []FDSetFile{{File: f}} }, "template: disks"},
-		"live migration":   {func(c *Config) { c.Incoming = true }, "template: a template machine restores a file"},
-		"paused":           {func(c *Config) { c.Paused = true }, "template: a restored guest must run"},
-		"NICs when saving": {func(c *Config) { c.NICs = []NIC{{Tap: f}} }, "nics: a template being saved has none"},
+		"microvm":                    {func(c *Config) { c.Type = machine.MicroVM }, "template: needs machine q35"},
+		"no ACPI":                    {func(c *Config) { c.NoACPI = true }, "template: needs machine q35 with ACPI"},
+		"9p":                         {func(c *Config) { c.SharedFS = machine.NineP }, "template: shared_fs 9p"},
+		"UUID":                       {func(c *Config) { c.UUID = "a8098c1a-f86e-11da-bd1a-00112444be1e" }, "template: an SMBIOS UUID"},
+		"disk":                       {func(c *Config) { c.Files = []FDSetFile{{File: f}} }, "template: disks"},
+		"restore and live migration": {func(c *Config) { c.Incoming, c.RestoreFrom = true, saved }, "template: a template machine restores a file (restore_from) or receives"},
+		"paused":                     {func(c *Config) { c.Paused = true }, "template: a restored guest must run"},
+		"NICs when saving":           {func(c *Config) { c.NICs = []NIC{{Tap: f}} }, "nics: a template being saved has none"},
 		"too many NICs": {func(c *Config) {
 			c.RestoreFrom = saved
 			c.NICs = []NIC{{Tap: f}, {Tap: f}, {Tap: f}, {Tap: f}}
@@ -117,6 +117,13 @@ func TestTemplateValidation(t *testing.T) {
 	c.NICs = []NIC{{Tap: f}}
 	if err := c.withDefaults().Validate(); err != nil {
 		t.Errorf("a restore with a NIC: %v", err)
+	}
+	// the target of a restored machine's migration: its NICs and virtiofsd, no file
+	target := templateConfig(t, dir, "target")
+	target.Incoming = true
+	target.NICs = []NIC{{Tap: f}}
+	if err := target.withDefaults().Validate(); err != nil || target.saving() || !target.runsVirtiofsd() {
+		t.Errorf("a restored machine's migration target: %v (saving %v, virtiofsd %v)", err, target.saving(), target.runsVirtiofsd())
 	}
 	if err := c.CheckTemplate(); err != nil {
 		t.Errorf("CheckTemplate of a restore with a NIC: %v", err)

@@ -210,9 +210,14 @@ func Start(ctx context.Context, cfg Config) (_ *Machine, retErr error) {
 		return nil, fmt.Errorf("vm %s: QMP: %w%s", cfg.Name, err, m.ConsoleHint())
 	}
 	phases.Mark(ctx, "qmp")
-	if cfg.RestoreFrom != nil {
+	switch {
+	case cfg.RestoreFrom != nil:
 		if err := m.restore(ctx); err != nil {
 			return nil, fmt.Errorf("vm %s: restore: %w", cfg.Name, err)
+		}
+	case cfg.Template && cfg.Incoming:
+		if err := m.plugRestored(ctx); err != nil {
+			return nil, fmt.Errorf("vm %s: %w", cfg.Name, err)
 		}
 	}
 	return m, nil

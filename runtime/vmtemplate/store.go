@@ -125,6 +125,18 @@ func (s *Store) Boot(ctx context.Context, cfg vmpodagent.Config) (*vmpodagent.Gu
 	return vmpodagent.Boot(ctx, cfg)
 }
 
+// Restored is the machine Boot starts for cfg when it restores a template, without the
+// template: what a live migration's target of such a machine starts (vmm.Config.Template
+// with Incoming) to receive its guest. false when cfg's machine is never restored.
+func (s *Store) Restored(cfg vmpodagent.Config) (vmpodagent.Config, bool) {
+	tcfg := templateConfig(cfg)
+	tcfg.MemoryMiB, _ = s.templateMemory(cfg.Config)
+	if tcfg.CheckTemplate() != nil {
+		return cfg, false
+	}
+	return tcfg, true
+}
+
 // templateMemory is the memory of the template a machine of cfg restores, and what its
 // memory is to be plugged up to after the restore (0: nothing to plug).
 func (s *Store) templateMemory(cfg vmm.Config) (templateMiB, plugTo int) {
