@@ -27,86 +27,12 @@ import (
 // refused before the guest came. The source's container stays running (a kubelet would
 // restart it), refusing execs, until the pod is removed.
 func TestContainerPodMigratesToAnotherPod(t *testing.T) {
-	testenv.RequireTestbed(t)
-	qemu, virtiofsd := testenv.QEMUNext(t)
-	counter := testenv.ContainerConfig{
-		Metadata: testenv.Metadata{Name: "counter"},
-		Command: sh(`printf 'first\nsecond\n' > /lines; exec 3< /lines; read a <&3; echo "$a" > /got-before; i=0; ` +
-			`while :; do i=$((i+1)); echo "count $i"; echo $i > /counter.new; mv /counter.new /counter; ` +
-			`if [ -e /go ] && [ ! -e /got-after ]; then read b <&3; echo "$b" > /got-after; fi; sleep 0.2; done`),
-	}
-	other := counter
+	other := counterContainer
 	other.Metadata.Name = "other"
-	var src, dst, wrong *testenv.Pod
-	var srcID, dstID, wrongID string
-	testenv.WithNodeConfig(t, fmt.Sprintf("qemu = %q\nvirtiofsd = %q\nmachine = \"q35\"\n", qemu, virtiofsd), func() {
-		src = testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "mig-src"}, Hostname: "mig-src"})
-		srcID = src.Container(counter)
-		waitLog(t, srcID, "count 3")
-		// restored from a template (the node's default for q35): the target starts the
-		// machine a restore starts, and plugs what a restore plugs, before the stream
-		restored := false
-		for _, p := range testenv.LiveProcessesMentioning("guest=" + src.ID) {
-			restored = restored || strings.Contains(p, "qemu-system") && strings.Contains(p, "-incoming defer")
-		}
-		if !restored {
-			t.Errorf("the source's QEMU was not restored from a template: the test covers a booted one only")
-		}
-		target := func(name string, c testenv.ContainerConfig) (*testenv.Pod, string) {
-			pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: name}, Hostname: "mig-src",
-				Annotations: map[string]string{annotations.MigrationTarget: src.ID}})
-			return pod, pod.Container(c)
-		}
-		dst, dstID = target("mig-dst", counter)
-		wrong, wrongID = target("mig-wrong", other) // a container of another name
-	})
-	targetTLS, sourceTLS, err := vmspec.NewMigrationCredentials()
-	if err != nil {
-		t.Fatal(err)
-	}
-	accept := func(id string) vmspec.MigrationListening {
-		t.Helper()
-		req, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, TimeoutSeconds: 120})
-		out, err := testenv.ExecStdin(id, req, time.Minute, vmspec.MigrateAcceptCommand)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var listening vmspec.MigrationListening
-		if err := json.Unmarshal([]byte(out), &listening); err != nil {
-			t.Fatalf("accept's answer %q: %v", out, err)
-		}
-		return listening
-	}
-	migrate := func(to vmspec.MigrationListening, opts vmspec.MigrationRequestOptions) (string, error) {
-		req, _ := json.Marshal(vmspec.MigrationRequest{Target: to.Address, TLS: sourceTLS, Options: opts})
-		return testenv.ExecStdin(srcID, req, 5*time.Minute, vmspec.MigrateCommand)
-	}
-
-	// refused before anything moves: a target whose containers are not the source's; and
-	// what a container pod does not do (post-copy; accept on a pod that is no target)
-	if _, err := testenv.ExecStdin(dstID, []byte(`{"tls":{}}`), time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "accept.tls") {
-		t.Errorf("accept with no credentials: %v, want refused naming accept.tls", err)
-	}
-	noTarget, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS})
-	if _, err := testenv.ExecStdin(srcID, noTarget, time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "no migration target") {
-		t.Errorf("accept on a pod that is no target: %v, want refused", err)
-	}
-	wrongAt := accept(wrongID)
-	if _, err := migrate(wrongAt, vmspec.MigrationRequestOptions{AllowPostCopy: true}); err == nil || !strings.Contains(err.Error(), "options.allowPostCopy") {
-		t.Errorf("a post-copy migration: %v, want refused naming options.allowPostCopy", err)
-	}
-	if _, err := migrate(wrongAt, vmspec.MigrationRequestOptions{}); err == nil || !strings.Contains(err.Error(), "this pod has no container counter") {
-		t.Errorf("migrating into a pod of other containers: %v, want the target's refusal", err)
-	}
-	if _, code := waitState(t, wrongID, "CONTAINER_EXITED", 30*time.Second); code != 1 {
-		t.Errorf("the refusing target's container exited %d, want 1", code)
-	}
-	if before, after := countIn(t, srcID), func() int { time.Sleep(time.Second); return countIn(t, srcID) }(); after <= before {
-		t.Errorf("the source's count after the refused migration: %d, then %d: its guest does not run on", before, after)
-	}
-	if stopErr, rmErr := wrong.Remove(time.Minute); stopErr != nil || rmErr != nil {
-		t.Errorf("remove the refusing target: %v, %v", stopErr, rmErr)
-	}
+	m := newPodMigration(t, map[string]testenv.ContainerConfig{"mig-dst": counterContainer, "mig-wrong": other})
+	src, srcID := m.src, m.srcID
+	dst, dstID := m.targets["mig-dst"].pod, m.targets["mig-dst"].id
+	wrong, wrongID := m.targets["mig-wrong"].pod, m.targets["mig-wrong"].id
 	if state, _ := inspect(t, dstID); state != "CONTAINER_RUNNING" {
 		t.Fatalf("the target's container is %s before the guest came, want running (a placeholder)", state)
 	}
@@ -114,10 +40,33 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 		t.Errorf("exec in the target before the guest came: %v %q, want refused: the guest has not arrived", err, out)
 	}
 
-	listening := accept(dstID)
+	// refused before anything moves: a target whose containers are not the source's; and
+	// what a container pod does not do (post-copy; accept on a pod that is no target)
+	if _, err := testenv.ExecStdin(dstID, []byte(`{"tls":{}}`), time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "accept.tls") {
+		t.Errorf("accept with no credentials: %v, want refused naming accept.tls", err)
+	}
+	noTarget, _ := json.Marshal(vmspec.MigrationAccept{TLS: m.targetTLS})
+	if _, err := testenv.ExecStdin(srcID, noTarget, time.Minute, vmspec.MigrateAcceptCommand); err == nil || !strings.Contains(err.Error(), "no migration target") {
+		t.Errorf("accept on a pod that is no target: %v, want refused", err)
+	}
+	wrongAt := m.accept(wrongID)
+	if _, err := m.migrate(wrongAt, vmspec.MigrationRequestOptions{AllowPostCopy: true}); err == nil || !strings.Contains(err.Error(), "options.allowPostCopy") {
+		t.Errorf("a post-copy migration: %v, want refused naming options.allowPostCopy", err)
+	}
+	if _, err := m.migrate(wrongAt, vmspec.MigrationRequestOptions{}); err == nil || !strings.Contains(err.Error(), "this pod has no container counter") {
+		t.Errorf("migrating into a pod of other containers: %v, want the target's refusal", err)
+	}
+	if _, code := waitState(t, wrongID, "CONTAINER_EXITED", 30*time.Second); code != 1 {
+		t.Errorf("the refusing target's container exited %d, want 1", code)
+	}
+	m.countsOn("after the refused migration")
+	if stopErr, rmErr := wrong.Remove(time.Minute); stopErr != nil || rmErr != nil {
+		t.Errorf("remove the refusing target: %v, %v", stopErr, rmErr)
+	}
+	listening := m.accept(dstID)
 	before := countIn(t, srcID)
 	start := time.Now()
-	progress, err := migrate(listening, vmspec.MigrationRequestOptions{})
+	progress, err := m.migrate(listening, vmspec.MigrationRequestOptions{})
 	elapsed := time.Since(start)
 	t.Logf("migration (%v): %s", elapsed.Round(time.Millisecond), lastLine(progress))
 	if err != nil {
@@ -192,7 +141,7 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 	if _, err := testenv.Cmd("crictl", "exec", "-s", srcID, "true"); err == nil || !strings.Contains(err.Error(), "moved to") {
 		t.Errorf("exec in the source after the move: %v, want refused: the guest moved", err)
 	}
-	if _, err := migrate(listening, vmspec.MigrationRequestOptions{}); err == nil || !strings.Contains(err.Error(), "moved to") {
+	if _, err := m.migrate(listening, vmspec.MigrationRequestOptions{}); err == nil || !strings.Contains(err.Error(), "moved to") {
 		t.Errorf("a second migration of the moved pod: %v, want refused", err)
 	}
 	if pid := vmm.QEMUOf(testenv.PodStateDir(t, src.ID)); pid > 0 {
@@ -201,6 +150,138 @@ func TestContainerPodMigratesToAnotherPod(t *testing.T) {
 	testenv.Crictl(t, "stop", "--timeout", "10", srcID)
 	if state, code := inspect(t, srcID); state != "CONTAINER_EXITED" || code != 143 {
 		t.Errorf("the source's container after stop: %s %d, want exited 143 (SIGTERM)", state, code)
+	}
+}
+
+// counterContainer counts in memory, to stdout and in its rootfs, and holds open a file
+// it wrote, which it reads on once /go exists.
+var counterContainer = testenv.ContainerConfig{
+	Metadata: testenv.Metadata{Name: "counter"},
+	Command: sh(`printf 'first\nsecond\n' > /lines; exec 3< /lines; read a <&3; echo "$a" > /got-before; i=0; ` +
+		`while :; do i=$((i+1)); echo "count $i"; echo $i > /counter.new; mv /counter.new /counter; ` +
+		`if [ -e /go ] && [ ! -e /got-after ]; then read b <&3; echo "$b" > /got-after; fi; sleep 0.2; done`),
+}
+
+// podMigration is a source pod running counterContainer and target pods for its guest,
+// on QEMU 10 (hack/qemu-next.sh) with the node's default q35 machines, restored from a
+// template; and the credentials of their migrations.
+type podMigration struct {
+	t                    *testing.T
+	src                  *testenv.Pod
+	srcID                string
+	targets              map[string]podContainer
+	targetTLS, sourceTLS vmspec.MigrationTLS
+}
+
+type podContainer struct {
+	pod *testenv.Pod
+	id  string
+}
+
+func newPodMigration(t *testing.T, targets map[string]testenv.ContainerConfig) *podMigration {
+	t.Helper()
+	testenv.RequireTestbed(t)
+	qemu, virtiofsd := testenv.QEMUNext(t)
+	m := &podMigration{t: t, targets: map[string]podContainer{}}
+	var err error
+	if m.targetTLS, m.sourceTLS, err = vmspec.NewMigrationCredentials(); err != nil {
+		t.Fatal(err)
+	}
+	testenv.WithNodeConfig(t, fmt.Sprintf("qemu = %q\nvirtiofsd = %q\nmachine = \"q35\"\n", qemu, virtiofsd), func() {
+		m.src = testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: "mig-src"}, Hostname: "mig-src"})
+		m.srcID = m.src.Container(counterContainer)
+		waitLog(t, m.srcID, "count 3")
+		// restored from a template (the node's default for q35): the target starts the
+		// machine a restore starts, and plugs what a restore plugs, before the stream
+		restored := false
+		for _, p := range testenv.LiveProcessesMentioning("guest=" + m.src.ID) {
+			restored = restored || strings.Contains(p, "qemu-system") && strings.Contains(p, "-incoming defer")
+		}
+		if !restored {
+			t.Errorf("the source's QEMU was not restored from a template: the test covers a booted one only")
+		}
+		for name, c := range targets {
+			pod := testenv.RunPod(t, testenv.PodConfig{Metadata: testenv.Metadata{Name: name}, Hostname: "mig-src",
+				Annotations: map[string]string{annotations.MigrationTarget: m.src.ID}})
+			m.targets[name] = podContainer{pod, pod.Container(c)}
+		}
+	})
+	return m
+}
+
+// accept makes the target container id listen for the source.
+func (m *podMigration) accept(id string) vmspec.MigrationListening {
+	m.t.Helper()
+	req, _ := json.Marshal(vmspec.MigrationAccept{TLS: m.targetTLS, TimeoutSeconds: 120})
+	out, err := testenv.ExecStdin(id, req, time.Minute, vmspec.MigrateAcceptCommand)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	var listening vmspec.MigrationListening
+	if err := json.Unmarshal([]byte(out), &listening); err != nil {
+		m.t.Fatalf("accept's answer %q: %v", out, err)
+	}
+	return listening
+}
+
+// migrate moves the source's guest to a target that listens, returning the progress.
+func (m *podMigration) migrate(to vmspec.MigrationListening, opts vmspec.MigrationRequestOptions) (string, error) {
+	req, _ := json.Marshal(vmspec.MigrationRequest{Target: to.Address, TLS: m.sourceTLS, Options: opts})
+	return testenv.ExecStdin(m.srcID, req, 5*time.Minute, vmspec.MigrateCommand)
+}
+
+// countsOn fails the test unless the source's container still counts: its guest runs.
+func (m *podMigration) countsOn(what string) {
+	m.t.Helper()
+	before := countIn(m.t, m.srcID)
+	time.Sleep(time.Second)
+	if after := countIn(m.t, m.srcID); after <= before {
+		m.t.Errorf("%s: the source's count stays at %d: its guest does not run on", what, after)
+	}
+}
+
+// TestContainerPodMigrationThatFailsLeavesTheSourceRunning: a migration cancelled
+// mid-way, and one whose target pod is removed mid-way, fail, and the source's guest
+// runs on untouched (a cancel before the pause that ends the pre-copy: under TCG a
+// failure after it ends the guest, docs/design/211); the cancelled target's placeholder
+// exits 1. The stream is held to 1 MiB/s so that each failure comes mid-way.
+func TestContainerPodMigrationThatFailsLeavesTheSourceRunning(t *testing.T) {
+	m := newPodMigration(t, map[string]testenv.ContainerConfig{"mig-cancelled": counterContainer, "mig-removed": counterContainer})
+	slow := vmspec.MigrationRequestOptions{BandwidthMiB: 1}
+	for _, name := range []string{"mig-cancelled", "mig-removed"} {
+		target := m.targets[name]
+		at := m.accept(target.id)
+		failed := make(chan error, 1)
+		go func() { _, err := m.migrate(at, slow); failed <- err }()
+		time.Sleep(3 * time.Second) // the writes passed, the stream under way
+		if name == "mig-cancelled" {
+			out, err := testenv.ExecStdin(m.srcID, nil, 3*time.Minute, vmspec.MigrateCancelCommand)
+			var answer vmspec.MigrationCancelled
+			if err != nil || json.Unmarshal([]byte(out), &answer) != nil || !answer.WasInFlight || answer.GuestMoved {
+				t.Errorf("%s: the cancel's answer: %q, %v; want a migration in flight, the guest not moved", name, out, err)
+			}
+		} else if stopErr, rmErr := target.pod.Remove(time.Minute); stopErr != nil || rmErr != nil {
+			t.Errorf("%s: remove the target pod: %v, %v", name, stopErr, rmErr)
+		}
+		select {
+		case err := <-failed:
+			if err == nil {
+				t.Fatalf("%s: the migration succeeded", name)
+			}
+			t.Logf("%s: the migration failed: %v", name, err)
+		case <-time.After(3 * time.Minute):
+			t.Fatalf("%s: the migration did not end", name)
+		}
+		m.countsOn(name)
+		if name == "mig-cancelled" {
+			if _, code := waitState(t, target.id, "CONTAINER_EXITED", 30*time.Second); code != 1 {
+				t.Errorf("%s: the target's container exited %d, want 1", name, code)
+			}
+		}
+	}
+	// and the source can still move: it was left as it was
+	if out, err := testenv.Cmd("crictl", "exec", "-s", m.srcID, "cat", "/got-before"); err != nil || strings.TrimSpace(out) != "first" {
+		t.Errorf("the source's container after the failed migrations: %q, %v", out, err)
 	}
 }
 
