@@ -49,6 +49,9 @@ type containerPod struct {
 	loopback *network.LoopbackRedirect // port-forwards into the guest; nil without a netns
 
 	resizeMu sync.Mutex // one resize at a time
+	// arrivalMu: a migration's target mounting and sharing its placeholders' files, or
+	// a placeholder being removed; not both at once
+	arrivalMu sync.Mutex
 	// hostDevices are the PCI functions plugged for containers' VFIO devices; vfioBind is
 	// the node's devices.vfio_bind
 	hostDevMu   sync.Mutex
@@ -77,8 +80,11 @@ type containerPod struct {
 	awaiting  bool
 	accepting bool
 	arrived   chan struct{}
-	migrating *outgoing
-	movedTo   string
+	// stopReceive ends the target's receive, which closes received when it returns
+	stopReceive context.CancelFunc
+	received    chan struct{}
+	migrating   *outgoing
+	movedTo     string
 	// vmDone is closed once the pod can run nothing more: its VM ended, but for a guest
 	// that moved away (this pod's containers stay until it is stopped), or it was stopped
 	vmDone     chan struct{}
@@ -115,7 +121,7 @@ type container struct {
 	mirrors     int
 	arriving    *shapedContainer
 	mirrorDirs  map[string]string
-	rootMounted bool
+	sharedHere  []string // the shares the target made for it (shareArrivals)
 	// a migration's source: left stands for it once the guest moved away
 	left *standIn
 }
@@ -362,20 +368,19 @@ func (p *containerPod) CreateContainer(ctx context.Context, id string, root Root
 		p.mu.Unlock()
 		return nil, fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrAlreadyExists)
 	}
-	if p.movedTo != "" {
+	switch {
+	case p.movedTo != "":
 		p.mu.Unlock()
 		return nil, fmt.Errorf("pod %s: container %s: the pod's guest moved to %s: %w", p.id, id, p.movedTo, errdefs.ErrFailedPrecondition)
+	case p.migrating != nil:
+		// it would not be in the shape the target took, nor its writes in the streams
+		p.mu.Unlock()
+		return nil, fmt.Errorf("pod %s: container %s: the pod's guest is migrating; create it in the pod it lands in: %w", p.id, id, errdefs.ErrFailedPrecondition)
+	case p.awaiting && p.accepting:
+		p.mu.Unlock()
+		return nil, fmt.Errorf("pod %s: container %s: the pod is receiving its guest, whose containers are set: %w", p.id, id, errdefs.ErrFailedPrecondition)
 	}
 	c := &container{name: containerName(spec), guestID: id, root: root, spec: spec, stdio: stdio, termLog: mountSource(spec, terminationLog)}
-	if p.awaiting {
-		if p.accepting {
-			p.mu.Unlock()
-			return nil, fmt.Errorf("pod %s: container %s: the pod is receiving its guest, whose containers are set: %w", p.id, id, errdefs.ErrFailedPrecondition)
-		}
-		p.containers[id] = c
-		p.mu.Unlock()
-		return p.createPlaceholder(ctx, id, c)
-	}
 	if spec.Linux != nil {
 		c.claim = claimOf(spec.Linux.Resources, claim{})
 		cpus, err := hostCPUs(spec.Linux.Resources)
@@ -386,6 +391,10 @@ func (p *containerPod) CreateContainer(ctx context.Context, id string, root Root
 		c.cpus = cpus
 	}
 	p.containers[id] = c
+	if p.awaiting {
+		p.mu.Unlock()
+		return p.createPlaceholder(ctx, id, c)
+	}
 	p.mu.Unlock()
 
 	var undo cleanup.Stack
@@ -885,22 +894,22 @@ func (p *containerPod) RemoveContainer(ctx context.Context, id string, force boo
 // container whose guest moved away.
 func (p *containerPod) forgetContainer(ctx context.Context, id string, c *container) error {
 	if c.placeholder != nil {
+		// first: a guest that arrives now leaves it out (takeOver)
 		c.placeholder.stand.end(exitKilled)
 	}
+	p.arrivalMu.Lock() // not while its files are being shared for the guest
+	defer p.arrivalMu.Unlock()
 	p.mu.Lock()
 	if c.left != nil {
 		c.left.end(exitKilled)
 	}
-	mounted := c.rootMounted
-	shares := c.shares
+	shared := c.sharedHere
 	delete(p.containers, id)
 	p.mu.Unlock()
 	var errs []error
-	if mounted { // a target that failed after sharing it
-		for _, name := range append(shares, vmpodagent.RootfsShare(c.guestID)) {
-			if err := p.guest.Unshare(name); err != nil {
-				errs = append(errs, err)
-			}
+	for _, name := range shared { // a target whose guest did not come after all
+		if err := p.guest.Unshare(name); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if c.proxy != nil {
@@ -910,6 +919,9 @@ func (p *containerPod) forgetContainer(ctx context.Context, id string, c *contai
 	return errors.Join(errs...)
 }
 
+// receiveStopWait bounds how long a Stop waits for a migration target's receive to end.
+const receiveStopWait = 30 * time.Second
+
 // Stop shuts the VM down and releases everything the pod holds on the host: the
 // port-forward redirect, the VM (it holds the taps), then the network plumbing. Later
 // calls return the first result.
@@ -917,6 +929,17 @@ func (p *containerPod) Stop(ctx context.Context) error {
 	p.stopping.Store(true)
 	p.stopOnce.Do(func() {
 		var err error
+		p.mu.Lock()
+		stopReceive, received := p.stopReceive, p.received
+		p.mu.Unlock()
+		if stopReceive != nil { // a guest on its way: its receive ends first
+			stopReceive()
+			select {
+			case <-received:
+			case <-time.After(receiveStopWait):
+				log.G(ctx).Warnf("pod %s: the migration's receive did not end within %v of the stop", p.id, receiveStopWait)
+			}
+		}
 		p.mu.Lock()
 		stopNetwork, nics, noGuest := p.stopNetwork, p.nics, p.awaiting
 		p.mu.Unlock()

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
@@ -19,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/identifiers"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -252,8 +254,7 @@ func (e *commandExec) OutputDone() <-chan struct{} { return e.done }
 // Signal cancels the command on a signal that would end a process: a migration in flight
 // is cancelled as its exec ends.
 func (e *commandExec) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
-	switch sig {
-	case syscall.SIGCHLD, syscall.SIGWINCH, syscall.SIGURG, syscall.SIGCONT, syscall.SIGSTOP, syscall.SIGTSTP, 0:
+	if !endsAProcess(sig) {
 		return nil
 	}
 	e.killedBy.CompareAndSwap(0, int32(sig))
@@ -442,7 +443,17 @@ func (p *containerPod) acceptMigration(ctx context.Context, input []byte) (strin
 	}
 	addr := l.Addr().String()
 	log.G(ctx).Infof("migration target: listening on %s for %v (%d writes' streams)", addr, req.AcceptTimeout(), mirrors)
-	go p.receive(context.WithoutCancel(ctx), l, cfg, req, mirrors)
+	// the exec's end does not end the receive; the pod's Stop does (and waits for it)
+	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	received := make(chan struct{})
+	p.mu.Lock()
+	p.stopReceive, p.received = cancel, received
+	p.mu.Unlock()
+	go func() {
+		defer close(received)
+		defer cancel()
+		p.receive(rctx, l, cfg, req, mirrors)
+	}()
 	out, err := json.Marshal(vmspec.MigrationListening{Address: addr})
 	return string(out), err
 }
@@ -452,16 +463,21 @@ func (p *containerPod) acceptMigration(ctx context.Context, input []byte) (strin
 func (p *containerPod) receive(ctx context.Context, l net.Listener, cfg *tls.Config, req vmspec.MigrationAccept, mirrors int) {
 	lg := log.G(ctx)
 	m := p.guest.Machine()
+	stopListening := context.AfterFunc(ctx, func() { _ = l.Close() })
 	control, stream, mirrored, err := acceptLinks(ctx, l, cfg, req.AcceptTimeout(), m.Done(), mirrors)
+	stopListening()
 	if err != nil {
 		p.failTarget(ctx, err)
 		return
 	}
-	defer control.Close()
-	defer stream.Close()
-	for _, c := range mirrored {
-		defer c.Close()
+	conns := append([]net.Conn{control, stream}, mirrored...)
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
 	}
+	defer closeAll()
+	defer context.AfterFunc(ctx, closeAll)() // a Stop ends every wait on the source
 	shape, err := p.takePodShape(ctx, control)
 	if err != nil {
 		p.failTarget(ctx, err)
@@ -469,14 +485,20 @@ func (p *containerPod) receive(ctx context.Context, l net.Listener, cfg *tls.Con
 	}
 	// the writes, into the placeholders' upper directories and emptyDirs
 	received := make(chan error, len(mirrored))
+	named := map[string]bool{}
 	for _, conn := range mirrored {
 		name, err := readMirrorName(conn)
 		var dst string
-		if err == nil {
+		switch {
+		case err != nil:
+		case named[name]:
+			err = fmt.Errorf("the source's writes for share %q: a second connection for it", name)
+		default:
 			if dst = p.mirrorDst(name); dst == "" {
 				err = fmt.Errorf("the source's writes for share %q: no such share here", name)
 			}
 		}
+		named[name] = true
 		if err != nil {
 			_ = writeSwitchover(control, switchover{Error: err.Error()})
 			p.failTarget(ctx, err)
@@ -572,8 +594,13 @@ func (p *containerPod) receive(ctx context.Context, l net.Listener, cfg *tls.Con
 		return
 	}
 	if err := p.takeOver(ctx, shape, *msg.Handover); err != nil {
-		p.failTarget(ctx, fmt.Errorf("the guest arrived, and taking it over failed: %w", err))
+		err = fmt.Errorf("the guest arrived, and taking it over failed: %w", err)
+		_ = writeSwitchover(control, switchover{Error: err.Error()})
+		p.failTarget(ctx, err)
 		return
+	}
+	if err := writeSwitchover(control, switchover{Taken: true}); err != nil {
+		lg.WithError(err).Warn("migration target: tell the source the guest runs here")
 	}
 	lg.Infof("migration target: the guest runs here (%v after its stream began)", time.Since(started).Round(time.Millisecond))
 }
@@ -639,7 +666,7 @@ func (p *containerPod) matchPodShape(s podShape) error {
 			byName[c.name] = c
 		}
 	}
-	ids := map[string]bool{}
+	ids, places := map[string]bool{}, map[uint64]string{}
 	var errs []error
 	for i, sc := range s.Containers {
 		c, ok := byName[sc.Name]
@@ -648,11 +675,15 @@ func (p *containerPod) matchPodShape(s podShape) error {
 			continue
 		}
 		delete(byName, sc.Name)
-		if sc.ID == "" || strings.ContainsAny(sc.ID, "/\x00") || ids[sc.ID] {
+		if err := identifiers.Validate(sc.ID); err != nil || ids[sc.ID] {
 			errs = append(errs, fmt.Errorf("shape.containers[%d].id: %q is no container id, or another's", i, sc.ID))
 			continue
 		}
 		ids[sc.ID] = true
+		if err := checkPlaces(sc.Places, places); err != nil {
+			errs = append(errs, fmt.Errorf("shape.containers[%d].places: %w", i, err))
+			continue
+		}
 		shares, err := guestShares(sc.ID, c.spec)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("shape.containers[%d] (%s): %w", i, labelOf(sc.Name), err))
@@ -686,6 +717,25 @@ func (p *containerPod) matchPodShape(s podShape) error {
 			c.arriving, c.mirrorDirs = nil, nil
 		}
 		return err
+	}
+	return nil
+}
+
+// maxPlace bounds a share's place: a source's numbering counts its shares.
+const maxPlace = 1 << 32
+
+// checkPlaces checks a shaped container's share places: each its own (taken holds those
+// of the containers before), none zero or beyond maxPlace.
+func checkPlaces(places map[string]uint64, taken map[uint64]string) error {
+	for _, name := range slices.Sorted(maps.Keys(places)) {
+		place := places[name]
+		if place == 0 || place > maxPlace {
+			return fmt.Errorf("%s: %d is no place", name, place)
+		}
+		if other, dup := taken[place]; dup {
+			return fmt.Errorf("%s: place %d is %s's too", name, place, other)
+		}
+		taken[place] = name
 	}
 	return nil
 }
@@ -738,38 +788,51 @@ func (p *containerPod) mirrorDst(name string) string {
 // upper directory, and shares it and its mounts under the source's share names.
 func (p *containerPod) shareArrivals(ctx context.Context, s podShape) error {
 	m := p.guest.Machine()
+	// a placeholder removed meanwhile is either gone before (the guest's container would
+	// have no host side: refused) or after, and then unshares what this shared
+	p.arrivalMu.Lock()
+	defer p.arrivalMu.Unlock()
 	p.mu.Lock()
 	var arriving []*container
+	owners := map[uint32]uint32{}
 	for _, c := range p.containers {
-		if c.arriving != nil {
-			arriving = append(arriving, c)
+		if c.arriving == nil {
+			continue
 		}
-	}
-	p.mu.Unlock()
-	for _, c := range arriving {
 		select {
 		case <-c.placeholder.stand.exited:
+			p.mu.Unlock()
 			return fmt.Errorf("container %s was stopped while the guest was on its way", c.label())
 		default:
 		}
+		arriving = append(arriving, c)
+		owners[uint32(c.proxy.Pid())] = c.arriving.Pid
+	}
+	p.mu.Unlock()
+	if len(arriving) != len(s.Containers) {
+		return fmt.Errorf("%d of the guest's %d containers were removed from this pod while the guest was on its way", len(s.Containers)-len(arriving), len(s.Containers))
+	}
+	for _, c := range arriving {
 		if err := c.root.mount(); err != nil {
 			return fmt.Errorf("container %s: %w", c.label(), err)
 		}
-		c.rootMounted = true
 		places := c.arriving.Places
-		rootfs := vmpodagent.RootfsShare(c.arriving.ID)
-		if _, err := m.ShareAt(c.root.Dir, rootfs, places[rootfs], false, true); err != nil {
+		share := func(hostPath, name string, readonly, rootfs bool) (string, error) {
+			rel, err := m.ShareAt(hostPath, name, places[name], readonly, rootfs)
+			if err != nil {
+				return "", err
+			}
+			p.mu.Lock()
+			c.sharedHere = append(c.sharedHere, name)
+			p.mu.Unlock()
+			return agentv1.GuestSharedDir + "/" + rel, nil
+		}
+		if _, err := share(c.root.Dir, vmpodagent.RootfsShare(c.arriving.ID), false, true); err != nil {
 			return fmt.Errorf("container %s: rootfs: %w", c.label(), err)
 		}
-		owners := map[uint32]uint32{}
-		for _, other := range arriving {
-			owners[uint32(other.proxy.Pid())] = other.arriving.Pid
-		}
-		share := func(hostPath, name string, readonly bool) (string, error) {
-			rel, err := m.ShareAt(hostPath, name, places[name], readonly, false)
-			return agentv1.GuestSharedDir + "/" + rel, err
-		}
-		_, shares, err := guestSpec(c.arriving.ID, c.spec, owners, share, vmm.MountPointsBelow)
+		_, shares, err := guestSpec(c.arriving.ID, c.spec, owners, func(hostPath, name string, readonly bool) (string, error) {
+			return share(hostPath, name, readonly, false)
+		}, vmm.MountPointsBelow)
 		p.mu.Lock()
 		c.shares = shares
 		p.mu.Unlock()
@@ -806,15 +869,36 @@ func (p *containerPod) takeOver(ctx context.Context, s podShape, h handover) err
 		p.guestMACs = s.NICs
 	}
 	p.mu.Lock()
+	if p.stopping.Load() {
+		p.mu.Unlock()
+		return errors.New("the pod is being stopped")
+	}
 	var adopt []*container
+	orphans := map[string]shapedContainer{}
+	for _, sc := range s.Containers {
+		orphans[sc.ID] = sc
+	}
 	for _, c := range p.containers {
-		if c.arriving != nil {
+		if c.arriving == nil {
+			continue
+		}
+		select {
+		case <-c.placeholder.stand.exited: // stopped since the shares were made
+		default:
 			c.guestID, c.pid = c.arriving.ID, c.arriving.Pid
 			adopt = append(adopt, c)
+			delete(orphans, c.arriving.ID)
 		}
 	}
 	p.awaiting = false
 	p.mu.Unlock()
+	for _, sc := range orphans {
+		// the container it was stopped or removed here: so it is in the guest
+		log.G(ctx).Warnf("migration target: container %s stopped while the guest was on its way: removing it from the guest", labelOf(sc.Name))
+		if err := p.guest.RemoveContainer(ctx, sc.ID, true); err != nil {
+			log.G(ctx).WithError(err).Warnf("migration target: remove container %s", labelOf(sc.Name))
+		}
+	}
 	for _, c := range adopt {
 		stdio := c.stdio
 		stdio.Stdin = nil // not carried (Guest.AdoptProcess)
@@ -829,7 +913,7 @@ func (p *containerPod) takeOver(ctx context.Context, s podShape, h handover) err
 		go relaySignals(log.G(ctx).WithField("container", c.label()), proc, c.proxy)
 	}
 	close(p.arrived)
-	p.servePod(ctx)
+	p.servePod(context.WithoutCancel(ctx)) // as long as the pod: not the receive's
 	if err := p.pinVCPUs(ctx, false); err != nil {
 		log.G(ctx).WithError(err).Warn("migration target: pin the vCPUs")
 	}
@@ -977,6 +1061,10 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 		}
 	}
 	defer closeMirrors()
+	// a cancel ends a pass blocked on the target; from the pause before the switchover on
+	// the last passes are bounded instead (a cancel no longer stops a TCG switchover)
+	stopMirrors := context.AfterFunc(ctx, closeMirrors)
+	defer stopMirrors()
 	cancelDial()
 	if err := sayShape(ctx, control, switchover{Pod: &shape}); err != nil {
 		return fail(err)
@@ -1032,6 +1120,10 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 		report(progressOf(info))
 	}
 	opts.BeforeSwitchover = func(ctx context.Context) error {
+		stopMirrors()
+		for _, mr := range mirrors {
+			_ = mr.conn.SetDeadline(time.Now().Add(switchoverWait))
+		}
 		if err := passes(ctx, false); err != nil {
 			return err
 		}
@@ -1079,13 +1171,59 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 	for _, c := range inits {
 		out2.Output[c.guestID] = c.init.HandOverOutput()
 	}
-	if err := writeSwitchover(control, switchover{Commit: true, Handover: &out2}); err != nil {
-		lg.WithError(err).Error("migration: the commit did not reach the target: neither pod runs the guest now")
-		return fail(fmt.Errorf("the commit did not reach the target, whose copy of the guest is then ended: %w", err))
+	err = writeSwitchover(control, switchover{Commit: true, Handover: &out2})
+	if err != nil {
+		err = fmt.Errorf("the commit did not reach the target, whose copy of the guest is then ended: %w", err)
+	} else {
+		// the target runs the guest once it has taken it over: its agent, the processes,
+		// the addresses; a failure there loses the guest
+		var msg switchover
+		msg, err = readSwitchover(control, switchoverWait)
+		switch {
+		case err != nil:
+			err = fmt.Errorf("the target's word on taking the guest over: %w", err)
+		case msg.Error != "":
+			err = fmt.Errorf("the target: %s", msg.Error)
+		case !msg.Taken:
+			err = errors.New("the target did not say it took the guest over")
+		}
+	}
+	if err != nil {
+		p.lostAfterMove(ctx, err)
+		return fail(fmt.Errorf("%w: %w", err, vmm.ErrGuestLost))
 	}
 	report(progressOf(info))
 	lg.Infof("migrated to %s in %v (downtime %v, %d MiB sent)", req.Target, info.TotalTime, info.Downtime, info.Transferred()>>20)
 	return nil
+}
+
+// lostAfterMove ends a source whose guest left and did not land (why): its containers'
+// stand-ins exit 1 with the reason in their termination messages, and the pod is done,
+// as a pod whose VM died: a kubelet restarts what its policy says, elsewhere.
+func (p *containerPod) lostAfterMove(ctx context.Context, why error) {
+	reason := vmspec.MigrationFailedReason + ": the guest was lost after it left: " + why.Error()
+	log.G(ctx).WithError(why).Error("migration: the guest left and the target did not take it over: it is lost")
+	p.mu.Lock()
+	var left []*standIn
+	var logs []string
+	for _, c := range p.containers {
+		if c.left != nil {
+			left = append(left, c.left)
+			if c.termLog != "" {
+				logs = append(logs, c.termLog)
+			}
+		}
+	}
+	p.mu.Unlock()
+	for _, path := range logs {
+		if err := writeTerminationMessage(path, reason); err != nil {
+			log.G(ctx).WithError(err).Warn("termination message")
+		}
+	}
+	for _, s := range left {
+		s.end(1)
+	}
+	p.vmDoneOnce.Do(func() { close(p.vmDone) })
 }
 
 // awaitLoadedOrLose waits for the target's word that it has the guest. Without it the
@@ -1121,7 +1259,8 @@ func (p *containerPod) awaitLoadedOrLose(ctx context.Context, control net.Conn, 
 	return fmt.Errorf("%w; the guest runs on here", err)
 }
 
-// sayShape sends the guest's shape and waits for the target to match it, or for ctx to end.
+// sayShape tells the target the guest's shape (msg: a VM pod's or a container pod's) and
+// waits for it to match it, or for ctx to end (a cancel).
 func sayShape(ctx context.Context, control net.Conn, msg switchover) error {
 	stop := context.AfterFunc(ctx, func() { _ = control.SetDeadline(time.Now()) })
 	defer stop()

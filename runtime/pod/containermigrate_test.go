@@ -102,16 +102,19 @@ func TestMatchPodShape(t *testing.T) {
 		change func(*podShape)
 		want   string
 	}{
-		"size":          {func(s *podShape) { s.Machine.MemoryMiB = 1024 }, "MemoryMiB:1024"},
-		"machine":       {func(s *podShape) { s.Machine.Type = machine.MicroVM }, "microvm"},
-		"no template":   {func(s *podShape) { s.Machine.Template = false }, "one was restored from a template and one not"},
-		"a name":        {func(s *podShape) { s.Containers[1].Name = "web" }, "no container web"},
-		"one less":      {func(s *podShape) { s.Containers = s.Containers[:1] }, "container app is not the guest's"},
-		"the same id":   {func(s *podShape) { s.Containers[1].ID = "s-sandbox" }, "containers[1].id"},
-		"an id of path": {func(s *podShape) { s.Containers[1].ID = "../x" }, "containers[1].id"},
-		"shares":        {func(s *podShape) { s.Containers[1].Shares = []string{"s-app/mounts/0"} }, "containers differ"},
-		"places":        {func(s *podShape) { s.Containers[1].Places = nil }, "containers[1].places"},
-		"writes":        {func(s *podShape) { s.Containers[1].Mirrored = []string{"s-app/mounts/1"} }, "writes come for"},
+		"size":           {func(s *podShape) { s.Machine.MemoryMiB = 1024 }, "MemoryMiB:1024"},
+		"machine":        {func(s *podShape) { s.Machine.Type = machine.MicroVM }, "microvm"},
+		"no template":    {func(s *podShape) { s.Machine.Template = false }, "one was restored from a template and one not"},
+		"a name":         {func(s *podShape) { s.Containers[1].Name = "web" }, "no container web"},
+		"one less":       {func(s *podShape) { s.Containers = s.Containers[:1] }, "container app is not the guest's"},
+		"the same id":    {func(s *podShape) { s.Containers[1].ID = "s-sandbox" }, "containers[1].id"},
+		"an id of path":  {func(s *podShape) { s.Containers[1].ID = "../x" }, "containers[1].id"},
+		"the dot":        {func(s *podShape) { s.Containers[1].ID = "." }, "containers[1].id"},
+		"a place twice":  {func(s *podShape) { s.Containers[1].Places = map[string]uint64{"s-app/rootfs": 1} }, "place 1 is s-sandbox/rootfs's too"},
+		"a place beyond": {func(s *podShape) { s.Containers[1].Places = map[string]uint64{"s-app/rootfs": 1 << 63} }, "is no place"},
+		"shares":         {func(s *podShape) { s.Containers[1].Shares = []string{"s-app/mounts/0"} }, "containers differ"},
+		"places":         {func(s *podShape) { s.Containers[1].Places = nil }, "containers[1].places"},
+		"writes":         {func(s *podShape) { s.Containers[1].Mirrored = []string{"s-app/mounts/1"} }, "writes come for"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			p := waitingTarget(t)

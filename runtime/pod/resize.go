@@ -102,13 +102,14 @@ func headroom(t machine.Type, size Size, s nodeconfig.Sizing) Size {
 func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.LinuxResources) error {
 	p.resizeMu.Lock()
 	defer p.resizeMu.Unlock()
+	// a guest on its way here must arrive at the size the source sends (a grown machine
+	// would not match it), and one that left has no VM here to grow
+	c, gid, err := p.lookup(id, "update")
+	if err != nil {
+		return err
+	}
 
 	p.mu.Lock()
-	c, ok := p.containers[id]
-	if !ok {
-		p.mu.Unlock()
-		return fmt.Errorf("pod %s: container %s: %w", p.id, id, errdefs.ErrNotFound)
-	}
 	next := claimOf(r, c.claim)
 	cpus := c.cpus
 	if r != nil && r.CPU != nil && r.CPU.Cpus != "" { // an empty cpuset leaves it as it is
@@ -142,7 +143,7 @@ func (p *containerPod) UpdateContainer(ctx context.Context, id string, r *specs.
 	if err := p.pinVCPUs(ctx, target.VCPUs > cur.VCPUs); err != nil {
 		return fmt.Errorf("pod %s: update container %s: linux.resources.cpu.cpus: %w", p.id, id, err)
 	}
-	if err := p.guest.Agent().UpdateContainer(ctx, id, guestResources(r)); err != nil {
+	if err := p.guest.Agent().UpdateContainer(ctx, gid, guestResources(r)); err != nil {
 		return err
 	}
 	p.mu.Lock()

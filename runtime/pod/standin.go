@@ -47,12 +47,20 @@ func (s *standIn) Wait(ctx context.Context) (runtime.Exit, error) {
 // (SIGCHLD, SIGWINCH, SIGURG, SIGCONT, and SIGSTOP, which would stop a pause process but
 // cannot stop the shim) change nothing.
 func (s *standIn) Signal(ctx context.Context, sig syscall.Signal, all bool) error {
+	if endsAProcess(sig) {
+		s.end(128 + int(sig))
+	}
+	return nil
+}
+
+// endsAProcess says whether sig ends a process that does not handle it (0 checks only).
+// SIGSTOP and SIGTSTP would stop one, which a process of the shim's cannot be.
+func endsAProcess(sig syscall.Signal) bool {
 	switch sig {
 	case syscall.SIGCHLD, syscall.SIGWINCH, syscall.SIGURG, syscall.SIGCONT, syscall.SIGSTOP, syscall.SIGTSTP, 0:
-		return nil
+		return false
 	}
-	s.end(128 + int(sig))
-	return nil
+	return true
 }
 
 // OutputDone: a stand-in writes nothing.

@@ -81,7 +81,10 @@ type switchover struct {
 	Commit bool        `json:"commit,omitempty"` // source: the guest is yours, start it
 	// a container pod's source, with the commit: where its processes' output goes on
 	Handover *handover `json:"handover,omitempty"`
-	Error    string    `json:"error,omitempty"` // target: it could not take the guest
+	// container pod's target, last: it runs the guest, its containers' processes taken
+	// over (or Error: the guest it had is lost)
+	Taken bool   `json:"taken,omitempty"`
+	Error string `json:"error,omitempty"` // target: it could not take the guest
 }
 
 // guestShape is what the running guest has that its spec does not say: the size a resize
@@ -171,32 +174,6 @@ func (c *computeVM) shape() (guestShape, error) {
 		s.NICs = nics
 	}
 	return s, nil
-}
-
-// agreeShape tells the target the guest's shape and waits for it to match it, or for ctx
-// to end (a cancel).
-func agreeShape(ctx context.Context, control net.Conn, s guestShape) error {
-	stop := context.AfterFunc(ctx, func() { _ = control.SetDeadline(time.Now()) })
-	defer stop()
-	cancelled := fmt.Errorf("%w before the stream began; the guest runs on here", vmm.ErrMigrationCancelled)
-	if err := writeSwitchover(control, switchover{Shape: &s}); err != nil {
-		if ctx.Err() != nil {
-			return cancelled
-		}
-		return fmt.Errorf("tell the target the guest's shape: %w", err)
-	}
-	msg, err := readSwitchover(control, switchoverWait)
-	switch {
-	case ctx.Err() != nil:
-		return cancelled
-	case err != nil:
-		return fmt.Errorf("the target's answer to the guest's shape: %w", err)
-	case msg.Error != "":
-		return fmt.Errorf("the target refused the guest: %s", msg.Error)
-	case !msg.Ready:
-		return errors.New("the target did not say it matches the guest's shape")
-	}
-	return nil
 }
 
 // takeShape reads the source's guestShape and makes this VM match it before QEMU reads
@@ -738,7 +715,7 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	if err != nil {
 		return fail(err)
 	}
-	if err := agreeShape(ctx, control, shape); err != nil {
+	if err := sayShape(ctx, control, switchover{Shape: &shape}); err != nil {
 		return fail(err)
 	}
 	qemuEnd, shimEnd, err := streamPair()

@@ -229,7 +229,7 @@ func TestGuestShape(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sourceErr = agreeShape(context.Background(), a, shape)
+		sourceErr = sayShape(context.Background(), a, switchover{Shape: &shape})
 		return sourceErr, <-done
 	}
 
@@ -274,7 +274,7 @@ func TestGuestShape(t *testing.T) {
 	time.AfterFunc(100*time.Millisecond, cancel)
 	started := time.Now()
 	shape, _ := source.shape()
-	if err := agreeShape(ctx, a, shape); !errors.Is(err, vmm.ErrMigrationCancelled) || time.Since(started) > 5*time.Second {
+	if err := sayShape(ctx, a, switchover{Shape: &shape}); !errors.Is(err, vmm.ErrMigrationCancelled) || time.Since(started) > 5*time.Second {
 		t.Errorf("cancelled while the target is silent: %v after %v, want a prompt cancel", err, time.Since(started))
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	eventstypes "github.com/containerd/containerd/api/events"
@@ -28,11 +29,13 @@ import (
 
 // container is a containerd task: its bundle, rootfs, init and execs.
 type container struct {
-	id      string
-	bundle  string
-	spec    *specs.Spec
-	rootfs  string // host directory shared into the guest
-	mounted bool   // rootfs is a mount this shim made (unmounted on delete)
+	id     string
+	bundle string
+	spec   *specs.Spec
+	rootfs string // host directory shared into the guest
+	// mounted: the pod mounted the rootfs (pod.Rootfs.Mount), unmounted on delete; a
+	// migration's target mounts it later than its create
+	mounted *atomic.Bool
 	init    *process
 
 	mu          sync.Mutex
@@ -215,10 +218,24 @@ func (s *service) create(ctx context.Context, id, bundle string, rootfsMounts []
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
 	}
-	mounted := root.Mount != nil // by the pod, once it creates the container
-	if mounted {
-		undo.Add("unmount rootfs", func() error { return unmountRootfs(ctx, root.Dir) })
+	// by the pod, once it creates the container: a mount it never made (a root.path the
+	// user mounted) is not the shim's to unmount
+	mounted := new(atomic.Bool)
+	if mount := root.Mount; mount != nil {
+		root.Mount = func() error {
+			if err := mount(); err != nil {
+				return err
+			}
+			mounted.Store(true)
+			return nil
+		}
 	}
+	undo.Add("unmount rootfs", func() error {
+		if !mounted.Load() {
+			return nil
+		}
+		return unmountRootfs(ctx, root.Dir)
+	})
 	hio, err := openIO(ctx, id, s.namespace, paths)
 	if err != nil {
 		return nil, fmt.Errorf("container %s: %w", id, err)
@@ -423,7 +440,7 @@ func (s *service) remove(ctx context.Context, c *container, execID string) (*pro
 			// containerd must see that before TaskDelete, never after.
 			p.awaitExited(ctx, createdExitWait)
 		}
-		if c.mounted {
+		if c.mounted.Load() {
 			if err := unmountRootfs(ctx, c.rootfs); err != nil {
 				return nil, fmt.Errorf("container %s: %w", c.id, err)
 			}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -108,7 +109,7 @@ func newFixture(t *testing.T, fp *fakePod, id string) fixture {
 	t.Cleanup(sd.Shutdown)
 	rec := &recorder{}
 	s := &service{ctx: ctx, namespace: "test", events: newEventQueue(ctx, rec, sd), shutdown: sd, pod: fp, containers: map[string]*container{}}
-	c := &container{id: id, execs: map[string]*process{}}
+	c := &container{id: id, mounted: new(atomic.Bool), execs: map[string]*process{}}
 	c.init = newProcess(id, "", stdioPaths{})
 	c.init.io, c.init.rt, c.init.pid = &hostIO{}, fp.init, fp.init.Pid()
 	s.containers[id] = c
