@@ -1073,8 +1073,15 @@ func streamPair() (qemuEnd *os.File, shimEnd *net.UnixConn, err error) {
 	return qemuEnd, conn.(*net.UnixConn), nil
 }
 
+// maxSwitchover bounds a switchover message, its newline included.
+const maxSwitchover = 64 << 10
+
 func writeSwitchover(conn net.Conn, m switchover) error {
 	b, _ := json.Marshal(m)
+	if len(b) >= maxSwitchover {
+		// the peer would read a cut line: say what is too big instead
+		return fmt.Errorf("a switchover message of %d bytes, more than the %d one carries (a pod of very many containers or mounts)", len(b), maxSwitchover-1)
+	}
 	_ = conn.SetWriteDeadline(time.Now().Add(switchoverWait))
 	_, err := conn.Write(append(b, '\n'))
 	return err
@@ -1085,7 +1092,7 @@ func writeSwitchover(conn net.Conn, m switchover) error {
 func readSwitchover(conn net.Conn, wait time.Duration) (switchover, error) {
 	_ = conn.SetReadDeadline(time.Now().Add(wait))
 	defer conn.SetReadDeadline(time.Time{})
-	line, err := bufio.NewReaderSize(io.LimitReader(conn, 64<<10), 64<<10).ReadBytes('\n')
+	line, err := bufio.NewReaderSize(io.LimitReader(conn, maxSwitchover), maxSwitchover).ReadBytes('\n')
 	if err != nil {
 		return switchover{}, err
 	}

@@ -158,6 +158,11 @@ func TestSwitchoverMessages(t *testing.T) {
 	if _, err := readSwitchover(b, 5*time.Second); err == nil || !strings.Contains(err.Error(), `unknown field "gpus"`) {
 		t.Errorf("an unknown field: %v", err)
 	}
+	// a message too big for the reader is refused by its writer, saying so
+	huge := &podShape{Containers: []shapedContainer{{Shares: make([]string, maxSwitchover/2)}}}
+	if err := writeSwitchover(a, switchover{Pod: huge}); err == nil || !strings.Contains(err.Error(), "more than the") {
+		t.Errorf("a message too big: %v", err)
+	}
 }
 
 func TestGuestMAC(t *testing.T) {
