@@ -23,7 +23,8 @@
 # (hack/controller-images.sh) and pushed to the cluster's registry.
 # Nodes 1 to VMPOD_CLUSTER_VMPOD_NODES carry vmpod.dev/runtime=true (runtimeclass.yaml
 # selects it): two, so VMs migrate between nodes. The others run runc pods only, so
-# scheduling by RuntimeClass is tested.
+# scheduling by RuntimeClass is tested. With VMPOD_QEMU_NEXT (hack/qemu-next.sh) the
+# nodes have a second vmpod handler on that QEMU, and RuntimeClass vmpod-next selects it.
 # Storage: local-path (node-local, the default class), local-block (loop devices on node 1)
 # and vmpod-shared: local-path's shared-filesystem mode over a directory every node sees
 # (the nodes share the host's filesystem), ReadWriteMany, standing in for NFS: the shared
@@ -70,7 +71,7 @@ node_testbed() {
     VMPOD_RUN="$(node_run "$i")" VMPOD_REGISTRY="$CL_REGISTRY" VMPOD_REGISTRY_EXTERNAL=1 \
     VMPOD_SUBNET="10.244.$i.0/24" VMPOD_BRIDGE=cni0 VMPOD_CNI_NETWORK="vmpod-n$i" \
     VMPOD_POD_ROUTES="$routes" VMPOD_CONFIG="$(node_root "$i")/etc/vmpod/config.toml" \
-    VMPOD_CONTAINERD_IMPORT="$(node_root "$i")/etc/containerd/conf.d/vmpod.toml" \
+    VMPOD_CONTAINERD_IMPORT="$(node_root "$i")/etc/containerd/conf.d/*.toml" \
     VMPOD_TESTBED_LOGS_OUT="$VMPOD_OUT/cluster-logs/node-$i" \
     "$VMPOD_ROOT/hack/containerd.sh" "$2"
 }
@@ -382,6 +383,28 @@ conntrack: { maxPerCore: 0 }
 EOF
 }
 
+# node_qemu_next I: a second vmpod handler on node I, "vmpod-next", when VMPOD_QEMU_NEXT
+# names hack/qemu-next.sh's QEMU and virtiofsd, which migrate virtio-fs: container pods
+# move only there (docs/design/212), and the VM pods' tests stay on the host's QEMU. The
+# node's config and drop-in as install-node.sh wrote them, pointed at that QEMU; the
+# RuntimeClass vmpod-next selects it.
+node_qemu_next() {
+  local root
+  root=$(node_root "$1")
+  rm -f "$root/etc/vmpod/config-next.toml" "$root/etc/containerd/conf.d/vmpod-next.toml"
+  [ -n "${VMPOD_QEMU_NEXT:-}" ] || return 0
+  [ -x "$VMPOD_QEMU_NEXT/bin/qemu-system-x86_64" ] || die "VMPOD_QEMU_NEXT=$VMPOD_QEMU_NEXT: no bin/qemu-system-x86_64 there (hack/qemu-next.sh)"
+  sed -e "s|^\[hypervisor\]$|[hypervisor]\nqemu = \"$VMPOD_QEMU_NEXT/bin/qemu-system-x86_64\"\nvirtiofsd = \"$VMPOD_QEMU_NEXT/bin/virtiofsd\"|" \
+    "$root/etc/vmpod/config.toml" > "$root/etc/vmpod/config-next.toml"
+  sed -e 's|containerd\.runtimes\.vmpod\([].]\)|containerd.runtimes.vmpod-next\1|' \
+    -e 's|/etc/vmpod/config\.toml"|/etc/vmpod/config-next.toml"|' \
+    "$root/etc/containerd/conf.d/vmpod.toml" > "$root/etc/containerd/conf.d/vmpod-next.toml"
+  grep -q '^qemu = ' "$root/etc/vmpod/config-next.toml" &&
+    grep -q 'runtimes.vmpod-next]' "$root/etc/containerd/conf.d/vmpod-next.toml" &&
+    grep -q 'config-next.toml"' "$root/etc/containerd/conf.d/vmpod-next.toml" ||
+    die "node $1: could not derive the vmpod-next handler from $root/etc"
+}
+
 node_up() {
   local i=$1 run name
   run=$(node_run "$i")
@@ -392,6 +415,7 @@ node_up() {
   "$VMPOD_ROOT/runtimeclass/install-node.sh" --root "$(node_root "$i")" --state-dir "$run/vm" \
     --shim "$VMPOD_OUT/bin/containerd-shim-vmpod-v2" \
     --kernel "$VMPOD_OUT/guest/vmlinux" --initrd "$VMPOD_OUT/guest/initrd.img" >/dev/null
+  node_qemu_next "$i"
   step "node $name: containerd" node_testbed "$i" start
   tb_daemon "kubelet-$i" "$TB_LOGS/kubelet-$i.log" nsenter --net="/run/netns/$(node_netns "$i")" \
     "$KUBE_BIN/kubelet" --config "$run/kubelet.yaml" --kubeconfig "$CL_PKI/kubelet-$i.kubeconfig" \
@@ -439,6 +463,10 @@ cmd_start() {
       --kernel "$VMPOD_OUT/guest/vmlinux" --initrd "$VMPOD_OUT/guest/initrd.img" --node "$(node_name "$i")" >/dev/null
   done
   kubectl apply -f "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" >/dev/null
+  if [ -n "${VMPOD_QEMU_NEXT:-}" ]; then # node_qemu_next's handler
+    sed -e 's/^  name: vmpod$/  name: vmpod-next/' -e 's/^handler: vmpod$/handler: vmpod-next/' \
+      "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" | kubectl apply -f - >/dev/null
+  fi
   step "storage: local-path-provisioner, Block PVs on loop devices" storage_up
   step "vmpod-controller from config/default" deploy_controller
   STARTING=0

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -193,6 +194,51 @@ func TestRuntimeClassScheduling(t *testing.T) {
 	if p.Spec.NodeName != "" {
 		t.Errorf("pod bound to %s", p.Spec.NodeName)
 	}
+}
+
+// TestRuntimeClassVmpodNext: with hack/qemu-next.sh's QEMU the nodes have a second vmpod
+// handler on it (hack/cluster.sh), which RuntimeClass vmpod-next selects: a container pod
+// of that class runs in a VM of that QEMU, which can migrate virtio-fs (what moving a
+// container pod needs, docs/design/212), while the other classes' pods keep the host's.
+func TestRuntimeClassVmpodNext(t *testing.T) {
+	c := testenv.RequireCluster(t)
+	qemu, _ := testenv.QEMUNext(t)
+	ns := c.Namespace(t)
+	ctx := testenv.Context(t, 3*time.Minute)
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "next"},
+		Spec: corev1.PodSpec{
+			RuntimeClassName: ptr.To("vmpod-next"),
+			Containers:       []corev1.Container{{Name: "c", Image: busybox, Command: []string{"sleep", "3600"}}},
+		},
+	}
+	if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create pod: %v", err)
+	}
+	before := runningBinary(qemu)
+	c.WaitPod(t, ns, "next", 3*time.Minute, "running", func(p *corev1.Pod) bool { return p.Status.Phase == corev1.PodRunning })
+	if out := c.Kubectl(t, "-n", ns, "exec", "next", "--", "uname", "-r"); !strings.HasSuffix(strings.TrimSpace(out), "-vmpod") {
+		t.Errorf("the pod's kernel: %q, want the vmpod guest's", out)
+	}
+	// no other test's pod runs on that QEMU: a process of it is this pod's VM
+	if n := runningBinary(qemu); n == 0 {
+		t.Errorf("no process of %s runs (%d before the pod started): the pod's VM is not on it", qemu, before)
+	}
+}
+
+// runningBinary counts the processes whose executable is path (a link: where it leads).
+func runningBinary(path string) int {
+	if real, err := filepath.EvalSymlinks(path); err == nil {
+		path = real
+	}
+	n := 0
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if exe, err := os.Readlink("/proc/" + e.Name() + "/exe"); err == nil && exe == path {
+			n++
+		}
+	}
+	return n
 }
 
 // TestRuntimeClassOverheadCharged: the scheduler adds the RuntimeClass overhead to a pod's
