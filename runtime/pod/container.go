@@ -690,8 +690,14 @@ func (p *containerPod) reportEnd(ctx context.Context) {
 		}
 	}
 	log.G(ctx).Errorf("the VM ended: %s", why)
-	for _, path := range logs {
-		if err := writeTerminationMessage(path, why); err != nil {
+	writeTerminationMessages(ctx, logs, why)
+}
+
+// writeTerminationMessages writes msg to each of the termination logs at paths that the
+// container did not write itself (writeTerminationMessage).
+func writeTerminationMessages(ctx context.Context, paths []string, msg string) {
+	for _, path := range paths {
+		if err := writeTerminationMessage(path, msg); err != nil {
 			log.G(ctx).WithError(err).Warn("termination message")
 		}
 	}

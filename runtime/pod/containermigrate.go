@@ -938,11 +938,7 @@ func (p *containerPod) failTarget(ctx context.Context, why error) {
 		}
 	}
 	p.mu.Unlock()
-	for _, path := range logs {
-		if err := writeTerminationMessage(path, reason); err != nil {
-			log.G(ctx).WithError(err).Warn("termination message")
-		}
-	}
+	writeTerminationMessages(ctx, logs, reason)
 	for _, w := range waiting {
 		w.resolve(nil, runtime.Exit{Status: 1, ExitedAt: time.Now(), Reason: reason})
 	}
@@ -1005,20 +1001,9 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 		close(flight.done)
 	}()
 	lg := log.G(ctx)
-	lines := newProgressLines(out)
-	defer func() {
-		if !lines.Close(outcomeWait) {
-			lg.Warnf("migration: the client did not read the outcome within %v", outcomeWait)
-		}
-	}()
-	report := func(pr vmspec.MigrationProgress) {
-		b, _ := json.Marshal(pr)
-		lines.Put(append(b, '\n'))
-	}
-	fail := func(err error) error {
-		report(vmspec.MigrationProgress{Status: string(qmp.MigrationFailed), Error: err.Error()})
-		return fmt.Errorf("%s: %w", cmd, err)
-	}
+	rep := newMigrationReport(lg, out)
+	defer rep.close()
+	report, fail := rep.progress, rep.fail
 
 	dialCtx, cancelDial := context.WithTimeout(ctx, migrationDialWait)
 	defer cancelDial()
@@ -1092,16 +1077,7 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 		return fail(err)
 	}
 	defer shimEnd.Close()
-	sent := make(chan error, 1)
-	go func() {
-		_, err := io.Copy(stream, shimEnd)
-		if err != nil {
-			_ = shimEnd.Close()
-		} else if cw, ok := stream.(interface{ CloseWrite() error }); ok {
-			err = cw.CloseWrite()
-		}
-		sent <- err
-	}()
+	sent := sendStream(stream, shimEnd)
 	o := req.Options
 	gib := (p.Size().MemoryMiB + 1023) / 1024
 	opts := vmm.MigrationOptions{
@@ -1215,11 +1191,7 @@ func (p *containerPod) lostAfterMove(ctx context.Context, why error) {
 		}
 	}
 	p.mu.Unlock()
-	for _, path := range logs {
-		if err := writeTerminationMessage(path, reason); err != nil {
-			log.G(ctx).WithError(err).Warn("termination message")
-		}
-	}
+	writeTerminationMessages(ctx, logs, reason)
 	for _, s := range left {
 		s.end(1)
 	}

@@ -1,9 +1,16 @@
 package pod
 
 import (
+	"encoding/json"
+	"fmt"
 	"io"
 	"sync"
 	"time"
+
+	"github.com/containerd/log"
+
+	"github.com/vmpod/vmpod/api/vmspec"
+	"github.com/vmpod/vmpod/qmp"
 )
 
 // progressLines writes a migration's report lines to an exec's output from a goroutine of
@@ -70,5 +77,35 @@ func (l *progressLines) Close(wait time.Duration) bool {
 		return true
 	case <-time.After(wait):
 		return false
+	}
+}
+
+// migrationReport is what a migrate exec prints: a progress line a while (the newest
+// replacing one not written yet), then the outcome; closing it waits a while for the
+// client to read that.
+type migrationReport struct {
+	lines *progressLines
+	lg    *log.Entry
+}
+
+func newMigrationReport(lg *log.Entry, out io.Writer) *migrationReport {
+	return &migrationReport{lines: newProgressLines(out), lg: lg}
+}
+
+// progress puts a line of QEMU's account.
+func (r *migrationReport) progress(p vmspec.MigrationProgress) {
+	b, _ := json.Marshal(p)
+	r.lines.Put(append(b, '\n'))
+}
+
+// fail reports err as the migration's end and returns it as vmspec.MigrateCommand's.
+func (r *migrationReport) fail(err error) error {
+	r.progress(vmspec.MigrationProgress{Status: string(qmp.MigrationFailed), Error: err.Error()})
+	return fmt.Errorf("%s: %w", vmspec.MigrateCommand, err)
+}
+
+func (r *migrationReport) close() {
+	if !r.lines.Close(outcomeWait) {
+		r.lg.Warnf("migration: the client did not read the outcome within %v", outcomeWait)
 	}
 }

@@ -683,20 +683,9 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		close(flight.done)
 	}()
 	lg := log.G(ctx).WithField("pod", c.pod.id)
-	lines := newProgressLines(out)
-	defer func() {
-		if !lines.Close(outcomeWait) {
-			lg.Warnf("migration: the client did not read the outcome within %v", outcomeWait)
-		}
-	}()
-	report := func(p vmspec.MigrationProgress) {
-		b, _ := json.Marshal(p)
-		lines.Put(append(b, '\n'))
-	}
-	fail := func(err error) error {
-		report(vmspec.MigrationProgress{Status: string(qmp.MigrationFailed), Error: err.Error()})
-		return fmt.Errorf("%s: %w", cmd, err)
-	}
+	rep := newMigrationReport(lg, out)
+	defer rep.close()
+	report, fail := rep.progress, rep.fail
 
 	dialCtx, cancelDial := context.WithTimeout(ctx, migrationDialWait)
 	control, err := dialTarget(dialCtx, c.pod.netns, req.Target, cfg, roleControl)
@@ -723,18 +712,7 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 		return fail(err)
 	}
 	defer shimEnd.Close()
-	sent := make(chan error, 1)
-	go func() {
-		_, err := io.Copy(stream, shimEnd) // ends when QEMU closes its end, after the last byte
-		if err != nil {
-			// the target went away: QEMU must hear of it (a full socket pair would hold it
-			// until the progress timeout)
-			_ = shimEnd.Close()
-		} else if cw, ok := stream.(interface{ CloseWrite() error }); ok {
-			err = cw.CloseWrite()
-		}
-		sent <- err
-	}()
+	sent := sendStream(stream, shimEnd)
 
 	o := req.Options
 	gib := (c.pod.vm.MemoryMiB + 1023) / 1024
@@ -824,6 +802,24 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	report(progressOf(info))
 	lg.Infof("migrated to %s in %v (downtime %v, %d MiB sent)", req.Target, info.TotalTime, info.Downtime, info.Transferred()>>20)
 	return nil
+}
+
+// sendStream copies QEMU's migration stream from shimEnd to the target's stream
+// connection; the channel gets the copy's end (nil: the stream's last byte left).
+func sendStream(stream net.Conn, shimEnd *net.UnixConn) <-chan error {
+	sent := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(stream, shimEnd) // ends when QEMU closes its end, after the last byte
+		if err != nil {
+			// the target went away: QEMU must hear of it (a full socket pair would hold it
+			// until the progress timeout)
+			_ = shimEnd.Close()
+		} else if cw, ok := stream.(interface{ CloseWrite() error }); ok {
+			err = cw.CloseWrite()
+		}
+		sent <- err
+	}()
+	return sent
 }
 
 // migrated is what Migrate returned.
