@@ -1325,21 +1325,9 @@ func (p *containerPod) cancelMigration(ctx context.Context) (string, error) {
 	p.mu.Lock()
 	flight := p.migrating
 	p.mu.Unlock()
-	answer := vmspec.MigrationCancelled{}
-	if flight != nil {
-		answer.WasInFlight = true
-		flight.cancel()
-		select {
-		case <-flight.done:
-		case <-time.After(cancelWait):
-			return "", fmt.Errorf("%s: the migration did not end within %v of its cancel: %w", vmspec.MigrateCancelCommand, cancelWait, errdefs.ErrUnavailable)
-		}
-	}
-	p.mu.Lock()
-	answer.MovedTo = p.movedTo
-	p.mu.Unlock()
-	answer.GuestMoved = answer.MovedTo != ""
-	log.G(ctx).Infof("migration cancel: %+v", answer)
-	out, err := json.Marshal(answer)
-	return string(out), err
+	return cancelFlight(ctx, flight, func() string {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.movedTo
+	})
 }

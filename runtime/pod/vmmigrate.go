@@ -953,6 +953,16 @@ func (c *computeVM) cancelMigration(ctx context.Context) (string, error) {
 	c.mu.Lock()
 	flight := c.migrating
 	c.mu.Unlock()
+	return cancelFlight(log.WithLogger(ctx, log.G(ctx).WithField("pod", c.pod.id)), flight, func() string {
+		c.pod.mu.Lock()
+		defer c.pod.mu.Unlock()
+		return c.pod.migratedTo
+	})
+}
+
+// cancelFlight cancels the migration in flight (nil: none), waits for it to end, and
+// answers where the guest is then (movedTo: "" while it is here).
+func cancelFlight(ctx context.Context, flight *outgoing, movedTo func() string) (string, error) {
 	answer := vmspec.MigrationCancelled{}
 	if flight != nil {
 		answer.WasInFlight = true
@@ -963,11 +973,9 @@ func (c *computeVM) cancelMigration(ctx context.Context) (string, error) {
 			return "", fmt.Errorf("%s: the migration did not end within %v of its cancel: %w", vmspec.MigrateCancelCommand, cancelWait, errdefs.ErrUnavailable)
 		}
 	}
-	c.pod.mu.Lock()
-	answer.MovedTo = c.pod.migratedTo
-	c.pod.mu.Unlock()
+	answer.MovedTo = movedTo()
 	answer.GuestMoved = answer.MovedTo != ""
-	log.G(ctx).WithField("pod", c.pod.id).Infof("migration cancel: %+v", answer)
+	log.G(ctx).Infof("migration cancel: %+v", answer)
 	out, err := json.Marshal(answer)
 	return string(out), err
 }
