@@ -82,7 +82,9 @@ type MigrationAccept struct {
 
 // MigrationListening is MigrateAcceptCommand's output: where the source is to connect.
 type MigrationListening struct {
-	Address string `json:"address"` // host:port, the target pod's IP and MigrationPort
+	// Address is host:port: a VM pod's IP and MigrationPort; for a container pod, whose IP
+	// is its guest's, its node's address and a port of its own (docs/design/212)
+	Address string `json:"address"`
 }
 
 // MigrationRequest is MigrateCommand's stdin.

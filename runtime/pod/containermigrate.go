@@ -26,6 +26,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	agentv1 "github.com/vmpod/vmpod/agent/api/v1"
+	"github.com/vmpod/vmpod/api/annotations"
 	"github.com/vmpod/vmpod/api/machine"
 	"github.com/vmpod/vmpod/api/vmspec"
 	"github.com/vmpod/vmpod/qmp"
@@ -372,8 +373,8 @@ func (m *placeholder) Remove(ctx context.Context) error {
 	return nil
 }
 
-// stillWaiting says why the pod cannot take part in a migration now, as target (its guest
-// has not arrived) or source (it is migrating, or gone).
+// guestHere says why op cannot act on the pod's guest now: it has not arrived from a
+// migration's source, or it moved away; nil when it is here.
 func (p *containerPod) guestHere(op string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -387,8 +388,9 @@ func (p *containerPod) guestHere(op string) error {
 }
 
 // acceptMigration answers vmspec.MigrateAcceptCommand on a migration target: it listens
-// on the pod's migration port and returns where; the guest arrives in the background
-// (receive), and the placeholders fail if none does within the request's timeout.
+// on its node's address, on a port of its own, and returns where; the guest arrives in the
+// background (receive), and the placeholders fail if none does within the request's
+// timeout.
 func (p *containerPod) acceptMigration(ctx context.Context, input []byte) (string, error) {
 	const cmd = vmspec.MigrateAcceptCommand
 	req, err := vmspec.ParseMigrationAccept(input)
@@ -424,7 +426,7 @@ func (p *containerPod) acceptMigration(ctx context.Context, input []byte) (strin
 	switch {
 	case !p.awaiting:
 		p.mu.Unlock()
-		return "", fmt.Errorf("%s: this pod is no migration target waiting for its guest (annotation %s): %w", cmd, "vmpod.dev/migration-target", errdefs.ErrFailedPrecondition)
+		return "", fmt.Errorf("%s: this pod is no migration target waiting for its guest (annotation %s): %w", cmd, annotations.MigrationTarget, errdefs.ErrFailedPrecondition)
 	case p.accepting:
 		p.mu.Unlock()
 		return "", fmt.Errorf("%s: already listening for the source: %w", cmd, errdefs.ErrAlreadyExists)
