@@ -1109,16 +1109,7 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 		if err := writeSwitchover(control, switchover{Final: true}); err != nil {
 			return fmt.Errorf("tell the target the writes are in: %w", err)
 		}
-		msg, err := readSwitchover(control, switchoverWait)
-		switch {
-		case err != nil:
-			return fmt.Errorf("the target's word on its shares: %w", err)
-		case msg.Error != "":
-			return fmt.Errorf("the target: %s", msg.Error)
-		case !msg.Shared:
-			return errors.New("the target did not say it shares the containers' files")
-		}
-		return nil
+		return readWord(control, "it shares the containers' files", func(m switchover) bool { return m.Shared })
 	}
 	lg.Infof("migrating to %s (%d MiB/s, auto-converge %v, %d writes' streams)", req.Target, o.BandwidthMiB, o.AutoConverge, len(mirrors))
 	info, err := m.Migrate(ctx, qemuEnd, opts)
@@ -1155,16 +1146,7 @@ func (p *containerPod) migrate(ctx context.Context, input []byte, out io.Writer)
 	} else {
 		// the target runs the guest once it has taken it over: its agent, the processes,
 		// the addresses; a failure there loses the guest
-		var msg switchover
-		msg, err = readSwitchover(control, switchoverWait)
-		switch {
-		case err != nil:
-			err = fmt.Errorf("the target's word on taking the guest over: %w", err)
-		case msg.Error != "":
-			err = fmt.Errorf("the target: %s", msg.Error)
-		case !msg.Taken:
-			err = errors.New("the target did not say it took the guest over")
-		}
+		err = readWord(control, "it took the guest over", func(m switchover) bool { return m.Taken })
 	}
 	if err != nil {
 		p.lostAfterMove(ctx, err)
@@ -1204,18 +1186,7 @@ func (p *containerPod) lostAfterMove(ctx context.Context, why error) {
 // guest, stopped here by QEMU at the migration's end, resumes here, but under TCG, where
 // a resumed virtio-fs guest runs stale translations (docs/design/211): that one is ended.
 func (p *containerPod) awaitLoadedOrLose(ctx context.Context, control net.Conn, sent <-chan error) error {
-	var err error
-	select {
-	case err = <-sent:
-		if err != nil {
-			err = fmt.Errorf("send the stream's end: %w", err)
-		}
-	case <-time.After(switchoverWait):
-		err = fmt.Errorf("the stream's end did not leave within %v", switchoverWait)
-	}
-	if err == nil {
-		err = readLoaded(control)
-	}
+	err := awaitLoaded(control, sent)
 	if err == nil {
 		return nil
 	}

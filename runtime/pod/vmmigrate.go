@@ -771,7 +771,7 @@ func (c *computeVM) migrate(ctx context.Context, input []byte, out io.Writer) er
 	}
 	// QEMU stopped the guest here for good unless told to resume it (postmigrate): wait for
 	// the target's word before either side runs it
-	if err := c.awaitLoaded(control, sent); err == nil && ctx.Err() != nil {
+	if err := awaitLoaded(control, sent); err == nil && ctx.Err() != nil {
 		// cancelled at the last moment: the target has the guest but no commit, so it
 		// keeps it paused; the guest goes on here
 		lg.Warn("migration: cancelled after the target loaded the guest; resuming it here")
@@ -911,7 +911,7 @@ func (c *computeVM) lostInPostCopy(ctx context.Context, why error, fail func(err
 
 // awaitLoaded waits for the stream's last byte to leave and the target's word that it has
 // the guest.
-func (c *computeVM) awaitLoaded(control net.Conn, sent <-chan error) error {
+func awaitLoaded(control net.Conn, sent <-chan error) error {
 	select {
 	case err := <-sent:
 		if err != nil {
@@ -925,14 +925,20 @@ func (c *computeVM) awaitLoaded(control net.Conn, sent <-chan error) error {
 
 // readLoaded reads the target's word at the switchover: nil if it has the guest.
 func readLoaded(control net.Conn) error {
+	return readWord(control, "it has the guest", func(m switchover) bool { return m.Loaded })
+}
+
+// readWord reads the target's next message: nil if said holds for it; its error, or a
+// silence on what (the word expected), otherwise.
+func readWord(control net.Conn, what string, said func(switchover) bool) error {
 	msg, err := readSwitchover(control, switchoverWait)
 	switch {
 	case err != nil:
-		return fmt.Errorf("the target's word: %w", err)
+		return fmt.Errorf("the target's word (%s): %w", what, err)
 	case msg.Error != "":
 		return fmt.Errorf("the target: %s", msg.Error)
-	case !msg.Loaded:
-		return errors.New("the target did not say it has the guest")
+	case !said(msg):
+		return fmt.Errorf("the target did not say %s", what)
 	}
 	return nil
 }
