@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/spf13/pflag"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -32,17 +33,49 @@ func Migrate(ctx context.Context, c client.Client, vm types.NamespacedName, knob
 	return fmt.Sprintf("VM %s: migration %s created (kubectl get vmim %s -w follows it)", vm.Name, m.Name, m.Name), nil
 }
 
-// MigrateCancel deletes the VM's unfinished migrations (virtctl migrate-cancel): the guest
-// runs on where it is.
-func MigrateCancel(ctx context.Context, c client.Client, vm types.NamespacedName) (string, error) {
+// MigratePod creates a VirtualMachineMigration of a container pod (kubectl vmpod migrate
+// --pod): the controller moves the pod's guest, its containers running, into a new pod on
+// another node, which takes the pod's place (docs/design/212).
+func MigratePod(ctx context.Context, c client.Client, pod types.NamespacedName, knobs vmpodv1.VirtualMachineMigrationSpec) (string, error) {
+	p := &corev1.Pod{}
+	if err := c.Get(ctx, pod, p); err != nil {
+		return "", fmt.Errorf("pod %s: %w", pod.Name, err)
+	}
+	knobs.PodName = pod.Name
+	m := &vmpodv1.VirtualMachineMigration{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: generateName(pod.Name + "-migration-"), Namespace: pod.Namespace},
+		Spec:       knobs,
+	}
+	if err := c.Create(ctx, m); err != nil {
+		return "", fmt.Errorf("create a migration of pod %s: %w", pod.Name, err)
+	}
+	return fmt.Sprintf("pod %s: migration %s created (kubectl get vmim %s -w follows it)", pod.Name, m.Name, m.Name), nil
+}
+
+// generateName keeps a GenerateName prefix within what the API server takes (it appends
+// five characters to at most 58).
+func generateName(prefix string) string {
+	if len(prefix) > 58 {
+		return prefix[:58]
+	}
+	return prefix
+}
+
+// MigrateCancel deletes the VM's unfinished migrations (virtctl migrate-cancel), or the
+// pod's when pod is set: the guest runs on where it is.
+func MigrateCancel(ctx context.Context, c client.Client, key types.NamespacedName, pod bool) (string, error) {
+	subject := "VM " + key.Name
+	if pod {
+		subject = "pod " + key.Name
+	}
 	list := &vmpodv1.VirtualMachineMigrationList{}
-	if err := c.List(ctx, list, client.InNamespace(vm.Namespace)); err != nil {
+	if err := c.List(ctx, list, client.InNamespace(key.Namespace)); err != nil {
 		return "", fmt.Errorf("list migrations: %w", err)
 	}
 	var cancelled []string
 	for i := range list.Items {
 		m := &list.Items[i]
-		if m.Spec.VMName != vm.Name || m.Finished() || m.DeletionTimestamp != nil {
+		if m.Subject() != subject || m.Finished() || m.DeletionTimestamp != nil {
 			continue
 		}
 		if err := c.Delete(ctx, m); client.IgnoreNotFound(err) != nil {
@@ -51,9 +84,9 @@ func MigrateCancel(ctx context.Context, c client.Client, vm types.NamespacedName
 		cancelled = append(cancelled, m.Name)
 	}
 	if len(cancelled) == 0 {
-		return fmt.Sprintf("VM %s: no migration in flight", vm.Name), nil
+		return fmt.Sprintf("%s: no migration in flight", subject), nil
 	}
-	return fmt.Sprintf("VM %s: cancelled migration %s", vm.Name, strings.Join(cancelled, ", ")), nil
+	return fmt.Sprintf("%s: cancelled migration %s", subject, strings.Join(cancelled, ", ")), nil
 }
 
 // migrationFlags are kubectl vmpod migrate's flags for a migration's policy knobs (the

@@ -60,6 +60,13 @@ Usage:
                                       stopping it (a VirtualMachineMigration; unset knobs
                                       take the cluster's policy)
   kubectl vmpod migrate-cancel VM     cancel the VM's migration; the guest runs on where it is
+  kubectl vmpod migrate --pod POD [knobs as above]
+                                      move a container pod of a vmpod RuntimeClass, its
+                                      containers running, into a new pod on another node
+                                      that takes its place (its labels and owners; a new
+                                      name and IP)
+  kubectl vmpod migrate-cancel --pod POD
+                                      cancel the pod's migration
   kubectl vmpod guestosinfo VM        print what the guest agent reports: OS, hostname,
                                       interfaces and addresses (JSON)
   kubectl vmpod convert -f FILE       convert KubeVirt VirtualMachine / CDI DataVolume
@@ -119,6 +126,7 @@ func run(ctx context.Context, args []string, stdio IO) error {
 	fs.Bool("persist", true, "addvolume: accepted for virtctl's sake; the VM's spec is always changed")
 	waitSecs := fs.Int("wait-secs", 300, "image-upload: how long to wait for the importer, and for the import")
 	knobs := addMigrationFlags(fs)
+	podMigration := fs.Bool("pod", false, "migrate, migrate-cancel: the name is a container pod's, not a VM's")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -177,10 +185,13 @@ func run(ctx context.Context, args []string, stdio IO) error {
 		return GuestOSInfo(ctx, rc, c, key, stdio)
 	case "migrate", "migrate-cancel":
 		var msg string
-		if cmd == "migrate" {
+		switch {
+		case cmd == "migrate-cancel":
+			msg, err = MigrateCancel(ctx, c, key, *podMigration)
+		case *podMigration:
+			msg, err = MigratePod(ctx, c, key, knobs.spec())
+		default:
 			msg, err = Migrate(ctx, c, key, knobs.spec())
-		} else {
-			msg, err = MigrateCancel(ctx, c, key)
 		}
 		if err != nil {
 			return err

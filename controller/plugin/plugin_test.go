@@ -401,4 +401,39 @@ func TestMigrateCommands(t *testing.T) {
 	if _, stderr, err := f.run(nil, "vmpod", "migrate", "nosuchvm"); err == nil || !strings.Contains(stderr, "not found") {
 		t.Errorf("migrate of a missing VM: %v %s", err, stderr)
 	}
+
+	// --pod: a container pod's migration (here refused: the pod is not running), the knobs
+	// as for a VM's, post-copy refused by the API server
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: f.ns},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "busybox"}}}}
+	if err := f.env.Client.Create(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	out = f.mustRun(nil, "vmpod", "migrate", "--pod", "web", "--bandwidth-mib=8")
+	if !strings.Contains(out, "pod web: migration web-migration-") {
+		t.Fatalf("migrate --pod: %s", out)
+	}
+	m = &vmpodv1.VirtualMachineMigration{}
+	if err := f.env.Client.Get(ctx, types.NamespacedName{Namespace: f.ns, Name: strings.Fields(strings.TrimPrefix(out, "pod web: migration "))[0]}, m); err != nil {
+		t.Fatal(err)
+	}
+	if want := (vmpodv1.VirtualMachineMigrationSpec{PodName: "web", BandwidthMiB: 8}); !equality.Semantic.DeepEqual(m.Spec, want) {
+		t.Errorf("migrate --pod: spec %+v, want %+v", m.Spec, want)
+	}
+	testenv.Eventually(t, timeout, "the controller to refuse the pod's migration", func() (bool, string) {
+		got := &vmpodv1.VirtualMachineMigration{}
+		if err := f.env.Client.Get(ctx, client.ObjectKeyFromObject(m), got); err != nil {
+			return false, err.Error()
+		}
+		return got.Status.Phase == vmpodv1.MigrationFailed && strings.Contains(got.Status.FailureReason, "no runtimeClassName"), fmt.Sprintf("%+v", got.Status)
+	})
+	if out := f.mustRun(nil, "vmpod", "migrate-cancel", "--pod", "web"); !strings.Contains(out, "pod web: no migration in flight") {
+		t.Errorf("migrate-cancel --pod with none in flight: %s", out)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "migrate", "--pod", "web", "--allow-post-copy"); err == nil || !strings.Contains(stderr, "spec.allowPostCopy") {
+		t.Errorf("migrate --pod --allow-post-copy: %v %s; want the refusal naming spec.allowPostCopy", err, stderr)
+	}
+	if _, stderr, err := f.run(nil, "vmpod", "migrate", "--pod", "nosuchpod"); err == nil || !strings.Contains(stderr, "not found") {
+		t.Errorf("migrate --pod of a missing pod: %v %s", err, stderr)
+	}
 }

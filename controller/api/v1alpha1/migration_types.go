@@ -4,15 +4,26 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// VirtualMachineMigrationSpec names the VM to move and how (KubeVirt's MigrationPolicy
-// knobs, per migration; unset takes the cluster's policy, the controller's --migration-*
-// flags, whose defaults are KubeVirt's).
+// VirtualMachineMigrationSpec names what to move, a VM or a container pod, and how
+// (KubeVirt's MigrationPolicy knobs, per migration; unset takes the cluster's policy, the
+// controller's --migration-* flags, whose defaults are KubeVirt's).
 // +kubebuilder:validation:XValidation:rule="self == oldSelf",message="a migration's spec cannot change: delete it (cancel) and create another"
+// +kubebuilder:validation:XValidation:rule="has(self.vmName) != has(self.podName)",message="name exactly one of spec.vmName and spec.podName"
+// +kubebuilder:validation:XValidation:rule="!has(self.podName) || !has(self.allowPostCopy) || !self.allowPostCopy",message="spec.allowPostCopy: a container pod does not move by post-copy (its containers' files must be at the target before its guest runs there)"
 type VirtualMachineMigrationSpec struct {
 	// VMName is a VirtualMachine in the migration's namespace.
 	// +kubebuilder:validation:MinLength=1
 	// +kubebuilder:validation:MaxLength=253
-	VMName string `json:"vmName"`
+	// +optional
+	VMName string `json:"vmName,omitempty"`
+	// PodName is a container pod of a vmpod RuntimeClass in the migration's namespace: its
+	// guest, with its containers running, moves into a new pod on another node, which
+	// takes over the pod's labels and owners; the pod then goes (docs/design/212). The
+	// new pod has its own name and IP.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	// +optional
+	PodName string `json:"podName,omitempty"`
 	// BandwidthMiB caps the stream in MiB/s (default: the controller's
 	// --migration-bandwidth-mib, 64).
 	// +kubebuilder:validation:Minimum=0
@@ -108,13 +119,15 @@ type VirtualMachineMigrationStatus struct {
 	FailureReason string `json:"failureReason,omitempty"`
 }
 
-// VirtualMachineMigration moves a running VirtualMachine's guest into a new pod on another
-// node without stopping it (KubeVirt's VirtualMachineInstanceMigration). Deleting it while
-// it runs cancels it; the guest runs on in its pod.
+// VirtualMachineMigration moves a running VirtualMachine's guest, or a container pod's
+// with its containers, into a new pod on another node without stopping it (KubeVirt's
+// VirtualMachineInstanceMigration). Deleting it while it runs cancels it; the guest runs
+// on in its pod.
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status
 // +kubebuilder:resource:shortName=vmim,categories=vmpod
 // +kubebuilder:printcolumn:name="VM",type=string,JSONPath=`.spec.vmName`
+// +kubebuilder:printcolumn:name="Pod",type=string,JSONPath=`.spec.podName`
 // +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
 // +kubebuilder:printcolumn:name="Source",type=string,JSONPath=`.status.sourceNode`
 // +kubebuilder:printcolumn:name="Target",type=string,JSONPath=`.status.targetNode`
@@ -134,6 +147,14 @@ type VirtualMachineMigrationList struct {
 	metav1.TypeMeta `json:",inline"`
 	metav1.ListMeta `json:"metadata,omitempty"`
 	Items           []VirtualMachineMigration `json:"items"`
+}
+
+// Subject names what the migration moves: "VM <name>" or "pod <name>".
+func (m *VirtualMachineMigration) Subject() string {
+	if m.Spec.PodName != "" {
+		return "pod " + m.Spec.PodName
+	}
+	return "VM " + m.Spec.VMName
 }
 
 // Finished says whether the migration has ended, one way or the other.

@@ -258,6 +258,33 @@ func TestDataVolumeValidation(t *testing.T) {
 	})
 }
 
+// A migration names a VM or a pod, never both or neither; a pod's does not allow post-copy.
+func TestMigrationValidation(t *testing.T) {
+	env := testenv.Get(t)
+	ns := env.Namespace(t)
+	ctx := context.Background()
+	meta := metav1.ObjectMeta{Name: "m", Namespace: ns}
+	for _, tc := range []struct {
+		name string
+		spec vmpodv1.VirtualMachineMigrationSpec
+		want []string
+	}{
+		{"neither", vmpodv1.VirtualMachineMigrationSpec{}, []string{"name exactly one of spec.vmName and spec.podName"}},
+		{"both", vmpodv1.VirtualMachineMigrationSpec{VMName: "vm", PodName: "pod"}, []string{"name exactly one of spec.vmName and spec.podName"}},
+		{"a pod by post-copy", vmpodv1.VirtualMachineMigrationSpec{PodName: "pod", AllowPostCopy: ptr.To(true)}, []string{"spec.allowPostCopy: a container pod does not move by post-copy"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := &vmpodv1.VirtualMachineMigration{ObjectMeta: meta, Spec: tc.spec}
+			expectRejected(t, env.Client.Create(ctx, m, &clientDryRun), tc.want)
+		})
+	}
+	for _, spec := range []vmpodv1.VirtualMachineMigrationSpec{{VMName: "vm", AllowPostCopy: ptr.To(true)}, {PodName: "pod", AllowPostCopy: ptr.To(false)}} {
+		if err := env.Client.Create(ctx, &vmpodv1.VirtualMachineMigration{ObjectMeta: meta, Spec: spec}, &clientDryRun); err != nil {
+			t.Errorf("migration %+v refused: %v", spec, err)
+		}
+	}
+}
+
 // clientDryRun validates on the server without storing.
 var clientDryRun = client.CreateOptions{DryRun: []string{metav1.DryRunAll}}
 

@@ -1,7 +1,8 @@
 // Package migration reconciles VirtualMachineMigrations: it starts a target pod for the VM
-// on another node, has the shims move the guest into it (vmspec.MigrateAcceptCommand and
-// vmspec.MigrateCommand, docs/design/209) and makes the target the VM's pod. The guest
-// runs on in the source pod whenever the migration fails or is cancelled.
+// (or the container pod, pod.go) on another node, has the shims move the guest into it
+// (vmspec.MigrateAcceptCommand and vmspec.MigrateCommand, docs/design/209 and 212) and
+// makes the target the VM's pod (or the pod's successor). The guest runs on in the source
+// pod whenever the migration fails or is cancelled.
 package migration
 
 import (
@@ -9,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -157,7 +159,7 @@ type flight struct {
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachinemigrations/finalizers,verbs=update
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines,verbs=get;list;watch
 // +kubebuilder:rbac:groups=vmpod.dev,resources=virtualmachines/status,verbs=get;update;patch
-// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete;update;patch
 // +kubebuilder:rbac:groups="",resources=pods/exec,verbs=get;create
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch
 
@@ -194,10 +196,24 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	return reconcile.Result{}, nil
 }
 
-// start checks that the VM can move and creates its target pod, a copy of the running
-// pod's (the same VM spec, so the same machine) with the target role, on another node.
+// start checks that the VM (or container pod) can move and creates its target pod, a copy
+// of the running pod's (for a VM the same VM spec, so the same machine, with the target
+// role) on another node.
 func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
-	vm, source, why, err := r.sourceOf(ctx, m)
+	var (
+		regarding ctrl.Object // what the migration's events are about: the VM, or the pod
+		source    *corev1.Pod
+		why       string
+		err       error
+	)
+	if m.Spec.PodName != "" {
+		source, why, err = r.podSource(ctx, m)
+		regarding = source
+	} else {
+		var vm *vmpodv1.VirtualMachine
+		vm, source, why, err = r.sourceOf(ctx, m)
+		regarding = vm
+	}
 	if err != nil {
 		return reconcile.Result{}, err
 	}
@@ -208,7 +224,7 @@ func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigrati
 		if err != nil {
 			return reconcile.Result{}, err
 		}
-		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "migration "+other+" of this VM runs")
+		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "migration "+other+" of this "+strings.Fields(m.Subject())[0]+" runs")
 	}
 	if busy, err := r.overLimit(ctx, source.Spec.NodeName); err != nil || busy != "" {
 		if err != nil {
@@ -223,29 +239,53 @@ func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigrati
 		}
 		return reconcile.Result{RequeueAfter: 5 * time.Second}, nil
 	}
-	if why, err := Unmovable(ctx, r.Client, source); err != nil || why != "" {
+	target, why, err := r.targetFor(ctx, m, source)
+	if err != nil || why != "" {
 		if err != nil {
 			return reconcile.Result{}, err
 		}
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
 	}
-	spec, err := vmspec.Parse([]byte(source.Annotations[vmspec.Annotation]))
-	if err != nil {
-		return reconcile.Result{}, err // Unmovable parsed it
-	}
-	target, err := targetPod(m, source, spec)
-	if err != nil {
-		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, err.Error())
-	}
 	if err := r.Client.Create(ctx, target); err != nil && !apierrors.IsAlreadyExists(err) {
 		return reconcile.Result{}, fmt.Errorf("create target pod %s: %w", target.Name, err)
 	}
-	r.Recorder.Eventf(vm, target, corev1.EventTypeNormal, "MigrationScheduling", "CreateTargetPod",
+	r.Recorder.Eventf(regarding, target, corev1.EventTypeNormal, "MigrationScheduling", "CreateTargetPod",
 		"migration %s: created target pod %s (away from node %s)", m.Name, target.Name, source.Spec.NodeName)
 	m.Status.Phase = vmpodv1.MigrationScheduling
 	m.Status.SourcePod, m.Status.SourceNode, m.Status.TargetPod = source.Name, source.Spec.NodeName, target.Name
 	m.Status.StartTimestamp = &metav1.Time{Time: time.Now()}
 	return reconcile.Result{}, r.Client.Status().Update(ctx, m)
+}
+
+// targetFor is the target pod for the source's guest, or why the guest cannot move.
+func (r *Reconciler) targetFor(ctx context.Context, m *vmpodv1.VirtualMachineMigration, source *corev1.Pod) (*corev1.Pod, string, error) {
+	if m.Spec.PodName != "" {
+		if why := podUnmovable(source); why != "" {
+			return nil, why, nil
+		}
+		hold := probeHold(&source.Spec, r.policy().requestOptions(m.Spec).CompletionTimeoutPerGiB, r.targetWait())
+		return containerTarget(m, source, hold), "", nil
+	}
+	if why, err := Unmovable(ctx, r.Client, source); err != nil || why != "" {
+		return nil, why, err
+	}
+	spec, err := vmspec.Parse([]byte(source.Annotations[vmspec.Annotation]))
+	if err != nil {
+		return nil, "", err // Unmovable parsed it
+	}
+	target, err := targetPod(m, source, spec)
+	if err != nil {
+		return nil, err.Error(), nil
+	}
+	return target, "", nil
+}
+
+// targetWait is how long a target pod may take to start.
+func (r *Reconciler) targetWait() time.Duration {
+	if r.TargetWait == 0 {
+		return DefaultTargetWait
+	}
+	return r.TargetWait
 }
 
 // sourceOf is the VM and its running pod, or why the VM cannot migrate now.
@@ -385,15 +425,15 @@ func NotNow(vm *vmpodv1.VirtualMachine, pod *corev1.Pod) string {
 	return ""
 }
 
-// otherMigration names an unfinished migration of the same VM created before m (the
-// older one goes on), or "".
+// otherMigration names an unfinished migration of the same VM (or pod) created before m
+// (the older one goes on), or "".
 func (r *Reconciler) otherMigration(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (string, error) {
 	all := &vmpodv1.VirtualMachineMigrationList{}
 	if err := r.Client.List(ctx, all, ctrl.InNamespace(m.Namespace)); err != nil {
 		return "", err
 	}
 	for _, o := range all.Items {
-		if o.UID == m.UID || o.Spec.VMName != m.Spec.VMName || o.Finished() || o.DeletionTimestamp != nil {
+		if o.UID == m.UID || o.Spec.VMName != m.Spec.VMName || o.Spec.PodName != m.Spec.PodName || o.Finished() || o.DeletionTimestamp != nil {
 			continue
 		}
 		if o.CreationTimestamp.Before(&m.CreationTimestamp) || (o.CreationTimestamp.Equal(&m.CreationTimestamp) && o.Name < m.Name) ||
@@ -572,10 +612,21 @@ func awayFrom(spec *corev1.PodSpec, node string) {
 	}
 }
 
-// awaitTarget waits for the target pod's VM container to run.
+// awaitTarget waits for the target pod's VM container to run (a container pod's: every
+// container).
 func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (reconcile.Result, error) {
 	target, err := r.targetPod(ctx, m)
 	waiting := "" // the target's attachment pods that do not run yet
+	poll := 10 * time.Second
+	if m.Spec.PodName != "" && err == nil {
+		poll = podPoll
+		if running, failed := podTargetRuns(target); failed != "" {
+			return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, failed)
+		} else if running {
+			m.Status.Phase, m.Status.TargetNode = vmpodv1.MigrationTargetReady, target.Spec.NodeName
+			return reconcile.Result{}, r.Client.Status().Update(ctx, m)
+		}
+	}
 	switch {
 	case apierrors.IsNotFound(err):
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, "the target pod "+m.Status.TargetPod+" is gone")
@@ -583,7 +634,7 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 		return reconcile.Result{}, err
 	case target.Status.Phase == corev1.PodFailed || target.Status.Phase == corev1.PodSucceeded:
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("the target pod %s ended (%s) before the guest moved%s", target.Name, target.Status.Phase, terminated(target)))
-	case target.Status.Phase == corev1.PodRunning && computeRunning(target):
+	case m.Spec.PodName == "" && target.Status.Phase == corev1.PodRunning && computeRunning(target):
 		var failed string
 		if waiting, failed, err = r.lendTarget(ctx, m, target); err != nil || failed != "" {
 			if err != nil {
@@ -597,12 +648,9 @@ func (r *Reconciler) awaitTarget(ctx context.Context, m *vmpodv1.VirtualMachineM
 		}
 		log.FromContext(ctx).Info("waiting for the target's attachment pods", "migration", m.Name, "why", waiting)
 	}
-	wait := r.TargetWait
-	if wait == 0 {
-		wait = DefaultTargetWait
-	}
+	wait := r.targetWait()
 	if left := time.Until(m.Status.StartTimestamp.Add(wait)); left > 0 {
-		return reconcile.Result{RequeueAfter: min(left, 10*time.Second)}, nil
+		return reconcile.Result{RequeueAfter: min(left, poll)}, nil
 	}
 	why := fmt.Sprintf("the target pod %s did not start within %v", target.Name, wait)
 	if waiting != "" {
@@ -715,18 +763,39 @@ func (r *Reconciler) send(ctx context.Context, m *vmpodv1.VirtualMachineMigratio
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	container, err := r.controlContainer(ctx, m)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
 	m.Status.Phase = vmpodv1.MigrationRunning
 	if err := r.Client.Status().Update(ctx, m); err != nil {
 		return reconcile.Result{}, err
 	}
-	r.launch(ctx, m.DeepCopy(), attachments)
+	r.launch(ctx, m.DeepCopy(), container, attachments)
 	return reconcile.Result{RequeueAfter: progressEvery}, nil
 }
 
-// launch runs, in the background, the target's accept and then the source's migrate.
-// attachments name the target's attachment pods, by volume.
-func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigration, attachments map[string]string) {
-	lg := log.FromContext(ctx).WithValues("vm", m.Spec.VMName, "from", m.Status.SourcePod, "to", m.Status.TargetPod)
+// controlContainer is the container whose execs the shims answer for the migration: a VM
+// pod's compute container, a container pod's first (the shim answers on each; the
+// target's containers are the source's).
+func (r *Reconciler) controlContainer(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (string, error) {
+	if m.Spec.PodName == "" {
+		return vmspec.ComputeContainer, nil
+	}
+	pod := &corev1.Pod{}
+	var err error
+	for _, name := range []string{m.Status.SourcePod, m.Status.TargetPod} {
+		if err = r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: name}, pod); err == nil && len(pod.Spec.Containers) > 0 {
+			return pod.Spec.Containers[0].Name, nil
+		}
+	}
+	return "", fmt.Errorf("neither the source pod %s nor the target pod %s: %w", m.Status.SourcePod, m.Status.TargetPod, err)
+}
+
+// launch runs, in the background, the target's accept and then the source's migrate, each
+// an exec in container. attachments name the target's attachment pods, by volume.
+func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigration, container string, attachments map[string]string) {
+	lg := log.FromContext(ctx).WithValues("subject", m.Subject(), "from", m.Status.SourcePod, "to", m.Status.TargetPod)
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &flight{cancel: cancel}
 	r.mu.Lock()
@@ -748,9 +817,14 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			return
 		}
 		opts := r.policy().requestOptions(m.Spec)
+		if m.Spec.PodName != "" {
+			// a container pod's shares must be at the target before its guest runs there
+			// (the API refuses the spec's true; this is the policy's)
+			opts.AllowPostCopy = false
+		}
 		accept, _ := json.Marshal(vmspec.MigrationAccept{TLS: targetTLS, PostCopy: opts.AllowPostCopy, Attachments: attachments})
 		var out bytes.Buffer
-		if err := r.Exec.Stream(ctx, m.Namespace, m.Status.TargetPod, vmspec.ComputeContainer, []string{vmspec.MigrateAcceptCommand}, bytes.NewReader(accept), &out); err != nil {
+		if err := r.Exec.Stream(ctx, m.Namespace, m.Status.TargetPod, container, []string{vmspec.MigrateAcceptCommand}, bytes.NewReader(accept), &out); err != nil {
 			end(fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err))
 			return
 		}
@@ -776,7 +850,7 @@ func (r *Reconciler) launch(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 			}
 			_, _ = io.Copy(io.Discard, pr)
 		}()
-		err = r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCommand}, bytes.NewReader(req), pw)
+		err = r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, container, []string{vmspec.MigrateCommand}, bytes.NewReader(req), pw)
 		_ = pw.Close()
 		<-read // the last line is read before the outcome is told
 		end(err)
@@ -848,12 +922,20 @@ func (r *Reconciler) guestMoved(ctx context.Context, m *vmpodv1.VirtualMachineMi
 		}
 	}
 	var out bytes.Buffer
-	err := r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, vmspec.ComputeContainer, []string{vmspec.MigrateCancelCommand}, nil, &out)
+	container, err := r.controlContainer(ctx, m)
+	if err == nil {
+		err = r.Exec.Stream(ctx, m.Namespace, m.Status.SourcePod, container, []string{vmspec.MigrateCancelCommand}, nil, &out)
+	}
 	var answer vmspec.MigrationCancelled
-	if err == nil && json.Unmarshal(out.Bytes(), &answer) == nil {
-		return answer.GuestMoved, nil
+	if err == nil {
+		if err = json.Unmarshal(out.Bytes(), &answer); err == nil {
+			return answer.GuestMoved, nil
+		}
 	}
 	log.FromContext(ctx).Info("the source's shim cannot say where the guest is; reading its pod", "pod", m.Status.SourcePod, "error", err)
+	if m.Spec.PodName != "" {
+		return r.podGuestMoved(ctx, m, err)
+	}
 	return r.sourceMigratedAway(ctx, m)
 }
 
@@ -871,8 +953,21 @@ func (r *Reconciler) recover(ctx context.Context, m *vmpodv1.VirtualMachineMigra
 	return r.finish(ctx, m, vmpodv1.MigrationFailed, "the controller restarted while the guest moved; it runs on in the source pod")
 }
 
-// succeed makes the target the VM's pod and deletes the source's, whose guest has left.
+// succeed makes the target the VM's pod and deletes the source's, whose guest has left;
+// a container pod's target takes the source's place (handOver).
 func (r *Reconciler) succeed(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
+	if m.Spec.PodName != "" {
+		target, err := r.handOver(ctx, m)
+		if errors.Is(err, errTargetGone) {
+			return r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("the guest moved into the target pod %s, which is gone since: the guest is lost", m.Status.TargetPod))
+		}
+		if err != nil {
+			return err
+		}
+		r.Recorder.Eventf(target, nil, corev1.EventTypeNormal, "Migrated", "Migrate", "migration %s: the guest moved from pod %s (node %s) to this pod (node %s), downtime %d ms",
+			m.Name, m.Status.SourcePod, m.Status.SourceNode, target.Spec.NodeName, m.Status.DowntimeMs)
+		return r.finish(ctx, m, vmpodv1.MigrationSucceeded, "")
+	}
 	target := &corev1.Pod{}
 	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target); err != nil {
 		return fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err)
@@ -924,11 +1019,14 @@ func (r *Reconciler) finish(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 }
 
 // deleteTarget deletes the migration's target pods (by its label: one created before its
-// name reached the status too) unless one is the VM's pod.
+// name reached the status too) unless one is the VM's pod (a container pod's target
+// handed over has the label no more).
 func (r *Reconciler) deleteTarget(ctx context.Context, m *vmpodv1.VirtualMachineMigration) error {
 	vm := &vmpodv1.VirtualMachine{}
-	if err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); ctrl.IgnoreNotFound(err) != nil {
-		return err
+	if m.Spec.VMName != "" {
+		if err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); ctrl.IgnoreNotFound(err) != nil {
+			return err
+		}
 	}
 	pods := &corev1.PodList{}
 	if err := r.APIReader.List(ctx, pods, ctrl.InNamespace(m.Namespace), ctrl.MatchingLabels{Label: m.Name}); err != nil {
@@ -936,7 +1034,7 @@ func (r *Reconciler) deleteTarget(ctx context.Context, m *vmpodv1.VirtualMachine
 	}
 	for i := range pods.Items {
 		t := &pods.Items[i]
-		if t.Name == vm.Status.PodName || t.DeletionTimestamp != nil {
+		if (vm.Status.PodName != "" && t.Name == vm.Status.PodName) || t.DeletionTimestamp != nil {
 			continue
 		}
 		if err := r.Client.Delete(ctx, t); ctrl.IgnoreNotFound(err) != nil {
@@ -998,6 +1096,9 @@ func (r *Reconciler) cancelled(ctx context.Context, m *vmpodv1.VirtualMachineMig
 	}
 	r.Recorder.Eventf(m, nil, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "cancelled: the guest runs on in %s", where)
 	vm := &vmpodv1.VirtualMachine{}
+	if m.Spec.VMName == "" {
+		return nil
+	}
 	if err := r.Client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.VMName}, vm); err == nil {
 		r.Recorder.Eventf(vm, m, corev1.EventTypeNormal, "MigrationCancelled", "Migrate", "migration %s cancelled: the guest runs on in %s", m.Name, where)
 	}

@@ -2,6 +2,7 @@ package vm_test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -51,6 +52,8 @@ type fakeShims struct {
 	late bool
 	// requests are the options the migrate requests carried, in order
 	requests []vmspec.MigrationRequestOptions
+	// container is where the execs must go ("": a VM pod's compute container)
+	container string
 }
 
 func (s *fakeShims) options() []vmspec.MigrationRequestOptions {
@@ -68,8 +71,9 @@ func (s *fakeShims) Stream(ctx context.Context, ns, pod, container string, cmd [
 	}
 	s.mu.Lock()
 	s.calls = append(s.calls, pod+":"+strings.Join(cmd, " "))
+	want := cmp.Or(s.container, vmspec.ComputeContainer)
 	s.mu.Unlock()
-	if container != vmspec.ComputeContainer || len(cmd) != 1 {
+	if container != want || len(cmd) != 1 {
 		return fmt.Errorf("exec %v in container %s", cmd, container)
 	}
 	switch cmd[0] {

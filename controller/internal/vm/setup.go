@@ -86,7 +86,11 @@ func (r *Reconciler) SetupWithManager(ctx context.Context, mgr ctrl.Manager) err
 	})
 	// a migration's end wakes its VM: an evacuation that failed is tried again
 	byMigration := handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
-		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: o.(*vmpodv1.VirtualMachineMigration).Spec.VMName}}}
+		vm := o.(*vmpodv1.VirtualMachineMigration).Spec.VMName
+		if vm == "" { // a container pod's
+			return nil
+		}
+		return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: o.GetNamespace(), Name: vm}}}
 	})
 	// attachment pods belong to the VM's pod (they go with it), and name the VM in a label
 	byAttachment := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
