@@ -585,10 +585,22 @@ func (m *Machine) dial(ctx context.Context, path string) (net.Conn, error) {
 func (m *Machine) Explain(err error) error {
 	select {
 	case <-m.exited:
-		return fmt.Errorf("QEMU exited (%v)", m.exitErr)
+		return fmt.Errorf("QEMU exited (%v)%s", m.exitErr, qemuMessage(m.cfg.LogPath))
 	case <-time.After(200 * time.Millisecond):
 		return err
 	}
+}
+
+// qemuMessage is ": " and QEMU's last message in the machine's log (an assertion that
+// aborted it, say: the log mixes it with virtiofsd's and the guest's lines), or "".
+func qemuMessage(path string) string {
+	lines := strings.Split(logTail(path, 50), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.HasPrefix(lines[i], "qemu-system-") {
+			return ": " + lines[i]
+		}
+	}
+	return ""
 }
 
 // ConsoleHint is the end of the machine's log, for boot errors.
