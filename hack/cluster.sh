@@ -464,7 +464,12 @@ cmd_start() {
   done
   kubectl apply -f "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" >/dev/null
   if [ -n "${VMPOD_QEMU_NEXT:-}" ]; then # node_qemu_next's handler
+    # the pods of this class migrate: a migrating QEMU holds the guest's whole RAM, so the
+    # overhead holds what the guest boots with beyond its limit (64 MiB), QEMU (~45),
+    # TCG's code cache (64), the shim's margin for QEMU's growth while it migrates (48)
+    # and room for the page cache of the pod's files (docs/design/212)
     sed -e 's/^  name: vmpod$/  name: vmpod-next/' -e 's/^handler: vmpod$/handler: vmpod-next/' \
+      -e 's/^    memory: "128Mi"$/    memory: "320Mi"/' \
       "$VMPOD_ROOT/runtimeclass/runtimeclass.yaml" | kubectl apply -f - >/dev/null
   fi
   step "storage: local-path-provisioner, Block PVs on loop devices" storage_up
