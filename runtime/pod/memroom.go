@@ -52,6 +52,9 @@ func readMemoryRoom(procRoot, cgroupRoot string, pid int, guestBytes int64) (mem
 	if err != nil {
 		return r, fmt.Errorf("QEMU's cgroup: %w", err)
 	}
+	if _, err := os.Stat(filepath.Join(cgroupRoot, h.mount, h.path)); err != nil {
+		return r, fmt.Errorf("QEMU's cgroup: %w", err) // not this host's view: no limit would be found
+	}
 	for dir := h.path; ; dir = filepath.Dir(dir) {
 		max, err := os.ReadFile(filepath.Join(cgroupRoot, h.mount, dir, h.limit))
 		if os.IsNotExist(err) { // the root, or no memory controller at this level
@@ -73,6 +76,15 @@ func readMemoryRoom(procRoot, cgroupRoot string, pid int, guestBytes int64) (mem
 			if err1 != nil || err2 != nil {
 				return r, fmt.Errorf("cgroup %s: %s %q, %s %q: not numbers", dir, h.limit, limit, h.usage, strings.TrimSpace(string(cur)))
 			}
+			// the page cache the kernel reclaims before it kills (the kubelet's working
+			// set leaves it out too)
+			stat, err := os.ReadFile(filepath.Join(cgroupRoot, h.mount, dir, "memory.stat"))
+			if err != nil {
+				return r, fmt.Errorf("cgroup %s: %w", dir, err)
+			}
+			if inactive, err := statField(stat, h.inactiveFile); err == nil {
+				c -= inactive
+			}
 			if room := max0(l - c); r.room < 0 || room < r.room {
 				r.room, r.cgroup = room, dir
 			}
@@ -88,7 +100,7 @@ func max0(n int64) int64 { return max(n, 0) }
 
 // hierarchy is where a process's memory cgroup is: the path within the hierarchy, the
 // hierarchy's mount under the cgroup root, and its files for the limit and the usage.
-type hierarchy struct{ path, mount, limit, usage string }
+type hierarchy struct{ path, mount, limit, usage, inactiveFile string }
 
 // unlimited says whether a limit file's value is no limit: v2's "max", v1's page counter
 // maximum (rounded to pages: 9223372036854771712 with 4 KiB pages).
@@ -112,13 +124,13 @@ func memoryHierarchy(cg string) (hierarchy, error) {
 		if f[0] == "0" && f[1] == "" {
 			v2 = f[2]
 		} else if slices.Contains(strings.Split(f[1], ","), "memory") {
-			return hierarchy{path: filepath.Clean(f[2]), mount: "memory", limit: "memory.limit_in_bytes", usage: "memory.usage_in_bytes"}, nil
+			return hierarchy{path: filepath.Clean(f[2]), mount: "memory", limit: "memory.limit_in_bytes", usage: "memory.usage_in_bytes", inactiveFile: "total_inactive_file"}, nil
 		}
 	}
 	if v2 == "" {
 		return hierarchy{}, fmt.Errorf("%q names no memory cgroup", cg)
 	}
-	return hierarchy{path: filepath.Clean(v2), limit: "memory.max", usage: "memory.current"}, nil
+	return hierarchy{path: filepath.Clean(v2), limit: "memory.max", usage: "memory.current", inactiveFile: "inactive_file"}, nil
 }
 
 // statusField is the number of kB a /proc/<pid>/status line gives.
@@ -136,6 +148,16 @@ func statusField(status []byte, name string) (int64, error) {
 		return strconv.ParseInt(f[0], 10, 64)
 	}
 	return 0, fmt.Errorf("no %s line", name)
+}
+
+// statField is a memory.stat line's value.
+func statField(stat []byte, name string) (int64, error) {
+	for _, line := range strings.Split(string(stat), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no %s", name)
 }
 
 // check refuses a migration the cgroup cannot hold, naming what it would need.

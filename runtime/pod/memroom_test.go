@@ -28,10 +28,12 @@ func TestMigrationMemoryRoom(t *testing.T) {
 	write(filepath.Join(proc, "42", "status"), "Name:\tqemu\nRssAnon:\t  92204 kB\nRssShmem:\t  102400 kB\n")
 	write(filepath.Join(proc, "42", "cgroup"), "0::/kubepods/burstable/pod1/sandbox\n")
 	const mib = 1 << 20
-	// the pod: 384 MiB, 250 in use; burstable: 2 GiB, 1 GiB in use; kubepods: no limit;
+	// the pod: 384 MiB, 270 in use of which 20 reclaimable; burstable: 2 GiB, 1 GiB in use; kubepods: no limit;
 	// the sandbox's cgroup has no memory.max of its own here
 	write(filepath.Join(cg, "kubepods/burstable/pod1/memory.max"), "402653184\n")
-	write(filepath.Join(cg, "kubepods/burstable/pod1/memory.current"), "262144000\n")
+	write(filepath.Join(cg, "kubepods/burstable/pod1/memory.current"), "283115520\n")
+	write(filepath.Join(cg, "kubepods/burstable/pod1/memory.stat"), "anon 1\nfile 30000000\ninactive_file 20971520\nactive_file 1\n") // 20 MiB reclaimable
+	write(filepath.Join(cg, "kubepods/burstable/memory.stat"), "inactive_file 0\n")
 	write(filepath.Join(cg, "kubepods/burstable/memory.max"), "2147483648\n")
 	write(filepath.Join(cg, "kubepods/burstable/memory.current"), "1073741824\n")
 	write(filepath.Join(cg, "kubepods/memory.max"), "max\n")
@@ -68,11 +70,19 @@ func TestMigrationMemoryRoom(t *testing.T) {
 	write(filepath.Join(cg, "memory/n1/kubepods/pod2/sandbox/memory.limit_in_bytes"), "9223372036854771712\n")
 	write(filepath.Join(cg, "memory/n1/kubepods/pod2/sandbox/memory.usage_in_bytes"), "1000\n")
 	write(filepath.Join(cg, "memory/n1/kubepods/pod2/memory.limit_in_bytes"), "536870912\n")
-	write(filepath.Join(cg, "memory/n1/kubepods/pod2/memory.usage_in_bytes"), "209715200\n")
+	write(filepath.Join(cg, "memory/n1/kubepods/pod2/memory.usage_in_bytes"), "219152384\n")
+	write(filepath.Join(cg, "memory/n1/kubepods/pod2/memory.stat"), "inactive_file 1\ntotal_inactive_file 9437184\n") // 9 MiB
+	write(filepath.Join(cg, "memory/n1/kubepods/pod2/sandbox/memory.stat"), "")
 	write(filepath.Join(cg, "memory/memory.limit_in_bytes"), "9223372036854771712\n")
 	write(filepath.Join(cg, "memory/memory.usage_in_bytes"), "1\n")
 	if r, err := readMemoryRoom(proc, cg, 46, 512*mib); err != nil || r.room != 312*mib || r.cgroup != "/n1/kubepods/pod2" {
 		t.Errorf("cgroup v1: %+v, %v; want 312 MiB of room in /n1/kubepods/pod2", r, err)
+	}
+	// a cgroup this host does not see (another cgroup namespace): an error, not "no limit"
+	write(filepath.Join(proc, "47", "status"), "RssShmem:\t0 kB\n")
+	write(filepath.Join(proc, "47", "cgroup"), "0::/elsewhere/pod3\n")
+	if _, err := readMemoryRoom(proc, cg, 47, mib); err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Errorf("a cgroup not under the root: %v", err)
 	}
 	// what is not a cgroup process, or a status without the line
 	write(filepath.Join(proc, "43", "status"), "Name:\tqemu\n")

@@ -75,6 +75,8 @@ type Reconciler struct {
 
 	mu       sync.Mutex
 	inFlight map[types.UID]*flight // migrate execs this process runs
+	// handOverSince is when each container pod's hand-over first waited (handOver)
+	handOverSince map[types.UID]time.Time
 }
 
 // Limits bound the migrations that run at once (past Pending, not finished), as
@@ -165,6 +167,14 @@ type flight struct {
 
 // Reconcile moves one migration on by a phase.
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	res, err := r.reconcile(ctx, req)
+	if errors.Is(err, errHandOverWaits) { // not a failure: no backoff
+		return reconcile.Result{RequeueAfter: podPoll}, nil
+	}
+	return res, err
+}
+
+func (r *Reconciler) reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	m := &vmpodv1.VirtualMachineMigration{}
 	if err := r.Client.Get(ctx, req.NamespacedName, m); err != nil {
 		return reconcile.Result{}, ctrl.IgnoreNotFound(err)
@@ -247,6 +257,9 @@ func (r *Reconciler) start(ctx context.Context, m *vmpodv1.VirtualMachineMigrati
 		return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, why)
 	}
 	if err := r.Client.Create(ctx, target); err != nil && !apierrors.IsAlreadyExists(err) {
+		if apierrors.IsForbidden(err) || apierrors.IsInvalid(err) { // a quota, an admission policy: no retry helps
+			return reconcile.Result{}, r.finish(ctx, m, vmpodv1.MigrationFailed, fmt.Sprintf("create target pod %s: %v", target.Name, err))
+		}
 		return reconcile.Result{}, fmt.Errorf("create target pod %s: %w", target.Name, err)
 	}
 	r.Recorder.Eventf(regarding, target, corev1.EventTypeNormal, "MigrationScheduling", "CreateTargetPod",
@@ -503,6 +516,7 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 	}
 	t.Annotations[vmspec.Annotation] = string(ann)
 	t.Spec.NodeName = ""
+	admitted(&t.Spec)
 	appliedSize(&t.Spec, source)
 	// a source that arrived by migration carries the rule that kept it off its own
 	// source's node: that node may take the guest back now
@@ -512,6 +526,13 @@ func targetPod(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, vm *vmspe
 	awayFrom(&t.Spec, source.Spec.NodeName)
 	t.Annotations[AwayFromAnnotation] = source.Spec.NodeName
 	return t, nil
+}
+
+// admitted clears what admission set on the source from the objects its spec names, so
+// that it sets them again from those objects as they are now: the RuntimeClass's overhead
+// and the PriorityClass's value (a pod created with others than theirs is refused).
+func admitted(spec *corev1.PodSpec) {
+	spec.Overhead, spec.Priority = nil, nil
 }
 
 // appliedSize gives spec's compute container the CPU and memory the kubelet reports as
@@ -867,6 +888,7 @@ func (r *Reconciler) land(uid types.UID) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.inFlight, uid)
+	delete(r.handOverSince, uid)
 }
 
 // follow copies a running migration's progress into its status and, once the migrate
@@ -1004,7 +1026,7 @@ func (r *Reconciler) finish(ctx context.Context, m *vmpodv1.VirtualMachineMigrat
 		if err := r.deleteTarget(ctx, m); err != nil {
 			return err
 		}
-		log.FromContext(ctx).Info("migration failed", "vm", m.Spec.VMName, "reason", why)
+		log.FromContext(ctx).Info("migration failed", "subject", m.Subject(), "reason", why)
 		r.Recorder.Eventf(m, nil, corev1.EventTypeWarning, "MigrationFailed", "Migrate", "%s", why)
 	}
 	m.Status.Phase, m.Status.FailureReason = phase, why

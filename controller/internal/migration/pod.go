@@ -50,6 +50,8 @@ func (r *Reconciler) podSource(ctx context.Context, m *vmpodv1.VirtualMachineMig
 	switch {
 	case pod.Labels[render.VMNameLabel] != "" || pod.Annotations[vmspec.Annotation] != "":
 		return nil, fmt.Sprintf("spec.podName: pod %s is VirtualMachine %s's: migrate the VM (spec.vmName)", pod.Name, pod.Labels[render.VMNameLabel]), nil
+	case pod.Labels[Label] != "":
+		return nil, fmt.Sprintf("spec.podName: pod %s is the target of migration %s", pod.Name, pod.Labels[Label]), nil
 	case pod.Spec.RuntimeClassName == nil:
 		return nil, fmt.Sprintf("spec.podName: pod %s has no runtimeClassName: it runs in no VM", pod.Name), nil
 	case pod.DeletionTimestamp != nil || pod.Status.Phase != corev1.PodRunning:
@@ -152,6 +154,7 @@ func containerTarget(m *vmpodv1.VirtualMachineMigration, source *corev1.Pod, hol
 	delete(t.Annotations, DeletionCostAnnotation)
 	t.Annotations[annotations.MigrationTarget] = string(source.UID)
 	t.Spec.NodeName = ""
+	admitted(&t.Spec)
 	if prev := source.Annotations[AwayFromAnnotation]; prev != "" {
 		dropAwayFrom(&t.Spec, prev)
 	}
@@ -204,15 +207,15 @@ func podTargetRuns(target *corev1.Pod) (running bool, failed string) {
 // podGuestMoved says where a container pod's guest is when its source's shim cannot (the
 // migrate-cancel exec failed). The source's containers keep running after the guest left
 // (stand-ins, docs/design/212), so its pod cannot tell: while it is there, the shim is
-// asked again (an error, retried); once it is gone, the target holds the guest if its
-// containers still run, because a target whose guest did not come ends them.
+// asked again (an error, retried); once it is gone, going or ended, the target holds the
+// guest if its containers still run, because a target whose guest did not come ends them.
 func (r *Reconciler) podGuestMoved(ctx context.Context, m *vmpodv1.VirtualMachineMigration, execErr error) (bool, error) {
 	source := &corev1.Pod{}
 	err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source)
 	switch {
-	case err == nil:
+	case err == nil && source.DeletionTimestamp == nil && source.Status.Phase != corev1.PodFailed && source.Status.Phase != corev1.PodSucceeded:
 		return false, fmt.Errorf("the source pod %s's shim cannot say where the guest is: %w", source.Name, execErr)
-	case !apierrors.IsNotFound(err):
+	case err != nil && !apierrors.IsNotFound(err):
 		return false, err
 	}
 	target, err := r.targetPod(ctx, m)
@@ -228,44 +231,79 @@ func (r *Reconciler) podGuestMoved(ctx context.Context, m *vmpodv1.VirtualMachin
 // errTargetGone: the guest moved into a target pod that is gone since.
 var errTargetGone = errors.New("the target pod is gone")
 
+// errHandOverWaits: the target is not ready while the source still is; Reconcile asks
+// again in podPoll.
+var errHandOverWaits = errors.New("the hand-over waits for the target to be ready")
+
+// handOverWait bounds how long a hand-over waits for its target to be ready while the
+// source still is (a startup probe held off past the migration, say).
+const handOverWait = 2 * time.Minute
+
 // handOver makes the target pod the source's once the guest runs in it, in the order that
 // neither leaves the pod's owner a pod short (it would make another) nor lets it delete
-// the target: the source gets the lowest deletion cost; the target gets the source's
-// labels and owners (an owner that now counts one pod too many deletes the source); the
-// source is deleted. A source already gone leaves the target with no owner: whoever
-// deleted it had its owner make another.
+// the target. An owner that counts one pod too many deletes a not-ready pod before a
+// ready one, and only then the one of lower deletion cost: so the source gets the lowest
+// cost, and the target its labels and owners once it is ready or the source is not (its
+// probes fail from the move on); then the source is deleted. A target still not ready
+// after handOverWait while the source is: the source is deleted first, and its owner's
+// replacement, pending, is what it deletes once the target is its. The target's
+// migration annotation goes too: a sandbox the kubelet makes again for it must boot. A
+// source already gone leaves the target with no owner: whoever deleted it had its owner
+// make another.
 func (r *Reconciler) handOver(ctx context.Context, m *vmpodv1.VirtualMachineMigration) (*corev1.Pod, error) {
+	target := &corev1.Pod{}
+	if err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, errTargetGone
+		}
+		return nil, fmt.Errorf("the target pod %s: %w", m.Status.TargetPod, err)
+	}
 	source := &corev1.Pod{}
 	err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.SourcePod}, source)
-	gone := apierrors.IsNotFound(err) || (err == nil && source.DeletionTimestamp != nil)
-	if err != nil && !gone {
+	found := err == nil
+	if err != nil && !apierrors.IsNotFound(err) {
 		return nil, fmt.Errorf("the source pod %s: %w", m.Status.SourcePod, err)
 	}
-	if !gone && source.Annotations[DeletionCostAnnotation] != strconv.Itoa(math.MinInt32) {
-		patch := ctrl.MergeFrom(source.DeepCopy())
-		if source.Annotations == nil {
-			source.Annotations = map[string]string{}
+	if _, waiting := target.Labels[Label]; !waiting { // handed over by an earlier pass
+		return target, r.deleteSource(ctx, source, found)
+	}
+	deleted := found && source.DeletionTimestamp != nil
+	if found && !deleted {
+		if source.Annotations[DeletionCostAnnotation] != strconv.Itoa(math.MinInt32) {
+			patch := ctrl.MergeFrom(source.DeepCopy())
+			if source.Annotations == nil {
+				source.Annotations = map[string]string{}
+			}
+			source.Annotations[DeletionCostAnnotation] = strconv.Itoa(math.MinInt32)
+			if err := r.Client.Patch(ctx, source, patch); ctrl.IgnoreNotFound(err) != nil {
+				return nil, fmt.Errorf("rank the source pod %s first for deletion: %w", source.Name, err)
+			}
 		}
-		source.Annotations[DeletionCostAnnotation] = strconv.Itoa(math.MinInt32)
-		if err := r.Client.Patch(ctx, source, patch); ctrl.IgnoreNotFound(err) != nil {
-			return nil, fmt.Errorf("rank the source pod %s first for deletion: %w", source.Name, err)
+		if !podReady(target) && podReady(source) {
+			if r.handOverWaited(m.UID) < handOverWait {
+				return nil, errHandOverWaits
+			}
+			log.FromContext(ctx).Info("the target is not ready: the source goes first", "source", source.Name, "target", target.Name)
+			r.Recorder.Eventf(target, nil, corev1.EventTypeNormal, "SourceFirst", "Migrate",
+				"migration %s: this pod was not ready within %v while the source %s was: the source goes first (its owner may make a replacement, which it deletes again once this pod is its)", m.Name, handOverWait, source.Name)
+			if err := r.deleteSource(ctx, source, true); err != nil {
+				return nil, err
+			}
+			deleted = true
 		}
 	}
-	target := &corev1.Pod{}
 	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
-		if err := r.APIReader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Status.TargetPod}, target); err != nil {
+		if err := r.APIReader.Get(ctx, ctrl.ObjectKeyFromObject(target), target); err != nil {
 			return err
 		}
-		if _, waiting := target.Labels[Label]; !waiting {
-			return nil // handed over by an earlier pass
-		}
 		labels := map[string]string{}
-		if !gone {
+		if found {
 			labels = maps.Clone(source.Labels)
 			delete(labels, Label)
 			target.OwnerReferences = source.OwnerReferences
 		}
 		target.Labels = labels // without Label: deleteTarget never takes it now
+		delete(target.Annotations, annotations.MigrationTarget)
 		return r.Client.Update(ctx, target)
 	})
 	if apierrors.IsNotFound(err) {
@@ -274,14 +312,51 @@ func (r *Reconciler) handOver(ctx context.Context, m *vmpodv1.VirtualMachineMigr
 	if err != nil {
 		return nil, fmt.Errorf("give the target pod %s the source's labels and owners: %w", m.Status.TargetPod, err)
 	}
-	if gone {
+	if !found {
 		log.FromContext(ctx).Info("the source pod was gone before the hand-over: the target has no owner", "source", m.Status.SourcePod, "target", target.Name)
 		r.Recorder.Eventf(target, nil, corev1.EventTypeWarning, "SourceGone", "Migrate",
 			"migration %s: the source pod %s was gone before the hand-over: %s holds the guest with no owner or labels", m.Name, m.Status.SourcePod, target.Name)
 		return target, nil
 	}
-	if err := r.Client.Delete(ctx, source); ctrl.IgnoreNotFound(err) != nil {
-		return nil, fmt.Errorf("delete the source pod %s: %w", source.Name, err)
+	if deleted {
+		return target, nil
 	}
-	return target, nil
+	return target, r.deleteSource(ctx, source, true)
+}
+
+// deleteSource deletes the source pod if found.
+func (r *Reconciler) deleteSource(ctx context.Context, source *corev1.Pod, found bool) error {
+	if !found || source.DeletionTimestamp != nil {
+		return nil
+	}
+	if err := r.Client.Delete(ctx, source); ctrl.IgnoreNotFound(err) != nil {
+		return fmt.Errorf("delete the source pod %s: %w", source.Name, err)
+	}
+	return nil
+}
+
+// handOverWaited is how long the migration's hand-over has waited for its target, from
+// this process's first try.
+func (r *Reconciler) handOverWaited(uid types.UID) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.handOverSince == nil {
+		r.handOverSince = map[types.UID]time.Time{}
+	}
+	since, ok := r.handOverSince[uid]
+	if !ok {
+		since = time.Now()
+		r.handOverSince[uid] = since
+	}
+	return time.Since(since)
+}
+
+// podReady says whether the pod's Ready condition is true.
+func podReady(pod *corev1.Pod) bool {
+	for _, c := range pod.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
 }

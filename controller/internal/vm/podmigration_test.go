@@ -159,7 +159,21 @@ func TestContainerPodMigration(t *testing.T) {
 	if got := shims.ran(); len(got) != 0 || f.getMigration("move").Status.Phase != vmpodv1.MigrationScheduling {
 		t.Fatalf("with one target container waiting: execs %v, phase %s; want none, Scheduling", got, f.getMigration("move").Status.Phase)
 	}
+	// the guest moves while the source is still ready and the target not yet: a
+	// ReplicaSet would delete the not-ready pod first, whatever its cost, so the hand-over
+	// waits for the target to be ready
+	f.setReady(source, true)
 	f.containersRun(target)
+	testenv.Eventually(t, timeout, "the guest to have moved", func() (bool, string) {
+		got := shims.ran()
+		return len(got) == 2, fmt.Sprint(got)
+	})
+	time.Sleep(4 * time.Second)
+	if p, _ := f.getPod(target.Name); p.Labels[migration.Label] != "move" || f.gone("web") || f.getMigration("move").Status.Phase != vmpodv1.MigrationRunning {
+		t.Errorf("with the target not ready and the source ready: target labels %v, source gone %v, phase %s; want the hand-over to wait",
+			p.Labels, f.gone("web"), f.getMigration("move").Status.Phase)
+	}
+	f.setReady(target, true)
 	m = f.waitPhase("move", vmpodv1.MigrationSucceeded)
 	if m.Status.TargetNode != "node-b" || m.Status.DowntimeMs != 23 {
 		t.Errorf("status of the migration that succeeded: %+v", m.Status)
@@ -173,6 +187,9 @@ func TestContainerPodMigration(t *testing.T) {
 	target, _ = f.getPod(target.Name)
 	if !maps.Equal(target.Labels, source.Labels) || !equality.Semantic.DeepEqual(target.OwnerReferences, source.OwnerReferences) {
 		t.Errorf("after the migration the target's labels %v, owners %v: want the source's %v, %v", target.Labels, target.OwnerReferences, source.Labels, source.OwnerReferences)
+	}
+	if a, ok := target.Annotations[annotations.MigrationTarget]; ok {
+		t.Errorf("the pod the guest moved into keeps %s=%s: a sandbox made again for it would wait for a guest", annotations.MigrationTarget, a)
 	}
 	// (no kubelet here: the deleted source stays, terminating)
 	if s, err := f.getPod("web"); err != nil || s.DeletionTimestamp == nil || s.Annotations[migration.DeletionCostAnnotation] != strconv.Itoa(math.MinInt32) {
@@ -234,6 +251,13 @@ func TestContainerPodMigration(t *testing.T) {
 	f.containerPod("of-a-vm", "node-a", vmPod)
 	f.containerPod("no-class", "node-a", func(p *corev1.Pod) { p.Spec.RuntimeClassName = nil })
 	f.containerPod("stateful", "node-a", func(p *corev1.Pod) { p.OwnerReferences[0].Kind = "StatefulSet" })
+	// (before its migration gives up on it, 5 s on)
+	f.podMigration("waiting", target.Name)
+	waiting := f.waitPhase("waiting", vmpodv1.MigrationScheduling).Status.TargetPod
+	f.podMigration("r-target", waiting)
+	if r := f.waitPhase("r-target", vmpodv1.MigrationFailed).Status.FailureReason; !strings.Contains(r, "is the target of migration waiting") {
+		t.Errorf("migration of the waiting target %s: failure reason %q", waiting, r)
+	}
 	for name, c := range map[string]struct{ pod, want string }{
 		"r-absent":   {"absent", "spec.podName: pod absent not found"},
 		"r-init":     {"with-init", "spec.initContainers"},
@@ -247,6 +271,25 @@ func TestContainerPodMigration(t *testing.T) {
 		if r := f.waitPhase(name, vmpodv1.MigrationFailed).Status.FailureReason; !strings.Contains(r, c.want) {
 			t.Errorf("migration of pod %s: failure reason %q, want %q in it", c.pod, r, c.want)
 		}
+	}
+}
+
+// setReady has "the kubelet" report the pod's Ready condition.
+func (f *fixture) setReady(p *corev1.Pod, ready bool) {
+	f.t.Helper()
+	status := corev1.ConditionFalse
+	if ready {
+		status = corev1.ConditionTrue
+	}
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if err := f.c.Get(f.ctx, types.NamespacedName{Namespace: p.Namespace, Name: p.Name}, p); err != nil {
+			return err
+		}
+		p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: status, LastTransitionTime: metav1.Now()}}
+		return f.c.Status().Update(f.ctx, p)
+	})
+	if err != nil {
+		f.t.Fatalf("report pod %s ready %v: %v", p.Name, ready, err)
 	}
 }
 
