@@ -394,7 +394,10 @@ node_qemu_next() {
   rm -f "$root/etc/vmpod/config-next.toml" "$root/etc/containerd/conf.d/vmpod-next.toml"
   [ -n "${VMPOD_QEMU_NEXT:-}" ] || return 0
   [ -x "$VMPOD_QEMU_NEXT/bin/qemu-system-x86_64" ] || die "VMPOD_QEMU_NEXT=$VMPOD_QEMU_NEXT: no bin/qemu-system-x86_64 there (hack/qemu-next.sh)"
-  sed -e "s|^\[hypervisor\]$|[hypervisor]\nqemu = \"$VMPOD_QEMU_NEXT/bin/qemu-system-x86_64\"\nvirtiofsd = \"$VMPOD_QEMU_NEXT/bin/virtiofsd\"|" \
+  # its templates apart from the vmpod handler's: a container pod booted while its node
+  # made its template cannot move to a node that has one (docs/design/212), and the
+  # cluster test waits for these
+  sed -e "s|^\[hypervisor\]$|[hypervisor]\nqemu = \"$VMPOD_QEMU_NEXT/bin/qemu-system-x86_64\"\nvirtiofsd = \"$VMPOD_QEMU_NEXT/bin/virtiofsd\"\ntemplate_dir = \"$(node_run "$1")/vm-templates-next\"|" \
     "$root/etc/vmpod/config.toml" > "$root/etc/vmpod/config-next.toml"
   sed -e 's|containerd\.runtimes\.vmpod\([].]\)|containerd.runtimes.vmpod-next\1|' \
     -e 's|/etc/vmpod/config\.toml"|/etc/vmpod/config-next.toml"|' \
