@@ -99,6 +99,14 @@ func (m MemoryBackend) option() string {
 	return newOptions("memory-backend-ram").add("id", m.ID).addUint("size", m.Size).String()
 }
 
+// IOThread is an event loop thread of QEMU's own, which a device's work runs on
+// instead of the main loop.
+type IOThread struct {
+	ID string
+}
+
+func (t IOThread) option() string { return newOptions("iothread").add("id", t.ID).String() }
+
 // Chardev is a character device backend: a unix socket, or a file that output is
 // appended to.
 type Chardev struct {

@@ -89,6 +89,9 @@ func TestDeviceArgs(t *testing.T) {
 		{"vsock on mmio", &Vsock{DeviceID: "vsock0", GuestCID: 3}, onMMIO, []string{"-device", "vhost-vsock-device,id=vsock0,guest-cid=3"}},
 		{"balloon", &VirtioBalloon{DeviceID: "balloon0", DeflateOnOOM: true, FreePageReporting: true}, onMMIO, []string{
 			"-device", "virtio-balloon-device,id=balloon0,deflate-on-oom=on,free-page-reporting=on"}},
+		{"balloon hinting free pages", &VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true, FreePageHint: true}, onPCIe0, []string{
+			"-object", "iothread,id=balloon0-io",
+			"-device", "virtio-balloon-pci,id=balloon0,bus=pcie.0,addr=0x5.0,free-page-reporting=on,free-page-hint=on,iothread=balloon0-io"}},
 		{"vsock", &Vsock{DeviceID: "vsock0", GuestCID: 42}, onPCIe0, []string{"-device", "vhost-vsock-pci,id=vsock0,bus=pcie.0,addr=0x5.0,guest-cid=42"}},
 		{"virtio-mem", &VirtioMem{DeviceID: "vmem0", Size: 1 << 30, RequestedSize: 256 << 20}, onPort, []string{
 			"-object", "memory-backend-ram,id=vmem0-mem,size=1073741824",

@@ -107,6 +107,9 @@ func hotpluggable(id string, s Spec) error {
 	if len(s.Fsdevs) > 0 {
 		why = append(why, "a 9p fsdev, which QEMU cannot add at run time")
 	}
+	if len(s.IOThreads) > 0 {
+		why = append(why, "an I/O thread of its own")
+	}
 	if len(s.Frontends) != 1 {
 		why = append(why, fmt.Sprintf("%d frontends", len(s.Frontends)))
 	}

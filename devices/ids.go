@@ -26,6 +26,9 @@ func (s idSpace) claim(namespace, id, owner string) error {
 
 func (s idSpace) add(owner string, spec Spec) error {
 	var claims [][2]string
+	for _, io := range spec.IOThreads {
+		claims = append(claims, [2]string{"object", io.ID})
+	}
 	for _, m := range spec.Memory {
 		claims = append(claims, [2]string{"object", m.ID})
 	}

@@ -219,7 +219,7 @@ func TestIntegrationQ35RenderedArgv(t *testing.T) {
 		&devices.Virtio9P{DeviceID: "share", Path: f.share, MountTag: "share", RemapInodes: true},
 		&devices.VirtioSerial{DeviceID: "vser0", Ports: []devices.SerialPort{{DeviceID: "agent", Name: "vmpod.agent", SocketPath: f.path("agent.sock")}}},
 		&devices.VirtioRNG{DeviceID: "rng0"},
-		&devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true},
+		&devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true, FreePageHint: true},
 		&devices.VirtioMem{DeviceID: "vmem0", Size: 1 << 30, RequestedSize: 128 << 20},
 	)
 	if err != nil {
@@ -259,6 +259,8 @@ func TestIntegrationQ35RenderedArgv(t *testing.T) {
 		expectQOM(t, m, "agent", "parent_bus", "/machine/peripheral/vser0/virtio-backend/vser0.0")
 		expectQOM(t, m, "rng0", "type", "virtio-rng-pci")
 		expectQOM(t, m, "balloon0", "free-page-reporting", true)
+		expectQOM(t, m, "balloon0", "free-page-hint", true)
+		expectQOM(t, m, "balloon0", "iothread", "/objects/balloon0-io")
 		expectQOM(t, m, "vmem0", "requested-size", uint64(128<<20))
 		expectChardevs(t, m, map[string]string{
 			"agent-sock": f.path("agent.sock"), "rootfs-sock": "", "console": "", "qmp": f.path("qmp.sock"),

@@ -27,6 +27,10 @@ type VirtioBalloon struct {
 	// FreePageReporting has the guest report freed pages, which QEMU discards,
 	// so idle guest memory returns to the host without inflating the balloon.
 	FreePageReporting bool
+	// FreePageHint has the guest tell an outgoing migration which pages are free, so
+	// QEMU neither reads nor sends them. QEMU serves the hints on an I/O thread of the
+	// balloon's own, which the spec carries.
+	FreePageHint bool
 }
 
 // ID implements Device.
@@ -46,7 +50,14 @@ func (d *VirtioBalloon) Spec(p Placement) (Spec, error) {
 	if d.FreePageReporting {
 		fe.Props = append(fe.Props, BoolProp("free-page-reporting", true))
 	}
-	return Spec{Frontends: []Frontend{fe}}, nil
+	var spec Spec
+	if d.FreePageHint {
+		io := IOThread{ID: d.DeviceID + "-io"}
+		spec.IOThreads = append(spec.IOThreads, io)
+		fe.Props = append(fe.Props, BoolProp("free-page-hint", true), StringProp("iothread", io.ID))
+	}
+	spec.Frontends = []Frontend{fe}
+	return spec, nil
 }
 
 // Vsock is a vhost-vsock device. It needs /dev/vhost-vsock on the host, which

@@ -60,6 +60,7 @@ type Device interface {
 // its command-line option; a hot-pluggable Spec (one frontend, and no chardev or
 // fsdev, which QMP cannot add here) becomes a Hotplug.
 type Spec struct {
+	IOThreads []IOThread      // -object iothread
 	Memory    []MemoryBackend // -object memory-backend-*
 	Chardevs  []Chardev       // -chardev
 	Fsdevs    []Fsdev         // -fsdev
@@ -104,6 +105,9 @@ func (f Frontend) option() string {
 // 3 after those already in files, to which the tap's files are appended.
 func (s Spec) args(shared bool, files []*os.File) ([]string, []*os.File) {
 	var args []string
+	for _, io := range s.IOThreads {
+		args = append(args, "-object", io.option())
+	}
 	for _, m := range s.Memory {
 		m.Shared = m.Shared || shared
 		args = append(args, "-object", m.option())

@@ -372,6 +372,7 @@ func TestHotplugRefusals(t *testing.T) {
 		&Virtio9P{DeviceID: "p", Path: "/p", MountTag: "p"},
 		&VirtioSerial{DeviceID: "s", Ports: []SerialPort{{DeviceID: "a", Name: "a", SocketPath: "/a"}}},
 		&VirtioBlk{DeviceID: "bad id", Path: "/a"},
+		&VirtioBalloon{DeviceID: "b", FreePageHint: true},
 	} {
 		if _, err := vm.Hotplug(d); err == nil {
 			t.Errorf("hotplug of %s succeeded", d.ID())

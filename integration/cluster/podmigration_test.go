@@ -221,7 +221,8 @@ func TestContainerPodLiveMigration(t *testing.T) {
 	if !strings.Contains(logs, fmt.Sprintf("count %d\n", a)) || strings.Contains(logs, "count 1\n") {
 		t.Errorf("the new pod's log: want the counts from the migration on (count %d), not from the start:\n%s", a, logs)
 	}
-	// a figure for docs/design/212, not a claim: how much of the guest's RAM each QEMU holds
+	// a figure for docs/design/212 and 213, not a claim (integration/shim checks it): how
+	// much of the guest's RAM each QEMU holds
 	t.Logf("guest RAM resident in QEMU (RssShmem): the source's before the move %s, the target's after %s", sourceRAM, guestResident(string(target.UID)))
 	if p := target.Spec.Containers[0].LivenessProbe; p.InitialDelaySeconds <= 10 {
 		t.Errorf("the target's liveness probe waits %d s: want it held past the migration", p.InitialDelaySeconds)

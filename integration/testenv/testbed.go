@@ -430,6 +430,44 @@ func QEMUPid(t testing.TB, podID string) int {
 	return 0
 }
 
+// GuestRAM is the guest RAM a pod's QEMU was given (-m size=) and holds resident in
+// its shared memory (RssShmem: a container pod's RAM is a shared memfd), in bytes.
+func GuestRAM(t testing.TB, podID string) (size, resident int64) {
+	t.Helper()
+	pid := strconv.Itoa(QEMUPid(t, podID))
+	cmdline, err := os.ReadFile(filepath.Join("/proc", pid, "cmdline"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := strings.Split(string(cmdline), "\x00")
+	for i, a := range args[:len(args)-1] {
+		if a != "-m" {
+			continue
+		}
+		for _, opt := range strings.Split(args[i+1], ",") {
+			if v, ok := strings.CutPrefix(opt, "size="); ok {
+				if mib, err := strconv.ParseInt(strings.TrimSuffix(v, "M"), 10, 64); err == nil && strings.HasSuffix(v, "M") {
+					size = mib << 20
+				}
+			}
+		}
+	}
+	status, err := os.ReadFile(filepath.Join("/proc", pid, "status"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range strings.Lines(string(status)) {
+		if v, ok := strings.CutPrefix(l, "RssShmem:"); ok {
+			kib, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			resident = kib << 10
+		}
+	}
+	if size == 0 {
+		t.Fatalf("QEMU %s of pod %s: no -m size=<n>M in %q", pid, podID, args)
+	}
+	return size, resident
+}
+
 // WithNodeConfig runs start with lines added to the node config the vmpod shim reads at
 // each pod's start, and the config's own content back once start returned (or the test
 // ended): lines before the first table header go into [hypervisor], tables after it

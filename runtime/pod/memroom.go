@@ -24,7 +24,9 @@ const migrationMemoryMargin = 48 << 20
 // QEMU's cgroup. A container pod's guest is larger than its memory limit (it boots at
 // the node's default size and keeps resident only what it touches), so without this
 // check the kubelet's limit killed QEMU half-way through its first migration in the
-// test cluster (docs/design/212).
+// test cluster (docs/design/212). The guest's balloon hints its free pages to the
+// migration, which then neither reads nor sends them (docs/design/213), but the hints
+// race the stream and a guest may not take them: the check keeps the worst case.
 type memoryRoom struct {
 	guest, resident, room int64
 	cgroup                string // the tightest cgroup's path
@@ -166,7 +168,7 @@ func (r memoryRoom) check() error {
 	if r.room < 0 || need <= r.room {
 		return nil
 	}
-	return fmt.Errorf("the migration reads all %d MiB of the guest's RAM, %d MiB of it not in memory yet, and the pod's memory cgroup (%s) has room for %d MiB more of the %d MiB it needs with QEMU's own growth: "+
+	return fmt.Errorf("the migration may read all %d MiB of the guest's RAM, %d MiB of it not in memory yet, and the pod's memory cgroup (%s) has room for %d MiB more of the %d MiB it needs with QEMU's own growth: "+
 		"the pod's memory limit (its containers' limits and the RuntimeClass overhead) must hold the guest's RAM and QEMU (give its containers %d MiB more): %w",
 		r.guest>>20, max0(r.guest-r.resident)>>20, r.cgroup, r.room>>20, need>>20, (need-r.room+(1<<20)-1)>>20, errdefs.ErrFailedPrecondition)
 }

@@ -288,7 +288,12 @@ func (b bootPlan) hardware(files *hostFiles, ram *os.File) (*devices.VM, error) 
 		// The balloon never inflates: vmpod sizes guests by hotplug and growth room.
 		// Last: whether a node reports free pages must not move any other device's slot
 		// (a guest names NICs and disks by them, docs/design/202).
-		devs = append(devs, &devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true})
+		// Guest RAM in a shared memfd (virtio-fs) also hints free pages to a migration:
+		// QEMU reads every page it sends, and a read of a page the guest never touched
+		// allocates it, on the source and (written) on the target; anonymous RAM reads
+		// the zero page instead (docs/design/213).
+		devs = append(devs, &devices.VirtioBalloon{DeviceID: "balloon0", FreePageReporting: true,
+			FreePageHint: c.SharedFS == machine.VirtioFS})
 	}
 	vm, err := devices.NewVM(m, devs...)
 	if err != nil {

@@ -159,6 +159,31 @@ func TestFreePageReportingMovesNoDevice(t *testing.T) {
 	}
 }
 
+// A guest whose RAM is a shared memfd (virtio-fs) hints its free pages to a migration,
+// on the balloon's own I/O thread; one whose RAM is QEMU's anonymous memory does not.
+func TestFreePageHintWithSharedRAM(t *testing.T) {
+	for _, tc := range []struct {
+		fs   machine.SharedFS
+		hint bool
+	}{{machine.VirtioFS, true}, {machine.NineP, false}, {machine.NoSharedFS, false}} {
+		t.Run(string(tc.fs), func(t *testing.T) {
+			c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: tc.fs,
+				Console: ConsoleNone, Ports: []string{"agent"}, FreePageReporting: true}
+			b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
+			vm, err := b.hardware(nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			args, _ := vm.Render()
+			joined := strings.Join(args, " ")
+			hints := strings.Contains(joined, "free-page-hint=on,iothread=balloon0-io") && strings.Contains(joined, "-object iothread,id=balloon0-io")
+			if hints != tc.hint {
+				t.Errorf("free page hints %v, want %v: %q", hints, tc.hint, args)
+			}
+		})
+	}
+}
+
 // Passed-through functions sit on PCIe root ports of their own, before the hotplug ports,
 // with the 64-bit window the caller sized; a microvm has no PCIe for them.
 func TestHostDevicesOnRootPorts(t *testing.T) {
