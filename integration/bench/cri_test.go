@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"math"
 	"os"
@@ -152,6 +153,7 @@ func TestBenchCRI(t *testing.T) {
 	}
 	starts := map[string]sample{}
 	execs := map[string]sample{}
+	execsTiny := map[string]sample{}  // ExecSync of tinyProgram: the runtime's path with a program that costs nothing
 	floors := map[string]sample{}     // the program's own fork, exec and exit, run from a shell in the container
 	calls := map[string]sample{}      // vmpod's CRI calls, by call
 	phaseOf := map[string]sample{}    // the shim's steps of a pod start, by step
@@ -186,6 +188,15 @@ func TestBenchCRI(t *testing.T) {
 					t.Fatalf("%s: exec: %v %+v", handler, err, resp)
 				}
 				execs[handler] = append(execs[handler], time.Since(s))
+			}
+			writeTinyProgram(ctx, t, rs, p.container)
+			for range 4 {
+				s := time.Now()
+				resp, err := rs.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: p.container, Cmd: []string{tinyProgramPath}, Timeout: 30})
+				if err != nil || resp.ExitCode != 0 {
+					t.Fatalf("%s: exec %s: %v %+v", handler, tinyProgramPath, err, resp)
+				}
+				execsTiny[handler] = append(execsTiny[handler], time.Since(s))
 			}
 			floors[handler] = append(floors[handler], programRun(ctx, t, rs, p.container))
 			removePod(ctx, rs, p)
@@ -271,12 +282,18 @@ func TestBenchCRI(t *testing.T) {
 		report(t, "  %-5s `/bin/true` forked and run by a shell in the container %8s, the rest of an ExecSync %8s",
 			h, ms(floors[h].pct(0.5)), ms(execs[h].pct(0.5)-floors[h].pct(0.5)))
 	}
+	// The same with a program whose own run costs next to nothing (no libc, no loader):
+	// the runtimes' paths side by side, whatever the guest's CPU costs.
+	report(t, "ExecSync of a %d-byte static program that exits at once, runc:  %s", len(tinyProgram()), execsTiny["runc"])
+	report(t, "ExecSync of a %d-byte static program that exits at once, vmpod: %s", len(tinyProgram()), execsTiny["vmpod"])
+	report(t, "  ratio vmpod / runc (p50): %.2f", float64(execsTiny["vmpod"].pct(0.5))/float64(execsTiny["runc"].pct(0.5)))
 	if !gvisor {
 		report(t, "gVisor: not measured: containerd has no runsc handler (make bench builds one: hack/gvisor.sh)")
 		return
 	}
 	report(t, "CRI pod start, gVisor (runsc, systrap):   %s", starts["runsc"])
 	report(t, "ExecSync `true`, gVisor:                  %s", execs["runsc"])
+	report(t, "ExecSync of the static program, gVisor:   %s", execsTiny["runsc"])
 	mem := map[string]int64{}
 	for _, h := range handlers {
 		mem[h] = idleTreeMemory(ctx, t, rs, h, image)
@@ -288,6 +305,53 @@ func TestBenchCRI(t *testing.T) {
 	}
 	report(t, "  ratio vmpod / runsc: pod start %.2f, ExecSync %.2f", float64(starts["vmpod"].pct(0.5))/float64(starts["runsc"].pct(0.5)),
 		float64(execs["vmpod"].pct(0.5))/float64(execs["runsc"].pct(0.5)))
+}
+
+// tinyProgramPath is where writeTinyProgram puts tinyProgram in a container.
+const tinyProgramPath = "/exit0"
+
+// tinyProgram is a whole x86-64 Linux program that exits 0 at once: an ELF header, one
+// loadable segment and three instructions, no libc and no dynamic loader. Its exec costs
+// a runtime what any exec costs, and its own run next to nothing, under TCG too.
+func tinyProgram() []byte {
+	const base, ehsize, phsize = 0x400000, 64, 56
+	code := []byte{0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05} // mov eax, 60 (exit); xor edi, edi; syscall
+	b := make([]byte, ehsize+phsize, ehsize+phsize+len(code))
+	le := binary.LittleEndian
+	copy(b, "\x7fELF\x02\x01\x01")           // 64-bit, little-endian, ELF version 1
+	le.PutUint16(b[16:], 2)                  // ET_EXEC
+	le.PutUint16(b[18:], 62)                 // EM_X86_64
+	le.PutUint32(b[20:], 1)                  // version
+	le.PutUint64(b[24:], base+ehsize+phsize) // entry: the code after the headers
+	le.PutUint64(b[32:], ehsize)             // program headers' offset
+	le.PutUint16(b[52:], ehsize)             // ELF header's size
+	le.PutUint16(b[54:], phsize)             // a program header's size
+	le.PutUint16(b[56:], 1)                  // one program header
+	ph := b[ehsize:]
+	size := uint64(ehsize + phsize + len(code))
+	le.PutUint32(ph[0:], 1)     // PT_LOAD
+	le.PutUint32(ph[4:], 5)     // readable, executable
+	le.PutUint64(ph[16:], base) // the whole file at base
+	le.PutUint64(ph[24:], base)
+	le.PutUint64(ph[32:], size)
+	le.PutUint64(ph[40:], size)
+	le.PutUint64(ph[48:], 0x1000)
+	return append(b, code...)
+}
+
+// writeTinyProgram writes tinyProgram into container at tinyProgramPath, through its
+// shell's printf (the image has no other way in).
+func writeTinyProgram(ctx context.Context, t *testing.T, rs runtimeapi.RuntimeServiceClient, container string) {
+	t.Helper()
+	var octal strings.Builder
+	for _, c := range tinyProgram() {
+		fmt.Fprintf(&octal, "\\%03o", c)
+	}
+	script := fmt.Sprintf("printf '%s' > %s && chmod 755 %s", octal.String(), tinyProgramPath, tinyProgramPath)
+	resp, err := rs.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: container, Cmd: []string{"sh", "-c", script}, Timeout: 60})
+	if err != nil || resp.ExitCode != 0 {
+		t.Fatalf("write %s in %s: %v %+v", tinyProgramPath, container, err, resp)
+	}
 }
 
 // programRuns is how many times programRun runs the program: /proc/uptime counts in
