@@ -37,12 +37,7 @@ func TestMicrovmGrowthRoomIsBootedOffline(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Config{Name: "g", Type: machine.MicroVM, VCPUs: tc.vcpus, MaxVCPUs: tc.maxVCPUs, MemoryMiB: tc.memMiB, MaxMemoryMiB: tc.maxMemMiB,
 				Boot: Boot{Kernel: "/k/vmlinux", KernelParams: []string{"quiet"}}, SharedFS: machine.NoSharedFS, Console: ConsoleNone}
-			b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-			vm, err := b.hardware(nil, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			args, _ := vm.Render()
+			args := tcgArgs(t, c)
 			if got := argAfter(args, "-smp"); got != tc.smp {
 				t.Errorf("-smp %q, want %q", got, tc.smp)
 			}
@@ -126,13 +121,7 @@ func TestFreePageReportingMovesNoDevice(t *testing.T) {
 			render := func(reporting bool) []string {
 				c := Config{Name: "g", Type: typ, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: machine.NoSharedFS,
 					Console: ConsoleNone, VNC: typ == machine.Q35, Ports: []string{"agent"}, FreePageReporting: reporting}
-				b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-				vm, err := b.hardware(nil, nil)
-				if err != nil {
-					t.Fatal(err)
-				}
-				args, _ := vm.Render()
-				return args
+				return tcgArgs(t, c)
 			}
 			devicesOf := func(args []string) (all []string, balloon string) {
 				for i, a := range args {
@@ -169,12 +158,7 @@ func TestFreePageHintWithSharedRAM(t *testing.T) {
 		t.Run(string(tc.fs), func(t *testing.T) {
 			c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: tc.fs,
 				Console: ConsoleNone, Ports: []string{"agent"}, FreePageReporting: true}
-			b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-			vm, err := b.hardware(nil, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			args, _ := vm.Render()
+			args := tcgArgs(t, c)
 			joined := strings.Join(args, " ")
 			hints := strings.Contains(joined, "free-page-hint=on,iothread=balloon0-io") && strings.Contains(joined, "-object iothread,id=balloon0-io")
 			if hints != tc.hint {
@@ -191,12 +175,7 @@ func TestHostDevicesOnRootPorts(t *testing.T) {
 	audio, _ := devices.ParsePCIAddress("0000:65:00.1")
 	c := Config{Name: "g", Type: machine.Q35, VCPUs: 1, MaxVCPUs: 1, MemoryMiB: 512, Boot: Boot{Kernel: "/k/vmlinux"}, SharedFS: machine.NoSharedFS,
 		Console: ConsoleNone, HostDevices: []devices.PCIAddress{gpu, audio}, PCIHole64: 128 << 30}
-	b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
-	vm, err := b.hardware(nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	args, _ := vm.Render()
+	args := tcgArgs(t, c)
 	joined := strings.Join(args, " ")
 	for _, want := range []string{"vfio-pci,id=hostdev0,bus=rp0,host=0000:65:00.0", "vfio-pci,id=hostdev1,bus=rp1,host=0000:65:00.1", "q35-pcihost.pci-hole64-size=137438953472"} {
 		if !strings.Contains(joined, want) {
@@ -207,7 +186,7 @@ func TestHostDevicesOnRootPorts(t *testing.T) {
 		t.Errorf("%d root ports, want %d: the hotplug ones and one per host device", n, hotplugRootPorts+2)
 	}
 	c.Type = machine.MicroVM
-	b.cfg = c
+	b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
 	if _, err := b.hardware(nil, nil); err == nil || !strings.Contains(err.Error(), "needs machine q35") {
 		t.Errorf("host devices on microvm: %v", err)
 	}
@@ -311,4 +290,16 @@ func TestKernelCmdlineTSC(t *testing.T) {
 			}
 		}
 	}
+}
+
+// tcgArgs is QEMU's command line for c under TCG, as the shim would start it.
+func tcgArgs(t *testing.T, c Config) []string {
+	t.Helper()
+	b := bootPlan{cfg: c, accel: accelChoice{accel: machine.TCG}, paths: newPaths("/run/vm/g")}
+	vm, err := b.hardware(nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args, _ := vm.Render()
+	return args
 }
