@@ -314,11 +314,9 @@ func guestResident(uid string) string {
 		if comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm")); !strings.HasPrefix(string(comm), "qemu-system") {
 			continue
 		}
-		status, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
-		for _, line := range strings.Split(string(status), "\n") {
-			if v, ok := strings.CutPrefix(line, "RssShmem:"); ok {
-				return strings.TrimSpace(v)
-			}
+		pid, _ := strconv.Atoi(e.Name())
+		if kib, err := testenv.StatusKiB(pid, "RssShmem"); err == nil {
+			return fmt.Sprintf("%d MiB", kib>>10)
 		}
 	}
 	return "(no QEMU of pod " + uid + " found)"

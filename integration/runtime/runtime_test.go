@@ -662,14 +662,12 @@ func TestCgroup(t *testing.T) {
 	if !strings.Contains(string(status), "\nSeccomp:\t2\n") {
 		t.Errorf("QEMU has no seccomp filter:\n%s", status)
 	}
-	for l := range strings.Lines(string(status)) {
-		for _, key := range []string{"RssAnon:", "RssShmem:"} {
-			if v, ok := strings.CutPrefix(l, key); ok {
-				var kib int
-				fmt.Sscan(v, &kib)
-				rssKiB += kib
-			}
+	for _, field := range []string{"RssAnon", "RssShmem"} {
+		kib, err := testenv.StatusKiB(qemu, field)
+		if err != nil {
+			t.Fatal(err)
 		}
+		rssKiB += int(kib)
 	}
 	pids := strings.Fields(string(procs))
 	if !slices.Contains(pids, fmt.Sprint(qemu)) || len(pids) < 2 {

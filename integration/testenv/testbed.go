@@ -434,8 +434,8 @@ func QEMUPid(t testing.TB, podID string) int {
 // its shared memory (RssShmem: a container pod's RAM is a shared memfd), in bytes.
 func GuestRAM(t testing.TB, podID string) (size, resident int64) {
 	t.Helper()
-	pid := strconv.Itoa(QEMUPid(t, podID))
-	cmdline, err := os.ReadFile(filepath.Join("/proc", pid, "cmdline"))
+	pid := QEMUPid(t, podID)
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,28 +444,37 @@ func GuestRAM(t testing.TB, podID string) (size, resident int64) {
 		if a != "-m" {
 			continue
 		}
-		for _, opt := range strings.Split(args[i+1], ",") {
+		for opt := range strings.SplitSeq(args[i+1], ",") {
 			if v, ok := strings.CutPrefix(opt, "size="); ok {
-				if mib, err := strconv.ParseInt(strings.TrimSuffix(v, "M"), 10, 64); err == nil && strings.HasSuffix(v, "M") {
-					size = mib << 20
+				if mib, ok := strings.CutSuffix(v, "M"); ok {
+					n, _ := strconv.ParseInt(mib, 10, 64)
+					size = n << 20
 				}
 			}
 		}
 	}
-	status, err := os.ReadFile(filepath.Join("/proc", pid, "status"))
+	if size == 0 {
+		t.Fatalf("QEMU %d of pod %s: no -m size=<n>M in %q", pid, podID, args)
+	}
+	kib, err := StatusKiB(pid, "RssShmem")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return size, kib << 10
+}
+
+// StatusKiB is a "<field>: <n> kB" line of /proc/<pid>/status.
+func StatusKiB(pid int, field string) (int64, error) {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
 	for l := range strings.Lines(string(status)) {
-		if v, ok := strings.CutPrefix(l, "RssShmem:"); ok {
-			kib, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			resident = kib << 10
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
+			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 		}
 	}
-	if size == 0 {
-		t.Fatalf("QEMU %s of pod %s: no -m size=<n>M in %q", pid, podID, args)
-	}
-	return size, resident
+	return 0, fmt.Errorf("process %d: no %s in its status", pid, field)
 }
 
 // WithNodeConfig runs start with lines added to the node config the vmpod shim reads at
