@@ -210,6 +210,7 @@ func TestContainerPodLiveMigration(t *testing.T) {
 	// the same guest and processes, counting on; the log goes on in the new pod
 	if after := inPod(target.Name, identity); after != before {
 		t.Errorf("the pod's identity: before %q, after %q: want the same boot, processes and emptyDir", before, after)
+		t.Logf("the target's processes:\n%s\nits guest's console and agent log, last lines:\n%s", inPod(target.Name, "ps -o pid,stat,args"), guestConsole(string(target.UID)))
 	}
 	a := count(target.Name)
 	time.Sleep(time.Second)
@@ -302,24 +303,58 @@ func migratePod(t *testing.T, c *testenv.Cluster, ns, pod string) string {
 	return f[3]
 }
 
-// guestResident is the RssShmem of the QEMU in the cgroup of the pod of uid (the nodes
-// share this host's /proc), or why it cannot say.
+// guestResident is the RssShmem of the QEMU of the pod of uid, or why it cannot say.
 func guestResident(uid string) string {
+	pid := qemuOfPod(uid)
+	if pid == 0 {
+		return "(no QEMU of pod " + uid + " found)"
+	}
+	kib, err := testenv.StatusKiB(pid, "RssShmem")
+	if err != nil {
+		return err.Error()
+	}
+	return fmt.Sprintf("%d MiB", kib>>10)
+}
+
+// guestConsole is the last lines of the VM log of the pod of uid: the guest's console,
+// where its kernel and vmpod's agent write (QEMU names the file in an fd set's opaque),
+// or why it cannot say. The log goes with the pod: read it before the pod is gone.
+func guestConsole(uid string) string {
+	pid := qemuOfPod(uid)
+	if pid == 0 {
+		return "(no QEMU of pod " + uid + " found)"
+	}
+	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	for arg := range strings.SplitSeq(string(cmdline), "\x00") {
+		for opt := range strings.SplitSeq(arg, ",") {
+			if path, ok := strings.CutPrefix(opt, "opaque="); ok && strings.HasSuffix(path, "/vm.log") {
+				b, err := os.ReadFile(path)
+				if err != nil {
+					return err.Error()
+				}
+				lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+				return strings.Join(lines[max(0, len(lines)-40):], "\n")
+			}
+		}
+	}
+	return fmt.Sprintf("(QEMU %d names no vm.log)", pid)
+}
+
+// qemuOfPod is the QEMU in the cgroup of the pod of uid (the nodes share this host's
+// /proc), or 0.
+func qemuOfPod(uid string) int {
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		cg, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
 		if err != nil || !strings.Contains(string(cg), "pod"+uid) {
 			continue
 		}
-		if comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm")); !strings.HasPrefix(string(comm), "qemu-system") {
-			continue
-		}
-		pid, _ := strconv.Atoi(e.Name())
-		if kib, err := testenv.StatusKiB(pid, "RssShmem"); err == nil {
-			return fmt.Sprintf("%d MiB", kib>>10)
+		if comm, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "comm")); strings.HasPrefix(string(comm), "qemu-system") {
+			pid, _ := strconv.Atoi(e.Name())
+			return pid
 		}
 	}
-	return "(no QEMU of pod " + uid + " found)"
+	return 0
 }
 
 // nextTemplates has each vmpod node make its vmpod-next template (hack/cluster.sh keeps
