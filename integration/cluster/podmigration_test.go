@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"cmp"
 	"fmt"
 	"os"
@@ -168,6 +169,16 @@ func TestContainerPodLiveMigration(t *testing.T) {
 		}
 	}()
 
+	// the source's log as it is written: the controller deletes the pod at the hand-over,
+	// and what the container wrote before the move is only there
+	sourceLog := &lockedWriter{w: &bytes.Buffer{}}
+	follow := c.Command(ctx, "logs", "-f", "-n", ns, source.Name)
+	follow.Stdout = sourceLog
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = follow.Process.Kill(); _ = follow.Wait() })
+
 	sourceRAM := guestResident(string(source.UID))
 	counted := count(source.Name)
 	moved := migratePod(t, c, ns, source.Name)
@@ -210,7 +221,14 @@ func TestContainerPodLiveMigration(t *testing.T) {
 	// the same guest and processes, counting on; the log goes on in the new pod
 	if after := inPod(target.Name, identity); after != before {
 		t.Errorf("the pod's identity: before %q, after %q: want the same boot, processes and emptyDir", before, after)
-		t.Logf("the target's processes:\n%s\nits guest's console and agent log, last lines:\n%s", inPod(target.Name, "ps -o pid,stat,args"), guestConsole(string(target.UID)))
+		// whether the container's stdout still reaches the target's log (a write to httpd's
+		// stdout, the pipe the subshell shared), and what the source's log ended with
+		probe := fmt.Sprintf("probe-%d", time.Now().UnixNano())
+		inPod(target.Name, "echo "+probe+" > /proc/1/fd/1")
+		time.Sleep(2 * time.Second)
+		t.Logf("the target's processes:\n%s\nits log has the probe written to pid 1's stdout: %v\nthe source's log, last lines:\n%s\nthe target guest's console and agent log, last lines:\n%s",
+			inPod(target.Name, "ps -o pid,stat,args"), strings.Contains(c.Kubectl(t, "logs", "-n", ns, target.Name), probe),
+			lastLines(sourceLog.String(), 10), guestConsole(string(target.UID)))
 	}
 	a := count(target.Name)
 	time.Sleep(time.Second)
@@ -332,8 +350,7 @@ func guestConsole(uid string) string {
 				if err != nil {
 					return err.Error()
 				}
-				lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-				return strings.Join(lines[max(0, len(lines)-40):], "\n")
+				return lastLines(string(b), 40)
 			}
 		}
 	}
@@ -384,4 +401,28 @@ func nextTemplates(t *testing.T, c *testenv.Cluster, ns string) {
 		testenv.WaitForWithin(t, 3*time.Minute, "node "+node+"'s vmpod-next template", func() bool { return made(node) })
 		c.Kubectl(t, "delete", "pod", "-n", ns, pod.Name, "--wait=false")
 	}
+}
+
+// lastLines is the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// lockedWriter lets a running command write w while the test reads it.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+func (l *lockedWriter) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.String()
 }
