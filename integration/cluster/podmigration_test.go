@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"bytes"
 	"cmp"
 	"fmt"
 	"os"
@@ -171,7 +170,7 @@ func TestContainerPodLiveMigration(t *testing.T) {
 
 	// the source's log as it is written: the controller deletes the pod at the hand-over,
 	// and what the container wrote before the move is only there
-	sourceLog := &lockedWriter{w: &bytes.Buffer{}}
+	sourceLog := &testenv.Buffer{}
 	follow := c.Command(ctx, "logs", "-f", "-n", ns, source.Name)
 	follow.Stdout = sourceLog
 	if err := follow.Start(); err != nil {
@@ -407,22 +406,4 @@ func nextTemplates(t *testing.T, c *testenv.Cluster, ns string) {
 func lastLines(s string, n int) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
-
-// lockedWriter lets a running command write w while the test reads it.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
-}
-
-func (l *lockedWriter) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.String()
 }
