@@ -227,7 +227,7 @@ func TestContainerPodLiveMigration(t *testing.T) {
 		time.Sleep(2 * time.Second)
 		t.Logf("the target's processes:\n%s\nits log has the probe written to pid 1's stdout: %v\nthe source's log, last lines:\n%s\nthe target guest's console and agent log, last lines:\n%s",
 			inPod(target.Name, "ps -o pid,stat,args"), strings.Contains(c.Kubectl(t, "logs", "-n", ns, target.Name), probe),
-			lastLines(sourceLog.String(), 10), guestConsole(string(target.UID)))
+			testenv.Tail(sourceLog.String(), 10), guestConsole(string(target.UID)))
 	}
 	a := count(target.Name)
 	time.Sleep(time.Second)
@@ -345,11 +345,7 @@ func guestConsole(uid string) string {
 	for arg := range strings.SplitSeq(string(cmdline), "\x00") {
 		for opt := range strings.SplitSeq(arg, ",") {
 			if path, ok := strings.CutPrefix(opt, "opaque="); ok && strings.HasSuffix(path, "/vm.log") {
-				b, err := os.ReadFile(path)
-				if err != nil {
-					return err.Error()
-				}
-				return lastLines(string(b), 40)
+				return testenv.TailFile(path, 40)
 			}
 		}
 	}
@@ -400,10 +396,4 @@ func nextTemplates(t *testing.T, c *testenv.Cluster, ns string) {
 		testenv.WaitForWithin(t, 3*time.Minute, "node "+node+"'s vmpod-next template", func() bool { return made(node) })
 		c.Kubectl(t, "delete", "pod", "-n", ns, pod.Name, "--wait=false")
 	}
-}
-
-// lastLines is the last n lines of s.
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
